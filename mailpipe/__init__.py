@@ -1,0 +1,52 @@
+"""mailpipe: mailboxes as reliable data-pipeline sources.
+
+Public API: :data:`hookimpl` for plugins, the message and processor types, and errors.
+"""
+
+from mailpipe._version import __version__
+from mailpipe.errors import (
+    AuthenticationError,
+    CommitError,
+    ConfigError,
+    MailpipeError,
+    PermanentFailure,
+    PluginError,
+    ProcessorError,
+    SourceBusyError,
+    SourceConnectionError,
+    SourceError,
+    SourcePermanentError,
+    SourceTimeoutError,
+    TemporaryFailure,
+)
+from mailpipe.hookspecs import hookimpl
+from mailpipe.message import Message, MessageRef, message_key
+from mailpipe.processor import Decision, Disposition, Processor, ProcessorContext
+from mailpipe.source import Source, SourceSession
+
+__all__ = [
+    "AuthenticationError",
+    "CommitError",
+    "ConfigError",
+    "Decision",
+    "Disposition",
+    "MailpipeError",
+    "Message",
+    "MessageRef",
+    "PermanentFailure",
+    "PluginError",
+    "Processor",
+    "ProcessorContext",
+    "ProcessorError",
+    "Source",
+    "SourceBusyError",
+    "SourceConnectionError",
+    "SourceError",
+    "SourcePermanentError",
+    "SourceSession",
+    "SourceTimeoutError",
+    "TemporaryFailure",
+    "__version__",
+    "hookimpl",
+    "message_key",
+]

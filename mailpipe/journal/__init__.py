@@ -1,0 +1,1 @@
+"""The journal: per-message delivery state that makes re-fetching harmless."""

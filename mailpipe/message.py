@@ -1,0 +1,133 @@
+"""Messages as they travel through a chain: a reference on the server plus the raw bytes."""
+
+from __future__ import annotations
+
+import email.policy
+import hashlib
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.parser import BytesParser
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MessageRef:
+    """Where a message lives: mailbox name, session-local number, UIDL and LIST size.
+
+    ``number`` is valid only within one POP3 session (RFC 1939 §5); ``uid`` is stable
+    across sessions (RFC 1939 §7 UIDL) or, on servers without UIDL, a content hash.
+    """
+
+    mailbox: str
+    number: int
+    uid: str
+    size: int
+
+    @property
+    def key(self) -> str:
+        """The stable message key (see :func:`message_key`)."""
+        return message_key(self.mailbox, self.uid)
+
+
+def message_key(mailbox: str, uid: str) -> str:
+    """Return the stable key of a message: 32 hex digits of sha256(mailbox NUL uid).
+
+    Safe as a file name, an SQL key and a header value; stores and forwarders use it for
+    idempotency.
+    """
+    return hashlib.sha256(f"{mailbox}\0{uid}".encode()).hexdigest()[:32]
+
+
+@dataclass(eq=False, kw_only=True)
+class Message:
+    """A retrieved message: its reference, the raw bytes (in memory or spooled), and what
+    processors have learnt about it.
+
+    Contract: ``raw`` is never modified; ``record`` is set by the ``parse`` processor;
+    ``tags`` are added by filters and seen by later processors and stores.
+    """
+
+    ref: MessageRef
+    data: bytes | None = None
+    spool_path: Path | None = None
+    headers_only: bool = False
+    tags: set[str] = field(default_factory=set)
+    record: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    _sha256: str | None = field(default=None, repr=False)
+    _email: EmailMessage | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.data is None and self.spool_path is None:
+            raise ValueError("Message needs data or spool_path")
+
+    @classmethod
+    def from_bytes(
+        cls, data: bytes, *, mailbox: str = "local", uid: str | None = None
+    ) -> Message:
+        """Build a message from raw bytes; ``uid`` defaults to ``sha256:<hex>`` of them."""
+        digest = hashlib.sha256(data).hexdigest()
+        ref = MessageRef(
+            mailbox=mailbox, number=0, uid=uid or f"sha256:{digest}", size=len(data)
+        )
+        return cls(ref=ref, data=data, _sha256=digest)
+
+    @property
+    def key(self) -> str:
+        """The stable message key used by stores and forwarders for idempotency."""
+        return self.ref.key
+
+    @property
+    def raw(self) -> bytes:
+        """The raw RFC 5322 bytes, exactly as retrieved (dot-unstuffed, CRLF kept)."""
+        if self.data is not None:
+            return self.data
+        assert self.spool_path is not None
+        return self.spool_path.read_bytes()
+
+    @property
+    def size(self) -> int:
+        """Octets actually received (may differ from ``ref.size`` from LIST)."""
+        if self.data is not None:
+            return len(self.data)
+        assert self.spool_path is not None
+        return self.spool_path.stat().st_size
+
+    def open(self) -> Any:
+        """Open the raw bytes as a binary file object (streams spooled messages)."""
+        import io
+
+        if self.data is not None:
+            return io.BytesIO(self.data)
+        assert self.spool_path is not None
+        return self.spool_path.open("rb")
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of the raw bytes; second evidence beside the UIDL."""
+        if self._sha256 is None:
+            h = hashlib.sha256()
+            with self.open() as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            self._sha256 = h.hexdigest()
+        return self._sha256
+
+    @property
+    def email(self) -> EmailMessage:
+        """The message parsed leniently by the stdlib (``policy=default``), cached."""
+        if self._email is None:
+            with self.open() as f:
+                parsed = BytesParser(policy=email.policy.default).parse(f)
+            assert isinstance(parsed, EmailMessage)
+            self._email = parsed
+        return self._email
+
+    def header(self, name: str) -> str | None:
+        """Return the first value of header ``name`` as a string, or None; never raises."""
+        try:
+            value = self.email.get(name)
+        except Exception:
+            return None
+        return None if value is None else str(value)

@@ -1,0 +1,183 @@
+"""Builds a fresh plugin manager: built-ins and entry points through the same door."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import pluggy
+
+from mailpipe import hookspecs
+from mailpipe.errors import PluginError
+from mailpipe.registry import Registry, collect
+
+#: Built-in plugins: (plugin name, module). Registered exactly like entry points.
+BUILTIN_PLUGINS: Final = (
+    ("pop3", "mailpipe.plugins.pop3"),
+    ("parse", "mailpipe.plugins.parse"),
+    ("filter", "mailpipe.plugins.filter"),
+    ("store", "mailpipe.plugins.store"),
+    ("forward", "mailpipe.plugins.forward"),
+)
+
+#: Entry-point group third-party plugins declare.
+ENTRY_POINT_GROUP: Final = "mailpipe"
+
+#: Comma-separated plugin names to block, like ``[plugins] disable``.
+DISABLE_ENV: Final = "MAILPIPE_DISABLE_PLUGINS"
+
+
+def blocked_from_env() -> list[str]:
+    """Return the plugin names listed in ``MAILPIPE_DISABLE_PLUGINS``."""
+    raw = os.environ.get(DISABLE_ENV, "")
+    return [n.strip() for n in raw.split(",") if n.strip()]
+
+
+def get_plugin_manager(
+    *, entry_points: bool = True, blocked: Iterable[str] = ()
+) -> pluggy.PluginManager:
+    """Return a new plugin manager with built-ins and (optionally) entry-point plugins.
+
+    Blocked names come from ``blocked`` and ``MAILPIPE_DISABLE_PLUGINS``. An import
+    failure or a misspelled ``mailpipe_*`` hook implementation raises
+    :class:`~mailpipe.errors.PluginError` naming the plugin.
+    """
+    pm = pluggy.PluginManager("mailpipe")
+    pm.add_hookspecs(hookspecs)
+    for name in [*blocked, *blocked_from_env()]:
+        pm.set_blocked(name)
+    for name, dotted in BUILTIN_PLUGINS:
+        if pm.is_blocked(name):
+            continue
+        try:
+            module = importlib.import_module(dotted)
+        except Exception as exc:
+            raise PluginError(f'error importing plugin "{name}": {exc}') from exc
+        pm.register(module, name)
+    if entry_points:
+        _load_entry_points(pm)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f'plugin "{exc.plugin_name}": {exc}') from exc
+    return pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if pm.is_blocked(ep.name) or pm.get_plugin(ep.name) is not None:
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            raise PluginError(f'error importing plugin "{ep.name}": {exc}') from exc
+        try:
+            pm.register(plugin, name=ep.name)
+        except ValueError as exc:
+            raise PluginError(f'plugin "{ep.name}": {exc}') from exc
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f'plugin "{ep.name}": {exc}') from exc
+        dist = getattr(ep, "dist", None)
+        _DISTS[ep.name] = (dist.name, dist.version) if dist is not None else ("?", "?")
+
+
+_DISTS: dict[str, tuple[str, str]] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class PluginInfo:
+    """What ``mailpipe plugins`` shows for one plugin."""
+
+    name: str
+    origin: str
+    version: str
+    sources: tuple[str, ...]
+    processors: tuple[str, ...]
+
+
+def describe(pm: pluggy.PluginManager, registry: Registry) -> list[PluginInfo]:
+    """List every registered plugin with its origin, version and registered names."""
+    from mailpipe import __version__
+
+    builtin = {n for n, _ in BUILTIN_PLUGINS}
+    out = []
+    for name, _plugin in pm.list_name_plugin():
+        if name in builtin:
+            origin, version = "builtin", __version__
+        else:
+            origin, version = _DISTS.get(name, ("registered", "?"))
+        out.append(
+            PluginInfo(
+                name=name,
+                origin=origin,
+                version=version,
+                sources=tuple(sorted(e.name for e in registry.sources.values() if e.plugin == name)),
+                processors=tuple(
+                    sorted(e.name for e in registry.processors.values() if e.plugin == name)
+                ),
+            )
+        )
+    return out
+
+
+class Hooks:
+    """Typed facade over the event hooks; exceptions from implementations are logged."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self._pm = pm
+
+    def _call(self, hook: str, **kwargs: Any) -> None:
+        import structlog
+
+        try:
+            getattr(self._pm.hook, hook)(**kwargs)
+        except Exception as exc:  # event hooks must not break delivery
+            structlog.get_logger().warning(
+                "hook_failed", hook=hook, error=f"{type(exc).__name__}: {exc}"
+            )
+
+    def session_started(self, *, mailbox: str, count: int, octets: int) -> None:
+        """Announce a session's message list."""
+        self._call("mailpipe_session_started", mailbox=mailbox, count=count, octets=octets)
+
+    def session_finished(self, *, mailbox: str, summary: dict[str, Any]) -> None:
+        """Announce a finished (committed or aborted) session."""
+        self._call("mailpipe_session_finished", mailbox=mailbox, summary=summary)
+
+    def message_done(self, *, mailbox: str, uid: str, key: str, disposition: str) -> None:
+        """Announce a finished message."""
+        self._call(
+            "mailpipe_message_done", mailbox=mailbox, uid=uid, key=key, disposition=disposition
+        )
+
+    def message_failed(
+        self, *, mailbox: str, uid: str, key: str, processor: str, error: str, attempts: int
+    ) -> None:
+        """Announce a processor failure."""
+        self._call(
+            "mailpipe_message_failed",
+            mailbox=mailbox, uid=uid, key=key, processor=processor, error=error,
+            attempts=attempts,
+        )
+
+    def message_quarantined(
+        self, *, mailbox: str, uid: str, key: str, reason: str, path: str
+    ) -> None:
+        """Announce a quarantined message."""
+        self._call(
+            "mailpipe_message_quarantined",
+            mailbox=mailbox, uid=uid, key=key, reason=reason, path=path,
+        )
+
+
+def load(
+    *, entry_points: bool = True, blocked: Iterable[str] = ()
+) -> tuple[pluggy.PluginManager, Registry]:
+    """Build a plugin manager and collect its registry in one step."""
+    pm = get_plugin_manager(entry_points=entry_points, blocked=blocked)
+    return pm, collect(pm)

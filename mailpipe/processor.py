@@ -1,0 +1,110 @@
+"""The processor contract: what a step of a chain is and what it may answer."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from mailpipe.message import Message
+
+
+class Disposition(StrEnum):
+    """What happens to a message when the chain stops.
+
+    ``DONE``: processed; deleted from the server per the mailbox's ``delete`` policy.
+    ``KEEP``: left on the server and not processed; remembered as seen.
+    ``QUARANTINE``: the raw message goes to quarantine with the reason, then per policy.
+    """
+
+    DONE = "done"
+    KEEP = "keep"
+    QUARANTINE = "quarantine"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A processor's answer that stops (or reroutes) the chain.
+
+    Exactly one of ``disposition`` or ``route`` is set. ``reason`` says why (a rule name,
+    for example) and ends up in logs, the journal and quarantine sidecars.
+    """
+
+    disposition: Disposition | None = None
+    route: str | None = None
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.disposition is None) == (self.route is None):
+            raise ValueError("Decision needs exactly one of disposition or route")
+
+
+Result = Decision | Disposition | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcessorContext:
+    """What a processor learns about where it runs.
+
+    ``base_dir``: the config file's folder; relative paths in options resolve against it.
+    ``dry_run``: when true, processors with side effects must write nothing.
+    """
+
+    base_dir: Path = field(default_factory=Path.cwd)
+    pipeline: str = ""
+    dry_run: bool = False
+    secrets: tuple[str, ...] = ()
+
+    def resolve(self, path: Path | str) -> Path:
+        """Resolve ``path`` against ``base_dir`` unless it is absolute (``~`` expanded)."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+
+@runtime_checkable
+class Processor(Protocol):
+    """One step of a chain.
+
+    Class attributes: ``name`` (what ``use =`` names), ``Options`` (a pydantic model with
+    ``extra="forbid"`` validating the rest of the TOML table) and ``commits`` (True for
+    steps with durable side effects: the journal records them, and a re-run of the same
+    message skips a step that already committed).
+
+    ``process(message)`` may be sync or ``async``; it returns ``None`` to continue, or a
+    :class:`Decision`/:class:`Disposition` to stop. A step with ``commits = True`` must be
+    durable when ``process`` returns, unless it defines ``flush()``, in which case the
+    engine calls ``flush()`` (group commit) before any DELE of the messages it covers.
+    Raising :class:`mailpipe.TemporaryFailure` means retry later without counting an
+    attempt; any other exception counts towards ``max_attempts``.
+
+    Optional methods: ``open()``/``close()`` (sync or async) around a session,
+    ``flush()``, and ``prefetch(message) -> Result`` for decisions on headers alone
+    (``message.headers_only`` is true, from ``TOP n 0``); set ``header_only`` to True when
+    ``prefetch`` can decide every message that ``process`` would.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[BaseModel]]
+
+    def process(self, message: Message) -> Result | Awaitable[Result]:
+        """Handle one message; see the class docstring for the contract."""
+        ...
+
+
+def normalise(result: Any, processor: str) -> Decision | None:
+    """Turn a processor's return value into a Decision or None; reject anything else."""
+    if result is None:
+        return None
+    if isinstance(result, Decision):
+        return result
+    if isinstance(result, Disposition):
+        return Decision(disposition=result, reason=processor)
+    raise TypeError(
+        f"processor {processor!r} returned {type(result).__name__}; "
+        "expected None, Disposition or Decision"
+    )

@@ -1,0 +1,161 @@
+"""Secrets from the environment, a file or a command; never printed anywhere.
+
+In TOML a secret is ``{ env = "NAME" }``, ``{ file = "path" }`` or
+``{ command = ["prog", "arg"] }`` (an OAuth token helper, for example). A plain string is
+accepted too. Every resolved value is added to a process-wide set that the log
+redaction step masks (see :mod:`mailpipe.logs`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
+
+_KNOWN: set[str] = set()
+_LOCK = threading.Lock()
+MASK = "**********"
+
+
+def known_secret_values() -> frozenset[str]:
+    """Return every secret value resolved in this process (for redaction)."""
+    with _LOCK:
+        return frozenset(_KNOWN)
+
+
+def remember_secret(value: str) -> None:
+    """Add ``value`` to the redaction set (values shorter than 4 characters are skipped)."""
+    if len(value) >= 4:
+        with _LOCK:
+            _KNOWN.add(value)
+
+
+def redact(text: str) -> str:
+    """Replace every known secret value inside ``text`` with a mask."""
+    for value in sorted(known_secret_values(), key=len, reverse=True):
+        if value in text:
+            text = text.replace(value, MASK)
+    return text
+
+
+class Secret:
+    """A secret value with its origin; ``repr``/``str`` never show the value.
+
+    ``get()`` returns the value; for ``command`` secrets ``refresh()`` runs the command
+    again (OAuth tokens expire). Construction resolves immediately, so a missing variable
+    or file is a config error, not a runtime surprise.
+    """
+
+    __slots__ = ("_value", "origin", "spec")
+
+    def __init__(self, spec: Any, *, base_dir: Path | None = None) -> None:
+        self.spec = spec
+        self._value = ""
+        if isinstance(spec, str):
+            self.origin = "inline"
+            self._value = spec
+        elif isinstance(spec, dict) and len(spec) == 1:
+            ((kind, arg),) = spec.items()
+            self.origin = str(kind)
+            self._value = _resolve(str(kind), arg, base_dir)
+        else:
+            raise ValueError(
+                "a secret is a string or a table with exactly one of "
+                "'env', 'file' or 'command'"
+            )
+        remember_secret(self._value)
+
+    def get(self) -> str:
+        """Return the secret value."""
+        return self._value
+
+    def refresh(self) -> str:
+        """Re-resolve ``command`` secrets (fresh OAuth token); return the value."""
+        if self.origin == "command":
+            self._value = _resolve("command", self.spec["command"], None)
+            remember_secret(self._value)
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({self.origin}, {MASK})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        def validate(value: Any, info: core_schema.ValidationInfo) -> Secret:
+            if isinstance(value, Secret):
+                return value
+            ctx = info.context if isinstance(info.context, dict) else {}
+            base = ctx.get("base_dir")
+            return Secret(value, base_dir=Path(base) if base else None)
+
+        return core_schema.with_info_plain_validator_function(
+            validate,
+            serialization=core_schema.plain_serializer_function_ser_schema(
+                lambda s: {"origin": s.origin}
+            ),
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {
+            "description": "A secret: a string, {env = NAME}, {file = PATH} "
+            "or {command = [PROGRAM, ARG...]}",
+            "anyOf": [
+                {"type": "string"},
+                {"type": "object", "properties": {"env": {"type": "string"}},
+                 "required": ["env"], "additionalProperties": False},
+                {"type": "object", "properties": {"file": {"type": "string"}},
+                 "required": ["file"], "additionalProperties": False},
+                {"type": "object",
+                 "properties": {"command": {"anyOf": [
+                     {"type": "string"}, {"type": "array", "items": {"type": "string"}}]}},
+                 "required": ["command"], "additionalProperties": False},
+            ],
+        }
+
+
+def _resolve(kind: str, arg: Any, base_dir: Path | None) -> str:
+    if kind == "env":
+        if not isinstance(arg, str) or not arg:
+            raise ValueError("'env' takes the name of an environment variable")
+        if arg not in os.environ:
+            raise ValueError(f"environment variable {arg} is not set")
+        return os.environ[arg]
+    if kind == "file":
+        path = Path(str(arg)).expanduser()
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        try:
+            return path.read_text().strip("\r\n")
+        except OSError as exc:
+            raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
+    if kind == "command":
+        argv = [arg] if isinstance(arg, str) else arg
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise ValueError("'command' takes a program and its arguments as a list of strings")
+        try:
+            done = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ValueError(f"secret command {argv[0]!r} failed: {type(exc).__name__}") from None
+        if done.returncode != 0:
+            raise ValueError(f"secret command {argv[0]!r} exited {done.returncode}")
+        return done.stdout.decode("utf-8", "replace").strip("\r\n")
+    raise ValueError(f"unknown secret source {kind!r}; accepted: env, file, command")

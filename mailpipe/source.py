@@ -1,0 +1,77 @@
+"""The source contract: how the engine talks to a mailbox, whatever the protocol."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from mailpipe.message import Message, MessageRef
+
+
+@runtime_checkable
+class SourceSession(Protocol):
+    """One session with a mailbox; deletions take effect only at :meth:`commit`.
+
+    Contract (RFC 1939 §6 for POP3): ``mark_deleted`` only marks; ``commit`` makes the
+    server delete what was marked (QUIT); ``abort`` closes without committing, so the
+    server keeps everything. Any :class:`mailpipe.SourceError` leaves the session unusable;
+    the engine then calls ``abort``.
+    """
+
+    #: False when the server offers no stable ids (no UIDL); uids are then content hashes.
+    supports_uidl: bool
+
+    async def list(self) -> list[MessageRef]:
+        """Return every message in the mailbox with its uid and size (UIDL + LIST)."""
+        ...
+
+    async def headers(self, ref: MessageRef) -> bytes:
+        """Return the header section of ``ref`` (POP3 ``TOP n 0``)."""
+        ...
+
+    def retrieve(
+        self, refs: Sequence[MessageRef], *, spool_dir: Path, spool_threshold: int
+    ) -> AsyncIterator[Message]:
+        """Yield each message of ``refs`` in order, pipelined where the server allows.
+
+        Bodies larger than ``spool_threshold`` octets go to a file under ``spool_dir``
+        (memory bounded by the chunk size); smaller ones are held in memory.
+        """
+        ...
+
+    async def mark_deleted(self, refs: Sequence[MessageRef]) -> None:
+        """Mark ``refs`` for deletion (POP3 DELE, pipelined); nothing is gone before commit."""
+        ...
+
+    async def commit(self) -> None:
+        """End the session and let the server delete what was marked (POP3 QUIT).
+
+        Raises :class:`mailpipe.CommitError` when the server does not confirm.
+        """
+        ...
+
+    async def abort(self) -> None:
+        """Close without committing: nothing marked is deleted. Never raises."""
+        ...
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A kind of mailbox (``source = "pop3"``): a name, an ``Options`` model, sessions.
+
+    Constructed as ``SourceClass(options, context)``; ``session()`` returns an async
+    context manager that connects and authenticates on enter and aborts (never commits)
+    on exit, so an exception can never delete anything.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[BaseModel]]
+
+    def session(self) -> AbstractAsyncContextManager[SourceSession]:
+        """Open one session with the mailbox."""
+        ...

@@ -1,0 +1,1 @@
+"""Built-in plugins, installed as ``mailpipe.plugins`` (never as a bare ``plugins``)."""
