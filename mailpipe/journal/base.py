@@ -1,0 +1,148 @@
+"""The journal contract: durable per-message delivery state keyed by (mailbox, uid).
+
+Theory of operation
+-------------------
+The journal is what makes re-fetching harmless. For each (mailbox, uid) it records the
+status, the attempts, the content hash, the chain steps that have durably committed,
+when the message was first seen and the last error. Status moves:
+
+    (absent) --begin--> pending --finish--> committed | kept | quarantined
+    pending  --fail---> pending (attempts+1)
+    committed/quarantined --mark_deleted (after QUIT +OK)--> deleted
+
+A message ``committed`` (or ``quarantined`` with delete policy) but still on the server
+(crash, dropped connection, failed QUIT) is DELE'd in the next session without being
+processed again. Steps listed in ``steps`` are skipped when a message is re-run.
+
+Every write is durable when the method returns, except inside ``batch()``, where all
+writes become durable together when the block exits (group commit). The engine issues
+DELE only after the batch covering those messages has exited.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+
+
+class Status(StrEnum):
+    """Where a message stands in its delivery."""
+
+    PENDING = "pending"  # seen; chain not finished (or failed; see attempts)
+    COMMITTED = "committed"  # chain finished with DONE; DELE per policy still due
+    KEPT = "kept"  # chain said KEEP, or keep-mode done: leave on server, never re-run
+    QUARANTINED = "quarantined"  # raw bytes in quarantine; DELE per policy
+    DELETED = "deleted"  # QUIT confirmed the deletion
+
+
+@dataclass(slots=True, kw_only=True)
+class Entry:
+    """One journal row."""
+
+    mailbox: str
+    uid: str
+    key: str
+    status: Status
+    attempts: int = 0
+    size: int = 0
+    sha256: str | None = None
+    steps: list[str] = field(default_factory=list)
+    disposition: str | None = None
+    reason: str = ""
+    last_error: str = ""
+    delete_due: bool = False  # DELE this message at the next session
+    first_seen: datetime | None = None
+    updated: datetime | None = None
+
+
+@runtime_checkable
+class Journal(Protocol):
+    """Durable delivery state. Implementations: SQLite (default), PostgreSQL."""
+
+    def get_many(self, mailbox: str, uids: Iterable[str]) -> dict[str, Entry]:
+        """Return the entries of ``uids`` that exist, by uid."""
+        ...
+
+    def begin(self, mailbox: str, uid: str, *, key: str, size: int) -> Entry:
+        """Insert a PENDING entry if absent (first_seen now); return the current entry."""
+        ...
+
+    def step_committed(self, mailbox: str, uid: str, step: str) -> None:
+        """Record that chain step ``step`` durably committed for this message."""
+        ...
+
+    def finish(
+        self,
+        mailbox: str,
+        uid: str,
+        *,
+        status: Status,
+        disposition: str,
+        sha256: str | None,
+        reason: str = "",
+        delete_due: bool,
+    ) -> None:
+        """Set the final status of a chain run; ``delete_due`` says whether DELE is owed."""
+        ...
+
+    def fail(self, mailbox: str, uid: str, *, error: str, counted: bool) -> int:
+        """Record a failed attempt (``counted`` adds one); return the attempts so far."""
+        ...
+
+    def mark_deleted(self, mailbox: str, uids: Iterable[str]) -> None:
+        """After QUIT +OK: the server deleted ``uids``; status DELETED, delete_due False."""
+        ...
+
+    def list(
+        self, mailbox: str | None = None, status: Status | None = None, limit: int = 1000
+    ) -> list[Entry]:
+        """Return entries, newest first, optionally filtered."""
+        ...
+
+    def forget(self, mailbox: str, uids: Iterable[str] | None = None) -> int:
+        """Delete entries (all of the mailbox when ``uids`` is None); return how many."""
+        ...
+
+    def mark_seen(self, mailbox: str, items: Iterable[tuple[str, str, int]]) -> int:
+        """Adopt (uid, key, size) items as KEPT without processing; return how many new."""
+        ...
+
+    def prune(self, mailbox: str, present: Iterable[str], older_than_days: float) -> int:
+        """Drop DELETED entries not on the server any more and older than the limit."""
+        ...
+
+    def batch(self) -> AbstractContextManager[None]:
+        """Group commit: writes inside become durable together at exit (re-entrant)."""
+        ...
+
+    def lock_mailbox(self, mailbox: str, *, owner: str, ttl: float) -> bool:
+        """Take the exclusive lease on ``mailbox`` across processes; False if held."""
+        ...
+
+    def renew_mailbox(self, mailbox: str, *, owner: str, ttl: float) -> bool:
+        """Extend a held lease; False when it was lost (the session must abort)."""
+        ...
+
+    def unlock_mailbox(self, mailbox: str, *, owner: str) -> None:
+        """Release the lease if ``owner`` holds it."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and locks."""
+        ...
+
+
+def iter_chunks(items: Iterable[str], size: int = 500) -> Iterator[list[str]]:
+    """Yield lists of at most ``size`` items (for SQL IN clauses)."""
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
