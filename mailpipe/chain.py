@@ -1,0 +1,216 @@
+"""Runs a message through its pipeline: ordered steps, routing, per-step isolation.
+
+The chain is an explicit list from the config, never pluggy's call order. A processor
+exception never escapes :meth:`Chain.run`: it is captured in the result, so one bad
+message cannot stop the others. Steps already committed for a message (from the journal)
+are skipped on a re-run, so a crash between ``store`` and ``forward`` stores nothing twice.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from mailpipe.config import StepSpec
+from mailpipe.errors import TemporaryFailure
+from mailpipe.message import Message
+from mailpipe.processor import Decision, Disposition, ProcessorContext, normalise
+
+log = structlog.get_logger()
+
+MAX_ROUTES = 16  # a route loop is a config bug; stop it instead of spinning
+
+
+async def maybe_await(value: Any) -> Any:
+    """Await ``value`` if it is awaitable, else return it (datasette's await_me_maybe)."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+@dataclass(slots=True)
+class Step:
+    """A live chain step: its id (``pipeline/step``), processor instance and flags."""
+
+    id: str
+    use: str
+    processor: Any
+    commits: bool
+    header_only: bool
+    has_prefetch: bool
+    has_flush: bool
+
+
+@dataclass(slots=True)
+class ChainResult:
+    """What happened to one message in the chain.
+
+    ``decision`` is final (``on_complete`` applied when nobody decided). ``committed``
+    lists step ids whose side effects are durable, ``pending`` those waiting for
+    ``flush()`` (group commit). On failure ``error`` is set, ``failed_step`` names the
+    step and ``temporary`` says whether it was a :class:`TemporaryFailure`.
+    """
+
+    decision: Decision | None = None
+    committed: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    error: BaseException | None = None
+    failed_step: str = ""
+    temporary: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when the chain finished without an exception."""
+        return self.error is None
+
+
+class Chain:
+    """Every pipeline of a config, instantiated: ``run(pipeline, message)``."""
+
+    def __init__(
+        self,
+        pipelines: dict[str, list[StepSpec]],
+        *,
+        base_dir: Path,
+        on_complete: dict[str, str] | None = None,
+        dry_run: bool = False,
+    ) -> None:
+        self._on_complete = on_complete or {}
+        self.pipelines: dict[str, list[Step]] = {}
+        for pname, specs in pipelines.items():
+            ctx = ProcessorContext(base_dir=base_dir, pipeline=pname, dry_run=dry_run)
+            steps = []
+            for spec in specs:
+                proc = spec.cls(spec.options, ctx)
+                steps.append(
+                    Step(
+                        id=f"{pname}/{spec.step}",
+                        use=spec.use,
+                        processor=proc,
+                        commits=bool(getattr(proc, "commits", False)),
+                        header_only=bool(getattr(proc, "header_only", False)),
+                        has_prefetch=callable(getattr(proc, "prefetch", None)),
+                        has_flush=callable(getattr(proc, "flush", None)),
+                    )
+                )
+            self.pipelines[pname] = steps
+        self._opened: list[Step] = []
+
+    def _all(self) -> Iterable[Step]:
+        for steps in self.pipelines.values():
+            yield from steps
+
+    async def open(self) -> None:
+        """Call every processor's optional ``open()``; close what opened on failure."""
+        for step in self._all():
+            fn = getattr(step.processor, "open", None)
+            if callable(fn):
+                try:
+                    await maybe_await(fn())
+                except BaseException:
+                    await self.close()
+                    raise
+            self._opened.append(step)
+
+    async def close(self) -> None:
+        """Call ``close()`` on every opened processor; errors are logged, not raised."""
+        for step in reversed(self._opened):
+            fn = getattr(step.processor, "close", None)
+            if callable(fn):
+                try:
+                    await maybe_await(fn())
+                except Exception as exc:
+                    log.warning("processor_close_failed", step=step.id, error=repr(exc))
+        self._opened.clear()
+
+    async def flush(self) -> None:
+        """Make pending group commits durable (``flush()`` on every processor with one).
+
+        Raises whatever a processor's flush raises: the engine then issues no DELE.
+        """
+        for step in self._all():
+            if step.has_flush:
+                await maybe_await(step.processor.flush())
+
+    def can_prefetch(self, pipeline: str) -> bool:
+        """True when a header-only step comes before any step with side effects."""
+        for step in self.pipelines.get(pipeline, []):
+            if step.has_prefetch and step.header_only:
+                return True
+            if step.commits:
+                return False
+        return False
+
+    async def prefetch(self, pipeline: str, message: Message) -> Decision | None:
+        """Decide on headers alone (``message.headers_only``); None means download it.
+
+        Walks the steps up to the first one with side effects, asking each that has a
+        ``prefetch`` method. A route or an exception means "download and decide then".
+        """
+        for step in self.pipelines.get(pipeline, []):
+            if step.commits:
+                return None
+            if not step.has_prefetch:
+                continue
+            try:
+                result = normalise(
+                    await maybe_await(step.processor.prefetch(message)), step.use
+                )
+            except Exception as exc:
+                log.warning("prefetch_failed", step=step.id, error=repr(exc))
+                return None
+            if result is not None:
+                return None if result.route else result
+        return None
+
+    async def run(
+        self, pipeline: str, message: Message, *, done_steps: Iterable[str] = ()
+    ) -> ChainResult:
+        """Run ``message`` through ``pipeline`` (and routes); never raises for a
+        processor's exception."""
+        result = ChainResult()
+        skip = set(done_steps)
+        current = pipeline
+        for _ in range(MAX_ROUTES):
+            steps = self.pipelines.get(current)
+            if steps is None:
+                result.error = KeyError(f"route to unknown pipeline {current!r}")
+                result.failed_step = current
+                return result
+            routed = False
+            for step in steps:
+                if step.id in skip:
+                    log.debug("step_skipped", step=step.id, uid=message.ref.uid)
+                    continue
+                try:
+                    raw = await maybe_await(step.processor.process(message))
+                    decision = normalise(raw, step.use)
+                except Exception as exc:
+                    result.error = exc
+                    result.failed_step = step.id
+                    result.temporary = isinstance(exc, TemporaryFailure)
+                    return result
+                if step.commits:
+                    (result.pending if step.has_flush else result.committed).append(step.id)
+                if decision is None:
+                    continue
+                if decision.route is not None:
+                    current = decision.route
+                    routed = True
+                    break
+                result.decision = decision
+                return result
+            if not routed:
+                final = self._on_complete.get(current, "done")
+                result.decision = Decision(
+                    disposition=Disposition(final), reason="on_complete"
+                )
+                return result
+        result.error = RuntimeError(f"more than {MAX_ROUTES} routes; is there a loop?")
+        result.failed_step = current
+        return result

@@ -1,0 +1,563 @@
+"""Load and validate ``pipeline.toml``: every problem at once, each naming its key path.
+
+Validation runs in two phases. Phase 1 checks the core structure (``[state]``,
+``[[mailboxes]]``, ``[pipelines.NAME]``...) with ``extra="forbid"`` models. Phase 2
+validates each mailbox's source keys and each processor table against the ``Options``
+model of the plugin it names, with the table path prefixed. Problems from both phases are
+collected and raised once as :class:`~mailpipe.errors.ConfigError`, rendered as
+``FILE: key.path: message (got VALUE)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mailpipe.errors import ConfigError, Problem
+from mailpipe.registry import Registry
+from mailpipe.secrets import MASK, redact
+from mailpipe.units import ByteSize, Duration
+
+_DELETE_RE = re.compile(r"^after_days:(\d+(?:\.\d+)?)$")
+_SECRET_NAMES = re.compile(r"password|secret|token|passphrase|dsn|api_key", re.I)
+
+
+def _check_delete(value: Any) -> Any:
+    if isinstance(value, str) and (
+        value in ("after_processing", "never") or _DELETE_RE.match(value)
+    ):
+        return value
+    raise ValueError("expected 'after_processing', 'never' or 'after_days:N'")
+
+
+DeletePolicy = Annotated[str, BeforeValidator(_check_delete)]
+
+
+class StateConfig(BaseModel):
+    """``[state]``: where the journal lives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(
+        "var/mailpipe.sqlite3",
+        description="SQLite journal file (relative to the config file), or a "
+        "postgresql:// URL for a journal shared by several workers.",
+    )
+
+
+class QuarantineConfig(BaseModel):
+    """``[quarantine]``: where poison and refused messages go."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dir: str = Field(
+        "var/quarantine",
+        description="Directory of quarantined .eml files, each with a .json sidecar.",
+    )
+
+
+class SchedulerConfig(BaseModel):
+    """``[scheduler]``: how mailboxes are polled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    concurrency: int = Field(
+        4, ge=1, le=10000, description="Mailboxes polled at the same time."
+    )
+    spool_dir: str = Field(
+        "var/spool", description="Where large messages are spooled while processed."
+    )
+    spool_threshold: ByteSize = Field(
+        1_000_000, description="Messages larger than this are spooled to disk."
+    )
+    lease_ttl: Duration = Field(
+        300.0,
+        gt=0,
+        description="Lifetime of a mailbox lease; renewed during a session.",
+    )
+    backoff_initial: Duration = Field(
+        5.0, gt=0, description="First retry delay after a failed poll."
+    )
+    backoff_max: Duration = Field(
+        900.0, gt=0, description="Cap of the retry delay for temporary failures."
+    )
+    backoff_auth: Duration = Field(
+        3600.0,
+        gt=0,
+        description="Delay after authentication or SYS/PERM failures (stop hammering).",
+    )
+
+
+class PluginsConfig(BaseModel):
+    """``[plugins]``: which plugins load."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    disable: list[str] = Field(
+        default_factory=list,
+        description="Plugin names not to load (also MAILPIPE_DISABLE_PLUGINS).",
+    )
+
+
+class MailboxConfig(BaseModel):
+    """``[[mailboxes]]``: one mailbox; keys not listed here belong to its source."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(
+        description="Unique name; used in logs, the journal and message keys.",
+        pattern=r"^[A-Za-z0-9_.@+-]{1,128}$",
+    )
+    source: str = Field("pop3", description="Source plugin (see `mailpipe plugins`).")
+    enabled: bool = Field(True, description="Set false to skip this mailbox.")
+    pipeline: str = Field("default", description="Name of the [pipelines.NAME] to run.")
+    poll_interval: Duration = Field(60.0, gt=0, description="Time between polls.")
+    jitter: float = Field(
+        0.1, ge=0, le=1, description="Random spread of the poll interval (fraction)."
+    )
+    delete: DeletePolicy = Field(
+        "after_processing",
+        description="'after_processing' (DELE then QUIT), 'never' (keep on server; "
+        "process each UIDL once) or 'after_days:N'.",
+    )
+    max_message_size: ByteSize | None = Field(
+        None, description="Messages larger than this (per LIST) are not downloaded."
+    )
+    on_oversize: Literal["skip", "quarantine", "delete"] = Field(
+        "skip", description="What to do with a message over max_message_size."
+    )
+    max_messages: int | None = Field(
+        None, ge=1, description="At most this many messages per session."
+    )
+    max_bytes: ByteSize | None = Field(
+        None, description="At most this many octets retrieved per session."
+    )
+    commit_window: int = Field(
+        500,
+        ge=0,
+        description="QUIT and reconnect every N messages (0 = one session for all).",
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="Failed attempts before a message is quarantined."
+    )
+    on_quarantine: Literal["delete", "keep"] = Field(
+        "delete", description="After quarantining: delete the server copy or keep it."
+    )
+    header_prefetch: bool = Field(
+        True, description="Use TOP n 0 when the chain can decide on headers alone."
+    )
+
+
+class ProcessorRef(BaseModel):
+    """One table of ``processors = [...]``: ``use`` plus the processor's own options."""
+
+    model_config = ConfigDict(extra="allow")
+
+    use: str = Field(description="Processor name (see `mailpipe plugins`).")
+    name: str | None = Field(
+        None, description="Step name in logs and the journal (default: use + position)."
+    )
+
+
+class PipelineConfig(BaseModel):
+    """``[pipelines.NAME]``: an ordered chain of processors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    processors: list[ProcessorRef] = Field(
+        default_factory=list, description="Processors, run in this order."
+    )
+    on_complete: Literal["done", "keep"] = Field(
+        "done",
+        description="Disposition when no processor decided: 'done' (delete per "
+        "policy) or 'keep'.",
+    )
+
+
+class ConfigModel(BaseModel):
+    """The whole ``pipeline.toml``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state: StateConfig = Field(default_factory=StateConfig)  # type: ignore[arg-type]
+    quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig)  # type: ignore[arg-type]
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)  # type: ignore[arg-type]
+    plugins: PluginsConfig = Field(default_factory=PluginsConfig)
+    mailboxes: list[MailboxConfig] = Field(default_factory=list)
+    pipelines: dict[str, PipelineConfig] = Field(default_factory=dict)
+
+    @field_validator("pipelines")
+    @classmethod
+    def _pipeline_names(cls, value: dict[str, PipelineConfig]) -> dict[str, PipelineConfig]:
+        for name in value:
+            if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
+                raise ValueError(f"pipeline name {name!r} must match [A-Za-z0-9_.-]{{1,64}}")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_mailboxes(self) -> ConfigModel:
+        seen: set[str] = set()
+        for mb in self.mailboxes:
+            if mb.name in seen:
+                raise ValueError(f"mailbox name {mb.name!r} is used twice")
+            seen.add(mb.name)
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class StepSpec:
+    """A validated chain step: its position, name, class and options."""
+
+    index: int
+    step: str
+    use: str
+    cls: type[Any]
+    options: BaseModel
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxSpec:
+    """A validated mailbox: its core settings, source class and source options."""
+
+    config: MailboxConfig
+    source_cls: type[Any]
+    source_options: BaseModel
+
+    @property
+    def name(self) -> str:
+        """The mailbox name."""
+        return self.config.name
+
+
+@dataclass(slots=True)
+class Config:
+    """A loaded, fully validated configuration."""
+
+    path: Path
+    model: ConfigModel
+    mailboxes: list[MailboxSpec]
+    pipelines: dict[str, list[StepSpec]]
+    registry: Registry
+    secrets: tuple[str, ...] = field(default=())
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative paths resolve against (the config file's)."""
+        return self.path.parent
+
+    def resolve(self, path: str) -> Path:
+        """Resolve ``path`` against :attr:`base_dir` unless absolute."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+    def mailbox(self, name: str) -> MailboxSpec:
+        """Return the mailbox called ``name`` (KeyError when unknown)."""
+        for mb in self.mailboxes:
+            if mb.name == name:
+                return mb
+        raise KeyError(name)
+
+
+# --- rendering ------------------------------------------------------------------
+
+
+def _loc(parts: tuple[int | str, ...] | list[int | str]) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            text = str(part)
+            if not re.match(r"^[A-Za-z0-9_-]+$", text):
+                text = json.dumps(text)
+            out += f".{text}" if out else text
+    return out
+
+
+def _show(value: Any, loc: str) -> str:
+    if _SECRET_NAMES.search(loc.rsplit(".", 1)[-1]) and not isinstance(value, dict):
+        return MASK
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return redact(text)
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _problems(
+    exc: ValidationError, prefix: tuple[int | str, ...], fields: list[str]
+) -> list[Problem]:
+    out = []
+    for err in exc.errors(include_url=False):
+        loc_parts = (*prefix, *err["loc"])
+        loc = _loc(loc_parts)
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        value: str | None = _show(err.get("input"), loc)
+        if err["type"] == "extra_forbidden":
+            key = str(err["loc"][-1]) if err["loc"] else ""
+            parent_fields = fields if len(err["loc"]) == 1 else []
+            msg = "unknown key" + _suggest(key, parent_fields)
+            value = None
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+            value = None
+        out.append(Problem(loc, msg, value))
+    return out
+
+
+def _fields(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+# --- loading --------------------------------------------------------------------
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read ``path`` as TOML; a syntax error is a ConfigError with line and column."""
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(str(path), [Problem("", "file not found")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [Problem("", f"TOML syntax error: {exc}")]) from None
+    except OSError as exc:
+        raise ConfigError(str(path), [Problem("", f"cannot read: {exc.strerror}")]) from None
+
+
+def load_config(
+    path: str | Path,
+    *,
+    registry: Registry | None = None,
+    entry_points: bool = True,
+) -> Config:
+    """Load ``path`` and validate it completely.
+
+    :param registry: use these plugin classes instead of building a plugin manager
+        (which honours ``[plugins] disable`` and ``MAILPIPE_DISABLE_PLUGINS``).
+    :raises ConfigError: with every problem found, each naming its key path.
+    :raises PluginError: when a plugin cannot be loaded.
+    """
+    path = Path(path)
+    data = read_toml(path)
+    return validate_config(data, path=path, registry=registry, entry_points=entry_points)
+
+
+def validate_config(
+    data: dict[str, Any],
+    *,
+    path: Path,
+    registry: Registry | None = None,
+    entry_points: bool = True,
+) -> Config:
+    """Validate already-parsed TOML ``data`` (see :func:`load_config`)."""
+    base_dir = path.parent.resolve()
+    ctx = {"base_dir": str(base_dir)}
+    problems: list[Problem] = []
+    try:
+        model = ConfigModel.model_validate(data, context=ctx)
+    except ValidationError as exc:
+        problems.extend(_problems(exc, (), _fields(ConfigModel)))
+        model = _salvage(data, ctx, problems)
+
+    if registry is None:
+        from mailpipe.plugin_manager import load
+
+        _, registry = load(entry_points=entry_points, blocked=model.plugins.disable)
+
+    mailboxes: list[MailboxSpec] = []
+    for i, mb in enumerate(model.mailboxes):
+        spec = _validate_mailbox(i, mb, registry, ctx, problems)
+        if spec is not None:
+            mailboxes.append(spec)
+        if mb.pipeline not in model.pipelines:
+            problems.append(
+                Problem(
+                    f"mailboxes[{i}].pipeline",
+                    f"no [pipelines.{mb.pipeline}] table"
+                    + _suggest(mb.pipeline, list(model.pipelines))
+                    + f"; defined: {', '.join(sorted(model.pipelines)) or 'none'}",
+                    _show(mb.pipeline, "pipeline"),
+                )
+            )
+
+    pipelines: dict[str, list[StepSpec]] = {}
+    for pname, pipe in model.pipelines.items():
+        pipelines[pname] = _validate_pipeline(pname, pipe, registry, ctx, problems)
+
+    if problems:
+        raise ConfigError(str(path), problems)
+    return Config(
+        path=path, model=model, mailboxes=mailboxes, pipelines=pipelines, registry=registry
+    )
+
+
+def _salvage(data: dict[str, Any], ctx: dict[str, str], problems: list[Problem]) -> ConfigModel:
+    """Validate what can be validated so phase 2 still reports plugin problems."""
+    kept: dict[str, Any] = {}
+    for key in ConfigModel.model_fields:
+        if key not in data:
+            continue
+        try:
+            ConfigModel.model_validate({key: data[key]}, context=ctx)
+        except ValidationError:
+            if key == "mailboxes" and isinstance(data[key], list):
+                kept[key] = [
+                    m for m in data[key] if _valid(MailboxConfig, m, ctx)
+                ]
+            elif key == "pipelines" and isinstance(data[key], dict):
+                kept[key] = {
+                    k: v for k, v in data[key].items() if _valid(PipelineConfig, v, ctx)
+                }
+            continue
+        kept[key] = data[key]
+    try:
+        return ConfigModel.model_validate(kept, context=ctx)
+    except ValidationError:
+        return ConfigModel()
+
+
+def _valid(model: type[BaseModel], value: Any, ctx: dict[str, str]) -> bool:
+    try:
+        model.model_validate(value, context=ctx)
+    except ValidationError:
+        return False
+    return True
+
+
+def _validate_mailbox(
+    i: int,
+    mb: MailboxConfig,
+    registry: Registry,
+    ctx: dict[str, str],
+    problems: list[Problem],
+) -> MailboxSpec | None:
+    where = ("mailboxes", i)
+    if mb.source not in registry.sources:
+        names = sorted(registry.sources)
+        problems.append(
+            Problem(
+                _loc((*where, "source")),
+                f"unknown source {mb.source!r}"
+                + _suggest(mb.source, names)
+                + f"; available: {', '.join(names) or 'none'}",
+                _show(mb.source, "source"),
+            )
+        )
+        return None
+    cls = registry.source(mb.source)
+    extras = dict(mb.model_extra or {})
+    try:
+        options = cls.Options.model_validate(extras, context=ctx)
+    except ValidationError as exc:
+        fields = _fields(cls.Options) + _fields(MailboxConfig)
+        problems.extend(_problems(exc, where, fields))
+        return None
+    return MailboxSpec(config=mb, source_cls=cls, source_options=options)
+
+
+def _validate_pipeline(
+    pname: str,
+    pipe: PipelineConfig,
+    registry: Registry,
+    ctx: dict[str, str],
+    problems: list[Problem],
+) -> list[StepSpec]:
+    steps: list[StepSpec] = []
+    seen: set[str] = set()
+    for j, ref in enumerate(pipe.processors):
+        where: tuple[int | str, ...] = ("pipelines", pname, "processors", j)
+        if ref.use not in registry.processors:
+            names = sorted(registry.processors)
+            problems.append(
+                Problem(
+                    _loc((*where, "use")),
+                    f"unknown processor {ref.use!r}"
+                    + _suggest(ref.use, names)
+                    + f"; available: {', '.join(names) or 'none'}",
+                    _show(ref.use, "use"),
+                )
+            )
+            continue
+        cls = registry.processor(ref.use)
+        try:
+            options = cls.Options.model_validate(dict(ref.model_extra or {}), context=ctx)
+        except ValidationError as exc:
+            problems.extend(_problems(exc, where, _fields(cls.Options) + ["use", "name"]))
+            continue
+        step = ref.name or f"{j}:{ref.use}"
+        if step in seen:
+            problems.append(Problem(_loc((*where, "name")), "step name used twice", step))
+        seen.add(step)
+        steps.append(StepSpec(index=j, step=step, use=ref.use, cls=cls, options=options))
+    return steps
+
+
+def json_schema(registry: Registry) -> dict[str, Any]:
+    """Return the JSON Schema of the whole config file, plugin options included."""
+    schema = ConfigModel.model_json_schema()
+    defs = schema.setdefault("$defs", {})
+
+    proc_variants = []
+    for name, entry in sorted(registry.processors.items()):
+        sub = entry.cls.Options.model_json_schema(ref_template="#/$defs/{model}")
+        defs.update(sub.pop("$defs", {}))
+        props = dict(sub.get("properties", {}))
+        props["use"] = {"const": name, "description": "Processor name."}
+        props["name"] = {"type": "string", "description": "Step name."}
+        proc_variants.append(
+            {
+                "type": "object",
+                "title": name,
+                "properties": props,
+                "required": ["use", *sub.get("required", [])],
+                "additionalProperties": False,
+            }
+        )
+    defs["ProcessorRef"] = {"anyOf": proc_variants} if proc_variants else defs.get(
+        "ProcessorRef", {}
+    )
+
+    mb = defs.get("MailboxConfig", {})
+    core_props = dict(mb.get("properties", {}))
+    variants = []
+    for name, entry in sorted(registry.sources.items()):
+        sub = entry.cls.Options.model_json_schema(ref_template="#/$defs/{model}")
+        defs.update(sub.pop("$defs", {}))
+        props = {**core_props, **sub.get("properties", {})}
+        props["source"] = {"const": name, "default": "pop3", "description": "Source plugin."}
+        variants.append(
+            {
+                "type": "object",
+                "title": f"mailbox ({name})",
+                "properties": props,
+                "required": ["name", *sub.get("required", [])],
+                "additionalProperties": False,
+            }
+        )
+    if variants:
+        defs["MailboxConfig"] = {"anyOf": variants}
+    schema["title"] = "mailpipe pipeline.toml"
+    return schema

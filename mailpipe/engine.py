@@ -1,0 +1,617 @@
+"""One mailbox poll: list, decide, retrieve, run the chain, journal, DELE, QUIT.
+
+Theory of operation
+-------------------
+The order of effects is the delivery contract:
+
+1. The journal is consulted first. A message whose chain already finished but whose
+   deletion is still owed (``delete_due``) is DELE'd without being processed again.
+2. Each new message runs through its pipeline; steps already committed (journal) are
+   skipped. Results are grouped: the processors' ``flush()`` (group commit) runs, then
+   the journal batch is committed, and only then are DELE commands sent.
+3. QUIT is the commit (RFC 1939 §6: the server deletes in the UPDATE state). After
+   ``+OK`` the journal marks the deleted messages; a failed QUIT leaves them owed.
+4. Any source error aborts the session without QUIT: the server keeps everything, and
+   what completed is already journaled, so the next session only DELEs it.
+
+A crash at any instant therefore loses nothing (nothing is DELE'd before it is durable)
+and duplicates nothing that the stores key by message key (a message whose journal
+batch did not commit is re-run, and stores upsert by key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from mailpipe.chain import Chain, ChainResult
+from mailpipe.config import Config, MailboxSpec
+from mailpipe.errors import SourceError, SourcePermanentError
+from mailpipe.journal.base import Entry, Journal, Status
+from mailpipe.message import Message, MessageRef, message_key
+from mailpipe.plugin_manager import Hooks
+from mailpipe.processor import Decision, Disposition, ProcessorContext
+from mailpipe.quarantine import Quarantine
+from mailpipe.source import SourceSession
+
+log = structlog.get_logger()
+
+GROUP_SIZE = 64  # messages per group commit (journal batch + processor flush)
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass(slots=True)
+class Summary:
+    """Counts for one poll of one mailbox (all its commit windows)."""
+
+    mailbox: str
+    listed: int = 0
+    retrieved: int = 0
+    processed: int = 0
+    dropped: int = 0
+    kept: int = 0
+    skipped: int = 0
+    failed: int = 0
+    quarantined: int = 0
+    deleted: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    sessions: int = 0
+    committed: bool = True
+    error: str | None = None
+    error_type: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the counts as a plain dict (for logs and hooks)."""
+        return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
+
+
+@dataclass(slots=True)
+class _Done:
+    """A message whose chain finished in this group, awaiting the group commit."""
+
+    ref: MessageRef
+    result: ChainResult | None
+    status: Status
+    disposition: str
+    reason: str
+    delete_due: bool
+    sha256: str | None
+    failed: bool = False
+    attempts: int = 0
+    error: str = ""
+
+
+@dataclass(slots=True)
+class _Plan:
+    dele: list[MessageRef] = field(default_factory=list)
+    process: list[MessageRef] = field(default_factory=list)
+    oversize: list[MessageRef] = field(default_factory=list)
+
+
+def _days(policy: str) -> float | None:
+    if policy.startswith("after_days:"):
+        return float(policy.split(":", 1)[1])
+    return None
+
+
+def _error_text(exc: BaseException) -> str:
+    from mailpipe.secrets import redact
+
+    text = f"{type(exc).__name__}: {exc}"
+    return redact(text if len(text) <= 500 else text[:497] + "...")
+
+
+class MailboxRunner:
+    """Polls one mailbox; safe to call :meth:`poll` repeatedly (never concurrently)."""
+
+    def __init__(
+        self,
+        spec: MailboxSpec,
+        *,
+        config: Config,
+        chain: Chain,
+        journal: Journal,
+        quarantine: Quarantine,
+        hooks: Hooks,
+        stop: asyncio.Event | None = None,
+        progress: ProgressFn | None = None,
+        source: Any = None,
+    ) -> None:
+        self.spec = spec
+        self.cfg = spec.config
+        self.name = spec.name
+        self.config = config
+        self.chain = chain
+        self.journal = journal
+        self.quarantine = quarantine
+        self.hooks = hooks
+        self.stop = stop or asyncio.Event()
+        self.progress = progress
+        self.source = source if source is not None else self._make_source()
+        self.spool_dir = config.resolve(config.model.scheduler.spool_dir)
+        self.spool_threshold = config.model.scheduler.spool_threshold
+        self.log = log.bind(mailbox=self.name)
+
+    def _make_source(self) -> Any:
+        ctx = ProcessorContext(base_dir=self.config.base_dir, pipeline=self.cfg.pipeline)
+        cls = self.spec.source_cls
+        params = inspect.signature(cls).parameters
+        if "mailbox" in params:
+            return cls(self.spec.source_options, ctx, mailbox=self.name)
+        return cls(self.spec.source_options, ctx)
+
+    async def _to_thread(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        return fn(*args, **kw)
+
+    # --- the poll ----------------------------------------------------------------
+
+    async def poll(self) -> Summary:
+        """Run sessions (commit windows) until no work is left, stop is set, or an
+        error occurs. Errors are recorded in the summary, never raised."""
+        summary = Summary(mailbox=self.name)
+        started = time.monotonic()
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for _ in range(100_000):  # bounded: each window makes progress
+                more = await self._session(summary)
+                summary.sessions += 1
+                if not more or self.stop.is_set():
+                    break
+        except SourceError as exc:
+            summary.committed = False
+            summary.error = _error_text(exc)
+            summary.error_type = type(exc).__name__
+            self.log.warning("session_failed", error=summary.error)
+            self._last_exc: BaseException | None = exc
+        except Exception as exc:
+            summary.committed = False
+            summary.error = _error_text(exc)
+            summary.error_type = type(exc).__name__
+            self.log.error("session_crashed", error=summary.error, exc_info=True)
+            self._last_exc = exc
+        else:
+            self._last_exc = None
+        summary.seconds = round(time.monotonic() - started, 3)
+        self.log.info("session_finished", **summary.as_dict())
+        self.hooks.session_finished(mailbox=self.name, summary=summary.as_dict())
+        return summary
+
+    @property
+    def last_exception(self) -> BaseException | None:
+        """The exception of the last poll, if any (for the scheduler's back-off)."""
+        return getattr(self, "_last_exc", None)
+
+    async def _session(self, summary: Summary) -> bool:
+        """One commit window. Returns True when messages are left for another window."""
+        async with self.source.session() as session:
+            refs = await session.list()
+            summary.listed = len(refs)
+            self.hooks.session_started(
+                mailbox=self.name, count=len(refs), octets=sum(r.size for r in refs)
+            )
+            if not session.supports_uidl and self.cfg.delete != "after_processing":
+                raise SourcePermanentError(
+                    f"mailbox {self.name!r}: the server offers no UIDL, so "
+                    f"delete = {self.cfg.delete!r} cannot tell old mail from new; "
+                    "only delete = 'after_processing' is allowed"
+                )
+            if not session.supports_uidl:
+                self.log.warning("server_without_uidl", fallback="content_hash")
+            plan = self._plan(refs, session.supports_uidl)
+            window, more = self._window(plan.process)
+
+            if plan.dele:
+                await session.mark_deleted(plan.dele)
+            owed = list(plan.dele)
+
+            if plan.oversize:
+                decided = await self._oversize(session, plan.oversize, summary)
+                if decided:  # journaled (durable) before DELE
+                    await session.mark_deleted(decided)
+                owed += decided
+
+            todo = window
+            if self.cfg.header_prefetch and self.chain.can_prefetch(self.cfg.pipeline):
+                todo, decided = await self._prefetch(session, window, summary)
+                if decided:
+                    await session.mark_deleted(decided)
+                owed += decided
+
+            owed += await self._retrieve(session, todo, summary)
+            if self.stop.is_set():
+                more = False
+            await self._commit(session, owed, summary)
+            self._prune(refs)
+            return more
+
+    # --- planning ----------------------------------------------------------------
+
+    def _plan(self, refs: list[MessageRef], uidl: bool) -> _Plan:
+        plan = _Plan()
+        if not uidl:
+            # Without UIDL the uid is known only after RETR (content hash): every
+            # message is retrieved and classified then.
+            plan.process = list(refs)
+            return plan
+        entries = self.journal.get_many(self.name, [r.uid for r in refs])
+        days = _days(self.cfg.delete)
+        now = datetime.now(UTC)
+        seen_uids: set[str] = set()
+        for ref in refs:
+            if ref.uid in seen_uids:
+                self.log.warning("duplicate_uidl", uid=ref.uid, number=ref.number)
+                continue  # RFC 1939 §7: UIDs are unique; never act twice on a clash
+            seen_uids.add(ref.uid)
+            entry = entries.get(ref.uid)
+            if entry is None or entry.status == Status.PENDING:
+                if (
+                    self.cfg.max_message_size is not None
+                    and ref.size > self.cfg.max_message_size
+                ):
+                    plan.oversize.append(ref)
+                else:
+                    plan.process.append(ref)
+                continue
+            if entry.delete_due:
+                plan.dele.append(ref)
+            elif entry.status == Status.DELETED:
+                self.log.warning("deleted_message_reappeared", uid=ref.uid)
+                plan.dele.append(ref)
+            elif (
+                days is not None
+                and entry.status in (Status.COMMITTED, Status.KEPT)
+                and entry.first_seen is not None
+                and _aware(entry.first_seen) + timedelta(days=days) <= now
+            ):
+                plan.dele.append(ref)
+        return plan
+
+    def _window(self, refs: list[MessageRef]) -> tuple[list[MessageRef], bool]:
+        limit = len(refs)
+        if self.cfg.commit_window:
+            limit = min(limit, self.cfg.commit_window)
+        if self.cfg.max_messages is not None:
+            limit = min(limit, self.cfg.max_messages)
+        chosen = refs[:limit]
+        if self.cfg.max_bytes is not None:
+            total, cut = 0, 0
+            for ref in chosen:
+                if total + ref.size > self.cfg.max_bytes and cut > 0:
+                    break
+                total += ref.size
+                cut += 1
+            chosen = chosen[:cut]
+        # Per-session limits (max_messages/max_bytes) end the poll; the commit window
+        # only ends the session, and the next window starts at once.
+        limited = self.cfg.max_messages is not None or self.cfg.max_bytes is not None
+        more = len(chosen) < len(refs) and not limited
+        return chosen, more
+
+    # --- oversize and prefetch ---------------------------------------------------
+
+    async def _oversize(
+        self, session: SourceSession, refs: list[MessageRef], summary: Summary
+    ) -> list[MessageRef]:
+        owed: list[MessageRef] = []
+        policy = self.cfg.on_oversize
+        for ref in refs:
+            self.log.info(
+                "message_oversize", uid=ref.uid, size=ref.size,
+                limit=self.cfg.max_message_size, action=policy,
+            )
+            if policy == "skip":
+                summary.skipped += 1
+            elif policy == "delete":
+                self.journal.begin(self.name, ref.uid, key=ref.key, size=ref.size)
+                self.journal.finish(
+                    self.name, ref.uid, status=Status.COMMITTED, disposition="oversize",
+                    sha256=None, reason="oversize: deleted unread", delete_due=True,
+                )
+                summary.dropped += 1
+                owed.append(ref)
+        if policy == "quarantine" and refs:
+            async for msg in session.retrieve(
+                refs, spool_dir=self.spool_dir, spool_threshold=self.spool_threshold
+            ):
+                try:
+                    reason = f"oversize: {msg.ref.size} > {self.cfg.max_message_size}"
+                    delete = self._quarantine(msg, reason=reason, attempts=0, error="")
+                    summary.quarantined += 1
+                    if delete:
+                        owed.append(msg.ref)
+                finally:
+                    _unspool(msg)
+        return owed
+
+    async def _prefetch(
+        self, session: SourceSession, refs: list[MessageRef], summary: Summary
+    ) -> tuple[list[MessageRef], list[MessageRef]]:
+        todo: list[MessageRef] = []
+        owed: list[MessageRef] = []
+        for ref in refs:
+            if self.stop.is_set():
+                break
+            headers = await session.headers(ref)
+            msg = Message(ref=ref, data=headers, headers_only=True)
+            decision = await self.chain.prefetch(self.cfg.pipeline, msg)
+            if decision is None or decision.disposition == Disposition.QUARANTINE:
+                todo.append(ref)
+                continue
+            self.journal.begin(self.name, ref.uid, key=ref.key, size=ref.size)
+            delete = self._finish_decision(ref, decision, None, summary)
+            self.log.info(
+                "message_decided_on_headers", uid=ref.uid,
+                disposition=str(decision.disposition), reason=decision.reason,
+            )
+            if delete:
+                owed.append(ref)
+        return todo, owed
+
+    # --- retrieval and the chain ---------------------------------------------------
+
+    async def _retrieve(
+        self, session: SourceSession, refs: list[MessageRef], summary: Summary
+    ) -> list[MessageRef]:
+        owed: list[MessageRef] = []
+        group: list[_Done] = []
+        if not refs:
+            return owed
+        entries = self.journal.get_many(self.name, [r.uid for r in refs if r.uid])
+        expire_zero = _expire_zero(session)
+        total = len(refs)
+        try:
+            async for msg in session.retrieve(
+                refs, spool_dir=self.spool_dir, spool_threshold=self.spool_threshold
+            ):
+                try:
+                    summary.retrieved += 1
+                    summary.bytes += msg.size
+                    if msg.size != msg.ref.size:
+                        self.log.info(
+                            "octet_count_mismatch", uid=msg.ref.uid,
+                            listed=msg.ref.size, received=msg.size,
+                        )
+                    if not msg.ref.uid:
+                        msg = self._adopt_hash_uid(msg)
+                        hashed = self.journal.get_many(self.name, [msg.ref.uid])
+                        entry = hashed.get(msg.ref.uid)
+                        if entry is not None and entry.status != Status.PENDING:
+                            if entry.delete_due or entry.status == Status.DELETED:
+                                await session.mark_deleted([msg.ref])
+                                owed.append(msg.ref)
+                            continue
+                        if entry is not None:
+                            entries[msg.ref.uid] = entry
+                    done = await self._run_one(msg, entries.get(msg.ref.uid), summary)
+                    if done.failed and expire_zero and done.status == Status.PENDING:
+                        # RFC 2449 §6.7: EXPIRE 0 lets the server delete what was
+                        # RETR'd at QUIT; keep the raw bytes before that can happen.
+                        done = self._quarantine_failed(msg, done, summary)
+                    group.append(done)
+                    if self.progress is not None:
+                        self.progress(self.name, summary.retrieved, total)
+                finally:
+                    _unspool(msg)
+                if len(group) >= GROUP_SIZE:
+                    owed += await self._group_commit(session, group)
+                    group = []
+                if self.stop.is_set():
+                    self.log.info("stop_requested", after=summary.retrieved)
+                    break
+        except BaseException:
+            # Whatever completed is made durable even when the session is failing, so
+            # the next session only DELEs it (never re-runs it). No DELE on a broken
+            # session: the journal owes them.
+            if group:
+                await self._group_commit(session, group, send_dele=False)
+            raise
+        if group:
+            owed += await self._group_commit(session, group)
+        return owed
+
+    def _adopt_hash_uid(self, msg: Message) -> Message:
+        uid = f"sha256:{msg.sha256}"
+        ref = MessageRef(
+            mailbox=msg.ref.mailbox or self.name, number=msg.ref.number, uid=uid,
+            size=msg.ref.size,
+        )
+        msg.ref = ref
+        return msg
+
+    async def _run_one(
+        self, msg: Message, entry: Entry | None, summary: Summary
+    ) -> _Done:
+        ref = msg.ref
+        if entry is None:
+            entry = self.journal.begin(self.name, ref.uid, key=ref.key, size=ref.size)
+        mlog = self.log.bind(uid=ref.uid, key=ref.key)
+        result = await self.chain.run(self.cfg.pipeline, msg, done_steps=entry.steps)
+        if result.ok:
+            assert result.decision is not None
+            summary.processed += 1
+            decision = result.decision
+            if decision.disposition == Disposition.QUARANTINE:
+                delete = self._quarantine(
+                    msg, reason=decision.reason or "quarantined by rule", attempts=0,
+                    error="",
+                )
+                summary.quarantined += 1
+                return _Done(
+                    ref, result, Status.QUARANTINED, "quarantine", decision.reason,
+                    delete, msg.sha256,
+                )
+            status, delete = self._status_for(decision)
+            if decision.disposition == Disposition.KEEP:
+                summary.kept += 1
+            elif decision.reason != "on_complete":
+                summary.dropped += 1
+            mlog.debug("message_processed", disposition=str(decision.disposition))
+            return _Done(
+                ref, result, status, str(decision.disposition), decision.reason,
+                delete, msg.sha256,
+            )
+        # failure
+        assert result.error is not None
+        summary.failed += 1
+        error = _error_text(result.error)
+        attempts = entry.attempts + (0 if result.temporary else 1)
+        mlog.warning(
+            "message_failed", step=result.failed_step, error=error,
+            attempts=attempts, temporary=result.temporary,
+        )
+        self.hooks.message_failed(
+            mailbox=self.name, uid=ref.uid, key=ref.key, processor=result.failed_step,
+            error=error, attempts=attempts,
+        )
+        done = _Done(
+            ref, result, Status.PENDING, "failed", "", False, msg.sha256,
+            failed=True, attempts=attempts, error=error,
+        )
+        if not result.temporary and attempts >= self.cfg.max_attempts:
+            done = self._quarantine_failed(msg, done, summary)
+        return done
+
+    def _quarantine_failed(self, msg: Message, done: _Done, summary: Summary) -> _Done:
+        reason = f"failed {done.attempts} time(s) in {done.result.failed_step if done.result else '?'}"
+        delete = self._quarantine(msg, reason=reason, attempts=done.attempts, error=done.error)
+        summary.quarantined += 1
+        done.status = Status.QUARANTINED
+        done.disposition = "quarantine"
+        done.reason = reason
+        done.delete_due = delete
+        return done
+
+    def _status_for(self, decision: Decision) -> tuple[Status, bool]:
+        if decision.disposition == Disposition.KEEP:
+            return Status.KEPT, False
+        return Status.COMMITTED, self.cfg.delete == "after_processing"
+
+    def _finish_decision(
+        self, ref: MessageRef, decision: Decision, sha256: str | None, summary: Summary
+    ) -> bool:
+        status, delete = self._status_for(decision)
+        if decision.disposition == Disposition.KEEP:
+            summary.kept += 1
+        else:
+            summary.dropped += 1
+        self.journal.finish(
+            self.name, ref.uid, status=status, disposition=str(decision.disposition),
+            sha256=sha256, reason=decision.reason, delete_due=delete,
+        )
+        self.hooks.message_done(
+            mailbox=self.name, uid=ref.uid, key=ref.key,
+            disposition=str(decision.disposition),
+        )
+        return delete
+
+    def _quarantine(self, msg: Message, *, reason: str, attempts: int, error: str) -> bool:
+        path = self.quarantine.put(msg, reason=reason, attempts=attempts, error=error)
+        self.log.warning(
+            "message_quarantined", uid=msg.ref.uid, key=msg.key, reason=reason,
+            path=str(path),
+        )
+        self.hooks.message_quarantined(
+            mailbox=self.name, uid=msg.ref.uid, key=msg.key, reason=reason, path=str(path)
+        )
+        return self.cfg.on_quarantine == "delete"
+
+    async def _group_commit(
+        self, session: SourceSession, group: list[_Done], *, send_dele: bool = True
+    ) -> list[MessageRef]:
+        """Flush processors, commit the journal batch, then (and only then) DELE."""
+        flushed = True
+        try:
+            await self.chain.flush()
+        except Exception as exc:
+            flushed = False
+            self.log.error("flush_failed", error=_error_text(exc))
+        owed: list[MessageRef] = []
+        with self.journal.batch():
+            for d in group:
+                steps = list(d.result.committed) if d.result else []
+                if flushed and d.result:
+                    steps += d.result.pending
+                for step in steps:
+                    self.journal.step_committed(self.name, d.ref.uid, step)
+                if d.failed and d.status == Status.PENDING:
+                    self.journal.fail(
+                        self.name, d.ref.uid, error=d.error,
+                        counted=not (d.result and d.result.temporary),
+                    )
+                    continue
+                if d.failed:  # quarantined after failures: count the last attempt too
+                    self.journal.fail(self.name, d.ref.uid, error=d.error, counted=True)
+                if not flushed and d.result and d.result.pending:
+                    continue  # not durable: stays PENDING, re-run next time
+                self.journal.finish(
+                    self.name, d.ref.uid, status=d.status, disposition=d.disposition,
+                    sha256=d.sha256, reason=d.reason, delete_due=d.delete_due,
+                )
+                if d.delete_due:
+                    owed.append(d.ref)
+        for d in group:
+            if not d.failed or d.status != Status.PENDING:
+                self.hooks.message_done(
+                    mailbox=self.name, uid=d.ref.uid, key=d.ref.key,
+                    disposition=d.disposition,
+                )
+        if send_dele and owed:
+            try:
+                await session.mark_deleted(owed)
+            except SourceError:
+                # Journaled as owed: the next session DELEs them. Re-raise to abort.
+                raise
+        return owed
+
+    async def _commit(
+        self, session: SourceSession, owed: list[MessageRef], summary: Summary
+    ) -> None:
+        await session.commit()  # RFC 1939 §6: QUIT makes the server delete DELE'd mail
+        if owed:
+            self.journal.mark_deleted(self.name, [r.uid for r in owed])
+        summary.deleted += len(owed)
+        self.log.debug("session_committed", deleted=len(owed))
+
+    def _prune(self, refs: list[MessageRef]) -> None:
+        try:
+            self.journal.prune(self.name, [r.uid for r in refs], 30.0)
+        except Exception as exc:  # pruning is housekeeping; never fail a poll for it
+            self.log.warning("journal_prune_failed", error=_error_text(exc))
+
+
+def _expire_zero(session: SourceSession) -> bool:
+    caps = getattr(session, "capabilities", None)
+    if caps is None:
+        return False
+    value: Any = None
+    if isinstance(caps, dict):
+        value = caps.get("EXPIRE")
+    else:
+        value = getattr(caps, "expire", None)
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    return str(value).strip().split(" ")[0] == "0"
+
+
+def _aware(dt: datetime) -> datetime:
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
+def _unspool(msg: Message) -> None:
+    if msg.spool_path is not None:
+        Path(msg.spool_path).unlink(missing_ok=True)
+
+
+def key_for(mailbox: str, uid: str) -> str:
+    """Return the message key of (mailbox, uid) (re-exported for the CLI)."""
+    return message_key(mailbox, uid)

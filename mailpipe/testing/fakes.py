@@ -1,0 +1,126 @@
+"""In-memory fakes for unit tests: a Source whose sessions record every call.
+
+For protocol-level truth use the fake POP3 server (:mod:`mailpipe.testing.server`) or a
+real Dovecot; this fake exists to test the engine's ordering rules in isolation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from mailpipe.errors import CommitError, SourceConnectionError
+from mailpipe.message import Message, MessageRef
+
+
+class FakeOptions(BaseModel):
+    """Options of the fake source (none)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class FakeMailbox:
+    """Server-side state shared by sessions: messages by uid, and a call log.
+
+    ``fail_after_retr``: raise a connection error after that many RETRs in a session.
+    ``fail_quit``: QUIT answers -ERR (nothing deleted). ``uidl``: whether UIDL works.
+    """
+
+    messages: dict[str, bytes] = field(default_factory=dict)
+    calls: list[tuple[str, Any]] = field(default_factory=list)
+    fail_after_retr: int | None = None
+    fail_quit: bool = False
+    uidl: bool = True
+    capabilities: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, uid: str, data: bytes) -> None:
+        """Deliver a message."""
+        self.messages[uid] = data
+
+
+class FakeSession:
+    """A session over a :class:`FakeMailbox`; deletions apply only on commit."""
+
+    def __init__(self, box: FakeMailbox, mailbox: str) -> None:
+        self.box = box
+        self.mailbox = mailbox
+        self.supports_uidl = box.uidl
+        self.capabilities = box.capabilities
+        self.marked: set[str] = set()
+        self.closed = False
+        self.retrs = 0
+        self._order = list(box.messages)
+
+    async def list(self) -> list[MessageRef]:
+        self.box.calls.append(("list", None))
+        return [
+            MessageRef(
+                mailbox=self.mailbox, number=i + 1,
+                uid=uid if self.supports_uidl else "", size=len(self.box.messages[uid]),
+            )
+            for i, uid in enumerate(self._order)
+        ]
+
+    def _uid(self, ref: MessageRef) -> str:
+        return self._order[ref.number - 1]
+
+    async def headers(self, ref: MessageRef) -> bytes:
+        self.box.calls.append(("top", ref.uid))
+        data = self.box.messages[self._uid(ref)]
+        end = data.find(b"\r\n\r\n")
+        return data if end < 0 else data[: end + 4]
+
+    async def retrieve(
+        self, refs: Sequence[MessageRef], *, spool_dir: Path, spool_threshold: int
+    ) -> AsyncIterator[Message]:
+        for ref in refs:
+            if self.box.fail_after_retr is not None and self.retrs >= self.box.fail_after_retr:
+                raise SourceConnectionError("fake connection dropped")
+            self.retrs += 1
+            self.box.calls.append(("retr", ref.uid))
+            yield Message(ref=ref, data=self.box.messages[self._uid(ref)])
+
+    async def mark_deleted(self, refs: Sequence[MessageRef]) -> None:
+        for ref in refs:
+            self.box.calls.append(("dele", ref.uid))
+            self.marked.add(self._uid(ref))
+
+    async def commit(self) -> None:
+        self.box.calls.append(("quit", sorted(self.marked)))
+        self.closed = True
+        if self.box.fail_quit:
+            raise CommitError("-ERR some deleted messages not removed")
+        for uid in self.marked:
+            self.box.messages.pop(uid, None)
+
+    async def abort(self) -> None:
+        if not self.closed:
+            self.box.calls.append(("abort", None))
+        self.closed = True
+
+
+class FakeSource:
+    """A :class:`mailpipe.Source` over a shared :class:`FakeMailbox` (``box``)."""
+
+    name: ClassVar[str] = "fake"
+    Options: ClassVar[type[BaseModel]] = FakeOptions
+    boxes: ClassVar[dict[str, FakeMailbox]] = {}
+
+    def __init__(self, options: BaseModel, context: Any, *, mailbox: str = "") -> None:
+        self.mailbox = mailbox
+        self.box = FakeSource.boxes.setdefault(mailbox, FakeMailbox())
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[FakeSession]:
+        """Open a session; exit aborts unless committed."""
+        s = FakeSession(self.box, self.mailbox)
+        try:
+            yield s
+        finally:
+            await s.abort()

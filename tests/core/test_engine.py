@@ -1,0 +1,326 @@
+"""Engine ordering rules against the in-memory fake source (protocol truth lives in e2e)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from pydantic import BaseModel, ConfigDict
+
+from mailpipe.chain import Chain
+from mailpipe.config import validate_config
+from mailpipe.engine import MailboxRunner
+from mailpipe.errors import TemporaryFailure
+from mailpipe.journal.base import Status
+from mailpipe.journal.sqlite import SqliteJournal
+from mailpipe.message import Message
+from mailpipe.plugin_manager import Hooks, get_plugin_manager
+from mailpipe.processor import Decision, Disposition
+from mailpipe.quarantine import Quarantine
+from mailpipe.registry import Registry
+from mailpipe.testing.fakes import FakeMailbox, FakeSource
+
+
+class RecOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fail_on: list[str] = []
+    temporary: bool = False
+
+
+LOG: dict[str, list[str]] = {}
+
+
+class Recorder:
+    """Records the uid of every message it sees; fails on chosen subjects."""
+
+    name: ClassVar[str] = "rec"
+    Options: ClassVar[type[BaseModel]] = RecOptions
+    commits: ClassVar[bool] = True
+
+    def __init__(self, options: RecOptions, context: Any) -> None:
+        self.options = options
+        self.seen = LOG.setdefault(context.pipeline, [])
+
+    def process(self, message: Message) -> None:
+        subject = message.header("subject") or ""
+        if subject in self.options.fail_on:
+            if self.options.temporary:
+                raise TemporaryFailure("relay said 451")
+            raise RuntimeError(f"cannot handle {subject}")
+        self.seen.append(message.ref.uid)
+
+
+class Dropper:
+    """Header-only decision: drop messages whose subject starts with 'spam'."""
+
+    name: ClassVar[str] = "drop"
+    Options: ClassVar[type[BaseModel]] = RecOptions
+    commits: ClassVar[bool] = False
+    header_only: ClassVar[bool] = True
+
+    def __init__(self, options: RecOptions, context: Any) -> None:
+        pass
+
+    def prefetch(self, message: Message) -> Decision | None:
+        return self.process(message)
+
+    def process(self, message: Message) -> Decision | None:
+        if (message.header("subject") or "").startswith("spam"):
+            return Decision(disposition=Disposition.DONE, reason="spam rule")
+        return None
+
+
+class Flaky:
+    """Group-commit processor whose flush can be made to fail."""
+
+    name: ClassVar[str] = "flaky"
+    Options: ClassVar[type[BaseModel]] = RecOptions
+    commits: ClassVar[bool] = True
+    fail_flush = False
+
+    def __init__(self, options: RecOptions, context: Any) -> None:
+        pass
+
+    def process(self, message: Message) -> None:
+        return None
+
+    def flush(self) -> None:
+        if Flaky.fail_flush:
+            raise OSError("disk full")
+
+
+def msg(subject: str) -> bytes:
+    return f"From: a@example.com\r\nSubject: {subject}\r\n\r\nbody of {subject}\r\n".encode()
+
+
+@pytest.fixture(autouse=True)
+def _clean() -> None:
+    LOG.clear()
+    FakeSource.boxes.clear()
+    Flaky.fail_flush = False
+
+
+def make(tmp_path: Path, processors: list[dict[str, Any]], **mailbox: Any) -> tuple[MailboxRunner, FakeMailbox, SqliteJournal]:
+    registry = Registry()
+    registry.add("source", FakeSource, "test")
+    for cls in (Recorder, Dropper, Flaky):
+        registry.add("processor", cls, "test")
+    data = {
+        "mailboxes": [{"name": "box", "source": "fake", "pipeline": "p", **mailbox}],
+        "pipelines": {"p": {"processors": processors}},
+    }
+    config = validate_config(data, path=tmp_path / "pipeline.toml", registry=registry)
+    journal = SqliteJournal(tmp_path / "journal.sqlite3")
+    chain = Chain(config.pipelines, base_dir=tmp_path)
+    runner = MailboxRunner(
+        config.mailboxes[0], config=config, chain=chain, journal=journal,
+        quarantine=Quarantine(tmp_path / "q"), hooks=Hooks(get_plugin_manager(entry_points=False)),
+    )
+    return runner, runner.source.box, journal
+
+
+def kinds(box: FakeMailbox) -> list[str]:
+    return [c[0] for c in box.calls]
+
+
+async def test_dele_only_after_chain_and_quit_commits(tmp_path: Path) -> None:
+    runner, box, journal = make(tmp_path, [{"use": "rec"}])
+    for i in range(3):
+        box.add(f"u{i}", msg(f"m{i}"))
+    summary = await runner.poll()
+    assert summary.processed == 3 and summary.deleted == 3 and summary.error is None
+    assert box.messages == {}
+    calls = kinds(box)
+    assert calls.index("dele") > calls.index("retr")
+    assert calls[-1] == "quit"
+    assert LOG["p"] == ["u0", "u1", "u2"]
+    assert {e.status for e in journal.list("box")} == {Status.DELETED}
+
+
+async def test_failing_message_stays_then_is_quarantined(tmp_path: Path) -> None:
+    runner, box, journal = make(tmp_path, [{"use": "rec", "fail_on": ["bad"]}], max_attempts=2)
+    box.add("good", msg("good"))
+    box.add("bad", msg("bad"))
+    s1 = await runner.poll()
+    assert s1.failed == 1 and s1.deleted == 1
+    assert list(box.messages) == ["bad"]
+    assert journal.get_many("box", ["bad"])["bad"].attempts == 1
+    s2 = await runner.poll()
+    assert s2.quarantined == 1 and box.messages == {}
+    items = Quarantine(tmp_path / "q").list()
+    assert len(items) == 1 and items[0].uid == "bad" and items[0].attempts == 2
+    assert Path(items[0].eml).read_bytes() == msg("bad")
+    sidecar = json.loads(Path(items[0].eml).with_suffix(".json").read_text())
+    assert "cannot handle bad" in sidecar["error"]
+
+
+async def test_temporary_failure_does_not_count_attempts(tmp_path: Path) -> None:
+    runner, box, journal = make(
+        tmp_path, [{"use": "rec", "fail_on": ["x"], "temporary": True}], max_attempts=1
+    )
+    box.add("x", msg("x"))
+    for _ in range(3):
+        await runner.poll()
+    assert list(box.messages) == ["x"]
+    assert journal.get_many("box", ["x"])["x"].attempts == 0
+    assert Quarantine(tmp_path / "q").list() == []
+
+
+async def test_connection_drop_never_reprocesses_committed(tmp_path: Path) -> None:
+    runner, box, journal = make(tmp_path, [{"use": "rec"}])
+    for i in range(5):
+        box.add(f"u{i}", msg(f"m{i}"))
+    box.fail_after_retr = 3
+    s1 = await runner.poll()
+    assert s1.error is not None and not s1.committed
+    assert len(box.messages) == 5  # aborted: nothing deleted
+    assert ("abort", None) in box.calls
+    box.fail_after_retr = None
+    s2 = await runner.poll()
+    assert s2.error is None and box.messages == {}
+    assert LOG["p"] == ["u0", "u1", "u2", "u3", "u4"]  # each exactly once
+
+
+async def test_failed_quit_leaves_deletions_owed(tmp_path: Path) -> None:
+    runner, box, journal = make(tmp_path, [{"use": "rec"}])
+    box.add("a", msg("a"))
+    box.fail_quit = True
+    s1 = await runner.poll()
+    assert s1.error is not None and "a" in box.messages
+    assert journal.get_many("box", ["a"])["a"].delete_due
+    box.fail_quit = False
+    await runner.poll()
+    assert box.messages == {} and LOG["p"] == ["a"]
+
+
+async def test_keep_mode_processes_each_uid_once(tmp_path: Path) -> None:
+    runner, box, _ = make(tmp_path, [{"use": "rec"}], delete="never")
+    box.add("a", msg("a"))
+    await runner.poll()
+    box.add("b", msg("b"))
+    await runner.poll()
+    box.add("c", msg("c"))
+    await runner.poll()
+    assert LOG["p"] == ["a", "b", "c"]
+    assert list(box.messages) == ["a", "b", "c"]
+    assert "dele" not in kinds(box)
+
+
+async def test_no_uidl_refuses_keep_mode(tmp_path: Path) -> None:
+    runner, box, _ = make(tmp_path, [{"use": "rec"}], delete="never")
+    box.uidl = False
+    box.add("a", msg("a"))
+    s = await runner.poll()
+    assert s.error is not None and "UIDL" in s.error
+    assert "retr" not in kinds(box)
+
+
+async def test_no_uidl_falls_back_to_content_hash(tmp_path: Path) -> None:
+    runner, box, journal = make(tmp_path, [{"use": "rec"}])
+    box.uidl = False
+    box.add("a", msg("a"))
+    box.fail_quit = True
+    await runner.poll()
+    box.fail_quit = False
+    await runner.poll()
+    assert box.messages == {}
+    assert len(LOG["p"]) == 1 and LOG["p"][0].startswith("sha256:")
+
+
+async def test_commit_window_reconnects(tmp_path: Path) -> None:
+    runner, box, _ = make(tmp_path, [{"use": "rec"}], commit_window=2)
+    for i in range(5):
+        box.add(f"u{i}", msg(f"m{i}"))
+    s = await runner.poll()
+    assert s.sessions == 3 and s.deleted == 5
+    assert kinds(box).count("quit") == 3
+
+
+async def test_max_messages_limits_one_poll(tmp_path: Path) -> None:
+    runner, box, _ = make(tmp_path, [{"use": "rec"}], max_messages=2)
+    for i in range(5):
+        box.add(f"u{i}", msg(f"m{i}"))
+    s = await runner.poll()
+    assert s.sessions == 1 and s.deleted == 2 and len(box.messages) == 3
+
+
+async def test_header_prefetch_skips_retr_of_dropped(tmp_path: Path) -> None:
+    runner, box, _ = make(tmp_path, [{"use": "drop"}, {"use": "rec"}])
+    box.add("s", msg("spam offer"))
+    box.add("h", msg("hello"))
+    s = await runner.poll()
+    assert ("retr", "s") not in box.calls and ("top", "s") in box.calls
+    assert ("retr", "h") in box.calls
+    assert box.messages == {} and LOG["p"] == ["h"] and s.dropped == 1
+
+
+async def test_flush_failure_means_no_dele(tmp_path: Path) -> None:
+    runner, box, journal = make(tmp_path, [{"use": "flaky"}])
+    box.add("a", msg("a"))
+    Flaky.fail_flush = True
+    await runner.poll()
+    assert "dele" not in kinds(box) and "a" in box.messages
+    assert journal.get_many("box", ["a"])["a"].status == Status.PENDING
+    Flaky.fail_flush = False
+    await runner.poll()
+    assert box.messages == {}
+
+
+async def test_committed_step_is_not_repeated(tmp_path: Path) -> None:
+    runner, box, journal = make(
+        tmp_path, [{"use": "rec"}, {"use": "rec", "fail_on": ["a"], "name": "fwd"}],
+        max_attempts=5,
+    )
+    box.add("a", msg("a"))
+    await runner.poll()
+    await runner.poll()
+    entry = journal.get_many("box", ["a"])["a"]
+    assert entry.steps == ["p/0:rec"] and entry.attempts == 2
+    assert LOG["p"] == ["a"]  # the first step ran once, not on the re-run
+
+
+async def test_stop_finishes_message_in_hand_and_commits(tmp_path: Path) -> None:
+    runner, box, _ = make(tmp_path, [{"use": "rec"}])
+    for i in range(4):
+        box.add(f"u{i}", msg(f"m{i}"))
+    stop = runner.stop
+    orig = runner.chain.run
+
+    async def run_then_stop(*a: Any, **k: Any) -> Any:
+        result = await orig(*a, **k)
+        stop.set()
+        return result
+
+    runner.chain.run = run_then_stop  # type: ignore[method-assign]
+    s = await runner.poll()
+    assert s.processed == 1 and s.deleted == 1 and kinds(box)[-1] == "quit"
+    assert len(box.messages) == 3
+
+
+async def test_expire_zero_quarantines_failures_before_quit(tmp_path: Path) -> None:
+    runner, box, _ = make(tmp_path, [{"use": "rec", "fail_on": ["x"]}])
+    box.capabilities = {"EXPIRE": "0"}
+    box.add("x", msg("x"))
+    s = await runner.poll()
+    assert s.quarantined == 1
+    assert len(Quarantine(tmp_path / "q").list()) == 1
+
+
+async def test_oversize_policies(tmp_path: Path) -> None:
+    runner, box, _ = make(tmp_path, [{"use": "rec"}], max_message_size=60, on_oversize="delete")
+    box.add("big", msg("x" * 100))
+    box.add("small", msg("s"))
+    s = await runner.poll()
+    assert box.messages == {} and LOG["p"] == ["small"] and ("retr", "big") not in box.calls
+    assert s.dropped == 1
+
+
+async def test_poll_survives_many_rounds_without_leaks(tmp_path: Path) -> None:
+    runner, box, _ = make(tmp_path, [{"use": "rec"}])
+    for r in range(5):
+        box.add(f"r{r}", msg(f"r{r}"))
+        await asyncio.wait_for(runner.poll(), 10)
+    assert LOG["p"] == [f"r{r}" for r in range(5)]
