@@ -1,0 +1,5 @@
+"""``python -m mailpipe``: the command line."""
+
+from mailpipe.cli import main
+
+main()

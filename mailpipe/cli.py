@@ -1,0 +1,422 @@
+"""The ``mailpipe`` command line.
+
+Exit codes: 0 success; 1 runtime failure (a mailbox failed, a message could not be
+processed); 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import structlog
+
+from mailpipe import __version__
+from mailpipe.errors import ConfigError, MailpipeError, PluginError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+log = structlog.get_logger()
+
+
+def _fail_config(exc: ConfigError | PluginError) -> None:
+    click.echo(str(exc), err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _open(config: str) -> Any:
+    from mailpipe.app import open_app
+
+    try:
+        return open_app(config)
+    except (ConfigError, PluginError) as exc:
+        _fail_config(exc)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mailpipe")
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "console", "json"]),
+    default="auto",
+    show_default=True,
+    help="Console on a terminal, JSON lines otherwise (auto).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def cli(log_format: str, log_level: str) -> None:
+    """mailpipe: mailboxes as reliable data-pipeline sources."""
+    from mailpipe.logs import configure
+
+    configure(log_format, log_level)  # type: ignore[arg-type]
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+def check(config: str) -> None:
+    """Validate CONFIG; print every problem and exit 2 when there are any."""
+    app = _open(config)
+    cfg = app.config
+    click.echo(
+        f"{config}: OK — {len(cfg.mailboxes)} mailbox(es), "
+        f"{len(cfg.pipelines)} pipeline(s): "
+        + ", ".join(f"{n} ({len(s)} steps)" for n, s in cfg.pipelines.items())
+    )
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--once", is_flag=True, help="Poll every mailbox once and exit.")
+@click.option("--mailbox", "mailboxes", multiple=True, help="Only these mailboxes.")
+def run(config: str, once: bool, mailboxes: tuple[str, ...]) -> None:
+    """Run the pipelines of CONFIG until SIGTERM/SIGINT (or once with --once).
+
+    Exits 1 with --once if any mailbox failed.
+    """
+    app = _open(config)
+    unknown = [m for m in mailboxes if m not in {x.name for x in app.config.mailboxes}]
+    if unknown:
+        click.echo(f"unknown mailbox: {', '.join(unknown)}", err=True)
+        sys.exit(EXIT_USAGE)
+    code = asyncio.run(_run(app, once=once, only=mailboxes))
+    sys.exit(code)
+
+
+async def _run(app: Any, *, once: bool, only: tuple[str, ...]) -> int:
+    from mailpipe.plugin_manager import Hooks
+    from mailpipe.progress import ProgressView
+    from mailpipe.scheduler import Scheduler
+
+    journal = app.journal()
+    view = ProgressView(enabled=once and sys.stderr.isatty())
+    scheduler = Scheduler(
+        app.config, journal=journal, hooks=Hooks(app.pm), once=once, only=only,
+        progress=view.update,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, scheduler.request_stop)
+    try:
+        with view:
+            summaries = await scheduler.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        journal.close()
+    if once:
+        view.table(summaries)
+        return EXIT_FAILURE if any(s.error for s in summaries) or not summaries else EXIT_OK
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--pipeline", help="Pipeline to run (default: the only one, or 'default').")
+@click.option("--dry-run", is_flag=True, help="Write nothing; print each decision.")
+def process(config: str, paths: tuple[str, ...], pipeline: str | None, dry_run: bool) -> None:
+    """Run a pipeline over local .eml files, directories, Maildirs or mbox files."""
+    app = _open(config)
+    names = list(app.config.pipelines)
+    if pipeline is None:
+        pipeline = names[0] if len(names) == 1 else "default"
+    if pipeline not in app.config.pipelines:
+        click.echo(
+            f"unknown pipeline {pipeline!r}; defined: {', '.join(names) or 'none'}", err=True
+        )
+        sys.exit(EXIT_USAGE)
+    code = asyncio.run(_process(app, [Path(p) for p in paths], pipeline, dry_run))
+    sys.exit(code)
+
+
+def _summary_line(message: Any) -> dict[str, Any]:
+    record = message.record
+    subject = getattr(record, "subject", None) if record is not None else None
+    sender = None
+    if record is not None and getattr(record, "from_addresses", None):
+        first = record.from_addresses[0]
+        sender = getattr(first, "address", None)
+    return {
+        "key": message.key,
+        "from": sender or message.header("from"),
+        "subject": subject if subject is not None else message.header("subject"),
+        "size": message.size,
+        "attachments": len(getattr(record, "attachments", []) or []),
+        "tags": sorted(message.tags),
+    }
+
+
+async def _process(app: Any, paths: list[Path], pipeline: str, dry_run: bool) -> int:
+    from mailpipe.app import iter_local_messages
+    from mailpipe.chain import Chain
+
+    chain = Chain(
+        app.config.pipelines,
+        base_dir=app.config.base_dir,
+        on_complete={n: p.on_complete for n, p in app.config.model.pipelines.items()},
+        dry_run=dry_run,
+    )
+    failed = 0
+    count = 0
+    await chain.open()
+    try:
+        for message in iter_local_messages(paths):
+            count += 1
+            result = await chain.run(pipeline, message)
+            line = _summary_line(message)
+            if result.ok and result.decision is not None:
+                line["decision"] = str(result.decision.disposition)
+                line["rule"] = result.decision.reason
+            else:
+                failed += 1
+                line["decision"] = "failed"
+                line["step"] = result.failed_step
+                line["error"] = f"{type(result.error).__name__}: {result.error}"
+            click.echo(json.dumps(line, ensure_ascii=False, default=str))
+        if not dry_run:
+            await chain.flush()
+    finally:
+        await chain.close()
+    click.echo(f"{count} message(s), {failed} failed{' (dry run)' if dry_run else ''}", err=True)
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+@cli.command()
+def plugins() -> None:
+    """List plugins: name, origin, version and what each registers."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mailpipe.plugin_manager import describe, load
+
+    try:
+        pm, registry = load()
+    except PluginError as exc:
+        _fail_config(exc)
+    table = Table("plugin", "origin", "version", "sources", "processors")
+    for info in describe(pm, registry):
+        table.add_row(
+            info.name, info.origin, info.version,
+            ", ".join(info.sources), ", ".join(info.processors),
+        )
+    Console(width=160).print(table)
+
+
+@cli.command()
+def schema() -> None:
+    """Print the JSON Schema of the config file, plugin options included."""
+    from mailpipe.config import json_schema
+    from mailpipe.plugin_manager import load
+
+    try:
+        _, registry = load()
+    except PluginError as exc:
+        _fail_config(exc)
+    click.echo(json.dumps(json_schema(registry), indent=2))
+
+
+# --- quarantine -----------------------------------------------------------------
+
+
+@cli.group()
+def quarantine() -> None:
+    """Inspect, replay or drop quarantined messages."""
+
+
+@quarantine.command("list")
+@click.argument("config", type=click.Path(dir_okay=False))
+def quarantine_list(config: str) -> None:
+    """List quarantined messages."""
+    app = _open(config)
+    items = app.quarantine().list()
+    for item in items:
+        click.echo(
+            f"{item.key}  {item.mailbox}  {item.uid}  {item.quarantined_at}  {item.reason}"
+        )
+    click.echo(f"{len(items)} quarantined message(s)", err=True)
+
+
+def _item(app: Any, key: str) -> Any:
+    item = app.quarantine().get(key)
+    if item is None:
+        click.echo(f"no quarantined message with key {key!r} (or it is ambiguous)", err=True)
+        sys.exit(EXIT_USAGE)
+    return item
+
+
+@quarantine.command("show")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("key")
+def quarantine_show(config: str, key: str) -> None:
+    """Show one quarantined message's sidecar and headers."""
+    from dataclasses import asdict
+
+    app = _open(config)
+    item = _item(app, key)
+    click.echo(json.dumps(asdict(item), indent=2, ensure_ascii=False))
+    raw = Path(item.eml).read_bytes()
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    click.echo(head.decode("utf-8", "replace"))
+
+
+@quarantine.command("drop")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("key")
+def quarantine_drop(config: str, key: str) -> None:
+    """Delete a quarantined message for good."""
+    app = _open(config)
+    item = _item(app, key)
+    app.quarantine().drop(item)
+    click.echo(f"dropped {item.key}")
+
+
+@quarantine.command("replay")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("keys", nargs=-1)
+@click.option("--all", "replay_all", is_flag=True, help="Replay every quarantined message.")
+def quarantine_replay(config: str, keys: tuple[str, ...], replay_all: bool) -> None:
+    """Run quarantined messages through their mailbox's pipeline again.
+
+    A message that now succeeds leaves the quarantine; its journal entry is updated so
+    a server copy that was kept is deleted per the mailbox policy.
+    """
+    app = _open(config)
+    code = asyncio.run(_replay(app, keys, replay_all))
+    sys.exit(code)
+
+
+async def _replay(app: Any, keys: tuple[str, ...], replay_all: bool) -> int:
+    from mailpipe.replay import replay
+
+    q = app.quarantine()
+    items = q.list() if replay_all else [_item(app, k) for k in keys]
+    if not items:
+        click.echo("nothing to replay", err=True)
+        return EXIT_OK
+    results = await replay(app.config, app.journal(), q, items)
+    failed = 0
+    for item, outcome in results:
+        click.echo(f"{item.key}  {outcome}")
+        failed += outcome.startswith("failed")
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+# --- state ----------------------------------------------------------------------
+
+
+@cli.group()
+def state() -> None:
+    """Inspect or change the journal (delivery state)."""
+
+
+@state.command("list")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--mailbox", default=None)
+@click.option("--status", default=None, help="pending, committed, kept, quarantined, deleted")
+@click.option("--limit", default=100, show_default=True)
+def state_list(config: str, mailbox: str | None, status: str | None, limit: int) -> None:
+    """List journal entries, newest first."""
+    from mailpipe.journal.base import Status
+
+    app = _open(config)
+    try:
+        st = Status(status) if status else None
+    except ValueError:
+        click.echo(
+            f"unknown status {status!r}; accepted: {', '.join(s.value for s in Status)}",
+            err=True,
+        )
+        sys.exit(EXIT_USAGE)
+    journal = app.journal()
+    try:
+        for e in journal.list(mailbox, st, limit):
+            click.echo(
+                f"{e.mailbox}  {e.uid}  {e.status}  attempts={e.attempts}  "
+                f"delete_due={e.delete_due}  steps={','.join(e.steps) or '-'}"
+                + (f"  error={e.last_error}" if e.last_error else "")
+            )
+    finally:
+        journal.close()
+
+
+@state.command("forget")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("mailbox")
+@click.argument("uids", nargs=-1)
+def state_forget(config: str, mailbox: str, uids: tuple[str, ...]) -> None:
+    """Forget journal entries (all of MAILBOX without UIDS): they will be processed again."""
+    app = _open(config)
+    journal = app.journal()
+    try:
+        n = journal.forget(mailbox, list(uids) if uids else None)
+    finally:
+        journal.close()
+    click.echo(f"forgot {n} entr{'y' if n == 1 else 'ies'}")
+
+
+@state.command("mark-seen")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("mailbox")
+def state_mark_seen(config: str, mailbox: str) -> None:
+    """Adopt MAILBOX: record the mail already in it as seen, without processing it."""
+    app = _open(config)
+    try:
+        spec = app.config.mailbox(mailbox)
+    except KeyError:
+        click.echo(f"unknown mailbox {mailbox!r}", err=True)
+        sys.exit(EXIT_USAGE)
+    try:
+        n, total = asyncio.run(_mark_seen(app, spec))
+    except MailpipeError as exc:
+        click.echo(f"mark-seen failed: {exc}", err=True)
+        sys.exit(EXIT_FAILURE)
+    click.echo(f"marked {n} new of {total} message(s) as seen in {mailbox}")
+
+
+async def _mark_seen(app: Any, spec: Any) -> tuple[int, int]:
+    from mailpipe.chain import Chain
+    from mailpipe.engine import MailboxRunner
+    from mailpipe.plugin_manager import Hooks
+
+    journal = app.journal()
+    try:
+        runner = MailboxRunner(
+            spec, config=app.config, chain=Chain({}, base_dir=app.config.base_dir),
+            journal=journal, quarantine=app.quarantine(), hooks=Hooks(app.pm),
+        )
+        async with runner.source.session() as session:
+            refs = await session.list()
+            if not session.supports_uidl:
+                raise MailpipeError("the server offers no UIDL; mark-seen needs stable ids")
+            n = journal.mark_seen(spec.name, [(r.uid, r.key, r.size) for r in refs])
+            await session.commit()
+        return n, len(refs)
+    finally:
+        journal.close()
+
+
+@cli.command()
+@click.option("--dir", "directory", default="mailpipe-demo", show_default=True,
+              type=click.Path(file_okay=False))
+def demo(directory: str) -> None:
+    """Run the example pipeline against a bundled sample mailbox (offline)."""
+    from mailpipe.demo import run_demo
+
+    sys.exit(run_demo(Path(directory)))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        cli.main(prog_name="mailpipe", standalone_mode=True)
+    except KeyboardInterrupt:  # pragma: no cover - interactive
+        sys.exit(130)
