@@ -196,7 +196,9 @@ class Chain:
                     result.temporary = isinstance(exc, TemporaryFailure)
                     return result
                 if step.commits:
-                    (result.pending if step.has_flush else result.committed).append(step.id)
+                    (result.pending if step.has_flush else result.committed).append(
+                        step.id
+                    )
                 if decision is None:
                     continue
                 if decision.route is not None:

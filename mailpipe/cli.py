@@ -99,7 +99,11 @@ async def _run(app: Any, *, once: bool, only: tuple[str, ...]) -> int:
     journal = app.journal()
     view = ProgressView(enabled=once and sys.stderr.isatty())
     scheduler = Scheduler(
-        app.config, journal=journal, hooks=Hooks(app.pm), once=once, only=only,
+        app.config,
+        journal=journal,
+        hooks=Hooks(app.pm),
+        once=once,
+        only=only,
         progress=view.update,
     )
     loop = asyncio.get_running_loop()
@@ -114,16 +118,24 @@ async def _run(app: Any, *, once: bool, only: tuple[str, ...]) -> int:
         journal.close()
     if once:
         view.table(summaries)
-        return EXIT_FAILURE if any(s.error for s in summaries) or not summaries else EXIT_OK
+        return (
+            EXIT_FAILURE
+            if any(s.error for s in summaries) or not summaries
+            else EXIT_OK
+        )
     return EXIT_OK
 
 
 @cli.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--pipeline", help="Pipeline to run (default: the only one, or 'default').")
+@click.option(
+    "--pipeline", help="Pipeline to run (default: the only one, or 'default')."
+)
 @click.option("--dry-run", is_flag=True, help="Write nothing; print each decision.")
-def process(config: str, paths: tuple[str, ...], pipeline: str | None, dry_run: bool) -> None:
+def process(
+    config: str, paths: tuple[str, ...], pipeline: str | None, dry_run: bool
+) -> None:
     """Run a pipeline over local .eml files, directories, Maildirs or mbox files."""
     app = _open(config)
     names = list(app.config.pipelines)
@@ -131,7 +143,8 @@ def process(config: str, paths: tuple[str, ...], pipeline: str | None, dry_run: 
         pipeline = names[0] if len(names) == 1 else "default"
     if pipeline not in app.config.pipelines:
         click.echo(
-            f"unknown pipeline {pipeline!r}; defined: {', '.join(names) or 'none'}", err=True
+            f"unknown pipeline {pipeline!r}; defined: {', '.join(names) or 'none'}",
+            err=True,
         )
         sys.exit(EXIT_USAGE)
     code = asyncio.run(_process(app, [Path(p) for p in paths], pipeline, dry_run))
@@ -186,7 +199,10 @@ async def _process(app: Any, paths: list[Path], pipeline: str, dry_run: bool) ->
             await chain.flush()
     finally:
         await chain.close()
-    click.echo(f"{count} message(s), {failed} failed{' (dry run)' if dry_run else ''}", err=True)
+    click.echo(
+        f"{count} message(s), {failed} failed{' (dry run)' if dry_run else ''}",
+        err=True,
+    )
     return EXIT_FAILURE if failed else EXIT_OK
 
 
@@ -205,8 +221,11 @@ def plugins() -> None:
     table = Table("plugin", "origin", "version", "sources", "processors")
     for info in describe(pm, registry):
         table.add_row(
-            info.name, info.origin, info.version,
-            ", ".join(info.sources), ", ".join(info.processors),
+            info.name,
+            info.origin,
+            info.version,
+            ", ".join(info.sources),
+            ", ".join(info.processors),
         )
     Console(width=160).print(table)
 
@@ -248,7 +267,9 @@ def quarantine_list(config: str) -> None:
 def _item(app: Any, key: str) -> Any:
     item = app.quarantine().get(key)
     if item is None:
-        click.echo(f"no quarantined message with key {key!r} (or it is ambiguous)", err=True)
+        click.echo(
+            f"no quarantined message with key {key!r} (or it is ambiguous)", err=True
+        )
         sys.exit(EXIT_USAGE)
     return item
 
@@ -282,7 +303,9 @@ def quarantine_drop(config: str, key: str) -> None:
 @quarantine.command("replay")
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("keys", nargs=-1)
-@click.option("--all", "replay_all", is_flag=True, help="Replay every quarantined message.")
+@click.option(
+    "--all", "replay_all", is_flag=True, help="Replay every quarantined message."
+)
 def quarantine_replay(config: str, keys: tuple[str, ...], replay_all: bool) -> None:
     """Run quarantined messages through their mailbox's pipeline again.
 
@@ -321,9 +344,13 @@ def state() -> None:
 @state.command("list")
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--mailbox", default=None)
-@click.option("--status", default=None, help="pending, committed, kept, quarantined, deleted")
+@click.option(
+    "--status", default=None, help="pending, committed, kept, quarantined, deleted"
+)
 @click.option("--limit", default=100, show_default=True)
-def state_list(config: str, mailbox: str | None, status: str | None, limit: int) -> None:
+def state_list(
+    config: str, mailbox: str | None, status: str | None, limit: int
+) -> None:
     """List journal entries, newest first."""
     from mailpipe.journal.base import Status
 
@@ -390,13 +417,19 @@ async def _mark_seen(app: Any, spec: Any) -> tuple[int, int]:
     journal = app.journal()
     try:
         runner = MailboxRunner(
-            spec, config=app.config, chain=Chain({}, base_dir=app.config.base_dir),
-            journal=journal, quarantine=app.quarantine(), hooks=Hooks(app.pm),
+            spec,
+            config=app.config,
+            chain=Chain({}, base_dir=app.config.base_dir),
+            journal=journal,
+            quarantine=app.quarantine(),
+            hooks=Hooks(app.pm),
         )
         async with runner.source.session() as session:
             refs = await session.list()
             if not session.supports_uidl:
-                raise MailpipeError("the server offers no UIDL; mark-seen needs stable ids")
+                raise MailpipeError(
+                    "the server offers no UIDL; mark-seen needs stable ids"
+                )
             n = journal.mark_seen(spec.name, [(r.uid, r.key, r.size) for r in refs])
             await session.commit()
         return n, len(refs)
@@ -405,8 +438,13 @@ async def _mark_seen(app: Any, spec: Any) -> tuple[int, int]:
 
 
 @cli.command()
-@click.option("--dir", "directory", default="mailpipe-demo", show_default=True,
-              type=click.Path(file_okay=False))
+@click.option(
+    "--dir",
+    "directory",
+    default="mailpipe-demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+)
 def demo(directory: str) -> None:
     """Run the example pipeline against a bundled sample mailbox (offline)."""
     from mailpipe.demo import run_demo

@@ -194,19 +194,23 @@ class ConfigModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    state: StateConfig = Field(default_factory=StateConfig)  # type: ignore[arg-type]
-    quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig)  # type: ignore[arg-type]
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)  # type: ignore[arg-type]
+    state: StateConfig = Field(default_factory=StateConfig)
+    quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     mailboxes: list[MailboxConfig] = Field(default_factory=list)
     pipelines: dict[str, PipelineConfig] = Field(default_factory=dict)
 
     @field_validator("pipelines")
     @classmethod
-    def _pipeline_names(cls, value: dict[str, PipelineConfig]) -> dict[str, PipelineConfig]:
+    def _pipeline_names(
+        cls, value: dict[str, PipelineConfig]
+    ) -> dict[str, PipelineConfig]:
         for name in value:
             if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
-                raise ValueError(f"pipeline name {name!r} must match [A-Za-z0-9_.-]{{1,64}}")
+                raise ValueError(
+                    f"pipeline name {name!r} must match [A-Za-z0-9_.-]{{1,64}}"
+                )
         return value
 
     @model_validator(mode="after")
@@ -342,9 +346,13 @@ def read_toml(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(str(path), [Problem("", "file not found")]) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), [Problem("", f"TOML syntax error: {exc}")]) from None
+        raise ConfigError(
+            str(path), [Problem("", f"TOML syntax error: {exc}")]
+        ) from None
     except OSError as exc:
-        raise ConfigError(str(path), [Problem("", f"cannot read: {exc.strerror}")]) from None
+        raise ConfigError(
+            str(path), [Problem("", f"cannot read: {exc.strerror}")]
+        ) from None
 
 
 def load_config(
@@ -362,7 +370,9 @@ def load_config(
     """
     path = Path(path)
     data = read_toml(path)
-    return validate_config(data, path=path, registry=registry, entry_points=entry_points)
+    return validate_config(
+        data, path=path, registry=registry, entry_points=entry_points
+    )
 
 
 def validate_config(
@@ -410,11 +420,17 @@ def validate_config(
     if problems:
         raise ConfigError(str(path), problems)
     return Config(
-        path=path, model=model, mailboxes=mailboxes, pipelines=pipelines, registry=registry
+        path=path,
+        model=model,
+        mailboxes=mailboxes,
+        pipelines=pipelines,
+        registry=registry,
     )
 
 
-def _salvage(data: dict[str, Any], ctx: dict[str, str], problems: list[Problem]) -> ConfigModel:
+def _salvage(
+    data: dict[str, Any], ctx: dict[str, str], problems: list[Problem]
+) -> ConfigModel:
     """Validate what can be validated so phase 2 still reports plugin problems."""
     kept: dict[str, Any] = {}
     for key in ConfigModel.model_fields:
@@ -424,9 +440,7 @@ def _salvage(data: dict[str, Any], ctx: dict[str, str], problems: list[Problem])
             ConfigModel.model_validate({key: data[key]}, context=ctx)
         except ValidationError:
             if key == "mailboxes" and isinstance(data[key], list):
-                kept[key] = [
-                    m for m in data[key] if _valid(MailboxConfig, m, ctx)
-                ]
+                kept[key] = [m for m in data[key] if _valid(MailboxConfig, m, ctx)]
             elif key == "pipelines" and isinstance(data[key], dict):
                 kept[key] = {
                     k: v for k, v in data[key].items() if _valid(PipelineConfig, v, ctx)
@@ -503,15 +517,23 @@ def _validate_pipeline(
             continue
         cls = registry.processor(ref.use)
         try:
-            options = cls.Options.model_validate(dict(ref.model_extra or {}), context=ctx)
+            options = cls.Options.model_validate(
+                dict(ref.model_extra or {}), context=ctx
+            )
         except ValidationError as exc:
-            problems.extend(_problems(exc, where, _fields(cls.Options) + ["use", "name"]))
+            problems.extend(
+                _problems(exc, where, [*_fields(cls.Options), "use", "name"])
+            )
             continue
         step = ref.name or f"{j}:{ref.use}"
         if step in seen:
-            problems.append(Problem(_loc((*where, "name")), "step name used twice", step))
+            problems.append(
+                Problem(_loc((*where, "name")), "step name used twice", step)
+            )
         seen.add(step)
-        steps.append(StepSpec(index=j, step=step, use=ref.use, cls=cls, options=options))
+        steps.append(
+            StepSpec(index=j, step=step, use=ref.use, cls=cls, options=options)
+        )
     return steps
 
 
@@ -536,8 +558,8 @@ def json_schema(registry: Registry) -> dict[str, Any]:
                 "additionalProperties": False,
             }
         )
-    defs["ProcessorRef"] = {"anyOf": proc_variants} if proc_variants else defs.get(
-        "ProcessorRef", {}
+    defs["ProcessorRef"] = (
+        {"anyOf": proc_variants} if proc_variants else defs.get("ProcessorRef", {})
     )
 
     mb = defs.get("MailboxConfig", {})
@@ -547,7 +569,11 @@ def json_schema(registry: Registry) -> dict[str, Any]:
         sub = entry.cls.Options.model_json_schema(ref_template="#/$defs/{model}")
         defs.update(sub.pop("$defs", {}))
         props = {**core_props, **sub.get("properties", {})}
-        props["source"] = {"const": name, "default": "pop3", "description": "Source plugin."}
+        props["source"] = {
+            "const": name,
+            "default": "pop3",
+            "description": "Source plugin.",
+        }
         variants.append(
             {
                 "type": "object",

@@ -72,7 +72,7 @@ class Summary:
 
     def as_dict(self) -> dict[str, Any]:
         """Return the counts as a plain dict (for logs and hooks)."""
-        return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
+        return {k: getattr(self, k) for k in self.__slots__}
 
 
 @dataclass(slots=True)
@@ -143,7 +143,9 @@ class MailboxRunner:
         self.log = log.bind(mailbox=self.name)
 
     def _make_source(self) -> Any:
-        ctx = ProcessorContext(base_dir=self.config.base_dir, pipeline=self.cfg.pipeline)
+        ctx = ProcessorContext(
+            base_dir=self.config.base_dir, pipeline=self.cfg.pipeline
+        )
         cls = self.spec.source_cls
         params = inspect.signature(cls).parameters
         if "mailbox" in params:
@@ -306,16 +308,24 @@ class MailboxRunner:
         policy = self.cfg.on_oversize
         for ref in refs:
             self.log.info(
-                "message_oversize", uid=ref.uid, size=ref.size,
-                limit=self.cfg.max_message_size, action=policy,
+                "message_oversize",
+                uid=ref.uid,
+                size=ref.size,
+                limit=self.cfg.max_message_size,
+                action=policy,
             )
             if policy == "skip":
                 summary.skipped += 1
             elif policy == "delete":
                 self.journal.begin(self.name, ref.uid, key=ref.key, size=ref.size)
                 self.journal.finish(
-                    self.name, ref.uid, status=Status.COMMITTED, disposition="oversize",
-                    sha256=None, reason="oversize: deleted unread", delete_due=True,
+                    self.name,
+                    ref.uid,
+                    status=Status.COMMITTED,
+                    disposition="oversize",
+                    sha256=None,
+                    reason="oversize: deleted unread",
+                    delete_due=True,
                 )
                 summary.dropped += 1
                 owed.append(ref)
@@ -350,8 +360,10 @@ class MailboxRunner:
             self.journal.begin(self.name, ref.uid, key=ref.key, size=ref.size)
             delete = self._finish_decision(ref, decision, None, summary)
             self.log.info(
-                "message_decided_on_headers", uid=ref.uid,
-                disposition=str(decision.disposition), reason=decision.reason,
+                "message_decided_on_headers",
+                uid=ref.uid,
+                disposition=str(decision.disposition),
+                reason=decision.reason,
             )
             if delete:
                 owed.append(ref)
@@ -378,8 +390,10 @@ class MailboxRunner:
                     summary.bytes += msg.size
                     if msg.size != msg.ref.size:
                         self.log.info(
-                            "octet_count_mismatch", uid=msg.ref.uid,
-                            listed=msg.ref.size, received=msg.size,
+                            "octet_count_mismatch",
+                            uid=msg.ref.uid,
+                            listed=msg.ref.size,
+                            received=msg.size,
                         )
                     if not msg.ref.uid:
                         msg = self._adopt_hash_uid(msg)
@@ -422,7 +436,9 @@ class MailboxRunner:
     def _adopt_hash_uid(self, msg: Message) -> Message:
         uid = f"sha256:{msg.sha256}"
         ref = MessageRef(
-            mailbox=msg.ref.mailbox or self.name, number=msg.ref.number, uid=uid,
+            mailbox=msg.ref.mailbox or self.name,
+            number=msg.ref.number,
+            uid=uid,
             size=msg.ref.size,
         )
         msg.ref = ref
@@ -442,13 +458,20 @@ class MailboxRunner:
             decision = result.decision
             if decision.disposition == Disposition.QUARANTINE:
                 delete = self._quarantine(
-                    msg, reason=decision.reason or "quarantined by rule", attempts=0,
+                    msg,
+                    reason=decision.reason or "quarantined by rule",
+                    attempts=0,
                     error="",
                 )
                 summary.quarantined += 1
                 return _Done(
-                    ref, result, Status.QUARANTINED, "quarantine", decision.reason,
-                    delete, msg.sha256,
+                    ref,
+                    result,
+                    Status.QUARANTINED,
+                    "quarantine",
+                    decision.reason,
+                    delete,
+                    msg.sha256,
                 )
             status, delete = self._status_for(decision)
             if decision.disposition == Disposition.KEEP:
@@ -457,8 +480,13 @@ class MailboxRunner:
                 summary.dropped += 1
             mlog.debug("message_processed", disposition=str(decision.disposition))
             return _Done(
-                ref, result, status, str(decision.disposition), decision.reason,
-                delete, msg.sha256,
+                ref,
+                result,
+                status,
+                str(decision.disposition),
+                decision.reason,
+                delete,
+                msg.sha256,
             )
         # failure
         assert result.error is not None
@@ -466,16 +494,31 @@ class MailboxRunner:
         error = _error_text(result.error)
         attempts = entry.attempts + (0 if result.temporary else 1)
         mlog.warning(
-            "message_failed", step=result.failed_step, error=error,
-            attempts=attempts, temporary=result.temporary,
+            "message_failed",
+            step=result.failed_step,
+            error=error,
+            attempts=attempts,
+            temporary=result.temporary,
         )
         self.hooks.message_failed(
-            mailbox=self.name, uid=ref.uid, key=ref.key, processor=result.failed_step,
-            error=error, attempts=attempts,
+            mailbox=self.name,
+            uid=ref.uid,
+            key=ref.key,
+            processor=result.failed_step,
+            error=error,
+            attempts=attempts,
         )
         done = _Done(
-            ref, result, Status.PENDING, "failed", "", False, msg.sha256,
-            failed=True, attempts=attempts, error=error,
+            ref,
+            result,
+            Status.PENDING,
+            "failed",
+            "",
+            False,
+            msg.sha256,
+            failed=True,
+            attempts=attempts,
+            error=error,
         )
         if not result.temporary and attempts >= self.cfg.max_attempts:
             done = self._quarantine_failed(msg, done, summary)
@@ -483,7 +526,9 @@ class MailboxRunner:
 
     def _quarantine_failed(self, msg: Message, done: _Done, summary: Summary) -> _Done:
         reason = f"failed {done.attempts} time(s) in {done.result.failed_step if done.result else '?'}"
-        delete = self._quarantine(msg, reason=reason, attempts=done.attempts, error=done.error)
+        delete = self._quarantine(
+            msg, reason=reason, attempts=done.attempts, error=done.error
+        )
         summary.quarantined += 1
         done.status = Status.QUARANTINED
         done.disposition = "quarantine"
@@ -505,23 +550,39 @@ class MailboxRunner:
         else:
             summary.dropped += 1
         self.journal.finish(
-            self.name, ref.uid, status=status, disposition=str(decision.disposition),
-            sha256=sha256, reason=decision.reason, delete_due=delete,
+            self.name,
+            ref.uid,
+            status=status,
+            disposition=str(decision.disposition),
+            sha256=sha256,
+            reason=decision.reason,
+            delete_due=delete,
         )
         self.hooks.message_done(
-            mailbox=self.name, uid=ref.uid, key=ref.key,
+            mailbox=self.name,
+            uid=ref.uid,
+            key=ref.key,
             disposition=str(decision.disposition),
         )
         return delete
 
-    def _quarantine(self, msg: Message, *, reason: str, attempts: int, error: str) -> bool:
+    def _quarantine(
+        self, msg: Message, *, reason: str, attempts: int, error: str
+    ) -> bool:
         path = self.quarantine.put(msg, reason=reason, attempts=attempts, error=error)
         self.log.warning(
-            "message_quarantined", uid=msg.ref.uid, key=msg.key, reason=reason,
+            "message_quarantined",
+            uid=msg.ref.uid,
+            key=msg.key,
+            reason=reason,
             path=str(path),
         )
         self.hooks.message_quarantined(
-            mailbox=self.name, uid=msg.ref.uid, key=msg.key, reason=reason, path=str(path)
+            mailbox=self.name,
+            uid=msg.ref.uid,
+            key=msg.key,
+            reason=reason,
+            path=str(path),
         )
         return self.cfg.on_quarantine == "delete"
 
@@ -545,7 +606,9 @@ class MailboxRunner:
                     self.journal.step_committed(self.name, d.ref.uid, step)
                 if d.failed and d.status == Status.PENDING:
                     self.journal.fail(
-                        self.name, d.ref.uid, error=d.error,
+                        self.name,
+                        d.ref.uid,
+                        error=d.error,
                         counted=not (d.result and d.result.temporary),
                     )
                     continue
@@ -554,15 +617,22 @@ class MailboxRunner:
                 if not flushed and d.result and d.result.pending:
                     continue  # not durable: stays PENDING, re-run next time
                 self.journal.finish(
-                    self.name, d.ref.uid, status=d.status, disposition=d.disposition,
-                    sha256=d.sha256, reason=d.reason, delete_due=d.delete_due,
+                    self.name,
+                    d.ref.uid,
+                    status=d.status,
+                    disposition=d.disposition,
+                    sha256=d.sha256,
+                    reason=d.reason,
+                    delete_due=d.delete_due,
                 )
                 if d.delete_due:
                     owed.append(d.ref)
         for d in group:
             if not d.failed or d.status != Status.PENDING:
                 self.hooks.message_done(
-                    mailbox=self.name, uid=d.ref.uid, key=d.ref.key,
+                    mailbox=self.name,
+                    uid=d.ref.uid,
+                    key=d.ref.key,
                     disposition=d.disposition,
                 )
         if send_dele and owed:

@@ -62,7 +62,8 @@ def get_plugin_manager(
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f'plugin "{exc.plugin_name}": {exc}') from exc
+        name = pm.get_name(exc.plugin) or "?"
+        raise PluginError(f'plugin "{name}": {exc}') from exc
     return pm
 
 
@@ -116,9 +117,15 @@ def describe(pm: pluggy.PluginManager, registry: Registry) -> list[PluginInfo]:
                 name=name,
                 origin=origin,
                 version=version,
-                sources=tuple(sorted(e.name for e in registry.sources.values() if e.plugin == name)),
+                sources=tuple(
+                    sorted(
+                        e.name for e in registry.sources.values() if e.plugin == name
+                    )
+                ),
                 processors=tuple(
-                    sorted(e.name for e in registry.processors.values() if e.plugin == name)
+                    sorted(
+                        e.name for e in registry.processors.values() if e.plugin == name
+                    )
                 ),
             )
         )
@@ -143,25 +150,44 @@ class Hooks:
 
     def session_started(self, *, mailbox: str, count: int, octets: int) -> None:
         """Announce a session's message list."""
-        self._call("mailpipe_session_started", mailbox=mailbox, count=count, octets=octets)
+        self._call(
+            "mailpipe_session_started", mailbox=mailbox, count=count, octets=octets
+        )
 
     def session_finished(self, *, mailbox: str, summary: dict[str, Any]) -> None:
         """Announce a finished (committed or aborted) session."""
         self._call("mailpipe_session_finished", mailbox=mailbox, summary=summary)
 
-    def message_done(self, *, mailbox: str, uid: str, key: str, disposition: str) -> None:
+    def message_done(
+        self, *, mailbox: str, uid: str, key: str, disposition: str
+    ) -> None:
         """Announce a finished message."""
         self._call(
-            "mailpipe_message_done", mailbox=mailbox, uid=uid, key=key, disposition=disposition
+            "mailpipe_message_done",
+            mailbox=mailbox,
+            uid=uid,
+            key=key,
+            disposition=disposition,
         )
 
     def message_failed(
-        self, *, mailbox: str, uid: str, key: str, processor: str, error: str, attempts: int
+        self,
+        *,
+        mailbox: str,
+        uid: str,
+        key: str,
+        processor: str,
+        error: str,
+        attempts: int,
     ) -> None:
         """Announce a processor failure."""
         self._call(
             "mailpipe_message_failed",
-            mailbox=mailbox, uid=uid, key=key, processor=processor, error=error,
+            mailbox=mailbox,
+            uid=uid,
+            key=key,
+            processor=processor,
+            error=error,
             attempts=attempts,
         )
 
@@ -171,7 +197,11 @@ class Hooks:
         """Announce a quarantined message."""
         self._call(
             "mailpipe_message_quarantined",
-            mailbox=mailbox, uid=uid, key=key, reason=reason, path=path,
+            mailbox=mailbox,
+            uid=uid,
+            key=key,
+            reason=reason,
+            path=path,
         )
 
 

@@ -7,14 +7,22 @@ from types import TracebackType
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TaskID
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
 from mailpipe.engine import Summary
 
 COLUMNS = (
-    "listed", "retrieved", "processed", "dropped", "kept", "failed", "quarantined",
-    "deleted", "bytes", "seconds",
+    "listed",
+    "retrieved",
+    "processed",
+    "dropped",
+    "kept",
+    "failed",
+    "quarantined",
+    "deleted",
+    "bytes",
+    "seconds",
 )
 
 
@@ -30,14 +38,20 @@ class ProgressView:
     def __enter__(self) -> ProgressView:
         if self.enabled:
             self._progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                console=self.console, transient=False,
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                console=self.console,
+                transient=False,
             )
             self._progress.start()
         return self
 
     def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+        self,
+        t: type[BaseException] | None,
+        e: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         if self._progress is not None:
             self._progress.stop()
@@ -57,5 +71,7 @@ class ProgressView:
         table = Table("mailbox", *COLUMNS, "status", title="mailpipe run summary")
         for s in summaries:
             row = [str(getattr(s, c)) for c in COLUMNS]
-            table.add_row(s.mailbox, *row, "ok" if not s.error else f"FAILED: {s.error}")
+            table.add_row(
+                s.mailbox, *row, "ok" if not s.error else f"FAILED: {s.error}"
+            )
         out.print(table)

@@ -72,7 +72,7 @@ def collect(pm: pluggy.PluginManager) -> Registry:
         ("processor", pm.hook.mailpipe_register_processors),
     ]
     for kind, caller in calls:
-        for impl in reversed(caller.get_hookimpls()):  # registration order
+        for impl in caller.get_hookimpls():  # registration order (pluggy calls LIFO)
             plugin = impl.plugin_name
 
             def register(cls: type[Any], _k: Kind = kind, _p: str = plugin) -> None:

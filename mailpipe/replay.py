@@ -9,7 +9,10 @@ from mailpipe.quarantine import Quarantine, QuarantineItem
 
 
 async def replay(
-    config: Config, journal: Journal, quarantine: Quarantine, items: list[QuarantineItem]
+    config: Config,
+    journal: Journal,
+    quarantine: Quarantine,
+    items: list[QuarantineItem],
 ) -> list[tuple[QuarantineItem, str]]:
     """Run each item through its mailbox's pipeline; return (item, outcome) pairs.
 
@@ -44,15 +47,22 @@ async def replay(
             await chain.flush()
             with journal.batch():
                 if entry is None:
-                    journal.begin(item.mailbox, item.uid, key=message.key, size=message.size)
+                    journal.begin(
+                        item.mailbox, item.uid, key=message.key, size=message.size
+                    )
                 for step in [*result.committed, *result.pending]:
                     journal.step_committed(item.mailbox, item.uid, step)
                 current = journal.get_many(item.mailbox, [item.uid])[item.uid]
                 if current.status != Status.DELETED:
                     journal.finish(
-                        item.mailbox, item.uid, status=Status.COMMITTED,
-                        disposition="done", sha256=message.sha256, reason="replayed",
-                        delete_due=current.delete_due or (
+                        item.mailbox,
+                        item.uid,
+                        status=Status.COMMITTED,
+                        disposition="done",
+                        sha256=message.sha256,
+                        reason="replayed",
+                        delete_due=current.delete_due
+                        or (
                             current.status == Status.QUARANTINED
                             and delete_policy == "after_processing"
                         ),

@@ -59,8 +59,10 @@ def next_delay(
         spread = interval * jitter
         return max(0.0, interval + r.uniform(-spread, spread))
     if isinstance(error, AuthenticationError | SourcePermanentError):
-        return sched.backoff_auth
-    exp = min(sched.backoff_max, sched.backoff_initial * (2 ** max(0, failures - 1)))
+        return float(sched.backoff_auth)
+    exp = float(
+        min(sched.backoff_max, sched.backoff_initial * (2 ** max(0, failures - 1)))
+    )
     exp = exp * r.uniform(0.8, 1.0)
     if isinstance(error, SourceBusyError) and error.retry_after:
         return max(exp, float(error.retry_after))
@@ -90,7 +92,8 @@ class Scheduler:
         self.stop = asyncio.Event()
         wanted = set(only)
         self.mailboxes: list[MailboxSpec] = [
-            m for m in config.mailboxes
+            m
+            for m in config.mailboxes
             if m.config.enabled and (not wanted or m.name in wanted)
         ]
         self.summaries: list[Summary] = []
@@ -108,7 +111,9 @@ class Scheduler:
         chain = Chain(
             self.config.pipelines,
             base_dir=self.config.base_dir,
-            on_complete={n: p.on_complete for n, p in self.config.model.pipelines.items()},
+            on_complete={
+                n: p.on_complete for n, p in self.config.model.pipelines.items()
+            },
         )
         quarantine = Quarantine(self.config.resolve(self.config.model.quarantine.dir))
         semaphore = asyncio.Semaphore(sched.concurrency)
@@ -116,8 +121,13 @@ class Scheduler:
         try:
             runners = [
                 MailboxRunner(
-                    spec, config=self.config, chain=chain, journal=self.journal,
-                    quarantine=quarantine, hooks=self.hooks, stop=self.stop,
+                    spec,
+                    config=self.config,
+                    chain=chain,
+                    journal=self.journal,
+                    quarantine=quarantine,
+                    hooks=self.hooks,
+                    stop=self.stop,
                     progress=self.progress,
                 )
                 for spec in self.mailboxes
@@ -145,8 +155,11 @@ class Scheduler:
             if self.once and polled_once and (summary is not None or failures > 0):
                 break
             delay = next_delay(
-                sched, interval=runner.cfg.poll_interval, jitter=runner.cfg.jitter,
-                failures=failures, error=error,
+                sched,
+                interval=runner.cfg.poll_interval,
+                jitter=runner.cfg.jitter,
+                failures=failures,
+                error=error,
             )
             if summary is None:  # lease held elsewhere: try again after a short wait
                 delay = min(delay, runner.cfg.poll_interval)
@@ -159,8 +172,11 @@ class Scheduler:
                     else "warning"
                 )
                 getattr(log, level)(
-                    "mailbox_backoff", mailbox=runner.name, seconds=round(delay, 1),
-                    failures=failures, error_type=type(error).__name__,
+                    "mailbox_backoff",
+                    mailbox=runner.name,
+                    seconds=round(delay, 1),
+                    failures=failures,
+                    error_type=type(error).__name__,
                 )
             try:
                 await asyncio.wait_for(self.stop.wait(), timeout=delay)

@@ -120,14 +120,31 @@ class Secret:
             "or {command = [PROGRAM, ARG...]}",
             "anyOf": [
                 {"type": "string"},
-                {"type": "object", "properties": {"env": {"type": "string"}},
-                 "required": ["env"], "additionalProperties": False},
-                {"type": "object", "properties": {"file": {"type": "string"}},
-                 "required": ["file"], "additionalProperties": False},
-                {"type": "object",
-                 "properties": {"command": {"anyOf": [
-                     {"type": "string"}, {"type": "array", "items": {"type": "string"}}]}},
-                 "required": ["command"], "additionalProperties": False},
+                {
+                    "type": "object",
+                    "properties": {"env": {"type": "string"}},
+                    "required": ["env"],
+                    "additionalProperties": False,
+                },
+                {
+                    "type": "object",
+                    "properties": {"file": {"type": "string"}},
+                    "required": ["file"],
+                    "additionalProperties": False,
+                },
+                {
+                    "type": "object",
+                    "properties": {
+                        "command": {
+                            "anyOf": [
+                                {"type": "string"},
+                                {"type": "array", "items": {"type": "string"}},
+                            ]
+                        }
+                    },
+                    "required": ["command"],
+                    "additionalProperties": False,
+                },
             ],
         }
 
@@ -146,15 +163,25 @@ def _resolve(kind: str, arg: Any, base_dir: Path | None) -> str:
         try:
             return path.read_text().strip("\r\n")
         except OSError as exc:
-            raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
+            raise ValueError(
+                f"cannot read secret file {path}: {exc.strerror}"
+            ) from None
     if kind == "command":
         argv = [arg] if isinstance(arg, str) else arg
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise ValueError("'command' takes a program and its arguments as a list of strings")
+        if (
+            not isinstance(argv, list)
+            or not argv
+            or not all(isinstance(a, str) for a in argv)
+        ):
+            raise ValueError(
+                "'command' takes a program and its arguments as a list of strings"
+            )
         try:
             done = subprocess.run(argv, capture_output=True, timeout=60, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ValueError(f"secret command {argv[0]!r} failed: {type(exc).__name__}") from None
+            raise ValueError(
+                f"secret command {argv[0]!r} failed: {type(exc).__name__}"
+            ) from None
         if done.returncode != 0:
             raise ValueError(f"secret command {argv[0]!r} exited {done.returncode}")
         return done.stdout.decode("utf-8", "replace").strip("\r\n")

@@ -61,8 +61,10 @@ class FakeSession:
         self.box.calls.append(("list", None))
         return [
             MessageRef(
-                mailbox=self.mailbox, number=i + 1,
-                uid=uid if self.supports_uidl else "", size=len(self.box.messages[uid]),
+                mailbox=self.mailbox,
+                number=i + 1,
+                uid=uid if self.supports_uidl else "",
+                size=len(self.box.messages[uid]),
             )
             for i, uid in enumerate(self._order)
         ]
@@ -80,7 +82,10 @@ class FakeSession:
         self, refs: Sequence[MessageRef], *, spool_dir: Path, spool_threshold: int
     ) -> AsyncIterator[Message]:
         for ref in refs:
-            if self.box.fail_after_retr is not None and self.retrs >= self.box.fail_after_retr:
+            if (
+                self.box.fail_after_retr is not None
+                and self.retrs >= self.box.fail_after_retr
+            ):
                 raise SourceConnectionError("fake connection dropped")
             self.retrs += 1
             self.box.calls.append(("retr", ref.uid))

@@ -70,7 +70,9 @@ processors = [{ use = "filter", path = "a" }]
 """
 
 
-def test_good_config_loads(tmp_path: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_good_config_loads(
+    tmp_path: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MP_TEST_PW", "hunter2-secret")
     cfg = load_config(write(tmp_path, GOOD), registry=registry)
     mb = cfg.mailboxes[0]
@@ -81,7 +83,9 @@ def test_good_config_loads(tmp_path: Path, registry: Registry, monkeypatch: pyte
     assert cfg.pipelines["default"][0].step == "0:filter"
 
 
-def test_four_problems_in_one_report(tmp_path: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_four_problems_in_one_report(
+    tmp_path: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("MP_MISSING_PW", raising=False)
     text = """
 [[mailboxes]]
@@ -98,10 +102,21 @@ processors = [{ use = "fliter" }]
         load_config(write(tmp_path, text), registry=registry)
     report = str(info.value)
     assert report.startswith(f"{tmp_path / 'pipeline.toml'}: 4 problems")
-    assert "mailboxes[0].port: Input should be less than or equal to 65535 (got 99999)" in report
-    assert "mailboxes[0].pol_interval: unknown key; did you mean 'poll_interval'?" in report
-    assert "mailboxes[0].password: environment variable MP_MISSING_PW is not set" in report
-    assert "pipelines.default.processors[0].use: unknown processor 'fliter'; did you mean 'filter'?" in report
+    assert (
+        "mailboxes[0].port: Input should be less than or equal to 65535 (got 99999)"
+        in report
+    )
+    assert (
+        "mailboxes[0].pol_interval: unknown key; did you mean 'poll_interval'?"
+        in report
+    )
+    assert (
+        "mailboxes[0].password: environment variable MP_MISSING_PW is not set" in report
+    )
+    assert (
+        "pipelines.default.processors[0].use: unknown processor 'fliter'; did you mean 'filter'?"
+        in report
+    )
 
 
 def test_enum_lists_accepted_values(tmp_path: Path, registry: Registry) -> None:
@@ -116,11 +131,19 @@ delete = "sometimes"
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text), registry=registry)
     report = str(info.value)
-    assert "mailboxes[0].on_oversize: Input should be 'skip', 'quarantine' or 'delete' (got \"explode\")" in report
-    assert "mailboxes[0].delete: expected 'after_processing', 'never' or 'after_days:N' (got \"sometimes\")" in report
+    assert (
+        "mailboxes[0].on_oversize: Input should be 'skip', 'quarantine' or 'delete' (got \"explode\")"
+        in report
+    )
+    assert (
+        "mailboxes[0].delete: expected 'after_processing', 'never' or 'after_days:N' (got \"sometimes\")"
+        in report
+    )
 
 
-def test_toml_syntax_error_has_line_and_column(tmp_path: Path, registry: Registry) -> None:
+def test_toml_syntax_error_has_line_and_column(
+    tmp_path: Path, registry: Registry
+) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, "[state]\npath = \n"), registry=registry)
     assert "line 2" in str(info.value) and "column" in str(info.value)
@@ -142,7 +165,9 @@ max_message_size = "huge"
     assert "mailboxes[0].max_message_size: expected a size such as '50MB'" in report
 
 
-def test_unknown_pipeline_and_duplicate_names(tmp_path: Path, registry: Registry) -> None:
+def test_unknown_pipeline_and_duplicate_names(
+    tmp_path: Path, registry: Registry
+) -> None:
     text = """
 [[mailboxes]]
 name = "a"
@@ -152,16 +177,23 @@ pipeline = "tickts"
 """
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text), registry=registry)
-    assert "mailboxes[0].pipeline: no [pipelines.tickts] table; did you mean 'tickets'?" in str(info.value)
+    assert (
+        "mailboxes[0].pipeline: no [pipelines.tickts] table; did you mean 'tickets'?"
+        in str(info.value)
+    )
 
 
 def test_unknown_top_level_key_suggests(tmp_path: Path, registry: Registry) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(write(tmp_path, "[schedular]\nconcurrency = 2\n"), registry=registry)
+        load_config(
+            write(tmp_path, "[schedular]\nconcurrency = 2\n"), registry=registry
+        )
     assert "schedular: unknown key; did you mean 'scheduler'?" in str(info.value)
 
 
-def test_inline_secret_never_shown_in_report(tmp_path: Path, registry: Registry) -> None:
+def test_inline_secret_never_shown_in_report(
+    tmp_path: Path, registry: Registry
+) -> None:
     text = """
 [[mailboxes]]
 name = "a"
@@ -188,5 +220,8 @@ def test_schema_includes_plugin_options(registry: Registry) -> None:
     mb = schema["$defs"]["MailboxConfig"]["anyOf"][0]
     assert {"host", "port", "poll_interval", "name"} <= set(mb["properties"])
     proc = schema["$defs"]["ProcessorRef"]["anyOf"][0]
-    assert proc["properties"]["use"] == {"const": "filter", "description": "Processor name."}
+    assert proc["properties"]["use"] == {
+        "const": "filter",
+        "description": "Processor name.",
+    }
     assert mb["additionalProperties"] is False

@@ -103,7 +103,9 @@ def _clean() -> None:
     Flaky.fail_flush = False
 
 
-def make(tmp_path: Path, processors: list[dict[str, Any]], **mailbox: Any) -> tuple[MailboxRunner, FakeMailbox, SqliteJournal]:
+def make(
+    tmp_path: Path, processors: list[dict[str, Any]], **mailbox: Any
+) -> tuple[MailboxRunner, FakeMailbox, SqliteJournal]:
     registry = Registry()
     registry.add("source", FakeSource, "test")
     for cls in (Recorder, Dropper, Flaky):
@@ -116,8 +118,12 @@ def make(tmp_path: Path, processors: list[dict[str, Any]], **mailbox: Any) -> tu
     journal = SqliteJournal(tmp_path / "journal.sqlite3")
     chain = Chain(config.pipelines, base_dir=tmp_path)
     runner = MailboxRunner(
-        config.mailboxes[0], config=config, chain=chain, journal=journal,
-        quarantine=Quarantine(tmp_path / "q"), hooks=Hooks(get_plugin_manager(entry_points=False)),
+        config.mailboxes[0],
+        config=config,
+        chain=chain,
+        journal=journal,
+        quarantine=Quarantine(tmp_path / "q"),
+        hooks=Hooks(get_plugin_manager(entry_points=False)),
     )
     return runner, runner.source.box, journal
 
@@ -141,7 +147,9 @@ async def test_dele_only_after_chain_and_quit_commits(tmp_path: Path) -> None:
 
 
 async def test_failing_message_stays_then_is_quarantined(tmp_path: Path) -> None:
-    runner, box, journal = make(tmp_path, [{"use": "rec", "fail_on": ["bad"]}], max_attempts=2)
+    runner, box, journal = make(
+        tmp_path, [{"use": "rec", "fail_on": ["bad"]}], max_attempts=2
+    )
     box.add("good", msg("good"))
     box.add("bad", msg("bad"))
     s1 = await runner.poll()
@@ -170,7 +178,7 @@ async def test_temporary_failure_does_not_count_attempts(tmp_path: Path) -> None
 
 
 async def test_connection_drop_never_reprocesses_committed(tmp_path: Path) -> None:
-    runner, box, journal = make(tmp_path, [{"use": "rec"}])
+    runner, box, _journal = make(tmp_path, [{"use": "rec"}])
     for i in range(5):
         box.add(f"u{i}", msg(f"m{i}"))
     box.fail_after_retr = 3
@@ -219,7 +227,7 @@ async def test_no_uidl_refuses_keep_mode(tmp_path: Path) -> None:
 
 
 async def test_no_uidl_falls_back_to_content_hash(tmp_path: Path) -> None:
-    runner, box, journal = make(tmp_path, [{"use": "rec"}])
+    runner, box, _journal = make(tmp_path, [{"use": "rec"}])
     box.uidl = False
     box.add("a", msg("a"))
     box.fail_quit = True
@@ -271,7 +279,8 @@ async def test_flush_failure_means_no_dele(tmp_path: Path) -> None:
 
 async def test_committed_step_is_not_repeated(tmp_path: Path) -> None:
     runner, box, journal = make(
-        tmp_path, [{"use": "rec"}, {"use": "rec", "fail_on": ["a"], "name": "fwd"}],
+        tmp_path,
+        [{"use": "rec"}, {"use": "rec", "fail_on": ["a"], "name": "fwd"}],
         max_attempts=5,
     )
     box.add("a", msg("a"))
@@ -310,11 +319,17 @@ async def test_expire_zero_quarantines_failures_before_quit(tmp_path: Path) -> N
 
 
 async def test_oversize_policies(tmp_path: Path) -> None:
-    runner, box, _ = make(tmp_path, [{"use": "rec"}], max_message_size=60, on_oversize="delete")
+    runner, box, _ = make(
+        tmp_path, [{"use": "rec"}], max_message_size=60, on_oversize="delete"
+    )
     box.add("big", msg("x" * 100))
     box.add("small", msg("s"))
     s = await runner.poll()
-    assert box.messages == {} and LOG["p"] == ["small"] and ("retr", "big") not in box.calls
+    assert (
+        box.messages == {}
+        and LOG["p"] == ["small"]
+        and ("retr", "big") not in box.calls
+    )
     assert s.dropped == 1
 
 
