@@ -87,7 +87,7 @@ def _iter_path(path: Path) -> Iterator[Message]:
     if _is_mbox(path):
         box = stdlib_mailbox.mbox(path, create=False)
         try:
-            for key in box:
+            for key in box.iterkeys():
                 yield Message.from_bytes(box.get_bytes(key))
         finally:
             box.close()
