@@ -97,6 +97,7 @@ async def _run(app: Any, *, once: bool, only: tuple[str, ...]) -> int:
     from mailpipe.scheduler import Scheduler
 
     journal = app.journal()
+    metrics_server = await _start_metrics(app)
     view = ProgressView(enabled=once and sys.stderr.isatty())
     scheduler = Scheduler(
         app.config,
@@ -116,6 +117,8 @@ async def _run(app: Any, *, once: bool, only: tuple[str, ...]) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         journal.close()
+        if metrics_server is not None:
+            await metrics_server.stop()
     if once:
         view.table(summaries)
         return (
@@ -124,6 +127,24 @@ async def _run(app: Any, *, once: bool, only: tuple[str, ...]) -> int:
             else EXIT_OK
         )
     return EXIT_OK
+
+
+async def _start_metrics(app: Any) -> Any:
+    listen = app.config.model.metrics.listen
+    if not listen:
+        return None
+    from mailpipe.metrics import MetricsCollector, MetricsServer
+
+    collector = MetricsCollector(
+        [m.name for m in app.config.mailboxes if m.config.enabled],
+        unhealthy_after=app.config.model.metrics.unhealthy_after,
+    )
+    app.pm.register(collector, "metrics")
+    host, _, port = listen.rpartition(":")
+    server = MetricsServer(collector, host.strip("[]"), int(port))
+    await server.start()
+    log.info("metrics_listening", host=server.host, port=server.port)
+    return server
 
 
 @cli.command()

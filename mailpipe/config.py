@@ -114,6 +114,24 @@ class PluginsConfig(BaseModel):
     )
 
 
+class MetricsConfig(BaseModel):
+    """``[metrics]``: an optional Prometheus and health endpoint in ``run`` mode."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str | None = Field(
+        None,
+        description="host:port for GET /metrics and /healthz (e.g. '127.0.0.1:9108'); "
+        "unset = off.",
+        pattern=r"^[^\s:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$",
+    )
+    unhealthy_after: Duration = Field(
+        900.0,
+        gt=0,
+        description="/healthz fails when a mailbox has not succeeded for this long.",
+    )
+
+
 class MailboxConfig(BaseModel):
     """``[[mailboxes]]``: one mailbox; keys not listed here belong to its source."""
 
@@ -198,6 +216,7 @@ class ConfigModel(BaseModel):
     quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     mailboxes: list[MailboxConfig] = Field(default_factory=list)
     pipelines: dict[str, PipelineConfig] = Field(default_factory=dict)
 

@@ -1,0 +1,170 @@
+"""Prometheus metrics and a health endpoint for ``mailpipe run``.
+
+The collector is an ordinary pluggy plugin implementing the observe-only event hooks, so
+metrics see exactly what every other plugin sees. :class:`MetricsServer` serves
+``GET /metrics`` (Prometheus text format) and ``GET /healthz`` (200 while every enabled
+mailbox succeeded within ``unhealthy_after``, else 503 with the stale mailboxes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from mailpipe.hookspecs import hookimpl
+
+
+class MetricsCollector:
+    """Event-hook plugin that keeps Prometheus metrics per mailbox."""
+
+    def __init__(self, mailboxes: list[str], *, unhealthy_after: float) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.unhealthy_after = unhealthy_after
+        self.started = time.time()
+        self.mailboxes = list(mailboxes)
+        self.last_success: dict[str, float] = {}
+        label = ["mailbox"]
+        r = self.registry
+        self.g_last_success = Gauge(
+            "mailpipe_last_success_timestamp_seconds",
+            "Unix time of the last successful poll.",
+            label,
+            registry=r,
+        )
+        self.c_messages = Counter(
+            "mailpipe_messages_total",
+            "Messages by outcome.",
+            ["mailbox", "outcome"],
+            registry=r,
+        )
+        self.c_bytes = Counter(
+            "mailpipe_retrieved_bytes_total", "Octets retrieved.", label, registry=r
+        )
+        self.h_poll = Histogram(
+            "mailpipe_poll_duration_seconds", "Duration of a poll.", label, registry=r
+        )
+        self.g_backlog = Gauge(
+            "mailpipe_server_backlog_messages",
+            "Messages on the server at the last poll.",
+            label,
+            registry=r,
+        )
+        self.c_auth_failures = Counter(
+            "mailpipe_authentication_failures_total",
+            "Rejected logins.",
+            label,
+            registry=r,
+        )
+        self.c_poll_failures = Counter(
+            "mailpipe_poll_failures_total",
+            "Polls that failed.",
+            ["mailbox", "error"],
+            registry=r,
+        )
+
+    @hookimpl
+    def mailpipe_session_started(self, mailbox: str, count: int, octets: int) -> None:
+        """Record the server backlog (UIDL/LIST count)."""
+        self.g_backlog.labels(mailbox).set(count)
+
+    @hookimpl
+    def mailpipe_session_finished(self, mailbox: str, summary: dict[str, Any]) -> None:
+        """Count outcomes and record success time or failure kind."""
+        for outcome in (
+            "retrieved",
+            "processed",
+            "dropped",
+            "kept",
+            "failed",
+            "quarantined",
+            "deleted",
+        ):
+            n = int(summary.get(outcome) or 0)
+            if n:
+                self.c_messages.labels(mailbox, outcome).inc(n)
+        self.c_bytes.labels(mailbox).inc(int(summary.get("bytes") or 0))
+        self.h_poll.labels(mailbox).observe(float(summary.get("seconds") or 0.0))
+        if summary.get("error"):
+            kind = str(summary.get("error_type") or "error")
+            self.c_poll_failures.labels(mailbox, kind).inc()
+            if kind == "AuthenticationError":
+                self.c_auth_failures.labels(mailbox).inc()
+        else:
+            now = time.time()
+            self.last_success[mailbox] = now
+            self.g_last_success.labels(mailbox).set(now)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Return (healthy, detail): stale mailboxes have not succeeded in time."""
+        now = time.time()
+        stale = [
+            m
+            for m in self.mailboxes
+            if now - self.last_success.get(m, self.started) > self.unhealthy_after
+        ]
+        return not stale, {"healthy": not stale, "stale": stale}
+
+    def render(self) -> bytes:
+        """Return the Prometheus text exposition."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """A minimal asyncio HTTP server for ``/metrics`` and ``/healthz``."""
+
+    def __init__(self, collector: MetricsCollector, host: str, port: int) -> None:
+        self.collector = collector
+        self.host = host
+        self.port = port
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        """Listen; ``port`` 0 picks a free port (then read :attr:`port`)."""
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            for _ in range(100):  # drain headers, bounded
+                h = await asyncio.wait_for(reader.readline(), 10)
+                if h in (b"\r\n", b"\n", b""):
+                    break
+            parts = line.decode("latin-1").split()
+            path = parts[1] if len(parts) > 1 else "/"
+            if path == "/metrics":
+                status, ctype, body = (
+                    "200 OK",
+                    "text/plain; version=0.0.4",
+                    self.collector.render(),
+                )
+            elif path == "/healthz":
+                ok, detail = self.collector.health()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                ctype, body = "application/json", json.dumps(detail).encode()
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
