@@ -1,4 +1,4 @@
-"""Built-in plugin `pop3` (registered through the same hooks as third-party plugins)."""
+"""Built-in plugin `pop3`: the POP3 source (registered through the same hooks as third-party plugins)."""
 
 from __future__ import annotations
 
@@ -9,4 +9,7 @@ from mailpipe import hookimpl
 
 @hookimpl
 def mailpipe_register_sources(register: Any) -> None:
-    """Register this plugin's sources (none yet)."""
+    """Register the ``pop3`` source."""
+    from .source import Pop3Source
+
+    register(Pop3Source)

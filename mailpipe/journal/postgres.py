@@ -1,0 +1,558 @@
+"""PostgresJournal: the shared journal for several workers that split many mailboxes.
+
+Same semantics as the SQLite journal: every method commits before it returns, except
+inside :meth:`PostgresJournal.batch` (one transaction, committed at exit, rolled back on
+an exception; inner batches are savepoints).
+
+Mailbox locks are leases in ``mailpipe_leases(mailbox, owner, expires_at)``, taken with
+an upsert that succeeds only when the row is absent, expired or already ours, and timed
+by the server's clock (``clock_timestamp()``) so workers on several machines agree. A
+dead worker's mailbox is taken over by another once its lease expires; ``renew_mailbox``
+extends only while the row still names the owner. Leases use their own autocommit
+connection, so they are never held back by an open batch.
+
+psycopg (3) is imported when a journal is created, so the core works without it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import structlog
+
+from mailpipe.journal.base import Entry, Status, iter_chunks
+from mailpipe.journal.errors import JournalError, SchemaVersionError
+from mailpipe.message import message_key
+
+if TYPE_CHECKING:
+    import psycopg
+
+log = structlog.get_logger()
+
+#: Schema migrations; version N is reached by applying ``MIGRATIONS[N - 1]``.
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """
+        CREATE TABLE mailpipe_journal (
+            seq         bigint      GENERATED ALWAYS AS IDENTITY,
+            mailbox     text        NOT NULL,
+            uid         text        NOT NULL,
+            key         text        NOT NULL,
+            status      text        NOT NULL,
+            attempts    integer     NOT NULL DEFAULT 0,
+            size        bigint      NOT NULL DEFAULT 0,
+            sha256      text,
+            steps       jsonb       NOT NULL DEFAULT '[]',
+            disposition text,
+            reason      text        NOT NULL DEFAULT '',
+            last_error  text        NOT NULL DEFAULT '',
+            delete_due  boolean     NOT NULL DEFAULT false,
+            first_seen  timestamptz NOT NULL,
+            updated     timestamptz NOT NULL,
+            PRIMARY KEY (mailbox, uid)
+        )
+        """,
+        "CREATE INDEX mailpipe_journal_status "
+        "ON mailpipe_journal (mailbox, status, updated)",
+        "CREATE INDEX mailpipe_journal_first_seen "
+        "ON mailpipe_journal (first_seen, seq)",
+        """
+        CREATE TABLE mailpipe_leases (
+            mailbox    text        PRIMARY KEY,
+            owner      text        NOT NULL,
+            expires_at timestamptz NOT NULL
+        )
+        """,
+    ),
+)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+# Serialises schema creation and migrations between workers starting together.
+_MIGRATION_LOCK: Final = 0x6D61696C70697065  # "mailpipe"
+
+_COLUMNS: Final = (
+    "mailbox, uid, key, status, attempts, size, sha256, steps, disposition, reason, "
+    "last_error, delete_due, first_seen, updated"
+)
+_ENSURE: Final = (
+    "INSERT INTO mailpipe_journal (mailbox, uid, key, status, first_seen, updated) "
+    "VALUES (%s, %s, %s, 'pending', %s, %s) ON CONFLICT (mailbox, uid) DO NOTHING"
+)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _entry(row: tuple[Any, ...]) -> Entry:
+    return Entry(
+        mailbox=row[0],
+        uid=row[1],
+        key=row[2],
+        status=Status(row[3]),
+        attempts=row[4],
+        size=row[5],
+        sha256=row[6],
+        steps=list(row[7]),
+        disposition=row[8],
+        reason=row[9],
+        last_error=row[10],
+        delete_due=bool(row[11]),
+        first_seen=row[12].astimezone(UTC),
+        updated=row[13].astimezone(UTC),
+    )
+
+
+class PostgresJournal:
+    """The shared :class:`~mailpipe.journal.base.Journal` in PostgreSQL.
+
+    ``dsn`` is a libpq connection string or URL. ``schema`` (created when missing) holds
+    the tables; by default the connection's search_path decides. ``clock`` returns the
+    current UTC time for entry timestamps (tests); leases use the server's clock.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str | None = None,
+        connect_timeout: float = 10.0,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self._connect_timeout = connect_timeout
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._lease_lock = threading.Lock()
+        self._depth = 0
+        self._transactions: list[Any] = []
+        self._leases: dict[str, str] = {}
+        self._closed = False
+        self._lease_conn: psycopg.Connection[tuple[Any, ...]] | None = None
+        self._conn = self._connect()
+        self._migrate()
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> PostgresJournal:
+        """Open from a URL; its ``schema`` query parameter becomes ``schema``."""
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        schema = next((value for name, value in query if name == "schema"), None)
+        rest = urlencode([(name, value) for name, value in query if name != "schema"])
+        return cls(urlunsplit(parts._replace(query=rest)), schema=schema, **kwargs)
+
+    # -- connections and schema -----------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        import psycopg
+        from psycopg import sql
+
+        try:
+            conn = psycopg.connect(
+                self.dsn,
+                autocommit=True,
+                connect_timeout=max(1, round(self._connect_timeout)),
+            )
+        except psycopg.Error as exc:
+            raise JournalError(
+                f"cannot connect to the PostgreSQL journal: {exc}"
+            ) from exc
+        if self.schema:
+            conn.execute(
+                sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema))
+            )
+        return conn
+
+    def _migrate(self) -> None:
+        from psycopg import sql
+
+        conn = self._conn
+        with self._lock, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            if self.schema:
+                conn.execute(
+                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                        sql.Identifier(self.schema)
+                    )
+                )
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS mailpipe_schema_version "
+                "(version integer NOT NULL)"
+            )
+            row = conn.execute("SELECT version FROM mailpipe_schema_version").fetchone()
+            current = int(row[0]) if row else 0
+            if current > SCHEMA_VERSION:
+                raise SchemaVersionError(
+                    f"PostgreSQL journal has schema version {current}; this mailpipe "
+                    f"knows up to {SCHEMA_VERSION}"
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[version - 1]:
+                    conn.execute(statement)
+            if row is None:
+                conn.execute(
+                    "INSERT INTO mailpipe_schema_version (version) VALUES (%s)",
+                    (SCHEMA_VERSION,),
+                )
+            elif current != SCHEMA_VERSION:
+                conn.execute(
+                    "UPDATE mailpipe_schema_version SET version = %s", (SCHEMA_VERSION,)
+                )
+        if current != SCHEMA_VERSION:
+            log.info(
+                "journal_migrated",
+                schema=self.schema,
+                from_version=current,
+                to_version=SCHEMA_VERSION,
+            )
+
+    def schema_version(self) -> int:
+        """Return the schema version stored in the database."""
+        with self._lock:
+            row = (
+                self._live()
+                .execute("SELECT version FROM mailpipe_schema_version")
+                .fetchone()
+            )
+        assert row is not None
+        return int(row[0])
+
+    def _live(self) -> psycopg.Connection[tuple[Any, ...]]:
+        """The main connection; reconnected when it broke outside a transaction."""
+        if self._closed:
+            raise JournalError("PostgreSQL journal is closed")
+        if self._conn.broken or self._conn.closed:
+            if self._depth:
+                raise JournalError("PostgreSQL journal connection lost inside a batch")
+            self._conn = self._connect()
+            log.warning("journal_reconnected", schema=self.schema)
+        return self._conn
+
+    # -- transactions ---------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
+        """One durable transaction, or a part of the open batch."""
+        with self._lock:
+            conn = self._live()
+            if self._depth:
+                yield conn
+                return
+            with conn.transaction():
+                yield conn
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group commit: one transaction for every write inside, committed at exit.
+
+        Re-entrant: an inner batch is a savepoint, rolled back alone on its exception.
+        """
+        with self._lock:
+            tx = self._live().transaction()
+            tx.__enter__()
+            self._transactions.append(tx)
+            self._depth += 1
+        try:
+            yield
+        except BaseException as exc:
+            with self._lock:
+                self._depth -= 1
+                self._transactions.pop()
+                tx.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        with self._lock:
+            self._depth -= 1
+            self._transactions.pop()
+            tx.__exit__(None, None, None)
+
+    # -- entries --------------------------------------------------------------------
+
+    def get_many(self, mailbox: str, uids: Iterable[str]) -> dict[str, Entry]:
+        """Return the entries of ``uids`` that exist, by uid."""
+        found: dict[str, Entry] = {}
+        with self._lock:
+            conn = self._live()
+            for chunk in iter_chunks(uids, 5000):
+                rows = conn.execute(
+                    f"SELECT {_COLUMNS} FROM mailpipe_journal "
+                    "WHERE mailbox = %s AND uid = ANY(%s)",
+                    (mailbox, chunk),
+                ).fetchall()
+                for row in rows:
+                    found[row[1]] = _entry(row)
+        return found
+
+    def begin(self, mailbox: str, uid: str, *, key: str, size: int) -> Entry:
+        """Insert a PENDING entry if absent; return the current entry."""
+        now = self._clock()
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO mailpipe_journal "
+                "(mailbox, uid, key, status, size, first_seen, updated) "
+                "VALUES (%s, %s, %s, 'pending', %s, %s, %s) "
+                "ON CONFLICT (mailbox, uid) DO NOTHING",
+                (mailbox, uid, key, size, now, now),
+            )
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM mailpipe_journal "
+                "WHERE mailbox = %s AND uid = %s",
+                (mailbox, uid),
+            ).fetchone()
+        assert row is not None
+        return _entry(row)
+
+    def step_committed(self, mailbox: str, uid: str, step: str) -> None:
+        """Record that chain step ``step`` durably committed for this message."""
+        now = self._clock()
+        with self._tx() as conn:
+            conn.execute(_ENSURE, (mailbox, uid, message_key(mailbox, uid), now, now))
+            conn.execute(
+                "UPDATE mailpipe_journal "
+                "SET steps = steps || jsonb_build_array(%s::text),"
+                " updated = %s WHERE mailbox = %s AND uid = %s "
+                "AND NOT steps @> jsonb_build_array(%s::text)",
+                (step, now, mailbox, uid, step),
+            )
+
+    def finish(
+        self,
+        mailbox: str,
+        uid: str,
+        *,
+        status: Status,
+        disposition: str,
+        sha256: str | None,
+        reason: str = "",
+        delete_due: bool,
+    ) -> None:
+        """Set the final status of a chain run; ``sha256=None`` keeps a known hash."""
+        now = self._clock()
+        with self._tx() as conn:
+            conn.execute(_ENSURE, (mailbox, uid, message_key(mailbox, uid), now, now))
+            conn.execute(
+                "UPDATE mailpipe_journal SET status = %s, disposition = %s, "
+                "sha256 = COALESCE(%s, sha256), reason = %s, delete_due = %s, "
+                "updated = %s WHERE mailbox = %s AND uid = %s",
+                (
+                    Status(status).value,
+                    disposition,
+                    sha256,
+                    reason,
+                    delete_due,
+                    now,
+                    mailbox,
+                    uid,
+                ),
+            )
+
+    def fail(self, mailbox: str, uid: str, *, error: str, counted: bool) -> int:
+        """Record a failed attempt (``counted`` adds one); return the attempts."""
+        now = self._clock()
+        with self._tx() as conn:
+            conn.execute(_ENSURE, (mailbox, uid, message_key(mailbox, uid), now, now))
+            row = conn.execute(
+                "UPDATE mailpipe_journal "
+                "SET attempts = attempts + %s, last_error = %s, "
+                "updated = %s WHERE mailbox = %s AND uid = %s RETURNING attempts",
+                (int(counted), error, now, mailbox, uid),
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def mark_deleted(self, mailbox: str, uids: Iterable[str]) -> None:
+        """After QUIT +OK: ``uids`` are gone; status DELETED, delete_due False."""
+        now = self._clock()
+        with self._tx() as conn:
+            for chunk in iter_chunks(uids, 5000):
+                conn.execute(
+                    "UPDATE mailpipe_journal "
+                    "SET status = 'deleted', delete_due = false, "
+                    "updated = %s WHERE mailbox = %s AND uid = ANY(%s)",
+                    (now, mailbox, chunk),
+                )
+
+    def list(
+        self,
+        mailbox: str | None = None,
+        status: Status | None = None,
+        limit: int = 1000,
+    ) -> list[Entry]:
+        """Return entries, newest (by first_seen) first, optionally filtered."""
+        where: list[str] = []
+        params: list[Any] = []
+        if mailbox is not None:
+            where.append("mailbox = %s")
+            params.append(mailbox)
+        if status is not None:
+            where.append("status = %s")
+            params.append(Status(status).value)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        with self._lock:
+            rows = (
+                self._live()
+                .execute(
+                    f"SELECT {_COLUMNS} FROM mailpipe_journal {clause} "
+                    "ORDER BY first_seen DESC, seq DESC LIMIT %s",
+                    (*params, limit),
+                )
+                .fetchall()
+            )
+        return [_entry(row) for row in rows]
+
+    def forget(self, mailbox: str, uids: Iterable[str] | None = None) -> int:
+        """Delete entries (the whole mailbox when ``uids`` is None); count them."""
+        removed = 0
+        with self._tx() as conn:
+            if uids is None:
+                removed = conn.execute(
+                    "DELETE FROM mailpipe_journal WHERE mailbox = %s", (mailbox,)
+                ).rowcount
+            else:
+                for chunk in iter_chunks(uids, 5000):
+                    removed += conn.execute(
+                        "DELETE FROM mailpipe_journal WHERE mailbox = %s "
+                        "AND uid = ANY(%s)",
+                        (mailbox, chunk),
+                    ).rowcount
+        return removed
+
+    def mark_seen(self, mailbox: str, items: Iterable[tuple[str, str, int]]) -> int:
+        """Adopt (uid, key, size) items as KEPT, unprocessed; return how many new."""
+        now = self._clock()
+        added = 0
+        rows = list(items)
+        with self._tx() as conn:
+            for start in range(0, len(rows), 5000):
+                part = rows[start : start + 5000]
+                added += conn.execute(
+                    "INSERT INTO mailpipe_journal (mailbox, uid, key, status, size, "
+                    "disposition, reason, first_seen, updated) "
+                    "SELECT %s, u.uid, u.key, 'kept', u.size, 'keep', 'seen', %s, %s "
+                    "FROM unnest(%s::text[], %s::text[], %s::bigint[]) "
+                    "AS u(uid, key, size) ON CONFLICT (mailbox, uid) DO NOTHING",
+                    (
+                        mailbox,
+                        now,
+                        now,
+                        [uid for uid, _, _ in part],
+                        [key for _, key, _ in part],
+                        [size for _, _, size in part],
+                    ),
+                ).rowcount
+        return added
+
+    def prune(
+        self, mailbox: str, present: Iterable[str], older_than_days: float
+    ) -> int:
+        """Drop DELETED entries gone from the server and older than the limit."""
+        cutoff = self._clock() - timedelta(days=older_than_days)
+        with self._tx() as conn:
+            return conn.execute(
+                "DELETE FROM mailpipe_journal "
+                "WHERE mailbox = %s AND status = 'deleted' "
+                "AND updated < %s AND NOT (uid = ANY(%s))",
+                (mailbox, cutoff, list(present)),
+            ).rowcount
+
+    # -- mailbox leases -------------------------------------------------------------
+
+    def _lease_connection(self) -> psycopg.Connection[tuple[Any, ...]]:
+        if self._closed:
+            raise JournalError("PostgreSQL journal is closed")
+        conn = self._lease_conn
+        if conn is None or conn.broken or conn.closed:
+            conn = self._lease_conn = self._connect()
+        return conn
+
+    def lock_mailbox(self, mailbox: str, *, owner: str, ttl: float) -> bool:
+        """Take the lease on ``mailbox`` for ``ttl`` seconds; False if another holds it.
+
+        Succeeds when no lease exists, the lease expired (a dead worker's), or ``owner``
+        already holds it (then it is extended).
+        """
+        with self._lease_lock:
+            row = (
+                self._lease_connection()
+                .execute(
+                    "INSERT INTO mailpipe_leases AS l (mailbox, owner, expires_at) "
+                    "VALUES (%s, %s, clock_timestamp() + make_interval(secs => %s)) "
+                    "ON CONFLICT (mailbox) DO UPDATE "
+                    "SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at "
+                    "WHERE l.expires_at < clock_timestamp() "
+                    "OR l.owner = EXCLUDED.owner "
+                    "RETURNING l.owner",
+                    (mailbox, owner, float(ttl)),
+                )
+                .fetchone()
+            )
+            if row is None:
+                return False
+            self._leases[mailbox] = owner
+        log.debug("mailbox_locked", mailbox=mailbox, owner=owner, ttl=ttl)
+        return True
+
+    def renew_mailbox(self, mailbox: str, *, owner: str, ttl: float) -> bool:
+        """Extend the lease by ``ttl`` from now if ``owner`` still holds it."""
+        with self._lease_lock:
+            row = (
+                self._lease_connection()
+                .execute(
+                    "UPDATE mailpipe_leases "
+                    "SET expires_at = clock_timestamp() + make_interval(secs => %s) "
+                    "WHERE mailbox = %s AND owner = %s RETURNING owner",
+                    (float(ttl), mailbox, owner),
+                )
+                .fetchone()
+            )
+            if row is None:
+                self._leases.pop(mailbox, None)
+                log.warning("mailbox_lease_lost", mailbox=mailbox, owner=owner)
+                return False
+        return True
+
+    def unlock_mailbox(self, mailbox: str, *, owner: str) -> None:
+        """Release the lease if ``owner`` holds it."""
+        with self._lease_lock:
+            self._lease_connection().execute(
+                "DELETE FROM mailpipe_leases WHERE mailbox = %s AND owner = %s",
+                (mailbox, owner),
+            )
+            if self._leases.get(mailbox) == owner:
+                del self._leases[mailbox]
+        log.debug("mailbox_unlocked", mailbox=mailbox, owner=owner)
+
+    def close(self) -> None:
+        """Roll back an open batch, release the leases taken here, close connections."""
+        with self._lock, self._lease_lock:
+            if self._closed:
+                return
+            try:
+                conn = self._lease_conn
+                if self._leases and conn is not None and not conn.broken:
+                    for mailbox, owner in self._leases.items():
+                        conn.execute(
+                            "DELETE FROM mailpipe_leases "
+                            "WHERE mailbox = %s AND owner = %s",
+                            (mailbox, owner),
+                        )
+            finally:
+                self._closed = True
+                self._leases.clear()
+                if self._lease_conn is not None:
+                    self._lease_conn.close()
+                self._conn.close()
+
+    def __enter__(self) -> PostgresJournal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PostgresJournal(schema={self.schema!r})"

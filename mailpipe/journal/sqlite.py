@@ -1,0 +1,517 @@
+"""SqliteJournal: the embedded journal (one SQLite file in WAL mode, synchronous=FULL).
+
+Durability: every method commits before it returns (``BEGIN IMMEDIATE`` … ``COMMIT``;
+with WAL and ``synchronous=FULL`` a commit survives power loss), except inside
+:meth:`SqliteJournal.batch`, where one transaction covers every write of the block and
+commits at exit (rolled back on an exception). Batches nest as savepoints.
+
+Threads: one connection (``check_same_thread=False``) guarded by a lock, so the
+engine may call from the event loop and from ``asyncio.to_thread``. A batch belongs to
+the journal, not to a thread: writes from any thread while a batch is open join it.
+
+Mailbox locks: ``fcntl.flock`` on ``<db>.locks/<sha256(mailbox)>.lock``, non-blocking.
+The OS drops the lock when the process dies, so ``ttl`` is not needed and ignored.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+
+from mailpipe.journal.base import Entry, Status, iter_chunks
+from mailpipe.journal.errors import JournalError, SchemaVersionError
+from mailpipe.message import message_key
+
+log = structlog.get_logger()
+
+#: Schema migrations; version N is reached by applying ``MIGRATIONS[N - 1]``.
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """
+        CREATE TABLE entries (
+            mailbox     TEXT    NOT NULL,
+            uid         TEXT    NOT NULL,
+            key         TEXT    NOT NULL,
+            status      TEXT    NOT NULL,
+            attempts    INTEGER NOT NULL DEFAULT 0,
+            size        INTEGER NOT NULL DEFAULT 0,
+            sha256      TEXT,
+            steps       TEXT    NOT NULL DEFAULT '[]',
+            disposition TEXT,
+            reason      TEXT    NOT NULL DEFAULT '',
+            last_error  TEXT    NOT NULL DEFAULT '',
+            delete_due  INTEGER NOT NULL DEFAULT 0,
+            first_seen  REAL    NOT NULL,
+            updated     REAL    NOT NULL,
+            PRIMARY KEY (mailbox, uid)
+        )
+        """,
+        "CREATE INDEX entries_status ON entries (mailbox, status, updated)",
+        "CREATE INDEX entries_first_seen ON entries (first_seen)",
+    ),
+)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+_COLUMNS: Final = (
+    "mailbox, uid, key, status, attempts, size, sha256, steps, disposition, reason, "
+    "last_error, delete_due, first_seen, updated"
+)
+_MEMORY: Final = ":memory:"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _entry(row: tuple[Any, ...]) -> Entry:
+    return Entry(
+        mailbox=row[0],
+        uid=row[1],
+        key=row[2],
+        status=Status(row[3]),
+        attempts=row[4],
+        size=row[5],
+        sha256=row[6],
+        steps=list(json.loads(row[7])),
+        disposition=row[8],
+        reason=row[9],
+        last_error=row[10],
+        delete_due=bool(row[11]),
+        first_seen=datetime.fromtimestamp(row[12], UTC),
+        updated=datetime.fromtimestamp(row[13], UTC),
+    )
+
+
+def lock_path(db_path: Path, mailbox: str) -> Path:
+    """Return the flock file of ``mailbox`` for the journal at ``db_path``."""
+    digest = hashlib.sha256(mailbox.encode()).hexdigest()
+    return Path(f"{db_path}.locks") / f"{digest}.lock"
+
+
+class SqliteJournal:
+    """The embedded :class:`~mailpipe.journal.base.Journal` in one SQLite file.
+
+    ``path`` is created with its parent folders; ``":memory:"`` works for tests (mailbox
+    locks are then local to this object). ``busy_timeout`` is how long a write waits for
+    another process's transaction. ``clock`` returns the current UTC time (tests).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 30.0,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.path = Path(path)
+        self._memory = str(path) == _MEMORY
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._locks: dict[str, tuple[str, int | None]] = {}
+        if not self._memory:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = sqlite3.connect(
+                str(path),
+                timeout=busy_timeout,
+                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open journal {path}: {exc}") from exc
+        self._closed = False
+        mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if not self._memory and str(mode).lower() != "wal":
+            raise JournalError(f"journal {path}: WAL mode refused (got {mode})")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._migrate()
+
+    # -- schema ---------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version "
+                    "(version INTEGER NOT NULL)"
+                )
+                row = conn.execute("SELECT version FROM schema_version").fetchone()
+                current = int(row[0]) if row else 0
+                if current > SCHEMA_VERSION:
+                    raise SchemaVersionError(
+                        f"journal {self.path} has schema version {current}; this "
+                        f"mailpipe knows up to {SCHEMA_VERSION}"
+                    )
+                for version in range(current + 1, SCHEMA_VERSION + 1):
+                    for statement in MIGRATIONS[version - 1]:
+                        conn.execute(statement)
+                if row is None:
+                    conn.execute(
+                        "INSERT INTO schema_version (version) VALUES (?)",
+                        (SCHEMA_VERSION,),
+                    )
+                elif current != SCHEMA_VERSION:
+                    conn.execute(
+                        "UPDATE schema_version SET version = ?", (SCHEMA_VERSION,)
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        if current != SCHEMA_VERSION:
+            log.info(
+                "journal_migrated",
+                path=str(self.path),
+                from_version=current,
+                to_version=SCHEMA_VERSION,
+            )
+
+    def schema_version(self) -> int:
+        """Return the schema version stored in the database."""
+        with self._lock:
+            row = self._conn.execute("SELECT version FROM schema_version").fetchone()
+        return int(row[0])
+
+    # -- transactions ---------------------------------------------------------------
+
+    def _now(self) -> float:
+        return self._clock().timestamp()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One durable transaction, or a part of the open batch."""
+        with self._lock:
+            if self._closed:
+                raise JournalError(f"journal {self.path} is closed")
+            if self._depth:
+                yield self._conn
+                return
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group commit: one transaction for every write inside, committed at exit.
+
+        Re-entrant: an inner batch is a savepoint, rolled back alone on its exception.
+        """
+        with self._lock:
+            if self._closed:
+                raise JournalError(f"journal {self.path} is closed")
+            depth = self._depth + 1
+            savepoint = f"batch_{depth}"
+            self._conn.execute(
+                "BEGIN IMMEDIATE" if depth == 1 else f"SAVEPOINT {savepoint}"
+            )
+            self._depth = depth
+        try:
+            yield
+        except BaseException:
+            with self._lock:
+                try:
+                    if depth == 1:
+                        self._conn.execute("ROLLBACK")
+                    else:
+                        self._conn.execute(f"ROLLBACK TO {savepoint}")
+                        self._conn.execute(f"RELEASE {savepoint}")
+                finally:
+                    self._depth = depth - 1
+            raise
+        with self._lock:
+            try:
+                self._conn.execute("COMMIT" if depth == 1 else f"RELEASE {savepoint}")
+            except BaseException:
+                if depth == 1 and self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+            finally:
+                self._depth = depth - 1
+
+    # -- entries --------------------------------------------------------------------
+
+    def _ensure(
+        self, conn: sqlite3.Connection, mailbox: str, uid: str, now: float
+    ) -> None:
+        # A write for an entry never begun still records (key as the engine makes it).
+        conn.execute(
+            "INSERT INTO entries (mailbox, uid, key, status, first_seen, updated) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (mailbox, uid) DO NOTHING",
+            (mailbox, uid, message_key(mailbox, uid), Status.PENDING.value, now, now),
+        )
+
+    def _get(self, conn: sqlite3.Connection, mailbox: str, uid: str) -> Entry:
+        row = conn.execute(
+            f"SELECT {_COLUMNS} FROM entries WHERE mailbox = ? AND uid = ?",
+            (mailbox, uid),
+        ).fetchone()
+        return _entry(row)
+
+    def get_many(self, mailbox: str, uids: Iterable[str]) -> dict[str, Entry]:
+        """Return the entries of ``uids`` that exist, by uid."""
+        found: dict[str, Entry] = {}
+        with self._lock:
+            for chunk in iter_chunks(uids):
+                marks = ",".join("?" * len(chunk))
+                rows = self._conn.execute(
+                    f"SELECT {_COLUMNS} FROM entries "
+                    f"WHERE mailbox = ? AND uid IN ({marks})",
+                    (mailbox, *chunk),
+                ).fetchall()
+                for row in rows:
+                    found[row[1]] = _entry(row)
+        return found
+
+    def begin(self, mailbox: str, uid: str, *, key: str, size: int) -> Entry:
+        """Insert a PENDING entry if absent; return the current entry."""
+        now = self._now()
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO entries "
+                "(mailbox, uid, key, status, size, first_seen, updated)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (mailbox, uid) DO NOTHING",
+                (mailbox, uid, key, Status.PENDING.value, size, now, now),
+            )
+            return self._get(conn, mailbox, uid)
+
+    def step_committed(self, mailbox: str, uid: str, step: str) -> None:
+        """Record that chain step ``step`` durably committed for this message."""
+        now = self._now()
+        with self._tx() as conn:
+            self._ensure(conn, mailbox, uid, now)
+            (raw,) = conn.execute(
+                "SELECT steps FROM entries WHERE mailbox = ? AND uid = ?",
+                (mailbox, uid),
+            ).fetchone()
+            steps = list(json.loads(raw))
+            if step not in steps:
+                steps.append(step)
+                conn.execute(
+                    "UPDATE entries SET steps = ?, updated = ? "
+                    "WHERE mailbox = ? AND uid = ?",
+                    (json.dumps(steps), now, mailbox, uid),
+                )
+
+    def finish(
+        self,
+        mailbox: str,
+        uid: str,
+        *,
+        status: Status,
+        disposition: str,
+        sha256: str | None,
+        reason: str = "",
+        delete_due: bool,
+    ) -> None:
+        """Set the final status of a chain run; ``sha256=None`` keeps a known hash."""
+        now = self._now()
+        with self._tx() as conn:
+            self._ensure(conn, mailbox, uid, now)
+            conn.execute(
+                "UPDATE entries SET status = ?, disposition = ?, "
+                "sha256 = COALESCE(?, sha256), reason = ?, delete_due = ?, updated = ? "
+                "WHERE mailbox = ? AND uid = ?",
+                (
+                    Status(status).value,
+                    disposition,
+                    sha256,
+                    reason,
+                    int(delete_due),
+                    now,
+                    mailbox,
+                    uid,
+                ),
+            )
+
+    def fail(self, mailbox: str, uid: str, *, error: str, counted: bool) -> int:
+        """Record a failed attempt (``counted`` adds one); return the attempts."""
+        now = self._now()
+        with self._tx() as conn:
+            self._ensure(conn, mailbox, uid, now)
+            (attempts,) = conn.execute(
+                "UPDATE entries "
+                "SET attempts = attempts + ?, last_error = ?, updated = ? "
+                "WHERE mailbox = ? AND uid = ? RETURNING attempts",
+                (int(counted), error, now, mailbox, uid),
+            ).fetchone()
+        return int(attempts)
+
+    def mark_deleted(self, mailbox: str, uids: Iterable[str]) -> None:
+        """After QUIT +OK: ``uids`` are gone; status DELETED, delete_due False."""
+        now = self._now()
+        with self._tx() as conn:
+            for chunk in iter_chunks(uids):
+                marks = ",".join("?" * len(chunk))
+                conn.execute(
+                    "UPDATE entries SET status = ?, delete_due = 0, updated = ? "
+                    f"WHERE mailbox = ? AND uid IN ({marks})",
+                    (Status.DELETED.value, now, mailbox, *chunk),
+                )
+
+    def list(
+        self,
+        mailbox: str | None = None,
+        status: Status | None = None,
+        limit: int = 1000,
+    ) -> list[Entry]:
+        """Return entries, newest (by first_seen) first, optionally filtered."""
+        where: list[str] = []
+        params: list[Any] = []
+        if mailbox is not None:
+            where.append("mailbox = ?")
+            params.append(mailbox)
+        if status is not None:
+            where.append("status = ?")
+            params.append(Status(status).value)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM entries {clause} "
+                "ORDER BY first_seen DESC, rowid DESC LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+        return [_entry(row) for row in rows]
+
+    def forget(self, mailbox: str, uids: Iterable[str] | None = None) -> int:
+        """Delete entries (the whole mailbox when ``uids`` is None); count them."""
+        removed = 0
+        with self._tx() as conn:
+            if uids is None:
+                removed = conn.execute(
+                    "DELETE FROM entries WHERE mailbox = ?", (mailbox,)
+                ).rowcount
+            else:
+                for chunk in iter_chunks(uids):
+                    marks = ",".join("?" * len(chunk))
+                    removed += conn.execute(
+                        f"DELETE FROM entries WHERE mailbox = ? AND uid IN ({marks})",
+                        (mailbox, *chunk),
+                    ).rowcount
+        return removed
+
+    def mark_seen(self, mailbox: str, items: Iterable[tuple[str, str, int]]) -> int:
+        """Adopt (uid, key, size) items as KEPT, unprocessed; return how many new."""
+        now = self._now()
+        added = 0
+        with self._tx() as conn:
+            for uid, key, size in items:
+                added += conn.execute(
+                    "INSERT INTO entries (mailbox, uid, key, status, size, "
+                    "disposition, reason, first_seen, updated) "
+                    "VALUES (?, ?, ?, ?, ?, 'keep', 'seen', ?, ?) "
+                    "ON CONFLICT (mailbox, uid) DO NOTHING",
+                    (mailbox, uid, key, Status.KEPT.value, size, now, now),
+                ).rowcount
+        return added
+
+    def prune(
+        self, mailbox: str, present: Iterable[str], older_than_days: float
+    ) -> int:
+        """Drop DELETED entries gone from the server and older than the limit."""
+        on_server = set(present)
+        cutoff = (self._clock() - timedelta(days=older_than_days)).timestamp()
+        removed = 0
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT uid FROM entries "
+                "WHERE mailbox = ? AND status = ? AND updated < ?",
+                (mailbox, Status.DELETED.value, cutoff),
+            ).fetchall()
+            doomed = (uid for (uid,) in rows if uid not in on_server)
+            for chunk in iter_chunks(doomed):
+                marks = ",".join("?" * len(chunk))
+                removed += conn.execute(
+                    f"DELETE FROM entries WHERE mailbox = ? AND uid IN ({marks})",
+                    (mailbox, *chunk),
+                ).rowcount
+        return removed
+
+    # -- mailbox locks --------------------------------------------------------------
+
+    def lock_mailbox(self, mailbox: str, *, owner: str, ttl: float) -> bool:
+        """Take the exclusive flock of ``mailbox``; False if another holder has it.
+
+        Taking a lock this object already holds for the same ``owner`` returns True.
+        """
+        del ttl  # the OS releases a flock when its process dies
+        with self._lock:
+            held = self._locks.get(mailbox)
+            if held is not None:
+                return held[0] == owner
+            if self._memory:
+                self._locks[mailbox] = (owner, None)
+                return True
+            path = lock_path(self.path, mailbox)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except BaseException:
+                os.close(fd)
+                raise
+            # Who holds it, for humans; the flock itself is the lock (never unlinked).
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{owner}\n{mailbox}\n".encode(), 0)
+            self._locks[mailbox] = (owner, fd)
+        log.debug("mailbox_locked", mailbox=mailbox, owner=owner)
+        return True
+
+    def renew_mailbox(self, mailbox: str, *, owner: str, ttl: float) -> bool:
+        """Return True while ``owner`` holds the lock (a flock cannot expire)."""
+        with self._lock:
+            held = self._locks.get(mailbox)
+            return held is not None and held[0] == owner
+
+    def unlock_mailbox(self, mailbox: str, *, owner: str) -> None:
+        """Release the lock if ``owner`` holds it."""
+        with self._lock:
+            held = self._locks.get(mailbox)
+            if held is None or held[0] != owner:
+                return
+            del self._locks[mailbox]
+            if held[1] is not None:
+                os.close(held[1])  # closing the descriptor drops the flock
+        log.debug("mailbox_unlocked", mailbox=mailbox, owner=owner)
+
+    def close(self) -> None:
+        """Roll back an open batch, release the locks and close the database."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for _owner, fd in self._locks.values():
+                if fd is not None:
+                    os.close(fd)
+            self._locks.clear()
+            self._conn.close()
+
+    def __enter__(self) -> SqliteJournal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SqliteJournal({str(self.path)!r})"

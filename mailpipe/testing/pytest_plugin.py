@@ -1,0 +1,103 @@
+"""pytest fixtures for mailpipe: a fake POP3 server, a real Dovecot, SMTP/HTTP sinks.
+
+Opt in from a ``conftest.py``::
+
+    pytest_plugins = ["mailpipe.testing.pytest_plugin"]
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .dovecot import Dovecot, DovecotUser, dovecot_unavailable_reason
+
+if TYPE_CHECKING:
+    from .server import Pop3Server
+
+
+def _skip_or_fail(reason: str) -> None:
+    # Tests that need a real server fail in CI (env CI set) and skip elsewhere.
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (failing because CI is set)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def dovecot() -> Iterator[Dovecot]:
+    """A private Dovecot on 127.0.0.1 for the whole session; see :class:`Dovecot`.
+
+    Skips when Dovecot is not installed, fails instead when env ``CI`` is set.
+    Tests create their own users (``dovecot.add_user()`` or the ``dovecot_user``
+    fixture), so they never see each other's mail. Set ``MAILPIPE_KEEP_DOVECOT=1``
+    to keep the base directory (logs, Maildirs) after the session.
+    """
+    reason = dovecot_unavailable_reason()
+    if reason is not None:
+        _skip_or_fail(reason)
+    # Not pytest's tmp_path: its 0700 parent would stop the mail uid reaching homes.
+    base = tempfile.mkdtemp(prefix="mailpipe-dovecot-")
+    server = Dovecot(base)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        if not os.environ.get("MAILPIPE_KEEP_DOVECOT"):
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def dovecot_user(dovecot: Dovecot) -> DovecotUser:
+    """A fresh user with an empty mailbox on the session's Dovecot."""
+    return dovecot.add_user()
+
+
+@pytest.fixture
+def pop3_server_factory() -> Iterator[Callable[..., Pop3Server]]:
+    """Start fake POP3 servers with :class:`Pop3Server` options; all stop at teardown.
+
+    ``srv = pop3_server_factory(messages=[b"..."], faults=Faults(stall_on="RETR"))``
+    """
+    from .server import Pop3Server
+
+    with ExitStack() as stack:
+
+        def make(**options: Any) -> Pop3Server:
+            return stack.enter_context(Pop3Server(**options))
+
+        yield make
+
+
+@pytest.fixture
+def pop3_server(pop3_server_factory: Callable[..., Pop3Server]) -> Pop3Server:
+    """A running fake POP3 server (user ``user``, password ``pass``, empty mailbox).
+
+    Add mail with ``pop3_server.add_message(b"...")``, set faults with
+    ``pop3_server.faults = Faults(...)``, and assert on ``pop3_server.transcript``.
+    """
+    return pop3_server_factory()
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[Any]:
+    """A real in-process SMTP server on 127.0.0.1 that records what it receives."""
+    from .sinks import SmtpSink  # type: ignore[import-not-found,unused-ignore]
+
+    with SmtpSink() as sink:
+        yield sink
+
+
+@pytest.fixture
+def http_sink() -> Iterator[Any]:
+    """A real in-process HTTP server on 127.0.0.1 that records the requests it gets."""
+    from .sinks import HttpSink  # type: ignore[import-not-found,unused-ignore]
+
+    with HttpSink() as sink:
+        yield sink

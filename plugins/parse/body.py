@@ -1,0 +1,59 @@
+"""Body selection: which decoded parts make the text and HTML bodies of a message."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .html_text import html_to_text
+
+_META_CHARSET = re.compile(
+    rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I
+)
+
+
+def html_charset(data: bytes) -> str | None:
+    """Return the charset an HTML document declares in a <meta> tag, if any."""
+    m = _META_CHARSET.search(data[:4096])
+    return m.group(1).decode("ascii") if m else None
+
+
+@dataclass(slots=True)
+class BodyParts:
+    """Collects body parts in document order and decides the text and HTML bodies.
+
+    Every inline text/plain part without a file name joins the text body (mailing-list
+    footers, split bodies); likewise for text/html. TNEF bodies are used only when the
+    MIME structure gave none.
+    """
+
+    texts: list[str] = field(default_factory=list)
+    htmls: list[str] = field(default_factory=list)
+    fallback_texts: list[str] = field(default_factory=list)
+    fallback_htmls: list[str] = field(default_factory=list)
+
+    def add_text(self, text: str) -> None:
+        """Add a decoded text/plain body part."""
+        self.texts.append(text)
+
+    def add_html(self, html: str) -> None:
+        """Add a decoded text/html body part."""
+        self.htmls.append(html)
+
+    def add_fallback_text(self, text: str) -> None:
+        """Add a plain body found inside a container (TNEF)."""
+        self.fallback_texts.append(text)
+
+    def add_fallback_html(self, html: str) -> None:
+        """Add an HTML body found inside a container (TNEF)."""
+        self.fallback_htmls.append(html)
+
+    def result(self) -> tuple[str | None, str | None, bool]:
+        """Return (text, html, text_from_html)."""
+        texts = self.texts or self.fallback_texts
+        htmls = self.htmls or self.fallback_htmls
+        text = "\n".join(texts) if texts else None
+        html = "\n".join(htmls) if htmls else None
+        if text is None and html is not None:
+            return html_to_text(html), html, True
+        return text, html, False

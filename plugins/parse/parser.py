@@ -1,0 +1,508 @@
+"""parse_message: raw RFC 5322 bytes to a MessageRecord plus attachment bytes, never raising."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email import policy as email_policy
+from email.message import Message
+from email.parser import BytesParser
+from email.utils import parsedate_to_datetime
+
+from . import autoreply
+from .addresses import parse_addresses
+from .attachments import (
+    TNEF_TYPES,
+    Extracted,
+    expand_tnef,
+    extract_uuencoded,
+    filename_of,
+)
+from .body import BodyParts, html_charset
+from .charsets import decode_text
+from .headers import decode_header
+from .record import Address, Attachment, AttachmentSource, Defect, MessageRecord
+
+_PARSER = BytesParser(policy=email_policy.compat32)
+_HEADERS_PARSER = BytesParser(policy=email_policy.compat32)
+_ANGLE_ID = re.compile(r"<([^<>]*)>")
+_SUBJECT_PREFIX = re.compile(
+    r"^(?:\s*(?:re|fwd?|aw|wg|sv|vs|antw|rif|r|tr|odp|ynt|res|enc)\s*(?:\[\d+\])?\s*[:：]"
+    r"|\s*\[[^\]]*\])+",
+    re.I,
+)
+_MAX_DEPTH = 40
+_MAX_PARTS = 5000
+_ADDRESS_FIELDS = (
+    ("from_addresses", "from"),
+    ("sender", "sender"),
+    ("reply_to", "reply-to"),
+    ("to", "to"),
+    ("cc", "cc"),
+    ("bcc", "bcc"),
+)
+_UU_TYPES = frozenset({"x-uuencode", "uuencode", "x-uue", "uue"})
+
+
+@dataclass
+class _State:
+    defects: list[Defect] = field(default_factory=list)
+    attachments: list[Attachment] = field(default_factory=list)
+    payloads: list[bytes] = field(default_factory=list)
+    body: BodyParts = field(default_factory=BodyParts)
+    hint: str | None = None
+
+    def defect(self, part: str, kind: str, detail: str) -> None:
+        self.defects.append(Defect(part=part, kind=kind, detail=detail[:500]))
+
+    def attach(
+        self,
+        data: bytes,
+        *,
+        part: str,
+        filename: str | None,
+        content_type: str,
+        disposition: str | None = None,
+        content_id: str | None = None,
+        inline: bool = False,
+        source: AttachmentSource = "mime",
+    ) -> None:
+        self.attachments.append(
+            Attachment(
+                index=len(self.attachments),
+                filename=filename,
+                content_type=content_type,
+                disposition=disposition,
+                size=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+                content_id=content_id,
+                inline=inline,
+                part=part,
+                source=source,
+            )
+        )
+        self.payloads.append(data)
+
+
+def parse_message(
+    raw: bytes, *, key: str = "", mailbox: str = "", uid: str = ""
+) -> tuple[MessageRecord, list[bytes]]:
+    """Parse raw message bytes; return the record and the attachment bytes (aligned).
+
+    Never raises on any input: what cannot be decoded becomes a :class:`Defect`, and
+    the raw bytes stay with the caller. A headers-only input (``TOP n 0``) gives a
+    record with headers and no body.
+    """
+    base = {
+        "key": key,
+        "mailbox": mailbox,
+        "uid": uid,
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "size": len(raw),
+    }
+    try:
+        return _parse(raw, base)
+    except Exception as exc:  # last resort: keep what the headers give
+        defect = Defect(part="", kind="ParseFailed", detail=f"{type(exc).__name__}: {exc}")
+        try:
+            msg = _HEADERS_PARSER.parsebytes(raw, headersonly=True)
+            record, _ = _record(msg, base, _State(), body=False)
+        except Exception:
+            record = MessageRecord(**base)
+        record.defects.append(defect)
+        return record, []
+
+
+def _parse(raw: bytes, base: dict[str, object]) -> tuple[MessageRecord, list[bytes]]:
+    msg = _PARSER.parsebytes(raw)
+    state = _State()
+    return _record(msg, base, state, body=True)
+
+
+def _record(
+    msg: Message, base: dict[str, object], state: _State, *, body: bool
+) -> tuple[MessageRecord, list[bytes]]:
+    headers: list[tuple[str, str]] = []
+    by_name: dict[str, list[str]] = {}
+    raw_by_name: dict[str, list[str]] = {}
+    hint = state.hint = _charset_hint(msg)
+    for name, value in msg.raw_items():
+        name = str(name)
+        if not isinstance(value, str):
+            value = str(value)
+        text, problems = decode_header(value, hint)
+        for problem in problems:
+            state.defect("", "HeaderDecodeDefect", f"{name}: {problem}")
+        headers.append((name, text))
+        lower = name.lower()
+        by_name.setdefault(lower, []).append(text)
+        raw_by_name.setdefault(lower, []).append(value)
+
+    fields: dict[str, object] = dict(base)
+    fields["headers"] = headers
+    for attr, header in _ADDRESS_FIELDS:
+        values = raw_by_name.get(header)
+        if not values:
+            continue
+        addresses, problems = parse_addresses(values, hint)
+        for problem in problems:
+            if not problem.startswith("8-bit header"):  # reported with the header
+                state.defect("", "AddressDefect", f"{header}: {problem}")
+        if not addresses and any(v.strip() for v in values) and ":" not in values[0]:
+            state.defect("", "AddressDefect", f"{header}: no address found")
+        fields[attr] = addresses
+
+    message_id = _first_id(by_name.get("message-id"))
+    fields["message_id"] = message_id
+    date_raw = (by_name.get("date") or [None])[0]
+    fields["date_raw"] = date_raw
+    fields["date"] = _date(date_raw, state)
+    subject = (by_name.get("subject") or [None])[0]
+    fields["subject"] = subject
+    in_reply_to = _ids(by_name.get("in-reply-to"))
+    references = _ids(by_name.get("references"))
+    fields["in_reply_to"] = in_reply_to
+    fields["references"] = references
+    fields["thread_key"] = _thread_key(
+        references, in_reply_to, message_id, subject, str(base.get("sha256", ""))
+    )
+    list_id = (by_name.get("list-id") or [None])[0]
+    if list_id is not None:
+        m = _ANGLE_ID.search(list_id)
+        list_id = (m.group(1) if m else list_id).strip() or None
+    fields["list_id"] = list_id
+    from_list = fields.get("from_addresses") or []
+    assert isinstance(from_list, list)
+    content_type = _content_type(msg)
+    reason = autoreply.detect(
+        by_name, content_type, [a.address for a in from_list if isinstance(a, Address)]
+    )
+    fields["auto_reply"] = reason is not None
+    fields["auto_reply_reason"] = reason
+
+    if body:
+        _walk(msg, state)
+        text, html, from_html = state.body.result()
+        fields["text"], fields["html"], fields["text_from_html"] = text, html, from_html
+    else:
+        for defect in msg.defects:
+            state.defect("", type(defect).__name__, str(defect) or _doc(defect))
+    fields["attachments"] = state.attachments
+    fields["defects"] = state.defects
+    return MessageRecord.model_validate(fields), state.payloads
+
+
+def _charset_hint(msg: Message) -> str | None:
+    """The charset of the top-level or first body part: what 8-bit headers likely use."""
+    part = msg
+    for _ in range(4):
+        charset = _charset(part)
+        if charset is not None:
+            return charset
+        payload = part._payload  # noqa: SLF001
+        if not isinstance(payload, list) or not payload:
+            return None
+        part = payload[0]
+        if not isinstance(part, Message):
+            return None
+    return None
+
+
+def _doc(obj: object) -> str:
+    return (type(obj).__doc__ or "").strip().split("\n", 1)[0]
+
+
+def _content_type(part: Message) -> str:
+    try:
+        return part.get_content_type()
+    except Exception:
+        return "text/plain"
+
+
+def _first_id(values: list[str] | None) -> str | None:
+    if not values:
+        return None
+    m = _ANGLE_ID.search(values[0])
+    value = (m.group(1) if m else values[0]).strip()
+    return "".join(value.split()) or None
+
+
+def _ids(values: list[str] | None) -> list[str]:
+    if not values:
+        return []
+    out: list[str] = []
+    for value in values:
+        found = _ANGLE_ID.findall(value)
+        if not found:  # RFC 5322 §4.5.4 obsolete forms: bare ids separated by space
+            found = [v for v in re.split(r"[\s,]+", value) if "@" in v]
+        for item in found:
+            item = "".join(item.split())
+            if item and item not in out:
+                out.append(item)
+    return out
+
+
+def _thread_key(
+    references: list[str],
+    in_reply_to: list[str],
+    message_id: str | None,
+    subject: str | None,
+    fallback: str,
+) -> str:
+    # RFC 5322 §3.6.4: the first References id is the thread's root
+    if references:
+        seed = "id:" + references[0]
+    elif in_reply_to:
+        seed = "id:" + in_reply_to[0]
+    elif message_id:
+        seed = "id:" + message_id
+    elif subject and subject.strip():
+        normal = _SUBJECT_PREFIX.sub("", subject)
+        seed = "subject:" + " ".join(normal.casefold().split())
+    else:
+        seed = "raw:" + fallback
+    return hashlib.sha256(seed.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _date(value: str | None, state: _State) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = parsedate_to_datetime(value)
+    except Exception:
+        state.defect("", "DateDefect", f"unparseable Date: {value[:100]!r}")
+        return None
+    if parsed.tzinfo is None:  # RFC 5322 §3.3: "-0000" means UTC, zone unknown
+        parsed = parsed.replace(tzinfo=UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except (OverflowError, ValueError):
+        state.defect("", "DateDefect", f"Date out of range: {value[:100]!r}")
+        return None
+
+
+def _walk(root: Message, state: _State) -> None:
+    """Visit every part depth-first, iteratively, with IMAP-style part paths."""
+    stack: list[tuple[Message, str, int, str]] = [(root, "", 0, "")]
+    seen = 0
+    while stack:
+        part, path, depth, parent = stack.pop()
+        seen += 1
+        if seen > _MAX_PARTS:
+            state.defect(path, "TooManyParts", f"more than {_MAX_PARTS} parts; rest kept raw")
+            return
+        for defect in part.defects:
+            state.defect(path, type(defect).__name__, str(defect) or _doc(defect))
+        ctype = _content_type(part)
+        payload = part._payload  # noqa: SLF001 - avoid get_payload's conversions
+        if isinstance(payload, list):
+            if not ctype.startswith("multipart/"):  # message/rfc822, delivery-status...
+                _nested(part, path or "1", ctype, state)
+                continue
+            if depth >= _MAX_DEPTH:
+                state.defect(path, "TooDeep", f"nesting deeper than {_MAX_DEPTH}; kept raw")
+                continue
+            children = [c for c in payload if isinstance(c, Message)]
+            for i in range(len(children) - 1, -1, -1):
+                child_path = f"{path}.{i + 1}" if path else str(i + 1)
+                stack.append((children[i], child_path, depth + 1, ctype))
+            continue
+        _leaf(part, path or ("1" if root is part else path), ctype, parent, state)
+
+
+def _nested(part: Message, path: str, ctype: str, state: _State) -> None:
+    """Record a message/* part (rfc822, delivery-status, ...) as one attachment."""
+    try:
+        inner = part.get_payload()
+        blocks = inner if isinstance(inner, list) else [inner]
+        data = b"\n".join(_as_bytes(b) for b in blocks if isinstance(b, Message))
+        if ctype == "message/delivery-status":
+            data = b"".join(_as_bytes(b) for b in blocks if isinstance(b, Message))
+    except Exception as exc:
+        state.defect(path, "NestedMessageDefect", f"{type(exc).__name__}: {exc}")
+        data = b""
+    for i, block in enumerate(blocks if isinstance(blocks, list) else []):
+        if isinstance(block, Message):
+            sub = f"{path}.{i + 1}" if len(blocks) > 1 else path
+            for defect in block.defects:
+                state.defect(sub, type(defect).__name__, str(defect) or _doc(defect))
+    filename, problems = filename_of(part, state.hint)
+    for problem in problems:
+        state.defect(path, "FilenameDefect", problem)
+    rfc822 = ctype in ("message/rfc822", "message/global")
+    if filename is None and rfc822 and blocks and isinstance(blocks[0], Message):
+        subject = blocks[0].get("subject")
+        if subject:
+            filename = decode_header(str(subject))[0][:120] + ".eml"
+    state.attach(
+        data,
+        part=path,
+        filename=filename,
+        content_type=ctype,
+        disposition=_disposition(part),
+        content_id=_content_id(part),
+        source="rfc822" if rfc822 else "mime",
+    )
+
+
+def _as_bytes(msg: Message) -> bytes:
+    """Serialise a parsed part from its stored raw strings (no re-folding, no re-encoding).
+
+    The stdlib parser keeps header values and bodies as the received text (8-bit
+    octets as surrogate escapes), so this reproduces the original bytes up to line
+    endings at part boundaries; iterative, so deep nesting cannot exhaust the stack.
+    """
+    out: list[str] = []
+    stack: list[Message | str] = [msg]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+            continue
+        for name, value in item.raw_items():
+            out.append(f"{name}: {value}\n")
+        out.append("\n")
+        payload = item._payload  # noqa: SLF001
+        if not isinstance(payload, list):
+            out.append(str(payload or ""))
+            continue
+        children = [c for c in payload if isinstance(c, Message)]
+        boundary = item.get_boundary() if item.get_content_maintype() == "multipart" else None
+        todo: list[Message | str] = []
+        if boundary is None:
+            todo.extend(children)
+        else:
+            if item.preamble:
+                todo.append(item.preamble + "\n")
+            for child in children:
+                todo.extend([f"--{boundary}\n", child, "\n"])
+            todo.append(f"--{boundary}--\n")
+            if item.epilogue:
+                todo.append(item.epilogue)
+        stack.extend(reversed(todo))
+    return "".join(out).encode("utf-8", "surrogateescape")
+
+
+def _disposition(part: Message) -> str | None:
+    try:
+        return part.get_content_disposition()
+    except Exception:
+        return None
+
+
+def _content_id(part: Message) -> str | None:
+    value = part.get("content-id")
+    if value is None:
+        return None
+    text = decode_header(str(value))[0]
+    m = _ANGLE_ID.search(text)
+    return (m.group(1) if m else text).strip() or None
+
+
+def _leaf(part: Message, path: str, ctype: str, parent: str, state: _State) -> None:
+    try:
+        data = part.get_payload(decode=True)
+    except Exception as exc:
+        state.defect(path, "PayloadDecodeDefect", f"{type(exc).__name__}: {exc}")
+        data = None
+    for defect in part.defects:  # decoding may add base64 padding defects
+        if not any(d.part == path and d.kind == type(defect).__name__ for d in state.defects):
+            state.defect(path, type(defect).__name__, str(defect) or _doc(defect))
+    if not isinstance(data, bytes):
+        raw = part._payload  # noqa: SLF001
+        data = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else b""
+    disposition = _disposition(part)
+    filename, problems = filename_of(part, state.hint)
+    for problem in problems:
+        state.defect(path, "FilenameDefect", problem)
+    cte = str(part.get("content-transfer-encoding", "")).strip().lower()
+    maintype = ctype.split("/", 1)[0]
+
+    is_body = (
+        maintype == "text"
+        and ctype in ("text/plain", "text/html")
+        and disposition != "attachment"
+        and filename is None
+        and cte not in _UU_TYPES
+    ) or ctype.startswith("multipart/")  # a multipart whose boundary was missing
+    if is_body:
+        charset = _charset(part)
+        if ctype == "text/html" and charset is None:
+            charset = html_charset(data)
+        text, problem = decode_text(data, charset)
+        if problem is not None:
+            state.defect(path, "CharsetDefect", problem)
+        if "\r" in text:  # bodies use "\n"; the raw bytes keep CRLF
+            text = text.replace("\r\n", "\n")
+        if ctype == "text/html":
+            state.body.add_html(text)
+        else:
+            rest, files, uu_problems = extract_uuencoded(text)
+            for problem in uu_problems:
+                state.defect(path, "UuencodeDefect", problem)
+            for f in files:
+                state.attach(
+                    f.data,
+                    part=path,
+                    filename=f.filename,
+                    content_type=f.content_type,
+                    disposition="attachment",
+                    source="uuencode",
+                )
+            state.body.add_text(rest)
+        return
+
+    content_id = _content_id(part)
+    inline = disposition == "inline" or (disposition is None and content_id is not None)
+    source: AttachmentSource = "uuencode" if cte in _UU_TYPES else "mime"
+    if ctype in ("message/rfc822", "message/global"):  # encoded, so not parsed
+        source = "rfc822"
+    state.attach(
+        data,
+        part=path,
+        filename=filename,
+        content_type=ctype,
+        disposition=disposition,
+        content_id=content_id,
+        inline=inline,
+        source=source,
+    )
+    if ctype in TNEF_TYPES or (filename or "").lower() == "winmail.dat":
+        _tnef(data, path, state)
+
+
+def _tnef(data: bytes, path: str, state: _State) -> None:
+    files, body, html, problems = expand_tnef(data)
+    for problem in problems:
+        state.defect(path, "TnefDefect", problem)
+    for f in files:
+        _attach_extracted(f, path, state)
+    if body:
+        state.body.add_fallback_text(body)
+    if html:
+        state.body.add_fallback_html(html)
+
+
+def _attach_extracted(f: Extracted, path: str, state: _State) -> None:
+    state.attach(
+        f.data,
+        part=path,
+        filename=f.filename,
+        content_type=f.content_type,
+        disposition="attachment",
+        source="tnef",
+    )
+
+
+def _charset(part: Message) -> str | None:
+    try:
+        value = part.get_param("charset")
+    except Exception:
+        return None
+    if isinstance(value, tuple):
+        value = value[2]
+    if not value:
+        return None
+    return str(value).strip() or None

@@ -1,0 +1,85 @@
+"""The `parse` processor: sets message.record and meta["attachment_payloads"]."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, ClassVar
+
+import structlog
+from pydantic import BaseModel, ConfigDict
+
+from mailpipe.processor import ProcessorContext, Result
+
+from .parser import parse_message
+from .record import MessageRecord
+
+if TYPE_CHECKING:
+    from mailpipe.message import Message
+
+log = structlog.get_logger()
+
+#: Key in ``message.meta`` of the attachment bytes, aligned with record.attachments.
+PAYLOADS_KEY = "attachment_payloads"
+
+
+class ParseOptions(BaseModel):
+    """Options of the `parse` processor (none yet: it always does all its work)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def parse_into(message: Message) -> MessageRecord:
+    """Parse ``message`` (if not done yet) and return its record; never raises."""
+    record = message.record
+    if isinstance(record, MessageRecord) and (
+        message.headers_only or not message.meta.get("parsed_headers_only", False)
+    ):
+        return record
+    raw = message.raw
+    record, payloads = parse_message(
+        raw, key=message.key, mailbox=message.ref.mailbox, uid=message.ref.uid
+    )
+    if message.headers_only:
+        record.size = message.ref.size  # the LIST size; raw is only the header block
+    record.tags = sorted(message.tags)
+    message.record = record
+    message.meta[PAYLOADS_KEY] = payloads
+    message.meta["parsed_headers_only"] = message.headers_only
+    return record
+
+
+class ParseProcessor:
+    """Turn the raw message into a :class:`MessageRecord` (never fails on bad mail).
+
+    Sets ``message.record`` and ``message.meta["attachment_payloads"]`` (bytes aligned
+    with ``record.attachments``). Works on headers-only messages (``TOP n 0``) too.
+    """
+
+    name: ClassVar[str] = "parse"
+    Options: ClassVar[type[BaseModel]] = ParseOptions
+    commits: ClassVar[bool] = False
+    header_only: ClassVar[bool] = False
+
+    def __init__(self, options: ParseOptions, context: ProcessorContext) -> None:
+        self.options = options
+        self.context = context
+
+    def process(self, message: Message) -> Result:
+        """Parse the message; always continues the chain."""
+        started = time.perf_counter()
+        message.record = None
+        record = parse_into(message)
+        if record.defects:
+            log.debug(
+                "message_parsed_with_defects",
+                key=message.key,
+                defects=len(record.defects),
+                kinds=sorted({d.kind for d in record.defects})[:10],
+                ms=round((time.perf_counter() - started) * 1000, 1),
+            )
+        return None
+
+    def prefetch(self, message: Message) -> Result:
+        """Parse the header block so later prefetching steps can use the record."""
+        parse_into(message)
+        return None

@@ -1,0 +1,314 @@
+"""POP3 authentication as pure functions and SASL challenge/response objects (no I/O).
+
+Mechanisms (RFC 1939 §7 USER/PASS and APOP; RFC 5034 SASL with RFC 4616 PLAIN, LOGIN,
+RFC 2195 CRAM-MD5, Google/Microsoft XOAUTH2, RFC 7628 OAUTHBEARER), the choice among
+them (conformance C-42: never a silent downgrade, never OAuth → password) and the
+classification of a ``-ERR`` into the typed errors the scheduler acts on (C-31).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass, field
+from typing import Final
+
+from mailpipe.errors import (
+    AuthenticationError,
+    SourceBusyError,
+    SourceError,
+    SourcePermanentError,
+)
+
+from .events import Capabilities, Err, code_class
+
+#: What ``auth = ...`` may say.
+AUTH_CHOICES: Final = (
+    "auto", "user", "apop", "plain", "login", "cram-md5", "xoauth2", "oauthbearer"
+)
+SASL_NAMES: Final = {
+    "plain": "PLAIN", "login": "LOGIN", "cram-md5": "CRAM-MD5",
+    "xoauth2": "XOAUTH2", "oauthbearer": "OAUTHBEARER",
+}
+OAUTH: Final = frozenset({"xoauth2", "oauthbearer"})
+
+
+def apop_digest(timestamp: bytes, secret: str) -> str:
+    """RFC 1939 §7: lower-case hex MD5 of the greeting timestamp followed by the secret."""
+    return hashlib.md5(timestamp + secret.encode("utf-8")).hexdigest()
+
+
+def b64encode(data: bytes) -> str:
+    """Base64 without line breaks, as SASL lines carry it."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64decode_strict(text: str) -> bytes | None:
+    """Decode a server challenge strictly (C-39); None when it is not valid base64."""
+    if not text:
+        return b""
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        return None
+
+
+class SaslCancel(Exception):
+    """The mechanism cannot answer this challenge; the driver sends ``*`` (C-39)."""
+
+
+@dataclass
+class Mechanism:
+    """A client SASL mechanism: ``initial()`` then ``respond(challenge)`` per challenge.
+
+    ``challenge`` is the decoded challenge, or None when it was not base64 (C-40: fine
+    for mechanisms that ignore it). ``error`` is set when the server sent an error
+    challenge (XOAUTH2/OAUTHBEARER JSON) that was answered as the providers document.
+    """
+
+    name: str = ""
+    error: dict[str, str] | None = field(default=None, init=False)
+
+    def initial(self) -> bytes | None:
+        """The initial response, or None when the mechanism has none."""
+        return None
+
+    def respond(self, challenge: bytes | None) -> bytes:
+        """The response to one server challenge (raises SaslCancel to cancel)."""
+        raise SaslCancel(self.name)
+
+
+@dataclass
+class Plain(Mechanism):
+    """RFC 4616 §2: ``[authzid] NUL authcid NUL passwd``."""
+
+    user: str = ""
+    password: str = field(default="", repr=False)
+    authzid: str = ""
+    name: str = "PLAIN"
+
+    def initial(self) -> bytes:
+        return f"{self.authzid}\0{self.user}\0{self.password}".encode()
+
+    def respond(self, challenge: bytes | None) -> bytes:
+        # Sent without an initial response (C-36, C-37): the first challenge is empty.
+        return self.initial()
+
+
+@dataclass
+class Login(Mechanism):
+    """The LOGIN mechanism: user name, then password, whatever the prompts say."""
+
+    user: str = ""
+    password: str = field(default="", repr=False)
+    name: str = "LOGIN"
+    _step: int = field(default=0, init=False, repr=False)
+
+    def respond(self, challenge: bytes | None) -> bytes:
+        self._step += 1
+        if self._step == 1:
+            return self.user.encode()
+        if self._step == 2:
+            return self.password.encode()
+        raise SaslCancel("LOGIN got a third challenge")
+
+
+@dataclass
+class CramMd5(Mechanism):
+    """RFC 2195: ``user SP hex(HMAC-MD5(password, challenge))``; never chosen by itself."""
+
+    user: str = ""
+    password: str = field(default="", repr=False)
+    name: str = "CRAM-MD5"
+
+    def respond(self, challenge: bytes | None) -> bytes:
+        if not challenge:
+            raise SaslCancel("CRAM-MD5 needs a base64 challenge")
+        digest = hmac.new(self.password.encode(), challenge, hashlib.md5).hexdigest()
+        return f"{self.user} {digest}".encode()
+
+
+def _error_challenge(challenge: bytes | None) -> dict[str, str]:
+    try:
+        data = json.loads(challenge or b"")
+    except ValueError:
+        return {"status": "unknown"}
+    if not isinstance(data, dict):
+        return {"status": "unknown"}
+    return {k: str(v) for k, v in data.items() if k in ("status", "schemes", "scope")}
+
+
+@dataclass
+class XOAuth2(Mechanism):
+    """XOAUTH2 (Google and Microsoft docs), always in the two-line form (C-43).
+
+    The first (empty) challenge gets the token; a second challenge is the base64 JSON
+    error (C-44), answered with an empty line so the server fails the command.
+    """
+
+    user: str = ""
+    token: str = field(default="", repr=False)
+    name: str = "XOAUTH2"
+    _sent: bool = field(default=False, init=False, repr=False)
+
+    def initial(self) -> bytes:
+        return f"user={self.user}\x01auth=Bearer {self.token}\x01\x01".encode()
+
+    def respond(self, challenge: bytes | None) -> bytes:
+        if not self._sent:
+            self._sent = True
+            return self.initial()
+        self.error = _error_challenge(challenge)
+        return b""
+
+
+@dataclass
+class OAuthBearer(Mechanism):
+    """RFC 7628 §3.1 OAUTHBEARER; an error challenge is answered with ``AQ==`` (§3.2.3)."""
+
+    user: str = ""
+    token: str = field(default="", repr=False)
+    host: str = ""
+    port: int = 0
+    name: str = "OAUTHBEARER"
+    _sent: bool = field(default=False, init=False, repr=False)
+
+    def initial(self) -> bytes:
+        return (
+            f"n,a={self.user},\x01host={self.host}\x01port={self.port}"
+            f"\x01auth=Bearer {self.token}\x01\x01"
+        ).encode()
+
+    def respond(self, challenge: bytes | None) -> bytes:
+        if not self._sent and not challenge:
+            self._sent = True
+            return self.initial()
+        self._sent = True
+        self.error = _error_challenge(challenge)
+        return b"\x01"
+
+
+def initial_response_fits(mechanism: str, encoded: str) -> bool:
+    """RFC 5034 §4: an initial response only if the whole AUTH line is ≤ 255 octets."""
+    return len(f"AUTH {mechanism} {encoded}\r\n") <= 255
+
+
+# --- choosing a mechanism ----------------------------------------------------------
+
+
+def choose(
+    auth: str,
+    capabilities: Capabilities | None,
+    *,
+    has_password: bool,
+    has_token: bool,
+    apop_timestamp: bytes | None,
+) -> str:
+    """Return the method to use: ``user``, ``apop`` or a SASL choice from AUTH_CHOICES.
+
+    ``capabilities`` is the CAPA taken *after* TLS (S-04), or None when CAPA failed.
+    Policy (C-42, S-08, S-09): OAuth when a token is configured (OAUTHBEARER, then
+    XOAUTH2), never falling back to a password; with a password, PLAIN, then USER/PASS,
+    then LOGIN; APOP and CRAM-MD5 only when configured. A configured mechanism the server
+    does not offer is refused, never silently replaced.
+
+    Raises:
+        SourcePermanentError: nothing acceptable is offered (a configuration problem).
+    """
+    sasl = capabilities.sasl if capabilities is not None else ()
+    if auth == "auto":
+        if has_token:
+            for mech in ("oauthbearer", "xoauth2"):
+                if SASL_NAMES[mech] in sasl:
+                    return mech
+            raise SourcePermanentError(
+                "an OAuth token is configured but the server offers neither OAUTHBEARER "
+                f"nor XOAUTH2 (SASL: {' '.join(sasl) or 'none'}); "
+                "mailpipe never falls back to a password"
+            )
+        if not has_password:
+            raise SourcePermanentError("no password or oauth_token configured")
+        if "PLAIN" in sasl:
+            return "plain"
+        if capabilities is None or "USER" in capabilities:
+            return "user"
+        if "LOGIN" in sasl:
+            return "login"
+        raise SourcePermanentError(
+            "the server offers no password mechanism mailpipe uses automatically "
+            f"(SASL: {' '.join(sasl) or 'none'}; no USER); set auth explicitly"
+        )
+    if auth in OAUTH and not has_token:
+        raise SourcePermanentError(f"auth = {auth!r} needs oauth_token")
+    if auth not in OAUTH and not has_password:
+        raise SourcePermanentError(f"auth = {auth!r} needs a password")
+    if auth == "apop":
+        if apop_timestamp is None:
+            # T-17: never silently switch to PASS.
+            raise SourcePermanentError(
+                "auth = 'apop' but the greeting carries no valid APOP timestamp"
+            )
+        return auth
+    if auth == "user":
+        if capabilities is not None and "USER" not in capabilities:
+            # C-28: a server with CAPA but no USER tag must not get USER/PASS.
+            raise SourcePermanentError("auth = 'user' but CAPA does not list USER")
+        return auth
+    if auth in SASL_NAMES:
+        if capabilities is not None and SASL_NAMES[auth] not in sasl:
+            raise SourcePermanentError(
+                f"auth = {auth!r} but the server does not offer SASL {SASL_NAMES[auth]} "
+                f"(offered: {' '.join(sasl) or 'none'}); refusing to downgrade"
+            )
+        return auth
+    raise SourcePermanentError(f"unknown auth method {auth!r}")
+
+
+# --- classifying refusals ------------------------------------------------------------
+
+_BUSY_HINTS: Final = ("lock", "in use", "in-use", "busy")
+
+
+def classify(
+    err: Err,
+    *,
+    host: str,
+    during: str,
+    capabilities: Capabilities | None = None,
+    authenticating: bool = True,
+) -> SourceError:
+    """Map a ``-ERR`` reply to a typed error (C-30, C-31, T-19, T-20).
+
+    Known codes are honoured even without RESP-CODES (C-30 POLICY); without a code,
+    "lock"/"in use" texts are taken as IN-USE (fetchmail's heuristic) and, when
+    AUTH-RESP-CODE is advertised, a code-less refusal is SYS/TEMP (RFC 3206 §6).
+    Otherwise a refusal while authenticating is bad credentials.
+    """
+    code = code_class(err.code)
+    text = _sanitise(err.text)
+    where = f"{host}: {during} refused: {text or '-ERR'}"
+    lowered = err.text.lower()
+    if not code and any(h in lowered for h in _BUSY_HINTS):
+        code = "IN-USE"
+    if code == "LOGIN-DELAY":
+        delay = capabilities.login_delay if capabilities is not None else None
+        return SourceBusyError(where, code=code, retry_after=float(delay or 300))
+    if code in ("IN-USE", "SYS/TEMP"):
+        return SourceBusyError(where, code=code)
+    if code == "SYS/PERM":
+        return SourcePermanentError(where, code=code)
+    if code == "AUTH":
+        return AuthenticationError(where)
+    if authenticating:
+        if capabilities is not None and "AUTH-RESP-CODE" in capabilities:
+            return SourceBusyError(where, code="SYS/TEMP")
+        return AuthenticationError(where)
+    return SourcePermanentError(where, code=err.code)
+
+
+def _sanitise(text: str) -> str:
+    # S-12: strip C0/C1 controls and escapes from server text before showing it.
+    return "".join(ch for ch in text if ch.isprintable())[:200]

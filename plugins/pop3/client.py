@@ -1,0 +1,487 @@
+"""The asyncio POP3 driver: the only code that touches sockets and TLS.
+
+It feeds :class:`~.protocol.Pop3Connection` and translates every failure in one place:
+``TimeoutError`` → :class:`SourceTimeoutError` naming the phase and host, ``OSError``/EOF →
+:class:`SourceConnectionError`, ``-ERR`` → the typed errors of :func:`.auth.classify`.
+
+Pipelining (RFC 2449 §6.6, conformance P-06/P-07): :meth:`Pop3Client.stream` keeps at
+most ``window`` commands and 4 KiB of unanswered command bytes in flight. Writes go to the
+transport's buffer, which the event loop flushes whenever the socket is writable, and the
+4 KiB bound keeps that buffer below its high-water mark, so ``drain()`` never waits while
+the server is busy sending a large RETR: reading and writing never block each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Final
+
+import structlog
+
+from mailpipe.errors import (
+    AuthenticationError,
+    CommitError,
+    SourceConnectionError,
+    SourceError,
+    SourcePermanentError,
+    SourceTimeoutError,
+)
+
+from . import auth as sasl
+from .events import (
+    Apop,
+    Auth,
+    AuthResponse,
+    BodyChunk,
+    BodyEnd,
+    BodyStart,
+    Capa,
+    Capabilities,
+    Command,
+    ConnectionClosed,
+    Continuation,
+    Err,
+    Event,
+    Greeting,
+    MultiLine,
+    Ok,
+    Pass,
+    Quit,
+    Stls,
+    User,
+    parse_capa,
+)
+from .protocol import NEED_DATA, Pop3Connection, RemoteProtocolError
+
+log = structlog.get_logger()
+
+#: P-06: unanswered command bytes in flight stay below the smallest send buffer.
+MAX_UNANSWERED_BYTES: Final = 4096
+DEFAULT_CHUNK: Final = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds per phase (C-13, S-06): TCP connect, TLS handshake, greeting, each read."""
+
+    connect: float = 30.0
+    tls: float = 30.0
+    greeting: float = 60.0
+    read: float = 120.0
+
+
+class CommandRefused(SourceError):
+    """A ``-ERR`` to a command outside authentication; ``.reply`` is the Err event."""
+
+    def __init__(self, message: str, reply: Err) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+def make_ssl_context(ca_file: str | None = None, verify: bool = True) -> ssl.SSLContext:
+    """``ssl.create_default_context()`` with TLS ≥ 1.2 (RFC 8314 §5, S-02).
+
+    ``verify=False`` disables certificate and hostname checks; only explicit config may
+    ask for it.
+    """
+    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class Pop3Client:
+    """One connection to a POP3 server; see the module docstring.
+
+    ``security`` is ``"tls"`` (implicit TLS), ``"starttls"`` or ``"none"``.
+    ``allow_plaintext_password`` must be true for any credential to cross a connection
+    without TLS (S-01). ``pipelining`` is ``"auto"`` (on when the latest CAPA lists
+    PIPELINING, P-01) or ``"off"``.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        security: str = "tls",
+        ssl_context: ssl.SSLContext | None = None,
+        cert_sha256: str | None = None,
+        timeouts: Timeouts | None = None,
+        allow_plaintext_password: bool = False,
+        pipelining: str = "auto",
+        window: int = 32,
+        max_line: int = 8192,
+        max_message: int = 2 * 2**30,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.security = security
+        self.ssl_context = ssl_context
+        self.cert_sha256 = (cert_sha256 or "").replace(":", "").lower() or None
+        self.timeouts = timeouts or Timeouts()
+        self.allow_plaintext_password = allow_plaintext_password
+        self.pipelining_mode = pipelining
+        self.window = max(1, window)
+        self.chunk_size = chunk_size
+        self.conn = Pop3Connection(max_line=max_line, max_message=max_message)
+        self.greeting: Greeting | None = None
+        self.capabilities: Capabilities | None = None
+        self.tls_active = False
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._log = log.bind(host=host, port=port)
+
+    @property
+    def where(self) -> str:
+        """``host:port`` for error messages."""
+        return f"{self.host}:{self.port}"
+
+    # --- connecting ---------------------------------------------------------------
+
+    async def connect(self) -> Greeting:
+        """Open TCP, do the implicit TLS handshake if configured, read the greeting.
+
+        Raises:
+            SourceTimeoutError, SourceConnectionError: naming the phase and the host.
+            SourceBusyError, SourcePermanentError: a ``-ERR`` greeting (C-14).
+        """
+        try:
+            async with asyncio.timeout(self.timeouts.connect):
+                self._reader, self._writer = await asyncio.open_connection(
+                    self.host, self.port, limit=self.chunk_size
+                )
+        except TimeoutError:
+            raise self._timeout("connect", self.timeouts.connect) from None
+        except OSError as exc:
+            raise SourceConnectionError(
+                f"connect to {self.where} failed: {exc.strerror or exc}"
+            ) from None
+        if self.security == "tls":
+            await self._handshake()
+        try:
+            event = await self._event("greeting", self.timeouts.greeting)
+        except SourceTimeoutError as exc:
+            if self.security != "tls" and self.port == 995:
+                raise SourceTimeoutError(f"{exc} (port 995 expects implicit TLS)") from None
+            raise
+        if isinstance(event, Err):
+            raise sasl.classify(
+                event, host=self.where, during="greeting", authenticating=False
+            )
+        if not isinstance(event, Greeting):
+            raise SourceConnectionError(f"{self.where} closed before its greeting")
+        self.greeting = event
+        self._log.debug("pop3_connected", tls=self.tls_active)
+        return event
+
+    async def _handshake(self) -> None:
+        assert self._writer is not None
+        ctx = self.ssl_context or make_ssl_context()
+        try:
+            async with asyncio.timeout(self.timeouts.tls):
+                await self._writer.start_tls(
+                    ctx,
+                    server_hostname=self.host,  # S-02: the configured name, also SNI
+                    ssl_handshake_timeout=self.timeouts.tls,
+                )
+        except TimeoutError:
+            raise self._timeout("TLS handshake", self.timeouts.tls) from None
+        except ssl.SSLCertVerificationError as exc:
+            raise SourceConnectionError(
+                f"TLS certificate of {self.where} not trusted: {exc.verify_message}"
+            ) from None
+        except (ssl.SSLError, OSError) as exc:
+            hint = ""
+            if "WRONG_VERSION_NUMBER" in str(exc) or "record layer" in str(exc):
+                hint = " (the server speaks plaintext POP3: use security = 'starttls')"
+            raise SourceConnectionError(
+                f"TLS handshake with {self.where} failed: {exc}{hint}"
+            ) from None
+        if self.cert_sha256:
+            sslobj = self._writer.get_extra_info("ssl_object")
+            der = sslobj.getpeercert(binary_form=True) if sslobj else None
+            got = hashlib.sha256(der or b"").hexdigest()
+            if got != self.cert_sha256:
+                raise SourceConnectionError(
+                    f"TLS certificate of {self.where} does not match the pinned "
+                    f"SHA-256 (got {got})"
+                )
+        self.tls_active = True
+
+    async def capa(self) -> Capabilities | None:
+        """Send CAPA; None on ``-ERR`` (RFC 2449 §5: no extension data, C-24)."""
+        event = await self._roundtrip(Capa())
+        if isinstance(event, MultiLine):
+            self.capabilities = parse_capa(event.body)
+        else:
+            self.capabilities = None
+        self.conn.pipelining = self.pipelining_active
+        return self.capabilities
+
+    @property
+    def pipelining_active(self) -> bool:
+        """P-01: pipelining only on evidence from the most recent CAPA."""
+        return (
+            self.pipelining_mode == "auto"
+            and self.capabilities is not None
+            and "PIPELINING" in self.capabilities
+        )
+
+    async def starttls(self) -> None:
+        """STLS then the handshake (RFC 2595 §4); any refusal is an error, never a
+        plaintext fallback (S-03). Capabilities are discarded (C-25, S-04)."""
+        event = await self._roundtrip(Stls())
+        if not isinstance(event, Ok):
+            text = event.text if isinstance(event, Err) else ""
+            raise SourcePermanentError(
+                f"{self.where} refused STLS ({text}); security = 'starttls' requires it"
+            )
+        await self._handshake()
+        self.conn.start_tls_done()
+        self.capabilities = None
+        self.conn.pipelining = False
+        self.greeting = None if self.greeting is None else Greeting(
+            text=self.greeting.text  # S-04: the pre-TLS APOP timestamp is untrusted
+        )
+
+    # --- authentication -----------------------------------------------------------
+
+    def _check_plaintext(self) -> None:
+        if not self.tls_active and not self.allow_plaintext_password:
+            # S-01, RFC 2595 §2.3: no credential over a connection without TLS.
+            raise SourcePermanentError(
+                f"refusing to send credentials to {self.where} without TLS "
+                "(set allow_plaintext_password = true to allow it)"
+            )
+
+    async def login_user(self, user: str, password: str) -> None:
+        """USER then PASS (RFC 1939 §7); PASS only after ``+OK`` to USER (C-17)."""
+        self._check_plaintext()
+        event = await self._roundtrip(User(name=user))
+        if isinstance(event, Err):
+            raise self._auth_error(event, "USER")
+        event = await self._roundtrip(Pass(password=password))
+        if isinstance(event, Err):
+            raise self._auth_error(event, "PASS")
+
+    async def login_apop(self, user: str, password: str) -> None:
+        """APOP with the greeting's validated timestamp (RFC 1939 §7, C-15, C-16)."""
+        self._check_plaintext()
+        stamp = self.greeting.apop_timestamp if self.greeting else None
+        if stamp is None:
+            raise SourcePermanentError(f"{self.where} offers no APOP timestamp")
+        digest = sasl.apop_digest(stamp, password)
+        event = await self._roundtrip(Apop(name=user, digest=digest))
+        if isinstance(event, Err):
+            raise self._auth_error(event, "APOP")
+
+    async def login_sasl(self, mechanism: sasl.Mechanism) -> None:
+        """One SASL exchange (RFC 5034 §4); XOAUTH2 always two-line (C-43)."""
+        self._check_plaintext()
+        name = mechanism.name
+        advertised = self.capabilities is not None and name in self.capabilities.sasl
+        command = Auth(mechanism=name)
+        initial = mechanism.initial()
+        if initial is not None and advertised and name != "XOAUTH2":
+            encoded = sasl.b64encode(initial)
+            if sasl.initial_response_fits(name, encoded):  # C-37
+                command = Auth(mechanism=name, initial_response=encoded)
+                mechanism = _AfterInitial(mechanism)
+        event = await self._roundtrip(command)
+        for _ in range(16):  # every loop bounded
+            if isinstance(event, Ok):
+                return
+            if isinstance(event, Err):
+                raise self._auth_error(event, f"AUTH {name}", mechanism.error)
+            if not isinstance(event, Continuation):
+                raise SourceConnectionError(f"{self.where}: unexpected {event!r} in AUTH")
+            challenge = sasl.b64decode_strict(event.text)
+            try:
+                response = sasl.b64encode(mechanism.respond(challenge))
+            except sasl.SaslCancel:
+                response = "*"  # C-39: cancel; the server MUST answer -ERR
+            self._write(self.conn.send(AuthResponse(data=response)))
+            event = await self._event("read", self.timeouts.read)
+        raise SourceConnectionError(f"{self.where}: endless SASL {name} exchange")
+
+    def _auth_error(
+        self, event: Err, during: str, oauth: dict[str, str] | None = None
+    ) -> SourceError:
+        error = sasl.classify(
+            event, host=self.where, during=during, capabilities=self.capabilities
+        )
+        if oauth and isinstance(error, AuthenticationError):
+            details = ", ".join(f"{k}={v}" for k, v in sorted(oauth.items()))
+            error = AuthenticationError(f"{error} (OAuth error: {details})")
+        self._log.warning("pop3_auth_refused", during=during, error=str(error))
+        return error
+
+    # --- commands -----------------------------------------------------------------
+
+    async def command(self, command: Command) -> Ok | MultiLine:
+        """Send one command and return its reply; ``-ERR`` raises CommandRefused."""
+        event = await self._roundtrip(command)
+        if isinstance(event, Err):
+            raise CommandRefused(
+                f"{self.where}: {command.describe()} refused: {event.text[:200]}", event
+            )
+        if not isinstance(event, Ok | MultiLine):
+            raise SourceConnectionError(f"{self.where}: unexpected reply {event!r}")
+        return event
+
+    async def _roundtrip(self, command: Command) -> Event:
+        self._write(self.conn.send(command))
+        event = await self._event("read", self.timeouts.read)
+        if isinstance(event, BodyStart):
+            raise SourceConnectionError("streaming commands go through stream()")
+        return event
+
+    async def stream(self, commands: Iterable[Command]) -> AsyncIterator[Event]:
+        """Send ``commands`` (pipelined when active, else one at a time) and yield each
+        reply event in order: Ok/Err/MultiLine, or BodyStart, BodyChunk..., BodyEnd."""
+        source = iter(commands)
+        window = self.window if self.conn.pipelining else 1
+        inflight: deque[int] = deque()
+        unanswered = 0
+        more = True
+
+        def fill() -> None:
+            nonlocal unanswered, more
+            out: list[bytes] = []
+            while more and len(inflight) < window and unanswered < MAX_UNANSWERED_BYTES:
+                cmd = next(source, None)
+                if cmd is None:
+                    more = False
+                    break
+                wire = self.conn.send(cmd)
+                out.append(wire)
+                inflight.append(len(wire))
+                unanswered += len(wire)
+            if out:
+                self._write(b"".join(out))
+
+        fill()
+        while inflight:
+            event = await self._event("read", self.timeouts.read)
+            yield event
+            if isinstance(event, Ok | Err | MultiLine | BodyEnd):
+                unanswered -= inflight.popleft()
+                # Refill when half the window drained (mpop-style batching of writes).
+                if more and len(inflight) <= window // 2:
+                    fill()
+
+    async def quit(self) -> None:
+        """QUIT: in TRANSACTION the server now deletes what was marked (RFC 1939 §6).
+
+        Raises:
+            CommitError: ``-ERR`` (C-57) or the reply was lost (T-42).
+        """
+        try:
+            event = await self._roundtrip(Quit())
+        except (SourceConnectionError, SourceTimeoutError, RemoteProtocolError) as exc:
+            await self.abort()
+            raise CommitError(
+                f"{self.where}: QUIT reply lost ({exc}); deletion state unknown"
+            ) from None
+        if isinstance(event, Err):
+            await self.abort()
+            raise CommitError(f"{self.where}: QUIT refused: {event.text[:200]}")
+        await self._close()
+
+    async def _close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        try:
+            writer.close()
+            async with asyncio.timeout(2):
+                await writer.wait_closed()
+        except (OSError, TimeoutError, ssl.SSLError):
+            writer.transport.abort()
+
+    async def abort(self) -> None:
+        """Close without QUIT, so the server deletes nothing (RFC 1939 §6). Never raises."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.transport.abort()
+            except Exception as exc:  # abort must never raise
+                self._log.debug("pop3_abort_failed", error=type(exc).__name__)
+
+    # --- I/O ----------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if self._writer is None:
+            raise SourceConnectionError(f"{self.where}: connection already closed")
+        self._writer.write(data)
+
+    async def _event(self, phase: str, timeout: float) -> Event:
+        conn = self.conn
+        for _ in range(1 << 62):
+            try:
+                event = conn.next_event()
+            except RemoteProtocolError as exc:
+                if exc.truncated:
+                    raise SourceConnectionError(f"{self.where}: {exc}") from None
+                raise
+            if conn.warnings:
+                for warning in conn.warnings:
+                    self._log.warning("pop3_protocol_oddity", detail=warning[:200])
+                conn.warnings.clear()
+            if event is not NEED_DATA:
+                assert not isinstance(event, type(NEED_DATA))
+                if isinstance(event, ConnectionClosed) and phase == "greeting":
+                    raise SourceConnectionError(f"{self.where} closed before its greeting")
+                return event
+            conn.receive_data(await self._read(phase, timeout))
+        raise AssertionError("unreachable")
+
+    async def _read(self, phase: str, timeout: float) -> bytes:
+        if self._reader is None or self._writer is None:
+            raise SourceConnectionError(f"{self.where}: connection already closed")
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._reader.read(self.chunk_size)
+        except TimeoutError:
+            raise self._timeout(phase, timeout) from None
+        except (OSError, ssl.SSLError) as exc:
+            raise SourceConnectionError(f"{self.where}: {phase} failed: {exc}") from None
+
+    def _timeout(self, phase: str, seconds: float) -> SourceTimeoutError:
+        return SourceTimeoutError(f"{phase} timed out after {seconds:g}s on {self.where}")
+
+
+class _AfterInitial(sasl.Mechanism):
+    """Wraps a mechanism whose initial response was already sent: later challenges are
+    answered by the wrapped one as its second step (OAuth error challenges)."""
+
+    def __init__(self, inner: sasl.Mechanism) -> None:
+        super().__init__(name=inner.name)
+        self.inner = inner
+        if hasattr(inner, "_sent"):
+            inner._sent = True
+
+    def respond(self, challenge: bytes | None) -> bytes:
+        out = self.inner.respond(challenge)
+        self.error = self.inner.error
+        return out
+
+
+__all__ = [
+    "BodyChunk",
+    "BodyEnd",
+    "BodyStart",
+    "CommandRefused",
+    "Pop3Client",
+    "Timeouts",
+    "make_ssl_context",
+]

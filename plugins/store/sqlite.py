@@ -1,0 +1,469 @@
+"""store.sqlite: messages, attachments and tags in SQLite with an FTS5 full-text index.
+
+Schema (version :data:`SCHEMA_VERSION`, created and migrated on open; applied versions
+are rows of ``schema_version``):
+
+- ``messages``: one row per message key (``id`` is the stable rowid the index uses);
+  record fields as columns, address lists as JSON arrays of ``{"name", "address"}``,
+  ``addresses`` (every name and address, flattened for search), ``record`` (the whole
+  JSON document of :func:`mailpipe.plugins.store.jsonl.record_document` minus the
+  bodies) and ``raw`` (the message bytes when ``raw = "inline"``, else NULL).
+- ``attachments``: (key, idx) → file name, type, size, sha256, … of each attachment.
+- ``tags``: (key, tag) pairs from ``message.tags`` and the record's tags.
+- ``messages_fts``: a contentless FTS5 index over ``subject``, ``addresses`` and
+  ``body`` (the ``text`` column), kept in step by triggers. Query it with
+  :func:`search` or ``SELECT m.* FROM messages_fts JOIN messages m ON m.id =
+  messages_fts.rowid WHERE messages_fts MATCH ?``.
+
+Durability: WAL with ``synchronous=FULL``; each message is a transaction, or, with
+``group_commit``, a savepoint inside a transaction that ``flush()`` commits (the engine
+calls ``flush()`` before any DELE of the messages it covers).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar, Final, Literal
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field
+
+from mailpipe.errors import MailpipeError, PermanentFailure, TemporaryFailure
+from mailpipe.message import Message
+from mailpipe.processor import ProcessorContext
+from mailpipe.units import Duration
+
+from ._fs import make_dirs
+from .jsonl import record_document
+
+log = structlog.get_logger()
+
+_ADDRESS_FIELDS: Final = (
+    ("from_addresses", "from_addresses"),
+    ("sender", "sender_addresses"),
+    ("reply_to", "reply_to_addresses"),
+    ("to", "to_addresses"),
+    ("cc", "cc_addresses"),
+    ("bcc", "bcc_addresses"),
+)
+_ADDRESS_COLUMNS: Final = tuple(col for _, col in _ADDRESS_FIELDS)
+
+_V1: Final = (
+    """CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        key TEXT NOT NULL UNIQUE,
+        mailbox TEXT NOT NULL,
+        uid TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        parsed INTEGER NOT NULL,
+        message_id TEXT,
+        date TEXT,
+        date_raw TEXT,
+        """
+    + "\n".join(f"{c} TEXT NOT NULL DEFAULT '[]'," for c in _ADDRESS_COLUMNS)
+    + """
+        subject TEXT,
+        thread_key TEXT,
+        list_id TEXT,
+        auto_reply INTEGER NOT NULL DEFAULT 0,
+        text TEXT,
+        text_from_html INTEGER NOT NULL DEFAULT 0,
+        html TEXT,
+        record TEXT NOT NULL,
+        raw BLOB,
+        stored_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    )""",
+    "CREATE INDEX messages_message_id ON messages(message_id)",
+    "CREATE INDEX messages_thread_key ON messages(thread_key)",
+    "CREATE INDEX messages_date ON messages(date)",
+    """CREATE TABLE attachments (
+        key TEXT NOT NULL REFERENCES messages(key) ON DELETE CASCADE,
+        idx INTEGER NOT NULL,
+        filename TEXT,
+        content_type TEXT NOT NULL,
+        disposition TEXT,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        content_id TEXT,
+        inline INTEGER NOT NULL DEFAULT 0,
+        part TEXT,
+        PRIMARY KEY (key, idx)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX attachments_sha256 ON attachments(sha256)",
+    """CREATE TABLE tags (
+        key TEXT NOT NULL REFERENCES messages(key) ON DELETE CASCADE,
+        tag TEXT NOT NULL,
+        PRIMARY KEY (key, tag)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX tags_tag ON tags(tag)",
+)
+
+_FTS_ROW: Final = "coalesce({p}.subject, ''), {p}.addresses, coalesce({p}.text, '')"
+_JSON_NAMES: Final = " UNION ALL ".join(
+    f"SELECT value FROM json_each(messages.{c})" for c in _ADDRESS_COLUMNS
+)
+
+_V2: Final = (
+    "ALTER TABLE messages ADD COLUMN addresses TEXT NOT NULL DEFAULT ''",
+    # Backfill with the same flattening as _flatten_addresses() below.
+    f"""UPDATE messages SET addresses = coalesce((
+        SELECT group_concat(trim(coalesce(json_extract(a.value, '$.name'), '') || ' ' ||
+                                 coalesce(json_extract(a.value, '$.address'), '')), ' ')
+        FROM ({_JSON_NAMES}) AS a), '')""",
+    """CREATE VIRTUAL TABLE messages_fts USING fts5(
+        subject, addresses, body, content='', tokenize='unicode61 remove_diacritics 2'
+    )""",
+    f"""CREATE TRIGGER messages_fts_ai AFTER INSERT ON messages BEGIN
+        INSERT INTO messages_fts(rowid, subject, addresses, body)
+        VALUES (new.id, {_FTS_ROW.format(p="new")});
+    END""",
+    # A contentless index forgets a row by being told its old values again.
+    f"""CREATE TRIGGER messages_fts_ad AFTER DELETE ON messages BEGIN
+        INSERT INTO messages_fts(messages_fts, rowid, subject, addresses, body)
+        VALUES ('delete', old.id, {_FTS_ROW.format(p="old")});
+    END""",
+    f"""CREATE TRIGGER messages_fts_au AFTER UPDATE ON messages BEGIN
+        INSERT INTO messages_fts(messages_fts, rowid, subject, addresses, body)
+        VALUES ('delete', old.id, {_FTS_ROW.format(p="old")});
+        INSERT INTO messages_fts(rowid, subject, addresses, body)
+        VALUES (new.id, {_FTS_ROW.format(p="new")});
+    END""",
+    f"""INSERT INTO messages_fts(rowid, subject, addresses, body)
+        SELECT id, {_FTS_ROW.format(p="messages")} FROM messages""",
+)
+
+#: (version, description, statements), applied in order, each in one transaction.
+MIGRATIONS: Final[tuple[tuple[int, str, Sequence[str]], ...]] = (
+    (1, "messages, attachments and tags", _V1),
+    (2, "flattened addresses and the FTS5 index", _V2),
+)
+SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
+
+#: SQLite result codes that describe the environment (busy, disk, I/O): retry later.
+_TEMPORARY: Final = (
+    "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN",
+    "SQLITE_READONLY", "SQLITE_NOMEM", "SQLITE_PROTOCOL", "SQLITE_CORRUPT",
+    "SQLITE_NOTADB", "SQLITE_PERM", "SQLITE_AUTH", "SQLITE_NOLFS",
+)
+
+
+def classify(exc: sqlite3.Error, what: str) -> MailpipeError:
+    """Map an sqlite3 error to TemporaryFailure (environment) or PermanentFailure."""
+    code = getattr(exc, "sqlite_errorname", "") or ""
+    unnamed_operational = isinstance(exc, sqlite3.OperationalError) and not code
+    if code.startswith(_TEMPORARY) or unnamed_operational:
+        return TemporaryFailure(f"{what}: {exc}")
+    return PermanentFailure(f"{what}: {exc}")
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """Return the schema version of ``conn``'s database (0 when empty)."""
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    ).fetchone()
+    if not exists:
+        return 0
+    row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+    return int(row[0] or 0)
+
+
+def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
+    """Apply the missing migrations up to ``target``; return the resulting version.
+
+    ``conn`` must be in autocommit mode (``isolation_level=None``). Each step runs in
+    its own ``BEGIN IMMEDIATE`` transaction, so concurrent openers migrate once.
+    A database newer than this code raises PermanentFailure.
+    """
+    for version, description, statements in MIGRATIONS:
+        if version > target:
+            break
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                "version INTEGER PRIMARY KEY, description TEXT NOT NULL, "
+                "applied_at TEXT NOT NULL)"
+            )
+            current = schema_version(conn)
+            if current >= version:
+                conn.execute("COMMIT")
+                continue
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_version(version, description, applied_at) "
+                "VALUES (?, ?, ?)",
+                (version, description, _now()),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        log.info("sqlite_schema_migrated", version=version, description=description)
+    current = schema_version(conn)
+    if current > SCHEMA_VERSION:
+        raise PermanentFailure(
+            f"database schema version {current} is newer than this mailpipe "
+            f"({SCHEMA_VERSION}); upgrade mailpipe"
+        )
+    return current
+
+
+def connect(path: Path, *, timeout: float = 30.0) -> sqlite3.Connection:
+    """Open ``path`` in autocommit mode with WAL, synchronous=FULL and foreign keys."""
+    conn = sqlite3.connect(
+        path, timeout=timeout, isolation_level=None, check_same_thread=False
+    )
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def search(conn: sqlite3.Connection, query: str, limit: int = 50) -> list[str]:
+    """Return the keys of messages matching the FTS5 ``query``, best first."""
+    rows = conn.execute(
+        "SELECT m.key FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid "
+        "WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?",
+        (query, limit),
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _flatten_addresses(doc: dict[str, Any]) -> str:
+    parts = []
+    for field, _ in _ADDRESS_FIELDS:
+        for a in doc.get(field) or ():
+            parts.append(f"{a.get('name') or ''} {a.get('address') or ''}".strip())
+    return " ".join(parts)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":"), default=str)
+
+
+class SqliteOptions(BaseModel):
+    """Options of ``store.sqlite``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path = Field(description="SQLite database file; created with its schema.")
+    raw: Literal["inline", "none"] = Field(
+        default="inline",
+        description="'inline' keeps the raw message bytes in messages.raw; 'none' not.",
+    )
+    group_commit: bool = Field(
+        default=False,
+        description="Write messages inside one open transaction that flush() commits "
+        "(faster); otherwise commit each message before process() returns.",
+    )
+    busy_timeout: Duration = Field(
+        default=30.0, description="How long to wait for a lock held by another writer."
+    )
+
+
+_COLUMNS: Final = (
+    "key", "mailbox", "uid", "sha256", "size", "parsed", "message_id", "date",
+    "date_raw", *_ADDRESS_COLUMNS, "addresses", "subject", "thread_key", "list_id",
+    "auto_reply", "text", "text_from_html", "html", "record", "raw", "stored_at",
+    "updated_at",
+)
+_KEEP_ON_UPDATE: Final = ("key", "stored_at")
+_UPSERT: Final = (
+    f"INSERT INTO messages ({', '.join(_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _COLUMNS)}) ON CONFLICT(key) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS if c not in _KEEP_ON_UPDATE)
+)
+
+
+class SqliteStore:
+    """Upsert each message (record, attachments, tags, raw bytes) into SQLite.
+
+    Idempotent by ``message.key``: a re-run replaces the row in place (one row per key,
+    attachments and tags rewritten). Without a ``parse`` step the row holds the key,
+    uid, sha256, raw bytes and the few header fields of ``minimal_record``.
+    """
+
+    name: ClassVar[str] = "store.sqlite"
+    Options: ClassVar[type[BaseModel]] = SqliteOptions
+    commits: ClassVar[bool] = True
+
+    def __init__(self, options: SqliteOptions, context: ProcessorContext) -> None:
+        self.options = options
+        self.context = context
+        self.path = context.resolve(options.path)
+        self._conn: sqlite3.Connection | None = None
+        self._pending = 0  # messages written in the open group transaction
+        self._lost = 0  # messages of a group SQLite rolled back before flush()
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        """Open the database, creating or migrating its schema (not in dry-run)."""
+        if self.context.dry_run:
+            return
+        with self._lock:
+            self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            try:
+                make_dirs(self.path.parent)
+                conn = connect(self.path, timeout=self.options.busy_timeout)
+                try:
+                    migrate(conn)
+                except BaseException:
+                    conn.close()
+                    raise
+            except sqlite3.Error as exc:
+                raise classify(exc, f"{self.name} {self.path}") from exc
+            self._conn = conn
+        return self._conn
+
+    def close(self) -> None:
+        """Commit any open group and close the connection."""
+        with self._lock:
+            if self._conn is None:
+                return
+            try:
+                self._commit()
+            finally:
+                self._conn.close()
+                self._conn = None
+
+    def flush(self) -> None:
+        """Commit the open group transaction, if any (durable when this returns)."""
+        with self._lock:
+            self._commit()
+
+    def _commit(self) -> None:
+        if self._lost:
+            lost, self._lost = self._lost, 0
+            raise TemporaryFailure(
+                f"{self.name}: the group transaction was rolled back; "
+                f"{lost} message(s) were not stored"
+            )
+        if self._conn is not None and self._conn.in_transaction:
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise classify(exc, f"{self.name} commit") from exc
+            log.info("sqlite_group_committed", store=self.name, messages=self._pending)
+        self._pending = 0
+
+    def process(self, message: Message) -> None:
+        """Upsert the message; durable on return unless ``group_commit`` is set."""
+        if self.context.dry_run:
+            log.info("store_skipped_dry_run", store=self.name, key=message.key)
+            return
+        doc = record_document(message)
+        raw = message.raw if self.options.raw == "inline" else None
+        with self._lock:
+            conn = self._connect()
+            try:
+                if self.options.group_commit:
+                    if not conn.in_transaction:
+                        conn.execute("BEGIN IMMEDIATE")
+                    conn.execute("SAVEPOINT store_message")
+                    try:
+                        self._write(conn, doc, raw)
+                    except BaseException:
+                        self._undo_savepoint(conn)
+                        raise
+                    conn.execute("RELEASE store_message")
+                    self._pending += 1
+                else:
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        self._write(conn, doc, raw)
+                    except BaseException:
+                        conn.execute("ROLLBACK")
+                        raise
+                    conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise classify(exc, f"{self.name} {self.path}") from exc
+        log.info(
+            "message_stored", store=self.name, key=message.key,
+            grouped=self.options.group_commit,
+        )
+
+    def _undo_savepoint(self, conn: sqlite3.Connection) -> None:
+        """Drop this message's writes; note a group SQLite itself rolled back."""
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK TO store_message")
+                conn.execute("RELEASE store_message")
+                return
+            except sqlite3.Error:
+                conn.execute("ROLLBACK")
+        # Some errors (SQLITE_FULL, SQLITE_IOERR) roll back the whole transaction:
+        # the earlier messages of the group are gone, so flush() must not succeed.
+        self._lost += self._pending
+        self._pending = 0
+
+    def _write(
+        self, conn: sqlite3.Connection, doc: dict[str, Any], raw: bytes | None
+    ) -> None:
+        key = doc["key"]
+        now = _now()
+        rest = {k: v for k, v in doc.items() if k not in ("text", "html")}
+        values: dict[str, Any] = {
+            "key": key,
+            "mailbox": doc["mailbox"],
+            "uid": doc["uid"],
+            "sha256": doc["sha256"],
+            "size": doc["size"],
+            "parsed": int(bool(doc.get("parsed"))),
+            "message_id": doc.get("message_id"),
+            "date": doc.get("date"),
+            "date_raw": doc.get("date_raw"),
+            "addresses": _flatten_addresses(doc),
+            "subject": doc.get("subject"),
+            "thread_key": doc.get("thread_key") or None,
+            "list_id": doc.get("list_id"),
+            "auto_reply": int(bool(doc.get("auto_reply"))),
+            "text": doc.get("text"),
+            "text_from_html": int(bool(doc.get("text_from_html"))),
+            "html": doc.get("html"),
+            "record": _json(rest),
+            "raw": raw,
+            "stored_at": now,
+            "updated_at": now,
+        }
+        for field, column in _ADDRESS_FIELDS:
+            values[column] = _json(doc.get(field) or [])
+        conn.execute(_UPSERT, [values[c] for c in _COLUMNS])
+        conn.execute("DELETE FROM attachments WHERE key = ?", (key,))
+        conn.executemany(
+            "INSERT INTO attachments (key, idx, filename, content_type, disposition, "
+            "size, sha256, content_id, inline, part) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    key, a.get("index", i), a.get("filename"),
+                    a.get("content_type") or "application/octet-stream",
+                    a.get("disposition"), int(a.get("size") or 0),
+                    a.get("sha256") or "",
+                    a.get("content_id"), int(bool(a.get("inline"))), a.get("part"),
+                )
+                for i, a in enumerate(doc.get("attachments") or ())
+            ],
+        )
+        conn.execute("DELETE FROM tags WHERE key = ?", (key,))
+        conn.executemany(
+            "INSERT INTO tags (key, tag) VALUES (?, ?)",
+            [(key, t) for t in doc.get("tags") or ()],
+        )
+
+
+PROCESSORS = [SqliteStore]

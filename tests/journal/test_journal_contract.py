@@ -1,0 +1,718 @@
+"""The Journal contract, run against every backend: SQLite always, PostgreSQL when up.
+
+PostgreSQL comes from ``MAILPIPE_TEST_POSTGRES`` (default: the local server, database
+``test``); each test gets its own schema, dropped afterwards. With ``CI`` set, an
+unreachable server fails the PostgreSQL cases instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from mailpipe import message_key
+from mailpipe.journal import (
+    Entry,
+    Journal,
+    SchemaVersionError,
+    Status,
+    open_journal,
+)
+from mailpipe.journal.sqlite import SqliteJournal
+
+pytestmark = pytest.mark.timeout(120)
+
+PG_DSN = os.environ.get(
+    "MAILPIPE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
+MB = "support"
+
+
+def _postgres_problem() -> str | None:
+    try:
+        import psycopg
+    except ImportError as exc:
+        return f"psycopg not installed: {exc}"
+    try:
+        psycopg.connect(PG_DSN, connect_timeout=3).close()
+    except psycopg.Error as exc:
+        return f"PostgreSQL unreachable at {PG_DSN}: {exc}"
+    return None
+
+
+class Clock:
+    """A settable UTC clock; each reading advances one millisecond (strict ordering)."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(milliseconds=1)
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+@dataclass
+class Backend:
+    """A journal store under test: open it any number of times, poke it with raw SQL."""
+
+    kind: str
+    spec: str  # what open_journal() takes, also in a subprocess
+    clock: Clock
+    opener: Callable[[Clock], Journal]
+    raw: Callable[[str], None]
+    opened: list[Journal]
+
+    def open(self) -> Journal:
+        journal = self.opener(self.clock)
+        self.opened.append(journal)
+        return journal
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    clock = Clock()
+    opened: list[Journal] = []
+    if request.param == "sqlite":
+        path = tmp_path / "state" / "journal.sqlite3"
+
+        def raw_sqlite(statement: str) -> None:
+            with sqlite3.connect(path) as conn:
+                conn.execute(statement)
+
+        yield Backend(
+            "sqlite",
+            str(path),
+            clock,
+            lambda c: SqliteJournal(path, clock=c),
+            raw_sqlite,
+            opened,
+        )
+    else:
+        problem = _postgres_problem()
+        if problem:
+            if os.environ.get("CI"):
+                pytest.fail(problem)
+            pytest.skip(problem)
+        import psycopg
+
+        from mailpipe.journal.postgres import PostgresJournal
+
+        schema = f"mailpipe_test_{uuid.uuid4().hex[:12]}"
+        url = f"{PG_DSN}?schema={schema}"
+
+        def raw_pg(statement: str) -> None:
+            with psycopg.connect(PG_DSN, autocommit=True) as conn:
+                conn.execute(f"SET search_path TO {schema}")
+                conn.execute(statement)
+
+        yield Backend(
+            "postgres",
+            url,
+            clock,
+            lambda c: PostgresJournal.from_url(url, clock=c),
+            raw_pg,
+            opened,
+        )
+        for journal in opened:
+            journal.close()
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    for journal in opened:
+        journal.close()
+
+
+@pytest.fixture
+def journal(backend: Backend) -> Journal:
+    return backend.open()
+
+
+def begin(journal: Journal, uid: str, size: int = 100, mailbox: str = MB) -> Entry:
+    return journal.begin(mailbox, uid, key=message_key(mailbox, uid), size=size)
+
+
+# -- the protocol ------------------------------------------------------------------
+
+
+def test_backends_satisfy_the_protocol(journal: Journal) -> None:
+    assert isinstance(journal, Journal)
+
+
+def test_begin_inserts_a_pending_entry_once(journal: Journal) -> None:
+    first = begin(journal, "u1", size=321)
+    assert first.status is Status.PENDING
+    assert (first.mailbox, first.uid, first.key) == (MB, "u1", message_key(MB, "u1"))
+    assert (first.size, first.attempts, first.steps) == (321, 0, [])
+    assert first.first_seen is not None and first.first_seen.tzinfo is not None
+
+    again = journal.begin(MB, "u1", key="other-key", size=1)
+    assert again == first  # absent only: nothing about the entry changed
+
+
+def test_get_many_returns_only_existing_entries_of_the_mailbox(
+    journal: Journal,
+) -> None:
+    uids = [f"uid-{n}" for n in range(1203)]  # more than one IN chunk
+    added = journal.mark_seen(MB, [(u, message_key(MB, u), 10) for u in uids])
+    assert added == len(uids)
+    begin(journal, "elsewhere", mailbox="other")
+
+    found = journal.get_many(MB, [*uids[::2], "missing", "elsewhere"])
+    assert set(found) == set(uids[::2])
+    assert all(found[u].uid == u and found[u].mailbox == MB for u in found)
+    assert journal.get_many(MB, []) == {}
+
+
+def test_step_committed_records_each_step_once_in_order(journal: Journal) -> None:
+    begin(journal, "u1")
+    for step in ["store.sqlite", "forward.webhook", "store.sqlite"]:
+        journal.step_committed(MB, "u1", step)
+    assert journal.get_many(MB, ["u1"])["u1"].steps == [
+        "store.sqlite",
+        "forward.webhook",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("status", "disposition", "delete_due"),
+    [
+        (Status.COMMITTED, "done", True),
+        (Status.KEPT, "keep", False),
+        (Status.QUARANTINED, "quarantine", True),
+        (Status.QUARANTINED, "quarantine", False),
+    ],
+)
+def test_finish_moves_pending_to_its_final_status(
+    journal: Journal, status: Status, disposition: str, delete_due: bool
+) -> None:
+    begin(journal, "u1")
+    journal.finish(
+        MB,
+        "u1",
+        status=status,
+        disposition=disposition,
+        sha256="ab" * 32,
+        reason="rule-1",
+        delete_due=delete_due,
+    )
+    entry = journal.get_many(MB, ["u1"])["u1"]
+    assert (entry.status, entry.disposition, entry.reason) == (
+        status,
+        disposition,
+        "rule-1",
+    )
+    assert (entry.sha256, entry.delete_due) == ("ab" * 32, delete_due)
+    assert entry.updated is not None and entry.first_seen is not None
+    assert entry.updated > entry.first_seen
+
+
+def test_finish_without_a_hash_keeps_the_known_one(journal: Journal) -> None:
+    begin(journal, "u1")
+    journal.finish(
+        MB,
+        "u1",
+        status=Status.PENDING,
+        disposition="",
+        sha256="cd" * 32,
+        delete_due=False,
+    )
+    journal.finish(
+        MB,
+        "u1",
+        status=Status.COMMITTED,
+        disposition="done",
+        sha256=None,
+        delete_due=True,
+    )
+    assert journal.get_many(MB, ["u1"])["u1"].sha256 == "cd" * 32
+
+
+def test_fail_counts_only_counted_attempts_and_stays_pending(
+    journal: Journal,
+) -> None:
+    begin(journal, "u1")
+    assert journal.fail(MB, "u1", error="boom 1", counted=True) == 1
+    assert journal.fail(MB, "u1", error="smtp 451", counted=False) == 1
+    assert journal.fail(MB, "u1", error="boom 2", counted=True) == 2
+    entry = journal.get_many(MB, ["u1"])["u1"]
+    assert (entry.status, entry.attempts, entry.last_error) == (
+        Status.PENDING,
+        2,
+        "boom 2",
+    )
+
+
+@pytest.mark.parametrize("final", [Status.COMMITTED, Status.QUARANTINED])
+def test_mark_deleted_after_quit(journal: Journal, final: Status) -> None:
+    for uid in ["u1", "u2", "u3"]:
+        begin(journal, uid)
+        journal.finish(
+            MB, uid, status=final, disposition="done", sha256=None, delete_due=True
+        )
+    begin(journal, "u1", mailbox="other")
+    journal.finish(
+        "other", "u1", status=final, disposition="done", sha256=None, delete_due=True
+    )
+
+    journal.mark_deleted(MB, ["u1", "u2", "not-journaled"])
+
+    entries = journal.get_many(MB, ["u1", "u2", "u3", "not-journaled"])
+    assert set(entries) == {"u1", "u2", "u3"}
+    assert [(entries[u].status, entries[u].delete_due) for u in ["u1", "u2"]] == [
+        (Status.DELETED, False)
+    ] * 2
+    assert (entries["u3"].status, entries["u3"].delete_due) == (final, True)
+    other = journal.get_many("other", ["u1"])["u1"]
+    assert (other.status, other.delete_due) == (final, True)
+
+
+def test_state_machine_walk_of_a_poison_then_healed_message(
+    journal: Journal,
+) -> None:
+    assert journal.get_many(MB, ["u1"]) == {}
+    begin(journal, "u1")
+    journal.step_committed(MB, "u1", "store.sqlite")
+    assert journal.fail(MB, "u1", error="webhook 500", counted=True) == 1
+    again = begin(journal, "u1")  # the re-run sees the committed step
+    assert (again.status, again.attempts, again.steps) == (
+        Status.PENDING,
+        1,
+        ["store.sqlite"],
+    )
+    journal.step_committed(MB, "u1", "forward.webhook")
+    journal.finish(
+        MB,
+        "u1",
+        status=Status.COMMITTED,
+        disposition="done",
+        sha256="ee" * 32,
+        delete_due=True,
+    )
+    journal.mark_deleted(MB, ["u1"])
+    entry = journal.get_many(MB, ["u1"])["u1"]
+    assert (entry.status, entry.delete_due, entry.attempts, entry.steps) == (
+        Status.DELETED,
+        False,
+        1,
+        ["store.sqlite", "forward.webhook"],
+    )
+
+
+def test_writes_for_an_entry_never_begun_still_record(journal: Journal) -> None:
+    journal.step_committed(MB, "a", "store")
+    assert journal.fail(MB, "b", error="x", counted=True) == 1
+    journal.finish(
+        MB,
+        "c",
+        status=Status.COMMITTED,
+        disposition="done",
+        sha256=None,
+        delete_due=True,
+    )
+    entries = journal.get_many(MB, ["a", "b", "c"])
+    assert {u: e.key for u, e in entries.items()} == {
+        u: message_key(MB, u) for u in "abc"
+    }
+    assert entries["a"].steps == ["store"]
+    assert entries["c"].status is Status.COMMITTED
+
+
+def test_list_filters_and_returns_newest_first(journal: Journal) -> None:
+    for n in range(5):
+        begin(journal, f"u{n}")
+    begin(journal, "x", mailbox="other")
+    journal.finish(
+        MB,
+        "u1",
+        status=Status.KEPT,
+        disposition="keep",
+        sha256=None,
+        delete_due=False,
+    )
+    journal.finish(
+        MB,
+        "u3",
+        status=Status.KEPT,
+        disposition="keep",
+        sha256=None,
+        delete_due=False,
+    )
+
+    assert [e.uid for e in journal.list()] == ["x", "u4", "u3", "u2", "u1", "u0"]
+    assert [e.uid for e in journal.list(MB)] == ["u4", "u3", "u2", "u1", "u0"]
+    assert [e.uid for e in journal.list(MB, Status.KEPT)] == ["u3", "u1"]
+    assert [e.uid for e in journal.list(status=Status.PENDING, limit=2)] == [
+        "x",
+        "u4",
+    ]
+    assert journal.list("nobody") == []
+
+
+def test_forget_some_then_all_of_a_mailbox(journal: Journal) -> None:
+    for uid in ["u1", "u2", "u3"]:
+        begin(journal, uid)
+    begin(journal, "u1", mailbox="other")
+    assert journal.forget(MB, ["u1", "nope"]) == 1
+    assert set(journal.get_many(MB, ["u1", "u2", "u3"])) == {"u2", "u3"}
+    assert journal.forget(MB) == 2
+    assert journal.list(MB) == []
+    assert [e.uid for e in journal.list("other")] == ["u1"]
+    assert journal.forget(MB, []) == 0
+
+
+def test_mark_seen_adopts_new_messages_as_kept(journal: Journal) -> None:
+    begin(journal, "u1")
+    items = [("u1", message_key(MB, "u1"), 5), ("u2", message_key(MB, "u2"), 7)]
+    assert journal.mark_seen(MB, items) == 1
+    assert journal.mark_seen(MB, items) == 0
+    entries = journal.get_many(MB, ["u1", "u2"])
+    assert entries["u1"].status is Status.PENDING  # existing entries untouched
+    assert (entries["u2"].status, entries["u2"].size, entries["u2"].delete_due) == (
+        Status.KEPT,
+        7,
+        False,
+    )
+
+
+def test_prune_drops_only_old_deleted_entries_gone_from_the_server(
+    backend: Backend, journal: Journal
+) -> None:
+    for uid in ["gone-old", "present-old", "pending-old", "gone-new"]:
+        begin(journal, uid)
+    journal.finish(
+        MB,
+        "gone-old",
+        status=Status.COMMITTED,
+        disposition="done",
+        sha256=None,
+        delete_due=True,
+    )
+    journal.mark_deleted(MB, ["gone-old", "present-old"])
+    backend.clock.advance(days=10)
+    journal.mark_deleted(MB, ["gone-new"])
+    begin(journal, "x", mailbox="other")
+    journal.mark_deleted("other", ["x"])
+    backend.clock.advance(days=3)
+
+    assert journal.prune(MB, ["present-old"], older_than_days=30) == 0
+    assert journal.prune(MB, ["present-old"], older_than_days=7) == 1
+    assert set(journal.get_many(MB, ["gone-old", "present-old", "pending-old"])) == {
+        "present-old",
+        "pending-old",
+    }
+    assert journal.prune(MB, [], older_than_days=1) == 2  # present-old, gone-new
+    assert [e.uid for e in journal.list(MB)] == ["pending-old"]
+    assert [e.uid for e in journal.list("other")] == ["x"]
+
+
+# -- batches and durability ----------------------------------------------------------
+
+
+def test_batch_writes_become_visible_to_others_together_at_exit(
+    backend: Backend, journal: Journal
+) -> None:
+    observer = backend.open()
+    with journal.batch():
+        begin(journal, "u1")
+        journal.finish(
+            MB,
+            "u1",
+            status=Status.COMMITTED,
+            disposition="done",
+            sha256=None,
+            delete_due=True,
+        )
+        begin(journal, "u2")
+        assert set(journal.get_many(MB, ["u1", "u2"])) == {"u1", "u2"}
+        assert observer.get_many(MB, ["u1", "u2"]) == {}
+    assert set(observer.get_many(MB, ["u1", "u2"])) == {"u1", "u2"}
+    assert observer.get_many(MB, ["u1"])["u1"].status is Status.COMMITTED
+
+
+def test_batch_rolls_back_everything_on_an_exception(journal: Journal) -> None:
+    begin(journal, "before")
+    with pytest.raises(RuntimeError, match="crash"), journal.batch():
+        begin(journal, "u1")
+        journal.step_committed(MB, "before", "store")
+        raise RuntimeError("crash")
+    assert set(journal.get_many(MB, ["before", "u1"])) == {"before"}
+    assert journal.get_many(MB, ["before"])["before"].steps == []
+    begin(journal, "after")  # the journal is usable again
+    assert "after" in journal.get_many(MB, ["after"])
+
+
+def test_nested_batches_commit_with_the_outer_and_roll_back_alone(
+    backend: Backend, journal: Journal
+) -> None:
+    observer = backend.open()
+    with journal.batch():
+        begin(journal, "outer")
+        with journal.batch():
+            begin(journal, "inner-ok")
+        with pytest.raises(ValueError), journal.batch():
+            begin(journal, "inner-bad")
+            raise ValueError
+        assert observer.get_many(MB, ["outer", "inner-ok"]) == {}
+    assert set(observer.get_many(MB, ["outer", "inner-ok", "inner-bad"])) == {
+        "outer",
+        "inner-ok",
+    }
+
+
+def test_entries_survive_close_and_reopen(backend: Backend) -> None:
+    journal = backend.open()
+    begin(journal, "u1", size=42)
+    journal.step_committed(MB, "u1", "store")
+    with journal.batch():
+        begin(journal, "u2")
+        journal.fail(MB, "u2", error="x", counted=True)
+    before = journal.get_many(MB, ["u1", "u2"])
+    journal.close()
+    journal.close()  # idempotent
+
+    reopened = backend.open()
+    assert reopened.get_many(MB, ["u1", "u2"]) == before
+
+
+def test_writes_from_worker_threads_are_all_kept(journal: Journal) -> None:
+    def work(worker: int) -> None:
+        for n in range(40):
+            begin(journal, f"w{worker}-{n}")
+            journal.step_committed(MB, f"w{worker}-{n}", "store")
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    entries = journal.list(MB, limit=10_000)
+    assert len(entries) == 160
+    assert all(e.steps == ["store"] for e in entries)
+
+
+def test_schema_is_versioned_and_a_newer_schema_is_refused(
+    backend: Backend,
+) -> None:
+    journal = backend.open()
+    assert journal.schema_version() == 1  # type: ignore[attr-defined]
+    journal.close()
+    backend.open().close()  # reopening migrates nothing and keeps the version
+    table = "schema_version" if backend.kind == "sqlite" else "mailpipe_schema_version"
+    backend.raw(f"UPDATE {table} SET version = 99")
+    with pytest.raises(SchemaVersionError, match="99"):
+        backend.open()
+
+
+def test_open_journal_picks_the_backend(backend: Backend, tmp_path: Path) -> None:
+    if backend.kind == "sqlite":
+        journal = open_journal("state/journal.sqlite3", base_dir=tmp_path)
+        assert isinstance(journal, SqliteJournal)
+        assert Path(backend.spec) == tmp_path / "state" / "journal.sqlite3"
+    else:
+        from mailpipe.journal.postgres import PostgresJournal
+
+        journal = open_journal(backend.spec, base_dir=tmp_path)
+        assert isinstance(journal, PostgresJournal)
+        assert journal.schema == backend.spec.rsplit("schema=", 1)[1]
+    backend.opened.append(journal)
+    begin(journal, "u1")
+    assert set(backend.open().get_many(MB, ["u1"])) == {"u1"}
+
+
+# -- mailbox locks -------------------------------------------------------------------
+
+
+def test_mailbox_lock_is_exclusive_and_owned(backend: Backend) -> None:
+    one, two = backend.open(), backend.open()
+    assert one.lock_mailbox(MB, owner="w1", ttl=30)
+    assert one.lock_mailbox(MB, owner="w1", ttl=30)  # already ours
+    assert not two.lock_mailbox(MB, owner="w2", ttl=30)
+    assert two.lock_mailbox("other", owner="w2", ttl=30)  # per mailbox
+
+    assert one.renew_mailbox(MB, owner="w1", ttl=30)
+    assert not two.renew_mailbox(MB, owner="w2", ttl=30)
+    two.unlock_mailbox(MB, owner="w2")  # not the owner: no effect
+    assert not two.lock_mailbox(MB, owner="w2", ttl=30)
+
+    one.unlock_mailbox(MB, owner="w1")
+    assert not one.renew_mailbox(MB, owner="w1", ttl=30)
+    assert two.lock_mailbox(MB, owner="w2", ttl=30)
+    assert not one.lock_mailbox(MB, owner="w1", ttl=30)
+
+
+def test_close_releases_the_mailbox_locks(backend: Backend) -> None:
+    one, two = backend.open(), backend.open()
+    assert one.lock_mailbox(MB, owner="w1", ttl=30)
+    assert not two.lock_mailbox(MB, owner="w2", ttl=30)
+    one.close()
+    assert two.lock_mailbox(MB, owner="w2", ttl=30)
+
+
+def test_lease_expires_and_another_worker_takes_over(backend: Backend) -> None:
+    if backend.kind == "sqlite":
+        pytest.skip("flock locks do not expire; the OS releases them with the process")
+    stalled, rescuer = backend.open(), backend.open()
+    assert stalled.lock_mailbox(MB, owner="stalled", ttl=30)
+    assert not rescuer.lock_mailbox(MB, owner="rescuer", ttl=30)
+    assert stalled.lock_mailbox(MB, owner="stalled", ttl=0.2)  # then it stalls
+    assert _eventually(lambda: rescuer.lock_mailbox(MB, owner="rescuer", ttl=30))
+    assert not stalled.renew_mailbox(MB, owner="stalled", ttl=30)
+    assert not stalled.lock_mailbox(MB, owner="stalled", ttl=30)
+    assert rescuer.renew_mailbox(MB, owner="rescuer", ttl=30)
+
+
+# -- other processes -----------------------------------------------------------------
+
+CHILD_LOCK = """
+import sys
+from pathlib import Path
+from mailpipe.journal import open_journal
+
+journal = open_journal(sys.argv[1], base_dir=Path.cwd())
+print("@locked", journal.lock_mailbox("support", owner="child", ttl=float(sys.argv[2])))
+sys.stdin.readline()
+"""
+
+CHILD_BATCHES = """
+import sys
+from pathlib import Path
+from mailpipe import message_key
+from mailpipe.journal import Status, open_journal
+
+journal = open_journal(sys.argv[1], base_dir=Path.cwd())
+stop_in = int(sys.argv[2])  # -1: never stop mid-batch
+for batch in range(2000):
+    with journal.batch():
+        for n in range(20):
+            uid = f"{batch}-{n}"
+            journal.begin("support", uid, key=message_key("support", uid), size=n)
+            journal.finish("support", uid, status=Status.COMMITTED, disposition="done",
+                           sha256=None, delete_due=True)
+            if batch == stop_in and n == 9:
+                print("@mid", batch, flush=True)
+                sys.stdin.readline()
+    print("@done", batch, flush=True)
+"""
+
+
+class Child:
+    """A Python subprocess speaking ``@``-prefixed lines on stdout."""
+
+    def __init__(self, code: str, *args: str, stderr: Path) -> None:
+        self._stderr = stderr.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", "-c", code, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self._pump = threading.Thread(target=self._read, daemon=True)
+        self._pump.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("@"):
+                self.lines.put(line.strip())
+        self.lines.put(None)
+
+    def expect(self, prefix: str, timeout: float = 60) -> str:
+        line = self.lines.get(timeout=timeout)
+        assert line is not None, f"child exited: {self._stderr.name}"
+        assert line.startswith(prefix), line
+        return line
+
+    def wait_for(self, wanted: str, timeout: float = 60) -> None:
+        while self.expect("@", timeout) != wanted:
+            pass
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self._pump.join(timeout=30)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+        self._stderr.close()
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_lock_excludes_another_process_until_it_dies(
+    backend: Backend, tmp_path: Path
+) -> None:
+    child = Child(CHILD_LOCK, backend.spec, "1.0", stderr=tmp_path / "child.err")
+    try:
+        assert child.expect("@locked") == "@locked True"
+        journal = backend.open()
+        assert not journal.lock_mailbox(MB, owner="parent", ttl=30)
+    finally:
+        child.kill()
+    # SQLite: the OS dropped the flock; PostgreSQL: the 1 s lease runs out.
+    assert _eventually(lambda: journal.lock_mailbox(MB, owner="parent", ttl=30))
+    assert journal.renew_mailbox(MB, owner="parent", ttl=30)
+
+
+def test_sigkill_inside_a_batch_loses_the_whole_batch(
+    backend: Backend, tmp_path: Path
+) -> None:
+    child = Child(CHILD_BATCHES, backend.spec, "3", stderr=tmp_path / "child.err")
+    try:
+        child.expect("@done 0")
+        child.expect("@done 1")
+        child.expect("@done 2")
+        child.expect("@mid 3")  # ten writes of batch 3 made, not committed
+    finally:
+        child.kill()
+    entries = backend.open().list(MB, limit=10_000)
+    assert sorted(e.uid for e in entries) == sorted(
+        f"{b}-{n}" for b in range(3) for n in range(20)
+    )
+    assert {e.status for e in entries} == {Status.COMMITTED}
+
+
+def test_sigkill_at_a_random_instant_keeps_each_batch_all_or_none(
+    backend: Backend, tmp_path: Path
+) -> None:
+    child = Child(CHILD_BATCHES, backend.spec, "-1", stderr=tmp_path / "child.err")
+    try:
+        child.wait_for("@done 4")
+        last = 4
+        time.sleep(random.uniform(0, 0.05))
+    finally:
+        child.kill()
+    while (line := child.lines.get(timeout=10)) is not None:
+        last = int(line.split()[1])  # batches the child saw committed
+    per_batch: dict[str, int] = {}
+    for entry in backend.open().list(MB, limit=100_000):
+        assert entry.status is Status.COMMITTED
+        batch = entry.uid.split("-")[0]
+        per_batch[batch] = per_batch.get(batch, 0) + 1
+    assert set(per_batch.values()) == {20}  # no batch half there
+    assert set(per_batch) >= {str(b) for b in range(last + 1)}  # acked ones durable
+    assert len(per_batch) <= last + 2  # at most one committed before its ack

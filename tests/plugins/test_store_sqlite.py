@@ -1,0 +1,240 @@
+"""store.sqlite against a real SQLite database: FTS, upsert, migrations, group commit."""
+
+from __future__ import annotations
+
+import email.policy
+import json
+import sqlite3
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from mailpipe import Message, PermanentFailure, ProcessorContext, TemporaryFailure
+from mailpipe.plugin_manager import load
+from mailpipe.plugins.parse import parse_into
+from mailpipe.plugins.store.sqlite import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    SqliteOptions,
+    SqliteStore,
+    connect,
+    migrate,
+    schema_version,
+    search,
+)
+
+
+def make_message(
+    uid: str, subject: str, body: str, *, attachment: bytes | None = None
+) -> Message:
+    msg = EmailMessage()
+    msg["From"] = "Alice Example <alice@example.com>"
+    msg["To"] = "Bob <bob@example.org>"
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<{uid}@example.com>"
+    msg["Date"] = "Fri, 28 Nov 2025 10:00:00 +0100"
+    msg.set_content(body)
+    if attachment is not None:
+        msg.add_attachment(
+            attachment, maintype="application", subtype="pdf", filename="report.pdf"
+        )
+    raw = msg.as_bytes(policy=email.policy.SMTP)
+    return Message.from_bytes(raw, mailbox="support", uid=uid)
+
+
+def parsed(message: Message) -> Message:
+    parse_into(message)
+    return message
+
+
+def store(tmp_path: Path, **options: object) -> SqliteStore:
+    opts = SqliteOptions.model_validate({"path": "db/mail.sqlite3", **options})
+    s = SqliteStore(opts, ProcessorContext(base_dir=tmp_path))
+    s.open()
+    return s
+
+
+def rows(tmp_path: Path, sql: str, *args: object) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(tmp_path / "db" / "mail.sqlite3")
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+def test_all_store_processors_are_registered_and_commit() -> None:
+    _, registry = load(entry_points=False)
+    for name in ("store.sqlite", "store.maildir", "store.mbox", "store.attachments",
+                 "store.jsonl"):
+        cls = registry.processor(name)
+        assert cls.commits is True
+
+
+def test_fts_finds_a_message_by_body_word_subject_and_address(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    a = parsed(make_message("1", "Quarterly figures", "The pelican report is late."))
+    b = parsed(make_message("2", "Lunch", "Shall we meet at noon?"))
+    s.process(a)
+    s.process(b)
+    s.close()
+    conn = connect(tmp_path / "db" / "mail.sqlite3")
+    assert search(conn, "pelican") == [a.key]
+    assert search(conn, "subject:lunch") == [b.key]
+    assert sorted(search(conn, "alice")) == sorted([a.key, b.key])
+    assert search(conn, "walrus") == []
+    conn.close()
+
+
+def test_upsert_twice_keeps_one_row_and_its_first_stored_at(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    m = parsed(make_message("1", "Hello", "first body", attachment=b"%PDF-1.4 x"))
+    m.tags.add("invoice")
+    s.process(m)
+    first = rows(tmp_path, "SELECT stored_at FROM messages")
+    m.tags.add("paid")
+    s.process(m)
+    s.close()
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(1,)]
+    assert rows(tmp_path, "SELECT stored_at FROM messages") == first
+    assert rows(tmp_path, "SELECT tag FROM tags ORDER BY tag") == [("invoice",), ("paid",)]
+    assert rows(tmp_path, "SELECT idx, filename, content_type, size FROM attachments") == [
+        (0, "report.pdf", "application/pdf", 10)
+    ]
+    conn = connect(tmp_path / "db" / "mail.sqlite3")
+    assert search(conn, "first") == [m.key]  # the index holds the row once
+    conn.close()
+
+
+def test_record_columns_and_inline_raw(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    m = parsed(make_message("7", "Columns", "body text"))
+    s.process(m)
+    s.close()
+    (row,) = rows(
+        tmp_path,
+        "SELECT key, mailbox, uid, sha256, size, parsed, message_id, date, subject, "
+        "from_addresses, raw, record FROM messages",
+    )
+    assert row[:7] == (m.key, "support", "7", m.sha256, m.size, 1, "7@example.com")
+    assert str(row[7]).startswith("2025-11-28T09:00:00")
+    assert row[8] == "Columns"
+    assert json.loads(str(row[9])) == [{"name": "Alice Example", "address": "alice@example.com"}]
+    assert row[10] == m.raw
+    record = json.loads(str(row[11]))
+    assert record["key"] == m.key and "text" not in record
+
+
+def test_raw_none_stores_no_bytes(tmp_path: Path) -> None:
+    s = store(tmp_path, raw="none")
+    s.process(parsed(make_message("1", "x", "y")))
+    s.close()
+    assert rows(tmp_path, "SELECT raw FROM messages") == [(None,)]
+
+
+def test_without_parse_a_minimal_row_is_searchable(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    m = make_message("1", "Raw only", "The heron sleeps.")
+    s.process(m)
+    s.close()
+    assert rows(tmp_path, "SELECT parsed, uid, sha256, raw, subject FROM messages") == [
+        (0, "1", m.sha256, m.raw, "Raw only")
+    ]
+    conn = connect(tmp_path / "db" / "mail.sqlite3")
+    assert search(conn, "heron") == [m.key]
+    conn.close()
+
+
+def test_migrates_a_version_1_database_and_indexes_old_rows(tmp_path: Path) -> None:
+    path = tmp_path / "db" / "mail.sqlite3"
+    path.parent.mkdir()
+    conn = connect(path)
+    assert migrate(conn, target=1) == 1
+    conn.execute(
+        "INSERT INTO messages (key, mailbox, uid, sha256, size, parsed, subject, "
+        "from_addresses, text, record, stored_at, updated_at) "
+        "VALUES ('k1', 'support', '1', 'ab', 3, 1, 'Old news', "
+        "'[{\"name\": \"Carol Old\", \"address\": \"carol@example.net\"}]', "
+        "'an ancient ostrich', '{}', 'then', 'then')"
+    )
+    conn.close()
+
+    s = store(tmp_path)
+    s.process(parsed(make_message("2", "New", "a modern ostrich")))
+    s.close()
+
+    conn = connect(path)
+    assert schema_version(conn) == SCHEMA_VERSION == MIGRATIONS[-1][0]
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == [1, 2]
+    assert conn.execute("SELECT addresses FROM messages WHERE key = 'k1'").fetchone() == (
+        "Carol Old carol@example.net",
+    )
+    assert search(conn, "ancient") == ["k1"]
+    assert search(conn, "carol") == ["k1"]
+    assert len(search(conn, "ostrich")) == 2
+    conn.close()
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "db" / "mail.sqlite3"
+    path.parent.mkdir()
+    conn = connect(path)
+    migrate(conn)
+    conn.execute(
+        "INSERT INTO schema_version VALUES (?, 'from the future', 'later')",
+        (SCHEMA_VERSION + 1,),
+    )
+    conn.close()
+    s = SqliteStore(SqliteOptions(path=path), ProcessorContext(base_dir=tmp_path))
+    with pytest.raises(PermanentFailure, match="newer"):
+        s.open()
+
+
+def test_group_commit_is_durable_only_after_flush(tmp_path: Path) -> None:
+    s = store(tmp_path, group_commit=True)
+    messages = [parsed(make_message(str(i), f"m{i}", "grouped body")) for i in range(3)]
+    for m in messages:
+        s.process(m)
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(0,)]  # not yet visible
+    s.flush()
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(3,)]
+    s.process(parsed(make_message("9", "late", "after flush")))
+    s.close()  # close commits what is open
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(4,)]
+
+
+def test_group_commit_failed_message_does_not_spoil_the_group(tmp_path: Path) -> None:
+    s = store(tmp_path, group_commit=True)
+    good = parsed(make_message("1", "good", "body"))
+    s.process(good)
+    bad = parsed(make_message("2", "bad", "body", attachment=b"%PDF"))
+    bad.record.attachments.append(bad.record.attachments[0])  # duplicate (key, idx)
+    with pytest.raises(PermanentFailure, match="UNIQUE constraint failed"):
+        s.process(bad)  # its message row was written, then rolled back
+    s.flush()
+    assert rows(tmp_path, "SELECT key FROM messages") == [(good.key,)]
+    assert rows(tmp_path, "SELECT count(*) FROM attachments") == [(0,)]
+    s.close()
+
+
+def test_busy_database_is_a_temporary_failure(tmp_path: Path) -> None:
+    s = store(tmp_path, busy_timeout="0.1s")
+    blocker = connect(tmp_path / "db" / "mail.sqlite3")
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(TemporaryFailure):
+            s.process(parsed(make_message("1", "x", "y")))
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    s.process(parsed(make_message("1", "x", "y")))  # succeeds once the lock is gone
+    s.close()
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(1,)]
+
+
+def test_dry_run_writes_nothing(tmp_path: Path) -> None:
+    opts = SqliteOptions(path=Path("db/mail.sqlite3"))
+    s = SqliteStore(opts, ProcessorContext(base_dir=tmp_path, dry_run=True))
+    s.process(parsed(make_message("1", "x", "y")))
+    s.close()
+    assert not (tmp_path / "db").exists()

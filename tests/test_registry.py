@@ -1,0 +1,188 @@
+"""Registry: classes from the registration hooks, contract checks and name clashes."""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from typing import Any, ClassVar
+
+import pytest
+from pydantic import BaseModel, ConfigDict
+
+from mailpipe import PluginError, hookimpl
+from mailpipe.plugin_manager import get_plugin_manager
+from mailpipe.registry import Entry, Registry, collect
+
+
+class Opts(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GoodProcessor:
+    name: ClassVar[str] = "t.good"
+    Options: ClassVar[type[BaseModel]] = Opts
+    commits: ClassVar[bool] = False
+
+    def process(self, message: Any) -> None:
+        return None
+
+
+class GoodSource:
+    name: ClassVar[str] = "t.src"
+    Options: ClassVar[type[BaseModel]] = Opts
+
+    def session(self) -> AbstractAsyncContextManager[Any]:
+        raise NotImplementedError
+
+
+def test_add_processor_and_look_it_up() -> None:
+    reg = Registry()
+    reg.add("processor", GoodProcessor, "plug")
+    assert reg.processor("t.good") is GoodProcessor
+    assert reg.processors["t.good"] == Entry("processor", "t.good", GoodProcessor, "plug")
+    assert reg.sources == {}
+    with pytest.raises(KeyError):
+        reg.processor("t.missing")
+
+
+def test_add_source_and_look_it_up() -> None:
+    reg = Registry()
+    reg.add("source", GoodSource, "plug")
+    assert reg.source("t.src") is GoodSource
+    assert reg.processors == {}
+    with pytest.raises(KeyError):
+        reg.source("t.good")
+
+
+def test_processor_and_source_namespaces_are_separate() -> None:
+    class SameNameSource(GoodSource):
+        name: ClassVar[str] = "t.good"
+
+    reg = Registry()
+    reg.add("processor", GoodProcessor, "a")
+    reg.add("source", SameNameSource, "b")
+    assert reg.processor("t.good") is GoodProcessor
+    assert reg.source("t.good") is SameNameSource
+
+
+@pytest.mark.parametrize("bad_name", [None, "", 42])
+def test_add_without_string_name_is_plugin_error(bad_name: Any) -> None:
+    cls = type("Nameless", (GoodProcessor,), {"name": bad_name})
+    with pytest.raises(PluginError, match=r"plugin 'plug' registered .*Nameless.* `name`"):
+        Registry().add("processor", cls, "plug")
+
+
+@pytest.mark.parametrize("bad_options", [None, dict, Opts()])
+def test_add_without_options_model_is_plugin_error(bad_options: Any) -> None:
+    cls = type("NoOptions", (GoodProcessor,), {"Options": bad_options})
+    with pytest.raises(
+        PluginError, match=r"plugin 'plug': processor 't.good' needs an `Options`"
+    ):
+        Registry().add("processor", cls, "plug")
+
+
+def test_processor_without_process_is_plugin_error() -> None:
+    class NoProcess:
+        name: ClassVar[str] = "t.noproc"
+        Options: ClassVar[type[BaseModel]] = Opts
+
+    with pytest.raises(PluginError, match=r"processor 't.noproc' has no `process\(\)`"):
+        Registry().add("processor", NoProcess, "plug")
+
+
+def test_source_without_session_is_plugin_error() -> None:
+    with pytest.raises(PluginError, match=r"source 't.good' has no `session\(\)`"):
+        Registry().add("source", GoodProcessor, "plug")
+
+
+def test_name_clash_names_both_plugins_and_keeps_the_first() -> None:
+    class Other(GoodProcessor):
+        pass
+
+    reg = Registry()
+    reg.add("processor", GoodProcessor, "first")
+    with pytest.raises(PluginError) as info:
+        reg.add("processor", Other, "second")
+    assert str(info.value) == (
+        "plugin 'second' registers processor 't.good', "
+        "already registered by plugin 'first'"
+    )
+    assert reg.processor("t.good") is GoodProcessor
+
+
+def test_collect_calls_hooks_in_registration_order_so_later_plugins_clash() -> None:
+    # Built-ins are registered before entry points, so a third-party plugin that reuses
+    # a taken name is the one blamed.
+    pm = get_plugin_manager(entry_points=False)
+
+    class Early:
+        @hookimpl
+        def mailpipe_register_processors(self, register: Any) -> None:
+            register(GoodProcessor)
+
+    class Late:
+        @hookimpl
+        def mailpipe_register_processors(self, register: Any) -> None:
+            register(type("Copy", (GoodProcessor,), {}))
+
+    pm.register(Early(), name="early")
+    pm.register(Late(), name="late")
+    with pytest.raises(PluginError, match=r"^plugin 'late' registers processor 't\.good'"):
+        collect(pm)
+
+
+def test_collect_attributes_each_class_to_its_plugin() -> None:
+    pm = get_plugin_manager(entry_points=False)
+
+    class Both:
+        @hookimpl
+        def mailpipe_register_sources(self, register: Any) -> None:
+            register(GoodSource)
+
+        @hookimpl
+        def mailpipe_register_processors(self, register: Any) -> None:
+            register(GoodProcessor)
+
+    pm.register(Both(), name="both")
+    reg = collect(pm)
+    assert reg.sources["t.src"].plugin == "both"
+    assert reg.sources["t.src"].kind == "source"
+    assert reg.processors["t.good"].plugin == "both"
+    assert reg.processors["t.good"].kind == "processor"
+
+
+def test_collect_wraps_exceptions_from_registration_hooks() -> None:
+    pm = get_plugin_manager(entry_points=False)
+
+    class Crashing:
+        @hookimpl
+        def mailpipe_register_processors(self, register: Any) -> None:
+            raise KeyError("oops")
+
+    pm.register(Crashing(), name="crashing")
+    with pytest.raises(PluginError) as info:
+        collect(pm)
+    assert str(info.value) == (
+        "plugin 'crashing' failed in mailpipe_register_processors: KeyError: 'oops'"
+    )
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+def test_collect_propagates_plugin_error_unchanged() -> None:
+    pm = get_plugin_manager(entry_points=False)
+
+    class Bad:
+        @hookimpl
+        def mailpipe_register_sources(self, register: Any) -> None:
+            register(GoodProcessor)  # a processor handed to the sources hook
+
+    pm.register(Bad(), name="bad")
+    with pytest.raises(PluginError, match=r"^plugin 'bad': source 't.good' has no"):
+        collect(pm)
+
+
+def test_collect_is_fresh_per_call() -> None:
+    pm = get_plugin_manager(entry_points=False)
+    first, second = collect(pm), collect(pm)
+    assert first is not second
+    assert first.processors == second.processors
+    assert first.sources == second.sources
