@@ -326,7 +326,7 @@ def _show(value: Any, loc: str) -> str:
 
 def _suggest(word: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return f"; did you mean {close[0]!r}?" if close else ";"
 
 
 def _problems(
@@ -341,7 +341,7 @@ def _problems(
         if err["type"] == "extra_forbidden":
             key = str(err["loc"][-1]) if err["loc"] else ""
             parent_fields = fields if len(err["loc"]) == 1 else []
-            msg = "unknown key" + _suggest(key, parent_fields)
+            msg = "unknown key" + _suggest(key, parent_fields).rstrip(";")
             value = None
         elif err["type"] == "missing":
             msg = "required key is missing"
@@ -427,7 +427,7 @@ def validate_config(
                     f"mailboxes[{i}].pipeline",
                     f"no [pipelines.{mb.pipeline}] table"
                     + _suggest(mb.pipeline, list(model.pipelines))
-                    + f"; defined: {', '.join(sorted(model.pipelines)) or 'none'}",
+                    + f" Defined: {', '.join(sorted(model.pipelines)) or 'none'}.",
                     _show(mb.pipeline, "pipeline"),
                 )
             )
@@ -529,7 +529,7 @@ def _validate_pipeline(
                     _loc((*where, "use")),
                     f"unknown processor {ref.use!r}"
                     + _suggest(ref.use, names)
-                    + f"; available: {', '.join(names) or 'none'}",
+                    + f" Available: {', '.join(names) or 'none'}.",
                     _show(ref.use, "use"),
                 )
             )

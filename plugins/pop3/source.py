@@ -33,6 +33,7 @@ from .events import (
     parse_list,
     parse_uidl,
 )
+from .protocol import RemoteProtocolError
 
 log = structlog.get_logger()
 
@@ -126,7 +127,9 @@ class Pop3Options(BaseModel):
     @field_validator("auth")
     @classmethod
     def _auth_has_credentials(cls, auth: str, info: ValidationInfo) -> str:
-        if auth not in sasl.OAUTH and auth != "auto" and info.data.get("password") is None:
+        # A password that failed its own validation is absent from info.data: do not
+        # report it twice.
+        if auth not in sasl.OAUTH and auth != "auto" and _unset(info, "password"):
             raise ValueError(f"auth = {auth!r} needs password")
         return auth
 
@@ -138,7 +141,7 @@ class Pop3Options(BaseModel):
         if token is None:
             if info.data.get("auth") in sasl.OAUTH:
                 raise ValueError(f"auth = {info.data['auth']!r} needs oauth_token")
-            if info.data.get("password") is None:
+            if _unset(info, "password"):
                 raise ValueError("set password or oauth_token")
         return token
 
@@ -159,6 +162,11 @@ class Pop3Options(BaseModel):
         if self.port is not None:
             return self.port
         return 995 if self.security == "tls" else 110
+
+
+def _unset(info: ValidationInfo, key: str) -> bool:
+    """True when ``key`` validated to None (not when it failed validation)."""
+    return key in info.data and info.data[key] is None
 
 
 class Pop3Source:
@@ -231,21 +239,23 @@ class Pop3Session:
         """Connect, CAPA, STLS when configured, authenticate, CAPA again (C-25)."""
         client = self.client
         await client.connect()
+        use_capa = True
         try:
             await client.capa()
         except SourceConnectionError:
-            # C-24 / T-32: some servers hang up after -ERR to CAPA; once, without CAPA.
+            # C-24 / T-32: some servers hang up after CAPA; reconnect once, without CAPA.
             await client.abort()
             self.client = client = self._new_client()
             await client.connect()
+            use_capa = False
         if self.options.security == "starttls":
             await client.starttls()
-            await client.capa()
+            if use_capa:
+                await client.capa()  # C-25 / S-04: only post-TLS capabilities count
+        before = client.capabilities
         await self._authenticate()
-        try:
+        if use_capa and _recapa_needed(before):
             await client.capa()  # C-25: TRANSACTION-state values (PIPELINING, UIDL)
-        except CommandRefused:
-            pass
         self._log.info(
             "pop3_session_opened",
             tls=client.tls_active,
@@ -296,11 +306,14 @@ class Pop3Session:
         uids: dict[int, str] | None = None
         sizes: list[tuple[int, int]] = []
         async for event in self.client.stream([Uidl(), List()]):
-            if isinstance(event, MultiLine) and isinstance(event.command, Uidl):
-                uids = dict(parse_uidl(event.body))
-            elif isinstance(event, MultiLine):
-                sizes = parse_list(event.body)
-            elif isinstance(event, Err) and isinstance(event.command, List):
+            try:
+                if isinstance(event, MultiLine) and isinstance(event.command, Uidl):
+                    uids = dict(parse_uidl(event.body))
+                elif isinstance(event, MultiLine):
+                    sizes = parse_list(event.body)
+            except ValueError as exc:
+                raise RemoteProtocolError(f"{self.client.where}: {exc}") from None
+            if isinstance(event, Err) and isinstance(event.command, List):
                 raise SourcePermanentError(f"{self.client.where}: LIST refused")
         self.supports_uidl = uids is not None
         if uids is None:
@@ -395,6 +408,16 @@ class Pop3Session:
             await self.client.abort()
         except Exception as exc:  # the contract: never raises
             self._log.debug("pop3_abort_failed", error=type(exc).__name__)
+
+
+def _recapa_needed(caps: Capabilities | None) -> bool:
+    # RFC 2449 §6.5/§6.7, C-25: re-issue CAPA after login when the pre-login list may
+    # change (a USER-token value, or UIDL/PIPELINING shown only after login).
+    if caps is None:
+        return True
+    if "PIPELINING" not in caps or "UIDL" not in caps:
+        return True
+    return any(caps.per_user(name) for name in caps.names)
 
 
 class _Sink:

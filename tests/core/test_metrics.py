@@ -30,13 +30,22 @@ async def test_metrics_count_outcomes_and_health_turns_unhealthy() -> None:
         hooks.session_started(mailbox="a", count=7, octets=700)
         hooks.session_finished(
             mailbox="a",
-            summary={"retrieved": 5, "processed": 4, "failed": 1, "bytes": 500,
-                     "seconds": 0.5, "error": None},
+            summary={
+                "retrieved": 5,
+                "processed": 4,
+                "failed": 1,
+                "bytes": 500,
+                "seconds": 0.5,
+                "error": None,
+            },
         )
         hooks.session_finished(
             mailbox="b",
-            summary={"error": "AuthenticationError: no", "error_type": "AuthenticationError",
-                     "seconds": 0.1},
+            summary={
+                "error": "AuthenticationError: no",
+                "error_type": "AuthenticationError",
+                "seconds": 0.1,
+            },
         )
         status, body = await _get(server.port, "/metrics")
         text = body.decode()

@@ -1,0 +1,209 @@
+"""The command line, run as users run it (subprocess) and in-process (CliRunner)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mailpipe.cli import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "pipeline.example.toml"
+SAMPLES = ROOT / "mailpipe" / "samples"
+
+
+def mailpipe(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mailpipe", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
+
+
+def test_check_example_passes() -> None:
+    done = mailpipe("check", str(EXAMPLE))
+    assert done.returncode == 0, done.stderr
+    assert "OK" in done.stdout
+
+
+def test_check_reports_four_problems_and_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(
+        """
+[[mailboxes]]
+name = "support"
+host = "pop.example.com"
+port = 99999
+username = "u"
+passwrd = "x"
+password = { env = "MAILPIPE_TEST_UNSET_SECRET" }
+pipeline = "p"
+
+[pipelines.p]
+processors = [{ use = "parse" }, { use = "fliter" }]
+"""
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MAILPIPE_TEST_UNSET_SECRET"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mailpipe", "check", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 2
+    err = done.stderr
+    assert f"{cfg}: 4 problems" in err
+    assert (
+        "mailboxes[0].port: Input should be less than or equal to 65535 (got 99999)"
+        in err
+    )
+    assert "mailboxes[0].passwrd: unknown key; did you mean 'password'?" in err
+    assert (
+        "mailboxes[0].password: environment variable MAILPIPE_TEST_UNSET_SECRET is not set"
+        in err
+    )
+    assert (
+        "pipelines.p.processors[1].use: unknown processor 'fliter'; did you mean 'filter'?"
+        in err
+    )
+
+
+def test_secret_never_printed_on_failing_run(tmp_path: Path) -> None:
+    secret = "Zq9-very-secret-password-77"
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(
+        f"""
+[state]
+path = "{tmp_path}/j.sqlite3"
+[[mailboxes]]
+name = "m"
+host = "127.0.0.1"
+port = 9
+security = "none"
+allow_plaintext_password = true
+username = "user"
+password = {{ env = "MP_SECRET_UNDER_TEST" }}
+connect_timeout = "2s"
+[pipelines.default]
+processors = [{{ use = "parse" }}]
+"""
+    )
+    done = mailpipe(
+        "--log-format",
+        "json",
+        "--log-level",
+        "debug",
+        "run",
+        str(cfg),
+        "--once",
+        env={"MP_SECRET_UNDER_TEST": secret},
+    )
+    assert done.returncode == 1
+    assert secret not in done.stdout + done.stderr
+    assert "session_failed" in done.stderr or "mailbox" in done.stderr
+
+
+def test_version_and_plugins() -> None:
+    runner = CliRunner()
+    result = runner.invoke(cli, ["--version"])
+    assert result.exit_code == 0 and "mailpipe, version" in result.output
+    done = mailpipe("plugins")
+    assert done.returncode == 0
+    for name in (
+        "pop3",
+        "parse",
+        "filter",
+        "store.sqlite",
+        "forward.webhook",
+        "builtin",
+    ):
+        assert name in done.stdout
+
+
+def test_schema_is_json_with_plugin_options() -> None:
+    done = mailpipe("schema")
+    assert done.returncode == 0
+    schema = json.loads(done.stdout)
+    variants = schema["$defs"]["MailboxConfig"]["anyOf"]
+    pop3 = next(v for v in variants if v["properties"]["source"]["const"] == "pop3")
+    assert {"host", "username", "password", "poll_interval"} <= set(pop3["properties"])
+    uses = {
+        v["properties"]["use"]["const"]
+        for v in schema["$defs"]["ProcessorRef"]["anyOf"]
+    }
+    assert {"parse", "filter", "store.sqlite"} <= uses
+
+
+def test_process_dry_run_prints_decisions_and_writes_nothing(tmp_path: Path) -> None:
+    cfg = tmp_path / "pipeline.toml"
+    shutil.copy(EXAMPLE, cfg)
+    (tmp_path / "examples").mkdir()
+    shutil.copy(ROOT / "examples" / "support.password", tmp_path / "examples")
+    done = mailpipe("process", str(cfg), str(SAMPLES), "--dry-run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(x) for x in done.stdout.splitlines()]
+    assert len(lines) == len(list(SAMPLES.glob("*.eml")))
+    auto = next(x for x in lines if "Automatic reply" in (x["subject"] or ""))
+    assert auto["decision"] == "done" and auto["rule"] == "auto-replies"
+    news = next(x for x in lines if x["subject"] == "November product news")
+    assert "newsletter" in news["tags"]
+    assert not (tmp_path / "var").exists()
+
+
+def test_process_writes_stores_idempotently(tmp_path: Path) -> None:
+    import sqlite3
+
+    cfg = tmp_path / "pipeline.toml"
+    shutil.copy(EXAMPLE, cfg)
+    (tmp_path / "examples").mkdir()
+    shutil.copy(ROOT / "examples" / "support.password", tmp_path / "examples")
+    for _ in range(2):
+        done = mailpipe("process", str(cfg), str(SAMPLES))
+        assert done.returncode == 0, done.stderr
+    db = sqlite3.connect(tmp_path / "var" / "tickets.sqlite3")
+    (count,) = db.execute("select count(*) from messages").fetchone()
+    db.close()
+    assert count == len(list(SAMPLES.glob("*.eml"))) - 1  # the auto-reply is dropped
+    jsonl = (tmp_path / "var" / "records.jsonl").read_text().splitlines()
+    assert len(jsonl) == count
+
+
+def test_unknown_subcommand_is_usage_error() -> None:
+    result = CliRunner().invoke(cli, ["frobnicate"])
+    assert result.exit_code == 2
+
+
+def test_state_and_quarantine_commands_on_empty_state(tmp_path: Path) -> None:
+    cfg = tmp_path / "pipeline.toml"
+    shutil.copy(EXAMPLE, cfg)
+    (tmp_path / "examples").mkdir()
+    shutil.copy(ROOT / "examples" / "support.password", tmp_path / "examples")
+    done = mailpipe("state", "list", str(cfg))
+    assert done.returncode == 0 and done.stdout == ""
+    done = mailpipe("quarantine", "list", str(cfg))
+    assert done.returncode == 0 and "0 quarantined" in done.stderr
+    done = mailpipe("quarantine", "show", str(cfg), "nope")
+    assert done.returncode == 2
+    done = mailpipe("state", "list", str(cfg), "--status", "bogus")
+    assert done.returncode == 2 and "accepted: pending" in done.stderr
+
+
+@pytest.mark.parametrize("bad", ["[state\n", "x = \n"])
+def test_check_toml_syntax_error_exit_2(tmp_path: Path, bad: str) -> None:
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(bad)
+    done = mailpipe("check", str(cfg))
+    assert done.returncode == 2 and "line 1" in done.stderr
