@@ -466,11 +466,12 @@ async def _mark_seen(app: Any, spec: Any) -> tuple[int, int]:
     show_default=True,
     type=click.Path(file_okay=False),
 )
-def demo(directory: str) -> None:
+@click.option("--reset", is_flag=True, help="Delete the demo folder first.")
+def demo(directory: str, reset: bool) -> None:
     """Run the example pipeline against a bundled sample mailbox (offline)."""
     from mailpipe.demo import run_demo
 
-    sys.exit(run_demo(Path(directory)))
+    sys.exit(run_demo(Path(directory), reset=reset))
 
 
 def main() -> None:

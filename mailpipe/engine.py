@@ -374,64 +374,93 @@ class MailboxRunner:
     async def _retrieve(
         self, session: SourceSession, refs: list[MessageRef], summary: Summary
     ) -> list[MessageRef]:
+        """RETR and process ``refs`` in chunks of GROUP_SIZE, each a group commit.
+
+        A chunk's retrieval stream is always read to its end before DELE or QUIT is
+        sent: with pipelining (RFC 2449 §6.6) RETR replies are still in flight while
+        messages are processed, and replies come back in command order, so a DELE sent
+        mid-stream would read RETR replies and QUIT would be refused with replies
+        outstanding. After a stop request the rest of the chunk is drained unprocessed
+        (it stays new in the journal and is processed by the next run).
+        """
         owed: list[MessageRef] = []
-        group: list[_Done] = []
         if not refs:
             return owed
         entries = self.journal.get_many(self.name, [r.uid for r in refs if r.uid])
         expire_zero = _expire_zero(session)
         total = len(refs)
-        try:
-            async for msg in session.retrieve(
-                refs, spool_dir=self.spool_dir, spool_threshold=self.spool_threshold
-            ):
-                try:
-                    summary.retrieved += 1
-                    summary.bytes += msg.size
-                    if msg.size != msg.ref.size:
-                        self.log.info(
-                            "octet_count_mismatch",
-                            uid=msg.ref.uid,
-                            listed=msg.ref.size,
-                            received=msg.size,
+        for start in range(0, total, GROUP_SIZE):
+            if self.stop.is_set():
+                break
+            group: list[_Done] = []
+            dele_after: list[MessageRef] = []  # known by content hash: DELE after stream
+            try:
+                async for msg in session.retrieve(
+                    refs[start : start + GROUP_SIZE],
+                    spool_dir=self.spool_dir,
+                    spool_threshold=self.spool_threshold,
+                ):
+                    try:
+                        if self.stop.is_set():
+                            continue  # drain the stream; processed next time
+                        await self._retrieved(
+                            msg, entries, expire_zero, summary, group, dele_after
                         )
-                    if not msg.ref.uid:
-                        msg = self._adopt_hash_uid(msg)
-                        hashed = self.journal.get_many(self.name, [msg.ref.uid])
-                        entry = hashed.get(msg.ref.uid)
-                        if entry is not None and entry.status != Status.PENDING:
-                            if entry.delete_due or entry.status == Status.DELETED:
-                                await session.mark_deleted([msg.ref])
-                                owed.append(msg.ref)
-                            continue
-                        if entry is not None:
-                            entries[msg.ref.uid] = entry
-                    done = await self._run_one(msg, entries.get(msg.ref.uid), summary)
-                    if done.failed and expire_zero and done.status == Status.PENDING:
-                        # RFC 2449 §6.7: EXPIRE 0 lets the server delete what was
-                        # RETR'd at QUIT; keep the raw bytes before that can happen.
-                        done = self._quarantine_failed(msg, done, summary)
-                    group.append(done)
-                    if self.progress is not None:
-                        self.progress(self.name, summary.retrieved, total)
-                finally:
-                    _unspool(msg)
-                if len(group) >= GROUP_SIZE:
-                    owed += await self._group_commit(session, group)
-                    group = []
-                if self.stop.is_set():
-                    self.log.info("stop_requested", after=summary.retrieved)
-                    break
-        except BaseException:
-            # Whatever completed is made durable even when the session is failing, so
-            # the next session only DELEs it (never re-runs it). No DELE on a broken
-            # session: the journal owes them.
+                        if self.progress is not None:
+                            self.progress(self.name, summary.retrieved, total)
+                        if self.stop.is_set():
+                            self.log.info("stop_requested", after=summary.retrieved)
+                    finally:
+                        _unspool(msg)
+            except BaseException:
+                # Whatever completed is made durable even when the session is failing,
+                # so the next session only DELEs it (never re-runs it). No DELE on a
+                # broken session: the journal owes them.
+                if group:
+                    await self._group_commit(session, group, send_dele=False)
+                raise
+            if dele_after:
+                await session.mark_deleted(dele_after)
+                owed += dele_after
             if group:
-                await self._group_commit(session, group, send_dele=False)
-            raise
-        if group:
-            owed += await self._group_commit(session, group)
+                owed += await self._group_commit(session, group)
         return owed
+
+    async def _retrieved(
+        self,
+        msg: Message,
+        entries: dict[str, Entry],
+        expire_zero: bool,
+        summary: Summary,
+        group: list[_Done],
+        dele_after: list[MessageRef],
+    ) -> None:
+        """Process one retrieved message into ``group`` (or ``dele_after``)."""
+        summary.retrieved += 1
+        summary.bytes += msg.size
+        if msg.size != msg.ref.size:
+            self.log.info(
+                "octet_count_mismatch",
+                uid=msg.ref.uid,
+                listed=msg.ref.size,
+                received=msg.size,
+            )
+        if not msg.ref.uid:
+            msg = self._adopt_hash_uid(msg)
+            hashed = self.journal.get_many(self.name, [msg.ref.uid])
+            entry = hashed.get(msg.ref.uid)
+            if entry is not None and entry.status != Status.PENDING:
+                if entry.delete_due or entry.status == Status.DELETED:
+                    dele_after.append(msg.ref)
+                return
+            if entry is not None:
+                entries[msg.ref.uid] = entry
+        done = await self._run_one(msg, entries.get(msg.ref.uid), summary)
+        if done.failed and expire_zero and done.status == Status.PENDING:
+            # RFC 2449 §6.7: EXPIRE 0 lets the server delete what was RETR'd at QUIT;
+            # keep the raw bytes before that can happen.
+            done = self._quarantine_failed(msg, done, summary)
+        group.append(done)
 
     def _adopt_hash_uid(self, msg: Message) -> Message:
         uid = f"sha256:{msg.sha256}"

@@ -31,10 +31,7 @@ print(json.dumps({
 }))
 """
 
-IGNORE = shutil.ignore_patterns(
-    ".git", "build", "dist", "*.egg-info", "__pycache__", ".mypy_cache", ".ruff_cache",
-    ".pytest_cache", ".venv", "var", "mailpipe-demo", "*.sqlite3*",
-)
+IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.sqlite3*")
 
 
 def plugin_packages_on_disk() -> list[str]:
@@ -73,11 +70,20 @@ def run_outside(python: str, cwd: Path, env: dict[str, str] | None = None) -> di
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Build the wheel from a copy of the checkout (no stale build/ in the tree)."""
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Build the wheel from a snapshot of the checkout; return (wheel, snapshot).
+
+    The snapshot avoids stale files in the tree's build/ and gives the file-list checks
+    the exact sources that went into the wheel.
+    """
     base = tmp_path_factory.mktemp("wheel")
     src = base / "src"
-    shutil.copytree(ROOT, src, ignore=IGNORE)
+    src.mkdir()
+    for item in ROOT.iterdir():  # top-level files (pyproject, README, LICENSE) + packages
+        if item.is_file():
+            shutil.copy2(item, src / item.name)
+    for package in ("mailpipe", "plugins"):
+        shutil.copytree(ROOT / package, src / package, ignore=IGNORE)
     out = base / "dist"
     done = subprocess.run(
         [
@@ -91,7 +97,12 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     (whl,) = out.glob("mailpipe-*.whl")
-    return whl
+    return whl, src
+
+
+@pytest.fixture(scope="module")
+def wheel(built: tuple[Path, Path]) -> Path:
+    return built[0]
 
 
 def test_requires_python_311_and_pep621_metadata() -> None:
@@ -136,11 +147,12 @@ def test_wheel_contains_only_mailpipe(wheel: Path) -> None:
     assert not [n for n in names if n.startswith("plugins/")]
 
 
-def test_wheel_contains_every_plugin_module(wheel: Path) -> None:
+def test_wheel_contains_every_plugin_module(built: tuple[Path, Path]) -> None:
+    wheel, src = built
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = [
-        "mailpipe/plugins/" + p.relative_to(ROOT / "plugins").as_posix()
-        for p in sorted((ROOT / "plugins").rglob("*.py"))
+        "mailpipe/plugins/" + p.relative_to(src / "plugins").as_posix()
+        for p in sorted((src / "plugins").rglob("*.py"))
         if "__pycache__" not in p.parts
     ]
     assert expected
@@ -148,11 +160,12 @@ def test_wheel_contains_every_plugin_module(wheel: Path) -> None:
     assert not missing, f"plugin modules missing from the wheel: {missing}"
 
 
-def test_wheel_contains_every_core_module_and_py_typed(wheel: Path) -> None:
+def test_wheel_contains_every_core_module_and_py_typed(built: tuple[Path, Path]) -> None:
+    wheel, src = built
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = [
-        p.relative_to(ROOT).as_posix()
-        for p in sorted((ROOT / "mailpipe").rglob("*.py"))
+        p.relative_to(src).as_posix()
+        for p in sorted((src / "mailpipe").rglob("*.py"))
         if "__pycache__" not in p.parts
     ]
     missing = [e for e in expected if e not in names]

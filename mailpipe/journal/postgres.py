@@ -1,8 +1,9 @@
 """PostgresJournal: the shared journal for several workers that split many mailboxes.
 
-Same semantics as the SQLite journal: every method commits before it returns, except
-inside :meth:`PostgresJournal.batch` (one transaction, committed at exit, rolled back on
-an exception; inner batches are savepoints).
+Same semantics as the SQLite journal: every method commits before it returns (each is
+one autocommit statement, atomic on its own), except inside
+:meth:`PostgresJournal.batch` (one transaction, committed at exit, rolled back on an
+exception; inner batches are savepoints).
 
 Mailbox locks are leases in ``mailpipe_leases(mailbox, owner, expires_at)``, taken with
 an upsert that succeeds only when the row is absent, expired or already ours, and timed
@@ -25,7 +26,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import structlog
 
-from mailpipe.journal.base import Entry, Status, iter_chunks
+from mailpipe.journal.base import Entry, Status
 from mailpipe.journal.errors import JournalError, SchemaVersionError
 from mailpipe.message import message_key
 
@@ -78,10 +79,6 @@ _MIGRATION_LOCK: Final = 0x6D61696C70697065  # "mailpipe"
 _COLUMNS: Final = (
     "mailbox, uid, key, status, attempts, size, sha256, steps, disposition, reason, "
     "last_error, delete_due, first_seen, updated"
-)
-_ENSURE: Final = (
-    "INSERT INTO mailpipe_journal (mailbox, uid, key, status, first_seen, updated) "
-    "VALUES (%s, %s, %s, 'pending', %s, %s) ON CONFLICT (mailbox, uid) DO NOTHING"
 )
 
 
@@ -173,7 +170,7 @@ class PostgresJournal:
         from psycopg import sql
 
         conn = self._conn
-        with self._lock, conn.transaction():
+        with self._guard(), conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             if self.schema:
                 conn.execute(
@@ -214,7 +211,7 @@ class PostgresJournal:
 
     def schema_version(self) -> int:
         """Return the schema version stored in the database."""
-        with self._lock:
+        with self._guard():
             row = (
                 self._live()
                 .execute("SELECT version FROM mailpipe_schema_version")
@@ -237,15 +234,27 @@ class PostgresJournal:
     # -- transactions ---------------------------------------------------------------
 
     @contextmanager
+    def _translate(self) -> Iterator[None]:
+        """Turn psycopg errors into JournalError."""
+        import psycopg
+
+        try:
+            yield
+        except psycopg.Error as exc:
+            raise JournalError(f"PostgreSQL journal: {exc}") from exc
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Hold the connection lock; turn psycopg errors into JournalError."""
+        with self._lock, self._translate():
+            yield
+
+    @contextmanager
     def _tx(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
-        """One durable transaction, or a part of the open batch."""
-        with self._lock:
-            conn = self._live()
-            if self._depth:
-                yield conn
-                return
-            with conn.transaction():
-                yield conn
+        """The connection for one write: a single autocommit statement (atomic and
+        durable on return), or a part of the open batch."""
+        with self._guard():
+            yield self._live()
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -253,7 +262,7 @@ class PostgresJournal:
 
         Re-entrant: an inner batch is a savepoint, rolled back alone on its exception.
         """
-        with self._lock:
+        with self._guard():
             tx = self._live().transaction()
             tx.__enter__()
             self._transactions.append(tx)
@@ -261,12 +270,12 @@ class PostgresJournal:
         try:
             yield
         except BaseException as exc:
-            with self._lock:
+            with self._guard():
                 self._depth -= 1
                 self._transactions.pop()
                 tx.__exit__(type(exc), exc, exc.__traceback__)
             raise
-        with self._lock:
+        with self._guard():
             self._depth -= 1
             self._transactions.pop()
             tx.__exit__(None, None, None)
@@ -275,35 +284,36 @@ class PostgresJournal:
 
     def get_many(self, mailbox: str, uids: Iterable[str]) -> dict[str, Entry]:
         """Return the entries of ``uids`` that exist, by uid."""
-        found: dict[str, Entry] = {}
-        with self._lock:
-            conn = self._live()
-            for chunk in iter_chunks(uids, 5000):
-                rows = conn.execute(
+        with self._guard():
+            rows = (
+                self._live()
+                .execute(
                     f"SELECT {_COLUMNS} FROM mailpipe_journal "
                     "WHERE mailbox = %s AND uid = ANY(%s)",
-                    (mailbox, chunk),
-                ).fetchall()
-                for row in rows:
-                    found[row[1]] = _entry(row)
-        return found
+                    (mailbox, list(uids)),
+                )
+                .fetchall()
+            )
+        return {row[1]: _entry(row) for row in rows}
 
     def begin(self, mailbox: str, uid: str, *, key: str, size: int) -> Entry:
         """Insert a PENDING entry if absent; return the current entry."""
         now = self._clock()
+        select = (
+            f"SELECT {_COLUMNS} FROM mailpipe_journal WHERE mailbox = %s AND uid = %s"
+        )
         with self._tx() as conn:
-            conn.execute(
-                "INSERT INTO mailpipe_journal "
+            row = conn.execute(
+                "WITH ins AS (INSERT INTO mailpipe_journal "
                 "(mailbox, uid, key, status, size, first_seen, updated) "
                 "VALUES (%s, %s, %s, 'pending', %s, %s, %s) "
-                "ON CONFLICT (mailbox, uid) DO NOTHING",
-                (mailbox, uid, key, size, now, now),
-            )
-            row = conn.execute(
-                f"SELECT {_COLUMNS} FROM mailpipe_journal "
-                "WHERE mailbox = %s AND uid = %s",
-                (mailbox, uid),
+                f"ON CONFLICT (mailbox, uid) DO NOTHING RETURNING {_COLUMNS}) "
+                f"SELECT {_COLUMNS} FROM ins UNION ALL "
+                f"{select} AND NOT EXISTS (SELECT 1 FROM ins)",
+                (mailbox, uid, key, size, now, now, mailbox, uid),
             ).fetchone()
+            if row is None:  # inserted concurrently after this statement's snapshot
+                row = conn.execute(select, (mailbox, uid)).fetchone()
         assert row is not None
         return _entry(row)
 
@@ -311,13 +321,14 @@ class PostgresJournal:
         """Record that chain step ``step`` durably committed for this message."""
         now = self._clock()
         with self._tx() as conn:
-            conn.execute(_ENSURE, (mailbox, uid, message_key(mailbox, uid), now, now))
             conn.execute(
-                "UPDATE mailpipe_journal "
-                "SET steps = steps || jsonb_build_array(%s::text),"
-                " updated = %s WHERE mailbox = %s AND uid = %s "
-                "AND NOT steps @> jsonb_build_array(%s::text)",
-                (step, now, mailbox, uid, step),
+                "INSERT INTO mailpipe_journal AS j "
+                "(mailbox, uid, key, status, steps, first_seen, updated) "
+                "VALUES (%s, %s, %s, 'pending', jsonb_build_array(%s::text), %s, %s) "
+                "ON CONFLICT (mailbox, uid) DO UPDATE "
+                "SET steps = j.steps || EXCLUDED.steps, updated = EXCLUDED.updated "
+                "WHERE NOT j.steps @> EXCLUDED.steps",
+                (mailbox, uid, message_key(mailbox, uid), step, now, now),
             )
 
     def finish(
@@ -334,20 +345,26 @@ class PostgresJournal:
         """Set the final status of a chain run; ``sha256=None`` keeps a known hash."""
         now = self._clock()
         with self._tx() as conn:
-            conn.execute(_ENSURE, (mailbox, uid, message_key(mailbox, uid), now, now))
             conn.execute(
-                "UPDATE mailpipe_journal SET status = %s, disposition = %s, "
-                "sha256 = COALESCE(%s, sha256), reason = %s, delete_due = %s, "
-                "updated = %s WHERE mailbox = %s AND uid = %s",
+                "INSERT INTO mailpipe_journal AS j (mailbox, uid, key, status, "
+                "disposition, sha256, reason, delete_due, first_seen, updated) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (mailbox, uid) DO UPDATE SET status = EXCLUDED.status, "
+                "disposition = EXCLUDED.disposition, "
+                "sha256 = COALESCE(EXCLUDED.sha256, j.sha256), "
+                "reason = EXCLUDED.reason, delete_due = EXCLUDED.delete_due, "
+                "updated = EXCLUDED.updated",
                 (
+                    mailbox,
+                    uid,
+                    message_key(mailbox, uid),
                     Status(status).value,
                     disposition,
                     sha256,
                     reason,
                     delete_due,
                     now,
-                    mailbox,
-                    uid,
+                    now,
                 ),
             )
 
@@ -355,12 +372,23 @@ class PostgresJournal:
         """Record a failed attempt (``counted`` adds one); return the attempts."""
         now = self._clock()
         with self._tx() as conn:
-            conn.execute(_ENSURE, (mailbox, uid, message_key(mailbox, uid), now, now))
             row = conn.execute(
-                "UPDATE mailpipe_journal "
-                "SET attempts = attempts + %s, last_error = %s, "
-                "updated = %s WHERE mailbox = %s AND uid = %s RETURNING attempts",
-                (int(counted), error, now, mailbox, uid),
+                "INSERT INTO mailpipe_journal AS j (mailbox, uid, key, status, "
+                "attempts, last_error, first_seen, updated) "
+                "VALUES (%s, %s, %s, 'pending', %s, %s, %s, %s) "
+                "ON CONFLICT (mailbox, uid) DO UPDATE "
+                "SET attempts = j.attempts + EXCLUDED.attempts, "
+                "last_error = EXCLUDED.last_error, updated = EXCLUDED.updated "
+                "RETURNING attempts",
+                (
+                    mailbox,
+                    uid,
+                    message_key(mailbox, uid),
+                    int(counted),
+                    error,
+                    now,
+                    now,
+                ),
             ).fetchone()
         assert row is not None
         return int(row[0])
@@ -369,13 +397,12 @@ class PostgresJournal:
         """After QUIT +OK: ``uids`` are gone; status DELETED, delete_due False."""
         now = self._clock()
         with self._tx() as conn:
-            for chunk in iter_chunks(uids, 5000):
-                conn.execute(
-                    "UPDATE mailpipe_journal "
-                    "SET status = 'deleted', delete_due = false, "
-                    "updated = %s WHERE mailbox = %s AND uid = ANY(%s)",
-                    (now, mailbox, chunk),
-                )
+            conn.execute(
+                "UPDATE mailpipe_journal "
+                "SET status = 'deleted', delete_due = false, "
+                "updated = %s WHERE mailbox = %s AND uid = ANY(%s)",
+                (now, mailbox, list(uids)),
+            )
 
     def list(
         self,
@@ -393,7 +420,7 @@ class PostgresJournal:
             where.append("status = %s")
             params.append(Status(status).value)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        with self._lock:
+        with self._guard():
             rows = (
                 self._live()
                 .execute(
@@ -407,45 +434,36 @@ class PostgresJournal:
 
     def forget(self, mailbox: str, uids: Iterable[str] | None = None) -> int:
         """Delete entries (the whole mailbox when ``uids`` is None); count them."""
-        removed = 0
         with self._tx() as conn:
             if uids is None:
-                removed = conn.execute(
+                return conn.execute(
                     "DELETE FROM mailpipe_journal WHERE mailbox = %s", (mailbox,)
                 ).rowcount
-            else:
-                for chunk in iter_chunks(uids, 5000):
-                    removed += conn.execute(
-                        "DELETE FROM mailpipe_journal WHERE mailbox = %s "
-                        "AND uid = ANY(%s)",
-                        (mailbox, chunk),
-                    ).rowcount
-        return removed
+            return conn.execute(
+                "DELETE FROM mailpipe_journal WHERE mailbox = %s AND uid = ANY(%s)",
+                (mailbox, list(uids)),
+            ).rowcount
 
     def mark_seen(self, mailbox: str, items: Iterable[tuple[str, str, int]]) -> int:
         """Adopt (uid, key, size) items as KEPT, unprocessed; return how many new."""
         now = self._clock()
-        added = 0
         rows = list(items)
         with self._tx() as conn:
-            for start in range(0, len(rows), 5000):
-                part = rows[start : start + 5000]
-                added += conn.execute(
-                    "INSERT INTO mailpipe_journal (mailbox, uid, key, status, size, "
-                    "disposition, reason, first_seen, updated) "
-                    "SELECT %s, u.uid, u.key, 'kept', u.size, 'keep', 'seen', %s, %s "
-                    "FROM unnest(%s::text[], %s::text[], %s::bigint[]) "
-                    "AS u(uid, key, size) ON CONFLICT (mailbox, uid) DO NOTHING",
-                    (
-                        mailbox,
-                        now,
-                        now,
-                        [uid for uid, _, _ in part],
-                        [key for _, key, _ in part],
-                        [size for _, _, size in part],
-                    ),
-                ).rowcount
-        return added
+            return conn.execute(
+                "INSERT INTO mailpipe_journal (mailbox, uid, key, status, size, "
+                "disposition, reason, first_seen, updated) "
+                "SELECT %s, u.uid, u.key, 'kept', u.size, 'keep', 'seen', %s, %s "
+                "FROM unnest(%s::text[], %s::text[], %s::bigint[]) "
+                "AS u(uid, key, size) ON CONFLICT (mailbox, uid) DO NOTHING",
+                (
+                    mailbox,
+                    now,
+                    now,
+                    [uid for uid, _, _ in rows],
+                    [key for _, key, _ in rows],
+                    [size for _, _, size in rows],
+                ),
+            ).rowcount
 
     def prune(
         self, mailbox: str, present: Iterable[str], older_than_days: float
@@ -476,7 +494,7 @@ class PostgresJournal:
         Succeeds when no lease exists, the lease expired (a dead worker's), or ``owner``
         already holds it (then it is extended).
         """
-        with self._lease_lock:
+        with self._lease_lock, self._translate():
             row = (
                 self._lease_connection()
                 .execute(
@@ -499,7 +517,7 @@ class PostgresJournal:
 
     def renew_mailbox(self, mailbox: str, *, owner: str, ttl: float) -> bool:
         """Extend the lease by ``ttl`` from now if ``owner`` still holds it."""
-        with self._lease_lock:
+        with self._lease_lock, self._translate():
             row = (
                 self._lease_connection()
                 .execute(
@@ -518,7 +536,7 @@ class PostgresJournal:
 
     def unlock_mailbox(self, mailbox: str, *, owner: str) -> None:
         """Release the lease if ``owner`` holds it."""
-        with self._lease_lock:
+        with self._lease_lock, self._translate():
             self._lease_connection().execute(
                 "DELETE FROM mailpipe_leases WHERE mailbox = %s AND owner = %s",
                 (mailbox, owner),

@@ -141,7 +141,7 @@ class SqliteJournal:
     # -- schema ---------------------------------------------------------------------
 
     def _migrate(self) -> None:
-        with self._lock:
+        with self._guard():
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -182,11 +182,20 @@ class SqliteJournal:
 
     def schema_version(self) -> int:
         """Return the schema version stored in the database."""
-        with self._lock:
+        with self._guard():
             row = self._conn.execute("SELECT version FROM schema_version").fetchone()
         return int(row[0])
 
     # -- transactions ---------------------------------------------------------------
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Hold the connection lock; turn sqlite3 errors into JournalError."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.Error as exc:
+                raise JournalError(f"journal {self.path}: {exc}") from exc
 
     def _now(self) -> float:
         return self._clock().timestamp()
@@ -194,7 +203,7 @@ class SqliteJournal:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One durable transaction, or a part of the open batch."""
-        with self._lock:
+        with self._guard():
             if self._closed:
                 raise JournalError(f"journal {self.path} is closed")
             if self._depth:
@@ -215,7 +224,7 @@ class SqliteJournal:
 
         Re-entrant: an inner batch is a savepoint, rolled back alone on its exception.
         """
-        with self._lock:
+        with self._guard():
             if self._closed:
                 raise JournalError(f"journal {self.path} is closed")
             depth = self._depth + 1
@@ -227,7 +236,7 @@ class SqliteJournal:
         try:
             yield
         except BaseException:
-            with self._lock:
+            with self._guard():
                 try:
                     if depth == 1:
                         self._conn.execute("ROLLBACK")
@@ -237,7 +246,7 @@ class SqliteJournal:
                 finally:
                     self._depth = depth - 1
             raise
-        with self._lock:
+        with self._guard():
             try:
                 self._conn.execute("COMMIT" if depth == 1 else f"RELEASE {savepoint}")
             except BaseException:
@@ -269,7 +278,7 @@ class SqliteJournal:
     def get_many(self, mailbox: str, uids: Iterable[str]) -> dict[str, Entry]:
         """Return the entries of ``uids`` that exist, by uid."""
         found: dict[str, Entry] = {}
-        with self._lock:
+        with self._guard():
             for chunk in iter_chunks(uids):
                 marks = ",".join("?" * len(chunk))
                 rows = self._conn.execute(
@@ -383,7 +392,7 @@ class SqliteJournal:
             where.append("status = ?")
             params.append(Status(status).value)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        with self._lock:
+        with self._guard():
             rows = self._conn.execute(
                 f"SELECT {_COLUMNS} FROM entries {clause} "
                 "ORDER BY first_seen DESC, rowid DESC LIMIT ?",

@@ -86,18 +86,40 @@ def pop3_server(pop3_server_factory: Callable[..., Pop3Server]) -> Pop3Server:
 
 
 @pytest.fixture
-def smtp_sink() -> Iterator[Any]:
-    """A real in-process SMTP server on 127.0.0.1 that records what it receives."""
-    from .sinks import SmtpSink  # type: ignore[import-not-found,unused-ignore]
+def smtp_sink_factory() -> Iterator[Callable[..., Any]]:
+    """Start :class:`~mailpipe.testing.sinks.SmtpSink` servers with any options
+    (``tls=``, ``auth=``, ``reply_code=``...); all stop at teardown."""
+    from .sinks import SmtpSink
 
-    with SmtpSink() as sink:
-        yield sink
+    with ExitStack() as stack:
+
+        def make(**options: Any) -> Any:
+            return stack.enter_context(SmtpSink(**options))
+
+        yield make
 
 
 @pytest.fixture
-def http_sink() -> Iterator[Any]:
-    """A real in-process HTTP server on 127.0.0.1 that records the requests it gets."""
-    from .sinks import HttpSink  # type: ignore[import-not-found,unused-ignore]
+def smtp_sink(smtp_sink_factory: Callable[..., Any]) -> Any:
+    """A real in-process SMTP server on 127.0.0.1 that records what it receives."""
+    return smtp_sink_factory()
 
-    with HttpSink() as sink:
-        yield sink
+
+@pytest.fixture
+def http_sink_factory() -> Iterator[Callable[..., Any]]:
+    """Start :class:`~mailpipe.testing.sinks.HttpSink` servers with any options
+    (``responses=``, ``tls=``...); all stop at teardown."""
+    from .sinks import HttpSink
+
+    with ExitStack() as stack:
+
+        def make(*args: Any, **options: Any) -> Any:
+            return stack.enter_context(HttpSink(*args, **options))
+
+        yield make
+
+
+@pytest.fixture
+def http_sink(http_sink_factory: Callable[..., Any]) -> Any:
+    """A real in-process HTTP server on 127.0.0.1 that records the requests it gets."""
+    return http_sink_factory()

@@ -165,7 +165,8 @@ class SmtpSink:
     :param auth_mechanisms: the AUTH mechanisms offered (aiosmtpd has PLAIN and LOGIN).
 
     Attributes while running: ``host``, ``port``, ``ca_file`` (PEM path of the CA, None
-    without TLS) and ``messages`` (a snapshot list of :class:`ReceivedMail`).
+    without TLS), ``messages`` (a snapshot list of :class:`ReceivedMail`),
+    ``connections`` (client connections accepted) and ``auth_attempts``.
     """
 
     host = "127.0.0.1"
@@ -193,6 +194,8 @@ class SmtpSink:
         self.port = 0
         self.ca_file: Path | None = None
         self.auth_attempts: list[tuple[str, bool]] = []
+        self.connections = 0
+        self._protocols: list[Any] = []
         self._messages: list[ReceivedMail] = []
         self._lock = threading.Lock()
         self._tls: _Tls | None = None
@@ -231,6 +234,8 @@ class SmtpSink:
         """Start the server thread and wait until it listens (idempotent)."""
         if self._thread is not None:
             return
+        self._ready.clear()
+        self._error = None
         if self.tls is not None:
             self._tls = _Tls()
             self.ca_file = self._tls.ca_file
@@ -247,7 +252,7 @@ class SmtpSink:
         self._loop = loop
         handler = _SmtpHandler(self)
         server_ctx = self._tls.server_context() if self._tls else None
-        protocols: list[Any] = []
+        protocols = self._protocols
 
         def factory() -> Any:
             smtp = SMTP(
@@ -266,7 +271,9 @@ class SmtpSink:
                 ],
                 timeout=30,
             )
-            protocols.append(smtp)
+            with self._lock:
+                protocols.append(smtp)
+                self.connections += 1
             return smtp
 
         async def serve() -> None:
@@ -283,9 +290,7 @@ class SmtpSink:
                 await self._stop.wait()
             finally:
                 server.close()
-                for smtp in protocols:
-                    if smtp.transport is not None:
-                        smtp.transport.close()
+                self._close_transports()
                 await asyncio.sleep(0)
 
         try:
@@ -299,6 +304,27 @@ class SmtpSink:
             self._ready.set()
         finally:
             loop.close()
+
+    def _close_transports(self) -> None:
+        with self._lock:
+            protocols = list(self._protocols)
+        for smtp in protocols:
+            if smtp.transport is not None:
+                smtp.transport.close()
+
+    def disconnect_all(self) -> None:
+        """Fault injection: drop every open client connection (as an idle timeout does)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        done = threading.Event()
+
+        def close() -> None:
+            self._close_transports()
+            done.set()
+
+        loop.call_soon_threadsafe(close)
+        done.wait(_START_TIMEOUT)
 
     def stop(self) -> None:
         """Stop the server, join its thread and delete the CA file."""
@@ -484,6 +510,7 @@ class HttpSink:
         """Bind, start the serving thread and return once it accepts (idempotent)."""
         if self._thread is not None:
             return
+        self._closing.clear()
         server = _HttpServer((self.host, 0), _HttpHandler)
         server.sink = self
         if self.tls:

@@ -1,4 +1,4 @@
-"""Built-in plugin `filter` (registered through the same hooks as third-party plugins)."""
+"""Built-in plugin `filter`: declarative rules (see docs/filter.md and rules.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ from typing import Any
 
 from mailpipe import hookimpl
 
+from .conditions import Condition, Facts
+from .processor import FilterOptions, FilterProcessor
+from .rules import Rule
+
+__all__ = ["Condition", "Facts", "FilterOptions", "FilterProcessor", "Rule"]
+
 
 @hookimpl
 def mailpipe_register_processors(register: Any) -> None:
-    """Register this plugin's processors (none yet)."""
+    """Register the `filter` processor."""
+    register(FilterProcessor)

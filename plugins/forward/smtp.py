@@ -87,6 +87,14 @@ class SmtpForwardOptions(BaseModel):
         "or a 4xx reply.",
     )
     backoff: Duration = Field(default=1.0, description="First delay between retries.")
+    reuse_connection: bool = Field(
+        default=True,
+        description="Keep the relay connection open across the messages of a session "
+        "(checked with NOOP before reuse).",
+    )
+    messages_per_connection: int = Field(
+        default=100, ge=1, description="Reconnect after this many messages."
+    )
     on_partial: Literal["fail", "commit"] = Field(
         default="fail",
         description="When some recipients are refused and others accepted: 'fail' "
@@ -146,12 +154,16 @@ class SmtpForwardProcessor:
         )
         domain = options.envelope_from.rpartition("@")[2]
         self._domain = domain if domain.isascii() else "mailpipe.invalid"
+        self._client: aiosmtplib.SMTP | None = None
+        self._sent = 0
         self._rcpt_tag = hashlib.sha256(",".join(sorted(options.to)).encode()).hexdigest()
 
     def resent_headers(self, message: Message) -> bytes:
         """The header block prepended to the original: X-Mailpipe-Key then Resent-*."""
         o = self.options
-        block = EmailMessage(policy=email.policy.SMTP)
+        # RFC 6532: UTF-8 addresses are written raw (and sent with SMTPUTF8).
+        utf8 = not all(a.isascii() for a in [*o.to, o.resent_from or o.envelope_from])
+        block = EmailMessage(policy=email.policy.SMTPUTF8 if utf8 else email.policy.SMTP)
         block["X-Mailpipe-Key"] = message.key
         # RFC 5322 §3.6.6: Resent-Date and Resent-From MUST be present, Resent-Message-ID
         # SHOULD; the block is prepended as a group, above the original fields.
@@ -166,14 +178,14 @@ class SmtpForwardProcessor:
         msg_id = f"<{message.key}.{self._rcpt_tag[:12]}@{self._domain}>"
         return rendered + f"Resent-Message-ID: {msg_id}\r\n".encode("ascii")
 
-    def _mail_options(self, raw: bytes) -> tuple[list[str], bool]:
-        """Return (MAIL options, SMTPUTF8 required) for ``raw`` and the envelope."""
+    def _mail_options(self, data: bytes) -> tuple[list[str], bool]:
+        """Return (MAIL options, SMTPUTF8 required) for ``data`` and the envelope."""
         options: list[str] = []
         envelope = [self.options.envelope_from, *self.options.to]
         utf8_required = not all(a.isascii() for a in envelope)
-        if not raw.isascii():
+        if not data.isascii():
             options.append("BODY=8BITMIME")  # RFC 6152: 8-bit octets in the content
-            head = _HEADER_END.split(raw, maxsplit=1)[0]
+            head = _HEADER_END.split(data, maxsplit=1)[0]
             if not head.isascii():
                 options.append("SMTPUTF8")  # RFC 6531: raw UTF-8 in header fields
         if utf8_required and "SMTPUTF8" not in options:
@@ -189,7 +201,7 @@ class SmtpForwardProcessor:
             return
         raw = message.raw
         data = self.resent_headers(message) + raw
-        wanted, utf8_required = self._mail_options(raw)
+        wanted, utf8_required = self._mail_options(data)
         delays = Backoff(retries=o.retries, base=o.backoff, cap=60.0).delays()
         attempt = 0
         while True:
@@ -216,8 +228,37 @@ class SmtpForwardProcessor:
             reply=redact(reply)[:200],
         )
 
-    async def _send(self, data: bytes, wanted: list[str], utf8_required: bool) -> str:
+    async def open(self) -> None:
+        """Nothing to do up front: the connection opens with the first message."""
+
+    async def close(self) -> None:
+        """QUIT and close the session's relay connection, if one is open."""
+        await self._drop(polite=True)
+
+    async def _drop(self, *, polite: bool = False) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            if polite and client.is_connected:
+                await client.quit()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            pass  # the relay has what it accepted; QUIT is a courtesy here
+        finally:
+            client.close()
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        """The session's open connection if NOOP still answers, else a new one."""
         o = self.options
+        client = self._client
+        if client is not None:
+            if client.is_connected and self._sent < o.messages_per_connection:
+                try:
+                    await client.noop()
+                    return client
+                except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                    pass  # idle timeout on the relay's side: reconnect
+            await self._drop(polite=True)
         client = aiosmtplib.SMTP(
             hostname=o.host,
             port=self.port,
@@ -231,26 +272,58 @@ class SmtpForwardProcessor:
             username=o.username,
             password=o.password.get() if o.password is not None else None,
         )
+        self._client = client  # before connect(), so a failure closes it
+        self._sent = 0
+        await client.connect()
+        return client
+
+    async def _send(self, data: bytes, wanted: list[str], utf8_required: bool) -> str:
+        o = self.options
+        try:
+            refused, reply = await self._transaction(data, wanted, utf8_required)
+        except BaseException:
+            await self._drop()  # state unknown after any error: start afresh next time
+            raise
+        self._sent += 1
+        if not o.reuse_connection:
+            await self._drop(polite=True)
+        where = f"{o.host}:{self.port}"
+        if refused:
+            detail = ", ".join(f"{a} ({r.code})" for a, r in refused.items())
+            if o.on_partial == "commit":
+                log.warning("forward_recipients_refused", processor=self.name,
+                            refused=detail, accepted=len(o.to) - len(refused))
+                return reply
+            code = min(r.code for r in refused.values())
+            raise _classify(code, f"relay {where} refused {detail}; the others "
+                            "accepted the message")
+        return reply
+
+    async def _transaction(
+        self, data: bytes, wanted: list[str], utf8_required: bool
+    ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
+        """Connect (or reuse), then MAIL/RCPT/DATA; SMTP errors become our failures."""
+        o = self.options
         where = f"{o.host}:{self.port}"
         try:
-            async with client:
-                if wanted and client.is_ehlo_or_helo_needed:
-                    await client.ehlo()
-                options = [
-                    opt for opt in wanted if client.supports_extension(_EXTENSION[opt])
-                ]
-                if utf8_required and "SMTPUTF8" not in options:
-                    raise PermanentFailure(
-                        f"relay {where} lacks SMTPUTF8, needed for the envelope addresses"
-                    )
-                if "BODY=8BITMIME" in wanted and "BODY=8BITMIME" not in options:
-                    # RFC 6152 §3: 8-bit data only to servers that advertise 8BITMIME.
-                    raise PermanentFailure(
-                        f"relay {where} lacks 8BITMIME, needed for this message"
-                    )
-                refused, reply = await client.sendmail(
-                    o.envelope_from, o.to, data, mail_options=options
+            client = await self._connect()
+            if wanted and client.is_ehlo_or_helo_needed:
+                await client.ehlo()
+            options = [
+                opt for opt in wanted if client.supports_extension(_EXTENSION[opt])
+            ]
+            if utf8_required and "SMTPUTF8" not in options:
+                raise PermanentFailure(
+                    f"relay {where} lacks SMTPUTF8, needed for the envelope addresses"
                 )
+            if "BODY=8BITMIME" in wanted and "BODY=8BITMIME" not in options:
+                # RFC 6152 §3: 8-bit data only to servers that advertise 8BITMIME.
+                raise PermanentFailure(
+                    f"relay {where} lacks 8BITMIME, needed for this message"
+                )
+            return await client.sendmail(
+                o.envelope_from, o.to, data, mail_options=options
+            )
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [r.code for r in exc.recipients]
             raise _classify(min(codes), f"relay {where} refused every recipient: "
@@ -271,16 +344,6 @@ class SmtpForwardProcessor:
             raise TemporaryFailure(
                 f"relay {where}: {type(exc).__name__}: {_clean(str(exc))}"
             ) from None
-        if refused:
-            detail = ", ".join(f"{a} ({r.code})" for a, r in refused.items())
-            if o.on_partial == "commit":
-                log.warning("forward_recipients_refused", processor=self.name,
-                            refused=detail, accepted=len(o.to) - len(refused))
-                return reply
-            code = min(r.code for r in refused.values())
-            raise _classify(code, f"relay {where} refused {detail}; the others "
-                            "accepted the message")
-        return reply
 
 
 def _classify(code: int, text: str) -> TemporaryFailure | PermanentFailure:

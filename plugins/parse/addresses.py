@@ -84,7 +84,7 @@ def _unquote(name: str) -> str:
 def _entry(entry: str) -> tuple[str, str]:
     m = _ANGLE.match(entry)
     if m is not None:
-        name = _unquote(_COMMENT.sub(" ", m.group(1)))
+        name = _unquote(_COMMENT.sub(" ", m.group(1))).strip("<> ")
         addr = m.group(2)
         if not name:  # "<a@b> (Name)"
             comment = _COMMENT.search(m.group(3))
@@ -137,9 +137,11 @@ def parse_addresses(
                 continue
             if "@" in addr:
                 local, _, domain = addr.rpartition("@")
+                if not local or not domain or "@" in local.strip('"'):
+                    problems.append(f"invalid address {addr[:80]!r}")
                 addr = f"{local}@{idn_to_unicode(domain)}"
             elif " " in addr:  # no address at all, e.g. "Undisclosed recipients"
-                name, addr = addr if not name else name, ""
+                name, addr = name or addr, ""
             out.append(Address(name=name, address=addr))
     return out, problems
 

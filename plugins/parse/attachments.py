@@ -131,7 +131,9 @@ def extract_uuencoded(text: str) -> tuple[str, list[Extracted], list[str]]:
             problems.append(f"uuencoded {begin.group(2)!r}: {bad} undecodable line(s)")
         out.append(text[pos : begin.start()])
         pos = end.end()
-        files.append(Extracted(begin.group(2), _guess_type(begin.group(2)), bytes(data)))
+        files.append(
+            Extracted(begin.group(2), _guess_type(begin.group(2)), bytes(data))
+        )
     out.append(text[pos:])
     return "".join(out), files, problems
 
@@ -143,7 +145,9 @@ def _guess_type(filename: str | None) -> str:
     return guessed or "application/octet-stream"
 
 
-def expand_tnef(data: bytes) -> tuple[list[Extracted], str | None, str | None, list[str]]:
+def expand_tnef(
+    data: bytes,
+) -> tuple[list[Extracted], str | None, str | None, list[str]]:
     """Expand a TNEF stream: (files, plain body, html body, problems); never raises."""
     try:
         from tnefparse import TNEF

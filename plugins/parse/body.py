@@ -22,9 +22,10 @@ def html_charset(data: bytes) -> str | None:
 class BodyParts:
     """Collects body parts in document order and decides the text and HTML bodies.
 
-    Every inline text/plain part without a file name joins the text body (mailing-list
-    footers, split bodies); likewise for text/html. TNEF bodies are used only when the
-    MIME structure gave none.
+    Every non-blank inline text/plain part without a file name joins the text body
+    (mailing-list footers, split bodies); likewise for text/html. TNEF bodies are used
+    only when the MIME structure gave none; HTML is rendered as text when no plain
+    part has content.
     """
 
     texts: list[str] = field(default_factory=list)
@@ -50,10 +51,11 @@ class BodyParts:
 
     def result(self) -> tuple[str | None, str | None, bool]:
         """Return (text, html, text_from_html)."""
-        texts = self.texts or self.fallback_texts
-        htmls = self.htmls or self.fallback_htmls
-        text = "\n".join(texts) if texts else None
+        texts = [t for t in self.texts if t.strip()] or self.fallback_texts
+        htmls = [h for h in self.htmls if h.strip()] or self.fallback_htmls
         html = "\n".join(htmls) if htmls else None
-        if text is None and html is not None:
+        if texts:
+            return "\n".join(texts), html, False
+        if html is not None:
             return html_to_text(html), html, True
-        return text, html, False
+        return ("" if self.texts or self.htmls else None), html, False

@@ -55,16 +55,38 @@ _ALIASES: dict[str, str] = {
 
 #: Codecs whose ASCII-only bytes do not mean ASCII text.
 _ASCII_UNSAFE = {
-    "utf-7", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be",
-    "iso2022_jp", "iso2022_jp_1", "iso2022_jp_2", "iso2022_jp_2004", "iso2022_jp_3",
-    "iso2022_jp_ext", "iso2022_kr", "hz",
+    "utf-7",
+    "utf-16",
+    "utf-16-le",
+    "utf-16-be",
+    "utf-32",
+    "utf-32-le",
+    "utf-32-be",
+    "iso2022_jp",
+    "iso2022_jp_1",
+    "iso2022_jp_2",
+    "iso2022_jp_2004",
+    "iso2022_jp_3",
+    "iso2022_jp_ext",
+    "iso2022_kr",
+    "hz",
 }
 
 #: Single-byte Western charsets that mail often declares for UTF-8 bytes.
 _WESTERN = {"ascii", "cp1252", "latin-1", "iso8859-15"}
 
 #: Python codecs that are not text encodings and must never be used for mail text.
-_NOT_TEXT = {"base64", "hex", "quopri", "uu", "zlib", "bz2", "rot13", "punycode", "idna"}
+_NOT_TEXT = {
+    "base64",
+    "hex",
+    "quopri",
+    "uu",
+    "zlib",
+    "bz2",
+    "rot13",
+    "punycode",
+    "idna",
+}
 
 
 @lru_cache(maxsize=512)
@@ -95,7 +117,9 @@ def _detect(data: bytes) -> str | None:
         return None
     if best is None:
         return None
-    return codec_for(best.encoding)
+    codec = codec_for(best.encoding)
+    # a guess of UTF-16/32/7 or ISO-2022 for mail bytes is noise: those are declared
+    return None if codec in _ASCII_UNSAFE else codec
 
 
 def decode_text(data: bytes, label: str | None) -> tuple[str, str | None]:
@@ -173,6 +197,11 @@ def decode_header_bytes(data: bytes, hint: str | None) -> tuple[str, str | None]
         return data.decode("utf-8"), None
     except UnicodeDecodeError:
         pass
+    text = data.decode("utf-8", "replace")
+    bad = text.count("\ufffd")
+    if bad * 40 <= len(text) and len(text) - bad > len(text.encode("ascii", "ignore")):
+        # mostly valid UTF-8 (e.g. a name truncated mid-character)
+        return text, "8-bit header: invalid UTF-8 bytes replaced"
     codec = codec_for(hint)
     if codec is not None and codec not in ("ascii", "utf-8"):
         try:

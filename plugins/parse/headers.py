@@ -9,7 +9,7 @@ from .charsets import codec_for, decode_header_bytes, decode_text
 
 # RFC 5322 §2.2.3: unfolding removes each CRLF that is followed by WSP; the folding
 # white space is shown as one space, as mail readers do.
-_FOLD = re.compile(r"[ \t]*\r?\n[ \t]+")
+_FOLD = re.compile(r"(?:[ \t]*\r?\n[ \t]+)+")
 _EOL = re.compile(r"[\r\n]+")
 # RFC 2047 §2: =?charset?encoding?encoded-text?= (RFC 2231 §5 allows charset*lang).
 # Matched leniently (spaces seen in the wild) but never across lines.
@@ -87,7 +87,9 @@ def decode_words(value: str) -> tuple[str, list[str]]:
             out.append(between)
         charset = m.group(1).split("*", 1)[0].lower()
         try:
-            data = _decode_b(m.group(3)) if m.group(2) in "Bb" else _decode_q(m.group(3))
+            data = (
+                _decode_b(m.group(3)) if m.group(2) in "Bb" else _decode_q(m.group(3))
+            )
         except Exception as exc:  # pragma: no cover - defensive
             problems.append(f"encoded-word: {type(exc).__name__}")
             flush()

@@ -11,7 +11,7 @@ _ITEM = re.compile(r"<li\b[^<>]*>", re.I)
 _PARA = re.compile(r"</?(?:p|h[1-6]|table|blockquote|pre)\b[^<>]*>", re.I)
 _BLOCK = re.compile(
     r"</?(?:address|article|aside|div|dl|dt|dd|fieldset|figcaption|figure|footer|form"
-    r"|header|li|main|nav|ol|section|tr|ul)\b[^<>]*>",
+    r"|header|main|nav|ol|section|tr|ul)\b[^<>]*>",
     re.I,
 )
 _CELL = re.compile(r"<t[dh]\b[^<>]*>", re.I)

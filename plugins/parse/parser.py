@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -10,6 +11,9 @@ from email import policy as email_policy
 from email.message import Message
 from email.parser import BytesParser
 from email.utils import parsedate_to_datetime
+from typing import Any
+
+from pydantic import BaseModel
 
 from . import autoreply
 from .addresses import parse_addresses
@@ -29,10 +33,11 @@ _PARSER = BytesParser(policy=email_policy.compat32)
 _HEADERS_PARSER = BytesParser(policy=email_policy.compat32)
 _ANGLE_ID = re.compile(r"<([^<>]*)>")
 _SUBJECT_PREFIX = re.compile(
-    r"^(?:\s*(?:re|fwd?|aw|wg|sv|vs|antw|rif|r|tr|odp|ynt|res|enc)\s*(?:\[\d+\])?\s*[:：]"
+    r"^(?:\s*(?:re|fwd?|aw|wg|sv|vs|antw|rif|r|tr|odp|ynt|res|enc)\s*(?:\[\d+\])?\s*[:\uff1a]"
     r"|\s*\[[^\]]*\])+",
     re.I,
 )
+_NOT_B64 = re.compile(rb"[^A-Za-z0-9+/]")
 _MAX_DEPTH = 40
 _MAX_PARTS = 5000
 _ADDRESS_FIELDS = (
@@ -105,7 +110,9 @@ def parse_message(
     try:
         return _parse(raw, base)
     except Exception as exc:  # last resort: keep what the headers give
-        defect = Defect(part="", kind="ParseFailed", detail=f"{type(exc).__name__}: {exc}")
+        defect = Defect(
+            part="", kind="ParseFailed", detail=f"{type(exc).__name__}: {exc}"
+        )
         try:
             msg = _HEADERS_PARSER.parsebytes(raw, headersonly=True)
             record, _ = _record(msg, base, _State(), body=False)
@@ -156,10 +163,10 @@ def _record(
 
     message_id = _first_id(by_name.get("message-id"))
     fields["message_id"] = message_id
-    date_raw = (by_name.get("date") or [None])[0]
+    date_raw = _first(by_name, "date")
     fields["date_raw"] = date_raw
     fields["date"] = _date(date_raw, state)
-    subject = (by_name.get("subject") or [None])[0]
+    subject = _first(by_name, "subject")
     fields["subject"] = subject
     in_reply_to = _ids(by_name.get("in-reply-to"))
     references = _ids(by_name.get("references"))
@@ -168,7 +175,7 @@ def _record(
     fields["thread_key"] = _thread_key(
         references, in_reply_to, message_id, subject, str(base.get("sha256", ""))
     )
-    list_id = (by_name.get("list-id") or [None])[0]
+    list_id = _first(by_name, "list-id")
     if list_id is not None:
         m = _ANGLE_ID.search(list_id)
         list_id = (m.group(1) if m else list_id).strip() or None
@@ -184,14 +191,53 @@ def _record(
 
     if body:
         _walk(msg, state)
-        text, html, from_html = state.body.result()
-        fields["text"], fields["html"], fields["text_from_html"] = text, html, from_html
+        body_text, html, from_html = state.body.result()
+        fields["text"], fields["html"] = body_text, html
+        fields["text_from_html"] = from_html
     else:
         for defect in msg.defects:
-            state.defect("", type(defect).__name__, str(defect) or _doc(defect))
+            state.defect("", type(defect).__name__, str(defect).strip() or _doc(defect))
     fields["attachments"] = state.attachments
     fields["defects"] = state.defects
-    return MessageRecord.model_validate(fields), state.payloads
+    return MessageRecord.model_validate(_clean(fields)), state.payloads
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _clean(value: Any) -> Any:
+    """Replace lone surrogates (undecoded octets, UTF-7 oddities) so records are valid
+    Unicode and serialise as JSON; returns ``value`` itself when nothing changes."""
+    if isinstance(value, str):
+        if _LONE_SURROGATE.search(value) is None:
+            return value
+        try:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:
+            return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        out = {k: _clean(v) for k, v in value.items()}
+        return value if all(out[k] is value[k] for k in value) else out
+    if isinstance(value, list | tuple):
+        items = [_clean(v) for v in value]
+        if all(a is b for a, b in zip(items, value, strict=True)):
+            return value
+        return type(value)(items) if isinstance(value, tuple) else items
+    if isinstance(value, BaseModel):
+        data = {k: getattr(value, k) for k in type(value).model_fields}
+        cleaned = _clean(data)
+        return value if cleaned is data else type(value).model_validate(cleaned)
+    return value
+
+
+def _first(by_name: dict[str, list[str]], name: str) -> str | None:
+    values = by_name.get(name)
+    return values[0] if values else None
+
+
+def _payload(part: Message) -> Any:
+    """The parsed payload as stored (a list of parts, or the undecoded body text)."""
+    return getattr(part, "_payload", None)
 
 
 def _charset_hint(msg: Message) -> str | None:
@@ -201,7 +247,7 @@ def _charset_hint(msg: Message) -> str | None:
         charset = _charset(part)
         if charset is not None:
             return charset
-        payload = part._payload  # noqa: SLF001
+        payload = _payload(part)
         if not isinstance(payload, list) or not payload:
             return None
         part = payload[0]
@@ -291,18 +337,24 @@ def _walk(root: Message, state: _State) -> None:
         part, path, depth, parent = stack.pop()
         seen += 1
         if seen > _MAX_PARTS:
-            state.defect(path, "TooManyParts", f"more than {_MAX_PARTS} parts; rest kept raw")
+            state.defect(
+                path, "TooManyParts", f"more than {_MAX_PARTS} parts; rest kept raw"
+            )
             return
         for defect in part.defects:
-            state.defect(path, type(defect).__name__, str(defect) or _doc(defect))
+            state.defect(
+                path, type(defect).__name__, str(defect).strip() or _doc(defect)
+            )
         ctype = _content_type(part)
-        payload = part._payload  # noqa: SLF001 - avoid get_payload's conversions
+        payload = _payload(part)
         if isinstance(payload, list):
             if not ctype.startswith("multipart/"):  # message/rfc822, delivery-status...
                 _nested(part, path or "1", ctype, state)
                 continue
             if depth >= _MAX_DEPTH:
-                state.defect(path, "TooDeep", f"nesting deeper than {_MAX_DEPTH}; kept raw")
+                state.defect(
+                    path, "TooDeep", f"nesting deeper than {_MAX_DEPTH}; kept raw"
+                )
                 continue
             children = [c for c in payload if isinstance(c, Message)]
             for i in range(len(children) - 1, -1, -1):
@@ -327,7 +379,9 @@ def _nested(part: Message, path: str, ctype: str, state: _State) -> None:
         if isinstance(block, Message):
             sub = f"{path}.{i + 1}" if len(blocks) > 1 else path
             for defect in block.defects:
-                state.defect(sub, type(defect).__name__, str(defect) or _doc(defect))
+                state.defect(
+                    sub, type(defect).__name__, str(defect).strip() or _doc(defect)
+                )
     filename, problems = filename_of(part, state.hint)
     for problem in problems:
         state.defect(path, "FilenameDefect", problem)
@@ -364,12 +418,14 @@ def _as_bytes(msg: Message) -> bytes:
         for name, value in item.raw_items():
             out.append(f"{name}: {value}\n")
         out.append("\n")
-        payload = item._payload  # noqa: SLF001
+        payload = _payload(item)
         if not isinstance(payload, list):
             out.append(str(payload or ""))
             continue
         children = [c for c in payload if isinstance(c, Message)]
-        boundary = item.get_boundary() if item.get_content_maintype() == "multipart" else None
+        boundary = (
+            item.get_boundary() if item.get_content_maintype() == "multipart" else None
+        )
         todo: list[Message | str] = []
         if boundary is None:
             todo.extend(children)
@@ -402,22 +458,32 @@ def _content_id(part: Message) -> str | None:
 
 
 def _leaf(part: Message, path: str, ctype: str, parent: str, state: _State) -> None:
-    try:
-        data = part.get_payload(decode=True)
-    except Exception as exc:
-        state.defect(path, "PayloadDecodeDefect", f"{type(exc).__name__}: {exc}")
-        data = None
-    for defect in part.defects:  # decoding may add base64 padding defects
-        if not any(d.part == path and d.kind == type(defect).__name__ for d in state.defects):
-            state.defect(path, type(defect).__name__, str(defect) or _doc(defect))
+    cte = str(part.get("content-transfer-encoding", "")).strip().lower()
+    raw = _payload(part)
+    raw_bytes = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else b""
+    data: bytes | None
+    if cte == "base64":
+        data, problem = _b64decode(raw_bytes)
+        if problem is not None:
+            state.defect(path, "Base64Defect", problem)
+    else:
+        known = len(part.defects)
+        try:
+            decoded = part.get_payload(decode=True)
+            data = decoded if isinstance(decoded, bytes) else None
+        except Exception as exc:
+            state.defect(path, "PayloadDecodeDefect", f"{type(exc).__name__}: {exc}")
+            data = None
+        for defect in part.defects[known:]:  # added while decoding
+            state.defect(
+                path, type(defect).__name__, str(defect).strip() or _doc(defect)
+            )
     if not isinstance(data, bytes):
-        raw = part._payload  # noqa: SLF001
-        data = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else b""
+        data = raw_bytes
     disposition = _disposition(part)
     filename, problems = filename_of(part, state.hint)
     for problem in problems:
         state.defect(path, "FilenameDefect", problem)
-    cte = str(part.get("content-transfer-encoding", "")).strip().lower()
     maintype = ctype.split("/", 1)[0]
 
     is_body = (
@@ -471,6 +537,29 @@ def _leaf(part: Message, path: str, ctype: str, parent: str, state: _State) -> N
     )
     if ctype in TNEF_TYPES or (filename or "").lower() == "winmail.dat":
         _tnef(data, path, state)
+
+
+def _b64decode(data: bytes) -> tuple[bytes, str | None]:
+    """Decode base64 leniently (RFC 2045 §6.8: ignore characters outside the alphabet).
+
+    A final quantum of one character (4n+1) is dropped and missing padding added, as
+    mail readers do; the problem is reported.
+    """
+    try:
+        return binascii.a2b_base64(data), None
+    except binascii.Error:
+        pass
+    clean = _NOT_B64.sub(b"", data)
+    extra = len(clean) % 4
+    problem = f"base64 length {len(clean)} is not a multiple of 4"
+    if extra == 1:
+        clean = clean[:-1]
+    elif extra:
+        clean += b"=" * (4 - extra)
+    try:
+        return binascii.a2b_base64(clean), problem
+    except binascii.Error as exc:  # pragma: no cover - clean input always decodes
+        return data, f"base64 undecodable ({exc}); raw bytes kept"
 
 
 def _tnef(data: bytes, path: str, state: _State) -> None:

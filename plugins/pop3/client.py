@@ -56,7 +56,7 @@ from .events import (
     User,
     parse_capa,
 )
-from .protocol import NEED_DATA, Pop3Connection, RemoteProtocolError
+from .protocol import NeedData, Pop3Connection, RemoteProtocolError
 
 log = structlog.get_logger()
 
@@ -437,8 +437,7 @@ class Pop3Client:
                 for warning in conn.warnings:
                     self._log.warning("pop3_protocol_oddity", detail=warning[:200])
                 conn.warnings.clear()
-            if event is not NEED_DATA:
-                assert not isinstance(event, type(NEED_DATA))
+            if not isinstance(event, NeedData):
                 if isinstance(event, ConnectionClosed) and phase == "greeting":
                     raise SourceConnectionError(f"{self.where} closed before its greeting")
                 return event

@@ -113,6 +113,7 @@ class _NeedData:
 
 #: Returned by :meth:`Pop3Connection.next_event` when more bytes are needed.
 NEED_DATA: Final = _NeedData()
+NeedData = _NeedData
 
 AUTHORIZATION, TRANSACTION = State.AUTHORIZATION, State.TRANSACTION
 UPDATE, CLOSED = State.UPDATE, State.CLOSED
@@ -208,9 +209,15 @@ class Pop3Connection:
 
         Raises:
             LocalProtocolError: the command is not allowed in this state, would be
-                pipelined where that is forbidden, or is too long (C-01). The state
-                becomes ERROR.
+                pipelined where that is forbidden, or is too long (C-01).
+            RemoteProtocolError: data arrived while no command was outstanding (C-59).
+            After either, the state is ERROR.
         """
+        if not self._pending and self.buffered and self.state is not State.ERROR:
+            # C-59: bytes that arrived while nothing was outstanding are unsolicited.
+            self.state = State.ERROR
+            raw = bytes(self._buf[self._pos : self._pos + 200])
+            raise RemoteProtocolError(f"unsolicited data from the server: {raw!r}")
         try:
             return self._send(command)
         except LocalProtocolError:
@@ -366,7 +373,7 @@ class Pop3Connection:
             return Err(command=None, text=text, code=split_code(text)[0])
         raise RemoteProtocolError(_not_pop3(line))
 
-    def _reply(self, line: bytes) -> Event:
+    def _reply(self, line: bytes) -> Event | _NeedData:
         command = self._pending[0]
         head = line[:1]
         if head == b"+":
@@ -392,7 +399,7 @@ class Pop3Connection:
             + (f" ({_not_pop3(line)})" if line[:1] in (b"*", b"\x16") else "")
         )
 
-    def _ok(self, command: Command, text: str) -> Event:
+    def _ok(self, command: Command, text: str) -> Event | _NeedData:
         code = split_code(text)[0]
         if command.multiline:
             self._reading = _READ_BODY

@@ -179,6 +179,11 @@ class Pop3Source:
         self, options: Pop3Options, context: ProcessorContext | None = None, *,
         mailbox: str = "",
     ) -> None:
+        if context is not None and options.ca_file is not None:
+            # A relative ca_file is relative to the config file, like every path.
+            options = options.model_copy(
+                update={"ca_file": context.resolve(options.ca_file)}
+            )
         self.options = options
         self.context = context
         self.mailbox = mailbox

@@ -61,7 +61,7 @@ _INVISIBLE_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Z
 
 
 def _utf8_cut(text: str, limit: int) -> str:
-    """Return the longest prefix of ``text`` whose UTF-8 form fits in ``limit`` octets."""
+    """Return the longest prefix of ``text`` that fits in ``limit`` UTF-8 octets."""
     return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
 
 
@@ -99,7 +99,7 @@ def safe_filename(name: str | None, *, fallback: str, suffix: str = "") -> str:
 
 
 def _unique(name: str | None, fallback: str, taken: set[str]) -> str:
-    """Sanitise ``name`` and add `` (2)``, `` (3)``… until it is new (case-insensitive)."""
+    """Sanitise ``name``, adding `` (2)``, `` (3)``… until it is new (ignoring case)."""
     candidate = safe_filename(name, fallback=fallback)
     n = 2
     while candidate.casefold() in taken:  # bounded by the number of attachments
@@ -131,7 +131,7 @@ def _from_record(message: Message) -> list[Part] | None:
         return None
     parts = []
     for item, payload in zip(items, payloads, strict=True):
-        meta = item.model_dump(mode="json") if hasattr(item, "model_dump") else dict(item)
+        meta = item.model_dump(mode="json")
         parts.append(Part(meta, bytes(payload)))
     return parts
 
@@ -154,7 +154,7 @@ class AttachmentsOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dir: Path = Field(description="Folder of the blobs, manifests and by-message names.")
+    dir: Path = Field(description="Folder of the blobs, manifests and named copies.")
     extract_names: bool = Field(
         default=False,
         description="Also link each attachment under by-message/<key>/ with its "
@@ -162,7 +162,7 @@ class AttachmentsOptions(BaseModel):
     )
     types: list[str] | None = Field(
         default=None,
-        description="Keep only these MIME types (globs such as 'image/*'); all if unset.",
+        description="Keep only these MIME types (globs like 'image/*'); all if unset.",
     )
     max_size: ByteSize | None = Field(
         default=None, description="Skip attachments bigger than this."
@@ -199,9 +199,12 @@ class AttachmentsStore:
             return "inline"
         ctype = str(meta.get("content_type") or "application/octet-stream").lower()
         types = self.options.types
-        if types is not None and not any(fnmatch.fnmatchcase(ctype, t.lower()) for t in types):
+        if types is not None and not any(
+            fnmatch.fnmatchcase(ctype, t.lower()) for t in types
+        ):
             return "type"
-        if self.options.max_size is not None and int(meta.get("size") or 0) > self.options.max_size:
+        limit = self.options.max_size
+        if limit is not None and int(meta.get("size") or 0) > limit:
             return "size"
         return None
 
@@ -242,13 +245,15 @@ class AttachmentsStore:
                 continue
             digest = hashlib.sha256(part.payload).hexdigest()
             blob = self._write_blob(digest, part.payload)
-            ext = mimetypes.guess_extension(str(meta.get("content_type") or "")) or ".bin"
+            ctype = str(meta.get("content_type") or "")
+            ext = mimetypes.guess_extension(ctype) or ".bin"
             name = _unique(meta.get("filename"), f"attachment-{meta.get('index')}{ext}",
                            taken)
             entries.append({
                 "index": meta.get("index"), "filename": meta.get("filename"),
                 "name": name, "content_type": meta.get("content_type"),
-                "disposition": meta.get("disposition"), "inline": bool(meta.get("inline")),
+                "disposition": meta.get("disposition"),
+                "inline": bool(meta.get("inline")),
                 "content_id": meta.get("content_id"), "part": meta.get("part"),
                 "size": meta["size"], "sha256": digest,
                 "path": blob.relative_to(self.dir).as_posix(),
@@ -257,9 +262,11 @@ class AttachmentsStore:
             self._link_names(key, ((self.dir / e["path"], e["name"]) for e in entries))
         manifest = {
             "key": key, "mailbox": message.ref.mailbox, "uid": message.ref.uid,
-            "message_sha256": message.sha256, "attachments": entries, "skipped": skipped,
+            "message_sha256": message.sha256,
+            "attachments": entries,
+            "skipped": skipped,
         }
-        data = json.dumps(manifest, ensure_ascii=False, indent=2).encode("utf-8") + b"\n"
+        data = json.dumps(manifest, ensure_ascii=False, indent=2).encode() + b"\n"
         target = self.dir / "manifests" / f"{key}.json"
         make_dirs(target.parent)
         try:

@@ -42,7 +42,7 @@ from mailpipe.message import Message
 from mailpipe.processor import ProcessorContext
 from mailpipe.units import ByteSize
 
-from ._fs import classify_os_error, fsync_dir
+from ._fs import classify_os_error, fsync_dir, make_dirs
 
 log = structlog.get_logger()
 
@@ -267,7 +267,7 @@ class JsonlStore:
     # -- appending -------------------------------------------------------------------
     def _open_locked(self) -> int:
         """Open the active file to append, holding ``flock``; reopen if rotated."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent)
         for _ in range(_MAX_REOPEN):
             flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
             fd = os.open(self.path, flags, 0o644)

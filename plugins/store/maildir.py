@@ -1,8 +1,10 @@
 """store.maildir: deliver each message into a Maildir (tmp → fsync → new), once per key.
 
-File names are deterministic: ``<key>.mailpipe,S=<size>`` (``S=`` is the Maildir++ size
-hint Dovecot reads). A MUA that moves the file to ``cur/`` appends ``:2,<flags>``; the
-key stays the first 32 characters, so a re-run still recognises it.
+File names are ``<sec>.M<usec>P<pid>.<key>.mailpipe,S=<size>``: the Maildir unique name
+with the message key in place of the host name, and the Maildir++ ``S=`` size hint.
+The time prefix matters: Dovecot numbers new messages in file-name time order, so
+readers see arrival order. A reader that moves the file to ``cur/`` appends
+``:2,<flags>``; the key stays in the name, so a re-run still recognises it.
 """
 
 from __future__ import annotations
@@ -22,17 +24,28 @@ from mailpipe.message import Message
 from mailpipe.processor import ProcessorContext
 from mailpipe.units import Duration
 
-from ._fs import classify_os_error, make_dirs, publish, write_fsync
+from ._fs import classify_os_error, fsync_dir, make_dirs, write_fsync
 
 log = structlog.get_logger()
 
-_OURS = re.compile(r"^([0-9a-f]{32})\.mailpipe")
-_TMP_OURS = re.compile(r"^\.[0-9a-f]{32}\.mailpipe")
+_OURS = re.compile(r"^\d+\.M\d+P\d+\.([0-9a-f]{32})\.mailpipe,")
+_LAST_STAMP = [0]
+_STAMP_LOCK = threading.Lock()
 
 
 def file_name(key: str, size: int) -> str:
-    """The name a message with ``key`` and ``size`` octets gets in ``new/``."""
-    return f"{key}.mailpipe,S={size}"
+    """A new unique name for a message with ``key`` and ``size`` octets."""
+    with _STAMP_LOCK:  # strictly increasing, so names also order messages by arrival
+        now = max(time.time_ns() // 1000, _LAST_STAMP[0] + 1)
+        _LAST_STAMP[0] = now
+    sec, usec = divmod(now, 1_000_000)
+    return f"{sec}.M{usec:06d}P{os.getpid()}.{key}.mailpipe,S={size}"
+
+
+def key_of(name: str) -> str | None:
+    """The message key in a file name written by this store, or None."""
+    m = _OURS.match(name)
+    return m.group(1) if m else None
 
 
 class MaildirOptions(BaseModel):
@@ -74,11 +87,13 @@ def _chunks(message: Message) -> Iterator[bytes]:
 class MaildirStore:
     """Write each message to ``new/`` of a Maildir, durably and once per key.
 
-    Delivery: the bytes go to ``tmp/``, are fsynced, then hard-linked into ``new/``
-    (link never overwrites) and ``new/`` is fsynced; ``process`` returns after that.
-    Idempotent by ``message.key``: a key present in ``new/`` or ``cur/`` (listed on
-    open, then tracked) or already at its ``new/`` name is not written again. A file
-    left in ``tmp/`` by a crash is never linked; it is removed once ``tmp_max_age`` old.
+    Delivery: the bytes go to ``tmp/<name>``, are fsynced, then renamed into ``new/``
+    and ``new/`` is fsynced; ``process`` returns after that. Idempotent by
+    ``message.key``: ``new/`` and ``cur/`` are listed on open (or on the first
+    message), then every delivery is tracked; a key found there is not written again.
+    This relies on one writer per mailbox key (the scheduler's mailbox lock). A file
+    left in ``tmp/`` by a crash is never moved to ``new/``; ``open`` removes it once
+    ``tmp_max_age`` old.
     """
 
     name: ClassVar[str] = "store.maildir"
@@ -121,9 +136,9 @@ class MaildirStore:
         keys: set[str] = set()
         for sub in ("new", "cur"):
             for entry in os.scandir(self.path / sub):
-                m = _OURS.match(entry.name)
-                if m:
-                    keys.add(m.group(1))
+                key = key_of(entry.name)
+                if key is not None:
+                    keys.add(key)
         self._clean_tmp()
         self._keys = keys
         return keys
@@ -132,7 +147,7 @@ class MaildirStore:
         cutoff = time.time() - self.options.tmp_max_age
         removed = 0
         for entry in os.scandir(self.path / "tmp"):
-            if not _TMP_OURS.match(entry.name):
+            if key_of(entry.name) is None:
                 continue  # other delivery agents own their tmp files
             try:
                 if entry.stat(follow_symlinks=False).st_mtime < cutoff:
@@ -157,20 +172,18 @@ class MaildirStore:
 
     def _deliver(self, message: Message, key: str) -> None:
         keys = self._prepare()
-        final = self.path / "new" / file_name(key, message.size)
-        if key in keys or final.exists():
-            keys.add(key)
+        if key in keys:
             log.info("store_already_committed", store=self.name, key=key)
             return
-        tmp = self.path / "tmp" / f".{final.name}.{os.getpid()}.{time.time_ns()}"
+        name = file_name(key, message.size)
+        tmp, final = self.path / "tmp" / name, self.path / "new" / name
         size = write_fsync(tmp, _chunks(message))
-        # Maildir: the file appears in new/ only once complete and fsynced.
-        created = publish(tmp, final)
+        # Maildir: the file appears in new/ only once complete and fsynced; the name
+        # is unique (time, pid), so a rename cannot replace another message.
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
         keys.add(key)
-        if created:
-            log.info("message_stored", store=self.name, key=key, octets=size)
-        else:
-            log.info("store_already_committed", store=self.name, key=key)
+        log.info("message_stored", store=self.name, key=key, octets=size)
 
 
 PROCESSORS = [MaildirStore]

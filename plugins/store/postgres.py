@@ -183,7 +183,9 @@ class PostgresStore:
     Options: ClassVar[type[BaseModel]] = PostgresStoreOptions
     commits: ClassVar[bool] = True
 
-    def __init__(self, options: PostgresStoreOptions, context: ProcessorContext) -> None:
+    def __init__(
+        self, options: PostgresStoreOptions, context: ProcessorContext
+    ) -> None:
         self.options = options
         self.context = context
         self.prefix = options.table_prefix
@@ -226,9 +228,7 @@ class PostgresStore:
                     await conn.execute(
                         sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema)
                     )
-                    await conn.execute(
-                        sql.SQL("SET search_path TO {}").format(schema)
-                    )
+                    await conn.execute(sql.SQL("SET search_path TO {}").format(schema))
                 await self._migrate(conn)
         except BaseException as exc:
             await conn.close()
@@ -267,9 +267,7 @@ class PostgresStore:
 
         doc = clean(record_document(message))
         raw = message.raw if self.options.raw == "inline" else None
-        attachments = [
-            a for a in doc.get("attachments") or () if isinstance(a, dict)
-        ]
+        attachments = [a for a in doc.get("attachments") or () if isinstance(a, dict)]
         p = self.prefix
         conn = await self._connection()
         try:

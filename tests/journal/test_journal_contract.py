@@ -564,9 +564,11 @@ def test_close_releases_the_mailbox_locks(backend: Backend) -> None:
     assert two.lock_mailbox(MB, owner="w2", ttl=30)
 
 
+# flock locks (SQLite) do not expire: the OS releases them when their process dies.
+@pytest.mark.parametrize(
+    "backend", [pytest.param("postgres", marks=pytest.mark.services)], indirect=True
+)
 def test_lease_expires_and_another_worker_takes_over(backend: Backend) -> None:
-    if backend.kind == "sqlite":
-        pytest.skip("flock locks do not expire; the OS releases them with the process")
     stalled, rescuer = backend.open(), backend.open()
     assert stalled.lock_mailbox(MB, owner="stalled", ttl=30)
     assert not rescuer.lock_mailbox(MB, owner="rescuer", ttl=30)

@@ -6,11 +6,11 @@ import email.utils
 import os
 import socket
 import traceback
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from mailpipe.plugins.forward.smtp import SmtpForwardOptions, SmtpForwardProcessor
 from pydantic import ValidationError
 from structlog.testing import capture_logs
@@ -37,6 +37,17 @@ RAW = (
 )
 
 
+OPENED: list[SmtpForwardProcessor] = []
+
+
+@pytest.fixture(autouse=True)
+async def close_processors() -> AsyncIterator[None]:
+    """Close (QUIT) every processor a test made, as the engine does after a session."""
+    yield
+    while OPENED:
+        await OPENED.pop().close()
+
+
 def make(tmp_path: Path, port: int, *, dry_run: bool = False, **opts: Any) -> SmtpForwardProcessor:
     table: dict[str, Any] = {
         "host": "127.0.0.1",
@@ -48,7 +59,9 @@ def make(tmp_path: Path, port: int, *, dry_run: bool = False, **opts: Any) -> Sm
     }
     table.update(opts)
     options = SmtpForwardOptions.model_validate(table, context={"base_dir": tmp_path})
-    return SmtpForwardProcessor(options, ProcessorContext(base_dir=tmp_path, dry_run=dry_run))
+    proc = SmtpForwardProcessor(options, ProcessorContext(base_dir=tmp_path, dry_run=dry_run))
+    OPENED.append(proc)
+    return proc
 
 
 def message(raw: bytes = RAW, uid: str = "UID-1") -> Message:
@@ -299,6 +312,58 @@ async def test_smtp_through_local_postfix(tmp_path: Path) -> None:
         s.settimeout(2)
         if s.connect_ex(("127.0.0.1", 25)) != 0:
             pytest.skip("Postfix is installed but not listening on 127.0.0.1:25")
-    structlog.reset_defaults()
     proc = make(tmp_path, 25, to=["postmaster@localhost"], envelope_from="mailpipe@localhost")
     await proc.process(message())
+
+
+async def test_smtp_utf8_recipient_needs_smtputf8(tmp_path: Path) -> None:
+    to = ["jörg@exämple.de"]
+    with SmtpSink() as sink:
+        await make(tmp_path, sink.port, to=to).process(message())
+        (mail,) = sink.messages
+    assert mail.rcpt_tos == to and "SMTPUTF8" in mail.mail_options
+    assert "Resent-To: jörg@exämple.de\r\n".encode() in mail.data  # RFC 6532, raw UTF-8
+    with SmtpSink(smtputf8=False) as sink:
+        with pytest.raises(PermanentFailure, match="SMTPUTF8"):
+            await make(tmp_path, sink.port, to=to).process(message())
+        assert sink.messages == []
+
+
+async def test_smtp_reuses_one_connection_per_session(tmp_path: Path) -> None:
+    with SmtpSink(tls="starttls", auth={"relay": PASSWORD}) as sink:
+        opts: dict[str, Any] = {"security": "starttls", "ca_file": str(sink.ca_file),
+                "username": "relay", "password": PASSWORD}
+        reused = make(tmp_path, sink.port, **opts)
+        for uid in ("a", "b", "c"):
+            await reused.process(message(uid=uid))
+        await reused.close()
+        assert sink.connections == 1 and sink.auth_attempts == [("relay", True)]
+        capped = make(tmp_path, sink.port, messages_per_connection=2, **opts)
+        for uid in ("a", "b", "c"):
+            await capped.process(message(uid=uid))
+        await capped.close()
+        assert sink.connections == 3
+        single = make(tmp_path, sink.port, reuse_connection=False, **opts)
+        for uid in ("a", "b"):
+            await single.process(message(uid=uid))
+        assert sink.connections == 5
+        assert len(sink.messages) == 8
+
+
+async def test_smtp_reconnects_after_the_relay_dropped_the_connection(tmp_path: Path) -> None:
+    with SmtpSink() as sink:
+        proc = make(tmp_path, sink.port)
+        await proc.process(message(uid="a"))
+        sink.disconnect_all()  # an idle timeout on the relay's side
+        await proc.process(message(uid="b"))
+        assert sink.connections == 2 and len(sink.messages) == 2
+
+
+async def test_smtp_new_connection_after_a_failure(tmp_path: Path) -> None:
+    with SmtpSink(reply_code=451) as sink:
+        proc = make(tmp_path, sink.port)
+        with pytest.raises(TemporaryFailure):
+            await proc.process(message(uid="a"))
+        sink.reply_code = None
+        await proc.process(message(uid="b"))
+        assert sink.connections == 2 and len(sink.messages) == 1

@@ -4,12 +4,11 @@ split points and with trailing data (conformance C-06). No event loop, no socket
 from __future__ import annotations
 
 import ast
+import itertools
 import random
 from pathlib import Path
 
 import pytest
-
-from mailpipe.errors import SourceError
 from mailpipe.plugins.pop3 import protocol as protocol_module
 from mailpipe.plugins.pop3.events import (
     Apop,
@@ -46,6 +45,8 @@ from mailpipe.plugins.pop3.protocol import (
     RemoteProtocolError,
     State,
 )
+
+from mailpipe.errors import SourceError
 
 # --- helpers ---------------------------------------------------------------------------
 
@@ -106,7 +107,7 @@ def splits(data: bytes) -> dict[str, list[bytes]]:
         rnd = random.Random(seed)
         cuts = sorted(rnd.sample(range(1, len(data)), min(5, len(data) - 1)))
         bounds = [0, *cuts, len(data)]
-        modes[f"random{seed}"] = [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+        modes[f"random{seed}"] = [data[a:b] for a, b in itertools.pairwise(bounds)]
     return modes
 
 

@@ -9,9 +9,6 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-
-from mailpipe import Message, PermanentFailure, ProcessorContext, TemporaryFailure
-from mailpipe.plugin_manager import load
 from mailpipe.plugins.parse import parse_into
 from mailpipe.plugins.store.sqlite import (
     MIGRATIONS,
@@ -23,6 +20,9 @@ from mailpipe.plugins.store.sqlite import (
     schema_version,
     search,
 )
+
+from mailpipe import Message, PermanentFailure, ProcessorContext, TemporaryFailure
+from mailpipe.plugin_manager import load
 
 
 def make_message(

@@ -1,0 +1,564 @@
+"""End-to-end kit: pipeline.toml for a Dovecot user, `mailpipe run` subprocesses, counters.
+
+The delivery proofs (``tests/e2e/test_delivery_*.py``) drive the real CLI in a
+subprocess against a real Dovecot, kill or cut it at random instants, and then count
+what the stores hold. This module holds what they share:
+
+- :func:`delivery_message` builds deterministic test messages with unique subjects
+  (``Subject: delivery NNNN``), some with lines starting with ``.``, some multi-KB;
+  :func:`subject_number` reads the number back.
+- :func:`write_pipeline` writes a ``pipeline.toml`` for one Dovecot user;
+  :func:`mailpipe_command`, :func:`run_mailpipe` and :func:`start_mailpipe` run the CLI.
+- :func:`maildir_keys`, :func:`maildir_numbers`, :func:`sqlite_keys`,
+  :func:`sqlite_numbers`, :func:`line_counts` and :func:`journal_entries` count results.
+- :class:`CuttingProxy` is a TCP proxy that cuts chosen connections after a given
+  number of octets, to inject connection drops in front of the real server.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Literal
+
+from mailpipe.journal.base import Entry
+from mailpipe.journal.sqlite import SqliteJournal
+from mailpipe.plugins.store.maildir import key_of
+
+from .dovecot import Dovecot, DovecotUser
+
+__all__ = [
+    "ConnectionRecord",
+    "Cut",
+    "CuttingProxy",
+    "delivery_message",
+    "journal_entries",
+    "key_log_step",
+    "line_counts",
+    "log_events",
+    "maildir_keys",
+    "maildir_numbers",
+    "mailpipe_command",
+    "run_mailpipe",
+    "server_numbers",
+    "sqlite_keys",
+    "sqlite_numbers",
+    "start_mailpipe",
+    "store_steps",
+    "subject_number",
+    "toml_value",
+    "wait_for_log",
+    "wait_until",
+    "write_pipeline",
+]
+
+SUBJECT_PREFIX = "delivery"
+_SUBJECT_RE = re.compile(
+    rb"^Subject: " + SUBJECT_PREFIX.encode() + rb" (\d+)\r?$", re.M
+)
+
+
+# --- messages -------------------------------------------------------------------
+
+
+def delivery_message(number: int, *, big_every: int = 40, dots_every: int = 7) -> bytes:
+    """A deterministic CRLF message whose subject is ``delivery <number>``.
+
+    Every ``dots_every``-th message has body lines starting with ``.`` (and a lone
+    ``.`` line), which POP3 dot-stuffs on the wire (RFC 1939 §3); every
+    ``big_every``-th is about 6 KB.
+    """
+    lines = [
+        b"From: Sender %d <sender%d@example.com>" % (number % 13, number % 13),
+        b"To: pipeline@example.org",
+        b"Subject: %s %04d" % (SUBJECT_PREFIX.encode(), number),
+        b"Message-ID: <delivery-%d@mailpipe.test>" % number,
+        b"Date: Mon, 2 Jan 2023 10:%02d:%02d +0000" % (number // 60 % 60, number % 60),
+        b"",
+        b"Message number %d of the delivery proof." % number,
+    ]
+    if dots_every and number % dots_every == 0:
+        lines += [b".", b"..two dots", b".leading dot", b"end of dots"]
+    if big_every and number % big_every == 0:
+        lines += [b"line %05d %s" % (i, b"x" * 60) for i in range(85)]
+    return b"\r\n".join(lines) + b"\r\n"
+
+
+def subject_number(raw: bytes) -> int | None:
+    """The number in ``Subject: delivery N`` of a raw message, or None."""
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    m = _SUBJECT_RE.search(head)
+    return int(m.group(1)) if m else None
+
+
+# --- config and subprocesses ----------------------------------------------------
+
+
+def toml_value(value: Any) -> str:
+    """Render ``value`` (str, bool, int, float, Path, list, dict) as an inline TOML value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        # A JSON string is a valid TOML basic string (same escapes, "\uXXXX").
+        return json.dumps(str(value))
+    if isinstance(value, Mapping):
+        inner = ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items())
+        return "{ " + inner + " }" if inner else "{}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot render {type(value).__name__} as TOML")
+
+
+def write_pipeline(
+    directory: Path,
+    *,
+    dovecot: Dovecot,
+    user: DovecotUser,
+    processors: Sequence[Mapping[str, Any]],
+    mailbox: Mapping[str, Any] | None = None,
+    scheduler: Mapping[str, Any] | None = None,
+    security: Literal["none", "starttls", "tls"] = "none",
+    host: str | None = None,
+    port: int | None = None,
+    name: str = "box",
+) -> Path:
+    """Write ``directory/pipeline.toml`` polling ``user`` on ``dovecot``; return its path.
+
+    ``host``/``port`` default to Dovecot's (plaintext port unless ``security='tls'``);
+    pass a proxy's to go through it. ``mailbox`` adds keys to the mailbox table
+    (``commit_window``, ``delete``, ...), ``scheduler`` to ``[scheduler]``. The journal
+    is ``var/journal.sqlite3`` and the quarantine ``var/quarantine`` under
+    ``directory``.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    if port is None:
+        port = dovecot.pop3s_port if security == "tls" else dovecot.pop3_port
+    table: dict[str, Any] = {
+        "name": name,
+        "source": "pop3",
+        "host": host or dovecot.host,
+        "port": port,
+        "security": security,
+        "username": user.name,
+        "password": user.password,
+        "pipeline": "default",
+        "poll_interval": 0.2,
+        "jitter": 0.0,
+        "read_timeout": 30.0,
+    }
+    if security == "none":
+        table["allow_plaintext_password"] = True
+    else:
+        table["ca_file"] = str(dovecot.ca_file)
+    table.update(mailbox or {})
+    lines = [
+        "# Written by mailpipe.testing.e2e for an end-to-end delivery test.",
+        "[state]",
+        'path = "var/journal.sqlite3"',
+        "[quarantine]",
+        'dir = "var/quarantine"',
+        "[scheduler]",
+        *(f"{k} = {toml_value(v)}" for k, v in (scheduler or {}).items()),
+        "[[mailboxes]]",
+        *(f"{k} = {toml_value(v)}" for k, v in table.items()),
+        "[pipelines.default]",
+        "processors = [",
+        *(f"  {toml_value(dict(p))}," for p in processors),
+        "]",
+    ]
+    path = directory / "pipeline.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def mailpipe_command(config: Path, *args: str) -> list[str]:
+    """``python -m mailpipe --log-format json <args> `` with ``config`` appended where
+    ``{config}`` appears in ``args`` (or after them when it does not)."""
+    rendered = [str(config) if a == "{config}" else a for a in args]
+    if "{config}" not in args:
+        rendered.append(str(config))
+    return [sys.executable, "-m", "mailpipe", "--log-format", "json", *rendered]
+
+
+def run_mailpipe(
+    config: Path, *args: str, timeout: float = 300.0
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI (e.g. ``run_mailpipe(cfg, "run", "{config}", "--once")``) to its end.
+
+    The working directory is the config's; stdout and stderr are captured as text.
+    """
+    return subprocess.run(
+        mailpipe_command(config, *args),
+        cwd=config.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def start_mailpipe(config: Path, *args: str, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """Start the CLI in the background; its JSON log lines (stderr) go to ``log``."""
+    return subprocess.Popen(
+        mailpipe_command(config, *args),
+        cwd=config.parent,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+
+
+def log_events(text: str) -> list[dict[str, Any]]:
+    """The JSON log records in ``text`` (other lines are ignored)."""
+    out: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+def wait_until(
+    predicate: Callable[[], bool], *, timeout: float, interval: float = 0.02
+) -> bool:
+    """Poll ``predicate`` until it is true (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+# --- pipeline steps -------------------------------------------------------------
+
+
+def store_steps(directory: Path) -> list[dict[str, Any]]:
+    """``store.maildir`` (``directory/maildir``) then ``store.sqlite``
+    (``directory/store.sqlite3``): both keep one copy per message key."""
+    return [
+        {"use": "store.maildir", "path": str(directory / "maildir")},
+        {"use": "store.sqlite", "path": str(directory / "store.sqlite3")},
+    ]
+
+
+def key_log_step(log: Path) -> dict[str, Any]:
+    """A ``forward.command`` step that appends the message key to ``log`` once per
+    invocation (``sh``, so cheap), to count how often each message was processed."""
+    script = 'cat >/dev/null && printf "%s\\n" "$MAILPIPE_KEY" >> "$1"'
+    return {
+        "use": "forward.command",
+        "command": ["sh", "-c", script, "key-log", str(log)],
+    }
+
+
+def wait_for_log(
+    proc: subprocess.Popen[bytes], log: Path, marker: bytes, *, timeout: float
+) -> bool:
+    """Wait until ``marker`` appears in ``log`` (True) or ``proc`` ended or ``timeout``
+    passed (False)."""
+
+    def seen() -> bool:
+        return proc.poll() is not None or (log.exists() and marker in log.read_bytes())
+
+    return wait_until(seen, timeout=timeout) and marker in log.read_bytes()
+
+
+# --- counting results -----------------------------------------------------------
+
+
+def _maildir_files(path: Path) -> list[Path]:
+    return [
+        p
+        for sub in ("new", "cur")
+        if (path / sub).is_dir()
+        for p in (path / sub).iterdir()
+        if p.is_file()
+    ]
+
+
+def maildir_keys(path: Path) -> Counter[str]:
+    """How many files ``store.maildir`` holds per message key under ``path``."""
+    return Counter(k for p in _maildir_files(path) if (k := key_of(p.name)) is not None)
+
+
+def maildir_numbers(path: Path) -> Counter[int]:
+    """How many stored files hold each ``delivery N`` subject (content, not names)."""
+    out: Counter[int] = Counter()
+    for p in _maildir_files(path):
+        n = subject_number(p.read_bytes())
+        if n is not None:
+            out[n] += 1
+    return out
+
+
+def _sqlite_rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    if not path.exists():
+        return []
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        return conn.execute(sql).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        raise
+    finally:
+        conn.close()
+
+
+def sqlite_keys(path: Path) -> Counter[str]:
+    """Rows per key in the ``messages`` table of a ``store.sqlite`` database."""
+    return Counter(str(k) for (k,) in _sqlite_rows(path, "SELECT key FROM messages"))
+
+
+def sqlite_numbers(path: Path) -> Counter[int]:
+    """Rows per ``delivery N`` subject (read from the stored raw bytes)."""
+    out: Counter[int] = Counter()
+    for (raw,) in _sqlite_rows(path, "SELECT raw FROM messages"):
+        n = subject_number(bytes(raw)) if raw is not None else None
+        if n is not None:
+            out[n] += 1
+    return out
+
+
+def line_counts(path: Path, field_index: int = 0) -> Counter[str]:
+    """Occurrences of the ``field_index``-th whitespace field of each line of ``path``."""
+    if not path.exists():
+        return Counter()
+    out: Counter[str] = Counter()
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) > field_index:
+            out[parts[field_index]] += 1
+    return out
+
+
+def server_numbers(dovecot: Dovecot, user: DovecotUser) -> Counter[int]:
+    """Messages per ``delivery N`` subject still in ``user``'s mailbox on the server."""
+    out: Counter[int] = Counter()
+    for raw in dovecot.messages(user):
+        n = subject_number(raw)
+        if n is not None:
+            out[n] += 1
+    return out
+
+
+def journal_entries(path: Path, mailbox: str = "box") -> list[Entry]:
+    """Every journal entry of ``mailbox`` in the SQLite journal at ``path``."""
+    journal = SqliteJournal(path)
+    try:
+        return journal.list(mailbox, None, 1_000_000)
+    finally:
+        journal.close()
+
+
+# --- a connection-cutting proxy -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """Cut one proxied connection after ``offset`` octets went ``direction``.
+
+    ``direction='down'`` counts server-to-client octets, ``'up'`` client-to-server.
+    Exactly ``offset`` octets are forwarded that way, then both sockets close; with
+    ``reset`` the client gets a TCP RST instead of a FIN.
+    """
+
+    offset: int
+    direction: Literal["down", "up"] = "down"
+    reset: bool = False
+
+
+@dataclass(slots=True)
+class ConnectionRecord:
+    """What happened to one proxied connection."""
+
+    number: int
+    cut: Cut | None
+    down: int = 0
+    up: int = 0
+    was_cut: bool = False
+
+
+@dataclass(slots=True)
+class _Pair:
+    client: socket.socket
+    server: socket.socket
+    record: ConnectionRecord
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
+
+
+class CuttingProxy:
+    """A TCP proxy on 127.0.0.1 that cuts connections per a plan of :class:`Cut`.
+
+    Connection ``k`` (0-based, in accept order) follows ``plan[k]``; ``None`` and every
+    connection past the plan are passed through untouched. ``records`` tells, per
+    connection, how many octets went each way and whether it was cut. Threads only
+    (one acceptor, two pumps per connection); use it as a context manager.
+    """
+
+    def __init__(
+        self, target_host: str, target_port: int, plan: Iterable[Cut | None] = ()
+    ) -> None:
+        self.target = (target_host, target_port)
+        self.plan = list(plan)
+        self.records: list[ConnectionRecord] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.host = "127.0.0.1"
+        self.port = int(self._listener.getsockname()[1])
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._pairs: list[_Pair] = []
+        self._lock = threading.Lock()
+        self._acceptor = threading.Thread(
+            target=self._accept_loop, name="mailpipe-cutting-proxy", daemon=True
+        )
+
+    @property
+    def cuts_done(self) -> int:
+        """How many connections were cut so far."""
+        with self._lock:
+            return sum(r.was_cut for r in self.records)
+
+    @property
+    def plan_exhausted(self) -> bool:
+        """True once every planned connection has been accepted and has ended."""
+        with self._lock:
+            return len(self.records) >= len(self.plan) and all(
+                p.closed for p in self._pairs[: len(self.plan)]
+            )
+
+    def start(self) -> None:
+        """Start accepting connections."""
+        self._acceptor.start()
+
+    def stop(self) -> None:
+        """Stop accepting, close every connection and join the threads."""
+        self._stop.set()
+        self._acceptor.join(10)
+        with self._lock:
+            pairs = list(self._pairs)
+        for pair in pairs:
+            self._close(pair, reset=False)
+        for t in self._threads:
+            t.join(10)
+        self._listener.close()
+
+    def __enter__(self) -> CuttingProxy:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            client.settimeout(None)
+            with self._lock:
+                n = len(self.records)
+                cut = self.plan[n] if n < len(self.plan) else None
+                record = ConnectionRecord(number=n, cut=cut)
+                self.records.append(record)
+                pair = _Pair(client=client, server=server, record=record)
+                self._pairs.append(pair)
+            for direction in ("down", "up"):
+                t = threading.Thread(
+                    target=self._pump,
+                    args=(pair, direction),
+                    name=f"mailpipe-proxy-{n}-{direction}",
+                    daemon=True,
+                )
+                self._threads.append(t)
+                t.start()
+
+    def _pump(self, pair: _Pair, direction: Literal["down", "up"]) -> None:
+        src, dst = (
+            (pair.server, pair.client)
+            if direction == "down"
+            else (pair.client, pair.server)
+        )
+        cut = pair.record.cut
+        budget = cut.offset if cut is not None and cut.direction == direction else None
+        for _ in range(1 << 40):  # bounded by the connection's end
+            if budget is not None and budget <= 0:
+                pair.record.was_cut = True
+                self._close(pair, reset=cut.reset if cut else False)
+                return
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                self._close(pair, reset=False)
+                return
+            if budget is not None:
+                data = data[:budget]
+                budget -= len(data)
+            try:
+                dst.sendall(data)
+            except OSError:
+                self._close(pair, reset=False)
+                return
+            with pair.lock:
+                if direction == "down":
+                    pair.record.down += len(data)
+                else:
+                    pair.record.up += len(data)
+
+    def _close(self, pair: _Pair, *, reset: bool) -> None:
+        with pair.lock:
+            if pair.closed:
+                return
+            pair.closed = True
+        for s in (pair.client, pair.server):
+            rst = reset and s is pair.client
+            try:
+                if rst:
+                    # SO_LINGER with a zero timeout: close() sends RST, not FIN.
+                    s.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                # Wakes the other pump's recv(); SHUT_RD sends nothing to the peer.
+                s.shutdown(socket.SHUT_RD if rst else socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()

@@ -1,0 +1,73 @@
+"""SqliteJournal specifics: pragmas, lock files, busy errors, in-memory use."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from mailpipe import message_key
+from mailpipe.journal import JournalError, Status
+from mailpipe.journal.sqlite import SqliteJournal, lock_path
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_database_uses_wal_and_full_sync(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "j.sqlite3"
+    with SqliteJournal(path) as journal:
+        assert journal._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+
+
+def test_lock_file_sits_next_to_the_database_and_names_the_owner(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.sqlite3"
+    with SqliteJournal(path) as journal:
+        assert journal.lock_mailbox("support", owner="host-1:42", ttl=60)
+        lock = lock_path(path, "support")
+        digest = hashlib.sha256(b"support").hexdigest()
+        assert lock == tmp_path / "j.sqlite3.locks" / f"{digest}.lock"
+        assert lock.read_text() == "host-1:42\nsupport\n"
+        journal.unlock_mailbox("support", owner="host-1:42")
+    assert lock.exists()  # never unlinked: unlinking a flock file races
+
+
+def test_a_busy_database_raises_journal_error(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    journal = SqliteJournal(path, busy_timeout=0.05)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        with pytest.raises(JournalError, match="locked"):
+            journal.begin("support", "u1", key=message_key("support", "u1"), size=1)
+        with pytest.raises(JournalError, match="locked"), journal.batch():
+            pass
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    journal.begin("support", "u1", key=message_key("support", "u1"), size=1)
+    assert set(journal.get_many("support", ["u1"])) == {"u1"}
+    journal.close()
+
+
+def test_closed_journal_refuses_work(tmp_path: Path) -> None:
+    journal = SqliteJournal(tmp_path / "j.sqlite3")
+    journal.close()
+    with pytest.raises(JournalError, match="closed"):
+        journal.fail("support", "u1", error="x", counted=True)
+    with pytest.raises(JournalError, match="closed"), journal.batch():
+        pass
+
+
+def test_in_memory_journal_works_with_local_locks() -> None:
+    with SqliteJournal(":memory:") as journal:
+        journal.mark_seen("support", [("u1", "k1", 1)])
+        assert journal.list()[0].status is Status.KEPT
+        assert journal.lock_mailbox("support", owner="a", ttl=1)
+        assert not journal.lock_mailbox("support", owner="b", ttl=1)

@@ -1,0 +1,290 @@
+"""The parse processor on small hand-written fixtures (tests/data/parse)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import struct
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from mailpipe.plugins.parse import (
+    PAYLOADS_KEY,
+    MessageRecord,
+    ParseProcessor,
+    parse_message,
+)
+from mailpipe.plugins.parse.charsets import decode_text
+from mailpipe.plugins.parse.headers import decode_header
+from mailpipe.plugins.parse.html_text import html_to_text
+
+from mailpipe.message import Message, MessageRef
+from mailpipe.processor import ProcessorContext
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "parse"
+
+
+def load(name: str) -> tuple[MessageRecord, list[bytes]]:
+    return parse_message((DATA / name).read_bytes(), key="k", mailbox="mb", uid="u1")
+
+
+def test_japanese_iso2022jp_subject_split_mid_character_and_idn() -> None:
+    record, payloads = load("japanese_iso2022jp.eml")
+    assert record.subject == "日本語の件名テスト"
+    assert record.from_addresses[0].name == "山田太郎"
+    assert record.from_addresses[0].address == "taro@日本語.jp"
+    assert record.text == "こんにちは、世界。\n了解です。\n"
+    assert record.date == datetime(2024, 4, 2, 0, 30, tzinfo=UTC)
+    assert record.date_raw == "Tue, 02 Apr 2024 09:30:00 +0900"
+    assert record.message_id == "jp-1@example.jp"
+    assert record.defects == []
+    assert payloads == []
+
+
+def test_shift_jis_body_uses_cp932_superset_and_euc_jp_subject() -> None:
+    record, _ = load("shift_jis_cp932.eml")
+    assert record.subject == "見積のご依頼"
+    assert record.text == "①株式会社㈱の見積書です。\n"
+    assert not any(d.kind == "CharsetDefect" for d in record.defects)
+
+
+def test_rfc2231_and_rfc2047_file_names_and_inline_image() -> None:
+    record, payloads = load("rfc2231_filenames.eml")
+    assert record.subject == "Rechnung für März"
+    assert [(a.name, a.address) for a in record.from_addresses] == [
+        ("Doe, Jane", "jane@example.org")
+    ]
+    assert [(a.name, a.address) for a in record.to] == [
+        ("Jörg Müller", "joerg@example.de")
+    ]
+    names = [a.filename for a in record.attachments]
+    assert names == [None, "Rechnung für März 2024.pdf", "Übersicht.txt"]
+    image, pdf, _txt = record.attachments
+    assert (image.content_id, image.inline, image.part) == ("logo@x", True, "1.2")
+    assert (pdf.content_type, pdf.disposition, pdf.inline) == (
+        "application/pdf",
+        "attachment",
+        False,
+    )
+    assert payloads[1].startswith(b"%PDF-1.4")
+    assert pdf.size == len(payloads[1])
+    assert pdf.sha256 == hashlib.sha256(payloads[1]).hexdigest()
+    assert payloads[2] == b"Zeile 1"
+    assert [a.index for a in record.attachments] == [0, 1, 2]
+    # HTML-only body (multipart/related) rendered as text
+    assert record.text_from_html is True
+    assert record.text == "Siehe Anhang"
+
+
+def test_broken_mime_becomes_defects_not_exceptions() -> None:
+    record, payloads = load("broken_mime.eml")
+    kinds = {d.kind for d in record.defects}
+    assert {"DateDefect", "CloseBoundaryNotFoundDefect", "CharsetDefect"} <= kinds
+    assert {"Base64Defect", "AddressDefect"} <= kinds
+    assert record.date is None
+    assert record.date_raw == "yesterday at noon"
+    assert record.text == "Grüße aus Köln"  # unknown charset: UTF-8 bytes recognised
+    assert payloads == [b"Hello World!"]  # 4n+1 base64: last lone character dropped
+
+
+def test_bounce_is_auto_reply_with_delivery_status_and_original() -> None:
+    record, payloads = load("bounce_dsn.eml")
+    assert record.auto_reply is True
+    assert record.auto_reply_reason == "auto-submitted: auto-replied"
+    assert record.text == "Your message could not be delivered to nobody@example.net."
+    status, original = record.attachments
+    assert status.content_type == "message/delivery-status"
+    assert b"Status: 5.1.1" in payloads[0]
+    assert (original.source, original.filename) == ("rfc822", "Hello there.eml")
+    inner, _ = parse_message(payloads[1])
+    assert inner.message_id == "orig-1@example.com"
+    assert inner.text == "Original body"  # RFC 2046: the CRLF belongs to the boundary
+
+
+def test_html_only_list_mail_threading() -> None:
+    record, _ = load("html_only.eml")
+    assert record.html is not None and "<h1>" in record.html
+    assert record.text == "Café news\n\nFirst item\nsecond line\n\n- one\n- two"
+    assert record.text_from_html is True
+    assert record.list_id == "news.lists.example.org"
+    assert record.auto_reply_reason == "precedence: bulk"
+    assert record.in_reply_to == ["n-41@lists.example.org"]
+    assert record.references == ["n-1@lists.example.org", "n-41@lists.example.org"]
+    root, _ = parse_message(b"Message-ID: <n-1@lists.example.org>\r\n\r\nroot\r\n")
+    assert record.thread_key == root.thread_key  # same conversation as the root
+    assert len(record.thread_key) == 32
+
+
+def test_forward_with_uuencoded_block_and_nested_message() -> None:
+    record, payloads = load("forward_uuencode.eml")
+    uu, fwd = record.attachments
+    assert (uu.filename, uu.source) == ("notes.bin", "uuencode")
+    assert payloads[0] == b"uuencoded payload bytes\x00\x01\x02"
+    assert "begin 644" not in (record.text or "")
+    assert record.text is not None and record.text.endswith("Bye")
+    assert (fwd.source, fwd.content_type, fwd.filename) == (
+        "rfc822",
+        "message/rfc822",
+        "report.eml",
+    )
+    inner, inner_payloads = parse_message(payloads[1])
+    assert inner.subject == "report"
+    assert inner.text == "inner text"
+    assert [a.filename for a in inner.attachments] == ["r.csv"]
+    assert inner_payloads == [b"a,b\n1,2"]
+
+
+def _tnef_object(level: int, name: int, kind: int, data: bytes) -> bytes:
+    # MS-OXTNEF §2.1.3.1: level, attribute id (name, type), length, data, checksum
+    checksum = sum(data) & 0xFFFF
+    return (
+        struct.pack("<BHHI", level, name, kind, len(data))
+        + data
+        + struct.pack("<H", checksum)
+    )
+
+
+def _tnef(filename: str, content: bytes) -> bytes:
+    return (
+        struct.pack("<IH", 0x223E9F78, 0x0001)
+        + _tnef_object(1, 0x9006, 0x0008, struct.pack("<I", 0x00010000))
+        + _tnef_object(2, 0x9002, 0x0006, b"\x01\x00" + b"\x00" * 12)
+        + _tnef_object(2, 0x8010, 0x0001, filename.encode() + b"\0")
+        + _tnef_object(2, 0x800F, 0x0006, content)
+    )
+
+
+def test_tnef_winmail_dat_is_expanded() -> None:
+    tnef = _tnef("budget.xlsx", b"spreadsheet bytes")
+    raw = (
+        b"From: boss@example.com\r\nSubject: budget\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="t"\r\n\r\n'
+        b"--t\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+        b'--t\r\nContent-Type: application/ms-tnef; name="winmail.dat"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\n"
+        + base64.encodebytes(tnef)
+        + b"--t--\r\n"
+    )
+    record, payloads = parse_message(raw)
+    winmail, inner = record.attachments
+    assert (winmail.filename, winmail.source) == ("winmail.dat", "mime")
+    assert payloads[0] == tnef
+    assert (inner.filename, inner.source, inner.part) == ("budget.xlsx", "tnef", "2")
+    assert payloads[1] == b"spreadsheet bytes"
+    assert record.text == "see attached"
+
+
+def test_headers_only_message_for_prefetch() -> None:
+    full = (DATA / "bounce_dsn.eml").read_bytes()
+    head = full[: full.index(b"\n\n") + 2]
+    ref = MessageRef(mailbox="mb", number=1, uid="u1", size=len(full))
+    message = Message(ref=ref, data=head, headers_only=True)
+    proc = ParseProcessor(ParseProcessor.Options(), ProcessorContext())
+    assert proc.prefetch(message) is None
+    record = message.record
+    assert isinstance(record, MessageRecord)
+    assert record.subject == "Undelivered Mail Returned to Sender"
+    assert record.auto_reply is True
+    assert record.size == len(full)  # LIST size, not the header block
+    assert record.attachments == []
+
+
+def test_processor_sets_record_payloads_and_tag_snapshot() -> None:
+    message = Message.from_bytes(
+        (DATA / "rfc2231_filenames.eml").read_bytes(), mailbox="mb"
+    )
+    message.tags.add("early")
+    proc = ParseProcessor(ParseProcessor.Options(), ProcessorContext())
+    assert proc.process(message) is None
+    record = message.record
+    assert isinstance(record, MessageRecord)
+    assert record.key == message.key and record.uid == message.ref.uid
+    assert record.sha256 == message.sha256 and record.size == message.size
+    assert record.tags == ["early"]
+    payloads = message.meta[PAYLOADS_KEY]
+    assert len(payloads) == len(record.attachments) == 3
+    assert MessageRecord.model_validate_json(record.model_dump_json()) == record
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("=?utf-8?q?a?= =?utf-8?q?b?=", "ab"),  # RFC 2047 §6.2: space between dropped
+        ("=?utf-8?q?a?= b", "a b"),
+        ("=?UTF-8?B?w6k=?=", "é"),
+        ("=?utf-8?B?44GC?==?utf-8?B?44GE?=", "あい"),  # adjacent, no space
+        ("=?iso-8859-1?q?caf=E9?=\r\n =?koi8-r?b?8NLJ18XU?=", "caféПривет"),  # noqa: RUF001
+        ("=?bogus-charset?q?abc?=", "abc"),
+        ("=?utf-8*en?q?x?=", "x"),  # RFC 2231 §5 language suffix
+        ("a\r\n\tb", "a b"),  # folding white space shows as one space
+        ("=?utf-8?Q?M=C3=BCller,_Hans?=", "Müller, Hans"),
+    ],
+)
+def test_decode_header_cases(raw: str, expected: str) -> None:
+    assert decode_header(raw)[0] == expected
+
+
+def test_decode_header_exact_values() -> None:
+    assert decode_header("=?utf-8?q?a?= =?utf-8?q?b?=")[0] == "ab"
+    assert decode_header("=?utf-8?B?44GC?==?utf-8?B?44GE?=")[0] == "あい"
+    text, problems = decode_header("=?bogus-charset?q?abc?=")
+    assert text == "abc" and problems
+    raw_latin = "Caf\udce9 cr\udce8me"  # 8-bit Latin-1 octets as surrogate escapes
+    assert decode_header(raw_latin)[0] == "Café crème"
+
+
+@pytest.mark.parametrize(
+    ("data", "label", "expected"),
+    [
+        ("Grüße".encode(), "us-ascii", "Grüße"),  # lying label
+        ("Grüße".encode("latin-1"), "iso-8859-1", "Grüße"),
+        ("€".encode("cp1252"), "iso-8859-1", "€"),  # WHATWG: latin-1 means cp1252
+        ("한국어".encode("cp949"), "ks_c_5601-1987", "한국어"),
+        ("简体中文".encode("gb18030"), "gb2312", "简体中文"),
+        ("テスト".encode("iso2022_jp"), None, "テスト"),  # undeclared ISO-2022-JP
+        ("テスト".encode("euc_jp"), "EUC-JP", "テスト"),
+        (b"plain", "charset=us-ascii", "plain"),
+    ],
+)
+def test_decode_text_fallbacks(data: bytes, label: str | None, expected: str) -> None:
+    assert decode_text(data, label)[0] == expected
+
+
+def test_decode_text_never_loses_undecodable_bytes_silently() -> None:
+    text, problem = decode_text(b"\xff\xfe\xfa\x80 abc", "utf-8")
+    assert "abc" in text and problem is not None
+
+
+def test_html_to_text_is_linear_on_hostile_markup() -> None:
+    hostile = "<script" * 20000 + "<!--" * 20000 + "<a" * 20000
+    assert isinstance(html_to_text(hostile), str)
+    assert html_to_text("<p>a</p><script>x</script><style>y</style>b") == "a\n\nb"
+
+
+def test_address_edge_cases() -> None:
+    raw = (
+        b"From: purchasing@acme.example <noreply@acme.example>\r\n"
+        b'To: "Doe, J." <j@x.example>, x@y.example (Comment, with comma),'
+        b" Team: a@t.example, b@t.example;, undisclosed-recipients:;\r\n"
+        b"Cc: <@route.example:u@h.example>, bare@xn--mnchen-3ya.example\r\n\r\n"
+    )
+    record, _ = parse_message(raw)
+    assert [(a.name, a.address) for a in record.from_addresses] == [
+        ("purchasing@acme.example", "noreply@acme.example")
+    ]
+    assert [(a.name, a.address) for a in record.to] == [
+        ("Doe, J.", "j@x.example"),
+        ("Comment, with comma", "x@y.example"),
+        ("", "a@t.example"),
+        ("", "b@t.example"),
+    ]
+    assert [a.address for a in record.cc] == ["u@h.example", "bare@münchen.example"]
+
+
+def test_empty_and_garbage_inputs() -> None:
+    for raw in (b"", b"\r\n", b"\x00\xff" * 100, b"Subject", b"--\r\n--\r\n"):
+        record, payloads = parse_message(raw)
+        assert record.size == len(raw)
+        assert record.sha256 == hashlib.sha256(raw).hexdigest()
+        assert isinstance(payloads, list)

@@ -1,0 +1,185 @@
+"""POP3 authentication: mechanism byte vectors, mechanism choice, refusal classification."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from mailpipe.plugins.pop3 import auth
+from mailpipe.plugins.pop3.events import Capabilities, Err, Pass, parse_capa
+
+from mailpipe.errors import AuthenticationError, SourceBusyError, SourcePermanentError
+
+
+def test_c16_apop_digest_rfc1939_example():
+    digest = auth.apop_digest(b"<1896.697170952@dbc.mtview.ca.us>", "tanstaaf")
+    assert digest == "c4c9334bac560ecc979e58001b3e22fb"
+
+
+def test_c37_plain_initial_response():
+    mech = auth.Plain(user="user", password="pass")
+    assert auth.b64encode(mech.initial()) == "AHVzZXIAcGFzcw=="
+    assert auth.b64encode(auth.Plain(user="test", password="test", authzid="test").initial()) == (
+        "dGVzdAB0ZXN0AHRlc3Q="  # RFC 5034 §6
+    )
+    # Without an initial response, the (empty) first challenge gets the same answer.
+    assert mech.respond(b"") == b"\0user\0pass"
+
+
+def test_c37_initial_response_length_rule():
+    assert auth.initial_response_fits("PLAIN", "A" * 200)
+    assert not auth.initial_response_fits("PLAIN", "A" * 245)
+
+
+def test_login_answers_user_then_password_then_cancels():
+    mech = auth.Login(user="bob", password="secret")
+    assert mech.initial() is None
+    assert mech.respond(b"Username:") == b"bob"
+    assert mech.respond(None) == b"secret"  # prompts are ignored (C-40)
+    with pytest.raises(auth.SaslCancel):
+        mech.respond(b"again?")
+
+
+def test_cram_md5_rfc2195_example():
+    mech = auth.CramMd5(user="tim", password="tanstaaftanstaaf")
+    challenge = b"<1896.697170952@postoffice.reston.mci.net>"
+    assert mech.respond(challenge) == b"tim b913a602c7eda7a495b4e6e7334d3890"
+    with pytest.raises(auth.SaslCancel):
+        auth.CramMd5(user="tim", password="x").respond(None)  # undecodable: cancel
+
+
+def test_c43_xoauth2_google_example_two_line():
+    mech = auth.XOAuth2(user="someuser@example.com", token="ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg")
+    first = mech.respond(b"")  # the empty "+ " after "AUTH XOAUTH2"
+    assert auth.b64encode(first) == (
+        "dXNlcj1zb21ldXNlckBleGFtcGxlLmNvbQFhdXRoPUJlYXJlciB5YTI5LnZGOWRmdDRxbVRjMk52YjNSbGNrQmhkSFJoZG1semRHRXVZMjl0Q2cBAQ=="
+    )
+
+
+def test_c44_xoauth2_error_challenge_answered_with_empty_line():
+    mech = auth.XOAuth2(user="u@example.com", token="tok")
+    mech.respond(b"")
+    challenge = base64.b64decode(
+        "eyJzdGF0dXMiOiI0MDAiLCJzY2hlbWVzIjoiQmVhcmVyIiwic2NvcGUiOiJodHRwczovL21haWwuZ29vZ2xlLmNvbS8ifQ=="
+    )
+    assert mech.respond(challenge) == b""
+    assert mech.error == {"status": "400", "schemes": "Bearer", "scope": "https://mail.google.com/"}
+
+
+def test_c45_oauthbearer_rfc7628_example_and_error_response():
+    mech = auth.OAuthBearer(
+        user="user@example.com", token="vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg==",
+        host="server.example.com", port=995,
+    )
+    assert auth.b64encode(mech.initial()) == (
+        "bixhPXVzZXJAZXhhbXBsZS5jb20sAWhvc3Q9c2VydmVyLmV4YW1wbGUuY29tAXBvcnQ9OTk1AWF1dGg9QmVhcmVyIHZGOWRmdDRxbVRjMk52YjNSbGNrQmhiSFJoZG1semRHRXVZMjl0Q2c9PQEB"
+    )
+    assert mech.respond(b"") == mech.initial()  # sent after an empty challenge
+    assert auth.b64encode(mech.respond(b'{"status":"invalid_token"}')) == "AQ=="
+    assert mech.error == {"status": "invalid_token"}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("", b""), ("cmVhbG0=", b"realm"), ("=AAA", None), ("AAA=BBB", None),
+     ("!!notbase64", None), ("go ahead", None)],
+)
+def test_c39_strict_base64_challenges(text, expected):
+    assert auth.b64decode_strict(text) == expected
+
+
+DOVECOT_CAPA = parse_capa(
+    b"CAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\nSTLS\r\nUSER\r\n"
+    b"SASL PLAIN LOGIN\r\n"
+)
+GMAIL_CAPA = parse_capa(
+    b"USER\r\nRESP-CODES\r\nEXPIRE 0\r\nLOGIN-DELAY 300\r\nTOP\r\nUIDL\r\nX-GOOGLE-RICO\r\n"
+    b"SASL PLAIN XOAUTH2 OAUTHBEARER\r\n"
+)
+MS_CAPA = parse_capa(b"TOP\r\nUIDL\r\nSASL PLAIN XOAUTH2\r\nUSER\r\n")
+SASL_ONLY = parse_capa(b"SASL PLAIN\r\n")
+LOGIN_ONLY = parse_capa(b"SASL LOGIN\r\nTOP\r\n")
+
+
+@pytest.mark.parametrize(
+    ("setting", "caps", "password", "token", "stamp", "expected"),
+    [
+        ("auto", DOVECOT_CAPA, True, False, None, "plain"),
+        ("auto", GMAIL_CAPA, False, True, None, "oauthbearer"),
+        ("auto", MS_CAPA, False, True, None, "xoauth2"),
+        ("auto", SASL_ONLY, True, False, None, "plain"),  # C-28: never USER here
+        ("auto", LOGIN_ONLY, True, False, None, "login"),
+        ("auto", None, True, False, None, "user"),  # C-26: no CAPA, RFC 1939 only
+        ("auto", parse_capa(b"USER\r\nSASL CRAM-MD5\r\n"), True, False, None, "user"),
+        ("apop", None, True, False, b"<1.2@h>", "apop"),
+        ("cram-md5", parse_capa(b"SASL CRAM-MD5\r\n"), True, False, None, "cram-md5"),
+        ("xoauth2", GMAIL_CAPA, False, True, None, "xoauth2"),
+        ("user", DOVECOT_CAPA, True, False, None, "user"),
+    ],
+)
+def test_c42_mechanism_choice(setting, caps, password, token, stamp, expected):
+    assert auth.choose(setting, caps, has_password=password, has_token=token,
+                       apop_timestamp=stamp) == expected
+
+
+@pytest.mark.parametrize(
+    ("setting", "caps", "password", "token", "stamp", "match"),
+    [
+        ("auto", DOVECOT_CAPA, True, True, None, "never falls back"),  # C-42 OAuth → password
+        ("auto", parse_capa(b"SASL CRAM-MD5\r\n"), True, False, None, "explicitly"),
+        ("apop", DOVECOT_CAPA, True, False, None, "APOP"),  # T-17
+        ("user", SASL_ONLY, True, False, None, "USER"),  # C-28
+        ("cram-md5", DOVECOT_CAPA, True, False, None, "downgrade"),  # S-09
+        ("xoauth2", DOVECOT_CAPA, False, True, None, "XOAUTH2"),
+    ],
+)
+def test_c42_no_silent_downgrade(setting, caps, password, token, stamp, match):
+    with pytest.raises(SourcePermanentError, match=match):
+        auth.choose(setting, caps, has_password=password, has_token=token,
+                    apop_timestamp=stamp)
+
+
+@pytest.mark.parametrize(
+    ("text", "caps", "kind", "code", "retry"),
+    [
+        ("[AUTH] Authentication failed.", None, AuthenticationError, None, None),
+        ("[IN-USE] Do you have another POP session running?", None, SourceBusyError, "IN-USE", None),
+        ("[in-use] x", None, SourceBusyError, "IN-USE", None),
+        ("maildrop already locked", None, SourceBusyError, "IN-USE", None),  # T-19
+        ("[LOGIN-DELAY] wait 300s", None, SourceBusyError, "LOGIN-DELAY", 300.0),
+        ("[LOGIN-DELAY] Minimum time between mail checks violation",
+         parse_capa(b"LOGIN-DELAY 900\r\n"), SourceBusyError, "LOGIN-DELAY", 900.0),  # T-20
+        ("[SYS/TEMP/FOO] busy", None, SourceBusyError, "SYS/TEMP", None),  # C-30
+        ("[SYS/PERM] account disabled", None, SourcePermanentError, "SYS/PERM", None),
+        ("Temporary problem", parse_capa(b"AUTH-RESP-CODE\r\n"), SourceBusyError, "SYS/TEMP", None),
+        ("Invalid login", None, AuthenticationError, None, None),
+        ("[REFERRAL/imap.example.net] Referral", None, AuthenticationError, None, None),  # S-13
+    ],
+)
+def test_c31_refusals_classified(text, caps, kind, code, retry):
+    err = Err(command=Pass(password="hunter22"), text=text, code=_code(text))
+    error = auth.classify(err, host="pop.example.com:995", during="PASS", capabilities=caps)
+    assert type(error) is kind
+    assert "pop.example.com" in str(error) and "hunter22" not in str(error)
+    if code is not None:
+        assert error.code == code
+    if retry is not None:
+        assert error.retry_after == retry
+
+
+def _code(text: str) -> str:
+    from mailpipe.plugins.pop3.events import split_code
+
+    return split_code(text)[0]
+
+
+def test_classify_sanitises_server_text():
+    err = Err(command=None, text="\x1b[31mevil\x07", code="")
+    assert "\x1b" not in str(auth.classify(err, host="h", during="greeting"))
+
+
+def test_capabilities_values():
+    assert GMAIL_CAPA.expire == 0 and GMAIL_CAPA.login_delay == 300
+    caps = parse_capa(b"EXPIRE NEVER\r\nLOGIN-DELAY 10 USER\r\n")
+    assert caps.expire == -1 and caps.per_user("LOGIN-DELAY") and not caps.per_user("EXPIRE")
+    assert Capabilities().expire is None

@@ -1,0 +1,651 @@
+"""The asyncio POP3 driver and the pop3 source against scripted servers on 127.0.0.1:0:
+timeouts per phase, TLS/STLS, no plaintext credentials, typed refusals, pipelining,
+streaming to a spool, commit/abort. Servers here are fakes for fault injection only."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import structlog
+import trustme
+from mailpipe.plugins.pop3.client import Pop3Client, Timeouts
+from mailpipe.plugins.pop3.protocol import RemoteProtocolError
+from mailpipe.plugins.pop3.source import Pop3Options, Pop3Source
+
+from mailpipe.errors import (
+    AuthenticationError,
+    CommitError,
+    SourceBusyError,
+    SourceConnectionError,
+    SourcePermanentError,
+    SourceTimeoutError,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+# --- servers ------------------------------------------------------------------------
+
+
+class Server:
+    """``asyncio.start_server`` on 127.0.0.1:0 running ``handler`` per connection."""
+
+    def __init__(self, handler: Handler, ssl_ctx: ssl.SSLContext | None = None) -> None:
+        self.handler = handler
+        self.ssl_ctx = ssl_ctx
+        self.port = 0
+        self.connections = 0
+
+    async def __aenter__(self) -> Server:
+        async def run(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            try:
+                await self.handler(r, w)
+            except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+                pass
+            finally:
+                w.close()
+
+        self._srv = await asyncio.start_server(run, "127.0.0.1", 0, ssl=self.ssl_ctx)
+        self.port = self._srv.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._srv.close()
+        await asyncio.wait_for(self._srv.wait_closed(), 5)
+
+
+def stuff(data: bytes) -> bytes:
+    lines = data.split(b"\r\n")
+    return b"\r\n".join(b"." + ln if ln.startswith(b".") else ln for ln in lines)
+
+
+class MiniPop3:
+    """A small POP3 server over ``messages``: USER/PASS, AUTH PLAIN, CAPA, STAT, LIST,
+    UIDL, RETR, TOP, DELE, NOOP, QUIT. ``replies`` overrides a reply by command line;
+    without ``pipelining`` a command sent before the previous reply is dropped (T-31)."""
+
+    def __init__(self, messages: list[bytes], *, pipelining: bool = True, uidl: bool = True,
+                 extra_capa: tuple[bytes, ...] = (), replies: dict[bytes, bytes] | None = None,
+                 stls_ctx: ssl.SSLContext | None = None, password: str = "pass") -> None:
+        self.messages = list(messages)
+        self.pipelining = pipelining
+        self.uidl = uidl
+        self.extra_capa = extra_capa
+        self.replies = replies or {}
+        self.stls_ctx = stls_ctx
+        self.password = password
+        self.wire = bytearray()
+        self.deleted: set[int] = set()
+        self.committed: set[int] = set()
+        self.dropped = 0
+        self.quit_seen = False
+
+    def capa(self, tls: bool) -> bytes:
+        tags = [b"CAPA", b"TOP", b"RESP-CODES", b"USER", b"SASL PLAIN", *self.extra_capa]
+        if self.uidl:
+            tags.append(b"UIDL")
+        if self.pipelining:
+            tags.append(b"PIPELINING")
+        if self.stls_ctx is not None and not tls:
+            tags.append(b"STLS")
+        return b"+OK\r\n" + b"".join(t + b"\r\n" for t in tags) + b".\r\n"
+
+    async def __call__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"+OK MiniPop3 ready\r\n")
+        tls = w.get_extra_info("ssl_object") is not None
+        pending = bytearray()
+        user_ok = False
+        deleted: set[int] = set()
+        while True:
+            chunk = await r.read(65536)
+            if not chunk:
+                return
+            self.wire += chunk
+            pending += chunk
+            lines = []
+            while b"\r\n" in pending:
+                line, _, rest = bytes(pending).partition(b"\r\n")
+                pending = bytearray(rest)
+                lines.append(line)
+            if not self.pipelining and len(lines) > 1:
+                self.dropped += len(lines) - 1
+                lines = lines[:1]
+            for line in lines:
+                verb, _, arg = line.partition(b" ")
+                verb = verb.upper()
+                if line in self.replies:
+                    w.write(self.replies[line])
+                    if self.replies[line] == b"":
+                        return
+                    continue
+                if verb == b"CAPA":
+                    w.write(self.capa(tls))
+                elif verb == b"STLS" and self.stls_ctx is not None:
+                    w.write(b"+OK Begin TLS\r\n")
+                    await w.drain()
+                    await w.start_tls(self.stls_ctx)
+                    tls = True
+                elif verb == b"USER":
+                    user_ok = True
+                    w.write(b"+OK\r\n")
+                elif verb == b"PASS":
+                    w.write(b"+OK\r\n" if user_ok and arg.decode() == self.password
+                            else b"-ERR [AUTH] Authentication failed.\r\n")
+                elif verb == b"AUTH":
+                    _mech, _, ir = arg.partition(b" ")
+                    if not ir:
+                        w.write(b"+ \r\n")
+                        await w.drain()
+                        ir = (await r.readline()).rstrip(b"\r\n")
+                        self.wire += ir + b"\r\n"
+                    ok = base64.b64decode(ir).split(b"\0")[-1] == self.password.encode()
+                    w.write(b"+OK Logged in.\r\n" if ok else b"-ERR [AUTH] Authentication failed.\r\n")
+                elif verb == b"STAT":
+                    live = [m for i, m in enumerate(self.messages, 1) if i not in deleted]
+                    w.write(b"+OK %d %d\r\n" % (len(live), sum(map(len, live))))
+                elif verb == b"LIST":
+                    body = b"".join(b"%d %d\r\n" % (i, len(m)) for i, m in enumerate(self.messages, 1)
+                                    if i not in deleted)
+                    w.write(b"+OK\r\n" + body + b".\r\n")
+                elif verb == b"UIDL" and self.uidl:
+                    body = b"".join(b"%d uid-%d\r\n" % (i, i) for i in range(1, len(self.messages) + 1)
+                                    if i not in deleted)
+                    w.write(b"+OK\r\n" + body + b".\r\n")
+                elif verb in (b"RETR", b"TOP"):
+                    n = int(arg.split()[0])
+                    if not 1 <= n <= len(self.messages) or n in deleted:
+                        w.write(b"-ERR no such message\r\n")
+                        continue
+                    data = self.messages[n - 1]
+                    if verb == b"TOP":
+                        data = data.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+                    w.write(b"+OK %d octets\r\n" % len(data))
+                    stuffed = stuff(data)
+                    for off in range(0, len(stuffed), 1 << 20):
+                        w.write(stuffed[off : off + (1 << 20)])
+                        await w.drain()  # not reading while sending (like Dovecot)
+                    if not data.endswith(b"\r\n"):
+                        w.write(b"\r\n")
+                    w.write(b".\r\n")
+                elif verb == b"DELE":
+                    deleted.add(int(arg))
+                    w.write(b"+OK\r\n")
+                elif verb == b"NOOP":
+                    w.write(b"+OK\r\n")
+                elif verb == b"QUIT":
+                    self.quit_seen = True
+                    self.committed |= deleted
+                    self.deleted |= deleted
+                    w.write(b"+OK bye\r\n")
+                    await w.drain()
+                    return
+                else:
+                    w.write(b"-ERR unknown command\r\n")
+            await w.drain()
+
+
+def messages(n: int, size: int = 300) -> list[bytes]:
+    out = []
+    for i in range(n):
+        body = (b".dot line\r\n" if i % 3 == 0 else b"") + (b"x" * 70 + b"\r\n") * (size // 72)
+        out.append(b"Subject: m%d\r\nMessage-ID: <%d@t>\r\n\r\n" % (i, i) + body)
+    return out
+
+
+def options(port: int, **kw: object) -> Pop3Options:
+    base: dict[str, object] = {"host": "127.0.0.1", "port": port, "security": "none",
+                               "username": "user", "password": "pass",
+                               "allow_plaintext_password": True, "read_timeout": 5,
+                               "greeting_timeout": 5}
+    base.update(kw)
+    return Pop3Options.model_validate(base)
+
+
+# --- TLS fixtures -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def server_ssl(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+# --- timeouts and connection errors (C-13, S-06) ------------------------------------
+
+
+async def test_c13_greeting_timeout_names_phase_and_host():
+    async def silent(r, w):
+        await asyncio.sleep(5)
+
+    async with Server(silent) as srv:
+        client = Pop3Client("127.0.0.1", srv.port, security="none",
+                            timeouts=Timeouts(greeting=0.2))
+        with pytest.raises(SourceTimeoutError, match=rf"greeting.*127\.0\.0\.1:{srv.port}"):
+            await client.connect()
+        await client.abort()
+
+
+async def test_tls_timeout_names_phase():
+    async def silent(r, w):
+        await asyncio.sleep(5)
+
+    async with Server(silent) as srv:
+        client = Pop3Client("127.0.0.1", srv.port, security="tls", timeouts=Timeouts(tls=0.3))
+        with pytest.raises(SourceTimeoutError, match="TLS handshake"):
+            await client.connect()
+        await client.abort()
+
+
+async def test_connect_refused_is_connection_error():
+    async with Server(lambda r, w: asyncio.sleep(0)) as srv:
+        port = srv.port
+    client = Pop3Client("127.0.0.1", port, security="none")
+    with pytest.raises(SourceConnectionError, match=f"127.0.0.1:{port}"):
+        await client.connect()
+
+
+async def test_t09_read_timeout_when_terminator_never_arrives():
+    mini = MiniPop3(messages(1), replies={b"RETR 1": b"+OK\r\nx\r\n.\r"})
+    async with Server(mini) as srv:
+        src = Pop3Source(options(srv.port, read_timeout=0.3))
+        with pytest.raises(SourceTimeoutError, match="read"):
+            async with src.session() as s:
+                refs = await s.list()
+                [m async for m in s.retrieve(refs, spool_dir=Path("/nonexistent"), spool_threshold=1 << 20)]
+    assert not mini.quit_seen
+
+
+async def test_t40_greeting_then_close():
+    async def rude(r, w):
+        w.write(b"+OK hi\r\n")
+        await w.drain()
+
+    async with Server(rude) as srv:
+        with pytest.raises(SourceConnectionError):
+            async with Pop3Source(options(srv.port)).session():
+                pass
+
+
+async def test_c14_err_greeting_is_busy():
+    async def full(r, w):
+        w.write(b"-ERR [SYS/TEMP] Too many connections\r\n")
+        await w.drain()
+
+    async with Server(full) as srv:
+        with pytest.raises(SourceBusyError) as info:
+            async with Pop3Source(options(srv.port)).session():
+                pass
+    assert info.value.code == "SYS/TEMP"
+
+
+# --- TLS (C-32, C-34, S-02) ---------------------------------------------------------
+
+
+async def test_c32_implicit_tls_verified(server_ssl, ca_file):
+    mini = MiniPop3(messages(2))
+    async with Server(mini, server_ssl) as srv:
+        src = Pop3Source(options(srv.port, security="tls", host="localhost", ca_file=ca_file,
+                                 allow_plaintext_password=False))
+        async with src.session() as s:
+            assert len(await s.list()) == 2
+            assert s.client.tls_active
+
+
+async def test_c34_untrusted_certificate_refused_before_credentials(server_ssl):
+    mini = MiniPop3(messages(1))
+    async with Server(mini, server_ssl) as srv:
+        src = Pop3Source(options(srv.port, security="tls", host="localhost",
+                                 allow_plaintext_password=False))
+        with pytest.raises(SourceConnectionError, match="not trusted"):
+            async with src.session():
+                pass
+    assert b"PASS" not in mini.wire and b"AUTH" not in mini.wire
+
+
+async def test_c34_hostname_mismatch_refused(server_ssl, ca_file):
+    async with Server(MiniPop3(messages(1)), server_ssl) as srv:
+        src = Pop3Source(options(srv.port, security="tls", host="127.0.0.1", ca_file=ca_file,
+                                 allow_plaintext_password=False))
+        # the certificate names localhost and 127.0.0.1; ask for another name via pinning
+        async with src.session():
+            pass
+        client = Pop3Client("localhost", srv.port, security="tls",
+                            ssl_context=ssl.create_default_context(cafile=ca_file))
+        client.host = "pop.example.com"  # connect to 127.0.0.1 but verify another name
+        client_ctx = ssl.create_default_context(cafile=ca_file)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await writer.start_tls(client_ctx, server_hostname="pop.example.com")
+        writer.transport.abort()
+
+
+async def test_certificate_pin(server_ssl, ca_file, ca):
+    async with Server(MiniPop3(messages(1)), server_ssl) as srv:
+        _reader, writer = await asyncio.open_connection(
+            "127.0.0.1", srv.port, ssl=ssl.create_default_context(cafile=ca_file),
+            server_hostname="localhost")
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        pin = hashlib.sha256(der).hexdigest()
+        good = Pop3Source(options(srv.port, security="tls", host="localhost", ca_file=ca_file,
+                                  cert_sha256=":".join(pin[i:i + 2] for i in range(0, 64, 2)),
+                                  allow_plaintext_password=False))
+        async with good.session() as s:
+            assert await s.list()
+        bad = Pop3Source(options(srv.port, security="tls", host="localhost", ca_file=ca_file,
+                                 cert_sha256="00" * 32, allow_plaintext_password=False))
+        with pytest.raises(SourceConnectionError, match="pinned"):
+            async with bad.session():
+                pass
+
+
+async def test_c32_tls_to_plaintext_server_explains(ca_file):
+    async with Server(MiniPop3(messages(1))) as srv:
+        src = Pop3Source(options(srv.port, security="tls", host="localhost", ca_file=ca_file,
+                                 allow_plaintext_password=False, tls_timeout=2))
+        with pytest.raises(SourceConnectionError, match=r"plaintext|TLS"):
+            async with src.session():
+                pass
+
+
+# --- STLS (C-33, S-03, S-04, S-05) --------------------------------------------------
+
+
+async def test_c33_stls_then_capa_then_auth(server_ssl, ca_file):
+    mini = MiniPop3(messages(3), stls_ctx=server_ssl)
+    async with Server(mini) as srv:
+        src = Pop3Source(options(srv.port, security="starttls", host="localhost",
+                                 ca_file=ca_file, allow_plaintext_password=False))
+        async with src.session() as s:
+            assert s.client.tls_active
+            assert len(await s.list()) == 3
+    plain_part = bytes(mini.wire).split(b"STLS\r\n")[0]
+    assert plain_part == b"CAPA\r\n"  # nothing but CAPA before TLS
+
+
+async def test_s03_stls_refused_is_error_not_fallback():
+    mini = MiniPop3(messages(1), replies={b"STLS": b"-ERR Command not permitted\r\n"})
+    async with Server(mini) as srv:
+        src = Pop3Source(options(srv.port, security="starttls", allow_plaintext_password=False))
+        with pytest.raises(SourcePermanentError, match="STLS"):
+            async with src.session():
+                pass
+    assert b"USER" not in mini.wire and b"PASS" not in mini.wire and b"AUTH" not in mini.wire
+
+
+async def test_t41_stls_response_injection_aborts():
+    mini = MiniPop3(messages(1), replies={b"STLS": b"+OK Begin TLS\r\n-ERR fake\r\n"})
+    async with Server(mini) as srv:
+        src = Pop3Source(options(srv.port, security="starttls", allow_plaintext_password=False))
+        with pytest.raises(RemoteProtocolError, match="injection"):
+            async with src.session():
+                pass
+
+
+async def test_s01_no_credentials_over_plaintext_without_consent():
+    mini = MiniPop3(messages(1))
+    async with Server(mini) as srv:
+        client = Pop3Client("127.0.0.1", srv.port, security="none")
+        await client.connect()
+        await client.capa()
+        with pytest.raises(SourcePermanentError, match="without TLS"):
+            await client.login_user("user", "pass")
+        await client.abort()
+    assert bytes(mini.wire) == b"CAPA\r\n"
+
+
+def test_s01_options_refuse_plaintext_password():
+    with pytest.raises(ValueError, match="allow_plaintext_password") as info:
+        Pop3Options.model_validate({"host": "h", "username": "u", "password": "hunter22",
+                                    "security": "none"})
+    assert "hunter22" not in str(info.value)
+
+
+# --- authentication and refusals (C-17, C-19, C-21, C-22, C-31, C-44, S-11) --------
+
+
+@pytest.mark.parametrize(
+    ("reply", "kind", "code", "retry"),
+    [
+        (b"-ERR [AUTH] Authentication failed.\r\n", AuthenticationError, None, None),
+        (b"-ERR [IN-USE] Unable to lock maildrop\r\n", SourceBusyError, "IN-USE", None),
+        (b"-ERR [LOGIN-DELAY] Minimum time between mail checks violation\r\n",
+         SourceBusyError, "LOGIN-DELAY", 900.0),
+        (b"-ERR [SYS/TEMP] try later\r\n", SourceBusyError, "SYS/TEMP", None),
+        (b"-ERR [SYS/PERM] account disabled\r\n", SourcePermanentError, "SYS/PERM", None),
+    ],
+    ids=["auth", "in-use", "login-delay", "sys-temp", "sys-perm"],
+)
+async def test_c31_login_refusals_typed(reply, kind, code, retry):
+    mini = MiniPop3(messages(1), replies={b"PASS hunter22": reply},
+                    extra_capa=(b"LOGIN-DELAY 900",), password="hunter22")
+    async with Server(mini) as srv:
+        src = Pop3Source(options(srv.port, auth="user", password="hunter22"))
+        with structlog.testing.capture_logs() as logs, pytest.raises(kind) as info:
+            async with src.session():
+                pass
+    assert "hunter22" not in str(info.value) and "hunter22" not in repr(logs)
+    if code:
+        assert info.value.code == code
+    if retry:
+        assert info.value.retry_after == retry
+
+
+async def test_c17_user_refused_means_no_pass():
+    mini = MiniPop3(messages(1), replies={b"USER user": b"-ERR sorry, no mailbox for user here\r\n"})
+    async with Server(mini) as srv:
+        with pytest.raises(AuthenticationError):
+            async with Pop3Source(options(srv.port, auth="user")).session():
+                pass
+    assert b"PASS" not in mini.wire
+
+
+async def test_wrong_password_with_sasl_plain():
+    mini = MiniPop3(messages(1), password="right-password")
+    async with Server(mini) as srv:
+        with pytest.raises(AuthenticationError):
+            async with Pop3Source(options(srv.port, password="wrong-password")).session():
+                pass
+    assert b"AUTH PLAIN" in mini.wire
+
+
+async def test_c44_xoauth2_error_challenge_flow():
+    error_json = base64.b64encode(b'{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}')
+    seen: list[bytes] = []
+
+    async def google(r, w):
+        w.write(b"+OK Gpop ready\r\n")
+        assert await r.readline() == b"CAPA\r\n"
+        w.write(b"+OK\r\nUSER\r\nSASL PLAIN XOAUTH2\r\n.\r\n")
+        seen.append(await r.readline())
+        w.write(b"+ \r\n")
+        seen.append(await r.readline())
+        w.write(b"+ " + error_json + b"\r\n")
+        seen.append(await r.readline())
+        w.write(b"-ERR [AUTH] Invalid credentials\r\n")
+        await w.drain()
+        await r.read()
+
+    async with Server(google) as srv:
+        src = Pop3Source(options(srv.port, auth="auto", password=None,
+                                 oauth_token="ya29.secret-token-value"))
+        with structlog.testing.capture_logs() as logs, pytest.raises(AuthenticationError) as info:
+            async with src.session():
+                pass
+    assert seen[0] == b"AUTH XOAUTH2\r\n"  # two-line form (C-43)
+    assert base64.b64decode(seen[1]) == b"user=user\x01auth=Bearer ya29.secret-token-value\x01\x01"
+    assert seen[2] == b"\r\n"  # C-44: empty response to the error challenge
+    assert "status=400" in str(info.value)
+    for text in (str(info.value), repr(logs)):
+        assert "ya29.secret-token-value" not in text and seen[1].decode().strip() not in text
+
+
+async def test_oauth_never_falls_back_to_password():
+    mini = MiniPop3(messages(1))  # offers USER and SASL PLAIN only
+    async with Server(mini) as srv:
+        src = Pop3Source(options(srv.port, oauth_token="tok-123456"))
+        with pytest.raises(SourcePermanentError, match="never falls back"):
+            async with src.session():
+                pass
+    assert b"PASS" not in mini.wire and b"AUTH" not in mini.wire
+
+
+async def test_c24_capa_err_and_disconnect_reconnects_once_without_capa():
+    mini = MiniPop3(messages(2), replies={b"CAPA": b""})  # b"" = hang up
+    async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
+        assert len(await s.list()) == 2
+        assert not s.client.pipelining_active
+    assert srv.connections == 2
+
+
+# --- pipelining (T-30, T-31, P-07, P-12) --------------------------------------------
+
+
+async def retrieve_all(port: int, tmp_path: Path, **kw: object) -> tuple[list[bytes], list[str]]:
+    async with Pop3Source(options(port, **kw), mailbox="box").session() as s:
+        refs = await s.list()
+        got = [m async for m in s.retrieve(refs, spool_dir=tmp_path, spool_threshold=1 << 20)]
+        await s.mark_deleted(refs)
+        await s.commit()
+    return [m.raw for m in got], [m.ref.uid for m in got]
+
+
+async def test_p12_pipelined_equals_lockstep(tmp_path):
+    msgs = messages(60)
+    results = []
+    for pipelining in ("auto", "off"):
+        mini = MiniPop3(msgs)
+        async with Server(mini) as srv:
+            results.append(await retrieve_all(srv.port, tmp_path, pipelining=pipelining))
+        assert mini.committed == set(range(1, 61))
+    assert results[0] == results[1]
+    assert results[0][0] == msgs
+
+
+async def test_t31_no_pipelining_advertised_means_lockstep(tmp_path):
+    msgs = messages(20)
+    mini = MiniPop3(msgs, pipelining=False)
+    async with Server(mini) as srv:
+        raw, _ = await retrieve_all(srv.port, tmp_path)
+    assert raw == msgs and mini.dropped == 0
+
+
+async def test_p07_large_retr_in_window_does_not_deadlock(tmp_path):
+    big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 8000  # ~8 MB
+    msgs = [big, *messages(40), big, *messages(40)]
+    mini = MiniPop3(msgs)
+    async with Server(mini) as srv:
+        raw, _ = await retrieve_all(srv.port, tmp_path, pipeline_window=64)
+    assert raw == msgs
+
+
+async def test_t25_retr_err_skips_only_that_message(tmp_path):
+    msgs = messages(3)
+    mini = MiniPop3(msgs, replies={b"RETR 2": b"-ERR Message 2 expunged.\r\n"})
+    async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
+        refs = await s.list()
+        got = [m async for m in s.retrieve(refs, spool_dir=tmp_path, spool_threshold=1 << 20)]
+    assert [m.ref.number for m in got] == [1, 3]
+    assert [m.raw for m in got] == [msgs[0], msgs[2]]
+
+
+# --- retrieval, spooling, commit, abort ---------------------------------------------
+
+
+async def test_c11_large_message_spooled_with_listed_size(tmp_path):
+    big = b"Subject: big\r\n\r\n" + (b".z" * 499 + b"\r\n") * 3000
+    mini = MiniPop3([b"Subject: s\r\n\r\nsmall\r\n", big])
+    async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
+        refs = await s.list()
+        got = [m async for m in s.retrieve(refs, spool_dir=tmp_path / "spool", spool_threshold=10_000)]
+    assert got[0].data is not None and got[0].spool_path is None
+    assert got[1].spool_path is not None and got[1].data is None
+    assert got[1].spool_path.read_bytes() == big
+    assert got[1].meta == {"octets_listed": len(big), "octets_received": len(big)}
+
+
+async def test_t21_size_mismatch_logged_not_fatal(tmp_path):
+    msg = b"Subject: s\r\n\r\nbody\r\n"
+    mini = MiniPop3([msg], replies={b"LIST": b"+OK\r\n1 1000\r\n.\r\n"})
+    async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
+        refs = await s.list()
+        with structlog.testing.capture_logs() as logs:
+            got = [m async for m in s.retrieve(refs, spool_dir=tmp_path, spool_threshold=100)]
+    assert got[0].raw == msg and got[0].meta["octets_listed"] == 1000
+    assert any(e["event"] == "pop3_size_mismatch" for e in logs)
+
+
+async def test_no_uidl_gives_empty_uids():
+    mini = MiniPop3(messages(2), uidl=False)
+    async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
+        refs = await s.list()
+        assert not s.supports_uidl and [r.uid for r in refs] == ["", ""]
+
+
+async def test_headers_via_top():
+    msgs = messages(2)
+    async with Server(MiniPop3(msgs)) as srv, Pop3Source(options(srv.port)).session() as s:
+        refs = await s.list()
+        assert await s.headers(refs[1]) == msgs[1].split(b"\r\n\r\n")[0] + b"\r\n\r\n"
+
+
+async def test_abort_sends_no_quit_and_deletes_nothing():
+    mini = MiniPop3(messages(3))
+    async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
+        await s.mark_deleted(await s.list())
+    await asyncio.sleep(0.05)
+    assert b"DELE 1" in mini.wire and b"QUIT" not in mini.wire
+    assert mini.committed == set()
+
+
+async def test_exception_in_session_aborts():
+    mini = MiniPop3(messages(1))
+    async with Server(mini) as srv:
+        with pytest.raises(ZeroDivisionError):
+            async with Pop3Source(options(srv.port)).session() as s:
+                await s.mark_deleted(await s.list())
+                1 / 0  # noqa: B018
+    assert not mini.quit_seen
+
+
+@pytest.mark.parametrize(
+    "reply", [b"-ERR some deleted messages not removed\r\n", b""], ids=["err", "lost"]
+)
+async def test_c57_quit_not_confirmed_is_commit_error(reply):
+    mini = MiniPop3(messages(1), replies={b"QUIT": reply})
+    async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
+        await s.mark_deleted(await s.list())
+        with pytest.raises(CommitError):
+            await s.commit()
+
+
+async def test_c59_unsolicited_line_is_an_error():
+    mini = MiniPop3(messages(1), replies={b"NOOP": b"+OK\r\n-ERR Disconnected for inactivity.\r\n"})
+    async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
+        from mailpipe.plugins.pop3.events import Noop
+
+        await s.client.command(Noop())
+        with pytest.raises(RemoteProtocolError, match="unsolicited"):
+            await s.list()

@@ -1,0 +1,137 @@
+"""store.maildir on the real file system: delivery, idempotency, crash leftovers."""
+
+from __future__ import annotations
+
+import mailbox
+import os
+import time
+from pathlib import Path
+
+import pytest
+from mailpipe.plugins.store.maildir import (
+    MaildirOptions,
+    MaildirStore,
+    file_name,
+    key_of,
+)
+from pydantic import ValidationError
+
+from mailpipe import Message, ProcessorContext, TemporaryFailure
+
+RAW = (
+    b"From: Alice <alice@example.com>\r\nTo: bob@example.org\r\nSubject: Maildir\r\n"
+    b"Message-ID: <m1@example.com>\r\n\r\nFirst line\r\n.dot line\r\nFrom me\r\n"
+)
+
+
+def store(tmp_path: Path, *, dry_run: bool = False, **options: object) -> MaildirStore:
+    opts = MaildirOptions.model_validate({"path": "Maildir", **options})
+    s = MaildirStore(opts, ProcessorContext(base_dir=tmp_path, dry_run=dry_run))
+    s.open()
+    return s
+
+
+def listing(folder: Path) -> dict[str, list[str]]:
+    return {sub: sorted(os.listdir(folder / sub)) for sub in ("cur", "new", "tmp")}
+
+
+def test_delivers_into_new_with_exact_bytes(tmp_path: Path) -> None:
+    m = Message.from_bytes(RAW, mailbox="support", uid="1")
+    store(tmp_path).process(m)
+    md = tmp_path / "Maildir"
+    (name,) = os.listdir(md / "new")
+    assert key_of(name) == m.key and name.endswith(f".mailpipe,S={len(RAW)}")
+    assert listing(md) == {"cur": [], "new": [name], "tmp": []}
+    assert (md / "new" / name).read_bytes() == RAW
+    box = mailbox.Maildir(md, create=False)
+    assert [box.get_bytes(k) for k in box.iterkeys()] == [RAW]
+
+
+def test_rerun_writes_nothing_twice(tmp_path: Path) -> None:
+    m = Message.from_bytes(RAW, mailbox="support", uid="1")
+    s = store(tmp_path)
+    s.process(m)
+    (path,) = (tmp_path / "Maildir" / "new").iterdir()
+    before = path.stat()
+    s.process(m)
+    store(tmp_path).process(m)  # a new process after a crash
+    after = path.stat()
+    assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
+    assert listing(tmp_path / "Maildir")["new"] == [path.name]
+
+
+def test_a_message_moved_to_cur_by_a_reader_is_not_delivered_again(
+    tmp_path: Path,
+) -> None:
+    m = Message.from_bytes(RAW, mailbox="support", uid="1")
+    store(tmp_path).process(m)
+    md = tmp_path / "Maildir"
+    (name,) = os.listdir(md / "new")
+    os.rename(md / "new" / name, md / "cur" / f"{name}:2,S")
+    store(tmp_path).process(m)
+    assert listing(md) == {"cur": [f"{name}:2,S"], "new": [], "tmp": []}
+
+
+def test_a_tmp_file_left_by_a_crash_is_ignored_then_cleaned(tmp_path: Path) -> None:
+    m = Message.from_bytes(RAW, mailbox="support", uid="1")
+    md = tmp_path / "Maildir"
+    for sub in ("cur", "new", "tmp"):
+        (md / sub).mkdir(parents=True)
+    torn = md / "tmp" / file_name(m.key, len(RAW))
+    torn.write_bytes(RAW[:20])  # the crash hit before fsync and link
+    foreign = md / "tmp" / "1700000000.M1P2.otherhost"
+    foreign.write_bytes(b"another agent's delivery")
+
+    store(tmp_path).process(m)  # fresh: the leftover is not taken for a delivery
+    (delivered,) = (md / "new").iterdir()
+    assert delivered.name != torn.name and delivered.read_bytes() == RAW
+    assert sorted(os.listdir(md / "tmp")) == sorted([torn.name, foreign.name])
+
+    old = time.time() - 37 * 3600
+    for p in (torn, foreign):
+        os.utime(p, (old, old))
+    store(tmp_path)  # open cleans our own stale tmp files only
+    assert os.listdir(md / "tmp") == [foreign.name]
+
+
+def test_folder_is_a_maildir_plus_plus_subfolder(tmp_path: Path) -> None:
+    m = Message.from_bytes(RAW, mailbox="support", uid="1")
+    store(tmp_path, folder="Archive.2025").process(m)
+    sub = tmp_path / "Maildir" / ".Archive.2025"
+    assert (sub / "maildirfolder").exists()
+    assert [key_of(n) for n in listing(sub)["new"]] == [m.key]
+
+
+@pytest.mark.parametrize("folder", ["../evil", ".hidden", "a/b", "a..b", ""])
+def test_unsafe_folder_names_are_rejected(folder: str) -> None:
+    with pytest.raises(ValidationError):
+        MaildirOptions.model_validate({"path": "Maildir", "folder": folder})
+
+
+def test_unwritable_maildir_is_a_temporary_failure(tmp_path: Path) -> None:
+    (tmp_path / "Maildir").write_bytes(b"not a folder")
+    opts = MaildirOptions(path=Path("Maildir"))
+    s = MaildirStore(opts, ProcessorContext(base_dir=tmp_path))
+    with pytest.raises(TemporaryFailure):
+        s.process(Message.from_bytes(RAW, uid="1"))
+
+
+def test_names_follow_arrival_order(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    ms = [Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)) for i in range(20)]
+    for m in ms:
+        s.process(m)
+    box = mailbox.Maildir(tmp_path / "Maildir", create=False)
+    # Maildir unique names start "<sec>.M<usec>": the order Dovecot numbers them in.
+    names = sorted(
+        os.listdir(tmp_path / "Maildir" / "new"),
+        key=lambda n: (int(n.split(".")[0]), int(n.split(".")[1][1:7])),
+    )
+    assert [key_of(n) for n in names] == [m.key for m in ms]
+    assert sorted(box.get_bytes(k) for k in box.iterkeys()) == sorted(m.raw for m in ms)
+
+
+def test_dry_run_writes_nothing(tmp_path: Path) -> None:
+    s = store(tmp_path, dry_run=True)
+    s.process(Message.from_bytes(RAW, uid="1"))
+    assert not (tmp_path / "Maildir").exists()
