@@ -24,12 +24,19 @@ def readme_test_command() -> str:
         "README.md is missing: it must show the test command in its first fenced code "
         "block (the line .ci/run executes)"
     )
-    match = re.search(r"^```[^\n]*\n(.*?)^```", readme.read_text(), re.MULTILINE | re.DOTALL)
-    assert match, "README.md has no fenced code block; the first one holds the test command"
-    lines = [ln.strip().removeprefix("$ ") for ln in match.group(1).splitlines()]
+    text = readme.read_text()
+    # The README opens with two commands, each in its own fenced block: the demo, then
+    # the tests. They must come before the first section heading.
+    head = text.split("\n## ", 1)[0]
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", head, re.MULTILINE | re.DOTALL)
+    assert len(blocks) >= 2, (
+        "README.md must open with two fenced commands (demo, tests)"
+    )
+    assert "mailpipe demo" in blocks[0], "the first command runs the demo"
+    lines = [ln.strip().removeprefix("$ ") for ln in blocks[1].splitlines()]
     commands = [ln for ln in lines if re.search(r"\bpytest\b", ln)]
     assert len(commands) == 1, (
-        f"the first fenced block of README.md should have exactly one pytest line, "
+        f"the second fenced block of README.md should have exactly one pytest line, "
         f"found {commands}"
     )
     return commands[0]
@@ -38,7 +45,10 @@ def readme_test_command() -> str:
 def ci_test_command() -> str:
     done = subprocess.run(
         ["bash", str(CI_RUN), "--print-test-command"],
-        capture_output=True, text=True, timeout=30, check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     return done.stdout.strip()
 
@@ -47,7 +57,11 @@ def lib(script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run ``script`` in bash with .ci/lib.sh sourced, from the repository root."""
     return subprocess.run(
         ["bash", "-c", f"set -euo pipefail; source .ci/lib.sh; {script}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -62,8 +76,13 @@ def test_ci_scripts_are_strict_bash_and_parse() -> None:
     assert "set -euo pipefail" in text
     assert 'run_tests "$TEST_COMMAND"' in text
     for script in (CI_RUN, CI_LIB):
-        done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True,
-                              timeout=30, check=False)
+        done = subprocess.run(
+            ["bash", "-n", str(script)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         assert done.returncode == 0, done.stderr
 
 
@@ -75,8 +94,13 @@ def test_ci_installs_the_debian_packages_the_tests_need() -> None:
 
 @pytest.mark.parametrize(
     ("name", "port"),
-    [("postgresql", 5432), ("redis", 6379), ("rabbitmq", 5672), ("nats", 4222),
-     ("mosquitto", 1883)],
+    [
+        ("postgresql", 5432),
+        ("redis", 6379),
+        ("rabbitmq", 5672),
+        ("nats", 4222),
+        ("mosquitto", 1883),
+    ],
 )
 def test_ci_starts_each_service_on_its_port(name: str, port: int) -> None:
     assert re.search(rf"ensure_service {name} {port} \d+ ", CI_RUN.read_text())
@@ -87,7 +111,10 @@ def test_run_tests_maps_pytest_exit_5_to_success_loudly() -> None:
     assert done.returncode == 0, done.stderr
     assert "rc=0" in done.stdout
     assert "pytest collected NO TESTS (exit 5)" in done.stdout
-    assert "NO TESTS COLLECTED (pytest exit 5" in done.stdout.split("==== .ci/run setup ====")[1]
+    assert (
+        "NO TESTS COLLECTED (pytest exit 5"
+        in done.stdout.split("==== .ci/run setup ====")[1]
+    )
 
 
 @pytest.mark.parametrize("code", [0, 1, 2, 3, 4])
@@ -96,7 +123,9 @@ def test_run_tests_returns_other_exit_codes_unchanged(code: int) -> None:
     assert done.returncode == 0, done.stderr
     assert f"rc={code}" in done.stdout
     assert "NO TESTS" not in done.stdout
-    assert ("tests: passed" if code == 0 else f"tests: FAILED (exit {code})") in done.stdout
+    assert (
+        "tests: passed" if code == 0 else f"tests: FAILED (exit {code})"
+    ) in done.stdout
 
 
 def test_run_tests_runs_a_compound_command_like_the_readme_one(tmp_path: Path) -> None:
@@ -119,7 +148,9 @@ def test_wait_for_port_gives_up_on_a_closed_port() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # bound, never listening: connections are refused
-        done = lib(f"if wait_for_port {port} 2; then echo up; else echo down; fi", timeout=30)
+        done = lib(
+            f"if wait_for_port {port} 2; then echo up; else echo down; fi", timeout=30
+        )
     assert done.stdout.strip() == "down", done.stderr
 
 
@@ -138,10 +169,14 @@ def test_ensure_service_notes_a_service_that_cannot_start() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
         done = lib(
-            f"ensure_service ghost {port} 1 mailpipe-no-such-daemon; ci_summary", timeout=30
+            f"ensure_service ghost {port} 1 mailpipe-no-such-daemon; ci_summary",
+            timeout=30,
         )
     assert done.returncode == 0, done.stderr
-    assert "service ghost: DOWN (no mailpipe-no-such-daemon on this machine)" in done.stdout
+    assert (
+        "service ghost: DOWN (no mailpipe-no-such-daemon on this machine)"
+        in done.stdout
+    )
 
 
 def test_ensure_apt_packages_skips_installed_packages() -> None:

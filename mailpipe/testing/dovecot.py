@@ -282,7 +282,19 @@ class Dovecot:
         except OSError:
             return False
 
+    def _check_traversable(self) -> None:
+        # Dovecot's mail processes run as the mail uid and must reach each home.
+        if os.geteuid() != 0:
+            return
+        for parent in self.base_dir.parents:
+            if parent.exists() and not parent.stat().st_mode & 0o001:
+                raise DovecotError(
+                    f"{parent} is not traversable by the mail uid {self.mail_uid}; "
+                    "choose a base_dir under /tmp (e.g. tempfile.mkdtemp())"
+                )
+
     def _prepare_dirs(self) -> None:
+        self._check_traversable()
         for sub in ("", "run", "state", "log", "mail", "passwd.d"):
             d = self.base_dir / sub
             d.mkdir(parents=True, exist_ok=True)

@@ -92,8 +92,9 @@ class MessageRecord(BaseModel):
     references: list[str] = Field(default_factory=list, description="References.")
     thread_key: str = Field(
         default="",
-        description="Conversation key: the first References id, else In-Reply-To, else "
-        "the Message-ID, else a hash of the normalised subject.",
+        description="Conversation key for ticketing: 32 hex digits of sha256 over the "
+        "thread root (the first References id, else In-Reply-To, else the Message-ID, "
+        "else the subject without Re:/Fwd:/[list] prefixes, else the raw bytes).",
     )
     list_id: str | None = Field(default=None, description="List-Id (inside <>).")
     auto_reply: bool = Field(default=False, description="Automatically generated.")

@@ -13,7 +13,9 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "testing.md"
 
 def example_source() -> str:
     text = DOC.read_text()
-    match = re.search(r'```python title="test_my_pipeline.py"\n(.*?)```', text, re.DOTALL)
+    match = re.search(
+        r'```python title="test_my_pipeline.py"\n(.*?)```', text, re.DOTALL
+    )
     assert match is not None, "docs/testing.md lost its example test"
     return match.group(1)
 

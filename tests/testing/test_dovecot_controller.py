@@ -236,3 +236,14 @@ def test_fixture_fails_in_ci_without_dovecot(tmp_path: Path) -> None:
     )
     assert "1 error" in result.stdout, result.stdout
     assert "Dovecot is not installed (test) (failing because CI is set)" in result.stdout
+
+
+def test_base_dir_behind_private_directory_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root runs mail as another uid")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    from mailpipe.testing.dovecot import DovecotError
+
+    with pytest.raises(DovecotError, match="not traversable"):
+        Dovecot(private / "dc").start()

@@ -324,3 +324,20 @@ async def test_fault_bare_lf_session(
     assert [r.uid for r in refs] == ["mp00000001", "mp00000002"]
     # T-08: LF-mode for the session; each LF-terminated line arrives as a line.
     assert [m.raw for m in got] == [m.replace(b"\r\n", b"\n") for m in MSGS[:2]]
+
+
+async def test_fault_long_status_line_fails_the_session(
+    pop3_server_factory: Factory, tmp_path: Path
+) -> None:
+    srv = pop3_server_factory(messages=MSGS, faults=Faults(status_padding=100_000))
+    with pytest.raises(SourceError):  # C-04: status lines are capped (max_line)
+        await fetch(srv, tmp_path)
+    assert srv.messages == MSGS
+
+
+async def test_fault_stalled_greeting_times_out(
+    pop3_server_factory: Factory, tmp_path: Path
+) -> None:
+    srv = pop3_server_factory(messages=MSGS, faults=Faults(stall_on={"GREETING"}))
+    with pytest.raises(SourceTimeoutError, match="greeting"):
+        await fetch(srv, tmp_path, greeting_timeout=0.3)

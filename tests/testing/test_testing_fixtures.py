@@ -33,11 +33,15 @@ def test_pop3_server_factory_makes_independent_servers(
 
 def test_smtp_sink_fixture_records_mail(smtp_sink: Any) -> None:
     with smtplib.SMTP(smtp_sink.host, smtp_sink.port, timeout=10) as client:
-        client.sendmail("a@example.org", ["b@example.org"], b"Subject: s\r\n\r\nbody\r\n")
+        client.sendmail(
+            "a@example.org", ["b@example.org"], b"Subject: s\r\n\r\nbody\r\n"
+        )
     assert [m.rcpt_tos for m in smtp_sink.messages] == [["b@example.org"]]
 
 
-def test_http_sink_factory_replays_statuses(http_sink_factory: Callable[..., Any]) -> None:
+def test_http_sink_factory_replays_statuses(
+    http_sink_factory: Callable[..., Any],
+) -> None:
     sink = http_sink_factory([201])
     request = urllib.request.Request(sink.url, data=b"{}", method="POST")
     with urllib.request.urlopen(request, timeout=10) as response:
