@@ -51,7 +51,7 @@ def test_every_readme_command_exists(words: list[str]) -> None:
     path = [
         w
         for w in words
-        if not w.startswith("-") and w.isidentifier() or w in ("mark-seen",)
+        if (not w.startswith("-") and w.isidentifier()) or w in ("mark-seen",)
     ]
     group: object = cli
     used: list[str] = []
