@@ -24,7 +24,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,7 +35,7 @@ import structlog
 
 from mailpipe.chain import Chain, ChainResult
 from mailpipe.config import Config, MailboxSpec
-from mailpipe.errors import SourceError, SourcePermanentError
+from mailpipe.errors import SourceBusyError, SourceError, SourcePermanentError
 from mailpipe.journal.base import Entry, Journal, Status
 from mailpipe.message import Message, MessageRef, message_key
 from mailpipe.plugin_manager import Hooks
@@ -111,8 +112,66 @@ def _error_text(exc: BaseException) -> str:
     return redact(text if len(text) <= 500 else text[:497] + "...")
 
 
+class LeaseLostError(SourceBusyError):
+    """The mailbox lease was lost mid-poll: another worker may own the mailbox now."""
+
+
+class _LeaseGuardedSession:
+    """A session that calls ``check`` before every action on the mailbox.
+
+    Once the lease is gone another worker may be polling the same mailbox, so reading
+    on, DELE or QUIT could act on its messages too. ``check`` raises
+    :class:`LeaseLostError` then; the engine aborts the session (no QUIT, so the server
+    deletes nothing this session marked; RFC 1939 §6) and the journal keeps what
+    completed, DELE owed.
+    """
+
+    def __init__(self, inner: Any, check: Callable[[], None]) -> None:
+        self._inner = inner
+        self._check = check
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def headers(self, ref: MessageRef) -> bytes:
+        self._check()
+        return await self._inner.headers(ref)  # type: ignore[no-any-return]
+
+    async def retrieve(
+        self, refs: Sequence[MessageRef], *, spool_dir: Path, spool_threshold: int
+    ) -> AsyncIterator[Message]:
+        self._check()
+        stream = self._inner.retrieve(
+            refs, spool_dir=spool_dir, spool_threshold=spool_threshold
+        )
+        async with aclosing(stream):
+            async for msg in stream:
+                try:
+                    self._check()
+                except BaseException:
+                    _unspool(msg)
+                    raise
+                yield msg
+
+    async def mark_deleted(self, refs: Sequence[MessageRef]) -> None:
+        self._check()
+        await self._inner.mark_deleted(refs)
+
+    async def commit(self) -> None:
+        self._check()
+        await self._inner.commit()
+
+    async def abort(self) -> None:
+        await self._inner.abort()
+
+
 class MailboxRunner:
-    """Polls one mailbox; safe to call :meth:`poll` repeatedly (never concurrently)."""
+    """Polls one mailbox; safe to call :meth:`poll` repeatedly (never concurrently).
+
+    ``lease_check``, when set (by the scheduler, per poll), is called before every
+    retrieval, DELE and QUIT and raises :class:`LeaseLostError` once the mailbox's
+    lease is lost.
+    """
 
     def __init__(
         self,
@@ -141,6 +200,7 @@ class MailboxRunner:
         self.spool_dir = config.resolve(config.model.scheduler.spool_dir)
         self.spool_threshold = config.model.scheduler.spool_threshold
         self.log = log.bind(mailbox=self.name)
+        self.lease_check: Callable[[], None] | None = None
 
     def _make_source(self) -> Any:
         ctx = ProcessorContext(
@@ -195,7 +255,10 @@ class MailboxRunner:
 
     async def _session(self, summary: Summary) -> bool:
         """One commit window. Returns True when messages are left for another window."""
-        async with self.source.session() as session:
+        async with self.source.session() as opened:
+            session = opened
+            if self.lease_check is not None:
+                session = _LeaseGuardedSession(opened, self.lease_check)
             refs = await session.list()
             summary.listed = len(refs)
             self.hooks.session_started(
@@ -524,6 +587,7 @@ class MailboxRunner:
         attempts = entry.attempts + (0 if result.temporary else 1)
         mlog.warning(
             "message_failed",
+            message_id=msg.header("message-id"),
             step=result.failed_step,
             error=error,
             attempts=attempts,

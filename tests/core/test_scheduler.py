@@ -1,0 +1,140 @@
+"""Scheduler back-off rules and concurrency, without wall-clock assertions."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+
+from mailpipe.config import SchedulerConfig, validate_config
+from mailpipe.errors import (
+    AuthenticationError,
+    SourceBusyError,
+    SourceConnectionError,
+    SourcePermanentError,
+)
+from mailpipe.journal.sqlite import SqliteJournal
+from mailpipe.plugin_manager import Hooks, get_plugin_manager
+from mailpipe.registry import Registry
+from mailpipe.scheduler import Scheduler, next_delay
+from mailpipe.testing.fakes import FakeSource
+
+SCHED = SchedulerConfig(backoff_initial=5, backoff_max=100, backoff_auth=3600)
+
+
+def delay(error: BaseException | None, failures: int = 1) -> float:
+    return next_delay(
+        SCHED,
+        interval=60,
+        jitter=0.1,
+        failures=failures,
+        error=error,
+        rng=random.Random(1),
+    )
+
+
+def test_success_waits_interval_with_jitter() -> None:
+    values = {
+        next_delay(
+            SCHED, interval=60, jitter=0.1, failures=0, error=None, rng=random.Random(i)
+        )
+        for i in range(20)
+    }
+    assert all(54 <= v <= 66 for v in values) and len(values) > 1
+
+
+def test_exponential_backoff_is_capped() -> None:
+    err = SourceConnectionError("refused")
+    seq = [delay(err, n) for n in range(1, 10)]
+    assert seq[0] <= 5 and seq[1] > seq[0] and seq[2] > seq[1]
+    assert max(seq) <= 100
+
+
+@pytest.mark.parametrize(
+    "err", [AuthenticationError("no"), SourcePermanentError("x", code="SYS/PERM")]
+)
+def test_auth_and_permanent_failures_stop_hammering(err: BaseException) -> None:
+    assert delay(err) == 3600
+
+
+def test_login_delay_is_honoured() -> None:
+    err = SourceBusyError("later", code="LOGIN-DELAY", retry_after=900)
+    assert delay(err) == 900
+    assert delay(SourceBusyError("in use", code="IN-USE")) <= 5
+
+
+def _config(tmp_path: Path, n: int, concurrency: int):  # type: ignore[no-untyped-def]
+    registry = Registry()
+    registry.add("source", FakeSource, "test")
+    data = {
+        "scheduler": {"concurrency": concurrency},
+        "mailboxes": [{"name": f"m{i}", "source": "fake"} for i in range(n)],
+        "pipelines": {"default": {"processors": []}},
+    }
+    return validate_config(data, path=tmp_path / "p.toml", registry=registry)
+
+
+async def test_once_polls_every_mailbox_under_the_concurrency_limit(
+    tmp_path: Path,
+) -> None:
+    FakeSource.boxes.clear()
+    config = _config(tmp_path, 6, concurrency=2)
+    for i in range(6):
+        FakeSource.boxes.setdefault(
+            f"m{i}",
+            __import__(
+                "mailpipe.testing.fakes", fromlist=["FakeMailbox"]
+            ).FakeMailbox(),
+        ).add("u", b"Subject: x\r\n\r\nx\r\n")
+    journal = SqliteJournal(tmp_path / "j.sqlite3")
+    scheduler = Scheduler(
+        config,
+        journal=journal,
+        hooks=Hooks(get_plugin_manager(entry_points=False)),
+        once=True,
+    )
+    active = 0
+    peak = 0
+    from mailpipe.engine import MailboxRunner
+
+    original = MailboxRunner.poll
+
+    async def counting(self: MailboxRunner):  # type: ignore[no-untyped-def]
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.01)
+        try:
+            return await original(self)
+        finally:
+            active -= 1
+
+    MailboxRunner.poll = counting  # type: ignore[method-assign]
+    try:
+        summaries = await asyncio.wait_for(scheduler.run(), 30)
+    finally:
+        MailboxRunner.poll = original  # type: ignore[method-assign]
+        journal.close()
+    assert sorted(s.mailbox for s in summaries) == [f"m{i}" for i in range(6)]
+    assert all(s.deleted == 1 for s in summaries)
+    assert peak == 2
+
+
+async def test_stop_ends_run_forever(tmp_path: Path) -> None:
+    FakeSource.boxes.clear()
+    config = _config(tmp_path, 2, concurrency=4)
+    journal = SqliteJournal(tmp_path / "j.sqlite3")
+    scheduler = Scheduler(
+        config, journal=journal, hooks=Hooks(get_plugin_manager(entry_points=False))
+    )
+    task = asyncio.create_task(scheduler.run())
+    for _ in range(200):
+        if len(scheduler.summaries) >= 2:
+            break
+        await asyncio.sleep(0.01)
+    scheduler.request_stop()
+    summaries = await asyncio.wait_for(task, 10)
+    journal.close()
+    assert len(summaries) >= 2 and task.done()
