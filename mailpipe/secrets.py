@@ -29,6 +29,12 @@ def known_secret_values() -> frozenset[str]:
         return frozenset(_KNOWN)
 
 
+def forget_secrets() -> None:
+    """Empty the redaction set (for test isolation; never needed in production)."""
+    with _LOCK:
+        _KNOWN.clear()
+
+
 def remember_secret(value: str) -> None:
     """Add ``value`` to the redaction set (values shorter than 4 characters are skipped)."""
     if len(value) >= 4:

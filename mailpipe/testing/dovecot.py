@@ -216,10 +216,12 @@ class Dovecot:
         """Write the config, start Dovecot in the foreground, wait for both ports.
 
         Raises:
-            DovecotError: Dovecot is unavailable or did not start listening in time.
+            DovecotError: base_dir is unreachable for the mail uid, Dovecot is
+                unavailable, or it did not start listening in time.
         """
         if self.running:
             return
+        self._check_traversable()
         reason = dovecot_unavailable_reason(self.binary)
         if reason is not None:
             raise DovecotError(reason)
@@ -294,7 +296,6 @@ class Dovecot:
                 )
 
     def _prepare_dirs(self) -> None:
-        self._check_traversable()
         for sub in ("", "run", "state", "log", "mail", "passwd.d"):
             d = self.base_dir / sub
             d.mkdir(parents=True, exist_ok=True)
@@ -411,7 +412,7 @@ class Dovecot:
         ``name`` defaults to a fresh ``userN``, ``password`` to ``pass-<name>``.
 
         Raises:
-            ValueError: the name exists, or a field contains ``:`` or a line break.
+            ValueError: the name exists, or a field holds ``:``, ``/`` or a line break.
         """
         with self._lock:
             if name is None:

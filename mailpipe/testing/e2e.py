@@ -412,17 +412,27 @@ class _Pair:
 class CuttingProxy:
     """A TCP proxy on 127.0.0.1 that cuts connections per a plan of :class:`Cut`.
 
-    Connection ``k`` (0-based, in accept order) follows ``plan[k]``; ``None`` and every
-    connection past the plan are passed through untouched. ``records`` tells, per
+    Connection ``k`` (0-based, in accept order) follows ``plan[k]`` (or ``plan(k)``
+    when ``plan`` is a callable, asked as each connection is accepted); ``None`` and
+    every connection past a list plan are passed through untouched. A cut whose offset
+    the connection never reaches does not happen. ``records`` tells, per
     connection, how many octets went each way and whether it was cut. Threads only
     (one acceptor, two pumps per connection); use it as a context manager.
     """
 
     def __init__(
-        self, target_host: str, target_port: int, plan: Iterable[Cut | None] = ()
+        self,
+        target_host: str,
+        target_port: int,
+        plan: Iterable[Cut | None] | Callable[[int], Cut | None] = (),
     ) -> None:
         self.target = (target_host, target_port)
-        self.plan = list(plan)
+        self._plan: Callable[[int], Cut | None]
+        if callable(plan):
+            self._plan = plan
+        else:
+            planned = list(plan)
+            self._plan = lambda n: planned[n] if n < len(planned) else None
         self.records: list[ConnectionRecord] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.2)
@@ -443,12 +453,10 @@ class CuttingProxy:
             return sum(r.was_cut for r in self.records)
 
     @property
-    def plan_exhausted(self) -> bool:
-        """True once every planned connection has been accepted and has ended."""
+    def open_connections(self) -> int:
+        """How many proxied connections are still open."""
         with self._lock:
-            return len(self.records) >= len(self.plan) and all(
-                p.closed for p in self._pairs[: len(self.plan)]
-            )
+            return sum(not p.closed for p in self._pairs)
 
     def start(self) -> None:
         """Start accepting connections."""
@@ -493,9 +501,9 @@ class CuttingProxy:
                 continue
             server.settimeout(None)
             client.settimeout(None)
+            n = len(self.records)  # only this thread appends
+            cut = self._plan(n)  # outside the lock: the plan may read cuts_done
             with self._lock:
-                n = len(self.records)
-                cut = self.plan[n] if n < len(self.plan) else None
                 record = ConnectionRecord(number=n, cut=cut)
                 self.records.append(record)
                 pair = _Pair(client=client, server=server, record=record)

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from mailpipe.errors import SourceConnectionError, SourceError, SourcePermanentError
+from mailpipe.errors import SourceConnectionError, SourcePermanentError
 from mailpipe.message import Message, MessageRef
 from mailpipe.processor import ProcessorContext
 from mailpipe.secrets import Secret
@@ -474,4 +474,4 @@ class _Sink:
                 self.path.unlink()
 
 
-__all__ = ["Pop3Options", "Pop3Session", "Pop3Source", "SourceError"]
+__all__ = ["Pop3Options", "Pop3Session", "Pop3Source"]

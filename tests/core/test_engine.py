@@ -339,3 +339,20 @@ async def test_poll_survives_many_rounds_without_leaks(tmp_path: Path) -> None:
         box.add(f"r{r}", msg(f"r{r}"))
         await asyncio.wait_for(runner.poll(), 10)
     assert LOG["p"] == [f"r{r}" for r in range(5)]
+
+
+async def test_after_days_deletes_only_old_messages(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    runner, box, journal = make(tmp_path, [{"use": "rec"}], delete="after_days:3")
+    now = [datetime.now(UTC) - timedelta(days=5)]
+    journal.close()
+    runner.journal = SqliteJournal(tmp_path / "journal.sqlite3", clock=lambda: now[0])
+    box.add("old", msg("old"))
+    await runner.poll()  # first seen five days ago; processed, kept on the server
+    assert list(box.messages) == ["old"] and LOG["p"] == ["old"]
+    now[0] = datetime.now(UTC)
+    box.add("new", msg("new"))
+    await runner.poll()  # "old" is past three days: DELE; "new" is processed and kept
+    assert list(box.messages) == ["new"]
+    assert LOG["p"] == ["old", "new"]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from mailpipe.plugins.pop3.source import Pop3Options, Pop3Session, Pop3Source
 from pydantic import ValidationError
 
 from mailpipe.plugin_manager import get_plugin_manager
-from mailpipe.plugins.pop3.source import Pop3Options, Pop3Session, Pop3Source
 from mailpipe.registry import collect
 from mailpipe.secrets import Secret
 from mailpipe.source import Source, SourceSession
