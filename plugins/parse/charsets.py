@@ -162,6 +162,15 @@ def decode_text(data: bytes, label: str | None) -> tuple[str, str | None]:
             return data.decode("utf-8"), _why(label, codec, "utf-8")
         except UnicodeDecodeError:
             pass
+    longest = max((len(m) for m in _HIGH_RUN.findall(data)), default=0)
+    if longest <= 2 and codec is None:
+        # Isolated high octets in text with an unknown charset are Latin text (é, ü)
+        # far more often than anything a detector guesses from a few bytes.
+        for latin in ("cp1252", "latin-1"):
+            try:
+                return data.decode(latin), _why(label, codec, latin)
+            except UnicodeDecodeError:
+                continue
     detected = _detect(data)
     if detected is not None:
         try:

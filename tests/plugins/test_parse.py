@@ -288,3 +288,17 @@ def test_empty_and_garbage_inputs() -> None:
         assert record.size == len(raw)
         assert record.sha256 == hashlib.sha256(raw).hexdigest()
         assert isinstance(payloads, list)
+
+
+def test_unknown_charset_with_isolated_high_octets_decodes_as_latin() -> None:
+    """A careful reader sees 'Café', not a detector's guess from two bytes."""
+    raw = (
+        b"Subject: =?x-unknown-charset?Q?Caf=E9_order?=\r\n"
+        b"Content-Type: text/plain; charset=no-such-charset\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+        b"Caf=E9 order\r\n"
+    )
+    record, _ = parse_message(raw)
+    assert record.subject == "Café order"
+    assert record.text is not None and record.text.startswith("Café order")
+    assert any(d.kind == "CharsetDefect" for d in record.defects)
