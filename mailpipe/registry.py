@@ -64,6 +64,17 @@ class Registry:
         return self.sources[name].cls
 
 
+def register_modules(register: Register, package: str, modules: tuple[str, ...]) -> None:
+    """Register the ``PROCESSORS`` of each module ``package.NAME`` (a plugin package's
+    submodules, e.g. ``store.sqlite``); an import error names the module."""
+    import importlib
+
+    for name in modules:
+        module = importlib.import_module(f"{package}.{name}")
+        for cls in module.PROCESSORS:
+            register(cls)
+
+
 def collect(pm: pluggy.PluginManager) -> Registry:
     """Call each plugin's registration hooks one by one, so clashes name both plugins."""
     registry = Registry()

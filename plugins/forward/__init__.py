@@ -1,24 +1,16 @@
-"""Built-in `forward.*` processors; each module lists its classes in ``PROCESSORS``."""
+"""Built-in ``forward.*`` processors; each module lists its classes in ``PROCESSORS``."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Final
+from typing import Final
 
 from mailpipe import hookimpl
+from mailpipe.registry import Register, register_modules
 
 MODULES: Final = ("smtp", "webhook", "command", "nats", "rabbitmq", "redis")
 
 
 @hookimpl
-def mailpipe_register_processors(register: Any) -> None:
+def mailpipe_register_processors(register: Register) -> None:
     """Register every processor class of the modules in :data:`MODULES`."""
-    for name in MODULES:
-        try:
-            module = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{name}":
-                continue  # not written yet
-            raise
-        for cls in module.PROCESSORS:
-            register(cls)
+    register_modules(register, __name__, MODULES)
