@@ -457,9 +457,11 @@ class MailboxRunner:
                 break
             group: list[_Done] = []
             dele_after: list[MessageRef] = []  # known by content hash: DELE after stream
+            chunk = refs[start : start + GROUP_SIZE]
+            self._begin_many(chunk, entries)
             try:
                 async for msg in session.retrieve(
-                    refs[start : start + GROUP_SIZE],
+                    chunk,
                     spool_dir=self.spool_dir,
                     spool_threshold=self.spool_threshold,
                 ):
@@ -488,6 +490,22 @@ class MailboxRunner:
             if group:
                 owed += await self._group_commit(session, group)
         return owed
+
+    def _begin_many(self, refs: list[MessageRef], entries: dict[str, Entry]) -> None:
+        """Begin the journal entries of a chunk's new messages in one transaction.
+
+        One durable commit per chunk instead of one per message: a PENDING entry
+        carries no promise of its own (attempts and outcomes are written by the group
+        commit), so its durability only needs to precede that commit.
+        """
+        new = [r for r in refs if r.uid and r.uid not in entries]
+        if not new:
+            return
+        with self.journal.batch():
+            for ref in new:
+                entries[ref.uid] = self.journal.begin(
+                    self.name, ref.uid, key=ref.key, size=ref.size
+                )
 
     async def _retrieved(
         self,

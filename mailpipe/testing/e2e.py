@@ -48,6 +48,7 @@ __all__ = [
     "key_log_step",
     "line_counts",
     "log_events",
+    "maildir_key_numbers",
     "maildir_keys",
     "maildir_numbers",
     "mailpipe_command",
@@ -131,6 +132,7 @@ def write_pipeline(
     processors: Sequence[Mapping[str, Any]],
     mailbox: Mapping[str, Any] | None = None,
     scheduler: Mapping[str, Any] | None = None,
+    pipeline: Mapping[str, Any] | None = None,
     security: Literal["none", "starttls", "tls"] = "none",
     host: str | None = None,
     port: int | None = None,
@@ -140,7 +142,8 @@ def write_pipeline(
 
     ``host``/``port`` default to Dovecot's (plaintext port unless ``security='tls'``);
     pass a proxy's to go through it. ``mailbox`` adds keys to the mailbox table
-    (``commit_window``, ``delete``, ...), ``scheduler`` to ``[scheduler]``. The journal
+    (``commit_window``, ``delete``, ...), ``scheduler`` to ``[scheduler]``, ``pipeline``
+    to ``[pipelines.default]`` (``on_complete``). The journal
     is ``var/journal.sqlite3`` and the quarantine ``var/quarantine`` under
     ``directory``.
     """
@@ -176,6 +179,7 @@ def write_pipeline(
         "[[mailboxes]]",
         *(f"{k} = {toml_value(v)}" for k, v in table.items()),
         "[pipelines.default]",
+        *(f"{k} = {toml_value(v)}" for k, v in (pipeline or {}).items()),
         "processors = [",
         *(f"  {toml_value(dict(p))}," for p in processors),
         "]",
@@ -300,6 +304,16 @@ def _maildir_files(path: Path) -> list[Path]:
 def maildir_keys(path: Path) -> Counter[str]:
     """How many files ``store.maildir`` holds per message key under ``path``."""
     return Counter(k for p in _maildir_files(path) if (k := key_of(p.name)) is not None)
+
+
+def maildir_key_numbers(path: Path) -> dict[str, int]:
+    """Message key -> ``delivery N`` number of every file ``store.maildir`` holds."""
+    out: dict[str, int] = {}
+    for p in _maildir_files(path):
+        key, n = key_of(p.name), subject_number(p.read_bytes())
+        if key is not None and n is not None:
+            out[key] = n
+    return out
 
 
 def maildir_numbers(path: Path) -> Counter[int]:

@@ -20,6 +20,7 @@ from mailpipe.testing.dovecot import Dovecot
 from mailpipe.testing.e2e import (
     delivery_message,
     journal_entries,
+    maildir_key_numbers,
     maildir_keys,
     maildir_numbers,
     run_mailpipe,
@@ -53,20 +54,6 @@ def sink_lines(path: Path) -> Counter[tuple[int, str]]:
 
 def by_number(entries: list[Entry], keys: dict[str, int]) -> dict[int, Entry]:
     return {keys[e.key]: e for e in entries}
-
-
-def stored_key_numbers(maildir: Path) -> dict[str, int]:
-    """key -> subject number of every message store.maildir holds."""
-    from mailpipe.plugins.store.maildir import key_of
-    from mailpipe.testing.e2e import subject_number
-
-    out: dict[str, int] = {}
-    for sub in ("new", "cur"):
-        for p in (maildir / sub).iterdir():
-            key, n = key_of(p.name), subject_number(p.read_bytes())
-            assert key is not None and n is not None
-            out[key] = n
-    return out
 
 
 @pytest.mark.parametrize("on_quarantine", ["delete", "keep"])
@@ -107,7 +94,7 @@ def test_failing_messages_are_quarantined_then_replayed(
     seen = sink_lines(sinklog)
     assert {n for (n, outcome) in seen if outcome == "ok"} == set(MESSAGES) - FAILING
     assert all(c == 1 for c in seen.values())
-    keys = stored_key_numbers(out / "maildir")
+    keys = maildir_key_numbers(out / "maildir")
     entries = by_number(journal_entries(journal), keys)
     for n in FAILING:
         e = entries[n]
