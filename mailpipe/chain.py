@@ -9,7 +9,7 @@ are skipped on a re-run, so a crash between ``store`` and ``forward`` stores not
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ class Step:
     use: str
     processor: Any
     commits: bool
+    idempotent: bool
     header_only: bool
     has_prefetch: bool
     has_flush: bool
@@ -93,6 +94,7 @@ class Chain:
                         use=spec.use,
                         processor=proc,
                         commits=bool(getattr(proc, "commits", False)),
+                        idempotent=bool(getattr(proc, "idempotent", False)),
                         header_only=bool(getattr(proc, "header_only", False)),
                         has_prefetch=callable(getattr(proc, "prefetch", None)),
                         has_flush=callable(getattr(proc, "flush", None)),
@@ -169,10 +171,22 @@ class Chain:
         return None
 
     async def run(
-        self, pipeline: str, message: Message, *, done_steps: Iterable[str] = ()
+        self,
+        pipeline: str,
+        message: Message,
+        *,
+        done_steps: Iterable[str] = (),
+        on_commit: Callable[[str], None] | None = None,
     ) -> ChainResult:
         """Run ``message`` through ``pipeline`` (and routes); never raises for a
-        processor's exception."""
+        processor's exception.
+
+        ``on_commit(step_id)`` is called right after a step that commits, is not
+        ``idempotent`` and has no ``flush()`` succeeds, before the next step runs: the
+        engine journals it durably at once, so a crash later in the chain never
+        repeats a side effect that the outside world would see twice (a mail sent, a
+        webhook posted). Idempotent steps are journaled with the group commit.
+        """
         result = ChainResult()
         skip = set(done_steps)
         current = pipeline
@@ -199,6 +213,8 @@ class Chain:
                     (result.pending if step.has_flush else result.committed).append(
                         step.id
                     )
+                    if on_commit and not (step.has_flush or step.idempotent):
+                        on_commit(step.id)
                 if decision is None:
                     continue
                 if decision.route is not None:

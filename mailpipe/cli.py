@@ -1,7 +1,9 @@
 """The ``mailpipe`` command line.
 
-Exit codes: 0 success; 1 runtime failure (a mailbox failed, a message could not be
-processed); 2 usage or configuration error.
+Exit codes: 0 success; 1 runtime failure (``run --once``: a mailbox could not be
+polled; ``process``/``quarantine replay``: a message failed; a message that fails
+during ``run`` is retried and quarantined, which is not a failure of the run); 2 usage
+or configuration error.
 """
 
 from __future__ import annotations

@@ -456,7 +456,9 @@ class MailboxRunner:
             if self.stop.is_set():
                 break
             group: list[_Done] = []
-            dele_after: list[MessageRef] = []  # known by content hash: DELE after stream
+            dele_after: list[
+                MessageRef
+            ] = []  # known by content hash: DELE after stream
             chunk = refs[start : start + GROUP_SIZE]
             self._begin_many(chunk, entries)
             try:
@@ -466,8 +468,11 @@ class MailboxRunner:
                     spool_threshold=self.spool_threshold,
                 ):
                     try:
-                        if self.stop.is_set():
-                            continue  # drain the stream; processed next time
+                        if self.stop.is_set() and not expire_zero:
+                            # Drain the stream; processed next time. (With EXPIRE 0
+                            # the server may delete what was RETR'd at QUIT, so
+                            # the rest of the chunk is processed instead.)
+                            continue
                         await self._retrieved(
                             msg, entries, expire_zero, summary, group, dele_after
                         )
@@ -561,7 +566,15 @@ class MailboxRunner:
         if entry is None:
             entry = self.journal.begin(self.name, ref.uid, key=ref.key, size=ref.size)
         mlog = self.log.bind(uid=ref.uid, key=ref.key)
-        result = await self.chain.run(self.cfg.pipeline, msg, done_steps=entry.steps)
+
+        def journal_now(step: str) -> None:
+            # A non-idempotent side effect (mail sent, webhook posted) is recorded
+            # durably before the next step, so no crash can make it happen twice.
+            self.journal.step_committed(self.name, ref.uid, step)
+
+        result = await self.chain.run(
+            self.cfg.pipeline, msg, done_steps=entry.steps, on_commit=journal_now
+        )
         if result.ok:
             assert result.decision is not None
             summary.processed += 1

@@ -82,6 +82,11 @@ class Processor(Protocol):
     Raising :class:`mailpipe.TemporaryFailure` means retry later without counting an
     attempt; any other exception counts towards ``max_attempts``.
 
+    ``idempotent`` (default False) says that repeating the step for the same
+    ``message.key`` changes nothing (an upsert, a file named by the key, a broker that
+    de-duplicates by message id). The engine journals a committing step that is not
+    idempotent durably the moment it succeeds; idempotent steps ride the group commit.
+
     Optional methods: ``open()``/``close()`` (sync or async) around a session,
     ``flush()``, and ``prefetch(message) -> Result`` for decisions on headers alone
     (``message.headers_only`` is true, from ``TOP n 0``); set ``header_only`` to True when

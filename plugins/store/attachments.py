@@ -187,6 +187,7 @@ class AttachmentsStore:
     name: ClassVar[str] = "store.attachments"
     Options: ClassVar[type[BaseModel]] = AttachmentsOptions
     commits: ClassVar[bool] = True
+    idempotent: ClassVar[bool] = True  # writes are keyed by message.key
 
     def __init__(self, options: AttachmentsOptions, context: ProcessorContext) -> None:
         self.options = options

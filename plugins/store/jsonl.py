@@ -207,6 +207,7 @@ class JsonlStore:
     name: ClassVar[str] = "store.jsonl"
     Options: ClassVar[type[BaseModel]] = JsonlOptions
     commits: ClassVar[bool] = True
+    idempotent: ClassVar[bool] = True  # writes are keyed by message.key
 
     def __init__(self, options: JsonlOptions, context: ProcessorContext) -> None:
         self.options = options

@@ -99,6 +99,7 @@ class MaildirStore:
     name: ClassVar[str] = "store.maildir"
     Options: ClassVar[type[BaseModel]] = MaildirOptions
     commits: ClassVar[bool] = True
+    idempotent: ClassVar[bool] = True  # writes are keyed by message.key
 
     def __init__(self, options: MaildirOptions, context: ProcessorContext) -> None:
         self.options = options

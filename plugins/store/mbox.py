@@ -185,6 +185,7 @@ class MboxStore:
     name: ClassVar[str] = "store.mbox"
     Options: ClassVar[type[BaseModel]] = MboxOptions
     commits: ClassVar[bool] = True
+    idempotent: ClassVar[bool] = True  # writes are keyed by message.key
 
     def __init__(self, options: MboxOptions, context: ProcessorContext) -> None:
         self.options = options

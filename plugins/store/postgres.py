@@ -182,6 +182,7 @@ class PostgresStore:
     name: ClassVar[str] = "store.postgres"
     Options: ClassVar[type[BaseModel]] = PostgresStoreOptions
     commits: ClassVar[bool] = True
+    idempotent: ClassVar[bool] = True  # writes are keyed by message.key
 
     def __init__(
         self, options: PostgresStoreOptions, context: ProcessorContext

@@ -298,6 +298,7 @@ class SqliteStore:
     name: ClassVar[str] = "store.sqlite"
     Options: ClassVar[type[BaseModel]] = SqliteOptions
     commits: ClassVar[bool] = True
+    idempotent: ClassVar[bool] = True  # writes are keyed by message.key
 
     def __init__(self, options: SqliteOptions, context: ProcessorContext) -> None:
         self.options = options

@@ -356,3 +356,54 @@ async def test_after_days_deletes_only_old_messages(tmp_path: Path) -> None:
     await runner.poll()  # "old" is past three days: DELE; "new" is processed and kept
     assert list(box.messages) == ["new"]
     assert LOG["p"] == ["old", "new"]
+
+
+class Sender:
+    """A non-idempotent side effect (like an SMTP send) that can crash afterwards."""
+
+    name: ClassVar[str] = "send"
+    Options: ClassVar[type[BaseModel]] = RecOptions
+    commits: ClassVar[bool] = True
+    sent: ClassVar[list[str]] = []
+
+    def __init__(self, options: RecOptions, context: Any) -> None:
+        pass
+
+    def process(self, message: Message) -> None:
+        Sender.sent.append(message.ref.uid)
+
+
+async def test_non_idempotent_step_is_journaled_before_later_steps(
+    tmp_path: Path,
+) -> None:
+    Sender.sent = []
+    registry_runner, box, journal = make(tmp_path, [{"use": "rec"}])
+    runner = registry_runner
+    runner.config.registry.add("processor", Sender, "test")
+    from mailpipe.config import validate_config
+
+    data = {
+        "mailboxes": [{"name": "box", "source": "fake", "pipeline": "p"}],
+        "pipelines": {
+            "p": {"processors": [{"use": "send"}, {"use": "rec", "fail_on": ["a"]}]}
+        },
+    }
+    config = validate_config(
+        data, path=tmp_path / "p.toml", registry=runner.config.registry
+    )
+    runner.chain = Chain(config.pipelines, base_dir=tmp_path)
+    box.add("a", msg("a"))
+    seen: list[list[str]] = []
+    original = runner.chain.run
+
+    async def spy(*args: Any, **kwargs: Any) -> Any:
+        result = await original(*args, **kwargs)
+        # right after the chain, before any group commit: the send is already durable
+        seen.append(journal.get_many("box", ["a"])["a"].steps)
+        return result
+
+    runner.chain.run = spy  # type: ignore[method-assign]
+    await runner.poll()
+    await runner.poll()
+    assert seen[0] == ["p/0:send"]
+    assert Sender.sent == ["a"]  # the failing later step never made the send repeat
