@@ -15,8 +15,8 @@ with deletion (RETR, store, DELE, QUIT):
 Each run gets a freshly filled mailbox, runs as its own process group (peak RSS and CPU
 from wait4), and is verified: every message arrived exactly once and intact (Maildir
 files, or the ``raw`` column of the SQLite store, compared with what was delivered
-after CRLF→LF), and the mailbox is empty afterwards (STAT). Dovecot's own logout lines
-give the RETR/DELE counts. Profiles: ``small`` 2,000 messages of 2–4 KB; ``mixed``
+after CRLF->LF), and the mailbox is empty afterwards (STAT). Dovecot's own logout lines
+give the RETR/DELE counts. Profiles: ``small`` 2,000 messages of 2-4 KB; ``mixed``
 1,000 messages from 300 B to 2 MB. ``--latency-ms N`` puts the clients behind
 bench/proxy.py (N/2 ms each way: N ms added round trip).
 
@@ -71,7 +71,7 @@ SMALL_COUNTS = {"small": 50, "mixed": 20}
 # deterministic messages
 # ---------------------------------------------------------------------------
 
-WORDS = (
+_WORDS = (
     "the of and to in is that for it as was with be by on not this are or from at "
     "which but have an they you were there been one all would their we has when who "
     "will more if out so said what up its about into than them can only other new "
@@ -84,7 +84,8 @@ WORDS = (
     "please regards thanks update server release deployment customer order shipment "
     "contract proposal agenda minutes action items database backup migration latency "
     "throughput pipeline mailbox retrieval"
-).split()
+)
+WORDS = _WORDS.split()
 ACCENTED = ["café", "naïve", "Grüße", "résumé", "Zürich", "São", "Ærø", "façade",
             "jalapeño", "Malmö", "crème", "€100"]
 JA = ["お世話になっております。", "会議の資料を添付いたします。", "来週の打ち合わせ",
@@ -337,7 +338,7 @@ def classify(data: bytes, corpus: Corpus) -> tuple[str | None, str]:
     if hashlib.sha256(norm[pos:]).hexdigest() == corpus.sha[mid]:
         return mid, "identical" if pos == 0 else "prepended"
     ho, _, bo = orig.partition(b"\n\n")
-    hx, sep, bx = norm.partition(b"\n\n")
+    hx, _, bx = norm.partition(b"\n\n")
     body_refolded = False
     if bx != bo:
         if _fold_norm(bx) != _fold_norm(bo):
@@ -584,8 +585,9 @@ def installed(tool: str) -> bool:
 
 
 def poplib_client(user: str, password: str, port: int, out: str) -> int:
-    """The stdlib baseline: STAT, then RETR n → Maildir (fsync, rename) → DELE n; QUIT."""
-    poplib._MAXLINE = 16 << 20  # the stdlib's 2048 fails on long lines ("line too long")
+    """The stdlib baseline: STAT, then RETR n -> Maildir (fsync, rename) -> DELE n; QUIT."""
+    # The stdlib's 2048-octet line limit fails on long lines ("line too long").
+    poplib._MAXLINE = 16 << 20  # type: ignore[attr-defined]
     p = poplib.POP3(HOST, port, timeout=120)
     p.user(user)
     p.pass_(password)
@@ -772,7 +774,8 @@ class Bench:
               f"sessions={len(sessions)} busy-before={busy:.0f}%  {verdict}",
               file=sys.stderr, flush=True)
         if not ok and tail:
-            print("     output: " + tail.strip().replace("\n", "\n     "), file=sys.stderr)
+            last = tail.strip().splitlines()[-5:]
+            print("     output: " + "\n     ".join(last), file=sys.stderr)
         return run
 
 
@@ -800,15 +803,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     ref = {r["tool"]: r["msg_s"] for r in rows}
     e2e, md = ref.get("mailpipe-e2e"), ref.get("mailpipe-maildir")
     multi = any(r["rounds"] > 1 for r in rows)
-    secs = "seconds (median; min–max)" if multi else "seconds"
+    secs = "seconds (median; min-max)" if multi else "seconds"
     lines = [f"| tool | messages | MB | {secs} | messages/s | MB/s | peak RSS MiB | CPU s "
-             "| mailpipe-e2e ÷ tool | mailpipe-maildir ÷ tool | verified |",
+             "| mailpipe-e2e / tool | mailpipe-maildir / tool | verified |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        wall = f"{r['wall_s']:.2f}" + (f" ({r['wall_min']:.2f}–{r['wall_max']:.2f})"
+        wall = f"{r['wall_s']:.2f}" + (f" ({r['wall_min']:.2f}-{r['wall_max']:.2f})"
                                        if multi else "")
-        ratio_e2e = f"{e2e / r['msg_s']:.2f}" if e2e else "–"
-        ratio_md = f"{md / r['msg_s']:.2f}" if md else "–"
+        ratio_e2e = f"{e2e / r['msg_s']:.2f}" if e2e else "-"
+        ratio_md = f"{md / r['msg_s']:.2f}" if md else "-"
         lines.append(
             f"| {r['tool']} | {r['retr']} | {r['octets'] / 1e6:.1f} | {wall} | "
             f"{r['msg_s']:.0f} | {r['mb_s']:.1f} | {r['max_rss_mb']:.1f} | "
@@ -816,18 +819,23 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def targets(rows: list[dict[str, Any]], profile: str) -> list[str]:
-    """The issue's targets against mpop, as read from this table (never asserted)."""
+def targets(rows: list[dict[str, Any]], profile: str, count: int) -> list[str]:
+    """The issue's targets against mpop, as read from this table (never asserted):
+    on 2,000 small messages mailpipe-e2e ≥ 0.70x and mailpipe-maildir ≥ 1.00x mpop's
+    messages/s. Other sizes only show the ratios (a short run measures start-up)."""
     ref = {r["tool"]: r["msg_s"] for r in rows}
     mpop = ref.get("mpop")
     if mpop is None:
         return []
+    if profile != "small" or count < 2000:
+        return [f"- {profile}: {tool} at {ref[tool] / mpop:.2f}x mpop's messages/s"
+                for tool in ("mailpipe-e2e", "mailpipe-maildir") if tool in ref]
     out = []
     for tool, goal in (("mailpipe-e2e", 0.70), ("mailpipe-maildir", 1.00)):
         if tool in ref:
             ratio = ref[tool] / mpop
-            out.append(f"- {profile}: {tool} at {ratio:.2f}× mpop's messages/s "
-                       f"(target ≥ {goal:.2f}×): {'met' if ratio >= goal else 'MISSED'}")
+            out.append(f"- {profile}: {tool} at {ratio:.2f}x mpop's messages/s "
+                       f"(target ≥ {goal:.2f}x): {'met' if ratio >= goal else 'MISSED'}")
     return out
 
 
@@ -991,7 +999,7 @@ def main(argv: list[str] | None = None) -> int:
                             if rtt is not None else ", no added latency")
                          + f", {a.repeat} round(s)")
                 print(f"\n{title}\n\n{table(rows)}\n")
-                for line in targets(rows, profile):
+                for line in targets(rows, profile, count):
                     print(line)
                 if missing:
                     print(f"- not installed, left out: {', '.join(missing)}")

@@ -8,6 +8,7 @@ are skipped on a re-run, so a crash between ``store`` and ``forward`` stores not
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class Step:
     header_only: bool
     has_prefetch: bool
     has_flush: bool
+    lock: asyncio.Lock | None = None
 
 
 @dataclass(slots=True)
@@ -98,6 +100,12 @@ class Chain:
                         header_only=bool(getattr(proc, "header_only", False)),
                         has_prefetch=callable(getattr(proc, "prefetch", None)),
                         has_flush=callable(getattr(proc, "flush", None)),
+                        # One call at a time per instance unless it says it is safe:
+                        # mailboxes run concurrently, and a shared connection (SMTP,
+                        # a database) must not interleave two messages.
+                        lock=None
+                        if getattr(proc, "concurrent", False)
+                        else asyncio.Lock(),
                     )
                 )
             self.pipelines[pname] = steps
@@ -202,7 +210,11 @@ class Chain:
                     log.debug("step_skipped", step=step.id, uid=message.ref.uid)
                     continue
                 try:
-                    raw = await maybe_await(step.processor.process(message))
+                    if step.lock is not None:
+                        async with step.lock:
+                            raw = await maybe_await(step.processor.process(message))
+                    else:
+                        raw = await maybe_await(step.processor.process(message))
                     decision = normalise(raw, step.use)
                 except Exception as exc:
                     result.error = exc

@@ -87,6 +87,10 @@ class Processor(Protocol):
     de-duplicates by message id). The engine journals a committing step that is not
     idempotent durably the moment it succeeds; idempotent steps ride the group commit.
 
+    ``concurrent`` (default False): mailboxes are polled concurrently, so the engine
+    serialises calls to one processor instance unless it declares itself safe for
+    concurrent ``process`` calls (no shared connection state across awaits).
+
     Optional methods: ``open()``/``close()`` (sync or async) around a session,
     ``flush()``, and ``prefetch(message) -> Result`` for decisions on headers alone
     (``message.headers_only`` is true, from ``TOP n 0``); set ``header_only`` to True when

@@ -71,6 +71,7 @@ class NatsForwardProcessor:
     name: ClassVar[str] = "forward.nats"
     Options: ClassVar[type[BaseModel]] = NatsForwardOptions
     commits: ClassVar[bool] = True
+    concurrent: ClassVar[bool] = True  # the client is safe for concurrent use
     idempotent: ClassVar[bool] = True  # writes are keyed by message.key
 
     def __init__(self, options: NatsForwardOptions, context: ProcessorContext) -> None:

@@ -103,6 +103,7 @@ class RedisForwardProcessor:
     name: ClassVar[str] = "forward.redis"
     Options: ClassVar[type[BaseModel]] = RedisForwardOptions
     commits: ClassVar[bool] = True
+    concurrent: ClassVar[bool] = True  # the client is safe for concurrent use
     idempotent: ClassVar[bool] = True  # writes are keyed by message.key
 
     def __init__(self, options: RedisForwardOptions, context: ProcessorContext) -> None:

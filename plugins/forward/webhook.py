@@ -120,6 +120,7 @@ class WebhookForwardProcessor:
     name: ClassVar[str] = "forward.webhook"
     Options: ClassVar[type[BaseModel]] = WebhookForwardOptions
     commits: ClassVar[bool] = True
+    concurrent: ClassVar[bool] = True  # the client is safe for concurrent use
 
     def __init__(self, options: WebhookForwardOptions, context: ProcessorContext) -> None:
         self.options = options

@@ -407,3 +407,36 @@ async def test_non_idempotent_step_is_journaled_before_later_steps(
     await runner.poll()
     assert seen[0] == ["p/0:send"]
     assert Sender.sent == ["a"]  # the failing later step never made the send repeat
+
+
+async def test_chain_serialises_a_processor_without_concurrent() -> None:
+    class Slow:
+        name: ClassVar[str] = "slow"
+        Options: ClassVar[type[BaseModel]] = RecOptions
+        commits: ClassVar[bool] = False
+        concurrent: ClassVar[bool] = False
+        active = 0
+        peak = 0
+
+        def __init__(self, options: RecOptions, context: Any) -> None:
+            pass
+
+        async def process(self, message: Message) -> None:
+            Slow.active += 1
+            Slow.peak = max(Slow.peak, Slow.active)
+            await asyncio.sleep(0.01)
+            Slow.active -= 1
+
+    from mailpipe.config import StepSpec
+
+    for concurrent, expected in ((False, 1), (True, 5)):
+        Slow.concurrent = concurrent  # type: ignore[misc]
+        Slow.peak = 0
+        spec = StepSpec(
+            index=0, step="0:slow", use="slow", cls=Slow, options=RecOptions()
+        )
+        chain = Chain({"p": [spec]}, base_dir=Path("."))
+        await asyncio.gather(
+            *(chain.run("p", Message.from_bytes(msg(str(i)))) for i in range(5))
+        )
+        assert Slow.peak == expected
