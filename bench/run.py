@@ -794,7 +794,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "max_rss_mb": statistics.median(r["max_rss_mb"] for r in rs),
             "cpu_s": statistics.median(r["cpu_s"] for r in rs),
             "sessions": max(r["sessions"] for r in rs),
-            "ok": all(r["ok"] for r in rs), "verdict": worst["verdict"],
+            "ok": all(r["ok"] for r in rs),
+            "verdict": worst["verdict"] if worst["ok"] or len(rs) == 1 else
+            f"{sum(not r['ok'] for r in rs)} of {len(rs)} rounds: {worst['verdict']}",
         })
     return rows
 
@@ -933,9 +935,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workdir", help="where clients write (default: a new dir in /tmp)")
     ap.add_argument("--keep-output", action="store_true")
     ap.add_argument("--json", help="write every run and the summary to this file")
+    ap.add_argument("--report", metavar="JSON",
+                    help="print the tables of an earlier --json file and exit")
     ap.add_argument("--poplib-client", nargs=4, metavar=("USER", "PASS", "PORT", "OUT"),
                     help=argparse.SUPPRESS)
     return ap.parse_args(argv)
+
+
+def report(path: Path) -> int:
+    """Re-print the tables of a ``--json`` file (e.g. after changing the layout)."""
+    data = json.loads(path.read_text())
+    failed = False
+    for profile, p in data["profiles"].items():
+        rows = summarize(p["runs"])
+        failed |= not all(r["ok"] for r in rows)
+        count = rows[0]["messages"] if rows else 0
+        print(f"\n### {profile}: {count} messages, {data['info']['argv']}\n")
+        print(table(rows) + "\n")
+        for line in targets(rows, profile, count):
+            print(line)
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -943,6 +962,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.poplib_client:
         user, password, port, out = a.poplib_client
         return poplib_client(user, password, int(port), out)
+    if a.report:
+        return report(Path(a.report))
     from mailpipe.testing.dovecot import Dovecot, dovecot_unavailable_reason
 
     reason = dovecot_unavailable_reason()

@@ -47,6 +47,7 @@ class Step:
     has_prefetch: bool
     has_flush: bool
     lock: asyncio.Lock | None = None
+    flush_failures: int = 0  # failed flush() calls so far (see ChainResult.flush_epoch)
 
 
 @dataclass(slots=True)
@@ -65,6 +66,9 @@ class ChainResult:
     error: BaseException | None = None
     failed_step: str = ""
     temporary: bool = False
+    #: ``Step.flush_failures`` of each pending step when it ran: a flush failure since
+    #: (whichever mailbox's group commit saw it) may have rolled this write back.
+    flush_epoch: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -145,7 +149,30 @@ class Chain:
         """
         for step in self._all():
             if step.has_flush:
-                await maybe_await(step.processor.flush())
+                try:
+                    if step.lock is not None:  # never interleaved with a process()
+                        async with step.lock:
+                            await maybe_await(step.processor.flush())
+                    else:
+                        await maybe_await(step.processor.flush())
+                except BaseException:
+                    step.flush_failures += 1
+                    raise
+
+    def flushed(self, result: ChainResult) -> bool:
+        """True unless a flush of one of ``result``'s pending steps failed since it ran.
+
+        Processor instances are shared by every mailbox: a failed group commit that
+        another mailbox's ``flush()`` saw may have dropped this message's write too,
+        and a later successful flush then proves nothing for it (DELE only after
+        durability).
+        """
+        by_id = {step.id: step for step in self._all()}
+        return all(
+            step_id in by_id
+            and by_id[step_id].flush_failures == result.flush_epoch.get(step_id)
+            for step_id in result.pending
+        )
 
     def can_prefetch(self, pipeline: str) -> bool:
         """True when a header-only step comes before any step with side effects."""
@@ -171,7 +198,9 @@ class Chain:
                 result = normalise(
                     await maybe_await(step.processor.prefetch(message)), step.use
                 )
-            except Exception as exc:
+            except BaseException as exc:
+                if not _processor_failure(exc):
+                    raise
                 log.warning("prefetch_failed", step=step.id, error=repr(exc))
                 return None
             if result is not None:
@@ -209,24 +238,37 @@ class Chain:
                 if step.id in skip:
                     log.debug("step_skipped", step=step.id, uid=message.ref.uid)
                     continue
+                epoch = step.flush_failures  # before process() can buffer a write
                 try:
                     if step.lock is not None:
                         async with step.lock:
                             raw = await maybe_await(step.processor.process(message))
                     else:
                         raw = await maybe_await(step.processor.process(message))
-                    decision = normalise(raw, step.use)
-                except Exception as exc:
+                except BaseException as exc:
+                    if not _processor_failure(exc):
+                        raise
                     result.error = exc
                     result.failed_step = step.id
                     result.temporary = isinstance(exc, TemporaryFailure)
                     return result
+                # process() returned: its side effect happened. Record the commit
+                # before judging the return value, so that a bad return value can
+                # never make a sent mail be sent again on the retry.
                 if step.commits:
-                    (result.pending if step.has_flush else result.committed).append(
-                        step.id
-                    )
+                    if step.has_flush:
+                        result.pending.append(step.id)
+                        result.flush_epoch[step.id] = epoch
+                    else:
+                        result.committed.append(step.id)
                     if on_commit and not (step.has_flush or step.idempotent):
                         on_commit(step.id)
+                try:
+                    decision = normalise(raw, step.use)
+                except Exception as exc:
+                    result.error = exc
+                    result.failed_step = step.id
+                    return result
                 if decision is None:
                     continue
                 if decision.route is not None:
@@ -244,3 +286,22 @@ class Chain:
         result.error = RuntimeError(f"more than {MAX_ROUTES} routes; is there a loop?")
         result.failed_step = current
         return result
+
+
+def _processor_failure(exc: BaseException) -> bool:
+    """True when ``exc`` is the processor's own failure, to be isolated to its message.
+
+    Every exception is, and so is a BaseException a processor raises by itself
+    (``SystemExit`` from a library, a stray ``GeneratorExit``, a ``CancelledError``
+    nobody asked for): re-raising those would abort the session on every poll, for
+    ever ("bad input never stops the pipeline"). ``KeyboardInterrupt`` and a
+    cancellation of the running task (shutdown) still propagate.
+    """
+    if isinstance(exc, Exception):
+        return True
+    if isinstance(exc, KeyboardInterrupt):
+        return False
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() == 0
+    return True

@@ -192,6 +192,7 @@ def _summary_line(message: Any) -> dict[str, Any]:
 async def _process(app: Any, paths: list[Path], pipeline: str, dry_run: bool) -> int:
     from mailpipe.app import iter_local_messages
     from mailpipe.chain import Chain
+    from mailpipe.secrets import redact
 
     chain = Chain(
         app.config.pipelines,
@@ -214,7 +215,7 @@ async def _process(app: Any, paths: list[Path], pipeline: str, dry_run: bool) ->
                 failed += 1
                 line["decision"] = "failed"
                 line["step"] = result.failed_step
-                line["error"] = f"{type(result.error).__name__}: {result.error}"
+                line["error"] = redact(f"{type(result.error).__name__}: {result.error}")
             click.echo(json.dumps(line, ensure_ascii=False, default=str))
         if not dry_run:
             await chain.flush()
@@ -480,3 +481,8 @@ def main() -> None:
         cli.main(prog_name="mailpipe", standalone_mode=True)
     except KeyboardInterrupt:  # pragma: no cover - interactive
         sys.exit(130)
+    except MailpipeError as exc:  # e.g. the journal is unreachable: no traceback
+        from mailpipe.secrets import redact
+
+        click.echo(f"mailpipe: {type(exc).__name__}: {redact(str(exc))}", err=True)
+        sys.exit(EXIT_FAILURE)

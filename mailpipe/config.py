@@ -14,6 +14,7 @@ import difflib
 import json
 import re
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,13 +25,13 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from mailpipe.errors import ConfigError, Problem
 from mailpipe.registry import Registry
-from mailpipe.secrets import MASK, redact
+from mailpipe.secrets import MASK, Secret, redact, remember_url_password
 from mailpipe.units import ByteSize, Duration
 
 _DELETE_RE = re.compile(r"^after_days:(\d+(?:\.\d+)?)$")
@@ -56,8 +57,23 @@ class StateConfig(BaseModel):
     path: str = Field(
         "var/mailpipe.sqlite3",
         description="SQLite journal file (relative to the config file), or a "
-        "postgresql:// URL for a journal shared by several workers.",
+        "postgresql:// URL for a journal shared by several workers; a URL holding a "
+        'password can be given as a secret: { env = "MAILPIPE_JOURNAL_URL" }.',
+        repr=False,
     )
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_secret(cls, value: Any, info: ValidationInfo) -> Any:
+        # A postgresql:// URL may hold a password: resolve secret tables, and register
+        # the URL's password for redaction in logs and errors either way.
+        if isinstance(value, dict):
+            ctx = info.context if isinstance(info.context, dict) else {}
+            base = ctx.get("base_dir")
+            value = Secret(value, base_dir=Path(base) if base else None).get()
+        if isinstance(value, str):
+            remember_url_password(value)
+        return value
 
 
 class QuarantineConfig(BaseModel):
@@ -181,6 +197,15 @@ class MailboxConfig(BaseModel):
     )
 
 
+    @field_validator("name")
+    @classmethod
+    def _not_dots(cls, name: str) -> str:
+        # The name is a folder of the quarantine: "." and ".." would escape it.
+        if name in (".", ".."):
+            raise ValueError("a mailbox name cannot be '.' or '..'")
+        return name
+
+
 class ProcessorRef(BaseModel):
     """One table of ``processors = [...]``: ``use`` plus the processor's own options."""
 
@@ -220,26 +245,8 @@ class ConfigModel(BaseModel):
     mailboxes: list[MailboxConfig] = Field(default_factory=list)
     pipelines: dict[str, PipelineConfig] = Field(default_factory=dict)
 
-    @field_validator("pipelines")
-    @classmethod
-    def _pipeline_names(
-        cls, value: dict[str, PipelineConfig]
-    ) -> dict[str, PipelineConfig]:
-        for name in value:
-            if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
-                raise ValueError(
-                    f"pipeline name {name!r} must match [A-Za-z0-9_.-]{{1,64}}"
-                )
-        return value
-
-    @model_validator(mode="after")
-    def _unique_mailboxes(self) -> ConfigModel:
-        seen: set[str] = set()
-        for mb in self.mailboxes:
-            if mb.name in seen:
-                raise ValueError(f"mailbox name {mb.name!r} is used twice")
-            seen.add(mb.name)
-        return self
+    # Pipeline names and unique mailbox names are checked in validate_config, on the
+    # raw tables: a model validator here would report the whole file as its value.
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,16 +319,32 @@ def _loc(parts: tuple[int | str, ...] | list[int | str]) -> str:
     return out
 
 
+def _masked(value: Any) -> Any:
+    """``value`` with secret-named keys masked at any depth (tables are echoed whole
+    before their secrets were resolved, so :func:`redact` cannot know them yet)."""
+    if isinstance(value, dict):
+        return {
+            k: MASK
+            if _SECRET_NAMES.search(str(k)) and not isinstance(v, dict)
+            else _masked(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    return value
+
+
 def _show(value: Any, loc: str) -> str:
     if _SECRET_NAMES.search(loc.rsplit(".", 1)[-1]) and not isinstance(value, dict):
         return MASK
     try:
-        text = json.dumps(value, ensure_ascii=False, default=str)
+        text = json.dumps(_masked(value), ensure_ascii=False, default=str)
     except (TypeError, ValueError):
         text = repr(value)
+    text = redact(text)  # before cutting: a cut secret would no longer match
     if len(text) > 80:
         text = text[:77] + "..."
-    return redact(text)
+    return text
 
 
 def _suggest(word: str, choices: list[str]) -> str:
@@ -329,8 +352,33 @@ def _suggest(word: str, choices: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ";"
 
 
+def _fields_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The keys of the table at ``loc`` (a path from ``model``), or [] when unknown."""
+    current: Any = model
+    skip = False  # the next part is a list index or a dict key, not a field
+    for part in loc:
+        if skip:
+            skip = False
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        info = current.model_fields.get(str(part))
+        if info is None:
+            return []
+        current = info.annotation
+        if typing.get_origin(current) in (list, dict):
+            current = typing.get_args(current)[-1]
+            skip = True
+    if isinstance(current, type) and issubclass(current, BaseModel) and not skip:
+        return _fields(current)
+    return []
+
+
 def _problems(
-    exc: ValidationError, prefix: tuple[int | str, ...], fields: list[str]
+    exc: ValidationError,
+    prefix: tuple[int | str, ...],
+    fields: list[str],
+    model: type[BaseModel] | None = None,
 ) -> list[Problem]:
     out = []
     for err in exc.errors(include_url=False):
@@ -341,7 +389,12 @@ def _problems(
         if err["type"] == "extra_forbidden":
             key = str(err["loc"][-1]) if err["loc"] else ""
             parent_fields = fields if len(err["loc"]) == 1 else []
-            msg = "unknown key" + _suggest(key, parent_fields).rstrip(";")
+            if not parent_fields and model is not None:
+                parent_fields = _fields_at(model, tuple(err["loc"][:-1]))
+            hint = _suggest(key, parent_fields).rstrip(";")
+            if not hint and parent_fields:
+                hint = f"; accepted: {', '.join(sorted(parent_fields))}"
+            msg = "unknown key" + hint
             value = None
         elif err["type"] == "missing":
             msg = "required key is missing"
@@ -408,7 +461,7 @@ def validate_config(
     try:
         model = ConfigModel.model_validate(data, context=ctx)
     except ValidationError as exc:
-        problems.extend(_problems(exc, (), _fields(ConfigModel)))
+        problems.extend(_problems(exc, (), _fields(ConfigModel), ConfigModel))
         model = _salvage(data, ctx, problems)
 
     if registry is None:
@@ -416,25 +469,59 @@ def validate_config(
 
         _, registry = load(entry_points=entry_points, blocked=model.plugins.disable)
 
+    # Phase 2 walks the raw tables, so an entry with a core mistake still has its
+    # plugin options checked and every key path keeps the index it has in the file.
+    raw_pipes = data.get("pipelines")
+    raw_pipes = raw_pipes if isinstance(raw_pipes, dict) else {}
+    for pname in raw_pipes:
+        if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", pname):
+            problems.append(
+                Problem(
+                    _loc(("pipelines", pname)),
+                    "a pipeline name is 1-64 of A-Z a-z 0-9 _ . -",
+                    _show(pname, "pipelines"),
+                )
+            )
+    raw_mbs = data.get("mailboxes")
+    raw_mbs = raw_mbs if isinstance(raw_mbs, list) else []
     mailboxes: list[MailboxSpec] = []
-    for i, mb in enumerate(model.mailboxes):
-        spec = _validate_mailbox(i, mb, registry, ctx, problems)
+    names: dict[str, int] = {}
+    for i, raw in enumerate(raw_mbs):
+        if not isinstance(raw, dict):
+            continue  # reported by phase 1
+        name = raw.get("name")
+        if isinstance(name, str):
+            if name in names:
+                problems.append(
+                    Problem(
+                        f"mailboxes[{i}].name",
+                        f"mailbox name already used by mailboxes[{names[name]}]; "
+                        "names must be unique",
+                        _show(name, "name"),
+                    )
+                )
+            names.setdefault(name, i)
+        spec = _validate_mailbox(i, raw, registry, ctx, problems)
         if spec is not None:
             mailboxes.append(spec)
-        if mb.pipeline not in model.pipelines:
+        pipeline = raw.get("pipeline", "default")
+        if isinstance(pipeline, str) and pipeline not in raw_pipes:
             problems.append(
                 Problem(
                     f"mailboxes[{i}].pipeline",
-                    f"no [pipelines.{mb.pipeline}] table"
-                    + _suggest(mb.pipeline, list(model.pipelines))
-                    + f" Defined: {', '.join(sorted(model.pipelines)) or 'none'}.",
-                    _show(mb.pipeline, "pipeline"),
+                    f"no [pipelines.{pipeline}] table"
+                    + _suggest(pipeline, list(raw_pipes))
+                    + f" Defined: {', '.join(sorted(raw_pipes)) or 'none'}.",
+                    _show(pipeline, "pipeline"),
                 )
             )
 
     pipelines: dict[str, list[StepSpec]] = {}
-    for pname, pipe in model.pipelines.items():
-        pipelines[pname] = _validate_pipeline(pname, pipe, registry, ctx, problems)
+    for pname, pipe in raw_pipes.items():
+        if isinstance(pipe, dict) and isinstance(pipe.get("processors"), list):
+            pipelines[pname] = _validate_pipeline(
+                pname, pipe["processors"], registry, ctx, problems
+            )
 
     if problems:
         raise ConfigError(str(path), problems)
@@ -482,46 +569,60 @@ def _valid(model: type[BaseModel], value: Any, ctx: dict[str, str]) -> bool:
 
 def _validate_mailbox(
     i: int,
-    mb: MailboxConfig,
+    raw: dict[str, Any],
     registry: Registry,
     ctx: dict[str, str],
     problems: list[Problem],
 ) -> MailboxSpec | None:
+    """Check the source options of the raw mailbox table ``raw`` (``mailboxes[i]``);
+    the core keys were checked in phase 1. Returns a spec when both are valid."""
     where = ("mailboxes", i)
-    if mb.source not in registry.sources:
+    source = raw.get("source", "pop3")
+    if not isinstance(source, str):
+        return None  # reported by phase 1
+    if source not in registry.sources:
         names = sorted(registry.sources)
         problems.append(
             Problem(
                 _loc((*where, "source")),
-                f"unknown source {mb.source!r}"
-                + _suggest(mb.source, names)
+                f"unknown source {source!r}"
+                + _suggest(source, names)
                 + f"; available: {', '.join(names) or 'none'}",
-                _show(mb.source, "source"),
+                _show(source, "source"),
             )
         )
         return None
-    cls = registry.source(mb.source)
-    extras = dict(mb.model_extra or {})
+    cls = registry.source(source)
+    extras = {k: v for k, v in raw.items() if k not in MailboxConfig.model_fields}
     try:
         options = cls.Options.model_validate(extras, context=ctx)
     except ValidationError as exc:
         fields = _fields(cls.Options) + _fields(MailboxConfig)
-        problems.extend(_problems(exc, where, fields))
+        problems.extend(_problems(exc, where, fields, cls.Options))
         return None
+    try:
+        mb = MailboxConfig.model_validate(raw, context=ctx)
+    except ValidationError:
+        return None  # reported by phase 1
     return MailboxSpec(config=mb, source_cls=cls, source_options=options)
 
 
 def _validate_pipeline(
     pname: str,
-    pipe: PipelineConfig,
+    processors: list[Any],
     registry: Registry,
     ctx: dict[str, str],
     problems: list[Problem],
 ) -> list[StepSpec]:
+    """Check each raw processor table of ``[pipelines.PNAME]`` against its Options."""
     steps: list[StepSpec] = []
     seen: set[str] = set()
-    for j, ref in enumerate(pipe.processors):
+    for j, raw in enumerate(processors):
         where: tuple[int | str, ...] = ("pipelines", pname, "processors", j)
+        try:
+            ref = ProcessorRef.model_validate(raw, context=ctx)
+        except ValidationError:
+            continue  # reported by phase 1
         if ref.use not in registry.processors:
             names = sorted(registry.processors)
             problems.append(
@@ -541,7 +642,9 @@ def _validate_pipeline(
             )
         except ValidationError as exc:
             problems.extend(
-                _problems(exc, where, [*_fields(cls.Options), "use", "name"])
+                _problems(
+                    exc, where, [*_fields(cls.Options), "use", "name"], cls.Options
+                )
             )
             continue
         step = ref.name or f"{j}:{ref.use}"

@@ -26,7 +26,7 @@ import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,12 @@ import structlog
 
 from mailpipe.chain import Chain, ChainResult
 from mailpipe.config import Config, MailboxSpec
-from mailpipe.errors import SourceBusyError, SourceError, SourcePermanentError
+from mailpipe.errors import (
+    ProcessorError,
+    SourceBusyError,
+    SourceError,
+    SourcePermanentError,
+)
 from mailpipe.journal.base import Entry, Journal, Status
 from mailpipe.message import Message, MessageRef, message_key
 from mailpipe.plugin_manager import Hooks
@@ -201,6 +206,10 @@ class MailboxRunner:
         self.spool_threshold = config.model.scheduler.spool_threshold
         self.log = log.bind(mailbox=self.name)
         self.lease_check: Callable[[], None] | None = None
+        # uids run through the chain in this poll: a later commit window never runs
+        # them again (a failing message is retried once per poll, after back-off,
+        # instead of in every window; "bad input never stops the pipeline").
+        self._attempted: set[str] = set()
 
     def _make_source(self) -> Any:
         ctx = ProcessorContext(
@@ -222,6 +231,7 @@ class MailboxRunner:
         error occurs. Errors are recorded in the summary, never raised."""
         summary = Summary(mailbox=self.name)
         started = time.monotonic()
+        self._attempted = set()
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         try:
             for _ in range(100_000):  # bounded: each window makes progress
@@ -273,6 +283,9 @@ class MailboxRunner:
             if not session.supports_uidl:
                 self.log.warning("server_without_uidl", fallback="content_hash")
             plan = self._plan(refs, session.supports_uidl)
+            if session.supports_uidl:
+                plan.process = [r for r in plan.process if r.uid not in self._attempted]
+            attempted_before = len(self._attempted)
             window, more = self._window(plan.process)
 
             if plan.dele:
@@ -295,6 +308,10 @@ class MailboxRunner:
             owed += await self._retrieve(session, todo, summary)
             if self.stop.is_set():
                 more = False
+            if not session.supports_uidl and len(self._attempted) == attempted_before:
+                # Without UIDL a window cannot skip what this poll already tried: a
+                # window that ran nothing new ends the poll instead of spinning.
+                more = False
             await self._commit(session, owed, summary)
             self._prune(refs)
             return more
@@ -312,6 +329,7 @@ class MailboxRunner:
         days = _days(self.cfg.delete)
         now = datetime.now(UTC)
         seen_uids: set[str] = set()
+        retries: list[MessageRef] = []
         for ref in refs:
             if ref.uid in seen_uids:
                 self.log.warning("duplicate_uidl", uid=ref.uid, number=ref.number)
@@ -324,14 +342,26 @@ class MailboxRunner:
                     and ref.size > self.cfg.max_message_size
                 ):
                     plan.oversize.append(ref)
+                elif entry is not None and (entry.attempts or entry.last_error):
+                    retries.append(ref)
                 else:
                     plan.process.append(ref)
                 continue
             if entry.delete_due:
                 plan.dele.append(ref)
             elif entry.status == Status.DELETED:
-                self.log.warning("deleted_message_reappeared", uid=ref.uid)
-                plan.dele.append(ref)
+                if entry.sha256 and (
+                    self.cfg.max_message_size is None
+                    or ref.size <= self.cfg.max_message_size
+                ):
+                    # The UIDL was deleted before: the same message again, or a new
+                    # one under a reused or clashing UIDL (RFC 1939 §7 says it must
+                    # not be, anchors §3.14 says servers do). The content hash, the
+                    # second evidence, decides after RETR (see _retrieved).
+                    plan.process.append(ref)
+                else:
+                    self.log.warning("deleted_message_reappeared", uid=ref.uid)
+                    plan.dele.append(ref)
             elif (
                 days is not None
                 and entry.status in (Status.COMMITTED, Status.KEPT)
@@ -339,6 +369,10 @@ class MailboxRunner:
                 and _aware(entry.first_seen) + timedelta(days=days) <= now
             ):
                 plan.dele.append(ref)
+        # Messages that failed before go after new ones, so that messages failing
+        # again (a 4xx relay, a poison message) can never fill every window and
+        # starve new mail under commit_window/max_messages.
+        plan.process += retries
         return plan
 
     def _window(self, refs: list[MessageRef]) -> tuple[list[MessageRef], bool]:
@@ -399,7 +433,22 @@ class MailboxRunner:
                 try:
                     reason = f"oversize: {msg.ref.size} > {self.cfg.max_message_size}"
                     delete = self._quarantine(msg, reason=reason, attempts=0, error="")
-                    summary.quarantined += 1
+                    # Journaled like any quarantined message (durable before its DELE):
+                    # otherwise a kept or not-yet-deleted copy is downloaded and
+                    # quarantined again on every poll, and replay cannot tell that
+                    # the server copy still waits for its DELE.
+                    self.journal.begin(
+                        self.name, msg.ref.uid, key=msg.ref.key, size=msg.ref.size
+                    )
+                    self.journal.finish(
+                        self.name,
+                        msg.ref.uid,
+                        status=Status.QUARANTINED,
+                        disposition="quarantine",
+                        sha256=msg.sha256,
+                        reason=reason,
+                        delete_due=delete,
+                    )
                     if delete:
                         owed.append(msg.ref)
                 finally:
@@ -531,6 +580,16 @@ class MailboxRunner:
                 listed=msg.ref.size,
                 received=msg.size,
             )
+        known = entries.get(msg.ref.uid) if msg.ref.uid else None
+        if known is not None and known.status == Status.DELETED:
+            if known.sha256 == msg.sha256:
+                self.log.warning("deleted_message_reappeared", uid=msg.ref.uid)
+                dele_after.append(msg.ref)
+                return
+            # Another message under a UIDL already used: never DELE it unprocessed;
+            # it is known by its content hash instead (as without UIDL).
+            self.log.error("uidl_reused", uid=msg.ref.uid, number=msg.ref.number)
+            msg.ref = replace(msg.ref, uid="")
         if not msg.ref.uid:
             msg = self._adopt_hash_uid(msg)
             hashed = self.journal.get_many(self.name, [msg.ref.uid])
@@ -541,6 +600,9 @@ class MailboxRunner:
                 return
             if entry is not None:
                 entries[msg.ref.uid] = entry
+            if msg.ref.uid in self._attempted and not expire_zero:
+                return  # already tried in this poll (no UIDL): next poll retries it
+        self._attempted.add(msg.ref.uid)
         done = await self._run_one(msg, entries.get(msg.ref.uid), summary)
         if done.failed and expire_zero and done.status == Status.PENDING:
             # RFC 2449 §6.7: EXPIRE 0 lets the server delete what was RETR'd at QUIT;
@@ -721,10 +783,14 @@ class MailboxRunner:
             flushed = False
             self.log.error("flush_failed", error=_error_text(exc))
         owed: list[MessageRef] = []
+        unflushed = 0
         with self.journal.batch():
             for d in group:
                 steps = list(d.result.committed) if d.result else []
-                if flushed and d.result:
+                # A flush failure seen by another mailbox's group commit (shared
+                # processors) counts too: see Chain.flushed.
+                durable = flushed and (d.result is None or self.chain.flushed(d.result))
+                if durable and d.result:
                     steps += d.result.pending
                 for step in steps:
                     self.journal.step_committed(self.name, d.ref.uid, step)
@@ -738,7 +804,8 @@ class MailboxRunner:
                     continue
                 if d.failed:  # quarantined after failures: count the last attempt too
                     self.journal.fail(self.name, d.ref.uid, error=d.error, counted=True)
-                if not flushed and d.result and d.result.pending:
+                if not durable and d.result and d.result.pending:
+                    unflushed += 1
                     continue  # not durable: stays PENDING, re-run next time
                 self.journal.finish(
                     self.name,
@@ -751,6 +818,13 @@ class MailboxRunner:
                 )
                 if d.delete_due:
                     owed.append(d.ref)
+        if unflushed and _expire_zero(session):
+            # RFC 2449 §6.7: with EXPIRE 0 QUIT may delete every RETR'd message, DELE
+            # or not; these are not durable anywhere, so the session must not QUIT.
+            raise ProcessorError(
+                f"group commit failed for {unflushed} message(s) on a server with "
+                "EXPIRE 0; session aborted without QUIT so the server keeps them"
+            )
         for d in group:
             if not d.failed or d.status != Status.PENDING:
                 self.hooks.message_done(

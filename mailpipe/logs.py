@@ -8,7 +8,7 @@ from typing import Any, Literal, TextIO
 
 import structlog
 
-from mailpipe.secrets import known_secret_values, redact
+from mailpipe.secrets import redact
 
 LogFormat = Literal["console", "json", "auto"]
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
@@ -31,9 +31,18 @@ def redact_secrets(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str,
 
     Runs after exception formatting, so tracebacks are scrubbed too.
     """
-    if not known_secret_values():
-        return event
     return {k: _scrub(v) for k, v in event.items()}
+
+
+class _RedactingFilter(logging.Filter):
+    """stdlib logging filter: third-party records (httpx, psycopg...) are redacted too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        clean = redact(text)
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
 
 
 def configure(
@@ -57,9 +66,9 @@ def configure(
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    if fmt == "json":
-        processors.append(structlog.processors.format_exc_info)
-    processors += [redact_secrets, renderer]
+    # Tracebacks become text before redaction in both formats: a renderer that formats
+    # exc_info itself (rich, with frame locals) would print secrets unredacted.
+    processors += [structlog.processors.format_exc_info, redact_secrets, renderer]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, 20)),
@@ -67,3 +76,9 @@ def configure(
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=_LEVELS.get(level, 20), stream=out, format="%(message)s")
+    # httpx logs every request URL at INFO; a webhook URL's path or query can be the
+    # credential (the forwarder logs a safe form itself).
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, _LEVELS.get(level, 20)))
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _RedactingFilter) for f in handler.filters):
+            handler.addFilter(_RedactingFilter())

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from mailpipe.engine import Summary
+from mailpipe.secrets import redact
 
 COLUMNS = (
     "listed",
@@ -72,6 +73,6 @@ class ProgressView:
         for s in summaries:
             row = [str(getattr(s, c)) for c in COLUMNS]
             table.add_row(
-                s.mailbox, *row, "ok" if not s.error else f"FAILED: {s.error}"
+                s.mailbox, *row, "ok" if not s.error else f"FAILED: {redact(s.error)}"
             )
         out.print(table)

@@ -41,7 +41,10 @@ def _fsync_dir(path: Path) -> None:
 
 def _atomic_write(path: Path, chunks: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
+    tmp.unlink(missing_ok=True)  # a stale (or planted) temp file, link or not
+    # O_EXCL|O_NOFOLLOW: never write through a symlink someone placed here.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(tmp, flags, 0o600), "wb") as f:
         for chunk in chunks:
             f.write(chunk)
         f.flush()
@@ -60,7 +63,9 @@ class Quarantine:
         self.dir = directory
 
     def _folder(self, mailbox: str) -> Path:
-        return self.dir / (_SAFE.sub("_", mailbox) or "_")
+        name = _SAFE.sub("_", mailbox)
+        # "" / "." / ".." would put the files in, or above, the quarantine directory.
+        return self.dir / (name if name.strip(".") else name.replace(".", "_") or "_")
 
     def put(
         self, message: Message, *, reason: str, attempts: int = 0, error: str = ""

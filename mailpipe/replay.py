@@ -5,6 +5,7 @@ from __future__ import annotations
 from mailpipe.chain import Chain
 from mailpipe.config import Config
 from mailpipe.journal.base import Journal, Status
+from mailpipe.processor import Disposition
 from mailpipe.quarantine import Quarantine, QuarantineItem
 
 
@@ -38,11 +39,31 @@ async def replay(
                 delete_policy = "never"
             message = quarantine.load(item)
             entry = journal.get_many(item.mailbox, [item.uid]).get(item.uid)
+
+            def journal_now(step: str, item: QuarantineItem = item) -> None:
+                # As in the engine: a non-idempotent side effect (mail sent) is
+                # journaled at once, so a later failing step (or replaying again)
+                # never repeats it.
+                journal.step_committed(item.mailbox, item.uid, step)
+
             result = await chain.run(
-                pipeline, message, done_steps=entry.steps if entry else ()
+                pipeline,
+                message,
+                done_steps=entry.steps if entry else (),
+                on_commit=journal_now,
             )
             if not result.ok:
+                with journal.batch():
+                    for step in result.committed:
+                        journal.step_committed(item.mailbox, item.uid, step)
                 out.append((item, f"failed in {result.failed_step}: {result.error}"))
+                continue
+            decided = result.decision.disposition if result.decision else None
+            if decided == Disposition.QUARANTINE:
+                # The pipeline quarantines it again: the quarantine may hold the only
+                # copy, so it stays there (dropping it would lose the message).
+                reason = result.decision.reason if result.decision else ""
+                out.append((item, f"still quarantined ({reason})"))
                 continue
             await chain.flush()
             with journal.batch():
@@ -54,16 +75,18 @@ async def replay(
                     journal.step_committed(item.mailbox, item.uid, step)
                 current = journal.get_many(item.mailbox, [item.uid])[item.uid]
                 if current.status != Status.DELETED:
+                    keep = decided == Disposition.KEEP  # KEEP: leave the server copy
                     journal.finish(
                         item.mailbox,
                         item.uid,
-                        status=Status.COMMITTED,
-                        disposition="done",
+                        status=Status.KEPT if keep else Status.COMMITTED,
+                        disposition="keep" if keep else "done",
                         sha256=message.sha256,
                         reason="replayed",
                         delete_due=current.delete_due
                         or (
-                            current.status == Status.QUARANTINED
+                            not keep
+                            and current.status == Status.QUARANTINED
                             and delete_policy == "after_processing"
                         ),
                     )

@@ -9,8 +9,10 @@ redaction step masks (see :mod:`mailpipe.logs`).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import threading
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +37,38 @@ def forget_secrets() -> None:
         _KNOWN.clear()
 
 
+# scheme://user:PASSWORD@host — the password of a URL's userinfo (RFC 3986 §3.2.1).
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:@/]*:)([^\s@]+)@")
+
+
 def remember_secret(value: str) -> None:
-    """Add ``value`` to the redaction set (values shorter than 4 characters are skipped)."""
-    if len(value) >= 4:
-        with _LOCK:
-            _KNOWN.add(value)
+    """Add ``value`` to the redaction set (values shorter than 4 characters are skipped).
+
+    The password inside a URL value (``postgresql://u:PW@h/db``) is added on its own
+    too, raw and percent-decoded, since error messages quote it without the URL.
+    """
+    parts = {value}
+    for match in _URL_PASSWORD.finditer(value):
+        parts |= {match.group(2), urllib.parse.unquote(match.group(2))}
+    with _LOCK:
+        _KNOWN.update(p for p in parts if len(p) >= 4)
+
+
+def remember_url_password(url: str) -> None:
+    """Add only the password of ``url`` (if any) to the redaction set."""
+    for match in _URL_PASSWORD.finditer(url):
+        remember_secret(match.group(2))
+        remember_secret(urllib.parse.unquote(match.group(2)))
+
+
+def mask_url_passwords(text: str) -> str:
+    """Replace the password of every ``scheme://user:password@`` in ``text`` by a mask."""
+    return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{MASK}@", text)
 
 
 def redact(text: str) -> str:
-    """Replace every known secret value inside ``text`` with a mask."""
+    """Replace every known secret value, and every URL's password, inside ``text``."""
+    text = mask_url_passwords(text)
     for value in sorted(known_secret_values(), key=len, reverse=True):
         if value in text:
             text = text.replace(value, MASK)

@@ -29,6 +29,8 @@ import structlog
 from mailpipe.journal.base import Entry, Status
 from mailpipe.journal.errors import JournalError, SchemaVersionError
 from mailpipe.message import message_key
+from mailpipe.pgtls import secure_dsn
+from mailpipe.secrets import redact
 
 if TYPE_CHECKING:
     import psycopg
@@ -152,13 +154,13 @@ class PostgresJournal:
 
         try:
             conn = psycopg.connect(
-                self.dsn,
+                secure_dsn(self.dsn),
                 autocommit=True,
                 connect_timeout=max(1, round(self._connect_timeout)),
             )
         except psycopg.Error as exc:
-            raise JournalError(
-                f"cannot connect to the PostgreSQL journal: {exc}"
+            raise JournalError(  # libpq may quote a malformed password: redact
+                redact(f"cannot connect to the PostgreSQL journal: {exc}")
             ) from exc
         if self.schema:
             conn.execute(
@@ -241,7 +243,7 @@ class PostgresJournal:
         try:
             yield
         except psycopg.Error as exc:
-            raise JournalError(f"PostgreSQL journal: {exc}") from exc
+            raise JournalError(redact(f"PostgreSQL journal: {exc}")) from exc
 
     @contextmanager
     def _guard(self) -> Iterator[None]:

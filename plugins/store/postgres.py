@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mailpipe.errors import MailpipeError, PermanentFailure, TemporaryFailure
 from mailpipe.message import Message
+from mailpipe.pgtls import secure_dsn
 from mailpipe.processor import ProcessorContext
 from mailpipe.secrets import Secret, redact
 from mailpipe.units import Duration
@@ -211,7 +212,7 @@ class PostgresStore:
 
         try:
             conn = await psycopg.AsyncConnection.connect(
-                self.options.dsn.get(),
+                secure_dsn(self.options.dsn.get()),
                 autocommit=True,
                 connect_timeout=max(1, round(self.options.connect_timeout)),
             )
