@@ -313,6 +313,9 @@ class MailboxRunner:
                 # window that ran nothing new ends the poll instead of spinning.
                 more = False
             await self._commit(session, owed, summary)
+            if session.supports_uidl and self.cfg.delete == "after_processing":
+                # (only there are COMMITTED rows few: each is deleted soon)
+                self._settle_deleted(refs)
             self._prune(refs)
             return more
 
@@ -326,6 +329,13 @@ class MailboxRunner:
             plan.process = list(refs)
             return plan
         entries = self.journal.get_many(self.name, [r.uid for r in refs])
+        listed = {r.uid for r in refs}
+        gone = [uid for uid in self.journal.owed(self.name) if uid not in listed]
+        if gone:
+            # A crash between QUIT's +OK and the journal's mark_deleted leaves DELEs
+            # owed for mail the server already removed (RFC 1939 §6): settle them.
+            self.journal.mark_deleted(self.name, gone)
+            self.log.info("owed_deletions_settled", count=len(gone))
         days = _days(self.cfg.delete)
         now = datetime.now(UTC)
         seen_uids: set[str] = set()
@@ -433,6 +443,7 @@ class MailboxRunner:
                 try:
                     reason = f"oversize: {msg.ref.size} > {self.cfg.max_message_size}"
                     delete = self._quarantine(msg, reason=reason, attempts=0, error="")
+                    summary.quarantined += 1
                     # Journaled like any quarantined message (durable before its DELE):
                     # otherwise a kept or not-yet-deleted copy is downloaded and
                     # quarantined again on every poll, and replay cannot tell that
@@ -849,6 +860,30 @@ class MailboxRunner:
             self.journal.mark_deleted(self.name, [r.uid for r in owed])
         summary.deleted += len(owed)
         self.log.debug("session_committed", deleted=len(owed))
+
+    def _settle_deleted(self, refs: list[MessageRef]) -> None:
+        """Mark DELETED what was owed a DELE but is absent from this UIDL listing.
+
+        A crash between QUIT +OK and the journal write leaves entries ``delete_due``
+        for messages the server already deleted (RFC 1939 §7: UIDL lists every
+        message not deleted). Left so, the journal never converges, and a server that
+        reuses the UIDL would have a new message DELE'd unread by ``_plan``.
+        """
+        try:
+            listed = {r.uid for r in refs}
+            gone = [
+                e.uid
+                for status in (Status.COMMITTED, Status.QUARANTINED)
+                for e in self.journal.list(self.name, status, limit=1_000_000)
+                if e.delete_due
+                and e.uid not in listed
+                and not e.uid.startswith("sha256:")  # content-hash uids are unlisted
+            ]
+            if gone:
+                self.journal.mark_deleted(self.name, gone)
+                self.log.info("deletions_confirmed_by_listing", count=len(gone))
+        except Exception as exc:  # housekeeping, like pruning
+            self.log.warning("journal_settle_failed", error=_error_text(exc))
 
     def _prune(self, refs: list[MessageRef]) -> None:
         try:

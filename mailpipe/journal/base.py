@@ -67,6 +67,10 @@ class Journal(Protocol):
         """Return the entries of ``uids`` that exist, by uid."""
         ...
 
+    def owed(self, mailbox: str) -> list[str]:
+        """Return the uids whose DELE is still owed (``delete_due``)."""
+        ...
+
     def begin(self, mailbox: str, uid: str, *, key: str, size: int) -> Entry:
         """Insert a PENDING entry if absent (first_seen now); return the current entry."""
         ...
@@ -98,7 +102,10 @@ class Journal(Protocol):
         ...
 
     def list(
-        self, mailbox: str | None = None, status: Status | None = None, limit: int = 1000
+        self,
+        mailbox: str | None = None,
+        status: Status | None = None,
+        limit: int = 1000,
     ) -> list[Entry]:
         """Return entries, newest first, optionally filtered."""
         ...
@@ -111,7 +118,9 @@ class Journal(Protocol):
         """Adopt (uid, key, size) items as KEPT without processing; return how many new."""
         ...
 
-    def prune(self, mailbox: str, present: Iterable[str], older_than_days: float) -> int:
+    def prune(
+        self, mailbox: str, present: Iterable[str], older_than_days: float
+    ) -> int:
         """Drop DELETED entries not on the server any more and older than the limit."""
         ...
 

@@ -284,6 +284,20 @@ class PostgresJournal:
 
     # -- entries --------------------------------------------------------------------
 
+    def owed(self, mailbox: str) -> list[str]:
+        """Return the uids whose DELE is still owed (``delete_due``)."""
+        with self._guard():
+            rows = (
+                self._live()
+                .execute(
+                    "SELECT uid FROM mailpipe_journal "
+                    "WHERE mailbox = %s AND delete_due",
+                    (mailbox,),
+                )
+                .fetchall()
+            )
+        return [row[0] for row in rows]
+
     def get_many(self, mailbox: str, uids: Iterable[str]) -> dict[str, Entry]:
         """Return the entries of ``uids`` that exist, by uid."""
         with self._guard():

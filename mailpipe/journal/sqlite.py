@@ -275,6 +275,15 @@ class SqliteJournal:
         ).fetchone()
         return _entry(row)
 
+    def owed(self, mailbox: str) -> list[str]:
+        """Return the uids whose DELE is still owed (``delete_due``)."""
+        with self._guard():
+            rows = self._conn.execute(
+                "SELECT uid FROM entries WHERE mailbox = ? AND delete_due = 1",
+                (mailbox,),
+            ).fetchall()
+        return [row[0] for row in rows]
+
     def get_many(self, mailbox: str, uids: Iterable[str]) -> dict[str, Entry]:
         """Return the entries of ``uids`` that exist, by uid."""
         found: dict[str, Entry] = {}

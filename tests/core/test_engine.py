@@ -440,3 +440,20 @@ async def test_chain_serialises_a_processor_without_concurrent() -> None:
             *(chain.run("p", Message.from_bytes(msg(str(i)))) for i in range(5))
         )
         assert Slow.peak == expected
+
+
+async def test_deletions_owed_for_mail_already_gone_are_settled(tmp_path: Path) -> None:
+    runner, box, journal = make(tmp_path, [{"use": "rec"}])
+    box.add("a", msg("a"))
+    box.add("b", msg("b"))
+    original = journal.mark_deleted
+    journal.mark_deleted = lambda *a, **k: None  # type: ignore[method-assign]
+    await runner.poll()  # QUIT +OK deleted both, but the journal never heard of it
+    journal.mark_deleted = original  # type: ignore[method-assign]
+    assert sorted(journal.owed("box")) == ["a", "b"] and box.messages == {}
+    box.add("c", msg("c"))
+    await runner.poll()
+    assert journal.owed("box") == []
+    statuses = {e.uid: e.status for e in journal.list("box")}
+    assert statuses == {"a": Status.DELETED, "b": Status.DELETED, "c": Status.DELETED}
+    assert LOG["p"] == ["a", "b", "c"]

@@ -336,7 +336,8 @@ async def test_oversize_quarantine_is_journaled_and_not_refetched(
         on_quarantine="keep",
     )
     box.add("big", msg("big", "x" * 200))
-    await poll(runner)
+    s1 = await poll(runner)
+    assert s1.quarantined == 1
     await poll(runner)
     assert box.calls.count(("retr", "big")) == 1  # never downloaded again
     assert journal.get_many("box", ["big"])["big"].status == Status.QUARANTINED
@@ -569,3 +570,24 @@ async def test_reappearing_message_is_deleted_not_reprocessed(tmp_path: Path) ->
     box.add("a", msg("other"))  # the UIDL reused for new mail
     await poll(runner)
     assert box.messages == {} and len(SEEN) == 2 and SEEN[1].startswith("sha256:")
+
+
+async def test_deletion_confirmed_by_listing_after_crash_past_quit(
+    tmp_path: Path,
+) -> None:
+    runner, box, journal = make(tmp_path, [{"use": "see"}])
+    box.add("a", msg("a"))
+    real = journal.mark_deleted
+
+    def crash_once(mailbox: str, uids: Any) -> None:
+        journal.mark_deleted = real  # type: ignore[method-assign]
+        raise RuntimeError("killed between QUIT +OK and the journal write")
+
+    journal.mark_deleted = crash_once  # type: ignore[method-assign]
+    await poll(runner)
+    assert box.messages == {}  # the server deleted it at QUIT
+    await poll(runner)  # the UIDL listing no longer has it: it is gone
+    assert journal.get_many("box", ["a"])["a"].status == Status.DELETED
+    box.add("a", msg("new mail, reused UIDL"))
+    await poll(runner)  # never DELE'd unread on the strength of a stale delete_due
+    assert len(SEEN) == 2 and box.messages == {}

@@ -222,6 +222,24 @@ def test_finish_moves_pending_to_its_final_status(
     assert entry.updated > entry.first_seen
 
 
+def test_owed_lists_exactly_the_uids_whose_dele_is_due(journal: Journal) -> None:
+    for uid, due in (("a", True), ("b", False), ("c", True)):
+        begin(journal, uid)
+        journal.finish(
+            MB,
+            uid,
+            status=Status.COMMITTED,
+            disposition="done",
+            sha256=None,
+            delete_due=due,
+        )
+    begin(journal, "d")
+    assert sorted(journal.owed(MB)) == ["a", "c"]
+    assert journal.owed("other-mailbox") == []
+    journal.mark_deleted(MB, ["a"])
+    assert journal.owed(MB) == ["c"]
+
+
 def test_finish_without_a_hash_keeps_the_known_one(journal: Journal) -> None:
     begin(journal, "u1")
     journal.finish(
