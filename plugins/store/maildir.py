@@ -64,6 +64,11 @@ class MaildirOptions(BaseModel):
         description="Remove mailpipe's own files left in tmp/ by a crash once they "
         "are this old (the Maildir convention is 36 hours).",
     )
+    group_commit: bool = Field(
+        default=True,
+        description="fsync new/ once per group (at flush, before any DELE) instead of "
+        "after every message; each file is still fsynced before its rename.",
+    )
 
     @field_validator("folder")
     @classmethod
@@ -87,8 +92,9 @@ def _chunks(message: Message) -> Iterator[bytes]:
 class MaildirStore:
     """Write each message to ``new/`` of a Maildir, durably and once per key.
 
-    Delivery: the bytes go to ``tmp/<name>``, are fsynced, then renamed into ``new/``
-    and ``new/`` is fsynced; ``process`` returns after that. Idempotent by
+    Delivery: the bytes go to ``tmp/<name>``, are fsynced, then renamed into ``new/``;
+    ``new/`` is fsynced at ``flush()`` (group commit, the default; the engine flushes
+    before any DELE) or, with ``group_commit = false``, before ``process`` returns. Idempotent by
     ``message.key``: ``new/`` and ``cur/`` are listed on open (or on the first
     message), then every delivery is tracked; a key found there is not written again.
     This relies on one writer per mailbox key (the scheduler's mailbox lock). A file
@@ -109,6 +115,7 @@ class MaildirStore:
         self.path = root / f".{options.folder}" if options.folder else root
         self._keys: set[str] | None = None
         self._lock = threading.Lock()
+        self._unsynced = False  # renamed into new/ since the last directory fsync
 
     def open(self) -> None:
         """Create the Maildir if needed, list stored keys and clean stale tmp files."""
@@ -171,6 +178,17 @@ class MaildirStore:
             except OSError as exc:
                 raise classify_os_error(exc, f"{self.name} {self.path}") from exc
 
+    def flush(self) -> None:
+        """Make the renames into ``new/`` durable (one directory fsync per group)."""
+        with self._lock:
+            if not self._unsynced:
+                return
+            try:
+                fsync_dir(self.path / "new")
+            except OSError as exc:
+                raise classify_os_error(exc, f"{self.name} {self.path}") from exc
+            self._unsynced = False
+
     def _deliver(self, message: Message, key: str) -> None:
         keys = self._prepare()
         if key in keys:
@@ -182,7 +200,10 @@ class MaildirStore:
         # Maildir: the file appears in new/ only once complete and fsynced; the name
         # is unique (time, pid), so a rename cannot replace another message.
         os.rename(tmp, final)
-        fsync_dir(final.parent)
+        if self.options.group_commit:
+            self._unsynced = True  # durable at flush(), which precedes any DELE
+        else:
+            fsync_dir(final.parent)
         keys.add(key)
         log.info("message_stored", store=self.name, key=key, octets=size)
 

@@ -135,3 +135,24 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
     s = store(tmp_path, dry_run=True)
     s.process(Message.from_bytes(RAW, uid="1"))
     assert not (tmp_path / "Maildir").exists()
+
+
+@pytest.mark.parametrize("group_commit", [True, False])
+def test_new_dir_is_fsynced_per_group_or_per_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group_commit: bool
+) -> None:
+    import mailpipe.plugins.store.maildir as maildir_module
+
+    synced: list[str] = []
+    real = maildir_module.fsync_dir
+    monkeypatch.setattr(
+        maildir_module, "fsync_dir", lambda p: (synced.append(Path(p).name), real(p))
+    )
+    s = store(tmp_path, group_commit=group_commit)
+    for i in range(3):
+        s.process(Message.from_bytes(RAW + f"n{i}\r\n".encode()))
+    assert synced.count("new") == (0 if group_commit else 3)
+    s.flush()
+    s.flush()  # nothing new: no second fsync
+    assert synced.count("new") == (1 if group_commit else 3)
+    assert len(listing(tmp_path / "Maildir")["new"]) == 3
