@@ -44,6 +44,7 @@ class Step:
     commits: bool
     idempotent: bool
     header_only: bool
+    transparent: bool
     has_prefetch: bool
     has_flush: bool
     lock: asyncio.Lock | None = None
@@ -102,6 +103,7 @@ class Chain:
                         commits=bool(getattr(proc, "commits", False)),
                         idempotent=bool(getattr(proc, "idempotent", False)),
                         header_only=bool(getattr(proc, "header_only", False)),
+                        transparent=bool(getattr(proc, "transparent", False)),
                         has_prefetch=callable(getattr(proc, "prefetch", None)),
                         has_flush=callable(getattr(proc, "flush", None)),
                         # One call at a time per instance unless it says it is safe:
@@ -175,25 +177,28 @@ class Chain:
         )
 
     def can_prefetch(self, pipeline: str) -> bool:
-        """True when a header-only step comes before any step with side effects."""
+        """True when the first step that may decide is header-only (see prefetch)."""
         for step in self.pipelines.get(pipeline, []):
-            if step.has_prefetch and step.header_only:
-                return True
-            if step.commits:
-                return False
+            if step.transparent:
+                continue
+            return step.has_prefetch and step.header_only and not step.commits
         return False
 
     async def prefetch(self, pipeline: str, message: Message) -> Decision | None:
         """Decide on headers alone (``message.headers_only``); None means download it.
 
-        Walks the steps up to the first one with side effects, asking each that has a
-        ``prefetch`` method. A route or an exception means "download and decide then".
+        Only the first step that may decide is asked: ``transparent`` steps (which never
+        decide nor change what later steps see, like ``parse``) are passed over; any
+        other step without ``prefetch``, with side effects, or whose ``prefetch`` cannot
+        decide (None) means "download and run the whole chain". Asking a later step
+        after an undecided one would let it override a rule that needed the body.
+        A route or an exception also means download.
         """
         for step in self.pipelines.get(pipeline, []):
-            if step.commits:
-                return None
-            if not step.has_prefetch:
+            if step.transparent:
                 continue
+            if step.commits or not step.has_prefetch:
+                return None
             try:
                 result = normalise(
                     await maybe_await(step.processor.prefetch(message)), step.use
@@ -203,8 +208,7 @@ class Chain:
                     raise
                 log.warning("prefetch_failed", step=step.id, error=repr(exc))
                 return None
-            if result is not None:
-                return None if result.route else result
+            return None if result is None or result.route else result
         return None
 
     async def run(

@@ -313,9 +313,6 @@ class MailboxRunner:
                 # window that ran nothing new ends the poll instead of spinning.
                 more = False
             await self._commit(session, owed, summary)
-            if session.supports_uidl and self.cfg.delete == "after_processing":
-                # (only there are COMMITTED rows few: each is deleted soon)
-                self._settle_deleted(refs)
             self._prune(refs)
             return more
 
@@ -374,7 +371,9 @@ class MailboxRunner:
                     plan.dele.append(ref)
             elif (
                 days is not None
-                and entry.status in (Status.COMMITTED, Status.KEPT)
+                # Only processed mail ages out: KEPT (a keep rule, or adopted by
+                # mark-seen without processing) stays on the server.
+                and entry.status == Status.COMMITTED
                 and entry.first_seen is not None
                 and _aware(entry.first_seen) + timedelta(days=days) <= now
             ):
@@ -860,30 +859,6 @@ class MailboxRunner:
             self.journal.mark_deleted(self.name, [r.uid for r in owed])
         summary.deleted += len(owed)
         self.log.debug("session_committed", deleted=len(owed))
-
-    def _settle_deleted(self, refs: list[MessageRef]) -> None:
-        """Mark DELETED what was owed a DELE but is absent from this UIDL listing.
-
-        A crash between QUIT +OK and the journal write leaves entries ``delete_due``
-        for messages the server already deleted (RFC 1939 §7: UIDL lists every
-        message not deleted). Left so, the journal never converges, and a server that
-        reuses the UIDL would have a new message DELE'd unread by ``_plan``.
-        """
-        try:
-            listed = {r.uid for r in refs}
-            gone = [
-                e.uid
-                for status in (Status.COMMITTED, Status.QUARANTINED)
-                for e in self.journal.list(self.name, status, limit=1_000_000)
-                if e.delete_due
-                and e.uid not in listed
-                and not e.uid.startswith("sha256:")  # content-hash uids are unlisted
-            ]
-            if gone:
-                self.journal.mark_deleted(self.name, gone)
-                self.log.info("deletions_confirmed_by_listing", count=len(gone))
-        except Exception as exc:  # housekeeping, like pruning
-            self.log.warning("journal_settle_failed", error=_error_text(exc))
 
     def _prune(self, refs: list[MessageRef]) -> None:
         try:

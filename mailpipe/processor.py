@@ -91,6 +91,9 @@ class Processor(Protocol):
     serialises calls to one processor instance unless it declares itself safe for
     concurrent ``process`` calls (no shared connection state across awaits).
 
+    ``transparent`` (default False): the step never decides and never changes what
+    later steps see from the headers (``parse``); header prefetch passes over it.
+
     Optional methods: ``open()``/``close()`` (sync or async) around a session,
     ``flush()``, and ``prefetch(message) -> Result`` for decisions on headers alone
     (``message.headers_only`` is true, from ``TOP n 0``); set ``header_only`` to True when

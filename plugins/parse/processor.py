@@ -59,6 +59,7 @@ class ParseProcessor:
     Options: ClassVar[type[BaseModel]] = ParseOptions
     commits: ClassVar[bool] = False
     header_only: ClassVar[bool] = False
+    transparent: ClassVar[bool] = True  # never decides; header prefetch skips it
 
     def __init__(self, options: ParseOptions, context: ProcessorContext) -> None:
         self.options = options

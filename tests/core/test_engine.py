@@ -457,3 +457,43 @@ async def test_deletions_owed_for_mail_already_gone_are_settled(tmp_path: Path) 
     statuses = {e.uid: e.status for e in journal.list("box")}
     assert statuses == {"a": Status.DELETED, "b": Status.DELETED, "c": Status.DELETED}
     assert LOG["p"] == ["a", "b", "c"]
+
+
+async def test_prefetch_stops_at_the_first_step_that_cannot_decide(
+    tmp_path: Path,
+) -> None:
+    """A later header-only DONE must not override an earlier rule that needs the body."""
+
+    class BodyRule:
+        name: ClassVar[str] = "bodyrule"
+        Options: ClassVar[type[BaseModel]] = RecOptions
+        commits: ClassVar[bool] = False
+        header_only: ClassVar[bool] = True
+
+        def __init__(self, options: RecOptions, context: Any) -> None:
+            pass
+
+        def prefetch(self, message: Message) -> None:
+            return None  # needs the body: cannot decide on headers
+
+        def process(self, message: Message) -> Decision | None:
+            if b"keep me" in message.raw:
+                return Decision(disposition=Disposition.KEEP, reason="body rule")
+            return None
+
+    runner, box, _ = make(tmp_path, [{"use": "rec"}])
+    runner.config.registry.add("processor", BodyRule, "test")
+    data = {
+        "mailboxes": [{"name": "box", "source": "fake", "pipeline": "p"}],
+        "pipelines": {
+            "p": {"processors": [{"use": "bodyrule"}, {"use": "drop"}, {"use": "rec"}]}
+        },
+    }
+    config = validate_config(
+        data, path=tmp_path / "p.toml", registry=runner.config.registry
+    )
+    runner.chain = Chain(config.pipelines, base_dir=tmp_path)
+    box.add("s", msg("spam but keep me"))
+    await runner.poll()
+    assert ("retr", "s") in box.calls  # downloaded: the body rule decided
+    assert list(box.messages) == ["s"]  # kept, not dropped by the later header rule
