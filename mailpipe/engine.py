@@ -50,7 +50,8 @@ from mailpipe.source import SourceSession
 
 log = structlog.get_logger()
 
-GROUP_SIZE = 64  # messages per group commit (journal batch + processor flush)
+GROUP_SIZE = 256  # at most this many messages per group commit (flush + journal batch)
+GROUP_BYTES = 16_000_000  # ...and at most about this many octets (per LIST)
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -496,7 +497,8 @@ class MailboxRunner:
     async def _retrieve(
         self, session: SourceSession, refs: list[MessageRef], summary: Summary
     ) -> list[MessageRef]:
-        """RETR and process ``refs`` in chunks of GROUP_SIZE, each a group commit.
+        """RETR and process ``refs`` in chunks (GROUP_SIZE messages or GROUP_BYTES
+        octets, whichever comes first), each a group commit.
 
         A chunk's retrieval stream is always read to its end before DELE or QUIT is
         sent: with pipelining (RFC 2449 §6.6) RETR replies are still in flight while
@@ -511,14 +513,13 @@ class MailboxRunner:
         entries = self.journal.get_many(self.name, [r.uid for r in refs if r.uid])
         expire_zero = _expire_zero(session)
         total = len(refs)
-        for start in range(0, total, GROUP_SIZE):
+        for chunk in _chunks(refs, GROUP_SIZE, GROUP_BYTES):
             if self.stop.is_set():
                 break
             group: list[_Done] = []
             dele_after: list[
                 MessageRef
             ] = []  # known by content hash: DELE after stream
-            chunk = refs[start : start + GROUP_SIZE]
             self._begin_many(chunk, entries)
             try:
                 async for msg in session.retrieve(
@@ -879,6 +880,23 @@ def _expire_zero(session: SourceSession) -> bool:
     if isinstance(value, list | tuple):
         value = value[0] if value else None
     return str(value).strip().split(" ")[0] == "0"
+
+
+def _chunks(refs: list[MessageRef], count: int, octets: int) -> list[list[MessageRef]]:
+    """Split ``refs`` into runs of at most ``count`` messages and about ``octets``
+    octets (a single larger message forms its own chunk)."""
+    out: list[list[MessageRef]] = []
+    current: list[MessageRef] = []
+    size = 0
+    for ref in refs:
+        if current and (len(current) >= count or size + ref.size > octets):
+            out.append(current)
+            current, size = [], 0
+        current.append(ref)
+        size += ref.size
+    if current:
+        out.append(current)
+    return out
 
 
 def _aware(dt: datetime) -> datetime:

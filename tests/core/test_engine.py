@@ -497,3 +497,16 @@ async def test_prefetch_stops_at_the_first_step_that_cannot_decide(
     await runner.poll()
     assert ("retr", "s") in box.calls  # downloaded: the body rule decided
     assert list(box.messages) == ["s"]  # kept, not dropped by the later header rule
+
+
+def test_chunks_cap_count_and_octets() -> None:
+    from mailpipe.engine import _chunks
+    from mailpipe.message import MessageRef
+
+    refs = [
+        MessageRef(mailbox="m", number=i, uid=str(i), size=s)
+        for i, s in enumerate([5, 5, 5, 20, 1, 1, 1])
+    ]
+    sizes = [[r.size for r in c] for c in _chunks(refs, 3, 12)]
+    assert sizes == [[5, 5], [5], [20], [1, 1, 1]]
+    assert sum(len(c) for c in _chunks(refs, 2, 10**9)) == 7
