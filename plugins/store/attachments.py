@@ -225,7 +225,7 @@ class AttachmentsStore:
                 stored = self._store(message, parts)
             except OSError as exc:
                 raise classify_os_error(exc, f"{self.name} {self.dir}") from exc
-        log.info("message_stored", store=self.name, key=key, attachments=stored,
+        log.debug("message_stored", store=self.name, key=key, attachments=stored,
                  skipped=len(parts) - stored)
 
     def _store(self, message: Message, parts: list[Part]) -> int:

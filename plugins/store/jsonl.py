@@ -348,7 +348,7 @@ class JsonlStore:
             self._seen = (st.st_ino, st.st_size + len(line))
         finally:
             os.close(fd)
-        log.info("message_stored", store=self.name, key=key, octets=len(line))
+        log.debug("message_stored", store=self.name, key=key, octets=len(line))
 
 
 PROCESSORS = [JsonlStore]

@@ -205,7 +205,7 @@ class MaildirStore:
         else:
             fsync_dir(final.parent)
         keys.add(key)
-        log.info("message_stored", store=self.name, key=key, octets=size)
+        log.debug("message_stored", store=self.name, key=key, octets=size)
 
 
 PROCESSORS = [MaildirStore]

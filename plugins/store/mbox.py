@@ -339,7 +339,7 @@ class MboxStore:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(lock)
             os.close(fd)  # closing releases the lockf lock
-        log.info("message_stored", store=self.name, key=key, octets=len(data))
+        log.debug("message_stored", store=self.name, key=key, octets=len(data))
 
 
 PROCESSORS = [MboxStore]

@@ -334,7 +334,7 @@ class PostgresStore:
             if conn.broken or conn.closed:
                 self._conn = None
             raise classify(exc, f"{self.name}: upsert") from exc
-        log.info(
+        log.debug(
             "message_stored",
             store=self.name,
             key=message.key,

@@ -393,7 +393,7 @@ class SqliteStore:
                     conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise classify(exc, f"{self.name} {self.path}") from exc
-        log.info(
+        log.debug(
             "message_stored", store=self.name, key=message.key,
             grouped=self.options.group_commit,
         )
