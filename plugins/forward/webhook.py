@@ -9,9 +9,8 @@ import hmac
 import json
 import ssl
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import httpx
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -24,14 +23,22 @@ from mailpipe.units import Duration
 
 from ._retry import Backoff, cert_error, client_tls_context, retry_after
 
+if TYPE_CHECKING:
+    import httpx
+
 log = structlog.get_logger()
 
 SIGNATURE_HEADER = "X-Mailpipe-Signature"
 # RFC 9110 §15.5.9 / RFC 6585 §4: a timeout or a rate limit; trying again later helps.
 RETRYABLE_4XX = frozenset({408, 429})
 _RESERVED = frozenset(
-    {"content-type", "content-length", "idempotency-key", "authorization",
-     SIGNATURE_HEADER.lower()}
+    {
+        "content-type",
+        "content-length",
+        "idempotency-key",
+        "authorization",
+        SIGNATURE_HEADER.lower(),
+    }
 )
 
 
@@ -92,6 +99,8 @@ class WebhookForwardOptions(BaseModel):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
+        import httpx  # imported when a webhook is configured, not at plugin load
+
         url = httpx.URL(value)
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError("expected an http:// or https:// URL with a host")
@@ -122,16 +131,22 @@ class WebhookForwardProcessor:
     commits: ClassVar[bool] = True
     concurrent: ClassVar[bool] = True  # the client is safe for concurrent use
 
-    def __init__(self, options: WebhookForwardOptions, context: ProcessorContext) -> None:
+    def __init__(
+        self, options: WebhookForwardOptions, context: ProcessorContext
+    ) -> None:
         self.options = options
         self.context = context
         ca_file = context.resolve(options.ca_file) if options.ca_file else None
-        self._tls: ssl.SSLContext = client_tls_context(ca_file, verify=options.tls_verify)
+        self._tls: ssl.SSLContext = client_tls_context(
+            ca_file, verify=options.tls_verify
+        )
         self._client: httpx.AsyncClient | None = None
 
     async def open(self) -> None:
         """Create the connection pool (reused across the session's messages)."""
         if self._client is None:
+            import httpx
+
             self._client = httpx.AsyncClient(
                 verify=self._tls,
                 timeout=self.options.timeout,
@@ -216,8 +231,12 @@ class WebhookForwardProcessor:
             attempt += 1
             outcome, suggested = await self._attempt(body, headers)
             if outcome is None:
-                bound.info("forward_sent", url=_safe_url(o.url), size=len(body),
-                           attempts=attempt)
+                bound.info(
+                    "forward_sent",
+                    url=_safe_url(o.url),
+                    size=len(body),
+                    attempts=attempt,
+                )
                 return
             if isinstance(outcome, PermanentFailure):
                 bound.warning("forward_failed", error=str(outcome), attempts=attempt)
@@ -228,14 +247,20 @@ class WebhookForwardProcessor:
                 raise outcome
             if suggested is not None:
                 delay = min(max(delay, suggested), max(o.max_backoff, delay))
-            bound.info("forward_retrying", error=str(outcome), delay=round(delay, 3),
-                       attempt=attempt)
+            bound.info(
+                "forward_retrying",
+                error=str(outcome),
+                delay=round(delay, 3),
+                attempt=attempt,
+            )
             await asyncio.sleep(delay)
 
     async def _attempt(
         self, body: bytes, headers: dict[str, str]
     ) -> tuple[TemporaryFailure | PermanentFailure | None, float | None]:
         """One request: (None, _) when committed, else the failure and a Retry-After."""
+        import httpx
+
         assert self._client is not None
         where = _safe_url(self.options.url)
         try:
@@ -252,7 +277,9 @@ class WebhookForwardProcessor:
             return None, None
         text = f"{where} answered {status} {response.reason_phrase}"
         if status >= 500 or status in RETRYABLE_4XX:
-            return TemporaryFailure(text), retry_after(response.headers.get("Retry-After"))
+            return TemporaryFailure(text), retry_after(
+                response.headers.get("Retry-After")
+            )
         # 1xx/3xx are not a commit either (redirects are not followed: the body is signed
         # for one endpoint); like 4xx, retrying the same request cannot help.
         return PermanentFailure(text), None
@@ -265,6 +292,8 @@ def sign(secret: str, body: bytes) -> str:
 
 def _safe_url(url: str) -> str:
     """The URL without user info or query (either may hold credentials)."""
+    import httpx
+
     u = httpx.URL(url)
     return redact(str(u.copy_with(userinfo=b"", query=None, fragment=None)))
 
