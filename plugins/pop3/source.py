@@ -109,7 +109,7 @@ class Pop3Options(BaseModel):
         "one command at a time.",
     )
     pipeline_window: int = Field(
-        default=32, ge=1, le=1000, description="Most commands in flight when pipelining."
+        default=128, ge=1, le=1000, description="Most commands in flight when pipelining."
     )
     max_line: int = Field(
         default=8192, ge=512, le=1 << 20,

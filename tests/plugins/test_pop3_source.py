@@ -34,7 +34,7 @@ def test_defaults_are_secure():
     o = Pop3Options.model_validate({"host": "pop.example.com", "username": "u", "password": "pw"})
     assert (o.security, o.effective_port, o.tls_verify, o.allow_plaintext_password) == (
         "tls", 995, True, False)
-    assert o.pipelining == "auto" and o.pipeline_window == 32 and o.max_line == 8192
+    assert o.pipelining == "auto" and o.pipeline_window == 128 and o.max_line == 8192
     assert Pop3Options(host="h", username="u", password="pw", security="starttls").effective_port == 110
 
 
