@@ -6,7 +6,7 @@ and Debian's mpop, retrieving N messages with deletion from a private Dovecot in
 
 Each tool runs as its own process (wall time and peak RSS from ``os.wait4``) against the
 same freshly populated mailbox, then its output is verified against what was delivered.
-The 20 ms scenario goes through ``bench/latency_proxy.py`` (10 ms each way). Prints a
+The 20 ms scenario goes through ``bench/proxy.py`` (10 ms each way). Prints a
 table; targets are read from it, never asserted.
 """
 
@@ -227,10 +227,11 @@ def run_tool(tool: str, host: str, port: int, user, work: Path) -> tuple[float, 
 
 def start_proxy(port: int, one_way_ms: float) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "latency_proxy.py"), "--target", f"127.0.0.1:{port}",
+        [sys.executable, str(HERE / "proxy.py"), "--target", f"127.0.0.1:{port}",
          "--delay-ms", str(one_way_ms)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
-    return proc, int(proc.stdout.readline())
+    line = proc.stdout.readline()  # "listening <port>"
+    return proc, int(line.split()[-1])
 
 
 def main() -> None:

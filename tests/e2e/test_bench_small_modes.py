@@ -1,0 +1,48 @@
+"""Every benchmark runs in its small mode and prints its table (no timing assertions)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CORPUS = Path(os.environ.get("MAILPIPE_CORPUS", ROOT.parent / "shared" / "corpus"))
+
+
+def run(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+def test_store_throughput_small() -> None:
+    out = run("bench/store_throughput.py", "--small")
+    rows = [line.split() for line in out.splitlines() if line.startswith("store.")]
+    assert {r[0] for r in rows} >= {"store.sqlite", "store.maildir", "store.jsonl"}
+    assert all(r[-3] == "200" for r in rows), out  # every store wrote every message
+
+
+def test_parse_corpus_small() -> None:
+    if not CORPUS.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"corpus missing in CI: {CORPUS}")
+        pytest.skip(f"corpus not found at {CORPUS}")
+    out = run("bench/parse_corpus.py", "--small", "--corpus", str(CORPUS))
+    assert "stdlib baseline" in out and "mailpipe parse" in out
+
+
+def test_pop3_retrieval_small() -> None:
+    if shutil.which("dovecot") is None and not Path("/usr/sbin/dovecot").exists():
+        if os.environ.get("CI"):
+            pytest.fail("Dovecot is not installed (Debian dovecot-pop3d)")
+        pytest.skip("Dovecot is not installed")
+    out = run("bench/pop3_retrieval.py", "--small")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "mailpipe" in line]
+    assert rows and all(line.rstrip().endswith("OK |") for line in rows), out
