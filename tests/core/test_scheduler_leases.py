@@ -8,8 +8,6 @@ import json
 import os
 import random
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,21 +32,9 @@ PG_DSN = os.environ.get(
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A journal URL with a fresh schema (dropped afterwards)."""
-    import psycopg
-
-    try:
-        psycopg.connect(PG_DSN, connect_timeout=3).close()
-    except psycopg.Error as exc:
-        reason = f"PostgreSQL unreachable at {PG_DSN}: {exc}"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    schema = f"mailpipe_lease_{uuid.uuid4().hex[:12]}"
-    yield f"{PG_DSN}?schema={schema}"
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+def pg_url(pg_schema_url: str) -> str:
+    """A journal URL with a fresh schema (tests/conftest.py)."""
+    return pg_schema_url
 
 
 def msg(n: int) -> bytes:

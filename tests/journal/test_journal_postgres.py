@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,20 +19,9 @@ PG_DSN = os.environ.get(
 
 
 @pytest.fixture
-def url() -> Iterator[str]:
-    import psycopg
-
-    try:
-        psycopg.connect(PG_DSN, connect_timeout=3).close()
-    except psycopg.Error as exc:
-        reason = f"PostgreSQL unreachable at {PG_DSN}: {exc}"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    schema = f"mailpipe_test_{uuid.uuid4().hex[:12]}"
-    yield f"{PG_DSN}?schema={schema}"
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+def url(pg_schema_url: str) -> str:
+    """A journal URL with a fresh schema (tests/conftest.py)."""
+    return pg_schema_url
 
 
 def terminate(journal: Any) -> None:
