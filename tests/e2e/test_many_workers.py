@@ -60,7 +60,10 @@ PER_USER = 3
 WORKERS = 4
 KILLS = 8
 TOP_UP = 40  # messages delivered to random mailboxes before each kill: work in flight
-LEASE_TTL = 3.0
+# The lease must outlive the slowest single message on an overloaded 2-core machine: the
+# scheduler checks it before each message with a ttl/3 margin, and a forward.command spawn
+# took > 1 s under load (with 3 s, two live workers once ran the same message).
+LEASE_TTL = 8.0
 DRAIN_TIMEOUT = 180.0
 
 
