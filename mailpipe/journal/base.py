@@ -21,12 +21,12 @@ DELE only after the batch covering those messages has exited.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 class Status(StrEnum):
@@ -155,3 +155,38 @@ def iter_chunks(items: Iterable[str], size: int = 500) -> Iterator[list[str]]:
             chunk = []
     if chunk:
         yield chunk
+
+
+def apply_migrations(
+    execute: Callable[..., Any],
+    *,
+    table: str,
+    param: str,
+    migrations: Sequence[Sequence[str]],
+    where: str,
+) -> int:
+    """Bring a journal schema to ``len(migrations)`` inside the caller's transaction.
+
+    ``execute(sql, params=())`` is the DB-API connection's ``execute``; ``param`` its
+    placeholder (``?`` or ``%s``); ``table`` holds the single version row. Returns the
+    version found before migrating. A newer stored version raises SchemaVersionError
+    naming ``where`` (this code must not write a schema it does not know).
+    """
+    from mailpipe.journal.errors import SchemaVersionError
+
+    latest = len(migrations)
+    execute(f"CREATE TABLE IF NOT EXISTS {table} (version integer NOT NULL)")
+    row = execute(f"SELECT version FROM {table}").fetchone()
+    current = int(row[0]) if row else 0
+    if current > latest:
+        raise SchemaVersionError(
+            f"{where} has schema version {current}; this mailpipe knows up to {latest}"
+        )
+    for statements in migrations[current:]:
+        for statement in statements:
+            execute(statement)
+    if row is None:
+        execute(f"INSERT INTO {table} (version) VALUES ({param})", (latest,))
+    elif current != latest:
+        execute(f"UPDATE {table} SET version = {param}", (latest,))
+    return current

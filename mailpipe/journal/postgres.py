@@ -26,8 +26,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import structlog
 
-from mailpipe.journal.base import Entry, Status
-from mailpipe.journal.errors import JournalError, SchemaVersionError
+from mailpipe.journal.base import Entry, Status, apply_migrations
+from mailpipe.journal.errors import JournalError
 from mailpipe.message import message_key
 from mailpipe.pgtls import secure_dsn
 from mailpipe.secrets import redact
@@ -180,29 +180,13 @@ class PostgresJournal:
                         sql.Identifier(self.schema)
                     )
                 )
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS mailpipe_schema_version "
-                "(version integer NOT NULL)"
+            current = apply_migrations(
+                conn.execute,
+                table="mailpipe_schema_version",
+                param="%s",
+                migrations=MIGRATIONS,
+                where="PostgreSQL journal",
             )
-            row = conn.execute("SELECT version FROM mailpipe_schema_version").fetchone()
-            current = int(row[0]) if row else 0
-            if current > SCHEMA_VERSION:
-                raise SchemaVersionError(
-                    f"PostgreSQL journal has schema version {current}; this mailpipe "
-                    f"knows up to {SCHEMA_VERSION}"
-                )
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[version - 1]:
-                    conn.execute(statement)
-            if row is None:
-                conn.execute(
-                    "INSERT INTO mailpipe_schema_version (version) VALUES (%s)",
-                    (SCHEMA_VERSION,),
-                )
-            elif current != SCHEMA_VERSION:
-                conn.execute(
-                    "UPDATE mailpipe_schema_version SET version = %s", (SCHEMA_VERSION,)
-                )
         if current != SCHEMA_VERSION:
             log.info(
                 "journal_migrated",

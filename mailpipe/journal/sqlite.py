@@ -29,8 +29,8 @@ from typing import Any, Final
 
 import structlog
 
-from mailpipe.journal.base import Entry, Status, iter_chunks
-from mailpipe.journal.errors import JournalError, SchemaVersionError
+from mailpipe.journal.base import Entry, Status, apply_migrations, iter_chunks
+from mailpipe.journal.errors import JournalError
 from mailpipe.message import message_key
 
 log = structlog.get_logger()
@@ -145,29 +145,13 @@ class SqliteJournal:
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_version "
-                    "(version INTEGER NOT NULL)"
+                current = apply_migrations(
+                    conn.execute,
+                    table="schema_version",
+                    param="?",
+                    migrations=MIGRATIONS,
+                    where=f"journal {self.path}",
                 )
-                row = conn.execute("SELECT version FROM schema_version").fetchone()
-                current = int(row[0]) if row else 0
-                if current > SCHEMA_VERSION:
-                    raise SchemaVersionError(
-                        f"journal {self.path} has schema version {current}; this "
-                        f"mailpipe knows up to {SCHEMA_VERSION}"
-                    )
-                for version in range(current + 1, SCHEMA_VERSION + 1):
-                    for statement in MIGRATIONS[version - 1]:
-                        conn.execute(statement)
-                if row is None:
-                    conn.execute(
-                        "INSERT INTO schema_version (version) VALUES (?)",
-                        (SCHEMA_VERSION,),
-                    )
-                elif current != SCHEMA_VERSION:
-                    conn.execute(
-                        "UPDATE schema_version SET version = ?", (SCHEMA_VERSION,)
-                    )
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
