@@ -209,10 +209,9 @@ class _Numbered(Command):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class List(Command):
-    """``LIST [n]``; multi-line without an argument (RFC 1939 §5, C-49)."""
+class _OptionalNumber(Command):
+    """A command with an optional message number: multi-line without it."""
 
-    keyword: ClassVar[bytes] = b"LIST"
     number: int | None = None
 
     def __post_init__(self) -> None:
@@ -228,22 +227,17 @@ class List(Command):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Uidl(Command):
+class List(_OptionalNumber):
+    """``LIST [n]``; multi-line without an argument (RFC 1939 §5, C-49)."""
+
+    keyword: ClassVar[bytes] = b"LIST"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Uidl(_OptionalNumber):
     """``UIDL [n]``; multi-line without an argument (RFC 1939 §7, C-53)."""
 
     keyword: ClassVar[bytes] = b"UIDL"
-    number: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.number is not None:
-            _number(self.number)
-
-    @property
-    def multiline(self) -> bool:  # type: ignore[override]
-        return self.number is None
-
-    def args(self) -> list[bytes]:
-        return [] if self.number is None else [_number(self.number)]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
