@@ -13,7 +13,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+
+from mailpipe.testing.lifecycle import Service
 
 __all__ = [
     "DEFAULT_MECHANISMS",
@@ -95,7 +96,7 @@ def _check_field(kind: str, value: str) -> None:
         )
 
 
-class Dovecot:
+class Dovecot(Service):
     """A private Dovecot 2.3 POP3 server whose every file lives under ``base_dir``.
 
     Plaintext POP3 with STLS listens on ``pop3_port`` and implicit TLS on
@@ -199,18 +200,6 @@ class Dovecot:
         return "".join(parts)
 
     # -- lifecycle -----------------------------------------------------------
-
-    def __enter__(self) -> Dovecot:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         """Write the config, start Dovecot in the foreground, wait for both ports.

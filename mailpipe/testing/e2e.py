@@ -30,12 +30,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any, Literal
 
 from mailpipe.journal.base import Entry
 from mailpipe.journal.sqlite import SqliteJournal
 from mailpipe.plugins.store.maildir import key_of
+from mailpipe.testing.lifecycle import Service
 
 from .dovecot import Dovecot, DovecotUser
 
@@ -423,7 +423,7 @@ class _Pair:
     closed: bool = False
 
 
-class CuttingProxy:
+class CuttingProxy(Service):
     """A TCP proxy on 127.0.0.1 that cuts connections per a plan of :class:`Cut`.
 
     Connection ``k`` (0-based, in accept order) follows ``plan[k]`` (or ``plan(k)``
@@ -487,18 +487,6 @@ class CuttingProxy:
         for t in self._threads:
             t.join(10)
         self._listener.close()
-
-    def __enter__(self) -> CuttingProxy:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _accept_loop(self) -> None:
         while not self._stop.is_set():

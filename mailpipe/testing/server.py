@@ -25,6 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
+from mailpipe.testing.lifecycle import Service
+
 from .faults import Faults
 from .transcript import MASK, Transcript, mask_command
 
@@ -167,7 +169,7 @@ class _Mailbox:
                 s.path.unlink(missing_ok=True)
 
 
-class Pop3Server:
+class Pop3Server(Service):
     """A fake POP3 server on 127.0.0.1 for tests, correct to RFC 1939/2449 by default.
 
     Messages come from ``messages`` (bytes) and/or a ``maildir`` (re-read at each
@@ -368,18 +370,6 @@ class Pop3Server:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(30)
         self._thread = None
-
-    def __enter__(self) -> Pop3Server:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def wait_idle(self, timeout: float = 10.0) -> None:
         """Block until no session is open (server in a thread); TimeoutError otherwise."""

@@ -32,8 +32,9 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
+
+from mailpipe.testing.lifecycle import Service
 
 __all__ = ["HttpSink", "ReceivedMail", "ReceivedRequest", "SinkResponse", "SmtpSink"]
 
@@ -99,7 +100,9 @@ class _SmtpHandler:
     def _reply(self, stage: str) -> str | None:
         code = self.sink.reply_code
         if code is not None and self.sink.reply_at == stage:
-            return f"{code} {'4.3.0 try again later' if code < 500 else '5.7.1 rejected'}"
+            return (
+                f"{code} {'4.3.0 try again later' if code < 500 else '5.7.1 rejected'}"
+            )
         return None
 
     async def handle_MAIL(
@@ -126,9 +129,7 @@ class _SmtpHandler:
         envelope.rcpt_options.extend(options)
         return "250 OK"
 
-    async def handle_DATA(
-        self, server: Any, session: Any, envelope: Any
-    ) -> str:
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         reply = self._reply("data")
         if reply:
             return reply
@@ -151,7 +152,7 @@ class _SmtpHandler:
         return "250 2.0.0 OK queued"
 
 
-class SmtpSink:
+class SmtpSink(Service):
     """A real aiosmtpd server on 127.0.0.1 (a free port) that records accepted messages.
 
     :param tls: None (plain), ``"starttls"`` (STARTTLS offered and required) or
@@ -339,18 +340,6 @@ class SmtpSink:
             self._tls.cleanup()
             self._tls = None
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 # --- HTTP -------------------------------------------------------------------------
 
@@ -440,7 +429,7 @@ class _HttpHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
 
-class HttpSink:
+class HttpSink(Service):
     """A real HTTP(S) server on 127.0.0.1 (a free port) that records every request.
 
     :param responses: answers in order, each an int status or a :class:`SinkResponse`;
@@ -522,8 +511,10 @@ class HttpSink:
         self._server = server
         self.port = server.server_address[1]
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05},
-            name="http-sink", daemon=True,
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="http-sink",
+            daemon=True,
         )
         self._thread.start()
 
@@ -545,18 +536,6 @@ class HttpSink:
         if self._tls is not None:
             self._tls.cleanup()
             self._tls = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _as_response(value: int | SinkResponse) -> SinkResponse:
