@@ -55,38 +55,69 @@ def _options(module: str, cls: str) -> type[BaseModel]:
 
 
 SECRET_MODELS: list[tuple[str, str, dict[str, Any]]] = [
-    ("pop3.source", "Pop3Options",
-     {"host": "h", "username": "u", "password": SECRET}),
-    ("pop3.source", "Pop3Options",
-     {"host": "h", "username": "u", "auth": "xoauth2", "oauth_token": SECRET}),
-    ("forward.smtp", "SmtpForwardOptions",
-     {"host": "h", "envelope_from": "a@b.c", "to": ["d@e.f"], "username": "u",
-      "password": SECRET}),
-    ("forward.webhook", "WebhookForwardOptions",
-     {"url": "https://h.example/x", "hmac_secret": SECRET, "bearer_token": SECRET}),
-    ("forward.nats", "NatsForwardOptions",
-     {"url": f"nats://u:{SECRET}@127.0.0.1:4222", "subject": "s"}),
-    ("forward.rabbitmq", "RabbitmqForwardOptions",
-     {"url": f"amqp://u:{SECRET}@127.0.0.1/", "routing_key": "k"}),
-    ("forward.redis", "RedisForwardOptions",
-     {"url": f"redis://:{SECRET}@127.0.0.1:6379/0", "stream": "s"}),
-    ("store.postgres", "PostgresStoreOptions",
-     {"dsn": f"postgresql://u:{SECRET}@127.0.0.1/db"}),
+    ("pop3.source", "Pop3Options", {"host": "h", "username": "u", "password": SECRET}),
+    (
+        "pop3.source",
+        "Pop3Options",
+        {"host": "h", "username": "u", "auth": "xoauth2", "oauth_token": SECRET},
+    ),
+    (
+        "forward.smtp",
+        "SmtpForwardOptions",
+        {
+            "host": "h",
+            "envelope_from": "a@b.c",
+            "to": ["d@e.f"],
+            "username": "u",
+            "password": SECRET,
+        },
+    ),
+    (
+        "forward.webhook",
+        "WebhookForwardOptions",
+        {"url": "https://h.example/x", "hmac_secret": SECRET, "bearer_token": SECRET},
+    ),
+    (
+        "forward.nats",
+        "NatsForwardOptions",
+        {"url": f"nats://u:{SECRET}@127.0.0.1:4222", "subject": "s"},
+    ),
+    (
+        "forward.rabbitmq",
+        "RabbitmqForwardOptions",
+        {"url": f"amqp://u:{SECRET}@127.0.0.1/", "routing_key": "k"},
+    ),
+    (
+        "forward.redis",
+        "RedisForwardOptions",
+        {"url": f"redis://:{SECRET}@127.0.0.1:6379/0", "stream": "s"},
+    ),
+    (
+        "store.postgres",
+        "PostgresStoreOptions",
+        {"dsn": f"postgresql://u:{SECRET}@127.0.0.1/db"},
+    ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("module", "cls", "table"), SECRET_MODELS,
-    ids=[f"{m}:{next(k for k in t if k not in ('host', 'username', 'auth'))}"
-         for m, _, t in SECRET_MODELS],
+    ("module", "cls", "table"),
+    SECRET_MODELS,
+    ids=[
+        f"{m}:{next(k for k in t if k not in ('host', 'username', 'auth'))}"
+        for m, _, t in SECRET_MODELS
+    ],
 )
 def test_secret_options_never_render_the_value(
     module: str, cls: str, table: dict[str, Any]
 ) -> None:
     model = _options(module, cls).model_validate(table, context={"base_dir": "/"})
     renderings = [
-        repr(model), str(model), str(model.model_dump()),
-        str(model.model_dump(mode="json")), model.model_dump_json(),
+        repr(model),
+        str(model),
+        str(model.model_dump()),
+        str(model.model_dump(mode="json")),
+        model.model_dump_json(),
         json.dumps(type(model).model_json_schema()),
     ]
     for text in renderings:
@@ -161,10 +192,15 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def _mailpipe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _mailpipe(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mailpipe", "--log-format", "json", *args],
-        capture_output=True, text=True, timeout=90, env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=env,
     )
 
 
@@ -239,8 +275,14 @@ def test_journal_dsn_may_come_from_a_secret_table(tmp_path: Path) -> None:
         # the journal URL with a wrong type next to it
         f'[state]\npath = "postgresql://u:{SECRET}@h/db"\nextra = 1\n',
     ],
-    ids=["duplicate-names", "table-not-array", "pipeline-name", "cross-field",
-         "postgres-dsn", "state-url"],
+    ids=[
+        "duplicate-names",
+        "table-not-array",
+        "pipeline-name",
+        "cross-field",
+        "postgres-dsn",
+        "state-url",
+    ],
 )
 def test_config_error_never_shows_a_secret(tmp_path: Path, text: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -283,7 +325,8 @@ def test_every_client_context_verifies_by_default(tmp_path: Path) -> None:
 
 
 def test_rediss_urls_verify_certificate_and_host_name() -> None:
-    redis = pytest.importorskip("redis.asyncio")
+    import redis.asyncio as redis  # in the test extra: a missing one must fail
+
     client = redis.from_url("rediss://127.0.0.1:6380/0")
     kwargs = client.connection_pool.connection_kwargs
     assert kwargs.get("ssl_cert_reqs", "required") == "required"
@@ -308,8 +351,13 @@ async def test_default_pop3_config_rejects_an_untrusted_certificate() -> None:
 
     async with Pop3Server([b"Subject: x\r\n\r\nbody\r\n"], tls="implicit") as srv:
         opts = Pop3Options.model_validate(
-            {"host": "localhost", "port": srv.port, "username": "user",
-             "password": "pass", "tls_timeout": 5}
+            {
+                "host": "localhost",
+                "port": srv.port,
+                "username": "user",
+                "password": "pass",
+                "tls_timeout": 5,
+            }
         )
         with pytest.raises(SourceConnectionError, match="not trusted"):
             async with asyncio.timeout(30), Pop3Source(opts).session():
@@ -321,10 +369,25 @@ async def test_default_pop3_config_rejects_an_untrusted_certificate() -> None:
 
 
 HOSTILE_NAMES = [
-    "../../../etc/passwd", "/etc/passwd", "..\\..\\boot.ini", "C:\\Windows\\x.dll",
-    "a\x00b.txt", "evil\x00/../../x", "..", ".", "", " . ", "CON", "nul.txt",
-    "COM1.tar.gz", "lpt9", "x" * 1000 + ".pdf", "é" * 300 + ".txt",
-    "report.pdf" + "\u202e" + "exe.txt", "a:b|c?.txt", "x." + "y" * 100,
+    "../../../etc/passwd",
+    "/etc/passwd",
+    "..\\..\\boot.ini",
+    "C:\\Windows\\x.dll",
+    "a\x00b.txt",
+    "evil\x00/../../x",
+    "..",
+    ".",
+    "",
+    " . ",
+    "CON",
+    "nul.txt",
+    "COM1.tar.gz",
+    "lpt9",
+    "x" * 1000 + ".pdf",
+    "é" * 300 + ".txt",
+    "report.pdf" + "\u202e" + "exe.txt",
+    "a:b|c?.txt",
+    "x." + "y" * 100,
 ]
 
 
@@ -353,8 +416,9 @@ def _message_with_attachment(filename: str) -> Message:
     return Message(ref=ref, data=raw)
 
 
-@pytest.mark.parametrize("filename", ["../../escaped.txt", "/tmp/abs.txt", "..",
-                                      "sub/../../x.txt"])
+@pytest.mark.parametrize(
+    "filename", ["../../escaped.txt", "/tmp/abs.txt", "..", "sub/../../x.txt"]
+)
 def test_attachment_store_never_writes_outside_its_dir(
     tmp_path: Path, filename: str
 ) -> None:
@@ -385,8 +449,9 @@ def test_quarantine_keeps_dot_mailbox_names_inside(tmp_path: Path) -> None:
     q = Quarantine(tmp_path / "q")
     for mailbox in ("..", ".", "../..", "/etc"):
         raw = b"Subject: x\r\n\r\nbody\r\n"
-        msg = Message(ref=MessageRef(mailbox=mailbox, number=1, uid="u",
-                                     size=len(raw)), data=raw)
+        msg = Message(
+            ref=MessageRef(mailbox=mailbox, number=1, uid="u", size=len(raw)), data=raw
+        )
         eml = q.put(msg, reason="test")
         assert (tmp_path / "q") in eml.resolve().parents
     assert not list(tmp_path.glob("*.eml"))
@@ -395,8 +460,9 @@ def test_quarantine_keeps_dot_mailbox_names_inside(tmp_path: Path) -> None:
 def test_quarantine_does_not_write_through_a_planted_symlink(tmp_path: Path) -> None:
     q = Quarantine(tmp_path / "q")
     raw = b"Subject: x\r\n\r\nbody\r\n"
-    msg = Message(ref=MessageRef(mailbox="mb", number=1, uid="u", size=len(raw)),
-                  data=raw)
+    msg = Message(
+        ref=MessageRef(mailbox="mb", number=1, uid="u", size=len(raw)), data=raw
+    )
     victim = tmp_path / "victim"
     victim.write_text("keep me")
     folder = tmp_path / "q" / "mb"
@@ -501,15 +567,27 @@ def test_scheduler_backs_off_on_failures_and_never_spins() -> None:
 
     sched = SchedulerConfig()
     rng = random.Random(7)
-    for error in (SourceConnectionError("x"), SourceTimeoutError("x"),
-                  RemoteProtocolError("garbage"), RuntimeError("boom")):
+    for error in (
+        SourceConnectionError("x"),
+        SourceTimeoutError("x"),
+        RemoteProtocolError("garbage"),
+        RuntimeError("boom"),
+    ):
         delays = [
             next_delay(sched, interval=60, jitter=0.1, failures=n, error=error, rng=rng)
             for n in range(1, 15)
         ]
         assert all(d >= 0.8 * sched.backoff_initial for d in delays)
-        assert delays[-1] >= 0.8 * sched.backoff_max and max(delays) <= sched.backoff_max
+        assert (
+            delays[-1] >= 0.8 * sched.backoff_max and max(delays) <= sched.backoff_max
+        )
         assert delays[4] > delays[0]  # it grows
-    auth = next_delay(sched, interval=60, jitter=0.1, failures=1,
-                      error=AuthenticationError("no"), rng=rng)
+    auth = next_delay(
+        sched,
+        interval=60,
+        jitter=0.1,
+        failures=1,
+        error=AuthenticationError("no"),
+        rng=rng,
+    )
     assert auth == sched.backoff_auth

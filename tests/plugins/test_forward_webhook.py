@@ -16,6 +16,7 @@ from mailpipe.plugins.forward.webhook import (
     WebhookForwardProcessor,
     sign,
 )
+from mailpipe.plugins.parse.parser import parse_message
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
@@ -48,11 +49,17 @@ RAW = (
 )
 
 
-def make(tmp_path: Path, url: str, *, dry_run: bool = False, **opts: Any) -> WebhookForwardProcessor:
+def make(
+    tmp_path: Path, url: str, *, dry_run: bool = False, **opts: Any
+) -> WebhookForwardProcessor:
     table: dict[str, Any] = {"url": url, "timeout": "10s", "backoff": "1ms"}
     table.update(opts)
-    options = WebhookForwardOptions.model_validate(table, context={"base_dir": tmp_path})
-    return WebhookForwardProcessor(options, ProcessorContext(base_dir=tmp_path, dry_run=dry_run))
+    options = WebhookForwardOptions.model_validate(
+        table, context={"base_dir": tmp_path}
+    )
+    return WebhookForwardProcessor(
+        options, ProcessorContext(base_dir=tmp_path, dry_run=dry_run)
+    )
 
 
 def message(raw: bytes = RAW, uid: str = "UID-7") -> Message:
@@ -63,9 +70,8 @@ def message(raw: bytes = RAW, uid: str = "UID-7") -> Message:
 
 def parsed(raw: bytes = RAW) -> Message:
     """A message with a real record and attachment payloads from the parse plugin."""
-    parser = pytest.importorskip("mailpipe.plugins.parse.parser")
     msg = message(raw)
-    record, payloads = parser.parse_message(
+    record, payloads = parse_message(
         raw, key=msg.key, mailbox=msg.ref.mailbox, uid=msg.ref.uid
     )
     msg.record = record
@@ -97,10 +103,16 @@ async def test_webhook_posts_json_with_idempotency_key(tmp_path: Path) -> None:
     assert req.headers["content-type"] == "application/json"
     assert req.headers["idempotency-key"] == msg.key
     assert req.headers["x-tenant"] == "acme"
-    assert "authorization" not in req.headers and "x-mailpipe-signature" not in req.headers
+    assert (
+        "authorization" not in req.headers and "x-mailpipe-signature" not in req.headers
+    )
     assert req.json() == {
-        "key": msg.key, "mailbox": "support", "uid": "UID-7",
-        "tags": ["ticket", "urgent"], "record": None, "raw": None,
+        "key": msg.key,
+        "mailbox": "support",
+        "uid": "UID-7",
+        "tags": ["ticket", "urgent"],
+        "record": None,
+        "raw": None,
     }
 
 
@@ -192,7 +204,9 @@ async def test_webhook_secrets_never_in_logs_or_errors(
     monkeypatch.setenv("HOOK_TOKEN", TOKEN)
     with HttpSink([401]) as sink:
         proc = make(
-            tmp_path, sink.url, hmac_secret=HMAC_SECRET,
+            tmp_path,
+            sink.url,
+            hmac_secret=HMAC_SECRET,
             bearer_token={"env": "HOOK_TOKEN"},
         )
         with capture_logs() as logs, pytest.raises(PermanentFailure) as info:
