@@ -42,7 +42,7 @@ from mailpipe.errors import (
     SourcePermanentError,
 )
 from mailpipe.journal.base import Entry, Journal, Status
-from mailpipe.message import Message, MessageRef, message_key
+from mailpipe.message import Message, MessageRef
 from mailpipe.plugin_manager import Hooks
 from mailpipe.processor import Decision, Disposition, ProcessorContext
 from mailpipe.quarantine import Quarantine
@@ -221,9 +221,6 @@ class MailboxRunner:
         if "mailbox" in params:
             return cls(self.spec.source_options, ctx, mailbox=self.name)
         return cls(self.spec.source_options, ctx)
-
-    async def _to_thread(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        return fn(*args, **kw)
 
     # --- the poll ----------------------------------------------------------------
 
@@ -906,8 +903,3 @@ def _aware(dt: datetime) -> datetime:
 def _unspool(msg: Message) -> None:
     if msg.spool_path is not None:
         Path(msg.spool_path).unlink(missing_ok=True)
-
-
-def key_for(mailbox: str, uid: str) -> str:
-    """Return the message key of (mailbox, uid) (re-exported for the CLI)."""
-    return message_key(mailbox, uid)
