@@ -129,6 +129,8 @@ def syncfs(path: Path) -> None:
 
 
 def worker_mailpipe(a: argparse.Namespace) -> None:
+    """mailpipe's POP3 client delivering through mailpipe's own ``store.maildir`` (each
+    file fsynced before its rename into new/, as mpop does; new/ fsynced before DELE)."""
     import asyncio
     import logging
 
@@ -136,6 +138,9 @@ def worker_mailpipe(a: argparse.Namespace) -> None:
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     from mailpipe.plugins.pop3.source import Pop3Options, Pop3Source
+    from mailpipe.plugins.store.maildir import MaildirOptions, MaildirStore
+
+    from mailpipe.processor import ProcessorContext
 
     out = Path(a.out)
     opts = Pop3Options.model_validate({
@@ -143,26 +148,22 @@ def worker_mailpipe(a: argparse.Namespace) -> None:
         "password": a.password, "allow_plaintext_password": True,
         "pipelining": a.pipelining, "read_timeout": 120,
     })
+    store = MaildirStore(MaildirOptions(path=out), ProcessorContext(base_dir=out))
+    store.open()
 
     async def run() -> None:
         async with Pop3Source(opts, mailbox="bench").session() as s:
             refs = await s.list()
-            stamp = int(time.time())
             async for m in s.retrieve(refs, spool_dir=out / "tmp", spool_threshold=1 << 20):
-                name = f"{stamp}.{m.ref.number}.mailpipe"
+                store.process(m)
                 if m.spool_path is not None:
-                    os.rename(m.spool_path, out / "new" / name)
-                else:
-                    tmp = out / "tmp" / name
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    os.write(fd, m.data or b"")
-                    os.close(fd)
-                    os.rename(tmp, out / "new" / name)
-            syncfs(out)  # durable before QUIT commits the deletions
+                    m.spool_path.unlink()
+            store.flush()  # every file durable before DELE/QUIT commit the deletions
             await s.mark_deleted(refs)
             await s.commit()
 
     asyncio.run(run())
+    store.close()
 
 
 def worker_poplib(a: argparse.Namespace) -> None:

@@ -3,6 +3,7 @@
 Public API: :data:`hookimpl` for plugins, the message and processor types, and errors.
 """
 
+from mailpipe import _imports  # noqa: F401  (first: see its docstring)
 from mailpipe._version import __version__
 from mailpipe.errors import (
     AuthenticationError,

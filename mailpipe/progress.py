@@ -1,18 +1,24 @@
-"""Progress bars per mailbox and the end-of-run summary table (rich)."""
+"""Progress bars per mailbox and the end-of-run summary table (rich).
+
+rich is imported only when a bar or the table is drawn: a daemon or a piped
+``run --once`` does not pay for it at start-up.
+"""
 
 from __future__ import annotations
 
 import sys
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
-from rich.table import Table
-
-from mailpipe.engine import Summary
 from mailpipe.secrets import redact
 
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
+    from mailpipe.engine import Summary
+
+TITLE = "mailpipe run summary"
 COLUMNS = (
     "listed",
     "retrieved",
@@ -31,13 +37,29 @@ class ProgressView:
     """A progress bar per mailbox (when enabled) and a summary table."""
 
     def __init__(self, *, enabled: bool, console: Console | None = None) -> None:
-        self.console = console or Console(file=sys.stderr)
+        self._console = console
         self.enabled = enabled
         self._progress: Progress | None = None
         self._tasks: dict[str, TaskID] = {}
 
+    @property
+    def console(self) -> Console:
+        """The console bars are drawn on (stderr unless one was given)."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(file=sys.stderr)
+        return self._console
+
     def __enter__(self) -> ProgressView:
         if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+            )
+
             self._progress = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
@@ -67,12 +89,36 @@ class ProgressView:
         self._progress.update(task, completed=done, total=max(total, done))
 
     def table(self, summaries: list[Summary], console: Any = None) -> None:
-        """Print one row per poll summary, plus the error of failed mailboxes."""
+        """Print one row per poll summary, plus the error of failed mailboxes.
+
+        A rich table on a terminal (or on ``console``); plain aligned text otherwise,
+        so a piped or scheduled run does not import rich just to print it.
+        """
+        head = ["mailbox", *COLUMNS, "status"]
+        rows = [
+            [
+                s.mailbox,
+                *(str(getattr(s, c)) for c in COLUMNS),
+                "ok" if not s.error else f"FAILED: {redact(s.error)}",
+            ]
+            for s in summaries
+        ]
+        if console is None and not sys.stdout.isatty():
+            widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+            lines = [TITLE] + [
+                "  ".join(
+                    cell.ljust(w) for cell, w in zip(r, widths, strict=True)
+                ).rstrip()
+                for r in [head, *rows]
+            ]
+            sys.stdout.write("\n".join(lines) + "\n")
+            sys.stdout.flush()
+            return
+        from rich.console import Console
+        from rich.table import Table
+
         out = console or Console(file=sys.stdout, width=160)
-        table = Table("mailbox", *COLUMNS, "status", title="mailpipe run summary")
-        for s in summaries:
-            row = [str(getattr(s, c)) for c in COLUMNS]
-            table.add_row(
-                s.mailbox, *row, "ok" if not s.error else f"FAILED: {redact(s.error)}"
-            )
+        table = Table(*head, title=TITLE)
+        for row in rows:
+            table.add_row(*row)
         out.print(table)

@@ -107,12 +107,31 @@ def render(registry: Registry) -> str:
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
-def main() -> None:
-    """Print the reference for the built-in plugins."""
+def splice(text: str, reference: str) -> str:
+    """Return ``text`` with what lies between :data:`START` and :data:`END` replaced."""
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n\n{reference.strip()}\n\n{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the reference for the built-in plugins, or with ``--write FILE`` splice it
+    into FILE between the reference markers (``--write README.md``)."""
+    import sys
+    from pathlib import Path
+
     from mailpipe.plugin_manager import load
 
+    args = sys.argv[1:] if argv is None else argv
     _, registry = load(entry_points=False)
-    print(render(registry), end="")
+    reference = render(registry)
+    if args[:1] == ["--write"] and len(args) == 2:
+        path = Path(args[1])
+        path.write_text(splice(path.read_text(), reference))
+    elif args:
+        sys.exit("usage: python -m mailpipe.reference [--write README.md]")
+    else:
+        print(reference, end="")
 
 
 if __name__ == "__main__":

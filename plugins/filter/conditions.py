@@ -39,7 +39,7 @@ class TextMatch(BaseModel):
     All comparisons ignore case (``regex`` too: ``(?-i:...)`` makes a group strict).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     equals: StrList | None = Field(default=None, description="Whole value equals.")
     contains: StrList | None = Field(default=None, description="Value contains.")
@@ -109,7 +109,7 @@ Glob = Annotated[TextMatch, BeforeValidator(_shorthand("glob"))]
 class HeaderTest(BaseModel):
     """A test on one header field (any of its occurrences), decoded (RFC 2047)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     name: str = Field(description="Header field name, any case.", min_length=1)
     exists: bool | None = Field(
@@ -174,7 +174,7 @@ Domains = Annotated[list[str], BeforeValidator(_domains)]
 class Range(BaseModel):
     """Numeric bounds; every bound given must hold."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     gt: float | None = Field(default=None, description="Greater than.")
     ge: float | None = Field(default=None, description="Greater than or equal.")
@@ -286,7 +286,7 @@ class Condition(BaseModel):
     Combine with ``all``/``any`` (lists of tables) and ``not`` (a table).
     """
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", defer_build=True, populate_by_name=True)
 
     all: list[Condition] | None = Field(default=None, description="Every one holds.")
     any: list[Condition] | None = Field(default=None, description="At least one holds.")

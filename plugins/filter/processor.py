@@ -29,7 +29,7 @@ _DISPOSITIONS = {
 class FilterOptions(BaseModel):
     """Options of the `filter` processor: an ordered list of rules."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     rules: list[Rule] = Field(
         default_factory=list,

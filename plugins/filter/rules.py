@@ -26,7 +26,7 @@ def _as_list(value: Any) -> Any:
 class TagAction(BaseModel):
     """Add labels that later processors and stores see, then evaluate the next rule."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     tag: Annotated[list[str], BeforeValidator(_as_list)] = Field(
         min_length=1, description="Tags to add."
@@ -36,7 +36,7 @@ class TagAction(BaseModel):
 class RouteAction(BaseModel):
     """Continue in the named pipeline instead of the rest of this one."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     route: str = Field(min_length=1, description="Name of a [pipelines.NAME] table.")
 
@@ -47,7 +47,7 @@ Action = Verb | TagAction | RouteAction
 class Rule(BaseModel):
     """One rule: ``when`` (a condition table) and ``then`` (what to do on a match)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     name: str = Field(
         default="", description='Rule name for logs and reasons; default "rules[i]".'

@@ -18,7 +18,7 @@ KEY_HEADER = "X-Mailpipe-Key"
 class BrokerOptions(BaseModel):
     """Options every broker forwarder has."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     include_raw: bool = Field(
         default=False, description="Add the raw message, base64-encoded, as 'raw'."

@@ -30,7 +30,7 @@ _CHUNK = 1 << 16
 class CommandForwardOptions(BaseModel):
     """Options of ``forward.command``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     command: list[str] = Field(
         min_length=1,

@@ -42,7 +42,7 @@ def _check_address(value: str) -> str:
 class SmtpForwardOptions(BaseModel):
     """Options of ``forward.smtp``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     host: str = Field(description="SMTP relay host name or address.")
     port: int | None = Field(

@@ -45,7 +45,7 @@ _RESERVED = frozenset(
 class WebhookForwardOptions(BaseModel):
     """Options of ``forward.webhook``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     url: str = Field(description="Endpoint URL (http or https).")
     method: Literal["POST", "PUT", "PATCH"] = Field(

@@ -25,7 +25,7 @@ PAYLOADS_KEY = "attachment_payloads"
 class ParseOptions(BaseModel):
     """Options of the `parse` processor (none yet: it always does all its work)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 def parse_into(message: Message) -> MessageRecord:

@@ -41,7 +41,7 @@ log = structlog.get_logger()
 class Pop3Options(BaseModel):
     """Options of a ``source = "pop3"`` mailbox (the mailbox table's other keys)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     host: str = Field(description="POP3 server host name; also the TLS name verified.")
     port: int | None = Field(

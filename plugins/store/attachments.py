@@ -152,7 +152,7 @@ def _parsed(message: Message) -> list[Part]:
 class AttachmentsOptions(BaseModel):
     """Options of ``store.attachments``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     dir: Path = Field(description="Folder of the blobs, manifests and named copies.")
     extract_names: bool = Field(

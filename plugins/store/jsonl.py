@@ -168,7 +168,7 @@ def _end_of_last_line(fd: int, size: int) -> int:
 class JsonlOptions(BaseModel):
     """Options of ``store.jsonl``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     path: Path = Field(
         description="The active JSONL file; rotated files sit beside it as "

@@ -13,7 +13,9 @@ import os
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar
 
@@ -51,7 +53,7 @@ def key_of(name: str) -> str | None:
 class MaildirOptions(BaseModel):
     """Options of ``store.maildir``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     path: Path = Field(description="The Maildir root (holds cur/, new/ and tmp/).")
     folder: str | None = Field(
@@ -66,8 +68,11 @@ class MaildirOptions(BaseModel):
     )
     group_commit: bool = Field(
         default=True,
-        description="fsync new/ once per group (at flush, before any DELE) instead of "
-        "after every message; each file is still fsynced before its rename.",
+        description="Make a group durable at flush (before any DELE) instead of "
+        "before each process() returns: messages held in memory are written by a "
+        "background threads (each file still fsynced before its rename into new/) and "
+        "new/ is fsynced once per group; flush waits for every write and fails the "
+        "group if one failed.",
     )
 
     @field_validator("folder")
@@ -76,11 +81,18 @@ class MaildirOptions(BaseModel):
         if value is None:
             return None
         if (
-            not value or "/" in value or "\\" in value or "\0" in value
-            or value.startswith(".") or value.endswith(".") or ".." in value
+            not value
+            or "/" in value
+            or "\\" in value
+            or "\0" in value
+            or value.startswith(".")
+            or value.endswith(".")
+            or ".." in value
         ):
-            raise ValueError("a folder name must be non-empty, without slashes or "
-                             "leading, trailing or double dots")
+            raise ValueError(
+                "a folder name must be non-empty, without slashes or "
+                "leading, trailing or double dots"
+            )
         return value
 
 
@@ -116,6 +128,14 @@ class MaildirStore:
         self._keys: set[str] | None = None
         self._lock = threading.Lock()
         self._unsynced = False  # renamed into new/ since the last directory fsync
+        # Write-behind (group_commit): (key, write) in submission order, the octets
+        # they hold, and keys whose background write failed (written inline next time,
+        # so a persistent error reaches its own message and counts an attempt).
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: deque[tuple[str, int, Future[int]]] = deque()
+        self._held = 0
+        self._inline: set[str] = set()
+        self._failure: Exception | None = None  # first failed write, until flush()
 
     def open(self) -> None:
         """Create the Maildir if needed, list stored keys and clean stale tmp files."""
@@ -128,8 +148,15 @@ class MaildirStore:
                 raise classify_os_error(exc, f"{self.name} {self.path}") from exc
 
     def close(self) -> None:
-        """Forget the key index (the next open lists the Maildir again)."""
+        """Wait for background writes, then forget the key index (the next open lists
+        the Maildir again). Writes not yet flushed are not durable: their messages
+        stay on the server."""
         with self._lock:
+            self._settle(0, 0)
+            self._failure = None
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
             self._keys = None
 
     def _prepare(self) -> set[str]:
@@ -179,8 +206,17 @@ class MaildirStore:
                 raise classify_os_error(exc, f"{self.name} {self.path}") from exc
 
     def flush(self) -> None:
-        """Make the renames into ``new/`` durable (one directory fsync per group)."""
+        """Wait for every background write, then make the renames into ``new/``
+        durable (one directory fsync per group).
+
+        Raises the first write error (classified) when a write failed: the engine then
+        deletes nothing of the group, and the failed keys are written inline next time.
+        """
         with self._lock:
+            self._settle(0, 0)
+            if self._failure is not None:
+                failure, self._failure = self._failure, None
+                raise failure
             if not self._unsynced:
                 return
             try:
@@ -189,23 +225,79 @@ class MaildirStore:
                 raise classify_os_error(exc, f"{self.name} {self.path}") from exc
             self._unsynced = False
 
+    #: Write-behind bounds: process() waits for the oldest write beyond these.
+    MAX_WRITES: ClassVar[int] = 256
+    MAX_HELD: ClassVar[int] = 32 << 20
+    #: Writer threads: file creation and fsync wait in the kernel, and several
+    #: writers overlap those waits (names are taken in arrival order at submit).
+    WRITERS: ClassVar[int] = 4
+
+    def _settle(self, writes: int, held: int) -> None:
+        """Wait for the oldest writes until at most ``writes`` writes holding ``held``
+        octets are in flight; a failure forgets its key and is kept for flush()."""
+        while self._writes and (len(self._writes) > writes or self._held > held):
+            key, octets, fut = self._writes.popleft()
+            self._held -= octets
+            try:
+                fut.result()
+            except Exception as exc:
+                if self._keys is not None:
+                    self._keys.discard(key)
+                self._inline.add(key)
+                log.warning(
+                    "maildir_write_failed",
+                    store=self.name,
+                    key=key,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                if self._failure is None:
+                    self._failure = (
+                        classify_os_error(exc, f"{self.name} {self.path}")
+                        if isinstance(exc, OSError)
+                        else exc
+                    )
+
     def _deliver(self, message: Message, key: str) -> None:
         keys = self._prepare()
         if key in keys:
             log.info("store_already_committed", store=self.name, key=key)
             return
         name = file_name(key, message.size)
+        if (
+            self.options.group_commit
+            and message.data is not None
+            and key not in self._inline
+        ):
+            self._submit(key, name, message.data)
+        else:
+            size = self._write(name, _chunks(message))
+            self._inline.discard(key)
+            if not self.options.group_commit:
+                fsync_dir(self.path / "new")
+            log.debug("message_stored", store=self.name, key=key, octets=size)
+        if self.options.group_commit:
+            self._unsynced = True  # durable at flush(), which precedes any DELE
+        keys.add(key)
+
+    def _write(self, name: str, chunks: Iterator[bytes] | list[bytes]) -> int:
         tmp, final = self.path / "tmp" / name, self.path / "new" / name
-        size = write_fsync(tmp, _chunks(message))
+        size = write_fsync(tmp, chunks)
         # Maildir: the file appears in new/ only once complete and fsynced; the name
         # is unique (time, pid), so a rename cannot replace another message.
         os.rename(tmp, final)
-        if self.options.group_commit:
-            self._unsynced = True  # durable at flush(), which precedes any DELE
-        else:
-            fsync_dir(final.parent)
-        keys.add(key)
-        log.debug("message_stored", store=self.name, key=key, octets=size)
+        return size
+
+    def _submit(self, key: str, name: str, data: bytes) -> None:
+        """Hand one in-memory message to the writer threads (bounded; see MAX_*)."""
+        self._settle(self.MAX_WRITES - 1, self.MAX_HELD - len(data))
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(
+                self.WRITERS, thread_name_prefix="maildir-writer"
+            )
+        self._writes.append(
+            (key, len(data), self._writer.submit(self._write, name, [data]))
+        )
+        self._held += len(data)
 
 
 PROCESSORS = [MaildirStore]

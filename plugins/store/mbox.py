@@ -157,7 +157,7 @@ def _separator(tail: bytes) -> bytes:
 class MboxOptions(BaseModel):
     """Options of ``store.mbox``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     path: Path = Field(description="The mbox file (mboxrd); created when missing.")
     lock_timeout: Duration = Field(

@@ -127,7 +127,7 @@ def _first_address(doc: dict[str, Any]) -> str | None:
 class PostgresStoreOptions(BaseModel):
     """Options of ``store.postgres``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     dsn: Secret = Field(
         description="libpq connection string or postgresql:// URL; may be a secret "

@@ -256,7 +256,7 @@ def _json(value: Any) -> str:
 class SqliteOptions(BaseModel):
     """Options of ``store.sqlite``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     path: Path = Field(description="SQLite database file; created with its schema.")
     raw: Literal["inline", "none"] = Field(

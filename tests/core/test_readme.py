@@ -26,8 +26,15 @@ def test_reference_matches_the_models() -> None:
     _, registry = load(entry_points=False)
     inside = README.split(START, 1)[1].split(END, 1)[0]
     assert inside.strip() == render(registry).strip(), (
-        "README reference is stale: regenerate with `python -m mailpipe.reference`"
+        "README reference is stale: regenerate with `python -m mailpipe.reference --write README.md`"
     )
+
+
+def test_reference_splice_replaces_only_the_marked_part() -> None:
+    from mailpipe.reference import splice
+
+    text = f"intro\n{START}\nold\n{END}\noutro\n"
+    assert splice(text, "new table\n") == f"intro\n{START}\n\nnew table\n\n{END}\noutro\n"
 
 
 def _commands() -> list[list[str]]:

@@ -31,13 +31,20 @@ def store(tmp_path: Path, *, dry_run: bool = False, **options: object) -> Maildi
     return s
 
 
+def deliver(s: MaildirStore, m: Message) -> None:
+    """process() then flush(): with group_commit (the default) the file is written by
+    a background thread and is only promised at flush()."""
+    s.process(m)
+    s.flush()
+
+
 def listing(folder: Path) -> dict[str, list[str]]:
     return {sub: sorted(os.listdir(folder / sub)) for sub in ("cur", "new", "tmp")}
 
 
 def test_delivers_into_new_with_exact_bytes(tmp_path: Path) -> None:
     m = Message.from_bytes(RAW, mailbox="support", uid="1")
-    store(tmp_path).process(m)
+    deliver(store(tmp_path), m)
     md = tmp_path / "Maildir"
     (name,) = os.listdir(md / "new")
     assert key_of(name) == m.key and name.endswith(f".mailpipe,S={len(RAW)}")
@@ -50,11 +57,11 @@ def test_delivers_into_new_with_exact_bytes(tmp_path: Path) -> None:
 def test_rerun_writes_nothing_twice(tmp_path: Path) -> None:
     m = Message.from_bytes(RAW, mailbox="support", uid="1")
     s = store(tmp_path)
-    s.process(m)
+    deliver(s, m)
     (path,) = (tmp_path / "Maildir" / "new").iterdir()
     before = path.stat()
-    s.process(m)
-    store(tmp_path).process(m)  # a new process after a crash
+    deliver(s, m)
+    deliver(store(tmp_path), m)  # a new process after a crash
     after = path.stat()
     assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
     assert listing(tmp_path / "Maildir")["new"] == [path.name]
@@ -64,11 +71,11 @@ def test_a_message_moved_to_cur_by_a_reader_is_not_delivered_again(
     tmp_path: Path,
 ) -> None:
     m = Message.from_bytes(RAW, mailbox="support", uid="1")
-    store(tmp_path).process(m)
+    deliver(store(tmp_path), m)
     md = tmp_path / "Maildir"
     (name,) = os.listdir(md / "new")
     os.rename(md / "new" / name, md / "cur" / f"{name}:2,S")
-    store(tmp_path).process(m)
+    deliver(store(tmp_path), m)
     assert listing(md) == {"cur": [f"{name}:2,S"], "new": [], "tmp": []}
 
 
@@ -82,7 +89,7 @@ def test_a_tmp_file_left_by_a_crash_is_ignored_then_cleaned(tmp_path: Path) -> N
     foreign = md / "tmp" / "1700000000.M1P2.otherhost"
     foreign.write_bytes(b"another agent's delivery")
 
-    store(tmp_path).process(m)  # fresh: the leftover is not taken for a delivery
+    deliver(store(tmp_path), m)  # fresh: the leftover is not taken for a delivery
     (delivered,) = (md / "new").iterdir()
     assert delivered.name != torn.name and delivered.read_bytes() == RAW
     assert sorted(os.listdir(md / "tmp")) == sorted([torn.name, foreign.name])
@@ -96,7 +103,7 @@ def test_a_tmp_file_left_by_a_crash_is_ignored_then_cleaned(tmp_path: Path) -> N
 
 def test_folder_is_a_maildir_plus_plus_subfolder(tmp_path: Path) -> None:
     m = Message.from_bytes(RAW, mailbox="support", uid="1")
-    store(tmp_path, folder="Archive.2025").process(m)
+    deliver(store(tmp_path, folder="Archive.2025"), m)
     sub = tmp_path / "Maildir" / ".Archive.2025"
     assert (sub / "maildirfolder").exists()
     assert [key_of(n) for n in listing(sub)["new"]] == [m.key]
@@ -121,6 +128,7 @@ def test_names_follow_arrival_order(tmp_path: Path) -> None:
     ms = [Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)) for i in range(20)]
     for m in ms:
         s.process(m)
+    s.flush()
     box = mailbox.Maildir(tmp_path / "Maildir", create=False)
     # Maildir unique names start "<sec>.M<usec>": the order Dovecot numbers them in.
     names = sorted(
@@ -156,3 +164,78 @@ def test_new_dir_is_fsynced_per_group_or_per_message(
     s.flush()  # nothing new: no second fsync
     assert synced.count("new") == (1 if group_commit else 3)
     assert len(listing(tmp_path / "Maildir")["new"]) == 3
+
+
+def test_a_failed_background_write_fails_flush_then_reaches_its_own_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import mailpipe.plugins.store.maildir as maildir_module
+
+    from mailpipe import PermanentFailure
+
+    bad = Message.from_bytes(RAW + b"bad\r\n", uid="bad")
+    good = Message.from_bytes(RAW, uid="good")
+    real = maildir_module.write_fsync
+    broken = [True]
+
+    def write_fsync(path: Path, chunks: object, **kw: object) -> int:
+        data = b"".join(chunks)  # type: ignore[call-overload]
+        if broken[0] and data == bad.raw:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(path, [data])
+
+    monkeypatch.setattr(maildir_module, "write_fsync", write_fsync)
+    s = store(tmp_path)
+    s.process(good)
+    s.process(bad)  # handed to the writer thread: no error yet
+    with pytest.raises(PermanentFailure, match="Invalid argument"):
+        s.flush()  # the group is not durable: the engine deletes none of it
+    md = tmp_path / "Maildir"
+    assert [key_of(n) for n in listing(md)["new"]] == [good.key]
+    s.flush()  # reported once
+    # Next poll: the key whose write failed is written inline, so the error is
+    # attributed to that message (an attempt, then quarantine) and not to the group.
+    with pytest.raises(PermanentFailure, match="Invalid argument"):
+        s.process(bad)
+    deliver(s, good)  # already stored: not written twice
+    broken[0] = False
+    deliver(s, bad)
+    assert sorted(key_of(n) for n in listing(md)["new"]) == sorted([good.key, bad.key])
+    assert listing(md)["tmp"] == []
+
+
+def test_background_writes_are_bounded_and_close_waits_for_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import mailpipe.plugins.store.maildir as maildir_module
+
+    real = maildir_module.write_fsync
+    release = threading.Event()
+    calls: list[int] = []
+
+    def slow_write_fsync(path: Path, chunks: object, **kw: object) -> int:
+        calls.append(1)
+        assert release.wait(10)
+        return real(path, chunks)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(maildir_module, "write_fsync", slow_write_fsync)
+    s = store(tmp_path)
+    s.MAX_WRITES = 2
+    ms = [Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)) for i in range(3)]
+    s.process(ms[0])
+    s.process(ms[1])
+    third = threading.Thread(target=s.process, args=(ms[2],))
+    third.start()
+    third.join(0.2)
+    assert third.is_alive()  # two writes in flight: the third process() waits
+    release.set()
+    third.join(10)
+    assert not third.is_alive()
+    s.close()  # waits for the writer; nothing left behind in tmp/
+    md = tmp_path / "Maildir"
+    assert sorted(key_of(n) for n in listing(md)["new"]) == sorted(m.key for m in ms)
+    assert listing(md)["tmp"] == []

@@ -25,6 +25,11 @@ def test_docs_example_passes(tmp_path: Path) -> None:
     (tmp_path / "conftest.py").write_text(
         'pytest_plugins = ["mailpipe.testing.pytest_plugin"]\n'
     )
+    # Like any project with pytest-asyncio installed: newer pytest turns its "loop
+    # scope unset" deprecation warning into an error under -W error.
+    (tmp_path / "pytest.ini").write_text(
+        "[pytest]\nasyncio_default_fixture_loop_scope = function\n"
+    )
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error"],
         cwd=tmp_path,
