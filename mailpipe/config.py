@@ -169,6 +169,12 @@ class MailboxConfig(BaseModel):
         description="'after_processing' (DELE then QUIT), 'never' (keep on server; "
         "process each UIDL once) or 'after_days:N'.",
     )
+    on_uidl_reset: Literal["stop", "ingest"] = Field(
+        "stop",
+        description="Keep modes only ('never', 'after_days:N'): when most listed uids "
+        "are new and most kept ones are gone (a UIDL reset is suspected), 'stop' fails "
+        "the poll and processes nothing; 'ingest' logs a warning and processes them.",
+    )
     max_message_size: ByteSize | None = Field(
         None, description="Messages larger than this (per LIST) are not downloaded."
     )

@@ -33,6 +33,7 @@ from typing import Any
 
 import structlog
 
+from mailpipe import uidl_reset
 from mailpipe.chain import Chain, ChainResult
 from mailpipe.config import Config, MailboxSpec
 from mailpipe.errors import (
@@ -211,6 +212,7 @@ class MailboxRunner:
         # them again (a failing message is retried once per poll, after back-off,
         # instead of in every window; "bad input never stops the pipeline").
         self._attempted: set[str] = set()
+        self._reset_checked = False  # C-60: the UIDL reset check runs once per poll
 
     def _make_source(self) -> Any:
         ctx = ProcessorContext(
@@ -230,6 +232,7 @@ class MailboxRunner:
         summary = Summary(mailbox=self.name)
         started = time.monotonic()
         self._attempted = set()
+        self._reset_checked = False
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         try:
             for _ in range(100_000):  # bounded: each window makes progress
@@ -324,6 +327,9 @@ class MailboxRunner:
             plan.process = list(refs)
             return plan
         entries = self.journal.get_many(self.name, [r.uid for r in refs])
+        if not self._reset_checked:  # C-60: before any journal write of this poll
+            self._reset_checked = True
+            uidl_reset.guard(self.name, self.cfg, refs, entries, self.journal, self.log)
         listed = {r.uid for r in refs}
         gone = [uid for uid in self.journal.owed(self.name) if uid not in listed]
         if gone:

@@ -81,6 +81,14 @@ class SourcePermanentError(SourceError):
         self.code = code
 
 
+class UidlResetSuspected(SourcePermanentError):
+    """Keep mode: most listed uids are new and most kept ones vanished (C-60).
+
+    The server probably renamed its uids; processing would run the kept mail again.
+    Nothing was processed; the message says how to adopt the mail or ingest it.
+    """
+
+
 class CommitError(SourceError):
     """QUIT did not confirm the deletions; the journal keeps them pending for next time."""
 

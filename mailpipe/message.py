@@ -39,6 +39,39 @@ def message_key(mailbox: str, uid: str) -> str:
     return hashlib.sha256(f"{mailbox}\0{uid}".encode()).hexdigest()[:32]
 
 
+def distinct_uids(refs: list[MessageRef]) -> tuple[list[MessageRef], int]:
+    """Give every listed message its own uid; return the refs and how many were renamed.
+
+    RFC 1939 §7 lets a server list one uid for several identical messages (Dovecot's
+    ``pop3_uidl_duplicates = allow``). The 2nd, 3rd... occurrence of a uid becomes
+    ``"<uid> #<n>"`` (n = 2, 3... in message-number order), so each message has its own
+    key and none is skipped as "already seen" (conformance T-23). A space cannot occur
+    in an RFC 1939 uid (0x21-0x7E), so the name cannot be another message's uid; a
+    non-conforming listing that holds it anyway gets the suffix repeated. Stable across
+    sessions as long as the server lists the copies in the same order. Empty uids (no
+    UIDL for that message) are left alone.
+    """
+    taken = {ref.uid for ref in refs}
+    count: dict[str, int] = {}
+    out: list[MessageRef] = []
+    renamed = 0
+    for ref in refs:
+        n = count[ref.uid] = count.get(ref.uid, 0) + 1
+        if n == 1 or not ref.uid:
+            out.append(ref)
+            continue
+        suffix = f" #{n}"
+        uid = ref.uid + suffix
+        while uid in taken:
+            uid += suffix
+        taken.add(uid)
+        out.append(
+            MessageRef(mailbox=ref.mailbox, number=ref.number, uid=uid, size=ref.size)
+        )
+        renamed += 1
+    return out, renamed
+
+
 @dataclass(eq=False, kw_only=True)
 class Message:
     """A retrieved message: its reference, the raw bytes (in memory or spooled), and what

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mailpipe import Message, MessageRef, message_key
+from mailpipe.message import distinct_uids
 
 CORPUS = Path(
     os.environ.get("MAILPIPE_CORPUS")
@@ -82,6 +83,33 @@ def test_key_is_the_same_for_ref_and_message_and_ignores_number_and_size() -> No
 def test_same_bytes_give_the_same_default_uid_and_key() -> None:
     assert Message.from_bytes(RAW).key == Message.from_bytes(bytes(RAW)).key
     assert Message.from_bytes(RAW).key != Message.from_bytes(RAW + b"x").key
+
+
+def _refs(*uids: str) -> list[MessageRef]:
+    return [
+        MessageRef(mailbox="box", number=n, uid=uid, size=10 * n)
+        for n, uid in enumerate(uids, 1)
+    ]
+
+
+def test_distinct_uids_suffixes_each_later_occurrence() -> None:
+    refs, renamed = distinct_uids(_refs("abc", "x", "abc", "", "", "abc"))
+    assert [r.uid for r in refs] == ["abc", "x", "abc #2", "", "", "abc #3"]
+    assert renamed == 2  # empty uids (no UIDL for them) are not duplicates
+    assert [(r.number, r.size) for r in refs] == [(n, 10 * n) for n in range(1, 7)]
+    assert len({r.key for r in refs if r.uid}) == 4
+
+
+def test_distinct_uids_never_takes_a_listed_uid() -> None:
+    # Only a non-conforming server lists a uid with a space; it still cannot collide.
+    refs, renamed = distinct_uids(_refs("abc", "abc #2", "abc"))
+    assert [r.uid for r in refs] == ["abc", "abc #2", "abc #2 #2"]
+    assert renamed == 1
+
+
+def test_distinct_uids_leaves_unique_listings_alone() -> None:
+    listed = _refs("a", "b", "c")
+    assert distinct_uids(listed) == (listed, 0)
 
 
 def test_message_ref_is_frozen() -> None:

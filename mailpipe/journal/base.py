@@ -71,6 +71,10 @@ class Journal(Protocol):
         """Return the uids whose DELE is still owed (``delete_due``)."""
         ...
 
+    def retained(self, mailbox: str) -> dict[str, int]:
+        """Return uid → size of every entry not DELETED (mail believed on the server)."""
+        ...
+
     def begin(self, mailbox: str, uid: str, *, key: str, size: int) -> Entry:
         """Insert a PENDING entry if absent (first_seen now); return the current entry."""
         ...

@@ -282,6 +282,20 @@ class PostgresJournal:
             )
         return [row[0] for row in rows]
 
+    def retained(self, mailbox: str) -> dict[str, int]:
+        """Return uid → size of every entry not DELETED (mail believed on the server)."""
+        with self._guard():
+            rows = (
+                self._live()
+                .execute(
+                    "SELECT uid, size FROM mailpipe_journal "
+                    "WHERE mailbox = %s AND status <> 'deleted'",
+                    (mailbox,),
+                )
+                .fetchall()
+            )
+        return {uid: int(size) for uid, size in rows}
+
     def get_many(self, mailbox: str, uids: Iterable[str]) -> dict[str, Entry]:
         """Return the entries of ``uids`` that exist, by uid."""
         with self._guard():

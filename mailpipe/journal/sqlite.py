@@ -268,6 +268,15 @@ class SqliteJournal:
             ).fetchall()
         return [row[0] for row in rows]
 
+    def retained(self, mailbox: str) -> dict[str, int]:
+        """Return uid → size of every entry not DELETED (mail believed on the server)."""
+        with self._guard():
+            rows = self._conn.execute(
+                "SELECT uid, size FROM entries WHERE mailbox = ? AND status <> ?",
+                (mailbox, Status.DELETED.value),
+            ).fetchall()
+        return {uid: int(size) for uid, size in rows}
+
     def get_many(self, mailbox: str, uids: Iterable[str]) -> dict[str, Entry]:
         """Return the entries of ``uids`` that exist, by uid."""
         found: dict[str, Entry] = {}

@@ -19,7 +19,7 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -282,6 +282,13 @@ class Pop3Server(Service):
         ``uid`` may be anything, duplicates and over-long ones included.
         """
         return self._mailbox.add(data, uid)
+
+    def rename_uids(self, rename: Callable[[str], str]) -> None:
+        """Give every message the uid ``rename(old)``, as a server whose uid format or
+        UIDVALIDITY changed does (conformance C-60); later UIDL listings show it."""
+        with self._mailbox.lock:
+            for stored in self._mailbox.items:
+                stored.uid = rename(stored.uid)
 
     @property
     def active_sessions(self) -> int:

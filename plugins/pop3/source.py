@@ -11,7 +11,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from mailpipe.errors import SourceConnectionError, SourcePermanentError
-from mailpipe.message import Message, MessageRef
+from mailpipe.message import Message, MessageRef, distinct_uids
 from mailpipe.processor import ProcessorContext
 from mailpipe.secrets import Secret
 from mailpipe.units import ByteSize, Duration
@@ -307,7 +307,11 @@ class Pop3Session:
     # --- SourceSession --------------------------------------------------------------
 
     async def list(self) -> list[MessageRef]:
-        """UIDL + LIST (pipelined when possible); without UIDL, uids are ``""``."""
+        """UIDL + LIST (pipelined when possible); without UIDL, uids are ``""``.
+
+        A uid listed for several messages is made distinct per occurrence
+        (:func:`mailpipe.message.distinct_uids`, T-23), with one warning per session.
+        """
         uids: dict[int, str] | None = None
         sizes: list[tuple[int, int]] = []
         async for event in self.client.stream([Uidl(), List()]):
@@ -332,6 +336,9 @@ class Pop3Session:
             )
             for number, size in sizes
         ]
+        refs, renamed = distinct_uids(refs)  # T-23: fetch every copy, each keyed apart
+        if renamed:
+            self._log.warning("pop3_uidl_duplicates", count=renamed)
         return refs
 
     async def headers(self, ref: MessageRef) -> bytes:

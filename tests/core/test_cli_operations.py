@@ -97,6 +97,30 @@ def test_mark_seen_adopts_existing_mail(tmp_path: Path) -> None:
         assert len(jsonl_keys(tmp_path)) == 3
 
 
+def test_uidl_reset_stops_the_poll_until_mark_seen_adopts_the_mail(
+    tmp_path: Path,
+) -> None:
+    # C-60: the operator's path, as the error message describes it.
+    with Pop3Server([msg(n) for n in range(12)], tls="implicit") as srv:
+        cfg = write_config(tmp_path, srv.port, srv.ca_file, extra='delete = "never"')
+        done = mp("run", str(cfg), "--once", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert len(jsonl_keys(tmp_path)) == 12
+        srv.rename_uids(lambda uid: "v2-" + uid)
+        done = mp("run", str(cfg), "--once", cwd=tmp_path)
+        assert done.returncode == 1
+        assert '"event": "uidl_reset_suspected"' in done.stderr
+        assert "mailpipe state mark-seen CONFIG box" in done.stderr
+        assert len(jsonl_keys(tmp_path)) == 12  # nothing processed again
+        done = mp("state", "mark-seen", str(cfg), "box", cwd=tmp_path)
+        assert "marked 12 new of 12" in done.stdout, done.stderr
+        srv.add_message(msg(12))
+        done = mp("run", str(cfg), "--once", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert len(jsonl_keys(tmp_path)) == 13  # only the new message
+        assert len(srv.messages) == 13
+
+
 def test_quarantine_show_replay_drop(tmp_path: Path) -> None:
     fixed = tmp_path / "fixed"
     script = tmp_path / "fwd.py"

@@ -126,6 +126,7 @@ name = "a"
 host = "h"
 on_oversize = "explode"
 delete = "sometimes"
+on_uidl_reset = "ignore"
 [pipelines.default]
 """
     with pytest.raises(ConfigError) as info:
@@ -137,6 +138,10 @@ delete = "sometimes"
     )
     assert (
         "mailboxes[0].delete: expected 'after_processing', 'never' or 'after_days:N' (got \"sometimes\")"
+        in report
+    )
+    assert (
+        "mailboxes[0].on_uidl_reset: Input should be 'stop' or 'ingest' (got \"ignore\")"
         in report
     )
 

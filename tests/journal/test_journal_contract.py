@@ -408,6 +408,32 @@ def test_mark_seen_adopts_new_messages_as_kept(journal: Journal) -> None:
     )
 
 
+def test_retained_maps_every_entry_not_deleted_to_its_size(journal: Journal) -> None:
+    assert journal.retained(MB) == {}
+    begin(journal, "pending", size=1)
+    journal.mark_seen(MB, [("kept", message_key(MB, "kept"), 2)])
+    for uid, status, due in (
+        ("committed", Status.COMMITTED, False),
+        ("owed", Status.COMMITTED, True),
+        ("quarantined", Status.QUARANTINED, False),
+        ("gone", Status.COMMITTED, True),
+    ):
+        begin(journal, uid, size=len(uid))
+        journal.finish(
+            MB, uid, status=status, disposition="x", sha256=None, delete_due=due
+        )
+    journal.mark_deleted(MB, ["gone"])
+    begin(journal, "elsewhere", mailbox="other")
+    assert journal.retained(MB) == {
+        "pending": 1,
+        "kept": 2,
+        "committed": 9,
+        "owed": 4,
+        "quarantined": 11,
+    }
+    assert journal.retained("other") == {"elsewhere": 100}
+
+
 def test_prune_drops_only_old_deleted_entries_gone_from_the_server(
     backend: Backend, journal: Journal
 ) -> None:

@@ -604,6 +604,22 @@ async def test_no_uidl_gives_empty_uids():
         assert not s.supports_uidl and [r.uid for r in refs] == ["", ""]
 
 
+async def test_t23_duplicate_uids_are_all_listed_and_keyed_apart(tmp_path):
+    msgs = [b"Subject: same\r\n\r\nidentical copy\r\n"] * 2
+    mini = MiniPop3(msgs, replies={b"UIDL": b"+OK\r\n1 abc\r\n2 abc\r\n.\r\n"})
+    async with Server(mini) as srv, Pop3Source(options(srv.port), mailbox="box").session() as s:
+        with structlog.testing.capture_logs() as logs:
+            refs = await s.list()
+            again = await s.list()
+        got = [m async for m in s.retrieve(refs, spool_dir=tmp_path, spool_threshold=1 << 20)]
+    assert [(r.number, r.uid) for r in refs] == [(1, "abc"), (2, "abc #2")]
+    assert refs == again  # stable: the same listing gives the same uids
+    assert refs[0].key != refs[1].key
+    assert [m.raw for m in got] == msgs  # both fetched; none skipped as "abc was seen"
+    warned = [e for e in logs if e["event"] == "pop3_uidl_duplicates"]
+    assert [e["count"] for e in warned] == [1, 1]  # one warning per listing
+
+
 async def test_headers_via_top():
     msgs = messages(2)
     async with Server(MiniPop3(msgs)) as srv, Pop3Source(options(srv.port)).session() as s:

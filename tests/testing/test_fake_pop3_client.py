@@ -282,7 +282,8 @@ async def test_fault_uidl_variants(
     srv = pop3_server_factory(messages=MSGS)
     srv.faults = Faults(uidl_duplicate=True)
     refs, _ = await fetch(srv, tmp_path, delete=False)
-    assert [r.uid for r in refs] == ["mp00000001"] * 3  # T-23: all still listed
+    # T-23: all still listed, each occurrence with its own uid
+    assert [r.uid for r in refs] == ["mp00000001", "mp00000001 #2", "mp00000001 #3"]
     srv.faults = Faults(uidl_missing={2})
     refs, _ = await fetch(srv, tmp_path, delete=False)
     assert [r.uid for r in refs] == ["mp00000001", "", "mp00000003"]

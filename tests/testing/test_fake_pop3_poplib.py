@@ -238,6 +238,18 @@ def test_add_message_while_running_is_seen_by_next_session(
     q.quit()
 
 
+def test_rename_uids_changes_every_uid_for_later_listings(
+    pop3_server_factory: Factory,
+) -> None:
+    srv = pop3_server_factory(messages=[MSG_A, MSG_DOTS])
+    srv.rename_uids(lambda uid: "v2-" + uid)  # C-60: a UIDVALIDITY change
+    assert srv.uids == ["v2-mp00000001", "v2-mp00000002"]
+    p = login(srv)
+    assert p.uidl()[1] == [b"1 v2-mp00000001", b"2 v2-mp00000002"]
+    assert p.stat() == (2, len(wire_form(MSG_A)) + len(wire_form(MSG_DOTS)))
+    p.quit()
+
+
 def test_maildir_messages_are_served_and_unlinked_on_commit(
     pop3_server_factory: Factory, tmp_path: Path
 ) -> None:

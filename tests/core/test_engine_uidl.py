@@ -1,0 +1,277 @@
+"""UIDL edge cases through the whole delivery path: the real pop3 source against the fake
+POP3 server, the engine, the SQLite journal and a store (conformance T-23, C-60)."""
+
+from __future__ import annotations
+
+import json
+import poplib
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from mailpipe.chain import Chain
+from mailpipe.config import validate_config
+from mailpipe.engine import MailboxRunner, Summary
+from mailpipe.errors import SourcePermanentError, UidlResetSuspected
+from mailpipe.journal.base import Status
+from mailpipe.journal.sqlite import SqliteJournal
+from mailpipe.message import message_key
+from mailpipe.plugin_manager import Hooks, load
+from mailpipe.quarantine import Quarantine
+from mailpipe.testing import Pop3Server
+
+pytestmark = pytest.mark.timeout(120)
+
+Factory = Callable[..., Pop3Server]
+
+
+def msg(n: int, subject: str | None = None) -> bytes:
+    return (
+        f"From: a{n}@example.com\r\nTo: b@example.com\r\n"
+        f"Message-ID: <uidl-{n}@example.com>\r\nSubject: {subject or f'm{n}'}\r\n"
+        f"\r\nbody {n}\r\n"
+    ).encode()
+
+
+class Rig:
+    """One mailbox "box" on ``srv`` with a store.jsonl pipeline and a SQLite journal."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        srv: Pop3Server,
+        *,
+        on_complete: str = "done",
+        **mailbox: Any,
+    ) -> None:
+        self.out = tmp_path / "out.jsonl"
+        _, registry = load(entry_points=False)
+        data = {
+            "mailboxes": [
+                {
+                    "name": "box",
+                    "host": srv.host,
+                    "port": srv.port,
+                    "security": "none",
+                    "allow_plaintext_password": True,
+                    "username": "user",
+                    "password": "pass",
+                    "read_timeout": 10,
+                    "greeting_timeout": 10,
+                    **mailbox,
+                }
+            ],
+            "pipelines": {
+                "default": {
+                    "processors": [{"use": "store.jsonl", "path": str(self.out)}],
+                    "on_complete": on_complete,
+                }
+            },
+        }
+        self.config = validate_config(
+            data, path=tmp_path / "pipeline.toml", registry=registry
+        )
+        self.journal = SqliteJournal(tmp_path / "journal.sqlite3")
+        self.chain = Chain(
+            self.config.pipelines,
+            base_dir=tmp_path,
+            on_complete={
+                n: p.on_complete for n, p in self.config.model.pipelines.items()
+            },
+        )
+        self.opened = False
+        self.runner = MailboxRunner(
+            self.config.mailboxes[0],
+            config=self.config,
+            chain=self.chain,
+            journal=self.journal,
+            quarantine=Quarantine(tmp_path / "quarantine"),
+            hooks=Hooks(load(entry_points=False)[0]),
+        )
+
+    async def poll(self) -> Summary:
+        if not self.opened:
+            await self.chain.open()
+            self.opened = True
+        return await self.runner.poll()
+
+    def stored(self) -> list[dict[str, Any]]:
+        if not self.out.exists():
+            return []
+        return [json.loads(line) for line in self.out.read_text().splitlines()]
+
+    async def close(self) -> None:
+        await self.chain.close()
+        self.journal.close()
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Callable[..., Rig]]:
+    made: list[Rig] = []
+
+    def make(srv: Pop3Server, **options: Any) -> Rig:
+        made.append(Rig(tmp_path, srv, **options))
+        return made[-1]
+
+    yield make
+    for r in made:
+        await r.close()
+
+
+async def test_t23_duplicate_uids_are_all_delivered_and_deleted(
+    pop3_server_factory: Factory, rig: Callable[..., Rig]
+) -> None:
+    srv = pop3_server_factory()
+    copy = msg(1, "identical copy")
+    srv.add_message(copy, uid="abc")
+    srv.add_message(copy, uid="abc")  # RFC 1939 §7: same uid for an identical copy
+    srv.add_message(msg(2), uid="other")
+    r = rig(srv)
+    summary = await r.poll()
+    assert summary.error is None, summary.error
+    assert (summary.listed, summary.processed, summary.deleted) == (3, 3, 3)
+    stored = r.stored()
+    assert sorted(d["uid"] for d in stored) == ["abc", "abc #2", "other"]
+    assert len({d["key"] for d in stored}) == 3  # each copy stored under its own key
+    assert srv.messages == []  # both copies deleted, after they were stored
+    assert srv.sessions[-1].outcome == "committed"
+    entries = r.journal.get_many("box", ["abc", "abc #2", "other"])
+    assert {e.status for e in entries.values()} == {Status.DELETED}
+    assert len(entries) == 3
+
+
+async def test_t23_duplicate_uids_in_keep_mode_are_processed_once(
+    pop3_server_factory: Factory, rig: Callable[..., Rig]
+) -> None:
+    srv = pop3_server_factory()
+    for _ in range(2):
+        srv.add_message(msg(1, "identical copy"), uid="abc")
+    r = rig(srv, delete="never")
+    first = await r.poll()
+    second = await r.poll()  # the occurrence uids are stable: nothing new
+    assert (first.processed, second.processed) == (2, 0)
+    assert sorted(d["uid"] for d in r.stored()) == ["abc", "abc #2"]
+    assert len(srv.messages) == 2
+
+
+# --- C-60: UIDL reset suspected -------------------------------------------------------
+
+
+def fill(srv: Pop3Server, start: int, count: int) -> None:
+    for n in range(start, start + count):
+        srv.add_message(msg(n))
+
+
+def reset_events(logs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [e for e in logs if e["event"] == "uidl_reset_suspected"]
+
+
+@pytest.mark.parametrize("delete", ["never", "after_days:30"])
+async def test_c60_keep_mode_stops_when_every_uid_changed(
+    pop3_server_factory: Factory, rig: Callable[..., Rig], delete: str
+) -> None:
+    srv = pop3_server_factory()
+    fill(srv, 1, 12)
+    r = rig(srv, delete=delete)
+    first = await r.poll()
+    assert (first.error, first.processed) == (None, 12)
+    before = r.journal.list("box")
+    srv.rename_uids(lambda uid: "v2-" + uid)  # e.g. a Dovecot UIDVALIDITY change
+    with structlog.testing.capture_logs() as logs:
+        second = await r.poll()
+    assert second.error_type == "UidlResetSuspected"
+    assert second.retrieved == second.processed == 0 and not second.committed
+    assert len(r.stored()) == 12  # nothing ingested again
+    assert r.journal.list("box") == before  # and nothing journaled
+    assert len(srv.messages) == 12 and srv.sessions[-1].outcome != "committed"
+    assert "RETR" not in srv.transcript.keywords(len(srv.sessions))
+    assert isinstance(r.runner.last_exception, UidlResetSuspected)
+    assert isinstance(r.runner.last_exception, SourcePermanentError)  # long back-off
+    text = second.error or ""
+    assert "mailpipe state mark-seen CONFIG box" in text
+    assert 'on_uidl_reset = "ingest"' in text
+    (event,) = reset_events(logs)
+    assert event["log_level"] == "error" and event["action"] == "stop"
+    assert {k: event[k] for k in ("listed", "unseen", "retained", "vanished")} == {
+        "listed": 12,
+        "unseen": 12,
+        "retained": 12,
+        "vanished": 12,
+    }
+    assert event["same_size"] == 12  # renamed mail keeps its sizes
+    assert not any(str(v).startswith("v2-") for v in event.values())  # counts only
+
+    # The operator adopts the renamed mail (what `mailpipe state mark-seen` records).
+    third = await r.poll()
+    assert third.error_type == "UidlResetSuspected"  # still stopped until then
+    r.journal.mark_seen("box", [(u, message_key("box", u), 100) for u in srv.uids])
+    fill(srv, 13, 1)
+    fourth = await r.poll()
+    assert (fourth.error, fourth.processed) == (None, 1)
+    assert len(r.stored()) == 13
+
+
+async def test_c60_ingest_warns_and_processes_the_renamed_mail(
+    pop3_server_factory: Factory, rig: Callable[..., Rig]
+) -> None:
+    srv = pop3_server_factory()
+    fill(srv, 1, 12)
+    r = rig(srv, delete="never", on_uidl_reset="ingest", commit_window=5)
+    await r.poll()
+    srv.rename_uids(lambda uid: "v2-" + uid)
+    with structlog.testing.capture_logs() as logs:
+        second = await r.poll()
+    assert (second.error, second.processed, second.sessions) == (None, 12, 3)
+    assert len(r.stored()) == 24  # new uids are new keys: processed again
+    (event,) = reset_events(logs)  # once per poll, not once per commit window
+    assert event["log_level"] == "warning" and event["action"] == "ingest"
+    assert (event["unseen"], event["vanished"]) == (12, 12)
+
+
+async def test_c60_keep_mode_with_new_mail_and_some_deletions_never_triggers(
+    pop3_server_factory: Factory, rig: Callable[..., Rig]
+) -> None:
+    srv = pop3_server_factory()
+    r = rig(srv, delete="never")
+    with structlog.testing.capture_logs() as logs:
+        fill(srv, 1, 12)
+        assert (await r.poll()).processed == 12  # first poll: all new, journal empty
+        fill(srv, 13, 30)  # 30 of 42 listed are new: more than half unseen
+        assert (await r.poll()).processed == 30
+        drop_on_server(srv, [1, 2, 3, 4, 5])  # another client deletes some kept mail
+        fill(srv, 43, 40)  # 40 of 77 new; 5 of the 42 kept vanished
+        third = await r.poll()
+    assert (third.error, third.processed) == (None, 40)
+    assert reset_events(logs) == []
+    assert len(r.stored()) == 82
+
+
+async def test_c60_delete_mode_never_triggers(
+    pop3_server_factory: Factory, rig: Callable[..., Rig]
+) -> None:
+    srv = pop3_server_factory()
+    fill(srv, 1, 12)
+    # Kept by the pipeline, so the journal holds 12 kept entries on the server.
+    r = rig(srv, on_complete="keep")
+    await r.poll()
+    assert len(srv.messages) == len(r.journal.retained("box")) == 12
+    srv.rename_uids(lambda uid: "v2-" + uid)
+    with structlog.testing.capture_logs() as logs:
+        second = await r.poll()
+    assert (second.error, second.processed) == (None, 12)
+    assert reset_events(logs) == []
+
+
+def drop_on_server(srv: Pop3Server, numbers: list[int]) -> None:
+    """Delete messages as another POP3 client would (DELE, QUIT)."""
+    client = poplib.POP3(srv.host, srv.port, timeout=10)
+    try:
+        client.user("user")
+        client.pass_("pass")
+        for n in numbers:
+            client.dele(n)
+    finally:
+        client.quit()
