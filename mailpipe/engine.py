@@ -42,6 +42,7 @@ from mailpipe.errors import (
     SourceError,
     SourcePermanentError,
 )
+from mailpipe.inflight import InflightMarker
 from mailpipe.journal.base import Entry, Journal, Status
 from mailpipe.message import Message, MessageRef
 from mailpipe.plugin_manager import Hooks
@@ -213,6 +214,7 @@ class MailboxRunner:
         # instead of in every window; "bad input never stops the pipeline").
         self._attempted: set[str] = set()
         self._reset_checked = False  # C-60: the UIDL reset check runs once per poll
+        self.inflight = InflightMarker(self.spool_dir, self.name)
 
     def _make_source(self) -> Any:
         ctx = ProcessorContext(
@@ -235,6 +237,7 @@ class MailboxRunner:
         self._reset_checked = False
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         try:
+            self._count_crash()
             for _ in range(100_000):  # bounded: each window makes progress
                 more = await self._session(summary)
                 summary.sessions += 1
@@ -254,10 +257,29 @@ class MailboxRunner:
             self._last_exc = exc
         else:
             self._last_exc = None
+        finally:
+            self.inflight.close()
         summary.seconds = round(time.monotonic() - started, 3)
         self.log.info("session_finished", **summary.as_dict())
         self.hooks.session_finished(mailbox=self.name, summary=summary.as_dict())
         return summary
+
+    def _count_crash(self) -> None:
+        """Count an attempt against the message a dead process left in its chain."""
+        uid = self.inflight.take()
+        if not uid:
+            return
+        entry = self.journal.get_many(self.name, [uid]).get(uid)
+        if entry is None or entry.status != Status.PENDING:
+            return
+        attempts = self.journal.fail(self.name, uid, error=CRASH_ERROR, counted=True)
+        self.log.error(
+            "message_killed_process",
+            uid=uid,
+            key=entry.key,
+            attempts=attempts,
+            max_attempts=self.cfg.max_attempts,
+        )
 
     @property
     def last_exception(self) -> BaseException | None:
@@ -641,6 +663,14 @@ class MailboxRunner:
         ref = msg.ref
         if entry is None:
             entry = self.journal.begin(self.name, ref.uid, key=ref.key, size=ref.size)
+        if entry.status == Status.PENDING and entry.attempts >= self.cfg.max_attempts:
+            # Its attempts are spent without a quarantine (the process died in the
+            # chain each time, see _count_crash): keep the raw bytes, never run it again.
+            done = _Done(ref, None, Status.PENDING, "failed", "", False, msg.sha256,
+                         attempts=entry.attempts, error=entry.last_error or CRASH_ERROR)
+            done = self._quarantine_failed(msg, done, summary)
+            done.failed = False  # the attempts were counted when they happened
+            return done
         mlog = self.log.bind(uid=ref.uid, key=ref.key)
 
         def journal_now(step: str) -> None:
@@ -648,9 +678,13 @@ class MailboxRunner:
             # durably before the next step, so no crash can make it happen twice.
             self.journal.step_committed(self.name, ref.uid, step)
 
-        result = await self.chain.run(
-            self.cfg.pipeline, msg, done_steps=entry.steps, on_commit=journal_now
-        )
+        self.inflight.set(ref.uid)
+        try:
+            result = await self.chain.run(
+                self.cfg.pipeline, msg, done_steps=entry.steps, on_commit=journal_now
+            )
+        finally:
+            self.inflight.clear()
         if result.ok:
             assert result.decision is not None
             summary.processed += 1
@@ -725,7 +759,11 @@ class MailboxRunner:
         return done
 
     def _quarantine_failed(self, msg: Message, done: _Done, summary: Summary) -> _Done:
-        reason = f"failed {done.attempts} time(s) in {done.result.failed_step if done.result else '?'}"
+        reason = (
+            f"failed {done.attempts} time(s) in {done.result.failed_step}"
+            if done.result
+            else f"the process died {done.attempts} time(s) while running its chain"
+        )
         delete = self._quarantine(
             msg, reason=reason, attempts=done.attempts, error=done.error
         )
@@ -869,6 +907,13 @@ class MailboxRunner:
             self.journal.prune(self.name, [r.uid for r in refs], 30.0)
         except Exception as exc:  # pruning is housekeeping; never fail a poll for it
             self.log.warning("journal_prune_failed", error=_error_text(exc))
+
+
+#: The error recorded for a message whose chain the process did not survive.
+CRASH_ERROR = (
+    "the mailpipe process died while this message was in the chain "
+    "(a crash, the OOM killer or a kill)"
+)
 
 
 def _expire_zero(session: SourceSession) -> bool:
