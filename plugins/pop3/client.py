@@ -285,7 +285,12 @@ class Pop3Client:
             raise self._auth_error(event, "APOP")
 
     async def login_sasl(self, mechanism: sasl.Mechanism) -> None:
-        """One SASL exchange (RFC 5034 §4); XOAUTH2 always two-line (C-43)."""
+        """One SASL exchange (RFC 5034 §4); XOAUTH2 always two-line (C-43).
+
+        A mechanism that finds the server's part wrong (SCRAM nonce or signature) makes
+        the exchange cancel with ``*`` and fail with AuthenticationError, whatever the
+        server answers; so does ``+OK`` before the server proved itself.
+        """
         self._check_plaintext()
         name = mechanism.name
         advertised = self.capabilities is not None and name in self.capabilities.sasl
@@ -295,11 +300,19 @@ class Pop3Client:
             encoded = sasl.b64encode(initial)
             if sasl.initial_response_fits(name, encoded):  # C-37
                 command = Auth(mechanism=name, initial_response=encoded)
-                mechanism = _AfterInitial(mechanism)
+                mechanism.initial_sent()
         event = await self._roundtrip(command)
+        failure: str | None = None
         for _ in range(16):  # every loop bounded
-            if isinstance(event, Ok):
-                return
+            if isinstance(event, Ok) and failure is None:
+                try:
+                    mechanism.success()
+                except sasl.SaslVerifyError as exc:
+                    failure = str(exc)
+                else:
+                    return
+            if failure is not None and isinstance(event, Ok | Err):
+                raise self._verify_error(name, failure)
             if isinstance(event, Err):
                 raise self._auth_error(event, f"AUTH {name}", mechanism.error)
             if not isinstance(event, Continuation):
@@ -307,11 +320,19 @@ class Pop3Client:
             challenge = sasl.b64decode_strict(event.text)
             try:
                 response = sasl.b64encode(mechanism.respond(challenge))
+            except sasl.SaslVerifyError as exc:
+                failure, response = str(exc), "*"
             except sasl.SaslCancel:
                 response = "*"  # C-39: cancel; the server MUST answer -ERR
             self._write(self.conn.send(AuthResponse(data=response)))
             event = await self._event("read", self.timeouts.read)
         raise SourceConnectionError(f"{self.where}: endless SASL {name} exchange")
+
+    def _verify_error(self, name: str, reason: str) -> AuthenticationError:
+        # RFC 5802 §5.1: the client MUST verify the server; failing that, it fails.
+        error = AuthenticationError(f"{self.where}: AUTH {name} failed: {reason}")
+        self._log.warning("pop3_auth_server_unverified", mechanism=name, error=reason)
+        return error
 
     def _auth_error(
         self, event: Err, during: str, oauth: dict[str, str] | None = None
@@ -457,22 +478,6 @@ class Pop3Client:
 
     def _timeout(self, phase: str, seconds: float) -> SourceTimeoutError:
         return SourceTimeoutError(f"{phase} timed out after {seconds:g}s on {self.where}")
-
-
-class _AfterInitial(sasl.Mechanism):
-    """Wraps a mechanism whose initial response was already sent: later challenges are
-    answered by the wrapped one as its second step (OAuth error challenges)."""
-
-    def __init__(self, inner: sasl.Mechanism) -> None:
-        super().__init__(name=inner.name)
-        self.inner = inner
-        if hasattr(inner, "_sent"):
-            inner._sent = True
-
-    def respond(self, challenge: bytes | None) -> bytes:
-        out = self.inner.respond(challenge)
-        self.error = self.inner.error
-        return out
 
 
 __all__ = [

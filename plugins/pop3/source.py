@@ -61,12 +61,13 @@ class Pop3Options(BaseModel):
         description="Password: a string, {env=...}, {file=...} or {command=[...]}.",
     )
     auth: Literal[
-        "auto", "user", "apop", "plain", "login", "cram-md5", "xoauth2", "oauthbearer"
+        "auto", "user", "apop", "plain", "login", "cram-md5", "scram-sha-1",
+        "scram-sha-256", "xoauth2", "oauthbearer",
     ] = Field(
         default="auto",
         description="Authentication method; 'auto' picks from CAPA after TLS "
-        "(OAuth when a token is set, else PLAIN, USER/PASS, LOGIN). APOP and CRAM-MD5 "
-        "are used only when named here.",
+        "(OAuth when a token is set, else SCRAM-SHA-256, PLAIN, USER/PASS, LOGIN). "
+        "APOP, CRAM-MD5 and SCRAM-SHA-1 are used only when named here.",
     )
     oauth_token: Secret | None = Field(
         default=None,
@@ -295,6 +296,10 @@ class Pop3Session:
                 mechanism = sasl.Login(user=user, password=password)
             elif method == "cram-md5":
                 mechanism = sasl.CramMd5(user=user, password=password)
+            elif method in ("scram-sha-1", "scram-sha-256"):
+                mechanism = sasl.Scram(
+                    user=user, password=password, name=sasl.SASL_NAMES[method]
+                )
             elif method == "xoauth2":
                 mechanism = sasl.XOAuth2(user=user, token=token)
             else:

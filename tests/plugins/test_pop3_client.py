@@ -502,6 +502,65 @@ async def test_c44_xoauth2_error_challenge_flow():
         assert "ya29.secret-token-value" not in text and seen[1].decode().strip() not in text
 
 
+def scram_impostor(
+    seen: list[bytes], done: asyncio.Event, *, extend_nonce: bool, final: bytes | None
+):
+    """A server offering SCRAM-SHA-256 that does not know the password: it answers the
+    client-first with a server-first, then ``final`` (a challenge) or plain ``+OK``."""
+
+    async def handler(r, w):
+        w.write(b"+OK ready\r\n")
+        assert await r.readline() == b"CAPA\r\n"
+        w.write(b"+OK\r\nUSER\r\nSASL PLAIN SCRAM-SHA-256\r\n.\r\n")
+        auth_line = await r.readline()
+        seen.append(auth_line)
+        client_first = base64.b64decode(auth_line.split()[2])
+        nonce = client_first.split(b",r=")[1] if extend_nonce else b"someone-else"
+        server_first = b"r=" + nonce + b"srv,s=" + base64.b64encode(b"salt") + b",i=4096"
+        w.write(b"+ " + base64.b64encode(server_first) + b"\r\n")
+        seen.append(await r.readline())
+        if seen[-1] != b"*\r\n":
+            w.write(final or b"+OK Logged in.\r\n")
+            if final:
+                seen.append(await r.readline())
+                w.write(b"-ERR [AUTH] cancelled\r\n" if seen[-1] == b"*\r\n" else b"+OK\r\n")
+        else:
+            w.write(b"-ERR [AUTH] cancelled\r\n")
+        await w.drain()
+        seen.append(await r.read())  # whatever the client sends until it closes
+        done.set()
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("extend_nonce", "final", "match", "cancelled"),
+    [
+        (True, None, "no server signature", False),  # +OK straight after client-final
+        (True, b"+ " + base64.b64encode(b"v=" + base64.b64encode(b"x" * 32)) + b"\r\n",
+         "signature does not match", True),
+        (False, None, "nonce", True),
+    ],
+    ids=["ok-without-signature", "bad-signature", "foreign-nonce"],
+)
+async def test_scram_server_must_prove_itself(extend_nonce, final, match, cancelled):
+    seen: list[bytes] = []
+    done = asyncio.Event()
+    impostor = scram_impostor(seen, done, extend_nonce=extend_nonce, final=final)
+    async with Server(impostor) as srv:
+        src = Pop3Source(options(srv.port, password="hunter22"))
+        with structlog.testing.capture_logs() as logs, pytest.raises(
+            AuthenticationError, match=match
+        ) as info:
+            async with src.session():
+                pass
+        await asyncio.wait_for(done.wait(), 10)
+    assert seen[0].startswith(b"AUTH SCRAM-SHA-256 ")  # C-42: preferred over PLAIN
+    assert (b"*\r\n" in seen) is cancelled  # C-39: cancelled when still possible
+    assert seen[-1] == b""  # nothing sent after the failure: no LIST, no QUIT
+    assert "hunter22" not in str(info.value) and "hunter22" not in repr(logs)
+
+
 async def test_oauth_never_falls_back_to_password():
     mini = MiniPop3(messages(1))  # offers USER and SASL PLAIN only
     async with Server(mini) as srv:
