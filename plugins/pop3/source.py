@@ -318,9 +318,9 @@ class Pop3Session:
         async for event in self.client.stream([Uidl(), List()]):
             try:
                 if isinstance(event, MultiLine) and isinstance(event.command, Uidl):
-                    uids = dict(parse_uidl(event.body))
+                    uids = dict(parse_uidl(event.body, event.newline))
                 elif isinstance(event, MultiLine):
-                    sizes = parse_list(event.body)
+                    sizes = parse_list(event.body, event.newline)
             except ValueError as exc:
                 raise RemoteProtocolError(f"{self.client.where}: {exc}") from None
             if isinstance(event, Err) and isinstance(event.command, List):

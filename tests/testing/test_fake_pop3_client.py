@@ -353,17 +353,18 @@ async def test_fault_drop_after_capa_reconnects_without_capa(
     assert "CAPA" not in srv.transcript.keywords(2)
 
 
-@pytest.mark.xfail(
-    reason="pop3 client: T-08 bare-LF session mode not implemented yet", strict=False
-)
 async def test_fault_bare_lf_session(
     pop3_server_factory: Factory, tmp_path: Path
 ) -> None:
     srv = pop3_server_factory(messages=MSGS[:2], faults=Faults(bare_lf=True))
-    refs, got = await fetch(srv, tmp_path)
+    with structlog.testing.capture_logs() as logs:
+        refs, got = await fetch(srv, tmp_path)
     assert [r.uid for r in refs] == ["mp00000001", "mp00000002"]
     # T-08: LF-mode for the session; each LF-terminated line arrives as a line.
     assert [m.raw for m in got] == [m.replace(b"\r\n", b"\n") for m in MSGS[:2]]
+    assert srv.messages == [] and srv.sessions[0].outcome == "committed"
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert any("bare LF" in e.get("detail", "") for e in warnings)
 
 
 async def test_fault_long_status_line_fails_the_session(
