@@ -277,6 +277,26 @@ async def test_t09_read_timeout_when_terminator_never_arrives():
     assert not mini.quit_seen
 
 
+async def test_t10_dot_glued_to_last_line_times_out_without_commit(tmp_path):
+    # Exchange 2000 (fetchmail FAQ S2): the final dot follows a line with no newline, so
+    # "last line.\r\n" is data and the terminator never comes; the read goes idle.
+    # The optional missing_crlf_before_dot quirk is not implemented (strict framing).
+    mini = MiniPop3(messages(2), replies={b"RETR 1": b"+OK 12 octets\r\nlast line.\r\n"})
+    got: list[object] = []
+    async with Server(mini) as srv:
+        src = Pop3Source(options(srv.port, read_timeout=0.3, pipelining="off"))
+        with pytest.raises(SourceTimeoutError, match=rf"read timed out .*127\.0\.0\.1:{srv.port}"):
+            async with src.session() as s:
+                refs = await s.list()
+                async for m in s.retrieve(refs, spool_dir=tmp_path, spool_threshold=0):
+                    got.append(m)  # threshold 0: the body goes to a spool file at once
+                await s.mark_deleted(refs)
+                await s.commit()
+    assert got == []  # the partial body was never handed on
+    assert not mini.quit_seen and b"DELE" not in mini.wire and b"RETR 2" not in mini.wire
+    assert list(tmp_path.iterdir()) == []  # the partial spool file was removed
+
+
 async def test_t40_greeting_then_close():
     async def rude(r, w):
         w.write(b"+OK hi\r\n")

@@ -547,6 +547,20 @@ def test_c12_eof_before_terminator_is_truncation(data):
     assert info.value.truncated
 
 
+def test_t10_dot_glued_to_last_line_is_data_every_way():
+    # fetchmail FAQ S2 (Exchange 2000): no terminator, so the body never ends.
+    for name, pieces in splits(b"+OK\r\nlast line.\r\n").items():
+        conn = authed()
+        conn.send(Retr(number=1))
+        events = feed(conn, pieces)
+        assert [type(e) for e in events] == [BodyStart, BodyChunk], name
+        assert body_of(events) == b"last line.\r\n" and conn.outstanding == 1, name
+        conn.receive_data(b"")  # the driver's timeout ends it; an EOF is truncation
+        with pytest.raises(RemoteProtocolError) as info:
+            conn.next_event()
+        assert info.value.truncated, name
+
+
 def test_eof_with_nothing_outstanding_is_connection_closed():
     conn = authed()
     conn.receive_data(b"")
