@@ -104,6 +104,18 @@ class Pop3Options(BaseModel):
     read_timeout: Duration = Field(
         default=120.0, description="Inactivity timeout for each read of a reply."
     )
+    retr_timeout: Duration = Field(
+        default=600.0,
+        gt=0,
+        description="Overall deadline of one RETR reply, at least this long; more "
+        "for big messages (see retr_min_rate). Stops a server that trickles bytes.",
+    )
+    retr_min_rate: ByteSize = Field(
+        default=50_000,
+        ge=1,
+        description="Slowest RETR transfer allowed, in octets per second: the "
+        "deadline is the larger of retr_timeout and the LIST size over this rate.",
+    )
     pipelining: Literal["auto", "off"] = Field(
         default="auto",
         description="'auto': pipeline commands when CAPA lists PIPELINING; 'off': "
@@ -231,7 +243,12 @@ class Pop3Session:
             ssl_context=ctx,
             cert_sha256=o.cert_sha256,
             timeouts=Timeouts(
-                o.connect_timeout, o.tls_timeout, o.greeting_timeout, o.read_timeout
+                o.connect_timeout,
+                o.tls_timeout,
+                o.greeting_timeout,
+                o.read_timeout,
+                retr=o.retr_timeout,
+                retr_rate=o.retr_min_rate,
             ),
             allow_plaintext_password=o.allow_plaintext_password,
             pipelining=o.pipelining,
@@ -364,7 +381,8 @@ class Pop3Session:
         sink: _Sink | None = None
         try:
             async for event in self.client.stream(
-                [Retr(number=ref.number) for ref in refs]
+                [Retr(number=ref.number) for ref in refs],
+                sizes={ref.number: ref.size for ref in refs},  # T-45 deadlines
             ):
                 if isinstance(event, BodyChunk):
                     assert sink is not None
