@@ -28,8 +28,15 @@ __all__ = [
 DOVECOT_BINARY = "/usr/sbin/dovecot"
 POP3_BINARY = "/usr/lib/dovecot/pop3"
 #: Mechanisms offered by default; all work with the ``{PLAIN}`` passwords the
-#: controller stores. ``apop`` also makes the greeting carry an RFC 1939 §7 timestamp.
-DEFAULT_MECHANISMS: tuple[str, ...] = ("plain", "login", "cram-md5")
+#: controller stores (Dovecot 2.3 derives SCRAM keys from a plaintext password).
+#: ``apop`` also makes the greeting carry an RFC 1939 §7 timestamp.
+DEFAULT_MECHANISMS: tuple[str, ...] = (
+    "plain",
+    "login",
+    "cram-md5",
+    "scram-sha-1",
+    "scram-sha-256",
+)
 _ROOT_MAIL_ID = 5000  # uid/gid owning the mail store when running as root
 
 

@@ -30,7 +30,8 @@ class Faults:
         ``quit_err``: answer QUIT in TRANSACTION with ``-ERR <text>`` and delete
         nothing. ``dele_ignored``: answer ``+OK`` to DELE but never delete.
         ``status_padding``: pad every single-line reply text with this many octets
-        (over-long status lines).
+        (over-long status lines). ``scram_bad_signature``: SCRAM logins get a wrong
+        server signature (a server that does not know the password).
 
     Framing faults:
         ``bare_lf``: end every line the server sends with LF instead of CRLF.
@@ -57,6 +58,7 @@ class Faults:
     quit_err: str | None = None
     dele_ignored: bool = False
     status_padding: int = 0
+    scram_bad_signature: bool = False
     bare_lf: bool = False
     no_dot_stuffing: bool = False
     list_size_delta: int | dict[int, int] = 0

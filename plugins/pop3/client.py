@@ -9,6 +9,10 @@ most ``window`` commands and 4 KiB of unanswered command bytes in flight. Writes
 transport's buffer, which the event loop flushes whenever the socket is writable, and the
 4 KiB bound keeps that buffer below its high-water mark, so ``drain()`` never waits while
 the server is busy sending a large RETR: reading and writing never block each other.
+
+Timeouts (C-13, T-45): every read has an inactivity timeout, and each RETR reply also has
+an overall deadline, max(``retr``, LIST size / ``retr_rate``), counted while waiting for
+its bytes, so a server trickling one byte per read cannot hold a session forever.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -52,6 +56,7 @@ from .events import (
     Ok,
     Pass,
     Quit,
+    Retr,
     Stls,
     User,
     parse_capa,
@@ -67,12 +72,36 @@ DEFAULT_CHUNK: Final = 256 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Seconds per phase (C-13, S-06): TCP connect, TLS handshake, greeting, each read."""
+    """Seconds per phase (C-13, S-06): TCP connect, TLS handshake, greeting, each read.
+
+    ``retr`` and ``retr_rate`` (octets per second) make the overall RETR deadline of
+    T-45: :meth:`retr_budget`.
+    """
 
     connect: float = 30.0
     tls: float = 30.0
     greeting: float = 60.0
     read: float = 120.0
+    retr: float = 600.0
+    retr_rate: float = 50_000.0
+
+    def retr_budget(self, size: int) -> float:
+        """T-45: max(``retr``, LIST size / ``retr_rate``) seconds for one RETR reply."""
+        return max(self.retr, size / self.retr_rate)
+
+
+@dataclass(slots=True)
+class _Deadline:
+    """T-45: the time one reply may spend waiting for the server's bytes.
+
+    Only time blocked in reads is counted, so the time the caller spends on earlier
+    messages while this reply is queued behind them does not use it up.
+    """
+
+    phase: str
+    total: float
+    left: float
+    detail: str = ""
 
 
 class CommandRefused(SourceError):
@@ -285,7 +314,12 @@ class Pop3Client:
             raise self._auth_error(event, "APOP")
 
     async def login_sasl(self, mechanism: sasl.Mechanism) -> None:
-        """One SASL exchange (RFC 5034 §4); XOAUTH2 always two-line (C-43)."""
+        """One SASL exchange (RFC 5034 §4); XOAUTH2 always two-line (C-43).
+
+        A mechanism that finds the server's part wrong (SCRAM nonce or signature) makes
+        the exchange cancel with ``*`` and fail with AuthenticationError, whatever the
+        server answers; so does ``+OK`` before the server proved itself.
+        """
         self._check_plaintext()
         name = mechanism.name
         advertised = self.capabilities is not None and name in self.capabilities.sasl
@@ -295,11 +329,19 @@ class Pop3Client:
             encoded = sasl.b64encode(initial)
             if sasl.initial_response_fits(name, encoded):  # C-37
                 command = Auth(mechanism=name, initial_response=encoded)
-                mechanism = _AfterInitial(mechanism)
+                mechanism.initial_sent()
         event = await self._roundtrip(command)
+        failure: str | None = None
         for _ in range(16):  # every loop bounded
-            if isinstance(event, Ok):
-                return
+            if isinstance(event, Ok) and failure is None:
+                try:
+                    mechanism.success()
+                except sasl.SaslVerifyError as exc:
+                    failure = str(exc)
+                else:
+                    return
+            if failure is not None and isinstance(event, Ok | Err):
+                raise self._verify_error(name, failure)
             if isinstance(event, Err):
                 raise self._auth_error(event, f"AUTH {name}", mechanism.error)
             if not isinstance(event, Continuation):
@@ -307,11 +349,19 @@ class Pop3Client:
             challenge = sasl.b64decode_strict(event.text)
             try:
                 response = sasl.b64encode(mechanism.respond(challenge))
+            except sasl.SaslVerifyError as exc:
+                failure, response = str(exc), "*"
             except sasl.SaslCancel:
                 response = "*"  # C-39: cancel; the server MUST answer -ERR
             self._write(self.conn.send(AuthResponse(data=response)))
             event = await self._event("read", self.timeouts.read)
         raise SourceConnectionError(f"{self.where}: endless SASL {name} exchange")
+
+    def _verify_error(self, name: str, reason: str) -> AuthenticationError:
+        # RFC 5802 §5.1: the client MUST verify the server; failing that, it fails.
+        error = AuthenticationError(f"{self.where}: AUTH {name} failed: {reason}")
+        self._log.warning("pop3_auth_server_unverified", mechanism=name, error=reason)
+        return error
 
     def _auth_error(
         self, event: Err, during: str, oauth: dict[str, str] | None = None
@@ -345,12 +395,20 @@ class Pop3Client:
             raise SourceConnectionError("streaming commands go through stream()")
         return event
 
-    async def stream(self, commands: Iterable[Command]) -> AsyncIterator[Event]:
+    async def stream(
+        self, commands: Iterable[Command], *, sizes: Mapping[int, int] | None = None
+    ) -> AsyncIterator[Event]:
         """Send ``commands`` (pipelined when active, else one at a time) and yield each
-        reply event in order: Ok/Err/MultiLine, or BodyStart, BodyChunk..., BodyEnd."""
+        reply event in order: Ok/Err/MultiLine, or BodyStart, BodyChunk..., BodyEnd.
+
+        Each RETR reply also has an overall deadline (T-45), from its LIST size in
+        ``sizes`` (message number → octets; unknown counts as 0): see
+        :meth:`Timeouts.retr_budget`. It raises SourceTimeoutError naming
+        ``retr deadline`` and the host, separately from the per-read timeout.
+        """
         source = iter(commands)
         window = self.window if self.conn.pipelining else 1
-        inflight: deque[int] = deque()
+        inflight: deque[tuple[Command, int]] = deque()
         unanswered = 0
         more = True
 
@@ -364,20 +422,36 @@ class Pop3Client:
                     break
                 wire = self.conn.send(cmd)
                 out.append(wire)
-                inflight.append(len(wire))
+                inflight.append((cmd, len(wire)))
                 unanswered += len(wire)
             if out:
                 self._write(b"".join(out))
 
         fill()
+        deadline: _Deadline | None = None
+        head_done = True
         while inflight:
-            event = await self._event("read", self.timeouts.read)
+            if head_done:  # the next reply is now the one being read
+                deadline = self._retr_deadline(inflight[0][0], sizes or {})
+                head_done = False
+            event = await self._event("read", self.timeouts.read, deadline)
             yield event
             if isinstance(event, Ok | Err | MultiLine | BodyEnd):
-                unanswered -= inflight.popleft()
+                unanswered -= inflight.popleft()[1]
+                head_done = True
                 # Refill when half the window drained (mpop-style batching of writes).
                 if more and len(inflight) <= window // 2:
                     fill()
+
+    def _retr_deadline(
+        self, command: Command, sizes: Mapping[int, int]
+    ) -> _Deadline | None:
+        if not isinstance(command, Retr):
+            return None
+        size = sizes.get(command.number, 0)
+        budget = self.timeouts.retr_budget(size)
+        detail = f"RETR {command.number}, {size} octets listed"
+        return _Deadline("retr deadline", budget, budget, detail)
 
     async def quit(self) -> None:
         """QUIT: in TRANSACTION the server now deletes what was marked (RFC 1939 §6).
@@ -424,7 +498,9 @@ class Pop3Client:
             raise SourceConnectionError(f"{self.where}: connection already closed")
         self._writer.write(data)
 
-    async def _event(self, phase: str, timeout: float) -> Event:
+    async def _event(
+        self, phase: str, timeout: float, deadline: _Deadline | None = None
+    ) -> Event:
         conn = self.conn
         for _ in range(1 << 62):
             try:
@@ -441,38 +517,46 @@ class Pop3Client:
                 if isinstance(event, ConnectionClosed) and phase == "greeting":
                     raise SourceConnectionError(f"{self.where} closed before its greeting")
                 return event
-            conn.receive_data(await self._read(phase, timeout))
+            conn.receive_data(await self._read(phase, timeout, deadline))
         raise AssertionError("unreachable")
 
-    async def _read(self, phase: str, timeout: float) -> bytes:
+    async def _read(
+        self, phase: str, timeout: float, deadline: _Deadline | None = None
+    ) -> bytes:
         if self._reader is None or self._writer is None:
             raise SourceConnectionError(f"{self.where}: connection already closed")
+        limit, by_deadline = timeout, False
+        if deadline is not None:
+            if deadline.left <= 0:
+                raise self._deadline_error(deadline)
+            by_deadline = deadline.left < timeout
+            limit = min(timeout, deadline.left)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(limit):
                 return await self._reader.read(self.chunk_size)
         except TimeoutError:
-            raise self._timeout(phase, timeout) from None
+            if deadline is not None and by_deadline:
+                raise self._deadline_error(deadline) from None
+            raise self._timeout(phase, timeout) from None  # C-13: inactivity
         except (OSError, ssl.SSLError) as exc:
             raise SourceConnectionError(f"{self.where}: {phase} failed: {exc}") from None
+        finally:
+            if deadline is not None:
+                deadline.left -= loop.time() - start
 
-    def _timeout(self, phase: str, seconds: float) -> SourceTimeoutError:
-        return SourceTimeoutError(f"{phase} timed out after {seconds:g}s on {self.where}")
+    def _deadline_error(self, deadline: _Deadline) -> SourceTimeoutError:
+        # T-45: a server trickling bytes never trips the per-read timer; this does.
+        return self._timeout(deadline.phase, deadline.total, deadline.detail)
 
-
-class _AfterInitial(sasl.Mechanism):
-    """Wraps a mechanism whose initial response was already sent: later challenges are
-    answered by the wrapped one as its second step (OAuth error challenges)."""
-
-    def __init__(self, inner: sasl.Mechanism) -> None:
-        super().__init__(name=inner.name)
-        self.inner = inner
-        if hasattr(inner, "_sent"):
-            inner._sent = True
-
-    def respond(self, challenge: bytes | None) -> bytes:
-        out = self.inner.respond(challenge)
-        self.error = self.inner.error
-        return out
+    def _timeout(
+        self, phase: str, seconds: float, detail: str = ""
+    ) -> SourceTimeoutError:
+        extra = f" ({detail})" if detail else ""
+        return SourceTimeoutError(
+            f"{phase} timed out after {seconds:g}s on {self.where}{extra}"
+        )
 
 
 __all__ = [

@@ -334,12 +334,16 @@ class Continuation:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MultiLine:
-    """A collected multi-line ``+OK`` reply (CAPA, LIST, UIDL); body dot-unstuffed."""
+    """A collected multi-line ``+OK`` reply (CAPA, LIST, UIDL); body dot-unstuffed.
+
+    ``newline`` is what ends the body's lines: CRLF, or LF in a bare-LF session (T-08).
+    """
 
     command: Command
     text: str
     body: bytes
     code: str = ""
+    newline: bytes = b"\r\n"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -484,8 +488,13 @@ def parse_capa(body: bytes) -> Capabilities:
     return Capabilities(frozenset(names), args)
 
 
-def _lines(body: bytes) -> list[bytes]:
-    return [line for line in body.split(b"\r\n") if line.strip()]
+def _lines(body: bytes, newline: bytes) -> list[bytes]:
+    # §0.2: only ``newline`` (CRLF unless the session is bare-LF, T-08) ends a line;
+    # in a bare-LF session an optional CR before the LF is dropped, as on status lines.
+    lines = body.split(newline)
+    if newline == b"\n":
+        lines = [line.removesuffix(b"\r") for line in lines]
+    return [line for line in lines if line.strip()]
 
 
 def parse_stat(text: str) -> tuple[int, int]:
@@ -496,10 +505,13 @@ def parse_stat(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
-def parse_list(body: bytes) -> list[tuple[int, int]]:
-    """Parse a LIST body into (number, size) pairs; trailing words ignored (C-49, T-43)."""
+def parse_list(body: bytes, newline: bytes = b"\r\n") -> list[tuple[int, int]]:
+    """Parse a LIST body into (number, size) pairs; trailing words ignored (C-49, T-43).
+
+    ``newline`` is the body's line end (:attr:`MultiLine.newline`).
+    """
     out: list[tuple[int, int]] = []
-    for line in _lines(body):
+    for line in _lines(body, newline):
         parts = line.split()
         if len(parts) < 2 or not parts[0].isdigit() or not parts[1].isdigit():
             raise ValueError(f"malformed LIST line {line[:80]!r}")
@@ -507,15 +519,15 @@ def parse_list(body: bytes) -> list[tuple[int, int]]:
     return out
 
 
-def parse_uidl(body: bytes) -> list[tuple[int, str]]:
+def parse_uidl(body: bytes, newline: bytes = b"\r\n") -> list[tuple[int, str]]:
     """Parse a UIDL body into (number, uid) pairs (RFC 1939 §7, C-53, T-24).
 
     The uid is everything after the first space, trailing whitespace stripped, decoded as
     latin-1 so every byte survives; a line with an empty uid is left out (that message
-    then has no uid).
+    then has no uid). ``newline`` is the body's line end (:attr:`MultiLine.newline`).
     """
     out: list[tuple[int, str]] = []
-    for line in _lines(body):
+    for line in _lines(body, newline):
         number, _, uid = line.partition(b" ")
         if not number.isdigit():
             raise ValueError(f"malformed UIDL line {line[:80]!r}")

@@ -200,6 +200,12 @@ class Pop3Connection:
     # --- sending --------------------------------------------------------------------
 
     @property
+    def newline(self) -> bytes:
+        """What ends a line inside multi-line replies: CRLF, or LF for a session whose
+        greeting ended in a bare LF (T-08)."""
+        return self._nl
+
+    @property
     def outstanding(self) -> int:
         """How many commands await their reply."""
         return len(self._pending)
@@ -353,7 +359,10 @@ class Pop3Connection:
             line = line[:-1]
         elif self.state is State.GREETING:
             self._nl = b"\n"  # T-08: a bare-LF server, for this session only
-            self.warnings.append("server ends lines with bare LF; using LF framing")
+            self.warnings.append(
+                "greeting ended in a bare LF: this session uses LF framing "
+                "(multi-line replies end at LF.LF)"
+            )
         if len(line) > 510:  # RFC 2449 §4: 512 octets with CRLF
             self.warnings.append(f"status line of {len(line)} octets exceeds RFC 2449's 512")
         return line
@@ -493,6 +502,7 @@ class Pop3Connection:
                 text=self._listing_text,
                 body=body,
                 code=self._listing_code,
+                newline=self._nl,
             )
         if self._octets > self.max_message:
             raise RemoteProtocolError(

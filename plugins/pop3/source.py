@@ -61,12 +61,13 @@ class Pop3Options(BaseModel):
         description="Password: a string, {env=...}, {file=...} or {command=[...]}.",
     )
     auth: Literal[
-        "auto", "user", "apop", "plain", "login", "cram-md5", "xoauth2", "oauthbearer"
+        "auto", "user", "apop", "plain", "login", "cram-md5", "scram-sha-1",
+        "scram-sha-256", "xoauth2", "oauthbearer",
     ] = Field(
         default="auto",
         description="Authentication method; 'auto' picks from CAPA after TLS "
-        "(OAuth when a token is set, else PLAIN, USER/PASS, LOGIN). APOP and CRAM-MD5 "
-        "are used only when named here.",
+        "(OAuth when a token is set, else SCRAM-SHA-256, PLAIN, USER/PASS, LOGIN). "
+        "APOP, CRAM-MD5 and SCRAM-SHA-1 are used only when named here.",
     )
     oauth_token: Secret | None = Field(
         default=None,
@@ -102,6 +103,18 @@ class Pop3Options(BaseModel):
     )
     read_timeout: Duration = Field(
         default=120.0, description="Inactivity timeout for each read of a reply."
+    )
+    retr_timeout: Duration = Field(
+        default=600.0,
+        gt=0,
+        description="Overall deadline of one RETR reply, at least this long; more "
+        "for big messages (see retr_min_rate). Stops a server that trickles bytes.",
+    )
+    retr_min_rate: ByteSize = Field(
+        default=50_000,
+        ge=1,
+        description="Slowest RETR transfer allowed, in octets per second: the "
+        "deadline is the larger of retr_timeout and the LIST size over this rate.",
     )
     pipelining: Literal["auto", "off"] = Field(
         default="auto",
@@ -230,7 +243,12 @@ class Pop3Session:
             ssl_context=ctx,
             cert_sha256=o.cert_sha256,
             timeouts=Timeouts(
-                o.connect_timeout, o.tls_timeout, o.greeting_timeout, o.read_timeout
+                o.connect_timeout,
+                o.tls_timeout,
+                o.greeting_timeout,
+                o.read_timeout,
+                retr=o.retr_timeout,
+                retr_rate=o.retr_min_rate,
             ),
             allow_plaintext_password=o.allow_plaintext_password,
             pipelining=o.pipelining,
@@ -295,6 +313,10 @@ class Pop3Session:
                 mechanism = sasl.Login(user=user, password=password)
             elif method == "cram-md5":
                 mechanism = sasl.CramMd5(user=user, password=password)
+            elif method in ("scram-sha-1", "scram-sha-256"):
+                mechanism = sasl.Scram(
+                    user=user, password=password, name=sasl.SASL_NAMES[method]
+                )
             elif method == "xoauth2":
                 mechanism = sasl.XOAuth2(user=user, token=token)
             else:
@@ -317,9 +339,9 @@ class Pop3Session:
         async for event in self.client.stream([Uidl(), List()]):
             try:
                 if isinstance(event, MultiLine) and isinstance(event.command, Uidl):
-                    uids = dict(parse_uidl(event.body))
+                    uids = dict(parse_uidl(event.body, event.newline))
                 elif isinstance(event, MultiLine):
-                    sizes = parse_list(event.body)
+                    sizes = parse_list(event.body, event.newline)
             except ValueError as exc:
                 raise RemoteProtocolError(f"{self.client.where}: {exc}") from None
             if isinstance(event, Err) and isinstance(event.command, List):
@@ -366,7 +388,8 @@ class Pop3Session:
         sink: _Sink | None = None
         try:
             async for event in self.client.stream(
-                [Retr(number=ref.number) for ref in refs]
+                [Retr(number=ref.number) for ref in refs],
+                sizes={ref.number: ref.size for ref in refs},  # T-45 deadlines
             ):
                 if isinstance(event, BodyChunk):
                     assert sink is not None

@@ -10,6 +10,7 @@ import tempfile
 import tracemalloc
 
 import pytest
+import structlog
 from mailpipe.plugins.pop3.events import Dele, List, Noop, Rset, Stat, Uidl
 from mailpipe.plugins.pop3.source import Pop3Options, Pop3Source
 
@@ -44,15 +45,21 @@ def make_message(i: int, size: int = 600) -> bytes:
 
 
 @pytest.mark.parametrize("security", ["tls", "starttls", "none"])
-@pytest.mark.parametrize("auth", ["auto", "user", "plain", "login", "cram-md5"])
+@pytest.mark.parametrize(
+    "auth", ["auto", "user", "plain", "login", "cram-md5", "scram-sha-1", "scram-sha-256"]
+)
 async def test_login_each_mechanism(dovecot, dovecot_user, security, auth):
     dovecot.deliver(dovecot_user, make_message(1))
     src = Pop3Source(opts(dovecot, dovecot_user, security, auth=auth), mailbox="box")
-    async with src.session() as s:
-        assert s.client.tls_active is (security != "none")
-        assert s.client.pipelining_active
-        refs = await s.list()
-        assert [r.mailbox for r in refs] == ["box"] and s.supports_uidl
+    with structlog.testing.capture_logs() as logs:
+        async with src.session() as s:
+            assert s.client.tls_active is (security != "none")
+            assert s.client.pipelining_active
+            refs = await s.list()
+            assert [r.mailbox for r in refs] == ["box"] and s.supports_uidl
+    methods = [e["method"] for e in logs if e["event"] == "pop3_authenticated"]
+    # C-42: with a password, auto prefers SCRAM-SHA-256 (Dovecot offers it).
+    assert methods == ["scram-sha-256" if auth == "auto" else auth]
 
 
 async def test_apop_with_dovecot():
@@ -72,7 +79,7 @@ async def test_apop_with_dovecot():
 
 
 async def test_wrong_password_is_authentication_error(dovecot, dovecot_user):
-    for auth in ("user", "plain", "login"):
+    for auth in ("user", "plain", "login", "scram-sha-1", "scram-sha-256"):
         with pytest.raises(AuthenticationError, match="localhost"):
             async with Pop3Source(
                 opts(dovecot, dovecot_user, "tls", auth=auth, password="not-the-password")

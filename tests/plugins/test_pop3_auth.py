@@ -183,3 +183,181 @@ def test_capabilities_values():
     caps = parse_capa(b"EXPIRE NEVER\r\nLOGIN-DELAY 10 USER\r\n")
     assert caps.expire == -1 and caps.per_user("LOGIN-DELAY") and not caps.per_user("EXPIRE")
     assert Capabilities().expire is None
+
+
+# --- SCRAM (RFC 5802, RFC 7677) -------------------------------------------------------
+
+SCRAM_SHA1 = [  # RFC 5802 §5, user "user", password "pencil"
+    b"n,,n=user,r=fyko+d2lbbFgONRv9qkxdawL",
+    b"r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,s=QSXCR+Q6sek8bf92,i=4096",
+    b"c=biws,r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,p=v0X8v3Bz2T0CJGbJQyF0X+HI4Ts=",
+    b"v=rmF9pqV8S7suAoZWja4dJRkFsKQ=",
+]
+SCRAM_SHA256 = [  # RFC 7677 §3, user "user", password "pencil"
+    b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO",
+    b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096",
+    b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
+    b"p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=",
+    b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=",
+]
+SCRAM_VECTORS = [("SCRAM-SHA-1", SCRAM_SHA1), ("SCRAM-SHA-256", SCRAM_SHA256)]
+
+
+def scram(name: str, vector: list[bytes]) -> auth.Scram:
+    nonce = vector[0].split(b",r=")[1].decode()
+    return auth.Scram(user="user", password="pencil", name=name, nonce=nonce)
+
+
+@pytest.mark.parametrize(("name", "vector"), SCRAM_VECTORS, ids=["sha1", "sha256"])
+def test_scram_rfc_example_with_initial_response(name, vector):
+    mech = scram(name, vector)
+    assert mech.initial() == vector[0]
+    mech.initial_sent()
+    assert mech.respond(vector[1]) == vector[2]
+    assert mech.respond(vector[3]) == b""  # RFC 4422 §5: empty answer to success data
+    assert mech.verified
+    mech.success()
+
+
+@pytest.mark.parametrize(("name", "vector"), SCRAM_VECTORS, ids=["sha1", "sha256"])
+def test_scram_rfc_example_without_initial_response(name, vector):
+    mech = scram(name, vector)
+    mech.initial()  # computed but not sent (C-36: no SASL in CAPA)
+    assert mech.respond(b"") == vector[0]  # the empty first challenge
+    assert mech.respond(vector[1]) == vector[2]
+    assert mech.respond(vector[3]) == b""
+    assert mech.verified
+
+
+@pytest.mark.parametrize(("name", "vector"), SCRAM_VECTORS, ids=["sha1", "sha256"])
+def test_scram_bad_server_signature_fails(name, vector):
+    mech = scram(name, vector)
+    mech.initial_sent()
+    mech.respond(vector[1])
+    wrong = b"v=" + base64.b64encode(b"\x00" * (20 if name == "SCRAM-SHA-1" else 32))
+    with pytest.raises(auth.SaslVerifyError, match="signature does not match"):
+        mech.respond(wrong)
+    assert not mech.verified
+    with pytest.raises(auth.SaslVerifyError, match="no server signature"):
+        mech.success()  # a +OK after that still fails
+
+
+def test_scram_ok_without_server_final_fails():
+    mech = scram("SCRAM-SHA-256", SCRAM_SHA256)
+    mech.initial_sent()
+    mech.respond(SCRAM_SHA256[1])
+    with pytest.raises(auth.SaslVerifyError, match="no server signature"):
+        mech.success()
+
+
+@pytest.mark.parametrize(
+    "server_first",
+    [
+        b"r=XXXXNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096",
+        b"r=rOprNGfwEbeRWgbNEkqO,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096",  # no server part
+        b"r=xrOprNGfwEbeRWgbNEkqO,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096",
+    ],
+    ids=["other-nonce", "no-server-part", "prefixed"],
+)
+def test_scram_server_nonce_must_extend_client_nonce(server_first):
+    mech = scram("SCRAM-SHA-256", SCRAM_SHA256)
+    mech.initial_sent()
+    with pytest.raises(auth.SaslVerifyError, match="nonce"):
+        mech.respond(server_first)
+
+
+@pytest.mark.parametrize(
+    ("server_first", "match"),
+    [
+        (b"m=ext,r=rOprNGfwEbeRWgbNEkqOx,s=QSXCR+Q6sek8bf92,i=4096", "extension"),
+        (b"r=rOprNGfwEbeRWgbNEkqOx,i=4096,s=QSXCR+Q6sek8bf92", "r=, s=, i="),
+        (b"r=rOprNGfwEbeRWgbNEkqOx,s=!!,i=4096", "salt"),
+        (b"r=rOprNGfwEbeRWgbNEkqOx,s=QSXCR+Q6sek8bf92,i=0", "iteration"),
+        (b"r=rOprNGfwEbeRWgbNEkqOx,s=QSXCR+Q6sek8bf92,i=2147483648", "iteration"),  # S-12
+        (b"garbage", "attribute"),
+    ],
+)
+def test_scram_malformed_server_first_refused(server_first, match):
+    mech = scram("SCRAM-SHA-256", SCRAM_SHA256)
+    mech.initial_sent()
+    with pytest.raises(auth.SaslVerifyError, match=match):
+        mech.respond(server_first)
+
+
+def test_scram_server_error_attribute():
+    mech = scram("SCRAM-SHA-256", SCRAM_SHA256)
+    mech.initial_sent()
+    mech.respond(SCRAM_SHA256[1])
+    with pytest.raises(auth.SaslVerifyError, match="invalid-proof"):
+        mech.respond(b"e=invalid-proof")
+    assert mech.error == {"e": "invalid-proof"}
+
+
+def test_scram_saslname_escaping_and_random_nonce():
+    mech = auth.Scram(user="a=b,c", password="p")
+    first = mech.initial()
+    assert first.startswith(b"n,,n=a=3Db=2Cc,r=")  # RFC 5802 §5.1
+    nonce = first.split(b",r=")[1]
+    assert len(nonce) >= 24 and b"," not in nonce
+    assert mech.initial() == first  # stable once made
+    assert auth.Scram(user="u", password="p").initial() != first
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("I\u00adX", "IX"), ("user", "user"), ("USER", "USER"), ("\u00aa", "a"),
+     ("\u2168", "IX"), ("a\u00a0b", "a b")],  # RFC 4013 §3 examples, plus C.1.2 → SPACE
+)
+def test_saslprep_rfc4013_examples(text, expected):
+    assert auth.saslprep(text) == expected
+
+
+@pytest.mark.parametrize("text", ["\u0007", "\u0627\u0031"])  # RFC 4013 §3: errors
+def test_saslprep_rfc4013_errors(text):
+    with pytest.raises(ValueError):
+        auth.saslprep(text)
+
+
+def test_scram_password_is_saslprepped():
+    plain = scram("SCRAM-SHA-256", SCRAM_SHA256)
+    prepped = auth.Scram(user="user", password="pen\u00adcil", nonce=plain.nonce)
+    for mech in (plain, prepped):
+        mech.initial_sent()
+    assert prepped.respond(SCRAM_SHA256[1]) == plain.respond(SCRAM_SHA256[1])
+
+
+def test_scram_unknown_variant_refused():
+    with pytest.raises(ValueError, match="SCRAM"):
+        auth.Scram(user="u", password="p", name="SCRAM-MD5")
+
+
+SCRAM_CAPA = parse_capa(b"USER\r\nSASL PLAIN LOGIN SCRAM-SHA-1 SCRAM-SHA-256\r\n")
+SHA1_CAPA = parse_capa(b"USER\r\nSASL PLAIN SCRAM-SHA-1\r\n")
+
+
+@pytest.mark.parametrize(
+    ("setting", "caps", "expected"),
+    [
+        ("auto", SCRAM_CAPA, "scram-sha-256"),  # C-42: preferred when offered
+        ("auto", SHA1_CAPA, "plain"),  # SCRAM-SHA-1 only when named
+        ("scram-sha-1", SHA1_CAPA, "scram-sha-1"),
+        ("scram-sha-256", SCRAM_CAPA, "scram-sha-256"),
+        ("scram-sha-256", None, "scram-sha-256"),  # no CAPA: the server decides (C-36)
+    ],
+)
+def test_c42_scram_choice(setting, caps, expected):
+    assert auth.choose(setting, caps, has_password=True, has_token=False,
+                       apop_timestamp=None) == expected
+
+
+@pytest.mark.parametrize("setting", ["scram-sha-256", "scram-sha-1"])
+def test_s09_pinned_scram_missing_is_refused(setting):
+    with pytest.raises(SourcePermanentError, match="downgrade"):
+        auth.choose(setting, DOVECOT_CAPA, has_password=True, has_token=False,
+                    apop_timestamp=None)
+
+
+def test_c42_oauth_token_still_wins_over_scram():
+    caps = parse_capa(b"SASL SCRAM-SHA-256 XOAUTH2\r\n")
+    assert auth.choose("auto", caps, has_password=True, has_token=True,
+                       apop_timestamp=None) == "xoauth2"

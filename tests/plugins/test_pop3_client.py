@@ -277,6 +277,146 @@ async def test_t09_read_timeout_when_terminator_never_arrives():
     assert not mini.quit_seen
 
 
+async def test_t10_dot_glued_to_last_line_times_out_without_commit(tmp_path):
+    # Exchange 2000 (fetchmail FAQ S2): the final dot follows a line with no newline, so
+    # "last line.\r\n" is data and the terminator never comes; the read goes idle.
+    # The optional missing_crlf_before_dot quirk is not implemented (strict framing).
+    mini = MiniPop3(messages(2), replies={b"RETR 1": b"+OK 12 octets\r\nlast line.\r\n"})
+    got: list[object] = []
+    async with Server(mini) as srv:
+        src = Pop3Source(options(srv.port, read_timeout=0.3, pipelining="off"))
+        with pytest.raises(SourceTimeoutError, match=rf"read timed out .*127\.0\.0\.1:{srv.port}"):
+            async with src.session() as s:
+                refs = await s.list()
+                async for m in s.retrieve(refs, spool_dir=tmp_path, spool_threshold=0):
+                    got.append(m)  # threshold 0: the body goes to a spool file at once
+                await s.mark_deleted(refs)
+                await s.commit()
+    assert got == []  # the partial body was never handed on
+    assert not mini.quit_seen and b"DELE" not in mini.wire and b"RETR 2" not in mini.wire
+    assert list(tmp_path.iterdir()) == []  # the partial spool file was removed
+
+
+def trickling(listed: int, body_bytes: int, interval: float = 0.01):
+    """A server whose RETR status line is prompt but whose body comes one byte every
+    ``interval`` s (T-45 slowloris); LIST says ``listed`` octets. Bounded: at most
+    ``body_bytes`` bytes, then the terminator."""
+    state = {"quit": False, "sent": 0}
+
+    async def handler(r, w):
+        w.write(b"+OK trickle ready\r\n")
+        while line := (await r.readline()).rstrip(b"\r\n"):
+            verb = line.split()[0].upper()
+            if verb == b"CAPA":
+                w.write(b"+OK\r\nUSER\r\nUIDL\r\n.\r\n")
+            elif verb in (b"USER", b"PASS"):
+                w.write(b"+OK\r\n")
+            elif verb == b"UIDL":
+                w.write(b"+OK\r\n1 slow\r\n.\r\n")
+            elif verb == b"LIST":
+                w.write(b"+OK\r\n1 %d\r\n.\r\n" % listed)
+            elif verb == b"RETR":
+                w.write(b"+OK\r\n")
+                for _ in range(body_bytes):
+                    w.write(b"x")
+                    await w.drain()
+                    state["sent"] += 1
+                    await asyncio.sleep(interval)
+                w.write(b"\r\n.\r\n")
+            elif verb == b"QUIT":
+                state["quit"] = True
+                w.write(b"+OK\r\n")
+            else:
+                w.write(b"+OK\r\n")
+            await w.drain()
+
+    return handler, state
+
+
+async def retrieve_once(port: int, tmp_path: Path, **kw: object) -> list[bytes]:
+    async with Pop3Source(options(port, **kw)).session() as s:
+        refs = await s.list()
+        got = [m.raw async for m in s.retrieve(refs, spool_dir=tmp_path, spool_threshold=1 << 20)]
+        await s.mark_deleted(refs)
+        await s.commit()
+    return got
+
+
+async def test_t45_slowloris_retr_hits_the_overall_deadline(tmp_path):
+    # Every read gets a byte well within read_timeout, so only the deadline can stop it.
+    handler, state = trickling(listed=100, body_bytes=2000)
+    async with Server(handler) as srv:
+        with pytest.raises(SourceTimeoutError) as info:
+            await retrieve_once(srv.port, tmp_path, read_timeout=5, retr_timeout=0.1,
+                                retr_min_rate="1MB")
+    message = str(info.value)
+    assert message.startswith("retr deadline timed out after 0.1s on ")
+    assert f"127.0.0.1:{srv.port}" in message and "RETR 1, 100 octets listed" in message
+    assert 0 < state["sent"] < 2000 and not state["quit"]  # stopped early, no commit
+
+
+async def test_t45_deadline_grows_with_the_listed_size(tmp_path):
+    # The same trickle passes when LIST announces a size whose budget (size / rate)
+    # exceeds the floor: 10 MB at 100 kB/s is 100 s, the floor only 0.1 s.
+    handler, state = trickling(listed=10_000_000, body_bytes=20)
+    async with Server(handler) as srv:
+        got = await retrieve_once(srv.port, tmp_path, read_timeout=5, retr_timeout=0.1,
+                                  retr_min_rate="100KB")
+    assert got == [b"x" * 20 + b"\r\n"] and state["quit"]
+
+
+async def test_t45_deadline_counts_only_time_waiting_for_the_reply():
+    # The caller is slow inside a RETR reply (a slow spool disk, say) while the rest of
+    # the body arrives and waits in the buffer: that time is not the server's.
+    from mailpipe.plugins.pop3.events import BodyChunk, BodyStart, Retr
+
+    async def two_part(r, w):
+        w.write(b"+OK ready\r\n")
+        for _ in range(2):  # USER, PASS
+            await r.readline()
+            w.write(b"+OK\r\n")
+        assert await r.readline() == b"RETR 1\r\n"
+        w.write(b"+OK\r\nfirst half\r\n")
+        await w.drain()
+        await asyncio.sleep(0.05)
+        w.write(b"second half\r\n.\r\n")
+        await w.drain()
+        await r.read()
+
+    async with Server(two_part) as srv:
+        client = Pop3Client("127.0.0.1", srv.port, security="none",
+                            allow_plaintext_password=True,
+                            timeouts=Timeouts(read=5, retr=0.5, retr_rate=1e9))
+        await client.connect()
+        await client.login_user("user", "pass")
+        body = b""
+        async for event in client.stream([Retr(number=1)], sizes={1: 25}):
+            if isinstance(event, BodyStart):
+                await asyncio.sleep(1.5)  # 3x the deadline, spent by us
+            elif isinstance(event, BodyChunk):
+                body += event.data
+        await client.abort()
+    assert body == b"first half\r\nsecond half\r\n"
+
+
+def test_t45_retr_budget():
+    t = Timeouts()
+    assert t.retr_budget(0) == 600.0 and t.retr_budget(30_000_000) == 600.0
+    assert t.retr_budget(100_000_000) == 2000.0  # 100 MB at 50 kB/s
+    small = Timeouts(retr=1.0, retr_rate=1000.0)
+    assert small.retr_budget(500) == 1.0 and small.retr_budget(5000) == 5.0
+
+
+def test_t45_options_feed_the_client():
+    o = options(1, retr_timeout="15m", retr_min_rate="20KB")
+    from mailpipe.plugins.pop3.source import Pop3Session
+
+    client = Pop3Session(o, "box").client
+    assert client.timeouts.retr == 900.0 and client.timeouts.retr_rate == 20_000
+    with pytest.raises(ValueError, match="retr_min_rate"):
+        options(1, retr_min_rate=0)
+
+
 async def test_t40_greeting_then_close():
     async def rude(r, w):
         w.write(b"+OK hi\r\n")
@@ -500,6 +640,65 @@ async def test_c44_xoauth2_error_challenge_flow():
     assert "status=400" in str(info.value)
     for text in (str(info.value), repr(logs)):
         assert "ya29.secret-token-value" not in text and seen[1].decode().strip() not in text
+
+
+def scram_impostor(
+    seen: list[bytes], done: asyncio.Event, *, extend_nonce: bool, final: bytes | None
+):
+    """A server offering SCRAM-SHA-256 that does not know the password: it answers the
+    client-first with a server-first, then ``final`` (a challenge) or plain ``+OK``."""
+
+    async def handler(r, w):
+        w.write(b"+OK ready\r\n")
+        assert await r.readline() == b"CAPA\r\n"
+        w.write(b"+OK\r\nUSER\r\nSASL PLAIN SCRAM-SHA-256\r\n.\r\n")
+        auth_line = await r.readline()
+        seen.append(auth_line)
+        client_first = base64.b64decode(auth_line.split()[2])
+        nonce = client_first.split(b",r=")[1] if extend_nonce else b"someone-else"
+        server_first = b"r=" + nonce + b"srv,s=" + base64.b64encode(b"salt") + b",i=4096"
+        w.write(b"+ " + base64.b64encode(server_first) + b"\r\n")
+        seen.append(await r.readline())
+        if seen[-1] != b"*\r\n":
+            w.write(final or b"+OK Logged in.\r\n")
+            if final:
+                seen.append(await r.readline())
+                w.write(b"-ERR [AUTH] cancelled\r\n" if seen[-1] == b"*\r\n" else b"+OK\r\n")
+        else:
+            w.write(b"-ERR [AUTH] cancelled\r\n")
+        await w.drain()
+        seen.append(await r.read())  # whatever the client sends until it closes
+        done.set()
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("extend_nonce", "final", "match", "cancelled"),
+    [
+        (True, None, "no server signature", False),  # +OK straight after client-final
+        (True, b"+ " + base64.b64encode(b"v=" + base64.b64encode(b"x" * 32)) + b"\r\n",
+         "signature does not match", True),
+        (False, None, "nonce", True),
+    ],
+    ids=["ok-without-signature", "bad-signature", "foreign-nonce"],
+)
+async def test_scram_server_must_prove_itself(extend_nonce, final, match, cancelled):
+    seen: list[bytes] = []
+    done = asyncio.Event()
+    impostor = scram_impostor(seen, done, extend_nonce=extend_nonce, final=final)
+    async with Server(impostor) as srv:
+        src = Pop3Source(options(srv.port, password="hunter22"))
+        with structlog.testing.capture_logs() as logs, pytest.raises(
+            AuthenticationError, match=match
+        ) as info:
+            async with src.session():
+                pass
+        await asyncio.wait_for(done.wait(), 10)
+    assert seen[0].startswith(b"AUTH SCRAM-SHA-256 ")  # C-42: preferred over PLAIN
+    assert (b"*\r\n" in seen) is cancelled  # C-39: cancelled when still possible
+    assert seen[-1] == b""  # nothing sent after the failure: no LIST, no QUIT
+    assert "hunter22" not in str(info.value) and "hunter22" not in repr(logs)
 
 
 async def test_oauth_never_falls_back_to_password():

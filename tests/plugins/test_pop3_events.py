@@ -87,6 +87,13 @@ def test_t23_t24_t43_uidl_edge_cases():
     assert parse_uidl(b"1 abc \r\n") == [(1, "abc")]
 
 
+def test_t08_listings_split_on_the_session_newline():
+    assert parse_list(b"1 120\n2 200 \n", b"\n") == [(1, 120), (2, 200)]
+    assert parse_uidl(b"1 abc\n2 d\r\n", b"\n") == [(1, "abc"), (2, "d")]  # optional CR
+    # CRLF sessions are unchanged: a bare LF is not a line end (§0.2).
+    assert parse_uidl(b"1 abc\n2 def\r\n") == [(1, "abc\n2 def")]
+
+
 @pytest.mark.parametrize(
     ("text", "code", "cls"),
     [("[SYS/TEMP/FOO] busy", "SYS/TEMP/FOO", "SYS/TEMP"), ("[in-use] x", "IN-USE", "IN-USE"),

@@ -36,6 +36,9 @@ from mailpipe.plugins.pop3.events import (
     Top,
     Uidl,
     User,
+    parse_capa,
+    parse_list,
+    parse_uidl,
 )
 from mailpipe.plugins.pop3.protocol import (
     NEED_DATA,
@@ -310,6 +313,88 @@ def test_t08_bare_lf_greeting_switches_session_to_lf_framing():
     assert isinstance(events[-1], BodyEnd)
 
 
+def lf_authed(pipelining: bool = False) -> Pop3Connection:
+    """An authenticated connection whose greeting ended in a bare LF (T-08)."""
+    conn = greeted(b"+OK pop3 ready\n")
+    conn.send(User(name="bob"))
+    conn.receive_data(b"+OK\n")
+    conn.next_event()
+    conn.send(Pass(password="pw"))
+    conn.receive_data(b"+OK\n")
+    conn.next_event()
+    assert conn.state is State.TRANSACTION and conn.newline == b"\n"
+    conn.pipelining = pipelining
+    return conn
+
+
+@pytest.mark.parametrize(
+    ("greeting", "newline", "warned"),
+    [(b"+OK pop3 ready\n", b"\n", True), (b"+OK pop3 ready\r\n", b"\r\n", False),
+     (b"+OK <1.2@h> x\n", b"\n", True)],
+    ids=["bare-lf", "crlf", "bare-lf-apop"],
+)
+def test_t08_greeting_decides_the_session_framing_every_way(greeting, newline, warned):
+    for name, pieces in splits(greeting).items():
+        conn = Pop3Connection()
+        events = feed(conn, pieces)
+        assert [type(e) for e in events] == [Greeting], name
+        assert conn.newline == newline, name
+        assert any("bare LF" in w for w in conn.warnings) is warned, name
+
+
+T08_BODIES = [
+    ("t08", b"+OK\nx\n.\n", b"x\n"),
+    ("t08-empty", b"+OK\n.\n", b""),
+    ("t08-stuffed", b"+OK 9 octets\nx\n..y\n...\n..\n.\n", b"x\n.y\n..\n.\n"),
+    ("t08-cr-is-data", b"+OK\na\r\nb\r.\r\n.\n", b"a\r\nb\r.\r\n"),
+    ("t08-dot-cr", b"+OK\n.\r\nz\n.\n", b"\r\nz\n"),  # stuffed dot removed
+    ("t08-long-line", b"+OK\n" + b"y" * 10_000 + b"\n.\n", b"y" * 10_000 + b"\n"),
+    ("t08-status-crlf", b"+OK\r\nx\n.\n", b"x\n"),  # status lines: optional CR
+]
+
+
+@pytest.mark.parametrize(("name", "data", "body"), T08_BODIES, ids=[b[0] for b in T08_BODIES])
+def test_t08_lf_session_body_every_way(name, data, body):
+    events = run_all_ways(lf_authed, [Retr(number=1)], data, trailing=b"+OK trailing\n")
+    assert isinstance(events[0], BodyStart)
+    assert body_of(events) == body
+    assert events[-1] == BodyEnd(command=Retr(number=1), octets=len(body))
+
+
+def test_t08_lf_session_listings_every_way():
+    data = b"+OK\n1 abc\n2 def\n.\n+OK 2 messages\n1 5\n2 6 \n.\n+OK\nA\n..B\n.\n+OK\n"
+    cmds = [Uidl(), List(), Retr(number=1), Dele(number=1)]
+    events = run_all_ways(lambda: lf_authed(pipelining=True), cmds, data,
+                          trailing=b"+OK trailing\n")
+    uidl, listing = events[0], events[1]
+    assert uidl == MultiLine(command=Uidl(), text="", body=b"1 abc\n2 def\n", newline=b"\n")
+    assert parse_uidl(uidl.body, uidl.newline) == [(1, "abc"), (2, "def")]
+    assert parse_list(listing.body, listing.newline) == [(1, 5), (2, 6)]
+    assert body_of(events) == b"A\n.B\n"
+    assert events[-1] == Ok(command=Dele(number=1), text="")
+
+
+def test_t08_lf_session_capa():
+    conn = greeted(b"+OK ready\n")
+    conn.send(Capa())
+    events = feed(conn, [b"+OK\nTOP\nSASL PLAIN\nPIPELINING\n.\n"])
+    caps = parse_capa(events[0].body)
+    assert {"TOP", "SASL", "PIPELINING"} <= caps.names and caps.sasl == ("PLAIN",)
+
+
+def test_t08_crlf_session_keeps_strict_framing():
+    # A CRLF greeting never switches: later bare-LF lines stay data (§0.2, T-05).
+    conn = authed()
+    conn.send(Retr(number=1))
+    events = feed(conn, [b"+OK\nx\n.\n"])
+    assert conn.newline == b"\r\n" and body_of(events) == b"x\n.\n"
+    assert conn.outstanding == 1 and not any("bare LF" in w for w in conn.warnings)
+    conn.receive_data(b"\r\n.\r\n")
+    events += drain(conn)
+    assert body_of(events) == b"x\n.\n\r\n"
+    assert events[-1] == BodyEnd(command=Retr(number=1), octets=6)
+
+
 # --- C-03 / C-48 / C-09: single-line replies -----------------------------------------
 
 SINGLE = [
@@ -460,6 +545,20 @@ def test_c12_eof_before_terminator_is_truncation(data):
         for _ in range(10):
             conn.next_event()
     assert info.value.truncated
+
+
+def test_t10_dot_glued_to_last_line_is_data_every_way():
+    # fetchmail FAQ S2 (Exchange 2000): no terminator, so the body never ends.
+    for name, pieces in splits(b"+OK\r\nlast line.\r\n").items():
+        conn = authed()
+        conn.send(Retr(number=1))
+        events = feed(conn, pieces)
+        assert [type(e) for e in events] == [BodyStart, BodyChunk], name
+        assert body_of(events) == b"last line.\r\n" and conn.outstanding == 1, name
+        conn.receive_data(b"")  # the driver's timeout ends it; an EOF is truncation
+        with pytest.raises(RemoteProtocolError) as info:
+            conn.next_event()
+        assert info.value.truncated, name
 
 
 def test_eof_with_nothing_outstanding_is_connection_closed():

@@ -117,7 +117,7 @@ def test_capa_offers_pipelining_uidl_and_sasl_mechanisms(dovecot: Dovecot) -> No
     finally:
         p.quit()
     assert {"PIPELINING", "UIDL", "TOP", "USER", "RESP-CODES"} <= set(capa)
-    assert {"PLAIN", "LOGIN", "CRAM-MD5"} <= set(capa["SASL"])
+    assert {"PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"} <= set(capa["SASL"])
 
 
 def test_cram_md5_login(dovecot: Dovecot, dovecot_user: DovecotUser) -> None:

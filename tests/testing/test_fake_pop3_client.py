@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from mailpipe.plugins.pop3.source import Pop3Options, Pop3Source
 
 from mailpipe.errors import (
@@ -127,12 +128,15 @@ async def test_implicit_tls_and_starttls(
     assert "STLS" in srv.transcript.keywords(1)
 
 
-@pytest.mark.parametrize("mechanism", ["plain", "login", "cram-md5"])
+@pytest.mark.parametrize(
+    "mechanism", ["plain", "login", "cram-md5", "scram-sha-1", "scram-sha-256"]
+)
 async def test_sasl_password_mechanisms(
     pop3_server_factory: Factory, tmp_path: Path, mechanism: str
 ) -> None:
     srv = pop3_server_factory(
-        messages=MSGS[:1], mechanisms=["PLAIN", "LOGIN", "CRAM-MD5"]
+        messages=MSGS[:1],
+        mechanisms=["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"],
     )
     _, got = await fetch(srv, tmp_path, auth=mechanism)
     assert got[0].raw == MSGS[0]
@@ -158,6 +162,42 @@ async def test_oauth_mechanisms_check_the_token(
     assert srv.transcript.commands(2)[-1] == "****"
     assert srv.transcript.replies(2)[-1].startswith("-ERR [AUTH]")
     assert "tok-1" not in str(srv.transcript)
+
+
+async def test_auto_prefers_scram_sha_256(
+    pop3_server_factory: Factory, tmp_path: Path
+) -> None:
+    srv = pop3_server_factory(
+        messages=MSGS[:1], mechanisms=["PLAIN", "SCRAM-SHA-1", "SCRAM-SHA-256"]
+    )
+    _, got = await fetch(srv, tmp_path)
+    assert got[0].raw == MSGS[0]
+    assert "logged in as user via SCRAM-SHA-256" in srv.transcript.events(1)
+    # C-42: the password itself never crossed the wire (SCRAM sends a proof).
+    with pytest.raises(AuthenticationError):
+        await fetch(srv, tmp_path, password="wrong")
+
+
+async def test_scram_bad_server_signature_is_refused(
+    pop3_server_factory: Factory, tmp_path: Path
+) -> None:
+    srv = pop3_server_factory(
+        messages=MSGS[:1],
+        mechanisms=["SCRAM-SHA-256"],
+        faults=Faults(scram_bad_signature=True),
+    )
+    with (
+        structlog.testing.capture_logs() as logs,
+        pytest.raises(AuthenticationError, match="signature does not match") as info,
+    ):
+        await fetch(srv, tmp_path)
+    await srv.await_idle()
+    # RFC 5802 §5.1: the exchange was cancelled (C-39) and nothing else was sent.
+    assert srv.transcript.commands(1)[-1] == "*"
+    assert srv.transcript.keywords(1) == ["CAPA", "AUTH", "****", "*"]
+    assert not any("logged in" in e for e in srv.transcript.events(1))
+    assert srv.messages == MSGS[:1]
+    assert "pass" not in str(info.value) and "pass" not in repr(logs)
 
 
 async def test_wrong_password_is_authentication_error(
@@ -314,17 +354,18 @@ async def test_fault_drop_after_capa_reconnects_without_capa(
     assert "CAPA" not in srv.transcript.keywords(2)
 
 
-@pytest.mark.xfail(
-    reason="pop3 client: T-08 bare-LF session mode not implemented yet", strict=False
-)
 async def test_fault_bare_lf_session(
     pop3_server_factory: Factory, tmp_path: Path
 ) -> None:
     srv = pop3_server_factory(messages=MSGS[:2], faults=Faults(bare_lf=True))
-    refs, got = await fetch(srv, tmp_path)
+    with structlog.testing.capture_logs() as logs:
+        refs, got = await fetch(srv, tmp_path)
     assert [r.uid for r in refs] == ["mp00000001", "mp00000002"]
     # T-08: LF-mode for the session; each LF-terminated line arrives as a line.
     assert [m.raw for m in got] == [m.replace(b"\r\n", b"\n") for m in MSGS[:2]]
+    assert srv.messages == [] and srv.sessions[0].outcome == "committed"
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert any("bare LF" in e.get("detail", "") for e in warnings)
 
 
 async def test_fault_long_status_line_fails_the_session(
