@@ -345,8 +345,12 @@ class MailboxRunner:
         plan = _Plan()
         if not uidl:
             # Without UIDL the uid is known only after RETR (content hash): every
-            # message is retrieved and classified then.
-            plan.process = list(refs)
+            # message is retrieved and classified then; the size policy still applies
+            # from LIST, before any download.
+            limit = self.cfg.max_message_size
+            for ref in refs:
+                big = limit is not None and ref.size > limit
+                (plan.oversize if big else plan.process).append(ref)
             return plan
         entries = self.journal.get_many(self.name, [r.uid for r in refs])
         if not self._reset_checked:  # C-60: before any journal write of this poll
@@ -448,6 +452,11 @@ class MailboxRunner:
             )
             if policy == "skip":
                 summary.skipped += 1
+            elif policy == "delete" and not ref.uid:
+                # No UIDL: nothing to journal by; decided again from LIST if a crash
+                # comes before QUIT, with the same outcome.
+                summary.dropped += 1
+                owed.append(ref)
             elif policy == "delete":
                 self.journal.begin(self.name, ref.uid, key=ref.key, size=ref.size)
                 self.journal.finish(
@@ -466,6 +475,14 @@ class MailboxRunner:
                 refs, spool_dir=self.spool_dir, spool_threshold=self.spool_threshold
             ):
                 try:
+                    if not msg.ref.uid:  # no UIDL: known by its content hash
+                        msg = self._adopt_hash_uid(msg)
+                        known = self.journal.get_many(self.name, [msg.ref.uid])
+                        entry = known.get(msg.ref.uid)
+                        if entry is not None and entry.status != Status.PENDING:
+                            if entry.delete_due or entry.status == Status.DELETED:
+                                owed.append(msg.ref)
+                            continue  # quarantined before (kept on the server)
                     reason = f"oversize: {msg.ref.size} > {self.cfg.max_message_size}"
                     delete = self._quarantine(msg, reason=reason, attempts=0, error="")
                     summary.quarantined += 1

@@ -510,3 +510,34 @@ def test_chunks_cap_count_and_octets() -> None:
     sizes = [[r.size for r in c] for c in _chunks(refs, 3, 12)]
     assert sizes == [[5, 5], [5], [20], [1, 1, 1]]
     assert sum(len(c) for c in _chunks(refs, 2, 10**9)) == 7
+
+
+@pytest.mark.parametrize("policy", ["skip", "delete", "quarantine"])
+async def test_oversize_policy_applies_without_uidl(tmp_path: Path, policy: str) -> None:
+    runner, box, _ = make(
+        tmp_path,
+        [{"use": "rec"}],
+        max_message_size=60,
+        on_oversize=policy,
+        on_quarantine="keep",
+    )
+    box.uidl = False
+    box.add("big", msg("x" * 100))
+    box.add("small", msg("s"))
+    first = await runner.poll()
+    second = await runner.poll()
+    retrs = kinds(box).count("retr")
+    assert len(LOG["p"]) == 1 and LOG["p"][0].startswith("sha256:")  # small, once
+    quarantined = Quarantine(tmp_path / "q").list()
+    if policy == "skip":
+        assert retrs == 1 and list(box.messages) == ["big"]  # never downloaded
+        assert (first.skipped, second.skipped) == (1, 1)
+    elif policy == "delete":
+        assert retrs == 1 and box.messages == {} and first.dropped == 1
+    else:
+        # Downloaded to be quarantined (kept on the server by on_quarantine), and
+        # known by its content hash the next time: not quarantined twice.
+        assert list(box.messages) == ["big"] and len(quarantined) == 1
+        assert (first.quarantined, second.quarantined) == (1, 0)
+    if policy != "quarantine":
+        assert quarantined == []
