@@ -476,12 +476,8 @@ class MailboxRunner:
             ):
                 try:
                     if not msg.ref.uid:  # no UIDL: known by its content hash
-                        msg = self._adopt_hash_uid(msg)
-                        known = self.journal.get_many(self.name, [msg.ref.uid])
-                        entry = known.get(msg.ref.uid)
-                        if entry is not None and entry.status != Status.PENDING:
-                            if entry.delete_due or entry.status == Status.DELETED:
-                                owed.append(msg.ref)
+                        msg, _entry, settled = self._by_hash(msg, owed)
+                        if settled:
                             continue  # quarantined before (kept on the server)
                     reason = f"oversize: {msg.ref.size} > {self.cfg.max_message_size}"
                     delete = self._quarantine(msg, reason=reason, attempts=0, error="")
@@ -644,12 +640,8 @@ class MailboxRunner:
             self.log.error("uidl_reused", uid=msg.ref.uid, number=msg.ref.number)
             msg.ref = replace(msg.ref, uid="")
         if not msg.ref.uid:
-            msg = self._adopt_hash_uid(msg)
-            hashed = self.journal.get_many(self.name, [msg.ref.uid])
-            entry = hashed.get(msg.ref.uid)
-            if entry is not None and entry.status != Status.PENDING:
-                if entry.delete_due or entry.status == Status.DELETED:
-                    dele_after.append(msg.ref)
+            msg, entry, settled = self._by_hash(msg, dele_after)
+            if settled:
                 return
             if entry is not None:
                 entries[msg.ref.uid] = entry
@@ -662,6 +654,20 @@ class MailboxRunner:
             # keep the raw bytes before that can happen.
             done = self._quarantine_failed(msg, done, summary)
         group.append(done)
+
+    def _by_hash(
+        self, msg: Message, dele: list[MessageRef]
+    ) -> tuple[Message, Entry | None, bool]:
+        """Key a message without a uid by its content hash; return it, its journal
+        entry, and True when that entry is settled (then ``dele`` gets it if its DELE
+        is owed)."""
+        msg = self._adopt_hash_uid(msg)
+        entry = self.journal.get_many(self.name, [msg.ref.uid]).get(msg.ref.uid)
+        if entry is None or entry.status == Status.PENDING:
+            return msg, entry, False
+        if entry.delete_due or entry.status == Status.DELETED:
+            dele.append(msg.ref)
+        return msg, entry, True
 
     def _adopt_hash_uid(self, msg: Message) -> Message:
         uid = f"sha256:{msg.sha256}"
