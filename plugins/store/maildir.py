@@ -230,7 +230,7 @@ class MaildirStore:
     MAX_HELD: ClassVar[int] = 32 << 20
     #: Writer threads: file creation and fsync wait in the kernel, and several
     #: writers overlap those waits (names are taken in arrival order at submit).
-    WRITERS: ClassVar[int] = 4
+    WRITERS: ClassVar[int] = 8
 
     def _settle(self, writes: int, held: int) -> None:
         """Wait for the oldest writes until at most ``writes`` writes holding ``held``

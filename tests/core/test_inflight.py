@@ -27,3 +27,18 @@ def test_markers_are_per_mailbox(tmp_path: Path) -> None:
     a.set("x")
     assert b.take() is None and a.take() == "x"
     assert a.path.parent == tmp_path and a.path.name.startswith(".inflight-")
+
+
+def test_the_marker_outlives_a_sigkilled_process(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, sys; from pathlib import Path;"
+        "from mailpipe.inflight import InflightMarker;"
+        "InflightMarker(Path(sys.argv[1]), 'box').set('uid-9');"
+        "os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=False)
+    assert done.returncode == -9
+    assert InflightMarker(tmp_path, "box").take() == "uid-9"
