@@ -59,6 +59,8 @@ async def _serve(target_host: str, target_port: int, delay: float, listen: int) 
             return
         try:
             await asyncio.gather(_pump(cr, sw, delay), _pump(sr, cw, delay))
+        except asyncio.CancelledError:
+            pass  # the proxy is stopping (SIGTERM): connections close quietly
         finally:
             for w in (sw, cw):
                 w.close()

@@ -9,6 +9,7 @@ readers see arrival order. A reader that moves the file to ``cur/`` appends
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import threading
@@ -33,6 +34,15 @@ log = structlog.get_logger()
 _OURS = re.compile(r"^\d+\.M\d+P\d+\.([0-9a-f]{32})\.mailpipe,")
 _LAST_STAMP = [0]
 _STAMP_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once at import, before any writer thread exists
 
 
 def file_name(key: str, size: int) -> str:
@@ -263,12 +273,11 @@ class MaildirStore:
             log.info("store_already_committed", store=self.name, key=key)
             return
         name = file_name(key, message.size)
-        if (
-            self.options.group_commit
-            and message.data is not None
-            and key not in self._inline
-        ):
+        behind = self.options.group_commit and key not in self._inline
+        if behind and message.data is not None:
             self._submit(key, name, message.data)
+        elif behind and message.spool_path is not None and self._link(message, name):
+            self._submit(key, name, None)  # zero-copy: the spool file itself
         else:
             size = self._write(name, _chunks(message))
             self._inline.discard(key)
@@ -279,25 +288,54 @@ class MaildirStore:
             self._unsynced = True  # durable at flush(), which precedes any DELE
         keys.add(key)
 
-    def _write(self, name: str, chunks: Iterator[bytes] | list[bytes]) -> int:
+    def _link(self, message: Message, name: str) -> bool:
+        """Hard-link a spooled message into tmp/ (no copy); False when the spool is on
+        another file system or links are refused (the caller copies instead)."""
+        assert message.spool_path is not None
+        tmp = self.path / "tmp" / name
+        try:
+            os.link(message.spool_path, tmp)
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                return False
+            raise
+        os.chmod(tmp, 0o644 & ~_UMASK)  # as a file written here would be
+        return True
+
+    def _write(self, name: str, chunks: Iterator[bytes] | list[bytes] | None) -> int:
+        """tmp/<name> → fsync → new/<name>; with ``chunks`` None, tmp/<name> is a
+        linked spool file that is only fsynced here."""
         tmp, final = self.path / "tmp" / name, self.path / "new" / name
-        size = write_fsync(tmp, chunks)
+        if chunks is None:
+            try:
+                fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                    size = os.fstat(fd).st_size
+                finally:
+                    os.close(fd)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        else:
+            size = write_fsync(tmp, chunks)
         # Maildir: the file appears in new/ only once complete and fsynced; the name
         # is unique (time, pid), so a rename cannot replace another message.
         os.rename(tmp, final)
         return size
 
-    def _submit(self, key: str, name: str, data: bytes) -> None:
-        """Hand one in-memory message to the writer threads (bounded; see MAX_*)."""
-        self._settle(self.MAX_WRITES - 1, self.MAX_HELD - len(data))
+    def _submit(self, key: str, name: str, data: bytes | None) -> None:
+        """Hand one message (its bytes, or None for a file linked into tmp/) to the
+        writer threads (bounded; see MAX_*)."""
+        held = len(data) if data is not None else 0
+        self._settle(self.MAX_WRITES - 1, self.MAX_HELD - held)
         if self._writer is None:
             self._writer = ThreadPoolExecutor(
                 self.WRITERS, thread_name_prefix="maildir-writer"
             )
-        self._writes.append(
-            (key, len(data), self._writer.submit(self._write, name, [data]))
-        )
-        self._held += len(data)
+        chunks = [data] if data is not None else None
+        self._writes.append((key, held, self._writer.submit(self._write, name, chunks)))
+        self._held += held
 
 
 PROCESSORS = [MaildirStore]

@@ -239,3 +239,45 @@ def test_background_writes_are_bounded_and_close_waits_for_them(
     md = tmp_path / "Maildir"
     assert sorted(key_of(n) for n in listing(md)["new"]) == sorted(m.key for m in ms)
     assert listing(md)["tmp"] == []
+
+
+def _spooled(tmp_path: Path, data: bytes, uid: str) -> Message:
+    from mailpipe import MessageRef
+
+    spool = tmp_path / "spool"
+    spool.mkdir(exist_ok=True)
+    path = spool / f"pop3-{uid}.eml"
+    path.write_bytes(data)
+    path.chmod(0o600)
+    ref = MessageRef(mailbox="support", number=1, uid=uid, size=len(data))
+    return Message(ref=ref, spool_path=path)
+
+
+@pytest.mark.parametrize("linkable", [True, False])
+def test_a_spooled_message_is_delivered_without_a_copy_when_it_can_be(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, linkable: bool
+) -> None:
+    import errno
+
+    big = RAW + b"x" * 100_000 + b"\r\n"
+    m = _spooled(tmp_path, big, "big")
+    spool_inode = m.spool_path.stat().st_ino  # type: ignore[union-attr]
+    if not linkable:  # e.g. the spool on another file system: copied instead
+
+        def no_link(*a: object, **k: object) -> None:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "link", no_link)
+    s = store(tmp_path)
+    s.process(m)
+    m.spool_path.unlink()  # type: ignore[union-attr]  # the engine's _unspool
+    s.flush()
+    md = tmp_path / "Maildir"
+    (name,) = listing(md)["new"]
+    stored = md / "new" / name
+    assert stored.read_bytes() == big and key_of(name) == m.key
+    assert (stored.stat().st_ino == spool_inode) is linkable
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stored.stat().st_mode & 0o777 == 0o644 & ~umask
+    assert listing(md)["tmp"] == []
