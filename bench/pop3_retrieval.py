@@ -132,15 +132,15 @@ def worker_mailpipe(a: argparse.Namespace) -> None:
     """mailpipe's POP3 client delivering through mailpipe's own ``store.maildir`` (each
     file fsynced before its rename into new/, as mpop does; new/ fsynced before DELE)."""
     import asyncio
-    import logging
 
-    import structlog
-
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    # mailpipe before structlog, as in `mailpipe run` (mailpipe/_imports.py).
     from mailpipe.plugins.pop3.source import Pop3Options, Pop3Source
     from mailpipe.plugins.store.maildir import MaildirOptions, MaildirStore
 
+    from mailpipe.logs import configure
     from mailpipe.processor import ProcessorContext
+
+    configure("json", "warning")
 
     out = Path(a.out)
     opts = Pop3Options.model_validate({
