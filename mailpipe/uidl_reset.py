@@ -8,7 +8,11 @@ journal write:
 - the maildrop is non-trivial (at least :data:`MIN_MESSAGES` listed) and more than
   half of its uids are unknown to the journal, and
 - of the messages the journal believes still on the server (any status but DELETED),
-  more than half, and at least :data:`MIN_MESSAGES`, are no longer listed.
+  more than half, and at least :data:`MIN_MESSAGES`, are no longer listed, and
+- more than half of the vanished messages reappear, by LIST size, among the unknown
+  ones (renamed mail keeps its sizes). Without this, another client emptying a kept
+  mailbox before new mail arrives would look the same, and adopting that new mail
+  unprocessed (the advice for a reset) would lose it.
 
 Delete mode (``after_processing``) is never checked: there listed mail is normally new.
 """
@@ -70,8 +74,11 @@ def assess(
     vanished = [size for uid, size in retained.items() if uid not in on_server]
     if len(vanished) < MIN_MESSAGES or 2 * len(vanished) <= len(retained):
         return None
-    # Second evidence for the operator: renamed mail keeps its sizes.
+    # Renamed mail keeps its sizes; new mail after the kept mail was deleted elsewhere
+    # almost never matches them.
     same = Counter(ref.size for ref in unseen) & Counter(vanished)
+    if 2 * sum(same.values()) <= len(vanished):
+        return None
     return ResetEvidence(
         listed=len(listed),
         unseen=len(unseen),

@@ -77,7 +77,22 @@ def test_most_kept_mail_must_have_vanished(kept: list[str], suspected: bool) -> 
 
 
 def test_same_size_counts_matching_sizes_once_each() -> None:
-    journal = Retained({"a": 5, "b": 5, "c": 7, **dict.fromkeys(old(10), 1)})
-    listed = refs(new(10), size=5) + refs(["n1", "n2"], size=7)
+    journal = Retained({"a": 5, "b": 5, "c": 7, **dict.fromkeys(old(10), 9)})
+    listed = refs(new(10), size=9) + refs(["n1", "n2"], size=5)
+    listed += refs(["n3", "n4"], size=7)
     evidence = assess(listed, set(), journal, "box")
-    assert evidence is not None and evidence.same_size == 3  # two 5s and one 7
+    assert evidence is not None and evidence.same_size == 13  # the second 7 is new
+
+
+def test_new_mail_after_another_client_emptied_the_box_is_not_a_reset() -> None:
+    # 50 kept messages deleted elsewhere (webmail), then 12 new ones arrive: as many
+    # uids unseen and vanished as after a reset, but the sizes do not match.
+    journal = Retained({f"old-{i}": 1000 + i for i in range(50)})
+    listed = [
+        MessageRef(mailbox="box", number=n, uid=f"new-{n}", size=5000 + n)
+        for n in range(1, 13)
+    ]
+    assert assess(listed, set(), journal, "box") is None
+    # The same 12 sizes among the vanished ones: that is renamed mail.
+    renamed = Retained({f"old-{i}": 5000 + i for i in range(1, 13)})
+    assert assess(listed, set(), renamed, "box") is not None
