@@ -172,8 +172,9 @@ class MailboxConfig(BaseModel):
     on_uidl_reset: Literal["stop", "ingest"] = Field(
         "stop",
         description="Keep modes only ('never', 'after_days:N'): when most listed uids "
-        "are new and most kept ones are gone (a UIDL reset is suspected), 'stop' fails "
-        "the poll and processes nothing; 'ingest' logs a warning and processes them.",
+        "are new and most kept ones are gone, reappearing by size among the new ones "
+        "(a UIDL reset is suspected), 'stop' fails the poll and processes nothing; "
+        "'ingest' logs a warning and processes them.",
     )
     max_message_size: ByteSize | None = Field(
         None, description="Messages larger than this (per LIST) are not downloaded."
