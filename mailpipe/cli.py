@@ -218,7 +218,15 @@ async def _process(app: Any, paths: list[Path], pipeline: str, dry_run: bool) ->
                 line["error"] = redact(f"{type(result.error).__name__}: {result.error}")
             click.echo(json.dumps(line, ensure_ascii=False, default=str))
         if not dry_run:
-            await chain.flush()
+            try:
+                await chain.flush()
+            except Exception as exc:  # a group commit (write-behind) failed
+                failed = count
+                click.echo(
+                    json.dumps(
+                        {"flush": "failed", "error": redact(f"{type(exc).__name__}: {exc}")}
+                    )
+                )
     finally:
         await chain.close()
     click.echo(

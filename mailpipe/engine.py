@@ -44,7 +44,7 @@ from mailpipe.errors import (
 )
 from mailpipe.inflight import InflightMarker
 from mailpipe.journal.base import Entry, Journal, Status
-from mailpipe.message import Message, MessageRef
+from mailpipe.message import Message, MessageRef, message_key
 from mailpipe.plugin_manager import Hooks
 from mailpipe.processor import Decision, Disposition, ProcessorContext
 from mailpipe.quarantine import Quarantine
@@ -235,7 +235,7 @@ class MailboxRunner:
         started = time.monotonic()
         self._attempted = set()
         self._reset_checked = False
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # raw mail
         try:
             self._count_crash()
             for _ in range(100_000):  # bounded: each window makes progress
@@ -265,12 +265,25 @@ class MailboxRunner:
         return summary
 
     def _count_crash(self) -> None:
-        """Count an attempt against the message a dead process left in its chain."""
-        uid = self.inflight.take()
-        if not uid:
+        """Charge an attempt to the message a dead process left in its chain, when it
+        was the only chain in flight (see mailpipe.inflight)."""
+        try:
+            left = self.inflight.take()
+        except OSError as exc:  # e.g. a full disk: the poll goes on without it
+            self.log.warning("inflight_marker_unavailable", error=_error_text(exc))
             return
+        if left is None:
+            return
+        uid, alone = left
         entry = self.journal.get_many(self.name, [uid]).get(uid)
-        if entry is None or entry.status != Status.PENDING:
+        if entry is None:  # it died in the header prefetch, before its first begin()
+            key = message_key(self.name, uid)
+            entry = self.journal.begin(self.name, uid, key=key, size=0)
+        if entry.status != Status.PENDING:
+            return
+        if not alone:
+            self.log.warning("message_in_flight_at_death", uid=uid, key=entry.key,
+                             charged=False, reason="other chains were in flight")
             return
         attempts = self.journal.fail(self.name, uid, error=CRASH_ERROR, counted=True)
         self.log.error(
@@ -280,6 +293,17 @@ class MailboxRunner:
             attempts=attempts,
             max_attempts=self.cfg.max_attempts,
         )
+
+    def _mark(self, uid: str | None) -> None:
+        """Set (or with None clear) the in-flight marker; a marker that cannot be
+        written (a full disk) is skipped with a warning, never a failed message."""
+        try:
+            if uid is None:
+                self.inflight.clear()
+            else:
+                self.inflight.set(uid)
+        except OSError as exc:
+            self.log.warning("inflight_marker_unavailable", error=_error_text(exc))
 
     @property
     def last_exception(self) -> BaseException | None:
@@ -509,12 +533,21 @@ class MailboxRunner:
     ) -> tuple[list[MessageRef], list[MessageRef]]:
         todo: list[MessageRef] = []
         owed: list[MessageRef] = []
+        entries = self.journal.get_many(self.name, [r.uid for r in refs if r.uid])
         for ref in refs:
             if self.stop.is_set():
                 break
+            spent = entries.get(ref.uid)
+            if spent is not None and spent.attempts >= self.cfg.max_attempts:
+                todo.append(ref)  # RETR'd to be quarantined (see _run_one)
+                continue
             headers = await session.headers(ref)
             msg = Message(ref=ref, data=headers, headers_only=True)
-            decision = await self.chain.prefetch(self.cfg.pipeline, msg)
+            self._mark(ref.uid)  # a header rule that kills the process is charged too
+            try:
+                decision = await self.chain.prefetch(self.cfg.pipeline, msg)
+            finally:
+                self._mark(None)
             if decision is None or decision.disposition == Disposition.QUARANTINE:
                 todo.append(ref)
                 continue
@@ -701,13 +734,13 @@ class MailboxRunner:
             # durably before the next step, so no crash can make it happen twice.
             self.journal.step_committed(self.name, ref.uid, step)
 
-        self.inflight.set(ref.uid)
+        self._mark(ref.uid)
         try:
             result = await self.chain.run(
                 self.cfg.pipeline, msg, done_steps=entry.steps, on_commit=journal_now
             )
         finally:
-            self.inflight.clear()
+            self._mark(None)
         if result.ok:
             assert result.decision is not None
             summary.processed += 1

@@ -7,11 +7,17 @@ retried forever and stop the mailbox: "bad input never stops the pipeline".
 
 Before a message enters the chain its uid is written here; when the chain returns the
 marker is cleared. A uid still present when the next poll starts means the process
-died while running it, so one attempt is counted against that message. The marker is
-a small file per mailbox written without fsync: it survives the death of the process
-(the data is in the kernel's page cache), not a power loss, which is not the
-message's fault anyway. Setting and clearing it are memory writes into a shared
-mapping: no system call per message.
+died while running it. One attempt is charged to it only when it was *alone*: no other
+chain of the same process (another mailbox, polled concurrently) was in flight at any
+moment of its run, so the death cannot be someone else's. A message that kills the
+process while others run is charged at a later death, when it runs alone (the others'
+chains are short); innocent messages in flight beside it are never charged.
+
+The marker is one page of a small file per mailbox, preallocated with real blocks (a
+full disk is an ``OSError`` when it is created, never a SIGBUS later) and mapped shared:
+setting and clearing it are memory writes, no system call per message, and the page
+outlives the process in the page cache (not a power loss, which is not the message's
+fault anyway).
 """
 
 from __future__ import annotations
@@ -19,17 +25,20 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import threading
 from pathlib import Path
+
+#: This process, as written into its markers (a later process knows it is not its own).
+_TOKEN = os.urandom(4)
+_ACTIVE: set[InflightMarker] = set()  # markers set now, in this process
+_ACTIVE_LOCK = threading.Lock()
+
+# Layout: 4 token, 1 alone flag, 2 uid length (big-endian; 0 = clear), then the uid.
+_HEAD = 7
 
 
 class InflightMarker:
-    """One mailbox's marker file (the caller holds the mailbox lease).
-
-    The file is one page mapped shared: a write is a memory copy (no system call, no
-    metadata update per message), and the page outlives the process in the page
-    cache, so the next process reads what a dead one left. Layout: 2 octets of length
-    (big-endian), then the uid (UTF-8, surrogateescape), at most ``SIZE - 2`` octets.
-    """
+    """One mailbox's marker file (the caller holds the mailbox lease)."""
 
     SIZE = 4096
 
@@ -40,41 +49,63 @@ class InflightMarker:
 
     def _open(self) -> mmap.mmap:
         if self._map is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 if os.fstat(fd).st_size != self.SIZE:
-                    os.ftruncate(fd, self.SIZE)
+                    # Real blocks, not a sparse ftruncate: a store into a mapped hole
+                    # on a full disk is a SIGBUS that kills the process.
+                    os.pwrite(fd, bytes(self.SIZE), 0)
+                    os.fsync(fd)
                 self._map = mmap.mmap(fd, self.SIZE, access=mmap.ACCESS_WRITE)
             finally:
                 os.close(fd)  # the mapping keeps the file
         return self._map
 
-    def take(self) -> str | None:
-        """Return the uid a dead process left behind (and clear it), or None."""
+    def take(self) -> tuple[str, bool] | None:
+        """Return ``(uid, alone)`` left by an earlier process (and clear it), or None.
+
+        ``alone``: no other chain of that process was in flight during the uid's run.
+        """
         m = self._open()
-        n = int.from_bytes(m[0:2], "big")
-        if not 0 < n <= self.SIZE - 2:
-            m[0:2] = b"\0\0"
+        token, alone, n = m[0:4], m[4] == 1, int.from_bytes(m[5:7], "big")
+        if n == 0 or token == _TOKEN:
             return None
-        uid = m[2 : 2 + n].decode("utf-8", "surrogateescape")
-        m[0:2] = b"\0\0"
-        return uid
+        m[5:7] = b"\0\0"
+        if n > self.SIZE - _HEAD:
+            return None
+        return m[_HEAD : _HEAD + n].decode("utf-8", "surrogateescape"), alone
 
     def set(self, uid: str) -> None:
         """Record that ``uid`` enters the chain now."""
         m = self._open()
-        data = uid.encode("utf-8", "surrogateescape")[: self.SIZE - 2]
-        m[0:2] = b"\0\0"  # never a length with another uid's bytes
-        m[2 : 2 + len(data)] = data
-        m[0:2] = len(data).to_bytes(2, "big")
+        data = uid.encode("utf-8", "surrogateescape")[: self.SIZE - _HEAD]
+        m[5:7] = b"\0\0"  # never a length with another uid's bytes
+        m[_HEAD : _HEAD + len(data)] = data
+        m[0:4] = _TOKEN
+        with _ACTIVE_LOCK:
+            _ACTIVE.add(self)
+            alone = len(_ACTIVE) == 1
+            if not alone:
+                for other in _ACTIVE:  # they overlap this run: none of them is alone
+                    if other._map is not None:
+                        other._map[4] = 0
+            m[4] = 1 if alone else 0
+        m[5:7] = len(data).to_bytes(2, "big")
 
     def clear(self) -> None:
-        """Record that no message is in the chain."""
-        self._open()[0:2] = b"\0\0"
+        """Record that no message is in the chain (a marker another process has taken
+        over, after a lost lease, is left alone)."""
+        with _ACTIVE_LOCK:
+            _ACTIVE.discard(self)
+        m = self._open()
+        if m[0:4] == _TOKEN:
+            m[5:7] = b"\0\0"
 
     def close(self) -> None:
         """Unmap the file (its content stays)."""
+        with _ACTIVE_LOCK:
+            _ACTIVE.discard(self)
         if self._map is not None:
             self._map.close()
             self._map = None

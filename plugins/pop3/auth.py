@@ -285,7 +285,9 @@ class Scram(Mechanism):
         salt = b64decode_strict(values["s"])
         if not salt:
             raise SaslVerifyError("SCRAM salt is missing or not base64")
-        if not iterations.isdigit() or not 0 < int(iterations) <= MAX_SCRAM_ITERATIONS:
+        if not (iterations.isascii() and iterations.isdigit()) or not (
+            0 < int(iterations) <= MAX_SCRAM_ITERATIONS
+        ):
             raise SaslVerifyError(f"SCRAM iteration count {iterations[:12]!r} refused")
         try:
             password = saslprep(self.password)

@@ -470,7 +470,7 @@ class _Sink:
             self._spill()
 
     def _spill(self) -> None:
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # raw mail
         fd, name = tempfile.mkstemp(dir=self.spool_dir, prefix="pop3-", suffix=".eml")
         self.path = Path(name)
         self.file = os.fdopen(fd, "wb")

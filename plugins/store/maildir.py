@@ -160,10 +160,10 @@ class MaildirStore:
     def close(self) -> None:
         """Wait for background writes, then forget the key index (the next open lists
         the Maildir again). Writes not yet flushed are not durable: their messages
-        stay on the server."""
+        stay on the server; a write that failed is still reported by the next
+        ``flush()``, so no group sharing this instance is taken for durable."""
         with self._lock:
-            self._settle(0, 0)
-            self._failure = None
+            self._settle(0, 0)  # a failure stays recorded: the next flush() raises it
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
                 self._writer = None

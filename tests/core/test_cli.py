@@ -207,3 +207,28 @@ def test_check_toml_syntax_error_exit_2(tmp_path: Path, bad: str) -> None:
     cfg.write_text(bad)
     done = mailpipe("check", str(cfg))
     assert done.returncode == 2 and "line 1" in done.stderr
+
+
+def test_process_reports_a_failed_group_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """store.maildir writes behind: a write error surfaces at flush() and must turn the
+    run into a failure, not an uncaught exception after every line said ok."""
+    import errno
+
+    import mailpipe.plugins.store.maildir as maildir_module
+
+    def broken(*a: object, **k: object) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(maildir_module, "write_fsync", broken)
+    cfg = tmp_path / "pipeline.toml"
+    cfg.write_text(
+        '[state]\npath = "var/j.sqlite3"\n[pipelines.default]\n'
+        'processors = [{ use = "store.maildir", path = "out" }]\n'
+    )
+    result = CliRunner().invoke(cli, ["process", str(cfg), str(SAMPLES / "01-ticket.eml")])
+    lines = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
+    assert lines[-1]["flush"] == "failed" and "Input/output error" in lines[-1]["error"]
+    assert result.exit_code == 1
+    assert not list((tmp_path / "out" / "new").iterdir())

@@ -541,3 +541,62 @@ async def test_oversize_policy_applies_without_uidl(tmp_path: Path, policy: str)
         assert (first.quarantined, second.quarantined) == (1, 0)
     if policy != "quarantine":
         assert quarantined == []
+
+
+def _dead_process_left(
+    monkeypatch: pytest.MonkeyPatch, spool: Path, marks: dict[str, str]
+) -> None:
+    """Markers as a process killed with ``marks`` (mailbox -> uid) in flight left them."""
+    import os
+
+    import mailpipe.inflight as inflight
+
+    monkeypatch.setattr(inflight, "_TOKEN", os.urandom(4))
+    for mailbox, uid in marks.items():
+        inflight.InflightMarker(spool, mailbox).set(uid)
+    monkeypatch.setattr(inflight, "_TOKEN", os.urandom(4))  # the next process
+    inflight._ACTIVE.clear()
+
+
+async def test_a_death_alone_in_the_chain_is_charged_then_quarantined(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner, box, journal = make(tmp_path, [{"use": "rec"}], max_attempts=3)
+    box.add("a", msg("a"))
+    box.add("b", msg("b"))
+    key = Message.from_bytes(msg("a"), mailbox="box", uid="a").key
+    journal.begin("box", "a", key=key, size=10)
+    for _ in range(2):
+        journal.fail("box", "a", error="the process died", counted=True)
+    _dead_process_left(monkeypatch, runner.spool_dir, {"box": "a"})
+    s = await runner.poll()
+    assert LOG["p"] == ["b"]  # "a" never ran again: its 3rd death was counted
+    assert s.quarantined == 1 and box.messages == {}
+    (q,) = Quarantine(tmp_path / "q").list()
+    assert "died 3 time(s)" in q.reason
+
+
+async def test_a_death_beside_other_chains_charges_nobody(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner, box, journal = make(tmp_path, [{"use": "rec"}], max_attempts=1)
+    box.add("a", msg("a"))
+    key = Message.from_bytes(msg("a"), mailbox="box", uid="a").key
+    journal.begin("box", "a", key=key, size=10)
+    _dead_process_left(monkeypatch, runner.spool_dir, {"box": "a", "other": "x"})
+    s = await runner.poll()
+    assert LOG["p"] == ["a"] and s.quarantined == 0  # innocent until alone
+    assert box.messages == {}
+
+
+async def test_a_death_in_the_header_prefetch_is_charged_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner, box, _journal = make(
+        tmp_path, [{"use": "drop"}, {"use": "rec"}], max_attempts=1
+    )
+    box.add("h", msg("hangs the header rule"))
+    _dead_process_left(monkeypatch, runner.spool_dir, {"box": "h"})  # no entry yet
+    s = await runner.poll()
+    assert s.quarantined == 1 and ("top", "h") not in box.calls
+    assert LOG.get("p", []) == []

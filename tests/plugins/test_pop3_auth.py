@@ -274,6 +274,7 @@ def test_scram_server_nonce_must_extend_client_nonce(server_first):
         (b"r=rOprNGfwEbeRWgbNEkqOx,s=!!,i=4096", "salt"),
         (b"r=rOprNGfwEbeRWgbNEkqOx,s=QSXCR+Q6sek8bf92,i=0", "iteration"),
         (b"r=rOprNGfwEbeRWgbNEkqOx,s=QSXCR+Q6sek8bf92,i=2147483648", "iteration"),  # S-12
+        ("r=rOprNGfwEbeRWgbNEkqOx,s=QSXCR+Q6sek8bf92,i=\u00b2".encode(), "iteration"),
         (b"garbage", "attribute"),
     ],
 )
