@@ -44,7 +44,7 @@ from mailpipe.errors import (
 )
 from mailpipe.inflight import InflightMarker
 from mailpipe.journal.base import Entry, Journal, Status
-from mailpipe.message import Message, MessageRef, message_key
+from mailpipe.message import Message, MessageRef, is_renamed_copy, message_key
 from mailpipe.plugin_manager import Hooks
 from mailpipe.processor import Decision, Disposition, ProcessorContext
 from mailpipe.quarantine import Quarantine
@@ -432,6 +432,11 @@ class MailboxRunner:
                 and _aware(entry.first_seen) + timedelta(days=days) <= now
             ):
                 plan.dele.append(ref)
+            elif is_renamed_copy(ref.uid) and entry.sha256:
+                # T-23: copies are named by listing order, so when an earlier copy
+                # goes, another message can inherit this name: its content hash
+                # decides after RETR (see _retrieved).
+                plan.process.append(ref)
         # Messages that failed before go after new ones, so that messages failing
         # again (a 4xx relay, a poison message) can never fill every window and
         # starve new mail under commit_window/max_messages.
@@ -663,6 +668,15 @@ class MailboxRunner:
                 received=msg.size,
             )
         known = entries.get(msg.ref.uid) if msg.ref.uid else None
+        if (
+            known is not None
+            and known.status not in (Status.PENDING, Status.DELETED)
+            and is_renamed_copy(msg.ref.uid)
+        ):
+            if known.sha256 == msg.sha256:
+                return  # the same copy as before: already handled
+            self.log.error("uidl_reused", uid=msg.ref.uid, number=msg.ref.number)
+            msg.ref = replace(msg.ref, uid="")  # a different message: by content hash
         if known is not None and known.status == Status.DELETED:
             if known.sha256 == msg.sha256:
                 self.log.warning("deleted_message_reappeared", uid=msg.ref.uid)

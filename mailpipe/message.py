@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.policy
 import hashlib
+import re
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -37,6 +38,14 @@ def message_key(mailbox: str, uid: str) -> str:
     idempotency.
     """
     return hashlib.sha256(f"{mailbox}\0{uid}".encode()).hexdigest()[:32]
+
+
+_COPY = re.compile(r" #\d+$")
+
+
+def is_renamed_copy(uid: str) -> bool:
+    """True for a uid :func:`distinct_uids` gave to a 2nd, 3rd... copy."""
+    return _COPY.search(uid) is not None
 
 
 def distinct_uids(refs: list[MessageRef]) -> tuple[list[MessageRef], int]:

@@ -275,3 +275,22 @@ def drop_on_server(srv: Pop3Server, numbers: list[int]) -> None:
             client.dele(n)
     finally:
         client.quit()
+
+
+async def test_keep_mode_a_new_message_inheriting_a_copy_name_is_processed(
+    pop3_server_factory: Any, rig: Any
+) -> None:
+    """Copies are named by listing order: when another client deletes the first copy,
+    a different message arriving under the same uid takes the name "abc #2", which the
+    journal knows. Its content hash tells it apart (found in review)."""
+    srv = pop3_server_factory()
+    srv.add_message(msg(1, "copy"), uid="abc")
+    srv.add_message(msg(1, "copy"), uid="abc")
+    r = rig(srv, delete="never")
+    assert (await r.poll()).processed == 2
+    srv._mailbox.remove([srv._mailbox.items[0]])  # the user's phone deletes copy 1
+    srv.add_message(msg(99, "brand new mail"), uid="abc")
+    third = await r.poll()
+    assert third.processed == 1
+    fourth = await r.poll()  # processed once: known by its content hash now
+    assert fourth.processed == 0
