@@ -221,9 +221,10 @@ def test_command_wire_bytes(command, wire):
         lambda: Auth(mechanism="PLAIN", initial_response="AA\nBB"),
         lambda: AuthResponse(data="x\r\nDELE 1"),
         lambda: Retr(number=-1),
+        lambda: Top(number=1, lines=-1),  # C-52: n must be non-negative
     ],
     ids=["user-crlf", "user-lf", "user-nul", "pass-crlf", "pass-nul", "apop-cr",
-         "mech-crlf", "ir-lf", "sasl-crlf", "negative-number"],
+         "mech-crlf", "ir-lf", "sasl-crlf", "negative-number", "top-negative-lines"],
 )
 def test_c02_injection_refused_before_anything_is_sent(build):
     with pytest.raises(ValueError):
@@ -457,16 +458,22 @@ BODIES = [
     ("c08-bare-cr-dot", b"+OK\r\na\r.\rb\r\n.\r\n", b"a\r.\rb\r\n"),
     ("c08-lf-then-dotcrlf", b"+OK\r\nx\n.\r\ny\r\n.\r\n", b"x\n.\r\ny\r\n"),
     ("c10-octets", b"+OK\r\n\x00\xff\xfe\r\n.\r\n", b"\x00\xff\xfe\r\n"),
+    # C-05: "120 octets" is informational; BodyEnd.octets counts what arrived.
     ("c51-retr", b"+OK 120 octets\r\nSubject: a\r\n\r\n..hidden\r\n.\r\n",
      b"Subject: a\r\n\r\n.hidden\r\n"),
     ("t01", b"+OK\r\n..a\r\n..\r\n...\r\n.\r\n", b".a\r\n.\r\n..\r\n"),
+    # T-02: a stuffed lone-dot line inside the body.
     ("t02", b"+OK\r\nx\r\n..\r\ny\r\n.\r\n", b"x\r\n.\r\ny\r\n"),
     ("t03-unstuffed-dot-lost", b"+OK\r\n.hidden\r\nz\r\n.\r\n", b"hidden\r\nz\r\n"),
     ("t05-bare-lf-lines", b"+OK\r\nl1\nl2\n.\nl3\r\n.\r\n", b"l1\nl2\n.\nl3\r\n"),
+    # T-06, T-07: bare CR is data; "." + bare LF loses only the dot (RFC 1939 §3).
     ("t06-cr-without-lf", b"+OK\r\na\rb\r.\r\n.\r\n", b"a\rb\r.\r\n"),
     ("t07-dot-bare-lf", b"+OK\r\nq\r\n.\nr\r\n.\r\n", b"q\r\n\nr\r\n"),
+    # T-11: store what was received (Dovecot appended the CRLF server-side).
     ("t11", b"+OK\r\nabc\r\n.\r\n", b"abc\r\n"),
+    # T-12: no per-line limit (the 10 MiB line: test_c11_ten_mib_single_line_streamed_in_chunks).
     ("t12-long-line", b"+OK\r\n" + b"x" * 10_000 + b"\r\n.\r\n", b"x" * 10_000 + b"\r\n"),
+    # T-13, T-14: NUL and 8-bit bytes preserved byte-exact.
     ("t13-nul", b"+OK\r\nA\x00B\r\n\x00\r\n.\r\n", b"A\x00B\r\n\x00\r\n"),
     ("t14-8bit", b"+OK\r\nSubject: \xe2\x82\xac\xff\r\n\r\n.\r\n",
      b"Subject: \xe2\x82\xac\xff\r\n\r\n"),
@@ -485,6 +492,7 @@ def test_retr_body_is_dot_unstuffed_every_way(name, data, body):
 
 @pytest.mark.parametrize(("name", "data", "body"), BODIES[:8], ids=[b[0] for b in BODIES[:8]])
 def test_top_body_same_framing(name, data, body):
+    # C-52: TOP replies are framed exactly like RETR.
     events = run_all_ways(authed, [Top(number=1, lines=0)], data)
     assert body_of(events) == body
 
@@ -537,6 +545,7 @@ def test_c11_total_size_cap():
     ids=["c12", "t28", "t09-dot-cr", "dot", "status-only", "partial-status"],
 )
 def test_c12_eof_before_terminator_is_truncation(data):
+    # S-07: a TLS EOF mid-response reaches the parser as this same EOF: a failed transfer.
     conn = authed()
     conn.send(Retr(number=1))
     conn.receive_data(data)
@@ -619,6 +628,7 @@ def test_p02_desync_line_is_remote_error():
 
 
 def test_c59_unsolicited_line_marks_connection_dead():
+    # T-39: Dovecot's idle autologout notice.
     conn = authed()
     conn.receive_data(b"-ERR Disconnected for inactivity.\r\n")
     with pytest.raises(RemoteProtocolError, match="unsolicited"):
@@ -639,6 +649,7 @@ def test_t03_unstuffed_lone_dot_leaves_unsolicited_rest():
 
 
 def test_p03_lockstep_without_pipelining():
+    # P-11: without PIPELINING, one command outstanding.
     conn = authed(pipelining=False)
     conn.send(Retr(number=1))
     with pytest.raises(LocalProtocolError, match="outstanding"):
@@ -665,7 +676,7 @@ def test_p03_never_pipelined(cmd):
         (greeted, Noop()),
         (authed, User(name="a")),
         (authed, Stls()),
-        (authed, Auth(mechanism="PLAIN")),
+        (authed, Auth(mechanism="PLAIN")),  # C-41: no AUTH after a successful login
         (Pop3Connection, User(name="a")),
     ],
     ids=["retr-auth", "stat-auth", "dele-auth", "noop-auth", "user-trans", "stls-trans",
@@ -722,6 +733,7 @@ def test_quit_in_transaction_enters_update_then_closed():
 
 
 def test_c57_quit_err_is_distinct_outcome():
+    # T-27: QUIT -ERR is its own outcome (C-57 flow).
     conn = authed()
     conn.send(Quit())
     conn.receive_data(b"-ERR some deleted messages not removed\r\n")
@@ -808,3 +820,18 @@ def test_capa_listing_collected_and_capped():
     conn.receive_data(b"+OK\r\n" + b"X-TAG\r\n" * 20 + b".\r\n")
     with pytest.raises(RemoteProtocolError, match="listing"):
         conn.next_event()
+
+
+def test_t16_million_line_uidl_listing_in_64k_reads():
+    # T-16: a 1,000,000-line UIDL arrives in socket-sized reads and parses completely;
+    # the collected listing is capped in octets (S-12), not lines.
+    lines = b"".join(b"%d u%07d\r\n" % (i, i) for i in range(1, 1_000_001))
+    data = b"+OK\r\n" + lines + b".\r\n"
+    conn = authed()
+    conn.send(Uidl())
+    events = feed(conn, [data[i : i + 65536] for i in range(0, len(data), 65536)])
+    assert len(events) == 1 and isinstance(events[0], MultiLine)
+    uids = parse_uidl(events[0].body)
+    assert len(uids) == 1_000_000
+    assert uids[0] == (1, "u0000001") and uids[-1] == (1_000_000, "u1000000")
+    assert conn.outstanding == 0 and conn.buffered == 0
