@@ -325,6 +325,7 @@ class Pop3Client:
         advertised = self.capabilities is not None and name in self.capabilities.sasl
         command = Auth(mechanism=name)
         initial = mechanism.initial()
+        # T-37: XOAUTH2 never one-line (Microsoft closes the connection on it).
         if initial is not None and advertised and name != "XOAUTH2":
             encoded = sasl.b64encode(initial)
             if sasl.initial_response_fits(name, encoded):  # C-37
@@ -343,7 +344,10 @@ class Pop3Client:
             if failure is not None and isinstance(event, Ok | Err):
                 raise self._verify_error(name, failure)
             if isinstance(event, Err):
-                raise self._auth_error(event, f"AUTH {name}", mechanism.error)
+                token = getattr(mechanism, "token", "")
+                raise self._auth_error(
+                    event, f"AUTH {name}", mechanism.error, len(token) if token else None
+                )
             if not isinstance(event, Continuation):
                 raise SourceConnectionError(f"{self.where}: unexpected {event!r} in AUTH")
             challenge = sasl.b64decode_strict(event.text)
@@ -364,7 +368,11 @@ class Pop3Client:
         return error
 
     def _auth_error(
-        self, event: Err, during: str, oauth: dict[str, str] | None = None
+        self,
+        event: Err,
+        during: str,
+        oauth: dict[str, str] | None = None,
+        token_length: int | None = None,
     ) -> SourceError:
         error = sasl.classify(
             event, host=self.where, during=during, capabilities=self.capabilities
@@ -372,6 +380,9 @@ class Pop3Client:
         if oauth and isinstance(error, AuthenticationError):
             details = ", ".join(f"{k}={v}" for k, v in sorted(oauth.items()))
             error = AuthenticationError(f"{error} (OAuth error: {details})")
+        if token_length is not None and isinstance(error, AuthenticationError):
+            # T-38: Microsoft refuses tokens over ~4 KiB with a bare "Protocol error".
+            error = AuthenticationError(f"{error} (OAuth token length {token_length})")
         self._log.warning("pop3_auth_refused", during=during, error=str(error))
         return error
 
@@ -476,7 +487,7 @@ class Pop3Client:
         if writer is None:
             return
         try:
-            writer.close()
+            writer.close()  # C-35: after the QUIT reply; TLS sends close_notify here
             async with asyncio.timeout(2):
                 await writer.wait_closed()
         except (OSError, TimeoutError, ssl.SSLError):

@@ -284,6 +284,8 @@ class Pop3Session:
             tls=client.tls_active,
             pipelining=client.pipelining_active,
             capabilities=sorted(self.capabilities.names),
+            # C-27: IMPLEMENTATION is logged only; no behaviour depends on it.
+            implementation=" ".join(self.capabilities.args.get("IMPLEMENTATION", ())),
         )
 
     async def _authenticate(self) -> None:
@@ -422,6 +424,7 @@ class Pop3Session:
 
     async def mark_deleted(self, refs: Sequence[MessageRef]) -> None:
         """DELE each ref (pipelined); nothing is removed before QUIT (RFC 1939 §6)."""
+        # C-54: never DELE a number twice in a session, so a refusal is never "already".
         todo = [ref for ref in refs if ref.number not in self._marked]
         async for event in self.client.stream([Dele(number=r.number) for r in todo]):
             number = getattr(getattr(event, "command", None), "number", None)

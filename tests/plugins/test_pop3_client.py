@@ -612,6 +612,7 @@ async def test_wrong_password_with_sasl_plain():
 
 
 async def test_c44_xoauth2_error_challenge_flow():
+    # T-36: XOAUTH2 error challenge -> empty line -> -ERR -> AuthenticationError.
     error_json = base64.b64encode(b'{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}')
     seen: list[bytes] = []
 
@@ -634,10 +635,11 @@ async def test_c44_xoauth2_error_challenge_flow():
         with structlog.testing.capture_logs() as logs, pytest.raises(AuthenticationError) as info:
             async with src.session():
                 pass
-    assert seen[0] == b"AUTH XOAUTH2\r\n"  # two-line form (C-43)
+    assert seen[0] == b"AUTH XOAUTH2\r\n"  # two-line form (C-43, T-37)
     assert base64.b64decode(seen[1]) == b"user=user\x01auth=Bearer ya29.secret-token-value\x01\x01"
     assert seen[2] == b"\r\n"  # C-44: empty response to the error challenge
     assert "status=400" in str(info.value)
+    assert "OAuth token length 23" in str(info.value)  # T-38
     for text in (str(info.value), repr(logs)):
         assert "ya29.secret-token-value" not in text and seen[1].decode().strip() not in text
 
@@ -743,6 +745,7 @@ async def test_p12_pipelined_equals_lockstep(tmp_path):
     assert results[0][0] == msgs
 
 
+# P-11: lockstep against a server that drops commands sent early.
 async def test_t31_no_pipelining_advertised_means_lockstep(tmp_path):
     msgs = messages(20)
     mini = MiniPop3(msgs, pipelining=False)
@@ -761,6 +764,7 @@ async def test_p07_large_retr_in_window_does_not_deadlock(tmp_path):
 
 
 async def test_t25_retr_err_skips_only_that_message(tmp_path):
+    # P-10: -ERR to one pipelined RETR fails that entry only.
     msgs = messages(3)
     mini = MiniPop3(msgs, replies={b"RETR 2": b"-ERR Message 2 expunged.\r\n"})
     async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
@@ -827,6 +831,7 @@ async def test_headers_via_top():
 
 
 async def test_abort_sends_no_quit_and_deletes_nothing():
+    # C-58: a session ended without QUIT removes nothing.
     mini = MiniPop3(messages(3))
     async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
         await s.mark_deleted(await s.list())
@@ -836,6 +841,7 @@ async def test_abort_sends_no_quit_and_deletes_nothing():
 
 
 async def test_exception_in_session_aborts():
+    # C-58 / P-09: any failure inside the session closes without QUIT.
     mini = MiniPop3(messages(1))
     async with Server(mini) as srv:
         with pytest.raises(ZeroDivisionError):
@@ -849,6 +855,7 @@ async def test_exception_in_session_aborts():
     "reply", [b"-ERR some deleted messages not removed\r\n", b""], ids=["err", "lost"]
 )
 async def test_c57_quit_not_confirmed_is_commit_error(reply):
+    # T-27: "-ERR some deleted messages not removed" to QUIT.
     mini = MiniPop3(messages(1), replies={b"QUIT": reply})
     async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
         await s.mark_deleted(await s.list())
@@ -857,6 +864,7 @@ async def test_c57_quit_not_confirmed_is_commit_error(reply):
 
 
 async def test_c59_unsolicited_line_is_an_error():
+    # T-39: Dovecot's "-ERR Disconnected for inactivity." while idle.
     mini = MiniPop3(messages(1), replies={b"NOOP": b"+OK\r\n-ERR Disconnected for inactivity.\r\n"})
     async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
         from mailpipe.plugins.pop3.events import Noop
@@ -864,3 +872,35 @@ async def test_c59_unsolicited_line_is_an_error():
         await s.client.command(Noop())
         with pytest.raises(RemoteProtocolError, match="unsolicited"):
             await s.list()
+
+
+async def test_c54_dele_is_sent_once_per_number_and_a_refusal_is_not_a_mark():
+    # C-54: the client never re-sends DELE n, so "-ERR already deleted" cannot arise
+    # from its own state; a refused DELE is not recorded as marked.
+    mini = MiniPop3(messages(3), replies={b"DELE 3": b"-ERR Message 3 expunged.\r\n"})
+    async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
+        refs = await s.list()
+        with structlog.testing.capture_logs() as logs:
+            await s.mark_deleted(refs)
+            await s.mark_deleted(refs)
+        await s.commit()
+    assert mini.wire.count(b"DELE 1\r\n") == 1 and mini.wire.count(b"DELE 2\r\n") == 1
+    assert mini.wire.count(b"DELE 3\r\n") == 2  # refused, so tried again
+    assert [e["number"] for e in logs if e["event"] == "pop3_dele_refused"] == [3, 3]
+
+
+async def test_c27_implementation_is_logged_and_changes_nothing(tmp_path):
+    # C-27: IMPLEMENTATION is logged only; the session behaves the same without it.
+    results = []
+    for extra in ((), (b"IMPLEMENTATION Gpop",)):
+        mini = MiniPop3(messages(2), extra_capa=extra)
+        async with Server(mini) as srv:
+            with structlog.testing.capture_logs() as logs:
+                async with Pop3Source(options(srv.port)).session() as s:
+                    refs = await s.list()
+                    got = [m async for m in s.retrieve(refs, spool_dir=tmp_path,
+                                                       spool_threshold=1 << 20)]
+        opened = [e for e in logs if e["event"] == "pop3_session_opened"]
+        results.append(([m.raw for m in got], bytes(mini.wire), opened[0]["pipelining"]))
+        assert opened[0]["implementation"] == ("Gpop" if extra else "")
+    assert results[0] == results[1]
