@@ -376,6 +376,7 @@ class MailboxRunner:
                 big = limit is not None and ref.size > limit
                 (plan.oversize if big else plan.process).append(ref)
             return plan
+        # C-56: durable state is keyed by uid; message numbers are this session's only.
         entries = self.journal.get_many(self.name, [r.uid for r in refs])
         if not self._reset_checked:  # C-60: before any journal write of this poll
             self._reset_checked = True
@@ -697,7 +698,7 @@ class MailboxRunner:
         self._attempted.add(msg.ref.uid)
         done = await self._run_one(msg, entries.get(msg.ref.uid), summary)
         if done.failed and expire_zero and done.status == Status.PENDING:
-            # RFC 2449 §6.7: EXPIRE 0 lets the server delete what was RETR'd at QUIT;
+            # C-29, RFC 2449 §6.7: EXPIRE 0 lets the server delete what was RETR'd at QUIT;
             # keep the raw bytes before that can happen.
             done = self._quarantine_failed(msg, done, summary)
         group.append(done)
@@ -941,7 +942,7 @@ class MailboxRunner:
                 if d.delete_due:
                     owed.append(d.ref)
         if unflushed and _expire_zero(session):
-            # RFC 2449 §6.7: with EXPIRE 0 QUIT may delete every RETR'd message, DELE
+            # C-29, C-58: with EXPIRE 0 QUIT may delete every RETR'd message, DELE
             # or not; these are not durable anywhere, so the session must not QUIT.
             raise ProcessorError(
                 f"group commit failed for {unflushed} message(s) on a server with "

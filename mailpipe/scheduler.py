@@ -70,6 +70,7 @@ def next_delay(
     if error is None:
         spread = interval * jitter
         return max(0.0, interval + r.uniform(-spread, spread))
+    # S-14: an auth refusal waits backoff_auth (1 h by default); never hammer a lockout.
     if isinstance(error, AuthenticationError | SourcePermanentError):
         return float(sched.backoff_auth)
     exp = float(

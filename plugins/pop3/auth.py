@@ -342,7 +342,8 @@ class XOAuth2(Mechanism):
     """XOAUTH2 (Google and Microsoft docs), always in the two-line form (C-43).
 
     The first (empty) challenge gets the token; a second challenge is the base64 JSON
-    error (C-44), answered with an empty line so the server fails the command.
+    error (C-44), answered with an empty line so the server fails the command. The token
+    must carry the provider's POP scope (C-46; README lists Gmail's and Microsoft's).
     """
 
     user: str = ""

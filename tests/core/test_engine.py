@@ -133,6 +133,7 @@ def kinds(box: FakeMailbox) -> list[str]:
 
 
 async def test_dele_only_after_chain_and_quit_commits(tmp_path: Path) -> None:
+    # P-09: DELE only after the chain committed; QUIT last.
     runner, box, journal = make(tmp_path, [{"use": "rec"}])
     for i in range(3):
         box.add(f"u{i}", msg(f"m{i}"))
@@ -178,6 +179,7 @@ async def test_temporary_failure_does_not_count_attempts(tmp_path: Path) -> None
 
 
 async def test_connection_drop_never_reprocesses_committed(tmp_path: Path) -> None:
+    # C-58 / P-09: a failure mid-session closes without QUIT; dedupe covers re-fetches.
     runner, box, _journal = make(tmp_path, [{"use": "rec"}])
     for i in range(5):
         box.add(f"u{i}", msg(f"m{i}"))
@@ -239,6 +241,7 @@ async def test_no_uidl_falls_back_to_content_hash(tmp_path: Path) -> None:
 
 
 async def test_commit_window_reconnects(tmp_path: Path) -> None:
+    # C-56: later sessions renumber the survivors (fakes.py lists 1..n); uids still match.
     runner, box, _ = make(tmp_path, [{"use": "rec"}], commit_window=2)
     for i in range(5):
         box.add(f"u{i}", msg(f"m{i}"))
@@ -266,6 +269,7 @@ async def test_header_prefetch_skips_retr_of_dropped(tmp_path: Path) -> None:
 
 
 async def test_flush_failure_means_no_dele(tmp_path: Path) -> None:
+    # P-09: no DELE for a message whose commit failed.
     runner, box, journal = make(tmp_path, [{"use": "flaky"}])
     box.add("a", msg("a"))
     Flaky.fail_flush = True
@@ -310,6 +314,7 @@ async def test_stop_finishes_message_in_hand_and_commits(tmp_path: Path) -> None
 
 
 async def test_expire_zero_quarantines_failures_before_quit(tmp_path: Path) -> None:
+    # C-29: EXPIRE 0 makes RETR + QUIT destructive; keep failures before QUIT.
     runner, box, _ = make(tmp_path, [{"use": "rec", "fail_on": ["x"]}])
     box.capabilities = {"EXPIRE": "0"}
     box.add("x", msg("x"))

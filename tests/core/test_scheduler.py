@@ -56,10 +56,12 @@ def test_exponential_backoff_is_capped() -> None:
     "err", [AuthenticationError("no"), SourcePermanentError("x", code="SYS/PERM")]
 )
 def test_auth_and_permanent_failures_stop_hammering(err: BaseException) -> None:
+    # S-14: stop on [AUTH]; at most one retry per hour.
     assert delay(err) == 3600
 
 
 def test_login_delay_is_honoured() -> None:
+    # S-14: LOGIN-DELAY honoured.
     err = SourceBusyError("later", code="LOGIN-DELAY", retry_after=900)
     assert delay(err) == 900
     assert delay(SourceBusyError("in use", code="IN-USE")) <= 5

@@ -179,10 +179,13 @@ def test_classify_sanitises_server_text():
 
 
 def test_capabilities_values():
+    # C-29: EXPIRE 0, EXPIRE NEVER and the per-user EXPIRE n USER form.
     assert GMAIL_CAPA.expire == 0 and GMAIL_CAPA.login_delay == 300
     caps = parse_capa(b"EXPIRE NEVER\r\nLOGIN-DELAY 10 USER\r\n")
     assert caps.expire == -1 and caps.per_user("LOGIN-DELAY") and not caps.per_user("EXPIRE")
     assert Capabilities().expire is None
+    zimbra = parse_capa(b"EXPIRE 5 USER\r\n")
+    assert zimbra.expire == 5 and zimbra.per_user("EXPIRE")
 
 
 # --- SCRAM (RFC 5802, RFC 7677) -------------------------------------------------------

@@ -117,6 +117,7 @@ async def test_long_lines_arrive_whole(
     assert got[0].raw == long
 
 
+# C-35: QUIT, its reply, then the TLS close (close_notify itself is not observed here).
 async def test_implicit_tls_and_starttls(
     pop3_server_factory: Factory, tmp_path: Path
 ) -> None:
@@ -242,6 +243,7 @@ async def test_fault_login_delay_on_pass_is_busy(
         await fetch(srv, tmp_path)
 
 
+# S-07 / P-10: a cut mid-RETR fails the transfer and every outstanding entry; no QUIT.
 async def test_fault_drop_in_retr_aborts_and_deletes_nothing(
     pop3_server_factory: Factory, tmp_path: Path
 ) -> None:

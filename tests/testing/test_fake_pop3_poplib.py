@@ -134,6 +134,8 @@ def test_uidl_and_top(pop3_server_factory: Factory) -> None:
 
 
 def test_dele_marks_and_quit_deletes(pop3_server_factory: Factory) -> None:
+    # T-26 / C-54 (server side): after DELE 2, RETR 2 and DELE 2 fail, STAT drops it,
+    # LIST omits it and message 3 keeps its number.
     srv = pop3_server_factory(messages=[MSG_A, MSG_DOTS, MSG_LF])
     p = login(srv)
     p.dele(2)
