@@ -213,6 +213,7 @@ class MailboxRunner:
         # them again (a failing message is retried once per poll, after back-off,
         # instead of in every window; "bad input never stops the pipeline").
         self._attempted: set[str] = set()
+        self._skipped: set[str] = set()  # oversize skips counted in this poll
         self._reset_checked = False  # C-60: the UIDL reset check runs once per poll
         self.inflight = InflightMarker(self.spool_dir, self.name)
 
@@ -234,6 +235,7 @@ class MailboxRunner:
         summary = Summary(mailbox=self.name)
         started = time.monotonic()
         self._attempted = set()
+        self._skipped = set()
         self._reset_checked = False
         self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # raw mail
         try:
@@ -317,7 +319,7 @@ class MailboxRunner:
             if self.lease_check is not None:
                 session = _LeaseGuardedSession(opened, self.lease_check)
             refs = await session.list()
-            summary.listed = len(refs)
+            summary.listed = max(summary.listed, len(refs))  # the fullest listing
             self.hooks.session_started(
                 mailbox=self.name, count=len(refs), octets=sum(r.size for r in refs)
             )
@@ -359,6 +361,18 @@ class MailboxRunner:
                 # Without UIDL a window cannot skip what this poll already tried: a
                 # window that ran nothing new ends the poll instead of spinning.
                 more = False
+            if (
+                not more
+                and len(self._attempted) > attempted_before
+                and not self.stop.is_set()
+                and self.cfg.max_messages is None
+                and self.cfg.max_bytes is None
+                and not _login_delay(session)
+            ):
+                # T-44: some servers (Gmail) list only a batch per session and show the
+                # next one after QUIT: a session that ran new mail is followed by another,
+                # until one finds nothing new (RFC 2449 §6.5 LOGIN-DELAY forbids it).
+                more = True
             await self._commit(session, owed, summary)
             self._prune(refs)
             return more
@@ -473,6 +487,9 @@ class MailboxRunner:
         owed: list[MessageRef] = []
         policy = self.cfg.on_oversize
         for ref in refs:
+            seen = ref.uid or f"#{ref.number}:{ref.size}"  # once per poll, any window
+            if policy == "skip" and seen in self._skipped:
+                continue
             self.log.info(
                 "message_oversize",
                 uid=ref.uid,
@@ -481,6 +498,7 @@ class MailboxRunner:
                 action=policy,
             )
             if policy == "skip":
+                self._skipped.add(seen)
                 summary.skipped += 1
             elif policy == "delete" and not ref.uid:
                 # No UIDL: nothing to journal by; decided again from LIST if a crash
@@ -558,6 +576,7 @@ class MailboxRunner:
                 todo.append(ref)
                 continue
             self.journal.begin(self.name, ref.uid, key=ref.key, size=ref.size)
+            self._attempted.add(ref.uid)  # decided in this poll: never run again in it
             delete = self._finish_decision(ref, decision, None, summary)
             self.log.info(
                 "message_decided_on_headers",
@@ -985,6 +1004,22 @@ CRASH_ERROR = (
     "the mailpipe process died while this message was in the chain "
     "(a crash, the OOM killer or a kill)"
 )
+
+
+def _login_delay(session: SourceSession) -> bool:
+    """True when CAPA announced a LOGIN-DELAY above 0 (RFC 2449 §6.5)."""
+    caps = getattr(session, "capabilities", None)
+    if caps is None:
+        return False
+    value: Any = caps.get("LOGIN-DELAY") if isinstance(caps, dict) else getattr(
+        caps, "login_delay", None
+    )
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    try:
+        return int(str(value).strip().split(" ")[0]) > 0
+    except ValueError:
+        return False
 
 
 def _expire_zero(session: SourceSession) -> bool:

@@ -30,6 +30,8 @@ class FakeMailbox:
 
     ``fail_after_retr``: raise a connection error after that many RETRs in a session.
     ``fail_quit``: QUIT answers -ERR (nothing deleted). ``uidl``: whether UIDL works.
+    ``page``: list at most that many messages per session (Gmail lists a batch of the
+    oldest and shows the next only after QUIT, checklist T-44).
     """
 
     messages: dict[str, bytes] = field(default_factory=dict)
@@ -38,6 +40,7 @@ class FakeMailbox:
     fail_quit: bool = False
     uidl: bool = True
     capabilities: dict[str, Any] = field(default_factory=dict)
+    page: int | None = None
 
     def add(self, uid: str, data: bytes) -> None:
         """Deliver a message."""
@@ -55,7 +58,7 @@ class FakeSession:
         self.marked: set[str] = set()
         self.closed = False
         self.retrs = 0
-        self._order = list(box.messages)
+        self._order = list(box.messages)[: box.page]
 
     async def list(self) -> list[MessageRef]:
         self.box.calls.append(("list", None))

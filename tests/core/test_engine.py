@@ -246,8 +246,9 @@ async def test_commit_window_reconnects(tmp_path: Path) -> None:
     for i in range(5):
         box.add(f"u{i}", msg(f"m{i}"))
     s = await runner.poll()
-    assert s.sessions == 3 and s.deleted == 5
-    assert kinds(box).count("quit") == 3
+    # 2 + 2 + 1, then a follow-up session that finds nothing new (T-44)
+    assert s.sessions == 4 and s.deleted == 5
+    assert kinds(box).count("quit") == 4
 
 
 async def test_max_messages_limits_one_poll(tmp_path: Path) -> None:
@@ -347,16 +348,19 @@ async def test_poll_survives_many_rounds_without_leaks(tmp_path: Path) -> None:
 
 
 async def test_after_days_deletes_only_old_messages(tmp_path: Path) -> None:
+    import sqlite3
     from datetime import UTC, datetime, timedelta
 
     runner, box, journal = make(tmp_path, [{"use": "rec"}], delete="after_days:3")
-    now = [datetime.now(UTC) - timedelta(days=5)]
-    journal.close()
-    runner.journal = SqliteJournal(tmp_path / "journal.sqlite3", clock=lambda: now[0])
     box.add("old", msg("old"))
-    await runner.poll()  # first seen five days ago; processed, kept on the server
+    await runner.poll()  # processed, kept on the server
     assert list(box.messages) == ["old"] and LOG["p"] == ["old"]
-    now[0] = datetime.now(UTC)
+    journal.close()
+    with sqlite3.connect(tmp_path / "journal.sqlite3") as db:  # five days pass
+        five_days_ago = (datetime.now(UTC) - timedelta(days=5)).timestamp()
+        db.execute("UPDATE entries SET first_seen = ?", (five_days_ago,))
+    db.close()
+    runner.journal = SqliteJournal(tmp_path / "journal.sqlite3")
     box.add("new", msg("new"))
     await runner.poll()  # "old" is past three days: DELE; "new" is processed and kept
     assert list(box.messages) == ["new"]
@@ -605,3 +609,36 @@ async def test_a_death_in_the_header_prefetch_is_charged_too(
     s = await runner.poll()
     assert s.quarantined == 1 and ("top", "h") not in box.calls
     assert LOG.get("p", []) == []
+
+
+async def test_t44_a_server_listing_one_batch_per_session_is_drained_in_one_poll(
+    tmp_path: Path,
+) -> None:
+    runner, box, _ = make(tmp_path, [{"use": "rec"}])
+    box.page = 2  # like Gmail: the next batch is listed only after QUIT
+    for i in range(5):
+        box.add(f"u{i}", msg(f"m{i}"))
+    s = await runner.poll()
+    assert box.messages == {} and s.deleted == 5
+    assert s.sessions == 4  # 2 + 2 + 1, then one that finds nothing new
+    assert LOG["p"] == [f"u{i}" for i in range(5)]
+
+
+async def test_t44_follow_up_sessions_stop_when_nothing_is_new(tmp_path: Path) -> None:
+    runner, box, _ = make(tmp_path, [{"use": "rec"}], delete="never")
+    for i in range(3):
+        box.add(f"u{i}", msg(f"m{i}"))
+    first = await runner.poll()
+    second = await runner.poll()
+    assert (first.sessions, second.sessions) == (2, 1)  # kept mail is not new again
+    assert LOG["p"] == ["u0", "u1", "u2"]
+
+
+async def test_t44_no_follow_up_under_login_delay(tmp_path: Path) -> None:
+    runner, box, _ = make(tmp_path, [{"use": "rec"}])
+    box.page = 2
+    box.capabilities = {"LOGIN-DELAY": ["900"]}  # RFC 2449 §6.5: wait between logins
+    for i in range(3):
+        box.add(f"u{i}", msg(f"m{i}"))
+    s = await runner.poll()
+    assert s.sessions == 1 and list(box.messages) == ["u2"]
