@@ -146,6 +146,9 @@ class MaildirStore:
         self._held = 0
         self._inline: set[str] = set()
         self._failure: Exception | None = None  # first failed write, until flush()
+        self._anonymous: bool | None = None  # O_TMPFILE works here (None: not tried)
+        self._tmp_dir_fd: int | None = None
+        self._fd_lock = threading.Lock()
 
     def open(self) -> None:
         """Create the Maildir if needed, list stored keys and clean stale tmp files."""
@@ -167,6 +170,9 @@ class MaildirStore:
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
                 self._writer = None
+            if self._tmp_dir_fd is not None:
+                os.close(self._tmp_dir_fd)
+                self._tmp_dir_fd = None
             self._keys = None
 
     def _prepare(self) -> set[str]:
@@ -238,6 +244,9 @@ class MaildirStore:
     #: Write-behind bounds: process() waits for the oldest write beyond these.
     MAX_WRITES: ClassVar[int] = 256
     MAX_HELD: ClassVar[int] = 32 << 20
+    #: Write in-memory messages as unnamed files linked into new/ (O_TMPFILE) where
+    #: the system allows it; else through a named file in tmp/.
+    TMPFILE: ClassVar[bool] = True
     #: Writer threads: file creation and fsync wait in the kernel, and several
     #: writers overlap those waits (names are taken in arrival order at submit).
     WRITERS: ClassVar[int] = 8
@@ -317,12 +326,69 @@ class MaildirStore:
             except BaseException:
                 os.unlink(tmp)
                 raise
+        elif self.TMPFILE and self._anonymous is not False and isinstance(chunks, list):
+            # (a list: the bytes can be written again through tmp/ if this fails)
+            anonymous = self._write_anonymous(final, chunks)
+            if anonymous is not None:
+                return anonymous
+            size = write_fsync(tmp, chunks)
         else:
             size = write_fsync(tmp, chunks)
         # Maildir: the file appears in new/ only once complete and fsynced; the name
         # is unique (time, pid), so a rename cannot replace another message.
         os.rename(tmp, final)
         return size
+
+    def _write_anonymous(self, final: Path, chunks: list[bytes]) -> int | None:
+        """Write an unnamed file on tmp/'s file system (O_TMPFILE), fsync it, then link
+        it into new/ under its final name: complete and durable before it has any name,
+        so a crash leaves nothing in tmp/, and creating it does not hold tmp/'s
+        directory lock, so the writer threads allocate inodes in parallel. None when
+        the system cannot (no O_TMPFILE, no /proc): the caller writes via tmp/ and this
+        store stops trying."""
+        flag = getattr(os, "O_TMPFILE", 0)
+        unsupported = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT)
+        if not flag:
+            self._anonymous = False
+            return None
+        try:
+            fd = os.open(self.path / "tmp", flag | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno in unsupported:
+                self._anonymous = False
+                return None
+            raise
+        try:
+            written = 0
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(fd, view)
+                    written += n
+                    view = view[n:]
+            os.fsync(fd)
+            try:
+                # linkat(AT_SYMLINK_FOLLOW) through /proc: AT_EMPTY_PATH needs a
+                # capability; a dir fd makes Python call linkat instead of link.
+                os.link(f"/proc/self/fd/{fd}", final, src_dir_fd=self._tmp_fd(),
+                        follow_symlinks=True)
+            except OSError as exc:
+                if exc.errno in unsupported or exc.errno == errno.EXDEV:
+                    self._anonymous = False
+                    return None
+                raise
+        finally:
+            os.close(fd)
+        self._anonymous = True
+        return written
+
+    def _tmp_fd(self) -> int:
+        with self._fd_lock:
+            if self._tmp_dir_fd is None:
+                self._tmp_dir_fd = os.open(
+                    self.path / "tmp", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                )
+            return self._tmp_dir_fd
 
     def _submit(self, key: str, name: str, data: bytes | None) -> None:
         """Hand one message (its bytes, or None for a file linked into tmp/) to the

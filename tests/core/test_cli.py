@@ -221,7 +221,7 @@ def test_process_reports_a_failed_group_commit(
     def broken(*a: object, **k: object) -> int:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(maildir_module, "write_fsync", broken)
+    monkeypatch.setattr(maildir_module.MaildirStore, "_write", broken)
     cfg = tmp_path / "pipeline.toml"
     cfg.write_text(
         '[state]\npath = "var/j.sqlite3"\n[pipelines.default]\n'

@@ -177,16 +177,16 @@ def test_a_failed_background_write_fails_flush_then_reaches_its_own_message(
 
     bad = Message.from_bytes(RAW + b"bad\r\n", uid="bad")
     good = Message.from_bytes(RAW, uid="good")
-    real = maildir_module.write_fsync
+    real = maildir_module.MaildirStore._write
     broken = [True]
 
-    def write_fsync(path: Path, chunks: object, **kw: object) -> int:
+    def write(self: MaildirStore, name: str, chunks: object) -> int:
         data = b"".join(chunks)  # type: ignore[call-overload]
         if broken[0] and data == bad.raw:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real(path, [data])
+        return real(self, name, [data])
 
-    monkeypatch.setattr(maildir_module, "write_fsync", write_fsync)
+    monkeypatch.setattr(maildir_module.MaildirStore, "_write", write)
     s = store(tmp_path)
     s.process(good)
     s.process(bad)  # handed to the writer thread: no error yet
@@ -213,16 +213,16 @@ def test_background_writes_are_bounded_and_close_waits_for_them(
 
     import mailpipe.plugins.store.maildir as maildir_module
 
-    real = maildir_module.write_fsync
+    real = maildir_module.MaildirStore._write
     release = threading.Event()
     calls: list[int] = []
 
-    def slow_write_fsync(path: Path, chunks: object, **kw: object) -> int:
+    def slow_write(self: MaildirStore, name: str, chunks: object) -> int:
         calls.append(1)
         assert release.wait(10)
-        return real(path, chunks)  # type: ignore[arg-type]
+        return real(self, name, chunks)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(maildir_module, "write_fsync", slow_write_fsync)
+    monkeypatch.setattr(maildir_module.MaildirStore, "_write", slow_write)
     s = store(tmp_path)
     s.MAX_WRITES = 2
     ms = [Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)) for i in range(3)]
@@ -281,3 +281,41 @@ def test_a_spooled_message_is_delivered_without_a_copy_when_it_can_be(
     os.umask(umask)
     assert stored.stat().st_mode & 0o777 == 0o644 & ~umask
     assert listing(md)["tmp"] == []
+
+
+@pytest.mark.parametrize("how", ["tmpfile", "no-o-tmpfile", "no-proc-link"])
+def test_in_memory_messages_are_written_unnamed_or_through_tmp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """O_TMPFILE + linkat into new/ where the system allows it (nothing named in tmp/
+    at any time, inode allocation outside tmp/'s lock); tmp/ + rename otherwise, with
+    the same bytes (the fallback decides once per store)."""
+    import errno
+
+    real_link = os.link
+    if how == "no-o-tmpfile":
+        monkeypatch.delattr(os, "O_TMPFILE", raising=False)
+    elif how == "no-proc-link":
+
+        def link(src: str, dst: object, **kw: object) -> None:
+            if str(src).startswith("/proc/self/fd/"):
+                raise OSError(errno.ENOENT, "No such file or directory")
+            real_link(src, dst, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "link", link)
+    s = store(tmp_path)
+    ms = [Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)) for i in range(5)]
+    for m in ms:
+        s.process(m)
+    s.flush()
+    md = tmp_path / "Maildir"
+    box = mailbox.Maildir(md, create=False)
+    assert sorted(box.get_bytes(k) for k in box.iterkeys()) == sorted(m.raw for m in ms)
+    assert sorted(key_of(n) for n in listing(md)["new"]) == sorted(m.key for m in ms)
+    assert listing(md)["tmp"] == []
+    assert s._anonymous is (how == "tmpfile")
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in listing(md)["new"]:
+        assert (md / "new" / name).stat().st_mode & 0o777 == 0o644 & ~umask
+    s.close()
