@@ -37,6 +37,7 @@ def mailpipe_register_sources(register: Register) -> None:
 
     :param register: call ``register(SourceClass)``. The class's ``name`` is what users
         write in ``source``, and its ``Options`` model validates the mailbox's other keys.
+        ``register.lazy("name", "package.module:Class")`` defers the import (see below).
 
     Registering a name that is already taken raises :class:`mailpipe.PluginError`.
     """
@@ -48,6 +49,10 @@ def mailpipe_register_processors(register: Register) -> None:
 
     :param register: call ``register(ProcessorClass)``. The class's ``name`` is what users
         write in ``use``, and its ``Options`` model validates the rest of the table.
+        ``register.lazy("name", "package.module:Class")`` registers the name without
+        importing the module until a configuration uses it (the built-ins do this, so
+        a plugin with many processors costs nothing at start-up); the class is checked
+        then, and its ``name`` must match.
 
     Registering a name that is already taken raises :class:`mailpipe.PluginError`.
     """

@@ -186,3 +186,44 @@ def test_collect_is_fresh_per_call() -> None:
     assert first is not second
     assert first.processors == second.processors
     assert first.sources == second.sources
+
+
+def test_builtin_lazy_tables_match_their_modules() -> None:
+    """store and forward name their processors without importing them: the tables must
+    say what each module's PROCESSORS holds."""
+    import importlib
+
+    import mailpipe.plugins.forward as forward
+    import mailpipe.plugins.store as store
+
+    for package in (store, forward):
+        declared = {
+            name: f"{package.__name__}.{target}"
+            for name, target in package.PROCESSORS.items()
+        }
+        found = {}
+        for module in package.MODULES:
+            mod = importlib.import_module(f"{package.__name__}.{module}")
+            for cls in mod.PROCESSORS:
+                found[cls.name] = f"{mod.__name__}:{cls.__name__}"
+        assert declared == found
+
+
+def test_a_lazy_entry_is_checked_when_first_used() -> None:
+    from mailpipe.errors import PluginError
+
+    reg = Registry()
+    reg.add_lazy("processor", "t.good", f"{__name__}:GoodProcessor", "plug")
+    reg.add_lazy("processor", "t.missing", f"{__name__}:NoSuchClass", "plug")
+    reg.add_lazy("processor", "t.renamed", f"{__name__}:GoodProcessor", "plug")
+    assert reg.processor("t.good") is GoodProcessor
+    assert reg.processors["t.good"] == Entry("processor", "t.good", GoodProcessor, "plug")
+    with pytest.raises(PluginError, match=r"plugin 'plug'.*t\.missing.*NoSuchClass"):
+        reg.processor("t.missing")
+    with pytest.raises(PluginError, match=r"whose name is 't\.good'"):
+        reg.processor("t.renamed")
+    with pytest.raises(PluginError, match="already registered"):
+        reg.add_lazy("processor", "t.good", f"{__name__}:GoodProcessor", "other")
+    with pytest.raises(PluginError, match="module:Class"):
+        reg.add_lazy("processor", "t.bad", "no-colon", "plug")
+

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailpipe import hookimpl
+from mailpipe.registry import lazy_exports
 
-from .conditions import Condition, Facts
-from .processor import FilterOptions, FilterProcessor
-from .rules import Rule
+if TYPE_CHECKING:
+    from .conditions import Condition, Facts
+    from .processor import FilterOptions, FilterProcessor
+    from .rules import Rule
+
+#: Public names and their modules: imported on first use (PEP 562), so that loading
+#: the plugin costs nothing until a configuration uses `filter`.
+_LAZY = {
+    "Condition": "conditions",
+    "Facts": "conditions",
+    "FilterOptions": "processor",
+    "FilterProcessor": "processor",
+    "Rule": "rules",
+}
+
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = ["Condition", "Facts", "FilterOptions", "FilterProcessor", "Rule"]
 
@@ -16,4 +30,4 @@ __all__ = ["Condition", "Facts", "FilterOptions", "FilterProcessor", "Rule"]
 @hookimpl
 def mailpipe_register_processors(register: Any) -> None:
     """Register the `filter` processor."""
-    register(FilterProcessor)
+    register.lazy("filter", f"{__name__}.processor:FilterProcessor")

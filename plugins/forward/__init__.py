@@ -5,12 +5,23 @@ from __future__ import annotations
 from typing import Final
 
 from mailpipe import hookimpl
-from mailpipe.registry import Register, register_modules
+from mailpipe.registry import Register, register_lazy
 
 MODULES: Final = ("smtp", "webhook", "command", "nats", "rabbitmq", "redis")
+
+#: Processor name -> "module:Class" (a test checks it against each module's PROCESSORS);
+#: a module is imported only when a configuration uses one of its processors.
+PROCESSORS: Final = {
+    "forward.smtp": "smtp:SmtpForwardProcessor",
+    "forward.webhook": "webhook:WebhookForwardProcessor",
+    "forward.command": "command:CommandForwardProcessor",
+    "forward.nats": "nats:NatsForwardProcessor",
+    "forward.rabbitmq": "rabbitmq:RabbitmqForwardProcessor",
+    "forward.redis": "redis:RedisForwardProcessor",
+}
 
 
 @hookimpl
 def mailpipe_register_processors(register: Register) -> None:
-    """Register every processor class of the modules in :data:`MODULES`."""
-    register_modules(register, __name__, MODULES)
+    """Register every processor of :data:`PROCESSORS`, imported on first use."""
+    register_lazy(register, __name__, PROCESSORS)

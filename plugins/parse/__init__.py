@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailpipe import hookimpl
+from mailpipe.registry import lazy_exports
 
-from .parser import parse_message
-from .processor import PAYLOADS_KEY, ParseProcessor, parse_into
-from .record import Address, Attachment, Defect, MessageRecord
+if TYPE_CHECKING:
+    from .parser import parse_message
+    from .processor import PAYLOADS_KEY, ParseProcessor, parse_into
+    from .record import Address, Attachment, Defect, MessageRecord
+
+#: Public names and their modules: imported on first use (PEP 562), so that loading
+#: the plugin costs nothing until a configuration uses `parse`.
+_LAZY = {
+    "parse_message": "parser",
+    "PAYLOADS_KEY": "processor",
+    "ParseProcessor": "processor",
+    "parse_into": "processor",
+    "Address": "record",
+    "Attachment": "record",
+    "Defect": "record",
+    "MessageRecord": "record",
+}
+
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
     "PAYLOADS_KEY",
@@ -25,4 +42,4 @@ __all__ = [
 @hookimpl
 def mailpipe_register_processors(register: Any) -> None:
     """Register the `parse` processor."""
-    register(ParseProcessor)
+    register.lazy("parse", f"{__name__}.processor:ParseProcessor")

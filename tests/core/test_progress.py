@@ -1,10 +1,8 @@
-"""The end-of-run summary table, and what `mailpipe run` imports at start-up."""
+"""The end-of-run summary table."""
 
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 
 import pytest
 
@@ -41,16 +39,3 @@ def test_rich_table_on_a_console() -> None:
     out = buf.getvalue()
     assert TITLE in out and "support" in out and "1234" in out and "FAILED" in out
 
-
-def test_run_start_up_does_not_import_rich() -> None:
-    """rich costs ~40-100 ms; a piped `mailpipe run` must not pay for it (structlog
-    would import it for tracebacks mailpipe never renders: mailpipe/_imports.py)."""
-    code = (
-        "import sys, mailpipe.cli, mailpipe.app, mailpipe.scheduler, mailpipe.progress, "
-        "mailpipe.logs; mailpipe.logs.configure('json');"
-        "import structlog; structlog.get_logger().info('x');"
-        "print(sorted(m for m in sys.modules if m == 'rich' or m.startswith('rich.')))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
-    assert out.strip() == "[]"
