@@ -1,5 +1,8 @@
 """store.maildir: deliver each message into a Maildir (tmp → fsync → new), once per key.
 
+Where the system allows it, "tmp" is an unnamed ``O_TMPFILE`` file linked into new/ after
+its fsync, so nothing is ever named in tmp/ (see ``MaildirStore.TMPFILE``).
+
 File names are ``<sec>.M<usec>P<pid>.<key>.mailpipe,S=<size>``: the Maildir unique name
 with the message key in place of the host name, and the Maildir++ ``S=`` size hint.
 The time prefix matters: Dovecot numbers new messages in file-name time order, so
@@ -114,8 +117,9 @@ def _chunks(message: Message) -> Iterator[bytes]:
 class MaildirStore:
     """Write each message to ``new/`` of a Maildir, durably and once per key.
 
-    Delivery: the bytes go to ``tmp/<name>``, are fsynced, then renamed into ``new/``;
-    ``new/`` is fsynced at ``flush()`` (group commit, the default; the engine flushes
+    Delivery: the bytes go to an unnamed file on tmp/'s file system (``O_TMPFILE``; else
+    ``tmp/<name>``), are fsynced, then linked (renamed) into ``new/``, by writer threads
+    with group commit; ``new/`` is fsynced at ``flush()`` (group commit, the default; the engine flushes
     before any DELE) or, with ``group_commit = false``, before ``process`` returns. Idempotent by
     ``message.key``: ``new/`` and ``cur/`` are listed on open (or on the first
     message), then every delivery is tracked; a key found there is not written again.
