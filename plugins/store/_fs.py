@@ -62,17 +62,23 @@ def tmp_name(stem: str) -> str:
     return f".{stem}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
 
 
+def write_all(fd: int, chunks: Iterable[bytes]) -> int:
+    """Write every chunk to ``fd`` (short writes resumed); return octets written."""
+    written = 0
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            n = os.write(fd, view)
+            written += n
+            view = view[n:]
+    return written
+
+
 def write_fsync(path: Path, chunks: Iterable[bytes], *, mode: int = 0o644) -> int:
     """Create ``path`` exclusively, write ``chunks``, fsync; return octets written."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    written = 0
     try:
-        for chunk in chunks:
-            view = memoryview(chunk)
-            while view:
-                n = os.write(fd, view)
-                written += n
-                view = view[n:]
+        written = write_all(fd, chunks)
         os.fsync(fd)
     except BaseException:
         os.close(fd)

@@ -30,7 +30,7 @@ from mailpipe.message import Message
 from mailpipe.processor import ProcessorContext
 from mailpipe.units import Duration
 
-from ._fs import classify_os_error, fsync_dir, make_dirs, write_fsync
+from ._fs import classify_os_error, fsync_dir, make_dirs, write_all, write_fsync
 
 log = structlog.get_logger()
 
@@ -363,13 +363,7 @@ class MaildirStore:
                 return None
             raise
         try:
-            written = 0
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    n = os.write(fd, view)
-                    written += n
-                    view = view[n:]
+            written = write_all(fd, chunks)
             os.fsync(fd)
             try:
                 # linkat(AT_SYMLINK_FOLLOW) through /proc: AT_EMPTY_PATH needs a
