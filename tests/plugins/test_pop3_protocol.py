@@ -61,15 +61,19 @@ def greeted(greeting: bytes = b"+OK ready\r\n", **kw: int) -> Pop3Connection:
     return conn
 
 
-def authed(pipelining: bool = False, **kw: int) -> Pop3Connection:
-    conn = greeted(**kw)
+def authed(
+    pipelining: bool = False, newline: bytes = b"\r\n", **kw: int
+) -> Pop3Connection:
+    """An authenticated connection; ``newline`` b"\\n": the server's greeting and
+    replies end in a bare LF (T-08)."""
+    conn = greeted(b"+OK ready" + newline, **kw)
     conn.send(User(name="bob"))
-    conn.receive_data(b"+OK\r\n")
+    conn.receive_data(b"+OK" + newline)
     conn.next_event()
     conn.send(Pass(password="pw"))
-    conn.receive_data(b"+OK\r\n")
+    conn.receive_data(b"+OK" + newline)
     conn.next_event()
-    assert conn.state is State.TRANSACTION
+    assert conn.state is State.TRANSACTION and conn.newline == newline
     conn.pipelining = pipelining
     return conn
 
@@ -314,20 +318,6 @@ def test_t08_bare_lf_greeting_switches_session_to_lf_framing():
     assert isinstance(events[-1], BodyEnd)
 
 
-def lf_authed(pipelining: bool = False) -> Pop3Connection:
-    """An authenticated connection whose greeting ended in a bare LF (T-08)."""
-    conn = greeted(b"+OK pop3 ready\n")
-    conn.send(User(name="bob"))
-    conn.receive_data(b"+OK\n")
-    conn.next_event()
-    conn.send(Pass(password="pw"))
-    conn.receive_data(b"+OK\n")
-    conn.next_event()
-    assert conn.state is State.TRANSACTION and conn.newline == b"\n"
-    conn.pipelining = pipelining
-    return conn
-
-
 @pytest.mark.parametrize(
     ("greeting", "newline", "warned"),
     [(b"+OK pop3 ready\n", b"\n", True), (b"+OK pop3 ready\r\n", b"\r\n", False),
@@ -356,7 +346,7 @@ T08_BODIES = [
 
 @pytest.mark.parametrize(("name", "data", "body"), T08_BODIES, ids=[b[0] for b in T08_BODIES])
 def test_t08_lf_session_body_every_way(name, data, body):
-    events = run_all_ways(lf_authed, [Retr(number=1)], data, trailing=b"+OK trailing\n")
+    events = run_all_ways(lambda: authed(newline=b"\n"), [Retr(number=1)], data, trailing=b"+OK trailing\n")
     assert isinstance(events[0], BodyStart)
     assert body_of(events) == body
     assert events[-1] == BodyEnd(command=Retr(number=1), octets=len(body))
@@ -365,7 +355,7 @@ def test_t08_lf_session_body_every_way(name, data, body):
 def test_t08_lf_session_listings_every_way():
     data = b"+OK\n1 abc\n2 def\n.\n+OK 2 messages\n1 5\n2 6 \n.\n+OK\nA\n..B\n.\n+OK\n"
     cmds = [Uidl(), List(), Retr(number=1), Dele(number=1)]
-    events = run_all_ways(lambda: lf_authed(pipelining=True), cmds, data,
+    events = run_all_ways(lambda: authed(pipelining=True, newline=b"\n"), cmds, data,
                           trailing=b"+OK trailing\n")
     uidl, listing = events[0], events[1]
     assert uidl == MultiLine(command=Uidl(), text="", body=b"1 abc\n2 def\n", newline=b"\n")
