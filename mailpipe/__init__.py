@@ -23,7 +23,7 @@ from mailpipe.errors import (
 from mailpipe.hookspecs import hookimpl
 from mailpipe.message import Message, MessageRef, message_key
 from mailpipe.processor import Decision, Disposition, Processor, ProcessorContext
-from mailpipe.source import Source, SourceSession
+from mailpipe.source import Source, SourceSession, Unretrievable
 
 __all__ = [
     "AuthenticationError",
@@ -47,6 +47,7 @@ __all__ = [
     "SourceSession",
     "SourceTimeoutError",
     "TemporaryFailure",
+    "Unretrievable",
     "__version__",
     "hookimpl",
     "message_key",

@@ -22,6 +22,7 @@ batch did not commit is re-run, and stores upsert by key).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -44,11 +45,11 @@ from mailpipe.errors import (
 )
 from mailpipe.inflight import InflightMarker
 from mailpipe.journal.base import Entry, Journal, Status
-from mailpipe.message import Message, MessageRef, is_renamed_copy, message_key
+from mailpipe.message import Message, MessageRef, message_key
 from mailpipe.plugin_manager import Hooks
 from mailpipe.processor import Decision, Disposition, ProcessorContext
 from mailpipe.quarantine import Quarantine
-from mailpipe.source import SourceSession
+from mailpipe.source import SourceSession, Unretrievable
 
 log = structlog.get_logger()
 
@@ -98,6 +99,7 @@ class _Done:
     failed: bool = False
     attempts: int = 0
     error: str = ""
+    readopt: MessageRef | None = None  # a reused uid that takes this message's size
 
 
 @dataclass(slots=True)
@@ -215,6 +217,10 @@ class MailboxRunner:
         self._attempted: set[str] = set()
         self._skipped: set[str] = set()  # oversize skips counted in this poll
         self._reset_checked = False  # C-60: the UIDL reset check runs once per poll
+        # Header prefetch is an optimisation: once the server refuses TOP, sends a cut
+        # header section, or serves a short RETR after TOP, it is off for good.
+        self._prefetch_off = False
+        self._login_delay = 0.0  # seconds, from the latest session's CAPA
         self.inflight = InflightMarker(self.spool_dir, self.name)
 
     def _make_source(self) -> Any:
@@ -240,11 +246,23 @@ class MailboxRunner:
         self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # raw mail
         try:
             self._count_crash()
-            for _ in range(100_000):  # bounded: each window makes progress
-                more = await self._session(summary)
+            for _ in range(MAX_SESSIONS_PER_POLL):  # each window makes progress
+                try:
+                    more = await self._session(summary)
+                except SourceBusyError as exc:
+                    if summary.sessions == 0 or exc.code not in LATER_LOGIN_CODES:
+                        raise
+                    # RFC 2449 §6.5: a server enforcing LOGIN-DELAY refuses the next
+                    # window's login; what earlier windows committed stands, and the
+                    # rest waits for the next poll.
+                    self.log.info("login_delay_ends_poll", sessions=summary.sessions)
+                    break
                 summary.sessions += 1
                 if not more or self.stop.is_set():
                     break
+                await self._login_delay_pause()
+            else:
+                self.log.warning("session_limit_reached", sessions=summary.sessions)
         except SourceError as exc:
             summary.committed = False
             summary.error = _error_text(exc)
@@ -307,6 +325,16 @@ class MailboxRunner:
         except OSError as exc:
             self.log.warning("inflight_marker_unavailable", error=_error_text(exc))
 
+    async def _login_delay_pause(self) -> None:
+        """Before the next commit window's login, wait out the LOGIN-DELAY the server
+        announced (RFC 2449 §6.5, issue 21 item 4); a stop request ends the wait."""
+        delay = self._login_delay
+        if delay <= 0:
+            return
+        self.log.info("login_delay_wait", seconds=delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), timeout=delay)
+
     @property
     def last_exception(self) -> BaseException | None:
         """The exception of the last poll, if any (for the scheduler's back-off)."""
@@ -315,6 +343,7 @@ class MailboxRunner:
     async def _session(self, summary: Summary) -> bool:
         """One commit window. Returns True when messages are left for another window."""
         async with self.source.session() as opened:
+            self._login_delay = login_delay_seconds(opened)
             session = opened
             if self.lease_check is not None:
                 session = _LeaseGuardedSession(opened, self.lease_check)
@@ -348,7 +377,11 @@ class MailboxRunner:
                 owed += decided
 
             todo = window
-            if self.cfg.header_prefetch and self.chain.can_prefetch(self.cfg.pipeline):
+            if (
+                self.cfg.header_prefetch
+                and not self._prefetch_off
+                and self.chain.can_prefetch(self.cfg.pipeline)
+            ):
                 todo, decided = await self._prefetch(session, window, summary)
                 if decided:
                     await session.mark_deleted(decided)
@@ -367,7 +400,7 @@ class MailboxRunner:
                 and not self.stop.is_set()
                 and self.cfg.max_messages is None
                 and self.cfg.max_bytes is None
-                and not _login_delay(session)
+                and not self._login_delay
             ):
                 # T-44: some servers (Gmail) list only a batch per session and show the
                 # next one after QUIT: a session that ran new mail is followed by another,
@@ -418,6 +451,8 @@ class MailboxRunner:
                     and ref.size > self.cfg.max_message_size
                 ):
                     plan.oversize.append(ref)
+                elif entry is not None and _resting(entry, self.cfg.max_attempts, now):
+                    self._skip_unretrievable(ref, entry)
                 elif entry is not None and (entry.attempts or entry.last_error):
                     retries.append(ref)
                 else:
@@ -447,16 +482,34 @@ class MailboxRunner:
                 and _aware(entry.first_seen) + timedelta(days=days) <= now
             ):
                 plan.dele.append(ref)
-            elif is_renamed_copy(ref.uid) and entry.sha256:
+            elif entry.size and ref.size != entry.size:
                 # T-23: copies are named by listing order, so when an earlier copy
-                # goes, another message can inherit this name: its content hash
-                # decides after RETR (see _retrieved).
+                # goes, another message can inherit this name; and RFC 1939 §7 lets
+                # a server reuse a uid once its message is gone (popa3d's uids hash
+                # a few headers). A settled uid listed with another size is fetched
+                # again and its content hash decides (see _retrieved); one listed
+                # with its old size is the same message and costs no download.
                 plan.process.append(ref)
         # Messages that failed before go after new ones, so that messages failing
         # again (a 4xx relay, a poison message) can never fill every window and
         # starve new mail under commit_window/max_messages.
         plan.process += retries
         return plan
+
+    def _skip_unretrievable(self, ref: MessageRef, entry: Entry) -> None:
+        """A message the server would not deliver whole ``max_attempts`` times stays
+        on the server, untouched, and is tried again once a day (issue 20 item 2)."""
+        if ref.uid in self._attempted:
+            return
+        self._attempted.add(ref.uid)
+        self.log.error(
+            "message_unretrievable_skipped",
+            uid=ref.uid,
+            key=ref.key,
+            attempts=entry.attempts,
+            error=entry.last_error,
+            retry_after=str(UNRETRIEVABLE_REST),
+        )
 
     def _window(self, refs: list[MessageRef]) -> tuple[list[MessageRef], bool]:
         limit = len(refs)
@@ -522,6 +575,15 @@ class MailboxRunner:
             async for msg in session.retrieve(
                 refs, spool_dir=self.spool_dir, spool_threshold=self.spool_threshold
             ):
+                if isinstance(msg, Unretrievable):
+                    # Never quarantined from a partial copy: tried again next poll.
+                    if msg.evidence is not None:
+                        _unspool(msg.evidence)
+                    summary.failed += 1
+                    self.log.error(
+                        "message_unretrievable", uid=msg.ref.uid, error=msg.reason
+                    )
+                    continue
                 try:
                     if not msg.ref.uid:  # no UIDL: known by its content hash
                         msg, _entry, settled = self._by_hash(msg, owed)
@@ -565,7 +627,18 @@ class MailboxRunner:
             if spent is not None and spent.attempts >= self.cfg.max_attempts:
                 todo.append(ref)  # RETR'd to be quarantined (see _run_one)
                 continue
+            if self._prefetch_off or (
+                spent is not None and spent.last_error.startswith(UNRETRIEVABLE)
+            ):
+                todo.append(ref)  # a retry of a short RETR: no TOP before it
+                continue
             headers = await session.headers(ref)
+            if headers is None:
+                # Refused, or cut short: decide on the whole message instead, and
+                # stop asking this server for headers (issue 20 item 3).
+                self._disable_prefetch("the server refused TOP or cut its reply")
+                todo.append(ref)
+                continue
             msg = Message(ref=ref, data=headers, headers_only=True)
             self._mark(ref.uid)  # a header rule that kills the process is charged too
             try:
@@ -587,6 +660,11 @@ class MailboxRunner:
             if delete:
                 owed.append(ref)
         return todo, owed
+
+    def _disable_prefetch(self, why: str) -> None:
+        if not self._prefetch_off:
+            self._prefetch_off = True
+            self.log.warning("header_prefetch_disabled", reason=why)
 
     # --- retrieval and the chain ---------------------------------------------------
 
@@ -623,6 +701,9 @@ class MailboxRunner:
                     spool_dir=self.spool_dir,
                     spool_threshold=self.spool_threshold,
                 ):
+                    if isinstance(msg, Unretrievable):
+                        self._unretrievable(msg, entries, summary, group)
+                        continue
                     try:
                         if self.stop.is_set() and not expire_zero:
                             # Drain the stream; processed next time. (With EXPIRE 0
@@ -651,6 +732,52 @@ class MailboxRunner:
             if group:
                 owed += await self._group_commit(session, group)
         return owed
+
+    def _unretrievable(
+        self,
+        item: Unretrievable,
+        entries: dict[str, Entry],
+        summary: Summary,
+        group: list[_Done],
+    ) -> None:
+        """A message the source could not deliver whole (issue 20 items 1-2, issue 21
+        item 2): never committed, never acknowledged; an attempt is counted (in the
+        group commit) and the server copy waits for a later poll, behind new mail."""
+        ref = item.ref
+        if item.evidence is not None:
+            _unspool(item.evidence)
+        if item.after_headers:
+            self._disable_prefetch("a RETR after TOP came back short")
+        summary.failed += 1
+        error = f"{UNRETRIEVABLE}{item.reason}"
+        if not ref.uid:
+            # No UIDL: nothing to journal it by; this poll does not ask again.
+            self._attempted.add(f"#{ref.number}:{ref.size}")
+            self.log.error("message_unretrievable", number=ref.number, error=error)
+            return
+        self._attempted.add(ref.uid)
+        entry = entries.get(ref.uid)
+        attempts = (entry.attempts if entry is not None else 0) + 1
+        self.log.error(
+            "message_unretrievable",
+            uid=ref.uid,
+            key=ref.key,
+            error=error,
+            attempts=attempts,
+            max_attempts=self.cfg.max_attempts,
+        )
+        self.hooks.message_failed(
+            mailbox=self.name,
+            uid=ref.uid,
+            key=ref.key,
+            processor="retrieve",
+            error=error,
+            attempts=attempts,
+        )
+        group.append(
+            _Done(ref, None, Status.PENDING, "failed", "", False, None,
+                  failed=True, attempts=attempts, error=error)
+        )
 
     def _begin_many(self, refs: list[MessageRef], entries: dict[str, Entry]) -> None:
         """Begin the journal entries of a chunk's new messages in one transaction.
@@ -688,14 +815,13 @@ class MailboxRunner:
                 received=msg.size,
             )
         known = entries.get(msg.ref.uid) if msg.ref.uid else None
-        if (
-            known is not None
-            and known.status not in (Status.PENDING, Status.DELETED)
-            and is_renamed_copy(msg.ref.uid)
-        ):
+        reused: MessageRef | None = None
+        if known is not None and known.status not in (Status.PENDING, Status.DELETED):
+            # Fetched again because LIST gives a settled uid another size (_plan).
             if known.sha256 == msg.sha256:
-                return  # the same copy as before: already handled
+                return  # the same message as before: already handled
             self.log.error("uidl_reused", uid=msg.ref.uid, number=msg.ref.number)
+            reused = msg.ref
             msg.ref = replace(msg.ref, uid="")  # a different message: by content hash
         if known is not None and known.status == Status.DELETED:
             if known.sha256 == msg.sha256:
@@ -709,6 +835,8 @@ class MailboxRunner:
         if not msg.ref.uid:
             msg, entry, settled = self._by_hash(msg, dele_after)
             if settled:
+                if reused is not None:
+                    self._readopt(reused)
                 return
             if entry is not None:
                 entries[msg.ref.uid] = entry
@@ -716,11 +844,21 @@ class MailboxRunner:
                 return  # already tried in this poll (no UIDL): next poll retries it
         self._attempted.add(msg.ref.uid)
         done = await self._run_one(msg, entries.get(msg.ref.uid), summary)
+        done.readopt = reused
         if done.failed and expire_zero and done.status == Status.PENDING:
             # C-29, RFC 2449 §6.7: EXPIRE 0 lets the server delete what was RETR'd at QUIT;
             # keep the raw bytes before that can happen.
             done = self._quarantine_failed(msg, done, summary)
         group.append(done)
+
+    def _readopt(self, ref: MessageRef) -> None:
+        """The message now under a reused uid was handled under its content hash:
+        the uid's entry takes its size, so later polls list it as settled instead of
+        downloading it again (issue 21 item 3)."""
+        with self.journal.batch():
+            self.journal.forget(self.name, [ref.uid])
+            self.journal.mark_seen(self.name, [(ref.uid, ref.key, ref.size)])
+        self.log.info("uidl_readopted", uid=ref.uid, size=ref.size)
 
     def _by_hash(
         self, msg: Message, dele: list[MessageRef]
@@ -960,6 +1098,8 @@ class MailboxRunner:
                 )
                 if d.delete_due:
                     owed.append(d.ref)
+                if d.readopt is not None:
+                    self._readopt(d.readopt)
         if unflushed and _expire_zero(session):
             # C-29, C-58: with EXPIRE 0 QUIT may delete every RETR'd message, DELE
             # or not; these are not durable anywhere, so the session must not QUIT.
@@ -999,6 +1139,21 @@ class MailboxRunner:
             self.log.warning("journal_prune_failed", error=_error_text(exc))
 
 
+#: Commit windows (sessions) in one poll at most; each makes progress, so a poll that
+#: reaches it has more windows than any real mailbox needs: the next poll goes on.
+MAX_SESSIONS_PER_POLL = 1000
+
+#: Response codes (RFC 2449 §8, RFC 3206) that refuse a later window's login only
+#: because an earlier window of the same poll has just logged in.
+LATER_LOGIN_CODES = frozenset({"LOGIN-DELAY", "IN-USE"})
+
+#: The prefix of the error journaled for a message the source could not deliver whole.
+UNRETRIEVABLE = "unretrievable: "
+
+#: How long a message left unretrievable ``max_attempts`` times rests before the
+#: next try (it stays on the server, never acknowledged).
+UNRETRIEVABLE_REST = timedelta(days=1)
+
 #: The error recorded for a message whose chain the process did not survive.
 CRASH_ERROR = (
     "the mailpipe process died while this message was in the chain "
@@ -1006,20 +1161,29 @@ CRASH_ERROR = (
 )
 
 
-def _login_delay(session: SourceSession) -> bool:
-    """True when CAPA announced a LOGIN-DELAY above 0 (RFC 2449 §6.5)."""
+def login_delay_seconds(session: SourceSession) -> float:
+    """The LOGIN-DELAY (RFC 2449 §6.5) the session's CAPA announced, in seconds; 0
+    when none (or unreadable)."""
     caps = getattr(session, "capabilities", None)
     if caps is None:
-        return False
+        return 0.0
     value: Any = caps.get("LOGIN-DELAY") if isinstance(caps, dict) else getattr(
         caps, "login_delay", None
     )
     if isinstance(value, list | tuple):
         value = value[0] if value else None
     try:
-        return int(str(value).strip().split(" ")[0]) > 0
+        return max(0.0, float(int(str(value).strip().split(" ")[0])))
     except ValueError:
+        return 0.0
+
+
+def _resting(entry: Entry, max_attempts: int, now: datetime) -> bool:
+    """True for a message left unretrievable ``max_attempts`` times and tried less
+    than :data:`UNRETRIEVABLE_REST` ago."""
+    if entry.attempts < max_attempts or not entry.last_error.startswith(UNRETRIEVABLE):
         return False
+    return entry.updated is None or _aware(entry.updated) + UNRETRIEVABLE_REST > now
 
 
 def _expire_zero(session: SourceSession) -> bool:

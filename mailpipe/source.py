@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
@@ -11,6 +12,28 @@ from pydantic import BaseModel
 
 if TYPE_CHECKING:
     from mailpipe.message import Message, MessageRef
+
+
+@dataclass(slots=True)
+class Unretrievable:
+    """A message the source could not deliver whole in this session.
+
+    Yielded by :meth:`SourceSession.retrieve` in place of a message that the server
+    refused (``-ERR`` to RETR) or that arrived incomplete (fewer octets than the
+    listing promised, beyond line-end slack; a body cut short by a missing
+    dot-stuffing). The engine never commits it and never acknowledges it: it counts
+    an attempt, leaves the server copy alone and tries again in a later poll.
+
+    ``evidence`` is what arrived (``None`` when nothing did); ``reason`` says what was
+    wrong in one line, with the figures (listed and received octets, the server's
+    text); ``after_headers`` is True when the same session had asked for this
+    message's headers first (some servers then serve a short copy).
+    """
+
+    ref: MessageRef
+    reason: str
+    evidence: Message | None = None
+    after_headers: bool = False
 
 
 @runtime_checkable
@@ -30,17 +53,21 @@ class SourceSession(Protocol):
         """Return every message in the mailbox with its uid and size (UIDL + LIST)."""
         ...
 
-    async def headers(self, ref: MessageRef) -> bytes:
-        """Return the header section of ``ref`` (POP3 ``TOP n 0``)."""
+    async def headers(self, ref: MessageRef) -> bytes | None:
+        """Return the header section of ``ref`` (POP3 ``TOP n 0``), or ``None`` when
+        the server refused it or sent an incomplete header section: the engine then
+        retrieves the whole message instead and decides on that."""
         ...
 
     def retrieve(
         self, refs: Sequence[MessageRef], *, spool_dir: Path, spool_threshold: int
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncIterator[Message | Unretrievable]:
         """Yield each message of ``refs`` in order, pipelined where the server allows.
 
         Bodies larger than ``spool_threshold`` octets go to a file under ``spool_dir``
-        (memory bounded by the chunk size); smaller ones are held in memory.
+        (memory bounded by the chunk size); smaller ones are held in memory. A message
+        that cannot be delivered whole (refused, or received incomplete) is yielded
+        as an :class:`Unretrievable` in its place, never as a ``Message``.
         """
         ...
 

@@ -38,7 +38,11 @@ class Faults:
         ``no_dot_stuffing``: send body lines starting with ``.`` unstuffed (so a
         ``.`` line ends the body early, as in broken test servers).
         ``list_size_delta``: LIST and STAT report each size off by this many octets
-        (``{k: delta}`` for message k only).
+        (``{k: delta}`` for message k only). ``short_retr_after_top``: ``RETR k``
+        after ``TOP k`` in the same session sends the header section only (GNU
+        Mailutils pop3d does this to some messages). ``utf8_notice``: until the
+        client sends ``UTF8``, a message with 8-bit header octets is served as a
+        short notice instead (Courier; needs ``Pop3Server(utf8=True)``).
 
     UIDL faults:
         ``uidl_unsupported``: no UIDL in CAPA and ``-ERR`` to UIDL.
@@ -62,6 +66,8 @@ class Faults:
     bare_lf: bool = False
     no_dot_stuffing: bool = False
     list_size_delta: int | dict[int, int] = 0
+    short_retr_after_top: bool = False
+    utf8_notice: bool = False
     uidl_unsupported: bool = False
     uidl_missing: frozenset[int] | set[int] = field(default_factory=frozenset)
     uidl_duplicate: bool = False

@@ -54,7 +54,9 @@ SUPPORTED_MECHANISMS = frozenset(
     }
 )
 _MAX_LINE = 1 << 20
-_AUTH_CMDS = frozenset({"CAPA", "USER", "PASS", "APOP", "AUTH", "STLS", "QUIT"})
+_AUTH_CMDS = frozenset(
+    {"CAPA", "USER", "PASS", "APOP", "AUTH", "STLS", "UTF8", "QUIT"}
+)
 _TRANS_CMDS = frozenset(
     {"CAPA", "STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL", "QUIT"}
 )
@@ -204,7 +206,8 @@ class Pop3Server(Service):
     :param pipelining: advertise PIPELINING (RFC 2449 §6.6); commands are always
         processed in order. ``login_delay``/``expire``: advertise LOGIN-DELAY and
         EXPIRE (RFC 2449 §6.5, §6.7). ``capa=False`` answers CAPA with ``-ERR``;
-        ``user_command=False`` drops USER/PASS; ``top=False`` drops TOP.
+        ``user_command=False`` drops USER/PASS; ``top=False`` drops TOP;
+        ``utf8=True`` advertises and accepts UTF8 (RFC 6856 §2).
     :param faults: a :class:`Faults` for every session, or a list for sessions
         1, 2, ...; may be reassigned while the server runs.
     """
@@ -228,6 +231,7 @@ class Pop3Server(Service):
         capa: bool = True,
         user_command: bool = True,
         top: bool = True,
+        utf8: bool = False,
         faults: Faults | Sequence[Faults] | None = None,
         greeting: str = "mailpipe fake POP3 server ready",
     ) -> None:
@@ -251,6 +255,7 @@ class Pop3Server(Service):
         self.capa = capa
         self.user_command = user_command
         self.top = top
+        self.utf8 = utf8
         self.greeting = greeting
         self.faults = faults
         self.transcript = Transcript()
@@ -445,6 +450,8 @@ class _Session:
         self.sent = 0
         self.pending_user: str | None = None
         self.items: list[_Stored] = []
+        self.topped: set[int] = set()
+        self.utf8_mode = False
         self.holds_lock = False
         self.timestamp = f"<{os.getpid()}.{self.n}.{time.time_ns()}@mailpipe.test>"
 
@@ -617,8 +624,18 @@ class _Session:
             caps.append(f"LOGIN-DELAY {srv.login_delay}")
         if srv.expire is not None:
             caps.append(f"EXPIRE {srv.expire}")
+        if srv.utf8:
+            caps.append("UTF8")
         caps.append("IMPLEMENTATION mailpipe-testing")
         await self.multiline("Capability list follows", caps)
+        return True
+
+    async def cmd_utf8(self, arg: str) -> bool:
+        if not self.srv.utf8:
+            await self.err("unknown command")
+            return True
+        self.utf8_mode = True
+        await self.ok("UTF8 enabled")
         return True
 
     async def cmd_user(self, arg: str) -> bool:
@@ -969,12 +986,27 @@ class _Session:
         self.log("*", f"body {len(body)} octets")
         await self.send(payload)
 
+    def _served(self, n: int) -> bytes:
+        """Message ``n`` as this session serves it (wire form), after faults."""
+        wire = wire_form(self.items[n - 1].data)
+        head = wire.partition(b"\r\n\r\n")[0]
+        if self.faults.utf8_notice and not self.utf8_mode and not head.isascii():
+            # Courier without UTF8 (RFC 6856 §3): a notice replaces the message.
+            return (
+                b"From: Mail Delivery Subsystem <postmaster@localhost>\r\n"
+                b"Subject: Cannot display Unicode content\r\n\r\n"
+                b"This message contains Unicode content that cannot be shown.\r\n"
+            )
+        return wire
+
     async def cmd_retr(self, arg: str) -> bool:
         n = await self.number(arg)
         if n is None:
             return True
         self.rec.retrieved.append(n)
-        body = wire_form(self.items[n - 1].data)
+        body = self._served(n)
+        if self.faults.short_retr_after_top and n in self.topped:
+            body = body.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
         await self.send_body(
             f"{self.size(n)} octets", body, n, self.faults.drop_in_retr == n
         )
@@ -988,7 +1020,8 @@ class _Session:
         n = await self.number(parts[0])
         if n is None:
             return True
-        wire = wire_form(self.items[n - 1].data)
+        self.topped.add(n)
+        wire = self._served(n)
         head, sep, body = wire.partition(b"\r\n\r\n")
         # RFC 1939 §7: the header, the blank line, then n lines of the body.
         lines = body.split(b"\r\n")[:-1] if sep else []

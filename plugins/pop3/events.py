@@ -191,6 +191,13 @@ class Stls(Command):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Utf8(Command):
+    """``UTF8`` (RFC 6856 §2): UTF-8 mode, valid in AUTHORIZATION only."""
+
+    keyword: ClassVar[bytes] = b"UTF8"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Stat(Command):
     """``STAT`` → ``+OK count octets`` (RFC 1939 §5)."""
 

@@ -69,6 +69,7 @@ from .events import (
     Top,
     Uidl,
     User,
+    Utf8,
     apop_timestamp,
     split_code,
 )
@@ -125,6 +126,7 @@ TRANSITIONS: Final[dict[tuple[State, type[Command]], State]] = {
     (AUTHORIZATION, Capa): AUTHORIZATION,
     (AUTHORIZATION, Stls): AUTHORIZATION,
     (AUTHORIZATION, User): AUTHORIZATION,
+    (AUTHORIZATION, Utf8): AUTHORIZATION,  # MP-02, RFC 6856 §2
     (AUTHORIZATION, Pass): TRANSACTION,
     (AUTHORIZATION, Apop): TRANSACTION,
     (AUTHORIZATION, Auth): TRANSACTION,  # C-41: none in TRANSACTION, so no second AUTH

@@ -14,10 +14,12 @@ from mailpipe.errors import SourceConnectionError, SourcePermanentError
 from mailpipe.message import Message, MessageRef, distinct_uids
 from mailpipe.processor import ProcessorContext
 from mailpipe.secrets import Secret
+from mailpipe.source import Unretrievable
 from mailpipe.units import ByteSize, Duration
 
 from . import auth as sasl
 from .client import CommandRefused, Pop3Client, Timeouts, make_ssl_context
+from .completeness import OctetCount
 from .events import (
     BodyChunk,
     BodyEnd,
@@ -30,6 +32,7 @@ from .events import (
     Retr,
     Top,
     Uidl,
+    Utf8,
     parse_list,
     parse_uidl,
 )
@@ -134,6 +137,18 @@ class Pop3Options(BaseModel):
     chunk_size: ByteSize = Field(
         default=256 * 1024, ge=4096, description="Read size; bounds memory per message."
     )
+    verify_size: bool = Field(
+        default=True,
+        description="Refuse to commit a message received shorter than its LIST size "
+        "allows (beyond line-end and dot-stuffing slack): it is left on the server "
+        "and retried. Set false only for a server known to list wrong sizes.",
+    )
+    utf8: bool = Field(
+        default=True,
+        description="Send UTF8 (RFC 6856) when CAPA lists it, so that a server such "
+        "as Courier serves messages with 8-bit headers as they are instead of a "
+        "notice.",
+    )
 
     # Cross-field checks are field validators on a later field, so an error names a
     # key and never echoes the whole table (which holds the password) as its input.
@@ -222,6 +237,7 @@ class Pop3Session:
         self.client = self._new_client()
         self._committed = False
         self._marked: set[int] = set()
+        self._topped: set[int] = set()  # numbers whose headers this session fetched
         self._log = log.bind(mailbox=mailbox, host=options.host)
 
     @property
@@ -275,6 +291,7 @@ class Pop3Session:
             await client.starttls()
             if use_capa:
                 await client.capa()  # C-25 / S-04: only post-TLS capabilities count
+        await self._utf8()
         before = client.capabilities
         await self._authenticate()
         if use_capa and _recapa_needed(before):
@@ -287,6 +304,21 @@ class Pop3Session:
             # C-27: IMPLEMENTATION is logged only; no behaviour depends on it.
             implementation=" ".join(self.capabilities.args.get("IMPLEMENTATION", ())),
         )
+
+    async def _utf8(self) -> None:
+        """MP-02, RFC 6856 §2: enter UTF-8 mode (AUTHORIZATION state) when CAPA lists
+        UTF8. Courier otherwise serves each message with 8-bit headers as a notice
+        ("Cannot display Unicode content") in place of the original; a refusal is
+        logged and the session goes on as before."""
+        caps = self.client.capabilities
+        if not self.options.utf8 or caps is None or "UTF8" not in caps:
+            return
+        try:
+            await self.client.command(Utf8())
+        except CommandRefused as exc:
+            self._log.warning("pop3_utf8_refused", text=exc.reply.text[:200])
+        else:
+            self._log.debug("pop3_utf8_mode")
 
     async def _authenticate(self) -> None:
         o, client = self.options, self.client
@@ -365,26 +397,43 @@ class Pop3Session:
             self._log.warning("pop3_uidl_duplicates", count=renamed)
         return refs
 
-    async def headers(self, ref: MessageRef) -> bytes:
-        """``TOP n 0``: the header section (never used to build a stored message, T-29)."""
+    async def headers(self, ref: MessageRef) -> bytes | None:
+        """``TOP n 0``: the header section (never used to build a stored message, T-29).
+
+        ``None`` when the server refuses TOP, or sends a header section without its
+        closing blank line (cut short, so no rule may judge it): the engine then
+        retrieves the message instead.
+        """
         parts: list[bytes] = []
+        refused: Err | None = None
         async for event in self.client.stream([Top(number=ref.number, lines=0)]):
             if isinstance(event, BodyChunk):
                 parts.append(event.data)
             elif isinstance(event, Err):
-                raise CommandRefused(
-                    f"{self.client.where}: TOP {ref.number} refused: {event.text[:200]}",
-                    event,
-                )
-        return b"".join(parts)
+                refused = event
+        self._topped.add(ref.number)
+        if refused is not None:
+            self._log.warning(
+                "pop3_top_refused", number=ref.number, text=refused.text[:200]
+            )
+            return None
+        data = b"".join(parts)
+        if not (data.endswith(b"\n\n") or data.endswith(b"\n\r\n")):
+            self._log.warning(
+                "pop3_top_incomplete", number=ref.number, octets=len(data)
+            )
+            return None
+        return data
 
     async def retrieve(
         self, refs: Sequence[MessageRef], *, spool_dir: Path, spool_threshold: int
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncIterator[Message | Unretrievable]:
         """RETR each ref (pipelined window) and yield complete messages in order.
 
         Bodies over ``spool_threshold`` go to a file in ``spool_dir`` as they arrive, so
-        memory is bounded by the chunk size. A ``-ERR`` skips that message (T-25).
+        memory is bounded by the chunk size. A ``-ERR`` (T-25), or a body received
+        shorter than its LIST size allows (MP-01, see :mod:`.completeness`), is yielded
+        as an :class:`~mailpipe.source.Unretrievable`, never as a message.
         """
         by_number = {ref.number: ref for ref in refs}
         sink: _Sink | None = None
@@ -401,26 +450,48 @@ class Pop3Session:
                     sink = _Sink(ref, spool_dir, spool_threshold)
                 elif isinstance(event, BodyEnd):
                     assert sink is not None
-                    message = sink.finish(event.octets)
-                    sink = None
-                    if message.meta["octets_received"] != message.ref.size:
-                        # C-50 / T-21: LIST sizes are hints, never framing.
-                        self._log.info(
-                            "pop3_size_mismatch",
-                            uid=message.ref.uid,
-                            listed=message.ref.size,
-                            received=message.meta["octets_received"],
-                        )
-                    yield message
+                    done, sink = sink, None
+                    yield self._finished(done)
                 elif isinstance(event, Err):
-                    self._log.warning(
-                        "pop3_retr_refused",
-                        number=getattr(event.command, "number", None),
-                        text=event.text[:200],
-                    )
+                    number = getattr(event.command, "number", None)
+                    text = event.text[:200]
+                    self._log.warning("pop3_retr_refused", number=number, text=text)
+                    if number in by_number:
+                        yield Unretrievable(
+                            by_number[number], f"RETR {number} refused: {text}"
+                        )
         finally:
             if sink is not None:
                 sink.discard()
+
+    def _finished(self, sink: "_Sink") -> Message | Unretrievable:
+        """The message a finished body makes, or an Unretrievable when it is short."""
+        message = sink.finish()
+        ref, count = message.ref, sink.count
+        if count.octets != ref.size:
+            # C-50 / T-21: LIST sizes are hints, never framing.
+            self._log.info(
+                "pop3_size_mismatch", uid=ref.uid, listed=ref.size, received=count.octets
+            )
+        missing = count.shortfall(ref.size)
+        if not missing or not self.options.verify_size:
+            return message
+        # MP-01: a copy shorter than any way of counting its LIST size is cut short
+        # (a missing dot-stuffing, a header-only RETR after TOP): never committed.
+        after_top = ref.number in self._topped
+        reason = (
+            f"RETR {ref.number} incomplete: received {count.octets} octets, LIST "
+            f"said {ref.size} ({missing} missing beyond line-end slack)"
+            + (" after TOP in the same session" if after_top else "")
+        )
+        self._log.error(
+            "pop3_message_incomplete",
+            uid=ref.uid,
+            listed=ref.size,
+            received=count.octets,
+            after_top=after_top,
+        )
+        return Unretrievable(ref, reason, evidence=message, after_headers=after_top)
 
     async def mark_deleted(self, refs: Sequence[MessageRef]) -> None:
         """DELE each ref (pipelined); nothing is removed before QUIT (RFC 1939 §6)."""
@@ -466,7 +537,7 @@ class _Sink:
         self.spool_dir = spool_dir
         self.threshold = threshold
         self.parts: list[bytes] = []
-        self.size = 0
+        self.count = OctetCount()
         self.path: Path | None = None
         self.file: Any = None
         if ref.size > threshold:
@@ -482,16 +553,16 @@ class _Sink:
         self.parts = []
 
     def write(self, data: bytes) -> None:
-        self.size += len(data)
+        self.count.feed(data)
         if self.file is not None:
             self.file.write(data)
             return
         self.parts.append(data)
-        if self.size > self.threshold:
+        if self.count.octets > self.threshold:
             self._spill()
 
-    def finish(self, octets: int) -> Message:
-        meta = {"octets_listed": self.ref.size, "octets_received": self.size}
+    def finish(self) -> Message:
+        meta = {"octets_listed": self.ref.size, "octets_received": self.count.octets}
         if self.file is not None:
             self.file.close()
             self.file = None

@@ -3,25 +3,18 @@ POP3 server, the engine, the SQLite journal and a store (conformance T-23, C-60)
 
 from __future__ import annotations
 
-import json
 import poplib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
 import structlog
 
-from mailpipe.chain import Chain
-from mailpipe.config import validate_config
-from mailpipe.engine import MailboxRunner, Summary
 from mailpipe.errors import SourcePermanentError, UidlResetSuspected
 from mailpipe.journal.base import Status
-from mailpipe.journal.sqlite import SqliteJournal
 from mailpipe.message import message_key
-from mailpipe.plugin_manager import Hooks, load
-from mailpipe.quarantine import Quarantine
 from mailpipe.testing import Pop3Server
+from mailpipe.testing.server import wire_form
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,93 +29,8 @@ def msg(n: int, subject: str | None = None) -> bytes:
     ).encode()
 
 
-class Rig:
-    """One mailbox "box" on ``srv`` with a store.jsonl pipeline and a SQLite journal."""
-
-    def __init__(
-        self,
-        tmp_path: Path,
-        srv: Pop3Server,
-        *,
-        on_complete: str = "done",
-        **mailbox: Any,
-    ) -> None:
-        self.out = tmp_path / "out.jsonl"
-        _, registry = load(entry_points=False)
-        data = {
-            "mailboxes": [
-                {
-                    "name": "box",
-                    "host": srv.host,
-                    "port": srv.port,
-                    "security": "none",
-                    "allow_plaintext_password": True,
-                    "username": "user",
-                    "password": "pass",
-                    "read_timeout": 10,
-                    "greeting_timeout": 10,
-                    **mailbox,
-                }
-            ],
-            "pipelines": {
-                "default": {
-                    "processors": [{"use": "store.jsonl", "path": str(self.out)}],
-                    "on_complete": on_complete,
-                }
-            },
-        }
-        self.config = validate_config(
-            data, path=tmp_path / "pipeline.toml", registry=registry
-        )
-        self.journal = SqliteJournal(tmp_path / "journal.sqlite3")
-        self.chain = Chain(
-            self.config.pipelines,
-            base_dir=tmp_path,
-            on_complete={
-                n: p.on_complete for n, p in self.config.model.pipelines.items()
-            },
-        )
-        self.opened = False
-        self.runner = MailboxRunner(
-            self.config.mailboxes[0],
-            config=self.config,
-            chain=self.chain,
-            journal=self.journal,
-            quarantine=Quarantine(tmp_path / "quarantine"),
-            hooks=Hooks(load(entry_points=False)[0]),
-        )
-
-    async def poll(self) -> Summary:
-        if not self.opened:
-            await self.chain.open()
-            self.opened = True
-        return await self.runner.poll()
-
-    def stored(self) -> list[dict[str, Any]]:
-        if not self.out.exists():
-            return []
-        return [json.loads(line) for line in self.out.read_text().splitlines()]
-
-    async def close(self) -> None:
-        await self.chain.close()
-        self.journal.close()
-
-
-@pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Callable[..., Rig]]:
-    made: list[Rig] = []
-
-    def make(srv: Pop3Server, **options: Any) -> Rig:
-        made.append(Rig(tmp_path, srv, **options))
-        return made[-1]
-
-    yield make
-    for r in made:
-        await r.close()
-
-
 async def test_t23_duplicate_uids_are_all_delivered_and_deleted(
-    pop3_server_factory: Factory, rig: Callable[..., Rig]
+    pop3_server_factory: Factory, rig: Any
 ) -> None:
     srv = pop3_server_factory()
     copy = msg(1, "identical copy")
@@ -144,7 +52,7 @@ async def test_t23_duplicate_uids_are_all_delivered_and_deleted(
 
 
 async def test_t23_duplicate_uids_in_keep_mode_are_processed_once(
-    pop3_server_factory: Factory, rig: Callable[..., Rig]
+    pop3_server_factory: Factory, rig: Any
 ) -> None:
     srv = pop3_server_factory()
     for _ in range(2):
@@ -153,6 +61,9 @@ async def test_t23_duplicate_uids_in_keep_mode_are_processed_once(
     first = await r.poll()
     second = await r.poll()  # the occurrence uids are stable: nothing new
     assert (first.processed, second.processed) == (2, 0)
+    # Issue 21 item 3: listed with their journaled sizes, the copies are not
+    # downloaded again on every poll (before: each poll re-fetched every copy).
+    assert second.retrieved == 0
     assert sorted(d["uid"] for d in r.stored()) == ["abc", "abc #2"]
     assert len(srv.messages) == 2
 
@@ -171,7 +82,7 @@ def reset_events(logs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 @pytest.mark.parametrize("delete", ["never", "after_days:30"])
 async def test_c60_keep_mode_stops_when_every_uid_changed(
-    pop3_server_factory: Factory, rig: Callable[..., Rig], delete: str
+    pop3_server_factory: Factory, rig: Any, delete: str
 ) -> None:
     srv = pop3_server_factory()
     fill(srv, 1, 12)
@@ -207,7 +118,10 @@ async def test_c60_keep_mode_stops_when_every_uid_changed(
     # The operator adopts the renamed mail (what `mailpipe state mark-seen` records).
     third = await r.poll()
     assert third.error_type == "UidlResetSuspected"  # still stopped until then
-    r.journal.mark_seen("box", [(u, message_key("box", u), 100) for u in srv.uids])
+    sizes = [len(wire_form(m)) for m in srv.messages]  # LIST sizes, as mark-seen records
+    r.journal.mark_seen(
+        "box", [(u, message_key("box", u), n) for u, n in zip(srv.uids, sizes, strict=True)]
+    )
     fill(srv, 13, 1)
     fourth = await r.poll()
     assert (fourth.error, fourth.processed) == (None, 1)
@@ -215,7 +129,7 @@ async def test_c60_keep_mode_stops_when_every_uid_changed(
 
 
 async def test_c60_ingest_warns_and_processes_the_renamed_mail(
-    pop3_server_factory: Factory, rig: Callable[..., Rig]
+    pop3_server_factory: Factory, rig: Any
 ) -> None:
     srv = pop3_server_factory()
     fill(srv, 1, 12)
@@ -233,7 +147,7 @@ async def test_c60_ingest_warns_and_processes_the_renamed_mail(
 
 
 async def test_c60_keep_mode_with_new_mail_and_some_deletions_never_triggers(
-    pop3_server_factory: Factory, rig: Callable[..., Rig]
+    pop3_server_factory: Factory, rig: Any
 ) -> None:
     srv = pop3_server_factory()
     r = rig(srv, delete="never")
@@ -251,7 +165,7 @@ async def test_c60_keep_mode_with_new_mail_and_some_deletions_never_triggers(
 
 
 async def test_c60_delete_mode_never_triggers(
-    pop3_server_factory: Factory, rig: Callable[..., Rig]
+    pop3_server_factory: Factory, rig: Any
 ) -> None:
     srv = pop3_server_factory()
     fill(srv, 1, 12)

@@ -26,6 +26,8 @@ from mailpipe.errors import (
     SourcePermanentError,
     SourceTimeoutError,
 )
+from mailpipe.message import Message
+from mailpipe.source import Unretrievable
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -361,7 +363,7 @@ async def test_t45_deadline_grows_with_the_listed_size(tmp_path):
     handler, state = trickling(listed=10_000_000, body_bytes=20)
     async with Server(handler) as srv:
         got = await retrieve_once(srv.port, tmp_path, read_timeout=5, retr_timeout=0.1,
-                                  retr_min_rate="100KB")
+                                  retr_min_rate="100KB", verify_size=False)
     assert got == [b"x" * 20 + b"\r\n"] and state["quit"]
 
 
@@ -770,8 +772,12 @@ async def test_t25_retr_err_skips_only_that_message(tmp_path):
     async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
         refs = await s.list()
         got = [m async for m in s.retrieve(refs, spool_dir=tmp_path, spool_threshold=1 << 20)]
-    assert [m.ref.number for m in got] == [1, 3]
-    assert [m.raw for m in got] == [msgs[0], msgs[2]]
+    # Issue 20 item 2: the refused one comes back as Unretrievable (an attempt for the
+    # engine), in its place.
+    assert [m.ref.number for m in got] == [1, 2, 3]
+    assert isinstance(got[1], Unretrievable) and got[1].evidence is None
+    assert got[1].reason == "RETR 2 refused: Message 2 expunged."
+    assert [m.raw for m in (got[0], got[2])] == [msgs[0], msgs[2]]
 
 
 # --- retrieval, spooling, commit, abort ---------------------------------------------
@@ -791,13 +797,18 @@ async def test_c11_large_message_spooled_with_listed_size(tmp_path):
 
 async def test_t21_size_mismatch_logged_not_fatal(tmp_path):
     msg = b"Subject: s\r\n\r\nbody\r\n"
-    mini = MiniPop3([msg], replies={b"LIST": b"+OK\r\n1 1000\r\n.\r\n"})
+    mini = MiniPop3([msg] * 2, replies={b"LIST": b"+OK\r\n1 10\r\n2 1000\r\n.\r\n"})
     async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
         refs = await s.list()
         with structlog.testing.capture_logs() as logs:
             got = [m async for m in s.retrieve(refs, spool_dir=tmp_path, spool_threshold=100)]
-    assert got[0].raw == msg and got[0].meta["octets_listed"] == 1000
+    # More octets than listed: a hint that was wrong, nothing missing.
+    assert isinstance(got[0], Message)
+    assert got[0].raw == msg and got[0].meta["octets_listed"] == 10
     assert any(e["event"] == "pop3_size_mismatch" for e in logs)
+    # MP-01: 980 octets short of what LIST promised: never a message to commit.
+    assert isinstance(got[1], Unretrievable) and got[1].evidence is not None
+    assert "received 20 octets, LIST said 1000" in got[1].reason
 
 
 async def test_no_uidl_gives_empty_uids():

@@ -57,6 +57,7 @@ async def fetch(
             async for m in session.retrieve(
                 refs, spool_dir=tmp_path, spool_threshold=1 << 20
             )
+            if isinstance(m, Message)  # Unretrievable ones stay on the server
         ]
         if delete:
             await session.mark_deleted([m.ref for m in got])
@@ -307,15 +308,18 @@ async def test_fault_dele_ignored_goes_unnoticed_by_the_client(
     assert [r.uid for r in refs] == ["mp00000001", "mp00000002", "mp00000003"]
 
 
-async def test_fault_list_size_mismatch_is_not_an_error(
+async def test_fault_list_size_mismatch_short_is_never_delivered(
     pop3_server_factory: Factory, tmp_path: Path
 ) -> None:
     srv = pop3_server_factory(
         messages=MSGS, faults=Faults(list_size_delta={1: 100, 2: -5})
     )
     refs, got = await fetch(srv, tmp_path)
-    assert [m.raw for m in got] == [wire_form(m) for m in MSGS]
+    # C-50: fewer octets listed than sent is a wrong hint; MP-01: 100 more listed than
+    # sent is a message cut short, never delivered (and so never DELE'd).
+    assert [m.raw for m in got] == [wire_form(m) for m in MSGS[1:]]
     assert refs[0].size == len(wire_form(MSGS[0])) + 100
+    assert srv.messages == [MSGS[0]]
 
 
 async def test_fault_uidl_variants(
