@@ -29,13 +29,14 @@ DOC = ROOT / "docs" / "conformance.md"
 SECTION = "## Requirement tables"
 CODE_DIRS = ("mailpipe", "plugins", "tests", "bench")
 
-#: POP3 checklist families (C, T, P, S) and the IMAP checklist's (IC, IT, IP, IS).
-FAMILY = r"(?:IC|IT|IP|IS|C|T|P|S)"
+#: POP3 checklist families (C, T, P, S), the IMAP checklist's (IC, IT, IP, IS), and
+#: mailpipe's own delivery rules (MP).
+FAMILY = r"(?:IC|IT|IP|IS|MP|C|T|P|S)"
 ID = re.compile(rf"\b({FAMILY})-(\d{{2}})\b")
 RANGE = re.compile(
     rf"\b({FAMILY})-(\d{{2}})\s*(?:\.\.|\u2013|\u2014)\s*(?:\1-)?(\d{{2}})\b"
 )
-NAME_SEGMENT = re.compile(r"(ic|it|ip|is|c|t|p|s)(\d{2})")
+NAME_SEGMENT = re.compile(r"(ic|it|ip|is|mp|c|t|p|s)(\d{2})")
 ROW = re.compile(rf"^\|\s*({FAMILY}-\d{{2}})\s*\|")
 TEST_REF = re.compile(r"`(tests/[\w/]+\.py)::([\w:]+)(?:\[[^\]`]*\])?`")
 NO_TEST = "no test"
