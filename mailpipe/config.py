@@ -93,7 +93,7 @@ class SchedulerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     concurrency: int = Field(
-        4, ge=1, le=10000, description="Mailboxes polled at the same time."
+        4, strict=True, ge=1, le=10000, description="Mailboxes polled at the same time."
     )
     spool_dir: str = Field(
         "var/spool", description="Where large messages are spooled while processed."
@@ -158,11 +158,13 @@ class MailboxConfig(BaseModel):
         pattern=r"^[A-Za-z0-9_.@+-]{1,128}$",
     )
     source: str = Field("pop3", description="Source plugin (see `mailpipe plugins`).")
-    enabled: bool = Field(True, description="Set false to skip this mailbox.")
+    enabled: bool = Field(
+        True, strict=True, description="Set false to skip this mailbox."
+    )
     pipeline: str = Field("default", description="Name of the [pipelines.NAME] to run.")
     poll_interval: Duration = Field(60.0, gt=0, description="Time between polls.")
     jitter: float = Field(
-        0.1, ge=0, le=1, description="Random spread of the poll interval (fraction)."
+        0.1, strict=True, ge=0, le=1, description="Random spread of the poll interval (fraction)."
     )
     delete: DeletePolicy = Field(
         "after_processing",
@@ -183,24 +185,25 @@ class MailboxConfig(BaseModel):
         "skip", description="What to do with a message over max_message_size."
     )
     max_messages: int | None = Field(
-        None, ge=1, description="At most this many messages per session."
+        None, strict=True, ge=1, description="At most this many messages per session."
     )
     max_bytes: ByteSize | None = Field(
         None, description="At most this many octets retrieved per session."
     )
     commit_window: int = Field(
         500,
+        strict=True,
         ge=0,
         description="QUIT and reconnect every N messages (0 = one session for all).",
     )
     max_attempts: int = Field(
-        3, ge=1, description="Failed attempts before a message is quarantined."
+        3, strict=True, ge=1, description="Failed attempts before a message is quarantined."
     )
     on_quarantine: Literal["delete", "keep"] = Field(
         "delete", description="After quarantining: delete the server copy or keep it."
     )
     header_prefetch: bool = Field(
-        True, description="Use TOP n 0 when the chain can decide on headers alone."
+        True, strict=True, description="Use TOP n 0 when the chain can decide on headers alone."
     )
 
 
@@ -381,18 +384,65 @@ def _fields_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
     return []
 
 
+# A TOML scalar of the wrong type (strict fields): what is accepted, by error type.
+_EXPECTED_TYPE = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+}
+
+
+def _type_message(kind: str, value: Any) -> str:
+    """``expected <type>``, plus how to write a quoted value that has the right form."""
+    msg = f"expected {_EXPECTED_TYPE[kind]}"
+    if not isinstance(value, str):
+        return msg
+    text = value.strip()
+    if kind.startswith("int") and re.fullmatch(r"[+-]?\d+", text):
+        return f"{msg}; write {int(text)} without quotes"
+    if kind.startswith("float") and re.fullmatch(r"[+-]?\d+(\.\d+)?", text):
+        return f"{msg}; write {text} without quotes"
+    if kind.startswith("bool") and text.lower() in ("true", "false"):
+        return f"{msg}; write {text.lower()} without quotes"
+    return msg
+
+
+_ABSENT = object()
+
+
+def _raw_at(raw: Any, loc: tuple[int | str, ...]) -> Any:
+    """The value at ``loc`` in the raw TOML table ``raw``, or ``_ABSENT``."""
+    for part in loc:
+        in_table = isinstance(raw, dict) and part in raw
+        in_array = isinstance(raw, list) and isinstance(part, int) and part < len(raw)
+        if not (in_table or in_array):
+            return _ABSENT
+        raw = raw[part]
+    return raw
+
+
 def _problems(
     exc: ValidationError,
     prefix: tuple[int | str, ...],
     fields: list[str],
     model: type[BaseModel] | None = None,
+    raw: Any = _ABSENT,
 ) -> list[Problem]:
+    """One Problem per error of ``exc``; ``raw`` is the table that was validated, so
+    a value is shown as written in the TOML ("0s"), not as parsed (0.0)."""
     out = []
     for err in exc.errors(include_url=False):
         loc_parts = (*prefix, *err["loc"])
         loc = _loc(loc_parts)
         msg = str(err["msg"]).removeprefix("Value error, ")
-        value: str | None = _show(err.get("input"), loc)
+        written = _raw_at(raw, tuple(err["loc"]))
+        got = err.get("input") if written is _ABSENT else written
+        value: str | None = _show(got, loc)
+        if err["type"] in _EXPECTED_TYPE:
+            msg = _type_message(err["type"], got)
         if err["type"] == "extra_forbidden":
             key = str(err["loc"][-1]) if err["loc"] else ""
             parent_fields = fields if len(err["loc"]) == 1 else []
@@ -468,7 +518,9 @@ def validate_config(
     try:
         model = ConfigModel.model_validate(data, context=ctx)
     except ValidationError as exc:
-        problems.extend(_problems(exc, (), _fields(ConfigModel), ConfigModel))
+        problems.extend(
+            _problems(exc, (), _fields(ConfigModel), ConfigModel, raw=data)
+        )
         model = _salvage(data, ctx, problems)
 
     if registry is None:
@@ -605,7 +657,7 @@ def _validate_mailbox(
         options = cls.Options.model_validate(extras, context=ctx)
     except ValidationError as exc:
         fields = _fields(cls.Options) + _fields(MailboxConfig)
-        problems.extend(_problems(exc, where, fields, cls.Options))
+        problems.extend(_problems(exc, where, fields, cls.Options, raw=extras))
         return None
     try:
         mb = MailboxConfig.model_validate(raw, context=ctx)
@@ -643,16 +695,12 @@ def _validate_pipeline(
             )
             continue
         cls = registry.processor(ref.use)
+        table = dict(ref.model_extra or {})
         try:
-            options = cls.Options.model_validate(
-                dict(ref.model_extra or {}), context=ctx
-            )
+            options = cls.Options.model_validate(table, context=ctx)
         except ValidationError as exc:
-            problems.extend(
-                _problems(
-                    exc, where, [*_fields(cls.Options), "use", "name"], cls.Options
-                )
-            )
+            fields = [*_fields(cls.Options), "use", "name"]
+            problems.extend(_problems(exc, where, fields, cls.Options, raw=table))
             continue
         step = ref.name or f"{j}:{ref.use}"
         if step in seen:

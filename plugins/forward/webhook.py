@@ -56,8 +56,11 @@ class WebhookForwardOptions(BaseModel):
         description="Extra request headers (not Content-Type, Authorization, "
         "Idempotency-Key or the signature header).",
     )
-    timeout: Duration = Field(default=30.0, description="Timeout of each request.")
+    timeout: Duration = Field(
+        default=30.0, gt=0, description="Timeout of each request."
+    )
     retries: int = Field(
+        strict=True,
         default=3,
         ge=0,
         le=10,
@@ -71,6 +74,7 @@ class WebhookForwardOptions(BaseModel):
         default=30.0, description="Upper bound of one delay between attempts."
     )
     include_raw: bool = Field(
+        strict=True,
         default=False, description="Add the raw message, base64-encoded, as 'raw'."
     )
     attachments: Literal["none", "inline", "reference"] = Field(
@@ -88,6 +92,7 @@ class WebhookForwardOptions(BaseModel):
         default=None, description="Sent as 'Authorization: Bearer <token>'."
     )
     tls_verify: bool = Field(
+        strict=True,
         default=True,
         description="Verify the server certificate; false is an explicit opt-out.",
     )
