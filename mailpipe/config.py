@@ -31,11 +31,30 @@ from pydantic import (
 
 from mailpipe.errors import ConfigError, Problem
 from mailpipe.registry import Registry
-from mailpipe.secrets import MASK, Secret, redact, remember_url_password
+from mailpipe.secrets import (
+    MASK,
+    Secret,
+    is_credential,
+    is_secret_name,
+    redact,
+    remember_secret,
+    remember_url_password,
+)
 from mailpipe.units import ByteSize, Duration
 
 _DELETE_RE = re.compile(r"^after_days:(\d+(?:\.\d+)?)$")
-_SECRET_NAMES = re.compile(r"password|secret|token|passphrase|dsn|api_key", re.I)
+# Tables whose every value may be a credential whatever its key: HTTP headers
+# (X-Custom = "..."), a program's environment.
+_SECRET_TABLES = re.compile(r"^(headers|env)$", re.I)
+# libpq's key=value connection string (host=h user=u password=pw dbname=d).
+_LIBPQ_PAIR = re.compile(r"\s*([a-z_]+)\s*=\s*('(?:[^'\\]|\\.)*'|\S*)")
+_LIBPQ_KEYS = frozenset(
+    {
+        "host", "hostaddr", "port", "dbname", "user", "password", "passfile",
+        "sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout", "options",
+        "application_name", "service", "target_session_attrs", "channel_binding",
+    }
+)
 
 
 def _check_delete(value: Any) -> Any:
@@ -73,7 +92,35 @@ class StateConfig(BaseModel):
             value = Secret(value, base_dir=Path(base) if base else None).get()
         if isinstance(value, str):
             remember_url_password(value)
+            _refuse_libpq_dsn(value)
         return value
+
+
+def _refuse_libpq_dsn(value: str) -> None:
+    """Raise ValueError when ``value`` is a libpq ``key=value`` string, not a path.
+
+    It would otherwise name a SQLite file after the whole string, password included;
+    the password is registered for redaction first, so the report masks it.
+    """
+    pairs: list[tuple[str, str]] = []
+    pos = 0
+    while pos < len(value.rstrip()):
+        m = _LIBPQ_PAIR.match(value, pos)
+        if m is None or m.end() == pos:
+            return  # not key=value pairs: a file name
+        pairs.append((m.group(1).lower(), m.group(2)))
+        pos = m.end()
+    if not any(key in _LIBPQ_KEYS for key, _ in pairs):
+        return
+    for key, raw in pairs:
+        if key == "password":
+            remember_secret(raw)
+            remember_secret(raw[1:-1] if raw.startswith("'") else raw)
+    raise ValueError(
+        "a libpq 'key=value' connection string is not accepted; write it as a "
+        "URL, postgresql://USER:PASSWORD@HOST:PORT/DBNAME (or a secret table such "
+        'as { env = "MAILPIPE_JOURNAL_URL" }), or give a SQLite file path'
+    )
 
 
 class QuarantineConfig(BaseModel):
@@ -329,26 +376,34 @@ def _loc(parts: tuple[int | str, ...] | list[int | str]) -> str:
     return out
 
 
-def _masked(value: Any) -> Any:
-    """``value`` with secret-named keys masked at any depth (tables are echoed whole
-    before their secrets were resolved, so :func:`redact` cannot know them yet)."""
+def _masked(value: Any, *, every: bool = False) -> Any:
+    """``value`` with its credentials masked at any depth: the values of secret-named
+    keys, every value of a header or environment table (``every``), and values that
+    read as an HTTP credential ("Bearer ..."). Tables are echoed whole before their
+    secrets were resolved, so :func:`redact` cannot know them yet."""
     if isinstance(value, dict):
         return {
             k: MASK
-            if _SECRET_NAMES.search(str(k)) and not isinstance(v, dict)
-            else _masked(v)
+            if (every or is_secret_name(str(k))) and not isinstance(v, dict)
+            else _masked(v, every=every or bool(_SECRET_TABLES.match(str(k))))
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [_masked(v) for v in value]
+        return [_masked(v, every=every) for v in value]
+    if isinstance(value, str) and (every or is_credential(value)):
+        return MASK
     return value
 
 
 def _show(value: Any, loc: str) -> str:
-    if _SECRET_NAMES.search(loc.rsplit(".", 1)[-1]) and not isinstance(value, dict):
+    key = loc.rsplit(".", 1)[-1]
+    if is_secret_name(key) and not isinstance(value, dict):
+        return MASK
+    value = _masked(value, every=bool(_SECRET_TABLES.match(key)))
+    if value == MASK:
         return MASK
     try:
-        text = json.dumps(_masked(value), ensure_ascii=False, default=str)
+        text = json.dumps(value, ensure_ascii=False, default=str)
     except (TypeError, ValueError):
         text = repr(value)
     text = redact(text)  # before cutting: a cut secret would no longer match

@@ -88,6 +88,27 @@ def remember_secret(value: str) -> None:
     _remember(parts)
 
 
+_SECRET_NAMES = re.compile(
+    r"password|passwd|secret|token|passphrase|dsn|api[_-]?key|authorization|cookie"
+    r"|credential",
+    re.I,
+)
+_CREDENTIAL = re.compile(
+    r"^\s*(bearer|basic|digest|token|apikey)\s+[A-Za-z0-9._~+/=:-]{8,}\s*$", re.I
+)
+
+
+def is_secret_name(name: str) -> bool:
+    """True when a key or header called ``name`` holds a credential (``password``,
+    ``X-Api-Key``, ``Authorization``, ``Cookie``...)."""
+    return _SECRET_NAMES.search(name) is not None
+
+
+def is_credential(value: str) -> bool:
+    """True when ``value`` reads as an HTTP credential (``Bearer <token>``...)."""
+    return _CREDENTIAL.match(value) is not None
+
+
 def remember_url_password(url: str) -> None:
     """Add only the password of ``url`` (if any) to the redaction set."""
     for match in _URL_PASSWORD.finditer(url):

@@ -18,7 +18,13 @@ from mailpipe import __version__
 from mailpipe.errors import PermanentFailure, TemporaryFailure
 from mailpipe.message import Message
 from mailpipe.processor import ProcessorContext
-from mailpipe.secrets import Secret, redact
+from mailpipe.secrets import (
+    Secret,
+    is_credential,
+    is_secret_name,
+    redact,
+    remember_secret,
+)
 from mailpipe.units import Duration
 
 from ._retry import Backoff, cert_error, client_tls_context, retry_after
@@ -53,6 +59,7 @@ class WebhookForwardOptions(BaseModel):
     )
     headers: dict[str, str] = Field(
         default_factory=dict,
+        repr=False,
         description="Extra request headers (not Content-Type, Authorization, "
         "Idempotency-Key or the signature header).",
     )
@@ -119,6 +126,8 @@ class WebhookForwardOptions(BaseModel):
                 raise ValueError(f"header {name!r} is set by the forwarder")
             if any(c in name + text for c in "\r\n\0"):
                 raise ValueError(f"header {name!r} contains a line break")
+            if is_secret_name(name) or is_credential(text):
+                remember_secret(text)  # masked in logs, like a Secret
         return value
 
 
