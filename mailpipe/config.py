@@ -523,10 +523,19 @@ def _fields(model: type[BaseModel]) -> list[str]:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """Read ``path`` as TOML; a syntax error is a ConfigError with line and column."""
+    """Read ``path`` as TOML; a syntax error or text that is not UTF-8 is a
+    ConfigError with the line."""
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        raw = path.read_bytes()
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        byte = raw[exc.start]
+        raise ConfigError(
+            str(path),
+            [Problem("", f"not UTF-8 text: byte 0x{byte:02x} on line {line}; "
+                     "a TOML file is UTF-8 (save it as UTF-8)")],
+        ) from None
     except FileNotFoundError:
         raise ConfigError(str(path), [Problem("", "file not found")]) from None
     except tomllib.TOMLDecodeError as exc:
@@ -577,6 +586,14 @@ def validate_config(
             _problems(exc, (), _fields(ConfigModel), ConfigModel, raw=data)
         )
         model = _salvage(data, ctx, problems)
+
+    for loc, folder in (
+        ("scheduler.spool_dir", model.scheduler.spool_dir),
+        ("quarantine.dir", model.quarantine.dir),
+    ):
+        problem = _not_a_folder(loc, folder, path.parent)
+        if problem is not None:
+            problems.append(problem)
 
     if registry is None:
         from mailpipe.plugin_manager import load
@@ -646,6 +663,18 @@ def validate_config(
         pipelines=pipelines,
         registry=registry,
     )
+
+
+def _not_a_folder(loc: str, value: str, base_dir: Path) -> Problem | None:
+    """A Problem when the folder ``value`` (created when missing) cannot be one: it,
+    or the nearest of its parents that exists, is a file. Nothing is created."""
+    folder = Path(value).expanduser()
+    existing = folder if folder.is_absolute() else base_dir / folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() or not existing.exists():
+        return None
+    return Problem(loc, f"{existing} is a file, not a folder", _show(value, loc))
 
 
 def _salvage(
