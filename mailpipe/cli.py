@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import click
 import structlog
 
 from mailpipe import __version__
-from mailpipe.errors import ConfigError, MailpipeError, PluginError
+from mailpipe.errors import ConfigError, MailpipeError, PluginError, StartupError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -99,7 +100,11 @@ async def _run(app: Any, *, once: bool, only: tuple[str, ...]) -> int:
     from mailpipe.scheduler import Scheduler
 
     journal = app.journal()
-    metrics_server = await _start_metrics(app)
+    try:
+        metrics_server = await _start_metrics(app)
+    except BaseException:
+        journal.close()
+        raise
     view = ProgressView(enabled=once and sys.stderr.isatty())
     scheduler = Scheduler(
         app.config,
@@ -142,7 +147,12 @@ async def _start_metrics(app: Any) -> Any:
     app.pm.register(collector, "metrics")
     host, _, port = listen.rpartition(":")
     server = MetricsServer(collector, host.strip("[]"), int(port))
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:  # e.g. the port is taken: one line, exit 1
+        # asyncio's strerror repeats every address it tried; the errno says it all
+        why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise StartupError(f"metrics.listen: cannot listen on {listen}: {why}") from exc
     log.info("metrics_listening", host=server.host, port=server.port)
     return server
 

@@ -31,11 +31,30 @@ from pydantic import (
 
 from mailpipe.errors import ConfigError, Problem
 from mailpipe.registry import Registry
-from mailpipe.secrets import MASK, Secret, redact, remember_url_password
+from mailpipe.secrets import (
+    MASK,
+    Secret,
+    is_credential,
+    is_secret_name,
+    redact,
+    remember_secret,
+    remember_url_password,
+)
 from mailpipe.units import ByteSize, Duration
 
 _DELETE_RE = re.compile(r"^after_days:(\d+(?:\.\d+)?)$")
-_SECRET_NAMES = re.compile(r"password|secret|token|passphrase|dsn|api_key", re.I)
+# Tables whose every value may be a credential whatever its key: HTTP headers
+# (X-Custom = "..."), a program's environment.
+_SECRET_TABLES = re.compile(r"^(headers|env)$", re.I)
+# libpq's key=value connection string (host=h user=u password=pw dbname=d).
+_LIBPQ_PAIR = re.compile(r"\s*([a-z_]+)\s*=\s*('(?:[^'\\]|\\.)*'|\S*)")
+_LIBPQ_KEYS = frozenset(
+    {
+        "host", "hostaddr", "port", "dbname", "user", "password", "passfile",
+        "sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout", "options",
+        "application_name", "service", "target_session_attrs", "channel_binding",
+    }
+)
 
 
 def _check_delete(value: Any) -> Any:
@@ -73,7 +92,35 @@ class StateConfig(BaseModel):
             value = Secret(value, base_dir=Path(base) if base else None).get()
         if isinstance(value, str):
             remember_url_password(value)
+            _refuse_libpq_dsn(value)
         return value
+
+
+def _refuse_libpq_dsn(value: str) -> None:
+    """Raise ValueError when ``value`` is a libpq ``key=value`` string, not a path.
+
+    It would otherwise name a SQLite file after the whole string, password included;
+    the password is registered for redaction first, so the report masks it.
+    """
+    pairs: list[tuple[str, str]] = []
+    pos = 0
+    while pos < len(value.rstrip()):
+        m = _LIBPQ_PAIR.match(value, pos)
+        if m is None or m.end() == pos:
+            return  # not key=value pairs: a file name
+        pairs.append((m.group(1).lower(), m.group(2)))
+        pos = m.end()
+    if not any(key in _LIBPQ_KEYS for key, _ in pairs):
+        return
+    for key, raw in pairs:
+        if key == "password":
+            remember_secret(raw)
+            remember_secret(raw[1:-1] if raw.startswith("'") else raw)
+    raise ValueError(
+        "a libpq 'key=value' connection string is not accepted; write it as a "
+        "URL, postgresql://USER:PASSWORD@HOST:PORT/DBNAME (or a secret table such "
+        'as { env = "MAILPIPE_JOURNAL_URL" }), or give a SQLite file path'
+    )
 
 
 class QuarantineConfig(BaseModel):
@@ -93,7 +140,7 @@ class SchedulerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     concurrency: int = Field(
-        4, ge=1, le=10000, description="Mailboxes polled at the same time."
+        4, strict=True, ge=1, le=10000, description="Mailboxes polled at the same time."
     )
     spool_dir: str = Field(
         "var/spool", description="Where large messages are spooled while processed."
@@ -158,11 +205,13 @@ class MailboxConfig(BaseModel):
         pattern=r"^[A-Za-z0-9_.@+-]{1,128}$",
     )
     source: str = Field("pop3", description="Source plugin (see `mailpipe plugins`).")
-    enabled: bool = Field(True, description="Set false to skip this mailbox.")
+    enabled: bool = Field(
+        True, strict=True, description="Set false to skip this mailbox."
+    )
     pipeline: str = Field("default", description="Name of the [pipelines.NAME] to run.")
     poll_interval: Duration = Field(60.0, gt=0, description="Time between polls.")
     jitter: float = Field(
-        0.1, ge=0, le=1, description="Random spread of the poll interval (fraction)."
+        0.1, strict=True, ge=0, le=1, description="Random spread of the poll interval (fraction)."
     )
     delete: DeletePolicy = Field(
         "after_processing",
@@ -183,24 +232,25 @@ class MailboxConfig(BaseModel):
         "skip", description="What to do with a message over max_message_size."
     )
     max_messages: int | None = Field(
-        None, ge=1, description="At most this many messages per session."
+        None, strict=True, ge=1, description="At most this many messages per session."
     )
     max_bytes: ByteSize | None = Field(
         None, description="At most this many octets retrieved per session."
     )
     commit_window: int = Field(
         500,
+        strict=True,
         ge=0,
         description="QUIT and reconnect every N messages (0 = one session for all).",
     )
     max_attempts: int = Field(
-        3, ge=1, description="Failed attempts before a message is quarantined."
+        3, strict=True, ge=1, description="Failed attempts before a message is quarantined."
     )
     on_quarantine: Literal["delete", "keep"] = Field(
         "delete", description="After quarantining: delete the server copy or keep it."
     )
     header_prefetch: bool = Field(
-        True, description="Use TOP n 0 when the chain can decide on headers alone."
+        True, strict=True, description="Use TOP n 0 when the chain can decide on headers alone."
     )
 
 
@@ -326,26 +376,34 @@ def _loc(parts: tuple[int | str, ...] | list[int | str]) -> str:
     return out
 
 
-def _masked(value: Any) -> Any:
-    """``value`` with secret-named keys masked at any depth (tables are echoed whole
-    before their secrets were resolved, so :func:`redact` cannot know them yet)."""
+def _masked(value: Any, *, every: bool = False) -> Any:
+    """``value`` with its credentials masked at any depth: the values of secret-named
+    keys, every value of a header or environment table (``every``), and values that
+    read as an HTTP credential ("Bearer ..."). Tables are echoed whole before their
+    secrets were resolved, so :func:`redact` cannot know them yet."""
     if isinstance(value, dict):
         return {
             k: MASK
-            if _SECRET_NAMES.search(str(k)) and not isinstance(v, dict)
-            else _masked(v)
+            if (every or is_secret_name(str(k))) and not isinstance(v, dict)
+            else _masked(v, every=every or bool(_SECRET_TABLES.match(str(k))))
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [_masked(v) for v in value]
+        return [_masked(v, every=every) for v in value]
+    if isinstance(value, str) and (every or is_credential(value)):
+        return MASK
     return value
 
 
 def _show(value: Any, loc: str) -> str:
-    if _SECRET_NAMES.search(loc.rsplit(".", 1)[-1]) and not isinstance(value, dict):
+    key = loc.rsplit(".", 1)[-1]
+    if is_secret_name(key) and not isinstance(value, dict):
+        return MASK
+    value = _masked(value, every=bool(_SECRET_TABLES.match(key)))
+    if value == MASK:
         return MASK
     try:
-        text = json.dumps(_masked(value), ensure_ascii=False, default=str)
+        text = json.dumps(value, ensure_ascii=False, default=str)
     except (TypeError, ValueError):
         text = repr(value)
     text = redact(text)  # before cutting: a cut secret would no longer match
@@ -381,18 +439,65 @@ def _fields_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
     return []
 
 
+# A TOML scalar of the wrong type (strict fields): what is accepted, by error type.
+_EXPECTED_TYPE = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+}
+
+
+def _type_message(kind: str, value: Any) -> str:
+    """``expected <type>``, plus how to write a quoted value that has the right form."""
+    msg = f"expected {_EXPECTED_TYPE[kind]}"
+    if not isinstance(value, str):
+        return msg
+    text = value.strip()
+    if kind.startswith("int") and re.fullmatch(r"[+-]?\d+", text):
+        return f"{msg}; write {int(text)} without quotes"
+    if kind.startswith("float") and re.fullmatch(r"[+-]?\d+(\.\d+)?", text):
+        return f"{msg}; write {text} without quotes"
+    if kind.startswith("bool") and text.lower() in ("true", "false"):
+        return f"{msg}; write {text.lower()} without quotes"
+    return msg
+
+
+_ABSENT = object()
+
+
+def _raw_at(raw: Any, loc: tuple[int | str, ...]) -> Any:
+    """The value at ``loc`` in the raw TOML table ``raw``, or ``_ABSENT``."""
+    for part in loc:
+        in_table = isinstance(raw, dict) and part in raw
+        in_array = isinstance(raw, list) and isinstance(part, int) and part < len(raw)
+        if not (in_table or in_array):
+            return _ABSENT
+        raw = raw[part]
+    return raw
+
+
 def _problems(
     exc: ValidationError,
     prefix: tuple[int | str, ...],
     fields: list[str],
     model: type[BaseModel] | None = None,
+    raw: Any = _ABSENT,
 ) -> list[Problem]:
+    """One Problem per error of ``exc``; ``raw`` is the table that was validated, so
+    a value is shown as written in the TOML ("0s"), not as parsed (0.0)."""
     out = []
     for err in exc.errors(include_url=False):
         loc_parts = (*prefix, *err["loc"])
         loc = _loc(loc_parts)
         msg = str(err["msg"]).removeprefix("Value error, ")
-        value: str | None = _show(err.get("input"), loc)
+        written = _raw_at(raw, tuple(err["loc"]))
+        got = err.get("input") if written is _ABSENT else written
+        value: str | None = _show(got, loc)
+        if err["type"] in _EXPECTED_TYPE:
+            msg = _type_message(err["type"], got)
         if err["type"] == "extra_forbidden":
             key = str(err["loc"][-1]) if err["loc"] else ""
             parent_fields = fields if len(err["loc"]) == 1 else []
@@ -418,10 +523,19 @@ def _fields(model: type[BaseModel]) -> list[str]:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """Read ``path`` as TOML; a syntax error is a ConfigError with line and column."""
+    """Read ``path`` as TOML; a syntax error or text that is not UTF-8 is a
+    ConfigError with the line."""
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        raw = path.read_bytes()
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        byte = raw[exc.start]
+        raise ConfigError(
+            str(path),
+            [Problem("", f"not UTF-8 text: byte 0x{byte:02x} on line {line}; "
+                     "a TOML file is UTF-8 (save it as UTF-8)")],
+        ) from None
     except FileNotFoundError:
         raise ConfigError(str(path), [Problem("", "file not found")]) from None
     except tomllib.TOMLDecodeError as exc:
@@ -468,8 +582,18 @@ def validate_config(
     try:
         model = ConfigModel.model_validate(data, context=ctx)
     except ValidationError as exc:
-        problems.extend(_problems(exc, (), _fields(ConfigModel), ConfigModel))
+        problems.extend(
+            _problems(exc, (), _fields(ConfigModel), ConfigModel, raw=data)
+        )
         model = _salvage(data, ctx, problems)
+
+    for loc, folder in (
+        ("scheduler.spool_dir", model.scheduler.spool_dir),
+        ("quarantine.dir", model.quarantine.dir),
+    ):
+        problem = _not_a_folder(loc, folder, path.parent)
+        if problem is not None:
+            problems.append(problem)
 
     if registry is None:
         from mailpipe.plugin_manager import load
@@ -541,6 +665,18 @@ def validate_config(
     )
 
 
+def _not_a_folder(loc: str, value: str, base_dir: Path) -> Problem | None:
+    """A Problem when the folder ``value`` (created when missing) cannot be one: it,
+    or the nearest of its parents that exists, is a file. Nothing is created."""
+    folder = Path(value).expanduser()
+    existing = folder if folder.is_absolute() else base_dir / folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() or not existing.exists():
+        return None
+    return Problem(loc, f"{existing} is a file, not a folder", _show(value, loc))
+
+
 def _salvage(
     data: dict[str, Any], ctx: dict[str, str], problems: list[Problem]
 ) -> ConfigModel:
@@ -605,7 +741,7 @@ def _validate_mailbox(
         options = cls.Options.model_validate(extras, context=ctx)
     except ValidationError as exc:
         fields = _fields(cls.Options) + _fields(MailboxConfig)
-        problems.extend(_problems(exc, where, fields, cls.Options))
+        problems.extend(_problems(exc, where, fields, cls.Options, raw=extras))
         return None
     try:
         mb = MailboxConfig.model_validate(raw, context=ctx)
@@ -643,16 +779,12 @@ def _validate_pipeline(
             )
             continue
         cls = registry.processor(ref.use)
+        table = dict(ref.model_extra or {})
         try:
-            options = cls.Options.model_validate(
-                dict(ref.model_extra or {}), context=ctx
-            )
+            options = cls.Options.model_validate(table, context=ctx)
         except ValidationError as exc:
-            problems.extend(
-                _problems(
-                    exc, where, [*_fields(cls.Options), "use", "name"], cls.Options
-                )
-            )
+            fields = [*_fields(cls.Options), "use", "name"]
+            problems.extend(_problems(exc, where, fields, cls.Options, raw=table))
             continue
         step = ref.name or f"{j}:{ref.use}"
         if step in seen:

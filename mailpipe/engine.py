@@ -84,6 +84,27 @@ class Summary:
         """Return the counts as a plain dict (for logs and hooks)."""
         return {k: getattr(self, k) for k in self.__slots__}
 
+    def not_durable(self, disposition: str, reason: str) -> None:
+        """Recount a message whose chain finished but whose group commit failed: it
+        stays on the server and runs again, so it failed in this poll."""
+        self.processed -= 1
+        self.failed += 1
+        if disposition == "keep":
+            self.kept -= 1
+        elif disposition == "quarantine":
+            self.quarantined -= 1
+        elif reason != "on_complete":
+            self.dropped -= 1
+
+    def group_commit_failed(self, count: int, error: str, error_type: str) -> None:
+        """Make the poll a failure (status, exit code 1, back-off): ``count`` messages
+        were processed but are not durable (nothing is lost; none was DELE'd)."""
+        self.error = (
+            f"group commit failed for {count} message(s), kept on the server for "
+            f"the next poll: {error}"
+        )
+        self.error_type = error_type
+
 
 @dataclass(slots=True)
 class _Done:
@@ -222,6 +243,7 @@ class MailboxRunner:
         self._prefetch_off = False
         self._login_delay = 0.0  # seconds, from the latest session's CAPA
         self.inflight = InflightMarker(self.spool_dir, self.name)
+        self._summary = Summary(mailbox=self.name)  # the current poll's (see poll)
 
     def _make_source(self) -> Any:
         ctx = ProcessorContext(
@@ -238,7 +260,7 @@ class MailboxRunner:
     async def poll(self) -> Summary:
         """Run sessions (commit windows) until no work is left, stop is set, or an
         error occurs. Errors are recorded in the summary, never raised."""
-        summary = Summary(mailbox=self.name)
+        summary = self._summary = Summary(mailbox=self.name)
         started = time.monotonic()
         self._attempted = set()
         self._skipped = set()
@@ -1055,15 +1077,23 @@ class MailboxRunner:
     async def _group_commit(
         self, session: SourceSession, group: list[_Done], *, send_dele: bool = True
     ) -> list[MessageRef]:
-        """Flush processors, commit the journal batch, then (and only then) DELE."""
+        """Flush processors, commit the journal batch, then (and only then) DELE.
+
+        A message whose writes are not durable stays PENDING (run again next poll, no
+        attempt counted), gets no ``message_done`` and counts as failed; the poll's
+        summary then carries the error (exit 1 with ``run --once``).
+        """
         flushed = True
+        flush_error, flush_type = "a shared store's flush failed", "FlushError"
         try:
             await self.chain.flush()
         except Exception as exc:
             flushed = False
-            self.log.error("flush_failed", error=_error_text(exc))
+            flush_error, flush_type = _error_text(exc), type(exc).__name__
+            self.log.error("flush_failed", error=flush_error)
         owed: list[MessageRef] = []
         unflushed = 0
+        lost: set[str] = set()  # uids whose writes are not durable
         with self.journal.batch():
             for d in group:
                 steps = list(d.result.committed) if d.result else []
@@ -1086,6 +1116,9 @@ class MailboxRunner:
                     self.journal.fail(self.name, d.ref.uid, error=d.error, counted=True)
                 if not durable and d.result and d.result.pending:
                     unflushed += 1
+                    lost.add(d.ref.uid)
+                    if not d.failed:
+                        self._summary.not_durable(d.disposition, d.reason)
                     continue  # not durable: stays PENDING, re-run next time
                 self.journal.finish(
                     self.name,
@@ -1107,8 +1140,10 @@ class MailboxRunner:
                 f"group commit failed for {unflushed} message(s) on a server with "
                 "EXPIRE 0; session aborted without QUIT so the server keeps them"
             )
+        if unflushed:
+            self._summary.group_commit_failed(unflushed, flush_error, flush_type)
         for d in group:
-            if not d.failed or d.status != Status.PENDING:
+            if d.ref.uid not in lost and (not d.failed or d.status != Status.PENDING):
                 self.hooks.message_done(
                     mailbox=self.name,
                     uid=d.ref.uid,

@@ -39,6 +39,10 @@ class ConfigError(MailpipeError):
         return "\n".join([head, *(f"  {p.render()}" for p in self.problems)])
 
 
+class StartupError(MailpipeError):
+    """Something ``run`` needs could not be set up (the metrics port is taken...)."""
+
+
 class PluginError(MailpipeError):
     """A plugin failed to import, clashed on a name, or implemented a hook wrongly."""
 

@@ -7,6 +7,7 @@ Run ``python -m mailpipe.reference`` to print it.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel
@@ -41,6 +42,7 @@ def _type(field: Any) -> str:
             return f"{name} \\| None" if "None" in str(annotation) else name
     simple = isinstance(annotation, type) and not getattr(annotation, "__args__", None)
     text = annotation.__name__ if simple else str(annotation)
+    text = re.sub(r"Annotated\[(\w+), Strict\(strict=True\)\]", r"\1", text)
     return (
         text.replace("typing.", "")
         .replace("mailpipe.secrets.", "")

@@ -4,6 +4,11 @@ In TOML a secret is ``{ env = "NAME" }``, ``{ file = "path" }`` or
 ``{ command = ["prog", "arg"] }`` (an OAuth token helper, for example). A plain string is
 accepted too. Every resolved value is added to a process-wide set that the log
 redaction step masks (see :mod:`mailpipe.logs`).
+
+Redaction masks a secret wherever it stands as a token of its own: not run together
+with a letter or digit on either side (an escape such as ``\\n`` or ``\\x00`` in a
+repr counts as a separator). So a password that is a common word ("mail") leaves
+"mailbox" alone, and a password of any length, even one character, is masked.
 """
 
 from __future__ import annotations
@@ -22,7 +27,16 @@ from pydantic_core import core_schema
 
 _KNOWN: set[str] = set()
 _LOCK = threading.Lock()
+_PATTERN: re.Pattern[str] | None = None  # every known secret as a token; None: none
 MASK = "**********"
+
+# A secret's edge that is a word character must not touch another word character,
+# unless that one ends a backslash escape (repr, JSON): "\\nhunter2" holds "hunter2".
+_BEFORE = (
+    r"(?:(?<!\w)|(?<=\\[abfnrtv0])|(?<=\\x[0-9A-Fa-f]{2})"
+    r"|(?<=\\u[0-9A-Fa-f]{4})|(?<=\\U[0-9A-Fa-f]{8}))"
+)
+_AFTER = r"(?!\w)"  # an escape that follows starts with a backslash: not \w
 
 
 def known_secret_values() -> frozenset[str]:
@@ -33,8 +47,29 @@ def known_secret_values() -> frozenset[str]:
 
 def forget_secrets() -> None:
     """Empty the redaction set (for test isolation; never needed in production)."""
+    global _PATTERN
     with _LOCK:
         _KNOWN.clear()
+        _PATTERN = None
+
+
+def _token(value: str) -> str:
+    """``value`` as a regex that matches it only where it stands as a token."""
+    head = _BEFORE if re.match(r"\w", value) else ""
+    tail = _AFTER if re.search(r"\w$", value) else ""
+    return f"{head}{re.escape(value)}{tail}"
+
+
+def _remember(values: set[str]) -> None:
+    global _PATTERN
+    with _LOCK:
+        new = {v for v in values if v} - _KNOWN
+        if not new:
+            return
+        _KNOWN.update(new)
+        # Longest first: a secret that contains another is masked whole.
+        ordered = sorted(_KNOWN, key=len, reverse=True)
+        _PATTERN = re.compile("|".join(_token(v) for v in ordered))
 
 
 # scheme://user:PASSWORD@host — the password of a URL's userinfo (RFC 3986 §3.2.1).
@@ -42,7 +77,7 @@ _URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:@/]*:)([^\s@]+)@")
 
 
 def remember_secret(value: str) -> None:
-    """Add ``value`` to the redaction set (values shorter than 4 characters are skipped).
+    """Add ``value`` to the redaction set (any length; the empty string is ignored).
 
     The password inside a URL value (``postgresql://u:PW@h/db``) is added on its own
     too, raw and percent-decoded, since error messages quote it without the URL.
@@ -50,8 +85,28 @@ def remember_secret(value: str) -> None:
     parts = {value}
     for match in _URL_PASSWORD.finditer(value):
         parts |= {match.group(2), urllib.parse.unquote(match.group(2))}
-    with _LOCK:
-        _KNOWN.update(p for p in parts if len(p) >= 4)
+    _remember(parts)
+
+
+_SECRET_NAMES = re.compile(
+    r"password|passwd|secret|token|passphrase|dsn|api[_-]?key|authorization|cookie"
+    r"|credential",
+    re.I,
+)
+_CREDENTIAL = re.compile(
+    r"^\s*(bearer|basic|digest|token|apikey)\s+[A-Za-z0-9._~+/=:-]{8,}\s*$", re.I
+)
+
+
+def is_secret_name(name: str) -> bool:
+    """True when a key or header called ``name`` holds a credential (``password``,
+    ``X-Api-Key``, ``Authorization``, ``Cookie``...)."""
+    return _SECRET_NAMES.search(name) is not None
+
+
+def is_credential(value: str) -> bool:
+    """True when ``value`` reads as an HTTP credential (``Bearer <token>``...)."""
+    return _CREDENTIAL.match(value) is not None
 
 
 def remember_url_password(url: str) -> None:
@@ -67,12 +122,11 @@ def mask_url_passwords(text: str) -> str:
 
 
 def redact(text: str) -> str:
-    """Replace every known secret value, and every URL's password, inside ``text``."""
+    """Replace every URL's password, and every known secret value where it stands as a
+    token of its own (see the module docstring), inside ``text``."""
     text = mask_url_passwords(text)
-    for value in sorted(known_secret_values(), key=len, reverse=True):
-        if value in text:
-            text = text.replace(value, MASK)
-    return text
+    pattern = _PATTERN
+    return text if pattern is None else pattern.sub(MASK, text)
 
 
 class Secret:

@@ -225,8 +225,29 @@ def test_redact_leaves_other_text_alone() -> None:
     assert redact(text) == text
 
 
-def test_short_values_are_not_remembered_for_redaction() -> None:
-    # Masking every "a" or "ok" in logs would garble them; short secrets are weak anyway.
+def test_short_secrets_are_masked_where_they_stand_alone() -> None:
+    # Issue 20 item 8: values under 4 characters used to be skipped.
     Secret("x1z")
-    assert "x1z" not in known_secret_values()
-    assert redact("x1z") == "x1z"
+    assert redact("user=bob pass=x1z") == f"user=bob pass={MASK}"
+    assert redact("ax1zb x1z2") == "ax1zb x1z2"  # inside other words: not the secret
+
+
+def test_a_common_word_as_password_leaves_other_words_alone() -> None:
+    # Issue 20 item 8: substring masking turned "mailbox" into "**********box".
+    Secret("mail")
+    text = "mailbox support: mailpipe login with mail failed; Email"
+    assert redact(text) == f"mailbox support: mailpipe login with {MASK} failed; Email"
+
+
+def test_a_secret_next_to_punctuation_or_an_escape_is_masked() -> None:
+    value = unique("pw")
+    Secret(value)
+    for text in (
+        f"PASS {value}\r\n",
+        f"u:{value}@h",
+        f'"{value}"',
+        repr(f"line\n{value}\tend"),  # quoted by repr: \n and \t precede and follow
+        repr(f"\x00user\x00{value}".encode()),  # AUTH PLAIN before base64
+        json.dumps(f"caf\u00e9{value}"),
+    ):
+        assert value not in redact(text), text

@@ -120,23 +120,29 @@ class SqliteJournal:
         self._lock = threading.RLock()
         self._depth = 0
         self._locks: dict[str, tuple[str, int | None]] = {}
-        if not self._memory:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            if not self._memory:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(
                 str(path),
                 timeout=busy_timeout,
                 isolation_level=None,  # we issue BEGIN/COMMIT ourselves
                 check_same_thread=False,
             )
-        except sqlite3.Error as exc:
-            raise JournalError(f"cannot open journal {path}: {exc}") from exc
+        except (sqlite3.Error, OSError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else exc
+            raise JournalError(f"cannot open journal {path}: {why}") from exc
         self._closed = False
-        mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if not self._memory and str(mode).lower() != "wal":
-            raise JournalError(f"journal {path}: WAL mode refused (got {mode})")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._migrate()
+        try:
+            with self._guard():  # a full disk fails here first (the WAL file)
+                mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                self._conn.execute("PRAGMA synchronous=FULL")
+            if not self._memory and str(mode).lower() != "wal":
+                raise JournalError(f"journal {path}: WAL mode refused (got {mode})")
+            self._migrate()
+        except BaseException:
+            self._conn.close()
+            raise
 
     # -- schema ---------------------------------------------------------------------
 
@@ -154,7 +160,7 @@ class SqliteJournal:
                 )
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                self._rollback()
                 raise
         if current != SCHEMA_VERSION:
             log.info(
@@ -198,9 +204,20 @@ class SqliteJournal:
                 yield self._conn
                 self._conn.execute("COMMIT")
             except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
+                self._rollback()
                 raise
+
+    def _rollback(self, savepoint: str | None = None) -> None:
+        """Roll back the open transaction (or to ``savepoint``) if there still is one:
+        SQLite ends it by itself on SQLITE_FULL or SQLITE_IOERR, and a ROLLBACK then
+        ("cannot rollback - no transaction is active") would hide the real error."""
+        if not self._conn.in_transaction:
+            return
+        if savepoint is None:
+            self._conn.execute("ROLLBACK")
+        else:
+            self._conn.execute(f"ROLLBACK TO {savepoint}")
+            self._conn.execute(f"RELEASE {savepoint}")
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -222,11 +239,7 @@ class SqliteJournal:
         except BaseException:
             with self._guard():
                 try:
-                    if depth == 1:
-                        self._conn.execute("ROLLBACK")
-                    else:
-                        self._conn.execute(f"ROLLBACK TO {savepoint}")
-                        self._conn.execute(f"RELEASE {savepoint}")
+                    self._rollback(None if depth == 1 else savepoint)
                 finally:
                     self._depth = depth - 1
             raise
@@ -234,8 +247,8 @@ class SqliteJournal:
             try:
                 self._conn.execute("COMMIT" if depth == 1 else f"RELEASE {savepoint}")
             except BaseException:
-                if depth == 1 and self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
+                if depth == 1:
+                    self._rollback()
                 raise
             finally:
                 self._depth = depth - 1

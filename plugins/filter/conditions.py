@@ -113,6 +113,7 @@ class HeaderTest(BaseModel):
 
     name: str = Field(description="Header field name, any case.", min_length=1)
     exists: bool | None = Field(
+        strict=True,
         default=None, description="True: present; false: absent. Default with no test."
     )
     equals: StrList | None = Field(default=None, description="A value equals.")
@@ -176,11 +177,21 @@ class Range(BaseModel):
 
     model_config = ConfigDict(extra="forbid", defer_build=True)
 
-    gt: float | None = Field(default=None, description="Greater than.")
-    ge: float | None = Field(default=None, description="Greater than or equal.")
-    lt: float | None = Field(default=None, description="Less than.")
-    le: float | None = Field(default=None, description="Less than or equal.")
-    eq: float | None = Field(default=None, description="Equal.")
+    gt: float | None = Field(
+        default=None, strict=True, description="Greater than."
+    )
+    ge: float | None = Field(
+        default=None, strict=True, description="Greater than or equal."
+    )
+    lt: float | None = Field(
+        default=None, strict=True, description="Less than."
+    )
+    le: float | None = Field(
+        default=None, strict=True, description="Less than or equal."
+    )
+    eq: float | None = Field(
+        default=None, strict=True, description="Equal."
+    )
 
     @model_validator(mode="after")
     def _not_empty(self) -> Range:
@@ -330,9 +341,11 @@ class Condition(BaseModel):
         default=None, description="Some attachment MIME type (string: glob image/*)."
     )
     auto_reply: bool | None = Field(
+        strict=True,
         default=None, description="Automatically generated mail (RFC 3834 and vendors)."
     )
     mailing_list: bool | None = Field(
+        strict=True,
         default=None, description="Mailing-list mail (List-Id, List-Post, ...)."
     )
     list_id: Equals | None = Field(default=None, description="List-Id test.")

@@ -21,10 +21,12 @@ class BrokerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", defer_build=True)
 
     include_raw: bool = Field(
+        strict=True,
         default=False, description="Add the raw message, base64-encoded, as 'raw'."
     )
     timeout: Duration = Field(
         default=10.0,
+        gt=0,
         description="Timeout of connecting and of waiting for the broker's ack.",
     )
 

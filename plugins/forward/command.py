@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from mailpipe.errors import PermanentFailure, TemporaryFailure
 from mailpipe.message import Message
@@ -38,18 +38,19 @@ class CommandForwardOptions(BaseModel):
         "its standard input.",
     )
     timeout: Duration = Field(
-        default=60.0, description="Kill the program after this long (retried later)."
+        default=60.0, gt=0, description="Kill the program after this long (retried later)."
     )
     env: dict[str, str] = Field(
         default_factory=dict, description="Extra environment variables."
     )
     inherit_env: bool = Field(
+        strict=True,
         default=True, description="Start from mailpipe's environment (else PATH only)."
     )
     cwd: Path | None = Field(
         default=None, description="Working directory; relative to the config file."
     )
-    tempfail_codes: list[int] = Field(
+    tempfail_codes: list[StrictInt] = Field(
         default_factory=lambda: [EX_TEMPFAIL],
         description="Exit codes meaning 'retry later' (default 75, EX_TEMPFAIL).",
     )

@@ -43,6 +43,7 @@ class NatsForwardOptions(BrokerOptions):
         "subject is bound to another stream).",
     )
     create_stream: bool = Field(
+        strict=True,
         default=False,
         description="Create 'stream' (bound to 'subject', file storage) when missing.",
     )

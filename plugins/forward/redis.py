@@ -73,6 +73,7 @@ class RedisForwardOptions(BrokerOptions):
     )
     stream: str = Field(description="Stream key to XADD to.")
     maxlen: int = Field(
+        strict=True,
         default=0,
         ge=0,
         description="Trim the stream to about this many entries (MAXLEN ~); 0 never.",
@@ -86,6 +87,7 @@ class RedisForwardOptions(BrokerOptions):
         description="How long a marker key lives; 0 keeps it forever.",
     )
     wait_replicas: int = Field(
+        strict=True,
         default=0,
         ge=0,
         description="After XADD, WAIT until this many replicas have the write.",

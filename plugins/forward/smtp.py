@@ -46,6 +46,7 @@ class SmtpForwardOptions(BaseModel):
 
     host: str = Field(description="SMTP relay host name or address.")
     port: int | None = Field(
+        strict=True,
         default=None,
         ge=1,
         le=65535,
@@ -57,6 +58,7 @@ class SmtpForwardOptions(BaseModel):
         "'none' (plain text).",
     )
     tls_verify: bool = Field(
+        strict=True,
         default=True,
         description="Verify the relay's certificate and host name; false is an explicit "
         "opt-out for test relays.",
@@ -75,11 +77,14 @@ class SmtpForwardOptions(BaseModel):
         default=None,
         description="Resent-From header value; defaults to envelope_from.",
     )
-    timeout: Duration = Field(default=60.0, description="Timeout of each SMTP step.")
+    timeout: Duration = Field(
+        default=60.0, gt=0, description="Timeout of each SMTP step."
+    )
     local_hostname: str | None = Field(
         default=None, description="Name sent in EHLO; defaults to this host's FQDN."
     )
     retries: int = Field(
+        strict=True,
         default=0,
         ge=0,
         le=10,
@@ -88,11 +93,13 @@ class SmtpForwardOptions(BaseModel):
     )
     backoff: Duration = Field(default=1.0, description="First delay between retries.")
     reuse_connection: bool = Field(
+        strict=True,
         default=True,
         description="Keep the relay connection open across the messages of a session "
         "(checked with NOOP before reuse).",
     )
     messages_per_connection: int = Field(
+        strict=True,
         default=100, ge=1, description="Reconnect after this many messages."
     )
     on_partial: Literal["fail", "commit"] = Field(

@@ -18,7 +18,13 @@ from mailpipe import __version__
 from mailpipe.errors import PermanentFailure, TemporaryFailure
 from mailpipe.message import Message
 from mailpipe.processor import ProcessorContext
-from mailpipe.secrets import Secret, redact
+from mailpipe.secrets import (
+    Secret,
+    is_credential,
+    is_secret_name,
+    redact,
+    remember_secret,
+)
 from mailpipe.units import Duration
 
 from ._retry import Backoff, cert_error, client_tls_context, retry_after
@@ -53,11 +59,15 @@ class WebhookForwardOptions(BaseModel):
     )
     headers: dict[str, str] = Field(
         default_factory=dict,
+        repr=False,
         description="Extra request headers (not Content-Type, Authorization, "
         "Idempotency-Key or the signature header).",
     )
-    timeout: Duration = Field(default=30.0, description="Timeout of each request.")
+    timeout: Duration = Field(
+        default=30.0, gt=0, description="Timeout of each request."
+    )
     retries: int = Field(
+        strict=True,
         default=3,
         ge=0,
         le=10,
@@ -71,6 +81,7 @@ class WebhookForwardOptions(BaseModel):
         default=30.0, description="Upper bound of one delay between attempts."
     )
     include_raw: bool = Field(
+        strict=True,
         default=False, description="Add the raw message, base64-encoded, as 'raw'."
     )
     attachments: Literal["none", "inline", "reference"] = Field(
@@ -88,6 +99,7 @@ class WebhookForwardOptions(BaseModel):
         default=None, description="Sent as 'Authorization: Bearer <token>'."
     )
     tls_verify: bool = Field(
+        strict=True,
         default=True,
         description="Verify the server certificate; false is an explicit opt-out.",
     )
@@ -114,6 +126,8 @@ class WebhookForwardOptions(BaseModel):
                 raise ValueError(f"header {name!r} is set by the forwarder")
             if any(c in name + text for c in "\r\n\0"):
                 raise ValueError(f"header {name!r} contains a line break")
+            if is_secret_name(name) or is_credential(text):
+                remember_secret(text)  # masked in logs, like a Secret
         return value
 
 

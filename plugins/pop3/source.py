@@ -48,6 +48,7 @@ class Pop3Options(BaseModel):
 
     host: str = Field(description="POP3 server host name; also the TLS name verified.")
     port: int | None = Field(
+        strict=True,
         default=None,
         ge=1,
         le=65535,
@@ -89,23 +90,29 @@ class Pop3Options(BaseModel):
         "checked in addition to normal verification.",
     )
     tls_verify: bool = Field(
+        strict=True,
         default=True,
         description="Verify the certificate and host name; false only for tests or "
         "with a cert_sha256 pin.",
     )
     allow_plaintext_password: bool = Field(
+        strict=True,
         default=False,
         validate_default=True,
         description="Allow credentials over a connection without TLS "
         "(security = 'none'); off by default (RFC 2595 §2.3).",
     )
-    connect_timeout: Duration = Field(default=30.0, description="TCP connect timeout.")
-    tls_timeout: Duration = Field(default=30.0, description="TLS handshake timeout.")
+    connect_timeout: Duration = Field(
+        default=30.0, gt=0, description="TCP connect timeout."
+    )
+    tls_timeout: Duration = Field(
+        default=30.0, gt=0, description="TLS handshake timeout."
+    )
     greeting_timeout: Duration = Field(
-        default=60.0, description="Time allowed for the server greeting."
+        default=60.0, gt=0, description="Time allowed for the server greeting."
     )
     read_timeout: Duration = Field(
-        default=120.0, description="Inactivity timeout for each read of a reply."
+        default=120.0, gt=0, description="Inactivity timeout for each read of a reply."
     )
     retr_timeout: Duration = Field(
         default=600.0,
@@ -125,9 +132,11 @@ class Pop3Options(BaseModel):
         "one command at a time.",
     )
     pipeline_window: int = Field(
+        strict=True,
         default=128, ge=1, le=1000, description="Most commands in flight when pipelining."
     )
     max_line: int = Field(
+        strict=True,
         default=8192, ge=512, le=1 << 20,
         description="Longest status line accepted from the server, in octets.",
     )

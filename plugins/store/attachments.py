@@ -156,6 +156,7 @@ class AttachmentsOptions(BaseModel):
 
     dir: Path = Field(description="Folder of the blobs, manifests and named copies.")
     extract_names: bool = Field(
+        strict=True,
         default=False,
         description="Also link each attachment under by-message/<key>/ with its "
         "sanitised original name.",
@@ -168,6 +169,7 @@ class AttachmentsOptions(BaseModel):
         default=None, description="Skip attachments bigger than this."
     )
     include_inline: bool = Field(
+        strict=True,
         default=False, description="Also store inline parts (e.g. cid: images)."
     )
 

@@ -179,6 +179,7 @@ class JsonlOptions(BaseModel):
         description="Rotate before a line would make the active file bigger than this.",
     )
     rotate_daily: bool = Field(
+        strict=True,
         default=False,
         description="Rotate on the first append of a new UTC day.",
     )

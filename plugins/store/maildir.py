@@ -80,6 +80,7 @@ class MaildirOptions(BaseModel):
         "are this old (the Maildir convention is 36 hours).",
     )
     group_commit: bool = Field(
+        strict=True,
         default=True,
         description="Make a group durable at flush (before any DELE) instead of "
         "before each process() returns: messages held in memory are written by a "

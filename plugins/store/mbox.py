@@ -166,6 +166,7 @@ class MboxOptions(BaseModel):
         "then the message is retried later.",
     )
     dotlock: bool = Field(
+        strict=True,
         default=True, description="Also take <path>.lock, as mail readers expect."
     )
     stale_dotlock: Duration = Field(

@@ -264,6 +264,7 @@ class SqliteOptions(BaseModel):
         description="'inline' keeps the raw message bytes in messages.raw; 'none' not.",
     )
     group_commit: bool = Field(
+        strict=True,
         default=False,
         description="Write messages inside one open transaction that flush() commits "
         "(faster); otherwise commit each message before process() returns.",

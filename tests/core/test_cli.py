@@ -232,3 +232,54 @@ def test_process_reports_a_failed_group_commit(
     assert lines[-1]["flush"] == "failed" and "Input/output error" in lines[-1]["error"]
     assert result.exit_code == 1
     assert not list((tmp_path / "out" / "new").iterdir())
+
+
+# --- issue 20 item 7: one clear line and the documented exit code, no traceback -------
+
+
+def test_check_non_utf8_toml_exit_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "p.toml"
+    cfg.write_bytes('[state]\npath = "var/j.sqlite3"\n# café\n'.encode("latin-1"))
+    done = mailpipe("check", str(cfg))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "not UTF-8 text: byte 0xe9 on line 3" in done.stderr
+
+
+@pytest.mark.parametrize("spool", ["spoolfile", "spoolfile/sub"])
+def test_spool_dir_that_is_a_file_is_a_config_error(tmp_path: Path, spool: str) -> None:
+    (tmp_path / "spoolfile").write_text("not a folder")
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(
+        f'[state]\npath = "var/j.sqlite3"\n[scheduler]\nspool_dir = "{spool}"\n'
+        '[pipelines.default]\nprocessors = [{ use = "parse" }]\n'
+    )
+    for command in ("check", "run"):
+        done = mailpipe(command, str(cfg), *(["--once"] if command == "run" else []))
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr
+        assert (
+            f"scheduler.spool_dir: {tmp_path / 'spoolfile'} is a file, not a folder "
+            f'(got "{spool}")'
+        ) in done.stderr
+
+
+def test_metrics_port_in_use_exit_1(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "p.toml"
+        cfg.write_text(
+            f'[state]\npath = "var/j.sqlite3"\n[metrics]\nlisten = "127.0.0.1:{port}"\n'
+            '[pipelines.default]\nprocessors = [{ use = "parse" }]\n'
+        )
+        done = mailpipe("--log-format", "json", "run", str(cfg), "--once")
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"mailpipe: StartupError: metrics.listen: cannot listen on 127.0.0.1:{port}: "
+        "address already in use"
+    )

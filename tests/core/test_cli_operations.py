@@ -201,3 +201,38 @@ def test_untrusted_certificate_is_refused(tmp_path: Path, verify: bool) -> None:
         assert done.returncode == 1
         assert "certificate" in done.stderr.lower()
         assert len(srv.messages) == 1
+
+
+def test_run_once_exits_1_when_the_group_commit_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 20 item 9: store.maildir on a full disk (group commit) lost nothing, but
+    the run said processed 3, failed 0, status ok and exited 0."""
+    import errno
+
+    import mailpipe.plugins.store._fs as fs
+    import mailpipe.plugins.store.maildir as maildir
+    from click.testing import CliRunner
+
+    from mailpipe.cli import cli
+
+    def full(fd: int, chunks: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fs, "write_all", full)
+    monkeypatch.setattr(maildir, "write_all", full)
+    monkeypatch.chdir(tmp_path)
+    with Pop3Server([msg(1), msg(2), msg(3)], tls="implicit") as srv:
+        cfg = write_config(tmp_path, srv.port, srv.ca_file)
+        text = cfg.read_text().replace(
+            'store.jsonl", path = "var/out.jsonl"', 'store.maildir", path = "var/md"'
+        )
+        cfg.write_text(text)
+        result = CliRunner().invoke(cli, ["--log-format", "json", "run", str(cfg), "--once"])
+        assert len(srv.messages) == 3  # nothing lost
+    assert result.exit_code == 1, result.output
+    row = next(line for line in result.stdout.splitlines() if line.startswith("box "))
+    # listed retrieved processed dropped kept failed quarantined deleted
+    assert row.split()[1:9] == ["3", "3", "0", "0", "0", "3", "0", "0"], row
+    assert "FAILED: group commit failed for 3 message(s)" in row
+    assert "No space left on device" in row

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
+import typing
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import BaseModel, BeforeValidator, PlainValidator
+from pydantic.types import Strict
 
 from mailpipe.config import load_config
 from mailpipe.errors import ConfigError
@@ -68,8 +74,7 @@ processors = [
 # (expected line fragment) — each names the key path, the value and what is accepted.
 EXPECTED = [
     "state.pth: unknown key; did you mean 'path'?",
-    'scheduler.concurrency: Input should be a valid integer, unable to parse string as '
-    'an integer (got "four")',
+    'scheduler.concurrency: expected an integer (got "four")',
     "scheduler.spool_threshold: expected a size such as '50MB'",
     "scheduler.backoff_max: expected a duration such as '30s'",
     "mailboxes[0].poll_interval: expected a duration such as '30s'",
@@ -176,6 +181,43 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     assert done.returncode == 2 and "file not found" in done.stderr
 
 
+# Issue 20 item 10: a value of the wrong TOML type is refused, never coerced; so is a
+# zero timeout.
+MAILBOX = """
+[[mailboxes]]
+name = "box"
+host = "pop.example.com"
+username = "u"
+password = "pw-1234"
+{extra}
+[pipelines.default]
+"""
+
+TYPE_MISTAKES = [
+    ('port = "110"',
+     'mailboxes[0].port: expected an integer; write 110 without quotes (got "110")'),
+    ("port = 110.0", "mailboxes[0].port: expected an integer (got 110.0)"),
+    ('max_attempts = "3"',
+     'mailboxes[0].max_attempts: expected an integer; write 3 without quotes '
+     '(got "3")'),
+    ('enabled = "yes"', 'mailboxes[0].enabled: expected true or false (got "yes")'),
+    ('tls_verify = "false"',
+     'mailboxes[0].tls_verify: expected true or false; write false without quotes '
+     '(got "false")'),
+    ('jitter = "0.5"',
+     'mailboxes[0].jitter: expected a number; write 0.5 without quotes '
+     '(got "0.5")'),
+    ("connect_timeout = 0",
+     "mailboxes[0].connect_timeout: Input should be greater than 0 (got 0)"),
+    ('read_timeout = "0s"',
+     'mailboxes[0].read_timeout: Input should be greater than 0 (got "0s")'),
+    ("greeting_timeout = 0",
+     "mailboxes[0].greeting_timeout: Input should be greater than 0 (got 0)"),
+    ("tls_timeout = 0",
+     "mailboxes[0].tls_timeout: Input should be greater than 0 (got 0)"),
+]
+
+
 @pytest.mark.parametrize(
     ("snippet", "expected"),
     [
@@ -190,6 +232,7 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
         ("mailboxes = 3\n", "mailboxes: Input should be a valid list (got 3)"),
         ("[pipelines.default]\nprocessors = [{ name = 'x' }]\n",
          "pipelines.default.processors[0].use: required key is missing"),
+        *((MAILBOX.format(extra=extra), expected) for extra, expected in TYPE_MISTAKES),
     ],
 )
 def test_core_mistakes_name_their_key(
@@ -197,4 +240,99 @@ def test_core_mistakes_name_their_key(
 ) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(_write(tmp_path, snippet))
+    assert expected in str(info.value)
+
+
+def test_integers_and_floats_of_the_right_type_still_pass(tmp_path: Path) -> None:
+    extra = "port = 110\njitter = 0\nmax_attempts = 3\nenabled = true\nread_timeout = 5"
+    config = load_config(_write(tmp_path, MAILBOX.format(extra=extra)))
+    box = config.mailboxes[0]
+    assert box.source_options.port == 110  # type: ignore[attr-defined]
+    assert box.config.jitter == 0.0 and box.config.max_attempts == 3
+
+
+def _models(root: type[BaseModel]) -> Iterator[type[BaseModel]]:
+    """``root`` and every model its fields nest (through lists, dicts and unions)."""
+    seen: set[type[BaseModel]] = set()
+    todo = [root]
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        yield model
+        for info in model.model_fields.values():
+            todo += [t for t in _leaves(info.annotation) if _is_model(t)]
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _leaves(tp: Any) -> list[Any]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Annotated:
+        return _leaves(args[0])
+    if args:
+        return [leaf for a in args for leaf in _leaves(a)]
+    return [tp]
+
+
+def _lax_leaves(tp: Any) -> list[Any]:
+    """The bare int, float and bool types inside ``tp`` that pydantic would coerce from
+    a string ("110", "yes"): neither strict nor parsed by a validator of ours."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Annotated:
+        checked = (BeforeValidator, PlainValidator, Strict)
+        if any(isinstance(m, checked) for m in tp.__metadata__):
+            return []
+        return _lax_leaves(args[0])
+    if args:
+        return [leaf for a in args for leaf in _lax_leaves(a)]
+    return [tp] if tp in (int, float, bool) else []
+
+
+def _lax_scalar_fields(model: type[BaseModel]) -> list[str]:
+    lax = []
+    for name, info in model.model_fields.items():
+        tp = info.annotation
+        if any(isinstance(m, BeforeValidator | PlainValidator) for m in info.metadata):
+            continue
+        # Field(strict=True) reaches a scalar (or an optional one), not list items.
+        container = typing.get_origin(tp) not in (None, typing.Union, types.UnionType)
+        if not container and any(isinstance(m, Strict) for m in info.metadata):
+            continue
+        if _lax_leaves(tp):
+            lax.append(f"{model.__name__}.{name}")
+    return lax
+
+
+def test_no_config_number_or_boolean_is_coerced_from_a_string() -> None:
+    from mailpipe.config import ConfigModel
+    from mailpipe.plugin_manager import load
+
+    _, registry = load(entry_points=False)
+    roots: list[type[BaseModel]] = [ConfigModel]
+    roots += [e.cls.Options for e in registry.sources.values()]
+    roots += [e.cls.Options for e in registry.processors.values()]
+    lax = sorted({f for root in roots for m in _models(root) for f in _lax_scalar_fields(m)})
+    assert not lax, lax
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        '{ use = "forward.webhook", url = "https://h.example/x", timeout = 0 }',
+        '{ use = "forward.smtp", host = "h", to = ["a@b.c"], envelope_from = "x@y.z", '
+        "timeout = 0 }",
+        '{ use = "forward.command", command = ["true"], timeout = "0s" }',
+        '{ use = "forward.redis", url = "redis://h", stream = "s", timeout = 0 }',
+    ],
+)
+def test_a_forwarder_timeout_of_zero_is_refused(tmp_path: Path, step: str) -> None:
+    text = f"[pipelines.default]\nprocessors = [{step}]\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text))
+    written = step.rsplit("timeout = ", 1)[1].rstrip(" }")
+    expected = f"processors[0].timeout: Input should be greater than 0 (got {written})"
     assert expected in str(info.value)

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import pytest
 from pydantic import BaseModel, ConfigDict
 
+from mailpipe import hookimpl
 from mailpipe.chain import Chain
 from mailpipe.config import validate_config
 from mailpipe.engine import MailboxRunner
@@ -280,6 +281,37 @@ async def test_flush_failure_means_no_dele(tmp_path: Path) -> None:
     Flaky.fail_flush = False
     await runner.poll()
     assert box.messages == {}
+
+
+async def test_failed_group_commit_is_reported_as_a_failure(tmp_path: Path) -> None:
+    # Issue 20 item 9: nothing was lost, but the summary said processed 3, failed 0,
+    # no error (status ok, exit 0) and message_done fired for unflushed messages.
+    runner, box, _journal = make(tmp_path, [{"use": "flaky"}])
+    done: list[str] = []
+
+    class Done:
+        @hookimpl
+        def mailpipe_message_done(
+            self, mailbox: str, uid: str, key: str, disposition: str
+        ) -> None:
+            done.append(uid)
+
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(Done())
+    runner.hooks = Hooks(pm)
+    for uid in ("a", "b", "c"):
+        box.add(uid, msg(uid))
+    Flaky.fail_flush = True
+    summary = await runner.poll()
+    assert (summary.processed, summary.failed) == (0, 3)
+    assert summary.error is not None
+    assert "group commit failed for 3 message(s)" in summary.error
+    assert "OSError: disk full" in summary.error
+    assert done == [] and sorted(box.messages) == ["a", "b", "c"]
+    Flaky.fail_flush = False
+    summary = await runner.poll()
+    assert (summary.processed, summary.failed, summary.error) == (3, 0, None)
+    assert sorted(done) == ["a", "b", "c"] and box.messages == {}
 
 
 async def test_committed_step_is_not_repeated(tmp_path: Path) -> None:

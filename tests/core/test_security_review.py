@@ -238,6 +238,39 @@ def test_journal_dsn_password_never_printed(tmp_path: Path, command: list[str]) 
     assert "JournalError" in out and "Traceback" not in out
 
 
+@pytest.mark.parametrize("pw", [SECRET, "pw", "'two words'"])
+def test_a_libpq_dsn_as_journal_path_is_refused_with_a_hint(
+    tmp_path: Path, pw: str
+) -> None:
+    # Issue 20 item 8: it was used as a SQLite file name, and a file named with the
+    # password was created and logged.
+    text = f'[state]\npath = "host=db.example user=mp password={pw} dbname=mail"\n'
+    text += MAILBOX.format(port=1, security="tls", secret=SECRET)
+    cfg = _write(tmp_path, text)
+    for command in (["check"], ["state", "list"], ["run", "--once"]):
+        done = _mailpipe(*command, str(cfg))
+        assert done.returncode == 2, done.stderr
+        out = done.stdout + done.stderr
+        assert "state.path: a libpq 'key=value' connection string" in out
+        assert "postgresql://USER:PASSWORD@HOST" in out
+        assert pw.strip("'") not in out.replace(f"password={MASK}", "")
+        assert "Traceback" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline.toml"]
+
+
+def test_webhook_credential_headers_never_render_or_log() -> None:
+    options = _options("forward.webhook", "WebhookForwardOptions").model_validate(
+        {"url": "https://h.example/x", "headers": {"X-Api-Key": SECRET + "-hdr"}}
+    )
+    assert SECRET not in repr(options) and SECRET not in str(options)
+    assert redact(f"sent X-Api-Key: {SECRET}-hdr") == f"sent X-Api-Key: {MASK}"
+
+
+def test_a_sqlite_path_with_an_equals_sign_is_still_a_path(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, '[state]\npath = "var/a=b.sqlite3"\n'))
+    assert cfg.model.state.path == "var/a=b.sqlite3"
+
+
 def test_journal_dsn_may_come_from_a_secret_table(tmp_path: Path) -> None:
     os.environ["MP_REVIEW_JOURNAL"] = "var/from-env.sqlite3"
     try:
@@ -274,6 +307,18 @@ def test_journal_dsn_may_come_from_a_secret_table(tmp_path: Path) -> None:
         f'"postgresql://u:{SECRET}@h/db", tabel = "x" }}]\n',
         # the journal URL with a wrong type next to it
         f'[state]\npath = "postgresql://u:{SECRET}@h/db"\nextra = 1\n',
+        # issue 20 item 8: a webhook header table is echoed whole; its values are
+        # credentials whatever the header is called
+        '[pipelines.default]\nprocessors = [{ use = "forward.webhook", url = '
+        f'"https://h.example/x", headers = {{ Authorization = "Bearer {SECRET}" }} }}]\n',
+        '[pipelines.default]\nprocessors = [{ use = "forward.webhook", url = '
+        f'"https://h.example/x", headers = {{ X-Api-Key = "{SECRET}", '
+        'X-Bad = "a\\nb" } }]\n',
+        '[pipelines.default]\nprocessors = [{ use = "forward.webhook", url = '
+        f'"https://h.example/x", headers = {{ X-Custom = "{SECRET}", '
+        'Content-Type = "text/plain" } }]\n',
+        # a libpq key=value DSN is refused, and its password not echoed
+        f'[state]\npath = "host=db user=mp password={SECRET} dbname=mail"\n',
     ],
     ids=[
         "duplicate-names",
@@ -282,6 +327,10 @@ def test_journal_dsn_may_come_from_a_secret_table(tmp_path: Path) -> None:
         "cross-field",
         "postgres-dsn",
         "state-url",
+        "webhook-authorization-header",
+        "webhook-api-key-header",
+        "webhook-custom-header",
+        "state-libpq-dsn",
     ],
 )
 def test_config_error_never_shows_a_secret(tmp_path: Path, text: str) -> None:

@@ -71,3 +71,63 @@ def test_in_memory_journal_works_with_local_locks() -> None:
         assert journal.list()[0].status is Status.KEPT
         assert journal.lock_mailbox("support", owner="a", ttl=1)
         assert not journal.lock_mailbox("support", owner="b", ttl=1)
+
+
+# --- issue 20 item 7: a full disk is reported as such, never as a raw sqlite3 error --
+
+
+class _Full:
+    """Fault injection: SQLite answers ``database or disk is full`` (SQLITE_FULL) to
+    statements containing ``armed``, after rolling the transaction back as SQLite does
+    for SQLITE_FULL."""
+
+    armed: str | None = None
+
+
+class _FullConnection(sqlite3.Connection):
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
+        if _Full.armed is not None and _Full.armed in sql:
+            if self.in_transaction:
+                super().execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        return super().execute(sql, *args)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> type[_Full]:
+    connect = sqlite3.connect
+
+    def with_faults(*args: object, **kwargs: object) -> sqlite3.Connection:
+        return connect(*args, factory=_FullConnection, **kwargs)  # type: ignore[arg-type, misc]
+
+    monkeypatch.setattr(sqlite3, "connect", with_faults)
+    _Full.armed = None
+    return _Full
+
+
+def test_open_on_a_full_disk_is_a_journal_error(
+    tmp_path: Path, full_disk: type[_Full]
+) -> None:
+    full_disk.armed = "journal_mode"
+    with pytest.raises(JournalError, match="database or disk is full"):
+        SqliteJournal(tmp_path / "j.sqlite3")
+
+
+def test_a_full_disk_in_a_batch_is_not_hidden_by_the_rollback(
+    tmp_path: Path, full_disk: type[_Full]
+) -> None:
+    journal = SqliteJournal(tmp_path / "j.sqlite3")
+    journal.begin("box", "u1", key="k1", size=1)
+    full_disk.armed = "UPDATE"
+    with pytest.raises(JournalError) as info, journal.batch():
+        journal.finish(
+            "box", "u1", status=Status.COMMITTED, disposition="done", sha256=None,
+            delete_due=True,
+        )
+    assert "database or disk is full" in str(info.value)
+    assert "cannot rollback" not in str(info.value)
+    full_disk.armed = None
+    assert journal.get_many("box", ["u1"])["u1"].status == Status.PENDING
+    with journal.batch():  # the journal is usable again
+        journal.fail("box", "u1", error="x", counted=True)
+    journal.close()
