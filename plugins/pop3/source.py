@@ -148,12 +148,14 @@ class Pop3Options(BaseModel):
     )
     verify_size: bool = Field(
         default=True,
+        strict=True,
         description="Refuse to commit a message received shorter than its LIST size "
         "allows (beyond line-end and dot-stuffing slack): it is left on the server "
         "and retried. Set false only for a server known to list wrong sizes.",
     )
     utf8: bool = Field(
         default=True,
+        strict=True,
         description="Send UTF8 (RFC 6856) when CAPA lists it, so that a server such "
         "as Courier serves messages with 8-bit headers as they are instead of a "
         "notice.",
