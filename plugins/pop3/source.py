@@ -10,7 +10,11 @@ from typing import Any, ClassVar, Literal
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from mailpipe.errors import SourceConnectionError, SourcePermanentError
+from mailpipe.errors import (
+    OversizeError,
+    SourceConnectionError,
+    SourcePermanentError,
+)
 from mailpipe.message import Message, MessageRef, distinct_uids
 from mailpipe.processor import ProcessorContext
 from mailpipe.secrets import Secret
@@ -379,19 +383,28 @@ class Pop3Session:
         return b"".join(parts)
 
     async def retrieve(
-        self, refs: Sequence[MessageRef], *, spool_dir: Path, spool_threshold: int
+        self,
+        refs: Sequence[MessageRef],
+        *,
+        spool_dir: Path,
+        spool_threshold: int,
+        max_size: int | None = None,
     ) -> AsyncIterator[Message]:
         """RETR each ref (pipelined window) and yield complete messages in order.
 
         Bodies over ``spool_threshold`` go to a file in ``spool_dir`` as they arrive, so
         memory is bounded by the chunk size. A ``-ERR`` skips that message (T-25).
+        A body passing ``max_size`` (or the ``max_message`` cap) raises
+        :class:`mailpipe.OversizeError` naming its ref, with the connection closed.
         """
         by_number = {ref.number: ref for ref in refs}
         sink: _Sink | None = None
+        limits = None if max_size is None else dict.fromkeys(by_number, max_size)
         try:
             async for event in self.client.stream(
                 [Retr(number=ref.number) for ref in refs],
                 sizes={ref.number: ref.size for ref in refs},  # T-45 deadlines
+                limits=limits,
             ):
                 if isinstance(event, BodyChunk):
                     assert sink is not None
@@ -418,6 +431,9 @@ class Pop3Session:
                         number=getattr(event.command, "number", None),
                         text=event.text[:200],
                     )
+        except OversizeError as exc:
+            exc.ref = by_number.get(exc.number)
+            raise
         finally:
             if sink is not None:
                 sink.discard()
