@@ -33,10 +33,11 @@ from typing import Any
 
 import structlog
 
-from mailpipe import uidl_reset
+from mailpipe import oversize, uidl_reset
 from mailpipe.chain import Chain, ChainResult
 from mailpipe.config import Config, MailboxSpec
 from mailpipe.errors import (
+    OversizeError,
     ProcessorError,
     SourceBusyError,
     SourceError,
@@ -146,11 +147,17 @@ class _LeaseGuardedSession:
         return await self._inner.headers(ref)  # type: ignore[no-any-return]
 
     async def retrieve(
-        self, refs: Sequence[MessageRef], *, spool_dir: Path, spool_threshold: int
+        self,
+        refs: Sequence[MessageRef],
+        *,
+        spool_dir: Path,
+        spool_threshold: int,
+        max_size: int | None = None,
     ) -> AsyncIterator[Message]:
         self._check()
-        stream = self._inner.retrieve(
-            refs, spool_dir=spool_dir, spool_threshold=spool_threshold
+        stream = oversize.retrieve(
+            self._inner, refs, spool_dir=spool_dir, spool_threshold=spool_threshold,
+            max_size=max_size,
         )
         async with aclosing(stream):
             async for msg in stream:
@@ -241,7 +248,14 @@ class MailboxRunner:
         try:
             self._count_crash()
             for _ in range(100_000):  # bounded: each window makes progress
-                more = await self._session(summary)
+                try:
+                    more = await self._session(summary)
+                except OversizeError as exc:
+                    # Journaled, so the next session applies on_oversize to it without
+                    # downloading it: go on with a new session (the others still flow).
+                    if not self._oversize_received(exc, summary):
+                        raise
+                    more = True
                 summary.sessions += 1
                 if not more or self.stop.is_set():
                     break
@@ -416,7 +430,7 @@ class MailboxRunner:
                 if (
                     self.cfg.max_message_size is not None
                     and ref.size > self.cfg.max_message_size
-                ):
+                ) or oversize.marked(entry):
                     plan.oversize.append(ref)
                 elif entry is not None and (entry.attempts or entry.last_error):
                     retries.append(ref)
@@ -519,6 +533,8 @@ class MailboxRunner:
                 summary.dropped += 1
                 owed.append(ref)
         if policy == "quarantine" and refs:
+            # Downloaded whole (spooled) to be quarantined: only the source's
+            # max_message cap applies (an OversizeError then journals it as kept).
             async for msg in session.retrieve(
                 refs, spool_dir=self.spool_dir, spool_threshold=self.spool_threshold
             ):
@@ -551,6 +567,32 @@ class MailboxRunner:
                 finally:
                     _unspool(msg)
         return owed
+
+    def _oversize_received(self, exc: OversizeError, summary: Summary) -> bool:
+        """Journal a message the server sent past a size limit (see mailpipe.oversize);
+        False when it has no uid to journal it by."""
+        outcome = oversize.record(
+            self.journal,
+            self.name,
+            exc,
+            policy=self.cfg.on_oversize,
+            limited=self.cfg.max_message_size is not None,
+        )
+        ref = exc.ref
+        self.log.warning(
+            "message_oversize_received",
+            uid=getattr(ref, "uid", None),
+            listed=getattr(ref, "size", None),
+            limit=exc.limit,
+            received_at_least=exc.received,
+            hard=exc.hard,
+            outcome=outcome,
+        )
+        if outcome == "kept":
+            summary.skipped += 1
+        elif outcome == "deleted":
+            summary.dropped += 1
+        return outcome is not None
 
     async def _prefetch(
         self, session: SourceSession, refs: list[MessageRef], summary: Summary
@@ -618,10 +660,12 @@ class MailboxRunner:
             ] = []  # known by content hash: DELE after stream
             self._begin_many(chunk, entries)
             try:
-                async for msg in session.retrieve(
+                async for msg in oversize.retrieve(
+                    session,
                     chunk,
                     spool_dir=self.spool_dir,
                     spool_threshold=self.spool_threshold,
+                    max_size=self.cfg.max_message_size,
                 ):
                     try:
                         if self.stop.is_set() and not expire_zero:
