@@ -133,7 +133,11 @@ class Pop3Options(BaseModel):
         description="Longest status line accepted from the server, in octets.",
     )
     max_message: ByteSize = Field(
-        default=2 * 2**30, description="Largest message body accepted, in octets."
+        default=256 * 2**20,
+        ge=1,
+        description="Hard cap on one message, in octets, whatever LIST says: the "
+        "transfer stops there and the message is left on the server (or deleted "
+        "unread under on_oversize = 'delete').",
     )
     chunk_size: ByteSize = Field(
         default=256 * 1024, ge=4096, description="Read size; bounds memory per message."
