@@ -226,7 +226,9 @@ class MailboxConfig(BaseModel):
         "'ingest' logs a warning and processes them.",
     )
     max_message_size: ByteSize | None = Field(
-        None, description="Messages larger than this (per LIST) are not downloaded."
+        None,
+        description="Messages larger than this are not processed: per LIST before "
+        "download, and a transfer passing it is stopped (on_oversize applies).",
     )
     on_oversize: Literal["skip", "quarantine", "delete"] = Field(
         "skip", description="What to do with a message over max_message_size."

@@ -34,10 +34,11 @@ from typing import Any
 
 import structlog
 
-from mailpipe import uidl_reset
+from mailpipe import oversize, uidl_reset
 from mailpipe.chain import Chain, ChainResult
 from mailpipe.config import Config, MailboxSpec
 from mailpipe.errors import (
+    OversizeError,
     ProcessorError,
     SourceBusyError,
     SourceError,
@@ -164,23 +165,29 @@ class _LeaseGuardedSession:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    async def headers(self, ref: MessageRef) -> bytes:
+    async def headers(self, ref: MessageRef) -> bytes | None:
         self._check()
         return await self._inner.headers(ref)  # type: ignore[no-any-return]
 
     async def retrieve(
-        self, refs: Sequence[MessageRef], *, spool_dir: Path, spool_threshold: int
-    ) -> AsyncIterator[Message]:
+        self,
+        refs: Sequence[MessageRef],
+        *,
+        spool_dir: Path,
+        spool_threshold: int,
+        max_size: int | None = None,
+    ) -> AsyncIterator[Message | Unretrievable]:
         self._check()
-        stream = self._inner.retrieve(
-            refs, spool_dir=spool_dir, spool_threshold=spool_threshold
+        stream = oversize.retrieve(
+            self._inner, refs, spool_dir=spool_dir, spool_threshold=spool_threshold,
+            max_size=max_size,
         )
         async with aclosing(stream):
             async for msg in stream:
                 try:
                     self._check()
                 except BaseException:
-                    _unspool(msg)
+                    _unspool(msg.evidence if isinstance(msg, Unretrievable) else msg)
                     raise
                 yield msg
 
@@ -271,6 +278,12 @@ class MailboxRunner:
             for _ in range(MAX_SESSIONS_PER_POLL):  # each window makes progress
                 try:
                     more = await self._session(summary)
+                except OversizeError as exc:
+                    # Journaled, so the next session applies on_oversize to it without
+                    # downloading it: go on with a new session (the others still flow).
+                    if not self._oversize_received(exc, summary):
+                        raise
+                    more = True
                 except SourceBusyError as exc:
                     if summary.sessions == 0 or exc.code not in LATER_LOGIN_CODES:
                         raise
@@ -281,6 +294,11 @@ class MailboxRunner:
                     break
                 summary.sessions += 1
                 if not more or self.stop.is_set():
+                    break
+                if self._login_delay > MAX_LOGIN_DELAY_WAIT:
+                    # A long LOGIN-DELAY is not slept inside a poll: the scheduler
+                    # comes back for the rest (it honours LOGIN-DELAY, S-14).
+                    self.log.info("login_delay_ends_poll", seconds=self._login_delay)
                     break
                 await self._login_delay_pause()
             else:
@@ -383,8 +401,12 @@ class MailboxRunner:
             if not session.supports_uidl:
                 self.log.warning("server_without_uidl", fallback="content_hash")
             plan = self._plan(refs, session.supports_uidl)
-            if session.supports_uidl:
-                plan.process = [r for r in plan.process if r.uid not in self._attempted]
+            # Nothing is fetched twice in one poll: a later window skips what an
+            # earlier one tried (without UIDL, what it could not retrieve).
+            plan.process = [r for r in plan.process if _tried_key(r) not in self._attempted]
+            plan.oversize = [
+                r for r in plan.oversize if _tried_key(r) not in self._attempted
+            ]
             attempted_before = len(self._attempted)
             window, more = self._window(plan.process)
 
@@ -468,13 +490,13 @@ class MailboxRunner:
             seen_uids.add(ref.uid)
             entry = entries.get(ref.uid)
             if entry is None or entry.status == Status.PENDING:
-                if (
+                if entry is not None and _resting(entry, self.cfg.max_attempts, now):
+                    self._skip_unretrievable(ref, entry)
+                elif (
                     self.cfg.max_message_size is not None
                     and ref.size > self.cfg.max_message_size
-                ):
+                ) or oversize.marked(entry):
                     plan.oversize.append(ref)
-                elif entry is not None and _resting(entry, self.cfg.max_attempts, now):
-                    self._skip_unretrievable(ref, entry)
                 elif entry is not None and (entry.attempts or entry.last_error):
                     retries.append(ref)
                 else:
@@ -504,13 +526,15 @@ class MailboxRunner:
                 and _aware(entry.first_seen) + timedelta(days=days) <= now
             ):
                 plan.dele.append(ref)
-            elif entry.size and ref.size != entry.size:
+            elif entry.size and entry.sha256 and ref.size != entry.size:
                 # T-23: copies are named by listing order, so when an earlier copy
                 # goes, another message can inherit this name; and RFC 1939 §7 lets
                 # a server reuse a uid once its message is gone (popa3d's uids hash
                 # a few headers). A settled uid listed with another size is fetched
                 # again and its content hash decides (see _retrieved); one listed
-                # with its old size is the same message and costs no download.
+                # with its old size is the same message and costs no download. An
+                # entry without a hash (adopted by mark-seen) has nothing to compare
+                # with and is left alone.
                 plan.process.append(ref)
         # Messages that failed before go after new ones, so that messages failing
         # again (a 4xx relay, a poison message) can never fill every window and
@@ -524,7 +548,7 @@ class MailboxRunner:
         if ref.uid in self._attempted:
             return
         self._attempted.add(ref.uid)
-        self.log.error(
+        self.log.warning(
             "message_unretrievable_skipped",
             uid=ref.uid,
             key=ref.key,
@@ -594,17 +618,16 @@ class MailboxRunner:
                 summary.dropped += 1
                 owed.append(ref)
         if policy == "quarantine" and refs:
+            # Downloaded whole (spooled) to be quarantined: only the source's
+            # max_message cap applies (an OversizeError then journals it as kept).
             async for msg in session.retrieve(
                 refs, spool_dir=self.spool_dir, spool_threshold=self.spool_threshold
             ):
                 if isinstance(msg, Unretrievable):
-                    # Never quarantined from a partial copy: tried again next poll.
-                    if msg.evidence is not None:
-                        _unspool(msg.evidence)
-                    summary.failed += 1
-                    self.log.error(
-                        "message_unretrievable", uid=msg.ref.uid, error=msg.reason
-                    )
+                    # Never quarantined from a partial copy: an attempt, tried again
+                    # in a later poll (and rested like any other, see _plan).
+                    _unspool(msg.evidence)
+                    self._retrieval_failed(msg, summary)
                     continue
                 try:
                     if not msg.ref.uid:  # no UIDL: known by its content hash
@@ -635,6 +658,32 @@ class MailboxRunner:
                 finally:
                     _unspool(msg)
         return owed
+
+    def _oversize_received(self, exc: OversizeError, summary: Summary) -> bool:
+        """Journal a message the server sent past a size limit (see mailpipe.oversize);
+        False when it has no uid to journal it by."""
+        outcome = oversize.record(
+            self.journal,
+            self.name,
+            exc,
+            policy=self.cfg.on_oversize,
+            limited=self.cfg.max_message_size is not None,
+        )
+        ref = exc.ref
+        self.log.warning(
+            "message_oversize_received",
+            uid=getattr(ref, "uid", None),
+            listed=getattr(ref, "size", None),
+            limit=exc.limit,
+            received_at_least=exc.received,
+            hard=exc.hard,
+            outcome=outcome,
+        )
+        if outcome == "kept":
+            summary.skipped += 1
+        elif outcome == "deleted":
+            summary.dropped += 1
+        return outcome is not None
 
     async def _prefetch(
         self, session: SourceSession, refs: list[MessageRef], summary: Summary
@@ -684,6 +733,7 @@ class MailboxRunner:
         return todo, owed
 
     def _disable_prefetch(self, why: str) -> None:
+        """Stop asking this server for headers (for the runner's life), once."""
         if not self._prefetch_off:
             self._prefetch_off = True
             self.log.warning("header_prefetch_disabled", reason=why)
@@ -718,13 +768,23 @@ class MailboxRunner:
             ] = []  # known by content hash: DELE after stream
             self._begin_many(chunk, entries)
             try:
-                async for msg in session.retrieve(
+                async for msg in oversize.retrieve(
+                    session,
                     chunk,
                     spool_dir=self.spool_dir,
                     spool_threshold=self.spool_threshold,
+                    max_size=self.cfg.max_message_size,
                 ):
                     if isinstance(msg, Unretrievable):
                         self._unretrievable(msg, entries, summary, group)
+                        if expire_zero and msg.evidence is not None:
+                            # C-29, RFC 2449 §6.7: the server may delete at QUIT what
+                            # it believes was retrieved; this copy is not whole, so
+                            # the session ends without QUIT and the server keeps it.
+                            raise SourceError(
+                                f"{msg.reason}; on a server with EXPIRE 0 the session "
+                                "is aborted without QUIT so that the server keeps it"
+                            )
                         continue
                     try:
                         if self.stop.is_set() and not expire_zero:
@@ -766,20 +826,38 @@ class MailboxRunner:
         item 2): never committed, never acknowledged; an attempt is counted (in the
         group commit) and the server copy waits for a later poll, behind new mail."""
         ref = item.ref
-        if item.evidence is not None:
-            _unspool(item.evidence)
+        _unspool(item.evidence)
         if item.after_headers:
             self._disable_prefetch("a RETR after TOP came back short")
-        summary.failed += 1
-        error = f"{UNRETRIEVABLE}{item.reason}"
+        entry = entries.get(ref.uid) if ref.uid else None
+        attempts = self._retrieval_failed(item, summary, entry)
         if not ref.uid:
-            # No UIDL: nothing to journal it by; this poll does not ask again.
-            self._attempted.add(f"#{ref.number}:{ref.size}")
+            return  # no UIDL: nothing to journal it by
+        group.append(
+            _Done(
+                ref, None, Status.PENDING, "failed", "", False, None,
+                failed=True, attempts=attempts, error=f"{UNRETRIEVABLE}{item.reason}",
+            )
+        )
+
+    def _retrieval_failed(
+        self, item: Unretrievable, summary: Summary, entry: Entry | None = None
+    ) -> int:
+        """Count, log and announce an attempt that did not deliver a whole message;
+        return the attempts so far. Without ``entry`` (the oversize path) the attempt
+        is journaled here and now; otherwise the caller's group commit writes it."""
+        ref = item.ref
+        error = f"{UNRETRIEVABLE}{item.reason}"
+        self._attempted.add(_tried_key(ref))  # no later window of this poll asks
+        summary.failed += 1
+        if not ref.uid:
             self.log.error("message_unretrievable", number=ref.number, error=error)
-            return
-        self._attempted.add(ref.uid)
-        entry = entries.get(ref.uid)
-        attempts = (entry.attempts if entry is not None else 0) + 1
+            return 0
+        if entry is None:
+            self.journal.begin(self.name, ref.uid, key=ref.key, size=ref.size)
+            attempts = self.journal.fail(self.name, ref.uid, error=error, counted=True)
+        else:
+            attempts = entry.attempts + 1
         self.log.error(
             "message_unretrievable",
             uid=ref.uid,
@@ -796,10 +874,7 @@ class MailboxRunner:
             error=error,
             attempts=attempts,
         )
-        group.append(
-            _Done(ref, None, Status.PENDING, "failed", "", False, None,
-                  failed=True, attempts=attempts, error=error)
-        )
+        return attempts
 
     def _begin_many(self, refs: list[MessageRef], entries: dict[str, Entry]) -> None:
         """Begin the journal entries of a chunk's new messages in one transaction.
@@ -837,11 +912,17 @@ class MailboxRunner:
                 received=msg.size,
             )
         known = entries.get(msg.ref.uid) if msg.ref.uid else None
+        if msg.ref.uid:
+            # Whatever happens to it below, no later window of this poll fetches it.
+            self._attempted.add(msg.ref.uid)
         reused: MessageRef | None = None
         if known is not None and known.status not in (Status.PENDING, Status.DELETED):
             # Fetched again because LIST gives a settled uid another size (_plan).
             if known.sha256 == msg.sha256:
-                return  # the same message as before: already handled
+                # The same message, counted differently now: remember the new size
+                # so that the next poll does not fetch it again.
+                self._readopt(msg.ref, known)
+                return
             self.log.error("uidl_reused", uid=msg.ref.uid, number=msg.ref.number)
             reused = msg.ref
             msg.ref = replace(msg.ref, uid="")  # a different message: by content hash
@@ -857,8 +938,8 @@ class MailboxRunner:
         if not msg.ref.uid:
             msg, entry, settled = self._by_hash(msg, dele_after)
             if settled:
-                if reused is not None:
-                    self._readopt(reused)
+                if reused is not None and entry is not None:
+                    self._readopt(reused, entry)
                 return
             if entry is not None:
                 entries[msg.ref.uid] = entry
@@ -873,14 +954,28 @@ class MailboxRunner:
             done = self._quarantine_failed(msg, done, summary)
         group.append(done)
 
-    def _readopt(self, ref: MessageRef) -> None:
-        """The message now under a reused uid was handled under its content hash:
-        the uid's entry takes its size, so later polls list it as settled instead of
-        downloading it again (issue 21 item 3)."""
+    def _readopt(self, ref: MessageRef, like: Entry | _Done) -> None:
+        """Give the uid of ``ref`` the outcome ``like`` records (status, disposition,
+        content hash, owed DELE) and ``ref``'s listed size (issue 21 item 3).
+
+        Used when a settled uid came back with another size: either the same message
+        counted differently, or another message under a reused uid that was handled
+        under its content hash. Either way later polls then list it as settled and do
+        not download it again. Durable when it returns (inside a batch: with it).
+        """
         with self.journal.batch():
             self.journal.forget(self.name, [ref.uid])
-            self.journal.mark_seen(self.name, [(ref.uid, ref.key, ref.size)])
-        self.log.info("uidl_readopted", uid=ref.uid, size=ref.size)
+            self.journal.begin(self.name, ref.uid, key=ref.key, size=ref.size)
+            self.journal.finish(
+                self.name,
+                ref.uid,
+                status=like.status,
+                disposition=like.disposition or "",
+                sha256=like.sha256,
+                reason=like.reason,
+                delete_due=like.delete_due,
+            )
+        self.log.info("uid_readopted", uid=ref.uid, size=ref.size, status=like.status)
 
     def _by_hash(
         self, msg: Message, dele: list[MessageRef]
@@ -913,7 +1008,11 @@ class MailboxRunner:
         ref = msg.ref
         if entry is None:
             entry = self.journal.begin(self.name, ref.uid, key=ref.key, size=ref.size)
-        if entry.status == Status.PENDING and entry.attempts >= self.cfg.max_attempts:
+        if (
+            entry.status == Status.PENDING
+            and entry.attempts >= self.cfg.max_attempts
+            and not entry.last_error.startswith(UNRETRIEVABLE)
+        ):
             # Its attempts are spent without a quarantine (the process died in the
             # chain each time, see _count_crash): keep the raw bytes, never run it again.
             done = _Done(ref, None, Status.PENDING, "failed", "", False, msg.sha256,
@@ -1132,7 +1231,7 @@ class MailboxRunner:
                 if d.delete_due:
                     owed.append(d.ref)
                 if d.readopt is not None:
-                    self._readopt(d.readopt)
+                    self._readopt(d.readopt, d)
         if unflushed and _expire_zero(session):
             # C-29, C-58: with EXPIRE 0 QUIT may delete every RETR'd message, DELE
             # or not; these are not durable anywhere, so the session must not QUIT.
@@ -1178,6 +1277,10 @@ class MailboxRunner:
 #: reaches it has more windows than any real mailbox needs: the next poll goes on.
 MAX_SESSIONS_PER_POLL = 1000
 
+#: The longest LOGIN-DELAY (seconds) waited between two commit windows of one poll;
+#: a longer one ends the poll after the window instead.
+MAX_LOGIN_DELAY_WAIT = 60.0
+
 #: Response codes (RFC 2449 §8, RFC 3206) that refuse a later window's login only
 #: because an earlier window of the same poll has just logged in.
 LATER_LOGIN_CODES = frozenset({"LOGIN-DELAY", "IN-USE"})
@@ -1213,12 +1316,18 @@ def login_delay_seconds(session: SourceSession) -> float:
         return 0.0
 
 
+def _tried_key(ref: MessageRef) -> str:
+    """What a poll remembers a tried message by: its uid, or without UIDL its number
+    and size (good within one poll; a clash only defers a message to the next)."""
+    return ref.uid or f"#{ref.number}:{ref.size}"
+
+
 def _resting(entry: Entry, max_attempts: int, now: datetime) -> bool:
     """True for a message left unretrievable ``max_attempts`` times and tried less
     than :data:`UNRETRIEVABLE_REST` ago."""
     if entry.attempts < max_attempts or not entry.last_error.startswith(UNRETRIEVABLE):
         return False
-    return entry.updated is None or _aware(entry.updated) + UNRETRIEVABLE_REST > now
+    return entry.updated is not None and _aware(entry.updated) + UNRETRIEVABLE_REST > now
 
 
 def _expire_zero(session: SourceSession) -> bool:
@@ -1256,6 +1365,6 @@ def _aware(dt: datetime) -> datetime:
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
 
 
-def _unspool(msg: Message) -> None:
-    if msg.spool_path is not None:
+def _unspool(msg: Message | None) -> None:
+    if msg is not None and msg.spool_path is not None:
         Path(msg.spool_path).unlink(missing_ok=True)

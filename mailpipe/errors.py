@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 class MailpipeError(Exception):
@@ -91,6 +92,37 @@ class UidlResetSuspected(SourcePermanentError):
     The server probably renamed its uids; processing would run the kept mail again.
     Nothing was processed; the message says how to adopt the mail or ingest it.
     """
+
+
+class OversizeError(SourceError):
+    """The server sent more of one message than a size limit allows; nothing was kept.
+
+    Raised while the message is still arriving (the transfer stops at the limit, so a
+    server whose LIST understates a size cannot make mailpipe buffer or spool the rest);
+    the connection is closed without QUIT, so nothing is committed or deleted. ``number``
+    is the session's message number, ``ref`` the :class:`mailpipe.message.MessageRef`
+    when the source knows it, ``limit`` the octets allowed and ``received`` the octets
+    seen when the transfer stopped; ``hard`` is True for the source's absolute cap
+    (``max_message``), False for the mailbox policy (``max_message_size``). The engine
+    applies ``on_oversize`` to ``ref`` (see docs: "Size limits").
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        number: int,
+        limit: int,
+        received: int,
+        hard: bool = False,
+        ref: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.number = number
+        self.limit = limit
+        self.received = received
+        self.hard = hard
+        self.ref = ref
 
 
 class CommitError(SourceError):

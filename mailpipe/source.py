@@ -60,14 +60,23 @@ class SourceSession(Protocol):
         ...
 
     def retrieve(
-        self, refs: Sequence[MessageRef], *, spool_dir: Path, spool_threshold: int
+        self,
+        refs: Sequence[MessageRef],
+        *,
+        spool_dir: Path,
+        spool_threshold: int,
+        max_size: int | None = None,
     ) -> AsyncIterator[Message | Unretrievable]:
         """Yield each message of ``refs`` in order, pipelined where the server allows.
 
         Bodies larger than ``spool_threshold`` octets go to a file under ``spool_dir``
         (memory bounded by the chunk size); smaller ones are held in memory. A message
         that cannot be delivered whole (refused, or received incomplete) is yielded
-        as an :class:`Unretrievable` in its place, never as a ``Message``.
+        as an :class:`Unretrievable` in its place, never as a ``Message``. A message
+        that arrives larger than ``max_size`` octets (whatever its listed size) stops
+        the transfer there and raises :class:`mailpipe.OversizeError` with its ref;
+        the session is unusable afterwards. (Optional: the engine calls sources whose
+        ``retrieve`` lacks ``max_size`` without it, see :mod:`mailpipe.oversize`.)
         """
         ...
 

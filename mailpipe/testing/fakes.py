@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from mailpipe.errors import CommitError, SourceConnectionError
+from mailpipe.errors import CommitError, OversizeError, SourceConnectionError
 from mailpipe.message import Message, MessageRef
 
 
@@ -82,7 +82,12 @@ class FakeSession:
         return data if end < 0 else data[: end + 4]
 
     async def retrieve(
-        self, refs: Sequence[MessageRef], *, spool_dir: Path, spool_threshold: int
+        self,
+        refs: Sequence[MessageRef],
+        *,
+        spool_dir: Path,
+        spool_threshold: int,
+        max_size: int | None = None,
     ) -> AsyncIterator[Message]:
         for ref in refs:
             if (
@@ -92,7 +97,13 @@ class FakeSession:
                 raise SourceConnectionError("fake connection dropped")
             self.retrs += 1
             self.box.calls.append(("retr", ref.uid))
-            yield Message(ref=ref, data=self.box.messages[self._uid(ref)])
+            data = self.box.messages[self._uid(ref)]
+            if max_size is not None and len(data) > max_size:
+                raise OversizeError(
+                    f"fake: RETR {ref.number} sent more than {max_size} octets",
+                    number=ref.number, limit=max_size, received=max_size + 1, ref=ref,
+                )
+            yield Message(ref=ref, data=data)
 
     async def mark_deleted(self, refs: Sequence[MessageRef]) -> None:
         for ref in refs:

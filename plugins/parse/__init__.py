@@ -8,14 +8,17 @@ from mailpipe import hookimpl
 from mailpipe.registry import lazy_exports
 
 if TYPE_CHECKING:
-    from .parser import parse_message
+    from .parser import parse_file, parse_message
     from .processor import PAYLOADS_KEY, ParseProcessor, parse_into
     from .record import Address, Attachment, Defect, MessageRecord
+    from .spool import SpooledPayload
 
 #: Public names and their modules: imported on first use (PEP 562), so that loading
 #: the plugin costs nothing until a configuration uses `parse`.
 _LAZY = {
     "parse_message": "parser",
+    "parse_file": "parser",
+    "SpooledPayload": "spool",
     "PAYLOADS_KEY": "processor",
     "ParseProcessor": "processor",
     "parse_into": "processor",
@@ -34,6 +37,8 @@ __all__ = [
     "Defect",
     "MessageRecord",
     "ParseProcessor",
+    "SpooledPayload",
+    "parse_file",
     "parse_into",
     "parse_message",
 ]

@@ -11,7 +11,8 @@ from email import policy as email_policy
 from email.message import Message
 from email.parser import BytesParser
 from email.utils import parsedate_to_datetime
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from pydantic import BaseModel
 
@@ -28,6 +29,7 @@ from .body import BodyParts, html_charset
 from .charsets import decode_text
 from .headers import decode_header
 from .record import Address, Attachment, AttachmentSource, Defect, MessageRecord
+from .spool import Runs, SpooledPayload, skeleton
 
 _PARSER = BytesParser(policy=email_policy.compat32)
 _HEADERS_PARSER = BytesParser(policy=email_policy.compat32)
@@ -55,16 +57,17 @@ _UU_TYPES = frozenset({"x-uuencode", "uuencode", "x-uue", "uue"})
 class _State:
     defects: list[Defect] = field(default_factory=list)
     attachments: list[Attachment] = field(default_factory=list)
-    payloads: list[bytes] = field(default_factory=list)
+    payloads: list[bytes | SpooledPayload] = field(default_factory=list)
     body: BodyParts = field(default_factory=BodyParts)
     hint: str | None = None
+    runs: Runs | None = None  # parse_file: the base64 runs elided from the skeleton
 
     def defect(self, part: str, kind: str, detail: str) -> None:
         self.defects.append(Defect(part=part, kind=kind, detail=detail[:500]))
 
     def attach(
         self,
-        data: bytes,
+        data: bytes | SpooledPayload,
         *,
         part: str,
         filename: str | None,
@@ -81,7 +84,11 @@ class _State:
                 content_type=content_type,
                 disposition=disposition,
                 size=len(data),
-                sha256=hashlib.sha256(data).hexdigest(),
+                sha256=(
+                    data.sha256
+                    if isinstance(data, SpooledPayload)
+                    else hashlib.sha256(data).hexdigest()
+                ),
                 content_id=content_id,
                 inline=inline,
                 part=part,
@@ -120,6 +127,64 @@ def parse_message(
             record = MessageRecord(**base)
         record.defects.append(defect)
         return record, []
+
+
+def parse_file(
+    f: IO[bytes],
+    *,
+    key: str = "",
+    mailbox: str = "",
+    uid: str = "",
+    spool_dir: Path | None = None,
+) -> tuple[MessageRecord, list[bytes | SpooledPayload]]:
+    """Parse the message in binary file ``f`` with memory bounded by its small parts.
+
+    The same result as :func:`parse_message` on the file's bytes, except that a base64
+    attachment held in long runs of base64 lines (see :mod:`.spool`) is decoded
+    into a :class:`SpooledPayload` in ``spool_dir`` instead of ``bytes``. ``f`` must
+    stay open until this returns. Never raises on any input (I/O errors aside).
+    """
+    sk = skeleton(f)
+    if not sk.runs:
+        record, payloads = parse_message(sk.data, key=key, mailbox=mailbox, uid=uid)
+        return record, list(payloads)
+    base = {"key": key, "mailbox": mailbox, "uid": uid, "sha256": sk.sha256,
+            "size": sk.size}
+    runs = Runs(sk, f, spool_dir)
+    try:
+        msg = _PARSER.parsebytes(sk.data)
+        _inflate_all_but_base64(msg, runs)
+        record, found = _record(msg, base, _State(runs=runs), body=True)
+        return record, list(found)
+    except Exception as exc:  # last resort, as in parse_message
+        record, _ = parse_message(b"", key=key, mailbox=mailbox, uid=uid)
+        record = record.model_copy(update={"sha256": sk.sha256, "size": sk.size})
+        record.defects = [
+            Defect(part="", kind="ParseFailed", detail=f"{type(exc).__name__}: {exc}")
+        ]
+        return record, []
+
+
+def _inflate_all_but_base64(root: Message, runs: Runs) -> None:
+    """Put the elided text back everywhere but in base64 leaves (decoded from the
+    file by _leaf) and nested messages' base64 leaves too (serialised whole)."""
+    stack: list[tuple[Message, bool]] = [(root, False)]
+    while stack:
+        part, whole = stack.pop()
+        for attr in ("preamble", "epilogue"):
+            value = getattr(part, attr, None)
+            if isinstance(value, str) and runs.has(value):
+                setattr(part, attr, runs.inflate(value))
+        payload = _payload(part)
+        if isinstance(payload, list):
+            nested = whole or not _content_type(part).startswith("multipart/")
+            stack.extend((c, nested) for c in payload if isinstance(c, Message))
+            continue
+        if not isinstance(payload, str) or not runs.has(payload):
+            continue
+        cte = str(part.get("content-transfer-encoding", "")).strip().lower()
+        if whole or cte != "base64":
+            part.set_payload(runs.inflate(payload))
 
 
 def _parse(raw: bytes, base: dict[str, object]) -> tuple[MessageRecord, list[bytes]]:
@@ -199,7 +264,7 @@ def _record(
             state.defect("", type(defect).__name__, str(defect).strip() or _doc(defect))
     fields["attachments"] = state.attachments
     fields["defects"] = state.defects
-    return MessageRecord.model_validate(_clean(fields)), state.payloads
+    return MessageRecord.model_validate(_clean(fields)), state.payloads  # type: ignore[return-value]
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -460,6 +525,11 @@ def _content_id(part: Message) -> str | None:
 def _leaf(part: Message, path: str, ctype: str, parent: str, state: _State) -> None:
     cte = str(part.get("content-transfer-encoding", "")).strip().lower()
     raw = _payload(part)
+    if state.runs is not None and isinstance(raw, str) and state.runs.has(raw):
+        if _spooled_leaf(part, path, ctype, cte, raw, state):
+            return
+        raw = state.runs.inflate(raw)
+        part.set_payload(raw)
     raw_bytes = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else b""
     data: bytes | None
     if cte == "base64":
@@ -537,6 +607,47 @@ def _leaf(part: Message, path: str, ctype: str, parent: str, state: _State) -> N
     )
     if ctype in TNEF_TYPES or (filename or "").lower() == "winmail.dat":
         _tnef(data, path, state)
+
+
+def _spooled_leaf(
+    part: Message, path: str, ctype: str, cte: str, raw: str, state: _State
+) -> bool:
+    """Record a base64 attachment decoded from the file (see parse_file); False when
+    it must be decoded in memory (a body, TNEF, or base64 that cannot stream)."""
+    assert state.runs is not None
+    disposition = _disposition(part)
+    filename, _ = filename_of(part, state.hint)
+    body_like = ctype in ("text/plain", "text/html") and disposition != "attachment"
+    tnef = ctype in TNEF_TYPES or (filename or "").lower() == "winmail.dat"
+    if cte != "base64" or (body_like and filename is None) or tnef:
+        return False
+    if ctype.startswith("multipart/"):
+        return False
+    decoded = state.runs.decode(raw)
+    if decoded is None:
+        return False
+    data, problem = decoded
+    if problem is not None:
+        state.defect(path, "Base64Defect", problem)
+    filename, problems = filename_of(part, state.hint)
+    for problem in problems:
+        state.defect(path, "FilenameDefect", problem)
+    content_id = _content_id(part)
+    inline = disposition == "inline" or (disposition is None and content_id is not None)
+    source: AttachmentSource = "mime"
+    if ctype in ("message/rfc822", "message/global"):
+        source = "rfc822"
+    state.attach(
+        data,
+        part=path,
+        filename=filename,
+        content_type=ctype,
+        disposition=disposition,
+        content_id=content_id,
+        inline=inline,
+        source=source,
+    )
+    return True
 
 
 def _b64decode(data: bytes) -> tuple[bytes, str | None]:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
 from pydantic import BaseModel, ConfigDict
 
 from mailpipe.processor import ProcessorContext, Result
 
-from .parser import parse_message
+from .parser import parse_file, parse_message
 from .record import MessageRecord
 
 if TYPE_CHECKING:
@@ -35,10 +35,7 @@ def parse_into(message: Message) -> MessageRecord:
         message.headers_only or not message.meta.get("parsed_headers_only", False)
     ):
         return record
-    raw = message.raw
-    record, payloads = parse_message(
-        raw, key=message.key, mailbox=message.ref.mailbox, uid=message.ref.uid
-    )
+    record, payloads = parse_raw(message)
     if message.headers_only:
         record.size = message.ref.size  # the LIST size; raw is only the header block
     record.tags = sorted(message.tags)
@@ -48,11 +45,24 @@ def parse_into(message: Message) -> MessageRecord:
     return record
 
 
+def parse_raw(message: Message) -> tuple[MessageRecord, list[Any]]:
+    """Parse ``message``'s raw bytes: from its spool file with bounded memory (large
+    base64 attachments become SpooledPayloads beside it), else from memory."""
+    ids = {"key": message.key, "mailbox": message.ref.mailbox, "uid": message.ref.uid}
+    if message.spool_path is not None and not message.headers_only:
+        with message.open() as f:
+            return parse_file(f, spool_dir=message.spool_path.parent, **ids)
+    record, payloads = parse_message(message.raw, **ids)
+    return record, list(payloads)
+
+
 class ParseProcessor:
     """Turn the raw message into a :class:`MessageRecord` (never fails on bad mail).
 
     Sets ``message.record`` and ``message.meta["attachment_payloads"]`` (bytes aligned
-    with ``record.attachments``). Works on headers-only messages (``TOP n 0``) too.
+    with ``record.attachments``; a large base64 attachment of a spooled message is a
+    :class:`~.spool.SpooledPayload` instead: ``len()``, ``.sha256``, ``.chunks()``,
+    ``bytes()``). Works on headers-only messages (``TOP n 0``) too.
     """
 
     name: ClassVar[str] = "parse"

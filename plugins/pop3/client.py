@@ -30,6 +30,7 @@ import structlog
 from mailpipe.errors import (
     AuthenticationError,
     CommitError,
+    OversizeError,
     SourceConnectionError,
     SourceError,
     SourcePermanentError,
@@ -61,7 +62,7 @@ from .events import (
     User,
     parse_capa,
 )
-from .protocol import NeedData, Pop3Connection, RemoteProtocolError
+from .protocol import BodyTooLargeError, NeedData, Pop3Connection, RemoteProtocolError
 
 log = structlog.get_logger()
 
@@ -110,6 +111,12 @@ class CommandRefused(SourceError):
     def __init__(self, message: str, reply: Err) -> None:
         super().__init__(message)
         self.reply = reply
+
+
+def _limit_of(command: Command, limits: Mapping[int, int] | None) -> int | None:
+    if limits is None or not isinstance(command, Retr):
+        return None
+    return limits.get(command.number)
 
 
 def make_ssl_context(ca_file: str | None = None, verify: bool = True) -> ssl.SSLContext:
@@ -407,7 +414,11 @@ class Pop3Client:
         return event
 
     async def stream(
-        self, commands: Iterable[Command], *, sizes: Mapping[int, int] | None = None
+        self,
+        commands: Iterable[Command],
+        *,
+        sizes: Mapping[int, int] | None = None,
+        limits: Mapping[int, int] | None = None,
     ) -> AsyncIterator[Event]:
         """Send ``commands`` (pipelined when active, else one at a time) and yield each
         reply event in order: Ok/Err/MultiLine, or BodyStart, BodyChunk..., BodyEnd.
@@ -416,6 +427,11 @@ class Pop3Client:
         ``sizes`` (message number → octets; unknown counts as 0): see
         :meth:`Timeouts.retr_budget`. It raises SourceTimeoutError naming
         ``retr deadline`` and the host, separately from the per-read timeout.
+
+        ``limits`` (message number → octets) caps what a RETR body may hold, whatever
+        LIST said: the chunk that would pass it is never yielded, the connection is
+        closed (no QUIT: nothing is deleted) and :class:`mailpipe.OversizeError` is
+        raised. The ``max_message`` cap of every body raises it too, with ``hard``.
         """
         source = iter(commands)
         window = self.window if self.conn.pipelining else 1
@@ -441,11 +457,25 @@ class Pop3Client:
         fill()
         deadline: _Deadline | None = None
         head_done = True
+        limit: int | None = None
+        received = 0
         while inflight:
             if head_done:  # the next reply is now the one being read
                 deadline = self._retr_deadline(inflight[0][0], sizes or {})
+                limit = _limit_of(inflight[0][0], limits)
+                received = 0
                 head_done = False
-            event = await self._event("read", self.timeouts.read, deadline)
+            try:
+                event = await self._event("read", self.timeouts.read, deadline)
+            except BodyTooLargeError as exc:
+                await self.abort()
+                raise self._oversize(inflight[0][0], exc.limit, exc.octets, True) from None
+            if isinstance(event, BodyChunk) and limit is not None:
+                received += len(event.data)
+                if received > limit:
+                    # Issue 20.6: the policy holds for the octets received, not LIST.
+                    await self.abort()
+                    raise self._oversize(inflight[0][0], limit, received, False)
             yield event
             if isinstance(event, Ok | Err | MultiLine | BodyEnd):
                 unanswered -= inflight.popleft()[1]
@@ -453,6 +483,21 @@ class Pop3Client:
                 # Refill when half the window drained (mpop-style batching of writes).
                 if more and len(inflight) <= window // 2:
                     fill()
+
+    def _oversize(
+        self, command: Command, limit: int, received: int, hard: bool
+    ) -> OversizeError:
+        number = getattr(command, "number", 0) or 0
+        what = "the max_message cap" if hard else "the size limit"
+        self._log.warning(
+            "pop3_message_oversize", number=number, limit=limit, received=received,
+            hard=hard,
+        )
+        return OversizeError(
+            f"{self.where}: {command.describe()} sent more than {limit} octets "
+            f"({what}); transfer stopped, connection closed",
+            number=number, limit=limit, received=received, hard=hard,
+        )
 
     def _retr_deadline(
         self, command: Command, sizes: Mapping[int, int]

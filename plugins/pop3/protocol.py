@@ -96,6 +96,15 @@ class RemoteProtocolError(Pop3ProtocolError):
         self.truncated = truncated
 
 
+class BodyTooLargeError(RemoteProtocolError):
+    """A RETR/TOP body passed ``max_message``; ``octets`` were seen, ``limit`` allowed."""
+
+    def __init__(self, message: str, *, octets: int, limit: int) -> None:
+        super().__init__(message)
+        self.octets = octets
+        self.limit = limit
+
+
 class State(Enum):
     """RFC 1939 §3 session states, plus the h11-style terminal ones."""
 
@@ -507,8 +516,10 @@ class Pop3Connection:
                 newline=self._nl,
             )
         if self._octets > self.max_message:
-            raise RemoteProtocolError(
-                f"{command.describe()} body exceeds the {self.max_message}-octet cap"
+            raise BodyTooLargeError(
+                f"{command.describe()} body exceeds the {self.max_message}-octet cap",
+                octets=self._octets,
+                limit=self.max_message,
             )
         if ended:
             end_event = BodyEnd(command=command, octets=self._octets)

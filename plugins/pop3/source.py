@@ -1,5 +1,7 @@
 """The ``pop3`` source: its options and the SourceSession mapped onto POP3 commands."""
 
+from __future__ import annotations
+
 import contextlib
 import os
 import tempfile
@@ -10,7 +12,12 @@ from typing import Any, ClassVar, Literal
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from mailpipe.errors import SourceConnectionError, SourcePermanentError
+from mailpipe.errors import (
+    OversizeError,
+    SourceConnectionError,
+    SourceError,
+    SourcePermanentError,
+)
 from mailpipe.message import Message, MessageRef, distinct_uids
 from mailpipe.processor import ProcessorContext
 from mailpipe.secrets import Secret
@@ -25,10 +32,12 @@ from .events import (
     BodyEnd,
     BodyStart,
     Capabilities,
+    Command,
     Dele,
     Err,
     List,
     MultiLine,
+    Noop,
     Retr,
     Top,
     Uidl,
@@ -141,7 +150,11 @@ class Pop3Options(BaseModel):
         description="Longest status line accepted from the server, in octets.",
     )
     max_message: ByteSize = Field(
-        default=2 * 2**30, description="Largest message body accepted, in octets."
+        default=256 * 2**20,
+        ge=1,
+        description="Hard cap on one message, in octets, whatever LIST says: the "
+        "transfer stops there and the message is left on the server (or deleted "
+        "unread under on_oversize = 'delete').",
     )
     chunk_size: ByteSize = Field(
         default=256 * 1024, ge=4096, description="Read size; bounds memory per message."
@@ -228,7 +241,7 @@ class Pop3Source:
         self.mailbox = mailbox
 
     @contextlib.asynccontextmanager
-    async def session(self) -> AsyncIterator["Pop3Session"]:
+    async def session(self) -> AsyncIterator[Pop3Session]:
         """Open a session; on exit it aborts (no QUIT) unless committed."""
         session = Pop3Session(self.options, self.mailbox)
         try:
@@ -412,8 +425,8 @@ class Pop3Session:
         """``TOP n 0``: the header section (never used to build a stored message, T-29).
 
         ``None`` when the server refuses TOP, or sends a header section without its
-        closing blank line (cut short, so no rule may judge it): the engine then
-        retrieves the message instead.
+        closing blank line that is shorter than the whole message (cut short, so no
+        rule may judge it): the engine then retrieves the message instead.
         """
         parts: list[bytes] = []
         refused: Err | None = None
@@ -429,7 +442,10 @@ class Pop3Session:
             )
             return None
         data = b"".join(parts)
-        if not (data.endswith(b"\n\n") or data.endswith(b"\n\r\n")):
+        count = OctetCount()
+        count.feed(data)
+        whole = not count.shortfall(ref.size)  # a message of headers only, all of it
+        if not (whole or data.endswith(b"\n\n") or data.endswith(b"\n\r\n")):
             self._log.warning(
                 "pop3_top_incomplete", number=ref.number, octets=len(data)
             )
@@ -437,45 +453,96 @@ class Pop3Session:
         return data
 
     async def retrieve(
-        self, refs: Sequence[MessageRef], *, spool_dir: Path, spool_threshold: int
+        self,
+        refs: Sequence[MessageRef],
+        *,
+        spool_dir: Path,
+        spool_threshold: int,
+        max_size: int | None = None,
     ) -> AsyncIterator[Message | Unretrievable]:
         """RETR each ref (pipelined window) and yield complete messages in order.
 
         Bodies over ``spool_threshold`` go to a file in ``spool_dir`` as they arrive, so
         memory is bounded by the chunk size. A ``-ERR`` (T-25), or a body received
         shorter than its LIST size allows (MP-01, see :mod:`.completeness`), is yielded
-        as an :class:`~mailpipe.source.Unretrievable`, never as a message.
+        as an :class:`~mailpipe.source.Unretrievable`, never as a message. A body
+        passing ``max_size`` (or the ``max_message`` cap) raises
+        :class:`mailpipe.OversizeError` naming its ref, with the connection closed.
         """
         by_number = {ref.number: ref for ref in refs}
         sink: _Sink | None = None
+        # MP-01: a body is yielded only once the next reply's status line has parsed
+        # (the next RETR's, or a closing NOOP's): a server that failed to dot-stuff a
+        # lone "." line ends the body early and sends the rest as stray data, which
+        # then fails to parse as a reply, so the cut body is never delivered.
+        held: Message | Unretrievable | None = None
+        limits = None if max_size is None else dict.fromkeys(by_number, max_size)
+        commands: list[Command] = [Retr(number=ref.number) for ref in refs]
         try:
             async for event in self.client.stream(
-                [Retr(number=ref.number) for ref in refs],
+                [*commands, Noop()] if commands else [],
                 sizes={ref.number: ref.size for ref in refs},  # T-45 deadlines
+                limits=limits,
             ):
                 if isinstance(event, BodyChunk):
                     assert sink is not None
                     sink.write(event.data)
-                elif isinstance(event, BodyStart):
+                    continue
+                if held is not None:  # a reply's status line parsed: its end is sound
+                    out, held = held, None
+                    yield out
+                if isinstance(event, BodyStart):
                     ref = by_number[event.command.number]  # type: ignore[attr-defined]
                     sink = _Sink(ref, spool_dir, spool_threshold)
                 elif isinstance(event, BodyEnd):
                     assert sink is not None
                     done, sink = sink, None
-                    yield self._finished(done)
-                elif isinstance(event, Err):
-                    number = getattr(event.command, "number", None)
+                    held = self._finished(done)
+                elif isinstance(event, Err) and isinstance(event.command, Retr):
+                    number = event.command.number
                     text = event.text[:200]
                     self._log.warning("pop3_retr_refused", number=number, text=text)
                     if number in by_number:
                         yield Unretrievable(
                             by_number[number], f"RETR {number} refused: {text}"
                         )
+        except RemoteProtocolError as exc:
+            if held is not None:
+                out, held = held, None
+                yield self._unsound(out, exc) if isinstance(out, Message) else out
+            raise
+        except OversizeError as exc:
+            exc.ref = by_number.get(exc.number)
+            raise
+        except SourceError:
+            # A dropped connection or a timeout after a body's terminator: that body
+            # ended with its ".", so it is delivered before the error goes on.
+            if held is not None:
+                out, held = held, None
+                yield out
+            raise
         finally:
             if sink is not None:
                 sink.discard()
+            if held is not None:  # never delivered (the consumer stopped early)
+                _discard(held)
 
-    def _finished(self, sink: "_Sink") -> Message | Unretrievable:
+    def _unsound(self, message: Message, exc: RemoteProtocolError) -> Unretrievable:
+        """The message whose body was followed by data that is no reply (MP-01)."""
+        ref = message.ref
+        self._log.error(
+            "pop3_message_unsound", uid=ref.uid, number=ref.number, error=str(exc)[:200]
+        )
+        return Unretrievable(
+            ref,
+            f"RETR {ref.number} was followed by data that is not a reply, so where "
+            f"the message ends cannot be trusted (a server that does not dot-stuff?): "
+            f"{str(exc)[:160]}",
+            evidence=message,
+            after_headers=False,
+        )
+
+    def _finished(self, sink: _Sink) -> Message | Unretrievable:
         """The message a finished body makes, or an Unretrievable when it is short."""
         message = sink.finish()
         ref, count = message.ref, sink.count
@@ -528,6 +595,14 @@ class Pop3Session:
             await self.client.abort()
         except Exception as exc:  # the contract: never raises
             self._log.debug("pop3_abort_failed", error=type(exc).__name__)
+
+
+def _discard(item: Message | Unretrievable) -> None:
+    """Remove the spool file of a message (or of an Unretrievable's evidence)."""
+    message = item.evidence if isinstance(item, Unretrievable) else item
+    if message is not None and message.spool_path is not None:
+        with contextlib.suppress(OSError):
+            Path(message.spool_path).unlink()
 
 
 def _recapa_needed(caps: Capabilities | None) -> bool:

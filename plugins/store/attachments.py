@@ -111,10 +111,23 @@ def _unique(name: str | None, fallback: str, taken: set[str]) -> str:
 
 @dataclass(slots=True)
 class Part:
-    """One attachment with its bytes, from the record or from the stdlib parser."""
+    """One attachment with its bytes, from the record or from the stdlib parser.
+
+    ``payload`` is bytes, or a parse ``SpooledPayload`` (``len()``, ``.sha256``,
+    ``.chunks()``) that is copied to its blob in pieces, never loaded whole.
+    """
 
     meta: dict[str, Any]
-    payload: bytes
+    payload: Any
+
+
+def _digest(payload: Any) -> str:
+    known = getattr(payload, "sha256", None)
+    return known if isinstance(known, str) else hashlib.sha256(payload).hexdigest()
+
+
+def _chunks(payload: Any) -> Any:
+    return payload.chunks() if hasattr(payload, "chunks") else [payload]
 
 
 def _from_record(message: Message) -> list[Part] | None:
@@ -132,7 +145,7 @@ def _from_record(message: Message) -> list[Part] | None:
     parts = []
     for item, payload in zip(items, payloads, strict=True):
         meta = item.model_dump(mode="json")
-        parts.append(Part(meta, bytes(payload)))
+        parts.append(Part(meta, payload))
     return parts
 
 
@@ -246,7 +259,7 @@ class AttachmentsStore:
                     "reason": reason,
                 })
                 continue
-            digest = hashlib.sha256(part.payload).hexdigest()
+            digest = _digest(part.payload)
             blob = self._write_blob(digest, part.payload)
             ctype = str(meta.get("content_type") or "")
             ext = mimetypes.guess_extension(ctype) or ".bin"
@@ -280,7 +293,7 @@ class AttachmentsStore:
             atomic_write(target, data)  # the manifest is the message's commit record
         return len(entries)
 
-    def _write_blob(self, digest: str, payload: bytes) -> Path:
+    def _write_blob(self, digest: str, payload: Any) -> Path:
         folder = self.dir / digest[:2]
         blob = folder / digest
         try:
@@ -290,9 +303,10 @@ class AttachmentsStore:
             pass
         make_dirs(folder)
         tmp = folder / tmp_name(digest)
-        write_fsync(tmp, [payload], mode=0o444)
+        write_fsync(tmp, _chunks(payload), mode=0o444)
         if not publish(tmp, blob):
-            atomic_write(blob, payload, mode=0o444)  # a damaged blob: replace it
+            # a damaged blob: replace it
+            atomic_write(blob, _chunks(payload), mode=0o444)
         return blob
 
     def _link_names(self, key: str, items: Iterable[tuple[Path, str]]) -> None:

@@ -281,11 +281,31 @@ _COLUMNS: Final = (
     "updated_at",
 )
 _KEEP_ON_UPDATE: Final = ("key", "stored_at")
+# raw is written as zeroblob(size) and then filled in pieces (_fill_raw), so a large
+# message is never held in memory; a NULL size stays NULL (raw = "none").
 _UPSERT: Final = (
-    f"INSERT INTO messages ({', '.join(_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in _COLUMNS)}) ON CONFLICT(key) DO UPDATE SET "
+    f"INSERT INTO messages ({', '.join(_COLUMNS)}) VALUES ("
+    + ", ".join("CASE WHEN ? IS NULL THEN NULL ELSE zeroblob(?) END" if c == "raw"
+                else "?" for c in _COLUMNS)
+    + ") ON CONFLICT(key) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS if c not in _KEEP_ON_UPDATE)
 )
+_RAW_CHUNK: Final = 1 << 20
+
+
+def _params(values: dict[str, Any]) -> list[Any]:
+    out: list[Any] = []
+    for c in _COLUMNS:
+        out += [values[c], values[c]] if c == "raw" else [values[c]]
+    return out
+
+
+def _fill_raw(conn: sqlite3.Connection, key: str, message: Message) -> None:
+    """Copy the raw bytes into the row's zeroblob through incremental blob I/O."""
+    (rowid,) = conn.execute("SELECT id FROM messages WHERE key = ?", (key,)).fetchone()
+    with conn.blobopen("messages", "raw", rowid) as blob, message.open() as f:
+        for chunk in iter(lambda: f.read(_RAW_CHUNK), b""):
+            blob.write(chunk)
 
 
 class SqliteStore:
@@ -369,7 +389,7 @@ class SqliteStore:
             log.info("store_skipped_dry_run", store=self.name, key=message.key)
             return
         doc = record_document(message)
-        raw = message.raw if self.options.raw == "inline" else None
+        raw = message if self.options.raw == "inline" else None
         with self._lock:
             conn = self._connect()
             try:
@@ -414,7 +434,7 @@ class SqliteStore:
         self._pending = 0
 
     def _write(
-        self, conn: sqlite3.Connection, doc: dict[str, Any], raw: bytes | None
+        self, conn: sqlite3.Connection, doc: dict[str, Any], raw: Message | None
     ) -> None:
         key = doc["key"]
         now = _now()
@@ -438,13 +458,15 @@ class SqliteStore:
             "text_from_html": int(bool(doc.get("text_from_html"))),
             "html": doc.get("html"),
             "record": _json(rest),
-            "raw": raw,
+            "raw": None if raw is None else raw.size,  # zeroblob(size), then filled
             "stored_at": now,
             "updated_at": now,
         }
         for field, column in _ADDRESS_FIELDS:
             values[column] = _json(doc.get(field) or [])
-        conn.execute(_UPSERT, [values[c] for c in _COLUMNS])
+        conn.execute(_UPSERT, _params(values))
+        if raw is not None:
+            _fill_raw(conn, key, raw)
         conn.execute("DELETE FROM attachments WHERE key = ?", (key,))
         conn.executemany(
             "INSERT INTO attachments (key, idx, filename, content_type, disposition, "

@@ -269,6 +269,9 @@ async def test_login_delay_is_waited_between_windows(
     assert (summary.error, summary.processed, summary.sessions) == (None, 4, 2)
     waits = [e for e in logs if e["event"] == "login_delay_wait"]
     assert [e["seconds"] for e in waits] == [1.0]  # before the second login only
+    # A lower bound the engine guarantees by waiting (not a speed threshold): the
+    # second login came at least LOGIN-DELAY after the first.
+    assert summary.seconds >= 1.0
 
 
 async def test_enforced_login_delay_ends_the_poll_cleanly(
@@ -291,3 +294,159 @@ async def test_enforced_login_delay_ends_the_poll_cleanly(
 
 def test_wire_form_is_the_list_size() -> None:
     assert len(wire_form(msg(1))) == len(msg(1))
+
+
+# --- review findings: every path that could still commit a cut copy, loop or starve ---
+
+
+async def test_unstuffed_dot_line_within_the_slack_is_caught_by_the_next_reply(
+    pop3_server_factory: Factory, rig: Any
+) -> None:
+    """A server that lists LF-counted sizes leaves the size check blind to a short cut;
+    the stray data after the cut fails to parse as the closing reply (the NOOP after
+    the last RETR, or the next RETR's status), so the copy is never delivered."""
+    lines = 60
+    body = "".join(f"line {i}\r\n" for i in range(lines)) + ".\r\nTAIL\r\n"
+    mail = msg(1, "dots at the end", body)
+    lf_size = len(mail) - mail.count(b"\r\n")
+    srv = pop3_server_factory(
+        messages=[mail],
+        faults=[Faults(no_dot_stuffing=True, list_size_delta=lf_size - len(mail))],
+    )
+    r = rig(srv)
+    first = await r.poll()
+    # Before: the 631-of-640-octet copy was journaled COMMITTED and the original DELE'd.
+    assert r.stored() == [] and srv.messages == [mail]
+    assert first.failed == 1 and first.error is not None
+    entry = r.journal.get_many("box", srv.uids)[srv.uids[0]]
+    assert entry.status == Status.PENDING and "not a reply" in entry.last_error
+    await r.poll()  # the server behaves: the whole message, once
+    assert stored(r) == [sha(mail)] and srv.messages == []
+
+
+async def test_expire_zero_short_copy_aborts_without_quit(
+    pop3_server_factory: Factory, rig: Any
+) -> None:
+    """RFC 2449 §6.7: an EXPIRE 0 server may delete at QUIT what was RETR'd; a short
+    copy must not be followed by QUIT."""
+    mails = [msg(1), msg(2, body="line\r\n" * 30)]
+    srv = pop3_server_factory(
+        messages=mails, expire=0, faults=[Faults(list_size_delta={2: 500})]
+    )
+    r = rig(srv)
+    first = await r.poll()
+    assert first.error is not None and "EXPIRE 0" in first.error
+    assert "QUIT" not in srv.transcript.keywords(1)
+    assert srv.messages == mails  # nothing deleted; message 1 is journaled, DELE owed
+    second = await r.poll()
+    assert second.error is None
+    assert sorted(stored(r)) == sorted(sha(m) for m in mails) and srv.messages == []
+
+
+async def test_no_uidl_refused_head_does_not_starve(
+    pop3_server_factory: Factory, rig: Any
+) -> None:
+    refused = {f"RETR {n}": "[SYS/PERM] cannot read" for n in range(1, 6)}
+    srv = pop3_server_factory(
+        messages=[msg(n) for n in range(1, 31)],
+        faults=Faults(uidl_unsupported=True, err_on=refused),
+    )
+    r = rig(srv, commit_window=5)
+    summary = await r.poll()
+    assert (summary.processed, summary.failed) == (25, 5)
+    assert len(srv.messages) == 5
+
+
+async def test_keep_mode_size_shift_of_the_same_mail_costs_one_download(
+    pop3_server_factory: Factory, rig: Any
+) -> None:
+    """A server that starts counting sizes differently: each settled message is fetched
+    once, recognised by its hash, and its new size remembered; new mail still flows."""
+    srv = pop3_server_factory(messages=[msg(n) for n in range(1, 4)])
+    r = rig(srv, delete="never", commit_window=2)
+    assert (await r.poll()).processed == 3
+    srv.faults = Faults(list_size_delta=-7)
+    srv.add_message(msg(4))
+    shifted = await r.poll()
+    assert (shifted.processed, shifted.error) == (1, None)
+    assert shifted.retrieved == 4 and shifted.sessions <= 4
+    quiet = await r.poll()
+    assert (quiet.retrieved, quiet.processed) == (0, 0)
+    assert len(r.stored()) == 4
+
+
+async def test_mark_seen_entries_are_not_processed_when_sizes_shift(
+    pop3_server_factory: Factory, rig: Any
+) -> None:
+    srv = pop3_server_factory(messages=[msg(n) for n in range(1, 4)])
+    r = rig(srv, delete="never")
+    r.journal.mark_seen(
+        "box",
+        [(u, f"k{u}", len(wire_form(m))) for u, m in zip(srv.uids, srv.messages, strict=True)],
+    )
+    srv.faults = Faults(list_size_delta=-7)
+    summary = await r.poll()
+    assert (summary.retrieved, summary.processed) == (0, 0) and r.stored() == []
+
+
+async def test_a_rested_message_that_arrives_whole_is_processed_not_quarantined(
+    pop3_server_factory: Factory, rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datetime
+
+    import mailpipe.engine
+
+    srv = pop3_server_factory(
+        messages=[msg(1)], faults=[Faults(err_on={"RETR 1": "[IN-USE] busy"})] * 4
+    )
+    r = rig(srv, max_attempts=2)
+    for _ in range(2):
+        assert (await r.poll()).failed == 1
+    assert (await r.poll()).retrieved == 0  # resting
+    monkeypatch.setattr(mailpipe.engine, "UNRETRIEVABLE_REST", datetime.timedelta(0))
+    summary = await r.poll()
+    assert (summary.processed, summary.quarantined) == (1, 0)
+    assert stored(r) == [sha(msg(1))] and srv.messages == []
+
+
+async def test_oversize_quarantine_refused_is_an_attempt_once_per_poll(
+    pop3_server_factory: Factory, rig: Any
+) -> None:
+    big = msg(99, body="x" * 5000 + "\r\n")
+    srv = pop3_server_factory(
+        messages=[*(msg(n) for n in range(1, 11)), big],
+        faults=Faults(err_on={"RETR 11": "cannot read"}),
+    )
+    r = rig(srv, commit_window=2, max_message_size="2KB", on_oversize="quarantine")
+    summary = await r.poll()
+    assert (summary.processed, summary.failed) == (10, 1)
+    assert srv.transcript.keywords().count("RETR") == 11  # the big one asked once
+    uid = srv.uids[-1]
+    assert r.journal.get_many("box", [uid])[uid].attempts == 1
+
+
+async def test_after_days_a_reused_uid_ages_out_like_any_processed_mail(
+    pop3_server_factory: Factory, rig: Any
+) -> None:
+    srv = pop3_server_factory()
+    srv.add_message(msg(1), uid="h")
+    r = rig(srv, delete="after_days:30")
+    assert (await r.poll()).processed == 1
+    srv._mailbox.remove([srv._mailbox.items[0]])
+    srv.add_message(msg(2, body="another body\r\n"), uid="h")
+    assert (await r.poll()).processed == 1
+    entry = r.journal.get_many("box", ["h"])["h"]
+    assert entry.status == Status.COMMITTED and entry.sha256 == sha(srv.messages[0])
+
+
+async def test_top_of_a_headers_only_message_keeps_prefetch_on(
+    pop3_server_factory: Factory, rig: Any
+) -> None:
+    headers_only = b"From: a@example.com\r\nSubject: no body\r\n"
+    srv = pop3_server_factory(messages=[headers_only, msg(2), msg(3)])
+    r = rig(srv, before=[HEADER_RULE])
+    with structlog.testing.capture_logs() as logs:
+        summary = await r.poll()
+    assert (summary.processed, summary.error) == (3, None)
+    assert not [e for e in logs if e["event"] == "header_prefetch_disabled"]
+    assert srv.transcript.keywords(1).count("TOP") == 3

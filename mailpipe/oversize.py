@@ -1,0 +1,137 @@
+"""The size policy on the octets received: a message the server sends past its limit.
+
+LIST sizes are hints (RFC 1939 §5, C-50): a server may list 100 octets and send 100 MB.
+The engine therefore hands the mailbox's ``max_message_size`` to the source, which stops
+the transfer at that many octets and raises :class:`mailpipe.OversizeError` (the session
+is then aborted: nothing is committed or deleted). This module turns that error into a
+durable decision, so the next session applies ``on_oversize`` without downloading the
+message again:
+
+* over ``max_message_size``: the journal entry stays PENDING with ``last_error``
+  starting with :data:`OVERSIZE_MARK`; :func:`marked` makes the plan treat the message
+  as oversize from then on (skip, delete unread, or quarantine: downloaded up to the
+  ``max_message`` cap into the spool, never into memory);
+* over the source's ``max_message`` cap (``hard``), or with no ``max_message_size``: the
+  message can never be downloaded whole, so it is journaled KEPT (left on the server,
+  never fetched again) or, under ``on_oversize = "delete"``, COMMITTED with its DELE due.
+
+Messages without a uid (no UIDL) cannot be journaled before download; for them the
+error ends the poll, as any source error does.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any, Final
+
+from mailpipe.errors import OversizeError
+from mailpipe.journal.base import Entry, Journal, Status
+from mailpipe.message import Message, MessageRef
+from mailpipe.source import Unretrievable
+
+#: Prefix of ``last_error`` for a message that was sent past ``max_message_size``.
+OVERSIZE_MARK: Final = "oversize:"
+
+
+def marked(entry: Entry | None) -> bool:
+    """True when ``entry`` records that its message was sent past the size limit."""
+    return entry is not None and entry.last_error.startswith(OVERSIZE_MARK)
+
+
+def retrieve(
+    session: Any,
+    refs: Sequence[MessageRef],
+    *,
+    spool_dir: Path,
+    spool_threshold: int,
+    max_size: int | None,
+) -> AsyncGenerator[Message | Unretrievable, None]:
+    """Call ``session.retrieve``, passing ``max_size`` when the source accepts it.
+
+    Sources written before ``max_size`` existed are called without it and cannot stop
+    a transfer early; a message they yield larger than ``max_size`` is discarded and
+    raises :class:`mailpipe.OversizeError` all the same.
+    """
+    kwargs: dict[str, Any] = {"spool_dir": spool_dir, "spool_threshold": spool_threshold}
+    if max_size is None or _accepts_max_size(session.retrieve):
+        if max_size is not None:
+            kwargs["max_size"] = max_size
+        stream: AsyncGenerator[Message | Unretrievable, None] = session.retrieve(refs, **kwargs)
+        return stream
+    return _checked(session.retrieve(refs, **kwargs), max_size)
+
+
+async def _checked(
+    stream: AsyncGenerator[Message | Unretrievable, None], max_size: int
+) -> AsyncGenerator[Message | Unretrievable, None]:
+    async with aclosing(stream):
+        async for msg in stream:
+            if not isinstance(msg, Unretrievable) and msg.size > max_size:
+                if msg.spool_path is not None:
+                    Path(msg.spool_path).unlink(missing_ok=True)
+                raise OversizeError(
+                    f"message {msg.ref.number} has {msg.size} octets, more than "
+                    f"{max_size}",
+                    number=msg.ref.number, limit=max_size, received=msg.size,
+                    ref=msg.ref,
+                )
+            yield msg
+
+
+def _accepts_max_size(method: Any) -> bool:
+    try:
+        params = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+    return "max_size" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    )
+
+
+def record(
+    journal: Journal,
+    mailbox: str,
+    exc: OversizeError,
+    *,
+    policy: str,
+    limited: bool,
+) -> str | None:
+    """Journal the decision for the message of ``exc``; return its outcome or None.
+
+    ``limited`` says whether the mailbox has a ``max_message_size``. Returns
+    ``"marked"`` (the plan applies ``policy`` from the next session on), ``"kept"``
+    (left on the server for good) or ``"deleted"`` (DELE due, unread), or None when
+    the message has no uid to journal it by. Durable when it returns.
+    """
+    ref: MessageRef | None = exc.ref
+    if ref is None or not ref.uid:
+        return None
+    journal.begin(mailbox, ref.uid, key=ref.key, size=ref.size)
+    listed = f"LIST said {ref.size}"
+    if limited and not exc.hard:
+        journal.fail(
+            mailbox,
+            ref.uid,
+            error=f"{OVERSIZE_MARK} the server sent more than {exc.limit} octets "
+            f"({listed}); handled by on_oversize = {policy!r}",
+            counted=False,
+        )
+        return "marked"
+    delete = policy == "delete"
+    journal.finish(
+        mailbox,
+        ref.uid,
+        status=Status.COMMITTED if delete else Status.KEPT,
+        disposition="oversize",
+        sha256=None,
+        reason=f"oversize: the server sent more than the {exc.limit}-octet cap "
+        f"({listed}); " + ("deleted unread" if delete else "left on the server"),
+        delete_due=delete,
+    )
+    return "deleted" if delete else "kept"
+
+
+__all__ = ["OVERSIZE_MARK", "marked", "record", "retrieve"]

@@ -1,0 +1,77 @@
+"""Issue 20.6: peak memory of a large spooled message through parse and the stores
+does not grow with the message (a bound on memory, not on time).
+
+A 40 MB base64 attachment is written to a spool file in pieces by the child itself;
+the child then runs parse, store.attachments and store.jsonl on it and reports its
+peak RSS (VmHWM) before and after. Before the fix the growth was ~5x the message.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+SIZE = 40_000_000
+
+CHILD = textwrap.dedent(
+    """
+    import base64, os, sys
+    from pathlib import Path
+
+    def hwm():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) * 1024
+
+    work = Path(sys.argv[1])
+    from mailpipe.message import Message, MessageRef
+    from mailpipe.plugins.parse.processor import ParseProcessor, ParseOptions
+    from mailpipe.plugins.store.attachments import AttachmentsOptions, AttachmentsStore
+    from mailpipe.plugins.store.jsonl import JsonlOptions, JsonlStore
+    from mailpipe.processor import ProcessorContext
+
+    spool = work / "spool" / "big.eml"
+    spool.parent.mkdir()
+    with spool.open("wb") as f:
+        f.write(b"From: a@b.example\\r\\nSubject: big\\r\\nMIME-Version: 1.0\\r\\n"
+                b"Content-Type: multipart/mixed; boundary=zz\\r\\n\\r\\n--zz\\r\\n"
+                b"Content-Type: text/plain\\r\\n\\r\\nsee attached\\r\\n--zz\\r\\n"
+                b"Content-Type: application/octet-stream; name=big.bin\\r\\n"
+                b"Content-Transfer-Encoding: base64\\r\\n\\r\\n")
+        for _ in range(int(sys.argv[2]) // 570_000):
+            f.write(base64.encodebytes(os.urandom(570_000)).replace(b"\\n", b"\\r\\n"))
+        f.write(b"--zz--\\r\\n")
+    size = spool.stat().st_size
+    ctx = ProcessorContext(base_dir=work, pipeline="p")
+    steps = [
+        ParseProcessor(ParseOptions(), ctx),
+        AttachmentsStore(AttachmentsOptions(dir="att"), ctx),
+        JsonlStore(JsonlOptions(path="out.jsonl"), ctx),
+    ]
+    ref = MessageRef(mailbox="box", number=1, uid="u1", size=size)
+    message = Message(ref=ref, spool_path=spool)
+    before = hwm()
+    for step in steps:
+        step.process(message)
+    blobs = [p for p in (work / "att").rglob("*") if p.is_file() and p.parent.name != "manifests"]
+    print(size, before, hwm(), max(p.stat().st_size for p in blobs))
+    """
+)
+
+
+@pytest.mark.timeout(300)
+def test_peak_rss_of_a_40mb_message_through_parse_and_stores_is_bounded(
+    tmp_path: Path,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path), str(SIZE)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    size, before, after, blob = (int(v) for v in done.stdout.split()[-4:])
+    assert size > SIZE  # ~1.37x once encoded
+    assert blob >= SIZE - 570_000  # the attachment was stored whole
+    assert after - before < 0.5 * size, (after - before) / size
