@@ -8,7 +8,7 @@ from mailpipe import hookimpl
 from mailpipe.registry import lazy_exports
 
 if TYPE_CHECKING:
-    from .parser import parse_message
+    from .parser import MAX_PARTS, parse_message
     from .processor import PAYLOADS_KEY, ParseProcessor, parse_into
     from .record import Address, Attachment, Defect, MessageRecord
 
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 #: the plugin costs nothing until a configuration uses `parse`.
 _LAZY = {
     "parse_message": "parser",
+    "MAX_PARTS": "parser",
     "PAYLOADS_KEY": "processor",
     "ParseProcessor": "processor",
     "parse_into": "processor",
@@ -28,6 +29,7 @@ _LAZY = {
 __getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
+    "MAX_PARTS",
     "PAYLOADS_KEY",
     "Address",
     "Attachment",

@@ -11,7 +11,7 @@ from email import policy as email_policy
 from email.message import Message
 from email.parser import BytesParser
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Final
 
 from pydantic import BaseModel
 
@@ -23,6 +23,7 @@ from .attachments import (
     expand_tnef,
     extract_uuencoded,
     filename_of,
+    has_uuencoded,
 )
 from .body import BodyParts, html_charset
 from .charsets import decode_text
@@ -39,7 +40,11 @@ _SUBJECT_PREFIX = re.compile(
 )
 _NOT_B64 = re.compile(rb"[^A-Za-z0-9+/]")
 _MAX_DEPTH = 40
-_MAX_PARTS = 5000
+#: The most parts one message may yield, of every kind together: MIME parts (the
+#: containers included), uuencoded blocks and TNEF files. Past it the rest is kept
+#: raw (in the message bytes, or left in the body text) and one TooManyParts defect
+#: is recorded; ``store.attachments`` applies the same cap to what it is given.
+MAX_PARTS: Final = 5000
 _ADDRESS_FIELDS = (
     ("from_addresses", "from"),
     ("sender", "sender"),
@@ -58,9 +63,27 @@ class _State:
     payloads: list[bytes] = field(default_factory=list)
     body: BodyParts = field(default_factory=BodyParts)
     hint: str | None = None
+    parts: int = 0  # parts of every kind counted against MAX_PARTS
+    over: bool = False  # the TooManyParts defect is recorded
 
     def defect(self, part: str, kind: str, detail: str) -> None:
         self.defects.append(Defect(part=part, kind=kind, detail=detail[:500]))
+
+    def room(self) -> int:
+        """How many more parts fit under :data:`MAX_PARTS`."""
+        return max(0, MAX_PARTS - self.parts)
+
+    def take(self, part: str) -> bool:
+        """Count one part; False (and one TooManyParts defect) once over the cap."""
+        self.parts += 1
+        if self.parts <= MAX_PARTS:
+            return True
+        if not self.over:
+            self.over = True
+            self.defect(
+                part, "TooManyParts", f"more than {MAX_PARTS} parts; rest kept raw"
+            )
+        return False
 
     def attach(
         self,
@@ -332,14 +355,9 @@ def _date(value: str | None, state: _State) -> datetime | None:
 def _walk(root: Message, state: _State) -> None:
     """Visit every part depth-first, iteratively, with IMAP-style part paths."""
     stack: list[tuple[Message, str, int, str]] = [(root, "", 0, "")]
-    seen = 0
     while stack:
         part, path, depth, parent = stack.pop()
-        seen += 1
-        if seen > _MAX_PARTS:
-            state.defect(
-                path, "TooManyParts", f"more than {_MAX_PARTS} parts; rest kept raw"
-            )
+        if not state.take(path):
             return
         for defect in part.defects:
             state.defect(
@@ -505,10 +523,11 @@ def _leaf(part: Message, path: str, ctype: str, parent: str, state: _State) -> N
         if ctype == "text/html":
             state.body.add_html(text)
         else:
-            rest, files, uu_problems = extract_uuencoded(text)
+            rest, files, uu_problems = extract_uuencoded(text, limit=state.room())
             for problem in uu_problems:
                 state.defect(path, "UuencodeDefect", problem)
             for f in files:
+                state.take(path)
                 state.attach(
                     f.data,
                     part=path,
@@ -517,6 +536,8 @@ def _leaf(part: Message, path: str, ctype: str, parent: str, state: _State) -> N
                     disposition="attachment",
                     source="uuencode",
                 )
+            if not state.room() and has_uuencoded(rest):
+                state.take(path)  # blocks left in the text: over the cap
             state.body.add_text(rest)
         return
 
@@ -567,6 +588,8 @@ def _tnef(data: bytes, path: str, state: _State) -> None:
     for problem in problems:
         state.defect(path, "TnefDefect", problem)
     for f in files:
+        if not state.take(path):
+            break
         _attach_extracted(f, path, state)
     if body:
         state.body.add_fallback_text(body)
