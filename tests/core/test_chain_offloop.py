@@ -58,6 +58,24 @@ class Hold:
         Hold.released_by_other = Hold.gate.wait(SAFETY)
 
 
+class SharedHold:
+    """``hold`` for the hostile subject, ``afterhold`` for others; safe to call
+    concurrently (like ``parse``), so one pipeline can serve both mailboxes."""
+
+    name: ClassVar[str] = "sharedhold"
+    Options: ClassVar[type[BaseModel]] = Opts
+    concurrent: ClassVar[bool] = True
+
+    def __init__(self, options: Opts, context: Any) -> None:
+        pass
+
+    def process(self, message: Message) -> None:
+        if message.header("subject") == "hostile":
+            Hold.process(self, message)  # type: ignore[arg-type]
+        else:
+            AfterHold.process(self, message)  # type: ignore[arg-type]
+
+
 class AfterHold:
     """Waits until the hostile message is in hand (orders the two mailboxes)."""
 
@@ -104,7 +122,7 @@ def _reset() -> Any:
 def _config(tmp_path: Path, pipelines: dict[str, Any], mailboxes: list[Any]) -> Any:
     registry = Registry()
     registry.add("source", FakeSource, "test")
-    for cls in (Hold, AfterHold, Store):
+    for cls in (Hold, SharedHold, AfterHold, Store):
         registry.add("processor", cls, "test")
     data = {
         "scheduler": {"concurrency": 2},
@@ -153,6 +171,28 @@ async def test_a_blocked_processor_does_not_stall_another_mailbox(
     assert Store.stored == ["b"]
     assert sorted(s.processed for s in summaries) == [1, 1]
     assert Hold.threads and Hold.threads[0] != threading.current_thread().name
+
+
+async def test_a_concurrent_step_serves_another_mailbox_while_one_call_is_held(
+    tmp_path: Path,
+) -> None:
+    """One pipeline for both mailboxes (the usual set-up): a step declared
+    ``concurrent`` (as ``parse`` is) takes b's message on another thread while a's
+    call is still held in it."""
+    config = _config(
+        tmp_path,
+        {"p": {"processors": [{"use": "sharedhold"}, {"use": "store"}]}},
+        [
+            {"name": "a", "source": "fake", "pipeline": "p"},
+            {"name": "b", "source": "fake", "pipeline": "p"},
+        ],
+    )
+    _deliver("a", "hostile")
+    _deliver("b", "plain")
+    await asyncio.wait_for(_scheduler(config, tmp_path).run(), 2 * SAFETY)
+    assert AfterHold.saw_hold is True
+    assert Hold.released_by_other is True
+    assert Store.stored == ["b", "a"]
 
 
 async def test_a_processor_over_the_budget_quarantines_its_message_at_once(
