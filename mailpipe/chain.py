@@ -4,6 +4,11 @@ The chain is an explicit list from the config, never pluggy's call order. A proc
 exception never escapes :meth:`Chain.run`: it is captured in the result, so one bad
 message cannot stop the others. Steps already committed for a message (from the journal)
 are skipped on a re-run, so a crash between ``store`` and ``forward`` stores nothing twice.
+
+Synchronous processor methods run off the event loop, each step on a thread of its own
+(:mod:`mailpipe.worker`), so one CPU-bound message never stalls the other mailboxes;
+a message's synchronous calls share its pipeline's ``processing_budget``, past which
+the message fails for good (:class:`~mailpipe.errors.BudgetExceeded`, ``final``).
 """
 
 from __future__ import annotations
@@ -12,19 +17,29 @@ import asyncio
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from mailpipe.config import StepSpec
-from mailpipe.errors import TemporaryFailure
+from mailpipe.errors import BudgetExceeded, TemporaryFailure
 from mailpipe.message import Message
 from mailpipe.processor import Decision, Disposition, ProcessorContext, normalise
+from mailpipe.worker import Budget, StepWorker
+
+if TYPE_CHECKING:
+    from mailpipe.config import Config
 
 log = structlog.get_logger()
 
 MAX_ROUTES = 16  # a route loop is a config bug; stop it instead of spinning
+#: Seconds of synchronous processing per message when no budget is configured
+#: (the default of ``[pipelines.NAME] processing_budget``).
+DEFAULT_BUDGET = 60.0
+#: At most this long (or the budget, if shorter) for each processor's ``close()``.
+CLOSE_GRACE = 10.0
 
 
 async def maybe_await(value: Any) -> Any:
@@ -49,6 +64,20 @@ class Step:
     has_flush: bool
     lock: asyncio.Lock | None = None
     flush_failures: int = 0  # failed flush() calls so far (see ChainResult.flush_epoch)
+    budget: float = DEFAULT_BUDGET  # its pipeline's processing_budget, in seconds
+    worker: StepWorker = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.worker = StepWorker(self.id)
+
+    async def call(self, method: str, *args: Any, budget: Budget | None = None) -> Any:
+        """Call the processor's ``method``: a coroutine function on the event loop,
+        anything else on the step's worker thread within ``budget`` (an awaitable it
+        returns is then awaited on the loop)."""
+        fn = getattr(self.processor, method)
+        if inspect.iscoroutinefunction(fn):
+            return await fn(*args)
+        return await maybe_await(await self.worker.call(partial(fn, *args), budget=budget))
 
 
 @dataclass(slots=True)
@@ -58,7 +87,10 @@ class ChainResult:
     ``decision`` is final (``on_complete`` applied when nobody decided). ``committed``
     lists step ids whose side effects are durable, ``pending`` those waiting for
     ``flush()`` (group commit). On failure ``error`` is set, ``failed_step`` names the
-    step and ``temporary`` says whether it was a :class:`TemporaryFailure`.
+    step and ``temporary`` says whether it was a :class:`TemporaryFailure`; ``final``
+    says that the message must not be retried at all (a step ran past the
+    ``processing_budget`` and was abandoned: its outcome is unknown, a retry could
+    repeat its side effect and would cost the budget again): quarantine it now.
     """
 
     decision: Decision | None = None
@@ -67,6 +99,7 @@ class ChainResult:
     error: BaseException | None = None
     failed_step: str = ""
     temporary: bool = False
+    final: bool = False
     #: ``Step.flush_failures`` of each pending step when it ran: a flush failure since
     #: (whichever mailbox's group commit saw it) may have rolled this write back.
     flush_epoch: dict[str, int] = field(default_factory=dict)
@@ -86,9 +119,11 @@ class Chain:
         *,
         base_dir: Path,
         on_complete: dict[str, str] | None = None,
+        budgets: dict[str, float] | None = None,
         dry_run: bool = False,
     ) -> None:
         self._on_complete = on_complete or {}
+        self._budgets = budgets or {}
         self.pipelines: dict[str, list[Step]] = {}
         for pname, specs in pipelines.items():
             ctx = ProcessorContext(base_dir=base_dir, pipeline=pname, dry_run=dry_run)
@@ -112,10 +147,26 @@ class Chain:
                         lock=None
                         if getattr(proc, "concurrent", False)
                         else asyncio.Lock(),
+                        budget=self._budget(pname),
                     )
                 )
             self.pipelines[pname] = steps
         self._opened: list[Step] = []
+
+    @classmethod
+    def from_config(cls, config: Config, *, dry_run: bool = False) -> Chain:
+        """The chain of ``config``: its pipelines, ``on_complete`` and budgets."""
+        models = config.model.pipelines
+        return cls(
+            config.pipelines,
+            base_dir=config.base_dir,
+            on_complete={n: p.on_complete for n, p in models.items()},
+            budgets={n: p.processing_budget for n, p in models.items()},
+            dry_run=dry_run,
+        )
+
+    def _budget(self, pipeline: str) -> float:
+        return self._budgets.get(pipeline, DEFAULT_BUDGET)
 
     def _all(self) -> Iterable[Step]:
         for steps in self.pipelines.values():
@@ -124,39 +175,47 @@ class Chain:
     async def open(self) -> None:
         """Call every processor's optional ``open()``; close what opened on failure."""
         for step in self._all():
-            fn = getattr(step.processor, "open", None)
-            if callable(fn):
+            if callable(getattr(step.processor, "open", None)):
                 try:
-                    await maybe_await(fn())
+                    await step.call("open")
                 except BaseException:
                     await self.close()
                     raise
             self._opened.append(step)
 
     async def close(self) -> None:
-        """Call ``close()`` on every opened processor; errors are logged, not raised."""
+        """Call ``close()`` on every opened processor; errors are logged, not raised.
+
+        A synchronous ``close()`` gets at most :data:`CLOSE_GRACE` seconds (or the
+        budget, if shorter), so a call stuck behind a runaway one cannot hold up a
+        shutdown; then the step's worker thread is let go.
+        """
         for step in reversed(self._opened):
-            fn = getattr(step.processor, "close", None)
-            if callable(fn):
+            if callable(getattr(step.processor, "close", None)):
+                grace = Budget(min(step.budget, CLOSE_GRACE), name="close grace")
                 try:
-                    await maybe_await(fn())
+                    await step.call("close", budget=grace)
                 except Exception as exc:
                     log.warning("processor_close_failed", step=step.id, error=repr(exc))
         self._opened.clear()
+        for step in self._all():
+            step.worker.shutdown()
 
     async def flush(self) -> None:
         """Make pending group commits durable (``flush()`` on every processor with one).
 
-        Raises whatever a processor's flush raises: the engine then issues no DELE.
+        Raises whatever a processor's flush raises, :class:`BudgetExceeded` too when
+        a synchronous flush runs past the budget: the engine then issues no DELE.
         """
         for step in self._all():
             if step.has_flush:
+                budget = Budget(step.budget)
                 try:
                     if step.lock is not None:  # never interleaved with a process()
                         async with step.lock:
-                            await maybe_await(step.processor.flush())
+                            await step.call("flush", budget=budget)
                     else:
-                        await maybe_await(step.processor.flush())
+                        await step.call("flush", budget=budget)
                 except BaseException:
                     step.flush_failures += 1
                     raise
@@ -200,9 +259,8 @@ class Chain:
             if step.commits or not step.has_prefetch:
                 return None
             try:
-                result = normalise(
-                    await maybe_await(step.processor.prefetch(message)), step.use
-                )
+                raw = await step.call("prefetch", message, budget=Budget(step.budget))
+                result = normalise(raw, step.use)
             except BaseException as exc:
                 if not _processor_failure(exc):
                     raise
@@ -227,8 +285,12 @@ class Chain:
         engine journals it durably at once, so a crash later in the chain never
         repeats a side effect that the outside world would see twice (a mail sent, a
         webhook posted). Idempotent steps are journaled with the group commit.
+
+        The synchronous steps share ``pipeline``'s ``processing_budget``; a step past
+        it fails the message with ``final`` set (see :class:`ChainResult`).
         """
         result = ChainResult()
+        budget = Budget(self._budget(pipeline))
         skip = set(done_steps)
         current = pipeline
         for _ in range(MAX_ROUTES):
@@ -246,15 +308,16 @@ class Chain:
                 try:
                     if step.lock is not None:
                         async with step.lock:
-                            raw = await maybe_await(step.processor.process(message))
+                            raw = await step.call("process", message, budget=budget)
                     else:
-                        raw = await maybe_await(step.processor.process(message))
+                        raw = await step.call("process", message, budget=budget)
                 except BaseException as exc:
                     if not _processor_failure(exc):
                         raise
                     result.error = exc
                     result.failed_step = step.id
                     result.temporary = isinstance(exc, TemporaryFailure)
+                    result.final = isinstance(exc, BudgetExceeded)
                     return result
                 # process() returned: its side effect happened. Record the commit
                 # before judging the return value, so that a bad return value can

@@ -204,12 +204,7 @@ async def _process(app: Any, paths: list[Path], pipeline: str, dry_run: bool) ->
     from mailpipe.chain import Chain
     from mailpipe.secrets import redact
 
-    chain = Chain(
-        app.config.pipelines,
-        base_dir=app.config.base_dir,
-        on_complete={n: p.on_complete for n, p in app.config.model.pipelines.items()},
-        dry_run=dry_run,
-    )
+    chain = Chain.from_config(app.config, dry_run=dry_run)
     failed = 0
     count = 0
     await chain.open()

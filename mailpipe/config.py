@@ -289,6 +289,14 @@ class PipelineConfig(BaseModel):
         description="Disposition when no processor decided: 'done' (delete per "
         "policy) or 'keep'.",
     )
+    processing_budget: Duration = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description="Time one message may spend in the synchronous processors "
+        "(parse, filter, stores; each runs off the event loop on a thread of its "
+        "own); past it the call is abandoned and the message quarantined at once.",
+    )
 
 
 class ConfigModel(BaseModel):

@@ -1103,7 +1103,7 @@ class MailboxRunner:
             attempts=attempts,
             error=error,
         )
-        if not result.temporary and attempts >= self.cfg.max_attempts:
+        if not result.temporary and (result.final or attempts >= self.cfg.max_attempts):
             done = self._quarantine_failed(msg, done, summary)
         return done
 
@@ -1113,6 +1113,8 @@ class MailboxRunner:
             if done.result
             else f"the process died {done.attempts} time(s) while running its chain"
         )
+        if done.result and done.result.final:  # not retried: say why (the budget)
+            reason = f"{reason}: {done.error}"
         delete = self._quarantine(
             msg, reason=reason, attempts=done.attempts, error=done.error
         )

@@ -153,3 +153,16 @@ class PermanentFailure(MailpipeError):
 
     The attempt counts towards ``max_attempts``; any other exception counts the same way.
     """
+
+
+class BudgetExceeded(PermanentFailure):
+    """A synchronous processor call ran past its pipeline's ``processing_budget``.
+
+    The call was abandoned, not stopped (a thread cannot be killed; see
+    :mod:`mailpipe.worker`): its outcome is unknown, so the message is quarantined at
+    once with this error instead of being retried.
+    """
+
+    def __init__(self, message: str, *, processor: str = "") -> None:
+        super().__init__(message)
+        self.processor = processor

@@ -76,7 +76,13 @@ class Processor(Protocol):
     message skips a step that already committed).
 
     ``process(message)`` may be sync or ``async``; it returns ``None`` to continue, or a
-    :class:`Decision`/:class:`Disposition` to stop. A step with ``commits = True`` must be
+    :class:`Decision`/:class:`Disposition` to stop. Synchronous methods (``open``,
+    ``process``, ``prefetch``, ``flush``, ``close``) run off the event loop on the
+    step's own worker thread (:mod:`mailpipe.worker`), one call at a time; after a
+    call that ran past the pipeline's ``processing_budget`` (the message is then
+    quarantined) later calls run on a new thread while the abandoned one finishes,
+    so state shared between calls needs a ``threading.Lock`` and thread-bound
+    resources (``sqlite3`` with ``check_same_thread``) must not be assumed. A step with ``commits = True`` must be
     durable when ``process`` returns, unless it defines ``flush()``, in which case the
     engine calls ``flush()`` (group commit) before any DELE of the messages it covers.
     Raising :class:`mailpipe.TemporaryFailure` means retry later without counting an

@@ -21,11 +21,7 @@ async def replay(
     server copy was kept (entry QUARANTINED, no DELE owed) the entry becomes COMMITTED
     with DELE owed per the mailbox's ``delete`` policy, so the next poll deletes it.
     """
-    chain = Chain(
-        config.pipelines,
-        base_dir=config.base_dir,
-        on_complete={n: p.on_complete for n, p in config.model.pipelines.items()},
-    )
+    chain = Chain.from_config(config)
     out: list[tuple[QuarantineItem, str]] = []
     await chain.open()
     try:

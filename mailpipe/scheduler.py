@@ -238,13 +238,7 @@ class Scheduler:
     async def run(self) -> list[Summary]:
         """Poll until stopped (or once each with ``once``); return every poll summary."""
         sched = self.config.model.scheduler
-        chain = Chain(
-            self.config.pipelines,
-            base_dir=self.config.base_dir,
-            on_complete={
-                n: p.on_complete for n, p in self.config.model.pipelines.items()
-            },
-        )
+        chain = Chain.from_config(self.config)
         quarantine = Quarantine(self.config.resolve(self.config.model.quarantine.dir))
         semaphore = asyncio.Semaphore(sched.concurrency)
         await chain.open()

@@ -13,6 +13,7 @@ repr counts as a separator). So a password that is a common word ("mail") leaves
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
@@ -29,6 +30,8 @@ _KNOWN: set[str] = set()
 _LOCK = threading.Lock()
 _PATTERN: re.Pattern[str] | None = None  # every known secret as a token; None: none
 MASK = "**********"
+#: Seconds a ``command`` secret may run before it is killed and reported as failed.
+COMMAND_TIMEOUT = 60.0
 
 # A secret's edge that is a word character must not touch another word character,
 # unless that one ends a backslash escape (repr, JSON): "\\nhunter2" holds "hunter2".
@@ -133,7 +136,8 @@ class Secret:
     """A secret value with its origin; ``repr``/``str`` never show the value.
 
     ``get()`` returns the value; for ``command`` secrets ``refresh()`` runs the command
-    again (OAuth tokens expire). Construction resolves immediately, so a missing variable
+    again (OAuth tokens expire), and ``refresh_async()`` does so from async code without
+    blocking the event loop. Construction resolves immediately, so a missing variable
     or file is a config error, not a runtime surprise.
     """
 
@@ -164,6 +168,16 @@ class Secret:
         """Re-resolve ``command`` secrets (fresh OAuth token); return the value."""
         if self.origin == "command":
             self._value = _resolve("command", self.spec["command"], None)
+            remember_secret(self._value)
+        return self._value
+
+    async def refresh_async(self, *, timeout: float = COMMAND_TIMEOUT) -> str:
+        """:meth:`refresh` for the event loop: the command runs as an asyncio
+        subprocess (other mailboxes go on meanwhile) and is killed after ``timeout``
+        seconds. Failures raise ValueError naming the program, never its output;
+        the previous value is kept then."""
+        if self.origin == "command":
+            self._value = await _run_command_async(self.spec["command"], timeout)
             remember_secret(self._value)
         return self._value
 
@@ -252,22 +266,57 @@ def _resolve(kind: str, arg: Any, base_dir: Path | None) -> str:
                 f"cannot read secret file {path}: {exc.strerror}"
             ) from None
     if kind == "command":
-        argv = [arg] if isinstance(arg, str) else arg
-        if (
-            not isinstance(argv, list)
-            or not argv
-            or not all(isinstance(a, str) for a in argv)
-        ):
-            raise ValueError(
-                "'command' takes a program and its arguments as a list of strings"
-            )
+        argv = _argv(arg)
         try:
-            done = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+            done = subprocess.run(
+                argv, capture_output=True, timeout=COMMAND_TIMEOUT, check=False
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ValueError(
                 f"secret command {argv[0]!r} failed: {type(exc).__name__}"
             ) from None
-        if done.returncode != 0:
-            raise ValueError(f"secret command {argv[0]!r} exited {done.returncode}")
-        return done.stdout.decode("utf-8", "replace").strip("\r\n")
+        return _output(argv, done.returncode, done.stdout)
     raise ValueError(f"unknown secret source {kind!r}; accepted: env, file, command")
+
+
+def _argv(arg: Any) -> list[str]:
+    argv = [arg] if isinstance(arg, str) else arg
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise ValueError("'command' takes a program and its arguments as a list of strings")
+    return argv
+
+
+def _output(argv: list[str], returncode: int | None, stdout: bytes) -> str:
+    """The value a command printed; ValueError (without its output) when it failed."""
+    if returncode != 0:
+        raise ValueError(f"secret command {argv[0]!r} exited {returncode}")
+    return stdout.decode("utf-8", "replace").strip("\r\n")
+
+
+async def _run_command_async(arg: Any, timeout: float) -> str:
+    """Run a ``command`` secret without blocking the loop; kill it after ``timeout``."""
+    argv = _argv(arg)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as exc:
+        raise ValueError(
+            f"secret command {argv[0]!r} failed: {type(exc).__name__}"
+        ) from None
+    try:
+        stdout, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise ValueError(
+            f"secret command {argv[0]!r} failed: timed out after {timeout:g} s"
+        ) from None
+    except BaseException:  # cancelled (shutdown): leave no helper behind
+        if proc.returncode is None:
+            proc.kill()
+        raise
+    return _output(argv, proc.returncode, stdout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import uuid
@@ -251,3 +252,69 @@ def test_a_secret_next_to_punctuation_or_an_escape_is_masked() -> None:
         json.dumps(f"caf\u00e9{value}"),
     ):
         assert value not in redact(text), text
+
+
+# --- refresh_async: the OAuth helper off the event loop (issue 20 item 5) -----------
+
+
+async def test_refresh_async_runs_the_helper_without_blocking_the_loop(
+    tmp_path: Path,
+) -> None:
+    """The helper waits for a file that only the event loop creates: it can finish
+    only if the loop kept running while it ran."""
+    marker = tmp_path / "marker"
+    script = (
+        "import pathlib, sys, time\n"
+        "p = pathlib.Path(sys.argv[1])\n"
+        "if pathlib.Path(sys.argv[2]).exists():\n"
+        "    for _ in range(1000):\n"
+        "        if p.exists(): break\n"
+        "        time.sleep(0.01)\n"
+        "print('tok-saw-marker' if p.exists() else 'tok-gave-up')\n"
+        "pathlib.Path(sys.argv[2]).touch()\n"
+    )
+    first = tmp_path / "first-run-done"
+    secret = Secret({"command": [sys.executable, "-c", script, str(marker), str(first)]})
+    assert secret.get() == "tok-gave-up" or secret.get() == "tok-saw-marker"
+
+    async def meanwhile() -> None:
+        await asyncio.sleep(0)
+        marker.write_text("x")
+
+    token, _ = await asyncio.gather(secret.refresh_async(), meanwhile())
+    assert token == "tok-saw-marker"
+    assert "tok-saw-marker" in known_secret_values()
+
+
+async def test_refresh_async_kills_a_helper_past_its_timeout(tmp_path: Path) -> None:
+    leaked = unique("leak")
+    done = tmp_path / "done"
+    script = (
+        "import pathlib, sys, time\n"
+        f"print({leaked!r}, flush=True)\n"
+        "p = pathlib.Path(sys.argv[1])\n"
+        "if p.exists(): time.sleep(60)\n"
+        "p.touch()\n"
+    )
+    secret = Secret({"command": [sys.executable, "-c", script, str(done)]})
+    with pytest.raises(ValueError, match=r"timed out after 0\.2 s") as info:
+        await secret.refresh_async(timeout=0.2)
+    assert leaked not in str(info.value) and info.value.__cause__ is None
+
+
+async def test_refresh_async_failure_reports_exit_code_but_not_its_output(
+    tmp_path: Path,
+) -> None:
+    leaked = unique("leak")
+    flag = tmp_path / "flag"
+    script = (
+        "import pathlib, sys\n"
+        "p = pathlib.Path(sys.argv[1])\n"
+        f"if p.exists(): print({leaked!r}); sys.stderr.write({leaked!r}); sys.exit(3)\n"
+        "p.touch(); print('first')\n"
+    )
+    secret = Secret({"command": [sys.executable, "-c", script, str(flag)]})
+    with pytest.raises(ValueError) as info:
+        await secret.refresh_async()
+    assert "exited 3" in str(info.value) and leaked not in str(info.value)
+    assert secret.get() == "first"

@@ -62,6 +62,7 @@ class FilterProcessor:
     name: ClassVar[str] = "filter"
     Options: ClassVar[type[BaseModel]] = FilterOptions
     commits: ClassVar[bool] = False
+    concurrent: ClassVar[bool] = True  # the rules are read-only: no shared state
 
     def __init__(self, options: FilterOptions, context: ProcessorContext) -> None:
         self.options = options

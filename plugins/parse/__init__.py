@@ -8,7 +8,7 @@ from mailpipe import hookimpl
 from mailpipe.registry import lazy_exports
 
 if TYPE_CHECKING:
-    from .parser import parse_file, parse_message
+    from .parser import MAX_PARTS, parse_file, parse_message
     from .processor import PAYLOADS_KEY, ParseProcessor, parse_into
     from .record import Address, Attachment, Defect, MessageRecord
     from .spool import SpooledPayload
@@ -19,6 +19,7 @@ _LAZY = {
     "parse_message": "parser",
     "parse_file": "parser",
     "SpooledPayload": "spool",
+    "MAX_PARTS": "parser",
     "PAYLOADS_KEY": "processor",
     "ParseProcessor": "processor",
     "parse_into": "processor",
@@ -31,6 +32,7 @@ _LAZY = {
 __getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
+    "MAX_PARTS",
     "PAYLOADS_KEY",
     "Address",
     "Attachment",

@@ -94,12 +94,21 @@ def filename_of(part: Message, hint: str | None = None) -> tuple[str | None, lis
     return (name or None), problems
 
 
-def extract_uuencoded(text: str) -> tuple[str, list[Extracted], list[str]]:
+def has_uuencoded(text: str) -> bool:
+    """True when ``text`` still holds the ``begin`` line of a uuencoded block."""
+    return "begin" in text and _UU_BEGIN.search(text) is not None
+
+
+def extract_uuencoded(
+    text: str, *, limit: int | None = None
+) -> tuple[str, list[Extracted], list[str]]:
     """Cut uuencoded blocks out of a text body; returns (rest, files, problems).
 
-    A block that does not decode cleanly is kept in the text and reported.
+    At most ``limit`` blocks are cut (the part cap: every block is a part); any
+    further ones stay in the text, untouched. A block that does not decode cleanly
+    is reported. Linear in the length of ``text``.
     """
-    if "begin " not in text:
+    if "begin " not in text or limit == 0:
         return text, [], []
     files: list[Extracted] = []
     problems: list[str] = []
@@ -108,6 +117,8 @@ def extract_uuencoded(text: str) -> tuple[str, list[Extracted], list[str]]:
     for begin in _UU_BEGIN.finditer(text):
         if begin.start() < pos:
             continue
+        if limit is not None and len(files) >= limit:
+            break
         end = _UU_END.search(text, begin.end())
         if end is None:
             problems.append(f"uuencoded {begin.group(2)!r} has no 'end' line")

@@ -12,7 +12,7 @@ from email.message import Message
 from email.parser import BytesParser
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 from pydantic import BaseModel
 
@@ -24,6 +24,7 @@ from .attachments import (
     expand_tnef,
     extract_uuencoded,
     filename_of,
+    has_uuencoded,
 )
 from .body import BodyParts, html_charset
 from .charsets import decode_text
@@ -41,7 +42,11 @@ _SUBJECT_PREFIX = re.compile(
 )
 _NOT_B64 = re.compile(rb"[^A-Za-z0-9+/]")
 _MAX_DEPTH = 40
-_MAX_PARTS = 5000
+#: The most parts one message may yield, of every kind together: MIME parts (the
+#: containers included), uuencoded blocks and TNEF files. Past it the rest is kept
+#: raw (in the message bytes, or left in the body text) and one TooManyParts defect
+#: is recorded; ``store.attachments`` applies the same cap to what it is given.
+MAX_PARTS: Final = 5000
 _ADDRESS_FIELDS = (
     ("from_addresses", "from"),
     ("sender", "sender"),
@@ -61,9 +66,27 @@ class _State:
     body: BodyParts = field(default_factory=BodyParts)
     hint: str | None = None
     runs: Runs | None = None  # parse_file: the base64 runs elided from the skeleton
+    parts: int = 0  # parts of every kind counted against MAX_PARTS
+    over: bool = False  # the TooManyParts defect is recorded
 
     def defect(self, part: str, kind: str, detail: str) -> None:
         self.defects.append(Defect(part=part, kind=kind, detail=detail[:500]))
+
+    def room(self) -> int:
+        """How many more parts fit under :data:`MAX_PARTS`."""
+        return max(0, MAX_PARTS - self.parts)
+
+    def take(self, part: str) -> bool:
+        """Count one part; False (and one TooManyParts defect) once over the cap."""
+        self.parts += 1
+        if self.parts <= MAX_PARTS:
+            return True
+        if not self.over:
+            self.over = True
+            self.defect(
+                part, "TooManyParts", f"more than {MAX_PARTS} parts; rest kept raw"
+            )
+        return False
 
     def attach(
         self,
@@ -397,14 +420,9 @@ def _date(value: str | None, state: _State) -> datetime | None:
 def _walk(root: Message, state: _State) -> None:
     """Visit every part depth-first, iteratively, with IMAP-style part paths."""
     stack: list[tuple[Message, str, int, str]] = [(root, "", 0, "")]
-    seen = 0
     while stack:
         part, path, depth, parent = stack.pop()
-        seen += 1
-        if seen > _MAX_PARTS:
-            state.defect(
-                path, "TooManyParts", f"more than {_MAX_PARTS} parts; rest kept raw"
-            )
+        if not state.take(path):
             return
         for defect in part.defects:
             state.defect(
@@ -575,10 +593,11 @@ def _leaf(part: Message, path: str, ctype: str, parent: str, state: _State) -> N
         if ctype == "text/html":
             state.body.add_html(text)
         else:
-            rest, files, uu_problems = extract_uuencoded(text)
+            rest, files, uu_problems = extract_uuencoded(text, limit=state.room())
             for problem in uu_problems:
                 state.defect(path, "UuencodeDefect", problem)
             for f in files:
+                state.take(path)
                 state.attach(
                     f.data,
                     part=path,
@@ -587,6 +606,8 @@ def _leaf(part: Message, path: str, ctype: str, parent: str, state: _State) -> N
                     disposition="attachment",
                     source="uuencode",
                 )
+            if not state.room() and has_uuencoded(rest):
+                state.take(path)  # blocks left in the text: over the cap
             state.body.add_text(rest)
         return
 
@@ -678,6 +699,8 @@ def _tnef(data: bytes, path: str, state: _State) -> None:
     for problem in problems:
         state.defect(path, "TnefDefect", problem)
     for f in files:
+        if not state.take(path):
+            break
         _attach_extracted(f, path, state)
     if body:
         state.body.add_fallback_text(body)

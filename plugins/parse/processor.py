@@ -70,6 +70,9 @@ class ParseProcessor:
     commits: ClassVar[bool] = False
     header_only: ClassVar[bool] = False
     transparent: ClassVar[bool] = True  # never decides; header prefetch skips it
+    # No state between calls: messages of several mailboxes are parsed at once, so
+    # one long parse (on its worker thread) never holds up another mailbox's.
+    concurrent: ClassVar[bool] = True
 
     def __init__(self, options: ParseOptions, context: ProcessorContext) -> None:
         self.options = options

@@ -346,7 +346,7 @@ class Pop3Session:
 
     async def _authenticate(self) -> None:
         o, client = self.options, self.client
-        token = o.oauth_token.refresh() if o.oauth_token is not None else ""
+        token = await o.oauth_token.refresh_async() if o.oauth_token is not None else ""
         password = o.password.get() if o.password is not None else ""
         method = sasl.choose(
             o.auth,

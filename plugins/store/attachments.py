@@ -10,8 +10,10 @@ A manifest lists, per stored attachment, ``index``, ``filename`` (as sent, or nu
 ``name`` (sanitised by :func:`safe_filename`, unique within the message),
 ``content_type``, ``disposition``, ``inline``, ``content_id``, ``part``, ``size``,
 ``sha256`` and ``path`` (the blob, relative to ``dir``); and under ``skipped`` the
-attachments the filters left out, with a ``reason``. Messages without attachments get
-no manifest.
+attachments the filters left out, with a ``reason``. At most ``MAX_PARTS`` (the
+parser's cap on parts of every kind, 5,000) attachments are stored per message; past
+it ``over_limit`` counts those left out. Messages without attachments get no
+manifest.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final
 
 import structlog
+from mailpipe.plugins.parse.parser import MAX_PARTS
 from pydantic import BaseModel, ConfigDict, Field
 
 from mailpipe.message import Message
@@ -98,15 +101,29 @@ def safe_filename(name: str | None, *, fallback: str, suffix: str = "") -> str:
     return f"{stem}{suffix}{ext}"
 
 
-def _unique(name: str | None, fallback: str, taken: set[str]) -> str:
-    """Sanitise ``name``, adding `` (2)``, `` (3)``… until it is new (ignoring case)."""
-    candidate = safe_filename(name, fallback=fallback)
-    n = 2
-    while candidate.casefold() in taken:  # bounded by the number of attachments
-        candidate = safe_filename(name, fallback=fallback, suffix=f" ({n})")
-        n += 1
-    taken.add(candidate.casefold())
-    return candidate
+class _UniqueNames:
+    """The names given within one message: each new one sanitised and made unique.
+
+    A clash gets `` (2)``, `` (3)``… (ignoring case). The next number to try is kept
+    per sanitised name, so n equal names cost O(n) in all, not O(n²): each number
+    is tried at most once per name, and a try fails only on a name already given.
+    """
+
+    def __init__(self) -> None:
+        self._taken: set[str] = set()
+        self._next: dict[str, int] = {}
+
+    def add(self, name: str | None, fallback: str) -> str:
+        """Return the unique sanitised form of ``name`` (``fallback`` when empty)."""
+        candidate = safe_filename(name, fallback=fallback)
+        base = candidate.casefold()
+        n = self._next.get(base, 2)
+        while candidate.casefold() in self._taken:
+            candidate = safe_filename(name, fallback=fallback, suffix=f" ({n})")
+            n += 1
+        self._next[base] = n
+        self._taken.add(candidate.casefold())
+        return candidate
 
 
 @dataclass(slots=True)
@@ -247,8 +264,12 @@ class AttachmentsStore:
         key = message.key
         entries: list[dict[str, Any]] = []
         skipped: list[dict[str, Any]] = []
-        taken: set[str] = set()
-        for part in parts:
+        names = _UniqueNames()
+        over_limit = max(0, len(parts) - MAX_PARTS)
+        if over_limit:
+            log.warning("attachments_over_limit", store=self.name, key=key,
+                        limit=MAX_PARTS, left_out=over_limit)
+        for part in parts[:MAX_PARTS]:
             meta = dict(part.meta)
             meta["size"] = len(part.payload)
             reason = self._skip_reason(meta)
@@ -263,8 +284,7 @@ class AttachmentsStore:
             blob = self._write_blob(digest, part.payload)
             ctype = str(meta.get("content_type") or "")
             ext = mimetypes.guess_extension(ctype) or ".bin"
-            name = _unique(meta.get("filename"), f"attachment-{meta.get('index')}{ext}",
-                           taken)
+            name = names.add(meta.get("filename"), f"attachment-{meta.get('index')}{ext}")
             entries.append({
                 "index": meta.get("index"), "filename": meta.get("filename"),
                 "name": name, "content_type": meta.get("content_type"),
@@ -282,6 +302,8 @@ class AttachmentsStore:
             "attachments": entries,
             "skipped": skipped,
         }
+        if over_limit:
+            manifest["over_limit"] = over_limit
         data = json.dumps(manifest, ensure_ascii=False, indent=2).encode() + b"\n"
         target = self.dir / "manifests" / f"{key}.json"
         make_dirs(target.parent)

@@ -302,3 +302,41 @@ def test_unknown_charset_with_isolated_high_octets_decodes_as_latin() -> None:
     assert record.subject == "Café order"
     assert record.text is not None and record.text.startswith("Café order")
     assert any(d.kind == "CharsetDefect" for d in record.defects)
+
+
+def _uuencoded(blocks: int) -> bytes:
+    one = b"begin 644 f.txt\r\n!80``\r\n`\r\nend\r\n"
+    return b"From: a@example.com\r\nSubject: uu\r\n\r\n" + one * blocks
+
+
+def test_uuencoded_blocks_count_towards_the_part_cap() -> None:
+    """One cap for every kind of part: 20,000 uuencoded blocks in a 0.64 MB message
+    gave 20,000 attachments past the 5,000-part cap."""
+    from mailpipe.plugins.parse import MAX_PARTS
+
+    record, payloads = parse_message(_uuencoded(MAX_PARTS + 50))
+    assert len(record.attachments) == len(payloads) < MAX_PARTS
+    assert all(a.source == "uuencode" for a in record.attachments)
+    assert payloads[0] == b"a"
+    assert [d.kind for d in record.defects].count("TooManyParts") == 1
+    assert "begin 644 f.txt" in (record.text or "")  # the rest stays in the text
+
+
+def test_mime_parts_and_uuencoded_blocks_share_one_cap() -> None:
+    from mailpipe.plugins.parse import MAX_PARTS
+
+    uu = _uuencoded(MAX_PARTS // 2).split(b"\r\n\r\n", 1)[1]
+    part = (
+        b"--B\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Disposition: attachment; filename=p.bin\r\n\r\nx\r\n"
+    )
+    raw = (
+        b"From: a@example.com\r\nSubject: mix\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: multipart/mixed; boundary=B\r\n\r\n"
+        b"--B\r\nContent-Type: text/plain\r\n\r\n" + uu + part * (MAX_PARTS // 2 + 10)
+        + b"--B--\r\n"
+    )
+    record, payloads = parse_message(raw)
+    assert len(record.attachments) == len(payloads) < MAX_PARTS
+    assert {a.source for a in record.attachments} == {"uuencode", "mime"}
+    assert [d.kind for d in record.defects].count("TooManyParts") == 1

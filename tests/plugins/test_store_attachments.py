@@ -197,3 +197,73 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
     m = make_message([("report.pdf", PDF, "application/pdf")])
     store(tmp_path, dry_run=True).process(m)
     assert not (tmp_path / "att").exists()
+
+
+def _same_named(n: int, name: str = "a.bin") -> Message:
+    """A message of ``n`` one-byte attachments all called ``name`` (issue 20 item 4)."""
+    head = (
+        b"From: a@example.com\r\nSubject: many\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n"
+    )
+    part = (
+        b"--XX\r\nContent-Type: application/octet-stream\r\n"
+        b'Content-Disposition: attachment; filename="' + name.encode() + b'"\r\n\r\nx\r\n'
+    )
+    return Message.from_bytes(head + part * n + b"--XX--\r\n", uid="1")
+
+
+def test_same_named_attachments_are_named_in_linear_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """De-duplicating n equal names costs O(n) sanitising calls, not O(n²) (5,000
+    same-named parts took 49 s)."""
+    import mailpipe.plugins.store.attachments as mod
+
+    calls = 0
+    real = mod.safe_filename
+
+    def counting(*args: object, **kwargs: object) -> str:
+        nonlocal calls
+        calls += 1
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mod, "safe_filename", counting)
+    n = 1000
+    m = _same_named(n)
+    parse_into(m)
+    store(tmp_path).process(m)
+    got = [a["name"] for a in manifest(tmp_path, m)["attachments"]]  # type: ignore[attr-defined]
+    assert len(got) == n and len({g.casefold() for g in got}) == n
+    assert got[:3] == ["a.bin", "a (2).bin", "a (3).bin"] and got[-1] == f"a ({n}).bin"
+    assert calls <= 3 * n
+
+
+def test_dedup_skips_names_already_taken_by_a_numbered_original(
+    tmp_path: Path,
+) -> None:
+    m = make_message([(n, f"file {i}".encode(), "application/pdf")
+                      for i, n in enumerate(["a (2).pdf", "a.pdf", "A.pdf", "a.pdf"])])
+    parse_into(m)
+    store(tmp_path).process(m)
+    got = [a["name"] for a in manifest(tmp_path, m)["attachments"]]  # type: ignore[attr-defined]
+    assert got == ["a (2).pdf", "a.pdf", "A (3).pdf", "a (4).pdf"]
+
+
+def test_attachments_over_the_part_cap_are_counted_not_stored(tmp_path: Path) -> None:
+    """A record with more attachments than the parser's cap (another parser, an old
+    record) is cut at the cap too; the manifest says how many were left out."""
+    from mailpipe.plugins.parse import MAX_PARTS, Attachment
+
+    m = _same_named(1)
+    record = parse_into(m)
+    over = MAX_PARTS + 7
+    record.attachments = [
+        Attachment(index=i, filename=f"f{i}.bin", content_type="application/octet-stream",
+                   size=1, sha256=hashlib.sha256(b"x").hexdigest(), part="1")
+        for i in range(over)
+    ]
+    m.meta["attachment_payloads"] = [b"x"] * over
+    store(tmp_path).process(m)
+    doc = manifest(tmp_path, m)
+    assert len(doc["attachments"]) == MAX_PARTS  # type: ignore[arg-type]
+    assert doc["over_limit"] == 7

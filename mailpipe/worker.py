@@ -1,0 +1,214 @@
+"""A processor's synchronous calls, off the event loop, on threads of its own, in a budget.
+
+One CPU-bound message (a parser on a hostile MIME tree, a store naming thousands of
+files) must not stall the other mailboxes, nor a SIGTERM, which all share the event
+loop. So the chain hands every synchronous processor method to the step's
+:class:`StepWorker`: daemon threads dedicated to that step. A step that is not
+``concurrent`` has its calls serialised by the chain, so it keeps to one thread; a
+``concurrent`` one (``parse``, ``filter``) gets a thread per call in flight, so one
+message's long parse does not hold up another mailbox's.
+
+Why threads of each step's own, and not ``asyncio.to_thread`` or a process pool:
+
+* the GIL makes a pool of threads no faster for CPU-bound Python than one thread;
+  what matters is that the loop stays free, which any thread gives;
+* processors keep connections and buffers (a SQLite connection, a group transaction)
+  that cannot be pickled to another process, and the message itself would have to be
+  copied there and back; a process pool fits only pure functions;
+* a serialised step keeps all its calls on one thread (open, process, flush and
+  close alike) unless a call runs away, so thread-bound libraries keep working;
+* the threads are daemon threads of our own: the default executor (``to_thread``) is
+  joined when ``asyncio.run`` ends and ``concurrent.futures`` threads when the
+  interpreter exits, so a runaway call there would delay the exit without bound.
+
+A thread cannot be killed. When a call runs past its :class:`Budget`, the awaiting
+coroutine gets :class:`~mailpipe.errors.BudgetExceeded` (the chain fails that message
+permanently: it is quarantined at once and the pipeline moves on). The thread is
+abandoned, never reused: it finishes the call on its own and then exits, and its
+result is dropped; the step's next call runs on another thread. At process exit an
+abandoned thread still running is stopped with the interpreter (daemon), so a SIGTERM
+waits at most for the budget of the message in hand plus the close grace.
+
+While an abandoned call of a step still runs, the processor may hold its own locks: a
+later call that then also runs out of budget raises
+:class:`~mailpipe.errors.TemporaryFailure` instead (retried later, no attempt counted),
+so innocent messages are not quarantined behind the runaway one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import itertools
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypeVar
+
+import structlog
+
+from mailpipe.errors import BudgetExceeded, TemporaryFailure
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+
+_Job = tuple[
+    Callable[[], Any],
+    "concurrent.futures.Future[Any]",
+    asyncio.AbstractEventLoop,
+    "asyncio.Future[None]",
+]
+
+
+@dataclass(slots=True)
+class Budget:
+    """Time left for one message's synchronous calls (``seconds`` was the whole)."""
+
+    seconds: float
+    left: float = field(default=-1.0)
+    name: str = "processing_budget"
+
+    def __post_init__(self) -> None:
+        if self.left < 0:
+            self.left = self.seconds
+
+
+class _Thread:
+    """One daemon thread running the jobs put on its queue until told to stop."""
+
+    def __init__(self, name: str) -> None:
+        self.queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            fn, future, loop, started = job
+            if not future.set_running_or_notify_cancel():
+                continue  # the caller gave up before the call began
+            try:
+                loop.call_soon_threadsafe(_resolve, started)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                return
+            try:
+                result = fn()
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def stop(self) -> None:
+        """Exit after the job in hand, if any."""
+        self.queue.put(None)
+
+
+def _resolve(started: asyncio.Future[None]) -> None:
+    if not started.done():
+        started.set_result(None)
+
+
+class StepWorker:
+    """Runs one step's synchronous calls on threads of its own (see the module doc).
+
+    A call takes an idle thread of the step, or starts one when all are busy (only
+    a step declared ``concurrent`` has several calls at once, so any other keeps
+    one thread); the thread is idle again when the call returns, abandoned when
+    it runs past its budget.
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._idle: list[_Thread] = []
+        self._abandoned: list[_Thread] = []
+
+    @property
+    def abandoned(self) -> int:
+        """How many abandoned calls of this step are still running."""
+        self._abandoned = [t for t in self._abandoned if t.thread.is_alive()]
+        return len(self._abandoned)
+
+    async def call(self, fn: Callable[[], T], *, budget: Budget | None = None) -> T:
+        """Run ``fn()`` on a thread of the step and return its result (or raise).
+
+        The budget runs from the moment the thread starts the call, and
+        ``budget.left`` is reduced by the time taken. Past it,
+        :class:`BudgetExceeded` is raised and the thread abandoned;
+        :class:`TemporaryFailure` instead when an earlier abandoned call of this
+        step was still running when this one began. A caller cancelled while the
+        call runs leaves it to finish unawaited on its thread.
+        """
+        loop = asyncio.get_running_loop()
+        thread = self._idle.pop() if self._idle else self._new_thread()
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        started: asyncio.Future[None] = loop.create_future()
+        in_context = contextvars.copy_context().run  # log fields bound by the caller
+        thread.queue.put((partial(in_context, fn), future, loop, started))
+        reuse = False
+        try:
+            await started
+            busy = self.abandoned > 0
+            began = time.monotonic()
+            wrapped = asyncio.wrap_future(future)
+            try:
+                if budget is None:
+                    result = await wrapped
+                else:
+                    result = await asyncio.wait_for(wrapped, max(budget.left, 0.0))
+                reuse = True
+                return result
+            except TimeoutError:
+                assert budget is not None
+                self._abandon(thread)
+                if busy:
+                    raise TemporaryFailure(
+                        f"{self.name} ran out of its {budget.name} while an earlier "
+                        "call that exceeded it was still running; retried later"
+                    ) from None
+                raise BudgetExceeded(
+                    f"{self.name} exceeded the {budget.name} of {budget.seconds:g} s; "
+                    "the call was abandoned (its thread finishes on its own)",
+                    processor=self.name,
+                ) from None
+            except Exception:
+                reuse = True  # the call itself raised: its thread is free again
+                raise
+            finally:
+                if budget is not None:
+                    budget.left -= time.monotonic() - began
+        except asyncio.CancelledError:
+            future.cancel()  # skipped if not begun; else it finishes unawaited
+            raise
+        finally:
+            if reuse:
+                self._idle.append(thread)
+            elif thread not in self._abandoned:
+                thread.stop()
+
+    def _new_thread(self) -> _Thread:
+        thread = _Thread(f"mailpipe-step-{next(self._ids)}:{self.name}")
+        # A worker dropped without shutdown() (a chain never closed) lets its idle
+        # threads go too.
+        weakref.finalize(self, thread.stop)
+        return thread
+
+    def _abandon(self, thread: _Thread) -> None:
+        """Leave ``thread`` to its runaway call: it exits when the call ends."""
+        thread.stop()
+        self._abandoned.append(thread)
+        log.warning("step_call_abandoned", step=self.name, thread=thread.thread.name)
+
+    def shutdown(self) -> None:
+        """Let the idle threads exit (an abandoned one still finishes on its own)."""
+        while self._idle:
+            self._idle.pop().stop()
