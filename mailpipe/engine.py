@@ -550,6 +550,8 @@ class MailboxRunner:
         self._attempted.add(ref.uid)
         self.log.warning(
             "message_unretrievable_skipped",
+            hint="a server that lists estimated sizes (Exchange) needs "
+            "verify_size = 'confirm'" if "incomplete" in entry.last_error else None,
             uid=ref.uid,
             key=ref.key,
             attempts=entry.attempts,
@@ -776,6 +778,10 @@ class MailboxRunner:
                     max_size=self.cfg.max_message_size,
                 ):
                     if isinstance(msg, Unretrievable):
+                        confirmed = self._confirmed(msg, entries)
+                        if confirmed is not None:
+                            msg = confirmed
+                    if isinstance(msg, Unretrievable):
                         self._unretrievable(msg, entries, summary, group)
                         if expire_zero and msg.evidence is not None:
                             # C-29, RFC 2449 §6.7: the server may delete at QUIT what
@@ -833,12 +839,39 @@ class MailboxRunner:
         attempts = self._retrieval_failed(item, summary, entry)
         if not ref.uid:
             return  # no UIDL: nothing to journal it by
+        error = f"{UNRETRIEVABLE}{item.reason}"
+        if item.confirmable and item.evidence is not None:
+            error += f" {_copy_tag(item.evidence)}"  # see _confirmed
         group.append(
             _Done(
                 ref, None, Status.PENDING, "failed", "", False, None,
-                failed=True, attempts=attempts, error=f"{UNRETRIEVABLE}{item.reason}",
+                failed=True, attempts=attempts, error=error,
             )
         )
+
+    def _confirmed(
+        self, item: Unretrievable, entries: dict[str, Entry]
+    ) -> Message | None:
+        """The evidence of a confirmable short copy, when an earlier session received
+        the very same octets (the listed size is wrong, not the message); else None.
+
+        Only sources asked to (POP3 ``verify_size = "confirm"``) mark copies
+        confirmable, and never one served after TOP or followed by stray data.
+        """
+        evidence = item.evidence
+        if not item.confirmable or evidence is None or not item.ref.uid:
+            return None
+        entry = entries.get(item.ref.uid)
+        if entry is None or _copy_tag(evidence) not in entry.last_error:
+            return None
+        self.log.warning(
+            "short_copy_confirmed",
+            uid=item.ref.uid,
+            listed=item.ref.size,
+            received=evidence.size,
+            detail="the same octets arrived in two sessions: the listed size is wrong",
+        )
+        return evidence
 
     def _retrieval_failed(
         self, item: Unretrievable, summary: Summary, entry: Entry | None = None
@@ -1316,6 +1349,11 @@ def login_delay_seconds(session: SourceSession) -> float:
         return max(0.0, float(int(str(value).strip().split(" ")[0])))
     except ValueError:
         return 0.0
+
+
+def _copy_tag(message: Message) -> str:
+    """How a short copy's octets are remembered in its journaled error."""
+    return f"[copy sha256:{message.sha256}]"
 
 
 def _tried_key(ref: MessageRef) -> str:

@@ -27,13 +27,16 @@ class Unretrievable:
     ``evidence`` is what arrived (``None`` when nothing did); ``reason`` says what was
     wrong in one line, with the figures (listed and received octets, the server's
     text); ``after_headers`` is True when the same session had asked for this
-    message's headers first (some servers then serve a short copy).
+    message's headers first (some servers then serve a short copy). ``confirmable``
+    says the evidence may be the server's whole message under a wrong listed size:
+    the engine commits it once the same octets arrived in an earlier session too.
     """
 
     ref: MessageRef
     reason: str
     evidence: Message | None = None
     after_headers: bool = False
+    confirmable: bool = False
 
 
 @runtime_checkable

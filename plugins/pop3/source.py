@@ -159,12 +159,14 @@ class Pop3Options(BaseModel):
     chunk_size: ByteSize = Field(
         default=256 * 1024, ge=4096, description="Read size; bounds memory per message."
     )
-    verify_size: bool = Field(
-        default=True,
-        strict=True,
-        description="Refuse to commit a message received shorter than its LIST size "
-        "allows (beyond line-end and dot-stuffing slack): it is left on the server "
-        "and retried. Set false only for a server known to list wrong sizes.",
+    verify_size: Literal["strict", "confirm", "off"] = Field(
+        default="strict",
+        description="A message received shorter than its LIST size allows (beyond "
+        "line-end and dot-stuffing slack) is cut short: 'strict' never commits it (it "
+        "stays on the server and is retried); 'confirm' commits it once the same "
+        "octets arrived in two sessions with sound framing and no TOP before them (for "
+        "servers that list estimated sizes, such as Exchange with "
+        "EnableExactRFC822Size off); 'off' commits what arrives.",
     )
     utf8: bool = Field(
         default=True,
@@ -552,7 +554,7 @@ class Pop3Session:
                 "pop3_size_mismatch", uid=ref.uid, listed=ref.size, received=count.octets
             )
         missing = count.shortfall(ref.size)
-        if not missing or not self.options.verify_size:
+        if not missing or self.options.verify_size == "off":
             return message
         # MP-01: a copy shorter than any way of counting its LIST size is cut short
         # (a missing dot-stuffing, a header-only RETR after TOP): never committed.
@@ -569,7 +571,13 @@ class Pop3Session:
             received=count.octets,
             after_top=after_top,
         )
-        return Unretrievable(ref, reason, evidence=message, after_headers=after_top)
+        return Unretrievable(
+            ref,
+            reason,
+            evidence=message,
+            after_headers=after_top,
+            confirmable=self.options.verify_size == "confirm" and not after_top,
+        )
 
     async def mark_deleted(self, refs: Sequence[MessageRef]) -> None:
         """DELE each ref (pipelined); nothing is removed before QUIT (RFC 1939 §6)."""

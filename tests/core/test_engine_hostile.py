@@ -81,14 +81,53 @@ async def test_unstuffed_dot_line_is_never_committed(
 async def test_size_check_can_be_turned_off(
     pop3_server_factory: Factory, rig: Any
 ) -> None:
-    """verify_size = false commits what arrives (for servers that list wrong sizes)."""
+    """verify_size = "off" commits what arrives (for servers that list wrong sizes)."""
     srv = pop3_server_factory(messages=[msg(1)], faults=Faults(list_size_delta=500))
-    r = rig(srv, verify_size=False)
+    r = rig(srv, verify_size="off")
     summary = await r.poll()
     assert (summary.processed, summary.failed) == (1, 0)
-    r2 = rig(pop3_server_factory(messages=[msg(1)], faults=Faults(list_size_delta=500)))
-    summary2 = await r2.poll()
-    assert (summary2.processed, summary2.failed) == (0, 1)
+
+
+async def test_strict_never_commits_a_short_copy_however_often_it_comes(
+    pop3_server_factory: Factory, rig: Any
+) -> None:
+    srv = pop3_server_factory(messages=[msg(1)], faults=Faults(list_size_delta=500))
+    r = rig(srv, max_attempts=3)
+    for _ in range(4):
+        await r.poll()
+    assert r.stored() == [] and len(srv.messages) == 1
+    assert srv.transcript.keywords().count("RETR") == 3  # then it rests
+
+
+async def test_confirm_commits_a_short_copy_seen_twice_in_two_sessions(
+    pop3_server_factory: Factory, rig: Any
+) -> None:
+    """Exchange lists estimated sizes: the same octets twice are the message."""
+    srv = pop3_server_factory(
+        messages=[msg(1), msg(2)], faults=Faults(list_size_delta={1: 500})
+    )
+    r = rig(srv, verify_size="confirm")
+    first = await r.poll()
+    assert (first.processed, first.failed) == (1, 1)
+    with structlog.testing.capture_logs() as logs:
+        second = await r.poll()
+    assert (second.processed, second.failed) == (1, 0)
+    assert [e["event"] for e in logs if e["event"] == "short_copy_confirmed"] == [
+        "short_copy_confirmed"
+    ]
+    assert sorted(stored(r)) == sorted([sha(msg(1)), sha(msg(2))])
+    assert srv.messages == []
+
+
+async def test_confirm_never_accepts_a_copy_served_after_top(
+    pop3_server_factory: Factory, rig: Any
+) -> None:
+    mails = [msg(n, body="line\r\n" * 40) for n in range(1, 3)]
+    srv = pop3_server_factory(messages=mails, faults=Faults(short_retr_after_top=True))
+    r = rig(srv, before=[HEADER_RULE], verify_size="confirm")
+    await r.poll()
+    await r.poll()
+    assert sorted(stored(r)) == sorted(sha(m) for m in mails)  # whole, never the head
 
 
 async def test_larger_than_listed_and_line_end_slack_are_accepted(

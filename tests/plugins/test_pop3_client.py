@@ -363,7 +363,7 @@ async def test_t45_deadline_grows_with_the_listed_size(tmp_path):
     handler, state = trickling(listed=10_000_000, body_bytes=20)
     async with Server(handler) as srv:
         got = await retrieve_once(srv.port, tmp_path, read_timeout=5, retr_timeout=0.1,
-                                  retr_min_rate="100KB", verify_size=False)
+                                  retr_min_rate="100KB", verify_size="off")
     assert got == [b"x" * 20 + b"\r\n"] and state["quit"]
 
 
