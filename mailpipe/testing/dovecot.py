@@ -179,6 +179,11 @@ class Dovecot(Service):
         return self.base_dir / "ssl" / "ca.pem"
 
     @property
+    def pid(self) -> int | None:
+        """PID of the master process while it runs."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
     def running(self) -> bool:
         """True while the master process this object started is alive."""
         return self._proc is not None and self._proc.poll() is None

@@ -1,4 +1,4 @@
-"""The interop lab: five more real POP3 servers (Debian 12 packages) for tests.
+"""The interop lab: Dovecot and five more real POP3 servers (Debian 12) for tests.
 
 Each module starts one implementation on 127.0.0.1 on free ports, in a private
 sandbox, with one user and TLS certificates made at start:
@@ -6,6 +6,7 @@ sandbox, with one user and TLS certificates made at start:
 ========== ============================ ==========================================
 name       class                        mail store
 ========== ============================ ==========================================
+dovecot    :class:`.dovecot.DovecotLab` Maildir (:class:`~mailpipe.testing.Dovecot`)
 courier    :class:`.courier.Courier`    Maildir, authlib userdb (CRAM-*)
 cyrus      :class:`.cyrus.Cyrus`        Cyrus spool via its LMTP, sasldb (SCRAM-*)
 gnu        :class:`.gnu.GnuPop3d`       mbox, APOP database
@@ -25,6 +26,7 @@ __all__ = ["SERVERS", "LabServer", "LabServerError", "LabUser", "server_class"]
 
 #: Lab server name -> "module:Class", imported on first use.
 SERVERS: dict[str, str] = {
+    "dovecot": "dovecot:DovecotLab",
     "courier": "courier:Courier",
     "cyrus": "cyrus:Cyrus",
     "gnu": "gnu:GnuPop3d",

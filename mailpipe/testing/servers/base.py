@@ -9,6 +9,7 @@ inside a :class:`~mailpipe.testing.servers.sandbox.Sandbox`, with one mailbox us
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from .packages import missing_apt_packages, staged
 from .refclient import ReferenceClient, ServerMessage
 from .sandbox import Sandbox, SystemUser, sandbox_unavailable_reason
 
-__all__ = ["LabServer", "LabServerError", "LabUser", "make_certificates"]
+__all__ = ["LabServer", "LabServerError", "LabUser", "descendants", "make_certificates"]
 
 Security = Literal["none", "starttls", "tls"]
 MAIL_UID = 5100  # the mail user's uid/gid inside every sandbox
@@ -68,6 +69,33 @@ def make_certificates(directory: Path, host: str = "127.0.0.1") -> Path:
     return directory / "ca.pem"
 
 
+def descendants(root: int, match: str) -> list[int]:
+    """PIDs descending from ``root`` whose command line contains ``match``, sorted."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {root}
+    for _ in range(64):  # process trees here are a few levels deep
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier}
+        if not frontier:
+            break
+        found |= frontier
+    out = []
+    for pid in found:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if match.encode() in cmd:
+            out.append(pid)
+    return sorted(out)
+
+
 class LabServer(Service):
     """One real POP3 server on 127.0.0.1 with one user; a context manager.
 
@@ -90,6 +118,8 @@ class LabServer(Service):
     implicit_tls: ClassVar[bool] = False
     #: The server sends CAPA (RFC 2449).
     capa: ClassVar[bool] = True
+    #: Command-line text of the per-session server process (to kill one mid-RETR).
+    session_process: ClassVar[str] = ""
 
     def __init__(self, base_dir: str | os.PathLike[str] | None = None) -> None:
         self.base_dir = Path(
@@ -207,37 +237,24 @@ class LabServer(Service):
         raise LabServerError(f"{self.title} did not start in {self.base_dir}:\n{last}")
 
     def stop(self) -> None:
-        """End the sandbox (every server process in it) and wait for it."""
+        """Kill the sandbox and wait: SIGKILL to the process group, and the kernel
+        ends every other process of the PID namespace with its first one."""
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        proc.wait(timeout=30)
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the process the server's other processes descend from."""
+        return self._proc.pid if self.running and self._proc is not None else None
 
     def server_pids(self, match: str) -> list[int]:
-        """PIDs of processes in this server's sandbox whose command line has ``match``."""
-        if self._proc is None:
-            return []
-        out = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                if os.getsid(int(entry.name)) != self._proc.pid:
-                    continue
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-            except (OSError, ProcessLookupError):
-                continue
-            if match.encode() in cmd:
-                out.append(int(entry.name))
-        return sorted(out)
+        """PIDs of this server's processes whose command line contains ``match``."""
+        root = self.pid
+        return [] if root is None else descendants(root, match)
 
     # -- subclass hooks ----------------------------------------------------------
 
@@ -248,8 +265,9 @@ class LabServer(Service):
     def _after_start(self) -> None:
         """Anything to do once the ports accept connections (e.g. create a mailbox)."""
 
-    def _write_messages(self, messages: Sequence[bytes]) -> None:
-        """Add ``messages`` to the (empty) mailbox, in order."""
+    def _write_messages(self, messages: Sequence[bytes]) -> list[int]:
+        """Add ``messages`` to the (empty) mailbox, in order; return the indexes of
+        those the server's delivery refused (they are not in the mailbox)."""
         raise NotImplementedError
 
     # -- mail ----------------------------------------------------------------------
@@ -270,12 +288,31 @@ class LabServer(Service):
         with self.reference() as ref:
             ref.delete_all()
 
-    def load(self, messages: Sequence[bytes]) -> None:
-        """Empty the mailbox, then add ``messages`` in order."""
+    def load(self, messages: Sequence[bytes]) -> list[int]:
+        """Empty the mailbox, then add ``messages`` in order.
+
+        Returns the indexes (into ``messages``) that delivery refused; only a server
+        that takes mail through its own delivery agent (Cyrus' LMTP) refuses any.
+        """
         self.clear()
-        self._write_messages(messages)
+        return self._write_messages(messages)
 
     def messages(self) -> list[ServerMessage]:
         """What the mailbox holds now, read with the reference client."""
         with self.reference() as ref:
             return ref.messages()
+
+    def served(self) -> list[ServerMessage]:
+        """The messages as every later session will serve them.
+
+        Some servers rewrite messages on the first session that reads them (GNU
+        pop3d adds X-UIDL, X-UID and Status to its mbox); the mailbox is read until
+        two readings agree (at most three).
+        """
+        last = self.messages()
+        for _ in range(2):
+            again = self.messages()
+            if [m.raw for m in again] == [m.raw for m in last]:
+                break
+            last = again
+        return last

@@ -45,6 +45,7 @@ class Courier(LabServer):
         "libcourier-unicode4",
         "util-linux",
     )
+    session_process = "courierpop3d"
     auth_methods = ("user", "plain", "login", "cram-md5")
     starttls = True
     implicit_tls = True
@@ -141,5 +142,6 @@ class Courier(LabServer):
         )
         return ["sh", "-c", script]
 
-    def _write_messages(self, messages: Sequence[bytes]) -> None:
+    def _write_messages(self, messages: Sequence[bytes]) -> list[int]:
         write_maildir(self.maildir, messages, uid=MAIL_UID, gid=MAIL_UID)
+        return []

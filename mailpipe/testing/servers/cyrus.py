@@ -35,6 +35,7 @@ class Cyrus(LabServer):
     title = "Cyrus IMAP 3.6.1 pop3d"
     packages = ("cyrus-common", "cyrus-pop3d")
     apt_packages = (*CYRUS_LIBRARIES, "util-linux")
+    session_process = "pop3d -"
     auth_methods = (
         "user",
         "apop",
@@ -171,8 +172,23 @@ EVENTS {{
             str(y / "master.pid"),
         ]
 
-    def _write_messages(self, messages: Sequence[bytes]) -> None:
-        with smtplib.LMTP(str(self.lmtp_socket), timeout=60) as lmtp:
-            for raw in messages:
-                data = raw if raw.endswith(b"\n") else raw + b"\r\n"
-                lmtp.sendmail("sender@example.org", [self.user.name], data)
+    def _write_messages(self, messages: Sequence[bytes]) -> list[int]:
+        refused = []
+        lmtp: smtplib.LMTP | None = None
+        try:
+            for i, raw in enumerate(messages):
+                # An MTA speaks CRLF; smtplib would add a line to an LF ending.
+                data = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+                data = data if data.endswith(b"\r\n") else data + b"\r\n"
+                if lmtp is None:
+                    lmtp = smtplib.LMTP(str(self.lmtp_socket), timeout=60)
+                try:
+                    lmtp.sendmail("sender@example.org", [self.user.name], data)
+                except smtplib.SMTPDataError:  # e.g. 554 5.6.0 invalid header
+                    refused.append(i)
+                    lmtp.close()  # lmtpd may hang up after refusing
+                    lmtp = None
+        finally:
+            if lmtp is not None:
+                lmtp.quit()
+        return refused

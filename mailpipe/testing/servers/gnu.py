@@ -30,6 +30,7 @@ class GnuPop3d(LabServer):
     name = "gnu"
     title = "GNU Mailutils 3.15 pop3d"
     apt_packages = ("mailutils-pop3d", "util-linux")
+    session_process = "pop3d"
     auth_methods = ("user", "apop")
     starttls = True
     implicit_tls = True
@@ -75,5 +76,6 @@ mandatory-locking {{ enable false; }};
         )
         return [POP3D, f"--config-file={conf}"]
 
-    def _write_messages(self, messages: Sequence[bytes]) -> None:
+    def _write_messages(self, messages: Sequence[bytes]) -> list[int]:
         write_mbox(self.home / "mbox", messages, uid=MAIL_UID, gid=MAIL_UID)
+        return []

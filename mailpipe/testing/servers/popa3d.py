@@ -28,6 +28,7 @@ class Popa3d(LabServer):
     title = "popa3d 1.0.3"
     packages = ("popa3d",)
     apt_packages = ("socat", "util-linux")
+    session_process = "usr/sbin/popa3d"
     auth_methods = ("user",)
     implicit_tls = True
     capa = False
@@ -50,5 +51,6 @@ class Popa3d(LabServer):
         plain = shlex.join(socat_inetd(self, str(binary)))
         return ["sh", "-c", f"{front} & exec {plain}"]
 
-    def _write_messages(self, messages: Sequence[bytes]) -> None:
+    def _write_messages(self, messages: Sequence[bytes]) -> list[int]:
         write_mbox(self.spool / self.user.name, messages, uid=MAIL_UID, gid=MAIL_UID)
+        return []

@@ -61,6 +61,7 @@ class SolidPop3d(LabServer):
     title = "solid-pop3d 0.15"
     packages = ("solid-pop3d",)
     apt_packages = ("socat", "liblockfile1", "util-linux")
+    session_process = "solid-pop3d"
     auth_methods = ("user", "apop")
     implicit_tls = True
     capa = False
@@ -111,5 +112,6 @@ class SolidPop3d(LabServer):
             check=True,
         )
 
-    def _write_messages(self, messages: Sequence[bytes]) -> None:
+    def _write_messages(self, messages: Sequence[bytes]) -> list[int]:
         write_maildir(self.home / "Maildir", messages, uid=MAIL_UID, gid=MAIL_UID)
+        return []
