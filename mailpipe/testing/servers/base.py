@@ -25,10 +25,29 @@ from .packages import missing_apt_packages, staged
 from .refclient import ReferenceClient, ServerMessage
 from .sandbox import Sandbox, SystemUser, sandbox_unavailable_reason
 
-__all__ = ["LabServer", "LabServerError", "LabUser", "descendants", "make_certificates"]
+__all__ = [
+    "EVERY_PASSWORD_AUTH",
+    "LabServer",
+    "LabServerError",
+    "LabUser",
+    "descendants",
+    "make_certificates",
+]
 
 Security = Literal["none", "starttls", "tls"]
 MAIL_UID = 5100  # the mail user's uid/gid inside every sandbox
+
+
+#: Every ``auth`` value mailpipe has for a password (XOAUTH2/OAUTHBEARER need a token).
+EVERY_PASSWORD_AUTH: tuple[str, ...] = (
+    "user",
+    "apop",
+    "plain",
+    "login",
+    "cram-md5",
+    "scram-sha-1",
+    "scram-sha-256",
+)
 
 
 class LabServerError(RuntimeError):

@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from .base import MAIL_UID, LabServer
+from .base import EVERY_PASSWORD_AUTH, MAIL_UID, LabServer, LabUser
 from .packages import CYRUS_LIBRARIES, staged
 from .sandbox import chown_tree
 
@@ -36,15 +36,7 @@ class Cyrus(LabServer):
     packages = ("cyrus-common", "cyrus-pop3d")
     apt_packages = (*CYRUS_LIBRARIES, "util-linux")
     session_process = "pop3d -"
-    auth_methods = (
-        "user",
-        "apop",
-        "plain",
-        "login",
-        "cram-md5",
-        "scram-sha-1",
-        "scram-sha-256",
-    )
+    auth_methods = EVERY_PASSWORD_AUTH
     starttls = True
     implicit_tls = True
 
@@ -53,6 +45,8 @@ class Cyrus(LabServer):
     ) -> None:
         super().__init__(base_dir)
         self.popminpoll = popminpoll
+        # APOP checks the sasldb password.
+        self.user = LabUser(self.user.name, self.user.password, self.user.password)
 
     @property
     def config(self) -> Path:

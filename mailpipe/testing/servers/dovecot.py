@@ -15,7 +15,7 @@ from mailpipe.testing.dovecot import (
     dovecot_unavailable_reason,
 )
 
-from .base import LabServer, LabServerError, LabUser
+from .base import EVERY_PASSWORD_AUTH, LabServer, LabServerError, LabUser
 
 __all__ = ["DovecotLab"]
 
@@ -25,15 +25,7 @@ class DovecotLab(LabServer):
 
     name = "dovecot"
     title = "Dovecot 2.3.19 pop3"
-    auth_methods = (
-        "user",
-        "apop",
-        "plain",
-        "login",
-        "cram-md5",
-        "scram-sha-1",
-        "scram-sha-256",
-    )
+    auth_methods = EVERY_PASSWORD_AUTH
     starttls = True
     implicit_tls = True
     session_process = "dovecot/pop3"

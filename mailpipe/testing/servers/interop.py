@@ -110,5 +110,7 @@ def mailpipe_once(
     """``mailpipe run --once`` on ``config``: the process and its last
     ``session_finished`` summary (``{}`` when there was none)."""
     run = run_mailpipe(config, "run", "{config}", "--once", timeout=timeout)
-    finished = [e for e in log_events(run.stderr) if e.get("event") == "session_finished"]
+    finished = [
+        e for e in log_events(run.stderr) if e.get("event") == "session_finished"
+    ]
     return run, (finished[-1] if finished else {})
