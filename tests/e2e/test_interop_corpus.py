@@ -10,14 +10,12 @@ nothing. What each server refuses or rewrites is asserted as recorded here.
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-from mailpipe.testing.e2e import write_pipeline
-from mailpipe.testing.servers import LabServer
 from mailpipe.testing.servers.interop import (
     has_8bit_headers,
+    lab_pipeline,
     mailpipe_once,
     sample,
     served_as_given,
@@ -57,17 +55,6 @@ def corpus_for(server: str, corpus: list[tuple[str, bytes]]) -> list[tuple[str, 
     return items if server == FULL_CORPUS else sample(items, SAMPLE)
 
 
-def pipeline(tmp_path: Path, lab: LabServer, security: str, **mailbox: object) -> Path:
-    return write_pipeline(
-        tmp_path,
-        dovecot=lab,
-        user=lab.user,
-        security=security,  # type: ignore[arg-type]
-        processors=[{"use": "store.maildir", "path": str(tmp_path / "Maildir")}],
-        mailbox={"read_timeout": 60, **mailbox},
-    )
-
-
 @pytest.mark.parametrize("server", SERVERS)
 def test_corpus_byte_exact_then_nothing(lab_servers, corpus, tmp_path, server) -> None:
     lab = lab_servers(server)
@@ -82,13 +69,14 @@ def test_corpus_byte_exact_then_nothing(lab_servers, corpus, tmp_path, server) -
     assert len(served) == len(kept) or server == "gnu"  # GNU re-splits its mbox
     if server in ("dovecot", "courier", "solid", "cyrus"):
         rewritten = {
-            n for (n, raw), m in zip(kept, served, strict=True)
+            n
+            for (n, raw), m in zip(kept, served, strict=True)
             if not served_as_given(server, raw, m.raw)
         }
         assert rewritten == (CYRUS_REWRITTEN if server == "cyrus" else set())
 
     security = "tls" if lab.implicit_tls else "none"
-    config = pipeline(tmp_path, lab, security)
+    config = lab_pipeline(tmp_path, lab, security=security)
     run, summary = mailpipe_once(config)
     assert run.returncode == 0, run.stderr[-3000:]
     stored = stored_messages(tmp_path / "Maildir")
@@ -103,7 +91,9 @@ def test_corpus_byte_exact_then_nothing(lab_servers, corpus, tmp_path, server) -
 
 
 @pytest.mark.parametrize("server", SERVERS)
-def test_keep_mode_stores_once_and_leaves_mail(lab_servers, corpus, tmp_path, server) -> None:
+def test_keep_mode_stores_once_and_leaves_mail(
+    lab_servers, corpus, tmp_path, server
+) -> None:
     lab = lab_servers(server)
     given = sample(corpus_for(server, corpus), 8)
     lab.load([raw for _, raw in given])  # refusals: test_corpus_byte_exact_then_nothing
@@ -115,13 +105,15 @@ def test_keep_mode_stores_once_and_leaves_mail(lab_servers, corpus, tmp_path, se
         assert server == "popa3d"
         lab.load([m.raw for m in served if uids[m.uid] == 1])
         served = lab.served()
-    config = pipeline(tmp_path, lab, "tls" if lab.implicit_tls else "none", delete="never")
+    config = lab_pipeline(tmp_path, lab, delete="never")
     for poll in range(2):
         run, summary = mailpipe_once(config)
         assert run.returncode == 0, run.stderr[-3000:]
         assert summary["deleted"] == 0
         assert summary["retrieved"] == (len(served) if poll == 0 else 0)
-    assert Counter(stored_messages(tmp_path / "Maildir")) == Counter(m.raw for m in served)
+    assert Counter(stored_messages(tmp_path / "Maildir")) == Counter(
+        m.raw for m in served
+    )
     assert [m.raw for m in lab.messages()] == [m.raw for m in served]
 
 
@@ -133,7 +125,7 @@ def test_solid_damaged_message_blocks_login(lab_servers, corpus, tmp_path) -> No
     assert not damaged.endswith(b"\n")
     lab.clear()
     lab._write_messages([b"Subject: fine\n\nbody\n", damaged])
-    config = pipeline(tmp_path, lab, "tls")
+    config = lab_pipeline(tmp_path, lab, security="tls")
     run, _ = mailpipe_once(config)
     assert run.returncode != 0
     assert "message is damaged" in run.stderr

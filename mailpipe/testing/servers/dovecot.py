@@ -28,7 +28,7 @@ class DovecotLab(LabServer):
     auth_methods = EVERY_PASSWORD_AUTH
     starttls = True
     implicit_tls = True
-    session_process = "dovecot/pop3"
+    session_process = "/pop3 "  # the title is dovecot-<instance>/pop3
 
     def __init__(self, base_dir: str | os.PathLike[str] | None = None) -> None:
         super().__init__(base_dir)

@@ -15,11 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mailpipe.testing.e2e import log_events, run_mailpipe
+from mailpipe.testing.e2e import log_events, run_mailpipe, write_pipeline
+
+from .base import LabServer
 
 __all__ = [
     "canonical",
     "has_8bit_headers",
+    "lab_pipeline",
     "mailpipe_once",
     "sample",
     "served_as_given",
@@ -114,3 +117,32 @@ def mailpipe_once(
         e for e in log_events(run.stderr) if e.get("event") == "session_finished"
     ]
     return run, (finished[-1] if finished else {})
+
+
+def lab_pipeline(
+    directory: Path,
+    lab: LabServer,
+    *steps: dict[str, Any],
+    security: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    **mailbox: Any,
+) -> Path:
+    """``directory/pipeline.toml`` polling ``lab``'s user: ``steps`` then
+    ``store.maildir`` into ``directory/Maildir``; ``mailbox`` adds keys to the
+    mailbox table. ``security`` defaults to implicit TLS where the server has it."""
+    if security is None:
+        security = "tls" if lab.implicit_tls else "none"
+    return write_pipeline(
+        directory,
+        dovecot=lab,
+        user=lab.user,
+        security=security,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        processors=[
+            *steps,
+            {"use": "store.maildir", "path": str(directory / "Maildir")},
+        ],
+        mailbox={"read_timeout": 60, **mailbox},
+    )
