@@ -8,7 +8,10 @@ tools (authlib, SASL, socat, ...) do not conflict and are installed with apt
 (:data:`APT_PACKAGES`; ``.ci/run`` installs them). The cache survives test runs:
 :func:`prepare` does nothing for a package already staged.
 
-``python -m mailpipe.testing.servers prepare`` runs :func:`prepare` (as root).
+``python -m mailpipe.testing.servers prepare`` runs :func:`prepare` (as root). The
+module needs only the standard library, so ``.ci/run`` runs this file directly before
+mailpipe is installed: ``python3 mailpipe/testing/servers/packages.py apt-packages``
+prints :data:`APT_PACKAGES`, ``... prepare`` unpacks.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,6 +28,7 @@ __all__ = [
     "CYRUS_LIBRARIES",
     "EXTRACTED_PACKAGES",
     "cache_dir",
+    "main",
     "missing_apt_packages",
     "prepare",
     "staged",
@@ -141,3 +146,23 @@ def prepare(packages: tuple[str, ...] = EXTRACTED_PACKAGES) -> list[str]:
         else:
             tmp.rename(staged(pkg))
     return todo
+
+
+def main(argv: list[str]) -> int:
+    """``apt-packages`` (print them, one line) or ``prepare``; returns the exit status."""
+    if argv[1:] == ["apt-packages"]:
+        print(" ".join(APT_PACKAGES))
+        return 0
+    if argv[1:] == ["prepare"]:
+        done = prepare()
+        print(
+            f"interop packages in {cache_dir()}: unpacked {' '.join(done) or 'none'} "
+            f"(all: {' '.join(EXTRACTED_PACKAGES)})"
+        )
+        return 0
+    print(f"usage: {argv[0]} apt-packages|prepare", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
