@@ -51,7 +51,7 @@ def corpus_for(server: str, corpus: list[tuple[str, bytes]]) -> list[tuple[str, 
     if server == "solid":
         items = [(n, raw) for n, raw in items if n not in SOLID_REFUSED]
     if server == "courier":
-        items = [(n, raw) for n, raw in items if not has_8bit_headers(raw)]
+        items = [(n, raw) for n, raw in items if not has_8bit_headers(raw, parts=True)]
     return items if server == FULL_CORPUS else sample(items, SAMPLE)
 
 

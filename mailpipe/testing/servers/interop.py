@@ -9,6 +9,8 @@ message it was given is that server's business, recorded here per server by
 
 from __future__ import annotations
 
+import email
+import email.policy
 import re
 import subprocess
 from collections.abc import Sequence
@@ -42,9 +44,19 @@ def _head(raw: bytes) -> bytes:
     return data.split(b"\n\n", 1)[0]
 
 
-def has_8bit_headers(raw: bytes) -> bool:
-    """True when the header section holds an octet above 127 (RFC 6532 / 6856)."""
-    return any(b > 127 for b in _head(raw))
+def has_8bit_headers(raw: bytes, *, parts: bool = False) -> bool:
+    """True when the header section holds an octet above 127 (RFC 6532 / 6856);
+    with ``parts``, the header of any MIME part counts too (as Courier judges)."""
+    if any(b > 127 for b in _head(raw)):
+        return True
+    if not parts:
+        return False
+    message = email.message_from_bytes(raw, policy=email.policy.compat32)
+    return any(
+        any("\udc80" <= c <= "\udcff" for c in str(value))
+        for part in message.walk()
+        for _, value in part.raw_items()
+    )
 
 
 _CYRUS_TRACE = re.compile(
