@@ -121,6 +121,9 @@ class LabServer(Service):
     ``pop3_port`` serves plaintext (and STLS when ``starttls``), ``pop3s_port``
     implicit TLS when ``implicit_tls`` (else 0). :meth:`load` replaces the
     mailbox; :meth:`messages` reads it back with the reference client.
+    ``base_dir`` (default: a new ``/tmp/mailpipe-<name>-*``) holds configuration,
+    certificates, mail and ``server.log``; the caller removes it after :meth:`stop`
+    (the ``lab_servers`` fixture does).
     """
 
     #: Short name used in test ids and ``docs/conformance.md``.
