@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import threading
@@ -14,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailpipe.testing.lifecycle import Service
+from mailpipe.testing.lifecycle import Service, free_port, wait_listening
 
 __all__ = [
     "DEFAULT_MECHANISMS",
@@ -86,12 +85,6 @@ def dovecot_unavailable_reason(binary: str | None = None) -> str | None:
     if not version.startswith("2.3."):
         return f"Dovecot {version} is not supported (the generated config is for 2.3)"
     return None
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _check_field(kind: str, value: str) -> None:
@@ -186,6 +179,11 @@ class Dovecot(Service):
         return self.base_dir / "ssl" / "ca.pem"
 
     @property
+    def pid(self) -> int | None:
+        """PID of the master process while it runs."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
     def running(self) -> bool:
         """True while the master process this object started is alive."""
         return self._proc is not None and self._proc.poll() is None
@@ -227,8 +225,8 @@ class Dovecot(Service):
         self._make_certificates()
         last_error = ""
         for _attempt in range(3):  # a free port may be taken between probe and bind
-            self.pop3_port = _free_port(self.host)
-            self.pop3s_port = _free_port(self.host)
+            self.pop3_port = free_port(self.host)
+            self.pop3s_port = free_port(self.host)
             self.config_path.write_text(self._config())
             startup_log = self.base_dir / "log" / "startup.log"
             with startup_log.open("ab") as out:
@@ -264,21 +262,8 @@ class Dovecot(Service):
             proc.wait(timeout=10)
 
     def _wait_listening(self) -> bool:
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self._proc is None or self._proc.poll() is not None:
-                return False
-            if all(self._accepts(p) for p in (self.pop3_port, self.pop3s_port)):
-                return True
-            time.sleep(0.05)
-        return False
-
-    def _accepts(self, port: int) -> bool:
-        try:
-            with socket.create_connection((self.host, port), timeout=1):
-                return True
-        except OSError:
-            return False
+        ports = (self.pop3_port, self.pop3s_port)
+        return wait_listening(self._proc, self.host, ports, self.start_timeout)
 
     def _check_traversable(self) -> None:
         # Dovecot's mail processes run as the mail uid and must reach each home.

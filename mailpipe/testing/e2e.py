@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, Protocol
 
 from mailpipe.journal.base import Entry
 from mailpipe.journal.sqlite import SqliteJournal
@@ -43,6 +43,8 @@ __all__ = [
     "ConnectionRecord",
     "Cut",
     "CuttingProxy",
+    "Pop3Endpoint",
+    "Pop3Login",
     "delivery_message",
     "journal_entries",
     "key_log_step",
@@ -64,6 +66,27 @@ __all__ = [
     "wait_until",
     "write_pipeline",
 ]
+
+class Pop3Endpoint(Protocol):
+    """What :func:`write_pipeline` reads of a server: a :class:`Dovecot` or a lab server."""
+
+    host: str
+    pop3_port: int
+    pop3s_port: int
+
+    @property
+    def ca_file(self) -> Path: ...
+
+
+class Pop3Login(Protocol):
+    """What :func:`write_pipeline` reads of a user: a :class:`DovecotUser` or a lab user."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def password(self) -> str: ...
+
 
 SUBJECT_PREFIX = "delivery"
 _SUBJECT_RE = re.compile(
@@ -127,8 +150,8 @@ def toml_value(value: Any) -> str:
 def write_pipeline(
     directory: Path,
     *,
-    dovecot: Dovecot,
-    user: DovecotUser,
+    dovecot: Pop3Endpoint,
+    user: Pop3Login,
     processors: Sequence[Mapping[str, Any]],
     mailbox: Mapping[str, Any] | None = None,
     scheduler: Mapping[str, Any] | None = None,

@@ -1,7 +1,11 @@
-"""A start/stop base class: every test server is also a context manager."""
+"""A start/stop base class (every test server is a context manager) and port helpers."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
@@ -28,3 +32,36 @@ class Service:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago (a race is possible)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def accepts(host: str, port: int) -> bool:
+    """True when something accepts a TCP connection on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def wait_listening(
+    proc: subprocess.Popen[bytes] | None,
+    host: str,
+    ports: Sequence[int],
+    timeout: float,
+) -> bool:
+    """Poll until every port accepts (True), or ``proc`` ended or ``timeout`` passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is None or proc.poll() is not None:
+            return False
+        if all(accepts(host, p) for p in ports):
+            return True
+        time.sleep(0.05)
+    return False

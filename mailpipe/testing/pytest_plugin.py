@@ -20,6 +20,7 @@ from .dovecot import Dovecot, DovecotUser, dovecot_unavailable_reason
 
 if TYPE_CHECKING:
     from .server import Pop3Server
+    from .servers import LabServer
 
 
 def _skip_or_fail(reason: str) -> None:
@@ -51,6 +52,48 @@ def dovecot() -> Iterator[Dovecot]:
         server.stop()
         if not os.environ.get("MAILPIPE_KEEP_DOVECOT"):
             shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def lab_servers() -> Iterator[Callable[[str], LabServer]]:
+    """Start interop lab servers by name (``lab_servers("courier")``); see
+    :mod:`mailpipe.testing.servers`. Each starts on first use and runs until the
+    session ends. A server that cannot run here skips the test, or fails it when env
+    ``CI`` is set. Tests call ``load()`` first: the mailbox is shared.
+    Set ``MAILPIPE_KEEP_LAB=1`` to keep the servers' directories (logs, mail).
+    """
+    from .servers import LabServerError, server_class
+
+    started: dict[str, LabServer] = {}
+    broken: dict[str, str] = {}
+
+    def get(name: str) -> LabServer:
+        if name in broken:
+            _skip_or_fail(broken[name])
+        if name not in started:
+            cls = server_class(name)
+            reason = cls.unavailable_reason()
+            if reason is None:
+                server = cls()
+                try:
+                    server.start()
+                except LabServerError as exc:
+                    server.stop()
+                    reason = str(exc)
+                else:
+                    started[name] = server
+            if reason is not None:
+                broken[name] = reason
+                _skip_or_fail(reason)
+        return started[name]
+
+    try:
+        yield get
+    finally:
+        for server in started.values():
+            server.stop()
+            if not os.environ.get("MAILPIPE_KEEP_LAB"):
+                shutil.rmtree(server.base_dir, ignore_errors=True)
 
 
 @pytest.fixture

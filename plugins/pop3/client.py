@@ -597,6 +597,11 @@ class Pop3Client:
                 raise self._deadline_error(deadline) from None
             raise self._timeout(phase, timeout) from None  # C-13: inactivity
         except (OSError, ssl.SSLError) as exc:
+            awaited = self.conn.awaited
+            if awaited is not None:  # e.g. RST or EPIPE once the server process died
+                raise SourceConnectionError(
+                    f"{self.where}: connection lost during {awaited.describe()} ({exc})"
+                ) from None
             raise SourceConnectionError(f"{self.where}: {phase} failed: {exc}") from None
         finally:
             if deadline is not None:

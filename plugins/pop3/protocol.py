@@ -221,6 +221,11 @@ class Pop3Connection:
         """How many commands await their reply."""
         return len(self._pending)
 
+    @property
+    def awaited(self) -> Command | None:
+        """The command whose reply is read next (None when nothing is outstanding)."""
+        return self._pending[0] if self._pending else None
+
     def send(self, command: Command) -> bytes:
         """Validate ``command``, queue it as outstanding and return the bytes to write.
 
@@ -360,7 +365,7 @@ class Pop3Connection:
             if self._eof:
                 what = self._pending[0].describe() if self._pending else "greeting"
                 raise RemoteProtocolError(
-                    f"connection closed before the reply to {what} was complete",
+                    f"connection lost during {what} (closed before its reply ended)",
                     truncated=True,
                 )
             return None
@@ -538,7 +543,7 @@ class Pop3Connection:
         if self._eof:
             # C-12 / T-28: EOF before the terminator is a failed transfer.
             raise RemoteProtocolError(
-                f"connection closed in the middle of the reply to {command.describe()}",
+                f"connection lost during {command.describe()} (closed mid-reply)",
                 truncated=True,
             )
         return NEED_DATA

@@ -318,10 +318,12 @@ class Pop3Session:
             if use_capa:
                 await client.capa()  # C-25 / S-04: only post-TLS capabilities count
         await self._utf8()
-        before = client.capabilities
         await self._authenticate()
-        if use_capa and _recapa_needed(before):
-            await client.capa()  # C-25: TRANSACTION-state values (PIPELINING, UIDL)
+        if use_capa:
+            # C-25, RFC 2449 §6.5/§6.7: TRANSACTION-state values (PIPELINING, UIDL,
+            # per-user LOGIN-DELAY); some servers list more only after login (GNU
+            # pop3d: IMPLEMENTATION).
+            await client.capa()
         self._log.info(
             "pop3_session_opened",
             tls=client.tls_active,
@@ -611,16 +613,6 @@ def _discard(item: Message | Unretrievable) -> None:
     if message is not None and message.spool_path is not None:
         with contextlib.suppress(OSError):
             Path(message.spool_path).unlink()
-
-
-def _recapa_needed(caps: Capabilities | None) -> bool:
-    # RFC 2449 §6.5/§6.7, C-25: re-issue CAPA after login when the pre-login list may
-    # change (a USER-token value, or UIDL/PIPELINING shown only after login).
-    if caps is None:
-        return True
-    if "PIPELINING" not in caps or "UIDL" not in caps:
-        return True
-    return any(caps.per_user(name) for name in caps.names)
 
 
 class _Sink:
