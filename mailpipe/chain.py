@@ -68,7 +68,7 @@ class Step:
     worker: StepWorker = field(init=False)
 
     def __post_init__(self) -> None:
-        self.worker = StepWorker(self.id)
+        self.worker = StepWorker(self.id, serial=self.lock is not None)
 
     async def call(self, method: str, *args: Any, budget: Budget | None = None) -> Any:
         """Call the processor's ``method``: a coroutine function on the event loop,
@@ -259,7 +259,13 @@ class Chain:
             if step.commits or not step.has_prefetch:
                 return None
             try:
-                raw = await step.call("prefetch", message, budget=Budget(step.budget))
+                if step.lock is not None:  # serialised per instance, like process()
+                    async with step.lock:
+                        raw = await step.call(
+                            "prefetch", message, budget=Budget(step.budget)
+                        )
+                else:
+                    raw = await step.call("prefetch", message, budget=Budget(step.budget))
                 result = normalise(raw, step.use)
             except BaseException as exc:
                 if not _processor_failure(exc):

@@ -127,8 +127,12 @@ class StepWorker:
 
     _ids = itertools.count(1)
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, serial: bool = True) -> None:
         self.name = name
+        # Serial steps (not ``concurrent``) run one call at a time: a call that starts
+        # while an abandoned one still runs may have waited behind it. Concurrent
+        # steps share nothing between calls, so each overrun is the message's own.
+        self.serial = serial
         self._idle: list[_Thread] = []
         self._abandoned: list[_Thread] = []
 
@@ -148,6 +152,14 @@ class StepWorker:
         step was still running when this one began. A caller cancelled while the
         call runs leaves it to finish unawaited on its thread.
         """
+        if budget is not None and budget.left <= 0:
+            # Spent by earlier steps: never start a call that would be abandoned at
+            # once while its side effect goes on (review of issue 20 item 4).
+            raise BudgetExceeded(
+                f"{self.name} not started: the {budget.name} of {budget.seconds:g} s "
+                "was spent by earlier steps",
+                processor=self.name,
+            )
         loop = asyncio.get_running_loop()
         thread = self._idle.pop() if self._idle else self._new_thread()
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -157,7 +169,7 @@ class StepWorker:
         reuse = False
         try:
             await started
-            busy = self.abandoned > 0
+            busy = self.serial and self.abandoned > 0
             began = time.monotonic()
             wrapped = asyncio.wrap_future(future)
             try:

@@ -307,3 +307,35 @@ async def test_calls_see_the_callers_context_and_spend_the_budget() -> None:
         assert 0 < budget.left < SAFETY
     finally:
         worker.shutdown()
+
+
+async def test_a_concurrent_step_quarantines_every_runaway_message() -> None:
+    """Review of item 4: a concurrent step (parse, filter) shares nothing between
+    calls, so a second overrun while the first runaway thread still runs is the new
+    message's own: quarantined too (BudgetExceeded), never retried for ever as a
+    TemporaryFailure that adds one more runaway thread per poll."""
+    gate = threading.Event()
+    worker = StepWorker("p/0:parse", serial=False)
+    try:
+        for _ in range(2):
+            with pytest.raises(BudgetExceeded):
+                await worker.call(lambda: gate.wait(SAFETY), budget=Budget(0.05))
+        assert worker.abandoned == 2
+    finally:
+        gate.set()
+        worker.shutdown()
+
+
+async def test_a_step_never_starts_with_its_budget_spent() -> None:
+    """A call that could only be abandoned at once is not started at all (its side
+    effect would go on after the message was quarantined)."""
+    ran: list[int] = []
+    worker = StepWorker("p/1:store")
+    budget = Budget(0.05)
+    budget.left = 0.0
+    try:
+        with pytest.raises(BudgetExceeded, match="not started"):
+            await worker.call(lambda: ran.append(1), budget=budget)
+        assert ran == []
+    finally:
+        worker.shutdown()
