@@ -55,8 +55,11 @@ class FilterProcessor:
     """Apply the rules to each message; see docs/filter.md.
 
     ``process`` evaluates rules in order on the parsed record (``message.record``, or
-    a lazy parse). ``prefetch`` decides drop/keep on headers alone (``TOP n 0``) when
-    every rule up to the deciding one needs only headers, else returns None.
+    a lazy parse), never on the raw bytes: for a message a POP3 server wrapped in a
+    notice (RFC 6856 §3) the rules see the original's headers, body and attachments;
+    only ``size`` is that of the bytes received. ``prefetch`` decides drop/keep on
+    headers alone (``TOP n 0``) when every rule up to the deciding one needs only
+    headers, else (and for a server's notice) returns None.
     """
 
     name: ClassVar[str] = "filter"
@@ -100,8 +103,15 @@ class FilterProcessor:
         return None
 
     def prefetch(self, message: Message) -> Result:
-        """Decide drop/keep on a headers-only message; None when it cannot decide."""
+        """Decide drop/keep on a headers-only message; None when it cannot decide.
+
+        None for a POP3 server's notice (``record.server_wrapped``): its header block
+        is the server's, so the rules wait for the whole message and judge the
+        original it carries.
+        """
         facts = self._facts(message)
+        if facts.record.server_wrapped:
+            return None
         for rule, needs_body in zip(self.rules, self._needs_body, strict=True):
             if needs_body:
                 return None  # an earlier body rule might match first

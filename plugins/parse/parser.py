@@ -29,8 +29,16 @@ from .attachments import (
 from .body import BodyParts, html_charset
 from .charsets import decode_text
 from .headers import decode_header
-from .record import Address, Attachment, AttachmentSource, Defect, MessageRecord
+from .record import (
+    SERVER_WRAPPED,
+    Address,
+    Attachment,
+    AttachmentSource,
+    Defect,
+    MessageRecord,
+)
 from .spool import Runs, SpooledPayload, skeleton
+from .wrapper import find_wrapped, header_block_shape, headers_only_detail
 
 _PARSER = BytesParser(policy=email_policy.compat32)
 _HEADERS_PARSER = BytesParser(policy=email_policy.compat32)
@@ -129,6 +137,13 @@ def parse_message(
     Never raises on any input: what cannot be decoded becomes a :class:`Defect`, and
     the raw bytes stay with the caller. A headers-only input (``TOP n 0``) gives a
     record with headers and no body.
+
+    A POP3 server's notice that carries the original (RFC 6856 §3; see
+    :mod:`.wrapper`) gives a record of the original: its headers, body and
+    attachments (part paths under the carrier part, e.g. ``2.1``), ``sha256`` and
+    ``size`` of the raw bytes as received, and a first defect of kind
+    ``ServerWrapped`` (``record.server_wrapped``). A headers-only notice gives a
+    record of the notice with that defect (part ``""``): the original is in the body.
     """
     base = {
         "key": key,
@@ -176,7 +191,8 @@ def parse_file(
     runs = Runs(sk, f, spool_dir)
     try:
         msg = _PARSER.parsebytes(sk.data)
-        _inflate_all_but_base64(msg, runs)
+        wrapped = find_wrapped(msg)  # only the original is walked: inflate it alone
+        _inflate_all_but_base64(wrapped.inner if wrapped else msg, runs)
         record, found = _record(msg, base, _State(runs=runs), body=True)
         return record, list(found)
     except Exception as exc:  # last resort, as in parse_message
@@ -219,6 +235,15 @@ def _parse(raw: bytes, base: dict[str, object]) -> tuple[MessageRecord, list[byt
 def _record(
     msg: Message, base: dict[str, object], state: _State, *, body: bool
 ) -> tuple[MessageRecord, list[bytes]]:
+    """The record of ``msg`` (of the original it carries when ``msg`` is a server's
+    notice, see :mod:`.wrapper`); ``body=False`` for a header block alone."""
+    notice = msg
+    wrapped = find_wrapped(msg) if body else None
+    if wrapped is not None:
+        state.defect(wrapped.part, SERVER_WRAPPED, wrapped.detail())
+        msg = wrapped.inner
+    elif (shape := header_block_shape(msg)) is not None:
+        state.defect("", SERVER_WRAPPED, headers_only_detail(shape))
     headers: list[tuple[str, str]] = []
     by_name: dict[str, list[str]] = {}
     raw_by_name: dict[str, list[str]] = {}
@@ -278,7 +303,9 @@ def _record(
     fields["auto_reply_reason"] = reason
 
     if body:
-        _walk(msg, state)
+        for defect in notice.defects if wrapped is not None else ():
+            state.defect("", type(defect).__name__, str(defect).strip() or _doc(defect))
+        _walk(msg, state, wrapped.part if wrapped is not None else "")
         body_text, html, from_html = state.body.result()
         fields["text"], fields["html"] = body_text, html
         fields["text_from_html"] = from_html
@@ -417,9 +444,15 @@ def _date(value: str | None, state: _State) -> datetime | None:
         return None
 
 
-def _walk(root: Message, state: _State) -> None:
-    """Visit every part depth-first, iteratively, with IMAP-style part paths."""
-    stack: list[tuple[Message, str, int, str]] = [(root, "", 0, "")]
+def _walk(root: Message, state: _State, base: str = "") -> None:
+    """Visit every part depth-first, iteratively, with IMAP-style part paths.
+
+    ``base`` is the path of the message/* part that ``root`` is the message of ("" for
+    the top level): its parts are ``base.1``, ``base.2``, ... (a non-multipart root's
+    body is ``base.1``, "1" at the top level), as IMAP numbers them.
+    """
+    stack: list[tuple[Message, str, int, str]] = [(root, base, 0, "")]
+    body_path = f"{base}.1" if base else "1"
     while stack:
         part, path, depth, parent = stack.pop()
         if not state.take(path):
@@ -432,7 +465,7 @@ def _walk(root: Message, state: _State) -> None:
         payload = _payload(part)
         if isinstance(payload, list):
             if not ctype.startswith("multipart/"):  # message/rfc822, delivery-status...
-                _nested(part, path or "1", ctype, state)
+                _nested(part, body_path if part is root else path, ctype, state)
                 continue
             if depth >= _MAX_DEPTH:
                 state.defect(
@@ -444,7 +477,7 @@ def _walk(root: Message, state: _State) -> None:
                 child_path = f"{path}.{i + 1}" if path else str(i + 1)
                 stack.append((children[i], child_path, depth + 1, ctype))
             continue
-        _leaf(part, path or ("1" if root is part else path), ctype, parent, state)
+        _leaf(part, body_path if part is root else path, ctype, parent, state)
 
 
 def _nested(part: Message, path: str, ctype: str, state: _State) -> None:

@@ -62,7 +62,10 @@ class ParseProcessor:
     Sets ``message.record`` and ``message.meta["attachment_payloads"]`` (bytes aligned
     with ``record.attachments``; a large base64 attachment of a spooled message is a
     :class:`~.spool.SpooledPayload` instead: ``len()``, ``.sha256``, ``.chunks()``,
-    ``bytes()``). Works on headers-only messages (``TOP n 0``) too.
+    ``bytes()``). Works on headers-only messages (``TOP n 0``) too. A notice a POP3
+    server served in place of a message with 8-bit headers (RFC 6856 §3) gives the
+    record of the original it carries, with a ``ServerWrapped`` defect (see
+    ``wrapper.py``); ``message.raw`` is never changed.
     """
 
     name: ClassVar[str] = "parse"

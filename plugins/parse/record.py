@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 #: Bump when a field changes meaning or is removed; adding an optional field does not.
 SCHEMA_VERSION: Literal[1] = 1
+
+#: ``Defect.kind`` of a message that a POP3 server served wrapped in a notice (RFC 6856
+#: §3, e.g. Courier's "Cannot display Unicode content"); see ``wrapper.py``.
+SERVER_WRAPPED: Final = "ServerWrapped"
 
 AttachmentSource = Literal["mime", "uuencode", "tnef", "rfc822"]
 
@@ -70,6 +74,10 @@ class MessageRecord(BaseModel):
     True when ``text`` was rendered from an HTML-only message. ``tags`` is a snapshot
     taken at parse time (filters add to ``message.tags`` afterwards). ``headers`` are
     (name, decoded value) pairs in order.
+
+    A message that a POP3 server served wrapped in a notice (RFC 6856 §3) is described
+    by the original it carries, with ``sha256`` and ``size`` of the raw bytes as
+    received and a defect of kind ``ServerWrapped``; see :attr:`server_wrapped`.
     """
 
     schema_version: Literal[1] = Field(default=1, description="Record schema version.")
@@ -110,3 +118,11 @@ class MessageRecord(BaseModel):
     headers: list[tuple[str, str]] = Field(
         default_factory=list, description="All header fields, decoded, in order."
     )
+
+    @property
+    def server_wrapped(self) -> bool:
+        """True when a ``ServerWrapped`` defect says a POP3 server wrapped the message
+        in a notice: with a body, the record describes the original it carries (the
+        defect's part is the carrier's); for a header block alone (part ``""``), it
+        describes the notice. Not a field: the JSON shape is unchanged."""
+        return any(d.kind == SERVER_WRAPPED for d in self.defects)

@@ -8,7 +8,9 @@ in the docstrings and in docs/conformance.md.
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -52,6 +54,59 @@ def test_courier_8bit_headers_stored_as_sent(lab_servers, corpus, tmp_path) -> N
     notices = [m for m in stored if NOTICE_SUBJECT in m[:400]]
     assert notices == [], f"{len(notices)} of {len(stored)} stored as Courier's notice"
     assert Counter(map(canonical, stored)) == Counter(map(canonical, given))
+
+
+NEWSLETTER = (
+    "From: Jürgen <news@example.de>\r\nTo: mptest@example.org\r\n"
+    "Subject: Grüße \u2013 Ausgabe 7\r\nDate: Tue, 04 Jun 2024 10:00:00 +0200\r\n"
+    "Message-ID: <news-7@example.de>\r\nList-Id: Weekly <weekly.example.de>\r\n"
+    "Content-Type: text/plain; charset=utf-8\r\n\r\nHallo.\r\n"
+).encode()
+PERSONAL = (
+    "From: Zoë <zoe@example.org>\r\nTo: mptest@example.org\r\n"
+    "Subject: Café\r\nMessage-ID: <p-1@example.org>\r\n\r\nbody\r\n"
+).encode()
+
+
+@pytest.mark.parametrize("prefetch", [False, True], ids=["retr", "header-prefetch"])
+def test_courier_notice_judged_by_the_original(
+    lab_servers, tmp_path, prefetch: bool
+) -> None:
+    """Issue 21.1, second half: a client that does not send UTF8 (``utf8 = false``)
+    still gets Courier's notices. Filter rules must judge the original inside: the
+    newsletter a "keep" rule matches by its List-Id stays on the server (before:
+    the notice, with no List-Id, was stored and DELE'd); the other is stored
+    byte-exact as served (the notice) with a record of the original."""
+    lab = lab_servers("courier")
+    lab.load([NEWSLETTER, PERSONAL])
+    served = [m.raw for m in lab.served()]
+    assert all(NOTICE_SUBJECT in raw[:400] for raw in served)  # Courier wraps both
+    records = tmp_path / "records.jsonl"
+    config = lab_pipeline(
+        tmp_path,
+        lab,
+        HEADER_ONLY_RULES[0],
+        HEADER_ONLY_RULES[1],
+        {"use": "store.jsonl", "path": str(records)},
+        utf8=False,
+        header_prefetch=prefetch,
+    )
+    run, _ = mailpipe_once(config)
+    assert run.returncode == 0, run.stderr[-3000:]
+    left = [m.raw for m in lab.messages()]
+    assert len(left) == 1 and b"weekly.example.de" in left[0]  # kept on the server
+    [stored] = stored_messages(tmp_path / "Maildir")
+    # raw as received: the notice (its boundary changes with each session)
+    assert b"p-1@example.org" in stored
+    assert _same_boundary(stored) in [_same_boundary(raw) for raw in served]
+    [line] = [json.loads(x) for x in records.read_text().splitlines()]
+    assert (line["subject"], line["message_id"]) == ("Café", "p-1@example.org")
+    assert line["defects"][0]["kind"] == "ServerWrapped"
+
+
+def _same_boundary(raw: bytes) -> bytes:
+    """``raw`` with Courier's per-session MIME boundary (``=_<pid>-<time>``) fixed."""
+    return re.sub(rb"=_\d+-\d+", b"=_B", raw)
 
 
 def test_gnu_short_retr_after_top_never_committed(
