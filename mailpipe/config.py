@@ -402,6 +402,10 @@ def _masked(value: Any, *, every: bool = False) -> Any:
         return [_masked(v, every=every) for v in value]
     if isinstance(value, str) and (every or is_credential(value)):
         return MASK
+    if isinstance(value, str):
+        # Each string before JSON encoding: an escaped quote or backslash would
+        # otherwise hide a known secret from redact() (review of issue 20 item 8).
+        return redact(value)
     return value
 
 
@@ -537,7 +541,8 @@ def read_toml(path: Path) -> dict[str, Any]:
     ConfigError with the line."""
     try:
         raw = path.read_bytes()
-        return tomllib.loads(raw.decode("utf-8"))
+        # A byte-order mark (Windows editors) is not TOML; the text after it is.
+        return tomllib.loads(raw.decode("utf-8").removeprefix("\ufeff"))
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         byte = raw[exc.start]

@@ -249,6 +249,7 @@ class MailboxRunner:
         # header section, or serves a short RETR after TOP, it is off for good.
         self._prefetch_off = False
         self._login_delay = 0.0  # seconds, from the latest session's CAPA
+        self._unkeyed_oversize: set[str] = set()  # no-UIDL messages sent past a limit
         self.inflight = InflightMarker(self.spool_dir, self.name)
         self._summary = Summary(mailbox=self.name)  # the current poll's (see poll)
 
@@ -316,7 +317,9 @@ class MailboxRunner:
             self.log.error("session_crashed", error=summary.error, exc_info=True)
             self._last_exc = exc
         else:
-            self._last_exc = None
+            # A failed group commit makes the poll a failure without raising: the
+            # scheduler backs off for it like for any other failed poll.
+            self._last_exc = ProcessorError(summary.error) if summary.error else None
         finally:
             self.inflight.close()
         summary.seconds = round(time.monotonic() - started, 3)
@@ -403,7 +406,12 @@ class MailboxRunner:
             plan = self._plan(refs, session.supports_uidl)
             # Nothing is fetched twice in one poll: a later window skips what an
             # earlier one tried (without UIDL, what it could not retrieve).
-            plan.process = [r for r in plan.process if _tried_key(r) not in self._attempted]
+            plan.process = [
+                r
+                for r in plan.process
+                if _tried_key(r) not in self._attempted
+                and _tried_key(r) not in self._unkeyed_oversize
+            ]
             plan.oversize = [
                 r for r in plan.oversize if _tried_key(r) not in self._attempted
             ]
@@ -495,7 +503,7 @@ class MailboxRunner:
                 elif (
                     self.cfg.max_message_size is not None
                     and ref.size > self.cfg.max_message_size
-                ) or oversize.marked(entry):
+                ) or oversize.marked(entry, self.cfg.max_message_size):
                     plan.oversize.append(ref)
                 elif entry is not None and (entry.attempts or entry.last_error):
                     retries.append(ref)
@@ -685,6 +693,12 @@ class MailboxRunner:
             summary.skipped += 1
         elif outcome == "deleted":
             summary.dropped += 1
+        elif ref is not None:
+            # No uid to journal it by: this process does not fetch it again (by
+            # number and size; a clash only defers a message to a later run).
+            self._unkeyed_oversize.add(_tried_key(ref))
+            summary.skipped += 1
+            return True
         return outcome is not None
 
     async def _prefetch(

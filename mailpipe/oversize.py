@@ -22,6 +22,7 @@ error ends the poll, as any source error does.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from pathlib import Path
@@ -35,10 +36,19 @@ from mailpipe.source import Unretrievable
 #: Prefix of ``last_error`` for a message that was sent past ``max_message_size``.
 OVERSIZE_MARK: Final = "oversize:"
 
+#: The limit recorded in a mark ("... more than N octets ...").
+_MARKED_LIMIT: Final = re.compile(r"more than (\d+) octets")
 
-def marked(entry: Entry | None) -> bool:
-    """True when ``entry`` records that its message was sent past the size limit."""
-    return entry is not None and entry.last_error.startswith(OVERSIZE_MARK)
+
+def marked(entry: Entry | None, limit: int | None) -> bool:
+    """True when ``entry`` records that its message was sent past a size limit that
+    still holds: ``limit`` (the mailbox's ``max_message_size`` now) is set and not
+    above the one recorded. A raised or removed limit lets the message be fetched
+    again (review of issue 20 item 6)."""
+    if entry is None or not entry.last_error.startswith(OVERSIZE_MARK) or limit is None:
+        return False
+    found = _MARKED_LIMIT.search(entry.last_error)
+    return found is None or limit <= int(found.group(1))
 
 
 def retrieve(

@@ -49,6 +49,10 @@ from .protocol import RemoteProtocolError
 
 log = structlog.get_logger()
 
+#: The longest ``TOP n 0`` reply kept for header rules (S-12); longer ones are read
+#: to their end, dropped, and the message is retrieved instead.
+MAX_HEADER_OCTETS = 1 << 20
+
 
 class Pop3Options(BaseModel):
     """Options of a ``source = "pop3"`` mailbox (the mailbox table's other keys)."""
@@ -433,13 +437,25 @@ class Pop3Session:
         rule may judge it): the engine then retrieves the message instead.
         """
         parts: list[bytes] = []
+        size = 0
         refused: Err | None = None
-        async for event in self.client.stream([Top(number=ref.number, lines=0)]):
-            if isinstance(event, BodyChunk):
-                parts.append(event.data)
-            elif isinstance(event, Err):
-                refused = event
+        try:
+            async for event in self.client.stream([Top(number=ref.number, lines=0)]):
+                if isinstance(event, BodyChunk):
+                    size += len(event.data)
+                    if size <= MAX_HEADER_OCTETS:  # past it: read on, keep nothing
+                        parts.append(event.data)
+                elif isinstance(event, Err):
+                    refused = event
+        except OversizeError as exc:
+            exc.ref = ref  # a TOP past the max_message cap: journaled like a RETR
+            raise
         self._topped.add(ref.number)
+        if size > MAX_HEADER_OCTETS:
+            # S-12: a header section this long is hostile or a server that ignores
+            # the line count; the message is retrieved (and size-checked) instead.
+            self._log.warning("pop3_top_too_long", number=ref.number, octets=size)
+            return None
         if refused is not None:
             self._log.warning(
                 "pop3_top_refused", number=ref.number, text=refused.text[:200]

@@ -14,7 +14,7 @@ from mailpipe import hookimpl
 from mailpipe.chain import Chain
 from mailpipe.config import validate_config
 from mailpipe.engine import MailboxRunner
-from mailpipe.errors import TemporaryFailure
+from mailpipe.errors import ProcessorError, TemporaryFailure
 from mailpipe.journal.base import Status
 from mailpipe.journal.sqlite import SqliteJournal
 from mailpipe.message import Message
@@ -308,9 +308,12 @@ async def test_failed_group_commit_is_reported_as_a_failure(tmp_path: Path) -> N
     assert "group commit failed for 3 message(s)" in summary.error
     assert "OSError: disk full" in summary.error
     assert done == [] and sorted(box.messages) == ["a", "b", "c"]
+    # The scheduler backs off for it like any failed poll (review finding).
+    assert isinstance(runner.last_exception, ProcessorError)
     Flaky.fail_flush = False
     summary = await runner.poll()
     assert (summary.processed, summary.failed, summary.error) == (3, 0, None)
+    assert runner.last_exception is None
     assert sorted(done) == ["a", "b", "c"] and box.messages == {}
 
 

@@ -167,3 +167,58 @@ async def test_a_message_over_the_max_message_cap_is_left_on_the_server_for_good
     e = entry(tmp_path, uid)
     assert e is not None and e.status == Status.KEPT and e.disposition == "oversize"
     assert all(retrs(srv, n) == [] for n in range(sessions + 1, len(srv.sessions) + 1))
+
+
+async def test_a_raised_limit_lets_a_marked_message_through(tmp_path: Path) -> None:
+    """Review: the oversize mark records its limit; a limit raised above it (or
+    removed) lets the message be fetched and processed again."""
+    big = big_message()
+    with lying_server(big) as srv:
+        await poll(tmp_path, srv, max_message_size="1MB")
+        assert (await poll(tmp_path, srv, max_message_size="1MB")).skipped == 1
+        raised = await poll(tmp_path, srv, max_message_size="10MB")
+        left = srv.messages
+    assert raised.error is None and raised.processed == 1
+    assert stored_subjects(tmp_path) == ["m1", "m2", "m3"] and left == []
+
+
+async def test_without_uidl_a_size_liar_does_not_stop_the_mailbox(
+    tmp_path: Path,
+) -> None:
+    """Review: without UIDL nothing can be journaled; the runner remembers it for its
+    life and the other messages flow in the same poll."""
+    big = big_message()
+    srv = Pop3Server(
+        [msg(1), big, msg(3)],
+        faults=Faults(list_size_delta={2: 100 - len(big)}, uidl_unsupported=True),
+    )
+    with srv:
+        summary = await poll(tmp_path, srv, max_message_size="1MB")
+        left = srv.messages
+    assert summary.error is None, summary.error
+    assert summary.skipped >= 1 and stored_subjects(tmp_path) == ["m1", "m3"]
+    assert left == [big]
+
+
+async def test_a_top_reply_longer_than_a_header_section_is_not_kept(
+    tmp_path: Path,
+) -> None:
+    """Review: a server answering TOP n 0 with megabytes is not held in memory nor
+    judged: the message is retrieved (and size-checked) instead."""
+    from mailpipe.plugins.pop3.source import MAX_HEADER_OCTETS, Pop3Options, Pop3Session
+
+    huge_head = b"X-Pad: " + b"p" * (MAX_HEADER_OCTETS + 10) + b"\r\n"
+    with Pop3Server([huge_head + msg(1)]) as srv:
+        options = Pop3Options(
+            host=srv.host, port=srv.port, security="none",
+            allow_plaintext_password=True, username="user", password="pass",
+        )
+        session = Pop3Session(options, "box")
+        await session.open()
+        try:
+            (ref,) = await session.list()
+            with capture_logs() as logs:
+                assert await session.headers(ref) is None
+        finally:
+            await session.abort()
+    assert [e["event"] for e in logs if e["event"] == "pop3_top_too_long"]
