@@ -5,8 +5,10 @@ The Debian servers of the interop lab read compiled-in paths (``/etc/courier``,
 adding users to the machine or editing its ``/etc``, each server runs inside a new
 mount and PID namespace (``unshare``) in which copies of ``/etc/passwd``,
 ``/etc/shadow`` and ``/etc/group`` with the test users, and any private directory,
-are bind-mounted over the real ones. Nothing outside the namespace changes, and
-killing the namespace's first process ends every process in it.
+are bind-mounted over the real ones. Nothing else outside the namespace changes
+(except an empty chroot directory a server insists on, e.g. popa3d's
+``/var/lib/popa3d``), and killing the namespace's first process ends every process
+in it.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Run inetd-style under socat with a private ``spop3d.conf`` (bulletins off, the
 Maildir in the lab's home); the APOP secret is the user's ``~/.spop3d`` written by
 the package's ``pop_auth``. No CAPA, no STLS; implicit TLS is a socat ``OPENSSL``
-listener in front of it. It refuses some messages outright (``-ERR`` to RETR):
-26 of the corpus, listed in :data:`REFUSED_CORPUS`.
+listener in front of it. While any message in the Maildir lacks a final line break
+it refuses the login itself (``-ERR message is damaged`` to PASS), so the whole
+mailbox is unreadable: 26 of the corpus, listed in :data:`REFUSED_CORPUS`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from .socat import socat_inetd, socat_tls_front
 
 __all__ = ["REFUSED_CORPUS", "SolidPop3d"]
 
-#: Corpus files whose RETR solid-pop3d answers with -ERR (measured; the lab's
-#: solid-damaged.txt).
+#: Corpus files that make solid-pop3d refuse the login ("message is damaged": no
+#: final line break; measured, as the lab's solid-damaged.txt).
 REFUSED_CORPUS: frozenset[str] = frozenset(
     {
         "8bit-headers__mikel__encoding_madness.eml",
