@@ -128,7 +128,8 @@ def verify(var: Path, message: bytes) -> bool:
     finally:
         db.close()
     digest = hashlib.sha256(message).hexdigest()
-    lines = (var / "records.jsonl").read_bytes().splitlines()
+    jsonl = var / "records.jsonl"  # absent when the message was refused or kept
+    lines = jsonl.read_bytes().splitlines() if jsonl.exists() else []
     return rows == [(digest, len(message))] and len(lines) == 1
 
 
