@@ -122,11 +122,14 @@ def verify(var: Path, message: bytes) -> bool:
     """One stored row with the exact raw bytes, its blob, one JSONL line."""
     db = sqlite3.connect(var / "tickets.sqlite3")
     try:
-        rows = db.execute("SELECT sha256, length(raw) FROM messages").fetchall()
+        rows = db.execute(
+            "SELECT m.sha256, length(r.raw) FROM messages m JOIN message_raw r USING (key)"
+        ).fetchall()
     finally:
         db.close()
     digest = hashlib.sha256(message).hexdigest()
-    lines = (var / "records.jsonl").read_bytes().splitlines()
+    jsonl = var / "records.jsonl"  # absent when the message was refused or kept
+    lines = jsonl.read_bytes().splitlines() if jsonl.exists() else []
     return rows == [(digest, len(message))] and len(lines) == 1
 
 

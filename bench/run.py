@@ -14,7 +14,7 @@ with deletion (RETR, store, DELE, QUIT):
 
 Each run gets a freshly filled mailbox, runs as its own process group (peak RSS and CPU
 from wait4), and is verified: every message arrived exactly once and intact (Maildir
-files, or the ``raw`` column of the SQLite store, compared with what was delivered
+files, or the ``message_raw`` table of the SQLite store, compared with what was delivered
 after CRLF->LF), and the mailbox is empty afterwards (STAT). Dovecot's own logout lines
 give the RETR/DELE counts. Profiles: ``small`` 2,000 messages of 2-4 KB; ``mixed``
 1,000 messages from 300 B to 2 MB. ``--latency-ms N`` puts the clients behind
@@ -399,7 +399,9 @@ def sqlite_blobs(db: Path) -> tuple[list[bytes], int]:
         return [], 0
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        rows = conn.execute("SELECT raw, parsed FROM messages").fetchall()
+        rows = conn.execute(
+            "SELECT r.raw, m.parsed FROM messages m LEFT JOIN message_raw r USING (key)"
+        ).fetchall()
     finally:
         conn.close()
     return [bytes(r[0] or b"") for r in rows], sum(1 for r in rows if r[1])

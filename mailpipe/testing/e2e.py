@@ -371,7 +371,7 @@ def sqlite_keys(path: Path) -> Counter[str]:
 def sqlite_numbers(path: Path) -> Counter[int]:
     """Rows per ``delivery N`` subject (read from the stored raw bytes)."""
     out: Counter[int] = Counter()
-    for (raw,) in _sqlite_rows(path, "SELECT raw FROM messages"):
+    for (raw,) in _sqlite_rows(path, "SELECT raw FROM message_raw"):
         n = subject_number(bytes(raw)) if raw is not None else None
         if n is not None:
             out[n] += 1

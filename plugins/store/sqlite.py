@@ -7,7 +7,14 @@ are rows of ``schema_version``):
   record fields as columns, address lists as JSON arrays of ``{"name", "address"}``,
   ``addresses`` (every name and address, flattened for search), ``record`` (the whole
   JSON document of :func:`mailpipe.plugins.store.jsonl.record_document` minus the
-  bodies) and ``raw`` (the message bytes when ``raw = "inline"``, else NULL).
+  bodies).
+- ``message_raw``: (key → raw) the message bytes, one row per key when ``raw =
+  "inline"``, none otherwise. ``raw`` is the last column of its row so that the
+  ``zeroblob(size)`` it is inserted as stays a few bytes in the record; the bytes are
+  then copied in 1 MiB pieces through incremental blob I/O, so storing a message costs
+  memory independent of its size. Read it with :func:`open_raw` (in pieces) or
+  ``SELECT raw FROM message_raw WHERE key = ?`` (whole). Up to version 2 the bytes
+  were ``messages.raw``; migration 3 moves them here (see :func:`_move_raw`).
 - ``attachments``: (key, idx) → file name, type, size, sha256, … of each attachment.
 - ``tags``: (key, tag) pairs from ``message.tags`` and the record's tags.
 - ``messages_fts``: a contentless FTS5 index over ``subject``, ``addresses`` and
@@ -25,10 +32,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, Final, Literal
+from typing import Any, BinaryIO, ClassVar, Final, Literal
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
@@ -139,10 +146,55 @@ _V2: Final = (
         SELECT id, {_FTS_ROW.format(p="messages")} FROM messages""",
 )
 
-#: (version, description, statements), applied in order, each in one transaction.
-MIGRATIONS: Final[tuple[tuple[int, str, Sequence[str]], ...]] = (
+_RAW_CHUNK: Final = 1 << 20
+
+
+def _copy_into(dst: sqlite3.Blob, src: sqlite3.Blob | BinaryIO) -> None:
+    """Copy ``src`` to ``dst`` in 1 MiB pieces (``dst`` already has the right size)."""
+    for chunk in iter(lambda: src.read(_RAW_CHUNK), b""):
+        dst.write(chunk)
+
+
+def _move_raw(conn: sqlite3.Connection) -> None:
+    """Migration 3: copy ``messages.raw`` into ``message_raw`` with bounded memory.
+
+    Each new row is inserted as ``zeroblob(length(raw))`` (``length`` of a blob reads
+    only its header) and filled from the old column in 1 MiB pieces, so the migration
+    holds no whole message either. Runs inside the migration's transaction.
+    """
+    conn.execute(
+        "INSERT INTO message_raw (key, raw) "
+        "SELECT key, zeroblob(length(raw)) FROM messages WHERE raw IS NOT NULL"
+    )
+    pairs = conn.execute(
+        "SELECT m.id, r.id FROM messages m JOIN message_raw r ON r.key = m.key"
+    ).fetchall()
+    for old, new in pairs:
+        with conn.blobopen("messages", "raw", old, readonly=True) as src, \
+                conn.blobopen("message_raw", "raw", new) as dst:
+            _copy_into(dst, src)
+
+
+_V3: Final = (
+    # raw is the LAST column: a trailing zeroblob stays small in the record (see
+    # _write); a rowid alias (id) because incremental blob I/O addresses rows by rowid.
+    """CREATE TABLE message_raw (
+        id INTEGER PRIMARY KEY,
+        key TEXT NOT NULL UNIQUE REFERENCES messages(key) ON DELETE CASCADE,
+        raw BLOB NOT NULL
+    )""",
+    _move_raw,
+    "ALTER TABLE messages DROP COLUMN raw",
+)
+
+#: A migration step: one SQL statement, or a function run on the connection.
+Step = str | Callable[[sqlite3.Connection], None]
+
+#: (version, description, steps), applied in order, each version in one transaction.
+MIGRATIONS: Final[tuple[tuple[int, str, Sequence[Step]], ...]] = (
     (1, "messages, attachments and tags", _V1),
     (2, "flattened addresses and the FTS5 index", _V2),
+    (3, "raw bytes in message_raw, the last column of their own row", _V3),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
@@ -177,11 +229,13 @@ def schema_version(conn: sqlite3.Connection) -> int:
 def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
     """Apply the missing migrations up to ``target``; return the resulting version.
 
-    ``conn`` must be in autocommit mode (``isolation_level=None``). Each step runs in
-    its own ``BEGIN IMMEDIATE`` transaction, so concurrent openers migrate once.
-    A database newer than this code raises PermanentFailure.
+    ``conn`` must be in autocommit mode (``isolation_level=None``). Each version runs
+    in its own ``BEGIN IMMEDIATE`` transaction (all its steps and its
+    ``schema_version`` row commit together or not at all, so a crash leaves the
+    previous version intact), and concurrent openers migrate once. Re-running is a
+    no-op. A database newer than this code raises PermanentFailure.
     """
-    for version, description, statements in MIGRATIONS:
+    for version, description, steps in MIGRATIONS:
         if version > target:
             break
         conn.execute("BEGIN IMMEDIATE")
@@ -195,8 +249,11 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
             if current >= version:
                 conn.execute("COMMIT")
                 continue
-            for statement in statements:
-                conn.execute(statement)
+            for step in steps:
+                if isinstance(step, str):
+                    conn.execute(step)
+                else:
+                    step(conn)
             conn.execute(
                 "INSERT INTO schema_version(version, description, applied_at) "
                 "VALUES (?, ?, ?)",
@@ -237,6 +294,18 @@ def search(conn: sqlite3.Connection, query: str, limit: int = 50) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
+def open_raw(conn: sqlite3.Connection, key: str) -> sqlite3.Blob | None:
+    """Open message ``key``'s raw bytes for reading in pieces; None if none are stored.
+
+    The returned read-only :class:`sqlite3.Blob` is a context manager; read it in
+    chunks so a large message is never held whole.
+    """
+    row = conn.execute("SELECT id FROM message_raw WHERE key = ?", (key,)).fetchone()
+    if row is None:
+        return None
+    return conn.blobopen("message_raw", "raw", row[0], readonly=True)
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -261,7 +330,8 @@ class SqliteOptions(BaseModel):
     path: Path = Field(description="SQLite database file; created with its schema.")
     raw: Literal["inline", "none"] = Field(
         default="inline",
-        description="'inline' keeps the raw message bytes in messages.raw; 'none' not.",
+        description="'inline' keeps the raw message bytes in message_raw.raw; 'none' "
+        "not.",
     )
     group_commit: bool = Field(
         strict=True,
@@ -277,35 +347,35 @@ class SqliteOptions(BaseModel):
 _COLUMNS: Final = (
     "key", "mailbox", "uid", "sha256", "size", "parsed", "message_id", "date",
     "date_raw", *_ADDRESS_COLUMNS, "addresses", "subject", "thread_key", "list_id",
-    "auto_reply", "text", "text_from_html", "html", "record", "raw", "stored_at",
+    "auto_reply", "text", "text_from_html", "html", "record", "stored_at",
     "updated_at",
 )
 _KEEP_ON_UPDATE: Final = ("key", "stored_at")
-# raw is written as zeroblob(size) and then filled in pieces (_fill_raw), so a large
-# message is never held in memory; a NULL size stays NULL (raw = "none").
 _UPSERT: Final = (
     f"INSERT INTO messages ({', '.join(_COLUMNS)}) VALUES ("
-    + ", ".join("CASE WHEN ? IS NULL THEN NULL ELSE zeroblob(?) END" if c == "raw"
-                else "?" for c in _COLUMNS)
+    + ", ".join("?" for _ in _COLUMNS)
     + ") ON CONFLICT(key) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS if c not in _KEEP_ON_UPDATE)
 )
-_RAW_CHUNK: Final = 1 << 20
 
 
-def _params(values: dict[str, Any]) -> list[Any]:
-    out: list[Any] = []
-    for c in _COLUMNS:
-        out += [values[c], values[c]] if c == "raw" else [values[c]]
-    return out
+def _write_raw(conn: sqlite3.Connection, key: str, message: Message | None) -> None:
+    """Replace ``key``'s raw bytes (none when ``message`` is None), in bounded memory.
 
-
-def _fill_raw(conn: sqlite3.Connection, key: str, message: Message) -> None:
-    """Copy the raw bytes into the row's zeroblob through incremental blob I/O."""
-    (rowid,) = conn.execute("SELECT id FROM messages WHERE key = ?", (key,)).fetchone()
-    with conn.blobopen("messages", "raw", rowid) as blob, message.open() as f:
-        for chunk in iter(lambda: f.read(_RAW_CHUNK), b""):
-            blob.write(chunk)
+    The row is inserted with ``zeroblob(size)`` as its last column, which SQLite keeps
+    as a zero count in the record (a zeroblob followed by other columns would be
+    materialised in memory), then filled from ``message.open()`` in 1 MiB pieces
+    through incremental blob I/O.
+    """
+    conn.execute("DELETE FROM message_raw WHERE key = ?", (key,))
+    if message is None:
+        return
+    rowid = conn.execute(
+        "INSERT INTO message_raw (key, raw) VALUES (?, zeroblob(?))", (key, message.size)
+    ).lastrowid
+    assert rowid is not None
+    with conn.blobopen("message_raw", "raw", rowid) as blob, message.open() as f:
+        _copy_into(blob, f)
 
 
 class SqliteStore:
@@ -458,15 +528,13 @@ class SqliteStore:
             "text_from_html": int(bool(doc.get("text_from_html"))),
             "html": doc.get("html"),
             "record": _json(rest),
-            "raw": None if raw is None else raw.size,  # zeroblob(size), then filled
             "stored_at": now,
             "updated_at": now,
         }
         for field, column in _ADDRESS_FIELDS:
             values[column] = _json(doc.get(field) or [])
-        conn.execute(_UPSERT, _params(values))
-        if raw is not None:
-            _fill_raw(conn, key, raw)
+        conn.execute(_UPSERT, [values[c] for c in _COLUMNS])
+        _write_raw(conn, key, raw)
         conn.execute("DELETE FROM attachments WHERE key = ?", (key,))
         conn.executemany(
             "INSERT INTO attachments (key, idx, filename, content_type, disposition, "

@@ -2,22 +2,28 @@
 does not grow with the message (a bound on memory, not on time).
 
 A 40 MB base64 attachment is written to a spool file in pieces by the child itself;
-the child then runs parse, store.attachments and store.jsonl on it and reports its
-peak RSS (VmHWM) before and after. Before the fix the growth was ~5x the message.
+the child then runs the processors under test on it and reports its peak RSS (VmHWM)
+before and after. Before the fixes the growth was ~5x the message for parse,
+store.attachments and store.jsonl, and ~2x for store.sqlite on a parsed message (its
+raw column was not the last of the row, so SQLite materialised the zeroblob).
 """
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from mailpipe.plugins.store.sqlite import connect, open_raw
 
 SIZE = 40_000_000
 
-CHILD = textwrap.dedent(
+# Writes work/spool/big.eml (argv[2] octets of base64, in pieces) and defines hwm(),
+# work, size and message (a spooled Message) for the test-specific part that follows.
+SPOOL = textwrap.dedent(
     """
     import base64, os, sys
     from pathlib import Path
@@ -28,9 +34,6 @@ CHILD = textwrap.dedent(
 
     work = Path(sys.argv[1])
     from mailpipe.message import Message, MessageRef
-    from mailpipe.plugins.parse.processor import ParseProcessor, ParseOptions
-    from mailpipe.plugins.store.attachments import AttachmentsOptions, AttachmentsStore
-    from mailpipe.plugins.store.jsonl import JsonlOptions, JsonlStore
     from mailpipe.processor import ProcessorContext
 
     spool = work / "spool" / "big.eml"
@@ -45,14 +48,34 @@ CHILD = textwrap.dedent(
             f.write(base64.encodebytes(os.urandom(570_000)).replace(b"\\n", b"\\r\\n"))
         f.write(b"--zz--\\r\\n")
     size = spool.stat().st_size
+    ref = MessageRef(mailbox="box", number=1, uid="u1", size=size)
+    message = Message(ref=ref, spool_path=spool)
     ctx = ProcessorContext(base_dir=work, pipeline="p")
+    """
+)
+
+
+def run_child(script: str, work: Path) -> list[str]:
+    """Run ``script`` (SPOOL + a test's part) on a SIZE-octet spool; its output words."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(work), str(SIZE)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split()
+
+
+CHILD = SPOOL + textwrap.dedent(
+    """
+    from mailpipe.plugins.parse.processor import ParseProcessor, ParseOptions
+    from mailpipe.plugins.store.attachments import AttachmentsOptions, AttachmentsStore
+    from mailpipe.plugins.store.jsonl import JsonlOptions, JsonlStore
+
     steps = [
         ParseProcessor(ParseOptions(), ctx),
         AttachmentsStore(AttachmentsOptions(dir="att"), ctx),
         JsonlStore(JsonlOptions(path="out.jsonl"), ctx),
     ]
-    ref = MessageRef(mailbox="box", number=1, uid="u1", size=size)
-    message = Message(ref=ref, spool_path=spool)
     before = hwm()
     for step in steps:
         step.process(message)
@@ -66,12 +89,47 @@ CHILD = textwrap.dedent(
 def test_peak_rss_of_a_40mb_message_through_parse_and_stores_is_bounded(
     tmp_path: Path,
 ) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path), str(SIZE)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    size, before, after, blob = (int(v) for v in done.stdout.split()[-4:])
+    size, before, after, blob = (int(v) for v in run_child(CHILD, tmp_path)[-4:])
     assert size > SIZE  # ~1.37x once encoded
     assert blob >= SIZE - 570_000  # the attachment was stored whole
     assert after - before < 0.5 * size, (after - before) / size
+
+
+SQLITE_CHILD = SPOOL + textwrap.dedent(
+    """
+    from mailpipe.plugins.parse.processor import ParseProcessor, ParseOptions
+    from mailpipe.plugins.store.sqlite import SqliteOptions, SqliteStore
+
+    ParseProcessor(ParseOptions(), ctx).process(message)  # as in the default chain
+    store = SqliteStore(SqliteOptions(path="mail.sqlite3"), ctx)
+    store.open()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS: measure the store alone
+    before = hwm()
+    store.process(message)
+    store.close()
+    print(size, before, hwm(), message.key, message.sha256)
+    """
+)
+
+
+@pytest.mark.timeout(300)
+def test_peak_rss_of_a_40mb_message_through_store_sqlite_is_bounded(
+    tmp_path: Path,
+) -> None:
+    *figures, key, sha256 = run_child(SQLITE_CHILD, tmp_path)[-5:]
+    size, before, after = (int(v) for v in figures)
+    assert size > SIZE
+    assert after - before < 0.5 * size, (after - before) / size
+    conn = connect(tmp_path / "mail.sqlite3")
+    try:
+        assert conn.execute("SELECT count(*) FROM messages").fetchone() == (1,)
+        blob = open_raw(conn, key)
+        assert blob is not None
+        with blob:
+            digest = hashlib.sha256()
+            for chunk in iter(lambda: blob.read(1 << 20), b""):
+                digest.update(chunk)
+        assert digest.hexdigest() == sha256  # stored whole
+    finally:
+        conn.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from mailpipe.plugins.parse import parse_into
+from mailpipe.plugins.store import sqlite as sqlite_store
 from mailpipe.plugins.store.sqlite import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -17,6 +18,7 @@ from mailpipe.plugins.store.sqlite import (
     SqliteStore,
     connect,
     migrate,
+    open_raw,
     schema_version,
     search,
 )
@@ -114,7 +116,7 @@ def test_record_columns_and_inline_raw(tmp_path: Path) -> None:
     (row,) = rows(
         tmp_path,
         "SELECT key, mailbox, uid, sha256, size, parsed, message_id, date, subject, "
-        "from_addresses, raw, record FROM messages",
+        "from_addresses, r.raw, record FROM messages JOIN message_raw r USING (key)",
     )
     assert row[:7] == (m.key, "support", "7", m.sha256, m.size, 1, "7@example.com")
     assert str(row[7]).startswith("2025-11-28T09:00:00")
@@ -129,7 +131,8 @@ def test_raw_none_stores_no_bytes(tmp_path: Path) -> None:
     s = store(tmp_path, raw="none")
     s.process(parsed(make_message("1", "x", "y")))
     s.close()
-    assert rows(tmp_path, "SELECT raw FROM messages") == [(None,)]
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(1,)]
+    assert rows(tmp_path, "SELECT count(*) FROM message_raw") == [(0,)]
 
 
 def test_without_parse_a_minimal_row_is_searchable(tmp_path: Path) -> None:
@@ -137,9 +140,11 @@ def test_without_parse_a_minimal_row_is_searchable(tmp_path: Path) -> None:
     m = make_message("1", "Raw only", "The heron sleeps.")
     s.process(m)
     s.close()
-    assert rows(tmp_path, "SELECT parsed, uid, sha256, raw, subject FROM messages") == [
-        (0, "1", m.sha256, m.raw, "Raw only")
-    ]
+    assert rows(
+        tmp_path,
+        "SELECT parsed, uid, sha256, r.raw, subject FROM messages JOIN message_raw r "
+        "USING (key)",
+    ) == [(0, "1", m.sha256, m.raw, "Raw only")]
     conn = connect(tmp_path / "db" / "mail.sqlite3")
     assert search(conn, "heron") == [m.key]
     conn.close()
@@ -165,7 +170,7 @@ def test_migrates_a_version_1_database_and_indexes_old_rows(tmp_path: Path) -> N
 
     conn = connect(path)
     assert schema_version(conn) == SCHEMA_VERSION == MIGRATIONS[-1][0]
-    assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == [1, 2]
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == [1, 2, 3]
     assert conn.execute("SELECT addresses FROM messages WHERE key = 'k1'").fetchone() == (
         "Carol Old carol@example.net",
     )
@@ -238,3 +243,90 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
     s.process(parsed(make_message("1", "x", "y")))
     s.close()
     assert not (tmp_path / "db").exists()
+
+
+def _version_2_database(path: Path) -> None:
+    """A version 2 database holding one message with raw bytes and one without."""
+    path.parent.mkdir()
+    conn = connect(path)
+    assert migrate(conn, target=2) == 2
+    for key, subject, raw in (("k1", "kept bytes", b"Subject: kept\r\n\r\n\x00\xff"),
+                              ("k2", "no bytes", None)):
+        conn.execute(
+            "INSERT INTO messages (key, mailbox, uid, sha256, size, parsed, subject, "
+            "text, record, raw, stored_at, updated_at) "
+            "VALUES (?, 'support', ?, 'ab', 3, 1, ?, 'an old walrus', '{}', ?, 'then', "
+            "'then')",
+            (key, key, subject, raw),
+        )
+    conn.close()
+
+
+def test_migration_3_moves_raw_into_its_own_table_and_keeps_every_row(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "db" / "mail.sqlite3"
+    _version_2_database(path)
+    conn = connect(path)
+    assert migrate(conn) == 3
+    assert migrate(conn) == 3  # idempotent
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == [1, 2, 3]
+    columns = [r[1] for r in conn.execute("PRAGMA table_info(messages)")]
+    assert "raw" not in columns
+    assert [r[1] for r in conn.execute("PRAGMA table_info(message_raw)")][-1] == "raw"
+    assert conn.execute(
+        "SELECT key, subject, stored_at FROM messages ORDER BY key"
+    ).fetchall() == [("k1", "kept bytes", "then"), ("k2", "no bytes", "then")]
+    assert conn.execute("SELECT key, raw FROM message_raw").fetchall() == [
+        ("k1", b"Subject: kept\r\n\r\n\x00\xff")
+    ]
+    blob = open_raw(conn, "k1")
+    assert blob is not None
+    with blob:
+        assert blob.read() == b"Subject: kept\r\n\r\n\x00\xff"
+    assert open_raw(conn, "k2") is None
+    assert sorted(search(conn, "walrus")) == ["k1", "k2"]  # the index survived
+    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    conn.execute("DELETE FROM messages WHERE key = 'k1'")  # bytes go with their row
+    assert conn.execute("SELECT count(*) FROM message_raw").fetchone() == (0,)
+    conn.close()
+
+
+def test_a_failed_migration_3_leaves_version_2_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "db" / "mail.sqlite3"
+    _version_2_database(path)
+    version, description, steps = MIGRATIONS[2]
+    broken = (version, description, (*steps, "SELECT no_such_function()"))
+    monkeypatch.setattr(sqlite_store, "MIGRATIONS", (*MIGRATIONS[:2], broken))
+    conn = connect(path)
+    with pytest.raises(sqlite3.OperationalError, match="no_such_function"):
+        migrate(conn)
+    assert schema_version(conn) == 2
+    assert conn.execute("SELECT key, raw FROM messages ORDER BY key").fetchall() == [
+        ("k1", b"Subject: kept\r\n\r\n\x00\xff"), ("k2", None)
+    ]
+    assert conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE name = 'message_raw'"
+    ).fetchall() == []
+    monkeypatch.undo()
+    assert migrate(conn) == 3  # the next open migrates
+    conn.close()
+
+
+def test_restoring_a_message_replaces_its_raw_bytes_and_none_removes_them(
+    tmp_path: Path,
+) -> None:
+    first = make_message("1", "Hello", "first body")
+    second = Message.from_bytes(first.raw + b"more\r\n", mailbox="support", uid="1")
+    s = store(tmp_path)
+    s.process(first)
+    s.process(second)
+    s.close()
+    assert rows(tmp_path, "SELECT key, raw FROM message_raw") == [(first.key, second.raw)]
+    s = store(tmp_path, raw="none")
+    s.process(second)
+    s.close()
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(1,)]
+    assert rows(tmp_path, "SELECT count(*) FROM message_raw") == [(0,)]
