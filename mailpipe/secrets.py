@@ -37,7 +37,7 @@ COMMAND_TIMEOUT = 60.0
 # unless that one ends a backslash escape (repr, JSON): "\\nhunter2" holds "hunter2".
 _BEFORE = (
     r"(?:(?<!\w)|(?<=\\[abfnrtv0])|(?<=\\x[0-9A-Fa-f]{2})"
-    r"|(?<=\\u[0-9A-Fa-f]{4})|(?<=\\U[0-9A-Fa-f]{8}))"
+    r"|(?<=\\u[0-9A-Fa-f]{4})|(?<=\\U[0-9A-Fa-f]{8})|(?<=%[0-9A-Fa-f]{2}))"
 )
 _AFTER = r"(?!\w)"  # an escape that follows starts with a backslash: not \w
 

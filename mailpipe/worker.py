@@ -27,12 +27,16 @@ permanently: it is quarantined at once and the pipeline moves on). The thread is
 abandoned, never reused: it finishes the call on its own and then exits, and its
 result is dropped; the step's next call runs on another thread. At process exit an
 abandoned thread still running is stopped with the interpreter (daemon), so a SIGTERM
-waits at most for the budget of the message in hand plus the close grace.
+waits at most for the budget of the message in hand, plus a budget for each step's
+``flush()``, plus the close grace of each step.
 
-While an abandoned call of a step still runs, the processor may hold its own locks: a
-later call that then also runs out of budget raises
+While an abandoned call of a serial step still runs, the processor may hold its own
+locks: a later call that then also runs out of budget raises
 :class:`~mailpipe.errors.TemporaryFailure` instead (retried later, no attempt counted),
-so innocent messages are not quarantined behind the runaway one.
+so innocent messages are not quarantined behind the runaway one. A ``concurrent`` step
+shares nothing between calls, so its every overrun is the message's own
+(:class:`~mailpipe.errors.BudgetExceeded`). A call is never started once the budget is
+spent.
 """
 
 from __future__ import annotations

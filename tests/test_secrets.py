@@ -318,3 +318,10 @@ async def test_refresh_async_failure_reports_exit_code_but_not_its_output(
         await secret.refresh_async()
     assert "exited 3" in str(info.value) and leaked not in str(info.value)
     assert secret.get() == "first"
+
+
+def test_a_secret_after_a_percent_escape_is_masked() -> None:
+    # Review of issue 20 item 8: "%3A" ends in a hex digit, a word character.
+    value = unique("pct")
+    Secret(value)
+    assert value not in redact(f"tok=user%3A{value}&x=1")
