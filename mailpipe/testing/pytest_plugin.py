@@ -79,6 +79,8 @@ def lab_servers() -> Iterator[Callable[[str], LabServer]]:
                     server.start()
                 except LabServerError as exc:
                     server.stop()
+                    if not os.environ.get("MAILPIPE_KEEP_LAB"):
+                        shutil.rmtree(server.base_dir, ignore_errors=True)
                     reason = str(exc)
                 else:
                     started[name] = server
