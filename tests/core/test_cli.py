@@ -246,6 +246,15 @@ def test_check_non_utf8_toml_exit_2(tmp_path: Path) -> None:
     assert "not UTF-8 text: byte 0xe9 on line 3" in done.stderr
 
 
+def test_check_reads_toml_saved_with_a_byte_order_mark(tmp_path: Path) -> None:
+    # Windows editors save UTF-8 with a BOM; tomllib alone reports "Invalid statement".
+    cfg = tmp_path / "p.toml"
+    text = '[state]\npath = "var/j.sqlite3"\n[pipelines.default]\nprocessors = []\n'
+    cfg.write_bytes("\ufeff".encode() + text.encode())
+    done = mailpipe("check", str(cfg))
+    assert "TOML syntax error" not in done.stdout + done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("spool", ["spoolfile", "spoolfile/sub"])
 def test_spool_dir_that_is_a_file_is_a_config_error(tmp_path: Path, spool: str) -> None:
     (tmp_path / "spoolfile").write_text("not a folder")
