@@ -18,6 +18,24 @@ def html_charset(data: bytes) -> str | None:
     return m.group(1).decode("ascii") if m else None
 
 
+def cut_body(head: bytes) -> bytes:
+    """``head`` (a body part's first octets, the rest dropped) cut where text ends
+    whole: after its last line end when that is in its second half, else before a
+    UTF-8 sequence the cut left incomplete."""
+    end = head.rfind(b"\n") + 1
+    if end > len(head) // 2:
+        return head[:end]
+    end = len(head)
+    for back in range(1, min(4, end) + 1):
+        byte = head[end - back]
+        if byte < 0x80:
+            break  # ASCII: nothing cut
+        if byte >= 0xC0:  # a lead byte: keep its sequence only when complete
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return head if back >= need else head[: end - back]
+    return head
+
+
 @dataclass(slots=True)
 class BodyParts:
     """Collects body parts in document order and decides the text and HTML bodies.

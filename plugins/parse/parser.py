@@ -26,10 +26,11 @@ from .attachments import (
     filename_of,
     has_uuencoded,
 )
-from .body import BodyParts, html_charset
+from .body import BodyParts, cut_body, html_charset
 from .charsets import decode_text
 from .headers import decode_header
 from .record import (
+    BODY_TRUNCATED,
     SERVER_WRAPPED,
     Address,
     Attachment,
@@ -37,7 +38,8 @@ from .record import (
     Defect,
     MessageRecord,
 )
-from .spool import Runs, SpooledPayload, skeleton
+from .spool import RunDecoder, Runs, SpooledPayload, SpoolWriter, skeleton
+from .transfer import CopyDecoder, QpDecoder
 from .wrapper import find_wrapped, header_block_shape, headers_only_detail
 
 _PARSER = BytesParser(policy=email_policy.compat32)
@@ -55,6 +57,11 @@ _MAX_DEPTH = 40
 #: raw (in the message bytes, or left in the body text) and one TooManyParts defect
 #: is recorded; ``store.attachments`` applies the same cap to what it is given.
 MAX_PARTS: Final = 5000
+#: The most octets of text/plain body parts, and again of text/html ones, decoded into
+#: one record's ``text`` and ``html`` (the ``parse`` option ``max_body_size``); past
+#: it a part is cut (at a line end) and a BodyTruncated defect recorded. The raw
+#: message, which the stores keep whole, holds the rest.
+MAX_BODY: Final = 1 << 20
 _ADDRESS_FIELDS = (
     ("from_addresses", "from"),
     ("sender", "sender"),
@@ -76,6 +83,8 @@ class _State:
     runs: Runs | None = None  # parse_file: the base64 runs elided from the skeleton
     parts: int = 0  # parts of every kind counted against MAX_PARTS
     over: bool = False  # the TooManyParts defect is recorded
+    max_body: int = MAX_BODY  # see MAX_BODY
+    body_left: dict[str, int] = field(default_factory=dict)  # by "text" / "html"
 
     def defect(self, part: str, kind: str, detail: str) -> None:
         self.defects.append(Defect(part=part, kind=kind, detail=detail[:500]))
@@ -130,7 +139,12 @@ class _State:
 
 
 def parse_message(
-    raw: bytes, *, key: str = "", mailbox: str = "", uid: str = ""
+    raw: bytes,
+    *,
+    key: str = "",
+    mailbox: str = "",
+    uid: str = "",
+    max_body: int = MAX_BODY,
 ) -> tuple[MessageRecord, list[bytes]]:
     """Parse raw message bytes; return the record and the attachment bytes (aligned).
 
@@ -144,6 +158,9 @@ def parse_message(
     ``size`` of the raw bytes as received, and a first defect of kind
     ``ServerWrapped`` (``record.server_wrapped``). A headers-only notice gives a
     record of the notice with that defect (part ``""``): the original is in the body.
+
+    At most ``max_body`` octets of text/plain body parts, and as many of text/html
+    ones, are decoded into ``text`` and ``html`` (see :data:`MAX_BODY`).
     """
     base = {
         "key": key,
@@ -153,7 +170,7 @@ def parse_message(
         "size": len(raw),
     }
     try:
-        return _parse(raw, base)
+        return _parse(raw, base, max_body)
     except Exception as exc:  # last resort: keep what the headers give
         defect = Defect(
             part="", kind="ParseFailed", detail=f"{type(exc).__name__}: {exc}"
@@ -174,17 +191,22 @@ def parse_file(
     mailbox: str = "",
     uid: str = "",
     spool_dir: Path | None = None,
+    max_body: int = MAX_BODY,
 ) -> tuple[MessageRecord, list[bytes | SpooledPayload]]:
-    """Parse the message in binary file ``f`` with memory bounded by its small parts.
+    """Parse the message in binary seekable file ``f`` with memory bounded by its
+    small parts and ``max_body``.
 
-    The same result as :func:`parse_message` on the file's bytes, except that a base64
-    attachment held in long runs of base64 lines (see :mod:`.spool`) is decoded
-    into a :class:`SpooledPayload` in ``spool_dir`` instead of ``bytes``. ``f`` must
+    The same result as :func:`parse_message` on the file's bytes, except that an
+    attachment held in long runs of body lines (see :mod:`.spool`) is decoded into a
+    :class:`SpooledPayload` in ``spool_dir`` instead of ``bytes`` (and a long body
+    part is decoded there before its first ``max_body`` octets are read). ``f`` must
     stay open until this returns. Never raises on any input (I/O errors aside).
     """
     sk = skeleton(f)
     if not sk.runs:
-        record, payloads = parse_message(sk.data, key=key, mailbox=mailbox, uid=uid)
+        record, payloads = parse_message(
+            sk.data, key=key, mailbox=mailbox, uid=uid, max_body=max_body
+        )
         return record, list(payloads)
     base = {"key": key, "mailbox": mailbox, "uid": uid, "sha256": sk.sha256,
             "size": sk.size}
@@ -192,8 +214,9 @@ def parse_file(
     try:
         msg = _PARSER.parsebytes(sk.data)
         wrapped = find_wrapped(msg)  # only the original is walked: inflate it alone
-        _inflate_all_but_base64(wrapped.inner if wrapped else msg, runs)
-        record, found = _record(msg, base, _State(runs=runs), body=True)
+        _inflate_outside_leaves(wrapped.inner if wrapped else msg, runs)
+        state = _State(runs=runs, max_body=max_body)
+        record, found = _record(msg, base, state, body=True)
         return record, list(found)
     except Exception as exc:  # last resort, as in parse_message
         record, _ = parse_message(b"", key=key, mailbox=mailbox, uid=uid)
@@ -204,9 +227,10 @@ def parse_file(
         return record, []
 
 
-def _inflate_all_but_base64(root: Message, runs: Runs) -> None:
-    """Put the elided text back everywhere but in base64 leaves (decoded from the
-    file by _leaf) and nested messages' base64 leaves too (serialised whole)."""
+def _inflate_outside_leaves(root: Message, runs: Runs) -> None:
+    """Put the elided text back in preambles, epilogues and nested messages (which
+    are serialised whole); leaves keep their markers for _leaf to decode from the
+    file."""
     stack: list[tuple[Message, bool]] = [(root, False)]
     while stack:
         part, whole = stack.pop()
@@ -218,17 +242,15 @@ def _inflate_all_but_base64(root: Message, runs: Runs) -> None:
         if isinstance(payload, list):
             nested = whole or not _content_type(part).startswith("multipart/")
             stack.extend((c, nested) for c in payload if isinstance(c, Message))
-            continue
-        if not isinstance(payload, str) or not runs.has(payload):
-            continue
-        cte = str(part.get("content-transfer-encoding", "")).strip().lower()
-        if whole or cte != "base64":
+        elif whole and isinstance(payload, str) and runs.has(payload):
             part.set_payload(runs.inflate(payload))
 
 
-def _parse(raw: bytes, base: dict[str, object]) -> tuple[MessageRecord, list[bytes]]:
+def _parse(
+    raw: bytes, base: dict[str, object], max_body: int
+) -> tuple[MessageRecord, list[bytes]]:
     msg = _PARSER.parsebytes(raw)
-    state = _State()
+    state = _State(max_body=max_body)
     return _record(msg, base, state, body=True)
 
 
@@ -576,31 +598,14 @@ def _content_id(part: Message) -> str | None:
 def _leaf(part: Message, path: str, ctype: str, parent: str, state: _State) -> None:
     cte = str(part.get("content-transfer-encoding", "")).strip().lower()
     raw = _payload(part)
+    data: bytes | SpooledPayload | None = None
     if state.runs is not None and isinstance(raw, str) and state.runs.has(raw):
-        if _spooled_leaf(part, path, ctype, cte, raw, state):
-            return
-        raw = state.runs.inflate(raw)
-        part.set_payload(raw)
-    raw_bytes = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else b""
-    data: bytes | None
-    if cte == "base64":
-        data, problem = _b64decode(raw_bytes)
-        if problem is not None:
-            state.defect(path, "Base64Defect", problem)
-    else:
-        known = len(part.defects)
-        try:
-            decoded = part.get_payload(decode=True)
-            data = decoded if isinstance(decoded, bytes) else None
-        except Exception as exc:
-            state.defect(path, "PayloadDecodeDefect", f"{type(exc).__name__}: {exc}")
-            data = None
-        for defect in part.defects[known:]:  # added while decoding
-            state.defect(
-                path, type(defect).__name__, str(defect).strip() or _doc(defect)
-            )
-    if not isinstance(data, bytes):
-        data = raw_bytes
+        data = _spooled(part, path, ctype, cte, raw, state)
+        if data is None:
+            raw = state.runs.inflate(raw)
+            part.set_payload(raw)
+    if data is None:
+        data = _decoded(part, path, cte, raw, state)
     disposition = _disposition(part)
     filename, problems = filename_of(part, state.hint)
     for problem in problems:
@@ -615,12 +620,14 @@ def _leaf(part: Message, path: str, ctype: str, parent: str, state: _State) -> N
         and cte not in _UU_TYPES
     ) or ctype.startswith("multipart/")  # a multipart whose boundary was missing
     if is_body:
+        kind = "html" if ctype == "text/html" else "text"
+        octets = _body_octets(data, kind, path, state)
         charset = _charset(part)
         if ctype == "text/html" and charset is None:
-            charset = html_charset(data)
-        text, problem = decode_text(data, charset)
-        if problem is not None:
-            state.defect(path, "CharsetDefect", problem)
+            charset = html_charset(octets)
+        text, charset_problem = decode_text(octets, charset)
+        if charset_problem is not None:
+            state.defect(path, "CharsetDefect", charset_problem)
         if "\r" in text:  # bodies use "\n"; the raw bytes keep CRLF
             text = text.replace("\r\n", "\n")
         if ctype == "text/html":
@@ -660,48 +667,92 @@ def _leaf(part: Message, path: str, ctype: str, parent: str, state: _State) -> N
         source=source,
     )
     if ctype in TNEF_TYPES or (filename or "").lower() == "winmail.dat":
+        assert isinstance(data, bytes)  # _spooled leaves TNEF to memory
         _tnef(data, path, state)
 
 
-def _spooled_leaf(
+def _decoded(part: Message, path: str, cte: str, raw: object, state: _State) -> bytes:
+    """The leaf's decoded octets, in memory (its raw octets when undecodable)."""
+    raw_bytes = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else b""
+    data: bytes | None
+    if cte == "base64":
+        data, problem = _b64decode(raw_bytes)
+        if problem is not None:
+            state.defect(path, "Base64Defect", problem)
+    else:
+        known = len(part.defects)
+        try:
+            decoded = part.get_payload(decode=True)
+            data = decoded if isinstance(decoded, bytes) else None
+        except Exception as exc:
+            state.defect(path, "PayloadDecodeDefect", f"{type(exc).__name__}: {exc}")
+            data = None
+        for defect in part.defects[known:]:  # added while decoding
+            state.defect(
+                path, type(defect).__name__, str(defect).strip() or _doc(defect)
+            )
+    return data if isinstance(data, bytes) else raw_bytes
+
+
+def _spooled(
     part: Message, path: str, ctype: str, cte: str, raw: str, state: _State
-) -> bool:
-    """Record a base64 attachment decoded from the file (see parse_file); False when
-    it must be decoded in memory (a body, TNEF, or base64 that cannot stream)."""
+) -> SpooledPayload | None:
+    """The leaf's decoded octets streamed from the file (see parse_file) into a
+    spool file, as :func:`_decoded` would give them; None when they must be decoded
+    in memory (TNEF, uuencode, a multipart without boundary, base64 that cannot
+    stream)."""
     assert state.runs is not None
-    disposition = _disposition(part)
     filename, _ = filename_of(part, state.hint)
-    body_like = ctype in ("text/plain", "text/html") and disposition != "attachment"
     tnef = ctype in TNEF_TYPES or (filename or "").lower() == "winmail.dat"
-    if cte != "base64" or (body_like and filename is None) or tnef:
-        return False
-    if ctype.startswith("multipart/"):
-        return False
-    decoded = state.runs.decode(raw)
+    # get_payload(decode=True) lowers the value but does not strip it
+    stdlib_cte = str(part.get("content-transfer-encoding", "")).lower()
+    if tnef or ctype.startswith("multipart/") or part.is_multipart():
+        return None
+    if cte in _UU_TYPES or stdlib_cte in _UU_TYPES:
+        return None
+    decoder: type[SpoolWriter]
+    if cte == "base64":
+        decoder = RunDecoder
+    elif stdlib_cte == "quoted-printable":
+        decoder = QpDecoder
+    else:
+        decoder = CopyDecoder
+    decoded = state.runs.decode(raw, decoder)
     if decoded is None:
-        return False
+        return None
     data, problem = decoded
     if problem is not None:
         state.defect(path, "Base64Defect", problem)
-    filename, problems = filename_of(part, state.hint)
-    for problem in problems:
-        state.defect(path, "FilenameDefect", problem)
-    content_id = _content_id(part)
-    inline = disposition == "inline" or (disposition is None and content_id is not None)
-    source: AttachmentSource = "mime"
-    if ctype in ("message/rfc822", "message/global"):
-        source = "rfc822"
-    state.attach(
-        data,
-        part=path,
-        filename=filename,
-        content_type=ctype,
-        disposition=disposition,
-        content_id=content_id,
-        inline=inline,
-        source=source,
+    return data
+
+
+def _body_octets(
+    data: bytes | SpooledPayload, kind: str, path: str, state: _State
+) -> bytes:
+    """The octets of a body part that go into the record's ``text`` or ``html``:
+    all of them while the message's parts of that kind stay within ``max_body``
+    octets, else a prefix (see :func:`.body.cut_body`) and a BodyTruncated defect."""
+    left = state.body_left.get(kind, state.max_body)
+    size = len(data)
+    if isinstance(data, bytes):
+        head = data[: left + 1]
+    else:
+        head = data.head(left + 1)
+        data.file.close()  # a body part is no attachment: its spool file goes
+    if size <= left:
+        state.body_left[kind] = left - size
+        return head
+    head = head[:left]
+    kept = cut_body(head)
+    state.body_left[kind] = 0
+    state.defect(
+        path,
+        BODY_TRUNCATED,
+        f"{kind} body part of {size} octets: the first {len(kept)} kept in the "
+        f"record ({state.max_body} octets of {kind} body parts per message); the "
+        "raw message holds them all",
     )
-    return True
+    return kept
 
 
 def _b64decode(data: bytes) -> tuple[bytes, str | None]:

@@ -6,11 +6,12 @@ import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from mailpipe.processor import ProcessorContext, Result
+from mailpipe.units import ByteSize
 
-from .parser import parse_file, parse_message
+from .parser import MAX_BODY, parse_file, parse_message
 from .record import MessageRecord
 
 if TYPE_CHECKING:
@@ -23,19 +24,27 @@ PAYLOADS_KEY = "attachment_payloads"
 
 
 class ParseOptions(BaseModel):
-    """Options of the `parse` processor (none yet: it always does all its work)."""
+    """Options of the `parse` processor."""
 
     model_config = ConfigDict(extra="forbid", defer_build=True)
 
+    max_body_size: ByteSize = Field(
+        MAX_BODY,
+        gt=0,
+        description="Most octets of text/plain body parts, and again of text/html "
+        "ones, decoded into the record's text and html; past it a part is cut at a "
+        "line end with a BodyTruncated defect (the stores keep the raw message whole).",
+    )
 
-def parse_into(message: Message) -> MessageRecord:
+
+def parse_into(message: Message, *, max_body: int = MAX_BODY) -> MessageRecord:
     """Parse ``message`` (if not done yet) and return its record; never raises."""
     record = message.record
     if isinstance(record, MessageRecord) and (
         message.headers_only or not message.meta.get("parsed_headers_only", False)
     ):
         return record
-    record, payloads = parse_raw(message)
+    record, payloads = parse_raw(message, max_body=max_body)
     if message.headers_only:
         record.size = message.ref.size  # the LIST size; raw is only the header block
     record.tags = sorted(message.tags)
@@ -45,14 +54,18 @@ def parse_into(message: Message) -> MessageRecord:
     return record
 
 
-def parse_raw(message: Message) -> tuple[MessageRecord, list[Any]]:
+def parse_raw(
+    message: Message, *, max_body: int = MAX_BODY
+) -> tuple[MessageRecord, list[Any]]:
     """Parse ``message``'s raw bytes: from its spool file with bounded memory (large
-    base64 attachments become SpooledPayloads beside it), else from memory."""
+    attachments become SpooledPayloads beside it), else from memory."""
     ids = {"key": message.key, "mailbox": message.ref.mailbox, "uid": message.ref.uid}
     if message.spool_path is not None and not message.headers_only:
         with message.open() as f:
-            return parse_file(f, spool_dir=message.spool_path.parent, **ids)
-    record, payloads = parse_message(message.raw, **ids)
+            return parse_file(
+                f, spool_dir=message.spool_path.parent, max_body=max_body, **ids
+            )
+    record, payloads = parse_message(message.raw, max_body=max_body, **ids)
     return record, list(payloads)
 
 
@@ -62,7 +75,8 @@ class ParseProcessor:
     Sets ``message.record`` and ``message.meta["attachment_payloads"]`` (bytes aligned
     with ``record.attachments``; a large base64 attachment of a spooled message is a
     :class:`~.spool.SpooledPayload` instead: ``len()``, ``.sha256``, ``.chunks()``,
-    ``bytes()``). Works on headers-only messages (``TOP n 0``) too. A notice a POP3
+    ``bytes()``). At most ``max_body_size`` octets of text/plain body parts, and as
+    many of text/html ones, go into the record (a BodyTruncated defect says where). Works on headers-only messages (``TOP n 0``) too. A notice a POP3
     server served in place of a message with 8-bit headers (RFC 6856 §3) gives the
     record of the original it carries, with a ``ServerWrapped`` defect (see
     ``wrapper.py``); ``message.raw`` is never changed.
@@ -85,7 +99,7 @@ class ParseProcessor:
         """Parse the message; always continues the chain."""
         started = time.perf_counter()
         message.record = None
-        record = parse_into(message)
+        record = parse_into(message, max_body=self.options.max_body_size)
         if record.defects:
             log.debug(
                 "message_parsed_with_defects",
@@ -98,5 +112,5 @@ class ParseProcessor:
 
     def prefetch(self, message: Message) -> Result:
         """Parse the header block so later prefetching steps can use the record."""
-        parse_into(message)
+        parse_into(message, max_body=self.options.max_body_size)
         return None

@@ -14,6 +14,10 @@ SCHEMA_VERSION: Literal[1] = 1
 #: §3, e.g. Courier's "Cannot display Unicode content"); see ``wrapper.py``.
 SERVER_WRAPPED: Final = "ServerWrapped"
 
+#: ``Defect.kind`` of a body part of which only a prefix is in ``text`` or ``html``
+#: (the ``parse`` option ``max_body_size``); the raw message holds it whole.
+BODY_TRUNCATED: Final = "BodyTruncated"
+
 AttachmentSource = Literal["mime", "uuencode", "tnef", "rfc822"]
 
 

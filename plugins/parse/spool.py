@@ -1,20 +1,23 @@
-"""Large base64 bodies kept out of memory: elided before parsing, decoded from the file.
+"""Large leaf bodies kept out of memory: elided before parsing, decoded from the file.
 
 Theory of operation
 -------------------
 The stdlib parser holds every body as a string (and, while parsing, as a list of line
 strings), so a 137 MB message costs several times its size. :func:`skeleton` reads the
 raw message once, in bounded pieces, and replaces every run of at least
-:data:`RUN_MIN` octets of *base64 lines* (only ``A-Z a-z 0-9 + /``, with ``=`` padding
-on the run's last line) by one marker line ``!mailpipe-run-<nonce>-<n>!``. Such a run
-can hold no boundary (``-`` is not in the alphabet) and no header, so the skeleton has
-the same MIME structure as the message; it is small and parsed as usual.
+:data:`RUN_MIN` octets of *leaf-body lines* (lines the parser puts verbatim into a
+leaf's body, a preamble or an epilogue; see :mod:`.scan`) by one marker line
+``!mailpipe-run-<nonce>-<n>!``. Such a run holds no boundary and no header, so the
+skeleton has the same MIME structure as the message; it is small and parsed as usual.
 
-A base64 leaf whose payload holds markers is decoded by :class:`RunDecoder` from the
-payload text and the file's byte ranges into a :class:`SpooledPayload` (an unlinked
-temporary file, its size and sha256), never into memory. Everywhere else (a text part,
-a preamble, a part with ``=`` inside a run) :func:`inflate` puts the original text back,
-so the result is always the same as parsing the whole message in memory.
+A leaf whose payload holds markers is decoded from the payload text and the file's
+byte ranges (:meth:`Runs.decode`) by a streaming decoder of its Content-Transfer-
+Encoding (:class:`RunDecoder` for base64, :class:`~.transfer.QpDecoder`,
+:class:`~.transfer.CopyDecoder` for 7bit, 8bit, binary and the rest) into a
+:class:`SpooledPayload` (an unlinked temporary file, its size and sha256), never into
+memory. Everywhere else (a nested message, a preamble, base64 with ``=`` inside a run)
+:meth:`Runs.inflate` puts the original text back, so the result is always the same as
+parsing the whole message in memory.
 """
 
 from __future__ import annotations
@@ -30,18 +33,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
 
-#: Runs of base64 lines at least this long are elided from the skeleton.
+from .scan import LeafLines, pieces
+
+#: Runs of leaf-body lines at least this long are elided from the skeleton.
 RUN_MIN: Final = 256 * 1024
 #: Read size when streaming a run back from the raw file.
 CHUNK: Final = 1 << 20
-_LINE: Final = re.compile(rb"[A-Za-z0-9+/]+={0,2}(?:\r\n|\n)")
-_PAD_END: Final = re.compile(rb"={1,2}(?:\r\n|\n)\Z")
-_MAX_LINE: Final = 1000  # RFC 5322 §2.1.1: 998 + CRLF; longer lines end a run
 
 
 @dataclass(slots=True)
 class Skeleton:
-    """The raw message with long base64 runs replaced by marker lines."""
+    """The raw message with long runs of leaf-body lines replaced by marker lines."""
 
     data: bytes
     runs: list[tuple[int, int]]  # (offset, length) in the raw file, by marker number
@@ -51,49 +53,71 @@ class Skeleton:
     pattern: re.Pattern[str] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.pattern = re.compile(re.escape(self.marker) + r"(\d+)!(\r\n|\n)?")
+        self.pattern = re.compile(re.escape(self.marker) + r"(\d+)!(\r\n|\r|\n)?")
 
 
 def skeleton(f: IO[bytes]) -> Skeleton:
-    """Read ``f`` to its end once; return its skeleton, sha256 and size."""
+    """Read ``f`` to its end once; return its skeleton, sha256 and size.
+
+    A run is a sequence of whole lines that :class:`~.scan.LeafLines` calls verbatim,
+    not starting with a blank line (the parser drops an epilogue's first line end);
+    one of at least :data:`RUN_MIN` octets becomes a marker line with the run's last
+    line ending. ``f`` must be seekable.
+    """
     marker = f"!mailpipe-run-{secrets.token_hex(8)}-"
     out: list[bytes] = []
     runs: list[tuple[int, int]] = []
     digest = hashlib.sha256()
+    leaf = LeafLines()
     offset = 0
-    run: list[bytes] = []  # the run's lines while it is shorter than RUN_MIN
+    run: list[bytes] = []  # the run's pieces while it is shorter than RUN_MIN
     run_start = run_len = 0
-    ending = b"\n"
+    line_start = 0  # offset of the current line
+    ending = b"\n"  # the line ending of the run's last whole line
+    complete = True  # the run's last piece ends a line
 
-    def flush() -> None:
+    def flush(end: int) -> None:
+        """Emit the run's octets before ``end`` (a line start) as marker or as is."""
         nonlocal run, run_len
-        if run_len >= RUN_MIN:
+        length = end - run_start
+        if length >= RUN_MIN:
             out.append(f"{marker}{len(runs)}!".encode() + ending)
-            runs.append((run_start, run_len))
-        else:
+            runs.append((run_start, length))
+        elif length == run_len:
             out.extend(run)
+        elif length:
+            out.extend(read_run(f, (run_start, length)))
         run, run_len = [], 0
 
-    while line := f.readline(_MAX_LINE + 1):
-        digest.update(line)
-        if _LINE.fullmatch(line) is not None:
-            if not run_len:
+    for piece, starts in pieces(f):
+        digest.update(piece)
+        if starts:
+            line_start = offset
+            in_run = leaf.line(piece) and bool(run_len or piece[:1] not in b"\r\n")
+            if in_run and not run_len:
                 run_start = offset
+            elif not in_run and run_len:
+                flush(offset)
+        else:
+            leaf.more(piece)
+            in_run = run_len > 0
+        if in_run:
             if run_len < RUN_MIN:
-                run.append(line)
+                run.append(piece)
             else:
                 run.clear()  # long enough to elide: only its extent is kept
-            run_len += len(line)
-            ending = b"\r\n" if line.endswith(b"\r\n") else b"\n"
-            if _PAD_END.search(line) is not None:
-                flush()  # padding ends a base64 stream: "=" is never inside a run
+            run_len += len(piece)
+            complete = piece.endswith((b"\n", b"\r"))
+            if complete:
+                ending = b"\r\n" if piece.endswith(b"\r\n") else piece[-1:]
         else:
-            if run_len:
-                flush()
-            out.append(line)
-        offset += len(line)
+            out.append(piece)
+        offset += len(piece)
     if run_len:
-        flush()
+        end = offset if complete else line_start  # a run ends with a line ending
+        flush(end)
+        if end < offset:
+            out.extend(read_run(f, (end, offset - end)))
     return Skeleton(b"".join(out), runs, marker, digest.hexdigest(), offset)
 
 
@@ -125,12 +149,54 @@ class SpooledPayload:
     def __bytes__(self) -> bytes:
         return b"".join(self.chunks())
 
+    def head(self, size: int) -> bytes:
+        """The first ``size`` octets (all when fewer)."""
+        return os.pread(self.file.fileno(), min(size, self.size), 0) if size else b""
+
 
 class NotStreamable(Exception):
-    """The base64 text cannot be decoded piecewise exactly as a whole (``=`` inside)."""
+    """The text cannot be decoded piecewise exactly as a whole (base64 ``=`` inside)."""
 
 
-class RunDecoder:
+class SpoolWriter:
+    """A streaming decoder's output: an unlinked spool file, its size and sha256.
+
+    Subclasses implement :meth:`feed` (encoded octets, in order, in any pieces) and
+    :meth:`finish` (the rest; the payload and a defect text or None).
+    """
+
+    def __init__(self, spool_dir: Path | None) -> None:
+        if spool_dir is not None:
+            spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Unlinked at once: it lives as long as the payload that owns it.
+        self.file: IO[bytes] = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def feed(self, text: bytes) -> None:
+        """Decode the next piece of encoded octets."""
+        raise NotImplementedError
+
+    def finish(self) -> tuple[SpooledPayload, str | None]:
+        """Decode the rest; return the payload and a defect text or None."""
+        raise NotImplementedError
+
+    def payload(self) -> SpooledPayload:
+        """The decoded octets written so far, as a payload."""
+        self.file.flush()
+        return SpooledPayload(self.file, self.size, self.digest.hexdigest())
+
+    def close(self) -> None:
+        """Drop the spool file (after NotStreamable)."""
+        self.file.close()
+
+    def _write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+
+
+class RunDecoder(SpoolWriter):
     """Decode base64 text piece by piece into a spool file, as ``_b64decode`` would.
 
     Only the alphabet counts (RFC 2045 §6.8); whole quanta are decoded as they come.
@@ -142,12 +208,7 @@ class RunDecoder:
     _DROP: Final = re.compile(rb"[^A-Za-z0-9+/=]")
 
     def __init__(self, spool_dir: Path | None) -> None:
-        if spool_dir is not None:
-            spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Unlinked at once: it lives as long as the payload that owns it.
-        self.file: IO[bytes] = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115
-        self.digest = hashlib.sha256()
-        self.size = 0
+        super().__init__(spool_dir)
         self.seen = 0  # alphabet characters, for the defect text
         self._carry = b""
 
@@ -184,21 +245,11 @@ class RunDecoder:
                 clean += b"=" * (4 - extra)
             data = binascii.a2b_base64(clean)
         self._write(data)
-        self.file.flush()
-        return SpooledPayload(self.file, self.size, self.digest.hexdigest()), problem
+        return self.payload(), problem
 
     def seen_total(self, tail: bytes) -> int:
         """Alphabet characters (padding excluded) decoded so far plus ``tail``."""
         return self.seen + len(tail.replace(b"=", b""))
-
-    def close(self) -> None:
-        """Drop the spool file (after NotStreamable)."""
-        self.file.close()
-
-    def _write(self, data: bytes) -> None:
-        self.file.write(data)
-        self.digest.update(data)
-        self.size += len(data)
 
 
 def read_run(f: IO[bytes], run: tuple[int, int]) -> Iterator[bytes]:
@@ -231,26 +282,36 @@ class Runs:
         would have given them: a marker whose line end was cut loses it too)."""
 
         def original(m: re.Match[str]) -> str:
-            data = b"".join(read_run(self.f, self.sk.runs[int(m.group(1))]))
-            if m.group(2) is None:  # the parser cut the line end before a boundary
-                data = data[:-2] if data.endswith(b"\r\n") else data[:-1]
-            return data.decode("ascii")
+            data = b"".join(self.octets(m))
+            return data.decode("ascii", "surrogateescape")  # as BytesParser does
 
         return self.sk.pattern.sub(original, text)
 
-    def decode(self, text: str) -> tuple[SpooledPayload, str | None] | None:
-        """Decode base64 ``text`` (with markers) into a spool file; None when only an
-        in-memory decode gives the exact result (see :class:`RunDecoder`)."""
-        decoder = RunDecoder(self.spool_dir)
+    def octets(self, m: re.Match[str]) -> Iterator[bytes]:
+        """The original octets of marker ``m``, in pieces of at most :data:`CHUNK`;
+        without the run's last line ending when the parser cut the marker's (before
+        a boundary: RFC 2046 §5.1.1 gives that line ending to the delimiter)."""
+        start, length = self.sk.runs[int(m.group(1))]
+        if m.group(2) is None:
+            self.f.seek(start + length - 2)
+            length -= 2 if self.f.read(2) == b"\r\n" else 1
+        return read_run(self.f, (start, length))
+
+    def decode(
+        self, text: str, decoder: type[SpoolWriter] = RunDecoder
+    ) -> tuple[SpooledPayload, str | None] | None:
+        """Decode ``text`` (with markers) with ``decoder`` into a spool file; None when
+        only an in-memory decode gives the exact result (see :class:`RunDecoder`)."""
+        out = decoder(self.spool_dir)
         try:
             pos = 0
             for m in self.sk.pattern.finditer(text):
-                decoder.feed(text[pos : m.start()].encode("utf-8", "surrogateescape"))
-                for piece in read_run(self.f, self.sk.runs[int(m.group(1))]):
-                    decoder.feed(piece)
+                out.feed(text[pos : m.start()].encode("utf-8", "surrogateescape"))
+                for piece in self.octets(m):
+                    out.feed(piece)
                 pos = m.end()
-            decoder.feed(text[pos:].encode("utf-8", "surrogateescape"))
-            return decoder.finish()
+            out.feed(text[pos:].encode("utf-8", "surrogateescape"))
+            return out.finish()
         except NotStreamable:
-            decoder.close()
+            out.close()
             return None

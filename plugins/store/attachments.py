@@ -167,12 +167,11 @@ def _from_record(message: Message) -> list[Part] | None:
 
 
 def _parsed(message: Message) -> list[Part]:
-    """Parse the message with the built-in ``parse`` plugin (no ``parse`` step ran)."""
-    from mailpipe.plugins.parse import parse_message
+    """Parse the message with the built-in ``parse`` plugin (no ``parse`` step ran):
+    a spooled message from its file, never loaded whole (see ``parse_file``)."""
+    from mailpipe.plugins.parse.processor import parse_raw
 
-    record, payloads = parse_message(
-        message.raw, key=message.key, mailbox=message.ref.mailbox, uid=message.ref.uid
-    )
+    record, payloads = parse_raw(message)
     return [
         Part(item.model_dump(mode="json"), payload)
         for item, payload in zip(record.attachments, payloads, strict=True)

@@ -1,0 +1,176 @@
+"""Which lines of a raw message are leaf-body lines: the ones a skeleton may elide.
+
+The stdlib parser (``email.feedparser``) gives a line a meaning of its own in three
+places only: in a header block (a message's, a MIME part's, or one of the blocks of a
+``message/delivery-status`` body), and as a boundary delimiter of an enclosing
+multipart. Every other line goes verbatim into a string: a leaf part's body, a
+preamble or an epilogue. :class:`LeafLines` follows a raw message line by line as the
+feedparser does and answers, at each line start, whether the line is such a verbatim
+line.
+
+It errs on one side only: a line it calls verbatim is one for the parser, whatever
+follows it; a line it is unsure of is not. To that end
+
+* lines are split exactly as the feedparser splits them (CRLF, CR or LF; see
+  :func:`pieces`);
+* a header block is parsed with the stdlib's own header parser (policy compat32) to
+  learn its Content-Type and boundary; every boundary ever declared counts as one
+  from then on (the parser only honours those of enclosing multiparts: a superset);
+  a boundary line is matched with the feedparser's own expression;
+* after a header block without Content-Type (a ``multipart/digest`` part defaults to
+  ``message/rfc822``) or of type ``message/*``, another header block may follow;
+  a ``message/delivery-status`` body is never verbatim; a header block larger than
+  :data:`MAX_BLOCK`, or one the header parser fails on, ends all eliding for the rest
+  of the message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from email import policy as email_policy
+from email.parser import BytesHeaderParser
+from enum import Enum
+from typing import IO, Final
+
+#: Largest header block followed; past it nothing more of the message is elided.
+MAX_BLOCK: Final = 1 << 20
+#: Most octets of one piece (a line longer than this comes in several pieces).
+PIECE: Final = 1 << 16
+_NL: Final = re.compile(rb"\r\n|\r|\n")
+# email.feedparser.headerRE, on bytes (8-bit octets are surrogates there: no match)
+_HEADER: Final = re.compile(rb"^(From |[\041-\071\073-\176]*:|[\t ])")
+_PARSER = BytesHeaderParser(policy=email_policy.compat32)
+
+
+def pieces(f: IO[bytes], size: int = PIECE) -> Iterator[tuple[bytes, bool]]:
+    """Yield ``(piece, starts_line)``: the file's octets in order, cut after every line
+    ending (CRLF, CR or LF, as the feedparser splits lines) and within a longer line
+    every ``size`` octets. A CR at a cut is never parted from the LF after it."""
+    buf = b""
+    start = True
+    eof = False
+    while not eof:
+        more = f.read(size)
+        eof = not more
+        buf += more
+        pos, end = 0, len(buf)
+        for m in _NL.finditer(buf):
+            if m.end() == end and not eof and buf.endswith(b"\r"):
+                break  # maybe the CR of a CRLF cut by the read
+            yield buf[pos : m.end()], start
+            start, pos = True, m.end()
+        buf = buf[pos:]
+        if eof:
+            if buf:
+                yield buf, start
+            return
+        keep = 1 if buf.endswith(b"\r") else 0
+        if len(buf) - keep >= size:
+            yield buf[: len(buf) - keep], start
+            start, buf = False, buf[len(buf) - keep :]
+
+
+class _State(Enum):
+    HEADERS = "headers"  # in a header block (or where one may start)
+    BODY = "body"  # in a leaf body, a preamble or an epilogue: lines are verbatim
+    FROZEN = "frozen"  # a delivery-status body: nothing verbatim until a boundary
+    OFF = "off"  # unsure for good: nothing verbatim to the end
+
+
+class LeafLines:
+    """Follow a raw message's MIME structure; see the module docstring.
+
+    Call :meth:`line` with the first piece of every line and :meth:`more` with every
+    other piece (from :func:`pieces`), in order.
+    """
+
+    def __init__(self) -> None:
+        self._state = _State.HEADERS
+        self._block: list[bytes] = []
+        self._block_len = 0
+        self._boundaries: list[re.Pattern[bytes]] = []
+        self._seen: set[str] = set()
+
+    def line(self, first: bytes) -> bool:
+        """A line starts with ``first``: True when the parser takes it verbatim."""
+        state = self._state
+        if state is _State.OFF:
+            return False
+        if first.startswith(b"--") and any(b.match(first) for b in self._boundaries):
+            if state is _State.HEADERS:
+                self._end_block(blank=False)
+            if self._state is not _State.OFF:
+                self._state = _State.HEADERS
+            return False
+        if state is _State.BODY:
+            return True
+        if state is _State.FROZEN:
+            return False
+        if first[:1] in (b"\r", b"\n"):  # the blank line that ends a header block
+            self._end_block(blank=True)
+            return False
+        if _HEADER.match(first) is not None or not _ends_line(first):
+            # a header line, or a line too long to tell: one more of the block
+            self._add(first)
+            return False
+        self._end_block(blank=False)  # the parser takes this line as the body's first
+        return self.line(first)
+
+    def more(self, piece: bytes) -> None:
+        """The rest of the current line."""
+        if self._state is _State.HEADERS:
+            self._add(piece)
+
+    def _add(self, piece: bytes) -> None:
+        self._block_len += len(piece)
+        if self._block_len > MAX_BLOCK:
+            self._state = _State.OFF
+            self._block = []
+        else:
+            self._block.append(piece)
+
+    def _end_block(self, *, blank: bool) -> None:
+        """The header block ends: learn its boundary and what follows it."""
+        block, self._block, self._block_len = self._block, [], 0
+        if self._state is _State.OFF:
+            return
+        if not block:
+            ctype = None
+        else:
+            try:
+                headers = _PARSER.parsebytes(b"".join(block))
+                ctype = (
+                    headers.get_content_type()
+                    if headers.get("content-type") is not None
+                    else None
+                )
+                boundary = headers.get_boundary() if ctype else None
+            except Exception:  # the header parser never should; stop eliding
+                self._state = _State.OFF
+                return
+            if ctype is not None and ctype.startswith("multipart/") and boundary:
+                self._learn(boundary)
+        if ctype == "message/delivery-status":
+            self._state = _State.FROZEN
+        elif blank and (ctype is None or ctype.startswith("message/")):
+            self._state = _State.HEADERS  # a nested message's header block may follow
+        else:
+            self._state = _State.BODY
+
+    def _learn(self, boundary: str) -> None:
+        if boundary in self._seen:
+            return
+        self._seen.add(boundary)
+        # email.feedparser's boundary expression, on the same (surrogate-escaped) text
+        separator = ("--" + boundary).encode("utf-8", "surrogateescape")
+        self._boundaries.append(
+            re.compile(
+                b"(?P<sep>" + re.escape(separator)
+                + rb")(?P<end>--)?(?P<ws>[ \t]*)(?P<linesep>\r\n|\r|\n)?$"
+            )
+        )
+
+
+def _ends_line(piece: bytes) -> bool:
+    return piece.endswith((b"\n", b"\r"))
