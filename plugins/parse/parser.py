@@ -726,6 +726,26 @@ def _spooled(
     return data
 
 
+#: A uuencode "begin" line (RFC-less, as uudecode reads it): mode and a name.
+_UU_BEGIN = re.compile(rb"(?m)^begin [0-7]{3,4} \S")
+
+
+def _uu_begin_in(data: SpooledPayload, start: int) -> bool:
+    """True when a uuencode begin line occurs in ``data`` from offset ``start``, read
+    in pieces (a line cut between two pieces is seen whole: 64 octets overlap)."""
+    tail = b""
+    for chunk in data.chunks():
+        if start:
+            if len(chunk) <= start:
+                start -= len(chunk)
+                continue
+            chunk, start = chunk[start:], 0
+        if _UU_BEGIN.search(tail + chunk):
+            return True
+        tail = chunk[-64:]
+    return False
+
+
 def _body_octets(
     data: bytes | SpooledPayload, kind: str, path: str, state: _State
 ) -> bytes:
@@ -734,14 +754,28 @@ def _body_octets(
     octets, else a prefix (see :func:`.body.cut_body`) and a BodyTruncated defect."""
     left = state.body_left.get(kind, state.max_body)
     size = len(data)
+    beyond = False
     if isinstance(data, bytes):
         head = data[: left + 1]
+        beyond = size > left and _UU_BEGIN.search(data, max(0, left - 16)) is not None
     else:
         head = data.head(left + 1)
+        if size > left:
+            beyond = _uu_begin_in(data, max(0, left - 16))
         data.file.close()  # a body part is no attachment: its spool file goes
     if size <= left:
         state.body_left[kind] = left - size
         return head
+    if beyond and kind == "text":
+        # Review of issue 20.6: a uuencoded attachment past the cap is not extracted;
+        # never silently: say so, and how to get it.
+        state.defect(
+            path,
+            "UuencodeBeyondCap",
+            f"a uuencoded block begins past the first {left} octets of this text "
+            "body: not extracted (raise max_body_size to extract it; the raw message "
+            "holds it)",
+        )
     head = head[:left]
     kept = cut_body(head)
     state.body_left[kind] = 0

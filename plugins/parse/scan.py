@@ -149,7 +149,8 @@ class LeafLines:
             except Exception:  # the header parser never should; stop eliding
                 self._state = _State.OFF
                 return
-            if ctype is not None and ctype.startswith("multipart/") and boundary:
+            # boundary="" is a boundary to the stdlib parser too ("--" lines split).
+            if ctype is not None and ctype.startswith("multipart/") and boundary is not None:
                 self._learn(boundary)
         if ctype == "message/delivery-status":
             self._state = _State.FROZEN

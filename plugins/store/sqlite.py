@@ -155,6 +155,15 @@ def _copy_into(dst: sqlite3.Blob, src: sqlite3.Blob | BinaryIO) -> None:
         dst.write(chunk)
 
 
+def _drop_old_raw(conn: sqlite3.Connection) -> None:
+    """Free ``messages.raw`` after its bytes moved: DROP COLUMN where SQLite has it
+    (3.35+), else the column is emptied (it is nullable and nothing reads it)."""
+    if sqlite3.sqlite_version_info >= (3, 35, 0):
+        conn.execute("ALTER TABLE messages DROP COLUMN raw")
+    else:
+        conn.execute("UPDATE messages SET raw = NULL")
+
+
 def _move_raw(conn: sqlite3.Connection) -> None:
     """Migration 3: copy ``messages.raw`` into ``message_raw`` with bounded memory.
 
@@ -184,7 +193,7 @@ _V3: Final = (
         raw BLOB NOT NULL
     )""",
     _move_raw,
-    "ALTER TABLE messages DROP COLUMN raw",
+    _drop_old_raw,
 )
 
 #: A migration step: one SQL statement, or a function run on the connection.
@@ -261,7 +270,8 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
             )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLITE_FULL/IOERR already rolled it back:
+                conn.execute("ROLLBACK")  # a ROLLBACK then would hide the cause
             raise
         log.info("sqlite_schema_migrated", version=version, description=description)
     current = schema_version(conn)
@@ -479,7 +489,8 @@ class SqliteStore:
                     try:
                         self._write(conn, doc, raw)
                     except BaseException:
-                        conn.execute("ROLLBACK")
+                        if conn.in_transaction:  # see _migrate: never hide the cause
+                            conn.execute("ROLLBACK")
                         raise
                     conn.execute("COMMIT")
             except sqlite3.Error as exc:

@@ -186,3 +186,45 @@ def test_qp_decoder_matches_a2b_qp_for_any_pieces() -> None:
             decoder.feed(data[i : i + size])
         payload, problem = decoder.finish()
         assert bytes(payload) == want and problem is None, size
+
+
+def test_an_empty_boundary_splits_parts_in_both_paths() -> None:
+    """Review of issue 20.6: boundary="" is a boundary to the stdlib ("--" lines
+    split the parts); the spooled path hid every attachment behind one elided run."""
+    import base64
+    import io
+
+    from mailpipe.plugins.parse import parse_file, parse_message
+
+    pad = (b"x" * 70 + b"\r\n") * 4000  # long enough to be elided at the default
+    raw = (
+        b"From: a@b\r\nSubject: invoice\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary=""\r\n\r\n'
+        b"--\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n" + pad
+        + b"--\r\nContent-Type: application/x-msdownload\r\n"
+        b'Content-Disposition: attachment; filename="invoice.exe"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\n"
+        + base64.encodebytes(b"MZ" + bytes(3000)).replace(b"\n", b"\r\n")
+        + b"----\r\n"
+    )
+    memory, _ = parse_message(raw)
+    spooled, _ = parse_file(io.BytesIO(raw))
+    assert [a.filename for a in memory.attachments] == ["invoice.exe"]
+    assert spooled.model_dump() == memory.model_dump()
+
+
+def test_a_uuencoded_block_past_the_body_cap_is_reported_in_both_paths() -> None:
+    """Review of issue 20.6: cutting the text at max_body_size dropped a uuencoded
+    attachment after the cut without a word; now a defect says so (raw keeps it)."""
+    import io
+
+    from mailpipe.plugins.parse import parse_file, parse_message
+
+    text = b"line of text\r\n" * 90_000  # ~1.2 MB, past the 1 MiB default cap
+    raw = (
+        b"From: a@b\r\nSubject: uu\r\n\r\n" + text
+        + b"begin 644 evil.exe\r\n#0V%T\r\n`\r\nend\r\n"
+    )
+    for record, _ in (parse_message(raw), parse_file(io.BytesIO(raw))):
+        kinds = [d.kind for d in record.defects]
+        assert "BodyTruncated" in kinds and "UuencodeBeyondCap" in kinds
