@@ -278,6 +278,46 @@ def schema() -> None:
     click.echo(json.dumps(json_schema(registry), indent=2))
 
 
+# --- status and search ------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (for scripts).")
+def status(config: str, as_json: bool) -> None:
+    """Show each mailbox: health, last success and error, backlog, lock, next poll.
+
+    Exits 1 when an enabled mailbox is unhealthy by the rule of /healthz (no success
+    within [metrics] unhealthy_after, or never polled).
+    """
+    from mailpipe.status import as_document, collect, error_lines, healthy, rows
+
+    app = _open(config)
+    journal = app.journal()
+    try:
+        statuses = collect(app.config, journal, app.quarantine())
+    finally:
+        journal.close()
+    if as_json:
+        click.echo(json.dumps(as_document(statuses), ensure_ascii=False))
+    else:
+        _print_table(rows(statuses))
+        for line in error_lines(statuses):
+            click.echo(line)
+    sys.exit(EXIT_OK if healthy(statuses) else EXIT_FAILURE)
+
+
+def _print_table(table: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    head, *body = table
+    out = Table(*head)
+    for row in body:
+        out.add_row(*row)
+    Console(width=200, soft_wrap=True).print(out)
+
+
 # --- quarantine -----------------------------------------------------------------
 
 
