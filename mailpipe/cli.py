@@ -278,6 +278,172 @@ def schema() -> None:
     click.echo(json.dumps(json_schema(registry), indent=2))
 
 
+# --- status and search ------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (for scripts).")
+def status(config: str, as_json: bool) -> None:
+    """Show each mailbox: health, last success and error, backlog, lock, next poll.
+
+    Exits 1 when an enabled mailbox is unhealthy by the rule of /healthz (no success
+    within [metrics] unhealthy_after, or never polled).
+    """
+    from mailpipe.status import as_document, collect, error_lines, healthy, rows
+
+    app = _open(config)
+    journal = app.journal()
+    try:
+        statuses = collect(app.config, journal, app.quarantine())
+    finally:
+        journal.close()
+    if as_json:
+        click.echo(json.dumps(as_document(statuses), ensure_ascii=False))
+    else:
+        _print_table(rows(statuses))
+        for line in error_lines(statuses):
+            click.echo(line)
+    sys.exit(EXIT_OK if healthy(statuses) else EXIT_FAILURE)
+
+
+def _print_table(table: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    head, *body = table
+    out = Table(*head)
+    for row in body:
+        out.add_row(*row)
+    Console(width=200, soft_wrap=True).print(out)
+
+
+def _store(app: Any, wanted: str | None) -> Any:
+    """The read-only connection to the store.sqlite archive (exit 2 on a bad choice)."""
+    from mailpipe.search import StoreChoiceError, open_store, pick_store
+
+    try:
+        store = pick_store(app.config, wanted)
+    except StoreChoiceError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(EXIT_USAGE)
+    return open_store(store)
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("query", required=False, default="")
+@click.option("--from", "sender", help="From name or address contains this.")
+@click.option("--since", help="Date, time or age (2025-03-01, 2025-03-01T09:00, 7d).")
+@click.option("--mailbox", help="Only this mailbox.")
+@click.option("--tag", "tags", multiple=True, help="Has this tag (repeatable: all).")
+@click.option("--store", "store", help="store.sqlite step name or path (if several).")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="JSON lines, one per message.")
+def search(
+    config: str,
+    query: str,
+    sender: str | None,
+    since: str | None,
+    mailbox: str | None,
+    tags: tuple[str, ...],
+    store: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Search the store.sqlite archive: full text (FTS5) QUERY and filters.
+
+    QUERY uses FTS5 syntax (words, "phrases", OR, NOT, prefix*); one FTS5 cannot
+    parse is searched as plain words. Without QUERY, the newest matching messages.
+    """
+    from mailpipe.search import parse_since
+    from mailpipe.search import search as run_search
+
+    try:
+        after = parse_since(since) if since else None
+    except ValueError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(EXIT_USAGE)
+    app = _open(config)
+    conn = _store(app, store)
+    try:
+        hits = run_search(
+            conn, query, sender=sender, since=after, mailbox=mailbox, tags=tags,
+            limit=limit,
+        )
+    finally:
+        conn.close()
+    if as_json:
+        for hit in hits:
+            click.echo(json.dumps(hit.as_json(), ensure_ascii=False))
+    else:
+        table = [["key", "date", "from", "subject", "mailbox", "att", "tags"]]
+        table += [
+            [
+                h.key, (h.date or "")[:16].replace("T", " "), h.sender, h.subject or "",
+                h.mailbox, str(h.attachments), ",".join(h.tags),
+            ]
+            for h in hits
+        ]
+        _print_table(table)
+    click.echo(f"{len(hits)} message(s)", err=True)
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("key")
+@click.option("--store", "store", help="store.sqlite step name or path (if several).")
+@click.option("--json", "as_json", is_flag=True, help="The whole record as JSON.")
+def show(config: str, key: str, store: str | None, as_json: bool) -> None:
+    """Show one stored message (KEY or a unique prefix) with its attachments."""
+    from mailpipe.search import KeyLookupError, blob_dirs
+    from mailpipe.search import show as record_of
+
+    app = _open(config)
+    conn = _store(app, store)
+    try:
+        doc = record_of(conn, key, blob_dirs=blob_dirs(app.config))
+    except KeyLookupError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(EXIT_USAGE)
+    finally:
+        conn.close()
+    if as_json:
+        click.echo(json.dumps(doc, ensure_ascii=False, indent=2))
+        return
+    for label, value in _show_lines(doc):
+        click.echo(f"{label + ':':<13}{value}")
+    for a in doc["attachments"]:
+        click.echo(
+            f"  [{a['idx']}] {a['filename'] or '(no name)'}  {a['content_type']}  "
+            f"{a['size']} bytes  {a['file'] or 'sha256:' + a['sha256']}"
+        )
+    if doc.get("text"):
+        click.echo("")
+        click.echo(doc["text"].rstrip("\n"))
+
+
+def _show_lines(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    def addresses(field: str) -> str:
+        return ", ".join(
+            f"{a.get('name')} <{a.get('address')}>" if a.get("name") else a.get("address") or ""
+            for a in doc.get(field) or ()
+        )
+
+    lines = [
+        ("Key", doc["key"]),
+        ("Mailbox", f"{doc.get('mailbox')}  uid {doc.get('uid')}"),
+        ("Date", str(doc.get("date") or doc.get("date_raw") or "")),
+        ("From", addresses("from_addresses")),
+        ("To", addresses("to")),
+        ("Cc", addresses("cc")),
+        ("Subject", str(doc.get("subject") or "")),
+        ("Tags", ", ".join(doc.get("tags") or ()) or "-"),
+        ("Attachments", str(len(doc["attachments"]))),
+    ]
+    return [(label, value) for label, value in lines if value or label == "Subject"]
+
+
 # --- quarantine -----------------------------------------------------------------
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import sys
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -161,16 +160,33 @@ def _run_pipeline(config: Path) -> int:
     return asyncio.run(_run(app, once=True, only=()))
 
 
+def _example_key(config: Path) -> str:
+    """The key of the demo's invoice message, for the `mailpipe show` advice."""
+    from mailpipe.app import open_app
+    from mailpipe.search import open_store, pick_store, search
+
+    try:
+        conn = open_store(pick_store(open_app(config).config))
+    except Exception:  # nothing stored: the advice shows a placeholder
+        return "KEY"
+    try:
+        hits = search(conn, "invoice", limit=1)
+    finally:
+        conn.close()
+    return hits[0].key[:12] if hits else "KEY"
+
+
 def _print_next_steps(directory: Path, config: Path) -> None:
     var = directory / "var"
-    py = Path(sys.executable).name
     click.echo(
         f"""
 Look at the results:
-  {py} -c "import sqlite3; db = sqlite3.connect('{var / "tickets.sqlite3"}'); \\
-print(*db.execute('select subject from messages'), sep='\\n')"
+  mailpipe search {config} printer
+  mailpipe search {config} --tag customer --since 2026-11-01 --json
+  mailpipe show {config} {_example_key(config)}
   ls -R {var / "attachments"}
   head -c 600 {var / "records.jsonl"}
+  mailpipe status {config}
   mailpipe state list {config}
   mailpipe quarantine list {config}
 Run it again (idempotent: nothing is processed twice): mailpipe demo

@@ -80,6 +80,7 @@ class Summary:
     committed: bool = True
     error: str | None = None
     error_type: str | None = None
+    backlog: int | None = None  # messages the latest listing showed (None: none)
 
     def as_dict(self) -> dict[str, Any]:
         """Return the counts as a plain dict (for logs and hooks)."""
@@ -392,6 +393,7 @@ class MailboxRunner:
                 session = _LeaseGuardedSession(opened, self.lease_check)
             refs = await session.list()
             summary.listed = max(summary.listed, len(refs))  # the fullest listing
+            summary.backlog = len(refs)  # the latest listing (what is left)
             self.hooks.session_started(
                 mailbox=self.name, count=len(refs), octets=sum(r.size for r in refs)
             )

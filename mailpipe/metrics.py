@@ -3,7 +3,8 @@
 The collector is an ordinary pluggy plugin implementing the observe-only event hooks, so
 metrics see exactly what every other plugin sees. :class:`MetricsServer` serves
 ``GET /metrics`` (Prometheus text format) and ``GET /healthz`` (200 while every enabled
-mailbox succeeded within ``unhealthy_after``, else 503 with the stale mailboxes).
+mailbox succeeded within ``unhealthy_after``, else 503 with the stale mailboxes; the
+rule is :func:`is_stale`, which ``mailpipe status`` applies to the journal's records).
 """
 
 from __future__ import annotations
@@ -14,6 +15,20 @@ import time
 from typing import Any
 
 from mailpipe.hookspecs import hookimpl
+
+
+def is_stale(
+    last_success: float | None, *, since: float, now: float, unhealthy_after: float
+) -> bool:
+    """The health rule of ``/healthz`` (and ``mailpipe status``), for one mailbox.
+
+    A mailbox is unhealthy (stale) when it has not succeeded for more than
+    ``unhealthy_after`` seconds: counted from ``last_success`` (Unix time), or from
+    ``since`` (when watching began) if it never succeeded. Failed polls in between do
+    not matter while the last success is recent enough.
+    """
+    reference = since if last_success is None else last_success
+    return now - reference > unhealthy_after
 
 
 class MetricsCollector:
@@ -104,7 +119,12 @@ class MetricsCollector:
         stale = [
             m
             for m in self.mailboxes
-            if now - self.last_success.get(m, self.started) > self.unhealthy_after
+            if is_stale(
+                self.last_success.get(m),
+                since=self.started,
+                now=now,
+                unhealthy_after=self.unhealthy_after,
+            )
         ]
         return not stale, {"healthy": not stale, "stale": stale}
 

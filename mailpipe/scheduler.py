@@ -32,6 +32,7 @@ import random
 import socket
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
 
 import structlog
 
@@ -280,12 +281,14 @@ class Scheduler:
                 # Held (or taken over) by another worker: wait, then try again.
                 misses += 1
                 if self.once:
+                    self._record(summary, None)
                     break
                 delay = lease_retry_delay(
                     interval=runner.cfg.poll_interval,
                     ttl=sched.lease_ttl,
                     misses=misses,
                 )
+                self._record(summary, delay)
                 try:
                     await asyncio.wait_for(self.stop.wait(), timeout=delay)
                 except TimeoutError:
@@ -294,6 +297,7 @@ class Scheduler:
             misses = 0
             failures = failures + 1 if error is not None else 0
             if self.once and polled_once:
+                self._record(summary, None)
                 break
             delay = next_delay(
                 sched,
@@ -302,6 +306,7 @@ class Scheduler:
                 failures=failures,
                 error=error,
             )
+            self._record(summary, delay)
             if error is not None:
                 level = (
                     "error"
@@ -319,6 +324,33 @@ class Scheduler:
                 await asyncio.wait_for(self.stop.wait(), timeout=delay)
             except TimeoutError:
                 pass
+
+    def _record(self, summary: Summary | None, delay: float | None) -> None:
+        """Write the poll record of ``summary``'s mailbox (for ``mailpipe status``):
+        its outcome, backlog and the next poll, ``delay`` seconds from now (None: no
+        next poll). Nothing is written for a poll that did not happen (lease held
+        elsewhere); a journal error is logged, never raised (the record is advisory).
+        """
+        if summary is None:
+            return
+        next_poll = None
+        if delay is not None:
+            next_poll = datetime.now(UTC) + timedelta(seconds=delay)
+        try:
+            self.journal.record_poll(
+                summary.mailbox,
+                owner=self.owner,
+                error=summary.error or "",
+                error_type=summary.error_type or "",
+                backlog=summary.backlog,
+                next_poll=next_poll,
+            )
+        except Exception as exc:
+            log.warning(
+                "poll_record_failed",
+                mailbox=summary.mailbox,
+                error=f"{type(exc).__name__}: {exc}"[:300],
+            )
 
     async def _poll_locked(
         self, runner: MailboxRunner, *, misses: int = 0

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mailpipe.journal.base import Entry, Journal, Status
+from mailpipe.journal.base import Entry, Journal, Lease, PollRecord, Status
 from mailpipe.journal.errors import JournalError, SchemaVersionError
 
 __all__ = [
     "Entry",
     "Journal",
     "JournalError",
+    "Lease",
+    "PollRecord",
     "SchemaVersionError",
     "Status",
     "open_journal",

@@ -17,6 +17,12 @@ processed again. Steps listed in ``steps`` are skipped when a message is re-run.
 Every write is durable when the method returns, except inside ``batch()``, where all
 writes become durable together when the block exits (group commit). The engine issues
 DELE only after the batch covering those messages has exited.
+
+Beside the entries, the journal keeps one *poll record* per mailbox
+(:class:`PollRecord`, written by the scheduler at the end of each poll with
+:meth:`Journal.record_poll`) so that ``mailpipe status`` can tell, from another
+process, when a mailbox last succeeded, how its last failure looked, how many messages
+the server listed and when the next poll is due. It costs one upsert per poll.
 """
 
 from __future__ import annotations
@@ -57,6 +63,71 @@ class Entry:
     delete_due: bool = False  # DELE this message at the next session
     first_seen: datetime | None = None
     updated: datetime | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class PollRecord:
+    """What the polls of one mailbox left behind (one row per mailbox).
+
+    ``first_polled`` is when the first poll was recorded (what "since when" means for
+    a mailbox that never succeeded). ``last_success`` and the ``last_error*`` fields
+    are each kept until the next poll of their kind, so both are known after a
+    failure that followed a success. ``backlog`` is the message count of the latest
+    listing (None until a poll got as far as listing). ``next_poll`` is when the
+    worker that polled plans the next poll (None after ``run --once``).
+    """
+
+    mailbox: str
+    owner: str
+    first_polled: datetime
+    polled_at: datetime
+    last_success: datetime | None = None
+    last_error_at: datetime | None = None
+    last_error: str = ""
+    last_error_type: str = ""
+    backlog: int | None = None
+    next_poll: datetime | None = None
+
+
+#: The columns of a poll record, in the order :func:`poll_record` reads them.
+POLL_COLUMNS = (
+    "mailbox, owner, first_polled, polled_at, last_success, last_error_at, "
+    "last_error, last_error_type, backlog, next_poll"
+)
+
+
+def poll_record(row: Sequence[Any], when: Callable[[Any], datetime]) -> PollRecord:
+    """Build a :class:`PollRecord` from a row of :data:`POLL_COLUMNS`; ``when`` turns
+    the backend's stored time into an aware UTC datetime."""
+
+    def maybe(value: Any) -> datetime | None:
+        return None if value is None else when(value)
+
+    return PollRecord(
+        mailbox=row[0],
+        owner=row[1],
+        first_polled=when(row[2]),
+        polled_at=when(row[3]),
+        last_success=maybe(row[4]),
+        last_error_at=maybe(row[5]),
+        last_error=row[6],
+        last_error_type=row[7],
+        backlog=None if row[8] is None else int(row[8]),
+        next_poll=maybe(row[9]),
+    )
+
+
+@dataclass(slots=True, kw_only=True)
+class Lease:
+    """Who holds a mailbox's lock now: ``owner`` (``host:pid``) and until when.
+
+    ``expires`` is None for a lock that does not expire (SQLite's flock, released
+    when the holding process exits).
+    """
+
+    mailbox: str
+    owner: str
+    expires: datetime | None = None
 
 
 @runtime_checkable
@@ -130,6 +201,41 @@ class Journal(Protocol):
 
     def batch(self) -> AbstractContextManager[None]:
         """Group commit: writes inside become durable together at exit (re-entrant)."""
+        ...
+
+    def record_poll(
+        self,
+        mailbox: str,
+        *,
+        owner: str,
+        error: str = "",
+        error_type: str = "",
+        backlog: int | None = None,
+        next_poll: datetime | None = None,
+    ) -> None:
+        """Record the end of a poll of ``mailbox`` (a success when ``error`` is empty).
+
+        Upserts the mailbox's :class:`PollRecord`: ``polled_at`` (and on success
+        ``last_success``, on failure ``last_error_at``/``last_error``/
+        ``last_error_type``) become now; ``backlog`` None keeps the known count;
+        ``next_poll`` is stored as given. Durable when it returns (outside a batch).
+        """
+        ...
+
+    def polls(self) -> dict[str, PollRecord]:
+        """Return the poll record of every mailbox that has one, by mailbox."""
+        ...
+
+    def oldest_pending(self) -> dict[str, datetime]:
+        """Return, per mailbox, the ``first_seen`` of its oldest PENDING entry."""
+        ...
+
+    def leases(self, mailboxes: Iterable[str]) -> dict[str, Lease]:
+        """Return who holds the lock of each of ``mailboxes`` now (held ones only).
+
+        Read-only: asking never takes or disturbs a lock. An expired PostgreSQL lease
+        is not held.
+        """
         ...
 
     def lock_mailbox(self, mailbox: str, *, owner: str, ttl: float) -> bool:

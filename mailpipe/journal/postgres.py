@@ -26,7 +26,15 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import structlog
 
-from mailpipe.journal.base import Entry, Status, apply_migrations
+from mailpipe.journal.base import (
+    POLL_COLUMNS,
+    Entry,
+    Lease,
+    PollRecord,
+    Status,
+    apply_migrations,
+    poll_record,
+)
 from mailpipe.journal.errors import JournalError
 from mailpipe.message import message_key
 from mailpipe.pgtls import secure_dsn
@@ -72,6 +80,22 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    (
+        """
+        CREATE TABLE mailpipe_polls (
+            mailbox         text        PRIMARY KEY,
+            owner           text        NOT NULL,
+            first_polled    timestamptz NOT NULL,
+            polled_at       timestamptz NOT NULL,
+            last_success    timestamptz,
+            last_error_at   timestamptz,
+            last_error      text        NOT NULL DEFAULT '',
+            last_error_type text        NOT NULL DEFAULT '',
+            backlog         bigint,
+            next_poll       timestamptz
+        )
+        """,
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -86,6 +110,10 @@ _COLUMNS: Final = (
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
 
 
 def _entry(row: tuple[Any, ...]) -> Entry:
@@ -492,7 +520,91 @@ class PostgresJournal:
                 (mailbox, cutoff, list(present)),
             ).rowcount
 
+    # -- poll records ---------------------------------------------------------------
+
+    def record_poll(
+        self,
+        mailbox: str,
+        *,
+        owner: str,
+        error: str = "",
+        error_type: str = "",
+        backlog: int | None = None,
+        next_poll: datetime | None = None,
+    ) -> None:
+        """Upsert ``mailbox``'s poll record (see :class:`PollRecord`)."""
+        now = self._clock()
+        ok = not error
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO mailpipe_polls AS p (mailbox, owner, first_polled, "
+                "polled_at, last_success, last_error_at, last_error, last_error_type, "
+                "backlog, next_poll) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (mailbox) DO UPDATE SET owner = EXCLUDED.owner, "
+                "polled_at = EXCLUDED.polled_at, "
+                "last_success = COALESCE(EXCLUDED.last_success, p.last_success), "
+                "last_error_at = COALESCE(EXCLUDED.last_error_at, p.last_error_at), "
+                "last_error = CASE WHEN EXCLUDED.last_error_at IS NULL "
+                "THEN p.last_error ELSE EXCLUDED.last_error END, "
+                "last_error_type = CASE WHEN EXCLUDED.last_error_at IS NULL "
+                "THEN p.last_error_type ELSE EXCLUDED.last_error_type END, "
+                "backlog = COALESCE(EXCLUDED.backlog, p.backlog), "
+                "next_poll = EXCLUDED.next_poll",
+                (
+                    mailbox,
+                    owner,
+                    now,
+                    now,
+                    now if ok else None,
+                    None if ok else now,
+                    error,
+                    error_type,
+                    backlog,
+                    next_poll,
+                ),
+            )
+
+    def polls(self) -> dict[str, PollRecord]:
+        """Return the poll record of every mailbox that has one, by mailbox."""
+        with self._guard():
+            rows = (
+                self._live()
+                .execute(f"SELECT {POLL_COLUMNS} FROM mailpipe_polls")
+                .fetchall()
+            )
+        return {row[0]: poll_record(row, _utc) for row in rows}
+
+    def oldest_pending(self) -> dict[str, datetime]:
+        """Return, per mailbox, the ``first_seen`` of its oldest PENDING entry."""
+        with self._guard():
+            rows = (
+                self._live()
+                .execute(
+                    "SELECT mailbox, min(first_seen) FROM mailpipe_journal "
+                    "WHERE status = 'pending' GROUP BY mailbox"
+                )
+                .fetchall()
+            )
+        return {mailbox: first.astimezone(UTC) for mailbox, first in rows}
+
     # -- mailbox leases -------------------------------------------------------------
+
+    def leases(self, mailboxes: Iterable[str]) -> dict[str, Lease]:
+        """Return the unexpired leases of ``mailboxes`` (server clock), by mailbox."""
+        with self._guard():
+            rows = (
+                self._live()
+                .execute(
+                    "SELECT mailbox, owner, expires_at FROM mailpipe_leases "
+                    "WHERE mailbox = ANY(%s) AND expires_at > clock_timestamp()",
+                    (list(mailboxes),),
+                )
+                .fetchall()
+            )
+        return {
+            mailbox: Lease(mailbox=mailbox, owner=owner, expires=expires.astimezone(UTC))
+            for mailbox, owner, expires in rows
+        }
 
     def _lease_connection(self) -> psycopg.Connection[tuple[Any, ...]]:
         if self._closed:

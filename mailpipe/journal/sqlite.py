@@ -11,6 +11,10 @@ the journal, not to a thread: writes from any thread while a batch is open join 
 
 Mailbox locks: ``fcntl.flock`` on ``<db>.locks/<sha256(mailbox)>.lock``, non-blocking.
 The OS drops the lock when the process dies, so ``ttl`` is not needed and ignored.
+:meth:`SqliteJournal.leases` tells whether a lock is held without touching it: on Linux
+it looks the lock file up in ``/proc/locks``; elsewhere it tries a shared lock and
+drops it at once (a poll starting in that instant finds the mailbox busy and comes back
+later, as for any lock held elsewhere).
 """
 
 from __future__ import annotations
@@ -29,7 +33,16 @@ from typing import Any, Final
 
 import structlog
 
-from mailpipe.journal.base import Entry, Status, apply_migrations, iter_chunks
+from mailpipe.journal.base import (
+    POLL_COLUMNS,
+    Entry,
+    Lease,
+    PollRecord,
+    Status,
+    apply_migrations,
+    iter_chunks,
+    poll_record,
+)
 from mailpipe.journal.errors import JournalError
 from mailpipe.message import message_key
 
@@ -59,6 +72,22 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
         "CREATE INDEX entries_status ON entries (mailbox, status, updated)",
         "CREATE INDEX entries_first_seen ON entries (first_seen)",
+    ),
+    (
+        """
+        CREATE TABLE polls (
+            mailbox         TEXT    PRIMARY KEY,
+            owner           TEXT    NOT NULL,
+            first_polled    REAL    NOT NULL,
+            polled_at       REAL    NOT NULL,
+            last_success    REAL,
+            last_error_at   REAL,
+            last_error      TEXT    NOT NULL DEFAULT '',
+            last_error_type TEXT    NOT NULL DEFAULT '',
+            backlog         INTEGER,
+            next_poll       REAL
+        )
+        """,
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -91,6 +120,50 @@ def _entry(row: tuple[Any, ...]) -> Entry:
         first_seen=datetime.fromtimestamp(row[12], UTC),
         updated=datetime.fromtimestamp(row[13], UTC),
     )
+
+
+def _time(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
+_PROC_LOCKS: Final = Path("/proc/locks")
+
+
+def _flock_holder(path: Path) -> str | None:
+    """Return the owner written in the flock file ``path`` while it is locked, else
+    None (no file, or nobody holds it)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    if _PROC_LOCKS.exists():
+        # "12: FLOCK  ADVISORY  WRITE 31018 fe:00:2146519 0 EOF" (dev in hex, inode)
+        ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        locked = any(
+            "FLOCK" in line and ident in line.split()
+            for line in _PROC_LOCKS.read_text().splitlines()
+        )
+    else:  # pragma: no cover - not Linux
+        locked = _try_shared(path)
+    if not locked:
+        return None
+    try:
+        owner = path.read_text().split("\n", 1)[0].strip()
+    except OSError:
+        owner = ""
+    return owner or "unknown"
+
+
+def _try_shared(path: Path) -> bool:  # pragma: no cover - not Linux
+    """True when an exclusive flock on ``path`` is held (a shared one is refused)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the shared lock when it was taken
+    return False
 
 
 def lock_path(db_path: Path, mailbox: str) -> Path:
@@ -469,7 +542,88 @@ class SqliteJournal:
                 ).rowcount
         return removed
 
+    # -- poll records ---------------------------------------------------------------
+
+    def record_poll(
+        self,
+        mailbox: str,
+        *,
+        owner: str,
+        error: str = "",
+        error_type: str = "",
+        backlog: int | None = None,
+        next_poll: datetime | None = None,
+    ) -> None:
+        """Upsert ``mailbox``'s poll record (see :class:`PollRecord`)."""
+        now = self._now()
+        ok = not error
+        due = next_poll.timestamp() if next_poll is not None else None
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO polls (mailbox, owner, first_polled, polled_at, "
+                "last_success, last_error_at, last_error, last_error_type, backlog, "
+                "next_poll) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (mailbox) DO UPDATE SET owner = excluded.owner, "
+                "polled_at = excluded.polled_at, "
+                "last_success = coalesce(excluded.last_success, last_success), "
+                "last_error_at = coalesce(excluded.last_error_at, last_error_at), "
+                "last_error = CASE WHEN excluded.last_error_at IS NULL "
+                "THEN last_error ELSE excluded.last_error END, "
+                "last_error_type = CASE WHEN excluded.last_error_at IS NULL "
+                "THEN last_error_type ELSE excluded.last_error_type END, "
+                "backlog = coalesce(excluded.backlog, backlog), "
+                "next_poll = excluded.next_poll",
+                (
+                    mailbox,
+                    owner,
+                    now,
+                    now,
+                    now if ok else None,
+                    None if ok else now,
+                    error,
+                    error_type,
+                    backlog,
+                    due,
+                ),
+            )
+
+    def polls(self) -> dict[str, PollRecord]:
+        """Return the poll record of every mailbox that has one, by mailbox."""
+        with self._guard():
+            rows = self._conn.execute(f"SELECT {POLL_COLUMNS} FROM polls").fetchall()
+        return {row[0]: poll_record(row, _time) for row in rows}
+
+    def oldest_pending(self) -> dict[str, datetime]:
+        """Return, per mailbox, the ``first_seen`` of its oldest PENDING entry."""
+        with self._guard():
+            rows = self._conn.execute(
+                "SELECT mailbox, min(first_seen) FROM entries "
+                "WHERE status = ? GROUP BY mailbox",
+                (Status.PENDING.value,),
+            ).fetchall()
+        return {mailbox: _time(first) for mailbox, first in rows}
+
     # -- mailbox locks --------------------------------------------------------------
+
+    def leases(self, mailboxes: Iterable[str]) -> dict[str, Lease]:
+        """Return the mailboxes whose flock is held now (by any process) and by whom.
+
+        The owner is what the holder wrote into the lock file. Never takes a lock on
+        Linux (``/proc/locks``); see the module docstring for other systems.
+        """
+        held: dict[str, Lease] = {}
+        with self._lock:
+            for mailbox in mailboxes:
+                mine = self._locks.get(mailbox)
+                if mine is not None:
+                    held[mailbox] = Lease(mailbox=mailbox, owner=mine[0])
+                    continue
+                if self._memory:
+                    continue
+                owner = _flock_holder(lock_path(self.path, mailbox))
+                if owner is not None:
+                    held[mailbox] = Lease(mailbox=mailbox, owner=owner)
+        return held
 
     def lock_mailbox(self, mailbox: str, *, owner: str, ttl: float) -> bool:
         """Take the exclusive flock of ``mailbox``; False if another holder has it.

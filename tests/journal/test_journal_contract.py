@@ -554,7 +554,7 @@ def test_schema_is_versioned_and_a_newer_schema_is_refused(
     backend: Backend,
 ) -> None:
     journal = backend.open()
-    assert journal.schema_version() == 1  # type: ignore[attr-defined]
+    assert journal.schema_version() == 2  # type: ignore[attr-defined]
     journal.close()
     backend.open().close()  # reopening migrates nothing and keeps the version
     table = "schema_version" if backend.kind == "sqlite" else "mailpipe_schema_version"
@@ -579,7 +579,111 @@ def test_open_journal_picks_the_backend(backend: Backend, tmp_path: Path) -> Non
     assert set(backend.open().get_many(MB, ["u1"])) == {"u1"}
 
 
+# -- poll records --------------------------------------------------------------------
+
+
+def test_record_poll_keeps_the_last_success_and_the_last_error(
+    backend: Backend,
+) -> None:
+    journal = backend.open()
+    assert journal.polls() == {}
+    due = backend.clock.now + timedelta(minutes=1)
+    journal.record_poll(MB, owner="w1", backlog=7, next_poll=due)
+    (first,) = journal.polls().values()
+    assert (first.mailbox, first.owner, first.backlog) == (MB, "w1", 7)
+    assert first.last_success == first.polled_at == first.first_polled
+    assert first.next_poll == due and first.last_error_at is None
+    assert first.last_error == first.last_error_type == ""
+
+    backend.clock.advance(minutes=5)
+    journal.record_poll(
+        MB, owner="w2", error="refused: bad password", error_type="AuthenticationError"
+    )
+    failed = journal.polls()[MB]
+    assert failed.last_success == first.last_success  # kept
+    assert failed.last_error_at == failed.polled_at > first.polled_at
+    assert (failed.last_error, failed.last_error_type) == (
+        "refused: bad password",
+        "AuthenticationError",
+    )
+    assert failed.backlog == 7  # never listed: the known count stays
+    assert failed.next_poll is None and failed.owner == "w2"
+    assert failed.first_polled == first.first_polled
+
+    journal.record_poll(MB, owner="w2", backlog=0)
+    healed = journal.polls()[MB]
+    assert healed.last_success == healed.polled_at > failed.polled_at
+    assert healed.last_error == "refused: bad password"  # the last one, with its time
+    assert healed.last_error_at == failed.last_error_at and healed.backlog == 0
+
+    journal.record_poll("other", owner="w1", error="x", error_type="SourceError")
+    journal.close()
+    polls = backend.open().polls()  # durable, and one row per mailbox
+    assert set(polls) == {MB, "other"} and polls["other"].last_success is None
+
+
+def test_oldest_pending_is_the_first_seen_of_unfinished_entries(
+    journal: Journal,
+) -> None:
+    assert journal.oldest_pending() == {}
+    old = begin(journal, "old")
+    begin(journal, "new")
+    begin(journal, "elsewhere", mailbox="other")
+    done = begin(journal, "older-but-done")
+    journal.finish(
+        MB, "older-but-done", status=Status.COMMITTED, disposition="done",
+        sha256=None, delete_due=True,
+    )
+    oldest = journal.oldest_pending()
+    assert oldest[MB] == old.first_seen and set(oldest) == {MB, "other"}
+    assert done.first_seen is not None and old.first_seen is not None
+    journal.finish(
+        MB, "old", status=Status.KEPT, disposition="keep", sha256=None,
+        delete_due=False,
+    )
+    assert journal.oldest_pending()[MB] > old.first_seen
+
+
+def test_migration_from_version_1_keeps_the_entries(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mailpipe.journal.postgres as pg_module
+    import mailpipe.journal.sqlite as sqlite_module
+
+    module = sqlite_module if backend.kind == "sqlite" else pg_module
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "MIGRATIONS", module.MIGRATIONS[:1])
+        old = backend.open()
+        assert old.schema_version() == 1  # type: ignore[attr-defined]
+        begin(old, "u1", size=5)
+        old.close()
+    journal = backend.open()
+    assert journal.schema_version() == len(module.MIGRATIONS) == 2  # type: ignore[attr-defined]
+    assert journal.get_many(MB, ["u1"])["u1"].size == 5
+    journal.record_poll(MB, owner="w1", backlog=1)
+    assert journal.polls()[MB].backlog == 1
+
+
 # -- mailbox locks -------------------------------------------------------------------
+
+
+def test_leases_name_the_holder_and_never_take_a_lock(backend: Backend) -> None:
+    one, two = backend.open(), backend.open()
+    assert one.leases([MB]) == {}
+    assert one.lock_mailbox(MB, owner="host-1:42", ttl=30)
+    for journal in (one, two):
+        lease = journal.leases([MB, "other"])[MB]
+        assert (lease.mailbox, lease.owner) == (MB, "host-1:42")
+        if backend.kind == "postgres":  # a lease expires; a flock does not
+            assert lease.expires is not None
+            assert lease.expires > datetime.now(UTC) + timedelta(seconds=20)
+        else:
+            assert lease.expires is None
+    assert set(two.leases([MB, "other"])) == {MB}
+    assert two.lock_mailbox("other", owner="w2", ttl=30)  # asking took nothing
+    one.unlock_mailbox(MB, owner="host-1:42")
+    assert MB not in two.leases([MB])
+    assert two.lock_mailbox(MB, owner="w2", ttl=30)
 
 
 def test_mailbox_lock_is_exclusive_and_owned(backend: Backend) -> None:
@@ -617,6 +721,7 @@ def test_lease_expires_and_another_worker_takes_over(backend: Backend) -> None:
     assert stalled.lock_mailbox(MB, owner="stalled", ttl=30)
     assert not rescuer.lock_mailbox(MB, owner="rescuer", ttl=30)
     assert stalled.lock_mailbox(MB, owner="stalled", ttl=0.2)  # then it stalls
+    assert _eventually(lambda: MB not in rescuer.leases([MB]))  # expired: not held
     assert _eventually(lambda: rescuer.lock_mailbox(MB, owner="rescuer", ttl=30))
     assert not stalled.renew_mailbox(MB, owner="stalled", ttl=30)
     assert not stalled.lock_mailbox(MB, owner="stalled", ttl=30)
@@ -717,6 +822,9 @@ def test_lock_excludes_another_process_until_it_dies(
         assert child.expect("@locked") == "@locked True"
         journal = backend.open()
         assert not journal.lock_mailbox(MB, owner="parent", ttl=30)
+        (held,) = journal.leases([MB, "other"]).values()  # seen from this process
+        assert (held.mailbox, held.owner) == (MB, "child")
+        assert not journal.lock_mailbox(MB, owner="parent", ttl=30)  # left untouched
     finally:
         child.kill()
     # SQLite: the OS dropped the flock; PostgreSQL: the 1 s lease runs out.
