@@ -266,6 +266,34 @@ def plugins() -> None:
 
 
 @cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option(
+    "--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait."
+)
+def healthcheck(config: str, timeout: float) -> None:
+    """Probe the /healthz of a running `mailpipe run CONFIG` (container HEALTHCHECK).
+
+    Exits 0 when it answers 200, or when CONFIG has no [metrics] listen (nothing to
+    probe); 1 when it answers otherwise or not at all; 2 when CONFIG cannot be read.
+    Reads only the [metrics] table: no plugin is loaded and no secret resolved.
+    """
+    from mailpipe.config import MetricsConfig, read_toml
+    from mailpipe.metrics import probe
+
+    try:
+        data = read_toml(Path(config))
+        metrics = MetricsConfig.model_validate(data.get("metrics", {}))
+    except ConfigError as exc:
+        _fail_config(exc)
+    except ValueError as exc:  # pydantic's ValidationError
+        click.echo(f"{config}: [metrics]: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    healthy, line = probe(metrics.listen, timeout=timeout)
+    click.echo(line)
+    sys.exit(EXIT_OK if healthy else EXIT_FAILURE)
+
+
+@cli.command()
 def schema() -> None:
     """Print the JSON Schema of the config file, plugin options included."""
     from mailpipe.config import json_schema

@@ -188,3 +188,50 @@ class MetricsServer:
             pass
         finally:
             writer.close()
+
+
+def healthz_url(listen: str) -> str:
+    """The ``/healthz`` URL that a probe on this host uses for ``listen``.
+
+    ``listen`` is ``[metrics] listen`` (``host:port`` or ``[v6]:port``). A wildcard
+    host (``0.0.0.0``, ``::``, empty) is reached on loopback of the same family,
+    as a container's ``HEALTHCHECK`` runs inside the container's network.
+    """
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{int(port)}/healthz"
+
+
+def probe(listen: str | None, *, timeout: float = 5.0) -> tuple[bool, str]:
+    """Ask a running ``mailpipe run`` whether it is healthy.
+
+    Contract: ``listen`` None (metrics off) is healthy with nothing asked, since
+    there is no endpoint to probe; otherwise healthy exactly when ``GET /healthz``
+    answers 200 within ``timeout`` seconds. Never raises for a network failure:
+    a refused or timed-out connection is ``(False, reason)``.
+
+    :returns: ``(healthy, one line for a human)``.
+    """
+    if not listen:
+        return True, "metrics off ([metrics] listen unset): nothing to check"
+    import urllib.error
+    import urllib.request
+
+    url = healthz_url(listen)
+    try:
+        # The URL is built from host:port above: always http://, never a file: URL.
+        with urllib.request.urlopen(url, timeout=timeout) as reply:  # noqa: S310
+            body = reply.read(4096).decode("utf-8", "replace").strip()
+            return reply.status == 200, f"{url}: {reply.status} {body}"
+    except urllib.error.HTTPError as exc:
+        body = exc.read(4096).decode("utf-8", "replace").strip()
+        return False, f"{url}: {exc.code} {body}"
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return False, f"{url}: {reason}"

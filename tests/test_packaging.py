@@ -1,14 +1,23 @@
-"""Packaging: plugins/ ships as mailpipe.plugins, never as a bare top-level `plugins`."""
+"""Packaging and release artifacts.
+
+plugins/ ships as mailpipe.plugins, never as a bare top-level `plugins`; the sdist and
+the wheel are built as the Containerfile builds them, pass `twine check`, and the
+wheel installed in a fresh virtual environment runs (one build, one venv, shared by
+every test here through the module-scoped ``release`` fixture).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tomllib
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -69,40 +78,112 @@ def run_outside(python: str, cwd: Path, env: dict[str, str] | None = None) -> di
     return result
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Build the wheel from a snapshot of the checkout; return (wheel, snapshot).
+CONTAINERFILE = ROOT / "Containerfile"
+# The build stage's command and the runtime stage's install, as the Containerfile has
+# them; the release fixture below replays both (tests/test_deploy.py lints the file).
+BUILD_COMMAND = "python -m build --outdir /dist ."
+INSTALL_COMMAND = 'python -m pip install --no-cache-dir "$1[${EXTRAS}]"'
 
-    The snapshot avoids stale files in the tree's build/ and gives the file-list checks
-    the exact sources that went into the wheel.
+
+def containerfile_stages() -> list[list[str]]:
+    """The Containerfile's instructions, continuation lines joined, one list a stage."""
+    text = re.sub(r"\\\n\s*", " ", CONTAINERFILE.read_text())
+    stages: list[list[str]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("FROM "):
+            stages.append([])
+        if stages:
+            stages[-1].append(line)
+    return stages
+
+
+@dataclass(frozen=True)
+class Release:
+    """What the Containerfile's stages make, replayed here: dist/ and a fresh venv."""
+
+    src: Path  # the files the build stage copies, and nothing else
+    sdist: Path
+    wheel: Path
+    venv: Path  # a venv without site packages, the wheel installed as the image does
+    extras: str
+    build_log: str  # what python -m build printed
+
+    def bin(self, name: str) -> str:
+        return str(self.venv / "bin" / name)
+
+
+def _clean_env() -> dict[str, str]:
+    """This environment without what would leak the checkout or this venv in."""
+    drop = {"PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
+    """Build as the Containerfile does; install as its runtime stage does. Once.
+
+    The build stage's COPY sources are copied to a snapshot (so a file the build needs
+    but the Containerfile leaves out fails here too), ``python -m build`` makes the
+    sdist and the wheel from it (isolated: setuptools comes from the index, as in the
+    image), and the wheel with the image's extras goes into a fresh virtual
+    environment that sees neither this one nor the checkout.
     """
-    base = tmp_path_factory.mktemp("wheel")
+    build_stage, runtime_stage = containerfile_stages()
+    assert f"RUN {BUILD_COMMAND}" in build_stage
+    assert any(INSTALL_COMMAND in step for step in runtime_stage)
+    (extras,) = [
+        step.removeprefix("ARG EXTRAS=") for step in runtime_stage
+        if step.startswith("ARG EXTRAS=")
+    ]
+    base = tmp_path_factory.mktemp("release")
     src = base / "src"
     src.mkdir()
-    for item in ROOT.iterdir():  # top-level files (pyproject, README, LICENSE) + packages
-        if item.is_file():
-            shutil.copy2(item, src / item.name)
-    for package in ("mailpipe", "plugins"):
-        shutil.copytree(ROOT / package, src / package, ignore=IGNORE)
-    out = base / "dist"
+    for step in build_stage:
+        words = step.split()
+        if words[0] != "COPY" or any(w.startswith("--from") for w in words):
+            continue
+        for name in words[1:-1]:
+            if (ROOT / name).is_dir():
+                shutil.copytree(ROOT / name, src / name, ignore=IGNORE)
+            else:
+                shutil.copy2(ROOT / name, src / name)
+    dist = base / "dist"
+    done = subprocess.run(
+        [sys.executable, "-m", "build", "--outdir", str(dist), str(src)],
+        capture_output=True, text=True, timeout=600, check=False, env=_clean_env(),
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    build_log = done.stdout + done.stderr
+    (sdist,) = dist.glob("mailpipe-*.tar.gz")
+    (whl,) = dist.glob("mailpipe-*.whl")
+    venv = base / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     done = subprocess.run(
         [
-            sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-            "--no-cache-dir", "--disable-pip-version-check", "-q", "-w", str(out), str(src),
+            str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+            "--disable-pip-version-check", f"{whl}[{extras}]",
         ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+        capture_output=True, text=True, timeout=900, check=False, env=_clean_env(),
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    (whl,) = out.glob("mailpipe-*.whl")
-    return whl, src
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return Release(
+        src=src, sdist=sdist, wheel=whl, venv=venv, extras=extras,
+        build_log=build_log,
+    )
 
 
 @pytest.fixture(scope="module")
-def wheel(built: tuple[Path, Path]) -> Path:
-    return built[0]
+def built(release: Release) -> tuple[Path, Path]:
+    """(wheel, the sources it was built from)."""
+    return release.wheel, release.src
+
+
+@pytest.fixture(scope="module")
+def wheel(release: Release) -> Path:
+    return release.wheel
 
 
 def test_requires_python_311_and_pep621_metadata() -> None:
@@ -192,35 +273,89 @@ def test_editable_install_exposes_mailpipe_plugins_not_bare_plugins(tmp_path: Pa
 
 
 def test_wheel_installed_in_fresh_venv_imports_from_outside_checkout(
-    wheel: Path, tmp_path: Path
+    release: Release, tmp_path: Path
 ) -> None:
-    venv = tmp_path / "venv"
-    # --system-site-packages: dependencies come from this environment, nothing downloads.
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)],
-        check=True,
-        timeout=120,
-    )
-    python = venv / "bin" / "python"
-    done = subprocess.run(
-        [
-            sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-            "--no-index", "--ignore-installed", "--disable-pip-version-check", "-q",
-            str(wheel),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = run_outside(str(python), tmp_path, env=env)
-    site = venv.resolve()
-    # The venv's copy wins over the editable checkout of the surrounding environment.
+    result = run_outside(release.bin("python"), tmp_path, env=_clean_env())
+    site = release.venv.resolve()
+    # The venv's copy, never the editable checkout of the surrounding environment.
     assert Path(str(result["mailpipe"])).resolve().is_relative_to(site)
     assert Path(str(result["plugins_pkg"])).resolve().is_relative_to(site)
     assert Path(str(result["plugins_pkg"])).parent.name == "plugins"
     assert Path(str(result["plugins_pkg"])).parent.parent.name == "mailpipe"
     assert result["bare_plugins"] is False
     assert (Path(str(result["typed"])) / "py.typed").is_file()
+
+
+# --- release artifacts (issue 22.1) --------------------------------------------------
+
+
+@pytest.mark.slow
+def test_build_makes_an_sdist_and_a_wheel_of_the_one_version(release: Release) -> None:
+    from mailpipe import __version__
+
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {
+        "attr": "mailpipe._version.__version__"
+    }
+    assert release.sdist.name == f"mailpipe-{__version__}.tar.gz"
+    assert release.wheel.name == f"mailpipe-{__version__}-py3-none-any.whl"
+    # e.g. a data folder setuptools sees as a package missing from `packages`
+    assert "would be ignored" not in release.build_log, release.build_log[-3000:]
+
+
+@pytest.mark.slow
+def test_twine_check_passes(release: Release) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "twine", "check", "--strict",
+         str(release.sdist), str(release.wheel)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("PASSED") == 2, done.stdout
+
+
+@pytest.mark.slow
+def test_wheel_and_sdist_carry_plugins_samples_and_py_typed(release: Release) -> None:
+    samples = sorted(p.name for p in (ROOT / "mailpipe" / "samples").iterdir())
+    assert "pipeline.example.toml" in samples and len(samples) > 5
+    names = set(zipfile.ZipFile(release.wheel).namelist())
+    for name in samples:
+        assert f"mailpipe/samples/{name}" in names
+    assert "mailpipe/py.typed" in names
+    for _, dotted in BUILTIN_PLUGINS:
+        assert dotted.replace(".", "/") + "/__init__.py" in names
+    with tarfile.open(release.sdist) as tar:
+        members = {m.name.split("/", 1)[1] for m in tar.getmembers() if "/" in m.name}
+    for name in samples:
+        assert f"mailpipe/samples/{name}" in members
+    assert {"mailpipe/py.typed", "plugins/pop3/__init__.py", "README.md"} <= members
+
+
+def _installed(release: Release, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [release.bin("mailpipe"), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=300, check=False,
+        env={**_clean_env(), "NO_COLOR": "1", "COLUMNS": "160"},
+    )
+
+
+@pytest.mark.slow
+def test_installed_wheel_runs_version_plugins_and_demo(
+    release: Release, tmp_path: Path
+) -> None:
+    from mailpipe import __version__
+
+    done = _installed(release, "--version", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"mailpipe, version {__version__}"
+
+    done = _installed(release, "plugins", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for name, _ in BUILTIN_PLUGINS:
+        assert name in done.stdout, (name, done.stdout)
+
+    done = _installed(release, "demo", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "mailpipe-demo").is_dir()
+    # The image's HEALTHCHECK command exists in the installed wheel.
+    done = _installed(release, "healthcheck", "--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr

@@ -90,6 +90,10 @@ def test_ci_installs_the_debian_packages_the_tests_need() -> None:
     text = CI_RUN.read_text()
     for package in ("dovecot-core", "dovecot-pop3d", "mpop"):
         assert re.search(rf"ensure_apt_packages .*\b{package}\b", text), package
+    # systemd-analyze (tests/test_deploy.py), installed only when missing.
+    assert re.search(
+        r"if ! command -v systemd-analyze .*\n\s+ensure_apt_packages systemd\b", text
+    )
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 from mailpipe.metrics import MetricsCollector, MetricsServer
 from mailpipe.plugin_manager import Hooks, get_plugin_manager
@@ -65,3 +66,58 @@ async def test_metrics_count_outcomes_and_health_turns_unhealthy() -> None:
         assert status == 404
     finally:
         await server.stop()
+
+
+# --- `mailpipe healthcheck` (the container HEALTHCHECK) ------------------------------
+
+
+def test_healthz_url_reaches_a_wildcard_listener_on_loopback() -> None:
+    from mailpipe.metrics import healthz_url
+
+    assert healthz_url("0.0.0.0:9108") == "http://127.0.0.1:9108/healthz"
+    assert healthz_url("[::]:9108") == "http://[::1]:9108/healthz"
+    assert healthz_url("127.0.0.1:1") == "http://127.0.0.1:1/healthz"
+    assert healthz_url("[::1]:9108") == "http://[::1]:9108/healthz"
+    assert healthz_url("mailpipe:80") == "http://mailpipe:80/healthz"
+
+
+def _healthcheck(config: Path) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from mailpipe.cli import cli
+
+    result = CliRunner().invoke(cli, ["healthcheck", str(config), "--timeout", "5"])
+    return result.exit_code, result.output
+
+
+async def test_healthcheck_follows_healthz_of_a_running_server(tmp_path: Path) -> None:
+    collector = MetricsCollector(["a"], unhealthy_after=3600)
+    server = MetricsServer(collector, "127.0.0.1", 0)
+    await server.start()
+    config = tmp_path / "pipeline.toml"
+    config.write_text(f'[metrics]\nlisten = "0.0.0.0:{server.port}"\n')
+    try:
+        code, out = await asyncio.to_thread(_healthcheck, config)
+        assert code == 0, out
+        assert f"http://127.0.0.1:{server.port}/healthz: 200" in out
+        collector.unhealthy_after = 0.001
+        await asyncio.sleep(0.01)
+        code, out = await asyncio.to_thread(_healthcheck, config)
+        assert code == 1, out
+        assert ": 503 " in out and '"a"' in out
+    finally:
+        await server.stop()
+    code, out = await asyncio.to_thread(_healthcheck, config)  # nobody listens now
+    assert code == 1, out
+
+
+def test_healthcheck_passes_without_metrics_and_refuses_a_bad_config(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "pipeline.toml"
+    config.write_text('[state]\npath = "x.sqlite3"\n')
+    code, out = _healthcheck(config)
+    assert (code, "metrics off" in out) == (0, True), out
+    config.write_text('[metrics]\nlisten = "no port"\n')
+    assert _healthcheck(config)[0] == 2
+    assert _healthcheck(tmp_path / "missing.toml")[0] == 2
