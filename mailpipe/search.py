@@ -182,7 +182,9 @@ def parse_since(value: str, *, now: datetime | None = None) -> datetime:
 
 def _phrases(query: str) -> str:
     """Quote each word of ``query`` as an FTS5 phrase (its own syntax switched off)."""
-    return " ".join('"' + word.replace('"', '""') + '"' for word in query.split())
+    words = (w.replace('"', "") for w in query.split())
+    return " ".join(f'"{word}"' for word in words if word) or '""'
+
 
 
 def search(
@@ -240,9 +242,9 @@ def search(
     )
     try:
         rows = conn.execute(sql, (query, *params, limit)).fetchall()
-    except sqlite3.OperationalError as exc:
-        if "fts5" not in str(exc) and "no such column" not in str(exc):
-            raise
+    except sqlite3.OperationalError:
+        # Anything FTS5 cannot parse ("O"Brien", a lone "*", "a@b", "from:x") is
+        # searched again as plain words, with FTS5's own syntax switched off.
         rows = conn.execute(sql, (_phrases(query), *params, limit)).fetchall()
     return [_hit(r) for r in rows]
 

@@ -124,6 +124,9 @@ def test_a_query_fts5_cannot_parse_is_searched_as_words(demo: tuple[Path, str]) 
     assert subjects(cfg, "carla@supplier.example")
     assert subjects(cfg, 'subject:"invoice"')  # a real FTS5 column filter still works
     assert subjects(cfg, "from:carla") == []  # no such column: searched as words
+    for odd in ('O"Brien', '"', "*"):  # review: these raised a traceback
+        done = mp("search", str(cfg), odd, cwd=cfg.parent)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
 
 
 def test_show_one_record_with_its_attachments(demo: tuple[Path, str]) -> None:
