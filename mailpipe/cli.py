@@ -280,14 +280,16 @@ def healthcheck(config: str, timeout: float) -> None:
     from mailpipe.config import MetricsConfig, read_toml
     from mailpipe.metrics import probe
 
+    # Exit 1 (not 2) for an unreadable config too: Docker reserves 2 for HEALTHCHECK.
     try:
         data = read_toml(Path(config))
         metrics = MetricsConfig.model_validate(data.get("metrics", {}))
     except ConfigError as exc:
-        _fail_config(exc)
+        click.echo(str(exc), err=True)
+        sys.exit(EXIT_FAILURE)
     except ValueError as exc:  # pydantic's ValidationError
         click.echo(f"{config}: [metrics]: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+        sys.exit(EXIT_FAILURE)
     healthy, line = probe(metrics.listen, timeout=timeout)
     click.echo(line)
     sys.exit(EXIT_OK if healthy else EXIT_FAILURE)

@@ -226,7 +226,10 @@ def probe(listen: str | None, *, timeout: float = 5.0) -> tuple[bool, str]:
     url = healthz_url(listen)
     try:
         # The URL is built from host:port above: always http://, never a file: URL.
-        with urllib.request.urlopen(url, timeout=timeout) as reply:  # noqa: S310
+        # A loopback probe never goes through an HTTP proxy (http_proxy set in a
+        # container must not make a healthy worker look unhealthy).
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(url, timeout=timeout) as reply:
             body = reply.read(4096).decode("utf-8", "replace").strip()
             return reply.status == 200, f"{url}: {reply.status} {body}"
     except urllib.error.HTTPError as exc:

@@ -6,6 +6,8 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
+
 from mailpipe.metrics import MetricsCollector, MetricsServer
 from mailpipe.plugin_manager import Hooks, get_plugin_manager
 
@@ -119,5 +121,25 @@ def test_healthcheck_passes_without_metrics_and_refuses_a_bad_config(
     code, out = _healthcheck(config)
     assert (code, "metrics off" in out) == (0, True), out
     config.write_text('[metrics]\nlisten = "no port"\n')
-    assert _healthcheck(config)[0] == 2
-    assert _healthcheck(tmp_path / "missing.toml")[0] == 2
+    # 1, never 2: Docker reserves exit 2 of a HEALTHCHECK command (review finding)
+    assert _healthcheck(config)[0] == 1
+    assert _healthcheck(tmp_path / "missing.toml")[0] == 1
+
+
+async def test_healthcheck_never_goes_through_an_http_proxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: container engines pass http_proxy into containers; a loopback
+    probe through it made a healthy worker look unhealthy."""
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    collector = MetricsCollector(["a"], unhealthy_after=3600)
+    server = MetricsServer(collector, "127.0.0.1", 0)
+    await server.start()
+    config = tmp_path / "pipeline.toml"
+    config.write_text(f'[metrics]\nlisten = "127.0.0.1:{server.port}"\n')
+    try:
+        code, out = await asyncio.to_thread(_healthcheck, config)
+    finally:
+        await server.stop()
+    assert code == 0, out
