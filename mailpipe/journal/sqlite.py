@@ -136,15 +136,21 @@ def _flock_holder(path: Path) -> str | None:
         st = path.stat()
     except FileNotFoundError:
         return None
-    if _PROC_LOCKS.exists():
-        # "12: FLOCK  ADVISORY  WRITE 31018 fe:00:2146519 0 EOF" (dev in hex, inode)
+    except OSError:
+        return "unknown"  # cannot look (permissions): never report it free
+    try:
+        # "12: FLOCK  ADVISORY  WRITE 31018 fe:00:2146519 0 EOF" (dev in hex, inode).
+        # Locks of processes in other PID namespaces are not listed there.
         ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
         locked = any(
             "FLOCK" in line and ident in line.split()
             for line in _PROC_LOCKS.read_text().splitlines()
         )
-    else:  # pragma: no cover - not Linux
-        locked = _try_shared(path)
+    except OSError:  # not Linux, or /proc not mounted: ask the lock itself
+        try:
+            locked = _try_shared(path)
+        except OSError:
+            return "unknown"
     if not locked:
         return None
     try:
@@ -154,7 +160,7 @@ def _flock_holder(path: Path) -> str | None:
     return owner or "unknown"
 
 
-def _try_shared(path: Path) -> bool:  # pragma: no cover - not Linux
+def _try_shared(path: Path) -> bool:
     """True when an exclusive flock on ``path`` is held (a shared one is refused)."""
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -131,3 +131,22 @@ def test_a_full_disk_in_a_batch_is_not_hidden_by_the_rollback(
     with journal.batch():  # the journal is usable again
         journal.fail("box", "u1", error="x", counted=True)
     journal.close()
+
+
+def test_lock_holder_without_proc_locks_asks_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of issue 19: an unreadable /proc/locks (not Linux, /proc not mounted, a
+    sandbox) falls back to a shared-lock probe instead of a traceback."""
+    import mailpipe.journal.sqlite as backend
+
+    journal = SqliteJournal(tmp_path / "j.sqlite3")
+    try:
+        assert journal.lock_mailbox("box", owner="w1", ttl=60)
+        monkeypatch.setattr(backend, "_PROC_LOCKS", tmp_path)  # exists, unreadable as text
+        path = backend.lock_path(tmp_path / "j.sqlite3", "box")
+        assert backend._flock_holder(path) == "w1"
+        journal.unlock_mailbox("box", owner="w1")
+        assert backend._flock_holder(path) is None
+    finally:
+        journal.close()
