@@ -75,8 +75,10 @@ def _remember(values: set[str]) -> None:
         _PATTERN = re.compile("|".join(_token(v) for v in ordered))
 
 
-# scheme://user:PASSWORD@host — the password of a URL's userinfo (RFC 3986 §3.2.1).
-_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:@/]*:)([^\s@]+)@")
+# scheme://user:PASSWORD@host — the password of a URL's userinfo (RFC 3986 §3.2.1),
+# up to the last "@" before the path: a raw "@" in a password (not percent-encoded, as
+# users write them) is part of it, never the end of it.
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:@/]*:)([^\s/]+)@")
 
 
 def remember_secret(value: str) -> None:

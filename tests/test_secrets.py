@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mailpipe.secrets import MASK, Secret, known_secret_values, redact, remember_secret
+from mailpipe.secrets import (
+    MASK,
+    Secret,
+    known_secret_values,
+    mask_url_passwords,
+    redact,
+    remember_secret,
+)
 
 
 def unique(prefix: str = "s3cr3t") -> str:
@@ -325,3 +332,12 @@ def test_a_secret_after_a_percent_escape_is_masked() -> None:
     value = unique("pct")
     Secret(value)
     assert value not in redact(f"tok=user%3A{value}&x=1")
+
+
+def test_a_raw_at_sign_in_a_url_password_is_masked_whole() -> None:
+    # Review of issue 20 item 8: "p@ss" leaked "ss" and made "p" a secret of its own.
+    password = "p@ss-" + unique("at")
+    remember_secret(f"postgresql://u:{password}@db.example/x")
+    assert password in known_secret_values() and "p" not in known_secret_values()
+    text = mask_url_passwords(f"postgresql://u:{password}@db.example/x")
+    assert text == f"postgresql://u:{MASK}@db.example/x"
