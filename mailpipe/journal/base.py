@@ -96,6 +96,48 @@ POLL_COLUMNS = (
 )
 
 
+def poll_upsert(table: str, mark: str, *, alias: str = "") -> str:
+    """The upsert of one poll record into ``table`` (the columns of
+    :data:`POLL_COLUMNS`), with ``mark`` as the placeholder (``?`` or ``%s``) and the
+    existing row named ``alias`` when the dialect needs one (PostgreSQL: ``p``).
+    Parameters: :func:`poll_params`. The rule of :meth:`Journal.record_poll` in SQL."""
+    old = f"{alias}." if alias else ""
+    marks = ", ".join([mark] * 10)
+    return (
+        f"INSERT INTO {table}{f' AS {alias}' if alias else ''} ({POLL_COLUMNS}) "
+        f"VALUES ({marks}) "
+        "ON CONFLICT (mailbox) DO UPDATE SET owner = excluded.owner, "
+        "polled_at = excluded.polled_at, "
+        f"last_success = coalesce(excluded.last_success, {old}last_success), "
+        f"last_error_at = coalesce(excluded.last_error_at, {old}last_error_at), "
+        "last_error = CASE WHEN excluded.last_error_at IS NULL "
+        f"THEN {old}last_error ELSE excluded.last_error END, "
+        "last_error_type = CASE WHEN excluded.last_error_at IS NULL "
+        f"THEN {old}last_error_type ELSE excluded.last_error_type END, "
+        f"backlog = coalesce(excluded.backlog, {old}backlog), "
+        "next_poll = excluded.next_poll"
+    )
+
+
+def poll_params(
+    mailbox: str,
+    owner: str,
+    now: Any,
+    *,
+    error: str,
+    error_type: str,
+    backlog: int | None,
+    next_poll: Any,
+) -> tuple[Any, ...]:
+    """The parameters of :func:`poll_upsert`; ``now`` and ``next_poll`` in the
+    backend's own time representation (a poll without ``error`` is a success)."""
+    ok = not error
+    return (
+        mailbox, owner, now, now, now if ok else None, None if ok else now,
+        error, error_type, backlog, next_poll,
+    )
+
+
 def poll_record(row: Sequence[Any], when: Callable[[Any], datetime]) -> PollRecord:
     """Build a :class:`PollRecord` from a row of :data:`POLL_COLUMNS`; ``when`` turns
     the backend's stored time into an aware UTC datetime."""

@@ -33,7 +33,9 @@ from mailpipe.journal.base import (
     PollRecord,
     Status,
     apply_migrations,
+    poll_params,
     poll_record,
+    poll_upsert,
 )
 from mailpipe.journal.errors import JournalError
 from mailpipe.message import message_key
@@ -533,36 +535,12 @@ class PostgresJournal:
         next_poll: datetime | None = None,
     ) -> None:
         """Upsert ``mailbox``'s poll record (see :class:`PollRecord`)."""
-        now = self._clock()
-        ok = not error
+        params = poll_params(
+            mailbox, owner, self._clock(), error=error, error_type=error_type,
+            backlog=backlog, next_poll=next_poll,
+        )
         with self._tx() as conn:
-            conn.execute(
-                "INSERT INTO mailpipe_polls AS p (mailbox, owner, first_polled, "
-                "polled_at, last_success, last_error_at, last_error, last_error_type, "
-                "backlog, next_poll) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (mailbox) DO UPDATE SET owner = EXCLUDED.owner, "
-                "polled_at = EXCLUDED.polled_at, "
-                "last_success = COALESCE(EXCLUDED.last_success, p.last_success), "
-                "last_error_at = COALESCE(EXCLUDED.last_error_at, p.last_error_at), "
-                "last_error = CASE WHEN EXCLUDED.last_error_at IS NULL "
-                "THEN p.last_error ELSE EXCLUDED.last_error END, "
-                "last_error_type = CASE WHEN EXCLUDED.last_error_at IS NULL "
-                "THEN p.last_error_type ELSE EXCLUDED.last_error_type END, "
-                "backlog = COALESCE(EXCLUDED.backlog, p.backlog), "
-                "next_poll = EXCLUDED.next_poll",
-                (
-                    mailbox,
-                    owner,
-                    now,
-                    now,
-                    now if ok else None,
-                    None if ok else now,
-                    error,
-                    error_type,
-                    backlog,
-                    next_poll,
-                ),
-            )
+            conn.execute(poll_upsert("mailpipe_polls", "%s", alias="p"), params)
 
     def polls(self) -> dict[str, PollRecord]:
         """Return the poll record of every mailbox that has one, by mailbox."""

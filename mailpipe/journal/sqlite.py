@@ -41,7 +41,9 @@ from mailpipe.journal.base import (
     Status,
     apply_migrations,
     iter_chunks,
+    poll_params,
     poll_record,
+    poll_upsert,
 )
 from mailpipe.journal.errors import JournalError
 from mailpipe.message import message_key
@@ -561,37 +563,12 @@ class SqliteJournal:
         next_poll: datetime | None = None,
     ) -> None:
         """Upsert ``mailbox``'s poll record (see :class:`PollRecord`)."""
-        now = self._now()
-        ok = not error
-        due = next_poll.timestamp() if next_poll is not None else None
+        params = poll_params(
+            mailbox, owner, self._now(), error=error, error_type=error_type,
+            backlog=backlog, next_poll=next_poll.timestamp() if next_poll is not None else None,
+        )
         with self._tx() as conn:
-            conn.execute(
-                "INSERT INTO polls (mailbox, owner, first_polled, polled_at, "
-                "last_success, last_error_at, last_error, last_error_type, backlog, "
-                "next_poll) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (mailbox) DO UPDATE SET owner = excluded.owner, "
-                "polled_at = excluded.polled_at, "
-                "last_success = coalesce(excluded.last_success, last_success), "
-                "last_error_at = coalesce(excluded.last_error_at, last_error_at), "
-                "last_error = CASE WHEN excluded.last_error_at IS NULL "
-                "THEN last_error ELSE excluded.last_error END, "
-                "last_error_type = CASE WHEN excluded.last_error_at IS NULL "
-                "THEN last_error_type ELSE excluded.last_error_type END, "
-                "backlog = coalesce(excluded.backlog, backlog), "
-                "next_poll = excluded.next_poll",
-                (
-                    mailbox,
-                    owner,
-                    now,
-                    now,
-                    now if ok else None,
-                    None if ok else now,
-                    error,
-                    error_type,
-                    backlog,
-                    due,
-                ),
-            )
+            conn.execute(poll_upsert("polls", "?"), params)
 
     def polls(self) -> dict[str, PollRecord]:
         """Return the poll record of every mailbox that has one, by mailbox."""

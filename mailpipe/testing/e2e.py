@@ -18,6 +18,7 @@ what the stores hold. This module holds what they share:
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import sqlite3
@@ -54,6 +55,7 @@ __all__ = [
     "maildir_keys",
     "maildir_numbers",
     "mailpipe_command",
+    "run_cli",
     "run_mailpipe",
     "server_numbers",
     "sqlite_keys",
@@ -219,6 +221,21 @@ def mailpipe_command(config: Path, *args: str) -> list[str]:
     if "{config}" not in args:
         rendered.append(str(config))
     return [sys.executable, "-m", "mailpipe", "--log-format", "json", *rendered]
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m mailpipe --log-format json ARGS`` in ``cwd`` to its end, with a
+    wide terminal (``COLUMNS=200``) so that tables are not folded; stdout and stderr
+    are captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "mailpipe", "--log-format", "json", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200"},
+        check=False,
+    )
 
 
 def run_mailpipe(

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from mailpipe.journal.sqlite import SqliteJournal
+from mailpipe.testing.e2e import run_cli as mp
 from mailpipe.testing.server import Pop3Server
 
 
@@ -54,17 +53,6 @@ processors = [{steps}]
 """
     )
     return cfg
-
-
-def mp(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mailpipe", "--log-format", "json", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=cwd,
-        env={**os.environ, "COLUMNS": "200"},
-    )
 
 
 def jsonl_keys(tmp_path: Path) -> list[str]:

@@ -4,29 +4,16 @@ the store.sqlite archive of real runs (the demo; the testing kit's POP3 server).
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mailpipe.testing.e2e import run_cli as mp
 from mailpipe.testing.server import Pop3Server
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def mp(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mailpipe", "--log-format", "json", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=cwd,
-        env={**os.environ, "COLUMNS": "200"},
-    )
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ real CLI in a subprocess, SQLite and PostgreSQL journals."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 
 from mailpipe.journal.sqlite import SqliteJournal
+from mailpipe.testing.e2e import run_cli as mp
 from mailpipe.testing.server import Pop3Server
 
 pytestmark = pytest.mark.timeout(300)
@@ -75,17 +75,6 @@ processors = [
 """
     )
     return cfg
-
-
-def mp(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mailpipe", "--log-format", "json", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=cwd,
-        env={**os.environ, "COLUMNS": "200"},
-    )
 
 
 def status(cfg: Path) -> tuple[int, dict[str, Any]]:
