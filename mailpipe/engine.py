@@ -376,8 +376,7 @@ class MailboxRunner:
         if delay <= 0:
             return
         self.log.info("login_delay_wait", seconds=delay)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stop.wait(), timeout=delay)
+        await wait_or_stop(self.stop, delay)
 
     @property
     def last_exception(self) -> BaseException | None:
@@ -1365,6 +1364,12 @@ def login_delay_seconds(session: SourceSession) -> float:
         return max(0.0, float(int(str(value).strip().split(" ")[0])))
     except ValueError:
         return 0.0
+
+
+async def wait_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    """Wait ``seconds``, or less when ``stop`` is set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 def _copy_tag(message: Message) -> str:
