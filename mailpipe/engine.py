@@ -215,12 +215,13 @@ class MailboxRunner:
         self._unkeyed_oversize: set[str] = set()  # no-UIDL messages sent past a limit
         self.inflight = InflightMarker(self.spool_dir, self.name)
         self._summary = Summary(mailbox=self.name)  # the current poll's (see poll)
+        self._last_exc: BaseException | None = None
         self.ledger = self._new_ledger(self._summary)
 
     def _new_ledger(self, summary: Summary) -> Ledger:
         return Ledger(
             self.journal, self.name, self.cfg, self.hooks, self.quarantine, summary,
-            ack=getattr(self.cfg, "ack", None) or Ack(), log=self.log,
+            ack=self.cfg.ack, log=self.log,
         )
 
     # --- the poll ----------------------------------------------------------------
@@ -286,7 +287,7 @@ class MailboxRunner:
         summary.committed = False
         summary.error = error_text(exc)
         summary.error_type = type(exc).__name__
-        self._last_exc: BaseException | None = exc
+        self._last_exc = exc
 
     def _count_crash(self) -> None:
         """Charge an attempt to the message a dead process left in its chain, when it
@@ -323,7 +324,7 @@ class MailboxRunner:
     @property
     def last_exception(self) -> BaseException | None:
         """The exception of the last poll, if any (for the scheduler's back-off)."""
-        return getattr(self, "_last_exc", None)
+        return self._last_exc
 
     async def _session(self, summary: Summary) -> bool:
         """One commit window. Returns True when messages are left for another window."""

@@ -393,10 +393,6 @@ class Ledger:
             self.journal.mark_deleted(self.mailbox, uids)
             self.log.info("owed_deletions_settled", count=len(uids))
 
-    def adopt_seen(self, refs: Sequence[MessageRef]) -> int:
-        """``state mark-seen``: remember ``refs`` as KEPT without processing them."""
-        return self.journal.mark_seen(self.mailbox, [(r.uid, r.key, r.size) for r in refs])
-
     # --- the group commit and the gate -----------------------------------------------
 
     def owe_settled(self, refs: Iterable[MessageRef]) -> None:
@@ -545,3 +541,76 @@ def error_text(exc: BaseException) -> str:
 def copy_tag(message: Message) -> str:
     """How a short copy's octets are remembered in its journaled error."""
     return f"[copy sha256:{message.sha256}]"
+
+
+# --- outside a poll: replay and mark-seen ------------------------------------------
+
+
+def replay_failed(
+    journal: Journal, hooks: Hooks | None, mailbox: str, uid: str, key: str,
+    result: ChainResult,
+) -> str:
+    """A quarantined message failed again when replayed: record the steps that
+    committed (never repeated) and the error (no attempt counted: it stays in the
+    quarantine), and announce the failure. Returns the error line."""
+    error = error_text(result.error) if result.error else "failed"
+    with journal.batch():
+        for step in result.committed:
+            journal.step_committed(mailbox, uid, step)
+        if journal.get_many(mailbox, [uid]).get(uid) is not None:
+            journal.fail(mailbox, uid, error=f"replay: {error}", counted=False)
+    if hooks is not None:
+        hooks.message_failed(mailbox=mailbox, uid=uid, key=key,
+                             processor=result.failed_step or "", error=error, attempts=0)
+    return error
+
+
+def replay_done(
+    journal: Journal, hooks: Hooks | None, message: Message, result: ChainResult,
+    *, mailbox: str, uid: str, delete_policy: str,
+) -> None:
+    """A quarantined message's replay finished (its processors already flushed):
+    record its steps and outcome. A server copy that was kept (QUARANTINED, nothing
+    owed) becomes COMMITTED with its acknowledgement owed per ``delete_policy``, so
+    the next poll acknowledges it; a KEEP decision leaves it on the server."""
+    decided = result.decision.disposition if result.decision else None
+    keep = decided == Disposition.KEEP
+    with journal.batch():
+        entry = journal.get_many(mailbox, [uid]).get(uid)
+        if entry is None:
+            entry = journal.begin(mailbox, uid, key=message.key, size=message.size)
+        for step in [*result.committed, *result.pending]:
+            journal.step_committed(mailbox, uid, step)
+        if entry.status != Status.DELETED:
+            journal.finish(
+                mailbox, uid,
+                status=Status.KEPT if keep else Status.COMMITTED,
+                disposition="keep" if keep else "done",
+                sha256=message.sha256,
+                reason="replayed",
+                delete_due=entry.delete_due or (
+                    not keep
+                    and entry.status == Status.QUARANTINED
+                    and delete_policy == "after_processing"
+                ),
+            )
+    if hooks is not None:
+        hooks.message_done(mailbox=mailbox, uid=uid, key=message.key,
+                           disposition="keep" if keep else "done")
+
+
+def adopt_seen(journal: Journal, mailbox: str, refs: Sequence[MessageRef]) -> int:
+    """``state mark-seen``: remember ``refs`` as KEPT without processing them (nothing
+    is acknowledged). Returns how many were new to the journal."""
+    return journal.mark_seen(mailbox, [(r.uid, r.key, r.size) for r in refs])
+
+
+def record_step(journal: Journal, mailbox: str, uid: str, step: str) -> None:
+    """Record at once that ``step`` committed for ``uid`` (outside a poll: replay)."""
+    journal.step_committed(mailbox, uid, step)
+
+
+def forget(journal: Journal, mailbox: str, uids: Sequence[str] | None) -> int:
+    """``state forget``: drop entries (all of ``mailbox`` without ``uids``), so their
+    messages are processed again when listed. Returns how many."""
+    return journal.forget(mailbox, list(uids) if uids is not None else None)

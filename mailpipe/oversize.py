@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from mailpipe.errors import OversizeError
-from mailpipe.journal.base import Entry, Journal, Status
+from mailpipe.journal.base import Entry
 from mailpipe.message import Message, MessageRef
 from mailpipe.source import Unretrievable
 
@@ -101,47 +101,4 @@ def _accepts_max_size(method: Any) -> bool:
     )
 
 
-def record(
-    journal: Journal,
-    mailbox: str,
-    exc: OversizeError,
-    *,
-    policy: str,
-    limited: bool,
-) -> str | None:
-    """Journal the decision for the message of ``exc``; return its outcome or None.
-
-    ``limited`` says whether the mailbox has a ``max_message_size``. Returns
-    ``"marked"`` (the plan applies ``policy`` from the next session on), ``"kept"``
-    (left on the server for good) or ``"deleted"`` (DELE due, unread), or None when
-    the message has no uid to journal it by. Durable when it returns.
-    """
-    ref: MessageRef | None = exc.ref
-    if ref is None or not ref.uid:
-        return None
-    journal.begin(mailbox, ref.uid, key=ref.key, size=ref.size)
-    listed = f"LIST said {ref.size}"
-    if limited and not exc.hard:
-        journal.fail(
-            mailbox,
-            ref.uid,
-            error=f"{OVERSIZE_MARK} the server sent more than {exc.limit} octets "
-            f"({listed}); handled by on_oversize = {policy!r}",
-            counted=False,
-        )
-        return "marked"
-    delete = policy == "delete"
-    journal.finish(
-        mailbox,
-        ref.uid,
-        status=Status.COMMITTED if delete else Status.KEPT,
-        disposition="oversize",
-        sha256=None,
-        reason=f"oversize: the server sent more than the {exc.limit}-octet cap "
-        f"({listed}); " + ("deleted unread" if delete else "left on the server"),
-        delete_due=delete,
-    )
-    return "deleted" if delete else "kept"
-
-
-__all__ = ["OVERSIZE_MARK", "marked", "record", "retrieve"]
+__all__ = ["OVERSIZE_MARK", "marked", "retrieve"]
