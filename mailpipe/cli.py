@@ -657,8 +657,7 @@ async def _mark_seen(app: Any, spec: Any) -> tuple[int, int]:
                 raise MailpipeError(
                     "the server offers no UIDL; mark-seen needs stable ids"
                 )
-            n = adopt_seen(journal, spec.name, refs)
-            await session.commit()  # nothing acknowledged: the server deletes nothing
+            n = await adopt_seen(journal, spec.name, session, refs)
         return n, len(refs)
     finally:
         journal.close()

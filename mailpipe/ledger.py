@@ -599,10 +599,15 @@ def replay_done(
                            disposition="keep" if keep else "done")
 
 
-def adopt_seen(journal: Journal, mailbox: str, refs: Sequence[MessageRef]) -> int:
-    """``state mark-seen``: remember ``refs`` as KEPT without processing them (nothing
-    is acknowledged). Returns how many were new to the journal."""
-    return journal.mark_seen(mailbox, [(r.uid, r.key, r.size) for r in refs])
+async def adopt_seen(
+    journal: Journal, mailbox: str, session: Any, refs: Sequence[MessageRef]
+) -> int:
+    """``state mark-seen``: remember ``refs`` as KEPT without processing them, then end
+    the session cleanly (nothing was acknowledged, so the server deletes nothing).
+    Returns how many were new to the journal."""
+    count = journal.mark_seen(mailbox, [(r.uid, r.key, r.size) for r in refs])
+    await session.commit()
+    return count
 
 
 def record_step(journal: Journal, mailbox: str, uid: str, step: str) -> None:
