@@ -57,9 +57,10 @@ from mailpipe.ledger import (
     error_text,
 )
 from mailpipe.message import Message, MessageRef
+from mailpipe.oversize import OversizePolicy
 from mailpipe.planning import UNRETRIEVABLE_REST, tried_key
 from mailpipe.plugin_manager import Hooks
-from mailpipe.processor import Disposition
+from mailpipe.prefetch import HeaderPrefetch
 from mailpipe.quarantine import Quarantine
 from mailpipe.source import (
     Ack,
@@ -206,13 +207,10 @@ class MailboxRunner:
         # them again (a failing message is retried once per poll, after back-off,
         # instead of in every window; "bad input never stops the pipeline").
         self._attempted: set[str] = set()
-        self._skipped: set[str] = set()  # oversize skips counted in this poll
         self._reset_checked = False  # C-60: the UIDL reset check runs once per poll
-        # Header prefetch is an optimisation: once the server refuses TOP, sends a cut
-        # header section, or serves a short RETR after TOP, it is off for good.
-        self._prefetch_off = False
+        self.prefetch = HeaderPrefetch(self.cfg, chain, self.log)
+        self.oversize = OversizePolicy(self.cfg, self.log)
         self._login_delay = 0.0  # seconds, from the latest session's facts
-        self._unkeyed_oversize: set[str] = set()  # no-UIDL messages sent past a limit
         self.inflight = InflightMarker(self.spool_dir, self.name)
         self._summary = Summary(mailbox=self.name)  # the current poll's (see poll)
         self._last_exc: BaseException | None = None
@@ -233,7 +231,7 @@ class MailboxRunner:
         self.ledger = self._new_ledger(summary)
         started = time.monotonic()
         self._attempted = set()
-        self._skipped = set()
+        self.oversize.new_poll()
         self._reset_checked = False
         self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # raw mail
         try:
@@ -244,7 +242,7 @@ class MailboxRunner:
                 except OversizeError as exc:
                     # Journaled, so the next session applies on_oversize to it without
                     # downloading it: go on with a new session (the others still flow).
-                    if not self._oversize_received(exc, summary):
+                    if not self.oversize.received(exc, self.ledger):
                         raise
                     more = True
                 except SourceBusyError as exc:
@@ -356,7 +354,7 @@ class MailboxRunner:
                 r
                 for r in plan.process
                 if tried_key(r) not in self._attempted
-                and tried_key(r) not in self._unkeyed_oversize
+                and tried_key(r) not in self.oversize.unkeyed
             ]
             plan.oversize = [r for r in plan.oversize if tried_key(r) not in self._attempted]
             attempted_before = len(self._attempted)
@@ -365,15 +363,18 @@ class MailboxRunner:
             self.ledger.owe_settled(plan.ack)
             await self.ledger.acknowledge(session)
             if plan.oversize:
-                await self._oversize(session, plan.oversize, summary)
+                await self.oversize.listed(
+                    session, plan.oversize, self.ledger, spool_dir=self.spool_dir,
+                    spool_threshold=self.spool_threshold, identify=self._by_hash,
+                    attempted=self._attempted,
+                )
                 await self.ledger.acknowledge(session)
             todo = window
-            if (
-                self.cfg.header_prefetch
-                and not self._prefetch_off
-                and self.chain.can_prefetch(self.cfg.pipeline)
-            ):
-                todo = await self._prefetch(session, window)
+            if self.prefetch.wanted():
+                todo = await self.prefetch.decide(
+                    session, window, journal=self.journal, ledger=self.ledger,
+                    attempted=self._attempted, stop=self.stop, mark=self._mark,
+                )
                 await self.ledger.acknowledge(session)
             await self._retrieve(session, todo, summary, facts)
             if self.stop.is_set():
@@ -437,121 +438,6 @@ class MailboxRunner:
             error=entry.last_error,
             retry_after=str(planning.UNRETRIEVABLE_REST),
         )
-
-    # --- oversize and prefetch ---------------------------------------------------
-
-    async def _oversize(
-        self, session: SourceSession, refs: list[MessageRef], summary: Summary
-    ) -> None:
-        policy = self.cfg.on_oversize
-        for ref in refs:
-            seen = tried_key(ref)  # once per poll, any window
-            if policy == "skip" and seen in self._skipped:
-                continue
-            self.log.info("message_oversize", uid=ref.uid, size=ref.size,
-                          limit=self.cfg.max_message_size, action=policy)
-            if policy == "skip":
-                self._skipped.add(seen)
-                summary.skipped += 1
-            elif policy == "delete":
-                self.ledger.oversize_deleted(ref)
-        if policy != "quarantine" or not refs:
-            return
-        # Downloaded whole (spooled) to be quarantined: only the source's max_message
-        # cap applies (an OversizeError then journals it as kept).
-        async for msg in session.retrieve(
-            refs, spool_dir=self.spool_dir, spool_threshold=self.spool_threshold
-        ):
-            if isinstance(msg, Unretrievable):
-                # Never quarantined from a partial copy: an attempt, tried again in a
-                # later poll (and rested like any other, see planning.resting).
-                _unspool(msg.evidence)
-                self._attempted.add(tried_key(msg.ref))
-                self.ledger.unretrievable(msg, None)
-                continue
-            try:
-                if not msg.ref.uid:  # no UIDL: known by its content hash
-                    msg, entry, settled = self._by_hash(msg)
-                    if settled:  # quarantined before (kept, or its ack owed)
-                        if entry is not None and (
-                            entry.delete_due or entry.status == Status.DELETED
-                        ):
-                            self.ledger.owe_settled([msg.ref])
-                        continue
-                reason = f"oversize: {msg.ref.size} > {self.cfg.max_message_size}"
-                self.ledger.oversize_quarantined(msg, reason)
-            finally:
-                _unspool(msg)
-
-    def _oversize_received(self, exc: OversizeError, summary: Summary) -> bool:
-        """Journal a message the server sent past a size limit (see mailpipe.oversize);
-        False when it has no uid to journal it by."""
-        outcome = self.ledger.oversize_received(
-            exc, policy=self.cfg.on_oversize, limited=self.cfg.max_message_size is not None
-        )
-        ref = exc.ref
-        self.log.warning(
-            "message_oversize_received",
-            uid=getattr(ref, "uid", None),
-            listed=getattr(ref, "size", None),
-            limit=exc.limit,
-            received_at_least=exc.received,
-            hard=exc.hard,
-            outcome=outcome,
-        )
-        if outcome is None and ref is not None:
-            # No uid to journal it by: this process does not fetch it again (by
-            # number and size; a clash only defers a message to a later run).
-            self._unkeyed_oversize.add(tried_key(ref))
-            summary.skipped += 1
-            return True
-        return outcome is not None
-
-    async def _prefetch(
-        self, session: SourceSession, refs: list[MessageRef]
-    ) -> list[MessageRef]:
-        """Ask header-only rules first (TOP n 0); return what still needs retrieval."""
-        todo: list[MessageRef] = []
-        entries = self.journal.get_many(self.name, [r.uid for r in refs if r.uid])
-        for ref in refs:
-            if self.stop.is_set():
-                break
-            spent = entries.get(ref.uid)
-            if spent is not None and spent.attempts >= self.cfg.max_attempts:
-                todo.append(ref)  # retrieved to be quarantined (see _run_one)
-                continue
-            if self._prefetch_off or (
-                spent is not None and spent.last_error.startswith(UNRETRIEVABLE)
-            ):
-                todo.append(ref)  # a retry of a short RETR: no TOP before it
-                continue
-            headers = await session.headers(ref)
-            if headers is None:
-                # Refused, or cut short: decide on the whole message instead, and
-                # stop asking this server for headers (issue 20 item 3).
-                self._disable_prefetch("the server refused TOP or cut its reply")
-                todo.append(ref)
-                continue
-            msg = Message(ref=ref, data=headers, headers_only=True)
-            self._mark(ref.uid)  # a header rule that kills the process is charged too
-            try:
-                decision = await self.chain.prefetch(self.cfg.pipeline, msg)
-            finally:
-                self._mark(None)
-            if decision is None or decision.disposition == Disposition.QUARANTINE:
-                todo.append(ref)
-                continue
-            self._attempted.add(ref.uid)  # decided in this poll: never run again in it
-            self.ledger.decided(ref, decision, None)
-            self.log.info("message_decided_on_headers", uid=ref.uid,
-                          disposition=str(decision.disposition), reason=decision.reason)
-        return todo
-
-    def _disable_prefetch(self, why: str) -> None:
-        """Stop asking this server for headers (for the runner's life), once."""
-        if not self._prefetch_off:
-            self._prefetch_off = True
-            self.log.warning("header_prefetch_disabled", reason=why)
 
     # --- retrieval and the chain ---------------------------------------------------
 
@@ -637,7 +523,7 @@ class MailboxRunner:
         group commit) and the server copy waits for a later poll, behind new mail."""
         _unspool(item.evidence)
         if item.after_headers:
-            self._disable_prefetch("a RETR after TOP came back short")
+            self.prefetch.disable("a RETR after TOP came back short")
         self._attempted.add(tried_key(item.ref))  # no later window of this poll asks
         entry = entries.get(item.ref.uid) if item.ref.uid else None
         if item.ref.uid and entry is None:
