@@ -28,14 +28,13 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from mailpipe import oversize, planning, uidl_reset
+from mailpipe import identity, oversize, planning, uidl_reset
 from mailpipe.chain import Chain
 from mailpipe.config import Config, MailboxSpec
 from mailpipe.errors import (
@@ -569,45 +568,33 @@ class MailboxRunner:
         if msg.size != msg.ref.size:
             self.log.info("octet_count_mismatch", uid=msg.ref.uid, listed=msg.ref.size,
                           received=msg.size)
-        known = entries.get(msg.ref.uid) if msg.ref.uid else None
-        if msg.ref.uid:
+        listed_uid = msg.ref.uid
+        had_uid = bool(listed_uid)
+        if had_uid:
             # Whatever happens to it below, no later window of this poll fetches it.
             self._attempted.add(msg.ref.uid)
-        reused: MessageRef | None = None
-        if known is not None and known.status not in (Status.PENDING, Status.DELETED):
-            # Fetched again because the listing gives a settled uid another size.
-            if known.sha256 == msg.sha256:
-                # The same message, counted differently now: remember the new size
-                # so that the next poll does not fetch it again.
-                self.ledger.readopt(msg.ref, known)
-                return
-            self.log.error("uidl_reused", uid=msg.ref.uid, number=msg.ref.number)
-            reused = msg.ref
-            msg.ref = replace(msg.ref, uid="")  # a different message: by content hash
-        if known is not None and known.status == Status.DELETED:
-            if known.sha256 == msg.sha256:
-                self.log.warning("deleted_message_reappeared", uid=msg.ref.uid)
+        known = entries.get(msg.ref.uid) if had_uid else None
+        res = identity.resolve(msg, known, self.journal, self.name, self.log)
+        msg = res.msg
+        if res.readopt is not None:
+            # The same message, counted differently now: remember the new size so
+            # that the next poll does not fetch it again.
+            self.ledger.readopt(msg.ref, res.readopt)
+            return
+        if not res.run:
+            if res.owe:
                 settled.append(msg.ref)
-                return
-            # Another message under a uid already used: never acknowledge it
-            # unprocessed; it is known by its content hash instead (as without UIDL).
-            self.log.error("uidl_reused", uid=msg.ref.uid, number=msg.ref.number)
-            msg.ref = replace(msg.ref, uid="")
-        if not msg.ref.uid:
-            msg, entry, done_before = self._by_hash(msg)
-            if done_before:
-                if entry is not None and (entry.delete_due or entry.status == Status.DELETED):
-                    settled.append(msg.ref)
-                if reused is not None and entry is not None:
-                    self.ledger.readopt(reused, entry)
-                return
-            if entry is not None:
-                entries[msg.ref.uid] = entry
-            if msg.ref.uid in self._attempted and not expire_zero:
-                return  # already tried in this poll (no UIDL): next poll retries it
+            if res.reused is not None and res.entry is not None:
+                self.ledger.readopt(res.reused, res.entry)
+            return
+        if res.entry is not None:
+            entries[msg.ref.uid] = res.entry
+        rekeyed = msg.ref.uid != listed_uid  # known by its content hash
+        if rekeyed and msg.ref.uid in self._attempted and not expire_zero:
+            return  # already tried in this poll (no UIDL): next poll retries it
         self._attempted.add(msg.ref.uid)
         done = await self._run_one(msg, entries.get(msg.ref.uid))
-        done.readopt = reused
+        done.readopt = res.reused
         if done.failed and expire_zero and done.status == Status.PENDING:
             # C-29, RFC 2449 §6.7: EXPIRE 0 lets the server delete what was RETR'd at
             # QUIT; keep the raw bytes before that can happen.
@@ -615,16 +602,7 @@ class MailboxRunner:
         group.append(done)
 
     def _by_hash(self, msg: Message) -> tuple[Message, Entry | None, bool]:
-        """Key a message without a uid by its content hash (``sha256:<hex>``); return
-        it, its journal entry, and True when that entry is settled."""
-        msg.ref = MessageRef(
-            mailbox=msg.ref.mailbox or self.name,
-            number=msg.ref.number,
-            uid=f"sha256:{msg.sha256}",
-            size=msg.ref.size,
-        )
-        entry = self.journal.get_many(self.name, [msg.ref.uid]).get(msg.ref.uid)
-        return msg, entry, entry is not None and entry.status != Status.PENDING
+        return identity.by_hash(self.journal, self.name, msg)
 
     async def _run_one(self, msg: Message, entry: Entry | None) -> Outcome:
         if entry is None:
