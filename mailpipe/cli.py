@@ -311,23 +311,49 @@ def schema() -> None:
 # --- status and search ------------------------------------------------------------
 
 
+#: ``mailpipe status``'s exit code when the journal exists but cannot be read.
+EXIT_UNREADABLE = 3
+
+
 @cli.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (for scripts).")
 def status(config: str, as_json: bool) -> None:
     """Show each mailbox: health, last success and error, backlog, lock, next poll.
 
-    Exits 1 when an enabled mailbox is unhealthy by the rule of /healthz (no success
-    within [metrics] unhealthy_after, or never polled).
+    Reads only: never creates, migrates or locks the journal. Without a journal
+    (no run yet) every enabled mailbox is "never polled".
+
+    \b
+    Exit codes:
+      0  every enabled mailbox is healthy
+      1  an enabled mailbox is unhealthy by the rule of /healthz (no success
+         within [metrics] unhealthy_after, or never polled; no journal yet)
+      2  usage or configuration error
+      3  the journal cannot be read (unreachable, not a journal, or another
+         schema version: the next `mailpipe run` migrates an older one)
     """
+    from mailpipe.journal import JournalError, JournalMissingError
+    from mailpipe.secrets import redact
     from mailpipe.status import as_document, collect, error_lines, healthy, rows
 
     app = _open(config)
-    journal = app.journal()
+    journal = None
+    try:
+        journal = app.journal(read_only=True)
+    except JournalMissingError as exc:
+        click.echo(f"{exc}: no mailbox has been polled yet", err=True)
+    except JournalError as exc:
+        click.echo(f"mailpipe status: {redact(str(exc))}", err=True)
+        sys.exit(EXIT_UNREADABLE)
     try:
         statuses = collect(app.config, journal, app.quarantine())
+    except JournalError as exc:
+        click.echo(f"mailpipe status: {redact(str(exc))}", err=True)
+        sys.exit(EXIT_UNREADABLE)
     finally:
-        journal.close()
+        if journal is not None:
+            journal.close()
     if as_json:
         click.echo(json.dumps(as_document(statuses), ensure_ascii=False))
     else:
