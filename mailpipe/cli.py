@@ -139,14 +139,19 @@ async def _start_metrics(app: Any) -> Any:
     if not listen:
         return None
     from mailpipe.metrics import MetricsCollector, MetricsServer
+    from mailpipe.status_page import StatusPage
 
+    enabled = [m for m in app.config.mailboxes if m.config.enabled]
     collector = MetricsCollector(
-        [m.name for m in app.config.mailboxes if m.config.enabled],
+        [m.name for m in enabled],
         unhealthy_after=app.config.model.metrics.unhealthy_after,
+        intervals={m.name: float(m.config.poll_interval) for m in enabled},
+        quarantine=app.quarantine(),
     )
     app.pm.register(collector, "metrics")
     host, _, port = listen.rpartition(":")
-    server = MetricsServer(collector, host.strip("[]"), int(port))
+    page = StatusPage(app, collector, token=app.config.model.metrics.admin_token)
+    server = MetricsServer(collector, host.strip("[]"), int(port), page=page)
     try:
         await server.start()
     except OSError as exc:  # e.g. the port is taken: one line, exit 1
@@ -283,7 +288,10 @@ def healthcheck(config: str, timeout: float) -> None:
     # Exit 1 (not 2) for an unreadable config too: Docker reserves 2 for HEALTHCHECK.
     try:
         data = read_toml(Path(config))
-        metrics = MetricsConfig.model_validate(data.get("metrics", {}))
+        table = data.get("metrics", {})
+        if isinstance(table, dict):  # admin_token: a secret the probe does not need
+            table = {k: v for k, v in table.items() if k != "admin_token"}
+        metrics = MetricsConfig.model_validate(table)
     except ConfigError as exc:
         click.echo(str(exc), err=True)
         sys.exit(EXIT_FAILURE)
