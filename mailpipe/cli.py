@@ -105,7 +105,10 @@ async def _run(app: Any, *, once: bool, only: tuple[str, ...]) -> int:
     except BaseException:
         journal.close()
         raise
-    view = ProgressView(enabled=once and sys.stderr.isatty())
+    from mailpipe.logs import on_terminal
+
+    # Bars only where log lines share their console (never beside raw JSON lines).
+    view = ProgressView(enabled=once and on_terminal())
     scheduler = Scheduler(
         app.config,
         journal=journal,
