@@ -239,3 +239,53 @@ def test_a_pending_wal_in_a_read_only_folder_is_an_error_not_stale_data(
     message = as_reader(read)
     assert "holds changes not yet in the database" in message
 
+
+
+
+# --- PostgreSQL ---------------------------------------------------------------------
+
+
+def pg_config(root: Path, url: str) -> Path:
+    cfg = write_config(root)
+    cfg.write_text(cfg.read_text().replace('"var/journal.sqlite3"', json.dumps(url)))
+    return cfg
+
+
+def pg_query(url: str, sql: str) -> list[tuple[Any, ...]]:
+    import psycopg
+
+    with psycopg.connect(url.split("?", 1)[0], autocommit=True) as conn:
+        cursor = conn.execute(sql)
+        return cursor.fetchall() if cursor.description else []
+
+
+@pytest.mark.services
+def test_status_creates_no_postgresql_schema(tmp_path: Path, pg_schema_url: str) -> None:
+    schema = pg_schema_url.rsplit("schema=", 1)[1]
+    cfg = pg_config(tmp_path, pg_schema_url)
+    done = mp("status", str(cfg), "--json", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert f"PostgreSQL journal (schema {schema}) has no mailpipe tables yet" in done.stderr
+    assert json.loads(done.stdout)["mailboxes"][0]["problem"] == "never polled"
+    found = pg_query(
+        pg_schema_url,
+        f"SELECT 1 FROM information_schema.schemata WHERE schema_name = '{schema}'",
+    )
+    assert found == []
+
+
+@pytest.mark.services
+def test_status_leaves_an_older_postgresql_journal_alone(
+    tmp_path: Path, pg_schema_url: str
+) -> None:
+    from mailpipe.journal.postgres import PostgresJournal
+
+    schema = pg_schema_url.rsplit("schema=", 1)[1]
+    PostgresJournal.from_url(pg_schema_url).close()  # the current schema...
+    pg_query(pg_schema_url, f"UPDATE {schema}.mailpipe_schema_version SET version = 1")
+    cfg = pg_config(tmp_path, pg_schema_url)
+    done = mp("status", str(cfg), cwd=tmp_path)
+    assert done.returncode == 3, done.stderr
+    assert "schema version 1" in done.stderr  # ...said to be older, and left so
+    version = pg_query(pg_schema_url, f"SELECT version FROM {schema}.mailpipe_schema_version")
+    assert version == [(1,)]
