@@ -18,12 +18,16 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+import structlog
+
 from mailpipe.hookspecs import hookimpl
 from mailpipe.secrets import redact
 
 if TYPE_CHECKING:
     from mailpipe.quarantine import Quarantine
     from mailpipe.status_page import StatusPage
+
+log = structlog.get_logger()
 
 
 def is_stale(
@@ -296,7 +300,17 @@ class MetricsServer:
             if request is None:
                 reply = Response("413 Content Too Large", "text/plain", b"too large\n")
             else:
-                reply = await self._route(request)
+                try:
+                    reply = await self._route(request)
+                except Exception as exc:  # one bad request must not stop the listener
+                    log.error(
+                        "metrics_request_failed",
+                        path=request.path,
+                        error=redact(f"{type(exc).__name__}: {exc}"),
+                    )
+                    reply = Response(
+                        "500 Internal Server Error", "text/plain", b"internal error\n"
+                    )
             head = [
                 f"HTTP/1.1 {reply.status}",
                 f"Content-Type: {reply.content_type}",

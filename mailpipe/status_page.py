@@ -107,7 +107,10 @@ class StatusPage:
             return await self._page(
                 "403 Forbidden", "Refused: cross-site request.", ok=False
             )
-        form = parse_qs(request.body.decode("utf-8", "replace"), max_num_fields=10)
+        try:
+            form = parse_qs(request.body.decode("utf-8", "replace"), max_num_fields=10)
+        except ValueError:  # more fields than a form of this page has
+            return await self._page("400 Bad Request", "Malformed form.", ok=False)
         given = (form.get("token") or [""])[0] or request.headers.get(TOKEN_HEADER, "")
         # Constant-time: the comparison takes as long for a near miss as for nonsense.
         if not given or not hmac.compare_digest(

@@ -337,3 +337,41 @@ async def test_status_page_without_admin_token_is_read_only(tmp_path: Path) -> N
         assert item.exists()
     finally:
         await server.stop()
+
+
+async def test_status_page_answers_bad_requests_and_keeps_serving(tmp_path: Path) -> None:
+    from mailpipe.app import open_app
+    from mailpipe.metrics import MAX_BODY, MetricsCollector, MetricsServer
+    from mailpipe.secrets import Secret
+    from mailpipe.status_page import StatusPage
+
+    with Pop3Server([], tls="implicit") as srv:
+        cfg = write_config(tmp_path, srv, free_port(), token=False)
+    app = open_app(cfg)
+    collector = MetricsCollector(["support"], unhealthy_after=3600)
+    page = StatusPage(app, collector, token=Secret(TOKEN))
+    server = MetricsServer(collector, "127.0.0.1", 0, page=page)
+    await server.start()
+
+    async def raw(request: bytes) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        return int(data.split()[1])
+
+    try:
+        fields = "&".join(f"f{n}=x" for n in range(20)).encode()
+        post_head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+        assert await raw(post_head % len(fields) + fields) == 400
+        assert await raw(post_head % (MAX_BODY + 1)) == 413
+        assert await raw(b"PUT / HTTP/1.1\r\nHost: x\r\n\r\n") == 405
+        assert await raw(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n") == 404
+        form = f"token={TOKEN}&action=explode:k".encode()
+        assert await raw(post_head % len(form) + form) == 400
+        form = f"token={TOKEN}&action=drop:nothing-here".encode()
+        assert await raw(post_head % len(form) + form) == 404
+        assert await raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == 200
+    finally:
+        await server.stop()
