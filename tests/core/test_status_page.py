@@ -375,3 +375,17 @@ async def test_status_page_answers_bad_requests_and_keeps_serving(tmp_path: Path
         assert await raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == 200
     finally:
         await server.stop()
+
+
+def test_healthcheck_does_not_resolve_the_admin_token(tmp_path: Path) -> None:
+    from mailpipe.testing.e2e import run_cli
+
+    cfg = tmp_path / "pipeline.toml"
+    cfg.write_text('[metrics]\nadmin_token = { env = "MAILPIPE_TEST_UNSET_TOKEN" }\n')
+    env_free = run_cli("healthcheck", str(cfg), cwd=tmp_path)
+    assert env_free.returncode == 0, env_free.stderr  # the probe needs no token
+    check = run_cli("check", str(cfg), cwd=tmp_path)
+    assert check.returncode == 2
+    assert "metrics.admin_token: environment variable MAILPIPE_TEST_UNSET_TOKEN" in (
+        check.stdout + check.stderr
+    )
