@@ -15,8 +15,10 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from mailpipe.errors import MailpipeError
 
-class ReadOnlyOpenError(Exception):
+
+class ReadOnlyOpenError(MailpipeError):
     """The database cannot be read without writing; the message says why."""
 
 
@@ -33,7 +35,9 @@ def connect_read_only(path: Path) -> sqlite3.Connection:
     """
     base = path.resolve().as_uri()
     try:
-        return _probe(sqlite3.connect(f"{base}?mode=ro", uri=True, check_same_thread=False))
+        return _probe(
+            sqlite3.connect(f"{base}?mode=ro", uri=True, check_same_thread=False)
+        )
     except sqlite3.Error as exc:
         first = exc
     wal = path.with_name(path.name + "-wal")

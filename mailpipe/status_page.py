@@ -147,7 +147,9 @@ class StatusPage:
         results = await replay(self.app.config, journal, quarantine, [item])
         return redact(results[0][1])
 
-    async def _page(self, status: str, banner: str = "", *, ok: bool = True) -> Response:
+    async def _page(
+        self, status: str, banner: str = "", *, ok: bool = True
+    ) -> Response:
         html = await asyncio.to_thread(self._render, banner, ok)
         return Response(status, "text/html; charset=utf-8", html.encode(), HEADERS)
 
@@ -192,10 +194,14 @@ class StatusPage:
             parts.append(f"<p class='banner {kind}' role=status>{escape(banner)}</p>")
         parts.append("<h2>Mailboxes</h2>")
         if problem:
-            parts.append(f"<p class=bad>The journal cannot be read: {escape(problem)}</p>")
+            parts.append(
+                f"<p class=bad>The journal cannot be read: {escape(problem)}</p>"
+            )
         else:
             parts.append(_table(rows(statuses), bad_column=1))
-            parts += [f"<p><code>{escape(line)}</code></p>" for line in error_lines(statuses)]
+            parts += [
+                f"<p><code>{escape(line)}</code></p>" for line in error_lines(statuses)
+            ]
         parts.append(self._failures())
         parts.append(self._quarantine(quarantine.list()))
         parts.append("</body></html>")
@@ -218,9 +224,7 @@ class StatusPage:
 
     def _quarantine(self, items: list[QuarantineItem]) -> str:
         total = sum(i.size for i in items)
-        head = (
-            f"<h2>Quarantine</h2><p>{len(items)} message(s), {_size(total)}</p>"
-        )
+        head = f"<h2>Quarantine</h2><p>{len(items)} message(s), {_size(total)}</p>"
         if not items:
             return head
         actions = self.token is not None
@@ -238,7 +242,9 @@ class StatusPage:
                 "to replay or drop messages here.</p>"
             )
         out.append("<table><thead><tr>")
-        out += [f"<th>{escape(h)}</th>" for h in header + (["action"] if actions else [])]
+        out += [
+            f"<th>{escape(h)}</th>" for h in header + (["action"] if actions else [])
+        ]
         out.append("</tr></thead><tbody>")
         for i in items:
             cells = [

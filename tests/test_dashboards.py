@@ -75,7 +75,10 @@ def exported() -> set[str]:
 def test_promtool_accepts_the_rules() -> None:
     done = subprocess.run(
         [promtool(), "check", "rules", str(RULES)],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"SUCCESS: {len(rule_exprs())} rules found" in done.stdout
@@ -84,7 +87,10 @@ def test_promtool_accepts_the_rules() -> None:
 def test_promtool_unit_tests_fire_every_alert() -> None:
     done = subprocess.run(
         [promtool(), "test", "rules", RULE_TESTS.name],
-        cwd=RULE_TESTS.parent, capture_output=True, text=True, timeout=120,
+        cwd=RULE_TESTS.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
@@ -107,13 +113,17 @@ def test_every_metric_used_is_exported_or_documented_as_elsewhere() -> None:
         for name in _METRIC.findall(expr):
             used.setdefault(name, []).append("dashboard")
     have = exported()
-    missing = {n: w for n, w in used.items() if n not in have and n not in PROVIDED_ELSEWHERE}
+    missing = {
+        n: w for n, w in used.items() if n not in have and n not in PROVIDED_ELSEWHERE
+    }
     assert not missing, f"used but not exported by mailpipe/metrics.py: {missing}"
     # the list is not stale: each one is used, and not exported yet
     assert set(PROVIDED_ELSEWHERE) <= set(used)
     assert not set(PROVIDED_ELSEWHERE) & have
     # and documented: in the rules file and the README's Operating section
-    operating = README.read_text().split("## Operating mailpipe", 1)[1].split("\n## ", 1)[0]
+    operating = (
+        README.read_text().split("## Operating mailpipe", 1)[1].split("\n## ", 1)[0]
+    )
     operating = " ".join(operating.split())
     for name in PROVIDED_ELSEWHERE:
         assert name in RULES.read_text().split("groups:", 1)[0]
@@ -152,4 +162,6 @@ def test_new_gauges_carry_poll_time_interval_and_quarantine(tmp_path: Path) -> N
     assert 'mailpipe_quarantine_messages{mailbox="a"} 1.0' in text
     assert f'mailpipe_quarantine_bytes{{mailbox="a"}} {float(len(raw))}' in text
     assert 'mailpipe_quarantine_messages{mailbox="b"} 0.0' in text
-    assert re.search(r'mailpipe_last_poll_timestamp_seconds\{mailbox="b"\} 1\.\d+e\+09', text)
+    assert re.search(
+        r'mailpipe_last_poll_timestamp_seconds\{mailbox="b"\} 1\.\d+e\+09', text
+    )

@@ -240,8 +240,6 @@ def test_a_pending_wal_in_a_read_only_folder_is_an_error_not_stale_data(
     assert "holds changes not yet in the database" in message
 
 
-
-
 # --- PostgreSQL ---------------------------------------------------------------------
 
 
@@ -260,12 +258,17 @@ def pg_query(url: str, sql: str) -> list[tuple[Any, ...]]:
 
 
 @pytest.mark.services
-def test_status_creates_no_postgresql_schema(tmp_path: Path, pg_schema_url: str) -> None:
+def test_status_creates_no_postgresql_schema(
+    tmp_path: Path, pg_schema_url: str
+) -> None:
     schema = pg_schema_url.rsplit("schema=", 1)[1]
     cfg = pg_config(tmp_path, pg_schema_url)
     done = mp("status", str(cfg), "--json", cwd=tmp_path)
     assert done.returncode == 1, done.stderr
-    assert f"PostgreSQL journal (schema {schema}) has no mailpipe tables yet" in done.stderr
+    assert (
+        f"PostgreSQL journal (schema {schema}) has no mailpipe tables yet"
+        in done.stderr
+    )
     assert json.loads(done.stdout)["mailboxes"][0]["problem"] == "never polled"
     found = pg_query(
         pg_schema_url,
@@ -287,5 +290,7 @@ def test_status_leaves_an_older_postgresql_journal_alone(
     done = mp("status", str(cfg), cwd=tmp_path)
     assert done.returncode == 3, done.stderr
     assert "schema version 1" in done.stderr  # ...said to be older, and left so
-    version = pg_query(pg_schema_url, f"SELECT version FROM {schema}.mailpipe_schema_version")
+    version = pg_query(
+        pg_schema_url, f"SELECT version FROM {schema}.mailpipe_schema_version"
+    )
     assert version == [(1,)]

@@ -122,7 +122,15 @@ def worker(tmp_path: Path) -> Iterator[tuple[Path, int, Path]]:
         log = tmp_path / "run.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "mailpipe", "--log-format", "json", "run", str(cfg)],
+                [
+                    sys.executable,
+                    "-m",
+                    "mailpipe",
+                    "--log-format",
+                    "json",
+                    "run",
+                    str(cfg),
+                ],
                 cwd=tmp_path,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -152,12 +160,17 @@ def _status(port: int, path: str) -> int:
         return 0
 
 
-def post(port: int, data: dict[str, str], headers: dict[str, str] | None = None) -> tuple[int, str]:
+def post(
+    port: int, data: dict[str, str], headers: dict[str, str] | None = None
+) -> tuple[int, str]:
     body = "&".join(f"{k}={urllib.parse.quote(v)}" for k, v in data.items()).encode()
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/",
         data=body,
-        headers={"Content-Type": "application/x-www-form-urlencoded", **(headers or {})},
+        headers={
+            "Content-Type": "application/x-www-form-urlencoded",
+            **(headers or {}),
+        },
         method="POST",
     )
     try:
@@ -313,8 +326,14 @@ async def test_status_page_without_admin_token_is_read_only(tmp_path: Path) -> N
     (item.with_suffix(".eml")).write_bytes(msg(9, "held"))
     item.write_text(
         json.dumps(
-            {"key": "k1", "mailbox": "support", "uid": "u1", "reason": "rule held",
-             "size": 77, "eml": str(item.with_suffix(".eml"))}
+            {
+                "key": "k1",
+                "mailbox": "support",
+                "uid": "u1",
+                "reason": "rule held",
+                "size": 77,
+                "eml": str(item.with_suffix(".eml")),
+            }
         )
     )
     collector = MetricsCollector(["support"], unhealthy_after=3600)
@@ -339,7 +358,9 @@ async def test_status_page_without_admin_token_is_read_only(tmp_path: Path) -> N
         await server.stop()
 
 
-async def test_status_page_answers_bad_requests_and_keeps_serving(tmp_path: Path) -> None:
+async def test_status_page_answers_bad_requests_and_keeps_serving(
+    tmp_path: Path,
+) -> None:
     from mailpipe.app import open_app
     from mailpipe.metrics import MAX_BODY, MetricsCollector, MetricsServer
     from mailpipe.secrets import Secret

@@ -43,7 +43,9 @@ def messages() -> list[bytes]:
 
 def write_config(root: Path, srv: Pop3Server) -> Path:
     script = root / "fwd.py"
-    script.write_text("import sys\nsys.exit(3 if b'poison' in sys.stdin.buffer.read() else 0)\n")
+    script.write_text(
+        "import sys\nsys.exit(3 if b'poison' in sys.stdin.buffer.read() else 0)\n"
+    )
     cfg = root / "pipeline.toml"
     cfg.write_text(
         f"""
@@ -115,7 +117,8 @@ def test_logs_render_above_the_progress_bar_on_a_terminal(tmp_path: Path) -> Non
     assert code == 0, text
     # a bar line starts with its mailbox; anything else with bar glyphs is the table
     bars = [
-        n for n, line in enumerate(lines)
+        n
+        for n, line in enumerate(lines)
         if not line.startswith(("┏", "┡", "└")) and re.search("[━╺╸]", line)
     ]
     # one bar, drawn last as "support ━━━ 12/12", with nothing glued to it
@@ -138,8 +141,16 @@ def test_debug_shows_the_chatter_on_a_terminal(tmp_path: Path) -> None:
     with Pop3Server(messages()[:2], tls="implicit") as srv:
         cfg = write_config(tmp_path, srv)
         code, output = run_on_pty(
-            [sys.executable, "-m", "mailpipe", "--log-level", "debug", "run", str(cfg),
-             "--once"],
+            [
+                sys.executable,
+                "-m",
+                "mailpipe",
+                "--log-level",
+                "debug",
+                "run",
+                str(cfg),
+                "--once",
+            ],
             tmp_path,
         )
     text = "\n".join(screen_of(output))
@@ -152,7 +163,10 @@ def test_piped_output_stays_json_lines(tmp_path: Path) -> None:
         cfg = write_config(tmp_path, srv)
         done = subprocess.run(
             [sys.executable, "-m", "mailpipe", "run", str(cfg), "--once"],
-            cwd=tmp_path, capture_output=True, timeout=120, check=False,
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=120,
+            check=False,
         )
     assert done.returncode == 0, done.stderr
     events = [json.loads(line) for line in done.stderr.decode().splitlines()]
