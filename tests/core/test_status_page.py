@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from mailpipe.testing.e2e import failing_forward, write_kit_config
 from mailpipe.testing.server import Pop3Server
 
 pytestmark = pytest.mark.timeout(300)
@@ -63,45 +64,24 @@ def free_port() -> int:
 def write_config(root: Path, srv: Pop3Server, port: int, *, token: bool = True) -> Path:
     # The forwarder fails on "poison" while the flag file exists: fixing it is
     # deleting the flag, then a replay succeeds.
-    script = root / "fwd.py"
     flag = root / "broken"
     flag.write_text("x")
-    script.write_text(
-        "import os, sys\n"
-        f"broken = os.path.exists({str(flag)!r})\n"
-        "sys.exit(3 if broken and b'poison' in sys.stdin.buffer.read() else 0)\n"
+    metrics: dict[str, Any] = {"listen": f"127.0.0.1:{port}", "unhealthy_after": "1h"}
+    if token:
+        metrics["admin_token"] = {"env": "MAILPIPE_TEST_ADMIN_TOKEN"}
+    return write_kit_config(
+        root,
+        host=srv.host,
+        port=srv.port,
+        ca_file=srv.ca_file,
+        mailbox={"max_attempts": 1, "poll_interval": "1h"},
+        metrics=metrics,
+        processors=[
+            {"use": "parse"},
+            {"use": "store.jsonl", "path": "var/out.jsonl"},
+            failing_forward(root, unless=flag),
+        ],
     )
-    cfg = root / "pipeline.toml"
-    admin = 'admin_token = { env = "MAILPIPE_TEST_ADMIN_TOKEN" }' if token else ""
-    cfg.write_text(
-        f"""
-[state]
-path = "var/journal.sqlite3"
-[quarantine]
-dir = "var/quarantine"
-[metrics]
-listen = "127.0.0.1:{port}"
-unhealthy_after = "1h"
-{admin}
-[[mailboxes]]
-name = "support"
-host = "127.0.0.1"
-port = {srv.port}
-security = "tls"
-ca_file = "{srv.ca_file}"
-username = "user"
-password = "pass"
-max_attempts = 1
-poll_interval = "1h"
-[pipelines.default]
-processors = [
-  {{ use = "parse" }},
-  {{ use = "store.jsonl", path = "var/out.jsonl" }},
-  {{ use = "forward.command", command = {json.dumps([sys.executable, str(script)])} }},
-]
-"""
-    )
-    return cfg
 
 
 def quarantined(root: Path) -> list[Path]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pyte
 import pytest
 
+from mailpipe.testing.e2e import failing_forward, write_kit_config
 from mailpipe.testing.server import Pop3Server
 
 pytestmark = pytest.mark.timeout(300)
@@ -42,34 +43,17 @@ def messages() -> list[bytes]:
 
 
 def write_config(root: Path, srv: Pop3Server) -> Path:
-    script = root / "fwd.py"
-    script.write_text(
-        "import sys\nsys.exit(3 if b'poison' in sys.stdin.buffer.read() else 0)\n"
+    return write_kit_config(
+        root,
+        host=srv.host,
+        port=srv.port,
+        ca_file=srv.ca_file,
+        processors=[
+            {"use": "parse"},
+            {"use": "store.sqlite", "path": "var/store.sqlite3"},
+            failing_forward(root),
+        ],
     )
-    cfg = root / "pipeline.toml"
-    cfg.write_text(
-        f"""
-[state]
-path = "var/journal.sqlite3"
-[quarantine]
-dir = "var/quarantine"
-[[mailboxes]]
-name = "support"
-host = "127.0.0.1"
-port = {srv.port}
-security = "tls"
-ca_file = "{srv.ca_file}"
-username = "user"
-password = "pass"
-[pipelines.default]
-processors = [
-  {{ use = "parse" }},
-  {{ use = "store.sqlite", path = "var/store.sqlite3" }},
-  {{ use = "forward.command", command = {json.dumps([sys.executable, str(script)])} }},
-]
-"""
-    )
-    return cfg
 
 
 def run_on_pty(argv: list[str], cwd: Path) -> tuple[int, bytes]:
