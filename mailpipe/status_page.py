@@ -141,10 +141,13 @@ class StatusPage:
         if action == "drop":
             quarantine.drop(item)
             return "dropped"
+        from mailpipe.plugin_manager import Hooks
         from mailpipe.replay import replay
 
         journal = await asyncio.to_thread(self.app.journal)
-        results = await replay(self.app.config, journal, quarantine, [item])
+        # With the hooks, a replay is seen like a poll's message (metrics, failures).
+        hooks = Hooks(self.app.pm)
+        results = await replay(self.app.config, journal, quarantine, [item], hooks)
         return redact(results[0][1])
 
     async def _page(

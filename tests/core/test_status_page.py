@@ -249,6 +249,12 @@ def test_status_page_in_a_browser(
     assert banner == "Refused: wrong or missing admin token."
     assert len(quarantined(tmp_path)) == 2
     assert "not-the-token" not in browser.page_source
+    # The right token while the forwarder is still broken: the replay fails, the
+    # message stays, and the failure is listed like a poll's (the hooks heard it).
+    banner = click(browser, "replay", invoice, TOKEN)
+    assert banner.startswith(f"{invoice}: failed in"), banner
+    assert len(quarantined(tmp_path)) == 2
+    assert len(rows(browser, "Recent failures")) == 3
     # Fix the forwarder, then replay with the token: the message leaves quarantine.
     (tmp_path / "broken").unlink()
     banner = click(browser, "replay", invoice, TOKEN)
