@@ -194,6 +194,11 @@ class MetricsConfig(BaseModel):
         gt=0,
         description="/healthz fails when a mailbox has not succeeded for this long.",
     )
+    admin_token: Secret | None = Field(
+        None,
+        description="Token that allows replay and drop on the status page at / "
+        '(e.g. { env = "MAILPIPE_ADMIN_TOKEN" }); unset = the page is read-only.',
+    )
 
 
 class MoveAck(BaseModel):

@@ -342,3 +342,31 @@ def apply_migrations(
     elif current != latest:
         execute(f"UPDATE {table} SET version = {param}", (latest,))
     return current
+
+
+def check_schema(version: int | None, *, latest: int, where: str) -> None:
+    """For a read-only open: accept only the schema this code reads (``latest``).
+
+    ``version`` is the stored version, None when the version table is missing.
+
+    :raises JournalMissingError: no version table (an empty database).
+    :raises SchemaOutdatedError: older; reading must not migrate it.
+    :raises SchemaVersionError: newer than this mailpipe knows.
+    """
+    from mailpipe.journal.errors import (
+        JournalMissingError,
+        SchemaOutdatedError,
+        SchemaVersionError,
+    )
+
+    if version is None:
+        raise JournalMissingError(f"{where} has no mailpipe tables yet")
+    if version > latest:
+        raise SchemaVersionError(
+            f"{where} has schema version {version}; this mailpipe knows up to {latest}"
+        )
+    if version < latest:
+        raise SchemaOutdatedError(
+            f"{where} has schema version {version} (this mailpipe reads {latest}); "
+            "the next `mailpipe run` migrates it"
+        )
