@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+from mailpipe.errors import MailpipeError
+from mailpipe.oauth.errors import ClientRejected
 from mailpipe.oauth.grant import Grant, error_from, transport_errors, trust
 from mailpipe.oauth.options import MICROSOFT_AUTHORITY, MicrosoftOAuth
 from mailpipe.oauth.scopes import Protocol
@@ -78,17 +80,26 @@ class MicrosoftFlow:
         import msal
 
         o = self.options
-        with transport_errors(self.where):
-            if o.flow == "client_credentials":
-                app = msal.ConfidentialClientApplication(
-                    o.client_id, client_credential=self._credential(),
-                    **self._app_kwargs(),
-                )
-                result = app.acquire_token_for_client(scopes=self.scopes)
-            else:
-                result = self.public_app().acquire_token_by_refresh_token(
-                    refresh_token, scopes=self.scopes
-                )
+        try:
+            with transport_errors(self.where):
+                if o.flow == "client_credentials":
+                    app = msal.ConfidentialClientApplication(
+                        o.client_id, client_credential=self._credential(),
+                        **self._app_kwargs(),
+                    )
+                    result = app.acquire_token_for_client(scopes=self.scopes)
+                else:
+                    result = self.public_app().acquire_token_by_refresh_token(
+                        refresh_token, scopes=self.scopes
+                    )
+        except MailpipeError:
+            raise
+        except Exception as exc:  # msal/PyJWT: a key it cannot sign with, bad PEM
+            raise ClientRejected(
+                f"{self.where}: the client credential cannot be used "
+                f"({type(exc).__name__}; the certificate needs an RSA key)",
+                code="bad_credential",
+            ) from None
         return grant_from(result, where=self.where)
 
 
