@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mailpipe.oauth.broker import TokenBroker
@@ -15,6 +17,8 @@ _LOCK = threading.Lock()
 _CACHES: dict[tuple[str, str], TokenCache] = {}
 _BROKERS: dict[tuple[str, str, str], TokenBroker] = {}
 DEFAULT_STATE = "var/mailpipe.sqlite3"
+#: The clock of the caches and brokers made here (tests replace it).
+CLOCK: Callable[[], float] = time.time
 
 
 def cache_for(options: AnyOAuth) -> TokenCache:
@@ -28,6 +32,7 @@ def cache_for(options: AnyOAuth) -> TokenCache:
                 state,
                 base_dir=Path(options.base_dir),
                 sealer=Sealer(options.cache_key.get()),
+                clock=lambda: CLOCK(),
             )
             _CACHES[key] = cache
         return cache
@@ -47,6 +52,7 @@ def broker_for(
             username=username,
             cache=cache_for(options),
             mailbox=mailbox,
+            clock=lambda: CLOCK(),
         )
         with _LOCK:
             broker = _BROKERS.setdefault(key, broker)

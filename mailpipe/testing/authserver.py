@@ -93,7 +93,8 @@ class AuthServer:
         self.device_user = "alice"
         self.device_pending = 0
         self.token_requests: list[TokenRequest] = []
-        self.introspections: list[str] = []
+        #: (user of the token or "", whether it was active), per introspection.
+        self.introspections: list[tuple[str, bool]] = []
         self._faults: list[_Fault] = []
         self._lock = threading.Lock()
         self._dir = Path(directory or tempfile.mkdtemp(prefix="mailpipe-authsrv-"))
@@ -362,10 +363,13 @@ class AuthServer:
 
     def introspect(self, token: str) -> dict[str, Any]:
         """RFC 7662: active only while issued, unrevoked and unexpired (server clock)."""
-        self.introspections.append(token[:6])
         with self._lock:
             issued = self.access.get(token)
-        if issued is None or issued.revoked or issued.expires_at <= self.now():
+        active = not (
+            issued is None or issued.revoked or issued.expires_at <= self.now()
+        )
+        self.introspections.append((issued.username if issued else "", active))
+        if issued is None or not active:
             return {"active": False}
         return {
             "active": True,
