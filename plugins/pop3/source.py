@@ -210,10 +210,10 @@ class Pop3Options(BaseModel):
         if token is None and "oauth" in info.data and info.data["oauth"] is None:
             if info.data.get("auth") in sasl.OAUTH:
                 raise ValueError(
-                    f"auth = {info.data['auth']!r} needs oauth or oauth_token"
+                    f"auth = {info.data['auth']!r} needs oauth_token or an oauth table"
                 )
             if _unset(info, "password"):
-                raise ValueError("set password, oauth or oauth_token")
+                raise ValueError("set password or oauth_token (or an oauth table)")
         return token
 
     @field_validator("allow_plaintext_password")
