@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Any
 from mailpipe.journal import open_journal
 from mailpipe.journal.errors import JournalError
 from mailpipe.oauth.sealing import Sealer
-from mailpipe.secrets import MASK
+from mailpipe.secrets import MASK, remember_secret
 
 _COLUMNS = (
     "account, description, sealed, expires_at, refresh_at, rt_issued_at, "
@@ -59,6 +60,20 @@ class CachedToken:
             f"CachedToken(account={self.account!r}, expires_at={self.expires_at!r}, "
             f"access_token={MASK if self.access_token else ''!r})"
         )
+
+
+@dataclass(slots=True)
+class _Result:
+    """What a statement returned, read while the connection lock was held."""
+
+    rows: list[Any] | None
+    rowcount: int
+
+    def fetchone(self) -> Any:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[Any]:
+        return list(self.rows or [])
 
 
 def _row(row: tuple[Any, ...]) -> CachedToken:
@@ -96,6 +111,7 @@ class TokenCache:
     ) -> None:
         self.sealer = sealer
         self.clock = clock
+        self._lock = threading.Lock()
         # Opening the journal applies its migrations (the table is migration 3).
         journal = open_journal(url_or_path, base_dir=base_dir)
         self._journal = journal
@@ -133,8 +149,11 @@ class TokenCache:
             raise
 
     def _execute(self, text: str, params: tuple[Any, ...] = ()) -> Any:
-        with self._translate():
-            return self._conn.execute(self._sql(text), params)
+        # One connection serves every broker thread of the process: one at a time.
+        with self._lock, self._translate():
+            cur = self._conn.execute(self._sql(text), params)
+            rows = cur.fetchall() if cur.description is not None else None
+            return _Result(rows, int(cur.rowcount))
 
     def load(self, account: str, *, open_secrets: bool = True) -> CachedToken | None:
         """The row of ``account`` (its tokens opened unless ``open_secrets`` is False)."""
@@ -148,6 +167,8 @@ class TokenCache:
             secrets = self.sealer.open(entry.sealed)
             entry.access_token = str(secrets.get("access_token", ""))
             entry.refresh_token = str(secrets.get("refresh_token", ""))
+            for value in (entry.access_token, entry.refresh_token):
+                remember_secret(value)  # masked in every log line and error
         return entry
 
     def entries(self) -> list[CachedToken]:

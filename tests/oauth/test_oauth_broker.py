@@ -88,6 +88,10 @@ def test_cache_is_sealed_and_private(
     for p in tmp_path.glob("j.sqlite3*"):
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
     assert token not in repr(entry)
+    from mailpipe.secrets import redact
+
+    line = f"refused token={token} rt={entry.refresh_token}"
+    assert token not in redact(line) and entry.refresh_token not in redact(line)
     other = TokenCache(str(path), base_dir=tmp_path, sealer=Sealer(new_key()))
     with pytest.raises(SealError, match="does not open with this cache_key"):
         other.load(broker.account)
