@@ -86,7 +86,8 @@ def login(config: str, mailbox: str) -> None:
     """Sign MAILBOX in and store its tokens in the shared cache.
 
     Delegated flows (Microsoft device_code, OIDC refresh_token) print a URL and a code
-    to enter in a browser, on any device, and wait for the sign-in. App-only flows
+    to enter in a browser, on any device, and wait for the sign-in; Google's
+    installed-app flow prints a URL to open on this machine (redirect to 127.0.0.1). App-only flows
     (client credentials, Google service account) fetch a token once to prove the setup.
     """
     app = _app(config)
@@ -105,19 +106,23 @@ def login(config: str, mailbox: str) -> None:
             broker.save(_oidc_device_login(broker), previous=None)
         else:
             assert isinstance(options, GoogleOAuth)
-            click.echo(
-                "Google installed-app login is not built in yet: obtain a refresh "
-                "token with Google's installed-app flow and use the `command` helper "
-                "(oauth_token = { command = [...] }), or a service account.",
-                err=True,
+            from mailpipe.oauth.loopback import loopback_login
+
+            grant = loopback_login(
+                options, list(options.effective_scopes(protocol)), show=_show_url
             )
-            sys.exit(EXIT_USAGE)
+            broker.save(grant, previous=None)
     except MailpipeError as exc:
         click.echo(f"login failed: {exc}", err=True)
         sys.exit(EXIT_FAILURE)
     finally:
         cache.close()
     click.echo(f"{mailbox}: signed in ({options.provider}, {options.flow}); tokens cached.")
+
+
+def _show_url(url: str) -> None:
+    click.echo("Open this URL in a browser on this machine and sign in:")
+    click.echo(url)
 
 
 def _microsoft_device_login(broker: TokenBroker) -> Grant:

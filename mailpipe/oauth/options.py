@@ -253,6 +253,11 @@ class GoogleOAuth(_Common):
         description="The Workspace user the service account acts as (domain-wide "
         "delegation); default: the mailbox username.",
     )
+    auth_uri: str = Field(
+        default="https://accounts.google.com/o/oauth2/v2/auth",
+        pattern=r"^https://",
+        description="Authorization endpoint of the browser sign-in (refresh_token).",
+    )
     token_uri: str = Field(
         default=GOOGLE_TOKEN_URI,
         validate_default=True,

@@ -14,6 +14,7 @@ Every token request is recorded (``token_requests``), so a test can count refres
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import secrets
 import ssl
@@ -90,6 +91,8 @@ class AuthServer:
         self.access: dict[str, IssuedToken] = {}
         self.refresh: dict[str, IssuedToken] = {}
         self.devices: dict[str, tuple[str, str, int]] = {}  # code -> user, client, pending
+        #: authorization code -> (user, client, redirect_uri, PKCE challenge)
+        self.codes: dict[str, tuple[str, str, str, str]] = {}
         self.device_user = "alice"
         self.device_pending = 0
         self.token_requests: list[TokenRequest] = []
@@ -298,6 +301,17 @@ class AuthServer:
                              "error_description": "refresh token expired"}, {}
             token = self._new_access(issued.username, client_id, scope)
             return 200, self._answer(token, scope, refresh=rt), {}
+        if grant == "authorization_code":
+            with self._lock:
+                issued_code = self.codes.pop(form.get("code", ""), None)
+            if issued_code is None or issued_code[1] != client_id or (
+                issued_code[2] != form.get("redirect_uri")
+            ) or issued_code[3] != _s256(form.get("code_verifier", "")):
+                return 400, {"error": "invalid_grant",
+                             "error_description": "bad code, redirect or verifier"}, {}
+            rt = self.issue_refresh_token(issued_code[0], client_id)
+            token = self._new_access(issued_code[0], client_id, scope)
+            return 200, self._answer(token, scope, refresh=rt), {}
         if grant == DEVICE_GRANT:
             code = form.get("device_code", "")
             with self._lock:
@@ -361,6 +375,19 @@ class AuthServer:
             "message": f"To sign in, open {self.url}/device and enter ABCD-EFGH.",
         }
 
+    def authorize(self, query: dict[str, str]) -> str:
+        """The browser step of the authorization code flow (RFC 6749 §4.1, PKCE S256):
+        ``device_user`` consents at once; returns the redirect location."""
+        code = "ac-" + secrets.token_urlsafe(16)
+        redirect = query.get("redirect_uri", "")
+        with self._lock:
+            self.codes[code] = (
+                self.device_user, query.get("client_id", ""), redirect,
+                query.get("code_challenge", ""),
+            )
+        params = urllib.parse.urlencode({"code": code, "state": query.get("state", "")})
+        return f"{redirect}?{params}"
+
     def introspect(self, token: str) -> dict[str, Any]:
         """RFC 7662: active only while issued, unrevoked and unexpired (server clock)."""
         with self._lock:
@@ -390,6 +417,11 @@ class AuthServer:
 class _QuietServer(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # a client that gave up (timeout tests) is not an error of the server
+
+
+def _s256(verifier: str) -> str:
+    digest = hashlib.sha256(verifier.encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 def _b64url(part: str) -> bytes:
@@ -430,6 +462,13 @@ def _handler_for(server: AuthServer) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             path = urllib.parse.urlsplit(self.path).path
+            if path.endswith("/authorize"):
+                query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+                self.send_response(302)
+                self.send_header("Location", server.authorize(query))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if path.endswith("/.well-known/openid-configuration"):
                 prefix = path.removesuffix("/.well-known/openid-configuration")
                 prefix = prefix.removesuffix("/v2.0")

@@ -121,3 +121,36 @@ def test_login_of_a_mailbox_without_oauth_is_a_usage_error(
     result = CliRunner().invoke(cli, ["auth", "login", str(path), "other"])
     assert result.exit_code == 2
     assert "no mailbox 'other' with an oauth table; with one: inbox" in result.output
+
+
+def test_google_installed_app_login_through_the_loopback_redirect(
+    auth_server: AuthServer, cache_key: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import requests
+
+    import mailpipe.oauth.cli as auth_cli
+
+    auth_server.clients["gapp"] = "gapp-secret"
+    auth_server.device_user = "alice"
+    google = (f'provider = "google", flow = "refresh_token", client_id = "gapp", '
+              f'client_secret = "gapp-secret", auth_uri = "{auth_server.url}/authorize", '
+              f'token_uri = "{auth_server.url}/token"')
+    path = _config(tmp_path, auth_server, cache_key, google)
+    opened: list[str] = []
+
+    def browser(url: str) -> None:  # the user's browser: consent, then the redirect
+        opened.append(url)
+        answer = requests.get(url, verify=str(auth_server.ca_file), timeout=30)
+        assert answer.status_code == 200 and "signed in" in answer.text
+
+    monkeypatch.setattr(auth_cli, "_show_url", browser)
+    result = CliRunner().invoke(cli, ["auth", "login", str(path), "inbox"])
+    assert result.exit_code == 0, result.output
+    (url,) = opened
+    assert "code_challenge_method=S256" in url and "access_type=offline" in url
+    assert "redirect_uri=http%3A%2F%2F127.0.0.1%3A" in url
+    (exchange,) = auth_server.grants("authorization_code")
+    assert "code_verifier" in exchange.form_keys
+    code, row = _status(path)
+    assert code == 0 and row["cached"] and row["scopes"] == ["https://mail.google.com/"]
