@@ -300,7 +300,7 @@ def test_two_workers_share_one_cache_and_refresh_once(
     _login(options, idp, user, "setup")
     pool.close_all()
     before = len(idp.grants())
-    idp.slow_seconds = 1.0
+    idp.slow_seconds = 3.0
     idp.fail_next("slow")  # the first refresh takes a while: the other worker waits
     results: dict[str, Any] = {}
 
