@@ -163,7 +163,7 @@ class TokenBroker:
             entry.last_error_at or 0.0
         ) >= (entry.rt_issued_at or 0.0):
             gauges.refresh_failed(
-                self.mailbox, reason=entry.last_error_code, revoked=True
+                self.mailbox, reason=entry.last_error_code, revoked=True, asked=False
             )
             raise GrantRevoked(
                 f"oauth {self.options.provider}: the grant was refused "

@@ -215,8 +215,9 @@ def _row(
     now: float,
 ) -> dict[str, Any]:
     e = entry or CachedToken(account="")
-    trouble = bool(e.last_error_code in REVOKED_CODES or e.last_error_code.startswith(
-        "no_refresh")) or (e.expires_at is None and entry is not None and not e.sealed)
+    trouble = e.last_error_code in REVOKED_CODES or e.last_error_code in (
+        "no_refresh_token", "invalid_client", "unauthorized_client", "bad_credential"
+    )
     risk_at = (
         e.rt_issued_at + options.refresh_token_max_age if e.rt_issued_at else None
     )

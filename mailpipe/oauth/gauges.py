@@ -39,10 +39,14 @@ def token_issued(
             BOARD.outcomes[(mailbox, "success", "")] += 1
 
 
-def refresh_failed(mailbox: str, *, reason: str, revoked: bool) -> None:
-    """A refresh for ``mailbox`` failed with the provider's code ``reason``."""
+def refresh_failed(
+    mailbox: str, *, reason: str, revoked: bool, asked: bool = True
+) -> None:
+    """A refresh for ``mailbox`` failed with the provider's code ``reason``;
+    ``asked`` is False when no request was made (a grant already known dead)."""
     with BOARD.lock:
-        BOARD.outcomes[(mailbox, "failure", reason)] += 1
+        if asked:
+            BOARD.outcomes[(mailbox, "failure", reason)] += 1
         if revoked:
             BOARD.revoked[mailbox] = reason
 

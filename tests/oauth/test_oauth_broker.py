@@ -131,6 +131,7 @@ def test_revoked_grant_is_not_retried_until_a_new_login(
         with pytest.raises(GrantRevoked):
             broker.token_sync()
     assert len(auth_server.token_requests) == requests
+    assert gauges.BOARD.outcomes[("mb", "failure", "invalid_grant")] == 1  # one asked
     entry = cache.load(broker.account)
     assert entry is not None and entry.last_error_code == "invalid_grant"
     assert gauges.revoked() == {"mb": "invalid_grant"}
