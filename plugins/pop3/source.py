@@ -388,7 +388,9 @@ class Pop3Session:
         if broker is not None:
             token = await broker.token()
         else:
-            token = await o.oauth_token.refresh_async() if o.oauth_token else ""
+            token = (
+                await o.oauth_token.refresh_async() if o.oauth_token is not None else ""
+            )
         password = o.password.get() if o.password is not None else ""
         method = sasl.choose(
             o.auth,
