@@ -716,6 +716,11 @@ def demo(directory: str, reset: bool) -> None:
     sys.exit(run_demo(Path(directory), reset=reset))
 
 
+from mailpipe.oauth.cli import auth  # noqa: E402 (its own module; one hook here)
+
+cli.add_command(auth)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -638,6 +638,7 @@ def validate_config(
             _problems(exc, (), _fields(ConfigModel), ConfigModel, raw=data)
         )
         model = _salvage(data, ctx, problems)
+    ctx["state_path"] = model.state.path  # the OAuth token cache lives in the journal
 
     for loc, folder in (
         ("scheduler.spool_dir", model.scheduler.spool_dir),

@@ -4,8 +4,10 @@ The collector is an ordinary pluggy plugin implementing the observe-only event h
 metrics see exactly what every other plugin sees. :class:`MetricsServer` serves
 ``GET /metrics`` (Prometheus text format), ``GET /healthz`` (200 while every enabled
 mailbox succeeded within ``unhealthy_after``, else 503 with the stale mailboxes; the
-rule is :func:`is_stale`, which ``mailpipe status`` applies to the journal's records)
-and the status page at ``/`` (:mod:`mailpipe.status_page`). The metric names are
+rule is :func:`is_stale`, which ``mailpipe status`` applies to the journal's records;
+503 at once too for a mailbox whose OAuth grant is revoked, see
+:mod:`mailpipe.oauth.gauges`) and the status page at ``/`` (:mod:`mailpipe.status_page`).
+The OAuth token metrics come from :mod:`mailpipe.oauth.gauges`. The metric names are
 the contract of ``deploy/prometheus`` and ``deploy/grafana`` (tests/test_dashboards.py).
 """
 
@@ -26,6 +28,13 @@ from mailpipe.secrets import redact
 if TYPE_CHECKING:
     from mailpipe.quarantine import Quarantine
     from mailpipe.status_page import StatusPage
+
+from mailpipe.oauth.gauges import revoked as oauth_revoked
+
+#: Poll error types counted as rejected logins (OAuth grant failures among them).
+AUTH_ERROR_TYPES = frozenset(
+    {"AuthenticationError", "GrantRevoked", "ClientRejected", "NoRefreshToken"}
+)
 
 log = structlog.get_logger()
 
@@ -150,6 +159,10 @@ class MetricsCollector:
             registry=r,
         )
 
+        from mailpipe.oauth.gauges import OAuthMetrics
+
+        r.register(OAuthMetrics())  # token expiry, refreshes, refresh-token risk
+
     @hookimpl
     def mailpipe_session_started(self, mailbox: str, count: int, octets: int) -> None:
         """Record the server backlog (UIDL/LIST count)."""
@@ -177,7 +190,7 @@ class MetricsCollector:
             kind = str(summary.get("error_type") or "error")
             self.c_poll_failures.labels(mailbox, kind).inc()
             self._remember(mailbox, kind, str(summary["error"]), "poll")
-            if kind == "AuthenticationError":
+            if kind in AUTH_ERROR_TYPES:
                 self.c_auth_failures.labels(mailbox).inc()
         else:
             now = time.time()
@@ -215,7 +228,13 @@ class MetricsCollector:
                 unhealthy_after=self.unhealthy_after,
             )
         ]
-        return not stale, {"healthy": not stale, "stale": stale}
+        # A dead OAuth grant will not heal by waiting: unhealthy at once.
+        revoked = {m: c for m, c in oauth_revoked().items() if m in self.mailboxes}
+        healthy = not stale and not revoked
+        detail: dict[str, Any] = {"healthy": healthy, "stale": stale}
+        if revoked:
+            detail["oauth_revoked"] = revoked
+        return healthy, detail
 
     def render(self) -> bytes:
         """Return the Prometheus text exposition (the quarantine counted now)."""

@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import structlog
 
 from mailpipe.journal.base import (
+    OAUTH_TOKENS_TABLE,
     POLL_COLUMNS,
     Entry,
     Lease,
@@ -98,6 +99,12 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             next_poll       timestamptz
         )
         """,
+    ),
+    # 3: the OAuth token cache (mailpipe.oauth.cache), shared by the workers.
+    (
+        OAUTH_TOKENS_TABLE.format(
+            table="mailpipe_oauth_tokens", real="double precision"
+        ),
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -34,6 +34,7 @@ from typing import Any, Final
 import structlog
 
 from mailpipe.journal.base import (
+    OAUTH_TOKENS_TABLE,
     POLL_COLUMNS,
     Entry,
     Lease,
@@ -92,6 +93,8 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # 3: the OAuth token cache (mailpipe.oauth.cache), shared by the workers.
+    (OAUTH_TOKENS_TABLE.format(table="oauth_tokens", real="REAL"),),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
