@@ -1,4 +1,4 @@
-"""The one JSON document of a message, ``mailpipe.message/1``, for stores and forwarders.
+"""The one JSON document of a message (``mailpipe.message/1``): stores and forwarders.
 
 ``store.jsonl`` writes it as a line, ``store.sqlite`` and ``store.postgres`` keep it as
 their ``record`` column, and the broker forwarders and ``forward.webhook`` send it. It
@@ -27,7 +27,9 @@ SCHEMA: Final = "mailpipe.message/1"
 
 #: The fields every document starts with, in this order. ``key`` is first so that a
 #: JSON line's key can be read from its first bytes (store.jsonl relies on it).
-ENVELOPE: Final = ("key", "schema", "mailbox", "uid", "sha256", "size", "parsed", "tags")
+ENVELOPE: Final = (
+    "key", "schema", "mailbox", "uid", "sha256", "size", "parsed", "tags",
+)
 
 #: Fields only some documents have: ``stored_at`` (written by a store) comes right
 #: after ``size``; ``raw`` comes last in every document (null unless asked for).

@@ -143,7 +143,10 @@ def describe(pm: pluggy.PluginManager, registry: Registry) -> list[PluginInfo]:
 
 
 class Hooks:
-    """Typed facade over the event hooks; exceptions from implementations are logged."""
+    """Typed facade over the event hooks; exceptions from implementations are logged.
+
+    When each hook fires is documented on its specification (:mod:`mailpipe.hookspecs`).
+    """
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self._pm = pm
@@ -159,19 +162,19 @@ class Hooks:
             )
 
     def session_started(self, *, mailbox: str, count: int, octets: int) -> None:
-        """Announce a session's message list."""
+        """Announce a commit window's listing (``mailpipe_session_started``)."""
         self._call(
             "mailpipe_session_started", mailbox=mailbox, count=count, octets=octets
         )
 
     def session_finished(self, *, mailbox: str, summary: dict[str, Any]) -> None:
-        """Announce a finished (committed or aborted) session."""
+        """Announce the end of a poll (``mailpipe_session_finished``)."""
         self._call("mailpipe_session_finished", mailbox=mailbox, summary=summary)
 
     def message_done(
         self, *, mailbox: str, uid: str, key: str, disposition: str
     ) -> None:
-        """Announce a finished message."""
+        """Announce a message whose outcome is durable (``mailpipe_message_done``)."""
         self._call(
             "mailpipe_message_done",
             mailbox=mailbox,
@@ -190,7 +193,7 @@ class Hooks:
         error: str,
         attempts: int,
     ) -> None:
-        """Announce a processor failure."""
+        """Announce a failed attempt (``mailpipe_message_failed``)."""
         self._call(
             "mailpipe_message_failed",
             mailbox=mailbox,
@@ -204,7 +207,7 @@ class Hooks:
     def message_quarantined(
         self, *, mailbox: str, uid: str, key: str, reason: str, path: str
     ) -> None:
-        """Announce a quarantined message."""
+        """Announce a quarantined message (``mailpipe_message_quarantined``)."""
         self._call(
             "mailpipe_message_quarantined",
             mailbox=mailbox,
