@@ -25,11 +25,9 @@ _PLAIN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def requirements(cls: type) -> tuple[str, ...]:
-    """The ``use`` names ``cls`` declares it needs before it (none when undeclared)."""
-    declared = getattr(cls, "requires", ())
-    if isinstance(declared, str):
-        return (declared,)
-    return tuple(declared)
+    """The ``use`` names ``cls`` declares it needs before it (none when undeclared);
+    the registry checked the declaration when the class was registered."""
+    return tuple(getattr(cls, "requires", ()))
 
 
 def prerequisite_problems(

@@ -104,6 +104,16 @@ def _check(kind: Kind, cls: type[Any], plugin: str) -> str:
     method = "process" if kind == "processor" else "session"
     if not callable(getattr(cls, method, None)):
         raise PluginError(f"plugin {plugin!r}: {kind} {name!r} has no `{method}()`")
+    requires = getattr(cls, "requires", ())
+    if not (
+        isinstance(requires, tuple)
+        and all(isinstance(n, str) and n for n in requires)
+    ):
+        # mailpipe.prerequisites reads it: a tuple of `use` names, e.g. ("parse",).
+        raise PluginError(
+            f"plugin {plugin!r}: {kind} {name!r}: `requires` must be a tuple of "
+            f"processor names, e.g. ('parse',); got {requires!r}"
+        )
     return name
 
 

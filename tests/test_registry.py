@@ -291,3 +291,12 @@ def test_loading_the_plugins_imports_no_builtin_implementation() -> None:
     assert set(result["before"]) == packages
     assert "mailpipe.plugins.pop3.source" in result["after"]
     assert "mailpipe.plugins.filter.processor" in result["after"]
+
+
+@pytest.mark.parametrize("bad", ["parse", ["parse"], ("parse", ""), (1,)])
+def test_requires_must_be_a_tuple_of_processor_names(bad: Any) -> None:
+    cls = type("NeedsParse", (GoodProcessor,), {"requires": bad})
+    with pytest.raises(PluginError, match=r"processor 't.good': `requires` must be"):
+        Registry().add("processor", cls, "plug")
+    ok = type("NeedsParse", (GoodProcessor,), {"requires": ("parse",)})
+    Registry().add("processor", ok, "plug")
