@@ -11,17 +11,18 @@ Hooks *find things*; plain objects do the work. Two kinds exist:
   are ignored, and they must not raise: if one does, mailpipe logs it and carries on.
 
 When the event hooks fire, for one poll of one mailbox (a poll is one or more commit
-windows, each its own connection ending in QUIT)::
+windows, each its own session ending in a commit, POP3's QUIT)::
 
     each commit window:  mailpipe_session_started      (after the listing)
       each message:      mailpipe_message_failed       (an attempt failed)
                          mailpipe_message_quarantined  (raw bytes written)
-      group commit:      mailpipe_message_done         (journal durable, before DELE)
+      group commit:      mailpipe_message_done         (journal durable, before the ack)
     once, at the end:    mailpipe_session_finished     (whole-poll summary)
 
 So ``mailpipe_session_started`` may fire several times per
-``mailpipe_session_finished``, and not at all when the first connection fails. Only
-polls fire event hooks: ``mailpipe quarantine replay``, ``mailpipe process`` and
+``mailpipe_session_finished``, and not at all when the first connection fails. Outside
+polls, ``mailpipe quarantine replay`` fires ``mailpipe_message_done`` or
+``mailpipe_message_failed`` for each message it replays; ``mailpipe process`` and
 ``mailpipe state mark-seen`` fire none. ``docs/plugins.md`` repeats this table; a test
 keeps the two in step.
 
@@ -119,17 +120,19 @@ def mailpipe_session_finished(mailbox: str, summary: dict[str, Any]) -> None:
 
 @hookspec
 def mailpipe_message_done(mailbox: str, uid: str, key: str, disposition: str) -> None:
-    """Called when a message's outcome is durable in the journal, before its DELE.
+    """Called when a message's outcome is durable in the journal, before it is acked.
 
     It fires after the group commit that made the message's steps and outcome
     durable (for a decision on headers alone, right after its journal write), and
-    before the DELE and QUIT that follow, so the message may still be on the server.
-    It fires for a chain that decided (or ran to its end), a decision on headers
-    alone, and a message quarantined by a rule or after its attempts (``quarantine``).
-    It does not fire for a failed attempt that will be retried, a message whose group
-    commit failed (it runs again), nor a message handled for its size without the
-    chain (deleted unread, kept, or quarantined: see
-    ``mailpipe_message_quarantined``).
+    before the acknowledgement (POP3: DELE) and the commit (QUIT) that follow, so the
+    message may still be on the server. It fires for a chain that decided (or ran to
+    its end), a decision on headers alone, and a message quarantined by a rule or
+    after its attempts (``quarantine``). It does not fire for a failed attempt that
+    will be retried, a message whose group commit failed (it runs again), nor a
+    message handled for its size without the chain (deleted unread, kept, or
+    quarantined: see ``mailpipe_message_quarantined``). ``mailpipe quarantine
+    replay`` fires it too, once a replayed message's outcome is journaled (``done``
+    or ``keep``; the next poll acknowledges it).
 
     :param mailbox: the mailbox's configured name.
     :param uid: the message's UIDL.
@@ -149,7 +152,8 @@ def mailpipe_message_failed(
     known. The attempt reaches the journal with the window's group commit, after this
     hook (for a message downloaded only to be quarantined for its size, just before
     it). A quarantine the failure leads to comes after: ``mailpipe_message_quarantined``
-    then follows.
+    then follows. ``mailpipe quarantine replay`` fires it for a replay that failed,
+    after journaling the error, with ``attempts`` 0 (a replay counts no attempt).
 
     :param mailbox: the mailbox's configured name.
     :param uid: the message's UIDL.
@@ -170,10 +174,10 @@ def mailpipe_message_quarantined(
 
     It fires as soon as the ``.eml`` file is written: before the journal records the
     message as quarantined (in the window's group commit, or at once for a message
-    quarantined for its size) and before any DELE the mailbox's ``on_quarantine``
-    policy asks for. Reasons: a rule decided ``quarantine``, the attempts ran out, a
-    step ran past the processing budget, or the message was over the size limit
-    with ``on_oversize = "quarantine"``.
+    quarantined for its size) and before any acknowledgement the mailbox's
+    ``on_quarantine`` policy asks for. Reasons: a rule decided ``quarantine``, the
+    attempts ran out, a step ran past the processing budget, or the message was over
+    the size limit with ``on_oversize = "quarantine"``.
 
     :param mailbox: the mailbox's configured name.
     :param uid: the message's UIDL.

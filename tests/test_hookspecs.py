@@ -318,7 +318,7 @@ def test_guide_says_when_each_event_hook_fires_as_its_spec_does(hook: str) -> No
 
 
 def test_hookspec_session_finished_documents_every_summary_key() -> None:
-    from mailpipe.engine import Summary
+    from mailpipe.ledger import Summary
 
     doc = inspect.getdoc(hookspecs.mailpipe_session_finished) or ""
     for key in Summary(mailbox="m").as_dict():
