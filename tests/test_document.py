@@ -120,3 +120,11 @@ def test_jsonl_and_webhook_write_the_same_document(tmp_path: Path) -> None:
 def test_encode_survives_a_lone_surrogate() -> None:
     doc = {"key": "k", "subject": "bad \udcff byte"}
     assert json.loads(encode(doc)) == doc
+
+
+def test_doc_example_is_what_the_code_writes() -> None:
+    text = DOC.read_text()
+    example = text[text.index("```json\n") + 8 :]
+    example = example[: example.index("```")]
+    msg = message(parsed=False)  # RAW_MAIL in mailbox "support", uid "UID-7", "ticket"
+    assert example.strip().encode() == encode(message_document(msg))
