@@ -153,12 +153,15 @@ def mailpipe_message_failed(
     hook (for a message downloaded only to be quarantined for its size, just before
     it). A quarantine the failure leads to comes after: ``mailpipe_message_quarantined``
     then follows. ``mailpipe quarantine replay`` fires it for a replay that failed,
-    after journaling the error, with ``attempts`` 0 (a replay counts no attempt).
+    after journaling the error, with ``attempts`` 0 (a replay counts no attempt). A
+    message whose chain the process did not survive is reported at the start of the
+    next poll, after its attempt is journaled, with ``processor`` ``(process died)``.
 
     :param mailbox: the mailbox's configured name.
     :param uid: the message's UIDL.
     :param key: the stable message key.
-    :param processor: the failing step's id (``pipeline/step``), or ``retrieve``.
+    :param processor: the failing step's id (``pipeline/step``), ``retrieve``, or
+        ``(process died)``.
     :param error: a one-line summary of the exception (never secrets).
     :param attempts: attempts so far, this one included; a
         :class:`~mailpipe.errors.TemporaryFailure` does not count, so it repeats the
