@@ -233,8 +233,11 @@ def test_a_message_that_killed_the_process_is_charged_and_announced(journal, tmp
 
     class Recorder:
         @hookimpl
-        def mailpipe_message_failed(self, **kw: Any) -> None:
-            heard.append(kw)
+        def mailpipe_message_failed(
+            self, uid: str, processor: str, error: str, attempts: int
+        ) -> None:
+            heard.append({"uid": uid, "processor": processor, "error": error,
+                          "attempts": attempts})
 
     pm = load(entry_points=False)[0]
     pm.register(Recorder())
