@@ -21,6 +21,7 @@ BUILTIN_PLUGINS: Final = (
     ("filter", "mailpipe.plugins.filter"),
     ("store", "mailpipe.plugins.store"),
     ("forward", "mailpipe.plugins.forward"),
+    ("reply", "mailpipe.plugins.reply"),
 )
 
 #: Entry-point group third-party plugins declare.
