@@ -22,6 +22,7 @@ BUILTIN_PLUGINS: Final = (
     ("store", "mailpipe.plugins.store"),
     ("forward", "mailpipe.plugins.forward"),
     ("reply", "mailpipe.plugins.reply"),
+    ("ticket", "mailpipe.plugins.ticket"),
 )
 
 #: Entry-point group third-party plugins declare.

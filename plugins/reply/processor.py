@@ -53,6 +53,7 @@ class ReplyProcessor:
     name: ClassVar[str] = "reply"
     Options: ClassVar[type[BaseModel]] = ReplyOptions
     commits: ClassVar[bool] = False
+    transparent: ClassVar[bool] = True  # never decides; header prefetch skips it
     concurrent: ClassVar[bool] = True
 
     def __init__(self, options: ReplyOptions, context: ProcessorContext) -> None:
