@@ -23,6 +23,8 @@ BUILTIN_PLUGINS: Final = (
     ("forward", "mailpipe.plugins.forward"),
     ("reply", "mailpipe.plugins.reply"),
     ("ticket", "mailpipe.plugins.ticket"),
+    ("bounce", "mailpipe.plugins.bounce"),
+    ("loopguard", "mailpipe.plugins.loopguard"),
 )
 
 #: Entry-point group third-party plugins declare.
