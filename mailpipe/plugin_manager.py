@@ -25,6 +25,7 @@ BUILTIN_PLUGINS: Final = (
     ("ticket", "mailpipe.plugins.ticket"),
     ("bounce", "mailpipe.plugins.bounce"),
     ("loopguard", "mailpipe.plugins.loopguard"),
+    ("unwrap", "mailpipe.plugins.unwrap"),
 )
 
 #: Entry-point group third-party plugins declare.

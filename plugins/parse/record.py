@@ -20,7 +20,7 @@ SERVER_WRAPPED: Final = "ServerWrapped"
 #: (the ``parse`` option ``max_body_size``); the raw message holds it whole.
 BODY_TRUNCATED: Final = "BodyTruncated"
 
-AttachmentSource = Literal["mime", "uuencode", "tnef", "rfc822"]
+AttachmentSource = Literal["mime", "uuencode", "tnef", "rfc822", "smime", "msg"]
 
 
 class Address(BaseModel):
@@ -59,7 +59,8 @@ class Attachment(BaseModel):
     source: AttachmentSource = Field(
         default="mime",
         description="Where it came from: a MIME part, a uuencoded block, a TNEF "
-        "winmail.dat, or a nested message/rfc822.",
+        "winmail.dat, a nested message/rfc822, or (the `unwrap` processor) an "
+        "opaque-signed S/MIME message or an Outlook .msg item.",
     )
     text: str | None = Field(
         default=None,
