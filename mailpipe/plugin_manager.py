@@ -26,6 +26,7 @@ BUILTIN_PLUGINS: Final = (
     ("bounce", "mailpipe.plugins.bounce"),
     ("loopguard", "mailpipe.plugins.loopguard"),
     ("unwrap", "mailpipe.plugins.unwrap"),
+    ("extract", "mailpipe.plugins.extract"),
 )
 
 #: Entry-point group third-party plugins declare.
