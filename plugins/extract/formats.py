@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html as html_lib
 import io
+import logging
 import re
 import time
 import zipfile
@@ -168,13 +169,18 @@ def _pdf(data: bytes, budget: Budget) -> None:
     except ImportError as exc:
         raise ExtractError("pypdf is not installed (pip install 'mailpipe[extract]')") \
             from exc
-    reader = PdfReader(io.BytesIO(data), strict=False)
-    if reader.is_encrypted:
-        raise ExtractError("the PDF is encrypted")
-    for page in reader.pages:
-        budget.check()
-        if not budget.add(page.extract_text() or ""):
-            return
+    logger = logging.getLogger("pypdf")
+    level, logger.level = logger.level, logging.ERROR  # a warning per broken object
+    try:
+        reader = PdfReader(io.BytesIO(data), strict=False)
+        if reader.is_encrypted:
+            raise ExtractError("the PDF is encrypted")
+        for page in reader.pages:
+            budget.check()
+            if not budget.add(page.extract_text() or ""):
+                return
+    finally:
+        logger.setLevel(level)
 
 
 def _decode(data: bytes) -> str:

@@ -63,6 +63,15 @@ _FOOTER: Final = re.compile(
     r"|来自.{1,30}的\s?(iphone|ipad|android|手机))\s*$",
     re.I,
 )
+_ENDINGS: Final = (":", "\uff1a")
+_WROTE_WORDS: Final = (
+    "wrote", "schrieb", "écrit", "escribió", "escreveu", "escrito", "scritto", "schreef",
+    "skrev", "napisał", "写道", "寫道", "書きました", "のメッセージ",
+)
+#: Characters of a body searched for the start of quoted history; a reply is near
+#: the top, and a bounded scan keeps a megabyte log pasted into a mail cheap.
+MAX_SCAN: Final = 100_000
+
 #: Lines a signature may span; a longer "-- " tail is body text, not a signature.
 MAX_SIGNATURE_LINES: Final = 12
 
@@ -77,28 +86,48 @@ def latest_reply(text: str) -> str:
 
 
 def quote_start(lines: list[str]) -> int:
-    """Index of the first line of quoted history (``len(lines)`` when there is none)."""
+    """Index of the first line of quoted history (``len(lines)`` when there is none);
+    only the first :data:`MAX_SCAN` characters are searched."""
+    # quoted_to_end[i]: every non-blank line from i on starts with ">" (one pass)
+    quoted_to_end = [True] * (len(lines) + 1)
+    for i in range(len(lines) - 1, -1, -1):
+        rest = lines[i].lstrip()
+        quoted_to_end[i] = quoted_to_end[i + 1] and (not rest or rest.startswith(">"))
+    seen = 0
     for i, line in enumerate(lines):
+        seen += len(line) + 1
+        if seen > MAX_SCAN:
+            break
         s = line.strip()
         if not s:
             continue
         if i and _opens_quote(lines, i, s):
             return i
-        if s.startswith(">") and all(
-            not rest.strip() or rest.lstrip().startswith(">") for rest in lines[i:]
-        ):
+        if s.startswith(">") and quoted_to_end[i]:
             return i
     return len(lines)
 
 
+def _ends_like_attribution(s: str) -> bool:
+    """A cheap test before the attribution patterns: a colon or a "wrote" at the end."""
+    return s.endswith(_ENDINGS) or s.casefold().endswith(_WROTE_WORDS)
+
+
 def _opens_quote(lines: list[str], i: int, s: str) -> bool:
-    if _SEPARATOR.match(s):
+    if s[0] in "-_" and _SEPARATOR.match(s):
         return True
-    if len(s) <= 400 and any(p.match(s) for p in _ATTRIBUTION):
+    if len(s) <= 400 and _ends_like_attribution(s) and any(
+        p.match(s) for p in _ATTRIBUTION
+    ):
         return True
     # an attribution wrapped over two lines: "On … <" / "addr> wrote:"
     nxt = lines[i + 1].strip() if i + 1 < len(lines) else ""
-    if nxt and len(s) + len(nxt) <= 400 and not nxt.startswith(">"):
+    if (
+        nxt
+        and len(s) + len(nxt) <= 400
+        and not nxt.startswith(">")
+        and _ends_like_attribution(nxt)
+    ):
         joined = f"{s} {nxt}"
         if any(p.match(joined) for p in _ATTRIBUTION[:2] + _ATTRIBUTION[3:]) or (
             _ATTRIBUTION[2].match(joined) and re.search(r"@|\d", s)
