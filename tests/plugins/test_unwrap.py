@@ -4,8 +4,6 @@ encrypted S/MIME and PGP/MIME marked, TNEF and Outlook .msg, the corpus."""
 from __future__ import annotations
 
 import base64
-import sys
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from mailpipe.plugins.unwrap import content_type, signed_content
 from mailpipe.plugins.unwrap.outlook import OLE_MAGIC
 
 from mailpipe.message import Message
+from mailpipe.testing.msgfile import outlook_msg
 
 INNER = (b"Content-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\nContent-Type: "
          b"text/plain\r\n\r\nPrinter on floor 3 is broken\r\n--x\r\nContent-Type: "
@@ -141,37 +140,39 @@ def test_broken_outlook_msg_is_a_defect_note(
 
 def test_outlook_msg_items_become_attachments_and_text(
     make_message: Callable[[bytes], Message], processor: Callable[..., Any],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """extract-msg's reading is replaced by a stand-in item here (no redistributable
-    .msg sample is at hand); what is proved is how an item enters the record."""
-
-    class Att:
-        longFilename = "invoice.xlsx"
-        mimetype = "application/vnd.ms-excel"
-        data = b"PK\x03\x04 sheet"
-
-    class Item:
-        subject = "Invoice 42"
-        body = "Please pay invoice 42."
-        htmlBody = None
-        attachments = [Att()]
-
-        def close(self) -> None:
-            pass
-
-    fake = types.ModuleType("extract_msg")
-    fake.openMsg = lambda data, **kw: Item()  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "extract_msg", fake)
-    message = make_message(_msg_attachment(OLE_MAGIC + b"\0" * 600))
+    """A real .msg (written by mailpipe.testing.msgfile) read by extract-msg."""
+    pytest.importorskip("extract_msg")
+    xlsx = b"PK\x03\x04 sheet" * 400  # over 4096 octets: regular sectors, not mini
+    item = outlook_msg("Invoice 42", "Please pay invoice 42.",
+                       [("invoice.xlsx", "application/vnd.ms-excel", xlsx),
+                        ("note.txt", "text/plain", b"small")])
+    message = make_message(_msg_attachment(item))
     processor("unwrap").process(message)
     record = parse_into(message)
     msg_att = next(a for a in record.attachments if a.filename == "fwd.msg")
     assert msg_att.text == "Invoice 42\n\nPlease pay invoice 42."
-    xlsx = next(a for a in record.attachments if a.filename == "invoice.xlsx")
-    assert xlsx.source == "msg" and xlsx.part == f"{msg_att.part}/msg.1"
-    assert message.meta[PAYLOADS_KEY][xlsx.index] == b"PK\x03\x04 sheet"
-    assert record.envelopes[0].unwrapped
+    found = {a.filename: a for a in record.attachments if a.source == "msg"}
+    assert set(found) == {"invoice.xlsx", "note.txt"}
+    assert found["invoice.xlsx"].part == f"{msg_att.part}/msg.1"
+    payloads = message.meta[PAYLOADS_KEY]
+    assert payloads[found["invoice.xlsx"].index] == xlsx
+    assert payloads[found["note.txt"].index] == b"small"
+    assert len(payloads) == len(record.attachments)
+    assert [(e.kind, e.unwrapped) for e in record.envelopes] == [("outlook-msg", True)]
+
+
+def test_outlook_msg_body_becomes_the_body_of_an_empty_message(
+    make_message: Callable[[bytes], Message], processor: Callable[..., Any],
+) -> None:
+    pytest.importorskip("extract_msg")
+    item = outlook_msg("Fwd", "The customer wrote this.")
+    raw = (b"From: a@x.example\r\nMIME-Version: 1.0\r\nContent-Type: "
+           b"application/vnd.ms-outlook; name=mail.msg\r\nContent-Transfer-Encoding: "
+           b"base64\r\n\r\n" + base64.encodebytes(item))
+    message = make_message(raw)
+    processor("unwrap").process(message)
+    assert parse_into(message).text == "The customer wrote this."
 
 
 EXPECTED = {
