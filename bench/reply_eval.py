@@ -13,7 +13,8 @@ from mailparser_reply import EmailReplyParser as MailParserReply
 from mailpipe.plugins.reply import reply_of
 from mailpipe.plugins.reply.evaluate import Extractor, load, score
 
-ROWS = load(Path(__file__).resolve().parents[1] / "tests" / "data" / "reply" / "labelled.jsonl")
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "reply"
+SETS = {"labelled": load(DATA / "labelled.jsonl"), "held-out": load(DATA / "heldout.jsonl")}
 LANGS = ["en", "de", "fr", "es", "pt", "ja", "zh"]
 _mpr = MailParserReply(languages=["en", "de", "fr", "es", "ja", "zh"])
 ENGINES: dict[str, Extractor] = {
@@ -24,16 +25,17 @@ ENGINES: dict[str, Extractor] = {
 
 
 def main() -> None:
-    print("| engine | " + " | ".join(LANGS) + " | all |")
-    print("|---" * (len(LANGS) + 2) + "|")
-    for name, extract in ENGINES.items():
-        scores = score(ROWS, extract)
-        cells = [
-            f"{scores[lang].precision:.0%} ({scores[lang].line_precision:.0%})"
-            for lang in LANGS
-        ]
-        exact = sum(s.exact for s in scores.values())
-        print(f"| {name} | " + " | ".join(cells) + f" | {exact}/{len(ROWS)} |")
+    print("| set | engine | " + " | ".join(LANGS) + " | all |")
+    print("|---" * (len(LANGS) + 3) + "|")
+    for label, rows in SETS.items():
+        for name, extract in ENGINES.items():
+            scores = score(rows, extract)
+            cells = [
+                f"{scores[lang].precision:.0%} ({scores[lang].line_precision:.0%})"
+                for lang in LANGS
+            ]
+            exact = sum(s.exact for s in scores.values())
+            print(f"| {label} | {name} | " + " | ".join(cells) + f" | {exact}/{len(rows)} |")
 
 
 if __name__ == "__main__":
