@@ -8,6 +8,7 @@ import email
 import email.policy
 import logging
 import re
+from collections.abc import Callable
 from typing import Final
 
 from mailpipe.plugins.parse.desk import Bounce, BounceRecipient
@@ -67,15 +68,19 @@ def _text(address: object) -> str:
     return str(address)
 
 
-def parse_nonstandard(record: MessageRecord, raw: bytes) -> Bounce | None:
-    """The bounce of a message :func:`looks_like_bounce` accepted; None otherwise."""
+def parse_nonstandard(
+    record: MessageRecord, raw: Callable[[], bytes | None]
+) -> Bounce | None:
+    """The bounce of a message :func:`looks_like_bounce` accepted; None otherwise.
+    ``raw()`` gives the message bytes for flufl.bounce (None: too large to read)."""
     if not looks_like_bounce(record):
         return None
     text = record.text or ""
     status = _STATUS.search(text)
     code = _SMTP_CODE.search(text)
     permanent_hint = (status.group(1) if status else code.group(1) if code else "")[:1]
-    found = flufl_failures(raw)
+    data = raw()
+    found = flufl_failures(data) if data is not None else None
     temporary, permanent = found if found is not None else (set(), set())
     recipients = [
         BounceRecipient(

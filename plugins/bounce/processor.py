@@ -24,7 +24,8 @@ _HEADER_TYPES: Final = frozenset(
      "message/global", "message/global-headers"}
 )
 _MESSAGE_ID: Final = re.compile(rb"(?im)^message-id:[ \t]*<?([^\s<>]+)>?")
-#: Octets of a report part read; delivery-status parts are a few KiB.
+#: Octets of a report part read; delivery-status parts are a few KiB. A message over
+#: ten times this is never handed whole to flufl.bounce.
 MAX_REPORT: Final = 1 << 20
 
 
@@ -92,7 +93,10 @@ class BounceProcessor:
                 original = m.group(1).decode("utf-8", "replace") if m else None
         bounce = parse_delivery_status(statuses) if statuses else None
         if bounce is None and self.options.nonstandard and not message.headers_only:
-            bounce = parse_nonstandard(record, message.raw)
+            # bounces are small; a big message is never read whole for flufl.bounce
+            bounce = parse_nonstandard(
+                record, lambda: message.raw if message.size <= MAX_REPORT * 10 else None
+            )
         if bounce is not None:
             bounce.original_message_id = original
         record.bounce = bounce

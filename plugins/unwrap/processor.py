@@ -55,8 +55,7 @@ class UnwrapOptions(BaseModel):
 def _data(payload: Any, limit: int) -> bytes | None:
     if isinstance(payload, bytes | bytearray):
         return bytes(payload) if len(payload) <= limit else None
-    size = getattr(payload, "size", None)
-    if size is None or size > limit:
+    if len(payload) > limit:  # a SpooledPayload: read only when small enough
         return None
     return bytes(payload)
 
