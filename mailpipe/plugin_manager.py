@@ -21,6 +21,12 @@ BUILTIN_PLUGINS: Final = (
     ("filter", "mailpipe.plugins.filter"),
     ("store", "mailpipe.plugins.store"),
     ("forward", "mailpipe.plugins.forward"),
+    ("reply", "mailpipe.plugins.reply"),
+    ("ticket", "mailpipe.plugins.ticket"),
+    ("bounce", "mailpipe.plugins.bounce"),
+    ("loopguard", "mailpipe.plugins.loopguard"),
+    ("unwrap", "mailpipe.plugins.unwrap"),
+    ("extract", "mailpipe.plugins.extract"),
 )
 
 #: Entry-point group third-party plugins declare.

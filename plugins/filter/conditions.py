@@ -287,7 +287,11 @@ def _domain_in(addresses: list[Address], domains: list[str]) -> bool:
 #: Condition keys that need the message body; every other key is decided on headers
 #: (or on the LIST size) alone.
 BODY_KEYS = frozenset(
-    {"body", "attachment_count", "attachment_name", "attachment_type"}
+    {"body", "attachment_count", "attachment_name", "attachment_type",
+     # set by the helpdesk steps (reply, ticket, bounce, unwrap, extract), which
+     # header prefetch passes over: decided after download only
+     "reply", "ticket", "is_reply", "bounce", "bounce_status", "envelope",
+     "attachment_text"}
 )
 
 
@@ -351,6 +355,37 @@ class Condition(BaseModel):
     list_id: Equals | None = Field(default=None, description="List-Id test.")
     tag: StrList | None = Field(
         default=None, description="The message already has one of these tags."
+    )
+    reply: Contains | None = Field(
+        default=None,
+        description="The new text of a reply (string: contains); needs `reply` before.",
+    )
+    ticket: Equals | None = Field(
+        default=None,
+        description="A ticket id from the subject tags (string: equals); needs "
+        "`ticket` before.",
+    )
+    is_reply: bool | None = Field(
+        strict=True, default=None,
+        description="A reply (prefix or In-Reply-To); needs `ticket` before.",
+    )
+    bounce: bool | None = Field(
+        strict=True, default=None,
+        description="A delivery report; needs `bounce` before.",
+    )
+    bounce_status: Glob | None = Field(
+        default=None,
+        description="A bounced recipient's status (string: glob, e.g. 5.*); needs "
+        "`bounce` before.",
+    )
+    envelope: Glob | None = Field(
+        default=None,
+        description="An envelope kind (string: glob, e.g. smime-*, pgp-encrypted); "
+        "needs `unwrap` before.",
+    )
+    attachment_text: Contains | None = Field(
+        default=None,
+        description="Some attachment's text (string: contains); needs `extract` before.",
     )
 
     @model_validator(mode="after")
@@ -424,7 +459,36 @@ class Condition(BaseModel):
             return False
         if self.list_id is not None and not self.list_id.test(r.list_id or ""):
             return False
-        return self.tag is None or bool(f.tags & set(self.tag))
+        if self.tag is not None and not f.tags & set(self.tag):
+            return False
+        return self._helpdesk(r)
+
+    def _helpdesk(self, r: MessageRecord) -> bool:
+        """The keys on the helpdesk fields (absent field: no match, or false)."""
+        if self.reply is not None and not self.reply.test(r.reply or ""):
+            return False
+        ticket = r.ticket
+        if self.ticket is not None and not self.ticket.any_of(
+            ticket.tickets if ticket else ()
+        ):
+            return False
+        if self.is_reply is not None and (
+            ticket is not None and ticket.is_reply
+        ) != self.is_reply:
+            return False
+        if self.bounce is not None and (r.bounce is not None) != self.bounce:
+            return False
+        if self.bounce_status is not None and not self.bounce_status.any_of(
+            x.status for x in (r.bounce.recipients if r.bounce else ()) if x.status
+        ):
+            return False
+        if self.envelope is not None and not self.envelope.any_of(
+            e.kind for e in r.envelopes
+        ):
+            return False
+        return self.attachment_text is None or self.attachment_text.any_of(
+            a.text for a in r.attachments if a.text
+        )
 
 
 #: The condition keys a `when` table accepts (TOML spelling), for error messages.

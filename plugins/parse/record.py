@@ -7,6 +7,8 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .desk import Bounce, Envelope, TicketKeys
+
 #: Bump when a field changes meaning or is removed; adding an optional field does not.
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -18,7 +20,7 @@ SERVER_WRAPPED: Final = "ServerWrapped"
 #: (the ``parse`` option ``max_body_size``); the raw message holds it whole.
 BODY_TRUNCATED: Final = "BodyTruncated"
 
-AttachmentSource = Literal["mime", "uuencode", "tnef", "rfc822"]
+AttachmentSource = Literal["mime", "uuencode", "tnef", "rfc822", "smime", "msg"]
 
 
 class Address(BaseModel):
@@ -57,7 +59,13 @@ class Attachment(BaseModel):
     source: AttachmentSource = Field(
         default="mime",
         description="Where it came from: a MIME part, a uuencoded block, a TNEF "
-        "winmail.dat, or a nested message/rfc822.",
+        "winmail.dat, a nested message/rfc822, or (the `unwrap` processor) an "
+        "opaque-signed S/MIME message or an Outlook .msg item.",
+    )
+    text: str | None = Field(
+        default=None,
+        description="Extracted text (the `extract` processor), capped; None when "
+        "not extracted.",
     )
 
 
@@ -121,6 +129,21 @@ class MessageRecord(BaseModel):
     tags: list[str] = Field(default_factory=list, description="Tags at parse time.")
     headers: list[tuple[str, str]] = Field(
         default_factory=list, description="All header fields, decoded, in order."
+    )
+    reply: str | None = Field(
+        default=None,
+        description="The new text of a reply without quoted history and signature "
+        "(the `reply` processor); None when not computed.",
+    )
+    ticket: TicketKeys | None = Field(
+        default=None, description="Ticket and thread keys (the `ticket` processor)."
+    )
+    bounce: Bounce | None = Field(
+        default=None, description="The delivery report (the `bounce` processor)."
+    )
+    envelopes: list[Envelope] = Field(
+        default_factory=list,
+        description="S/MIME, PGP/MIME, TNEF and .msg wrappers (the `unwrap` processor).",
     )
 
     @property

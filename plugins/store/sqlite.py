@@ -18,7 +18,8 @@ are rows of ``schema_version``):
 - ``attachments``: (key, idx) → file name, type, size, sha256, … of each attachment.
 - ``tags``: (key, tag) pairs from ``message.tags`` and the record's tags.
 - ``messages_fts``: a contentless FTS5 index over ``subject``, ``addresses`` and
-  ``body`` (the ``text`` column), kept in step by triggers. Query it with
+  ``body`` (the ``text`` column and, from version 4, ``attachment_text``: the
+  attachments' text that the ``extract`` processor found), kept in step by triggers. Query it with
   :func:`search` or ``SELECT m.* FROM messages_fts JOIN messages m ON m.id =
   messages_fts.rowid WHERE messages_fts MATCH ?``.
 
@@ -196,6 +197,25 @@ _V3: Final = (
     _drop_old_raw,
 )
 
+# The body column indexes the text and the attachments' extracted text (`extract`).
+# Rows indexed before keep the same tokens (a NULL adds only a line break), so the
+# contentless index still forgets them by their old values.
+_FTS_ROW_V4: Final = (
+    "coalesce({p}.subject, ''), {p}.addresses, "
+    "coalesce({p}.text, '') || char(10) || coalesce({p}.attachment_text, '')"
+)
+_V4: Final = (
+    "ALTER TABLE messages ADD COLUMN attachment_text TEXT",
+    "DROP TRIGGER messages_fts_ai",
+    "DROP TRIGGER messages_fts_ad",
+    "DROP TRIGGER messages_fts_au",
+    *(
+        statement.replace(_FTS_ROW.format(p="old"), _FTS_ROW_V4.format(p="old"))
+        .replace(_FTS_ROW.format(p="new"), _FTS_ROW_V4.format(p="new"))
+        for statement in _V2[3:6]  # the three triggers
+    ),
+)
+
 #: A migration step: one SQL statement, or a function run on the connection.
 Step = str | Callable[[sqlite3.Connection], None]
 
@@ -204,6 +224,7 @@ MIGRATIONS: Final[tuple[tuple[int, str, Sequence[Step]], ...]] = (
     (1, "messages, attachments and tags", _V1),
     (2, "flattened addresses and the FTS5 index", _V2),
     (3, "raw bytes in message_raw, the last column of their own row", _V3),
+    (4, "attachment text in the FTS5 index", _V4),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
@@ -358,7 +379,7 @@ _COLUMNS: Final = (
     "key", "mailbox", "uid", "sha256", "size", "parsed", "message_id", "date",
     "date_raw", *_ADDRESS_COLUMNS, "addresses", "subject", "thread_key", "list_id",
     "auto_reply", "text", "text_from_html", "html", "record", "stored_at",
-    "updated_at",
+    "updated_at", "attachment_text",
 )
 _KEEP_ON_UPDATE: Final = ("key", "stored_at")
 _UPSERT: Final = (
@@ -542,6 +563,9 @@ class SqliteStore:
             "record": _json(rest),
             "stored_at": now,
             "updated_at": now,
+            "attachment_text": "\n".join(
+                a["text"] for a in doc.get("attachments") or () if a.get("text")
+            ) or None,
         }
         for field, column in _ADDRESS_FIELDS:
             values[column] = _json(doc.get(field) or [])

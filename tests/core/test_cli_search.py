@@ -58,7 +58,7 @@ def test_the_demo_advice_runs(demo: tuple[Path, str]) -> None:
 def test_search_filters(demo: tuple[Path, str]) -> None:
     cfg, _ = demo
     assert len(subjects(cfg, "printer")) == 3
-    assert len(subjects(cfg)) == 7  # no query: the newest (all of them here)
+    assert len(subjects(cfg)) == 10  # no query: the newest (all of them here)
     assert subjects(cfg, "printer", "--from", "ALICE") == [
         "Printer on floor 3 prints blank pages"
     ]

@@ -170,7 +170,9 @@ def test_migrates_a_version_1_database_and_indexes_old_rows(tmp_path: Path) -> N
 
     conn = connect(path)
     assert schema_version(conn) == SCHEMA_VERSION == MIGRATIONS[-1][0]
-    assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == [1, 2, 3]
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == [
+        1, 2, 3, 4
+    ]
     assert conn.execute("SELECT addresses FROM messages WHERE key = 'k1'").fetchone() == (
         "Carol Old carol@example.net",
     )
@@ -268,9 +270,11 @@ def test_migration_3_moves_raw_into_its_own_table_and_keeps_every_row(
     path = tmp_path / "db" / "mail.sqlite3"
     _version_2_database(path)
     conn = connect(path)
-    assert migrate(conn) == 3
-    assert migrate(conn) == 3  # idempotent
-    assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == [1, 2, 3]
+    assert migrate(conn) == SCHEMA_VERSION == 4
+    assert migrate(conn) == 4  # idempotent
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == [
+        1, 2, 3, 4
+    ]
     columns = [r[1] for r in conn.execute("PRAGMA table_info(messages)")]
     assert "raw" not in columns
     assert [r[1] for r in conn.execute("PRAGMA table_info(message_raw)")][-1] == "raw"
@@ -311,7 +315,7 @@ def test_a_failed_migration_3_leaves_version_2_intact(
         "SELECT 1 FROM sqlite_master WHERE name = 'message_raw'"
     ).fetchall() == []
     monkeypatch.undo()
-    assert migrate(conn) == 3  # the next open migrates
+    assert migrate(conn) == 4  # the next open migrates
     conn.close()
 
 

@@ -1,0 +1,234 @@
+"""The `extract` processor: text of each format, the limits, failures as defect notes,
+no network, every corpus file."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mailpipe.plugins.extract import extract, format_of
+from mailpipe.plugins.parse import parse_into
+
+from mailpipe.message import Message
+
+
+def _pdf(text: str) -> bytes:
+    """A one-page PDF showing ``text`` (hand-written objects, exact xref)."""
+    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+        b"/Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for i, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1, xref)
+    return bytes(out)
+
+
+def _docx(text: str) -> bytes:
+    import docx
+
+    doc = docx.Document()
+    doc.add_paragraph(text)
+    doc.add_paragraph("second paragraph")
+    buf = io.BytesIO()
+    doc.save(buf)
+    return buf.getvalue()
+
+
+def _xlsx() -> bytes:
+    import openpyxl
+
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.append(["order", "amount"])
+    ws.append(["A-17", 42])
+    buf = io.BytesIO()
+    wb.save(buf)
+    return buf.getvalue()
+
+
+def _pptx(text: str) -> bytes:
+    import pptx
+
+    deck = pptx.Presentation()
+    slide = deck.slides.add_slide(deck.slide_layouts[1])
+    slide.shapes.title.text = text
+    buf = io.BytesIO()
+    deck.save(buf)
+    return buf.getvalue()
+
+
+def _odt(text: str) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("mimetype", "application/vnd.oasis.opendocument.text")
+        z.writestr("content.xml", (
+            '<?xml version="1.0"?><office:document-content xmlns:office="o" '
+            'xmlns:text="t"><office:automatic-styles><style:style name="P1"/>'
+            "</office:automatic-styles><office:body><office:text><text:h>Title</text:h>"
+            f"<text:p>{text} &amp; more<text:tab/>x</text:p></office:text>"
+            "</office:body></office:document-content>"))
+    return buf.getvalue()
+
+
+CASES = {
+    "report.pdf": (_pdf("Quarterly invoice 4711"), "Quarterly invoice 4711"),
+    "letter.docx": (_docx("Dear support, the printer jams"), "the printer jams\nsecond"),
+    "orders.xlsx": (_xlsx(), "A-17\t42"),
+    "deck.pptx": (_pptx("Roadmap 2025"), "Roadmap 2025"),
+    "notes.odt": (_odt("Meeting notes"), "Title\nMeeting notes & more\tx"),
+    "page.html": (b"<html><body><h1>Status</h1><p>All systems go</p></body></html>",
+                  "Status\n\nAll systems go"),
+    "data.csv": ("name;city\nJürgen;Köln\n".encode(), "Jürgen;Köln"),
+}
+
+
+@pytest.mark.parametrize("filename", list(CASES))
+def test_each_format_gives_its_text(filename: str) -> None:
+    data, expected = CASES[filename]
+    fmt = format_of("application/octet-stream", filename)
+    assert fmt is not None
+    text, truncated = extract(fmt, data, max_chars=10_000, timeout=30)
+    assert expected in text
+    assert not truncated
+
+
+def _mail(files: dict[str, bytes]) -> bytes:
+    parts = b"".join(
+        b"--b\r\nContent-Type: application/octet-stream\r\nContent-Disposition: "
+        b"attachment; filename=" + name.encode() + b"\r\nContent-Transfer-Encoding: "
+        b"base64\r\n\r\n" + base64.encodebytes(data) for name, data in files.items())
+    return (b"From: a@x.example\r\nSubject: files\r\nMIME-Version: 1.0\r\nContent-Type:"
+            b" multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n"
+            b"see attached\r\n" + parts + b"--b--\r\n")
+
+
+def test_processor_fills_attachment_text_and_notes_failures(
+    make_message: Callable[[bytes], Message], processor: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("extraction opened a socket")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    files = {name: data for name, (data, _) in CASES.items()}
+    files["broken.docx"] = b"PK\x03\x04 not really a zip"
+    files["broken.pdf"] = b"%PDF-1.4 garbage"
+    files["photo.jpg"] = b"\xff\xd8\xff"
+    message = make_message(_mail(files))
+    assert processor("extract").process(message) is None
+    record = parse_into(message)
+    by_name = {a.filename: a for a in record.attachments}
+    for name, (_, expected) in CASES.items():
+        assert expected in (by_name[name].text or ""), name
+    assert by_name["photo.jpg"].text is None
+    failed = {d.part for d in record.defects if d.kind == "ExtractFailed"}
+    assert failed == {by_name["broken.docx"].part, by_name["broken.pdf"].part}
+
+
+def test_limits_size_chars_and_formats(
+    make_message: Callable[[bytes], Message], processor: Callable[..., Any],
+) -> None:
+    big = b"x" * 5000
+    message = make_message(_mail({"big.csv": big, "long.txt": b"word " * 500,
+                                  "report.pdf": CASES["report.pdf"][0]}))
+    step = processor("extract", max_size="4KB", max_chars=100, formats=["csv", "text"])
+    step.process(message)
+    record = parse_into(message)
+    by_name = {a.filename: a for a in record.attachments}
+    assert by_name["big.csv"].text is None
+    assert by_name["report.pdf"].text is None  # pdf not in formats
+    assert len(by_name["long.txt"].text or "") == 100
+    kinds = sorted(d.kind for d in record.defects)
+    assert kinds == ["ExtractSkipped", "ExtractTruncated"]
+
+
+def test_time_limit_is_a_defect_note(
+    make_message: Callable[[bytes], Message], processor: Callable[..., Any],
+) -> None:
+    message = make_message(_mail({"deck.pptx": CASES["deck.pptx"][0]}))
+    processor("extract", timeout=1e-9).process(message)
+    record = parse_into(message)
+    assert [d.kind for d in record.defects] == ["ExtractFailed"]
+    assert "time limit" in record.defects[0].detail
+
+
+def test_zip_bomb_stops_at_the_inflate_cap() -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("word/document.xml", b"<w:t>a</w:t>" + b" " * (65 * 2**20))
+    fmt = format_of("", "bomb.docx")
+    assert fmt is not None
+    with pytest.raises(Exception, match="inflates past"):
+        extract(fmt, buf.getvalue(), max_chars=100, timeout=60)
+
+
+def test_bad_option_names_the_accepted_formats(processor: Callable[..., Any]) -> None:
+    with pytest.raises(ValueError) as info:
+        processor("extract", formats=["doc"])
+    assert "formats" in str(info.value) and "'pdf'" in str(info.value)
+
+
+@pytest.mark.timeout(600)
+def test_extract_on_every_corpus_file(
+    corpus_files: list[Path], make_message: Callable[[bytes], Message],
+    processor: Callable[..., Any],
+) -> None:
+    step = processor("extract", inline=True)
+    texts = 0
+    for path in corpus_files:
+        message = make_message(path.read_bytes())
+        assert step.process(message) is None, path.name
+        texts += sum(a.text is not None for a in parse_into(message).attachments)
+    assert texts > 0
+
+
+def test_store_sqlite_indexes_attachment_text(
+    tmp_path: Path, make_message: Callable[[bytes], Message],
+    processor: Callable[..., Any],
+) -> None:
+    from mailpipe.plugins.store.sqlite import (
+        SqliteOptions,
+        SqliteStore,
+        connect,
+        search,
+    )
+
+    from mailpipe.processor import ProcessorContext
+
+    message = make_message(_mail({"report.pdf": CASES["report.pdf"][0]}))
+    processor("parse").process(message)
+    processor("extract").process(message)
+    store = SqliteStore(SqliteOptions(path="s.sqlite3"), ProcessorContext(base_dir=tmp_path))
+    store.open()
+    store.process(message)
+    store.close()
+    conn = connect(tmp_path / "s.sqlite3")
+    assert search(conn, "quarterly") == [message.key]  # only in the PDF
+    assert search(conn, "attached") == [message.key]  # the body still is indexed
+    message.record.attachments[0].text = None  # type: ignore[union-attr]
+    store.open()
+    store.process(message)  # an update forgets the old text (contentless index)
+    store.close()
+    assert search(conn, "quarterly") == []
+    conn.execute("DELETE FROM messages")
+    assert search(conn, "attached") == []
+    conn.close()
