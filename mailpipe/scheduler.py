@@ -349,6 +349,8 @@ class Scheduler:
         new mail."""
         source = runner.source
         assert isinstance(source, PushSource)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         push = asyncio.ensure_future(source.wait_for_mail(delay))
         stop = asyncio.ensure_future(self.stop.wait())
         try:
@@ -368,6 +370,9 @@ class Scheduler:
             if push.result():
                 log.info("mailbox_woken", mailbox=runner.name)
                 return True
+            # No new mail, but returned before its time (the server dropped IDLE, a
+            # source that cannot push now): the timer decides, never a tight loop.
+            await wait_or_stop(self.stop, delay - (loop.time() - started))
         return False
 
     def _record(self, summary: Summary | None, delay: float | None) -> None:

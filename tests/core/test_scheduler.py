@@ -140,3 +140,46 @@ async def test_stop_ends_run_forever(tmp_path: Path) -> None:
     summaries = await asyncio.wait_for(task, 10)
     journal.close()
     assert len(summaries) >= 2 and task.done()
+
+
+class _PushFake(FakeSource):
+    """A push-capable fake whose wait_for_mail answers at once with ``answer``."""
+
+    answer = False
+    waits = 0
+
+    async def wait_for_mail(self, timeout: float) -> bool:
+        type(self).waits += 1
+        await asyncio.sleep(0)
+        return self.answer
+
+
+@pytest.mark.parametrize("answer", [False, True])
+async def test_a_push_source_that_answers_at_once_cannot_spin(
+    tmp_path: Path, answer: bool
+) -> None:
+    # A wait_for_mail that returns early without mail (False), or that claims new mail
+    # every time (True) while nothing new arrives, must not turn a 60 s poll interval
+    # into a tight loop: the timer decides the next poll.
+    FakeSource.boxes.clear()
+    _PushFake.answer, _PushFake.waits = answer, 0
+    registry = Registry()
+    registry.add("source", _PushFake, "test")
+    config = validate_config(
+        {"mailboxes": [{"name": "p", "source": "fake", "poll_interval": 60}],
+         "pipelines": {"default": {"processors": []}}},
+        path=tmp_path / "p.toml", registry=registry,
+    )
+    journal = SqliteJournal(tmp_path / "j.sqlite3")
+    scheduler = Scheduler(
+        config, journal=journal, hooks=Hooks(get_plugin_manager(entry_points=False))
+    )
+    task = asyncio.create_task(scheduler.run())
+    await asyncio.sleep(0.5)  # a spinning scheduler polls thousands of times here
+    scheduler.request_stop()
+    summaries = await asyncio.wait_for(task, 10)
+    journal.close()
+    # False: one poll, then the interval. True: one wake-up poll that found nothing,
+    # then the interval.
+    assert len(summaries) == (2 if answer else 1)
+    assert _PushFake.waits == 1
