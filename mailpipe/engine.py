@@ -45,7 +45,7 @@ from mailpipe.errors import (
     SourcePermanentError,
 )
 from mailpipe.inflight import InflightMarker
-from mailpipe.journal.base import Entry, Journal, Status
+from mailpipe.journal.base import Entry, Fence, Journal, Status
 from mailpipe.message import Message, MessageRef, message_key
 from mailpipe.plugin_manager import Hooks
 from mailpipe.processor import Decision, Disposition, ProcessorContext
@@ -145,23 +145,26 @@ def _error_text(exc: BaseException) -> str:
     return redact(text if len(text) <= 500 else text[:497] + "...")
 
 
-class LeaseLostError(SourceBusyError):
-    """The mailbox lease was lost mid-poll: another worker may own the mailbox now."""
-
-
 class _LeaseGuardedSession:
     """A session that calls ``check`` before every action on the mailbox.
 
     Once the lease is gone another worker may be polling the same mailbox, so reading
     on, DELE or QUIT could act on its messages too. ``check`` raises
-    :class:`LeaseLostError` then; the engine aborts the session (no QUIT, so the server
+    :class:`~mailpipe.leases.LeaseLostError` then; the engine aborts the session (no QUIT, so the server
     deletes nothing this session marked; RFC 1939 §6) and the journal keeps what
     completed, DELE owed.
     """
 
-    def __init__(self, inner: Any, check: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        check: Callable[[], None],
+        ack_check: Callable[[], None] | None = None,
+    ) -> None:
         self._inner = inner
         self._check = check
+        # Before DELE and QUIT: also the fence (the lease epoch is still ours).
+        self._ack_check = ack_check or check
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -193,11 +196,11 @@ class _LeaseGuardedSession:
                 yield msg
 
     async def mark_deleted(self, refs: Sequence[MessageRef]) -> None:
-        self._check()
+        self._ack_check()
         await self._inner.mark_deleted(refs)
 
     async def commit(self) -> None:
-        self._check()
+        self._ack_check()
         await self._inner.commit()
 
     async def abort(self) -> None:
@@ -208,7 +211,7 @@ class MailboxRunner:
     """Polls one mailbox; safe to call :meth:`poll` repeatedly (never concurrently).
 
     ``lease_check``, when set (by the scheduler, per poll), is called before every
-    retrieval, DELE and QUIT and raises :class:`LeaseLostError` once the mailbox's
+    retrieval, DELE and QUIT and raises :class:`~mailpipe.leases.LeaseLostError` once the mailbox's
     lease is lost.
     """
 
@@ -240,6 +243,10 @@ class MailboxRunner:
         self.spool_threshold = config.model.scheduler.spool_threshold
         self.log = log.bind(mailbox=self.name)
         self.lease_check: Callable[[], None] | None = None
+        # Set with lease_check (mailpipe.leases): the check before DELE/QUIT, and the
+        # fence the group commit's journal batch is conditional on (issue 16.2).
+        self.ack_check: Callable[[], None] | None = None
+        self.fence: Fence | None = None
         # uids run through the chain in this poll: a later commit window never runs
         # them again (a failing message is retried once per poll, after back-off,
         # instead of in every window; "bad input never stops the pipeline").
@@ -389,7 +396,9 @@ class MailboxRunner:
             self._login_delay = login_delay_seconds(opened)
             session = opened
             if self.lease_check is not None:
-                session = _LeaseGuardedSession(opened, self.lease_check)
+                session = _LeaseGuardedSession(
+                    opened, self.lease_check, self.ack_check
+                )
             refs = await session.list()
             summary.listed = max(summary.listed, len(refs))  # the fullest listing
             summary.backlog = len(refs)  # the latest listing (what is left)
@@ -1243,7 +1252,7 @@ class MailboxRunner:
         owed: list[MessageRef] = []
         unflushed = 0
         lost: set[str] = set()  # uids whose writes are not durable
-        with self.journal.batch():
+        with self.journal.batch(fence=self.fence):
             for d in group:
                 steps = list(d.result.committed) if d.result else []
                 # A flush failure seen by another mailbox's group commit (shared

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mailpipe.journal.base import Entry, Journal, Lease, PollRecord, Status
-from mailpipe.journal.errors import JournalError, SchemaVersionError
+from mailpipe.journal.base import Entry, Fence, Journal, Lease, PollRecord, Status
+from mailpipe.journal.errors import FencedError, JournalError, SchemaVersionError
 
 __all__ = [
     "Entry",
+    "Fence",
+    "FencedError",
     "Journal",
     "JournalError",
     "Lease",
