@@ -149,6 +149,27 @@ def read_entries(path: Path) -> Iterator[tuple[str | None, bytes]]:
         yield key, unquote(chunk)
 
 
+def _dead_holder(lock: Path) -> bool:
+    """Whether ``lock`` names a process of this host that no longer exists (a worker
+    killed while holding it). Only called with the fcntl lock held, so the holder is
+    not a live mailpipe writer; a lock without a readable pid is never judged dead."""
+    try:
+        lines = lock.read_text("ascii").split()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if not lines or not lines[0].isdigit():
+        return False
+    if len(lines) > 1 and lines[1] != socket.gethostname():
+        return False  # another host's process: its liveness is unknown here
+    try:
+        os.kill(int(lines[0]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        return False
+    return False
+
+
 def _separator(tail: bytes) -> bytes:
     """What to write before a From_ line after ``tail`` (the file's last 2 octets)."""
     # mbox: a From_ line starts a line and follows a blank line.
@@ -173,7 +194,9 @@ class MboxOptions(BaseModel):
         default=True, description="Also take <path>.lock, as mail readers expect."
     )
     stale_dotlock: Duration = Field(
-        default=600.0, description="Remove a dot-lock older than this (its owner died)."
+        default=600.0,
+        description="Remove a dot-lock older than this (its owner died). A dot-lock "
+        "naming a process of this host that no longer exists is removed at once.",
     )
 
 
@@ -252,11 +275,16 @@ class MboxStore:
             f"{secrets.token_hex(4)}"
         )
         try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EROFS):
                 return None  # no write access to the folder: fcntl alone protects us
             raise
+        try:
+            # The holder, as liblockfile writes it (its pid), plus our host name.
+            os.write(fd, f"{os.getpid()}\n{socket.gethostname()}\n".encode())
+        finally:
+            os.close(fd)
         try:
             while True:
                 try:
@@ -267,8 +295,10 @@ class MboxStore:
                         age = time.time() - os.stat(lock).st_mtime
                     except FileNotFoundError:
                         continue
-                    if age > self.options.stale_dotlock:
-                        log.warning("mbox_stale_dotlock_removed", path=str(lock))
+                    dead = _dead_holder(lock)
+                    if dead or age > self.options.stale_dotlock:
+                        log.warning("mbox_stale_dotlock_removed", path=str(lock),
+                                    reason="holder dead" if dead else "too old")
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(lock)
                         continue
