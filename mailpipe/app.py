@@ -24,9 +24,13 @@ class App:
     config: Config
     pm: pluggy.PluginManager
 
-    def journal(self) -> Journal:
-        """Open the journal named by ``[state] path``."""
-        return open_journal(self.config.model.state.path, base_dir=self.config.base_dir)
+    def journal(self, *, read_only: bool = False) -> Journal:
+        """Open the journal named by ``[state] path`` (``read_only``: for ``status``)."""
+        return open_journal(
+            self.config.model.state.path,
+            base_dir=self.config.base_dir,
+            read_only=read_only,
+        )
 
     def quarantine(self) -> Quarantine:
         """Open the quarantine directory."""

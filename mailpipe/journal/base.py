@@ -388,6 +388,30 @@ def iter_chunks(items: Iterable[str], size: int = 500) -> Iterator[list[str]]:
         yield chunk
 
 
+#: The OAuth token cache (:mod:`mailpipe.oauth.cache`): one row per account (the key
+#: shared by every mailbox of one account). ``sealed`` holds the access and refresh
+#: tokens encrypted with the ``cache_key``; the other columns are what ``mailpipe auth
+#: status`` shows. ``lease_owner``/``lease_until`` make one worker at a time refresh.
+#: Times are Unix seconds. Format with ``table`` and ``real`` (the float type).
+OAUTH_TOKENS_TABLE = """
+        CREATE TABLE {table} (
+            account        text    PRIMARY KEY,
+            description    text    NOT NULL DEFAULT '{{}}',
+            sealed         text    NOT NULL DEFAULT '',
+            expires_at     {real},
+            refresh_at     {real},
+            rt_issued_at   {real},
+            last_refresh   {real},
+            refreshes      integer NOT NULL DEFAULT 0,
+            last_error     text    NOT NULL DEFAULT '',
+            last_error_code text   NOT NULL DEFAULT '',
+            last_error_at  {real},
+            lease_owner    text,
+            lease_until    {real}
+        )
+        """
+
+
 def apply_migrations(
     execute: Callable[..., Any],
     *,
@@ -421,3 +445,31 @@ def apply_migrations(
     elif current != latest:
         execute(f"UPDATE {table} SET version = {param}", (latest,))
     return current
+
+
+def check_schema(version: int | None, *, latest: int, where: str) -> None:
+    """For a read-only open: accept only the schema this code reads (``latest``).
+
+    ``version`` is the stored version, None when the version table is missing.
+
+    :raises JournalMissingError: no version table (an empty database).
+    :raises SchemaOutdatedError: older; reading must not migrate it.
+    :raises SchemaVersionError: newer than this mailpipe knows.
+    """
+    from mailpipe.journal.errors import (
+        JournalMissingError,
+        SchemaOutdatedError,
+        SchemaVersionError,
+    )
+
+    if version is None:
+        raise JournalMissingError(f"{where} has no mailpipe tables yet")
+    if version > latest:
+        raise SchemaVersionError(
+            f"{where} has schema version {version}; this mailpipe knows up to {latest}"
+        )
+    if version < latest:
+        raise SchemaOutdatedError(
+            f"{where} has schema version {version} (this mailpipe reads {latest}); "
+            "the next `mailpipe run` migrates it"
+        )

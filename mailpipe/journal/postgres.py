@@ -32,6 +32,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import structlog
 
 from mailpipe.journal.base import (
+    OAUTH_TOKENS_TABLE,
     POLL_COLUMNS,
     Entry,
     Fence,
@@ -39,6 +40,7 @@ from mailpipe.journal.base import (
     PollRecord,
     Status,
     apply_migrations,
+    check_schema,
     fenced_commit,
     poll_params,
     poll_record,
@@ -106,11 +108,15 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # 3: the OAuth token cache (mailpipe.oauth.cache), shared by the workers.
     (
-        # Lease epochs (fencing tokens): raised by every take of a mailbox's lease;
-        # a released lease keeps its row (expired), so an epoch is never reused.
-        "ALTER TABLE mailpipe_leases ADD COLUMN epoch bigint NOT NULL DEFAULT 0",
+        OAUTH_TOKENS_TABLE.format(
+            table="mailpipe_oauth_tokens", real="double precision"
+        ),
     ),
+    # 4: lease epochs (fencing tokens), raised by every take of a mailbox's lease;
+    # a released lease keeps its row (expired), so an epoch is never reused.
+    ("ALTER TABLE mailpipe_leases ADD COLUMN epoch bigint NOT NULL DEFAULT 0",),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -162,6 +168,9 @@ class PostgresJournal:
     ``dsn`` is a libpq connection string or URL. ``schema`` (created when missing) holds
     the tables; by default the connection's search_path decides. ``clock`` returns the
     current UTC time for entry timestamps (tests); leases use the server's clock.
+    ``read_only`` (``mailpipe status``): the session's transactions are READ ONLY and
+    the schema is checked, never created or migrated (JournalMissingError when it has
+    no tables yet, SchemaOutdatedError when older than this code's).
     """
 
     def __init__(
@@ -171,6 +180,7 @@ class PostgresJournal:
         schema: str | None = None,
         connect_timeout: float = 10.0,
         clock: Callable[[], datetime] = _utcnow,
+        read_only: bool = False,
     ) -> None:
         self.dsn = dsn
         self.schema = schema
@@ -184,7 +194,32 @@ class PostgresJournal:
         self._closed = False
         self._lease_conn: psycopg.Connection[tuple[Any, ...]] | None = None
         self._conn = self._connect()
-        self._migrate()
+        if not read_only:
+            self._migrate()
+            return
+        try:
+            self._check_schema()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _check_schema(self) -> None:
+        import psycopg
+
+        conn = self._conn
+        with self._translate():
+            conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            try:
+                row = conn.execute(
+                    "SELECT version FROM mailpipe_schema_version"
+                ).fetchone()
+            except psycopg.errors.UndefinedTable:
+                row = None
+        check_schema(
+            None if row is None else int(row[0]),
+            latest=SCHEMA_VERSION,
+            where="PostgreSQL journal" + (f" (schema {self.schema})" if self.schema else ""),
+        )
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> PostgresJournal:

@@ -37,6 +37,7 @@ from typing import Any, Final
 import structlog
 
 from mailpipe.journal.base import (
+    OAUTH_TOKENS_TABLE,
     POLL_COLUMNS,
     Entry,
     Fence,
@@ -44,6 +45,7 @@ from mailpipe.journal.base import (
     PollRecord,
     Status,
     apply_migrations,
+    check_schema,
     fenced_commit,
     iter_chunks,
     poll_params,
@@ -51,7 +53,7 @@ from mailpipe.journal.base import (
     poll_upsert,
     verify_fence,
 )
-from mailpipe.journal.errors import JournalError
+from mailpipe.journal.errors import JournalError, JournalMissingError
 from mailpipe.message import message_key
 
 log = structlog.get_logger()
@@ -97,8 +99,10 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # 3: the OAuth token cache (mailpipe.oauth.cache), shared by the workers.
+    (OAUTH_TOKENS_TABLE.format(table="oauth_tokens", real="REAL"),),
+    # 4: lease epochs (fencing tokens), raised by every take of a mailbox's lock.
     (
-        # Lease epochs (fencing tokens): raised by every take of a mailbox's lock.
         """
         CREATE TABLE leases (
             mailbox TEXT    PRIMARY KEY,
@@ -202,6 +206,10 @@ class SqliteJournal:
     ``path`` is created with its parent folders; ``":memory:"`` works for tests (mailbox
     locks are then local to this object). ``busy_timeout`` is how long a write waits for
     another process's transaction. ``clock`` returns the current UTC time (tests).
+    ``read_only`` (``mailpipe status``) creates, migrates and changes nothing: a
+    missing file raises JournalMissingError, another schema version than this code's
+    raises SchemaOutdatedError or SchemaVersionError (see
+    :func:`mailpipe.readonly.connect_read_only` for a read-only folder).
     """
 
     def __init__(
@@ -210,6 +218,7 @@ class SqliteJournal:
         *,
         busy_timeout: float = 30.0,
         clock: Callable[[], datetime] = _utcnow,
+        read_only: bool = False,
     ) -> None:
         self.path = Path(path)
         self._memory = str(path) == _MEMORY
@@ -218,6 +227,10 @@ class SqliteJournal:
         self._depth = 0
         self._locks: dict[str, tuple[str, int | None]] = {}
         self._epochs: dict[str, int] = {}  # the lease epoch of each lock held here
+        if read_only:
+            self._conn = self._open_read_only()
+            self._closed = False
+            return
         try:
             if not self._memory:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -241,6 +254,33 @@ class SqliteJournal:
         except BaseException:
             self._conn.close()
             raise
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        from mailpipe.readonly import ReadOnlyOpenError, connect_read_only
+
+        if self._memory or not self.path.is_file():
+            raise JournalMissingError(f"journal {self.path} does not exist")
+        try:
+            conn = connect_read_only(self.path)
+        except ReadOnlyOpenError as exc:
+            raise JournalError(f"journal: {exc}") from exc
+        try:
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+        except sqlite3.OperationalError:  # no schema_version table
+            row = None
+        except sqlite3.Error as exc:
+            conn.close()
+            raise JournalError(f"journal {self.path}: {exc}") from exc
+        try:
+            check_schema(
+                None if row is None else int(row[0]),
+                latest=SCHEMA_VERSION,
+                where=f"journal {self.path}",
+            )
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     # -- schema ---------------------------------------------------------------------
 

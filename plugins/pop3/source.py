@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 from collections.abc import AsyncIterator, Sequence
@@ -13,15 +14,17 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from mailpipe.errors import (
+    AuthenticationError,
     OversizeError,
     SourceConnectionError,
     SourceError,
     SourcePermanentError,
 )
 from mailpipe.message import Message, MessageRef, distinct_uids
-from mailpipe.processor import ProcessorContext
+from mailpipe.oauth.options import OAuthOptions
+from mailpipe.oauth.pool import broker_for
 from mailpipe.secrets import Secret
-from mailpipe.source import Unretrievable
+from mailpipe.source import Ack, AckKind, SessionFacts, SourceContext, Unretrievable
 from mailpipe.units import ByteSize, Duration
 
 from . import auth as sasl
@@ -86,11 +89,17 @@ class Pop3Options(BaseModel):
         "(OAuth when a token is set, else SCRAM-SHA-256, PLAIN, USER/PASS, LOGIN). "
         "APOP, CRAM-MD5 and SCRAM-SHA-1 are used only when named here.",
     )
+    oauth: OAuthOptions | None = Field(
+        default=None,
+        description="Built-in OAuth 2 (XOAUTH2/OAUTHBEARER): { provider = "
+        "'microsoft' | 'google' | 'oidc', ... }; tokens come from the shared cache "
+        "and are refreshed before they expire (see mailpipe.oauth).",
+    )
     oauth_token: Secret | None = Field(
         default=None,
         validate_default=True,
         description="OAuth 2 access token for XOAUTH2/OAUTHBEARER; a {command=[...]} "
-        "secret runs again for every session (fresh token).",
+        "secret runs again for every session (fresh token). Not with oauth.",
     )
     ca_file: Path | None = Field(
         default=None, description="PEM file of CA certificates to trust instead of the "
@@ -196,11 +205,15 @@ class Pop3Options(BaseModel):
     def _token_when_needed(
         cls, token: Secret | None, info: ValidationInfo
     ) -> Secret | None:
-        if token is None:
+        if token is not None and info.data.get("oauth") is not None:
+            raise ValueError("set oauth or oauth_token, not both")
+        if token is None and "oauth" in info.data and info.data["oauth"] is None:
             if info.data.get("auth") in sasl.OAUTH:
-                raise ValueError(f"auth = {info.data['auth']!r} needs oauth_token")
+                raise ValueError(
+                    f"auth = {info.data['auth']!r} needs oauth_token or an oauth table"
+                )
             if _unset(info, "password"):
-                raise ValueError("set password or oauth_token")
+                raise ValueError("set password or oauth_token (or an oauth table)")
         return token
 
     @field_validator("allow_plaintext_password")
@@ -232,9 +245,13 @@ class Pop3Source:
 
     name: ClassVar[str] = "pop3"
     Options: ClassVar[type[BaseModel]] = Pop3Options
+    #: MP-04: POP3 can only delete (DELE + QUIT) or leave a message alone.
+    acknowledgements: ClassVar[frozenset[AckKind]] = frozenset(
+        {AckKind.DELETE, AckKind.KEEP}
+    )
 
     def __init__(
-        self, options: Pop3Options, context: ProcessorContext | None = None, *,
+        self, options: Pop3Options, context: SourceContext | None = None, *,
         mailbox: str = "",
     ) -> None:
         if context is not None and options.ca_file is not None:
@@ -244,7 +261,7 @@ class Pop3Source:
             )
         self.options = options
         self.context = context
-        self.mailbox = mailbox
+        self.mailbox = mailbox or (context.mailbox if context is not None else "")
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[Pop3Session]:
@@ -269,6 +286,16 @@ class Pop3Session:
         self._marked: set[int] = set()
         self._topped: set[int] = set()  # numbers whose headers this session fetched
         self._log = log.bind(mailbox=mailbox, host=options.host)
+
+    @property
+    def facts(self) -> SessionFacts:
+        """The session's facts from UIDL and the latest CAPA (RFC 2449 §6.5, §6.7)."""
+        caps = self.capabilities
+        return SessionFacts(
+            stable_ids=self.supports_uidl,
+            login_delay=float(max(0, caps.login_delay or 0)),
+            deletes_on_commit=caps.expire == 0,
+        )
 
     @property
     def capabilities(self) -> Capabilities:
@@ -354,7 +381,16 @@ class Pop3Session:
 
     async def _authenticate(self) -> None:
         o, client = self.options, self.client
-        token = await o.oauth_token.refresh_async() if o.oauth_token is not None else ""
+        broker = (
+            broker_for(o.oauth, protocol="pop3", username=o.username, mailbox=self.mailbox)
+            if o.oauth is not None else None
+        )
+        if broker is not None:
+            token = await broker.token()
+        else:
+            token = (
+                await o.oauth_token.refresh_async() if o.oauth_token is not None else ""
+            )
         password = o.password.get() if o.password is not None else ""
         method = sasl.choose(
             o.auth,
@@ -389,7 +425,17 @@ class Pop3Session:
                 mechanism = sasl.OAuthBearer(
                     user=user, token=token, host=o.host, port=o.effective_port
                 )
-            await client.login_sasl(mechanism)
+            try:
+                await client.login_sasl(mechanism)
+            except AuthenticationError:
+                if broker is None or method not in sasl.OAUTH:
+                    raise
+                # A token the server refuses before its expiry (clock skew, revoked
+                # access token): refresh once and authenticate again.
+                assert isinstance(mechanism, sasl.XOAuth2 | sasl.OAuthBearer)
+                broker.invalidate(token)
+                token = await broker.token()
+                await client.login_sasl(dataclasses.replace(mechanism, token=token))
         self._log.info("pop3_authenticated", method=method)
 
     # --- SourceSession --------------------------------------------------------------
@@ -597,6 +643,13 @@ class Pop3Session:
             confirmable=self.options.verify_size == "confirm" and not after_top,
         )
 
+    async def acknowledge(self, refs: Sequence[MessageRef], ack: Ack) -> None:
+        """``delete``: DELE (see :meth:`mark_deleted`); ``keep``: nothing (MP-04)."""
+        if ack.kind is AckKind.DELETE:
+            await self.mark_deleted(refs)
+        elif ack.kind is not AckKind.KEEP:
+            raise ValueError(f"POP3 cannot acknowledge with {ack}")
+
     async def mark_deleted(self, refs: Sequence[MessageRef]) -> None:
         """DELE each ref (pipelined); nothing is removed before QUIT (RFC 1939 §6)."""
         # C-54: never DELE a number twice in a session, so a refusal is never "already".
@@ -681,3 +734,4 @@ class _Sink:
 
 
 __all__ = ["Pop3Options", "Pop3Session", "Pop3Source"]
+
