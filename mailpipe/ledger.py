@@ -200,6 +200,9 @@ class Ledger:
             attempts=attempts,
             max_attempts=self.cfg.max_attempts,
         )
+        self.hooks.message_failed(mailbox=self.mailbox, uid=uid, key=entry.key,
+                                  processor="(process died)", error=CRASH_ERROR,
+                                  attempts=attempts)
 
     # --- outcomes --------------------------------------------------------------------
 

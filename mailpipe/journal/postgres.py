@@ -33,7 +33,6 @@ import structlog
 
 from mailpipe.journal.base import (
     OAUTH_TOKENS_TABLE,
-    POLL_COLUMNS,
     Entry,
     Fence,
     Lease,
@@ -42,12 +41,17 @@ from mailpipe.journal.base import (
     apply_migrations,
     check_schema,
     fenced_commit,
-    poll_params,
-    poll_record,
-    poll_upsert,
     verify_fence,
 )
 from mailpipe.journal.errors import JournalError
+from mailpipe.journal.rows import (
+    ENTRY_COLUMNS,
+    POLL_COLUMNS,
+    entry,
+    poll_params,
+    poll_record,
+    poll_upsert,
+)
 from mailpipe.message import message_key
 from mailpipe.pgtls import secure_dsn
 from mailpipe.secrets import redact
@@ -129,11 +133,6 @@ _RELEASE: Final = (
     "WHERE mailbox = %s AND owner = %s AND expires_at > '-infinity'"
 )
 
-_COLUMNS: Final = (
-    "mailbox, uid, key, status, attempts, size, sha256, steps, disposition, reason, "
-    "last_error, delete_due, first_seen, updated"
-)
-
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
@@ -142,24 +141,6 @@ def _utcnow() -> datetime:
 def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
-
-def _entry(row: tuple[Any, ...]) -> Entry:
-    return Entry(
-        mailbox=row[0],
-        uid=row[1],
-        key=row[2],
-        status=Status(row[3]),
-        attempts=row[4],
-        size=row[5],
-        sha256=row[6],
-        steps=list(row[7]),
-        disposition=row[8],
-        reason=row[9],
-        last_error=row[10],
-        delete_due=bool(row[11]),
-        first_seen=row[12].astimezone(UTC),
-        updated=row[13].astimezone(UTC),
-    )
 
 
 class PostgresJournal:
@@ -412,34 +393,34 @@ class PostgresJournal:
             rows = (
                 self._live()
                 .execute(
-                    f"SELECT {_COLUMNS} FROM mailpipe_journal "
+                    f"SELECT {ENTRY_COLUMNS} FROM mailpipe_journal "
                     "WHERE mailbox = %s AND uid = ANY(%s)",
                     (mailbox, list(uids)),
                 )
                 .fetchall()
             )
-        return {row[1]: _entry(row) for row in rows}
+        return {row[1]: entry(row, _utc) for row in rows}
 
     def begin(self, mailbox: str, uid: str, *, key: str, size: int) -> Entry:
         """Insert a PENDING entry if absent; return the current entry."""
         now = self._clock()
         select = (
-            f"SELECT {_COLUMNS} FROM mailpipe_journal WHERE mailbox = %s AND uid = %s"
+            f"SELECT {ENTRY_COLUMNS} FROM mailpipe_journal WHERE mailbox = %s AND uid = %s"
         )
         with self._tx() as conn:
             row = conn.execute(
                 "WITH ins AS (INSERT INTO mailpipe_journal "
                 "(mailbox, uid, key, status, size, first_seen, updated) "
                 "VALUES (%s, %s, %s, 'pending', %s, %s, %s) "
-                f"ON CONFLICT (mailbox, uid) DO NOTHING RETURNING {_COLUMNS}) "
-                f"SELECT {_COLUMNS} FROM ins UNION ALL "
+                f"ON CONFLICT (mailbox, uid) DO NOTHING RETURNING {ENTRY_COLUMNS}) "
+                f"SELECT {ENTRY_COLUMNS} FROM ins UNION ALL "
                 f"{select} AND NOT EXISTS (SELECT 1 FROM ins)",
                 (mailbox, uid, key, size, now, now, mailbox, uid),
             ).fetchone()
             if row is None:  # inserted concurrently after this statement's snapshot
                 row = conn.execute(select, (mailbox, uid)).fetchone()
         assert row is not None
-        return _entry(row)
+        return entry(row, _utc)
 
     def step_committed(self, mailbox: str, uid: str, step: str) -> None:
         """Record that chain step ``step`` durably committed for this message."""
@@ -555,13 +536,13 @@ class PostgresJournal:
             rows = (
                 self._live()
                 .execute(
-                    f"SELECT {_COLUMNS} FROM mailpipe_journal {clause} "
+                    f"SELECT {ENTRY_COLUMNS} FROM mailpipe_journal {clause} "
                     "ORDER BY first_seen DESC, seq DESC LIMIT %s",
                     (*params, limit),
                 )
                 .fetchall()
             )
-        return [_entry(row) for row in rows]
+        return [entry(row, _utc) for row in rows]
 
     def forget(self, mailbox: str, uids: Iterable[str] | None = None) -> int:
         """Delete entries (the whole mailbox when ``uids`` is None); count them."""

@@ -38,7 +38,6 @@ import structlog
 
 from mailpipe.journal.base import (
     OAUTH_TOKENS_TABLE,
-    POLL_COLUMNS,
     Entry,
     Fence,
     Lease,
@@ -48,12 +47,17 @@ from mailpipe.journal.base import (
     check_schema,
     fenced_commit,
     iter_chunks,
-    poll_params,
-    poll_record,
-    poll_upsert,
     verify_fence,
 )
 from mailpipe.journal.errors import JournalError, JournalMissingError
+from mailpipe.journal.rows import (
+    ENTRY_COLUMNS,
+    POLL_COLUMNS,
+    entry,
+    poll_params,
+    poll_record,
+    poll_upsert,
+)
 from mailpipe.message import message_key
 
 log = structlog.get_logger()
@@ -114,34 +118,12 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
-_COLUMNS: Final = (
-    "mailbox, uid, key, status, attempts, size, sha256, steps, disposition, reason, "
-    "last_error, delete_due, first_seen, updated"
-)
 _MEMORY: Final = ":memory:"
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
-
-def _entry(row: tuple[Any, ...]) -> Entry:
-    return Entry(
-        mailbox=row[0],
-        uid=row[1],
-        key=row[2],
-        status=Status(row[3]),
-        attempts=row[4],
-        size=row[5],
-        sha256=row[6],
-        steps=list(json.loads(row[7])),
-        disposition=row[8],
-        reason=row[9],
-        last_error=row[10],
-        delete_due=bool(row[11]),
-        first_seen=datetime.fromtimestamp(row[12], UTC),
-        updated=datetime.fromtimestamp(row[13], UTC),
-    )
 
 
 def _time(value: float) -> datetime:
@@ -425,10 +407,10 @@ class SqliteJournal:
 
     def _get(self, conn: sqlite3.Connection, mailbox: str, uid: str) -> Entry:
         row = conn.execute(
-            f"SELECT {_COLUMNS} FROM entries WHERE mailbox = ? AND uid = ?",
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE mailbox = ? AND uid = ?",
             (mailbox, uid),
         ).fetchone()
-        return _entry(row)
+        return entry(row, _time)
 
     def owed(self, mailbox: str) -> list[str]:
         """Return the uids whose DELE is still owed (``delete_due``)."""
@@ -455,12 +437,12 @@ class SqliteJournal:
             for chunk in iter_chunks(uids):
                 marks = ",".join("?" * len(chunk))
                 rows = self._conn.execute(
-                    f"SELECT {_COLUMNS} FROM entries "
+                    f"SELECT {ENTRY_COLUMNS} FROM entries "
                     f"WHERE mailbox = ? AND uid IN ({marks})",
                     (mailbox, *chunk),
                 ).fetchall()
                 for row in rows:
-                    found[row[1]] = _entry(row)
+                    found[row[1]] = entry(row, _time)
         return found
 
     def begin(self, mailbox: str, uid: str, *, key: str, size: int) -> Entry:
@@ -574,11 +556,11 @@ class SqliteJournal:
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         with self._guard():
             rows = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM entries {clause} "
+                f"SELECT {ENTRY_COLUMNS} FROM entries {clause} "
                 "ORDER BY first_seen DESC, rowid DESC LIMIT ?",
                 (*params, limit),
             ).fetchall()
-        return [_entry(row) for row in rows]
+        return [entry(row, _time) for row in rows]
 
     def forget(self, mailbox: str, uids: Iterable[str] | None = None) -> int:
         """Delete entries (the whole mailbox when ``uids`` is None); count them."""

@@ -223,3 +223,30 @@ async def test_failed_attempts_are_counted_in_the_group_and_owe_nothing(journal,
     entry = journal.get_many("box", ["u1"])["u1"]
     assert (entry.status, entry.attempts, entry.last_error) == (
         Status.PENDING, 1, "ValueError: bad")
+
+
+def test_a_message_that_killed_the_process_is_charged_and_announced(journal, tmp_path):
+    from mailpipe import hookimpl
+    from mailpipe.ledger import CRASH_ERROR
+
+    heard: list[dict[str, Any]] = []
+
+    class Recorder:
+        @hookimpl
+        def mailpipe_message_failed(
+            self, uid: str, processor: str, error: str, attempts: int
+        ) -> None:
+            heard.append({"uid": uid, "processor": processor, "error": error,
+                          "attempts": attempts})
+
+    pm = load(entry_points=False)[0]
+    pm.register(Recorder())
+    config = MailboxConfig.model_validate({"name": "box"})
+    ledger = Ledger(journal, "box", config, Hooks(pm), Quarantine(tmp_path / "q"),
+                    Summary(mailbox="box"))
+    ledger.begin(ref(1))
+    ledger.charge_crash("u1", alone=True)
+    ledger.charge_crash("u1", alone=False)  # not alone: not charged, not announced
+    assert journal.get_many("box", ["u1"])["u1"].attempts == 1
+    assert [(h["uid"], h["processor"], h["error"], h["attempts"]) for h in heard] == [
+        ("u1", "(process died)", CRASH_ERROR, 1)]
