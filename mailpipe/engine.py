@@ -45,7 +45,8 @@ from mailpipe.errors import (
     SourcePermanentError,
 )
 from mailpipe.inflight import InflightMarker
-from mailpipe.journal.base import Entry, Journal, Status
+from mailpipe.journal.base import Entry, Fence, Journal, Status
+from mailpipe.leases import LeaseLostError
 from mailpipe.ledger import (
     CRASH_ERROR,
     UNRETRIEVABLE,
@@ -91,10 +92,6 @@ __all__ = [
 ]
 
 
-class LeaseLostError(SourceBusyError):
-    """The mailbox lease was lost mid-poll: another worker may own the mailbox now."""
-
-
 class _LeaseGuardedSession:
     """A session that calls ``check`` before every action on the mailbox.
 
@@ -105,9 +102,16 @@ class _LeaseGuardedSession:
     completed, the acknowledgement owed.
     """
 
-    def __init__(self, inner: Any, check: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        check: Callable[[], None],
+        ack_check: Callable[[], None] | None = None,
+    ) -> None:
         self._inner = inner
         self._check = check
+        # Before DELE and QUIT: also the fence (the lease epoch is still ours).
+        self._ack_check = ack_check or check
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -145,11 +149,11 @@ class _LeaseGuardedSession:
         await acknowledge(self._inner, refs, ack)
 
     async def mark_deleted(self, refs: Sequence[MessageRef]) -> None:
-        self._check()
+        self._ack_check()
         await self._inner.mark_deleted(refs)
 
     async def commit(self) -> None:
-        self._check()
+        self._ack_check()
         await self._inner.commit()
 
     async def abort(self) -> None:
@@ -202,6 +206,10 @@ class MailboxRunner:
         self.spool_threshold = config.model.scheduler.spool_threshold
         self.log = log.bind(mailbox=self.name)
         self.lease_check: Callable[[], None] | None = None
+        # Set with lease_check (mailpipe.leases): the check before DELE/QUIT, and the
+        # fence the group commit's journal batch is conditional on (issue 16.2).
+        self.ack_check: Callable[[], None] | None = None
+        self.fence: Fence | None = None
         # uids run through the chain in this poll: a later commit window never runs
         # them again (a failing message is retried once per poll, after back-off,
         # instead of in every window; "bad input never stops the pipeline").
@@ -218,7 +226,7 @@ class MailboxRunner:
     def _new_ledger(self, summary: Summary) -> Ledger:
         return Ledger(
             self.journal, self.name, self.cfg, self.hooks, self.quarantine, summary,
-            ack=self.cfg.ack, log=self.log,
+            ack=self.cfg.ack, log=self.log, fence=self.fence,
         )
 
     # --- the poll ----------------------------------------------------------------
@@ -329,7 +337,9 @@ class MailboxRunner:
             self.ledger.abandon()  # an earlier window that failed owes nothing here
             session = opened
             if self.lease_check is not None:
-                session = _LeaseGuardedSession(opened, self.lease_check)
+                session = _LeaseGuardedSession(
+                    opened, self.lease_check, self.ack_check
+                )
             refs = await session.list()
             facts = facts_of(opened)  # after the listing: it tells whether ids are stable
             self._login_delay = facts.login_delay

@@ -35,7 +35,7 @@ import structlog
 
 from mailpipe import source as contract
 from mailpipe.errors import ProcessorError
-from mailpipe.journal.base import Entry, Journal, Status
+from mailpipe.journal.base import Entry, Fence, Journal, Status
 from mailpipe.message import Message, MessageRef, message_key
 from mailpipe.processor import Decision, Disposition
 from mailpipe.source import Ack, SessionFacts, Unretrievable
@@ -145,6 +145,9 @@ class Ledger:
     summary: Summary
     ack: Ack = contract.DELETE
     log: Any = field(default=None)
+    #: The lease's fencing token (mailpipe.leases): the group commit's journal batch
+    #: commits only while it is current (issue 16.2); None without a lease.
+    fence: Fence | None = None
     _owed: list[MessageRef] = field(default_factory=list)  # due, durable, not yet sent
     _sent: list[MessageRef] = field(default_factory=list)  # acknowledged this session
 
@@ -433,7 +436,10 @@ class Ledger:
             self.log.error("flush_failed", error=flush_error)
         due: list[MessageRef] = []
         lost: set[str] = set()  # uids whose writes are not durable
-        with self.journal.batch():
+        batch = self.journal.batch() if self.fence is None else self.journal.batch(
+            fence=self.fence
+        )
+        with batch:
             for d in group:
                 steps = list(d.result.committed) if d.result else []
                 # A flush failure seen by another mailbox's group commit (shared

@@ -29,6 +29,14 @@ def test_store_throughput_small() -> None:
     assert all(r[-3] == "200" for r in rows), out  # every store wrote every message
 
 
+def test_cross_process_stores_small() -> None:
+    out = run("bench/cross_process_stores.py", "--small", "--before", "")
+    rows = [line.split("|")[1:-1] for line in out.splitlines()
+            if line.startswith("| store.")]
+    assert len(rows) == 9, out  # 3 stores x (write, recheck, alternate)
+    assert all(r[-1].strip() == "0" for r in rows), out  # no key stored twice
+
+
 def test_parse_corpus_small() -> None:
     if not CORPUS.is_dir():
         if os.environ.get("CI"):
