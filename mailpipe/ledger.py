@@ -28,6 +28,7 @@ delivery state.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -170,7 +171,7 @@ class Ledger:
         new = [r for r in refs if r.uid and r.uid not in entries]
         if not new:
             return
-        with self.journal.batch():
+        with self._batch():
             for ref in new:
                 entries[ref.uid] = self.begin(ref)
 
@@ -294,7 +295,7 @@ class Ledger:
         self.begin(ref)
         self.journal.finish(self.mailbox, ref.uid, status=status,
                             disposition=str(decision.disposition), sha256=sha256,
-                            reason=decision.reason, delete_due=delete)
+                            reason=decision.reason, delete_due=delete, **self._fenced())
         self.hooks.message_done(mailbox=self.mailbox, uid=ref.uid, key=ref.key,
                                 disposition=str(decision.disposition))
         if delete:
@@ -333,7 +334,7 @@ class Ledger:
             self.begin(ref)
             self.journal.finish(self.mailbox, ref.uid, status=Status.COMMITTED,
                                 disposition="oversize", sha256=None,
-                                reason="oversize: deleted unread", delete_due=True)
+                                reason="oversize: deleted unread", delete_due=True, **self._fenced())
         self._owed.append(ref)
 
     def oversize_quarantined(self, msg: Message, reason: str) -> None:
@@ -343,7 +344,7 @@ class Ledger:
         self.begin(msg.ref)
         self.journal.finish(self.mailbox, msg.ref.uid, status=Status.QUARANTINED,
                             disposition="quarantine", sha256=msg.sha256, reason=reason,
-                            delete_due=delete)
+                            delete_due=delete, **self._fenced())
         if delete:
             self._owed.append(msg.ref)
 
@@ -373,6 +374,7 @@ class Ledger:
             reason=f"oversize: the server sent more than the {exc.limit}-octet cap "
             f"({listed}); " + ("deleted unread" if delete else "left on the server"),
             delete_due=delete,
+            **self._fenced(),
         )
         if delete:
             self.summary.dropped += 1
@@ -384,7 +386,7 @@ class Ledger:
         """Give the uid of ``ref`` the outcome ``like`` records and ``ref``'s listed
         size (issue 21 item 3), so later polls list it as settled. Durable when it
         returns (inside a batch: with it)."""
-        with self.journal.batch():
+        with self._batch():
             self.journal.forget(self.mailbox, [ref.uid])
             self.begin(ref)
             self.journal.finish(self.mailbox, ref.uid, status=like.status,
@@ -396,7 +398,7 @@ class Ledger:
         """Deletions owed for mail the server no longer lists are done (a crash came
         between the commit's confirmation and :meth:`commit`'s journal write)."""
         if uids:
-            self.journal.mark_deleted(self.mailbox, uids)
+            self.journal.mark_deleted(self.mailbox, uids, **self._fenced())
             self.log.info("owed_deletions_settled", count=len(uids))
 
     # --- the group commit and the gate -----------------------------------------------
@@ -436,10 +438,7 @@ class Ledger:
             self.log.error("flush_failed", error=flush_error)
         due: list[MessageRef] = []
         lost: set[str] = set()  # uids whose writes are not durable
-        batch = self.journal.batch() if self.fence is None else self.journal.batch(
-            fence=self.fence
-        )
-        with batch:
+        with self._batch():
             for d in group:
                 steps = list(d.result.committed) if d.result else []
                 # A flush failure seen by another mailbox's group commit (shared
@@ -505,7 +504,7 @@ class Ledger:
         await session.commit()  # RFC 1939 §6: QUIT makes the server delete DELE'd mail
         uids = [r.uid for r in sent if r.uid]
         if uids:
-            self.journal.mark_deleted(self.mailbox, uids)
+            self.journal.mark_deleted(self.mailbox, uids, **self._fenced())
         self.summary.deleted += len(sent)
         self.log.debug("session_committed", deleted=len(sent))
         return len(sent)
@@ -521,6 +520,17 @@ class Ledger:
         return list(self._owed)
 
     # --- helpers ---------------------------------------------------------------------
+
+    def _batch(self) -> AbstractContextManager[None]:
+        """A journal batch, conditional on the lease's epoch when the ledger holds a
+        fence (issue 16.2: a worker that lost its lease can commit nothing)."""
+        if self.fence is None:
+            return self.journal.batch()
+        return self.journal.batch(fence=self.fence)
+
+    def _fenced(self) -> dict[str, Any]:
+        """The ``fence=`` argument of a journal write outside a batch, when fenced."""
+        return {} if self.fence is None else {"fence": self.fence}
 
     def _status_for(self, decision: Decision) -> tuple[Status, bool]:
         if decision.disposition == Disposition.KEEP:
