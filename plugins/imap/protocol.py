@@ -95,13 +95,13 @@ class State(enum.Enum):
     ERROR = "error"
 
 
-class _NeedData:
+class NeedData:
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
 #: Returned by :meth:`ImapConnection.next_event` when more bytes are needed.
-NEED_DATA: Final = _NeedData()
+NEED_DATA: Final = NeedData()
 
 _ANY: Final = frozenset({"CAPABILITY", "NOOP", "LOGOUT", "ID"})
 _NOT_AUTH: Final = frozenset({"STARTTLS", "LOGIN", "AUTHENTICATE"})
@@ -174,6 +174,16 @@ class ImapConnection:
         self._idle_tag: str | None = None
 
     # --- sending ----------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        """Octets received and not yet parsed (after STARTTLS's OK this must be 0)."""
+        return len(self._buf)
+
+    @property
+    def waiting_literal(self) -> bool:
+        """True while a synchronizing literal waits for the server's ``+`` (IC-07)."""
+        return self._waiting_literal is not None
 
     @property
     def outstanding(self) -> dict[str, Command]:
@@ -275,7 +285,7 @@ class ImapConnection:
         else:
             self._eof = True
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         """The next event, or :data:`NEED_DATA`.
 
         Raises:
@@ -635,6 +645,7 @@ __all__ = [
     "ImapConnection",
     "ImapProtocolError",
     "LocalProtocolError",
+    "NeedData",
     "RemoteProtocolError",
     "State",
     "tokenize",

@@ -18,7 +18,6 @@ its bytes, so a server trickling one byte per read cannot hold a session forever
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -36,6 +35,7 @@ from mailpipe.errors import (
     SourcePermanentError,
     SourceTimeoutError,
 )
+from mailpipe.tls import handshake, make_ssl_context
 
 from . import auth as sasl
 from .events import (
@@ -117,20 +117,6 @@ def _limit_of(command: Command, limits: Mapping[int, int] | None) -> int | None:
     if limits is None or not isinstance(command, Retr):
         return None
     return limits.get(command.number)
-
-
-def make_ssl_context(ca_file: str | None = None, verify: bool = True) -> ssl.SSLContext:
-    """``ssl.create_default_context()`` with TLS ≥ 1.2 (RFC 8314 §5, S-02).
-
-    ``verify=False`` disables certificate and hostname checks; only explicit config may
-    ask for it.
-    """
-    ctx = ssl.create_default_context(cafile=ca_file)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if not verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 class Pop3Client:
@@ -221,36 +207,19 @@ class Pop3Client:
 
     async def _handshake(self) -> None:
         assert self._writer is not None
-        ctx = self.ssl_context or make_ssl_context()
         try:
-            async with asyncio.timeout(self.timeouts.tls):
-                await self._writer.start_tls(
-                    ctx,
-                    server_hostname=self.host,  # S-02: the configured name, also SNI
-                    ssl_handshake_timeout=self.timeouts.tls,
-                )
+            await handshake(
+                self._writer,
+                self.ssl_context or make_ssl_context(),
+                host=self.host,
+                where=self.where,
+                timeout=self.timeouts.tls,
+                cert_sha256=self.cert_sha256,
+                plaintext_hint=" (the server speaks plaintext POP3: "
+                "use security = 'starttls')",
+            )
         except TimeoutError:
             raise self._timeout("TLS handshake", self.timeouts.tls) from None
-        except ssl.SSLCertVerificationError as exc:
-            raise SourceConnectionError(
-                f"TLS certificate of {self.where} not trusted: {exc.verify_message}"
-            ) from None
-        except (ssl.SSLError, OSError) as exc:
-            hint = ""
-            if "WRONG_VERSION_NUMBER" in str(exc) or "record layer" in str(exc):
-                hint = " (the server speaks plaintext POP3: use security = 'starttls')"
-            raise SourceConnectionError(
-                f"TLS handshake with {self.where} failed: {exc}{hint}"
-            ) from None
-        if self.cert_sha256:
-            sslobj = self._writer.get_extra_info("ssl_object")
-            der = sslobj.getpeercert(binary_form=True) if sslobj else None
-            got = hashlib.sha256(der or b"").hexdigest()
-            if got != self.cert_sha256:
-                raise SourceConnectionError(
-                    f"TLS certificate of {self.where} does not match the pinned "
-                    f"SHA-256 (got {got})"
-                )
         self.tls_active = True
 
     async def capa(self) -> Capabilities | None:
