@@ -373,6 +373,12 @@ class Dovecot(Service):
                 "  }",
                 *(["  chroot ="] if rootless else []),
                 "}",
+                # "/" as the hierarchy separator (Maildir++ keeps "." on disk), so
+                # folder names read like most servers' ("Support/Escalations").
+                "namespace inbox {",
+                "  inbox = yes",
+                "  separator = /",
+                "}",
                 "protocol imap {",
                 "  mail_max_userip_connections = 100",
                 "}",

@@ -1,0 +1,243 @@
+"""The IMAP source end to end against a real Dovecot imapd on 127.0.0.1.
+
+``mailpipe run --once`` reads a user's folders over IMAP into ``store.maildir``; the
+stored files are compared byte for byte with what an independent client (stdlib
+``imaplib``) reads with ``BODY.PEEK[]``, and the server's end state is checked for each
+acknowledgement mode.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import re
+import ssl
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mailpipe.plugins.imap.source import ImapOptions, ImapSource
+from pydantic import ValidationError
+from structlog.testing import capture_logs
+
+from mailpipe.errors import AuthenticationError, SourceConnectionError
+from mailpipe.testing.dovecot import Dovecot, DovecotUser
+from mailpipe.testing.e2e import write_pipeline
+from mailpipe.testing.servers.interop import mailpipe_once, stored_messages
+
+pytestmark = [pytest.mark.dovecot, pytest.mark.timeout(600)]
+
+
+def reference(d: Dovecot, user: DovecotUser) -> imaplib.IMAP4_SSL:
+    """An independent IMAP client (stdlib) logged in over verified TLS."""
+    ctx = ssl.create_default_context(cafile=str(d.ca_file))
+    client = imaplib.IMAP4_SSL(d.host, d.imaps_port, ssl_context=ctx, timeout=30)
+    client.login(user.name, user.password)
+    return client
+
+
+def folder_state(d: Dovecot, user: DovecotUser, folder: str) -> list[tuple[bytes, str]]:
+    """(raw bytes, flags) of every message in ``folder`` (wire name), read with PEEK."""
+    client = reference(d, user)
+    try:
+        typ, _ = client.select(f'"{folder}"', readonly=True)
+        if typ != "OK":
+            return []
+        typ, data = client.uid("FETCH", "1:*", "(FLAGS BODY.PEEK[])")
+        out = []
+        for item in data:
+            if isinstance(item, tuple):
+                flags = re.search(rb"FLAGS \(([^)]*)\)", item[0])
+                out.append((item[1], (flags[1] if flags else b"").decode()))
+        return out
+    finally:
+        client.logout()
+
+
+def append(d: Dovecot, user: DovecotUser, folder: str, raws: list[bytes]) -> None:
+    client = reference(d, user)
+    try:
+        client.create(f'"{folder}"')
+        for raw in raws:
+            typ, _ = client.append(f'"{folder}"', "", None, raw)
+            assert typ == "OK"
+    finally:
+        client.logout()
+
+
+def pipeline(tmp_path: Path, d: Dovecot, user: DovecotUser, **mailbox: Any) -> Path:
+    return write_pipeline(
+        tmp_path,
+        dovecot=d,
+        user=user,
+        security="tls",
+        processors=[{"use": "store.maildir", "path": str(tmp_path / "Maildir")}],
+        mailbox={"source": "imap", "port": d.imaps_port, **mailbox},
+    )
+
+
+def crafted(n: int) -> list[bytes]:
+    return [
+        b"From: a@example.com\r\nSubject: message %d\r\nMessage-ID: <%d@example.com>\r\n"
+        b"\r\nbody %d\r\n.\r\nA1 OK not a reply\r\n* BYE nor this {3}\r\n" % (i, i, i)
+        for i in range(n)
+    ]
+
+
+def test_corpus_byte_exact_then_nothing(
+    dovecot_imap: Dovecot, corpus: list[tuple[str, bytes]], tmp_path: Path
+) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    for _, raw in corpus:
+        d.deliver(user, raw)
+    served = [raw for raw, _ in folder_state(d, user, "INBOX")]
+    assert len(served) == len(corpus)
+    config = pipeline(tmp_path, d, user)
+    run, summary = mailpipe_once(config)
+    assert run.returncode == 0, run.stderr[-3000:]
+    stored = stored_messages(tmp_path / "Maildir")
+    assert Counter(stored) == Counter(served)  # byte for byte, every message
+    assert summary["retrieved"] == len(served) and summary["deleted"] == len(served)
+    assert folder_state(d, user, "INBOX") == []  # UID STORE \Deleted + UID EXPUNGE
+    run, summary = mailpipe_once(config)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert summary["listed"] == 0 and summary["retrieved"] == 0
+    assert len(stored_messages(tmp_path / "Maildir")) == len(stored)
+
+
+@pytest.mark.parametrize(
+    ("mode", "keys"),
+    [
+        ("delete", {}),
+        ("move", {"move": "Processed/Done"}),
+        ("flag-seen", {"flag": "\\Seen"}),
+        ("flag-keyword", {"flag": "$Processed"}),
+        ("keep", {"delete": "never"}),
+    ],
+)
+def test_acknowledgement_modes(
+    dovecot_imap: Dovecot, tmp_path: Path, mode: str, keys: dict[str, Any]
+) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    raws = crafted(5)
+    for raw in raws:
+        d.deliver(user, raw)
+    served = [raw for raw, _ in folder_state(d, user, "INBOX")]
+    config = pipeline(tmp_path, d, user, **keys)
+    for poll in range(2):  # the second run fetches nothing again
+        run, summary = mailpipe_once(config)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert summary["retrieved"] == (5 if poll == 0 else 0), summary
+    assert Counter(stored_messages(tmp_path / "Maildir")) == Counter(served)
+    inbox = folder_state(d, user, "INBOX")
+    if mode in ("delete", "move"):
+        assert inbox == []
+    else:
+        assert [raw for raw, _ in inbox] == served
+    if mode == "move":
+        moved = folder_state(d, user, "Processed/Done")
+        assert sorted(raw for raw, _ in moved) == sorted(served)
+    if mode == "flag-seen":
+        assert all("\\Seen" in flags for _, flags in inbox)
+    if mode == "flag-keyword":
+        assert all("$Processed" in flags and "\\Seen" not in flags for _, flags in inbox)
+    if mode == "keep":
+        # IC-30: BODY.PEEK everywhere: reading never set \Seen.
+        assert all("\\Seen" not in flags for _, flags in inbox)
+
+
+def test_several_folders_with_a_non_ascii_name(
+    dovecot_imap: Dovecot, tmp_path: Path
+) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    raws = crafted(6)
+    d.deliver(user, raws[0])
+    append(d, user, "Entw&APw-rfe", raws[1:4])  # IC-23: "Entwürfe" in modified UTF-7
+    append(d, user, "Support/Escalations", raws[4:])
+    config = pipeline(
+        tmp_path, d, user, folders=["INBOX", "Entwürfe", "Support/Escalations"]
+    )
+    run, summary = mailpipe_once(config)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert summary["retrieved"] == 6
+    assert Counter(stored_messages(tmp_path / "Maildir")) == Counter(raws)
+    for folder in ("INBOX", "Entw&APw-rfe", "Support/Escalations"):
+        assert folder_state(d, user, folder) == []
+
+
+def session_options(d: Dovecot, user: DovecotUser, **kw: Any) -> ImapOptions:
+    security = kw.pop("security", "tls")
+    values: dict[str, Any] = {
+        "host": d.host,
+        "port": d.imaps_port if security == "tls" else d.imap_port,
+        "security": security,
+        "ca_file": d.ca_file,
+        "username": user.name,
+        "password": user.password,
+    }
+    values.update(kw)
+    return ImapOptions.model_validate(values)
+
+
+@pytest.mark.parametrize("security", ["tls", "starttls"])
+@pytest.mark.parametrize(
+    "auth", ["auto", "login", "plain", "scram-sha-1", "scram-sha-256"]
+)
+async def test_ic16_ic17_ic18_ic19_login_each_way(
+    dovecot_imap: Dovecot, security: str, auth: str
+) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    d.deliver(user, crafted(1)[0])
+    source = ImapSource(session_options(d, user, security=security, auth=auth))
+    with capture_logs() as logs:
+        async with source.session() as session:
+            assert session.client.tls_active
+            assert "UIDPLUS" in session.client.capabilities  # IC-12: post-login list
+            refs = await session.list()
+    assert len(refs) == 1 and refs[0].uid.startswith("INBOX;UIDVALIDITY=")
+    method = next(e["method"] for e in logs if e["event"] == "imap_authenticated")
+    assert method == ("scram-sha-256" if auth == "auto" else auth)
+    text = repr(logs)
+    assert user.password not in text  # IS-12
+
+
+async def test_ic22_wrong_password_is_an_authentication_error(
+    dovecot_imap: Dovecot,
+) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    source = ImapSource(session_options(d, user, password="wrong-password"))
+    with pytest.raises(AuthenticationError, match="AUTHENTICATIONFAILED") as info:
+        async with source.session():
+            pass
+    assert "wrong-password" not in str(info.value)
+
+
+async def test_is01_no_password_over_plaintext_without_consent(
+    dovecot_imap: Dovecot,
+) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    with pytest.raises(ValidationError, match="allow_plaintext_password"):
+        session_options(d, user, security="none")
+    opts = session_options(d, user, security="none", allow_plaintext_password=True)
+    async with ImapSource(opts).session() as session:
+        assert not session.client.tls_active  # consented: plaintext LOGIN works
+
+
+async def test_is02_untrusted_certificate_refused_before_credentials(
+    dovecot_imap: Dovecot, tmp_path: Path
+) -> None:
+    import trustme
+
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    user = dovecot_imap.add_user()
+    opts = session_options(dovecot_imap, user, ca_file=other)
+    with pytest.raises(SourceConnectionError, match="not trusted"):
+        async with ImapSource(opts).session():
+            pass
