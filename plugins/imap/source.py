@@ -503,6 +503,9 @@ class ImapSession:
         uid_of = {id(c): uid for c, uid in zip(commands, by_uid, strict=True)}
         sink: _Sink | None = None
         ready: dict[int, Message] = {}
+        # Completions come in command order, so the oldest unanswered UID is the one
+        # whose body is arriving (servers send no unsolicited BODY[]).
+        waiting = list(by_uid)
         try:
             async for event in self.client.stream(commands):
                 if isinstance(event, LiteralStart):
@@ -514,6 +517,7 @@ class ImapSession:
                             f"{self.client.where}: message of {event.size} octets "
                             f"exceeds {max_size}",
                             number=event.number, limit=max_size, received=0,
+                            ref=by_uid[waiting[0]] if waiting else None,
                         )
                     sink = _Sink(None, event.size, spool_dir, threshold)
                 elif isinstance(event, LiteralChunk):
@@ -531,6 +535,8 @@ class ImapSession:
                     uid = uid_of.get(id(event.command))
                     if uid is None:
                         continue
+                    if uid in waiting:
+                        waiting.remove(uid)
                     message = ready.pop(uid, None)
                     if message is not None:
                         yield message
@@ -541,9 +547,6 @@ class ImapSession:
                         yield Unretrievable(
                             by_uid[uid], f"UID FETCH {uid} returned no body: {text}"
                         )
-        except OversizeError as exc:
-            exc.ref = next(iter(by_uid.values()), None) if len(by_uid) == 1 else None
-            raise
         finally:
             if sink is not None:
                 sink.discard()

@@ -8,9 +8,11 @@ acknowledgement mode.
 
 from __future__ import annotations
 
+import hashlib
 import imaplib
 import re
 import ssl
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,8 @@ from mailpipe.plugins.imap.source import ImapOptions, ImapSource
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
-from mailpipe.errors import AuthenticationError, SourceConnectionError
+from mailpipe import Message
+from mailpipe.errors import AuthenticationError, OversizeError, SourceConnectionError
 from mailpipe.testing.dovecot import Dovecot, DovecotUser
 from mailpipe.testing.e2e import write_pipeline
 from mailpipe.testing.servers.interop import mailpipe_once, stored_messages
@@ -241,3 +244,77 @@ async def test_is02_untrusted_certificate_refused_before_credentials(
     with pytest.raises(SourceConnectionError, match="not trusted"):
         async with ImapSource(opts).session():
             pass
+
+
+async def test_it16_message_expunged_by_another_client_is_unretrievable(
+    dovecot_imap: Dovecot, tmp_path: Path
+) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    raws = crafted(3)
+    for raw in raws:
+        d.deliver(user, raw)
+    async with ImapSource(session_options(d, user)).session() as session:
+        refs = await session.list()
+        other = reference(d, user)  # another client expunges the middle message
+        other.select("INBOX")
+        other.uid("STORE", refs[1].uid.rsplit("=", 1)[1], "+FLAGS", "(\\Deleted)")
+        other.expunge()
+        other.logout()
+        got = [
+            item
+            async for item in session.retrieve(
+                refs, spool_dir=tmp_path, spool_threshold=1 << 20
+            )
+        ]
+    assert [type(g).__name__ for g in got] == ["Message", "Unretrievable", "Message"]
+    assert [g.raw for g in got if isinstance(g, Message)] == [raws[0], raws[2]]
+    assert got[1].ref == refs[1]
+
+
+async def test_ic31_large_message_streamed_with_bounded_memory(
+    dovecot_imap: Dovecot, tmp_path: Path
+) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    line = b"0123456789abcdef" * 4 + b"\r\n"
+    raw = b"Subject: big\r\n\r\n" + line * (32 * 2**20 // len(line))  # 32 MiB
+    d.deliver(user, raw)
+    async with ImapSource(session_options(d, user)).session() as session:
+        refs = await session.list()
+        assert refs[0].size == len(raw)  # RFC822.SIZE
+        tracemalloc.start()
+        try:
+            got = [
+                item
+                async for item in session.retrieve(
+                    refs, spool_dir=tmp_path / "spool", spool_threshold=1 << 20
+                )
+            ]
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    (message,) = got
+    assert isinstance(message, Message) and message.spool_path is not None
+    assert hashlib.sha256(Path(message.spool_path).read_bytes()).digest() == (
+        hashlib.sha256(raw).digest()
+    )
+    assert peak < 4 * 2**20, peak  # chunks of 256 KiB, never the message
+
+
+async def test_header_prefetch_and_oversize(dovecot_imap: Dovecot, tmp_path: Path) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    raw = crafted(1)[0]
+    d.deliver(user, raw)
+    async with ImapSource(session_options(d, user)).session() as session:
+        (ref,) = await session.list()
+        header = await session.headers(ref)
+        assert header == raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+        with pytest.raises(OversizeError) as info:
+            async for _ in session.retrieve(
+                [ref], spool_dir=tmp_path, spool_threshold=1 << 20, max_size=10
+            ):
+                pass
+        assert info.value.ref == ref
+    assert folder_state(d, user, "INBOX")[0][0] == raw  # nothing acknowledged
