@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from mailpipe.errors import (
     SourceConnectionError,
     SourcePermanentError,
+    SourceTimeoutError,
 )
 
 
@@ -81,6 +82,67 @@ async def handshake(
             raise SourceConnectionError(
                 f"TLS certificate of {where} does not match the pinned SHA-256 (got {got})"
             )
+
+
+def phase_timeout(
+    phase: str, seconds: float, where: str, detail: str = ""
+) -> SourceTimeoutError:
+    """The timeout error of one phase (C-13, IS-11), naming the phase and the host."""
+    extra = f" ({detail})" if detail else ""
+    return SourceTimeoutError(f"{phase} timed out after {seconds:g}s on {where}{extra}")
+
+
+async def open_stream(
+    host: str, port: int, *, timeout: float, limit: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open the TCP connection of a session (TLS comes after, see :func:`secure`).
+
+    Raises:
+        SourceTimeoutError: connecting took longer than ``timeout``.
+        SourceConnectionError: the connection was refused or failed.
+    """
+    where = f"{host}:{port}"
+    try:
+        async with asyncio.timeout(timeout):
+            return await asyncio.open_connection(host, port, limit=limit)
+    except TimeoutError:
+        raise phase_timeout("connect", timeout, where) from None
+    except OSError as exc:
+        raise SourceConnectionError(
+            f"connect to {where} failed: {exc.strerror or exc}"
+        ) from None
+
+
+async def secure(
+    writer: asyncio.StreamWriter,
+    ctx: ssl.SSLContext | None,
+    *,
+    host: str,
+    port: int,
+    timeout: float,
+    cert_sha256: str | None,
+    protocol: str,
+) -> None:
+    """TLS on an open stream (implicit TLS or after STARTTLS/STLS), see :func:`handshake`.
+
+    Raises:
+        SourceTimeoutError: the handshake took longer than ``timeout`` (S-06).
+        SourceConnectionError: see :func:`handshake`.
+    """
+    where = f"{host}:{port}"
+    try:
+        await handshake(
+            writer,
+            ctx or make_ssl_context(),
+            host=host,
+            where=where,
+            timeout=timeout,
+            cert_sha256=cert_sha256,
+            plaintext_hint=f" (the server speaks plaintext {protocol}: "
+            "use security = 'starttls')",
+        )
+    except TimeoutError:
+        raise phase_timeout("TLS handshake", timeout, where) from None
 
 
 def refuse_plaintext_credentials(*, tls_active: bool, allowed: bool, where: str) -> None:

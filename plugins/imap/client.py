@@ -31,7 +31,12 @@ from mailpipe.errors import (
     SourcePermanentError,
     SourceTimeoutError,
 )
-from mailpipe.tls import handshake, make_ssl_context, refuse_plaintext_credentials
+from mailpipe.tls import (
+    open_stream,
+    phase_timeout,
+    refuse_plaintext_credentials,
+    secure,
+)
 
 from . import events as cmd
 from .events import Closed, Command, Continuation, Done, Event, Greeting, Status
@@ -141,17 +146,9 @@ class ImapClient:
             SourceBusyError: a ``* BYE`` greeting (the server is busy; back off).
             SourcePermanentError: PREAUTH on a connection that TLS should protect.
         """
-        try:
-            async with asyncio.timeout(self.timeouts.connect):
-                self._reader, self._writer = await asyncio.open_connection(
-                    self.host, self.port, limit=self.chunk_size
-                )
-        except TimeoutError:
-            raise self._timeout("connect", self.timeouts.connect) from None
-        except OSError as exc:
-            raise SourceConnectionError(
-                f"connect to {self.where} failed: {exc.strerror or exc}"
-            ) from None
+        self._reader, self._writer = await open_stream(
+            self.host, self.port, timeout=self.timeouts.connect, limit=self.chunk_size
+        )
         if self.security == "tls":
             await self._handshake()
         event = await self._event("greeting", self.timeouts.greeting)
@@ -169,19 +166,15 @@ class ImapClient:
 
     async def _handshake(self) -> None:
         assert self._writer is not None
-        try:
-            await handshake(
-                self._writer,
-                self.ssl_context or make_ssl_context(),
-                host=self.host,
-                where=self.where,
-                timeout=self.timeouts.tls,
-                cert_sha256=self.cert_sha256,
-                plaintext_hint=" (the server speaks plaintext IMAP: "
-                "use security = 'starttls')",
-            )
-        except TimeoutError:
-            raise self._timeout("TLS handshake", self.timeouts.tls) from None
+        await secure(
+            self._writer,
+            self.ssl_context,
+            host=self.host,
+            port=self.port,
+            timeout=self.timeouts.tls,
+            cert_sha256=self.cert_sha256,
+            protocol="IMAP",
+        )
         self.tls_active = True
 
     async def ensure_capabilities(self) -> frozenset[str]:
@@ -411,7 +404,7 @@ class ImapClient:
         return data
 
     def _timeout(self, phase: str, seconds: float) -> SourceTimeoutError:
-        return SourceTimeoutError(f"{self.where}: {phase} timed out after {seconds:g} s")
+        return phase_timeout(phase, seconds, self.where)
 
 
 def _b64(text: bytes) -> bytes | None:

@@ -35,7 +35,7 @@ from mailpipe.errors import (
     SourcePermanentError,
     SourceTimeoutError,
 )
-from mailpipe.tls import handshake, make_ssl_context
+from mailpipe.tls import make_ssl_context, open_stream, phase_timeout, secure
 
 from . import auth as sasl
 from .events import (
@@ -176,17 +176,9 @@ class Pop3Client:
             SourceTimeoutError, SourceConnectionError: naming the phase and the host.
             SourceBusyError, SourcePermanentError: a ``-ERR`` greeting (C-14).
         """
-        try:
-            async with asyncio.timeout(self.timeouts.connect):
-                self._reader, self._writer = await asyncio.open_connection(
-                    self.host, self.port, limit=self.chunk_size
-                )
-        except TimeoutError:
-            raise self._timeout("connect", self.timeouts.connect) from None
-        except OSError as exc:
-            raise SourceConnectionError(
-                f"connect to {self.where} failed: {exc.strerror or exc}"
-            ) from None
+        self._reader, self._writer = await open_stream(
+            self.host, self.port, timeout=self.timeouts.connect, limit=self.chunk_size
+        )
         if self.security == "tls":
             await self._handshake()
         try:
@@ -207,19 +199,15 @@ class Pop3Client:
 
     async def _handshake(self) -> None:
         assert self._writer is not None
-        try:
-            await handshake(
-                self._writer,
-                self.ssl_context or make_ssl_context(),
-                host=self.host,
-                where=self.where,
-                timeout=self.timeouts.tls,
-                cert_sha256=self.cert_sha256,
-                plaintext_hint=" (the server speaks plaintext POP3: "
-                "use security = 'starttls')",
-            )
-        except TimeoutError:
-            raise self._timeout("TLS handshake", self.timeouts.tls) from None
+        await secure(
+            self._writer,
+            self.ssl_context,
+            host=self.host,
+            port=self.port,
+            timeout=self.timeouts.tls,
+            cert_sha256=self.cert_sha256,
+            protocol="POP3",
+        )
         self.tls_active = True
 
     async def capa(self) -> Capabilities | None:
@@ -583,10 +571,7 @@ class Pop3Client:
     def _timeout(
         self, phase: str, seconds: float, detail: str = ""
     ) -> SourceTimeoutError:
-        extra = f" ({detail})" if detail else ""
-        return SourceTimeoutError(
-            f"{phase} timed out after {seconds:g}s on {self.where}{extra}"
-        )
+        return phase_timeout(phase, seconds, self.where, detail)
 
 
 __all__ = [
