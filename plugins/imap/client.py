@@ -39,7 +39,7 @@ from mailpipe.tls import (
 )
 
 from . import events as cmd
-from .events import Closed, Command, Continuation, Done, Event, Greeting, Status
+from .events import Closed, Command, Continuation, Data, Done, Event, Greeting, Status
 from .protocol import ImapConnection, NeedData, RemoteProtocolError, State
 
 log = structlog.get_logger()
@@ -329,6 +329,45 @@ class ImapClient:
                 pending.discard(event.command)
                 fill()
             yield event
+
+    async def idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for new mail in the selected mailbox (IC-43).
+
+        IDLE when the current list has it (``DONE`` sent when mail arrived or the time
+        is up; callers keep ``timeout`` under 29 minutes, RFC 2177 §3), else one NOOP
+        (IC-44). Returns True when the server reported EXISTS (or RECENT) meanwhile.
+        """
+        if "IDLE" not in self.capabilities:
+            events, _ = await self.command(cmd.noop())
+            return any(isinstance(e, Data) and e.name in ("EXISTS", "RECENT") for e in events)
+        self._write(self.conn.send(cmd.idle()))
+        first = await self._event("IDLE", self.timeouts.read)
+        if isinstance(first, Done):  # refused (or ended at once): nothing to wait for
+            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        new = False
+        for _ in range(1 << 20):  # bounded: one iteration per untagged response
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                event = await self._event("IDLE", left)
+            except SourceTimeoutError:
+                break
+            if isinstance(event, Data) and event.name in ("EXISTS", "RECENT"):
+                new = True
+                break
+            if isinstance(event, Done):  # the server ended IDLE itself
+                return new
+        self._write(self.conn.send_done())
+        for _ in range(1 << 20):
+            event = await self._event("IDLE", self.timeouts.read)
+            if isinstance(event, Data) and event.name in ("EXISTS", "RECENT"):
+                new = True
+            if isinstance(event, Done):
+                break
+        return new
 
     def _note(self, event: Event) -> None:
         if isinstance(event, Status) and event.code is not None and event.code.name == "ALERT":

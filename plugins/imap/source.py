@@ -628,6 +628,16 @@ class ImapSession:
             self._log.info("imap_folder_created", folder=target.decode("ascii"))
             await self.client.command(command)
 
+    async def wait_for_new(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for new mail in the first configured folder
+        (IDLE, or one NOOP without it; IC-43/IC-44). True when mail arrived.
+
+        For push: call it on a session that has nothing left to do; the other folders
+        are only seen at the next poll (one IDLE connection per folder is not done).
+        """
+        await self._select(next(iter(self.folders)))
+        return await self.client.idle(min(timeout, 29 * 60))
+
     async def abort(self) -> None:
         """Close without acknowledging anything; never raises."""
         try:

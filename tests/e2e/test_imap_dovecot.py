@@ -8,6 +8,7 @@ acknowledgement mode.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import imaplib
 import re
@@ -344,3 +345,23 @@ def test_ic25_folder_recreated_with_new_uidvalidity_is_reconciled(
     # The three processed before are adopted by content hash, the new one processed.
     assert summary["processed"] == 1
     assert Counter(stored_messages(tmp_path / "Maildir")) == Counter(raws)
+
+
+async def test_ic43_idle_wakes_on_new_mail_and_ends_with_done(
+    dovecot_imap: Dovecot,
+) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    d.deliver(user, crafted(1)[0])
+    async with ImapSource(session_options(d, user)).session() as session:
+        assert await session.wait_for_new(0.2) is False  # nothing new: DONE, OK
+        waiter = asyncio.create_task(session.wait_for_new(120))
+        for _ in range(2000):  # bounded: until the server said "+ idling"
+            await asyncio.sleep(0.01)
+            if session.client.conn.outstanding and not session.client.conn.buffered:
+                break
+        await asyncio.sleep(0.1)
+        d.deliver(user, crafted(2)[1])
+        assert await waiter is True
+        refs = await session.list()  # the session goes on after DONE
+    assert len(refs) == 2
