@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, str(HERE))
 
 from pop3_retrieval import (  # noqa: E402
     make_mailbox,
+    measure,
     populate,
     start_proxy,
     syncfs,
@@ -139,16 +139,7 @@ def run_tool(tool: str, host: str, port: int, user, work: Path) -> tuple[float, 
                 "--host", host, "--port", str(port), "--user", user.name,
                 "--password", user.password, "--out", str(out),
                 "--pipelining", "off" if mode == "lockstep" else "auto"]
-    stats = work / "time.txt"
-    argv = ["/usr/bin/time", "-f", "%M %U %S", "-o", str(stats), *argv]
-    start = time.perf_counter()
-    done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        err = done.stderr.decode(errors="replace")
-        raise RuntimeError(f"{tool} exited {done.returncode}: {err[-2000:]}")
-    rss_kb, user_s, sys_s = stats.read_text().split()[-3:]
-    return wall, int(rss_kb) / 1024, float(user_s) + float(sys_s)
+    return measure(tool, argv, work)
 
 
 def main() -> None:
