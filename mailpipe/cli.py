@@ -556,7 +556,9 @@ async def _replay(app: Any, keys: tuple[str, ...], replay_all: bool) -> int:
     if not items:
         click.echo("nothing to replay", err=True)
         return EXIT_OK
-    results = await replay(app.config, app.journal(), q, items)
+    from mailpipe.plugin_manager import Hooks
+
+    results = await replay(app.config, app.journal(), q, items, Hooks(app.pm))
     failed = 0
     for item, outcome in results:
         click.echo(f"{item.key}  {outcome}")
@@ -615,7 +617,9 @@ def state_forget(config: str, mailbox: str, uids: tuple[str, ...]) -> None:
     app = _open(config)
     journal = app.journal()
     try:
-        n = journal.forget(mailbox, list(uids) if uids else None)
+        from mailpipe.ledger import forget
+
+        n = forget(journal, mailbox, list(uids) if uids else None)
     finally:
         journal.close()
     click.echo(f"forgot {n} entr{'y' if n == 1 else 'ies'}")
@@ -641,28 +645,19 @@ def state_mark_seen(config: str, mailbox: str) -> None:
 
 
 async def _mark_seen(app: Any, spec: Any) -> tuple[int, int]:
-    from mailpipe.chain import Chain
-    from mailpipe.engine import MailboxRunner
-    from mailpipe.plugin_manager import Hooks
+    from mailpipe.engine import make_source
+    from mailpipe.ledger import adopt_seen
+    from mailpipe.source import facts_of
 
     journal = app.journal()
     try:
-        runner = MailboxRunner(
-            spec,
-            config=app.config,
-            chain=Chain({}, base_dir=app.config.base_dir),
-            journal=journal,
-            quarantine=app.quarantine(),
-            hooks=Hooks(app.pm),
-        )
-        async with runner.source.session() as session:
+        async with make_source(spec, app.config).session() as session:
             refs = await session.list()
-            if not session.supports_uidl:
+            if not facts_of(session).stable_ids:
                 raise MailpipeError(
                     "the server offers no UIDL; mark-seen needs stable ids"
                 )
-            n = journal.mark_seen(spec.name, [(r.uid, r.key, r.size) for r in refs])
-            await session.commit()
+            n = await adopt_seen(journal, spec.name, session, refs)
         return n, len(refs)
     finally:
         journal.close()

@@ -40,6 +40,7 @@ from mailpipe.secrets import (
     remember_secret,
     remember_url_password,
 )
+from mailpipe.source import Ack, AckKind, acknowledgements_of
 from mailpipe.units import ByteSize, Duration
 
 _DELETE_RE = re.compile(r"^after_days:(\d+(?:\.\d+)?)$")
@@ -195,6 +196,22 @@ class MetricsConfig(BaseModel):
     )
 
 
+class MoveAck(BaseModel):
+    """``acknowledge = { move = "Processed" }``: move the message to that folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    move: str = Field(min_length=1, description="The folder processed mail moves to.")
+
+
+class FlagAck(BaseModel):
+    """``acknowledge = { flag = "$Processed" }``: set that flag or keyword."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    flag: str = Field(min_length=1, description="The flag or keyword to set.")
+
+
 class MailboxConfig(BaseModel):
     """``[[mailboxes]]``: one mailbox; keys not listed here belong to its source."""
 
@@ -254,6 +271,21 @@ class MailboxConfig(BaseModel):
     header_prefetch: bool = Field(
         True, strict=True, description="Use TOP n 0 when the chain can decide on headers alone."
     )
+    acknowledge: Literal["delete"] | MoveAck | FlagAck = Field(
+        "delete",
+        description="How a processed message is acknowledged when the delete policy "
+        "says it is due: 'delete', { move = \"Folder\" } or { flag = \"$Processed\" }; "
+        "only what the source supports (MP-04; POP3: delete).",
+    )
+
+    @property
+    def ack(self) -> Ack:
+        """The :class:`mailpipe.source.Ack` that ``acknowledge`` names."""
+        if isinstance(self.acknowledge, MoveAck):
+            return Ack(AckKind.MOVE, self.acknowledge.move)
+        if isinstance(self.acknowledge, FlagAck):
+            return Ack(AckKind.FLAG, self.acknowledge.flag)
+        return Ack(AckKind.DELETE)
 
 
     @field_validator("name")
@@ -762,6 +794,20 @@ def _validate_mailbox(
         mb = MailboxConfig.model_validate(raw, context=ctx)
     except ValidationError:
         return None  # reported by phase 1
+    supported = acknowledgements_of(cls)
+    if mb.ack.kind not in supported:
+        # MP-04: an acknowledgement the source cannot perform is a config error, not
+        # a run-time surprise after the first message was processed.
+        problems.append(
+            Problem(
+                _loc((*where, "acknowledge")),
+                f"source {source!r} cannot acknowledge with {mb.ack.kind.value!r}; "
+                "it supports: " + ", ".join(sorted(k.value for k in supported
+                                                   if k is not AckKind.KEEP)),
+                _show(raw.get("acknowledge"), "acknowledge"),
+            )
+        )
+        return None
     return MailboxSpec(config=mb, source_cls=cls, source_options=options)
 
 

@@ -23,15 +23,19 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from mailpipe.errors import OversizeError
-from mailpipe.journal.base import Entry, Journal, Status
+from mailpipe.journal.base import Entry
 from mailpipe.message import Message, MessageRef
 from mailpipe.source import Unretrievable
+
+if TYPE_CHECKING:
+    from mailpipe.config import MailboxConfig
+    from mailpipe.ledger import Ledger
 
 #: Prefix of ``last_error`` for a message that was sent past ``max_message_size``.
 OVERSIZE_MARK: Final = "oversize:"
@@ -101,47 +105,115 @@ def _accepts_max_size(method: Any) -> bool:
     )
 
 
-def record(
-    journal: Journal,
-    mailbox: str,
-    exc: OversizeError,
-    *,
-    policy: str,
-    limited: bool,
-) -> str | None:
-    """Journal the decision for the message of ``exc``; return its outcome or None.
 
-    ``limited`` says whether the mailbox has a ``max_message_size``. Returns
-    ``"marked"`` (the plan applies ``policy`` from the next session on), ``"kept"``
-    (left on the server for good) or ``"deleted"`` (DELE due, unread), or None when
-    the message has no uid to journal it by. Durable when it returns.
+
+class OversizePolicy:
+    """``on_oversize`` for one mailbox: applied to what the listing shows over
+    ``max_message_size`` (:meth:`listed`) and to what a server sent past a limit
+    (:meth:`received`). Every journal write goes through the poll's ledger.
+
+    ``skipped`` remembers the messages skipped in this poll (counted once, whatever
+    the commit window), ``unkeyed`` the ones without a uid that were sent past a
+    limit (not fetched again by this process).
     """
-    ref: MessageRef | None = exc.ref
-    if ref is None or not ref.uid:
-        return None
-    journal.begin(mailbox, ref.uid, key=ref.key, size=ref.size)
-    listed = f"LIST said {ref.size}"
-    if limited and not exc.hard:
-        journal.fail(
-            mailbox,
-            ref.uid,
-            error=f"{OVERSIZE_MARK} the server sent more than {exc.limit} octets "
-            f"({listed}); handled by on_oversize = {policy!r}",
-            counted=False,
+
+    def __init__(self, cfg: MailboxConfig, log: Any) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.skipped: set[str] = set()
+        self.unkeyed: set[str] = set()
+
+    def new_poll(self) -> None:
+        """Forget the skips counted in the previous poll."""
+        self.skipped = set()
+
+    async def listed(
+        self,
+        session: Any,
+        refs: list[MessageRef],
+        ledger: Ledger,
+        *,
+        spool_dir: Path,
+        spool_threshold: int,
+        identify: Callable[[Message], tuple[Message, Entry | None, bool]],
+        attempted: set[str],
+    ) -> None:
+        """Apply ``on_oversize`` to ``refs`` (listed over ``max_message_size``)."""
+        from mailpipe.journal.base import Status
+        from mailpipe.planning import tried_key
+
+        policy = self.cfg.on_oversize
+        for ref in refs:
+            seen = tried_key(ref)  # once per poll, any window
+            if policy == "skip" and seen in self.skipped:
+                continue
+            self.log.info("message_oversize", uid=ref.uid, size=ref.size,
+                          limit=self.cfg.max_message_size, action=policy)
+            if policy == "skip":
+                self.skipped.add(seen)
+                ledger.summary.skipped += 1
+            elif policy == "delete":
+                ledger.oversize_deleted(ref)
+        if policy != "quarantine" or not refs:
+            return
+        # Downloaded whole (spooled) to be quarantined: only the source's max_message
+        # cap applies (an OversizeError then journals it as kept).
+        async for item in session.retrieve(
+            refs, spool_dir=spool_dir, spool_threshold=spool_threshold
+        ):
+            if isinstance(item, Unretrievable):
+                # Never quarantined from a partial copy: an attempt, tried again in a
+                # later poll (and rested like any other, see planning.resting).
+                _unlink(item.evidence)
+                attempted.add(tried_key(item.ref))
+                ledger.unretrievable(item, None)
+                continue
+            msg = item
+            try:
+                if not msg.ref.uid:  # no UIDL: known by its content hash
+                    msg, entry, settled = identify(msg)
+                    if settled:  # quarantined before (kept, or its ack owed)
+                        if entry is not None and (
+                            entry.delete_due or entry.status == Status.DELETED
+                        ):
+                            ledger.owe_settled([msg.ref])
+                        continue
+                reason = f"oversize: {msg.ref.size} > {self.cfg.max_message_size}"
+                ledger.oversize_quarantined(msg, reason)
+            finally:
+                _unlink(msg)
+
+    def received(self, exc: OversizeError, ledger: Ledger) -> bool:
+        """Journal a message the server sent past a size limit; False when it has no
+        uid to journal it by and no ref to remember it by (the poll then fails)."""
+        from mailpipe.planning import tried_key
+
+        outcome = ledger.oversize_received(
+            exc, policy=self.cfg.on_oversize,
+            limited=self.cfg.max_message_size is not None,
         )
-        return "marked"
-    delete = policy == "delete"
-    journal.finish(
-        mailbox,
-        ref.uid,
-        status=Status.COMMITTED if delete else Status.KEPT,
-        disposition="oversize",
-        sha256=None,
-        reason=f"oversize: the server sent more than the {exc.limit}-octet cap "
-        f"({listed}); " + ("deleted unread" if delete else "left on the server"),
-        delete_due=delete,
-    )
-    return "deleted" if delete else "kept"
+        ref = exc.ref
+        self.log.warning(
+            "message_oversize_received",
+            uid=getattr(ref, "uid", None),
+            listed=getattr(ref, "size", None),
+            limit=exc.limit,
+            received_at_least=exc.received,
+            hard=exc.hard,
+            outcome=outcome,
+        )
+        if outcome is None and ref is not None:
+            # No uid to journal it by: this process does not fetch it again (by
+            # number and size; a clash only defers a message to a later run).
+            self.unkeyed.add(tried_key(ref))
+            ledger.summary.skipped += 1
+            return True
+        return outcome is not None
 
 
-__all__ = ["OVERSIZE_MARK", "marked", "record", "retrieve"]
+def _unlink(msg: Message | None) -> None:
+    if msg is not None and msg.spool_path is not None:
+        Path(msg.spool_path).unlink(missing_ok=True)
+
+
+__all__ = ["OVERSIZE_MARK", "OversizePolicy", "marked", "retrieve"]

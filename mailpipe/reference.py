@@ -46,6 +46,7 @@ def _type(field: Any) -> str:
     return (
         text.replace("typing.", "")
         .replace("mailpipe.secrets.", "")
+        .replace("mailpipe.config.", "")
         .replace("pathlib.", "")
         .replace("NoneType", "None")
         .replace("|", "\\|")

@@ -1,12 +1,23 @@
-"""Replaying quarantined messages through their mailbox's pipeline."""
+"""Replaying quarantined messages through their mailbox's pipeline.
+
+Every journal write and hook goes through :mod:`mailpipe.ledger` (MP-01); nothing
+here talks to a server: a replayed message whose server copy is still there is
+acknowledged by the mailbox's next poll.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from mailpipe import ledger
 from mailpipe.chain import Chain
 from mailpipe.config import Config
-from mailpipe.journal.base import Journal, Status
+from mailpipe.journal.base import Journal
 from mailpipe.processor import Disposition
 from mailpipe.quarantine import Quarantine, QuarantineItem
+
+if TYPE_CHECKING:
+    from mailpipe.plugin_manager import Hooks
 
 
 async def replay(
@@ -14,12 +25,15 @@ async def replay(
     journal: Journal,
     quarantine: Quarantine,
     items: list[QuarantineItem],
+    hooks: Hooks | None = None,
 ) -> list[tuple[QuarantineItem, str]]:
     """Run each item through its mailbox's pipeline; return (item, outcome) pairs.
 
     Success removes the item from quarantine and records the committed steps; when the
-    server copy was kept (entry QUARANTINED, no DELE owed) the entry becomes COMMITTED
-    with DELE owed per the mailbox's ``delete`` policy, so the next poll deletes it.
+    server copy was kept (entry QUARANTINED, no acknowledgement owed) the entry becomes
+    COMMITTED with its acknowledgement owed per the mailbox's ``delete`` policy, so the
+    next poll acknowledges it. ``hooks``, when given, hear ``message_done`` and
+    ``message_failed`` like a poll's.
     """
     chain = Chain.from_config(config)
     out: list[tuple[QuarantineItem, str]] = []
@@ -37,10 +51,9 @@ async def replay(
             entry = journal.get_many(item.mailbox, [item.uid]).get(item.uid)
 
             def journal_now(step: str, item: QuarantineItem = item) -> None:
-                # As in the engine: a non-idempotent side effect (mail sent) is
-                # journaled at once, so a later failing step (or replaying again)
-                # never repeats it.
-                journal.step_committed(item.mailbox, item.uid, step)
+                # As in a poll: a non-idempotent side effect (mail sent) is journaled
+                # at once, so a later failing step (or replaying again) never repeats it.
+                ledger.record_step(journal, item.mailbox, item.uid, step)
 
             result = await chain.run(
                 pipeline,
@@ -49,9 +62,8 @@ async def replay(
                 on_commit=journal_now,
             )
             if not result.ok:
-                with journal.batch():
-                    for step in result.committed:
-                        journal.step_committed(item.mailbox, item.uid, step)
+                ledger.replay_failed(journal, hooks, item.mailbox, item.uid,
+                                     message.key, result)
                 out.append((item, f"failed in {result.failed_step}: {result.error}"))
                 continue
             decided = result.decision.disposition if result.decision else None
@@ -62,30 +74,8 @@ async def replay(
                 out.append((item, f"still quarantined ({reason})"))
                 continue
             await chain.flush()
-            with journal.batch():
-                if entry is None:
-                    journal.begin(
-                        item.mailbox, item.uid, key=message.key, size=message.size
-                    )
-                for step in [*result.committed, *result.pending]:
-                    journal.step_committed(item.mailbox, item.uid, step)
-                current = journal.get_many(item.mailbox, [item.uid])[item.uid]
-                if current.status != Status.DELETED:
-                    keep = decided == Disposition.KEEP  # KEEP: leave the server copy
-                    journal.finish(
-                        item.mailbox,
-                        item.uid,
-                        status=Status.KEPT if keep else Status.COMMITTED,
-                        disposition="keep" if keep else "done",
-                        sha256=message.sha256,
-                        reason="replayed",
-                        delete_due=current.delete_due
-                        or (
-                            not keep
-                            and current.status == Status.QUARANTINED
-                            and delete_policy == "after_processing"
-                        ),
-                    )
+            ledger.replay_done(journal, hooks, message, result, mailbox=item.mailbox,
+                               uid=item.uid, delete_policy=delete_policy)
             quarantine.drop(item)
             decision = result.decision.disposition if result.decision else "done"
             out.append((item, f"replayed ({decision})"))

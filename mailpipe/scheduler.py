@@ -38,7 +38,13 @@ import structlog
 
 from mailpipe.chain import Chain
 from mailpipe.config import Config, MailboxSpec, SchedulerConfig
-from mailpipe.engine import LeaseLostError, MailboxRunner, ProgressFn, Summary
+from mailpipe.engine import (
+    LeaseLostError,
+    MailboxRunner,
+    ProgressFn,
+    Summary,
+    wait_or_stop,
+)
 from mailpipe.errors import (
     AuthenticationError,
     SourceBusyError,
@@ -47,6 +53,7 @@ from mailpipe.errors import (
 from mailpipe.journal.base import Journal
 from mailpipe.plugin_manager import Hooks
 from mailpipe.quarantine import Quarantine
+from mailpipe.source import PushSource
 
 log = structlog.get_logger()
 
@@ -267,6 +274,7 @@ class Scheduler:
         failures = 0
         misses = 0  # consecutive polls that found the lease held elsewhere (or lost)
         polled_once = False
+        woken = False  # the last wait ended because the source had new mail
         while not self.stop.is_set():
             async with semaphore:
                 if self.stop.is_set():
@@ -320,10 +328,47 @@ class Scheduler:
                     failures=failures,
                     error_type=type(error).__name__,
                 )
+            if (
+                error is None
+                and isinstance(runner.source, PushSource)
+                # A wake-up whose poll found nothing to retrieve: the timer decides
+                # the next poll, so a source that wakes too eagerly cannot spin.
+                and not (woken and summary is not None and summary.retrieved == 0)
+            ):
+                woken = await self._wait_for_mail(runner, delay)
+                continue
+            woken = False
             try:
                 await asyncio.wait_for(self.stop.wait(), timeout=delay)
             except TimeoutError:
                 pass
+
+    async def _wait_for_mail(self, runner: MailboxRunner, delay: float) -> bool:
+        """Between two polls of a push-capable source: wake on new mail, on stop, or
+        after ``delay`` (the poll interval stays the upper bound). True when woken by
+        new mail."""
+        source = runner.source
+        assert isinstance(source, PushSource)
+        push = asyncio.ensure_future(source.wait_for_mail(delay))
+        stop = asyncio.ensure_future(self.stop.wait())
+        try:
+            done, _ = await asyncio.wait({push, stop}, timeout=delay + 1.0,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (push, stop):
+                task.cancel()
+            await asyncio.gather(push, stop, return_exceptions=True)
+        if push in done and not push.cancelled():
+            exc = push.exception()
+            if exc is not None:  # the contract says never; sleep the interval out
+                log.warning("wait_for_mail_failed", mailbox=runner.name,
+                            error=type(exc).__name__)
+                await wait_or_stop(self.stop, delay)
+                return False
+            if push.result():
+                log.info("mailbox_woken", mailbox=runner.name)
+                return True
+        return False
 
     def _record(self, summary: Summary | None, delay: float | None) -> None:
         """Write the poll record of ``summary``'s mailbox (for ``mailpipe status``):

@@ -1,17 +1,111 @@
-"""The source contract: how the engine talks to a mailbox, whatever the protocol."""
+"""The source contract: how the engine talks to a mailbox, whatever the protocol.
+
+A *source* is a kind of mailbox (``source = "pop3"``, ``"imap"``, a third party's).
+The engine knows sources only through this module:
+
+- :class:`Source` is constructed as ``SourceClass(options, context)`` with a
+  :class:`SourceContext` and opens :class:`SourceSession` objects.
+- A session states what it is with typed :class:`SessionFacts` (``session.facts``),
+  never through protocol details the engine would have to guess at.
+- A session acknowledges a message with one of the :class:`AckKind` actions the
+  source declares in ``Source.acknowledgements``; the mailbox's ``acknowledge`` key
+  is validated against that set when the config loads (MP-04).
+- Acknowledgements take effect only at :meth:`SourceSession.commit`; the engine calls
+  :meth:`SourceSession.acknowledge` only through :mod:`mailpipe.ledger`'s gate, after
+  every committing step and the journal batch are durable (MP-01).
+- A push-capable source (``can_push``) offers :meth:`PushSource.wait_for_mail`, which
+  the scheduler awaits instead of its poll timer.
+
+:mod:`mailpipe.testing.contract` holds the test suite any source proves itself with.
+"""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
     from mailpipe.message import Message, MessageRef
+
+
+@dataclass(frozen=True, slots=True)
+class SourceContext:
+    """What a source learns about where it runs.
+
+    ``base_dir``: the config file's folder (relative paths in options resolve against
+    it); ``mailbox``: the mailbox's name in the config (for logs and keys);
+    ``spool_dir``: a private directory for large message bodies; ``ack``: the
+    mailbox's ``acknowledge`` (a ``flag`` source leaves mail carrying it out of its
+    listings, also in a new process).
+    """
+
+    base_dir: Path = field(default_factory=Path.cwd)
+    mailbox: str = ""
+    spool_dir: Path | None = None
+    ack: Ack | None = None
+
+    def resolve(self, path: Path | str) -> Path:
+        """Resolve ``path`` against ``base_dir`` unless it is absolute (``~`` expanded)."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFacts:
+    """What one open session tells the engine about the mailbox behind it.
+
+    ``stable_ids``: message ids survive sessions (POP3 UIDL, IMAP UID); when False the
+    engine keys messages by content hash and allows only ``delete = "after_processing"``.
+    ``ids_have_epoch``: ids are only valid under an epoch the source folds into them
+    (IMAP UIDVALIDITY); the source reconciles an epoch change itself, so the engine's
+    POP3 id-reset guard (C-60) does not apply.
+    ``login_delay``: seconds the server wants between two logins (RFC 2449 §6.5).
+    ``deletes_on_commit``: the server may delete at commit what was retrieved even
+    without an acknowledgement (POP3 ``EXPIRE 0``, RFC 2449 §6.7; C-29).
+    ``can_push``: the source can wait for new mail (IMAP IDLE).
+    """
+
+    stable_ids: bool = True
+    ids_have_epoch: bool = False
+    login_delay: float = 0.0
+    deletes_on_commit: bool = False
+    can_push: bool = False
+
+
+class AckKind(enum.StrEnum):
+    """How a source can acknowledge a processed message (MP-04).
+
+    ``delete``: remove it (POP3 DELE; IMAP ``\\Deleted`` + expunge). ``move``: move it
+    to a named folder. ``flag``: set a flag or keyword and leave it (the source's
+    listing must then leave flagged mail out). ``keep``: leave it untouched (the
+    journal remembers it by id).
+    """
+
+    DELETE = "delete"
+    MOVE = "move"
+    FLAG = "flag"
+    KEEP = "keep"
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """One acknowledgement: a kind, and the folder (``move``) or flag (``flag``)."""
+
+    kind: AckKind = AckKind.DELETE
+    target: str | None = None
+
+    def __str__(self) -> str:
+        return self.kind.value if self.target is None else f"{self.kind}:{self.target}"
+
+
+#: The acknowledgement a source gets when the mailbox config names none.
+DELETE = Ack(AckKind.DELETE)
 
 
 @dataclass(slots=True)
@@ -49,8 +143,8 @@ class SourceSession(Protocol):
     the engine then calls ``abort``.
     """
 
-    #: False when the server offers no stable ids (no UIDL); uids are then content hashes.
-    supports_uidl: bool
+    #: What the session knows about the mailbox (valid once the session is open).
+    facts: SessionFacts
 
     async def list(self) -> list[MessageRef]:
         """Return every message in the mailbox with its uid and size (UIDL + LIST)."""
@@ -83,12 +177,17 @@ class SourceSession(Protocol):
         """
         ...
 
-    async def mark_deleted(self, refs: Sequence[MessageRef]) -> None:
-        """Mark ``refs`` for deletion (POP3 DELE, pipelined); nothing is gone before commit."""
+    async def acknowledge(self, refs: Sequence[MessageRef], ack: Ack) -> None:
+        """Acknowledge ``refs`` with ``ack`` (one of the source's ``acknowledgements``).
+
+        Nothing takes effect before :meth:`commit` (POP3: DELE marks, QUIT deletes).
+        A message the server no longer has is skipped with a warning, never an error:
+        the journal owes its acknowledgement until a listing shows it gone.
+        """
         ...
 
     async def commit(self) -> None:
-        """End the session and let the server delete what was marked (POP3 QUIT).
+        """End the session and let the server apply the acknowledgements (POP3 QUIT).
 
         Raises :class:`mailpipe.CommitError` when the server does not confirm.
         """
@@ -103,14 +202,86 @@ class SourceSession(Protocol):
 class Source(Protocol):
     """A kind of mailbox (``source = "pop3"``): a name, an ``Options`` model, sessions.
 
-    Constructed as ``SourceClass(options, context)``; ``session()`` returns an async
-    context manager that connects and authenticates on enter and aborts (never commits)
-    on exit, so an exception can never delete anything.
+    Constructed as ``SourceClass(options, context)`` with a :class:`SourceContext`;
+    ``session()`` returns an async context manager that connects and authenticates on
+    enter and aborts (never commits) on exit, so an exception can never delete anything.
+    ``acknowledgements`` lists the :class:`AckKind` values its sessions implement.
     """
 
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]]
+    acknowledgements: ClassVar[frozenset[AckKind]]
 
     def session(self) -> AbstractAsyncContextManager[SourceSession]:
         """Open one session with the mailbox."""
         ...
+
+
+@runtime_checkable
+class PushSource(Protocol):
+    """A source that can wait for new mail instead of being polled (``can_push``)."""
+
+    async def wait_for_mail(self, timeout: float) -> bool:
+        """Return True as soon as new mail may be there, False after ``timeout``
+        seconds without any. Never raises for a lost connection: it returns True, so
+        that the next poll (which reconnects) reports the error."""
+        ...
+
+
+def facts_of(session: Any) -> SessionFacts:
+    """The session's :class:`SessionFacts`.
+
+    Sessions written against the first contract (before ``facts``) are read the old
+    way: ``supports_uidl`` and a POP3-style ``capabilities`` mapping (``LOGIN-DELAY``,
+    ``EXPIRE``); new sources set ``facts``.
+    """
+    facts = getattr(session, "facts", None)
+    if isinstance(facts, SessionFacts):
+        return facts
+    caps = getattr(session, "capabilities", None)
+    return SessionFacts(
+        stable_ids=bool(getattr(session, "supports_uidl", True)),
+        login_delay=_first_number(_cap(caps, "LOGIN-DELAY", "login_delay")) or 0.0,
+        deletes_on_commit=_first_number(_cap(caps, "EXPIRE", "expire")) == 0.0,
+    )
+
+
+def acknowledgements_of(source_cls: Any) -> frozenset[AckKind]:
+    """The acknowledgements a source class declares (``delete`` and ``keep`` for one
+    written against the first contract)."""
+    declared = getattr(source_cls, "acknowledgements", None)
+    if declared is None:
+        return frozenset({AckKind.DELETE, AckKind.KEEP})
+    return frozenset(AckKind(a) for a in declared)
+
+
+async def acknowledge(session: Any, refs: Sequence[MessageRef], ack: Ack) -> None:
+    """Call the session's ``acknowledge``; a first-contract session (``mark_deleted``
+    only) supports ``delete``. Only :mod:`mailpipe.ledger` calls this (MP-01)."""
+    if not refs:
+        return
+    method = getattr(session, "acknowledge", None)
+    if method is not None:
+        await method(refs, ack)
+        return
+    if ack.kind is not AckKind.DELETE:
+        raise TypeError(f"{type(session).__name__} cannot acknowledge with {ack}")
+    await session.mark_deleted(refs)
+
+
+def _cap(caps: Any, key: str, attr: str) -> Any:
+    if caps is None:
+        return None
+    value = caps.get(key) if isinstance(caps, dict) else getattr(caps, attr, None)
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    return value
+
+
+def _first_number(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(int(str(value).strip().split(" ")[0])))
+    except ValueError:
+        return None

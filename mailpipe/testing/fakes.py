@@ -132,8 +132,8 @@ class FakeSource:
     boxes: ClassVar[dict[str, FakeMailbox]] = {}
 
     def __init__(self, options: BaseModel, context: Any, *, mailbox: str = "") -> None:
-        self.mailbox = mailbox
-        self.box = FakeSource.boxes.setdefault(mailbox, FakeMailbox())
+        self.mailbox = mailbox or getattr(context, "mailbox", "")
+        self.box = FakeSource.boxes.setdefault(self.mailbox, FakeMailbox())
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[FakeSession]:

@@ -32,9 +32,8 @@ from mailpipe.errors import (
     SourcePermanentError,
 )
 from mailpipe.message import Message, MessageRef
-from mailpipe.processor import ProcessorContext
 from mailpipe.secrets import Secret
-from mailpipe.source import Unretrievable
+from mailpipe.source import Ack, AckKind, SessionFacts, SourceContext, Unretrievable
 from mailpipe.tls import ConnectionSecurity
 from mailpipe.units import ByteSize, Duration
 
@@ -73,11 +72,10 @@ class ImapOptions(ConnectionSecurity):
     """Options of a ``source = "imap"`` mailbox (the mailbox table's other keys).
 
     The connection-security keys come from :class:`mailpipe.tls.ConnectionSecurity`,
-    shared with POP3. Acknowledgement (what happens on the server once a message is
-    durably processed and the mailbox's ``delete`` policy says to remove it): by
-    default ``\\Deleted`` + ``UID EXPUNGE``; ``move = "Processed"`` moves it to that
-    folder instead; ``flag = "\\\\Seen"`` (or a keyword such as ``"$Processed"``) only
-    flags it. With ``delete = "never"`` nothing is changed on the server (keep).
+    shared with POP3. How processed mail is acknowledged is the mailbox's core
+    ``acknowledge`` key: ``"delete"`` (``\\Deleted`` + ``UID EXPUNGE``),
+    ``{ move = "Processed" }`` or ``{ flag = "\\\\Seen" }`` / ``{ flag = "$Processed" }``;
+    with ``delete = "never"`` nothing changes on the server (keep).
     """
 
     host: str = Field(description="IMAP server host name; also the TLS name verified.")
@@ -111,16 +109,6 @@ class ImapOptions(ConnectionSecurity):
         description="Folders to read, by display name (non-ASCII names are sent in "
         "modified UTF-7), e.g. ['INBOX', 'Support/Escalations'].",
     )
-    move: str | None = Field(
-        default=None,
-        description="Acknowledge by moving each processed message to this folder "
-        "(created if missing) instead of deleting it.",
-    )
-    flag: str | None = Field(
-        default=None,
-        description="Acknowledge by setting this flag or keyword ('\\\\Seen', "
-        "'$Processed') instead of deleting.",
-    )
     connect_timeout: Duration = Field(default=30.0, gt=0, description="TCP connect timeout.")
     tls_timeout: Duration = Field(default=30.0, gt=0, description="TLS handshake timeout.")
     greeting_timeout: Duration = Field(
@@ -153,36 +141,15 @@ class ImapOptions(ConnectionSecurity):
                 raise ValueError("set password or oauth_token")
         return token
 
-    @field_validator("folders", "move")
+    @field_validator("folders")
     @classmethod
-    def _folder_names(cls, value: Any) -> Any:
-        names = value if isinstance(value, list) else [value]
+    def _folder_names(cls, names: list[str]) -> list[str]:
         for name in names:
-            if name is None:
-                continue
             if not name or any(c in name for c in "\r\n\0"):
-                raise ValueError(
-                    f"folder name {name!r} is empty or holds CR, LF or NUL"
-                )
-        if isinstance(value, list) and len(set(value)) != len(value):
+                raise ValueError(f"folder name {name!r} is empty or holds CR, LF or NUL")
+        if len(set(names)) != len(names):
             raise ValueError("a folder is listed twice")
-        return value
-
-    @field_validator("flag")
-    @classmethod
-    def _flag_name(cls, flag: str | None, info: ValidationInfo) -> str | None:
-        if flag is None:
-            return None
-        if info.data.get("move") is not None:
-            raise ValueError("set either move or flag, not both")
-        if not _FLAG.fullmatch(flag) or flag.lower() == "\\deleted" or (
-            flag.startswith("\\") and flag not in _SYSTEM_FLAGS
-        ):
-            raise ValueError(
-                f"{flag!r} is not a usable flag; accepted: {', '.join(_SYSTEM_FLAGS)} "
-                "or a keyword of letters, digits and $_.- (e.g. '$Processed')"
-            )
-        return flag
+        return names
 
     @property
     def effective_port(self) -> int:
@@ -191,24 +158,18 @@ class ImapOptions(ConnectionSecurity):
             return self.port
         return 993 if self.security == "tls" else 143
 
-    @property
-    def acknowledge(self) -> Literal["delete", "move", "flag"]:
-        """How a processed message is acknowledged on the server."""
-        if self.move is not None:
-            return "move"
-        if self.flag is not None:
-            return "flag"
-        return "delete"
-
-
 class ImapSource:
     """An IMAP mailbox: ``session()`` connects, secures and authenticates."""
 
     name: ClassVar[str] = "imap"
     Options: ClassVar[type[BaseModel]] = ImapOptions
+    #: MP-04: IC-37 delete, IC-40/IC-41 move, IC-42 flag, and keep.
+    acknowledgements: ClassVar[frozenset[AckKind]] = frozenset(
+        {AckKind.DELETE, AckKind.MOVE, AckKind.FLAG, AckKind.KEEP}
+    )
 
     def __init__(
-        self, options: ImapOptions, context: ProcessorContext | None = None, *,
+        self, options: ImapOptions, context: SourceContext | None = None, *,
         mailbox: str = "",
     ) -> None:
         if context is not None and options.ca_file is not None:
@@ -216,17 +177,28 @@ class ImapSource:
                 update={"ca_file": context.resolve(options.ca_file)}
             )
         self.options = options
-        self.mailbox = mailbox
+        self.context = context or SourceContext()
+        self.mailbox = mailbox or self.context.mailbox
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator["ImapSession"]:
         """Open a session; on exit it aborts (no acknowledgement) unless committed."""
-        session = ImapSession(self.options, self.mailbox)
+        session = ImapSession(self.options, self.mailbox, self.context.ack)
         try:
             await session.open()
             yield session
         finally:
             await session.abort()
+
+    async def wait_for_mail(self, timeout: float) -> bool:
+        """Push (IC-43): a session of its own idles on the first folder until new mail
+        or ``timeout``; a lost connection returns True so the next poll reports it."""
+        try:
+            async with self.session() as session:
+                return await session.wait_for_new(timeout)
+        except SourceError as exc:
+            log.info("imap_wait_failed", mailbox=self.mailbox, error=str(exc)[:200])
+            return True
 
 
 @dataclass(slots=True)
@@ -298,10 +270,10 @@ def message_uid(folder: bytes, uidvalidity: int, uid: int) -> str:
 class ImapSession:
     """One IMAP session implementing :class:`mailpipe.source.SourceSession`."""
 
-    def __init__(self, options: ImapOptions, mailbox: str) -> None:
+    def __init__(self, options: ImapOptions, mailbox: str, ack: Ack | None = None) -> None:
         self.options = options
         self.mailbox = mailbox
-        self.supports_uidl = True
+        self.ack = ack  # the mailbox's acknowledgement: flagged mail is not listed
         self.client = ImapClient(
             options.host,
             options.effective_port,
@@ -321,9 +293,19 @@ class ImapSession:
                         for name in options.folders}
         self._selected: bytes | None = None
         self._where: dict[int, _Where] = {}
-        self._marked: list[MessageRef] = []
+        self._marked: list[tuple[MessageRef, Ack]] = []
         self._committed = False
         self._log = log.bind(mailbox=mailbox, host=options.host)
+
+    @property
+    def facts(self) -> SessionFacts:
+        """UIDs are stable under UIDVALIDITY (an epoch folded into each id, IC-25);
+        push when the server has IDLE."""
+        return SessionFacts(
+            stable_ids=True,
+            ids_have_epoch=True,
+            can_push="IDLE" in self.client.capabilities,
+        )
 
     # --- opening ------------------------------------------------------------------
 
@@ -414,7 +396,11 @@ class ImapSession:
             if not folder.exists:
                 continue
             sizes: dict[int, int] = {}
-            done_flag = self.options.flag.lower() if self.options.flag else None
+            done_flag = (
+                self.ack.target.lower()
+                if self.ack is not None and self.ack.kind is AckKind.FLAG and self.ack.target
+                else None
+            )
             skipped = 0
             items_wanted = "UID RFC822.SIZE" + (" FLAGS" if done_flag else "")
             async for event in self.client.stream([cmd.uid_fetch("1:*", items_wanted)]):
@@ -555,9 +541,16 @@ class ImapSession:
                     with contextlib.suppress(OSError):
                         Path(left.spool_path).unlink()
 
+    async def acknowledge(self, refs: Sequence[MessageRef], ack: Ack) -> None:
+        """Remember ``refs`` to be acknowledged with ``ack`` at :meth:`commit`
+        (nothing changes on the server before); ``keep`` changes nothing."""
+        if ack.kind is AckKind.KEEP:
+            return
+        self._marked.extend((r, ack) for r in refs if r.number in self._where)
+
     async def mark_deleted(self, refs: Sequence[MessageRef]) -> None:
-        """Mark ``refs`` to be acknowledged at :meth:`commit` (nothing changes before)."""
-        self._marked.extend(r for r in refs if r.number in self._where)
+        """The first contract's call: acknowledge ``refs`` by deleting them."""
+        await self.acknowledge(refs, Ack(AckKind.DELETE))
 
     async def commit(self) -> None:
         """Acknowledge every marked message (per folder, IC-37..IC-42), then LOGOUT.
@@ -566,46 +559,47 @@ class ImapSession:
             CommitError: an acknowledgement was refused or the connection failed.
         """
         self._committed = True
-        by_folder: dict[bytes, list[int]] = {}
-        for ref in self._marked:
+        groups: dict[tuple[bytes, Ack], list[int]] = {}
+        for ref, ack in self._marked:
             where = self._where[ref.number]
-            by_folder.setdefault(where.folder, []).append(where.uid)
+            groups.setdefault((where.folder, ack), []).append(where.uid)
         try:
-            for wire, uids in by_folder.items():
+            for (wire, ack), uids in groups.items():
                 folder = await self._select(wire)
                 if not folder.read_write:
                     raise CommitError(f"folder {wire!r} is read-only; nothing acknowledged")
                 for uidset in cmd.split_uid_sets(uids):
-                    await self._acknowledge(folder, uidset)
+                    await self._acknowledge(folder, uidset, ack)
         except (SourceError, OSError) as exc:
             await self.client.abort()
             if isinstance(exc, CommitError):
                 raise
             raise CommitError(f"{self.client.where}: acknowledgement failed: {exc}") from None
         await self.client.logout()  # IC-39: never CLOSE
-        self._log.info(
-            "imap_committed", acknowledged=len(self._marked), mode=self.options.acknowledge
-        )
+        self._log.info("imap_committed", acknowledged=len(self._marked))
 
-    async def _acknowledge(self, folder: _Folder, uidset: str) -> None:
-        o, caps = self.options, self.client.capabilities
-        if o.acknowledge == "flag":
-            assert o.flag is not None
+    async def _acknowledge(self, folder: _Folder, uidset: str, ack: Ack) -> None:
+        caps = self.client.capabilities
+        if ack.kind is AckKind.FLAG:
+            flag = ack.target or ""
+            if not _FLAG.fullmatch(flag) or flag.lower() == "\\deleted" or (
+                flag.startswith("\\") and flag not in _SYSTEM_FLAGS
+            ):
+                raise CommitError(f"{flag!r} is not a flag mailpipe sets (IC-42)")
             flags = folder.permanent_flags
             if (
-                not o.flag.startswith("\\") and flags is not None
-                and "\\*" not in flags and o.flag not in flags
+                not flag.startswith("\\") and flags is not None
+                and "\\*" not in flags and flag not in flags
             ):
                 # IC-42: a keyword the server would keep for the session only.
                 raise CommitError(
-                    f"folder {folder.wire!r} does not keep keyword {o.flag!r} "
+                    f"folder {folder.wire!r} does not keep keyword {flag!r} "
                     f"(PERMANENTFLAGS {' '.join(flags)})"
                 )
-            await self.client.command(cmd.uid_store(uidset, "+FLAGS.SILENT", [o.flag]))
+            await self.client.command(cmd.uid_store(uidset, "+FLAGS.SILENT", [flag]))
             return
-        if o.acknowledge == "move":
-            assert o.move is not None
-            target = mutf7.encode(o.move)
+        if ack.kind is AckKind.MOVE:
+            target = mutf7.encode(ack.target or "")
             if "MOVE" in caps:
                 await self._with_trycreate(cmd.uid_move(uidset, target), target)
                 return

@@ -19,9 +19,8 @@ from mailpipe.errors import (
     SourcePermanentError,
 )
 from mailpipe.message import Message, MessageRef, distinct_uids
-from mailpipe.processor import ProcessorContext
 from mailpipe.secrets import Secret
-from mailpipe.source import Unretrievable
+from mailpipe.source import Ack, AckKind, SessionFacts, SourceContext, Unretrievable
 from mailpipe.tls import ConnectionSecurity
 from mailpipe.units import ByteSize, Duration
 
@@ -199,9 +198,13 @@ class Pop3Source:
 
     name: ClassVar[str] = "pop3"
     Options: ClassVar[type[BaseModel]] = Pop3Options
+    #: MP-04: POP3 can only delete (DELE + QUIT) or leave a message alone.
+    acknowledgements: ClassVar[frozenset[AckKind]] = frozenset(
+        {AckKind.DELETE, AckKind.KEEP}
+    )
 
     def __init__(
-        self, options: Pop3Options, context: ProcessorContext | None = None, *,
+        self, options: Pop3Options, context: SourceContext | None = None, *,
         mailbox: str = "",
     ) -> None:
         if context is not None and options.ca_file is not None:
@@ -211,7 +214,7 @@ class Pop3Source:
             )
         self.options = options
         self.context = context
-        self.mailbox = mailbox
+        self.mailbox = mailbox or (context.mailbox if context is not None else "")
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[Pop3Session]:
@@ -236,6 +239,16 @@ class Pop3Session:
         self._marked: set[int] = set()
         self._topped: set[int] = set()  # numbers whose headers this session fetched
         self._log = log.bind(mailbox=mailbox, host=options.host)
+
+    @property
+    def facts(self) -> SessionFacts:
+        """The session's facts from UIDL and the latest CAPA (RFC 2449 §6.5, §6.7)."""
+        caps = self.capabilities
+        return SessionFacts(
+            stable_ids=self.supports_uidl,
+            login_delay=float(max(0, caps.login_delay or 0)),
+            deletes_on_commit=caps.expire == 0,
+        )
 
     @property
     def capabilities(self) -> Capabilities:
@@ -564,6 +577,13 @@ class Pop3Session:
             confirmable=self.options.verify_size == "confirm" and not after_top,
         )
 
+    async def acknowledge(self, refs: Sequence[MessageRef], ack: Ack) -> None:
+        """``delete``: DELE (see :meth:`mark_deleted`); ``keep``: nothing (MP-04)."""
+        if ack.kind is AckKind.DELETE:
+            await self.mark_deleted(refs)
+        elif ack.kind is not AckKind.KEEP:
+            raise ValueError(f"POP3 cannot acknowledge with {ack}")
+
     async def mark_deleted(self, refs: Sequence[MessageRef]) -> None:
         """DELE each ref (pipelined); nothing is removed before QUIT (RFC 1939 §6)."""
         # C-54: never DELE a number twice in a session, so a refusal is never "already".
@@ -648,3 +668,4 @@ class _Sink:
 
 
 __all__ = ["Pop3Options", "Pop3Session", "Pop3Source"]
+

@@ -544,8 +544,8 @@ async def test_prefetch_stops_at_the_first_step_that_cannot_decide(
 
 
 def test_chunks_cap_count_and_octets() -> None:
-    from mailpipe.engine import _chunks
     from mailpipe.message import MessageRef
+    from mailpipe.planning import chunks as _chunks
 
     refs = [
         MessageRef(mailbox="m", number=i, uid=str(i), size=s)

@@ -448,7 +448,7 @@ async def test_a_rested_message_that_arrives_whole_is_processed_not_quarantined(
     for _ in range(2):
         assert (await r.poll()).failed == 1
     assert (await r.poll()).retrieved == 0  # resting
-    monkeypatch.setattr(mailpipe.engine, "UNRETRIEVABLE_REST", datetime.timedelta(0))
+    monkeypatch.setattr(mailpipe.planning, "UNRETRIEVABLE_REST", datetime.timedelta(0))
     summary = await r.poll()
     assert (summary.processed, summary.quarantined) == (1, 0)
     assert stored(r) == [sha(msg(1))] and srv.messages == []

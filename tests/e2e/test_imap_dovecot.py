@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import imaplib
-import re
 import ssl
 import tracemalloc
 from collections import Counter
@@ -42,20 +41,7 @@ def reference(d: Dovecot, user: DovecotUser) -> imaplib.IMAP4_SSL:
 
 def folder_state(d: Dovecot, user: DovecotUser, folder: str) -> list[tuple[bytes, str]]:
     """(raw bytes, flags) of every message in ``folder`` (wire name), read with PEEK."""
-    client = reference(d, user)
-    try:
-        typ, _ = client.select(f'"{folder}"', readonly=True)
-        if typ != "OK":
-            return []
-        typ, data = client.uid("FETCH", "1:*", "(FLAGS BODY.PEEK[])")
-        out = []
-        for item in data:
-            if isinstance(item, tuple):
-                flags = re.search(rb"FLAGS \(([^)]*)\)", item[0])
-                out.append((item[1], (flags[1] if flags else b"").decode()))
-        return out
-    finally:
-        client.logout()
+    return d.imap_messages(user, folder)
 
 
 def append(d: Dovecot, user: DovecotUser, folder: str, raws: list[bytes]) -> None:
@@ -114,9 +100,9 @@ def test_corpus_byte_exact_then_nothing(
     ("mode", "keys"),
     [
         ("delete", {}),
-        ("move", {"move": "Processed/Done"}),
-        ("flag-seen", {"flag": "\\Seen"}),
-        ("flag-keyword", {"flag": "$Processed"}),
+        ("move", {"acknowledge": {"move": "Processed/Done"}}),
+        ("flag-seen", {"acknowledge": {"flag": "\\Seen"}}),
+        ("flag-keyword", {"acknowledge": {"flag": "$Processed"}}),
         ("keep", {"delete": "never"}),
     ],
 )

@@ -1,0 +1,225 @@
+"""The acknowledgement gate (MP-01): a message is acknowledged only after every
+committing step and the journal batch holding its outcome are durable.
+
+Each test drives :class:`mailpipe.ledger.Ledger` directly, with a real SQLite journal
+that records when its batches commit, a chain whose ``flush()`` can fail, and a session
+that records what reaches "the server".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailpipe.chain import ChainResult
+from mailpipe.config import MailboxConfig
+from mailpipe.errors import CommitError, ProcessorError
+from mailpipe.journal.base import Status
+from mailpipe.journal.sqlite import SqliteJournal
+from mailpipe.ledger import AcknowledgeBeforeDurable, Ledger, Outcome, Summary
+from mailpipe.message import MessageRef
+from mailpipe.plugin_manager import Hooks, load
+from mailpipe.processor import Decision, Disposition
+from mailpipe.quarantine import Quarantine
+from mailpipe.source import Ack, AckKind, SessionFacts
+
+EVENTS: list[str] = []
+
+
+class RecordingJournal(SqliteJournal):
+    """A real journal that notes each outermost batch commit (and can fail one)."""
+
+    fail_next_batch = False
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:  # type: ignore[override]
+        outer = self._depth == 0
+        with super().batch():
+            yield
+            if outer and self.fail_next_batch:
+                self.fail_next_batch = False
+                raise OSError("disk full (injected)")
+        if outer:
+            EVENTS.append("journal-commit")
+
+
+class Chain:
+    """The two things the ledger asks of a chain: flush, and whether a result's
+    pending writes survived it."""
+
+    def __init__(self, *, flush_fails: bool = False) -> None:
+        self.flush_fails = flush_fails
+
+    async def flush(self) -> None:
+        EVENTS.append("flush")
+        if self.flush_fails:
+            raise OSError("flush failed (injected)")
+
+    def flushed(self, result: ChainResult) -> bool:
+        return not self.flush_fails
+
+
+class Session:
+    def __init__(self, *, commit_fails: bool = False) -> None:
+        self.acked: list[tuple[list[str], Ack]] = []
+        self.committed = False
+        self.commit_fails = commit_fails
+
+    async def acknowledge(self, refs: Sequence[MessageRef], ack: Ack) -> None:
+        EVENTS.append("ack")
+        self.acked.append(([r.uid for r in refs], ack))
+
+    async def commit(self) -> None:
+        EVENTS.append("commit")
+        if self.commit_fails:
+            raise CommitError("-ERR some deleted messages not removed")
+        self.committed = True
+
+
+def ref(n: int) -> MessageRef:
+    return MessageRef(mailbox="box", number=n, uid=f"u{n}", size=10)
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[RecordingJournal]:
+    EVENTS.clear()
+    j = RecordingJournal(tmp_path / "j.sqlite3")
+    yield j
+    j.close()
+
+
+def make(journal: RecordingJournal, tmp_path: Path, **cfg: Any) -> Ledger:
+    config = MailboxConfig.model_validate({"name": "box", **cfg})
+    return Ledger(journal, "box", config, Hooks(load(entry_points=False)[0]),
+                  Quarantine(tmp_path / "q"), Summary(mailbox="box"), ack=config.ack)
+
+
+def done(n: int, *, pending: bool = True) -> Outcome:
+    result = ChainResult(decision=Decision(disposition=Disposition.DONE, reason="on_complete"),
+                         committed=[], pending=["store"] if pending else [])
+    return Outcome(ref(n), result, Status.COMMITTED, "done", "on_complete", True, "ab" * 32)
+
+
+async def test_group_commit_owes_only_after_flush_and_journal_commit(journal, tmp_path):
+    ledger = make(journal, tmp_path)
+    for n in (1, 2):
+        ledger.begin(ref(n))
+    EVENTS.clear()
+    await ledger.commit_group(Chain(), [done(1), done(2)], SessionFacts())
+    session = Session()
+    await ledger.acknowledge(session)
+    assert EVENTS == ["flush", "journal-commit", "ack"]
+    assert session.acked == [(["u1", "u2"], Ack(AckKind.DELETE))]
+    assert await ledger.commit(session) == 2
+    entries = journal.get_many("box", ["u1", "u2"])
+    assert {e.status for e in entries.values()} == {Status.DELETED}
+
+
+async def test_a_failed_flush_owes_nothing_and_leaves_the_messages_pending(journal, tmp_path):
+    ledger = make(journal, tmp_path)
+    ledger.begin(ref(1))
+    await ledger.commit_group(Chain(flush_fails=True), [done(1)], SessionFacts())
+    session = Session()
+    await ledger.acknowledge(session)
+    assert session.acked == []
+    assert journal.get_many("box", ["u1"])["u1"].status == Status.PENDING
+    assert ledger.summary.error and "group commit failed for 1" in ledger.summary.error
+
+
+async def test_a_failed_journal_commit_owes_nothing(journal, tmp_path):
+    ledger = make(journal, tmp_path)
+    ledger.begin(ref(1))
+    journal.fail_next_batch = True
+    with pytest.raises(OSError, match="disk full"):
+        await ledger.commit_group(Chain(), [done(1)], SessionFacts())
+    session = Session()
+    await ledger.acknowledge(session)
+    assert session.acked == [] and ledger.pending() == []
+    assert journal.get_many("box", ["u1"])["u1"].status == Status.PENDING
+
+
+async def test_not_durable_on_a_deletes_on_commit_server_aborts(journal, tmp_path):
+    # C-29: with EXPIRE 0 the commit may delete what was retrieved: never reach it.
+    ledger = make(journal, tmp_path)
+    ledger.begin(ref(1))
+    with pytest.raises(ProcessorError, match="EXPIRE 0"):
+        await ledger.commit_group(Chain(flush_fails=True), [done(1)],
+                                  SessionFacts(deletes_on_commit=True))
+    assert ledger.pending() == []
+
+
+async def test_settled_acknowledgements_need_a_durable_outcome(journal, tmp_path):
+    ledger = make(journal, tmp_path)
+    ledger.begin(ref(1))  # PENDING: nothing durable says it is done
+    with pytest.raises(AcknowledgeBeforeDurable, match="u1"):
+        ledger.owe_settled([ref(1)])
+    with pytest.raises(AcknowledgeBeforeDurable, match="u9"):
+        ledger.owe_settled([ref(9)])  # unknown to the journal
+    journal.finish("box", "u1", status=Status.COMMITTED, disposition="done",
+                   sha256=None, reason="", delete_due=True)
+    ledger.owe_settled([ref(1)])
+    session = Session()
+    await ledger.acknowledge(session)
+    assert session.acked == [(["u1"], Ack(AckKind.DELETE))]
+
+
+async def test_commit_refuses_owed_acknowledgements_not_sent(journal, tmp_path):
+    ledger = make(journal, tmp_path)
+    ledger.begin(ref(1))
+    await ledger.commit_group(Chain(), [done(1)], SessionFacts())
+    with pytest.raises(AcknowledgeBeforeDurable, match="not sent"):
+        await ledger.commit(Session())
+
+
+async def test_a_refused_commit_leaves_the_acknowledgement_owed(journal, tmp_path):
+    ledger = make(journal, tmp_path)
+    ledger.begin(ref(1))
+    await ledger.commit_group(Chain(), [done(1)], SessionFacts())
+    session = Session(commit_fails=True)
+    await ledger.acknowledge(session)
+    with pytest.raises(CommitError):
+        await ledger.commit(session)
+    entry = journal.get_many("box", ["u1"])["u1"]
+    assert (entry.status, entry.delete_due) == (Status.COMMITTED, True)
+    assert journal.owed("box") == ["u1"]
+
+
+async def test_keep_decisions_and_keep_policy_owe_nothing(journal, tmp_path):
+    ledger = make(journal, tmp_path, delete="never")
+    ledger.begin(ref(1))
+    ledger.begin(ref(2))
+    kept = Outcome(ref(2), None, Status.KEPT, "keep", "rule", False, None)
+    outcome = done(1)
+    outcome.delete_due = False
+    await ledger.commit_group(Chain(), [outcome, kept], SessionFacts())
+    ledger.decided(ref(3), Decision(disposition=Disposition.DONE, reason="header rule"), None)
+    session = Session()
+    await ledger.acknowledge(session)
+    assert session.acked == []
+
+
+async def test_the_configured_acknowledgement_is_the_one_sent(journal, tmp_path):
+    ledger = make(journal, tmp_path, acknowledge={"move": "Processed"})
+    ledger.decided(ref(1), Decision(disposition=Disposition.DONE, reason="header rule"), None)
+    session = Session()
+    await ledger.acknowledge(session)
+    assert session.acked == [(["u1"], Ack(AckKind.MOVE, "Processed"))]
+
+
+async def test_failed_attempts_are_counted_in_the_group_and_owe_nothing(journal, tmp_path):
+    ledger = make(journal, tmp_path)
+    ledger.begin(ref(1))
+    failed = Outcome(ref(1), ChainResult(error=ValueError("bad"), failed_step="parse"),
+                     Status.PENDING, "failed", "", False, None, failed=True, attempts=1,
+                     error="ValueError: bad")
+    await ledger.commit_group(Chain(), [failed], SessionFacts())
+    session = Session()
+    await ledger.acknowledge(session)
+    assert session.acked == []
+    entry = journal.get_many("box", ["u1"])["u1"]
+    assert (entry.status, entry.attempts, entry.last_error) == (
+        Status.PENDING, 1, "ValueError: bad")
