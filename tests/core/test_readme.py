@@ -77,6 +77,7 @@ def test_readme_toml_snippets_parse_and_validate(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("SUPPORT_POP3_PASSWORD", "x" * 8)
+    monkeypatch.setenv("SUPPORT_IMAP_PASSWORD", "x" * 8)
     _, registry = load(entry_points=False)
     snippets = blocks("toml")
     assert snippets
