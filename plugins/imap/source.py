@@ -179,11 +179,16 @@ class ImapSource:
         self.options = options
         self.context = context or SourceContext()
         self.mailbox = mailbox or self.context.mailbox
+        # UIDNEXT per folder as the last listing saw it: mail that arrived between that
+        # listing and the IDLE of wait_for_mail wakes at once instead of being missed.
+        self.listed_uidnext: dict[bytes, int] = {}
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator["ImapSession"]:
         """Open a session; on exit it aborts (no acknowledgement) unless committed."""
-        session = ImapSession(self.options, self.mailbox, self.context.ack)
+        session = ImapSession(
+            self.options, self.mailbox, self.context.ack, self.listed_uidnext
+        )
         try:
             await session.open()
             yield session
@@ -270,10 +275,17 @@ def message_uid(folder: bytes, uidvalidity: int, uid: int) -> str:
 class ImapSession:
     """One IMAP session implementing :class:`mailpipe.source.SourceSession`."""
 
-    def __init__(self, options: ImapOptions, mailbox: str, ack: Ack | None = None) -> None:
+    def __init__(
+        self,
+        options: ImapOptions,
+        mailbox: str,
+        ack: Ack | None = None,
+        listed_uidnext: dict[bytes, int] | None = None,
+    ) -> None:
         self.options = options
         self.mailbox = mailbox
         self.ack = ack  # the mailbox's acknowledgement: flagged mail is not listed
+        self.listed_uidnext = {} if listed_uidnext is None else listed_uidnext
         self.client = ImapClient(
             options.host,
             options.effective_port,
@@ -393,6 +405,8 @@ class ImapSession:
                     f"{self.client.where}: folder {wire.decode('ascii', 'replace')!r} "
                     "has no UIDVALIDITY; mailpipe cannot key its messages"
                 )
+            if folder.uidnext is not None:
+                self.listed_uidnext[wire] = folder.uidnext
             if not folder.exists:
                 continue
             sizes: dict[int, int] = {}
@@ -629,7 +643,11 @@ class ImapSession:
         For push: call it on a session that has nothing left to do; the other folders
         are only seen at the next poll (one IDLE connection per folder is not done).
         """
-        await self._select(next(iter(self.folders)))
+        wire = next(iter(self.folders))
+        folder = await self._select(wire)
+        seen = self.listed_uidnext.get(wire)
+        if seen is not None and folder.uidnext is not None and folder.uidnext > seen:
+            return True  # arrived after the last listing, before this IDLE
         return await self.client.idle(min(timeout, 29 * 60))
 
     async def abort(self) -> None:

@@ -25,7 +25,12 @@ from structlog.testing import capture_logs
 from mailpipe import Message
 from mailpipe.errors import AuthenticationError, OversizeError, SourceConnectionError
 from mailpipe.testing.dovecot import Dovecot, DovecotUser
-from mailpipe.testing.e2e import write_pipeline
+from mailpipe.testing.e2e import (
+    start_mailpipe,
+    wait_for_log,
+    wait_until,
+    write_pipeline,
+)
 from mailpipe.testing.servers.interop import mailpipe_once, stored_messages
 
 pytestmark = [pytest.mark.dovecot, pytest.mark.timeout(600)]
@@ -351,3 +356,41 @@ async def test_ic43_idle_wakes_on_new_mail_and_ends_with_done(
         assert await waiter is True
         refs = await session.list()  # the session goes on after DONE
     assert len(refs) == 2
+
+
+def test_ic43_push_wakes_the_scheduler_long_before_the_poll_interval(
+    dovecot_imap: Dovecot, tmp_path: Path
+) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    d.deliver(user, crafted(1)[0])
+    config = pipeline(tmp_path, d, user, poll_interval=3600)  # only push can wake it
+    log_path = tmp_path / "run.log"
+    with log_path.open("wb") as log:
+        proc = start_mailpipe(config, "run", "{config}", log=log)
+        try:
+            first = wait_for_log(proc, log_path, b'"retrieved": 1', timeout=120)
+            assert first, log_path.read_text()[-3000:]
+            append(d, user, "INBOX", crafted(2)[1:])  # another client APPENDs
+            woken = wait_for_log(proc, log_path, b"mailbox_woken", timeout=120)
+            assert woken, log_path.read_text()[-3000:]
+            assert wait_until(
+                lambda: len(stored_messages(tmp_path / "Maildir")) == 2, timeout=120
+            ), log_path.read_text()[-3000:]
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    assert Counter(stored_messages(tmp_path / "Maildir")) == Counter(crafted(2))
+
+
+async def test_ic43_mail_between_listing_and_idle_wakes_at_once(
+    dovecot_imap: Dovecot,
+) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    source = ImapSource(session_options(d, user))
+    async with source.session() as session:
+        await session.list()
+    assert await source.wait_for_mail(0.2) is False  # nothing new: the timeout
+    d.deliver(user, crafted(1)[0])  # after the listing, before the next IDLE
+    assert await source.wait_for_mail(0.2) is True
