@@ -14,6 +14,7 @@ from mailpipe.journal import open_journal
 from mailpipe.journal.base import Journal
 from mailpipe.message import Message
 from mailpipe.plugin_manager import load
+from mailpipe.prerequisites import check_prerequisites
 from mailpipe.quarantine import Quarantine
 
 
@@ -24,9 +25,13 @@ class App:
     config: Config
     pm: pluggy.PluginManager
 
-    def journal(self) -> Journal:
-        """Open the journal named by ``[state] path``."""
-        return open_journal(self.config.model.state.path, base_dir=self.config.base_dir)
+    def journal(self, *, read_only: bool = False) -> Journal:
+        """Open the journal named by ``[state] path`` (``read_only``: for ``status``)."""
+        return open_journal(
+            self.config.model.state.path,
+            base_dir=self.config.base_dir,
+            read_only=read_only,
+        )
 
     def quarantine(self) -> Quarantine:
         """Open the quarantine directory."""
@@ -34,9 +39,11 @@ class App:
 
 
 def open_app(path: str | Path, *, entry_points: bool = True) -> App:
-    """Load ``path``: plugins first (honouring ``[plugins] disable``), then validate.
+    """Load ``path``: plugins first (honouring ``[plugins] disable``), then validate,
+    then check each step's prerequisites (:mod:`mailpipe.prerequisites`).
 
-    :raises ConfigError: every problem at once.
+    :raises ConfigError: every problem at once (unmet prerequisites once the rest
+        of the file is valid).
     :raises PluginError: a plugin failed to load.
     """
     path = Path(path)
@@ -47,6 +54,7 @@ def open_app(path: str | Path, *, entry_points: bool = True) -> App:
         disable = [str(x) for x in plugins["disable"]]
     pm, registry = load(entry_points=entry_points, blocked=disable)
     config = validate_config(data, path=path, registry=registry)
+    check_prerequisites(config.pipelines, path=str(path))
     return App(config=config, pm=pm)
 
 

@@ -26,6 +26,7 @@ import structlog
 from mailpipe.config import StepSpec
 from mailpipe.errors import BudgetExceeded, TemporaryFailure
 from mailpipe.message import Message
+from mailpipe.prerequisites import check_prerequisites
 from mailpipe.processor import Decision, Disposition, ProcessorContext, normalise
 from mailpipe.worker import Budget, StepWorker
 
@@ -121,7 +122,11 @@ class Chain:
         on_complete: dict[str, str] | None = None,
         budgets: dict[str, float] | None = None,
         dry_run: bool = False,
+        config_path: str = "pipelines",
     ) -> None:
+        # Each step's prerequisites (a class's ``requires``) are met before it runs
+        # anything: a ConfigError naming the step, for the file ``config_path``.
+        check_prerequisites(pipelines, path=config_path)
         self._on_complete = on_complete or {}
         self._budgets = budgets or {}
         self.pipelines: dict[str, list[Step]] = {}
@@ -163,6 +168,7 @@ class Chain:
             on_complete={n: p.on_complete for n, p in models.items()},
             budgets={n: p.processing_budget for n, p in models.items()},
             dry_run=dry_run,
+            config_path=str(config.path),
         )
 
     def _budget(self, pipeline: str) -> float:

@@ -105,7 +105,10 @@ async def _run(app: Any, *, once: bool, only: tuple[str, ...]) -> int:
     except BaseException:
         journal.close()
         raise
-    view = ProgressView(enabled=once and sys.stderr.isatty())
+    from mailpipe.logs import on_terminal
+
+    # Bars only where log lines share their console (never beside raw JSON lines).
+    view = ProgressView(enabled=once and on_terminal())
     scheduler = Scheduler(
         app.config,
         journal=journal,
@@ -139,14 +142,19 @@ async def _start_metrics(app: Any) -> Any:
     if not listen:
         return None
     from mailpipe.metrics import MetricsCollector, MetricsServer
+    from mailpipe.status_page import StatusPage
 
+    enabled = [m for m in app.config.mailboxes if m.config.enabled]
     collector = MetricsCollector(
-        [m.name for m in app.config.mailboxes if m.config.enabled],
+        [m.name for m in enabled],
         unhealthy_after=app.config.model.metrics.unhealthy_after,
+        intervals={m.name: float(m.config.poll_interval) for m in enabled},
+        quarantine=app.quarantine(),
     )
     app.pm.register(collector, "metrics")
     host, _, port = listen.rpartition(":")
-    server = MetricsServer(collector, host.strip("[]"), int(port))
+    page = StatusPage(app, collector, token=app.config.model.metrics.admin_token)
+    server = MetricsServer(collector, host.strip("[]"), int(port), page=page)
     try:
         await server.start()
     except OSError as exc:  # e.g. the port is taken: one line, exit 1
@@ -283,7 +291,10 @@ def healthcheck(config: str, timeout: float) -> None:
     # Exit 1 (not 2) for an unreadable config too: Docker reserves 2 for HEALTHCHECK.
     try:
         data = read_toml(Path(config))
-        metrics = MetricsConfig.model_validate(data.get("metrics", {}))
+        table = data.get("metrics", {})
+        if isinstance(table, dict):  # admin_token: a secret the probe does not need
+            table = {k: v for k, v in table.items() if k != "admin_token"}
+        metrics = MetricsConfig.model_validate(table)
     except ConfigError as exc:
         click.echo(str(exc), err=True)
         sys.exit(EXIT_FAILURE)
@@ -311,23 +322,49 @@ def schema() -> None:
 # --- status and search ------------------------------------------------------------
 
 
+#: ``mailpipe status``'s exit code when the journal exists but cannot be read.
+EXIT_UNREADABLE = 3
+
+
 @cli.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (for scripts).")
 def status(config: str, as_json: bool) -> None:
     """Show each mailbox: health, last success and error, backlog, lock, next poll.
 
-    Exits 1 when an enabled mailbox is unhealthy by the rule of /healthz (no success
-    within [metrics] unhealthy_after, or never polled).
+    Reads only: never creates, migrates or locks the journal. Without a journal
+    (no run yet) every enabled mailbox is "never polled".
+
+    \b
+    Exit codes:
+      0  every enabled mailbox is healthy
+      1  an enabled mailbox is unhealthy by the rule of /healthz (no success
+         within [metrics] unhealthy_after, or never polled; no journal yet)
+      2  usage or configuration error
+      3  the journal cannot be read (unreachable, not a journal, or another
+         schema version: the next `mailpipe run` migrates an older one)
     """
+    from mailpipe.journal import JournalError, JournalMissingError
+    from mailpipe.secrets import redact
     from mailpipe.status import as_document, collect, error_lines, healthy, rows
 
     app = _open(config)
-    journal = app.journal()
+    journal = None
+    try:
+        journal = app.journal(read_only=True)
+    except JournalMissingError as exc:
+        click.echo(f"{exc}: no mailbox has been polled yet", err=True)
+    except JournalError as exc:
+        click.echo(f"mailpipe status: {redact(str(exc))}", err=True)
+        sys.exit(EXIT_UNREADABLE)
     try:
         statuses = collect(app.config, journal, app.quarantine())
+    except JournalError as exc:
+        click.echo(f"mailpipe status: {redact(str(exc))}", err=True)
+        sys.exit(EXIT_UNREADABLE)
     finally:
-        journal.close()
+        if journal is not None:
+            journal.close()
     if as_json:
         click.echo(json.dumps(as_document(statuses), ensure_ascii=False))
     else:
@@ -677,6 +714,11 @@ def demo(directory: str, reset: bool) -> None:
     from mailpipe.demo import run_demo
 
     sys.exit(run_demo(Path(directory), reset=reset))
+
+
+from mailpipe.oauth.cli import auth  # noqa: E402 (its own module; one hook here)
+
+cli.add_command(auth)
 
 
 def main() -> None:

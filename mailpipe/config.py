@@ -194,6 +194,11 @@ class MetricsConfig(BaseModel):
         gt=0,
         description="/healthz fails when a mailbox has not succeeded for this long.",
     )
+    admin_token: Secret | None = Field(
+        None,
+        description="Token that allows replay and drop on the status page at / "
+        '(e.g. { env = "MAILPIPE_ADMIN_TOKEN" }); unset = the page is read-only.',
+    )
 
 
 class MoveAck(BaseModel):
@@ -633,6 +638,7 @@ def validate_config(
             _problems(exc, (), _fields(ConfigModel), ConfigModel, raw=data)
         )
         model = _salvage(data, ctx, problems)
+    ctx["state_path"] = model.state.path  # the OAuth token cache lives in the journal
 
     for loc, folder in (
         ("scheduler.spool_dir", model.scheduler.spool_dir),

@@ -10,6 +10,22 @@ Hooks *find things*; plain objects do the work. Two kinds exist:
 * Event hooks (``mailpipe_<subject>_<past participle>``) only observe. Their return values
   are ignored, and they must not raise: if one does, mailpipe logs it and carries on.
 
+When the event hooks fire, for one poll of one mailbox (a poll is one or more commit
+windows, each its own session ending in a commit, POP3's QUIT)::
+
+    each commit window:  mailpipe_session_started      (after the listing)
+      each message:      mailpipe_message_failed       (an attempt failed)
+                         mailpipe_message_quarantined  (raw bytes written)
+      group commit:      mailpipe_message_done         (journal durable, before the ack)
+    once, at the end:    mailpipe_session_finished     (whole-poll summary)
+
+So ``mailpipe_session_started`` may fire several times per
+``mailpipe_session_finished``, and not at all when the first connection fails. Outside
+polls, ``mailpipe quarantine replay`` fires ``mailpipe_message_done`` or
+``mailpipe_message_failed`` for each message it replays; ``mailpipe process`` and
+``mailpipe state mark-seen`` fire none. ``docs/plugins.md`` repeats this table; a test
+keeps the two in step.
+
 The processor chain is an explicit ordered list from the config, never pluggy's call
 order. Hooks only ever gain keyword arguments (pluggy lets an implementation accept a
 subset of a spec's arguments), so adding one stays compatible.
@@ -35,9 +51,14 @@ hookimpl = pluggy.HookimplMarker("mailpipe")
 def mailpipe_register_sources(register: Register) -> None:
     """Register source classes that a mailbox can name with ``source = ...``.
 
+    Called when a plugin manager's registry is collected
+    (:func:`mailpipe.registry.collect`; mailpipe does it once per manager), after every
+    plugin is loaded, plugin by plugin in registration order (built-ins first).
+
     :param register: call ``register(SourceClass)``. The class's ``name`` is what users
-        write in ``source``, and its ``Options`` model validates the mailbox's other keys.
-        ``register.lazy("name", "package.module:Class")`` defers the import (see below).
+        write in ``source``, and its ``Options`` model validates the mailbox's other
+        keys. ``register.lazy("name", "package.module:Class")`` defers the import, as
+        for processors (see :func:`mailpipe_register_processors`).
 
     Registering a name that is already taken raises :class:`mailpipe.PluginError`.
     """
@@ -46,6 +67,8 @@ def mailpipe_register_sources(register: Register) -> None:
 @hookspec
 def mailpipe_register_processors(register: Register) -> None:
     """Register processor classes that a pipeline can name with ``{ use = ... }``.
+
+    Called like :func:`mailpipe_register_sources`, after it.
 
     :param register: call ``register(ProcessorClass)``. The class's ``name`` is what users
         write in ``use``, and its ``Options`` model validates the rest of the table.
@@ -63,27 +86,53 @@ def mailpipe_register_processors(register: Register) -> None:
 
 @hookspec
 def mailpipe_session_started(mailbox: str, count: int, octets: int) -> None:
-    """Called once per poll, after the message list (UIDL + LIST) is known.
+    """Called once per commit window, right after that window's listing is read.
+
+    A poll opens one connection per commit window (``commit_window`` messages each), so
+    this fires once per connection, not once per poll; it fires before anything of the
+    window is retrieved. It does not fire for a connection that fails before its
+    listing (connect, TLS, login, UIDL/LIST errors).
 
     :param mailbox: the mailbox's configured name.
-    :param count: messages on the server.
+    :param count: messages in this listing (all on the server now, not only the ones
+        this window will take).
     :param octets: their total size per LIST.
     """
 
 
 @hookspec
 def mailpipe_session_finished(mailbox: str, summary: dict[str, Any]) -> None:
-    """Called after QUIT, or after an abort (then ``summary["committed"]`` is False).
+    """Called once per poll, after its last commit window, whatever the outcome.
+
+    It follows the last window's QUIT, or the abort of a failed window (then
+    ``summary["committed"]`` is False and ``summary["error"]`` says why), and fires
+    even when no connection could be opened (then without any
+    ``mailpipe_session_started`` before it).
 
     :param mailbox: the mailbox's configured name.
-    :param summary: counts (retrieved, processed, dropped, kept, failed, quarantined,
-        deleted, bytes, seconds), ``committed`` and ``error`` (a string or None).
+    :param summary: the whole poll, all windows together: ``mailbox``, ``listed``,
+        ``retrieved``, ``processed``, ``dropped``, ``kept``, ``skipped``, ``failed``,
+        ``quarantined``, ``deleted``, ``bytes``, ``seconds``, ``sessions`` (windows
+        opened), ``committed``, ``error`` and ``error_type`` (strings or None) and
+        ``backlog`` (the latest listing's count, or None).
     """
 
 
 @hookspec
 def mailpipe_message_done(mailbox: str, uid: str, key: str, disposition: str) -> None:
-    """Called when a message's chain has finished and its steps are durable.
+    """Called when a message's outcome is durable in the journal, before it is acked.
+
+    It fires after the group commit that made the message's steps and outcome
+    durable (for a decision on headers alone, right after its journal write), and
+    before the acknowledgement (POP3: DELE) and the commit (QUIT) that follow, so the
+    message may still be on the server. It fires for a chain that decided (or ran to
+    its end), a decision on headers alone, and a message quarantined by a rule or
+    after its attempts (``quarantine``). It does not fire for a failed attempt that
+    will be retried, a message whose group commit failed (it runs again), nor a
+    message handled for its size without the chain (deleted unread, kept, or
+    quarantined: see ``mailpipe_message_quarantined``). ``mailpipe quarantine
+    replay`` fires it too, once a replayed message's outcome is journaled (``done``
+    or ``keep``; the next poll acknowledges it).
 
     :param mailbox: the mailbox's configured name.
     :param uid: the message's UIDL.
@@ -96,14 +145,24 @@ def mailpipe_message_done(mailbox: str, uid: str, key: str, disposition: str) ->
 def mailpipe_message_failed(
     mailbox: str, uid: str, key: str, processor: str, error: str, attempts: int
 ) -> None:
-    """Called when a processor raised; the message stays on the server.
+    """Called when an attempt at a message failed; the message stays on the server.
+
+    It fires when a step of the chain raised, or when the source could not deliver
+    the whole message (``processor`` is then ``retrieve``), as soon as the failure is
+    known. The attempt reaches the journal with the window's group commit, after this
+    hook (for a message downloaded only to be quarantined for its size, just before
+    it). A quarantine the failure leads to comes after: ``mailpipe_message_quarantined``
+    then follows. ``mailpipe quarantine replay`` fires it for a replay that failed,
+    after journaling the error, with ``attempts`` 0 (a replay counts no attempt).
 
     :param mailbox: the mailbox's configured name.
     :param uid: the message's UIDL.
     :param key: the stable message key.
-    :param processor: the failing step's name.
+    :param processor: the failing step's id (``pipeline/step``), or ``retrieve``.
     :param error: a one-line summary of the exception (never secrets).
-    :param attempts: attempts so far, this one included.
+    :param attempts: attempts so far, this one included; a
+        :class:`~mailpipe.errors.TemporaryFailure` does not count, so it repeats the
+        previous number.
     """
 
 
@@ -112,6 +171,13 @@ def mailpipe_message_quarantined(
     mailbox: str, uid: str, key: str, reason: str, path: str
 ) -> None:
     """Called after a message's raw bytes were written to quarantine.
+
+    It fires as soon as the ``.eml`` file is written: before the journal records the
+    message as quarantined (in the window's group commit, or at once for a message
+    quarantined for its size) and before any acknowledgement the mailbox's
+    ``on_quarantine`` policy asks for. Reasons: a rule decided ``quarantine``, the
+    attempts ran out, a step ran past the processing budget, or the message was over
+    the size limit with ``on_oversize = "quarantine"``.
 
     :param mailbox: the mailbox's configured name.
     :param uid: the message's UIDL.

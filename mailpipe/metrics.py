@@ -2,9 +2,13 @@
 
 The collector is an ordinary pluggy plugin implementing the observe-only event hooks, so
 metrics see exactly what every other plugin sees. :class:`MetricsServer` serves
-``GET /metrics`` (Prometheus text format) and ``GET /healthz`` (200 while every enabled
+``GET /metrics`` (Prometheus text format), ``GET /healthz`` (200 while every enabled
 mailbox succeeded within ``unhealthy_after``, else 503 with the stale mailboxes; the
-rule is :func:`is_stale`, which ``mailpipe status`` applies to the journal's records).
+rule is :func:`is_stale`, which ``mailpipe status`` applies to the journal's records;
+503 at once too for a mailbox whose OAuth grant is revoked, see
+:mod:`mailpipe.oauth.gauges`) and the status page at ``/`` (:mod:`mailpipe.status_page`).
+The OAuth token metrics come from :mod:`mailpipe.oauth.gauges`. The metric names are
+the contract of ``deploy/prometheus`` and ``deploy/grafana`` (tests/test_dashboards.py).
 """
 
 from __future__ import annotations
@@ -12,9 +16,27 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import structlog
 
 from mailpipe.hookspecs import hookimpl
+from mailpipe.secrets import redact
+
+if TYPE_CHECKING:
+    from mailpipe.quarantine import Quarantine
+    from mailpipe.status_page import StatusPage
+
+from mailpipe.oauth.gauges import revoked as oauth_revoked
+
+#: Poll error types counted as rejected logins (OAuth grant failures among them).
+AUTH_ERROR_TYPES = frozenset(
+    {"AuthenticationError", "GrantRevoked", "ClientRejected", "NoRefreshToken"}
+)
+
+log = structlog.get_logger()
 
 
 def is_stale(
@@ -31,10 +53,38 @@ def is_stale(
     return now - reference > unhealthy_after
 
 
-class MetricsCollector:
-    """Event-hook plugin that keeps Prometheus metrics per mailbox."""
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One recent failure for the status page: a failed poll or a failed message."""
 
-    def __init__(self, mailboxes: list[str], *, unhealthy_after: float) -> None:
+    at: float  # Unix time
+    mailbox: str
+    kind: str  # the exception class, e.g. AuthenticationError
+    error: str  # one line, redacted
+    where: str  # "poll" or "step NAME, uid UID"
+
+
+#: How many recent failures the status page keeps (oldest dropped first).
+RECENT_FAILURES: Final = 50
+
+
+class MetricsCollector:
+    """Event-hook plugin that keeps Prometheus metrics per mailbox.
+
+    ``intervals`` (mailbox → poll interval, seconds) is exported as
+    ``mailpipe_poll_interval_seconds`` so that an alert can say "no poll for N
+    intervals"; ``quarantine`` is counted at every scrape
+    (``mailpipe_quarantine_messages`` and ``_bytes`` per mailbox).
+    """
+
+    def __init__(
+        self,
+        mailboxes: list[str],
+        *,
+        unhealthy_after: float,
+        intervals: dict[str, float] | None = None,
+        quarantine: Quarantine | None = None,
+    ) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
@@ -42,8 +92,36 @@ class MetricsCollector:
         self.started = time.time()
         self.mailboxes = list(mailboxes)
         self.last_success: dict[str, float] = {}
+        self.quarantine = quarantine
+        self.failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)
         label = ["mailbox"]
         r = self.registry
+        self.g_last_poll = Gauge(
+            "mailpipe_last_poll_timestamp_seconds",
+            "Unix time a poll last finished, successful or not.",
+            label,
+            registry=r,
+        )
+        self.g_interval = Gauge(
+            "mailpipe_poll_interval_seconds",
+            "The configured time between polls.",
+            label,
+            registry=r,
+        )
+        for mailbox, seconds in (intervals or {}).items():
+            self.g_interval.labels(mailbox).set(seconds)
+        self.g_quarantine = Gauge(
+            "mailpipe_quarantine_messages",
+            "Messages in the quarantine now (counted at each scrape).",
+            label,
+            registry=r,
+        )
+        self.g_quarantine_bytes = Gauge(
+            "mailpipe_quarantine_bytes",
+            "Size of the quarantined messages now (counted at each scrape).",
+            label,
+            registry=r,
+        )
         self.g_last_success = Gauge(
             "mailpipe_last_success_timestamp_seconds",
             "Unix time of the last successful poll.",
@@ -81,6 +159,10 @@ class MetricsCollector:
             registry=r,
         )
 
+        from mailpipe.oauth.gauges import OAuthMetrics
+
+        r.register(OAuthMetrics())  # token expiry, refreshes, refresh-token risk
+
     @hookimpl
     def mailpipe_session_started(self, mailbox: str, count: int, octets: int) -> None:
         """Record the server backlog (UIDL/LIST count)."""
@@ -103,15 +185,35 @@ class MetricsCollector:
                 self.c_messages.labels(mailbox, outcome).inc(n)
         self.c_bytes.labels(mailbox).inc(int(summary.get("bytes") or 0))
         self.h_poll.labels(mailbox).observe(float(summary.get("seconds") or 0.0))
+        self.g_last_poll.labels(mailbox).set(time.time())
         if summary.get("error"):
             kind = str(summary.get("error_type") or "error")
             self.c_poll_failures.labels(mailbox, kind).inc()
-            if kind == "AuthenticationError":
+            self._remember(mailbox, kind, str(summary["error"]), "poll")
+            if kind in AUTH_ERROR_TYPES:
                 self.c_auth_failures.labels(mailbox).inc()
         else:
             now = time.time()
             self.last_success[mailbox] = now
             self.g_last_success.labels(mailbox).set(now)
+
+    @hookimpl
+    def mailpipe_message_failed(
+        self, mailbox: str, uid: str, key: str, processor: str, error: str, attempts: int
+    ) -> None:
+        """Remember the failure for the status page."""
+        kind, _, text = error.partition(": ")
+        if not text or " " in kind:
+            kind, text = "error", error
+        self._remember(
+            mailbox, kind, text, f"step {processor}, uid {uid}, attempt {attempts}"
+        )
+
+    def _remember(self, mailbox: str, kind: str, error: str, where: str) -> None:
+        line = " ".join(redact(error).split())
+        self.failures.append(
+            Failure(time.time(), mailbox, kind, line[:300], where)
+        )
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Return (healthy, detail): stale mailboxes have not succeeded in time."""
@@ -126,22 +228,76 @@ class MetricsCollector:
                 unhealthy_after=self.unhealthy_after,
             )
         ]
-        return not stale, {"healthy": not stale, "stale": stale}
+        # A dead OAuth grant will not heal by waiting: unhealthy at once.
+        revoked = {m: c for m, c in oauth_revoked().items() if m in self.mailboxes}
+        healthy = not stale and not revoked
+        detail: dict[str, Any] = {"healthy": healthy, "stale": stale}
+        if revoked:
+            detail["oauth_revoked"] = revoked
+        return healthy, detail
 
     def render(self) -> bytes:
-        """Return the Prometheus text exposition."""
+        """Return the Prometheus text exposition (the quarantine counted now)."""
         from prometheus_client import generate_latest
 
+        if self.quarantine is not None:
+            counts: dict[str, list[int]] = {m: [0, 0] for m in self.mailboxes}
+            for item in self.quarantine.list():
+                count = counts.setdefault(item.mailbox, [0, 0])
+                count[0] += 1
+                count[1] += item.size
+            for mailbox, (n, size) in counts.items():
+                self.g_quarantine.labels(mailbox).set(n)
+                self.g_quarantine_bytes.labels(mailbox).set(size)
         return generate_latest(self.registry)
 
 
-class MetricsServer:
-    """A minimal asyncio HTTP server for ``/metrics`` and ``/healthz``."""
+#: The largest request body the listener reads (a status page form is far smaller).
+MAX_BODY: Final = 16 * 1024
 
-    def __init__(self, collector: MetricsCollector, host: str, port: int) -> None:
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One HTTP request as the listener read it; header names are lowercase."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """One HTTP response; ``headers`` are added after Content-Type and -Length."""
+
+    status: str
+    content_type: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class MetricsServer:
+    """A minimal asyncio HTTP server for ``/metrics``, ``/healthz`` and, when a
+    :class:`~mailpipe.status_page.StatusPage` is given, the status page at ``/``.
+
+    Contract: one request per connection (``Connection: close``); request line and
+    headers bounded (100 lines, 10 s each); a body only with a Content-Length of at
+    most :data:`MAX_BODY` octets (413 otherwise).
+    """
+
+    def __init__(
+        self,
+        collector: MetricsCollector,
+        host: str,
+        port: int,
+        *,
+        page: StatusPage | None = None,
+    ) -> None:
         self.collector = collector
         self.host = host
         self.port = port
+        self.page = page
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -159,35 +315,78 @@ class MetricsServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), 10)
-            for _ in range(100):  # drain headers, bounded
-                h = await asyncio.wait_for(reader.readline(), 10)
-                if h in (b"\r\n", b"\n", b""):
-                    break
-            parts = line.decode("latin-1").split()
-            path = parts[1] if len(parts) > 1 else "/"
-            if path == "/metrics":
-                status, ctype, body = (
-                    "200 OK",
-                    "text/plain; version=0.0.4",
-                    self.collector.render(),
-                )
-            elif path == "/healthz":
-                ok, detail = self.collector.health()
-                status = "200 OK" if ok else "503 Service Unavailable"
-                ctype, body = "application/json", json.dumps(detail).encode()
+            request = await _read_request(reader)
+            if request is None:
+                reply = Response("413 Content Too Large", "text/plain", b"too large\n")
             else:
-                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + body
-            )
+                try:
+                    reply = await self._route(request)
+                except Exception as exc:  # one bad request must not stop the listener
+                    log.error(
+                        "metrics_request_failed",
+                        path=request.path,
+                        error=redact(f"{type(exc).__name__}: {exc}"),
+                    )
+                    reply = Response(
+                        "500 Internal Server Error", "text/plain", b"internal error\n"
+                    )
+            head = [
+                f"HTTP/1.1 {reply.status}",
+                f"Content-Type: {reply.content_type}",
+                f"Content-Length: {len(reply.body)}",
+                *(f"{name}: {value}" for name, value in reply.headers),
+                "Connection: close",
+            ]
+            writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + reply.body)
             await writer.drain()
-        except (TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
+
+    async def _route(self, request: Request) -> Response:
+        if request.path == "/metrics" and request.method == "GET":
+            return Response(
+                "200 OK", "text/plain; version=0.0.4", self.collector.render()
+            )
+        if request.path == "/healthz" and request.method == "GET":
+            ok, detail = self.collector.health()
+            status = "200 OK" if ok else "503 Service Unavailable"
+            return Response(status, "application/json", json.dumps(detail).encode())
+        if request.path == "/" and self.page is not None:
+            if request.method == "GET":
+                return await self.page.get()
+            if request.method == "POST":
+                return await self.page.post(request)
+            return Response(
+                "405 Method Not Allowed", "text/plain", b"GET or POST\n",
+                (("Allow", "GET, POST"),),
+            )
+        return Response("404 Not Found", "text/plain", b"not found\n")
+
+
+async def _read_request(reader: asyncio.StreamReader) -> Request | None:
+    """Read one request (None: its body is over :data:`MAX_BODY`)."""
+    line = await asyncio.wait_for(reader.readline(), 10)
+    headers: dict[str, str] = {}
+    for _ in range(100):  # bounded
+        h = await asyncio.wait_for(reader.readline(), 10)
+        if h in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = h.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    parts = line.decode("latin-1").split()
+    method = parts[0].upper() if parts else "GET"
+    target = parts[1] if len(parts) > 1 else "/"
+    path, _, query = target.partition("?")
+    body = b""
+    length = headers.get("content-length", "0")
+    size = int(length) if length.isdigit() else 0
+    if size > MAX_BODY:
+        return None
+    if size:
+        body = await asyncio.wait_for(reader.readexactly(size), 10)
+    return Request(method, path, query, headers, body)
 
 
 def healthz_url(listen: str) -> str:

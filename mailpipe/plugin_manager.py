@@ -69,26 +69,25 @@ def get_plugin_manager(
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Register every entry point of :data:`ENTRY_POINT_GROUP` that is not blocked.
+
+    Each is imported here first, so that an import failure names its plugin; pluggy's
+    own loader then registers it and records its distribution, which
+    :func:`describe` reads back with ``pm.list_plugin_distinfo()`` (nothing global).
+    """
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if pm.is_blocked(ep.name) or pm.get_plugin(ep.name) is not None:
+        if pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
             continue
         try:
-            plugin = ep.load()
+            ep.load()
         except Exception as exc:
             raise PluginError(f'error importing plugin "{ep.name}": {exc}') from exc
         try:
-            pm.register(plugin, name=ep.name)
-        except ValueError as exc:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
+        except (ValueError, pluggy.PluginValidationError) as exc:
             raise PluginError(f'plugin "{ep.name}": {exc}') from exc
-        except pluggy.PluginValidationError as exc:
-            raise PluginError(f'plugin "{ep.name}": {exc}') from exc
-        dist = getattr(ep, "dist", None)
-        _DISTS[ep.name] = (dist.name, dist.version) if dist is not None else ("?", "?")
-
-
-_DISTS: dict[str, tuple[str, str]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,16 +102,27 @@ class PluginInfo:
 
 
 def describe(pm: pluggy.PluginManager, registry: Registry) -> list[PluginInfo]:
-    """List every registered plugin with its origin, version and registered names."""
+    """List every registered plugin with its origin, version and registered names.
+
+    The origin is ``builtin``; or, for a plugin loaded from an entry point, its
+    distribution's name and version as pluggy recorded them for ``pm``
+    (``pm.list_plugin_distinfo()``); or ``registered`` (version ``?``) for a plugin
+    that code registered on ``pm`` directly.
+    """
     from mailpipe import __version__
 
     builtin = {n for n, _ in BUILTIN_PLUGINS}
+    dists = {
+        pm.get_name(plugin): (dist.project_name, dist.version)
+        for plugin, dist in pm.list_plugin_distinfo()
+    }
     out = []
     for name, _plugin in pm.list_name_plugin():
         if name in builtin:
             origin, version = "builtin", __version__
         else:
-            origin, version = _DISTS.get(name, ("registered", "?"))
+            # Registered from an entry point: its distribution; else by code.
+            origin, version = dists.get(name, ("registered", "?"))
         out.append(
             PluginInfo(
                 name=name,
@@ -134,7 +144,10 @@ def describe(pm: pluggy.PluginManager, registry: Registry) -> list[PluginInfo]:
 
 
 class Hooks:
-    """Typed facade over the event hooks; exceptions from implementations are logged."""
+    """Typed facade over the event hooks; exceptions from implementations are logged.
+
+    When each hook fires is documented on its specification (:mod:`mailpipe.hookspecs`).
+    """
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self._pm = pm
@@ -150,19 +163,19 @@ class Hooks:
             )
 
     def session_started(self, *, mailbox: str, count: int, octets: int) -> None:
-        """Announce a session's message list."""
+        """Announce a commit window's listing (``mailpipe_session_started``)."""
         self._call(
             "mailpipe_session_started", mailbox=mailbox, count=count, octets=octets
         )
 
     def session_finished(self, *, mailbox: str, summary: dict[str, Any]) -> None:
-        """Announce a finished (committed or aborted) session."""
+        """Announce the end of a poll (``mailpipe_session_finished``)."""
         self._call("mailpipe_session_finished", mailbox=mailbox, summary=summary)
 
     def message_done(
         self, *, mailbox: str, uid: str, key: str, disposition: str
     ) -> None:
-        """Announce a finished message."""
+        """Announce a message whose outcome is durable (``mailpipe_message_done``)."""
         self._call(
             "mailpipe_message_done",
             mailbox=mailbox,
@@ -181,7 +194,7 @@ class Hooks:
         error: str,
         attempts: int,
     ) -> None:
-        """Announce a processor failure."""
+        """Announce a failed attempt (``mailpipe_message_failed``)."""
         self._call(
             "mailpipe_message_failed",
             mailbox=mailbox,
@@ -195,7 +208,7 @@ class Hooks:
     def message_quarantined(
         self, *, mailbox: str, uid: str, key: str, reason: str, path: str
     ) -> None:
-        """Announce a quarantined message."""
+        """Announce a quarantined message (``mailpipe_message_quarantined``)."""
         self._call(
             "mailpipe_message_quarantined",
             mailbox=mailbox,

@@ -100,6 +100,11 @@ class Processor(Protocol):
     ``transparent`` (default False): the step never decides and never changes what
     later steps see from the headers (``parse``); header prefetch passes over it.
 
+    ``requires`` (default ``()``): the ``use`` names of processors that must come
+    before this step in its pipeline (``filter`` declares ``("parse",)``). A chain
+    that does not honour it is a ConfigError naming the step
+    (:mod:`mailpipe.prerequisites`).
+
     Optional methods: ``open()``/``close()`` (sync or async) around a session,
     ``flush()``, and ``prefetch(message) -> Result`` for decisions on headers alone
     (``message.headers_only`` is true, from ``TOP n 0``); set ``header_only`` to True when

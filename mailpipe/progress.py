@@ -1,5 +1,9 @@
 """Progress bars per mailbox and the end-of-run summary table (rich).
 
+The bars are drawn on the console log lines use on a terminal (mailpipe.logs), so a
+line logged during a run appears above the bars; while they are on screen, the
+per-session info chatter is quiet (:func:`mailpipe.logs.set_live`).
+
 rich is imported only when a bar or the table is drawn: a daemon or a piped
 ``run --once`` does not pay for it at start-up.
 """
@@ -10,6 +14,7 @@ import sys
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from mailpipe.logs import set_live
 from mailpipe.secrets import redact
 
 if TYPE_CHECKING:
@@ -44,11 +49,13 @@ class ProgressView:
 
     @property
     def console(self) -> Console:
-        """The console bars are drawn on (stderr unless one was given)."""
+        """The console bars are drawn on: unless one was given, the terminal console
+        that log lines share (:func:`mailpipe.logs.terminal`), so rich prints them
+        above the bars, never into them."""
         if self._console is None:
-            from rich.console import Console
+            from mailpipe.logs import terminal
 
-            self._console = Console(file=sys.stderr)
+            self._console = terminal()
         return self._console
 
     def __enter__(self) -> ProgressView:
@@ -68,6 +75,7 @@ class ProgressView:
                 transient=False,
             )
             self._progress.start()
+            set_live(True)
         return self
 
     def __exit__(
@@ -78,6 +86,7 @@ class ProgressView:
     ) -> None:
         if self._progress is not None:
             self._progress.stop()
+            set_live(False)
 
     def update(self, mailbox: str, done: int, total: int) -> None:
         """Advance the bar of ``mailbox``."""

@@ -37,7 +37,11 @@ def _type(field: Any) -> str:
         if func is parse_size:
             return "size"
     annotation = field.annotation
-    for marker, name in (("parse_duration", "duration"), ("parse_size", "size")):
+    for marker, name in (
+        ("parse_duration", "duration"),
+        ("parse_size", "size"),
+        ("OidcOAuth", "oauth table"),  # mailpipe.oauth.options.OAuthOptions
+    ):
         if marker in str(annotation):
             return f"{name} \\| None" if "None" in str(annotation) else name
     simple = isinstance(annotation, type) and not getattr(annotation, "__args__", None)

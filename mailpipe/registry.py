@@ -16,13 +16,23 @@ Kind = Literal["source", "processor"]
 
 
 class Register(Protocol):
-    """What registration hooks receive: ``register(cls)``, or ``register.lazy(name,
-    "package.module:Class")`` to name a class whose module is imported only when a
-    configuration uses it (start-up cost: built-in plugins register this way)."""
+    """What registration hooks receive: two ways to register a class.
 
-    def __call__(self, cls: type[Any], /) -> None: ...
+    ``register(cls)`` registers a class already imported. ``register.lazy(name,
+    "package.module:Class")`` is the public lazy-registration helper: it registers
+    ``name`` now and imports the module only when a configuration uses ``name`` (the
+    class is checked then, and its ``name`` must match). Every built-in plugin
+    registers this way, so starting mailpipe imports only what its configuration uses.
+    """
 
-    def lazy(self, name: str, target: str) -> None: ...
+    def __call__(self, cls: type[Any], /) -> None:
+        """Register ``cls`` (checked now); a bad class or a taken name is a
+        :class:`~mailpipe.errors.PluginError`."""
+
+    def lazy(self, name: str, target: str) -> None:
+        """Register ``name`` as ``"package.module:Class"``, imported on first use; a
+        taken name is a :class:`~mailpipe.errors.PluginError` now, a broken target
+        one when the class is first needed."""
 
 
 class Entry:
@@ -94,6 +104,16 @@ def _check(kind: Kind, cls: type[Any], plugin: str) -> str:
     method = "process" if kind == "processor" else "session"
     if not callable(getattr(cls, method, None)):
         raise PluginError(f"plugin {plugin!r}: {kind} {name!r} has no `{method}()`")
+    requires = getattr(cls, "requires", ())
+    if not (
+        isinstance(requires, tuple)
+        and all(isinstance(n, str) and n for n in requires)
+    ):
+        # mailpipe.prerequisites reads it: a tuple of `use` names, e.g. ("parse",).
+        raise PluginError(
+            f"plugin {plugin!r}: {kind} {name!r}: `requires` must be a tuple of "
+            f"processor names, e.g. ('parse',); got {requires!r}"
+        )
     return name
 
 
@@ -158,21 +178,6 @@ def lazy_exports(package: str, table: dict[str, str]) -> Callable[[str], Any]:
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return __getattr__
-
-
-def register_lazy(register: Register, package: str, table: dict[str, str]) -> None:
-    """Register ``{name: "module:Class"}`` (modules relative to ``package``) lazily."""
-    for name, target in table.items():
-        register.lazy(name, f"{package}.{target}")
-
-
-def register_modules(register: Register, package: str, modules: tuple[str, ...]) -> None:
-    """Register the ``PROCESSORS`` of each module ``package.NAME`` (a plugin package's
-    submodules, e.g. ``store.sqlite``); an import error names the module."""
-    for name in modules:
-        module = importlib.import_module(f"{package}.{name}")
-        for cls in module.PROCESSORS:
-            register(cls)
 
 
 def collect(pm: pluggy.PluginManager) -> Registry:

@@ -31,6 +31,7 @@ from typing import Any, Final
 
 from mailpipe.config import Config
 from mailpipe.errors import MailpipeError
+from mailpipe.readonly import ReadOnlyOpenError, connect_read_only
 
 #: The store schema version that has the FTS5 index (plugins/store/sqlite.py, v2).
 FTS_VERSION: Final = 2
@@ -133,7 +134,8 @@ def pick_store(config: Config, wanted: str | None = None) -> StoreRef:
 
 
 def open_store(store: StoreRef) -> sqlite3.Connection:
-    """Open ``store``'s database read-only.
+    """Open ``store``'s database read-only (also in a read-only folder without its
+    ``-shm`` file: :func:`mailpipe.readonly.connect_read_only`).
 
     :raises MailpipeError: the file does not exist (nothing stored yet), is not a
         store.sqlite database, or predates the FTS5 index (a run migrates it).
@@ -142,11 +144,14 @@ def open_store(store: StoreRef) -> sqlite3.Connection:
         raise MailpipeError(
             f"{store.where}: {store.path} does not exist (nothing stored yet?)"
         )
-    uri = f"{store.path.resolve().as_uri()}?mode=ro"
     try:
-        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        conn = connect_read_only(store.path)
+    except ReadOnlyOpenError as exc:
+        raise MailpipeError(f"{store.where}: {exc}") from exc
+    try:
         row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
     except sqlite3.Error as exc:
+        conn.close()
         raise MailpipeError(f"{store.where}: cannot read {store.path}: {exc}") from exc
     version = int(row[0] or 0)
     if version < FTS_VERSION:

@@ -70,9 +70,21 @@ def _remember(values: set[str]) -> None:
         if not new:
             return
         _KNOWN.update(new)
-        # Longest first: a secret that contains another is masked whole.
-        ordered = sorted(_KNOWN, key=len, reverse=True)
-        _PATTERN = re.compile("|".join(_token(v) for v in ordered))
+        # Compiled at the next redact(), not here: a config with a thousand mailboxes
+        # remembers a thousand passwords, and compiling the growing pattern after each
+        # one cost quadratic time at start-up (minutes with 200 mailboxes on a busy host).
+        _PATTERN = None
+
+
+def _pattern() -> re.Pattern[str] | None:
+    """Every known secret as one pattern, compiled once per change of the set."""
+    global _PATTERN
+    with _LOCK:
+        if _PATTERN is None and _KNOWN:
+            # Longest first: a secret that contains another is masked whole.
+            ordered = sorted(_KNOWN, key=len, reverse=True)
+            _PATTERN = re.compile("|".join(_token(v) for v in ordered))
+        return _PATTERN
 
 
 # scheme://user:PASSWORD@host — the password of a URL's userinfo (RFC 3986 §3.2.1),
@@ -130,7 +142,7 @@ def redact(text: str) -> str:
     """Replace every URL's password, and every known secret value where it stands as a
     token of its own (see the module docstring), inside ``text``."""
     text = mask_url_passwords(text)
-    pattern = _PATTERN
+    pattern = _pattern()
     return text if pattern is None else pattern.sub(MASK, text)
 
 

@@ -205,12 +205,13 @@ class Source(Protocol):
     Constructed as ``SourceClass(options, context)`` with a :class:`SourceContext`;
     ``session()`` returns an async context manager that connects and authenticates on
     enter and aborts (never commits) on exit, so an exception can never delete anything.
-    ``acknowledgements`` lists the :class:`AckKind` values its sessions implement.
+    A class attribute ``acknowledgements`` (a frozenset of :class:`AckKind`) lists what
+    its sessions implement; a source without it (written against the first contract)
+    is taken to support ``delete`` and ``keep`` (see :func:`acknowledgements_of`).
     """
 
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]]
-    acknowledgements: ClassVar[frozenset[AckKind]]
 
     def session(self) -> AbstractAsyncContextManager[SourceSession]:
         """Open one session with the mailbox."""

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mailpipe.config import Config
-from mailpipe.journal.base import Journal, PollRecord
+from mailpipe.journal.base import Journal, Lease, PollRecord
 from mailpipe.journal.sqlite import SqliteJournal
 from mailpipe.metrics import is_stale
 from mailpipe.quarantine import Quarantine
@@ -72,7 +72,7 @@ def _age(then: datetime | None, now: datetime) -> float | None:
 
 def collect(
     config: Config,
-    journal: Journal,
+    journal: Journal | None,
     quarantine: Quarantine,
     *,
     now: datetime | None = None,
@@ -80,16 +80,21 @@ def collect(
     """Return the status of every configured mailbox, in config order.
 
     Reads only: the journal's poll records, oldest pending entries and locks (never
-    taking one), and the quarantine's sidecars.
+    taking one), and the quarantine's sidecars. ``journal`` None means there is no
+    journal yet: nothing was ever polled.
 
     :raises JournalError: the journal cannot be read.
     """
     now = now or datetime.now(UTC)
     unhealthy_after = float(config.model.metrics.unhealthy_after)
     names = [m.name for m in config.mailboxes]
-    polls = journal.polls()
-    pending = journal.oldest_pending()
-    leases = journal.leases(names)
+    polls: dict[str, PollRecord] = {}
+    pending: dict[str, datetime] = {}
+    leases: dict[str, Lease] = {}
+    if journal is not None:
+        polls = journal.polls()
+        pending = journal.oldest_pending()
+        leases = journal.leases(names)
     local = isinstance(journal, SqliteJournal)  # flock: no expiry, "local lock"
     out = []
     for spec in config.mailboxes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -282,3 +283,43 @@ def test_hook_mailpipe_message_quarantined(recorded: tuple[Hooks, Recorder]) -> 
         )
     ]
     assert logs == []
+
+
+# --- docs/plugins.md's hook table is the hookspecs, exactly --------------------------
+
+GUIDE = TESTS.parent / "docs" / "plugins.md"
+ROW = re.compile(r"^\| `(mailpipe_\w+)` \| (.+?) \| (.+?) \|$", re.MULTILINE)
+
+
+def guide_hook_table() -> dict[str, tuple[str, list[str]]]:
+    """hook -> (when, [arguments]) from the table under "## Event hooks"."""
+    text = GUIDE.read_text()
+    section = text[text.index("## Event hooks") :]
+    section = section[: section.index("\n## ", 1)]
+    return {
+        m.group(1): (m.group(2), re.findall(r"`(\w+)`", m.group(3)))
+        for m in ROW.finditer(section)
+    }
+
+
+def test_guide_hook_table_lists_exactly_the_hookspecs() -> None:
+    table = guide_hook_table()
+    assert sorted(table) == HOOKS
+    for hook, (_when, args) in table.items():
+        spec_args = list(inspect.signature(hook_functions()[hook]).parameters)
+        assert args == spec_args, f"docs/plugins.md lists {args} for {hook}"
+
+
+@pytest.mark.parametrize("hook", EVENT_HOOKS)
+def test_guide_says_when_each_event_hook_fires_as_its_spec_does(hook: str) -> None:
+    doc = inspect.getdoc(hook_functions()[hook]) or ""
+    summary = doc.splitlines()[0].replace("``", "`")
+    assert guide_hook_table()[hook][0] == summary
+
+
+def test_hookspec_session_finished_documents_every_summary_key() -> None:
+    from mailpipe.ledger import Summary
+
+    doc = inspect.getdoc(hookspecs.mailpipe_session_finished) or ""
+    for key in Summary(mailbox="m").as_dict():
+        assert f"``{key}``" in doc, f"mailpipe_session_finished omits summary[{key!r}]"

@@ -387,6 +387,14 @@ def test_describe_lists_builtins_and_entry_point_distribution(
     # Every registered processor is attributed to exactly one described plugin.
     listed = [p for info in infos.values() for p in info.processors]
     assert sorted(listed) == sorted(registry.processors)
+    # The origin is what pluggy recorded for this manager (list_plugin_distinfo): the
+    # same module registered by code on another manager is "registered" there, and
+    # nothing remembered from the first manager leaks into the second.
+    assert [pm.get_name(p) for p, _ in pm.list_plugin_distinfo()] == ["descplug"]
+    other = get_plugin_manager(entry_points=False)
+    other.register(sys.modules["mp_test_descplug"], name="descplug")
+    info = {i.name: i for i in describe(other, collect(other))}["descplug"]
+    assert (info.origin, info.version) == ("registered", "?")
 
 
 def test_hooks_facade_swallows_and_logs_event_hook_errors() -> None:
@@ -434,3 +442,18 @@ def test_hooks_facade_passes_keyword_arguments_to_implementations() -> None:
         ("failed", {"processor": "store.sqlite", "attempts": 2}),
     ]
     assert logs == []
+
+
+def test_plugin_host_modules_keep_no_mutable_module_state() -> None:
+    # Everything a plugin manager learns lives on it (fresh per call, STYLE 2.4): no
+    # module-level dict, list or set that one manager could leak into the next.
+    from mailpipe import registry as registry_mod
+
+    for module in (pm_mod, registry_mod):
+        state = {
+            name
+            for name, value in vars(module).items()
+            if not name.startswith("__") and isinstance(value, dict | list | set)
+        }
+        assert state == set(), f"{module.__name__} keeps module state: {state}"
+

@@ -227,3 +227,76 @@ def test_a_lazy_entry_is_checked_when_first_used() -> None:
     with pytest.raises(PluginError, match="module:Class"):
         reg.add_lazy("processor", "t.bad", "no-colon", "plug")
 
+
+
+class _RecordingRegister:
+    """A ``register`` that records which door each class came through."""
+
+    def __init__(self) -> None:
+        self.eager: list[type[Any]] = []
+        self.lazy_names: list[tuple[str, str]] = []
+
+    def __call__(self, cls: type[Any], /) -> None:
+        self.eager.append(cls)
+
+    def lazy(self, name: str, target: str) -> None:
+        self.lazy_names.append((name, target))
+
+
+def test_every_builtin_registers_through_the_public_lazy_helper() -> None:
+    import importlib
+
+    from mailpipe.plugin_manager import BUILTIN_PLUGINS
+
+    for plugin, dotted in BUILTIN_PLUGINS:
+        module = importlib.import_module(dotted)
+        register = _RecordingRegister()
+        for hook in ("mailpipe_register_sources", "mailpipe_register_processors"):
+            fn = getattr(module, hook, None)
+            if fn is not None:
+                fn(register=register)
+        assert register.eager == [], f"{plugin} registers eagerly"
+        assert register.lazy_names, f"{plugin} registers nothing"
+        for _name, target in register.lazy_names:
+            assert target.startswith(f"{dotted}."), (plugin, target)
+
+
+def test_loading_the_plugins_imports_no_builtin_implementation() -> None:
+    # What register.lazy promises: building the registry imports no processor or
+    # source module; a configuration's first use does (checked in a fresh process).
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from mailpipe.plugin_manager import load\n"
+        "_, reg = load(entry_points=False)\n"
+        "names = sorted(reg.sources) + sorted(reg.processors)\n"
+        "before = sorted(m for m in sys.modules if m.startswith('mailpipe.plugins.'))\n"
+        "reg.source('pop3'); reg.processor('filter')\n"
+        "after = sorted(m for m in sys.modules if m.startswith('mailpipe.plugins.'))\n"
+        "print(json.dumps({'names': names, 'before': before, 'after': after}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", code],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    result = json.loads(done.stdout)
+    assert {"pop3", "parse", "filter", "store.jsonl", "forward.webhook"} <= set(
+        result["names"]
+    )
+    packages = {f"mailpipe.plugins.{n}" for n in ("pop3", "parse", "filter", "store",
+                                                  "forward")}
+    assert set(result["before"]) == packages
+    assert "mailpipe.plugins.pop3.source" in result["after"]
+    assert "mailpipe.plugins.filter.processor" in result["after"]
+
+
+@pytest.mark.parametrize("bad", ["parse", ["parse"], ("parse", ""), (1,)])
+def test_requires_must_be_a_tuple_of_processor_names(bad: Any) -> None:
+    cls = type("NeedsParse", (GoodProcessor,), {"requires": bad})
+    with pytest.raises(PluginError, match=r"processor 't.good': `requires` must be"):
+        Registry().add("processor", cls, "plug")
+    ok = type("NeedsParse", (GoodProcessor,), {"requires": ("parse",)})
+    Registry().add("processor", ok, "plug")

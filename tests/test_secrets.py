@@ -341,3 +341,33 @@ def test_a_raw_at_sign_in_a_url_password_is_masked_whole() -> None:
     assert password in known_secret_values() and "p" not in known_secret_values()
     text = mask_url_passwords(f"postgresql://u:{password}@db.example/x")
     assert text == f"postgresql://u:{MASK}@db.example/x"
+
+
+def test_many_secrets_compile_the_pattern_once(monkeypatch) -> None:
+    # 200 mailboxes made start-up quadratic: the pattern was recompiled per secret.
+    import re as real_re
+    import types
+
+    import mailpipe.secrets as secrets_module
+
+    compiles: list[str] = []
+
+    def counting_compile(pattern, flags=0):
+        compiles.append(pattern)
+        return real_re.compile(pattern, flags)
+
+    fake_re = types.SimpleNamespace(**{k: getattr(real_re, k) for k in dir(real_re)
+                                       if not k.startswith("__")})
+    fake_re.compile = counting_compile
+    monkeypatch.setattr(secrets_module, "re", fake_re)
+    secrets_module.forget_secrets()
+    for i in range(500):
+        secrets_module.remember_secret(f"pw-{i:04d}-mailbox")
+    assert compiles == []
+    assert secrets_module.redact("x pw-0007-mailbox y") == f"x {secrets_module.MASK} y"
+    assert secrets_module.redact("pw-0499-mailbox") == secrets_module.MASK
+    assert len(compiles) == 1
+    secrets_module.remember_secret("one-more-secret")
+    assert secrets_module.redact("one-more-secret") == secrets_module.MASK
+    assert len(compiles) == 2
+    secrets_module.forget_secrets()

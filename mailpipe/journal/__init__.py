@@ -5,14 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from mailpipe.journal.base import Entry, Journal, Lease, PollRecord, Status
-from mailpipe.journal.errors import JournalError, SchemaVersionError
+from mailpipe.journal.errors import (
+    JournalError,
+    JournalMissingError,
+    SchemaOutdatedError,
+    SchemaVersionError,
+)
 
 __all__ = [
     "Entry",
     "Journal",
     "JournalError",
+    "JournalMissingError",
     "Lease",
     "PollRecord",
+    "SchemaOutdatedError",
     "SchemaVersionError",
     "Status",
     "open_journal",
@@ -21,8 +28,10 @@ __all__ = [
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
-def open_journal(url_or_path: str, *, base_dir: Path) -> Journal:
-    """Open the journal that ``url_or_path`` names.
+def open_journal(
+    url_or_path: str, *, base_dir: Path, read_only: bool = False
+) -> Journal:
+    """Open the journal that ``url_or_path`` names (``read_only``: see the backends).
 
     ``postgresql://…`` (or ``postgres://…``) opens a :class:`PostgresJournal` (an
     optional ``schema=NAME`` query parameter selects the PostgreSQL schema); anything
@@ -32,10 +41,12 @@ def open_journal(url_or_path: str, *, base_dir: Path) -> Journal:
     if url_or_path.startswith(_POSTGRES_SCHEMES):
         from mailpipe.journal.postgres import PostgresJournal
 
-        return PostgresJournal.from_url(url_or_path)
+        return PostgresJournal.from_url(url_or_path, read_only=read_only)
     from mailpipe.journal.sqlite import SqliteJournal
 
     if url_or_path == ":memory:":
         return SqliteJournal(url_or_path)
     path = Path(url_or_path).expanduser()
-    return SqliteJournal(path if path.is_absolute() else base_dir / path)
+    return SqliteJournal(
+        path if path.is_absolute() else base_dir / path, read_only=read_only
+    )

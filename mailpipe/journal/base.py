@@ -89,76 +89,6 @@ class PollRecord:
     next_poll: datetime | None = None
 
 
-#: The columns of a poll record, in the order :func:`poll_record` reads them.
-POLL_COLUMNS = (
-    "mailbox, owner, first_polled, polled_at, last_success, last_error_at, "
-    "last_error, last_error_type, backlog, next_poll"
-)
-
-
-def poll_upsert(table: str, mark: str, *, alias: str = "") -> str:
-    """The upsert of one poll record into ``table`` (the columns of
-    :data:`POLL_COLUMNS`), with ``mark`` as the placeholder (``?`` or ``%s``) and the
-    existing row named ``alias`` when the dialect needs one (PostgreSQL: ``p``).
-    Parameters: :func:`poll_params`. The rule of :meth:`Journal.record_poll` in SQL."""
-    old = f"{alias}." if alias else ""
-    marks = ", ".join([mark] * 10)
-    return (
-        f"INSERT INTO {table}{f' AS {alias}' if alias else ''} ({POLL_COLUMNS}) "
-        f"VALUES ({marks}) "
-        "ON CONFLICT (mailbox) DO UPDATE SET owner = excluded.owner, "
-        "polled_at = excluded.polled_at, "
-        f"last_success = coalesce(excluded.last_success, {old}last_success), "
-        f"last_error_at = coalesce(excluded.last_error_at, {old}last_error_at), "
-        "last_error = CASE WHEN excluded.last_error_at IS NULL "
-        f"THEN {old}last_error ELSE excluded.last_error END, "
-        "last_error_type = CASE WHEN excluded.last_error_at IS NULL "
-        f"THEN {old}last_error_type ELSE excluded.last_error_type END, "
-        f"backlog = coalesce(excluded.backlog, {old}backlog), "
-        "next_poll = excluded.next_poll"
-    )
-
-
-def poll_params(
-    mailbox: str,
-    owner: str,
-    now: Any,
-    *,
-    error: str,
-    error_type: str,
-    backlog: int | None,
-    next_poll: Any,
-) -> tuple[Any, ...]:
-    """The parameters of :func:`poll_upsert`; ``now`` and ``next_poll`` in the
-    backend's own time representation (a poll without ``error`` is a success)."""
-    ok = not error
-    return (
-        mailbox, owner, now, now, now if ok else None, None if ok else now,
-        error, error_type, backlog, next_poll,
-    )
-
-
-def poll_record(row: Sequence[Any], when: Callable[[Any], datetime]) -> PollRecord:
-    """Build a :class:`PollRecord` from a row of :data:`POLL_COLUMNS`; ``when`` turns
-    the backend's stored time into an aware UTC datetime."""
-
-    def maybe(value: Any) -> datetime | None:
-        return None if value is None else when(value)
-
-    return PollRecord(
-        mailbox=row[0],
-        owner=row[1],
-        first_polled=when(row[2]),
-        polled_at=when(row[3]),
-        last_success=maybe(row[4]),
-        last_error_at=maybe(row[5]),
-        last_error=row[6],
-        last_error_type=row[7],
-        backlog=None if row[8] is None else int(row[8]),
-        next_poll=maybe(row[9]),
-    )
-
-
 @dataclass(slots=True, kw_only=True)
 class Lease:
     """Who holds a mailbox's lock now: ``owner`` (``host:pid``) and until when.
@@ -309,6 +239,30 @@ def iter_chunks(items: Iterable[str], size: int = 500) -> Iterator[list[str]]:
         yield chunk
 
 
+#: The OAuth token cache (:mod:`mailpipe.oauth.cache`): one row per account (the key
+#: shared by every mailbox of one account). ``sealed`` holds the access and refresh
+#: tokens encrypted with the ``cache_key``; the other columns are what ``mailpipe auth
+#: status`` shows. ``lease_owner``/``lease_until`` make one worker at a time refresh.
+#: Times are Unix seconds. Format with ``table`` and ``real`` (the float type).
+OAUTH_TOKENS_TABLE = """
+        CREATE TABLE {table} (
+            account        text    PRIMARY KEY,
+            description    text    NOT NULL DEFAULT '{{}}',
+            sealed         text    NOT NULL DEFAULT '',
+            expires_at     {real},
+            refresh_at     {real},
+            rt_issued_at   {real},
+            last_refresh   {real},
+            refreshes      integer NOT NULL DEFAULT 0,
+            last_error     text    NOT NULL DEFAULT '',
+            last_error_code text   NOT NULL DEFAULT '',
+            last_error_at  {real},
+            lease_owner    text,
+            lease_until    {real}
+        )
+        """
+
+
 def apply_migrations(
     execute: Callable[..., Any],
     *,
@@ -342,3 +296,31 @@ def apply_migrations(
     elif current != latest:
         execute(f"UPDATE {table} SET version = {param}", (latest,))
     return current
+
+
+def check_schema(version: int | None, *, latest: int, where: str) -> None:
+    """For a read-only open: accept only the schema this code reads (``latest``).
+
+    ``version`` is the stored version, None when the version table is missing.
+
+    :raises JournalMissingError: no version table (an empty database).
+    :raises SchemaOutdatedError: older; reading must not migrate it.
+    :raises SchemaVersionError: newer than this mailpipe knows.
+    """
+    from mailpipe.journal.errors import (
+        JournalMissingError,
+        SchemaOutdatedError,
+        SchemaVersionError,
+    )
+
+    if version is None:
+        raise JournalMissingError(f"{where} has no mailpipe tables yet")
+    if version > latest:
+        raise SchemaVersionError(
+            f"{where} has schema version {version}; this mailpipe knows up to {latest}"
+        )
+    if version < latest:
+        raise SchemaOutdatedError(
+            f"{where} has schema version {version} (this mailpipe reads {latest}); "
+            "the next `mailpipe run` migrates it"
+        )

@@ -11,3 +11,11 @@ class JournalError(MailpipeError):
 
 class SchemaVersionError(JournalError):
     """The journal's schema is newer than this mailpipe knows; upgrade mailpipe."""
+
+
+class JournalMissingError(JournalError):
+    """A read-only open found no journal yet (no ``mailpipe run`` has created it)."""
+
+
+class SchemaOutdatedError(JournalError):
+    """A read-only open found an older schema; the next ``mailpipe run`` migrates it."""

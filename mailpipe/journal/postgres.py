@@ -27,17 +27,23 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import structlog
 
 from mailpipe.journal.base import (
-    POLL_COLUMNS,
+    OAUTH_TOKENS_TABLE,
     Entry,
     Lease,
     PollRecord,
     Status,
     apply_migrations,
+    check_schema,
+)
+from mailpipe.journal.errors import JournalError
+from mailpipe.journal.rows import (
+    ENTRY_COLUMNS,
+    POLL_COLUMNS,
+    entry,
     poll_params,
     poll_record,
     poll_upsert,
 )
-from mailpipe.journal.errors import JournalError
 from mailpipe.message import message_key
 from mailpipe.pgtls import secure_dsn
 from mailpipe.secrets import redact
@@ -98,16 +104,18 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # 3: the OAuth token cache (mailpipe.oauth.cache), shared by the workers.
+    (
+        OAUTH_TOKENS_TABLE.format(
+            table="mailpipe_oauth_tokens", real="double precision"
+        ),
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 # Serialises schema creation and migrations between workers starting together.
 _MIGRATION_LOCK: Final = 0x6D61696C70697065  # "mailpipe"
 
-_COLUMNS: Final = (
-    "mailbox, uid, key, status, attempts, size, sha256, steps, disposition, reason, "
-    "last_error, delete_due, first_seen, updated"
-)
 
 
 def _utcnow() -> datetime:
@@ -118,24 +126,6 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
-def _entry(row: tuple[Any, ...]) -> Entry:
-    return Entry(
-        mailbox=row[0],
-        uid=row[1],
-        key=row[2],
-        status=Status(row[3]),
-        attempts=row[4],
-        size=row[5],
-        sha256=row[6],
-        steps=list(row[7]),
-        disposition=row[8],
-        reason=row[9],
-        last_error=row[10],
-        delete_due=bool(row[11]),
-        first_seen=row[12].astimezone(UTC),
-        updated=row[13].astimezone(UTC),
-    )
-
 
 class PostgresJournal:
     """The shared :class:`~mailpipe.journal.base.Journal` in PostgreSQL.
@@ -143,6 +133,9 @@ class PostgresJournal:
     ``dsn`` is a libpq connection string or URL. ``schema`` (created when missing) holds
     the tables; by default the connection's search_path decides. ``clock`` returns the
     current UTC time for entry timestamps (tests); leases use the server's clock.
+    ``read_only`` (``mailpipe status``): the session's transactions are READ ONLY and
+    the schema is checked, never created or migrated (JournalMissingError when it has
+    no tables yet, SchemaOutdatedError when older than this code's).
     """
 
     def __init__(
@@ -152,6 +145,7 @@ class PostgresJournal:
         schema: str | None = None,
         connect_timeout: float = 10.0,
         clock: Callable[[], datetime] = _utcnow,
+        read_only: bool = False,
     ) -> None:
         self.dsn = dsn
         self.schema = schema
@@ -165,7 +159,32 @@ class PostgresJournal:
         self._closed = False
         self._lease_conn: psycopg.Connection[tuple[Any, ...]] | None = None
         self._conn = self._connect()
-        self._migrate()
+        if not read_only:
+            self._migrate()
+            return
+        try:
+            self._check_schema()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _check_schema(self) -> None:
+        import psycopg
+
+        conn = self._conn
+        with self._translate():
+            conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            try:
+                row = conn.execute(
+                    "SELECT version FROM mailpipe_schema_version"
+                ).fetchone()
+            except psycopg.errors.UndefinedTable:
+                row = None
+        check_schema(
+            None if row is None else int(row[0]),
+            latest=SCHEMA_VERSION,
+            where="PostgreSQL journal" + (f" (schema {self.schema})" if self.schema else ""),
+        )
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> PostgresJournal:
@@ -332,34 +351,34 @@ class PostgresJournal:
             rows = (
                 self._live()
                 .execute(
-                    f"SELECT {_COLUMNS} FROM mailpipe_journal "
+                    f"SELECT {ENTRY_COLUMNS} FROM mailpipe_journal "
                     "WHERE mailbox = %s AND uid = ANY(%s)",
                     (mailbox, list(uids)),
                 )
                 .fetchall()
             )
-        return {row[1]: _entry(row) for row in rows}
+        return {row[1]: entry(row, _utc) for row in rows}
 
     def begin(self, mailbox: str, uid: str, *, key: str, size: int) -> Entry:
         """Insert a PENDING entry if absent; return the current entry."""
         now = self._clock()
         select = (
-            f"SELECT {_COLUMNS} FROM mailpipe_journal WHERE mailbox = %s AND uid = %s"
+            f"SELECT {ENTRY_COLUMNS} FROM mailpipe_journal WHERE mailbox = %s AND uid = %s"
         )
         with self._tx() as conn:
             row = conn.execute(
                 "WITH ins AS (INSERT INTO mailpipe_journal "
                 "(mailbox, uid, key, status, size, first_seen, updated) "
                 "VALUES (%s, %s, %s, 'pending', %s, %s, %s) "
-                f"ON CONFLICT (mailbox, uid) DO NOTHING RETURNING {_COLUMNS}) "
-                f"SELECT {_COLUMNS} FROM ins UNION ALL "
+                f"ON CONFLICT (mailbox, uid) DO NOTHING RETURNING {ENTRY_COLUMNS}) "
+                f"SELECT {ENTRY_COLUMNS} FROM ins UNION ALL "
                 f"{select} AND NOT EXISTS (SELECT 1 FROM ins)",
                 (mailbox, uid, key, size, now, now, mailbox, uid),
             ).fetchone()
             if row is None:  # inserted concurrently after this statement's snapshot
                 row = conn.execute(select, (mailbox, uid)).fetchone()
         assert row is not None
-        return _entry(row)
+        return entry(row, _utc)
 
     def step_committed(self, mailbox: str, uid: str, step: str) -> None:
         """Record that chain step ``step`` durably committed for this message."""
@@ -468,13 +487,13 @@ class PostgresJournal:
             rows = (
                 self._live()
                 .execute(
-                    f"SELECT {_COLUMNS} FROM mailpipe_journal {clause} "
+                    f"SELECT {ENTRY_COLUMNS} FROM mailpipe_journal {clause} "
                     "ORDER BY first_seen DESC, seq DESC LIMIT %s",
                     (*params, limit),
                 )
                 .fetchall()
             )
-        return [_entry(row) for row in rows]
+        return [entry(row, _utc) for row in rows]
 
     def forget(self, mailbox: str, uids: Iterable[str] | None = None) -> int:
         """Delete entries (the whole mailbox when ``uids`` is None); count them."""

@@ -34,18 +34,24 @@ from typing import Any, Final
 import structlog
 
 from mailpipe.journal.base import (
-    POLL_COLUMNS,
+    OAUTH_TOKENS_TABLE,
     Entry,
     Lease,
     PollRecord,
     Status,
     apply_migrations,
+    check_schema,
     iter_chunks,
+)
+from mailpipe.journal.errors import JournalError, JournalMissingError
+from mailpipe.journal.rows import (
+    ENTRY_COLUMNS,
+    POLL_COLUMNS,
+    entry,
     poll_params,
     poll_record,
     poll_upsert,
 )
-from mailpipe.journal.errors import JournalError
 from mailpipe.message import message_key
 
 log = structlog.get_logger()
@@ -91,37 +97,17 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # 3: the OAuth token cache (mailpipe.oauth.cache), shared by the workers.
+    (OAUTH_TOKENS_TABLE.format(table="oauth_tokens", real="REAL"),),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
-_COLUMNS: Final = (
-    "mailbox, uid, key, status, attempts, size, sha256, steps, disposition, reason, "
-    "last_error, delete_due, first_seen, updated"
-)
 _MEMORY: Final = ":memory:"
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
-
-def _entry(row: tuple[Any, ...]) -> Entry:
-    return Entry(
-        mailbox=row[0],
-        uid=row[1],
-        key=row[2],
-        status=Status(row[3]),
-        attempts=row[4],
-        size=row[5],
-        sha256=row[6],
-        steps=list(json.loads(row[7])),
-        disposition=row[8],
-        reason=row[9],
-        last_error=row[10],
-        delete_due=bool(row[11]),
-        first_seen=datetime.fromtimestamp(row[12], UTC),
-        updated=datetime.fromtimestamp(row[13], UTC),
-    )
 
 
 def _time(value: float) -> datetime:
@@ -186,6 +172,10 @@ class SqliteJournal:
     ``path`` is created with its parent folders; ``":memory:"`` works for tests (mailbox
     locks are then local to this object). ``busy_timeout`` is how long a write waits for
     another process's transaction. ``clock`` returns the current UTC time (tests).
+    ``read_only`` (``mailpipe status``) creates, migrates and changes nothing: a
+    missing file raises JournalMissingError, another schema version than this code's
+    raises SchemaOutdatedError or SchemaVersionError (see
+    :func:`mailpipe.readonly.connect_read_only` for a read-only folder).
     """
 
     def __init__(
@@ -194,6 +184,7 @@ class SqliteJournal:
         *,
         busy_timeout: float = 30.0,
         clock: Callable[[], datetime] = _utcnow,
+        read_only: bool = False,
     ) -> None:
         self.path = Path(path)
         self._memory = str(path) == _MEMORY
@@ -201,6 +192,10 @@ class SqliteJournal:
         self._lock = threading.RLock()
         self._depth = 0
         self._locks: dict[str, tuple[str, int | None]] = {}
+        if read_only:
+            self._conn = self._open_read_only()
+            self._closed = False
+            return
         try:
             if not self._memory:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -224,6 +219,33 @@ class SqliteJournal:
         except BaseException:
             self._conn.close()
             raise
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        from mailpipe.readonly import ReadOnlyOpenError, connect_read_only
+
+        if self._memory or not self.path.is_file():
+            raise JournalMissingError(f"journal {self.path} does not exist")
+        try:
+            conn = connect_read_only(self.path)
+        except ReadOnlyOpenError as exc:
+            raise JournalError(f"journal: {exc}") from exc
+        try:
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+        except sqlite3.OperationalError:  # no schema_version table
+            row = None
+        except sqlite3.Error as exc:
+            conn.close()
+            raise JournalError(f"journal {self.path}: {exc}") from exc
+        try:
+            check_schema(
+                None if row is None else int(row[0]),
+                latest=SCHEMA_VERSION,
+                where=f"journal {self.path}",
+            )
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     # -- schema ---------------------------------------------------------------------
 
@@ -348,10 +370,10 @@ class SqliteJournal:
 
     def _get(self, conn: sqlite3.Connection, mailbox: str, uid: str) -> Entry:
         row = conn.execute(
-            f"SELECT {_COLUMNS} FROM entries WHERE mailbox = ? AND uid = ?",
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE mailbox = ? AND uid = ?",
             (mailbox, uid),
         ).fetchone()
-        return _entry(row)
+        return entry(row, _time)
 
     def owed(self, mailbox: str) -> list[str]:
         """Return the uids whose DELE is still owed (``delete_due``)."""
@@ -378,12 +400,12 @@ class SqliteJournal:
             for chunk in iter_chunks(uids):
                 marks = ",".join("?" * len(chunk))
                 rows = self._conn.execute(
-                    f"SELECT {_COLUMNS} FROM entries "
+                    f"SELECT {ENTRY_COLUMNS} FROM entries "
                     f"WHERE mailbox = ? AND uid IN ({marks})",
                     (mailbox, *chunk),
                 ).fetchall()
                 for row in rows:
-                    found[row[1]] = _entry(row)
+                    found[row[1]] = entry(row, _time)
         return found
 
     def begin(self, mailbox: str, uid: str, *, key: str, size: int) -> Entry:
@@ -490,11 +512,11 @@ class SqliteJournal:
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         with self._guard():
             rows = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM entries {clause} "
+                f"SELECT {ENTRY_COLUMNS} FROM entries {clause} "
                 "ORDER BY first_seen DESC, rowid DESC LIMIT ?",
                 (*params, limit),
             ).fetchall()
-        return [_entry(row) for row in rows]
+        return [entry(row, _time) for row in rows]
 
     def forget(self, mailbox: str, uids: Iterable[str] | None = None) -> int:
         """Delete entries (the whole mailbox when ``uids`` is None); count them."""

@@ -195,22 +195,82 @@ def write_pipeline(
     table.update(mailbox or {})
     lines = [
         "# Written by mailpipe.testing.e2e for an end-to-end delivery test.",
-        "[state]",
-        'path = "var/journal.sqlite3"',
-        "[quarantine]",
-        'dir = "var/quarantine"',
-        "[scheduler]",
-        *(f"{k} = {toml_value(v)}" for k, v in (scheduler or {}).items()),
+        *_config_lines(
+            {"scheduler": scheduler or {}}, table, pipeline or {}, processors
+        ),
+    ]
+    path = directory / "pipeline.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _config_lines(
+    sections: Mapping[str, Mapping[str, Any]],
+    mailbox: Mapping[str, Any],
+    pipeline: Mapping[str, Any],
+    processors: Sequence[Mapping[str, Any]],
+) -> list[str]:
+    """The TOML lines of a one-mailbox config: journal ``var/journal.sqlite3``,
+    quarantine ``var/quarantine``, ``sections`` (name -> keys), the mailbox table
+    and ``[pipelines.default]`` with ``processors``."""
+    lines = ["[state]", 'path = "var/journal.sqlite3"', "[quarantine]"]
+    lines.append('dir = "var/quarantine"')
+    for name, keys in sections.items():
+        lines += [f"[{name}]", *(f"{k} = {toml_value(v)}" for k, v in keys.items())]
+    return [
+        *lines,
         "[[mailboxes]]",
-        *(f"{k} = {toml_value(v)}" for k, v in table.items()),
+        *(f"{k} = {toml_value(v)}" for k, v in mailbox.items()),
         "[pipelines.default]",
-        *(f"{k} = {toml_value(v)}" for k, v in (pipeline or {}).items()),
+        *(f"{k} = {toml_value(v)}" for k, v in pipeline.items()),
         "processors = [",
         *(f"  {toml_value(dict(p))}," for p in processors),
         "]",
     ]
+
+
+def failing_forward(directory: Path, *, unless: Path | None = None) -> dict[str, Any]:
+    """A ``forward.command`` step that fails (exit 3) on a message containing
+    ``poison``, and succeeds on any other; with ``unless``, only while that file
+    exists (delete it to "fix" the forwarder, then a replay succeeds)."""
+    script = directory / "fwd.py"
+    broken = "True" if unless is None else f"os.path.exists({str(unless)!r})"
+    script.write_text(
+        "import os, sys\n"
+        f"broken = {broken}\n"
+        "sys.exit(3 if broken and b'poison' in sys.stdin.buffer.read() else 0)\n"
+    )
+    return {"use": "forward.command", "command": [sys.executable, str(script)]}
+
+
+def write_kit_config(
+    directory: Path,
+    *,
+    host: str,
+    port: int,
+    ca_file: Path,
+    processors: Sequence[Mapping[str, Any]],
+    mailbox: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``directory/pipeline.toml``: one mailbox ``support`` (user ``user``,
+    password ``pass``, implicit TLS trusting ``ca_file``) on the testing kit's POP3
+    server at ``host:port``, journal ``var/journal.sqlite3``, quarantine
+    ``var/quarantine``, ``[metrics]`` when given (a value may be a TOML table such as
+    ``{"env": NAME}``); return its path."""
+    table = {
+        "name": "support",
+        "host": host,
+        "port": port,
+        "security": "tls",
+        "ca_file": str(ca_file),
+        "username": "user",
+        "password": "pass",
+        **(mailbox or {}),
+    }
+    sections = {} if metrics is None else {"metrics": metrics}
     path = directory / "pipeline.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(_config_lines(sections, table, {}, processors)) + "\n")
     return path
 
 

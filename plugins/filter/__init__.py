@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mailpipe import hookimpl
 from mailpipe.registry import lazy_exports
 
 if TYPE_CHECKING:
+    from mailpipe.registry import Register
+
     from .conditions import Condition, Facts
     from .processor import FilterOptions, FilterProcessor
     from .rules import Rule
@@ -28,6 +30,6 @@ __all__ = ["Condition", "Facts", "FilterOptions", "FilterProcessor", "Rule"]
 
 
 @hookimpl
-def mailpipe_register_processors(register: Any) -> None:
+def mailpipe_register_processors(register: Register) -> None:
     """Register the `filter` processor."""
     register.lazy("filter", f"{__name__}.processor:FilterProcessor")

@@ -66,6 +66,9 @@ class FilterProcessor:
     Options: ClassVar[type[BaseModel]] = FilterOptions
     commits: ClassVar[bool] = False
     concurrent: ClassVar[bool] = True  # the rules are read-only: no shared state
+    # The rules judge parse's record (its options, e.g. max_body_size, apply): a
+    # `parse` step must come earlier in the pipeline (mailpipe.prerequisites).
+    requires: ClassVar[tuple[str, ...]] = ("parse",)
 
     def __init__(self, options: FilterOptions, context: ProcessorContext) -> None:
         self.options = options

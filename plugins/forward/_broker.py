@@ -1,14 +1,12 @@
-"""The JSON document the broker forwarders publish, and their shared options."""
+"""What the broker forwarders share: their options and the key header.
+
+They publish the message's ``mailpipe.message/1`` document (:mod:`mailpipe.document`).
+"""
 
 from __future__ import annotations
 
-import base64
-import json
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict, Field
 
-from mailpipe.message import Message
 from mailpipe.units import Duration
 
 #: Header (NATS, AMQP) carrying the message key beside the broker's own id field.
@@ -29,38 +27,3 @@ class BrokerOptions(BaseModel):
         gt=0,
         description="Timeout of connecting and of waiting for the broker's ack.",
     )
-
-
-def document(message: Message, *, include_raw: bool) -> dict[str, Any]:
-    """Return ``{"key", "mailbox", "uid", "tags", "record", "raw"}`` for ``message``.
-
-    ``record`` is the parse step's record as JSON (None without a parse step); ``raw``
-    is the base64 of the raw bytes when ``include_raw``, else None.
-    """
-    record = message.record
-    if record is not None and hasattr(record, "model_dump"):
-        record = record.model_dump(mode="json")
-    raw = None
-    if include_raw:
-        with message.open() as f:
-            raw = base64.b64encode(f.read()).decode("ascii")
-    return {
-        "key": message.key,
-        "mailbox": message.ref.mailbox,
-        "uid": message.ref.uid,
-        "tags": sorted(message.tags),
-        "record": record,
-        "raw": raw,
-    }
-
-
-def encode(doc: dict[str, Any]) -> bytes:
-    """Serialise ``doc`` as compact UTF-8 JSON (lone surrogates escaped, not fatal)."""
-    try:
-        return json.dumps(
-            doc, ensure_ascii=False, separators=(",", ":"), default=str
-        ).encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(
-            doc, ensure_ascii=True, separators=(",", ":"), default=str
-        ).encode("ascii")

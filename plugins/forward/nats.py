@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import structlog
 from pydantic import BaseModel, Field, model_validator
 
+from mailpipe.document import encode, message_document
 from mailpipe.errors import TemporaryFailure
 from mailpipe.message import Message
 from mailpipe.processor import ProcessorContext
 from mailpipe.secrets import Secret, redact
 from mailpipe.units import Duration
 
-from ._broker import KEY_HEADER, BrokerOptions, document, encode
+from ._broker import KEY_HEADER, BrokerOptions
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -65,7 +66,8 @@ class NatsForwardOptions(BrokerOptions):
 class NatsForwardProcessor:
     """Publish one JSON document per message to JetStream; commits on the PubAck.
 
-    Body: ``{"key", "mailbox", "uid", "tags", "record", "raw"}``. Connection failures,
+    Body: the message's ``mailpipe.message/1`` document (:mod:`mailpipe.document`).
+    Connection failures,
     a missing stream and ack timeouts raise TemporaryFailure.
     """
 
@@ -158,7 +160,9 @@ class NatsForwardProcessor:
         if self.context.dry_run:
             log.info("forward_skipped_dry_run", forwarder=self.name, key=message.key)
             return
-        body = encode(document(message, include_raw=self.options.include_raw))
+        body = encode(
+            message_document(message, include_raw=self.options.include_raw)
+        )
         js = await self._jetstream()
         headers: dict[str, Any] = {"Nats-Msg-Id": message.key, KEY_HEADER: message.key}
         try:

@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, ClassVar
 import structlog
 from pydantic import BaseModel, Field, model_validator
 
+from mailpipe.document import encode, message_document
 from mailpipe.errors import TemporaryFailure
 from mailpipe.message import Message
 from mailpipe.processor import ProcessorContext
 from mailpipe.secrets import Secret, redact
 
-from ._broker import KEY_HEADER, BrokerOptions, document, encode
+from ._broker import KEY_HEADER, BrokerOptions
 
 if TYPE_CHECKING:
     from aio_pika.abc import (
@@ -68,8 +69,8 @@ class RabbitmqForwardOptions(BrokerOptions):
 class RabbitmqForwardProcessor:
     """Publish one persistent JSON message per mail; commits on the publisher confirm.
 
-    Body: ``{"key", "mailbox", "uid", "tags", "record", "raw"}``; ``message_id`` is the
-    key. Connection failures, a nack, a returned (unroutable) message and a confirm
+    Body: the message's ``mailpipe.message/1`` document (:mod:`mailpipe.document`);
+    ``message_id`` is the key. Connection failures, a nack, a returned (unroutable) message and a confirm
     timeout raise TemporaryFailure; the connection is reopened for the next message.
     """
 
@@ -148,7 +149,9 @@ class RabbitmqForwardProcessor:
             return
         import aio_pika
 
-        body = encode(document(message, include_raw=self.options.include_raw))
+        body = encode(
+            message_document(message, include_raw=self.options.include_raw)
+        )
         exchange = await self._target()
         amqp_message = aio_pika.Message(
             body,

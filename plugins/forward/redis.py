@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 import structlog
 from pydantic import BaseModel, Field
 
+from mailpipe.document import encode, message_document
 from mailpipe.errors import PermanentFailure, TemporaryFailure
 from mailpipe.message import Message
 from mailpipe.processor import ProcessorContext
 from mailpipe.secrets import Secret, redact
 from mailpipe.units import Duration
 
-from ._broker import BrokerOptions, document, encode
+from ._broker import BrokerOptions
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -97,8 +98,8 @@ class RedisForwardOptions(BrokerOptions):
 class RedisForwardProcessor:
     """XADD one JSON document per message, at most once per key (see module docstring).
 
-    Stream entry fields: ``key`` (the message key) and ``payload`` (``{"key",
-    "mailbox", "uid", "tags", "record", "raw"}`` as JSON). Connection errors, a busy
+    Stream entry fields: ``key`` (the message key) and ``payload`` (the message's
+    ``mailpipe.message/1`` document, see :mod:`mailpipe.document`). Connection errors, a busy
     or full server and too few replicas raise TemporaryFailure.
     """
 
@@ -162,7 +163,9 @@ class RedisForwardProcessor:
         if self.context.dry_run:
             log.info("forward_skipped_dry_run", forwarder=self.name, key=message.key)
             return
-        body = encode(document(message, include_raw=self.options.include_raw))
+        body = encode(
+            message_document(message, include_raw=self.options.include_raw)
+        )
         client = self._connect()
         assert self._script is not None
         added, entry_id = await self._call(

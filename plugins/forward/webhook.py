@@ -6,7 +6,6 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import json
 import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -15,6 +14,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mailpipe import __version__
+from mailpipe.document import encode, message_document
 from mailpipe.errors import PermanentFailure, TemporaryFailure
 from mailpipe.message import Message
 from mailpipe.processor import ProcessorContext
@@ -86,9 +86,10 @@ class WebhookForwardOptions(BaseModel):
     )
     attachments: Literal["none", "inline", "reference"] = Field(
         default="none",
-        description="'none', 'inline' (content base64-encoded) or 'reference' (name, "
-        "type, size and sha256 of each attachment, to fetch from a content-addressed "
-        "store).",
+        description="'inline' adds each attachment's content, base64-encoded, as "
+        "'content_base64' to its entry in the document's 'attachments' (name, type, "
+        "size and sha256 from the parse record); 'none' and 'reference' send the "
+        "entries alone, to fetch the bytes from a content-addressed store.",
     )
     hmac_secret: Secret | None = Field(
         default=None,
@@ -134,7 +135,7 @@ class WebhookForwardOptions(BaseModel):
 class WebhookForwardProcessor:
     """POST one JSON document per message; commits on a 2xx answer.
 
-    The body is ``{"key", "mailbox", "uid", "tags", "record", "raw", "attachments"}``.
+    The body is the message's ``mailpipe.message/1`` document (:mod:`mailpipe.document`).
     ``Idempotency-Key`` carries the message key, so the endpoint can drop a repeat after
     a crash. 5xx, 408, 429 and connection errors are retried with bounded back-off, then
     raise TemporaryFailure; other 4xx raise PermanentFailure at once.
@@ -175,44 +176,13 @@ class WebhookForwardProcessor:
             await client.aclose()
 
     def body(self, message: Message) -> bytes:
-        """The exact JSON bytes sent (and signed) for ``message``."""
-        record = message.record
-        if record is not None and hasattr(record, "model_dump"):
-            record = record.model_dump(mode="json")
-        document: dict[str, Any] = {
-            "key": message.key,
-            "mailbox": message.ref.mailbox,
-            "uid": message.ref.uid,
-            "tags": sorted(message.tags),
-            "record": record,
-            "raw": None,
-        }
-        if self.options.include_raw:
-            with message.open() as f:
-                document["raw"] = base64.b64encode(f.read()).decode("ascii")
-        if self.options.attachments != "none":
-            document["attachments"] = self._attachments(message, record)
-        return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
-
-    def _attachments(self, message: Message, record: Any) -> list[dict[str, Any]]:
-        described: list[Any] = []
-        if isinstance(record, dict) and isinstance(record.get("attachments"), list):
-            described = record["attachments"]
-        payloads = message.meta.get("attachment_payloads") or []
-        out: list[dict[str, Any]] = []
-        for index in range(max(len(described), len(payloads))):
-            entry = described[index] if index < len(described) else {}
-            item: dict[str, Any] = {"index": index}
-            if isinstance(entry, dict):
-                item.update(entry)  # the record's descriptor: name, type, size, sha256
-            payload = payloads[index] if index < len(payloads) else None
-            if isinstance(payload, bytes | bytearray):
-                item["size"] = len(payload)
-                item["sha256"] = hashlib.sha256(payload).hexdigest()
-                if self.options.attachments == "inline":
-                    item["content_base64"] = base64.b64encode(payload).decode("ascii")
-            out.append(item)
-        return out
+        """The exact JSON bytes sent (and signed) for ``message``: its
+        ``mailpipe.message/1`` document (:mod:`mailpipe.document`), each attachment's
+        content inline when ``attachments = "inline"``."""
+        doc = message_document(message, include_raw=self.options.include_raw)
+        if self.options.attachments == "inline":
+            _inline_contents(doc, message)
+        return encode(doc)
 
     def headers(self, message: Message, body: bytes) -> dict[str, str]:
         """Request headers: extras, JSON type, Idempotency-Key, auth and signature."""
@@ -321,3 +291,15 @@ def _describe(exc: BaseException) -> str:
 
 
 PROCESSORS = [WebhookForwardProcessor]
+
+
+def _inline_contents(doc: dict[str, Any], message: Message) -> None:
+    """Add ``content_base64`` to each entry of ``doc["attachments"]`` whose bytes the
+    parse step kept in memory (aligned by position with ``record.attachments``)."""
+    entries = doc.get("attachments")
+    payloads = message.meta.get("attachment_payloads") or []
+    if not isinstance(entries, list):
+        return
+    for entry, payload in zip(entries, payloads, strict=False):
+        if isinstance(entry, dict) and isinstance(payload, bytes | bytearray):
+            entry["content_base64"] = base64.b64encode(payload).decode("ascii")

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mailpipe import hookimpl
 
+if TYPE_CHECKING:
+    from mailpipe.registry import Register
+
 
 @hookimpl
-def mailpipe_register_sources(register: Any) -> None:
-    """Register the ``imap`` source."""
-    from .source import ImapSource
-
-    register(ImapSource)
+def mailpipe_register_sources(register: Register) -> None:
+    """Register the ``imap`` source, imported when a mailbox uses it."""
+    register.lazy("imap", f"{__name__}.source:ImapSource")

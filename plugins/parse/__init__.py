@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mailpipe import hookimpl
 from mailpipe.registry import lazy_exports
 
 if TYPE_CHECKING:
+    from mailpipe.registry import Register
+
     from .parser import MAX_PARTS, parse_file, parse_message
     from .processor import PAYLOADS_KEY, ParseProcessor, parse_into
     from .record import Address, Attachment, Defect, MessageRecord
@@ -47,6 +49,6 @@ __all__ = [
 
 
 @hookimpl
-def mailpipe_register_processors(register: Any) -> None:
+def mailpipe_register_processors(register: Register) -> None:
     """Register the `parse` processor."""
     register.lazy("parse", f"{__name__}.processor:ParseProcessor")

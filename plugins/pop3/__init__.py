@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mailpipe import hookimpl
 
+if TYPE_CHECKING:
+    from mailpipe.registry import Register
+
 
 @hookimpl
-def mailpipe_register_sources(register: Any) -> None:
-    """Register the ``pop3`` source."""
-    from .source import Pop3Source
-
-    register(Pop3Source)
+def mailpipe_register_sources(register: Register) -> None:
+    """Register the ``pop3`` source, imported when a mailbox uses it."""
+    register.lazy("pop3", f"{__name__}.source:Pop3Source")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 from collections.abc import AsyncIterator, Sequence
@@ -13,12 +14,15 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from mailpipe.errors import (
+    AuthenticationError,
     OversizeError,
     SourceConnectionError,
     SourceError,
     SourcePermanentError,
 )
 from mailpipe.message import Message, MessageRef, distinct_uids
+from mailpipe.oauth.options import OAuthOptions
+from mailpipe.oauth.pool import broker_for
 from mailpipe.secrets import Secret
 from mailpipe.source import Ack, AckKind, SessionFacts, SourceContext, Unretrievable
 from mailpipe.tls import ConnectionSecurity
@@ -86,11 +90,17 @@ class Pop3Options(ConnectionSecurity):
         "(OAuth when a token is set, else SCRAM-SHA-256, PLAIN, USER/PASS, LOGIN). "
         "APOP, CRAM-MD5 and SCRAM-SHA-1 are used only when named here.",
     )
+    oauth: OAuthOptions | None = Field(
+        default=None,
+        description="Built-in OAuth 2 (XOAUTH2/OAUTHBEARER): { provider = "
+        "'microsoft' | 'google' | 'oidc', ... }; tokens come from the shared cache "
+        "and are refreshed before they expire (see mailpipe.oauth).",
+    )
     oauth_token: Secret | None = Field(
         default=None,
         validate_default=True,
         description="OAuth 2 access token for XOAUTH2/OAUTHBEARER; a {command=[...]} "
-        "secret runs again for every session (fresh token).",
+        "secret runs again for every session (fresh token). Not with oauth.",
     )
     connect_timeout: Duration = Field(
         default=30.0, gt=0, description="TCP connect timeout."
@@ -173,11 +183,15 @@ class Pop3Options(ConnectionSecurity):
     def _token_when_needed(
         cls, token: Secret | None, info: ValidationInfo
     ) -> Secret | None:
-        if token is None:
+        if token is not None and info.data.get("oauth") is not None:
+            raise ValueError("set oauth or oauth_token, not both")
+        if token is None and "oauth" in info.data and info.data["oauth"] is None:
             if info.data.get("auth") in sasl.OAUTH:
-                raise ValueError(f"auth = {info.data['auth']!r} needs oauth_token")
+                raise ValueError(
+                    f"auth = {info.data['auth']!r} needs oauth_token or an oauth table"
+                )
             if _unset(info, "password"):
-                raise ValueError("set password or oauth_token")
+                raise ValueError("set password or oauth_token (or an oauth table)")
         return token
 
     @property
@@ -334,7 +348,16 @@ class Pop3Session:
 
     async def _authenticate(self) -> None:
         o, client = self.options, self.client
-        token = await o.oauth_token.refresh_async() if o.oauth_token is not None else ""
+        broker = (
+            broker_for(o.oauth, protocol="pop3", username=o.username, mailbox=self.mailbox)
+            if o.oauth is not None else None
+        )
+        if broker is not None:
+            token = await broker.token()
+        else:
+            token = (
+                await o.oauth_token.refresh_async() if o.oauth_token is not None else ""
+            )
         password = o.password.get() if o.password is not None else ""
         method = sasl.choose(
             o.auth,
@@ -369,7 +392,17 @@ class Pop3Session:
                 mechanism = sasl.OAuthBearer(
                     user=user, token=token, host=o.host, port=o.effective_port
                 )
-            await client.login_sasl(mechanism)
+            try:
+                await client.login_sasl(mechanism)
+            except AuthenticationError:
+                if broker is None or method not in sasl.OAUTH:
+                    raise
+                # A token the server refuses before its expiry (clock skew, revoked
+                # access token): refresh once and authenticate again.
+                assert isinstance(mechanism, sasl.XOAuth2 | sasl.OAuthBearer)
+                broker.invalidate(token)
+                token = await broker.token()
+                await client.login_sasl(dataclasses.replace(mechanism, token=token))
         self._log.info("pop3_authenticated", method=method)
 
     # --- SourceSession --------------------------------------------------------------

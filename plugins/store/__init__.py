@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from mailpipe import hookimpl
-from mailpipe.registry import Register, register_lazy
+
+if TYPE_CHECKING:
+    from mailpipe.registry import Register
 
 MODULES: Final = ("sqlite", "maildir", "mbox", "attachments", "jsonl", "postgres")
 
@@ -24,4 +26,5 @@ PROCESSORS: Final = {
 @hookimpl
 def mailpipe_register_processors(register: Register) -> None:
     """Register every processor of :data:`PROCESSORS`, imported on first use."""
-    register_lazy(register, __name__, PROCESSORS)
+    for name, target in PROCESSORS.items():
+        register.lazy(name, f"{__name__}.{target}")

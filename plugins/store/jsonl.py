@@ -1,15 +1,9 @@
 """store.jsonl: one JSON object per message, appended with fsync, rotated by size/day.
 
-Line format (UTF-8, one object, ``\\n``-terminated, ``"key"`` always first)::
-
-    {"key": "<32 hex>", "mailbox": ..., "uid": ..., "sha256": ..., "size": ...,
-     "stored_at": "<ISO 8601 UTC>", "parsed": true, "tags": [...sorted],
-     <every other MessageRecord field, as MessageRecord.model_dump(mode="json")>}
-
-``key``/``mailbox``/``uid``/``sha256``/``size`` come from the message itself; ``tags``
-is the union of the record's parse-time tags and ``message.tags`` (filters). Without a
-``parse`` step, ``parsed`` is false and only a few header fields are present (see
-:func:`minimal_record`). ``exclude`` drops record fields (e.g. ``html``, ``headers``).
+Each line is the message's ``mailpipe.message/1`` document (:mod:`mailpipe.document`,
+described field by field in ``docs/message-document.md``) with ``stored_at``: UTF-8,
+compact, ``\\n``-terminated, ``"key"`` always first. ``exclude`` drops record fields
+(e.g. ``html``, ``headers``), never the envelope.
 
 Idempotency guarantee: before appending, under an exclusive ``flock`` on the active
 file, the key is looked up in the keys of the active file and of the newest rotated file
@@ -25,9 +19,7 @@ writer truncates it under the lock.
 
 from __future__ import annotations
 
-import email.utils
 import fcntl
-import json
 import os
 import re
 import threading
@@ -38,6 +30,7 @@ from typing import Any, ClassVar
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mailpipe.document import ENVELOPE, STORED_AT, encode, message_document
 from mailpipe.message import Message
 from mailpipe.processor import ProcessorContext
 from mailpipe.units import ByteSize
@@ -48,91 +41,11 @@ log = structlog.get_logger()
 
 _KEY_PREFIX = re.compile(rb'^\{"key":"([0-9a-f]{32})"')
 _MAX_REOPEN = 10
-_ENVELOPE = ("key", "mailbox", "uid", "sha256", "size")
-
-
-def _record_dict(record: Any) -> dict[str, Any]:
-    if hasattr(record, "model_dump"):
-        dumped: dict[str, Any] = record.model_dump(mode="json")
-        return dumped
-    if isinstance(record, dict):
-        return dict(record)
-    return dict(vars(record))
-
-
-def _header_addresses(message: Message, name: str) -> list[dict[str, str]]:
-    value = message.header(name)
-    if not value:
-        return []
-    try:
-        pairs = email.utils.getaddresses([value])
-    except Exception:
-        return []
-    return [{"name": n, "address": a} for n, a in pairs if a or n]
-
-
-def minimal_record(message: Message) -> dict[str, Any]:
-    """Fields recoverable from the raw bytes without the ``parse`` step; never raises.
-
-    Returns ``message_id``, ``subject``, ``date_raw``, the address lists and ``text``
-    (the first text/plain body, decoded by the stdlib); ``parsed`` is False.
-    """
-    doc: dict[str, Any] = {"schema_version": 1, "parsed": False}
-    mid = message.header("Message-ID")
-    doc["message_id"] = mid.strip().strip("<>") if mid else None
-    doc["subject"] = message.header("Subject")
-    doc["date_raw"] = message.header("Date")
-    for field, header in (
-        ("from_addresses", "From"), ("sender", "Sender"), ("reply_to", "Reply-To"),
-        ("to", "To"), ("cc", "Cc"), ("bcc", "Bcc"),
-    ):
-        doc[field] = _header_addresses(message, header)
-    text: str | None = None
-    try:
-        body = message.email.get_body(preferencelist=("plain",))
-        if body is not None:
-            content = body.get_content()
-            text = content if isinstance(content, str) else None
-    except Exception:
-        text = None
-    doc["text"] = text
-    return doc
-
-
-def record_document(
-    message: Message, exclude: frozenset[str] = frozenset()
-) -> dict[str, Any]:
-    """Return the documented JSON object for ``message`` (see the module docstring)."""
-    if message.record is not None:
-        body = _record_dict(message.record)
-        body["parsed"] = True
-    else:
-        body = minimal_record(message)
-    tags = set(body.get("tags") or ()) | set(message.tags)
-    doc: dict[str, Any] = {
-        "key": message.key,
-        "mailbox": message.ref.mailbox,
-        "uid": message.ref.uid,
-        "sha256": message.sha256,
-        "size": message.size,
-        "stored_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "parsed": body.pop("parsed"),
-        "tags": sorted(tags),
-    }
-    for name, value in body.items():
-        if name not in doc and name not in exclude:
-            doc[name] = value
-    return doc
 
 
 def encode_line(doc: dict[str, Any]) -> bytes:
-    """Serialise ``doc`` as one compact JSON line (UTF-8; lone surrogates escaped)."""
-    try:
-        text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), default=str)
-        return text.encode("utf-8") + b"\n"
-    except UnicodeEncodeError:
-        text = json.dumps(doc, ensure_ascii=True, separators=(",", ":"), default=str)
-        return text.encode("ascii") + b"\n"
+    """Serialise ``doc`` as one compact JSON line (:func:`mailpipe.document.encode`)."""
+    return encode(doc) + b"\n"
 
 
 def scan_keys(path: Path, start: int = 0) -> set[str]:
@@ -191,14 +104,14 @@ class JsonlOptions(BaseModel):
     @field_validator("exclude")
     @classmethod
     def _keep_envelope(cls, value: list[str]) -> list[str]:
-        bad = sorted(set(value) & {*_ENVELOPE, "parsed", "tags", "stored_at"})
+        bad = sorted(set(value) & {*ENVELOPE, STORED_AT, "raw"})
         if bad:
             raise ValueError(f"cannot exclude {', '.join(bad)}: they identify the line")
         return value
 
 
 class JsonlStore:
-    """Append the parse record of each message to a JSONL file, durably and once.
+    """Append each message's JSON document to a JSONL file, durably and once.
 
     Idempotent by ``message.key`` (see the module docstring for the exact guarantee).
     ``process`` returns after the line is fsynced (and the directory, when the file was
@@ -312,7 +225,10 @@ class JsonlStore:
             if key in self._keys:
                 log.info("store_already_committed", store=self.name, key=key)
                 return
-            line = encode_line(record_document(message, self._exclude))
+            doc = message_document(
+                message, exclude=self._exclude, stored_at=datetime.now(UTC)
+            )
+            line = encode_line(doc)
             try:
                 self._append(key, line)
             except OSError as exc:

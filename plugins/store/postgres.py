@@ -4,9 +4,10 @@ Schema (created on open; version in ``<prefix>store_schema_version``):
 
 - ``<prefix>messages``: one row per message key. A few columns to query by (``mailbox``,
   ``uid``, ``sha256``, ``size``, ``parsed``, ``message_id``, ``date``, ``subject``,
-  ``from_address``, ``thread_key``, ``tags``), the whole record document of
-  :func:`mailpipe.plugins.store.jsonl.record_document` as ``record`` (JSONB, bodies
-  included) and ``raw`` (the message bytes when ``raw = "inline"``).
+  ``from_address``, ``thread_key``, ``tags``), the whole ``mailpipe.message/1``
+  document of :func:`mailpipe.document.message_document` with ``stored_at`` as
+  ``record`` (JSONB, bodies included) and ``raw`` (the message bytes when
+  ``raw = "inline"``).
 - ``<prefix>attachments``: (key, idx) → file name, type, size, sha256, … of each
   attachment (the bytes stay with ``store.attachments``).
 
@@ -19,20 +20,19 @@ from __future__ import annotations
 
 import re
 import zlib
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mailpipe.document import message_document
 from mailpipe.errors import MailpipeError, PermanentFailure, TemporaryFailure
 from mailpipe.message import Message
 from mailpipe.pgtls import secure_dsn
 from mailpipe.processor import ProcessorContext
 from mailpipe.secrets import Secret, redact
 from mailpipe.units import Duration
-
-from .jsonl import record_document
 
 if TYPE_CHECKING:
     import psycopg
@@ -176,8 +176,8 @@ class PostgresStore:
 
     Idempotent by ``message.key`` (one row per key, attachments rewritten); durable on
     return (one committed transaction per message). Works without a ``parse`` step:
-    the row then holds the fields of ``minimal_record``. Connection failures raise
-    TemporaryFailure; the next message reconnects.
+    the row then holds the fields of :func:`mailpipe.document.minimal_record`.
+    Connection failures raise TemporaryFailure; the next message reconnects.
     """
 
     name: ClassVar[str] = "store.postgres"
@@ -267,7 +267,7 @@ class PostgresStore:
         import psycopg
         from psycopg.types.json import Jsonb
 
-        doc = clean(record_document(message))
+        doc = clean(message_document(message, stored_at=datetime.now(UTC)))
         raw = message.raw if self.options.raw == "inline" else None
         attachments = [a for a in doc.get("attachments") or () if isinstance(a, dict)]
         p = self.prefix

@@ -6,8 +6,8 @@ are rows of ``schema_version``):
 - ``messages``: one row per message key (``id`` is the stable rowid the index uses);
   record fields as columns, address lists as JSON arrays of ``{"name", "address"}``,
   ``addresses`` (every name and address, flattened for search), ``record`` (the whole
-  JSON document of :func:`mailpipe.plugins.store.jsonl.record_document` minus the
-  bodies).
+  ``mailpipe.message/1`` document of :func:`mailpipe.document.message_document`,
+  with ``stored_at``, minus the bodies).
 - ``message_raw``: (key → raw) the message bytes, one row per key when ``raw =
   "inline"``, none otherwise. ``raw`` is the last column of its row so that the
   ``zeroblob(size)`` it is inserted as stays a few bytes in the record; the bytes are
@@ -40,13 +40,13 @@ from typing import Any, BinaryIO, ClassVar, Final, Literal
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
+from mailpipe.document import message_document
 from mailpipe.errors import MailpipeError, PermanentFailure, TemporaryFailure
 from mailpipe.message import Message
 from mailpipe.processor import ProcessorContext
 from mailpipe.units import Duration
 
 from ._fs import make_dirs
-from .jsonl import record_document
 
 log = structlog.get_logger()
 
@@ -393,7 +393,8 @@ class SqliteStore:
 
     Idempotent by ``message.key``: a re-run replaces the row in place (one row per key,
     attachments and tags rewritten). Without a ``parse`` step the row holds the key,
-    uid, sha256, raw bytes and the few header fields of ``minimal_record``.
+    uid, sha256, raw bytes and the few header fields of
+    :func:`mailpipe.document.minimal_record`.
     """
 
     name: ClassVar[str] = "store.sqlite"
@@ -468,7 +469,7 @@ class SqliteStore:
         if self.context.dry_run:
             log.info("store_skipped_dry_run", store=self.name, key=message.key)
             return
-        doc = record_document(message)
+        doc = message_document(message, stored_at=datetime.now(UTC))
         raw = message if self.options.raw == "inline" else None
         with self._lock:
             conn = self._connect()

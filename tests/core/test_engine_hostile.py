@@ -124,7 +124,7 @@ async def test_confirm_never_accepts_a_copy_served_after_top(
 ) -> None:
     mails = [msg(n, body="line\r\n" * 40) for n in range(1, 3)]
     srv = pop3_server_factory(messages=mails, faults=Faults(short_retr_after_top=True))
-    r = rig(srv, before=[HEADER_RULE], verify_size="confirm")
+    r = rig(srv, before=[PARSE, HEADER_RULE], verify_size="confirm")
     await r.poll()
     await r.poll()
     assert sorted(stored(r)) == sorted(sha(m) for m in mails)  # whole, never the head
@@ -193,6 +193,7 @@ async def test_refused_retr_with_max_messages_reaches_the_rest(
 
 # --- issue 20 item 3: TOP refused ----------------------------------------------------
 
+PARSE = {"use": "parse"}  # filter needs it before it (its `requires`)
 HEADER_RULE = {
     "use": "filter",
     "rules": [{"name": "noreply", "when": {"from_domain": ["noreply.example"]},
@@ -207,7 +208,7 @@ async def test_refused_top_falls_back_to_retr_and_is_remembered(
         messages=[msg(n) for n in range(1, 11)],
         faults=Faults(err_on={"TOP": "not today"}),
     )
-    r = rig(srv, before=[HEADER_RULE], commit_window=4)
+    r = rig(srv, before=[PARSE, HEADER_RULE], commit_window=4)
     summary = await r.poll()
     # Before: every poll failed and 0 of 10 were processed.
     assert (summary.error, summary.processed) == (None, 10)
@@ -227,7 +228,7 @@ async def test_short_retr_after_top_is_refetched_whole(
     srv = pop3_server_factory(
         messages=mails, faults=Faults(short_retr_after_top=True)
     )
-    r = rig(srv, before=[HEADER_RULE])
+    r = rig(srv, before=[PARSE, HEADER_RULE])
     first = await r.poll()
     # Before: header-only copies stored and the originals DELE'd.
     # All five were TOP'd first; each RETR came back short: none committed, and
@@ -489,7 +490,7 @@ async def test_top_of_a_headers_only_message_keeps_prefetch_on(
 ) -> None:
     headers_only = b"From: a@example.com\r\nSubject: no body\r\n"
     srv = pop3_server_factory(messages=[headers_only, msg(2), msg(3)])
-    r = rig(srv, before=[HEADER_RULE])
+    r = rig(srv, before=[PARSE, HEADER_RULE])
     with structlog.testing.capture_logs() as logs:
         summary = await r.poll()
     assert (summary.processed, summary.error) == (3, None)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mailpipe.metrics import MetricsCollector, MetricsServer
+from mailpipe.oauth import gauges
 from mailpipe.plugin_manager import Hooks, get_plugin_manager
 
 
@@ -22,13 +23,19 @@ async def _get(port: int, path: str) -> tuple[int, bytes]:
     return int(head.split()[1]), body
 
 
-async def test_metrics_count_outcomes_and_health_turns_unhealthy() -> None:
+async def _served(mailboxes: list[str]) -> tuple[Hooks, MetricsServer]:
+    """A collector for ``mailboxes`` registered on a fresh plugin manager, served."""
     pm = get_plugin_manager(entry_points=False)
-    collector = MetricsCollector(["a", "b"], unhealthy_after=3600)
+    collector = MetricsCollector(mailboxes, unhealthy_after=3600)
     pm.register(collector, "metrics")
-    hooks = Hooks(pm)
     server = MetricsServer(collector, "127.0.0.1", 0)
     await server.start()
+    return Hooks(pm), server
+
+
+async def test_metrics_count_outcomes_and_health_turns_unhealthy() -> None:
+    hooks, server = await _served(["a", "b"])
+    collector = server.collector
     try:
         hooks.session_started(mailbox="a", count=7, octets=700)
         hooks.session_finished(
@@ -143,3 +150,32 @@ async def test_healthcheck_never_goes_through_an_http_proxy(
     finally:
         await server.stop()
     assert code == 0, out
+
+
+async def test_revoked_grant_makes_healthz_unhealthy_and_metrics_show_it() -> None:
+    hooks, server = await _served(["a", "b"])
+    try:
+        for mailbox in ("a", "b"):
+            hooks.session_finished(mailbox=mailbox, summary={"seconds": 0.1})
+        gauges.token_issued("a", expires_at=2e9, rt_at_risk=None, refreshed=True)
+        assert (await _get(server.port, "/healthz"))[0] == 200
+        gauges.refresh_failed("b", reason="invalid_grant", revoked=True)
+        hooks.session_finished(
+            mailbox="b", summary={"error": "grant refused", "error_type": "GrantRevoked"}
+        )
+        status, body = await _get(server.port, "/healthz")
+        assert status == 503
+        assert json.loads(body)["oauth_revoked"] == {"b": "invalid_grant"}
+        _, text = await _get(server.port, "/metrics")
+        metrics = text.decode()
+        assert 'mailpipe_oauth_token_expiry_timestamp_seconds{mailbox="a"} 2e+09' in metrics
+        assert ('mailpipe_oauth_refreshes_total{mailbox="b",outcome="failure",'
+                'reason="invalid_grant"} 1.0') in metrics
+        assert ('mailpipe_oauth_refreshes_total{mailbox="a",outcome="success",'
+                'reason=""} 1.0') in metrics
+        assert 'mailpipe_authentication_failures_total{mailbox="b"} 1.0' in metrics
+        gauges.token_issued("b", expires_at=2e9, rt_at_risk=None, refreshed=True)
+        assert (await _get(server.port, "/healthz"))[0] == 200  # after a new login
+    finally:
+        await server.stop()
+        gauges.reset()

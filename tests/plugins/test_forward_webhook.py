@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import socket
 import traceback
 from pathlib import Path
@@ -21,6 +22,7 @@ from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 from mailpipe import Message, PermanentFailure, ProcessorContext, TemporaryFailure
+from mailpipe.document import encode, message_document
 from mailpipe.testing.sinks import HttpSink, SinkResponse
 
 pytestmark = pytest.mark.timeout(60)
@@ -106,23 +108,29 @@ async def test_webhook_posts_json_with_idempotency_key(tmp_path: Path) -> None:
     assert (
         "authorization" not in req.headers and "x-mailpipe-signature" not in req.headers
     )
-    assert req.json() == {
-        "key": msg.key,
-        "mailbox": "support",
-        "uid": "UID-7",
-        "tags": ["ticket", "urgent"],
-        "record": None,
-        "raw": None,
-    }
+    # The mailpipe.message/1 document (docs/message-document.md) of the message.
+    body = req.json()
+    assert body == json.loads(encode(message_document(msg)))
+    assert (body["key"], body["schema"], body["mailbox"], body["uid"]) == (
+        msg.key, "mailpipe.message/1", "support", "UID-7",
+    )
+    assert (body["tags"], body["parsed"], body["raw"]) == (
+        ["ticket", "urgent"], False, None,
+    )
 
 
-async def test_webhook_record_is_the_models_json_dump(tmp_path: Path) -> None:
+async def test_webhook_body_holds_the_records_fields(tmp_path: Path) -> None:
     msg = parsed()
     with HttpSink() as sink:
         await deliver(make(tmp_path, sink.url), msg)
         body = sink.requests[0].json()
-    assert body["record"] == msg.record.model_dump(mode="json")
-    assert "attachments" not in body
+    record = msg.record.model_dump(mode="json")
+    envelope = {"key", "mailbox", "uid", "sha256", "size", "tags"}
+    assert {k: body[k] for k in record if k not in envelope} == {
+        k: v for k, v in record.items() if k not in envelope
+    }
+    assert body["parsed"] is True
+    assert all("content_base64" not in a for a in body["attachments"])
 
 
 async def test_webhook_retries_5xx_then_commits(tmp_path: Path) -> None:

@@ -1,0 +1,273 @@
+"""The token cache in the journal's database, shared by every worker that uses it.
+
+One row per account (:meth:`mailpipe.oauth.options._Common.account_key`). The access
+and refresh tokens are sealed with the ``cache_key`` (:mod:`mailpipe.oauth.sealing`);
+everything else in the row is plain so that ``mailpipe auth status`` can show it
+without the key. A SQLite journal file and its WAL files are made 0600.
+
+The refresh lease is one conditional UPDATE (atomic on SQLite and PostgreSQL alike):
+it succeeds only when no other owner holds an unexpired lease, so exactly one worker
+refreshes an account at a time; the others keep using the still-valid token or wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mailpipe.journal import open_journal
+from mailpipe.journal.errors import JournalError
+from mailpipe.oauth.sealing import Sealer
+from mailpipe.secrets import MASK, remember_secret
+
+_COLUMNS = (
+    "account, description, sealed, expires_at, refresh_at, rt_issued_at, "
+    "last_refresh, refreshes, last_error, last_error_code, last_error_at, "
+    "lease_owner, lease_until"
+)
+
+
+@dataclass(slots=True, kw_only=True)
+class CachedToken:
+    """One cache row; ``access_token``/``refresh_token`` are set only when opened."""
+
+    account: str
+    description: dict[str, Any] = field(default_factory=dict)
+    sealed: str = ""
+    access_token: str = field(default="", repr=False)
+    refresh_token: str = field(default="", repr=False)
+    expires_at: float | None = None
+    refresh_at: float | None = None
+    rt_issued_at: float | None = None
+    last_refresh: float | None = None
+    refreshes: int = 0
+    last_error: str = ""
+    last_error_code: str = ""
+    last_error_at: float | None = None
+    lease_owner: str | None = None
+    lease_until: float | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"CachedToken(account={self.account!r}, expires_at={self.expires_at!r}, "
+            f"access_token={MASK if self.access_token else ''!r})"
+        )
+
+
+@dataclass(slots=True)
+class _Result:
+    """What a statement returned, read while the connection lock was held."""
+
+    rows: list[Any] | None
+    rowcount: int
+
+    def fetchone(self) -> Any:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[Any]:
+        return list(self.rows or [])
+
+
+def _row(row: tuple[Any, ...]) -> CachedToken:
+    return CachedToken(
+        account=row[0],
+        description=json.loads(row[1] or "{}"),
+        sealed=row[2] or "",
+        expires_at=row[3],
+        refresh_at=row[4],
+        rt_issued_at=row[5],
+        last_refresh=row[6],
+        refreshes=int(row[7] or 0),
+        last_error=row[8] or "",
+        last_error_code=row[9] or "",
+        last_error_at=row[10],
+        lease_owner=row[11],
+        lease_until=row[12],
+    )
+
+
+class TokenCache:
+    """The ``oauth_tokens`` table of the journal named by ``[state] path``.
+
+    ``sealer`` may be None for read-only uses that never open secrets (``auth
+    status``). ``clock`` returns Unix time (tests move it).
+    """
+
+    def __init__(
+        self,
+        url_or_path: str,
+        *,
+        base_dir: Path,
+        sealer: Sealer | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.sealer = sealer
+        self.clock = clock
+        self._lock = threading.Lock()
+        # Opening the journal applies its migrations (the table is migration 3).
+        journal = open_journal(url_or_path, base_dir=base_dir)
+        self._journal = journal
+        self._param = "?"
+        self._table = "oauth_tokens"
+        self._conn: Any
+        path = getattr(journal, "path", None)
+        if path is not None and str(path) != ":memory:":
+            journal.close()
+            self._conn = sqlite3.connect(
+                str(path), timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(f"{path}{suffix}", 0o600)
+        elif path is not None:
+            raise JournalError("the OAuth token cache needs a journal file, not :memory:")
+        else:
+            self._conn = journal._connect()  # type: ignore[attr-defined]
+            self._param = "%s"
+            self._table = "mailpipe_oauth_tokens"
+
+    def _sql(self, text: str) -> str:
+        return text.replace("{t}", self._table).replace("?", self._param)
+
+    @contextlib.contextmanager
+    def _translate(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise JournalError(f"token cache: {exc}") from exc
+        except Exception as exc:
+            if type(exc).__module__.startswith("psycopg"):
+                raise JournalError(f"token cache: {exc}") from exc
+            raise
+
+    def _execute(self, text: str, params: tuple[Any, ...] = ()) -> Any:
+        # One connection serves every broker thread of the process: one at a time.
+        with self._lock, self._translate():
+            cur = self._conn.execute(self._sql(text), params)
+            rows = cur.fetchall() if cur.description is not None else None
+            return _Result(rows, int(cur.rowcount))
+
+    def load(self, account: str, *, open_secrets: bool = True) -> CachedToken | None:
+        """The row of ``account`` (its tokens opened unless ``open_secrets`` is False)."""
+        row = self._execute(
+            f"SELECT {_COLUMNS} FROM {{t}} WHERE account = ?", (account,)
+        ).fetchone()
+        if row is None:
+            return None
+        entry = _row(tuple(row))
+        if open_secrets and entry.sealed and self.sealer is not None:
+            secrets = self.sealer.open(entry.sealed)
+            entry.access_token = str(secrets.get("access_token", ""))
+            entry.refresh_token = str(secrets.get("refresh_token", ""))
+            for value in (entry.access_token, entry.refresh_token):
+                remember_secret(value)  # masked in every log line and error
+        return entry
+
+    def entries(self) -> list[CachedToken]:
+        """Every row, secrets left sealed (for ``mailpipe auth status``)."""
+        rows = self._execute(f"SELECT {_COLUMNS} FROM {{t}} ORDER BY account").fetchall()
+        return [_row(tuple(r)) for r in rows]
+
+    def _ensure(self, account: str) -> None:
+        self._execute(
+            "INSERT INTO {t} (account) VALUES (?) ON CONFLICT (account) DO NOTHING",
+            (account,),
+        )
+
+    def take_lease(self, account: str, *, owner: str, ttl: float) -> bool:
+        """Take the refresh lease of ``account`` for ``ttl`` seconds; False when another
+        owner holds an unexpired one. One statement, so two workers cannot both win."""
+        self._ensure(account)
+        now = self.clock()
+        cur = self._execute(
+            "UPDATE {t} SET lease_owner = ?, lease_until = ? WHERE account = ? AND "
+            "(lease_owner IS NULL OR lease_until < ? OR lease_owner = ?)",
+            (owner, now + ttl, account, now, owner),
+        )
+        return int(cur.rowcount) == 1
+
+    def release_lease(self, account: str, *, owner: str) -> None:
+        """Give the lease back if ``owner`` holds it."""
+        self._execute(
+            "UPDATE {t} SET lease_owner = NULL, lease_until = NULL "
+            "WHERE account = ? AND lease_owner = ?",
+            (account, owner),
+        )
+
+    def store(
+        self,
+        account: str,
+        *,
+        description: dict[str, Any],
+        access_token: str,
+        refresh_token: str,
+        expires_at: float,
+        refresh_at: float,
+        rt_issued_at: float | None,
+    ) -> None:
+        """Save freshly issued tokens and clear the last error."""
+        if self.sealer is None:
+            raise JournalError("token cache opened without a cache_key")
+        sealed = self.sealer.seal(
+            {"access_token": access_token, "refresh_token": refresh_token}
+        )
+        self._ensure(account)
+        self._execute(
+            "UPDATE {t} SET description = ?, sealed = ?, expires_at = ?, "
+            "refresh_at = ?, rt_issued_at = ?, last_refresh = ?, "
+            "refreshes = refreshes + 1, last_error = '', last_error_code = '', "
+            "last_error_at = NULL WHERE account = ?",
+            (
+                json.dumps(description, sort_keys=True),
+                sealed,
+                expires_at,
+                refresh_at,
+                rt_issued_at,
+                self.clock(),
+                account,
+            ),
+        )
+
+    def expire(self, account: str, access_token: str) -> None:
+        """Mark ``access_token`` as due for refresh (a server refused it early)."""
+        entry = self.load(account)
+        if entry is None or entry.access_token != access_token:
+            return  # already replaced by another worker
+        self._execute(
+            "UPDATE {t} SET refresh_at = ? WHERE account = ?", (0.0, account)
+        )
+
+    def record_error(self, account: str, *, code: str, message: str) -> None:
+        """Remember the latest failure (``mailpipe auth status`` shows it)."""
+        self._ensure(account)
+        self._execute(
+            "UPDATE {t} SET last_error = ?, last_error_code = ?, last_error_at = ? "
+            "WHERE account = ?",
+            (message[:500], code, self.clock(), account),
+        )
+
+    def forget(self, account: str) -> bool:
+        """Delete the row of ``account`` (``mailpipe auth revoke``)."""
+        cur = self._execute("DELETE FROM {t} WHERE account = ?", (account,))
+        return int(cur.rowcount) > 0
+
+    def close(self) -> None:
+        """Close the connection (and the PostgreSQL journal behind it)."""
+        with contextlib.suppress(Exception):
+            self._conn.close()
+        if self._param == "%s":
+            self._journal.close()
+
+    def __enter__(self) -> TokenCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,398 @@
+"""The status page at `/` of the metrics listener, in a real browser.
+
+A real `mailpipe run` worker (subprocess) polls the testing kit's POP3 server; two
+messages fail and land in quarantine. Debian's Chromium, driven by selenium through
+chromedriver, loads the page, is refused with a wrong token, then replays one message
+and drops the other with the right one. A screenshot is saved under pytest's tmp
+folder, and to docs/img/status-page.png when MAILPIPE_SCREENSHOTS=1 (README).
+Without chromium + chromedriver the browser test skips, and fails in CI (CI=true).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailpipe.testing.e2e import failing_forward, write_kit_config
+from mailpipe.testing.server import Pop3Server
+
+pytestmark = pytest.mark.timeout(300)
+
+TOKEN = "s3cret-Admin-Token-For-Tests-9"
+README_SHOT = Path(__file__).resolve().parents[2] / "docs" / "img" / "status-page.png"
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1360,900",
+)
+
+
+def msg(n: int, subject: str, body: str = "") -> bytes:
+    return (
+        f"From: customer{n}@example.com\r\nTo: support@example.com\r\n"
+        f"Message-ID: <m{n}@example.com>\r\nSubject: {subject}\r\n\r\n"
+        f"body {n} {body}\r\n"
+    ).encode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(root: Path, srv: Pop3Server, port: int, *, token: bool = True) -> Path:
+    # The forwarder fails on "poison" while the flag file exists: fixing it is
+    # deleting the flag, then a replay succeeds.
+    flag = root / "broken"
+    flag.write_text("x")
+    metrics: dict[str, Any] = {"listen": f"127.0.0.1:{port}", "unhealthy_after": "1h"}
+    if token:
+        metrics["admin_token"] = {"env": "MAILPIPE_TEST_ADMIN_TOKEN"}
+    return write_kit_config(
+        root,
+        host=srv.host,
+        port=srv.port,
+        ca_file=srv.ca_file,
+        mailbox={"max_attempts": 1, "poll_interval": "1h"},
+        metrics=metrics,
+        processors=[
+            {"use": "parse"},
+            {"use": "store.jsonl", "path": "var/out.jsonl"},
+            failing_forward(root, unless=flag),
+        ],
+    )
+
+
+def quarantined(root: Path) -> list[Path]:
+    return sorted((root / "var" / "quarantine").glob("*/*.json"))
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[tuple[Path, int, Path]]:
+    """A running `mailpipe run` with two quarantined messages: (config, port, log)."""
+    messages = [
+        msg(1, "Printer on floor 3"),
+        msg(2, "Invoice 2026-114", "poison"),
+        msg(3, "Newsletter", "poison " + "x" * 3000),
+    ]
+    with Pop3Server(messages, tls="implicit") as srv:
+        port = free_port()
+        cfg = write_config(tmp_path, srv, port)
+        log = tmp_path / "run.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "mailpipe",
+                    "--log-format",
+                    "json",
+                    "run",
+                    str(cfg),
+                ],
+                cwd=tmp_path,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "MAILPIPE_TEST_ADMIN_TOKEN": TOKEN},
+            )
+        try:
+            for _ in range(600):  # bounded: the first poll quarantines two messages
+                if len(quarantined(tmp_path)) == 2 and _status(port, "/healthz") == 200:
+                    break
+                assert proc.poll() is None, log.read_text()
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"no quarantine after the first poll:\n{log.read_text()}")
+            yield cfg, port, log
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+
+def _status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def post(
+    port: int, data: dict[str, str], headers: dict[str, str] | None = None
+) -> tuple[int, str]:
+    body = "&".join(f"{k}={urllib.parse.quote(v)}" for k, v in data.items()).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/",
+        data=body,
+        headers={
+            "Content-Type": "application/x-www-form-urlencoded",
+            **(headers or {}),
+        },
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return int(r.status), r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    chromium = shutil.which("chromium")
+    driver_path = shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        missing = "chromium and chromedriver (Debian: chromium chromium-driver)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{missing} missing in CI (.ci/run installs them)")
+        pytest.skip(f"{missing} not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    profile = tmp_path / "chromium-profile"
+    options.add_argument(f"--user-data-dir={profile}")
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def rows(driver: Any, heading: str) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    table = driver.find_element(
+        By.XPATH, f"//h2[text()='{heading}']/following::table[1]"
+    )
+    return [r.text for r in table.find_elements(By.CSS_SELECTOR, "tbody tr")]
+
+
+def click(driver: Any, action: str, key: str, token: str) -> str:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    field = driver.find_element(By.NAME, "token")
+    field.clear()
+    field.send_keys(token)
+    button = driver.find_element(By.CSS_SELECTOR, f"button[value='{action}:{key}']")
+    button.click()
+    # The answer is a new page: wait (bounded) until the old one is gone.
+    wait = WebDriverWait(driver, 60)
+    wait.until(ec.staleness_of(button))
+    banner = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "p.banner")))
+    return str(banner.text)
+
+
+def test_status_page_in_a_browser(
+    worker: tuple[Path, int, Path], browser: Any, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    _cfg, port, log = worker
+    url = f"http://127.0.0.1:{port}/"
+    browser.get(url)
+    assert browser.title == "mailpipe status"
+    [mailbox] = rows(browser, "Mailboxes")
+    assert mailbox.startswith("support ok")
+    failures = rows(browser, "Recent failures")
+    assert len(failures) == 2 and all("forward.command" in f for f in failures)
+    items = {json.loads(p.read_text())["key"]: p for p in quarantined(tmp_path)}
+    listed = rows(browser, "Quarantine")
+    assert len(listed) == 2
+    assert all("Replay" in r and "Drop" in r and "support" in r for r in listed), listed
+    assert any("KiB" in r for r in listed)  # the 3 KB newsletter's size
+    assert "2 message(s)" in browser.find_element(By.TAG_NAME, "body").text
+    # The inline style is allowed by the CSP (its hash): headers are styled.
+    th = browser.find_element(By.TAG_NAME, "th")
+    assert th.value_of_css_property("background-color") == "rgba(246, 248, 250, 1)"
+    assert not browser.find_elements(By.TAG_NAME, "script")
+
+    shot = tmp_path / "status-page.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    if os.environ.get("MAILPIPE_SCREENSHOTS") == "1":
+        README_SHOT.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, README_SHOT)
+
+    invoice, newsletter = sorted(
+        items, key=lambda k: "Invoice" in items[k].with_suffix(".eml").read_text()
+    )[::-1]
+    # A wrong token is refused: nothing changes, and the token is not echoed.
+    banner = click(browser, "replay", invoice, "not-the-token")
+    assert banner == "Refused: wrong or missing admin token."
+    assert len(quarantined(tmp_path)) == 2
+    assert "not-the-token" not in browser.page_source
+    # The right token while the forwarder is still broken: the replay fails, the
+    # message stays, and the failure is listed like a poll's (the hooks heard it).
+    banner = click(browser, "replay", invoice, TOKEN)
+    assert banner.startswith(f"{invoice}: failed in"), banner
+    assert len(quarantined(tmp_path)) == 2
+    assert len(rows(browser, "Recent failures")) == 3
+    # Fix the forwarder, then replay with the token: the message leaves quarantine.
+    (tmp_path / "broken").unlink()
+    banner = click(browser, "replay", invoice, TOKEN)
+    assert banner.startswith(f"{invoice}: replayed"), banner
+    assert TOKEN not in browser.page_source
+    assert browser.find_element(By.NAME, "token").get_attribute("value") == ""
+    assert [json.loads(p.read_text())["key"] for p in quarantined(tmp_path)] == [
+        newsletter
+    ]
+    assert "Invoice 2026-114" in (tmp_path / "var" / "out.jsonl").read_text()
+    banner = click(browser, "drop", newsletter, TOKEN)
+    assert banner == f"{newsletter}: dropped"
+    assert quarantined(tmp_path) == []
+    assert "0 message(s)" in browser.find_element(By.TAG_NAME, "body").text
+    assert TOKEN not in log.read_text()
+
+
+def test_status_page_refuses_actions_without_the_token(
+    worker: tuple[Path, int, Path], tmp_path: Path
+) -> None:
+    _cfg, port, log = worker
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+        csp = r.headers["Content-Security-Policy"]
+        page = r.read().decode()
+    assert csp.startswith("default-src 'none'; style-src 'sha256-")
+    assert "form-action 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    key = json.loads(quarantined(tmp_path)[0].read_text())["key"]
+    drop = {"action": f"drop:{key}"}
+    assert post(port, drop)[0] == 403  # no token
+    assert post(port, {**drop, "token": TOKEN[:-1]})[0] == 403  # near miss
+    # the right token, from another site: refused before the token is looked at
+    code, _ = post(port, {**drop, "token": TOKEN}, {"Origin": "http://evil.example"})
+    assert code == 403
+    code, _ = post(port, {**drop, "token": TOKEN}, {"Sec-Fetch-Site": "cross-site"})
+    assert code == 403
+    assert len(quarantined(tmp_path)) == 2
+    # a script may send the token in a header
+    code, page = post(port, drop, {"X-Mailpipe-Admin-Token": TOKEN})
+    assert code == 200 and f"{key}: dropped" in page and TOKEN not in page
+    assert len(quarantined(tmp_path)) == 1
+    assert TOKEN not in log.read_text()
+
+
+async def test_status_page_without_admin_token_is_read_only(tmp_path: Path) -> None:
+    from mailpipe.app import open_app
+    from mailpipe.metrics import MetricsCollector, MetricsServer
+    from mailpipe.status_page import StatusPage
+
+    with Pop3Server([], tls="implicit") as srv:
+        cfg = write_config(tmp_path, srv, free_port(), token=False)
+    app = open_app(cfg)
+    item = tmp_path / "var" / "quarantine" / "support" / "k1.json"
+    item.parent.mkdir(parents=True)
+    (item.with_suffix(".eml")).write_bytes(msg(9, "held"))
+    item.write_text(
+        json.dumps(
+            {
+                "key": "k1",
+                "mailbox": "support",
+                "uid": "u1",
+                "reason": "rule held",
+                "size": 77,
+                "eml": str(item.with_suffix(".eml")),
+            }
+        )
+    )
+    collector = MetricsCollector(["support"], unhealthy_after=3600)
+    server = MetricsServer(
+        collector, "127.0.0.1", 0, page=StatusPage(app, collector, token=None)
+    )
+    await server.start()
+    try:
+        port = server.port
+        page = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/").read().decode()
+        )
+        assert "rule held" in page and "77 bytes" in page
+        assert "<form" not in page and "Read-only" in page
+        assert "never polled" in page  # no journal yet: the /healthz rule
+        code, body = await asyncio.to_thread(
+            post, port, {"action": "drop:k1", "token": "anything"}
+        )
+        assert code == 403 and "read-only" in body
+        assert item.exists()
+    finally:
+        await server.stop()
+
+
+async def test_status_page_answers_bad_requests_and_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    from mailpipe.app import open_app
+    from mailpipe.metrics import MAX_BODY, MetricsCollector, MetricsServer
+    from mailpipe.secrets import Secret
+    from mailpipe.status_page import StatusPage
+
+    with Pop3Server([], tls="implicit") as srv:
+        cfg = write_config(tmp_path, srv, free_port(), token=False)
+    app = open_app(cfg)
+    collector = MetricsCollector(["support"], unhealthy_after=3600)
+    page = StatusPage(app, collector, token=Secret(TOKEN))
+    server = MetricsServer(collector, "127.0.0.1", 0, page=page)
+    await server.start()
+
+    async def raw(request: bytes) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        return int(data.split()[1])
+
+    try:
+        fields = "&".join(f"f{n}=x" for n in range(20)).encode()
+        post_head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+        assert await raw(post_head % len(fields) + fields) == 400
+        assert await raw(post_head % (MAX_BODY + 1)) == 413
+        assert await raw(b"PUT / HTTP/1.1\r\nHost: x\r\n\r\n") == 405
+        assert await raw(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n") == 404
+        form = f"token={TOKEN}&action=explode:k".encode()
+        assert await raw(post_head % len(form) + form) == 400
+        form = f"token={TOKEN}&action=drop:nothing-here".encode()
+        assert await raw(post_head % len(form) + form) == 404
+        assert await raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == 200
+    finally:
+        await server.stop()
+
+
+def test_healthcheck_does_not_resolve_the_admin_token(tmp_path: Path) -> None:
+    from mailpipe.testing.e2e import run_cli
+
+    cfg = tmp_path / "pipeline.toml"
+    cfg.write_text('[metrics]\nadmin_token = { env = "MAILPIPE_TEST_UNSET_TOKEN" }\n')
+    env_free = run_cli("healthcheck", str(cfg), cwd=tmp_path)
+    assert env_free.returncode == 0, env_free.stderr  # the probe needs no token
+    check = run_cli("check", str(cfg), cwd=tmp_path)
+    assert check.returncode == 2
+    assert "metrics.admin_token: environment variable MAILPIPE_TEST_UNSET_TOKEN" in (
+        check.stdout + check.stderr
+    )

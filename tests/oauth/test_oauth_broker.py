@@ -1,0 +1,270 @@
+"""The broker and the shared cache: refresh rarely, once across workers, sealed at rest."""
+
+import sqlite3
+import stat
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailpipe.oauth import gauges
+from mailpipe.oauth.broker import TokenBroker
+from mailpipe.oauth.cache import TokenCache
+from mailpipe.oauth.errors import GrantRevoked, NoRefreshToken, TokenEndpointBusy
+from mailpipe.oauth.gauges import OAuthMetrics
+from mailpipe.oauth.grant import Grant
+from mailpipe.oauth.options import AnyOAuth
+from mailpipe.oauth.sealing import Sealer, SealError, new_key
+from mailpipe.testing.authserver import AuthServer
+
+from .conftest import Clock, oauth
+
+
+def _options(server: AuthServer, key: str, **extra: Any) -> AnyOAuth:
+    table = {
+        "provider": "oidc", "flow": "refresh_token", "client_id": "pub",
+        "issuer": server.url, "cache_key": key, "ca_file": str(server.ca_file),
+        "refresh_margin": "300s", "refresh_jitter": "60s",
+    }
+    table.update(extra)
+    return oauth(table)
+
+
+def _cache(path: str, key: str, clock: Clock, tmp_path: Path) -> TokenCache:
+    return TokenCache(path, base_dir=tmp_path, sealer=Sealer(key), clock=clock)
+
+
+def _broker(
+    options: AnyOAuth, cache: TokenCache, clock: Clock, *, mailbox: str = "mb",
+    username: str = "alice", rng: float = 0.5,
+) -> TokenBroker:
+    return TokenBroker(
+        options, protocol="pop3", username=username, cache=cache, mailbox=mailbox,
+        clock=clock, rng=lambda: rng,
+    )
+
+
+def _login(broker: TokenBroker, server: AuthServer, user: str = "alice") -> None:
+    """What `mailpipe auth login` leaves in the cache: a refresh token."""
+    rt = server.issue_refresh_token(user, "pub")
+    broker.save(Grant(access_token="", expires_in=0, refresh_token=rt), previous=None)
+
+
+def test_token_is_reused_until_refresh_time_then_refreshed_once(
+    auth_server: AuthServer, cache_key: str, clock: Clock, tmp_path: Path
+) -> None:
+    cache = _cache(str(tmp_path / "j.sqlite3"), cache_key, clock, tmp_path)
+    broker = _broker(_options(auth_server, cache_key), cache, clock)
+    _login(broker, auth_server)
+    first = broker.token_sync()
+    for _ in range(5):  # polls: no request
+        assert broker.token_sync() == first
+    assert len(auth_server.grants()) == 1
+    entry = cache.load(broker.account)
+    assert entry is not None and entry.expires_at is not None
+    # refresh_at = expiry - margin - rng * jitter (0.5 * 60 s)
+    assert entry.refresh_at == entry.expires_at - 300 - 30
+    clock.advance(3600 - 331)
+    assert broker.token_sync() == first
+    clock.advance(2)  # past refresh_at, still before expiry
+    second = broker.token_sync()
+    assert second != first and auth_server.introspect(second)["active"]
+    assert len(auth_server.grants()) == 2
+
+
+def test_cache_is_sealed_and_private(
+    auth_server: AuthServer, cache_key: str, clock: Clock, tmp_path: Path
+) -> None:
+    path = tmp_path / "j.sqlite3"
+    cache = _cache(str(path), cache_key, clock, tmp_path)
+    broker = _broker(_options(auth_server, cache_key), cache, clock)
+    _login(broker, auth_server)
+    token = broker.token_sync()
+    entry = cache.load(broker.account)
+    assert entry is not None and entry.refresh_token.startswith("rt-")
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("j.sqlite3*"))
+    assert token.encode() not in raw and entry.refresh_token.encode() not in raw
+    for p in tmp_path.glob("j.sqlite3*"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    assert token not in repr(entry)
+    from mailpipe.secrets import redact
+
+    line = f"refused token={token} rt={entry.refresh_token}"
+    assert token not in redact(line) and entry.refresh_token not in redact(line)
+    other = TokenCache(str(path), base_dir=tmp_path, sealer=Sealer(new_key()))
+    with pytest.raises(SealError, match="does not open with this cache_key"):
+        other.load(broker.account)
+
+
+def test_a_malformed_cache_key_is_a_clear_error() -> None:
+    with pytest.raises(SealError, match="not a Fernet key"):
+        Sealer("not-a-key")
+
+
+def test_no_refresh_token_before_login(
+    auth_server: AuthServer, cache_key: str, clock: Clock, tmp_path: Path
+) -> None:
+    cache = _cache(str(tmp_path / "j.sqlite3"), cache_key, clock, tmp_path)
+    broker = _broker(_options(auth_server, cache_key), cache, clock)
+    with pytest.raises(NoRefreshToken, match="mailpipe auth login"):
+        broker.token_sync()
+    assert not auth_server.token_requests
+    assert gauges.revoked() == {"mb": "no_refresh_token"}
+
+
+def test_revoked_grant_is_not_retried_until_a_new_login(
+    auth_server: AuthServer, cache_key: str, clock: Clock, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cache = _cache(str(tmp_path / "j.sqlite3"), cache_key, clock, tmp_path)
+    broker = _broker(_options(auth_server, cache_key), cache, clock)
+    _login(broker, auth_server)
+    broker.token_sync()
+    auth_server.revoke_user("alice")
+    clock.advance(3600)
+    with pytest.raises(GrantRevoked) as caught:
+        broker.token_sync()
+    assert caught.value.code == "invalid_grant"
+    requests = len(auth_server.token_requests)
+    for _ in range(3):  # later polls: no request, the same classified error
+        with pytest.raises(GrantRevoked):
+            broker.token_sync()
+    assert len(auth_server.token_requests) == requests
+    assert gauges.BOARD.outcomes[("mb", "failure", "invalid_grant")] == 1  # one asked
+    entry = cache.load(broker.account)
+    assert entry is not None and entry.last_error_code == "invalid_grant"
+    assert gauges.revoked() == {"mb": "invalid_grant"}
+    _login(broker, auth_server)  # the operator logs in again
+    assert auth_server.introspect(broker.token_sync())["active"]
+    assert gauges.revoked() == {}
+
+
+def test_busy_endpoint_is_temporary_and_recorded(
+    auth_server: AuthServer, cache_key: str, clock: Clock, tmp_path: Path
+) -> None:
+    cache = _cache(str(tmp_path / "j.sqlite3"), cache_key, clock, tmp_path)
+    broker = _broker(_options(auth_server, cache_key), cache, clock)
+    _login(broker, auth_server)
+    auth_server.fail_next("429")
+    with pytest.raises(TokenEndpointBusy):
+        broker.token_sync()
+    entry = cache.load(broker.account)
+    assert entry is not None and entry.last_error_code == "temporarily_unavailable"
+    assert gauges.revoked() == {}
+    assert broker.token_sync()  # the next poll succeeds
+    assert cache.load(broker.account).last_error == ""  # type: ignore[union-attr]
+
+
+def test_one_entry_serves_every_mailbox_of_an_app(
+    auth_server: AuthServer, cache_key: str, clock: Clock, tmp_path: Path
+) -> None:
+    options = _options(auth_server, cache_key, flow="client_credentials",
+                       client_id="app", client_secret="app-secret")
+    cache = _cache(str(tmp_path / "j.sqlite3"), cache_key, clock, tmp_path)
+    a = _broker(options, cache, clock, mailbox="sales", username="sales@example.com")
+    b = _broker(options, cache, clock, mailbox="support", username="help@example.com")
+    assert a.account == b.account
+    assert a.token_sync() == b.token_sync()
+    assert len(auth_server.grants()) == 1
+    delegated = _options(auth_server, cache_key)
+    assert delegated.account_key("pop3", "x@example.com") != delegated.account_key(
+        "pop3", "y@example.com"
+    )
+
+
+def _race(
+    auth_server: AuthServer, key: str, clock: Clock, tmp_path: Path, url: str
+) -> list[str]:
+    """Two workers (own connections, own owners) want a token at the same moment."""
+    options = _options(auth_server, key)
+    caches = [_cache(url, key, clock, tmp_path) for _ in range(2)]
+    brokers = [_broker(options, c, clock, mailbox=f"w{i}") for i, c in enumerate(caches)]
+    _login(brokers[0], auth_server)
+    auth_server.slow_seconds = 1.0
+    auth_server.fail_next("slow")  # the winner's request takes a while
+    barrier = threading.Barrier(2)
+    got: list[str] = []
+
+    def work(broker: TokenBroker) -> None:
+        barrier.wait()
+        got.append(broker.token_sync())
+
+    threads = [threading.Thread(target=work, args=(b,)) for b in brokers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for c in caches:
+        c.close()
+    return got
+
+
+def test_two_workers_sqlite_refresh_once(
+    auth_server: AuthServer, cache_key: str, clock: Clock, tmp_path: Path
+) -> None:
+    got = _race(auth_server, cache_key, clock, tmp_path, str(tmp_path / "j.sqlite3"))
+    assert len(got) == 2 and got[0] == got[1]
+    assert len(auth_server.grants("refresh_token")) == 1
+    assert len(auth_server.token_requests) == 1
+
+
+def test_two_workers_postgres_refresh_once(
+    auth_server: AuthServer, cache_key: str, clock: Clock, tmp_path: Path,
+    pg_schema_url: str,
+) -> None:
+    got = _race(auth_server, cache_key, clock, tmp_path, pg_schema_url)
+    assert len(got) == 2 and got[0] == got[1]
+    assert len(auth_server.token_requests) == 1
+
+
+def test_lease_is_exclusive_until_it_expires(
+    cache_key: str, clock: Clock, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "j.sqlite3")
+    a, b = (_cache(path, cache_key, clock, tmp_path) for _ in range(2))
+    assert a.take_lease("acct", owner="a", ttl=30)
+    assert not b.take_lease("acct", owner="b", ttl=30)
+    clock.advance(31)  # a died holding it
+    assert b.take_lease("acct", owner="b", ttl=30)
+    b.release_lease("acct", owner="b")
+    assert a.take_lease("acct", owner="a", ttl=30)
+
+
+def test_metrics_show_expiry_outcomes_and_refresh_token_risk(
+    auth_server: AuthServer, cache_key: str, clock: Clock, tmp_path: Path
+) -> None:
+    cache = _cache(str(tmp_path / "j.sqlite3"), cache_key, clock, tmp_path)
+    broker = _broker(_options(auth_server, cache_key, refresh_token_max_age="10d"),
+                     cache, clock)
+    _login(broker, auth_server)
+    broker.token_sync()
+    auth_server.fail_next("429")
+    clock.advance(3600)
+    with pytest.raises(TokenEndpointBusy):
+        broker.token_sync()
+    families = {f.name: f for f in OAuthMetrics(clock).collect()}
+    expiry = families["mailpipe_oauth_token_expiry_timestamp_seconds"].samples
+    assert [(s.labels["mailbox"], s.value) for s in expiry] == [("mb", clock.now)]
+    outcomes = {
+        (s.labels["outcome"], s.labels["reason"]): s.value
+        for s in families["mailpipe_oauth_refreshes"].samples
+        if s.name.endswith("_total")
+    }
+    assert outcomes == {("success", ""): 2, ("failure", "temporarily_unavailable"): 1}
+    (risk,) = families["mailpipe_oauth_refresh_token_at_risk_seconds"].samples
+    assert risk.value == 10 * 86400 - 3600
+
+
+def test_an_unusable_sqlite_file_is_a_journal_error(
+    cache_key: str, clock: Clock, tmp_path: Path
+) -> None:
+    path = tmp_path / "j.sqlite3"
+    _cache(str(path), cache_key, clock, tmp_path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE oauth_tokens")
+    conn.close()
+    from mailpipe.journal.errors import JournalError
+
+    with pytest.raises(JournalError, match="token cache"):
+        _cache(str(path), cache_key, clock, tmp_path).load("x")

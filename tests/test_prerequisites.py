@@ -1,0 +1,146 @@
+"""A processor's ``requires``: what must come before it, checked with the key named."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from click.testing import CliRunner
+from pydantic import BaseModel, ConfigDict
+
+from mailpipe import ConfigError, hookimpl
+from mailpipe.app import open_app
+from mailpipe.chain import Chain
+from mailpipe.cli import cli
+from mailpipe.config import validate_config
+from mailpipe.plugin_manager import get_plugin_manager
+from mailpipe.prerequisites import prerequisite_problems, requirements
+from mailpipe.registry import collect
+
+MAILBOX = """
+[[mailboxes]]
+name = "support"
+host = "127.0.0.1"
+username = "u"
+password = "p"
+pipeline = "tickets"
+"""
+
+FILTER = '{ use = "filter", rules = [{ when = { mailing_list = true }, then = "keep" }] }'
+
+
+def write(tmp_path: Path, steps: str) -> Path:
+    path = tmp_path / "pipeline.toml"
+    path.write_text(f"{MAILBOX}\n[pipelines.tickets]\nprocessors = [{steps}]\n")
+    return path
+
+
+def test_filter_declares_that_it_needs_parse() -> None:
+    from mailpipe.plugins.filter import FilterProcessor
+
+    assert requirements(FilterProcessor) == ("parse",)
+
+
+def test_filter_without_parse_is_a_config_error_naming_the_step(tmp_path: Path) -> None:
+    path = write(tmp_path, f'{FILTER}, {{ use = "store.jsonl", path = "o.jsonl" }}')
+    with pytest.raises(ConfigError) as info:
+        open_app(path, entry_points=False)
+    assert str(info.value) == (
+        f"{path}: 1 problem\n"
+        "  pipelines.tickets.processors[0].use: 'filter' needs 'parse' before it in "
+        "this pipeline; add { use = \"parse\" } as an earlier step"
+    )
+
+
+def test_parse_after_filter_says_move_it_up(tmp_path: Path) -> None:
+    path = write(tmp_path, f'{{ use = "store.jsonl", path = "o" }}, {FILTER}, '
+                           '{ use = "parse" }')
+    with pytest.raises(ConfigError) as info:
+        open_app(path, entry_points=False)
+    (problem,) = info.value.problems
+    assert problem.loc == "pipelines.tickets.processors[1].use"
+    assert problem.msg == (
+        "'filter' needs 'parse' before it in this pipeline; "
+        "move it (processors[2]) before this step"
+    )
+
+
+def test_parse_before_filter_is_accepted(tmp_path: Path) -> None:
+    app = open_app(write(tmp_path, f'{{ use = "parse" }}, {FILTER}'), entry_points=False)
+    assert [s.use for s in app.config.pipelines["tickets"]] == ["parse", "filter"]
+    assert Chain.from_config(app.config).pipelines["tickets"][1].use == "filter"
+
+
+def test_mailpipe_check_reports_it_and_exits_2(tmp_path: Path) -> None:
+    path = write(tmp_path, FILTER)
+    result = CliRunner().invoke(cli, ["check", str(path)])
+    assert result.exit_code == 2
+    assert "pipelines.tickets.processors[0].use: 'filter' needs 'parse'" in result.output
+
+
+def test_the_chain_builder_refuses_an_unmet_prerequisite(tmp_path: Path) -> None:
+    # A chain built without open_app (tests, embedding code) is checked too.
+    path = write(tmp_path, FILTER)
+    config = validate_config(
+        tomllib.loads(path.read_text()), path=path,
+        registry=collect(get_plugin_manager(entry_points=False)),
+    )
+    with pytest.raises(ConfigError, match=r"processors\[0\]\.use: 'filter' needs"):
+        Chain.from_config(config)
+    with pytest.raises(ConfigError, match=r"^pipelines: 1 problem"):
+        Chain(config.pipelines, base_dir=tmp_path)
+
+
+class Opts(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Enricher:
+    """A third-party step that needs two others before it."""
+
+    name: ClassVar[str] = "t.enrich"
+    Options: ClassVar[type[BaseModel]] = Opts
+    commits: ClassVar[bool] = False
+    requires: ClassVar[tuple[str, ...]] = ("parse", "t.lookup")
+
+    def __init__(self, options: Opts, context: Any) -> None:
+        self.options = options
+
+    def process(self, message: Any) -> None:
+        return None
+
+
+class Lookup(Enricher):
+    name: ClassVar[str] = "t.lookup"
+    requires: ClassVar[tuple[str, ...]] = ()
+
+
+def test_third_party_prerequisites_are_checked_in_every_pipeline(
+    tmp_path: Path,
+) -> None:
+    class Plugin:
+        @hookimpl
+        def mailpipe_register_processors(self, register: Any) -> None:
+            register(Enricher)
+            register(Lookup)
+
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(Plugin(), name="third")
+    data = {
+        "pipelines": {
+            "ok": {"processors": [{"use": "parse"}, {"use": "t.lookup"},
+                                  {"use": "t.enrich"}]},
+            "a.b": {"processors": [{"use": "t.lookup"}, {"use": "t.enrich"}]},
+        }
+    }
+    config = validate_config(data, path=tmp_path / "p.toml", registry=collect(pm))
+    problems = prerequisite_problems(config.pipelines)
+    assert [(p.loc, p.msg) for p in problems] == [
+        (
+            'pipelines."a.b".processors[1].use',
+            "'t.enrich' needs 'parse' before it in this pipeline; "
+            'add { use = "parse" } as an earlier step',
+        )
+    ]
