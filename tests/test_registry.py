@@ -286,8 +286,8 @@ def test_loading_the_plugins_imports_no_builtin_implementation() -> None:
     assert {"pop3", "parse", "filter", "store.jsonl", "forward.webhook"} <= set(
         result["names"]
     )
-    packages = {f"mailpipe.plugins.{n}" for n in ("pop3", "parse", "filter", "store",
-                                                  "forward")}
+    packages = {f"mailpipe.plugins.{n}" for n in ("pop3", "imap", "parse", "filter",
+                                                  "store", "forward")}
     assert set(result["before"]) == packages
     assert "mailpipe.plugins.pop3.source" in result["after"]
     assert "mailpipe.plugins.filter.processor" in result["after"]

@@ -311,11 +311,16 @@ class ImapSession:
 
     @property
     def facts(self) -> SessionFacts:
-        """UIDs are stable under UIDVALIDITY (an epoch folded into each id, IC-25);
-        push when the server has IDLE."""
+        """UIDs are stable under UIDVALIDITY, which each id includes; push when the
+        server has IDLE.
+
+        ``ids_have_epoch`` stays False although the ids carry UIDVALIDITY: that fact
+        promises the source reconciles an epoch change itself (by content hash, IC-25),
+        which it does not do yet, so the engine's id-reset guard (C-60) stays on.
+        """
         return SessionFacts(
             stable_ids=True,
-            ids_have_epoch=True,
+            ids_have_epoch=False,
             can_push="IDLE" in self.client.capabilities,
         )
 

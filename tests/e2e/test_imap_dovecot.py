@@ -314,8 +314,8 @@ async def test_header_prefetch_and_oversize(dovecot_imap: Dovecot, tmp_path: Pat
 
 @pytest.mark.xfail(
     strict=True,
-    reason="IC-25 reconciliation by content hash needs the ledger's epoch support "
-    "(mailpipe/source.py rewrite); today a recreated folder's messages run again",
+    reason="IC-25 reconciliation by content hash is not implemented (the source would "
+    "need the journal's content hashes); a recreated folder's messages run again",
 )
 def test_ic25_folder_recreated_with_new_uidvalidity_is_reconciled(
     dovecot_imap: Dovecot, tmp_path: Path
