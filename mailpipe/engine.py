@@ -166,6 +166,7 @@ def make_source(spec: MailboxSpec, config: Config) -> Source:
         base_dir=config.base_dir,
         mailbox=spec.name,
         spool_dir=config.resolve(config.model.scheduler.spool_dir),
+        ack=spec.config.ack,
     )
     return spec.source_cls(spec.source_options, context)  # type: ignore[no-any-return]
 

@@ -40,12 +40,15 @@ class SourceContext:
 
     ``base_dir``: the config file's folder (relative paths in options resolve against
     it); ``mailbox``: the mailbox's name in the config (for logs and keys);
-    ``spool_dir``: a private directory for large message bodies.
+    ``spool_dir``: a private directory for large message bodies; ``ack``: the
+    mailbox's ``acknowledge`` (a ``flag`` source leaves mail carrying it out of its
+    listings, also in a new process).
     """
 
     base_dir: Path = field(default_factory=Path.cwd)
     mailbox: str = ""
     spool_dir: Path | None = None
+    ack: Ack | None = None
 
     def resolve(self, path: Path | str) -> Path:
         """Resolve ``path`` against ``base_dir`` unless it is absolute (``~`` expanded)."""

@@ -77,6 +77,7 @@ def test_readme_toml_snippets_parse_and_validate(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("SUPPORT_POP3_PASSWORD", "x" * 8)
+    monkeypatch.setenv("SUPPORT_IMAP_PASSWORD", "x" * 8)
     monkeypatch.setenv("MAILPIPE_OAUTH_KEY", "k" * 8)  # cache_key of the OAuth examples
     _, registry = load(entry_points=False)
     snippets = blocks("toml")

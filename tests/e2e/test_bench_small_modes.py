@@ -54,3 +54,18 @@ def test_pop3_retrieval_small() -> None:
     out = run("bench/pop3_retrieval.py", "--small")
     rows = [line for line in out.splitlines() if line.startswith("| ") and "mailpipe" in line]
     assert rows and all(line.rstrip().endswith("OK |") for line in rows), out
+
+
+def test_imap_retrieval_small() -> None:
+    from mailpipe.testing.dovecot import dovecot_unavailable_reason
+
+    reason = dovecot_unavailable_reason(imap=True)
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    out = run("bench/imap_retrieval.py", "--small")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "mailpipe" in line]
+    assert len(rows) == 6 and all(line.rstrip().endswith("OK |") for line in rows), out
+    if os.environ.get("CI"):
+        assert any("| mbsync |" in line for line in out.splitlines()), out  # isync in CI
