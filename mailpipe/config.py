@@ -270,8 +270,10 @@ class MailboxConfig(BaseModel):
     max_attempts: int = Field(
         3, strict=True, ge=1, description="Failed attempts before a message is quarantined."
     )
-    on_quarantine: Literal["delete", "keep"] = Field(
-        "delete", description="After quarantining: delete the server copy or keep it."
+    on_quarantine: Literal["delete", "keep"] | MoveAck = Field(
+        "delete",
+        description="After quarantining: delete the server copy, keep it, or "
+        "{ move = \"Folder\" } (an error folder, where the source can move).",
     )
     header_prefetch: bool = Field(
         True, strict=True, description="Use TOP n 0 when the chain can decide on headers alone."
@@ -282,6 +284,13 @@ class MailboxConfig(BaseModel):
         "says it is due: 'delete', { move = \"Folder\" } or { flag = \"$Processed\" }; "
         "only what the source supports (MP-04; POP3: delete).",
     )
+
+    @property
+    def quarantine_ack(self) -> Ack | None:
+        """How a quarantined message's server copy is acknowledged (None: kept)."""
+        if isinstance(self.on_quarantine, MoveAck):
+            return Ack(AckKind.MOVE, self.on_quarantine.move)
+        return Ack(AckKind.DELETE) if self.on_quarantine == "delete" else None
 
     @property
     def ack(self) -> Ack:
@@ -801,18 +810,26 @@ def _validate_mailbox(
     except ValidationError:
         return None  # reported by phase 1
     supported = acknowledgements_of(cls)
-    if mb.ack.kind not in supported:
+    wanted = [("acknowledge", mb.ack)]
+    if mb.quarantine_ack is not None:
+        wanted.append(("on_quarantine", mb.quarantine_ack))
+    if mb.on_oversize == "delete":
+        wanted.append(("on_oversize", Ack(AckKind.DELETE)))
+    refused = [(key, ack) for key, ack in wanted if ack.kind not in supported]
+    for key, ack in refused:
         # MP-04: an acknowledgement the source cannot perform is a config error, not
         # a run-time surprise after the first message was processed.
+        default = " (the default)" if key not in raw else ""
         problems.append(
             Problem(
-                _loc((*where, "acknowledge")),
-                f"source {source!r} cannot acknowledge with {mb.ack.kind.value!r}; "
+                _loc((*where, key)),
+                f"source {source!r} cannot acknowledge with {ack.kind.value!r}{default}; "
                 "it supports: " + ", ".join(sorted(k.value for k in supported
                                                    if k is not AckKind.KEEP)),
-                _show(raw.get("acknowledge"), "acknowledge"),
+                _show(raw.get(key, ack.kind.value), key),
             )
         )
+    if refused:
         return None
     return MailboxSpec(config=mb, source_cls=cls, source_options=options)
 

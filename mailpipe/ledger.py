@@ -149,7 +149,7 @@ class Ledger:
     #: The lease's fencing token (mailpipe.leases): the group commit's journal batch
     #: commits only while it is current (issue 16.2); None without a lease.
     fence: Fence | None = None
-    _owed: list[MessageRef] = field(default_factory=list)  # due, durable, not yet sent
+    _owed: list[tuple[MessageRef, Ack]] = field(default_factory=list)  # due, durable, unsent
     _sent: list[MessageRef] = field(default_factory=list)  # acknowledged this session
 
     def __post_init__(self) -> None:
@@ -285,7 +285,7 @@ class Ledger:
                          reason=reason, path=str(path))
         self.hooks.message_quarantined(mailbox=self.mailbox, uid=msg.ref.uid,
                                        key=msg.key, reason=reason, path=str(path))
-        return self.cfg.on_quarantine == "delete"
+        return self.cfg.quarantine_ack is not None
 
     def decided(self, ref: MessageRef, decision: Decision, sha256: str | None) -> None:
         """Journal (durably, now) a decision made without the chain's writes — on
@@ -299,7 +299,7 @@ class Ledger:
         self.hooks.message_done(mailbox=self.mailbox, uid=ref.uid, key=ref.key,
                                 disposition=str(decision.disposition))
         if delete:
-            self._owed.append(ref)
+            self._owed.append((ref, self.ack))
 
     def unretrievable(self, item: Unretrievable, entry: Entry | None) -> Outcome | None:
         """Count, log and announce an attempt that did not deliver a whole message
@@ -335,7 +335,7 @@ class Ledger:
             self.journal.finish(self.mailbox, ref.uid, status=Status.COMMITTED,
                                 disposition="oversize", sha256=None,
                                 reason="oversize: deleted unread", delete_due=True, **self._fenced())
-        self._owed.append(ref)
+        self._owed.append((ref, contract.DELETE))  # "delete" means delete, unread
 
     def oversize_quarantined(self, msg: Message, reason: str) -> None:
         """``on_oversize = "quarantine"``: the whole message is kept in the quarantine
@@ -346,7 +346,7 @@ class Ledger:
                             disposition="quarantine", sha256=msg.sha256, reason=reason,
                             delete_due=delete, **self._fenced())
         if delete:
-            self._owed.append(msg.ref)
+            self._owed.append((msg.ref, self._quarantine_ack()))
 
     def oversize_received(self, exc: OversizeError, *, policy: str, limited: bool) -> str | None:
         """Journal the decision for a message the server sent past a size limit (see
@@ -416,7 +416,7 @@ class Ledger:
                 raise AcknowledgeBeforeDurable(
                     f"mailbox {self.mailbox!r}: uid {ref.uid!r} has no durable outcome"
                 )
-        self._owed.extend(refs)
+            self._owed.append((ref, self._ack_for(entry.disposition or "")))
 
     async def commit_group(
         self, chain: Chain, group: list[Outcome], facts: SessionFacts
@@ -436,7 +436,7 @@ class Ledger:
             flushed = False
             flush_error, flush_type = error_text(exc), type(exc).__name__
             self.log.error("flush_failed", error=flush_error)
-        due: list[MessageRef] = []
+        due: list[tuple[MessageRef, Ack]] = []
         lost: set[str] = set()  # uids whose writes are not durable
         with self._batch():
             for d in group:
@@ -463,7 +463,7 @@ class Ledger:
                                     disposition=d.disposition, sha256=d.sha256,
                                     reason=d.reason, delete_due=d.delete_due)
                 if d.delete_due:
-                    due.append(d.ref)
+                    due.append((d.ref, self._ack_for(d.disposition)))
                 if d.readopt is not None:
                     self.readopt(d.readopt, d)
         # The batch is durable here: only now is anything of this group owed (MP-01).
@@ -487,10 +487,12 @@ class Ledger:
         on the server before :meth:`commit`.
         """
         owed, self._owed = self._owed, []
-        if not owed:
-            return
-        await contract.acknowledge(session, owed, self.ack)
-        self._sent.extend(owed)
+        by_ack: dict[Ack, list[MessageRef]] = {}
+        for ref, ack in owed:
+            by_ack.setdefault(ack, []).append(ref)
+        for ack, refs in by_ack.items():
+            await contract.acknowledge(session, refs, ack)
+            self._sent.extend(refs)
 
     async def commit(self, session: Any) -> int:
         """End the session so the server applies the acknowledgements (POP3 QUIT),
@@ -516,10 +518,23 @@ class Ledger:
         self._sent.clear()
 
     def pending(self) -> list[MessageRef]:
-        """What is owed but not yet sent (for tests and the engine's draining)."""
-        return list(self._owed)
+        """What is owed but not yet sent (for tests)."""
+        return [ref for ref, _ in self._owed]
 
     # --- helpers ---------------------------------------------------------------------
+
+    def _ack_for(self, disposition: str) -> Ack:
+        """The acknowledgement an outcome gets (MP-04): ``acknowledge`` for processed
+        mail, ``on_quarantine`` for quarantined mail, a plain delete for
+        ``on_oversize = "delete"`` (deleted unread)."""
+        if disposition == "quarantine":
+            return self._quarantine_ack()
+        if disposition == "oversize":
+            return contract.DELETE
+        return self.ack
+
+    def _quarantine_ack(self) -> Ack:
+        return self.cfg.quarantine_ack or contract.DELETE
 
     def _batch(self) -> AbstractContextManager[None]:
         """A journal batch, conditional on the lease's epoch when the ledger holds a
