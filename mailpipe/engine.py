@@ -222,6 +222,9 @@ class MailboxRunner:
         self.inflight = InflightMarker(self.spool_dir, self.name)
         self._summary = Summary(mailbox=self.name)  # the current poll's (see poll)
         self._last_exc: BaseException | None = None
+        #: The facts of the latest session (None before the first): the scheduler
+        #: waits for pushed mail only when they say ``can_push``.
+        self.facts: SessionFacts | None = None
         self.ledger = self._new_ledger(self._summary)
 
     def _new_ledger(self, summary: Summary) -> Ledger:
@@ -343,6 +346,7 @@ class MailboxRunner:
                 )
             refs = await session.list()
             facts = facts_of(opened)  # after the listing: it tells whether ids are stable
+            self.facts = facts
             self._login_delay = facts.login_delay
             summary.listed = max(summary.listed, len(refs))  # the fullest listing
             summary.backlog = len(refs)  # the latest listing (what is left)

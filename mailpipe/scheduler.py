@@ -210,6 +210,8 @@ class Scheduler:
             if (
                 error is None
                 and isinstance(runner.source, PushSource)
+                and runner.facts is not None
+                and runner.facts.can_push
                 # A wake-up whose poll found nothing to retrieve: the timer decides
                 # the next poll, so a source that wakes too eagerly cannot spin.
                 and not (woken and summary is not None and summary.retrieved == 0)

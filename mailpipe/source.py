@@ -13,8 +13,9 @@ The engine knows sources only through this module:
 - Acknowledgements take effect only at :meth:`SourceSession.commit`; the engine calls
   :meth:`SourceSession.acknowledge` only through :mod:`mailpipe.ledger`'s gate, after
   every committing step and the journal batch are durable (MP-01).
-- A push-capable source (``can_push``) offers :meth:`PushSource.wait_for_mail`, which
-  the scheduler awaits instead of its poll timer.
+- A push-capable source offers :meth:`PushSource.wait_for_mail`, which the scheduler
+  awaits instead of its poll timer while the latest session's facts say ``can_push``
+  (IMAP: the server offers IDLE).
 
 :mod:`mailpipe.testing.contract` holds the test suite any source proves itself with.
 """
