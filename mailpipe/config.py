@@ -285,6 +285,22 @@ class MailboxConfig(BaseModel):
         "only what the source supports (MP-04; POP3: delete).",
     )
 
+    @field_validator("acknowledge", "on_quarantine", mode="before")
+    @classmethod
+    def _ack_shape(cls, value: Any, info: ValidationInfo) -> Any:
+        # One clear problem for a value of the wrong shape, not one per union member.
+        words = {"acknowledge": ('"delete"', '{ flag = "$Flag" }'),
+                 "on_quarantine": ('"delete", "keep"', None)}[str(info.field_name)]
+        plain, flag = words
+        if isinstance(value, str) and (value == "delete" or (
+                info.field_name == "on_quarantine" and value == "keep")):
+            return value
+        keys = {"move"} | ({"flag"} if flag else set())
+        if isinstance(value, dict) and len(value) == 1 and set(value) <= keys:
+            return value
+        accepted = ", ".join(x for x in (plain, '{ move = "Folder" }', flag) if x)
+        raise ValueError(f"expected {accepted}")
+
     @property
     def quarantine_ack(self) -> Ack | None:
         """How a quarantined message's server copy is acknowledged (None: kept)."""

@@ -38,6 +38,7 @@ from mailpipe import source as contract
 from mailpipe.errors import ProcessorError
 from mailpipe.journal.base import Entry, Fence, Journal, Status
 from mailpipe.message import Message, MessageRef, message_key
+from mailpipe.planning import UNRETRIEVABLE
 from mailpipe.processor import Decision, Disposition
 from mailpipe.source import Ack, SessionFacts, Unretrievable
 
@@ -50,8 +51,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-#: The prefix of the error journaled for a message the source could not deliver whole.
-UNRETRIEVABLE = "unretrievable: "
 
 #: The error recorded for a message whose chain the process did not survive.
 CRASH_ERROR = (
