@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel, BeforeValidator, PlainValidator
 from pydantic.types import Strict
 
-from mailpipe.config import load_config
+from mailpipe.app import load_config
 from mailpipe.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(120)
