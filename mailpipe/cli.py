@@ -3,7 +3,9 @@
 What each command does lives in the module named for it (:mod:`mailpipe.service` for
 ``run``, :mod:`mailpipe.local` for ``process``, :mod:`mailpipe.demo`, ...); this module
 parses arguments, loads the config through :func:`mailpipe.app.open_app`, prints and
-chooses the exit code. Exit codes: 0 success; 1 runtime failure (``run --once``: a mailbox could not be
+chooses the exit code.
+
+Exit codes: 0 success; 1 runtime failure (``run --once``: a mailbox could not be
 polled; ``process``/``quarantine replay``: a message failed; a message that fails
 during ``run`` is retried and quarantined, which is not a failure of the run); 2 usage
 or configuration error.
@@ -85,13 +87,13 @@ def run(config: str, once: bool, mailboxes: tuple[str, ...]) -> None:
 
     Exits 1 with --once if any mailbox failed.
     """
+    from mailpipe.service import run_pipelines
+
     app = _open(config)
     unknown = [m for m in mailboxes if m not in {x.name for x in app.config.mailboxes}]
     if unknown:
         click.echo(f"unknown mailbox: {', '.join(unknown)}", err=True)
         sys.exit(EXIT_USAGE)
-    from mailpipe.service import run_pipelines
-
     ok = asyncio.run(run_pipelines(app, once=once, only=mailboxes))
     sys.exit(EXIT_OK if ok else EXIT_FAILURE)
 
@@ -107,6 +109,8 @@ def process(
     config: str, paths: tuple[str, ...], pipeline: str | None, dry_run: bool
 ) -> None:
     """Run a pipeline over local .eml files, directories, Maildirs or mbox files."""
+    from mailpipe.local import process_files
+
     app = _open(config)
     names = list(app.config.pipelines)
     if pipeline is None:
@@ -117,22 +121,18 @@ def process(
             err=True,
         )
         sys.exit(EXIT_USAGE)
-    from mailpipe.local import process_files
-
     tally = asyncio.run(
         process_files(
-            app,
-            [Path(p) for p in paths],
-            pipeline,
-            dry_run=dry_run,
-            emit=lambda line: click.echo(json.dumps(line, ensure_ascii=False, default=str)),
+            app, [Path(p) for p in paths], pipeline, dry_run=dry_run, emit=_echo_json
         )
     )
-    click.echo(
-        f"{tally.count} message(s), {tally.failed} failed{' (dry run)' if dry_run else ''}",
-        err=True,
-    )
+    dry = " (dry run)" if dry_run else ""
+    click.echo(f"{tally.count} message(s), {tally.failed} failed{dry}", err=True)
     sys.exit(EXIT_FAILURE if tally.failed else EXIT_OK)
+
+
+def _echo_json(line: dict[str, Any]) -> None:
+    click.echo(json.dumps(line, ensure_ascii=False, default=str))
 
 
 @cli.command()
