@@ -155,8 +155,13 @@ def problems_from(
     model: type[BaseModel] | None = None,
     raw: Any = _ABSENT,
 ) -> list[Problem]:
-    """One Problem per error of ``exc``; ``raw`` is the table that was validated, so
-    a value is shown as written in the TOML ("0s"), not as parsed (0.0)."""
+    """One Problem per error of ``exc``, its key path prefixed with ``prefix``.
+
+    ``fields`` are the keys accepted at the top of the validated table (offered for
+    an unknown key); ``model`` finds them for nested tables. ``raw`` is the table
+    that was validated, so a value is shown as written in the TOML ("0s"), not as
+    parsed (0.0).
+    """
     out = []
     for err in exc.errors(include_url=False):
         loc_parts = (*prefix, *err["loc"])
