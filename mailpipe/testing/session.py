@@ -115,7 +115,7 @@ class Session:
         writer: asyncio.StreamWriter,
         record: SessionRecord,
     ) -> None:
-        self.srv = options
+        self.options = options
         self.maildrop = maildrop
         self.transcript = transcript
         self.reader = reader
@@ -200,8 +200,8 @@ class Session:
                 self.rec.outcome = "greeting_err"
                 await self.err(self.faults.greeting_err)
                 return
-            greeting = self.srv.greeting
-            if self.srv.apop:
+            greeting = self.options.greeting
+            if self.options.apop:
                 greeting = f"{greeting} {self.timestamp}"
             await self.ok(greeting)
             while await self.step():
@@ -279,37 +279,37 @@ class Session:
     # -- AUTHORIZATION ---------------------------------------------------------
 
     async def cmd_capa(self, arg: str) -> bool:
-        srv = self.srv
-        if not srv.capa:
+        opts = self.options
+        if not opts.capa:
             await self.err("unknown command")  # RFC 2449 §5: a pre-CAPA server
             return True
         caps = ["CAPA"]
-        if srv.top:
+        if opts.top:
             caps.append("TOP")
         if not self.faults.uidl_unsupported:
             caps.append("UIDL")
         caps += ["RESP-CODES", "AUTH-RESP-CODE"]
-        if srv.pipelining:
+        if opts.pipelining:
             caps.append("PIPELINING")
         if self.state == "AUTHORIZATION":
-            if srv.user_command:
+            if opts.user_command:
                 caps.append("USER")
-            if srv.mechanisms:
-                caps.append("SASL " + " ".join(srv.mechanisms))
-            if srv.tls == "starttls" and not self.rec.tls:
+            if opts.mechanisms:
+                caps.append("SASL " + " ".join(opts.mechanisms))
+            if opts.tls == "starttls" and not self.rec.tls:
                 caps.append("STLS")
-        if srv.login_delay is not None:
-            caps.append(f"LOGIN-DELAY {srv.login_delay}")
-        if srv.expire is not None:
-            caps.append(f"EXPIRE {srv.expire}")
-        if srv.utf8:
+        if opts.login_delay is not None:
+            caps.append(f"LOGIN-DELAY {opts.login_delay}")
+        if opts.expire is not None:
+            caps.append(f"EXPIRE {opts.expire}")
+        if opts.utf8:
             caps.append("UTF8")
         caps.append("IMPLEMENTATION mailpipe-testing")
         await self.multiline("Capability list follows", caps)
         return True
 
     async def cmd_utf8(self, arg: str) -> bool:
-        if not self.srv.utf8:
+        if not self.options.utf8:
             await self.err("unknown command")
             return True
         self.utf8_mode = True
@@ -317,7 +317,7 @@ class Session:
         return True
 
     async def cmd_user(self, arg: str) -> bool:
-        if not self.srv.user_command:
+        if not self.options.user_command:
             await self.err("USER not supported, use AUTH")
             return True
         if not arg:
@@ -329,7 +329,7 @@ class Session:
 
     async def cmd_pass(self, arg: str) -> bool:
         user, self.pending_user = self.pending_user, None
-        if user is None or not self.srv.user_command:
+        if user is None or not self.options.user_command:
             await self.err("USER first")  # RFC 1939 §7: PASS only after USER
             return True
         # RFC 1939 §7: the whole rest of the line is the password, spaces included.
@@ -337,14 +337,14 @@ class Session:
         return True
 
     async def check_password(self, user: str, password: str, method: str) -> None:
-        if password_matches(self.srv.users, user, password):
+        if password_matches(self.options.users, user, password):
             await self.login(user, method)
         else:
             await self.err("[AUTH] invalid user name or password")
 
     async def login(self, user: str, method: str) -> None:
         box = self.maildrop
-        if self.srv.lock:
+        if self.options.lock:
             with box.lock:
                 busy = box.locked_by is not None
                 if not busy:
@@ -365,13 +365,13 @@ class Session:
 
     async def cmd_apop(self, arg: str) -> bool:
         parts = arg.split()
-        if not self.srv.apop or len(parts) != 2:
+        if not self.options.apop or len(parts) != 2:
             await self.err(
-                "APOP not available" if not self.srv.apop else "APOP name digest"
+                "APOP not available" if not self.options.apop else "APOP name digest"
             )
             return True
         name, digest = parts
-        password = self.srv.users.get(name)
+        password = self.options.users.get(name)
         # RFC 1939 §7: digest = MD5(timestamp + shared secret), lower-case hex.
         expected = hashlib.md5((self.timestamp + (password or "")).encode()).hexdigest()
         if password is not None and hmac.compare_digest(expected, digest.lower()):
@@ -381,7 +381,7 @@ class Session:
         return True
 
     async def cmd_stls(self, arg: str) -> bool:
-        if self.srv.tls != "starttls" or self.rec.tls:
+        if self.options.tls != "starttls" or self.rec.tls:
             await self.err("STLS not available")
             return True
         await self.ok("Begin TLS negotiation")
@@ -411,19 +411,19 @@ class Session:
 
     async def cmd_auth(self, arg: str) -> bool:
         if not arg:  # legacy mechanism listing, answered by many servers
-            await self.multiline("SASL mechanisms follow", list(self.srv.mechanisms))
+            await self.multiline("SASL mechanisms follow", list(self.options.mechanisms))
             return True
         mech, _, initial = arg.partition(" ")
         mech = mech.upper()
-        if mech not in self.srv.mechanisms:
+        if mech not in self.options.mechanisms:
             await self.err(f"unsupported mechanism {mech}")
             return True
         # RFC 5034 §4: "=" is an empty initial response.
         ir = None if initial == "" else ("" if initial == "=" else initial)
         sasl = SaslServer(
             self.challenge,
-            self.srv.users,
-            self.srv.oauth_tokens,
+            self.options.users,
+            self.options.oauth_tokens,
             self.timestamp,
             bad_scram_signature=self.faults.scram_bad_signature,
         )
@@ -564,8 +564,8 @@ class Session:
 
     async def cmd_top(self, arg: str) -> bool:
         parts = arg.split()
-        if not self.srv.top or len(parts) != 2 or not parts[1].isdigit():
-            await self.err("TOP msg n" if self.srv.top else "TOP not supported")
+        if not self.options.top or len(parts) != 2 or not parts[1].isdigit():
+            await self.err("TOP msg n" if self.options.top else "TOP not supported")
             return True
         n = await self.number(parts[0])
         if n is None:
