@@ -195,7 +195,7 @@ def test_pop3_refuses_every_acknowledgement_it_cannot_perform(
 ) -> None:
     import tomllib
 
-    from mailpipe.config import validate_config
+    from mailpipe.validation import validate_config
     from mailpipe.errors import ConfigError
     from mailpipe.plugin_manager import load
     data = tomllib.loads(
