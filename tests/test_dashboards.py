@@ -102,6 +102,27 @@ def test_promtool_unit_tests_fire_every_alert() -> None:
     assert fired == set(rule_exprs())
 
 
+def test_oauth_alerts_stay_silent_on_realistic_healthy_tokens() -> None:
+    """Access tokens live about an hour and are refreshed only when a poll asks: the
+    unit tests hold a healthy Google (3599 s, hourly polls) and Microsoft (75 min)
+    mailbox, and every alert reading an OAuth metric is checked silent on them."""
+    oauth_alerts = {a for a, e in rule_exprs().items() if "mailpipe_oauth_" in e}
+    assert oauth_alerts
+    tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    healthy = [t for t in tests if t["name"].startswith("healthy OAuth tokens")]
+    assert len(healthy) == 1
+    series = " ".join(s["series"] for s in healthy[0]["input_series"])
+    assert 'mailbox="gmail"' in series and 'mailbox="outlook"' in series
+    checked = {c["alertname"] for c in healthy[0]["alert_rule_test"]}
+    assert oauth_alerts <= checked
+    assert not any(c.get("exp_alerts") for c in healthy[0]["alert_rule_test"])
+    # the token's expiry alone is no alert (it is normally past between polls)
+    assert not any(
+        "mailpipe_oauth_token_expiry_timestamp_seconds" in e
+        for e in rule_exprs().values()
+    )
+
+
 def test_every_metric_used_is_exported_or_documented_as_elsewhere() -> None:
     used: dict[str, list[str]] = {}
     for alert, expr in rule_exprs().items():
