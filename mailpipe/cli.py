@@ -137,6 +137,15 @@ async def _run(app: Any, *, once: bool, only: tuple[str, ...]) -> int:
     return EXIT_OK
 
 
+def _journal_polls(app: Any) -> Any:
+    """The journal's poll records (for ``mailpipe_next_poll_timestamp_seconds``)."""
+    journal = app.journal(read_only=True)
+    try:
+        return journal.polls()
+    finally:
+        journal.close()
+
+
 async def _start_metrics(app: Any) -> Any:
     listen = app.config.model.metrics.listen
     if not listen:
@@ -150,6 +159,7 @@ async def _start_metrics(app: Any) -> Any:
         unhealthy_after=app.config.model.metrics.unhealthy_after,
         intervals={m.name: float(m.config.poll_interval) for m in enabled},
         quarantine=app.quarantine(),
+        polls=lambda: _journal_polls(app),
     )
     app.pm.register(collector, "metrics")
     host, _, port = listen.rpartition(":")

@@ -17,6 +17,7 @@ import asyncio
 import json
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -26,6 +27,7 @@ from mailpipe.hookspecs import hookimpl
 from mailpipe.secrets import redact
 
 if TYPE_CHECKING:
+    from mailpipe.journal.base import PollRecord
     from mailpipe.quarantine import Quarantine
     from mailpipe.status_page import StatusPage
 
@@ -74,7 +76,11 @@ class MetricsCollector:
     ``intervals`` (mailbox → poll interval, seconds) is exported as
     ``mailpipe_poll_interval_seconds`` so that an alert can say "no poll for N
     intervals"; ``quarantine`` is counted at every scrape
-    (``mailpipe_quarantine_messages`` and ``_bytes`` per mailbox).
+    (``mailpipe_quarantine_messages`` and ``_bytes`` per mailbox). ``polls`` returns
+    the journal's poll records (:meth:`mailpipe.journal.base.Journal.polls`); read at
+    every scrape, their ``next_poll`` (when the scheduler plans the next poll, back-off
+    included) is exported as ``mailpipe_next_poll_timestamp_seconds``, absent for a
+    mailbox with no poll planned. A failing read keeps the previous values (logged).
     """
 
     def __init__(
@@ -84,6 +90,7 @@ class MetricsCollector:
         unhealthy_after: float,
         intervals: dict[str, float] | None = None,
         quarantine: Quarantine | None = None,
+        polls: Callable[[], Mapping[str, PollRecord]] | None = None,
     ) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -93,6 +100,7 @@ class MetricsCollector:
         self.mailboxes = list(mailboxes)
         self.last_success: dict[str, float] = {}
         self.quarantine = quarantine
+        self.polls = polls
         self.failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)
         label = ["mailbox"]
         r = self.registry
@@ -110,6 +118,12 @@ class MetricsCollector:
         )
         for mailbox, seconds in (intervals or {}).items():
             self.g_interval.labels(mailbox).set(seconds)
+        self.g_next_poll = Gauge(
+            "mailpipe_next_poll_timestamp_seconds",
+            "Unix time the next poll is planned (back-off included), per the journal.",
+            label,
+            registry=r,
+        )
         self.g_quarantine = Gauge(
             "mailpipe_quarantine_messages",
             "Messages in the quarantine now (counted at each scrape).",
@@ -185,7 +199,10 @@ class MetricsCollector:
                 self.c_messages.labels(mailbox, outcome).inc(n)
         self.c_bytes.labels(mailbox).inc(int(summary.get("bytes") or 0))
         self.h_poll.labels(mailbox).observe(float(summary.get("seconds") or 0.0))
-        self.g_last_poll.labels(mailbox).set(time.time())
+        # one clock reading: a successful poll has last success == last poll, so
+        # "last poll after last success" means the last poll failed (alert rules)
+        now = time.time()
+        self.g_last_poll.labels(mailbox).set(now)
         if summary.get("error"):
             kind = str(summary.get("error_type") or "error")
             self.c_poll_failures.labels(mailbox, kind).inc()
@@ -193,7 +210,6 @@ class MetricsCollector:
             if kind in AUTH_ERROR_TYPES:
                 self.c_auth_failures.labels(mailbox).inc()
         else:
-            now = time.time()
             self.last_success[mailbox] = now
             self.g_last_success.labels(mailbox).set(now)
 
@@ -236,6 +252,22 @@ class MetricsCollector:
             detail["oauth_revoked"] = revoked
         return healthy, detail
 
+    def _planned_polls(self, polls: Callable[[], Mapping[str, PollRecord]]) -> None:
+        try:
+            records = polls()
+        except Exception as exc:  # a scrape must not fail for the journal
+            log.warning(
+                "metrics_polls_unreadable",
+                error=redact(f"{type(exc).__name__}: {exc}")[:300],
+            )
+            return
+        for mailbox in self.mailboxes:
+            record = records.get(mailbox)
+            if record is not None and record.next_poll is not None:
+                self.g_next_poll.labels(mailbox).set(record.next_poll.timestamp())
+            else:
+                self.g_next_poll.remove(mailbox)  # no-op when absent
+
     def render(self) -> bytes:
         """Return the Prometheus text exposition (the quarantine counted now)."""
         from prometheus_client import generate_latest
@@ -249,6 +281,8 @@ class MetricsCollector:
             for mailbox, (n, size) in counts.items():
                 self.g_quarantine.labels(mailbox).set(n)
                 self.g_quarantine_bytes.labels(mailbox).set(size)
+        if self.polls is not None:
+            self._planned_polls(self.polls)
         return generate_latest(self.registry)
 
 

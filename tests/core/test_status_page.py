@@ -396,3 +396,24 @@ def test_healthcheck_does_not_resolve_the_admin_token(tmp_path: Path) -> None:
     assert "metrics.admin_token: environment variable MAILPIPE_TEST_UNSET_TOKEN" in (
         check.stdout + check.stderr
     )
+
+
+def test_worker_exports_the_next_poll_it_plans(
+    worker: tuple[Path, int, Path]
+) -> None:
+    """`mailpipe run` exports when the scheduler plans the next poll (poll_interval
+    1h here), read from the journal's poll record at each scrape (MailpipeNoPoll)."""
+    _cfg, port, _log = worker
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    [line] = [
+        x for x in text.splitlines()
+        if x.startswith('mailpipe_next_poll_timestamp_seconds{mailbox="support"}')
+    ]
+    planned = float(line.split()[-1])
+    [polled] = [
+        float(x.split()[-1]) for x in text.splitlines()
+        if x.startswith('mailpipe_last_poll_timestamp_seconds{mailbox="support"}')
+    ]
+    # one poll interval (1h, jitter at most a tenth of it) after the poll
+    assert 3000 < planned - polled < 4000, (planned, polled)
