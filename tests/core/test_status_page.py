@@ -79,9 +79,30 @@ def write_config(root: Path, srv: Pop3Server, port: int, *, token: bool = True) 
         processors=[
             {"use": "parse"},
             {"use": "store.jsonl", "path": "var/out.jsonl"},
-            failing_forward(root, unless=flag),
+            markup_forward(root, unless=flag),
         ],
     )
+
+
+#: Markup a failing step, a quarantine reason or a mailbox error may carry: the page
+#: shows it as text (escaped), never as elements.
+MARKUP = "<script>alert(1)</script> <img src=x onerror=alert(2)>"
+
+
+def markup_forward(root: Path, *, unless: Path) -> dict[str, Any]:
+    """:func:`failing_forward`, whose refusal says :data:`MARKUP` on stderr (so the
+    recent failures carry it)."""
+    step = failing_forward(root, unless=unless)
+    script = root / "fwd.py"
+    script.write_text(
+        script.read_text().replace(
+            "sys.exit(3 if",
+            f"poison = b'poison' in sys.stdin.buffer.read()\n"
+            f"if broken and poison: sys.stderr.write({MARKUP!r})\n"
+            "sys.exit(3 if",
+        ).replace("b'poison' in sys.stdin.buffer.read() else", "poison else")
+    )
+    return step
 
 
 def quarantined(root: Path) -> list[Path]:
@@ -234,6 +255,10 @@ def test_status_page_in_a_browser(
     th = browser.find_element(By.TAG_NAME, "th")
     assert th.value_of_css_property("background-color") == "rgba(246, 248, 250, 1)"
     assert not browser.find_elements(By.TAG_NAME, "script")
+    # the refusal's markup is shown as text in the recent failures, not run
+    assert not browser.find_elements(By.TAG_NAME, "img")
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert body.count(MARKUP) == 2, body
 
     shot = tmp_path / "status-page.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
@@ -282,6 +307,8 @@ def test_status_page_refuses_actions_without_the_token(
     assert csp.startswith("default-src 'none'; style-src 'sha256-")
     assert "form-action 'self'" in csp and "frame-ancestors 'none'" in csp
     assert "<script" not in page and "http://" not in page and "https://" not in page
+    assert "<img" not in page
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 2  # the 2 failures
     key = json.loads(quarantined(tmp_path)[0].read_text())["key"]
     drop = {"action": f"drop:{key}"}
     assert post(port, drop)[0] == 403  # no token
@@ -316,12 +343,17 @@ async def test_status_page_without_admin_token_is_read_only(tmp_path: Path) -> N
                 "key": "k1",
                 "mailbox": "support",
                 "uid": "u1",
-                "reason": "rule held",
+                "reason": f"rule held {MARKUP}",
                 "size": 77,
                 "eml": str(item.with_suffix(".eml")),
             }
         )
     )
+    journal = app.journal()
+    journal.record_poll(
+        "support", owner="w:1", error=f"login refused {MARKUP}", error_type="X"
+    )
+    journal.close()
     collector = MetricsCollector(["support"], unhealthy_after=3600)
     server = MetricsServer(
         collector, "127.0.0.1", 0, page=StatusPage(app, collector, token=None)
@@ -334,7 +366,11 @@ async def test_status_page_without_admin_token_is_read_only(tmp_path: Path) -> N
         )
         assert "rule held" in page and "77 bytes" in page
         assert "<form" not in page and "Read-only" in page
-        assert "never polled" in page  # no journal yet: the /healthz rule
+        assert "support: last error" in page  # the journal's poll record
+        # the reason and the mailbox's error are text, not markup
+        assert "<script" not in page and "<img" not in page
+        assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 2, page
+        assert "login refused &lt;script&gt;" in page
         code, body = await asyncio.to_thread(
             post, port, {"action": "drop:k1", "token": "anything"}
         )
