@@ -157,8 +157,18 @@ def test_dashboard_is_portable() -> None:
     assert doc["uid"] == "mailpipe-overview" and doc["title"] == "mailpipe"
     ids = [p["id"] for p in doc["panels"]]
     assert len(ids) == len(set(ids))
-    variables = {v["name"] for v in doc["templating"]["list"]}
-    assert {"datasource", "job", "mailbox"} <= variables
+    variables = {v["name"]: v for v in doc["templating"]["list"]}
+    assert {"datasource", "job", "mailbox"} <= set(variables)
+    # job and mailbox come from a series every enabled mailbox has from the start
+    # (not one set only after a successful login: a mailbox failing at login must
+    # stay on every panel), and "All" matches any value, not only the listed ones
+    for name in ("job", "mailbox"):
+        variable = variables[name]
+        assert variable["definition"].startswith(
+            "label_values(mailpipe_poll_interval_seconds"
+        ), variable["definition"]
+        assert variable["query"]["query"] == variable["definition"]
+        assert variable["includeAll"] and variable["allValue"] == ".*"
     for p in doc["panels"]:
         # no hard-wired datasource: the importer picks one
         assert p["datasource"]["uid"] == "${datasource}", p["title"]
