@@ -183,6 +183,20 @@ def test_dashboard_is_portable() -> None:
         assert all('mailbox=~"$mailbox"' in t["expr"] for t in p["targets"]), p["title"]
 
 
+def test_a_panel_naming_an_alert_plots_what_the_alert_reads() -> None:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    named = 0
+    for alert, expr in rule_exprs().items():
+        for p in panels:
+            if alert in p.get("description", ""):
+                named += 1
+                plotted = " ".join(t["expr"] for t in p["targets"])
+                assert set(_METRIC.findall(expr)) <= set(_METRIC.findall(plotted)), (
+                    p["title"], alert
+                )
+    assert named >= 1  # the poll panel names MailpipeNoPoll
+
+
 def test_new_gauges_carry_poll_time_interval_and_quarantine(tmp_path: Path) -> None:
     from mailpipe.message import Message, MessageRef
 
