@@ -316,8 +316,9 @@ class MetricsServer:
     :class:`~mailpipe.status_page.StatusPage` is given, the status page at ``/``.
 
     Contract: one request per connection (``Connection: close``); request line and
-    headers bounded (100 lines, 10 s each); a body only with a Content-Length of at
-    most :data:`MAX_BODY` octets (413 otherwise).
+    headers bounded (100 lines, 10 s and 64 KiB each: 400 beyond); a body only with
+    a Content-Length of ASCII digits (400 otherwise) of at most :data:`MAX_BODY`
+    octets (413 beyond).
     """
 
     def __init__(
@@ -349,21 +350,13 @@ class MetricsServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         try:
-            request = await _read_request(reader)
-            if request is None:
-                reply = Response("413 Content Too Large", "text/plain", b"too large\n")
+            try:
+                request = await _read_request(reader)
+            except (ValueError, asyncio.LimitOverrunError):
+                # a line over the reader's 64 KiB limit, or a bad Content-Length
+                reply = Response("400 Bad Request", "text/plain", b"bad request\n")
             else:
-                try:
-                    reply = await self._route(request)
-                except Exception as exc:  # one bad request must not stop the listener
-                    log.error(
-                        "metrics_request_failed",
-                        path=request.path,
-                        error=redact(f"{type(exc).__name__}: {exc}"),
-                    )
-                    reply = Response(
-                        "500 Internal Server Error", "text/plain", b"internal error\n"
-                    )
+                reply = await self._answer(request)
             head = [
                 f"HTTP/1.1 {reply.status}",
                 f"Content-Type: {reply.content_type}",
@@ -377,6 +370,21 @@ class MetricsServer:
             pass
         finally:
             writer.close()
+
+    async def _answer(self, request: Request | None) -> Response:
+        if request is None:
+            return Response("413 Content Too Large", "text/plain", b"too large\n")
+        try:
+            return await self._route(request)
+        except Exception as exc:  # one bad request must not stop the listener
+            log.error(
+                "metrics_request_failed",
+                path=request.path,
+                error=redact(f"{type(exc).__name__}: {exc}"),
+            )
+            return Response(
+                "500 Internal Server Error", "text/plain", b"internal error\n"
+            )
 
     async def _route(self, request: Request) -> Response:
         if request.path == "/metrics" and request.method == "GET":
@@ -400,7 +408,11 @@ class MetricsServer:
 
 
 async def _read_request(reader: asyncio.StreamReader) -> Request | None:
-    """Read one request (None: its body is over :data:`MAX_BODY`)."""
+    """Read one request (None: its body is over :data:`MAX_BODY`).
+
+    :raises ValueError: a line over the reader's limit (64 KiB), or a Content-Length
+        that is not ASCII digits.
+    """
     line = await asyncio.wait_for(reader.readline(), 10)
     headers: dict[str, str] = {}
     for _ in range(100):  # bounded
@@ -415,7 +427,9 @@ async def _read_request(reader: asyncio.StreamReader) -> Request | None:
     path, _, query = target.partition("?")
     body = b""
     length = headers.get("content-length", "0")
-    size = int(length) if length.isdigit() else 0
+    if not (length.isascii() and length.isdigit()):  # '²'.isdigit() is True
+        raise ValueError(f"bad Content-Length {length[:20]!r}")
+    size = int(length)
     if size > MAX_BODY:
         return None
     if size:

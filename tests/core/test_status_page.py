@@ -415,6 +415,14 @@ async def test_status_page_answers_bad_requests_and_keeps_serving(
         assert await raw(post_head % len(form) + form) == 400
         form = f"token={TOKEN}&action=drop:nothing-here".encode()
         assert await raw(post_head % len(form) + form) == 404
+        # a Content-Length that is not ASCII digits ('²' passes str.isdigit()),
+        # and a header line over asyncio's 64 KiB line limit: 400, not silence
+        for length in ("²", "-1", "1e3", "+5", "0x10"):
+            head = f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n"
+            assert await raw(head.encode("latin-1")) == 400, length
+        huge = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+        assert await raw(huge) == 400
+        assert await raw(b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n") == 400
         assert await raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == 200
     finally:
         await server.stop()
