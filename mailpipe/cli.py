@@ -164,7 +164,13 @@ async def _start_metrics(app: Any) -> Any:
     app.pm.register(collector, "metrics")
     host, _, port = listen.rpartition(":")
     page = StatusPage(app, collector, token=app.config.model.metrics.admin_token)
-    server = MetricsServer(collector, host.strip("[]"), int(port), page=page)
+    server = MetricsServer(
+        collector,
+        host.strip("[]"),
+        int(port),
+        page=page,
+        hosts=app.config.model.metrics.hosts,
+    )
     try:
         await server.start()
     except OSError as exc:  # e.g. the port is taken: one line, exit 1

@@ -14,10 +14,11 @@ the contract of ``deploy/prometheus`` and ``deploy/grafana`` (tests/test_dashboa
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -318,7 +319,11 @@ class MetricsServer:
     Contract: one request per connection (``Connection: close``); request line and
     headers bounded (100 lines, 10 s and 64 KiB each: 400 beyond); a body only with
     a Content-Length of ASCII digits (400 otherwise) of at most :data:`MAX_BODY`
-    octets (413 beyond).
+    octets (413 beyond). The status page at ``/`` answers only a ``Host`` that is
+    an IP address, ``localhost``, the listen host or one of ``hosts`` (any port):
+    421 otherwise, so a page whose DNS name was re-pointed at this listener (DNS
+    rebinding) cannot read or post to it. ``/metrics`` and ``/healthz`` answer any
+    ``Host``: Prometheus and probes reach them by names of their own choosing.
     """
 
     def __init__(
@@ -328,11 +333,15 @@ class MetricsServer:
         port: int,
         *,
         page: StatusPage | None = None,
+        hosts: Iterable[str] = (),
     ) -> None:
         self.collector = collector
         self.host = host
         self.port = port
         self.page = page
+        self.hosts = frozenset(
+            {"localhost", host.lower(), *(name.lower() for name in hosts)}
+        )
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -396,6 +405,13 @@ class MetricsServer:
             status = "200 OK" if ok else "503 Service Unavailable"
             return Response(status, "application/json", json.dumps(detail).encode())
         if request.path == "/" and self.page is not None:
+            if not _known_host(request.headers.get("host", ""), self.hosts):
+                return Response(
+                    "421 Misdirected Request",
+                    "text/plain",
+                    b"this page answers only to an IP address, localhost or a name "
+                    b"in [metrics] hosts\n",
+                )
             if request.method == "GET":
                 return await self.page.get()
             if request.method == "POST":
@@ -405,6 +421,25 @@ class MetricsServer:
                 (("Allow", "GET, POST"),),
             )
         return Response("404 Not Found", "text/plain", b"not found\n")
+
+
+def _known_host(host: str, names: frozenset[str]) -> bool:
+    """True when the ``Host`` header ``host`` (``name``, ``name:port``, ``[v6]:port``)
+    is an IP address or one of ``names`` (lowercase); the port does not matter."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, bracket, _ = host[1:].partition("]")
+        if not bracket:
+            return False
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if not name:
+        return False
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name in names
+    return True
 
 
 async def _read_request(reader: asyncio.StreamReader) -> Request | None:

@@ -406,11 +406,11 @@ async def test_status_page_answers_bad_requests_and_keeps_serving(
 
     try:
         fields = "&".join(f"f{n}=x" for n in range(20)).encode()
-        post_head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+        post_head = b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
         assert await raw(post_head % len(fields) + fields) == 400
         assert await raw(post_head % (MAX_BODY + 1)) == 413
-        assert await raw(b"PUT / HTTP/1.1\r\nHost: x\r\n\r\n") == 405
-        assert await raw(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n") == 404
+        assert await raw(b"PUT / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n") == 405
+        assert await raw(b"GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n") == 404
         form = f"token={TOKEN}&action=explode:k".encode()
         assert await raw(post_head % len(form) + form) == 400
         form = f"token={TOKEN}&action=drop:nothing-here".encode()
@@ -418,14 +418,82 @@ async def test_status_page_answers_bad_requests_and_keeps_serving(
         # a Content-Length that is not ASCII digits ('²' passes str.isdigit()),
         # and a header line over asyncio's 64 KiB line limit: 400, not silence
         for length in ("²", "-1", "1e3", "+5", "0x10"):
-            head = f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n"
+            head = f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {length}\r\n\r\n"
             assert await raw(head.encode("latin-1")) == 400, length
-        huge = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+        huge = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
         assert await raw(huge) == 400
         assert await raw(b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n") == 400
-        assert await raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == 200
+        assert await raw(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n") == 200
     finally:
         await server.stop()
+
+
+async def test_status_page_answers_only_to_addresses_and_known_names(
+    tmp_path: Path,
+) -> None:
+    """DNS rebinding: a page on evil.example that re-points its name at 127.0.0.1
+    reaches the listener with `Host: evil.example`. `/` answers 421 to a Host that
+    is not an IP address, localhost, the listen host or one of `[metrics] hosts`;
+    /metrics and /healthz answer whatever name Prometheus scrapes them by."""
+    from mailpipe.app import open_app
+    from mailpipe.metrics import MetricsCollector, MetricsServer
+    from mailpipe.status_page import StatusPage
+
+    with Pop3Server([], tls="implicit") as srv:
+        cfg = write_config(tmp_path, srv, free_port(), token=False)
+    cfg.write_text(
+        cfg.read_text().replace(
+            "[metrics]\n", '[metrics]\nhosts = ["status.example.org"]\n'
+        )
+    )
+    app = open_app(cfg)
+    assert app.config.model.metrics.hosts == ["status.example.org"]
+    collector = MetricsCollector(["support"], unhealthy_after=3600)
+    page = StatusPage(app, collector, token=None)
+    server = MetricsServer(
+        collector, "127.0.0.1", 0, page=page, hosts=app.config.model.metrics.hosts
+    )
+    await server.start()
+    port = server.port
+
+    async def status(method: str, path: str, host: str | None) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = f"{method} {path} HTTP/1.1\r\n"
+        if host is not None:
+            head += f"Host: {host}\r\n"
+        writer.write((head + "Content-Length: 0\r\n\r\n").encode())
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        return int(data.split()[1])
+
+    try:
+        for host in (
+            f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", f"[::1]:{port}",
+            f"10.1.2.3:{port}", f"STATUS.example.org:{port}", "status.example.org",
+        ):
+            assert await status("GET", "/", host) == 200, host
+        for host in (
+            f"evil.example:{port}", "evil.example", "localhost.evil.example",
+            f"127.0.0.1.nip.io:{port}", "", None,
+        ):
+            assert await status("GET", "/", host) == 421, host
+            assert await status("POST", "/", host) == 421, host
+        for path in ("/metrics", "/healthz"):
+            assert await status("GET", path, f"evil.example:{port}") == 200, path
+    finally:
+        await server.stop()
+
+
+def test_metrics_hosts_must_be_host_names(tmp_path: Path) -> None:
+    from mailpipe.testing.e2e import run_cli
+
+    cfg = tmp_path / "pipeline.toml"
+    cfg.write_text('[metrics]\nhosts = ["status.example.org", "bad name:80"]\n')
+    check = run_cli("check", str(cfg), cwd=tmp_path)
+    out = check.stdout + check.stderr
+    assert check.returncode == 2, out
+    assert "metrics.hosts" in out and "bad name:80" in out, out
 
 
 def test_healthcheck_does_not_resolve_the_admin_token(tmp_path: Path) -> None:
