@@ -185,6 +185,7 @@ def test_next_poll_comes_from_the_journal_at_each_scrape(tmp_path: Path) -> None
     from datetime import UTC, datetime
 
     from mailpipe.journal import open_journal
+    from mailpipe.journal.base import PollRecord
 
     journal = open_journal(str(tmp_path / "state.db"), base_dir=tmp_path)
     try:
@@ -205,8 +206,8 @@ def test_next_poll_comes_from_the_journal_at_each_scrape(tmp_path: Path) -> None
     finally:
         journal.close()
     # an unreadable journal keeps the scrape working
-    def broken() -> dict[str, object]:
+    def broken() -> dict[str, PollRecord]:
         raise OSError("gone")
 
-    collector = MetricsCollector(["a"], unhealthy_after=60, polls=broken)  # type: ignore[arg-type]
+    collector = MetricsCollector(["a"], unhealthy_after=60, polls=broken)
     assert b"mailpipe_poll_interval_seconds" in collector.render()
