@@ -212,6 +212,11 @@ def run_tool(tool: str, host: str, port: int, user, work: Path) -> tuple[float, 
                 "--host", host, "--port", str(port), "--user", user.name,
                 "--password", user.password, "--out", str(out),
                 "--pipelining", "off" if mode == "lockstep" else "auto"]
+    return measure(tool, argv, work)
+
+
+def measure(tool: str, argv: list[str], work: Path) -> tuple[float, float, float]:
+    """Run ``argv``; return (wall s, peak RSS MB, CPU s) or raise when it failed."""
     # GNU time forks the tool from a small process, so ru_maxrss is the tool's own
     # (os.wait4 from here would report this process's RSS inherited through fork).
     stats = work / "time.txt"

@@ -26,8 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import aclosing
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,10 +44,10 @@ from mailpipe.errors import (
     SourcePermanentError,
 )
 from mailpipe.inflight import InflightMarker
-from mailpipe.journal.base import Entry, Journal, Status
+from mailpipe.journal.base import Entry, Fence, Journal, Status
+from mailpipe.leases import LeaseGuardedSession, LeaseLostError
 from mailpipe.ledger import (
     CRASH_ERROR,
-    UNRETRIEVABLE,
     Ledger,
     Outcome,
     Summary,
@@ -57,12 +56,11 @@ from mailpipe.ledger import (
 )
 from mailpipe.message import Message, MessageRef
 from mailpipe.oversize import OversizePolicy
-from mailpipe.planning import UNRETRIEVABLE_REST, tried_key
+from mailpipe.planning import UNRETRIEVABLE, UNRETRIEVABLE_REST, tried_key
 from mailpipe.plugin_manager import Hooks
 from mailpipe.prefetch import HeaderPrefetch
 from mailpipe.quarantine import Quarantine
 from mailpipe.source import (
-    Ack,
     SessionFacts,
     Source,
     SourceContext,
@@ -91,77 +89,13 @@ __all__ = [
 ]
 
 
-class LeaseLostError(SourceBusyError):
-    """The mailbox lease was lost mid-poll: another worker may own the mailbox now."""
-
-
-class _LeaseGuardedSession:
-    """A session that calls ``check`` before every action on the mailbox.
-
-    Once the lease is gone another worker may be polling the same mailbox, so reading
-    on, acknowledging or committing could act on its messages too. ``check`` raises
-    :class:`LeaseLostError` then; the engine aborts the session (no commit, so the
-    server applies nothing this session sent; RFC 1939 §6) and the journal keeps what
-    completed, the acknowledgement owed.
-    """
-
-    def __init__(self, inner: Any, check: Callable[[], None]) -> None:
-        self._inner = inner
-        self._check = check
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    async def headers(self, ref: MessageRef) -> bytes | None:
-        self._check()
-        return await self._inner.headers(ref)  # type: ignore[no-any-return]
-
-    async def retrieve(
-        self,
-        refs: Sequence[MessageRef],
-        *,
-        spool_dir: Path,
-        spool_threshold: int,
-        max_size: int | None = None,
-    ) -> AsyncIterator[Message | Unretrievable]:
-        self._check()
-        stream = oversize.retrieve(
-            self._inner, refs, spool_dir=spool_dir, spool_threshold=spool_threshold,
-            max_size=max_size,
-        )
-        async with aclosing(stream):
-            async for msg in stream:
-                try:
-                    self._check()
-                except BaseException:
-                    _unspool(msg.evidence if isinstance(msg, Unretrievable) else msg)
-                    raise
-                yield msg
-
-    async def acknowledge(self, refs: Sequence[MessageRef], ack: Ack) -> None:
-        self._check()
-        from mailpipe.source import acknowledge
-
-        await acknowledge(self._inner, refs, ack)
-
-    async def mark_deleted(self, refs: Sequence[MessageRef]) -> None:
-        self._check()
-        await self._inner.mark_deleted(refs)
-
-    async def commit(self) -> None:
-        self._check()
-        await self._inner.commit()
-
-    async def abort(self) -> None:
-        await self._inner.abort()
-
-
 def make_source(spec: MailboxSpec, config: Config) -> Source:
     """Construct the mailbox's source with its options and a :class:`SourceContext`."""
     context = SourceContext(
         base_dir=config.base_dir,
         mailbox=spec.name,
         spool_dir=config.resolve(config.model.scheduler.spool_dir),
+        ack=spec.config.ack,
     )
     return spec.source_cls(spec.source_options, context)  # type: ignore[no-any-return]
 
@@ -202,6 +136,10 @@ class MailboxRunner:
         self.spool_threshold = config.model.scheduler.spool_threshold
         self.log = log.bind(mailbox=self.name)
         self.lease_check: Callable[[], None] | None = None
+        # Set with lease_check (mailpipe.leases): the check before DELE/QUIT, and the
+        # fence the group commit's journal batch is conditional on (issue 16.2).
+        self.ack_check: Callable[[], None] | None = None
+        self.fence: Fence | None = None
         # uids run through the chain in this poll: a later commit window never runs
         # them again (a failing message is retried once per poll, after back-off,
         # instead of in every window; "bad input never stops the pipeline").
@@ -213,12 +151,15 @@ class MailboxRunner:
         self.inflight = InflightMarker(self.spool_dir, self.name)
         self._summary = Summary(mailbox=self.name)  # the current poll's (see poll)
         self._last_exc: BaseException | None = None
+        #: The facts of the latest session (None before the first): the scheduler
+        #: waits for pushed mail only when they say ``can_push``.
+        self.facts: SessionFacts | None = None
         self.ledger = self._new_ledger(self._summary)
 
     def _new_ledger(self, summary: Summary) -> Ledger:
         return Ledger(
             self.journal, self.name, self.cfg, self.hooks, self.quarantine, summary,
-            ack=self.cfg.ack, log=self.log,
+            ack=self.cfg.ack, log=self.log, fence=self.fence,
         )
 
     # --- the poll ----------------------------------------------------------------
@@ -329,9 +270,12 @@ class MailboxRunner:
             self.ledger.abandon()  # an earlier window that failed owes nothing here
             session = opened
             if self.lease_check is not None:
-                session = _LeaseGuardedSession(opened, self.lease_check)
+                session = LeaseGuardedSession(
+                    opened, self.lease_check, self.ack_check
+                )
             refs = await session.list()
             facts = facts_of(opened)  # after the listing: it tells whether ids are stable
+            self.facts = facts
             self._login_delay = facts.login_delay
             summary.listed = max(summary.listed, len(refs))  # the fullest listing
             summary.backlog = len(refs)  # the latest listing (what is left)

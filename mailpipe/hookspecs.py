@@ -147,6 +147,9 @@ def mailpipe_message_failed(
 ) -> None:
     """Called when an attempt at a message failed; the message stays on the server.
 
+    (Unless the failure spent its last attempt: it is then quarantined, and
+    ``on_quarantine`` decides about the server copy.)
+
     It fires when a step of the chain raised, or when the source could not deliver
     the whole message (``processor`` is then ``retrieve``), as soon as the failure is
     known. The attempt reaches the journal with the window's group commit, after this

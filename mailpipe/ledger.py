@@ -28,6 +28,7 @@ delivery state.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +36,9 @@ import structlog
 
 from mailpipe import source as contract
 from mailpipe.errors import ProcessorError
-from mailpipe.journal.base import Entry, Journal, Status
+from mailpipe.journal.base import Entry, Fence, Journal, Status
 from mailpipe.message import Message, MessageRef, message_key
+from mailpipe.planning import UNRETRIEVABLE
 from mailpipe.processor import Decision, Disposition
 from mailpipe.source import Ack, SessionFacts, Unretrievable
 
@@ -49,8 +51,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-#: The prefix of the error journaled for a message the source could not deliver whole.
-UNRETRIEVABLE = "unretrievable: "
 
 #: The error recorded for a message whose chain the process did not survive.
 CRASH_ERROR = (
@@ -145,7 +145,10 @@ class Ledger:
     summary: Summary
     ack: Ack = contract.DELETE
     log: Any = field(default=None)
-    _owed: list[MessageRef] = field(default_factory=list)  # due, durable, not yet sent
+    #: The lease's fencing token (mailpipe.leases): the group commit's journal batch
+    #: commits only while it is current (issue 16.2); None without a lease.
+    fence: Fence | None = None
+    _owed: list[tuple[MessageRef, Ack]] = field(default_factory=list)  # due, durable, unsent
     _sent: list[MessageRef] = field(default_factory=list)  # acknowledged this session
 
     def __post_init__(self) -> None:
@@ -167,7 +170,7 @@ class Ledger:
         new = [r for r in refs if r.uid and r.uid not in entries]
         if not new:
             return
-        with self.journal.batch():
+        with self._batch():
             for ref in new:
                 entries[ref.uid] = self.begin(ref)
 
@@ -281,7 +284,7 @@ class Ledger:
                          reason=reason, path=str(path))
         self.hooks.message_quarantined(mailbox=self.mailbox, uid=msg.ref.uid,
                                        key=msg.key, reason=reason, path=str(path))
-        return self.cfg.on_quarantine == "delete"
+        return self.cfg.quarantine_ack is not None
 
     def decided(self, ref: MessageRef, decision: Decision, sha256: str | None) -> None:
         """Journal (durably, now) a decision made without the chain's writes — on
@@ -291,11 +294,11 @@ class Ledger:
         self.begin(ref)
         self.journal.finish(self.mailbox, ref.uid, status=status,
                             disposition=str(decision.disposition), sha256=sha256,
-                            reason=decision.reason, delete_due=delete)
+                            reason=decision.reason, delete_due=delete, **self._fenced())
         self.hooks.message_done(mailbox=self.mailbox, uid=ref.uid, key=ref.key,
                                 disposition=str(decision.disposition))
         if delete:
-            self._owed.append(ref)
+            self._owed.append((ref, self.ack))
 
     def unretrievable(self, item: Unretrievable, entry: Entry | None) -> Outcome | None:
         """Count, log and announce an attempt that did not deliver a whole message
@@ -330,8 +333,8 @@ class Ledger:
             self.begin(ref)
             self.journal.finish(self.mailbox, ref.uid, status=Status.COMMITTED,
                                 disposition="oversize", sha256=None,
-                                reason="oversize: deleted unread", delete_due=True)
-        self._owed.append(ref)
+                                reason="oversize: deleted unread", delete_due=True, **self._fenced())
+        self._owed.append((ref, contract.DELETE))  # "delete" means delete, unread
 
     def oversize_quarantined(self, msg: Message, reason: str) -> None:
         """``on_oversize = "quarantine"``: the whole message is kept in the quarantine
@@ -340,9 +343,9 @@ class Ledger:
         self.begin(msg.ref)
         self.journal.finish(self.mailbox, msg.ref.uid, status=Status.QUARANTINED,
                             disposition="quarantine", sha256=msg.sha256, reason=reason,
-                            delete_due=delete)
+                            delete_due=delete, **self._fenced())
         if delete:
-            self._owed.append(msg.ref)
+            self._owed.append((msg.ref, self._quarantine_ack()))
 
     def oversize_received(self, exc: OversizeError, *, policy: str, limited: bool) -> str | None:
         """Journal the decision for a message the server sent past a size limit (see
@@ -370,6 +373,7 @@ class Ledger:
             reason=f"oversize: the server sent more than the {exc.limit}-octet cap "
             f"({listed}); " + ("deleted unread" if delete else "left on the server"),
             delete_due=delete,
+            **self._fenced(),
         )
         if delete:
             self.summary.dropped += 1
@@ -381,7 +385,7 @@ class Ledger:
         """Give the uid of ``ref`` the outcome ``like`` records and ``ref``'s listed
         size (issue 21 item 3), so later polls list it as settled. Durable when it
         returns (inside a batch: with it)."""
-        with self.journal.batch():
+        with self._batch():
             self.journal.forget(self.mailbox, [ref.uid])
             self.begin(ref)
             self.journal.finish(self.mailbox, ref.uid, status=like.status,
@@ -393,7 +397,7 @@ class Ledger:
         """Deletions owed for mail the server no longer lists are done (a crash came
         between the commit's confirmation and :meth:`commit`'s journal write)."""
         if uids:
-            self.journal.mark_deleted(self.mailbox, uids)
+            self.journal.mark_deleted(self.mailbox, uids, **self._fenced())
             self.log.info("owed_deletions_settled", count=len(uids))
 
     # --- the group commit and the gate -----------------------------------------------
@@ -411,7 +415,7 @@ class Ledger:
                 raise AcknowledgeBeforeDurable(
                     f"mailbox {self.mailbox!r}: uid {ref.uid!r} has no durable outcome"
                 )
-        self._owed.extend(refs)
+            self._owed.append((ref, self._ack_for(entry.disposition or "")))
 
     async def commit_group(
         self, chain: Chain, group: list[Outcome], facts: SessionFacts
@@ -431,9 +435,9 @@ class Ledger:
             flushed = False
             flush_error, flush_type = error_text(exc), type(exc).__name__
             self.log.error("flush_failed", error=flush_error)
-        due: list[MessageRef] = []
+        due: list[tuple[MessageRef, Ack]] = []
         lost: set[str] = set()  # uids whose writes are not durable
-        with self.journal.batch():
+        with self._batch():
             for d in group:
                 steps = list(d.result.committed) if d.result else []
                 # A flush failure seen by another mailbox's group commit (shared
@@ -458,7 +462,7 @@ class Ledger:
                                     disposition=d.disposition, sha256=d.sha256,
                                     reason=d.reason, delete_due=d.delete_due)
                 if d.delete_due:
-                    due.append(d.ref)
+                    due.append((d.ref, self._ack_for(d.disposition)))
                 if d.readopt is not None:
                     self.readopt(d.readopt, d)
         # The batch is durable here: only now is anything of this group owed (MP-01).
@@ -482,10 +486,12 @@ class Ledger:
         on the server before :meth:`commit`.
         """
         owed, self._owed = self._owed, []
-        if not owed:
-            return
-        await contract.acknowledge(session, owed, self.ack)
-        self._sent.extend(owed)
+        by_ack: dict[Ack, list[MessageRef]] = {}
+        for ref, ack in owed:
+            by_ack.setdefault(ack, []).append(ref)
+        for ack, refs in by_ack.items():
+            await contract.acknowledge(session, refs, ack)
+            self._sent.extend(refs)
 
     async def commit(self, session: Any) -> int:
         """End the session so the server applies the acknowledgements (POP3 QUIT),
@@ -499,7 +505,7 @@ class Ledger:
         await session.commit()  # RFC 1939 §6: QUIT makes the server delete DELE'd mail
         uids = [r.uid for r in sent if r.uid]
         if uids:
-            self.journal.mark_deleted(self.mailbox, uids)
+            self.journal.mark_deleted(self.mailbox, uids, **self._fenced())
         self.summary.deleted += len(sent)
         self.log.debug("session_committed", deleted=len(sent))
         return len(sent)
@@ -511,10 +517,34 @@ class Ledger:
         self._sent.clear()
 
     def pending(self) -> list[MessageRef]:
-        """What is owed but not yet sent (for tests and the engine's draining)."""
-        return list(self._owed)
+        """What is owed but not yet sent (for tests)."""
+        return [ref for ref, _ in self._owed]
 
     # --- helpers ---------------------------------------------------------------------
+
+    def _ack_for(self, disposition: str) -> Ack:
+        """The acknowledgement an outcome gets (MP-04): ``acknowledge`` for processed
+        mail, ``on_quarantine`` for quarantined mail, a plain delete for
+        ``on_oversize = "delete"`` (deleted unread)."""
+        if disposition == "quarantine":
+            return self._quarantine_ack()
+        if disposition == "oversize":
+            return contract.DELETE
+        return self.ack
+
+    def _quarantine_ack(self) -> Ack:
+        return self.cfg.quarantine_ack or contract.DELETE
+
+    def _batch(self) -> AbstractContextManager[None]:
+        """A journal batch, conditional on the lease's epoch when the ledger holds a
+        fence (issue 16.2: a worker that lost its lease can commit nothing)."""
+        if self.fence is None:
+            return self.journal.batch()
+        return self.journal.batch(fence=self.fence)
+
+    def _fenced(self) -> dict[str, Any]:
+        """The ``fence=`` argument of a journal write outside a batch, when fenced."""
+        return {} if self.fence is None else {"fence": self.fence}
 
     def _status_for(self, decision: Decision) -> tuple[Status, bool]:
         if decision.disposition == Disposition.KEEP:

@@ -65,16 +65,17 @@ def retrieve(
 ) -> AsyncGenerator[Message | Unretrievable, None]:
     """Call ``session.retrieve``, passing ``max_size`` when the source accepts it.
 
-    Sources written before ``max_size`` existed are called without it and cannot stop
-    a transfer early; a message they yield larger than ``max_size`` is discarded and
-    raises :class:`mailpipe.OversizeError` all the same.
+    Whatever the source does with it, every message it yields is checked here too: one
+    larger than ``max_size`` is discarded and raises :class:`mailpipe.OversizeError`.
+    Sources written before ``max_size`` existed, or that accept it and ignore it,
+    cannot stop a transfer early, but never get a message past the limit into a chain.
     """
     kwargs: dict[str, Any] = {"spool_dir": spool_dir, "spool_threshold": spool_threshold}
-    if max_size is None or _accepts_max_size(session.retrieve):
-        if max_size is not None:
-            kwargs["max_size"] = max_size
+    if max_size is None:
         stream: AsyncGenerator[Message | Unretrievable, None] = session.retrieve(refs, **kwargs)
         return stream
+    if _accepts_max_size(session.retrieve):
+        kwargs["max_size"] = max_size
     return _checked(session.retrieve(refs, **kwargs), max_size)
 
 

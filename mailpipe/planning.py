@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING
 
 from mailpipe import oversize
 from mailpipe.journal.base import Entry, Status
-from mailpipe.ledger import UNRETRIEVABLE
 
 if TYPE_CHECKING:
     from mailpipe.config import MailboxConfig
     from mailpipe.message import MessageRef
+
+#: The prefix of the error journaled for a message the source could not deliver whole.
+UNRETRIEVABLE = "unretrievable: "
 
 #: How long a message left unretrievable ``max_attempts`` times rests before the
 #: next try (it stays on the server, never acknowledged).

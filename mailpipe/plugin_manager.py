@@ -17,6 +17,7 @@ from mailpipe.registry import Registry, collect
 #: Built-in plugins: (plugin name, module). Registered exactly like entry points.
 BUILTIN_PLUGINS: Final = (
     ("pop3", "mailpipe.plugins.pop3"),
+    ("imap", "mailpipe.plugins.imap"),
     ("parse", "mailpipe.plugins.parse"),
     ("filter", "mailpipe.plugins.filter"),
     ("store", "mailpipe.plugins.store"),

@@ -10,15 +10,11 @@ honours the server's LOGIN-DELAY, backs off exponentially on temporary errors an
 ``backoff_auth`` after authentication or SYS/PERM failures instead of hammering.
 
 Several workers (processes, machines) sharing one PostgreSQL journal split the mailboxes
-through the leases (:class:`MailboxLease`): a lease lives ``lease_ttl`` seconds and is
-renewed every ``lease_ttl / 3`` while the poll runs, so the time between renewals stays
-well under the ttl; before every retrieval, DELE and QUIT the engine checks it (renewing
-on the spot when the background renewal is late, e.g. after a blocked event loop) and
-aborts the session without QUIT once it is lost. A worker that finds a mailbox leased
-elsewhere waits :func:`lease_retry_delay` (growing with consecutive misses, at most
-``lease_ttl / 2``), so it neither spins on the journal nor takes long to take over the
-mailboxes of a dead worker: about ``1.5 * lease_ttl`` after the worker's last renewal
-(``lease_ttl`` until its lease expires, ``lease_ttl / 2`` until the next retry).
+through the leases (:mod:`mailpipe.leases`): the scheduler takes a mailbox's lease
+before each poll, keeps it renewed while the poll runs, hands the engine its checks and
+its fence (the lease epoch its journal commits are conditional on) and releases it after.
+A worker that finds a mailbox leased elsewhere, or whose lease was lost or fenced off
+mid-poll, waits :func:`~mailpipe.leases.lease_retry_delay` before trying again.
 
 :meth:`Scheduler.request_stop` (SIGTERM/SIGINT) sets an event that the runners check
 between messages: the message in hand finishes, what committed is DELE'd, QUIT is sent.
@@ -30,8 +26,7 @@ import asyncio
 import os
 import random
 import socket
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -39,7 +34,6 @@ import structlog
 from mailpipe.chain import Chain
 from mailpipe.config import Config, MailboxSpec, SchedulerConfig
 from mailpipe.engine import (
-    LeaseLostError,
     MailboxRunner,
     ProgressFn,
     Summary,
@@ -51,6 +45,8 @@ from mailpipe.errors import (
     SourcePermanentError,
 )
 from mailpipe.journal.base import Journal
+from mailpipe.journal.errors import FencedError
+from mailpipe.leases import LeaseLostError, MailboxLease, lease_retry_delay
 from mailpipe.plugin_manager import Hooks
 from mailpipe.quarantine import Quarantine
 from mailpipe.source import PushSource
@@ -88,123 +84,6 @@ def next_delay(
     if isinstance(error, SourceBusyError) and error.retry_after:
         return max(exp, float(error.retry_after))
     return exp
-
-
-def lease_retry_delay(
-    *, interval: float, ttl: float, misses: int, rng: random.Random | None = None
-) -> float:
-    """Return seconds to wait after ``misses`` consecutive polls found the lease taken.
-
-    Doubles from ``poll_interval`` per miss, capped at ``ttl / 2`` (but never below
-    ``poll_interval``), spread by -20 %: the holder is serving the mailbox, so
-    retrying sooner only loads the journal, and the cap bounds how long a dead worker's
-    mailbox waits after its lease expired.
-    """
-    r = rng or random
-    cap = max(interval, ttl / 2)
-    base = min(cap, interval * (2 ** min(max(0, misses - 1), 30)))
-    return float(base * r.uniform(0.8, 1.0))
-
-
-class MailboxLease:
-    """The lease on one mailbox for one poll: taken, renewed, checked, released.
-
-    :attr:`expires` is a conservative local deadline (monotonic clock): the instant
-    *before* the last successful lock or renew statement was sent plus ``ttl``, never
-    later than the expiry the server recorded. Journal errors while renewing leave
-    the deadline unchanged, so a lease that cannot be renewed runs out on its own.
-    """
-
-    def __init__(
-        self,
-        journal: Journal,
-        mailbox: str,
-        *,
-        owner: str,
-        ttl: float,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.journal = journal
-        self.mailbox = mailbox
-        self.owner = owner
-        self.ttl = float(ttl)
-        self._clock = clock
-        self.expires = 0.0
-        self.lost = False
-
-    def acquire(self) -> bool:
-        """Take the lease; False when another worker holds it."""
-        started = self._clock()
-        if not self.journal.lock_mailbox(self.mailbox, owner=self.owner, ttl=self.ttl):
-            return False
-        self.expires, self.lost = started + self.ttl, False
-        return True
-
-    def remaining(self) -> float:
-        """Seconds the lease is surely still held (negative when past the deadline)."""
-        return self.expires - self._clock()
-
-    def renew(self) -> None:
-        """Extend the lease by ``ttl``; sets :attr:`lost` when another worker has it."""
-        if self.lost:
-            return
-        started = self._clock()
-        try:
-            held = self.journal.renew_mailbox(
-                self.mailbox, owner=self.owner, ttl=self.ttl
-            )
-        except Exception as exc:  # journal unreachable: the deadline decides
-            log.warning(
-                "mailbox_lease_renew_failed",
-                mailbox=self.mailbox,
-                error=f"{type(exc).__name__}: {exc}"[:300],
-            )
-            return
-        if held:
-            self.expires = started + self.ttl
-            return
-        self.lost = True
-        log.error("mailbox_lease_lost", mailbox=self.mailbox, owner=self.owner)
-
-    def check(self) -> None:
-        """Raise :class:`LeaseLostError` unless the lease is held ``ttl / 3`` longer.
-
-        The engine calls this before every retrieval, DELE and QUIT. A renewal that is
-        overdue (more than ``ttl / 3`` since the last one) is done here first.
-        """
-        if not self.lost and self.remaining() < self.ttl * 2 / 3:
-            self.renew()
-        if not self.lost and self.remaining() < self.ttl / 3:
-            self.lost = True
-            log.error(
-                "mailbox_lease_expired",
-                mailbox=self.mailbox,
-                remaining=round(self.remaining(), 3),
-            )
-        if self.lost:
-            raise LeaseLostError(
-                f"the lease on mailbox {self.mailbox!r} was lost; session aborted",
-                code="LEASE",
-            )
-
-    async def keep_renewed(self) -> None:
-        """Renew every ``ttl / 3`` until cancelled or the lease is lost."""
-        for _ in range(100_000_000):  # bounded; cancelled when the poll ends
-            await asyncio.sleep(max(0.01, self.ttl / 3))
-            self.renew()
-            if self.lost:
-                return
-
-    def release(self) -> None:
-        """Give the lease back (a no-op when another worker holds it now)."""
-        try:
-            self.journal.unlock_mailbox(self.mailbox, owner=self.owner)
-        except Exception as exc:  # it expires on its own
-            log.warning(
-                "mailbox_unlock_failed",
-                mailbox=self.mailbox,
-                error=f"{type(exc).__name__}: {exc}"[:300],
-            )
 
 
 class Scheduler:
@@ -285,7 +164,7 @@ class Scheduler:
                 self.summaries.append(summary)
                 self.last[runner.name] = summary
             error = runner.last_exception if summary and summary.error else None
-            if summary is None or isinstance(error, LeaseLostError):
+            if summary is None or isinstance(error, LeaseLostError | FencedError):
                 # Held (or taken over) by another worker: wait, then try again.
                 misses += 1
                 if self.once:
@@ -331,6 +210,8 @@ class Scheduler:
             if (
                 error is None
                 and isinstance(runner.source, PushSource)
+                and runner.facts is not None
+                and runner.facts.can_push
                 # A wake-up whose poll found nothing to retrieve: the timer decides
                 # the next poll, so a source that wakes too eagerly cannot spin.
                 and not (woken and summary is not None and summary.retrieved == 0)
@@ -349,6 +230,8 @@ class Scheduler:
         new mail."""
         source = runner.source
         assert isinstance(source, PushSource)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         push = asyncio.ensure_future(source.wait_for_mail(delay))
         stop = asyncio.ensure_future(self.stop.wait())
         try:
@@ -368,6 +251,9 @@ class Scheduler:
             if push.result():
                 log.info("mailbox_woken", mailbox=runner.name)
                 return True
+            # No new mail, but returned before its time (the server dropped IDLE, a
+            # source that cannot push now): the timer decides, never a tight loop.
+            await wait_or_stop(self.stop, delay - (loop.time() - started))
         return False
 
     def _record(self, summary: Summary | None, delay: float | None) -> None:
@@ -424,10 +310,13 @@ class Scheduler:
             return None
         renew = asyncio.create_task(lease.keep_renewed())
         runner.lease_check = lease.check
+        runner.ack_check = lease.check_fence
+        runner.fence = lease.fence
         try:
             return await runner.poll()
         finally:
-            runner.lease_check = None
+            runner.lease_check = runner.ack_check = None
+            runner.fence = None
             renew.cancel()
             try:
                 await renew

@@ -13,8 +13,9 @@ The engine knows sources only through this module:
 - Acknowledgements take effect only at :meth:`SourceSession.commit`; the engine calls
   :meth:`SourceSession.acknowledge` only through :mod:`mailpipe.ledger`'s gate, after
   every committing step and the journal batch are durable (MP-01).
-- A push-capable source (``can_push``) offers :meth:`PushSource.wait_for_mail`, which
-  the scheduler awaits instead of its poll timer.
+- A push-capable source offers :meth:`PushSource.wait_for_mail`, which the scheduler
+  awaits instead of its poll timer while the latest session's facts say ``can_push``
+  (IMAP: the server offers IDLE).
 
 :mod:`mailpipe.testing.contract` holds the test suite any source proves itself with.
 """
@@ -40,12 +41,15 @@ class SourceContext:
 
     ``base_dir``: the config file's folder (relative paths in options resolve against
     it); ``mailbox``: the mailbox's name in the config (for logs and keys);
-    ``spool_dir``: a private directory for large message bodies.
+    ``spool_dir``: a private directory for large message bodies; ``ack``: the
+    mailbox's ``acknowledge`` (a ``flag`` source leaves mail carrying it out of its
+    listings, also in a new process).
     """
 
     base_dir: Path = field(default_factory=Path.cwd)
     mailbox: str = ""
     spool_dir: Path | None = None
+    ack: Ack | None = None
 
     def resolve(self, path: Path | str) -> Path:
         """Resolve ``path`` against ``base_dir`` unless it is absolute (``~`` expanded)."""

@@ -14,10 +14,10 @@ from mailpipe import ConfigError, hookimpl
 from mailpipe.app import open_app
 from mailpipe.chain import Chain
 from mailpipe.cli import cli
-from mailpipe.config import validate_config
 from mailpipe.plugin_manager import get_plugin_manager
 from mailpipe.prerequisites import prerequisite_problems, requirements
 from mailpipe.registry import collect
+from mailpipe.validation import validate_config
 
 MAILBOX = """
 [[mailboxes]]

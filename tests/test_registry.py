@@ -287,7 +287,7 @@ def test_loading_the_plugins_imports_no_builtin_implementation() -> None:
         result["names"]
     )
     packages = {f"mailpipe.plugins.{n}" for n in (
-        "pop3", "parse", "filter", "store", "forward",
+        "pop3", "imap", "parse", "filter", "store", "forward",
         "reply", "ticket", "bounce", "loopguard", "unwrap", "extract",
     )}
     assert set(result["before"]) == packages

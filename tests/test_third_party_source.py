@@ -183,3 +183,25 @@ def test_push_wakes_the_scheduler_before_the_poll_interval(
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "mailbox_woken" in out
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [('on_quarantine = { move = "Errors" }', "on_quarantine"),
+     ('acknowledge = { flag = "$Done" }', "acknowledge")],
+)
+def test_pop3_refuses_every_acknowledgement_it_cannot_perform(
+    tmp_path: Path, line: str, key: str
+) -> None:
+    import tomllib
+
+    from mailpipe.validation import validate_config
+    from mailpipe.errors import ConfigError
+    from mailpipe.plugin_manager import load
+    data = tomllib.loads(
+        '[[mailboxes]]\nname = "p"\nhost = "127.0.0.1"\nusername = "u"\npassword = "p"\n'
+        f'{line}\n[pipelines.default]\nprocessors = [{{ use = "parse" }}]\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        validate_config(data, path=tmp_path / "p.toml", registry=load(entry_points=False)[1])
+    assert f"mailboxes[0].{key}: source 'pop3' cannot acknowledge with" in str(caught.value)

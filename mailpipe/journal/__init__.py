@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mailpipe.journal.base import Entry, Journal, Lease, PollRecord, Status
+from mailpipe.journal.base import Entry, Fence, Journal, Lease, PollRecord, Status
 from mailpipe.journal.errors import (
+    FencedError,
     JournalError,
     JournalMissingError,
     SchemaOutdatedError,
@@ -14,6 +15,8 @@ from mailpipe.journal.errors import (
 
 __all__ = [
     "Entry",
+    "Fence",
+    "FencedError",
     "Journal",
     "JournalError",
     "JournalMissingError",

@@ -28,11 +28,15 @@ the server listed and when the next poll is due. It costs one upsert per poll.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
+
+import structlog
+
+log = structlog.get_logger()
 
 
 class Status(StrEnum):
@@ -102,6 +106,55 @@ class Lease:
     expires: datetime | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fence:
+    """A fencing token: the lease ``epoch`` that ``owner`` took on ``mailbox``.
+
+    Every take-over of a mailbox's lease raises its epoch (never reused, a release
+    included), so a write made conditional on a fence is refused
+    (:class:`~mailpipe.journal.errors.FencedError`) once another worker has taken the
+    mailbox, however long this one was paused.
+    """
+
+    mailbox: str
+    owner: str
+    epoch: int
+
+
+def verify_fence(fence: Fence, row: tuple[Any, ...] | None) -> None:
+    """Raise FencedError unless ``row`` (the lease row's owner and epoch, or None when
+    there is none) is ``fence``; a refused batch is logged as abandoned work."""
+    from mailpipe.journal.errors import FencedError
+
+    if row is not None and (row[0], int(row[1])) == (fence.owner, fence.epoch):
+        return
+    held = "no lease" if row is None else f"epoch {row[1]} of {row[0]}"
+    raise FencedError(
+        f"the lease on mailbox {fence.mailbox!r} moved on (held: epoch "
+        f"{fence.epoch} of {fence.owner}; journal: {held}); write refused"
+    )
+
+
+@contextmanager
+def fenced_commit(fence: Fence) -> Iterator[None]:
+    """Around a batch's last fence check: log a refusal as the poll's abandoned work."""
+    from mailpipe.journal.errors import FencedError
+
+    try:
+        yield
+    except FencedError as exc:
+        log.error(
+            "journal_batch_fenced",
+            mailbox=fence.mailbox,
+            owner=fence.owner,
+            epoch=fence.epoch,
+            error=str(exc),
+            action="batch rolled back; the work of this poll is abandoned to the "
+            "mailbox's new owner",
+        )
+        raise
+
+
 @runtime_checkable
 class Journal(Protocol):
     """Durable delivery state. Implementations: SQLite (default), PostgreSQL."""
@@ -136,16 +189,23 @@ class Journal(Protocol):
         sha256: str | None,
         reason: str = "",
         delete_due: bool,
+        fence: Fence | None = None,
     ) -> None:
-        """Set the final status of a chain run; ``delete_due`` says whether DELE is owed."""
+        """Set the final status of a chain run; ``delete_due`` says whether DELE is owed.
+
+        With ``fence``, as :meth:`batch` with that fence."""
         ...
 
     def fail(self, mailbox: str, uid: str, *, error: str, counted: bool) -> int:
         """Record a failed attempt (``counted`` adds one); return the attempts so far."""
         ...
 
-    def mark_deleted(self, mailbox: str, uids: Iterable[str]) -> None:
-        """After QUIT +OK: the server deleted ``uids``; status DELETED, delete_due False."""
+    def mark_deleted(
+        self, mailbox: str, uids: Iterable[str], *, fence: Fence | None = None
+    ) -> None:
+        """After QUIT +OK: the server deleted ``uids``; status DELETED, delete_due False.
+
+        With ``fence``, as :meth:`batch` with that fence."""
         ...
 
     def list(
@@ -171,8 +231,20 @@ class Journal(Protocol):
         """Drop DELETED entries not on the server any more and older than the limit."""
         ...
 
-    def batch(self) -> AbstractContextManager[None]:
-        """Group commit: writes inside become durable together at exit (re-entrant)."""
+    def batch(self, *, fence: Fence | None = None) -> AbstractContextManager[None]:
+        """Group commit: writes inside become durable together at exit (re-entrant).
+
+        With ``fence``, the batch commits only while ``fence`` is the mailbox's current
+        lease (checked in the same transaction, just before it commits, with the lease
+        row locked against a take-over until then); otherwise it rolls back and raises
+        :class:`~mailpipe.journal.errors.FencedError`.
+        """
+        ...
+
+    def check_fence(self, fence: Fence) -> None:
+        """Raise :class:`~mailpipe.journal.errors.FencedError` unless ``fence`` is the
+        mailbox's current lease (asked of the journal now; for a check before an
+        acknowledgement, which no journal transaction can cover)."""
         ...
 
     def record_poll(
@@ -211,7 +283,14 @@ class Journal(Protocol):
         ...
 
     def lock_mailbox(self, mailbox: str, *, owner: str, ttl: float) -> bool:
-        """Take the exclusive lease on ``mailbox`` across processes; False if held."""
+        """Take the exclusive lease on ``mailbox`` across processes; False if held.
+
+        Each successful take raises the mailbox's lease epoch (see :meth:`fence`)."""
+        ...
+
+    def fence(self, mailbox: str, *, owner: str) -> Fence | None:
+        """The fence of the lease ``owner`` took on ``mailbox`` through this journal
+        (its epoch, as of the take), or None when it holds none here. No I/O."""
         ...
 
     def renew_mailbox(self, mailbox: str, *, owner: str, ttl: float) -> bool:

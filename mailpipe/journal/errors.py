@@ -13,6 +13,12 @@ class SchemaVersionError(JournalError):
     """The journal's schema is newer than this mailpipe knows; upgrade mailpipe."""
 
 
+class FencedError(JournalError):
+    """A write fenced by a lease epoch that is no longer current was refused (rolled
+    back): another worker owns the mailbox now. The session aborts without
+    acknowledging anything; the new owner finishes the work."""
+
+
 class JournalMissingError(JournalError):
     """A read-only open found no journal yet (no ``mailpipe run`` has created it)."""
 

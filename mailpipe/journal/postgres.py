@@ -5,12 +5,17 @@ one autocommit statement, atomic on its own), except inside
 :meth:`PostgresJournal.batch` (one transaction, committed at exit, rolled back on an
 exception; inner batches are savepoints).
 
-Mailbox locks are leases in ``mailpipe_leases(mailbox, owner, expires_at)``, taken with
-an upsert that succeeds only when the row is absent, expired or already ours, and timed
-by the server's clock (``clock_timestamp()``) so workers on several machines agree. A
-dead worker's mailbox is taken over by another once its lease expires; ``renew_mailbox``
-extends only while the row still names the owner. Leases use their own autocommit
-connection, so they are never held back by an open batch.
+Mailbox locks are leases in ``mailpipe_leases(mailbox, owner, expires_at, epoch)``, taken
+with an upsert that succeeds only when the row is absent, expired or already ours, and
+timed by the server's clock (``clock_timestamp()``) so workers on several machines
+agree. A dead worker's mailbox is taken over by another once its lease expires;
+``renew_mailbox`` extends only while the row still names the owner and epoch. Every take
+raises ``epoch`` (a release expires the row instead of deleting it, so epochs are never
+reused): a batch with a fence (:meth:`PostgresJournal.batch`) commits only while the
+row still holds that epoch, checked in the same transaction with the row locked
+``FOR SHARE`` until the commit, so a take-over waits for the commit or the commit is
+refused. Leases use their own autocommit connection, so they are never held back by
+an open batch (only a take-over waits for a fenced commit in progress).
 
 psycopg (3) is imported when a journal is created, so the core works without it.
 """
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -29,11 +34,14 @@ import structlog
 from mailpipe.journal.base import (
     OAUTH_TOKENS_TABLE,
     Entry,
+    Fence,
     Lease,
     PollRecord,
     Status,
     apply_migrations,
     check_schema,
+    fenced_commit,
+    verify_fence,
 )
 from mailpipe.journal.errors import JournalError
 from mailpipe.journal.rows import (
@@ -110,12 +118,20 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             table="mailpipe_oauth_tokens", real="double precision"
         ),
     ),
+    # 4: lease epochs (fencing tokens), raised by every take of a mailbox's lease;
+    # a released lease keeps its row (expired), so an epoch is never reused.
+    ("ALTER TABLE mailpipe_leases ADD COLUMN epoch bigint NOT NULL DEFAULT 0",),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 # Serialises schema creation and migrations between workers starting together.
 _MIGRATION_LOCK: Final = 0x6D61696C70697065  # "mailpipe"
 
+# Releases a lease: the row stays (expired) so that epochs only ever grow.
+_RELEASE: Final = (
+    "UPDATE mailpipe_leases SET expires_at = '-infinity' "
+    "WHERE mailbox = %s AND owner = %s AND expires_at > '-infinity'"
+)
 
 
 def _utcnow() -> datetime:
@@ -155,7 +171,7 @@ class PostgresJournal:
         self._lease_lock = threading.Lock()
         self._depth = 0
         self._transactions: list[Any] = []
-        self._leases: dict[str, str] = {}
+        self._leases: dict[str, tuple[str, int]] = {}  # mailbox -> (owner, epoch)
         self._closed = False
         self._lease_conn: psycopg.Connection[tuple[Any, ...]] | None = None
         self._conn = self._connect()
@@ -292,10 +308,13 @@ class PostgresJournal:
             yield self._live()
 
     @contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self, *, fence: Fence | None = None) -> Iterator[None]:
         """Group commit: one transaction for every write inside, committed at exit.
 
         Re-entrant: an inner batch is a savepoint, rolled back alone on its exception.
+        With ``fence``, the transaction (or savepoint) commits only while the lease row
+        holds ``fence``'s owner and epoch, read ``FOR SHARE`` as its last statement (a
+        take-over then waits for the commit); else FencedError, rolled back.
         """
         with self._guard():
             tx = self._live().transaction()
@@ -304,6 +323,9 @@ class PostgresJournal:
             self._depth += 1
         try:
             yield
+            if fence is not None:
+                with self._guard(), fenced_commit(fence):
+                    self._verify(fence, lock=True)
         except BaseException as exc:
             with self._guard():
                 self._depth -= 1
@@ -314,6 +336,26 @@ class PostgresJournal:
             self._depth -= 1
             self._transactions.pop()
             tx.__exit__(None, None, None)
+
+    def _fenced(self, fence: Fence | None) -> AbstractContextManager[None]:
+        return nullcontext() if fence is None else self.batch(fence=fence)
+
+    def _verify(self, fence: Fence, *, lock: bool) -> None:
+        row = (
+            self._live()
+            .execute(
+                "SELECT owner, epoch FROM mailpipe_leases WHERE mailbox = %s"
+                + (" FOR SHARE" if lock else ""),
+                (fence.mailbox,),
+            )
+            .fetchone()
+        )
+        verify_fence(fence, row)
+
+    def check_fence(self, fence: Fence) -> None:
+        """Raise FencedError unless ``fence`` is the mailbox's current lease epoch."""
+        with self._guard():
+            self._verify(fence, lock=False)
 
     # -- entries --------------------------------------------------------------------
 
@@ -404,10 +446,13 @@ class PostgresJournal:
         sha256: str | None,
         reason: str = "",
         delete_due: bool,
+        fence: Fence | None = None,
     ) -> None:
-        """Set the final status of a chain run; ``sha256=None`` keeps a known hash."""
+        """Set the final status of a chain run; ``sha256=None`` keeps a known hash.
+
+        With ``fence``: only while it is the mailbox's lease (see :meth:`batch`)."""
         now = self._clock()
-        with self._tx() as conn:
+        with self._fenced(fence), self._tx() as conn:
             conn.execute(
                 "INSERT INTO mailpipe_journal AS j (mailbox, uid, key, status, "
                 "disposition, sha256, reason, delete_due, first_seen, updated) "
@@ -456,10 +501,14 @@ class PostgresJournal:
         assert row is not None
         return int(row[0])
 
-    def mark_deleted(self, mailbox: str, uids: Iterable[str]) -> None:
-        """After QUIT +OK: ``uids`` are gone; status DELETED, delete_due False."""
+    def mark_deleted(
+        self, mailbox: str, uids: Iterable[str], *, fence: Fence | None = None
+    ) -> None:
+        """After QUIT +OK: ``uids`` are gone; status DELETED, delete_due False.
+
+        With ``fence``: only while it is the mailbox's lease (see :meth:`batch`)."""
         now = self._clock()
-        with self._tx() as conn:
+        with self._fenced(fence), self._tx() as conn:
             conn.execute(
                 "UPDATE mailpipe_journal "
                 "SET status = 'deleted', delete_due = false, "
@@ -615,39 +664,54 @@ class PostgresJournal:
         """Take the lease on ``mailbox`` for ``ttl`` seconds; False if another holds it.
 
         Succeeds when no lease exists, the lease expired (a dead worker's), or ``owner``
-        already holds it (then it is extended).
+        already holds it (then it is extended); each success raises the epoch.
         """
         with self._lease_lock, self._translate():
             row = (
                 self._lease_connection()
                 .execute(
-                    "INSERT INTO mailpipe_leases AS l (mailbox, owner, expires_at) "
-                    "VALUES (%s, %s, clock_timestamp() + make_interval(secs => %s)) "
+                    "INSERT INTO mailpipe_leases AS l (mailbox, owner, expires_at, "
+                    "epoch) VALUES "
+                    "(%s, %s, clock_timestamp() + make_interval(secs => %s), 1) "
                     "ON CONFLICT (mailbox) DO UPDATE "
-                    "SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at "
+                    "SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at, "
+                    "epoch = l.epoch + 1 "
                     "WHERE l.expires_at < clock_timestamp() "
                     "OR l.owner = EXCLUDED.owner "
-                    "RETURNING l.owner",
+                    "RETURNING l.epoch",
                     (mailbox, owner, float(ttl)),
                 )
                 .fetchone()
             )
             if row is None:
                 return False
-            self._leases[mailbox] = owner
-        log.debug("mailbox_locked", mailbox=mailbox, owner=owner, ttl=ttl)
+            self._leases[mailbox] = (owner, int(row[0]))
+        log.debug("mailbox_locked", mailbox=mailbox, owner=owner, ttl=ttl,
+                  epoch=int(row[0]))
         return True
 
+    def fence(self, mailbox: str, *, owner: str) -> Fence | None:
+        """The fence of the lease ``owner`` took on ``mailbox`` here (no I/O)."""
+        with self._lease_lock:
+            held = self._leases.get(mailbox)
+        if held is None or held[0] != owner:
+            return None
+        return Fence(mailbox=mailbox, owner=owner, epoch=held[1])
+
     def renew_mailbox(self, mailbox: str, *, owner: str, ttl: float) -> bool:
-        """Extend the lease by ``ttl`` from now if ``owner`` still holds it."""
+        """Extend the lease by ``ttl`` from now if ``owner`` still holds it (not
+        released; with the epoch it took here, when it took it here)."""
         with self._lease_lock, self._translate():
+            held = self._leases.get(mailbox)
+            epoch = held[1] if held is not None and held[0] == owner else None
             row = (
                 self._lease_connection()
                 .execute(
                     "UPDATE mailpipe_leases "
                     "SET expires_at = clock_timestamp() + make_interval(secs => %s) "
-                    "WHERE mailbox = %s AND owner = %s RETURNING owner",
-                    (float(ttl), mailbox, owner),
+                    "WHERE mailbox = %s AND owner = %s AND expires_at > '-infinity' "
+                    "AND (%s::bigint IS NULL OR epoch = %s::bigint) RETURNING owner",
+                    (float(ttl), mailbox, owner, epoch, epoch),
                 )
                 .fetchone()
             )
@@ -658,13 +722,11 @@ class PostgresJournal:
         return True
 
     def unlock_mailbox(self, mailbox: str, *, owner: str) -> None:
-        """Release the lease if ``owner`` holds it."""
+        """Release the lease if ``owner`` holds it (the row stays, expired, so the
+        next take raises its epoch)."""
         with self._lease_lock, self._translate():
-            self._lease_connection().execute(
-                "DELETE FROM mailpipe_leases WHERE mailbox = %s AND owner = %s",
-                (mailbox, owner),
-            )
-            if self._leases.get(mailbox) == owner:
+            self._lease_connection().execute(_RELEASE, (mailbox, owner))
+            if mailbox in self._leases and self._leases[mailbox][0] == owner:
                 del self._leases[mailbox]
         log.debug("mailbox_unlocked", mailbox=mailbox, owner=owner)
 
@@ -676,12 +738,8 @@ class PostgresJournal:
             try:
                 conn = self._lease_conn
                 if self._leases and conn is not None and not conn.broken:
-                    for mailbox, owner in self._leases.items():
-                        conn.execute(
-                            "DELETE FROM mailpipe_leases "
-                            "WHERE mailbox = %s AND owner = %s",
-                            (mailbox, owner),
-                        )
+                    for mailbox, (owner, _epoch) in self._leases.items():
+                        conn.execute(_RELEASE, (mailbox, owner))
             finally:
                 self._closed = True
                 self._leases.clear()

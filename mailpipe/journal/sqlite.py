@@ -10,7 +10,10 @@ engine may call from the event loop and from ``asyncio.to_thread``. A batch belo
 the journal, not to a thread: writes from any thread while a batch is open join it.
 
 Mailbox locks: ``fcntl.flock`` on ``<db>.locks/<sha256(mailbox)>.lock``, non-blocking.
-The OS drops the lock when the process dies, so ``ttl`` is not needed and ignored.
+The OS drops the lock when the process dies, so ``ttl`` is not needed and ignored. Each
+take also raises the mailbox's epoch in the ``leases`` table (one small commit per
+poll), so fenced writes (:meth:`SqliteJournal.batch` with a fence) mean the same here
+as in the PostgreSQL journal.
 :meth:`SqliteJournal.leases` tells whether a lock is held without touching it: on Linux
 it looks the lock file up in ``/proc/locks``; elsewhere it tries a shared lock and
 drops it at once (a poll starting in that instant finds the mailbox busy and comes back
@@ -26,7 +29,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
@@ -36,12 +39,15 @@ import structlog
 from mailpipe.journal.base import (
     OAUTH_TOKENS_TABLE,
     Entry,
+    Fence,
     Lease,
     PollRecord,
     Status,
     apply_migrations,
     check_schema,
+    fenced_commit,
     iter_chunks,
+    verify_fence,
 )
 from mailpipe.journal.errors import JournalError, JournalMissingError
 from mailpipe.journal.rows import (
@@ -99,6 +105,16 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     ),
     # 3: the OAuth token cache (mailpipe.oauth.cache), shared by the workers.
     (OAUTH_TOKENS_TABLE.format(table="oauth_tokens", real="REAL"),),
+    # 4: lease epochs (fencing tokens), raised by every take of a mailbox's lock.
+    (
+        """
+        CREATE TABLE leases (
+            mailbox TEXT    PRIMARY KEY,
+            owner   TEXT    NOT NULL,
+            epoch   INTEGER NOT NULL
+        )
+        """,
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -192,6 +208,7 @@ class SqliteJournal:
         self._lock = threading.RLock()
         self._depth = 0
         self._locks: dict[str, tuple[str, int | None]] = {}
+        self._epochs: dict[str, int] = {}  # the lease epoch of each lock held here
         if read_only:
             self._conn = self._open_read_only()
             self._closed = False
@@ -323,10 +340,13 @@ class SqliteJournal:
             self._conn.execute(f"RELEASE {savepoint}")
 
     @contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self, *, fence: Fence | None = None) -> Iterator[None]:
         """Group commit: one transaction for every write inside, committed at exit.
 
         Re-entrant: an inner batch is a savepoint, rolled back alone on its exception.
+        With ``fence``, the transaction (or savepoint) commits only while ``fence`` is
+        the mailbox's lease epoch; checked under the write lock (``BEGIN IMMEDIATE``),
+        so no take-over can slip in before the commit. Else FencedError, rolled back.
         """
         with self._guard():
             if self._closed:
@@ -339,6 +359,9 @@ class SqliteJournal:
             self._depth = depth
         try:
             yield
+            if fence is not None:
+                with self._guard(), fenced_commit(fence):
+                    self._verify(fence)
         except BaseException:
             with self._guard():
                 try:
@@ -355,6 +378,20 @@ class SqliteJournal:
                 raise
             finally:
                 self._depth = depth - 1
+
+    def _fenced(self, fence: Fence | None) -> AbstractContextManager[None]:
+        return nullcontext() if fence is None else self.batch(fence=fence)
+
+    def _verify(self, fence: Fence) -> None:
+        row = self._conn.execute(
+            "SELECT owner, epoch FROM leases WHERE mailbox = ?", (fence.mailbox,)
+        ).fetchone()
+        verify_fence(fence, row)
+
+    def check_fence(self, fence: Fence) -> None:
+        """Raise FencedError unless ``fence`` is the mailbox's current lease epoch."""
+        with self._guard():
+            self._verify(fence)
 
     # -- entries --------------------------------------------------------------------
 
@@ -448,10 +485,13 @@ class SqliteJournal:
         sha256: str | None,
         reason: str = "",
         delete_due: bool,
+        fence: Fence | None = None,
     ) -> None:
-        """Set the final status of a chain run; ``sha256=None`` keeps a known hash."""
+        """Set the final status of a chain run; ``sha256=None`` keeps a known hash.
+
+        With ``fence``: only while it is the mailbox's lease (see :meth:`batch`)."""
         now = self._now()
-        with self._tx() as conn:
+        with self._fenced(fence), self._tx() as conn:
             self._ensure(conn, mailbox, uid, now)
             conn.execute(
                 "UPDATE entries SET status = ?, disposition = ?, "
@@ -482,10 +522,14 @@ class SqliteJournal:
             ).fetchone()
         return int(attempts)
 
-    def mark_deleted(self, mailbox: str, uids: Iterable[str]) -> None:
-        """After QUIT +OK: ``uids`` are gone; status DELETED, delete_due False."""
+    def mark_deleted(
+        self, mailbox: str, uids: Iterable[str], *, fence: Fence | None = None
+    ) -> None:
+        """After QUIT +OK: ``uids`` are gone; status DELETED, delete_due False.
+
+        With ``fence``: only while it is the mailbox's lease (see :meth:`batch`)."""
         now = self._now()
-        with self._tx() as conn:
+        with self._fenced(fence), self._tx() as conn:
             for chunk in iter_chunks(uids):
                 marks = ",".join("?" * len(chunk))
                 conn.execute(
@@ -642,6 +686,7 @@ class SqliteJournal:
                 return held[0] == owner
             if self._memory:
                 self._locks[mailbox] = (owner, None)
+                self._take_epoch(mailbox, owner)
                 return True
             path = lock_path(self.path, mailbox)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -658,8 +703,36 @@ class SqliteJournal:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{owner}\n{mailbox}\n".encode(), 0)
             self._locks[mailbox] = (owner, fd)
+            self._take_epoch(mailbox, owner)
         log.debug("mailbox_locked", mailbox=mailbox, owner=owner)
         return True
+
+    def _take_epoch(self, mailbox: str, owner: str) -> None:
+        """Raise the mailbox's lease epoch for ``owner`` (the lock is held); on a
+        journal error the lock is given back and the error raised."""
+        try:
+            with self._tx() as conn:
+                (epoch,) = conn.execute(
+                    "INSERT INTO leases (mailbox, owner, epoch) VALUES (?, ?, 1) "
+                    "ON CONFLICT (mailbox) DO UPDATE "
+                    "SET owner = excluded.owner, epoch = leases.epoch + 1 "
+                    "RETURNING epoch",
+                    (mailbox, owner),
+                ).fetchone()
+        except BaseException:
+            _owner, fd = self._locks.pop(mailbox)
+            if fd is not None:
+                os.close(fd)
+            raise
+        self._epochs[mailbox] = int(epoch)
+
+    def fence(self, mailbox: str, *, owner: str) -> Fence | None:
+        """The fence of the lock ``owner`` holds on ``mailbox`` here (no I/O)."""
+        with self._lock:
+            held = self._locks.get(mailbox)
+            if held is None or held[0] != owner or mailbox not in self._epochs:
+                return None
+            return Fence(mailbox=mailbox, owner=owner, epoch=self._epochs[mailbox])
 
     def renew_mailbox(self, mailbox: str, *, owner: str, ttl: float) -> bool:
         """Return True while ``owner`` holds the lock (a flock cannot expire)."""
@@ -674,6 +747,7 @@ class SqliteJournal:
             if held is None or held[0] != owner:
                 return
             del self._locks[mailbox]
+            self._epochs.pop(mailbox, None)
             if held[1] is not None:
                 os.close(held[1])  # closing the descriptor drops the flock
         log.debug("mailbox_unlocked", mailbox=mailbox, owner=owner)
@@ -688,6 +762,7 @@ class SqliteJournal:
                 if fd is not None:
                     os.close(fd)
             self._locks.clear()
+            self._epochs.clear()
             self._conn.close()
 
     def __enter__(self) -> SqliteJournal:

@@ -12,7 +12,7 @@ fixture that returns a :class:`ContractMailbox` over an empty mailbox of your so
 pytest then runs every ``test_*`` method below against it. The suite checks the
 contract of :mod:`mailpipe.source` as the engine relies on it: the class's
 declarations, a listing with stable ids and sizes, retrieval in order and byte-exact
-(spooled to disk above the threshold), headers, typed session facts, that nothing
+(spooled to disk above the threshold), ``max_size`` honoured, headers, typed session facts, that nothing
 is applied before ``commit`` nor after ``abort`` or an exception, each declared
 acknowledgement, and a whole poll through :class:`mailpipe.engine.MailboxRunner`.
 """
@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import pytest
 from pydantic import BaseModel
 
+from mailpipe.errors import OversizeError
 from mailpipe.message import Message, MessageRef
 from mailpipe.source import (
     Ack,
@@ -146,6 +147,22 @@ class SourceContract:
         assert big.spool_path is not None and Path(big.spool_path).parent == tmp_path
         assert big.raw == SAMPLES[-1]
         Path(big.spool_path).unlink()
+
+    async def test_a_message_past_max_size_raises_oversize(
+        self, contract_mailbox: ContractMailbox, tmp_path: Path
+    ) -> None:
+        self._fill(contract_mailbox)
+        spool = tmp_path / "contract-spool"
+        spool.mkdir()
+        async with contract_mailbox.source().session() as session:
+            refs = await session.list()
+            with pytest.raises(OversizeError) as caught:
+                async for _ in session.retrieve(refs[-1:], spool_dir=spool,
+                                                spool_threshold=1024, max_size=1000):
+                    pass
+        assert caught.value.ref is not None and caught.value.ref.number == refs[-1].number
+        assert list(spool.iterdir()) == []  # nothing left spooled
+        assert contract_mailbox.remaining() == list(SAMPLES)
 
     async def test_headers_are_the_header_section_or_none(
         self, contract_mailbox: ContractMailbox

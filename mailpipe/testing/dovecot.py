@@ -26,6 +26,7 @@ __all__ = [
 
 DOVECOT_BINARY = "/usr/sbin/dovecot"
 POP3_BINARY = "/usr/lib/dovecot/pop3"
+IMAP_BINARY = "/usr/lib/dovecot/imap"
 #: Mechanisms offered by default; all work with the ``{PLAIN}`` passwords the
 #: controller stores (Dovecot 2.3 derives SCRAM keys from a plaintext password).
 #: ``apop`` also makes the greeting carry an RFC 1939 §7 timestamp.
@@ -65,8 +66,10 @@ def _find_binary(binary: str | None) -> str | None:
     return shutil.which("dovecot")
 
 
-def dovecot_unavailable_reason(binary: str | None = None) -> str | None:
-    """Return why Dovecot cannot run here (missing binary, pop3 or version), or None."""
+def dovecot_unavailable_reason(
+    binary: str | None = None, *, imap: bool = False
+) -> str | None:
+    """Return why Dovecot cannot run here (missing binary, pop3, imap or version), or None."""
     found = _find_binary(binary)
     if found is None:
         return (
@@ -82,6 +85,8 @@ def dovecot_unavailable_reason(binary: str | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError) as exc:
         return f"{found} --version failed: {exc}"
     version = out.split()[0] if out.split() else "?"
+    if imap and not os.access(IMAP_BINARY, os.X_OK):
+        return f"Dovecot IMAP is not installed ({IMAP_BINARY}; apt-get dovecot-imapd)"
     if not version.startswith("2.3."):
         return f"Dovecot {version} is not supported (the generated config is for 2.3)"
     return None
@@ -134,6 +139,7 @@ class Dovecot(Service):
         extra_config: str = "",
         binary: str | None = None,
         start_timeout: float = 20.0,
+        imap: bool = False,
     ) -> None:
         self.base_dir = Path(base_dir).resolve()
         self.host = host
@@ -146,6 +152,9 @@ class Dovecot(Service):
         self.start_timeout = start_timeout
         self.pop3_port = 0
         self.pop3s_port = 0
+        self.imap = imap
+        self.imap_port = 0
+        self.imaps_port = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._users: dict[str, DovecotUser] = {}
         self._lock = threading.Lock()
@@ -216,7 +225,7 @@ class Dovecot(Service):
         if self.running:
             return
         self._check_traversable()
-        reason = dovecot_unavailable_reason(self.binary)
+        reason = dovecot_unavailable_reason(self.binary, imap=self.imap)
         if reason is not None:
             raise DovecotError(reason)
         binary = _find_binary(self.binary)
@@ -227,6 +236,9 @@ class Dovecot(Service):
         for _attempt in range(3):  # a free port may be taken between probe and bind
             self.pop3_port = free_port(self.host)
             self.pop3s_port = free_port(self.host)
+            if self.imap:
+                self.imap_port = free_port(self.host)
+                self.imaps_port = free_port(self.host)
             self.config_path.write_text(self._config())
             startup_log = self.base_dir / "log" / "startup.log"
             with startup_log.open("ab") as out:
@@ -262,7 +274,9 @@ class Dovecot(Service):
             proc.wait(timeout=10)
 
     def _wait_listening(self) -> bool:
-        ports = (self.pop3_port, self.pop3s_port)
+        ports: tuple[int, ...] = (self.pop3_port, self.pop3s_port)
+        if self.imap:
+            ports += (self.imap_port, self.imaps_port)
         return wait_listening(self._proc, self.host, ports, self.start_timeout)
 
     def _check_traversable(self) -> None:
@@ -310,7 +324,7 @@ class Dovecot(Service):
             f"log_path = {b}/log/dovecot.log",
             f"info_log_path = {b}/log/dovecot.info.log",
             f"debug_log_path = {b}/log/dovecot.debug.log",
-            "protocols = pop3",
+            f"protocols = pop3{' imap' if self.imap else ''}",
             f"listen = {self.host}",
             "disable_plaintext_auth = no",
             f"auth_mechanisms = {' '.join(self.auth_mechanisms)}",
@@ -344,7 +358,32 @@ class Dovecot(Service):
         rootless = os.geteuid() != 0
         if rootless:  # chroot needs root
             lines.append("  chroot =")
-        lines += ["}", "service anvil {"]
+        lines.append("}")
+        if self.imap:
+            lines += [
+                "service imap-login {",
+                "  inet_listener imap {",
+                f"    address = {self.host}",
+                f"    port = {self.imap_port}",
+                "  }",
+                "  inet_listener imaps {",
+                f"    address = {self.host}",
+                f"    port = {self.imaps_port}",
+                "    ssl = yes",
+                "  }",
+                *(["  chroot ="] if rootless else []),
+                "}",
+                # "/" as the hierarchy separator (Maildir++ keeps "." on disk), so
+                # folder names read like most servers' ("Support/Escalations").
+                "namespace inbox {",
+                "  inbox = yes",
+                "  separator = /",
+                "}",
+                "protocol imap {",
+                "  mail_max_userip_connections = 100",
+                "}",
+            ]
+        lines += ["service anvil {"]
         if rootless:
             lines.append("  chroot =")
         if not self.auth_penalty:
@@ -488,3 +527,29 @@ class Dovecot(Service):
         """Remove every message of a user (not while a session of theirs is open)."""
         for p in self.message_paths(user):
             p.unlink(missing_ok=True)
+
+    def imap_messages(
+        self, user: DovecotUser | str, folder: str = "INBOX"
+    ) -> list[tuple[bytes, str]]:
+        """(raw bytes, flags) of every message in ``folder`` (its wire name), read over
+        implicit TLS with ``BODY.PEEK[]`` by stdlib ``imaplib`` (an independent
+        client); ``[]`` when the folder does not exist. Needs ``imap=True``."""
+        import imaplib
+        import re
+
+        u = self._user(user)
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        client = imaplib.IMAP4_SSL(self.host, self.imaps_port, ssl_context=ctx, timeout=30)
+        try:
+            client.login(u.name, u.password)
+            if client.select(f'"{folder}"', readonly=True)[0] != "OK":
+                return []
+            _, data = client.uid("FETCH", "1:*", "(FLAGS BODY.PEEK[])")
+            out = []
+            for item in data:
+                if isinstance(item, tuple):
+                    flags = re.search(rb"FLAGS \(([^)]*)\)", item[0])
+                    out.append((item[1], (flags[1] if flags else b"").decode()))
+            return out
+        finally:
+            client.logout()

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
+import signal
 import socket
 import sqlite3
 import struct
@@ -274,6 +276,52 @@ def write_kit_config(
     return path
 
 
+def write_workers_config(
+    directory: Path,
+    *,
+    dovecot: Pop3Endpoint,
+    users: Sequence[Pop3Login],
+    journal: str,
+    processors: Sequence[Mapping[str, Any]],
+    scheduler: Mapping[str, Any],
+    mailbox: Mapping[str, Any],
+) -> Path:
+    """Write ``directory/pipeline.toml`` for several workers: one plaintext
+    ``[[mailboxes]]`` table per user on ``dovecot`` (plus the keys in ``mailbox``), the
+    shared journal ``journal`` (a URL), ``[scheduler]`` keys and the default pipeline."""
+    lines = [
+        "# Written by mailpipe.testing.e2e for a many-workers proof.",
+        "[state]",
+        f"path = {toml_value(journal)}",
+        "[quarantine]",
+        'dir = "var/quarantine"',
+        "[scheduler]",
+        *(f"{k} = {toml_value(v)}" for k, v in scheduler.items()),
+    ]
+    for user in users:
+        table = {
+            "name": user.name, "host": dovecot.host, "port": dovecot.pop3_port,
+            "security": "none", "allow_plaintext_password": True,
+            "username": user.name, "password": user.password, **mailbox,
+        }
+        lines += ["[[mailboxes]]", *(f"{k} = {toml_value(v)}" for k, v in table.items())]
+    lines += ["[pipelines.default]", "processors = [",
+              *(f"  {toml_value(dict(p))}," for p in processors), "]"]
+    path = directory / "pipeline.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def e2e_seed() -> int:
+    """The seed of a randomised proof: ``MAILPIPE_E2E_SEED`` when set (a replay), else a
+    new one per run; printed either way, so a failing run can be replayed."""
+    seed = int(
+        os.environ.get("MAILPIPE_E2E_SEED") or random.SystemRandom().getrandbits(32)
+    )
+    print(f"\nseed={seed} (MAILPIPE_E2E_SEED to replay)")
+    return seed
+
+
 def mailpipe_command(config: Path, *args: str) -> list[str]:
     """``python -m mailpipe --log-format json <args> `` with ``config`` appended where
     ``{config}`` appears in ``args`` (or after them when it does not)."""
@@ -354,6 +402,73 @@ def wait_until(
         time.sleep(interval)
 
 
+class Workers:
+    """``mailpipe run`` worker processes on one config: start, SIGKILL, pause
+    (SIGSTOP … SIGCONT), SIGTERM; remembers every pid killed or paused."""
+
+    def __init__(self, config: Path, logs: Path) -> None:
+        self.config = config
+        self.logs = logs
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.killed: set[int] = set()
+        self.paused: set[int] = set()
+        self._files: list[IO[bytes]] = []
+        self._log_paths: dict[int, Path] = {}
+
+    def start(self) -> subprocess.Popen[bytes]:
+        path = self.logs / f"worker-{len(self._files)}.log"
+        log = path.open("wb")
+        self._files.append(log)
+        proc = start_mailpipe(self.config, "run", "{config}", log=log)
+        self.procs.append(proc)
+        self._log_paths[proc.pid] = path
+        return proc
+
+    def running(self) -> bool:
+        """Whether every live worker has logged an event (so it is past start-up and
+        handles SIGTERM: a worker still importing would die of it)."""
+        return all(
+            log_events(self._log_paths[p.pid].read_text(errors="replace"))
+            for p in self.alive()
+        )
+
+    def alive(self) -> list[subprocess.Popen[bytes]]:
+        return [p for p in self.procs if p.poll() is None]
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        self.killed.add(proc.pid)
+
+    def pause(self, proc: subprocess.Popen[bytes], seconds: float) -> None:
+        """Freeze ``proc`` (SIGSTOP) for ``seconds``, then let it go on (SIGCONT)."""
+        proc.send_signal(signal.SIGSTOP)
+        self.paused.add(proc.pid)
+        try:
+            time.sleep(seconds)
+        finally:
+            proc.send_signal(signal.SIGCONT)
+
+    def terminate_all(self) -> dict[int, int]:
+        """SIGTERM every live worker; return pid -> exit code."""
+        live = self.alive()
+        for p in live:
+            p.send_signal(signal.SIGTERM)
+        return {p.pid: p.wait(timeout=60) for p in live}
+
+    def close(self) -> None:
+        for p in self.alive():
+            p.kill()
+            p.wait(timeout=30)
+        for f in self._files:
+            f.close()
+
+    def log_text(self) -> str:
+        return "".join(
+            p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log"))
+        )
+
+
 # --- pipeline steps -------------------------------------------------------------
 
 
@@ -366,10 +481,15 @@ def store_steps(directory: Path) -> list[dict[str, Any]]:
     ]
 
 
-def key_log_step(log: Path) -> dict[str, Any]:
+def key_log_step(log: Path, *, pid: bool = False) -> dict[str, Any]:
     """A ``forward.command`` step that appends the message key to ``log`` once per
-    invocation (``sh``, so cheap), to count how often each message was processed."""
-    script = 'cat >/dev/null && printf "%s\\n" "$MAILPIPE_KEY" >> "$1"'
+    invocation (``sh``, so cheap), to count how often each message was processed; with
+    ``pid``, ``<key> <worker pid>`` (the shell's parent), to attribute each run."""
+    script = (
+        'cat >/dev/null && printf "%s %s\\n" "$MAILPIPE_KEY" "$PPID" >> "$1"'
+        if pid
+        else 'cat >/dev/null && printf "%s\\n" "$MAILPIPE_KEY" >> "$1"'
+    )
     return {
         "use": "forward.command",
         "command": ["sh", "-c", script, "key-log", str(log)],

@@ -39,12 +39,16 @@ def dovecot() -> Iterator[Dovecot]:
     fixture), so they never see each other's mail. Set ``MAILPIPE_KEEP_DOVECOT=1``
     to keep the base directory (logs, Maildirs) after the session.
     """
-    reason = dovecot_unavailable_reason()
+    yield from _dovecot_server(imap=False)
+
+
+def _dovecot_server(*, imap: bool) -> Iterator[Dovecot]:
+    reason = dovecot_unavailable_reason(imap=imap)
     if reason is not None:
         _skip_or_fail(reason)
     # Not pytest's tmp_path: its 0700 parent would stop the mail uid reaching homes.
     base = tempfile.mkdtemp(prefix="mailpipe-dovecot-")
-    server = Dovecot(base)
+    server = Dovecot(base, imap=imap)
     try:
         server.start()
         yield server
@@ -52,6 +56,17 @@ def dovecot() -> Iterator[Dovecot]:
         server.stop()
         if not os.environ.get("MAILPIPE_KEEP_DOVECOT"):
             shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def dovecot_imap() -> Iterator[Dovecot]:
+    """A private Dovecot serving IMAP (and POP3) on 127.0.0.1 for the whole session.
+
+    Like :func:`dovecot`, with ``imap_port`` (plaintext, STARTTLS) and ``imaps_port``
+    (implicit TLS). Skips when Dovecot or dovecot-imapd is missing, fails when ``CI``
+    is set.
+    """
+    yield from _dovecot_server(imap=True)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ its bytes, so a server trickling one byte per read cannot hold a session forever
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -36,6 +35,7 @@ from mailpipe.errors import (
     SourcePermanentError,
     SourceTimeoutError,
 )
+from mailpipe.tls import make_ssl_context, open_stream, phase_timeout, secure
 
 from . import auth as sasl
 from .events import (
@@ -119,20 +119,6 @@ def _limit_of(command: Command, limits: Mapping[int, int] | None) -> int | None:
     return limits.get(command.number)
 
 
-def make_ssl_context(ca_file: str | None = None, verify: bool = True) -> ssl.SSLContext:
-    """``ssl.create_default_context()`` with TLS ≥ 1.2 (RFC 8314 §5, S-02).
-
-    ``verify=False`` disables certificate and hostname checks; only explicit config may
-    ask for it.
-    """
-    ctx = ssl.create_default_context(cafile=ca_file)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if not verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
 class Pop3Client:
     """One connection to a POP3 server; see the module docstring.
 
@@ -190,17 +176,9 @@ class Pop3Client:
             SourceTimeoutError, SourceConnectionError: naming the phase and the host.
             SourceBusyError, SourcePermanentError: a ``-ERR`` greeting (C-14).
         """
-        try:
-            async with asyncio.timeout(self.timeouts.connect):
-                self._reader, self._writer = await asyncio.open_connection(
-                    self.host, self.port, limit=self.chunk_size
-                )
-        except TimeoutError:
-            raise self._timeout("connect", self.timeouts.connect) from None
-        except OSError as exc:
-            raise SourceConnectionError(
-                f"connect to {self.where} failed: {exc.strerror or exc}"
-            ) from None
+        self._reader, self._writer = await open_stream(
+            self.host, self.port, timeout=self.timeouts.connect, limit=self.chunk_size
+        )
         if self.security == "tls":
             await self._handshake()
         try:
@@ -221,36 +199,15 @@ class Pop3Client:
 
     async def _handshake(self) -> None:
         assert self._writer is not None
-        ctx = self.ssl_context or make_ssl_context()
-        try:
-            async with asyncio.timeout(self.timeouts.tls):
-                await self._writer.start_tls(
-                    ctx,
-                    server_hostname=self.host,  # S-02: the configured name, also SNI
-                    ssl_handshake_timeout=self.timeouts.tls,
-                )
-        except TimeoutError:
-            raise self._timeout("TLS handshake", self.timeouts.tls) from None
-        except ssl.SSLCertVerificationError as exc:
-            raise SourceConnectionError(
-                f"TLS certificate of {self.where} not trusted: {exc.verify_message}"
-            ) from None
-        except (ssl.SSLError, OSError) as exc:
-            hint = ""
-            if "WRONG_VERSION_NUMBER" in str(exc) or "record layer" in str(exc):
-                hint = " (the server speaks plaintext POP3: use security = 'starttls')"
-            raise SourceConnectionError(
-                f"TLS handshake with {self.where} failed: {exc}{hint}"
-            ) from None
-        if self.cert_sha256:
-            sslobj = self._writer.get_extra_info("ssl_object")
-            der = sslobj.getpeercert(binary_form=True) if sslobj else None
-            got = hashlib.sha256(der or b"").hexdigest()
-            if got != self.cert_sha256:
-                raise SourceConnectionError(
-                    f"TLS certificate of {self.where} does not match the pinned "
-                    f"SHA-256 (got {got})"
-                )
+        await secure(
+            self._writer,
+            self.ssl_context,
+            host=self.host,
+            port=self.port,
+            timeout=self.timeouts.tls,
+            cert_sha256=self.cert_sha256,
+            protocol="POP3",
+        )
         self.tls_active = True
 
     async def capa(self) -> Capabilities | None:
@@ -614,10 +571,7 @@ class Pop3Client:
     def _timeout(
         self, phase: str, seconds: float, detail: str = ""
     ) -> SourceTimeoutError:
-        extra = f" ({detail})" if detail else ""
-        return SourceTimeoutError(
-            f"{phase} timed out after {seconds:g}s on {self.where}{extra}"
-        )
+        return phase_timeout(phase, seconds, self.where, detail)
 
 
 __all__ = [

@@ -25,6 +25,7 @@ from mailpipe.oauth.options import OAuthOptions
 from mailpipe.oauth.pool import broker_for
 from mailpipe.secrets import Secret
 from mailpipe.source import Ack, AckKind, SessionFacts, SourceContext, Unretrievable
+from mailpipe.tls import ConnectionSecurity
 from mailpipe.units import ByteSize, Duration
 
 from . import auth as sasl
@@ -57,8 +58,13 @@ log = structlog.get_logger()
 MAX_HEADER_OCTETS = 1 << 20
 
 
-class Pop3Options(BaseModel):
-    """Options of a ``source = "pop3"`` mailbox (the mailbox table's other keys)."""
+class Pop3Options(ConnectionSecurity):
+    """Options of a ``source = "pop3"`` mailbox (the mailbox table's other keys).
+
+    The connection-security keys (``security``, ``ca_file``, ``cert_sha256``,
+    ``tls_verify``, ``allow_plaintext_password``) come from
+    :class:`mailpipe.tls.ConnectionSecurity`, shared with the IMAP source.
+    """
 
     model_config = ConfigDict(extra="forbid", defer_build=True)
 
@@ -69,11 +75,6 @@ class Pop3Options(BaseModel):
         ge=1,
         le=65535,
         description="TCP port; default 995 for security = 'tls', 110 otherwise.",
-    )
-    security: Literal["tls", "starttls", "none"] = Field(
-        default="tls",
-        description="'tls': implicit TLS (RFC 8314); 'starttls': STLS required; "
-        "'none': plaintext (needs allow_plaintext_password to send a password).",
     )
     username: str = Field(description="Login name (also the OAuth user).")
     password: Secret | None = Field(
@@ -100,29 +101,6 @@ class Pop3Options(BaseModel):
         validate_default=True,
         description="OAuth 2 access token for XOAUTH2/OAUTHBEARER; a {command=[...]} "
         "secret runs again for every session (fresh token). Not with oauth.",
-    )
-    ca_file: Path | None = Field(
-        default=None, description="PEM file of CA certificates to trust instead of the "
-        "system store."
-    )
-    cert_sha256: str | None = Field(
-        default=None,
-        pattern=r"^([0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}$",
-        description="Pin: SHA-256 of the server certificate (hex, colons allowed); "
-        "checked in addition to normal verification.",
-    )
-    tls_verify: bool = Field(
-        strict=True,
-        default=True,
-        description="Verify the certificate and host name; false only for tests or "
-        "with a cert_sha256 pin.",
-    )
-    allow_plaintext_password: bool = Field(
-        strict=True,
-        default=False,
-        validate_default=True,
-        description="Allow credentials over a connection without TLS "
-        "(security = 'none'); off by default (RFC 2595 §2.3).",
     )
     connect_timeout: Duration = Field(
         default=30.0, gt=0, description="TCP connect timeout."
@@ -215,17 +193,6 @@ class Pop3Options(BaseModel):
             if _unset(info, "password"):
                 raise ValueError("set password or oauth_token (or an oauth table)")
         return token
-
-    @field_validator("allow_plaintext_password")
-    @classmethod
-    def _plaintext_needs_consent(cls, allow: bool, info: ValidationInfo) -> bool:
-        # RFC 2595 §2.3 / conformance S-01: no password in clear without explicit consent.
-        if info.data.get("security") == "none" and not allow:
-            raise ValueError(
-                "security = 'none' would send the password in clear text; use "
-                "'tls' or 'starttls', or set allow_plaintext_password = true"
-            )
-        return allow
 
     @property
     def effective_port(self) -> int:

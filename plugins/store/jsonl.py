@@ -7,9 +7,11 @@ compact, ``\\n``-terminated, ``"key"`` always first. ``exclude`` drops record fi
 
 Idempotency guarantee: before appending, under an exclusive ``flock`` on the active
 file, the key is looked up in the keys of the active file and of the newest rotated file
-(scanned when the processor opens and whenever another writer changed the file), plus
-every key this process wrote. A re-run of a message whose line sits in one of those
-files writes nothing. Rotation happens only when a new line is about to be appended,
+(scanned when the processor opens; whenever another writer appended, only its new
+lines are read, and when another writer rotated the file, the lines it added before
+rotating are read from the rotated file), plus every key this process wrote. A re-run
+of a message whose line sits in one of those files writes nothing, whichever process
+wrote it. Rotation happens only when a new line is about to be appended,
 after that lookup, so the line of the last committed message is always found after a
 crash; only a key older than one full rotation could be written twice.
 
@@ -199,6 +201,8 @@ class JsonlStore:
     def _refresh(self, fd: int) -> os.stat_result:
         """Bring the key set up to date with the file; truncate a torn last line."""
         st = os.fstat(fd)
+        if self._seen is not None and self._seen[0] != st.st_ino:
+            self._catch_up_rotated(*self._seen)
         if self._seen != (st.st_ino, st.st_size):
             start = 0
             if self._seen is not None and self._seen[0] == st.st_ino:
@@ -213,6 +217,17 @@ class JsonlStore:
                                 octets=st.st_size - cut)
                     st = os.fstat(fd)
         return st
+
+    def _catch_up_rotated(self, inode: int, seen: int) -> None:
+        """Read the lines another process appended to the file we last saw (inode
+        ``inode``, ``seen`` octets) before it rotated it away."""
+        try:
+            for path in self.path.parent.glob(self._rotated_glob()):
+                if path.stat().st_ino == inode:
+                    self._keys |= scan_keys(path, seen)
+                    return
+        except OSError:
+            return
 
     def process(self, message: Message) -> None:
         """Append the message's line unless its key is already stored."""

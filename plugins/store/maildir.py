@@ -8,11 +8,20 @@ with the message key in place of the host name, and the Maildir++ ``S=`` size hi
 The time prefix matters: Dovecot numbers new messages in file-name time order, so
 readers see arrival order. A reader that moves the file to ``cur/`` appends
 ``:2,<flags>``; the key stays in the name, so a re-run still recognises it.
+
+Across processes (several workers, a worker that takes over a dead one's mailbox), each
+key has a marker ``mailpipe-keys/<key>`` beside cur/new/tmp: a small file, ``flock``-ed
+by the writer from before the message is named in new/ until after, holding the name the
+message was given. A key is stored when its marker names a file present in new/ (or, once
+a reader moved it, in cur/). The lookup is O(1) (open, lock, read one name, stat one
+file); cur/ is listed only when a marker names a file that left new/. The directory has
+no leading dot, so Maildir++ readers (Dovecot) do not take it for a folder.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import threading
@@ -26,6 +35,7 @@ from typing import ClassVar
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mailpipe.errors import TemporaryFailure
 from mailpipe.message import Message
 from mailpipe.processor import ProcessorContext
 from mailpipe.units import Duration
@@ -34,6 +44,8 @@ from ._fs import classify_os_error, fsync_dir, make_dirs, write_all, write_fsync
 
 log = structlog.get_logger()
 
+#: The per-key markers' directory, beside cur/, new/ and tmp/ (see the module doc).
+MARKERS = "mailpipe-keys"
 _OURS = re.compile(r"^\d+\.M\d+P\d+\.([0-9a-f]{32})\.mailpipe,")
 _LAST_STAMP = [0]
 _STAMP_LOCK = threading.Lock()
@@ -122,9 +134,13 @@ class MaildirStore:
     ``tmp/<name>``), are fsynced, then linked (renamed) into ``new/``, by writer threads
     with group commit; ``new/`` is fsynced at ``flush()`` (group commit, the default; the engine flushes
     before any DELE) or, with ``group_commit = false``, before ``process`` returns. Idempotent by
-    ``message.key``: ``new/`` and ``cur/`` are listed on open (or on the first
-    message), then every delivery is tracked; a key found there is not written again.
-    This relies on one writer per mailbox key (the scheduler's mailbox lock). A file
+    ``message.key``, across processes: keys found in ``new/`` and ``cur/`` when the
+    store opens and keys this instance delivered are known stored; any other key is
+    looked up in its marker (``mailpipe-keys/<key>``, see the module doc) under an
+    exclusive ``flock`` held until the message is in new/, so a key another process
+    delivered, or is delivering, is never written twice. A marker still locked after
+    ``CLAIM_TIMEOUT`` (its writer is stopped) is a TemporaryFailure: the message stays
+    on the server and is retried. A file
     left in ``tmp/`` by a crash is never moved to ``new/``; ``open`` removes it once
     ``tmp_max_age`` old.
     """
@@ -183,7 +199,7 @@ class MaildirStore:
     def _prepare(self) -> set[str]:
         if self._keys is not None:
             return self._keys
-        for sub in ("cur", "new", "tmp"):
+        for sub in ("cur", "new", "tmp", MARKERS):
             make_dirs(self.path / sub)
         if self.options.folder:
             marker = self.path / "maildirfolder"
@@ -252,6 +268,8 @@ class MaildirStore:
     #: Write in-memory messages as unnamed files linked into new/ (O_TMPFILE) where
     #: the system allows it; else through a named file in tmp/.
     TMPFILE: ClassVar[bool] = True
+    #: How long process() waits for another process's lock on a key's marker.
+    CLAIM_TIMEOUT: ClassVar[float] = 5.0
     #: Writer threads: file creation and fsync wait in the kernel, and several
     #: writers overlap those waits (names are taken in arrival order at submit).
     WRITERS: ClassVar[int] = 8
@@ -286,21 +304,83 @@ class MaildirStore:
         if key in keys:
             log.info("store_already_committed", store=self.name, key=key)
             return
+        marker = self._claim(key)
+        if marker is None:
+            log.info("store_already_committed", store=self.name, key=key)
+            keys.add(key)
+            return
         name = file_name(key, message.size)
         behind = self.options.group_commit and key not in self._inline
-        if behind and message.data is not None:
-            self._submit(key, name, message.data)
-        elif behind and message.spool_path is not None and self._link(message, name):
-            self._submit(key, name, None)  # zero-copy: the spool file itself
-        else:
-            size = self._write(name, _chunks(message))
-            self._inline.discard(key)
-            if not self.options.group_commit:
-                fsync_dir(self.path / "new")
-            log.debug("message_stored", store=self.name, key=key, octets=size)
+        try:
+            if behind and message.data is not None:
+                self._submit(key, name, message.data, marker)
+            elif behind and message.spool_path is not None and self._link(message, name):
+                self._submit(key, name, None, marker)  # zero-copy: the spool file
+            else:
+                owned, marker = marker, None  # _write_marked closes it
+                size = self._write_marked(name, _chunks(message), owned)
+                self._inline.discard(key)
+                if not self.options.group_commit:
+                    fsync_dir(self.path / "new")
+                log.debug("message_stored", store=self.name, key=key, octets=size)
+            marker = None  # the writer thread closes it
+        finally:
+            if marker is not None:
+                os.close(marker)
         if self.options.group_commit:
             self._unsynced = True  # durable at flush(), which precedes any DELE
         keys.add(key)
+
+    def _claim(self, key: str) -> int | None:
+        """Lock the key's marker; None (the marker closed) when another process or
+        an earlier run stored the key, else the locked marker's fd for the write."""
+        fd = os.open(self.path / MARKERS / key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o644)
+        try:
+            deadline = time.monotonic() + self.CLAIM_TIMEOUT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TemporaryFailure(
+                            f"{self.name}: key {key} is being delivered by another "
+                            "process (its marker stays locked)"
+                        ) from None
+                    time.sleep(0.02)
+            name = os.pread(fd, 512, 0).decode("ascii", "replace")
+            if name and self._present(name):
+                os.close(fd)
+                return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _present(self, name: str) -> bool:
+        """Whether the file named ``name`` is in new/ or, moved by a reader, in cur/."""
+        if os.path.lexists(self.path / "new" / name):
+            return True
+        for entry in os.scandir(self.path / "cur"):  # only when it left new/
+            if entry.name == name or entry.name.startswith(name + ":"):
+                return True
+        return False
+
+    def _write_marked(
+        self, name: str, chunks: Iterator[bytes] | list[bytes] | None, marker: int
+    ) -> int:
+        """Record ``name`` in the locked marker, write the message (``_write``), then
+        release the marker. The name is recorded before the file appears in new/, so
+        a marker naming a missing file is a write that never completed (re-done).
+        Neither needs an fsync: a file that reached new/ without its marker after a
+        power loss is found by the listing every process makes when it opens."""
+        try:
+            os.ftruncate(marker, 0)
+            os.pwrite(marker, name.encode("ascii"), 0)
+            return self._write(name, chunks)
+        finally:
+            os.close(marker)  # releases the flock
 
     def _link(self, message: Message, name: str) -> bool:
         """Hard-link a spooled message into tmp/ (no copy); False when the spool is on
@@ -389,9 +469,9 @@ class MaildirStore:
                 )
             return self._tmp_dir_fd
 
-    def _submit(self, key: str, name: str, data: bytes | None) -> None:
-        """Hand one message (its bytes, or None for a file linked into tmp/) to the
-        writer threads (bounded; see MAX_*)."""
+    def _submit(self, key: str, name: str, data: bytes | None, marker: int) -> None:
+        """Hand one message (its bytes, or None for a file linked into tmp/) and its
+        locked marker to the writer threads (bounded; see MAX_*)."""
         held = len(data) if data is not None else 0
         self._settle(self.MAX_WRITES - 1, self.MAX_HELD - held)
         if self._writer is None:
@@ -399,7 +479,8 @@ class MaildirStore:
                 self.WRITERS, thread_name_prefix="maildir-writer"
             )
         chunks = [data] if data is not None else None
-        self._writes.append((key, held, self._writer.submit(self._write, name, chunks)))
+        write = self._writer.submit(self._write_marked, name, chunks, marker)
+        self._writes.append((key, held, write))
         self._held += held
 
 

@@ -12,9 +12,10 @@ Each entry is written as::
 to its final ``\\n``, the blank separator excluded). mboxrd quoting is reversible:
 :func:`unquote` removes one ``>`` from each ``^>+From `` line.
 
-Idempotency guarantee: under both locks, before appending, the keys of the file are
-looked up (the file is scanned on first use and again whenever another program changed
-it since our last append). An entry counts as stored when its ``X-Mailpipe-Key`` line is
+Idempotency guarantee, across processes: under both locks, before appending, the keys
+of the file are looked up (the file is scanned on first use; when another process has
+appended since our last look, only what it appended is read, and the whole file again
+when it was rewritten or shrank). An entry counts as stored when its ``X-Mailpipe-Key`` line is
 present and, for the last entry of the file, when it is complete (``n`` octets follow).
 A re-run of a message whose entry is stored appends nothing. An incomplete last entry
 left by a crash is cut off when it is a prefix of what the re-run would write (it can
@@ -103,12 +104,14 @@ class _Entry:
     header_end: int = 0  # offset just after the X-Mailpipe-Octets line
 
 
-def scan(path: Path) -> tuple[list[_Entry], int]:
-    """Return the entries of the mbox at ``path`` and its size."""
+def scan(path: Path, start: int = 0) -> tuple[list[_Entry], int]:
+    """Return the entries of the mbox at ``path`` from offset ``start`` (an entry's
+    first octet, or the end of the file) and the file's size."""
     entries: list[_Entry] = []
-    offset = 0
+    offset = start
     in_headers = False
     with path.open("rb") as f:
+        f.seek(start)
         for line in f:
             if line.startswith(b"From "):
                 entries.append(_Entry(start=offset))
@@ -146,6 +149,27 @@ def read_entries(path: Path) -> Iterator[tuple[str | None, bytes]]:
         yield key, unquote(chunk)
 
 
+def _dead_holder(lock: Path) -> bool:
+    """Whether ``lock`` names a process of this host that no longer exists (a worker
+    killed while holding it). Only called with the fcntl lock held, so the holder is
+    not a live mailpipe writer; a lock without a readable pid is never judged dead."""
+    try:
+        lines = lock.read_text("ascii").split()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if not lines or not lines[0].isdigit():
+        return False
+    if len(lines) > 1 and lines[1] != socket.gethostname():
+        return False  # another host's process: its liveness is unknown here
+    try:
+        os.kill(int(lines[0]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        return False
+    return False
+
+
 def _separator(tail: bytes) -> bytes:
     """What to write before a From_ line after ``tail`` (the file's last 2 octets)."""
     # mbox: a From_ line starts a line and follows a blank line.
@@ -170,7 +194,9 @@ class MboxOptions(BaseModel):
         default=True, description="Also take <path>.lock, as mail readers expect."
     )
     stale_dotlock: Duration = Field(
-        default=600.0, description="Remove a dot-lock older than this (its owner died)."
+        default=600.0,
+        description="Remove a dot-lock older than this (its owner died). A dot-lock "
+        "naming a process of this host that no longer exists is removed at once.",
     )
 
 
@@ -249,11 +275,16 @@ class MboxStore:
             f"{secrets.token_hex(4)}"
         )
         try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EROFS):
                 return None  # no write access to the folder: fcntl alone protects us
             raise
+        try:
+            # The holder, as liblockfile writes it (its pid), plus our host name.
+            os.write(fd, f"{os.getpid()}\n{socket.gethostname()}\n".encode())
+        finally:
+            os.close(fd)
         try:
             while True:
                 try:
@@ -264,8 +295,10 @@ class MboxStore:
                         age = time.time() - os.stat(lock).st_mtime
                     except FileNotFoundError:
                         continue
-                    if age > self.options.stale_dotlock:
-                        log.warning("mbox_stale_dotlock_removed", path=str(lock))
+                    dead = _dead_holder(lock)
+                    if dead or age > self.options.stale_dotlock:
+                        log.warning("mbox_stale_dotlock_removed", path=str(lock),
+                                    reason="holder dead" if dead else "too old")
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(lock)
                         continue
@@ -280,19 +313,34 @@ class MboxStore:
     # -- appending -------------------------------------------------------------------
     def _refresh(self, fd: int) -> os.stat_result:
         st = os.fstat(fd)
-        if self._seen != (st.st_ino, st.st_size, st.st_mtime_ns):
-            entries, size = scan(self.path)
+        if self._seen == (st.st_ino, st.st_size, st.st_mtime_ns):
+            return st
+        # Another process appended since our last look: read only what it added when
+        # the file grew from an entry boundary we saw (an O(appended) catch-up, not a
+        # rescan per message); anything else (a reader rewrote or shrank it, a torn
+        # last entry) is read whole again.
+        start = 0
+        if (
+            self._seen is not None
+            and self._last is None
+            and self._seen[0] == st.st_ino
+            and st.st_size >= self._seen[1]
+            and os.pread(fd, 5, self._seen[1]) in (b"From ", b"")
+        ):
+            start = self._seen[1]
+        entries, size = scan(self.path, start)
+        if start == 0:
             self._keys = set()
-            self._last = None
-            for i, e in enumerate(entries):
-                if e.key is None:
-                    continue
-                last = i == len(entries) - 1
-                end = e.header_end + (e.octets or 0) + 1
-                if last and e.octets is not None and end > size:
-                    self._last = e  # torn: not stored
-                    continue
-                self._keys.add(e.key)
+        self._last = None
+        for i, e in enumerate(entries):
+            if e.key is None:
+                continue
+            last = i == len(entries) - 1
+            end = e.header_end + (e.octets or 0) + 1
+            if last and e.octets is not None and end > size:
+                self._last = e  # torn: not stored
+                continue
+            self._keys.add(e.key)
         return st
 
     def _append(self, key: str, from_line: bytes, rest: bytes) -> None:

@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel, BeforeValidator, PlainValidator
 from pydantic.types import Strict
 
-from mailpipe.config import load_config
+from mailpipe.app import load_config
 from mailpipe.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(120)
@@ -336,3 +336,29 @@ def test_a_forwarder_timeout_of_zero_is_refused(tmp_path: Path, step: str) -> No
     written = step.rsplit("timeout = ", 1)[1].rstrip(" }")
     expected = f"processors[0].timeout: Input should be greater than 0 (got {written})"
     assert expected in str(info.value)
+
+
+def test_a_wrongly_shaped_acknowledgement_is_one_problem_naming_what_is_accepted(
+    tmp_path,
+) -> None:
+    import pytest
+
+    from mailpipe.validation import validate_config
+    from mailpipe.errors import ConfigError
+    from mailpipe.plugin_manager import load
+
+    data = {
+        "mailboxes": [{"name": "a", "host": "h", "username": "u", "password": "p",
+                       "acknowledge": "keep", "on_quarantine": {"copy": "x"}}],
+        "pipelines": {"default": {"processors": [{"use": "parse"}]}},
+    }
+    with pytest.raises(ConfigError) as caught:
+        validate_config(data, path=tmp_path / "p.toml", registry=load(entry_points=False)[1])
+    lines = str(caught.value).splitlines()[1:]
+    assert len(lines) == 2, lines
+    lines = [line.strip() for line in lines]
+    assert any(line.startswith('mailboxes[0].acknowledge: expected "delete", '
+                               '{ move = "Folder" }, { flag = "$Flag" } (got "keep")')
+               for line in lines), lines
+    assert any(line.startswith('mailboxes[0].on_quarantine: expected "delete", "keep", '
+                               '{ move = "Folder" }') for line in lines), lines

@@ -250,3 +250,39 @@ def test_a_message_that_killed_the_process_is_charged_and_announced(journal, tmp
     assert journal.get_many("box", ["u1"])["u1"].attempts == 1
     assert [(h["uid"], h["processor"], h["error"], h["attempts"]) for h in heard] == [
         ("u1", "(process died)", CRASH_ERROR, 1)]
+
+
+async def test_each_outcome_gets_its_own_acknowledgement(journal, tmp_path):
+    # MP-04: `acknowledge` is for processed mail; a quarantined message follows
+    # `on_quarantine`, and an oversize "delete" deletes (unread), whatever the rest.
+    from mailpipe.message import Message
+
+    ledger = make(journal, tmp_path, acknowledge={"move": "Processed"},
+                  on_quarantine={"move": "Errors"})
+    for n in (1, 2):
+        ledger.begin(ref(n))
+    ledger.oversize_deleted(ref(3))
+    bad = Message(ref=ref(2), data=b"Subject: x\r\n\r\nbody\r\n")
+    quarantined = Outcome(ref(2), None, Status.QUARANTINED, "quarantine", "rule",
+                          ledger.quarantined(bad, reason="rule", attempts=0, error=""),
+                          bad.sha256)
+    await ledger.commit_group(Chain(), [done(1), quarantined], SessionFacts())
+    session = Session()
+    await ledger.acknowledge(session)
+    assert sorted(session.acked, key=lambda a: a[0]) == [
+        (["u1"], Ack(AckKind.MOVE, "Processed")),
+        (["u2"], Ack(AckKind.MOVE, "Errors")),
+        (["u3"], Ack(AckKind.DELETE)),
+    ]
+    await ledger.commit(session)
+    # Owed again from the journal (a crash before the commit's journal write): the
+    # same acknowledgement per outcome.
+    journal.finish("box", "u1", status=Status.COMMITTED, disposition="done",
+                   sha256=None, reason="", delete_due=True)
+    journal.finish("box", "u2", status=Status.QUARANTINED, disposition="quarantine",
+                   sha256=None, reason="", delete_due=True)
+    ledger.owe_settled([ref(1), ref(2)])
+    again = Session()
+    await ledger.acknowledge(again)
+    assert sorted(again.acked, key=lambda a: a[0]) == [
+        (["u1"], Ack(AckKind.MOVE, "Processed")), (["u2"], Ack(AckKind.MOVE, "Errors"))]

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from mailpipe.cli import cli
-from mailpipe.config import validate_config
 from mailpipe.plugin_manager import load
 from mailpipe.reference import END, START, render
+from mailpipe.validation import validate_config
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -77,6 +77,7 @@ def test_readme_toml_snippets_parse_and_validate(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("SUPPORT_POP3_PASSWORD", "x" * 8)
+    monkeypatch.setenv("SUPPORT_IMAP_PASSWORD", "x" * 8)
     monkeypatch.setenv("MAILPIPE_OAUTH_KEY", "k" * 8)  # cache_key of the OAuth examples
     _, registry = load(entry_points=False)
     snippets = blocks("toml")

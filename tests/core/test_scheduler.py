@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import random
 from pathlib import Path
 
 import pytest
 
-from mailpipe.config import SchedulerConfig, validate_config
+from mailpipe.config import SchedulerConfig
 from mailpipe.errors import (
     AuthenticationError,
     SourceBusyError,
@@ -19,7 +21,9 @@ from mailpipe.journal.sqlite import SqliteJournal
 from mailpipe.plugin_manager import Hooks, get_plugin_manager
 from mailpipe.registry import Registry
 from mailpipe.scheduler import Scheduler, next_delay
+from mailpipe.source import facts_of
 from mailpipe.testing.fakes import FakeSource
+from mailpipe.validation import validate_config
 
 SCHED = SchedulerConfig(backoff_initial=5, backoff_max=100, backoff_auth=3600)
 
@@ -140,3 +144,82 @@ async def test_stop_ends_run_forever(tmp_path: Path) -> None:
     summaries = await asyncio.wait_for(task, 10)
     journal.close()
     assert len(summaries) >= 2 and task.done()
+
+
+class _PushFake(FakeSource):
+    """A push-capable fake whose wait_for_mail answers at once with ``answer``."""
+
+    answer = False
+    waits = 0
+
+    @contextlib.asynccontextmanager
+    async def session(self):  # type: ignore[no-untyped-def,override]
+        async with super().session() as opened:
+            opened.facts = dataclasses.replace(facts_of(opened), can_push=True)
+            yield opened
+
+    async def wait_for_mail(self, timeout: float) -> bool:
+        type(self).waits += 1
+        await asyncio.sleep(0)
+        return self.answer
+
+
+@pytest.mark.parametrize("answer", [False, True])
+async def test_a_push_source_that_answers_at_once_cannot_spin(
+    tmp_path: Path, answer: bool
+) -> None:
+    # A wait_for_mail that returns early without mail (False), or that claims new mail
+    # every time (True) while nothing new arrives, must not turn a 60 s poll interval
+    # into a tight loop: the timer decides the next poll.
+    FakeSource.boxes.clear()
+    _PushFake.answer, _PushFake.waits = answer, 0
+    registry = Registry()
+    registry.add("source", _PushFake, "test")
+    config = validate_config(
+        {"mailboxes": [{"name": "p", "source": "fake", "poll_interval": 60}],
+         "pipelines": {"default": {"processors": []}}},
+        path=tmp_path / "p.toml", registry=registry,
+    )
+    journal = SqliteJournal(tmp_path / "j.sqlite3")
+    scheduler = Scheduler(
+        config, journal=journal, hooks=Hooks(get_plugin_manager(entry_points=False))
+    )
+    task = asyncio.create_task(scheduler.run())
+    await asyncio.sleep(0.5)  # a spinning scheduler polls thousands of times here
+    scheduler.request_stop()
+    summaries = await asyncio.wait_for(task, 10)
+    journal.close()
+    # False: one poll, then the interval. True: one wake-up poll that found nothing,
+    # then the interval.
+    assert len(summaries) == (2 if answer else 1)
+    assert _PushFake.waits == 1
+
+
+async def test_a_push_source_waits_only_while_its_sessions_can_push(tmp_path: Path) -> None:
+    # SessionFacts.can_push is what enables the push wait (IMAP: the server has IDLE).
+    FakeSource.boxes.clear()
+
+    class NoPush(_PushFake):
+        @contextlib.asynccontextmanager
+        async def session(self):  # type: ignore[no-untyped-def,override]
+            async with FakeSource.session(self) as opened:
+                yield opened  # facts: can_push False
+
+    NoPush.answer, NoPush.waits = True, 0
+    registry = Registry()
+    registry.add("source", NoPush, "test")
+    config = validate_config(
+        {"mailboxes": [{"name": "p", "source": "fake", "poll_interval": 60}],
+         "pipelines": {"default": {"processors": []}}},
+        path=tmp_path / "p.toml", registry=registry,
+    )
+    journal = SqliteJournal(tmp_path / "j.sqlite3")
+    scheduler = Scheduler(
+        config, journal=journal, hooks=Hooks(get_plugin_manager(entry_points=False))
+    )
+    task = asyncio.create_task(scheduler.run())
+    await asyncio.sleep(0.3)
+    scheduler.request_stop()
+    summaries = await asyncio.wait_for(task, 10)
+    journal.close()
+    assert len(summaries) == 1 and NoPush.waits == 0

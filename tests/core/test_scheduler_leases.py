@@ -14,13 +14,14 @@ import pytest
 
 from mailpipe.app import App, open_app
 from mailpipe.chain import Chain
-from mailpipe.engine import LeaseLostError, MailboxRunner
+from mailpipe.engine import MailboxRunner
 from mailpipe.journal import JournalError
 from mailpipe.journal.base import Status
 from mailpipe.journal.postgres import PostgresJournal
+from mailpipe.leases import LeaseLostError, MailboxLease, lease_retry_delay
 from mailpipe.plugin_manager import Hooks
 from mailpipe.quarantine import Quarantine
-from mailpipe.scheduler import MailboxLease, Scheduler, lease_retry_delay
+from mailpipe.scheduler import Scheduler
 from mailpipe.testing.faults import Faults
 from mailpipe.testing.server import Pop3Server
 

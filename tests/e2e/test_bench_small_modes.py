@@ -29,6 +29,14 @@ def test_store_throughput_small() -> None:
     assert all(r[-3] == "200" for r in rows), out  # every store wrote every message
 
 
+def test_cross_process_stores_small() -> None:
+    out = run("bench/cross_process_stores.py", "--small", "--before", "")
+    rows = [line.split("|")[1:-1] for line in out.splitlines()
+            if line.startswith("| store.")]
+    assert len(rows) == 9, out  # 3 stores x (write, recheck, alternate)
+    assert all(r[-1].strip() == "0" for r in rows), out  # no key stored twice
+
+
 def test_parse_corpus_small() -> None:
     if not CORPUS.is_dir():
         if os.environ.get("CI"):
@@ -46,3 +54,18 @@ def test_pop3_retrieval_small() -> None:
     out = run("bench/pop3_retrieval.py", "--small")
     rows = [line for line in out.splitlines() if line.startswith("| ") and "mailpipe" in line]
     assert rows and all(line.rstrip().endswith("OK |") for line in rows), out
+
+
+def test_imap_retrieval_small() -> None:
+    from mailpipe.testing.dovecot import dovecot_unavailable_reason
+
+    reason = dovecot_unavailable_reason(imap=True)
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    out = run("bench/imap_retrieval.py", "--small")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "mailpipe" in line]
+    assert len(rows) == 6 and all(line.rstrip().endswith("OK |") for line in rows), out
+    if os.environ.get("CI"):
+        assert any("| mbsync |" in line for line in out.splitlines()), out  # isync in CI

@@ -1,8 +1,9 @@
 """Delivery proof 8a: `mailpipe run --once` SIGKILLed at random instants, then run to the
 end against a real Dovecot: every message stored exactly once (by key), none missing, the
-mailbox empty.
+mailbox empty. Run once over POP3 and once over IMAP (issue 14's proof: the same
+Maildir served by Dovecot imapd, acknowledged by UID STORE + UID EXPUNGE).
 
-Each run is killed a random 0.05 to 1.5 s after its POP3 session opened (the CLI takes
+Each run is killed a random 0.05 to 1.5 s after its session opened (the CLI takes
 seconds to import, so an instant counted from the spawn would mostly hit start-up).
 The seed is printed; set ``MAILPIPE_E2E_SEED`` to replay a sequence. When the mailbox
 drains before enough kills happened (a fast machine), fresh messages are delivered so
@@ -49,9 +50,14 @@ LOW = 60
 MAX_RUNS = 80  # bound: runs that end on their own (nothing left) do not count as kills
 
 
+@pytest.mark.parametrize("source", ["pop3", "imap"])
 def test_sigkill_at_random_instants_stores_every_message_exactly_once(
-    dovecot: Dovecot, tmp_path: Path
+    request: pytest.FixtureRequest, source: str, tmp_path: Path
 ) -> None:
+    dovecot: Dovecot = request.getfixturevalue(
+        "dovecot_imap" if source == "imap" else "dovecot"
+    )
+    over_imap = {"source": "imap", "port": dovecot.imap_port} if source == "imap" else {}
     seed = int(
         os.environ.get("MAILPIPE_E2E_SEED") or random.SystemRandom().getrandbits(32)
     )
@@ -74,7 +80,7 @@ def test_sigkill_at_random_instants_stores_every_message_exactly_once(
         dovecot=dovecot,
         user=user,
         processors=[*store_steps(out), key_log_step(keylog)],
-        mailbox={"commit_window": 20},
+        mailbox={"commit_window": 20, **over_imap},
     )
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -92,7 +98,7 @@ def test_sigkill_at_random_instants_stores_every_message_exactly_once(
             proc = start_mailpipe(config, "run", "{config}", "--once", log=log)
             try:
                 opened = wait_for_log(
-                    proc, log_path, b"pop3_session_opened", timeout=120
+                    proc, log_path, f"{source}_session_opened".encode(), timeout=120
                 )
                 assert opened, f"run {run} opened no session:\n{log_path.read_text()}"
                 delay = rng.uniform(0.05, 1.5)

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import sqlite3
-import subprocess
 import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
@@ -37,11 +35,13 @@ from mailpipe.journal.base import Status
 from mailpipe.journal.postgres import PostgresJournal
 from mailpipe.testing.dovecot import Dovecot, DovecotUser
 from mailpipe.testing.e2e import (
+    Workers,
     delivery_message,
+    e2e_seed,
+    key_log_step,
     log_events,
-    start_mailpipe,
-    toml_value,
     wait_until,
+    write_workers_config,
 )
 
 pytestmark = [
@@ -83,106 +83,26 @@ def write_config(
     keylog: Path,
 ) -> Path:
     """A pipeline.toml with one [[mailboxes]] table per user, shared by every worker."""
-    script = 'cat >/dev/null && printf "%s %s\\n" "$MAILPIPE_KEY" "$PPID" >> "$1"'
     steps: list[dict[str, Any]] = [
         {"use": "store.sqlite", "path": str(store), "raw": "none"},
-        {
-            "use": "forward.command",
-            "command": ["sh", "-c", script, "key-log", str(keylog)],
-        },
+        key_log_step(keylog, pid=True),
     ]
-    lines = [
-        "# Written by tests/e2e/test_many_workers.py",
-        "[state]",
-        f"path = {toml_value(f'{PG_DSN}?schema={schema}')}",
-        "[quarantine]",
-        'dir = "var/quarantine"',
-        "[scheduler]",
-        "concurrency = 10",
-        f"lease_ttl = {LEASE_TTL}",
-        "backoff_initial = 0.5",
-        "backoff_max = 2.0",
-    ]
-    for user in users:
-        table = {
-            "name": user.name,
-            "host": dovecot.host,
-            "port": dovecot.pop3_port,
-            "security": "none",
-            "allow_plaintext_password": True,
-            "username": user.name,
-            "password": user.password,
-            "poll_interval": 4.0,
-            "jitter": 0.3,
-            "read_timeout": 30.0,
-        }
-        lines += [
-            "[[mailboxes]]",
-            *(f"{k} = {toml_value(v)}" for k, v in table.items()),
-        ]
-    lines += [
-        "[pipelines.default]",
-        "processors = [",
-        *(f"  {toml_value(s)}," for s in steps),
-        "]",
-    ]
-    path = directory / "pipeline.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-class Workers:
-    """The worker processes: start, SIGKILL, SIGTERM; remembers every pid killed."""
-
-    def __init__(self, config: Path, logs: Path) -> None:
-        self.config = config
-        self.logs = logs
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.killed: set[int] = set()
-        self._files: list[IO[bytes]] = []
-
-    def start(self) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"worker-{len(self._files)}.log").open("wb")
-        self._files.append(log)
-        proc = start_mailpipe(self.config, "run", "{config}", log=log)
-        self.procs.append(proc)
-        return proc
-
-    def alive(self) -> list[subprocess.Popen[bytes]]:
-        return [p for p in self.procs if p.poll() is None]
-
-    def kill(self, proc: subprocess.Popen[bytes]) -> None:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        self.killed.add(proc.pid)
-
-    def terminate_all(self) -> dict[int, int]:
-        """SIGTERM every live worker; return pid -> exit code."""
-        live = self.alive()
-        for p in live:
-            p.send_signal(signal.SIGTERM)
-        return {p.pid: p.wait(timeout=60) for p in live}
-
-    def close(self) -> None:
-        for p in self.alive():
-            p.kill()
-            p.wait(timeout=30)
-        for f in self._files:
-            f.close()
-
-    def log_text(self) -> str:
-        return "".join(
-            p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log"))
-        )
+    return write_workers_config(
+        directory,
+        dovecot=dovecot,
+        users=users,
+        journal=f"{PG_DSN}?schema={schema}",
+        processors=steps,
+        scheduler={"concurrency": 10, "lease_ttl": LEASE_TTL,
+                   "backoff_initial": 0.5, "backoff_max": 2.0},
+        mailbox={"poll_interval": 4.0, "jitter": 0.3, "read_timeout": 30.0},
+    )
 
 
 def test_four_workers_killed_and_restarted_process_every_message_once(
     dovecot: Dovecot, tmp_path: Path, pg_schema: str
 ) -> None:
-    seed = int(
-        os.environ.get("MAILPIPE_E2E_SEED") or random.SystemRandom().getrandbits(32)
-    )
-    print(f"\nseed={seed} (MAILPIPE_E2E_SEED to replay)")
+    seed = e2e_seed()
     rng = random.Random(seed)
     run = uuid.uuid4().hex[:6]
     users = [dovecot.add_user(f"mw{run}u{i:03d}") for i in range(USERS)]

@@ -27,6 +27,7 @@ import pytest
 from mailpipe import message_key
 from mailpipe.journal import (
     Entry,
+    FencedError,
     Journal,
     SchemaVersionError,
     Status,
@@ -554,7 +555,7 @@ def test_schema_is_versioned_and_a_newer_schema_is_refused(
     backend: Backend,
 ) -> None:
     journal = backend.open()
-    assert journal.schema_version() == 3  # type: ignore[attr-defined]
+    assert journal.schema_version() == 4  # type: ignore[attr-defined]
     journal.close()
     backend.open().close()  # reopening migrates nothing and keeps the version
     table = "schema_version" if backend.kind == "sqlite" else "mailpipe_schema_version"
@@ -658,7 +659,7 @@ def test_migration_from_version_1_keeps_the_entries(
         begin(old, "u1", size=5)
         old.close()
     journal = backend.open()
-    assert journal.schema_version() == len(module.MIGRATIONS) == 3  # type: ignore[attr-defined]
+    assert journal.schema_version() == len(module.MIGRATIONS) == 4  # type: ignore[attr-defined]
     assert journal.get_many(MB, ["u1"])["u1"].size == 5
     journal.record_poll(MB, owner="w1", backlog=1)
     assert journal.polls()[MB].backlog == 1
@@ -710,6 +711,74 @@ def test_close_releases_the_mailbox_locks(backend: Backend) -> None:
     assert not two.lock_mailbox(MB, owner="w2", ttl=30)
     one.close()
     assert two.lock_mailbox(MB, owner="w2", ttl=30)
+
+
+def test_every_take_of_a_lease_raises_its_epoch(backend: Backend) -> None:
+    one, two = backend.open(), backend.open()
+    assert one.fence(MB, owner="w1") is None
+    assert one.lock_mailbox(MB, owner="w1", ttl=30)
+    first = one.fence(MB, owner="w1")
+    assert first is not None and (first.mailbox, first.owner) == (MB, "w1")
+    assert one.fence(MB, owner="w2") is None and two.fence(MB, owner="w1") is None
+    one.unlock_mailbox(MB, owner="w1")
+    assert one.fence(MB, owner="w1") is None
+    assert two.lock_mailbox(MB, owner="w2", ttl=30)
+    second = two.fence(MB, owner="w2")
+    two.unlock_mailbox(MB, owner="w2")
+    assert one.lock_mailbox(MB, owner="w1", ttl=30)  # the same owner again
+    third = one.fence(MB, owner="w1")
+    assert second is not None and third is not None
+    assert first.epoch < second.epoch < third.epoch  # never reused
+
+
+def test_a_fenced_batch_commits_while_the_lease_is_held(backend: Backend) -> None:
+    journal = backend.open()
+    assert journal.lock_mailbox(MB, owner="w1", ttl=30)
+    fence = journal.fence(MB, owner="w1")
+    assert fence is not None
+    journal.check_fence(fence)
+    with journal.batch(fence=fence):
+        begin(journal, "u1")
+        journal.finish(MB, "u1", status=Status.COMMITTED, disposition="delete",
+                       sha256=None, delete_due=True, fence=fence)
+    journal.mark_deleted(MB, ["u1"], fence=fence)
+    assert journal.get_many(MB, ["u1"])["u1"].status is Status.DELETED
+
+
+def test_a_stale_fence_refuses_every_fenced_write(backend: Backend) -> None:
+    """Issue 16.2: a worker whose lease was taken over can neither commit its batch
+    nor settle its owed deletions; what it wrote in the batch is rolled back."""
+    paused, owner = backend.open(), backend.open()
+    assert paused.lock_mailbox(MB, owner="paused", ttl=30)
+    stale = paused.fence(MB, owner="paused")
+    assert stale is not None
+    begin(paused, "u0")
+    paused.finish(MB, "u0", status=Status.COMMITTED, disposition="delete", sha256=None,
+                  delete_due=True)
+    # The take-over: a released lease stands for an expired one (flocks cannot expire).
+    paused.unlock_mailbox(MB, owner="paused")
+    assert owner.lock_mailbox(MB, owner="owner", ttl=30)
+    with pytest.raises(FencedError, match="moved on"):
+        paused.check_fence(stale)
+    with pytest.raises(FencedError), paused.batch(fence=stale):
+        begin(paused, "u1")
+        paused.finish(MB, "u1", status=Status.COMMITTED, disposition="delete",
+                      sha256=None, delete_due=True)
+    assert "u1" not in owner.get_many(MB, ["u1"])  # rolled back
+    with pytest.raises(FencedError):
+        paused.finish(MB, "u0", status=Status.KEPT, disposition="keep", sha256=None,
+                      delete_due=False, fence=stale)
+    with pytest.raises(FencedError):
+        paused.mark_deleted(MB, ["u0"], fence=stale)
+    entry = owner.get_many(MB, ["u0"])["u0"]
+    assert (entry.status, entry.delete_due) == (Status.COMMITTED, True)
+    fresh = owner.fence(MB, owner="owner")
+    assert fresh is not None
+    with owner.batch(fence=fresh):
+        owner.finish(MB, "u0", status=Status.COMMITTED, disposition="delete",
+                     sha256=None, delete_due=True)
+    owner.mark_deleted(MB, ["u0"], fence=fresh)
+    assert owner.get_many(MB, ["u0"])["u0"].status is Status.DELETED
 
 
 # flock locks (SQLite) do not expire: the OS releases them when their process dies.

@@ -93,7 +93,7 @@ def test_status_shows_the_provider_error_code(
     assert CliRunner().invoke(cli, ["auth", "login", str(path), "inbox"]).exit_code == 0
     auth_server.fail_next("invalid_grant")
     # The worker's next refresh fails (forced: the token is marked stale).
-    from mailpipe.config import load_config
+    from mailpipe.app import load_config
     from mailpipe.oauth.broker import TokenBroker
     from mailpipe.oauth.cache import TokenCache
     from mailpipe.oauth.sealing import Sealer

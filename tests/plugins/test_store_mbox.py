@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mailbox
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -151,6 +152,27 @@ def test_a_held_dotlock_is_waited_for_then_a_temporary_failure(tmp_path: Path) -
     os.utime(lock, (old, old))  # its owner died long ago
     s.process(Message.from_bytes(PLAIN, uid="1"))
     assert not lock.exists()
+    assert len(list(read_entries(tmp_path / "mail" / "inbox.mbox"))) == 1
+
+
+def test_a_dotlock_left_by_a_killed_worker_is_removed_at_once(tmp_path: Path) -> None:
+    """A worker SIGKILLed while appending leaves <path>.lock behind; the next writer
+    (holding the fcntl lock, so no live mailpipe writer is inside) sees that the pid
+    in it is gone and takes over at once instead of waiting ``stale_dotlock``."""
+    s = store(tmp_path, lock_timeout="0.2s")
+    lock = tmp_path / "mail" / "inbox.mbox.lock"
+    lock.parent.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer exists
+    lock.write_text(f"{dead.pid}\n{socket.gethostname()}\n")
+    s.process(Message.from_bytes(PLAIN, uid="1"))
+    assert not lock.exists()
+    lock.write_text(f"{os.getpid()}\n{socket.gethostname()}\n")  # alive: waited for
+    with pytest.raises(TemporaryFailure, match="held"):
+        s.process(Message.from_bytes(PLAIN, uid="2"))
+    lock.write_text(f"{dead.pid}\nanother-host\n")  # not ours to judge
+    with pytest.raises(TemporaryFailure, match="held"):
+        s.process(Message.from_bytes(PLAIN, uid="2"))
     assert len(list(read_entries(tmp_path / "mail" / "inbox.mbox"))) == 1
 
 

@@ -1,0 +1,237 @@
+"""A fault-injecting in-process IMAP server on 127.0.0.1 for tests (plaintext only).
+
+Just enough IMAP4rev1 for the ``imap`` source: CAPABILITY, LOGIN, SELECT/EXAMINE,
+``UID FETCH`` of ``UID``/``RFC822.SIZE``/``FLAGS``/``BODY.PEEK[]``/``BODY.PEEK[HEADER]``,
+``UID STORE``, ``UID EXPUNGE``, NOOP, LOGOUT, one folder (INBOX). Every client line goes
+to :attr:`ImapServer.transcript`, so tests assert what was (and was not) sent.
+
+Faults (:class:`ImapFaults`): close the connection part-way through a body literal,
+announce a body literal with a wrong size, answer a command with ``* BYE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ImapFaults", "ImapServer"]
+
+
+@dataclass
+class ImapFaults:
+    """What the server does wrong. ``drop_in_literal``: close after this many octets
+    of the first body literal; ``literal_size_delta``: add this to every announced body
+    size (the octets sent stay the real ones); ``bye_on``: answer the first command
+    with this keyword (``"UID FETCH"``) with ``* BYE`` and close."""
+
+    drop_in_literal: int | None = None
+    literal_size_delta: int = 0
+    bye_on: str | None = None
+
+
+@dataclass
+class _Message:
+    uid: int
+    data: bytes
+    flags: set[str] = field(default_factory=set)
+
+
+class ImapServer:
+    """Run in a background thread; use as a context manager (``with ImapServer() as s``).
+
+    User ``user``, password ``pass``; ``add_message(bytes)``; ``messages`` lists what
+    is left; ``transcript`` holds every line the client sent (LOGIN's password masked).
+    """
+
+    def __init__(self, faults: ImapFaults | None = None) -> None:
+        self.faults = faults or ImapFaults()
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.transcript: list[str] = []
+        self.uidvalidity = 1234
+        self._messages: list[_Message] = []
+        self._next_uid = 1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.Server | None = None
+        self._ready = threading.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def add_message(self, data: bytes) -> None:
+        """Append a message (it gets the next UID)."""
+        self._messages.append(_Message(self._next_uid, data))
+        self._next_uid += 1
+
+    @property
+    def messages(self) -> list[bytes]:
+        """The messages still in INBOX, in UID order."""
+        return [m.data for m in self._messages]
+
+    def __enter__(self) -> ImapServer:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the fake IMAP server did not start")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            self._server = loop.run_until_complete(
+                asyncio.start_server(self._accept, self.host, 0)
+            )
+            self.port = self._server.sockets[0].getsockname()[1]
+            self._ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._stop())
+        finally:
+            loop.close()
+
+    async def _stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _accept(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._handle(reader, writer)
+        except (asyncio.CancelledError, ConnectionError):
+            writer.transport.abort()
+        finally:
+            self._tasks.discard(task)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        faults = self.faults
+        dropped = False
+
+        def send(line: str) -> None:
+            writer.write(line.encode() + b"\r\n")
+
+        send("* OK [CAPABILITY IMAP4rev1 UIDPLUS] fake ready")
+        try:
+            while not dropped:
+                raw = await reader.readline()
+                if not raw:
+                    break
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                tag, _, rest = line.partition(" ")
+                word = rest.split(" ", 1)[0].upper()
+                command = " ".join(rest.split(" ", 2)[:2]).upper() if word == "UID" else word
+                self.transcript.append(
+                    f"{tag} LOGIN ***" if word == "LOGIN" else line
+                )
+                if faults.bye_on is not None and command == faults.bye_on.upper():
+                    faults.bye_on = None
+                    send("* BYE fault injected")
+                    break
+                if word == "CAPABILITY":
+                    send("* CAPABILITY IMAP4rev1 UIDPLUS")
+                    send(f"{tag} OK done")
+                elif word == "LOGIN":
+                    ok = rest == 'LOGIN "user" "pass"'
+                    send(f"{tag} OK [CAPABILITY IMAP4rev1 UIDPLUS] in" if ok
+                         else f"{tag} NO [AUTHENTICATIONFAILED] bad")
+                elif word in ("SELECT", "EXAMINE"):
+                    send(f"* {len(self._messages)} EXISTS")
+                    send(f"* OK [UIDVALIDITY {self.uidvalidity}] ok")
+                    send(f"* OK [UIDNEXT {self._next_uid}] ok")
+                    send("* OK [PERMANENTFLAGS (\\Deleted \\Seen \\*)] ok")
+                    send(f"{tag} OK [READ-WRITE] done")
+                elif command == "UID FETCH":
+                    dropped = await self._fetch(rest, send, writer)
+                    if not dropped:
+                        send(f"{tag} OK done")
+                elif command == "UID STORE":
+                    uids = _uids(rest.split(" ")[2])
+                    flag = re.search(r"\((.*)\)", rest)
+                    for m in self._messages:
+                        if m.uid in uids and flag:
+                            m.flags.update(flag[1].split())
+                    send(f"{tag} OK done")
+                elif command == "UID EXPUNGE":
+                    uids = _uids(rest.split(" ")[2])
+                    keep: list[_Message] = []
+                    for m in self._messages:
+                        if m.uid in uids and "\\Deleted" in m.flags:
+                            # The sequence number as the list shrinks (RFC 3501 §7.4.1).
+                            send(f"* {len(keep) + 1} EXPUNGE")
+                        else:
+                            keep.append(m)
+                    self._messages = keep
+                    send(f"{tag} OK done")
+                elif word == "NOOP":
+                    send(f"{tag} OK done")
+                elif word == "LOGOUT":
+                    send("* BYE bye")
+                    send(f"{tag} OK done")
+                    break
+                else:
+                    send(f"{tag} BAD unknown command")
+                await writer.drain()
+        finally:
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            writer.transport.abort()
+
+    async def _fetch(self, rest: str, send: Any, writer: asyncio.StreamWriter) -> bool:
+        """Answer ``UID FETCH``; True when a fault dropped the connection."""
+        faults = self.faults
+        parts = rest.split(" ", 3)
+        wanted = _uids(parts[2], last=self._next_uid - 1)
+        items = parts[3].upper()
+        for seq, m in enumerate(self._messages, 1):
+            if m.uid not in wanted:
+                continue
+            head = f"* {seq} FETCH (UID {m.uid}"
+            if "RFC822.SIZE" in items:
+                head += f" RFC822.SIZE {len(m.data)}"
+            if "FLAGS" in items and "+FLAGS" not in items:
+                head += f" FLAGS ({' '.join(sorted(m.flags))})"
+            body: bytes | None = None
+            if "BODY.PEEK[HEADER]" in items:
+                body = m.data.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+                head += " BODY[HEADER]"
+            elif "BODY.PEEK[]" in items:
+                body = m.data
+                head += " BODY[]"
+            if body is None:
+                send(head + ")")
+                continue
+            size = len(body) + faults.literal_size_delta
+            writer.write(f"{head} {{{size}}}\r\n".encode())
+            if faults.drop_in_literal is not None:
+                writer.write(body[: faults.drop_in_literal])
+                await writer.drain()
+                return True
+            writer.write(body + b")\r\n")
+        return False
+
+
+def _uids(text: str, last: int = 2**32 - 1) -> set[int]:
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition(":")
+        a = last if lo == "*" else int(lo)
+        b = a if not hi else (last if hi == "*" else int(hi))
+        out.update(range(min(a, b), max(a, b) + 1))
+    return out

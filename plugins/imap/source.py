@@ -1,0 +1,713 @@
+"""The ``imap`` source: its options and the SourceSession mapped onto IMAP commands.
+
+Identity (IC-25, design §0.3): each message's uid is ``"<folder>;UIDVALIDITY=<v>;UID=<u>"``
+with the folder in its wire form (modified UTF-7), so the journal keys by mailbox,
+folder, epoch and UID. Reading never changes the server (IC-30: ``BODY.PEEK`` only).
+Acknowledgement happens at :meth:`ImapSession.commit`, after the engine made every
+marked message durable: ``delete`` (``UID STORE +FLAGS.SILENT (\\Deleted)`` then
+``UID EXPUNGE``, IC-37), ``move`` (``UID MOVE``, or ``UID COPY`` + the delete pair,
+IC-40/IC-41) or ``flag`` (``UID STORE +FLAGS.SILENT (flag)``, IC-42). Without UIDPLUS
+no EXPUNGE of any kind is sent (IC-38): the messages are marked ``\\Deleted`` and the
+expunge is left to the mailbox owner, logged as ``imap_expunge_deferred``. ``CLOSE``
+is never sent (IC-39). ``abort`` closes the connection without acknowledging anything.
+"""
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import structlog
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
+
+from mailpipe import sasl
+from mailpipe.errors import (
+    CommitError,
+    OversizeError,
+    SourceError,
+    SourcePermanentError,
+)
+from mailpipe.message import Message, MessageRef
+from mailpipe.secrets import Secret
+from mailpipe.source import Ack, AckKind, SessionFacts, SourceContext, Unretrievable
+from mailpipe.tls import ConnectionSecurity
+from mailpipe.units import ByteSize, Duration
+
+from . import events as cmd
+from . import mutf7
+from .client import CommandFailed, ImapClient, Timeouts
+from .events import (
+    Data,
+    Done,
+    Event,
+    LiteralChunk,
+    LiteralStart,
+    Status,
+    fetch_items,
+    flag_list,
+    parse_number,
+)
+
+log = structlog.get_logger()
+
+#: The longest header section kept for header rules; longer ones are dropped and
+#: the message is retrieved instead.
+MAX_HEADER_OCTETS = 1 << 20
+_FLAG = re.compile(r"^\\?[A-Za-z0-9$_.\-]{1,64}$")
+_SYSTEM_FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Draft")
+AUTH_METHODS = (
+    "auto", "login", "plain", "scram-sha-1", "scram-sha-256", "xoauth2", "oauthbearer",
+)
+SASL_NAMES = {
+    "plain": "PLAIN", "scram-sha-1": "SCRAM-SHA-1", "scram-sha-256": "SCRAM-SHA-256",
+    "xoauth2": "XOAUTH2", "oauthbearer": "OAUTHBEARER",
+}
+
+
+class ImapOptions(ConnectionSecurity):
+    """Options of a ``source = "imap"`` mailbox (the mailbox table's other keys).
+
+    The connection-security keys come from :class:`mailpipe.tls.ConnectionSecurity`,
+    shared with POP3. How processed mail is acknowledged is the mailbox's core
+    ``acknowledge`` key: ``"delete"`` (``\\Deleted`` + ``UID EXPUNGE``),
+    ``{ move = "Processed" }`` or ``{ flag = "\\\\Seen" }`` / ``{ flag = "$Processed" }``;
+    with ``delete = "never"`` nothing changes on the server (keep).
+    """
+
+    host: str = Field(description="IMAP server host name; also the TLS name verified.")
+    port: int | None = Field(
+        strict=True,
+        default=None,
+        ge=1,
+        le=65535,
+        description="TCP port; default 993 for security = 'tls', 143 otherwise.",
+    )
+    username: str = Field(description="Login name (also the OAuth user).")
+    password: Secret | None = Field(
+        default=None,
+        description="Password: a string, {env=...}, {file=...} or {command=[...]}.",
+    )
+    auth: Literal[
+        "auto", "login", "plain", "scram-sha-1", "scram-sha-256", "xoauth2", "oauthbearer"
+    ] = Field(
+        default="auto",
+        description="Authentication; 'auto' picks from the post-TLS capabilities "
+        "(OAuth when a token is set, else SCRAM-SHA-256, PLAIN, LOGIN).",
+    )
+    oauth_token: Secret | None = Field(
+        default=None,
+        validate_default=True,
+        description="OAuth 2 access token for XOAUTH2/OAUTHBEARER.",
+    )
+    folders: list[str] = Field(
+        default=["INBOX"],
+        min_length=1,
+        description="Folders to read, by display name (non-ASCII names are sent in "
+        "modified UTF-7), e.g. ['INBOX', 'Support/Escalations'].",
+    )
+    connect_timeout: Duration = Field(default=30.0, gt=0, description="TCP connect timeout.")
+    tls_timeout: Duration = Field(default=30.0, gt=0, description="TLS handshake timeout.")
+    greeting_timeout: Duration = Field(
+        default=60.0, gt=0, description="Time allowed for the server greeting."
+    )
+    read_timeout: Duration = Field(
+        default=120.0, gt=0, description="Inactivity timeout for each read."
+    )
+    fetch_window: int = Field(
+        strict=True, default=64, ge=1, le=1000,
+        description="Most UID FETCH commands in flight (pipelining).",
+    )
+    chunk_size: ByteSize = Field(
+        default=256 * 1024, ge=4096, description="Read size; bounds memory per message."
+    )
+    max_message: ByteSize = Field(
+        default=2**40, ge=1,
+        description="Hard cap on one message, in octets: a larger FETCH literal stops "
+        "the session and the message is left on the server.",
+    )
+
+    @field_validator("oauth_token")
+    @classmethod
+    def _credentials(cls, token: Secret | None, info: ValidationInfo) -> Secret | None:
+        auth = info.data.get("auth")
+        if token is None:
+            if auth in ("xoauth2", "oauthbearer"):
+                raise ValueError(f"auth = {auth!r} needs oauth_token")
+            if "password" in info.data and info.data["password"] is None:
+                raise ValueError("set password or oauth_token")
+        return token
+
+    @field_validator("folders")
+    @classmethod
+    def _folder_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not name or any(c in name for c in "\r\n\0"):
+                raise ValueError(f"folder name {name!r} is empty or holds CR, LF or NUL")
+        if len(set(names)) != len(names):
+            raise ValueError("a folder is listed twice")
+        return names
+
+    @property
+    def effective_port(self) -> int:
+        """The configured port, or 993 for implicit TLS and 143 otherwise."""
+        if self.port is not None:
+            return self.port
+        return 993 if self.security == "tls" else 143
+
+class ImapSource:
+    """An IMAP mailbox: ``session()`` connects, secures and authenticates."""
+
+    name: ClassVar[str] = "imap"
+    Options: ClassVar[type[BaseModel]] = ImapOptions
+    #: MP-04: IC-37 delete, IC-40/IC-41 move, IC-42 flag, and keep.
+    acknowledgements: ClassVar[frozenset[AckKind]] = frozenset(
+        {AckKind.DELETE, AckKind.MOVE, AckKind.FLAG, AckKind.KEEP}
+    )
+
+    def __init__(
+        self, options: ImapOptions, context: SourceContext | None = None, *,
+        mailbox: str = "",
+    ) -> None:
+        if context is not None and options.ca_file is not None:
+            options = options.model_copy(
+                update={"ca_file": context.resolve(options.ca_file)}
+            )
+        self.options = options
+        self.context = context or SourceContext()
+        self.mailbox = mailbox or self.context.mailbox
+        # UIDNEXT per folder as the last listing saw it: mail that arrived between that
+        # listing and the IDLE of wait_for_mail wakes at once instead of being missed.
+        self.listed_uidnext: dict[bytes, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator["ImapSession"]:
+        """Open a session; on exit it aborts (no acknowledgement) unless committed."""
+        session = ImapSession(
+            self.options, self.mailbox, self.context.ack, self.listed_uidnext
+        )
+        try:
+            await session.open()
+            yield session
+        finally:
+            await session.abort()
+
+    async def wait_for_mail(self, timeout: float) -> bool:
+        """Push (IC-43): a session of its own idles on the first folder until new mail
+        or ``timeout``; a lost connection returns True so the next poll reports it."""
+        try:
+            async with self.session() as session:
+                return await session.wait_for_new(timeout)
+        except SourceError as exc:
+            log.info("imap_wait_failed", mailbox=self.mailbox, error=str(exc)[:200])
+            return True
+
+
+@dataclass(slots=True)
+class _Folder:
+    """What SELECT said about one folder (IC-24)."""
+
+    wire: bytes
+    uidvalidity: int | None = None
+    uidnext: int | None = None
+    exists: int = 0
+    permanent_flags: tuple[str, ...] | None = None
+    read_write: bool = True
+
+
+@dataclass(slots=True)
+class _Where:
+    folder: bytes
+    uid: int
+
+
+@dataclass(slots=True)
+class _Sink:
+    """One FETCH body: in memory up to the threshold, else straight to a spool file."""
+
+    ref: MessageRef | None
+    size: int
+    spool_dir: Path
+    threshold: int
+    parts: list[bytes] = field(default_factory=list)
+    received: int = 0
+    path: Path | None = None
+    file: Any = None
+
+    def __post_init__(self) -> None:
+        if self.size > self.threshold:
+            self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self.spool_dir, prefix="imap-", suffix=".eml")
+            self.path, self.file = Path(name), os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.file is not None:
+            self.file.write(data)
+        else:
+            self.parts.append(data)
+
+    def finish(self, ref: MessageRef) -> Message:
+        meta = {"octets_listed": ref.size, "octets_received": self.received}
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+            return Message(ref=ref, spool_path=self.path, meta=meta)
+        return Message(ref=ref, data=b"".join(self.parts), meta=meta)
+
+    def discard(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+
+def message_uid(folder: bytes, uidvalidity: int, uid: int) -> str:
+    """The uid the journal keys by: ``INBOX;UIDVALIDITY=3857529045;UID=42``."""
+    return f"{folder.decode('ascii', 'replace')};UIDVALIDITY={uidvalidity};UID={uid}"
+
+
+class ImapSession:
+    """One IMAP session implementing :class:`mailpipe.source.SourceSession`."""
+
+    def __init__(
+        self,
+        options: ImapOptions,
+        mailbox: str,
+        ack: Ack | None = None,
+        listed_uidnext: dict[bytes, int] | None = None,
+    ) -> None:
+        self.options = options
+        self.mailbox = mailbox
+        self.ack = ack  # the mailbox's acknowledgement: flagged mail is not listed
+        self.listed_uidnext = {} if listed_uidnext is None else listed_uidnext
+        self.client = ImapClient(
+            options.host,
+            options.effective_port,
+            security=options.security,
+            ssl_context=options.ssl_context(),
+            cert_sha256=options.cert_sha256,
+            timeouts=Timeouts(
+                options.connect_timeout, options.tls_timeout,
+                options.greeting_timeout, options.read_timeout,
+            ),
+            allow_plaintext_password=options.allow_plaintext_password,
+            window=options.fetch_window,
+            chunk_size=options.chunk_size,
+            max_literal=options.max_message,
+        )
+        self.folders = {mutf7.encode(name): _Folder(mutf7.encode(name))
+                        for name in options.folders}
+        self._selected: bytes | None = None
+        self._where: dict[int, _Where] = {}
+        self._marked: list[tuple[MessageRef, Ack]] = []
+        self._committed = False
+        self._log = log.bind(mailbox=mailbox, host=options.host)
+
+    @property
+    def facts(self) -> SessionFacts:
+        """UIDs are stable under UIDVALIDITY, which each id includes; push when the
+        server has IDLE.
+
+        ``ids_have_epoch`` stays False although the ids carry UIDVALIDITY: that fact
+        promises the source reconciles an epoch change itself (by content hash, IC-25),
+        which it does not do yet, so the engine's id-reset guard (C-60) stays on.
+        """
+        return SessionFacts(
+            stable_ids=True,
+            ids_have_epoch=False,
+            can_push="IDLE" in self.client.capabilities,
+        )
+
+    # --- opening ------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, CAPABILITY, STARTTLS when configured, authenticate, CAPABILITY
+        again, ID (IC-11..IC-14)."""
+        client = self.client
+        await client.connect()
+        await client.ensure_capabilities()
+        if self.options.security == "starttls":
+            await client.starttls()
+            await client.ensure_capabilities()  # IC-12: only post-TLS values count
+        if client.conn.state.name == "NOT_AUTHENTICATED":
+            await self._authenticate()
+        caps = await client.ensure_capabilities()
+        await client.send_id()
+        self._log.info(
+            "imap_session_opened", tls=client.tls_active, capabilities=sorted(caps)
+        )
+
+    async def _authenticate(self) -> None:
+        o, client = self.options, self.client
+        token = await o.oauth_token.refresh_async() if o.oauth_token is not None else ""
+        password = o.password.get() if o.password is not None else ""
+        method = choose(o.auth, client.capabilities, has_token=bool(token))
+        user = o.username
+        if method == "login":
+            await client.login(user, password)
+        else:
+            mechanism: sasl.Mechanism
+            if method == "plain":
+                mechanism = sasl.Plain(user=user, password=password)
+            elif method in ("scram-sha-1", "scram-sha-256"):
+                mechanism = sasl.Scram(user=user, password=password, name=SASL_NAMES[method])
+            elif method == "xoauth2":
+                mechanism = sasl.XOAuth2(user=user, token=token)
+            else:
+                mechanism = sasl.OAuthBearer(
+                    user=user, token=token, host=o.host, port=o.effective_port
+                )
+            await client.authenticate(mechanism)
+        self._log.info("imap_authenticated", method=method)
+
+    # --- selecting ----------------------------------------------------------------
+
+    async def _select(self, wire: bytes) -> _Folder:
+        folder = self.folders.setdefault(wire, _Folder(wire))
+        if self._selected == wire:
+            return folder
+        try:
+            events, done = await self.client.command(cmd.select(wire))
+        except CommandFailed as exc:
+            self._selected = None
+            raise SourcePermanentError(
+                f"{self.client.where}: SELECT {wire.decode('ascii', 'replace')!r} "
+                f"failed: {exc.done.text[:200]}"
+            ) from None
+        self._selected = wire
+        folder.uidvalidity = folder.uidnext = None
+        folder.permanent_flags = None
+        for event in events:
+            if isinstance(event, Data) and event.name == "EXISTS":
+                folder.exists = event.number or 0
+            elif isinstance(event, Status) and event.code is not None:
+                code = event.code
+                if code.name == "UIDVALIDITY":
+                    folder.uidvalidity = code.number()
+                elif code.name == "UIDNEXT":
+                    folder.uidnext = code.number()
+                elif code.name == "PERMANENTFLAGS":
+                    folder.permanent_flags = tuple(code.args.strip("()").split())
+        folder.read_write = not (done.code is not None and done.code.name == "READ-ONLY")
+        return folder
+
+    # --- SourceSession ------------------------------------------------------------
+
+    async def list(self) -> list[MessageRef]:
+        """Every message of every configured folder, by UID with its RFC822.SIZE."""
+        refs: list[MessageRef] = []
+        for wire in list(self.folders):
+            folder = await self._select(wire)
+            if folder.uidvalidity is None:
+                # IC-24: no persistent UIDs; identity by UID is impossible.
+                raise SourcePermanentError(
+                    f"{self.client.where}: folder {wire.decode('ascii', 'replace')!r} "
+                    "has no UIDVALIDITY; mailpipe cannot key its messages"
+                )
+            if folder.uidnext is not None:
+                self.listed_uidnext[wire] = folder.uidnext
+            if not folder.exists:
+                continue
+            sizes: dict[int, int] = {}
+            done_flag = (
+                self.ack.target.lower()
+                if self.ack is not None and self.ack.kind is AckKind.FLAG and self.ack.target
+                else None
+            )
+            skipped = 0
+            items_wanted = "UID RFC822.SIZE" + (" FLAGS" if done_flag else "")
+            async for event in self.client.stream([cmd.uid_fetch("1:*", items_wanted)]):
+                if isinstance(event, Data) and event.name == "FETCH":
+                    items = fetch_items(event.values)
+                    uid_v, size_v = items.get("UID"), items.get("RFC822.SIZE")
+                    flags = {f.lower() for f in flag_list(items.get("FLAGS"))}
+                    if done_flag is not None and done_flag in flags:
+                        # IC-42: the flag is the acknowledgement: already done (also
+                        # after a UIDVALIDITY change, IC-25).
+                        skipped += 1
+                        continue
+                    if uid_v is not None and size_v is not None:
+                        sizes[parse_number(uid_v)] = parse_number(size_v, limit=2**63 - 1)
+                elif isinstance(event, Done) and not event.ok:
+                    raise SourcePermanentError(
+                        f"{self.client.where}: UID FETCH refused: {event.text[:200]}"
+                    )
+            if skipped:
+                self._log.debug("imap_already_flagged", folder=_show(wire), count=skipped)
+            for uid in sorted(sizes):
+                number = len(self._where) + 1
+                self._where[number] = _Where(wire, uid)
+                refs.append(MessageRef(
+                    mailbox=self.mailbox,
+                    number=number,
+                    uid=message_uid(wire, folder.uidvalidity, uid),
+                    size=sizes[uid],
+                ))
+        return refs
+
+    async def headers(self, ref: MessageRef) -> bytes | None:
+        """``UID FETCH uid (BODY.PEEK[HEADER])``; None when refused or too long."""
+        where = self._where[ref.number]
+        await self._select(where.folder)
+        parts: list[bytes] = []
+        size = 0
+        async for event in self.client.stream(
+            [cmd.uid_fetch(str(where.uid), "UID BODY.PEEK[HEADER]")]
+        ):
+            if isinstance(event, LiteralChunk):
+                size += len(event.data)
+                if size <= MAX_HEADER_OCTETS:
+                    parts.append(event.data)
+            elif isinstance(event, Done) and not event.ok:
+                return None
+        if size > MAX_HEADER_OCTETS or not parts:
+            return None
+        return b"".join(parts)
+
+    async def retrieve(
+        self,
+        refs: Sequence[MessageRef],
+        *,
+        spool_dir: Path,
+        spool_threshold: int,
+        max_size: int | None = None,
+    ) -> AsyncIterator[Message | Unretrievable]:
+        """Pipelined ``UID FETCH uid (UID BODY.PEEK[])`` per ref, in order (IC-30).
+
+        Bodies over ``spool_threshold`` go straight to a file; memory is bounded by
+        the chunk size. A UID that is gone (expunged by another client, IT-16) is
+        yielded as :class:`Unretrievable`. A literal larger than ``max_size`` raises
+        :class:`mailpipe.OversizeError` before any of it is read.
+        """
+        index = 0
+        while index < len(refs):
+            folder = self._where[refs[index].number].folder
+            batch = []
+            while index < len(refs) and self._where[refs[index].number].folder == folder:
+                batch.append(refs[index])
+                index += 1
+            await self._select(folder)
+            async for item in self._fetch_batch(batch, spool_dir, spool_threshold, max_size):
+                yield item
+
+    async def _fetch_batch(
+        self,
+        refs: Sequence[MessageRef],
+        spool_dir: Path,
+        threshold: int,
+        max_size: int | None,
+    ) -> AsyncIterator[Message | Unretrievable]:
+        by_uid = {self._where[r.number].uid: r for r in refs}
+        commands = [cmd.uid_fetch(str(uid), "UID BODY.PEEK[]") for uid in by_uid]
+        uid_of = {id(c): uid for c, uid in zip(commands, by_uid, strict=True)}
+        sink: _Sink | None = None
+        ready: dict[int, Message] = {}
+        # Completions come in command order, so the oldest unanswered UID is the one
+        # whose body is arriving (servers send no unsolicited BODY[]).
+        waiting = list(by_uid)
+        try:
+            async for event in self.client.stream(commands):
+                if isinstance(event, LiteralStart):
+                    if event.section != "BODY[]":
+                        sink = _Sink(None, 0, spool_dir, threshold)  # not ours: dropped
+                        continue
+                    if max_size is not None and event.size > max_size:
+                        raise OversizeError(
+                            f"{self.client.where}: message of {event.size} octets "
+                            f"exceeds {max_size}",
+                            number=event.number, limit=max_size, received=0,
+                            ref=by_uid[waiting[0]] if waiting else None,
+                        )
+                    sink = _Sink(None, event.size, spool_dir, threshold)
+                elif isinstance(event, LiteralChunk):
+                    assert sink is not None
+                    sink.write(event.data)
+                elif isinstance(event, Data) and event.name == "FETCH" and sink is not None:
+                    done_sink, sink = sink, None
+                    fetched = _uid_of(event)
+                    ref = by_uid.get(fetched) if fetched is not None else None
+                    if fetched is None or ref is None or fetched in ready:
+                        done_sink.discard()  # unsolicited or repeated (IT-05)
+                        continue
+                    ready[fetched] = done_sink.finish(ref)
+                elif isinstance(event, Done):
+                    uid = uid_of.get(id(event.command))
+                    if uid is None:
+                        continue
+                    if uid in waiting:
+                        waiting.remove(uid)
+                    message = ready.pop(uid, None)
+                    if message is not None:
+                        yield message
+                    else:
+                        # IT-16: expunged by another client, or refused.
+                        text = event.text[:200]
+                        self._log.warning("imap_fetch_missing", uid=uid, text=text)
+                        yield Unretrievable(
+                            by_uid[uid], f"UID FETCH {uid} returned no body: {text}"
+                        )
+        finally:
+            if sink is not None:
+                sink.discard()
+            for left in ready.values():
+                if left.spool_path is not None:
+                    with contextlib.suppress(OSError):
+                        Path(left.spool_path).unlink()
+
+    async def acknowledge(self, refs: Sequence[MessageRef], ack: Ack) -> None:
+        """Remember ``refs`` to be acknowledged with ``ack`` at :meth:`commit`
+        (nothing changes on the server before); ``keep`` changes nothing."""
+        if ack.kind is AckKind.KEEP:
+            return
+        self._marked.extend((r, ack) for r in refs if r.number in self._where)
+
+    async def mark_deleted(self, refs: Sequence[MessageRef]) -> None:
+        """The first contract's call: acknowledge ``refs`` by deleting them."""
+        await self.acknowledge(refs, Ack(AckKind.DELETE))
+
+    async def commit(self) -> None:
+        """Acknowledge every marked message (per folder, IC-37..IC-42), then LOGOUT.
+
+        Raises:
+            CommitError: an acknowledgement was refused or the connection failed.
+        """
+        self._committed = True
+        groups: dict[tuple[bytes, Ack], list[int]] = {}
+        for ref, ack in self._marked:
+            where = self._where[ref.number]
+            groups.setdefault((where.folder, ack), []).append(where.uid)
+        try:
+            for (wire, ack), uids in groups.items():
+                folder = await self._select(wire)
+                if not folder.read_write:
+                    raise CommitError(f"folder {wire!r} is read-only; nothing acknowledged")
+                for uidset in cmd.split_uid_sets(uids):
+                    await self._acknowledge(folder, uidset, ack)
+        except (SourceError, OSError) as exc:
+            await self.client.abort()
+            if isinstance(exc, CommitError):
+                raise
+            raise CommitError(f"{self.client.where}: acknowledgement failed: {exc}") from None
+        await self.client.logout()  # IC-39: never CLOSE
+        self._log.info("imap_committed", acknowledged=len(self._marked))
+
+    async def _acknowledge(self, folder: _Folder, uidset: str, ack: Ack) -> None:
+        caps = self.client.capabilities
+        if ack.kind is AckKind.FLAG:
+            flag = ack.target or ""
+            if not _FLAG.fullmatch(flag) or flag.lower() == "\\deleted" or (
+                flag.startswith("\\") and flag not in _SYSTEM_FLAGS
+            ):
+                raise CommitError(f"{flag!r} is not a flag mailpipe sets (IC-42)")
+            flags = folder.permanent_flags
+            if (
+                not flag.startswith("\\") and flags is not None
+                and "\\*" not in flags and flag not in flags
+            ):
+                # IC-42: a keyword the server would keep for the session only.
+                raise CommitError(
+                    f"folder {folder.wire!r} does not keep keyword {flag!r} "
+                    f"(PERMANENTFLAGS {' '.join(flags)})"
+                )
+            await self.client.command(cmd.uid_store(uidset, "+FLAGS.SILENT", [flag]))
+            return
+        if ack.kind is AckKind.MOVE:
+            target = mutf7.encode(ack.target or "")
+            if "MOVE" in caps:
+                await self._with_trycreate(cmd.uid_move(uidset, target), target)
+                return
+            await self._with_trycreate(cmd.uid_copy(uidset, target), target)  # IC-41
+        await self.client.command(cmd.uid_store(uidset, "+FLAGS.SILENT", ["\\Deleted"]))
+        if "UIDPLUS" in caps or "IMAP4REV2" in caps:
+            await self.client.command(cmd.uid_expunge(uidset))  # IC-37
+        else:
+            # IC-38: a bare EXPUNGE would also remove other clients' \Deleted mail.
+            self._log.warning("imap_expunge_deferred", uids=uidset[:200])
+
+    async def _with_trycreate(self, command: cmd.Command, target: bytes) -> None:
+        try:
+            await self.client.command(command)
+        except CommandFailed as exc:
+            code = exc.done.code
+            if code is None or code.name != "TRYCREATE":
+                raise
+            await self.client.command(cmd.create(target))
+            self._log.info("imap_folder_created", folder=target.decode("ascii"))
+            await self.client.command(command)
+
+    async def wait_for_new(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for new mail in the first configured folder
+        (IDLE, or one NOOP without it; IC-43/IC-44). True when mail arrived.
+
+        For push: call it on a session that has nothing left to do; the other folders
+        are only seen at the next poll (one IDLE connection per folder is not done).
+        """
+        wire = next(iter(self.folders))
+        folder = await self._select(wire)
+        seen = self.listed_uidnext.get(wire)
+        if seen is not None and folder.uidnext is not None and folder.uidnext > seen:
+            return True  # arrived after the last listing, before this IDLE
+        return await self.client.idle(min(timeout, 29 * 60))
+
+    async def abort(self) -> None:
+        """Close without acknowledging anything; never raises."""
+        try:
+            await self.client.abort()
+        except Exception as exc:  # the contract: never raises
+            self._log.debug("imap_abort_failed", error=type(exc).__name__)
+
+
+def _show(wire: bytes) -> str:
+    """A folder's display name for logs (its wire form when not valid mUTF-7)."""
+    try:
+        return mutf7.decode(wire)
+    except ValueError:
+        return wire.decode("ascii", "replace")
+
+
+def _uid_of(event: Event) -> int | None:
+    if not isinstance(event, Data):
+        return None
+    try:
+        value = fetch_items(event.values).get("UID")
+        return parse_number(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def choose(auth: str, caps: frozenset[str], *, has_token: bool) -> str:
+    """The authentication method (never a silent downgrade, never OAuth → password).
+
+    Raises:
+        SourcePermanentError: the configured method is not offered.
+    """
+    offered = {c[5:] for c in caps if c.startswith("AUTH=")}
+    if auth == "auto":
+        if has_token:
+            for method in ("oauthbearer", "xoauth2"):
+                if SASL_NAMES[method] in offered:
+                    return method
+            raise SourcePermanentError(
+                "an OAuth token is configured but the server offers neither "
+                "OAUTHBEARER nor XOAUTH2; mailpipe never falls back to a password"
+            )
+        if "SCRAM-SHA-256" in offered:
+            return "scram-sha-256"
+        if "PLAIN" in offered:
+            return "plain"
+        return "login"
+    if auth != "login" and SASL_NAMES[auth] not in offered:
+        raise SourcePermanentError(
+            f"auth = {auth!r} but the server does not offer AUTH={SASL_NAMES[auth]} "
+            f"(offered: {' '.join(sorted(offered)) or 'none'}); refusing to downgrade"
+        )
+    return auth
+
+
+__all__ = ["ImapOptions", "ImapSession", "ImapSource", "message_uid"]
