@@ -517,12 +517,19 @@ def test_worker_exports_the_next_poll_it_plans(
     """`mailpipe run` exports when the scheduler plans the next poll (poll_interval
     1h here), read from the journal's poll record at each scrape (MailpipeNoPoll)."""
     _cfg, port, _log = worker
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    [line] = [
-        x for x in text.splitlines()
-        if x.startswith('mailpipe_next_poll_timestamp_seconds{mailbox="support"}')
-    ]
+    # the scheduler records the plan just after the poll's hooks: scrape until then
+    for _ in range(300):  # bounded
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        found = [
+            x for x in text.splitlines()
+            if x.startswith('mailpipe_next_poll_timestamp_seconds{mailbox="support"}')
+        ]
+        if found:
+            break
+        time.sleep(0.1)
+    [line] = found
     planned = float(line.split()[-1])
     [polled] = [
         float(x.split()[-1]) for x in text.splitlines()
