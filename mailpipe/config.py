@@ -51,6 +51,11 @@ def _check_delete(value: Any) -> Any:
 
 DeletePolicy = Annotated[str, BeforeValidator(_check_delete)]
 
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOST_NAME_RE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
+
+
+
 
 class StateConfig(BaseModel):
     """``[state]``: where the journal lives."""
@@ -182,6 +187,23 @@ class MetricsConfig(BaseModel):
         description="Token that allows replay and drop on the status page at / "
         '(e.g. { env = "MAILPIPE_ADMIN_TOKEN" }); unset = the page is read-only.',
     )
+    hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names the status page at / also answers to (besides IP "
+        "addresses, localhost and the listen host); any other Host gets 421, "
+        "against DNS rebinding. /metrics and /healthz answer any Host.",
+    )
+
+    @field_validator("hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if len(name) > 253 or not _HOST_NAME_RE.match(name):
+                raise ValueError(
+                    f"{name!r} is not a DNS host name without a port "
+                    "(e.g. 'status.example.org')"
+                )
+        return [name.lower() for name in value]
 
 
 class MoveAck(BaseModel):

@@ -16,6 +16,7 @@ import structlog
 
 from mailpipe.app import App
 from mailpipe.errors import StartupError
+from mailpipe.journal.base import PollRecord
 from mailpipe.logs import on_terminal
 from mailpipe.metrics import MetricsCollector, MetricsServer
 from mailpipe.plugin_manager import Hooks
@@ -71,6 +72,15 @@ async def run_pipelines(app: App, *, once: bool, only: tuple[str, ...] = ()) -> 
     return True
 
 
+def _journal_polls(app: App) -> dict[str, PollRecord]:
+    """The journal's poll records (for ``mailpipe_next_poll_timestamp_seconds``)."""
+    journal = app.journal(read_only=True)
+    try:
+        return journal.polls()
+    finally:
+        journal.close()
+
+
 async def _start_metrics(app: App) -> MetricsServer | None:
     listen = app.config.model.metrics.listen
     if not listen:
@@ -81,11 +91,18 @@ async def _start_metrics(app: App) -> MetricsServer | None:
         unhealthy_after=app.config.model.metrics.unhealthy_after,
         intervals={m.name: float(m.config.poll_interval) for m in enabled},
         quarantine=app.quarantine(),
+        polls=lambda: _journal_polls(app),
     )
     app.pm.register(collector, "metrics")
     host, _, port = listen.rpartition(":")
     page = StatusPage(app, collector, token=app.config.model.metrics.admin_token)
-    server = MetricsServer(collector, host.strip("[]"), int(port), page=page)
+    server = MetricsServer(
+        collector,
+        host.strip("[]"),
+        int(port),
+        page=page,
+        hosts=app.config.model.metrics.hosts,
+    )
     try:
         await server.start()
     except OSError as exc:  # e.g. the port is taken: one line, exit 1
