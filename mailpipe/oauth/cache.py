@@ -26,7 +26,7 @@ from typing import Any
 from mailpipe.journal import open_journal
 from mailpipe.journal.errors import JournalError
 from mailpipe.oauth.sealing import Sealer
-from mailpipe.secrets import MASK, remember_secret
+from mailpipe.secrets import MASK, forget_secret, remember_secret
 
 _COLUMNS = (
     "account, description, sealed, expires_at, refresh_at, rt_issued_at, "
@@ -118,6 +118,8 @@ class TokenCache:
         self._param = "?"
         self._table = "oauth_tokens"
         self._conn: Any
+        # The token pair of each account last remembered for redaction (see _track).
+        self._remembered: dict[str, frozenset[str]] = {}
         path = getattr(journal, "path", None)
         if path is not None and str(path) != ":memory:":
             journal.close()
@@ -167,9 +169,21 @@ class TokenCache:
             secrets = self.sealer.open(entry.sealed)
             entry.access_token = str(secrets.get("access_token", ""))
             entry.refresh_token = str(secrets.get("refresh_token", ""))
-            for value in (entry.access_token, entry.refresh_token):
-                remember_secret(value)  # masked in every log line and error
+            self._track(account, entry.access_token, entry.refresh_token)
         return entry
+
+    def _track(self, account: str, *tokens: str) -> None:
+        """Mask ``tokens`` in every log line and error, and stop masking the pair
+        they replace: only the current pair of each account stays in the process-wide
+        redaction set, so it does not grow (and slow every log line) per refresh."""
+        current = frozenset(t for t in tokens if t)
+        with self._lock:
+            previous = self._remembered.get(account, frozenset())
+            self._remembered[account] = current
+        for value in current - previous:
+            remember_secret(value)
+        for value in previous - current:
+            forget_secret(value)
 
     def entries(self) -> list[CachedToken]:
         """Every row, secrets left sealed (for ``mailpipe auth status``)."""
@@ -219,6 +233,7 @@ class TokenCache:
         sealed = self.sealer.seal(
             {"access_token": access_token, "refresh_token": refresh_token}
         )
+        self._track(account, access_token, refresh_token)
         self._ensure(account)
         self._execute(
             "UPDATE {t} SET description = ?, sealed = ?, expires_at = ?, "

@@ -16,6 +16,7 @@ from mailpipe.oauth.gauges import OAuthMetrics
 from mailpipe.oauth.grant import Grant
 from mailpipe.oauth.options import AnyOAuth
 from mailpipe.oauth.sealing import Sealer, SealError, new_key
+from mailpipe.secrets import MASK, known_secret_values, redact
 from mailpipe.testing.authserver import AuthServer
 
 from .conftest import Clock, oauth
@@ -268,3 +269,22 @@ def test_an_unusable_sqlite_file_is_a_journal_error(
 
     with pytest.raises(JournalError, match="token cache"):
         _cache(str(path), cache_key, clock, tmp_path).load("x")
+
+
+def test_redaction_set_keeps_only_the_current_tokens(
+    auth_server: AuthServer, cache_key: str, clock: Clock, tmp_path: Path
+) -> None:
+    # Review H1: each refreshed pair was remembered for the process's life.
+    cache = _cache(str(tmp_path / "j.sqlite3"), cache_key, clock, tmp_path)
+    broker = _broker(_options(auth_server, cache_key), cache, clock)
+    _login(broker, auth_server)
+    before = len(known_secret_values())
+    tokens = []
+    for _ in range(300):  # 300 hourly refreshes: 12.5 days of one mailbox
+        tokens.append(broker.token_sync())
+        clock.advance(3600)
+    current = broker.token_sync()
+    assert len(set(tokens)) == 300
+    assert len(known_secret_values()) - before <= 2
+    assert current in known_secret_values() and tokens[0] not in known_secret_values()
+    assert redact(f"token={current}") == f"token={MASK}"
