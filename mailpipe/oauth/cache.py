@@ -153,9 +153,25 @@ class TokenCache:
     def _execute(self, text: str, params: tuple[Any, ...] = ()) -> Any:
         # One connection serves every broker thread of the process: one at a time.
         with self._lock, self._translate():
-            cur = self._conn.execute(self._sql(text), params)
-            rows = cur.fetchall() if cur.description is not None else None
-            return _Result(rows, int(cur.rowcount))
+            try:
+                return self._run(text, params)
+            except Exception as exc:
+                # PostgreSQL restarted or the backend was terminated: every statement
+                # here is one autocommit transaction, so reopen and run it once more
+                # (as the journal does) instead of failing every later poll.
+                if self._param != "%s" or not (self._conn.broken or self._conn.closed):
+                    raise
+                if not type(exc).__module__.startswith("psycopg"):
+                    raise
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+                self._conn = self._journal._connect()  # type: ignore[attr-defined]
+                return self._run(text, params)
+
+    def _run(self, text: str, params: tuple[Any, ...]) -> _Result:
+        cur = self._conn.execute(self._sql(text), params)
+        rows = cur.fetchall() if cur.description is not None else None
+        return _Result(rows, int(cur.rowcount))
 
     def load(self, account: str, *, open_secrets: bool = True) -> CachedToken | None:
         """The row of ``account`` (its tokens opened unless ``open_secrets`` is False)."""

@@ -288,3 +288,26 @@ def test_redaction_set_keeps_only_the_current_tokens(
     assert len(known_secret_values()) - before <= 2
     assert current in known_secret_values() and tokens[0] not in known_secret_values()
     assert redact(f"token={current}") == f"token={MASK}"
+
+
+def test_postgres_cache_reconnects_after_its_backend_is_gone(
+    auth_server: AuthServer, pg_schema_url: str, cache_key: str, clock: Clock,
+    tmp_path: Path,
+) -> None:
+    # Review H2: one raw connection, never reopened; every later load() failed.
+    import psycopg
+
+    from tests.conftest import POSTGRES_DSN
+
+    cache = _cache(pg_schema_url, cache_key, clock, tmp_path)
+    broker = _broker(_options(auth_server, cache_key), cache, clock)
+    _login(broker, auth_server)
+    token = broker.token_sync()
+    for _ in range(2):  # the first reconnect and a second one
+        pid = cache._conn.info.backend_pid
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        entry = cache.load(broker.account)
+        assert entry is not None and entry.access_token == token
+        assert cache._conn.info.backend_pid != pid
+    cache.close()
