@@ -77,6 +77,16 @@ def describe(options: AnyOAuth, protocol: Protocol, username: str) -> dict[str, 
     }
 
 
+def _still_valid(entry: CachedToken | None, now: float) -> bool:
+    """True when ``entry`` holds an access token that has not expired at ``now``."""
+    return bool(
+        entry is not None
+        and entry.access_token
+        and entry.expires_at is not None
+        and now < entry.expires_at
+    )
+
+
 class TokenBroker:
     """Access tokens for one mailbox from the shared cache (see the module docstring).
 
@@ -123,7 +133,9 @@ class TokenBroker:
         :raises GrantRevoked: the refresh token or consent is gone.
         :raises NoRefreshToken: a delegated flow before ``mailpipe auth login``.
         :raises ClientRejected: the provider refused the client itself.
-        :raises TokenEndpointBusy: the endpoint (or the lease holder) did not answer.
+        :raises TokenEndpointBusy: the endpoint (or the lease holder) did not answer
+            and the current token has expired (before expiry it is returned, the
+            failure logged and counted, and the next poll tries again).
         """
         for _ in range(LEASE_WAITS):
             entry = self.cache.load(self.account)
@@ -141,9 +153,8 @@ class TokenBroker:
                     return self._refresh(self.cache.load(self.account))
                 finally:
                     self.cache.release_lease(self.account, owner=self.owner)
-            if entry is not None and entry.access_token and (
-                entry.expires_at is not None and now < entry.expires_at
-            ):
+            if _still_valid(entry, now):
+                assert entry is not None
                 return entry.access_token  # being refreshed elsewhere; still valid
             self._sleep(LEASE_POLL)
         raise TokenEndpointBusy(
@@ -192,6 +203,15 @@ class TokenBroker:
             self.cache.record_error(self.account, code=code, message=str(exc))
             revoked = isinstance(exc, GrantRevoked | NoRefreshToken)
             gauges.refresh_failed(self.mailbox, reason=code, revoked=revoked)
+            if isinstance(exc, TokenEndpointBusy) and _still_valid(entry, self.clock()):
+                # An early refresh that failed for now: the current token still
+                # works, so the poll goes on with it and the next poll tries again.
+                assert entry is not None
+                self._log.warning(
+                    "oauth_refresh_failed", code=code, error=str(exc),
+                    kept_valid_token=True, expires_at=entry.expires_at,
+                )
+                return entry.access_token
             self._log.error("oauth_refresh_failed", code=code, error=str(exc))
             raise
         return self.save(grant, previous=entry)

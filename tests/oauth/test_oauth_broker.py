@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from mailpipe.oauth import gauges
 from mailpipe.oauth.broker import TokenBroker
 from mailpipe.oauth.cache import TokenCache
 from mailpipe.oauth.errors import GrantRevoked, NoRefreshToken, TokenEndpointBusy
-from mailpipe.oauth.gauges import OAuthMetrics
+from mailpipe.oauth.gauges import BOARD, OAuthMetrics
 from mailpipe.oauth.grant import Grant
 from mailpipe.oauth.options import AnyOAuth
 from mailpipe.oauth.sealing import Sealer, SealError, new_key
@@ -311,3 +312,28 @@ def test_postgres_cache_reconnects_after_its_backend_is_gone(
         assert entry is not None and entry.access_token == token
         assert cache._conn.info.backend_pid != pid
     cache.close()
+
+
+def test_a_failed_early_refresh_keeps_serving_the_valid_token(
+    auth_server: AuthServer, cache_key: str, clock: Clock, tmp_path: Path
+) -> None:
+    # Review M1: a 429 between refresh_at and expires_at failed the poll.
+    cache = _cache(str(tmp_path / "j.sqlite3"), cache_key, clock, tmp_path)
+    broker = _broker(_options(auth_server, cache_key), cache, clock)
+    _login(broker, auth_server)
+    first = broker.token_sync()
+    clock.advance(3600 - 320)  # past refresh_at (expiry - 330 s), 320 s still valid
+    auth_server.fail_next("429")
+    with capture_logs() as logs:
+        assert broker.token_sync() == first
+    assert [e["event"] for e in logs] == ["oauth_refresh_failed"]
+    assert logs[0]["log_level"] == "warning" and logs[0]["kept_valid_token"] is True
+    assert BOARD.outcomes[("mb", "failure", "temporarily_unavailable")] == 1
+    entry = cache.load(broker.account)
+    assert entry is not None and entry.last_error_code == "temporarily_unavailable"
+    second = broker.token_sync()  # the next poll refreshes
+    assert second != first and len(auth_server.grants()) == 2
+    clock.advance(3600)  # past expiry: a failure now fails the poll
+    auth_server.fail_next("429")
+    with pytest.raises(TokenEndpointBusy):
+        broker.token_sync()
