@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from mailpipe.oauth import gauges
+from mailpipe.errors import AuthenticationError
+from mailpipe.oauth import gauges, pool
 from mailpipe.oauth.broker import TokenBroker
 from mailpipe.oauth.cache import TokenCache
 from mailpipe.oauth.errors import GrantRevoked, NoRefreshToken, TokenEndpointBusy
@@ -336,4 +337,48 @@ def test_a_failed_early_refresh_keeps_serving_the_valid_token(
     clock.advance(3600)  # past expiry: a failure now fails the poll
     auth_server.fail_next("429")
     with pytest.raises(TokenEndpointBusy):
+        broker.token_sync()
+
+
+def test_two_mailboxes_with_their_own_cache_keys_share_one_journal(
+    auth_server: AuthServer, clock: Clock, tmp_path: Path
+) -> None:
+    # Review M2: the pool sealed every mailbox with the first mailbox's key.
+    state = tmp_path / "j.sqlite3"
+    key_a, key_b = new_key(), new_key()
+    table = {
+        "provider": "oidc", "flow": "refresh_token", "client_id": "pub",
+        "issuer": auth_server.url, "ca_file": str(auth_server.ca_file),
+    }
+    a = oauth({**table, "cache_key": key_a}, state=state, base_dir=tmp_path)
+    b = oauth({**table, "cache_key": key_b}, state=state, base_dir=tmp_path)
+    pool.CLOCK = clock
+    for options, user, key in ((a, "alice", key_a), (b, "bob", key_b)):
+        # what `mailpipe auth login CONFIG MAILBOX` stores: sealed with its own key
+        with TokenCache(str(state), base_dir=tmp_path, sealer=Sealer(key)) as cli:
+            TokenBroker(options, protocol="pop3", username=user, cache=cli).save(
+                Grant(access_token="", expires_in=0,
+                      refresh_token=auth_server.issue_refresh_token(user, "pub")),
+                previous=None,
+            )
+    broker_a = pool.broker_for(a, protocol="pop3", username="alice", mailbox="a")
+    broker_b = pool.broker_for(b, protocol="pop3", username="bob", mailbox="b")
+    assert auth_server.introspect(broker_a.token_sync())["active"]
+    assert auth_server.introspect(broker_b.token_sync())["active"]
+    assert broker_a.cache is not broker_b.cache
+    assert pool.cache_for(a) is broker_a.cache  # still one cache per (journal, key)
+
+
+def test_a_cache_key_that_does_not_open_the_entry_is_an_authentication_error(
+    auth_server: AuthServer, cache_key: str, clock: Clock, tmp_path: Path
+) -> None:
+    # Review M2: SealError backed off like a network error and kept /healthz green.
+    path = str(tmp_path / "j.sqlite3")
+    _login(_broker(_options(auth_server, cache_key), _cache(path, cache_key, clock,
+                                                            tmp_path), clock),
+           auth_server)
+    other = new_key()
+    broker = _broker(_options(auth_server, other), _cache(path, other, clock, tmp_path),
+                     clock)
+    with pytest.raises(AuthenticationError, match="does not open with this cache_key"):
         broker.token_sync()
