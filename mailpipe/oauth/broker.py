@@ -200,7 +200,10 @@ class TokenBroker:
             grant = self.flow.acquire(refresh_token)
         except (AuthenticationError, TokenEndpointBusy) as exc:
             code = str(getattr(exc, "code", "") or type(exc).__name__)
-            self.cache.record_error(self.account, code=code, message=str(exc))
+            self.cache.record_error(
+                self.account, code=code, message=str(exc),
+                rt_issued_at=entry.rt_issued_at if entry is not None else None,
+            )
             revoked = isinstance(exc, GrantRevoked | NoRefreshToken)
             gauges.refresh_failed(self.mailbox, reason=code, revoked=revoked)
             if isinstance(exc, TokenEndpointBusy) and _still_valid(entry, self.clock()):

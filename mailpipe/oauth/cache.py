@@ -276,14 +276,24 @@ class TokenCache:
             "UPDATE {t} SET refresh_at = ? WHERE account = ?", (0.0, account)
         )
 
-    def record_error(self, account: str, *, code: str, message: str) -> None:
-        """Remember the latest failure (``mailpipe auth status`` shows it)."""
+    def record_error(
+        self, account: str, *, code: str, message: str, rt_issued_at: float | None
+    ) -> bool:
+        """Remember the latest failure (``mailpipe auth status`` shows it), unless the
+        refresh token was replaced meanwhile: ``rt_issued_at`` is the one the failed
+        request used, and an error about an older grant must not mark a fresh login
+        dead. True when recorded."""
         self._ensure(account)
-        self._execute(
+        same = "rt_issued_at IS NULL" if rt_issued_at is None else "rt_issued_at = ?"
+        params: tuple[Any, ...] = (message[:500], code, self.clock(), account)
+        if rt_issued_at is not None:
+            params += (rt_issued_at,)
+        cur = self._execute(
             "UPDATE {t} SET last_error = ?, last_error_code = ?, last_error_at = ? "
-            "WHERE account = ?",
-            (message[:500], code, self.clock(), account),
+            f"WHERE account = ? AND {same}",
+            params,
         )
+        return int(cur.rowcount) == 1
 
     def forget(self, account: str) -> bool:
         """Delete the row of ``account`` (``mailpipe auth revoke``)."""

@@ -382,3 +382,70 @@ def test_a_cache_key_that_does_not_open_the_entry_is_an_authentication_error(
                      clock)
     with pytest.raises(AuthenticationError, match="does not open with this cache_key"):
         broker.token_sync()
+
+
+class _LoginDuringRefresh:
+    """A flow whose first refresh fails as revoked while `auth login` stores a new
+    grant; later refreshes go to the real flow."""
+
+    needs_refresh_token = True
+
+    def __init__(self, real: Any, login: Any) -> None:
+        self.real, self.login, self.calls = real, login, 0
+
+    def acquire(self, refresh_token: str) -> Grant:
+        self.calls += 1
+        if self.calls == 1:
+            self.login()
+            raise GrantRevoked("old grant refused", code="invalid_grant")
+        grant: Grant = self.real.acquire(refresh_token)
+        return grant
+
+
+def test_a_login_during_a_failing_refresh_keeps_the_new_grant(
+    auth_server: AuthServer, cache_key: str, clock: Clock, tmp_path: Path
+) -> None:
+    # Review L2: the failed refresh's error was written over the fresh login, whose
+    # grant was then refused as dead until yet another login.
+    path = str(tmp_path / "j.sqlite3")
+    options = _options(auth_server, cache_key)
+    login = _broker(options, _cache(path, cache_key, clock, tmp_path), clock)
+    _login(login, auth_server)
+    worker = _broker(options, _cache(path, cache_key, clock, tmp_path), clock)
+    worker.token_sync()
+    clock.advance(3600)  # the token needs a refresh
+
+    def relogin() -> None:
+        clock.advance(1)
+        _login(login, auth_server)
+
+    worker.flow = _LoginDuringRefresh(worker.flow, relogin)
+    with pytest.raises(GrantRevoked):
+        worker.token_sync()
+    entry = worker.cache.load(worker.account)
+    assert entry is not None and entry.last_error_code == ""
+    assert auth_server.introspect(worker.token_sync())["active"]
+    assert worker.flow.calls == 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_record_error_applies_only_to_the_grant_it_is_about(
+    backend: str, request: pytest.FixtureRequest, cache_key: str, clock: Clock,
+    tmp_path: Path,
+) -> None:
+    url = (
+        str(tmp_path / "j.sqlite3") if backend == "sqlite"
+        else request.getfixturevalue("pg_schema_url")
+    )
+    cache = _cache(url, cache_key, clock, tmp_path)
+    cache.store("acct", description={}, access_token="", refresh_token="rt-one",
+                expires_at=0.0, refresh_at=0.0, rt_issued_at=1234.5)
+    assert not cache.record_error("acct", code="invalid_grant", message="old",
+                                  rt_issued_at=1000.0)
+    assert cache.load("acct").last_error_code == ""  # type: ignore[union-attr]
+    assert cache.record_error("acct", code="invalid_grant", message="this one",
+                              rt_issued_at=1234.5)
+    assert cache.load("acct").last_error_code == "invalid_grant"  # type: ignore[union-attr]
+    assert cache.record_error("new", code="no_refresh_token", message="none yet",
+                              rt_issued_at=None)
+    cache.close()
