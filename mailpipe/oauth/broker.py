@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -46,6 +47,15 @@ log = structlog.get_logger()
 #: Waits for another worker's refresh before giving up for this poll (bounded loop).
 LEASE_WAITS: Final = 40
 LEASE_POLL: Final = 0.25  # seconds between two looks at the row while waiting
+#: A token a mail server refuses within this many seconds of its issue is refreshed
+#: only when the refusal says the token is invalid or expired: otherwise the refusal
+#: is the mailbox's (wrong user, no licence), and an app-only token shared by every
+#: mailbox of the app must not be refreshed for it at each poll.
+REFUSAL_GRACE: Final = 300.0
+# XOAUTH2/OAUTHBEARER error statuses (RFC 7628 §3.2.2, Google's "401") and words.
+_TOKEN_REFUSAL: Final = re.compile(
+    r"invalid[_ ]token|expired|status=401\b|status=invalid_token", re.IGNORECASE
+)
 
 
 def make_flow(options: AnyOAuth, protocol: Protocol, *, username: str) -> Flow:
@@ -166,6 +176,25 @@ class TokenBroker:
     def invalidate(self, access_token: str) -> None:
         """The server refused ``access_token``: refresh before it is used again."""
         self.cache.expire(self.account, access_token)
+
+    def refused(self, access_token: str, reason: str) -> bool:
+        """A mail server refused ``access_token`` with ``reason`` (its error text).
+
+        True when a new token is worth one more attempt: the token was invalidated
+        (the refusal says it is invalid or expired, or it is older than
+        :data:`REFUSAL_GRACE`), or another worker already replaced it. False when a
+        fresh token was refused for another reason: it is kept, and the login fails.
+        """
+        entry = self.cache.load(self.account)
+        if entry is None or entry.access_token != access_token:
+            return True
+        about_token = _TOKEN_REFUSAL.search(reason) is not None
+        age = self.clock() - (entry.last_refresh or 0.0)
+        if not about_token and age < REFUSAL_GRACE:
+            self._log.info("oauth_token_kept", reason="refusal_not_about_token")
+            return False
+        self.invalidate(access_token)
+        return True
 
     def _refuse_dead_grant(self, entry: CachedToken | None) -> None:
         if entry is None or not self.flow.needs_refresh_token:

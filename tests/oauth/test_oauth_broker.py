@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 
 from mailpipe.errors import AuthenticationError
 from mailpipe.oauth import gauges, pool
-from mailpipe.oauth.broker import TokenBroker
+from mailpipe.oauth.broker import REFUSAL_GRACE, TokenBroker
 from mailpipe.oauth.cache import TokenCache
 from mailpipe.oauth.errors import GrantRevoked, NoRefreshToken, TokenEndpointBusy
 from mailpipe.oauth.gauges import BOARD, OAuthMetrics
@@ -449,3 +449,29 @@ def test_record_error_applies_only_to_the_grant_it_is_about(
     assert cache.record_error("new", code="no_refresh_token", message="none yet",
                               rt_issued_at=None)
     cache.close()
+
+
+def test_a_refusal_that_is_not_about_the_token_keeps_the_shared_token(
+    auth_server: AuthServer, cache_key: str, clock: Clock, tmp_path: Path
+) -> None:
+    # Review L3: any POP3 refusal of one misconfigured mailbox expired the app-only
+    # token every mailbox of the app shares, forcing a refresh per poll.
+    options = _options(auth_server, cache_key, flow="client_credentials",
+                       client_id="app", client_secret="app-secret")
+    cache = _cache(str(tmp_path / "j.sqlite3"), cache_key, clock, tmp_path)
+    wrong = _broker(options, cache, clock, mailbox="typo", username="nobody@example.com")
+    good = _broker(options, cache, clock, mailbox="sales", username="sales@example.com")
+    token = good.token_sync()
+    for _ in range(3):  # three polls of the misconfigured mailbox
+        clock.advance(60)
+        assert not wrong.refused(token, "-ERR [AUTH] Authentication failed.")
+        assert wrong.token_sync() == token
+    assert good.token_sync() == token and len(auth_server.grants()) == 1
+    # the server says the token itself is bad: refresh at once
+    assert wrong.refused(token, "refused (OAuth error: scheme=bearer, status=401)")
+    fresh = good.token_sync()
+    assert fresh != token and len(auth_server.grants()) == 2
+    # a token older than the grace period is refreshed on any refusal (a revoked one)
+    clock.advance(REFUSAL_GRACE + 1)
+    assert wrong.refused(fresh, "-ERR [AUTH] Authentication failed.")
+    assert good.token_sync() != fresh and len(auth_server.grants()) == 3
