@@ -25,7 +25,7 @@ import re
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 import structlog
 
@@ -72,19 +72,6 @@ def make_flow(options: AnyOAuth, protocol: Protocol, *, username: str) -> Flow:
     from mailpipe.oauth.oidc import OidcFlow
 
     return OidcFlow(options, protocol)
-
-
-def describe(options: AnyOAuth, protocol: Protocol, username: str) -> dict[str, Any]:
-    """What ``mailpipe auth status`` shows of an account (never a secret)."""
-    return {
-        "provider": options.provider,
-        "flow": options.flow,
-        "client_id": options.client_id,
-        "endpoint": options.endpoint(),
-        "scopes": list(options.effective_scopes(protocol)),
-        "user": options.identity() or username,
-        "refresh_token_max_age": options.refresh_token_max_age,
-    }
 
 
 def _still_valid(entry: CachedToken | None, now: float) -> bool:
@@ -265,7 +252,6 @@ class TokenBroker:
         )
         self.cache.store(
             self.account,
-            description=describe(self.options, self.protocol, self.username),
             access_token=grant.access_token,
             refresh_token=refresh_token,
             expires_at=expires_at,

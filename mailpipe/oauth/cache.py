@@ -13,7 +13,6 @@ refreshes an account at a time; the others keep using the still-valid token or w
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sqlite3
 import threading
@@ -28,8 +27,10 @@ from mailpipe.journal.errors import JournalError
 from mailpipe.oauth.sealing import Sealer
 from mailpipe.secrets import MASK, forget_secret, remember_secret
 
+# The table's ``description`` column (migration 3) is neither read nor written: `auth
+# status` describes an account from the config. It keeps its default '{}'.
 _COLUMNS = (
-    "account, description, sealed, expires_at, refresh_at, rt_issued_at, "
+    "account, sealed, expires_at, refresh_at, rt_issued_at, "
     "last_refresh, refreshes, last_error, last_error_code, last_error_at, "
     "lease_owner, lease_until"
 )
@@ -40,7 +41,6 @@ class CachedToken:
     """One cache row; ``access_token``/``refresh_token`` are set only when opened."""
 
     account: str
-    description: dict[str, Any] = field(default_factory=dict)
     sealed: str = ""
     access_token: str = field(default="", repr=False)
     refresh_token: str = field(default="", repr=False)
@@ -79,18 +79,17 @@ class _Result:
 def _row(row: tuple[Any, ...]) -> CachedToken:
     return CachedToken(
         account=row[0],
-        description=json.loads(row[1] or "{}"),
-        sealed=row[2] or "",
-        expires_at=row[3],
-        refresh_at=row[4],
-        rt_issued_at=row[5],
-        last_refresh=row[6],
-        refreshes=int(row[7] or 0),
-        last_error=row[8] or "",
-        last_error_code=row[9] or "",
-        last_error_at=row[10],
-        lease_owner=row[11],
-        lease_until=row[12],
+        sealed=row[1] or "",
+        expires_at=row[2],
+        refresh_at=row[3],
+        rt_issued_at=row[4],
+        last_refresh=row[5],
+        refreshes=int(row[6] or 0),
+        last_error=row[7] or "",
+        last_error_code=row[8] or "",
+        last_error_at=row[9],
+        lease_owner=row[10],
+        lease_until=row[11],
     )
 
 
@@ -201,11 +200,6 @@ class TokenCache:
         for value in previous - current:
             forget_secret(value)
 
-    def entries(self) -> list[CachedToken]:
-        """Every row, secrets left sealed (for ``mailpipe auth status``)."""
-        rows = self._execute(f"SELECT {_COLUMNS} FROM {{t}} ORDER BY account").fetchall()
-        return [_row(tuple(r)) for r in rows]
-
     def _ensure(self, account: str) -> None:
         self._execute(
             "INSERT INTO {t} (account) VALUES (?) ON CONFLICT (account) DO NOTHING",
@@ -236,7 +230,6 @@ class TokenCache:
         self,
         account: str,
         *,
-        description: dict[str, Any],
         access_token: str,
         refresh_token: str,
         expires_at: float,
@@ -252,12 +245,11 @@ class TokenCache:
         self._track(account, access_token, refresh_token)
         self._ensure(account)
         self._execute(
-            "UPDATE {t} SET description = ?, sealed = ?, expires_at = ?, "
+            "UPDATE {t} SET sealed = ?, expires_at = ?, "
             "refresh_at = ?, rt_issued_at = ?, last_refresh = ?, "
             "refreshes = refreshes + 1, last_error = '', last_error_code = '', "
             "last_error_at = NULL WHERE account = ?",
             (
-                json.dumps(description, sort_keys=True),
                 sealed,
                 expires_at,
                 refresh_at,

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 from mailpipe.errors import AuthenticationError
 from mailpipe.oauth import gauges, pool
 from mailpipe.oauth.broker import REFUSAL_GRACE, TokenBroker
-from mailpipe.oauth.cache import TokenCache
+from mailpipe.oauth.cache import CachedToken, TokenCache
 from mailpipe.oauth.errors import GrantRevoked, NoRefreshToken, TokenEndpointBusy
 from mailpipe.oauth.gauges import BOARD, OAuthMetrics
 from mailpipe.oauth.grant import Grant
@@ -438,7 +438,7 @@ def test_record_error_applies_only_to_the_grant_it_is_about(
         else request.getfixturevalue("pg_schema_url")
     )
     cache = _cache(url, cache_key, clock, tmp_path)
-    cache.store("acct", description={}, access_token="", refresh_token="rt-one",
+    cache.store("acct", access_token="", refresh_token="rt-one",
                 expires_at=0.0, refresh_at=0.0, rt_issued_at=1234.5)
     assert not cache.record_error("acct", code="invalid_grant", message="old",
                                   rt_issued_at=1000.0)
@@ -475,3 +475,20 @@ def test_a_refusal_that_is_not_about_the_token_keeps_the_shared_token(
     clock.advance(REFUSAL_GRACE + 1)
     assert wrong.refused(fresh, "-ERR [AUTH] Authentication failed.")
     assert good.token_sync() != fresh and len(auth_server.grants()) == 3
+
+
+def test_the_cache_reads_and_writes_only_what_it_uses(
+    auth_server: AuthServer, cache_key: str, clock: Clock, tmp_path: Path
+) -> None:
+    # Review L4: entries() had no caller; `description` was written, never read
+    # (`auth status` describes an account from the config). The column stays in
+    # the schema (dropping it is a journal migration) at its default.
+    path = tmp_path / "j.sqlite3"
+    cache = _cache(str(path), cache_key, clock, tmp_path)
+    broker = _broker(_options(auth_server, cache_key), cache, clock)
+    _login(broker, auth_server)
+    broker.token_sync()
+    assert not hasattr(TokenCache, "entries")
+    assert "description" not in CachedToken.__dataclass_fields__
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT description FROM oauth_tokens").fetchall() == [("{}",)]
