@@ -54,12 +54,20 @@ def _login(broker: TokenBroker, server: AuthServer, user: str = "alice") -> None
     broker.save(Grant(access_token="", expires_in=0, refresh_token=rt), previous=None)
 
 
+def _logged_in(
+    server: AuthServer, key: str, clock: Clock, tmp_path: Path
+) -> tuple[TokenCache, TokenBroker]:
+    """A cache in ``tmp_path/j.sqlite3`` and a broker of alice, logged in."""
+    cache = _cache(str(tmp_path / "j.sqlite3"), key, clock, tmp_path)
+    broker = _broker(_options(server, key), cache, clock)
+    _login(broker, server)
+    return cache, broker
+
+
 def test_token_is_reused_until_refresh_time_then_refreshed_once(
     auth_server: AuthServer, cache_key: str, clock: Clock, tmp_path: Path
 ) -> None:
-    cache = _cache(str(tmp_path / "j.sqlite3"), cache_key, clock, tmp_path)
-    broker = _broker(_options(auth_server, cache_key), cache, clock)
-    _login(broker, auth_server)
+    cache, broker = _logged_in(auth_server, cache_key, clock, tmp_path)
     first = broker.token_sync()
     for _ in range(5):  # polls: no request
         assert broker.token_sync() == first
@@ -120,9 +128,7 @@ def test_revoked_grant_is_not_retried_until_a_new_login(
     auth_server: AuthServer, cache_key: str, clock: Clock, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    cache = _cache(str(tmp_path / "j.sqlite3"), cache_key, clock, tmp_path)
-    broker = _broker(_options(auth_server, cache_key), cache, clock)
-    _login(broker, auth_server)
+    cache, broker = _logged_in(auth_server, cache_key, clock, tmp_path)
     broker.token_sync()
     auth_server.revoke_user("alice")
     clock.advance(3600)
@@ -146,9 +152,7 @@ def test_revoked_grant_is_not_retried_until_a_new_login(
 def test_busy_endpoint_is_temporary_and_recorded(
     auth_server: AuthServer, cache_key: str, clock: Clock, tmp_path: Path
 ) -> None:
-    cache = _cache(str(tmp_path / "j.sqlite3"), cache_key, clock, tmp_path)
-    broker = _broker(_options(auth_server, cache_key), cache, clock)
-    _login(broker, auth_server)
+    cache, broker = _logged_in(auth_server, cache_key, clock, tmp_path)
     auth_server.fail_next("429")
     with pytest.raises(TokenEndpointBusy):
         broker.token_sync()
@@ -277,9 +281,7 @@ def test_redaction_set_keeps_only_the_current_tokens(
     auth_server: AuthServer, cache_key: str, clock: Clock, tmp_path: Path
 ) -> None:
     # Review H1: each refreshed pair was remembered for the process's life.
-    cache = _cache(str(tmp_path / "j.sqlite3"), cache_key, clock, tmp_path)
-    broker = _broker(_options(auth_server, cache_key), cache, clock)
-    _login(broker, auth_server)
+    _, broker = _logged_in(auth_server, cache_key, clock, tmp_path)
     before = len(known_secret_values())
     tokens = []
     for _ in range(300):  # 300 hourly refreshes: 12.5 days of one mailbox
@@ -319,9 +321,7 @@ def test_a_failed_early_refresh_keeps_serving_the_valid_token(
     auth_server: AuthServer, cache_key: str, clock: Clock, tmp_path: Path
 ) -> None:
     # Review M1: a 429 between refresh_at and expires_at failed the poll.
-    cache = _cache(str(tmp_path / "j.sqlite3"), cache_key, clock, tmp_path)
-    broker = _broker(_options(auth_server, cache_key), cache, clock)
-    _login(broker, auth_server)
+    cache, broker = _logged_in(auth_server, cache_key, clock, tmp_path)
     first = broker.token_sync()
     clock.advance(3600 - 320)  # past refresh_at (expiry - 330 s), 320 s still valid
     auth_server.fail_next("429")
