@@ -41,6 +41,7 @@ from mailpipe.oauth.errors import (
 from mailpipe.oauth.grant import Flow, Grant
 from mailpipe.oauth.options import AnyOAuth, GoogleOAuth, MicrosoftOAuth, OidcOAuth
 from mailpipe.oauth.scopes import Protocol
+from mailpipe.oauth.sealing import SealError
 
 log = structlog.get_logger()
 
@@ -135,7 +136,7 @@ class TokenBroker:
             failure logged and counted, and the next poll tries again).
         """
         for _ in range(LEASE_WAITS):
-            entry = self.cache.load(self.account)
+            entry = self._load()
             now = self.clock()
             if entry is not None and entry.access_token and (
                 entry.refresh_at is not None and now < entry.refresh_at
@@ -147,7 +148,7 @@ class TokenBroker:
                 self.account, owner=self.owner, ttl=self.options.timeout * 3 + 10
             ):
                 try:
-                    return self._refresh(self.cache.load(self.account))
+                    return self._refresh(self._load())
                 finally:
                     self.cache.release_lease(self.account, owner=self.owner)
             if _still_valid(entry, now):
@@ -159,6 +160,18 @@ class TokenBroker:
             "finish in time",
             code="lease_busy",
         )
+
+    def _load(self) -> CachedToken | None:
+        try:
+            return self.cache.load(self.account)
+        except SealError as exc:
+            # Another cache_key sealed the entry: like a dead grant, only a new login
+            # (or the right key) helps, so /healthz reports it until a token is issued.
+            gauges.refresh_failed(
+                self.mailbox, reason="cache_key_mismatch", revoked=True, asked=False
+            )
+            self._log.error("oauth_cache_unreadable", error=str(exc))
+            raise
 
     def invalidate(self, access_token: str) -> None:
         """The server refused ``access_token``: refresh before it is used again."""

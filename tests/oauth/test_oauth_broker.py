@@ -382,6 +382,8 @@ def test_a_cache_key_that_does_not_open_the_entry_is_an_authentication_error(
                      clock)
     with pytest.raises(AuthenticationError, match="does not open with this cache_key"):
         broker.token_sync()
+    assert gauges.revoked() == {"mb": "cache_key_mismatch"}  # /healthz: 503
+    assert isinstance(SealError("x"), AuthenticationError)
 
 
 class _LoginDuringRefresh:
