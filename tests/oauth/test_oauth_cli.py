@@ -165,13 +165,16 @@ def test_oidc_revoke_authenticates_a_confidential_client(
     oidc = (f'provider = "oidc", flow = "refresh_token", client_id = "app", '
             f'client_secret = "app-secret", issuer = "{auth_server.url}"')
     path = _config(tmp_path, auth_server, cache_key, oidc)
-    from mailpipe.config import load_config
     from mailpipe.oauth.broker import TokenBroker
     from mailpipe.oauth.cache import TokenCache
     from mailpipe.oauth.grant import Grant
     from mailpipe.oauth.sealing import Sealer
 
-    options = load_config(path, entry_points=False).mailboxes[0].source_options.oauth
+    from .conftest import oauth
+
+    options = oauth({"provider": "oidc", "flow": "refresh_token", "client_id": "app",
+                     "client_secret": "app-secret", "issuer": auth_server.url,
+                     "ca_file": str(auth_server.ca_file), "cache_key": cache_key})
     rt = auth_server.issue_refresh_token("alice", "app")
     with TokenCache(str(tmp_path / "journal.sqlite3"), base_dir=tmp_path,
                     sealer=Sealer(cache_key)) as cache:
