@@ -36,7 +36,8 @@ from mailpipe.oauth.gauges import revoked as oauth_revoked
 
 #: Poll error types counted as rejected logins (OAuth grant failures among them).
 AUTH_ERROR_TYPES = frozenset(
-    {"AuthenticationError", "GrantRevoked", "ClientRejected", "NoRefreshToken"}
+    {"AuthenticationError", "GrantRevoked", "ClientRejected", "NoRefreshToken",
+     "SealError"}
 )
 
 log = structlog.get_logger()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import os
@@ -394,13 +395,15 @@ class Pop3Session:
                 )
             try:
                 await client.login_sasl(mechanism)
-            except AuthenticationError:
+            except AuthenticationError as exc:
                 if broker is None or method not in sasl.OAUTH:
                     raise
                 # A token the server refuses before its expiry (clock skew, revoked
-                # access token): refresh once and authenticate again.
+                # access token): refresh once and authenticate again, unless the
+                # refusal is this mailbox's and not the (possibly shared) token's.
                 assert isinstance(mechanism, sasl.XOAuth2 | sasl.OAuthBearer)
-                broker.invalidate(token)
+                if not await asyncio.to_thread(broker.refused, token, str(exc)):
+                    raise
                 token = await broker.token()
                 await client.login_sasl(dataclasses.replace(mechanism, token=token))
         self._log.info("pop3_authenticated", method=method)

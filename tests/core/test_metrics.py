@@ -174,6 +174,11 @@ async def test_revoked_grant_makes_healthz_unhealthy_and_metrics_show_it() -> No
         assert ('mailpipe_oauth_refreshes_total{mailbox="a",outcome="success",'
                 'reason=""} 1.0') in metrics
         assert 'mailpipe_authentication_failures_total{mailbox="b"} 1.0' in metrics
+        hooks.session_finished(  # a cache_key that does not open the entry
+            mailbox="b", summary={"error": "cache_key", "error_type": "SealError"}
+        )
+        _, text = await _get(server.port, "/metrics")
+        assert 'mailpipe_authentication_failures_total{mailbox="b"} 2.0' in text.decode()
         gauges.token_issued("b", expires_at=2e9, rt_at_risk=None, refreshed=True)
         assert (await _get(server.port, "/healthz"))[0] == 200  # after a new login
     finally:
