@@ -203,3 +203,35 @@ def test_unwrap_on_every_corpus_file(
         assert [(e.kind, e.unwrapped) for e in seen[name]][:1] == [(kind, unwrapped)]
     opaque = seen["smime-pgp__james__mail_with_signature_and_content_type_xpkcs7mime.eml"]
     assert any("user@james.org" in s for s in opaque[0].signers)
+
+
+#: An OID arc of 3001 continuation octets, lengths consistent: decoded whole it was
+#: one int of ~6300 digits (quadratic shifts, then str() raised ValueError past
+#: Python's 4300-digit limit). The review's literal is one octet short of its
+#: declared length, so it was (rightly) rejected before the OID was read.
+LONG_OID = b"\x30\x82\x0b\xbf\x06\x82\x0b\xbb\x2a" + b"\xff" * 3001 + b"\x01"
+REVIEW_BLOB = b"\x30\x82\x0b\xbf\x06\x82\x0b\xbb\x2a" + b"\xff" * 3000 + b"\x01"
+
+
+@pytest.mark.parametrize("blob", [LONG_OID, REVIEW_BLOB, b"\x30\x45\x06\x43\x2a"
+                                  + b"\x81" * 65 + b"\x01", b"\x30\x0d\x06\x0b\x2a"
+                                  + b"\x81" * 9 + b"\x01"],
+                         ids=["long-arc", "review-literal", "65-octets", "9-octet-arc"])
+def test_overlong_oid_is_not_a_content_type(blob: bytes) -> None:
+    assert content_type(blob) is None
+    assert signed_content(blob) is None
+
+
+def test_oid_at_the_limits_is_read() -> None:
+    arc = b"\xff" * 7 + b"\x7f"  # 8 octets: the longest arc accepted
+    oid = b"\x2a" + arc * 7 + b"\x86\x48"  # 59 octets
+    blob = bytes([0x30, len(oid) + 2, 0x06, len(oid)]) + oid
+    assert content_type(blob) == "1.2." + ".".join([str(2**56 - 1)] * 7) + ".840"
+
+
+def test_overlong_oid_in_p7m_never_raises(
+    make_message: Callable[[bytes], Message], processor: Callable[..., Any]
+) -> None:
+    message = make_message(_wrap(LONG_OID, "signed-data"))
+    assert processor("unwrap").process(message) is None
+    assert parse_into(message).envelopes == []  # not CMS: nothing claimed
