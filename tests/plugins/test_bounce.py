@@ -127,6 +127,35 @@ def test_nonstandard_bounce_from_mailer_daemon(
     assert parse_into(message).bounce is None
 
 
+def test_flufl_bounce_gets_at_most_the_cap(
+    make_message: Callable[[bytes], Message], processor: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A report padded with 100,000 blank lines (flufl's detectors cost time per
+    line): flufl.bounce is given the first FLUFL_MAX octets, never the whole."""
+    from mailpipe.plugins.bounce import nonstandard
+
+    given: list[int] = []
+    real = nonstandard.flufl_failures
+
+    def spy(raw: bytes) -> tuple[set[str], set[str]] | None:
+        given.append(len(raw))
+        return real(raw)
+
+    monkeypatch.setattr(nonstandard, "flufl_failures", spy)
+    raw = (b"From: MAILER-DAEMON@mx.example\r\nSubject: Undelivered Mail Returned to "
+           b"Sender\r\nMIME-Version: 1.0\r\nContent-Type: multipart/report; "
+           b"report-type=delivery-status; boundary=b\r\n\r\n--b\r\nContent-Type: "
+           b"text/plain\r\n\r\n<nobody@nowhere.example>: host mx.nowhere.example "
+           b"said: 550 5.1.1 unknown user\r\n" + b"\r\n" * 100_000 + b"--b--\r\n")
+    assert len(raw) > 3 * nonstandard.FLUFL_MAX
+    message = make_message(raw)
+    assert processor("bounce").process(message) is None
+    bounce = parse_into(message).bounce
+    assert bounce is not None and (bounce.kind, bounce.permanent) == ("non-standard", True)
+    assert len(given) == 1 and 0 < given[0] <= nonstandard.FLUFL_MAX
+
+
 EXPECTED_CORPUS = {  # file: (kind, permanent, first failed recipient)
     "bounce__cpython__msg_16.eml": ("dsn", True, "jangel1@cougar.noc.ucla.edu"),
     "bounce__enmime__delayed_dsn.eml": ("dsn", False, "thomas@de-montfort.ac.uk"),
