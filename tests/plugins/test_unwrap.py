@@ -235,3 +235,37 @@ def test_overlong_oid_in_p7m_never_raises(
     message = make_message(_wrap(LONG_OID, "signed-data"))
     assert processor("unwrap").process(message) is None
     assert parse_into(message).envelopes == []  # not CMS: nothing claimed
+
+
+class _CountingPayload:
+    """A payload that counts how often its bytes are read."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.reads = data, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __bytes__(self) -> bytes:
+        self.reads += 1
+        return self.data
+
+
+def test_only_attachments_named_or_typed_msg_are_read(
+    make_message: Callable[[bytes], Message], processor: Callable[..., Any]
+) -> None:
+    raw = (b"From: a@x.example\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed;"
+           b" boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+           b"--b\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; "
+           b"filename=scan.pdf\r\n\r\n%PDF-1.4 scan\r\n"
+           b"--b\r\nContent-Type: application/octet-stream\r\nContent-Disposition: "
+           b"attachment; filename=fwd.msg\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           + base64.encodebytes(OLE_MAGIC + b"\0" * 600) + b"--b--\r\n")
+    message = make_message(raw)
+    record = parse_into(message)
+    spies = [_CountingPayload(bytes(p)) for p in message.meta[PAYLOADS_KEY]]
+    message.meta[PAYLOADS_KEY] = spies
+    assert [a.filename for a in record.attachments] == ["scan.pdf", "fwd.msg"]
+    processor("unwrap").process(message)
+    assert [s.reads for s in spies] == [0, 1]  # the PDF is never read
+    assert [e.kind for e in record.envelopes] == ["outlook-msg"]
