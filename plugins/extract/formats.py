@@ -35,6 +35,8 @@ def inflate_cap(max_chars: int) -> int:
     """Most octets inflated from one archive for a budget of ``max_chars``: past it
     the member being read is cut and the text marked truncated."""
     return min(MAX_INFLATE, max(max_chars * INFLATE_PER_CHAR, MIN_INFLATE))
+
+
 #: Most members of one archive looked at.
 MAX_MEMBERS: Final = 2000
 
