@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import ctypes
+import itertools
 import json
 import os
 import random
@@ -88,12 +89,18 @@ def make_mailbox(profile: str, count: int, seed: int = 1) -> list[bytes]:
     raise ValueError(profile)
 
 
+_ROUND = itertools.count()
+
+
 def populate(dovecot, user, msgs: list[bytes]) -> None:
     dovecot.clear(user)
     new = user.maildir / "new"
     now = int(time.time())
+    # A round number in every name: two rounds within one second must never reuse a
+    # file name the server's index still knows as expunged (it then skips the file).
+    round_ = next(_ROUND)
     for i, data in enumerate(msgs):
-        name = f"{now}.M{i:07d}P{os.getpid()}.bench"
+        name = f"{now}.M{i:07d}R{round_}P{os.getpid()}.bench"
         path = user.maildir / "tmp" / name
         path.write_bytes(data)
         if os.geteuid() == 0:

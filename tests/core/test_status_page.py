@@ -225,11 +225,20 @@ def click(driver: Any, action: str, key: str, token: str) -> str:
     field.send_keys(token)
     button = driver.find_element(By.CSS_SELECTOR, f"button[value='{action}:{key}']")
     button.click()
-    # The answer is a new page: wait (bounded) until the old one is gone.
-    wait = WebDriverWait(driver, 60)
+    # The answer is a new page: wait (bounded) until the old one is gone. While the
+    # page is being replaced, Chromium may answer a query about the old node with an
+    # inspector error ("Node with given id does not belong to the document") instead
+    # of a stale-element error: both mean "not yet", so the waits ignore them.
+    from selenium.common.exceptions import WebDriverException
+
+    wait = WebDriverWait(driver, 60, ignored_exceptions=(WebDriverException,))
     wait.until(ec.staleness_of(button))
-    banner = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "p.banner")))
-    return str(banner.text)
+
+    def banner_text(d: Any) -> str | bool:
+        found = d.find_elements(By.CSS_SELECTOR, "p.banner")
+        return str(found[0].text) if found else False
+
+    return str(wait.until(banner_text))
 
 
 def test_status_page_in_a_browser(

@@ -217,7 +217,7 @@ def test_fixture_fails_in_ci_without_dovecot(tmp_path: Path) -> None:
         textwrap.dedent(
             """
             import mailpipe.testing.pytest_plugin as plugin
-            plugin.dovecot_unavailable_reason = lambda: "Dovecot is not installed (test)"
+            plugin.dovecot_unavailable_reason = lambda **kw: "Dovecot is not installed (test)"
 
             def test_x(dovecot):
                 pass
