@@ -40,7 +40,13 @@ from mailpipe.tls import (
 
 from . import events as cmd
 from .events import Closed, Command, Continuation, Data, Done, Event, Greeting, Status
-from .protocol import ImapConnection, NeedData, RemoteProtocolError, State
+from .protocol import (
+    ClosedMidResponse,
+    ImapConnection,
+    NeedData,
+    RemoteProtocolError,
+    State,
+)
 
 log = structlog.get_logger()
 
@@ -411,6 +417,8 @@ class ImapClient:
         for _ in range(1 << 62):
             try:
                 event = conn.next_event()
+            except ClosedMidResponse as exc:  # a dropped connection, whatever the timing
+                raise SourceConnectionError(f"{self.where}: {exc}") from None
             except RemoteProtocolError as exc:
                 raise RemoteProtocolError(f"{self.where}: {exc}") from None
             if isinstance(event, NeedData):

@@ -85,6 +85,11 @@ class RemoteProtocolError(ImapProtocolError):
     """The server broke the protocol or a limit; the session is unusable."""
 
 
+class ClosedMidResponse(RemoteProtocolError):
+    """The connection ended inside a response (a literal cut short): a connection
+    failure as much as a protocol one; the driver reports it as a connection error."""
+
+
 class State(enum.Enum):
     """Connection states of RFC 9051 §3, plus ERROR."""
 
@@ -376,7 +381,7 @@ class ImapConnection:
     def _step_literal(self) -> bool:
         if not self._buf:
             if self._eof:
-                raise RemoteProtocolError(
+                raise ClosedMidResponse(
                     f"connection closed inside a literal ({self._literal_left} octets missing)"
                 )
             return False
