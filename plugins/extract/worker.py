@@ -12,6 +12,7 @@ no memory carried from one attachment to the next)."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -32,9 +33,11 @@ def run_in_child(fmt_name: str, data: bytes, *, max_chars: int, timeout: float,
     raises ExtractError (only) when it gives no text."""
     command = [sys.executable, "-m", __name__, fmt_name, str(max_chars), repr(timeout),
                str(max_memory)]
+    # the child imports the mailpipe this process imported, wherever it was found
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     try:
         done = subprocess.run(command, input=data, capture_output=True, timeout=timeout,
-                              check=False)
+                              env=env, check=False)
     except subprocess.TimeoutExpired as exc:  # run() killed and reaped the child
         raise ExtractError("time limit reached (the reader process was killed)") from exc
     except OSError as exc:

@@ -401,3 +401,22 @@ def test_max_memory_below_the_floor_names_key_and_floor(
     with pytest.raises(ValueError) as info:
         processor("extract", max_memory="64MiB")
     assert "max_memory" in str(info.value) and str(128 * 2**20) in str(info.value)
+
+
+@pytest.mark.parametrize(("executable", "reason"), [
+    ("/bin/false", "the reader process ended with status 1 and no answer"),
+    ("/nonexistent/python", "the reader process could not start"),
+])
+def test_a_reader_process_without_an_answer_is_a_defect_note(
+    executable: str, reason: str, make_message: Callable[[bytes], Message],
+    processor: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setattr(sys, "executable", executable)
+    message = make_message(_mail({"report.pdf": CASES["report.pdf"][0]}))
+    assert processor("extract").process(message) is None
+    record = parse_into(message)
+    assert record.attachments[0].text is None
+    assert [d.kind for d in record.defects] == ["ExtractFailed"]
+    assert reason in record.defects[0].detail
