@@ -46,13 +46,13 @@ def run_in_child(fmt_name: str, data: bytes, *, max_chars: int, timeout: float,
         answer = json.loads(done.stdout)
     except ValueError:
         answer = None
-    if not isinstance(answer, dict):
+    if not isinstance(answer, dict) or not ("error" in answer or "text" in answer):
         tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
         raise ExtractError(f"the reader process ended with status {done.returncode} "
                            f"and no answer {tail[0][:200]!r}")
     if "error" in answer:
         raise ExtractError(str(answer["error"]))
-    return str(answer["text"]), bool(answer["truncated"])
+    return str(answer["text"]), bool(answer.get("truncated"))
 
 
 def main(argv: list[str]) -> int:
