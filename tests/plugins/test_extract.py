@@ -372,7 +372,10 @@ def test_pdf_bomb_is_a_defect_note_and_its_reader_stays_under_the_memory_cap(
     assert out["self_maxrss"] < DEFAULT_MAX_MEMORY  # the bytes never inflated here
     assert out["text"] == [None]
     assert [kind for kind, _ in out["defects"]] == ["ExtractFailed"]
-    assert "memory limit reached" in out["defects"][0][1]
+    # the cap stops it (pypdf 7.1: ~236 MiB RSS); a pypdf with lower limits of its own
+    # may stop it first, which the cap still bounds
+    assert ("memory limit reached (max_memory)" in out["defects"][0][1]
+            or "LimitReachedError" in out["defects"][0][1])
 
 
 @pytest.mark.timeout(600)
