@@ -369,7 +369,7 @@ def extract_here(fmt: Format, data: bytes, *, max_chars: int,
     except RecursionError as exc:
         raise ExtractError("nesting too deep") from exc
     except MemoryError as exc:
-        raise ExtractError("memory limit reached (max_memory)") from exc
+        raise ExtractError("out of memory") from exc
     except Exception as exc:  # a third-party reader's own error on hostile input
         raise ExtractError(f"{type(exc).__name__}: {exc}"[:300]) from exc
     return budget.text(), budget.truncated

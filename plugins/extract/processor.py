@@ -80,8 +80,9 @@ class ExtractProcessor:
 
     Limits per attachment: ``max_size`` octets read, ``max_chars`` characters kept,
     ``timeout`` seconds; a PDF is read in a child process whose address space is
-    capped at ``max_memory`` octets and which is killed at ``timeout``; an archive inflates at most 8 octets per ``max_chars``
-    character (at least 64 KiB, at most 64 MiB). Readers parse the given
+    capped at ``max_memory`` octets and which is killed at ``timeout``; an archive
+    inflates at most 8 octets per ``max_chars`` character (at least 64 KiB, at most
+    64 MiB). Readers parse the given
     bytes and open no file or connection (no network). A failed, skipped or cut
     extraction is a defect note on the record (``ExtractFailed``, ``ExtractSkipped``,
     ``ExtractTruncated``), never an exception. ``store.sqlite`` indexes the text for

@@ -22,7 +22,8 @@ from .formats import FORMATS, ExtractError, extract_here
 
 #: The default address-space cap of the child (the interpreter and pypdf take ~70 MiB).
 DEFAULT_MAX_MEMORY: Final = 256 * 2**20
-#: The least cap accepted: below it the interpreter cannot import the reader.
+#: The least cap accepted: the interpreter, mailpipe and pypdf take ~70 MiB of
+#: address space before a PDF is read, so below this little is left for it.
 MIN_MAX_MEMORY: Final = 128 * 2**20
 
 
@@ -55,6 +56,10 @@ def run_in_child(fmt_name: str, data: bytes, *, max_chars: int, timeout: float,
     return str(answer["text"]), bool(answer.get("truncated"))
 
 
+def _memory(cap: int) -> str:
+    return f"memory limit reached (max_memory, {cap} octets)"
+
+
 def main(argv: list[str]) -> int:
     """The child: cap the address space, read stdin, answer on stdout."""
     fmt_name, max_chars, timeout, max_memory = argv
@@ -67,9 +72,10 @@ def main(argv: list[str]) -> int:
                                        max_chars=int(max_chars), timeout=float(timeout))
         answer = {"text": text, "truncated": truncated}
     except ExtractError as exc:
-        answer = {"error": str(exc)}
+        answer = {"error": _memory(cap) if isinstance(exc.__cause__, MemoryError)
+                  else str(exc)}
     except MemoryError:  # raised outside the reader (reading stdin)
-        answer = {"error": f"memory limit reached ({cap} octets, max_memory)"}
+        answer = {"error": _memory(cap)}
     sys.stdout.write(json.dumps(answer))
     return 0
 

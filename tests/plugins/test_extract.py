@@ -374,7 +374,7 @@ def test_pdf_bomb_is_a_defect_note_and_its_reader_stays_under_the_memory_cap(
     assert [kind for kind, _ in out["defects"]] == ["ExtractFailed"]
     # the cap stops it (pypdf 7.1: ~236 MiB RSS); a pypdf with lower limits of its own
     # may stop it first, which the cap still bounds
-    assert ("memory limit reached (max_memory)" in out["defects"][0][1]
+    assert ("memory limit reached (max_memory, 268435456 octets)" in out["defects"][0][1]
             or "LimitReachedError" in out["defects"][0][1])
 
 
