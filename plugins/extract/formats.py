@@ -4,7 +4,8 @@ plain text. Every reader is bounded: a character budget that text runs enter one
 time (taking stops when it is full), a deadline checked between pages, sheets and
 archive members and every :data:`CHECK_EVERY` matches inside one, and a cap on the
 octets inflated from an archive that grows with the budget (:func:`inflate_cap`).
-Nothing here opens a file or a socket: the bytes are given."""
+PDF is read in a child process with a memory cap and a hard time limit
+(:mod:`.worker`). Nothing here opens a file or a socket: the bytes are given."""
 
 from __future__ import annotations
 
@@ -296,10 +297,14 @@ class Format:
     types: frozenset[str]
     suffixes: tuple[str, ...]
     read: Callable[[bytes, Budget], None]
+    #: Read in a child process under a memory cap and a hard time limit
+    #: (:mod:`.worker`): the reader has steps no budget check reaches.
+    isolated: bool = False
 
 
 FORMATS: Final = (
-    Format("pdf", frozenset({"application/pdf", "application/x-pdf"}), (".pdf",), _pdf),
+    Format("pdf", frozenset({"application/pdf", "application/x-pdf"}), (".pdf",), _pdf,
+           isolated=True),
     Format("docx", frozenset({
         "application/vnd.openxmlformats-officedocument.wordprocessingml.document"}),
         (".docx", ".docm"), lambda d, b: _office(d, b, "docx")),
@@ -337,8 +342,23 @@ def format_of(content_type: str, filename: str | None) -> Format | None:
     return None
 
 
-def extract(fmt: Format, data: bytes, *, max_chars: int, timeout: float) -> tuple[str, bool]:
-    """(text, truncated) of ``data``; raises ExtractError (only) when unreadable."""
+def extract(fmt: Format, data: bytes, *, max_chars: int, timeout: float,
+            max_memory: int | None = None) -> tuple[str, bool]:
+    """(text, truncated) of ``data``; raises ExtractError (only) when unreadable.
+    An isolated format (PDF) is read in a child process whose address space is
+    capped at ``max_memory`` octets (default
+    :data:`~.worker.DEFAULT_MAX_MEMORY`) and which is killed at ``timeout``."""
+    if fmt.isolated:
+        from .worker import DEFAULT_MAX_MEMORY, run_in_child
+
+        return run_in_child(fmt.name, data, max_chars=max_chars, timeout=timeout,
+                            max_memory=max_memory or DEFAULT_MAX_MEMORY)
+    return extract_here(fmt, data, max_chars=max_chars, timeout=timeout)
+
+
+def extract_here(fmt: Format, data: bytes, *, max_chars: int,
+                 timeout: float) -> tuple[str, bool]:
+    """:func:`extract` in this process, bounded only by the budget's checks."""
     budget = Budget(max_chars, timeout)
     try:
         fmt.read(data, budget)
@@ -348,6 +368,8 @@ def extract(fmt: Format, data: bytes, *, max_chars: int, timeout: float) -> tupl
         raise ExtractError(f"not a valid {fmt.name} archive: {exc}") from exc
     except RecursionError as exc:
         raise ExtractError("nesting too deep") from exc
+    except MemoryError as exc:
+        raise ExtractError("out of memory") from exc
     except Exception as exc:  # a third-party reader's own error on hostile input
         raise ExtractError(f"{type(exc).__name__}: {exc}"[:300]) from exc
     return budget.text(), budget.truncated

@@ -14,6 +14,7 @@ from mailpipe.processor import ProcessorContext, Result
 from mailpipe.units import ByteSize, Duration
 
 from .formats import FORMAT_NAMES, ExtractError, extract, format_of, inflate_cap
+from .worker import DEFAULT_MAX_MEMORY, MIN_MAX_MEMORY
 
 if TYPE_CHECKING:
     from mailpipe.message import Message
@@ -55,8 +56,14 @@ class ExtractOptions(BaseModel):
     timeout: Duration = Field(
         10.0, gt=0,
         description="Time limit per attachment, checked between pages, sheets and "
-        "archive members and every 1024 text runs or cells inside one; past it what "
-        "was read so far is dropped (a defect note).",
+        "archive members and every 1024 text runs or cells inside one; a PDF's reader "
+        "process is killed at it. Past it what was read so far is dropped (a defect "
+        "note).",
+    )
+    max_memory: ByteSize = Field(
+        DEFAULT_MAX_MEMORY, ge=MIN_MAX_MEMORY,
+        description="Address-space cap (RLIMIT_AS) of the child process that reads "
+        "each PDF; at least 128MiB; reaching it is a defect note, e.g. '512MB'.",
     )
     inline: bool = Field(
         False, strict=True, description="Also read inline parts (not only attachments)."
@@ -72,8 +79,10 @@ class ExtractProcessor:
     XLSX, PPTX, ODT/ODS/ODP, HTML, CSV and plain text.
 
     Limits per attachment: ``max_size`` octets read, ``max_chars`` characters kept,
-    ``timeout`` seconds; an archive inflates at most 8 octets per ``max_chars``
-    character (at least 64 KiB, at most 64 MiB). Readers parse the given
+    ``timeout`` seconds; a PDF is read in a child process whose address space is
+    capped at ``max_memory`` octets and which is killed at ``timeout``; an archive
+    inflates at most 8 octets per ``max_chars`` character (at least 64 KiB, at most
+    64 MiB). Readers parse the given
     bytes and open no file or connection (no network). A failed, skipped or cut
     extraction is a defect note on the record (``ExtractFailed``, ``ExtractSkipped``,
     ``ExtractTruncated``), never an exception. ``store.sqlite`` indexes the text for
@@ -110,7 +119,7 @@ class ExtractProcessor:
             started = time.perf_counter()
             try:
                 text, truncated = extract(fmt, _bytes(payload), max_chars=o.max_chars,
-                                          timeout=o.timeout)
+                                          timeout=o.timeout, max_memory=o.max_memory)
             except ExtractError as exc:
                 record.defects.append(Defect(
                     part=att.part, kind=EXTRACT_FAILED,

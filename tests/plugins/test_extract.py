@@ -18,15 +18,16 @@ from mailpipe.plugins.parse import parse_into
 from mailpipe.message import Message
 
 
-def _pdf(text: str) -> bytes:
-    """A one-page PDF showing ``text`` (hand-written objects, exact xref)."""
+def _pdf(text: str, *, content: bytes | None = None) -> bytes:
+    """A one-page PDF showing ``text`` (hand-written objects, exact xref), or with
+    ``content`` as its content stream object (dictionary and stream)."""
     stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
         b"/Resources << /Font << /F1 5 0 R >> >> >>",
-        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        content or (b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream"),
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
     ]
     out = bytearray(b"%PDF-1.4\n")
@@ -313,3 +314,112 @@ def test_store_sqlite_indexes_attachment_text(
     conn.execute("DELETE FROM messages")
     assert search(conn, "attached") == []
     conn.close()
+
+
+def _pdf_bomb(mib: int) -> bytes:
+    """The review's PDF bomb: one page whose one content stream inflates to ``mib``
+    MiB of text operators (~150 KB deflated for 60 MiB)."""
+    import zlib
+
+    line = b"BT /F1 12 Tf 10 10 Td (a) Tj ET\n"
+    packed = zlib.compress(line * (mib * 2**20 // len(line)), 9)
+    return _pdf("", content=b"<< /Length %d /Filter /FlateDecode >>\nstream\n"
+                % len(packed) + packed + b"\nendstream")
+
+
+_BOMB_RUN = """
+import json, resource, sys
+from mailpipe.message import Message, MessageRef
+from mailpipe.plugins.extract.processor import ExtractOptions, ExtractProcessor
+from mailpipe.plugins.parse import parse_into
+from mailpipe.processor import ProcessorContext
+
+raw = open(sys.argv[1], "rb").read()
+step = ExtractProcessor(ExtractOptions(), ProcessorContext())
+message = Message(ref=MessageRef(mailbox="mb", number=1, uid="u1", size=len(raw)),
+                  data=raw)
+step.process(message)
+record = parse_into(message)
+print(json.dumps({
+    "defects": [[d.kind, d.detail] for d in record.defects],
+    "text": [a.text for a in record.attachments],
+    "children_maxrss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+    "self_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+}))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_pdf_bomb_is_a_defect_note_and_its_reader_stays_under_the_memory_cap(
+    tmp_path: Path,
+) -> None:
+    """The 60 MiB single-stream Flate bomb, run by the processor with its defaults in
+    a fresh interpreter, whose only children are the PDF readers: a defect note, and
+    the peak RSS of the reader (getrusage of the children) under ``max_memory``."""
+    import json
+    import subprocess
+    import sys
+
+    from mailpipe.plugins.extract.worker import DEFAULT_MAX_MEMORY
+
+    mail = tmp_path / "bomb.eml"
+    mail.write_bytes(_mail({"bomb.pdf": _pdf_bomb(60)}))
+    done = subprocess.run([sys.executable, "-c", _BOMB_RUN, str(mail)], capture_output=True,
+                          timeout=540, check=True)
+    out = json.loads(done.stdout)
+    # the reader did run and grow (the interpreter alone is ~50 MiB), and stayed capped
+    assert 100 * 2**20 < out["children_maxrss"] < DEFAULT_MAX_MEMORY
+    assert out["self_maxrss"] < DEFAULT_MAX_MEMORY  # the bytes never inflated here
+    assert out["text"] == [None]
+    assert [kind for kind, _ in out["defects"]] == ["ExtractFailed"]
+    # the cap stops it (pypdf 7.1: ~236 MiB RSS); a pypdf with lower limits of its own
+    # may stop it first, which the cap still bounds
+    assert ("memory limit reached (max_memory, 268435456 octets)" in out["defects"][0][1]
+            or "LimitReachedError" in out["defects"][0][1])
+
+
+@pytest.mark.timeout(600)
+def test_pdf_reader_is_killed_at_the_timeout() -> None:
+    """Inside one content stream no budget check runs: only the parent's kill can end
+    the read at the time limit (a 60 MiB stream takes seconds of CPU, not 0.2 s)."""
+    fmt = format_of("", "bomb.pdf")
+    assert fmt is not None
+    with pytest.raises(Exception) as info:
+        extract(fmt, _pdf_bomb(60), max_chars=1000, timeout=0.2, max_memory=2**30)
+    assert type(info.value).__name__ == "ExtractError"
+    assert "time limit reached (the reader process was killed)" in str(info.value)
+
+
+def test_ordinary_pdf_in_the_reader_process_keeps_max_chars() -> None:
+    fmt = format_of("application/pdf", None)
+    assert fmt is not None and fmt.isolated
+    text, truncated = extract(fmt, _pdf("Quarterly invoice 4711"), max_chars=9,
+                              timeout=60)
+    assert (text, truncated) == ("Quarterly", True)
+
+
+def test_max_memory_below_the_floor_names_key_and_floor(
+    processor: Callable[..., Any],
+) -> None:
+    with pytest.raises(ValueError) as info:
+        processor("extract", max_memory="64MiB")
+    assert "max_memory" in str(info.value) and str(128 * 2**20) in str(info.value)
+
+
+@pytest.mark.parametrize(("executable", "reason"), [
+    ("/bin/false", "the reader process ended with status 1 and no answer"),
+    ("/nonexistent/python", "the reader process could not start"),
+])
+def test_a_reader_process_without_an_answer_is_a_defect_note(
+    executable: str, reason: str, make_message: Callable[[bytes], Message],
+    processor: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setattr(sys, "executable", executable)
+    message = make_message(_mail({"report.pdf": CASES["report.pdf"][0]}))
+    assert processor("extract").process(message) is None
+    record = parse_into(message)
+    assert record.attachments[0].text is None
+    assert [d.kind for d in record.defects] == ["ExtractFailed"]
+    assert reason in record.defects[0].detail
