@@ -22,9 +22,14 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import structlog
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from mailpipe import sasl
+from mailpipe.credentials import (
+    Credentials,
+    check_auth_has_credentials,
+    check_token_when_needed,
+)
 from mailpipe.errors import (
     CommitError,
     OversizeError,
@@ -32,6 +37,7 @@ from mailpipe.errors import (
     SourcePermanentError,
 )
 from mailpipe.message import Message, MessageRef
+from mailpipe.oauth.options import OAuthOptions
 from mailpipe.secrets import Secret
 from mailpipe.source import Ack, AckKind, SessionFacts, SourceContext, Unretrievable
 from mailpipe.tls import ConnectionSecurity
@@ -98,10 +104,17 @@ class ImapOptions(ConnectionSecurity):
         description="Authentication; 'auto' picks from the post-TLS capabilities "
         "(OAuth when a token is set, else SCRAM-SHA-256, PLAIN, LOGIN).",
     )
+    oauth: OAuthOptions | None = Field(
+        default=None,
+        description="Built-in OAuth 2 (XOAUTH2/OAUTHBEARER): { provider = "
+        "'microsoft' | 'google' | 'oidc', ... }; tokens come from the shared cache "
+        "and are refreshed before they expire (see mailpipe.oauth).",
+    )
     oauth_token: Secret | None = Field(
         default=None,
         validate_default=True,
-        description="OAuth 2 access token for XOAUTH2/OAUTHBEARER.",
+        description="OAuth 2 access token for XOAUTH2/OAUTHBEARER; a {command=[...]} "
+        "secret runs again for every session (fresh token). Not with oauth.",
     )
     folders: list[str] = Field(
         default=["INBOX"],
@@ -130,16 +143,10 @@ class ImapOptions(ConnectionSecurity):
         "the session and the message is left on the server.",
     )
 
-    @field_validator("oauth_token")
-    @classmethod
-    def _credentials(cls, token: Secret | None, info: ValidationInfo) -> Secret | None:
-        auth = info.data.get("auth")
-        if token is None:
-            if auth in ("xoauth2", "oauthbearer"):
-                raise ValueError(f"auth = {auth!r} needs oauth_token")
-            if "password" in info.data and info.data["password"] is None:
-                raise ValueError("set password or oauth_token")
-        return token
+    # Cross-field checks shared with POP3 (mailpipe.credentials): an error names a key
+    # and never echoes the table, which may hold the password.
+    _auth_has_credentials = field_validator("auth")(check_auth_has_credentials)
+    _token_when_needed = field_validator("oauth_token")(check_token_when_needed)
 
     @field_validator("folders")
     @classmethod
@@ -345,9 +352,9 @@ class ImapSession:
 
     async def _authenticate(self) -> None:
         o, client = self.options, self.client
-        token = await o.oauth_token.refresh_async() if o.oauth_token is not None else ""
-        password = o.password.get() if o.password is not None else ""
-        method = choose(o.auth, client.capabilities, has_token=bool(token))
+        secrets = await Credentials.load(o, protocol="imap", mailbox=self.mailbox)
+        password = secrets.password
+        method = choose(o.auth, client.capabilities, has_token=bool(secrets.token))
         user = o.username
         if method == "login":
             await client.login(user, password)
@@ -357,13 +364,11 @@ class ImapSession:
                 mechanism = sasl.Plain(user=user, password=password)
             elif method in ("scram-sha-1", "scram-sha-256"):
                 mechanism = sasl.Scram(user=user, password=password, name=SASL_NAMES[method])
-            elif method == "xoauth2":
-                mechanism = sasl.XOAuth2(user=user, token=token)
             else:
-                mechanism = sasl.OAuthBearer(
-                    user=user, token=token, host=o.host, port=o.effective_port
+                mechanism = secrets.oauth_mechanism(
+                    method, user=user, host=o.host, port=o.effective_port
                 )
-            await client.authenticate(mechanism)
+            await secrets.login(method, mechanism, client.authenticate)
         self._log.info("imap_authenticated", method=method)
 
     # --- selecting ----------------------------------------------------------------
