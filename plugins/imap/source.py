@@ -189,12 +189,16 @@ class ImapSource:
         # UIDNEXT per folder as the last listing saw it: mail that arrived between that
         # listing and the IDLE of wait_for_mail wakes at once instead of being missed.
         self.listed_uidnext: dict[bytes, int] = {}
+        # UIDVALIDITY per folder as the last listing saw it (IC-25): a session whose
+        # listing finds another one, or the first of a process, reports epoch_changed.
+        self.listed_uidvalidity: dict[bytes, int] = {}
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator["ImapSession"]:
         """Open a session; on exit it aborts (no acknowledgement) unless committed."""
         session = ImapSession(
-            self.options, self.mailbox, self.context.ack, self.listed_uidnext
+            self.options, self.mailbox, self.context.ack, self.listed_uidnext,
+            self.listed_uidvalidity,
         )
         try:
             await session.open()
@@ -279,6 +283,18 @@ def message_uid(folder: bytes, uidvalidity: int, uid: int) -> str:
     return f"{folder.decode('ascii', 'replace')};UIDVALIDITY={uidvalidity};UID={uid}"
 
 
+_MESSAGE_UID = re.compile(r"(.+);UIDVALIDITY=([0-9]{1,10});UID=([0-9]{1,10})")
+
+
+def parse_message_uid(uid: str) -> tuple[bytes, int, int] | None:
+    """The folder (wire form), UIDVALIDITY and UID of a :func:`message_uid`; None for
+    any other id (a Gmail ``X-GM-MSGID`` id, another source's)."""
+    match = _MESSAGE_UID.fullmatch(uid)
+    if match is None or not match[1].isascii():
+        return None
+    return match[1].encode("ascii"), int(match[2]), int(match[3])
+
+
 class ImapSession:
     """One IMAP session implementing :class:`mailpipe.source.SourceSession`."""
 
@@ -288,11 +304,14 @@ class ImapSession:
         mailbox: str,
         ack: Ack | None = None,
         listed_uidnext: dict[bytes, int] | None = None,
+        listed_uidvalidity: dict[bytes, int] | None = None,
     ) -> None:
         self.options = options
         self.mailbox = mailbox
         self.ack = ack  # the mailbox's acknowledgement: flagged mail is not listed
         self.listed_uidnext = {} if listed_uidnext is None else listed_uidnext
+        self.listed_uidvalidity = {} if listed_uidvalidity is None else listed_uidvalidity
+        self._epoch_changed = False
         self.client = ImapClient(
             options.host,
             options.effective_port,
@@ -318,18 +337,34 @@ class ImapSession:
 
     @property
     def facts(self) -> SessionFacts:
-        """UIDs are stable under UIDVALIDITY, which each id includes; push when the
-        server has IDLE.
-
-        ``ids_have_epoch`` stays False although the ids carry UIDVALIDITY: that fact
-        promises the source reconciles an epoch change itself (by content hash, IC-25),
-        which it does not do yet, so the engine's id-reset guard (C-60) stays on.
-        """
+        """UIDs are stable under UIDVALIDITY, which each id includes, and the session
+        names the ids a new UIDVALIDITY superseded (:meth:`superseded`), so the engine
+        reconciles by content hash (IC-25) and its POP3 id-reset guard (C-60) stays
+        off; push when the server has IDLE."""
         return SessionFacts(
             stable_ids=True,
-            ids_have_epoch=False,
+            ids_have_epoch=True,
             can_push="IDLE" in self.client.capabilities,
         )
+
+    @property
+    def epoch_changed(self) -> bool:
+        """IC-25: the last :meth:`list` found a folder whose UIDVALIDITY the source had
+        not seen (another value, or none yet in this process)."""
+        return self._epoch_changed
+
+    def superseded(self, uids: Sequence[str]) -> list[str]:
+        """IC-25: those of ``uids`` (journal ids) of a folder this session listed
+        under another UIDVALIDITY."""
+        out = []
+        for uid in uids:
+            parsed = parse_message_uid(uid)
+            if parsed is None:
+                continue
+            folder = self.folders.get(parsed[0])
+            if folder is not None and folder.uidvalidity not in (None, parsed[1]):
+                out.append(uid)
+        return out
 
     # --- opening ------------------------------------------------------------------
 
@@ -417,6 +452,14 @@ class ImapSession:
                 )
             if folder.uidnext is not None:
                 self.listed_uidnext[wire] = folder.uidnext
+            if self.listed_uidvalidity.get(wire) != folder.uidvalidity:
+                if wire in self.listed_uidvalidity:
+                    self._log.warning(
+                        "imap_uidvalidity_changed", folder=_show(wire),
+                        was=self.listed_uidvalidity[wire], now=folder.uidvalidity,
+                    )
+                self._epoch_changed = True
+                self.listed_uidvalidity[wire] = folder.uidvalidity
             if not folder.exists:
                 continue
             sizes: dict[int, int] = {}
@@ -715,4 +758,6 @@ def choose(auth: str, caps: frozenset[str], *, has_token: bool) -> str:
     return auth
 
 
-__all__ = ["ImapOptions", "ImapSession", "ImapSource", "message_uid"]
+__all__ = [
+    "ImapOptions", "ImapSession", "ImapSource", "message_uid", "parse_message_uid",
+]

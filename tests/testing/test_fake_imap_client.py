@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mailpipe.plugins.imap.source import ImapOptions, ImapSource
+import structlog
+from mailpipe.plugins.imap.source import ImapOptions, ImapSource, parse_message_uid
 
 from mailpipe import Message
 from mailpipe.errors import SourceConnectionError, SourceError
@@ -84,3 +85,28 @@ async def test_fault_never_delivers_a_wrong_message_nor_acknowledges(
         # ...and nothing was acknowledged: no STORE, no EXPUNGE, everything still there.
         assert not any("STORE" in line or "EXPUNGE" in line for line in srv.transcript)
         assert srv.messages == RAWS
+
+
+async def test_ic25_session_reports_an_epoch_change_and_what_it_superseded() -> None:
+    with ImapServer() as srv:
+        srv.add_message(RAWS[0])
+        src = source(srv)
+        async with src.session() as session:
+            refs = await session.list()
+            assert session.facts.ids_have_epoch
+            assert session.epoch_changed  # the first listing of a process: unknown
+        async with src.session() as session:
+            await session.list()
+            assert not session.epoch_changed  # the same UIDVALIDITY again
+        srv.uidvalidity += 1  # the folder was recreated
+        with structlog.testing.capture_logs() as logs:
+            async with src.session() as session:
+                new = await session.list()
+                assert session.epoch_changed
+                old = [refs[0].uid, "Other;UIDVALIDITY=1234;UID=1", "sha256:ab", new[0].uid]
+                assert session.superseded(old) == [refs[0].uid]
+        changed = [e for e in logs if e["event"] == "imap_uidvalidity_changed"]
+        assert [(e["was"], e["now"]) for e in changed] == [(1234, 1235)]
+    assert refs[0].uid == "INBOX;UIDVALIDITY=1234;UID=1"
+    assert parse_message_uid(new[0].uid) == (b"INBOX", 1235, 1)
+    assert parse_message_uid("sha256:ab") is None
