@@ -283,6 +283,12 @@ def message_uid(folder: bytes, uidvalidity: int, uid: int) -> str:
     return f"{folder.decode('ascii', 'replace')};UIDVALIDITY={uidvalidity};UID={uid}"
 
 
+def gmail_uid(msgid: int) -> str:
+    """IC-46: the uid of a Gmail message, by its ``X-GM-MSGID`` (the same under every
+    label and every UIDVALIDITY): ``X-GM-MSGID=1278455344230334865``."""
+    return f"X-GM-MSGID={msgid}"
+
+
 _MESSAGE_UID = re.compile(r"(.+);UIDVALIDITY=([0-9]{1,10});UID=([0-9]{1,10})")
 
 
@@ -440,8 +446,15 @@ class ImapSession:
     # --- SourceSession ------------------------------------------------------------
 
     async def list(self) -> list[MessageRef]:
-        """Every message of every configured folder, by UID with its RFC822.SIZE."""
+        """Every message of every configured folder, by UID with its RFC822.SIZE.
+
+        IC-46: when the server offers X-GM-EXT-1 (Gmail) the id is the message's
+        ``X-GM-MSGID``, the same in every folder (label) it appears in, so a message
+        with several labels is listed once, in the first configured folder showing it.
+        """
         refs: list[MessageRef] = []
+        gmail = "X-GM-EXT-1" in self.client.capabilities
+        listed: set[str] = set()
         for wire in list(self.folders):
             folder = await self._select(wire)
             if folder.uidvalidity is None:
@@ -452,52 +465,84 @@ class ImapSession:
                 )
             if folder.uidnext is not None:
                 self.listed_uidnext[wire] = folder.uidnext
-            if self.listed_uidvalidity.get(wire) != folder.uidvalidity:
-                if wire in self.listed_uidvalidity:
-                    self._log.warning(
-                        "imap_uidvalidity_changed", folder=_show(wire),
-                        was=self.listed_uidvalidity[wire], now=folder.uidvalidity,
-                    )
-                self._epoch_changed = True
-                self.listed_uidvalidity[wire] = folder.uidvalidity
+            self._note_epoch(wire, folder.uidvalidity)
             if not folder.exists:
                 continue
-            sizes: dict[int, int] = {}
-            done_flag = (
-                self.ack.target.lower()
-                if self.ack is not None and self.ack.kind is AckKind.FLAG and self.ack.target
-                else None
-            )
-            skipped = 0
-            items_wanted = "UID RFC822.SIZE" + (" FLAGS" if done_flag else "")
-            async for event in self.client.stream([cmd.uid_fetch("1:*", items_wanted)]):
-                if isinstance(event, Data) and event.name == "FETCH":
-                    items = fetch_items(event.values)
-                    uid_v, size_v = items.get("UID"), items.get("RFC822.SIZE")
-                    flags = {f.lower() for f in flag_list(items.get("FLAGS"))}
-                    if done_flag is not None and done_flag in flags:
-                        # IC-42: the flag is the acknowledgement: already done (also
-                        # after a UIDVALIDITY change, IC-25).
-                        skipped += 1
-                        continue
-                    if uid_v is not None and size_v is not None:
-                        sizes[parse_number(uid_v)] = parse_number(size_v, limit=2**63 - 1)
-                elif isinstance(event, Done) and not event.ok:
-                    raise SourcePermanentError(
-                        f"{self.client.where}: UID FETCH refused: {event.text[:200]}"
-                    )
-            if skipped:
-                self._log.debug("imap_already_flagged", folder=_show(wire), count=skipped)
-            for uid in sorted(sizes):
+            found = await self._list_folder(wire, gmail=gmail)
+            copies = 0
+            for uid in sorted(found):
+                size, msgid = found[uid]
+                key = (
+                    gmail_uid(msgid) if msgid is not None
+                    else message_uid(wire, folder.uidvalidity, uid)
+                )
+                if key in listed:
+                    copies += 1  # IC-46: another label of a message listed already
+                    continue
+                listed.add(key)
                 number = len(self._where) + 1
                 self._where[number] = _Where(wire, uid)
                 refs.append(MessageRef(
-                    mailbox=self.mailbox,
-                    number=number,
-                    uid=message_uid(wire, folder.uidvalidity, uid),
-                    size=sizes[uid],
+                    mailbox=self.mailbox, number=number, uid=key, size=size
                 ))
+            if copies:
+                self._log.debug("imap_label_copies", folder=_show(wire), count=copies)
         return refs
+
+    def _note_epoch(self, wire: bytes, uidvalidity: int) -> None:
+        """IC-25: remember the folder's UIDVALIDITY; another one than the previous
+        listing saw (or none seen yet) makes :attr:`epoch_changed` true."""
+        if self.listed_uidvalidity.get(wire) == uidvalidity:
+            return
+        if wire in self.listed_uidvalidity:
+            self._log.warning(
+                "imap_uidvalidity_changed", folder=_show(wire),
+                was=self.listed_uidvalidity[wire], now=uidvalidity,
+            )
+        self._epoch_changed = True
+        self.listed_uidvalidity[wire] = uidvalidity
+
+    async def _list_folder(
+        self, wire: bytes, *, gmail: bool
+    ) -> dict[int, tuple[int, int | None]]:
+        """UID → (RFC822.SIZE, X-GM-MSGID or None) of the selected folder, without
+        the messages that already carry a ``flag`` acknowledgement (IC-42)."""
+        found: dict[int, tuple[int, int | None]] = {}
+        done_flag = (
+            self.ack.target.lower()
+            if self.ack is not None and self.ack.kind is AckKind.FLAG and self.ack.target
+            else None
+        )
+        skipped = 0
+        items_wanted = (
+            "UID RFC822.SIZE"
+            + (" X-GM-MSGID" if gmail else "")
+            + (" FLAGS" if done_flag else "")
+        )
+        async for event in self.client.stream([cmd.uid_fetch("1:*", items_wanted)]):
+            if isinstance(event, Data) and event.name == "FETCH":
+                items = fetch_items(event.values)
+                uid_v, size_v = items.get("UID"), items.get("RFC822.SIZE")
+                flags = {f.lower() for f in flag_list(items.get("FLAGS"))}
+                if done_flag is not None and done_flag in flags:
+                    # IC-42: the flag is the acknowledgement: already done (also
+                    # after a UIDVALIDITY change, IC-25).
+                    skipped += 1
+                    continue
+                if uid_v is None or size_v is None:
+                    continue
+                msgid_v = items.get("X-GM-MSGID") if gmail else None
+                found[parse_number(uid_v)] = (
+                    parse_number(size_v, limit=2**63 - 1),
+                    parse_number(msgid_v, limit=2**64 - 1) if msgid_v is not None else None,
+                )
+            elif isinstance(event, Done) and not event.ok:
+                raise SourcePermanentError(
+                    f"{self.client.where}: UID FETCH refused: {event.text[:200]}"
+                )
+        if skipped:
+            self._log.debug("imap_already_flagged", folder=_show(wire), count=skipped)
+        return found
 
     async def headers(self, ref: MessageRef) -> bytes | None:
         """``UID FETCH uid (BODY.PEEK[HEADER])``; None when refused or too long."""
@@ -759,5 +804,6 @@ def choose(auth: str, caps: frozenset[str], *, has_token: bool) -> str:
 
 
 __all__ = [
-    "ImapOptions", "ImapSession", "ImapSource", "message_uid", "parse_message_uid",
+    "ImapOptions", "ImapSession", "ImapSource", "gmail_uid", "message_uid",
+    "parse_message_uid",
 ]
