@@ -430,8 +430,10 @@ class MailboxRunner:
             self._reset_checked = True
             if not facts.ids_have_epoch:
                 uidl_reset.guard(self.name, self.cfg, refs, entries, self.journal, self.log)
-        if facts.ids_have_epoch and isinstance(session, EpochSession):
-            # IC-25: entries an epoch change superseded, for adoption by content hash.
+        new = any(r.uid not in entries for r in refs)
+        if new and facts.ids_have_epoch and isinstance(session, EpochSession):
+            # IC-25: entries an epoch change superseded, for adoption by content hash
+            # (only when the listing shows ids the journal does not know).
             self._superseded.update(identity.superseded_by_hash(
                 self.journal, self.name, {r.uid for r in refs}, session
             ))
