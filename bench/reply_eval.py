@@ -1,5 +1,7 @@
-"""Precision per language of the `reply` rules beside mail-parser-reply and
-email-reply-parser on tests/data/reply/labelled.jsonl; prints a Markdown table.
+"""Exact-match accuracy per language of the `reply` rules beside mail-parser-reply and
+email-reply-parser on tests/data/reply/{labelled,heldout}.jsonl; prints a Markdown
+table whose cells are exact matches / messages (n), that share, and in brackets the
+line precision.
 
     python bench/reply_eval.py
 """
@@ -31,7 +33,8 @@ def main() -> None:
         for name, extract in ENGINES.items():
             scores = score(rows, extract)
             cells = [
-                f"{scores[lang].precision:.0%} ({scores[lang].line_precision:.0%})"
+                f"{scores[lang].exact}/{scores[lang].total} = "
+                f"{scores[lang].accuracy:.0%} ({scores[lang].line_precision:.0%})"
                 for lang in LANGS
             ]
             exact = sum(s.exact for s in scores.values())

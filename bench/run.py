@@ -63,7 +63,15 @@ HOST = "127.0.0.1"
 MARK = b"X-Bench-Id: "
 BASE_TIME = 1_700_000_000
 ALL_TOOLS = ("mailpipe-e2e", "mailpipe-maildir", "mpop", "fetchmail", "getmail", "poplib")
-EXTRA_TOOLS = ("mailpipe-e2e-nogroup",)
+EXTRA_TOOLS = ("mailpipe-e2e-nogroup", "mailpipe-e2e-defaults", "ceiling",
+               "base-maildir", "base-e2e-defaults")
+# base-*: the same runs with another interpreter (another checkout's venv), for
+# before/after comparisons interleaved in one run.
+BASE_PYTHON = os.environ.get("MAILPIPE_BENCH_BASE_PYTHON", "")
+# The minimal pipelined client of the shared harness (issue 18's yardstick): RETR+DELE
+# pipelined on a raw socket, Maildir via tmp/ + rename, one syncfs() before QUIT.
+CEILING = Path(os.environ.get("MAILPIPE_BENCH_CEILING",
+                              "/work/shared/bench-harness/clients/ceiling.py"))
 FULL_COUNTS = {"small": 2000, "mixed": 1000}
 SMALL_COUNTS = {"small": 50, "mixed": 20}
 
@@ -482,8 +490,8 @@ processors = [
     return cfg
 
 
-def _mailpipe_cmd(c: Ctx, cfg: Path) -> list[str]:
-    return [sys.executable, "-m", "mailpipe", "--log-format", "json", "--log-level",
+def _mailpipe_cmd(c: Ctx, cfg: Path, python: str = sys.executable) -> list[str]:
+    return [python, "-m", "mailpipe", "--log-format", "json", "--log-level",
             c.log_level, "run", str(cfg), "--once"]
 
 
@@ -495,8 +503,17 @@ def tool_mailpipe_e2e(c: Ctx, group: bool = True) -> list[str]:
     return _mailpipe_cmd(c, _mailpipe_config(c, procs))
 
 
-def tool_mailpipe_maildir(c: Ctx) -> list[str]:
-    return _mailpipe_cmd(c, _mailpipe_config(c, f'  {{ use = "store.maildir", path = "{c.out}" }},'))
+def tool_mailpipe_maildir(c: Ctx, python: str = sys.executable) -> list[str]:
+    return _mailpipe_cmd(
+        c, _mailpipe_config(c, f'  {{ use = "store.maildir", path = "{c.out}" }},'), python
+    )
+
+
+def tool_mailpipe_e2e_defaults(c: Ctx, python: str = sys.executable) -> list[str]:
+    """parse + store.sqlite with every store option at its default."""
+    db = c.out / "mail.sqlite3"
+    procs = f'  {{ use = "parse" }},\n  {{ use = "store.sqlite", path = "{db}" }},'
+    return _mailpipe_cmd(c, _mailpipe_config(c, procs), python)
 
 
 def tool_mpop(c: Ctx) -> list[str]:
@@ -566,10 +583,20 @@ def tool_poplib(c: Ctx) -> list[str]:
             c.password, str(c.port), str(c.out)]
 
 
+def tool_ceiling(c: Ctx) -> list[str]:
+    return ["env", f"MAILPIPE_POP3_HOST={HOST}", f"MAILPIPE_POP3_PORT={c.port}",
+            f"MAILPIPE_POP3_USER={c.user}", f"MAILPIPE_POP3_PASSWORD={c.password}",
+            f"MAILPIPE_OUT={c.out}", sys.executable, str(CEILING), "maildir"]
+
+
 TOOLS: dict[str, tuple[Callable[[Ctx], list[str]], str | None]] = {
+    "ceiling": (tool_ceiling, None),
     "mailpipe-e2e": (tool_mailpipe_e2e, None),
     "mailpipe-e2e-nogroup": (lambda c: tool_mailpipe_e2e(c, group=False), None),
     "mailpipe-maildir": (tool_mailpipe_maildir, None),
+    "mailpipe-e2e-defaults": (tool_mailpipe_e2e_defaults, None),
+    "base-maildir": (lambda c: tool_mailpipe_maildir(c, BASE_PYTHON), None),
+    "base-e2e-defaults": (lambda c: tool_mailpipe_e2e_defaults(c, BASE_PYTHON), None),
     "mpop": (tool_mpop, "mpop"),
     "fetchmail": (tool_fetchmail, "fetchmail"),
     "getmail": (tool_getmail, "getmail"),
@@ -579,6 +606,10 @@ TOOLS: dict[str, tuple[Callable[[Ctx], list[str]], str | None]] = {
 
 def installed(tool: str) -> bool:
     binary = TOOLS[tool][1]
+    if tool == "ceiling":
+        return CEILING.is_file()
+    if tool.startswith("base-"):
+        return bool(BASE_PYTHON) and os.access(BASE_PYTHON, os.X_OK)
     if binary is None:
         return True
     if tool == "fetchmail" and not os.access("/usr/bin/safecat", os.X_OK):
@@ -748,7 +779,7 @@ class Bench:
             print(f"  ! STAT after the run failed: {exc}", file=sys.stderr)
             left = -1
         parsed = None
-        if tool.startswith("mailpipe-e2e"):
+        if "e2e" in tool:
             blobs, parsed = sqlite_blobs(out / "mail.sqlite3")
         else:
             blobs = maildir_blobs(out)

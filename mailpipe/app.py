@@ -1,21 +1,30 @@
-"""Wiring shared by the CLI commands: config, plugins, journal, chain, local files."""
+"""The one way a config file is loaded: read, plugins chosen, validated, as an :class:`App`.
+
+``run``, ``check``, ``process``, ``demo`` and every other command load through
+:func:`open_app`: the file is read (:func:`mailpipe.config.read_toml`), the plugin
+manager is built honouring ``[plugins] disable`` and ``MAILPIPE_DISABLE_PLUGINS``, and
+the data is validated against the plugins it registered
+(:func:`mailpipe.validation.validate_config`), then each step's prerequisites are
+checked (:mod:`mailpipe.prerequisites`). :func:`load_config` is the same path
+for callers that want only the :class:`~mailpipe.config.Config`.
+"""
 
 from __future__ import annotations
 
-import mailbox as stdlib_mailbox
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pluggy
 
-from mailpipe.config import Config, read_toml, validate_config
+from mailpipe.config import Config, read_toml
 from mailpipe.journal import open_journal
 from mailpipe.journal.base import Journal
-from mailpipe.message import Message
 from mailpipe.plugin_manager import load
 from mailpipe.prerequisites import check_prerequisites
 from mailpipe.quarantine import Quarantine
+from mailpipe.registry import Registry
+from mailpipe.validation import validate_config
 
 
 @dataclass(slots=True)
@@ -40,64 +49,48 @@ class App:
 
 def open_app(path: str | Path, *, entry_points: bool = True) -> App:
     """Load ``path``: plugins first (honouring ``[plugins] disable``), then validate,
-    then check each step's prerequisites (:mod:`mailpipe.prerequisites`).
+    then check each step's prerequisites.
 
-    :raises ConfigError: every problem at once (unmet prerequisites once the rest
-        of the file is valid).
+    :param entry_points: load third-party plugins declared as entry points too.
+    :raises ConfigError: every problem at once, each naming its key path (unmet
+        prerequisites once the rest of the file is valid).
     :raises PluginError: a plugin failed to load.
     """
     path = Path(path)
     data = read_toml(path)
-    disable: list[str] = []
-    plugins = data.get("plugins")
-    if isinstance(plugins, dict) and isinstance(plugins.get("disable"), list):
-        disable = [str(x) for x in plugins["disable"]]
-    pm, registry = load(entry_points=entry_points, blocked=disable)
+    pm, registry = load(entry_points=entry_points, blocked=disabled_plugins(data))
+    return App(config=_validated(data, path, registry), pm=pm)
+
+
+def load_config(
+    path: str | Path, *, registry: Registry | None = None, entry_points: bool = True
+) -> Config:
+    """Load ``path`` and validate it completely: the config of :func:`open_app`.
+
+    :param registry: validate against these plugin classes instead of loading the
+        plugins (tests and tools that bring their own).
+    :raises ConfigError: every problem at once, each naming its key path.
+    :raises PluginError: a plugin failed to load.
+    """
+    if registry is None:
+        return open_app(path, entry_points=entry_points).config
+    path = Path(path)
+    return _validated(read_toml(path), path, registry)
+
+
+def _validated(data: dict[str, Any], path: Path, registry: Registry) -> Config:
     config = validate_config(data, path=path, registry=registry)
     check_prerequisites(config.pipelines, path=str(path))
-    return App(config=config, pm=pm)
+    return config
 
 
-def iter_local_messages(paths: list[Path]) -> Iterator[Message]:
-    """Yield messages from ``.eml`` files, directories of them, Maildirs and mbox files.
+def disabled_plugins(data: dict[str, Any]) -> list[str]:
+    """The plugin names of ``[plugins] disable`` in the raw TOML ``data``.
 
-    Each message's mailbox is ``local`` and its uid is ``sha256:<hex>`` of its bytes,
-    so re-running over the same files yields the same keys.
+    Read before validation, which needs the plugins loaded; a malformed table blocks
+    nothing here and is reported by validation.
     """
-    for path in paths:
-        yield from _iter_path(path)
-
-
-def _is_maildir(path: Path) -> bool:
-    return all((path / sub).is_dir() for sub in ("cur", "new", "tmp"))
-
-
-def _is_mbox(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            return f.read(5) == b"From "
-    except OSError:
-        return False
-
-
-def _iter_path(path: Path) -> Iterator[Message]:
-    if path.is_dir():
-        if _is_maildir(path):
-            for sub in ("new", "cur"):
-                for item in sorted((path / sub).iterdir()):
-                    if item.is_file():
-                        yield Message.from_bytes(item.read_bytes())
-            return
-        for item in sorted(path.rglob("*")):
-            if item.is_file() and (item.suffix.lower() == ".eml" or _is_mbox(item)):
-                yield from _iter_path(item)
-        return
-    if _is_mbox(path):
-        box = stdlib_mailbox.mbox(path, create=False)
-        try:
-            for key in box.iterkeys():
-                yield Message.from_bytes(box.get_bytes(key))
-        finally:
-            box.close()
-        return
-    yield Message.from_bytes(path.read_bytes())
+    plugins = data.get("plugins")
+    if isinstance(plugins, dict) and isinstance(plugins.get("disable"), list):
+        return [str(x) for x in plugins["disable"]]
+    return []

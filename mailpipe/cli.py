@@ -1,4 +1,9 @@
-"""The ``mailpipe`` command line.
+"""The ``mailpipe`` command line: arguments and output over a loaded :class:`App`.
+
+What each command does lives in the module named for it (:mod:`mailpipe.service` for
+``run``, :mod:`mailpipe.local` for ``process``, :mod:`mailpipe.demo`, ...); this module
+parses arguments, loads the config through :func:`mailpipe.app.open_app`, prints and
+chooses the exit code.
 
 Exit codes: 0 success; 1 runtime failure (``run --once``: a mailbox could not be
 polled; ``process``/``quarantine replay``: a message failed; a message that fails
@@ -10,31 +15,28 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
+import sqlite3
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
-import structlog
 
 from mailpipe import __version__
-from mailpipe.errors import ConfigError, MailpipeError, PluginError, StartupError
+from mailpipe.app import App, open_app
+from mailpipe.config import MailboxSpec
+from mailpipe.errors import ConfigError, MailpipeError, PluginError
+from mailpipe.quarantine import QuarantineItem
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
-log = structlog.get_logger()
 
-
-def _fail_config(exc: ConfigError | PluginError) -> None:
+def _fail_config(exc: ConfigError | PluginError) -> NoReturn:
     click.echo(str(exc), err=True)
     sys.exit(EXIT_USAGE)
 
 
-def _open(config: str) -> Any:
-    from mailpipe.app import open_app
-
+def _open(config: str) -> App:
     try:
         return open_app(config)
     except (ConfigError, PluginError) as exc:
@@ -85,84 +87,15 @@ def run(config: str, once: bool, mailboxes: tuple[str, ...]) -> None:
 
     Exits 1 with --once if any mailbox failed.
     """
+    from mailpipe.service import run_pipelines
+
     app = _open(config)
     unknown = [m for m in mailboxes if m not in {x.name for x in app.config.mailboxes}]
     if unknown:
         click.echo(f"unknown mailbox: {', '.join(unknown)}", err=True)
         sys.exit(EXIT_USAGE)
-    code = asyncio.run(_run(app, once=once, only=mailboxes))
-    sys.exit(code)
-
-
-async def _run(app: Any, *, once: bool, only: tuple[str, ...]) -> int:
-    from mailpipe.plugin_manager import Hooks
-    from mailpipe.progress import ProgressView
-    from mailpipe.scheduler import Scheduler
-
-    journal = app.journal()
-    try:
-        metrics_server = await _start_metrics(app)
-    except BaseException:
-        journal.close()
-        raise
-    from mailpipe.logs import on_terminal
-
-    # Bars only where log lines share their console (never beside raw JSON lines).
-    view = ProgressView(enabled=once and on_terminal())
-    scheduler = Scheduler(
-        app.config,
-        journal=journal,
-        hooks=Hooks(app.pm),
-        once=once,
-        only=only,
-        progress=view.update,
-    )
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, scheduler.request_stop)
-    try:
-        with view:
-            summaries = await scheduler.run()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        journal.close()
-        if metrics_server is not None:
-            await metrics_server.stop()
-    if once:
-        view.table(summaries)
-        # A mailbox whose lease another process holds is not a failure: that process
-        # polls it (the scheduler logs mailbox_locked_elsewhere).
-        return EXIT_FAILURE if any(s.error for s in summaries) else EXIT_OK
-    return EXIT_OK
-
-
-async def _start_metrics(app: Any) -> Any:
-    listen = app.config.model.metrics.listen
-    if not listen:
-        return None
-    from mailpipe.metrics import MetricsCollector, MetricsServer
-    from mailpipe.status_page import StatusPage
-
-    enabled = [m for m in app.config.mailboxes if m.config.enabled]
-    collector = MetricsCollector(
-        [m.name for m in enabled],
-        unhealthy_after=app.config.model.metrics.unhealthy_after,
-        intervals={m.name: float(m.config.poll_interval) for m in enabled},
-        quarantine=app.quarantine(),
-    )
-    app.pm.register(collector, "metrics")
-    host, _, port = listen.rpartition(":")
-    page = StatusPage(app, collector, token=app.config.model.metrics.admin_token)
-    server = MetricsServer(collector, host.strip("[]"), int(port), page=page)
-    try:
-        await server.start()
-    except OSError as exc:  # e.g. the port is taken: one line, exit 1
-        # asyncio's strerror repeats every address it tried; the errno says it all
-        why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-        raise StartupError(f"metrics.listen: cannot listen on {listen}: {why}") from exc
-    log.info("metrics_listening", host=server.host, port=server.port)
-    return server
+    ok = asyncio.run(run_pipelines(app, once=once, only=mailboxes))
+    sys.exit(EXIT_OK if ok else EXIT_FAILURE)
 
 
 @cli.command()
@@ -176,6 +109,8 @@ def process(
     config: str, paths: tuple[str, ...], pipeline: str | None, dry_run: bool
 ) -> None:
     """Run a pipeline over local .eml files, directories, Maildirs or mbox files."""
+    from mailpipe.local import process_files
+
     app = _open(config)
     names = list(app.config.pipelines)
     if pipeline is None:
@@ -186,67 +121,18 @@ def process(
             err=True,
         )
         sys.exit(EXIT_USAGE)
-    code = asyncio.run(_process(app, [Path(p) for p in paths], pipeline, dry_run))
-    sys.exit(code)
-
-
-def _summary_line(message: Any) -> dict[str, Any]:
-    record = message.record
-    subject = getattr(record, "subject", None) if record is not None else None
-    sender = None
-    if record is not None and getattr(record, "from_addresses", None):
-        first = record.from_addresses[0]
-        sender = getattr(first, "address", None)
-    return {
-        "key": message.key,
-        "from": sender or message.header("from"),
-        "subject": subject if subject is not None else message.header("subject"),
-        "size": message.size,
-        "attachments": len(getattr(record, "attachments", []) or []),
-        "tags": sorted(message.tags),
-    }
-
-
-async def _process(app: Any, paths: list[Path], pipeline: str, dry_run: bool) -> int:
-    from mailpipe.app import iter_local_messages
-    from mailpipe.chain import Chain
-    from mailpipe.secrets import redact
-
-    chain = Chain.from_config(app.config, dry_run=dry_run)
-    failed = 0
-    count = 0
-    await chain.open()
-    try:
-        for message in iter_local_messages(paths):
-            count += 1
-            result = await chain.run(pipeline, message)
-            line = _summary_line(message)
-            if result.ok and result.decision is not None:
-                line["decision"] = str(result.decision.disposition)
-                line["rule"] = result.decision.reason
-            else:
-                failed += 1
-                line["decision"] = "failed"
-                line["step"] = result.failed_step
-                line["error"] = redact(f"{type(result.error).__name__}: {result.error}")
-            click.echo(json.dumps(line, ensure_ascii=False, default=str))
-        if not dry_run:
-            try:
-                await chain.flush()
-            except Exception as exc:  # a group commit (write-behind) failed
-                failed = count
-                click.echo(
-                    json.dumps(
-                        {"flush": "failed", "error": redact(f"{type(exc).__name__}: {exc}")}
-                    )
-                )
-    finally:
-        await chain.close()
-    click.echo(
-        f"{count} message(s), {failed} failed{' (dry run)' if dry_run else ''}",
-        err=True,
+    tally = asyncio.run(
+        process_files(
+            app, [Path(p) for p in paths], pipeline, dry_run=dry_run, emit=_echo_json
+        )
     )
-    return EXIT_FAILURE if failed else EXIT_OK
+    dry = " (dry run)" if dry_run else ""
+    click.echo(f"{tally.count} message(s), {tally.failed} failed{dry}", err=True)
+    sys.exit(EXIT_FAILURE if tally.failed else EXIT_OK)
+
+
+def _echo_json(line: dict[str, Any]) -> None:
+    click.echo(json.dumps(line, ensure_ascii=False, default=str))
 
 
 @cli.command()
@@ -309,8 +195,8 @@ def healthcheck(config: str, timeout: float) -> None:
 @cli.command()
 def schema() -> None:
     """Print the JSON Schema of the config file, plugin options included."""
-    from mailpipe.config import json_schema
     from mailpipe.plugin_manager import load
+    from mailpipe.schema import json_schema
 
     try:
         _, registry = load()
@@ -385,7 +271,7 @@ def _print_table(table: list[list[str]]) -> None:
     Console(width=200, soft_wrap=True).print(out)
 
 
-def _store(app: Any, wanted: str | None) -> Any:
+def _store(app: App, wanted: str | None) -> sqlite3.Connection:
     """The read-only connection to the store.sqlite archive (exit 2 on a bad choice)."""
     from mailpipe.search import StoreChoiceError, open_store, pick_store
 
@@ -532,7 +418,7 @@ def quarantine_list(config: str) -> None:
     click.echo(f"{len(items)} quarantined message(s)", err=True)
 
 
-def _item(app: Any, key: str) -> Any:
+def _item(app: App, key: str) -> QuarantineItem:
     item = app.quarantine().get(key)
     if item is None:
         click.echo(
@@ -585,7 +471,7 @@ def quarantine_replay(config: str, keys: tuple[str, ...], replay_all: bool) -> N
     sys.exit(code)
 
 
-async def _replay(app: Any, keys: tuple[str, ...], replay_all: bool) -> int:
+async def _replay(app: App, keys: tuple[str, ...], replay_all: bool) -> int:
     from mailpipe.replay import replay
 
     q = app.quarantine()
@@ -681,7 +567,7 @@ def state_mark_seen(config: str, mailbox: str) -> None:
     click.echo(f"marked {n} new of {total} message(s) as seen in {mailbox}")
 
 
-async def _mark_seen(app: Any, spec: Any) -> tuple[int, int]:
+async def _mark_seen(app: App, spec: MailboxSpec) -> tuple[int, int]:
     from mailpipe.engine import make_source
     from mailpipe.ledger import adopt_seen
     from mailpipe.source import facts_of

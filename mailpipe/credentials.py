@@ -12,6 +12,7 @@ name the key and never echo the table (which may hold the password).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -135,17 +136,21 @@ class Credentials:
         authenticate: Callable[[sasl.Mechanism], Awaitable[None]],
     ) -> None:
         """``authenticate(mechanism)``; a broker's token the server refuses is
-        refreshed once and presented again (a second refusal propagates).
+        refreshed once and presented again when the broker says a new token is worth
+        it (:meth:`TokenBroker.refused`: the refusal is about the token, the token is
+        old, or another worker replaced it); a second refusal propagates.
 
         Raises:
             AuthenticationError: the server refused the credentials.
         """
         try:
             await authenticate(mechanism)
-        except AuthenticationError:
+        except AuthenticationError as exc:
             if self.broker is None or method not in OAUTH:
                 raise
             assert isinstance(mechanism, sasl.XOAuth2 | sasl.OAuthBearer)
-            self.broker.invalidate(self.token)
+            # The refusal may be this mailbox's, not the (possibly shared) token's.
+            if not await asyncio.to_thread(self.broker.refused, self.token, str(exc)):
+                raise
             self.token = await self.broker.token()
             await authenticate(dataclasses.replace(mechanism, token=self.token))

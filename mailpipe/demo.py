@@ -154,10 +154,10 @@ def run_demo(directory: Path, *, reset: bool = False) -> int:
 
 def _run_pipeline(config: Path) -> int:
     from mailpipe.app import open_app
-    from mailpipe.cli import _run
+    from mailpipe.service import run_pipelines
 
-    app = open_app(config)
-    return asyncio.run(_run(app, once=True, only=()))
+    ok = asyncio.run(run_pipelines(open_app(config), once=True))
+    return 0 if ok else 1
 
 
 def _example_key(config: Path) -> str:

@@ -26,8 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import aclosing
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,10 +45,9 @@ from mailpipe.errors import (
 )
 from mailpipe.inflight import InflightMarker
 from mailpipe.journal.base import Entry, Fence, Journal, Status
-from mailpipe.leases import LeaseLostError
+from mailpipe.leases import LeaseGuardedSession, LeaseLostError
 from mailpipe.ledger import (
     CRASH_ERROR,
-    UNRETRIEVABLE,
     Ledger,
     Outcome,
     Summary,
@@ -58,12 +56,11 @@ from mailpipe.ledger import (
 )
 from mailpipe.message import Message, MessageRef
 from mailpipe.oversize import OversizePolicy
-from mailpipe.planning import UNRETRIEVABLE_REST, tried_key
+from mailpipe.planning import UNRETRIEVABLE, UNRETRIEVABLE_REST, tried_key
 from mailpipe.plugin_manager import Hooks
 from mailpipe.prefetch import HeaderPrefetch
 from mailpipe.quarantine import Quarantine
 from mailpipe.source import (
-    Ack,
     EpochSession,
     SessionFacts,
     Source,
@@ -91,74 +88,6 @@ __all__ = [
     "make_source",
     "wait_or_stop",
 ]
-
-
-class _LeaseGuardedSession:
-    """A session that calls ``check`` before every action on the mailbox.
-
-    Once the lease is gone another worker may be polling the same mailbox, so reading
-    on, acknowledging or committing could act on its messages too. ``check`` raises
-    :class:`LeaseLostError` then; the engine aborts the session (no commit, so the
-    server applies nothing this session sent; RFC 1939 §6) and the journal keeps what
-    completed, the acknowledgement owed.
-    """
-
-    def __init__(
-        self,
-        inner: Any,
-        check: Callable[[], None],
-        ack_check: Callable[[], None] | None = None,
-    ) -> None:
-        self._inner = inner
-        self._check = check
-        # Before DELE and QUIT: also the fence (the lease epoch is still ours).
-        self._ack_check = ack_check or check
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    async def headers(self, ref: MessageRef) -> bytes | None:
-        self._check()
-        return await self._inner.headers(ref)  # type: ignore[no-any-return]
-
-    async def retrieve(
-        self,
-        refs: Sequence[MessageRef],
-        *,
-        spool_dir: Path,
-        spool_threshold: int,
-        max_size: int | None = None,
-    ) -> AsyncIterator[Message | Unretrievable]:
-        self._check()
-        stream = oversize.retrieve(
-            self._inner, refs, spool_dir=spool_dir, spool_threshold=spool_threshold,
-            max_size=max_size,
-        )
-        async with aclosing(stream):
-            async for msg in stream:
-                try:
-                    self._check()
-                except BaseException:
-                    _unspool(msg.evidence if isinstance(msg, Unretrievable) else msg)
-                    raise
-                yield msg
-
-    async def acknowledge(self, refs: Sequence[MessageRef], ack: Ack) -> None:
-        self._check()
-        from mailpipe.source import acknowledge
-
-        await acknowledge(self._inner, refs, ack)
-
-    async def mark_deleted(self, refs: Sequence[MessageRef]) -> None:
-        self._ack_check()
-        await self._inner.mark_deleted(refs)
-
-    async def commit(self) -> None:
-        self._ack_check()
-        await self._inner.commit()
-
-    async def abort(self) -> None:
-        await self._inner.abort()
 
 
 def make_source(spec: MailboxSpec, config: Config) -> Source:
@@ -345,7 +274,7 @@ class MailboxRunner:
             self.ledger.abandon()  # an earlier window that failed owes nothing here
             session = opened
             if self.lease_check is not None:
-                session = _LeaseGuardedSession(
+                session = LeaseGuardedSession(
                     opened, self.lease_check, self.ack_check
                 )
             refs = await session.list()

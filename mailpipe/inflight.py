@@ -33,8 +33,10 @@ _TOKEN = os.urandom(4)
 _ACTIVE: set[InflightMarker] = set()  # markers set now, in this process
 _ACTIVE_LOCK = threading.Lock()
 
-# Layout: 4 token, 1 alone flag, 2 uid length (big-endian; 0 = clear), then the uid.
+# Layout: 4 token, 1 alone flag, 2 uid length (big-endian; 0 = clear), then the uid;
+# the page's last 4 octets hold the writer's pid (0 in markers written before it was).
 _HEAD = 7
+_PID = 4
 
 
 class InflightMarker:
@@ -71,17 +73,22 @@ class InflightMarker:
         token, alone, n = m[0:4], m[4] == 1, int.from_bytes(m[5:7], "big")
         if n == 0 or token == _TOKEN:
             return None
+        if _alive(int.from_bytes(m[self.SIZE - _PID :], "big")):
+            # Its writer lives: frozen or partitioned, its lease taken over, not dead.
+            # Nothing to charge (review of issue 16, L1); it clears the marker itself.
+            return None
         m[5:7] = b"\0\0"
-        if n > self.SIZE - _HEAD:
+        if n > self.SIZE - _HEAD - _PID:
             return None
         return m[_HEAD : _HEAD + n].decode("utf-8", "surrogateescape"), alone
 
     def set(self, uid: str) -> None:
         """Record that ``uid`` enters the chain now."""
         m = self._open()
-        data = uid.encode("utf-8", "surrogateescape")[: self.SIZE - _HEAD]
+        data = uid.encode("utf-8", "surrogateescape")[: self.SIZE - _HEAD - _PID]
         m[5:7] = b"\0\0"  # never a length with another uid's bytes
         m[_HEAD : _HEAD + len(data)] = data
+        m[self.SIZE - _PID :] = os.getpid().to_bytes(_PID, "big")
         m[0:4] = _TOKEN
         with _ACTIVE_LOCK:
             _ACTIVE.add(self)
@@ -109,3 +116,16 @@ class InflightMarker:
         if self._map is not None:
             self._map.close()
             self._map = None
+
+
+def _alive(pid: int) -> bool:
+    """True when ``pid`` (0: unknown) is a live process on this host other than us."""
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True

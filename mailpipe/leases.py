@@ -37,17 +37,25 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
 
 import structlog
 
+from mailpipe import oversize
 from mailpipe.errors import SourceBusyError
 from mailpipe.journal.base import Fence, Journal
 from mailpipe.journal.errors import FencedError
+from mailpipe.message import Message, MessageRef
+from mailpipe.source import Ack, Unretrievable, acknowledge
 
 log = structlog.get_logger()
 
-__all__ = ["Fence", "LeaseLostError", "MailboxLease", "lease_retry_delay"]
+__all__ = [
+    "Fence", "LeaseGuardedSession", "LeaseLostError", "MailboxLease", "lease_retry_delay",
+]
 
 
 class LeaseLostError(SourceBusyError):
@@ -207,3 +215,74 @@ class MailboxLease:
                 mailbox=self.mailbox,
                 error=f"{type(exc).__name__}: {exc}"[:300],
             )
+
+
+class LeaseGuardedSession:
+    """A session that calls ``check`` before every action on the mailbox.
+
+    Once the lease is gone another worker may be polling the same mailbox, so reading
+    on, acknowledging or committing could act on its messages too. ``check`` raises
+    :class:`LeaseLostError` then; the engine aborts the session (no commit, so the
+    server applies nothing this session sent; RFC 1939 §6) and the journal keeps what
+    completed, the acknowledgement owed.
+    """
+
+    def __init__(
+        self,
+        inner: Any,
+        check: Callable[[], None],
+        ack_check: Callable[[], None] | None = None,
+    ) -> None:
+        self._inner = inner
+        self._check = check
+        # Before DELE and QUIT: also the fence (the lease epoch is still ours).
+        self._ack_check = ack_check or check
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def headers(self, ref: MessageRef) -> bytes | None:
+        self._check()
+        return await self._inner.headers(ref)  # type: ignore[no-any-return]
+
+    async def retrieve(
+        self,
+        refs: Sequence[MessageRef],
+        *,
+        spool_dir: Path,
+        spool_threshold: int,
+        max_size: int | None = None,
+    ) -> AsyncIterator[Message | Unretrievable]:
+        self._check()
+        stream = oversize.retrieve(
+            self._inner, refs, spool_dir=spool_dir, spool_threshold=spool_threshold,
+            max_size=max_size,
+        )
+        async with aclosing(stream):
+            async for msg in stream:
+                try:
+                    self._check()
+                except BaseException:
+                    _unspool(msg.evidence if isinstance(msg, Unretrievable) else msg)
+                    raise
+                yield msg
+
+    async def acknowledge(self, refs: Sequence[MessageRef], ack: Ack) -> None:
+        self._ack_check()  # the fence too: a fenced-off worker acknowledges nothing
+        await acknowledge(self._inner, refs, ack)
+
+    async def mark_deleted(self, refs: Sequence[MessageRef]) -> None:
+        self._ack_check()
+        await self._inner.mark_deleted(refs)
+
+    async def commit(self) -> None:
+        self._ack_check()
+        await self._inner.commit()
+
+    async def abort(self) -> None:
+        await self._inner.abort()
+
+
+def _unspool(msg: Message | None) -> None:
+    if msg is not None and msg.spool_path is not None:
+        Path(msg.spool_path).unlink(missing_ok=True)

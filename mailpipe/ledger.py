@@ -193,7 +193,8 @@ class Ledger:
             self.log.warning("message_in_flight_at_death", uid=uid, key=entry.key,
                              charged=False, reason="other chains were in flight")
             return
-        attempts = self.journal.fail(self.mailbox, uid, error=CRASH_ERROR, counted=True)
+        with self._batch():
+            attempts = self.journal.fail(self.mailbox, uid, error=CRASH_ERROR, counted=True)
         self.log.error(
             "message_killed_process",
             uid=uid,
@@ -292,10 +293,11 @@ class Ledger:
         prefetched headers — and owe the acknowledgement when it is due."""
         status, delete = self._status_for(decision)
         self._count(decision, prefetch=True)
-        self.begin(ref)
-        self.journal.finish(self.mailbox, ref.uid, status=status,
-                            disposition=str(decision.disposition), sha256=sha256,
-                            reason=decision.reason, delete_due=delete, **self._fenced())
+        with self._batch():
+            self.begin(ref)
+            self.journal.finish(self.mailbox, ref.uid, status=status,
+                                disposition=str(decision.disposition), sha256=sha256,
+                                reason=decision.reason, delete_due=delete)
         self.hooks.message_done(mailbox=self.mailbox, uid=ref.uid, key=ref.key,
                                 disposition=str(decision.disposition))
         if delete:
@@ -314,8 +316,10 @@ class Ledger:
             self.log.error("message_unretrievable", number=ref.number, error=error)
             return None
         if entry is None:
-            self.begin(ref)
-            attempts = self.journal.fail(self.mailbox, ref.uid, error=error, counted=True)
+            with self._batch():
+                self.begin(ref)
+                attempts = self.journal.fail(self.mailbox, ref.uid, error=error,
+                                             counted=True)
         else:
             attempts = entry.attempts + 1
         self.log.error("message_unretrievable", uid=ref.uid, key=ref.key, error=error,
@@ -331,51 +335,48 @@ class Ledger:
         acknowledgement (a message without a uid is decided again from LIST)."""
         self.summary.dropped += 1
         if ref.uid:
-            self.begin(ref)
-            self.journal.finish(self.mailbox, ref.uid, status=Status.COMMITTED,
-                                disposition="oversize", sha256=None,
-                                reason="oversize: deleted unread", delete_due=True, **self._fenced())
+            with self._batch():
+                self.begin(ref)
+                self.journal.finish(self.mailbox, ref.uid, status=Status.COMMITTED,
+                                    disposition="oversize", sha256=None,
+                                    reason="oversize: deleted unread", delete_due=True)
         self._owed.append((ref, contract.DELETE))  # "delete" means delete, unread
 
     def oversize_quarantined(self, msg: Message, reason: str) -> None:
         """``on_oversize = "quarantine"``: the whole message is kept in the quarantine
         and journaled like any quarantined message, durable before its ack."""
         delete = self.quarantined(msg, reason=reason, attempts=0, error="")
-        self.begin(msg.ref)
-        self.journal.finish(self.mailbox, msg.ref.uid, status=Status.QUARANTINED,
-                            disposition="quarantine", sha256=msg.sha256, reason=reason,
-                            delete_due=delete, **self._fenced())
+        with self._batch():
+            self.begin(msg.ref)
+            self.journal.finish(self.mailbox, msg.ref.uid, status=Status.QUARANTINED,
+                                disposition="quarantine", sha256=msg.sha256,
+                                reason=reason, delete_due=delete)
         if delete:
             self._owed.append((msg.ref, self._quarantine_ack()))
 
     def oversize_received(self, exc: OversizeError, *, policy: str, limited: bool) -> str | None:
         """Journal the decision for a message the server sent past a size limit (see
         :mod:`mailpipe.oversize`); return its outcome, None without a uid."""
-        from mailpipe.oversize import OVERSIZE_MARK
-
         ref = exc.ref
         if ref is None or not ref.uid:
             return None
-        self.begin(ref)
         listed = f"LIST said {ref.size}"
         if limited and not exc.hard:
-            self.journal.fail(
-                self.mailbox, ref.uid,
-                error=f"{OVERSIZE_MARK} the server sent more than {exc.limit} octets "
-                f"({listed}); handled by on_oversize = {policy!r}",
-                counted=False,
-            )
+            with self._batch():
+                self.begin(ref)
+                self._mark_oversize(ref, exc, listed, policy)
             return "marked"
         delete = policy == "delete"
-        self.journal.finish(
-            self.mailbox, ref.uid,
-            status=Status.COMMITTED if delete else Status.KEPT,
-            disposition="oversize", sha256=None,
-            reason=f"oversize: the server sent more than the {exc.limit}-octet cap "
-            f"({listed}); " + ("deleted unread" if delete else "left on the server"),
-            delete_due=delete,
-            **self._fenced(),
-        )
+        with self._batch():
+            self.begin(ref)
+            self.journal.finish(
+                self.mailbox, ref.uid,
+                status=Status.COMMITTED if delete else Status.KEPT,
+                disposition="oversize", sha256=None,
+                reason=f"oversize: the server sent more than the {exc.limit}-octet cap "
+                f"({listed}); " + ("deleted unread" if delete else "left on the server"),
+                delete_due=delete,
+            )
         if delete:
             self.summary.dropped += 1
         else:
@@ -545,6 +546,17 @@ class Ledger:
         return [ref for ref, _ in self._owed]
 
     # --- helpers ---------------------------------------------------------------------
+
+    def _mark_oversize(self, ref: MessageRef, exc: OversizeError, listed: str,
+                       policy: str) -> None:
+        from mailpipe.oversize import OVERSIZE_MARK
+
+        self.journal.fail(
+            self.mailbox, ref.uid,
+            error=f"{OVERSIZE_MARK} the server sent more than {exc.limit} octets "
+            f"({listed}); handled by on_oversize = {policy!r}",
+            counted=False,
+        )
 
     def _ack_for(self, disposition: str) -> Ack:
         """The acknowledgement an outcome gets (MP-04): ``acknowledge`` for processed

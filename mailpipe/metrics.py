@@ -14,9 +14,11 @@ the contract of ``deploy/prometheus`` and ``deploy/grafana`` (tests/test_dashboa
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -26,6 +28,7 @@ from mailpipe.hookspecs import hookimpl
 from mailpipe.secrets import redact
 
 if TYPE_CHECKING:
+    from mailpipe.journal.base import PollRecord
     from mailpipe.quarantine import Quarantine
     from mailpipe.status_page import StatusPage
 
@@ -33,7 +36,8 @@ from mailpipe.oauth.gauges import revoked as oauth_revoked
 
 #: Poll error types counted as rejected logins (OAuth grant failures among them).
 AUTH_ERROR_TYPES = frozenset(
-    {"AuthenticationError", "GrantRevoked", "ClientRejected", "NoRefreshToken"}
+    {"AuthenticationError", "GrantRevoked", "ClientRejected", "NoRefreshToken",
+     "SealError"}
 )
 
 log = structlog.get_logger()
@@ -74,7 +78,11 @@ class MetricsCollector:
     ``intervals`` (mailbox → poll interval, seconds) is exported as
     ``mailpipe_poll_interval_seconds`` so that an alert can say "no poll for N
     intervals"; ``quarantine`` is counted at every scrape
-    (``mailpipe_quarantine_messages`` and ``_bytes`` per mailbox).
+    (``mailpipe_quarantine_messages`` and ``_bytes`` per mailbox). ``polls`` returns
+    the journal's poll records (:meth:`mailpipe.journal.base.Journal.polls`); read at
+    every scrape, their ``next_poll`` (when the scheduler plans the next poll, back-off
+    included) is exported as ``mailpipe_next_poll_timestamp_seconds``, absent for a
+    mailbox with no poll planned. A failing read keeps the previous values (logged).
     """
 
     def __init__(
@@ -84,6 +92,7 @@ class MetricsCollector:
         unhealthy_after: float,
         intervals: dict[str, float] | None = None,
         quarantine: Quarantine | None = None,
+        polls: Callable[[], Mapping[str, PollRecord]] | None = None,
     ) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -93,6 +102,7 @@ class MetricsCollector:
         self.mailboxes = list(mailboxes)
         self.last_success: dict[str, float] = {}
         self.quarantine = quarantine
+        self.polls = polls
         self.failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)
         label = ["mailbox"]
         r = self.registry
@@ -110,6 +120,12 @@ class MetricsCollector:
         )
         for mailbox, seconds in (intervals or {}).items():
             self.g_interval.labels(mailbox).set(seconds)
+        self.g_next_poll = Gauge(
+            "mailpipe_next_poll_timestamp_seconds",
+            "Unix time the next poll is planned (back-off included), per the journal.",
+            label,
+            registry=r,
+        )
         self.g_quarantine = Gauge(
             "mailpipe_quarantine_messages",
             "Messages in the quarantine now (counted at each scrape).",
@@ -185,7 +201,10 @@ class MetricsCollector:
                 self.c_messages.labels(mailbox, outcome).inc(n)
         self.c_bytes.labels(mailbox).inc(int(summary.get("bytes") or 0))
         self.h_poll.labels(mailbox).observe(float(summary.get("seconds") or 0.0))
-        self.g_last_poll.labels(mailbox).set(time.time())
+        # one clock reading: a successful poll has last success == last poll, so
+        # "last poll after last success" means the last poll failed (alert rules)
+        now = time.time()
+        self.g_last_poll.labels(mailbox).set(now)
         if summary.get("error"):
             kind = str(summary.get("error_type") or "error")
             self.c_poll_failures.labels(mailbox, kind).inc()
@@ -193,7 +212,6 @@ class MetricsCollector:
             if kind in AUTH_ERROR_TYPES:
                 self.c_auth_failures.labels(mailbox).inc()
         else:
-            now = time.time()
             self.last_success[mailbox] = now
             self.g_last_success.labels(mailbox).set(now)
 
@@ -236,6 +254,22 @@ class MetricsCollector:
             detail["oauth_revoked"] = revoked
         return healthy, detail
 
+    def _planned_polls(self, polls: Callable[[], Mapping[str, PollRecord]]) -> None:
+        try:
+            records = polls()
+        except Exception as exc:  # a scrape must not fail for the journal
+            log.warning(
+                "metrics_polls_unreadable",
+                error=redact(f"{type(exc).__name__}: {exc}")[:300],
+            )
+            return
+        for mailbox in self.mailboxes:
+            record = records.get(mailbox)
+            if record is not None and record.next_poll is not None:
+                self.g_next_poll.labels(mailbox).set(record.next_poll.timestamp())
+            else:
+                self.g_next_poll.remove(mailbox)  # no-op when absent
+
     def render(self) -> bytes:
         """Return the Prometheus text exposition (the quarantine counted now)."""
         from prometheus_client import generate_latest
@@ -249,6 +283,8 @@ class MetricsCollector:
             for mailbox, (n, size) in counts.items():
                 self.g_quarantine.labels(mailbox).set(n)
                 self.g_quarantine_bytes.labels(mailbox).set(size)
+        if self.polls is not None:
+            self._planned_polls(self.polls)
         return generate_latest(self.registry)
 
 
@@ -282,8 +318,13 @@ class MetricsServer:
     :class:`~mailpipe.status_page.StatusPage` is given, the status page at ``/``.
 
     Contract: one request per connection (``Connection: close``); request line and
-    headers bounded (100 lines, 10 s each); a body only with a Content-Length of at
-    most :data:`MAX_BODY` octets (413 otherwise).
+    headers bounded (100 lines, 10 s and 64 KiB each: 400 beyond); a body only with
+    a Content-Length of ASCII digits (400 otherwise) of at most :data:`MAX_BODY`
+    octets (413 beyond). The status page at ``/`` answers only a ``Host`` that is
+    an IP address, ``localhost``, the listen host or one of ``hosts`` (any port):
+    421 otherwise, so a page whose DNS name was re-pointed at this listener (DNS
+    rebinding) cannot read or post to it. ``/metrics`` and ``/healthz`` answer any
+    ``Host``: Prometheus and probes reach them by names of their own choosing.
     """
 
     def __init__(
@@ -293,11 +334,15 @@ class MetricsServer:
         port: int,
         *,
         page: StatusPage | None = None,
+        hosts: Iterable[str] = (),
     ) -> None:
         self.collector = collector
         self.host = host
         self.port = port
         self.page = page
+        self.hosts = frozenset(
+            {"localhost", host.lower(), *(name.lower() for name in hosts)}
+        )
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -315,21 +360,13 @@ class MetricsServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         try:
-            request = await _read_request(reader)
-            if request is None:
-                reply = Response("413 Content Too Large", "text/plain", b"too large\n")
+            try:
+                request = await _read_request(reader)
+            except (ValueError, asyncio.LimitOverrunError):
+                # a line over the reader's 64 KiB limit, or a bad Content-Length
+                reply = Response("400 Bad Request", "text/plain", b"bad request\n")
             else:
-                try:
-                    reply = await self._route(request)
-                except Exception as exc:  # one bad request must not stop the listener
-                    log.error(
-                        "metrics_request_failed",
-                        path=request.path,
-                        error=redact(f"{type(exc).__name__}: {exc}"),
-                    )
-                    reply = Response(
-                        "500 Internal Server Error", "text/plain", b"internal error\n"
-                    )
+                reply = await self._answer(request)
             head = [
                 f"HTTP/1.1 {reply.status}",
                 f"Content-Type: {reply.content_type}",
@@ -344,6 +381,21 @@ class MetricsServer:
         finally:
             writer.close()
 
+    async def _answer(self, request: Request | None) -> Response:
+        if request is None:
+            return Response("413 Content Too Large", "text/plain", b"too large\n")
+        try:
+            return await self._route(request)
+        except Exception as exc:  # one bad request must not stop the listener
+            log.error(
+                "metrics_request_failed",
+                path=request.path,
+                error=redact(f"{type(exc).__name__}: {exc}"),
+            )
+            return Response(
+                "500 Internal Server Error", "text/plain", b"internal error\n"
+            )
+
     async def _route(self, request: Request) -> Response:
         if request.path == "/metrics" and request.method == "GET":
             return Response(
@@ -354,6 +406,13 @@ class MetricsServer:
             status = "200 OK" if ok else "503 Service Unavailable"
             return Response(status, "application/json", json.dumps(detail).encode())
         if request.path == "/" and self.page is not None:
+            if not _known_host(request.headers.get("host", ""), self.hosts):
+                return Response(
+                    "421 Misdirected Request",
+                    "text/plain",
+                    b"this page answers only to an IP address, localhost or a name "
+                    b"in [metrics] hosts\n",
+                )
             if request.method == "GET":
                 return await self.page.get()
             if request.method == "POST":
@@ -365,8 +424,31 @@ class MetricsServer:
         return Response("404 Not Found", "text/plain", b"not found\n")
 
 
+def _known_host(host: str, names: frozenset[str]) -> bool:
+    """True when the ``Host`` header ``host`` (``name``, ``name:port``, ``[v6]:port``)
+    is an IP address or one of ``names`` (lowercase); the port does not matter."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, bracket, _ = host[1:].partition("]")
+        if not bracket:
+            return False
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if not name:
+        return False
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name in names
+    return True
+
+
 async def _read_request(reader: asyncio.StreamReader) -> Request | None:
-    """Read one request (None: its body is over :data:`MAX_BODY`)."""
+    """Read one request (None: its body is over :data:`MAX_BODY`).
+
+    :raises ValueError: a line over the reader's limit (64 KiB), or a Content-Length
+        that is not ASCII digits.
+    """
     line = await asyncio.wait_for(reader.readline(), 10)
     headers: dict[str, str] = {}
     for _ in range(100):  # bounded
@@ -381,7 +463,9 @@ async def _read_request(reader: asyncio.StreamReader) -> Request | None:
     path, _, query = target.partition("?")
     body = b""
     length = headers.get("content-length", "0")
-    size = int(length) if length.isdigit() else 0
+    if not (length.isascii() and length.isdigit()):  # '²'.isdigit() is True
+        raise ValueError(f"bad Content-Length {length[:20]!r}")
+    size = int(length)
     if size > MAX_BODY:
         return None
     if size:

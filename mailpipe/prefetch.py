@@ -66,7 +66,7 @@ class HeaderPrefetch:
         ``mark`` sets the in-flight marker around the chain's prefetch, so a header
         rule that kills the process is charged an attempt like any chain.
         """
-        from mailpipe.ledger import UNRETRIEVABLE
+        from mailpipe.planning import UNRETRIEVABLE
 
         todo: list[MessageRef] = []
         entries = journal.get_many(ledger.mailbox, [r.uid for r in refs if r.uid])

@@ -7,6 +7,11 @@ earlier step of the same pipeline uses that name. It is a property of the writte
 chain, so it is checked when the chain is built and when a configuration is opened,
 never discovered while mail is flowing; a pipeline reached by a ``route`` declares its
 own prerequisites too (the route may be taken from more than one place).
+
+A class may also depend on its options: ``requires_for(options)``, a classmethod,
+returns ``(option key path, use name)`` pairs (a ``filter`` rule on ``bounce_status``
+reads what ``bounce`` sets: ``("rules[0].when.bounce_status", "bounce")``); each is
+checked the same way and a problem names that option's key.
 """
 
 from __future__ import annotations
@@ -30,6 +35,20 @@ def requirements(cls: type) -> tuple[str, ...]:
     return tuple(getattr(cls, "requires", ()))
 
 
+def option_requirements(cls: type, options: object) -> list[tuple[str, str]]:
+    """``(option key path, use name)`` pairs ``cls.requires_for(options)`` gives
+    (none when the class has no such classmethod)."""
+    requires_for = getattr(cls, "requires_for", None)
+    return list(requires_for(options)) if callable(requires_for) else []
+
+
+def _fix(steps: Sequence[StepSpec], position: int, needed: str) -> str:
+    later = [s.index for s in steps[position + 1 :] if s.use == needed]
+    if later:
+        return f"move it (processors[{later[0]}]) before this step"
+    return f'add {{ use = "{needed}" }} as an earlier step'
+
+
 def prerequisite_problems(
     pipelines: Mapping[str, Sequence[StepSpec]],
 ) -> list[Problem]:
@@ -44,22 +63,23 @@ def prerequisite_problems(
         where = json.dumps(pname) if not _PLAIN.match(pname) else pname
         for position, spec in enumerate(steps):
             before = {s.use for s in steps[:position]}
+            at = f"pipelines.{where}.processors[{spec.index}]"
             for needed in requirements(spec.cls):
-                if needed in before:
-                    continue
-                later = [s.index for s in steps[position + 1 :] if s.use == needed]
-                fix = (
-                    f"move it (processors[{later[0]}]) before this step"
-                    if later
-                    else f'add {{ use = "{needed}" }} as an earlier step'
-                )
-                problems.append(
-                    Problem(
-                        f"pipelines.{where}.processors[{spec.index}].use",
+                if needed not in before:
+                    problems.append(Problem(
+                        f"{at}.use",
                         f"{spec.use!r} needs {needed!r} before it in this pipeline; "
-                        + fix,
-                    )
-                )
+                        + _fix(steps, position, needed),
+                    ))
+            for key, needed in option_requirements(spec.cls, spec.options):
+                if needed not in before:
+                    name = key.rpartition(".")[2]
+                    problems.append(Problem(
+                        f"{at}.{key}",
+                        f"{spec.use} key {name!r} reads what the {needed!r} step sets, "
+                        f"and no {needed!r} step comes before it in this pipeline; "
+                        + _fix(steps, position, needed),
+                    ))
     return problems
 
 

@@ -103,7 +103,9 @@ class Processor(Protocol):
     ``requires`` (default ``()``): the ``use`` names of processors that must come
     before this step in its pipeline (``filter`` declares ``("parse",)``). A chain
     that does not honour it is a ConfigError naming the step
-    (:mod:`mailpipe.prerequisites`).
+    (:mod:`mailpipe.prerequisites`). A classmethod ``requires_for(options)`` adds
+    requirements that depend on the options, as (option key path, ``use`` name)
+    pairs; an unmet one names the option's key.
 
     Optional methods: ``open()``/``close()`` (sync or async) around a session,
     ``flush()``, and ``prefetch(message) -> Result`` for decisions on headers alone

@@ -3,11 +3,13 @@
 ``status``, ``search`` and ``show`` read databases that ``mailpipe run`` writes (the
 journal, the ``store.sqlite`` archive). :func:`connect_read_only` opens them with
 ``mode=ro``, so SQLite's WAL protocol lets them read while a writer works. A reader
-of a WAL database needs the ``-shm`` index; SQLite creates it when the folder is
-writable, and refuses otherwise ("attempt to write a readonly database"). When the
-folder is read-only and there is no ``-wal`` file (nobody has the database open for
-writing: SQLite removes both files when the last writer closes it cleanly), the
-database is opened ``immutable=1`` instead, which needs neither file.
+of a WAL database needs the ``-shm`` index; SQLite creates it (and an empty ``-wal``)
+when the folder is writable, and refuses otherwise ("attempt to write a readonly
+database"). When there is no ``-wal`` file (nobody has the database open: SQLite
+removes both files when the last connection closes it cleanly), the database is
+opened ``immutable=1`` instead, which needs neither file and creates none. So a
+reader never leaves files behind: they would belong to the reading user, and a
+worker running as another user could then not open the database for writing.
 """
 
 from __future__ import annotations
@@ -34,18 +36,20 @@ def connect_read_only(path: Path) -> sqlite3.Connection:
         a database another process has open, or one that was not closed cleanly).
     """
     base = path.resolve().as_uri()
-    try:
-        return _probe(
-            sqlite3.connect(f"{base}?mode=ro", uri=True, check_same_thread=False)
-        )
-    except sqlite3.Error as exc:
-        first = exc
     wal = path.with_name(path.name + "-wal")
-    if wal.exists() and wal.stat().st_size > 0:
-        raise ReadOnlyOpenError(
-            f"cannot read {path}: {first} ({wal.name} holds changes not yet in the "
-            f"database, and its -shm index cannot be created in {path.parent})"
-        )
+    if wal.exists():  # open elsewhere, or not closed cleanly: the WAL protocol
+        try:
+            return _probe(
+                sqlite3.connect(f"{base}?mode=ro", uri=True, check_same_thread=False)
+            )
+        except sqlite3.Error as exc:
+            if wal.exists() and wal.stat().st_size > 0:
+                raise ReadOnlyOpenError(
+                    f"cannot read {path}: {exc} ({wal.name} holds changes not yet in "
+                    f"the database, and its -shm index cannot be created in "
+                    f"{path.parent})"
+                ) from exc
+    # Nobody has it open: immutable=1 reads the file alone and creates nothing.
     try:
         return _probe(
             sqlite3.connect(

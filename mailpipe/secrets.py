@@ -56,6 +56,20 @@ def forget_secrets() -> None:
         _PATTERN = None
 
 
+def forget_secret(value: str) -> None:
+    """Remove ``value`` from the redaction set (a replaced OAuth token).
+
+    Values that rotate (access and refresh tokens) are forgotten when their successor
+    is remembered: the set, and the pattern compiled from it, stay the size of what is
+    current instead of growing with every refresh for the life of the process.
+    """
+    global _PATTERN
+    with _LOCK:
+        if value in _KNOWN:
+            _KNOWN.discard(value)
+            _PATTERN = None
+
+
 def _token(value: str) -> str:
     """``value`` as a regex that matches it only where it stands as a token."""
     head = _BEFORE if re.match(r"\w", value) else ""

@@ -102,6 +102,27 @@ def test_promtool_unit_tests_fire_every_alert() -> None:
     assert fired == set(rule_exprs())
 
 
+def test_oauth_alerts_stay_silent_on_realistic_healthy_tokens() -> None:
+    """Access tokens live about an hour and are refreshed only when a poll asks: the
+    unit tests hold a healthy Google (3599 s, hourly polls) and Microsoft (75 min)
+    mailbox, and every alert reading an OAuth metric is checked silent on them."""
+    oauth_alerts = {a for a, e in rule_exprs().items() if "mailpipe_oauth_" in e}
+    assert oauth_alerts
+    tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    healthy = [t for t in tests if t["name"].startswith("healthy OAuth tokens")]
+    assert len(healthy) == 1
+    series = " ".join(s["series"] for s in healthy[0]["input_series"])
+    assert 'mailbox="gmail"' in series and 'mailbox="outlook"' in series
+    checked = {c["alertname"] for c in healthy[0]["alert_rule_test"]}
+    assert oauth_alerts <= checked
+    assert not any(c.get("exp_alerts") for c in healthy[0]["alert_rule_test"])
+    # the token's expiry alone is no alert (it is normally past between polls)
+    assert not any(
+        "mailpipe_oauth_token_expiry_timestamp_seconds" in e
+        for e in rule_exprs().values()
+    )
+
+
 def test_every_metric_used_is_exported_or_documented_as_elsewhere() -> None:
     used: dict[str, list[str]] = {}
     for alert, expr in rule_exprs().items():
@@ -126,6 +147,13 @@ def test_every_metric_used_is_exported_or_documented_as_elsewhere() -> None:
     for name in PROVIDED_ELSEWHERE:
         assert name in RULES.read_text().split("groups:", 1)[0]
         assert name in operating and "not exported" in operating
+    if not PROVIDED_ELSEWHERE:  # nor does any text still say one is missing
+        assert "not exported" not in operating
+        descriptions = " ".join(
+            p.get("description", "") for p in json.loads(DASHBOARD.read_text())["panels"]
+        )
+        assert "to be exported" not in descriptions
+        assert "no such series" not in descriptions
     # and the dashboard shows most of what is exported
     assert len({n for n in used if n in have}) >= 10
     assert "mailpipe_oauth_token_expiry_timestamp_seconds" in have
@@ -136,13 +164,37 @@ def test_dashboard_is_portable() -> None:
     assert doc["uid"] == "mailpipe-overview" and doc["title"] == "mailpipe"
     ids = [p["id"] for p in doc["panels"]]
     assert len(ids) == len(set(ids))
-    variables = {v["name"] for v in doc["templating"]["list"]}
-    assert {"datasource", "job", "mailbox"} <= variables
+    variables = {v["name"]: v for v in doc["templating"]["list"]}
+    assert {"datasource", "job", "mailbox"} <= set(variables)
+    # job and mailbox come from a series every enabled mailbox has from the start
+    # (not one set only after a successful login: a mailbox failing at login must
+    # stay on every panel), and "All" matches any value, not only the listed ones
+    for name in ("job", "mailbox"):
+        variable = variables[name]
+        assert variable["definition"].startswith(
+            "label_values(mailpipe_poll_interval_seconds"
+        ), variable["definition"]
+        assert variable["query"]["query"] == variable["definition"]
+        assert variable["includeAll"] and variable["allValue"] == ".*"
     for p in doc["panels"]:
         # no hard-wired datasource: the importer picks one
         assert p["datasource"]["uid"] == "${datasource}", p["title"]
         assert p["targets"] and all(t["expr"] for t in p["targets"]), p["title"]
         assert all('mailbox=~"$mailbox"' in t["expr"] for t in p["targets"]), p["title"]
+
+
+def test_a_panel_naming_an_alert_plots_what_the_alert_reads() -> None:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    named = 0
+    for alert, expr in rule_exprs().items():
+        for p in panels:
+            if alert in p.get("description", ""):
+                named += 1
+                plotted = " ".join(t["expr"] for t in p["targets"])
+                assert set(_METRIC.findall(expr)) <= set(_METRIC.findall(plotted)), (
+                    p["title"], alert
+                )
+    assert named >= 1  # the poll panel names MailpipeNoPoll
 
 
 def test_new_gauges_carry_poll_time_interval_and_quarantine(tmp_path: Path) -> None:

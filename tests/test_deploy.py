@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mailpipe.app import load_config
 from mailpipe.chain import CLOSE_GRACE, DEFAULT_BUDGET
-from mailpipe.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTAINERFILE = ROOT / "Containerfile"

@@ -14,10 +14,10 @@ from mailpipe import ConfigError, hookimpl
 from mailpipe.app import open_app
 from mailpipe.chain import Chain
 from mailpipe.cli import cli
-from mailpipe.config import validate_config
 from mailpipe.plugin_manager import get_plugin_manager
 from mailpipe.prerequisites import prerequisite_problems, requirements
 from mailpipe.registry import collect
+from mailpipe.validation import validate_config
 
 MAILBOX = """
 [[mailboxes]]
@@ -144,3 +144,53 @@ def test_third_party_prerequisites_are_checked_in_every_pipeline(
             'add { use = "parse" } as an earlier step',
         )
     ]
+
+
+HELPDESK_KEYS = [  # (condition, the step whose field it reads)
+    ('{ reply = "printer" }', "reply"),
+    ('{ ticket = "1234" }', "ticket"),
+    ("{ is_reply = true }", "ticket"),
+    ("{ bounce = true }", "bounce"),
+    ('{ bounce_status = "5.*" }', "bounce"),
+    ('{ envelope = "smime-*" }', "unwrap"),
+    ('{ attachment_text = "invoice" }', "extract"),
+]
+
+
+@pytest.mark.parametrize(("when", "step"), HELPDESK_KEYS)
+def test_filter_rule_on_a_helpdesk_key_needs_its_step(
+    tmp_path: Path, when: str, step: str
+) -> None:
+    key = when.strip("{} ").split(" ")[0]
+    rule = f'{{ use = "filter", rules = [{{ when = {when}, then = "keep" }}] }}'
+    path = write(tmp_path, f'{{ use = "parse" }}, {rule}')
+    with pytest.raises(ConfigError) as info:
+        open_app(path, entry_points=False)
+    (problem,) = info.value.problems
+    assert problem.loc == f"pipelines.tickets.processors[1].rules[0].when.{key}"
+    assert problem.msg == (
+        f"filter key {key!r} reads what the {step!r} step sets, and no {step!r} step "
+        f'comes before it in this pipeline; add {{ use = "{step}" }} as an earlier step'
+    )
+    accepted = write(tmp_path, f'{{ use = "parse" }}, {{ use = "{step}" }}, {rule}')
+    assert open_app(accepted, entry_points=False).config.pipelines["tickets"]
+
+
+def test_nested_helpdesk_keys_are_found_and_a_later_step_is_named(tmp_path: Path) -> None:
+    rules = ('{ use = "filter", rules = [{ when = { mailing_list = true }, then = "keep" }, '
+             '{ when = { any = [{ subject = "x" }, { not = { bounce_status = "5.*" } }] }, '
+             'then = "keep" }] }')
+    path = write(tmp_path, f'{{ use = "parse" }}, {rules}, {{ use = "bounce" }}')
+    with pytest.raises(ConfigError) as info:
+        open_app(path, entry_points=False)
+    (problem,) = info.value.problems
+    assert problem.loc == ("pipelines.tickets.processors[1].rules[1].when.any[1].not."
+                           "bounce_status")
+    assert problem.msg.endswith("move it (processors[2]) before this step")
+
+
+def test_mailpipe_check_names_the_helpdesk_key(tmp_path: Path) -> None:
+    rule = '{ use = "filter", rules = [{ when = { is_reply = true }, then = "keep" }] }'
+    result = CliRunner().invoke(cli, ["check", str(write(tmp_path, f'{{ use = "parse" }}, {rule}'))])
+    assert result.exit_code == 2
+    assert "processors[1].rules[0].when.is_reply: filter key 'is_reply'" in result.output

@@ -136,7 +136,7 @@ def test_installed_plugin_runs_in_a_pipeline(installed_plugin: Path, tmp_path: P
         import asyncio, json
         from mailpipe import Message
         from mailpipe.chain import Chain
-        from mailpipe.config import load_config
+        from mailpipe.app import load_config
 
         async def main():
             config = load_config("pipeline.toml", entry_points=True)
@@ -195,7 +195,7 @@ def test_installed_plugin_disabled_by_config_is_unknown_to_pipelines(
         """
         import json
         from mailpipe import ConfigError
-        from mailpipe.config import load_config
+        from mailpipe.app import load_config
         try:
             load_config("pipeline.toml", entry_points=True)
         except ConfigError as exc:

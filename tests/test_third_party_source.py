@@ -195,9 +195,9 @@ def test_pop3_refuses_every_acknowledgement_it_cannot_perform(
 ) -> None:
     import tomllib
 
-    from mailpipe.config import validate_config
     from mailpipe.errors import ConfigError
     from mailpipe.plugin_manager import load
+    from mailpipe.validation import validate_config
     data = tomllib.loads(
         '[[mailboxes]]\nname = "p"\nhost = "127.0.0.1"\nusername = "u"\npassword = "p"\n'
         f'{line}\n[pipelines.default]\nprocessors = [{{ use = "parse" }}]\n'

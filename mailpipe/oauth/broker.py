@@ -21,10 +21,11 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 import structlog
 
@@ -40,12 +41,22 @@ from mailpipe.oauth.errors import (
 from mailpipe.oauth.grant import Flow, Grant
 from mailpipe.oauth.options import AnyOAuth, GoogleOAuth, MicrosoftOAuth, OidcOAuth
 from mailpipe.oauth.scopes import Protocol
+from mailpipe.oauth.sealing import SealError
 
 log = structlog.get_logger()
 
 #: Waits for another worker's refresh before giving up for this poll (bounded loop).
 LEASE_WAITS: Final = 40
 LEASE_POLL: Final = 0.25  # seconds between two looks at the row while waiting
+#: A token a mail server refuses within this many seconds of its issue is refreshed
+#: only when the refusal says the token is invalid or expired: otherwise the refusal
+#: is the mailbox's (wrong user, no licence), and an app-only token shared by every
+#: mailbox of the app must not be refreshed for it at each poll.
+REFUSAL_GRACE: Final = 300.0
+# XOAUTH2/OAUTHBEARER error statuses (RFC 7628 §3.2.2, Google's "401") and words.
+_TOKEN_REFUSAL: Final = re.compile(
+    r"invalid[_ ]token|expired|status=401\b|status=invalid_token", re.IGNORECASE
+)
 
 
 def make_flow(options: AnyOAuth, protocol: Protocol, *, username: str) -> Flow:
@@ -64,17 +75,14 @@ def make_flow(options: AnyOAuth, protocol: Protocol, *, username: str) -> Flow:
     return OidcFlow(options, protocol)
 
 
-def describe(options: AnyOAuth, protocol: Protocol, username: str) -> dict[str, Any]:
-    """What ``mailpipe auth status`` shows of an account (never a secret)."""
-    return {
-        "provider": options.provider,
-        "flow": options.flow,
-        "client_id": options.client_id,
-        "endpoint": options.endpoint(),
-        "scopes": list(options.effective_scopes(protocol)),
-        "user": options.identity() or username,
-        "refresh_token_max_age": options.refresh_token_max_age,
-    }
+def _still_valid(entry: CachedToken | None, now: float) -> bool:
+    """True when ``entry`` holds an access token that has not expired at ``now``."""
+    return bool(
+        entry is not None
+        and entry.access_token
+        and entry.expires_at is not None
+        and now < entry.expires_at
+    )
 
 
 class TokenBroker:
@@ -123,10 +131,12 @@ class TokenBroker:
         :raises GrantRevoked: the refresh token or consent is gone.
         :raises NoRefreshToken: a delegated flow before ``mailpipe auth login``.
         :raises ClientRejected: the provider refused the client itself.
-        :raises TokenEndpointBusy: the endpoint (or the lease holder) did not answer.
+        :raises TokenEndpointBusy: the endpoint (or the lease holder) did not answer
+            and the current token has expired (before expiry it is returned, the
+            failure logged and counted, and the next poll tries again).
         """
         for _ in range(LEASE_WAITS):
-            entry = self.cache.load(self.account)
+            entry = self._load()
             now = self.clock()
             if entry is not None and entry.access_token and (
                 entry.refresh_at is not None and now < entry.refresh_at
@@ -138,12 +148,11 @@ class TokenBroker:
                 self.account, owner=self.owner, ttl=self.options.timeout * 3 + 10
             ):
                 try:
-                    return self._refresh(self.cache.load(self.account))
+                    return self._refresh(self._load())
                 finally:
                     self.cache.release_lease(self.account, owner=self.owner)
-            if entry is not None and entry.access_token and (
-                entry.expires_at is not None and now < entry.expires_at
-            ):
+            if _still_valid(entry, now):
+                assert entry is not None
                 return entry.access_token  # being refreshed elsewhere; still valid
             self._sleep(LEASE_POLL)
         raise TokenEndpointBusy(
@@ -152,9 +161,40 @@ class TokenBroker:
             code="lease_busy",
         )
 
+    def _load(self) -> CachedToken | None:
+        try:
+            return self.cache.load(self.account)
+        except SealError as exc:
+            # Another cache_key sealed the entry: like a dead grant, only a new login
+            # (or the right key) helps, so /healthz reports it until a token is issued.
+            gauges.refresh_failed(
+                self.mailbox, reason="cache_key_mismatch", revoked=True, asked=False
+            )
+            self._log.error("oauth_cache_unreadable", error=str(exc))
+            raise
+
     def invalidate(self, access_token: str) -> None:
         """The server refused ``access_token``: refresh before it is used again."""
         self.cache.expire(self.account, access_token)
+
+    def refused(self, access_token: str, reason: str) -> bool:
+        """A mail server refused ``access_token`` with ``reason`` (its error text).
+
+        True when a new token is worth one more attempt: the token was invalidated
+        (the refusal says it is invalid or expired, or it is older than
+        :data:`REFUSAL_GRACE`), or another worker already replaced it. False when a
+        fresh token was refused for another reason: it is kept, and the login fails.
+        """
+        entry = self.cache.load(self.account)
+        if entry is None or entry.access_token != access_token:
+            return True
+        about_token = _TOKEN_REFUSAL.search(reason) is not None
+        age = self.clock() - (entry.last_refresh or 0.0)
+        if not about_token and age < REFUSAL_GRACE:
+            self._log.info("oauth_token_kept", reason="refusal_not_about_token")
+            return False
+        self.invalidate(access_token)
+        return True
 
     def _refuse_dead_grant(self, entry: CachedToken | None) -> None:
         if entry is None or not self.flow.needs_refresh_token:
@@ -189,9 +229,21 @@ class TokenBroker:
             grant = self.flow.acquire(refresh_token)
         except (AuthenticationError, TokenEndpointBusy) as exc:
             code = str(getattr(exc, "code", "") or type(exc).__name__)
-            self.cache.record_error(self.account, code=code, message=str(exc))
+            self.cache.record_error(
+                self.account, code=code, message=str(exc),
+                rt_issued_at=entry.rt_issued_at if entry is not None else None,
+            )
             revoked = isinstance(exc, GrantRevoked | NoRefreshToken)
             gauges.refresh_failed(self.mailbox, reason=code, revoked=revoked)
+            if isinstance(exc, TokenEndpointBusy) and _still_valid(entry, self.clock()):
+                # An early refresh that failed for now: the current token still
+                # works, so the poll goes on with it and the next poll tries again.
+                assert entry is not None
+                self._log.warning(
+                    "oauth_refresh_failed", code=code, error=str(exc),
+                    kept_valid_token=True, expires_at=entry.expires_at,
+                )
+                return entry.access_token
             self._log.error("oauth_refresh_failed", code=code, error=str(exc))
             raise
         return self.save(grant, previous=entry)
@@ -213,7 +265,6 @@ class TokenBroker:
         )
         self.cache.store(
             self.account,
-            description=describe(self.options, self.protocol, self.username),
             access_token=grant.access_token,
             refresh_token=refresh_token,
             expires_at=expires_at,

@@ -13,7 +13,6 @@ refreshes an account at a time; the others keep using the still-valid token or w
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sqlite3
 import threading
@@ -26,10 +25,12 @@ from typing import Any
 from mailpipe.journal import open_journal
 from mailpipe.journal.errors import JournalError
 from mailpipe.oauth.sealing import Sealer
-from mailpipe.secrets import MASK, remember_secret
+from mailpipe.secrets import MASK, forget_secret, remember_secret
 
+# The table's ``description`` column (migration 3) is neither read nor written: `auth
+# status` describes an account from the config. It keeps its default '{}'.
 _COLUMNS = (
-    "account, description, sealed, expires_at, refresh_at, rt_issued_at, "
+    "account, sealed, expires_at, refresh_at, rt_issued_at, "
     "last_refresh, refreshes, last_error, last_error_code, last_error_at, "
     "lease_owner, lease_until"
 )
@@ -40,7 +41,6 @@ class CachedToken:
     """One cache row; ``access_token``/``refresh_token`` are set only when opened."""
 
     account: str
-    description: dict[str, Any] = field(default_factory=dict)
     sealed: str = ""
     access_token: str = field(default="", repr=False)
     refresh_token: str = field(default="", repr=False)
@@ -79,18 +79,17 @@ class _Result:
 def _row(row: tuple[Any, ...]) -> CachedToken:
     return CachedToken(
         account=row[0],
-        description=json.loads(row[1] or "{}"),
-        sealed=row[2] or "",
-        expires_at=row[3],
-        refresh_at=row[4],
-        rt_issued_at=row[5],
-        last_refresh=row[6],
-        refreshes=int(row[7] or 0),
-        last_error=row[8] or "",
-        last_error_code=row[9] or "",
-        last_error_at=row[10],
-        lease_owner=row[11],
-        lease_until=row[12],
+        sealed=row[1] or "",
+        expires_at=row[2],
+        refresh_at=row[3],
+        rt_issued_at=row[4],
+        last_refresh=row[5],
+        refreshes=int(row[6] or 0),
+        last_error=row[7] or "",
+        last_error_code=row[8] or "",
+        last_error_at=row[9],
+        lease_owner=row[10],
+        lease_until=row[11],
     )
 
 
@@ -118,6 +117,8 @@ class TokenCache:
         self._param = "?"
         self._table = "oauth_tokens"
         self._conn: Any
+        # The token pair of each account last remembered for redaction (see _track).
+        self._remembered: dict[str, frozenset[str]] = {}
         path = getattr(journal, "path", None)
         if path is not None and str(path) != ":memory:":
             journal.close()
@@ -151,9 +152,25 @@ class TokenCache:
     def _execute(self, text: str, params: tuple[Any, ...] = ()) -> Any:
         # One connection serves every broker thread of the process: one at a time.
         with self._lock, self._translate():
-            cur = self._conn.execute(self._sql(text), params)
-            rows = cur.fetchall() if cur.description is not None else None
-            return _Result(rows, int(cur.rowcount))
+            try:
+                return self._run(text, params)
+            except Exception as exc:
+                # PostgreSQL restarted or the backend was terminated: every statement
+                # here is one autocommit transaction, so reopen and run it once more
+                # (as the journal does) instead of failing every later poll.
+                if self._param != "%s" or not (self._conn.broken or self._conn.closed):
+                    raise
+                if not type(exc).__module__.startswith("psycopg"):
+                    raise
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+                self._conn = self._journal._connect()  # type: ignore[attr-defined]
+                return self._run(text, params)
+
+    def _run(self, text: str, params: tuple[Any, ...]) -> _Result:
+        cur = self._conn.execute(self._sql(text), params)
+        rows = cur.fetchall() if cur.description is not None else None
+        return _Result(rows, int(cur.rowcount))
 
     def load(self, account: str, *, open_secrets: bool = True) -> CachedToken | None:
         """The row of ``account`` (its tokens opened unless ``open_secrets`` is False)."""
@@ -167,14 +184,21 @@ class TokenCache:
             secrets = self.sealer.open(entry.sealed)
             entry.access_token = str(secrets.get("access_token", ""))
             entry.refresh_token = str(secrets.get("refresh_token", ""))
-            for value in (entry.access_token, entry.refresh_token):
-                remember_secret(value)  # masked in every log line and error
+            self._track(account, entry.access_token, entry.refresh_token)
         return entry
 
-    def entries(self) -> list[CachedToken]:
-        """Every row, secrets left sealed (for ``mailpipe auth status``)."""
-        rows = self._execute(f"SELECT {_COLUMNS} FROM {{t}} ORDER BY account").fetchall()
-        return [_row(tuple(r)) for r in rows]
+    def _track(self, account: str, *tokens: str) -> None:
+        """Mask ``tokens`` in every log line and error, and stop masking the pair
+        they replace: only the current pair of each account stays in the process-wide
+        redaction set, so it does not grow (and slow every log line) per refresh."""
+        current = frozenset(t for t in tokens if t)
+        with self._lock:
+            previous = self._remembered.get(account, frozenset())
+            self._remembered[account] = current
+        for value in current - previous:
+            remember_secret(value)
+        for value in previous - current:
+            forget_secret(value)
 
     def _ensure(self, account: str) -> None:
         self._execute(
@@ -206,7 +230,6 @@ class TokenCache:
         self,
         account: str,
         *,
-        description: dict[str, Any],
         access_token: str,
         refresh_token: str,
         expires_at: float,
@@ -219,14 +242,14 @@ class TokenCache:
         sealed = self.sealer.seal(
             {"access_token": access_token, "refresh_token": refresh_token}
         )
+        self._track(account, access_token, refresh_token)
         self._ensure(account)
         self._execute(
-            "UPDATE {t} SET description = ?, sealed = ?, expires_at = ?, "
+            "UPDATE {t} SET sealed = ?, expires_at = ?, "
             "refresh_at = ?, rt_issued_at = ?, last_refresh = ?, "
             "refreshes = refreshes + 1, last_error = '', last_error_code = '', "
             "last_error_at = NULL WHERE account = ?",
             (
-                json.dumps(description, sort_keys=True),
                 sealed,
                 expires_at,
                 refresh_at,
@@ -245,14 +268,24 @@ class TokenCache:
             "UPDATE {t} SET refresh_at = ? WHERE account = ?", (0.0, account)
         )
 
-    def record_error(self, account: str, *, code: str, message: str) -> None:
-        """Remember the latest failure (``mailpipe auth status`` shows it)."""
+    def record_error(
+        self, account: str, *, code: str, message: str, rt_issued_at: float | None
+    ) -> bool:
+        """Remember the latest failure (``mailpipe auth status`` shows it), unless the
+        refresh token was replaced meanwhile: ``rt_issued_at`` is the one the failed
+        request used, and an error about an older grant must not mark a fresh login
+        dead. True when recorded."""
         self._ensure(account)
-        self._execute(
+        same = "rt_issued_at IS NULL" if rt_issued_at is None else "rt_issued_at = ?"
+        params: tuple[Any, ...] = (message[:500], code, self.clock(), account)
+        if rt_issued_at is not None:
+            params += (rt_issued_at,)
+        cur = self._execute(
             "UPDATE {t} SET last_error = ?, last_error_code = ?, last_error_at = ? "
-            "WHERE account = ?",
-            (message[:500], code, self.clock(), account),
+            f"WHERE account = ? AND {same}",
+            params,
         )
+        return int(cur.rowcount) == 1
 
     def forget(self, account: str) -> bool:
         """Delete the row of ``account`` (``mailpipe auth revoke``)."""

@@ -11,6 +11,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import click
 
@@ -304,20 +305,32 @@ def _revoke_at_provider(options: AnyOAuth, refresh_token: str) -> str:
 
     from mailpipe.oauth.grant import trust
 
+    data = {"token": refresh_token, "token_type_hint": "refresh_token",
+            "client_id": options.client_id}
+    auth: tuple[str, str] | None = None
     if isinstance(options, GoogleOAuth):
         url = options.token_uri.rsplit("/", 1)[0] + "/revoke"
     else:
         from mailpipe.oauth.oidc import OidcFlow
 
-        url = str(OidcFlow(options, "pop3").metadata().get("revocation_endpoint", ""))
+        meta = OidcFlow(options, "pop3").metadata()
+        url = str(meta.get("revocation_endpoint", ""))
         if not url:
             return "the provider names no revocation_endpoint; token kept there"
+        if options.client_secret is not None:
+            # RFC 7009 §2.1: a confidential client authenticates its revocation,
+            # with client_secret_basic unless the provider only takes _post.
+            secret = options.client_secret.get()
+            methods = meta.get("revocation_endpoint_auth_methods_supported") or []
+            if "client_secret_basic" not in methods and "client_secret_post" in methods:
+                data["client_secret"] = secret
+            else:
+                # RFC 6749 §2.3.1: both parts form-encoded before Basic encoding.
+                auth = (quote(options.client_id, safe=""), quote(secret, safe=""))
+                del data["client_id"]
     session = trust(requests.Session(), options.ca_file)
     try:
-        resp = session.post(url, data={"token": refresh_token,
-                                       "token_type_hint": "refresh_token",
-                                       "client_id": options.client_id},
-                            timeout=options.timeout)
+        resp = session.post(url, data=data, auth=auth, timeout=options.timeout)
     except requests.RequestException as exc:
         return f"revocation request failed ({type(exc).__name__}); token kept there"
     return f"revoked at the provider (HTTP {resp.status_code})"

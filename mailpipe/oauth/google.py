@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Any
+from typing import Any, Final
 
 from mailpipe.errors import MailpipeError
-from mailpipe.oauth.grant import Grant, error_from, transport_errors, trust
+from mailpipe.oauth.grant import (
+    BUSY_CODES,
+    Grant,
+    error_from,
+    parse_retry_after,
+    transport_errors,
+    trust,
+)
 from mailpipe.oauth.options import GoogleOAuth
 from mailpipe.oauth.scopes import Protocol
 
@@ -30,7 +37,11 @@ class GoogleFlow:
         import requests
 
         session = trust(requests.Session(), self.options.ca_file)
-        return google.auth.transport.requests.Request(session)
+        return _OneRequest(
+            google.auth.transport.requests.Request(session),
+            timeout=self.options.timeout,
+            where=self.where,
+        )
 
     def _credentials(self, refresh_token: str) -> Any:
         o = self.options
@@ -89,3 +100,41 @@ class GoogleFlow:
             expires_in=max(0.0, lifetime),
             refresh_token=str(getattr(creds, "refresh_token", "") or ""),
         )
+
+
+class _OneRequest:
+    """google-auth's transport with ``timeout`` applied to every request and no
+    internal retry: google-auth retries a 429/5xx itself (with its own back-off, and
+    ignoring Retry-After), which outlives the broker's refresh lease, so the first
+    such answer becomes TokenEndpointBusy (with the answer's Retry-After) here and
+    the broker decides when to ask again."""
+
+    # google-auth retries these statuses and error codes (google.oauth2._client).
+    _RETRIED: Final = frozenset({408, 429, 500, 502, 503, 504})
+
+    def __init__(self, request: Any, *, timeout: float, where: str) -> None:
+        self._request = request
+        self._timeout = timeout
+        self._where = where
+
+    def __call__(self, url: str, method: str = "GET", **kwargs: Any) -> Any:
+        kwargs["timeout"] = self._timeout
+        response = self._request(url, method=method, **kwargs)
+        if response.status == 200:
+            return response
+        try:
+            data = json.loads(response.data)
+        except (TypeError, ValueError):
+            data = {}
+        data = data if isinstance(data, dict) else {}
+        code = str(data.get("error") or "")
+        busy = BUSY_CODES | {"internal_failure"}
+        if response.status in self._RETRIED or code in busy:
+            headers = getattr(response, "headers", {}) or {}
+            raise error_from(
+                code if code in BUSY_CODES else "temporarily_unavailable",
+                "",
+                where=self._where,
+                retry_after=parse_retry_after(headers.get("Retry-After")),
+            )
+        return response

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email.utils
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,6 +51,34 @@ def error_from(
             f"{where}: token endpoint busy ({code})", code=code, retry_after=retry_after
         )
     return classify(code, description, where=where)
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (RFC 9110 §10.2.3: a number of
+    seconds or an HTTP-date), or None when absent or unreadable."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class RetryAfterWatch:
+    """Remembers the ``Retry-After`` of the last response a ``requests`` session got
+    (a response hook), for libraries that raise without the response's headers."""
+
+    def __init__(self, session: Any) -> None:
+        self.value: float | None = None
+        session.hooks["response"].append(self._seen)
+
+    def _seen(self, response: Any, *args: Any, **kwargs: Any) -> Any:
+        self.value = parse_retry_after(response.headers.get("Retry-After"))
+        return response
 
 
 def trust(session: Any, ca_file: Path | None) -> Any:

@@ -12,7 +12,13 @@ from typing import Any, Final
 
 from mailpipe.errors import MailpipeError
 from mailpipe.oauth.errors import ClientRejected
-from mailpipe.oauth.grant import Grant, error_from, transport_errors, trust
+from mailpipe.oauth.grant import (
+    Grant,
+    RetryAfterWatch,
+    error_from,
+    transport_errors,
+    trust,
+)
 from mailpipe.oauth.options import MICROSOFT_AUTHORITY, MicrosoftOAuth
 from mailpipe.oauth.scopes import Protocol
 
@@ -30,6 +36,7 @@ class MicrosoftFlow:
         ]
         self.needs_refresh_token = options.flow == "device_code"
         self.where = f"microsoft {options.authority_url()}"
+        self._retry_after: RetryAfterWatch | None = None  # of the last app's session
 
     def _app_kwargs(self) -> dict[str, Any]:
         import functools
@@ -41,6 +48,7 @@ class MicrosoftFlow:
         custom = not o.authority_url().startswith(MICROSOFT_AUTHORITY)
         session = trust(requests.Session(), o.ca_file)
         session.request = functools.partial(session.request, timeout=o.timeout)
+        self._retry_after = RetryAfterWatch(session)
         return {
             "http_client": session,
             "authority": o.authority_url(),
@@ -100,16 +108,23 @@ class MicrosoftFlow:
                 f"({type(exc).__name__}; the certificate needs an RSA key)",
                 code="bad_credential",
             ) from None
-        return grant_from(result, where=self.where)
+        watch = self._retry_after
+        return grant_from(
+            result, where=self.where, retry_after=watch.value if watch else None
+        )
 
 
-def grant_from(result: dict[str, Any], *, where: str) -> Grant:
-    """A msal result as a Grant, or the classified error."""
+def grant_from(
+    result: dict[str, Any], *, where: str, retry_after: float | None = None
+) -> Grant:
+    """A msal result as a Grant, or the classified error (``retry_after``: the
+    delay the endpoint's last response asked for)."""
     if "access_token" not in result:
         raise error_from(
             str(result.get("error", "unknown_error")),
             str(result.get("error_description", "")),
             where=where,
+            retry_after=retry_after,
         )
     return Grant(
         access_token=str(result["access_token"]),

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from mailpipe.oauth.grant import Grant, error_from, transport_errors, trust
+from mailpipe.oauth.grant import (
+    Grant,
+    RetryAfterWatch,
+    error_from,
+    transport_errors,
+    trust,
+)
 from mailpipe.oauth.options import OidcOAuth
 from mailpipe.oauth.scopes import Protocol
 
@@ -66,6 +72,7 @@ class OidcFlow:
         o = self.options
         url = str(self.metadata()["token_endpoint"])
         session = self.session()
+        watch = RetryAfterWatch(session)
         try:
             with transport_errors(self.where):
                 if o.flow == "refresh_token":
@@ -83,10 +90,12 @@ class OidcFlow:
                 str(exc.error or "unknown_error"),
                 str(exc.description or ""),
                 where=self.where,
+                retry_after=watch.value,
             ) from None
         except ValueError:  # not JSON (a proxy's 429 or 502 page)
             raise error_from(
-                "temporarily_unavailable", "", where=self.where
+                "temporarily_unavailable", "", where=self.where,
+                retry_after=watch.value,
             ) from None
         return Grant(
             access_token=str(token["access_token"]),

@@ -1,7 +1,14 @@
-"""One token cache per journal and one broker per mailbox, shared within a process."""
+"""One token cache per (journal, cache_key) and one broker per mailbox, shared within
+a process.
+
+Mailboxes of one ``[state]`` journal may each have their own ``cache_key`` (``mailpipe
+auth login`` seals each mailbox's tokens with its own key), so a cache, whose sealer
+holds one key, is shared only by the mailboxes whose keys are equal.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -14,7 +21,7 @@ from mailpipe.oauth.scopes import Protocol
 from mailpipe.oauth.sealing import Sealer
 
 _LOCK = threading.Lock()
-_CACHES: dict[tuple[str, str], TokenCache] = {}
+_CACHES: dict[tuple[str, str, str], TokenCache] = {}
 _BROKERS: dict[tuple[str, str, str], TokenBroker] = {}
 DEFAULT_STATE = "var/mailpipe.sqlite3"
 #: The clock of the caches and brokers made here (tests replace it).
@@ -22,16 +29,20 @@ CLOCK: Callable[[], float] = time.time
 
 
 def cache_for(options: AnyOAuth) -> TokenCache:
-    """The token cache in the journal of the config ``options`` came from."""
+    """The token cache in the journal of the config ``options`` came from, sealing
+    with ``options.cache_key``."""
     state = options.state_path or DEFAULT_STATE
-    key = (str(options.base_dir), state)
+    secret = options.cache_key.get()
+    # The key's digest, not the key, names the cache: the dict holds no secret.
+    digest = hashlib.sha256(secret.strip().encode()).hexdigest()
+    key = (str(options.base_dir), state, digest)
     with _LOCK:
         cache = _CACHES.get(key)
         if cache is None:
             cache = TokenCache(
                 state,
                 base_dir=Path(options.base_dir),
-                sealer=Sealer(options.cache_key.get()),
+                sealer=Sealer(secret),
                 clock=lambda: CLOCK(),
             )
             _CACHES[key] = cache

@@ -7,11 +7,15 @@ from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from mailpipe.errors import MailpipeError
+from mailpipe.errors import AuthenticationError
 
 
-class SealError(MailpipeError):
-    """The cache key is malformed, or does not open what the cache holds."""
+class SealError(AuthenticationError):
+    """The cache key is malformed, or does not open what the cache holds.
+
+    An authentication failure (long back-off, reported unhealthy): only a new key or
+    a new ``mailpipe auth login`` helps, never a retry.
+    """
 
 
 def new_key() -> str:

@@ -2,7 +2,8 @@
 
 It speaks just enough of RFC 6749 (token endpoint: refresh_token, client_credentials,
 JWT bearer for Google service accounts), RFC 8628 (device authorization), RFC 7662
-(introspection, which Dovecot's ``oauth2`` passdb calls), RFC 7009 (revocation) and
+(introspection, which Dovecot's ``oauth2`` passdb calls), RFC 7009 (revocation: a
+confidential client must authenticate, §2.1; ``revocations`` records who did, how) and
 OpenID discovery (``/.well-known/openid-configuration`` at the root for OIDC clients
 and ``/TENANT/v2.0/...`` for msal) for msal, google-auth and authlib to work against it
 unchanged. Faults: the next token responses can be ``invalid_grant``, a 429, slow, or an
@@ -96,6 +97,10 @@ class AuthServer:
         self.device_user = "alice"
         self.device_pending = 0
         self.token_requests: list[TokenRequest] = []
+        #: How the revocation endpoint accepts client authentication (discovery).
+        self.revocation_auth_methods = ["client_secret_basic", "client_secret_post"]
+        #: (client id, authentication method or "none"), per accepted revocation.
+        self.revocations: list[tuple[str, str]] = []
         #: (user of the token or "", whether it was active), per introspection.
         self.introspections: list[tuple[str, bool]] = []
         self._faults: list[_Fault] = []
@@ -214,6 +219,9 @@ class AuthServer:
             "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
             "introspection_endpoint": f"{self.url}/introspect",
             "revocation_endpoint": f"{self.url}/revoke",
+            "revocation_endpoint_auth_methods_supported": [
+                *self.revocation_auth_methods, "none"
+            ],
             "response_types_supported": ["code"],
             "grant_types_supported": [
                 "refresh_token", "client_credentials", DEVICE_GRANT, JWT_GRANT
@@ -406,6 +414,26 @@ class AuthServer:
             "exp": int(issued.expires_at),
         }
 
+    def revocation(
+        self, form: dict[str, str], auth: tuple[str, str] | None
+    ) -> tuple[int, dict[str, Any]]:
+        """RFC 7009 §2.1: a confidential client authenticates (with a method of
+        ``revocation_auth_methods``), a public one names itself; then revoke."""
+        client_id = auth[0] if auth else form.get("client_id", "")
+        method = (
+            "client_secret_basic" if auth
+            else "client_secret_post" if "client_secret" in form else "none"
+        )
+        confidential = self.clients.get(client_id) is not None
+        if not self._client_ok(form, auth, client_id) or (
+            confidential and method not in self.revocation_auth_methods
+        ):
+            return 401, {"error": "invalid_client"}
+        self.revoke(form.get("token", ""))
+        with self._lock:
+            self.revocations.append((client_id, method))
+        return 200, {}
+
     def revoke(self, token: str) -> None:
         """RFC 7009: revoke a refresh or access token (unknown ones are ignored)."""
         with self._lock:
@@ -487,8 +515,7 @@ def _handler_for(server: AuthServer) -> type[BaseHTTPRequestHandler]:
             elif path.endswith("/introspect"):
                 self._send(200, server.introspect(form.get("token", "")))
             elif path.endswith("/revoke"):
-                server.revoke(form.get("token", ""))
-                self._send(200, {})
+                self._send(*server.revocation(form, self._basic()))
             else:
                 self._send(404, {"error": "not_found"})
 

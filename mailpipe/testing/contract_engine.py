@@ -9,12 +9,12 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from mailpipe.chain import Chain
-from mailpipe.config import validate_config
 from mailpipe.engine import MailboxRunner
 from mailpipe.journal.sqlite import SqliteJournal
 from mailpipe.plugin_manager import Hooks, load
 from mailpipe.quarantine import Quarantine
 from mailpipe.source import AckKind, Source, acknowledgements_of
+from mailpipe.validation import validate_config
 
 
 class _NoOptions(BaseModel):

@@ -27,6 +27,10 @@ _SUBJECT: Final = re.compile(
     r"|配信不能|配送エラー|退信|投递失败|無法傳遞",
     re.I,
 )
+#: Octets of a message given to flufl.bounce: its detectors cost time per line
+#: (a report padded with blank lines took about a minute at 800 KB), and what a
+#: notice says of its failed recipients comes first.
+FLUFL_MAX: Final = 64 * 1024
 _STATUS: Final = re.compile(r"(?<![\d.])([45]\.\d{1,3}\.\d{1,3})(?![\d.])")
 _SMTP_CODE: Final = re.compile(r"(?<!\d)([45]\d\d)[ -]")
 
@@ -72,7 +76,8 @@ def parse_nonstandard(
     record: MessageRecord, raw: Callable[[], bytes | None]
 ) -> Bounce | None:
     """The bounce of a message :func:`looks_like_bounce` accepted; None otherwise.
-    ``raw()`` gives the message bytes for flufl.bounce (None: too large to read)."""
+    ``raw()`` gives the message bytes for flufl.bounce, at most :data:`FLUFL_MAX`
+    (the head of a larger message; None: none to give)."""
     if not looks_like_bounce(record):
         return None
     text = record.text or ""

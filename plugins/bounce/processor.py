@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mailpipe.processor import ProcessorContext, Result
 
 from .dsn import parse_delivery_status
-from .nonstandard import parse_nonstandard
+from .nonstandard import FLUFL_MAX, parse_nonstandard
 
 if TYPE_CHECKING:
     from mailpipe.message import Message
@@ -24,8 +24,7 @@ _HEADER_TYPES: Final = frozenset(
      "message/global", "message/global-headers"}
 )
 _MESSAGE_ID: Final = re.compile(rb"(?im)^message-id:[ \t]*<?([^\s<>]+)>?")
-#: Octets of a report part read; delivery-status parts are a few KiB. A message over
-#: ten times this is never handed whole to flufl.bounce.
+#: Octets of a report part read; delivery-status parts are a few KiB.
 MAX_REPORT: Final = 1 << 20
 
 
@@ -41,6 +40,13 @@ class BounceOptions(BaseModel):
         "(by mailer-daemon sender or bounce subject); recipients need flufl.bounce "
         "(pip install 'mailpipe[bounce]').",
     )
+
+
+def _head(message: Message, limit: int) -> bytes:
+    """The first ``limit`` octets of the message (a spooled one is not read whole)."""
+    with message.open() as stream:
+        data: bytes = stream.read(limit)
+    return data
 
 
 def _bytes(payload: Any, limit: int = MAX_REPORT) -> bytes:
@@ -93,10 +99,7 @@ class BounceProcessor:
                 original = m.group(1).decode("utf-8", "replace") if m else None
         bounce = parse_delivery_status(statuses) if statuses else None
         if bounce is None and self.options.nonstandard and not message.headers_only:
-            # bounces are small; a big message is never read whole for flufl.bounce
-            bounce = parse_nonstandard(
-                record, lambda: message.raw if message.size <= MAX_REPORT * 10 else None
-            )
+            bounce = parse_nonstandard(record, lambda: _head(message, FLUFL_MAX))
         if bounce is not None:
             bounce.original_message_id = original
         record.bounce = bounce

@@ -1,25 +1,42 @@
 """Text out of attachment formats: PDF (pypdf), DOCX, XLSX, PPTX, ODF (zip + XML read
 with linear-time patterns, no XML parser and so no entity expansion), HTML, CSV and
-plain text. Every reader is bounded: a character budget, a deadline checked between
-pages, sheets and archive members, and a cap on the octets inflated from an archive.
+plain text. Every reader is bounded: a character budget that text runs enter one at a
+time (taking stops when it is full), a deadline checked between pages, sheets and
+archive members and every :data:`CHECK_EVERY` matches inside one, and a cap on the
+octets inflated from an archive that grows with the budget (:func:`inflate_cap`).
 Nothing here opens a file or a socket: the bytes are given."""
 
 from __future__ import annotations
 
+import codecs
 import html as html_lib
 import io
 import logging
 import re
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
 from mailpipe.plugins.parse.html_text import html_to_text
 
-#: Most octets inflated from one archive (a zip bomb stops here).
+#: Most octets inflated from one archive whatever the budget (a zip bomb stops here).
 MAX_INFLATE: Final = 64 * 2**20
+#: Octets inflated from one archive per character of the budget (the XML markup
+#: around the text), and the least any budget gets.
+INFLATE_PER_CHAR: Final = 8
+MIN_INFLATE: Final = 64 * 1024
+#: Pattern matches (runs, cells, shared strings) between two deadline checks.
+CHECK_EVERY: Final = 1024
+
+
+def inflate_cap(max_chars: int) -> int:
+    """Most octets inflated from one archive for a budget of ``max_chars``: past it
+    the member being read is cut and the text marked truncated."""
+    return min(MAX_INFLATE, max(max_chars * INFLATE_PER_CHAR, MIN_INFLATE))
+
+
 #: Most members of one archive looked at.
 MAX_MEMBERS: Final = 2000
 
@@ -29,10 +46,12 @@ class ExtractError(Exception):
 
 
 class Budget:
-    """The limits of one extraction: characters left and a deadline."""
+    """The limits of one extraction: characters left, octets an archive may still
+    inflate, and a deadline."""
 
     def __init__(self, max_chars: int, timeout: float) -> None:
         self.left = max_chars
+        self.inflate_left = inflate_cap(max_chars)
         self.deadline = time.monotonic() + timeout
         self.parts: list[str] = []
         self.truncated = False
@@ -55,6 +74,27 @@ class Budget:
         self.parts.append(text)
         self.left -= len(text) + 1
         return True
+
+    def add_runs(self, runs: Iterable[str]) -> bool:
+        """``add("".join(runs))``, but runs are taken one at a time and taking stops
+        once the budget is full, so a huge part is never joined whole; the deadline
+        is checked every :data:`CHECK_EVERY` runs. False once the budget is spent."""
+        kept: list[str] = []
+        size = lead = 0  # characters taken; leading blanks of the first run
+        for n, run in enumerate(runs):
+            if n % CHECK_EVERY == 0:
+                self.check()
+            if not kept:
+                if not run.strip():
+                    continue  # leading blanks: add() strips them
+                lead = len(run) - len(run.lstrip())
+            kept.append(run)
+            size += len(run)
+            stripped = run.rstrip()
+            # what add() keeps ends at the last non-blank character taken
+            if stripped and size - (len(run) - len(stripped)) - lead > self.left:
+                break
+        return self.add("".join(kept))
 
     def text(self) -> str:
         """Everything kept, one piece per line block."""
@@ -80,19 +120,28 @@ def _members(zf: zipfile.ZipFile, name_re: re.Pattern[str]) -> list[zipfile.ZipI
                                         for n in _NUM.split(i.filename)])
 
 
-def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo, used: list[int]) -> str:
-    left = MAX_INFLATE - used[0]
+def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: Budget,
+          share: int = 1) -> str:
+    """A member's text, inflated no further than the archive's cap (1/``share`` of
+    what is left of it): a longer member is cut there (a partial XML part; the text
+    is marked truncated) and, when it had the whole rest, no member is read after."""
     with zf.open(info) as f:
-        data = f.read(left + 1)
-    if len(data) > left:
-        raise ExtractError(f"archive inflates past {MAX_INFLATE} octets")
-    used[0] += len(data)
-    return data.decode("utf-8", "replace")
+        data = f.read(budget.inflate_left // share)
+    budget.inflate_left -= len(data)
+    cut = len(data) < info.file_size  # zipfile yields no more than file_size
+    if cut:
+        budget.truncated = True
+        budget.inflate_left = budget.inflate_left if share > 1 else 0
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    return str(decoder.decode(data, final=not cut))  # a cut character is dropped
 
 
-def _xml_runs(xml: str, pattern: re.Pattern[str], kind: str) -> Iterator[str]:
+def _xml_runs(xml: str, pattern: re.Pattern[str], kind: str,
+              budget: Budget) -> Iterator[str]:
     """Text runs of a document part; a paragraph end yields '\\n'."""
-    for m in pattern.finditer(xml):
+    for n, m in enumerate(pattern.finditer(xml)):
+        if n % CHECK_EVERY == 0:
+            budget.check()
         token = m.group(0)
         if kind == "odf":  # group 1: a line end; group 2: text; else another tag
             if m.group(1) is not None:
@@ -110,57 +159,91 @@ def _xml_runs(xml: str, pattern: re.Pattern[str], kind: str) -> Iterator[str]:
 
 def _office(data: bytes, budget: Budget, kind: str) -> None:
     name_re, pattern = _TAG_TEXT[kind]
-    used = [0]
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         members = _members(zf, name_re)
         if not members:
             raise ExtractError(f"no {kind} document part in the archive")
         for info in members:
             budget.check()
-            xml = _read(zf, info, used)
+            if not budget.inflate_left:
+                return
+            xml = _read(zf, info, budget)
             if kind == "odf":  # only the body text, not styles' names
                 start = xml.find("<office:body")
                 xml = xml[start:] if start >= 0 else xml
-            if not budget.add("".join(_xml_runs(xml, pattern, kind))):
+            if not budget.add_runs(_xml_runs(xml, pattern, kind, budget)):
                 return
 
 
 _SHARED: Final = re.compile(r"<si>(.*?)</si>", re.S)
 _T: Final = re.compile(r"<t(?:\s[^>]*)?>([^<]*)</t>")
-_ROW: Final = re.compile(r"<row\b[^>]*>(.*?)</row>", re.S)
-_CELL: Final = re.compile(r"<c\b([^>]*?)(?:/>|>(.*?)</c>)", re.S)
+#: A cell, or the end of a row (group 1 unmatched).
+_CELL_OR_ROW_END: Final = re.compile(r"<c\b([^>]*?)(?:/>|>(.*?)</c>)|</row>", re.S)
 _V: Final = re.compile(r"<v>([^<]*)</v>")
 
 
+def _cell(attrs: str, body: str, shared: list[str]) -> str:
+    if 't="s"' in attrs:
+        v = _V.search(body)
+        i = int(v.group(1)) if v and v.group(1).isdigit() else -1
+        return shared[i] if 0 <= i < len(shared) else ""
+    if 't="inlineStr"' in attrs:
+        return html_lib.unescape("".join(_T.findall(body)))
+    v = _V.search(body)
+    return html_lib.unescape(v.group(1)) if v else ""
+
+
+def _sheet_runs(xml: str, shared: list[str], budget: Budget) -> Iterator[str]:
+    """A sheet's cells one at a time: a row's cells apart by tabs (empty ones
+    between kept, leading and trailing ones not), rows without text skipped, rows
+    apart by line ends."""
+    any_row = in_row = False
+    gap = 0  # empty cells since the last cell with text in this row
+    for n, m in enumerate(_CELL_OR_ROW_END.finditer(xml)):
+        if n % CHECK_EVERY == 0:
+            budget.check()
+        if m.group(1) is None:  # </row>
+            in_row, gap = False, 0
+            continue
+        text = _cell(m.group(1), m.group(2) or "", shared)
+        if not text:
+            gap += 1
+        elif in_row:
+            yield "\t" * (gap + 1) + text
+            gap = 0
+        else:
+            yield ("\n" if any_row else "") + text
+            any_row = in_row = True
+            gap = 0
+
+
+def _shared_strings(xml: str, budget: Budget) -> list[str]:
+    shared: list[str] = []
+    for n, si in enumerate(_SHARED.finditer(xml)):
+        if n % CHECK_EVERY == 0:
+            budget.check()
+        shared.append(html_lib.unescape("".join(_T.findall(si.group(1)))))
+    return shared
+
+
 def _xlsx(data: bytes, budget: Budget) -> None:
-    used = [0]
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         names = {i.filename for i in zf.infolist()[:MAX_MEMBERS]}
         shared: list[str] = []
         if "xl/sharedStrings.xml" in names:
-            xml = _read(zf, zf.getinfo("xl/sharedStrings.xml"), used)
-            shared = [html_lib.unescape("".join(_T.findall(si)))
-                      for si in _SHARED.findall(xml)]
+            # at most half the cap: the sheets that refer to them get the rest
+            xml = _read(zf, zf.getinfo("xl/sharedStrings.xml"), budget, share=2)
+            shared = _shared_strings(xml, budget)
         sheets = _members(zf, re.compile(r"^xl/worksheets/sheet\d+\.xml$"))
         if not sheets:
             raise ExtractError("no worksheet in the archive")
         for info in sheets:
             budget.check()
-            for row in _ROW.finditer(_read(zf, info, used)):
-                cells = []
-                for cell in _CELL.finditer(row.group(1)):
-                    attrs, body = cell.group(1), cell.group(2) or ""
-                    if 't="s"' in attrs:
-                        v = _V.search(body)
-                        i = int(v.group(1)) if v and v.group(1).isdigit() else -1
-                        cells.append(shared[i] if 0 <= i < len(shared) else "")
-                    elif 't="inlineStr"' in attrs:
-                        cells.append(html_lib.unescape("".join(_T.findall(body))))
-                    else:
-                        v = _V.search(body)
-                        cells.append(html_lib.unescape(v.group(1)) if v else "")
-                if any(cells) and not budget.add("\t".join(cells)):
-                    return
+            if not budget.inflate_left:
+                return
+            xml = _read(zf, info, budget)
+            if not budget.add_runs(_sheet_runs(xml, shared, budget)):
+                return
 
 
 def _pdf(data: bytes, budget: Budget) -> None:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mailpipe.processor import ProcessorContext, Result
 from mailpipe.units import ByteSize, Duration
 
-from .formats import FORMAT_NAMES, ExtractError, extract, format_of
+from .formats import FORMAT_NAMES, ExtractError, extract, format_of, inflate_cap
 
 if TYPE_CHECKING:
     from mailpipe.message import Message
@@ -55,7 +55,8 @@ class ExtractOptions(BaseModel):
     timeout: Duration = Field(
         10.0, gt=0,
         description="Time limit per attachment, checked between pages, sheets and "
-        "archive members; past it what was read so far is dropped (a defect note).",
+        "archive members and every 1024 text runs or cells inside one; past it what "
+        "was read so far is dropped (a defect note).",
     )
     inline: bool = Field(
         False, strict=True, description="Also read inline parts (not only attachments)."
@@ -71,7 +72,8 @@ class ExtractProcessor:
     XLSX, PPTX, ODT/ODS/ODP, HTML, CSV and plain text.
 
     Limits per attachment: ``max_size`` octets read, ``max_chars`` characters kept,
-    ``timeout`` seconds; archives inflate at most 64 MiB. Readers parse the given
+    ``timeout`` seconds; an archive inflates at most 8 octets per ``max_chars``
+    character (at least 64 KiB, at most 64 MiB). Readers parse the given
     bytes and open no file or connection (no network). A failed, skipped or cut
     extraction is a defect note on the record (``ExtractFailed``, ``ExtractSkipped``,
     ``ExtractTruncated``), never an exception. ``store.sqlite`` indexes the text for
@@ -119,7 +121,8 @@ class ExtractProcessor:
                 record.defects.append(Defect(
                     part=att.part, kind=EXTRACT_TRUNCATED,
                     detail=f"attachment {att.index}: text cut at {o.max_chars} "
-                    "characters (max_chars)"))
+                    "characters (max_chars) or at the archive's inflation cap "
+                    f"({inflate_cap(o.max_chars)} octets)"))
             log.debug("attachment_text_extracted", key=message.key, index=att.index,
                       format=fmt.name, chars=len(text),
                       ms=round((time.perf_counter() - started) * 1000, 1))

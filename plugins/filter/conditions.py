@@ -293,6 +293,13 @@ BODY_KEYS = frozenset(
      "reply", "ticket", "is_reply", "bounce", "bounce_status", "envelope",
      "attachment_text"}
 )
+#: Condition keys on a record field a helpdesk step sets, and that step's ``use``
+#: name: without the step earlier in the pipeline the field is always empty, so the
+#: key is refused when the configuration is loaded (mailpipe.prerequisites).
+STEP_KEYS = {
+    "reply": "reply", "ticket": "ticket", "is_reply": "ticket", "bounce": "bounce",
+    "bounce_status": "bounce", "envelope": "unwrap", "attachment_text": "extract",
+}
 
 
 class Condition(BaseModel):
@@ -402,6 +409,18 @@ class Condition(BaseModel):
         if self.not_ is not None:
             subs.append(self.not_)
         return any(c.needs_body() for c in subs)
+
+    def steps_needed(self, path: str) -> Iterable[tuple[str, str]]:
+        """(key path, ``use`` name) for each key of this table and the tables inside
+        it that reads a field set by another step (:data:`STEP_KEYS`); ``path`` is
+        this table's key path, e.g. ``rules[0].when``."""
+        for key in sorted(self.model_fields_set & STEP_KEYS.keys()):
+            yield f"{path}.{key}", STEP_KEYS[key]
+        for name, subs in (("all", self.all), ("any", self.any)):
+            for i, sub in enumerate(subs or ()):
+                yield from sub.steps_needed(f"{path}.{name}[{i}]")
+        if self.not_ is not None:
+            yield from self.not_.steps_needed(f"{path}.not")
 
     def matches(self, f: Facts) -> bool:
         """True when every key given holds for the message described by ``f``."""

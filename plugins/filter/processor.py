@@ -70,6 +70,15 @@ class FilterProcessor:
     # `parse` step must come earlier in the pipeline (mailpipe.prerequisites).
     requires: ClassVar[tuple[str, ...]] = ("parse",)
 
+    @classmethod
+    def requires_for(cls, options: BaseModel) -> list[tuple[str, str]]:
+        """(option key path, ``use`` name) for each rule key on a field another step
+        sets (``bounce_status`` reads what ``bounce`` sets): that step must come
+        earlier too (mailpipe.prerequisites)."""
+        assert isinstance(options, FilterOptions)
+        return [need for i, rule in enumerate(options.rules)
+                for need in rule.when.steps_needed(f"rules[{i}].when")]
+
     def __init__(self, options: FilterOptions, context: ProcessorContext) -> None:
         self.options = options
         self.context = context

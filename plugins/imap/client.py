@@ -253,7 +253,15 @@ class ImapClient:
                 self._write(answer)
             elif isinstance(event, Done):
                 if not event.ok:
-                    raise classify(event, where=self.where, during="AUTHENTICATE")
+                    error = classify(event, where=self.where, during="AUTHENTICATE")
+                    if mechanism.error and isinstance(error, AuthenticationError):
+                        # IC-20: the OAuth error challenge's status says whether the
+                        # token was refused (the broker refreshes it only then).
+                        details = ", ".join(
+                            f"{k}={v}" for k, v in sorted(mechanism.error.items())
+                        )
+                        error = AuthenticationError(f"{error} (OAuth error: {details})")
+                    raise error
                 if verify_error is not None:
                     raise AuthenticationError(f"{self.where}: {verify_error}")
                 try:

@@ -29,11 +29,13 @@ class LoopGuardOptions(BaseModel):
 
     path: str = Field(
         "var/loopguard.sqlite3",
-        description="SQLite file counting answers per sender (relative to the config).",
+        description="SQLite file counting answered messages per sender (relative to "
+        "the config).",
     )
     max_per_sender: int = Field(
         3, ge=1, strict=True,
-        description="Most automatic answers one sender gets within `window`.",
+        description="Most distinct messages of one sender let through to an "
+        "automatic answer within `window` (a message run again counts once).",
     )
     window: Duration = Field(
         86400.0, description="The counting window, e.g. '1h' or '1d'."
@@ -75,9 +77,11 @@ class LoopGuardProcessor:
     It trips for auto-generated mail (``record.auto_reply``), delivery reports
     (``record.bounce``, when the ``bounce`` step ran before it), a null Return-Path,
     mailing lists, no-reply senders (RFC 3834 §2), and for a sender (Reply-To, else
-    From) who already got ``max_per_sender`` answers within ``window``. Otherwise it
-    counts one answer for the sender and continues. A message re-run after a crash
-    may be counted twice: the guard errs towards fewer answers.
+    From) when ``max_per_sender`` other messages of that sender passed within
+    ``window``. Otherwise it counts the message (by its key) for the sender and
+    continues. Distinct messages are counted, not runs: a message run again (a later
+    step failed temporarily, a crash, a replay) passes without counting again, so a
+    retry is never what trips the guard.
     """
 
     name: ClassVar[str] = "loopguard"
@@ -116,7 +120,7 @@ class LoopGuardProcessor:
             assert self._budget is not None
             sender = next(a.address for a in record.reply_to or record.from_addresses
                           if a.address)
-            if not self._budget.take(sender):
+            if not self._budget.take(sender, message.key):
                 reason = "sender's answer budget used up"
         if reason is None:
             return None

@@ -34,8 +34,8 @@ class Score:
     misses: list[str] = field(default_factory=list)
 
     @property
-    def precision(self) -> float:
-        """Exact matches over messages."""
+    def accuracy(self) -> float:
+        """Exact-match accuracy: exact matches over messages (``total`` of them)."""
         return self.exact / self.total if self.total else 0.0
 
     @property

@@ -47,7 +47,7 @@ class ReplyProcessor:
 
     Parses first when no step did. Never fails and never stops the chain; a message
     that is not a reply gets its whole body (minus signature). See docs/helpdesk.md
-    for the measured precision per language.
+    for the measured exact-match accuracy per language.
     """
 
     name: ClassVar[str] = "reply"

@@ -159,6 +159,7 @@ class MaildirStore:
         self._keys: set[str] | None = None
         self._lock = threading.Lock()
         self._unsynced = False  # renamed into new/ since the last directory fsync
+        self._resync = False  # a key found stored elsewhere: sync cur/ at flush() too
         # Write-behind (group_commit): (key, write) in submission order, the octets
         # they hold, and keys whose background write failed (written inline next time,
         # so a persistent error reaches its own message and counts an attempt).
@@ -258,9 +259,11 @@ class MaildirStore:
                 return
             try:
                 fsync_dir(self.path / "new")
+                if self._resync:  # a key found stored may have been moved to cur/
+                    fsync_dir(self.path / "cur")
             except OSError as exc:
                 raise classify_os_error(exc, f"{self.name} {self.path}") from exc
-            self._unsynced = False
+            self._unsynced = self._resync = False
 
     #: Write-behind bounds: process() waits for the oldest write beyond these.
     MAX_WRITES: ClassVar[int] = 256
@@ -301,13 +304,14 @@ class MaildirStore:
 
     def _deliver(self, message: Message, key: str) -> None:
         keys = self._prepare()
-        if key in keys:
-            log.info("store_already_committed", store=self.name, key=key)
-            return
-        marker = self._claim(key)
-        if marker is None:
+        if key in keys or (marker := self._claim(key)) is None:
+            # Found, but perhaps written by a process that died before its flush()
+            # made the rename durable: this group's flush() syncs the folders too, so
+            # the engine never acknowledges a message resting on an unsynced rename
+            # (review of issue 16, M1).
             log.info("store_already_committed", store=self.name, key=key)
             keys.add(key)
+            self._unsynced = self._resync = True
             return
         name = file_name(key, message.size)
         behind = self.options.group_commit and key not in self._inline

@@ -13,6 +13,11 @@ ENVELOPED_DATA: Final = "1.2.840.113549.1.7.3"
 AUTH_ENVELOPED_DATA: Final = "1.2.840.113549.1.9.16.1.23"
 COMPRESSED_DATA: Final = "1.2.840.113549.1.9.16.1.9"
 MAX_DEPTH: Final = 32
+#: Longest OID (content octets) and longest arc (octets) read; longer is malformed
+#: here: decoded whole, one arc of n octets costs O(n**2) shifts and str() fails
+#: past 4300 digits. Every OID CMS uses is far below both.
+MAX_OID_OCTETS: Final = 64
+MAX_ARC_OCTETS: Final = 8
 
 
 class _Bad(Exception):
@@ -77,15 +82,18 @@ def _children(data: bytes, node: _Node, depth: int) -> list[_Node]:
 
 def _oid(data: bytes, node: _Node) -> str:
     raw = data[node.start : node.end]
-    if not raw:
+    if not raw or len(raw) > MAX_OID_OCTETS:
         raise _Bad
     parts = [min(raw[0] // 40, 2), raw[0] - 40 * min(raw[0] // 40, 2)]
-    value = 0
+    value, octets = 0, 0
     for b in raw[1:]:
         value = (value << 7) | (b & 0x7F)
+        octets += 1
+        if octets > MAX_ARC_OCTETS:
+            raise _Bad
         if not b & 0x80:
             parts.append(value)
-            value = 0
+            value, octets = 0, 0
     return ".".join(map(str, parts))
 
 
@@ -104,7 +112,7 @@ def content_type(der: bytes) -> str | None:
         top = _node(der, 0)
         kids = _children(der, top, 0)
         return _oid(der, kids[0]) if kids and kids[0].tag == 0x06 else None
-    except (_Bad, IndexError):
+    except (_Bad, ValueError, IndexError):
         return None
 
 

@@ -23,10 +23,15 @@ class OutlookItem:
     notes: list[str] = field(default_factory=list)
 
 
+def may_be_msg(filename: str | None, content_type: str) -> bool:
+    """True when an attachment's name or type says Outlook item: only then are its
+    bytes worth reading for :func:`is_msg`."""
+    return (filename or "").lower().endswith(".msg") or content_type in MSG_TYPES
+
+
 def is_msg(filename: str | None, content_type: str, data: bytes) -> bool:
     """True for an attached Outlook item (by type or name, and the OLE signature)."""
-    named = (filename or "").lower().endswith(".msg") or content_type in MSG_TYPES
-    return named and data[:8] == OLE_MAGIC
+    return may_be_msg(filename, content_type) and data[:8] == OLE_MAGIC
 
 
 def read_msg(data: bytes) -> OutlookItem | str:

@@ -15,7 +15,7 @@ from mailpipe.processor import ProcessorContext, Result
 from mailpipe.units import ByteSize
 
 from .cms import signed_content
-from .outlook import is_msg, read_msg
+from .outlook import is_msg, may_be_msg, read_msg
 from .smime import (
     PGP_ENCRYPTED,
     PGP_SIGNATURE,
@@ -164,8 +164,8 @@ class _Unwrapper:
                 found.append(Envelope(kind="ms-tnef", part=att.part, unwrapped=True,
                                       detail=f"opened by parse: {len(opened)} "
                                       "attachments, body used when none other"))
-            elif outlook and depth == 0:
-                item = _data(payload, self.limit)
+            elif outlook and depth == 0 and may_be_msg(att.filename, ctype):
+                item = _data(payload, self.limit)  # name or type first: no other is read
                 if item is not None and is_msg(att.filename, ctype, item):
                     found.append(self.outlook(att, item))
         return found

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 
 from mailpipe.chain import Chain
-from mailpipe.config import validate_config
 from mailpipe.engine import MailboxRunner, Summary
 from mailpipe.journal.sqlite import SqliteJournal
 from mailpipe.plugin_manager import Hooks, load
 from mailpipe.quarantine import Quarantine
 from mailpipe.testing import Pop3Server
+from mailpipe.validation import validate_config
 
 
 class Rig:

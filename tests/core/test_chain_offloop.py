@@ -18,7 +18,6 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from mailpipe.chain import Chain
-from mailpipe.config import validate_config
 from mailpipe.errors import BudgetExceeded, ConfigError, TemporaryFailure
 from mailpipe.journal.base import Status
 from mailpipe.journal.sqlite import SqliteJournal
@@ -28,6 +27,7 @@ from mailpipe.quarantine import Quarantine
 from mailpipe.registry import Registry
 from mailpipe.scheduler import Scheduler
 from mailpipe.testing.fakes import FakeMailbox, FakeSource
+from mailpipe.validation import validate_config
 from mailpipe.worker import Budget, StepWorker
 
 pytestmark = pytest.mark.timeout(60)

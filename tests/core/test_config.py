@@ -8,9 +8,10 @@ from typing import Any, ClassVar
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from mailpipe.config import json_schema, load_config
+from mailpipe.app import load_config
 from mailpipe.errors import ConfigError
 from mailpipe.registry import Registry
+from mailpipe.schema import json_schema
 from mailpipe.secrets import Secret
 
 

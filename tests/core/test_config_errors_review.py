@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel, BeforeValidator, PlainValidator
 from pydantic.types import Strict
 
-from mailpipe.config import load_config
+from mailpipe.app import load_config
 from mailpipe.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(120)
@@ -343,9 +343,9 @@ def test_a_wrongly_shaped_acknowledgement_is_one_problem_naming_what_is_accepted
 ) -> None:
     import pytest
 
-    from mailpipe.config import validate_config
     from mailpipe.errors import ConfigError
     from mailpipe.plugin_manager import load
+    from mailpipe.validation import validate_config
 
     data = {
         "mailboxes": [{"name": "a", "host": "h", "username": "u", "password": "p",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mailpipe.config import validate_config
 from mailpipe.plugin_manager import load
+from mailpipe.validation import validate_config
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 

@@ -12,7 +12,6 @@ from pydantic import BaseModel, ConfigDict
 
 from mailpipe import hookimpl
 from mailpipe.chain import Chain
-from mailpipe.config import validate_config
 from mailpipe.engine import MailboxRunner
 from mailpipe.errors import ProcessorError, TemporaryFailure
 from mailpipe.journal.base import Status
@@ -23,6 +22,7 @@ from mailpipe.processor import Decision, Disposition
 from mailpipe.quarantine import Quarantine
 from mailpipe.registry import Registry
 from mailpipe.testing.fakes import FakeMailbox, FakeSource
+from mailpipe.validation import validate_config
 
 
 class RecOptions(BaseModel):
@@ -424,7 +424,7 @@ async def test_non_idempotent_step_is_journaled_before_later_steps(
     registry_runner, box, journal = make(tmp_path, [{"use": "rec"}])
     runner = registry_runner
     runner.config.registry.add("processor", Sender, "test")
-    from mailpipe.config import validate_config
+    from mailpipe.validation import validate_config
 
     data = {
         "mailboxes": [{"name": "box", "source": "fake", "pipeline": "p"}],

@@ -12,7 +12,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from mailpipe.chain import Chain
-from mailpipe.config import Config, validate_config
+from mailpipe.config import Config
 from mailpipe.engine import MailboxRunner
 from mailpipe.errors import TemporaryFailure
 from mailpipe.journal.base import Status
@@ -24,6 +24,7 @@ from mailpipe.quarantine import Quarantine
 from mailpipe.registry import Registry
 from mailpipe.replay import replay
 from mailpipe.testing.fakes import FakeMailbox, FakeSession, FakeSource
+from mailpipe.validation import validate_config
 
 
 class Opts(BaseModel):

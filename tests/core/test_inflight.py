@@ -109,3 +109,23 @@ def test_the_marker_outlives_a_sigkilled_process(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=False)
     assert done.returncode == -9
     assert InflightMarker(tmp_path, "box").take() == ("uid-9", True)
+
+
+def test_a_live_writer_is_never_charged_only_a_dead_one(tmp_path: Path) -> None:
+    # A worker frozen or partitioned past its lease still lives: the new owner of the
+    # mailbox must not charge its message a "process died" attempt (issue 16 review L1).
+    code = (
+        "import sys, time; from pathlib import Path;"
+        "from mailpipe.inflight import InflightMarker;"
+        "InflightMarker(Path(sys.argv[1]), 'box').set('uid-live');"
+        "print('set', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "set"
+        assert InflightMarker(tmp_path, "box").take() is None  # alive: not charged
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert InflightMarker(tmp_path, "box").take() == ("uid-live", True)  # dead now

@@ -286,3 +286,43 @@ async def test_each_outcome_gets_its_own_acknowledgement(journal, tmp_path):
     await ledger.acknowledge(again)
     assert sorted(again.acked, key=lambda a: a[0]) == [
         (["u1"], Ack(AckKind.MOVE, "Processed")), (["u2"], Ack(AckKind.MOVE, "Errors"))]
+
+
+async def test_a_fenced_off_ledger_writes_nothing_anywhere(tmp_path):
+    # Issue 16.2: once another worker took the mailbox over, every delivery-state
+    # write of the old owner's ledger is refused (not only its group commit).
+    from mailpipe.journal import FencedError
+    from mailpipe.leases import MailboxLease
+
+    one = SqliteJournal(tmp_path / "f.sqlite3")
+    two = SqliteJournal(tmp_path / "f.sqlite3")
+    try:
+        lease = MailboxLease(one, "box", owner="w1", ttl=30)
+        assert lease.acquire()
+        config = MailboxConfig.model_validate({"name": "box"})
+        ledger = Ledger(one, "box", config, Hooks(load(entry_points=False)[0]),
+                        Quarantine(tmp_path / "q"), Summary(mailbox="box"),
+                        fence=lease.fence)
+        ledger.begin(ref(1))
+        one.unlock_mailbox("box", owner="w1")  # taken over behind its back
+        assert two.lock_mailbox("box", owner="w2", ttl=30)
+        writes = [
+            lambda: ledger.decided(ref(2), Decision(disposition=Disposition.DONE,
+                                                    reason="rule"), None),
+            lambda: ledger.oversize_deleted(ref(3)),
+            lambda: ledger.settle_gone(["u1"]),
+            lambda: ledger.charge_crash("u1", alone=True),
+            lambda: ledger.begin_many([ref(4)], {}),
+        ]
+        for write in writes:
+            with pytest.raises(FencedError):
+                write()
+        with pytest.raises(FencedError):
+            await ledger.commit_group(Chain(), [done(1)], SessionFacts())
+        entries = one.get_many("box", ["u1", "u2", "u3", "u4"])
+        assert set(entries) == {"u1"}
+        assert (entries["u1"].status, entries["u1"].attempts) == (Status.PENDING, 0)
+        assert ledger.pending() == []
+    finally:
+        two.close()
+        one.close()

@@ -17,7 +17,7 @@ JOURNAL_WRITES = {"begin", "step_committed", "finish", "fail", "mark_deleted", "
                   "mark_seen"}
 SESSION_EFFECTS = {"acknowledge", "mark_deleted", "commit"}
 #: (file, enclosing class) pairs allowed to pass session effects through.
-PASS_THROUGH = {("mailpipe/engine.py", "_LeaseGuardedSession")}
+PASS_THROUGH = {("mailpipe/leases.py", "LeaseGuardedSession")}
 
 
 def violations(path: str, source: str) -> list[str]:

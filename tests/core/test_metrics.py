@@ -174,8 +174,45 @@ async def test_revoked_grant_makes_healthz_unhealthy_and_metrics_show_it() -> No
         assert ('mailpipe_oauth_refreshes_total{mailbox="a",outcome="success",'
                 'reason=""} 1.0') in metrics
         assert 'mailpipe_authentication_failures_total{mailbox="b"} 1.0' in metrics
+        hooks.session_finished(  # a cache_key that does not open the entry
+            mailbox="b", summary={"error": "cache_key", "error_type": "SealError"}
+        )
+        _, text = await _get(server.port, "/metrics")
+        assert 'mailpipe_authentication_failures_total{mailbox="b"} 2.0' in text.decode()
         gauges.token_issued("b", expires_at=2e9, rt_at_risk=None, refreshed=True)
         assert (await _get(server.port, "/healthz"))[0] == 200  # after a new login
     finally:
         await server.stop()
         gauges.reset()
+
+
+def test_next_poll_comes_from_the_journal_at_each_scrape(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from mailpipe.journal import open_journal
+    from mailpipe.journal.base import PollRecord
+
+    journal = open_journal(str(tmp_path / "state.db"), base_dir=tmp_path)
+    try:
+        collector = MetricsCollector(["a", "b"], unhealthy_after=60, polls=journal.polls)
+        planned = datetime(2030, 1, 1, tzinfo=UTC)
+        journal.record_poll("a", owner="w:1", next_poll=planned)
+        text = collector.render().decode()
+        [line] = [
+            x for x in text.splitlines()
+            if x.startswith('mailpipe_next_poll_timestamp_seconds{mailbox="a"}')
+        ]
+        assert float(line.split()[-1]) == planned.timestamp()
+        assert 'mailpipe_next_poll_timestamp_seconds{mailbox="b"}' not in text
+        # `run --once` plans none: the series goes away
+        journal.record_poll("a", owner="w:1", next_poll=None)
+        text = collector.render().decode()
+        assert 'mailpipe_next_poll_timestamp_seconds{mailbox="a"}' not in text
+    finally:
+        journal.close()
+    # an unreadable journal keeps the scrape working
+    def broken() -> dict[str, PollRecord]:
+        raise OSError("gone")
+
+    collector = MetricsCollector(["a"], unhealthy_after=60, polls=broken)
+    assert b"mailpipe_poll_interval_seconds" in collector.render()

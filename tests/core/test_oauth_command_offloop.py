@@ -18,13 +18,13 @@ import pytest
 from mailpipe.plugins.pop3.source import Pop3Source
 from pydantic import BaseModel, ConfigDict
 
-from mailpipe.config import validate_config
 from mailpipe.journal.sqlite import SqliteJournal
 from mailpipe.message import Message
 from mailpipe.plugin_manager import Hooks, get_plugin_manager
 from mailpipe.registry import Registry
 from mailpipe.scheduler import Scheduler
 from mailpipe.testing import Pop3Server
+from mailpipe.validation import validate_config
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,13 +16,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from mailpipe.chain import Chain
-from mailpipe.config import validate_config
 from mailpipe.engine import MailboxRunner, Summary
 from mailpipe.journal.base import Status
 from mailpipe.journal.sqlite import SqliteJournal
 from mailpipe.plugin_manager import Hooks, load
 from mailpipe.quarantine import Quarantine
 from mailpipe.testing import Faults, Pop3Server
+from mailpipe.validation import validate_config
 
 pytestmark = pytest.mark.timeout(120)
 

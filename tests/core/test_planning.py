@@ -9,10 +9,17 @@ import pytest
 
 from mailpipe.config import MailboxConfig
 from mailpipe.journal.base import Entry, Status
-from mailpipe.ledger import UNRETRIEVABLE
 from mailpipe.message import MessageRef
 from mailpipe.oversize import OVERSIZE_MARK
-from mailpipe.planning import chunks, plan, plan_unkeyed, resting, tried_key, window
+from mailpipe.planning import (
+    UNRETRIEVABLE,
+    chunks,
+    plan,
+    plan_unkeyed,
+    resting,
+    tried_key,
+    window,
+)
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 SHA = "ab" * 32

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from mailpipe.cli import cli
-from mailpipe.config import validate_config
 from mailpipe.plugin_manager import load
 from mailpipe.reference import END, START, render
+from mailpipe.validation import validate_config
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()

@@ -47,6 +47,18 @@ processors = [
     return cfg
 
 
+def closed_databases(root: Path) -> Path:
+    """Write the config, archive one sample and record a poll (backlog 4); both
+    databases closed cleanly. Return the config's path."""
+    cfg = write_config(root)
+    done = mp("process", str(cfg), str(SAMPLES / "01-ticket.eml"), cwd=root)
+    assert done.returncode == 0, done.stderr
+    journal = SqliteJournal(root / "var" / "journal.sqlite3")
+    journal.record_poll("box", owner="test:1", backlog=4)
+    journal.close()
+    return cfg
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -119,6 +131,23 @@ def test_status_bad_config_exits_2(tmp_path: Path) -> None:
     assert "unhealthy_after" in done.stderr
 
 
+def test_status_and_search_leave_a_cleanly_closed_journal_folder_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """No -shm/-wal appears beside a closed database (it would belong to the status
+    user, and a worker running as another user could then not write)."""
+    cfg = closed_databases(tmp_path)
+    var = tmp_path / "var"
+    before = {p.name: digest(p) for p in var.iterdir() if p.is_file()}
+    assert sorted(before) == ["journal.sqlite3", "store.sqlite3"]
+    status = mp("status", str(cfg), cwd=tmp_path)
+    assert "box" in status.stdout, status.stdout + status.stderr
+    found = mp("search", str(cfg), "printer", cwd=tmp_path)
+    assert "Printer on floor 3" in found.stdout, found.stdout + found.stderr
+    after = {p.name: digest(p) for p in var.iterdir() if p.is_file()}
+    assert after == before
+
+
 # --- a read-only folder without -shm -----------------------------------------------
 
 
@@ -173,12 +202,7 @@ def test_search_and_status_read_a_read_only_folder_without_shm(
     from mailpipe.search import open_store, pick_store, search
     from mailpipe.status import collect
 
-    cfg = write_config(shared_dir)
-    done = mp("process", str(cfg), str(SAMPLES / "01-ticket.eml"), cwd=shared_dir)
-    assert done.returncode == 0, done.stderr
-    journal = SqliteJournal(shared_dir / "var" / "journal.sqlite3")
-    journal.record_poll("box", owner="test:1", backlog=4)
-    journal.close()
+    cfg = closed_databases(shared_dir)
     var = shared_dir / "var"
     assert sorted(p.name for p in var.iterdir()) == ["journal.sqlite3", "store.sqlite3"]
     lock_down(var)

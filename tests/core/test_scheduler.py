@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mailpipe.config import SchedulerConfig, validate_config
+from mailpipe.config import SchedulerConfig
 from mailpipe.errors import (
     AuthenticationError,
     SourceBusyError,
@@ -23,6 +23,7 @@ from mailpipe.registry import Registry
 from mailpipe.scheduler import Scheduler, next_delay
 from mailpipe.source import facts_of
 from mailpipe.testing.fakes import FakeSource
+from mailpipe.validation import validate_config
 
 SCHED = SchedulerConfig(backoff_initial=5, backoff_max=100, backoff_auth=3600)
 

@@ -20,7 +20,7 @@ import pytest
 import structlog
 from pydantic import BaseModel
 
-from mailpipe.config import load_config
+from mailpipe.app import load_config
 from mailpipe.errors import ConfigError, SourceConnectionError
 from mailpipe.message import Message, MessageRef
 from mailpipe.processor import ProcessorContext

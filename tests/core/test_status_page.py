@@ -79,9 +79,30 @@ def write_config(root: Path, srv: Pop3Server, port: int, *, token: bool = True) 
         processors=[
             {"use": "parse"},
             {"use": "store.jsonl", "path": "var/out.jsonl"},
-            failing_forward(root, unless=flag),
+            markup_forward(root, unless=flag),
         ],
     )
+
+
+#: Markup a failing step, a quarantine reason or a mailbox error may carry: the page
+#: shows it as text (escaped), never as elements.
+MARKUP = "<script>alert(1)</script> <img src=x onerror=alert(2)>"
+
+
+def markup_forward(root: Path, *, unless: Path) -> dict[str, Any]:
+    """:func:`failing_forward`, whose refusal says :data:`MARKUP` on stderr (so the
+    recent failures carry it)."""
+    step = failing_forward(root, unless=unless)
+    script = root / "fwd.py"
+    script.write_text(
+        script.read_text().replace(
+            "sys.exit(3 if",
+            f"poison = b'poison' in sys.stdin.buffer.read()\n"
+            f"if broken and poison: sys.stderr.write({MARKUP!r})\n"
+            "sys.exit(3 if",
+        ).replace("b'poison' in sys.stdin.buffer.read() else", "poison else")
+    )
+    return step
 
 
 def quarantined(root: Path) -> list[Path]:
@@ -234,6 +255,10 @@ def test_status_page_in_a_browser(
     th = browser.find_element(By.TAG_NAME, "th")
     assert th.value_of_css_property("background-color") == "rgba(246, 248, 250, 1)"
     assert not browser.find_elements(By.TAG_NAME, "script")
+    # the refusal's markup is shown as text in the recent failures, not run
+    assert not browser.find_elements(By.TAG_NAME, "img")
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert body.count(MARKUP) == 2, body
 
     shot = tmp_path / "status-page.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
@@ -282,6 +307,8 @@ def test_status_page_refuses_actions_without_the_token(
     assert csp.startswith("default-src 'none'; style-src 'sha256-")
     assert "form-action 'self'" in csp and "frame-ancestors 'none'" in csp
     assert "<script" not in page and "http://" not in page and "https://" not in page
+    assert "<img" not in page
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 2  # the 2 failures
     key = json.loads(quarantined(tmp_path)[0].read_text())["key"]
     drop = {"action": f"drop:{key}"}
     assert post(port, drop)[0] == 403  # no token
@@ -316,12 +343,17 @@ async def test_status_page_without_admin_token_is_read_only(tmp_path: Path) -> N
                 "key": "k1",
                 "mailbox": "support",
                 "uid": "u1",
-                "reason": "rule held",
+                "reason": f"rule held {MARKUP}",
                 "size": 77,
                 "eml": str(item.with_suffix(".eml")),
             }
         )
     )
+    journal = app.journal()
+    journal.record_poll(
+        "support", owner="w:1", error=f"login refused {MARKUP}", error_type="X"
+    )
+    journal.close()
     collector = MetricsCollector(["support"], unhealthy_after=3600)
     server = MetricsServer(
         collector, "127.0.0.1", 0, page=StatusPage(app, collector, token=None)
@@ -334,7 +366,11 @@ async def test_status_page_without_admin_token_is_read_only(tmp_path: Path) -> N
         )
         assert "rule held" in page and "77 bytes" in page
         assert "<form" not in page and "Read-only" in page
-        assert "never polled" in page  # no journal yet: the /healthz rule
+        assert "support: last error" in page  # the journal's poll record
+        # the reason and the mailbox's error are text, not markup
+        assert "<script" not in page and "<img" not in page
+        assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 2, page
+        assert "login refused &lt;script&gt;" in page
         code, body = await asyncio.to_thread(
             post, port, {"action": "drop:k1", "token": "anything"}
         )
@@ -370,18 +406,95 @@ async def test_status_page_answers_bad_requests_and_keeps_serving(
 
     try:
         fields = "&".join(f"f{n}=x" for n in range(20)).encode()
-        post_head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+        post_head = b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
         assert await raw(post_head % len(fields) + fields) == 400
         assert await raw(post_head % (MAX_BODY + 1)) == 413
-        assert await raw(b"PUT / HTTP/1.1\r\nHost: x\r\n\r\n") == 405
-        assert await raw(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n") == 404
+        assert await raw(b"PUT / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n") == 405
+        assert await raw(b"GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n") == 404
         form = f"token={TOKEN}&action=explode:k".encode()
         assert await raw(post_head % len(form) + form) == 400
         form = f"token={TOKEN}&action=drop:nothing-here".encode()
         assert await raw(post_head % len(form) + form) == 404
-        assert await raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == 200
+        # a Content-Length that is not ASCII digits ('²' passes str.isdigit()),
+        # and a header line over asyncio's 64 KiB line limit: 400, not silence
+        for length in ("²", "-1", "1e3", "+5", "0x10"):
+            head = f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {length}\r\n\r\n"
+            assert await raw(head.encode("latin-1")) == 400, length
+        huge = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+        assert await raw(huge) == 400
+        assert await raw(b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n") == 400
+        assert await raw(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n") == 200
     finally:
         await server.stop()
+
+
+async def test_status_page_answers_only_to_addresses_and_known_names(
+    tmp_path: Path,
+) -> None:
+    """DNS rebinding: a page on evil.example that re-points its name at 127.0.0.1
+    reaches the listener with `Host: evil.example`. `/` answers 421 to a Host that
+    is not an IP address, localhost, the listen host or one of `[metrics] hosts`;
+    /metrics and /healthz answer whatever name Prometheus scrapes them by."""
+    from mailpipe.app import open_app
+    from mailpipe.metrics import MetricsCollector, MetricsServer
+    from mailpipe.status_page import StatusPage
+
+    with Pop3Server([], tls="implicit") as srv:
+        cfg = write_config(tmp_path, srv, free_port(), token=False)
+    cfg.write_text(
+        cfg.read_text().replace(
+            "[metrics]\n", '[metrics]\nhosts = ["status.example.org"]\n'
+        )
+    )
+    app = open_app(cfg)
+    assert app.config.model.metrics.hosts == ["status.example.org"]
+    collector = MetricsCollector(["support"], unhealthy_after=3600)
+    page = StatusPage(app, collector, token=None)
+    server = MetricsServer(
+        collector, "127.0.0.1", 0, page=page, hosts=app.config.model.metrics.hosts
+    )
+    await server.start()
+    port = server.port
+
+    async def status(method: str, path: str, host: str | None) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = f"{method} {path} HTTP/1.1\r\n"
+        if host is not None:
+            head += f"Host: {host}\r\n"
+        writer.write((head + "Content-Length: 0\r\n\r\n").encode())
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        return int(data.split()[1])
+
+    try:
+        for host in (
+            f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", f"[::1]:{port}",
+            f"10.1.2.3:{port}", f"STATUS.example.org:{port}", "status.example.org",
+        ):
+            assert await status("GET", "/", host) == 200, host
+        refused: tuple[str | None, ...] = (
+            f"evil.example:{port}", "evil.example", "localhost.evil.example",
+            f"127.0.0.1.nip.io:{port}", "", None,
+        )
+        for bad in refused:
+            assert await status("GET", "/", bad) == 421, bad
+            assert await status("POST", "/", bad) == 421, bad
+        for path in ("/metrics", "/healthz"):
+            assert await status("GET", path, f"evil.example:{port}") == 200, path
+    finally:
+        await server.stop()
+
+
+def test_metrics_hosts_must_be_host_names(tmp_path: Path) -> None:
+    from mailpipe.testing.e2e import run_cli
+
+    cfg = tmp_path / "pipeline.toml"
+    cfg.write_text('[metrics]\nhosts = ["status.example.org", "bad name:80"]\n')
+    check = run_cli("check", str(cfg), cwd=tmp_path)
+    out = check.stdout + check.stderr
+    assert check.returncode == 2, out
+    assert "metrics.hosts" in out and "bad name:80" in out, out
 
 
 def test_healthcheck_does_not_resolve_the_admin_token(tmp_path: Path) -> None:
@@ -396,3 +509,31 @@ def test_healthcheck_does_not_resolve_the_admin_token(tmp_path: Path) -> None:
     assert "metrics.admin_token: environment variable MAILPIPE_TEST_UNSET_TOKEN" in (
         check.stdout + check.stderr
     )
+
+
+def test_worker_exports_the_next_poll_it_plans(
+    worker: tuple[Path, int, Path]
+) -> None:
+    """`mailpipe run` exports when the scheduler plans the next poll (poll_interval
+    1h here), read from the journal's poll record at each scrape (MailpipeNoPoll)."""
+    _cfg, port, _log = worker
+    # the scheduler records the plan just after the poll's hooks: scrape until then
+    for _ in range(300):  # bounded
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        found = [
+            x for x in text.splitlines()
+            if x.startswith('mailpipe_next_poll_timestamp_seconds{mailbox="support"}')
+        ]
+        if found:
+            break
+        time.sleep(0.1)
+    [line] = found
+    planned = float(line.split()[-1])
+    [polled] = [
+        float(x.split()[-1]) for x in text.splitlines()
+        if x.startswith('mailpipe_last_poll_timestamp_seconds{mailbox="support"}')
+    ]
+    # one poll interval (1h, jitter at most a tenth of it) after the poll
+    assert 3000 < planned - polled < 4000, (planned, polled)

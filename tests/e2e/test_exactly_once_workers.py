@@ -88,7 +88,7 @@ def make_message(number: int) -> bytes:
 
 def write_config(
     directory: Path, *, dovecot: Dovecot, users: list[DovecotUser], schema: str,
-    shared: Path, webhook: str,
+    shared: Path, webhook: str, source: str = "pop3",
 ) -> Path:
     steps: list[dict[str, Any]] = [
         {"use": "parse"},
@@ -105,17 +105,29 @@ def write_config(
         journal=f"{PG_DSN}?schema={schema}", processors=steps,
         scheduler={"concurrency": 10, "lease_ttl": LEASE_TTL,
                    "backoff_initial": 0.3, "backoff_max": 1.5},
-        mailbox={"poll_interval": 0.5, "jitter": 0.2, "read_timeout": 30.0},
+        mailbox={"poll_interval": 0.5, "jitter": 0.2, "read_timeout": 30.0,
+                 **(imap_move(dovecot) if source == "imap" else {})},
     )
+
+
+def imap_move(dovecot: Dovecot) -> dict[str, Any]:
+    """IMAP mailboxes acknowledged by moving to "Processed" (issue 16, point 5)."""
+    return {"source": "imap", "port": dovecot.imap_port,
+            "acknowledge": {"move": "Processed"}}
 
 
 def message_id(raw: bytes) -> str:
     return str(message_from_bytes(raw)["Message-ID"]).strip().strip("<>")
 
 
+@pytest.mark.parametrize("source", ["pop3", "imap"])
 def test_workers_killed_and_paused_past_their_leases_store_every_message_once(
-    dovecot: Dovecot, tmp_path: Path, pg_schema_url: str
+    source: str, request: pytest.FixtureRequest, tmp_path: Path, pg_schema_url: str
 ) -> None:
+    # pop3: acknowledged by DELE + QUIT; imap: by UID MOVE to "Processed".
+    dovecot: Dovecot = request.getfixturevalue(
+        "dovecot_imap" if source == "imap" else "dovecot"
+    )
     seed = e2e_seed()
     rng = random.Random(seed)
     run = uuid.uuid4().hex[:6]
@@ -140,7 +152,7 @@ def test_workers_killed_and_paused_past_their_leases_store_every_message_once(
     events: list[str] = []
     with HttpSink() as sink:
         config = write_config(tmp_path, dovecot=dovecot, users=users, schema=schema,
-                              shared=shared, webhook=sink.url)
+                              shared=shared, webhook=sink.url, source=source)
         workers = Workers(config, logs)
         try:
             for _ in range(WORKERS):
@@ -212,6 +224,16 @@ def test_workers_killed_and_paused_past_their_leases_store_every_message_once(
         assert not twice, (name, twice)
         assert set(counts) == want, (name, sorted(set(counts) - want)[:10])
     assert sum(maildir_keys(shared / "maildir").values()) == len(expected)
+    if source == "imap":
+        # Each message was moved exactly once: the "Processed" folder holds every
+        # message of its mailbox once (a re-sent MOVE after a kill would move nothing,
+        # a duplicate APPEND would show here).
+        for user in users:
+            moved = Counter(message_id(raw) for raw, _ in
+                            dovecot.imap_messages(user, "Processed"))
+            want = {m for m, box in expected.items() if box == user.name}
+            assert set(moved) == want and max(moved.values(), default=1) == 1, (
+                user.name, len(moved), len(want))
 
     # --- the journal: every message finished; deleted, or its DELE still owed ----
     journal = PostgresJournal(PG_DSN, schema=schema)
@@ -231,8 +253,17 @@ def test_workers_killed_and_paused_past_their_leases_store_every_message_once(
                     if r.status == 200)
     assert set(posts) == set(key_to_mid), "every message reached the webhook, keyed"
     webhook_repeats = sum(n - 1 for n in posts.values())
-    applied = len(set(posts))  # a receiver honouring Idempotency-Key applies each once
-    assert applied == len(expected)
+    # A receiver honouring Idempotency-Key applies the first request of each key and
+    # drops the repeats: that is exactly-once only if a key always names the same
+    # message (the repeats are the same document, never another message's).
+    applied: dict[str, str] = {}
+    for r in requests:
+        if r.status != 200:
+            continue
+        key, mid = r.headers.get("idempotency-key", ""), str(r.json().get("message_id"))
+        assert r.json().get("key") == key, "the body's key is the header's"
+        assert applied.setdefault(key, mid) == mid, (key, applied[key], mid)
+    assert sorted(applied.values()) == sorted(expected), "each message applied once"
 
     log = log_events(workers.log_text())
     fenced = sum(e.get("event") == "journal_batch_fenced" for e in log)
@@ -245,6 +276,6 @@ def test_workers_killed_and_paused_past_their_leases_store_every_message_once(
         f"{len(expected)} messages, {USERS} mailboxes, {WORKERS} workers, seed {seed}: "
         f"0 missing, 0 stored twice in 5 stores; forward.command repeats "
         f"{command_repeats}, webhook repeats {webhook_repeats} (0 after the receiver's "
-        f"Idempotency-Key de-duplication: {applied} applied); leases lost "
+        f"Idempotency-Key de-duplication: {len(applied)} applied); leases lost "
         f"{lost}, batches fenced {fenced}"
     )

@@ -93,7 +93,7 @@ def test_status_shows_the_provider_error_code(
     assert CliRunner().invoke(cli, ["auth", "login", str(path), "inbox"]).exit_code == 0
     auth_server.fail_next("invalid_grant")
     # The worker's next refresh fails (forced: the token is marked stale).
-    from mailpipe.config import load_config
+    from mailpipe.app import load_config
     from mailpipe.oauth.broker import TokenBroker
     from mailpipe.oauth.cache import TokenCache
     from mailpipe.oauth.sealing import Sealer
@@ -154,3 +154,50 @@ def test_google_installed_app_login_through_the_loopback_redirect(
     assert "code_verifier" in exchange.form_keys
     code, row = _status(path)
     assert code == 0 and row["cached"] and row["scopes"] == ["https://mail.google.com/"]
+
+
+@pytest.mark.parametrize("method", ["client_secret_basic", "client_secret_post"])
+def test_oidc_revoke_authenticates_a_confidential_client(
+    auth_server: AuthServer, cache_key: str, tmp_path: Path, method: str
+) -> None:
+    # Review L5: RFC 7009 §2.1 — a confidential client authenticates its revocation.
+    auth_server.revocation_auth_methods = [method]
+    oidc = (f'provider = "oidc", flow = "refresh_token", client_id = "app", '
+            f'client_secret = "app-secret", issuer = "{auth_server.url}"')
+    path = _config(tmp_path, auth_server, cache_key, oidc)
+    from mailpipe.oauth.broker import TokenBroker
+    from mailpipe.oauth.cache import TokenCache
+    from mailpipe.oauth.grant import Grant
+    from mailpipe.oauth.sealing import Sealer
+
+    from .conftest import oauth
+
+    options = oauth({"provider": "oidc", "flow": "refresh_token", "client_id": "app",
+                     "client_secret": "app-secret", "issuer": auth_server.url,
+                     "ca_file": str(auth_server.ca_file), "cache_key": cache_key})
+    rt = auth_server.issue_refresh_token("alice", "app")
+    with TokenCache(str(tmp_path / "journal.sqlite3"), base_dir=tmp_path,
+                    sealer=Sealer(cache_key)) as cache:
+        TokenBroker(options, protocol="pop3", username="alice", cache=cache).save(
+            Grant(access_token="", expires_in=0, refresh_token=rt), previous=None)
+    result = CliRunner().invoke(cli, ["auth", "revoke", str(path), "inbox"])
+    assert result.exit_code == 0, result.output
+    assert "revoked at the provider (HTTP 200)" in result.output
+    assert auth_server.refresh[rt].revoked
+    assert auth_server.revocations == [("app", method)]
+    assert "app-secret" not in result.output
+
+
+def test_the_local_server_refuses_an_unauthenticated_confidential_revocation(
+    auth_server: AuthServer,
+) -> None:
+    import requests
+
+    rt = auth_server.issue_refresh_token("alice", "app")
+    for auth, form in ((None, {"client_id": "app"}),
+                       (("app", "wrong"), {})):
+        resp = requests.post(f"{auth_server.url}/revoke", auth=auth,
+                             data={"token": rt, **form},
+                             verify=str(auth_server.ca_file), timeout=10)
+        assert resp.status_code == 401 and resp.json()["error"] == "invalid_client"
+    assert not auth_server.refresh[rt].revoked

@@ -217,3 +217,57 @@ def test_an_untrusted_endpoint_certificate_is_refused(
     with pytest.raises(TokenEndpointBusy, match="SSLError"):
         MicrosoftFlow(options, "pop3").acquire("")
     assert not auth_server.token_requests
+
+
+def _google_app(server: AuthServer, key: str, **extra: object) -> object:
+    server.clients["gapp"] = "gapp-secret"
+    return oauth({
+        "provider": "google", "flow": "refresh_token", "client_id": "gapp",
+        "client_secret": "gapp-secret", "cache_key": key,
+        "token_uri": f"{server.url}/token", "ca_file": str(server.ca_file), **extra,
+    })
+
+
+def test_google_honours_the_timeout(auth_server: AuthServer, cache_key: str) -> None:
+    # Review M4: google-auth's own 120 s timeout outlived the refresh lease.
+    rt = auth_server.issue_refresh_token("carol@example.com", "gapp")
+    options = _google_app(auth_server, cache_key, timeout="0.2s")
+    auth_server.fail_next("slow")  # answers after 2 s, then normally
+    with pytest.raises(TokenEndpointBusy) as caught:
+        GoogleFlow(options, "imap", username="carol@example.com").acquire(rt)  # type: ignore[arg-type]
+    assert caught.value.code == "temporarily_unavailable"  # google-auth TransportError
+    assert len(auth_server.token_requests) == 1
+
+
+def test_google_makes_one_request_per_refresh(
+    auth_server: AuthServer, cache_key: str
+) -> None:
+    # Review M4: google-auth retried a 429 internally (3 requests) and dropped
+    # Retry-After; the broker's lease covers one request.
+    rt = auth_server.issue_refresh_token("carol@example.com", "gapp")
+    options = _google_app(auth_server, cache_key)
+    auth_server.fail_next("429", count=3)
+    with pytest.raises(TokenEndpointBusy) as caught:
+        GoogleFlow(options, "imap", username="carol@example.com").acquire(rt)  # type: ignore[arg-type]
+    assert len(auth_server.token_requests) == 1
+    assert caught.value.retry_after == 30.0
+    assert caught.value.code == "temporarily_unavailable"
+
+
+def test_every_flow_reports_retry_after(
+    auth_server: AuthServer, cache_key: str
+) -> None:
+    # Review M4: Retry-After of a 429 reaches TokenEndpointBusy for each provider.
+    rt = auth_server.issue_refresh_token("alice", "pub")
+    oidc = OidcFlow(oauth({"provider": "oidc", "flow": "refresh_token",
+                           "client_id": "pub", "issuer": auth_server.url,
+                           "cache_key": cache_key,
+                           "ca_file": str(auth_server.ca_file)}), "pop3")
+    microsoft = MicrosoftFlow(
+        oauth(_ms(auth_server, cache_key, flow="device_code", client_id="pub")), "pop3"
+    )
+    for flow in (oidc, microsoft):
+        auth_server.fail_next("429")
+        with pytest.raises(TokenEndpointBusy) as caught:
+            flow.acquire(rt)
+        assert caught.value.retry_after == 30.0, flow

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mailpipe.config import load_config
+from mailpipe.app import load_config
 from mailpipe.errors import ConfigError
 from mailpipe.oauth.options import GoogleOAuth, MicrosoftOAuth
 from mailpipe.oauth.scopes import default_scopes

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,35 @@ def test_nonstandard_bounce_from_mailer_daemon(
     assert parse_into(message).bounce is None
 
 
+def test_flufl_bounce_gets_at_most_the_cap(
+    make_message: Callable[[bytes], Message], processor: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A report padded with 100,000 blank lines (flufl's detectors cost time per
+    line): flufl.bounce is given the first FLUFL_MAX octets, never the whole."""
+    from mailpipe.plugins.bounce import nonstandard
+
+    given: list[int] = []
+    real = nonstandard.flufl_failures
+
+    def spy(raw: bytes) -> tuple[set[str], set[str]] | None:
+        given.append(len(raw))
+        return real(raw)
+
+    monkeypatch.setattr(nonstandard, "flufl_failures", spy)
+    raw = (b"From: MAILER-DAEMON@mx.example\r\nSubject: Undelivered Mail Returned to "
+           b"Sender\r\nMIME-Version: 1.0\r\nContent-Type: multipart/report; "
+           b"report-type=delivery-status; boundary=b\r\n\r\n--b\r\nContent-Type: "
+           b"text/plain\r\n\r\n<nobody@nowhere.example>: host mx.nowhere.example "
+           b"said: 550 5.1.1 unknown user\r\n" + b"\r\n" * 100_000 + b"--b--\r\n")
+    assert len(raw) > 3 * nonstandard.FLUFL_MAX
+    message = make_message(raw)
+    assert processor("bounce").process(message) is None
+    bounce = parse_into(message).bounce
+    assert bounce is not None and (bounce.kind, bounce.permanent) == ("non-standard", True)
+    assert len(given) == 1 and 0 < given[0] <= nonstandard.FLUFL_MAX
+
+
 EXPECTED_CORPUS = {  # file: (kind, permanent, first failed recipient)
     "bounce__cpython__msg_16.eml": ("dsn", True, "jangel1@cougar.noc.ucla.edu"),
     "bounce__enmime__delayed_dsn.eml": ("dsn", False, "thomas@de-montfort.ac.uk"),
@@ -170,14 +201,53 @@ def test_bounce_on_every_corpus_file(
 
 def test_reply_budget_per_sender_and_window(tmp_path: Path) -> None:
     budget = ReplyBudget(tmp_path / "g.sqlite3", limit=2, window=100)
-    assert budget.take("A@x", now=0) and budget.take("a@x", now=1)
-    assert not budget.take("a@x", now=2)
-    assert budget.take("b@x", now=2)
-    assert budget.take("a@x", now=101)  # the first answer left the window
+    assert budget.take("A@x", "k1", now=0) and budget.take("a@x", "k2", now=1)
+    assert not budget.take("a@x", "k3", now=2)
+    assert budget.take("a@x", "k2", now=2)  # already counted: passes, not again
+    assert budget.take("b@x", "k3", now=2)
+    assert budget.take("a@x", "k4", now=101)  # the first answer left the window
     budget.close()
     again = ReplyBudget(tmp_path / "g.sqlite3", limit=2, window=100)
-    assert not again.take("a@x", now=101)  # persisted: 1 and 101 still count
+    assert not again.take("a@x", "k5", now=101)  # persisted: 1 and 101 still count
+    assert again.take("a@x", "k4", now=101)
     again.close()
+
+
+def test_loopguard_counts_messages_not_runs(
+    tmp_path: Path, make_message: Callable[[bytes], Message]
+) -> None:
+    """A message re-run (a later step failed temporarily, a crash, a replay) is the
+    same answer: it is counted once and passes every time; another one trips."""
+    from mailpipe.plugins.loopguard import LoopGuardOptions, LoopGuardProcessor
+
+    guard = LoopGuardProcessor(
+        LoopGuardOptions(path="g.sqlite3", max_per_sender=1),
+        ProcessorContext(base_dir=tmp_path),
+    )
+    human = b"From: c@customer.example\r\nSubject: help\r\n\r\nhi\r\n"
+    for _ in range(4):
+        message = make_message(human)
+        assert guard.process(message) is None
+        assert "loopguard" not in message.meta
+    other = make_message(human)
+    other.ref = replace(other.ref, uid="u2")
+    assert guard.process(other) is Disposition.DONE
+    assert other.meta["loopguard"] == "sender's answer budget used up"
+    guard.close()
+
+
+def test_reply_budget_reads_a_file_from_before_keys(tmp_path: Path) -> None:
+    path = tmp_path / "g.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript("CREATE TABLE replies (sender TEXT NOT NULL, at REAL NOT NULL);"
+                      "INSERT INTO replies VALUES ('a@x', 0);")
+    old.commit()
+    old.close()
+    budget = ReplyBudget(path, limit=2, window=100)
+    assert budget.take("a@x", "k1", now=1)  # the old row still counts: 2 of 2
+    assert not budget.take("a@x", "k2", now=2)
+    assert budget.take("a@x", "k1", now=3)
+    budget.close()
 
 
 def test_loopguard_trips_on_auto_mail_and_budget(
@@ -191,7 +261,9 @@ def test_loopguard_trips_on_auto_mail_and_budget(
     )
     human = b"From: c@customer.example\r\nSubject: help\r\n\r\nhi\r\n"
     assert guard.process(make_message(human)) is None
-    assert guard.process(make_message(human)) is Disposition.DONE  # budget used
+    other = make_message(human)
+    other.ref = replace(other.ref, uid="u2")  # another message of the same sender
+    assert guard.process(other) is Disposition.DONE  # budget used
     auto = b"From: d@customer.example\r\nAuto-Submitted: auto-replied\r\n\r\naway\r\n"
     listmail = b"From: e@customer.example\r\nList-Id: <l.example>\r\n\r\nx\r\n"
     noreply = b"From: noreply@shop.example\r\n\r\nx\r\n"

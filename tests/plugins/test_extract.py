@@ -171,14 +171,95 @@ def test_time_limit_is_a_defect_note(
     assert "time limit" in record.defects[0].detail
 
 
-def test_zip_bomb_stops_at_the_inflate_cap() -> None:
+@pytest.fixture
+def inflated(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Octets handed out by every zip member read (read and read1 counted)."""
+    counted: list[int] = []
+    for method in ("read", "read1"):
+        real = getattr(zipfile.ZipExtFile, method)
+
+        def counting(self: zipfile.ZipExtFile, n: int = -1, _real: Any = real) -> bytes:
+            data: bytes = _real(self, n)
+            counted.append(len(data))
+            return data
+
+        monkeypatch.setattr(zipfile.ZipExtFile, method, counting)
+    return counted
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr("word/document.xml", b"<w:t>a</w:t>" + b" " * (65 * 2**20))
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+#: The cap on octets inflated from one archive for max_chars=1000 (8 per character,
+#: at least 64 KiB).
+CAP_1000 = 64 * 1024
+
+
+def _docx_bomb() -> bytes:
+    """The review's 60 MiB DOCX bomb (~150 KB zipped): one "a" per paragraph."""
+    return _zip({"word/document.xml": b"<w:p><w:t>a</w:t></w:p>" * (60 * 2**20 // 23)})
+
+
+def test_zip_bomb_stops_at_the_inflate_cap(inflated: list[int]) -> None:
+    data = _zip({"word/document.xml": b"<w:t>a</w:t>" + b" " * (65 * 2**20)})
     fmt = format_of("", "bomb.docx")
     assert fmt is not None
-    with pytest.raises(Exception, match="inflates past"):
-        extract(fmt, buf.getvalue(), max_chars=100, timeout=60)
+    text, truncated = extract(fmt, data, max_chars=100, timeout=600)
+    assert (text, truncated) == ("a", True)
+    assert 0 < sum(inflated) <= CAP_1000
+
+
+def test_docx_bomb_inflates_at_most_the_cap(inflated: list[int]) -> None:
+    fmt = format_of("", "bomb.docx")
+    assert fmt is not None
+    text, truncated = extract(fmt, _docx_bomb(), max_chars=1000, timeout=600)
+    assert truncated and 0 < len(text) <= 1000
+    assert set(text) == {"a", "\n"}
+    assert 0 < sum(inflated) <= CAP_1000
+
+
+def test_xlsx_shared_strings_bomb_inflates_at_most_the_cap(inflated: list[int]) -> None:
+    fmt = format_of("", "bomb.xlsx")
+    assert fmt is not None
+    data = _zip({"xl/sharedStrings.xml": b"<si><t>a</t></si>" * (60 * 2**20 // 17),
+                 "xl/worksheets/sheet1.xml": b'<row><c t="s"><v>0</v></c></row>'})
+    text, truncated = extract(fmt, data, max_chars=1000, timeout=600)
+    assert (text, truncated) == ("a", True)  # half the cap for strings, the sheet read
+    assert 0 < sum(inflated) <= CAP_1000
+
+
+def test_one_huge_xlsx_row_is_cut_at_max_chars(inflated: list[int]) -> None:
+    fmt = format_of("", "bomb.xlsx")
+    assert fmt is not None
+    data = _zip({"xl/worksheets/sheet1.xml":
+                 b"<row>" + b"<c><v>1</v></c>" * (60 * 2**20 // 15) + b"</row>"})
+    text, truncated = extract(fmt, data, max_chars=1000, timeout=600)
+    assert truncated and 0 < len(text) <= 1000 and set(text) == {"1", "\t"}
+    assert 0 < sum(inflated) <= CAP_1000
+
+
+def test_runs_are_taken_until_the_budget_is_full() -> None:
+    """A part's runs go into the budget one at a time: taking stops when it is full,
+    so a member is never joined whole (counted: runs drawn from the generator)."""
+    from mailpipe.plugins.extract.formats import Budget
+
+    drawn = 0
+
+    def runs() -> Any:
+        nonlocal drawn
+        for _ in range(1_000_000):
+            drawn += 1
+            yield "word "
+
+    budget = Budget(1000, timeout=600)
+    assert not budget.add_runs(runs())
+    assert budget.truncated and len(budget.text()) == 1000
+    assert drawn <= 1000 // len("word ") + 1
 
 
 def test_bad_option_names_the_accepted_formats(processor: Callable[..., Any]) -> None:

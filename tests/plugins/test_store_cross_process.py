@@ -184,3 +184,25 @@ def test_two_processes_delivering_the_same_keys_store_each_once(
     expected = {message(n).key: 1 for n in range(count)}
     for kind in ("maildir", "mbox", "jsonl", "attachments"):
         assert copies(tmp_path, kind) == expected, kind
+
+
+def test_maildir_syncs_the_folders_when_it_finds_a_key_another_process_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A dead (or frozen) writer's rename into new/ may not be durable yet: the store
+    # that finds the key and skips it must still sync the folders at its flush(),
+    # before the engine acknowledges the message (review of issue 16, M1).
+    import mailpipe.plugins.store.maildir as maildir_module
+
+    first, second = stores(tmp_path)["maildir"], stores(tmp_path)["maildir"]
+    first.open()
+    first.process(message(7))  # written, never flushed: the process "dies" here
+    first._settle(0, 0)
+    synced: list[str] = []
+    monkeypatch.setattr(maildir_module, "fsync_dir",
+                        lambda path: synced.append(Path(path).name))
+    second.open()
+    second.process(message(7))
+    assert copies(tmp_path, "maildir") == {message(7).key: 1}
+    second.flush()
+    assert synced == ["new", "cur"]

@@ -182,6 +182,46 @@ def test_migrates_a_version_1_database_and_indexes_old_rows(tmp_path: Path) -> N
     conn.close()
 
 
+def test_migration_4_indexes_attachment_text_and_keeps_old_rows_searchable(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "db" / "mail.sqlite3"
+    path.parent.mkdir()
+    conn = connect(path)
+    assert migrate(conn, target=3) == 3
+    assert "attachment_text" not in {r[1] for r in conn.execute(
+        "PRAGMA table_info(messages)")}
+    conn.execute(
+        "INSERT INTO messages (key, mailbox, uid, sha256, size, parsed, subject, "
+        "from_addresses, addresses, text, record, stored_at, updated_at) "
+        "VALUES ('k1', 'support', '1', 'ab', 3, 1, 'Old walrus', '[]', "
+        "'carol@example.net', 'an ancient ostrich', '{}', 'then', 'then')"
+    )
+    conn.commit()
+    conn.close()
+
+    s = store(tmp_path)  # opening migrates 3 -> 4
+    message = parsed(make_message("2", "New", "see the scan", attachment=b"%PDF-1.4"))
+    assert message.record is not None
+    message.record.attachments[0].text = "quarterly zebra invoice"
+    s.process(message)
+    s.close()
+
+    conn = connect(path)
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == [
+        1, 2, 3, 4
+    ]
+    assert search(conn, "ancient") == search(conn, "walrus") == ["k1"]  # old row kept
+    assert search(conn, "carol") == ["k1"]
+    assert search(conn, "zebra") == [message.key]  # only in the attachment text
+    assert search(conn, "scan") == [message.key]
+    conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
+    conn.execute("DELETE FROM messages WHERE key = ?", (message.key,))
+    assert search(conn, "zebra") == []  # the delete trigger removed its terms
+    conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
+    conn.close()
+
+
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "db" / "mail.sqlite3"
     path.parent.mkdir()

@@ -203,3 +203,69 @@ def test_unwrap_on_every_corpus_file(
         assert [(e.kind, e.unwrapped) for e in seen[name]][:1] == [(kind, unwrapped)]
     opaque = seen["smime-pgp__james__mail_with_signature_and_content_type_xpkcs7mime.eml"]
     assert any("user@james.org" in s for s in opaque[0].signers)
+
+
+#: An OID arc of 3001 continuation octets, lengths consistent: decoded whole it was
+#: one int of ~6300 digits (quadratic shifts, then str() raised ValueError past
+#: Python's 4300-digit limit). The review's literal is one octet short of its
+#: declared length, so it was (rightly) rejected before the OID was read.
+LONG_OID = b"\x30\x82\x0b\xbf\x06\x82\x0b\xbb\x2a" + b"\xff" * 3001 + b"\x01"
+REVIEW_BLOB = b"\x30\x82\x0b\xbf\x06\x82\x0b\xbb\x2a" + b"\xff" * 3000 + b"\x01"
+
+
+@pytest.mark.parametrize("blob", [LONG_OID, REVIEW_BLOB, b"\x30\x45\x06\x43\x2a"
+                                  + b"\x81" * 65 + b"\x01", b"\x30\x0d\x06\x0b\x2a"
+                                  + b"\x81" * 9 + b"\x01"],
+                         ids=["long-arc", "review-literal", "65-octets", "9-octet-arc"])
+def test_overlong_oid_is_not_a_content_type(blob: bytes) -> None:
+    assert content_type(blob) is None
+    assert signed_content(blob) is None
+
+
+def test_oid_at_the_limits_is_read() -> None:
+    arc = b"\xff" * 7 + b"\x7f"  # 8 octets: the longest arc accepted
+    oid = b"\x2a" + arc * 7 + b"\x86\x48"  # 59 octets
+    blob = bytes([0x30, len(oid) + 2, 0x06, len(oid)]) + oid
+    assert content_type(blob) == "1.2." + ".".join([str(2**56 - 1)] * 7) + ".840"
+
+
+def test_overlong_oid_in_p7m_never_raises(
+    make_message: Callable[[bytes], Message], processor: Callable[..., Any]
+) -> None:
+    message = make_message(_wrap(LONG_OID, "signed-data"))
+    assert processor("unwrap").process(message) is None
+    assert parse_into(message).envelopes == []  # not CMS: nothing claimed
+
+
+class _CountingPayload:
+    """A payload that counts how often its bytes are read."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.reads = data, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __bytes__(self) -> bytes:
+        self.reads += 1
+        return self.data
+
+
+def test_only_attachments_named_or_typed_msg_are_read(
+    make_message: Callable[[bytes], Message], processor: Callable[..., Any]
+) -> None:
+    raw = (b"From: a@x.example\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed;"
+           b" boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+           b"--b\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; "
+           b"filename=scan.pdf\r\n\r\n%PDF-1.4 scan\r\n"
+           b"--b\r\nContent-Type: application/octet-stream\r\nContent-Disposition: "
+           b"attachment; filename=fwd.msg\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           + base64.encodebytes(OLE_MAGIC + b"\0" * 600) + b"--b--\r\n")
+    message = make_message(raw)
+    record = parse_into(message)
+    spies = [_CountingPayload(bytes(p)) for p in message.meta[PAYLOADS_KEY]]
+    message.meta[PAYLOADS_KEY] = spies
+    assert [a.filename for a in record.attachments] == ["scan.pdf", "fwd.msg"]
+    processor("unwrap").process(message)
+    assert [s.reads for s in spies] == [0, 1]  # the PDF is never read
+    assert [e.kind for e in record.envelopes] == ["outlook-msg"]
