@@ -61,6 +61,7 @@ from mailpipe.plugin_manager import Hooks
 from mailpipe.prefetch import HeaderPrefetch
 from mailpipe.quarantine import Quarantine
 from mailpipe.source import (
+    EpochSession,
     SessionFacts,
     Source,
     SourceContext,
@@ -145,6 +146,9 @@ class MailboxRunner:
         # instead of in every window; "bad input never stops the pipeline").
         self._attempted: set[str] = set()
         self._reset_checked = False  # C-60: the UIDL reset check runs once per poll
+        # IC-25: settled entries an epoch change superseded, by content hash (kept
+        # across polls: the source reports a change once, its mail may span polls).
+        self._superseded: dict[str, Entry] = {}
         self.prefetch = HeaderPrefetch(self.cfg, chain, self.log)
         self.oversize = OversizePolicy(self.cfg, self.log)
         self._login_delay = 0.0  # seconds, from the latest session's facts
@@ -290,7 +294,7 @@ class MailboxRunner:
                 )
             if not facts.stable_ids:
                 self.log.warning("server_without_uidl", fallback="content_hash")
-            plan = self._plan(refs, facts)
+            plan = self._plan(refs, facts, opened)
             # Nothing is fetched twice in one poll: a later window skips what an
             # earlier one tried (without UIDL, what it could not retrieve).
             plan.process = [
@@ -344,7 +348,9 @@ class MailboxRunner:
 
     # --- planning ----------------------------------------------------------------
 
-    def _plan(self, refs: list[MessageRef], facts: SessionFacts) -> planning.Plan:
+    def _plan(
+        self, refs: list[MessageRef], facts: SessionFacts, session: object = None
+    ) -> planning.Plan:
         """Read what the plan needs, plan (pure), and apply its journal-side effects."""
         if not facts.stable_ids:
             return planning.plan_unkeyed(refs, self.cfg.max_message_size)
@@ -353,6 +359,13 @@ class MailboxRunner:
             self._reset_checked = True
             if not facts.ids_have_epoch:
                 uidl_reset.guard(self.name, self.cfg, refs, entries, self.journal, self.log)
+        new = any(r.uid not in entries for r in refs)
+        if new and facts.ids_have_epoch and isinstance(session, EpochSession):
+            # IC-25: entries an epoch change superseded, for adoption by content hash
+            # (only when the listing shows ids the journal does not know).
+            self._superseded.update(identity.superseded_by_hash(
+                self.journal, self.name, {r.uid for r in refs}, session
+            ))
         plan = planning.plan(
             refs, entries, self.journal.owed(self.name), self.cfg, datetime.now(UTC)
         )
@@ -518,8 +531,15 @@ class MailboxRunner:
             # Whatever happens to it below, no later window of this poll fetches it.
             self._attempted.add(msg.ref.uid)
         known = entries.get(msg.ref.uid) if had_uid else None
-        res = identity.resolve(msg, known, self.journal, self.name, self.log)
+        res = identity.resolve(
+            msg, known, self.journal, self.name, self.log, self._superseded
+        )
         msg = res.msg
+        if res.adopt is not None:
+            # IC-25: processed under an id a new epoch superseded: not run again.
+            if self.ledger.adopt(msg.ref, res.adopt):
+                settled.append(msg.ref)
+            return
         if res.readopt is not None:
             # The same message, counted differently now: remember the new size so
             # that the next poll does not fetch it again.

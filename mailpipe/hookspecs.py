@@ -113,8 +113,9 @@ def mailpipe_session_finished(mailbox: str, summary: dict[str, Any]) -> None:
     :param summary: the whole poll, all windows together: ``mailbox``, ``listed``,
         ``retrieved``, ``processed``, ``dropped``, ``kept``, ``skipped``, ``failed``,
         ``quarantined``, ``deleted``, ``bytes``, ``seconds``, ``sessions`` (windows
-        opened), ``committed``, ``error`` and ``error_type`` (strings or None) and
-        ``backlog`` (the latest listing's count, or None).
+        opened), ``committed``, ``error`` and ``error_type`` (strings or None),
+        ``backlog`` (the latest listing's count, or None) and ``reconciled``
+        (messages adopted by content hash after an epoch change, IC-25).
     """
 
 

@@ -12,21 +12,30 @@ retrieved with what the journal holds under its id and says what happens to it:
   hash instead (``sha256:<hex>``, as without stable ids), and the id is re-adopted
   for it (``reused``) once it is settled;
 - a message without an id whose content hash the journal knows settled: nothing runs
-  (``owe`` when its acknowledgement is still owed).
+  (``owe`` when its acknowledgement is still owed);
+- a message under a new id of a new epoch (IC-25: an IMAP folder recreated with a new
+  UIDVALIDITY) whose content hash a settled entry of a superseded id holds: that
+  outcome is adopted under the new id (``adopt``), nothing runs.
 
-Pure but for one journal read (the content-hash lookup); writes are the ledger's.
+Pure but for journal reads (the content-hash lookup, the superseded entries); writes
+are the ledger's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from mailpipe.journal.base import Entry, Status
 from mailpipe.message import Message, MessageRef
 
 if TYPE_CHECKING:
     from mailpipe.journal.base import Journal
+    from mailpipe.source import EpochSession
+
+#: The most journal entries of one mailbox read when an epoch may have changed.
+EPOCH_SCAN_LIMIT: Final = 1_000_000
 
 
 @dataclass(slots=True)
@@ -36,7 +45,8 @@ class Resolution:
     ``run``: run its chain (with ``entry``, possibly None: new). ``owe``: settled, its
     acknowledgement owed. ``readopt``: the settled entry whose outcome ``msg.ref``
     takes (a recount). ``reused``: the original ref whose id another message reused
-    (the ledger re-adopts it once this message is settled).
+    (the ledger re-adopts it once this message is settled). ``adopt``: the settled
+    entry of a superseded epoch whose outcome the message takes (IC-25).
     """
 
     msg: Message
@@ -45,6 +55,32 @@ class Resolution:
     owe: bool = False
     readopt: Entry | None = None
     reused: MessageRef | None = None
+    adopt: Entry | None = None
+
+
+def superseded_by_hash(
+    journal: Journal, mailbox: str, listed: Collection[str], session: EpochSession
+) -> dict[str, Entry]:
+    """The settled entries whose ids an epoch change superseded, by content hash.
+
+    Reads the mailbox's entries the listing did not show and keeps those the session
+    says another epoch replaced (IC-25). Empty when the session saw no possible change.
+    """
+    if not session.epoch_changed:
+        return {}
+    unlisted = {
+        e.uid: e
+        for e in journal.list(mailbox, limit=EPOCH_SCAN_LIMIT)
+        if e.uid not in listed and e.status != Status.PENDING and e.sha256
+    }
+    if not unlisted:
+        return {}
+    found: dict[str, Entry] = {}
+    for uid in session.superseded(sorted(unlisted)):
+        entry = unlisted.get(uid)
+        if entry is not None and entry.sha256:
+            found[entry.sha256] = entry
+    return found
 
 
 def by_hash(journal: Journal, mailbox: str, msg: Message) -> tuple[Message, Entry | None, bool]:
@@ -61,11 +97,18 @@ def by_hash(journal: Journal, mailbox: str, msg: Message) -> tuple[Message, Entr
 
 
 def resolve(
-    msg: Message, known: Entry | None, journal: Journal, mailbox: str, log: Any
+    msg: Message, known: Entry | None, journal: Journal, mailbox: str, log: Any,
+    superseded: Mapping[str, Entry] | None = None,
 ) -> Resolution:
     """Decide what a retrieved message is (see the module docstring). ``known`` is
-    the journal's entry under the message's id (None: new, or no id)."""
+    the journal's entry under the message's id (None: new, or no id); ``superseded``
+    is :func:`superseded_by_hash`'s answer for this poll."""
     reused: MessageRef | None = None
+    pending = known is None or known.status == Status.PENDING
+    if pending and msg.ref.uid and superseded:
+        earlier = superseded.get(msg.sha256)
+        if earlier is not None:
+            return Resolution(msg, earlier, adopt=earlier)
     if known is not None and known.status not in (Status.PENDING, Status.DELETED):
         # Fetched again because the listing gives a settled id another size.
         if known.sha256 == msg.sha256:

@@ -85,6 +85,7 @@ class Summary:
     error: str | None = None
     error_type: str | None = None
     backlog: int | None = None  # messages the latest listing showed (None: none)
+    reconciled: int = 0  # adopted by content hash after an epoch change (IC-25)
 
     def as_dict(self) -> dict[str, Any]:
         """Return the counts as a plain dict (for logs and hooks)."""
@@ -386,13 +387,36 @@ class Ledger:
         """Give the uid of ``ref`` the outcome ``like`` records and ``ref``'s listed
         size (issue 21 item 3), so later polls list it as settled. Durable when it
         returns (inside a batch: with it)."""
+        self._take_outcome(ref, like, status=like.status, delete_due=like.delete_due)
+        self.log.info("uid_readopted", uid=ref.uid, size=ref.size, status=like.status)
+
+    def _take_outcome(
+        self, ref: MessageRef, like: Entry | Outcome, *, status: Status, delete_due: bool
+    ) -> None:
+        """Write ``like``'s outcome under ``ref``'s uid and size, in one batch."""
         with self._batch():
             self.journal.forget(self.mailbox, [ref.uid])
             self.begin(ref)
-            self.journal.finish(self.mailbox, ref.uid, status=like.status,
+            self.journal.finish(self.mailbox, ref.uid, status=status,
                                 disposition=like.disposition or "", sha256=like.sha256,
-                                reason=like.reason, delete_due=like.delete_due)
-        self.log.info("uid_readopted", uid=ref.uid, size=ref.size, status=like.status)
+                                reason=like.reason, delete_due=delete_due)
+
+    def adopt(self, ref: MessageRef, earlier: Entry) -> bool:
+        """IC-25: ``ref`` (a new id of a new epoch) holds the message ``earlier`` (a
+        superseded id) settled: ``ref`` takes that outcome, durable when this returns,
+        and the message is not run again. Returns True when its acknowledgement is
+        owed (the outcome was due for it, or done: the new copy gets it again by the
+        mailbox's policy); the caller then owes it with :meth:`owe_settled`."""
+        due = earlier.delete_due or earlier.status == Status.DELETED
+        status = earlier.status
+        if status == Status.DELETED:  # done for the old copy, owed for this one
+            quarantined = earlier.disposition == "quarantine"
+            status = Status.QUARANTINED if quarantined else Status.COMMITTED
+        self._take_outcome(ref, earlier, status=status, delete_due=due)
+        self.summary.reconciled += 1
+        self.log.warning("epoch_reconciled", uid=ref.uid, earlier=earlier.uid,
+                         status=status, owed=due)
+        return due
 
     def settle_gone(self, uids: Sequence[str]) -> None:
         """Deletions owed for mail the server no longer lists are done (a crash came

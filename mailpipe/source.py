@@ -64,8 +64,9 @@ class SessionFacts:
     ``stable_ids``: message ids survive sessions (POP3 UIDL, IMAP UID); when False the
     engine keys messages by content hash and allows only ``delete = "after_processing"``.
     ``ids_have_epoch``: ids are only valid under an epoch the source folds into them
-    (IMAP UIDVALIDITY); the source reconciles an epoch change itself, so the engine's
-    POP3 id-reset guard (C-60) does not apply.
+    (IMAP UIDVALIDITY), and the session is an :class:`EpochSession` that says which
+    journal ids a new epoch superseded; the engine reconciles their messages by
+    content hash (IC-25), so the POP3 id-reset guard (C-60) does not apply.
     ``login_delay``: seconds the server wants between two logins (RFC 2449 §6.5).
     ``deletes_on_commit``: the server may delete at commit what was retrieved even
     without an acknowledgement (POP3 ``EXPIRE 0``, RFC 2449 §6.7; C-29).
@@ -227,6 +228,29 @@ class PushSource(Protocol):
         """Return True as soon as new mail may be there, False after ``timeout``
         seconds without any. Never raises for a lost connection: it returns True, so
         that the next poll (which reconnects) reports the error."""
+        ...
+
+
+@runtime_checkable
+class EpochSession(Protocol):
+    """A session whose ids carry an epoch (``ids_have_epoch``, IMAP UIDVALIDITY).
+
+    When an epoch changes (a folder deleted and recreated, a server migration) every
+    message of that scope is listed under a new id. The engine then reads the journal
+    ids this listing did not show, asks :meth:`superseded` which of them an epoch
+    change replaced, and adopts each retrieved message whose content hash one of those
+    entries holds (IC-25): processed once, never skipped unprocessed.
+    """
+
+    @property
+    def epoch_changed(self) -> bool:
+        """True when an epoch may have changed since the source's previous listing
+        (always True for the first listing of a process: it cannot know)."""
+        ...
+
+    def superseded(self, uids: Sequence[str]) -> list[str]:
+        """Of ``uids`` (journal ids of this mailbox not in the listing), those of a
+        scope this listing showed under another epoch."""
         ...
 
 

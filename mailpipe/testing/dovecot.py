@@ -534,22 +534,8 @@ class Dovecot(Service):
         """(raw bytes, flags) of every message in ``folder`` (its wire name), read over
         implicit TLS with ``BODY.PEEK[]`` by stdlib ``imaplib`` (an independent
         client); ``[]`` when the folder does not exist. Needs ``imap=True``."""
-        import imaplib
-        import re
+        from mailpipe.testing.imap_reference import folder_messages, logged_in
 
         u = self._user(user)
-        ctx = ssl.create_default_context(cafile=str(self.ca_file))
-        client = imaplib.IMAP4_SSL(self.host, self.imaps_port, ssl_context=ctx, timeout=30)
-        try:
-            client.login(u.name, u.password)
-            if client.select(f'"{folder}"', readonly=True)[0] != "OK":
-                return []
-            _, data = client.uid("FETCH", "1:*", "(FLAGS BODY.PEEK[])")
-            out = []
-            for item in data:
-                if isinstance(item, tuple):
-                    flags = re.search(rb"FLAGS \(([^)]*)\)", item[0])
-                    out.append((item[1], (flags[1] if flags else b"").decode()))
-            return out
-        finally:
-            client.logout()
+        with logged_in(self.host, self.imaps_port, self.ca_file, u.name, u.password) as c:
+            return folder_messages(c, folder)

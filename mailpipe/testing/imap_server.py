@@ -2,11 +2,16 @@
 
 Just enough IMAP4rev1 for the ``imap`` source: CAPABILITY, LOGIN, SELECT/EXAMINE,
 ``UID FETCH`` of ``UID``/``RFC822.SIZE``/``FLAGS``/``BODY.PEEK[]``/``BODY.PEEK[HEADER]``,
-``UID STORE``, ``UID EXPUNGE``, NOOP, LOGOUT, one folder (INBOX). Every client line goes
-to :attr:`ImapServer.transcript`, so tests assert what was (and was not) sent.
+``UID STORE``, ``UID EXPUNGE``, NOOP, LOGOUT, folders made by :meth:`ImapServer.add_message`.
+Every client line goes to :attr:`ImapServer.transcript`, so tests assert what was (and
+was not) sent. ``gmail=True`` plays Gmail: ``X-GM-EXT-1`` and each message's
+``X-GM-MSGID`` (one message may sit in several folders, its labels).
 
 Faults (:class:`ImapFaults`): close the connection part-way through a body literal,
-announce a body literal with a wrong size, answer a command with ``* BYE``.
+announce a body literal with a wrong size, answer a command with ``* BYE``, refuse
+LOGIN or another command with ``NO`` and a response code (Gmail's ``[ALERT]``,
+``[THROTTLED]``, ``[UNAVAILABLE]``, ``[AUTHENTICATIONFAILED]``), send an untagged
+``* OK [ALERT]`` after login.
 """
 
 from __future__ import annotations
@@ -31,6 +36,14 @@ class ImapFaults:
     drop_in_literal: int | None = None
     literal_size_delta: int = 0
     bye_on: str | None = None
+    #: ``NO`` + this text (``"[ALERT] Please log in via your web browser"``) to LOGIN.
+    login_refusal: str | None = None
+    #: (command, text): a command (``"UID FETCH"``) gets ``NO`` + text, once, after
+    #: ``refuse_skip`` such commands went through.
+    refuse: tuple[str, str] | None = None
+    refuse_skip: int = 0
+    #: An untagged ``* OK [ALERT] <text>`` right after a successful LOGIN.
+    alert: str | None = None
 
 
 @dataclass
@@ -38,6 +51,7 @@ class _Message:
     uid: int
     data: bytes
     flags: set[str] = field(default_factory=set)
+    gm_msgid: int = 0
 
 
 class ImapServer:
@@ -47,29 +61,42 @@ class ImapServer:
     is left; ``transcript`` holds every line the client sent (LOGIN's password masked).
     """
 
-    def __init__(self, faults: ImapFaults | None = None) -> None:
+    def __init__(self, faults: ImapFaults | None = None, *, gmail: bool = False) -> None:
         self.faults = faults or ImapFaults()
+        self.gmail = gmail
         self.host = "127.0.0.1"
         self.port = 0
         self.transcript: list[str] = []
         self.uidvalidity = 1234
-        self._messages: list[_Message] = []
-        self._next_uid = 1
+        self._folders: dict[str, list[_Message]] = {"INBOX": []}
+        self._next_uid: dict[str, int] = {"INBOX": 1}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._ready = threading.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def add_message(self, data: bytes) -> None:
-        """Append a message (it gets the next UID)."""
-        self._messages.append(_Message(self._next_uid, data))
-        self._next_uid += 1
+    def add_message(self, data: bytes, folder: str = "INBOX", *, gm_msgid: int = 0) -> None:
+        """Append a message to ``folder`` (made if new; it gets the folder's next UID);
+        ``gm_msgid`` is its Gmail id (give the same one to put a message under two
+        labels)."""
+        uid = self._next_uid.setdefault(folder, 1)
+        self._folders.setdefault(folder, []).append(_Message(uid, data, gm_msgid=gm_msgid))
+        self._next_uid[folder] = uid + 1
 
     @property
     def messages(self) -> list[bytes]:
         """The messages still in INBOX, in UID order."""
-        return [m.data for m in self._messages]
+        return self.folder("INBOX")
+
+    def folder(self, name: str) -> list[bytes]:
+        """The messages still in folder ``name``, in UID order."""
+        return [m.data for m in self._folders.get(name, [])]
+
+    @property
+    def capabilities(self) -> str:
+        """What CAPABILITY lists."""
+        return "IMAP4rev1 UIDPLUS" + (" X-GM-EXT-1" if self.gmail else "")
 
     def __enter__(self) -> ImapServer:
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -123,11 +150,12 @@ class ImapServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         faults = self.faults
         dropped = False
+        selected = "INBOX"
 
         def send(line: str) -> None:
             writer.write(line.encode() + b"\r\n")
 
-        send("* OK [CAPABILITY IMAP4rev1 UIDPLUS] fake ready")
+        send(f"* OK [CAPABILITY {self.capabilities}] fake ready")
         try:
             while not dropped:
                 raw = await reader.readline()
@@ -144,40 +172,58 @@ class ImapServer:
                     faults.bye_on = None
                     send("* BYE fault injected")
                     break
-                if word == "CAPABILITY":
-                    send("* CAPABILITY IMAP4rev1 UIDPLUS")
+                refused = faults.refuse is not None and command == faults.refuse[0].upper()
+                if refused and faults.refuse_skip > 0:
+                    faults.refuse_skip -= 1
+                    refused = False
+                if refused and faults.refuse is not None:
+                    send(f"{tag} NO {faults.refuse[1]}")
+                    faults.refuse = None
+                elif word == "CAPABILITY":
+                    send(f"* CAPABILITY {self.capabilities}")
                     send(f"{tag} OK done")
                 elif word == "LOGIN":
                     ok = rest == 'LOGIN "user" "pass"'
-                    send(f"{tag} OK [CAPABILITY IMAP4rev1 UIDPLUS] in" if ok
-                         else f"{tag} NO [AUTHENTICATIONFAILED] bad")
+                    if faults.login_refusal is not None:
+                        send(f"{tag} NO {faults.login_refusal}")
+                    elif ok:
+                        if faults.alert is not None:
+                            send(f"* OK [ALERT] {faults.alert}")
+                        send(f"{tag} OK [CAPABILITY {self.capabilities}] in")
+                    else:
+                        send(f"{tag} NO [AUTHENTICATIONFAILED] bad")
                 elif word in ("SELECT", "EXAMINE"):
-                    send(f"* {len(self._messages)} EXISTS")
+                    name = rest.split(" ", 1)[1].strip('"')
+                    if name not in self._folders:
+                        send(f"{tag} NO [NONEXISTENT] no such folder")
+                        continue
+                    selected = name
+                    send(f"* {len(self._folders[name])} EXISTS")
                     send(f"* OK [UIDVALIDITY {self.uidvalidity}] ok")
-                    send(f"* OK [UIDNEXT {self._next_uid}] ok")
+                    send(f"* OK [UIDNEXT {self._next_uid[name]}] ok")
                     send("* OK [PERMANENTFLAGS (\\Deleted \\Seen \\*)] ok")
                     send(f"{tag} OK [READ-WRITE] done")
                 elif command == "UID FETCH":
-                    dropped = await self._fetch(rest, send, writer)
+                    dropped = await self._fetch(selected, rest, send, writer)
                     if not dropped:
                         send(f"{tag} OK done")
                 elif command == "UID STORE":
                     uids = _uids(rest.split(" ")[2])
                     flag = re.search(r"\((.*)\)", rest)
-                    for m in self._messages:
+                    for m in self._folders[selected]:
                         if m.uid in uids and flag:
                             m.flags.update(flag[1].split())
                     send(f"{tag} OK done")
                 elif command == "UID EXPUNGE":
                     uids = _uids(rest.split(" ")[2])
                     keep: list[_Message] = []
-                    for m in self._messages:
+                    for m in self._folders[selected]:
                         if m.uid in uids and "\\Deleted" in m.flags:
                             # The sequence number as the list shrinks (RFC 3501 §7.4.1).
                             send(f"* {len(keep) + 1} EXPUNGE")
                         else:
                             keep.append(m)
-                    self._messages = keep
+                    self._folders[selected] = keep
                     send(f"{tag} OK done")
                 elif word == "NOOP":
                     send(f"{tag} OK done")
@@ -193,18 +239,22 @@ class ImapServer:
                 await writer.drain()
             writer.transport.abort()
 
-    async def _fetch(self, rest: str, send: Any, writer: asyncio.StreamWriter) -> bool:
+    async def _fetch(
+        self, folder: str, rest: str, send: Any, writer: asyncio.StreamWriter
+    ) -> bool:
         """Answer ``UID FETCH``; True when a fault dropped the connection."""
         faults = self.faults
         parts = rest.split(" ", 3)
-        wanted = _uids(parts[2], last=self._next_uid - 1)
+        wanted = _uids(parts[2], last=self._next_uid[folder] - 1)
         items = parts[3].upper()
-        for seq, m in enumerate(self._messages, 1):
+        for seq, m in enumerate(self._folders[folder], 1):
             if m.uid not in wanted:
                 continue
             head = f"* {seq} FETCH (UID {m.uid}"
             if "RFC822.SIZE" in items:
                 head += f" RFC822.SIZE {len(m.data)}"
+            if "X-GM-MSGID" in items and self.gmail:
+                head += f" X-GM-MSGID {m.gm_msgid}"
             if "FLAGS" in items and "+FLAGS" not in items:
                 head += f" FLAGS ({' '.join(sorted(m.flags))})"
             body: bytes | None = None

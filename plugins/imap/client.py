@@ -83,7 +83,9 @@ def classify(done: Done, *, where: str, during: str) -> SourceError:
 
     RFC 5530 codes decide: UNAVAILABLE/INUSE/THROTTLED/LIMIT are temporary (back off
     and retry); CONTACTADMIN, AUTHORIZATIONFAILED, EXPIRED, PRIVACYREQUIRED and a
-    REFERRAL (never followed) are permanent; anything else is bad credentials.
+    REFERRAL (never followed) are permanent; anything else, AUTHENTICATIONFAILED and
+    Gmail's ``[ALERT] Please log in via your web browser`` included (IC-46), is bad
+    credentials: the scheduler's long back-off, never a retry loop against a lockout.
     """
     text = "".join(ch for ch in done.text if ch.isprintable())[:200]
     code = done.code.name if done.code else ""
@@ -257,7 +259,15 @@ class ImapClient:
                 self._write(answer)
             elif isinstance(event, Done):
                 if not event.ok:
-                    raise classify(event, where=self.where, during="AUTHENTICATE")
+                    error = classify(event, where=self.where, during="AUTHENTICATE")
+                    if mechanism.error and isinstance(error, AuthenticationError):
+                        # IC-20: the OAuth error challenge's status says whether the
+                        # token was refused (the broker refreshes it only then).
+                        details = ", ".join(
+                            f"{k}={v}" for k, v in sorted(mechanism.error.items())
+                        )
+                        error = AuthenticationError(f"{error} (OAuth error: {details})")
+                    raise error
                 if verify_error is not None:
                     raise AuthenticationError(f"{self.where}: {verify_error}")
                 try:
@@ -300,7 +310,6 @@ class ImapClient:
         async for event in self.stream([command]):
             if isinstance(event, Done):
                 return event
-            self._note(event)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def stream(self, commands: Sequence[Command]) -> AsyncIterator[Event]:
@@ -333,6 +342,13 @@ class ImapClient:
                 self._write(out)
             if isinstance(event, Done):
                 pending.discard(event.command)
+                code = event.code.name if event.code is not None else ""
+                if not event.ok and code in _BUSY_CODES:
+                    # IC-46: Gmail's [THROTTLED] (and RFC 5530's UNAVAILABLE, INUSE,
+                    # LIMIT) on any command is a temporary refusal: the session ends
+                    # unacknowledged and the scheduler backs off; never an attempt
+                    # charged to a message.
+                    raise classify(event, where=self.where, during=event.command.name)
                 fill()
             yield event
 
@@ -376,9 +392,14 @@ class ImapClient:
         return new
 
     def _note(self, event: Event) -> None:
-        if isinstance(event, Status) and event.code is not None and event.code.name == "ALERT":
-            # IS-13: shown as text, never followed.
-            self._log.warning("imap_alert", text=event.text[:200])
+        if (
+            isinstance(event, Status | Done)
+            and event.code is not None
+            and event.code.name == "ALERT"
+        ):
+            # IS-13, IC-46: shown as text (untagged or in a completion), never followed.
+            text = "".join(ch for ch in event.text if ch.isprintable())[:200]
+            self._log.warning("imap_alert", text=text)
 
     # --- ending -------------------------------------------------------------------
 
@@ -428,6 +449,7 @@ class ImapClient:
                 raise SourceConnectionError(
                     f"{self.where} closed the connection during {phase}"
                 )
+            self._note(event)
             if isinstance(event, Status) and event.status == "BYE" and phase != "LOGOUT":
                 # Issue 14 §9 / IC-45: BYE mid-session is a dropped connection.
                 raise SourceConnectionError(

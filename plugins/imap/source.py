@@ -22,9 +22,14 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import structlog
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from mailpipe import sasl
+from mailpipe.credentials import (
+    Credentials,
+    check_auth_has_credentials,
+    check_token_when_needed,
+)
 from mailpipe.errors import (
     CommitError,
     OversizeError,
@@ -32,6 +37,7 @@ from mailpipe.errors import (
     SourcePermanentError,
 )
 from mailpipe.message import Message, MessageRef
+from mailpipe.oauth.options import OAuthOptions
 from mailpipe.secrets import Secret
 from mailpipe.source import Ack, AckKind, SessionFacts, SourceContext, Unretrievable
 from mailpipe.tls import ConnectionSecurity
@@ -98,10 +104,17 @@ class ImapOptions(ConnectionSecurity):
         description="Authentication; 'auto' picks from the post-TLS capabilities "
         "(OAuth when a token is set, else SCRAM-SHA-256, PLAIN, LOGIN).",
     )
+    oauth: OAuthOptions | None = Field(
+        default=None,
+        description="Built-in OAuth 2 (XOAUTH2/OAUTHBEARER): { provider = "
+        "'microsoft' | 'google' | 'oidc', ... }; tokens come from the shared cache "
+        "and are refreshed before they expire (see mailpipe.oauth).",
+    )
     oauth_token: Secret | None = Field(
         default=None,
         validate_default=True,
-        description="OAuth 2 access token for XOAUTH2/OAUTHBEARER.",
+        description="OAuth 2 access token for XOAUTH2/OAUTHBEARER; a {command=[...]} "
+        "secret runs again for every session (fresh token). Not with oauth.",
     )
     folders: list[str] = Field(
         default=["INBOX"],
@@ -130,16 +143,10 @@ class ImapOptions(ConnectionSecurity):
         "the session and the message is left on the server.",
     )
 
-    @field_validator("oauth_token")
-    @classmethod
-    def _credentials(cls, token: Secret | None, info: ValidationInfo) -> Secret | None:
-        auth = info.data.get("auth")
-        if token is None:
-            if auth in ("xoauth2", "oauthbearer"):
-                raise ValueError(f"auth = {auth!r} needs oauth_token")
-            if "password" in info.data and info.data["password"] is None:
-                raise ValueError("set password or oauth_token")
-        return token
+    # Cross-field checks shared with POP3 (mailpipe.credentials): an error names a key
+    # and never echoes the table, which may hold the password.
+    _auth_has_credentials = field_validator("auth")(check_auth_has_credentials)
+    _token_when_needed = field_validator("oauth_token")(check_token_when_needed)
 
     @field_validator("folders")
     @classmethod
@@ -182,12 +189,16 @@ class ImapSource:
         # UIDNEXT per folder as the last listing saw it: mail that arrived between that
         # listing and the IDLE of wait_for_mail wakes at once instead of being missed.
         self.listed_uidnext: dict[bytes, int] = {}
+        # UIDVALIDITY per folder as the last listing saw it (IC-25): a session whose
+        # listing finds another one, or the first of a process, reports epoch_changed.
+        self.listed_uidvalidity: dict[bytes, int] = {}
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator["ImapSession"]:
         """Open a session; on exit it aborts (no acknowledgement) unless committed."""
         session = ImapSession(
-            self.options, self.mailbox, self.context.ack, self.listed_uidnext
+            self.options, self.mailbox, self.context.ack, self.listed_uidnext,
+            self.listed_uidvalidity,
         )
         try:
             await session.open()
@@ -272,6 +283,24 @@ def message_uid(folder: bytes, uidvalidity: int, uid: int) -> str:
     return f"{folder.decode('ascii', 'replace')};UIDVALIDITY={uidvalidity};UID={uid}"
 
 
+def gmail_uid(msgid: int) -> str:
+    """IC-46: the uid of a Gmail message, by its ``X-GM-MSGID`` (the same under every
+    label and every UIDVALIDITY): ``X-GM-MSGID=1278455344230334865``."""
+    return f"X-GM-MSGID={msgid}"
+
+
+_MESSAGE_UID = re.compile(r"(.+);UIDVALIDITY=([0-9]{1,10});UID=([0-9]{1,10})")
+
+
+def parse_message_uid(uid: str) -> tuple[bytes, int, int] | None:
+    """The folder (wire form), UIDVALIDITY and UID of a :func:`message_uid`; None for
+    any other id (a Gmail ``X-GM-MSGID`` id, another source's)."""
+    match = _MESSAGE_UID.fullmatch(uid)
+    if match is None or not match[1].isascii():
+        return None
+    return match[1].encode("ascii"), int(match[2]), int(match[3])
+
+
 class ImapSession:
     """One IMAP session implementing :class:`mailpipe.source.SourceSession`."""
 
@@ -281,11 +310,14 @@ class ImapSession:
         mailbox: str,
         ack: Ack | None = None,
         listed_uidnext: dict[bytes, int] | None = None,
+        listed_uidvalidity: dict[bytes, int] | None = None,
     ) -> None:
         self.options = options
         self.mailbox = mailbox
         self.ack = ack  # the mailbox's acknowledgement: flagged mail is not listed
         self.listed_uidnext = {} if listed_uidnext is None else listed_uidnext
+        self.listed_uidvalidity = {} if listed_uidvalidity is None else listed_uidvalidity
+        self._epoch_changed = False
         self.client = ImapClient(
             options.host,
             options.effective_port,
@@ -311,18 +343,34 @@ class ImapSession:
 
     @property
     def facts(self) -> SessionFacts:
-        """UIDs are stable under UIDVALIDITY, which each id includes; push when the
-        server has IDLE.
-
-        ``ids_have_epoch`` stays False although the ids carry UIDVALIDITY: that fact
-        promises the source reconciles an epoch change itself (by content hash, IC-25),
-        which it does not do yet, so the engine's id-reset guard (C-60) stays on.
-        """
+        """UIDs are stable under UIDVALIDITY, which each id includes, and the session
+        names the ids a new UIDVALIDITY superseded (:meth:`superseded`), so the engine
+        reconciles by content hash (IC-25) and its POP3 id-reset guard (C-60) stays
+        off; push when the server has IDLE."""
         return SessionFacts(
             stable_ids=True,
-            ids_have_epoch=False,
+            ids_have_epoch=True,
             can_push="IDLE" in self.client.capabilities,
         )
+
+    @property
+    def epoch_changed(self) -> bool:
+        """IC-25: the last :meth:`list` found a folder whose UIDVALIDITY the source had
+        not seen (another value, or none yet in this process)."""
+        return self._epoch_changed
+
+    def superseded(self, uids: Sequence[str]) -> list[str]:
+        """IC-25: those of ``uids`` (journal ids) of a folder this session listed
+        under another UIDVALIDITY."""
+        out = []
+        for uid in uids:
+            parsed = parse_message_uid(uid)
+            if parsed is None:
+                continue
+            folder = self.folders.get(parsed[0])
+            if folder is not None and folder.uidvalidity not in (None, parsed[1]):
+                out.append(uid)
+        return out
 
     # --- opening ------------------------------------------------------------------
 
@@ -345,9 +393,9 @@ class ImapSession:
 
     async def _authenticate(self) -> None:
         o, client = self.options, self.client
-        token = await o.oauth_token.refresh_async() if o.oauth_token is not None else ""
-        password = o.password.get() if o.password is not None else ""
-        method = choose(o.auth, client.capabilities, has_token=bool(token))
+        secrets = await Credentials.load(o, protocol="imap", mailbox=self.mailbox)
+        password = secrets.password
+        method = choose(o.auth, client.capabilities, has_token=bool(secrets.token))
         user = o.username
         if method == "login":
             await client.login(user, password)
@@ -357,13 +405,11 @@ class ImapSession:
                 mechanism = sasl.Plain(user=user, password=password)
             elif method in ("scram-sha-1", "scram-sha-256"):
                 mechanism = sasl.Scram(user=user, password=password, name=SASL_NAMES[method])
-            elif method == "xoauth2":
-                mechanism = sasl.XOAuth2(user=user, token=token)
             else:
-                mechanism = sasl.OAuthBearer(
-                    user=user, token=token, host=o.host, port=o.effective_port
+                mechanism = secrets.oauth_mechanism(
+                    method, user=user, host=o.host, port=o.effective_port
                 )
-            await client.authenticate(mechanism)
+            await secrets.login(method, mechanism, client.authenticate)
         self._log.info("imap_authenticated", method=method)
 
     # --- selecting ----------------------------------------------------------------
@@ -400,8 +446,15 @@ class ImapSession:
     # --- SourceSession ------------------------------------------------------------
 
     async def list(self) -> list[MessageRef]:
-        """Every message of every configured folder, by UID with its RFC822.SIZE."""
+        """Every message of every configured folder, by UID with its RFC822.SIZE.
+
+        IC-46: when the server offers X-GM-EXT-1 (Gmail) the id is the message's
+        ``X-GM-MSGID``, the same in every folder (label) it appears in, so a message
+        with several labels is listed once, in the first configured folder showing it.
+        """
         refs: list[MessageRef] = []
+        gmail = "X-GM-EXT-1" in self.client.capabilities
+        listed: set[str] = set()
         for wire in list(self.folders):
             folder = await self._select(wire)
             if folder.uidvalidity is None:
@@ -412,44 +465,84 @@ class ImapSession:
                 )
             if folder.uidnext is not None:
                 self.listed_uidnext[wire] = folder.uidnext
+            self._note_epoch(wire, folder.uidvalidity)
             if not folder.exists:
                 continue
-            sizes: dict[int, int] = {}
-            done_flag = (
-                self.ack.target.lower()
-                if self.ack is not None and self.ack.kind is AckKind.FLAG and self.ack.target
-                else None
-            )
-            skipped = 0
-            items_wanted = "UID RFC822.SIZE" + (" FLAGS" if done_flag else "")
-            async for event in self.client.stream([cmd.uid_fetch("1:*", items_wanted)]):
-                if isinstance(event, Data) and event.name == "FETCH":
-                    items = fetch_items(event.values)
-                    uid_v, size_v = items.get("UID"), items.get("RFC822.SIZE")
-                    flags = {f.lower() for f in flag_list(items.get("FLAGS"))}
-                    if done_flag is not None and done_flag in flags:
-                        # IC-42: the flag is the acknowledgement: already done (also
-                        # after a UIDVALIDITY change, IC-25).
-                        skipped += 1
-                        continue
-                    if uid_v is not None and size_v is not None:
-                        sizes[parse_number(uid_v)] = parse_number(size_v, limit=2**63 - 1)
-                elif isinstance(event, Done) and not event.ok:
-                    raise SourcePermanentError(
-                        f"{self.client.where}: UID FETCH refused: {event.text[:200]}"
-                    )
-            if skipped:
-                self._log.debug("imap_already_flagged", folder=_show(wire), count=skipped)
-            for uid in sorted(sizes):
+            found = await self._list_folder(wire, gmail=gmail)
+            copies = 0
+            for uid in sorted(found):
+                size, msgid = found[uid]
+                key = (
+                    gmail_uid(msgid) if msgid is not None
+                    else message_uid(wire, folder.uidvalidity, uid)
+                )
+                if key in listed:
+                    copies += 1  # IC-46: another label of a message listed already
+                    continue
+                listed.add(key)
                 number = len(self._where) + 1
                 self._where[number] = _Where(wire, uid)
                 refs.append(MessageRef(
-                    mailbox=self.mailbox,
-                    number=number,
-                    uid=message_uid(wire, folder.uidvalidity, uid),
-                    size=sizes[uid],
+                    mailbox=self.mailbox, number=number, uid=key, size=size
                 ))
+            if copies:
+                self._log.debug("imap_label_copies", folder=_show(wire), count=copies)
         return refs
+
+    def _note_epoch(self, wire: bytes, uidvalidity: int) -> None:
+        """IC-25: remember the folder's UIDVALIDITY; another one than the previous
+        listing saw (or none seen yet) makes :attr:`epoch_changed` true."""
+        if self.listed_uidvalidity.get(wire) == uidvalidity:
+            return
+        if wire in self.listed_uidvalidity:
+            self._log.warning(
+                "imap_uidvalidity_changed", folder=_show(wire),
+                was=self.listed_uidvalidity[wire], now=uidvalidity,
+            )
+        self._epoch_changed = True
+        self.listed_uidvalidity[wire] = uidvalidity
+
+    async def _list_folder(
+        self, wire: bytes, *, gmail: bool
+    ) -> dict[int, tuple[int, int | None]]:
+        """UID → (RFC822.SIZE, X-GM-MSGID or None) of the selected folder, without
+        the messages that already carry a ``flag`` acknowledgement (IC-42)."""
+        found: dict[int, tuple[int, int | None]] = {}
+        done_flag = (
+            self.ack.target.lower()
+            if self.ack is not None and self.ack.kind is AckKind.FLAG and self.ack.target
+            else None
+        )
+        skipped = 0
+        items_wanted = (
+            "UID RFC822.SIZE"
+            + (" X-GM-MSGID" if gmail else "")
+            + (" FLAGS" if done_flag else "")
+        )
+        async for event in self.client.stream([cmd.uid_fetch("1:*", items_wanted)]):
+            if isinstance(event, Data) and event.name == "FETCH":
+                items = fetch_items(event.values)
+                uid_v, size_v = items.get("UID"), items.get("RFC822.SIZE")
+                flags = {f.lower() for f in flag_list(items.get("FLAGS"))}
+                if done_flag is not None and done_flag in flags:
+                    # IC-42: the flag is the acknowledgement: already done (also
+                    # after a UIDVALIDITY change, IC-25).
+                    skipped += 1
+                    continue
+                if uid_v is None or size_v is None:
+                    continue
+                msgid_v = items.get("X-GM-MSGID") if gmail else None
+                found[parse_number(uid_v)] = (
+                    parse_number(size_v, limit=2**63 - 1),
+                    parse_number(msgid_v, limit=2**64 - 1) if msgid_v is not None else None,
+                )
+            elif isinstance(event, Done) and not event.ok:
+                raise SourcePermanentError(
+                    f"{self.client.where}: UID FETCH refused: {event.text[:200]}"
+                )
+        if skipped:
+            self._log.debug("imap_already_flagged", folder=_show(wire), count=skipped)
+        return found
 
     async def headers(self, ref: MessageRef) -> bytes | None:
         """``UID FETCH uid (BODY.PEEK[HEADER])``; None when refused or too long."""
@@ -710,4 +803,7 @@ def choose(auth: str, caps: frozenset[str], *, has_token: bool) -> str:
     return auth
 
 
-__all__ = ["ImapOptions", "ImapSession", "ImapSource", "message_uid"]
+__all__ = [
+    "ImapOptions", "ImapSession", "ImapSource", "gmail_uid", "message_uid",
+    "parse_message_uid",
+]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import dataclasses
 import os
 import tempfile
 from collections.abc import AsyncIterator, Sequence
@@ -12,10 +10,14 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mailpipe.credentials import (
+    Credentials,
+    check_auth_has_credentials,
+    check_token_when_needed,
+)
 from mailpipe.errors import (
-    AuthenticationError,
     OversizeError,
     SourceConnectionError,
     SourceError,
@@ -23,7 +25,6 @@ from mailpipe.errors import (
 )
 from mailpipe.message import Message, MessageRef, distinct_uids
 from mailpipe.oauth.options import OAuthOptions
-from mailpipe.oauth.pool import broker_for
 from mailpipe.secrets import Secret
 from mailpipe.source import Ack, AckKind, SessionFacts, SourceContext, Unretrievable
 from mailpipe.tls import ConnectionSecurity
@@ -170,30 +171,8 @@ class Pop3Options(ConnectionSecurity):
 
     # Cross-field checks are field validators on a later field, so an error names a
     # key and never echoes the whole table (which holds the password) as its input.
-    @field_validator("auth")
-    @classmethod
-    def _auth_has_credentials(cls, auth: str, info: ValidationInfo) -> str:
-        # A password that failed its own validation is absent from info.data: do not
-        # report it twice.
-        if auth not in sasl.OAUTH and auth != "auto" and _unset(info, "password"):
-            raise ValueError(f"auth = {auth!r} needs password")
-        return auth
-
-    @field_validator("oauth_token")
-    @classmethod
-    def _token_when_needed(
-        cls, token: Secret | None, info: ValidationInfo
-    ) -> Secret | None:
-        if token is not None and info.data.get("oauth") is not None:
-            raise ValueError("set oauth or oauth_token, not both")
-        if token is None and "oauth" in info.data and info.data["oauth"] is None:
-            if info.data.get("auth") in sasl.OAUTH:
-                raise ValueError(
-                    f"auth = {info.data['auth']!r} needs oauth_token or an oauth table"
-                )
-            if _unset(info, "password"):
-                raise ValueError("set password or oauth_token (or an oauth table)")
-        return token
+    _auth_has_credentials = field_validator("auth")(check_auth_has_credentials)
+    _token_when_needed = field_validator("oauth_token")(check_token_when_needed)
 
     @property
     def effective_port(self) -> int:
@@ -201,11 +180,6 @@ class Pop3Options(ConnectionSecurity):
         if self.port is not None:
             return self.port
         return 995 if self.security == "tls" else 110
-
-
-def _unset(info: ValidationInfo, key: str) -> bool:
-    """True when ``key`` validated to None (not when it failed validation)."""
-    return key in info.data and info.data[key] is None
 
 
 class Pop3Source:
@@ -349,22 +323,13 @@ class Pop3Session:
 
     async def _authenticate(self) -> None:
         o, client = self.options, self.client
-        broker = (
-            broker_for(o.oauth, protocol="pop3", username=o.username, mailbox=self.mailbox)
-            if o.oauth is not None else None
-        )
-        if broker is not None:
-            token = await broker.token()
-        else:
-            token = (
-                await o.oauth_token.refresh_async() if o.oauth_token is not None else ""
-            )
-        password = o.password.get() if o.password is not None else ""
+        secrets = await Credentials.load(o, protocol="pop3", mailbox=self.mailbox)
+        password = secrets.password
         method = sasl.choose(
             o.auth,
             client.capabilities,
             has_password=bool(password),
-            has_token=bool(token),
+            has_token=bool(secrets.token),
             apop_timestamp=client.greeting.apop_timestamp if client.greeting else None,
         )
         if method == "apop" and o.security != "tls":
@@ -387,25 +352,11 @@ class Pop3Session:
                 mechanism = sasl.Scram(
                     user=user, password=password, name=sasl.SASL_NAMES[method]
                 )
-            elif method == "xoauth2":
-                mechanism = sasl.XOAuth2(user=user, token=token)
             else:
-                mechanism = sasl.OAuthBearer(
-                    user=user, token=token, host=o.host, port=o.effective_port
+                mechanism = secrets.oauth_mechanism(
+                    method, user=user, host=o.host, port=o.effective_port
                 )
-            try:
-                await client.login_sasl(mechanism)
-            except AuthenticationError as exc:
-                if broker is None or method not in sasl.OAUTH:
-                    raise
-                # A token the server refuses before its expiry (clock skew, revoked
-                # access token): refresh once and authenticate again, unless the
-                # refusal is this mailbox's and not the (possibly shared) token's.
-                assert isinstance(mechanism, sasl.XOAuth2 | sasl.OAuthBearer)
-                if not await asyncio.to_thread(broker.refused, token, str(exc)):
-                    raise
-                token = await broker.token()
-                await client.login_sasl(dataclasses.replace(mechanism, token=token))
+            await secrets.login(method, mechanism, client.login_sasl)
         self._log.info("pop3_authenticated", method=method)
 
     # --- SourceSession --------------------------------------------------------------

@@ -312,11 +312,6 @@ async def test_header_prefetch_and_oversize(dovecot_imap: Dovecot, tmp_path: Pat
     assert folder_state(d, user, "INBOX")[0][0] == raw  # nothing acknowledged
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="IC-25 reconciliation by content hash is not implemented (the source would "
-    "need the journal's content hashes); a recreated folder's messages run again",
-)
 def test_ic25_folder_recreated_with_new_uidvalidity_is_reconciled(
     dovecot_imap: Dovecot, tmp_path: Path
 ) -> None:
@@ -335,6 +330,42 @@ def test_ic25_folder_recreated_with_new_uidvalidity_is_reconciled(
     assert run.returncode == 0, run.stderr[-3000:]
     # The three processed before are adopted by content hash, the new one processed.
     assert summary["processed"] == 1
+    assert summary["reconciled"] == 3
+    assert Counter(stored_messages(tmp_path / "Maildir")) == Counter(raws)
+    assert "epoch_reconciled" in run.stdout + run.stderr
+    assert len(folder_state(d, user, "Support")) == 4  # delete = "never": all kept
+    run, summary = mailpipe_once(config)  # the next poll: nothing runs again
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert summary["processed"] == 0 and summary["retrieved"] == 0
+    assert summary["reconciled"] == 0
+
+
+def test_ic25_adopted_mail_gets_the_mailbox_acknowledgement(
+    dovecot_imap: Dovecot, tmp_path: Path
+) -> None:
+    """acknowledge = move: the copies restored into a recreated folder are moved
+    again without running their chain; the one new message runs and is moved."""
+    d = dovecot_imap
+    user = d.add_user()
+    raws = crafted(4)
+    append(d, user, "Support", raws[:3])
+    config = pipeline(tmp_path, d, user, folders=["Support"],
+                      acknowledge={"move": "Done"})
+    run, summary = mailpipe_once(config)
+    assert run.returncode == 0 and summary["processed"] == 3, run.stderr[-3000:]
+    assert [r for r, _ in folder_state(d, user, "Done")] == raws[:3]
+    other = reference(d, user)
+    assert other.delete('"Support"')[0] == "OK"
+    other.logout()
+    append(d, user, "Support", raws)  # restored from a backup, plus one new
+    run, summary = mailpipe_once(config)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert summary["processed"] == 1 and summary["reconciled"] == 3
+    assert summary["deleted"] == 4  # every copy acknowledged (moved)
+    assert folder_state(d, user, "Support") == []
+    assert Counter(r for r, _ in folder_state(d, user, "Done")) == Counter(
+        raws[:3] + raws
+    )
     assert Counter(stored_messages(tmp_path / "Maildir")) == Counter(raws)
 
 

@@ -1,6 +1,6 @@
-"""XOAUTH2 and OAUTHBEARER end to end: the pop3 source, the token broker and its cache,
-the local authorization server (verified TLS) and a real Dovecot whose oauth2 passdb
-introspects every token at that server."""
+"""XOAUTH2 and OAUTHBEARER end to end: the pop3 and imap sources, the token broker and
+its cache, the local authorization server (verified TLS) and a real Dovecot whose oauth2
+passdb introspects every token at that server."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import structlog
+from mailpipe.plugins.imap.source import ImapOptions, ImapSource
 from mailpipe.plugins.pop3.source import Pop3Options, Pop3Source
 
 from mailpipe.errors import AuthenticationError
@@ -62,12 +63,13 @@ def idp(clock: Clock) -> Iterator[AuthServer]:
 
 @pytest.fixture(scope="module")
 def mailserver(idp: AuthServer) -> Iterator[OAuthDovecot]:
-    reason = dovecot_unavailable_reason()
+    reason = dovecot_unavailable_reason(imap=True)
     if reason is not None:
         _skip_or_fail(reason)
     base = tempfile.mkdtemp(prefix="mailpipe-oauth-dovecot-")
     server = OAuthDovecot(
-        base, introspection_url=f"{idp.url}/introspect", introspection_ca=idp.ca_file
+        base, introspection_url=f"{idp.url}/introspect", introspection_ca=idp.ca_file,
+        imap=True,
     )
     try:
         server.start()
@@ -98,12 +100,17 @@ def _user(mailserver: OAuthDovecot, idp: AuthServer) -> str:
     return name
 
 
+Options = Pop3Options | ImapOptions
+Source = Pop3Source | ImapSource
+
+
 def _options(
     mailserver: OAuthDovecot, idp: AuthServer, user: str, tmp_path: Path, key: str,
-    auth: str,
-) -> Pop3Options:
+    auth: str, protocol: str = "pop3",
+) -> Any:
+    port = mailserver.pop3_port if protocol == "pop3" else mailserver.imap_port
     table: dict[str, Any] = {
-        "host": "localhost", "port": mailserver.pop3_port, "security": "starttls",
+        "host": "localhost", "port": port, "security": "starttls",
         "ca_file": str(mailserver.ca_file), "username": user, "auth": auth,
         "oauth": {
             "provider": "microsoft", "flow": "device_code", "client_id": "pub",
@@ -112,15 +119,23 @@ def _options(
         },
     }
     ctx = {"base_dir": str(tmp_path), "state_path": str(tmp_path / "journal.sqlite3")}
-    return Pop3Options.model_validate(table, context=ctx)
+    model = Pop3Options if protocol == "pop3" else ImapOptions
+    return model.model_validate(table, context=ctx)
 
 
-def _login(options: Pop3Options, idp: AuthServer, user: str, mailbox: str) -> None:
+def _source(options: Options, mailbox: str) -> Source:
+    if isinstance(options, ImapOptions):
+        return ImapSource(options, mailbox=mailbox)
+    return Pop3Source(options, mailbox=mailbox)
+
+
+def _login(options: Options, idp: AuthServer, user: str, mailbox: str) -> None:
     """What `mailpipe auth login` leaves behind: a refresh token in the cache."""
     from mailpipe.oauth.grant import Grant
 
     assert options.oauth is not None
-    broker = pool.broker_for(options.oauth, protocol="pop3", username=user,
+    protocol = "imap" if isinstance(options, ImapOptions) else "pop3"
+    broker = pool.broker_for(options.oauth, protocol=protocol, username=user,
                              mailbox=mailbox)
     rt = idp.issue_refresh_token(user, "pub")
     broker.save(Grant(access_token="", expires_in=0, refresh_token=rt), previous=None)
@@ -132,13 +147,14 @@ def _refused(idp: AuthServer, user: str) -> int:
 
 
 async def _polled_once(
-    mailserver: OAuthDovecot, idp: AuthServer, tmp_path: Path, key: str
-) -> tuple[str, Pop3Source]:
+    mailserver: OAuthDovecot, idp: AuthServer, tmp_path: Path, key: str,
+    protocol: str = "pop3",
+) -> tuple[str, Source]:
     """A new user, logged in, whose mailbox was polled once (XOAUTH2)."""
     user = _user(mailserver, idp)
-    options = _options(mailserver, idp, user, tmp_path, key, "xoauth2")
+    options = _options(mailserver, idp, user, tmp_path, key, "xoauth2", protocol)
     _login(options, idp, user, "box")
-    source = Pop3Source(options, mailbox="box")
+    source = _source(options, "box")
     async with source.session() as session:
         await session.list()
         await session.commit()
@@ -151,33 +167,40 @@ def key() -> str:
 
 
 @pytest.mark.parametrize("auth", ["xoauth2", "oauthbearer"])
+@pytest.mark.parametrize("protocol", ["pop3", "imap"])
 async def test_first_login(
-    mailserver: OAuthDovecot, idp: AuthServer, tmp_path: Path, key: str, auth: str
+    mailserver: OAuthDovecot, idp: AuthServer, tmp_path: Path, key: str, auth: str,
+    protocol: str,
 ) -> None:
     user = _user(mailserver, idp)
-    options = _options(mailserver, idp, user, tmp_path, key, auth)
+    options = _options(mailserver, idp, user, tmp_path, key, auth, protocol)
     _login(options, idp, user, "box")
     before = len(idp.grants())
     with structlog.testing.capture_logs() as logs:
-        async with Pop3Source(options, mailbox="box").session() as session:
+        async with _source(options, "box").session() as session:
             refs = await session.list()
             await session.commit()
     assert len(refs) == 3
     assert len(idp.grants()) == before + 1  # one refresh for the first token
-    assert [e["method"] for e in logs if e["event"] == "pop3_authenticated"] == [auth]
-    assert f"user=<{user}>, method={auth.upper()}" in mailserver.log_text()
+    event = f"{protocol}_authenticated"
+    assert [e["method"] for e in logs if e["event"] == event] == [auth]
+    assert f"{protocol}-login: Info: Login: user=<{user}>, method={auth.upper()}" in (
+        mailserver.log_text()
+    )
     assert (user, True) in idp.introspections  # Dovecot asked the introspection end
     assert _refused(idp, user) == 0
 
 
+@pytest.mark.parametrize("protocol", ["pop3", "imap"])
 async def test_refresh_before_expiry_then_reuse(
-    mailserver: OAuthDovecot, idp: AuthServer, clock: Clock, tmp_path: Path, key: str
+    mailserver: OAuthDovecot, idp: AuthServer, clock: Clock, tmp_path: Path, key: str,
+    protocol: str,
 ) -> None:
     user = _user(mailserver, idp)
-    options = _options(mailserver, idp, user, tmp_path, key, "xoauth2")
+    options = _options(mailserver, idp, user, tmp_path, key, "xoauth2", protocol)
     _login(options, idp, user, "box")
     before = len(idp.grants())
-    source = Pop3Source(options, mailbox="box")
+    source = _source(options, "box")
     for _ in range(3):  # three polls, one token
         async with source.session() as session:
             await session.list()
@@ -226,10 +249,11 @@ async def test_expiry_mid_poll_reauthenticates_on_the_next_session(
     assert _refused(idp, user) == 0
 
 
+@pytest.mark.parametrize("protocol", ["pop3", "imap"])
 async def test_token_refused_early_is_refreshed_once_and_retried(
-    mailserver: OAuthDovecot, idp: AuthServer, tmp_path: Path, key: str
+    mailserver: OAuthDovecot, idp: AuthServer, tmp_path: Path, key: str, protocol: str
 ) -> None:
-    user, source = await _polled_once(mailserver, idp, tmp_path, key)
+    user, source = await _polled_once(mailserver, idp, tmp_path, key, protocol)
     before = len(idp.grants())
     idp.skew = LIFETIME + 100  # the server's clock runs ahead: our token is stale there
     async with source.session() as session:
@@ -239,10 +263,11 @@ async def test_token_refused_early_is_refreshed_once_and_retried(
     assert len(idp.grants()) == before + 1
 
 
+@pytest.mark.parametrize("protocol", ["pop3", "imap"])
 async def test_revoked_grant_is_an_auth_failure_with_the_provider_code(
-    mailserver: OAuthDovecot, idp: AuthServer, tmp_path: Path, key: str
+    mailserver: OAuthDovecot, idp: AuthServer, tmp_path: Path, key: str, protocol: str
 ) -> None:
-    user, source = await _polled_once(mailserver, idp, tmp_path, key)
+    user, source = await _polled_once(mailserver, idp, tmp_path, key, protocol)
     idp.revoke_user(user)  # consent withdrawn: access and refresh tokens die
     requests = len(idp.token_requests)
     with structlog.testing.capture_logs() as logs, pytest.raises(GrantRevoked) as caught:

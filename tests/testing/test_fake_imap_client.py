@@ -7,10 +7,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mailpipe.plugins.imap.source import ImapOptions, ImapSource
+import structlog
+from mailpipe.plugins.imap.source import ImapOptions, ImapSource, parse_message_uid
+from structlog.testing import capture_logs
 
 from mailpipe import Message
-from mailpipe.errors import SourceConnectionError, SourceError
+from mailpipe.config import SchedulerConfig
+from mailpipe.errors import (
+    AuthenticationError,
+    SourceBusyError,
+    SourceConnectionError,
+    SourceError,
+)
+from mailpipe.scheduler import next_delay
 from mailpipe.source import Ack, AckKind
 from mailpipe.testing.imap_server import ImapFaults, ImapServer
 
@@ -84,3 +93,130 @@ async def test_fault_never_delivers_a_wrong_message_nor_acknowledges(
         # ...and nothing was acknowledged: no STORE, no EXPUNGE, everything still there.
         assert not any("STORE" in line or "EXPUNGE" in line for line in srv.transcript)
         assert srv.messages == RAWS
+
+
+async def test_ic25_session_reports_an_epoch_change_and_what_it_superseded() -> None:
+    with ImapServer() as srv:
+        srv.add_message(RAWS[0])
+        src = source(srv)
+        async with src.session() as session:
+            refs = await session.list()
+            assert session.facts.ids_have_epoch
+            assert session.epoch_changed  # the first listing of a process: unknown
+        async with src.session() as session:
+            await session.list()
+            assert not session.epoch_changed  # the same UIDVALIDITY again
+        srv.uidvalidity += 1  # the folder was recreated
+        with structlog.testing.capture_logs() as logs:
+            async with src.session() as session:
+                new = await session.list()
+                assert session.epoch_changed
+                old = [refs[0].uid, "Other;UIDVALIDITY=1234;UID=1", "sha256:ab", new[0].uid]
+                assert session.superseded(old) == [refs[0].uid]
+        changed = [e for e in logs if e["event"] == "imap_uidvalidity_changed"]
+        assert [(e["was"], e["now"]) for e in changed] == [(1234, 1235)]
+    assert refs[0].uid == "INBOX;UIDVALIDITY=1234;UID=1"
+    assert parse_message_uid(new[0].uid) == (b"INBOX", 1235, 1)
+    assert parse_message_uid("sha256:ab") is None
+
+
+def gmail_source(srv: ImapServer, folders: list[str]) -> ImapSource:
+    return ImapSource(ImapOptions.model_validate({
+        "host": srv.host, "port": srv.port, "security": "none",
+        "allow_plaintext_password": True, "username": "user", "password": "pass",
+        "read_timeout": 10, "greeting_timeout": 10, "folders": folders,
+    }))
+
+
+@pytest.mark.parametrize("gmail", [True, False], ids=["x-gm-ext-1", "plain-imap"])
+async def test_ic46_gmail_message_with_two_labels_is_listed_once(
+    gmail: bool, tmp_path: Path
+) -> None:
+    with ImapServer(gmail=gmail) as srv:
+        srv.add_message(RAWS[0], "INBOX", gm_msgid=1278455344230334865)
+        srv.add_message(RAWS[0], "Support", gm_msgid=1278455344230334865)  # 2nd label
+        srv.add_message(RAWS[1], "Support", gm_msgid=1278455344230334866)
+        async with gmail_source(srv, ["INBOX", "Support"]).session() as session:
+            refs = await session.list()
+            got = [
+                m async for m in session.retrieve(
+                    refs, spool_dir=tmp_path, spool_threshold=1 << 20
+                )
+            ]
+        wire = "\n".join(srv.transcript)
+    if gmail:
+        assert [r.uid for r in refs] == [
+            "X-GM-MSGID=1278455344230334865", "X-GM-MSGID=1278455344230334866"
+        ]
+        assert "X-GM-MSGID" in wire
+    else:  # without X-GM-EXT-1 each folder's copy is its own message
+        assert [r.uid for r in refs] == [
+            "INBOX;UIDVALIDITY=1234;UID=1", "Support;UIDVALIDITY=1234;UID=1",
+            "Support;UIDVALIDITY=1234;UID=2",
+        ]
+        assert "X-GM-MSGID" not in wire
+    assert [m.raw for m in got if isinstance(m, Message)] == (
+        [RAWS[0], RAWS[1]] if gmail else [RAWS[0], RAWS[0], RAWS[1]]
+    )
+
+
+SCHED = SchedulerConfig.model_validate({})
+
+
+@pytest.mark.parametrize(
+    ("faults", "error", "long_backoff"),
+    [
+        (ImapFaults(login_refusal="[ALERT] Please log in via your web browser"),
+         AuthenticationError, True),
+        (ImapFaults(login_refusal="[AUTHENTICATIONFAILED] Invalid credentials"),
+         AuthenticationError, True),
+        (ImapFaults(login_refusal="[UNAVAILABLE] Temporary System Problem"),
+         SourceBusyError, False),
+        (ImapFaults(login_refusal="[THROTTLED] Too many logins"), SourceBusyError, False),
+        (ImapFaults(refuse=("UID FETCH", "[THROTTLED] Bandwidth exceeded")),
+         SourceBusyError, False),
+        (ImapFaults(refuse=("UID FETCH", "[THROTTLED] Bandwidth exceeded"),
+                    refuse_skip=1), SourceBusyError, False),
+        (ImapFaults(refuse=("UID FETCH", "[UNAVAILABLE] Try later"), refuse_skip=2),
+         SourceBusyError, False),
+    ],
+    ids=["login-alert", "login-authenticationfailed", "login-unavailable",
+         "login-throttled", "listing-throttled", "body-throttled", "body-unavailable"],
+)
+async def test_ic46_response_codes_map_to_backoff_classes(
+    faults: ImapFaults, error: type[Exception], long_backoff: bool, tmp_path: Path
+) -> None:
+    with ImapServer(faults) as srv:
+        for raw in RAWS:
+            srv.add_message(raw)
+        delivered: list[object] = []
+        with capture_logs() as logs, pytest.raises(error) as caught:
+            async with source(srv).session() as session:
+                refs = await session.list()
+                async for item in session.retrieve(
+                    refs, spool_dir=tmp_path, spool_threshold=1 << 20
+                ):
+                    delivered.append(item)
+                    await session.acknowledge([item.ref], Ack(AckKind.DELETE))  # type: ignore[union-attr]
+                await session.commit()
+        # A refused body fetch is a back-off of the whole session, never a message
+        # charged with an attempt (no Unretrievable), and nothing is acknowledged.
+        assert all(isinstance(m, Message) for m in delivered)
+        assert not any("STORE" in line or "EXPUNGE" in line for line in srv.transcript)
+        assert srv.messages == RAWS
+    delay = next_delay(SCHED, interval=60, jitter=0, failures=1, error=caught.value)
+    assert (delay == SCHED.backoff_auth) is long_backoff
+    alerts = [e["text"] for e in logs if e["event"] == "imap_alert"]
+    assert alerts == (["Please log in via your web browser"] if "ALERT" in str(
+        faults.login_refusal) else [])
+
+
+async def test_ic46_untagged_alert_is_logged_and_the_session_goes_on() -> None:
+    with ImapServer(ImapFaults(alert="Your account is over quota")) as srv:
+        srv.add_message(RAWS[0])
+        with capture_logs() as logs:
+            async with source(srv).session() as session:
+                assert len(await session.list()) == 1
+    assert [e["text"] for e in logs if e["event"] == "imap_alert"] == [
+        "Your account is over quota"
+    ]

@@ -9,6 +9,7 @@ name       class                        mail store
 dovecot    :class:`.dovecot.DovecotLab` Maildir (:class:`~mailpipe.testing.Dovecot`)
 courier    :class:`.courier.Courier`    Maildir, authlib userdb (CRAM-*)
 cyrus      :class:`.cyrus.Cyrus`        Cyrus spool via its LMTP, sasldb (SCRAM-*)
+cyrus-imap :class:`.cyrus_imap.CyrusImap` the same Cyrus serving IMAP (imapd)
 gnu        :class:`.gnu.GnuPop3d`       mbox, APOP database
 solid      :class:`.solid.SolidPop3d`   Maildir, APOP via ~/.spop3d
 popa3d     :class:`.popa3d.Popa3d`      mbox in a private /var/mail
@@ -29,6 +30,7 @@ SERVERS: dict[str, str] = {
     "dovecot": "dovecot:DovecotLab",
     "courier": "courier:Courier",
     "cyrus": "cyrus:Cyrus",
+    "cyrus-imap": "cyrus_imap:CyrusImap",
     "gnu": "gnu:GnuPop3d",
     "solid": "solid:SolidPop3d",
     "popa3d": "popa3d:Popa3d",

@@ -84,7 +84,7 @@ class Cyrus(LabServer):
             "sync",
         ):
             (y / "lib" / sub).mkdir(parents=True, exist_ok=True)
-        for pkg in ("cyrus-common", "cyrus-pop3d"):
+        for pkg in self.packages:
             for exe in (staged(pkg) / "usr/lib/cyrus/bin").iterdir():
                 link = bindir / exe.name
                 if not link.exists():
@@ -124,8 +124,7 @@ duplicatesuppression: no
   recover cmd="{bindir}/ctl_cyrusdb -r -C {self.config}"
 }}
 SERVICES {{
-  pop3 cmd="{bindir}/pop3d -C {self.config}" listen="{self.host}:{self.pop3_port}" prefork=0 maxchild=20
-  pop3s cmd="{bindir}/pop3d -s -C {self.config}" listen="{self.host}:{self.pop3s_port}" prefork=0 maxchild=20
+{self._services(bindir)}
   lmtpunix cmd="{bindir}/lmtpd -C {self.config}" listen="{self.lmtp_socket}" prefork=0 maxchild=4
 }}
 EVENTS {{
@@ -165,6 +164,15 @@ EVENTS {{
             "-p",
             str(y / "master.pid"),
         ]
+
+    def _services(self, bindir: Path) -> str:
+        """The ``cyrus.conf`` lines of the mail services (lmtpd is always there)."""
+        return (
+            f'  pop3 cmd="{bindir}/pop3d -C {self.config}" '
+            f'listen="{self.host}:{self.pop3_port}" prefork=0 maxchild=20\n'
+            f'  pop3s cmd="{bindir}/pop3d -s -C {self.config}" '
+            f'listen="{self.host}:{self.pop3s_port}" prefork=0 maxchild=20'
+        )
 
     def _write_messages(self, messages: Sequence[bytes]) -> list[int]:
         refused = []

@@ -1,7 +1,8 @@
 """Debian packages of the interop servers: what to install, what to extract, where.
 
 Courier, Cyrus, solid-pop3d and popa3d Conflict with ``dovecot-pop3d`` (they all
-provide ``pop3-server``), so they are never installed: :func:`prepare` fetches them
+provide ``pop3-server``; ``cyrus-imapd`` likewise Conflicts with ``dovecot-imapd`` as an
+``imap-server``), so they are never installed: :func:`prepare` fetches them
 with ``apt-get download`` and unpacks each with ``dpkg-deb -x`` into
 ``<cache>/stage/<package>``, where the fixtures run them from. Their libraries and
 tools (authlib, SASL, socat, ...) do not conflict and are installed with apt
@@ -34,10 +35,11 @@ __all__ = [
     "staged",
 ]
 
-#: Unpacked, never installed (they Conflict with dovecot-pop3d).
+#: Unpacked, never installed (they Conflict with dovecot-pop3d or dovecot-imapd).
 EXTRACTED_PACKAGES: tuple[str, ...] = (
     "courier-pop",
     "cyrus-common",
+    "cyrus-imapd",
     "cyrus-pop3d",
     "popa3d",
     "solid-pop3d",
