@@ -215,13 +215,17 @@ async def test_refresh_before_expiry_then_reuse(
     assert _refused(idp, user) == 0  # the old token was never presented late
 
 
+@pytest.mark.parametrize("protocol", ["pop3", "imap"])
 async def test_expiry_mid_poll_reauthenticates_on_the_next_session(
-    mailserver: OAuthDovecot, idp: AuthServer, clock: Clock, tmp_path: Path, key: str
+    mailserver: OAuthDovecot, idp: AuthServer, clock: Clock, tmp_path: Path, key: str,
+    protocol: str,
 ) -> None:
+    from mailpipe.source import DELETE, acknowledge
+
     user = _user(mailserver, idp)
-    options = _options(mailserver, idp, user, tmp_path, key, "oauthbearer")
+    options = _options(mailserver, idp, user, tmp_path, key, "oauthbearer", protocol)
     _login(options, idp, user, "box")
-    source = Pop3Source(options, mailbox="box")
+    source = _source(options, "box")
     got: list[bytes] = []
 
     async def take(session: Any, ref: Any) -> None:
@@ -229,14 +233,14 @@ async def test_expiry_mid_poll_reauthenticates_on_the_next_session(
             [ref], spool_dir=tmp_path, spool_threshold=1 << 20
         ):
             got.append(message.raw)
-        await session.mark_deleted([ref])
+        await acknowledge(session, [ref], DELETE)
 
     async with source.session() as session:
         refs = await session.list()
         await take(session, refs[0])
         clock.offset = LIFETIME + 10  # the token expires while the session is open
         await take(session, refs[1])
-        await session.commit()  # POP3 checks the token only at login: this commits
+        await session.commit()  # the server checks the token only at login: this commits
     assert mailserver.mailbox_count(user) == 1
     async with source.session() as session:  # the next window: a fresh token
         refs = await session.list()
