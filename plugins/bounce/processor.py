@@ -38,7 +38,7 @@ class BounceOptions(BaseModel):
         strict=True,
         description="Also recognise bounces without an RFC 3464 delivery-status part "
         "(by mailer-daemon sender or bounce subject); recipients need flufl.bounce "
-        "(pip install 'mailpipe[bounce]').",
+        "(the `bounce` extra).",
     )
 
 

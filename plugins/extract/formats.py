@@ -251,7 +251,7 @@ def _pdf(data: bytes, budget: Budget) -> None:
     try:
         from pypdf import PdfReader
     except ImportError as exc:
-        raise ExtractError("pypdf is not installed (pip install 'mailpipe[extract]')") \
+        raise ExtractError("pypdf is not installed (the `extract` extra: pip install '.[extract]')") \
             from exc
     logger = logging.getLogger("pypdf")
     level, logger.level = logger.level, logging.ERROR  # a warning per broken object

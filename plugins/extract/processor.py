@@ -43,7 +43,7 @@ class ExtractOptions(BaseModel):
     formats: list[FormatName] = Field(
         default_factory=lambda: list(ALL_FORMATS),
         description="Formats read: pdf, docx, xlsx, pptx, odt (also ods/odp), html, "
-        "csv, text. PDF needs pypdf (pip install 'mailpipe[extract]').",
+        "csv, text. PDF needs pypdf (the `extract` extra).",
     )
     max_size: ByteSize = Field(
         20 * 2**20, gt=0,

@@ -1,5 +1,5 @@
 """Outlook ``.msg`` files (OLE compound documents) to text, HTML and attachments,
-through ``extract-msg`` (``pip install 'mailpipe[unwrap]'``)."""
+through ``extract-msg`` (the ``unwrap`` extra)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def read_msg(data: bytes) -> OutlookItem | str:
     try:
         import extract_msg
     except ImportError:
-        return "extract-msg is not installed (pip install 'mailpipe[unwrap]')"
+        return "extract-msg is not installed (the `unwrap` extra: pip install '.[unwrap]')"
     try:
         msg = extract_msg.openMsg(data, strict=False, delayAttachments=False)
     except Exception as exc:
