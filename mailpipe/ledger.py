@@ -433,6 +433,8 @@ class Ledger:
         listed again). Checked against the journal: a ref whose entry is missing or
         still PENDING raises :class:`AcknowledgeBeforeDurable`."""
         refs = list(refs)
+        if not refs:  # the common case, once per chunk: no journal round trip
+            return
         entries = self.journal.get_many(self.mailbox, [r.uid for r in refs if r.uid])
         for ref in refs:
             entry = entries.get(ref.uid)

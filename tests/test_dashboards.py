@@ -7,18 +7,17 @@ package (.ci/run installs it): missing, its tests skip, and fail in CI (CI=true)
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from mailpipe.metrics import MetricsCollector
 from mailpipe.quarantine import Quarantine
+from mailpipe.testing.pytest_plugin import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "mailpipe-alerts.yml"
@@ -34,9 +33,7 @@ _METRIC = re.compile(r"\bmailpipe_[a-z0-9_]+")
 def promtool() -> str:
     found = shutil.which("promtool")
     if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool missing in CI (Debian package prometheus; .ci/run)")
-        pytest.skip("promtool not installed (Debian package prometheus)")
+        skip_or_fail("promtool not installed (Debian package prometheus; .ci/run)")
     return found
 
 

@@ -19,6 +19,7 @@ import yaml
 
 from mailpipe.app import load_config
 from mailpipe.chain import CLOSE_GRACE, DEFAULT_BUDGET
+from mailpipe.testing.pytest_plugin import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTAINERFILE = ROOT / "Containerfile"
@@ -40,10 +41,7 @@ def need(tool: str) -> str:
     """Path of ``tool``; skip without it, but fail under CI, which installs it."""
     path = shutil.which(tool)
     if path is None:
-        message = f"{tool} is not installed (.ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(f"{tool} is not installed (.ci/run installs it)")
     return path
 
 

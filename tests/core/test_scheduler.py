@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -164,17 +165,11 @@ class _PushFake(FakeSource):
         return self.answer
 
 
-@pytest.mark.parametrize("answer", [False, True])
-async def test_a_push_source_that_answers_at_once_cannot_spin(
-    tmp_path: Path, answer: bool
-) -> None:
-    # A wait_for_mail that returns early without mail (False), or that claims new mail
-    # every time (True) while nothing new arrives, must not turn a 60 s poll interval
-    # into a tight loop: the timer decides the next poll.
-    FakeSource.boxes.clear()
-    _PushFake.answer, _PushFake.waits = answer, 0
+async def _run_for(tmp_path: Path, source: type, seconds: float) -> list[Any]:
+    """Run a scheduler over one mailbox of ``source`` (poll_interval 60 s) for
+    ``seconds``, then stop it; return its poll summaries."""
     registry = Registry()
-    registry.add("source", _PushFake, "test")
+    registry.add("source", source, "test")
     config = validate_config(
         {"mailboxes": [{"name": "p", "source": "fake", "poll_interval": 60}],
          "pipelines": {"default": {"processors": []}}},
@@ -185,10 +180,25 @@ async def test_a_push_source_that_answers_at_once_cannot_spin(
         config, journal=journal, hooks=Hooks(get_plugin_manager(entry_points=False))
     )
     task = asyncio.create_task(scheduler.run())
-    await asyncio.sleep(0.5)  # a spinning scheduler polls thousands of times here
+    await asyncio.sleep(seconds)
     scheduler.request_stop()
-    summaries = await asyncio.wait_for(task, 10)
-    journal.close()
+    try:
+        return list(await asyncio.wait_for(task, 10))
+    finally:
+        journal.close()
+
+
+@pytest.mark.parametrize("answer", [False, True])
+async def test_a_push_source_that_answers_at_once_cannot_spin(
+    tmp_path: Path, answer: bool
+) -> None:
+    # A wait_for_mail that returns early without mail (False), or that claims new mail
+    # every time (True) while nothing new arrives, must not turn a 60 s poll interval
+    # into a tight loop: the timer decides the next poll.
+    FakeSource.boxes.clear()
+    _PushFake.answer, _PushFake.waits = answer, 0
+    # a spinning scheduler polls thousands of times in 0.5 s
+    summaries = await _run_for(tmp_path, _PushFake, 0.5)
     # False: one poll, then the interval. True: one wake-up poll that found nothing,
     # then the interval.
     assert len(summaries) == (2 if answer else 1)
@@ -206,20 +216,5 @@ async def test_a_push_source_waits_only_while_its_sessions_can_push(tmp_path: Pa
                 yield opened  # facts: can_push False
 
     NoPush.answer, NoPush.waits = True, 0
-    registry = Registry()
-    registry.add("source", NoPush, "test")
-    config = validate_config(
-        {"mailboxes": [{"name": "p", "source": "fake", "poll_interval": 60}],
-         "pipelines": {"default": {"processors": []}}},
-        path=tmp_path / "p.toml", registry=registry,
-    )
-    journal = SqliteJournal(tmp_path / "j.sqlite3")
-    scheduler = Scheduler(
-        config, journal=journal, hooks=Hooks(get_plugin_manager(entry_points=False))
-    )
-    task = asyncio.create_task(scheduler.run())
-    await asyncio.sleep(0.3)
-    scheduler.request_stop()
-    summaries = await asyncio.wait_for(task, 10)
-    journal.close()
+    summaries = await _run_for(tmp_path, NoPush, 0.3)
     assert len(summaries) == 1 and NoPush.waits == 0

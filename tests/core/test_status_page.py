@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from mailpipe.testing.e2e import failing_forward, write_kit_config
+from mailpipe.testing.pytest_plugin import skip_or_fail
 from mailpipe.testing.server import Pop3Server
 
 pytestmark = pytest.mark.timeout(300)
@@ -187,9 +188,7 @@ def browser(tmp_path: Path) -> Iterator[Any]:
     driver_path = shutil.which("chromedriver")
     if not (chromium and driver_path):
         missing = "chromium and chromedriver (Debian: chromium chromium-driver)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{missing} missing in CI (.ci/run installs them)")
-        pytest.skip(f"{missing} not installed")
+        skip_or_fail(f"{missing} not installed (.ci/run installs them)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

@@ -25,7 +25,7 @@ from mailpipe.testing.authserver import AuthServer
 from mailpipe.testing.dovecot import dovecot_unavailable_reason
 from mailpipe.testing.e2e import run_mailpipe
 from mailpipe.testing.oauth_dovecot import OAuthDovecot
-from mailpipe.testing.pytest_plugin import _skip_or_fail
+from mailpipe.testing.pytest_plugin import skip_or_fail
 
 pytestmark = [pytest.mark.dovecot, pytest.mark.timeout(600)]
 
@@ -65,7 +65,7 @@ def idp(clock: Clock) -> Iterator[AuthServer]:
 def mailserver(idp: AuthServer) -> Iterator[OAuthDovecot]:
     reason = dovecot_unavailable_reason(imap=True)
     if reason is not None:
-        _skip_or_fail(reason)
+        skip_or_fail(reason)
     base = tempfile.mkdtemp(prefix="mailpipe-oauth-dovecot-")
     server = OAuthDovecot(
         base, introspection_url=f"{idp.url}/introspect", introspection_ca=idp.ca_file,

@@ -203,12 +203,12 @@ def test_standalone_instance_with_apop() -> None:
 
 @pytest.mark.parametrize("ci", ["", "1"])
 def test_skip_or_fail_depends_on_ci(ci: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mailpipe.testing.pytest_plugin import _skip_or_fail
+    from mailpipe.testing.pytest_plugin import skip_or_fail
 
     monkeypatch.setenv("CI", ci)
     expected = pytest.fail.Exception if ci else pytest.skip.Exception
     with pytest.raises(expected, match="not installed"):
-        _skip_or_fail("Dovecot is not installed")
+        skip_or_fail("Dovecot is not installed")
 
 
 def test_fixture_fails_in_ci_without_dovecot(tmp_path: Path) -> None:
