@@ -28,7 +28,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -112,6 +112,18 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             mailbox TEXT    PRIMARY KEY,
             owner   TEXT    NOT NULL,
             epoch   INTEGER NOT NULL
+        )
+        """,
+    ),
+    # 5: listing cursors (a source's per-scope watermark, e.g. an IMAP folder's UID
+    # under its UIDVALIDITY): see Journal.cursors.
+    (
+        """
+        CREATE TABLE cursors (
+            mailbox  TEXT    NOT NULL,
+            scope    TEXT    NOT NULL,
+            position INTEGER NOT NULL,
+            PRIMARY KEY (mailbox, scope)
         )
         """,
     ),
@@ -566,6 +578,8 @@ class SqliteJournal:
         """Delete entries (the whole mailbox when ``uids`` is None); count them."""
         removed = 0
         with self._tx() as conn:
+            # A forgotten message under a cursor must be listed again: drop them all.
+            conn.execute("DELETE FROM cursors WHERE mailbox = ?", (mailbox,))
             if uids is None:
                 removed = conn.execute(
                     "DELETE FROM entries WHERE mailbox = ?", (mailbox,)
@@ -578,6 +592,25 @@ class SqliteJournal:
                         (mailbox, *chunk),
                     ).rowcount
         return removed
+
+    def cursors(self, mailbox: str) -> dict[str, int]:
+        """Return the listing cursors of ``mailbox``, by scope."""
+        with self._guard():
+            rows = self._conn.execute(
+                "SELECT scope, position FROM cursors WHERE mailbox = ?", (mailbox,)
+            ).fetchall()
+        return {scope: int(position) for scope, position in rows}
+
+    def set_cursors(
+        self, mailbox: str, cursors: Mapping[str, int], *, fence: Fence | None = None
+    ) -> None:
+        """Replace the listing cursors of ``mailbox`` with ``cursors``."""
+        with self._fenced(fence), self._tx() as conn:
+            conn.execute("DELETE FROM cursors WHERE mailbox = ?", (mailbox,))
+            conn.executemany(
+                "INSERT INTO cursors (mailbox, scope, position) VALUES (?, ?, ?)",
+                [(mailbox, scope, int(pos)) for scope, pos in cursors.items()],
+            )
 
     def mark_seen(self, mailbox: str, items: Iterable[tuple[str, str, int]]) -> int:
         """Adopt (uid, key, size) items as KEPT, unprocessed; return how many new."""
