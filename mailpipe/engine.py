@@ -33,7 +33,7 @@ from typing import Any
 
 import structlog
 
-from mailpipe import identity, oversize, planning, uidl_reset
+from mailpipe import cursors, identity, oversize, planning, uidl_reset
 from mailpipe.chain import Chain
 from mailpipe.config import Config, MailboxSpec
 from mailpipe.errors import (
@@ -61,6 +61,7 @@ from mailpipe.plugin_manager import Hooks
 from mailpipe.prefetch import HeaderPrefetch
 from mailpipe.quarantine import Quarantine
 from mailpipe.source import (
+    CursorSession,
     EpochSession,
     SessionFacts,
     Source,
@@ -277,6 +278,7 @@ class MailboxRunner:
                 session = LeaseGuardedSession(
                     opened, self.lease_check, self.ack_check
                 )
+            cursor_session, stored = self._resume(opened)
             refs = await session.list()
             facts = facts_of(opened)  # after the listing: it tells whether ids are stable
             self.facts = facts
@@ -343,8 +345,19 @@ class MailboxRunner:
                 # until one finds nothing new (RFC 2449 §6.5 LOGIN-DELAY forbids it).
                 more = True
             await self.ledger.commit(session)
+            if cursor_session is not None:
+                self.ledger.advance_cursors(stored, cursor_session.coverage())
             self._prune(refs)
             return more
+
+    def _resume(self, opened: object) -> tuple[CursorSession | None, dict[str, int]]:
+        """MP-12: hand a cursor-capable session the journal's listing cursors (not
+        with ``after_days``, see :func:`mailpipe.cursors.usable`)."""
+        if not isinstance(opened, CursorSession) or not cursors.usable(self.cfg):
+            return None, {}
+        stored = self.journal.cursors(self.name)
+        opened.resume(stored)
+        return opened, stored
 
     # --- planning ----------------------------------------------------------------
 

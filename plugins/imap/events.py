@@ -9,6 +9,7 @@ into a command line from user text.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -415,6 +416,16 @@ def _expand(uidset: str) -> list[int]:
 def search_uids(values: Sequence[Value]) -> list[int]:
     """The numbers of a ``* SEARCH`` response (IC-33)."""
     return [parse_number(v) for v in values if isinstance(v, str) and v.isdigit()]
+
+
+def esearch_all(values: Sequence[Value]) -> list[int]:
+    """The ``ALL`` set of an ``* ESEARCH`` response (IC-33; RFC 4731 §3.1): none
+    without it."""
+    words = [v for v in values if not isinstance(v, tuple)]
+    for name, value in itertools.pairwise(words):
+        if isinstance(name, str) and name.upper() == "ALL" and isinstance(value, str):
+            return _expand(value)
+    return []
 
 
 def flag_list(value: Value) -> tuple[str, ...]:

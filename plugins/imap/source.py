@@ -16,13 +16,14 @@ import contextlib
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import structlog
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from mailpipe import sasl
 from mailpipe.credentials import (
@@ -39,7 +40,14 @@ from mailpipe.errors import (
 from mailpipe.message import Message, MessageRef
 from mailpipe.oauth.options import OAuthOptions
 from mailpipe.secrets import Secret
-from mailpipe.source import Ack, AckKind, SessionFacts, SourceContext, Unretrievable
+from mailpipe.source import (
+    Ack,
+    AckKind,
+    Coverage,
+    SessionFacts,
+    SourceContext,
+    Unretrievable,
+)
 from mailpipe.tls import ConnectionSecurity
 from mailpipe.units import ByteSize, Duration
 
@@ -53,9 +61,11 @@ from .events import (
     LiteralChunk,
     LiteralStart,
     Status,
+    esearch_all,
     fetch_items,
     flag_list,
     parse_number,
+    search_uids,
 )
 
 log = structlog.get_logger()
@@ -122,6 +132,21 @@ class ImapOptions(ConnectionSecurity):
         description="Folders to read, by display name (non-ASCII names are sent in "
         "modified UTF-7), e.g. ['INBOX', 'Support/Escalations'].",
     )
+    select: Literal["all", "unseen"] = Field(
+        default="all",
+        description="Which new mail to take: 'all', or 'unseen' (UID SEARCH UNSEEN: "
+        "mail without \\Seen; reading never sets it, IC-30).",
+    )
+    since: date | None = Field(
+        default=None,
+        description="Only mail whose INTERNALDATE is on or after this day "
+        "(YYYY-MM-DD; UID SEARCH SINCE). Not with since_days.",
+    )
+    since_days: int | None = Field(
+        strict=True, default=None, ge=0, le=36500,
+        description="Only mail received in the last N days (UID SEARCH SINCE today "
+        "minus N, UTC). Not with since.",
+    )
     connect_timeout: Duration = Field(default=30.0, gt=0, description="TCP connect timeout.")
     tls_timeout: Duration = Field(default=30.0, gt=0, description="TLS handshake timeout.")
     greeting_timeout: Duration = Field(
@@ -158,12 +183,68 @@ class ImapOptions(ConnectionSecurity):
             raise ValueError("a folder is listed twice")
         return names
 
+    @field_validator("select", mode="before")
+    @classmethod
+    def _select_word(cls, value: Any) -> Any:
+        if value not in ("all", "unseen"):
+            raise ValueError(f"select = {value!r}: expected 'all' or 'unseen'")
+        return value
+
+    @field_validator("since", mode="before")
+    @classmethod
+    def _since_day(cls, value: Any) -> Any:
+        if isinstance(value, datetime):
+            value = value.date()
+        if isinstance(value, date) or value is None:
+            return value
+        try:
+            if not isinstance(value, str) or not _DAY.fullmatch(value):
+                raise ValueError
+            return date.fromisoformat(value)
+        except ValueError:
+            raise ValueError(
+                f"since = {value!r}: expected a day as YYYY-MM-DD, e.g. '2026-02-01'"
+            ) from None
+
+    @model_validator(mode="after")
+    def _one_since(self) -> "ImapOptions":
+        if self.since is not None and self.since_days is not None:
+            raise ValueError("set since or since_days, not both")
+        return self
+
+    def search_criteria(self, after: int, today: date | None = None) -> str | None:
+        """The ``UID SEARCH`` criteria for mail past UID ``after`` under ``select``,
+        ``since`` and ``since_days`` (IC-26, IC-33; dates formatted by code, IS-08);
+        None when every message past ``after`` is wanted (a plain ``UID FETCH``)."""
+        words = [f"UID {after + 1}:*"] if after else []
+        if self.select == "unseen":
+            words.append("UNSEEN")
+        day = self.since
+        if self.since_days is not None:
+            day = (today or datetime.now(UTC).date()) - timedelta(days=self.since_days)
+        if day is not None:
+            words.append(f"SINCE {imap_date(day)}")
+        if len(words) == (1 if after else 0):
+            return None
+        return " ".join(words)
+
     @property
     def effective_port(self) -> int:
         """The configured port, or 993 for implicit TLS and 143 otherwise."""
         if self.port is not None:
             return self.port
         return 993 if self.security == "tls" else 143
+
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
+           "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def imap_date(day: date) -> str:
+    """``day`` as an IMAP search date (RFC 3501 §9 ``date``): ``1-Feb-2026``, with
+    English month names whatever the locale."""
+    return f"{day.day}-{_MONTHS[day.month - 1]}-{day.year}"
+
 
 class ImapSource:
     """An IMAP mailbox: ``session()`` connects, secures and authenticates."""
@@ -278,6 +359,12 @@ class _Sink:
                 self.path.unlink()
 
 
+def cursor_scope(folder: bytes, uidvalidity: int) -> str:
+    """The listing cursor's scope of a folder under one UIDVALIDITY (MP-12):
+    ``INBOX;UIDVALIDITY=3857529045``; a new UIDVALIDITY starts from no cursor."""
+    return f"{folder.decode('ascii', 'replace')};UIDVALIDITY={uidvalidity}"
+
+
 def message_uid(folder: bytes, uidvalidity: int, uid: int) -> str:
     """The uid the journal keys by: ``INBOX;UIDVALIDITY=3857529045;UID=42``."""
     return f"{folder.decode('ascii', 'replace')};UIDVALIDITY={uidvalidity};UID={uid}"
@@ -339,6 +426,9 @@ class ImapSession:
         self._where: dict[int, _Where] = {}
         self._marked: list[tuple[MessageRef, Ack]] = []
         self._committed = False
+        # MP-12: the journal's listing cursors, and what the last list() covered.
+        self._cursors: Mapping[str, int] = {}
+        self._coverage: dict[str, Coverage] = {}
         self._log = log.bind(mailbox=mailbox, host=options.host)
 
     @property
@@ -371,6 +461,16 @@ class ImapSession:
             if folder is not None and folder.uidvalidity not in (None, parsed[1]):
                 out.append(uid)
         return out
+
+    def resume(self, cursors: Mapping[str, int]) -> None:
+        """MP-12: list each folder only past its cursor (scope
+        ``"<folder>;UIDVALIDITY=<v>"``, see :func:`cursor_scope`)."""
+        self._cursors = dict(cursors)
+
+    def coverage(self) -> Mapping[str, Coverage]:
+        """MP-12: per folder (and UIDVALIDITY) of the last :meth:`list`, the cursor it
+        started from and every UID it showed (label copies included, IC-46)."""
+        return self._coverage
 
     # --- opening ------------------------------------------------------------------
 
@@ -448,6 +548,9 @@ class ImapSession:
     async def list(self) -> list[MessageRef]:
         """Every message of every configured folder, by UID with its RFC822.SIZE.
 
+        MP-12/IC-26: after :meth:`resume`, a folder is listed only past its cursor;
+        ``select``, ``since`` and ``since_days`` narrow it with ``UID SEARCH``.
+
         IC-46: when the server offers X-GM-EXT-1 (Gmail) the id is the message's
         ``X-GM-MSGID``, the same in every folder (label) it appears in, so a message
         with several labels is listed once, in the first configured folder showing it.
@@ -455,6 +558,7 @@ class ImapSession:
         refs: list[MessageRef] = []
         gmail = "X-GM-EXT-1" in self.client.capabilities
         listed: set[str] = set()
+        self._coverage = {}
         for wire in list(self.folders):
             folder = await self._select(wire)
             if folder.uidvalidity is None:
@@ -466,9 +570,11 @@ class ImapSession:
             if folder.uidnext is not None:
                 self.listed_uidnext[wire] = folder.uidnext
             self._note_epoch(wire, folder.uidvalidity)
+            scope = cursor_scope(wire, folder.uidvalidity)
+            cover = self._coverage[scope] = Coverage(self._cursors.get(scope, 0))
             if not folder.exists:
                 continue
-            found = await self._list_folder(wire, gmail=gmail)
+            found = await self._list_folder(wire, gmail=gmail, after=cover.start)
             copies = 0
             for uid in sorted(found):
                 size, msgid = found[uid]
@@ -476,6 +582,7 @@ class ImapSession:
                     gmail_uid(msgid) if msgid is not None
                     else message_uid(wire, folder.uidvalidity, uid)
                 )
+                cover.listed[uid] = key
                 if key in listed:
                     copies += 1  # IC-46: another label of a message listed already
                     continue
@@ -503,11 +610,26 @@ class ImapSession:
         self.listed_uidvalidity[wire] = uidvalidity
 
     async def _list_folder(
-        self, wire: bytes, *, gmail: bool
+        self, wire: bytes, *, gmail: bool, after: int = 0
     ) -> dict[int, tuple[int, int | None]]:
-        """UID → (RFC822.SIZE, X-GM-MSGID or None) of the selected folder, without
-        the messages that already carry a ``flag`` acknowledgement (IC-42)."""
+        """UID → (RFC822.SIZE, X-GM-MSGID or None) of the selected folder's messages
+        past UID ``after`` that ``select``/``since`` want, without the messages that
+        already carry a ``flag`` acknowledgement (IC-42).
+
+        IC-26: ``n:*`` always includes the folder's last message, even when its UID
+        is below ``n`` (RFC 9051 §6.4.9), so every UID up to ``after`` is dropped."""
         found: dict[int, tuple[int, int | None]] = {}
+        if after >= cmd.MAX_NUMBER:
+            return found
+        uidsets = [f"{after + 1}:*"]
+        criteria = self.options.search_criteria(after)
+        if criteria is not None:
+            wanted = await self._search(criteria, after)
+            if not wanted:
+                return found
+            uidsets = cmd.split_uid_sets(wanted)
+        else:
+            wanted = None
         done_flag = (
             self.ack.target.lower()
             if self.ack is not None and self.ack.kind is AckKind.FLAG and self.ack.target
@@ -519,10 +641,16 @@ class ImapSession:
             + (" X-GM-MSGID" if gmail else "")
             + (" FLAGS" if done_flag else "")
         )
-        async for event in self.client.stream([cmd.uid_fetch("1:*", items_wanted)]):
+        fetches = [cmd.uid_fetch(uidset, items_wanted) for uidset in uidsets]
+        async for event in self.client.stream(fetches):
             if isinstance(event, Data) and event.name == "FETCH":
                 items = fetch_items(event.values)
                 uid_v, size_v = items.get("UID"), items.get("RFC822.SIZE")
+                uid_n = parse_number(uid_v) if uid_v is not None else None
+                if uid_n is not None and (
+                    uid_n <= after or (wanted is not None and uid_n not in wanted)
+                ):
+                    continue  # IC-26: below the range (n:*), or not asked for
                 flags = {f.lower() for f in flag_list(items.get("FLAGS"))}
                 if done_flag is not None and done_flag in flags:
                     # IC-42: the flag is the acknowledgement: already done (also
@@ -543,6 +671,21 @@ class ImapSession:
         if skipped:
             self._log.debug("imap_already_flagged", folder=_show(wire), count=skipped)
         return found
+
+    async def _search(self, criteria: str, after: int) -> set[int]:
+        """``UID SEARCH criteria`` → the UIDs above ``after`` (IC-26, IC-33): a
+        ``* SEARCH`` or an ``* ESEARCH ... ALL set`` answer, in any order."""
+        found: set[int] = set()
+        async for event in self.client.stream([cmd.uid_search(criteria)]):
+            if isinstance(event, Data) and event.name == "SEARCH":
+                found.update(search_uids(event.values))
+            elif isinstance(event, Data) and event.name == "ESEARCH":
+                found.update(esearch_all(event.values))
+            elif isinstance(event, Done) and not event.ok:
+                raise SourcePermanentError(
+                    f"{self.client.where}: UID SEARCH refused: {event.text[:200]}"
+                )
+        return {uid for uid in found if uid > after}
 
     async def headers(self, ref: MessageRef) -> bytes | None:
         """``UID FETCH uid (BODY.PEEK[HEADER])``; None when refused or too long."""
@@ -804,6 +947,6 @@ def choose(auth: str, caps: frozenset[str], *, has_token: bool) -> str:
 
 
 __all__ = [
-    "ImapOptions", "ImapSession", "ImapSource", "gmail_uid", "message_uid",
-    "parse_message_uid",
+    "ImapOptions", "ImapSession", "ImapSource", "cursor_scope", "gmail_uid",
+    "imap_date", "message_uid", "parse_message_uid",
 ]
