@@ -2,7 +2,10 @@
 
 Just enough IMAP4rev1 for the ``imap`` source: CAPABILITY, LOGIN, SELECT/EXAMINE,
 ``UID FETCH`` of ``UID``/``RFC822.SIZE``/``FLAGS``/``BODY.PEEK[]``/``BODY.PEEK[HEADER]``,
+``UID SEARCH`` with ``UID set``, ``UNSEEN``, ``SINCE d-Mon-yyyy`` and ``ALL``,
 ``UID STORE``, ``UID EXPUNGE``, NOOP, LOGOUT, folders made by :meth:`ImapServer.add_message`.
+A UID set ending in ``*`` holds the folder's largest UID even when it is below the
+range's start (RFC 9051 §6.4.9), as real servers do.
 Every client line goes to :attr:`ImapServer.transcript`, so tests assert what was (and
 was not) sent. ``gmail=True`` plays Gmail: ``X-GM-EXT-1`` and each message's
 ``X-GM-MSGID`` (one message may sit in several folders, its labels).
@@ -21,6 +24,7 @@ import contextlib
 import re
 import threading
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from typing import Any
 
 __all__ = ["ImapFaults", "ImapServer"]
@@ -52,6 +56,7 @@ class _Message:
     data: bytes
     flags: set[str] = field(default_factory=set)
     gm_msgid: int = 0
+    internal: date = field(default_factory=lambda: datetime.now(UTC).date())
 
 
 class ImapServer:
@@ -76,13 +81,23 @@ class ImapServer:
         self._ready = threading.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def add_message(self, data: bytes, folder: str = "INBOX", *, gm_msgid: int = 0) -> None:
+    def add_message(
+        self, data: bytes, folder: str = "INBOX", *, gm_msgid: int = 0,
+        flags: tuple[str, ...] = (), received: date | None = None,
+    ) -> None:
         """Append a message to ``folder`` (made if new; it gets the folder's next UID);
         ``gm_msgid`` is its Gmail id (give the same one to put a message under two
-        labels)."""
+        labels); ``flags`` it carries; ``received`` its INTERNALDATE (default today)."""
         uid = self._next_uid.setdefault(folder, 1)
-        self._folders.setdefault(folder, []).append(_Message(uid, data, gm_msgid=gm_msgid))
+        message = _Message(uid, data, set(flags), gm_msgid=gm_msgid)
+        if received is not None:
+            message.internal = received
+        self._folders.setdefault(folder, []).append(message)
         self._next_uid[folder] = uid + 1
+
+    def flags(self, folder: str = "INBOX") -> list[set[str]]:
+        """The flags of every message still in ``folder``, in UID order."""
+        return [set(m.flags) for m in self._folders.get(folder, [])]
 
     @property
     def messages(self) -> list[bytes]:
@@ -207,6 +222,10 @@ class ImapServer:
                     dropped = await self._fetch(selected, rest, send, writer)
                     if not dropped:
                         send(f"{tag} OK done")
+                elif command == "UID SEARCH":
+                    found = self._search(selected, rest.split(" ", 2)[2])
+                    send("* SEARCH" + "".join(f" {uid}" for uid in found))
+                    send(f"{tag} OK done")
                 elif command == "UID STORE":
                     uids = _uids(rest.split(" ")[2])
                     flag = re.search(r"\((.*)\)", rest)
@@ -245,7 +264,7 @@ class ImapServer:
         """Answer ``UID FETCH``; True when a fault dropped the connection."""
         faults = self.faults
         parts = rest.split(" ", 3)
-        wanted = _uids(parts[2], last=self._next_uid[folder] - 1)
+        wanted = _uids(parts[2], last=self._largest(folder))
         items = parts[3].upper()
         for seq, m in enumerate(self._folders[folder], 1):
             if m.uid not in wanted:
@@ -275,6 +294,30 @@ class ImapServer:
                 return True
             writer.write(body + b")\r\n")
         return False
+
+
+    def _largest(self, folder: str) -> int:
+        """What ``*`` stands for: the largest UID in the folder (RFC 9051 §6.4.9)."""
+        return max((m.uid for m in self._folders[folder]), default=0)
+
+    def _search(self, folder: str, criteria: str) -> list[int]:
+        """The UIDs of ``folder`` matching every key of ``criteria`` (UID set,
+        UNSEEN, SINCE, ALL)."""
+        words = criteria.split(" ")
+        matches = list(self._folders[folder])
+        while words:
+            key = words.pop(0).upper()
+            if key == "UID":
+                uids = _uids(words.pop(0), last=self._largest(folder))
+                matches = [m for m in matches if m.uid in uids]
+            elif key == "UNSEEN":
+                matches = [m for m in matches if "\\Seen" not in m.flags]
+            elif key == "SINCE":
+                day = datetime.strptime(words.pop(0), "%d-%b-%Y").date()
+                matches = [m for m in matches if m.internal >= day]
+            elif key != "ALL":
+                raise ValueError(f"search key {key!r} not played by the fake")
+        return [m.uid for m in matches]
 
 
 def _uids(text: str, last: int = 2**32 - 1) -> set[int]:
