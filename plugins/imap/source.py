@@ -594,6 +594,10 @@ class ImapSession:
                 ))
             if copies:
                 self._log.debug("imap_label_copies", folder=_show(wire), count=copies)
+            self._log.info(
+                "imap_folder_listed", folder=_show(wire), from_uid=cover.start + 1,
+                listed=len(cover.listed), search=self.options.search_criteria(cover.start),
+            )
         return refs
 
     def _note_epoch(self, wire: bytes, uidvalidity: int) -> None:

@@ -1,0 +1,197 @@
+"""Selection of new IMAP mail against a real Dovecot imapd on 127.0.0.1 (MP-12, IC-26).
+
+``mailpipe run --once`` keeps mail on the server (``delete = "never"``): the second run
+lists each folder only past the journal's UID watermark and fetches nothing twice;
+``select = "unseen"`` takes only unseen mail and leaves its flags alone (unless the
+acknowledgement is ``\\Seen``); ``since_days`` searches by INTERNALDATE; a new
+UIDVALIDITY starts from no watermark.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import ssl
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailpipe.journal.sqlite import SqliteJournal
+from mailpipe.testing.dovecot import Dovecot, DovecotUser
+from mailpipe.testing.e2e import log_events, write_pipeline
+from mailpipe.testing.servers.interop import mailpipe_once, stored_messages
+
+pytestmark = [pytest.mark.dovecot, pytest.mark.timeout(600)]
+
+
+def reference(d: Dovecot, user: DovecotUser) -> imaplib.IMAP4_SSL:
+    """An independent IMAP client (stdlib) logged in over verified TLS."""
+    ctx = ssl.create_default_context(cafile=str(d.ca_file))
+    client = imaplib.IMAP4_SSL(d.host, d.imaps_port, ssl_context=ctx, timeout=30)
+    client.login(user.name, user.password)
+    return client
+
+
+def append(
+    d: Dovecot, user: DovecotUser, folder: str, raws: list[bytes], *,
+    flags: str = "", days_ago: float = 0,
+) -> None:
+    """APPEND ``raws`` to ``folder`` (created if missing) with ``flags`` and an
+    INTERNALDATE ``days_ago`` days back."""
+    client = reference(d, user)
+    try:
+        client.create(f'"{folder}"')
+        when = imaplib.Time2Internaldate(time.time() - days_ago * 86400)
+        for raw in raws:
+            typ, _ = client.append(f'"{folder}"', flags, when, raw)
+            assert typ == "OK"
+    finally:
+        client.logout()
+
+
+def crafted(n: int, start: int = 0) -> list[bytes]:
+    return [
+        b"From: a@example.com\r\nSubject: message %d\r\nMessage-ID: <%d@example.com>\r\n"
+        b"\r\nbody %d\r\n" % (i, i, i)
+        for i in range(start, start + n)
+    ]
+
+
+def pipeline(tmp_path: Path, d: Dovecot, user: DovecotUser, **mailbox: Any) -> Path:
+    return write_pipeline(
+        tmp_path,
+        dovecot=d,
+        user=user,
+        security="tls",
+        processors=[{"use": "store.maildir", "path": str(tmp_path / "Maildir")}],
+        mailbox={"source": "imap", "port": d.imaps_port, "folders": ["Support"],
+                 **mailbox},
+    )
+
+
+def run(config: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One ``run --once``: its summary and its ``imap_folder_listed`` events."""
+    done, summary = mailpipe_once(config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    listed = [e for e in log_events(done.stderr) if e.get("event") == "imap_folder_listed"]
+    assert listed, done.stderr[-3000:]
+    return summary, listed
+
+
+def cursors(tmp_path: Path) -> dict[str, int]:
+    journal = SqliteJournal(tmp_path / "var" / "journal.sqlite3")
+    try:
+        return journal.cursors("box")
+    finally:
+        journal.close()
+
+
+def flags_of(d: Dovecot, user: DovecotUser, folder: str) -> list[str]:
+    return [flags for _, flags in d.imap_messages(user, folder)]
+
+
+def test_mp12_keep_mode_second_run_lists_from_the_watermark(
+    dovecot_imap: Dovecot, tmp_path: Path
+) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    raws = crafted(5)
+    append(d, user, "Support", raws[:3])
+    config = pipeline(tmp_path, d, user, delete="never")
+    summary, listed = run(config)
+    assert summary["processed"] == 3 or summary["retrieved"] == 3, summary
+    assert (listed[0]["from_uid"], listed[0]["listed"]) == (1, 3)
+    [scope] = cursors(tmp_path)
+    assert cursors(tmp_path)[scope] == 3
+    append(d, user, "Support", raws[3:])
+    summary, listed = run(config)
+    assert summary["retrieved"] == 2, summary
+    assert (listed[0]["from_uid"], listed[0]["listed"]) == (4, 2)
+    assert all(e["from_uid"] > 1 for e in listed)
+    summary, listed = run(config)
+    assert summary["retrieved"] == 0, summary
+    assert [(e["from_uid"], e["listed"]) for e in listed] == [(6, 0)]
+    # Every message stored once, and all of them still on the server, unchanged.
+    assert Counter(stored_messages(tmp_path / "Maildir")) == Counter(raws)
+    assert [r for r, _ in d.imap_messages(user, "Support")] == raws
+    assert all("\\Seen" not in f for f in flags_of(d, user, "Support"))
+
+
+def test_mp12_select_unseen_takes_only_unseen_mail_and_leaves_it_unseen(
+    dovecot_imap: Dovecot, tmp_path: Path
+) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    raws = crafted(4)
+    append(d, user, "Support", raws[:2], flags="(\\Seen)")
+    append(d, user, "Support", raws[2:])
+    config = pipeline(tmp_path, d, user, delete="never", select="unseen")
+    summary, listed = run(config)
+    assert summary["retrieved"] == 2, summary
+    assert listed[0]["search"] == "UNSEEN"
+    assert Counter(stored_messages(tmp_path / "Maildir")) == Counter(raws[2:])
+    # IC-30: read with BODY.PEEK, kept: the unseen mail is still unseen.
+    assert ["\\Seen" in f for f in flags_of(d, user, "Support")] == [
+        True, True, False, False
+    ]
+    summary, _ = run(config)
+    assert summary["retrieved"] == 0, summary
+
+
+def test_mp12_select_unseen_with_the_seen_flag_as_acknowledgement(
+    dovecot_imap: Dovecot, tmp_path: Path
+) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    raws = crafted(3)
+    append(d, user, "Support", raws[:1], flags="(\\Seen)")
+    append(d, user, "Support", raws[1:])
+    config = pipeline(tmp_path, d, user, select="unseen",
+                      acknowledge={"flag": "\\Seen"})
+    summary, _ = run(config)
+    assert summary["retrieved"] == 2 and summary["deleted"] == 2, summary
+    assert all("\\Seen" in f for f in flags_of(d, user, "Support"))
+    assert Counter(stored_messages(tmp_path / "Maildir")) == Counter(raws[1:])
+    summary, _ = run(config)
+    assert summary["retrieved"] == 0, summary
+
+
+def test_mp12_since_days_takes_only_recent_mail(
+    dovecot_imap: Dovecot, tmp_path: Path
+) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    old, new = crafted(2), crafted(2, start=10)
+    append(d, user, "Support", old, days_ago=40)
+    append(d, user, "Support", new, days_ago=1)
+    config = pipeline(tmp_path, d, user, delete="never", since_days=7)
+    summary, listed = run(config)
+    assert summary["retrieved"] == 2, summary
+    assert listed[0]["search"].startswith("SINCE ")
+    assert Counter(stored_messages(tmp_path / "Maildir")) == Counter(new)
+
+
+def test_mp12_new_uidvalidity_resets_the_watermark(
+    dovecot_imap: Dovecot, tmp_path: Path
+) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    raws = crafted(4)
+    append(d, user, "Support", raws[:3])
+    config = pipeline(tmp_path, d, user, delete="never")
+    run(config)
+    [before] = cursors(tmp_path).items()
+    assert before[1] == 3
+    other = reference(d, user)
+    assert other.delete('"Support"')[0] == "OK"  # and recreated: a new UIDVALIDITY
+    other.logout()
+    append(d, user, "Support", raws)
+    summary, listed = run(config)
+    assert listed[0]["from_uid"] == 1  # the whole folder again, under the new epoch
+    # IC-25: the three processed before are adopted by content hash, one is new.
+    assert summary["processed"] == 1 and summary["reconciled"] == 3, summary
+    [after] = cursors(tmp_path).items()
+    assert after[0] != before[0] and after[1] == 4
+    assert Counter(stored_messages(tmp_path / "Maildir")) == Counter(raws)
