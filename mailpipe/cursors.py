@@ -1,4 +1,4 @@
-"""Listing cursors: how far a source may skip in its next listing (MP-12, IC-26).
+"""Listing cursors: how far a source may skip in its next listing (MP-05, IC-26).
 
 A source that lists by an ever-growing position (IMAP: the UID within one
 UIDVALIDITY) keeps one cursor per scope in the journal: the highest position W such

@@ -351,7 +351,7 @@ class MailboxRunner:
             return more
 
     def _resume(self, opened: object) -> tuple[CursorSession | None, dict[str, int]]:
-        """MP-12: hand a cursor-capable session the journal's listing cursors (not
+        """MP-05: hand a cursor-capable session the journal's listing cursors (not
         with ``after_days``, see :func:`mailpipe.cursors.usable`)."""
         if not isinstance(opened, CursorSession) or not cursors.usable(self.cfg):
             return None, {}

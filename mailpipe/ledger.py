@@ -422,7 +422,7 @@ class Ledger:
     def advance_cursors(
         self, stored: Mapping[str, int], coverage: Mapping[str, contract.Coverage]
     ) -> None:
-        """Store the listing cursors the session's ``coverage`` earns (MP-12), after
+        """Store the listing cursors the session's ``coverage`` earns (MP-05), after
         :meth:`commit`: every outcome they pass over is durable in the journal
         already (see :mod:`mailpipe.cursors`). ``stored`` is what the session was
         resumed from; nothing is written when nothing moved."""
@@ -673,7 +673,7 @@ def replay_done(
                 not keep and delete_policy == "after_processing"
             ):
                 # Owed now, maybe below a listing cursor: list the mailbox whole once
-                # more so that the acknowledgement reaches it (MP-12).
+                # more so that the acknowledgement reaches it (MP-05).
                 journal.set_cursors(mailbox, {})
             journal.finish(
                 mailbox, uid,

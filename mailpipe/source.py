@@ -15,7 +15,7 @@ The engine knows sources only through this module:
   every committing step and the journal batch are durable (MP-01).
 - A session that can list only what is new offers :class:`CursorSession`: before
   ``list()`` the engine hands it the cursors the journal holds, after the commit it
-  reads what the listing covered, and the ledger stores the advanced cursors (MP-12).
+  reads what the listing covered, and the ledger stores the advanced cursors (MP-05).
 - A push-capable source offers :meth:`PushSource.wait_for_mail`, which the scheduler
   awaits instead of its poll timer while the latest session's facts say ``can_push``
   (IMAP: the server offers IDLE).
@@ -259,7 +259,7 @@ class EpochSession(Protocol):
 
 @dataclass(slots=True)
 class Coverage:
-    """What one listing showed of one cursor scope (MP-12).
+    """What one listing showed of one cursor scope (MP-05).
 
     ``start``: the cursor the listing began after (0 when the journal held none);
     ``listed``: position → journal uid of every message the listing showed past
@@ -272,7 +272,7 @@ class Coverage:
 
 @runtime_checkable
 class CursorSession(Protocol):
-    """A session that lists only what lies past a stored cursor per *scope* (MP-12).
+    """A session that lists only what lies past a stored cursor per *scope* (MP-05).
 
     A scope is a string the source chooses (IMAP: ``"<folder>;UIDVALIDITY=<v>"``, so
     a new epoch is a new scope and starts from nothing). The contract:

@@ -225,7 +225,7 @@ class Journal(Protocol):
         ...
 
     def cursors(self, mailbox: str) -> dict[str, int]:
-        """Return the mailbox's listing cursors: scope → position (MP-12).
+        """Return the mailbox's listing cursors: scope → position (MP-05).
 
         A cursor is a watermark a source lists from (IMAP: ``UID FETCH W+1:*`` per
         folder and UIDVALIDITY): every position up to it that a listing showed has a

@@ -360,7 +360,7 @@ class _Sink:
 
 
 def cursor_scope(folder: bytes, uidvalidity: int) -> str:
-    """The listing cursor's scope of a folder under one UIDVALIDITY (MP-12):
+    """The listing cursor's scope of a folder under one UIDVALIDITY (MP-05):
     ``INBOX;UIDVALIDITY=3857529045``; a new UIDVALIDITY starts from no cursor."""
     return f"{folder.decode('ascii', 'replace')};UIDVALIDITY={uidvalidity}"
 
@@ -426,7 +426,7 @@ class ImapSession:
         self._where: dict[int, _Where] = {}
         self._marked: list[tuple[MessageRef, Ack]] = []
         self._committed = False
-        # MP-12: the journal's listing cursors, and what the last list() covered.
+        # MP-05: the journal's listing cursors, and what the last list() covered.
         self._cursors: Mapping[str, int] = {}
         self._coverage: dict[str, Coverage] = {}
         self._log = log.bind(mailbox=mailbox, host=options.host)
@@ -463,12 +463,12 @@ class ImapSession:
         return out
 
     def resume(self, cursors: Mapping[str, int]) -> None:
-        """MP-12: list each folder only past its cursor (scope
+        """MP-05: list each folder only past its cursor (scope
         ``"<folder>;UIDVALIDITY=<v>"``, see :func:`cursor_scope`)."""
         self._cursors = dict(cursors)
 
     def coverage(self) -> Mapping[str, Coverage]:
-        """MP-12: per folder (and UIDVALIDITY) of the last :meth:`list`, the cursor it
+        """MP-05: per folder (and UIDVALIDITY) of the last :meth:`list`, the cursor it
         started from and every UID it showed (label copies included, IC-46)."""
         return self._coverage
 
@@ -548,7 +548,7 @@ class ImapSession:
     async def list(self) -> list[MessageRef]:
         """Every message of every configured folder, by UID with its RFC822.SIZE.
 
-        MP-12/IC-26: after :meth:`resume`, a folder is listed only past its cursor;
+        MP-05/IC-26: after :meth:`resume`, a folder is listed only past its cursor;
         ``select``, ``since`` and ``since_days`` narrow it with ``UID SEARCH``.
 
         IC-46: when the server offers X-GM-EXT-1 (Gmail) the id is the message's

@@ -67,7 +67,7 @@ def test_the_ledger_is_where_it_happens() -> None:
     assert any(".mark_deleted()" in v for v in found)  # journal: deletions done
     assert any("session.commit()" in v for v in found)
     assert any("acknowledge()" in v for v in found)  # the contract's dispatch
-    assert any(".set_cursors()" in v for v in found)  # listing cursors (MP-12)
+    assert any(".set_cursors()" in v for v in found)  # listing cursors (MP-05)
 
 
 def test_the_scan_catches_an_acknowledgement_elsewhere() -> None:

@@ -1,4 +1,4 @@
-"""Selection of new IMAP mail against a real Dovecot imapd on 127.0.0.1 (MP-12, IC-26).
+"""Selection of new IMAP mail against a real Dovecot imapd on 127.0.0.1 (MP-05, IC-26).
 
 ``mailpipe run --once`` keeps mail on the server (``delete = "never"``): the second run
 lists each folder only past the journal's UID watermark and fetches nothing twice;
@@ -92,7 +92,7 @@ def flags_of(d: Dovecot, user: DovecotUser, folder: str) -> list[str]:
     return [flags for _, flags in d.imap_messages(user, folder)]
 
 
-def test_mp12_keep_mode_second_run_lists_from_the_watermark(
+def test_mp05_keep_mode_second_run_lists_from_the_watermark(
     dovecot_imap: Dovecot, tmp_path: Path
 ) -> None:
     d = dovecot_imap
@@ -119,7 +119,7 @@ def test_mp12_keep_mode_second_run_lists_from_the_watermark(
     assert all("\\Seen" not in f for f in flags_of(d, user, "Support"))
 
 
-def test_mp12_select_unseen_takes_only_unseen_mail_and_leaves_it_unseen(
+def test_mp05_select_unseen_takes_only_unseen_mail_and_leaves_it_unseen(
     dovecot_imap: Dovecot, tmp_path: Path
 ) -> None:
     d = dovecot_imap
@@ -140,7 +140,7 @@ def test_mp12_select_unseen_takes_only_unseen_mail_and_leaves_it_unseen(
     assert summary["retrieved"] == 0, summary
 
 
-def test_mp12_select_unseen_with_the_seen_flag_as_acknowledgement(
+def test_mp05_select_unseen_with_the_seen_flag_as_acknowledgement(
     dovecot_imap: Dovecot, tmp_path: Path
 ) -> None:
     d = dovecot_imap
@@ -158,7 +158,7 @@ def test_mp12_select_unseen_with_the_seen_flag_as_acknowledgement(
     assert summary["retrieved"] == 0, summary
 
 
-def test_mp12_since_days_takes_only_recent_mail(
+def test_mp05_since_days_takes_only_recent_mail(
     dovecot_imap: Dovecot, tmp_path: Path
 ) -> None:
     d = dovecot_imap
@@ -173,7 +173,7 @@ def test_mp12_since_days_takes_only_recent_mail(
     assert Counter(stored_messages(tmp_path / "Maildir")) == Counter(new)
 
 
-def test_mp12_new_uidvalidity_resets_the_watermark(
+def test_mp05_new_uidvalidity_resets_the_watermark(
     dovecot_imap: Dovecot, tmp_path: Path
 ) -> None:
     d = dovecot_imap

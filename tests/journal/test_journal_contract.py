@@ -396,7 +396,7 @@ def test_forget_some_then_all_of_a_mailbox(journal: Journal) -> None:
 
 
 def test_cursors_are_replaced_whole_per_mailbox(journal: Journal) -> None:
-    """MP-12: the cursors of a mailbox are replaced as a set (a scope not given, such
+    """MP-05: the cursors of a mailbox are replaced as a set (a scope not given, such
     as a folder under its old UIDVALIDITY, is dropped); other mailboxes keep theirs."""
     assert journal.cursors(MB) == {}
     journal.set_cursors(MB, {"INBOX;UIDVALIDITY=1": 41, "Sent;UIDVALIDITY=7": 3})

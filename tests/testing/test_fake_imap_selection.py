@@ -1,4 +1,4 @@
-"""IMAP selection of new mail against the in-process server (MP-12, IC-26): the
+"""IMAP selection of new mail against the in-process server (MP-05, IC-26): the
 journal's per-folder UID watermark makes a poll list only past it, a message not yet
 finished holds it back, the ``n:*`` rule never brings old mail back, and ``select``,
 ``since`` and ``since_days`` narrow the listing with ``UID SEARCH``."""
@@ -310,3 +310,12 @@ def test_search_criteria_combine_the_range_and_the_filters() -> None:
     )
     toml_day = ImapOptions.model_validate({**base, "since": date(2026, 2, 1)})
     assert toml_day.search_criteria(0) == "SINCE 1-Feb-2026"
+
+
+def test_ic33_esearch_all_and_legacy_search_are_both_read() -> None:
+    from mailpipe.plugins.imap.events import Atom, esearch_all, search_uids
+
+    tagged = ((Atom("TAG"), b"A9"), Atom("UID"), Atom("ALL"), Atom("4:7,9"))
+    assert esearch_all(tagged) == [4, 5, 6, 7, 9]
+    assert esearch_all(((Atom("TAG"), b"A9"), Atom("UID"))) == []
+    assert search_uids((Atom("3"), Atom("12"))) == [3, 12]
