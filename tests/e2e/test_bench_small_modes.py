@@ -69,3 +69,20 @@ def test_imap_retrieval_small() -> None:
     assert len(rows) == 6 and all(line.rstrip().endswith("OK |") for line in rows), out
     if os.environ.get("CI"):
         assert any("| mbsync |" in line for line in out.splitlines()), out  # isync in CI
+
+
+def test_imap_selection_small() -> None:
+    from mailpipe.testing.dovecot import dovecot_unavailable_reason
+
+    reason = dovecot_unavailable_reason(imap=True)
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    out = run("bench/imap_selection.py", "--small")
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1]
+            for line in out.splitlines() if line.startswith("| mailpipe-")}
+    assert set(rows) == {"mailpipe-watermark", "mailpipe-full"}, out
+    assert rows["mailpipe-watermark"][0].strip() == "0", out  # nothing past the watermark
+    assert rows["mailpipe-full"][0].strip() == "500", out  # the whole folder
+    assert all(r[1].strip() == "0" for r in rows.values()), out  # nothing fetched again
