@@ -10,6 +10,13 @@ IC-40/IC-41) or ``flag`` (``UID STORE +FLAGS.SILENT (flag)``, IC-42). Without UI
 no EXPUNGE of any kind is sent (IC-38): the messages are marked ``\\Deleted`` and the
 expunge is left to the mailbox owner, logged as ``imap_expunge_deferred``. ``CLOSE``
 is never sent (IC-39). ``abort`` closes the connection without acknowledging anything.
+
+Listing (IC-26, MP-05): the session is a :class:`mailpipe.source.CursorSession` whose
+scope is the folder under its UIDVALIDITY; with a cursor W a folder is listed with
+``UID FETCH W+1:*`` and UIDs up to W are dropped (``n:*`` holds the last message).
+``select = "unseen"``, ``since`` and ``since_days`` search first (``UID SEARCH``) and
+fetch the sizes of what was found: they choose among new mail, so a message the
+watermark has passed is not looked at again (one marked unseen later included).
 """
 
 import contextlib
