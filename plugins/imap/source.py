@@ -566,6 +566,11 @@ class ImapSession:
         gmail = "X-GM-EXT-1" in self.client.capabilities
         listed: set[str] = set()
         self._coverage = {}
+        # MP-05: without UIDPLUS a delete leaves the message in the folder, marked
+        # \Deleted (IC-38); its entry is pruned once it is DELETED and not listed, so
+        # such a folder is always listed whole, never from a cursor.
+        caps = self.client.capabilities
+        expunges = "UIDPLUS" in caps or "IMAP4REV2" in caps
         for wire in list(self.folders):
             folder = await self._select(wire)
             if folder.uidvalidity is None:
@@ -578,7 +583,9 @@ class ImapSession:
                 self.listed_uidnext[wire] = folder.uidnext
             self._note_epoch(wire, folder.uidvalidity)
             scope = cursor_scope(wire, folder.uidvalidity)
-            cover = self._coverage[scope] = Coverage(self._cursors.get(scope, 0))
+            cover = self._coverage[scope] = Coverage(
+                self._cursors.get(scope, 0) if expunges else 0
+            )
             if not folder.exists:
                 continue
             found = await self._list_folder(wire, gmail=gmail, after=cover.start)

@@ -319,3 +319,21 @@ def test_ic33_esearch_all_and_legacy_search_are_both_read() -> None:
     assert esearch_all(tagged) == [4, 5, 6, 7, 9]
     assert esearch_all(((Atom("TAG"), b"A9"), Atom("UID"))) == []
     assert search_uids((Atom("3"), Atom("12"))) == [3, 12]
+
+
+class NoUidplus(ImapServer):
+    @property
+    def capabilities(self) -> str:
+        return "IMAP4rev1"
+
+
+async def test_without_uidplus_the_folder_is_always_listed_whole(tmp_path: Path) -> None:
+    """IC-38 leaves deleted mail in the folder: a cursor must not hide it (its entry
+    is pruned once DELETED and unlisted; a later full listing would run it again)."""
+    with NoUidplus() as srv:
+        srv.add_message(raw(0))
+        rig = Rig(srv, tmp_path)
+        await rig.poll()
+        assert rig.cursors() == {SCOPE: 1}
+        assert await rig.poll() == ["UID FETCH 1:* (UID RFC822.SIZE)"]
+        assert Recorder.seen == ["0"]
