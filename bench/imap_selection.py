@@ -176,7 +176,11 @@ def main() -> None:
         print(f"  setup: watermark {setup['cursors']}", file=sys.stderr)
         mbsync = mbsync_config(work, d.imap_port, user) if "mbsync" in tools else []
         if mbsync:
-            timed(mbsync)  # the first sync (not measured)
+            timed(mbsync)  # the first sync (not measured), checked complete
+            synced = sum(1 for sub in ("new", "cur")
+                         for _ in (work / "mbsync-out" / sub).iterdir())
+            if synced != count:
+                raise RuntimeError(f"mbsync's first sync holds {synced} of {count}")
         for _ in range(rounds):
             for tool in tools:
                 if tool == "mbsync":
