@@ -2,7 +2,10 @@
 
 Just enough IMAP4rev1 for the ``imap`` source: CAPABILITY, LOGIN, SELECT/EXAMINE,
 ``UID FETCH`` of ``UID``/``RFC822.SIZE``/``FLAGS``/``BODY.PEEK[]``/``BODY.PEEK[HEADER]``,
-``UID STORE``, ``UID EXPUNGE``, NOOP, LOGOUT, folders made by :meth:`ImapServer.add_message`.
+``UID STORE``, ``UID EXPUNGE``, ``UID COPY``/``UID MOVE`` (``[TRYCREATE]`` for a missing
+folder), CREATE, EXPUNGE, NOOP, LOGOUT, folders made by :meth:`ImapServer.add_message`.
+``extensions`` chooses what CAPABILITY lists beyond IMAP4rev1 (UIDPLUS and MOVE by
+default), so a test can play a server without UIDPLUS (IC-38) or MOVE (IC-41).
 Every client line goes to :attr:`ImapServer.transcript`, so tests assert what was (and
 was not) sent. ``gmail=True`` plays Gmail: ``X-GM-EXT-1`` and each message's
 ``X-GM-MSGID`` (one message may sit in several folders, its labels).
@@ -11,7 +14,8 @@ Faults (:class:`ImapFaults`): close the connection part-way through a body liter
 announce a body literal with a wrong size, answer a command with ``* BYE``, refuse
 LOGIN or another command with ``NO`` and a response code (Gmail's ``[ALERT]``,
 ``[THROTTLED]``, ``[UNAVAILABLE]``, ``[AUTHENTICATIONFAILED]``), send an untagged
-``* OK [ALERT]`` after login.
+``* OK [ALERT]`` after login, expunge messages as another client would between the
+listing and the body fetch (IT-16).
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ class ImapFaults:
     refuse_skip: int = 0
     #: An untagged ``* OK [ALERT] <text>`` right after a successful LOGIN.
     alert: str | None = None
+    #: UIDs that another client expunges when the first ``BODY.PEEK[]`` fetch arrives
+    #: (after the listing saw them): the fetch then returns no body for them (IT-16).
+    expunged_by_other: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -61,9 +68,16 @@ class ImapServer:
     is left; ``transcript`` holds every line the client sent (LOGIN's password masked).
     """
 
-    def __init__(self, faults: ImapFaults | None = None, *, gmail: bool = False) -> None:
+    def __init__(
+        self,
+        faults: ImapFaults | None = None,
+        *,
+        gmail: bool = False,
+        extensions: tuple[str, ...] = ("UIDPLUS", "MOVE"),
+    ) -> None:
         self.faults = faults or ImapFaults()
         self.gmail = gmail
+        self.extensions = extensions
         self.host = "127.0.0.1"
         self.port = 0
         self.transcript: list[str] = []
@@ -96,7 +110,9 @@ class ImapServer:
     @property
     def capabilities(self) -> str:
         """What CAPABILITY lists."""
-        return "IMAP4rev1 UIDPLUS" + (" X-GM-EXT-1" if self.gmail else "")
+        return " ".join(
+            ("IMAP4rev1", *self.extensions, *(("X-GM-EXT-1",) if self.gmail else ()))
+        )
 
     def __enter__(self) -> ImapServer:
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -214,16 +230,28 @@ class ImapServer:
                         if m.uid in uids and flag:
                             m.flags.update(flag[1].split())
                     send(f"{tag} OK done")
-                elif command == "UID EXPUNGE":
+                elif command == "UID EXPUNGE" and self._has(command):
+                    self._expunge(selected, _uids(rest.split(" ")[2]), send)
+                    send(f"{tag} OK done")
+                elif command in ("UID COPY", "UID MOVE") and self._has(command):
                     uids = _uids(rest.split(" ")[2])
-                    keep: list[_Message] = []
-                    for m in self._folders[selected]:
-                        if m.uid in uids and "\\Deleted" in m.flags:
-                            # The sequence number as the list shrinks (RFC 3501 §7.4.1).
-                            send(f"* {len(keep) + 1} EXPUNGE")
-                        else:
-                            keep.append(m)
-                    self._folders[selected] = keep
+                    target = rest.split(" ", 3)[3].strip('"')
+                    if target not in self._folders:
+                        send(f"{tag} NO [TRYCREATE] no such folder")
+                        continue
+                    moved = [m for m in self._folders[selected] if m.uid in uids]
+                    for m in moved:
+                        self.add_message(m.data, target, gm_msgid=m.gm_msgid)
+                    if command == "UID MOVE":
+                        self._expunge(selected, {m.uid for m in moved}, send, flagged=False)
+                    send(f"{tag} OK done")
+                elif word == "CREATE":
+                    name = rest.split(" ", 1)[1].strip('"')
+                    self._folders.setdefault(name, [])
+                    self._next_uid.setdefault(name, 1)
+                    send(f"{tag} OK done")
+                elif word == "EXPUNGE":
+                    self._expunge(selected, None, send)
                     send(f"{tag} OK done")
                 elif word == "NOOP":
                     send(f"{tag} OK done")
@@ -239,6 +267,26 @@ class ImapServer:
                 await writer.drain()
             writer.transport.abort()
 
+    def _has(self, command: str) -> bool:
+        """Whether ``command`` is offered: ``UID EXPUNGE`` needs UIDPLUS, ``UID MOVE``
+        needs MOVE."""
+        need = {"UID EXPUNGE": "UIDPLUS", "UID MOVE": "MOVE"}.get(command)
+        return need is None or need in self.extensions
+
+    def _expunge(
+        self, folder: str, uids: set[int] | None, send: Any, *, flagged: bool = True
+    ) -> None:
+        """Remove ``uids`` (every one when None) of ``folder`` that carry ``\\Deleted``
+        (any, when not ``flagged``), announcing each ``* n EXPUNGE``."""
+        keep: list[_Message] = []
+        for m in self._folders[folder]:
+            if (uids is None or m.uid in uids) and (not flagged or "\\Deleted" in m.flags):
+                # The sequence number as the list shrinks (RFC 3501 §7.4.1).
+                send(f"* {len(keep) + 1} EXPUNGE")
+            else:
+                keep.append(m)
+        self._folders[folder] = keep
+
     async def _fetch(
         self, folder: str, rest: str, send: Any, writer: asyncio.StreamWriter
     ) -> bool:
@@ -247,6 +295,11 @@ class ImapServer:
         parts = rest.split(" ", 3)
         wanted = _uids(parts[2], last=self._next_uid[folder] - 1)
         items = parts[3].upper()
+        if faults.expunged_by_other and "BODY.PEEK[]" in items:
+            # IT-16: another client's expunge; this session is not told (Dovecot too
+            # answers a UID FETCH of a vanished UID with OK and no data).
+            gone, faults.expunged_by_other = faults.expunged_by_other, frozenset()
+            self._folders[folder] = [m for m in self._folders[folder] if m.uid not in gone]
         for seq, m in enumerate(self._folders[folder], 1):
             if m.uid not in wanted:
                 continue

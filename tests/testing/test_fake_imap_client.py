@@ -5,6 +5,7 @@ message and never acknowledge anything."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -220,3 +221,78 @@ async def test_ic46_untagged_alert_is_logged_and_the_session_goes_on() -> None:
     assert [e["text"] for e in logs if e["event"] == "imap_alert"] == [
         "Your account is over quota"
     ]
+
+
+async def acknowledge_all(
+    srv: ImapServer, tmp_path: Path, ack: Ack
+) -> tuple[list[object], list[str]]:
+    """Retrieve every INBOX message, acknowledge each with ``ack``, commit; returns
+    what was retrieved and the client lines sent from the first acknowledgement on."""
+    got: list[object] = []
+    async with source(srv).session() as session:
+        refs = await session.list()
+        async for item in session.retrieve(refs, spool_dir=tmp_path, spool_threshold=1 << 20):
+            got.append(item)
+            if isinstance(item, Message):
+                await session.acknowledge([item.ref], ack)
+        start = len(srv.transcript)
+        await session.commit()
+    return got, [line.split(" ", 1)[1] for line in srv.transcript[start:]]
+
+
+async def test_ic38_without_uidplus_no_expunge_of_any_kind(
+    imap_server_factory: Any, tmp_path: Path
+) -> None:
+    srv = imap_server_factory(extensions=())
+    for raw in RAWS:
+        srv.add_message(raw)
+    with capture_logs() as logs:
+        got, sent = await acknowledge_all(srv, tmp_path, Ack(AckKind.DELETE))
+    assert len(got) == 3
+    assert sent == ["UID STORE 1:3 +FLAGS.SILENT (\\Deleted)", "LOGOUT"]
+    assert not any("EXPUNGE" in line for line in srv.transcript)
+    assert srv.messages == RAWS  # still there, flagged \Deleted for an expunging client
+    assert any(e["event"] == "imap_expunge_deferred" for e in logs)
+
+
+async def test_ic40_move_with_the_extension(imap_server: ImapServer, tmp_path: Path) -> None:
+    imap_server.add_message(RAWS[0])
+    imap_server.add_message(RAWS[1], folder="Processed")
+    _, sent = await acknowledge_all(imap_server, tmp_path, Ack(AckKind.MOVE, "Processed"))
+    assert sent == ['UID MOVE 1 "Processed"', "LOGOUT"]
+    assert imap_server.messages == []
+    assert imap_server.folder("Processed") == [RAWS[1], RAWS[0]]
+
+
+async def test_ic41_without_move_copy_then_delete_creating_the_folder(
+    imap_server_factory: Any, tmp_path: Path
+) -> None:
+    srv = imap_server_factory(extensions=("UIDPLUS",))
+    for raw in RAWS:
+        srv.add_message(raw)
+    _, sent = await acknowledge_all(srv, tmp_path, Ack(AckKind.MOVE, "Done"))
+    assert sent == [
+        'UID COPY 1:3 "Done"',  # refused: [TRYCREATE]
+        'CREATE "Done"',
+        'UID COPY 1:3 "Done"',
+        "UID STORE 1:3 +FLAGS.SILENT (\\Deleted)",
+        "UID EXPUNGE 1:3",
+        "LOGOUT",
+    ]
+    assert srv.messages == []
+    assert srv.folder("Done") == RAWS
+
+
+async def test_it16_expunged_by_another_client_is_unretrievable_and_the_rest_acknowledged(
+    imap_server_factory: Any, tmp_path: Path
+) -> None:
+    srv = imap_server_factory(ImapFaults(expunged_by_other=frozenset({2})))
+    for raw in RAWS:
+        srv.add_message(raw)
+    got, sent = await acknowledge_all(srv, tmp_path, Ack(AckKind.DELETE))
+    assert [type(g).__name__ for g in got] == ["Message", "Unretrievable", "Message"]
+    assert [g.raw for g in got if isinstance(g, Message)] == [RAWS[0], RAWS[2]]
+    assert sent == [
+        "UID STORE 1,3 +FLAGS.SILENT (\\Deleted)", "UID EXPUNGE 1,3", "LOGOUT"
+    ]
+    assert srv.messages == []
