@@ -5,7 +5,8 @@ Just enough IMAP4rev1 for the ``imap`` source: CAPABILITY, LOGIN, SELECT/EXAMINE
 ``UID STORE``, ``UID EXPUNGE``, ``UID COPY``/``UID MOVE`` (``[TRYCREATE]`` for a missing
 folder), CREATE, EXPUNGE, NOOP, LOGOUT, folders made by :meth:`ImapServer.add_message`.
 ``extensions`` chooses what CAPABILITY lists beyond IMAP4rev1 (UIDPLUS and MOVE by
-default), so a test can play a server without UIDPLUS (IC-38) or MOVE (IC-41).
+default), so a test can play a server without UIDPLUS (IC-38) or MOVE (IC-41), with
+LOGINDISABLED (IC-17) or with ``AUTH=PLAIN`` (AUTHENTICATE PLAIN is then answered).
 Every client line goes to :attr:`ImapServer.transcript`, so tests assert what was (and
 was not) sent. ``gmail=True`` plays Gmail: ``X-GM-EXT-1`` and each message's
 ``X-GM-MSGID`` (one message may sit in several folders, its labels).
@@ -14,13 +15,15 @@ Faults (:class:`ImapFaults`): close the connection part-way through a body liter
 announce a body literal with a wrong size, answer a command with ``* BYE``, refuse
 LOGIN or another command with ``NO`` and a response code (Gmail's ``[ALERT]``,
 ``[THROTTLED]``, ``[UNAVAILABLE]``, ``[AUTHENTICATIONFAILED]``), send an untagged
-``* OK [ALERT]`` after login, expunge messages as another client would between the
+``* OK [ALERT]`` after login, send each body twice, greet late or never answer a command,
+expunge messages as another client would between the
 listing and the body fetch (IT-16).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import re
 import threading
@@ -51,6 +54,12 @@ class ImapFaults:
     #: UIDs that another client expunges when the first ``BODY.PEEK[]`` fetch arrives
     #: (after the listing saw them): the fetch then returns no body for them (IT-16).
     expunged_by_other: frozenset[int] = frozenset()
+    #: Send every body twice (two ``FETCH`` responses for one UID), as Gmail may (IT-05).
+    repeat_body: bool = False
+    #: Seconds to wait before the greeting (the client's greeting timeout, IS-11).
+    greeting_delay: float = 0.0
+    #: A command keyword (``"UID FETCH"``) that is read and never answered (IS-11).
+    stall_on: str | None = None
 
 
 @dataclass
@@ -65,7 +74,7 @@ class ImapServer:
     """Run in a background thread; use as a context manager (``with ImapServer() as s``).
 
     User ``user``, password ``pass``; ``add_message(bytes)``; ``messages`` lists what
-    is left; ``transcript`` holds every line the client sent (LOGIN's password masked).
+    is left; ``transcript`` holds every line the client sent (LOGIN's and AUTHENTICATE's arguments masked).
     """
 
     def __init__(
@@ -171,6 +180,8 @@ class ImapServer:
         def send(line: str) -> None:
             writer.write(line.encode() + b"\r\n")
 
+        if faults.greeting_delay:
+            await asyncio.sleep(faults.greeting_delay)
         send(f"* OK [CAPABILITY {self.capabilities}] fake ready")
         try:
             while not dropped:
@@ -181,9 +192,10 @@ class ImapServer:
                 tag, _, rest = line.partition(" ")
                 word = rest.split(" ", 1)[0].upper()
                 command = " ".join(rest.split(" ", 2)[:2]).upper() if word == "UID" else word
-                self.transcript.append(
-                    f"{tag} LOGIN ***" if word == "LOGIN" else line
-                )
+                masked = word in ("LOGIN", "AUTHENTICATE")
+                self.transcript.append(f"{tag} {word} ***" if masked else line)
+                if faults.stall_on is not None and command == faults.stall_on.upper():
+                    await asyncio.sleep(3600)  # ended by the client's timeout
                 if faults.bye_on is not None and command == faults.bye_on.upper():
                     faults.bye_on = None
                     send("* BYE fault injected")
@@ -205,6 +217,25 @@ class ImapServer:
                     elif ok:
                         if faults.alert is not None:
                             send(f"* OK [ALERT] {faults.alert}")
+                        send(f"{tag} OK [CAPABILITY {self.capabilities}] in")
+                    else:
+                        send(f"{tag} NO [AUTHENTICATIONFAILED] bad")
+                elif word == "AUTHENTICATE" and "AUTH=PLAIN" in self.extensions:
+                    # SASL PLAIN (RFC 4616), with an initial response or after "+ ".
+                    args = rest.split(" ")
+                    if len(args) > 2:
+                        answer = args[2]
+                    else:
+                        send("+ ")
+                        await writer.drain()
+                        answer = (await reader.readline()).decode("ascii", "replace").strip()
+                    try:
+                        fields = base64.b64decode(answer, validate=True).split(b"\0")
+                    except ValueError:
+                        fields = []
+                    if faults.login_refusal is not None:
+                        send(f"{tag} NO {faults.login_refusal}")
+                    elif fields[1:] == [b"user", b"pass"]:
                         send(f"{tag} OK [CAPABILITY {self.capabilities}] in")
                     else:
                         send(f"{tag} NO [AUTHENTICATIONFAILED] bad")
@@ -327,6 +358,8 @@ class ImapServer:
                 await writer.drain()
                 return True
             writer.write(body + b")\r\n")
+            if faults.repeat_body:
+                writer.write(f"{head} {{{size}}}\r\n".encode() + body + b")\r\n")
         return False
 
 
