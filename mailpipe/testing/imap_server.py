@@ -3,9 +3,13 @@
 Just enough IMAP4rev1 for the ``imap`` source: CAPABILITY, LOGIN, SELECT/EXAMINE,
 ``UID FETCH`` of ``UID``/``RFC822.SIZE``/``FLAGS``/``BODY.PEEK[]``/``BODY.PEEK[HEADER]``,
 ``UID SEARCH`` with ``UID set``, ``UNSEEN``, ``SINCE d-Mon-yyyy`` and ``ALL``,
-``UID STORE``, ``UID EXPUNGE``, NOOP, LOGOUT, folders made by :meth:`ImapServer.add_message`.
+``UID STORE``, ``UID EXPUNGE``, ``UID COPY``/``UID MOVE`` (``[TRYCREATE]`` for a missing
+folder), CREATE, EXPUNGE, NOOP, LOGOUT, folders made by :meth:`ImapServer.add_message`.
 A UID set ending in ``*`` holds the folder's largest UID even when it is below the
 range's start (RFC 9051 §6.4.9), as real servers do.
+``extensions`` chooses what CAPABILITY lists beyond IMAP4rev1 (UIDPLUS and MOVE by
+default), so a test can play a server without UIDPLUS (IC-38) or MOVE (IC-41), with
+LOGINDISABLED (IC-17) or with ``AUTH=PLAIN`` (AUTHENTICATE PLAIN is then answered).
 Every client line goes to :attr:`ImapServer.transcript`, so tests assert what was (and
 was not) sent. ``gmail=True`` plays Gmail: ``X-GM-EXT-1`` and each message's
 ``X-GM-MSGID`` (one message may sit in several folders, its labels).
@@ -14,12 +18,15 @@ Faults (:class:`ImapFaults`): close the connection part-way through a body liter
 announce a body literal with a wrong size, answer a command with ``* BYE``, refuse
 LOGIN or another command with ``NO`` and a response code (Gmail's ``[ALERT]``,
 ``[THROTTLED]``, ``[UNAVAILABLE]``, ``[AUTHENTICATIONFAILED]``), send an untagged
-``* OK [ALERT]`` after login.
+``* OK [ALERT]`` after login, send each body twice, greet late or never answer a command,
+expunge messages as another client would between the
+listing and the body fetch (IT-16).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import re
 import threading
@@ -48,6 +55,15 @@ class ImapFaults:
     refuse_skip: int = 0
     #: An untagged ``* OK [ALERT] <text>`` right after a successful LOGIN.
     alert: str | None = None
+    #: UIDs that another client expunges when the first ``BODY.PEEK[]`` fetch arrives
+    #: (after the listing saw them): the fetch then returns no body for them (IT-16).
+    expunged_by_other: frozenset[int] = frozenset()
+    #: Send every body twice (two ``FETCH`` responses for one UID), as Gmail may (IT-05).
+    repeat_body: bool = False
+    #: Seconds to wait before the greeting (the client's greeting timeout, IS-11).
+    greeting_delay: float = 0.0
+    #: A command keyword (``"UID FETCH"``) that is read and never answered (IS-11).
+    stall_on: str | None = None
 
 
 @dataclass
@@ -63,12 +79,19 @@ class ImapServer:
     """Run in a background thread; use as a context manager (``with ImapServer() as s``).
 
     User ``user``, password ``pass``; ``add_message(bytes)``; ``messages`` lists what
-    is left; ``transcript`` holds every line the client sent (LOGIN's password masked).
+    is left; ``transcript`` holds every line the client sent (LOGIN's and AUTHENTICATE's arguments masked).
     """
 
-    def __init__(self, faults: ImapFaults | None = None, *, gmail: bool = False) -> None:
+    def __init__(
+        self,
+        faults: ImapFaults | None = None,
+        *,
+        gmail: bool = False,
+        extensions: tuple[str, ...] = ("UIDPLUS", "MOVE"),
+    ) -> None:
         self.faults = faults or ImapFaults()
         self.gmail = gmail
+        self.extensions = extensions
         self.host = "127.0.0.1"
         self.port = 0
         self.transcript: list[str] = []
@@ -111,7 +134,9 @@ class ImapServer:
     @property
     def capabilities(self) -> str:
         """What CAPABILITY lists."""
-        return "IMAP4rev1 UIDPLUS" + (" X-GM-EXT-1" if self.gmail else "")
+        return " ".join(
+            ("IMAP4rev1", *self.extensions, *(("X-GM-EXT-1",) if self.gmail else ()))
+        )
 
     def __enter__(self) -> ImapServer:
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -170,6 +195,8 @@ class ImapServer:
         def send(line: str) -> None:
             writer.write(line.encode() + b"\r\n")
 
+        if faults.greeting_delay:
+            await asyncio.sleep(faults.greeting_delay)
         send(f"* OK [CAPABILITY {self.capabilities}] fake ready")
         try:
             while not dropped:
@@ -180,9 +207,10 @@ class ImapServer:
                 tag, _, rest = line.partition(" ")
                 word = rest.split(" ", 1)[0].upper()
                 command = " ".join(rest.split(" ", 2)[:2]).upper() if word == "UID" else word
-                self.transcript.append(
-                    f"{tag} LOGIN ***" if word == "LOGIN" else line
-                )
+                masked = word in ("LOGIN", "AUTHENTICATE")
+                self.transcript.append(f"{tag} {word} ***" if masked else line)
+                if faults.stall_on is not None and command == faults.stall_on.upper():
+                    await asyncio.sleep(3600)  # ended by the client's timeout
                 if faults.bye_on is not None and command == faults.bye_on.upper():
                     faults.bye_on = None
                     send("* BYE fault injected")
@@ -204,6 +232,25 @@ class ImapServer:
                     elif ok:
                         if faults.alert is not None:
                             send(f"* OK [ALERT] {faults.alert}")
+                        send(f"{tag} OK [CAPABILITY {self.capabilities}] in")
+                    else:
+                        send(f"{tag} NO [AUTHENTICATIONFAILED] bad")
+                elif word == "AUTHENTICATE" and "AUTH=PLAIN" in self.extensions:
+                    # SASL PLAIN (RFC 4616), with an initial response or after "+ ".
+                    args = rest.split(" ")
+                    if len(args) > 2:
+                        answer = args[2]
+                    else:
+                        send("+ ")
+                        await writer.drain()
+                        answer = (await reader.readline()).decode("ascii", "replace").strip()
+                    try:
+                        fields = base64.b64decode(answer, validate=True).split(b"\0")
+                    except ValueError:
+                        fields = []
+                    if faults.login_refusal is not None:
+                        send(f"{tag} NO {faults.login_refusal}")
+                    elif fields[1:] == [b"user", b"pass"]:
                         send(f"{tag} OK [CAPABILITY {self.capabilities}] in")
                     else:
                         send(f"{tag} NO [AUTHENTICATIONFAILED] bad")
@@ -233,16 +280,28 @@ class ImapServer:
                         if m.uid in uids and flag:
                             m.flags.update(flag[1].split())
                     send(f"{tag} OK done")
-                elif command == "UID EXPUNGE":
+                elif command == "UID EXPUNGE" and self._has(command):
+                    self._expunge(selected, _uids(rest.split(" ")[2]), send)
+                    send(f"{tag} OK done")
+                elif command in ("UID COPY", "UID MOVE") and self._has(command):
                     uids = _uids(rest.split(" ")[2])
-                    keep: list[_Message] = []
-                    for m in self._folders[selected]:
-                        if m.uid in uids and "\\Deleted" in m.flags:
-                            # The sequence number as the list shrinks (RFC 3501 §7.4.1).
-                            send(f"* {len(keep) + 1} EXPUNGE")
-                        else:
-                            keep.append(m)
-                    self._folders[selected] = keep
+                    target = rest.split(" ", 3)[3].strip('"')
+                    if target not in self._folders:
+                        send(f"{tag} NO [TRYCREATE] no such folder")
+                        continue
+                    moved = [m for m in self._folders[selected] if m.uid in uids]
+                    for m in moved:
+                        self.add_message(m.data, target, gm_msgid=m.gm_msgid)
+                    if command == "UID MOVE":
+                        self._expunge(selected, {m.uid for m in moved}, send, flagged=False)
+                    send(f"{tag} OK done")
+                elif word == "CREATE":
+                    name = rest.split(" ", 1)[1].strip('"')
+                    self._folders.setdefault(name, [])
+                    self._next_uid.setdefault(name, 1)
+                    send(f"{tag} OK done")
+                elif word == "EXPUNGE":
+                    self._expunge(selected, None, send)
                     send(f"{tag} OK done")
                 elif word == "NOOP":
                     send(f"{tag} OK done")
@@ -258,6 +317,26 @@ class ImapServer:
                 await writer.drain()
             writer.transport.abort()
 
+    def _has(self, command: str) -> bool:
+        """Whether ``command`` is offered: ``UID EXPUNGE`` needs UIDPLUS, ``UID MOVE``
+        needs MOVE."""
+        need = {"UID EXPUNGE": "UIDPLUS", "UID MOVE": "MOVE"}.get(command)
+        return need is None or need in self.extensions
+
+    def _expunge(
+        self, folder: str, uids: set[int] | None, send: Any, *, flagged: bool = True
+    ) -> None:
+        """Remove ``uids`` (every one when None) of ``folder`` that carry ``\\Deleted``
+        (any, when not ``flagged``), announcing each ``* n EXPUNGE``."""
+        keep: list[_Message] = []
+        for m in self._folders[folder]:
+            if (uids is None or m.uid in uids) and (not flagged or "\\Deleted" in m.flags):
+                # The sequence number as the list shrinks (RFC 3501 §7.4.1).
+                send(f"* {len(keep) + 1} EXPUNGE")
+            else:
+                keep.append(m)
+        self._folders[folder] = keep
+
     async def _fetch(
         self, folder: str, rest: str, send: Any, writer: asyncio.StreamWriter
     ) -> bool:
@@ -266,6 +345,11 @@ class ImapServer:
         parts = rest.split(" ", 3)
         wanted = _uids(parts[2], last=self._largest(folder))
         items = parts[3].upper()
+        if faults.expunged_by_other and "BODY.PEEK[]" in items:
+            # IT-16: another client's expunge; this session is not told (Dovecot too
+            # answers a UID FETCH of a vanished UID with OK and no data).
+            gone, faults.expunged_by_other = faults.expunged_by_other, frozenset()
+            self._folders[folder] = [m for m in self._folders[folder] if m.uid not in gone]
         for seq, m in enumerate(self._folders[folder], 1):
             if m.uid not in wanted:
                 continue
@@ -293,6 +377,8 @@ class ImapServer:
                 await writer.drain()
                 return True
             writer.write(body + b")\r\n")
+            if faults.repeat_body:
+                writer.write(f"{head} {{{size}}}\r\n".encode() + body + b")\r\n")
         return False
 
 

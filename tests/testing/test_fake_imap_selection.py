@@ -321,16 +321,10 @@ def test_ic33_esearch_all_and_legacy_search_are_both_read() -> None:
     assert search_uids((Atom("3"), Atom("12"))) == [3, 12]
 
 
-class NoUidplus(ImapServer):
-    @property
-    def capabilities(self) -> str:
-        return "IMAP4rev1"
-
-
 async def test_without_uidplus_the_folder_is_always_listed_whole(tmp_path: Path) -> None:
     """IC-38 leaves deleted mail in the folder: a cursor must not hide it (its entry
     is pruned once DELETED and unlisted; a later full listing would run it again)."""
-    with NoUidplus() as srv:
+    with ImapServer(extensions=("MOVE",)) as srv:
         srv.add_message(raw(0))
         rig = Rig(srv, tmp_path)
         await rig.poll()
