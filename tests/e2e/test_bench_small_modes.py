@@ -73,12 +73,11 @@ def test_imap_retrieval_small() -> None:
 
 def test_imap_selection_small() -> None:
     from mailpipe.testing.dovecot import dovecot_unavailable_reason
+    from mailpipe.testing.pytest_plugin import skip_or_fail
 
     reason = dovecot_unavailable_reason(imap=True)
     if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        skip_or_fail(reason)
     out = run("bench/imap_selection.py", "--small")
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1]
             for line in out.splitlines() if line.startswith("| mailpipe-")}

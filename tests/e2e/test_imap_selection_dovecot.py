@@ -41,6 +41,13 @@ def append(
             assert client.append(f'"{folder}"', flags, when, raw)[0] == "OK"
 
 
+def filled(d: Dovecot, raws: list[bytes], **append_keys: Any) -> DovecotUser:
+    """A new user whose folder ``Support`` holds ``raws``."""
+    user = d.add_user()
+    append(d, user, "Support", raws, **append_keys)
+    return user
+
+
 def pipeline(tmp_path: Path, d: Dovecot, user: DovecotUser, **mailbox: Any) -> Path:
     """The IMAP suite's pipeline (store.maildir) on folder ``Support``."""
     return imap_pipeline(tmp_path, d, user, folders=["Support"], **mailbox)
@@ -70,10 +77,8 @@ def flags_of(d: Dovecot, user: DovecotUser, folder: str) -> list[str]:
 def test_mp05_keep_mode_second_run_lists_from_the_watermark(
     dovecot_imap: Dovecot, tmp_path: Path
 ) -> None:
-    d = dovecot_imap
-    user = d.add_user()
-    raws = crafted(5)
-    append(d, user, "Support", raws[:3])
+    d, raws = dovecot_imap, crafted(5)
+    user = filled(d, raws[:3])
     config = pipeline(tmp_path, d, user, delete="never")
     summary, listed = run(config)
     assert summary["retrieved"] == 3, summary
@@ -97,10 +102,8 @@ def test_mp05_keep_mode_second_run_lists_from_the_watermark(
 def test_mp05_select_unseen_takes_only_unseen_mail_and_leaves_it_unseen(
     dovecot_imap: Dovecot, tmp_path: Path
 ) -> None:
-    d = dovecot_imap
-    user = d.add_user()
-    raws = crafted(4)
-    append(d, user, "Support", raws[:2], flags="(\\Seen)")
+    d, raws = dovecot_imap, crafted(4)
+    user = filled(d, raws[:2], flags="(\\Seen)")
     append(d, user, "Support", raws[2:])
     config = pipeline(tmp_path, d, user, delete="never", select="unseen")
     summary, listed = run(config)
@@ -118,10 +121,8 @@ def test_mp05_select_unseen_takes_only_unseen_mail_and_leaves_it_unseen(
 def test_mp05_select_unseen_with_the_seen_flag_as_acknowledgement(
     dovecot_imap: Dovecot, tmp_path: Path
 ) -> None:
-    d = dovecot_imap
-    user = d.add_user()
-    raws = crafted(3)
-    append(d, user, "Support", raws[:1], flags="(\\Seen)")
+    d, raws = dovecot_imap, crafted(3)
+    user = filled(d, raws[:1], flags="(\\Seen)")
     append(d, user, "Support", raws[1:])
     config = pipeline(tmp_path, d, user, select="unseen",
                       acknowledge={"flag": "\\Seen"})
@@ -136,11 +137,9 @@ def test_mp05_select_unseen_with_the_seen_flag_as_acknowledgement(
 def test_mp05_since_days_takes_only_recent_mail(
     dovecot_imap: Dovecot, tmp_path: Path
 ) -> None:
-    d = dovecot_imap
-    user = d.add_user()
-    raws = crafted(4)
+    d, raws = dovecot_imap, crafted(4)
     old, new = raws[:2], raws[2:]
-    append(d, user, "Support", old, days_ago=40)
+    user = filled(d, old, days_ago=40)
     append(d, user, "Support", new, days_ago=1)
     config = pipeline(tmp_path, d, user, delete="never", since_days=7)
     summary, listed = run(config)
@@ -152,10 +151,8 @@ def test_mp05_since_days_takes_only_recent_mail(
 def test_mp05_new_uidvalidity_resets_the_watermark(
     dovecot_imap: Dovecot, tmp_path: Path
 ) -> None:
-    d = dovecot_imap
-    user = d.add_user()
-    raws = crafted(4)
-    append(d, user, "Support", raws[:3])
+    d, raws = dovecot_imap, crafted(4)
+    user = filled(d, raws[:3])
     config = pipeline(tmp_path, d, user, delete="never")
     run(config)
     [before] = cursors(tmp_path).items()
