@@ -51,7 +51,8 @@ def usable(cfg: MailboxConfig) -> bool:
 def advance(coverage: Mapping[str, Coverage], entries: Mapping[str, Entry]) -> dict[str, int]:
     """The new cursor of every scope in ``coverage``: its start, moved over the
     listed positions in order while their entries (``entries``, by uid) are
-    finished; it stops at the first one that is not."""
+    finished; it stops at the first one that is not. A scope left at 0 (nothing to
+    skip) is left out."""
     out: dict[str, int] = {}
     for scope, cover in coverage.items():
         position = cover.start
@@ -59,5 +60,6 @@ def advance(coverage: Mapping[str, Coverage], entries: Mapping[str, Entry]) -> d
             if not finished(entries.get(cover.listed[listed])):
                 break
             position = listed
-        out[scope] = position
+        if position > 0:
+            out[scope] = position
     return out

@@ -23,7 +23,7 @@ from mailpipe.ledger import forget
 from mailpipe.plugin_manager import Hooks, load
 from mailpipe.quarantine import Quarantine
 from mailpipe.source import CursorSession
-from mailpipe.testing.imap_server import ImapServer
+from mailpipe.testing.imap_server import ImapFaults, ImapServer
 from mailpipe.validation import validate_config
 
 SCOPE = "INBOX;UIDVALIDITY=1234"
@@ -331,3 +331,34 @@ async def test_without_uidplus_the_folder_is_always_listed_whole(tmp_path: Path)
         assert rig.cursors() == {SCOPE: 1}
         assert await rig.poll() == ["UID FETCH 1:* (UID RFC822.SIZE)"]
         assert Recorder.seen == ["0"]
+
+
+async def test_an_oversize_skipped_message_holds_the_watermark(
+    server: ImapServer, tmp_path: Path
+) -> None:
+    server.add_message(raw(0))
+    server.add_message(raw(1, "x" * 400))  # over max_message_size: skipped, kept
+    server.add_message(raw(2))
+    rig = Rig(server, tmp_path, max_message_size=200)
+    await rig.poll()
+    assert Recorder.seen == ["0", "2"]
+    assert rig.cursors() == {SCOPE: 1}
+    assert (await rig.poll())[0] == "UID FETCH 2:* (UID RFC822.SIZE)"
+    assert Recorder.seen == ["0", "2"]
+
+
+async def test_an_unretrievable_message_holds_the_watermark_and_is_retried(
+    tmp_path: Path,
+) -> None:
+    # The listing's UID FETCH goes through; the first body fetch (UID 1) is refused.
+    faults = ImapFaults(refuse=("UID FETCH", "[SERVERBUG] try later"), refuse_skip=1)
+    with ImapServer(faults) as srv:
+        srv.add_message(raw(0))
+        srv.add_message(raw(1))
+        rig = Rig(srv, tmp_path)
+        await rig.runner.poll()
+        assert Recorder.seen == ["1"]
+        assert rig.cursors() == {}  # UID 1 unretrievable: nothing passed
+        assert (await rig.poll())[0] == "UID FETCH 1:* (UID RFC822.SIZE)"
+        assert Recorder.seen == ["1", "0"]
+        assert rig.cursors() == {SCOPE: 2}
