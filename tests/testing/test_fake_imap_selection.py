@@ -362,3 +362,20 @@ async def test_an_unretrievable_message_holds_the_watermark_and_is_retried(
         assert (await rig.poll())[0] == "UID FETCH 1:* (UID RFC822.SIZE)"
         assert Recorder.seen == ["1", "0"]
         assert rig.cursors() == {SCOPE: 2}
+
+
+async def test_gmail_label_copies_advance_every_folders_watermark(tmp_path: Path) -> None:
+    """IC-46: a message under two labels is listed (and run) once, and both folders'
+    watermarks pass it."""
+    with ImapServer(gmail=True) as srv:
+        srv.add_message(raw(0), "INBOX", gm_msgid=7)
+        srv.add_message(raw(0), "Support", gm_msgid=7)
+        srv.add_message(raw(1), "Support", gm_msgid=8)
+        rig = Rig(srv, tmp_path, folders=["INBOX", "Support"])
+        await rig.poll()
+        assert Recorder.seen == ["0", "1"]
+        assert rig.cursors() == {SCOPE: 1, "Support;UIDVALIDITY=1234": 2}
+        assert await rig.poll() == [
+            "UID FETCH 2:* (UID RFC822.SIZE X-GM-MSGID)",
+            "UID FETCH 3:* (UID RFC822.SIZE X-GM-MSGID)",
+        ]
