@@ -15,7 +15,9 @@ The engine knows sources only through this module:
   every committing step and the journal batch are durable (MP-01).
 - A push-capable source offers :meth:`PushSource.wait_for_mail`, which the scheduler
   awaits instead of its poll timer while the latest session's facts say ``can_push``
-  (IMAP: the server offers IDLE).
+  (IMAP: IDLE, or STATUS polling without it). A source that holds connections between
+  waits also offers :meth:`ClosableSource.close`, which the scheduler awaits when it
+  stops.
 
 :mod:`mailpipe.testing.contract` holds the test suite any source proves itself with.
 """
@@ -228,6 +230,15 @@ class PushSource(Protocol):
         """Return True as soon as new mail may be there, False after ``timeout``
         seconds without any. Never raises for a lost connection: it returns True, so
         that the next poll (which reconnects) reports the error."""
+        ...
+
+
+@runtime_checkable
+class ClosableSource(Protocol):
+    """A source that keeps resources between sessions (IMAP's push connections)."""
+
+    async def close(self) -> None:
+        """Release them (LOGOUT); called once when the scheduler stops. Never raises."""
         ...
 
 

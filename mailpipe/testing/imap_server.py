@@ -2,7 +2,9 @@
 
 Just enough IMAP4rev1 for the ``imap`` source: CAPABILITY, LOGIN, SELECT/EXAMINE,
 ``UID FETCH`` of ``UID``/``RFC822.SIZE``/``FLAGS``/``BODY.PEEK[]``/``BODY.PEEK[HEADER]``,
-``UID STORE``, ``UID EXPUNGE``, NOOP, LOGOUT, folders made by :meth:`ImapServer.add_message`.
+``UID STORE``, ``UID EXPUNGE``, NOOP, ``STATUS (UIDNEXT MESSAGES)``, LOGOUT, folders made
+by :meth:`ImapServer.add_message`; with ``idle=True`` also IDLE (RFC 2177): ``* n EXISTS``
+when a message is added to the selected folder while it runs, then DONE.
 Every client line goes to :attr:`ImapServer.transcript`, so tests assert what was (and
 was not) sent. ``gmail=True`` plays Gmail: ``X-GM-EXT-1`` and each message's
 ``X-GM-MSGID`` (one message may sit in several folders, its labels).
@@ -11,7 +13,7 @@ Faults (:class:`ImapFaults`): close the connection part-way through a body liter
 announce a body literal with a wrong size, answer a command with ``* BYE``, refuse
 LOGIN or another command with ``NO`` and a response code (Gmail's ``[ALERT]``,
 ``[THROTTLED]``, ``[UNAVAILABLE]``, ``[AUTHENTICATIONFAILED]``), send an untagged
-``* OK [ALERT]`` after login.
+``* OK [ALERT]`` after login, close the connection when IDLE is sent.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class ImapFaults:
     refuse_skip: int = 0
     #: An untagged ``* OK [ALERT] <text>`` right after a successful LOGIN.
     alert: str | None = None
+    #: Close the connection (no answer) whenever IDLE is sent.
+    drop_on_idle: bool = False
 
 
 @dataclass
@@ -61,9 +65,14 @@ class ImapServer:
     is left; ``transcript`` holds every line the client sent (LOGIN's password masked).
     """
 
-    def __init__(self, faults: ImapFaults | None = None, *, gmail: bool = False) -> None:
+    def __init__(
+        self, faults: ImapFaults | None = None, *, gmail: bool = False, idle: bool = False
+    ) -> None:
         self.faults = faults or ImapFaults()
         self.gmail = gmail
+        self.idle = idle
+        #: How many connections were accepted (every one greets; tests count logins).
+        self.connections = 0
         self.host = "127.0.0.1"
         self.port = 0
         self.transcript: list[str] = []
@@ -96,7 +105,11 @@ class ImapServer:
     @property
     def capabilities(self) -> str:
         """What CAPABILITY lists."""
-        return "IMAP4rev1 UIDPLUS" + (" X-GM-EXT-1" if self.gmail else "")
+        return (
+            "IMAP4rev1 UIDPLUS"
+            + (" X-GM-EXT-1" if self.gmail else "")
+            + (" IDLE" if self.idle else "")
+        )
 
     def __enter__(self) -> ImapServer:
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -151,10 +164,12 @@ class ImapServer:
         faults = self.faults
         dropped = False
         selected = "INBOX"
+        known = 0  # the message count this connection was told of (SELECT, EXISTS)
 
         def send(line: str) -> None:
             writer.write(line.encode() + b"\r\n")
 
+        self.connections += 1
         send(f"* OK [CAPABILITY {self.capabilities}] fake ready")
         try:
             while not dropped:
@@ -198,7 +213,8 @@ class ImapServer:
                         send(f"{tag} NO [NONEXISTENT] no such folder")
                         continue
                     selected = name
-                    send(f"* {len(self._folders[name])} EXISTS")
+                    known = len(self._folders[name])
+                    send(f"* {known} EXISTS")
                     send(f"* OK [UIDVALIDITY {self.uidvalidity}] ok")
                     send(f"* OK [UIDNEXT {self._next_uid[name]}] ok")
                     send("* OK [PERMANENTFLAGS (\\Deleted \\Seen \\*)] ok")
@@ -227,6 +243,20 @@ class ImapServer:
                     send(f"{tag} OK done")
                 elif word == "NOOP":
                     send(f"{tag} OK done")
+                elif word == "STATUS":
+                    name = rest.split(" ", 2)[1].strip('"')
+                    if name not in self._folders:
+                        send(f"{tag} NO [NONEXISTENT] no such folder")
+                        continue
+                    send(f'* STATUS "{name}" (MESSAGES {len(self._folders[name])} '
+                         f"UIDNEXT {self._next_uid[name]})")
+                    send(f"{tag} OK done")
+                elif word == "IDLE" and self.idle:
+                    if faults.drop_on_idle:
+                        break
+                    alive, known = await self._idle(selected, known, tag, reader, send, writer)
+                    if not alive:
+                        break
                 elif word == "LOGOUT":
                     send("* BYE bye")
                     send(f"{tag} OK done")
@@ -238,6 +268,37 @@ class ImapServer:
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
             writer.transport.abort()
+
+    async def _idle(
+        self, folder: str, known: int, tag: str, reader: asyncio.StreamReader, send: Any,
+        writer: asyncio.StreamWriter,
+    ) -> tuple[bool, int]:
+        """Run one IDLE (RFC 2177) until DONE: ``* n EXISTS`` once the folder holds
+        more than the ``known`` count. (False when the client went away, the count
+        the client now knows.)"""
+        send("+ idling")
+        await writer.drain()
+        for _ in range(1 << 30):  # bounded: a check every 20 ms until DONE
+            try:
+                raw = await asyncio.wait_for(reader.readline(), 0.02)
+            except TimeoutError:
+                count = len(self._folders.get(folder, []))
+                if count > known:
+                    known = count
+                    send(f"* {count} EXISTS")
+                    send("* 1 RECENT")
+                    await writer.drain()
+                continue
+            if not raw:
+                return False, known
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            self.transcript.append(line)
+            if line.upper() == "DONE":
+                send(f"{tag} OK idle done")
+                return True, known
+            send(f"{tag} BAD expected DONE")
+            return True, known
+        return True, known
 
     async def _fetch(
         self, folder: str, rest: str, send: Any, writer: asyncio.StreamWriter
