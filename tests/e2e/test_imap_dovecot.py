@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import imaplib
+import json
 import ssl
 import tracemalloc
 from collections import Counter
@@ -422,6 +423,46 @@ async def test_ic43_mail_between_listing_and_idle_wakes_at_once(
     source = ImapSource(session_options(d, user))
     async with source.session() as session:
         await session.list()
-    assert await source.wait_for_mail(0.2) is False  # nothing new: the timeout
-    d.deliver(user, crafted(1)[0])  # after the listing, before the next IDLE
-    assert await source.wait_for_mail(0.2) is True
+    try:
+        assert await source.wait_for_mail(0.2) is False  # nothing new: the timeout
+        d.deliver(user, crafted(1)[0])  # after the listing, before the next IDLE
+        assert await source.wait_for_mail(0.2) is True
+    finally:
+        await source.close()
+
+
+def test_ic47_append_into_a_second_folder_wakes_the_scheduler(
+    dovecot_imap: Dovecot, tmp_path: Path
+) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    raws = crafted(3)
+    append(d, user, "Support", raws[:1])
+    config = pipeline(
+        tmp_path, d, user, poll_interval=3600, folders=["INBOX", "Support"]
+    )  # only push can wake it
+    log_path = tmp_path / "run.log"
+    with log_path.open("wb") as log:
+        proc = start_mailpipe(config, "run", "{config}", log=log)
+        try:
+            first = wait_for_log(proc, log_path, b'"retrieved": 1', timeout=120)
+            assert first, log_path.read_text()[-3000:]
+            append(d, user, "Support", raws[1:2])  # not the first folder
+            assert wait_until(
+                lambda: log_path.read_text().count("session_finished") == 2, timeout=120
+            ), log_path.read_text()[-3000:]
+            assert len(stored_messages(tmp_path / "Maildir")) == 2
+            append(d, user, "INBOX", raws[2:])
+            assert wait_until(
+                lambda: len(stored_messages(tmp_path / "Maildir")) == 3, timeout=120
+            ), log_path.read_text()[-3000:]
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    text = log_path.read_text()
+    assert text.count("mailbox_woken") >= 2, text[-3000:]
+    events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    polls = sum(e["sessions"] for e in events if e["event"] == "session_finished")
+    opened = sum(1 for e in events if e["event"] == "imap_session_opened")
+    assert opened == polls + 2, text[-3000:]  # one IDLE connection per folder, kept
+    assert Counter(stored_messages(tmp_path / "Maildir")) == Counter(raws)
