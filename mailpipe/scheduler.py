@@ -87,7 +87,7 @@ def next_delay(
 
 
 async def close_sources(runners: Iterable[MailboxRunner]) -> None:
-    """Close every source that keeps connections between polls (IMAP push, IC-47);
+    """Close every source that keeps connections between polls (IMAP push, IC-44);
     a failure is logged, never raised."""
     for runner in runners:
         if isinstance(runner.source, ClosableSource):

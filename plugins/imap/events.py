@@ -195,7 +195,7 @@ def uid_copy(uids: str, mailbox: bytes) -> Command:
 
 def status(mailbox: bytes, items: str = "UIDNEXT") -> Command:
     """``STATUS mailbox (items)`` (RFC 9051 §6.3.11) of a mailbox that is not selected
-    (push polling, IC-47)."""
+    (push polling, IC-44)."""
     return Command(name="STATUS", args=(String(mailbox), Atom(f"({items})")))
 
 
@@ -393,7 +393,7 @@ def fetch_items(values: Sequence[Value]) -> dict[str, Value]:
 
 
 def status_items(values: Sequence[Value]) -> tuple[bytes, dict[str, int]]:
-    """``* STATUS mailbox (NAME n ...)`` → (mailbox as sent, {NAME: n}) (IC-47).
+    """``* STATUS mailbox (NAME n ...)`` → (mailbox as sent, {NAME: n}) (IC-44).
 
     Raises:
         ValueError: not a mailbox followed by a parenthesised list of pairs.

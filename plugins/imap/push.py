@@ -1,4 +1,6 @@
-"""Push for the ``imap`` source: a pool of connections watching every folder (IC-47).
+"""Push for the ``imap`` source: a pool of connections watching every folder.
+
+Issue 14 point 8; IDLE as IC-43, polling without it as IC-44.
 
 :meth:`PushPool.wait` returns True as soon as any configured folder has mail the last
 listing did not see, False after ``timeout``. Contract (:class:`mailpipe.source.PushSource`):
@@ -6,10 +8,10 @@ listing did not see, False after ``timeout``. Contract (:class:`mailpipe.source.
 - The first ``idle_connections`` folders each have a connection of their own that
   ``EXAMINE``\\ s the folder (read-only: watching never changes it) and IDLEs (IC-43);
   IDLE is ended with ``DONE`` and issued again every ``idle_renew`` seconds (RFC 2177
-  §3: before the server's 29-minute inactivity timer, IC-48).
+  §3: before the server's 29-minute inactivity timer, IC-43).
 - The other folders, and every folder when the server does not list IDLE, are polled on
   one shared connection with ``STATUS folder (UIDNEXT)`` every ``status_interval``
-  seconds (IC-47; it never selects, so STATUS is never sent for a selected mailbox).
+  seconds (IC-44; it never selects, so STATUS is never sent for a selected mailbox).
 - New mail means ``UIDNEXT`` beyond what the last listing saw (``listed_uidnext``) or an
   ``EXISTS``/``RECENT`` during IDLE: mail that arrived between the listing and the wait
   wakes it at once, and a reconnect never loses a wake-up (the comparison is absolute).
@@ -44,13 +46,13 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-#: IC-47: most IDLE connections per mailbox. With the poll's own session and the shared
+#: IC-44: most IDLE connections per mailbox. With the poll's own session and the shared
 #: STATUS connection that stays within Dovecot's default of 10 connections per user and
 #: address (mail_max_userip_connections).
 MAX_IDLE_CONNECTIONS: Final = 8
-#: IC-48: the default IDLE renewal, well before RFC 2177's 29 minutes.
+#: IC-43: the default IDLE renewal, well before RFC 2177's 29 minutes.
 IDLE_RENEW: Final = 25 * 60.0
-#: IC-47: the default interval of STATUS polling (folders without an IDLE connection).
+#: IC-44: the default interval of STATUS polling (folders without an IDLE connection).
 STATUS_INTERVAL: Final = 60.0
 #: Back-off before reopening a connection that failed: doubled per failure, capped.
 RECONNECT_INITIAL: Final = 1.0
@@ -235,7 +237,7 @@ class PushPool:
             return False
         self.server_idle = "IDLE" in session.client.capabilities
         if not self.server_idle and link is not self._status_link:
-            # IC-47: no IDLE: every folder is polled with STATUS on this connection.
+            # IC-44: no IDLE: every folder is polled with STATUS on this connection.
             self._status_link.session, link.session = link.session, None
             self._log.info("imap_push_without_idle", folders=len(self.folders))
         return True
@@ -246,7 +248,7 @@ class PushPool:
         self, link: _Link, wire: bytes, deadline: float, stop: asyncio.Event
     ) -> bool:
         """IDLE on ``wire`` until new mail (True), the deadline or ``stop`` (False); a
-        connection lost while watching is True (IC-43, IC-47, IC-48)."""
+        connection lost while watching is True (IC-43, IC-44)."""
         loop = asyncio.get_running_loop()
         for _ in range(1000):  # bounded: each round opens, renews or backs off
             session = await link.get(deadline, stop)
@@ -310,7 +312,7 @@ class PushPool:
         self, folders: list[bytes], deadline: float, stop: asyncio.Event
     ) -> bool:
         """``STATUS (UIDNEXT)`` of ``folders`` every ``status_interval`` seconds until
-        new mail (True), the deadline or ``stop`` (False) (IC-47)."""
+        new mail (True), the deadline or ``stop`` (False) (IC-44)."""
         link = self._status_link
         loop = asyncio.get_running_loop()
         for _ in range(1 << 20):  # bounded: one round per status_interval or back-off

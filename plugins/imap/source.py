@@ -145,19 +145,19 @@ class ImapOptions(ConnectionSecurity):
     )
     idle_connections: int | None = Field(
         strict=True, default=None, ge=0, le=MAX_IDLE_CONNECTIONS,
-        description="Push (IC-47): how many folders get an IDLE connection of their "
+        description="Push (IC-44): how many folders get an IDLE connection of their "
         "own, in the order of folders; default one per folder up to "
         f"{MAX_IDLE_CONNECTIONS}. The other folders are polled with STATUS on one "
         "shared connection every status_interval.",
     )
     idle_renew: Duration = Field(
         default=IDLE_RENEW, gt=0, le=29 * 60,
-        description="Push (IC-48): IDLE is ended with DONE and issued again after this "
+        description="Push (IC-43): IDLE is ended with DONE and issued again after this "
         "long (RFC 2177: under 29 minutes).",
     )
     status_interval: Duration = Field(
         default=STATUS_INTERVAL, gt=0,
-        description="Push (IC-47): seconds between two STATUS (UIDNEXT) checks of the "
+        description="Push (IC-44): seconds between two STATUS (UIDNEXT) checks of the "
         "folders without an IDLE connection (every folder when the server has no IDLE).",
     )
 
@@ -247,7 +247,7 @@ class ImapSource:
             await session.abort()
 
     async def wait_for_mail(self, timeout: float) -> bool:
-        """Push (IC-43, IC-47, IC-48): watch every configured folder (an IDLE
+        """Push (IC-43, IC-44): watch every configured folder (an IDLE
         connection each up to ``idle_connections``, STATUS polling for the rest) until
         new mail or ``timeout``; a lost connection returns True so the next poll
         reports it. The connections stay open for the next wait until :meth:`close`
@@ -388,7 +388,7 @@ class ImapSession:
         """UIDs are stable under UIDVALIDITY, which each id includes, and the session
         names the ids a new UIDVALIDITY superseded (:meth:`superseded`), so the engine
         reconciles by content hash (IC-25) and its POP3 id-reset guard (C-60) stays
-        off. Push always (IC-47): with IDLE, or by STATUS polling every
+        off. Push always (IC-44): with IDLE, or by STATUS polling every
         ``status_interval`` when the server has none."""
         return SessionFacts(stable_ids=True, ids_have_epoch=True, can_push=True)
 
@@ -777,8 +777,9 @@ class ImapSession:
         """Wait up to ``timeout`` seconds for new mail in the first configured folder
         (IDLE, or one NOOP without it; IC-43/IC-44). True when mail arrived.
 
-        For push: call it on a session that has nothing left to do; the other folders
-        are only seen at the next poll (one IDLE connection per folder is not done).
+        One folder on this session's own connection; the source's push
+        (:meth:`ImapSource.wait_for_mail`) watches every folder with a pool instead
+        (:mod:`mailpipe.plugins.imap.push`).
         """
         wire = next(iter(self.folders))
         folder = await self._select(wire)

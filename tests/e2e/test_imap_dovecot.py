@@ -431,7 +431,7 @@ async def test_ic43_mail_between_listing_and_idle_wakes_at_once(
         await source.close()
 
 
-def test_ic47_append_into_a_second_folder_wakes_the_scheduler(
+def test_ic43_append_into_a_second_folder_wakes_the_scheduler(
     dovecot_imap: Dovecot, tmp_path: Path
 ) -> None:
     d = dovecot_imap

@@ -1,4 +1,4 @@
-"""Push over IMAP against the in-process fake server (IC-47, IC-48): every configured
+"""Push over IMAP against the in-process fake server (IC-43, IC-44): every configured
 folder is watched (an IDLE connection each, STATUS polling for the rest or when the
 server has no IDLE), IDLE is renewed on the same connection, a dropped connection
 wakes the wait without a reconnect loop, and no task or connection outlives a wait
@@ -56,7 +56,7 @@ async def listed(src: ImapSource) -> None:
 
 
 @pytest.mark.parametrize("folder", ["Second", "Third"])
-async def test_ic47_mail_in_another_folder_wakes_the_wait(folder: str) -> None:
+async def test_ic43_mail_in_another_folder_wakes_the_wait(folder: str) -> None:
     with ImapServer(idle=True) as srv:
         for name in ("INBOX", "Second", "Third"):
             srv.add_message(RAW, name)
@@ -83,7 +83,7 @@ async def test_ic47_mail_in_another_folder_wakes_the_wait(folder: str) -> None:
         assert other_tasks() == before
 
 
-async def test_ic48_idle_renewed_with_done_on_the_same_connection() -> None:
+async def test_ic43_idle_renewed_with_done_on_the_same_connection() -> None:
     with ImapServer(idle=True) as srv:
         srv.add_message(RAW)
         src = source(srv, idle_renew=0.2)
@@ -98,7 +98,7 @@ async def test_ic48_idle_renewed_with_done_on_the_same_connection() -> None:
         await src.close()
 
 
-async def test_ic47_more_folders_than_idle_connections_are_polled_with_status() -> None:
+async def test_ic44_more_folders_than_idle_connections_are_polled_with_status() -> None:
     with ImapServer(idle=True) as srv:
         for name in ("INBOX", "Second", "Third"):
             srv.add_message(RAW, name)
@@ -117,13 +117,13 @@ async def test_ic47_more_folders_than_idle_connections_are_polled_with_status() 
         await src.close()
 
 
-async def test_ic47_server_without_idle_is_polled_with_status() -> None:
+async def test_ic44_server_without_idle_is_polled_with_status() -> None:
     with ImapServer() as srv:  # no IDLE in CAPABILITY
         srv.add_message(RAW)
         srv.add_message(RAW, "Second")
         src = source(srv, folders=["INBOX", "Second"], status_interval=0.05)
         async with src.session() as session:
-            assert session.facts.can_push  # IC-47: push by STATUS polling
+            assert session.facts.can_push  # IC-44: push by STATUS polling
             await session.list()
         waiter = asyncio.create_task(src.wait_for_mail(60))
         await until(lambda: sent(srv, "STATUS") >= 4)
@@ -135,7 +135,7 @@ async def test_ic47_server_without_idle_is_polled_with_status() -> None:
         await src.close()
 
 
-async def test_ic47_drop_during_idle_wakes_and_backs_off() -> None:
+async def test_ic43_drop_during_idle_wakes_and_backs_off() -> None:
     with ImapServer(ImapFaults(drop_on_idle=True), idle=True) as srv:
         srv.add_message(RAW)
         src = source(srv)
@@ -153,7 +153,7 @@ async def test_ic47_drop_during_idle_wakes_and_backs_off() -> None:
         await src.close()
 
 
-async def test_ic47_cancelled_wait_leaves_no_task_nor_connection() -> None:
+async def test_ic43_cancelled_wait_leaves_no_task_nor_connection() -> None:
     with ImapServer(idle=True) as srv:
         srv.add_message(RAW)
         srv.add_message(RAW, "Second")
@@ -176,7 +176,7 @@ async def test_ic47_cancelled_wait_leaves_no_task_nor_connection() -> None:
         assert all(link.session is None for link in src.push._idle_links)
 
 
-async def test_ic47_closing_the_source_ends_a_running_wait() -> None:
+async def test_ic43_closing_the_source_ends_a_running_wait() -> None:
     with ImapServer(idle=True) as srv:
         srv.add_message(RAW)
         src = source(srv)
@@ -190,7 +190,7 @@ async def test_ic47_closing_the_source_ends_a_running_wait() -> None:
         assert sent(srv, "DONE") == 1 and sent(srv, "LOGOUT") == 1
 
 
-def test_ic47_options_are_validated() -> None:
+def test_ic43_ic44_options_are_validated() -> None:
     base = {"host": "h", "username": "u", "password": "p"}
     assert ImapOptions.model_validate(base).idle_renew == 25 * 60
     with pytest.raises(ValidationError, match="more than the 2 folder"):
