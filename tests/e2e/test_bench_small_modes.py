@@ -69,3 +69,19 @@ def test_imap_retrieval_small() -> None:
     assert len(rows) == 6 and all(line.rstrip().endswith("OK |") for line in rows), out
     if os.environ.get("CI"):
         assert any("| mbsync |" in line for line in out.splitlines()), out  # isync in CI
+
+
+def test_imap_push_small() -> None:
+    from mailpipe.testing.dovecot import dovecot_unavailable_reason
+
+    reason = dovecot_unavailable_reason(imap=True)
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    out = run("bench/imap_push.py", "--small")
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
+            for line in out.splitlines() if line.startswith("| ") and "trials" not in line}
+    # APPEND → chain start for both folders (push watches the second one too), and the
+    # session-level IDLE span; three trials each.
+    assert rows == {"chain INBOX": "3", "chain Support": "3", "wait_for_new INBOX": "3"}, out
