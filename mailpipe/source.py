@@ -72,7 +72,7 @@ class SessionFacts:
     ``login_delay``: seconds the server wants between two logins (RFC 2449 §6.5).
     ``deletes_on_commit``: the server may delete at commit what was retrieved even
     without an acknowledgement (POP3 ``EXPIRE 0``, RFC 2449 §6.7; C-29).
-    ``can_push``: the source can wait for new mail (IMAP IDLE).
+    ``can_push``: the source can wait for new mail (IMAP: IDLE, or STATUS polling).
     """
 
     stable_ids: bool = True
