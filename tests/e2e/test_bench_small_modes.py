@@ -22,6 +22,17 @@ def run(*args: str) -> str:
     return done.stdout
 
 
+def need_imap_dovecot() -> None:
+    """Skip without Dovecot's imapd (fail in CI)."""
+    from mailpipe.testing.dovecot import dovecot_unavailable_reason
+
+    reason = dovecot_unavailable_reason(imap=True)
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
 def test_store_throughput_small() -> None:
     out = run("bench/store_throughput.py", "--small")
     rows = [line.split() for line in out.splitlines() if line.startswith("store.")]
@@ -57,13 +68,7 @@ def test_pop3_retrieval_small() -> None:
 
 
 def test_imap_retrieval_small() -> None:
-    from mailpipe.testing.dovecot import dovecot_unavailable_reason
-
-    reason = dovecot_unavailable_reason(imap=True)
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    need_imap_dovecot()
     out = run("bench/imap_retrieval.py", "--small")
     rows = [line for line in out.splitlines() if line.startswith("| ") and "mailpipe" in line]
     assert len(rows) == 6 and all(line.rstrip().endswith("OK |") for line in rows), out
@@ -72,13 +77,7 @@ def test_imap_retrieval_small() -> None:
 
 
 def test_imap_push_small() -> None:
-    from mailpipe.testing.dovecot import dovecot_unavailable_reason
-
-    reason = dovecot_unavailable_reason(imap=True)
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    need_imap_dovecot()
     out = run("bench/imap_push.py", "--small")
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
             for line in out.splitlines() if line.startswith("| ") and "trials" not in line}

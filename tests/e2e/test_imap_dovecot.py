@@ -9,12 +9,15 @@ acknowledgement mode.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import imaplib
 import json
 import ssl
+import subprocess
 import tracemalloc
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -390,6 +393,28 @@ async def test_ic43_idle_wakes_on_new_mail_and_ends_with_done(
     assert len(refs) == 2
 
 
+@contextlib.contextmanager
+def running(config: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """``mailpipe run`` of ``config`` (its first poll retrieved one message) until the
+    block ends; yields the process and its log file."""
+    log_path = tmp_path / "run.log"
+    with log_path.open("wb") as log:
+        proc = start_mailpipe(config, "run", "{config}", log=log)
+        try:
+            first = wait_for_log(proc, log_path, b'"retrieved": 1', timeout=120)
+            assert first, log_path.read_text()[-3000:]
+            yield proc, log_path
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+
+def stored_soon(tmp_path: Path, log_path: Path, count: int) -> None:
+    assert wait_until(
+        lambda: len(stored_messages(tmp_path / "Maildir")) == count, timeout=120
+    ), log_path.read_text()[-3000:]
+
+
 def test_ic43_push_wakes_the_scheduler_long_before_the_poll_interval(
     dovecot_imap: Dovecot, tmp_path: Path
 ) -> None:
@@ -397,21 +422,11 @@ def test_ic43_push_wakes_the_scheduler_long_before_the_poll_interval(
     user = d.add_user()
     d.deliver(user, crafted(1)[0])
     config = pipeline(tmp_path, d, user, poll_interval=3600)  # only push can wake it
-    log_path = tmp_path / "run.log"
-    with log_path.open("wb") as log:
-        proc = start_mailpipe(config, "run", "{config}", log=log)
-        try:
-            first = wait_for_log(proc, log_path, b'"retrieved": 1', timeout=120)
-            assert first, log_path.read_text()[-3000:]
-            append(d, user, "INBOX", crafted(2)[1:])  # another client APPENDs
-            woken = wait_for_log(proc, log_path, b"mailbox_woken", timeout=120)
-            assert woken, log_path.read_text()[-3000:]
-            assert wait_until(
-                lambda: len(stored_messages(tmp_path / "Maildir")) == 2, timeout=120
-            ), log_path.read_text()[-3000:]
-        finally:
-            proc.terminate()
-            proc.wait(60)
+    with running(config, tmp_path) as (proc, log_path):
+        append(d, user, "INBOX", crafted(2)[1:])  # another client APPENDs
+        woken = wait_for_log(proc, log_path, b"mailbox_woken", timeout=120)
+        assert woken, log_path.read_text()[-3000:]
+        stored_soon(tmp_path, log_path, 2)
     assert Counter(stored_messages(tmp_path / "Maildir")) == Counter(crafted(2))
 
 
@@ -441,24 +456,14 @@ def test_ic43_append_into_a_second_folder_wakes_the_scheduler(
     config = pipeline(
         tmp_path, d, user, poll_interval=3600, folders=["INBOX", "Support"]
     )  # only push can wake it
-    log_path = tmp_path / "run.log"
-    with log_path.open("wb") as log:
-        proc = start_mailpipe(config, "run", "{config}", log=log)
-        try:
-            first = wait_for_log(proc, log_path, b'"retrieved": 1', timeout=120)
-            assert first, log_path.read_text()[-3000:]
-            append(d, user, "Support", raws[1:2])  # not the first folder
-            assert wait_until(
-                lambda: log_path.read_text().count("session_finished") == 2, timeout=120
-            ), log_path.read_text()[-3000:]
-            assert len(stored_messages(tmp_path / "Maildir")) == 2
-            append(d, user, "INBOX", raws[2:])
-            assert wait_until(
-                lambda: len(stored_messages(tmp_path / "Maildir")) == 3, timeout=120
-            ), log_path.read_text()[-3000:]
-        finally:
-            proc.terminate()
-            proc.wait(60)
+    with running(config, tmp_path) as (_, log_path):
+        append(d, user, "Support", raws[1:2])  # not the first folder
+        assert wait_until(
+            lambda: log_path.read_text().count("session_finished") == 2, timeout=120
+        ), log_path.read_text()[-3000:]
+        assert len(stored_messages(tmp_path / "Maildir")) == 2
+        append(d, user, "INBOX", raws[2:])
+        stored_soon(tmp_path, log_path, 3)
     text = log_path.read_text()
     assert text.count("mailbox_woken") >= 2, text[-3000:]
     events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
