@@ -13,7 +13,8 @@ Faults (:class:`ImapFaults`): close the connection part-way through a body liter
 announce a body literal with a wrong size, answer a command with ``* BYE``, refuse
 LOGIN or another command with ``NO`` and a response code (Gmail's ``[ALERT]``,
 ``[THROTTLED]``, ``[UNAVAILABLE]``, ``[AUTHENTICATIONFAILED]``), send an untagged
-``* OK [ALERT]`` after login, close the connection when IDLE is sent.
+``* OK [ALERT]`` after login, close the connection when IDLE is sent,
+refuse IDLE with ``NO``; :meth:`ImapServer.drop_connections` closes every connection.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class ImapFaults:
     alert: str | None = None
     #: Close the connection (no answer) whenever IDLE is sent.
     drop_on_idle: bool = False
+    #: Answer IDLE with ``NO`` (a server that refuses it although it lists it).
+    refuse_idle: bool = False
 
 
 @dataclass
@@ -84,6 +87,7 @@ class ImapServer:
         self._server: asyncio.Server | None = None
         self._ready = threading.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     def add_message(self, data: bytes, folder: str = "INBOX", *, gm_msgid: int = 0) -> None:
         """Append a message to ``folder`` (made if new; it gets the folder's next UID);
@@ -153,12 +157,28 @@ class ImapServer:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._writers.add(writer)
         try:
             await self._handle(reader, writer)
         except (asyncio.CancelledError, ConnectionError):
             writer.transport.abort()
         finally:
             self._tasks.discard(task)
+            self._writers.discard(writer)
+
+    def drop_connections(self) -> None:
+        """Close every open connection at once (a server restart, an idle timeout)."""
+        loop = self._loop
+        assert loop is not None
+        done = threading.Event()
+
+        def drop() -> None:
+            for writer in list(self._writers):
+                writer.transport.abort()
+            done.set()
+
+        loop.call_soon_threadsafe(drop)
+        done.wait(10)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         faults = self.faults
@@ -254,6 +274,10 @@ class ImapServer:
                 elif word == "IDLE" and self.idle:
                     if faults.drop_on_idle:
                         break
+                    if faults.refuse_idle:
+                        send(f"{tag} NO IDLE refused")
+                        await writer.drain()
+                        continue
                     alive, known = await self._idle(selected, known, tag, reader, send, writer)
                     if not alive:
                         break

@@ -153,6 +153,37 @@ async def test_ic43_drop_during_idle_wakes_and_backs_off() -> None:
         await src.close()
 
 
+async def test_ic43_connection_gone_between_waits_is_reopened_without_waking() -> None:
+    with ImapServer(idle=True) as srv:
+        srv.add_message(RAW)
+        src = source(srv)
+        await listed(src)
+        assert await src.wait_for_mail(0.2) is False
+        logins = sent(srv, "LOGIN")
+        srv.drop_connections()  # e.g. the server's autologout between two waits
+        with capture_logs() as logs:
+            assert await src.wait_for_mail(0.3) is False  # no mail: no wake-up
+        assert sent(srv, "LOGIN") == logins + 1  # reopened at once, once
+        assert [e["event"] for e in logs if "imap_push" in e["event"]] == [
+            "imap_push_reconnect"
+        ]
+        await src.close()
+
+
+async def test_ic43_refused_idle_is_not_retried_in_a_loop() -> None:
+    with ImapServer(ImapFaults(refuse_idle=True), idle=True) as srv:
+        srv.add_message(RAW)
+        src = source(srv, status_interval=0.1)
+        await listed(src)
+        waiter = asyncio.create_task(src.wait_for_mail(60))
+        await until(lambda: sent(srv, "IDLE") >= 2)  # refused, then tried again later
+        srv.add_message(RAW)
+        assert await waiter is True  # the EXAMINE between two IDLEs sees UIDNEXT grow
+        # One IDLE per status_interval: tens at most, where a loop would send thousands.
+        assert sent(srv, "IDLE") < 50
+        await src.close()
+
+
 async def test_ic43_cancelled_wait_leaves_no_task_nor_connection() -> None:
     with ImapServer(idle=True) as srv:
         srv.add_message(RAW)
