@@ -471,3 +471,26 @@ def test_ic43_append_into_a_second_folder_wakes_the_scheduler(
     opened = sum(1 for e in events if e["event"] == "imap_session_opened")
     assert opened == polls + 2, text[-3000:]  # one IDLE connection per folder, kept
     assert Counter(stored_messages(tmp_path / "Maildir")) == Counter(raws)
+
+
+async def test_ic44_folder_beyond_idle_connections_is_polled_with_status(
+    dovecot_imap: Dovecot,
+) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    append(d, user, "Support/Escalations", crafted(1))  # Dovecot answers STATUS for it
+    source = ImapSource(session_options(
+        d, user, folders=["INBOX", "Support/Escalations"], idle_connections=1,
+        status_interval=0.1,
+    ))
+    async with source.session() as session:
+        await session.list()
+    try:
+        assert await source.wait_for_mail(0.3) is False  # STATUS saw nothing new
+        assert source.push._status_link.session is not None
+        waiter = asyncio.create_task(source.wait_for_mail(120))
+        await asyncio.sleep(0.2)
+        append(d, user, "Support/Escalations", crafted(2)[1:])
+        assert await waiter is True
+    finally:
+        await source.close()
