@@ -361,6 +361,9 @@ class Dovecot(Service):
         lines.append("}")
         if self.imap:
             lines += [
+                # Every ID a client sends is logged ("ID sent: name=…"), so tests can
+                # check what mailpipe tells the server about itself (IC-14, IS-15).
+                "imap_id_log = *",
                 "service imap-login {",
                 "  inet_listener imap {",
                 f"    address = {self.host}",

@@ -2,8 +2,12 @@
 
 Just enough IMAP4rev1 for the ``imap`` source: CAPABILITY, LOGIN, SELECT/EXAMINE,
 ``UID FETCH`` of ``UID``/``RFC822.SIZE``/``FLAGS``/``BODY.PEEK[]``/``BODY.PEEK[HEADER]``,
-``UID STORE``, ``UID EXPUNGE``, NOOP, ``STATUS (UIDNEXT MESSAGES)``, LOGOUT, folders made
-by :meth:`ImapServer.add_message`; with ``idle=True`` also IDLE (RFC 2177): ``* n EXISTS``
+``UID STORE``, ``UID EXPUNGE``, ``UID COPY``/``UID MOVE`` (``[TRYCREATE]`` for a missing
+folder), CREATE, EXPUNGE, NOOP, ``STATUS (UIDNEXT MESSAGES)``, LOGOUT, folders made by
+:meth:`ImapServer.add_message`. ``extensions`` chooses what CAPABILITY lists beyond
+IMAP4rev1 (UIDPLUS and MOVE by default), so a test can play a server without UIDPLUS
+(IC-38) or MOVE (IC-41), with LOGINDISABLED (IC-17) or with ``AUTH=PLAIN`` (AUTHENTICATE
+PLAIN is then answered); with ``IDLE`` listed, IDLE (RFC 2177) is answered: ``* n EXISTS``
 when a message is added to the selected folder while it runs, then DONE.
 Every client line goes to :attr:`ImapServer.transcript`, so tests assert what was (and
 was not) sent. ``gmail=True`` plays Gmail: ``X-GM-EXT-1`` and each message's
@@ -13,13 +17,16 @@ Faults (:class:`ImapFaults`): close the connection part-way through a body liter
 announce a body literal with a wrong size, answer a command with ``* BYE``, refuse
 LOGIN or another command with ``NO`` and a response code (Gmail's ``[ALERT]``,
 ``[THROTTLED]``, ``[UNAVAILABLE]``, ``[AUTHENTICATIONFAILED]``), send an untagged
-``* OK [ALERT]`` after login, close the connection when IDLE is sent,
-refuse IDLE with ``NO``; :meth:`ImapServer.drop_connections` closes every connection.
+``* OK [ALERT]`` after login, send each body twice, greet late or never answer a command,
+expunge messages as another client would between the
+listing and the body fetch (IT-16), close the connection when IDLE is sent, refuse IDLE
+with ``NO``; :meth:`ImapServer.drop_connections` closes every connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import re
 import threading
@@ -47,6 +54,15 @@ class ImapFaults:
     refuse_skip: int = 0
     #: An untagged ``* OK [ALERT] <text>`` right after a successful LOGIN.
     alert: str | None = None
+    #: UIDs that another client expunges when the first ``BODY.PEEK[]`` fetch arrives
+    #: (after the listing saw them): the fetch then returns no body for them (IT-16).
+    expunged_by_other: frozenset[int] = frozenset()
+    #: Send every body twice (two ``FETCH`` responses for one UID), as Gmail may (IT-05).
+    repeat_body: bool = False
+    #: Seconds to wait before the greeting (the client's greeting timeout, IS-11).
+    greeting_delay: float = 0.0
+    #: A command keyword (``"UID FETCH"``) that is read and never answered (IS-11).
+    stall_on: str | None = None
     #: Close the connection (no answer) whenever IDLE is sent.
     drop_on_idle: bool = False
     #: Answer IDLE with ``NO`` (a server that refuses it although it lists it).
@@ -65,15 +81,19 @@ class ImapServer:
     """Run in a background thread; use as a context manager (``with ImapServer() as s``).
 
     User ``user``, password ``pass``; ``add_message(bytes)``; ``messages`` lists what
-    is left; ``transcript`` holds every line the client sent (LOGIN's password masked).
+    is left; ``transcript`` holds every line the client sent (LOGIN's and AUTHENTICATE's arguments masked).
     """
 
     def __init__(
-        self, faults: ImapFaults | None = None, *, gmail: bool = False, idle: bool = False
+        self,
+        faults: ImapFaults | None = None,
+        *,
+        gmail: bool = False,
+        extensions: tuple[str, ...] = ("UIDPLUS", "MOVE"),
     ) -> None:
         self.faults = faults or ImapFaults()
         self.gmail = gmail
-        self.idle = idle
+        self.extensions = extensions
         #: How many connections were accepted (every one greets; tests count logins).
         self.connections = 0
         self.host = "127.0.0.1"
@@ -109,10 +129,8 @@ class ImapServer:
     @property
     def capabilities(self) -> str:
         """What CAPABILITY lists."""
-        return (
-            "IMAP4rev1 UIDPLUS"
-            + (" X-GM-EXT-1" if self.gmail else "")
-            + (" IDLE" if self.idle else "")
+        return " ".join(
+            ("IMAP4rev1", *self.extensions, *(("X-GM-EXT-1",) if self.gmail else ()))
         )
 
     def __enter__(self) -> ImapServer:
@@ -184,12 +202,14 @@ class ImapServer:
         faults = self.faults
         dropped = False
         selected = "INBOX"
-        known = 0  # the message count this connection was told of (SELECT, EXISTS)
+        known = 0  # the UIDNEXT this connection was told of (SELECT, EXISTS in IDLE)
 
         def send(line: str) -> None:
             writer.write(line.encode() + b"\r\n")
 
         self.connections += 1
+        if faults.greeting_delay:
+            await asyncio.sleep(faults.greeting_delay)
         send(f"* OK [CAPABILITY {self.capabilities}] fake ready")
         try:
             while not dropped:
@@ -200,9 +220,10 @@ class ImapServer:
                 tag, _, rest = line.partition(" ")
                 word = rest.split(" ", 1)[0].upper()
                 command = " ".join(rest.split(" ", 2)[:2]).upper() if word == "UID" else word
-                self.transcript.append(
-                    f"{tag} LOGIN ***" if word == "LOGIN" else line
-                )
+                masked = word in ("LOGIN", "AUTHENTICATE")
+                self.transcript.append(f"{tag} {word} ***" if masked else line)
+                if faults.stall_on is not None and command == faults.stall_on.upper():
+                    await asyncio.sleep(3600)  # ended by the client's timeout
                 if faults.bye_on is not None and command == faults.bye_on.upper():
                     faults.bye_on = None
                     send("* BYE fault injected")
@@ -227,14 +248,33 @@ class ImapServer:
                         send(f"{tag} OK [CAPABILITY {self.capabilities}] in")
                     else:
                         send(f"{tag} NO [AUTHENTICATIONFAILED] bad")
+                elif word == "AUTHENTICATE" and "AUTH=PLAIN" in self.extensions:
+                    # SASL PLAIN (RFC 4616), with an initial response or after "+ ".
+                    args = rest.split(" ")
+                    if len(args) > 2:
+                        answer = args[2]
+                    else:
+                        send("+ ")
+                        await writer.drain()
+                        answer = (await reader.readline()).decode("ascii", "replace").strip()
+                    try:
+                        fields = base64.b64decode(answer, validate=True).split(b"\0")
+                    except ValueError:
+                        fields = []
+                    if faults.login_refusal is not None:
+                        send(f"{tag} NO {faults.login_refusal}")
+                    elif fields[1:] == [b"user", b"pass"]:
+                        send(f"{tag} OK [CAPABILITY {self.capabilities}] in")
+                    else:
+                        send(f"{tag} NO [AUTHENTICATIONFAILED] bad")
                 elif word in ("SELECT", "EXAMINE"):
                     name = rest.split(" ", 1)[1].strip('"')
                     if name not in self._folders:
                         send(f"{tag} NO [NONEXISTENT] no such folder")
                         continue
                     selected = name
-                    known = len(self._folders[name])
-                    send(f"* {known} EXISTS")
+                    known = self._next_uid[name]
+                    send(f"* {len(self._folders[name])} EXISTS")
                     send(f"* OK [UIDVALIDITY {self.uidvalidity}] ok")
                     send(f"* OK [UIDNEXT {self._next_uid[name]}] ok")
                     send("* OK [PERMANENTFLAGS (\\Deleted \\Seen \\*)] ok")
@@ -250,16 +290,28 @@ class ImapServer:
                         if m.uid in uids and flag:
                             m.flags.update(flag[1].split())
                     send(f"{tag} OK done")
-                elif command == "UID EXPUNGE":
+                elif command == "UID EXPUNGE" and self._has(command):
+                    self._expunge(selected, _uids(rest.split(" ")[2]), send)
+                    send(f"{tag} OK done")
+                elif command in ("UID COPY", "UID MOVE") and self._has(command):
                     uids = _uids(rest.split(" ")[2])
-                    keep: list[_Message] = []
-                    for m in self._folders[selected]:
-                        if m.uid in uids and "\\Deleted" in m.flags:
-                            # The sequence number as the list shrinks (RFC 3501 §7.4.1).
-                            send(f"* {len(keep) + 1} EXPUNGE")
-                        else:
-                            keep.append(m)
-                    self._folders[selected] = keep
+                    target = rest.split(" ", 3)[3].strip('"')
+                    if target not in self._folders:
+                        send(f"{tag} NO [TRYCREATE] no such folder")
+                        continue
+                    moved = [m for m in self._folders[selected] if m.uid in uids]
+                    for m in moved:
+                        self.add_message(m.data, target, gm_msgid=m.gm_msgid)
+                    if command == "UID MOVE":
+                        self._expunge(selected, {m.uid for m in moved}, send, flagged=False)
+                    send(f"{tag} OK done")
+                elif word == "CREATE":
+                    name = rest.split(" ", 1)[1].strip('"')
+                    self._folders.setdefault(name, [])
+                    self._next_uid.setdefault(name, 1)
+                    send(f"{tag} OK done")
+                elif word == "EXPUNGE":
+                    self._expunge(selected, None, send)
                     send(f"{tag} OK done")
                 elif word == "NOOP":
                     send(f"{tag} OK done")
@@ -271,7 +323,7 @@ class ImapServer:
                     send(f'* STATUS "{name}" (MESSAGES {len(self._folders[name])} '
                          f"UIDNEXT {self._next_uid[name]})")
                     send(f"{tag} OK done")
-                elif word == "IDLE" and self.idle:
+                elif word == "IDLE" and "IDLE" in self.extensions:
                     if faults.drop_on_idle:
                         break
                     if faults.refuse_idle:
@@ -297,19 +349,19 @@ class ImapServer:
         self, folder: str, known: int, tag: str, reader: asyncio.StreamReader, send: Any,
         writer: asyncio.StreamWriter,
     ) -> tuple[bool, int]:
-        """Run one IDLE (RFC 2177) until DONE: ``* n EXISTS`` once the folder holds
-        more than the ``known`` count. (False when the client went away, the count
-        the client now knows.)"""
+        """Run one IDLE (RFC 2177) until DONE: ``* n EXISTS`` once a message was added
+        to the folder since the client's ``known`` UIDNEXT. (False when the client went
+        away, the UIDNEXT the client now knows.)"""
         send("+ idling")
         await writer.drain()
         for _ in range(1 << 30):  # bounded: a check every 20 ms until DONE
             try:
                 raw = await asyncio.wait_for(reader.readline(), 0.02)
             except TimeoutError:
-                count = len(self._folders.get(folder, []))
-                if count > known:
-                    known = count
-                    send(f"* {count} EXISTS")
+                uidnext = self._next_uid.get(folder, 1)
+                if uidnext > known:
+                    known = uidnext
+                    send(f"* {len(self._folders.get(folder, []))} EXISTS")
                     send("* 1 RECENT")
                     await writer.drain()
                 continue
@@ -324,6 +376,26 @@ class ImapServer:
             return True, known
         return True, known
 
+    def _has(self, command: str) -> bool:
+        """Whether ``command`` is offered: ``UID EXPUNGE`` needs UIDPLUS, ``UID MOVE``
+        needs MOVE."""
+        need = {"UID EXPUNGE": "UIDPLUS", "UID MOVE": "MOVE"}.get(command)
+        return need is None or need in self.extensions
+
+    def _expunge(
+        self, folder: str, uids: set[int] | None, send: Any, *, flagged: bool = True
+    ) -> None:
+        """Remove ``uids`` (every one when None) of ``folder`` that carry ``\\Deleted``
+        (any, when not ``flagged``), announcing each ``* n EXPUNGE``."""
+        keep: list[_Message] = []
+        for m in self._folders[folder]:
+            if (uids is None or m.uid in uids) and (not flagged or "\\Deleted" in m.flags):
+                # The sequence number as the list shrinks (RFC 3501 §7.4.1).
+                send(f"* {len(keep) + 1} EXPUNGE")
+            else:
+                keep.append(m)
+        self._folders[folder] = keep
+
     async def _fetch(
         self, folder: str, rest: str, send: Any, writer: asyncio.StreamWriter
     ) -> bool:
@@ -332,6 +404,11 @@ class ImapServer:
         parts = rest.split(" ", 3)
         wanted = _uids(parts[2], last=self._next_uid[folder] - 1)
         items = parts[3].upper()
+        if faults.expunged_by_other and "BODY.PEEK[]" in items:
+            # IT-16: another client's expunge; this session is not told (Dovecot too
+            # answers a UID FETCH of a vanished UID with OK and no data).
+            gone, faults.expunged_by_other = faults.expunged_by_other, frozenset()
+            self._folders[folder] = [m for m in self._folders[folder] if m.uid not in gone]
         for seq, m in enumerate(self._folders[folder], 1):
             if m.uid not in wanted:
                 continue
@@ -359,6 +436,8 @@ class ImapServer:
                 await writer.drain()
                 return True
             writer.write(body + b")\r\n")
+            if faults.repeat_body:
+                writer.write(f"{head} {{{size}}}\r\n".encode() + body + b")\r\n")
         return False
 
 

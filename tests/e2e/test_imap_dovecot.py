@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import imaplib
 import json
+import re
 import ssl
 import subprocess
 import tracemalloc
@@ -202,6 +203,31 @@ async def test_ic16_ic17_ic18_ic19_login_each_way(
     assert method == ("scram-sha-256" if auth == "auto" else auth)
     text = repr(logs)
     assert user.password not in text  # IS-12
+
+
+async def test_ic14_is15_id_carries_only_a_name_and_only_over_tls(
+    dovecot_imap: Dovecot,
+) -> None:
+    d = dovecot_imap
+    sent = re.compile(r"imap\((?P<user>[^)]+)\).*ID sent: (?P<fields>.*)")
+
+    def ids_of(name: str) -> list[str]:
+        return [
+            m["fields"] for m in sent.finditer(d.log_text()) if m["user"] == name
+        ]
+
+    over_tls, plaintext = d.add_user(), d.add_user()
+    async with ImapSource(session_options(d, over_tls)).session() as session:
+        await session.list()
+    opts = session_options(d, plaintext, security="none", allow_plaintext_password=True)
+    async with ImapSource(opts).session() as session:
+        await session.list()
+    for _ in range(50):  # the log is written by another process; bounded wait
+        if ids_of(over_tls.name):
+            break
+        await asyncio.sleep(0.1)
+    assert ids_of(over_tls.name) == ["name=mailpipe"]  # IS-15: nothing else
+    assert ids_of(plaintext.name) == []  # IC-14: never in the clear
 
 
 async def test_ic22_wrong_password_is_an_authentication_error(

@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 
 from mailpipe.testing.imap_server import ImapFaults, ImapServer
 
+WITH_IDLE = ("UIDPLUS", "MOVE", "IDLE")
 RAW = b"From: a@example.org\r\nSubject: push\r\n\r\nbody\r\n"
 
 
@@ -57,7 +58,7 @@ async def listed(src: ImapSource) -> None:
 
 @pytest.mark.parametrize("folder", ["Second", "Third"])
 async def test_ic43_mail_in_another_folder_wakes_the_wait(folder: str) -> None:
-    with ImapServer(idle=True) as srv:
+    with ImapServer(extensions=WITH_IDLE) as srv:
         for name in ("INBOX", "Second", "Third"):
             srv.add_message(RAW, name)
         src = source(srv, folders=["INBOX", "Second", "Third"])
@@ -84,7 +85,7 @@ async def test_ic43_mail_in_another_folder_wakes_the_wait(folder: str) -> None:
 
 
 async def test_ic43_idle_renewed_with_done_on_the_same_connection() -> None:
-    with ImapServer(idle=True) as srv:
+    with ImapServer(extensions=WITH_IDLE) as srv:
         srv.add_message(RAW)
         src = source(srv, idle_renew=0.2)
         await listed(src)
@@ -99,7 +100,7 @@ async def test_ic43_idle_renewed_with_done_on_the_same_connection() -> None:
 
 
 async def test_ic44_more_folders_than_idle_connections_are_polled_with_status() -> None:
-    with ImapServer(idle=True) as srv:
+    with ImapServer(extensions=WITH_IDLE) as srv:
         for name in ("INBOX", "Second", "Third"):
             srv.add_message(RAW, name)
         src = source(srv, folders=["INBOX", "Second", "Third"], idle_connections=1,
@@ -136,7 +137,7 @@ async def test_ic44_server_without_idle_is_polled_with_status() -> None:
 
 
 async def test_ic43_drop_during_idle_wakes_and_backs_off() -> None:
-    with ImapServer(ImapFaults(drop_on_idle=True), idle=True) as srv:
+    with ImapServer(ImapFaults(drop_on_idle=True), extensions=WITH_IDLE) as srv:
         srv.add_message(RAW)
         src = source(srv)
         await listed(src)
@@ -154,7 +155,7 @@ async def test_ic43_drop_during_idle_wakes_and_backs_off() -> None:
 
 
 async def test_ic43_connection_gone_between_waits_is_reopened_without_waking() -> None:
-    with ImapServer(idle=True) as srv:
+    with ImapServer(extensions=WITH_IDLE) as srv:
         srv.add_message(RAW)
         src = source(srv)
         await listed(src)
@@ -171,7 +172,7 @@ async def test_ic43_connection_gone_between_waits_is_reopened_without_waking() -
 
 
 async def test_ic43_refused_idle_is_not_retried_in_a_loop() -> None:
-    with ImapServer(ImapFaults(refuse_idle=True), idle=True) as srv:
+    with ImapServer(ImapFaults(refuse_idle=True), extensions=WITH_IDLE) as srv:
         srv.add_message(RAW)
         src = source(srv, status_interval=0.1)
         await listed(src)
@@ -185,7 +186,7 @@ async def test_ic43_refused_idle_is_not_retried_in_a_loop() -> None:
 
 
 async def test_ic43_cancelled_wait_leaves_no_task_nor_connection() -> None:
-    with ImapServer(idle=True) as srv:
+    with ImapServer(extensions=WITH_IDLE) as srv:
         srv.add_message(RAW)
         srv.add_message(RAW, "Second")
         src = source(srv, folders=["INBOX", "Second"])
@@ -208,7 +209,7 @@ async def test_ic43_cancelled_wait_leaves_no_task_nor_connection() -> None:
 
 
 async def test_ic43_closing_the_source_ends_a_running_wait() -> None:
-    with ImapServer(idle=True) as srv:
+    with ImapServer(extensions=WITH_IDLE) as srv:
         srv.add_message(RAW)
         src = source(srv)
         await listed(src)
