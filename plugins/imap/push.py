@@ -158,7 +158,6 @@ class PushPool:
         self.idle_connections = min(idle_connections, len(self.folders))
         self.idle_renew = idle_renew
         self.status_interval = status_interval
-        self._opener = opener
         self._log = log.bind(mailbox=mailbox)
         self._idle_links = [
             _Link(opener, f"idle:{_show(w)}") for w in self.folders[:self.idle_connections]

@@ -145,19 +145,19 @@ class ImapOptions(ConnectionSecurity):
     )
     idle_connections: int | None = Field(
         strict=True, default=None, ge=0, le=MAX_IDLE_CONNECTIONS,
-        description="Push (IC-44): how many folders get an IDLE connection of their "
+        description="Push: how many folders get an IDLE connection of their "
         "own, in the order of folders; default one per folder up to "
         f"{MAX_IDLE_CONNECTIONS}. The other folders are polled with STATUS on one "
         "shared connection every status_interval.",
     )
     idle_renew: Duration = Field(
         default=IDLE_RENEW, gt=0, le=29 * 60,
-        description="Push (IC-43): IDLE is ended with DONE and issued again after this "
+        description="Push: IDLE is ended with DONE and issued again after this "
         "long (RFC 2177: under 29 minutes).",
     )
     status_interval: Duration = Field(
         default=STATUS_INTERVAL, gt=0,
-        description="Push (IC-44): seconds between two STATUS (UIDNEXT) checks of the "
+        description="Push: seconds between two STATUS (UIDNEXT) checks of the "
         "folders without an IDLE connection (every folder when the server has no IDLE).",
     )
 
