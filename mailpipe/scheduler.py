@@ -49,7 +49,7 @@ from mailpipe.journal.errors import FencedError
 from mailpipe.leases import LeaseLostError, MailboxLease, lease_retry_delay
 from mailpipe.plugin_manager import Hooks
 from mailpipe.quarantine import Quarantine
-from mailpipe.source import PushSource
+from mailpipe.source import ClosableSource, PushSource
 
 log = structlog.get_logger()
 
@@ -84,6 +84,18 @@ def next_delay(
     if isinstance(error, SourceBusyError) and error.retry_after:
         return max(exp, float(error.retry_after))
     return exp
+
+
+async def close_sources(runners: Iterable[MailboxRunner]) -> None:
+    """Close every source that keeps connections between polls (IMAP push, IC-44);
+    a failure is logged, never raised."""
+    for runner in runners:
+        if isinstance(runner.source, ClosableSource):
+            try:
+                await runner.source.close()
+            except Exception as exc:  # the contract says never; shutdown goes on
+                log.warning("source_close_failed", mailbox=runner.name,
+                            error=type(exc).__name__)
 
 
 class Scheduler:
@@ -129,6 +141,7 @@ class Scheduler:
         quarantine = Quarantine(self.config.resolve(self.config.model.quarantine.dir))
         semaphore = asyncio.Semaphore(sched.concurrency)
         await chain.open()
+        runners: list[MailboxRunner] = []
         try:
             runners = [
                 MailboxRunner(
@@ -145,6 +158,7 @@ class Scheduler:
             ]
             await asyncio.gather(*(self._loop(r, semaphore) for r in runners))
         finally:
+            await close_sources(runners)
             await chain.close()
         return self.summaries
 

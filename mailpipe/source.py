@@ -18,7 +18,9 @@ The engine knows sources only through this module:
   reads what the listing covered, and the ledger stores the advanced cursors (MP-05).
 - A push-capable source offers :meth:`PushSource.wait_for_mail`, which the scheduler
   awaits instead of its poll timer while the latest session's facts say ``can_push``
-  (IMAP: the server offers IDLE).
+  (IMAP: IDLE, or STATUS polling without it). A source that holds connections between
+  waits also offers :meth:`ClosableSource.close`, which the scheduler awaits when it
+  stops.
 
 :mod:`mailpipe.testing.contract` holds the test suite any source proves itself with.
 """
@@ -73,7 +75,7 @@ class SessionFacts:
     ``login_delay``: seconds the server wants between two logins (RFC 2449 §6.5).
     ``deletes_on_commit``: the server may delete at commit what was retrieved even
     without an acknowledgement (POP3 ``EXPIRE 0``, RFC 2449 §6.7; C-29).
-    ``can_push``: the source can wait for new mail (IMAP IDLE).
+    ``can_push``: the source can wait for new mail (IMAP: IDLE, or STATUS polling).
     """
 
     stable_ids: bool = True
@@ -231,6 +233,15 @@ class PushSource(Protocol):
         """Return True as soon as new mail may be there, False after ``timeout``
         seconds without any. Never raises for a lost connection: it returns True, so
         that the next poll (which reconnects) reports the error."""
+        ...
+
+
+@runtime_checkable
+class ClosableSource(Protocol):
+    """A source that keeps resources between sessions (IMAP's push connections)."""
+
+    async def close(self) -> None:
+        """Release them (LOGOUT); called once when the scheduler stops. Never raises."""
         ...
 
 

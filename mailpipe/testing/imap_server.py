@@ -4,12 +4,14 @@ Just enough IMAP4rev1 for the ``imap`` source: CAPABILITY, LOGIN, SELECT/EXAMINE
 ``UID FETCH`` of ``UID``/``RFC822.SIZE``/``FLAGS``/``BODY.PEEK[]``/``BODY.PEEK[HEADER]``,
 ``UID SEARCH`` with ``UID set``, ``UNSEEN``, ``SINCE d-Mon-yyyy`` and ``ALL``,
 ``UID STORE``, ``UID EXPUNGE``, ``UID COPY``/``UID MOVE`` (``[TRYCREATE]`` for a missing
-folder), CREATE, EXPUNGE, NOOP, LOGOUT, folders made by :meth:`ImapServer.add_message`.
-A UID set ending in ``*`` holds the folder's largest UID even when it is below the
-range's start (RFC 9051 §6.4.9), as real servers do.
-``extensions`` chooses what CAPABILITY lists beyond IMAP4rev1 (UIDPLUS and MOVE by
-default), so a test can play a server without UIDPLUS (IC-38) or MOVE (IC-41), with
-LOGINDISABLED (IC-17) or with ``AUTH=PLAIN`` (AUTHENTICATE PLAIN is then answered).
+folder), CREATE, EXPUNGE, NOOP, ``STATUS (UIDNEXT MESSAGES)``, LOGOUT, folders made by
+:meth:`ImapServer.add_message`. A UID set ending in ``*`` holds the folder's largest UID
+even when it is below the range's start (RFC 9051 §6.4.9), as real servers do.
+``extensions`` chooses what CAPABILITY lists beyond
+IMAP4rev1 (UIDPLUS and MOVE by default), so a test can play a server without UIDPLUS
+(IC-38) or MOVE (IC-41), with LOGINDISABLED (IC-17) or with ``AUTH=PLAIN`` (AUTHENTICATE
+PLAIN is then answered); with ``IDLE`` listed, IDLE (RFC 2177) is answered: ``* n EXISTS``
+when a message is added to the selected folder while it runs, then DONE.
 Every client line goes to :attr:`ImapServer.transcript`, so tests assert what was (and
 was not) sent. ``gmail=True`` plays Gmail: ``X-GM-EXT-1`` and each message's
 ``X-GM-MSGID`` (one message may sit in several folders, its labels).
@@ -20,7 +22,8 @@ LOGIN or another command with ``NO`` and a response code (Gmail's ``[ALERT]``,
 ``[THROTTLED]``, ``[UNAVAILABLE]``, ``[AUTHENTICATIONFAILED]``), send an untagged
 ``* OK [ALERT]`` after login, send each body twice, greet late or never answer a command,
 expunge messages as another client would between the
-listing and the body fetch (IT-16).
+listing and the body fetch (IT-16), close the connection when IDLE is sent, refuse IDLE
+with ``NO``; :meth:`ImapServer.drop_connections` closes every connection.
 """
 
 from __future__ import annotations
@@ -64,6 +67,10 @@ class ImapFaults:
     greeting_delay: float = 0.0
     #: A command keyword (``"UID FETCH"``) that is read and never answered (IS-11).
     stall_on: str | None = None
+    #: Close the connection (no answer) whenever IDLE is sent.
+    drop_on_idle: bool = False
+    #: Answer IDLE with ``NO`` (a server that refuses it although it lists it).
+    refuse_idle: bool = False
 
 
 @dataclass
@@ -92,6 +99,8 @@ class ImapServer:
         self.faults = faults or ImapFaults()
         self.gmail = gmail
         self.extensions = extensions
+        #: How many connections were accepted (every one greets; tests count logins).
+        self.connections = 0
         self.host = "127.0.0.1"
         self.port = 0
         self.transcript: list[str] = []
@@ -103,6 +112,7 @@ class ImapServer:
         self._server: asyncio.Server | None = None
         self._ready = threading.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     def add_message(
         self, data: bytes, folder: str = "INBOX", *, gm_msgid: int = 0,
@@ -180,21 +190,39 @@ class ImapServer:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._writers.add(writer)
         try:
             await self._handle(reader, writer)
         except (asyncio.CancelledError, ConnectionError):
             writer.transport.abort()
         finally:
             self._tasks.discard(task)
+            self._writers.discard(writer)
+
+    def drop_connections(self) -> None:
+        """Close every open connection at once (a server restart, an idle timeout)."""
+        loop = self._loop
+        assert loop is not None
+        done = threading.Event()
+
+        def drop() -> None:
+            for writer in list(self._writers):
+                writer.transport.abort()
+            done.set()
+
+        loop.call_soon_threadsafe(drop)
+        done.wait(10)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         faults = self.faults
         dropped = False
         selected = "INBOX"
+        known = 0  # the UIDNEXT this connection was told of (SELECT, EXISTS in IDLE)
 
         def send(line: str) -> None:
             writer.write(line.encode() + b"\r\n")
 
+        self.connections += 1
         if faults.greeting_delay:
             await asyncio.sleep(faults.greeting_delay)
         send(f"* OK [CAPABILITY {self.capabilities}] fake ready")
@@ -260,6 +288,7 @@ class ImapServer:
                         send(f"{tag} NO [NONEXISTENT] no such folder")
                         continue
                     selected = name
+                    known = self._next_uid[name]
                     send(f"* {len(self._folders[name])} EXISTS")
                     send(f"* OK [UIDVALIDITY {self.uidvalidity}] ok")
                     send(f"* OK [UIDNEXT {self._next_uid[name]}] ok")
@@ -305,6 +334,24 @@ class ImapServer:
                     send(f"{tag} OK done")
                 elif word == "NOOP":
                     send(f"{tag} OK done")
+                elif word == "STATUS":
+                    name = rest.split(" ", 2)[1].strip('"')
+                    if name not in self._folders:
+                        send(f"{tag} NO [NONEXISTENT] no such folder")
+                        continue
+                    send(f'* STATUS "{name}" (MESSAGES {len(self._folders[name])} '
+                         f"UIDNEXT {self._next_uid[name]})")
+                    send(f"{tag} OK done")
+                elif word == "IDLE" and "IDLE" in self.extensions:
+                    if faults.drop_on_idle:
+                        break
+                    if faults.refuse_idle:
+                        send(f"{tag} NO IDLE refused")
+                        await writer.drain()
+                        continue
+                    alive, known = await self._idle(selected, known, tag, reader, send, writer)
+                    if not alive:
+                        break
                 elif word == "LOGOUT":
                     send("* BYE bye")
                     send(f"{tag} OK done")
@@ -316,6 +363,37 @@ class ImapServer:
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
             writer.transport.abort()
+
+    async def _idle(
+        self, folder: str, known: int, tag: str, reader: asyncio.StreamReader, send: Any,
+        writer: asyncio.StreamWriter,
+    ) -> tuple[bool, int]:
+        """Run one IDLE (RFC 2177) until DONE: ``* n EXISTS`` once a message was added
+        to the folder since the client's ``known`` UIDNEXT. (False when the client went
+        away, the UIDNEXT the client now knows.)"""
+        send("+ idling")
+        await writer.drain()
+        for _ in range(1 << 30):  # bounded: a check every 20 ms until DONE
+            try:
+                raw = await asyncio.wait_for(reader.readline(), 0.02)
+            except TimeoutError:
+                uidnext = self._next_uid.get(folder, 1)
+                if uidnext > known:
+                    known = uidnext
+                    send(f"* {len(self._folders.get(folder, []))} EXISTS")
+                    send("* 1 RECENT")
+                    await writer.drain()
+                continue
+            if not raw:
+                return False, known
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            self.transcript.append(line)
+            if line.upper() == "DONE":
+                send(f"{tag} OK idle done")
+                return True, known
+            send(f"{tag} BAD expected DONE")
+            return True, known
+        return True, known
 
     def _has(self, command: str) -> bool:
         """Whether ``command`` is offered: ``UID EXPUNGE`` needs UIDPLUS, ``UID MOVE``

@@ -194,6 +194,12 @@ def uid_copy(uids: str, mailbox: bytes) -> Command:
     return Command(name="UID COPY", args=(Atom(uids), String(mailbox)))
 
 
+def status(mailbox: bytes, items: str = "UIDNEXT") -> Command:
+    """``STATUS mailbox (items)`` (RFC 9051 §6.3.11) of a mailbox that is not selected
+    (push polling, IC-44)."""
+    return Command(name="STATUS", args=(String(mailbox), Atom(f"({items})")))
+
+
 def idle() -> Command:
     """``IDLE`` (RFC 2177; IC-43); ended with :meth:`ImapConnection.send_done`."""
     return Command(name="IDLE")
@@ -385,6 +391,29 @@ def fetch_items(values: Sequence[Value]) -> dict[str, Value]:
             raise ValueError("FETCH item name is not an atom")
         out.setdefault(name.upper(), value)
     return out
+
+
+def status_items(values: Sequence[Value]) -> tuple[bytes, dict[str, int]]:
+    """``* STATUS mailbox (NAME n ...)`` → (mailbox as sent, {NAME: n}) (IC-44).
+
+    Raises:
+        ValueError: not a mailbox followed by a parenthesised list of pairs.
+    """
+    if len(values) != 2 or not isinstance(values[1], tuple) or len(values[1]) % 2:
+        raise ValueError("STATUS data is not a mailbox and a list of pairs")
+    mailbox = values[0]
+    if isinstance(mailbox, str):
+        name = mailbox.encode("ascii", "replace")
+    elif isinstance(mailbox, bytes):
+        name = mailbox
+    else:
+        raise ValueError("STATUS mailbox is not an atom or a string")
+    items = values[1]
+    out: dict[str, int] = {}
+    for key, value in zip(items[::2], items[1::2], strict=True):
+        if isinstance(key, str):
+            out.setdefault(key.upper(), parse_number(value))
+    return name, out
 
 
 def copyuid(code: ResponseCode | None) -> tuple[int, dict[int, int]] | None:

@@ -74,6 +74,7 @@ from .events import (
     parse_number,
     search_uids,
 )
+from .push import IDLE_RENEW, MAX_IDLE_CONNECTIONS, STATUS_INTERVAL, PushPool
 
 log = structlog.get_logger()
 
@@ -174,6 +175,23 @@ class ImapOptions(ConnectionSecurity):
         description="Hard cap on one message, in octets: a larger FETCH literal stops "
         "the session and the message is left on the server.",
     )
+    idle_connections: int | None = Field(
+        strict=True, default=None, ge=0, le=MAX_IDLE_CONNECTIONS,
+        description="Push: how many folders get an IDLE connection of their "
+        "own, in the order of folders; default one per folder up to "
+        f"{MAX_IDLE_CONNECTIONS}. The other folders are polled with STATUS on one "
+        "shared connection every status_interval.",
+    )
+    idle_renew: Duration = Field(
+        default=IDLE_RENEW, gt=0, le=29 * 60,
+        description="Push: IDLE is ended with DONE and issued again after this "
+        "long (RFC 2177: under 29 minutes).",
+    )
+    status_interval: Duration = Field(
+        default=STATUS_INTERVAL, gt=0,
+        description="Push: seconds between two STATUS (UIDNEXT) checks of the "
+        "folders without an IDLE connection (every folder when the server has no IDLE).",
+    )
 
     # Cross-field checks shared with POP3 (mailpipe.credentials): an error names a key
     # and never echoes the table, which may hold the password.
@@ -235,6 +253,15 @@ class ImapOptions(ConnectionSecurity):
             return None
         return " ".join(words)
 
+    @model_validator(mode="after")
+    def _idle_within_folders(self) -> "ImapOptions":
+        if self.idle_connections is not None and self.idle_connections > len(self.folders):
+            raise ValueError(
+                f"idle_connections = {self.idle_connections} is more than the "
+                f"{len(self.folders)} folder(s) listed in folders"
+            )
+        return self
+
     @property
     def effective_port(self) -> int:
         """The configured port, or 993 for implicit TLS and 143 otherwise."""
@@ -280,6 +307,19 @@ class ImapSource:
         # UIDVALIDITY per folder as the last listing saw it (IC-25): a session whose
         # listing finds another one, or the first of a process, reports epoch_changed.
         self.listed_uidvalidity: dict[bytes, int] = {}
+        folders = [mutf7.encode(name) for name in options.folders]
+        self.push = PushPool(
+            lambda: ImapSession(self.options, self.mailbox),
+            folders,
+            self.listed_uidnext,
+            idle_connections=(
+                min(len(folders), MAX_IDLE_CONNECTIONS)
+                if options.idle_connections is None else options.idle_connections
+            ),
+            idle_renew=options.idle_renew,
+            status_interval=options.status_interval,
+            mailbox=self.mailbox,
+        )
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator["ImapSession"]:
@@ -295,14 +335,16 @@ class ImapSource:
             await session.abort()
 
     async def wait_for_mail(self, timeout: float) -> bool:
-        """Push (IC-43): a session of its own idles on the first folder until new mail
-        or ``timeout``; a lost connection returns True so the next poll reports it."""
-        try:
-            async with self.session() as session:
-                return await session.wait_for_new(timeout)
-        except SourceError as exc:
-            log.info("imap_wait_failed", mailbox=self.mailbox, error=str(exc)[:200])
-            return True
+        """Push (IC-43, IC-44): watch every configured folder (an IDLE
+        connection each up to ``idle_connections``, STATUS polling for the rest) until
+        new mail or ``timeout``; a lost connection returns True so the next poll
+        reports it. The connections stay open for the next wait until :meth:`close`
+        (see :mod:`mailpipe.plugins.imap.push`)."""
+        return await self.push.wait(timeout)
+
+    async def close(self) -> None:
+        """LOGOUT the push connections (the scheduler calls it when it stops)."""
+        await self.push.close()
 
 
 @dataclass(slots=True)
@@ -443,12 +485,9 @@ class ImapSession:
         """UIDs are stable under UIDVALIDITY, which each id includes, and the session
         names the ids a new UIDVALIDITY superseded (:meth:`superseded`), so the engine
         reconciles by content hash (IC-25) and its POP3 id-reset guard (C-60) stays
-        off; push when the server has IDLE."""
-        return SessionFacts(
-            stable_ids=True,
-            ids_have_epoch=True,
-            can_push="IDLE" in self.client.capabilities,
-        )
+        off. Push always (IC-44): with IDLE, or by STATUS polling every
+        ``status_interval`` when the server has none."""
+        return SessionFacts(stable_ids=True, ids_have_epoch=True, can_push=True)
 
     @property
     def epoch_changed(self) -> bool:
@@ -899,8 +938,9 @@ class ImapSession:
         """Wait up to ``timeout`` seconds for new mail in the first configured folder
         (IDLE, or one NOOP without it; IC-43/IC-44). True when mail arrived.
 
-        For push: call it on a session that has nothing left to do; the other folders
-        are only seen at the next poll (one IDLE connection per folder is not done).
+        One folder on this session's own connection; the source's push
+        (:meth:`ImapSource.wait_for_mail`) watches every folder with a pool instead
+        (:mod:`mailpipe.plugins.imap.push`).
         """
         wire = next(iter(self.folders))
         folder = await self._select(wire)

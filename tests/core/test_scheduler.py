@@ -206,7 +206,7 @@ async def test_a_push_source_that_answers_at_once_cannot_spin(
 
 
 async def test_a_push_source_waits_only_while_its_sessions_can_push(tmp_path: Path) -> None:
-    # SessionFacts.can_push is what enables the push wait (IMAP: the server has IDLE).
+    # SessionFacts.can_push is what enables the push wait (IMAP: always, IDLE or STATUS polling).
     FakeSource.boxes.clear()
 
     class NoPush(_PushFake):
@@ -218,3 +218,21 @@ async def test_a_push_source_waits_only_while_its_sessions_can_push(tmp_path: Pa
     NoPush.answer, NoPush.waits = True, 0
     summaries = await _run_for(tmp_path, NoPush, 0.3)
     assert len(summaries) == 1 and NoPush.waits == 0
+
+
+async def test_the_scheduler_closes_a_source_that_keeps_connections(
+    tmp_path: Path,
+) -> None:
+    # IMAP push keeps its IDLE connections between waits (IC-43): the scheduler closes
+    # the source (LOGOUT) once, when it stops.
+    FakeSource.boxes.clear()
+
+    class Closing(_PushFake):
+        closed = 0
+
+        async def close(self) -> None:
+            type(self).closed += 1
+
+    Closing.answer, Closing.waits = False, 0
+    await _run_for(tmp_path, Closing, 0.2)
+    assert Closing.closed == 1
