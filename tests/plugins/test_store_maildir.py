@@ -166,9 +166,12 @@ def test_new_dir_is_fsynced_per_group_or_per_message(
     assert len(listing(tmp_path / "Maildir")["new"]) == 3
 
 
+@pytest.mark.parametrize("mechanism", ["staged", "threads"])
 def test_a_failed_background_write_fails_flush_then_reaches_its_own_message(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mechanism: str
 ) -> None:
+    """Both write-behind mechanisms: unnamed files staged until flush() (O_TMPFILE,
+    the default) and writer threads (without O_TMPFILE, or spooled messages)."""
     import errno
 
     import mailpipe.plugins.store.maildir as maildir_module
@@ -178,6 +181,7 @@ def test_a_failed_background_write_fails_flush_then_reaches_its_own_message(
     bad = Message.from_bytes(RAW + b"bad\r\n", uid="bad")
     good = Message.from_bytes(RAW, uid="good")
     real = maildir_module.MaildirStore._write
+    real_link = maildir_module.MaildirStore._link_staged
     broken = [True]
 
     def write(self: MaildirStore, name: str, chunks: object) -> int:
@@ -186,8 +190,16 @@ def test_a_failed_background_write_fails_flush_then_reaches_its_own_message(
             raise OSError(errno.EINVAL, "Invalid argument")
         return real(self, name, [data])
 
+    def link_staged(self: MaildirStore, item: maildir_module._Staged) -> None:
+        if broken[0] and os.pread(item.fd, item.size + 1, 0) == bad.raw:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_link(self, item)
+
     monkeypatch.setattr(maildir_module.MaildirStore, "_write", write)
+    monkeypatch.setattr(maildir_module.MaildirStore, "_link_staged", link_staged)
     s = store(tmp_path)
+    if mechanism == "threads":
+        s.TMPFILE = False
     s.process(good)
     s.process(bad)  # handed to the writer thread: no error yet
     with pytest.raises(PermanentFailure, match="Invalid argument"):
@@ -206,9 +218,30 @@ def test_a_failed_background_write_fails_flush_then_reaches_its_own_message(
     assert listing(md)["tmp"] == []
 
 
+def test_staged_writes_are_bounded_and_close_publishes_them(tmp_path: Path) -> None:
+    """Unnamed files wait for flush() with their markers locked (two descriptors
+    each): beyond MAX_STAGED, process() publishes them (fsync, link into new/)."""
+    s = store(tmp_path)
+    s.MAX_STAGED = 2
+    md = tmp_path / "Maildir"
+    ms = [Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)) for i in range(3)]
+    s.process(ms[0])
+    assert listing(md)["new"] == [] and len(s._staged) == 1  # unnamed until flush
+    s.process(ms[1])  # the bound: both published now
+    assert sorted(key_of(n) for n in listing(md)["new"]) == sorted(m.key for m in ms[:2])
+    assert s._staged == []
+    s.process(ms[2])
+    assert len(s._staged) == 1
+    s.close()  # publishes what is staged; nothing left behind in tmp/
+    assert sorted(key_of(n) for n in listing(md)["new"]) == sorted(m.key for m in ms)
+    assert listing(md)["tmp"] == []
+    assert s._anonymous is True
+
+
 def test_background_writes_are_bounded_and_close_waits_for_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The writer threads (no O_TMPFILE; spooled messages) are bounded too."""
     import threading
 
     import mailpipe.plugins.store.maildir as maildir_module
@@ -224,6 +257,7 @@ def test_background_writes_are_bounded_and_close_waits_for_them(
 
     monkeypatch.setattr(maildir_module.MaildirStore, "_write", slow_write)
     s = store(tmp_path)
+    s.TMPFILE = False  # through the writer threads
     s.MAX_WRITES = 2
     ms = [Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)) for i in range(3)]
     s.process(ms[0])
