@@ -442,10 +442,17 @@ class MaildirStore:
         os.chmod(tmp, 0o644 & ~_UMASK)  # as a file written here would be
         return True
 
-    def _write(self, name: str, chunks: Iterator[bytes] | list[bytes] | None) -> int:
+    def _write(
+        self, name: str, chunks: Iterator[bytes] | list[bytes] | _Staged | None
+    ) -> int:
         """tmp/<name> → fsync → new/<name>; with ``chunks`` None, tmp/<name> is a
-        linked spool file that is only fsynced here."""
+        linked spool file that is only fsynced here; a staged unnamed file is
+        fsynced and linked as new/<name> (the caller closes its descriptors)."""
         tmp, final = self.path / "tmp" / name, self.path / "new" / name
+        if isinstance(chunks, _Staged):
+            os.fsync(chunks.fd)
+            self._link_staged(chunks)
+            return chunks.size
         if chunks is None:
             try:
                 fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
@@ -572,8 +579,7 @@ class MaildirStore:
         failures: list[tuple[str, Exception]] = []
         for item in items:
             try:
-                os.fsync(item.fd)
-                self._link_staged(item)
+                self._write(item.name, item)
             except Exception as exc:
                 failures.append((item.key, exc))
             finally:

@@ -181,22 +181,20 @@ def test_a_failed_background_write_fails_flush_then_reaches_its_own_message(
     bad = Message.from_bytes(RAW + b"bad\r\n", uid="bad")
     good = Message.from_bytes(RAW, uid="good")
     real = maildir_module.MaildirStore._write
-    real_link = maildir_module.MaildirStore._link_staged
     broken = [True]
 
     def write(self: MaildirStore, name: str, chunks: object) -> int:
+        if isinstance(chunks, maildir_module._Staged):  # an unnamed staged file
+            data = os.pread(chunks.fd, chunks.size + 1, 0)
+            if broken[0] and data == bad.raw:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(self, name, chunks)
         data = b"".join(chunks)  # type: ignore[call-overload]
         if broken[0] and data == bad.raw:
             raise OSError(errno.EINVAL, "Invalid argument")
         return real(self, name, [data])
 
-    def link_staged(self: MaildirStore, item: maildir_module._Staged) -> None:
-        if broken[0] and os.pread(item.fd, item.size + 1, 0) == bad.raw:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        real_link(self, item)
-
     monkeypatch.setattr(maildir_module.MaildirStore, "_write", write)
-    monkeypatch.setattr(maildir_module.MaildirStore, "_link_staged", link_staged)
     s = store(tmp_path)
     if mechanism == "threads":
         s.TMPFILE = False
