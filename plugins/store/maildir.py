@@ -484,18 +484,10 @@ class MaildirStore:
         directory lock, so the writer threads allocate inodes in parallel. None when
         the system cannot (no O_TMPFILE, no /proc): the caller writes via tmp/ and this
         store stops trying."""
-        flag = getattr(os, "O_TMPFILE", 0)
         unsupported = _NO_TMPFILE
-        if not flag:
-            self._anonymous = False
+        fd = self._open_unnamed(os.O_WRONLY)
+        if fd is None:
             return None
-        try:
-            fd = os.open(self.path / "tmp", flag | os.O_WRONLY | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            if exc.errno in unsupported:
-                self._anonymous = False
-                return None
-            raise
         try:
             written = write_all(fd, chunks)
             os.fsync(fd)
@@ -514,6 +506,21 @@ class MaildirStore:
         self._anonymous = True
         return written
 
+    def _open_unnamed(self, mode: int) -> int | None:
+        """A new unnamed file (O_TMPFILE) on tmp/'s file system, or None (and this
+        store stops trying) when the system has none."""
+        flag = getattr(os, "O_TMPFILE", 0)
+        if not flag:
+            self._anonymous = False
+            return None
+        try:
+            return os.open(self.path / "tmp", flag | mode | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno in _NO_TMPFILE:
+                self._anonymous = False
+                return None
+            raise
+
     def _tmp_fd(self) -> int:
         with self._fd_lock:
             if self._tmp_dir_fd is None:
@@ -529,18 +536,9 @@ class MaildirStore:
         threads instead."""
         if not self.TMPFILE or self._anonymous is False:
             return False
-        flag = getattr(os, "O_TMPFILE", 0)
-        if not flag:
-            self._anonymous = False
+        fd = self._open_unnamed(os.O_RDWR)  # where /proc cannot link it, it is read back
+        if fd is None:
             return False
-        try:
-            # O_RDWR: where /proc cannot link it, _link_staged reads it back.
-            fd = os.open(self.path / "tmp", flag | os.O_RDWR | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            if exc.errno in _NO_TMPFILE:
-                self._anonymous = False
-                return False
-            raise
         try:
             # The name is recorded before the file can appear in new/ (_write_marked).
             os.ftruncate(marker, 0)
