@@ -375,7 +375,8 @@ class MaildirStore:
             self._publish()  # bounded: descriptors and octets held unnamed
         if self.options.group_commit:
             self._unsynced = True  # durable at flush(), which precedes any DELE
-        keys.add(key)
+        if key not in self._inline:  # (a failed staged write is not stored)
+            keys.add(key)
 
     def _claim(self, key: str) -> int | None:
         """Lock the key's marker; None (the marker closed) when another process or
@@ -533,19 +534,30 @@ class MaildirStore:
         """Write ``data`` to a new unnamed file (O_TMPFILE) without fsync and keep it,
         with the key's locked marker, for :meth:`_publish`. False (nothing written)
         when the system has no O_TMPFILE: the caller writes through the writer
-        threads instead."""
+        threads instead. True also when the write failed (the marker closed): like a
+        failed background write, the failure fails the next flush() and the key is
+        written inline next time (issue 20 item 9: a full disk is a failed group
+        commit, never a message stored)."""
         if not self.TMPFILE or self._anonymous is False:
             return False
-        fd = self._open_unnamed(os.O_RDWR)  # where /proc cannot link it, it is read back
-        if fd is None:
-            return False
+        fd: int | None = None
         try:
+            fd = self._open_unnamed(os.O_RDWR)  # where /proc cannot link it: read back
+            if fd is None:
+                return False
             # The name is recorded before the file can appear in new/ (_write_marked).
             os.ftruncate(marker, 0)
             os.pwrite(marker, name.encode("ascii"), 0)
             size = write_all(fd, [data])
+        except OSError as exc:
+            if fd is not None:
+                os.close(fd)
+            os.close(marker)
+            self._write_failed(key, exc)
+            return True
         except BaseException:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
             raise
         self._staged.append(_Staged(key, name, fd, marker, size))
         self._staged_octets += size
