@@ -351,3 +351,40 @@ def test_in_memory_messages_are_written_unnamed_or_through_tmp(
     for name in listing(md)["new"]:
         assert (md / "new" / name).stat().st_mode & 0o777 == 0o644 & ~umask
     s.close()
+
+
+def test_a_full_disk_while_staging_fails_the_group_not_the_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 20 item 9 with staged writes: ENOSPC in process() is kept for flush()
+    (a failed group commit), the key is not taken for stored, and the next attempt
+    writes it inline so a lasting error reaches its own message."""
+    import errno
+
+    import mailpipe.plugins.store.maildir as maildir_module
+
+    real = maildir_module.write_all
+    full = [True]
+
+    def write_all(fd: int, chunks: object) -> int:
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, chunks)  # type: ignore[arg-type]
+
+    import mailpipe.plugins.store._fs as fs_module
+
+    monkeypatch.setattr(maildir_module, "write_all", write_all)
+    monkeypatch.setattr(fs_module, "write_all", write_all)
+    s = store(tmp_path)
+    m = Message.from_bytes(RAW, uid="1")
+    s.process(m)  # no error yet: the group fails at flush()
+    with pytest.raises(TemporaryFailure, match="No space left"):
+        s.flush()
+    md = tmp_path / "Maildir"
+    assert listing(md)["new"] == [] and listing(md)["tmp"] == []
+    with pytest.raises(TemporaryFailure, match="No space left"):
+        s.process(m)  # inline now: the message's own failure
+    full[0] = False
+    deliver(s, m)
+    assert [key_of(n) for n in listing(md)["new"]] == [m.key]
+    s.close()
