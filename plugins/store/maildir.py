@@ -189,10 +189,11 @@ class MaildirStore:
         self._anonymous: bool | None = None  # O_TMPFILE works here (None: not tried)
         self._tmp_dir_fd: int | None = None
         self._fd_lock = threading.Lock()
-        # Written unnamed (O_TMPFILE), not yet fsynced nor linked: published at
-        # flush() (or when MAX_STAGED is reached), in submission order.
+        # Written unnamed (O_TMPFILE), not yet fsynced nor linked: handed to a writer
+        # thread BATCH at a time (fsync, link), all published by flush().
         self._staged: list[_Staged] = []
         self._staged_octets = 0
+        self._publishing: deque[Future[list[tuple[str, Exception]]]] = deque()
 
     def open(self) -> None:
         """Create the Maildir if needed, list stored keys and clean stale tmp files."""
@@ -304,6 +305,11 @@ class MaildirStore:
     #: Staged (unnamed, unsynced) files at most before process() publishes them
     #: early: each holds two descriptors (the file and its key's locked marker).
     MAX_STAGED: ClassVar[int] = 128
+    #: Staged files handed to a writer thread together (one hand-off per batch, so
+    #: their fsyncs overlap the retrieval of the next messages), and batches in
+    #: flight at most (each file holds two descriptors until it is named).
+    BATCH: ClassVar[int] = 32
+    MAX_BATCHES: ClassVar[int] = 4
 
     def _settle(self, writes: int, held: int) -> None:
         """Wait for the oldest writes until at most ``writes`` writes holding ``held``
@@ -373,6 +379,8 @@ class MaildirStore:
                 os.close(marker)
         if len(self._staged) >= self.MAX_STAGED or self._staged_octets >= self.MAX_HELD:
             self._publish()  # bounded: descriptors and octets held unnamed
+        elif len(self._staged) >= self.BATCH:
+            self._hand_off()
         if self.options.group_commit:
             self._unsynced = True  # durable at flush(), which precedes any DELE
         if key not in self._inline:  # (a failed staged write is not stored)
@@ -565,22 +573,32 @@ class MaildirStore:
 
     def _publish(self) -> None:
         """fsync every staged file (in parallel, one slice per writer thread), link
-        each into new/ once fsynced, and release its marker. A file that fails is not
-        named (its key is written inline next time) and fails the next flush()."""
+        each into new/ once fsynced, and release its marker; then wait for the
+        batches handed off earlier. A file that fails is not named (its key is
+        written inline next time) and fails the next flush()."""
         staged, self._staged, self._staged_octets = self._staged, [], 0
-        if not staged:
-            return
-        slices = [staged[i::self.WRITERS] for i in range(min(self.WRITERS, len(staged)))]
-        if len(slices) == 1:
-            results = [self._publish_slice(slices[0])]
-        else:
-            if self._writer is None:
-                self._writer = ThreadPoolExecutor(
-                    self.WRITERS, thread_name_prefix="maildir-writer"
-                )
-            results = list(self._writer.map(self._publish_slice, slices))
-        for failures in results:
-            for key, exc in failures:
+        for i in range(min(self.WRITERS, len(staged))):
+            self._submit_slice(staged[i::self.WRITERS])
+        self._collect(0)
+
+    def _hand_off(self) -> None:
+        """Hand the staged files to a writer thread as one batch, without waiting
+        (beyond MAX_BATCHES in flight, for the oldest)."""
+        staged, self._staged, self._staged_octets = self._staged, [], 0
+        self._collect(self.MAX_BATCHES - 1)
+        self._submit_slice(staged)
+
+    def _submit_slice(self, items: list[_Staged]) -> None:
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(
+                self.WRITERS, thread_name_prefix="maildir-writer"
+            )
+        self._publishing.append(self._writer.submit(self._publish_slice, items))
+
+    def _collect(self, batches: int) -> None:
+        """Wait for the oldest batches until at most ``batches`` are in flight."""
+        while len(self._publishing) > batches:
+            for key, exc in self._publishing.popleft().result():
                 self._write_failed(key, exc)
 
     def _publish_slice(self, items: list[_Staged]) -> list[tuple[str, Exception]]:
