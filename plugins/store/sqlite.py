@@ -496,7 +496,7 @@ class SqliteStore:
 
     #: Prepared rows held at most before process() writes them (one transaction).
     MAX_ROWS: ClassVar[int] = 512
-    MAX_HELD: ClassVar[int] = 32 << 20
+    MAX_HELD: ClassVar[int] = 8 << 20  # raw bytes kept alive until flush(): bounds peak RSS
 
     def close(self) -> None:
         """Write any prepared rows (one transaction) and close the connection."""
