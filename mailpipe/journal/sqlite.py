@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import sqlite3
 import threading
@@ -473,19 +472,17 @@ class SqliteJournal:
         """Record that chain step ``step`` durably committed for this message."""
         now = self._now()
         with self._tx() as conn:
-            self._ensure(conn, mailbox, uid, now)
-            (raw,) = conn.execute(
-                "SELECT steps FROM entries WHERE mailbox = ? AND uid = ?",
-                (mailbox, uid),
-            ).fetchone()
-            steps = list(json.loads(raw))
-            if step not in steps:
-                steps.append(step)
-                conn.execute(
-                    "UPDATE entries SET steps = ?, updated = ? "
-                    "WHERE mailbox = ? AND uid = ?",
-                    (json.dumps(steps), now, mailbox, uid),
-                )
+            # One statement (issue 18): begun if absent, the step appended once.
+            conn.execute(
+                "INSERT INTO entries AS e "
+                "(mailbox, uid, key, status, steps, first_seen, updated) "
+                "VALUES (?, ?, ?, ?, json_array(?), ?, ?) "
+                "ON CONFLICT (mailbox, uid) DO UPDATE "
+                "SET steps = json_insert(e.steps, '$[#]', ?), updated = excluded.updated "
+                "WHERE NOT EXISTS (SELECT 1 FROM json_each(e.steps) WHERE value = ?)",
+                (mailbox, uid, message_key(mailbox, uid), Status.PENDING.value, step,
+                 now, now, step, step),
+            )
 
     def finish(
         self,
@@ -504,20 +501,27 @@ class SqliteJournal:
         With ``fence``: only while it is the mailbox's lease (see :meth:`batch`)."""
         now = self._now()
         with self._fenced(fence), self._tx() as conn:
-            self._ensure(conn, mailbox, uid, now)
+            # One statement (issue 18): an entry never begun is recorded as finished.
             conn.execute(
-                "UPDATE entries SET status = ?, disposition = ?, "
-                "sha256 = COALESCE(?, sha256), reason = ?, delete_due = ?, updated = ? "
-                "WHERE mailbox = ? AND uid = ?",
+                "INSERT INTO entries AS e (mailbox, uid, key, status, disposition, "
+                "sha256, reason, delete_due, first_seen, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (mailbox, uid) DO UPDATE SET status = excluded.status, "
+                "disposition = excluded.disposition, "
+                "sha256 = COALESCE(excluded.sha256, e.sha256), "
+                "reason = excluded.reason, delete_due = excluded.delete_due, "
+                "updated = excluded.updated",
                 (
+                    mailbox,
+                    uid,
+                    message_key(mailbox, uid),
                     Status(status).value,
                     disposition,
                     sha256,
                     reason,
                     int(delete_due),
                     now,
-                    mailbox,
-                    uid,
+                    now,
                 ),
             )
 
