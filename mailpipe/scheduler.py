@@ -86,16 +86,42 @@ def next_delay(
     return exp
 
 
-async def close_sources(runners: Iterable[MailboxRunner]) -> None:
-    """Close every source that keeps connections between polls (IMAP push, IC-44);
-    a failure is logged, never raised."""
-    for runner in runners:
-        if isinstance(runner.source, ClosableSource):
-            try:
-                await runner.source.close()
-            except Exception as exc:  # the contract says never; shutdown goes on
-                log.warning("source_close_failed", mailbox=runner.name,
-                            error=type(exc).__name__)
+#: Seconds :func:`close_sources` waits for every source's close together; a source
+#: still closing after it (a hung server) is cancelled: shutdown does not grow with
+#: the number of mailboxes.
+CLOSE_TIMEOUT = 15.0
+
+
+async def close_sources(
+    runners: Iterable[MailboxRunner], *, timeout: float = CLOSE_TIMEOUT
+) -> None:
+    """Close every source that keeps connections between polls (IMAP push, IC-44),
+    all at once, within ``timeout`` seconds in total (those still closing then are
+    cancelled); a failure is logged, never raised."""
+    closing = {
+        asyncio.ensure_future(_close_one(runner)): runner
+        for runner in runners
+        if isinstance(runner.source, ClosableSource)
+    }
+    if not closing:
+        return
+    try:
+        _, late = await asyncio.wait(closing, timeout=timeout)
+    finally:
+        for task in closing:
+            task.cancel()  # no-op for the finished ones
+        await asyncio.gather(*closing, return_exceptions=True)
+    for task in late:
+        log.warning("source_close_timeout", mailbox=closing[task].name, seconds=timeout)
+
+
+async def _close_one(runner: MailboxRunner) -> None:
+    source = runner.source
+    assert isinstance(source, ClosableSource)
+    try:
+        await source.close()
+    except Exception as exc:  # the contract says never; shutdown goes on
+        log.warning("source_close_failed", mailbox=runner.name, error=type(exc).__name__)
 
 
 class Scheduler:
@@ -179,8 +205,12 @@ class Scheduler:
                 self.last[runner.name] = summary
             error = runner.last_exception if summary and summary.error else None
             if summary is None or isinstance(error, LeaseLostError | FencedError):
-                # Held (or taken over) by another worker: wait, then try again.
+                # Held (or taken over) by another worker: wait, then try again. The
+                # source's kept connections (IMAP push) are closed meanwhile: the
+                # mailbox is not this worker's to watch, and they would count against
+                # the server's per-user connection limit (IC-44).
                 misses += 1
+                await close_sources([runner])
                 if self.once:
                     self._record(summary, None)
                     break

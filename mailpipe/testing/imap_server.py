@@ -293,15 +293,20 @@ class ImapServer:
                     send(f"* OK [UIDVALIDITY {self.uidvalidity}] ok")
                     send(f"* OK [UIDNEXT {self._next_uid[name]}] ok")
                     send("* OK [PERMANENTFLAGS (\\Deleted \\Seen \\*)] ok")
-                    send(f"{tag} OK [READ-WRITE] done")
+                    mode = "READ-ONLY" if word == "EXAMINE" else "READ-WRITE"
+                    send(f"{tag} OK [{mode}] done")
                 elif command == "UID FETCH":
                     dropped = await self._fetch(selected, rest, send, writer)
                     if not dropped:
                         send(f"{tag} OK done")
                 elif command == "UID SEARCH":
-                    found = self._search(selected, rest.split(" ", 2)[2])
-                    send("* SEARCH" + "".join(f" {uid}" for uid in found))
-                    send(f"{tag} OK done")
+                    try:
+                        found = self._search(selected, rest.split(" ", 2)[2])
+                    except (ValueError, IndexError) as exc:  # a key the fake lacks
+                        send(f"{tag} BAD {exc}")
+                    else:
+                        send("* SEARCH" + "".join(f" {uid}" for uid in found))
+                        send(f"{tag} OK done")
                 elif command == "UID STORE":
                     uids = _uids(rest.split(" ")[2])
                     flag = re.search(r"\((.*)\)", rest)

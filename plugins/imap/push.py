@@ -15,10 +15,25 @@ listing did not see, False after ``timeout``. Contract (:class:`mailpipe.source.
 - New mail means ``UIDNEXT`` beyond what the last listing saw (``listed_uidnext``) or an
   ``EXISTS``/``RECENT`` during IDLE: mail that arrived between the listing and the wait
   wakes it at once, and a reconnect never loses a wake-up (the comparison is absolute).
-- When one folder wakes the wait, the others are ended cleanly (``DONE``, tagged OK)
-  and their connections stay open for the next wait (no new login); only a wait that is
-  itself cancelled aborts the connections it was using. :meth:`PushPool.close` sends
-  LOGOUT on every connection.
+- When the wait ends (one folder woke it, the deadline came, or the wait itself was
+  cancelled) the other watchers are asked to stop: each ends IDLE cleanly (``DONE``,
+  tagged OK) and its connection stays open for the next wait (no new login). Only a
+  watcher still busy after :data:`STOP_GRACE` seconds is cancelled and its connection
+  aborted, so a cancelled wait may take up to :data:`STOP_GRACE` seconds to return.
+  :meth:`PushPool.close` ends any running wait the same way and sends LOGOUT on every
+  connection (each bounded by the read timeout); the scheduler closes all sources at
+  once within a bound (:func:`mailpipe.scheduler.close_sources`).
+- A folder whose STATUS the server refuses (NO: deleted, not readable) gives no
+  information this round; the other folders are still checked, the refusal is logged
+  once (IC-44).
+- Connection budget: one mailbox holds up to ``idle_connections`` IDLE connections
+  (at most :data:`MAX_IDLE_CONNECTIONS`), one shared STATUS connection when some
+  folders are polled, and its poll's own session. The budget is per mailbox only:
+  two mailboxes on the same account (or workers on the same address) add up and may
+  exceed the server's per-user limit (Dovecot: ``mail_max_userip_connections``,
+  10 by default), which then refuses a LOGIN; lower ``idle_connections`` for them.
+  The scheduler closes the pool when the mailbox's lease is held by, or lost to,
+  another worker, so a worker keeps no connections for a mailbox it does not poll.
 - A connection lost while watching makes the wait return True (the next poll reports
   the error). A connection that cannot be (re)opened waits an exponential back-off
   (:data:`RECONNECT_INITIAL` doubling to :data:`RECONNECT_MAX`), never a tight loop; a
@@ -47,8 +62,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 #: IC-44: most IDLE connections per mailbox. With the poll's own session and the shared
-#: STATUS connection that stays within Dovecot's default of 10 connections per user and
-#: address (mail_max_userip_connections).
+#: STATUS connection one mailbox stays within Dovecot's default of 10 connections per
+#: user and address (mail_max_userip_connections). The budget is per mailbox: two
+#: mailboxes on one account add up (see the module docstring; lower idle_connections).
 MAX_IDLE_CONNECTIONS: Final = 8
 #: IC-43: the default IDLE renewal, well before RFC 2177's 29 minutes.
 IDLE_RENEW: Final = 25 * 60.0
@@ -169,6 +185,8 @@ class PushPool:
         self._first_seen: dict[bytes, int] = {}
         self._running: set[asyncio.Task[bool]] = set()
         self._stops: set[asyncio.Event] = set()
+        #: Folders whose STATUS the server refused (NO): logged once until it answers.
+        self._status_refused: set[bytes] = set()
 
     # --- the wait -------------------------------------------------------------------
 
@@ -347,9 +365,13 @@ class PushPool:
     async def _status(
         self, session: ImapSession, folders: list[bytes]
     ) -> dict[bytes, int | None]:
-        """UIDNEXT per folder, one pipelined STATUS each (IP-01)."""
+        """UIDNEXT per folder, one pipelined STATUS each (IP-01). A NO for one folder
+        (deleted, no longer readable) is no information for that folder: the others
+        are still checked and the refusal is logged once, not on every round (IC-44).
+        A BAD raises :class:`CommandFailed` (the connection is reopened)."""
         out: dict[bytes, int | None] = dict.fromkeys(folders)
         commands = [cmd.status(wire) for wire in folders]
+        of = {id(command): wire for command, wire in zip(commands, folders, strict=True)}
         async for event in session.client.stream(commands):
             if isinstance(event, Data) and event.name == "STATUS":
                 try:
@@ -358,10 +380,22 @@ class PushPool:
                     continue
                 if name in out and "UIDNEXT" in items:
                     out[name] = items["UIDNEXT"]
-            elif isinstance(event, cmd.Done) and not event.ok:
-                raise CommandFailed(
-                    f"{session.client.where}: STATUS failed: {event.text[:200]}", event
-                )
+            elif isinstance(event, cmd.Done):
+                wire = of.get(id(event.command))
+                if event.ok and wire is not None:
+                    self._status_refused.discard(wire)
+                elif event.status == "NO" and wire is not None:
+                    out[wire] = None
+                    if wire not in self._status_refused:
+                        self._status_refused.add(wire)
+                        self._log.warning(
+                            "imap_push_status_refused", folder=_show(wire),
+                            error=event.text[:200],
+                        )
+                elif not event.ok:
+                    raise CommandFailed(
+                        f"{session.client.where}: STATUS failed: {event.text[:200]}", event
+                    )
         return out
 
     # --- common -----------------------------------------------------------------------

@@ -183,7 +183,7 @@ class ImapOptions(ConnectionSecurity):
         "shared connection every status_interval.",
     )
     idle_renew: Duration = Field(
-        default=IDLE_RENEW, gt=0, le=29 * 60,
+        default=IDLE_RENEW, gt=0, lt=29 * 60,
         description="Push: IDLE is ended with DONE and issued again after this "
         "long (RFC 2177: under 29 minutes).",
     )

@@ -236,3 +236,76 @@ async def test_the_scheduler_closes_a_source_that_keeps_connections(
     Closing.answer, Closing.waits = False, 0
     await _run_for(tmp_path, Closing, 0.2)
     assert Closing.closed == 1
+
+
+class _Hung:
+    """A closable source whose close() hangs (a server that never answers LOGOUT)."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.cancelled = 0
+
+    async def close(self) -> None:
+        self.started += 1
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+
+async def test_close_sources_closes_all_at_once_within_a_bound() -> None:
+    # Shutdown against hung servers must not grow with the number of mailboxes: every
+    # source starts closing at once and those still hanging after the bound are cancelled.
+    from types import SimpleNamespace
+
+    from mailpipe.scheduler import close_sources
+
+    hung = [_Hung() for _ in range(3)]
+    runners = [SimpleNamespace(name=f"m{i}", source=h) for i, h in enumerate(hung)]
+    before = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+    await asyncio.wait_for(close_sources(runners, timeout=0.05), 30)  # type: ignore[arg-type]
+    assert [h.started for h in hung] == [1, 1, 1]
+    assert [h.cancelled for h in hung] == [1, 1, 1]
+    assert {t for t in asyncio.all_tasks() if t is not asyncio.current_task()} == before
+
+
+async def test_a_mailbox_leased_elsewhere_has_its_source_closed(tmp_path: Path) -> None:
+    # IC-44: a worker keeps no push connections for a mailbox another worker holds
+    # (they count against the server's per-user connection limit).
+    from mailpipe.leases import MailboxLease
+
+    FakeSource.boxes.clear()
+
+    class Closing(_PushFake):
+        closed = 0
+
+        async def close(self) -> None:
+            type(self).closed += 1
+
+    Closing.answer, Closing.waits, Closing.closed = False, 0, 0
+    registry = Registry()
+    registry.add("source", Closing, "test")
+    config = validate_config(
+        {"mailboxes": [{"name": "p", "source": "fake", "poll_interval": 60}],
+         "pipelines": {"default": {"processors": []}}},
+        path=tmp_path / "p.toml", registry=registry,
+    )
+    journal = SqliteJournal(tmp_path / "j.sqlite3")
+    other = MailboxLease(journal, "p", owner="other-worker", ttl=600)
+    assert other.acquire()
+    scheduler = Scheduler(
+        config, journal=journal, hooks=Hooks(get_plugin_manager(entry_points=False))
+    )
+    task = asyncio.create_task(scheduler.run())
+    try:
+        for _ in range(3000):  # bounded
+            if Closing.closed or task.done():
+                break
+            await asyncio.sleep(0.01)
+        assert Closing.closed >= 1 and not task.done()  # closed while still running
+        assert scheduler.summaries == []  # never polled here
+    finally:
+        scheduler.request_stop()
+        await asyncio.wait_for(task, 10)
+        journal.close()

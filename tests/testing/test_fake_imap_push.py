@@ -239,3 +239,63 @@ def test_ic43_ic44_options_are_validated() -> None:
         **base, "folders": [f"F{i}" for i in range(12)],
     }))
     assert many.push.idle_connections == MAX_IDLE_CONNECTIONS == 8
+
+
+def test_ic43_idle_renew_must_be_under_29_minutes() -> None:
+    # RFC 2177 §3: renew *before* the server's 29-minute timer, so 29 min itself is refused.
+    base = {"host": "h", "username": "u", "password": "p"}
+    assert ImapOptions.model_validate({**base, "idle_renew": 29 * 60 - 1}).idle_renew == 1739
+    with pytest.raises(ValidationError, match="idle_renew"):
+        ImapOptions.model_validate({**base, "idle_renew": 29 * 60})
+
+
+async def test_ic44_a_folder_refused_by_status_does_not_blind_the_others() -> None:
+    with ImapServer() as srv:  # no IDLE: every folder polled with STATUS
+        srv.add_message(RAW)
+        srv.add_message(RAW, "Second")
+        # "Gone" does not exist (deleted after configuration): STATUS answers NO.
+        src = source(srv, folders=["INBOX", "Gone", "Second"], status_interval=0.05)
+        with capture_logs() as logs:
+            waiter = asyncio.create_task(src.wait_for_mail(60))
+            await until(lambda: sent(srv, "STATUS") >= 9)  # three rounds of three
+            srv.add_message(RAW, "Second")
+            assert await waiter is True
+        events = [e["event"] for e in logs if "imap_push" in e["event"]]
+        assert events.count("imap_push_status_refused") == 1  # once, not every round
+        assert "imap_push_connection_failed" not in events  # the connection stays
+        assert sent(srv, "LOGIN") == 1
+        await src.close()
+
+
+async def _fake_lines(
+    srv: ImapServer, lines: list[str]
+) -> list[str]:
+    """Send ``lines`` (tagged ``a1``, ``a2``…) after LOGIN; every line read back."""
+    reader, writer = await asyncio.open_connection(srv.host, srv.port)
+    got: list[str] = [(await reader.readline()).decode()]
+    for n, line in enumerate(['LOGIN "user" "pass"', *lines]):
+        tag = f"a{n}"
+        writer.write(f"{tag} {line}\r\n".encode())
+        for _ in range(100):  # bounded: the fake answers a few lines per command
+            answer = (await asyncio.wait_for(reader.readline(), 10)).decode()
+            got.append(answer.rstrip("\r\n"))
+            if not answer or answer.startswith(f"{tag} "):
+                break
+    writer.close()
+    return got
+
+
+async def test_fake_answers_bad_to_an_unknown_search_key_and_goes_on() -> None:
+    with ImapServer() as srv:
+        srv.add_message(RAW)
+        got = await _fake_lines(srv, ["SELECT INBOX", "UID SEARCH KEYWORD $x", "NOOP"])
+        assert any(line.startswith("a2 BAD ") for line in got)
+        assert "a3 OK done" in got  # the connection is still there
+
+
+async def test_fake_answers_examine_read_only_and_select_read_write() -> None:
+    with ImapServer() as srv:
+        srv.add_message(RAW)
+        got = await _fake_lines(srv, ["EXAMINE INBOX", "SELECT INBOX"])
+        assert "a1 OK [READ-ONLY] done" in got
+        assert "a2 OK [READ-WRITE] done" in got
