@@ -93,11 +93,12 @@ CLOSE_TIMEOUT = 15.0
 
 
 async def close_sources(
-    runners: Iterable[MailboxRunner], *, timeout: float = CLOSE_TIMEOUT
+    runners: Iterable[MailboxRunner], *, timeout: float | None = None
 ) -> None:
     """Close every source that keeps connections between polls (IMAP push, IC-44),
-    all at once, within ``timeout`` seconds in total (those still closing then are
-    cancelled); a failure is logged, never raised."""
+    all at once, within ``timeout`` seconds in total (default :data:`CLOSE_TIMEOUT`;
+    those still closing then are cancelled); a failure is logged, never raised."""
+    timeout = CLOSE_TIMEOUT if timeout is None else timeout
     closing = {
         asyncio.ensure_future(_close_one(runner)): runner
         for runner in runners

@@ -254,17 +254,21 @@ class _Hung:
             raise
 
 
-async def test_close_sources_closes_all_at_once_within_a_bound() -> None:
+async def test_close_sources_closes_all_at_once_within_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # Shutdown against hung servers must not grow with the number of mailboxes: every
     # source starts closing at once and those still hanging after the bound are cancelled.
     from types import SimpleNamespace
 
+    from mailpipe import scheduler
     from mailpipe.scheduler import close_sources
 
+    monkeypatch.setattr(scheduler, "CLOSE_TIMEOUT", 0.05, raising=False)
     hung = [_Hung() for _ in range(3)]
     runners = [SimpleNamespace(name=f"m{i}", source=h) for i, h in enumerate(hung)]
     before = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
-    await asyncio.wait_for(close_sources(runners, timeout=0.05), 30)  # type: ignore[arg-type]
+    await asyncio.wait_for(close_sources(runners), 30)  # type: ignore[arg-type]
     assert [h.started for h in hung] == [1, 1, 1]
     assert [h.cancelled for h in hung] == [1, 1, 1]
     assert {t for t in asyncio.all_tasks() if t is not asyncio.current_task()} == before
