@@ -21,7 +21,7 @@ listing did not see, False after ``timeout``. Contract (:class:`mailpipe.source.
   watcher still busy after :data:`STOP_GRACE` seconds is cancelled and its connection
   aborted, so a cancelled wait may take up to :data:`STOP_GRACE` seconds to return.
   :meth:`PushPool.close` ends any running wait the same way and sends LOGOUT on every
-  connection (each bounded by the read timeout); the scheduler closes all sources at
+  connection (each bounded at 10 s, all at once); the scheduler closes all sources at
   once within a bound (:func:`mailpipe.scheduler.close_sources`).
 - A folder whose STATUS the server refuses (NO: deleted, not readable) gives no
   information this round; the other folders are still checked, the refusal is logged
@@ -33,7 +33,9 @@ listing did not see, False after ``timeout``. Contract (:class:`mailpipe.source.
   exceed the server's per-user limit (Dovecot: ``mail_max_userip_connections``,
   10 by default), which then refuses a LOGIN; lower ``idle_connections`` for them.
   The scheduler closes the pool when the mailbox's lease is held by, or lost to,
-  another worker, so a worker keeps no connections for a mailbox it does not poll.
+  another worker (noticed by a poll attempt). Limit: a lease covers a poll, not the
+  wait between polls (it is released after each poll), so workers that take turns
+  polling one mailbox may each keep a pool open for it.
 - A connection lost while watching makes the wait return True (the next poll reports
   the error). A connection that cannot be (re)opened waits an exponential back-off
   (:data:`RECONNECT_INITIAL` doubling to :data:`RECONNECT_MAX`), never a tight loop; a
