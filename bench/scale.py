@@ -2,7 +2,13 @@
 
     python bench/scale.py            # full: 1,000 mailboxes x 5 messages
     python bench/scale.py --small    # CI size: 100 mailboxes x 2 messages, seconds
+    python bench/scale.py --empty-only --rounds 3   # only the no-new-mail cycles
 
+(0) no new mail (issue 18): one ``mailpipe run --once`` over every mailbox, each one
+    empty, once over plain POP3 (``security = "none"``) and once over implicit TLS
+    with the test CA (``security = "tls"``, verified); ``--rounds`` interleaves the
+    two. Time of the cycle (process start to exit) and CPU from ``os.wait4``;
+    ``verified`` says every mailbox has a successful poll record in the journal.
 (a) one ``mailpipe run --once`` (SQLite journal) with scheduler concurrency 50 and 200:
     the time of a full cycle (process start to exit), messages/s, peak RSS and CPU
     from ``os.wait4``. A ``mailpipe check`` of the same config gives the start-up cost
@@ -127,8 +133,10 @@ def write_config(
     journal: str,
     concurrency: int,
     poll_interval: float,
+    tls: bool = True,
 ) -> Path:
-    """A pipeline.toml with one [[mailboxes]] table per user."""
+    """A pipeline.toml with one [[mailboxes]] table per user (implicit TLS with the
+    test CA, or with ``tls=False`` plaintext POP3)."""
     directory.mkdir(parents=True, exist_ok=True)
     lines = [
         "# Written by bench/scale.py",
@@ -141,12 +149,19 @@ def write_config(
         "lease_ttl = 30.0",
     ]
     for user in users:
+        security: dict[str, Any] = (
+            {"port": dovecot.pop3s_port, "security": "tls", "ca_file": str(dovecot.ca_file)}
+            if tls
+            else {
+                "port": dovecot.pop3_port,
+                "security": "none",
+                "allow_plaintext_password": True,
+            }
+        )
         table: dict[str, Any] = {
             "name": user.name,
             "host": dovecot.host,
-            "port": dovecot.pop3s_port,
-            "security": "tls",
-            "ca_file": str(dovecot.ca_file),
+            **security,
             "username": user.name,
             "password": user.password,
             "poll_interval": poll_interval,
@@ -241,7 +256,68 @@ def verify(store: Path, expected: set[str], users: list[DovecotUser]) -> str:
     return text
 
 
+def polled_ok(journal: Path, users: list[DovecotUser]) -> str:
+    """``ok N/N`` when every user's mailbox has a successful, error-free poll record."""
+    conn = sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = conn.execute(
+            "SELECT mailbox FROM polls WHERE last_success IS NOT NULL "
+            "AND last_error_at IS NULL"
+        ).fetchall()
+    finally:
+        conn.close()
+    good = {str(r[0]) for r in rows} & {u.name for u in users}
+    ok = len(good) == len(users)
+    return f"{'ok' if ok else 'FAILED'} {len(good)}/{len(users)}"
+
+
 # --- scenarios ----------------------------------------------------------------------
+
+
+def empty_cycle(
+    work: Path,
+    dovecot: Dovecot,
+    users: list[DovecotUser],
+    concurrency: int,
+    *,
+    tls: bool,
+    round_no: int,
+) -> Row:
+    """One ``run --once`` over ``users`` (all empty) with a fresh journal."""
+    kind = "TLS" if tls else "plain"
+    directory = work / f"empty-{kind}-c{concurrency}-r{round_no}"
+    config = write_config(
+        directory,
+        dovecot,
+        users,
+        journal="var/journal.sqlite3",
+        concurrency=concurrency,
+        poll_interval=60.0,
+        tls=tls,
+    )
+    log = directory / "mailpipe.log"
+    started = time.monotonic()
+    proc = spawn(config, log, "run", "--once")
+    code, rss, cpu = reap(proc, 1800)
+    seconds = time.monotonic() - started
+    verified = polled_ok(directory / "var" / "journal.sqlite3", users)
+    if left_on_server(users):
+        verified += " (mail left?)"
+    if code != 0:
+        verified += f" exit {code}"
+    return Row(
+        f"no new mail, {kind}",
+        len(users),
+        0,
+        1,
+        concurrency,
+        seconds,
+        None,
+        rss,
+        cpu,
+        verified,
+    )
+
 
 
 def one_worker(
@@ -408,6 +484,18 @@ def main(argv: list[str] | None = None) -> int:
         default=[50, 200],
         help="scheduler concurrency values for the one-worker runs",
     )
+    parser.add_argument(
+        "--empty-concurrency",
+        type=int,
+        default=50,
+        help="scheduler concurrency of the no-new-mail cycles",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="no-new-mail cycles of each kind"
+    )
+    parser.add_argument(
+        "--empty-only", action="store_true", help="only the no-new-mail cycles"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     mailboxes = args.mailboxes or (100 if args.small else 1000)
@@ -421,11 +509,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dovecot.start()
         users = [dovecot.add_user(f"scale{i:04d}") for i in range(mailboxes)]
+        for round_no in range(args.rounds):  # plain and TLS interleaved
+            for tls in (False, True):
+                rows.append(
+                    empty_cycle(
+                        work, dovecot, users, args.empty_concurrency,
+                        tls=tls, round_no=round_no,
+                    )
+                )
+                print(render(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        if args.empty_only:
+            args.concurrency = []
         for concurrency in args.concurrency:
             rows.append(one_worker(work, dovecot, users, per_user, concurrency))
             print(render(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
         reason = postgres_reason()
-        if reason is None:
+        if args.empty_only:
+            pass
+        elif reason is None:
             rows.append(four_workers(work, dovecot, users, per_user, 50))
         else:
             notes.append(f"4 workers skipped: {reason}")
