@@ -1,0 +1,166 @@
+"""Start-up cost of ``mailpipe run --once`` on one empty mailbox (issue 18).
+
+    python bench/startup.py                # 15 repetitions, plain and TLS interleaved
+    python bench/startup.py --rounds 3     # CI size
+    python bench/startup.py --importtime   # also the 15 costliest imports (-X importtime)
+
+One private Dovecot, one empty mailbox, the default chain of the quickstart (``parse``
+then ``store.sqlite``), a SQLite journal. Each repetition is a fresh process; its CPU
+(user + system) comes from ``os.wait4``, which other processes on a shared machine do
+not inflate the way they inflate wall time. Prints the median, minimum and maximum;
+nothing is asserted on time. A run that does not exit 0 or leaves no successful poll
+record fails the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mailpipe.testing.dovecot import Dovecot, DovecotUser
+from mailpipe.testing.e2e import toml_value
+
+
+def write_config(directory: Path, dovecot: Dovecot, user: DovecotUser, *, tls: bool) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    if tls:
+        security = {
+            "port": dovecot.pop3s_port,
+            "security": "tls",
+            "ca_file": str(dovecot.ca_file),
+        }
+    else:
+        security = {
+            "port": dovecot.pop3_port,
+            "security": "none",
+            "allow_plaintext_password": True,
+        }
+    table = {
+        "name": "inbox",
+        "host": dovecot.host,
+        **security,
+        "username": user.name,
+        "password": user.password,
+    }
+    steps = [
+        {"use": "parse"},
+        {"use": "store.sqlite", "path": str(directory / "store.sqlite3")},
+    ]
+    lines = [
+        "# Written by bench/startup.py",
+        "[state]",
+        'path = "var/journal.sqlite3"',
+        "[[mailboxes]]",
+        *(f"{k} = {toml_value(v)}" for k, v in table.items()),
+        "[pipelines.default]",
+        "processors = [",
+        *(f"  {toml_value(s)}," for s in steps),
+        "]",
+    ]
+    path = directory / "pipeline.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, *extra, "-m", "mailpipe", "--log-format", "json",
+            "--log-level", "warning", "run", "--once", str(config)]
+
+
+def one_run(config: Path) -> tuple[float, float]:
+    """(CPU seconds from wait4, wall seconds) of one ``run --once``."""
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        command(config), cwd=config.parent, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"run --once exited {proc.returncode}: {err.decode()[-2000:]}")
+    conn = sqlite3.connect(f"file:{config.parent / 'var/journal.sqlite3'}?mode=ro", uri=True)
+    try:
+        row = conn.execute(
+            "SELECT count(*) FROM polls WHERE mailbox = 'inbox' AND last_error_at IS NULL"
+        ).fetchone()
+    finally:
+        conn.close()
+    if not row or row[0] != 1:
+        raise SystemExit(f"no successful poll recorded: {err.decode()[-2000:]}")
+    return usage.ru_utime + usage.ru_stime, wall
+
+
+def importtime(config: Path, top: int) -> list[tuple[int, str]]:
+    """The ``top`` largest cumulative import times (µs, module) of one run."""
+    done = subprocess.run(
+        command(config, "-X", "importtime"), cwd=config.parent, capture_output=True,
+        text=True, check=False, timeout=120,
+    )
+    found: list[tuple[int, str]] = []
+    for line in done.stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)", line)
+        if m and len(m.group(3)) <= 3:  # top-level imports only (one space of indent)
+            found.append((int(m.group(2)), m.group(4)))
+    return sorted(found, reverse=True)[:top]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--importtime", action="store_true")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="mailpipe-startup-"))
+    work.chmod(0o755)
+    dovecot = Dovecot(work / "dovecot")
+    cpu: dict[str, list[float]] = {"plain": [], "TLS": []}
+    wall: dict[str, list[float]] = {"plain": [], "TLS": []}
+    try:
+        dovecot.start()
+        user = dovecot.add_user("startup")
+        configs = {
+            "plain": write_config(work / "plain", dovecot, user, tls=False),
+            "TLS": write_config(work / "tls", dovecot, user, tls=True),
+        }
+        for kind, config in configs.items():
+            one_run(config)  # warm-up: journal created, page cache filled
+        for _ in range(args.rounds):
+            for kind, config in configs.items():
+                c, w = one_run(config)
+                cpu[kind].append(c)
+                wall[kind].append(w)
+        imports = importtime(configs["TLS"], 15) if args.importtime else []
+    finally:
+        dovecot.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"mailpipe start-up: run --once on one empty mailbox, {args.rounds} rounds, "
+          f"{os.cpu_count()} CPUs")
+    print("| security | CPU s median | CPU s min | CPU s max | wall s median |")
+    print("|---|---|---|---|---|")
+    for kind in cpu:
+        print(
+            f"| {kind} | {statistics.median(cpu[kind]):.3f} | {min(cpu[kind]):.3f} | "
+            f"{max(cpu[kind]):.3f} | {statistics.median(wall[kind]):.3f} |"
+        )
+    if imports:
+        print()
+        print("| top-level import | cumulative ms |")
+        print("|---|---|")
+        for us, name in imports:
+            print(f"| {name} | {us / 1000:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
