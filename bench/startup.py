@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             "plain": write_config(work / "plain", dovecot, user, tls=False),
             "TLS": write_config(work / "tls", dovecot, user, tls=True),
         }
-        for kind, config in configs.items():
+        for config in configs.values():
             one_run(config)  # warm-up: journal created, page cache filled
         for _ in range(args.rounds):
             for kind, config in configs.items():
