@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -18,11 +19,12 @@ from mailpipe.app import App
 from mailpipe.errors import StartupError
 from mailpipe.journal.base import PollRecord
 from mailpipe.logs import on_terminal
-from mailpipe.metrics import MetricsCollector, MetricsServer
 from mailpipe.plugin_manager import Hooks
 from mailpipe.progress import ProgressView
 from mailpipe.scheduler import Scheduler
-from mailpipe.status_page import StatusPage
+
+if TYPE_CHECKING:
+    from mailpipe.metrics import MetricsServer
 
 log = structlog.get_logger()
 
@@ -85,6 +87,10 @@ async def _start_metrics(app: App) -> MetricsServer | None:
     listen = app.config.model.metrics.listen
     if not listen:
         return None
+    # Imported only with [metrics] listen set: a run without it never pays (issue 18).
+    from mailpipe.metrics import MetricsCollector, MetricsServer
+    from mailpipe.status_page import StatusPage
+
     enabled = [m for m in app.config.mailboxes if m.config.enabled]
     collector = MetricsCollector(
         [m.name for m in enabled],
