@@ -542,7 +542,10 @@ def main(argv: list[str] | None = None) -> int:
         help="scheduler concurrency of the no-new-mail cycles",
     )
     parser.add_argument(
-        "--rounds", type=int, default=1, help="no-new-mail cycles of each kind"
+        "--rounds",
+        type=int,
+        default=1,
+        help="no-new-mail cycles of each kind after the first run (0: none)",
     )
     parser.add_argument(
         "--empty-only", action="store_true", help="only the no-new-mail cycles"
@@ -568,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dovecot.start()
         users = [dovecot.add_user(f"scale{i:04d}") for i in range(mailboxes)]
-        for round_no in range(args.rounds + 1):  # plain and TLS interleaved
+        # plain and TLS interleaved; --rounds 0: no no-new-mail cycles at all
+        for round_no in range(args.rounds + 1 if args.rounds else 0):
             for tls in (False, True):
                 rows.append(
                     empty_cycle(

@@ -3,6 +3,8 @@
     python bench/startup.py                # 15 repetitions, plain and TLS interleaved
     python bench/startup.py --rounds 3     # CI size
     python bench/startup.py --importtime   # also the 15 costliest imports (-X importtime)
+    python bench/startup.py --peer before=/path/to/other/venv/bin/python
+                                           # another checkout's mailpipe, interleaved
 
 One private Dovecot, one empty mailbox, the default chain of the quickstart (``parse``
 then ``store.sqlite``), a SQLite journal. Each repetition is a fresh process; its CPU
@@ -80,16 +82,16 @@ def write_config(directory: Path, dovecot: Dovecot, user: DovecotUser, *, tls: b
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
-def command(config: Path, *extra: str) -> list[str]:
-    return [sys.executable, *extra, "-m", "mailpipe", "--log-format", "json",
+def command(config: Path, *extra: str, python: str = sys.executable) -> list[str]:
+    return [python, *extra, "-m", "mailpipe", "--log-format", "json",
             "--log-level", "warning", "run", "--once", str(config)]
 
 
-def one_run(config: Path) -> tuple[float, float]:
+def one_run(config: Path, python: str = sys.executable) -> tuple[float, float]:
     """(CPU seconds from wait4, wall seconds) of one ``run --once``."""
     started = time.monotonic()
     proc = subprocess.Popen(
-        command(config), cwd=config.parent, stdin=subprocess.DEVNULL,
+        command(config, python=python), cwd=config.parent, stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV,
     )
     assert proc.stderr is not None
@@ -129,12 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--importtime", action="store_true")
+    parser.add_argument(
+        "--peer", action="append", default=[], metavar="NAME=PYTHON",
+        help="also run the mailpipe of another interpreter (venv), interleaved",
+    )
     args = parser.parse_args(argv)
+    pythons = {"this": sys.executable}
+    for peer in args.peer:
+        name, _, python = peer.partition("=")
+        pythons[name] = python
     work = Path(tempfile.mkdtemp(prefix="mailpipe-startup-"))
     work.chmod(0o755)
     dovecot = Dovecot(work / "dovecot")
-    cpu: dict[str, list[float]] = {"plain": [], "TLS": []}
-    wall: dict[str, list[float]] = {"plain": [], "TLS": []}
+    cpu: dict[tuple[str, str], list[float]] = {}
+    wall: dict[tuple[str, str], list[float]] = {}
     try:
         dovecot.start()
         user = dovecot.add_user("startup")
@@ -142,25 +152,27 @@ def main(argv: list[str] | None = None) -> int:
             "plain": write_config(work / "plain", dovecot, user, tls=False),
             "TLS": write_config(work / "tls", dovecot, user, tls=True),
         }
-        for config in configs.values():
-            one_run(config)  # warm-up: journal created, page cache filled
+        for python in pythons.values():
+            for config in configs.values():
+                one_run(config, python)  # warm-up: journal, bytecode, page cache
         for _ in range(args.rounds):
-            for kind, config in configs.items():
-                c, w = one_run(config)
-                cpu[kind].append(c)
-                wall[kind].append(w)
+            for name, python in pythons.items():
+                for kind, config in configs.items():
+                    c, w = one_run(config, python)
+                    cpu.setdefault((name, kind), []).append(c)
+                    wall.setdefault((name, kind), []).append(w)
         imports = importtime(configs["TLS"], 15) if args.importtime else []
     finally:
         dovecot.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(f"mailpipe start-up: run --once on one empty mailbox, {args.rounds} rounds, "
           f"{os.cpu_count()} CPUs")
-    print("| security | CPU s median | CPU s min | CPU s max | wall s median |")
-    print("|---|---|---|---|---|")
-    for kind in cpu:
+    print("| mailpipe | security | CPU s median | CPU s min | CPU s max | wall s median |")
+    print("|---|---|---|---|---|---|")
+    for (name, kind), values in cpu.items():
         print(
-            f"| {kind} | {statistics.median(cpu[kind]):.3f} | {min(cpu[kind]):.3f} | "
-            f"{max(cpu[kind]):.3f} | {statistics.median(wall[kind]):.3f} |"
+            f"| {name} | {kind} | {statistics.median(values):.3f} | {min(values):.3f} | "
+            f"{max(values):.3f} | {statistics.median(wall[name, kind]):.3f} |"
         )
     if imports:
         print()
