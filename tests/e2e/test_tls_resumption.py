@@ -10,9 +10,7 @@ connection as on a full handshake.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import ssl
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,8 +20,8 @@ from mailpipe.plugins.pop3.source import Pop3Options, Pop3Source
 
 from mailpipe import tls
 from mailpipe.errors import SourceConnectionError
-from mailpipe.testing.dovecot import Dovecot, DovecotUser, dovecot_unavailable_reason
-from mailpipe.testing.pytest_plugin import skip_or_fail
+from mailpipe.testing.dovecot import Dovecot, DovecotUser
+from mailpipe.testing.pytest_plugin import dovecot_server
 
 pytestmark = [pytest.mark.dovecot, pytest.mark.timeout(300)]
 
@@ -46,17 +44,7 @@ service imap-login {
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Dovecot]:
-    reason = dovecot_unavailable_reason(imap=True)
-    if reason is not None:
-        skip_or_fail(reason)
-    base = tempfile.mkdtemp(prefix="mailpipe-resume-")
-    d = Dovecot(base, imap=True, extra_config=SHARED_LOGIN)
-    try:
-        d.start()
-        yield d
-    finally:
-        d.stop()
-        shutil.rmtree(base, ignore_errors=True)
+    yield from dovecot_server(imap=True, extra_config=SHARED_LOGIN)
 
 
 def pop3(d: Dovecot, user: DovecotUser, **kw: Any) -> Pop3Source:
