@@ -169,9 +169,9 @@ def write_config(
     dovecot: Dovecot,
     users: list[DovecotUser],
     *,
-    journal: str,
+    journal: str = "var/journal.sqlite3",
     concurrency: int,
-    poll_interval: float,
+    poll_interval: float = 60.0,
     tls: bool = True,
 ) -> Path:
     """A pipeline.toml with one [[mailboxes]] table per user (implicit TLS with the
@@ -274,6 +274,19 @@ def reap(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, float, flo
         time.sleep(0.05)
 
 
+def timed_once(
+    dovecot: Dovecot, config: Path, log: Path, timeout: float
+) -> tuple[int, float, float, float, float]:
+    """One ``run --once``: (exit code, peak RSS MiB, CPU s, wall s, Dovecot CPU s)."""
+    before = server_cpu(dovecot)
+    started = time.monotonic()
+    proc = spawn(config, log, "run", "--once")
+    code, rss, cpu = reap(proc, timeout)
+    seconds = time.monotonic() - started
+    time.sleep(1.0)  # Dovecot's last children exit and are reaped
+    return code, rss, cpu, seconds, server_cpu(dovecot) - before
+
+
 def verify(store: Path, expected: set[str], users: list[DovecotUser]) -> str:
     """``ok N/N`` when each expected Message-ID is stored once and nothing is left."""
     rows: list[tuple[Any, ...]] = []
@@ -327,23 +340,9 @@ def empty_cycle(
     every later cycle of a deployment does (the steady state)."""
     kind = "TLS" if tls else "plain"
     directory = work / f"empty-{kind}-c{concurrency}"
-    config = write_config(
-        directory,
-        dovecot,
-        users,
-        journal="var/journal.sqlite3",
-        concurrency=concurrency,
-        poll_interval=60.0,
-        tls=tls,
-    )
+    config = write_config(directory, dovecot, users, concurrency=concurrency, tls=tls)
     log = directory / "mailpipe.log"
-    before = server_cpu(dovecot)
-    started = time.monotonic()
-    proc = spawn(config, log, "run", "--once")
-    code, rss, cpu = reap(proc, 1800)
-    seconds = time.monotonic() - started
-    time.sleep(1.0)  # Dovecot's last children exit and are reaped
-    server = server_cpu(dovecot) - before
+    code, rss, cpu, seconds, server = timed_once(dovecot, config, log, 1800)
     verified = polled_ok(directory / "var" / "journal.sqlite3", users)
     if left_on_server(users):
         verified += " (mail left?)"
@@ -374,26 +373,13 @@ def one_worker(
 ) -> Row:
     directory = work / f"once-c{concurrency}"
     expected = deliver(dovecot, users, per_user, f"c{concurrency}")
-    config = write_config(
-        directory,
-        dovecot,
-        users,
-        journal="var/journal.sqlite3",
-        concurrency=concurrency,
-        poll_interval=60.0,
-    )
+    config = write_config(directory, dovecot, users, concurrency=concurrency)
     log = directory / "mailpipe.log"
     check = spawn(config, log, "check")
     started = time.monotonic()
     reap(check, 300)
     startup = time.monotonic() - started
-    before = server_cpu(dovecot)
-    started = time.monotonic()
-    proc = spawn(config, log, "run", "--once")
-    code, rss, cpu = reap(proc, 3600)
-    seconds = time.monotonic() - started
-    time.sleep(1.0)  # Dovecot's last children exit and are reaped
-    server = server_cpu(dovecot) - before
+    code, rss, cpu, seconds, server = timed_once(dovecot, config, log, 3600)
     verified = verify(directory / "store.sqlite3", expected, users)
     if code != 0:
         verified += f" exit {code}"

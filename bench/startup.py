@@ -6,8 +6,8 @@
     python bench/startup.py --peer before=/path/to/other/venv/bin/python
                                            # another checkout's mailpipe, interleaved
 
-One private Dovecot, one empty mailbox, the default chain of the quickstart (``parse``
-then ``store.sqlite``), a SQLite journal. Each repetition is a fresh process; its CPU
+One private Dovecot, one empty mailbox, the chain of ``bench/scale.py`` (``parse`` then
+``store.sqlite``), a SQLite journal, scheduler concurrency 4 (the default). Each repetition is a fresh process; its CPU
 (user + system) comes from ``os.wait4``, which other processes on a shared machine do
 not inflate the way they inflate wall time. Prints the median, minimum and maximum;
 nothing is asserted on time. A run that does not exit 0 or leaves no successful poll
@@ -25,7 +25,6 @@ import argparse
 import os
 import re
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -33,50 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from scale import polled_ok, write_config  # bench/scale.py, beside this file
+
 from mailpipe.testing.dovecot import Dovecot, DovecotUser
-from mailpipe.testing.e2e import toml_value
-
-
-def write_config(directory: Path, dovecot: Dovecot, user: DovecotUser, *, tls: bool) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    if tls:
-        security = {
-            "port": dovecot.pop3s_port,
-            "security": "tls",
-            "ca_file": str(dovecot.ca_file),
-        }
-    else:
-        security = {
-            "port": dovecot.pop3_port,
-            "security": "none",
-            "allow_plaintext_password": True,
-        }
-    table = {
-        "name": "inbox",
-        "host": dovecot.host,
-        **security,
-        "username": user.name,
-        "password": user.password,
-    }
-    steps = [
-        {"use": "parse"},
-        {"use": "store.sqlite", "path": str(directory / "store.sqlite3")},
-    ]
-    lines = [
-        "# Written by bench/startup.py",
-        "[state]",
-        'path = "var/journal.sqlite3"',
-        "[[mailboxes]]",
-        *(f"{k} = {toml_value(v)}" for k, v in table.items()),
-        "[pipelines.default]",
-        "processors = [",
-        *(f"  {toml_value(s)}," for s in steps),
-        "]",
-    ]
-    path = directory / "pipeline.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
 
 #: The environment of the measured runs: bytecode is cached, as in a deployment.
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
@@ -87,7 +45,9 @@ def command(config: Path, *extra: str, python: str = sys.executable) -> list[str
             "--log-level", "warning", "run", "--once", str(config)]
 
 
-def one_run(config: Path, python: str = sys.executable) -> tuple[float, float]:
+def one_run(
+    config: Path, user: DovecotUser, python: str = sys.executable
+) -> tuple[float, float]:
     """(CPU seconds from wait4, wall seconds) of one ``run --once``."""
     started = time.monotonic()
     proc = subprocess.Popen(
@@ -101,14 +61,7 @@ def one_run(config: Path, python: str = sys.executable) -> tuple[float, float]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"run --once exited {proc.returncode}: {err.decode()[-2000:]}")
-    conn = sqlite3.connect(f"file:{config.parent / 'var/journal.sqlite3'}?mode=ro", uri=True)
-    try:
-        row = conn.execute(
-            "SELECT count(*) FROM polls WHERE mailbox = 'inbox' AND last_error_at IS NULL"
-        ).fetchone()
-    finally:
-        conn.close()
-    if not row or row[0] != 1:
+    if not polled_ok(config.parent / "var" / "journal.sqlite3", [user]).startswith("ok"):
         raise SystemExit(f"no successful poll recorded: {err.decode()[-2000:]}")
     return usage.ru_utime + usage.ru_stime, wall
 
@@ -149,16 +102,17 @@ def main(argv: list[str] | None = None) -> int:
         dovecot.start()
         user = dovecot.add_user("startup")
         configs = {
-            "plain": write_config(work / "plain", dovecot, user, tls=False),
-            "TLS": write_config(work / "tls", dovecot, user, tls=True),
+            "plain": write_config(work / "plain", dovecot, [user], concurrency=4,
+                                  tls=False),
+            "TLS": write_config(work / "tls", dovecot, [user], concurrency=4, tls=True),
         }
         for python in pythons.values():
             for config in configs.values():
-                one_run(config, python)  # warm-up: journal, bytecode, page cache
+                one_run(config, user, python)  # warm-up: journal, bytecode, page cache
         for _ in range(args.rounds):
             for name, python in pythons.items():
                 for kind, config in configs.items():
-                    c, w = one_run(config, python)
+                    c, w = one_run(config, user, python)
                     cpu.setdefault((name, kind), []).append(c)
                     wall.setdefault((name, kind), []).append(w)
         imports = importtime(configs["TLS"], 15) if args.importtime else []
