@@ -75,7 +75,7 @@ def importtime(config: Path, top: int) -> list[tuple[int, str]]:
     found: list[tuple[int, str]] = []
     for line in done.stderr.splitlines():
         m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)", line)
-        if m and len(m.group(3)) <= 3:  # top-level imports only (one space of indent)
+        if m and len(m.group(3)) <= 3:  # the top two levels of the import tree
             found.append((int(m.group(2)), m.group(4)))
     return sorted(found, reverse=True)[:top]
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if imports:
         print()
-        print("| top-level import | cumulative ms |")
+        print("| import (top two levels) | cumulative ms |")
         print("|---|---|")
         for us, name in imports:
             print(f"| {name} | {us / 1000:.1f} |")

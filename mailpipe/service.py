@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import structlog
 
@@ -23,8 +23,12 @@ from mailpipe.plugin_manager import Hooks
 from mailpipe.progress import ProgressView
 from mailpipe.scheduler import Scheduler
 
-if TYPE_CHECKING:
-    from mailpipe.metrics import MetricsServer
+
+class _Stoppable(Protocol):
+    """What :func:`run_pipelines` needs of the metrics server (imported lazily)."""
+
+    async def stop(self) -> None: ...
+
 
 log = structlog.get_logger()
 
@@ -83,7 +87,7 @@ def _journal_polls(app: App) -> dict[str, PollRecord]:
         journal.close()
 
 
-async def _start_metrics(app: App) -> MetricsServer | None:
+async def _start_metrics(app: App) -> _Stoppable | None:
     listen = app.config.model.metrics.listen
     if not listen:
         return None
