@@ -153,6 +153,7 @@ class MailboxRunner:
         self.prefetch = HeaderPrefetch(self.cfg, chain, self.log)
         self.oversize = OversizePolicy(self.cfg, self.log)
         self._login_delay = 0.0  # seconds, from the latest session's facts
+        self._next_prune = 0.0  # time.monotonic() of the next journal prune
         self.inflight = InflightMarker(self.spool_dir, self.name)
         self._summary = Summary(mailbox=self.name)  # the current poll's (see poll)
         self._last_exc: BaseException | None = None
@@ -606,6 +607,14 @@ class MailboxRunner:
         return self.ledger.processed(msg, entry, result)
 
     def _prune(self, refs: list[MessageRef]) -> None:
+        """Drop journal entries deleted over 30 days ago and gone from the server; at
+        most once per :data:`PRUNE_INTERVAL` per mailbox (the first poll of a process
+        always), not in every poll: a poll with no new mail makes no journal
+        transaction for it (issue 18)."""
+        now = time.monotonic()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_INTERVAL
         try:
             self.journal.prune(self.name, [r.uid for r in refs], 30.0)
         except Exception as exc:  # pruning is housekeeping; never fail a poll for it
@@ -615,6 +624,10 @@ class MailboxRunner:
 #: Commit windows (sessions) in one poll at most; each makes progress, so a poll that
 #: reaches it has more windows than any real mailbox needs: the next poll goes on.
 MAX_SESSIONS_PER_POLL = 1000
+
+#: Seconds between two journal prunes of one mailbox (entries become prunable only 30
+#: days after their deletion, so an hour later changes nothing that matters).
+PRUNE_INTERVAL = 3600.0
 
 #: The longest LOGIN-DELAY (seconds) waited between two commit windows of one poll;
 #: a longer one ends the poll after the window instead.

@@ -18,16 +18,24 @@ mid-poll, waits :func:`~mailpipe.leases.lease_retry_delay` before trying again.
 
 :meth:`Scheduler.request_stop` (SIGTERM/SIGINT) sets an event that the runners check
 between messages: the message in hand finishes, what committed is DELE'd, QUIT is sent.
+
+The poll records (for ``mailpipe status``; advisory, not delivery state) are written in
+batches: one journal transaction for up to :data:`POLL_RECORD_BATCH` of them, at most
+:data:`POLL_RECORD_DELAY` seconds after the poll, and the rest when the scheduler ends.
+A cycle over many mailboxes with no new mail thus makes no journal commit per mailbox
+for its records (issue 18).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 import structlog
 
@@ -52,6 +60,11 @@ from mailpipe.quarantine import Quarantine
 from mailpipe.source import ClosableSource, PushSource
 
 log = structlog.get_logger()
+
+#: Poll records written in one journal transaction at most.
+POLL_RECORD_BATCH = 100
+#: Seconds a poll record waits for others at most before it is written.
+POLL_RECORD_DELAY = 0.5
 
 
 def next_delay(
@@ -125,6 +138,16 @@ async def _close_one(runner: MailboxRunner) -> None:
         log.warning("source_close_failed", mailbox=runner.name, error=type(exc).__name__)
 
 
+class _PollRecord(NamedTuple):
+    """One queued :meth:`Journal.record_poll` call."""
+
+    mailbox: str
+    error: str
+    error_type: str
+    backlog: int | None
+    next_poll: datetime | None
+
+
 class Scheduler:
     """Runs :class:`~mailpipe.engine.MailboxRunner` for every enabled mailbox."""
 
@@ -154,6 +177,7 @@ class Scheduler:
         ]
         self.summaries: list[Summary] = []
         self.last: dict[str, Summary] = {}
+        self._records: list[_PollRecord] = []  # not yet written
 
     def request_stop(self) -> None:
         """Ask every mailbox to finish the message in hand, commit and stop."""
@@ -169,6 +193,7 @@ class Scheduler:
         semaphore = asyncio.Semaphore(sched.concurrency)
         await chain.open()
         runners: list[MailboxRunner] = []
+        flusher = asyncio.create_task(self._flush_periodically())
         try:
             runners = [
                 MailboxRunner(
@@ -185,6 +210,10 @@ class Scheduler:
             ]
             await asyncio.gather(*(self._loop(r, semaphore) for r in runners))
         finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            self._flush_records()
             await close_sources(runners)
             await chain.close()
         return self.summaries
@@ -302,31 +331,49 @@ class Scheduler:
         return False
 
     def _record(self, summary: Summary | None, delay: float | None) -> None:
-        """Write the poll record of ``summary``'s mailbox (for ``mailpipe status``):
+        """Queue the poll record of ``summary``'s mailbox (for ``mailpipe status``):
         its outcome, backlog and the next poll, ``delay`` seconds from now (None: no
         next poll). Nothing is written for a poll that did not happen (lease held
-        elsewhere); a journal error is logged, never raised (the record is advisory).
+        elsewhere). Written by :meth:`_flush_records`, at once when the batch is full.
         """
         if summary is None:
             return
         next_poll = None
         if delay is not None:
             next_poll = datetime.now(UTC) + timedelta(seconds=delay)
+        self._records.append(_PollRecord(
+            summary.mailbox, summary.error or "", summary.error_type or "",
+            summary.backlog, next_poll,
+        ))
+        if len(self._records) >= POLL_RECORD_BATCH:
+            self._flush_records()
+
+    def _flush_records(self) -> None:
+        """Write the queued poll records in one journal transaction; a journal error
+        is logged, never raised (the records are advisory, and are dropped)."""
+        pending, self._records = self._records, []
+        if not pending:
+            return
         try:
-            self.journal.record_poll(
-                summary.mailbox,
-                owner=self.owner,
-                error=summary.error or "",
-                error_type=summary.error_type or "",
-                backlog=summary.backlog,
-                next_poll=next_poll,
-            )
+            with self.journal.batch():
+                for r in pending:
+                    self.journal.record_poll(
+                        r.mailbox, owner=self.owner, error=r.error,
+                        error_type=r.error_type, backlog=r.backlog, next_poll=r.next_poll,
+                    )
         except Exception as exc:
             log.warning(
                 "poll_record_failed",
-                mailbox=summary.mailbox,
+                mailboxes=len(pending),
+                mailbox=pending[0].mailbox,
                 error=f"{type(exc).__name__}: {exc}"[:300],
             )
+
+    async def _flush_periodically(self) -> None:
+        """Write queued poll records every :data:`POLL_RECORD_DELAY` seconds."""
+        while True:
+            await asyncio.sleep(POLL_RECORD_DELAY)
+            self._flush_records()
 
     async def _poll_locked(
         self, runner: MailboxRunner, *, misses: int = 0

@@ -44,16 +44,18 @@ def dovecot() -> Iterator[Dovecot]:
     fixture), so they never see each other's mail. Set ``MAILPIPE_KEEP_DOVECOT=1``
     to keep the base directory (logs, Maildirs) after the session.
     """
-    yield from _dovecot_server(imap=False)
+    yield from dovecot_server(imap=False)
 
 
-def _dovecot_server(*, imap: bool) -> Iterator[Dovecot]:
+def dovecot_server(*, imap: bool, extra_config: str = "") -> Iterator[Dovecot]:
+    """Start a private Dovecot (``extra_config`` appended to its configuration), yield
+    it, stop it; for fixtures. Skips, or fails in CI, when Dovecot is missing."""
     reason = dovecot_unavailable_reason(imap=imap)
     if reason is not None:
         _skip_or_fail(reason)
     # Not pytest's tmp_path: its 0700 parent would stop the mail uid reaching homes.
     base = tempfile.mkdtemp(prefix="mailpipe-dovecot-")
-    server = Dovecot(base, imap=imap)
+    server = Dovecot(base, imap=imap, extra_config=extra_config)
     try:
         server.start()
         yield server
@@ -71,7 +73,7 @@ def dovecot_imap() -> Iterator[Dovecot]:
     (implicit TLS). Skips when Dovecot or dovecot-imapd is missing, fails when ``CI``
     is set.
     """
-    yield from _dovecot_server(imap=True)
+    yield from dovecot_server(imap=True)
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,7 @@ from mailpipe.errors import (
     SourceTimeoutError,
 )
 from mailpipe.tls import (
+    keep_session,
     open_stream,
     phase_timeout,
     refuse_plaintext_credentials,
@@ -443,6 +444,7 @@ class ImapClient:
                         event = await self._event("LOGOUT", 10)
                         if isinstance(event, Done | Closed):
                             break
+                keep_session(self._writer)  # the next session resumes TLS (issue 18)
         except (SourceError, TimeoutError) as exc:
             self._log.debug("imap_logout_failed", error=type(exc).__name__)
         await self.abort()

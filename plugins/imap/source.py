@@ -458,7 +458,7 @@ class ImapSession:
             options.host,
             options.effective_port,
             security=options.security,
-            ssl_context=options.ssl_context(),
+            ssl_context=options.ssl_context(options.host, options.effective_port),
             cert_sha256=options.cert_sha256,
             timeouts=Timeouts(
                 options.connect_timeout, options.tls_timeout,

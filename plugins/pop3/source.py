@@ -31,7 +31,7 @@ from mailpipe.tls import ConnectionSecurity
 from mailpipe.units import ByteSize, Duration
 
 from . import auth as sasl
-from .client import CommandRefused, Pop3Client, Timeouts, make_ssl_context
+from .client import CommandRefused, Pop3Client, Timeouts
 from .completeness import OctetCount
 from .events import (
     BodyChunk,
@@ -251,9 +251,7 @@ class Pop3Session:
         o = self.options
         ctx = None
         if o.security != "none":
-            ctx = make_ssl_context(
-                str(o.ca_file) if o.ca_file else None, verify=o.tls_verify
-            )
+            ctx = o.ssl_context(o.host, o.effective_port)  # shared: TLS resumption
         return Pop3Client(
             o.host,
             o.effective_port,

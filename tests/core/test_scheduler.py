@@ -313,3 +313,71 @@ async def test_a_mailbox_leased_elsewhere_has_its_source_closed(tmp_path: Path) 
         scheduler.request_stop()
         await asyncio.wait_for(task, 10)
         journal.close()
+
+
+async def _once(tmp_path: Path, n: int, concurrency: int) -> tuple[list[Any], SqliteJournal]:
+    config = _config(tmp_path, n, concurrency=concurrency)
+    journal = SqliteJournal(tmp_path / "j.sqlite3")
+    scheduler = Scheduler(
+        config, journal=journal, hooks=Hooks(get_plugin_manager(entry_points=False)),
+        once=True,
+    )
+    return list(await asyncio.wait_for(scheduler.run(), 60)), journal
+
+
+async def test_poll_records_of_many_mailboxes_share_journal_transactions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18: a cycle with no new mail makes no journal commit per mailbox for its
+    poll records; every record is still written, each inside a batch."""
+    FakeSource.boxes.clear()
+    batches = 0
+    seen: list[int] = []  # the batch each record was written in (0: none)
+    original_batch = SqliteJournal.batch
+    original_record = SqliteJournal.record_poll
+
+    @contextlib.contextmanager
+    def counting_batch(self: SqliteJournal, **kw: Any):  # type: ignore[no-untyped-def]
+        nonlocal batches
+        batches += 1
+        mine = batches
+        with original_batch(self, **kw):
+            current.append(mine)
+            try:
+                yield
+            finally:
+                current.pop()
+
+    current: list[int] = []
+
+    def recording(self: SqliteJournal, mailbox: str, **kw: Any) -> None:
+        seen.append(current[-1] if current else 0)
+        original_record(self, mailbox, **kw)
+
+    monkeypatch.setattr(SqliteJournal, "batch", counting_batch)
+    monkeypatch.setattr(SqliteJournal, "record_poll", recording)
+    summaries, journal = await _once(tmp_path, 250, concurrency=50)
+    try:
+        polls = journal.polls()
+    finally:
+        journal.close()
+    assert len(summaries) == 250 and all(not s.error for s in summaries)
+    assert sorted(polls) == sorted(f"m{i}" for i in range(250))
+    assert all(p.last_success is not None for p in polls.values())
+    assert len(seen) == 250 and 0 not in seen  # each record inside a batch
+    assert len(set(seen)) <= 25  # ...of at least ten records on average
+
+
+async def test_a_poll_with_no_new_mail_writes_no_inflight_marker(tmp_path: Path) -> None:
+    """The in-flight marker file is made when a message enters the chain, not by a
+    poll that finds nothing (issue 18); crash accounting is unchanged (test_inflight)."""
+    from mailpipe.testing.fakes import FakeMailbox
+
+    FakeSource.boxes.clear()
+    FakeSource.boxes["m1"] = FakeMailbox()
+    FakeSource.boxes["m1"].add("u", b"Subject: x\r\n\r\nx\r\n")
+    summaries, journal = await _once(tmp_path, 2, concurrency=2)
+    journal.close()
+    assert sorted((s.mailbox, s.retrieved) for s in summaries) == [("m0", 0), ("m1", 1)]
+    markers = sorted((tmp_path / "var" / "spool").glob(".inflight-*"))
+    assert len(markers) == 1  # m1's only: its message ran through the chain
