@@ -35,3 +35,31 @@ def test_failed_early_commit_in_process_fails_the_next_flush(tmp_path: Path) -> 
         stored = rows(tmp_path, "SELECT key FROM messages")
         s.close()
     assert stored == [], stored
+
+
+def test_prepared_rows_held_before_flush_are_bounded_by_max_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MAX_HELD (8 MB, "bounds peak RSS") counts raw + text + html only: attachment
+    text (up to extract.max_chars = 200 000 per attachment, any number of them) is held
+    twice per message (the record JSON and attachment_text) and never counted, so up
+    to MAX_ROWS = 512 such messages are kept in memory until flush()."""
+    from mailpipe.plugins.store import sqlite as sqlite_store
+
+    real = sqlite_store.message_document
+
+    def with_attachment_text(message, **kw):  # type: ignore[no-untyped-def]
+        doc = real(message, **kw)
+        doc["attachments"] = [{"index": 0, "filename": "a.pdf", "size": 1,
+                               "sha256": "x", "text": "y" * 200_000}]
+        return doc
+
+    monkeypatch.setattr(sqlite_store, "message_document", with_attachment_text)
+    s = store(tmp_path, raw="none")
+    for i in range(100):
+        s.process(parsed(make_message(str(i), f"m{i}", "body")))
+    held = sum(
+        sum(len(v) for v in r.message if isinstance(v, str)) for r in s._rows.values()
+    )
+    s.close()
+    assert held <= s.MAX_HELD + 1_000_000, f"{held} octets of rows held before flush()"
