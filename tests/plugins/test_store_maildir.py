@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import mailpipe.plugins.store.maildir as maildir_module
 import pytest
 from mailpipe.plugins.store.maildir import (
     MaildirOptions,
@@ -388,3 +389,32 @@ def test_a_full_disk_while_staging_fails_the_group_not_the_message(
     deliver(s, m)
     assert [key_of(n) for n in listing(md)["new"]] == [m.key]
     s.close()
+
+
+def test_staged_file_is_fsynced_before_it_is_linked_into_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[str, object]] = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def link(src, dst, *a, **kw):  # type: ignore[no-untyped-def]
+        if str(src).startswith("/proc/self/fd/"):
+            events.append(("link", os.fstat(int(str(src).rsplit("/", 1)[1])).st_ino))
+        return real_link(src, dst, *a, **kw)
+
+    monkeypatch.setattr(maildir_module.os, "fsync", fsync)
+    monkeypatch.setattr(maildir_module.os, "link", link)
+    s = store(tmp_path)
+    for i in range(3):
+        s.process(Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)))
+    s.flush()
+    s.close()
+    links = [ino for kind, ino in events if kind == "link"]
+    if not links:
+        pytest.skip("no O_TMPFILE linking here")
+    for ino in links:
+        assert events.index(("fsync", ino)) < events.index(("link", ino))
