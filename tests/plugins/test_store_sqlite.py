@@ -449,3 +449,21 @@ def test_prepared_rows_held_before_flush_are_bounded_by_max_held(
     )
     s.close()
     assert held <= s.MAX_HELD + 1_000_000, f"{held} octets of rows held before flush()"
+
+
+def test_a_replaced_key_is_counted_once_in_the_held_octets(tmp_path: Path) -> None:
+    """process() of a key already held replaces its rows: MAX_HELD counts the new
+    rows only, not both versions."""
+    s = store(tmp_path)
+    first = parsed(make_message("1", "one", "body"))
+    s.process(first)
+    once = s._held
+    assert once > 0
+    for _ in range(3):
+        s.process(parsed(make_message("1", "one", "body")))
+    assert len(s._rows) == 1
+    assert s._held == s._rows[first.key].octets
+    assert s._held <= once + 100  # stored_at may differ by a few characters
+    s.flush()
+    s.close()
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(1,)]
