@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import hmac
 import json
 import secrets
 import stringprep
+import threading
 import unicodedata
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -192,16 +193,46 @@ def _attributes(message: bytes) -> list[tuple[str, str]]:
     return out
 
 
-@functools.lru_cache(maxsize=16)
-def salted_password(digest: str, password: bytes, salt: bytes, iterations: int) -> bytes:
-    """RFC 5802 §3 ``Hi(Normalize(password), salt, i)``, the SaltedPassword.
+class _SaltedPasswords:
+    """RFC 5802 §3 ``Hi(Normalize(password), salt, i)``, the SaltedPassword, cached.
 
     Cached for the life of the process (RFC 5802 §5.1 allows a client to keep it):
     a poll that opens several sessions on one mailbox (commit windows) derives it
-    once for the server's salt and iteration count, not once per login. The value
-    is as secret as the password it is derived from and never leaves the process.
+    once for the server's salt and iteration count, not once per login. At most
+    ``maxsize`` entries (least recently used first out). The cache is keyed by an
+    HMAC of the password under a random key of this process, never the password
+    itself, so no plaintext password is kept by it; the value is as secret as the
+    password it is derived from and never leaves the process.
     """
-    return hashlib.pbkdf2_hmac(digest, password, salt, iterations)
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._key = secrets.token_bytes(32)
+        self._entries: OrderedDict[tuple[str, bytes, bytes, int], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, digest: str, password: bytes, salt: bytes, iterations: int) -> bytes:
+        key = (digest, hmac.new(self._key, password, "sha256").digest(), salt, iterations)
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+                return found
+        value = hashlib.pbkdf2_hmac(digest, password, salt, iterations)
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+        return value
+
+    def cache_clear(self) -> None:
+        """Forget every cached value."""
+        with self._lock:
+            self._entries.clear()
+
+
+salted_password: Final = _SaltedPasswords(maxsize=16)
 
 
 @dataclass

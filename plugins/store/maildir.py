@@ -158,7 +158,10 @@ class MaildirStore:
     exclusive ``flock`` held until the message is in new/, so a key another process
     delivered, or is delivering, is never written twice. A marker still locked after
     ``CLAIM_TIMEOUT`` (its writer is stopped) is a TemporaryFailure: the message stays
-    on the server and is retried. A file
+    on the server and is retried. With group commit the marker's lock is held from
+    ``process()`` until the file is named in new/: by a writer thread once its batch
+    (``BATCH`` staged files) is handed off, else at ``flush()``; so another process
+    delivering the same key meanwhile waits up to ``CLAIM_TIMEOUT`` for it. A file
     left in ``tmp/`` by a crash is never moved to ``new/``; ``open`` removes it once
     ``tmp_max_age`` old.
     """
@@ -302,12 +305,13 @@ class MaildirStore:
     #: Writer threads: file creation and fsync wait in the kernel, and several
     #: writers overlap those waits (names are taken in arrival order at submit).
     WRITERS: ClassVar[int] = 8
-    #: Staged (unnamed, unsynced) files at most before process() publishes them
-    #: early: each holds two descriptors (the file and its key's locked marker).
-    MAX_STAGED: ClassVar[int] = 128
     #: Staged files handed to a writer thread together (one hand-off per batch, so
     #: their fsyncs overlap the retrieval of the next messages), and batches in
-    #: flight at most (each file holds two descriptors until it is named).
+    #: flight at most. These are the bound on unnamed files: fewer than BATCH
+    #: staged plus MAX_BATCHES batches in flight, so under BATCH * (MAX_BATCHES + 1)
+    #: unnamed files (160), each holding two descriptors (the file and its key's
+    #: locked marker) until it is named; their octets are bounded by MAX_HELD
+    #: (beyond it process() publishes what is staged).
     BATCH: ClassVar[int] = 32
     MAX_BATCHES: ClassVar[int] = 4
 
@@ -377,10 +381,10 @@ class MaildirStore:
         finally:
             if marker is not None:
                 os.close(marker)
-        if len(self._staged) >= self.MAX_STAGED or self._staged_octets >= self.MAX_HELD:
-            self._publish()  # bounded: descriptors and octets held unnamed
+        if self._staged_octets >= self.MAX_HELD:
+            self._publish()  # bounded: octets held unnamed
         elif len(self._staged) >= self.BATCH:
-            self._hand_off()
+            self._hand_off()  # bounded: descriptors (BATCH, MAX_BATCHES)
         if self.options.group_commit:
             self._unsynced = True  # durable at flush(), which precedes any DELE
         if key not in self._inline:  # (a failed staged write is not stored)

@@ -27,7 +27,19 @@ Durability: WAL with ``synchronous=FULL``. With ``group_commit`` (the default) t
 of in-memory messages are prepared and checked in ``process()`` and written at
 ``flush()`` in one transaction (the engine calls ``flush()`` before any DELE of the
 messages it covers), so the database's write lock is held only inside ``flush()``;
-without it, and for spooled messages, each message is its own transaction.
+without it, and for spooled messages, each message is its own transaction. Rows
+written in a group become visible to readers only once ``flush()`` returns (or
+earlier, when ``process()`` writes the group on reaching ``MAX_ROWS`` rows or
+``MAX_HELD`` octets of prepared values).
+
+A failed group transaction fails the whole group, whatever the cause (the database
+busy, full or failing, or an error of one message that the checks in ``process()``
+could not foresee): nothing of it is stored, ``flush()`` raises, so the engine takes
+none of its messages as durable, and each of its keys is written in ``process()``
+next time in a transaction of its own (an error of one message then reaches only
+that message). When the write that ``process()`` starts on reaching a bound fails,
+that ``process()`` raises and the next ``flush()`` raises too (the earlier
+messages' rows were in it).
 """
 
 from __future__ import annotations
@@ -470,6 +482,10 @@ class SqliteStore:
         self._rows: dict[str, _Rows] = {}
         self._held = 0
         self._inline: set[str] = set()
+        # A write triggered in process() by the MAX_* limits that failed: the rows of
+        # messages whose process() had returned were lost with it, so the next
+        # flush() raises it (none of the group is taken as durable, MP-04).
+        self._failure: MailpipeError | None = None
         self._lock = threading.Lock()
 
     def open(self) -> None:
@@ -496,7 +512,9 @@ class SqliteStore:
 
     #: Prepared rows held at most before process() writes them (one transaction).
     MAX_ROWS: ClassVar[int] = 512
-    MAX_HELD: ClassVar[int] = 8 << 20  # raw bytes kept alive until flush(): bounds peak RSS
+    #: Octets of prepared values held at most (raw bytes and every str/bytes value of
+    #: the rows: record JSON, bodies, attachment text, tags): bounds peak RSS.
+    MAX_HELD: ClassVar[int] = 8 << 20
 
     def close(self) -> None:
         """Write any prepared rows (one transaction) and close the connection."""
@@ -512,9 +530,17 @@ class SqliteStore:
     def flush(self) -> None:
         """Write the prepared rows, if any, in one transaction (durable when this
         returns). On failure nothing of them is stored, and their keys are written
-        in process() next time."""
+        in process() next time.
+
+        Raises, too, when a write that process() started on reaching MAX_ROWS or
+        MAX_HELD failed since the last flush(): the rows of earlier messages of the
+        group were in it, so the group is not durable (its keys are written in
+        process() next time)."""
         with self._lock:
+            failure, self._failure = self._failure, None
             self._commit()
+            if failure is not None:
+                raise failure
 
     def _commit(self) -> None:
         rows, self._rows, self._held = self._rows, {}, 0
@@ -555,11 +581,13 @@ class SqliteStore:
             try:
                 if grouped:
                     _check(prepared)
-                    self._rows.pop(prepared.key, None)
+                    replaced = self._rows.pop(prepared.key, None)
+                    if replaced is not None:
+                        self._held -= replaced.octets
                     self._rows[prepared.key] = prepared
                     self._held += prepared.octets
                     if len(self._rows) >= self.MAX_ROWS or self._held >= self.MAX_HELD:
-                        self._commit()
+                        self._commit_early(prepared.key)
                 else:
                     self._rows.pop(prepared.key, None)  # an older version of it
                     conn = self._connect()
@@ -575,6 +603,23 @@ class SqliteStore:
             except sqlite3.Error as exc:
                 raise classify(exc, f"{self.name} {self.path}") from exc
         log.debug("message_stored", store=self.name, key=message.key, grouped=grouped)
+
+    def _commit_early(self, key: str) -> None:
+        """Write the held group now (the MAX_* bounds). On failure a
+        TemporaryFailure is kept for the next flush(), which raises it: messages
+        whose process() has returned lost their rows with the failed transaction
+        (their keys are written in process() next time). This message's own rows
+        were in it too, so its process() raises the error itself (retried, not
+        lost)."""
+        try:
+            self._commit()
+        except Exception as exc:
+            self._failure = TemporaryFailure(
+                f"{self.name}: the group write started in process() failed, the "
+                f"group's earlier messages are not stored: {exc}"
+            )
+            raise
+        log.debug("sqlite_group_written_early", store=self.name, key=key)
 
     def _write_rows(self, conn: sqlite3.Connection, rows: _Rows) -> None:
         key = rows.key
@@ -624,7 +669,7 @@ class SqliteStore:
         }
         for field, column in _ADDRESS_FIELDS:
             values[column] = _json(doc.get(field) or [])
-        return _Rows(
+        rows = _Rows(
             key=key,
             message=[values[c] for c in _COLUMNS],
             attachments=[
@@ -639,9 +684,16 @@ class SqliteStore:
             ],
             tags=[(key, t) for t in doc.get("tags") or ()],
             raw=raw,
-            octets=(raw.size if raw is not None else 0)
-            + len(values["text"] or "") + len(values["html"] or ""),
+            octets=0,
         )
+        # MAX_HELD counts every prepared value (record JSON, attachment text, …).
+        rows.octets = (raw.size if raw is not None else 0) + sum(
+            len(v)
+            for row in (rows.message, *rows.attachments, *rows.tags)
+            for v in row
+            if isinstance(v, str | bytes)
+        )
+        return rows
 
 
 PROCESSORS = [SqliteStore]

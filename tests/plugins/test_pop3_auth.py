@@ -392,3 +392,23 @@ def test_scram_salted_password_is_derived_once_per_salt_and_count(monkeypatch):
     mech.respond(other)
     assert len(calls) == 2
     sasl.salted_password.cache_clear()
+
+
+def test_scram_cache_keeps_no_plaintext_password_and_is_bounded():
+    # The SaltedPassword cache is keyed by an HMAC of the password, never the
+    # password, and holds at most maxsize entries.
+    sasl.salted_password.cache_clear()
+    password = b"pencil-plaintext-secret"
+    for i in range(sasl.salted_password.maxsize + 4):
+        sasl.salted_password("sha256", password, b"salt%d" % i, 2)
+    entries = sasl.salted_password._entries
+    assert len(entries) == sasl.salted_password.maxsize
+    for key in entries:
+        assert password not in key
+        assert all(password not in part for part in key if isinstance(part, bytes))
+    # the cached value is the real derivation
+    import hashlib
+
+    expected = hashlib.pbkdf2_hmac("sha256", password, b"salt5", 2)
+    assert sasl.salted_password("sha256", password, b"salt5", 2) == expected
+    sasl.salted_password.cache_clear()

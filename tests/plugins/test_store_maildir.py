@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import mailpipe.plugins.store.maildir as maildir_module
 import pytest
 from mailpipe.plugins.store.maildir import (
     MaildirOptions,
@@ -218,9 +219,9 @@ def test_a_failed_background_write_fails_flush_then_reaches_its_own_message(
 
 def test_staged_writes_are_bounded_and_close_publishes_them(tmp_path: Path) -> None:
     """Unnamed files wait for flush() with their markers locked (two descriptors
-    each): beyond MAX_STAGED, process() publishes them (fsync, link into new/)."""
+    each): beyond MAX_HELD octets, process() publishes them (fsync, link into new/)."""
     s = store(tmp_path)
-    s.MAX_STAGED = 2
+    s.MAX_HELD = 2 * (len(RAW) + 3)  # two of the messages below
     md = tmp_path / "Maildir"
     ms = [Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)) for i in range(3)]
     s.process(ms[0])
@@ -234,6 +235,26 @@ def test_staged_writes_are_bounded_and_close_publishes_them(tmp_path: Path) -> N
     assert sorted(key_of(n) for n in listing(md)["new"]) == sorted(m.key for m in ms)
     assert listing(md)["tmp"] == []
     assert s._anonymous is True
+
+
+def test_unnamed_files_are_bounded_by_batch_and_batches_in_flight(
+    tmp_path: Path,
+) -> None:
+    """Fewer than BATCH files staged and at most MAX_BATCHES batches in flight after
+    any process(): under BATCH * (MAX_BATCHES + 1) unnamed files (two descriptors
+    each); flush() names them all."""
+    s = store(tmp_path)
+    s.BATCH, s.MAX_BATCHES = 2, 1
+    md = tmp_path / "Maildir"
+    ms = [Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)) for i in range(7)]
+    for m in ms:
+        s.process(m)
+        assert len(s._staged) < s.BATCH
+        assert len(s._publishing) <= s.MAX_BATCHES
+    assert s._anonymous is True
+    s.flush()
+    assert sorted(key_of(n) for n in listing(md)["new"]) == sorted(m.key for m in ms)
+    s.close()
 
 
 def test_background_writes_are_bounded_and_close_waits_for_them(
@@ -388,3 +409,32 @@ def test_a_full_disk_while_staging_fails_the_group_not_the_message(
     deliver(s, m)
     assert [key_of(n) for n in listing(md)["new"]] == [m.key]
     s.close()
+
+
+def test_staged_file_is_fsynced_before_it_is_linked_into_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[str, object]] = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def link(src, dst, *a, **kw):  # type: ignore[no-untyped-def]
+        if str(src).startswith("/proc/self/fd/"):
+            events.append(("link", os.fstat(int(str(src).rsplit("/", 1)[1])).st_ino))
+        return real_link(src, dst, *a, **kw)
+
+    monkeypatch.setattr(maildir_module.os, "fsync", fsync)
+    monkeypatch.setattr(maildir_module.os, "link", link)
+    s = store(tmp_path)
+    for i in range(3):
+        s.process(Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)))
+    s.flush()
+    s.close()
+    links = [ino for kind, ino in events if kind == "link"]
+    if not links:
+        pytest.skip("no O_TMPFILE linking here")
+    for ino in links:
+        assert events.index(("fsync", ino)) < events.index(("link", ino))

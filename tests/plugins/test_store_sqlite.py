@@ -259,7 +259,7 @@ def test_group_commit_failed_message_does_not_spoil_the_group(tmp_path: Path) ->
     bad = parsed(make_message("2", "bad", "body", attachment=b"%PDF"))
     bad.record.attachments.append(bad.record.attachments[0])  # duplicate (key, idx)
     with pytest.raises(PermanentFailure, match="UNIQUE constraint failed"):
-        s.process(bad)  # its message row was written, then rolled back
+        s.process(bad)  # refused by the checks before it is buffered: nothing written
     s.flush()
     assert rows(tmp_path, "SELECT key FROM messages") == [(good.key,)]
     assert rows(tmp_path, "SELECT count(*) FROM attachments") == [(0,)]
@@ -397,3 +397,73 @@ def test_restoring_a_message_replaces_its_raw_bytes_and_none_removes_them(
     s.close()
     assert rows(tmp_path, "SELECT count(*) FROM messages") == [(1,)]
     assert rows(tmp_path, "SELECT count(*) FROM message_raw") == [(0,)]
+
+
+def test_failed_early_commit_in_process_fails_the_next_flush(tmp_path: Path) -> None:
+    """m1's process() returned (its write buffered); m2's process() hits MAX_ROWS and
+    the group write fails (database busy). m1 is not stored, so the next flush() must
+    fail: the engine's Chain.flushed() only counts flush() failures, and a flush()
+    that succeeds tells the ledger m1 is durable -> finish + DELE -> m1 lost."""
+    s = store(tmp_path, busy_timeout="0.1s")  # group_commit: the default
+    s.MAX_ROWS = 2
+    m1 = parsed(make_message("1", "one", "body"))
+    s.process(m1)  # returns: buffered
+    blocker = connect(tmp_path / "db" / "mail.sqlite3")
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(TemporaryFailure):
+            s.process(parsed(make_message("2", "two", "body")))  # early commit fails
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    try:
+        with pytest.raises(TemporaryFailure):
+            s.flush()  # m1 was never written: this flush must not succeed
+    finally:
+        stored = rows(tmp_path, "SELECT key FROM messages")
+        s.close()
+    assert stored == [], stored
+
+
+def test_prepared_rows_held_before_flush_are_bounded_by_max_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MAX_HELD (8 MB, "bounds peak RSS") counts raw + text + html only: attachment
+    text (up to extract.max_chars = 200 000 per attachment, any number of them) is held
+    twice per message (the record JSON and attachment_text) and never counted, so up
+    to MAX_ROWS = 512 such messages are kept in memory until flush()."""
+    real = sqlite_store.message_document
+
+    def with_attachment_text(message, **kw):  # type: ignore[no-untyped-def]
+        doc = real(message, **kw)
+        doc["attachments"] = [{"index": 0, "filename": "a.pdf", "size": 1,
+                               "sha256": "x", "text": "y" * 200_000}]
+        return doc
+
+    monkeypatch.setattr(sqlite_store, "message_document", with_attachment_text)
+    s = store(tmp_path, raw="none")
+    for i in range(100):
+        s.process(parsed(make_message(str(i), f"m{i}", "body")))
+    held = sum(
+        sum(len(v) for v in r.message if isinstance(v, str)) for r in s._rows.values()
+    )
+    s.close()
+    assert held <= s.MAX_HELD + 1_000_000, f"{held} octets of rows held before flush()"
+
+
+def test_a_replaced_key_is_counted_once_in_the_held_octets(tmp_path: Path) -> None:
+    """process() of a key already held replaces its rows: MAX_HELD counts the new
+    rows only, not both versions."""
+    s = store(tmp_path)
+    first = parsed(make_message("1", "one", "body"))
+    s.process(first)
+    once = s._held
+    assert once > 0
+    for _ in range(3):
+        s.process(parsed(make_message("1", "one", "body")))
+    assert len(s._rows) == 1
+    assert s._held == s._rows[first.key].octets
+    assert s._held <= once + 100  # stored_at may differ by a few characters
+    s.flush()
+    s.close()
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(1,)]
