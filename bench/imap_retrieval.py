@@ -12,7 +12,10 @@ over UID sets of 100, fsyncs each file, then deletes and expunges. fetchmail (``
 ``expunge 0``: one EXPUNGE at the end) hands each message to ``safecat`` (Debian
 ``safecat``: the Maildir algorithm, fsync before the link into new/), one process per
 message; getmail6 (``SimpleIMAPRetriever``, ``delete = true``, ``Maildir`` destination)
-runs as an unprivileged user when started as root (it refuses to deliver as root).
+runs as an unprivileged user when started as root (it refuses to deliver as root);
+use getmail6 from PyPI (6.20, ``pip install getmail6 imapclient``): Debian 12's 6.18
+can miss its delivery child's SIGCHLD and stall 60 s a message (a known race, fixed
+upstream by waiting with multiprocessing's join).
 mbsync only pulls (``Sync Pull``, nothing removed on the server), so its figure does
 less work. Helpers (mailbox content, verification, the delay proxy) come from
 ``pop3_retrieval.py``. A peer that is not installed is left out of the table. Prints a
