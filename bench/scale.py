@@ -2,7 +2,14 @@
 
     python bench/scale.py            # full: 1,000 mailboxes x 5 messages
     python bench/scale.py --small    # CI size: 100 mailboxes x 2 messages, seconds
+    python bench/scale.py --empty-only --rounds 3   # only the no-new-mail cycles
 
+(0) no new mail (issue 18): one ``mailpipe run --once`` over every mailbox, each one
+    empty, once over plain POP3 (``security = "none"``) and once over implicit TLS
+    with the test CA (``security = "tls"``, verified); ``--rounds`` interleaves the
+    two, after a first run of each that creates the journal (reported apart). Time
+    of the cycle (process start to exit) and CPU from ``os.wait4``;
+    ``verified`` says every mailbox has a successful poll record in the journal.
 (a) one ``mailpipe run --once`` (SQLite journal) with scheduler concurrency 50 and 200:
     the time of a full cycle (process start to exit), messages/s, peak RSS and CPU
     from ``os.wait4``. A ``mailpipe check`` of the same config gives the start-up cost
@@ -54,6 +61,18 @@ service pop3 {
 }
 """
 
+#: ``--dovecot-login shared``: Dovecot's documented high-performance login mode (one
+#: long-lived login process per core serving many connections) instead of its default
+#: of one login process per connection. Only then can a TLS session be resumed: each
+#: login process has its own ticket key.
+SHARED_LOGIN = """
+service pop3-login {
+  service_count = 0
+  process_min_avail = 2
+  vsz_limit = 1G
+}
+"""
+
 
 @dataclass(slots=True)
 class Row:
@@ -69,6 +88,7 @@ class Row:
     rss_mib: float
     cpu: float
     verified: str
+    server_cpu: float | None = None
 
     @property
     def rate(self) -> float:
@@ -109,6 +129,31 @@ def deliver(
     return ids
 
 
+def server_cpu(dovecot: Dovecot) -> float:
+    """CPU seconds Dovecot used so far: its master (with the children it reaped) and
+    its live children (login, auth, pop3 processes), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def fields(pid: int | str) -> list[str]:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+
+    master = dovecot.pid
+    if master is None:
+        return 0.0
+    total = sum(int(x) for x in fields(master)[11:15])  # utime stime cutime cstime
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            f = fields(entry)
+        except OSError:
+            continue
+        if int(f[1]) == master:
+            total += int(f[11]) + int(f[12])
+    return total / tick
+
+
 def left_on_server(users: list[DovecotUser]) -> int:
     """Messages still in the users' Maildirs (new/ and cur/)."""
     return sum(
@@ -124,11 +169,13 @@ def write_config(
     dovecot: Dovecot,
     users: list[DovecotUser],
     *,
-    journal: str,
+    journal: str = "var/journal.sqlite3",
     concurrency: int,
-    poll_interval: float,
+    poll_interval: float = 60.0,
+    tls: bool = True,
 ) -> Path:
-    """A pipeline.toml with one [[mailboxes]] table per user."""
+    """A pipeline.toml with one [[mailboxes]] table per user (implicit TLS with the
+    test CA, or with ``tls=False`` plaintext POP3)."""
     directory.mkdir(parents=True, exist_ok=True)
     lines = [
         "# Written by bench/scale.py",
@@ -141,12 +188,19 @@ def write_config(
         "lease_ttl = 30.0",
     ]
     for user in users:
+        security: dict[str, Any] = (
+            {"port": dovecot.pop3s_port, "security": "tls", "ca_file": str(dovecot.ca_file)}
+            if tls
+            else {
+                "port": dovecot.pop3_port,
+                "security": "none",
+                "allow_plaintext_password": True,
+            }
+        )
         table: dict[str, Any] = {
             "name": user.name,
             "host": dovecot.host,
-            "port": dovecot.pop3s_port,
-            "security": "tls",
-            "ca_file": str(dovecot.ca_file),
+            **security,
             "username": user.name,
             "password": user.password,
             "poll_interval": poll_interval,
@@ -220,6 +274,19 @@ def reap(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, float, flo
         time.sleep(0.05)
 
 
+def timed_once(
+    dovecot: Dovecot, config: Path, log: Path, timeout: float
+) -> tuple[int, float, float, float, float]:
+    """One ``run --once``: (exit code, peak RSS MiB, CPU s, wall s, Dovecot CPU s)."""
+    before = server_cpu(dovecot)
+    started = time.monotonic()
+    proc = spawn(config, log, "run", "--once")
+    code, rss, cpu = reap(proc, timeout)
+    seconds = time.monotonic() - started
+    time.sleep(1.0)  # Dovecot's last children exit and are reaped
+    return code, rss, cpu, seconds, server_cpu(dovecot) - before
+
+
 def verify(store: Path, expected: set[str], users: list[DovecotUser]) -> str:
     """``ok N/N`` when each expected Message-ID is stored once and nothing is left."""
     rows: list[tuple[Any, ...]] = []
@@ -241,7 +308,60 @@ def verify(store: Path, expected: set[str], users: list[DovecotUser]) -> str:
     return text
 
 
+def polled_ok(journal: Path, users: list[DovecotUser]) -> str:
+    """``ok N/N`` when every user's mailbox has a successful, error-free poll record."""
+    conn = sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = conn.execute(
+            "SELECT mailbox FROM polls WHERE last_success IS NOT NULL "
+            "AND last_error_at IS NULL"
+        ).fetchall()
+    finally:
+        conn.close()
+    good = {str(r[0]) for r in rows} & {u.name for u in users}
+    ok = len(good) == len(users)
+    return f"{'ok' if ok else 'FAILED'} {len(good)}/{len(users)}"
+
+
 # --- scenarios ----------------------------------------------------------------------
+
+
+def empty_cycle(
+    work: Path,
+    dovecot: Dovecot,
+    users: list[DovecotUser],
+    concurrency: int,
+    *,
+    tls: bool,
+    round_no: int,
+) -> Row:
+    """One ``run --once`` over ``users`` (all empty). Round 0 starts from nothing (a
+    new journal, lock and marker files: the first run); later rounds reuse them, as
+    every later cycle of a deployment does (the steady state)."""
+    kind = "TLS" if tls else "plain"
+    directory = work / f"empty-{kind}-c{concurrency}"
+    config = write_config(directory, dovecot, users, concurrency=concurrency, tls=tls)
+    log = directory / "mailpipe.log"
+    code, rss, cpu, seconds, server = timed_once(dovecot, config, log, 1800)
+    verified = polled_ok(directory / "var" / "journal.sqlite3", users)
+    if left_on_server(users):
+        verified += " (mail left?)"
+    if code != 0:
+        verified += f" exit {code}"
+    return Row(
+        f"no new mail, {kind}{', first run' if round_no == 0 else ''}",
+        len(users),
+        0,
+        1,
+        concurrency,
+        seconds,
+        None,
+        rss,
+        cpu,
+        verified,
+        server,
+    )
+
 
 
 def one_worker(
@@ -253,23 +373,13 @@ def one_worker(
 ) -> Row:
     directory = work / f"once-c{concurrency}"
     expected = deliver(dovecot, users, per_user, f"c{concurrency}")
-    config = write_config(
-        directory,
-        dovecot,
-        users,
-        journal="var/journal.sqlite3",
-        concurrency=concurrency,
-        poll_interval=60.0,
-    )
+    config = write_config(directory, dovecot, users, concurrency=concurrency)
     log = directory / "mailpipe.log"
     check = spawn(config, log, "check")
     started = time.monotonic()
     reap(check, 300)
     startup = time.monotonic() - started
-    started = time.monotonic()
-    proc = spawn(config, log, "run", "--once")
-    code, rss, cpu = reap(proc, 3600)
-    seconds = time.monotonic() - started
+    code, rss, cpu, seconds, server = timed_once(dovecot, config, log, 3600)
     verified = verify(directory / "store.sqlite3", expected, users)
     if code != 0:
         verified += f" exit {code}"
@@ -284,6 +394,7 @@ def one_worker(
         rss,
         cpu,
         verified,
+        server,
     )
 
 
@@ -369,6 +480,7 @@ def render(rows: list[Row]) -> str:
         "msg/s",
         "peak RSS MiB",
         "CPU s",
+        "Dovecot CPU s",
         "verified",
     )
     table = [head] + [
@@ -382,7 +494,8 @@ def render(rows: list[Row]) -> str:
             "-" if r.startup is None else f"{r.startup:.1f}",
             f"{r.rate:.0f}",
             f"{r.rss_mib:.0f}",
-            f"{r.cpu:.1f}",
+            f"{r.cpu:.2f}",
+            "-" if r.server_cpu is None else f"{r.server_cpu:.1f}",
             r.verified,
         )
         for r in rows
@@ -408,6 +521,28 @@ def main(argv: list[str] | None = None) -> int:
         default=[50, 200],
         help="scheduler concurrency values for the one-worker runs",
     )
+    parser.add_argument(
+        "--empty-concurrency",
+        type=int,
+        default=50,
+        help="scheduler concurrency of the no-new-mail cycles",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="no-new-mail cycles of each kind after the first run (0: none)",
+    )
+    parser.add_argument(
+        "--empty-only", action="store_true", help="only the no-new-mail cycles"
+    )
+    parser.add_argument(
+        "--dovecot-login",
+        choices=("per-connection", "shared"),
+        default="per-connection",
+        help="Dovecot's login processes: its default (one per connection) or its "
+        "high-performance mode (long-lived, where TLS sessions can be resumed)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     mailboxes = args.mailboxes or (100 if args.small else 1000)
@@ -415,17 +550,32 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="mailpipe-scale-"))
     work.chmod(0o755)  # Dovecot's mail uid must reach the homes below it
-    dovecot = Dovecot(work / "dovecot", extra_config=DOVECOT_LIMITS)
+    extra = DOVECOT_LIMITS + (SHARED_LOGIN if args.dovecot_login == "shared" else "")
+    dovecot = Dovecot(work / "dovecot", extra_config=extra)
     rows: list[Row] = []
     notes: list[str] = []
     try:
         dovecot.start()
         users = [dovecot.add_user(f"scale{i:04d}") for i in range(mailboxes)]
+        # plain and TLS interleaved; --rounds 0: no no-new-mail cycles at all
+        for round_no in range(args.rounds + 1 if args.rounds else 0):
+            for tls in (False, True):
+                rows.append(
+                    empty_cycle(
+                        work, dovecot, users, args.empty_concurrency,
+                        tls=tls, round_no=round_no,
+                    )
+                )
+                print(render(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        if args.empty_only:
+            args.concurrency = []
         for concurrency in args.concurrency:
             rows.append(one_worker(work, dovecot, users, per_user, concurrency))
             print(render(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
         reason = postgres_reason()
-        if reason is None:
+        if args.empty_only:
+            pass
+        elif reason is None:
             rows.append(four_workers(work, dovecot, users, per_user, 50))
         else:
             notes.append(f"4 workers skipped: {reason}")
@@ -442,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(
         f"mailpipe scale benchmark: {mailboxes} mailboxes x {per_user} messages, "
-        f"{os.cpu_count()} CPUs"
+        f"{os.cpu_count()} CPUs, Dovecot login processes: {args.dovecot_login}"
     )
     print(render(rows))
     for note in notes:

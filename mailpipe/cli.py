@@ -43,7 +43,27 @@ def _open(config: str) -> App:
         _fail_config(exc)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The command group; ``mailpipe auth`` (:mod:`mailpipe.oauth.cli`, with the token
+    cache and cryptography) is imported only when asked for, never by ``run``."""
+
+    lazy = {"auth": "mailpipe.oauth.cli"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            import importlib
+
+            command = getattr(importlib.import_module(self.lazy[cmd_name]), cmd_name)
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.version_option(__version__, prog_name="mailpipe")
 @click.option(
     "--log-format",
@@ -600,11 +620,6 @@ def demo(directory: str, reset: bool) -> None:
     from mailpipe.demo import run_demo
 
     sys.exit(run_demo(Path(directory), reset=reset))
-
-
-from mailpipe.oauth.cli import auth  # noqa: E402 (its own module; one hook here)
-
-cli.add_command(auth)
 
 
 def main() -> None:

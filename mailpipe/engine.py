@@ -33,7 +33,7 @@ from typing import Any
 
 import structlog
 
-from mailpipe import identity, oversize, planning, uidl_reset
+from mailpipe import cursors, identity, oversize, planning, uidl_reset
 from mailpipe.chain import Chain
 from mailpipe.config import Config, MailboxSpec
 from mailpipe.errors import (
@@ -61,6 +61,7 @@ from mailpipe.plugin_manager import Hooks
 from mailpipe.prefetch import HeaderPrefetch
 from mailpipe.quarantine import Quarantine
 from mailpipe.source import (
+    CursorSession,
     EpochSession,
     SessionFacts,
     Source,
@@ -152,6 +153,7 @@ class MailboxRunner:
         self.prefetch = HeaderPrefetch(self.cfg, chain, self.log)
         self.oversize = OversizePolicy(self.cfg, self.log)
         self._login_delay = 0.0  # seconds, from the latest session's facts
+        self._next_prune = 0.0  # time.monotonic() of the next journal prune
         self.inflight = InflightMarker(self.spool_dir, self.name)
         self._summary = Summary(mailbox=self.name)  # the current poll's (see poll)
         self._last_exc: BaseException | None = None
@@ -277,6 +279,7 @@ class MailboxRunner:
                 session = LeaseGuardedSession(
                     opened, self.lease_check, self.ack_check
                 )
+            cursor_session, stored = self._resume(opened)
             refs = await session.list()
             facts = facts_of(opened)  # after the listing: it tells whether ids are stable
             self.facts = facts
@@ -343,8 +346,19 @@ class MailboxRunner:
                 # until one finds nothing new (RFC 2449 §6.5 LOGIN-DELAY forbids it).
                 more = True
             await self.ledger.commit(session)
+            if cursor_session is not None:
+                self.ledger.advance_cursors(stored, cursor_session.coverage())
             self._prune(refs)
             return more
+
+    def _resume(self, opened: object) -> tuple[CursorSession | None, dict[str, int]]:
+        """MP-05: hand a cursor-capable session the journal's listing cursors (not
+        with ``after_days``, see :func:`mailpipe.cursors.usable`)."""
+        if not isinstance(opened, CursorSession) or not cursors.usable(self.cfg):
+            return None, {}
+        stored = self.journal.cursors(self.name)
+        opened.resume(stored)
+        return opened, stored
 
     # --- planning ----------------------------------------------------------------
 
@@ -593,6 +607,14 @@ class MailboxRunner:
         return self.ledger.processed(msg, entry, result)
 
     def _prune(self, refs: list[MessageRef]) -> None:
+        """Drop journal entries deleted over 30 days ago and gone from the server; at
+        most once per :data:`PRUNE_INTERVAL` per mailbox (the first poll of a process
+        always), not in every poll: a poll with no new mail makes no journal
+        transaction for it (issue 18)."""
+        now = time.monotonic()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_INTERVAL
         try:
             self.journal.prune(self.name, [r.uid for r in refs], 30.0)
         except Exception as exc:  # pruning is housekeeping; never fail a poll for it
@@ -602,6 +624,10 @@ class MailboxRunner:
 #: Commit windows (sessions) in one poll at most; each makes progress, so a poll that
 #: reaches it has more windows than any real mailbox needs: the next poll goes on.
 MAX_SESSIONS_PER_POLL = 1000
+
+#: Seconds between two journal prunes of one mailbox (entries become prunable only 30
+#: days after their deletion, so an hour later changes nothing that matters).
+PRUNE_INTERVAL = 3600.0
 
 #: The longest LOGIN-DELAY (seconds) waited between two commit windows of one poll;
 #: a longer one ends the poll after the window instead.

@@ -68,7 +68,11 @@ class InflightMarker:
         """Return ``(uid, alone)`` left by an earlier process (and clear it), or None.
 
         ``alone``: no other chain of that process was in flight during the uid's run.
+        A mailbox whose chain never ran has no marker file; none is made here (a poll
+        with no new mail writes nothing, issue 18), :meth:`set` makes it.
         """
+        if self._map is None and not self.path.exists():
+            return None
         m = self._open()
         token, alone, n = m[0:4], m[4] == 1, int.from_bytes(m[5:7], "big")
         if n == 0 or token == _TOKEN:

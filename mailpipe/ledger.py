@@ -27,13 +27,14 @@ delivery state.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from mailpipe import cursors
 from mailpipe import source as contract
 from mailpipe.errors import ProcessorError
 from mailpipe.journal.base import Entry, Fence, Journal, Status
@@ -418,6 +419,21 @@ class Ledger:
                          status=status, owed=due)
         return due
 
+    def advance_cursors(
+        self, stored: Mapping[str, int], coverage: Mapping[str, contract.Coverage]
+    ) -> None:
+        """Store the listing cursors the session's ``coverage`` earns (MP-05), after
+        :meth:`commit`: every outcome they pass over is durable in the journal
+        already (see :mod:`mailpipe.cursors`). ``stored`` is what the session was
+        resumed from; nothing is written when nothing moved."""
+        uids = {uid for cover in coverage.values() for uid in cover.listed.values()}
+        entries = self.journal.get_many(self.mailbox, sorted(uids)) if uids else {}
+        advanced = cursors.advance(coverage, entries)
+        if advanced == dict(stored):
+            return
+        self.journal.set_cursors(self.mailbox, advanced, **self._fenced())
+        self.log.debug("cursors_advanced", cursors=advanced)
+
     def settle_gone(self, uids: Sequence[str]) -> None:
         """Deletions owed for mail the server no longer lists are done (a crash came
         between the commit's confirmation and :meth:`commit`'s journal write)."""
@@ -653,6 +669,12 @@ def replay_done(
         for step in [*result.committed, *result.pending]:
             journal.step_committed(mailbox, uid, step)
         if entry.status != Status.DELETED:
+            if not entry.delete_due and entry.status == Status.QUARANTINED and (
+                not keep and delete_policy == "after_processing"
+            ):
+                # Owed now, maybe below a listing cursor: list the mailbox whole once
+                # more so that the acknowledgement reaches it (MP-05).
+                journal.set_cursors(mailbox, {})
             journal.finish(
                 mailbox, uid,
                 status=Status.KEPT if keep else Status.COMMITTED,

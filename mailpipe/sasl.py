@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
@@ -191,6 +192,18 @@ def _attributes(message: bytes) -> list[tuple[str, str]]:
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def salted_password(digest: str, password: bytes, salt: bytes, iterations: int) -> bytes:
+    """RFC 5802 §3 ``Hi(Normalize(password), salt, i)``, the SaltedPassword.
+
+    Cached for the life of the process (RFC 5802 §5.1 allows a client to keep it):
+    a poll that opens several sessions on one mailbox (commit windows) derives it
+    once for the server's salt and iteration count, not once per login. The value
+    is as secret as the password it is derived from and never leaves the process.
+    """
+    return hashlib.pbkdf2_hmac(digest, password, salt, iterations)
+
+
 @dataclass
 class Scram(Mechanism):
     """RFC 5802 SCRAM (SHA-1) and RFC 7677 SCRAM-SHA-256, without channel binding.
@@ -271,9 +284,7 @@ class Scram(Mechanism):
         except ValueError:
             password = self.password  # as PostgreSQL's libpq: use the raw password
         digest = self._hash
-        salted = hashlib.pbkdf2_hmac(
-            digest, password.encode(), salt, int(iterations)
-        )  # RFC 5802 §3 Hi()
+        salted = salted_password(digest, password.encode(), salt, int(iterations))
         client_key = hmac.new(salted, b"Client Key", digest).digest()
         stored_key = hashlib.new(digest, client_key).digest()
         without_proof = f"c=biws,r={nonce}"  # biws = base64("n,,")

@@ -18,16 +18,24 @@ mid-poll, waits :func:`~mailpipe.leases.lease_retry_delay` before trying again.
 
 :meth:`Scheduler.request_stop` (SIGTERM/SIGINT) sets an event that the runners check
 between messages: the message in hand finishes, what committed is DELE'd, QUIT is sent.
+
+The poll records (for ``mailpipe status``; advisory, not delivery state) are written in
+batches: one journal transaction for up to :data:`POLL_RECORD_BATCH` of them, at most
+:data:`POLL_RECORD_DELAY` seconds after the poll, and the rest when the scheduler ends.
+A cycle over many mailboxes with no new mail thus makes no journal commit per mailbox
+for its records (issue 18).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 import structlog
 
@@ -49,9 +57,14 @@ from mailpipe.journal.errors import FencedError
 from mailpipe.leases import LeaseLostError, MailboxLease, lease_retry_delay
 from mailpipe.plugin_manager import Hooks
 from mailpipe.quarantine import Quarantine
-from mailpipe.source import PushSource
+from mailpipe.source import ClosableSource, PushSource
 
 log = structlog.get_logger()
+
+#: Poll records written in one journal transaction at most.
+POLL_RECORD_BATCH = 100
+#: Seconds a poll record waits for others at most before it is written.
+POLL_RECORD_DELAY = 0.5
 
 
 def next_delay(
@@ -86,6 +99,55 @@ def next_delay(
     return exp
 
 
+#: Seconds :func:`close_sources` waits for every source's close together; a source
+#: still closing after it (a hung server) is cancelled: shutdown does not grow with
+#: the number of mailboxes.
+CLOSE_TIMEOUT = 15.0
+
+
+async def close_sources(
+    runners: Iterable[MailboxRunner], *, timeout: float | None = None
+) -> None:
+    """Close every source that keeps connections between polls (IMAP push, IC-44),
+    all at once, within ``timeout`` seconds in total (default :data:`CLOSE_TIMEOUT`;
+    those still closing then are cancelled); a failure is logged, never raised."""
+    timeout = CLOSE_TIMEOUT if timeout is None else timeout
+    closing = {
+        asyncio.ensure_future(_close_one(runner)): runner
+        for runner in runners
+        if isinstance(runner.source, ClosableSource)
+    }
+    if not closing:
+        return
+    try:
+        _, late = await asyncio.wait(closing, timeout=timeout)
+    finally:
+        for task in closing:
+            task.cancel()  # no-op for the finished ones
+        await asyncio.gather(*closing, return_exceptions=True)
+    for task in late:
+        log.warning("source_close_timeout", mailbox=closing[task].name, seconds=timeout)
+
+
+async def _close_one(runner: MailboxRunner) -> None:
+    source = runner.source
+    assert isinstance(source, ClosableSource)
+    try:
+        await source.close()
+    except Exception as exc:  # the contract says never; shutdown goes on
+        log.warning("source_close_failed", mailbox=runner.name, error=type(exc).__name__)
+
+
+class _PollRecord(NamedTuple):
+    """One queued :meth:`Journal.record_poll` call."""
+
+    mailbox: str
+    error: str
+    error_type: str
+    backlog: int | None
+    next_poll: datetime | None
+
+
 class Scheduler:
     """Runs :class:`~mailpipe.engine.MailboxRunner` for every enabled mailbox."""
 
@@ -115,6 +177,7 @@ class Scheduler:
         ]
         self.summaries: list[Summary] = []
         self.last: dict[str, Summary] = {}
+        self._records: list[_PollRecord] = []  # not yet written
 
     def request_stop(self) -> None:
         """Ask every mailbox to finish the message in hand, commit and stop."""
@@ -129,6 +192,8 @@ class Scheduler:
         quarantine = Quarantine(self.config.resolve(self.config.model.quarantine.dir))
         semaphore = asyncio.Semaphore(sched.concurrency)
         await chain.open()
+        runners: list[MailboxRunner] = []
+        flusher = asyncio.create_task(self._flush_periodically())
         try:
             runners = [
                 MailboxRunner(
@@ -145,6 +210,11 @@ class Scheduler:
             ]
             await asyncio.gather(*(self._loop(r, semaphore) for r in runners))
         finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            self._flush_records()
+            await close_sources(runners)
             await chain.close()
         return self.summaries
 
@@ -165,8 +235,12 @@ class Scheduler:
                 self.last[runner.name] = summary
             error = runner.last_exception if summary and summary.error else None
             if summary is None or isinstance(error, LeaseLostError | FencedError):
-                # Held (or taken over) by another worker: wait, then try again.
+                # Held (or taken over) by another worker: wait, then try again. The
+                # source's kept connections (IMAP push) are closed meanwhile: the
+                # mailbox is not this worker's to watch, and they would count against
+                # the server's per-user connection limit (IC-44).
                 misses += 1
+                await close_sources([runner])
                 if self.once:
                     self._record(summary, None)
                     break
@@ -257,31 +331,49 @@ class Scheduler:
         return False
 
     def _record(self, summary: Summary | None, delay: float | None) -> None:
-        """Write the poll record of ``summary``'s mailbox (for ``mailpipe status``):
+        """Queue the poll record of ``summary``'s mailbox (for ``mailpipe status``):
         its outcome, backlog and the next poll, ``delay`` seconds from now (None: no
         next poll). Nothing is written for a poll that did not happen (lease held
-        elsewhere); a journal error is logged, never raised (the record is advisory).
+        elsewhere). Written by :meth:`_flush_records`, at once when the batch is full.
         """
         if summary is None:
             return
         next_poll = None
         if delay is not None:
             next_poll = datetime.now(UTC) + timedelta(seconds=delay)
+        self._records.append(_PollRecord(
+            summary.mailbox, summary.error or "", summary.error_type or "",
+            summary.backlog, next_poll,
+        ))
+        if len(self._records) >= POLL_RECORD_BATCH:
+            self._flush_records()
+
+    def _flush_records(self) -> None:
+        """Write the queued poll records in one journal transaction; a journal error
+        is logged, never raised (the records are advisory, and are dropped)."""
+        pending, self._records = self._records, []
+        if not pending:
+            return
         try:
-            self.journal.record_poll(
-                summary.mailbox,
-                owner=self.owner,
-                error=summary.error or "",
-                error_type=summary.error_type or "",
-                backlog=summary.backlog,
-                next_poll=next_poll,
-            )
+            with self.journal.batch():
+                for r in pending:
+                    self.journal.record_poll(
+                        r.mailbox, owner=self.owner, error=r.error,
+                        error_type=r.error_type, backlog=r.backlog, next_poll=r.next_poll,
+                    )
         except Exception as exc:
             log.warning(
                 "poll_record_failed",
-                mailbox=summary.mailbox,
+                mailboxes=len(pending),
+                mailbox=pending[0].mailbox,
                 error=f"{type(exc).__name__}: {exc}"[:300],
             )
+
+    async def _flush_periodically(self) -> None:
+        """Write queued poll records every :data:`POLL_RECORD_DELAY` seconds."""
+        while True:
+            await asyncio.sleep(POLL_RECORD_DELAY)
+            self._flush_records()
 
     async def _poll_locked(
         self, runner: MailboxRunner, *, misses: int = 0

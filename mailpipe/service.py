@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from typing import Protocol
 
 import structlog
 
@@ -18,11 +19,16 @@ from mailpipe.app import App
 from mailpipe.errors import StartupError
 from mailpipe.journal.base import PollRecord
 from mailpipe.logs import on_terminal
-from mailpipe.metrics import MetricsCollector, MetricsServer
 from mailpipe.plugin_manager import Hooks
 from mailpipe.progress import ProgressView
 from mailpipe.scheduler import Scheduler
-from mailpipe.status_page import StatusPage
+
+
+class _Stoppable(Protocol):
+    """What :func:`run_pipelines` needs of the metrics server (imported lazily)."""
+
+    async def stop(self) -> None: ...
+
 
 log = structlog.get_logger()
 
@@ -81,10 +87,14 @@ def _journal_polls(app: App) -> dict[str, PollRecord]:
         journal.close()
 
 
-async def _start_metrics(app: App) -> MetricsServer | None:
+async def _start_metrics(app: App) -> _Stoppable | None:
     listen = app.config.model.metrics.listen
     if not listen:
         return None
+    # Imported only with [metrics] listen set: a run without it never pays (issue 18).
+    from mailpipe.metrics import MetricsCollector, MetricsServer
+    from mailpipe.status_page import StatusPage
+
     enabled = [m for m in app.config.mailboxes if m.config.enabled]
     collector = MetricsCollector(
         [m.name for m in enabled],

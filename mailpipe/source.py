@@ -13,9 +13,14 @@ The engine knows sources only through this module:
 - Acknowledgements take effect only at :meth:`SourceSession.commit`; the engine calls
   :meth:`SourceSession.acknowledge` only through :mod:`mailpipe.ledger`'s gate, after
   every committing step and the journal batch are durable (MP-01).
+- A session that can list only what is new offers :class:`CursorSession`: before
+  ``list()`` the engine hands it the cursors the journal holds, after the commit it
+  reads what the listing covered, and the ledger stores the advanced cursors (MP-05).
 - A push-capable source offers :meth:`PushSource.wait_for_mail`, which the scheduler
   awaits instead of its poll timer while the latest session's facts say ``can_push``
-  (IMAP: the server offers IDLE).
+  (IMAP: IDLE, or STATUS polling without it). A source that holds connections between
+  waits also offers :meth:`ClosableSource.close`, which the scheduler awaits when it
+  stops.
 
 :mod:`mailpipe.testing.contract` holds the test suite any source proves itself with.
 """
@@ -23,7 +28,7 @@ The engine knows sources only through this module:
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +75,7 @@ class SessionFacts:
     ``login_delay``: seconds the server wants between two logins (RFC 2449 §6.5).
     ``deletes_on_commit``: the server may delete at commit what was retrieved even
     without an acknowledgement (POP3 ``EXPIRE 0``, RFC 2449 §6.7; C-29).
-    ``can_push``: the source can wait for new mail (IMAP IDLE).
+    ``can_push``: the source can wait for new mail (IMAP: IDLE, or STATUS polling).
     """
 
     stable_ids: bool = True
@@ -232,6 +237,15 @@ class PushSource(Protocol):
 
 
 @runtime_checkable
+class ClosableSource(Protocol):
+    """A source that keeps resources between sessions (IMAP's push connections)."""
+
+    async def close(self) -> None:
+        """Release them (LOGOUT); called once when the scheduler stops. Never raises."""
+        ...
+
+
+@runtime_checkable
 class EpochSession(Protocol):
     """A session whose ids carry an epoch (``ids_have_epoch``, IMAP UIDVALIDITY).
 
@@ -251,6 +265,45 @@ class EpochSession(Protocol):
     def superseded(self, uids: Sequence[str]) -> list[str]:
         """Of ``uids`` (journal ids of this mailbox not in the listing), those of a
         scope this listing showed under another epoch."""
+        ...
+
+
+@dataclass(slots=True)
+class Coverage:
+    """What one listing showed of one cursor scope (MP-05).
+
+    ``start``: the cursor the listing began after (0 when the journal held none);
+    ``listed``: position → journal uid of every message the listing showed past
+    ``start`` (IMAP: UID → id). Positions are integers that only grow for new mail.
+    """
+
+    start: int = 0
+    listed: dict[int, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class CursorSession(Protocol):
+    """A session that lists only what lies past a stored cursor per *scope* (MP-05).
+
+    A scope is a string the source chooses (IMAP: ``"<folder>;UIDVALIDITY=<v>"``, so
+    a new epoch is a new scope and starts from nothing). The contract:
+
+    - :meth:`resume` is called before :meth:`SourceSession.list` with the cursors the
+      journal holds; ``list()`` then leaves out every message at or below its scope's
+      cursor (and still everything the source leaves out anyway).
+    - :meth:`coverage` is read after the session committed: per scope listed, the
+      cursor it started from and what the listing showed past it. The ledger advances
+      a scope's cursor over the longest run of listed positions whose journal
+      entries are finished (:mod:`mailpipe.cursors`) and replaces the mailbox's
+      cursors with the result: a scope not in the coverage is dropped.
+    """
+
+    def resume(self, cursors: Mapping[str, int]) -> None:
+        """Use ``cursors`` (scope → position) for the next :meth:`list`."""
+        ...
+
+    def coverage(self) -> Mapping[str, Coverage]:
+        """Per scope, what the last :meth:`list` started from and showed."""
         ...
 
 

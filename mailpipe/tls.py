@@ -5,13 +5,23 @@ One model for the keys ``security``, ``ca_file``, ``cert_sha256``, ``tls_verify`
 TLS by default (``ssl.create_default_context()``, TLS ≥ 1.2, the configured host name
 checked and sent as SNI), a pin that adds to validation and never replaces it, and no
 credential in clear text without explicit consent (RFC 2595 §2.3, RFC 8314).
+
+Many mailboxes on one server (issue 18): :func:`server_context` gives every mailbox of
+the same (host, port, CA file, verify) one shared :class:`ResumingContext`, so the CA
+file is read once and each new connection offers the latest TLS session of that server
+(RFC 8446 §2.2 resumption, RFC 5077 tickets): a resumed handshake skips the
+certificate exchange and its verification, which were done on the connection that
+made the session, for this host name and with this same context. The drivers hand the
+session back with :func:`keep_session` when a connection ends; a TLS 1.3 ticket
+arrives after the handshake, so the handshake itself is too early to take it.
 """
 
 import asyncio
 import hashlib
+import os
 import ssl
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -34,6 +44,86 @@ def make_ssl_context(ca_file: str | None = None, verify: bool = True) -> ssl.SSL
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+class ResumingContext(ssl.SSLContext):
+    """A client context for one server that offers that server's latest session.
+
+    Made only by :func:`server_context` (one per host, port, CA file and verify
+    flag), so a session is never offered to another server nor under other trust
+    settings; OpenSSL falls back to a full, verified handshake when the server does
+    not resume it.
+    """
+
+    _session: ssl.SSLSession | None = None
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        """asyncio's ``start_tls`` path: the latest session unless one is given."""
+        if session is None and not server_side:
+            session = self._session
+        return super().wrap_bio(
+            incoming, outgoing, server_side, server_hostname, session
+        )
+
+    def keep(self, session: ssl.SSLSession | None) -> None:
+        """Offer ``session`` from now on, when it can be resumed (a ticket or an id)."""
+        if session is not None and (session.has_ticket or session.id):
+            self._session = session
+
+
+#: The shared contexts, by (host, port, CA file, its mtime and size, verify).
+_CONTEXTS: dict[tuple[Any, ...], ResumingContext] = {}
+_MAX_CONTEXTS = 4096  # distinct servers in one process; the oldest is dropped beyond
+
+
+def server_context(
+    host: str, port: int, ca_file: str | None = None, verify: bool = True
+) -> ResumingContext:
+    """The shared, resuming :func:`make_ssl_context` of one server (issue 18).
+
+    A CA file that changes on disk (its mtime or size) gives a new context, read anew.
+    """
+    stamp: tuple[int, int] | None = None
+    if ca_file is not None:
+        try:
+            st = os.stat(ca_file)
+            stamp = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None  # make_ssl_context raises the real error below
+    key = (host.lower(), port, ca_file, stamp, verify)
+    ctx = _CONTEXTS.get(key)
+    if ctx is None:
+        plain = make_ssl_context(ca_file, verify=verify)
+        # The very context ssl.create_default_context() made (same settings, same
+        # defaults in every Python version), given the resuming wrap_bio above.
+        plain.__class__ = ResumingContext
+        ctx = cast(ResumingContext, plain)
+        if len(_CONTEXTS) >= _MAX_CONTEXTS:
+            del _CONTEXTS[next(iter(_CONTEXTS))]
+        _CONTEXTS[key] = ctx
+    return ctx
+
+
+def keep_session(writer: asyncio.StreamWriter | None) -> None:
+    """At the end of a TLS connection: let its context offer this session next time.
+
+    Called by the drivers after the last reply (POP3 QUIT, IMAP LOGOUT), when the
+    server's TLS 1.3 tickets have been read. Does nothing on a plaintext connection or
+    a context not made by :func:`server_context`.
+    """
+    if writer is None:
+        return
+    sslobj = writer.get_extra_info("ssl_object")
+    ctx = getattr(sslobj, "context", None)
+    if isinstance(ctx, ResumingContext) and sslobj is not None:
+        ctx.keep(sslobj.session)
 
 
 async def handshake(
@@ -203,10 +293,17 @@ class ConnectionSecurity(BaseModel):
             )
         return allow
 
-    def ssl_context(self) -> ssl.SSLContext | None:
-        """The verifying context for these options; None for ``security = 'none'``."""
+    def ssl_context(
+        self, host: str | None = None, port: int | None = None
+    ) -> ssl.SSLContext | None:
+        """The verifying context for these options; None for ``security = 'none'``.
+
+        With ``host`` and ``port``: the context shared by every mailbox of that server,
+        which resumes TLS sessions (:func:`server_context`).
+        """
         if self.security == "none":
             return None
-        return make_ssl_context(
-            str(self.ca_file) if self.ca_file else None, verify=self.tls_verify
-        )
+        ca = str(self.ca_file) if self.ca_file else None
+        if host is not None and port is not None:
+            return server_context(host, port, ca, verify=self.tls_verify)
+        return make_ssl_context(ca, verify=self.tls_verify)

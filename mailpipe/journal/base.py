@@ -27,7 +27,7 @@ the server listed and when the next poll is due. It costs one upsert per poll.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -218,7 +218,26 @@ class Journal(Protocol):
         ...
 
     def forget(self, mailbox: str, uids: Iterable[str] | None = None) -> int:
-        """Delete entries (all of the mailbox when ``uids`` is None); return how many."""
+        """Delete entries (all of the mailbox when ``uids`` is None); return how many.
+
+        Also drops every cursor of the mailbox (:meth:`cursors`), so that a forgotten
+        message is listed, and processed, again."""
+        ...
+
+    def cursors(self, mailbox: str) -> dict[str, int]:
+        """Return the mailbox's listing cursors: scope → position (MP-05).
+
+        A cursor is a watermark a source lists from (IMAP: ``UID FETCH W+1:*`` per
+        folder and UIDVALIDITY): every position up to it that a listing showed has a
+        finished entry (see :mod:`mailpipe.cursors`). Only the ledger writes them."""
+        ...
+
+    def set_cursors(
+        self, mailbox: str, cursors: Mapping[str, int], *, fence: Fence | None = None
+    ) -> None:
+        """Replace every cursor of ``mailbox`` with ``cursors`` (an empty mapping
+        drops them all). Durable when it returns (inside a batch: with it); with
+        ``fence``, as :meth:`batch` with that fence."""
         ...
 
     def mark_seen(self, mailbox: str, items: Iterable[tuple[str, str, int]]) -> int:

@@ -23,7 +23,7 @@ psycopg (3) is imported when a journal is created, so the core works without it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -121,6 +121,18 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # 4: lease epochs (fencing tokens), raised by every take of a mailbox's lease;
     # a released lease keeps its row (expired), so an epoch is never reused.
     ("ALTER TABLE mailpipe_leases ADD COLUMN epoch bigint NOT NULL DEFAULT 0",),
+    # 5: listing cursors (a source's per-scope watermark, e.g. an IMAP folder's UID
+    # under its UIDVALIDITY): see Journal.cursors.
+    (
+        """
+        CREATE TABLE mailpipe_cursors (
+            mailbox  text   NOT NULL,
+            scope    text   NOT NULL,
+            position bigint NOT NULL,
+            PRIMARY KEY (mailbox, scope)
+        )
+        """,
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -547,6 +559,8 @@ class PostgresJournal:
     def forget(self, mailbox: str, uids: Iterable[str] | None = None) -> int:
         """Delete entries (the whole mailbox when ``uids`` is None); count them."""
         with self._tx() as conn:
+            # A forgotten message under a cursor must be listed again: drop them all.
+            conn.execute("DELETE FROM mailpipe_cursors WHERE mailbox = %s", (mailbox,))
             if uids is None:
                 return conn.execute(
                     "DELETE FROM mailpipe_journal WHERE mailbox = %s", (mailbox,)
@@ -555,6 +569,33 @@ class PostgresJournal:
                 "DELETE FROM mailpipe_journal WHERE mailbox = %s AND uid = ANY(%s)",
                 (mailbox, list(uids)),
             ).rowcount
+
+    def cursors(self, mailbox: str) -> dict[str, int]:
+        """Return the listing cursors of ``mailbox``, by scope."""
+        with self._guard():
+            rows = (
+                self._live()
+                .execute(
+                    "SELECT scope, position FROM mailpipe_cursors WHERE mailbox = %s",
+                    (mailbox,),
+                )
+                .fetchall()
+            )
+        return {scope: int(position) for scope, position in rows}
+
+    def set_cursors(
+        self, mailbox: str, cursors: Mapping[str, int], *, fence: Fence | None = None
+    ) -> None:
+        """Replace the listing cursors of ``mailbox`` with ``cursors``."""
+        with self._fenced(fence), self._tx() as conn:
+            conn.execute("DELETE FROM mailpipe_cursors WHERE mailbox = %s", (mailbox,))
+            if cursors:
+                conn.execute(
+                    "INSERT INTO mailpipe_cursors (mailbox, scope, position) "
+                    "SELECT %s, c.scope, c.position "
+                    "FROM unnest(%s::text[], %s::bigint[]) AS c(scope, position)",
+                    (mailbox, list(cursors), [int(v) for v in cursors.values()]),
+                )
 
     def mark_seen(self, mailbox: str, items: Iterable[tuple[str, str, int]]) -> int:
         """Adopt (uid, key, size) items as KEPT, unprocessed; return how many new."""

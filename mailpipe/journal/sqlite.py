@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -112,6 +111,18 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             mailbox TEXT    PRIMARY KEY,
             owner   TEXT    NOT NULL,
             epoch   INTEGER NOT NULL
+        )
+        """,
+    ),
+    # 5: listing cursors (a source's per-scope watermark, e.g. an IMAP folder's UID
+    # under its UIDVALIDITY): see Journal.cursors.
+    (
+        """
+        CREATE TABLE cursors (
+            mailbox  TEXT    NOT NULL,
+            scope    TEXT    NOT NULL,
+            position INTEGER NOT NULL,
+            PRIMARY KEY (mailbox, scope)
         )
         """,
     ),
@@ -461,19 +472,17 @@ class SqliteJournal:
         """Record that chain step ``step`` durably committed for this message."""
         now = self._now()
         with self._tx() as conn:
-            self._ensure(conn, mailbox, uid, now)
-            (raw,) = conn.execute(
-                "SELECT steps FROM entries WHERE mailbox = ? AND uid = ?",
-                (mailbox, uid),
-            ).fetchone()
-            steps = list(json.loads(raw))
-            if step not in steps:
-                steps.append(step)
-                conn.execute(
-                    "UPDATE entries SET steps = ?, updated = ? "
-                    "WHERE mailbox = ? AND uid = ?",
-                    (json.dumps(steps), now, mailbox, uid),
-                )
+            # One statement (issue 18): begun if absent, the step appended once.
+            conn.execute(
+                "INSERT INTO entries AS e "
+                "(mailbox, uid, key, status, steps, first_seen, updated) "
+                "VALUES (?, ?, ?, ?, json_array(?), ?, ?) "
+                "ON CONFLICT (mailbox, uid) DO UPDATE "
+                "SET steps = json_insert(e.steps, '$[#]', ?), updated = excluded.updated "
+                "WHERE NOT EXISTS (SELECT 1 FROM json_each(e.steps) WHERE value = ?)",
+                (mailbox, uid, message_key(mailbox, uid), Status.PENDING.value, step,
+                 now, now, step, step),
+            )
 
     def finish(
         self,
@@ -492,20 +501,27 @@ class SqliteJournal:
         With ``fence``: only while it is the mailbox's lease (see :meth:`batch`)."""
         now = self._now()
         with self._fenced(fence), self._tx() as conn:
-            self._ensure(conn, mailbox, uid, now)
+            # One statement (issue 18): an entry never begun is recorded as finished.
             conn.execute(
-                "UPDATE entries SET status = ?, disposition = ?, "
-                "sha256 = COALESCE(?, sha256), reason = ?, delete_due = ?, updated = ? "
-                "WHERE mailbox = ? AND uid = ?",
+                "INSERT INTO entries AS e (mailbox, uid, key, status, disposition, "
+                "sha256, reason, delete_due, first_seen, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (mailbox, uid) DO UPDATE SET status = excluded.status, "
+                "disposition = excluded.disposition, "
+                "sha256 = COALESCE(excluded.sha256, e.sha256), "
+                "reason = excluded.reason, delete_due = excluded.delete_due, "
+                "updated = excluded.updated",
                 (
+                    mailbox,
+                    uid,
+                    message_key(mailbox, uid),
                     Status(status).value,
                     disposition,
                     sha256,
                     reason,
                     int(delete_due),
                     now,
-                    mailbox,
-                    uid,
+                    now,
                 ),
             )
 
@@ -566,6 +582,8 @@ class SqliteJournal:
         """Delete entries (the whole mailbox when ``uids`` is None); count them."""
         removed = 0
         with self._tx() as conn:
+            # A forgotten message under a cursor must be listed again: drop them all.
+            conn.execute("DELETE FROM cursors WHERE mailbox = ?", (mailbox,))
             if uids is None:
                 removed = conn.execute(
                     "DELETE FROM entries WHERE mailbox = ?", (mailbox,)
@@ -578,6 +596,25 @@ class SqliteJournal:
                         (mailbox, *chunk),
                     ).rowcount
         return removed
+
+    def cursors(self, mailbox: str) -> dict[str, int]:
+        """Return the listing cursors of ``mailbox``, by scope."""
+        with self._guard():
+            rows = self._conn.execute(
+                "SELECT scope, position FROM cursors WHERE mailbox = ?", (mailbox,)
+            ).fetchall()
+        return {scope: int(position) for scope, position in rows}
+
+    def set_cursors(
+        self, mailbox: str, cursors: Mapping[str, int], *, fence: Fence | None = None
+    ) -> None:
+        """Replace the listing cursors of ``mailbox`` with ``cursors``."""
+        with self._fenced(fence), self._tx() as conn:
+            conn.execute("DELETE FROM cursors WHERE mailbox = ?", (mailbox,))
+            conn.executemany(
+                "INSERT INTO cursors (mailbox, scope, position) VALUES (?, ?, ?)",
+                [(mailbox, scope, int(pos)) for scope, pos in cursors.items()],
+            )
 
     def mark_seen(self, mailbox: str, items: Iterable[tuple[str, str, int]]) -> int:
         """Adopt (uid, key, size) items as KEPT, unprocessed; return how many new."""

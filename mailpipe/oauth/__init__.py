@@ -11,7 +11,8 @@ shows and revokes.
 
 from __future__ import annotations
 
-from mailpipe.oauth.broker import TokenBroker
+from typing import TYPE_CHECKING, Any
+
 from mailpipe.oauth.errors import (
     ClientRejected,
     GrantRevoked,
@@ -24,7 +25,24 @@ from mailpipe.oauth.options import (
     OAuthOptions,
     OidcOAuth,
 )
-from mailpipe.oauth.pool import broker_for
+
+if TYPE_CHECKING:
+    from mailpipe.oauth.broker import TokenBroker
+    from mailpipe.oauth.pool import broker_for
+
+
+def __getattr__(name: str) -> Any:
+    """The broker (token cache, cryptography) is imported on first use: a
+    configuration without OAuth never pays for it at start-up (issue 18)."""
+    if name == "TokenBroker":
+        from mailpipe.oauth.broker import TokenBroker
+
+        return TokenBroker
+    if name == "broker_for":
+        from mailpipe.oauth.pool import broker_for
+
+        return broker_for
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "ClientRejected",

@@ -31,6 +31,7 @@ from mailpipe.message import Message, MessageRef
 from mailpipe.source import (
     Ack,
     AckKind,
+    CursorSession,
     SessionFacts,
     Source,
     acknowledge,
@@ -222,6 +223,33 @@ class SourceContract:
                 assert data in contract_mailbox.acknowledged(ack), f"{ack} lost it"
             done.append(data)
         assert done or kinds == {AckKind.KEEP}
+
+    async def test_a_cursor_session_lists_only_past_its_cursors(
+        self, contract_mailbox: ContractMailbox, tmp_path: Path
+    ) -> None:
+        """MP-05, for a source whose sessions are a :class:`CursorSession`: resumed
+        from cursors over everything listed, a listing shows only mail delivered
+        since, and its coverage starts from those cursors."""
+        self._fill(contract_mailbox)
+        async with contract_mailbox.source().session() as session:
+            if not isinstance(session, CursorSession):
+                pytest.skip("the source's sessions are no CursorSession")
+            session.resume({})
+            first = await session.list()
+            covered = session.coverage()
+        assert sorted(uid for c in covered.values() for uid in c.listed.values()) == sorted(
+            r.uid for r in first
+        )
+        cursors = {scope: max(c.listed, default=c.start) for scope, c in covered.items()}
+        fresh = b"From: d@example.org\r\nSubject: later\r\n\r\nnew\r\n"
+        contract_mailbox.deliver(fresh)
+        async with contract_mailbox.source().session() as session:
+            assert isinstance(session, CursorSession)
+            session.resume(cursors)
+            later = await session.list()
+            assert {s: c.start for s, c in session.coverage().items()} == cursors
+            got = await _retrieve(session, later, tmp_path)
+        assert [m.raw for m in got] == [fresh]
 
     async def test_a_whole_poll_through_the_engine(
         self, contract_mailbox: ContractMailbox, tmp_path: Path

@@ -361,6 +361,9 @@ class Dovecot(Service):
         lines.append("}")
         if self.imap:
             lines += [
+                # Every ID a client sends is logged ("ID sent: name=…"), so tests can
+                # check what mailpipe tells the server about itself (IC-14, IS-15).
+                "imap_id_log = *",
                 "service imap-login {",
                 "  inet_listener imap {",
                 f"    address = {self.host}",
@@ -516,7 +519,19 @@ class Dovecot(Service):
         return sorted(paths, key=lambda p: p.name.split(":", 1)[0])
 
     def messages(self, user: DovecotUser | str) -> list[bytes]:
-        """Contents of the messages still in the mailbox, in delivery order."""
+        """Contents of the messages still in the mailbox, in delivery order.
+
+        A Dovecot process may still be expunging, or moving a file from new/ to cur/
+        (a session ended by a killed client finishes its command), while this reads:
+        a file that vanishes between the listing and its read makes the whole read
+        start again (bounded), so the result is one consistent view, never a message
+        missing because it was being renamed.
+        """
+        for _ in range(49):
+            try:
+                return [p.read_bytes() for p in self.message_paths(user)]
+            except FileNotFoundError:
+                time.sleep(0.05)
         return [p.read_bytes() for p in self.message_paths(user)]
 
     def mailbox_count(self, user: DovecotUser | str) -> int:

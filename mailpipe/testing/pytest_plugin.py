@@ -1,4 +1,4 @@
-"""pytest fixtures for mailpipe: a fake POP3 server, a real Dovecot, SMTP/HTTP sinks.
+"""pytest fixtures for mailpipe: fake POP3 and IMAP servers, a real Dovecot, SMTP/HTTP sinks.
 
 Opt in from a ``conftest.py``::
 
@@ -19,6 +19,7 @@ import pytest
 from .dovecot import Dovecot, DovecotUser, dovecot_unavailable_reason
 
 if TYPE_CHECKING:
+    from .imap_server import ImapServer
     from .server import Pop3Server
     from .servers import LabServer
 
@@ -43,16 +44,18 @@ def dovecot() -> Iterator[Dovecot]:
     fixture), so they never see each other's mail. Set ``MAILPIPE_KEEP_DOVECOT=1``
     to keep the base directory (logs, Maildirs) after the session.
     """
-    yield from _dovecot_server(imap=False)
+    yield from dovecot_server(imap=False)
 
 
-def _dovecot_server(*, imap: bool) -> Iterator[Dovecot]:
+def dovecot_server(*, imap: bool, extra_config: str = "") -> Iterator[Dovecot]:
+    """Start a private Dovecot (``extra_config`` appended to its configuration), yield
+    it, stop it; for fixtures. Skips, or fails in CI, when Dovecot is missing."""
     reason = dovecot_unavailable_reason(imap=imap)
     if reason is not None:
         _skip_or_fail(reason)
     # Not pytest's tmp_path: its 0700 parent would stop the mail uid reaching homes.
     base = tempfile.mkdtemp(prefix="mailpipe-dovecot-")
-    server = Dovecot(base, imap=imap)
+    server = Dovecot(base, imap=imap, extra_config=extra_config)
     try:
         server.start()
         yield server
@@ -70,7 +73,7 @@ def dovecot_imap() -> Iterator[Dovecot]:
     (implicit TLS). Skips when Dovecot or dovecot-imapd is missing, fails when ``CI``
     is set.
     """
-    yield from _dovecot_server(imap=True)
+    yield from dovecot_server(imap=True)
 
 
 @pytest.fixture(scope="session")
@@ -147,6 +150,33 @@ def pop3_server(pop3_server_factory: Callable[..., Pop3Server]) -> Pop3Server:
     ``pop3_server.faults = Faults(...)``, and assert on ``pop3_server.transcript``.
     """
     return pop3_server_factory()
+
+
+@pytest.fixture
+def imap_server_factory() -> Iterator[Callable[..., ImapServer]]:
+    """Start fake IMAP servers with :class:`~mailpipe.testing.imap_server.ImapServer`
+    options; all stop at teardown.
+
+    ``srv = imap_server_factory(faults=ImapFaults(bye_on="UID FETCH"), extensions=())``
+    """
+    from .imap_server import ImapServer
+
+    with ExitStack() as stack:
+
+        def make(*args: Any, **options: Any) -> ImapServer:
+            return stack.enter_context(ImapServer(*args, **options))
+
+        yield make
+
+
+@pytest.fixture
+def imap_server(imap_server_factory: Callable[..., ImapServer]) -> ImapServer:
+    """A running fake IMAP server (user ``user``, password ``pass``, empty INBOX).
+
+    Add mail with ``imap_server.add_message(b"...", folder="INBOX")``, set faults with
+    ``imap_server.faults = ImapFaults(...)``, and assert on ``imap_server.transcript``.
+    """
+    return imap_server_factory()
 
 
 @pytest.fixture

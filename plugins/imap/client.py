@@ -35,6 +35,7 @@ from mailpipe.errors import (
     SourceTimeoutError,
 )
 from mailpipe.tls import (
+    keep_session,
     open_stream,
     phase_timeout,
     refuse_plaintext_credentials,
@@ -357,12 +358,15 @@ class ImapClient:
                 fill()
             yield event
 
-    async def idle(self, timeout: float) -> bool:
+    async def idle(self, timeout: float, stop: asyncio.Event | None = None) -> bool:
         """Wait up to ``timeout`` seconds for new mail in the selected mailbox (IC-43).
 
-        IDLE when the current list has it (``DONE`` sent when mail arrived or the time
-        is up; callers keep ``timeout`` under 29 minutes, RFC 2177 §3), else one NOOP
-        (IC-44). Returns True when the server reported EXISTS (or RECENT) meanwhile.
+        IDLE when the current list has it (``DONE`` sent when mail arrived, the time
+        is up or ``stop`` is set; callers keep ``timeout`` under 29 minutes, RFC 2177
+        §3), else one NOOP (IC-44). Returns True when the server reported EXISTS (or
+        RECENT) meanwhile. Setting ``stop`` ends IDLE cleanly (DONE, tagged OK), so
+        the connection stays usable; cancelling the call instead leaves it in an
+        unknown state (the caller must :meth:`abort` it).
         """
         if "IDLE" not in self.capabilities:
             events, _ = await self.command(cmd.noop())
@@ -379,8 +383,10 @@ class ImapClient:
             if left <= 0:
                 break
             try:
-                event = await self._event("IDLE", left)
+                event = await self._event_unless(stop, "IDLE", left)
             except SourceTimeoutError:
+                break
+            if event is None:  # stop was set
                 break
             if isinstance(event, Data) and event.name in ("EXISTS", "RECENT"):
                 new = True
@@ -395,6 +401,31 @@ class ImapClient:
             if isinstance(event, Done):
                 break
         return new
+
+    async def _event_unless(
+        self, stop: asyncio.Event | None, phase: str, timeout: float
+    ) -> Event | None:
+        """The next event as :meth:`_event`, or None once ``stop`` is set first.
+
+        Safe to abandon: the read is cancelled only while it waits for the socket
+        (before any octet is fed to the protocol), so no response is lost.
+        """
+        if stop is None:
+            return await self._event(phase, timeout)
+        if stop.is_set():
+            return None
+        reading = asyncio.ensure_future(self._event(phase, timeout))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not reading.done():
+                reading.cancel()
+            await asyncio.gather(reading, stopping, return_exceptions=True)
+        if reading.cancelled():
+            return None
+        return reading.result()
 
     def _note(self, event: Event) -> None:
         if (
@@ -418,6 +449,7 @@ class ImapClient:
                         event = await self._event("LOGOUT", 10)
                         if isinstance(event, Done | Closed):
                             break
+                keep_session(self._writer)  # the next session resumes TLS (issue 18)
         except (SourceError, TimeoutError) as exc:
             self._log.debug("imap_logout_failed", error=type(exc).__name__)
         await self.abort()

@@ -9,6 +9,7 @@ into a command line from user text.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -191,6 +192,12 @@ def uid_move(uids: str, mailbox: bytes) -> Command:
 def uid_copy(uids: str, mailbox: bytes) -> Command:
     """``UID COPY set mailbox`` (IC-41)."""
     return Command(name="UID COPY", args=(Atom(uids), String(mailbox)))
+
+
+def status(mailbox: bytes, items: str = "UIDNEXT") -> Command:
+    """``STATUS mailbox (items)`` (RFC 9051 §6.3.11) of a mailbox that is not selected
+    (push polling, IC-44)."""
+    return Command(name="STATUS", args=(String(mailbox), Atom(f"({items})")))
 
 
 def idle() -> Command:
@@ -386,6 +393,29 @@ def fetch_items(values: Sequence[Value]) -> dict[str, Value]:
     return out
 
 
+def status_items(values: Sequence[Value]) -> tuple[bytes, dict[str, int]]:
+    """``* STATUS mailbox (NAME n ...)`` → (mailbox as sent, {NAME: n}) (IC-44).
+
+    Raises:
+        ValueError: not a mailbox followed by a parenthesised list of pairs.
+    """
+    if len(values) != 2 or not isinstance(values[1], tuple) or len(values[1]) % 2:
+        raise ValueError("STATUS data is not a mailbox and a list of pairs")
+    mailbox = values[0]
+    if isinstance(mailbox, str):
+        name = mailbox.encode("ascii", "replace")
+    elif isinstance(mailbox, bytes):
+        name = mailbox
+    else:
+        raise ValueError("STATUS mailbox is not an atom or a string")
+    items = values[1]
+    out: dict[str, int] = {}
+    for key, value in zip(items[::2], items[1::2], strict=True):
+        if isinstance(key, str):
+            out.setdefault(key.upper(), parse_number(value))
+    return name, out
+
+
 def copyuid(code: ResponseCode | None) -> tuple[int, dict[int, int]] | None:
     """``[COPYUID validity src dst]`` → (validity, {src uid: dst uid}) (IC-40)."""
     if code is None or code.name != "COPYUID":
@@ -415,6 +445,16 @@ def _expand(uidset: str) -> list[int]:
 def search_uids(values: Sequence[Value]) -> list[int]:
     """The numbers of a ``* SEARCH`` response (IC-33)."""
     return [parse_number(v) for v in values if isinstance(v, str) and v.isdigit()]
+
+
+def esearch_all(values: Sequence[Value]) -> list[int]:
+    """The ``ALL`` set of an ``* ESEARCH`` response (IC-33; RFC 4731 §3.1): none
+    without it."""
+    words = [v for v in values if not isinstance(v, tuple)]
+    for name, value in itertools.pairwise(words):
+        if isinstance(name, str) and name.upper() == "ALL" and isinstance(value, str):
+            return _expand(value)
+    return []
 
 
 def flag_list(value: Value) -> tuple[str, ...]:

@@ -10,19 +10,27 @@ IC-40/IC-41) or ``flag`` (``UID STORE +FLAGS.SILENT (flag)``, IC-42). Without UI
 no EXPUNGE of any kind is sent (IC-38): the messages are marked ``\\Deleted`` and the
 expunge is left to the mailbox owner, logged as ``imap_expunge_deferred``. ``CLOSE``
 is never sent (IC-39). ``abort`` closes the connection without acknowledging anything.
+
+Listing (IC-26, MP-05): the session is a :class:`mailpipe.source.CursorSession` whose
+scope is the folder under its UIDVALIDITY; with a cursor W a folder is listed with
+``UID FETCH W+1:*`` and UIDs up to W are dropped (``n:*`` holds the last message).
+``select = "unseen"``, ``since`` and ``since_days`` search first (``UID SEARCH``) and
+fetch the sizes of what was found: they choose among new mail, so a message the
+watermark has passed is not looked at again (one marked unseen later included).
 """
 
 import contextlib
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import structlog
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from mailpipe import sasl
 from mailpipe.credentials import (
@@ -39,7 +47,14 @@ from mailpipe.errors import (
 from mailpipe.message import Message, MessageRef
 from mailpipe.oauth.options import OAuthOptions
 from mailpipe.secrets import Secret
-from mailpipe.source import Ack, AckKind, SessionFacts, SourceContext, Unretrievable
+from mailpipe.source import (
+    Ack,
+    AckKind,
+    Coverage,
+    SessionFacts,
+    SourceContext,
+    Unretrievable,
+)
 from mailpipe.tls import ConnectionSecurity
 from mailpipe.units import ByteSize, Duration
 
@@ -53,10 +68,13 @@ from .events import (
     LiteralChunk,
     LiteralStart,
     Status,
+    esearch_all,
     fetch_items,
     flag_list,
     parse_number,
+    search_uids,
 )
+from .push import IDLE_RENEW, MAX_IDLE_CONNECTIONS, STATUS_INTERVAL, PushPool
 
 log = structlog.get_logger()
 
@@ -122,6 +140,21 @@ class ImapOptions(ConnectionSecurity):
         description="Folders to read, by display name (non-ASCII names are sent in "
         "modified UTF-7), e.g. ['INBOX', 'Support/Escalations'].",
     )
+    select: Literal["all", "unseen"] = Field(
+        default="all",
+        description="Which new mail to take: 'all', or 'unseen' (UID SEARCH UNSEEN: "
+        "mail without \\Seen; reading never sets it, IC-30).",
+    )
+    since: date | None = Field(
+        default=None,
+        description="Only mail whose INTERNALDATE is on or after this day "
+        "(YYYY-MM-DD; UID SEARCH SINCE). Not with since_days.",
+    )
+    since_days: int | None = Field(
+        strict=True, default=None, ge=0, le=36500,
+        description="Only mail received in the last N days (UID SEARCH SINCE today "
+        "minus N, UTC). Not with since.",
+    )
     connect_timeout: Duration = Field(default=30.0, gt=0, description="TCP connect timeout.")
     tls_timeout: Duration = Field(default=30.0, gt=0, description="TLS handshake timeout.")
     greeting_timeout: Duration = Field(
@@ -142,6 +175,23 @@ class ImapOptions(ConnectionSecurity):
         description="Hard cap on one message, in octets: a larger FETCH literal stops "
         "the session and the message is left on the server.",
     )
+    idle_connections: int | None = Field(
+        strict=True, default=None, ge=0, le=MAX_IDLE_CONNECTIONS,
+        description="Push: how many folders get an IDLE connection of their "
+        "own, in the order of folders; default one per folder up to "
+        f"{MAX_IDLE_CONNECTIONS}. The other folders are polled with STATUS on one "
+        "shared connection every status_interval.",
+    )
+    idle_renew: Duration = Field(
+        default=IDLE_RENEW, gt=0, lt=29 * 60,
+        description="Push: IDLE is ended with DONE and issued again after this "
+        "long (RFC 2177: under 29 minutes).",
+    )
+    status_interval: Duration = Field(
+        default=STATUS_INTERVAL, gt=0,
+        description="Push: seconds between two STATUS (UIDNEXT) checks of the "
+        "folders without an IDLE connection (every folder when the server has no IDLE).",
+    )
 
     # Cross-field checks shared with POP3 (mailpipe.credentials): an error names a key
     # and never echoes the table, which may hold the password.
@@ -158,12 +208,77 @@ class ImapOptions(ConnectionSecurity):
             raise ValueError("a folder is listed twice")
         return names
 
+    @field_validator("select", mode="before")
+    @classmethod
+    def _select_word(cls, value: Any) -> Any:
+        if value not in ("all", "unseen"):
+            raise ValueError(f"select = {value!r}: expected 'all' or 'unseen'")
+        return value
+
+    @field_validator("since", mode="before")
+    @classmethod
+    def _since_day(cls, value: Any) -> Any:
+        if isinstance(value, datetime):
+            value = value.date()
+        if isinstance(value, date) or value is None:
+            return value
+        try:
+            if not isinstance(value, str) or not _DAY.fullmatch(value):
+                raise ValueError
+            return date.fromisoformat(value)
+        except ValueError:
+            raise ValueError(
+                f"since = {value!r}: expected a day as YYYY-MM-DD, e.g. '2026-02-01'"
+            ) from None
+
+    @model_validator(mode="after")
+    def _one_since(self) -> "ImapOptions":
+        if self.since is not None and self.since_days is not None:
+            raise ValueError("set since or since_days, not both")
+        return self
+
+    def search_criteria(self, after: int, today: date | None = None) -> str | None:
+        """The ``UID SEARCH`` criteria for mail past UID ``after`` under ``select``,
+        ``since`` and ``since_days`` (IC-26, IC-33; dates formatted by code, IS-08);
+        None when every message past ``after`` is wanted (a plain ``UID FETCH``)."""
+        words = [f"UID {after + 1}:*"] if after else []
+        if self.select == "unseen":
+            words.append("UNSEEN")
+        day = self.since
+        if self.since_days is not None:
+            day = (today or datetime.now(UTC).date()) - timedelta(days=self.since_days)
+        if day is not None:
+            words.append(f"SINCE {imap_date(day)}")
+        if len(words) == (1 if after else 0):
+            return None
+        return " ".join(words)
+
+    @model_validator(mode="after")
+    def _idle_within_folders(self) -> "ImapOptions":
+        if self.idle_connections is not None and self.idle_connections > len(self.folders):
+            raise ValueError(
+                f"idle_connections = {self.idle_connections} is more than the "
+                f"{len(self.folders)} folder(s) listed in folders"
+            )
+        return self
+
     @property
     def effective_port(self) -> int:
         """The configured port, or 993 for implicit TLS and 143 otherwise."""
         if self.port is not None:
             return self.port
         return 993 if self.security == "tls" else 143
+
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
+           "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def imap_date(day: date) -> str:
+    """``day`` as an IMAP search date (RFC 3501 §9 ``date``): ``1-Feb-2026``, with
+    English month names whatever the locale."""
+    return f"{day.day}-{_MONTHS[day.month - 1]}-{day.year}"
+
 
 class ImapSource:
     """An IMAP mailbox: ``session()`` connects, secures and authenticates."""
@@ -192,6 +307,19 @@ class ImapSource:
         # UIDVALIDITY per folder as the last listing saw it (IC-25): a session whose
         # listing finds another one, or the first of a process, reports epoch_changed.
         self.listed_uidvalidity: dict[bytes, int] = {}
+        folders = [mutf7.encode(name) for name in options.folders]
+        self.push = PushPool(
+            lambda: ImapSession(self.options, self.mailbox),
+            folders,
+            self.listed_uidnext,
+            idle_connections=(
+                min(len(folders), MAX_IDLE_CONNECTIONS)
+                if options.idle_connections is None else options.idle_connections
+            ),
+            idle_renew=options.idle_renew,
+            status_interval=options.status_interval,
+            mailbox=self.mailbox,
+        )
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator["ImapSession"]:
@@ -207,14 +335,16 @@ class ImapSource:
             await session.abort()
 
     async def wait_for_mail(self, timeout: float) -> bool:
-        """Push (IC-43): a session of its own idles on the first folder until new mail
-        or ``timeout``; a lost connection returns True so the next poll reports it."""
-        try:
-            async with self.session() as session:
-                return await session.wait_for_new(timeout)
-        except SourceError as exc:
-            log.info("imap_wait_failed", mailbox=self.mailbox, error=str(exc)[:200])
-            return True
+        """Push (IC-43, IC-44): watch every configured folder (an IDLE
+        connection each up to ``idle_connections``, STATUS polling for the rest) until
+        new mail or ``timeout``; a lost connection returns True so the next poll
+        reports it. The connections stay open for the next wait until :meth:`close`
+        (see :mod:`mailpipe.plugins.imap.push`)."""
+        return await self.push.wait(timeout)
+
+    async def close(self) -> None:
+        """LOGOUT the push connections (the scheduler calls it when it stops)."""
+        await self.push.close()
 
 
 @dataclass(slots=True)
@@ -278,6 +408,12 @@ class _Sink:
                 self.path.unlink()
 
 
+def cursor_scope(folder: bytes, uidvalidity: int) -> str:
+    """The listing cursor's scope of a folder under one UIDVALIDITY (MP-05):
+    ``INBOX;UIDVALIDITY=3857529045``; a new UIDVALIDITY starts from no cursor."""
+    return f"{folder.decode('ascii', 'replace')};UIDVALIDITY={uidvalidity}"
+
+
 def message_uid(folder: bytes, uidvalidity: int, uid: int) -> str:
     """The uid the journal keys by: ``INBOX;UIDVALIDITY=3857529045;UID=42``."""
     return f"{folder.decode('ascii', 'replace')};UIDVALIDITY={uidvalidity};UID={uid}"
@@ -322,7 +458,7 @@ class ImapSession:
             options.host,
             options.effective_port,
             security=options.security,
-            ssl_context=options.ssl_context(),
+            ssl_context=options.ssl_context(options.host, options.effective_port),
             cert_sha256=options.cert_sha256,
             timeouts=Timeouts(
                 options.connect_timeout, options.tls_timeout,
@@ -339,6 +475,9 @@ class ImapSession:
         self._where: dict[int, _Where] = {}
         self._marked: list[tuple[MessageRef, Ack]] = []
         self._committed = False
+        # MP-05: the journal's listing cursors, and what the last list() covered.
+        self._cursors: Mapping[str, int] = {}
+        self._coverage: dict[str, Coverage] = {}
         self._log = log.bind(mailbox=mailbox, host=options.host)
 
     @property
@@ -346,12 +485,9 @@ class ImapSession:
         """UIDs are stable under UIDVALIDITY, which each id includes, and the session
         names the ids a new UIDVALIDITY superseded (:meth:`superseded`), so the engine
         reconciles by content hash (IC-25) and its POP3 id-reset guard (C-60) stays
-        off; push when the server has IDLE."""
-        return SessionFacts(
-            stable_ids=True,
-            ids_have_epoch=True,
-            can_push="IDLE" in self.client.capabilities,
-        )
+        off. Push always (IC-44): with IDLE, or by STATUS polling every
+        ``status_interval`` when the server has none."""
+        return SessionFacts(stable_ids=True, ids_have_epoch=True, can_push=True)
 
     @property
     def epoch_changed(self) -> bool:
@@ -371,6 +507,16 @@ class ImapSession:
             if folder is not None and folder.uidvalidity not in (None, parsed[1]):
                 out.append(uid)
         return out
+
+    def resume(self, cursors: Mapping[str, int]) -> None:
+        """MP-05: list each folder only past its cursor (scope
+        ``"<folder>;UIDVALIDITY=<v>"``, see :func:`cursor_scope`)."""
+        self._cursors = dict(cursors)
+
+    def coverage(self) -> Mapping[str, Coverage]:
+        """MP-05: per folder (and UIDVALIDITY) of the last :meth:`list`, the cursor it
+        started from and every UID it showed (label copies included, IC-46)."""
+        return self._coverage
 
     # --- opening ------------------------------------------------------------------
 
@@ -448,6 +594,9 @@ class ImapSession:
     async def list(self) -> list[MessageRef]:
         """Every message of every configured folder, by UID with its RFC822.SIZE.
 
+        MP-05/IC-26: after :meth:`resume`, a folder is listed only past its cursor;
+        ``select``, ``since`` and ``since_days`` narrow it with ``UID SEARCH``.
+
         IC-46: when the server offers X-GM-EXT-1 (Gmail) the id is the message's
         ``X-GM-MSGID``, the same in every folder (label) it appears in, so a message
         with several labels is listed once, in the first configured folder showing it.
@@ -455,6 +604,12 @@ class ImapSession:
         refs: list[MessageRef] = []
         gmail = "X-GM-EXT-1" in self.client.capabilities
         listed: set[str] = set()
+        self._coverage = {}
+        # MP-05: without UIDPLUS a delete leaves the message in the folder, marked
+        # \Deleted (IC-38); its entry is pruned once it is DELETED and not listed, so
+        # such a folder is always listed whole, never from a cursor.
+        caps = self.client.capabilities
+        expunges = "UIDPLUS" in caps or "IMAP4REV2" in caps
         for wire in list(self.folders):
             folder = await self._select(wire)
             if folder.uidvalidity is None:
@@ -466,9 +621,13 @@ class ImapSession:
             if folder.uidnext is not None:
                 self.listed_uidnext[wire] = folder.uidnext
             self._note_epoch(wire, folder.uidvalidity)
+            scope = cursor_scope(wire, folder.uidvalidity)
+            cover = self._coverage[scope] = Coverage(
+                self._cursors.get(scope, 0) if expunges else 0
+            )
             if not folder.exists:
                 continue
-            found = await self._list_folder(wire, gmail=gmail)
+            found = await self._list_folder(wire, gmail=gmail, after=cover.start)
             copies = 0
             for uid in sorted(found):
                 size, msgid = found[uid]
@@ -476,6 +635,7 @@ class ImapSession:
                     gmail_uid(msgid) if msgid is not None
                     else message_uid(wire, folder.uidvalidity, uid)
                 )
+                cover.listed[uid] = key
                 if key in listed:
                     copies += 1  # IC-46: another label of a message listed already
                     continue
@@ -487,6 +647,10 @@ class ImapSession:
                 ))
             if copies:
                 self._log.debug("imap_label_copies", folder=_show(wire), count=copies)
+            self._log.info(
+                "imap_folder_listed", folder=_show(wire), from_uid=cover.start + 1,
+                listed=len(cover.listed), search=self.options.search_criteria(cover.start),
+            )
         return refs
 
     def _note_epoch(self, wire: bytes, uidvalidity: int) -> None:
@@ -503,11 +667,26 @@ class ImapSession:
         self.listed_uidvalidity[wire] = uidvalidity
 
     async def _list_folder(
-        self, wire: bytes, *, gmail: bool
+        self, wire: bytes, *, gmail: bool, after: int = 0
     ) -> dict[int, tuple[int, int | None]]:
-        """UID → (RFC822.SIZE, X-GM-MSGID or None) of the selected folder, without
-        the messages that already carry a ``flag`` acknowledgement (IC-42)."""
+        """UID → (RFC822.SIZE, X-GM-MSGID or None) of the selected folder's messages
+        past UID ``after`` that ``select``/``since`` want, without the messages that
+        already carry a ``flag`` acknowledgement (IC-42).
+
+        IC-26: ``n:*`` always includes the folder's last message, even when its UID
+        is below ``n`` (RFC 9051 §6.4.9), so every UID up to ``after`` is dropped."""
         found: dict[int, tuple[int, int | None]] = {}
+        if after >= cmd.MAX_NUMBER:
+            return found
+        uidsets = [f"{after + 1}:*"]
+        criteria = self.options.search_criteria(after)
+        if criteria is not None:
+            wanted = await self._search(criteria, after)
+            if not wanted:
+                return found
+            uidsets = cmd.split_uid_sets(wanted)
+        else:
+            wanted = None
         done_flag = (
             self.ack.target.lower()
             if self.ack is not None and self.ack.kind is AckKind.FLAG and self.ack.target
@@ -519,10 +698,16 @@ class ImapSession:
             + (" X-GM-MSGID" if gmail else "")
             + (" FLAGS" if done_flag else "")
         )
-        async for event in self.client.stream([cmd.uid_fetch("1:*", items_wanted)]):
+        fetches = [cmd.uid_fetch(uidset, items_wanted) for uidset in uidsets]
+        async for event in self.client.stream(fetches):
             if isinstance(event, Data) and event.name == "FETCH":
                 items = fetch_items(event.values)
                 uid_v, size_v = items.get("UID"), items.get("RFC822.SIZE")
+                uid_n = parse_number(uid_v) if uid_v is not None else None
+                if uid_n is not None and (
+                    uid_n <= after or (wanted is not None and uid_n not in wanted)
+                ):
+                    continue  # IC-26: below the range (n:*), or not asked for
                 flags = {f.lower() for f in flag_list(items.get("FLAGS"))}
                 if done_flag is not None and done_flag in flags:
                     # IC-42: the flag is the acknowledgement: already done (also
@@ -543,6 +728,21 @@ class ImapSession:
         if skipped:
             self._log.debug("imap_already_flagged", folder=_show(wire), count=skipped)
         return found
+
+    async def _search(self, criteria: str, after: int) -> set[int]:
+        """``UID SEARCH criteria`` → the UIDs above ``after`` (IC-26, IC-33): a
+        ``* SEARCH`` or an ``* ESEARCH ... ALL set`` answer, in any order."""
+        found: set[int] = set()
+        async for event in self.client.stream([cmd.uid_search(criteria)]):
+            if isinstance(event, Data) and event.name == "SEARCH":
+                found.update(search_uids(event.values))
+            elif isinstance(event, Data) and event.name == "ESEARCH":
+                found.update(esearch_all(event.values))
+            elif isinstance(event, Done) and not event.ok:
+                raise SourcePermanentError(
+                    f"{self.client.where}: UID SEARCH refused: {event.text[:200]}"
+                )
+        return {uid for uid in found if uid > after}
 
     async def headers(self, ref: MessageRef) -> bytes | None:
         """``UID FETCH uid (BODY.PEEK[HEADER])``; None when refused or too long."""
@@ -738,8 +938,9 @@ class ImapSession:
         """Wait up to ``timeout`` seconds for new mail in the first configured folder
         (IDLE, or one NOOP without it; IC-43/IC-44). True when mail arrived.
 
-        For push: call it on a session that has nothing left to do; the other folders
-        are only seen at the next poll (one IDLE connection per folder is not done).
+        One folder on this session's own connection; the source's push
+        (:meth:`ImapSource.wait_for_mail`) watches every folder with a pool instead
+        (:mod:`mailpipe.plugins.imap.push`).
         """
         wire = next(iter(self.folders))
         folder = await self._select(wire)
@@ -804,6 +1005,6 @@ def choose(auth: str, caps: frozenset[str], *, has_token: bool) -> str:
 
 
 __all__ = [
-    "ImapOptions", "ImapSession", "ImapSource", "gmail_uid", "message_uid",
-    "parse_message_uid",
+    "ImapOptions", "ImapSession", "ImapSource", "cursor_scope", "gmail_uid",
+    "imap_date", "message_uid", "parse_message_uid",
 ]

@@ -11,11 +11,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from mailpipe.processor import ProcessorContext, Result
 from mailpipe.units import ByteSize
 
-from .parser import MAX_BODY, parse_file, parse_message
-from .record import MessageRecord
-
 if TYPE_CHECKING:
     from mailpipe.message import Message
+
+    from .record import MessageRecord
+
+# The parser (email, the record's dataclasses, many patterns) is imported when the
+# first message is parsed, not when a configuration naming `parse` starts: a run that
+# finds no new mail never pays for it (issue 18).
+
+#: The default ``max_body_size``; the parser's own default (parser.MAX_BODY) is the same.
+MAX_BODY = 1 << 20
 
 log = structlog.get_logger()
 
@@ -39,6 +45,8 @@ class ParseOptions(BaseModel):
 
 def parse_into(message: Message, *, max_body: int = MAX_BODY) -> MessageRecord:
     """Parse ``message`` (if not done yet) and return its record; never raises."""
+    from .record import MessageRecord
+
     record = message.record
     if isinstance(record, MessageRecord) and (
         message.headers_only or not message.meta.get("parsed_headers_only", False)
@@ -59,6 +67,8 @@ def parse_raw(
 ) -> tuple[MessageRecord, list[Any]]:
     """Parse ``message``'s raw bytes: from its spool file with bounded memory (large
     attachments become SpooledPayloads beside it), else from memory."""
+    from .parser import parse_file, parse_message
+
     ids = {"key": message.key, "mailbox": message.ref.mailbox, "uid": message.ref.uid}
     if message.spool_path is not None and not message.headers_only:
         with message.open() as f:

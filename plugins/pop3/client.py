@@ -35,7 +35,13 @@ from mailpipe.errors import (
     SourcePermanentError,
     SourceTimeoutError,
 )
-from mailpipe.tls import make_ssl_context, open_stream, phase_timeout, secure
+from mailpipe.tls import (
+    keep_session,
+    make_ssl_context,
+    open_stream,
+    phase_timeout,
+    secure,
+)
 
 from . import auth as sasl
 from .events import (
@@ -488,6 +494,7 @@ class Pop3Client:
         writer, self._writer = self._writer, None
         if writer is None:
             return
+        keep_session(writer)  # the next session to this server resumes TLS (issue 18)
         try:
             writer.close()  # C-35: after the QUIT reply; TLS sends close_notify here
             async with asyncio.timeout(2):

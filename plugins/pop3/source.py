@@ -31,7 +31,7 @@ from mailpipe.tls import ConnectionSecurity
 from mailpipe.units import ByteSize, Duration
 
 from . import auth as sasl
-from .client import CommandRefused, Pop3Client, Timeouts, make_ssl_context
+from .client import CommandRefused, Pop3Client, Timeouts
 from .completeness import OctetCount
 from .events import (
     BodyChunk,
@@ -41,6 +41,7 @@ from .events import (
     Command,
     Dele,
     Err,
+    Event,
     List,
     MultiLine,
     Noop,
@@ -226,6 +227,8 @@ class Pop3Session:
         self.client = self._new_client()
         self._committed = False
         self._marked: set[int] = set()
+        # P-13: DELEs an acknowledgement queued, sent with the session's next commands.
+        self._queued: list[Dele] = []
         self._topped: set[int] = set()  # numbers whose headers this session fetched
         self._log = log.bind(mailbox=mailbox, host=options.host)
 
@@ -248,9 +251,7 @@ class Pop3Session:
         o = self.options
         ctx = None
         if o.security != "none":
-            ctx = make_ssl_context(
-                str(o.ca_file) if o.ca_file else None, verify=o.tls_verify
-            )
+            ctx = o.ssl_context(o.host, o.effective_port)  # shared: TLS resumption
         return Pop3Client(
             o.host,
             o.effective_port,
@@ -369,6 +370,7 @@ class Pop3Session:
         """
         uids: dict[int, str] | None = None
         sizes: list[tuple[int, int]] = []
+        await self._send_queued()
         async for event in self.client.stream([Uidl(), List()]):
             try:
                 if isinstance(event, MultiLine) and isinstance(event.command, Uidl):
@@ -406,6 +408,7 @@ class Pop3Session:
         parts: list[bytes] = []
         size = 0
         refused: Err | None = None
+        await self._send_queued()
         try:
             async for event in self.client.stream([Top(number=ref.number, lines=0)]):
                 if isinstance(event, BodyChunk):
@@ -465,12 +468,18 @@ class Pop3Session:
         held: Message | Unretrievable | None = None
         limits = None if max_size is None else dict.fromkeys(by_number, max_size)
         commands: list[Command] = [Retr(number=ref.number) for ref in refs]
+        # P-13: the DELEs queued since the last flight lead this one.
+        queued: list[Command] = list(self._queued)
+        self._queued = []
         try:
             async for event in self.client.stream(
-                [*commands, Noop()] if commands else [],
+                [*queued, *commands, Noop()] if commands else queued,
                 sizes={ref.number: ref.size for ref in refs},  # T-45 deadlines
                 limits=limits,
             ):
+                if isinstance(getattr(event, "command", None), Dele):
+                    self._deleted(event)
+                    continue
                 if isinstance(event, BodyChunk):
                     assert sink is not None
                     sink.write(event.data)
@@ -565,26 +574,53 @@ class Pop3Session:
         )
 
     async def acknowledge(self, refs: Sequence[MessageRef], ack: Ack) -> None:
-        """``delete``: DELE (see :meth:`mark_deleted`); ``keep``: nothing (MP-04)."""
-        if ack.kind is AckKind.DELETE:
+        """``delete``: DELE; ``keep``: nothing (MP-04).
+
+        With pipelining the DELEs are queued and go out with the session's next
+        commands (P-13): the next chunk's RETRs, the next listing or TOP, or just
+        before QUIT; an abort drops them unsent (nothing deleted, the journal still
+        owes them). Without pipelining they are sent now (:meth:`mark_deleted`).
+        """
+        if ack.kind is AckKind.DELETE and self.client.pipelining_active:
+            # C-54: never DELE a number twice in a session.
+            queued = {c.number for c in self._queued}
+            self._queued.extend(
+                Dele(number=r.number)
+                for r in refs
+                if r.number not in self._marked and r.number not in queued
+            )
+        elif ack.kind is AckKind.DELETE:
             await self.mark_deleted(refs)
         elif ack.kind is not AckKind.KEEP:
             raise ValueError(f"POP3 cannot acknowledge with {ack}")
 
     async def mark_deleted(self, refs: Sequence[MessageRef]) -> None:
-        """DELE each ref (pipelined); nothing is removed before QUIT (RFC 1939 §6)."""
+        """DELE each ref now (pipelined); nothing is removed before QUIT (RFC 1939 §6)."""
+        await self._send_queued()
         # C-54: never DELE a number twice in a session, so a refusal is never "already".
         todo = [ref for ref in refs if ref.number not in self._marked]
         async for event in self.client.stream([Dele(number=r.number) for r in todo]):
-            number = getattr(getattr(event, "command", None), "number", None)
-            if isinstance(event, Err):
-                # T-25: the message vanished; the journal retries the DELE next time.
-                self._log.warning("pop3_dele_refused", number=number, text=event.text[:200])
-            elif isinstance(number, int):
-                self._marked.add(number)
+            self._deleted(event)
+
+    async def _send_queued(self) -> None:
+        """Send the queued DELEs on their own (before a command that is no RETR)."""
+        queued, self._queued = self._queued, []
+        if queued:
+            async for event in self.client.stream(queued):
+                self._deleted(event)
+
+    def _deleted(self, event: Event) -> None:
+        """Note a DELE reply: marked, or refused (T-25)."""
+        number = getattr(getattr(event, "command", None), "number", None)
+        if isinstance(event, Err):
+            # T-25: the message vanished; the journal retries the DELE next time.
+            self._log.warning("pop3_dele_refused", number=number, text=event.text[:200])
+        elif isinstance(number, int):
+            self._marked.add(number)
 
     async def commit(self) -> None:
         """QUIT; raises :class:`mailpipe.CommitError` when not confirmed (C-57)."""
+        await self._send_queued()
         self._committed = True
         await self.client.quit()
         self._log.info("pop3_committed", deleted=len(self._marked))

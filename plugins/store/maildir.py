@@ -1,7 +1,11 @@
 """store.maildir: deliver each message into a Maildir (tmp → fsync → new), once per key.
 
 Where the system allows it, "tmp" is an unnamed ``O_TMPFILE`` file linked into new/ after
-its fsync, so nothing is ever named in tmp/ (see ``MaildirStore.TMPFILE``).
+its fsync, so nothing is ever named in tmp/ (see ``MaildirStore.TMPFILE``). With group
+commit, an in-memory message is written unnamed by ``process()`` itself and stays unnamed
+(its marker locked) until the group's ``flush()`` fsyncs the group's files in parallel,
+links them into new/ and fsyncs new/ once: a file is never named in new/ before its
+fsync, so a crash leaves nothing half-written to be mistaken for a stored key.
 
 File names are ``<sec>.M<usec>P<pid>.<key>.mailpipe,S=<size>``: the Maildir unique name
 with the message key in place of the host name, and the Maildir++ ``S=`` size hint.
@@ -29,6 +33,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -58,6 +63,19 @@ def _umask() -> int:
 
 
 _UMASK = _umask()  # read once at import, before any writer thread exists
+#: errno values that mean "no O_TMPFILE here" (or no /proc to link one through).
+_NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT)
+
+
+@dataclass(slots=True)
+class _Staged:
+    """A message written to an unnamed file, not yet fsynced nor named in new/."""
+
+    key: str
+    name: str
+    fd: int  # the unnamed file (O_TMPFILE)
+    marker: int  # the key's marker, flock-ed until the file is named in new/
+    size: int
 
 
 def file_name(key: str, size: int) -> str:
@@ -95,10 +113,10 @@ class MaildirOptions(BaseModel):
         strict=True,
         default=True,
         description="Make a group durable at flush (before any DELE) instead of "
-        "before each process() returns: messages held in memory are written by a "
-        "background threads (each file still fsynced before its rename into new/) and "
-        "new/ is fsynced once per group; flush waits for every write and fails the "
-        "group if one failed.",
+        "before each process() returns: messages held in memory are written as "
+        "unnamed files, fsynced in parallel and linked into new/ at flush (each file "
+        "fsynced before it is named in new/), and new/ is fsynced once per group; "
+        "flush fails the group if one write failed.",
     )
 
     @field_validator("folder")
@@ -171,6 +189,11 @@ class MaildirStore:
         self._anonymous: bool | None = None  # O_TMPFILE works here (None: not tried)
         self._tmp_dir_fd: int | None = None
         self._fd_lock = threading.Lock()
+        # Written unnamed (O_TMPFILE), not yet fsynced nor linked: handed to a writer
+        # thread BATCH at a time (fsync, link), all published by flush().
+        self._staged: list[_Staged] = []
+        self._staged_octets = 0
+        self._publishing: deque[Future[list[tuple[str, Exception]]]] = deque()
 
     def open(self) -> None:
         """Create the Maildir if needed, list stored keys and clean stale tmp files."""
@@ -189,6 +212,7 @@ class MaildirStore:
         ``flush()``, so no group sharing this instance is taken for durable."""
         with self._lock:
             self._settle(0, 0)  # a failure stays recorded: the next flush() raises it
+            self._publish()
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
                 self._writer = None
@@ -244,14 +268,16 @@ class MaildirStore:
                 raise classify_os_error(exc, f"{self.name} {self.path}") from exc
 
     def flush(self) -> None:
-        """Wait for every background write, then make the renames into ``new/``
-        durable (one directory fsync per group).
+        """Wait for every background write, fsync and link the staged files into
+        ``new/``, then make the names in ``new/`` durable (one directory fsync per
+        group).
 
         Raises the first write error (classified) when a write failed: the engine then
         deletes nothing of the group, and the failed keys are written inline next time.
         """
         with self._lock:
             self._settle(0, 0)
+            self._publish()
             if self._failure is not None:
                 failure, self._failure = self._failure, None
                 raise failure
@@ -276,31 +302,47 @@ class MaildirStore:
     #: Writer threads: file creation and fsync wait in the kernel, and several
     #: writers overlap those waits (names are taken in arrival order at submit).
     WRITERS: ClassVar[int] = 8
+    #: Staged (unnamed, unsynced) files at most before process() publishes them
+    #: early: each holds two descriptors (the file and its key's locked marker).
+    MAX_STAGED: ClassVar[int] = 128
+    #: Staged files handed to a writer thread together (one hand-off per batch, so
+    #: their fsyncs overlap the retrieval of the next messages), and batches in
+    #: flight at most (each file holds two descriptors until it is named).
+    BATCH: ClassVar[int] = 32
+    MAX_BATCHES: ClassVar[int] = 4
 
     def _settle(self, writes: int, held: int) -> None:
         """Wait for the oldest writes until at most ``writes`` writes holding ``held``
-        octets are in flight; a failure forgets its key and is kept for flush()."""
+        octets are in flight (none: the staged files are published too); a failure
+        forgets its key and is kept for flush()."""
+        if writes == 0:
+            self._publish()
         while self._writes and (len(self._writes) > writes or self._held > held):
             key, octets, fut = self._writes.popleft()
             self._held -= octets
             try:
                 fut.result()
             except Exception as exc:
-                if self._keys is not None:
-                    self._keys.discard(key)
-                self._inline.add(key)
-                log.warning(
-                    "maildir_write_failed",
-                    store=self.name,
-                    key=key,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-                if self._failure is None:
-                    self._failure = (
-                        classify_os_error(exc, f"{self.name} {self.path}")
-                        if isinstance(exc, OSError)
-                        else exc
-                    )
+                self._write_failed(key, exc)
+
+    def _write_failed(self, key: str, exc: Exception) -> None:
+        """Forget ``key`` (written inline next time) and keep the first failure for
+        flush()."""
+        if self._keys is not None:
+            self._keys.discard(key)
+        self._inline.add(key)
+        log.warning(
+            "maildir_write_failed",
+            store=self.name,
+            key=key,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        if self._failure is None:
+            self._failure = (
+                classify_os_error(exc, f"{self.name} {self.path}")
+                if isinstance(exc, OSError)
+                else exc
+            )
 
     def _deliver(self, message: Message, key: str) -> None:
         keys = self._prepare()
@@ -316,7 +358,11 @@ class MaildirStore:
         name = file_name(key, message.size)
         behind = self.options.group_commit and key not in self._inline
         try:
-            if behind and message.data is not None:
+            if behind and message.data is not None and self._stage(
+                key, name, message.data, marker
+            ):
+                pass  # fsynced and linked into new/ by flush()
+            elif behind and message.data is not None:
                 self._submit(key, name, message.data, marker)
             elif behind and message.spool_path is not None and self._link(message, name):
                 self._submit(key, name, None, marker)  # zero-copy: the spool file
@@ -327,13 +373,18 @@ class MaildirStore:
                 if not self.options.group_commit:
                     fsync_dir(self.path / "new")
                 log.debug("message_stored", store=self.name, key=key, octets=size)
-            marker = None  # the writer thread closes it
+            marker = None  # the writer thread (or _publish) closes it
         finally:
             if marker is not None:
                 os.close(marker)
+        if len(self._staged) >= self.MAX_STAGED or self._staged_octets >= self.MAX_HELD:
+            self._publish()  # bounded: descriptors and octets held unnamed
+        elif len(self._staged) >= self.BATCH:
+            self._hand_off()
         if self.options.group_commit:
             self._unsynced = True  # durable at flush(), which precedes any DELE
-        keys.add(key)
+        if key not in self._inline:  # (a failed staged write is not stored)
+            keys.add(key)
 
     def _claim(self, key: str) -> int | None:
         """Lock the key's marker; None (the marker closed) when another process or
@@ -400,10 +451,17 @@ class MaildirStore:
         os.chmod(tmp, 0o644 & ~_UMASK)  # as a file written here would be
         return True
 
-    def _write(self, name: str, chunks: Iterator[bytes] | list[bytes] | None) -> int:
+    def _write(
+        self, name: str, chunks: Iterator[bytes] | list[bytes] | _Staged | None
+    ) -> int:
         """tmp/<name> → fsync → new/<name>; with ``chunks`` None, tmp/<name> is a
-        linked spool file that is only fsynced here."""
+        linked spool file that is only fsynced here; a staged unnamed file is
+        fsynced and linked as new/<name> (the caller closes its descriptors)."""
         tmp, final = self.path / "tmp" / name, self.path / "new" / name
+        if isinstance(chunks, _Staged):
+            os.fsync(chunks.fd)
+            self._link_staged(chunks)
+            return chunks.size
         if chunks is None:
             try:
                 fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
@@ -435,18 +493,10 @@ class MaildirStore:
         directory lock, so the writer threads allocate inodes in parallel. None when
         the system cannot (no O_TMPFILE, no /proc): the caller writes via tmp/ and this
         store stops trying."""
-        flag = getattr(os, "O_TMPFILE", 0)
-        unsupported = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT)
-        if not flag:
-            self._anonymous = False
+        unsupported = _NO_TMPFILE
+        fd = self._open_unnamed(os.O_WRONLY)
+        if fd is None:
             return None
-        try:
-            fd = os.open(self.path / "tmp", flag | os.O_WRONLY | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            if exc.errno in unsupported:
-                self._anonymous = False
-                return None
-            raise
         try:
             written = write_all(fd, chunks)
             os.fsync(fd)
@@ -465,6 +515,21 @@ class MaildirStore:
         self._anonymous = True
         return written
 
+    def _open_unnamed(self, mode: int) -> int | None:
+        """A new unnamed file (O_TMPFILE) on tmp/'s file system, or None (and this
+        store stops trying) when the system has none."""
+        flag = getattr(os, "O_TMPFILE", 0)
+        if not flag:
+            self._anonymous = False
+            return None
+        try:
+            return os.open(self.path / "tmp", flag | mode | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno in _NO_TMPFILE:
+                self._anonymous = False
+                return None
+            raise
+
     def _tmp_fd(self) -> int:
         with self._fd_lock:
             if self._tmp_dir_fd is None:
@@ -472,6 +537,106 @@ class MaildirStore:
                     self.path / "tmp", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
                 )
             return self._tmp_dir_fd
+
+    def _stage(self, key: str, name: str, data: bytes, marker: int) -> bool:
+        """Write ``data`` to a new unnamed file (O_TMPFILE) without fsync and keep it,
+        with the key's locked marker, for :meth:`_publish`. False (nothing written)
+        when the system has no O_TMPFILE: the caller writes through the writer
+        threads instead. True also when the write failed (the marker closed): like a
+        failed background write, the failure fails the next flush() and the key is
+        written inline next time (issue 20 item 9: a full disk is a failed group
+        commit, never a message stored)."""
+        if not self.TMPFILE or self._anonymous is False:
+            return False
+        fd: int | None = None
+        try:
+            fd = self._open_unnamed(os.O_RDWR)  # where /proc cannot link it: read back
+            if fd is None:
+                return False
+            # The name is recorded before the file can appear in new/ (_write_marked).
+            os.ftruncate(marker, 0)
+            os.pwrite(marker, name.encode("ascii"), 0)
+            size = write_all(fd, [data])
+        except OSError as exc:
+            if fd is not None:
+                os.close(fd)
+            os.close(marker)
+            self._write_failed(key, exc)
+            return True
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        self._staged.append(_Staged(key, name, fd, marker, size))
+        self._staged_octets += size
+        return True
+
+    def _publish(self) -> None:
+        """fsync every staged file (in parallel, one slice per writer thread), link
+        each into new/ once fsynced, and release its marker; then wait for the
+        batches handed off earlier. A file that fails is not named (its key is
+        written inline next time) and fails the next flush()."""
+        staged, self._staged, self._staged_octets = self._staged, [], 0
+        for i in range(min(self.WRITERS, len(staged))):
+            self._submit_slice(staged[i::self.WRITERS])
+        self._collect(0)
+
+    def _hand_off(self) -> None:
+        """Hand the staged files to a writer thread as one batch, without waiting
+        (beyond MAX_BATCHES in flight, for the oldest)."""
+        staged, self._staged, self._staged_octets = self._staged, [], 0
+        self._collect(self.MAX_BATCHES - 1)
+        self._submit_slice(staged)
+
+    def _submit_slice(self, items: list[_Staged]) -> None:
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(
+                self.WRITERS, thread_name_prefix="maildir-writer"
+            )
+        self._publishing.append(self._writer.submit(self._publish_slice, items))
+
+    def _collect(self, batches: int) -> None:
+        """Wait for the oldest batches until at most ``batches`` are in flight."""
+        while len(self._publishing) > batches:
+            for key, exc in self._publishing.popleft().result():
+                self._write_failed(key, exc)
+
+    def _publish_slice(self, items: list[_Staged]) -> list[tuple[str, Exception]]:
+        """fsync then link each staged file into new/; never raises (a writer
+        thread's errors are returned with their keys)."""
+        failures: list[tuple[str, Exception]] = []
+        for item in items:
+            try:
+                self._write(item.name, item)
+            except Exception as exc:
+                failures.append((item.key, exc))
+            finally:
+                os.close(item.fd)
+                os.close(item.marker)  # releases the flock, after the file is named
+        return failures
+
+    def _link_staged(self, item: _Staged) -> None:
+        """Name the fsynced unnamed file ``new/<name>`` (linkat through /proc); where
+        /proc cannot link it, copy its bytes through tmp/ (fsync, rename) instead."""
+        final = self.path / "new" / item.name
+        if self._anonymous is not False:
+            try:
+                os.link(f"/proc/self/fd/{item.fd}", final, src_dir_fd=self._tmp_fd(),
+                        follow_symlinks=True)
+                self._anonymous = True
+                return
+            except OSError as exc:
+                if exc.errno not in _NO_TMPFILE and exc.errno != errno.EXDEV:
+                    raise
+                self._anonymous = False
+        chunks, offset = [], 0
+        while offset < item.size:
+            piece = os.pread(item.fd, min(1 << 20, item.size - offset), offset)
+            if not piece:
+                break
+            chunks.append(piece)
+            offset += len(piece)
+        self._write(item.name, chunks)
 
     def _submit(self, key: str, name: str, data: bytes | None, marker: int) -> None:
         """Hand one message (its bytes, or None for a file linked into tmp/) and its

@@ -23,9 +23,11 @@ are rows of ``schema_version``):
   :func:`search` or ``SELECT m.* FROM messages_fts JOIN messages m ON m.id =
   messages_fts.rowid WHERE messages_fts MATCH ?``.
 
-Durability: WAL with ``synchronous=FULL``; each message is a transaction, or, with
-``group_commit``, a savepoint inside a transaction that ``flush()`` commits (the engine
-calls ``flush()`` before any DELE of the messages it covers).
+Durability: WAL with ``synchronous=FULL``. With ``group_commit`` (the default) the rows
+of in-memory messages are prepared and checked in ``process()`` and written at
+``flush()`` in one transaction (the engine calls ``flush()`` before any DELE of the
+messages it covers), so the database's write lock is held only inside ``flush()``;
+without it, and for spooled messages, each message is its own transaction.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, Final, Literal
@@ -366,9 +369,11 @@ class SqliteOptions(BaseModel):
     )
     group_commit: bool = Field(
         strict=True,
-        default=False,
-        description="Write messages inside one open transaction that flush() commits "
-        "(faster); otherwise commit each message before process() returns.",
+        default=True,
+        description="Prepare each message's rows in process() and write them all in "
+        "one transaction at flush() (the engine flushes before any DELE), holding "
+        "the write lock only there; false: commit each message before process() "
+        "returns.",
     )
     busy_timeout: Duration = Field(
         default=30.0, description="How long to wait for a lock held by another writer."
@@ -409,6 +414,37 @@ def _write_raw(conn: sqlite3.Connection, key: str, message: Message | None) -> N
         _copy_into(blob, f)
 
 
+@dataclass(slots=True)
+class _Rows:
+    """One message's prepared rows, written at flush()."""
+
+    key: str
+    message: list[Any]  # the messages row, in _COLUMNS order
+    attachments: list[tuple[Any, ...]]
+    tags: list[tuple[str, str]]
+    raw: Message | None  # in memory (``data``), or None with raw = "none"
+    octets: int
+
+
+def _check(rows: _Rows) -> None:
+    """Raise, before anything is buffered, what SQLite would refuse for this message
+    alone at flush(): a repeated attachment index or tag (the primary keys), text it
+    cannot encode, an integer out of its range. Only failures of the database itself
+    (busy, full, I/O) are left for flush()."""
+    for table, names in (
+        ("attachments.key, attachments.idx", [a[1] for a in rows.attachments]),
+        ("tags.key, tags.tag", [t[1] for t in rows.tags]),
+    ):
+        if len(set(names)) != len(names):
+            raise sqlite3.IntegrityError(f"UNIQUE constraint failed: {table}")
+    for row in (rows.message, *rows.attachments, *rows.tags):
+        for value in row:
+            if isinstance(value, str):
+                value.encode("utf-8")  # lone surrogates: UnicodeEncodeError
+            elif isinstance(value, int) and not -(1 << 63) <= value < (1 << 63):
+                raise OverflowError("Python int too large to convert to SQLite INTEGER")
+
+
 class SqliteStore:
     """Upsert each message (record, attachments, tags, raw bytes) into SQLite.
 
@@ -428,8 +464,12 @@ class SqliteStore:
         self.context = context
         self.path = context.resolve(options.path)
         self._conn: sqlite3.Connection | None = None
-        self._pending = 0  # messages written in the open group transaction
-        self._lost = 0  # messages of a group SQLite rolled back before flush()
+        # group_commit: prepared rows by key, written at flush() (bounded: MAX_*), and
+        # keys whose group write failed (written in process() next time, so an error
+        # of their own reaches their own message).
+        self._rows: dict[str, _Rows] = {}
+        self._held = 0
+        self._inline: set[str] = set()
         self._lock = threading.Lock()
 
     def open(self) -> None:
@@ -454,36 +494,49 @@ class SqliteStore:
             self._conn = conn
         return self._conn
 
+    #: Prepared rows held at most before process() writes them (one transaction).
+    MAX_ROWS: ClassVar[int] = 512
+    MAX_HELD: ClassVar[int] = 8 << 20  # raw bytes kept alive until flush(): bounds peak RSS
+
     def close(self) -> None:
-        """Commit any open group and close the connection."""
+        """Write any prepared rows (one transaction) and close the connection."""
         with self._lock:
-            if self._conn is None:
-                return
             try:
-                self._commit()
+                if self._rows:
+                    self._commit()
             finally:
-                self._conn.close()
-                self._conn = None
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
 
     def flush(self) -> None:
-        """Commit the open group transaction, if any (durable when this returns)."""
+        """Write the prepared rows, if any, in one transaction (durable when this
+        returns). On failure nothing of them is stored, and their keys are written
+        in process() next time."""
         with self._lock:
             self._commit()
 
     def _commit(self) -> None:
-        if self._lost:
-            lost, self._lost = self._lost, 0
-            raise TemporaryFailure(
-                f"{self.name}: the group transaction was rolled back; "
-                f"{lost} message(s) were not stored"
-            )
-        if self._conn is not None and self._conn.in_transaction:
+        rows, self._rows, self._held = self._rows, {}, 0
+        if not rows:
+            return
+        try:
+            conn = self._connect()
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                self._conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise classify(exc, f"{self.name} commit") from exc
-            log.info("sqlite_group_committed", store=self.name, messages=self._pending)
-        self._pending = 0
+                for prepared in rows.values():
+                    self._write_rows(conn, prepared)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except Exception as exc:
+            self._inline.update(rows)
+            if isinstance(exc, sqlite3.Error):
+                raise classify(exc, f"{self.name} group commit") from exc
+            raise
+        log.info("sqlite_group_committed", store=self.name, messages=len(rows))
 
     def process(self, message: Message) -> None:
         """Upsert the message; durable on return unless ``group_commit`` is set."""
@@ -492,53 +545,55 @@ class SqliteStore:
             return
         doc = message_document(message, stored_at=datetime.now(UTC))
         raw = message if self.options.raw == "inline" else None
+        prepared = self._prepare(doc, raw)
+        grouped = (
+            self.options.group_commit
+            and message.key not in self._inline
+            and (raw is None or raw.data is not None)  # spooled: written now
+        )
         with self._lock:
-            conn = self._connect()
             try:
-                if self.options.group_commit:
-                    if not conn.in_transaction:
-                        conn.execute("BEGIN IMMEDIATE")
-                    conn.execute("SAVEPOINT store_message")
-                    try:
-                        self._write(conn, doc, raw)
-                    except BaseException:
-                        self._undo_savepoint(conn)
-                        raise
-                    conn.execute("RELEASE store_message")
-                    self._pending += 1
+                if grouped:
+                    _check(prepared)
+                    self._rows.pop(prepared.key, None)
+                    self._rows[prepared.key] = prepared
+                    self._held += prepared.octets
+                    if len(self._rows) >= self.MAX_ROWS or self._held >= self.MAX_HELD:
+                        self._commit()
                 else:
+                    self._rows.pop(prepared.key, None)  # an older version of it
+                    conn = self._connect()
                     conn.execute("BEGIN IMMEDIATE")
                     try:
-                        self._write(conn, doc, raw)
+                        self._write_rows(conn, prepared)
                     except BaseException:
                         if conn.in_transaction:  # see _migrate: never hide the cause
                             conn.execute("ROLLBACK")
                         raise
                     conn.execute("COMMIT")
+                    self._inline.discard(prepared.key)
             except sqlite3.Error as exc:
                 raise classify(exc, f"{self.name} {self.path}") from exc
-        log.debug(
-            "message_stored", store=self.name, key=message.key,
-            grouped=self.options.group_commit,
-        )
+        log.debug("message_stored", store=self.name, key=message.key, grouped=grouped)
 
-    def _undo_savepoint(self, conn: sqlite3.Connection) -> None:
-        """Drop this message's writes; note a group SQLite itself rolled back."""
-        if conn.in_transaction:
-            try:
-                conn.execute("ROLLBACK TO store_message")
-                conn.execute("RELEASE store_message")
-                return
-            except sqlite3.Error:
-                conn.execute("ROLLBACK")
-        # Some errors (SQLITE_FULL, SQLITE_IOERR) roll back the whole transaction:
-        # the earlier messages of the group are gone, so flush() must not succeed.
-        self._lost += self._pending
-        self._pending = 0
+    def _write_rows(self, conn: sqlite3.Connection, rows: _Rows) -> None:
+        key = rows.key
+        conn.execute(_UPSERT, rows.message)
+        _write_raw(conn, key, rows.raw)
+        conn.execute("DELETE FROM attachments WHERE key = ?", (key,))
+        if rows.attachments:
+            conn.executemany(
+                "INSERT INTO attachments (key, idx, filename, content_type, disposition, "
+                "size, sha256, content_id, inline, part) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows.attachments,
+            )
+        conn.execute("DELETE FROM tags WHERE key = ?", (key,))
+        if rows.tags:
+            conn.executemany("INSERT INTO tags (key, tag) VALUES (?, ?)", rows.tags)
 
-    def _write(
-        self, conn: sqlite3.Connection, doc: dict[str, Any], raw: Message | None
-    ) -> None:
+    def _prepare(self, doc: dict[str, Any], raw: Message | None) -> _Rows:
+        """The message's rows (no database access)."""
         key = doc["key"]
         now = _now()
         rest = {k: v for k, v in doc.items() if k not in ("text", "html")}
@@ -569,14 +624,10 @@ class SqliteStore:
         }
         for field, column in _ADDRESS_FIELDS:
             values[column] = _json(doc.get(field) or [])
-        conn.execute(_UPSERT, [values[c] for c in _COLUMNS])
-        _write_raw(conn, key, raw)
-        conn.execute("DELETE FROM attachments WHERE key = ?", (key,))
-        conn.executemany(
-            "INSERT INTO attachments (key, idx, filename, content_type, disposition, "
-            "size, sha256, content_id, inline, part) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
+        return _Rows(
+            key=key,
+            message=[values[c] for c in _COLUMNS],
+            attachments=[
                 (
                     key, a.get("index", i), a.get("filename"),
                     a.get("content_type") or "application/octet-stream",
@@ -586,11 +637,10 @@ class SqliteStore:
                 )
                 for i, a in enumerate(doc.get("attachments") or ())
             ],
-        )
-        conn.execute("DELETE FROM tags WHERE key = ?", (key,))
-        conn.executemany(
-            "INSERT INTO tags (key, tag) VALUES (?, ?)",
-            [(key, t) for t in doc.get("tags") or ()],
+            tags=[(key, t) for t in doc.get("tags") or ()],
+            raw=raw,
+            octets=(raw.size if raw is not None else 0)
+            + len(values["text"] or "") + len(values["html"] or ""),
         )
 
 

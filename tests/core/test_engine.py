@@ -677,3 +677,31 @@ async def test_t44_no_follow_up_under_login_delay(tmp_path: Path) -> None:
         box.add(f"u{i}", msg(f"m{i}"))
     s = await runner.poll()
     assert s.sessions == 1 and list(box.messages) == ["u2"]
+
+
+async def test_the_journal_is_pruned_once_per_interval_not_every_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18: pruning is housekeeping; a mailbox polled again and again (no new
+    mail) does not open a journal transaction for it each time."""
+    import mailpipe.engine as engine
+
+    runner, box, journal = make(tmp_path, [{"use": "rec"}])
+    pruned: list[list[str]] = []
+    original = SqliteJournal.prune
+
+    def counting(self: SqliteJournal, mailbox: str, present: Any, days: float) -> int:
+        pruned.append(list(present))
+        return original(self, mailbox, present, days)
+
+    monkeypatch.setattr(SqliteJournal, "prune", counting)
+    box.add("u1", msg("m1"))
+    for _ in range(3):
+        summary = await runner.poll()
+        assert summary.error is None
+    assert len(pruned) == 1  # the first poll of the process
+    monkeypatch.setattr(engine, "PRUNE_INTERVAL", 0.0)
+    runner._next_prune = 0.0
+    await runner.poll()
+    assert len(pruned) == 2  # due again
+    journal.close()

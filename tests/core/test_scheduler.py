@@ -206,7 +206,7 @@ async def test_a_push_source_that_answers_at_once_cannot_spin(
 
 
 async def test_a_push_source_waits_only_while_its_sessions_can_push(tmp_path: Path) -> None:
-    # SessionFacts.can_push is what enables the push wait (IMAP: the server has IDLE).
+    # SessionFacts.can_push is what enables the push wait (IMAP: always, IDLE or STATUS polling).
     FakeSource.boxes.clear()
 
     class NoPush(_PushFake):
@@ -218,3 +218,166 @@ async def test_a_push_source_waits_only_while_its_sessions_can_push(tmp_path: Pa
     NoPush.answer, NoPush.waits = True, 0
     summaries = await _run_for(tmp_path, NoPush, 0.3)
     assert len(summaries) == 1 and NoPush.waits == 0
+
+
+async def test_the_scheduler_closes_a_source_that_keeps_connections(
+    tmp_path: Path,
+) -> None:
+    # IMAP push keeps its IDLE connections between waits (IC-43): the scheduler closes
+    # the source (LOGOUT) once, when it stops.
+    FakeSource.boxes.clear()
+
+    class Closing(_PushFake):
+        closed = 0
+
+        async def close(self) -> None:
+            type(self).closed += 1
+
+    Closing.answer, Closing.waits = False, 0
+    await _run_for(tmp_path, Closing, 0.2)
+    assert Closing.closed == 1
+
+
+class _Hung:
+    """A closable source whose close() hangs (a server that never answers LOGOUT)."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.cancelled = 0
+
+    async def close(self) -> None:
+        self.started += 1
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+
+async def test_close_sources_closes_all_at_once_within_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Shutdown against hung servers must not grow with the number of mailboxes: every
+    # source starts closing at once and those still hanging after the bound are cancelled.
+    from types import SimpleNamespace
+
+    from mailpipe import scheduler
+    from mailpipe.scheduler import close_sources
+
+    monkeypatch.setattr(scheduler, "CLOSE_TIMEOUT", 0.05, raising=False)
+    hung = [_Hung() for _ in range(3)]
+    runners = [SimpleNamespace(name=f"m{i}", source=h) for i, h in enumerate(hung)]
+    before = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+    await asyncio.wait_for(close_sources(runners), 30)  # type: ignore[arg-type]
+    assert [h.started for h in hung] == [1, 1, 1]
+    assert [h.cancelled for h in hung] == [1, 1, 1]
+    assert {t for t in asyncio.all_tasks() if t is not asyncio.current_task()} == before
+
+
+async def test_a_mailbox_leased_elsewhere_has_its_source_closed(tmp_path: Path) -> None:
+    # IC-44: a worker keeps no push connections for a mailbox another worker holds
+    # (they count against the server's per-user connection limit).
+    from mailpipe.leases import MailboxLease
+
+    FakeSource.boxes.clear()
+
+    class Closing(_PushFake):
+        closed = 0
+
+        async def close(self) -> None:
+            type(self).closed += 1
+
+    Closing.answer, Closing.waits, Closing.closed = False, 0, 0
+    registry = Registry()
+    registry.add("source", Closing, "test")
+    config = validate_config(
+        {"mailboxes": [{"name": "p", "source": "fake", "poll_interval": 60}],
+         "pipelines": {"default": {"processors": []}}},
+        path=tmp_path / "p.toml", registry=registry,
+    )
+    journal = SqliteJournal(tmp_path / "j.sqlite3")
+    other = MailboxLease(journal, "p", owner="other-worker", ttl=600)
+    assert other.acquire()
+    scheduler = Scheduler(
+        config, journal=journal, hooks=Hooks(get_plugin_manager(entry_points=False))
+    )
+    task = asyncio.create_task(scheduler.run())
+    try:
+        for _ in range(3000):  # bounded
+            if Closing.closed or task.done():
+                break
+            await asyncio.sleep(0.01)
+        assert Closing.closed >= 1 and not task.done()  # closed while still running
+        assert scheduler.summaries == []  # never polled here
+    finally:
+        scheduler.request_stop()
+        await asyncio.wait_for(task, 10)
+        journal.close()
+
+
+async def _once(tmp_path: Path, n: int, concurrency: int) -> tuple[list[Any], SqliteJournal]:
+    config = _config(tmp_path, n, concurrency=concurrency)
+    journal = SqliteJournal(tmp_path / "j.sqlite3")
+    scheduler = Scheduler(
+        config, journal=journal, hooks=Hooks(get_plugin_manager(entry_points=False)),
+        once=True,
+    )
+    return list(await asyncio.wait_for(scheduler.run(), 60)), journal
+
+
+async def test_poll_records_of_many_mailboxes_share_journal_transactions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18: a cycle with no new mail makes no journal commit per mailbox for its
+    poll records; every record is still written, each inside a batch."""
+    FakeSource.boxes.clear()
+    batches = 0
+    seen: list[int] = []  # the batch each record was written in (0: none)
+    original_batch = SqliteJournal.batch
+    original_record = SqliteJournal.record_poll
+
+    @contextlib.contextmanager
+    def counting_batch(self: SqliteJournal, **kw: Any):  # type: ignore[no-untyped-def]
+        nonlocal batches
+        batches += 1
+        mine = batches
+        with original_batch(self, **kw):
+            current.append(mine)
+            try:
+                yield
+            finally:
+                current.pop()
+
+    current: list[int] = []
+
+    def recording(self: SqliteJournal, mailbox: str, **kw: Any) -> None:
+        seen.append(current[-1] if current else 0)
+        original_record(self, mailbox, **kw)
+
+    monkeypatch.setattr(SqliteJournal, "batch", counting_batch)
+    monkeypatch.setattr(SqliteJournal, "record_poll", recording)
+    summaries, journal = await _once(tmp_path, 250, concurrency=50)
+    try:
+        polls = journal.polls()
+    finally:
+        journal.close()
+    assert len(summaries) == 250 and all(not s.error for s in summaries)
+    assert sorted(polls) == sorted(f"m{i}" for i in range(250))
+    assert all(p.last_success is not None for p in polls.values())
+    assert len(seen) == 250 and 0 not in seen  # each record inside a batch
+    assert len(set(seen)) <= 25  # ...of at least ten records on average
+
+
+async def test_a_poll_with_no_new_mail_writes_no_inflight_marker(tmp_path: Path) -> None:
+    """The in-flight marker file is made when a message enters the chain, not by a
+    poll that finds nothing (issue 18); crash accounting is unchanged (test_inflight)."""
+    from mailpipe.testing.fakes import FakeMailbox
+
+    FakeSource.boxes.clear()
+    FakeSource.boxes["m1"] = FakeMailbox()
+    FakeSource.boxes["m1"].add("u", b"Subject: x\r\n\r\nx\r\n")
+    summaries, journal = await _once(tmp_path, 2, concurrency=2)
+    journal.close()
+    assert sorted((s.mailbox, s.retrieved) for s in summaries) == [("m0", 0), ("m1", 1)]
+    markers = sorted((tmp_path / "var" / "spool").glob(".inflight-*"))
+    assert len(markers) == 1  # m1's only: its message ran through the chain

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 
 def modules_after(code: str, prefix: str) -> list[str]:
@@ -42,3 +43,43 @@ def test_loading_the_plugins_imports_no_processor_module() -> None:
         m for m in loaded if m.count(".") == 3 and not m.startswith("mailpipe.plugins.pop3")
     ]
     assert processors == []
+
+
+def test_run_start_up_does_not_import_oauth_or_the_parser(tmp_path: Path) -> None:
+    """Issue 18: the CLI and a validated configuration that uses `parse` but no OAuth
+    import neither the token broker (its cache, cryptography) nor the parser (email,
+    the record's dataclasses); they come with the first OAuth mailbox or message."""
+    config = tmp_path / "pipeline.toml"
+    config.write_text(
+        '[[mailboxes]]\nname = "a"\nhost = "mail.example"\nusername = "u"\n'
+        'password = "p"\n[pipelines.default]\nprocessors = [{ use = "parse" }]\n'
+    )
+    code = (
+        "import mailpipe.cli, mailpipe.service\n"
+        f"from mailpipe.app import open_app\nopen_app({str(config)!r})\n"
+    )
+    loaded = modules_after(code, "")
+    unwanted = [
+        m for m in loaded
+        if m.startswith(("mailpipe.oauth.broker", "mailpipe.oauth.cache", "cryptography",
+                         "mailpipe.plugins.parse.parser", "mailpipe.oauth.cli"))
+    ]
+    assert unwanted == []
+    assert "mailpipe.plugins.parse.processor" in loaded  # the config was validated
+
+
+def test_mailpipe_auth_is_still_a_command() -> None:
+    from click.testing import CliRunner
+
+    from mailpipe.cli import cli
+
+    done = CliRunner().invoke(cli, ["--help"])
+    assert done.exit_code == 0 and "auth" in done.output
+    done = CliRunner().invoke(cli, ["auth", "--help"])
+    assert done.exit_code == 0 and "OAuth" in done.output
+
+
+def test_the_parse_defaults_agree() -> None:
+    from mailpipe.plugins.parse import parser, processor
+
+    assert processor.MAX_BODY == parser.MAX_BODY

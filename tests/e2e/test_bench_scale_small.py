@@ -67,4 +67,18 @@ def test_small_scale_benchmark_prints_a_verified_table() -> None:
         assert row.rstrip(" |").endswith("ok 200/200"), row
         cells = re.split(r" +\| +", row.strip("| "))
         assert float(cells[5]) > 0 and float(cells[8]) > 0  # time and RSS measured
+    # Issue 18: the no-new-mail cycles, plain and TLS, first run and steady state;
+    # every mailbox has a successful poll record.
+    empty = [line for line in out.splitlines() if line.startswith("| no new mail")]
+    names = [re.split(r" +\| +", row.strip("| "))[0] for row in empty]
+    assert names == [
+        "no new mail, plain, first run",
+        "no new mail, TLS, first run",
+        "no new mail, plain",
+        "no new mail, TLS",
+    ], out
+    for row in empty:
+        cells = re.split(r" +\| +", row.strip("| "))
+        assert cells[1:3] == ["100", "0"] and row.rstrip(" |").endswith("ok 100/100"), row
+        assert float(cells[5]) > 0 and float(cells[9]) > 0  # time and CPU measured
     assert "Dovecot limit warnings: 0" in out

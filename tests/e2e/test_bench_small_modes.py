@@ -22,6 +22,17 @@ def run(*args: str) -> str:
     return done.stdout
 
 
+def need_imap_dovecot() -> None:
+    """Skip without Dovecot's imapd (fail in CI)."""
+    from mailpipe.testing.dovecot import dovecot_unavailable_reason
+
+    reason = dovecot_unavailable_reason(imap=True)
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
 def test_store_throughput_small() -> None:
     out = run("bench/store_throughput.py", "--small")
     rows = [line.split() for line in out.splitlines() if line.startswith("store.")]
@@ -57,13 +68,7 @@ def test_pop3_retrieval_small() -> None:
 
 
 def test_imap_retrieval_small() -> None:
-    from mailpipe.testing.dovecot import dovecot_unavailable_reason
-
-    reason = dovecot_unavailable_reason(imap=True)
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    need_imap_dovecot()
     out = run("bench/imap_retrieval.py", "--small")
     rows = [line for line in out.splitlines() if line.startswith("| ") and "mailpipe" in line]
     # mailpipe pipelined and lockstep in each of the four scenarios (0 and +20 ms,
@@ -71,3 +76,24 @@ def test_imap_retrieval_small() -> None:
     assert len(rows) == 8 and all(line.rstrip().endswith("OK |") for line in rows), out
     if os.environ.get("CI"):
         assert any("| mbsync |" in line for line in out.splitlines()), out  # isync in CI
+
+
+def test_imap_selection_small() -> None:
+    need_imap_dovecot()
+    out = run("bench/imap_selection.py", "--small")
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1]
+            for line in out.splitlines() if line.startswith("| mailpipe-")}
+    assert set(rows) == {"mailpipe-watermark", "mailpipe-full"}, out
+    assert rows["mailpipe-watermark"][0].strip() == "0", out  # nothing past the watermark
+    assert rows["mailpipe-full"][0].strip() == "500", out  # the whole folder
+    assert all(r[1].strip() == "0" for r in rows.values()), out  # nothing fetched again
+
+
+def test_imap_push_small() -> None:
+    need_imap_dovecot()
+    out = run("bench/imap_push.py", "--small")
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
+            for line in out.splitlines() if line.startswith("| ") and "trials" not in line}
+    # APPEND → chain start for both folders (push watches the second one too), and the
+    # session-level IDLE span; three trials each.
+    assert rows == {"chain INBOX": "3", "chain Support": "3", "wait_for_new INBOX": "3"}, out

@@ -9,11 +9,16 @@ acknowledgement mode.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import imaplib
+import json
+import re
 import ssl
+import subprocess
 import tracemalloc
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +203,31 @@ async def test_ic16_ic17_ic18_ic19_login_each_way(
     assert method == ("scram-sha-256" if auth == "auto" else auth)
     text = repr(logs)
     assert user.password not in text  # IS-12
+
+
+async def test_ic14_is15_id_carries_only_a_name_and_only_over_tls(
+    dovecot_imap: Dovecot,
+) -> None:
+    d = dovecot_imap
+    sent = re.compile(r"imap\((?P<user>[^)]+)\).*ID sent: (?P<fields>.*)")
+
+    def ids_of(name: str) -> list[str]:
+        return [
+            m["fields"] for m in sent.finditer(d.log_text()) if m["user"] == name
+        ]
+
+    over_tls, plaintext = d.add_user(), d.add_user()
+    async with ImapSource(session_options(d, over_tls)).session() as session:
+        await session.list()
+    opts = session_options(d, plaintext, security="none", allow_plaintext_password=True)
+    async with ImapSource(opts).session() as session:
+        await session.list()
+    for _ in range(50):  # the log is written by another process; bounded wait
+        if ids_of(over_tls.name):
+            break
+        await asyncio.sleep(0.1)
+    assert ids_of(over_tls.name) == ["name=mailpipe"]  # IS-15: nothing else
+    assert ids_of(plaintext.name) == []  # IC-14: never in the clear
 
 
 async def test_ic22_wrong_password_is_an_authentication_error(
@@ -389,6 +419,28 @@ async def test_ic43_idle_wakes_on_new_mail_and_ends_with_done(
     assert len(refs) == 2
 
 
+@contextlib.contextmanager
+def running(config: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """``mailpipe run`` of ``config`` (its first poll retrieved one message) until the
+    block ends; yields the process and its log file."""
+    log_path = tmp_path / "run.log"
+    with log_path.open("wb") as log:
+        proc = start_mailpipe(config, "run", "{config}", log=log)
+        try:
+            first = wait_for_log(proc, log_path, b'"retrieved": 1', timeout=120)
+            assert first, log_path.read_text()[-3000:]
+            yield proc, log_path
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+
+def stored_soon(tmp_path: Path, log_path: Path, count: int) -> None:
+    assert wait_until(
+        lambda: len(stored_messages(tmp_path / "Maildir")) == count, timeout=120
+    ), log_path.read_text()[-3000:]
+
+
 def test_ic43_push_wakes_the_scheduler_long_before_the_poll_interval(
     dovecot_imap: Dovecot, tmp_path: Path
 ) -> None:
@@ -396,21 +448,11 @@ def test_ic43_push_wakes_the_scheduler_long_before_the_poll_interval(
     user = d.add_user()
     d.deliver(user, crafted(1)[0])
     config = pipeline(tmp_path, d, user, poll_interval=3600)  # only push can wake it
-    log_path = tmp_path / "run.log"
-    with log_path.open("wb") as log:
-        proc = start_mailpipe(config, "run", "{config}", log=log)
-        try:
-            first = wait_for_log(proc, log_path, b'"retrieved": 1', timeout=120)
-            assert first, log_path.read_text()[-3000:]
-            append(d, user, "INBOX", crafted(2)[1:])  # another client APPENDs
-            woken = wait_for_log(proc, log_path, b"mailbox_woken", timeout=120)
-            assert woken, log_path.read_text()[-3000:]
-            assert wait_until(
-                lambda: len(stored_messages(tmp_path / "Maildir")) == 2, timeout=120
-            ), log_path.read_text()[-3000:]
-        finally:
-            proc.terminate()
-            proc.wait(60)
+    with running(config, tmp_path) as (proc, log_path):
+        append(d, user, "INBOX", crafted(2)[1:])  # another client APPENDs
+        woken = wait_for_log(proc, log_path, b"mailbox_woken", timeout=120)
+        assert woken, log_path.read_text()[-3000:]
+        stored_soon(tmp_path, log_path, 2)
     assert Counter(stored_messages(tmp_path / "Maildir")) == Counter(crafted(2))
 
 
@@ -422,6 +464,59 @@ async def test_ic43_mail_between_listing_and_idle_wakes_at_once(
     source = ImapSource(session_options(d, user))
     async with source.session() as session:
         await session.list()
-    assert await source.wait_for_mail(0.2) is False  # nothing new: the timeout
-    d.deliver(user, crafted(1)[0])  # after the listing, before the next IDLE
-    assert await source.wait_for_mail(0.2) is True
+    try:
+        assert await source.wait_for_mail(0.2) is False  # nothing new: the timeout
+        d.deliver(user, crafted(1)[0])  # after the listing, before the next IDLE
+        assert await source.wait_for_mail(0.2) is True
+    finally:
+        await source.close()
+
+
+def test_ic43_append_into_a_second_folder_wakes_the_scheduler(
+    dovecot_imap: Dovecot, tmp_path: Path
+) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    raws = crafted(3)
+    append(d, user, "Support", raws[:1])
+    config = pipeline(
+        tmp_path, d, user, poll_interval=3600, folders=["INBOX", "Support"]
+    )  # only push can wake it
+    with running(config, tmp_path) as (_, log_path):
+        append(d, user, "Support", raws[1:2])  # not the first folder
+        assert wait_until(
+            lambda: log_path.read_text().count("session_finished") == 2, timeout=120
+        ), log_path.read_text()[-3000:]
+        assert len(stored_messages(tmp_path / "Maildir")) == 2
+        append(d, user, "INBOX", raws[2:])
+        stored_soon(tmp_path, log_path, 3)
+    text = log_path.read_text()
+    assert text.count("mailbox_woken") >= 2, text[-3000:]
+    events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    polls = sum(e["sessions"] for e in events if e["event"] == "session_finished")
+    opened = sum(1 for e in events if e["event"] == "imap_session_opened")
+    assert opened == polls + 2, text[-3000:]  # one IDLE connection per folder, kept
+    assert Counter(stored_messages(tmp_path / "Maildir")) == Counter(raws)
+
+
+async def test_ic44_folder_beyond_idle_connections_is_polled_with_status(
+    dovecot_imap: Dovecot,
+) -> None:
+    d = dovecot_imap
+    user = d.add_user()
+    append(d, user, "Support/Escalations", crafted(1))  # Dovecot answers STATUS for it
+    source = ImapSource(session_options(
+        d, user, folders=["INBOX", "Support/Escalations"], idle_connections=1,
+        status_interval=0.1,
+    ))
+    async with source.session() as session:
+        await session.list()
+    try:
+        assert await source.wait_for_mail(0.3) is False  # STATUS saw nothing new
+        assert source.push._status_link.session is not None
+        waiter = asyncio.create_task(source.wait_for_mail(120))
+        await asyncio.sleep(0.2)
+        append(d, user, "Support/Escalations", crafted(2)[1:])
+        assert await waiter is True
+    finally:
+        await source.close()

@@ -99,7 +99,7 @@ def file_sha256(path: Path) -> str:
 CHAINS = {
     "parse+maildir": pytest.param(["parse", "store.maildir"], id="parse+maildir"),
     # Measured 579 MiB: store.sqlite reads an unparsed spooled message into memory
-    # (with parse before it, it streams: 64.3 MiB, see bench/RESULTS.md §12).
+    # (with parse before it, it streams: 64.3 MiB, see bench/RESULTS.md §16).
     "maildir+sqlite": pytest.param(
         ["store.maildir", "store.sqlite"], id="maildir+sqlite",
         marks=pytest.mark.xfail(

@@ -395,6 +395,54 @@ def test_forget_some_then_all_of_a_mailbox(journal: Journal) -> None:
     assert journal.forget(MB, []) == 0
 
 
+def test_cursors_are_replaced_whole_per_mailbox(journal: Journal) -> None:
+    """MP-05: the cursors of a mailbox are replaced as a set (a scope not given, such
+    as a folder under its old UIDVALIDITY, is dropped); other mailboxes keep theirs."""
+    assert journal.cursors(MB) == {}
+    journal.set_cursors(MB, {"INBOX;UIDVALIDITY=1": 41, "Sent;UIDVALIDITY=7": 3})
+    journal.set_cursors("other", {"INBOX;UIDVALIDITY=1": 9})
+    assert journal.cursors(MB) == {"INBOX;UIDVALIDITY=1": 41, "Sent;UIDVALIDITY=7": 3}
+    journal.set_cursors(MB, {"INBOX;UIDVALIDITY=2": 2**32 - 1})
+    assert journal.cursors(MB) == {"INBOX;UIDVALIDITY=2": 2**32 - 1}
+    journal.set_cursors(MB, {})
+    assert journal.cursors(MB) == {}
+    assert journal.cursors("other") == {"INBOX;UIDVALIDITY=1": 9}
+
+
+def test_cursors_commit_with_the_batch_and_roll_back_with_it(journal: Journal) -> None:
+    journal.set_cursors(MB, {"INBOX;UIDVALIDITY=1": 5})
+    with pytest.raises(RuntimeError), journal.batch():
+        journal.set_cursors(MB, {"INBOX;UIDVALIDITY=1": 50})
+        raise RuntimeError("boom")
+    assert journal.cursors(MB) == {"INBOX;UIDVALIDITY=1": 5}
+
+
+def test_forget_drops_the_mailboxs_cursors(journal: Journal) -> None:
+    """A forgotten message below a cursor must be listed (and processed) again."""
+    begin(journal, "u1")
+    journal.set_cursors(MB, {"INBOX;UIDVALIDITY=1": 5})
+    journal.set_cursors("other", {"INBOX;UIDVALIDITY=1": 6})
+    journal.forget(MB, ["u1"])
+    assert journal.cursors(MB) == {}
+    journal.set_cursors(MB, {"INBOX;UIDVALIDITY=1": 5})
+    journal.forget(MB)
+    assert journal.cursors(MB) == {}
+    assert journal.cursors("other") == {"INBOX;UIDVALIDITY=1": 6}
+
+
+def test_a_stale_fence_refuses_a_cursor_write(backend: Backend) -> None:
+    paused, owner = backend.open(), backend.open()
+    assert paused.lock_mailbox(MB, owner="paused", ttl=30)
+    stale = paused.fence(MB, owner="paused")
+    assert stale is not None
+    paused.set_cursors(MB, {"INBOX;UIDVALIDITY=1": 3}, fence=stale)
+    paused.unlock_mailbox(MB, owner="paused")
+    assert owner.lock_mailbox(MB, owner="owner", ttl=30)
+    with pytest.raises(FencedError):
+        paused.set_cursors(MB, {"INBOX;UIDVALIDITY=1": 30}, fence=stale)
+    assert owner.cursors(MB) == {"INBOX;UIDVALIDITY=1": 3}
+
+
 def test_mark_seen_adopts_new_messages_as_kept(journal: Journal) -> None:
     begin(journal, "u1")
     items = [("u1", message_key(MB, "u1"), 5), ("u2", message_key(MB, "u2"), 7)]
@@ -555,7 +603,7 @@ def test_schema_is_versioned_and_a_newer_schema_is_refused(
     backend: Backend,
 ) -> None:
     journal = backend.open()
-    assert journal.schema_version() == 4  # type: ignore[attr-defined]
+    assert journal.schema_version() == 5  # type: ignore[attr-defined]
     journal.close()
     backend.open().close()  # reopening migrates nothing and keeps the version
     table = "schema_version" if backend.kind == "sqlite" else "mailpipe_schema_version"
@@ -659,7 +707,7 @@ def test_migration_from_version_1_keeps_the_entries(
         begin(old, "u1", size=5)
         old.close()
     journal = backend.open()
-    assert journal.schema_version() == len(module.MIGRATIONS) == 4  # type: ignore[attr-defined]
+    assert journal.schema_version() == len(module.MIGRATIONS) == 5  # type: ignore[attr-defined]
     assert journal.get_many(MB, ["u1"])["u1"].size == 5
     journal.record_poll(MB, owner="w1", backlog=1)
     assert journal.polls()[MB].backlog == 1

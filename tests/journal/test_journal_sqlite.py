@@ -21,7 +21,7 @@ def test_database_uses_wal_and_full_sync(tmp_path: Path) -> None:
         assert journal._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(4,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(5,)]
 
 
 def test_lock_file_sits_next_to_the_database_and_names_the_owner(

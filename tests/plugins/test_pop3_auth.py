@@ -8,6 +8,7 @@ import pytest
 from mailpipe.plugins.pop3 import auth
 from mailpipe.plugins.pop3.events import Capabilities, Err, Pass, parse_capa
 
+from mailpipe import sasl
 from mailpipe.errors import AuthenticationError, SourceBusyError, SourcePermanentError
 
 
@@ -365,3 +366,29 @@ def test_c42_oauth_token_still_wins_over_scram():
     caps = parse_capa(b"SASL SCRAM-SHA-256 XOAUTH2\r\n")
     assert auth.choose("auto", caps, has_password=True, has_token=True,
                        apop_timestamp=None) == "xoauth2"
+
+
+def test_scram_salted_password_is_derived_once_per_salt_and_count(monkeypatch):
+    # RFC 5802 §5.1: the client may cache SaltedPassword; a poll of several commit
+    # windows then runs PBKDF2 once per (salt, iteration count), not once per login.
+    import hashlib
+
+    sasl.salted_password.cache_clear()
+    calls: list[tuple[bytes, int]] = []
+    real = hashlib.pbkdf2_hmac
+
+    def counting(digest: str, password: bytes, salt: bytes, iterations: int) -> bytes:
+        calls.append((salt, iterations))
+        return real(digest, password, salt, iterations)
+
+    monkeypatch.setattr(hashlib, "pbkdf2_hmac", counting)
+    for _ in range(2):
+        test_scram_rfc_example_with_initial_response("SCRAM-SHA-256", SCRAM_SHA256)
+    assert len(calls) == 1
+    # another salt (the server changed the password's record): derived again
+    other = SCRAM_SHA256[1].replace(b"s=W22ZaJ0SNY7soEsUEjb6gQ==", b"s=QSXCR+Q6sek8bf92")
+    mech = scram("SCRAM-SHA-256", SCRAM_SHA256)
+    mech.initial_sent()
+    mech.respond(other)
+    assert len(calls) == 2
+    sasl.salted_password.cache_clear()

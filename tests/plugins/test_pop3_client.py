@@ -915,3 +915,36 @@ async def test_c27_implementation_is_logged_and_changes_nothing(tmp_path):
         results.append(([m.raw for m in got], bytes(mini.wire), opened[0]["pipelining"]))
         assert opened[0]["implementation"] == ("Gpop" if extra else "")
     assert results[0] == results[1]
+
+
+async def test_p13_acknowledged_deles_lead_the_next_flight_and_an_abort_drops_them(
+    tmp_path,
+):
+    # P-13: with pipelining, the DELEs of an acknowledgement go out with the session's
+    # next commands (here the next chunk's RETRs), never before the acknowledgement
+    # (P-09); an abort before they are sent deletes nothing.
+    from mailpipe.source import DELETE
+
+    msgs = messages(4)
+    mini = MiniPop3(msgs)
+    async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
+        refs = await s.list()
+        await s.acknowledge(refs[:2], DELETE)
+        await asyncio.sleep(0.05)
+        assert b"DELE" not in mini.wire  # queued, not yet on the wire
+        got = [m async for m in s.retrieve(refs[2:3], spool_dir=tmp_path,
+                                           spool_threshold=1 << 20)]
+        assert [m.raw for m in got] == [msgs[2]]
+        assert b"DELE 1\r\nDELE 2\r\nRETR 3\r\nNOOP\r\n" in mini.wire  # one flight
+        await s.acknowledge(refs[2:3], DELETE)
+        await s.commit()  # the queued DELE goes out before QUIT
+    wire = bytes(mini.wire)
+    assert wire.index(b"DELE 3\r\n") < wire.index(b"QUIT\r\n")
+    assert mini.committed == {1, 2, 3}
+
+    mini = MiniPop3(messages(2))
+    async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
+        await s.acknowledge(await s.list(), DELETE)
+    await asyncio.sleep(0.05)
+    assert b"DELE" not in mini.wire and b"QUIT" not in mini.wire  # aborted: unsent
+    assert mini.committed == set()

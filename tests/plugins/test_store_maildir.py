@@ -166,9 +166,12 @@ def test_new_dir_is_fsynced_per_group_or_per_message(
     assert len(listing(tmp_path / "Maildir")["new"]) == 3
 
 
+@pytest.mark.parametrize("mechanism", ["staged", "threads"])
 def test_a_failed_background_write_fails_flush_then_reaches_its_own_message(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mechanism: str
 ) -> None:
+    """Both write-behind mechanisms: unnamed files staged until flush() (O_TMPFILE,
+    the default) and writer threads (without O_TMPFILE, or spooled messages)."""
     import errno
 
     import mailpipe.plugins.store.maildir as maildir_module
@@ -181,6 +184,11 @@ def test_a_failed_background_write_fails_flush_then_reaches_its_own_message(
     broken = [True]
 
     def write(self: MaildirStore, name: str, chunks: object) -> int:
+        if isinstance(chunks, maildir_module._Staged):  # an unnamed staged file
+            data = os.pread(chunks.fd, chunks.size + 1, 0)
+            if broken[0] and data == bad.raw:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(self, name, chunks)
         data = b"".join(chunks)  # type: ignore[call-overload]
         if broken[0] and data == bad.raw:
             raise OSError(errno.EINVAL, "Invalid argument")
@@ -188,6 +196,8 @@ def test_a_failed_background_write_fails_flush_then_reaches_its_own_message(
 
     monkeypatch.setattr(maildir_module.MaildirStore, "_write", write)
     s = store(tmp_path)
+    if mechanism == "threads":
+        s.TMPFILE = False
     s.process(good)
     s.process(bad)  # handed to the writer thread: no error yet
     with pytest.raises(PermanentFailure, match="Invalid argument"):
@@ -206,9 +216,30 @@ def test_a_failed_background_write_fails_flush_then_reaches_its_own_message(
     assert listing(md)["tmp"] == []
 
 
+def test_staged_writes_are_bounded_and_close_publishes_them(tmp_path: Path) -> None:
+    """Unnamed files wait for flush() with their markers locked (two descriptors
+    each): beyond MAX_STAGED, process() publishes them (fsync, link into new/)."""
+    s = store(tmp_path)
+    s.MAX_STAGED = 2
+    md = tmp_path / "Maildir"
+    ms = [Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)) for i in range(3)]
+    s.process(ms[0])
+    assert listing(md)["new"] == [] and len(s._staged) == 1  # unnamed until flush
+    s.process(ms[1])  # the bound: both published now
+    assert sorted(key_of(n) for n in listing(md)["new"]) == sorted(m.key for m in ms[:2])
+    assert s._staged == []
+    s.process(ms[2])
+    assert len(s._staged) == 1
+    s.close()  # publishes what is staged; nothing left behind in tmp/
+    assert sorted(key_of(n) for n in listing(md)["new"]) == sorted(m.key for m in ms)
+    assert listing(md)["tmp"] == []
+    assert s._anonymous is True
+
+
 def test_background_writes_are_bounded_and_close_waits_for_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The writer threads (no O_TMPFILE; spooled messages) are bounded too."""
     import threading
 
     import mailpipe.plugins.store.maildir as maildir_module
@@ -224,6 +255,7 @@ def test_background_writes_are_bounded_and_close_waits_for_them(
 
     monkeypatch.setattr(maildir_module.MaildirStore, "_write", slow_write)
     s = store(tmp_path)
+    s.TMPFILE = False  # through the writer threads
     s.MAX_WRITES = 2
     ms = [Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)) for i in range(3)]
     s.process(ms[0])
@@ -318,4 +350,41 @@ def test_in_memory_messages_are_written_unnamed_or_through_tmp(
     os.umask(umask)
     for name in listing(md)["new"]:
         assert (md / "new" / name).stat().st_mode & 0o777 == 0o644 & ~umask
+    s.close()
+
+
+def test_a_full_disk_while_staging_fails_the_group_not_the_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 20 item 9 with staged writes: ENOSPC in process() is kept for flush()
+    (a failed group commit), the key is not taken for stored, and the next attempt
+    writes it inline so a lasting error reaches its own message."""
+    import errno
+
+    import mailpipe.plugins.store.maildir as maildir_module
+
+    real = maildir_module.write_all
+    full = [True]
+
+    def write_all(fd: int, chunks: object) -> int:
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, chunks)  # type: ignore[arg-type]
+
+    import mailpipe.plugins.store._fs as fs_module
+
+    monkeypatch.setattr(maildir_module, "write_all", write_all)
+    monkeypatch.setattr(fs_module, "write_all", write_all)
+    s = store(tmp_path)
+    m = Message.from_bytes(RAW, uid="1")
+    s.process(m)  # no error yet: the group fails at flush()
+    with pytest.raises(TemporaryFailure, match="No space left"):
+        s.flush()
+    md = tmp_path / "Maildir"
+    assert listing(md)["new"] == [] and listing(md)["tmp"] == []
+    with pytest.raises(TemporaryFailure, match="No space left"):
+        s.process(m)  # inline now: the message's own failure
+    full[0] = False
+    deliver(s, m)
+    assert [key_of(n) for n in listing(md)["new"]] == [m.key]
     s.close()

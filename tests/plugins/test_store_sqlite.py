@@ -93,7 +93,9 @@ def test_upsert_twice_keeps_one_row_and_its_first_stored_at(tmp_path: Path) -> N
     m = parsed(make_message("1", "Hello", "first body", attachment=b"%PDF-1.4 x"))
     m.tags.add("invoice")
     s.process(m)
+    s.flush()  # group commit (the default): durable at flush, as the engine calls it
     first = rows(tmp_path, "SELECT stored_at FROM messages")
+    assert len(first) == 1
     m.tags.add("paid")
     s.process(m)
     s.close()
@@ -264,19 +266,40 @@ def test_group_commit_failed_message_does_not_spoil_the_group(tmp_path: Path) ->
     s.close()
 
 
-def test_busy_database_is_a_temporary_failure(tmp_path: Path) -> None:
-    s = store(tmp_path, busy_timeout="0.1s")
+@pytest.mark.parametrize("group_commit", [False, True])
+def test_busy_database_is_a_temporary_failure(tmp_path: Path, group_commit: bool) -> None:
+    s = store(tmp_path, busy_timeout="0.1s", group_commit=group_commit)
     blocker = connect(tmp_path / "db" / "mail.sqlite3")
     blocker.execute("BEGIN IMMEDIATE")
     try:
         with pytest.raises(TemporaryFailure):
             s.process(parsed(make_message("1", "x", "y")))
+            s.flush()  # group commit: the write lock is taken only here
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(0,)]
+    s.flush()  # a failed group is not written later by accident
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(0,)]
     s.process(parsed(make_message("1", "x", "y")))  # succeeds once the lock is gone
+    if group_commit:  # the key of a failed group is written in process() next time
+        assert rows(tmp_path, "SELECT count(*) FROM messages") == [(1,)]
     s.close()
     assert rows(tmp_path, "SELECT count(*) FROM messages") == [(1,)]
+
+
+def test_group_commit_holds_no_lock_before_flush(tmp_path: Path) -> None:
+    """Several workers share one store: between flushes a grouping store holds no
+    write lock, so another writer is never kept waiting for a whole group."""
+    s = store(tmp_path)
+    s.process(parsed(make_message("1", "x", "y")))
+    other = connect(tmp_path / "db" / "mail.sqlite3", timeout=0.1)
+    other.execute("BEGIN IMMEDIATE")  # would raise "database is locked"
+    other.execute("ROLLBACK")
+    other.close()
+    s.flush()
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(1,)]
+    s.close()
 
 
 def test_dry_run_writes_nothing(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ message and never acknowledge anything."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -18,6 +19,8 @@ from mailpipe.errors import (
     SourceBusyError,
     SourceConnectionError,
     SourceError,
+    SourcePermanentError,
+    SourceTimeoutError,
 )
 from mailpipe.scheduler import next_delay
 from mailpipe.source import Ack, AckKind
@@ -220,3 +223,180 @@ async def test_ic46_untagged_alert_is_logged_and_the_session_goes_on() -> None:
     assert [e["text"] for e in logs if e["event"] == "imap_alert"] == [
         "Your account is over quota"
     ]
+
+
+async def acknowledge_all(
+    srv: ImapServer, tmp_path: Path, ack: Ack
+) -> tuple[list[object], list[str]]:
+    """Retrieve every INBOX message, acknowledge each with ``ack``, commit; returns
+    what was retrieved and the client lines sent from the first acknowledgement on."""
+    got: list[object] = []
+    async with source(srv).session() as session:
+        refs = await session.list()
+        async for item in session.retrieve(refs, spool_dir=tmp_path, spool_threshold=1 << 20):
+            got.append(item)
+            if isinstance(item, Message):
+                await session.acknowledge([item.ref], ack)
+        start = len(srv.transcript)
+        await session.commit()
+    return got, [line.split(" ", 1)[1] for line in srv.transcript[start:]]
+
+
+async def test_ic38_without_uidplus_no_expunge_of_any_kind(
+    imap_server_factory: Any, tmp_path: Path
+) -> None:
+    srv = imap_server_factory(extensions=())
+    for raw in RAWS:
+        srv.add_message(raw)
+    with capture_logs() as logs:
+        got, sent = await acknowledge_all(srv, tmp_path, Ack(AckKind.DELETE))
+    assert len(got) == 3
+    assert sent == ["UID STORE 1:3 +FLAGS.SILENT (\\Deleted)", "LOGOUT"]
+    assert not any("EXPUNGE" in line for line in srv.transcript)
+    assert srv.messages == RAWS  # still there, flagged \Deleted for an expunging client
+    assert any(e["event"] == "imap_expunge_deferred" for e in logs)
+
+
+async def test_ic40_move_with_the_extension(imap_server: ImapServer, tmp_path: Path) -> None:
+    imap_server.add_message(RAWS[0])
+    imap_server.add_message(RAWS[1], folder="Processed")
+    _, sent = await acknowledge_all(imap_server, tmp_path, Ack(AckKind.MOVE, "Processed"))
+    assert sent == ['UID MOVE 1 "Processed"', "LOGOUT"]
+    assert imap_server.messages == []
+    assert imap_server.folder("Processed") == [RAWS[1], RAWS[0]]
+
+
+async def test_ic41_without_move_copy_then_delete_creating_the_folder(
+    imap_server_factory: Any, tmp_path: Path
+) -> None:
+    srv = imap_server_factory(extensions=("UIDPLUS",))
+    for raw in RAWS:
+        srv.add_message(raw)
+    _, sent = await acknowledge_all(srv, tmp_path, Ack(AckKind.MOVE, "Done"))
+    assert sent == [
+        'UID COPY 1:3 "Done"',  # refused: [TRYCREATE]
+        'CREATE "Done"',
+        'UID COPY 1:3 "Done"',
+        "UID STORE 1:3 +FLAGS.SILENT (\\Deleted)",
+        "UID EXPUNGE 1:3",
+        "LOGOUT",
+    ]
+    assert srv.messages == []
+    assert srv.folder("Done") == RAWS
+
+
+async def test_it16_expunged_by_another_client_is_unretrievable_and_the_rest_acknowledged(
+    imap_server_factory: Any, tmp_path: Path
+) -> None:
+    srv = imap_server_factory(ImapFaults(expunged_by_other=frozenset({2})))
+    for raw in RAWS:
+        srv.add_message(raw)
+    got, sent = await acknowledge_all(srv, tmp_path, Ack(AckKind.DELETE))
+    assert [type(g).__name__ for g in got] == ["Message", "Unretrievable", "Message"]
+    assert [g.raw for g in got if isinstance(g, Message)] == [RAWS[0], RAWS[2]]
+    assert sent == [
+        "UID STORE 1,3 +FLAGS.SILENT (\\Deleted)", "UID EXPUNGE 1,3", "LOGOUT"
+    ]
+    assert srv.messages == []
+
+
+def options_for(srv: ImapServer, **extra: Any) -> ImapSource:
+    return ImapSource(ImapOptions.model_validate({
+        "host": srv.host, "port": srv.port, "security": "none",
+        "allow_plaintext_password": True, "username": "user", "password": "pass",
+        "read_timeout": 10, "greeting_timeout": 10, **extra,
+    }))
+
+
+async def test_it05_a_repeated_body_is_dropped(
+    imap_server_factory: Any, tmp_path: Path
+) -> None:
+    srv = imap_server_factory(ImapFaults(repeat_body=True))
+    for raw in RAWS:
+        srv.add_message(raw)
+    async with source(srv).session() as session:
+        refs = await session.list()
+        got = [
+            item async for item in session.retrieve(
+                refs, spool_dir=tmp_path, spool_threshold=1  # every body spooled
+            )
+        ]
+    assert [g.raw for g in got if isinstance(g, Message)] == RAWS
+    assert len(got) == 3
+    # One spool file per delivered message: the repeats' files were removed.
+    assert sorted(tmp_path.iterdir()) == sorted(
+        Path(g.spool_path) for g in got if isinstance(g, Message) and g.spool_path
+    )
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+@pytest.mark.parametrize(
+    ("auth", "offered", "wire"),
+    [("login", ("AUTH=PLAIN",), "LOGIN"), ("auto", ("AUTH=PLAIN",), "AUTHENTICATE"),
+     ("plain", ("AUTH=PLAIN", "SASL-IR"), "AUTHENTICATE")],
+    ids=["login-while-plain-offered", "auto-plain", "plain-sasl-ir"],
+)
+async def test_is14_a_refused_login_is_never_retried_another_way(
+    imap_server_factory: Any, auth: str, offered: tuple[str, ...], wire: str
+) -> None:
+    srv = imap_server_factory(
+        ImapFaults(login_refusal="[AUTHENTICATIONFAILED] Invalid credentials"),
+        extensions=("UIDPLUS", *offered),
+    )
+    with pytest.raises(AuthenticationError, match="AUTHENTICATIONFAILED"):
+        async with options_for(srv, auth=auth).session():
+            pass
+    attempts = [
+        line.split(" ")[1] for line in srv.transcript
+        if line.split(" ")[1] in ("LOGIN", "AUTHENTICATE")
+    ]
+    assert attempts == [wire]  # IS-14: one attempt, no other mechanism after it
+
+
+async def test_plain_login_succeeds_on_the_fake_server(imap_server_factory: Any) -> None:
+    srv = imap_server_factory(extensions=("UIDPLUS", "AUTH=PLAIN"))
+    srv.add_message(RAWS[0])
+    async with options_for(srv, auth="plain").session() as session:
+        assert len(await session.list()) == 1
+    assert "pass" not in "\n".join(srv.transcript)
+
+
+async def test_is13_a_referral_is_permanent_and_never_followed(
+    imap_server_factory: Any,
+) -> None:
+    srv = imap_server_factory(
+        ImapFaults(login_refusal="[REFERRAL imap://user@elsewhere.invalid/] go there")
+    )
+    with pytest.raises(SourcePermanentError, match="REFERRAL"):
+        async with options_for(srv).session():
+            pass
+    assert [line.split(" ")[1] for line in srv.transcript] == ["CAPABILITY", "LOGIN"] or [
+        line.split(" ")[1] for line in srv.transcript
+    ] == ["LOGIN"]  # nothing after the refusal: no other login, no command
+
+
+async def test_ic17_logindisabled_refuses_login_before_sending_it(
+    imap_server_factory: Any,
+) -> None:
+    srv = imap_server_factory(extensions=("UIDPLUS", "LOGINDISABLED"))
+    with pytest.raises(SourcePermanentError, match="LOGINDISABLED"):
+        async with options_for(srv, auth="login").session():
+            pass
+    assert not any(" LOGIN " in f" {line} " for line in srv.transcript)
+
+
+@pytest.mark.parametrize(
+    ("faults", "phase"),
+    [(ImapFaults(greeting_delay=5), "greeting"),
+     (ImapFaults(stall_on="UID FETCH"), "uid fetch")],
+    ids=["greeting", "read"],
+)
+async def test_is11_timeouts_per_phase(
+    imap_server_factory: Any, faults: ImapFaults, phase: str
+) -> None:
+    srv = imap_server_factory(faults)
+    srv.add_message(RAWS[0])
+    with pytest.raises(SourceTimeoutError) as caught:
+        async with options_for(srv, greeting_timeout=0.3, read_timeout=0.3).session() as s:
+            await s.list()
+    assert str(caught.value).lower().startswith(f"{phase} timed out after 0.3s")
