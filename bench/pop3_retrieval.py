@@ -238,10 +238,13 @@ def measure(tool: str, argv: list[str], work: Path) -> tuple[float, float, float
     return wall, int(rss_kb) / 1024, float(user_s) + float(sys_s)
 
 
-def start_proxy(port: int, one_way_ms: float) -> tuple[subprocess.Popen[str], int]:
+def start_proxy(
+    port: int, one_way_ms: float, log: str | None = None
+) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "proxy.py"), "--target", f"127.0.0.1:{port}",
-         "--delay-ms", str(one_way_ms)], stdout=subprocess.PIPE, text=True)
+         "--delay-ms", str(one_way_ms), *(["--log", log] if log else [])],
+        stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()  # "listening <port>"
     return proc, int(line.split()[-1])

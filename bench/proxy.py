@@ -6,6 +6,10 @@ chunk read from either side is forwarded ``delay-ms`` after it was read; reading
 while chunks wait, so pipelined traffic keeps its pipelining (a link with propagation
 delay, not a slow link). Used by ``bench/run --latency-ms``: the kernel here has no
 netem, so ``tc qdisc ... netem delay`` is not available.
+
+``--log FILE`` appends one line per chunk read (monotonic time, direction ``>`` client
+to server or ``<`` back, octets, the first octets): counting the turnarounds (a ``>``
+chunk after a ``<`` one) shows how many round trips a client paid.
 """
 
 from __future__ import annotations
@@ -16,9 +20,17 @@ import signal
 import sys
 import time
 
+_LOG = None
+
+
+def _note(direction: str, data: bytes) -> None:
+    if _LOG is not None:
+        _LOG.write(f"{time.monotonic():.6f} {direction} {len(data)} {data[:60]!r}\n")
+
 
 async def _pump(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float,
+    direction: str = ">",
 ) -> None:
     queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
@@ -39,6 +51,7 @@ async def _pump(
     try:
         while True:
             data = await reader.read(1 << 18)
+            _note(direction, data)
             await queue.put((time.monotonic() + delay, data))
             if not data:
                 break
@@ -58,7 +71,7 @@ async def _serve(target_host: str, target_port: int, delay: float, listen: int) 
             cw.close()
             return
         try:
-            await asyncio.gather(_pump(cr, sw, delay), _pump(sr, cw, delay))
+            await asyncio.gather(_pump(cr, sw, delay), _pump(sr, cw, delay, "<"))
         except asyncio.CancelledError:
             pass  # the proxy is stopping (SIGTERM): connections close quietly
         finally:
@@ -81,7 +94,11 @@ def main() -> int:
     ap.add_argument("--target", required=True, help="HOST:PORT to forward to")
     ap.add_argument("--delay-ms", type=float, required=True, help="one-way delay")
     ap.add_argument("--listen", type=int, default=0, help="port (0: a free one)")
+    ap.add_argument("--log", help="append one line per chunk to this file")
     a = ap.parse_args()
+    global _LOG
+    if a.log:
+        _LOG = open(a.log, "a", buffering=1)  # noqa: SIM115 (open for the process)
     host, _, port = a.target.rpartition(":")
     asyncio.run(_serve(host, int(port), a.delay_ms / 1000.0, a.listen))
     return 0

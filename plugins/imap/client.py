@@ -7,7 +7,10 @@ login → the typed errors of :func:`classify` (IC-22).
 
 Pipelining (IP-01): :meth:`ImapClient.stream` writes up to ``window`` commands before
 reading their responses, so a batch of ``UID FETCH`` costs one round trip; events are
-yielded in arrival order and the stream ends when every command completed.
+yielded in arrival order and the stream ends when every command completed. Output is
+gathered and sent when the driver next waits for input, so the commands that refill
+the window after a read go out in one segment, not one ``send`` each (a loopback
+``send`` cost ~0.2 ms of CPU per command on the shared benchmark machine).
 """
 
 from __future__ import annotations
@@ -133,6 +136,7 @@ class ImapClient:
         self.tls_active = False
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._out = bytearray()  # written, not yet sent: sent before the next read
         self._log = log.bind(host=host, port=port)
 
     @property
@@ -175,6 +179,7 @@ class ImapClient:
 
     async def _handshake(self) -> None:
         assert self._writer is not None
+        assert not self._out, "nothing may be sent in clear text before TLS"
         await secure(
             self._writer,
             self.ssl_context,
@@ -452,6 +457,7 @@ class ImapClient:
     async def abort(self) -> None:
         """Close the connection without LOGOUT. Never raises."""
         writer, self._writer = self._writer, None
+        self._out.clear()  # abandoned with the connection, never sent
         if writer is not None:
             try:
                 writer.transport.abort()
@@ -463,7 +469,14 @@ class ImapClient:
     def _write(self, data: bytes) -> None:
         if self._writer is None:
             raise SourceConnectionError(f"{self.where}: connection already closed")
-        self._writer.write(data)
+        self._out += data
+
+    def _flush(self) -> None:
+        """Send what :meth:`_write` gathered; every read calls it first, so nothing
+        waits for a reply to a command still unsent."""
+        if self._out and self._writer is not None:
+            self._writer.write(bytes(self._out))
+        self._out.clear()
 
     async def _event(self, phase: str, timeout: float) -> Event:
         conn = self.conn
@@ -493,6 +506,7 @@ class ImapClient:
     async def _read(self, phase: str, timeout: float) -> bytes:
         if self._reader is None:
             raise SourceConnectionError(f"{self.where}: connection already closed")
+        self._flush()
         try:
             async with asyncio.timeout(timeout):
                 data = await self._reader.read(self.chunk_size)
