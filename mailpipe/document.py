@@ -101,11 +101,18 @@ def _header_addresses(message: Message, name: str) -> list[dict[str, str]]:
     return [{"name": n, "address": a} for n, a in pairs if a or n]
 
 
+#: The largest message whose ``text`` :func:`minimal_record` extracts.
+MINIMAL_TEXT_OCTETS = 4 << 20
+
+
 def minimal_record(message: Message) -> dict[str, Any]:
     """Fields recoverable from the raw bytes without the ``parse`` step; never raises.
 
     Returns ``schema_version``, ``message_id``, ``subject``, ``date_raw``, the address
-    lists and ``text`` (the first text/plain body, decoded by the stdlib).
+    lists and ``text`` (the first text/plain body, decoded by the stdlib). Headers
+    come from the header section alone; ``text`` is None for a message over
+    :data:`MINIMAL_TEXT_OCTETS`, which the stdlib would parse whole in memory (the
+    ``parse`` step streams it).
     """
     doc: dict[str, Any] = {"schema_version": 1}
     mid = message.header("Message-ID")
@@ -119,6 +126,8 @@ def minimal_record(message: Message) -> dict[str, Any]:
         doc[field] = _header_addresses(message, header)
     text: str | None = None
     try:
+        if message.size > MINIMAL_TEXT_OCTETS:
+            raise ValueError("too large for the stdlib parser")
         body = message.email.get_body(preferencelist=("plain",))
         if body is not None:
             content = body.get_content()

@@ -81,6 +81,12 @@ def distinct_uids(refs: list[MessageRef]) -> tuple[list[MessageRef], int]:
     return out, renamed
 
 
+#: The most of a message's start read to find its header section (:attr:`Message.head`).
+MAX_HEAD_OCTETS = 1 << 20
+#: The end of the header section: the first empty line (CRLF or LF).
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
 @dataclass(eq=False, kw_only=True)
 class Message:
     """A retrieved message: its reference, the raw bytes (in memory or spooled), and what
@@ -99,6 +105,7 @@ class Message:
     meta: dict[str, Any] = field(default_factory=dict)
     _sha256: str | None = field(default=None, repr=False)
     _email: EmailMessage | None = field(default=None, repr=False)
+    _head: EmailMessage | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.data is None and self.spool_path is None:
@@ -166,10 +173,35 @@ class Message:
             self._email = parsed
         return self._email
 
+    @property
+    def head(self) -> EmailMessage:
+        """The header section alone, parsed leniently by the stdlib, cached.
+
+        Reads at most :data:`MAX_HEAD_OCTETS` from the start, up to the first empty
+        line, so asking a header of a 200 MB message costs kilobytes, not the message
+        (a hostile server cannot exhaust memory through a header lookup).
+        """
+        if self._head is None:
+            with self.open() as f:
+                block = f.read(MAX_HEAD_OCTETS)
+            end = _HEAD_END.search(block)
+            if end is not None:
+                block = block[: end.end()]
+            parsed = BytesParser(policy=email.policy.default).parsebytes(
+                block, headersonly=True
+            )
+            assert isinstance(parsed, EmailMessage)
+            self._head = parsed
+        return self._head
+
     def header(self, name: str) -> str | None:
-        """Return the first value of header ``name`` as a string, or None; never raises."""
+        """Return the first value of header ``name`` as a string, or None; never raises.
+
+        Uses the whole parsed message when something already parsed it, else only
+        the header section (:attr:`head`).
+        """
         try:
-            value = self.email.get(name)
+            value = (self._email if self._email is not None else self.head).get(name)
         except Exception:
             return None
         return None if value is None else str(value)

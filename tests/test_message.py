@@ -212,3 +212,39 @@ def test_header_never_raises_on_the_corpus(tmp_path: Path) -> None:
         assert msg.sha256 == hashlib.sha256(data).hexdigest()
         checked += 1
     assert checked >= 100
+
+
+def test_a_header_lookup_reads_only_the_header_section(tmp_path: Path) -> None:
+    body = b"x" * 1000 + b"\r\n"
+    raw = b"Subject: big\r\nFrom: A <a@example.org>\r\n\r\nSubject: not a header\r\n" + body * 3000
+    spool = tmp_path / "m.eml"
+    spool.write_bytes(raw)
+    ref = MessageRef(mailbox="m", number=1, uid="u", size=len(raw))
+    message = Message(ref=ref, spool_path=spool)
+    assert message.header("Subject") == "big"
+    assert message.header("From") == "A <a@example.org>"
+    assert message._email is None  # the body was never parsed
+    assert message.head.get_payload() in ("", None)
+
+
+@pytest.mark.parametrize(
+    ("raw", "subject"),
+    [(b"Subject: lf\n\nbody\n", "lf"), (b"Subject: no body\r\n", "no body"),
+     (b"Subject: folded\r\n over\r\n\r\nb", "folded over")],
+    ids=["lf", "no-body", "folded"],
+)
+def test_the_header_section_is_found_every_way(raw: bytes, subject: str) -> None:
+    assert Message.from_bytes(raw).header("Subject") == subject
+
+
+def test_minimal_record_leaves_the_text_of_a_large_message_to_parse() -> None:
+    from mailpipe.document import MINIMAL_TEXT_OCTETS, minimal_record
+
+    small = Message.from_bytes(b"Subject: s\r\n\r\nhello\r\n")
+    assert minimal_record(small)["text"] == "hello\n"
+    large = Message.from_bytes(
+        b"Subject: l\r\n\r\n" + b"y" * (MINIMAL_TEXT_OCTETS + 1)
+    )
+    record = minimal_record(large)
+    assert record["subject"] == "l" and record["text"] is None
+    assert large._email is None
