@@ -152,3 +152,39 @@ async def test_replay_during_a_poll_loses_the_owed_acknowledgement(
             f"replayed message never deleted; journal {entry.status}, "
             f"delete_due={entry.delete_due}, cursors {rig.cursors()}"
         )
+
+
+async def test_changing_the_selection_starts_from_no_cursor(tmp_path: Path) -> None:
+    """Finding 6: mail passed under select = "unseen" (seen at the time) is taken
+    once the configuration selects "all": the selection is part of the cursor
+    scope, so the new selection starts from no cursor."""
+    with ImapServer() as srv:
+        srv.add_message(raw(0), flags=("\\Seen",))  # UID 1: left out by "unseen"
+        srv.add_message(raw(1))  # UID 2
+        rig = Rig(srv, tmp_path, select="unseen")
+        await rig.poll()
+        assert Recorder.seen == ["1"]
+        assert rig.cursors() == {f"{SCOPE};unseen": 2}
+        rig.journal.close()
+        later = Rig(srv, tmp_path, select="all")  # same journal, selection changed
+        await later.poll()
+        assert Recorder.seen == ["1", "0"], (
+            f"UID 1 never taken after select = 'all'; cursors {later.cursors()}"
+        )
+        assert later.cursors() == {SCOPE: 2}
+
+
+async def test_readopt_keeps_the_other_cursors(tmp_path: Path) -> None:
+    """Finding 5: writing one entry's outcome again (adopt/readopt) deletes that
+    entry only, not every cursor of the mailbox."""
+    with ImapServer() as srv:
+        srv.add_message(raw(0))
+        rig = Rig(srv, tmp_path)
+        await rig.poll()
+        assert rig.cursors() == {SCOPE: 1}
+        entry = rig.journal.get_many("box", [UID1])[UID1]
+        ledger = rig.runner.ledger
+        other = MessageRef(mailbox="box", number=9, uid="Other;UIDVALIDITY=1;UID=9",
+                           size=entry.size)
+        ledger.readopt(other, entry)
+        assert rig.cursors() == {SCOPE: 1}, "readopt dropped the mailbox's cursors"
