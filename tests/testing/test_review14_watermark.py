@@ -31,7 +31,7 @@ def _clean() -> Iterator[None]:
 
 def set_flags(srv: ImapServer, uid: int, *, add: str = "", drop: str = "") -> None:
     """Another client changes a message's flags (a user reads it, marks it unread)."""
-    for m in srv._folders["INBOX"]:  # noqa: SLF001 - the fake has no public setter
+    for m in srv._folders["INBOX"]:
         if m.uid == uid:
             if add:
                 m.flags.add(add)
