@@ -18,11 +18,14 @@ scope is the folder under its UIDVALIDITY; with a cursor W a folder is listed wi
 fetch the sizes of what was found: they choose among new mail, so a message the
 watermark has passed is not looked at again (one marked unseen later included). The
 criteria are part of the scope (:func:`cursor_scope`): a changed selection starts
-from no cursor. The journal's unfinished messages (PENDING, acknowledgement owed) are
-always listed too, by ``UID FETCH <their UIDs>`` whatever the cursor and criteria
-(Gmail ids, which carry no UID: the folder's whole ``1:*`` while one is unfinished),
-so a failing message is retried and an owed acknowledgement sent even after it left
-the search; one not listed is gone from the server. Without UIDPLUS every folder is
+from no cursor. The journal's owed messages (acknowledgement due) are always listed
+too, by ``UID FETCH <their UIDs>`` whatever the cursor and criteria, so an owed
+acknowledgement is sent even after the message left the search and one not listed is
+gone from the server; PENDING ones are listed while the criteria select them
+(``UID SEARCH UID <set> <criteria>``), and one the criteria leave out but the server
+still has holds the cursor below it (``Coverage.held``), so it is retried once
+selected again. Gmail ids carry no UID: while one is unfinished each folder's
+``UID FETCH 1:* (UID X-GM-MSGID)`` finds their UIDs. Without UIDPLUS every folder is
 listed whole and the session reports no coverage, so no cursor is stored (MP-05).
 """
 
@@ -721,6 +724,13 @@ class ImapSession:
         and it is retried once selected again."""
         owed = self._uids_in(self._owed, wire, uidvalidity)
         pending = self._uids_in(self._unfinished - self._owed, wire, uidvalidity) - owed
+        if any(u.startswith("X-GM-MSGID=") for u in self._unfinished):
+            by_id = await self._gmail_uids()
+            owed |= {uid for key, uids in by_id.items() if key in self._owed
+                     for uid in uids}
+            pending |= {uid for key, uids in by_id.items()
+                        if key in self._unfinished and key not in self._owed
+                        for uid in uids}
         criteria = self.options.search_criteria(0)
         if not pending or criteria is None:
             return owed | pending
@@ -732,6 +742,24 @@ class ImapSession:
         cover.held = (present & pending) - selected
         return owed | (selected & pending)
 
+    async def _gmail_uids(self) -> dict[str, set[int]]:
+        """IC-46, MP-05: Gmail id → UIDs in the selected folder, by ``UID FETCH 1:*
+        (UID X-GM-MSGID)`` (only while the journal holds an unfinished Gmail id,
+        which carries no UID)."""
+        out: dict[str, set[int]] = {}
+        async for event in self.client.stream([cmd.uid_fetch("1:*", "UID X-GM-MSGID")]):
+            if isinstance(event, Data) and event.name == "FETCH":
+                items = fetch_items(event.values)
+                uid_v, msgid_v = items.get("UID"), items.get("X-GM-MSGID")
+                if uid_v is not None and msgid_v is not None:
+                    key = gmail_uid(parse_number(msgid_v, limit=2**64 - 1))
+                    out.setdefault(key, set()).add(parse_number(uid_v))
+            elif isinstance(event, Done) and not event.ok:
+                raise SourcePermanentError(
+                    f"{self.client.where}: UID FETCH refused: {event.text[:200]}"
+                )
+        return out
+
     async def _list_folder(
         self, wire: bytes, *, gmail: bool, after: int = 0,
         explicit: set[int] | None = None,
@@ -741,28 +769,21 @@ class ImapSession:
         (unfinished journal entries, MP-05) whatever ``after`` and the criteria,
         without the messages that already carry a ``flag`` acknowledgement (IC-42).
         On Gmail an unfinished ``X-GM-MSGID`` id has no UID: while one exists the
-        folder is fetched whole (``1:*``) and filtered by id.
+        folder's ids are read first (:meth:`_gmail_uids`).
 
         IC-26: ``n:*`` always includes the folder's last message, even when its UID
         is below ``n`` (RFC 9051 §6.4.9), so every UID up to ``after`` is dropped."""
         found: dict[int, tuple[int, int | None]] = {}
         explicit = set() if explicit is None else explicit
-        gm_keys = (
-            {u for u in self._unfinished if u.startswith("X-GM-MSGID=")} if gmail
-            else set()
-        )
         uidsets = [f"{after + 1}:*"] if after < cmd.MAX_NUMBER else []
         criteria = self.options.search_criteria(after)
         wanted: set[int] | None = None
         if criteria is not None:
             wanted = await self._search(criteria, after)
             uidsets = cmd.split_uid_sets(wanted) if wanted else []
-        if gm_keys:
-            uidsets = ["1:*"]
-        else:
-            extra = {u for u in explicit
-                     if u <= after or (wanted is not None and u not in wanted)}
-            uidsets += cmd.split_uid_sets(extra) if extra else []
+        extra = {u for u in explicit
+                 if u <= after or (wanted is not None and u not in wanted)}
+        uidsets += cmd.split_uid_sets(extra) if extra else []
         if not uidsets:
             return found
         done_flag = (
@@ -785,10 +806,7 @@ class ImapSession:
                 msgid_v = items.get("X-GM-MSGID") if gmail else None
                 if uid_n is not None and (
                     uid_n <= after or (wanted is not None and uid_n not in wanted)
-                ) and uid_n not in explicit and not (
-                    msgid_v is not None
-                    and gmail_uid(parse_number(msgid_v, limit=2**64 - 1)) in gm_keys
-                ):
+                ) and uid_n not in explicit:
                     continue  # IC-26: below the range (n:*), or not asked for
                 flags = {f.lower() for f in flag_list(items.get("FLAGS"))}
                 if done_flag is not None and done_flag in flags:

@@ -188,3 +188,25 @@ async def test_readopt_keeps_the_other_cursors(tmp_path: Path) -> None:
                            size=entry.size)
         ledger.readopt(other, entry)
         assert rig.cursors() == {SCOPE: 1}, "readopt dropped the mailbox's cursors"
+
+
+async def test_gmail_failing_message_is_held_and_owed_one_listed(tmp_path: Path) -> None:
+    """MP-05 on Gmail (IC-46, ids by X-GM-MSGID, no UID in the key): a PENDING message
+    the search leaves out holds the cursor and is retried once selected again."""
+    with ImapServer(gmail=True) as srv:
+        srv.add_message(raw(0, "bad"), gm_msgid=7)  # UID 1
+        rig = Rig(srv, tmp_path, select="unseen")
+        await rig.poll()
+        key = "X-GM-MSGID=7"
+        assert rig.journal.get_many("box", [key])[key].status is Status.PENDING
+        set_flags(srv, 1, add="\\Seen")
+        srv.add_message(raw(1), gm_msgid=8)  # UID 2
+        await rig.poll()
+        assert Recorder.seen == ["bad0", "1"]
+        assert rig.cursors().get(f"{SCOPE};unseen", 0) < 1, "passed a PENDING message"
+        set_flags(srv, 1, drop="\\Seen")
+        Recorder.failing = False
+        await rig.poll()
+        assert Recorder.seen == ["bad0", "1", "bad0"]
+        assert rig.journal.get_many("box", [key])[key].status is Status.COMMITTED
+        assert rig.cursors() == {f"{SCOPE};unseen": 2}
