@@ -190,7 +190,9 @@ async def test_readopt_keeps_the_other_cursors(tmp_path: Path) -> None:
         assert rig.cursors() == {SCOPE: 1}, "readopt dropped the mailbox's cursors"
 
 
-async def test_gmail_failing_message_is_held_and_owed_one_listed(tmp_path: Path) -> None:
+async def test_gmail_failing_message_holds_the_cursor_and_is_retried(
+    tmp_path: Path,
+) -> None:
     """MP-05 on Gmail (IC-46, ids by X-GM-MSGID, no UID in the key): a PENDING message
     the search leaves out holds the cursor and is retried once selected again."""
     with ImapServer(gmail=True) as srv:
@@ -210,3 +212,23 @@ async def test_gmail_failing_message_is_held_and_owed_one_listed(tmp_path: Path)
         assert Recorder.seen == ["bad0", "1", "bad0"]
         assert rig.journal.get_many("box", [key])[key].status is Status.COMMITTED
         assert rig.cursors() == {f"{SCOPE};unseen": 2}
+
+
+async def test_gmail_owed_acknowledgement_is_not_settled_as_gone(tmp_path: Path) -> None:
+    """MP-05 on Gmail: an owed deletion of a message the search no longer shows is
+    still listed (by its X-GM-MSGID's UID), so it is not taken as gone."""
+    faults = ImapFaults(refuse=("UID STORE", "[SERVERBUG] try later"))
+    with ImapServer(faults, gmail=True) as srv:
+        srv.add_message(raw(0), gm_msgid=7)
+        rig = Rig(srv, tmp_path, select="unseen", delete="after_processing")
+        await rig.runner.poll()
+        key = "X-GM-MSGID=7"
+        assert rig.journal.get_many("box", [key])[key].delete_due and srv.messages
+        set_flags(srv, 1, add="\\Seen")
+        await rig.runner.poll()
+        await rig.runner.poll()
+        entry = rig.journal.get_many("box", [key])[key]
+        assert not (entry.status is Status.DELETED and srv.messages), (
+            "journal says DELETED, the message is still on the server"
+        )
+        assert entry.status is Status.DELETED and not srv.messages, "deletion never sent"
