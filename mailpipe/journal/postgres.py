@@ -132,6 +132,9 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (mailbox, scope)
         )
         """,
+        # The unfinished entries (PENDING or owed) every cursor poll reads.
+        "CREATE INDEX mailpipe_journal_unfinished ON mailpipe_journal (mailbox) "
+        "WHERE status = 'pending' OR delete_due",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -392,8 +395,8 @@ class PostgresJournal:
                 self._live()
                 .execute(
                     "SELECT uid FROM mailpipe_journal "
-                    "WHERE mailbox = %s AND (status = %s OR delete_due)",
-                    (mailbox, Status.PENDING.value),
+                    "WHERE mailbox = %s AND (status = 'pending' OR delete_due)",
+                    (mailbox,),
                 )
                 .fetchall()
             )

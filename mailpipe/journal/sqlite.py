@@ -125,6 +125,9 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (mailbox, scope)
         )
         """,
+        # The unfinished entries (PENDING or owed) every cursor poll reads.
+        "CREATE INDEX entries_unfinished ON entries (mailbox) "
+        "WHERE status = 'pending' OR delete_due = 1",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -426,8 +429,9 @@ class SqliteJournal:
     def owed(self, mailbox: str) -> list[str]:
         """Return the uids whose DELE is still owed (``delete_due``)."""
         with self._guard():
-            rows = self._conn.execute(
-                "SELECT uid FROM entries WHERE mailbox = ? AND delete_due = 1",
+            rows = self._conn.execute(  # the first term selects the partial index
+                "SELECT uid FROM entries WHERE mailbox = ? "
+                "AND (status = 'pending' OR delete_due = 1) AND delete_due = 1",
                 (mailbox,),
             ).fetchall()
         return [row[0] for row in rows]
@@ -435,10 +439,10 @@ class SqliteJournal:
     def unfinished(self, mailbox: str) -> list[str]:
         """Return the uids PENDING or owing an acknowledgement (MP-05)."""
         with self._guard():
-            rows = self._conn.execute(
+            rows = self._conn.execute(  # literal: matches the partial index
                 "SELECT uid FROM entries WHERE mailbox = ? "
-                "AND (status = ? OR delete_due = 1)",
-                (mailbox, Status.PENDING.value),
+                "AND (status = 'pending' OR delete_due = 1)",
+                (mailbox,),
             ).fetchall()
         return [row[0] for row in rows]
 
