@@ -51,15 +51,30 @@ def usable(cfg: MailboxConfig) -> bool:
 def advance(coverage: Mapping[str, Coverage], entries: Mapping[str, Entry]) -> dict[str, int]:
     """The new cursor of every scope in ``coverage``: its start, moved over the
     listed positions in order while their entries (``entries``, by uid) are
-    finished; it stops at the first one that is not. A scope left at 0 (nothing to
+    finished; it stops at the first one that is not, and below every ``held``
+    position (unfinished, on the server, left out by the criteria). A scope left at 0 (nothing to
     skip) is left out."""
     out: dict[str, int] = {}
     for scope, cover in coverage.items():
         position = cover.start
+        cap = min(cover.held) if cover.held else None
         for listed in sorted(p for p in cover.listed if p > cover.start):
+            if cap is not None and listed >= cap:
+                break  # an unfinished message the listing left out (criteria)
             if not finished(entries.get(cover.listed[listed])):
                 break
             position = listed
         if position > 0:
             out[scope] = position
     return out
+
+
+def passed(coverage: Mapping[str, Coverage], advanced: Mapping[str, int]) -> list[str]:
+    """The journal uids the ``advanced`` cursors move over (listed past a scope's
+    start, up to its new cursor): the entries a compare-and-set
+    (:meth:`mailpipe.journal.base.Journal.set_cursors`) checks are still finished."""
+    out: set[str] = set()
+    for scope, cover in coverage.items():
+        top = advanced.get(scope, 0)
+        out.update(uid for p, uid in cover.listed.items() if cover.start < p <= top)
+    return sorted(out)

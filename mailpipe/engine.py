@@ -353,11 +353,16 @@ class MailboxRunner:
 
     def _resume(self, opened: object) -> tuple[CursorSession | None, dict[str, int]]:
         """MP-05: hand a cursor-capable session the journal's listing cursors (not
-        with ``after_days``, see :func:`mailpipe.cursors.usable`)."""
+        with ``after_days``, see :func:`mailpipe.cursors.usable`), and the uids of
+        the unfinished entries, which the session lists whatever its cursors and
+        criteria (a failing message is retried, an owed acknowledgement sent, and
+        planning's ``gone`` is only what the server no longer has)."""
         if not isinstance(opened, CursorSession) or not cursors.usable(self.cfg):
             return None, {}
         stored = self.journal.cursors(self.name)
-        opened.resume(stored)
+        opened.resume(
+            stored, self.journal.unfinished(self.name), self.journal.owed(self.name)
+        )
         return opened, stored
 
     # --- planning ----------------------------------------------------------------

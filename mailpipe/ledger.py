@@ -396,7 +396,8 @@ class Ledger:
     ) -> None:
         """Write ``like``'s outcome under ``ref``'s uid and size, in one batch."""
         with self._batch():
-            self.journal.forget(self.mailbox, [ref.uid])
+            # MP-05: the entry only; the mailbox's cursors stay.
+            self.journal.forget(self.mailbox, [ref.uid], cursors=False)
             self.begin(ref)
             self.journal.finish(self.mailbox, ref.uid, status=status,
                                 disposition=like.disposition or "", sha256=like.sha256,
@@ -425,14 +426,25 @@ class Ledger:
         """Store the listing cursors the session's ``coverage`` earns (MP-05), after
         :meth:`commit`: every outcome they pass over is durable in the journal
         already (see :mod:`mailpipe.cursors`). ``stored`` is what the session was
-        resumed from; nothing is written when nothing moved."""
+        resumed from; nothing is written when nothing moved.
+
+        Compare-and-set: written only if the cursors are still ``stored`` and every
+        entry passed over is still finished, in one transaction, so a ``state
+        forget`` or a replay that ran during the poll (and dropped the cursors) wins;
+        the next poll then lists whole."""
         uids = {uid for cover in coverage.values() for uid in cover.listed.values()}
         entries = self.journal.get_many(self.mailbox, sorted(uids)) if uids else {}
         advanced = cursors.advance(coverage, entries)
         if advanced == dict(stored):
             return
-        self.journal.set_cursors(self.mailbox, advanced, **self._fenced())
-        self.log.debug("cursors_advanced", cursors=advanced)
+        written = self.journal.set_cursors(
+            self.mailbox, advanced, expect=stored,
+            passed=cursors.passed(coverage, advanced), **self._fenced(),
+        )
+        if written:
+            self.log.debug("cursors_advanced", cursors=advanced)
+        else:
+            self.log.info("cursors_not_advanced", reason="changed during the poll")
 
     def settle_gone(self, uids: Sequence[str]) -> None:
         """Deletions owed for mail the server no longer lists are done (a crash came

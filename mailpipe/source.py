@@ -28,7 +28,7 @@ The engine knows sources only through this module:
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,6 +279,9 @@ class Coverage:
 
     start: int = 0
     listed: dict[int, str] = field(default_factory=dict)
+    #: Positions of unfinished journal entries still on the server that the listing
+    #: left out (the search criteria no longer match): the cursor stays below them.
+    held: set[int] = field(default_factory=set)
 
 
 @runtime_checkable
@@ -289,17 +292,34 @@ class CursorSession(Protocol):
     a new epoch is a new scope and starts from nothing). The contract:
 
     - :meth:`resume` is called before :meth:`SourceSession.list` with the cursors the
-      journal holds; ``list()`` then leaves out every message at or below its scope's
-      cursor (and still everything the source leaves out anyway).
+      journal holds and the uids of the mailbox's unfinished entries (PENDING, or an
+      acknowledgement owed); ``list()`` then leaves out every message at or below its
+      scope's cursor (and still everything the source leaves out anyway, e.g. by
+      search criteria), but lists each unfinished one the criteria still select
+      whatever the cursor (a failing message is retried), and each owed one whatever
+      the cursor and criteria (so one not listed is truly gone: planning's
+      ``gone``); an unfinished one left out but still on the server is reported in
+      :attr:`Coverage.held`, and no cursor passes it.
+    - A scope names the cursor and the selection it was earned under (IMAP: the
+      folder, its UIDVALIDITY and the search criteria), so a configuration that
+      selects differently starts from no cursor.
     - :meth:`coverage` is read after the session committed: per scope listed, the
       cursor it started from and what the listing showed past it. The ledger advances
       a scope's cursor over the longest run of listed positions whose journal
       entries are finished (:mod:`mailpipe.cursors`) and replaces the mailbox's
-      cursors with the result: a scope not in the coverage is dropped.
+      cursors with the result: a scope not in the coverage is dropped. A session
+      that did not list from cursors (IMAP without UIDPLUS) returns no coverage.
     """
 
-    def resume(self, cursors: Mapping[str, int]) -> None:
-        """Use ``cursors`` (scope → position) for the next :meth:`list`."""
+    def resume(
+        self,
+        cursors: Mapping[str, int],
+        unfinished: Collection[str] = (),
+        owed: Collection[str] = (),
+    ) -> None:
+        """Use ``cursors`` (scope → position) for the next :meth:`list`; never let a
+        cursor pass one of ``unfinished`` (journal uids) still on the server, and list
+        each of ``owed`` (acknowledgement due) on the server whatever the criteria."""
         ...
 
     def coverage(self) -> Mapping[str, Coverage]:

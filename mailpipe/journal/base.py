@@ -171,6 +171,12 @@ class Journal(Protocol):
         """Return uid → size of every entry not DELETED (mail believed on the server)."""
         ...
 
+    def unfinished(self, mailbox: str) -> list[str]:
+        """Return the uids whose message still needs a listing (MP-05): PENDING
+        (being processed, failing and retried, resting) or owing an acknowledgement
+        (``delete_due``)."""
+        ...
+
     def begin(self, mailbox: str, uid: str, *, key: str, size: int) -> Entry:
         """Insert a PENDING entry if absent (first_seen now); return the current entry."""
         ...
@@ -217,11 +223,14 @@ class Journal(Protocol):
         """Return entries, newest first, optionally filtered."""
         ...
 
-    def forget(self, mailbox: str, uids: Iterable[str] | None = None) -> int:
+    def forget(
+        self, mailbox: str, uids: Iterable[str] | None = None, *, cursors: bool = True
+    ) -> int:
         """Delete entries (all of the mailbox when ``uids`` is None); return how many.
 
-        Also drops every cursor of the mailbox (:meth:`cursors`), so that a forgotten
-        message is listed, and processed, again."""
+        Also drops every cursor of the mailbox (:meth:`cursors`), in the same
+        transaction, so that a forgotten message is listed, and processed, again;
+        ``cursors=False`` deletes the entries only (an entry rewritten at once, MP-05)."""
         ...
 
     def cursors(self, mailbox: str) -> dict[str, int]:
@@ -233,11 +242,26 @@ class Journal(Protocol):
         ...
 
     def set_cursors(
-        self, mailbox: str, cursors: Mapping[str, int], *, fence: Fence | None = None
-    ) -> None:
+        self,
+        mailbox: str,
+        cursors: Mapping[str, int],
+        *,
+        expect: Mapping[str, int] | None = None,
+        passed: Iterable[str] = (),
+        fence: Fence | None = None,
+    ) -> bool:
         """Replace every cursor of ``mailbox`` with ``cursors`` (an empty mapping
         drops them all). Durable when it returns (inside a batch: with it); with
-        ``fence``, as :meth:`batch` with that fence."""
+        ``fence``, as :meth:`batch` with that fence.
+
+        Compare-and-set (MP-05): with ``expect``, the write happens only when, in the
+        same transaction, the mailbox's cursors still equal ``expect`` (what the
+        poll read before listing) and every uid of ``passed`` (the entries the new
+        cursors move over) still has a finished entry (COMMITTED, KEPT, QUARANTINED
+        or DELETED, no ``delete_due``): a ``forget`` or replay that ran meanwhile
+        wins. PostgreSQL locks the cursor rows (``FOR UPDATE``) and the passed
+        entries (``FOR SHARE``), so the case of no cursor rows is covered by the
+        entries. Returns whether it wrote."""
         ...
 
     def mark_seen(self, mailbox: str, items: Iterable[tuple[str, str, int]]) -> int:

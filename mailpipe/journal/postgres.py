@@ -132,6 +132,9 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (mailbox, scope)
         )
         """,
+        # The unfinished entries (PENDING or owed) every cursor poll reads.
+        "CREATE INDEX mailpipe_journal_unfinished ON mailpipe_journal (mailbox) "
+        "WHERE status = 'pending' OR delete_due",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -385,6 +388,20 @@ class PostgresJournal:
             )
         return [row[0] for row in rows]
 
+    def unfinished(self, mailbox: str) -> list[str]:
+        """Return the uids PENDING or owing an acknowledgement (MP-05)."""
+        with self._guard():
+            rows = (
+                self._live()
+                .execute(
+                    "SELECT uid FROM mailpipe_journal "
+                    "WHERE mailbox = %s AND (status = 'pending' OR delete_due)",
+                    (mailbox,),
+                )
+                .fetchall()
+            )
+        return [row[0] for row in rows]
+
     def retained(self, mailbox: str) -> dict[str, int]:
         """Return uid → size of every entry not DELETED (mail believed on the server)."""
         with self._guard():
@@ -556,11 +573,18 @@ class PostgresJournal:
             )
         return [entry(row, _utc) for row in rows]
 
-    def forget(self, mailbox: str, uids: Iterable[str] | None = None) -> int:
+    def forget(
+        self, mailbox: str, uids: Iterable[str] | None = None, *, cursors: bool = True
+    ) -> int:
         """Delete entries (the whole mailbox when ``uids`` is None); count them."""
-        with self._tx() as conn:
-            # A forgotten message under a cursor must be listed again: drop them all.
-            conn.execute("DELETE FROM mailpipe_cursors WHERE mailbox = %s", (mailbox,))
+        with self.batch(), self._tx() as conn:
+            if cursors:
+                # MP-05: a forgotten message under a cursor must be listed again
+                # (one transaction with the entries: a concurrent set_cursors sees
+                # both or neither).
+                conn.execute(
+                    "DELETE FROM mailpipe_cursors WHERE mailbox = %s", (mailbox,)
+                )
             if uids is None:
                 return conn.execute(
                     "DELETE FROM mailpipe_journal WHERE mailbox = %s", (mailbox,)
@@ -584,10 +608,39 @@ class PostgresJournal:
         return {scope: int(position) for scope, position in rows}
 
     def set_cursors(
-        self, mailbox: str, cursors: Mapping[str, int], *, fence: Fence | None = None
-    ) -> None:
-        """Replace the listing cursors of ``mailbox`` with ``cursors``."""
-        with self._fenced(fence), self._tx() as conn:
+        self,
+        mailbox: str,
+        cursors: Mapping[str, int],
+        *,
+        expect: Mapping[str, int] | None = None,
+        passed: Iterable[str] = (),
+        fence: Fence | None = None,
+    ) -> bool:
+        """Replace the listing cursors of ``mailbox`` with ``cursors``; with
+        ``expect``, compare-and-set in one transaction: the mailbox's cursor rows
+        ``FOR UPDATE``, the passed entries ``FOR SHARE`` (a concurrent forget or
+        replay waits for this commit, or this one sees its result)."""
+        with self.batch(fence=fence), self._tx() as conn:
+            if expect is not None:
+                current = dict(conn.execute(
+                    "SELECT scope, position FROM mailpipe_cursors WHERE mailbox = %s "
+                    "FOR UPDATE",
+                    (mailbox,),
+                ).fetchall())
+                if current != dict(expect):
+                    return False
+                wanted = sorted(set(passed))
+                if wanted:
+                    rows = conn.execute(
+                        "SELECT uid FROM mailpipe_journal WHERE mailbox = %s "
+                        "AND uid = ANY(%s) AND NOT delete_due "
+                        "AND status = ANY(%s) FOR SHARE",
+                        (mailbox, wanted, [Status.COMMITTED.value, Status.KEPT.value,
+                                           Status.QUARANTINED.value,
+                                           Status.DELETED.value]),
+                    ).fetchall()
+                    if len(rows) != len(wanted):
+                        return False
             conn.execute("DELETE FROM mailpipe_cursors WHERE mailbox = %s", (mailbox,))
             if cursors:
                 conn.execute(
@@ -596,6 +649,7 @@ class PostgresJournal:
                     "FROM unnest(%s::text[], %s::bigint[]) AS c(scope, position)",
                     (mailbox, list(cursors), [int(v) for v in cursors.values()]),
                 )
+        return True
 
     def mark_seen(self, mailbox: str, items: Iterable[tuple[str, str, int]]) -> int:
         """Adopt (uid, key, size) items as KEPT, unprocessed; return how many new."""

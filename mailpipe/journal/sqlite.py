@@ -125,6 +125,9 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (mailbox, scope)
         )
         """,
+        # The unfinished entries (PENDING or owed) every cursor poll reads.
+        "CREATE INDEX entries_unfinished ON entries (mailbox) "
+        "WHERE status = 'pending' OR delete_due = 1",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -426,8 +429,19 @@ class SqliteJournal:
     def owed(self, mailbox: str) -> list[str]:
         """Return the uids whose DELE is still owed (``delete_due``)."""
         with self._guard():
-            rows = self._conn.execute(
-                "SELECT uid FROM entries WHERE mailbox = ? AND delete_due = 1",
+            rows = self._conn.execute(  # the first term selects the partial index
+                "SELECT uid FROM entries WHERE mailbox = ? "
+                "AND (status = 'pending' OR delete_due = 1) AND delete_due = 1",
+                (mailbox,),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def unfinished(self, mailbox: str) -> list[str]:
+        """Return the uids PENDING or owing an acknowledgement (MP-05)."""
+        with self._guard():
+            rows = self._conn.execute(  # literal: matches the partial index
+                "SELECT uid FROM entries WHERE mailbox = ? "
+                "AND (status = 'pending' OR delete_due = 1)",
                 (mailbox,),
             ).fetchall()
         return [row[0] for row in rows]
@@ -578,12 +592,15 @@ class SqliteJournal:
             ).fetchall()
         return [entry(row, _time) for row in rows]
 
-    def forget(self, mailbox: str, uids: Iterable[str] | None = None) -> int:
+    def forget(
+        self, mailbox: str, uids: Iterable[str] | None = None, *, cursors: bool = True
+    ) -> int:
         """Delete entries (the whole mailbox when ``uids`` is None); count them."""
         removed = 0
         with self._tx() as conn:
-            # A forgotten message under a cursor must be listed again: drop them all.
-            conn.execute("DELETE FROM cursors WHERE mailbox = ?", (mailbox,))
+            if cursors:
+                # MP-05: a forgotten message under a cursor must be listed again.
+                conn.execute("DELETE FROM cursors WHERE mailbox = ?", (mailbox,))
             if uids is None:
                 removed = conn.execute(
                     "DELETE FROM entries WHERE mailbox = ?", (mailbox,)
@@ -606,15 +623,42 @@ class SqliteJournal:
         return {scope: int(position) for scope, position in rows}
 
     def set_cursors(
-        self, mailbox: str, cursors: Mapping[str, int], *, fence: Fence | None = None
-    ) -> None:
-        """Replace the listing cursors of ``mailbox`` with ``cursors``."""
+        self,
+        mailbox: str,
+        cursors: Mapping[str, int],
+        *,
+        expect: Mapping[str, int] | None = None,
+        passed: Iterable[str] = (),
+        fence: Fence | None = None,
+    ) -> bool:
+        """Replace the listing cursors of ``mailbox`` with ``cursors``; with
+        ``expect``, compare-and-set under the write lock (``BEGIN IMMEDIATE``)."""
         with self._fenced(fence), self._tx() as conn:
+            if expect is not None:
+                current = dict(conn.execute(
+                    "SELECT scope, position FROM cursors WHERE mailbox = ?", (mailbox,)
+                ).fetchall())
+                if current != dict(expect):
+                    return False
+                done = (Status.COMMITTED.value, Status.KEPT.value,
+                        Status.QUARANTINED.value, Status.DELETED.value)
+                wanted = sorted(set(passed))
+                for chunk in iter_chunks(wanted):
+                    marks = ",".join("?" * len(chunk))
+                    (count,) = conn.execute(
+                        f"SELECT COUNT(*) FROM entries WHERE mailbox = ? "
+                        f"AND uid IN ({marks}) AND delete_due = 0 "
+                        "AND status IN (?, ?, ?, ?)",
+                        (mailbox, *chunk, *done),
+                    ).fetchone()
+                    if count != len(chunk):
+                        return False
             conn.execute("DELETE FROM cursors WHERE mailbox = ?", (mailbox,))
             conn.executemany(
                 "INSERT INTO cursors (mailbox, scope, position) VALUES (?, ?, ?)",
                 [(mailbox, scope, int(pos)) for scope, pos in cursors.items()],
             )
+        return True
 
     def mark_seen(self, mailbox: str, items: Iterable[tuple[str, str, int]]) -> int:
         """Adopt (uid, key, size) items as KEPT, unprocessed; return how many new."""

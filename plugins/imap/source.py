@@ -16,14 +16,24 @@ scope is the folder under its UIDVALIDITY; with a cursor W a folder is listed wi
 ``UID FETCH W+1:*`` and UIDs up to W are dropped (``n:*`` holds the last message).
 ``select = "unseen"``, ``since`` and ``since_days`` search first (``UID SEARCH``) and
 fetch the sizes of what was found: they choose among new mail, so a message the
-watermark has passed is not looked at again (one marked unseen later included).
+watermark has passed is not looked at again (one marked unseen later included). The
+criteria are part of the scope (:func:`cursor_scope`): a changed selection starts
+from no cursor. The journal's owed messages (acknowledgement due) are always listed
+too, by ``UID FETCH <their UIDs>`` whatever the cursor and criteria, so an owed
+acknowledgement is sent even after the message left the search and one not listed is
+gone from the server; PENDING ones are listed while the criteria select them
+(``UID SEARCH UID <set> <criteria>``), and one the criteria leave out but the server
+still has holds the cursor below it (``Coverage.held``), so it is retried once
+selected again. Gmail ids carry no UID: while one is unfinished each folder's
+``UID FETCH 1:* (UID X-GM-MSGID)`` finds their UIDs. Without UIDPLUS every folder is
+listed whole and the session reports no coverage, so no cursor is stored (MP-05).
 """
 
 import contextlib
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -237,6 +247,17 @@ class ImapOptions(ConnectionSecurity):
             raise ValueError("set since or since_days, not both")
         return self
 
+    def selection(self) -> str:
+        """The configured selection as it enters the cursor scope (MP-05): ``""``
+        for every message, else e.g. ``"unseen;since_days=7"`` (the setting, not the
+        day it gives: the window moves, mail it passed stays passed)."""
+        words = ["unseen"] if self.select == "unseen" else []
+        if self.since is not None:
+            words.append(f"since={self.since.isoformat()}")
+        if self.since_days is not None:
+            words.append(f"since_days={self.since_days}")
+        return ";".join(words)
+
     def search_criteria(self, after: int, today: date | None = None) -> str | None:
         """The ``UID SEARCH`` criteria for mail past UID ``after`` under ``select``,
         ``since`` and ``since_days`` (IC-26, IC-33; dates formatted by code, IS-08);
@@ -408,10 +429,13 @@ class _Sink:
                 self.path.unlink()
 
 
-def cursor_scope(folder: bytes, uidvalidity: int) -> str:
-    """The listing cursor's scope of a folder under one UIDVALIDITY (MP-05):
-    ``INBOX;UIDVALIDITY=3857529045``; a new UIDVALIDITY starts from no cursor."""
-    return f"{folder.decode('ascii', 'replace')};UIDVALIDITY={uidvalidity}"
+def cursor_scope(folder: bytes, uidvalidity: int, selection: str = "") -> str:
+    """The listing cursor's scope of a folder under one UIDVALIDITY and selection
+    (MP-05): ``INBOX;UIDVALIDITY=3857529045``, ``INBOX;UIDVALIDITY=3857529045;unseen``
+    (:meth:`ImapOptions.selection`); a new UIDVALIDITY or selection starts from no
+    cursor."""
+    scope = f"{folder.decode('ascii', 'replace')};UIDVALIDITY={uidvalidity}"
+    return f"{scope};{selection}" if selection else scope
 
 
 def message_uid(folder: bytes, uidvalidity: int, uid: int) -> str:
@@ -477,6 +501,8 @@ class ImapSession:
         self._committed = False
         # MP-05: the journal's listing cursors, and what the last list() covered.
         self._cursors: Mapping[str, int] = {}
+        self._unfinished: frozenset[str] = frozenset()
+        self._owed: frozenset[str] = frozenset()
         self._coverage: dict[str, Coverage] = {}
         self._log = log.bind(mailbox=mailbox, host=options.host)
 
@@ -508,14 +534,24 @@ class ImapSession:
                 out.append(uid)
         return out
 
-    def resume(self, cursors: Mapping[str, int]) -> None:
+    def resume(
+        self,
+        cursors: Mapping[str, int],
+        unfinished: Collection[str] = (),
+        owed: Collection[str] = (),
+    ) -> None:
         """MP-05: list each folder only past its cursor (scope
-        ``"<folder>;UIDVALIDITY=<v>"``, see :func:`cursor_scope`)."""
+        ``"<folder>;UIDVALIDITY=<v>[;<selection>]"``, see :func:`cursor_scope`), and
+        also the ``unfinished`` journal uids of each folder the criteria select and
+        the ``owed`` ones whatever the cursor and criteria."""
         self._cursors = dict(cursors)
+        self._unfinished = frozenset(unfinished) | frozenset(owed)
+        self._owed = frozenset(owed)
 
     def coverage(self) -> Mapping[str, Coverage]:
         """MP-05: per folder (and UIDVALIDITY) of the last :meth:`list`, the cursor it
-        started from and every UID it showed (label copies included, IC-46)."""
+        started from and every UID it showed (label copies included, IC-46); nothing
+        when the server lacks UIDPLUS (listed whole, no cursor to earn)."""
         return self._coverage
 
     # --- opening ------------------------------------------------------------------
@@ -621,13 +657,16 @@ class ImapSession:
             if folder.uidnext is not None:
                 self.listed_uidnext[wire] = folder.uidnext
             self._note_epoch(wire, folder.uidvalidity)
-            scope = cursor_scope(wire, folder.uidvalidity)
-            cover = self._coverage[scope] = Coverage(
-                self._cursors.get(scope, 0) if expunges else 0
-            )
+            scope = cursor_scope(wire, folder.uidvalidity, self.options.selection())
+            cover = Coverage(self._cursors.get(scope, 0) if expunges else 0)
+            if expunges:
+                self._coverage[scope] = cover
             if not folder.exists:
                 continue
-            found = await self._list_folder(wire, gmail=gmail, after=cover.start)
+            explicit = await self._unfinished_listing(wire, folder.uidvalidity, cover)
+            found = await self._list_folder(
+                wire, gmail=gmail, after=cover.start, explicit=explicit,
+            )
             copies = 0
             for uid in sorted(found):
                 size, msgid = found[uid]
@@ -666,27 +705,87 @@ class ImapSession:
         self._epoch_changed = True
         self.listed_uidvalidity[wire] = uidvalidity
 
+    def _uids_in(self, uids: frozenset[str], wire: bytes, uidvalidity: int) -> set[int]:
+        """The UIDs of this folder (under ``uidvalidity``) among journal ``uids``."""
+        out: set[int] = set()
+        for uid in uids:
+            parsed = parse_message_uid(uid)
+            if parsed is not None and parsed[0] == wire and parsed[1] == uidvalidity:
+                out.add(parsed[2])
+        return out
+
+    async def _unfinished_listing(
+        self, wire: bytes, uidvalidity: int, cover: Coverage
+    ) -> set[int]:
+        """MP-05: the UIDs of the selected folder to list besides the cursor's range:
+        every owed one (an acknowledgement is sent whatever the criteria), and the
+        PENDING ones the criteria still select (retried). A PENDING one on the
+        server the criteria leave out goes to ``cover.held``: no cursor passes it,
+        and it is retried once selected again."""
+        owed = self._uids_in(self._owed, wire, uidvalidity)
+        pending = self._uids_in(self._unfinished - self._owed, wire, uidvalidity) - owed
+        if any(u.startswith("X-GM-MSGID=") for u in self._unfinished):
+            by_id = await self._gmail_uids()
+            owed |= {uid for key, uids in by_id.items() if key in self._owed
+                     for uid in uids}
+            pending |= {uid for key, uids in by_id.items()
+                        if key in self._unfinished and key not in self._owed
+                        for uid in uids}
+        criteria = self.options.search_criteria(0)
+        if not pending or criteria is None:
+            return owed | pending
+        selected: set[int] = set()
+        present: set[int] = set()
+        for uidset in cmd.split_uid_sets(pending):
+            selected |= await self._search(f"UID {uidset} {criteria}", 0)
+            present |= await self._search(f"UID {uidset}", 0)
+        cover.held = (present & pending) - selected
+        return owed | (selected & pending)
+
+    async def _gmail_uids(self) -> dict[str, set[int]]:
+        """IC-46, MP-05: Gmail id → UIDs in the selected folder, by ``UID FETCH 1:*
+        (UID X-GM-MSGID)`` (only while the journal holds an unfinished Gmail id,
+        which carries no UID)."""
+        out: dict[str, set[int]] = {}
+        async for event in self.client.stream([cmd.uid_fetch("1:*", "UID X-GM-MSGID")]):
+            if isinstance(event, Data) and event.name == "FETCH":
+                items = fetch_items(event.values)
+                uid_v, msgid_v = items.get("UID"), items.get("X-GM-MSGID")
+                if uid_v is not None and msgid_v is not None:
+                    key = gmail_uid(parse_number(msgid_v, limit=2**64 - 1))
+                    out.setdefault(key, set()).add(parse_number(uid_v))
+            elif isinstance(event, Done) and not event.ok:
+                raise SourcePermanentError(
+                    f"{self.client.where}: UID FETCH refused: {event.text[:200]}"
+                )
+        return out
+
     async def _list_folder(
-        self, wire: bytes, *, gmail: bool, after: int = 0
+        self, wire: bytes, *, gmail: bool, after: int = 0,
+        explicit: set[int] | None = None,
     ) -> dict[int, tuple[int, int | None]]:
         """UID → (RFC822.SIZE, X-GM-MSGID or None) of the selected folder's messages
-        past UID ``after`` that ``select``/``since`` want, without the messages that
-        already carry a ``flag`` acknowledgement (IC-42).
+        past UID ``after`` that ``select``/``since`` want, and those of ``explicit``
+        (unfinished journal entries, MP-05) whatever ``after`` and the criteria,
+        without the messages that already carry a ``flag`` acknowledgement (IC-42).
+        On Gmail an unfinished ``X-GM-MSGID`` id has no UID: while one exists the
+        folder's ids are read first (:meth:`_gmail_uids`).
 
         IC-26: ``n:*`` always includes the folder's last message, even when its UID
         is below ``n`` (RFC 9051 §6.4.9), so every UID up to ``after`` is dropped."""
         found: dict[int, tuple[int, int | None]] = {}
-        if after >= cmd.MAX_NUMBER:
-            return found
-        uidsets = [f"{after + 1}:*"]
+        explicit = set() if explicit is None else explicit
+        uidsets = [f"{after + 1}:*"] if after < cmd.MAX_NUMBER else []
         criteria = self.options.search_criteria(after)
+        wanted: set[int] | None = None
         if criteria is not None:
             wanted = await self._search(criteria, after)
-            if not wanted:
-                return found
-            uidsets = cmd.split_uid_sets(wanted)
-        else:
-            wanted = None
+            uidsets = cmd.split_uid_sets(wanted) if wanted else []
+        extra = {u for u in explicit
+                 if u <= after or (wanted is not None and u not in wanted)}
+        uidsets += cmd.split_uid_sets(extra) if extra else []
+        if not uidsets:
+            return found
         done_flag = (
             self.ack.target.lower()
             if self.ack is not None and self.ack.kind is AckKind.FLAG and self.ack.target
@@ -704,9 +803,10 @@ class ImapSession:
                 items = fetch_items(event.values)
                 uid_v, size_v = items.get("UID"), items.get("RFC822.SIZE")
                 uid_n = parse_number(uid_v) if uid_v is not None else None
+                msgid_v = items.get("X-GM-MSGID") if gmail else None
                 if uid_n is not None and (
                     uid_n <= after or (wanted is not None and uid_n not in wanted)
-                ):
+                ) and uid_n not in explicit:
                     continue  # IC-26: below the range (n:*), or not asked for
                 flags = {f.lower() for f in flag_list(items.get("FLAGS"))}
                 if done_flag is not None and done_flag in flags:
@@ -716,7 +816,6 @@ class ImapSession:
                     continue
                 if uid_v is None or size_v is None:
                     continue
-                msgid_v = items.get("X-GM-MSGID") if gmail else None
                 found[parse_number(uid_v)] = (
                     parse_number(size_v, limit=2**63 - 1),
                     parse_number(msgid_v, limit=2**64 - 1) if msgid_v is not None else None,

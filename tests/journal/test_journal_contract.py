@@ -430,6 +430,63 @@ def test_forget_drops_the_mailboxs_cursors(journal: Journal) -> None:
     assert journal.cursors("other") == {"INBOX;UIDVALIDITY=1": 6}
 
 
+def test_forget_without_cursors_keeps_them(journal: Journal) -> None:
+    """MP-05: the ledger rewriting one entry (adopt, readopt) deletes the entry only."""
+    begin(journal, "u1")
+    journal.set_cursors(MB, {"INBOX;UIDVALIDITY=1": 5})
+    assert journal.forget(MB, ["u1"], cursors=False) == 1
+    assert journal.cursors(MB) == {"INBOX;UIDVALIDITY=1": 5}
+    assert journal.get_many(MB, ["u1"]) == {}
+
+
+def test_unfinished_are_pending_or_owed(journal: Journal) -> None:
+    for uid in ("pending", "owed", "done", "kept"):
+        begin(journal, uid)
+    journal.finish(MB, "owed", status=Status.COMMITTED, disposition="done",
+                   sha256=None, delete_due=True)
+    journal.finish(MB, "done", status=Status.COMMITTED, disposition="done",
+                   sha256=None, delete_due=False)
+    journal.finish(MB, "kept", status=Status.KEPT, disposition="keep",
+                   sha256=None, delete_due=False)
+    begin(journal, "elsewhere", mailbox="other")
+    assert sorted(journal.unfinished(MB)) == ["owed", "pending"]
+
+
+def test_set_cursors_compare_and_set(journal: Journal) -> None:
+    """MP-05: a poll's cursor write loses to a change made since it read them."""
+    scope = "INBOX;UIDVALIDITY=1"
+    journal.set_cursors(MB, {scope: 5})
+    assert not journal.set_cursors(MB, {scope: 9}, expect={scope: 4})
+    assert journal.cursors(MB) == {scope: 5}
+    assert not journal.set_cursors(MB, {scope: 9}, expect={})
+    assert journal.set_cursors(MB, {scope: 9}, expect={scope: 5})
+    assert journal.cursors(MB) == {scope: 9}
+    journal.forget(MB, [])  # `state forget` meanwhile: the cursors are dropped
+    assert not journal.set_cursors(MB, {scope: 12}, expect={scope: 9})
+    assert journal.cursors(MB) == {}
+
+
+def test_set_cursors_without_rows_checks_the_passed_entries(journal: Journal) -> None:
+    """MP-05, no cursor rows to compare: the entries the new cursor passes must still
+    be finished (not forgotten, not made owed by a replay) in the same transaction."""
+    scope = "INBOX;UIDVALIDITY=1"
+    for uid in ("u1", "u2"):
+        begin(journal, uid)
+        journal.finish(MB, uid, status=Status.QUARANTINED, disposition="quarantine",
+                       sha256=None, delete_due=False)
+    journal.forget(MB, ["u1"])
+    assert not journal.set_cursors(MB, {scope: 2}, expect={}, passed=["u1", "u2"])
+    journal.finish(MB, "u2", status=Status.COMMITTED, disposition="done",
+                   sha256=None, delete_due=True)  # a replay made it owed
+    assert not journal.set_cursors(MB, {scope: 2}, expect={}, passed=["u2"])
+    begin(journal, "u3")  # PENDING
+    assert not journal.set_cursors(MB, {scope: 3}, expect={}, passed=["u3"])
+    assert journal.cursors(MB) == {}
+    journal.mark_deleted(MB, ["u2"])
+    assert journal.set_cursors(MB, {scope: 2}, expect={}, passed=["u2"])
+    assert journal.cursors(MB) == {scope: 2}
+
+
 def test_a_stale_fence_refuses_a_cursor_write(backend: Backend) -> None:
     paused, owner = backend.open(), backend.open()
     assert paused.lock_mailbox(MB, owner="paused", ttl=30)
