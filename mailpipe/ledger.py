@@ -681,12 +681,10 @@ def replay_done(
         for step in [*result.committed, *result.pending]:
             journal.step_committed(mailbox, uid, step)
         if entry.status != Status.DELETED:
-            if not entry.delete_due and entry.status == Status.QUARANTINED and (
-                not keep and delete_policy == "after_processing"
-            ):
-                # Owed now, maybe below a listing cursor: list the mailbox whole once
-                # more so that the acknowledgement reaches it (MP-05).
-                journal.set_cursors(mailbox, {})
+            # Owed now, maybe below a listing cursor: a CursorSession lists every owed
+            # uid whatever its cursor (MP-05), so the cursors stay (dropping them here
+            # took the cursor rows after the entry, the reverse of the compare-and-set's
+            # lock order: a deadlock on PostgreSQL).
             journal.finish(
                 mailbox, uid,
                 status=Status.KEPT if keep else Status.COMMITTED,

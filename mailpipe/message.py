@@ -179,7 +179,8 @@ class Message:
 
         Reads at most :data:`MAX_HEAD_OCTETS` from the start, up to the first empty
         line, so asking a header of a 200 MB message costs kilobytes, not the message
-        (a hostile server cannot exhaust memory through a header lookup).
+        (a hostile server cannot exhaust memory through a header lookup). A header
+        section longer than that is cut there: fields after the cut read as absent.
         """
         if self._head is None:
             with self.open() as f:

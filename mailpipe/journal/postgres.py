@@ -580,8 +580,10 @@ class PostgresJournal:
         with self.batch(), self._tx() as conn:
             if cursors:
                 # MP-05: a forgotten message under a cursor must be listed again
-                # (one transaction with the entries: a concurrent set_cursors sees
-                # both or neither).
+                # (one transaction with the entries, serialised with set_cursors by
+                # the mailbox's cursor lock: under READ COMMITTED a DELETE waiting
+                # on the cursor rows would not see the rows that commit inserts).
+                _lock_cursors(conn, mailbox)
                 conn.execute(
                     "DELETE FROM mailpipe_cursors WHERE mailbox = %s", (mailbox,)
                 )
@@ -617,10 +619,11 @@ class PostgresJournal:
         fence: Fence | None = None,
     ) -> bool:
         """Replace the listing cursors of ``mailbox`` with ``cursors``; with
-        ``expect``, compare-and-set in one transaction: the mailbox's cursor rows
-        ``FOR UPDATE``, the passed entries ``FOR SHARE`` (a concurrent forget or
-        replay waits for this commit, or this one sees its result)."""
+        ``expect``, compare-and-set in one transaction: the mailbox's cursor lock
+        (which :meth:`forget` takes too, so a concurrent forget runs wholly before or
+        after this), then the passed entries ``FOR SHARE``."""
         with self.batch(fence=fence), self._tx() as conn:
+            _lock_cursors(conn, mailbox)
             if expect is not None:
                 current = dict(conn.execute(
                     "SELECT scope, position FROM mailpipe_cursors WHERE mailbox = %s "
@@ -850,3 +853,15 @@ class PostgresJournal:
 
     def __repr__(self) -> str:
         return f"PostgresJournal(schema={self.schema!r})"
+
+
+#: The advisory-lock namespace of the cursor lock (``"mp"``), beside ``hashtext``.
+_CURSOR_LOCK_SPACE: Final = 0x6D70
+
+
+def _lock_cursors(conn: Any, mailbox: str) -> None:
+    """Take ``mailbox``'s cursor lock until the transaction ends (MP-05): set_cursors
+    and forget serialise on it, each taking it before any row of its own."""
+    conn.execute(
+        "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_CURSOR_LOCK_SPACE, mailbox)
+    )

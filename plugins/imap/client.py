@@ -179,7 +179,10 @@ class ImapClient:
 
     async def _handshake(self) -> None:
         assert self._writer is not None
-        assert not self._out, "nothing may be sent in clear text before TLS"
+        if self._out:  # IC-16: nothing in clear text after STARTTLS (kept under -O)
+            raise RemoteProtocolError(
+                f"{self.where}: commands were pending before TLS; nothing sent"
+            )
         await secure(
             self._writer,
             self.ssl_context,
