@@ -65,6 +65,10 @@ class Step:
     has_flush: bool
     lock: asyncio.Lock | None = None
     flush_failures: int = 0  # failed flush() calls so far (see ChainResult.flush_epoch)
+    #: One flush at a time, its failure counted before the next starts: a flush that
+    #: finds the buffer another mailbox's failed flush just rolled back must see that
+    #: failure in :meth:`Chain.flushed` (MP-04: acknowledged only once durable).
+    flush_guard: asyncio.Lock = field(default_factory=asyncio.Lock)
     budget: float = DEFAULT_BUDGET  # its pipeline's processing_budget, in seconds
     worker: StepWorker = field(init=False)
 
@@ -216,15 +220,16 @@ class Chain:
         for step in self._all():
             if step.has_flush:
                 budget = Budget(step.budget)
-                try:
-                    if step.lock is not None:  # never interleaved with a process()
-                        async with step.lock:
+                async with step.flush_guard:
+                    try:
+                        if step.lock is not None:  # never interleaved with a process()
+                            async with step.lock:
+                                await step.call("flush", budget=budget)
+                        else:
                             await step.call("flush", budget=budget)
-                    else:
-                        await step.call("flush", budget=budget)
-                except BaseException:
-                    step.flush_failures += 1
-                    raise
+                    except BaseException:
+                        step.flush_failures += 1
+                        raise
 
     def flushed(self, result: ChainResult) -> bool:
         """True unless a flush of one of ``result``'s pending steps failed since it ran.
