@@ -21,9 +21,6 @@ from mailpipe.units import ByteSize, Duration
 
 from .push import IDLE_RENEW, MAX_IDLE_CONNECTIONS, STATUS_INTERVAL
 
-AUTH_METHODS = (
-    "auto", "login", "plain", "scram-sha-1", "scram-sha-256", "xoauth2", "oauthbearer",
-)
 SASL_NAMES = {
     "plain": "PLAIN", "scram-sha-1": "SCRAM-SHA-1", "scram-sha-256": "SCRAM-SHA-256",
     "xoauth2": "XOAUTH2", "oauthbearer": "OAUTHBEARER",
@@ -229,4 +226,4 @@ def imap_date(day: date) -> str:
     return f"{day.day}-{_MONTHS[day.month - 1]}-{day.year}"
 
 
-__all__ = ["AUTH_METHODS", "SASL_NAMES", "ImapOptions", "imap_date"]
+__all__ = ["SASL_NAMES", "ImapOptions", "imap_date"]

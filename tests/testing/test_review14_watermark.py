@@ -59,8 +59,10 @@ async def test_select_unseen_watermark_passes_a_failing_message(tmp_path: Path) 
         set_flags(srv, 1, drop="\\Seen")  # ... and marked it unread again
         Recorder.failing = False
         await rig.runner.poll()
-        assert rig.cursors().get(SCOPE, 0) < 1, "the cursor passed a PENDING message"
         assert Recorder.seen.count("bad0") == 2, "the failing message is never retried"
+        # Both finished now: only then does the cursor pass UID 1.
+        assert rig.journal.get_many("box", [UID1])[UID1].status is not Status.PENDING
+        assert rig.cursors() == {f"{SCOPE};unseen": 2}
 
 
 async def test_select_unseen_owed_acknowledgement_is_settled_as_gone(
