@@ -25,12 +25,11 @@ def run(*args: str) -> str:
 def need_imap_dovecot() -> None:
     """Skip without Dovecot's imapd (fail in CI)."""
     from mailpipe.testing.dovecot import dovecot_unavailable_reason
+    from mailpipe.testing.pytest_plugin import skip_or_fail
 
     reason = dovecot_unavailable_reason(imap=True)
     if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        skip_or_fail(reason)
 
 
 def test_store_throughput_small() -> None:
