@@ -14,6 +14,7 @@ or configuration error.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import sqlite3
 import sys
@@ -623,7 +624,18 @@ def demo(directory: str, reset: bool) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (also ``python -m mailpipe``).
+
+    However the command ends, the objects the process still holds are moved to the
+    cyclic garbage collector's permanent generation (:func:`gc.freeze`) on the way
+    out: the interpreter's final full collections then skip the ~40,000 objects of
+    the imported modules, the plugins and the validated config, which cost more CPU
+    (~35 ms) than ``run --once`` spends polling an empty mailbox (issue 18). Nothing
+    depends on those collections: journal, store and quarantine writes are committed
+    before their acknowledgement and files are closed explicitly; ``atexit`` handlers
+    (logging's flush) still run. Only this entry point does it, never an in-process
+    caller of :data:`cli` (tests, ``CliRunner``).
+    """
     try:
         cli.main(prog_name="mailpipe", standalone_mode=True)
     except KeyboardInterrupt:  # pragma: no cover - interactive
@@ -633,3 +645,5 @@ def main() -> None:
 
         click.echo(f"mailpipe: {type(exc).__name__}: {redact(str(exc))}", err=True)
         sys.exit(EXIT_FAILURE)
+    finally:
+        gc.freeze()
