@@ -48,7 +48,8 @@ def test_loading_the_plugins_imports_no_processor_module() -> None:
 def test_run_start_up_does_not_import_oauth_or_the_parser(tmp_path: Path) -> None:
     """Issue 18: the CLI and a validated configuration that uses `parse` but no OAuth
     import neither the token broker (its cache, cryptography) nor the parser (email,
-    the record's dataclasses); they come with the first OAuth mailbox or message."""
+    the record's dataclasses) nor the stdlib's email parser and header registry
+    (mailpipe.message); they come with the first OAuth mailbox or message."""
     config = tmp_path / "pipeline.toml"
     config.write_text(
         '[[mailboxes]]\nname = "a"\nhost = "mail.example"\nusername = "u"\n'
@@ -62,7 +63,8 @@ def test_run_start_up_does_not_import_oauth_or_the_parser(tmp_path: Path) -> Non
     unwanted = [
         m for m in loaded
         if m.startswith(("mailpipe.oauth.broker", "mailpipe.oauth.cache", "cryptography",
-                         "mailpipe.plugins.parse.parser", "mailpipe.oauth.cli"))
+                         "mailpipe.plugins.parse.parser", "mailpipe.oauth.cli",
+                         "email.policy", "email.parser", "email.headerregistry"))
     ]
     assert unwanted == []
     assert "mailpipe.plugins.parse.processor" in loaded  # the config was validated
