@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def modules_after(code: str, prefix: str) -> list[str]:
     """Run ``code`` in a new interpreter; the loaded modules starting with ``prefix``."""
@@ -103,3 +105,52 @@ def test_the_entry_point_freezes_the_heap_before_the_interpreter_exits() -> None
     )
     assert done.stdout.splitlines()[-1] == "frozen True"
     assert "mailpipe" in done.stdout  # the command itself ran (--version)
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["python", "-m", "mailpipe", "run", "p.toml"], True),
+        (["python", "-X", "importtime", "-u", "-m", "mailpipe"], True),
+        (["/venv/bin/python", "/venv/bin/mailpipe", "run"], True),  # console script
+        (["python", "-X", "mailpipe", "tool.py"], False),
+        (["python", "tool.py", "-m", "mailpipe"], False),  # the script's own argument
+        (["python", "-c", "import mailpipe", "-m", "mailpipe"], False),
+        (["python", "-m", "pytest", "-m", "mailpipe"], False),
+        (["python", "-m", "mailpipe.demo"], False),
+        (["python"], False),
+    ],
+)
+def test_the_command_is_recognised_from_the_interpreter_command_line(
+    argv: list[str], command: bool
+) -> None:
+    from mailpipe._imports import started_as_the_command
+
+    assert started_as_the_command(argv) is command
+
+
+def test_the_command_imports_with_the_collector_paused_then_frozen() -> None:
+    """Issue 18: started as the command, the imports run with the cyclic collector
+    paused; main() freezes what they allocated and resumes it before the command."""
+    probe = (
+        "import gc, sys\n"
+        "sys.orig_argv = [sys.executable, '-m', 'mailpipe', '--version']\n"
+        "frozen_before = gc.get_freeze_count()\n"
+        "import mailpipe.cli\n"
+        "print('paused', not gc.isenabled())\n"
+        "mailpipe.cli.cli.main = lambda **kw: print('collecting', gc.isenabled(),"
+        " gc.get_freeze_count() > frozen_before)\n"
+        "mailpipe.cli.main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.splitlines() == ["paused True", "collecting True True"]
+
+
+def test_a_program_importing_mailpipe_keeps_its_collector() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", "import gc, mailpipe.cli; print(gc.isenabled())"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert out.split() == ["True"]
