@@ -9,24 +9,21 @@ import hashlib
 import json
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    GetCoreSchemaHandler,
-    GetJsonSchemaHandler,
     PrivateAttr,
     TypeAdapter,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import core_schema
 
 from mailpipe.oauth.scopes import Protocol, default_scopes
+from mailpipe.oauth.table import OAuthOptions as OAuthOptions  # its former home
 from mailpipe.secrets import Secret
 from mailpipe.units import Duration
 
@@ -354,14 +351,18 @@ _MODELS: dict[str, type[AnyOAuth]] = {
 
 
 @cache
-def _union() -> TypeAdapter[AnyOAuth]:
-    """The three models as one union: what a value other than a table meets."""
+def provider_union() -> TypeAdapter[AnyOAuth]:
+    """The three models as one union: the ``oauth`` table's JSON Schema, and what a
+    value other than a table meets."""
     return TypeAdapter(AnyOAuth)
 
 
-def _validate_table(value: Any, info: ValidationInfo) -> AnyOAuth:
-    # The provider's own model validates the table, so an error names the TOML key
-    # (oauth.client_id, oauth.provider) and shows only that key's value.
+def validate_table(value: Any, info: ValidationInfo) -> AnyOAuth:
+    """Validate an ``oauth`` table (:data:`mailpipe.oauth.table.OAuthOptions`).
+
+    The provider's own model validates it, so an error names the TOML key
+    (oauth.client_id, oauth.provider) and shows only that key's value.
+    """
     if isinstance(value, dict):
         provider = value.get("provider")
         model = _MODELS.get(provider) if isinstance(provider, str) else None
@@ -369,30 +370,4 @@ def _validate_table(value: Any, info: ValidationInfo) -> AnyOAuth:
             return model.model_validate(value, context=info.context)
         _Provider.model_validate({"provider": provider} if "provider" in value else {})
     # Not a table (a model instance passes; anything else fails as the union does).
-    return _union().validate_python(value, context=info.context)
-
-
-class _ProviderTable:
-    """The ``oauth`` field's schema: validated by the provider's model, chosen by
-    ``provider``, when the configuration is (start-up, ``mailpipe check``).
-
-    The provider models are built (pydantic's core schemas) on the first ``oauth``
-    table, not with every POP3 or IMAP mailbox's options (issue 18); the JSON Schema
-    (``mailpipe schema``) is the union of the three models.
-    """
-
-    @classmethod
-    def __get_pydantic_core_schema__(
-        cls, source: Any, handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        return core_schema.with_info_plain_validator_function(_validate_table)
-
-    @classmethod
-    def __get_pydantic_json_schema__(
-        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
-        return handler(_union().core_schema)
-
-
-#: The ``oauth`` table: one of the provider models, chosen by ``provider``.
-OAuthOptions = Annotated[AnyOAuth, _ProviderTable]
+    return provider_union().validate_python(value, context=info.context)

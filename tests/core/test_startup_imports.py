@@ -49,7 +49,8 @@ def test_loading_the_plugins_imports_no_processor_module() -> None:
 
 def test_run_start_up_does_not_import_oauth_or_the_parser(tmp_path: Path) -> None:
     """Issue 18: the CLI and a validated configuration that uses `parse` but no OAuth
-    import neither the token broker (its cache, cryptography) nor the parser (email,
+    import neither the token broker (its cache, cryptography), the OAuth provider
+    models (mailpipe.oauth.table validates a table with them) nor the parser (email,
     the record's dataclasses) nor the stdlib's email parser and header registry
     (mailpipe.message); they come with the first OAuth mailbox or message."""
     config = tmp_path / "pipeline.toml"
@@ -66,7 +67,8 @@ def test_run_start_up_does_not_import_oauth_or_the_parser(tmp_path: Path) -> Non
         m for m in loaded
         if m.startswith(("mailpipe.oauth.broker", "mailpipe.oauth.cache", "cryptography",
                          "mailpipe.plugins.parse.parser", "mailpipe.oauth.cli",
-                         "email.policy", "email.parser", "email.headerregistry"))
+                         "email.policy", "email.parser", "email.headerregistry",
+                         "mailpipe.oauth.options"))
     ]
     assert unwanted == []
     assert "mailpipe.plugins.parse.processor" in loaded  # the config was validated
