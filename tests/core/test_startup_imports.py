@@ -52,7 +52,8 @@ def test_run_start_up_does_not_import_oauth_or_the_parser(tmp_path: Path) -> Non
     import neither the token broker (its cache, cryptography), the OAuth provider
     models (mailpipe.oauth.table validates a table with them) nor the parser (email,
     the record's dataclasses) nor the stdlib's email parser and header registry
-    (mailpipe.message); they come with the first OAuth mailbox or message."""
+    (mailpipe.message), nor difflib (a config mistake's suggestion); they come with
+    the first OAuth mailbox, message or mistake."""
     config = tmp_path / "pipeline.toml"
     config.write_text(
         '[[mailboxes]]\nname = "a"\nhost = "mail.example"\nusername = "u"\n'
@@ -68,7 +69,7 @@ def test_run_start_up_does_not_import_oauth_or_the_parser(tmp_path: Path) -> Non
         if m.startswith(("mailpipe.oauth.broker", "mailpipe.oauth.cache", "cryptography",
                          "mailpipe.plugins.parse.parser", "mailpipe.oauth.cli",
                          "email.policy", "email.parser", "email.headerregistry",
-                         "mailpipe.oauth.options"))
+                         "mailpipe.oauth.options", "difflib"))
     ]
     assert unwanted == []
     assert "mailpipe.plugins.parse.processor" in loaded  # the config was validated
