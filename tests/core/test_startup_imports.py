@@ -12,16 +12,20 @@ from pathlib import Path
 import pytest
 
 
+def probe_lines(code: str) -> list[str]:
+    """Run ``code`` in a new interpreter; the lines it printed."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    return done.stdout.splitlines()
+
+
 def modules_after(code: str, prefix: str) -> list[str]:
     """Run ``code`` in a new interpreter; the loaded modules starting with ``prefix``."""
-    probe = (
+    return probe_lines(
         f"{code}\nimport sys\n"
         f"print('\\n'.join(sorted(m for m in sys.modules if m.startswith({prefix!r}))))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
-    )
-    return done.stdout.split()
 
 
 def test_run_start_up_does_not_import_rich() -> None:
@@ -103,11 +107,9 @@ def test_the_entry_point_freezes_the_heap_before_the_interpreter_exits() -> None
         "from mailpipe.cli import main\n"
         "main()\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
-    )
-    assert done.stdout.splitlines()[-1] == "frozen True"
-    assert "mailpipe" in done.stdout  # the command itself ran (--version)
+    lines = probe_lines(probe)
+    assert lines[-1] == "frozen True"
+    assert "mailpipe" in lines[0]  # the command itself ran (--version)
 
 
 @pytest.mark.parametrize(
@@ -145,15 +147,8 @@ def test_the_command_imports_with_the_collector_paused_then_frozen() -> None:
         " gc.get_freeze_count() > frozen_before)\n"
         "mailpipe.cli.main()\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
-    )
-    assert done.stdout.splitlines() == ["paused True", "collecting True True"]
+    assert probe_lines(probe) == ["paused True", "collecting True True"]
 
 
 def test_a_program_importing_mailpipe_keeps_its_collector() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", "import gc, mailpipe.cli; print(gc.isenabled())"],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    assert out.split() == ["True"]
+    assert probe_lines("import gc, mailpipe.cli; print(gc.isenabled())") == ["True"]
