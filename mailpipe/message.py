@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import email.policy
 import hashlib
 import re
 from dataclasses import dataclass, field
 from email.message import EmailMessage
-from email.parser import BytesParser
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from email.parser import BytesParser
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,6 +86,15 @@ def distinct_uids(refs: list[MessageRef]) -> tuple[list[MessageRef], int]:
 MAX_HEAD_OCTETS = 1 << 20
 #: The end of the header section: the first empty line (CRLF or LF).
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
+def _parser() -> BytesParser:
+    """The stdlib's lenient parser (``policy=default``). ``email.policy`` and its
+    header registry are imported with the first parse, not at start-up (issue 18)."""
+    import email.policy
+    from email.parser import BytesParser
+
+    return BytesParser(policy=email.policy.default)
 
 
 @dataclass(eq=False, kw_only=True)
@@ -168,7 +178,7 @@ class Message:
         """The message parsed leniently by the stdlib (``policy=default``), cached."""
         if self._email is None:
             with self.open() as f:
-                parsed = BytesParser(policy=email.policy.default).parse(f)
+                parsed = _parser().parse(f)
             assert isinstance(parsed, EmailMessage)
             self._email = parsed
         return self._email
@@ -188,9 +198,7 @@ class Message:
             end = _HEAD_END.search(block)
             if end is not None:
                 block = block[: end.end()]
-            parsed = BytesParser(policy=email.policy.default).parsebytes(
-                block, headersonly=True
-            )
+            parsed = _parser().parsebytes(block, headersonly=True)
             assert isinstance(parsed, EmailMessage)
             self._head = parsed
         return self._head

@@ -7,7 +7,6 @@ is made here, so the report has one form: ``key.path: message (got VALUE)``.
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 import typing
@@ -82,6 +81,8 @@ def shown(value: Any, loc: str) -> str:
 
 def suggestion(word: str, choices: list[str]) -> str:
     """``"; did you mean 'x'?"`` for the closest of ``choices``, else ``";"``."""
+    import difflib  # only when there is a mistake to suggest a fix for
+
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ";"
 

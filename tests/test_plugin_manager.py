@@ -457,3 +457,28 @@ def test_plugin_host_modules_keep_no_mutable_module_state() -> None:
         }
         assert state == set(), f"{module.__name__} keeps module state: {state}"
 
+
+
+def test_entry_points_are_parsed_only_when_a_distribution_declares_the_group(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Issue 18: without a distribution declaring [mailpipe], no entry_points.txt is
+    parsed at start-up; with one, its plugin is found as before."""
+    import importlib.metadata
+
+    real = importlib.metadata.entry_points
+    calls: list[str] = []
+
+    def counted(**kwargs: Any) -> Any:
+        calls.append(kwargs["group"])
+        return real(**kwargs)
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", counted)
+    get_plugin_manager(entry_points=True)
+    assert calls == []
+    install_entry_point_plugin(
+        monkeypatch, tmp_path, dist="mp-declared", ep_name="declared",
+        module="mp_declared", source=GOOD_PLUGIN.format(proc="declared.tag"),
+    )
+    assert get_plugin_manager(entry_points=True).has_plugin("declared")
+    assert calls == [ENTRY_POINT_GROUP]

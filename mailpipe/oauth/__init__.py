@@ -19,29 +19,31 @@ from mailpipe.oauth.errors import (
     NoRefreshToken,
     TokenEndpointBusy,
 )
-from mailpipe.oauth.options import (
-    GoogleOAuth,
-    MicrosoftOAuth,
-    OAuthOptions,
-    OidcOAuth,
-)
+from mailpipe.oauth.table import OAuthOptions
 
 if TYPE_CHECKING:
     from mailpipe.oauth.broker import TokenBroker
+    from mailpipe.oauth.options import GoogleOAuth, MicrosoftOAuth, OidcOAuth
     from mailpipe.oauth.pool import broker_for
+
+#: Imported on first use (name -> module): a configuration without OAuth never pays
+#: at start-up for the broker (token cache, cryptography) nor the provider models
+#: (issue 18).
+_LAZY = {
+    "TokenBroker": "mailpipe.oauth.broker",
+    "broker_for": "mailpipe.oauth.pool",
+    "GoogleOAuth": "mailpipe.oauth.options",
+    "MicrosoftOAuth": "mailpipe.oauth.options",
+    "OidcOAuth": "mailpipe.oauth.options",
+}
 
 
 def __getattr__(name: str) -> Any:
-    """The broker (token cache, cryptography) is imported on first use: a
-    configuration without OAuth never pays for it at start-up (issue 18)."""
-    if name == "TokenBroker":
-        from mailpipe.oauth.broker import TokenBroker
+    """The names of :data:`_LAZY`, imported on first use."""
+    if name in _LAZY:
+        import importlib
 
-        return TokenBroker
-    if name == "broker_for":
-        from mailpipe.oauth.pool import broker_for
-
-        return broker_for
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [

@@ -7,21 +7,23 @@ never echoes the table (which may hold a client secret) as its input.
 
 import hashlib
 import json
+from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     PrivateAttr,
+    TypeAdapter,
     ValidationInfo,
-    WrapValidator,
     field_validator,
     model_validator,
 )
 
 from mailpipe.oauth.scopes import Protocol, default_scopes
+from mailpipe.oauth.table import OAuthOptions as OAuthOptions  # its former home
 from mailpipe.secrets import Secret
 from mailpipe.units import Duration
 
@@ -337,28 +339,35 @@ class OidcOAuth(_Common):
 
 
 class _Provider(BaseModel):
+    model_config = ConfigDict(defer_build=True)
+
     provider: Literal["microsoft", "google", "oidc"]
 
 
-_MODELS: dict[str, type[BaseModel]] = {}
-
-
-def _dispatch(value: Any, handler: Any, info: ValidationInfo) -> Any:
-    # The provider's own model validates the table, so an error names the TOML key
-    # (oauth.client_id, oauth.provider) and shows only that key's value.
-    if not isinstance(value, dict):
-        return handler(value)
-    provider = value.get("provider")
-    model = _MODELS.get(provider) if isinstance(provider, str) else None
-    if model is None:
-        _Provider.model_validate({"provider": provider} if "provider" in value else {})
-        return handler(value)  # not reached: the line above raised
-    return model.model_validate(value, context=info.context)
-
-
-#: The ``oauth`` table: one of the provider models, chosen by ``provider``.
-OAuthOptions = Annotated[
-    MicrosoftOAuth | GoogleOAuth | OidcOAuth, WrapValidator(_dispatch)
-]
 AnyOAuth = MicrosoftOAuth | GoogleOAuth | OidcOAuth
-_MODELS.update(microsoft=MicrosoftOAuth, google=GoogleOAuth, oidc=OidcOAuth)
+_MODELS: dict[str, type[AnyOAuth]] = {
+    "microsoft": MicrosoftOAuth, "google": GoogleOAuth, "oidc": OidcOAuth
+}
+
+
+@cache
+def provider_union() -> TypeAdapter[AnyOAuth]:
+    """The three models as one union: the ``oauth`` table's JSON Schema, and what a
+    value other than a table meets."""
+    return TypeAdapter(AnyOAuth)
+
+
+def validate_table(value: Any, info: ValidationInfo) -> AnyOAuth:
+    """Validate an ``oauth`` table (:data:`mailpipe.oauth.table.OAuthOptions`).
+
+    The provider's own model validates it, so an error names the TOML key
+    (oauth.client_id, oauth.provider) and shows only that key's value.
+    """
+    if isinstance(value, dict):
+        provider = value.get("provider")
+        model = _MODELS.get(provider) if isinstance(provider, str) else None
+        if model is not None:
+            return model.model_validate(value, context=info.context)
+        _Provider.model_validate({"provider": provider} if "provider" in value else {})
+    # Not a table (a model instance passes; anything else fails as the union does).
+    return provider_union().validate_python(value, context=info.context)

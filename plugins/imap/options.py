@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from mailpipe.credentials import check_auth_has_credentials, check_token_when_needed
-from mailpipe.oauth.options import OAuthOptions
+from mailpipe.oauth.table import OAuthOptions
 from mailpipe.secrets import Secret
 from mailpipe.tls import ConnectionSecurity
 from mailpipe.units import ByteSize, Duration

@@ -24,7 +24,7 @@ from mailpipe.errors import (
     SourcePermanentError,
 )
 from mailpipe.message import Message, MessageRef, distinct_uids
-from mailpipe.oauth.options import OAuthOptions
+from mailpipe.oauth.table import OAuthOptions
 from mailpipe.secrets import Secret
 from mailpipe.source import Ack, AckKind, SessionFacts, SourceContext, Unretrievable
 from mailpipe.tls import ConnectionSecurity

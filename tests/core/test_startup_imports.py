@@ -9,17 +9,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+
+def probe_lines(code: str) -> list[str]:
+    """Run ``code`` in a new interpreter; the lines it printed."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    return done.stdout.splitlines()
+
 
 def modules_after(code: str, prefix: str) -> list[str]:
     """Run ``code`` in a new interpreter; the loaded modules starting with ``prefix``."""
-    probe = (
+    return probe_lines(
         f"{code}\nimport sys\n"
         f"print('\\n'.join(sorted(m for m in sys.modules if m.startswith({prefix!r}))))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
-    )
-    return done.stdout.split()
 
 
 def test_run_start_up_does_not_import_rich() -> None:
@@ -47,8 +53,11 @@ def test_loading_the_plugins_imports_no_processor_module() -> None:
 
 def test_run_start_up_does_not_import_oauth_or_the_parser(tmp_path: Path) -> None:
     """Issue 18: the CLI and a validated configuration that uses `parse` but no OAuth
-    import neither the token broker (its cache, cryptography) nor the parser (email,
-    the record's dataclasses); they come with the first OAuth mailbox or message."""
+    import neither the token broker (its cache, cryptography), the OAuth provider
+    models (mailpipe.oauth.table validates a table with them) nor the parser (email,
+    the record's dataclasses) nor the stdlib's email parser and header registry
+    (mailpipe.message), nor difflib (a config mistake's suggestion); they come with
+    the first OAuth mailbox, message or mistake."""
     config = tmp_path / "pipeline.toml"
     config.write_text(
         '[[mailboxes]]\nname = "a"\nhost = "mail.example"\nusername = "u"\n'
@@ -62,7 +71,9 @@ def test_run_start_up_does_not_import_oauth_or_the_parser(tmp_path: Path) -> Non
     unwanted = [
         m for m in loaded
         if m.startswith(("mailpipe.oauth.broker", "mailpipe.oauth.cache", "cryptography",
-                         "mailpipe.plugins.parse.parser", "mailpipe.oauth.cli"))
+                         "mailpipe.plugins.parse.parser", "mailpipe.oauth.cli",
+                         "email.policy", "email.parser", "email.headerregistry",
+                         "mailpipe.oauth.options", "difflib"))
     ]
     assert unwanted == []
     assert "mailpipe.plugins.parse.processor" in loaded  # the config was validated
@@ -83,3 +94,61 @@ def test_the_parse_defaults_agree() -> None:
     from mailpipe.plugins.parse import parser, processor
 
     assert processor.MAX_BODY == parser.MAX_BODY
+
+
+def test_the_entry_point_freezes_the_heap_before_the_interpreter_exits() -> None:
+    """Issue 18: the interpreter's final collections walked every start-up object
+    (~35 ms of CPU per `run --once`); `mailpipe.cli.main` freezes them on the way out,
+    whatever the command (atexit handlers, which run after it, see them frozen)."""
+    probe = (
+        "import atexit, gc, sys\n"
+        "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0))\n"
+        "sys.argv = ['mailpipe', '--version']\n"
+        "from mailpipe.cli import main\n"
+        "main()\n"
+    )
+    lines = probe_lines(probe)
+    assert lines[-1] == "frozen True"
+    assert "mailpipe" in lines[0]  # the command itself ran (--version)
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["python", "-m", "mailpipe", "run", "p.toml"], True),
+        (["python", "-X", "importtime", "-u", "-m", "mailpipe"], True),
+        (["/venv/bin/python", "/venv/bin/mailpipe", "run"], True),  # console script
+        (["python", "-X", "mailpipe", "tool.py"], False),
+        (["python", "tool.py", "-m", "mailpipe"], False),  # the script's own argument
+        (["python", "-c", "import mailpipe", "-m", "mailpipe"], False),
+        (["python", "-m", "pytest", "-m", "mailpipe"], False),
+        (["python", "-m", "mailpipe.demo"], False),
+        (["python"], False),
+    ],
+)
+def test_the_command_is_recognised_from_the_interpreter_command_line(
+    argv: list[str], command: bool
+) -> None:
+    from mailpipe._imports import started_as_the_command
+
+    assert started_as_the_command(argv) is command
+
+
+def test_the_command_imports_with_the_collector_paused_then_frozen() -> None:
+    """Issue 18: started as the command, the imports run with the cyclic collector
+    paused; main() freezes what they allocated and resumes it before the command."""
+    probe = (
+        "import gc, sys\n"
+        "sys.orig_argv = [sys.executable, '-m', 'mailpipe', '--version']\n"
+        "frozen_before = gc.get_freeze_count()\n"
+        "import mailpipe.cli\n"
+        "print('paused', not gc.isenabled())\n"
+        "mailpipe.cli.cli.main = lambda **kw: print('collecting', gc.isenabled(),"
+        " gc.get_freeze_count() > frozen_before)\n"
+        "mailpipe.cli.main()\n"
+    )
+    assert probe_lines(probe) == ["paused True", "collecting True True"]
+
+
+def test_a_program_importing_mailpipe_keeps_its_collector() -> None:
+    assert probe_lines("import gc, mailpipe.cli; print(gc.isenabled())") == ["True"]

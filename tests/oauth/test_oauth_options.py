@@ -120,3 +120,23 @@ def test_scopes_are_overridable() -> None:
                      "cache_key": "k", "scopes": ["custom/Mail"]})
     assert isinstance(options, MicrosoftOAuth)
     assert options.effective_scopes("pop3") == ("custom/Mail",)
+
+
+@pytest.mark.parametrize(
+    "options",
+    ["mailpipe.plugins.pop3.source:Pop3Options", "mailpipe.plugins.imap.options:ImapOptions"],
+)
+def test_the_mail_options_schema_leaves_the_provider_models_to_first_use(
+    options: str,
+) -> None:
+    """Issue 18: building a POP3/IMAP mailbox's options (every start-up) does not build
+    the three provider models into its schema; the table is still validated then, by
+    the provider's model (the tests above)."""
+    import importlib
+
+    module, _, name = options.partition(":")
+    model = getattr(importlib.import_module(module), name)
+    model.model_rebuild()
+    schema = repr(model.__pydantic_core_schema__)
+    assert "oauth" in schema
+    assert not any(m in schema for m in ("MicrosoftOAuth", "GoogleOAuth", "OidcOAuth"))
