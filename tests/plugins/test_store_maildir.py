@@ -652,14 +652,7 @@ async def test_a_failed_syncfs_means_no_dele(
 ) -> None:
     """P-09 through the engine: the group whose syncfs failed is not acknowledged;
     the next poll stores it (inline) and deletes it."""
-    from mailpipe.chain import Chain
-    from mailpipe.engine import MailboxRunner
-    from mailpipe.journal.sqlite import SqliteJournal
-    from mailpipe.plugin_manager import Hooks, get_plugin_manager
-    from mailpipe.quarantine import Quarantine
-    from mailpipe.registry import Registry
-    from mailpipe.testing.fakes import FakeSource
-    from mailpipe.validation import validate_config
+    from mailpipe.testing.fakes import FakeSource, fake_runner
 
     if not syncfs_module.available():
         skip_or_fail("syncfs does not report write-back errors here")
@@ -672,22 +665,9 @@ async def test_a_failed_syncfs_means_no_dele(
         real_sync(fd)
 
     monkeypatch.setattr(syncfs_module, "syncfs", syncfs)
-    registry = Registry()
-    registry.add("source", FakeSource, "test")
-    registry.add("processor", MaildirStore, "test")
-    data = {
-        "mailboxes": [{"name": "sbox", "source": "fake", "pipeline": "p"}],
-        "pipelines": {"p": {"processors": [{"use": "store.maildir", "path": "md"}]}},
-    }
-    config = validate_config(data, path=tmp_path / "pipeline.toml", registry=registry)
     FakeSource.boxes.pop("sbox", None)
-    runner = MailboxRunner(
-        config.mailboxes[0],
-        config=config,
-        chain=Chain(config.pipelines, base_dir=tmp_path),
-        journal=SqliteJournal(tmp_path / "journal.sqlite3"),
-        quarantine=Quarantine(tmp_path / "q"),
-        hooks=Hooks(get_plugin_manager(entry_points=False)),
+    runner = fake_runner(
+        tmp_path, [{"use": "store.maildir", "path": "md"}], MaildirStore, mailbox="sbox"
     )
     box = runner.source.box
     try:
