@@ -15,8 +15,6 @@ them once: conservative, never the other way round.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import re
@@ -40,8 +38,12 @@ def release_reports_errors(release: str) -> bool:
 
 @cache
 def _libc_syncfs() -> Callable[[int], int] | None:
+    """libc's syncfs, or None. ctypes is imported here, at the first store open,
+    not at start-up; the process's own symbols (dlopen(NULL)) include libc's."""
+    import ctypes
+
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
     fn = getattr(libc, "syncfs", None)
@@ -75,5 +77,7 @@ def syncfs(fd: int) -> None:
     if fn is None:
         raise OSError(errno.ENOSYS, "syncfs is not available")  # see available()
     if fn(fd) != 0:
+        import ctypes  # (already loaded by _libc_syncfs)
+
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))

@@ -497,6 +497,19 @@ def test_syncfs_is_trusted_from_linux_5_8(release: str, reports: bool) -> None:
     assert syncfs_module.release_reports_errors(release) is reports
 
 
+def test_syncfs_raises_the_kernel_errno(tmp_path: Path) -> None:
+    if not syncfs_module.available():
+        skip_or_fail("syncfs does not report write-back errors here")
+    fd = syncfs_module.open_handle(tmp_path)
+    try:
+        syncfs_module.syncfs(fd)  # a real sync of tmp_path's file system
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as info:
+        syncfs_module.syncfs(fd)  # closed
+    assert info.value.errno == errno.EBADF
+
+
 def test_before_linux_5_8_auto_falls_back_to_an_fsync_per_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
