@@ -143,3 +143,38 @@ class FakeSource:
             yield s
         finally:
             await s.abort()
+
+
+def fake_runner(
+    base_dir: Path, processors: list[dict[str, Any]], *classes: type,
+    mailbox: str = "box",
+) -> Any:
+    """A ``MailboxRunner`` polling the :class:`FakeSource` mailbox ``mailbox`` (its
+    :class:`FakeMailbox` is ``runner.source.box``) through the chain ``processors``,
+    with the processor ``classes`` registered (plugins need not be installed); its
+    journal and quarantine live under ``base_dir``, relative paths resolve there."""
+    from mailpipe.chain import Chain
+    from mailpipe.engine import MailboxRunner
+    from mailpipe.journal.sqlite import SqliteJournal
+    from mailpipe.plugin_manager import Hooks, get_plugin_manager
+    from mailpipe.quarantine import Quarantine
+    from mailpipe.registry import Registry
+    from mailpipe.validation import validate_config
+
+    registry = Registry()
+    registry.add("source", FakeSource, "test")
+    for cls in classes:
+        registry.add("processor", cls, "test")
+    data = {
+        "mailboxes": [{"name": mailbox, "source": "fake", "pipeline": "p"}],
+        "pipelines": {"p": {"processors": processors}},
+    }
+    config = validate_config(data, path=base_dir / "pipeline.toml", registry=registry)
+    return MailboxRunner(
+        config.mailboxes[0],
+        config=config,
+        chain=Chain(config.pipelines, base_dir=base_dir),
+        journal=SqliteJournal(base_dir / "journal.sqlite3"),
+        quarantine=Quarantine(base_dir / "q"),
+        hooks=Hooks(get_plugin_manager(entry_points=False)),
+    )

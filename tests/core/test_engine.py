@@ -23,7 +23,7 @@ from mailpipe.plugin_manager import Hooks, get_plugin_manager
 from mailpipe.processor import Decision, Disposition
 from mailpipe.quarantine import Quarantine
 from mailpipe.registry import Registry
-from mailpipe.testing.fakes import FakeMailbox, FakeSource
+from mailpipe.testing.fakes import FakeMailbox, FakeSource, fake_runner
 from mailpipe.validation import validate_config
 
 
@@ -732,21 +732,8 @@ async def test_buffer_limit_commit_failure_loses_the_earlier_message(
         return real(self, conn, rows)
 
     monkeypatch.setattr(SqliteStore, "_write_rows", write_rows)
-    registry = Registry()
-    registry.add("source", FakeSource, "test")
-    registry.add("processor", SqliteStore, "test")
-    data = {
-        "mailboxes": [{"name": "box", "source": "fake", "pipeline": "p"}],
-        "pipelines": {"p": {"processors": [
-            {"use": "store.sqlite", "path": "mail.sqlite3"}]}},
-    }
-    config = validate_config(data, path=tmp_path / "pipeline.toml", registry=registry)
-    chain = Chain(config.pipelines, base_dir=tmp_path)
-    runner = MailboxRunner(
-        config.mailboxes[0], config=config, chain=chain,
-        journal=SqliteJournal(tmp_path / "journal.sqlite3"),
-        quarantine=Quarantine(tmp_path / "q"),
-        hooks=Hooks(get_plugin_manager(entry_points=False)),
+    runner = fake_runner(
+        tmp_path, [{"use": "store.sqlite", "path": "mail.sqlite3"}], SqliteStore
     )
     box = runner.source.box
     box.add("a", _review18_msg("a"))

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import mailbox
 import os
+import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import mailpipe.plugins.store._syncfs as syncfs_module
 import mailpipe.plugins.store.maildir as maildir_module
 import pytest
 from mailpipe.plugins.store.maildir import (
+    MARKERS,
     MaildirOptions,
     MaildirStore,
     file_name,
@@ -168,12 +174,13 @@ def test_new_dir_is_fsynced_per_group_or_per_message(
     assert len(listing(tmp_path / "Maildir")["new"]) == 3
 
 
-@pytest.mark.parametrize("mechanism", ["staged", "threads"])
+@pytest.mark.parametrize("mechanism", ["staged", "syncfs", "threads"])
 def test_a_failed_background_write_fails_flush_then_reaches_its_own_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mechanism: str
 ) -> None:
-    """Both write-behind mechanisms: unnamed files staged until flush() (O_TMPFILE,
-    the default) and writer threads (without O_TMPFILE, or spooled messages)."""
+    """Every write-behind mechanism: unnamed files staged until flush() (O_TMPFILE),
+    made durable by an fsync each (sync = "file") or one syncfs (the default where it
+    reports errors), and writer threads (without O_TMPFILE, or spooled messages)."""
     import errno
 
     import mailpipe.plugins.store.maildir as maildir_module
@@ -196,8 +203,18 @@ def test_a_failed_background_write_fails_flush_then_reaches_its_own_message(
             raise OSError(errno.EINVAL, "Invalid argument")
         return real(self, name, [data])
 
+    real_link = maildir_module.MaildirStore._link_staged
+
+    def link_staged(self: MaildirStore, item: maildir_module._Staged) -> None:
+        if broken[0] and os.pread(item.fd, item.size + 1, 0) == bad.raw:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_link(self, item)
+
     monkeypatch.setattr(maildir_module.MaildirStore, "_write", write)
-    s = store(tmp_path)
+    monkeypatch.setattr(maildir_module.MaildirStore, "_link_staged", link_staged)
+    s = store(tmp_path, sync="auto" if mechanism == "syncfs" else "file")
+    if mechanism == "syncfs" and not s._by_syncfs:
+        skip_or_fail("syncfs does not report write-back errors here")
     if mechanism == "threads":
         s.TMPFILE = False
     s.process(good)
@@ -243,8 +260,8 @@ def test_unnamed_files_are_bounded_by_batch_and_batches_in_flight(
 ) -> None:
     """Fewer than BATCH files staged and at most MAX_BATCHES batches in flight after
     any process(): under BATCH * (MAX_BATCHES + 1) unnamed files (two descriptors
-    each); flush() names them all."""
-    s = store(tmp_path)
+    each); flush() names them all (the per-file fsync path)."""
+    s = store(tmp_path, sync="file")
     s.BATCH, s.MAX_BATCHES = 2, 1
     md = tmp_path / "Maildir"
     ms = [Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)) for i in range(7)]
@@ -412,9 +429,14 @@ def test_a_full_disk_while_staging_fails_the_group_not_the_message(
     s.close()
 
 
+@pytest.mark.parametrize("how", ["sync-file", "kernel-5.4"])
 def test_staged_file_is_fsynced_before_it_is_linked_into_new(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
+    """The per-file path: chosen (sync = "file"), or where syncfs does not report
+    write-back errors (auto on a kernel before 5.8)."""
+    if how == "kernel-5.4":
+        monkeypatch.setattr(os, "uname", _uname("5.4.0-150-generic"))
     events: list[tuple[str, object]] = []
     real_fsync, real_link = os.fsync, os.link
 
@@ -429,7 +451,8 @@ def test_staged_file_is_fsynced_before_it_is_linked_into_new(
 
     monkeypatch.setattr(maildir_module.os, "fsync", fsync)
     monkeypatch.setattr(maildir_module.os, "link", link)
-    s = store(tmp_path)
+    s = store(tmp_path, sync="file" if how == "sync-file" else "auto")
+    assert not s._by_syncfs
     for i in range(3):
         s.process(Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)))
     s.flush()
@@ -439,3 +462,235 @@ def test_staged_file_is_fsynced_before_it_is_linked_into_new(
         skip_or_fail("no O_TMPFILE linking here")  # in CI: staging must be in use
     for ino in links:
         assert events.index(("fsync", ino)) < events.index(("link", ino))
+
+
+# --- One syncfs per group (sync = "auto" where syncfs reports write-back errors) ---
+
+
+def _uname(release: str) -> Callable[[], os.uname_result]:
+    real = os.uname()
+    fake = os.uname_result(
+        (real.sysname, real.nodename, release, real.version, real.machine)
+    )
+    return lambda: fake
+
+
+def syncfs_store(tmp_path: Path, **options: object) -> MaildirStore:
+    s = store(tmp_path, **options)
+    if not s._by_syncfs:
+        skip_or_fail("syncfs does not report write-back errors here")  # in CI: it must
+    return s
+
+
+@pytest.mark.parametrize(
+    ("release", "reports"),
+    [
+        ("5.8.0", True),
+        ("5.7.19-generic", False),
+        ("6.18.44-fc-v1272", True),
+        ("4.19.0", False),
+        ("10.0", True),
+        ("unknown", False),
+    ],
+)
+def test_syncfs_is_trusted_from_linux_5_8(release: str, reports: bool) -> None:
+    assert syncfs_module.release_reports_errors(release) is reports
+
+
+def test_syncfs_raises_the_kernel_errno(tmp_path: Path) -> None:
+    if not syncfs_module.available():
+        skip_or_fail("syncfs does not report write-back errors here")
+    fd = syncfs_module.open_handle(tmp_path)
+    try:
+        syncfs_module.syncfs(fd)  # a real sync of tmp_path's file system
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as info:
+        syncfs_module.syncfs(fd)  # closed
+    assert info.value.errno == errno.EBADF
+
+
+def test_before_linux_5_8_auto_falls_back_to_an_fsync_per_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "uname", _uname("5.4.0-150-generic"))
+    synced: list[int] = []
+    monkeypatch.setattr(syncfs_module, "syncfs", synced.append)
+    s = store(tmp_path)
+    assert s.options.sync == "auto" and not s._by_syncfs
+    for i in range(3):
+        s.process(Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)))
+    s.flush()
+    assert synced == [] and len(listing(tmp_path / "Maildir")["new"]) == 3
+    assert s._writer is not None  # the fsyncs ran on the writer threads
+    s.close()
+
+
+def test_a_group_is_synced_once_before_any_of_its_files_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The descriptor syncfs reports through is opened before the group's first
+    write (errseq samples at open); one syncfs, while new/ is still empty; then the
+    links; then new/ fsynced once. No file is fsynced and no writer thread runs."""
+    md = tmp_path / "Maildir"
+    events: list[tuple[str, object]] = []
+    real_open, real_sync = syncfs_module.open_handle, syncfs_module.syncfs
+    real_write, real_fsync, real_link = maildir_module.write_all, os.fsync, os.link
+
+    def open_handle(path: Path) -> int:
+        events.append(("open", None))
+        return real_open(path)
+
+    def syncfs(fd: int) -> None:
+        events.append(("syncfs", tuple(os.listdir(md / "new"))))
+        real_sync(fd)
+
+    def write_all(fd: int, chunks: object) -> int:
+        events.append(("write", None))
+        return real_write(fd, chunks)  # type: ignore[arg-type]
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        real_fsync(fd)
+
+    def link(src, dst, *a, **kw):  # type: ignore[no-untyped-def]
+        events.append(("link", None))
+        return real_link(src, dst, *a, **kw)
+
+    monkeypatch.setattr(syncfs_module, "open_handle", open_handle)
+    monkeypatch.setattr(syncfs_module, "syncfs", syncfs)
+    monkeypatch.setattr(maildir_module, "write_all", write_all)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    s = syncfs_store(tmp_path)
+    events.clear()  # (open() created and fsynced the folders)
+    ms = [Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)) for i in range(5)]
+    for m in ms:
+        s.process(m)
+    assert listing(md)["new"] == []  # unnamed until the group is durable
+    s.flush()
+    assert events == (
+        [("open", None)]
+        + [("write", None)] * 5
+        + [("syncfs", ())]
+        + [("link", None)] * 5
+        + [("fsync", "dir")]
+    )
+    assert sorted(key_of(n) for n in listing(md)["new"]) == sorted(m.key for m in ms)
+    assert s._writer is None
+    s.close()
+
+
+def test_a_failed_syncfs_names_nothing_and_fails_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO from syncfs (a write-back of the group failed): no file of the group is
+    named in new/, the markers are released, flush() fails (so the engine sends no
+    DELE) and each key is written inline (fsync per file) on its next attempt."""
+    calls: list[int] = []
+
+    def syncfs(fd: int) -> None:
+        calls.append(fd)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(syncfs_module, "syncfs", syncfs)
+    s = syncfs_store(tmp_path)
+    md = tmp_path / "Maildir"
+    ms = [Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)) for i in range(3)]
+    for m in ms:
+        s.process(m)
+    with pytest.raises(TemporaryFailure, match="Input/output error"):
+        s.flush()
+    assert len(calls) == 1
+    assert listing(md) == {"cur": [], "new": [], "tmp": []}
+    for m in ms:  # released: another process may deliver the key now
+        fd = os.open(md / MARKERS / m.key, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+    s.flush()  # reported once
+    for m in ms:
+        deliver(s, m)  # inline: fsynced on its own, no syncfs
+    assert len(calls) == 1
+    assert sorted(key_of(n) for n in listing(md)["new"]) == sorted(m.key for m in ms)
+    s.close()
+
+
+def test_a_group_holds_at_most_group_files_unnamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond GROUP_FILES staged files, process() syncs and names them: the
+    descriptors a group holds (two a file, plus the group's and tmp/'s) stay
+    bounded, and close() releases them all."""
+    synced: list[int] = []
+    real_sync = syncfs_module.syncfs
+    monkeypatch.setattr(
+        syncfs_module, "syncfs", lambda fd: (synced.append(fd), real_sync(fd))[1]
+    )
+    fds_before = len(os.listdir("/proc/self/fd"))
+    s = syncfs_store(tmp_path)
+    s.GROUP_FILES = 3
+    md = tmp_path / "Maildir"
+    ms = [Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)) for i in range(7)]
+    for m in ms:
+        s.process(m)
+        assert len(s._staged) < s.GROUP_FILES
+        held = len(os.listdir("/proc/self/fd")) - fds_before
+        assert held <= 2 * (s.GROUP_FILES - 1) + 2
+    assert len(synced) == 2 and len(listing(md)["new"]) == 6
+    s.flush()
+    assert len(synced) == 3
+    assert sorted(key_of(n) for n in listing(md)["new"]) == sorted(m.key for m in ms)
+    s.close()
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_the_sync_option_names_what_it_accepts(tmp_path: Path) -> None:
+    from mailpipe.app import load_config
+    from mailpipe.errors import ConfigError
+
+    assert MaildirOptions.model_validate({"path": "M", "sync": "file"}).sync == "file"
+    text = '[pipelines.default]\nprocessors = [{ use = "store.maildir", path = "M", sync = "fs" }]\n'
+    (tmp_path / "pipeline.toml").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "pipeline.toml")
+    assert "processors[0].sync: Input should be 'auto' or 'file' (got \"fs\")" in str(
+        info.value
+    )
+
+
+async def test_a_failed_syncfs_means_no_dele(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """P-09 through the engine: the group whose syncfs failed is not acknowledged;
+    the next poll stores it (inline) and deletes it."""
+    from mailpipe.testing.fakes import FakeSource, fake_runner
+
+    if not syncfs_module.available():
+        skip_or_fail("syncfs does not report write-back errors here")
+    failing = [True]
+    real_sync = syncfs_module.syncfs
+
+    def syncfs(fd: int) -> None:
+        if failing[0]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_sync(fd)
+
+    monkeypatch.setattr(syncfs_module, "syncfs", syncfs)
+    FakeSource.boxes.pop("sbox", None)
+    runner = fake_runner(
+        tmp_path, [{"use": "store.maildir", "path": "md"}], MaildirStore, mailbox="sbox"
+    )
+    box = runner.source.box
+    try:
+        for i in range(3):
+            box.add(f"u{i}", RAW + b"%d\r\n" % i)
+        await runner.poll()
+        assert "dele" not in [c[0] for c in box.calls] and len(box.messages) == 3
+        assert listing(tmp_path / "md")["new"] == []
+        failing[0] = False
+        await runner.poll()
+        assert box.messages == {} and len(listing(tmp_path / "md")["new"]) == 3
+    finally:
+        FakeSource.boxes.pop("sbox", None)

@@ -1,0 +1,83 @@
+"""syncfs(2), used only where it reports the write-back errors of what it syncs.
+
+``syncfs(fd)`` writes back and waits for every dirty page and inode of the file system
+holding ``fd``. Before Linux 5.8 it returned 0 whatever happened to the write-back (see
+syncfs(2), BUGS), so an EIO on a file it synced went unseen; since 5.8 the file
+system keeps an error sequence (errseq) per superblock, sampled when ``fd`` is opened,
+and ``syncfs`` reports EIO (or ENOSPC, EDQUOT) when a write-back failed on that file
+system after the sample. A caller therefore opens ``fd`` *before* the writes it wants
+covered and syncs through it: a write-back error on any of them is reported.
+
+An error already recorded but never reported when ``fd`` is opened is reported too
+(errseq returns 0 for an unseen error), so a failure older than the writes can fail
+them once: conservative, never the other way round.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import sys
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+#: The first Linux release whose syncfs reports write-back errors (errseq per
+#: superblock: "vfs: track per-sb writeback errors and report them to syncfs").
+REPORTS_ERRORS_SINCE = (5, 8)
+_RELEASE = re.compile(r"^(\d+)\.(\d+)")
+
+
+def release_reports_errors(release: str) -> bool:
+    """Whether a Linux ``release`` string (``os.uname().release``) is one whose
+    syncfs reports write-back errors; False for a release it cannot read."""
+    m = _RELEASE.match(release)
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= REPORTS_ERRORS_SINCE
+
+
+@cache
+def _libc_syncfs() -> Callable[[int], int] | None:
+    """libc's syncfs, or None. ctypes is imported here, at the first store open,
+    not at start-up; the process's own symbols (dlopen(NULL)) include libc's."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    fn = getattr(libc, "syncfs", None)
+    if fn is None:
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+def available() -> bool:
+    """Whether :func:`syncfs` can be relied on here: Linux ≥ 5.8 and a libc that
+    has the call (read on each call, so a test can change the release)."""
+    return (
+        sys.platform.startswith("linux")
+        and release_reports_errors(os.uname().release)
+        and _libc_syncfs() is not None
+    )
+
+
+def open_handle(path: Path) -> int:
+    """A descriptor on the file system of ``path`` (a directory) to sync through;
+    open it before the writes the sync must cover (the errseq sample)."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2) on ``fd``'s file system; OSError with the kernel's errno on failure
+    (EIO: a write-back since ``fd`` was opened failed). The GIL is released."""
+    fn = _libc_syncfs()
+    if fn is None:
+        raise OSError(errno.ENOSYS, "syncfs is not available")  # see available()
+    if fn(fd) != 0:
+        import ctypes  # (already loaded by _libc_syncfs)
+
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
