@@ -26,7 +26,9 @@ pytestmark = pytest.mark.timeout(60)
 SAFETY = 10.0  # seconds; only reached when the property under test is broken
 
 
-def count_wakeups(loop: asyncio.AbstractEventLoop) -> list[int]:
+def count_wakeups(
+    loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> list[int]:
     """Count ``loop.call_soon_threadsafe`` calls (each one writes the self-pipe)."""
     seen = [0]
     original = loop.call_soon_threadsafe
@@ -35,16 +37,18 @@ def count_wakeups(loop: asyncio.AbstractEventLoop) -> list[int]:
         seen[0] += 1
         return original(callback, *args, **kwargs)
 
-    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
     return seen
 
 
-async def test_a_call_wakes_the_loop_once_and_keeps_its_thread() -> None:
+async def test_a_call_wakes_the_loop_once_and_keeps_its_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     loop = asyncio.get_running_loop()
     worker = StepWorker("p/0:s")
     budget = Budget(SAFETY)
     try:
-        seen = count_wakeups(loop)
+        seen = count_wakeups(loop, monkeypatch)
         threads = [await worker.call(threading.current_thread, budget=budget)
                    for _ in range(3)]
         with pytest.raises(ValueError, match="bad input"):
@@ -56,7 +60,7 @@ async def test_a_call_wakes_the_loop_once_and_keeps_its_thread() -> None:
         assert threads[0] is not threading.current_thread()
         assert 0 < budget.left < SAFETY
     finally:
-        del loop.call_soon_threadsafe  # type: ignore[method-assign]
+        monkeypatch.undo()
         worker.shutdown()
 
 
