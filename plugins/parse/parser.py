@@ -5,6 +5,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import policy as email_policy
@@ -336,10 +337,47 @@ def _record(
             state.defect("", type(defect).__name__, str(defect).strip() or _doc(defect))
     fields["attachments"] = state.attachments
     fields["defects"] = state.defects
-    return MessageRecord.model_validate(_clean(fields)), state.payloads  # type: ignore[return-value]
+    return MessageRecord.model_validate(_clean_record(fields)), state.payloads  # type: ignore[return-value]
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _clean_record(fields: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_clean` of a whole record, ``fields`` itself when it has no lone
+    surrogate: one search over all its strings (joining strings never pairs two
+    surrogates: a Python str holds code points) instead of a copy of every container
+    (issue 18: a quarter of the time of ``_record`` on small messages)."""
+    texts: list[str] = []
+    _texts(fields, texts)
+    if _LONE_SURROGATE.search("".join(texts)) is None:
+        return fields
+    cleaned: dict[str, Any] = _clean(fields)
+    return cleaned
+
+
+def _texts(value: Any, out: list[str]) -> None:
+    """Append to ``out`` every string value inside ``value``, where :func:`_clean`
+    looks: dict values, list and tuple items, pydantic model fields."""
+    if isinstance(value, str):
+        out.append(value)
+        return
+    if isinstance(value, dict):
+        items: Iterable[Any] = value.values()
+    elif isinstance(value, list | tuple):
+        items = value
+    elif isinstance(value, BaseModel):
+        items = [getattr(value, name) for name in type(value).model_fields]
+    else:
+        return
+    for item in items:
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, _CONTAINERS):
+            _texts(item, out)
+
+
+_CONTAINERS: Final = (dict, list, tuple, BaseModel)
 
 
 def _clean(value: Any) -> Any:

@@ -340,3 +340,27 @@ def test_mime_parts_and_uuencoded_blocks_share_one_cap() -> None:
     assert len(record.attachments) == len(payloads) < MAX_PARTS
     assert {a.source for a in record.attachments} == {"uuencode", "mime"}
     assert [d.kind for d in record.defects].count("TooManyParts") == 1
+
+
+def test_a_record_is_copied_only_when_a_lone_surrogate_must_be_replaced() -> None:
+    """Issue 18: one search over every string of the record; a clean record is kept
+    as it is (no copy of each container), a lone surrogate anywhere (a header tuple,
+    an address model, the body) is still replaced."""
+    from mailpipe.plugins.parse.parser import _clean_record
+    from mailpipe.plugins.parse.record import Address
+
+    clean = {"headers": [("Subject", "Café")], "to": [Address(name="Zoë", address="z@x")],
+             "text": "ok", "size": 3, "date": None}
+    assert _clean_record(clean) is clean
+    for where in ("headers", "to", "text"):
+        dirty = dict(clean)
+        if where == "headers":
+            dirty[where] = [("Subject", "Caf\udce9")]
+        elif where == "to":
+            dirty[where] = [Address(name="Zo\ud800", address="z@x")]
+        else:
+            dirty[where] = "lone \udfff"
+        cleaned = _clean_record(dirty)
+        assert cleaned is not dirty
+        assert "\ufffd" in repr(cleaned[where])
+        assert cleaned["size"] == 3 and cleaned["headers"][0][0] == "Subject"
