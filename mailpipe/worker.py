@@ -51,7 +51,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import structlog
 
@@ -60,6 +60,10 @@ from mailpipe.errors import BudgetExceeded, TemporaryFailure
 log = structlog.get_logger()
 
 T = TypeVar("T")
+
+
+#: What a call's waiter holds: the exception it raised (None if none) and its result.
+_Outcome = tuple[BaseException | None, Any]
 
 
 class _Job:
@@ -77,7 +81,7 @@ class _Job:
         self,
         fn: Callable[[], Any],
         loop: asyncio.AbstractEventLoop,
-        waiter: asyncio.Future[Any],
+        waiter: asyncio.Future[_Outcome],
     ) -> None:
         self.fn = fn
         self.loop = loop
@@ -97,25 +101,30 @@ class _Job:
         return self.claim()
 
 
-def _deliver(waiter: asyncio.Future[Any], error: BaseException | None, result: Any) -> None:
+def _deliver(waiter: asyncio.Future[_Outcome], error: BaseException | None, result: Any) -> None:
     """On the loop: the call's outcome, unless the caller stopped waiting (budget
-    expired, cancelled)."""
-    if waiter.done():
-        return
-    if error is not None:
-        waiter.set_exception(error)
-    else:
-        waiter.set_result(result)
+    expired, cancelled).
+
+    The outcome is the waiter's *result* even when the call raised: the caller raises
+    it in its own frame. A future's exception would be thrown into the awaiting task's
+    coroutine, and a thrown ``GeneratorExit`` closes the coroutines it passes instead
+    of reaching the chain's isolation of the processor's failure.
+    """
+    if not waiter.done():
+        waiter.set_result((error, result))
 
 
-def _expire(waiter: asyncio.Future[Any]) -> None:
+def _expire(waiter: asyncio.Future[_Outcome]) -> None:
     """On the loop: the call ran past its budget."""
     if not waiter.done():
-        waiter.set_exception(_Expired())
+        waiter.set_result((_EXPIRED, None))
 
 
 class _Expired(Exception):
     """The budget of the call in hand ran out (internal to :meth:`StepWorker.call`)."""
+
+
+_EXPIRED: Final = _Expired()
 
 
 @dataclass(slots=True)
@@ -214,38 +223,42 @@ class StepWorker:
         loop = asyncio.get_running_loop()
         busy = self.serial and bool(self._abandoned) and self.abandoned > 0
         thread = self._idle.pop() if self._idle else self._new_thread()
-        waiter: asyncio.Future[T] = loop.create_future()
+        waiter: asyncio.Future[_Outcome] = loop.create_future()
         in_context = contextvars.copy_context().run  # log fields bound by the caller
         job = _Job(partial(in_context, fn), loop, waiter)
         timer = None if budget is None else loop.call_later(budget.left, _expire, waiter)
         began = time.monotonic()
         thread.queue.put(job)
         reuse = False
+        error: BaseException | None = None
         try:
-            result = await waiter
-            reuse = True
-            return result
-        except _Expired:
-            assert budget is not None
-            job.cancel()  # it began (the thread was idle): this only marks it taken
-            self._abandon(thread)
-            if busy:
-                raise TemporaryFailure(
-                    f"{self.name} ran out of its {budget.name} while an earlier "
-                    "call that exceeded it was still running; retried later"
-                ) from None
-            raise BudgetExceeded(
-                f"{self.name} exceeded the {budget.name} of {budget.seconds:g} s; "
-                "the call was abandoned (its thread finishes on its own)",
-                processor=self.name,
-            ) from None
+            error, result = await waiter
+            if error is None:
+                reuse = True
+                return cast(T, result)
+            if error is _EXPIRED:
+                assert budget is not None
+                job.cancel()  # it began (the thread was idle): this only marks it taken
+                self._abandon(thread)
+                if busy:
+                    raise TemporaryFailure(
+                        f"{self.name} ran out of its {budget.name} while an earlier "
+                        "call that exceeded it was still running; retried later"
+                    )
+                raise BudgetExceeded(
+                    f"{self.name} exceeded the {budget.name} of {budget.seconds:g} s; "
+                    "the call was abandoned (its thread finishes on its own)",
+                    processor=self.name,
+                )
+            # The call itself raised an Exception: its thread is free again. Not
+            # after a BaseException (SystemExit, a CancelledError of its own...).
+            reuse = isinstance(error, Exception)
+            raise error
         except asyncio.CancelledError:
             job.cancel()  # skipped if not begun; else it finishes unawaited
             raise
-        except Exception:
-            reuse = True  # the call itself raised: its thread is free again
-            raise
         finally:
+            error = None  # its traceback holds this frame: keep no cycle past the call
             if timer is not None:
                 timer.cancel()
             if budget is not None:

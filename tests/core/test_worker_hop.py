@@ -74,7 +74,7 @@ async def test_a_job_cancelled_before_it_begins_never_runs() -> None:
     thread.queue.put(second)
     assert second.cancel()  # the thread is still in the first call
     gate.set()
-    assert await asyncio.wait_for(first.waiter, SAFETY) is True
+    assert await asyncio.wait_for(first.waiter, SAFETY) == (None, True)
     thread.stop()
     await asyncio.to_thread(thread.thread.join, SAFETY)
     assert not thread.thread.is_alive()
@@ -116,17 +116,28 @@ async def test_an_outcome_after_the_budget_ran_out_is_dropped() -> None:
         worker.shutdown()
 
 
+@pytest.mark.parametrize("exc", [SystemExit(3), GeneratorExit()])
 async def test_a_base_exception_from_the_call_reaches_the_caller_and_retires_the_thread(
+    exc: BaseException,
 ) -> None:
+    """Raised in the caller's frame: a GeneratorExit thrown into the awaiting task
+    would close the chain's coroutines instead of reaching its isolation of the
+    processor's failure (tests/core/test_engine_review.py)."""
     worker = StepWorker("p/0:s")
 
     def leave() -> None:
-        raise SystemExit(3)
+        raise exc
+
+    async def caller() -> str:
+        try:
+            await worker.call(leave, budget=Budget(SAFETY))
+        except BaseException as seen:  # what the chain does
+            return type(seen).__name__
+        return "nothing raised"
 
     try:
         first = await worker.call(threading.current_thread)
-        with pytest.raises(SystemExit):
-            await worker.call(leave)
+        assert await caller() == type(exc).__name__
         second = await worker.call(threading.current_thread)
         assert first is not second  # not reused after a BaseException
         await asyncio.to_thread(first.join, SAFETY)
