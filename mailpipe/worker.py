@@ -238,7 +238,7 @@ class StepWorker:
                 return cast(T, result)
             if error is _EXPIRED:
                 assert budget is not None
-                job.cancel()  # it began (the thread was idle): this only marks it taken
+                job.cancel()  # not begun yet (a starved thread): it never will
                 self._abandon(thread)
                 if busy:
                     raise TemporaryFailure(
