@@ -42,7 +42,6 @@ spent.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextvars
 import itertools
 import queue
@@ -52,7 +51,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import structlog
 
@@ -62,12 +61,70 @@ log = structlog.get_logger()
 
 T = TypeVar("T")
 
-_Job = tuple[
-    Callable[[], Any],
-    "concurrent.futures.Future[Any]",
-    asyncio.AbstractEventLoop,
-    "asyncio.Future[None]",
-]
+
+#: What a call's waiter holds: the exception it raised (None if none) and its result.
+_Outcome = tuple[BaseException | None, Any]
+
+
+class _Job:
+    """One call handed to a thread: run ``fn``, hand its outcome to ``waiter``.
+
+    Exactly one of the thread (:meth:`claim`, the call begins) and the caller
+    (:meth:`cancel`, the call must not begin) wins the job's token: ``list.pop`` is
+    atomic under the GIL, so no lock is taken per call. The outcome reaches the event
+    loop in one ``call_soon_threadsafe`` (one wake-up of the loop per call).
+    """
+
+    __slots__ = ("_token", "fn", "loop", "waiter")
+
+    def __init__(
+        self,
+        fn: Callable[[], Any],
+        loop: asyncio.AbstractEventLoop,
+        waiter: asyncio.Future[_Outcome],
+    ) -> None:
+        self.fn = fn
+        self.loop = loop
+        self.waiter = waiter
+        self._token = [None]
+
+    def claim(self) -> bool:
+        """Take the token to begin the call; False when the caller cancelled it."""
+        try:
+            self._token.pop()
+        except IndexError:
+            return False
+        return True
+
+    def cancel(self) -> bool:
+        """Take the token so the call never begins; False when it already began."""
+        return self.claim()
+
+
+def _deliver(waiter: asyncio.Future[_Outcome], error: BaseException | None, result: Any) -> None:
+    """On the loop: the call's outcome, unless the caller stopped waiting (budget
+    expired, cancelled).
+
+    The outcome is the waiter's *result* even when the call raised: the caller raises
+    it in its own frame. A future's exception would be thrown into the awaiting task's
+    coroutine, and a thrown ``GeneratorExit`` closes the coroutines it passes instead
+    of reaching the chain's isolation of the processor's failure.
+    """
+    if not waiter.done():
+        waiter.set_result((error, result))
+
+
+def _expire(waiter: asyncio.Future[_Outcome]) -> None:
+    """On the loop: the call ran past its budget."""
+    if not waiter.done():
+        waiter.set_result((_EXPIRED, None))
+
+
+class _Expired(Exception):
+    """The budget of the call in hand ran out (internal to :meth:`StepWorker.call`)."""
+
+
+_EXPIRED: Final = _Expired()
 
 
 @dataclass(slots=True)
@@ -96,28 +153,23 @@ class _Thread:
             job = self.queue.get()
             if job is None:
                 return
-            fn, future, loop, started = job
-            if not future.set_running_or_notify_cancel():
+            if not job.claim():
                 continue  # the caller gave up before the call began
+            error: BaseException | None = None
+            result: Any = None
             try:
-                loop.call_soon_threadsafe(_resolve, started)
+                result = job.fn()
+            except BaseException as exc:
+                error = exc
+            try:
+                job.loop.call_soon_threadsafe(_deliver, job.waiter, error, result)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 return
-            try:
-                result = fn()
-            except BaseException as exc:
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
+            del job, error, result  # hold no message past its call
 
     def stop(self) -> None:
         """Exit after the job in hand, if any."""
         self.queue.put(None)
-
-
-def _resolve(started: asyncio.Future[None]) -> None:
-    if not started.done():
-        started.set_result(None)
 
 
 class StepWorker:
@@ -149,12 +201,16 @@ class StepWorker:
     async def call(self, fn: Callable[[], T], *, budget: Budget | None = None) -> T:
         """Run ``fn()`` on a thread of the step and return its result (or raise).
 
-        The budget runs from the moment the thread starts the call, and
-        ``budget.left`` is reduced by the time taken. Past it,
+        The budget runs from the moment the call is handed to the thread, which is
+        idle then (an idle thread of the step's, or a new one: the call begins at
+        once), and ``budget.left`` is reduced by the time taken. Past it,
         :class:`BudgetExceeded` is raised and the thread abandoned;
         :class:`TemporaryFailure` instead when an earlier abandoned call of this
-        step was still running when this one began. A caller cancelled while the
-        call runs leaves it to finish unawaited on its thread.
+        step was still running when this one was handed over. A caller cancelled
+        while the call runs leaves it to finish unawaited on its thread; one
+        cancelled before the call began keeps it from beginning.
+
+        The loop is woken once per call, by its outcome (or by the budget's timer).
         """
         if budget is not None and budget.left <= 0:
             # Spent by earlier steps: never start a call that would be abandoned at
@@ -165,47 +221,48 @@ class StepWorker:
                 processor=self.name,
             )
         loop = asyncio.get_running_loop()
+        busy = self.serial and bool(self._abandoned) and self.abandoned > 0
         thread = self._idle.pop() if self._idle else self._new_thread()
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        started: asyncio.Future[None] = loop.create_future()
+        waiter: asyncio.Future[_Outcome] = loop.create_future()
         in_context = contextvars.copy_context().run  # log fields bound by the caller
-        thread.queue.put((partial(in_context, fn), future, loop, started))
+        job = _Job(partial(in_context, fn), loop, waiter)
+        timer = None if budget is None else loop.call_later(budget.left, _expire, waiter)
+        began = time.monotonic()
+        thread.queue.put(job)
         reuse = False
+        error: BaseException | None = None
         try:
-            await started
-            busy = self.serial and self.abandoned > 0
-            began = time.monotonic()
-            wrapped = asyncio.wrap_future(future)
-            try:
-                if budget is None:
-                    result = await wrapped
-                else:
-                    result = await asyncio.wait_for(wrapped, max(budget.left, 0.0))
+            error, result = await waiter
+            if error is None:
                 reuse = True
-                return result
-            except TimeoutError:
+                return cast(T, result)
+            if error is _EXPIRED:
                 assert budget is not None
+                job.cancel()  # not begun yet (a starved thread): it never will
                 self._abandon(thread)
                 if busy:
                     raise TemporaryFailure(
                         f"{self.name} ran out of its {budget.name} while an earlier "
                         "call that exceeded it was still running; retried later"
-                    ) from None
+                    )
                 raise BudgetExceeded(
                     f"{self.name} exceeded the {budget.name} of {budget.seconds:g} s; "
                     "the call was abandoned (its thread finishes on its own)",
                     processor=self.name,
-                ) from None
-            except Exception:
-                reuse = True  # the call itself raised: its thread is free again
-                raise
-            finally:
-                if budget is not None:
-                    budget.left -= time.monotonic() - began
+                )
+            # The call itself raised an Exception: its thread is free again. Not
+            # after a BaseException (SystemExit, a CancelledError of its own...).
+            reuse = isinstance(error, Exception)
+            raise error
         except asyncio.CancelledError:
-            future.cancel()  # skipped if not begun; else it finishes unawaited
+            job.cancel()  # skipped if not begun; else it finishes unawaited
             raise
         finally:
+            error = None  # its traceback holds this frame: keep no cycle past the call
+            if timer is not None:
+                timer.cancel()
+            if budget is not None:
+                budget.left -= time.monotonic() - began
             if reuse:
                 self._idle.append(thread)
             elif thread not in self._abandoned:

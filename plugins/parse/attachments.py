@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from email.message import Message
 from email.utils import collapse_rfc2231_value
 
-from .headers import decode_words, raw_to_text, unfold
+from .headers import decode_words, param, raw_to_text, unfold
 
 # POSIX uuencode: "begin <mode> <name>", encoded lines, "`" or " " line, "end".
 _UU_BEGIN = re.compile(r"^begin(?:-base64)? +([0-7]{3,4}) +(\S[^\r\n]*?)\s*$", re.M)
@@ -58,9 +58,9 @@ def filename_of(part: Message, hint: str | None = None) -> tuple[str | None, lis
     raw: object = None
     try:
         part = _surrogate_free(part, hint)
-        raw = part.get_param("filename", None, "content-disposition")
+        raw = param(part, "filename", "content-disposition")
         if raw is None:
-            raw = part.get_param("name", None, "content-type")
+            raw = param(part, "name", "content-type")
     except Exception as exc:
         problems.append(f"file name parameter unparseable: {type(exc).__name__}")
         return None, problems

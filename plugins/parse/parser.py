@@ -5,6 +5,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import policy as email_policy
@@ -28,7 +29,7 @@ from .attachments import (
 )
 from .body import BodyParts, cut_body, html_charset
 from .charsets import decode_text
-from .headers import decode_header
+from .headers import decode_header, param
 from .record import (
     BODY_TRUNCATED,
     SERVER_WRAPPED,
@@ -80,6 +81,7 @@ class _State:
     payloads: list[bytes | SpooledPayload] = field(default_factory=list)
     body: BodyParts = field(default_factory=BodyParts)
     hint: str | None = None
+    hint_part: Message | None = None  # the part whose charset the hint is
     runs: Runs | None = None  # parse_file: the base64 runs elided from the skeleton
     parts: int = 0  # parts of every kind counted against MAX_PARTS
     over: bool = False  # the TooManyParts defect is recorded
@@ -269,7 +271,8 @@ def _record(
     headers: list[tuple[str, str]] = []
     by_name: dict[str, list[str]] = {}
     raw_by_name: dict[str, list[str]] = {}
-    hint = state.hint = _charset_hint(msg)
+    hint, state.hint_part = _charset_hint(msg)
+    state.hint = hint
     for name, value in msg.raw_items():
         name = str(name)
         if not isinstance(value, str):
@@ -336,10 +339,47 @@ def _record(
             state.defect("", type(defect).__name__, str(defect).strip() or _doc(defect))
     fields["attachments"] = state.attachments
     fields["defects"] = state.defects
-    return MessageRecord.model_validate(_clean(fields)), state.payloads  # type: ignore[return-value]
+    return MessageRecord.model_validate(_clean_record(fields)), state.payloads  # type: ignore[return-value]
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _clean_record(fields: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_clean` of a whole record, ``fields`` itself when it has no lone
+    surrogate: one search over all its strings (joining strings never pairs two
+    surrogates: a Python str holds code points) instead of a copy of every container
+    (issue 18: a quarter of the time of ``_record`` on small messages)."""
+    texts: list[str] = []
+    _texts(fields, texts)
+    if _LONE_SURROGATE.search("".join(texts)) is None:
+        return fields
+    cleaned: dict[str, Any] = _clean(fields)
+    return cleaned
+
+
+def _texts(value: Any, out: list[str]) -> None:
+    """Append to ``out`` every string value inside ``value``, where :func:`_clean`
+    looks: dict values, list and tuple items, pydantic model fields."""
+    if isinstance(value, str):
+        out.append(value)
+        return
+    if isinstance(value, dict):
+        items: Iterable[Any] = value.values()
+    elif isinstance(value, list | tuple):
+        items = value
+    elif isinstance(value, BaseModel):
+        items = [getattr(value, name) for name in type(value).model_fields]
+    else:
+        return
+    for item in items:
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, _CONTAINERS):
+            _texts(item, out)
+
+
+_CONTAINERS: Final = (dict, list, tuple, BaseModel)
 
 
 def _clean(value: Any) -> Any:
@@ -377,20 +417,21 @@ def _payload(part: Message) -> Any:
     return getattr(part, "_payload", None)
 
 
-def _charset_hint(msg: Message) -> str | None:
-    """The charset of the top-level or first body part: what 8-bit headers likely use."""
+def _charset_hint(msg: Message) -> tuple[str | None, Message | None]:
+    """The charset of the top-level or first body part: what 8-bit headers likely use;
+    with the part it is the charset of (its body needs not look it up again)."""
     part = msg
     for _ in range(4):
         charset = _charset(part)
         if charset is not None:
-            return charset
+            return charset, part
         payload = _payload(part)
         if not isinstance(payload, list) or not payload:
-            return None
+            return None, None
         part = payload[0]
         if not isinstance(part, Message):
-            return None
-    return None
+            return None, None
+    return None, None
 
 
 def _doc(obj: object) -> str:
@@ -622,7 +663,7 @@ def _leaf(part: Message, path: str, ctype: str, parent: str, state: _State) -> N
     if is_body:
         kind = "html" if ctype == "text/html" else "text"
         octets = _body_octets(data, kind, path, state)
-        charset = _charset(part)
+        charset = state.hint if part is state.hint_part else _charset(part)
         if ctype == "text/html" and charset is None:
             charset = html_charset(octets)
         text, charset_problem = decode_text(octets, charset)
@@ -839,7 +880,7 @@ def _attach_extracted(f: Extracted, path: str, state: _State) -> None:
 
 def _charset(part: Message) -> str | None:
     try:
-        value = part.get_param("charset")
+        value = param(part, "charset")
     except Exception:
         return None
     if isinstance(value, tuple):

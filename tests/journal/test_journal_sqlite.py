@@ -19,6 +19,9 @@ def test_database_uses_wal_and_full_sync(tmp_path: Path) -> None:
     path = tmp_path / "deep" / "j.sqlite3"
     with SqliteJournal(path) as journal:
         assert journal._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        # Issue 18: statement journals of a batch stay in memory (no temporary files;
+        # crash recovery is the WAL's, unchanged).
+        assert journal._conn.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(5,)]

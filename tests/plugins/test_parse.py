@@ -7,12 +7,14 @@ import hashlib
 import struct
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mailpipe.plugins.parse import (
     PAYLOADS_KEY,
     MessageRecord,
     ParseProcessor,
+    parse_into,
     parse_message,
 )
 from mailpipe.plugins.parse.charsets import decode_text
@@ -340,3 +342,99 @@ def test_mime_parts_and_uuencoded_blocks_share_one_cap() -> None:
     assert len(record.attachments) == len(payloads) < MAX_PARTS
     assert {a.source for a in record.attachments} == {"uuencode", "mime"}
     assert [d.kind for d in record.defects].count("TooManyParts") == 1
+
+
+def test_a_record_is_copied_only_when_a_lone_surrogate_must_be_replaced() -> None:
+    """Issue 18: one search over every string of the record; a clean record is kept
+    as it is (no copy of each container), a lone surrogate anywhere (a header tuple,
+    an address model, the body) is still replaced."""
+    from mailpipe.plugins.parse.parser import _clean_record
+    from mailpipe.plugins.parse.record import Address
+
+    clean = {"headers": [("Subject", "Café")], "to": [Address(name="Zoë", address="z@x")],
+             "text": "ok", "size": 3, "date": None}
+    assert _clean_record(clean) is clean
+    for where in ("headers", "to", "text"):
+        dirty = dict(clean)
+        if where == "headers":
+            dirty[where] = [("Subject", "Caf\udce9")]
+        elif where == "to":
+            dirty[where] = [Address(name="Zo\ud800", address="z@x")]
+        else:
+            dirty[where] = "lone \udfff"
+        cleaned = _clean_record(dirty)
+        assert cleaned is not dirty
+        assert "\ufffd" in repr(cleaned[where])
+        assert cleaned["size"] == 3 and cleaned["headers"][0][0] == "Subject"
+
+
+@pytest.mark.parametrize(
+    ("header", "name", "where"),
+    [
+        ('text/plain; charset="ISO-8859-1"', "charset", "content-type"),
+        ("text/plain; CHARSET=utf-8; format=flowed", "charset", "content-type"),
+        ("text/plain; format=flowed", "charset", "content-type"),
+        ("multipart/mixed; boundary=xyz", "charset", "content-type"),
+        ("attachment; filename*0*=utf-8''r%C3%A9; filename*1=sum.pdf", "filename",
+         "content-disposition"),
+        ("attachment; FileName=report.pdf", "filename", "content-disposition"),
+        ("inline", "filename", "content-disposition"),
+        ('application/pdf; name="a;b.pdf"', "name", "content-type"),
+        ("application/pdf", "name", "content-type"),
+    ],
+)
+def test_param_answers_as_get_param(header: str, name: str, where: str) -> None:
+    from email.message import Message as EmailMessage
+
+    from mailpipe.plugins.parse.headers import param
+
+    part = EmailMessage()
+    part[where] = header
+    assert param(part, name, where) == part.get_param(name, None, where)
+    assert param(EmailMessage(), name, where) is None  # no such header
+
+
+def test_param_parses_no_header_that_cannot_hold_the_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 18: a part without a file name costs no parameter parse."""
+    from email.message import Message as EmailMessage
+
+    from mailpipe.plugins.parse.headers import param
+
+    part = EmailMessage()
+    part["Content-Type"] = "application/pdf; x-mac-type=PDF"
+
+    def parse(*_args: object, **_kwargs: object) -> object:
+        raise AssertionError("the header was parsed")
+
+    monkeypatch.setattr(part, "get_param", parse)
+    assert param(part, "name") is None
+    assert param(part, "filename", "content-disposition") is None
+    with pytest.raises(AssertionError):
+        param(part, "x-mac-type")
+
+
+def test_a_single_part_message_parses_its_content_type_parameters_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 18: the body's charset is the header hint's: looked up once, not twice;
+    the file name lookup parses nothing when the header cannot hold one."""
+    from email.message import Message as EmailMessage
+
+    calls: list[str] = []
+    original = EmailMessage.get_param
+
+    def counting(self: Any, param: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(param)
+        return original(self, param, *args, **kwargs)
+
+    monkeypatch.setattr(EmailMessage, "get_param", counting)
+    raw = (b"From: a@example.org\r\nSubject: caf\xc3\xa9\r\n"
+           b"Content-Type: text/plain; charset=utf-8\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n")
+    message = Message.from_bytes(raw, mailbox="m", uid="1")
+    parse_into(message)
+    assert message.record is not None
+    assert message.record.subject == "café"
+    assert message.record.text is not None and message.record.text.startswith("Grüße")
+    assert calls == ["charset"]

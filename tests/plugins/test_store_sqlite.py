@@ -73,6 +73,21 @@ def test_all_store_processors_are_registered_and_commit() -> None:
         assert cls.commits is True
 
 
+def test_connections_keep_wal_full_sync_and_temporary_storage_in_memory(
+    tmp_path: Path,
+) -> None:
+    """Issue 18: the FTS triggers give every upsert of a group commit a statement
+    journal, which spilled to temporary files (about 11 writes a message); in memory
+    it is the same rollback of one statement, and crash recovery is still the WAL's."""
+    conn = connect(tmp_path / "mail.sqlite3")
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert conn.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
+    finally:
+        conn.close()
+
+
 def test_fts_finds_a_message_by_body_word_subject_and_address(tmp_path: Path) -> None:
     s = store(tmp_path)
     a = parsed(make_message("1", "Quarterly figures", "The pelican report is late."))
