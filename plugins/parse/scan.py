@@ -27,7 +27,7 @@ follows it; a line it is unsure of is not. To that end
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email import policy as email_policy
 from email.parser import BytesHeaderParser
 from enum import Enum
@@ -43,10 +43,20 @@ _HEADER: Final = re.compile(rb"^(From |[\041-\071\073-\176]*:|[\t ])")
 _PARSER = BytesHeaderParser(policy=email_policy.compat32)
 
 
-def pieces(f: IO[bytes], size: int = PIECE) -> Iterator[tuple[bytes, bool]]:
+def pieces(
+    f: IO[bytes], size: int = PIECE, bulk: Callable[[], bool] | None = None
+) -> Iterator[tuple[bytes, bool]]:
     """Yield ``(piece, starts_line)``: the file's octets in order, cut after every line
     ending (CRLF, CR or LF, as the feedparser splits lines) and within a longer line
-    every ``size`` octets. A CR at a cut is never parted from the LF after it."""
+    every ``size`` octets. A CR at a cut is never parted from the LF after it.
+
+    With ``bulk``: at a line start where ``bulk()`` is true (asked afresh at every line
+    start, after the previous piece was taken), whole lines up to the next line that
+    starts with ``--`` may come as one piece, a *span*: its first line is not blank and
+    none of its lines starts with ``--``. The cuts inside longer lines are the same as
+    without ``bulk`` (the file is read ``size`` octets at a time either way), so
+    :class:`LeafLines` sees the same first piece of every line that starts with ``--``.
+    """
     buf = b""
     start = True
     eof = False
@@ -55,9 +65,17 @@ def pieces(f: IO[bytes], size: int = PIECE) -> Iterator[tuple[bytes, bool]]:
         eof = not more
         buf += more
         pos, end = 0, len(buf)
-        for m in _NL.finditer(buf):
-            if m.end() == end and not eof and buf.endswith(b"\r"):
-                break  # maybe the CR of a CRLF cut by the read
+        held = not eof and buf.endswith(b"\r")  # maybe the CR of a CRLF cut by the read
+        while pos < end:
+            if start and bulk is not None and bulk():
+                span = _span_end(buf, pos, end - 1 if held else end)
+                if span > pos:
+                    yield buf[pos:span], True
+                    pos = span
+                    continue
+            m = _NL.search(buf, pos)
+            if m is None or (held and m.end() == end):
+                break
             yield buf[pos : m.end()], start
             start, pos = True, m.end()
         buf = buf[pos:]
@@ -71,6 +89,21 @@ def pieces(f: IO[bytes], size: int = PIECE) -> Iterator[tuple[bytes, bool]]:
             start, buf = False, buf[len(buf) - keep :]
 
 
+def _span_end(buf: bytes, pos: int, lim: int) -> int:
+    """Where the span that starts at line start ``pos`` ends: at the next line start
+    followed by ``--``, else after the last line ending before ``lim``; ``pos`` when
+    the line at ``pos`` starts with ``--`` or is blank, or has no ending before ``lim``.
+    """
+    if buf.startswith((b"--", b"\r", b"\n"), pos):
+        return pos
+    # A line starts after an LF, or after a CR that no LF follows ("\r--" is one).
+    lf = buf.find(b"\n--", pos, lim)
+    cr = buf.find(b"\r--", pos, lim if lf < 0 else lf)
+    if cr >= 0 or lf >= 0:
+        return (cr if cr >= 0 else lf) + 1
+    return max(pos, buf.rfind(b"\n", pos, lim) + 1, buf.rfind(b"\r", pos, lim) + 1)
+
+
 class _State(Enum):
     HEADERS = "headers"  # in a header block (or where one may start)
     BODY = "body"  # in a leaf body, a preamble or an epilogue: lines are verbatim
@@ -82,7 +115,8 @@ class LeafLines:
     """Follow a raw message's MIME structure; see the module docstring.
 
     Call :meth:`line` with the first piece of every line and :meth:`more` with every
-    other piece (from :func:`pieces`), in order.
+    other piece (from :func:`pieces`), in order; a span of whole lines from
+    ``pieces(f, bulk=leaf.bulk)`` counts as one line.
     """
 
     def __init__(self) -> None:
@@ -116,6 +150,12 @@ class LeafLines:
             return False
         self._end_block(blank=False)  # the parser takes this line as the body's first
         return self.line(first)
+
+    def bulk(self) -> bool:
+        """True when every line that does not start with ``--`` gets the same answer
+        from :meth:`line` and leaves the state as it is (outside a header block): a
+        span of such lines (see :func:`pieces`) may then be given as one line."""
+        return self._state is not _State.HEADERS
 
     def more(self, piece: bytes) -> None:
         """The rest of the current line."""

@@ -89,7 +89,7 @@ def skeleton(f: IO[bytes]) -> Skeleton:
             out.extend(read_run(f, (run_start, length)))
         run, run_len = [], 0
 
-    for piece, starts in pieces(f):
+    for piece, starts in pieces(f, bulk=leaf.bulk):
         digest.update(piece)
         if starts:
             line_start = offset
@@ -205,7 +205,13 @@ class RunDecoder(SpoolWriter):
     in memory.
     """
 
-    _DROP: Final = re.compile(rb"[^A-Za-z0-9+/=]")
+    #: Every octet outside the alphabet and ``=``: deleted by ``bytes.translate``.
+    _DROP: Final = bytes(
+        sorted(
+            set(range(256))
+            - set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+        )
+    )
 
     def __init__(self, spool_dir: Path | None) -> None:
         super().__init__(spool_dir)
@@ -214,7 +220,7 @@ class RunDecoder(SpoolWriter):
 
     def feed(self, text: bytes) -> None:
         """Add base64 text (line ends and other characters are ignored)."""
-        clean = self._carry + self._DROP.sub(b"", text)
+        clean = self._carry + text.translate(None, self._DROP)
         cut = len(clean) - len(clean) % 4
         if cut > 4:
             cut -= 4  # keep the last quantum back: it may carry the padding
