@@ -123,7 +123,7 @@ class LeafLines:
         self._state = _State.HEADERS
         self._block: list[bytes] = []
         self._block_len = 0
-        self._boundaries: list[re.Pattern[bytes]] = []
+        self._separators: list[bytes] = []  # b"--" + boundary, for every boundary
         self._seen: set[str] = set()
 
     def line(self, first: bytes) -> bool:
@@ -131,7 +131,7 @@ class LeafLines:
         state = self._state
         if state is _State.OFF:
             return False
-        if first.startswith(b"--") and any(b.match(first) for b in self._boundaries):
+        if first.startswith(b"--") and any(_delimits(first, s) for s in self._separators):
             if state is _State.HEADERS:
                 self._end_block(blank=False)
             if self._state is not _State.OFF:
@@ -203,14 +203,21 @@ class LeafLines:
         if boundary in self._seen:
             return
         self._seen.add(boundary)
-        # email.feedparser's boundary expression, on the same (surrogate-escaped) text
-        separator = ("--" + boundary).encode("utf-8", "surrogateescape")
-        self._boundaries.append(
-            re.compile(
-                b"(?P<sep>" + re.escape(separator)
-                + rb")(?P<end>--)?(?P<ws>[ \t]*)(?P<linesep>\r\n|\r|\n)?$"
-            )
-        )
+        # the same (surrogate-escaped) text as email.feedparser's
+        self._separators.append(("--" + boundary).encode("utf-8", "surrogateescape"))
+
+
+def _delimits(first: bytes, separator: bytes) -> bool:
+    """True when email.feedparser's boundary expression for ``separator`` matches the
+    line that starts with ``first``: ``(?P<sep>separator)(?P<end>--)?(?P<ws>[ \t]*)
+    (?P<linesep>\r\n|\r|\n)?$``, here without compiling it per boundary (issue 18).
+    ``first`` holds one line ending at most, at its end."""
+    if not first.startswith(separator):
+        return False
+    rest = first[len(separator) :]
+    if rest.startswith(b"--"):
+        rest = rest[2:]
+    return rest.lstrip(b" \t") in (b"", b"\r\n", b"\r", b"\n")
 
 
 def _ends_line(piece: bytes) -> bool:

@@ -11,10 +11,12 @@ import io
 import random
 import re
 from collections.abc import Iterator
+from email.message import Message
+from pathlib import Path
 from typing import IO
 
 import pytest
-from mailpipe.plugins.parse import parse_file, parse_message, scan, spool
+from mailpipe.plugins.parse import parse_file, parse_message, parser, scan, spool
 
 _NL = re.compile(rb"\r\n|\r|\n")
 
@@ -180,3 +182,75 @@ def test_pieces_without_bulk_are_the_old_pieces_and_spans_cover_the_file(
             lines = piece.splitlines(keepends=True)
             assert not any(line.startswith(b"--") for line in lines[1:])
             assert not starts or lines[0][:1] not in (b"\r", b"\n") or len(lines) == 1
+
+
+def test_delimiter_check_is_the_feedparser_expression() -> None:
+    """scan._delimits answers as email.feedparser's boundary expression does."""
+    tails = [b"", b"--", b"---", b"-- ", b" ", b"\t \t", b"x", b" x", b"-- x", b"--\t"]
+    ends = [b"", b"\n", b"\r", b"\r\n"]
+    for boundary in (b"b", b"=_x.y", b"", b"a+b?"):
+        sep = b"--" + boundary
+        expression = re.compile(
+            b"(?P<sep>" + re.escape(sep)
+            + rb")(?P<end>--)?(?P<ws>[ \t]*)(?P<linesep>\r\n|\r|\n)?$"
+        )
+        for head in (sep, sep[:-1], b"--", b"--" + boundary + b"1"):
+            for tail in tails:
+                for end in ends:
+                    line = head + tail + end
+                    want = expression.match(line) is not None
+                    assert scan._delimits(line, sep) is want, (line, sep)
+
+
+def tree(msg: Message) -> object:
+    """Everything of a parsed message tree that the record is built from."""
+    payload = msg._payload  # the stored payload, as parser.py reads it
+    return (
+        msg.get_unixfrom(),
+        list(msg.raw_items()),
+        msg.get_default_type(),
+        msg.preamble,
+        msg.epilogue,
+        [(type(d).__name__, str(d)) for d in msg.defects],
+        [tree(p) for p in payload] if isinstance(payload, list) else payload,
+    )
+
+
+CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
+
+
+@pytest.mark.parametrize("run", [1, 64, 4096])
+def test_in_memory_parse_from_the_skeleton_is_the_whole_parse(
+    run: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """parse_message parses a large message from its skeleton and puts every run back
+    (issue 18): the same tree as the stdlib parser's on the whole message, so the same
+    record and payloads. Small thresholds make every input take that path."""
+    rng = random.Random(run)
+    inputs = [message(rng) for _ in range(120)]
+    inputs += [p.read_bytes() for p in sorted(CORPUS.glob("*.eml"))]
+    elided = 0
+    for raw in inputs:
+        whole = parser._PARSER.parsebytes(raw)
+        monkeypatch.setattr(parser, "_ELIDE_FROM", 0)
+        monkeypatch.setattr(parser, "_ELIDE_RUN", run)
+        got = parser._message(raw)
+        elided += bool(spool.skeleton(io.BytesIO(raw), run).runs)
+        assert tree(got) == tree(whole), raw[:200]
+        record, payloads = parse_message(raw)
+        monkeypatch.setattr(parser, "_ELIDE_FROM", len(raw) + 1)  # the plain parse
+        want, want_payloads = parse_message(raw)
+        assert record.model_dump() == want.model_dump()
+        assert payloads == want_payloads
+    assert elided > 50  # the skeleton path was taken, with runs, on many inputs
+
+
+def test_surrogate_check_is_the_regex_search() -> None:
+    """parser._has_surrogate answers as the search for [\\ud800-\\udfff] it replaced."""
+    lone = re.compile("[\ud800-\udfff]")
+    rng = random.Random(18)
+    alphabet = ["a", "\n", "\u00e9", "\u20ac", "\U0001f600", "\ud800", "\udce9", "\udfff"]
+    texts = ["", "plain", "caf\u00e9", "Caf\udce9", "\ud83d\ude00", "x" * 5000 + "\udc80"]
+    texts += ["".join(rng.choices(alphabet, k=rng.randrange(1, 30))) for _ in range(500)]
+    for text in texts:
+        assert parser._has_surrogate(text) is (lone.search(text) is not None), text
