@@ -17,7 +17,9 @@ Encoding (:class:`RunDecoder` for base64, :class:`~.transfer.QpDecoder`,
 :class:`SpooledPayload` (an unlinked temporary file, its size and sha256), never into
 memory. Everywhere else (a nested message, a preamble, base64 with ``=`` inside a run)
 :meth:`Runs.inflate` puts the original text back, so the result is always the same as
-parsing the whole message in memory.
+parsing the whole message in memory. ``parse_message`` parses a large message from
+its skeleton too, with every run put back (:func:`.parser._message`): the stdlib
+parser then skips the long bodies it would go through line by line.
 """
 
 from __future__ import annotations
