@@ -57,6 +57,9 @@ _MAX_DEPTH = 40
 #: eliding runs of at least _ELIDE_RUN octets (see _message).
 _ELIDE_FROM: Final = 64 * 1024
 _ELIDE_RUN: Final = 16 * 1024
+#: ... and stops eliding past this many octets of header blocks (a message of many
+#: nested messages, or of huge headers, would have them parsed twice for nothing).
+_ELIDE_HEADERS: Final = 64 * 1024
 #: The most parts one message may yield, of every kind together: MIME parts (the
 #: containers included), uuencoded blocks and TNEF files. Past it the rest is kept
 #: raw (in the message bytes, or left in the body text) and one TooManyParts defect
@@ -263,13 +266,14 @@ def _message(raw: bytes) -> Message:
     """``_PARSER.parsebytes(raw)``, the same tree, for less CPU on a large message
     (issue 18): the stdlib parser goes through a body line by line in Python, so a
     message of at least :data:`_ELIDE_FROM` octets is parsed from its skeleton (runs of
-    at least :data:`_ELIDE_RUN` octets of leaf-body lines elided, see :mod:`.spool`)
-    and every elided run is then put back where the parser would have put it."""
+    at least :data:`_ELIDE_RUN` octets of leaf-body lines elided, see :mod:`.spool`;
+    none past :data:`_ELIDE_HEADERS` octets of header blocks) and every elided run is
+    then put back where the parser would have put it."""
     if len(raw) < _ELIDE_FROM:
         return _PARSER.parsebytes(raw)
     try:
         f = io.BytesIO(raw)
-        sk = skeleton(f, _ELIDE_RUN)
+        sk = skeleton(f, _ELIDE_RUN, _ELIDE_HEADERS)
         msg = _PARSER.parsebytes(sk.data)
         if sk.runs:
             _inflate_outside_leaves(msg, Runs(sk, f, None), leaves=True)

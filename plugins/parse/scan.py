@@ -20,8 +20,8 @@ follows it; a line it is unsure of is not. To that end
 * after a header block without Content-Type (a ``multipart/digest`` part defaults to
   ``message/rfc822``) or of type ``message/*``, another header block may follow;
   a ``message/delivery-status`` body is never verbatim; a header block larger than
-  :data:`MAX_BLOCK`, or one the header parser fails on, ends all eliding for the rest
-  of the message.
+  :data:`MAX_BLOCK` (or header blocks larger together than a caller's limit), or one
+  the header parser fails on, ends all eliding for the rest of the message.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from typing import IO, Final
 
 #: Largest header block followed; past it nothing more of the message is elided.
 MAX_BLOCK: Final = 1 << 20
+#: What a header block counts toward a ``max_headers`` budget beyond its octets.
+BLOCK_COST: Final = 1024
 #: Most octets of one piece (a line longer than this comes in several pieces).
 PIECE: Final = 1 << 16
 _NL: Final = re.compile(rb"\r\n|\r|\n")
@@ -44,7 +46,10 @@ _PARSER = BytesHeaderParser(policy=email_policy.compat32)
 
 
 def pieces(
-    f: IO[bytes], size: int = PIECE, bulk: Callable[[], bool] | None = None
+    f: IO[bytes],
+    size: int = PIECE,
+    bulk: Callable[[], bool] | None = None,
+    rest: Callable[[], bool] | None = None,
 ) -> Iterator[tuple[bytes, bool]]:
     """Yield ``(piece, starts_line)``: the file's octets in order, cut after every line
     ending (CRLF, CR or LF, as the feedparser splits lines) and within a longer line
@@ -56,6 +61,8 @@ def pieces(
     none of its lines starts with ``--``. The cuts inside longer lines are the same as
     without ``bulk`` (the file is read ``size`` octets at a time either way), so
     :class:`LeafLines` sees the same first piece of every line that starts with ``--``.
+    With ``rest``: at a line start where ``rest()`` is true, all the rest of the file
+    comes as one last piece.
     """
     buf = b""
     start = True
@@ -67,6 +74,9 @@ def pieces(
         pos, end = 0, len(buf)
         held = not eof and buf.endswith(b"\r")  # maybe the CR of a CRLF cut by the read
         while pos < end:
+            if start and rest is not None and rest():
+                yield buf[pos:] + f.read(), True
+                return
             if start and bulk is not None and bulk():
                 span = _span_end(buf, pos, end - 1 if held else end)
                 if span > pos:
@@ -119,7 +129,13 @@ class LeafLines:
     ``pieces(f, bulk=leaf.bulk)`` counts as one line.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_headers: int | None = None) -> None:
+        """``max_headers``: the most octets of header blocks, all together and each
+        counted :data:`BLOCK_COST` octets larger (a parse has a cost of its own), that
+        are parsed; past it nothing more is elided (the message is mostly headers: the
+        scan would parse them twice for nothing). None: no such limit."""
+        self._max_headers = max_headers
+        self._headers_len = 0
         self._state = _State.HEADERS
         self._block: list[bytes] = []
         self._block_len = 0
@@ -157,6 +173,10 @@ class LeafLines:
         span of such lines (see :func:`pieces`) may then be given as one line."""
         return self._state is not _State.HEADERS
 
+    def done(self) -> bool:
+        """True when no line of the rest of the message is verbatim, whatever it is."""
+        return self._state is _State.OFF
+
     def more(self, piece: bytes) -> None:
         """The rest of the current line."""
         if self._state is _State.HEADERS:
@@ -164,7 +184,10 @@ class LeafLines:
 
     def _add(self, piece: bytes) -> None:
         self._block_len += len(piece)
-        if self._block_len > MAX_BLOCK:
+        self._headers_len += len(piece)
+        if self._block_len > MAX_BLOCK or (
+            self._max_headers is not None and self._headers_len > self._max_headers
+        ):
             self._state = _State.OFF
             self._block = []
         else:
@@ -173,6 +196,9 @@ class LeafLines:
     def _end_block(self, *, blank: bool) -> None:
         """The header block ends: learn its boundary and what follows it."""
         block, self._block, self._block_len = self._block, [], 0
+        self._headers_len += BLOCK_COST
+        if self._max_headers is not None and self._headers_len > self._max_headers:
+            self._state = _State.OFF
         if self._state is _State.OFF:
             return
         if not block:

@@ -66,20 +66,23 @@ class Skeleton:
         return (m for m in _MARKER.finditer(text) if m.group(1) == nonce)
 
 
-def skeleton(f: IO[bytes], run_min: int | None = None) -> Skeleton:
+def skeleton(
+    f: IO[bytes], run_min: int | None = None, max_headers: int | None = None
+) -> Skeleton:
     """Read ``f`` to its end once; return its skeleton, sha256 and size.
 
     A run is a sequence of whole lines that :class:`~.scan.LeafLines` calls verbatim,
     not starting with a blank line (the parser drops an epilogue's first line end);
     one of at least ``run_min`` octets (default :data:`RUN_MIN`) becomes a marker line
-    with the run's last line ending. ``f`` must be seekable.
+    with the run's last line ending. ``f`` must be seekable. ``max_headers``: see
+    :class:`~.scan.LeafLines` (no limit by default).
     """
     least = RUN_MIN if run_min is None else run_min
     marker = f"!mailpipe-run-{secrets.token_hex(8)}-"
     out: list[bytes] = []
     runs: list[tuple[int, int]] = []
     digest = hashlib.sha256()
-    leaf = LeafLines()
+    leaf = LeafLines(max_headers)
     offset = 0
     run: list[bytes] = []  # the run's pieces while it is shorter than run_min
     run_start = run_len = 0
@@ -100,7 +103,7 @@ def skeleton(f: IO[bytes], run_min: int | None = None) -> Skeleton:
             out.extend(read_run(f, (run_start, length)))
         run, run_len = [], 0
 
-    for piece, starts in pieces(f, bulk=leaf.bulk):
+    for piece, starts in pieces(f, bulk=leaf.bulk, rest=leaf.done):
         digest.update(piece)
         if starts:
             line_start = offset

@@ -140,12 +140,13 @@ def test_bulk_skeleton_is_the_line_by_line_one(
     size = rng.choice([3, 7, 16, 61, 256])  # reads, and cuts of long lines
     run_min = rng.choice([1, 40, 200])
     monkeypatch.setattr(spool, "RUN_MIN", run_min)
+    headers = rng.choice([None, 1500, 4000])  # nothing elided past it: the rest whole
     monkeypatch.setattr(spool, "pieces", functools.partial(scan.pieces, size=size))
-    new = spool.skeleton(io.BytesIO(raw))
+    new = spool.skeleton(io.BytesIO(raw), max_headers=headers)
     monkeypatch.setattr(
-        spool, "pieces", lambda f, bulk=None: old_pieces(f, size)
+        spool, "pieces", lambda f, bulk=None, rest=None: old_pieces(f, size)
     )
-    old = spool.skeleton(io.BytesIO(raw))
+    old = spool.skeleton(io.BytesIO(raw), max_headers=headers)
     assert shape(new) == shape(old), (size, run_min, raw)
 
 
@@ -219,9 +220,9 @@ def tree(msg: Message) -> object:
 CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
 
 
-@pytest.mark.parametrize("run", [1, 64, 4096])
+@pytest.mark.parametrize(("run", "headers"), [(1, 1 << 16), (64, 2500), (4096, 1 << 16)])
 def test_in_memory_parse_from_the_skeleton_is_the_whole_parse(
-    run: int, monkeypatch: pytest.MonkeyPatch
+    run: int, headers: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """parse_message parses a large message from its skeleton and puts every run back
     (issue 18): the same tree as the stdlib parser's on the whole message, so the same
@@ -234,8 +235,9 @@ def test_in_memory_parse_from_the_skeleton_is_the_whole_parse(
         whole = parser._PARSER.parsebytes(raw)
         monkeypatch.setattr(parser, "_ELIDE_FROM", 0)
         monkeypatch.setattr(parser, "_ELIDE_RUN", run)
+        monkeypatch.setattr(parser, "_ELIDE_HEADERS", headers)  # eliding stops early
         got = parser._message(raw)
-        elided += bool(spool.skeleton(io.BytesIO(raw), run).runs)
+        elided += bool(spool.skeleton(io.BytesIO(raw), run, headers).runs)
         assert tree(got) == tree(whole), raw[:200]
         record, payloads = parse_message(raw)
         monkeypatch.setattr(parser, "_ELIDE_FROM", len(raw) + 1)  # the plain parse
