@@ -5,6 +5,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import io
+import operator
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -392,12 +393,16 @@ def _clean(value: Any) -> Any:
             return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         except UnicodeEncodeError:
             return _LONE_SURROGATE.sub("\ufffd", value)
+    # An ASCII str (a flag, no scan) is clean: skipped without a call (issue 18).
     if isinstance(value, dict):
-        out = {k: _clean(v) for k, v in value.items()}
-        return value if all(out[k] is value[k] for k in value) else out
+        out = {
+            k: v if type(v) is str and v.isascii() else _clean(v)
+            for k, v in value.items()
+        }
+        return value if all(map(operator.is_, out.values(), value.values())) else out
     if isinstance(value, list | tuple):
-        items = [_clean(v) for v in value]
-        if all(a is b for a, b in zip(items, value, strict=True)):
+        items = [v if type(v) is str and v.isascii() else _clean(v) for v in value]
+        if all(map(operator.is_, items, value)):
             return value
         return type(value)(items) if isinstance(value, tuple) else items
     if isinstance(value, BaseModel):

@@ -256,3 +256,29 @@ def test_surrogate_check_is_the_regex_search() -> None:
     texts += ["".join(rng.choices(alphabet, k=rng.randrange(1, 30))) for _ in range(500)]
     for text in texts:
         assert parser._has_surrogate(text) is (lone.search(text) is not None), text
+
+
+def test_clean_keeps_clean_values_and_replaces_every_lone_surrogate() -> None:
+    """parser._clean with its ASCII shortcut (issue 18): the same object back when
+    nothing changes, every surrogate replaced at any depth otherwise."""
+    from mailpipe.plugins.parse import Address, Defect
+
+    clean = {
+        "headers": [("Subject", "caf\u00e9"), ("X", "plain")],
+        "to": [Address(name="A", address="a@b")],
+        "defects": [Defect(part="", kind="K", detail="d")],
+        "n": 3,
+    }
+    assert parser._clean(clean) is clean
+    dirty = {
+        "headers": [("Subject", "plain"), ("X", "Caf\udce9")],
+        "to": [Address(name="\ud800", address="a@b")],
+        "ids": ("ok", "x\udfff"),
+        "n": 3,
+    }
+    got = parser._clean(dirty)
+    assert got["headers"][0] is dirty["headers"][0]
+    assert got["headers"][1] == ("X", "Caf\ufffd")
+    assert got["to"][0].name == "\ufffd" and isinstance(got["to"][0], Address)
+    assert got["ids"] == ("ok", "x\ufffd") and isinstance(got["ids"], tuple)
+    assert dirty["headers"][1] == ("X", "Caf\udce9")  # the input is left as it was
