@@ -17,7 +17,9 @@ Encoding (:class:`RunDecoder` for base64, :class:`~.transfer.QpDecoder`,
 :class:`SpooledPayload` (an unlinked temporary file, its size and sha256), never into
 memory. Everywhere else (a nested message, a preamble, base64 with ``=`` inside a run)
 :meth:`Runs.inflate` puts the original text back, so the result is always the same as
-parsing the whole message in memory.
+parsing the whole message in memory. ``parse_message`` parses a large message from
+its skeleton too, with every run put back (:func:`.parser._message`): the stdlib
+parser then skips the long bodies it would go through line by line.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import re
 import secrets
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final
 
@@ -41,6 +43,12 @@ RUN_MIN: Final = 256 * 1024
 CHUNK: Final = 1 << 20
 
 
+# Any skeleton's marker line: nonce, number, line ending (when the parser kept it).
+# One expression for all (a pattern per nonce cost a compile per message, issue 18);
+# a marker line starts a line, so a lookalike in the text can never hide a real one.
+_MARKER: Final = re.compile(r"!mailpipe-run-([0-9a-f]{16})-(\d+)!(\r\n|\r|\n)?")
+
+
 @dataclass(slots=True)
 class Skeleton:
     """The raw message with long runs of leaf-body lines replaced by marker lines."""
@@ -50,27 +58,33 @@ class Skeleton:
     marker: str  # "!mailpipe-run-<nonce>-"; a marker line is marker + n + "!"
     sha256: str
     size: int
-    pattern: re.Pattern[str] = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.pattern = re.compile(re.escape(self.marker) + r"(\d+)!(\r\n|\r|\n)?")
+    def markers(self, text: str) -> Iterator[re.Match[str]]:
+        """This skeleton's marker lines in ``text``: group 2 the number, group 3 the
+        line ending (None when the parser cut it)."""
+        nonce = self.marker[14:-1]
+        return (m for m in _MARKER.finditer(text) if m.group(1) == nonce)
 
 
-def skeleton(f: IO[bytes]) -> Skeleton:
+def skeleton(
+    f: IO[bytes], run_min: int | None = None, max_headers: int | None = None
+) -> Skeleton:
     """Read ``f`` to its end once; return its skeleton, sha256 and size.
 
     A run is a sequence of whole lines that :class:`~.scan.LeafLines` calls verbatim,
     not starting with a blank line (the parser drops an epilogue's first line end);
-    one of at least :data:`RUN_MIN` octets becomes a marker line with the run's last
-    line ending. ``f`` must be seekable.
+    one of at least ``run_min`` octets (default :data:`RUN_MIN`) becomes a marker line
+    with the run's last line ending. ``f`` must be seekable. ``max_headers``: see
+    :class:`~.scan.LeafLines` (no limit by default).
     """
+    least = RUN_MIN if run_min is None else run_min
     marker = f"!mailpipe-run-{secrets.token_hex(8)}-"
     out: list[bytes] = []
     runs: list[tuple[int, int]] = []
     digest = hashlib.sha256()
-    leaf = LeafLines()
+    leaf = LeafLines(max_headers)
     offset = 0
-    run: list[bytes] = []  # the run's pieces while it is shorter than RUN_MIN
+    run: list[bytes] = []  # the run's pieces while it is shorter than run_min
     run_start = run_len = 0
     line_start = 0  # offset of the current line
     ending = b"\n"  # the line ending of the run's last whole line
@@ -80,7 +94,7 @@ def skeleton(f: IO[bytes]) -> Skeleton:
         """Emit the run's octets before ``end`` (a line start) as marker or as is."""
         nonlocal run, run_len
         length = end - run_start
-        if length >= RUN_MIN:
+        if length >= least:
             out.append(f"{marker}{len(runs)}!".encode() + ending)
             runs.append((run_start, length))
         elif length == run_len:
@@ -89,7 +103,7 @@ def skeleton(f: IO[bytes]) -> Skeleton:
             out.extend(read_run(f, (run_start, length)))
         run, run_len = [], 0
 
-    for piece, starts in pieces(f):
+    for piece, starts in pieces(f, bulk=leaf.bulk, rest=leaf.done):
         digest.update(piece)
         if starts:
             line_start = offset
@@ -102,7 +116,7 @@ def skeleton(f: IO[bytes]) -> Skeleton:
             leaf.more(piece)
             in_run = run_len > 0
         if in_run:
-            if run_len < RUN_MIN:
+            if run_len < least:
                 run.append(piece)
             else:
                 run.clear()  # long enough to elide: only its extent is kept
@@ -205,7 +219,13 @@ class RunDecoder(SpoolWriter):
     in memory.
     """
 
-    _DROP: Final = re.compile(rb"[^A-Za-z0-9+/=]")
+    #: Every octet outside the alphabet and ``=``: deleted by ``bytes.translate``.
+    _DROP: Final = bytes(
+        sorted(
+            set(range(256))
+            - set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+        )
+    )
 
     def __init__(self, spool_dir: Path | None) -> None:
         super().__init__(spool_dir)
@@ -214,7 +234,7 @@ class RunDecoder(SpoolWriter):
 
     def feed(self, text: bytes) -> None:
         """Add base64 text (line ends and other characters are ignored)."""
-        clean = self._carry + self._DROP.sub(b"", text)
+        clean = self._carry + text.translate(None, self._DROP)
         cut = len(clean) - len(clean) % 4
         if cut > 4:
             cut -= 4  # keep the last quantum back: it may carry the padding
@@ -280,19 +300,22 @@ class Runs:
     def inflate(self, text: str) -> str:
         """``text`` with every marker replaced by the original octets (as the parser
         would have given them: a marker whose line end was cut loses it too)."""
-
-        def original(m: re.Match[str]) -> str:
+        out: list[str] = []
+        pos = 0
+        for m in self.sk.markers(text):
             data = b"".join(self.octets(m))
-            return data.decode("ascii", "surrogateescape")  # as BytesParser does
-
-        return self.sk.pattern.sub(original, text)
+            # as BytesParser does
+            out += (text[pos : m.start()], data.decode("ascii", "surrogateescape"))
+            pos = m.end()
+        out.append(text[pos:])
+        return "".join(out)
 
     def octets(self, m: re.Match[str]) -> Iterator[bytes]:
         """The original octets of marker ``m``, in pieces of at most :data:`CHUNK`;
         without the run's last line ending when the parser cut the marker's (before
         a boundary: RFC 2046 §5.1.1 gives that line ending to the delimiter)."""
-        start, length = self.sk.runs[int(m.group(1))]
-        if m.group(2) is None:
+        start, length = self.sk.runs[int(m.group(2))]
+        if m.group(3) is None:
             self.f.seek(start + length - 2)
             length -= 2 if self.f.read(2) == b"\r\n" else 1
         return read_run(self.f, (start, length))
@@ -305,7 +328,7 @@ class Runs:
         out = decoder(self.spool_dir)
         try:
             pos = 0
-            for m in self.sk.pattern.finditer(text):
+            for m in self.sk.markers(text):
                 out.feed(text[pos : m.start()].encode("utf-8", "surrogateescape"))
                 for piece in self.octets(m):
                     out.feed(piece)

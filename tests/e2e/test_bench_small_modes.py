@@ -56,6 +56,13 @@ def test_parse_corpus_small() -> None:
     assert "stdlib baseline" in out and "mailpipe parse" in out
 
 
+def test_parse_mixed_small() -> None:
+    out = run("bench/parse_mixed.py", "--small")
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert set(rows) == {"parse_file", "parse_message", "both"}, out
+    assert int(rows["parse_file"][1]) + int(rows["parse_message"][1]) == 100, out
+
+
 def test_pop3_retrieval_small() -> None:
     if shutil.which("dovecot") is None and not Path("/usr/sbin/dovecot").exists():
         if os.environ.get("CI"):
