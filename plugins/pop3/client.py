@@ -386,6 +386,11 @@ class Pop3Client:
         """Send ``commands`` (pipelined when active, else one at a time) and yield each
         reply event in order: Ok/Err/MultiLine, or BodyStart, BodyChunk..., BodyEnd.
 
+        ``commands`` is read lazily, at each refill of the window, and asked again at
+        the next refill after it ran dry: an iterator that grows while the stream runs
+        (:class:`.flight.Flight`, P-14) has what it gained sent in the same stream. The
+        stream ends when every command sent was answered and it had nothing more.
+
         Each RETR reply also has an overall deadline (T-45), from its LIST size in
         ``sizes`` (message number → octets; unknown counts as 0): see
         :meth:`Timeouts.retr_budget`. It raises SourceTimeoutError naming
@@ -400,15 +405,15 @@ class Pop3Client:
         window = self.window if self.conn.pipelining else 1
         inflight: deque[tuple[Command, int]] = deque()
         unanswered = 0
-        more = True
 
         def fill() -> None:
-            nonlocal unanswered, more
+            # ``source`` is asked again at every refill, even after it had nothing:
+            # a growing one (a Flight, P-14) gets what was added meanwhile sent.
+            nonlocal unanswered
             out: list[bytes] = []
-            while more and len(inflight) < window and unanswered < MAX_UNANSWERED_BYTES:
+            while len(inflight) < window and unanswered < MAX_UNANSWERED_BYTES:
                 cmd = next(source, None)
                 if cmd is None:
-                    more = False
                     break
                 wire = self.conn.send(cmd)
                 out.append(wire)
@@ -444,7 +449,7 @@ class Pop3Client:
                 unanswered -= inflight.popleft()[1]
                 head_done = True
                 # Refill when half the window drained (mpop-style batching of writes).
-                if more and len(inflight) <= window // 2:
+                if len(inflight) <= window // 2:
                     fill()
 
     def _oversize(
