@@ -438,7 +438,7 @@ class MailboxRunner:
         is committed and the rest is left new in the journal for the next run: read
         and dropped by the session (P-14), or drained here unprocessed.
         """
-        if not refs:
+        if not refs or self.stop.is_set():
             return
         entries = self.journal.get_many(self.name, [r.uid for r in refs if r.uid])
         expire_zero = facts.deletes_on_commit

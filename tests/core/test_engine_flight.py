@@ -140,3 +140,16 @@ async def test_p14_expire_zero_keeps_one_stream_per_group(
         "RETR 1", "RETR 2", "NOOP", "DELE 1", "DELE 2", "RETR 3", "RETR 4", "NOOP",
         "DELE 3", "DELE 4", "QUIT",
     ]
+
+
+async def test_p14_a_stop_before_retrieval_sends_no_retr(
+    pop3_server_factory: Factory, rig: Any
+) -> None:
+    # A stop already requested when the window's retrieval would start: no flight at
+    # all (not a window of RETRs to read and drop), the session still ends with QUIT.
+    srv = pop3_server_factory(messages=[msg(n) for n in range(3)])
+    r = rig(srv)
+    r.runner.stop.set()
+    s = await r.poll()
+    assert s.retrieved == 0 and s.error is None and len(srv.messages) == 3
+    assert after_listing(srv, 1) == ["QUIT"]
