@@ -74,9 +74,10 @@ class Flight(Iterator[Command]):
         self._fence = False
 
     @property
-    def deles(self) -> int:
-        """How many DELEs wait to be sent."""
-        return len(self._deles)
+    def dele_next(self) -> bool:
+        """True when the next command handed out is a DELE (P-06: it may go while the
+        window is full, since it counts towards the 4 KiB bound only)."""
+        return bool(self._deles)
 
 
 __all__ = ["MAX_DECLARED_IN_FLIGHT", "Flight"]

@@ -135,7 +135,8 @@ class Pop3Options(ConnectionSecurity):
     )
     pipeline_window: int = Field(
         strict=True,
-        default=128, ge=1, le=1000, description="Most commands in flight when pipelining."
+        default=128, ge=1, le=1000, description="Most commands in flight when pipelining "
+        "(DELEs, answered by one line each, are bounded by 4 KiB of command bytes alone)."
     )
     max_line: int = Field(
         strict=True,

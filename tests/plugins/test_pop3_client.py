@@ -1000,3 +1000,26 @@ async def test_p14_a_retrieve_left_early_sends_no_more_retrs_and_is_read_before_
     assert b"NOOP" not in wire and mini.dropped == 0
     assert wire.index(b"DELE 1\r\n") < wire.index(b"QUIT\r\n")
     assert mini.committed == {1}
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_p06_pipelined_deles_count_towards_the_byte_bound_only(tmp_path, pipelining):
+    # P-06: with a window of 2, five DELEs still leave in one write (one-line replies,
+    # bounded by the 4 KiB of command bytes), so a group's DELEs never hold back the
+    # RETR window (P-14); in lockstep every command still waits for its reply.
+    mini = MiniPop3(messages(6), pipelining=pipelining)
+    async with Server(mini) as srv, Pop3Source(
+        options(srv.port, pipeline_window=2)
+    ).session() as s:
+        refs = await s.list()
+        writes: list[bytes] = []
+        send = s.client._write
+        s.client._write = lambda data: (writes.append(data), send(data))[1]
+        await s.mark_deleted(refs[:5])
+        await s.commit()
+    deles = [w for w in writes if w.startswith(b"DELE")]
+    if pipelining:
+        assert deles[0] == b"".join(b"DELE %d\r\n" % n for n in range(1, 6))
+    else:
+        assert deles == [b"DELE %d\r\n" % n for n in range(1, 6)]
+    assert mini.committed == {1, 2, 3, 4, 5}

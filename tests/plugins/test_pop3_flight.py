@@ -24,7 +24,9 @@ def test_p14_deles_first_then_retrs_within_the_declared_bound_then_one_noop() ->
     flight.answered(a)
     assert take(flight) == []  # 10 + 30 still over the bound: asked again later
     flight.add([Dele(number=1)])
+    assert flight.dele_next  # P-06: the client may send it with the window full
     assert take(flight) == ["DELE 1"]  # added while it runs: sent at the next refill
+    assert not flight.dele_next
     flight.answered(b)
     assert take(flight) == ["RETR 3", "NOOP"]  # one RETR always goes, whatever its size
     assert take(flight) == []
