@@ -50,13 +50,25 @@ def groups_of_two(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 async def test_p14_one_flight_per_window_and_the_groups_commit_while_it_runs(
-    pop3_server_factory: Factory, rig: Any, groups_of_two: list[int]
+    pop3_server_factory: Factory,
+    rig: Any,
+    groups_of_two: list[int],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    begun: list[int] = []  # new entries per begin_many call (one transaction each)
+    original = Ledger.begin_many
+
+    def counted(self: Ledger, refs: Any, entries: dict[str, Any]) -> None:
+        begun.append(len([r for r in refs if r.uid not in entries]))
+        original(self, refs, entries)
+
+    monkeypatch.setattr(Ledger, "begin_many", counted)
     srv = pop3_server_factory(messages=[msg(n) for n in range(5)])
     r = rig(srv)
     s = await r.poll()
     assert s.processed == 5 and s.deleted == 5 and srv.messages == []
     assert groups_of_two == [2, 2, 1]  # three group commits, in one stream
+    assert [n for n in begun if n] == [5]  # the window begun in one transaction
     # Before: RETR 1, RETR 2, NOOP, then DELE 1, DELE 2 leading RETR 3, RETR 4, NOOP...
     # (a NOOP and a turnaround per group). Now every RETR and the one NOOP leave in
     # the first refill, and each group's DELEs follow once it is durable (P-09).
