@@ -549,8 +549,8 @@ class MailboxRunner:
         *,
         drain: bool,
     ) -> None:
-        """One item of a retrieval stream into ``group`` (``drain``: dropped unread,
-        it stays new in the journal and is processed by the next run)."""
+        """One item of a retrieval stream into ``group`` (``drain``: dropped
+        unprocessed, it stays new in the journal and is processed by the next run)."""
         if isinstance(item, Unretrievable):
             item = self._confirmed(item, entries) or item
         if isinstance(item, Unretrievable):
