@@ -905,10 +905,10 @@ def versions() -> dict[str, str]:
 class Proxy:
     """bench/proxy.py as a child process (stopped by its pid)."""
 
-    def __init__(self, target_port: int, rtt_ms: float) -> None:
+    def __init__(self, target_port: int, rtt_ms: float, log: str | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "proxy.py"), "--target", f"{HOST}:{target_port}",
-             "--delay-ms", str(rtt_ms / 2)],
+             "--delay-ms", str(rtt_ms / 2), *(["--log", log] if log else [])],
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # "listening PORT"
@@ -963,6 +963,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
                     help="before each run wait up to S s for the CPUs to be <15%% busy")
     ap.add_argument("--timeout", type=float, default=600.0, help="per-run kill timer, s")
+    ap.add_argument("--proxy-log", metavar="FILE",
+                    help="with --latency-ms: the proxy logs every chunk's time here "
+                         "(bench/proxy.py --log), to count the turnarounds")
     ap.add_argument("--mailpipe-log-level", default="info",
                     choices=["debug", "info", "warning", "error"])
     ap.add_argument("--workdir", help="where clients write (default: a new dir in /tmp)")
@@ -1029,7 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
             port = d.pop3_port
             rtt = None
             if a.latency_ms:
-                proxy = Proxy(d.pop3_port, a.latency_ms)
+                proxy = Proxy(d.pop3_port, a.latency_ms, a.proxy_log)
                 port = proxy.port
                 rtt = noop_rtt(port, user.name, user.password)
             bench = Bench(a, d, user, port, work)

@@ -10,7 +10,8 @@ The engine orchestrates; it decides nothing about delivery state on its own:
    skipped). :mod:`mailpipe.ledger` turns each result into an outcome, group-commits
    them (processors' ``flush()``, then the journal batch) and only then owes their
    acknowledgement.
-3. :meth:`Ledger.acknowledge` sends what is owed, between retrieval streams; at the
+3. :meth:`Ledger.acknowledge` sends what is owed, between retrieval streams or, for a
+   session that retrieves across commits (P-14), into the running one; at the
    end of the window :meth:`Ledger.commit` ends the session (POP3 QUIT: the server
    deletes now, RFC 1939 §6) and journals the deletions.
 4. Any source error aborts the session without a commit: the server keeps
@@ -69,6 +70,7 @@ from mailpipe.source import (
     SourceSession,
     Unretrievable,
     facts_of,
+    retrieves_across_commits,
 )
 
 log = structlog.get_logger()
@@ -423,72 +425,157 @@ class MailboxRunner:
         summary: Summary,
         facts: SessionFacts,
     ) -> None:
-        """Retrieve and process ``refs`` in chunks (GROUP_SIZE messages or GROUP_BYTES
+        """Retrieve and process ``refs`` in groups (GROUP_SIZE messages or GROUP_BYTES
         octets, whichever comes first), each a group commit.
 
-        A chunk's retrieval stream is always read to its end before anything is
-        acknowledged or committed: with pipelining (RFC 2449 §6.6) replies are still in
-        flight while messages are processed, and come back in command order. After a
-        stop request the rest of the chunk is drained unprocessed (it stays new in the
-        journal and is processed by the next run).
+        P-14: a session that :func:`~mailpipe.source.retrieves_across_commits` gets
+        the whole window as one stream, and each group commits (and acknowledges)
+        while the stream goes on: the server sends the next group while this one is
+        made durable. Any other session, and any session on a server with EXPIRE 0
+        (C-29: its QUIT deletes whatever was RETR'd), gets one stream per group, read
+        to its end before the group commits. With pipelining (RFC 2449 §6.6) replies
+        come back in command order either way. After a stop request the group in hand
+        is committed and the rest is left new in the journal for the next run: read
+        and dropped by the session (P-14), or drained here unprocessed.
         """
-        if not refs:
+        if not refs or self.stop.is_set():
             return
         entries = self.journal.get_many(self.name, [r.uid for r in refs if r.uid])
         expire_zero = facts.deletes_on_commit
-        total = len(refs)
-        for chunk in planning.chunks(refs, GROUP_SIZE, GROUP_BYTES):
+        groups = planning.chunks(refs, GROUP_SIZE, GROUP_BYTES)
+        if retrieves_across_commits(session) and not expire_zero:
+            await self._flight(session, groups, entries, summary, facts, len(refs),
+                               across=True)
+            return
+        for group in groups:
             if self.stop.is_set():
                 break
-            group: list[Outcome] = []
-            settled: list[MessageRef] = []  # known by content hash: owed after the stream
-            self.ledger.begin_many(chunk, entries)
+            await self._flight(session, [group], entries, summary, facts, len(refs),
+                               across=False)
+
+    async def _flight(
+        self,
+        session: SourceSession,
+        groups: list[list[MessageRef]],
+        entries: dict[str, Entry],
+        summary: Summary,
+        facts: SessionFacts,
+        total: int,
+        *,
+        across: bool,
+    ) -> None:
+        """One retrieval stream over ``groups``, each committed once its messages are
+        in (or the stream went past it), and acknowledged only then (MP-04).
+
+        ``across`` (P-14): the session finishes a stream left early, so a stop
+        request ends the stream at once; otherwise the group is drained here."""
+        expire_zero = facts.deletes_on_commit
+        place = {tried_key(r): i for i, g in enumerate(groups) for r in g}
+        current, left = 0, len(groups[0])
+        begun = False
+        group: list[Outcome] = []
+        settled: list[MessageRef] = []  # known by content hash: owed after the group
+
+        async def close() -> None:
+            # The group's messages are all in (or the stream went past them): make
+            # it durable, then owe and acknowledge it (P-14: into the running flight).
+            nonlocal current, left, begun, group, settled
+            done, owed = group, settled
+            group, settled = [], []  # an error from here on must not commit it twice
+            current, begun = current + 1, False
+            left = len(groups[current]) if current < len(groups) else 0
+            self.ledger.owe_settled(owed)
+            if done:
+                await self.ledger.commit_group(self.chain, done, facts)
+            await self.ledger.acknowledge(session)
+
+        stream = oversize.retrieve(
+            session,
+            [r for g in groups for r in g],
+            spool_dir=self.spool_dir,
+            spool_threshold=self.spool_threshold,
+            max_size=self.cfg.max_message_size,
+        )
+        try:
             try:
-                async for item in oversize.retrieve(
-                    session,
-                    chunk,
-                    spool_dir=self.spool_dir,
-                    spool_threshold=self.spool_threshold,
-                    max_size=self.cfg.max_message_size,
-                ):
-                    if isinstance(item, Unretrievable):
-                        item = self._confirmed(item, entries) or item
-                    if isinstance(item, Unretrievable):
-                        self._unretrievable(item, entries, group)
-                        if expire_zero and item.evidence is not None:
-                            # C-29, RFC 2449 §6.7: the server may delete at QUIT what
-                            # it believes was retrieved; this copy is not whole, so
-                            # the session ends without QUIT and the server keeps it.
-                            raise SourceError(
-                                f"{item.reason}; on a server with EXPIRE 0 the session "
-                                "is aborted without QUIT so that the server keeps it"
-                            )
-                        continue
-                    try:
-                        if self.stop.is_set() and not expire_zero:
-                            # Drain the stream; processed next time. (With EXPIRE 0
-                            # the server may delete what was RETR'd at QUIT, so the
-                            # rest of the chunk is processed instead.)
-                            continue
-                        await self._retrieved(item, entries, expire_zero, summary,
-                                              group, settled)
-                        if self.progress is not None:
-                            self.progress(self.name, summary.retrieved, total)
-                        if self.stop.is_set():
-                            self.log.info("stop_requested", after=summary.retrieved)
-                    finally:
-                        _unspool(item)
-            except BaseException:
-                # Whatever completed is made durable even when the session is failing,
-                # so the next session only acknowledges it (never re-runs it). Nothing
-                # is acknowledged on a broken session: the journal owes it.
-                if group:
-                    await self.ledger.commit_group(self.chain, group, facts)
-                raise
-            self.ledger.owe_settled(settled)
+                async for item in stream:
+                    # A message of a later group closes the groups before it.
+                    while place.get(tried_key(item.ref), current) > current:
+                        await close()
+                    if not begun:
+                        # Once its first message is in, so the journal write overlaps
+                        # the transfer; across commits (P-14) the rest of the window
+                        # at once: one transaction, not one more fsync per group.
+                        self.ledger.begin_many(
+                            [r for g in groups[current:] for r in g] if across
+                            else groups[current],
+                            entries,
+                        )
+                        begun = True
+                    stopped = self.stop.is_set() and not expire_zero
+                    if stopped and across:
+                        _unspool(item if isinstance(item, Message) else item.evidence)
+                        break  # the session drops the rest (P-14)
+                    left -= 1
+                    await self._item(item, entries, expire_zero, summary, group,
+                                     settled, total, drain=stopped)
+                    if left <= 0:
+                        await close()
+                        if self.stop.is_set() and across:
+                            break
+            finally:
+                aclose = getattr(stream, "aclose", None)  # a stream left early ends now
+                if aclose is not None:
+                    await aclose()
+        except BaseException:
+            # Whatever completed is made durable even when the session is failing,
+            # so the next session only acknowledges it (never re-runs it). Nothing
+            # is acknowledged on a broken session: the journal owes it.
             if group:
                 await self.ledger.commit_group(self.chain, group, facts)
-            await self.ledger.acknowledge(session)
+            raise
+        while current < len(groups):  # a stream that ended early, or a stop
+            await close()
+
+    async def _item(
+        self,
+        item: Message | Unretrievable,
+        entries: dict[str, Entry],
+        expire_zero: bool,
+        summary: Summary,
+        group: list[Outcome],
+        settled: list[MessageRef],
+        total: int,
+        *,
+        drain: bool,
+    ) -> None:
+        """One item of a retrieval stream into ``group`` (``drain``: dropped
+        unprocessed, it stays new in the journal and is processed by the next run)."""
+        if isinstance(item, Unretrievable):
+            item = self._confirmed(item, entries) or item
+        if isinstance(item, Unretrievable):
+            self._unretrievable(item, entries, group)
+            if expire_zero and item.evidence is not None:
+                # C-29, RFC 2449 §6.7: the server may delete at QUIT what it believes
+                # was retrieved; this copy is not whole, so the session ends without
+                # QUIT and the server keeps it.
+                raise SourceError(
+                    f"{item.reason}; on a server with EXPIRE 0 the session is aborted "
+                    "without QUIT so that the server keeps it"
+                )
+            return
+        try:
+            if drain:
+                # (With EXPIRE 0 the server may delete what was RETR'd at QUIT, so
+                # the rest of the group is processed instead: never drained.)
+                return
+            await self._retrieved(item, entries, expire_zero, summary, group, settled)
+            if self.progress is not None:
+                self.progress(self.name, summary.retrieved, total)
+            if self.stop.is_set():
+                self.log.info("stop_requested", after=summary.retrieved)
+        finally:
+            _unspool(item)
 
     def _unretrievable(
         self, item: Unretrievable, entries: dict[str, Entry], group: list[Outcome]

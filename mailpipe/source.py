@@ -345,6 +345,19 @@ def facts_of(session: Any) -> SessionFacts:
     )
 
 
+def retrieves_across_commits(session: Any) -> bool:
+    """True when the session sets ``retrieves_across_commits = True`` (P-14): one
+    :meth:`SourceSession.retrieve` may then be handed a whole commit window, and the
+    engine group-commits, and acknowledges, while that stream is suspended between
+    two messages. Such a session promises that its memory stays bounded whatever
+    the number of refs (replies wait in the transport), that an acknowledgement made
+    while the stream runs is sent no earlier than it was made, and that a stream its
+    consumer closes early is finished (read, nothing delivered) before its next
+    command and before :meth:`SourceSession.commit`. Any other session gets one
+    ``retrieve`` per group, read to its end before the group commits."""
+    return getattr(session, "retrieves_across_commits", False) is True
+
+
 def acknowledgements_of(source_cls: Any) -> frozenset[AckKind]:
     """The acknowledgements a source class declares (``delete`` and ``keep`` for one
     written against the first contract)."""

@@ -5,7 +5,8 @@ It feeds :class:`~.protocol.Pop3Connection` and translates every failure in one 
 :class:`SourceConnectionError`, ``-ERR`` → the typed errors of :func:`.auth.classify`.
 
 Pipelining (RFC 2449 §6.6, conformance P-06/P-07): :meth:`Pop3Client.stream` keeps at
-most ``window`` commands and 4 KiB of unanswered command bytes in flight. Writes go to the
+most ``window`` commands (DELEs aside: one-line replies, bounded by the bytes alone) and
+4 KiB of unanswered command bytes in flight. Writes go to the
 transport's buffer, which the event loop flushes whenever the socket is writable, and the
 4 KiB bound keeps that buffer below its high-water mark, so ``drain()`` never waits while
 the server is busy sending a large RETR: reading and writing never block each other.
@@ -56,6 +57,7 @@ from .events import (
     Command,
     ConnectionClosed,
     Continuation,
+    Dele,
     Err,
     Event,
     Greeting,
@@ -68,6 +70,7 @@ from .events import (
     User,
     parse_capa,
 )
+from .flight import Flight
 from .protocol import BodyTooLargeError, NeedData, Pop3Connection, RemoteProtocolError
 
 log = structlog.get_logger()
@@ -386,6 +389,11 @@ class Pop3Client:
         """Send ``commands`` (pipelined when active, else one at a time) and yield each
         reply event in order: Ok/Err/MultiLine, or BodyStart, BodyChunk..., BodyEnd.
 
+        ``commands`` is read lazily, at each refill of the window, and asked again at
+        the next refill after it ran dry: an iterator that grows while the stream runs
+        (:class:`.flight.Flight`, P-14) has what it gained sent in the same stream. The
+        stream ends when every command sent was answered and it had nothing more.
+
         Each RETR reply also has an overall deadline (T-45), from its LIST size in
         ``sizes`` (message number → octets; unknown counts as 0): see
         :meth:`Timeouts.retr_budget`. It raises SourceTimeoutError naming
@@ -397,23 +405,33 @@ class Pop3Client:
         raised. The ``max_message`` cap of every body raises it too, with ``hard``.
         """
         source = iter(commands)
-        window = self.window if self.conn.pipelining else 1
-        inflight: deque[tuple[Command, int]] = deque()
+        piped = self.conn.pipelining
+        window = self.window if piped else 1
+        inflight: deque[tuple[Command, int, bool]] = deque()  # command, octets, counted
         unanswered = 0
-        more = True
+        counted = 0  # commands in flight that count towards the window
 
         def fill() -> None:
-            nonlocal unanswered, more
+            # ``source`` is asked again at every refill, even after it had nothing:
+            # a growing one (a Flight, P-14) gets what was added meanwhile sent.
+            nonlocal unanswered, counted
             out: list[bytes] = []
-            while more and len(inflight) < window and unanswered < MAX_UNANSWERED_BYTES:
+            while unanswered < MAX_UNANSWERED_BYTES:
+                # P-06: a pipelined DELE (a one-line reply) counts towards the 4 KiB
+                # bound only, so a group's DELEs never hold back the RETR window.
+                if counted >= window and not (
+                    piped and isinstance(source, Flight) and source.dele_next
+                ):
+                    break
                 cmd = next(source, None)
                 if cmd is None:
-                    more = False
                     break
+                counts = not (piped and isinstance(cmd, Dele))
                 wire = self.conn.send(cmd)
                 out.append(wire)
-                inflight.append((cmd, len(wire)))
+                inflight.append((cmd, len(wire), counts))
                 unanswered += len(wire)
+                counted += counts
             if out:
                 self._write(b"".join(out))
 
@@ -441,10 +459,12 @@ class Pop3Client:
                     raise self._oversize(inflight[0][0], limit, received, False)
             yield event
             if isinstance(event, Ok | Err | MultiLine | BodyEnd):
-                unanswered -= inflight.popleft()[1]
+                _, octets, counts = inflight.popleft()
+                unanswered -= octets
+                counted -= counts
                 head_done = True
                 # Refill when half the window drained (mpop-style batching of writes).
-                if more and len(inflight) <= window // 2:
+                if counted <= window // 2:
                     fill()
 
     def _oversize(

@@ -38,13 +38,11 @@ from .events import (
     BodyEnd,
     BodyStart,
     Capabilities,
-    Command,
     Dele,
     Err,
     Event,
     List,
     MultiLine,
-    Noop,
     Retr,
     Top,
     Uidl,
@@ -52,6 +50,7 @@ from .events import (
     parse_list,
     parse_uidl,
 )
+from .flight import Flight
 from .protocol import RemoteProtocolError
 
 log = structlog.get_logger()
@@ -136,7 +135,8 @@ class Pop3Options(ConnectionSecurity):
     )
     pipeline_window: int = Field(
         strict=True,
-        default=128, ge=1, le=1000, description="Most commands in flight when pipelining."
+        default=128, ge=1, le=1000, description="Most commands in flight when pipelining "
+        "(DELEs, answered by one line each, are bounded by 4 KiB of command bytes alone)."
     )
     max_line: int = Field(
         strict=True,
@@ -218,7 +218,17 @@ class Pop3Source:
 
 
 class Pop3Session:
-    """One POP3 session implementing :class:`mailpipe.source.SourceSession`."""
+    """One POP3 session implementing :class:`mailpipe.source.SourceSession`.
+
+    P-14: one :meth:`retrieve` may span a whole commit window
+    (``retrieves_across_commits``): the engine commits groups while the stream runs,
+    an acknowledgement made meanwhile joins the running flight, and a stream its
+    consumer left early (a stop request) is read to its end before the session's next
+    command, so :meth:`commit` sends QUIT only once every reply arrived (P-09).
+    """
+
+    #: P-14: see the class docstring and :func:`mailpipe.source.retrieves_across_commits`.
+    retrieves_across_commits: ClassVar[bool] = True
 
     def __init__(self, options: Pop3Options, mailbox: str) -> None:
         self.options = options
@@ -227,8 +237,15 @@ class Pop3Session:
         self.client = self._new_client()
         self._committed = False
         self._marked: set[int] = set()
+        # C-54: numbers marked, or whose DELE is queued or awaits its reply.
+        self._asked: set[int] = set()
         # P-13: DELEs an acknowledgement queued, sent with the session's next commands.
         self._queued: list[Dele] = []
+        # P-14: the flight of the retrieve() running now (acknowledgements join it),
+        # and the stream of one its consumer left early, read to its end before any
+        # other command.
+        self._flight: Flight | None = None
+        self._unread: AsyncIterator[Event] | None = None
         self._topped: set[int] = set()  # numbers whose headers this session fetched
         self._log = log.bind(mailbox=mailbox, host=options.host)
 
@@ -370,7 +387,7 @@ class Pop3Session:
         """
         uids: dict[int, str] | None = None
         sizes: list[tuple[int, int]] = []
-        await self._send_queued()
+        await self._settle()
         async for event in self.client.stream([Uidl(), List()]):
             try:
                 if isinstance(event, MultiLine) and isinstance(event.command, Uidl):
@@ -408,7 +425,7 @@ class Pop3Session:
         parts: list[bytes] = []
         size = 0
         refused: Err | None = None
-        await self._send_queued()
+        await self._settle()
         try:
             async for event in self.client.stream([Top(number=ref.number, lines=0)]):
                 if isinstance(event, BodyChunk):
@@ -458,28 +475,35 @@ class Pop3Session:
         as an :class:`~mailpipe.source.Unretrievable`, never as a message. A body
         passing ``max_size`` (or the ``max_message`` cap) raises
         :class:`mailpipe.OversizeError` naming its ref, with the connection closed.
+
+        P-14: the RETRs go out as the window drains (:class:`.flight.Flight`), so
+        ``refs`` may be a whole commit window: replies wait in the transport (TCP flow
+        control) while the consumer is busy, never in memory. DELEs acknowledged while
+        the stream runs join it. A consumer that stops early ends the RETRs not yet
+        sent; what is in flight is read (and dropped) before the next command.
         """
+        await self._settle()
         by_number = {ref.number: ref for ref in refs}
         sink: _Sink | None = None
         # MP-01: a body is yielded only once the next reply's status line has parsed
-        # (the next RETR's, or a closing NOOP's): a server that failed to dot-stuff a
-        # lone "." line ends the body early and sends the rest as stray data, which
-        # then fails to parse as a reply, so the cut body is never delivered.
+        # (the next RETR's, a DELE's, or the closing NOOP's): a server that failed to
+        # dot-stuff a lone "." line ends the body early and sends the rest as stray
+        # data, which then fails to parse as a reply, so the cut body is never
+        # delivered.
         held: Message | Unretrievable | None = None
         limits = None if max_size is None else dict.fromkeys(by_number, max_size)
-        commands: list[Command] = [Retr(number=ref.number) for ref in refs]
         # P-13: the DELEs queued since the last flight lead this one.
-        queued: list[Command] = list(self._queued)
-        self._queued = []
+        queued, self._queued = self._queued, []
+        flight = Flight(queued, refs)
+        stream = self.client.stream(
+            flight,
+            sizes={ref.number: ref.size for ref in refs},  # T-45 deadlines
+            limits=limits,
+        )
+        self._flight = flight
+        ended = False
         try:
-            async for event in self.client.stream(
-                [*queued, *commands, Noop()] if commands else queued,
-                sizes={ref.number: ref.size for ref in refs},  # T-45 deadlines
-                limits=limits,
-            ):
-                if isinstance(getattr(event, "command", None), Dele):
-                    self._deleted(event)
-                    continue
+            async for event in stream:
                 if isinstance(event, BodyChunk):
                     assert sink is not None
                     sink.write(event.data)
@@ -487,21 +511,26 @@ class Pop3Session:
                 if held is not None:  # a reply's status line parsed: its end is sound
                     out, held = held, None
                     yield out
-                if isinstance(event, BodyStart):
+                if isinstance(getattr(event, "command", None), Dele):
+                    self._deleted(event)
+                elif isinstance(event, BodyStart):
                     ref = by_number[event.command.number]  # type: ignore[attr-defined]
                     sink = _Sink(ref, spool_dir, spool_threshold)
                 elif isinstance(event, BodyEnd):
                     assert sink is not None
                     done, sink = sink, None
+                    flight.answered(done.ref)
                     held = self._finished(done)
                 elif isinstance(event, Err) and isinstance(event.command, Retr):
                     number = event.command.number
                     text = event.text[:200]
                     self._log.warning("pop3_retr_refused", number=number, text=text)
                     if number in by_number:
+                        flight.answered(by_number[number])
                         yield Unretrievable(
                             by_number[number], f"RETR {number} refused: {text}"
                         )
+            ended = True
         except RemoteProtocolError as exc:
             if held is not None:
                 out, held = held, None
@@ -518,6 +547,13 @@ class Pop3Session:
                 yield out
             raise
         finally:
+            self._flight = None
+            if not ended:
+                # P-14: left early (a stop request, or an error before an abort): no
+                # further RETR; the DELEs the flight holds still go, and what is in
+                # flight is read to its end before the next command (see _settle).
+                flight.stop()
+                self._unread = stream
             if sink is not None:
                 sink.discard()
             if held is not None:  # never delivered (the consumer stopped early)
@@ -576,38 +612,55 @@ class Pop3Session:
     async def acknowledge(self, refs: Sequence[MessageRef], ack: Ack) -> None:
         """``delete``: DELE; ``keep``: nothing (MP-04).
 
-        With pipelining the DELEs are queued and go out with the session's next
-        commands (P-13): the next chunk's RETRs, the next listing or TOP, or just
-        before QUIT; an abort drops them unsent (nothing deleted, the journal still
-        owes them). Without pipelining they are sent now (:meth:`mark_deleted`).
+        While a :meth:`retrieve` stream runs, the DELEs join its flight (P-14). Else,
+        with pipelining, they are queued and go out with the session's next commands
+        (P-13): the next flight of RETRs, the next listing or TOP, or just before QUIT;
+        an abort drops them unsent (nothing deleted, the journal still owes them).
+        Without pipelining they are sent now (:meth:`mark_deleted`).
         """
-        if ack.kind is AckKind.DELETE and self.client.pipelining_active:
-            # C-54: never DELE a number twice in a session.
-            queued = {c.number for c in self._queued}
-            self._queued.extend(
-                Dele(number=r.number)
-                for r in refs
-                if r.number not in self._marked and r.number not in queued
-            )
-        elif ack.kind is AckKind.DELETE:
-            await self.mark_deleted(refs)
+        if ack.kind is AckKind.DELETE:
+            todo = self._unasked(refs)
+            if self._flight is not None:
+                self._flight.add(todo)
+            elif self.client.pipelining_active:
+                self._queued.extend(todo)
+            else:
+                await self._settle()
+                await self._send(todo)
         elif ack.kind is not AckKind.KEEP:
             raise ValueError(f"POP3 cannot acknowledge with {ack}")
 
     async def mark_deleted(self, refs: Sequence[MessageRef]) -> None:
         """DELE each ref now (pipelined); nothing is removed before QUIT (RFC 1939 §6)."""
-        await self._send_queued()
-        # C-54: never DELE a number twice in a session, so a refusal is never "already".
-        todo = [ref for ref in refs if ref.number not in self._marked]
-        async for event in self.client.stream([Dele(number=r.number) for r in todo]):
-            self._deleted(event)
+        await self._settle()
+        await self._send(self._unasked(refs))
 
-    async def _send_queued(self) -> None:
-        """Send the queued DELEs on their own (before a command that is no RETR)."""
-        queued, self._queued = self._queued, []
-        if queued:
-            async for event in self.client.stream(queued):
+    def _unasked(self, refs: Sequence[MessageRef]) -> Sequence[Dele]:
+        """The DELEs of ``refs`` neither marked nor queued nor awaiting a reply (C-54:
+        never DELE a marked number again, so a refusal is never "already deleted")."""
+        todo: list[Dele] = []
+        for ref in refs:
+            if ref.number not in self._asked:
+                self._asked.add(ref.number)
+                todo.append(Dele(number=ref.number))
+        return todo
+
+    async def _send(self, deles: Sequence[Dele]) -> None:
+        if deles:
+            async for event in self.client.stream(deles):
                 self._deleted(event)
+
+    async def _settle(self) -> None:
+        """Before a command of its own: read a stream left early to its end (P-14: the
+        DELEs of its flight included; the rest is dropped, nothing is delivered), then
+        send the queued DELEs (P-13)."""
+        unread, self._unread = self._unread, None
+        if unread is not None:
+            async for event in unread:
+                if isinstance(getattr(event, "command", None), Dele):
+                    self._deleted(event)
+        queued, self._queued = self._queued, []
+        await self._send(queued)
 
     def _deleted(self, event: Event) -> None:
         """Note a DELE reply: marked, or refused (T-25)."""
@@ -615,12 +668,14 @@ class Pop3Session:
         if isinstance(event, Err):
             # T-25: the message vanished; the journal retries the DELE next time.
             self._log.warning("pop3_dele_refused", number=number, text=event.text[:200])
+            self._asked.discard(number)  # may be asked again
         elif isinstance(number, int):
             self._marked.add(number)
 
     async def commit(self) -> None:
-        """QUIT; raises :class:`mailpipe.CommitError` when not confirmed (C-57)."""
-        await self._send_queued()
+        """QUIT once every reply arrived (P-09, P-14); raises
+        :class:`mailpipe.CommitError` when not confirmed (C-57)."""
+        await self._settle()
         self._committed = True
         await self.client.quit()
         self._log.info("pop3_committed", deleted=len(self._marked))

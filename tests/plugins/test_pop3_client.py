@@ -948,3 +948,78 @@ async def test_p13_acknowledged_deles_lead_the_next_flight_and_an_abort_drops_th
     await asyncio.sleep(0.05)
     assert b"DELE" not in mini.wire and b"QUIT" not in mini.wire  # aborted: unsent
     assert mini.committed == set()
+
+
+async def test_p14_deles_acknowledged_while_retrieving_join_the_running_flight(tmp_path):
+    # P-14: an acknowledgement made while a retrieve() runs joins its flight (sent
+    # with its next refill, answered in the same stream), not held back until QUIT.
+    from mailpipe.source import DELETE
+
+    msgs = messages(4)
+    mini = MiniPop3(msgs)
+    async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
+        refs = await s.list()
+        got = []
+        async for m in s.retrieve(refs, spool_dir=tmp_path, spool_threshold=1 << 20):
+            got.append(m)
+            if len(got) == 1:
+                await s.acknowledge([m.ref], DELETE)
+        assert [m.raw for m in got] == msgs
+        assert b"DELE 1\r\n" in mini.wire  # sent and answered inside the stream
+        assert s._marked == {1}
+        await s.commit()
+    wire = bytes(mini.wire)
+    assert wire.index(b"NOOP\r\n") < wire.index(b"DELE 1\r\n") < wire.index(b"QUIT\r\n")
+    assert wire.count(b"NOOP\r\n") == 1 and wire.count(b"DELE 1\r\n") == 1
+    assert mini.committed == {1}
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_p14_a_retrieve_left_early_sends_no_more_retrs_and_is_read_before_quit(
+    tmp_path, pipelining
+):
+    # P-14, P-09: a consumer that stops early (a stop request) ends the RETRs not yet
+    # sent; what is in flight is read and dropped before the session's next command,
+    # so the DELE and QUIT that follow are answered in order and commit.
+    from mailpipe.source import DELETE
+
+    msgs = messages(6)
+    mini = MiniPop3(msgs, pipelining=pipelining)
+    async with Server(mini) as srv:
+        opts = options(srv.port, pipeline_window=2)
+        async with Pop3Source(opts).session() as s:
+            refs = await s.list()
+            stream = s.retrieve(refs, spool_dir=tmp_path, spool_threshold=1 << 20)
+            first = await anext(stream)
+            await stream.aclose()
+            assert first.raw == msgs[0]
+            await s.acknowledge([first.ref], DELETE)
+            await s.commit()
+    wire = bytes(mini.wire)
+    assert wire.count(b"RETR ") <= 3  # what the window had sent, never the rest
+    assert b"NOOP" not in wire and mini.dropped == 0
+    assert wire.index(b"DELE 1\r\n") < wire.index(b"QUIT\r\n")
+    assert mini.committed == {1}
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_p06_pipelined_deles_count_towards_the_byte_bound_only(tmp_path, pipelining):
+    # P-06: with a window of 2, five DELEs still leave in one write (one-line replies,
+    # bounded by the 4 KiB of command bytes), so a group's DELEs never hold back the
+    # RETR window (P-14); in lockstep every command still waits for its reply.
+    mini = MiniPop3(messages(6), pipelining=pipelining)
+    async with Server(mini) as srv, Pop3Source(
+        options(srv.port, pipeline_window=2)
+    ).session() as s:
+        refs = await s.list()
+        writes: list[bytes] = []
+        send = s.client._write
+        s.client._write = lambda data: (writes.append(data), send(data))[1]
+        await s.mark_deleted(refs[:5])
+        await s.commit()
+    deles = [w for w in writes if w.startswith(b"DELE")]
+    if pipelining:
+        assert deles[0] == b"".join(b"DELE %d\r\n" % n for n in range(1, 6))
+    else:
+        assert deles == [b"DELE %d\r\n" % n for n in range(1, 6)]
+    assert mini.committed == {1, 2, 3, 4, 5}
