@@ -694,3 +694,41 @@ async def test_a_failed_syncfs_means_no_dele(
         assert box.messages == {} and len(listing(tmp_path / "md")["new"]) == 3
     finally:
         FakeSource.boxes.pop("sbox", None)
+
+
+def test_the_file_system_type_is_read_from_mountinfo(tmp_path: Path) -> None:
+    dev = os.stat(tmp_path).st_dev
+    me = f"{os.major(dev)}:{os.minor(dev)}"
+    mountinfo = (
+        "22 27 0:21 / /proc rw,relatime - proc proc rw\n"
+        f"61 27 {me} / /var/lib/x rw,relatime shared:1 master:2 - overlay overlay "
+        "rw,lowerdir=/l,upperdir=/u,workdir=/w\n"
+    )
+    assert syncfs_module.file_system_type(tmp_path, mountinfo) == "overlay"
+    assert syncfs_module.file_system_type(
+        tmp_path, f"27 1 {me} / / rw - ext4 /dev/vda rw\n"
+    ) == "ext4"
+    assert syncfs_module.file_system_type(tmp_path, "27 1 9:9 / / rw - ext4 x rw\n") is None
+    if syncfs_module.available():  # this machine's own: a real type
+        assert syncfs_module.file_system_type(tmp_path) is not None
+
+
+@pytest.mark.parametrize("fs_type", ["overlay", "fuse.sshfs", "virtiofs", "nfs4", None])
+def test_auto_keeps_an_fsync_per_file_where_syncfs_misses_write_back_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fs_type: str | None
+) -> None:
+    """An overlay's syncfs checks the overlay's errseq, not its upper layer's where
+    the EIO is recorded; FUSE, 9p and NFS need not pass a syncfs to their server:
+    there, as before 5.8, each file is fsynced (which reports its EIO)."""
+    if not syncfs_module.available():
+        skip_or_fail("syncfs does not report write-back errors here")
+    monkeypatch.setattr(syncfs_module, "file_system_type", lambda path: fs_type)
+    synced: list[int] = []
+    monkeypatch.setattr(syncfs_module, "syncfs", synced.append)
+    s = store(tmp_path)
+    assert s.options.sync == "auto" and not s._by_syncfs
+    for i in range(3):
+        s.process(Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)))
+    s.flush()
+    assert synced == [] and len(listing(tmp_path / "Maildir")["new"]) == 3
+    s.close()
