@@ -70,23 +70,37 @@ REPORTING_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmp
 
 def file_system_type(path: Path, mountinfo: str | None = None) -> str | None:
     """The type of the file system holding ``path`` (``ext4``, ``overlay``...), from
-    the mount whose device is ``path``'s in ``mountinfo`` (``/proc/self/mountinfo``
-    by default); None when no mount has that device (e.g. a Btrfs subvolume that is
-    not itself mounted) or mountinfo cannot be read."""
+    ``mountinfo`` (``/proc/self/mountinfo`` by default): the mount whose device is
+    ``path``'s, else (Btrfs reports a subvolume's own device in ``st_dev``, not the
+    mount's) the innermost mount whose mount point holds ``path``; None when
+    mountinfo cannot be read or names neither."""
     dev = os.stat(path).st_dev
     wanted = f"{os.major(dev)}:{os.minor(dev)}"
+    real = os.path.realpath(path)
     if mountinfo is None:
         try:
             with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
                 mountinfo = f.read()
         except OSError:
             return None
+    best: tuple[int, str] | None = None
     for line in mountinfo.splitlines():
         fields = line.split()
-        if len(fields) > 2 and fields[2] == wanted and "-" in fields[6:]:
-            rest = fields[fields.index("-", 6) + 1:]
-            return rest[0] if rest else None
-    return None
+        if len(fields) < 7 or "-" not in fields[6:]:
+            continue
+        rest = fields[fields.index("-", 6) + 1:]
+        if not rest:
+            continue
+        if fields[2] == wanted:
+            return rest[0]
+        point = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= best[0]):  # the later on top
+            best = (len(point), rest[0])
+    return best[1] if best is not None else None
+
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
 
 
 def reports_errors_on(path: Path) -> bool:

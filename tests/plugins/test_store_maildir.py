@@ -708,7 +708,19 @@ def test_the_file_system_type_is_read_from_mountinfo(tmp_path: Path) -> None:
     assert syncfs_module.file_system_type(
         tmp_path, f"27 1 {me} / / rw - ext4 /dev/vda rw\n"
     ) == "ext4"
-    assert syncfs_module.file_system_type(tmp_path, "27 1 9:9 / / rw - ext4 x rw\n") is None
+    # Btrfs: st_dev is the subvolume's, not the mount's: the innermost mount point
+    # holding the path decides (escaped as mountinfo escapes a space).
+    real = os.path.realpath(tmp_path)
+    inner = real.replace(" ", "\\040")
+    assert syncfs_module.file_system_type(
+        tmp_path,
+        "27 1 9:9 / / rw - ext4 /dev/vda rw\n"
+        f"28 27 0:99 / {inner} rw - btrfs /dev/vdb rw\n"
+        "29 27 0:98 / /elsewhere rw - xfs /dev/vdc rw\n",
+    ) == "btrfs"
+    assert syncfs_module.file_system_type(
+        tmp_path, "29 1 9:9 / /elsewhere rw - ext4 x rw\n"
+    ) is None
     if syncfs_module.available():  # this machine's own: a real type
         assert syncfs_module.file_system_type(tmp_path) is not None
 
