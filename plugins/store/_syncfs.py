@@ -11,6 +11,14 @@ covered and syncs through it: a write-back error on any of them is reported.
 An error already recorded but never reported when ``fd`` is opened is reported too
 (errseq returns 0 for an unseen error), so a failure older than the writes can fail
 them once: conservative, never the other way round.
+
+The errseq checked is that of the superblock ``fd`` is on, and only file systems whose
+write-back records a failure in their own superblock (``mapping_set_error``) are
+covered: not overlayfs, whose files' pages belong to the upper file system (a
+write-back EIO there leaves the overlay's errseq untouched: its syncfs returns 0 where
+an fsync of the file reports EIO), nor FUSE, 9p or NFS, whose syncfs need not reach
+the server that an fsync reaches. :func:`reports_errors_on` admits only the local file
+systems known to record them (:data:`REPORTING_FILE_SYSTEMS`).
 """
 
 from __future__ import annotations
@@ -52,6 +60,54 @@ def _libc_syncfs() -> Callable[[int], int] | None:
     fn.argtypes = [ctypes.c_int]
     fn.restype = ctypes.c_int
     return fn  # type: ignore[no-any-return]
+
+
+#: File system types (``/proc/self/mountinfo``) whose syncfs reports a failed
+#: write-back of a file's data: block file systems that record it in their own
+#: superblock's errseq; tmpfs has no write-back (neither syncfs nor fsync can fail).
+REPORTING_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs"})
+
+
+def file_system_type(path: Path, mountinfo: str | None = None) -> str | None:
+    """The type of the file system holding ``path`` (``ext4``, ``overlay``...), from
+    ``mountinfo`` (``/proc/self/mountinfo`` by default): the mount whose device is
+    ``path``'s, else (Btrfs reports a subvolume's own device in ``st_dev``, not the
+    mount's) the innermost mount whose mount point holds ``path``; None when
+    mountinfo cannot be read or names neither."""
+    dev = os.stat(path).st_dev
+    wanted = f"{os.major(dev)}:{os.minor(dev)}"
+    real = os.path.realpath(path)
+    if mountinfo is None:
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+                mountinfo = f.read()
+        except OSError:
+            return None
+    best: tuple[int, str] | None = None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) < 7 or "-" not in fields[6:]:
+            continue
+        rest = fields[fields.index("-", 6) + 1:]
+        if not rest:
+            continue
+        if fields[2] == wanted:
+            return rest[0]
+        point = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= best[0]):  # the later on top
+            best = (len(point), rest[0])
+    return best[1] if best is not None else None
+
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def reports_errors_on(path: Path) -> bool:
+    """Whether a syncfs through a descriptor on ``path``'s file system reports a
+    failed write-back of a file there (see the module doc): the file system's type
+    is one of :data:`REPORTING_FILE_SYSTEMS`."""
+    return file_system_type(path) in REPORTING_FILE_SYSTEMS
 
 
 def available() -> bool:

@@ -127,7 +127,8 @@ class MaildirOptions(BaseModel):
         description="How group commit makes a group's files durable before naming "
         "them in new/. 'auto': one syncfs() of the Maildir's file system per group "
         "(at most 128 files) where syncfs reports write-back errors (Linux 5.8 or "
-        "later), else 'file'. 'file': one fsync per file, on writer threads; choose "
+        "later, on ext4, XFS, Btrfs or tmpfs: not overlayfs nor FUSE, 9p or NFS), "
+        "else 'file'. 'file': one fsync per file, on writer threads; choose "
         "it when the Maildir shares its file system with a busy database or other "
         "heavy writers, whose dirty data a syncfs would also have to write.",
     )
@@ -178,8 +179,9 @@ class MaildirStore:
     left in ``tmp/`` by a crash is never moved to ``new/``; ``open`` removes it once
     ``tmp_max_age`` old.
 
-    With ``sync = "auto"`` where syncfs reports write-back errors, the staged
-    (unnamed) files are not fsynced one by one nor handed to writer threads: a group
+    With ``sync = "auto"`` where syncfs reports write-back errors (Linux ≥ 5.8, tmp/
+    on a file system that records them in its own superblock: see ``_syncfs``), the
+    staged (unnamed) files are not fsynced one by one nor handed to writer threads: a group
     opens a descriptor on tmp/'s file system before its first write, and publishing
     it (at ``flush()``, or in ``process()`` once ``GROUP_FILES`` files or ``MAX_HELD``
     octets are staged) is one ``syncfs`` through that descriptor, then the links into
@@ -267,7 +269,11 @@ class MaildirStore:
                 if key is not None:
                     keys.add(key)
         self._clean_tmp()
-        self._by_syncfs = self.options.sync == "auto" and _syncfs.available()
+        self._by_syncfs = (
+            self.options.sync == "auto"
+            and _syncfs.available()
+            and _syncfs.reports_errors_on(self.path / "tmp")
+        )
         self._keys = keys
         return keys
 

@@ -694,3 +694,165 @@ async def test_a_failed_syncfs_means_no_dele(
         assert box.messages == {} and len(listing(tmp_path / "md")["new"]) == 3
     finally:
         FakeSource.boxes.pop("sbox", None)
+
+
+def test_the_file_system_type_is_read_from_mountinfo(tmp_path: Path) -> None:
+    dev = os.stat(tmp_path).st_dev
+    me = f"{os.major(dev)}:{os.minor(dev)}"
+    mountinfo = (
+        "22 27 0:21 / /proc rw,relatime - proc proc rw\n"
+        f"61 27 {me} / /var/lib/x rw,relatime shared:1 master:2 - overlay overlay "
+        "rw,lowerdir=/l,upperdir=/u,workdir=/w\n"
+    )
+    assert syncfs_module.file_system_type(tmp_path, mountinfo) == "overlay"
+    assert syncfs_module.file_system_type(
+        tmp_path, f"27 1 {me} / / rw - ext4 /dev/vda rw\n"
+    ) == "ext4"
+    # Btrfs: st_dev is the subvolume's, not the mount's: the innermost mount point
+    # holding the path decides (escaped as mountinfo escapes a space).
+    real = os.path.realpath(tmp_path)
+    inner = real.replace(" ", "\\040")
+    assert syncfs_module.file_system_type(
+        tmp_path,
+        "27 1 9:9 / / rw - ext4 /dev/vda rw\n"
+        f"28 27 0:99 / {inner} rw - btrfs /dev/vdb rw\n"
+        "29 27 0:98 / /elsewhere rw - xfs /dev/vdc rw\n",
+    ) == "btrfs"
+    assert syncfs_module.file_system_type(
+        tmp_path, "29 1 9:9 / /elsewhere rw - ext4 x rw\n"
+    ) is None
+    if syncfs_module.available():  # this machine's own: a real type
+        assert syncfs_module.file_system_type(tmp_path) is not None
+
+
+@pytest.mark.parametrize("fs_type", ["overlay", "fuse.sshfs", "virtiofs", "nfs4", None])
+def test_auto_keeps_an_fsync_per_file_where_syncfs_misses_write_back_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fs_type: str | None
+) -> None:
+    """An overlay's syncfs checks the overlay's errseq, not its upper layer's where
+    the EIO is recorded; FUSE, 9p and NFS need not pass a syncfs to their server:
+    there, as before 5.8, each file is fsynced (which reports its EIO)."""
+    if not syncfs_module.available():
+        skip_or_fail("syncfs does not report write-back errors here")
+    monkeypatch.setattr(syncfs_module, "file_system_type", lambda path: fs_type)
+    synced: list[int] = []
+    monkeypatch.setattr(syncfs_module, "syncfs", synced.append)
+    s = store(tmp_path)
+    assert s.options.sync == "auto" and not s._by_syncfs
+    for i in range(3):
+        s.process(Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)))
+    s.flush()
+    assert synced == [] and len(listing(tmp_path / "Maildir")["new"]) == 3
+    s.close()
+
+
+def test_a_staged_key_stays_locked_against_other_processes_until_it_is_named(
+    tmp_path: Path,
+) -> None:
+    """Issue 16: the marker of a key staged for the group's syncfs stays flock-ed
+    until the file is named in new/, so another process (here, an instance with its
+    own descriptors) delivering the same key waits, and after the flush finds it."""
+    s = syncfs_store(tmp_path)
+    other = store(tmp_path)
+    other.CLAIM_TIMEOUT = 0.05
+    md = tmp_path / "Maildir"
+    m = Message.from_bytes(RAW + b"locked\r\n", uid="locked")
+    s.process(m)
+    assert listing(md)["new"] == []  # staged, unnamed
+    with pytest.raises(TemporaryFailure, match="another process"):
+        other.process(m)
+    fd = os.open(md / MARKERS / m.key, os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        s.flush()
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # named: released
+    finally:
+        os.close(fd)
+    deliver(other, m)  # finds it: not written twice
+    assert [key_of(n) for n in listing(md)["new"]] == [m.key]
+    s.close()
+    other.close()
+
+
+async def test_a_group_failing_inside_process_acknowledges_no_unnamed_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two mailboxes share the store; a group fills up inside process() and its
+    syncfs fails there (not in flush()). Whatever mailbox's flush reports it, no
+    message whose file is not named in new/ is deleted; the next polls store each
+    message once and delete it."""
+    import asyncio
+
+    from mailpipe.chain import Chain
+    from mailpipe.engine import MailboxRunner
+    from mailpipe.journal.sqlite import SqliteJournal
+    from mailpipe.message import MessageRef
+    from mailpipe.plugin_manager import Hooks, get_plugin_manager
+    from mailpipe.quarantine import Quarantine
+    from mailpipe.registry import Registry
+    from mailpipe.testing.fakes import FakeSource
+    from mailpipe.validation import validate_config
+
+    if not syncfs_module.available():
+        skip_or_fail("syncfs does not report write-back errors here")
+    monkeypatch.setattr(MaildirStore, "GROUP_FILES", 2)
+    calls: list[bool] = []
+    real_sync = syncfs_module.syncfs
+
+    def syncfs(fd: int) -> None:
+        import traceback
+
+        calls.append(any(f.name == "_deliver" for f in traceback.extract_stack()))
+        if len(calls) == 1:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_sync(fd)
+
+    monkeypatch.setattr(syncfs_module, "syncfs", syncfs)
+    names = ("sa", "sb")
+    for n in names:
+        FakeSource.boxes.pop(n, None)
+    registry = Registry()
+    registry.add("source", FakeSource, "test")
+    registry.add("processor", MaildirStore, "test")
+    data = {
+        "mailboxes": [{"name": n, "source": "fake", "pipeline": "p"} for n in names],
+        "pipelines": {"p": {"processors": [{"use": "store.maildir", "path": "md"}]}},
+        "quarantine": {"dir": str(tmp_path / "q")},
+    }
+    config = validate_config(data, path=tmp_path / "pipeline.toml", registry=registry)
+    chain = Chain(config.pipelines, base_dir=tmp_path)
+    journal = SqliteJournal(tmp_path / "journal.sqlite3")
+    runners = [
+        MailboxRunner(
+            spec, config=config, chain=chain, journal=journal,
+            quarantine=Quarantine(tmp_path / "q"),
+            hooks=Hooks(get_plugin_manager(entry_points=False)),
+        )
+        for spec in config.mailboxes
+    ]
+    try:
+        for r in runners:
+            for i in range(3):
+                r.source.box.add(f"u{i}", RAW + b"%s %d\r\n" % (r.name.encode(), i))
+
+        def named() -> set[str]:
+            return {key_of(n) for n in listing(tmp_path / "md")["new"]} - {None}
+
+        await asyncio.wait_for(asyncio.gather(*(r.poll() for r in runners)), 30)
+        assert calls and calls[0], "the failing syncfs ran inside process()"
+        for r in runners:
+            for i in range(3):
+                uid = f"u{i}"
+                if uid not in r.source.box.messages:  # DELE'd: must be named
+                    key = MessageRef(mailbox=r.name, number=0, uid=uid, size=0).key
+                    assert key in named(), f"{r.name}/{uid} deleted, never named"
+        for _ in range(2):
+            await asyncio.wait_for(asyncio.gather(*(r.poll() for r in runners)), 30)
+        assert all(r.source.box.messages == {} for r in runners)
+        new = [key_of(n) for n in listing(tmp_path / "md")["new"]]
+        assert len(new) == len(set(new)) == 6
+    finally:
+        await chain.close()
+        for n in names:
+            FakeSource.boxes.pop(n, None)
