@@ -40,7 +40,7 @@ def _type(field: Any) -> str:
     for marker, name in (
         ("parse_duration", "duration"),
         ("parse_size", "size"),
-        ("OidcOAuth", "oauth table"),  # mailpipe.oauth.options.OAuthOptions
+        ("ProviderTable", "oauth table"),  # mailpipe.oauth.table.OAuthOptions
     ):
         if marker in str(annotation):
             return f"{name} \\| None" if "None" in str(annotation) else name
