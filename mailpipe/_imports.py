@@ -13,7 +13,8 @@ Imported first by ``mailpipe/__init__``, it does two things:
   paused while the command's modules are imported: they allocate tens of thousands of
   objects that live as long as the process, and the young-generation collections
   that walked them found nothing to free (~10 ms of CPU per start, issue 18).
-  :func:`imports_done`, called by :func:`mailpipe.cli.main`, moves them to the
+  :func:`imports_done`, called by :func:`mailpipe.cli.main` (and by the ``cli`` group,
+  for a script named ``mailpipe`` that calls it directly), moves them to the
   collector's permanent generation (:func:`gc.freeze`) and resumes collection; the
   few reference cycles the imports left as garbage (about 700 objects) stay
   allocated, once per process. Any other importer (a program or test that imports

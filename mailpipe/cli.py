@@ -81,6 +81,10 @@ class _Commands(click.Group):
 )
 def cli(log_format: str, log_level: str) -> None:
     """mailpipe: mailboxes as reliable data-pipeline sources."""
+    # Also here, not only in main(): a script named ``mailpipe`` that calls this group
+    # is taken for the command too (its imports pause the collector), and a
+    # ``mailpipe run`` that never resumed it would keep every reference cycle.
+    _imports.imports_done()
     from mailpipe.logs import configure
 
     configure(log_format, log_level)  # type: ignore[arg-type]

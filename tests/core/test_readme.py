@@ -30,6 +30,22 @@ def test_reference_matches_the_models() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "options",
+    ["mailpipe.plugins.pop3.source:Pop3Options", "mailpipe.plugins.imap.options:ImapOptions"],
+)
+def test_reference_calls_the_oauth_field_an_oauth_table(options: str) -> None:
+    """The ``oauth`` field's type is ``mailpipe.oauth.table.OAuthOptions`` (issue 18):
+    the reference still says what a user writes, not the pydantic plumbing."""
+    import importlib
+
+    from mailpipe.reference import _type
+
+    module, _, name = options.partition(":")
+    model = getattr(importlib.import_module(module), name)
+    assert _type(model.model_fields["oauth"]) == "oauth table"
+
+
 def test_reference_splice_replaces_only_the_marked_part() -> None:
     from mailpipe.reference import splice
 

@@ -152,3 +152,21 @@ def test_the_command_imports_with_the_collector_paused_then_frozen() -> None:
 
 def test_a_program_importing_mailpipe_keeps_its_collector() -> None:
     assert probe_lines("import gc, mailpipe.cli; print(gc.isenabled())") == ["True"]
+
+
+def test_a_script_named_mailpipe_calling_the_group_resumes_the_collector() -> None:
+    """A wrapper script named ``mailpipe`` that runs the click group (``cli()``) rather
+    than ``main()`` is recognised as the command, so its imports pause the collector;
+    the group resumes it before any command runs, or a long ``mailpipe run`` would
+    never collect a reference cycle."""
+    probe = (
+        "import gc, sys\n"
+        "sys.orig_argv = [sys.executable, '/usr/local/bin/mailpipe', 'probe']\n"
+        "import mailpipe.cli\n"
+        "print('paused', not gc.isenabled())\n"
+        "@mailpipe.cli.cli.command()\n"
+        "def probe():\n"
+        "    print('collecting', gc.isenabled())\n"
+        "mailpipe.cli.cli(['--log-level', 'error', 'probe'], standalone_mode=False)\n"
+    )
+    assert probe_lines(probe) == ["paused True", "collecting True"]
