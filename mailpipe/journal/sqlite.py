@@ -11,7 +11,8 @@ the journal, not to a thread: writes from any thread while a batch is open join 
 
 Mailbox locks: ``fcntl.flock`` on ``<db>.locks/<sha256(mailbox)>.lock``, non-blocking.
 The OS drops the lock when the process dies, so ``ttl`` is not needed and ignored. A
-take raises the mailbox's epoch in the ``leases`` table (a small commit), so fenced
+take raises the mailbox's epoch in the ``leases`` table (a small commit, not fsync'ed:
+see :meth:`SqliteJournal._unsynced`), so fenced
 writes (:meth:`SqliteJournal.batch` with a fence) mean the same here as in the
 PostgreSQL journal; but a holder that takes a mailbox again with nobody's take in
 between (the ``leases`` row still names its owner and the epoch it took last through
@@ -823,7 +824,7 @@ class SqliteJournal:
                 if row is not None and (row[0], int(row[1])) == last:
                     self._epochs[mailbox] = last[1]
                     return
-            with self._tx() as conn:
+            with self._unsynced(), self._tx() as conn:
                 (epoch,) = conn.execute(
                     "INSERT INTO leases (mailbox, owner, epoch) VALUES (?, ?, 1) "
                     "ON CONFLICT (mailbox) DO UPDATE "
@@ -838,6 +839,31 @@ class SqliteJournal:
             raise
         self._epochs[mailbox] = int(epoch)
         self._taken[mailbox] = (owner, int(epoch))
+
+    @contextmanager
+    def _unsynced(self) -> Iterator[None]:
+        """Commit the block's own transaction without fsync (``synchronous=NORMAL``,
+        then FULL again); inside an open batch the batch's commit decides.
+
+        For the lease epoch only. Safe because the epoch need not survive what an
+        unsynced WAL commit does not survive (an OS crash or power loss, which ends
+        every holder of this machine-local journal's flocks), and because every later
+        fenced commit fsyncs the WAL, this commit's frames included: no fenced write
+        can be durable without the epoch it was checked against. A process crash
+        loses nothing (the frames are in the OS's cache)."""
+        with self._guard():
+            relaxed = not self._depth
+            if relaxed:
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                yield
+            finally:
+                if relaxed:
+                    try:
+                        self._conn.execute("PRAGMA synchronous=FULL")
+                    except BaseException:
+                        self._closed = True  # never write on at NORMAL
+                        raise
 
     def fence(self, mailbox: str, *, owner: str) -> Fence | None:
         """The fence of the lock ``owner`` holds on ``mailbox`` here (no I/O)."""

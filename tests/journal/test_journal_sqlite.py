@@ -80,6 +80,28 @@ def test_a_holders_retake_keeps_its_epoch_and_commits_nothing(tmp_path: Path) ->
         two.close()
 
 
+def test_the_epoch_commit_is_not_fsynced_and_full_sync_comes_back(
+    tmp_path: Path,
+) -> None:
+    """Issue 18: the lease epoch's commit runs at ``synchronous=NORMAL`` (no fsync; see
+    ``SqliteJournal._unsynced`` for why that is safe) and the connection is back at FULL
+    right after; inside an open batch the batch's commit decides, nothing switches."""
+    with SqliteJournal(tmp_path / "j.sqlite3") as journal:
+        statements: list[str] = []
+        journal._conn.set_trace_callback(statements.append)
+        assert journal.lock_mailbox("box", owner="w1", ttl=60)
+        upsert = next(i for i, s in enumerate(statements) if "INTO leases" in s)
+        assert "PRAGMA synchronous=NORMAL" in statements[:upsert]
+        assert statements[-1] == "PRAGMA synchronous=FULL"
+        assert journal._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        statements.clear()
+        with journal.batch():
+            assert journal.lock_mailbox("other", owner="w1", ttl=60)
+        assert any("INTO leases" in s for s in statements)
+        assert not any("synchronous" in s for s in statements)
+        journal._conn.set_trace_callback(None)
+
+
 def test_the_lock_folder_is_made_again_when_removed(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
     with SqliteJournal(path) as journal:
