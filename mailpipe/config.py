@@ -129,14 +129,14 @@ class SchedulerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     concurrency: int = Field(
-        32,
+        64,
         strict=True,
         ge=1,
         le=10000,
         description="Mailboxes polled at the same time, in all.",
     )
     host_concurrency: int = Field(
-        16,
+        32,
         strict=True,
         ge=1,
         le=10000,

@@ -26,8 +26,8 @@ batches: one journal transaction for up to :data:`POLL_RECORD_BATCH` of them, at
 A cycle over many mailboxes with no new mail thus makes no journal commit per mailbox
 for its records (issue 18).
 
-Concurrency: a poll is mostly waits for the network (an empty POP3 poll is about ten
-round trips), so many polls overlap; the defaults (32 in all, 16 per server) come from
+Concurrency: a poll is mostly waits for the network (an empty POP3 poll is a dozen
+round trips), so many polls overlap; the defaults (64 in all, 32 per server) come from
 ``bench/scale.py --rtt-ms`` (bench/RESULTS.md, issue 18). The per-server limit keeps a
 worker with many mailboxes on one server within what a server grants one client
 (Dovecot's login and mail process limits, providers' per-IP connection limits): the
