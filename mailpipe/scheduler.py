@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 One asyncio task per enabled mailbox. Each task loops: take a slot of its server's
 semaphore (``host_concurrency`` per source host; sources without a host have none),
-then one of the global ``concurrency`` semaphore, take the mailbox's lease in the journal (an exclusive lock across
-processes and machines), poll, release both, then sleep. A successful poll sleeps
+then one of the global ``concurrency`` semaphore, take the mailbox's lease in the
+journal (an exclusive lock across processes and machines), poll, release both, then
+sleep. A successful poll sleeps
 ``poll_interval`` spread by ``jitter``; a failed one sleeps per :func:`next_delay`, which
 honours the server's LOGIN-DELAY, backs off exponentially on temporary errors and waits
 ``backoff_auth`` after authentication or SYS/PERM failures instead of hammering.

@@ -12,9 +12,8 @@ the journal, not to a thread: writes from any thread while a batch is open join 
 Mailbox locks: ``fcntl.flock`` on ``<db>.locks/<sha256(mailbox)>.lock``, non-blocking.
 The OS drops the lock when the process dies, so ``ttl`` is not needed and ignored. A
 take raises the mailbox's epoch in the ``leases`` table (a small commit, not fsync'ed:
-see :meth:`SqliteJournal._unsynced`), so fenced
-writes (:meth:`SqliteJournal.batch` with a fence) mean the same here as in the
-PostgreSQL journal; but a holder that takes a mailbox again with nobody's take in
+see :meth:`SqliteJournal._unsynced`), so fenced writes (:meth:`SqliteJournal.batch`
+with a fence) mean the same here as in the PostgreSQL journal; but a holder that takes a mailbox again with nobody's take in
 between (the ``leases`` row still names its owner and the epoch it took last through
 this object, read under the flock) keeps that epoch and writes nothing: a cycle over
 many mailboxes makes no journal commit per mailbox for its leases (issue 18). The

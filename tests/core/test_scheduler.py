@@ -454,8 +454,8 @@ async def test_each_server_gets_at_most_host_concurrency_polls_at_a_time(
 
 def test_the_default_concurrency_is_64_in_all_and_32_per_server() -> None:
     """Issue 18: polls are mostly network waits; 4 at a time made a cycle over 1,000
-    mailboxes take a minute at 20 ms round trips, and 1,000 x 5 messages ran at less
-    than half the rate of 50 at a time (bench/RESULTS.md)."""
+    mailboxes take a minute at 20 ms round trips, where 32 on one server leave it
+    CPU-bound (bench/RESULTS.md)."""
     sched = SchedulerConfig()
     assert (sched.concurrency, sched.host_concurrency) == (64, 32)
 
