@@ -84,6 +84,22 @@ def _config(tmp_path: Path, n: int, concurrency: int):  # type: ignore[no-untype
     return validate_config(data, path=tmp_path / "p.toml", registry=registry)
 
 
+async def _run_polling_with(
+    scheduler: Scheduler, journal: SqliteJournal, poll: Any
+) -> list[Any]:
+    """Run ``scheduler`` with ``MailboxRunner.poll`` replaced by ``poll`` (a wrapper
+    that holds the original), restore it, close ``journal``; the summaries."""
+    from mailpipe.engine import MailboxRunner
+
+    original = MailboxRunner.poll
+    MailboxRunner.poll = poll  # type: ignore[method-assign]
+    try:
+        return await asyncio.wait_for(scheduler.run(), 30)
+    finally:
+        MailboxRunner.poll = original  # type: ignore[method-assign]
+        journal.close()
+
+
 async def test_once_polls_every_mailbox_under_the_concurrency_limit(
     tmp_path: Path,
 ) -> None:
@@ -119,12 +135,7 @@ async def test_once_polls_every_mailbox_under_the_concurrency_limit(
         finally:
             active -= 1
 
-    MailboxRunner.poll = counting  # type: ignore[method-assign]
-    try:
-        summaries = await asyncio.wait_for(scheduler.run(), 30)
-    finally:
-        MailboxRunner.poll = original  # type: ignore[method-assign]
-        journal.close()
+    summaries = await _run_polling_with(scheduler, journal, counting)
     assert sorted(s.mailbox for s in summaries) == [f"m{i}" for i in range(6)]
     assert all(s.deleted == 1 for s in summaries)
     assert peak == 2
@@ -440,12 +451,7 @@ async def test_each_server_gets_at_most_host_concurrency_polls_at_a_time(
         config, journal=journal, hooks=Hooks(get_plugin_manager(entry_points=False)),
         once=True,
     )
-    MailboxRunner.poll = counting  # type: ignore[method-assign]
-    try:
-        summaries = await asyncio.wait_for(scheduler.run(), 30)
-    finally:
-        MailboxRunner.poll = original  # type: ignore[method-assign]
-        journal.close()
+    summaries = await _run_polling_with(scheduler, journal, counting)
     assert sorted(s.mailbox for s in summaries) == sorted(f"m{i}" for i in range(8))
     # Server A never had more than 2; the third global slot went to server B.
     assert peaks["pop.a.example"] == 2 and peaks["pop.b.example"] <= 2
