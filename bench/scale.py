@@ -3,6 +3,17 @@
     python bench/scale.py            # full: 1,000 mailboxes x 5 messages
     python bench/scale.py --small    # CI size: 100 mailboxes x 2 messages, seconds
     python bench/scale.py --empty-only --rounds 3   # only the no-new-mail cycles
+    python bench/scale.py --empty-only --rtt-ms 20 --empty-concurrency 4 32
+    python bench/scale.py --peer main=/work/venv-main/bin/python   # interleaved
+
+``--peer NAME=PYTHON`` (repeatable) runs every mailpipe run also with another
+interpreter (another install of mailpipe), alternately with this one, each in a
+directory of its own; the ``mailpipe`` column says which. ``--rtt-ms`` puts
+``bench/proxy.py`` between mailpipe and Dovecot (half the round-trip time in each
+direction; loopback has none, so without it the scheduler's concurrency shows nothing
+of a real network's waits). Dovecot's login processes are its high-performance mode by
+default (``--dovecot-login shared``; ``per-connection`` is Dovecot's own default, one
+login process per connection): see ``SHARED_LOGIN``.
 
 (0) no new mail (issue 18): one ``mailpipe run --once`` over every mailbox, each one
     empty, once over plain POP3 (``security = "none"``) and once over implicit TLS
@@ -27,6 +38,7 @@ empty; the table says so in ``verified``. Prints a table; nothing is asserted on
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import signal
@@ -61,10 +73,15 @@ service pop3 {
 }
 """
 
-#: ``--dovecot-login shared``: Dovecot's documented high-performance login mode (one
-#: long-lived login process per core serving many connections) instead of its default
-#: of one login process per connection. Only then can a TLS session be resumed: each
-#: login process has its own ticket key.
+#: ``--dovecot-login shared`` (the default here): Dovecot's documented high-performance
+#: login mode (one long-lived login process per core serving many connections) instead
+#: of its default of one login process per connection. Only then can a TLS session be
+#: resumed: each login process has its own ticket key. The benchmark's default because
+#: Dovecot runs on the benchmark's own cores: with a login process (fork, exec, TLS
+#: set-up) per connection it spends about twice the CPU per cycle (RESULTS.md §15.2),
+#: which a deployment's mail server does not take from mailpipe's cores. Installations
+#: that serve many connections use this mode (Dovecot's documentation recommends it for
+#: them); ``per-connection`` measures the other case.
 SHARED_LOGIN = """
 service pop3-login {
   service_count = 0
@@ -89,6 +106,7 @@ class Row:
     cpu: float
     verified: str
     server_cpu: float | None = None
+    mailpipe: str = "this"
 
     @property
     def rate(self) -> float:
@@ -173,9 +191,16 @@ def write_config(
     concurrency: int,
     poll_interval: float = 60.0,
     tls: bool = True,
+    ports: dict[int, int] | None = None,
+    python: str = "this",
 ) -> Path:
     """A pipeline.toml with one [[mailboxes]] table per user (implicit TLS with the
-    test CA, or with ``tls=False`` plaintext POP3)."""
+    test CA, or with ``tls=False`` plaintext POP3). ``concurrency`` 0 leaves the
+    scheduler's defaults; else it is also the per-server limit for a mailpipe that
+    has one (every mailbox is on one server here). ``ports`` maps Dovecot's ports to
+    the delay proxy's."""
+    ports = ports or {}
+    per_host = concurrency and has_host_limit(python)
     directory.mkdir(parents=True, exist_ok=True)
     lines = [
         "# Written by bench/scale.py",
@@ -184,15 +209,20 @@ def write_config(
         "[quarantine]",
         'dir = "var/quarantine"',
         "[scheduler]",
-        f"concurrency = {concurrency}",
+        *([f"concurrency = {concurrency}"] if concurrency else []),
+        *([f"host_concurrency = {concurrency}"] if per_host else []),
         "lease_ttl = 30.0",
     ]
     for user in users:
         security: dict[str, Any] = (
-            {"port": dovecot.pop3s_port, "security": "tls", "ca_file": str(dovecot.ca_file)}
+            {
+                "port": ports.get(dovecot.pop3s_port, dovecot.pop3s_port),
+                "security": "tls",
+                "ca_file": str(dovecot.ca_file),
+            }
             if tls
             else {
-                "port": dovecot.pop3_port,
+                "port": ports.get(dovecot.pop3_port, dovecot.pop3_port),
                 "security": "none",
                 "allow_plaintext_password": True,
             }
@@ -229,9 +259,27 @@ def write_config(
     return path
 
 
-def command(config: Path, *args: str) -> list[str]:
+#: Which mailpipe runs: ``--peer NAME=PYTHON`` adds interpreters.
+PYTHONS: dict[str, str] = {"this": sys.executable}
+#: Dovecot port -> delay proxy port (``--rtt-ms``); empty: straight to Dovecot.
+PROXY_PORTS: dict[int, int] = {}
+
+
+@functools.cache
+def has_host_limit(python: str) -> bool:
+    """Whether the mailpipe of ``python`` knows ``[scheduler] host_concurrency``."""
+    done = subprocess.run(
+        [PYTHONS[python], "-c", "from mailpipe.config import SchedulerConfig; "
+         "print('host_concurrency' in SchedulerConfig.model_fields)"],
+        capture_output=True, text=True, check=True,
+        cwd="/",  # not a checkout's folder: its mailpipe/ would be imported instead
+    )
+    return done.stdout.strip() == "True"
+
+
+def command(config: Path, *args: str, python: str = "this") -> list[str]:
     return [
-        sys.executable,
+        PYTHONS[python],
         "-m",
         "mailpipe",
         "--log-format",
@@ -243,10 +291,12 @@ def command(config: Path, *args: str) -> list[str]:
     ]
 
 
-def spawn(config: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
+def spawn(
+    config: Path, log: Path, *args: str, python: str = "this"
+) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
-            command(config, *args),
+            command(config, *args, python=python),
             cwd=config.parent,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -275,12 +325,12 @@ def reap(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, float, flo
 
 
 def timed_once(
-    dovecot: Dovecot, config: Path, log: Path, timeout: float
+    dovecot: Dovecot, config: Path, log: Path, timeout: float, python: str = "this"
 ) -> tuple[int, float, float, float, float]:
     """One ``run --once``: (exit code, peak RSS MiB, CPU s, wall s, Dovecot CPU s)."""
     before = server_cpu(dovecot)
     started = time.monotonic()
-    proc = spawn(config, log, "run", "--once")
+    proc = spawn(config, log, "run", "--once", python=python)
     code, rss, cpu = reap(proc, timeout)
     seconds = time.monotonic() - started
     time.sleep(1.0)  # Dovecot's last children exit and are reaped
@@ -334,15 +384,19 @@ def empty_cycle(
     *,
     tls: bool,
     round_no: int,
+    python: str = "this",
 ) -> Row:
     """One ``run --once`` over ``users`` (all empty). Round 0 starts from nothing (a
     new journal, lock and marker files: the first run); later rounds reuse them, as
     every later cycle of a deployment does (the steady state)."""
     kind = "TLS" if tls else "plain"
-    directory = work / f"empty-{kind}-c{concurrency}"
-    config = write_config(directory, dovecot, users, concurrency=concurrency, tls=tls)
+    directory = work / python / f"empty-{kind}-c{concurrency}"
+    config = write_config(
+        directory, dovecot, users, concurrency=concurrency, tls=tls, ports=PROXY_PORTS,
+        python=python,
+    )
     log = directory / "mailpipe.log"
-    code, rss, cpu, seconds, server = timed_once(dovecot, config, log, 1800)
+    code, rss, cpu, seconds, server = timed_once(dovecot, config, log, 1800, python)
     verified = polled_ok(directory / "var" / "journal.sqlite3", users)
     if left_on_server(users):
         verified += " (mail left?)"
@@ -360,8 +414,8 @@ def empty_cycle(
         cpu,
         verified,
         server,
+        python,
     )
-
 
 
 def one_worker(
@@ -370,16 +424,20 @@ def one_worker(
     users: list[DovecotUser],
     per_user: int,
     concurrency: int,
+    python: str = "this",
 ) -> Row:
-    directory = work / f"once-c{concurrency}"
-    expected = deliver(dovecot, users, per_user, f"c{concurrency}")
-    config = write_config(directory, dovecot, users, concurrency=concurrency)
+    directory = work / python / f"once-c{concurrency}"
+    expected = deliver(dovecot, users, per_user, f"{python}-c{concurrency}")
+    config = write_config(
+        directory, dovecot, users, concurrency=concurrency, ports=PROXY_PORTS,
+        python=python,
+    )
     log = directory / "mailpipe.log"
-    check = spawn(config, log, "check")
+    check = spawn(config, log, "check", python=python)
     started = time.monotonic()
     reap(check, 300)
     startup = time.monotonic() - started
-    code, rss, cpu, seconds, server = timed_once(dovecot, config, log, 3600)
+    code, rss, cpu, seconds, server = timed_once(dovecot, config, log, 3600, python)
     verified = verify(directory / "store.sqlite3", expected, users)
     if code != 0:
         verified += f" exit {code}"
@@ -395,6 +453,7 @@ def one_worker(
         cpu,
         verified,
         server,
+        python,
     )
 
 
@@ -458,6 +517,28 @@ def four_workers(
     )
 
 
+def start_proxies(dovecot: Dovecot, rtt_ms: float) -> list[subprocess.Popen[str]]:
+    """Start bench/proxy.py (``rtt_ms / 2`` each way) in front of each of Dovecot's
+    POP3 ports, filling :data:`PROXY_PORTS`; returns once they listen."""
+    proxies: list[subprocess.Popen[str]] = []
+    for port in (dovecot.pop3_port, dovecot.pop3s_port):
+        proxy = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("proxy.py")),
+             "--target", f"{dovecot.host}:{port}", "--delay-ms", str(rtt_ms / 2)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        proxies.append(proxy)
+        assert proxy.stdout is not None
+        word, _, listening = proxy.stdout.readline().partition(" ")
+        if word != "listening":
+            for p in proxies:
+                p.kill()
+            raise RuntimeError("bench/proxy.py did not start")
+        PROXY_PORTS[port] = int(listening)
+    return proxies
+
+
 def postgres_reason() -> str | None:
     try:
         import psycopg
@@ -470,6 +551,7 @@ def postgres_reason() -> str | None:
 
 def render(rows: list[Row]) -> str:
     head = (
+        "mailpipe",
         "scenario",
         "mailboxes",
         "messages",
@@ -485,11 +567,12 @@ def render(rows: list[Row]) -> str:
     )
     table = [head] + [
         (
+            r.mailpipe,
             r.scenario,
             str(r.mailboxes),
             str(r.messages),
             str(r.workers),
-            str(r.concurrency),
+            str(r.concurrency) if r.concurrency else "default",
             f"{r.seconds:.1f}",
             "-" if r.startup is None else f"{r.startup:.1f}",
             f"{r.rate:.0f}",
@@ -524,8 +607,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--empty-concurrency",
         type=int,
-        default=50,
-        help="scheduler concurrency of the no-new-mail cycles",
+        nargs="+",
+        default=[50],
+        help="scheduler concurrency values of the no-new-mail cycles (0: the "
+        "config's default)",
     )
     parser.add_argument(
         "--rounds",
@@ -539,12 +624,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dovecot-login",
         choices=("per-connection", "shared"),
-        default="per-connection",
+        default="shared",
         help="Dovecot's login processes: its default (one per connection) or its "
         "high-performance mode (long-lived, where TLS sessions can be resumed)",
     )
+    parser.add_argument(
+        "--rtt-ms",
+        type=float,
+        default=0.0,
+        help="round-trip time added between mailpipe and Dovecot (bench/proxy.py)",
+    )
+    parser.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="NAME=PYTHON",
+        help="also run every mailpipe run with this interpreter, alternately",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
+    for peer in args.peer:
+        name, _, python = peer.partition("=")
+        if not name or not python or name in PYTHONS:
+            parser.error(f"--peer {peer!r}: expected a new NAME=PYTHON")
+        PYTHONS[name] = python
     mailboxes = args.mailboxes or (100 if args.small else 1000)
     per_user = args.per_mailbox or (2 if args.small else 5)
 
@@ -554,24 +657,34 @@ def main(argv: list[str] | None = None) -> int:
     dovecot = Dovecot(work / "dovecot", extra_config=extra)
     rows: list[Row] = []
     notes: list[str] = []
+    proxies: list[subprocess.Popen[str]] = []
     try:
         dovecot.start()
+        if args.rtt_ms:
+            proxies = start_proxies(dovecot, args.rtt_ms)
         users = [dovecot.add_user(f"scale{i:04d}") for i in range(mailboxes)]
-        # plain and TLS interleaved; --rounds 0: no no-new-mail cycles at all
+        # plain and TLS, every interpreter and concurrency interleaved; --rounds 0:
+        # no no-new-mail cycles at all
         for round_no in range(args.rounds + 1 if args.rounds else 0):
-            for tls in (False, True):
-                rows.append(
-                    empty_cycle(
-                        work, dovecot, users, args.empty_concurrency,
-                        tls=tls, round_no=round_no,
-                    )
-                )
-                print(render(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+            for concurrency in args.empty_concurrency:
+                for tls in (False, True):
+                    for python in PYTHONS:
+                        rows.append(
+                            empty_cycle(
+                                work, dovecot, users, concurrency,
+                                tls=tls, round_no=round_no, python=python,
+                            )
+                        )
+                        print(render(rows[-1:]).splitlines()[-1], file=sys.stderr,
+                              flush=True)
         if args.empty_only:
             args.concurrency = []
         for concurrency in args.concurrency:
-            rows.append(one_worker(work, dovecot, users, per_user, concurrency))
-            print(render(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+            for python in PYTHONS:
+                rows.append(
+                    one_worker(work, dovecot, users, per_user, concurrency, python)
+                )
+                print(render(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
         reason = postgres_reason()
         if args.empty_only:
             pass
@@ -585,6 +698,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         notes.append(f"Dovecot limit warnings: {limits}")
     finally:
+        for proxy in proxies:
+            proxy.terminate()
+            proxy.wait(30)
         dovecot.stop()
         if args.keep:
             notes.append(f"work directory kept: {work}")
@@ -592,7 +708,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(
         f"mailpipe scale benchmark: {mailboxes} mailboxes x {per_user} messages, "
-        f"{os.cpu_count()} CPUs, Dovecot login processes: {args.dovecot_login}"
+        f"{os.cpu_count()} CPUs, Dovecot login processes: {args.dovecot_login}, "
+        f"added RTT {args.rtt_ms:g} ms, load average "
+        + " ".join(f"{x:.2f}" for x in os.getloadavg())
     )
     print(render(rows))
     for note in notes:

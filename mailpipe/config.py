@@ -129,7 +129,19 @@ class SchedulerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     concurrency: int = Field(
-        4, strict=True, ge=1, le=10000, description="Mailboxes polled at the same time."
+        64,
+        strict=True,
+        ge=1,
+        le=10000,
+        description="Mailboxes polled at the same time, in all.",
+    )
+    host_concurrency: int = Field(
+        32,
+        strict=True,
+        ge=1,
+        le=10000,
+        description="Mailboxes of one server (the source's host) polled at the same "
+        "time; keeps a worker within a server's connection limits.",
     )
     spool_dir: str = Field(
         "var/spool", description="Where large messages are spooled while processed."

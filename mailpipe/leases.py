@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 Before each poll the scheduler takes the mailbox's lease in the journal
 (:class:`MailboxLease`; an flock with SQLite, an expiring row with PostgreSQL) and
-releases it after. While the poll runs, :meth:`MailboxLease.keep_renewed` (its own
-asyncio task, independent of how long any message or step takes) renews it every
+releases it after. While the poll runs, :meth:`MailboxLease.renew_periodically` (a
+timer on the event loop, independent of how long any message or step takes; a timer,
+not a task, as a cycle over many mailboxes starts one per poll) renews it every
 ``ttl / 3``; processors run off the event loop, so a slow step (even one longer than
 the ttl) does not stop the renewals. The engine calls :meth:`MailboxLease.check` before
 every retrieval, DELE and QUIT (renewing on the spot when the background renewal is
@@ -197,13 +198,24 @@ class MailboxLease:
                 code="LEASE",
             ) from exc
 
-    async def keep_renewed(self) -> None:
-        """Renew every ``ttl / 3`` until cancelled or the lease is lost."""
-        for _ in range(100_000_000):  # bounded; cancelled when the poll ends
-            await asyncio.sleep(max(0.01, self.ttl / 3))
+    def renew_periodically(self) -> Callable[[], None]:
+        """Renew every ``ttl / 3`` on the running event loop until the returned
+        function is called (the poll ended) or the lease is lost."""
+        loop = asyncio.get_running_loop()
+        period = max(0.01, self.ttl / 3)
+        handle: asyncio.TimerHandle | None = None
+
+        def tick() -> None:
+            nonlocal handle
             self.renew()
-            if self.lost:
-                return
+            handle = None if self.lost else loop.call_later(period, tick)
+
+        def stop() -> None:
+            if handle is not None:
+                handle.cancel()
+
+        handle = loop.call_later(period, tick)
+        return stop
 
     def release(self) -> None:
         """Give the lease back (a no-op when another worker holds it now)."""

@@ -2,9 +2,11 @@
 
 Theory of operation
 -------------------
-One asyncio task per enabled mailbox. Each task loops: take a slot of the global
-concurrency semaphore, take the mailbox's lease in the journal (an exclusive lock across
-processes and machines), poll, release both, then sleep. A successful poll sleeps
+One asyncio task per enabled mailbox. Each task loops: take a slot of its server's
+semaphore (``host_concurrency`` per source host; sources without a host have none),
+then one of the global ``concurrency`` semaphore, take the mailbox's lease in the
+journal (an exclusive lock across processes and machines), poll, release both, then
+sleep. A successful poll sleeps
 ``poll_interval`` spread by ``jitter``; a failed one sleeps per :func:`next_delay`, which
 honours the server's LOGIN-DELAY, backs off exponentially on temporary errors and waits
 ``backoff_auth`` after authentication or SYS/PERM failures instead of hammering.
@@ -24,6 +26,14 @@ batches: one journal transaction for up to :data:`POLL_RECORD_BATCH` of them, at
 :data:`POLL_RECORD_DELAY` seconds after the poll, and the rest when the scheduler ends.
 A cycle over many mailboxes with no new mail thus makes no journal commit per mailbox
 for its records (issue 18).
+
+Concurrency: a poll is mostly waits for the network (an empty POP3 poll is a dozen
+round trips), so many polls overlap; the defaults (64 in all, 32 per server) come from
+``bench/scale.py --rtt-ms`` (bench/RESULTS.md, issue 18). The per-server limit keeps a
+worker with many mailboxes on one server within what a server grants one client
+(Dovecot's login and mail process limits, providers' per-IP connection limits): the
+host's slot is taken first, so mailboxes waiting for a busy server hold no global slot
+that another server's mailboxes could use.
 """
 
 from __future__ import annotations
@@ -148,6 +158,39 @@ class _PollRecord(NamedTuple):
     next_poll: datetime | None
 
 
+class _Slots:
+    """A mailbox's turn to poll: a slot of its host's semaphore (when it has one),
+    then one of the global semaphore; released in the reverse order."""
+
+    __slots__ = ("host", "total")
+
+    def __init__(self, host: asyncio.Semaphore | None, total: asyncio.Semaphore) -> None:
+        self.host = host
+        self.total = total
+
+    async def __aenter__(self) -> None:
+        if self.host is not None:
+            await self.host.acquire()
+        try:
+            await self.total.acquire()
+        except BaseException:
+            if self.host is not None:
+                self.host.release()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.total.release()
+        if self.host is not None:
+            self.host.release()
+
+
+def source_host(spec: MailboxSpec) -> str | None:
+    """The server a mailbox's source connects to (its ``host`` option, lower case),
+    or None for a source without one."""
+    host = getattr(spec.source_options, "host", None)
+    return host.lower() if isinstance(host, str) and host else None
+
+
 class Scheduler:
     """Runs :class:`~mailpipe.engine.MailboxRunner` for every enabled mailbox."""
 
@@ -190,7 +233,14 @@ class Scheduler:
         sched = self.config.model.scheduler
         chain = Chain.from_config(self.config)
         quarantine = Quarantine(self.config.resolve(self.config.model.quarantine.dir))
-        semaphore = asyncio.Semaphore(sched.concurrency)
+        total = asyncio.Semaphore(sched.concurrency)
+        per_host: dict[str, asyncio.Semaphore] = {}
+        slots: dict[str, _Slots] = {}
+        for spec in self.mailboxes:
+            host = source_host(spec)
+            if host is not None and host not in per_host:
+                per_host[host] = asyncio.Semaphore(sched.host_concurrency)
+            slots[spec.name] = _Slots(None if host is None else per_host[host], total)
         await chain.open()
         runners: list[MailboxRunner] = []
         flusher = asyncio.create_task(self._flush_periodically())
@@ -208,7 +258,7 @@ class Scheduler:
                 )
                 for spec in self.mailboxes
             ]
-            await asyncio.gather(*(self._loop(r, semaphore) for r in runners))
+            await asyncio.gather(*(self._loop(r, slots[r.name]) for r in runners))
         finally:
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -218,14 +268,14 @@ class Scheduler:
             await chain.close()
         return self.summaries
 
-    async def _loop(self, runner: MailboxRunner, semaphore: asyncio.Semaphore) -> None:
+    async def _loop(self, runner: MailboxRunner, slots: _Slots) -> None:
         sched = self.config.model.scheduler
         failures = 0
         misses = 0  # consecutive polls that found the lease held elsewhere (or lost)
         polled_once = False
         woken = False  # the last wait ended because the source had new mail
         while not self.stop.is_set():
-            async with semaphore:
+            async with slots:
                 if self.stop.is_set():
                     break
                 summary = await self._poll_locked(runner, misses=misses)
@@ -400,7 +450,7 @@ class Scheduler:
             level = "info" if misses == 0 else "debug"
             getattr(log, level)("mailbox_locked_elsewhere", mailbox=runner.name)
             return None
-        renew = asyncio.create_task(lease.keep_renewed())
+        stop_renewing = lease.renew_periodically()
         runner.lease_check = lease.check
         runner.ack_check = lease.check_fence
         runner.fence = lease.fence
@@ -409,9 +459,5 @@ class Scheduler:
         finally:
             runner.lease_check = runner.ack_check = None
             runner.fence = None
-            renew.cancel()
-            try:
-                await renew
-            except asyncio.CancelledError:
-                pass
+            stop_renewing()
             lease.release()

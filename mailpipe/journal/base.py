@@ -110,10 +110,12 @@ class Lease:
 class Fence:
     """A fencing token: the lease ``epoch`` that ``owner`` took on ``mailbox``.
 
-    Every take-over of a mailbox's lease raises its epoch (never reused, a release
-    included), so a write made conditional on a fence is refused
-    (:class:`~mailpipe.journal.errors.FencedError`) once another worker has taken the
-    mailbox, however long this one was paused.
+    Every take of a mailbox's lease by another holder than the last raises its epoch
+    (never reused, a release included), so a write made conditional on a fence is
+    refused (:class:`~mailpipe.journal.errors.FencedError`) once another worker has
+    taken the mailbox, however long this one was paused. A holder that takes the
+    mailbox again with no other take in between may get the same epoch back (the
+    SQLite journal does: no write per poll), as no other worker can have written.
     """
 
     mailbox: str
@@ -328,7 +330,9 @@ class Journal(Protocol):
     def lock_mailbox(self, mailbox: str, *, owner: str, ttl: float) -> bool:
         """Take the exclusive lease on ``mailbox`` across processes; False if held.
 
-        Each successful take raises the mailbox's lease epoch (see :meth:`fence`)."""
+        A take raises the mailbox's lease epoch, except that one by the holder of the
+        last take, through the same journal object, may keep it (see :class:`Fence`
+        and :meth:`fence`)."""
         ...
 
     def fence(self, mailbox: str, *, owner: str) -> Fence | None:

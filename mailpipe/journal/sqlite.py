@@ -10,10 +10,14 @@ engine may call from the event loop and from ``asyncio.to_thread``. A batch belo
 the journal, not to a thread: writes from any thread while a batch is open join it.
 
 Mailbox locks: ``fcntl.flock`` on ``<db>.locks/<sha256(mailbox)>.lock``, non-blocking.
-The OS drops the lock when the process dies, so ``ttl`` is not needed and ignored. Each
-take also raises the mailbox's epoch in the ``leases`` table (one small commit per
-poll), so fenced writes (:meth:`SqliteJournal.batch` with a fence) mean the same here
-as in the PostgreSQL journal.
+The OS drops the lock when the process dies, so ``ttl`` is not needed and ignored. A
+take raises the mailbox's epoch in the ``leases`` table (a small commit, not fsync'ed:
+see :meth:`SqliteJournal._unsynced`), so fenced writes (:meth:`SqliteJournal.batch`
+with a fence) mean the same here as in the PostgreSQL journal; but a holder that takes a mailbox again with nobody's take in
+between (the ``leases`` row still names its owner and the epoch it took last through
+this object, read under the flock) keeps that epoch and writes nothing: a cycle over
+many mailboxes makes no journal commit per mailbox for its leases (issue 18). The
+epoch still moves on at every change of holder, which is what a fence is for.
 :meth:`SqliteJournal.leases` tells whether a lock is held without touching it: on Linux
 it looks the lock file up in ``/proc/locks``; elsewhere it tries a shared lock and
 drops it at once (a poll starting in that instant finds the mailbox busy and comes back
@@ -223,6 +227,10 @@ class SqliteJournal:
         self._depth = 0
         self._locks: dict[str, tuple[str, int | None]] = {}
         self._epochs: dict[str, int] = {}  # the lease epoch of each lock held here
+        # (owner, epoch) of the last take of each mailbox through this object, held or
+        # released: a take that finds them still in the leases row writes nothing.
+        self._taken: dict[str, tuple[str, int]] = {}
+        self._lock_paths: dict[str, Path] = {}
         if read_only:
             self._conn = self._open_read_only()
             self._closed = False
@@ -772,9 +780,7 @@ class SqliteJournal:
                 self._locks[mailbox] = (owner, None)
                 self._take_epoch(mailbox, owner)
                 return True
-            path = lock_path(self.path, mailbox)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = self._open_lock_file(mailbox)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -784,18 +790,43 @@ class SqliteJournal:
                 os.close(fd)
                 raise
             # Who holds it, for humans; the flock itself is the lock (never unlinked).
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{owner}\n{mailbox}\n".encode(), 0)
+            # Rewritten only when another holder's name is in it.
+            text = f"{owner}\n{mailbox}\n".encode()
+            if os.pread(fd, len(text) + 1, 0) != text:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, text, 0)
             self._locks[mailbox] = (owner, fd)
             self._take_epoch(mailbox, owner)
-        log.debug("mailbox_locked", mailbox=mailbox, owner=owner)
         return True
 
-    def _take_epoch(self, mailbox: str, owner: str) -> None:
-        """Raise the mailbox's lease epoch for ``owner`` (the lock is held); on a
-        journal error the lock is given back and the error raised."""
+    def _open_lock_file(self, mailbox: str) -> int:
+        """Open (create) the flock file of ``mailbox``; its folder is made when
+        missing (first use, or removed meanwhile)."""
+        path = self._lock_paths.get(mailbox)
+        if path is None:
+            path = self._lock_paths[mailbox] = lock_path(self.path, mailbox)
         try:
-            with self._tx() as conn:
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def _take_epoch(self, mailbox: str, owner: str) -> None:
+        """Raise the mailbox's lease epoch for ``owner`` (the lock is held), unless
+        the ``leases`` row is still this object's last take of the mailbox for
+        ``owner``: that epoch is kept (a read, no write). On a journal error the lock
+        is given back and the error raised."""
+        last = self._taken.get(mailbox)
+        try:
+            if last is not None and last[0] == owner:
+                with self._guard():
+                    row = self._conn.execute(
+                        "SELECT owner, epoch FROM leases WHERE mailbox = ?", (mailbox,)
+                    ).fetchone()
+                if row is not None and (row[0], int(row[1])) == last:
+                    self._epochs[mailbox] = last[1]
+                    return
+            with self._unsynced(), self._tx() as conn:
                 (epoch,) = conn.execute(
                     "INSERT INTO leases (mailbox, owner, epoch) VALUES (?, ?, 1) "
                     "ON CONFLICT (mailbox) DO UPDATE "
@@ -809,6 +840,32 @@ class SqliteJournal:
                 os.close(fd)
             raise
         self._epochs[mailbox] = int(epoch)
+        self._taken[mailbox] = (owner, int(epoch))
+
+    @contextmanager
+    def _unsynced(self) -> Iterator[None]:
+        """Commit the block's own transaction without fsync (``synchronous=NORMAL``,
+        then FULL again); inside an open batch the batch's commit decides.
+
+        For the lease epoch only. Safe because the epoch need not survive what an
+        unsynced WAL commit does not survive (an OS crash or power loss, which ends
+        every holder of this machine-local journal's flocks), and because every later
+        fenced commit fsyncs the WAL, this commit's frames included: no fenced write
+        can be durable without the epoch it was checked against. A process crash
+        loses nothing (the frames are in the OS's cache)."""
+        with self._guard():
+            relaxed = not self._depth
+            if relaxed:
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                yield
+            finally:
+                if relaxed:
+                    try:
+                        self._conn.execute("PRAGMA synchronous=FULL")
+                    except BaseException:
+                        self._closed = True  # never write on at NORMAL
+                        raise
 
     def fence(self, mailbox: str, *, owner: str) -> Fence | None:
         """The fence of the lock ``owner`` holds on ``mailbox`` here (no I/O)."""
@@ -834,7 +891,6 @@ class SqliteJournal:
             self._epochs.pop(mailbox, None)
             if held[1] is not None:
                 os.close(held[1])  # closing the descriptor drops the flock
-        log.debug("mailbox_unlocked", mailbox=mailbox, owner=owner)
 
     def close(self) -> None:
         """Roll back an open batch, release the locks and close the database."""
@@ -847,6 +903,7 @@ class SqliteJournal:
                     os.close(fd)
             self._locks.clear()
             self._epochs.clear()
+            self._taken.clear()
             self._conn.close()
 
     def __enter__(self) -> SqliteJournal:

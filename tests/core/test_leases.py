@@ -148,7 +148,7 @@ async def test_a_step_that_outlives_its_lease_is_abandoned_not_committed(
             assert lease.acquire() and lease.fence is not None
             runner.lease_check, runner.ack_check = lease.check, lease.check_fence
             runner.fence = lease.fence
-            renew = asyncio.create_task(lease.keep_renewed())
+            stop_renewing = lease.renew_periodically()
             with capture_logs() as logs:
                 poll = asyncio.create_task(runner.poll())
                 taken = False
@@ -161,7 +161,7 @@ async def test_a_step_that_outlives_its_lease_is_abandoned_not_committed(
                     if poll.done():
                         break
                 summary = await poll
-            renew.cancel()
+            stop_renewing()
             assert taken
             assert summary.error_type in ("FencedError", "LeaseLostError"), summary
             assert isinstance(runner.last_exception, FencedError | LeaseLostError)
@@ -209,3 +209,47 @@ def test_check_fence_refuses_an_acknowledgement_after_a_take_over(
     finally:
         two.close()
         one.close()
+
+
+class _CountingJournal:
+    """Just the lease calls: counts renewals; ``held`` says what they answer."""
+
+    def __init__(self) -> None:
+        self.renewals = 0
+        self.held = True
+
+    def renew_mailbox(self, mailbox: str, *, owner: str, ttl: float) -> bool:
+        self.renewals += 1
+        return self.held
+
+
+async def test_periodic_renewal_runs_until_stopped_or_lost() -> None:
+    """The timer of :meth:`MailboxLease.renew_periodically` (issue 18: no task per
+    poll) renews again and again, stops when told, and stops on its own once the
+    lease is lost."""
+    journal = _CountingJournal()
+    lease = MailboxLease(journal, "box", owner="w1", ttl=0.03)  # type: ignore[arg-type]
+    stop = lease.renew_periodically()
+    for _ in range(1000):  # bounded
+        if journal.renewals >= 3:
+            break
+        await asyncio.sleep(0.01)
+    stop()
+    seen = journal.renewals
+    assert seen >= 3
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+    assert journal.renewals == seen  # stopped
+
+    journal.held = False
+    stop = lease.renew_periodically()
+    for _ in range(1000):  # bounded
+        if lease.lost:
+            break
+        await asyncio.sleep(0.01)
+    assert lease.lost
+    lost_at = journal.renewals
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+    assert journal.renewals == lost_at  # no renewal after the loss
+    stop()  # harmless after the loss

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ConfigDict
 
 from mailpipe.config import SchedulerConfig
 from mailpipe.errors import (
@@ -83,6 +84,22 @@ def _config(tmp_path: Path, n: int, concurrency: int):  # type: ignore[no-untype
     return validate_config(data, path=tmp_path / "p.toml", registry=registry)
 
 
+async def _run_polling_with(
+    scheduler: Scheduler, journal: SqliteJournal, poll: Any
+) -> list[Any]:
+    """Run ``scheduler`` with ``MailboxRunner.poll`` replaced by ``poll`` (a wrapper
+    that holds the original), restore it, close ``journal``; the summaries."""
+    from mailpipe.engine import MailboxRunner
+
+    original = MailboxRunner.poll
+    MailboxRunner.poll = poll  # type: ignore[method-assign]
+    try:
+        return await asyncio.wait_for(scheduler.run(), 30)
+    finally:
+        MailboxRunner.poll = original  # type: ignore[method-assign]
+        journal.close()
+
+
 async def test_once_polls_every_mailbox_under_the_concurrency_limit(
     tmp_path: Path,
 ) -> None:
@@ -118,12 +135,7 @@ async def test_once_polls_every_mailbox_under_the_concurrency_limit(
         finally:
             active -= 1
 
-    MailboxRunner.poll = counting  # type: ignore[method-assign]
-    try:
-        summaries = await asyncio.wait_for(scheduler.run(), 30)
-    finally:
-        MailboxRunner.poll = original  # type: ignore[method-assign]
-        journal.close()
+    summaries = await _run_polling_with(scheduler, journal, counting)
     assert sorted(s.mailbox for s in summaries) == [f"m{i}" for i in range(6)]
     assert all(s.deleted == 1 for s in summaries)
     assert peak == 2
@@ -381,3 +393,94 @@ async def test_a_poll_with_no_new_mail_writes_no_inflight_marker(tmp_path: Path)
     assert sorted((s.mailbox, s.retrieved) for s in summaries) == [("m0", 0), ("m1", 1)]
     markers = sorted((tmp_path / "var" / "spool").glob(".inflight-*"))
     assert len(markers) == 1  # m1's only: its message ran through the chain
+
+
+class _HostOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host: str
+
+
+class _HostSource(FakeSource):
+    """The fake source with a ``host`` option, as POP3 and IMAP have."""
+
+    Options = _HostOptions
+
+
+async def test_each_server_gets_at_most_host_concurrency_polls_at_a_time(
+    tmp_path: Path,
+) -> None:
+    """Issue 18: ``host_concurrency`` caps the polls of one server (host names compared
+    in lower case) below the global ``concurrency``; mailboxes waiting for a busy
+    server hold no global slot, so another server's mailboxes poll meanwhile."""
+    from mailpipe.engine import MailboxRunner
+    from mailpipe.testing.fakes import FakeMailbox
+
+    FakeSource.boxes.clear()
+    registry = Registry()
+    registry.add("source", _HostSource, "test")
+    hosts = ["pop.a.example", "POP.A.example"] * 3 + ["pop.b.example"] * 2
+    data = {
+        "scheduler": {"concurrency": 3, "host_concurrency": 2},
+        "mailboxes": [
+            {"name": f"m{i}", "source": "fake", "host": host}
+            for i, host in enumerate(hosts)
+        ],
+        "pipelines": {"default": {"processors": []}},
+    }
+    config = validate_config(data, path=tmp_path / "p.toml", registry=registry)
+    for i in range(len(hosts)):
+        FakeSource.boxes.setdefault(f"m{i}", FakeMailbox())
+    active: dict[str, int] = {}
+    peaks: dict[str, int] = {}
+    original = MailboxRunner.poll
+
+    async def counting(self: MailboxRunner):  # type: ignore[no-untyped-def]
+        host = hosts[int(self.name[1:])].lower()
+        for key in (host, "all"):
+            active[key] = active.get(key, 0) + 1
+            peaks[key] = max(peaks.get(key, 0), active[key])
+        await asyncio.sleep(0.01)
+        try:
+            return await original(self)
+        finally:
+            for key in (host, "all"):
+                active[key] -= 1
+
+    journal = SqliteJournal(tmp_path / "j.sqlite3")
+    scheduler = Scheduler(
+        config, journal=journal, hooks=Hooks(get_plugin_manager(entry_points=False)),
+        once=True,
+    )
+    summaries = await _run_polling_with(scheduler, journal, counting)
+    assert sorted(s.mailbox for s in summaries) == sorted(f"m{i}" for i in range(8))
+    # Server A never had more than 2; the third global slot went to server B.
+    assert peaks["pop.a.example"] == 2 and peaks["pop.b.example"] <= 2
+    assert peaks["all"] == 3
+
+
+def test_the_default_concurrency_is_64_in_all_and_32_per_server() -> None:
+    """Issue 18: polls are mostly network waits; 4 at a time made a cycle over 1,000
+    mailboxes take a minute at 20 ms round trips, where 32 on one server leave it
+    CPU-bound (bench/RESULTS.md)."""
+    sched = SchedulerConfig()
+    assert (sched.concurrency, sched.host_concurrency) == (64, 32)
+
+
+def test_a_bad_host_concurrency_names_key_value_and_what_is_accepted(
+    tmp_path: Path,
+) -> None:
+    from mailpipe.errors import ConfigError
+
+    registry = Registry()
+    registry.add("source", FakeSource, "test")
+    data = {
+        "scheduler": {"host_concurrency": 0},
+        "mailboxes": [{"name": "m", "source": "fake"}],
+        "pipelines": {"default": {"processors": []}},
+    }
+    with pytest.raises(ConfigError) as caught:
+        validate_config(data, path=tmp_path / "p.toml", registry=registry)
+    assert (
+        "scheduler.host_concurrency: Input should be greater than or equal to 1 "
+        "(got 0)" in str(caught.value)
+    )

@@ -818,7 +818,7 @@ def test_close_releases_the_mailbox_locks(backend: Backend) -> None:
     assert two.lock_mailbox(MB, owner="w2", ttl=30)
 
 
-def test_every_take_of_a_lease_raises_its_epoch(backend: Backend) -> None:
+def test_every_change_of_holder_raises_the_epoch(backend: Backend) -> None:
     one, two = backend.open(), backend.open()
     assert one.fence(MB, owner="w1") is None
     assert one.lock_mailbox(MB, owner="w1", ttl=30)

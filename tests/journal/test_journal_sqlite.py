@@ -41,6 +41,91 @@ def test_lock_file_sits_next_to_the_database_and_names_the_owner(
     assert lock.exists()  # never unlinked: unlinking a flock file races
 
 
+def test_a_holders_retake_keeps_its_epoch_and_commits_nothing(tmp_path: Path) -> None:
+    """Issue 18: a worker polling its mailboxes again takes each lease again; with no
+    other take in between it keeps its epoch and the journal sees no commit (no
+    fsync per mailbox and poll). Any other holder's take still moves the epoch on, and
+    the previous holder's fence is refused from then on."""
+    from mailpipe.journal.errors import FencedError
+
+    path = tmp_path / "j.sqlite3"
+    one, two = SqliteJournal(path), SqliteJournal(path)
+    watch = sqlite3.connect(path)  # PRAGMA data_version moves on others' commits
+    try:
+        assert one.lock_mailbox("box", owner="w1", ttl=60)
+        first = one.fence("box", owner="w1")
+        one.unlock_mailbox("box", owner="w1")
+        version = watch.execute("PRAGMA data_version").fetchone()[0]
+        for _ in range(3):
+            assert one.lock_mailbox("box", owner="w1", ttl=60)
+            assert one.fence("box", owner="w1") == first
+            one.unlock_mailbox("box", owner="w1")
+        assert watch.execute("PRAGMA data_version").fetchone()[0] == version
+        # The same owner name through another journal object is another holder.
+        assert two.lock_mailbox("box", owner="w1", ttl=60)
+        second = two.fence("box", owner="w1")
+        two.unlock_mailbox("box", owner="w1")
+        assert first is not None and second is not None
+        assert second.epoch > first.epoch
+        with pytest.raises(FencedError):
+            one.check_fence(first)
+        assert one.lock_mailbox("box", owner="w1", ttl=60)  # after another's take
+        third = one.fence("box", owner="w1")
+        assert third is not None and third.epoch > second.epoch
+        one.check_fence(third)
+        one.unlock_mailbox("box", owner="w1")
+        assert one.lock_mailbox("box", owner="w2", ttl=60)  # another owner
+        fourth = one.fence("box", owner="w2")
+        assert fourth is not None and fourth.epoch > third.epoch
+    finally:
+        watch.close()
+        one.close()
+        two.close()
+
+
+def test_the_epoch_commit_is_not_fsynced_and_full_sync_comes_back(
+    tmp_path: Path,
+) -> None:
+    """Issue 18: the lease epoch's commit runs at ``synchronous=NORMAL`` (no fsync; see
+    ``SqliteJournal._unsynced`` for why that is safe) and the connection is back at FULL
+    right after; inside an open batch the batch's commit decides, nothing switches."""
+    with SqliteJournal(tmp_path / "j.sqlite3") as journal:
+        statements: list[str] = []
+        journal._conn.set_trace_callback(statements.append)
+        assert journal.lock_mailbox("box", owner="w1", ttl=60)
+        upsert = next(i for i, s in enumerate(statements) if "INTO leases" in s)
+        assert "PRAGMA synchronous=NORMAL" in statements[:upsert]
+        assert statements[-1] == "PRAGMA synchronous=FULL"
+        assert journal._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        statements.clear()
+        with journal.batch():
+            assert journal.lock_mailbox("other", owner="w1", ttl=60)
+        assert any("INTO leases" in s for s in statements)
+        assert not any("synchronous" in s for s in statements)
+        journal._conn.set_trace_callback(None)
+
+
+def test_the_lock_folder_is_made_again_when_removed(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    with SqliteJournal(path) as journal:
+        assert journal.lock_mailbox("box", owner="w1", ttl=60)
+        journal.unlock_mailbox("box", owner="w1")
+        lock = lock_path(path, "box")
+        lock.unlink()
+        lock.parent.rmdir()
+        assert journal.lock_mailbox("box", owner="w1", ttl=60)
+        assert lock.read_text() == "w1\nbox\n"
+
+
+def test_the_lock_file_names_each_new_holder(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    with SqliteJournal(path) as journal:
+        assert journal.lock_mailbox("box", owner="a-much-longer-owner:1", ttl=60)
+        journal.unlock_mailbox("box", owner="a-much-longer-owner:1")
+        assert journal.lock_mailbox("box", owner="w2", ttl=60)
+        assert lock_path(path, "box").read_text() == "w2\nbox\n"
+
+
 def test_a_busy_database_raises_journal_error(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
     journal = SqliteJournal(path, busy_timeout=0.05)
