@@ -209,11 +209,14 @@ def test_check_toml_syntax_error_exit_2(tmp_path: Path, bad: str) -> None:
     assert done.returncode == 2 and "line 1" in done.stderr
 
 
+@pytest.mark.parametrize("sync", ["file", "auto"])
 def test_process_reports_a_failed_group_commit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: str
 ) -> None:
     """store.maildir writes behind: a write error surfaces at flush() and must turn the
-    run into a failure, not an uncaught exception after every line said ok."""
+    run into a failure, not an uncaught exception after every line said ok. With
+    ``sync = "auto"`` the group's syncfs fails (or, where syncfs is not used, the
+    per-file write)."""
     import errno
 
     import mailpipe.plugins.store.maildir as maildir_module
@@ -222,10 +225,11 @@ def test_process_reports_a_failed_group_commit(
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(maildir_module.MaildirStore, "_write", broken)
+    monkeypatch.setattr(maildir_module._syncfs, "syncfs", broken)
     cfg = tmp_path / "pipeline.toml"
     cfg.write_text(
         '[state]\npath = "var/j.sqlite3"\n[pipelines.default]\n'
-        'processors = [{ use = "store.maildir", path = "out" }]\n'
+        f'processors = [{{ use = "store.maildir", path = "out", sync = "{sync}" }}]\n'
     )
     result = CliRunner().invoke(cli, ["process", str(cfg), str(SAMPLES / "01-ticket.eml")])
     lines = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
