@@ -7,18 +7,18 @@ from __future__ import annotations
 import io
 import tracemalloc
 from email.message import Message
+from typing import Any
 
 import pytest
-from structlog.testing import capture_logs
-
 from mailpipe.plugins.parse import parse_file, parse_message, parser
+from structlog.testing import capture_logs
 
 NL = b"\r\n"
 
 
 def tree(msg: Message) -> object:
     """What the record is built from (as tests/plugins/test_parse_scan.py compares)."""
-    payload = msg._payload
+    payload = msg._payload  # type: ignore[attr-defined]
     return (
         msg.get_unixfrom(),
         list(msg.raw_items()),
@@ -37,25 +37,45 @@ def bounce(recipients: int) -> bytes:
     closed); the scan knows every boundary ever declared and used to leave its
     delivery-status state there, then elide the blank lines that split the blocks."""
     blocks = (NL + NL).join(
-        b"Final-Recipient: rfc822; user%d@example.org" % i + NL
-        + b"Action: failed" + NL + b"Status: 5.1.1"
+        b"Final-Recipient: rfc822; user%d@example.org" % i
+        + NL
+        + b"Action: failed"
+        + NL
+        + b"Status: 5.1.1"
         for i in range(recipients)
     )
-    return NL.join([
-        b"From: mailer-daemon@example.org", b"Subject: bounce", b"MIME-Version: 1.0",
-        b"Content-Type: multipart/report; report-type=delivery-status; boundary=outer",
-        b"",
-        b"--outer", b"Content-Type: multipart/alternative; boundary=inner", b"",
-        b"--inner", b"Content-Type: text/plain", b"", b"Delivery failed.", b"--inner--",
-        b"--outer", b"Content-Type: message/delivery-status", b"",
-        b"Reporting-MTA: dns; mx.example.org", b"",
-        b"--inner", b"not a header",
-        blocks,
-        b"--outer--", b"",
-    ])
+    return NL.join(
+        [
+            b"From: mailer-daemon@example.org",
+            b"Subject: bounce",
+            b"MIME-Version: 1.0",
+            b"Content-Type: multipart/report; report-type=delivery-status; boundary=outer",
+            b"",
+            b"--outer",
+            b"Content-Type: multipart/alternative; boundary=inner",
+            b"",
+            b"--inner",
+            b"Content-Type: text/plain",
+            b"",
+            b"Delivery failed.",
+            b"--inner--",
+            b"--outer",
+            b"Content-Type: message/delivery-status",
+            b"",
+            b"Reporting-MTA: dns; mx.example.org",
+            b"",
+            b"--inner",
+            b"not a header",
+            blocks,
+            b"--outer--",
+            b"",
+        ]
+    )
 
 
-def plain(raw: bytes, monkeypatch: pytest.MonkeyPatch) -> object:
+def plain(
+    raw: bytes, monkeypatch: pytest.MonkeyPatch
+) -> tuple[dict[str, Any], list[bytes]]:
     with monkeypatch.context() as m:
         m.setattr(parser, "_ELIDE_FROM", len(raw) + 1)
         record, payloads = parse_message(raw)
@@ -75,7 +95,7 @@ def test_a_stray_boundary_in_a_delivery_status_body_keeps_the_plain_tree(
 
 
 def test_a_stray_boundary_in_a_delivery_status_body_spooled(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: object
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The same scan serves parse_file (runs of RUN_MIN octets): the same record."""
     raw = bounce(5000)

@@ -58,10 +58,14 @@ CHILD = textwrap.dedent(
 def test_upgrading_a_large_version_2_store_keeps_memory_bounded(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-c", CHILD, str(tmp_path), str(ROWS), str(RAW)],
-        capture_output=True, text=True, timeout=240,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    before, after, temp_store, count, total = map(int, done.stdout.splitlines()[-1].split())
+    before, after, temp_store, count, total = map(
+        int, done.stdout.splitlines()[-1].split()
+    )
     assert (count, total) == (ROWS, ROWS * RAW)  # migration 3 moved every raw
     assert temp_store == 2  # MEMORY again for the store's own statements (issue 18)
     # With the statement journal in memory the peak grew by about the table (~50 MB).
