@@ -258,7 +258,11 @@ class StepWorker:
             job.cancel()  # skipped if not begun; else it finishes unawaited
             raise
         finally:
-            error = None  # its traceback holds this frame: keep no cycle past the call
+            # A raised error's traceback holds this frame, and the waiter (also held by
+            # the job) holds the error: keep no cycle past the call, or the message in
+            # the processor's frames lives on until the cyclic collector runs.
+            error = None
+            del job, waiter
             if timer is not None:
                 timer.cancel()
             if budget is not None:

@@ -252,12 +252,15 @@ class SqliteJournal:
             with self._guard():  # a full disk fails here first (the WAL file)
                 mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 self._conn.execute("PRAGMA synchronous=FULL")
-                # Statement journals of a group commit's batch stay in memory: they
-                # only undo one statement, never serve crash recovery (the WAL does).
-                self._conn.execute("PRAGMA temp_store=MEMORY")
             if not self._memory and str(mode).lower() != "wal":
                 raise JournalError(f"journal {path}: WAL mode refused (got {mode})")
             self._migrate()
+            with self._guard():
+                # Statement journals of a group commit's batch stay in memory: they
+                # only undo one statement, never serve crash recovery (the WAL does).
+                # Not while migrating: a migration's statement (an index built, a
+                # table rewritten) would keep all it sorts or rewrites in memory.
+                self._conn.execute("PRAGMA temp_store=MEMORY")
         except BaseException:
             self._conn.close()
             raise

@@ -17,6 +17,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import IO, Any, Final
 
+import structlog
 from pydantic import BaseModel
 
 from . import autoreply
@@ -44,6 +45,8 @@ from .record import (
 from .spool import RunDecoder, Runs, SpooledPayload, SpoolWriter, skeleton
 from .transfer import CopyDecoder, QpDecoder
 from .wrapper import find_wrapped, header_block_shape, headers_only_detail
+
+log = structlog.get_logger()
 
 _PARSER = BytesParser(policy=email_policy.compat32)
 _HEADERS_PARSER = BytesParser(policy=email_policy.compat32)
@@ -277,11 +280,16 @@ def _message(raw: bytes) -> Message:
     try:
         f = io.BytesIO(raw)
         sk = skeleton(f, _ELIDE_RUN, _ELIDE_HEADERS)
+        if not sk.runs:
+            # Nothing elided: the skeleton is a copy of ``raw``; parse ``raw`` and
+            # keep no second copy of the message while the parser runs.
+            del sk
+            return _PARSER.parsebytes(raw)
         msg = _PARSER.parsebytes(sk.data)
-        if sk.runs:
-            _inflate_outside_leaves(msg, Runs(sk, f, None), leaves=True)
+        _inflate_outside_leaves(msg, Runs(sk, f, None), leaves=True)
         return msg
-    except Exception:  # the scan never should fail; if it does, parse it all
+    except Exception as exc:  # the scan never should fail; if it does, parse it all
+        log.warning("parse_skeleton_failed", size=len(raw), error=repr(exc))
         return _PARSER.parsebytes(raw)
 
 

@@ -19,7 +19,9 @@ follows it; a line it is unsure of is not. To that end
   a boundary line is matched with the feedparser's own expression;
 * after a header block without Content-Type (a ``multipart/digest`` part defaults to
   ``message/rfc822``) or of type ``message/*``, another header block may follow;
-  a ``message/delivery-status`` body is never verbatim; a header block larger than
+  a ``message/delivery-status`` body is never verbatim, and a boundary line in one
+  ends all eliding (it may be a stray one the parser keeps in the body, where blank
+  lines split the blocks); a header block larger than
   :data:`MAX_BLOCK` (or header blocks larger together than a caller's limit), or one
   the header parser fails on, ends all eliding for the rest of the message.
 """
@@ -150,7 +152,13 @@ class LeafLines:
         if first.startswith(b"--") and any(_delimits(first, s) for s in self._separators):
             if state is _State.HEADERS:
                 self._end_block(blank=False)
-            if self._state is not _State.OFF:
+            if self._state is _State.FROZEN:
+                # Every boundary ever declared counts (a superset), so this line may
+                # be a closed or a sibling multipart's boundary that the parser takes
+                # as a line of the delivery-status body, whose blank lines split its
+                # blocks: eliding after it could swallow them. Stop for good.
+                self._state = _State.OFF
+            elif self._state is not _State.OFF:
                 self._state = _State.HEADERS
             return False
         if state is _State.BODY:

@@ -279,7 +279,22 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
     ``schema_version`` row commit together or not at all, so a crash leaves the
     previous version intact), and concurrent openers migrate once. Re-running is a
     no-op. A database newer than this code raises PermanentFailure.
+
+    Temporary storage is the build's default (files) while it runs: a migration's
+    statement may rewrite a whole table (version 3 drops ``messages.raw``), and a
+    statement journal kept in memory (``temp_store=MEMORY``, see :func:`connect`)
+    would then hold every page it rewrote.
     """
+    temp_store = conn.execute("PRAGMA temp_store").fetchone()[0]
+    conn.execute("PRAGMA temp_store=DEFAULT")
+    try:
+        return _migrate(conn, target)
+    finally:
+        if not conn.in_transaction:
+            conn.execute(f"PRAGMA temp_store={int(temp_store)}")
+
+
+def _migrate(conn: sqlite3.Connection, target: int) -> int:
     for version, description, steps in MIGRATIONS:
         if version > target:
             break
