@@ -468,7 +468,8 @@ class MailboxRunner:
         in (or the stream went past it), and acknowledged only then (MP-04).
 
         ``across`` (P-14): the session finishes a stream left early, so a stop
-        request ends the stream at once; otherwise the group is drained here."""
+        request ends the stream at once. Otherwise ``groups`` is one group, whose
+        stream is read to its end (after a stop, drained here) before it commits."""
         expire_zero = facts.deletes_on_commit
         place = {tried_key(r): i for i, g in enumerate(groups) for r in g}
         current, left = 0, len(groups[0])
@@ -519,9 +520,11 @@ class MailboxRunner:
                     left -= 1
                     await self._item(item, entries, expire_zero, summary, group,
                                      settled, total, drain=stopped)
-                    if left <= 0:
+                    if left <= 0 and across:
+                        # (Any other session's stream is read to its end first: the
+                        # group commits after the loop, see retrieves_across_commits.)
                         await close()
-                        if self.stop.is_set() and across:
+                        if self.stop.is_set():
                             break
             finally:
                 aclose = getattr(stream, "aclose", None)  # a stream left early ends now

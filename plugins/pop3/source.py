@@ -482,7 +482,9 @@ class Pop3Session:
         the stream runs join it. A consumer that stops early ends the RETRs not yet
         sent; what is in flight is read (and dropped) before the next command.
         """
-        await self._settle()
+        # A stream left early is read first; the queued DELEs are not sent on their
+        # own here: they lead this flight (P-13).
+        await self._read_unread()
         by_number = {ref.number: ref for ref in refs}
         sink: _Sink | None = None
         # MP-01: a body is yielded only once the next reply's status line has parsed
@@ -654,13 +656,18 @@ class Pop3Session:
         """Before a command of its own: read a stream left early to its end (P-14: the
         DELEs of its flight included; the rest is dropped, nothing is delivered), then
         send the queued DELEs (P-13)."""
+        await self._read_unread()
+        queued, self._queued = self._queued, []
+        await self._send(queued)
+
+    async def _read_unread(self) -> None:
+        """Read a stream left early to its end (P-14): the DELEs of its flight are
+        noted, the rest is dropped, nothing is delivered."""
         unread, self._unread = self._unread, None
         if unread is not None:
             async for event in unread:
                 if isinstance(getattr(event, "command", None), Dele):
                     self._deleted(event)
-        queued, self._queued = self._queued, []
-        await self._send(queued)
 
     def _deleted(self, event: Event) -> None:
         """Note a DELE reply: marked, or refused (T-25)."""

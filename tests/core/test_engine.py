@@ -745,3 +745,35 @@ async def test_buffer_limit_commit_failure_loses_the_earlier_message(
     gone = {"a", "b"} - set(box.messages)
     # Every message deleted from the server must be in the store.
     assert gone <= stored, f"deleted from the server: {gone}, stored: {stored}"
+
+
+async def test_a_source_without_p14_has_its_group_stream_read_to_the_end_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Plugin contract (docs/plugins.md, P-14, review of P-14): a session that does not
+    # retrieve across commits gets one retrieve() per group, read to its end before the
+    # group commits and is acknowledged. A source may still have work after its last
+    # message (a trailing reply on the same connection, a cursor to close); its
+    # acknowledgement must not interleave with it.
+    import mailpipe.engine
+    from mailpipe.testing.fakes import FakeSession
+
+    monkeypatch.setattr(mailpipe.engine, "GROUP_SIZE", 2)
+    original = FakeSession.retrieve
+
+    async def retrieve(self: FakeSession, refs: Any, **kwargs: Any) -> Any:
+        async for item in original(self, refs, **kwargs):
+            yield item
+        self.box.calls.append(("stream_end", None))
+
+    monkeypatch.setattr(FakeSession, "retrieve", retrieve)
+    runner, box, _journal = make(tmp_path, [{"use": "rec"}])
+    for i in range(3):
+        box.add(f"u{i}", msg(f"m{i}"))
+    summary = await runner.poll()
+    assert summary.processed == 3 and summary.deleted == 3 and box.messages == {}
+    assert kinds(box)[1:] == [
+        "retr", "retr", "stream_end", "dele", "dele",
+        "retr", "stream_end", "dele", "quit",
+        "list", "quit",  # T-44: a window that ran new mail is followed by another
+    ]

@@ -165,3 +165,37 @@ async def test_p14_a_stop_before_retrieval_sends_no_retr(
     s = await r.poll()
     assert s.retrieved == 0 and s.error is None and len(srv.messages) == 3
     assert after_listing(srv, 1) == ["QUIT"]
+
+
+async def test_p14_a_failed_group_commit_mid_window_is_not_deleted_and_the_rest_goes_on(
+    pop3_server_factory: Factory, rig: Any, groups_of_two: list[int],
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+) -> None:
+    # P-09 across commits (review of P-14): the first group's flush fails while the
+    # flight runs on; its messages get no DELE and stay PENDING, the later groups are
+    # committed and deleted in the same session, and the poll reports the failure.
+    from mailpipe.plugins.store.sqlite import SqliteStore
+
+    calls: list[int] = []
+    original = SqliteStore.flush
+
+    def flaky(self: SqliteStore) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("disk full")
+        original(self)
+
+    monkeypatch.setattr(SqliteStore, "flush", flaky)
+    srv = pop3_server_factory(messages=[msg(n) for n in range(5)])
+    uids = srv.uids
+    r = rig(srv, before=[{"use": "store.sqlite", "path": str(tmp_path / "s.db")}])
+    s = await r.poll()
+    assert groups_of_two == [2, 2, 1] and s.error and "disk full" in s.error
+    sent = after_listing(srv, 1)
+    assert "DELE 1" not in sent and "DELE 2" not in sent
+    assert [c for c in sent if c.startswith("DELE")] == ["DELE 3", "DELE 4", "DELE 5"]
+    assert srv.uids == uids[:2]  # the failed group is still on the server
+    entries = r.journal.get_many("box", uids[:2])
+    assert {e.status for e in entries.values()} == {Status.PENDING}
+    s = await r.poll()
+    assert s.error is None and srv.messages == []

@@ -1023,3 +1023,28 @@ async def test_p06_pipelined_deles_count_towards_the_byte_bound_only(tmp_path, p
     else:
         assert deles == [b"DELE %d\r\n" % n for n in range(1, 6)]
     assert mini.committed == {1, 2, 3, 4, 5}
+
+
+async def test_p13_queued_deles_leave_in_the_same_write_as_the_next_retrs(tmp_path):
+    # P-13 (review of P-14): DELEs an acknowledgement queued outside a flight lead the
+    # next RETR flight, no turnaround of their own. The server's wire cannot tell (it
+    # sees the same bytes either way), so the client's writes are recorded. The engine
+    # queues such DELEs before every window's flight: owed acknowledgements (plan.ack),
+    # on_oversize = "delete", header decisions of the prefetch.
+    from mailpipe.source import DELETE
+
+    msgs = messages(4)
+    mini = MiniPop3(msgs)
+    async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
+        refs = await s.list()
+        writes: list[bytes] = []
+        send = s.client._write
+        s.client._write = lambda data: (writes.append(data), send(data))[1]
+        await s.acknowledge(refs[:2], DELETE)
+        got = [m async for m in s.retrieve(refs[2:], spool_dir=tmp_path,
+                                           spool_threshold=1 << 20)]
+        assert [m.raw for m in got] == msgs[2:]
+        assert writes[0] == b"DELE 1\r\nDELE 2\r\nRETR 3\r\nRETR 4\r\nNOOP\r\n"
+        assert s._marked == {1, 2}
+        await s.commit()
+    assert mini.committed == {1, 2}
