@@ -483,7 +483,8 @@ class MailboxRunner:
             nonlocal current, left, begun, group, settled
             done, owed = group, settled
             group, settled = [], []  # an error from here on must not commit it twice
-            current, begun = current + 1, False
+            # Across commits the first begin covered the rest of the window (P-14).
+            current, begun = current + 1, begun and across
             left = len(groups[current]) if current < len(groups) else 0
             self.ledger.owe_settled(owed)
             if done:
