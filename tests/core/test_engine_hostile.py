@@ -442,8 +442,8 @@ async def test_a_rested_message_that_arrives_whole_is_processed_not_quarantined(
 
     import mailpipe.engine
 
-    srv = pop3_server_factory(
-        messages=[msg(1)], faults=[Faults(err_on={"RETR 1": "[IN-USE] busy"})] * 4
+    srv = pop3_server_factory(  # RETR refused in the sessions of the first two polls
+        messages=[msg(1)], faults=[Faults(err_on={"RETR 1": "[IN-USE] busy"})] * 2
     )
     r = rig(srv, max_attempts=2)
     for _ in range(2):

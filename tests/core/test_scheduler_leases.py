@@ -322,16 +322,22 @@ async def test_a_late_renewal_is_made_up_before_quit_when_nobody_took_over(
             lease = MailboxLease(journal, "box", owner="w1", ttl=ttl)
             assert lease.acquire()
             renewed_at_quit: list[float] = []
+            ack_checks: list[None] = []
 
-            def check() -> None:
-                if "DELE" in commands(srv, 1):
+            def ack_check() -> None:
+                # Called before the DELEs (queued, P-13) and before QUIT: the second
+                # call is the one between them. (Before MP-06's change this test
+                # stalled in a T-44 follow-up session, which the fake no longer gets.)
+                ack_checks.append(None)
+                if len(ack_checks) == 2:
                     time.sleep(ttl * 1.5)  # stalled between DELE and QUIT
                     lease.check()
                     renewed_at_quit.append(lease.remaining())
                     return
                 lease.check()
 
-            runner.lease_check = check
+            runner.lease_check = lease.check
+            runner.ack_check = ack_check
             summary = await runner.poll()
             lease.release()
             assert summary.error is None, summary
