@@ -106,14 +106,19 @@ def test_corpus_byte_exact_then_nothing(
     assert len(stored_messages(tmp_path / "Maildir")) == len(stored)
 
 
+def user_with(d: Dovecot, raws: list[bytes]) -> DovecotUser:
+    """A new user whose INBOX holds ``raws``, delivered in order."""
+    user = d.add_user()
+    for raw in raws:
+        d.deliver(user, raw)
+    return user
+
+
 def test_mp06_every_commit_window_of_a_poll_runs_on_one_login(
     dovecot_imap: Dovecot, tmp_path: Path
 ) -> None:
     d = dovecot_imap
-    user = d.add_user()
-    raws = crafted(5)
-    for raw in raws:
-        d.deliver(user, raw)
+    user = user_with(d, crafted(5))
     served = [raw for raw, _ in folder_state(d, user, "INBOX")]
     login = f"imap-login: Info: Login: user=<{user.name}>"
     before = d.log_text().count(login)  # the reference client's
@@ -295,10 +300,8 @@ async def test_it16_message_expunged_by_another_client_is_unretrievable(
     dovecot_imap: Dovecot, tmp_path: Path
 ) -> None:
     d = dovecot_imap
-    user = d.add_user()
     raws = crafted(3)
-    for raw in raws:
-        d.deliver(user, raw)
+    user = user_with(d, raws)
     async with ImapSource(session_options(d, user)).session() as session:
         refs = await session.list()
         other = reference(d, user)  # another client expunges the middle message
