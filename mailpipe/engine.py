@@ -287,15 +287,15 @@ class MailboxRunner:
                     opened, self.lease_check, self.ack_check
                 )
             keeps_open = isinstance(opened, CheckpointSession)
-            windows = 0
             while True:
                 cursor_session, stored = self._resume(opened)
                 refs, more, follow_up = await self._window(session, opened, summary)
                 summary.windows += 1
-                windows += 1
                 # Each window makes progress; the bound only guards against a source
                 # that lists the same messages again and again.
-                next_here = more and keeps_open and windows < MAX_SESSIONS_PER_POLL
+                next_here = (
+                    more and keeps_open and summary.windows < MAX_SESSIONS_PER_POLL
+                )
                 if next_here:
                     # MP-06: the acknowledgements apply now (IMAP UID EXPUNGE, MOVE,
                     # STORE), and the next window lists again on this session.
@@ -658,9 +658,9 @@ class MailboxRunner:
             self.log.warning("journal_prune_failed", error=error_text(exc))
 
 
-#: Sessions in one poll at most, and commit windows in one session (MP-06); each makes
-#: progress, so a poll that reaches it has more windows than any real mailbox needs:
-#: the next poll goes on.
+#: Sessions in one poll at most, and commit windows one session runs in a poll
+#: (MP-06); each makes progress, so a poll that reaches it has more windows than any
+#: real mailbox needs: the next poll goes on.
 MAX_SESSIONS_PER_POLL = 1000
 
 #: Seconds between two journal prunes of one mailbox (entries become prunable only 30
