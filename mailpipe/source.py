@@ -199,7 +199,8 @@ class SourceSession(Protocol):
     async def acknowledge(self, refs: Sequence[MessageRef], ack: Ack) -> None:
         """Acknowledge ``refs`` with ``ack`` (one of the source's ``acknowledgements``).
 
-        Nothing takes effect before :meth:`commit` (POP3: DELE marks, QUIT deletes).
+        Nothing takes effect before :meth:`commit` (POP3: DELE marks, QUIT deletes),
+        or before :meth:`CheckpointSession.checkpoint` on a session that has it.
         A message the server no longer has is skipped with a warning, never an error:
         the journal owes its acknowledgement until a listing shows it gone.
         """
