@@ -289,10 +289,11 @@ def run_tool(tool: str, host: str, port: int, user, work: Path) -> tuple[float, 
     elif tool == "getmail6":
         argv = getmail_argv(host, port, user, work, out)
     elif tool in ("mailpipe-engine", "base-engine"):
+        # -I: the checkout this runs from must not shadow the base's mailpipe.
         python = os.environ["MAILPIPE_BENCH_BASE_PYTHON"] if tool == "base-engine" else (
             sys.executable
         )
-        argv = [python, "-m", "mailpipe", "--log-format", "json", "--log-level",
+        argv = [python, "-I", "-m", "mailpipe", "--log-format", "json", "--log-level",
                 "warning", "run", str(engine_config(host, port, user, work, out)),
                 "--once"]
     else:
