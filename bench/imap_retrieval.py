@@ -17,7 +17,10 @@ use getmail6 from PyPI (6.20, ``pip install getmail6 imapclient``): Debian 12's 
 can miss its delivery child's SIGCHLD and stall 60 s a message (a known race, fixed
 upstream by waiting with multiprocessing's join).
 mbsync only pulls (``Sync Pull``, nothing removed on the server), so its figure does
-less work. Helpers (mailbox content, verification, the delay proxy) come from
+less work. ``mailpipe-engine`` is the product's own path, ``mailpipe run --once`` (the
+engine, the SQLite journal, ``store.maildir``, ``commit_window`` at its default 500);
+``base-engine`` runs the same with the interpreter ``MAILPIPE_BENCH_BASE_PYTHON``
+names (another checkout's venv), for a before/after comparison in one run. Helpers (mailbox content, verification, the delay proxy) come from
 ``pop3_retrieval.py``. A peer that is not installed is left out of the table. Prints a
 table; targets are read from it, never asserted.
 """
@@ -194,6 +197,9 @@ def available(tool: str) -> bool:
         return shutil.which(PEERS[tool]) is not None and (
             tool != "fetchmail" or shutil.which("safecat") is not None
         )
+    if tool == "base-engine":
+        base = os.environ.get("MAILPIPE_BENCH_BASE_PYTHON", "")
+        return bool(base) and os.access(base, os.X_OK)
     if tool == "imapclient":
         import importlib.util
 
@@ -237,6 +243,23 @@ def getmail_argv(host: str, port: int, user, work: Path, out: Path) -> list[str]
     return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
 
 
+def engine_config(host: str, port: int, user, work: Path, out: Path) -> Path:
+    """A ``pipeline.toml`` for ``mailpipe run --once``: the journal, quarantine and
+    spool under ``work`` (its ``state`` is removed before each run), store.maildir."""
+    conf = work / "pipeline.toml"
+    conf.write_text(
+        '[state]\npath = "state/journal.sqlite3"\n\n[quarantine]\ndir = "state/q"\n\n'
+        '[scheduler]\nspool_dir = "state/spool"\n\n[[mailboxes]]\nname = "bench"\n'
+        f'source = "imap"\nhost = "{host}"\nport = {port}\nsecurity = "none"\n'
+        f'allow_plaintext_password = true\nusername = "{user.name}"\n'
+        f'password = "{user.password}"\ndelete = "after_processing"\n'
+        'pipeline = "bench"\n\n[pipelines.bench]\n'
+        f'processors = [{{ use = "store.maildir", path = "{out}" }}]\n'
+    )
+    conf.chmod(0o600)
+    return conf
+
+
 def run_tool(tool: str, host: str, port: int, user, work: Path) -> tuple[float, float, float]:
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
@@ -265,6 +288,14 @@ def run_tool(tool: str, host: str, port: int, user, work: Path) -> tuple[float, 
         argv = fetchmail_argv(host, port, user, work, out)
     elif tool == "getmail6":
         argv = getmail_argv(host, port, user, work, out)
+    elif tool in ("mailpipe-engine", "base-engine"):
+        # -I: the checkout this runs from must not shadow the base's mailpipe.
+        python = os.environ["MAILPIPE_BENCH_BASE_PYTHON"] if tool == "base-engine" else (
+            sys.executable
+        )
+        argv = [python, "-I", "-m", "mailpipe", "--log-format", "json", "--log-level",
+                "warning", "run", str(engine_config(host, port, user, work, out)),
+                "--once"]
     else:
         kind, _, mode = tool.partition("-")
         argv = [sys.executable, str(Path(__file__).resolve()), "--worker", kind,

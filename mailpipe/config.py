@@ -282,7 +282,8 @@ class MailboxConfig(BaseModel):
         500,
         strict=True,
         ge=0,
-        description="QUIT and reconnect every N messages (0 = one session for all).",
+        description="Apply the acknowledgements every N messages: POP3 QUITs and "
+        "reconnects, IMAP expunges and goes on in the same session (0 = all at the end).",
     )
     max_attempts: int = Field(
         3, strict=True, ge=1, description="Failed attempts before a message is quarantined."

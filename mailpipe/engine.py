@@ -13,7 +13,10 @@ The engine orchestrates; it decides nothing about delivery state on its own:
 3. :meth:`Ledger.acknowledge` sends what is owed, between retrieval streams or, for a
    session that retrieves across commits (P-14), into the running one; at the
    end of the window :meth:`Ledger.commit` ends the session (POP3 QUIT: the server
-   deletes now, RFC 1939 §6) and journals the deletions.
+   deletes now, RFC 1939 §6) and journals the deletions. A session that can apply
+   them and stay open (IMAP, :class:`mailpipe.source.CheckpointSession`) ends each
+   window but the last with :meth:`Ledger.checkpoint` instead and lists again for
+   the next one: one login per poll, not one per window (MP-06).
 4. Any source error aborts the session without a commit: the server keeps
    everything, and what completed is already journaled, so the next session only
    acknowledges it.
@@ -62,6 +65,7 @@ from mailpipe.plugin_manager import Hooks
 from mailpipe.prefetch import HeaderPrefetch
 from mailpipe.quarantine import Quarantine
 from mailpipe.source import (
+    CheckpointSession,
     CursorSession,
     EpochSession,
     SessionFacts,
@@ -273,7 +277,10 @@ class MailboxRunner:
         return self._last_exc
 
     async def _session(self, summary: Summary) -> bool:
-        """One commit window. Returns True when messages are left for another window."""
+        """One session: one commit window, or on a session that can apply its
+        acknowledgements and stay open (:class:`CheckpointSession`) every window
+        until none is left (MP-06). Returns True when messages are left for another
+        session (a window ended by a commit, or T-44's follow-up)."""
         async with self.source.session() as opened:
             self.ledger.abandon()  # an earlier window that failed owes nothing here
             session = opened
@@ -281,77 +288,102 @@ class MailboxRunner:
                 session = LeaseGuardedSession(
                     opened, self.lease_check, self.ack_check
                 )
-            cursor_session, stored = self._resume(opened)
-            refs = await session.list()
-            facts = facts_of(opened)  # after the listing: it tells whether ids are stable
-            self.facts = facts
-            self._login_delay = facts.login_delay
-            summary.listed = max(summary.listed, len(refs))  # the fullest listing
-            summary.backlog = len(refs)  # the latest listing (what is left)
-            self.hooks.session_started(
-                mailbox=self.name, count=len(refs), octets=sum(r.size for r in refs)
-            )
-            if not facts.stable_ids and self.cfg.delete != "after_processing":
-                raise SourcePermanentError(
-                    f"mailbox {self.name!r}: the server offers no UIDL, so "
-                    f"delete = {self.cfg.delete!r} cannot tell old mail from new; "
-                    "only delete = 'after_processing' is allowed"
+            keeps_open = isinstance(opened, CheckpointSession)
+            while True:
+                cursor_session, stored = self._resume(opened)
+                refs, more, follow_up = await self._window(session, opened, summary)
+                summary.windows += 1
+                # Each window makes progress; the bound only guards against a source
+                # that lists the same messages again and again.
+                next_here = (
+                    more and keeps_open and summary.windows < MAX_SESSIONS_PER_POLL
                 )
-            if not facts.stable_ids:
-                self.log.warning("server_without_uidl", fallback="content_hash")
-            plan = self._plan(refs, facts, opened)
-            # Nothing is fetched twice in one poll: a later window skips what an
-            # earlier one tried (without UIDL, what it could not retrieve).
-            plan.process = [
-                r
-                for r in plan.process
-                if tried_key(r) not in self._attempted
-                and tried_key(r) not in self.oversize.unkeyed
-            ]
-            plan.oversize = [r for r in plan.oversize if tried_key(r) not in self._attempted]
-            attempted_before = len(self._attempted)
-            window, more = planning.window(plan.process, self.cfg)
+                if next_here:
+                    # MP-06: the acknowledgements apply now (IMAP UID EXPUNGE, MOVE,
+                    # STORE), and the next window lists again on this session.
+                    await self.ledger.checkpoint(session)
+                else:
+                    await self.ledger.commit(session)
+                if cursor_session is not None:
+                    self.ledger.advance_cursors(stored, cursor_session.coverage())
+                self._prune(refs)
+                if not next_here:
+                    return more or follow_up
 
-            self.ledger.owe_settled(plan.ack)
+    async def _window(
+        self, session: Any, opened: object, summary: Summary
+    ) -> tuple[list[MessageRef], bool, bool]:
+        """List, plan and run one commit window on an open session, up to (not
+        including) its commit. Returns the listing, whether messages are left for
+        another window, and whether the server may list more only in a new session
+        (T-44)."""
+        refs = await session.list()
+        facts = facts_of(opened)  # after the listing: it tells whether ids are stable
+        self.facts = facts
+        self._login_delay = facts.login_delay
+        summary.listed = max(summary.listed, len(refs))  # the fullest listing
+        summary.backlog = len(refs)  # the latest listing (what is left)
+        self.hooks.session_started(
+            mailbox=self.name, count=len(refs), octets=sum(r.size for r in refs)
+        )
+        if not facts.stable_ids and self.cfg.delete != "after_processing":
+            raise SourcePermanentError(
+                f"mailbox {self.name!r}: the server offers no UIDL, so "
+                f"delete = {self.cfg.delete!r} cannot tell old mail from new; "
+                "only delete = 'after_processing' is allowed"
+            )
+        if not facts.stable_ids:
+            self.log.warning("server_without_uidl", fallback="content_hash")
+        plan = self._plan(refs, facts, opened)
+        # Nothing is fetched twice in one poll: a later window skips what an
+        # earlier one tried (without UIDL, what it could not retrieve).
+        plan.process = [
+            r
+            for r in plan.process
+            if tried_key(r) not in self._attempted
+            and tried_key(r) not in self.oversize.unkeyed
+        ]
+        plan.oversize = [r for r in plan.oversize if tried_key(r) not in self._attempted]
+        attempted_before = len(self._attempted)
+        window, more = planning.window(plan.process, self.cfg)
+
+        self.ledger.owe_settled(plan.ack)
+        await self.ledger.acknowledge(session)
+        if plan.oversize:
+            await self.oversize.listed(
+                session, plan.oversize, self.ledger, spool_dir=self.spool_dir,
+                spool_threshold=self.spool_threshold, identify=self._by_hash,
+                attempted=self._attempted,
+            )
             await self.ledger.acknowledge(session)
-            if plan.oversize:
-                await self.oversize.listed(
-                    session, plan.oversize, self.ledger, spool_dir=self.spool_dir,
-                    spool_threshold=self.spool_threshold, identify=self._by_hash,
-                    attempted=self._attempted,
-                )
-                await self.ledger.acknowledge(session)
-            todo = window
-            if self.prefetch.wanted():
-                todo = await self.prefetch.decide(
-                    session, window, journal=self.journal, ledger=self.ledger,
-                    attempted=self._attempted, stop=self.stop, mark=self._mark,
-                )
-                await self.ledger.acknowledge(session)
-            await self._retrieve(session, todo, summary, facts)
-            if self.stop.is_set():
-                more = False
-            if not facts.stable_ids and len(self._attempted) == attempted_before:
-                # Without UIDL a window cannot skip what this poll already tried: a
-                # window that ran nothing new ends the poll instead of spinning.
-                more = False
-            if (
-                not more
-                and len(self._attempted) > attempted_before
-                and not self.stop.is_set()
-                and self.cfg.max_messages is None
-                and self.cfg.max_bytes is None
-                and not self._login_delay
-            ):
-                # T-44: some servers (Gmail) list only a batch per session and show the
-                # next one after QUIT: a session that ran new mail is followed by another,
-                # until one finds nothing new (RFC 2449 §6.5 LOGIN-DELAY forbids it).
-                more = True
-            await self.ledger.commit(session)
-            if cursor_session is not None:
-                self.ledger.advance_cursors(stored, cursor_session.coverage())
-            self._prune(refs)
-            return more
+        todo = window
+        if self.prefetch.wanted():
+            todo = await self.prefetch.decide(
+                session, window, journal=self.journal, ledger=self.ledger,
+                attempted=self._attempted, stop=self.stop, mark=self._mark,
+            )
+            await self.ledger.acknowledge(session)
+        await self._retrieve(session, todo, summary, facts)
+        if self.stop.is_set():
+            more = False
+        if not facts.stable_ids and len(self._attempted) == attempted_before:
+            # Without UIDL a window cannot skip what this poll already tried: a
+            # window that ran nothing new ends the poll instead of spinning.
+            more = False
+        # T-44: some servers (Gmail's POP3, ``pages_listing``) list only a batch
+        # per session and show the next one after QUIT: a session that ran new
+        # mail is followed by another, until one finds nothing new (RFC 2449 §6.5
+        # LOGIN-DELAY forbids it). Any other server listed everything it has.
+        follow_up = (
+            facts.pages_listing
+            and not more
+            and len(self._attempted) > attempted_before
+            and not self.stop.is_set()
+            and self.cfg.max_messages is None
+            and self.cfg.max_bytes is None
+            and not self._login_delay
+        )
+        return refs, more, follow_up
 
     def _resume(self, opened: object) -> tuple[CursorSession | None, dict[str, int]]:
         """MP-05: hand a cursor-capable session the journal's listing cursors (not
@@ -717,8 +749,9 @@ class MailboxRunner:
             self.log.warning("journal_prune_failed", error=error_text(exc))
 
 
-#: Commit windows (sessions) in one poll at most; each makes progress, so a poll that
-#: reaches it has more windows than any real mailbox needs: the next poll goes on.
+#: Sessions in one poll at most, and commit windows one session runs in a poll
+#: (MP-06); each makes progress, so a poll that reaches it has more windows than any
+#: real mailbox needs: the next poll goes on.
 MAX_SESSIONS_PER_POLL = 1000
 
 #: Seconds between two journal prunes of one mailbox (entries become prunable only 30

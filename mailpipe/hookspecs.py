@@ -11,7 +11,8 @@ Hooks *find things*; plain objects do the work. Two kinds exist:
   are ignored, and they must not raise: if one does, mailpipe logs it and carries on.
 
 When the event hooks fire, for one poll of one mailbox (a poll is one or more commit
-windows, each its own session ending in a commit, POP3's QUIT)::
+windows; POP3 runs each in its own session ending in QUIT, IMAP runs them all on one
+session, each applying its acknowledgements at once, MP-06)::
 
     each commit window:  mailpipe_session_started      (after the listing)
       each message:      mailpipe_message_failed       (an attempt failed)
@@ -88,10 +89,12 @@ def mailpipe_register_processors(register: Register) -> None:
 def mailpipe_session_started(mailbox: str, count: int, octets: int) -> None:
     """Called once per commit window, right after that window's listing is read.
 
-    A poll opens one connection per commit window (``commit_window`` messages each), so
-    this fires once per connection, not once per poll; it fires before anything of the
-    window is retrieved. It does not fire for a connection that fails before its
-    listing (connect, TLS, login, UIDL/LIST errors).
+    A poll runs one commit window per ``commit_window`` messages, and each window
+    lists the mailbox anew, so this fires once per window, not once per poll nor
+    once per connection: POP3 opens a connection per window, IMAP runs every window
+    of a poll on one connection (MP-06). It fires before anything of the window is
+    retrieved. It does not fire for a connection that fails before its listing
+    (connect, TLS, login, UIDL/LIST errors).
 
     :param mailbox: the mailbox's configured name.
     :param count: messages in this listing (all on the server now, not only the ones
@@ -104,17 +107,17 @@ def mailpipe_session_started(mailbox: str, count: int, octets: int) -> None:
 def mailpipe_session_finished(mailbox: str, summary: dict[str, Any]) -> None:
     """Called once per poll, after its last commit window, whatever the outcome.
 
-    It follows the last window's QUIT, or the abort of a failed window (then
-    ``summary["committed"]`` is False and ``summary["error"]`` says why), and fires
-    even when no connection could be opened (then without any
+    It follows the last window's commit (QUIT, LOGOUT), or the abort of a failed
+    window (then ``summary["committed"]`` is False and ``summary["error"]`` says why),
+    and fires even when no connection could be opened (then without any
     ``mailpipe_session_started`` before it).
 
     :param mailbox: the mailbox's configured name.
     :param summary: the whole poll, all windows together: ``mailbox``, ``listed``,
         ``retrieved``, ``processed``, ``dropped``, ``kept``, ``skipped``, ``failed``,
-        ``quarantined``, ``deleted``, ``bytes``, ``seconds``, ``sessions`` (windows
-        opened), ``committed``, ``error`` and ``error_type`` (strings or None),
-        ``backlog`` (the latest listing's count, or None) and ``reconciled``
+        ``quarantined``, ``deleted``, ``bytes``, ``seconds``, ``sessions`` (logins),
+        ``windows`` (commit windows; more than ``sessions`` on IMAP, MP-06),
+        ``committed``, ``error`` and ``error_type`` (strings or None), ``backlog`` (the latest listing's count, or None) and ``reconciled``
         (messages adopted by content hash after an epoch change, IC-25).
     """
 

@@ -291,6 +291,11 @@ class LeaseGuardedSession:
         self._ack_check()
         await self._inner.commit()
 
+    async def checkpoint(self) -> None:
+        """MP-06: like :meth:`commit` (the fence first), for a session that stays open."""
+        self._ack_check()
+        await self._inner.checkpoint()
+
     async def abort(self) -> None:
         await self._inner.abort()
 

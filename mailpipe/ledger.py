@@ -20,6 +20,8 @@ the write that makes the outcome durable (MP-01, RFC 1939 §6):
 
 :meth:`Ledger.commit` then ends the session (POP3 QUIT) and only after the server
 confirmed marks the acknowledged messages deleted; a failed commit leaves them owed.
+:meth:`Ledger.checkpoint` does the same for a session that applies them and stays
+open for the next commit window (IMAP, MP-06).
 ``tests/core/test_ledger.py`` proves the gate, and ``tests/core/test_ledger_only.py``
 that no other module acknowledges, commits a source session, or writes the journal's
 delivery state.
@@ -81,7 +83,8 @@ class Summary:
     deleted: int = 0
     bytes: int = 0
     seconds: float = 0.0
-    sessions: int = 0
+    sessions: int = 0  # logins (connections)
+    windows: int = 0  # commit windows (several per session when it checkpoints, MP-06)
     committed: bool = True
     error: str | None = None
     error_type: str | None = None
@@ -552,12 +555,28 @@ class Ledger:
         """End the session so the server applies the acknowledgements (POP3 QUIT),
         then journal them done. Returns how many. A refused commit raises (the
         journal still owes them, so the next session acknowledges them again)."""
+        sent = self._take_sent()
+        await session.commit()  # RFC 1939 §6: QUIT makes the server delete DELE'd mail
+        return self._applied(sent)
+
+    async def checkpoint(self, session: Any) -> int:
+        """Like :meth:`commit`, but the session applies the acknowledgements and
+        stays open for the next commit window (MP-06): journaled done only after the
+        server confirmed; a refused checkpoint raises and leaves them owed."""
+        sent = self._take_sent()
+        await session.checkpoint()
+        return self._applied(sent)
+
+    def _take_sent(self) -> list[MessageRef]:
         if self._owed:
             raise AcknowledgeBeforeDurable(
                 f"{len(self._owed)} owed acknowledgement(s) not sent before the commit"
             )
         sent, self._sent = self._sent, []
-        await session.commit()  # RFC 1939 §6: QUIT makes the server delete DELE'd mail
+        return sent
+
+    def _applied(self, sent: list[MessageRef]) -> int:
+        """The server confirmed the acknowledgements ``sent``: journal them done."""
         uids = [r.uid for r in sent if r.uid]
         if uids:
             self.journal.mark_deleted(self.mailbox, uids, **self._fenced())

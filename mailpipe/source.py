@@ -13,6 +13,11 @@ The engine knows sources only through this module:
 - Acknowledgements take effect only at :meth:`SourceSession.commit`; the engine calls
   :meth:`SourceSession.acknowledge` only through :mod:`mailpipe.ledger`'s gate, after
   every committing step and the journal batch are durable (MP-01).
+- A session whose acknowledgements can take effect without ending it (IMAP: UID
+  EXPUNGE, MOVE and STORE apply at once) offers :class:`CheckpointSession`: the engine
+  then runs each commit window on the same session, ending all but the last with
+  :meth:`CheckpointSession.checkpoint` instead of a new login (MP-06). POP3 cannot
+  (RFC 1939 §6: only QUIT applies DELE), so each of its windows is a session.
 - A session that can list only what is new offers :class:`CursorSession`: before
   ``list()`` the engine hands it the cursors the journal holds, after the commit it
   reads what the listing covered, and the ledger stores the advanced cursors (MP-05).
@@ -76,6 +81,12 @@ class SessionFacts:
     ``deletes_on_commit``: the server may delete at commit what was retrieved even
     without an acknowledgement (POP3 ``EXPIRE 0``, RFC 2449 §6.7; C-29).
     ``can_push``: the source can wait for new mail (IMAP: IDLE, or STATUS polling).
+    ``pages_listing``: the server may list only a page of its mailbox per session and
+    show the rest after the session ends (Gmail's POP3, T-44): a poll whose session
+    ran new mail then opens a follow-up session. The default (True) keeps that
+    follow-up for a source that does not say, as before this field existed; the
+    built-in sources set it: POP3 for Gmail only, IMAP never. A source that lists
+    everything loses nothing by setting False: the next poll lists what is left.
     """
 
     stable_ids: bool = True
@@ -83,6 +94,7 @@ class SessionFacts:
     login_delay: float = 0.0
     deletes_on_commit: bool = False
     can_push: bool = False
+    pages_listing: bool = True
 
 
 class AckKind(enum.StrEnum):
@@ -187,7 +199,8 @@ class SourceSession(Protocol):
     async def acknowledge(self, refs: Sequence[MessageRef], ack: Ack) -> None:
         """Acknowledge ``refs`` with ``ack`` (one of the source's ``acknowledgements``).
 
-        Nothing takes effect before :meth:`commit` (POP3: DELE marks, QUIT deletes).
+        Nothing takes effect before :meth:`commit` (POP3: DELE marks, QUIT deletes),
+        or before :meth:`CheckpointSession.checkpoint` on a session that has it.
         A message the server no longer has is skipped with a warning, never an error:
         the journal owes its acknowledgement until a listing shows it gone.
         """
@@ -202,6 +215,29 @@ class SourceSession(Protocol):
 
     async def abort(self) -> None:
         """Close without committing: nothing marked is deleted. Never raises."""
+        ...
+
+
+@runtime_checkable
+class CheckpointSession(Protocol):
+    """A session that can apply its acknowledgements and stay open (MP-06).
+
+    The engine ends a commit window with :meth:`checkpoint` instead of
+    :meth:`SourceSession.commit` when another window follows, and runs that window on
+    the same session: :mod:`mailpipe.cursors` are handed over again
+    (:meth:`CursorSession.resume`) and the mailbox is listed again. Only
+    :mod:`mailpipe.ledger` calls it, after the acknowledgements it sent, exactly
+    like ``commit`` (MP-01).
+    """
+
+    async def checkpoint(self) -> None:
+        """Apply every acknowledgement sent since the session opened or since the
+        last checkpoint, and keep the session open: the next :meth:`list
+        <SourceSession.list>` shows the mailbox as it is now, without them.
+
+        Raises :class:`mailpipe.CommitError` when the server does not confirm (the
+        session is unusable afterwards, as after a failed ``commit``).
+        """
         ...
 
 

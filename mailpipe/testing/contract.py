@@ -14,7 +14,9 @@ contract of :mod:`mailpipe.source` as the engine relies on it: the class's
 declarations, a listing with stable ids and sizes, retrieval in order and byte-exact
 (spooled to disk above the threshold), ``max_size`` honoured, headers, typed session facts, that nothing
 is applied before ``commit`` nor after ``abort`` or an exception, each declared
-acknowledgement, and a whole poll through :class:`mailpipe.engine.MailboxRunner`.
+acknowledgement, listing past cursors (a ``CursorSession``), a checkpoint that
+applies and keeps the session (a ``CheckpointSession``, MP-06), and a whole poll
+through :class:`mailpipe.engine.MailboxRunner`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from mailpipe.message import Message, MessageRef
 from mailpipe.source import (
     Ack,
     AckKind,
+    CheckpointSession,
     CursorSession,
     SessionFacts,
     Source,
@@ -250,6 +253,30 @@ class SourceContract:
             assert {s: c.start for s, c in session.coverage().items()} == cursors
             got = await _retrieve(session, later, tmp_path)
         assert [m.raw for m in got] == [fresh]
+
+    async def test_a_checkpoint_applies_and_the_session_goes_on(
+        self, contract_mailbox: ContractMailbox, tmp_path: Path
+    ) -> None:
+        """MP-06, for a source whose sessions are a :class:`CheckpointSession`: a
+        checkpoint applies what was acknowledged before it, the session lists again
+        without it and retrieves the rest, and an abort after the checkpoint applies
+        nothing more."""
+        self._fill(contract_mailbox)
+        kinds = acknowledgements_of(type(contract_mailbox.source()))
+        ack = _any_ack(kinds - {AckKind.KEEP})
+        async with contract_mailbox.source().session() as session:
+            if not isinstance(session, CheckpointSession):
+                pytest.skip("the source's sessions are no CheckpointSession")
+            refs = await session.list()
+            await acknowledge(session, refs[:1], ack)
+            await session.checkpoint()
+            assert contract_mailbox.remaining() == list(SAMPLES[1:])
+            again = await session.list()
+            got = await _retrieve(session, again, tmp_path)
+            assert [m.raw for m in got] == list(SAMPLES[1:])
+            await acknowledge(session, again[:1], ack)
+            # leaving the block without commit() aborts the session
+        assert contract_mailbox.remaining() == list(SAMPLES[1:])
 
     async def test_a_whole_poll_through_the_engine(
         self, contract_mailbox: ContractMailbox, tmp_path: Path

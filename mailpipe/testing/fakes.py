@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from mailpipe.errors import CommitError, OversizeError, SourceConnectionError
 from mailpipe.message import Message, MessageRef
+from mailpipe.source import SessionFacts
 
 
 class FakeOptions(BaseModel):
@@ -32,6 +33,12 @@ class FakeMailbox:
     ``fail_quit``: QUIT answers -ERR (nothing deleted). ``uidl``: whether UIDL works.
     ``page``: list at most that many messages per session (Gmail lists a batch of the
     oldest and shows the next only after QUIT, checklist T-44).
+    ``facts``: when set, what sessions state (the current contract); when None they
+    are first-contract sessions (facts read from ``capabilities``), which the engine
+    takes to page like Gmail (T-44). ``checkpoints``: sessions apply their
+    acknowledgements at ``checkpoint()`` and stay open (MP-06); ``fail_checkpoint``
+    makes the checkpoint with that number (1 = the first) fail with nothing applied.
+    ``logins`` counts the sessions opened.
     """
 
     messages: dict[str, bytes] = field(default_factory=dict)
@@ -41,6 +48,10 @@ class FakeMailbox:
     uidl: bool = True
     capabilities: dict[str, Any] = field(default_factory=dict)
     page: int | None = None
+    facts: SessionFacts | None = None
+    checkpoints: bool = False
+    fail_checkpoint: int | None = None
+    logins: int = 0
 
     def add(self, uid: str, data: bytes) -> None:
         """Deliver a message."""
@@ -55,6 +66,7 @@ class FakeSession:
         self.mailbox = mailbox
         self.supports_uidl = box.uidl
         self.capabilities = box.capabilities
+        self.facts = box.facts
         self.marked: set[str] = set()
         self.closed = False
         self.retrs = 0
@@ -115,13 +127,33 @@ class FakeSession:
         self.closed = True
         if self.box.fail_quit:
             raise CommitError("-ERR some deleted messages not removed")
+        self._apply()
+
+    def _apply(self) -> None:
         for uid in self.marked:
             self.box.messages.pop(uid, None)
+        self.marked = set()
 
     async def abort(self) -> None:
         if not self.closed:
             self.box.calls.append(("abort", None))
         self.closed = True
+
+
+class CheckpointFakeSession(FakeSession):
+    """A :class:`FakeSession` that applies acknowledgements and stays open (MP-06),
+    like an IMAP session's UID EXPUNGE."""
+
+    checkpoints = 0
+
+    async def checkpoint(self) -> None:
+        self.checkpoints += 1
+        self.box.calls.append(("checkpoint", sorted(self.marked)))
+        if self.checkpoints == self.box.fail_checkpoint:
+            self.closed = True
+            raise CommitError("fake: the expunge was refused")
+        self._apply()
+        self._order = list(self.box.messages)[: self.box.page]
 
 
 class FakeSource:
@@ -138,7 +170,9 @@ class FakeSource:
     @asynccontextmanager
     async def session(self) -> AsyncIterator[FakeSession]:
         """Open a session; exit aborts unless committed."""
-        s = FakeSession(self.box, self.mailbox)
+        self.box.logins += 1
+        kind = CheckpointFakeSession if self.box.checkpoints else FakeSession
+        s = kind(self.box, self.mailbox)
         try:
             yield s
         finally:

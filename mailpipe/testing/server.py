@@ -75,6 +75,9 @@ class Pop3Server(Service):
         EXPIRE (RFC 2449 §6.5, §6.7). ``capa=False`` answers CAPA with ``-ERR``;
         ``user_command=False`` drops USER/PASS; ``top=False`` drops TOP;
         ``utf8=True`` advertises and accepts UTF8 (RFC 6856 §2).
+        ``extra_capabilities``: more CAPA lines, as they are (Gmail's
+        ``X-GOOGLE-RICO``; with ``greeting="Gpop ready ..."`` the fake presents
+        Gmail's signature, which the pop3 source takes to page its listing, T-44).
     :param faults: a :class:`Faults` for every session, or a list for sessions
         1, 2, ...; may be reassigned while the server runs.
     """
@@ -101,6 +104,7 @@ class Pop3Server(Service):
         utf8: bool = False,
         faults: Faults | Sequence[Faults] | None = None,
         greeting: str = "mailpipe fake POP3 server ready",
+        extra_capabilities: Sequence[str] = (),
     ) -> None:
         if tls not in (None, "implicit", "starttls"):
             raise ValueError(f"tls must be None, 'implicit' or 'starttls', not {tls!r}")
@@ -124,6 +128,7 @@ class Pop3Server(Service):
         self.top = top
         self.utf8 = utf8
         self.greeting = greeting
+        self.extra_capabilities = tuple(extra_capabilities)
         self.faults = faults
         self.transcript = Transcript()
         self.sessions: list[SessionRecord] = []

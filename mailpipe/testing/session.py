@@ -89,6 +89,7 @@ class ServerOptions(Protocol):
     user_command: bool
     top: bool
     utf8: bool
+    extra_capabilities: tuple[str, ...]
 
 
 class _Dropped(Exception):
@@ -304,6 +305,7 @@ class Session:
             caps.append(f"EXPIRE {opts.expire}")
         if opts.utf8:
             caps.append("UTF8")
+        caps += opts.extra_capabilities
         caps.append("IMPLEMENTATION mailpipe-testing")
         await self.multiline("Capability list follows", caps)
         return True

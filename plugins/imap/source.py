@@ -5,8 +5,9 @@ Options are in :mod:`.options`, the naming of messages and cursors in :mod:`.ide
 Identity (IC-25, design §0.3): each message's uid is ``"<folder>;UIDVALIDITY=<v>;UID=<u>"``
 with the folder in its wire form (modified UTF-7), so the journal keys by mailbox,
 folder, epoch and UID. Reading never changes the server (IC-30: ``BODY.PEEK`` only).
-Acknowledgement happens at :meth:`ImapSession.commit`, after the engine made every
-marked message durable: ``delete`` (``UID STORE +FLAGS.SILENT (\\Deleted)`` then
+Acknowledgement happens at :meth:`ImapSession.commit`, or at
+:meth:`ImapSession.checkpoint` between two commit windows of one session (MP-06),
+after the engine made every marked message durable: ``delete`` (``UID STORE +FLAGS.SILENT (\\Deleted)`` then
 ``UID EXPUNGE``, IC-37), ``move`` (``UID MOVE``, or ``UID COPY`` + the delete pair,
 IC-40/IC-41) or ``flag`` (``UID STORE +FLAGS.SILENT (flag)``, IC-42). Without UIDPLUS
 no EXPUNGE of any kind is sent (IC-38): the messages are marked ``\\Deleted`` and the
@@ -269,8 +270,11 @@ class ImapSession:
         names the ids a new UIDVALIDITY superseded (:meth:`superseded`), so the engine
         reconciles by content hash (IC-25) and its POP3 id-reset guard (C-60) stays
         off. Push always (IC-44): with IDLE, or by STATUS polling every
-        ``status_interval`` when the server has none."""
-        return SessionFacts(stable_ids=True, ids_have_epoch=True, can_push=True)
+        ``status_interval`` when the server has none. A folder is listed whole past
+        its cursor, never a page of it (T-44)."""
+        return SessionFacts(
+            stable_ids=True, ids_have_epoch=True, can_push=True, pages_listing=False
+        )
 
     @property
     def epoch_changed(self) -> bool:
@@ -398,6 +402,7 @@ class ImapSession:
         gmail = "X-GM-EXT-1" in self.client.capabilities
         listed: set[str] = set()
         self._coverage = {}
+        self._epoch_changed = False  # IC-25: as of this listing (MP-06: one of several)
         # MP-05: without UIDPLUS a delete leaves the message in the folder, marked
         # \Deleted (IC-38); its entry is pruned once it is DELETED and not listed, so
         # such a folder is always listed whole, never from a cursor.
@@ -727,6 +732,25 @@ class ImapSession:
             CommitError: an acknowledgement was refused or the connection failed.
         """
         self._committed = True
+        await self._apply_marked()
+        await self.client.logout()  # IC-39: never CLOSE
+        self._log.info("imap_committed", acknowledged=len(self._marked))
+
+    async def checkpoint(self) -> None:
+        """MP-06: acknowledge every message marked since the last checkpoint, as
+        :meth:`commit` does (UID EXPUNGE, MOVE and STORE take effect at once), and
+        stay logged in. The next :meth:`list` selects each folder again, so it sees
+        the folder as it is now (EXISTS, UIDVALIDITY).
+
+        Raises:
+            CommitError: an acknowledgement was refused or the connection failed.
+        """
+        await self._apply_marked()
+        self._log.info("imap_checkpoint", acknowledged=len(self._marked))
+        self._marked = []
+        self._selected = None
+
+    async def _apply_marked(self) -> None:
         groups: dict[tuple[bytes, Ack], list[int]] = {}
         for ref, ack in self._marked:
             where = self._where[ref.number]
@@ -743,8 +767,6 @@ class ImapSession:
             if isinstance(exc, CommitError):
                 raise
             raise CommitError(f"{self.client.where}: acknowledgement failed: {exc}") from None
-        await self.client.logout()  # IC-39: never CLOSE
-        self._log.info("imap_committed", acknowledged=len(self._marked))
 
     async def _acknowledge(self, folder: _Folder, uidset: str, ack: Ack) -> None:
         caps = self.client.capabilities

@@ -251,12 +251,15 @@ class Pop3Session:
 
     @property
     def facts(self) -> SessionFacts:
-        """The session's facts from UIDL and the latest CAPA (RFC 2449 §6.5, §6.7)."""
+        """The session's facts from UIDL and the latest CAPA (RFC 2449 §6.5, §6.7),
+        and whether the server is Gmail's, which lists a page per session (T-44)."""
         caps = self.capabilities
+        greeting = self.client.greeting
         return SessionFacts(
             stable_ids=self.supports_uidl,
             login_delay=float(max(0, caps.login_delay or 0)),
             deletes_on_commit=caps.expire == 0,
+            pages_listing=pages_listing(greeting.text if greeting else "", caps),
         )
 
     @property
@@ -695,6 +698,16 @@ class Pop3Session:
             self._log.debug("pop3_abort_failed", error=type(exc).__name__)
 
 
+def pages_listing(greeting: str, caps: Capabilities) -> bool:
+    """T-44: True for Gmail's POP3, which lists only a page of the oldest messages
+    per session and shows the next page after QUIT: its greeting ``+OK Gpop ready
+    ...`` or a ``X-GOOGLE-`` CAPA tag (``X-GOOGLE-RICO``, ``X-GOOGLE-VERHOEVEN``).
+    Every other server lists its whole maildrop (RFC 1939 §5)."""
+    return greeting.startswith("Gpop") or any(
+        name.startswith("X-GOOGLE-") for name in caps.names
+    )
+
+
 def _discard(item: Message | Unretrievable) -> None:
     """Remove the spool file of a message (or of an Unretrievable's evidence)."""
     message = item.evidence if isinstance(item, Unretrievable) else item
@@ -752,5 +765,5 @@ class _Sink:
                 self.path.unlink()
 
 
-__all__ = ["Pop3Options", "Pop3Session", "Pop3Source"]
+__all__ = ["Pop3Options", "Pop3Session", "Pop3Source", "pages_listing"]
 

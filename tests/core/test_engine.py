@@ -18,11 +18,13 @@ from mailpipe.engine import MailboxRunner
 from mailpipe.errors import ProcessorError, TemporaryFailure
 from mailpipe.journal.base import Status
 from mailpipe.journal.sqlite import SqliteJournal
+from mailpipe.leases import LeaseLostError
 from mailpipe.message import Message
 from mailpipe.plugin_manager import Hooks, get_plugin_manager
 from mailpipe.processor import Decision, Disposition
 from mailpipe.quarantine import Quarantine
 from mailpipe.registry import Registry
+from mailpipe.source import SessionFacts
 from mailpipe.testing.fakes import FakeMailbox, FakeSource, fake_runner
 from mailpipe.validation import validate_config
 
@@ -679,6 +681,121 @@ async def test_t44_no_follow_up_under_login_delay(tmp_path: Path) -> None:
         box.add(f"u{i}", msg(f"m{i}"))
     s = await runner.poll()
     assert s.sessions == 1 and list(box.messages) == ["u2"]
+
+
+async def test_t44_no_follow_up_session_for_a_server_that_lists_everything(
+    tmp_path: Path,
+) -> None:
+    runner, box, _ = make(tmp_path, [{"use": "rec"}])
+    box.facts = SessionFacts(pages_listing=False)  # IMAP, or POP3 other than Gmail
+    for i in range(3):
+        box.add(f"u{i}", msg(f"m{i}"))
+    s = await runner.poll()
+    assert box.messages == {} and s.deleted == 3
+    assert (box.logins, s.sessions, kinds(box).count("list")) == (1, 1, 1)
+    box.add("u3", msg("m3"))  # what arrives later: the next poll lists it
+    s = await runner.poll()
+    assert box.messages == {} and box.logins == 2 and LOG["p"][-1] == "u3"
+
+
+async def test_t44_a_source_that_states_paging_gets_the_follow_up(tmp_path: Path) -> None:
+    runner, box, _ = make(tmp_path, [{"use": "rec"}])
+    box.facts = SessionFacts(pages_listing=True)  # Gmail's POP3
+    box.page = 2
+    for i in range(3):
+        box.add(f"u{i}", msg(f"m{i}"))
+    s = await runner.poll()
+    assert box.messages == {} and (box.logins, s.sessions) == (3, 3)  # 2 + 1 + none
+
+
+def checkpointing(
+    tmp_path: Path, processors: list[dict[str, Any]], count: int, **mailbox: Any
+) -> tuple[MailboxRunner, FakeMailbox, SqliteJournal]:
+    """A mailbox of ``count`` messages whose sessions checkpoint (MP-06), like IMAP."""
+    runner, box, journal = make(tmp_path, processors, commit_window=2, **mailbox)
+    box.checkpoints = True
+    box.facts = SessionFacts(pages_listing=False)
+    for i in range(count):
+        box.add(f"u{i}", msg(f"m{i}"))
+    return runner, box, journal
+
+
+async def test_mp06_every_window_runs_on_one_session(tmp_path: Path) -> None:
+    runner, box, journal = checkpointing(tmp_path, [{"use": "rec"}], 5)
+    s = await runner.poll()
+    assert (s.error, s.processed, s.deleted) == (None, 5, 5)
+    assert (box.logins, s.sessions, s.windows) == (1, 1, 3)
+    assert box.messages == {} and LOG["p"] == [f"u{i}" for i in range(5)]
+    # Each window: listed, run, its deletions applied, before the next lists again.
+    assert [c for c in box.calls if c[0] in ("list", "checkpoint", "quit")] == [
+        ("list", None), ("checkpoint", ["u0", "u1"]),
+        ("list", None), ("checkpoint", ["u2", "u3"]),
+        ("list", None), ("quit", ["u4"]),
+    ]
+    entries = journal.get_many("box", [f"u{i}" for i in range(5)])
+    assert {e.status for e in entries.values()} == {Status.DELETED}
+
+
+async def test_mp06_a_refused_checkpoint_leaves_its_window_owed(tmp_path: Path) -> None:
+    runner, box, journal = checkpointing(tmp_path, [{"use": "rec"}], 5)
+    box.fail_checkpoint = 2  # window 2's deletions are refused
+    s = await runner.poll()
+    assert s.error is not None and not s.committed
+    assert sorted(box.messages) == ["u2", "u3", "u4"]  # window 1's are gone
+    entries = journal.get_many("box", ["u0", "u2", "u3"])
+    assert entries["u0"].status is Status.DELETED
+    assert all(entries[u].delete_due and entries[u].status is not Status.DELETED
+               for u in ("u2", "u3"))  # durable, the acknowledgement owed
+    box.fail_checkpoint = None
+    start = len(box.calls)
+    s = await runner.poll()
+    assert s.error is None and box.messages == {} and box.logins == 2
+    assert LOG["p"] == [f"u{i}" for i in range(5)]  # u2, u3 never ran again
+    later = box.calls[start:]
+    assert ("dele", "u2") in later and ("dele", "u3") in later  # sent now
+    entries = journal.get_many("box", [f"u{i}" for i in range(5)])
+    assert {e.status for e in entries.values()} == {Status.DELETED}
+
+
+async def test_mp06_a_failed_group_commit_in_window_two_acknowledges_nothing_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flushes: list[None] = []
+
+    def flush(self: Flaky) -> None:
+        flushes.append(None)
+        if len(flushes) == 2:  # window 2's group commit
+            raise OSError("disk full")
+
+    monkeypatch.setattr(Flaky, "flush", flush)
+    runner, box, journal = checkpointing(
+        tmp_path, [{"use": "flaky"}, {"use": "rec"}], 5
+    )
+    s = await runner.poll()
+    assert s.error is not None and "group commit failed" in s.error
+    assert (box.logins, s.windows) == (1, 3)  # window 3 ran on the same session
+    assert sorted(box.messages) == ["u2", "u3"]  # never acknowledged
+    assert ("dele", "u2") not in box.calls and ("dele", "u3") not in box.calls
+    entries = journal.get_many("box", ["u2", "u3"])
+    assert all(e.status is Status.PENDING for e in entries.values())
+    s = await runner.poll()  # run again, then acknowledged
+    assert s.error is None and box.messages == {} and box.logins == 2
+
+
+async def test_mp06_a_lost_lease_stops_the_checkpoint(tmp_path: Path) -> None:
+    runner, box, journal = checkpointing(tmp_path, [{"use": "rec"}], 5)
+
+    def ack_check() -> None:
+        if ("dele", "u0") in box.calls:  # the DELEs went out: this is the checkpoint
+            raise LeaseLostError("another worker holds the lease")
+
+    runner.lease_check = lambda: None
+    runner.ack_check = ack_check
+    s = await runner.poll()
+    assert s.error_type == "LeaseLostError"
+    assert len(box.messages) == 5 and "checkpoint" not in kinds(box)
+    entries = journal.get_many("box", ["u0", "u1"])
+    assert all(e.delete_due and e.status is not Status.DELETED for e in entries.values())
 
 
 async def test_the_journal_is_pruned_once_per_interval_not_every_poll(

@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 JOURNAL_WRITES = {"begin", "step_committed", "finish", "fail", "mark_deleted", "forget",
                   "mark_seen", "set_cursors"}
-SESSION_EFFECTS = {"acknowledge", "mark_deleted", "commit"}
+SESSION_EFFECTS = {"acknowledge", "mark_deleted", "commit", "checkpoint"}
 #: (file, enclosing class) pairs allowed to pass session effects through.
 PASS_THROUGH = {("mailpipe/leases.py", "LeaseGuardedSession")}
 
@@ -66,6 +66,7 @@ def test_the_ledger_is_where_it_happens() -> None:
     found = violations("mailpipe/ledger.py", text)
     assert any(".mark_deleted()" in v for v in found)  # journal: deletions done
     assert any("session.commit()" in v for v in found)
+    assert any("session.checkpoint()" in v for v in found)  # MP-06
     assert any("acknowledge()" in v for v in found)  # the contract's dispatch
     assert any(".set_cursors()" in v for v in found)  # listing cursors (MP-05)
 

@@ -106,6 +106,34 @@ def test_corpus_byte_exact_then_nothing(
     assert len(stored_messages(tmp_path / "Maildir")) == len(stored)
 
 
+def user_with(d: Dovecot, raws: list[bytes]) -> DovecotUser:
+    """A new user whose INBOX holds ``raws``, delivered in order."""
+    user = d.add_user()
+    for raw in raws:
+        d.deliver(user, raw)
+    return user
+
+
+def test_mp06_every_commit_window_of_a_poll_runs_on_one_login(
+    dovecot_imap: Dovecot, tmp_path: Path
+) -> None:
+    d = dovecot_imap
+    user = user_with(d, crafted(5))
+    served = [raw for raw, _ in folder_state(d, user, "INBOX")]
+    login = f"imap-login: Info: Login: user=<{user.name}>"
+    before = d.log_text().count(login)  # the reference client's
+    run, summary = mailpipe_once(pipeline(tmp_path, d, user, commit_window=2))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (summary["sessions"], summary["windows"], summary["deleted"]) == (1, 3, 5)
+    assert d.log_text().count(login) - before == 1  # Dovecot saw one login
+    checkpoints = [
+        line for line in run.stderr.splitlines() if '"imap_checkpoint"' in line
+    ]
+    assert len(checkpoints) == 2, run.stderr[-3000:]  # windows 1 and 2; 3 logs out
+    assert Counter(stored_messages(tmp_path / "Maildir")) == Counter(served)
+    assert folder_state(d, user, "INBOX") == []  # each window's UID EXPUNGE
+
+
 @pytest.mark.parametrize(
     ("mode", "keys"),
     [
@@ -272,10 +300,8 @@ async def test_it16_message_expunged_by_another_client_is_unretrievable(
     dovecot_imap: Dovecot, tmp_path: Path
 ) -> None:
     d = dovecot_imap
-    user = d.add_user()
     raws = crafted(3)
-    for raw in raws:
-        d.deliver(user, raw)
+    user = user_with(d, raws)
     async with ImapSource(session_options(d, user)).session() as session:
         refs = await session.list()
         other = reference(d, user)  # another client expunges the middle message

@@ -120,19 +120,17 @@ async def test_second_poll_lists_past_the_watermark_not_the_whole_folder(
     for i in range(3):
         server.add_message(raw(i))
     rig = Rig(server, tmp_path)
-    # T-44: a session that ran new mail is followed by another: it lists from the
-    # watermark the first one stored.
-    assert await rig.poll() == [
-        "UID FETCH 1:* (UID RFC822.SIZE)", "UID FETCH 4:* (UID RFC822.SIZE)"
-    ]
+    # T-44: an IMAP server lists everything, so no follow-up session lists again.
+    assert await rig.poll() == ["UID FETCH 1:* (UID RFC822.SIZE)"]
     assert Recorder.seen == ["0", "1", "2"]
     assert rig.cursors() == {SCOPE: 3}
     server.add_message(raw(3))
     assert (await rig.poll())[0] == "UID FETCH 4:* (UID RFC822.SIZE)"
     assert Recorder.seen == ["0", "1", "2", "3"]  # nothing twice
     assert rig.cursors() == {SCOPE: 4}
+    start = len(server.transcript)
     assert await rig.poll() == ["UID FETCH 5:* (UID RFC822.SIZE)"]
-    assert not any("1:*" in line for line in server.transcript[-20:])
+    assert not any("1:*" in line for line in server.transcript[start:])
 
 
 async def test_n_star_rule_never_lists_the_last_message_again(
