@@ -105,3 +105,31 @@ async def test_a_burst_at_the_default_concurrency_quarantines_nothing(
     tmp_path: Path,
 ) -> None:
     assert await _quarantined(tmp_path, {}) == 0
+
+
+async def test_a_mailbox_cancelled_while_waiting_for_a_global_slot_frees_its_host_slot() -> (
+    None
+):
+    """Issue 18's ``_Slots``: the host's slot is taken first; a mailbox cancelled
+    (SIGTERM) while it waits for a global slot gives its host slot back, so its
+    server's other mailboxes are not locked out, and the global slot it never got is
+    not released (no slot made out of nothing)."""
+    from mailpipe.scheduler import _Slots
+
+    total = asyncio.Semaphore(1)
+    host_a = asyncio.Semaphore(1)
+    holder = _Slots(None, total)
+    await holder.__aenter__()  # another server's poll has the only global slot
+    waiting = asyncio.create_task(_Slots(host_a, total).__aenter__())
+    await asyncio.sleep(0)
+    assert host_a.locked() and not waiting.done()
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert not host_a.locked()  # given back
+    after = asyncio.create_task(_Slots(host_a, total).__aenter__())
+    await asyncio.sleep(0)
+    assert not after.done()  # waits for the global slot, not for a leaked one
+    await holder.__aexit__(None, None, None)
+    await asyncio.wait_for(after, 5)
+    assert total.locked() and host_a.locked()
