@@ -29,9 +29,9 @@ from mailpipe.validation import validate_config
 pytestmark = pytest.mark.timeout(120)
 
 MAILBOXES = 64
-MESSAGES = 4
-CPU = 0.01  # seconds of the thread's own CPU time per message
-BUDGET = "300ms"  # 30 times what a message needs
+MESSAGES = 8
+CPU = 0.02  # seconds of the thread's own CPU time per message
+BUDGET = "400ms"  # 20 times what a message needs
 
 
 class _Opts(BaseModel):
@@ -99,7 +99,7 @@ async def test_a_burst_at_the_old_concurrency_quarantines_nothing(
     strict=True,
     reason="review of issue 18 (MEDIUM): with the default 64 polls at a time, "
     "CPU-bound concurrent steps share the GIL 64 ways and the wall-clock "
-    "processing_budget quarantines messages that need 1/30 of it",
+    "processing_budget quarantines messages that need 1/20 of it",
 )
 async def test_a_burst_at_the_default_concurrency_quarantines_nothing(
     tmp_path: Path,
