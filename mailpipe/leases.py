@@ -14,9 +14,10 @@ late, e.g. after a blocked event loop or a paused process) and
 :meth:`MailboxLease.check_fence` before every acknowledgement (DELE, QUIT), which also
 asks the journal that the lease's epoch is still current.
 
-Fencing: every take of a lease raises its **epoch**; :attr:`MailboxLease.fence` is the
-token (:class:`~mailpipe.journal.base.Fence`) that the engine passes to
-``journal.batch(fence=...)``. A worker that lost its lease (paused past the ttl,
+Fencing: every change of a lease's holder raises its **epoch** (the SQLite journal
+keeps it for a re-take by the same holder with no other take in between, issue 18);
+:attr:`MailboxLease.fence` is the token (:class:`~mailpipe.journal.base.Fence`)
+that the engine passes to ``journal.batch(fence=...)``. A worker that lost its lease (paused past the ttl,
 partitioned, slow) can then neither commit its journal batch nor DELE: the journal
 refuses the batch (:class:`~mailpipe.journal.errors.FencedError`, rolled back) once
 another worker has taken the mailbox, and the acknowledgement check raises

@@ -231,6 +231,7 @@ class SqliteJournal:
         # released: a take that finds them still in the leases row writes nothing.
         self._taken: dict[str, tuple[str, int]] = {}
         self._lock_paths: dict[str, Path] = {}
+        self._shut = False  # close() ran (``_closed`` alone: refusing work, see _unsynced)
         if read_only:
             self._conn = self._open_read_only()
             self._closed = False
@@ -823,6 +824,8 @@ class SqliteJournal:
         try:
             if last is not None and last[0] == owner:
                 with self._guard():
+                    if self._closed:  # e.g. full sync not restored: no lease either
+                        raise JournalError(f"journal {self.path} is closed")
                     row = self._conn.execute(
                         "SELECT owner, epoch FROM leases WHERE mailbox = ?", (mailbox,)
                     ).fetchone()
@@ -898,9 +901,9 @@ class SqliteJournal:
     def close(self) -> None:
         """Roll back an open batch, release the locks and close the database."""
         with self._lock:
-            if self._closed:
+            if self._shut:
                 return
-            self._closed = True
+            self._shut = self._closed = True
             for _owner, fd in self._locks.values():
                 if fd is not None:
                     os.close(fd)
