@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,6 +43,13 @@ DEFAULT_BUDGET = 60.0
 #: At most this long (or the budget, if shorter) for each processor's ``close()``.
 CLOSE_GRACE = 10.0
 
+#: At most this many calls of ``concurrent`` steps run on their threads at once, over
+#: all mailboxes (issue 18 review): a ``processing_budget`` is wall-clock time, so 64
+#: polls each parsing on its own thread would share the GIL 64 ways and quarantine
+#: healthy messages as runaways. A call waits for a slot before its budget starts, as
+#: a serial step's call waits for the step's lock; coroutine methods take no slot.
+CPU_SLOTS = max(1, os.cpu_count() or 1)
+
 
 async def maybe_await(value: Any) -> Any:
     """Await ``value`` if it is awaitable, else return it (datasette's await_me_maybe)."""
@@ -64,6 +72,8 @@ class Step:
     has_prefetch: bool
     has_flush: bool
     lock: asyncio.Lock | None = None
+    #: For a ``concurrent`` step: the chain's shared slots (see :data:`CPU_SLOTS`).
+    slots: asyncio.Semaphore | None = None
     flush_failures: int = 0  # failed flush() calls so far (see ChainResult.flush_epoch)
     #: One flush at a time, its failure counted before the next starts: a flush that
     #: finds the buffer another mailbox's failed flush just rolled back must see that
@@ -83,6 +93,20 @@ class Step:
         if inspect.iscoroutinefunction(fn):
             return await fn(*args)
         return await maybe_await(await self.worker.call(partial(fn, *args), budget=budget))
+
+    async def gated(self, method: str, *args: Any, budget: Budget | None = None) -> Any:
+        """:meth:`call` once the step may run it: a serial step's lock (one call per
+        instance at a time), or for a ``concurrent`` step's thread one of the chain's
+        :data:`CPU_SLOTS`. The wait is not charged to ``budget``."""
+        if self.lock is not None:
+            async with self.lock:
+                return await self.call(method, *args, budget=budget)
+        if self.slots is not None and not inspect.iscoroutinefunction(
+            getattr(self.processor, method)
+        ):
+            async with self.slots:
+                return await self.call(method, *args, budget=budget)
+        return await self.call(method, *args, budget=budget)
 
 
 @dataclass(slots=True)
@@ -134,6 +158,7 @@ class Chain:
         self._on_complete = on_complete or {}
         self._budgets = budgets or {}
         self.pipelines: dict[str, list[Step]] = {}
+        slots = asyncio.Semaphore(CPU_SLOTS)  # shared by every concurrent step
         for pname, specs in pipelines.items():
             ctx = ProcessorContext(base_dir=base_dir, pipeline=pname, dry_run=dry_run)
             steps = []
@@ -156,6 +181,7 @@ class Chain:
                         lock=None
                         if getattr(proc, "concurrent", False)
                         else asyncio.Lock(),
+                        slots=slots if getattr(proc, "concurrent", False) else None,
                         budget=self._budget(pname),
                     )
                 )
@@ -270,13 +296,8 @@ class Chain:
             if step.commits or not step.has_prefetch:
                 return None
             try:
-                if step.lock is not None:  # serialised per instance, like process()
-                    async with step.lock:
-                        raw = await step.call(
-                            "prefetch", message, budget=Budget(step.budget)
-                        )
-                else:
-                    raw = await step.call("prefetch", message, budget=Budget(step.budget))
+                # Serialised per instance like process(), or in a CPU slot.
+                raw = await step.gated("prefetch", message, budget=Budget(step.budget))
                 result = normalise(raw, step.use)
             except BaseException as exc:
                 if not _processor_failure(exc):
@@ -323,11 +344,7 @@ class Chain:
                     continue
                 epoch = step.flush_failures  # before process() can buffer a write
                 try:
-                    if step.lock is not None:
-                        async with step.lock:
-                            raw = await step.call("process", message, budget=budget)
-                    else:
-                        raw = await step.call("process", message, budget=budget)
+                    raw = await step.gated("process", message, budget=budget)
                 except BaseException as exc:
                     if not _processor_failure(exc):
                         raise
