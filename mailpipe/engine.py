@@ -301,9 +301,12 @@ class MailboxRunner:
                 if next_here:
                     # MP-06: the acknowledgements apply now (IMAP UID EXPUNGE, MOVE,
                     # STORE), and the next window lists again on this session.
-                    await self.ledger.checkpoint(session)
+                    applied = await self.ledger.checkpoint(session)
                 else:
-                    await self.ledger.commit(session)
+                    applied = await self.ledger.commit(session)
+                # What the server still holds of the listing: with no T-44 follow-up
+                # session, no later listing shows what this one removed.
+                summary.backlog = max(0, len(refs) - applied)
                 if cursor_session is not None:
                     self.ledger.advance_cursors(stored, cursor_session.coverage())
                 self._prune(refs)
@@ -322,7 +325,7 @@ class MailboxRunner:
         self.facts = facts
         self._login_delay = facts.login_delay
         summary.listed = max(summary.listed, len(refs))  # the fullest listing
-        summary.backlog = len(refs)  # the latest listing (what is left)
+        summary.backlog = len(refs)  # the latest listing (less what its commit removes)
         self.hooks.session_started(
             mailbox=self.name, count=len(refs), octets=sum(r.size for r in refs)
         )

@@ -117,7 +117,7 @@ def mailpipe_session_finished(mailbox: str, summary: dict[str, Any]) -> None:
         ``retrieved``, ``processed``, ``dropped``, ``kept``, ``skipped``, ``failed``,
         ``quarantined``, ``deleted``, ``bytes``, ``seconds``, ``sessions`` (logins),
         ``windows`` (commit windows; more than ``sessions`` on IMAP, MP-06),
-        ``committed``, ``error`` and ``error_type`` (strings or None), ``backlog`` (the latest listing's count, or None) and ``reconciled``
+        ``committed``, ``error`` and ``error_type`` (strings or None), ``backlog`` (the latest listing's count less what the poll acknowledged away from it, or None) and ``reconciled``
         (messages adopted by content hash after an epoch change, IC-25).
     """
 

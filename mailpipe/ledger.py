@@ -88,7 +88,7 @@ class Summary:
     committed: bool = True
     error: str | None = None
     error_type: str | None = None
-    backlog: int | None = None  # messages the latest listing showed (None: none)
+    backlog: int | None = None  # the latest listing less what its commit removed (None: none)
     reconciled: int = 0  # adopted by content hash after an epoch change (IC-25)
 
     def as_dict(self) -> dict[str, Any]:
