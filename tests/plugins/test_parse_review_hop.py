@@ -6,28 +6,15 @@ from __future__ import annotations
 
 import io
 import tracemalloc
-from email.message import Message
 from typing import Any
 
 import pytest
 from mailpipe.plugins.parse import parse_file, parse_message, parser
 from structlog.testing import capture_logs
 
+from .test_parse_scan import tree  # what the record is built from
+
 NL = b"\r\n"
-
-
-def tree(msg: Message) -> object:
-    """What the record is built from (as tests/plugins/test_parse_scan.py compares)."""
-    payload = msg._payload  # type: ignore[attr-defined]
-    return (
-        msg.get_unixfrom(),
-        list(msg.raw_items()),
-        msg.get_default_type(),
-        msg.preamble,
-        msg.epilogue,
-        [(type(d).__name__, str(d)) for d in msg.defects],
-        [tree(p) for p in payload] if isinstance(payload, list) else payload,
-    )
 
 
 def bounce(recipients: int) -> bytes:
