@@ -463,8 +463,10 @@ class Pop3Client:
                 unanswered -= octets
                 counted -= counts
                 head_done = True
-                # Refill when half the window drained (mpop-style batching of writes).
-                if counted <= window // 2:
+                # Refill when half the window and half the byte bound drained
+                # (mpop-style batching of writes): a run of DELEs, bound by bytes
+                # only (P-06), is then written in batches, not one DELE per reply.
+                if counted <= window // 2 and unanswered <= MAX_UNANSWERED_BYTES // 2:
                     fill()
 
     def _oversize(

@@ -1048,3 +1048,26 @@ async def test_p13_queued_deles_leave_in_the_same_write_as_the_next_retrs(tmp_pa
         assert s._marked == {1, 2}
         await s.commit()
     assert mini.committed == {1, 2}
+
+
+async def test_p06_a_long_run_of_deles_is_written_in_batches_not_one_by_one(tmp_path):
+    # P-06 (review of P-14): pipelined DELEs count towards the 4 KiB byte bound only;
+    # a run of them refilled after every reply once the bound was reached, one ~10-octet
+    # write (a TCP segment, a TLS record) per DELE. The refill waits until half the
+    # bound drained, as the RETR window does.
+    from mailpipe.source import DELETE
+
+    count = 1200
+    mini = MiniPop3(messages(count))
+    async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
+        refs = await s.list()
+        writes: list[bytes] = []
+        send = s.client._write
+        s.client._write = lambda data: (writes.append(data), send(data))[1]
+        await s.acknowledge(refs, DELETE)
+        await s.commit()
+    assert mini.committed == set(range(1, count + 1))
+    deles = [w for w in writes if w.startswith(b"DELE")]
+    assert sum(w.count(b"DELE ") for w in deles) == count
+    # 1,200 DELEs of ~10 octets: at most 4 KiB in flight, refilled per 2 KiB drained.
+    assert len(deles) <= 2 * (count * 11 // 2048 + 2), len(deles)
