@@ -104,12 +104,12 @@ async def test_forget_during_a_poll_is_undone_by_the_cursor_write(
         original = Ledger.commit
         calls = 0
 
-        async def commit(self: Ledger, session: Any) -> None:
+        async def commit(self: Ledger, session: Any) -> int:
             nonlocal calls
             calls += 1
             if calls == 1:  # the operator's `mailpipe state forget box <uid 1>`
                 forget(rig.journal, "box", [UID1])
-            await original(self, session)
+            return await original(self, session)
 
         monkeypatch.setattr(Ledger, "commit", commit)
         await rig.poll()
@@ -140,14 +140,14 @@ async def test_replay_during_a_poll_loses_the_owed_acknowledgement(
         original = Ledger.commit
         calls = 0
 
-        async def commit(self: Ledger, session: Any) -> None:
+        async def commit(self: Ledger, session: Any) -> int:
             nonlocal calls
             calls += 1
             if calls == 1:  # `mailpipe quarantine replay` succeeds meanwhile
                 replay_done(rig.journal, None, Message(ref=ref, data=data),
                             ChainResult(decision=Decision(disposition=Disposition.DONE)),
                             mailbox="box", uid=UID1, delete_policy="after_processing")
-            await original(self, session)
+            return await original(self, session)
 
         monkeypatch.setattr(Ledger, "commit", commit)
         await rig.poll()
