@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import scale
 from scale import polled_ok, write_config  # bench/scale.py, beside this file
 
 from mailpipe.testing.dovecot import Dovecot, DovecotUser
@@ -101,21 +102,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dovecot.start()
         user = dovecot.add_user("startup")
+        # One config per interpreter: each names only the keys its mailpipe knows
+        # (scale.write_config asks it, e.g. for [scheduler] host_concurrency).
+        scale.PYTHONS.update(pythons)
         configs = {
-            "plain": write_config(work / "plain", dovecot, [user], concurrency=4,
-                                  tls=False),
-            "TLS": write_config(work / "tls", dovecot, [user], concurrency=4, tls=True),
+            (name, kind): write_config(
+                work / name / kind, dovecot, [user], concurrency=4,
+                tls=kind == "TLS", python=name,
+            )
+            for name in pythons
+            for kind in ("plain", "TLS")
         }
-        for python in pythons.values():
-            for config in configs.values():
-                one_run(config, user, python)  # warm-up: journal, bytecode, page cache
+        for (name, _kind), config in configs.items():
+            one_run(config, user, pythons[name])  # warm-up: journal, bytecode, cache
         for _ in range(args.rounds):
-            for name, python in pythons.items():
-                for kind, config in configs.items():
-                    c, w = one_run(config, user, python)
-                    cpu.setdefault((name, kind), []).append(c)
-                    wall.setdefault((name, kind), []).append(w)
-        imports = importtime(configs["TLS"], 15) if args.importtime else []
+            for (name, kind), config in configs.items():
+                c, w = one_run(config, user, pythons[name])
+                cpu.setdefault((name, kind), []).append(c)
+                wall.setdefault((name, kind), []).append(w)
+        imports = importtime(configs["this", "TLS"], 15) if args.importtime else []
     finally:
         dovecot.stop()
         shutil.rmtree(work, ignore_errors=True)
