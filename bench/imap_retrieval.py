@@ -318,6 +318,13 @@ def main() -> None:
     ap.add_argument("--scenarios", default="small,mixed,small+20ms,mixed+20ms")
     ap.add_argument("--proxy-log", help="the +20 ms proxy logs every chunk here (turnarounds)")
     ap.add_argument("--json", help="write every measurement here")
+    ap.add_argument(
+        "--base-dir", default=None,
+        help="where the run's directory (Dovecot's mailbox, every client's output) is "
+        "made (default: the system's temporary directory); give one on a journaled "
+        "file system: on ext4 without a journal each file creation pays for inodes "
+        "freed in the last minutes (RESULTS §27)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     for opt in ("--host", "--user", "--password", "--out", "--pipelining"):
         ap.add_argument(opt, help=argparse.SUPPRESS)
@@ -343,7 +350,7 @@ def main() -> None:
     missing = sorted(set(a.tools.split(",")) - set(tools))
     if missing:
         print(f"not installed, left out: {', '.join(missing)}", file=sys.stderr)
-    base = Path(tempfile.mkdtemp(prefix="mailpipe-bench-imap-"))
+    base = Path(tempfile.mkdtemp(prefix="mailpipe-bench-imap-", dir=a.base_dir))
     base.chmod(0o755)
     rows = []
     with Dovecot(base / "dovecot", imap=True) as d:
@@ -360,16 +367,21 @@ def main() -> None:
                 got: dict[str, dict[str, list]] = {
                     t: {"walls": [], "rss": [], "cpus": [], "verdicts": []} for t in tools
                 }
-                for _ in range(a.rounds):
+                for rnd in range(a.rounds):
                     for tool in tools:
                         populate(d, user, msgs)
                         os.sync()
-                        wall, peak, cpu = run_tool(tool, "127.0.0.1", port, user, base / "work")
+                        # A new directory per run, none deleted before the end: see
+                        # --base-dir (ext4 without a journal charges recent deletions
+                        # to every later file creation).
+                        work = base / "work" / f"{name}-{tool}-{rnd}"
+                        work.mkdir(parents=True)
+                        wall, peak, cpu = run_tool(tool, "127.0.0.1", port, user, work)
                         check = (
                             verify_bodies if tool in ("mbsync", "getmail6")
                             else verify_long_lines if tool == "fetchmail" else verify
                         )
-                        verdict = check(base / "work" / "out", msgs)
+                        verdict = check(work / "out", msgs)
                         left = d.mailbox_count(user)
                         if tool != "mbsync" and left:
                             verdict += f" ({left} left on the server)"
