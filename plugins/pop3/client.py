@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -221,7 +221,34 @@ class Pop3Client:
 
     async def capa(self) -> Capabilities | None:
         """Send CAPA; None on ``-ERR`` (RFC 2449 §5: no extension data, C-24)."""
-        event = await self._roundtrip(Capa())
+        return self._capa_reply(await self._roundtrip(Capa()))
+
+    async def capa_with(self, commands: Sequence[Command]) -> list[Event]:
+        """CAPA with ``commands`` queued behind it in the same write (P-05): the
+        capabilities come from its reply, as after :meth:`capa`; returns the other
+        commands' replies (Ok/Err/MultiLine) in order.
+
+        Only while pipelining is active (the most recent CAPA lists PIPELINING, P-01)
+        and only for commands of the TRANSACTION state: the caller uses it after login,
+        where PIPELINING, announced before login, still holds (RFC 2449 §5: a
+        capability of the AUTHORIZATION state is announced in both states).
+        """
+        if not self.conn.pipelining:
+            raise SourceError("capa_with() needs pipelining (P-01)")
+        replies: list[Event] = []
+        capa: Event | None = None
+        async for event in self.stream([Capa(), *commands]):
+            if isinstance(event, BodyStart | BodyChunk | BodyEnd):
+                raise SourceConnectionError("streaming commands go through stream()")
+            if capa is None:
+                capa = event
+            else:
+                replies.append(event)
+        assert capa is not None  # stream() yields one reply per command
+        self._capa_reply(capa)
+        return replies
+
+    def _capa_reply(self, event: Event) -> Capabilities | None:
         if isinstance(event, MultiLine):
             self.capabilities = parse_capa(event.body)
         else:

@@ -880,6 +880,7 @@ async def test_c59_unsolicited_line_is_an_error():
     async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
         from mailpipe.plugins.pop3.events import Noop
 
+        await s.list()  # the session's first listing came with open() (C-25, P-05)
         await s.client.command(Noop())
         with pytest.raises(RemoteProtocolError, match="unsolicited"):
             await s.list()
@@ -1048,6 +1049,54 @@ async def test_p13_queued_deles_leave_in_the_same_write_as_the_next_retrs(tmp_pa
         assert s._marked == {1, 2}
         await s.commit()
     assert mini.committed == {1, 2}
+
+
+class PostLoginCapa(MiniPop3):
+    """MiniPop3 whose CAPA after login adds per-user values (RFC 2449 §6.5, §6.7)."""
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.capas = 0
+
+    def capa(self, tls: bool) -> bytes:
+        self.capas += 1
+        body = super().capa(tls)
+        if self.capas > 1:  # after login
+            body = body[: -len(b".\r\n")] + b"EXPIRE 0\r\nLOGIN-DELAY 60\r\n.\r\n"
+        return body
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "lockstep"])
+async def test_c25_the_post_login_capa_carries_the_listing_in_one_write(
+    monkeypatch, pipelining
+):
+    # C-25 with P-05 (issue 18, +20 ms RTT): when the CAPA before login lists
+    # PIPELINING, the CAPA after login goes out with UIDL and LIST in one write, and
+    # the session's first list() takes their replies: one turnaround fewer. The
+    # capabilities are still the post-login ones (EXPIRE 0, LOGIN-DELAY here).
+    # Without PIPELINING every command waits for the previous reply, as before.
+    writes: list[bytes] = []
+    send = Pop3Client._write
+
+    def record(self: Pop3Client, data: bytes) -> None:
+        writes.append(data)
+        send(self, data)
+
+    monkeypatch.setattr(Pop3Client, "_write", record)
+    mini = PostLoginCapa(messages(3), pipelining=pipelining)
+    async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
+        assert s.facts.deletes_on_commit and s.facts.login_delay == 60
+        refs = await s.list()
+        assert [(r.number, r.uid) for r in refs] == [(1, "uid-1"), (2, "uid-2"), (3, "uid-3")]
+        assert s.facts.stable_ids
+        refs_again = await s.list()  # a later listing asks the server again
+        assert refs_again == refs
+    assert mini.dropped == 0
+    after_login = writes[writes.index(next(w for w in writes if w.startswith(b"AUTH"))) + 1:]
+    if pipelining:
+        assert after_login == [b"CAPA\r\nUIDL\r\nLIST\r\n", b"UIDL\r\nLIST\r\n"]
+    else:
+        assert after_login == [b"CAPA\r\n", *[b"UIDL\r\n", b"LIST\r\n"] * 2]
 
 
 async def test_p06_a_long_run_of_deles_is_written_in_batches_not_one_by_one(tmp_path):
