@@ -418,8 +418,10 @@ class Pop3Client:
 
         ``commands`` is read lazily, at each refill of the window, and asked again at
         the next refill after it ran dry: an iterator that grows while the stream runs
-        (:class:`.flight.Flight`, P-14) has what it gained sent in the same stream. The
-        stream ends when every command sent was answered and it had nothing more.
+        (:class:`.flight.Flight`, P-14) has what it gained sent in the same stream; DELEs
+        a Flight gained are written after the next event read (reply or body chunk),
+        within the bounds, without waiting for half the window to drain. The stream
+        ends when every command sent was answered and it had nothing more.
 
         Each RETR reply also has an overall deadline (T-45), from its LIST size in
         ``sizes`` (message number → octets; unknown counts as 0): see
@@ -432,6 +434,7 @@ class Pop3Client:
         raised. The ``max_message`` cap of every body raises it too, with ``hard``.
         """
         source = iter(commands)
+        flight = source if isinstance(source, Flight) else None
         piped = self.conn.pipelining
         window = self.window if piped else 1
         inflight: deque[tuple[Command, int, bool]] = deque()  # command, octets, counted
@@ -443,11 +446,13 @@ class Pop3Client:
             # a growing one (a Flight, P-14) gets what was added meanwhile sent.
             nonlocal unanswered, counted
             out: list[bytes] = []
+            if flight is not None:
+                flight.added = False
             while unanswered < MAX_UNANSWERED_BYTES:
                 # P-06: a pipelined DELE (a one-line reply) counts towards the 4 KiB
                 # bound only, so a group's DELEs never hold back the RETR window.
                 if counted >= window and not (
-                    piped and isinstance(source, Flight) and source.dele_next
+                    piped and flight is not None and flight.dele_next
                 ):
                     break
                 cmd = next(source, None)
@@ -495,6 +500,13 @@ class Pop3Client:
                 # only (P-06), is then written in batches, not one DELE per reply.
                 if counted <= window // 2 and unanswered <= MAX_UNANSWERED_BYTES // 2:
                     fill()
+                    continue
+            if flight is not None and flight.added:
+                # P-14: DELEs acknowledged while the stream runs go out now, as far
+                # as the bounds allow, not after half the window drained: the last
+                # group's DELEs would otherwise wait for the replies to the earlier
+                # ones, a round trip before QUIT.
+                fill()
 
     def _oversize(
         self, command: Command, limit: int, received: int, hard: bool

@@ -975,6 +975,40 @@ async def test_p14_deles_acknowledged_while_retrieving_join_the_running_flight(t
     assert mini.committed == {1}
 
 
+async def test_p14_deles_joining_a_flight_go_out_with_the_next_reply_not_half_a_window_later(
+    tmp_path,
+):
+    # P-14 (issue 18, +20 ms RTT): DELEs acknowledged while the stream runs were
+    # written only once half the window (and half the 4 KiB bound) drained; the last
+    # group's DELEs then waited for the replies to the earlier group's DELEs, a round
+    # trip before QUIT. They now go out at the next reply or body chunk read, within
+    # the bounds (P-06). Here the DELE of message 1 is on the wire before message 2
+    # is handed out, though 7 of the window's 8 RETRs are still unanswered.
+    from mailpipe.source import DELETE
+
+    msgs = messages(24)
+    mini = MiniPop3(msgs)
+    async with Server(mini) as srv:
+        opts = options(srv.port, pipeline_window=8)
+        async with Pop3Source(opts).session() as s:
+            refs = await s.list()
+            writes: list[bytes] = []
+            send = s.client._write
+            s.client._write = lambda data: (writes.append(data), send(data))[1]
+            got = []
+            async for m in s.retrieve(refs, spool_dir=tmp_path, spool_threshold=1 << 20):
+                got.append(m)
+                if len(got) == 1:
+                    await s.acknowledge([m.ref], DELETE)
+                elif len(got) == 2:
+                    assert any(w.startswith(b"DELE 1\r\n") for w in writes), writes
+            assert [m.raw for m in got] == msgs
+            # the window's first 8 RETRs, then the DELE (topping the window up again)
+            assert writes[0].count(b"RETR") == 8 and writes[1].startswith(b"DELE 1\r\n")
+            await s.commit()
+    assert mini.committed == {1}
+
+
 @pytest.mark.parametrize("pipelining", [True, False])
 async def test_p14_a_retrieve_left_early_sends_no_more_retrs_and_is_read_before_quit(
     tmp_path, pipelining
