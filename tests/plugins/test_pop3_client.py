@@ -975,38 +975,59 @@ async def test_p14_deles_acknowledged_while_retrieving_join_the_running_flight(t
     assert mini.committed == {1}
 
 
-async def test_p14_deles_joining_a_flight_go_out_with_the_next_reply_not_half_a_window_later(
-    tmp_path,
-):
-    # P-14 (issue 18, +20 ms RTT): DELEs acknowledged while the stream runs were
-    # written only once half the window (and half the 4 KiB bound) drained; the last
-    # group's DELEs then waited for the replies to the earlier group's DELEs, a round
-    # trip before QUIT. They now go out at the next reply or body chunk read, within
-    # the bounds (P-06). Here the DELE of message 1 is on the wire before message 2
-    # is handed out, though 7 of the window's 8 RETRs are still unanswered.
-    from mailpipe.source import DELETE
-
-    msgs = messages(24)
+async def test_p06_the_retr_window_is_topped_up_once_an_eighth_drained(tmp_path):
+    # P-06 (issue 18, +20 ms RTT): the RETR window was refilled only once half of it
+    # drained; 64 of 128 small messages took the client about one 20 ms round trip,
+    # so the stream stalled at each refill. It is now topped up once an eighth drained
+    # (here 2 of 16), so at least 14 RETRs stay unanswered until the last ones.
+    msgs = messages(40)
     mini = MiniPop3(msgs)
     async with Server(mini) as srv:
-        opts = options(srv.port, pipeline_window=8)
+        opts = options(srv.port, pipeline_window=16)
         async with Pop3Source(opts).session() as s:
             refs = await s.list()
             writes: list[bytes] = []
             send = s.client._write
             s.client._write = lambda data: (writes.append(data), send(data))[1]
-            got = []
-            async for m in s.retrieve(refs, spool_dir=tmp_path, spool_threshold=1 << 20):
-                got.append(m)
-                if len(got) == 1:
-                    await s.acknowledge([m.ref], DELETE)
-                elif len(got) == 2:
-                    assert any(w.startswith(b"DELE 1\r\n") for w in writes), writes
-            assert [m.raw for m in got] == msgs
-            # the window's first 8 RETRs, then the DELE (topping the window up again)
-            assert writes[0].count(b"RETR") == 8 and writes[1].startswith(b"DELE 1\r\n")
-            await s.commit()
-    assert mini.committed == {1}
+            got = [m async for m in s.retrieve(refs, spool_dir=tmp_path,
+                                               spool_threshold=1 << 20)]
+    assert [m.raw for m in got] == msgs
+    assert writes[0].count(b"RETR ") == 16
+    assert [w.count(b"RETR ") for w in writes[1:-1]] == [2] * 12
+    assert writes[-1] == b"NOOP\r\n"  # MP-01's fence, once the window has room
+
+
+async def test_p14_deles_joining_a_flight_go_out_with_the_next_reply_not_half_a_window_later(
+    tmp_path,
+):
+    # P-14 (issue 18, +20 ms RTT): DELEs acknowledged while the stream runs were
+    # written only once half the window and half the 4 KiB bound drained; the last
+    # group's DELEs then waited for the replies to the earlier group's DELEs (over
+    # 2 KiB of them), a round trip before QUIT. They now go out at the next reply or
+    # body chunk read, within the bounds (P-06). Here the DELEs of messages 1-250
+    # (2.4 KiB) are unanswered, their replies queued behind 50 RETRs, when message
+    # 251 is acknowledged: its DELE is on the wire before message 252 is handed out.
+    from mailpipe.source import DELETE
+
+    msgs = messages(300, size=100)
+    mini = MiniPop3(msgs)
+    async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
+        refs = await s.list()
+        writes: list[bytes] = []
+        send = s.client._write
+        s.client._write = lambda data: (writes.append(data), send(data))[1]
+        got = []
+        async for m in s.retrieve(refs, spool_dir=tmp_path, spool_threshold=1 << 20):
+            got.append(m)
+            if len(got) == 250:
+                await s.acknowledge(refs[:250], DELETE)
+            elif len(got) == 251:
+                await s.acknowledge([m.ref], DELETE)
+            elif len(got) == 252:
+                assert any(b"DELE 251\r\n" in w for w in writes), writes[-3:]
+        assert [m.raw for m in got] == msgs
+        await s.commit()
+    assert mini.committed == set(range(1, 252))
 
 
 @pytest.mark.parametrize("pipelining", [True, False])
