@@ -212,6 +212,20 @@ def options(port: int, **kw: object) -> Pop3Options:
     return Pop3Options.model_validate(base)
 
 
+def record_writes(client: Pop3Client) -> list[bytes]:
+    """Every write ``client`` makes from now on, in order: the server's wire cannot
+    tell which commands went out together, so tests of batching read this."""
+    writes: list[bytes] = []
+    send = client._write
+
+    def write(data: bytes) -> None:
+        writes.append(data)
+        send(data)
+
+    client._write = write  # type: ignore[method-assign]
+    return writes
+
+
 # --- TLS fixtures -------------------------------------------------------------------
 
 
@@ -986,9 +1000,7 @@ async def test_p06_the_retr_window_is_topped_up_once_an_eighth_drained(tmp_path)
         opts = options(srv.port, pipeline_window=16)
         async with Pop3Source(opts).session() as s:
             refs = await s.list()
-            writes: list[bytes] = []
-            send = s.client._write
-            s.client._write = lambda data: (writes.append(data), send(data))[1]
+            writes = record_writes(s.client)
             got = [m async for m in s.retrieve(refs, spool_dir=tmp_path,
                                                spool_threshold=1 << 20)]
     assert [m.raw for m in got] == msgs
@@ -1013,9 +1025,7 @@ async def test_p14_deles_joining_a_flight_go_out_with_the_next_reply_not_half_a_
     mini = MiniPop3(msgs)
     async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
         refs = await s.list()
-        writes: list[bytes] = []
-        send = s.client._write
-        s.client._write = lambda data: (writes.append(data), send(data))[1]
+        writes = record_writes(s.client)
         got = []
         async for m in s.retrieve(refs, spool_dir=tmp_path, spool_threshold=1 << 20):
             got.append(m)
@@ -1068,9 +1078,7 @@ async def test_p06_pipelined_deles_count_towards_the_byte_bound_only(tmp_path, p
         options(srv.port, pipeline_window=2)
     ).session() as s:
         refs = await s.list()
-        writes: list[bytes] = []
-        send = s.client._write
-        s.client._write = lambda data: (writes.append(data), send(data))[1]
+        writes = record_writes(s.client)
         await s.mark_deleted(refs[:5])
         await s.commit()
     deles = [w for w in writes if w.startswith(b"DELE")]
@@ -1093,9 +1101,7 @@ async def test_p13_queued_deles_leave_in_the_same_write_as_the_next_retrs(tmp_pa
     mini = MiniPop3(msgs)
     async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
         refs = await s.list()
-        writes: list[bytes] = []
-        send = s.client._write
-        s.client._write = lambda data: (writes.append(data), send(data))[1]
+        writes = record_writes(s.client)
         await s.acknowledge(refs[:2], DELETE)
         got = [m async for m in s.retrieve(refs[2:], spool_dir=tmp_path,
                                            spool_threshold=1 << 20)]
@@ -1165,9 +1171,7 @@ async def test_p06_a_long_run_of_deles_is_written_in_batches_not_one_by_one(tmp_
     mini = MiniPop3(messages(count))
     async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
         refs = await s.list()
-        writes: list[bytes] = []
-        send = s.client._write
-        s.client._write = lambda data: (writes.append(data), send(data))[1]
+        writes = record_writes(s.client)
         await s.acknowledge(refs, DELETE)
         await s.commit()
     assert mini.committed == set(range(1, count + 1))
