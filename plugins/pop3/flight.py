@@ -46,8 +46,8 @@ class Flight(Iterator[Command]):
         self._declared = 0  # LIST octets of the RETRs sent and not yet answered
         self.max_declared = max_declared
         #: DELEs were added since the stream last refilled from this flight: the
-        #: stream then refills at once, within its bounds (P-06), not only once half
-        #: its window drained, so a group's DELEs cost no wait of their own (P-14).
+        #: stream then refills at once, within its bounds (P-06), not only once part
+        #: of its window drained, so a group's DELEs cost no wait of their own (P-14).
         self.added = False
 
     def __next__(self) -> Command:
