@@ -45,6 +45,10 @@ class Flight(Iterator[Command]):
         self._fence = bool(self._refs)  # MP-01: a NOOP closes a flight of RETRs
         self._declared = 0  # LIST octets of the RETRs sent and not yet answered
         self.max_declared = max_declared
+        #: DELEs were added since the stream last refilled from this flight: the
+        #: stream then refills at once, within its bounds (P-06), not only once part
+        #: of its window drained, so a group's DELEs cost no wait of their own (P-14).
+        self.added = False
 
     def __next__(self) -> Command:
         if self._deles:
@@ -61,8 +65,10 @@ class Flight(Iterator[Command]):
         raise StopIteration
 
     def add(self, deles: Iterable[Dele]) -> None:
-        """Send ``deles`` with the flight's next refill (P-14)."""
+        """Send ``deles`` with the flight's next refill (P-14): after the reply or body
+        chunk the stream reads next, or the one it is reading now."""
         self._deles.extend(deles)
+        self.added = bool(self._deles)
 
     def answered(self, ref: MessageRef) -> None:
         """The reply to ``ref``'s RETR ended (its body, or ``-ERR``): room in flight."""

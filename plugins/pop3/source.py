@@ -55,6 +55,9 @@ from .protocol import RemoteProtocolError
 
 log = structlog.get_logger()
 
+#: The listing (RFC 1939 §7 UIDL, §5 LIST): pipelined when possible (T-30).
+_LISTING: tuple[Uidl, List] = (Uidl(), List())
+
 #: The longest ``TOP n 0`` reply kept for header rules (S-12); longer ones are read
 #: to their end, dropped, and the message is retrieved instead.
 MAX_HEADER_OCTETS = 1 << 20
@@ -247,6 +250,9 @@ class Pop3Session:
         self._flight: Flight | None = None
         self._unread: AsyncIterator[Event] | None = None
         self._topped: set[int] = set()  # numbers whose headers this session fetched
+        # The replies to UIDL and LIST sent with the post-login CAPA (open()), for the
+        # session's first list().
+        self._prelisted: list[Event] | None = None
         self._log = log.bind(mailbox=mailbox, host=options.host)
 
     @property
@@ -313,7 +319,13 @@ class Pop3Session:
                 await client.capa()  # C-25 / S-04: only post-TLS capabilities count
         await self._utf8()
         await self._authenticate()
-        if use_capa:
+        if use_capa and client.pipelining_active:
+            # C-25 with the listing queued behind it (P-05): the CAPA before login
+            # listed PIPELINING, which then holds after login too (RFC 2449 §5), so
+            # UIDL and LIST go in the same write and list() takes their replies: one
+            # turnaround fewer. The capabilities are still the post-login ones.
+            self._prelisted = await client.capa_with(_LISTING)
+        elif use_capa:
             # C-25, RFC 2449 §6.5/§6.7: TRANSACTION-state values (PIPELINING, UIDL,
             # per-user LOGIN-DELAY); some servers list more only after login (GNU
             # pop3d: IMPLEMENTATION).
@@ -390,8 +402,14 @@ class Pop3Session:
         """
         uids: dict[int, str] | None = None
         sizes: list[tuple[int, int]] = []
-        await self._settle()
-        async for event in self.client.stream([Uidl(), List()]):
+        # The session's first listing was sent behind the post-login CAPA (open()),
+        # and holds unless a command of the session came in between (a DELE hides
+        # its message from a later listing, RFC 1939 §5).
+        events, self._prelisted = self._prelisted, None
+        if events is None or self._queued or self._unread is not None or self._asked:
+            await self._settle()
+            events = [event async for event in self.client.stream(_LISTING)]
+        for event in events:
             try:
                 if isinstance(event, MultiLine) and isinstance(event.command, Uidl):
                     uids = dict(parse_uidl(event.body, event.newline))

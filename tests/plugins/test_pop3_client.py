@@ -212,6 +212,20 @@ def options(port: int, **kw: object) -> Pop3Options:
     return Pop3Options.model_validate(base)
 
 
+def record_writes(client: Pop3Client) -> list[bytes]:
+    """Every write ``client`` makes from now on, in order: the server's wire cannot
+    tell which commands went out together, so tests of batching read this."""
+    writes: list[bytes] = []
+    send = client._write
+
+    def write(data: bytes) -> None:
+        writes.append(data)
+        send(data)
+
+    client._write = write  # type: ignore[method-assign]
+    return writes
+
+
 # --- TLS fixtures -------------------------------------------------------------------
 
 
@@ -880,6 +894,7 @@ async def test_c59_unsolicited_line_is_an_error():
     async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
         from mailpipe.plugins.pop3.events import Noop
 
+        await s.list()  # the session's first listing came with open() (C-25, P-05)
         await s.client.command(Noop())
         with pytest.raises(RemoteProtocolError, match="unsolicited"):
             await s.list()
@@ -974,6 +989,57 @@ async def test_p14_deles_acknowledged_while_retrieving_join_the_running_flight(t
     assert mini.committed == {1}
 
 
+async def test_p06_the_retr_window_is_topped_up_once_an_eighth_drained(tmp_path):
+    # P-06 (issue 18, +20 ms RTT): the RETR window was refilled only once half of it
+    # drained; 64 of 128 small messages took the client about one 20 ms round trip,
+    # so the stream stalled at each refill. It is now topped up once an eighth drained
+    # (here 2 of 16), so at least 14 RETRs stay unanswered until the last ones.
+    msgs = messages(40)
+    mini = MiniPop3(msgs)
+    async with Server(mini) as srv:
+        opts = options(srv.port, pipeline_window=16)
+        async with Pop3Source(opts).session() as s:
+            refs = await s.list()
+            writes = record_writes(s.client)
+            got = [m async for m in s.retrieve(refs, spool_dir=tmp_path,
+                                               spool_threshold=1 << 20)]
+    assert [m.raw for m in got] == msgs
+    assert writes[0].count(b"RETR ") == 16
+    assert [w.count(b"RETR ") for w in writes[1:-1]] == [2] * 12
+    assert writes[-1] == b"NOOP\r\n"  # MP-01's fence, once the window has room
+
+
+async def test_p14_deles_joining_a_flight_go_out_with_the_next_reply_not_half_a_window_later(
+    tmp_path,
+):
+    # P-14 (issue 18, +20 ms RTT): DELEs acknowledged while the stream runs were
+    # written only once half the window and half the 4 KiB bound drained; the last
+    # group's DELEs then waited for the replies to the earlier group's DELEs (over
+    # 2 KiB of them), a round trip before QUIT. They now go out at the next reply or
+    # body chunk read, within the bounds (P-06). Here the DELEs of messages 1-250
+    # (2.4 KiB) are unanswered, their replies queued behind 50 RETRs, when message
+    # 251 is acknowledged: its DELE is on the wire before message 252 is handed out.
+    from mailpipe.source import DELETE
+
+    msgs = messages(300, size=100)
+    mini = MiniPop3(msgs)
+    async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
+        refs = await s.list()
+        writes = record_writes(s.client)
+        got = []
+        async for m in s.retrieve(refs, spool_dir=tmp_path, spool_threshold=1 << 20):
+            got.append(m)
+            if len(got) == 250:
+                await s.acknowledge(refs[:250], DELETE)
+            elif len(got) == 251:
+                await s.acknowledge([m.ref], DELETE)
+            elif len(got) == 252:
+                assert any(b"DELE 251\r\n" in w for w in writes), writes[-3:]
+        assert [m.raw for m in got] == msgs
+        await s.commit()
+    assert mini.committed == set(range(1, 252))
+
+
 @pytest.mark.parametrize("pipelining", [True, False])
 async def test_p14_a_retrieve_left_early_sends_no_more_retrs_and_is_read_before_quit(
     tmp_path, pipelining
@@ -1012,9 +1078,7 @@ async def test_p06_pipelined_deles_count_towards_the_byte_bound_only(tmp_path, p
         options(srv.port, pipeline_window=2)
     ).session() as s:
         refs = await s.list()
-        writes: list[bytes] = []
-        send = s.client._write
-        s.client._write = lambda data: (writes.append(data), send(data))[1]
+        writes = record_writes(s.client)
         await s.mark_deleted(refs[:5])
         await s.commit()
     deles = [w for w in writes if w.startswith(b"DELE")]
@@ -1037,9 +1101,7 @@ async def test_p13_queued_deles_leave_in_the_same_write_as_the_next_retrs(tmp_pa
     mini = MiniPop3(msgs)
     async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
         refs = await s.list()
-        writes: list[bytes] = []
-        send = s.client._write
-        s.client._write = lambda data: (writes.append(data), send(data))[1]
+        writes = record_writes(s.client)
         await s.acknowledge(refs[:2], DELETE)
         got = [m async for m in s.retrieve(refs[2:], spool_dir=tmp_path,
                                            spool_threshold=1 << 20)]
@@ -1048,6 +1110,54 @@ async def test_p13_queued_deles_leave_in_the_same_write_as_the_next_retrs(tmp_pa
         assert s._marked == {1, 2}
         await s.commit()
     assert mini.committed == {1, 2}
+
+
+class PostLoginCapa(MiniPop3):
+    """MiniPop3 whose CAPA after login adds per-user values (RFC 2449 §6.5, §6.7)."""
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.capas = 0
+
+    def capa(self, tls: bool) -> bytes:
+        self.capas += 1
+        body = super().capa(tls)
+        if self.capas > 1:  # after login
+            body = body[: -len(b".\r\n")] + b"EXPIRE 0\r\nLOGIN-DELAY 60\r\n.\r\n"
+        return body
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "lockstep"])
+async def test_c25_the_post_login_capa_carries_the_listing_in_one_write(
+    monkeypatch, pipelining
+):
+    # C-25 with P-05 (issue 18, +20 ms RTT): when the CAPA before login lists
+    # PIPELINING, the CAPA after login goes out with UIDL and LIST in one write, and
+    # the session's first list() takes their replies: one turnaround fewer. The
+    # capabilities are still the post-login ones (EXPIRE 0, LOGIN-DELAY here).
+    # Without PIPELINING every command waits for the previous reply, as before.
+    writes: list[bytes] = []
+    send = Pop3Client._write
+
+    def record(self: Pop3Client, data: bytes) -> None:
+        writes.append(data)
+        send(self, data)
+
+    monkeypatch.setattr(Pop3Client, "_write", record)
+    mini = PostLoginCapa(messages(3), pipelining=pipelining)
+    async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
+        assert s.facts.deletes_on_commit and s.facts.login_delay == 60
+        refs = await s.list()
+        assert [(r.number, r.uid) for r in refs] == [(1, "uid-1"), (2, "uid-2"), (3, "uid-3")]
+        assert s.facts.stable_ids
+        refs_again = await s.list()  # a later listing asks the server again
+        assert refs_again == refs
+    assert mini.dropped == 0
+    after_login = writes[writes.index(next(w for w in writes if w.startswith(b"AUTH"))) + 1:]
+    if pipelining:
+        assert after_login == [b"CAPA\r\nUIDL\r\nLIST\r\n", b"UIDL\r\nLIST\r\n"]
+    else:
+        assert after_login == [b"CAPA\r\n", *[b"UIDL\r\n", b"LIST\r\n"] * 2]
 
 
 async def test_p06_a_long_run_of_deles_is_written_in_batches_not_one_by_one(tmp_path):
@@ -1061,9 +1171,7 @@ async def test_p06_a_long_run_of_deles_is_written_in_batches_not_one_by_one(tmp_
     mini = MiniPop3(messages(count))
     async with Server(mini) as srv, Pop3Source(options(srv.port)).session() as s:
         refs = await s.list()
-        writes: list[bytes] = []
-        send = s.client._write
-        s.client._write = lambda data: (writes.append(data), send(data))[1]
+        writes = record_writes(s.client)
         await s.acknowledge(refs, DELETE)
         await s.commit()
     assert mini.committed == set(range(1, count + 1))
