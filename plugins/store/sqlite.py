@@ -384,8 +384,14 @@ def _flatten_addresses(doc: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+#: ``json.dumps(value, ensure_ascii=True, separators=(",", ":"), default=str)``,
+#: built once: ``dumps`` with arguments builds a new encoder on every call, and a
+#: message's row takes seven documents (issue 18).
+_ENCODER: Final = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str)
+
+
 def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=True, separators=(",", ":"), default=str)
+    return _ENCODER.encode(value)
 
 
 class SqliteOptions(BaseModel):
@@ -427,17 +433,16 @@ _UPSERT: Final = (
 )
 
 
-def _write_raw(conn: sqlite3.Connection, key: str, message: Message | None) -> None:
-    """Replace ``key``'s raw bytes (none when ``message`` is None), in bounded memory.
+def _write_raw(conn: sqlite3.Connection, key: str, message: Message) -> None:
+    """Insert ``key``'s raw bytes from a spooled ``message``, in bounded memory (the
+    caller deleted the old ones).
 
     The row is inserted with ``zeroblob(size)`` as its last column, which SQLite keeps
     as a zero count in the record (a zeroblob followed by other columns would be
     materialised in memory), then filled from ``message.open()`` in 1 MiB pieces
-    through incremental blob I/O.
+    through incremental blob I/O. The bytes of a message held in memory are bound as
+    they are instead (see :meth:`SqliteStore._write_rows`): the same row.
     """
-    conn.execute("DELETE FROM message_raw WHERE key = ?", (key,))
-    if message is None:
-        return
     rowid = conn.execute(
         "INSERT INTO message_raw (key, raw) VALUES (?, zeroblob(?))", (key, message.size)
     ).lastrowid
@@ -472,7 +477,8 @@ def _check(rows: _Rows) -> None:
     for row in (rows.message, *rows.attachments, *rows.tags):
         for value in row:
             if isinstance(value, str):
-                value.encode("utf-8")  # lone surrogates: UnicodeEncodeError
+                if not value.isascii():  # a flag of the string: ASCII encodes
+                    value.encode("utf-8")  # lone surrogates: UnicodeEncodeError
             elif isinstance(value, int) and not -(1 << 63) <= value < (1 << 63):
                 raise OverflowError("Python int too large to convert to SQLite INTEGER")
 
@@ -570,8 +576,7 @@ class SqliteStore:
             conn = self._connect()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for prepared in rows.values():
-                    self._write_rows(conn, prepared)
+                self._write_rows(conn, list(rows.values()))
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -613,7 +618,7 @@ class SqliteStore:
                     conn = self._connect()
                     conn.execute("BEGIN IMMEDIATE")
                     try:
-                        self._write_rows(conn, prepared)
+                        self._write_rows(conn, [prepared])
                     except BaseException:
                         if conn.in_transaction:  # see _migrate: never hide the cause
                             conn.execute("ROLLBACK")
@@ -641,21 +646,40 @@ class SqliteStore:
             raise
         log.debug("sqlite_group_written_early", store=self.name, key=key)
 
-    def _write_rows(self, conn: sqlite3.Connection, rows: _Rows) -> None:
-        key = rows.key
-        conn.execute(_UPSERT, rows.message)
-        _write_raw(conn, key, rows.raw)
-        conn.execute("DELETE FROM attachments WHERE key = ?", (key,))
-        if rows.attachments:
-            conn.executemany(
-                "INSERT INTO attachments (key, idx, filename, content_type, disposition, "
-                "size, sha256, content_id, inline, part) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows.attachments,
-            )
-        conn.execute("DELETE FROM tags WHERE key = ?", (key,))
-        if rows.tags:
-            conn.executemany("INSERT INTO tags (key, tag) VALUES (?, ?)", rows.tags)
+    def _write_rows(self, conn: sqlite3.Connection, group: Sequence[_Rows]) -> None:
+        """Write the prepared rows of ``group`` (distinct keys) in the caller's
+        transaction: each statement once for the whole group (``executemany``), not
+        once per message (issue 18). The result is the rows that writing each
+        message alone gives: its messages row upserted, then its raw bytes,
+        attachments and tags replaced."""
+        if not group:
+            return
+        conn.executemany(_UPSERT, [rows.message for rows in group])
+        keys = [(rows.key,) for rows in group]
+        conn.executemany("DELETE FROM message_raw WHERE key = ?", keys)
+        conn.executemany("DELETE FROM attachments WHERE key = ?", keys)
+        conn.executemany("DELETE FROM tags WHERE key = ?", keys)
+        conn.executemany(
+            "INSERT INTO message_raw (key, raw) VALUES (?, ?)",
+            [
+                (rows.key, rows.raw.data)
+                for rows in group
+                if rows.raw is not None and rows.raw.data is not None
+            ],
+        )
+        for rows in group:
+            if rows.raw is not None and rows.raw.data is None:  # spooled
+                _write_raw(conn, rows.key, rows.raw)
+        conn.executemany(
+            "INSERT INTO attachments (key, idx, filename, content_type, disposition, "
+            "size, sha256, content_id, inline, part) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [a for rows in group for a in rows.attachments],
+        )
+        conn.executemany(
+            "INSERT INTO tags (key, tag) VALUES (?, ?)",
+            [t for rows in group for t in rows.tags],
+        )
 
     def _prepare(self, doc: dict[str, Any], raw: Message | None) -> _Rows:
         """The message's rows (no database access)."""
