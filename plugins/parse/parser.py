@@ -159,6 +159,7 @@ def parse_message(
     mailbox: str = "",
     uid: str = "",
     max_body: int = MAX_BODY,
+    sha256: str | None = None,
 ) -> tuple[MessageRecord, list[bytes]]:
     """Parse raw message bytes; return the record and the attachment bytes (aligned).
 
@@ -175,12 +176,15 @@ def parse_message(
 
     At most ``max_body`` octets of text/plain body parts, and as many of text/html
     ones, are decoded into ``text`` and ``html`` (see :data:`MAX_BODY`).
+
+    ``sha256`` is the hex sha256 of ``raw`` when the caller has it (taken as given,
+    the record's ``sha256``); None: computed here.
     """
     base = {
         "key": key,
         "mailbox": mailbox,
         "uid": uid,
-        "sha256": hashlib.sha256(raw).hexdigest(),
+        "sha256": hashlib.sha256(raw).hexdigest() if sha256 is None else sha256,
         "size": len(raw),
     }
     try:

@@ -602,3 +602,30 @@ def test_split_list_entries(text: str) -> None:
         "   ": [],
     }
     assert split_list(text) == expected[text]
+
+
+def test_parse_into_takes_the_messages_sha256_instead_of_hashing_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 18: the raw bytes of a message in memory are hashed once (the ledger
+    and the stores read message.sha256 too); the record carries that digest."""
+    import hashlib as real
+
+    from mailpipe.plugins.parse import parser
+
+    raw = b"From: a@example.org\r\nSubject: s\r\n\r\nbody\r\n"
+    message = Message.from_bytes(raw, mailbox="m", uid="1")  # hashes raw once
+    hashed: list[int] = []
+
+    class Counting:
+        @staticmethod
+        def sha256(data: bytes = b"") -> Any:
+            hashed.append(len(data))
+            return real.sha256(data)
+
+    monkeypatch.setattr(parser, "hashlib", Counting)
+    record = parse_into(message)
+    assert record.sha256 == real.sha256(raw).hexdigest() == message.sha256
+    assert len(raw) not in hashed  # the thread key's seed is hashed, not the message
+    assert parse_message(raw)[0].sha256 == record.sha256
+    assert len(raw) in hashed
