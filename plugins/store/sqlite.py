@@ -10,9 +10,10 @@ are rows of ``schema_version``):
   with ``stored_at``, minus the bodies).
 - ``message_raw``: (key → raw) the message bytes, one row per key when ``raw =
   "inline"``, none otherwise. ``raw`` is the last column of its row so that the
-  ``zeroblob(size)`` it is inserted as stays a few bytes in the record; the bytes are
-  then copied in 1 MiB pieces through incremental blob I/O, so storing a message costs
-  memory independent of its size. Read it with :func:`open_raw` (in pieces) or
+  ``zeroblob(size)`` a spooled message's bytes are inserted as stays a few bytes in
+  the record; the bytes are then copied in 1 MiB pieces through incremental blob I/O,
+  so storing a spooled message costs memory independent of its size (the bytes of a
+  message held in memory are bound as they are: the same row). Read it with :func:`open_raw` (in pieces) or
   ``SELECT raw FROM message_raw WHERE key = ?`` (whole). Up to version 2 the bytes
   were ``messages.raw``; migration 3 moves them here (see :func:`_move_raw`).
 - ``attachments``: (key, idx) → file name, type, size, sha256, … of each attachment.
