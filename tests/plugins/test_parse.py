@@ -629,3 +629,72 @@ def test_parse_into_takes_the_messages_sha256_instead_of_hashing_again(
     assert len(raw) not in hashed  # the thread key's seed is hashed, not the message
     assert parse_message(raw)[0].sha256 == record.sha256
     assert len(raw) in hashed
+
+
+def _tree(msg: Any) -> dict[str, Any]:
+    """Everything an email.message.Message holds (defects by kind and text)."""
+    state = dict(vars(msg))
+    state["defects"] = [(type(d).__name__, str(d)) for d in msg.defects]
+    state["policy"] = repr(state["policy"])
+    return state
+
+
+def _simple_inputs() -> list[bytes]:
+    """The messages of tests/data/parse and variants around the one-part shape:
+    bare CR or LF, form feed, "From " lines, continuation first, an empty field name,
+    8-bit octets, multipart and message/* types, no body, LF line ends."""
+    import random
+
+    head = (b"Received: from a\r\n\tby b; Tue\r\nFrom: \"A\" <a@b>\r\nTo: c@d\r\n"
+            b"Subject: s\r\nContent-Type: text/plain; charset=us-ascii\r\n")
+    seeds = [head + b"\r\nbody\r\n.line\r\n", head + b"\r\n", head + b"\r\nno end",
+             head.replace(b"\r\n", b"\n") + b"\nlf body\n"]
+    seeds += [p.read_bytes() for p in sorted(DATA.glob("*.eml"))]
+    pieces = [b"\r", b"\n", b"\x0c", b"From ", b" ", b"\t", b":", b"\xe9", b"\r\n",
+              b"\r\n\r\n", b"\r\n ", b"Content-Type: multipart/mixed; boundary=x\r\n",
+              b"Content-Type: message/rfc822\r\n", b"Content-Type: text/html\r\n"]
+    rng = random.Random(18)
+    out = list(seeds)
+    for _ in range(3000):
+        raw = bytearray(rng.choice(seeds)[:2000])
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randint(0, min(len(raw), 300))
+            raw[at:at] = rng.choice(pieces)
+        out.append(bytes(raw))
+    return out
+
+
+def test_a_one_part_message_is_read_as_the_feedparser_reads_it() -> None:
+    """Issue 18: _simple() builds the stdlib parser's tree of a one-part message
+    without its line-by-line walk of the body; on every input it accepts, the tree
+    is the parser's (headers, payload, defects, everything)."""
+    from mailpipe.plugins.parse import parser
+
+    taken = 0
+    for raw in _simple_inputs():
+        simple = parser._simple(raw)
+        if simple is None:
+            continue
+        taken += 1
+        assert _tree(simple) == _tree(parser._PARSER.parsebytes(raw)), raw[:120]
+    assert taken > 200  # the shape is common among the variants, not a corner
+
+
+def test_a_one_part_message_is_parsed_without_the_feedparser(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 18: the feedparser walked a small message's body line by line (about a
+    third of its parse); a one-part message no longer reaches it."""
+    from mailpipe.plugins.parse import parser
+
+    class Refuse:
+        def parsebytes(self, *_args: object, **_kwargs: object) -> Any:
+            raise AssertionError("the feedparser ran")
+
+    monkeypatch.setattr(parser, "_PARSER", Refuse())
+    raw = (b"From: \"A B\" <a@example.org>\r\nSubject: one\r\n part\r\n"
+           b"Content-Type: text/plain; charset=utf-8\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n")
+    record = parse_message(raw)[0]
+    assert not record.defects
+    assert (record.subject, record.text) == ("one part", "Grüße\n")
+    assert [a.address for a in record.from_addresses] == ["a@example.org"]
