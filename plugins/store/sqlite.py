@@ -20,7 +20,9 @@ are rows of ``schema_version``):
 - ``tags``: (key, tag) pairs from ``message.tags`` and the record's tags.
 - ``messages_fts``: a contentless FTS5 index over ``subject``, ``addresses`` and
   ``body`` (the ``text`` column and, from version 4, ``attachment_text``: the
-  attachments' text that the ``extract`` processor found), kept in step by triggers. Query it with
+  attachments' text that the ``extract`` processor found), kept in step by triggers on
+  update and delete and, from version 5, by the store itself for the rows it inserts
+  (in their transaction; a row inserted by other means is not indexed). Query it with
   :func:`search` or ``SELECT m.* FROM messages_fts JOIN messages m ON m.id =
   messages_fts.rowid WHERE messages_fts MATCH ?``.
 
@@ -232,6 +234,17 @@ _V4: Final = (
     ),
 )
 
+# Migration 5: the store indexes the rows it inserts itself, one INSERT ... SELECT per
+# write, in the transaction that inserts them (see SqliteStore._write_rows). FTS5
+# writes its pending terms out as a new segment at every statement savepoint, and
+# every UPSERT that fires a trigger opens one: the insert trigger cost one segment per
+# message, half the store's CPU (issue 18). Updates and deletes keep their triggers.
+_INDEX_INSERTED: Final = (
+    "INSERT INTO messages_fts(rowid, subject, addresses, body) "
+    f"SELECT id, {_FTS_ROW_V4.format(p='messages')} FROM messages WHERE id > ?"
+)
+_V5: Final = ("DROP TRIGGER messages_fts_ai",)
+
 #: A migration step: one SQL statement, or a function run on the connection.
 Step = str | Callable[[sqlite3.Connection], None]
 
@@ -241,6 +254,7 @@ MIGRATIONS: Final[tuple[tuple[int, str, Sequence[Step]], ...]] = (
     (2, "flattened addresses and the FTS5 index", _V2),
     (3, "raw bytes in message_raw, the last column of their own row", _V3),
     (4, "attachment text in the FTS5 index", _V4),
+    (5, "inserted rows indexed by the store, one statement per write", _V5),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
@@ -652,10 +666,20 @@ class SqliteStore:
         transaction: each statement once for the whole group (``executemany``), not
         once per message (issue 18). The result is the rows that writing each
         message alone gives: its messages row upserted, then its raw bytes,
-        attachments and tags replaced."""
+        attachments and tags replaced.
+
+        The FTS5 entries of the rows it inserts are written here, in the same
+        transaction (one statement; the update trigger re-indexes a replaced row):
+        a committed row always has its index entry and an index entry its row, as
+        with the insert trigger of versions 2-4."""
         if not group:
             return
+        # A new row's id is above every id there is now (INTEGER PRIMARY KEY without
+        # AUTOINCREMENT takes max(id) + 1 while max(id) is below 2**63 - 1); an
+        # updated row keeps its id and is re-indexed by the update trigger.
+        (last,) = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
         conn.executemany(_UPSERT, [rows.message for rows in group])
+        conn.execute(_INDEX_INSERTED, (last,))
         keys = [(rows.key,) for rows in group]
         conn.executemany("DELETE FROM message_raw WHERE key = ?", keys)
         conn.executemany("DELETE FROM attachments WHERE key = ?", keys)

@@ -188,7 +188,7 @@ def test_migrates_a_version_1_database_and_indexes_old_rows(tmp_path: Path) -> N
     conn = connect(path)
     assert schema_version(conn) == SCHEMA_VERSION == MIGRATIONS[-1][0]
     assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == [
-        1, 2, 3, 4
+        1, 2, 3, 4, 5
     ]
     assert conn.execute("SELECT addresses FROM messages WHERE key = 'k1'").fetchone() == (
         "Carol Old carol@example.net",
@@ -226,7 +226,7 @@ def test_migration_4_indexes_attachment_text_and_keeps_old_rows_searchable(
 
     conn = connect(path)
     assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == [
-        1, 2, 3, 4
+        1, 2, 3, 4, 5
     ]
     assert search(conn, "ancient") == search(conn, "walrus") == ["k1"]  # old row kept
     assert search(conn, "carol") == ["k1"]
@@ -348,10 +348,10 @@ def test_migration_3_moves_raw_into_its_own_table_and_keeps_every_row(
     path = tmp_path / "db" / "mail.sqlite3"
     _version_2_database(path)
     conn = connect(path)
-    assert migrate(conn) == SCHEMA_VERSION == 4
-    assert migrate(conn) == 4  # idempotent
+    assert migrate(conn) == SCHEMA_VERSION == 5
+    assert migrate(conn) == 5  # idempotent
     assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == [
-        1, 2, 3, 4
+        1, 2, 3, 4, 5
     ]
     columns = [r[1] for r in conn.execute("PRAGMA table_info(messages)")]
     assert "raw" not in columns
@@ -393,7 +393,7 @@ def test_a_failed_migration_3_leaves_version_2_intact(
         "SELECT 1 FROM sqlite_master WHERE name = 'message_raw'"
     ).fetchall() == []
     monkeypatch.undo()
-    assert migrate(conn) == 4  # the next open migrates
+    assert migrate(conn) == 5  # the next open migrates
     conn.close()
 
 
