@@ -5,10 +5,12 @@ Each piece is timed alone in this process, in CPU (user + system of the process,
 
   hop     one synchronous step call through ``StepWorker.call`` (a function that does
           nothing, with a budget): the thread hand-over and the loop's wake-up
-  parse   ``parse_into`` of bench/run.py's small messages (2-4 KB)
+  parse   ``parse_into`` of bench/run.py's small messages (2-4 KB; ``--profile
+          mixed``: its mixed ones, 3 KB - 2 MB, all in memory)
   store   ``store.sqlite`` (defaults: group commit, raw inline, FTS) ``process`` of
-          those messages, parsed beforehand, with a ``flush`` every 50 (the engine's
-          group); the flushes' fsyncs are in the figure
+          those messages, parsed beforehand, with a ``flush`` every ``--group`` (50;
+          the engine's groups in bench/run are up to 256); the flushes' fsyncs are in
+          the figure, on the file system of ``--dir``
   journal the SQLite journal's ``begin`` of 50 entries in one batch, then their
           ``step_committed`` + ``finish`` in another (the ledger's per-message writes)
 
@@ -38,14 +40,14 @@ def cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def small_messages(count: int) -> list[bytes]:
-    """bench/run.py's small profile, as the server sends it (CRLF)."""
+def small_messages(count: int, profile: str = "small") -> list[bytes]:
+    """bench/run.py's ``profile`` (small by default), as the server sends it (CRLF)."""
     spec = importlib.util.spec_from_file_location("bench_run", HERE / "run.py")
     assert spec is not None and spec.loader is not None
     run = importlib.util.module_from_spec(spec)
     sys.modules["bench_run"] = run
     spec.loader.exec_module(run)
-    return [run.make_message("small", 1, i).replace(b"\n", b"\r\n") for i in range(count)]
+    return [run.make_message(profile, 1, i).replace(b"\n", b"\r\n") for i in range(count)]
 
 
 async def hop(count: int) -> float:
@@ -75,7 +77,7 @@ def parse(raws: list[bytes]) -> float:
     return (cpu() - start) / len(raws)
 
 
-def store(raws: list[bytes], work: Path) -> float:
+def store(raws: list[bytes], work: Path, group: int = GROUP) -> float:
     from mailpipe.plugins.parse import parse_into
     from mailpipe.plugins.store.sqlite import SqliteOptions, SqliteStore
 
@@ -93,7 +95,7 @@ def store(raws: list[bytes], work: Path) -> float:
         start = cpu()
         for i, message in enumerate(messages):
             s.process(message)
-            if i % GROUP == GROUP - 1:
+            if i % group == group - 1:
                 s.flush()
         s.flush()
         return (cpu() - start) / len(messages)
@@ -125,20 +127,26 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--count", type=int, default=2000, help="messages (and calls)")
     ap.add_argument("--label", default=sys.executable)
+    ap.add_argument("--profile", choices=("small", "mixed"), default="small",
+                    help="bench/run.py's messages that parse and store take (mixed: "
+                    "all in memory, the ones over the 1 MB spool threshold too)")
+    ap.add_argument("--group", type=int, default=GROUP, help="store: flush every N")
+    ap.add_argument("--dir", default=None, help="where the databases go (default: "
+                    "the system's temporary directory)")
     a = ap.parse_args()
     from mailpipe.logs import configure
 
     # The bench runs' format and level (debug lines are not written), to nowhere.
     configure("json", "info", stream=open(os.devnull, "w"))  # noqa: SIM115
-    raws = small_messages(a.count)
-    with tempfile.TemporaryDirectory(prefix="mailpipe-cpu-") as tmp:
+    raws = small_messages(a.count, a.profile)
+    with tempfile.TemporaryDirectory(prefix="mailpipe-cpu-", dir=a.dir) as tmp:
         work = Path(tmp)
         (work / "store").mkdir()
         (work / "journal").mkdir()
         figures = {
             "hop": asyncio.run(hop(a.count * 2)),
             "parse": parse(raws),
-            "store": store(raws, work / "store"),
+            "store": store(raws, work / "store", a.group),
             "journal": journal(a.count, work / "journal"),
         }
     print(f"{a.label}: " + "  ".join(f"{k} {v * 1e6:6.1f} us" for k, v in figures.items()),

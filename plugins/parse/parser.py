@@ -159,6 +159,7 @@ def parse_message(
     mailbox: str = "",
     uid: str = "",
     max_body: int = MAX_BODY,
+    sha256: str | None = None,
 ) -> tuple[MessageRecord, list[bytes]]:
     """Parse raw message bytes; return the record and the attachment bytes (aligned).
 
@@ -175,12 +176,15 @@ def parse_message(
 
     At most ``max_body`` octets of text/plain body parts, and as many of text/html
     ones, are decoded into ``text`` and ``html`` (see :data:`MAX_BODY`).
+
+    ``sha256`` is the hex sha256 of ``raw`` when the caller has it (taken as given,
+    the record's ``sha256``); None: computed here.
     """
     base = {
         "key": key,
         "mailbox": mailbox,
         "uid": uid,
-        "sha256": hashlib.sha256(raw).hexdigest(),
+        "sha256": hashlib.sha256(raw).hexdigest() if sha256 is None else sha256,
         "size": len(raw),
     }
     try:
@@ -276,7 +280,8 @@ def _message(raw: bytes) -> Message:
     none past :data:`_ELIDE_HEADERS` octets of header blocks) and every elided run is
     then put back where the parser would have put it."""
     if len(raw) < _ELIDE_FROM:
-        return _PARSER.parsebytes(raw)
+        simple = _simple(raw)
+        return simple if simple is not None else _PARSER.parsebytes(raw)
     try:
         f = io.BytesIO(raw)
         sk = skeleton(f, _ELIDE_RUN, _ELIDE_HEADERS)
@@ -291,6 +296,50 @@ def _message(raw: bytes) -> Message:
     except Exception as exc:  # the scan never should fail; if it does, parse it all
         log.warning("parse_skeleton_failed", size=len(raw), error=repr(exc))
         return _PARSER.parsebytes(raw)
+
+
+# email.feedparser.headerRE's field line, with a name of at least one character (an
+# empty one, a "From " line and a continuation line come with defects or an envelope).
+_FIELD_LINE: Final = re.compile(r"[\041-\071\073-\176]+:")
+
+
+def _simple(raw: bytes) -> Message | None:
+    """``_PARSER.parsebytes(raw)`` for a message of one part, the same tree, without
+    the feedparser's walk through the body line by line (issue 18: about a third of
+    a small message's parse); None when ``raw`` is not of that kind.
+
+    Of that kind: a header block of field lines (a name of the characters the
+    feedparser takes, a colon) and continuation lines, none first, every line ending
+    in CRLF (no other CR or LF in it), then an empty line, and a Content-Type that is
+    neither multipart/* nor message/*. The feedparser then gives each field
+    ``compat32.header_source_parse`` of its lines, no defect, and the rest of the
+    text after the empty line as the payload, which is what this builds.
+    """
+    end = raw.find(b"\r\n\r\n")
+    if end <= 0:
+        return None
+    text = raw.decode("ascii", "surrogateescape")  # as BytesParser decodes
+    lines = text[:end].split("\r\n")
+    if text.count("\r", 0, end) >= len(lines) or text.count("\n", 0, end) >= len(lines):
+        return None  # a CR or LF outside the CRLFs: the feedparser splits there
+    fields: list[list[str]] = []
+    for line in lines:
+        if line[:1] in (" ", "\t"):
+            if not fields:
+                return None  # FirstHeaderLineIsContinuationDefect
+            fields[-1].append(line + "\r\n")
+        elif _FIELD_LINE.match(line) is not None:
+            fields.append([line + "\r\n"])
+        else:
+            return None  # "From ", no name, empty or no field: ends the header block
+    msg = Message(policy=email_policy.compat32)
+    source_parse = email_policy.compat32.header_source_parse
+    for field_lines in fields:
+        msg.set_raw(*source_parse(field_lines))
+    if msg.get_content_maintype() in ("multipart", "message"):
+        return None
+    msg.set_payload(text[end + 4 :])
+    return msg
 
 
 def _record(

@@ -75,7 +75,11 @@ def parse_raw(
             return parse_file(
                 f, spool_dir=message.spool_path.parent, max_body=max_body, **ids
             )
-    record, payloads = parse_message(message.raw, max_body=max_body, **ids)
+    # The message's sha256 (cached; the ledger and the stores read it too): the raw
+    # bytes are hashed once, not once more for the record (issue 18).
+    record, payloads = parse_message(
+        message.raw, max_body=max_body, sha256=message.sha256, **ids
+    )
     return record, list(payloads)
 
 

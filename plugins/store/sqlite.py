@@ -10,16 +10,19 @@ are rows of ``schema_version``):
   with ``stored_at``, minus the bodies).
 - ``message_raw``: (key → raw) the message bytes, one row per key when ``raw =
   "inline"``, none otherwise. ``raw`` is the last column of its row so that the
-  ``zeroblob(size)`` it is inserted as stays a few bytes in the record; the bytes are
-  then copied in 1 MiB pieces through incremental blob I/O, so storing a message costs
-  memory independent of its size. Read it with :func:`open_raw` (in pieces) or
+  ``zeroblob(size)`` a spooled message's bytes are inserted as stays a few bytes in
+  the record; the bytes are then copied in 1 MiB pieces through incremental blob I/O,
+  so storing a spooled message costs memory independent of its size (the bytes of a
+  message held in memory are bound as they are: the same row). Read it with :func:`open_raw` (in pieces) or
   ``SELECT raw FROM message_raw WHERE key = ?`` (whole). Up to version 2 the bytes
   were ``messages.raw``; migration 3 moves them here (see :func:`_move_raw`).
 - ``attachments``: (key, idx) → file name, type, size, sha256, … of each attachment.
 - ``tags``: (key, tag) pairs from ``message.tags`` and the record's tags.
 - ``messages_fts``: a contentless FTS5 index over ``subject``, ``addresses`` and
   ``body`` (the ``text`` column and, from version 4, ``attachment_text``: the
-  attachments' text that the ``extract`` processor found), kept in step by triggers. Query it with
+  attachments' text that the ``extract`` processor found), kept in step by triggers on
+  update and delete and, from version 5, by the store itself for the rows it inserts
+  (in their transaction; a row inserted by other means is not indexed). Query it with
   :func:`search` or ``SELECT m.* FROM messages_fts JOIN messages m ON m.id =
   messages_fts.rowid WHERE messages_fts MATCH ?``.
 
@@ -231,6 +234,17 @@ _V4: Final = (
     ),
 )
 
+# Migration 5: the store indexes the rows it inserts itself, one INSERT ... SELECT per
+# write, in the transaction that inserts them (see SqliteStore._write_rows). FTS5
+# writes its pending terms out as a new segment at every statement savepoint, and
+# every UPSERT that fires a trigger opens one: the insert trigger cost one segment per
+# message, half the store's CPU (issue 18). Updates and deletes keep their triggers.
+_INDEX_INSERTED: Final = (
+    "INSERT INTO messages_fts(rowid, subject, addresses, body) "
+    f"SELECT id, {_FTS_ROW_V4.format(p='messages')} FROM messages WHERE id > ?"
+)
+_V5: Final = ("DROP TRIGGER messages_fts_ai",)
+
 #: A migration step: one SQL statement, or a function run on the connection.
 Step = str | Callable[[sqlite3.Connection], None]
 
@@ -240,6 +254,7 @@ MIGRATIONS: Final[tuple[tuple[int, str, Sequence[Step]], ...]] = (
     (2, "flattened addresses and the FTS5 index", _V2),
     (3, "raw bytes in message_raw, the last column of their own row", _V3),
     (4, "attachment text in the FTS5 index", _V4),
+    (5, "inserted rows indexed by the store, one statement per write", _V5),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
@@ -384,8 +399,14 @@ def _flatten_addresses(doc: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+#: ``json.dumps(value, ensure_ascii=True, separators=(",", ":"), default=str)``,
+#: built once: ``dumps`` with arguments builds a new encoder on every call, and a
+#: message's row takes seven documents (issue 18).
+_ENCODER: Final = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str)
+
+
 def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=True, separators=(",", ":"), default=str)
+    return _ENCODER.encode(value)
 
 
 class SqliteOptions(BaseModel):
@@ -427,17 +448,16 @@ _UPSERT: Final = (
 )
 
 
-def _write_raw(conn: sqlite3.Connection, key: str, message: Message | None) -> None:
-    """Replace ``key``'s raw bytes (none when ``message`` is None), in bounded memory.
+def _write_raw(conn: sqlite3.Connection, key: str, message: Message) -> None:
+    """Insert ``key``'s raw bytes from a spooled ``message``, in bounded memory (the
+    caller deleted the old ones).
 
     The row is inserted with ``zeroblob(size)`` as its last column, which SQLite keeps
     as a zero count in the record (a zeroblob followed by other columns would be
     materialised in memory), then filled from ``message.open()`` in 1 MiB pieces
-    through incremental blob I/O.
+    through incremental blob I/O. The bytes of a message held in memory are bound as
+    they are instead (see :meth:`SqliteStore._write_rows`): the same row.
     """
-    conn.execute("DELETE FROM message_raw WHERE key = ?", (key,))
-    if message is None:
-        return
     rowid = conn.execute(
         "INSERT INTO message_raw (key, raw) VALUES (?, zeroblob(?))", (key, message.size)
     ).lastrowid
@@ -472,7 +492,8 @@ def _check(rows: _Rows) -> None:
     for row in (rows.message, *rows.attachments, *rows.tags):
         for value in row:
             if isinstance(value, str):
-                value.encode("utf-8")  # lone surrogates: UnicodeEncodeError
+                if not value.isascii():  # a flag of the string: ASCII encodes
+                    value.encode("utf-8")  # lone surrogates: UnicodeEncodeError
             elif isinstance(value, int) and not -(1 << 63) <= value < (1 << 63):
                 raise OverflowError("Python int too large to convert to SQLite INTEGER")
 
@@ -570,8 +591,7 @@ class SqliteStore:
             conn = self._connect()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for prepared in rows.values():
-                    self._write_rows(conn, prepared)
+                self._write_rows(conn, list(rows.values()))
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -613,7 +633,7 @@ class SqliteStore:
                     conn = self._connect()
                     conn.execute("BEGIN IMMEDIATE")
                     try:
-                        self._write_rows(conn, prepared)
+                        self._write_rows(conn, [prepared])
                     except BaseException:
                         if conn.in_transaction:  # see _migrate: never hide the cause
                             conn.execute("ROLLBACK")
@@ -641,21 +661,50 @@ class SqliteStore:
             raise
         log.debug("sqlite_group_written_early", store=self.name, key=key)
 
-    def _write_rows(self, conn: sqlite3.Connection, rows: _Rows) -> None:
-        key = rows.key
-        conn.execute(_UPSERT, rows.message)
-        _write_raw(conn, key, rows.raw)
-        conn.execute("DELETE FROM attachments WHERE key = ?", (key,))
-        if rows.attachments:
-            conn.executemany(
-                "INSERT INTO attachments (key, idx, filename, content_type, disposition, "
-                "size, sha256, content_id, inline, part) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows.attachments,
-            )
-        conn.execute("DELETE FROM tags WHERE key = ?", (key,))
-        if rows.tags:
-            conn.executemany("INSERT INTO tags (key, tag) VALUES (?, ?)", rows.tags)
+    def _write_rows(self, conn: sqlite3.Connection, group: Sequence[_Rows]) -> None:
+        """Write the prepared rows of ``group`` (distinct keys) in the caller's
+        transaction: each statement once for the whole group (``executemany``), not
+        once per message (issue 18). The result is the rows that writing each
+        message alone gives: its messages row upserted, then its raw bytes,
+        attachments and tags replaced.
+
+        The FTS5 entries of the rows it inserts are written here, in the same
+        transaction (one statement; the update trigger re-indexes a replaced row):
+        a committed row always has its index entry and an index entry its row, as
+        with the insert trigger of versions 2-4."""
+        if not group:
+            return
+        # A new row's id is above every id there is now (INTEGER PRIMARY KEY without
+        # AUTOINCREMENT takes max(id) + 1 while max(id) is below 2**63 - 1); an
+        # updated row keeps its id and is re-indexed by the update trigger.
+        (last,) = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
+        conn.executemany(_UPSERT, [rows.message for rows in group])
+        conn.execute(_INDEX_INSERTED, (last,))
+        keys = [(rows.key,) for rows in group]
+        conn.executemany("DELETE FROM message_raw WHERE key = ?", keys)
+        conn.executemany("DELETE FROM attachments WHERE key = ?", keys)
+        conn.executemany("DELETE FROM tags WHERE key = ?", keys)
+        conn.executemany(
+            "INSERT INTO message_raw (key, raw) VALUES (?, ?)",
+            [
+                (rows.key, rows.raw.data)
+                for rows in group
+                if rows.raw is not None and rows.raw.data is not None
+            ],
+        )
+        for rows in group:
+            if rows.raw is not None and rows.raw.data is None:  # spooled
+                _write_raw(conn, rows.key, rows.raw)
+        conn.executemany(
+            "INSERT INTO attachments (key, idx, filename, content_type, disposition, "
+            "size, sha256, content_id, inline, part) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [a for rows in group for a in rows.attachments],
+        )
+        conn.executemany(
+            "INSERT INTO tags (key, tag) VALUES (?, ?)",
+            [t for rows in group for t in rows.tags],
+        )
 
     def _prepare(self, doc: dict[str, Any], raw: Message | None) -> _Rows:
         """The message's rows (no database access)."""

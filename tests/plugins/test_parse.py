@@ -403,7 +403,8 @@ def test_param_parses_no_header_that_cannot_hold_the_name(
     from mailpipe.plugins.parse.headers import param
 
     part = EmailMessage()
-    part["Content-Type"] = "application/pdf; x-mac-type=PDF"
+    # Two parameters: not the one-parameter shape that param() reads itself.
+    part["Content-Type"] = "application/pdf; x-mac-type=PDF; x-mac-creator=CARO"
 
     def parse(*_args: object, **_kwargs: object) -> object:
         raise AssertionError("the header was parsed")
@@ -430,11 +431,270 @@ def test_a_single_part_message_parses_its_content_type_parameters_once(
         return original(self, param, *args, **kwargs)
 
     monkeypatch.setattr(EmailMessage, "get_param", counting)
+    # Two parameters: a shape param() leaves to get_param().
     raw = (b"From: a@example.org\r\nSubject: caf\xc3\xa9\r\n"
-           b"Content-Type: text/plain; charset=utf-8\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n")
+           b"Content-Type: text/plain; charset=utf-8; format=flowed\r\n\r\n"
+           b"Gr\xc3\xbc\xc3\x9fe\r\n")
     message = Message.from_bytes(raw, mailbox="m", uid="1")
     parse_into(message)
     assert message.record is not None
     assert message.record.subject == "café"
     assert message.record.text is not None and message.record.text.startswith("Grüße")
     assert calls == ["charset"]
+
+
+def _unfold_by_patterns(value: str) -> str:
+    """unfold()'s definition: the two substitutions it is equal to."""
+    from mailpipe.plugins.parse.headers import _EOL, _FOLD
+
+    return _EOL.sub(" ", _FOLD.sub(" ", value))
+
+
+def test_unfold_equals_its_two_substitutions_on_every_short_value() -> None:
+    """Issue 18: unfold() works line by line; every value of up to 7 characters
+    over a text character, SP, HTAB, CR and LF gives what the patterns give."""
+    import itertools
+
+    from mailpipe.plugins.parse.headers import unfold
+
+    for length in range(8):
+        for chars in itertools.product("a \t\r\n", repeat=length):
+            value = "".join(chars)
+            assert unfold(value) == _unfold_by_patterns(value), repr(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "v=1; a=rsa-sha256;\r\n\th=from:to;\r\n\tb=yJGG\r\n\t+MFa=",
+        "from out.example.net\r\n\tby mx.example (Postfix)\r\n\tfor <a@b>; Tue",
+        "a \r\n \r\n \t b",  # one run of folds: one space
+        "a\r\n  \r\nb",  # white space then CR LF without a fold after it
+        "=?utf-8?q?a?=\r\n =?utf-8?q?b?=",
+        "trailing\r\n",
+        "\r\n\tleading",
+        "bare\rcr\n\n lf",
+        "no line breaks at all",
+    ],
+)
+def test_unfold_real_values(value: str) -> None:
+    from mailpipe.plugins.parse.headers import unfold
+
+    assert unfold(value) == _unfold_by_patterns(value)
+
+
+def test_unfold_scans_no_value_with_the_fold_pattern(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 18: the fold pattern, tried at every position, cost about 10 us per
+    folded field (a tenth of a small message's parse); unfold() no longer runs it."""
+    from mailpipe.plugins.parse import headers
+
+    class Refuse:
+        def sub(self, *_args: object) -> str:
+            raise AssertionError("the fold pattern ran")
+
+    monkeypatch.setattr(headers, "_FOLD", Refuse())
+    assert headers.unfold("v=1;\r\n\th=from:to;\r\n\tb=yJGG") == "v=1; h=from:to; b=yJGG"
+    raw = (b"DKIM-Signature: v=1; a=rsa-sha256;\r\n\th=from:to\r\n"
+           b"Subject: folded\r\n subject\r\n\r\nbody\r\n")
+    record = parse_message(raw)[0]
+    assert record.subject == "folded subject"
+
+
+def _content_types() -> list[str]:
+    """Content-Type values around the one-parameter shape param() answers itself."""
+    import itertools
+
+    types = ["text/plain", "TEXT/Plain", "text", "multipart/mixed", "text/plain;",
+             'text/"plain"', "text/plain; format=flowed"]
+    spaces = ["", " ", "\r\n\t", "  \t"]
+    names = ["charset", "CharSet", "charset*", "charset*0", "name", "char\u017fet", "char set"]
+    values = ["us-ascii", '"UTF-8"', '"a b"', '"a\\"b"', "<x>", '"<x>"', "", '""', "a=b",
+              "'x'", "a;b", '"a;b"', "utf-8 ", '"utf-8', "utf-8\u00e9", "\udce9"]
+    out = []
+    for t, s1, n, s2, v, tail in itertools.product(
+        types, spaces, names, spaces[:2], values, ["", ";", " ", "; x=y"]
+    ):
+        out.append(f"{t}{s1};{s2}{n}{s2}={s2}{v}{tail}")
+    return out
+
+
+def test_param_answers_as_get_param_for_every_content_type_shape() -> None:
+    """Issue 18: param() answers the one-parameter shape without get_param(); for
+    every nearby value it answers as get_param() does."""
+    from email.message import Message as EmailMessage
+
+    from mailpipe.plugins.parse.headers import param
+
+    for value in _content_types():
+        part = EmailMessage()
+        part["Content-Type"] = value
+        for name in ("charset", "CHARSET", "name"):
+            try:
+                expected: object = part.get_param(name, None)
+            except Exception as exc:  # param() raises as get_param() does
+                expected = type(exc)
+            try:
+                got: object = param(part, name)
+            except Exception as exc:
+                got = type(exc)
+            assert got == expected, (value, name)
+
+
+def test_param_parses_no_one_parameter_content_type(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 18: ``text/plain; charset=us-ascii``, the header of most parts, costs no
+    parameter parse (about 10 us of a small message's parse)."""
+    from email.message import Message as EmailMessage
+
+    from mailpipe.plugins.parse.headers import param
+
+    def parse(*_args: object, **_kwargs: object) -> object:
+        raise AssertionError("the header was parsed")
+
+    monkeypatch.setattr(EmailMessage, "get_param", parse)
+    for value, expected in [
+        ("text/plain; charset=us-ascii", "us-ascii"),
+        ('text/plain;\r\n\tCHARSET="UTF-8"', "UTF-8"),
+        ("application/pdf; name=report.pdf", None),
+    ]:
+        part = EmailMessage()
+        part["Content-Type"] = value
+        assert param(part, "charset") == expected
+    raw = b"From: a@example.org\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nhi\r\n"
+    assert parse_message(raw)[0].text == "hi\n"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '"Bob Jones" <bob@example.net>',
+        "bob@example.net",
+        "  (comment) <a@b> ",
+        '"a, b" <a@b>',
+        "a@b, c@d",
+        "undisclosed-recipients:;",
+        "group: a@b, c@d;",
+        '"quoted \\" (paren" <a@b>',
+        "<a@b> (Name, Jr)",
+        "",
+        "   ",
+    ],
+)
+def test_split_list_entries(text: str) -> None:
+    """Issue 18: a list without ",", ";" or ":" is one entry without a character
+    loop; the others go through it."""
+    from mailpipe.plugins.parse.addresses import split_list
+
+    expected = {
+        '"Bob Jones" <bob@example.net>': ['"Bob Jones" <bob@example.net>'],
+        "bob@example.net": ["bob@example.net"],
+        "  (comment) <a@b> ": ["(comment) <a@b>"],
+        '"a, b" <a@b>': ['"a, b" <a@b>'],
+        "a@b, c@d": ["a@b", "c@d"],
+        "undisclosed-recipients:;": [],
+        "group: a@b, c@d;": ["a@b", "c@d"],
+        '"quoted \\" (paren" <a@b>': ['"quoted \\" (paren" <a@b>'],
+        "<a@b> (Name, Jr)": ["<a@b> (Name, Jr)"],
+        "": [],
+        "   ": [],
+    }
+    assert split_list(text) == expected[text]
+
+
+def test_parse_into_takes_the_messages_sha256_instead_of_hashing_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 18: the raw bytes of a message in memory are hashed once (the ledger
+    and the stores read message.sha256 too); the record carries that digest."""
+    import hashlib as real
+
+    from mailpipe.plugins.parse import parser
+
+    raw = b"From: a@example.org\r\nSubject: s\r\n\r\nbody\r\n"
+    message = Message.from_bytes(raw, mailbox="m", uid="1")  # hashes raw once
+    hashed: list[int] = []
+
+    class Counting:
+        @staticmethod
+        def sha256(data: bytes = b"") -> Any:
+            hashed.append(len(data))
+            return real.sha256(data)
+
+    monkeypatch.setattr(parser, "hashlib", Counting)
+    record = parse_into(message)
+    assert record.sha256 == real.sha256(raw).hexdigest() == message.sha256
+    assert len(raw) not in hashed  # the thread key's seed is hashed, not the message
+    assert parse_message(raw)[0].sha256 == record.sha256
+    assert len(raw) in hashed
+
+
+def _tree(msg: Any) -> dict[str, Any]:
+    """Everything an email.message.Message holds (defects by kind and text)."""
+    state = dict(vars(msg))
+    state["defects"] = [(type(d).__name__, str(d)) for d in msg.defects]
+    state["policy"] = repr(state["policy"])
+    return state
+
+
+def _simple_inputs() -> list[bytes]:
+    """The messages of tests/data/parse and variants around the one-part shape:
+    bare CR or LF, form feed, "From " lines, continuation first, an empty field name,
+    8-bit octets, multipart and message/* types, no body, LF line ends."""
+    import random
+
+    head = (b"Received: from a\r\n\tby b; Tue\r\nFrom: \"A\" <a@b>\r\nTo: c@d\r\n"
+            b"Subject: s\r\nContent-Type: text/plain; charset=us-ascii\r\n")
+    seeds = [head + b"\r\nbody\r\n.line\r\n", head + b"\r\n", head + b"\r\nno end",
+             head.replace(b"\r\n", b"\n") + b"\nlf body\n"]
+    seeds += [p.read_bytes() for p in sorted(DATA.glob("*.eml"))]
+    pieces = [b"\r", b"\n", b"\x0c", b"From ", b" ", b"\t", b":", b"\xe9", b"\r\n",
+              b"\r\n\r\n", b"\r\n ", b"Content-Type: multipart/mixed; boundary=x\r\n",
+              b"Content-Type: message/rfc822\r\n", b"Content-Type: text/html\r\n"]
+    rng = random.Random(18)
+    out = list(seeds)
+    for _ in range(3000):
+        raw = bytearray(rng.choice(seeds)[:2000])
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randint(0, min(len(raw), 300))
+            raw[at:at] = rng.choice(pieces)
+        out.append(bytes(raw))
+    return out
+
+
+def test_a_one_part_message_is_read_as_the_feedparser_reads_it() -> None:
+    """Issue 18: _simple() builds the stdlib parser's tree of a one-part message
+    without its line-by-line walk of the body; on every input it accepts, the tree
+    is the parser's (headers, payload, defects, everything)."""
+    from mailpipe.plugins.parse import parser
+
+    taken = 0
+    for raw in _simple_inputs():
+        simple = parser._simple(raw)
+        if simple is None:
+            continue
+        taken += 1
+        assert _tree(simple) == _tree(parser._PARSER.parsebytes(raw)), raw[:120]
+    assert taken > 200  # the shape is common among the variants, not a corner
+
+
+def test_a_one_part_message_is_parsed_without_the_feedparser(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 18: the feedparser walked a small message's body line by line (about a
+    third of its parse); a one-part message no longer reaches it."""
+    from mailpipe.plugins.parse import parser
+
+    class Refuse:
+        def parsebytes(self, *_args: object, **_kwargs: object) -> Any:
+            raise AssertionError("the feedparser ran")
+
+    monkeypatch.setattr(parser, "_PARSER", Refuse())
+    raw = (b"From: \"A B\" <a@example.org>\r\nSubject: one\r\n part\r\n"
+           b"Content-Type: text/plain; charset=utf-8\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n")
+    record = parse_message(raw)[0]
+    assert not record.defects
+    assert (record.subject, record.text) == ("one part", "Grüße\n")
+    assert [a.address for a in record.from_addresses] == ["a@example.org"]

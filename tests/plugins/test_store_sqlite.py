@@ -188,7 +188,7 @@ def test_migrates_a_version_1_database_and_indexes_old_rows(tmp_path: Path) -> N
     conn = connect(path)
     assert schema_version(conn) == SCHEMA_VERSION == MIGRATIONS[-1][0]
     assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == [
-        1, 2, 3, 4
+        1, 2, 3, 4, 5
     ]
     assert conn.execute("SELECT addresses FROM messages WHERE key = 'k1'").fetchone() == (
         "Carol Old carol@example.net",
@@ -226,7 +226,7 @@ def test_migration_4_indexes_attachment_text_and_keeps_old_rows_searchable(
 
     conn = connect(path)
     assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == [
-        1, 2, 3, 4
+        1, 2, 3, 4, 5
     ]
     assert search(conn, "ancient") == search(conn, "walrus") == ["k1"]  # old row kept
     assert search(conn, "carol") == ["k1"]
@@ -348,10 +348,10 @@ def test_migration_3_moves_raw_into_its_own_table_and_keeps_every_row(
     path = tmp_path / "db" / "mail.sqlite3"
     _version_2_database(path)
     conn = connect(path)
-    assert migrate(conn) == SCHEMA_VERSION == 4
-    assert migrate(conn) == 4  # idempotent
+    assert migrate(conn) == SCHEMA_VERSION == 5
+    assert migrate(conn) == 5  # idempotent
     assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == [
-        1, 2, 3, 4
+        1, 2, 3, 4, 5
     ]
     columns = [r[1] for r in conn.execute("PRAGMA table_info(messages)")]
     assert "raw" not in columns
@@ -393,7 +393,7 @@ def test_a_failed_migration_3_leaves_version_2_intact(
         "SELECT 1 FROM sqlite_master WHERE name = 'message_raw'"
     ).fetchall() == []
     monkeypatch.undo()
-    assert migrate(conn) == 4  # the next open migrates
+    assert migrate(conn) == 5  # the next open migrates
     conn.close()
 
 
@@ -482,3 +482,106 @@ def test_a_replaced_key_is_counted_once_in_the_held_octets(tmp_path: Path) -> No
     s.flush()
     s.close()
     assert rows(tmp_path, "SELECT count(*) FROM messages") == [(1,)]
+
+
+def _contents(tmp_path: Path) -> list[list[tuple[object, ...]]]:
+    """Every stored value but the write times and row ids (a spooled message is
+    written in its process()): messages, raw bytes, attachments, tags and the keys
+    the FTS index finds."""
+    columns = ", ".join(
+        "json_remove(record, '$.stored_at')" if c == "record" else c
+        for c in sqlite_store._COLUMNS
+        if c not in ("stored_at", "updated_at")
+    )
+    return [
+        rows(tmp_path, f"SELECT {columns} FROM messages ORDER BY key"),
+        rows(tmp_path, "SELECT key, raw FROM message_raw ORDER BY key"),
+        rows(tmp_path, "SELECT * FROM attachments ORDER BY key, idx"),
+        rows(tmp_path, "SELECT * FROM tags ORDER BY key, tag"),
+        *(
+            rows(
+                tmp_path,
+                "SELECT m.key FROM messages_fts JOIN messages m ON m.id = "
+                "messages_fts.rowid WHERE messages_fts MATCH ? ORDER BY m.key",
+                word,
+            )
+            for word in ("alice", "report", "first", "second", "pdf", "spooled")
+        ),
+    ]
+
+
+def _mixed_group(tmp_path: Path) -> list[list[Message]]:
+    """Two rounds of messages: tagged, with an attachment, spooled (raw written in
+    pieces), and in round two the same keys again with other contents."""
+    spool = tmp_path / "spool"
+    spool.mkdir(exist_ok=True)
+    rounds = []
+    for n, word in ((1, "first"), (2, "second")):
+        plain = parsed(make_message("a", f"plain {word}", f"{word} body"))
+        plain.tags.add(f"t{n}")
+        attached = parsed(
+            make_message("b", f"with {word}", "see report", attachment=b"%PDF" * n)
+        )
+        big = make_message("c", f"spooled {word}", f"{word} spooled body")
+        path = spool / f"c{n}.eml"
+        path.write_bytes(big.raw)
+        spooled = parsed(Message(ref=big.ref, spool_path=path))
+        rounds.append([plain, attached, spooled] if n == 1 else [spooled, plain, attached])
+    return rounds
+
+
+def test_a_group_write_stores_what_writing_each_message_alone_stores(
+    tmp_path: Path,
+) -> None:
+    """Issue 18: flush() writes a group with each statement once for all its
+    messages; the database then holds what committing each message alone holds."""
+    alone, grouped = tmp_path / "alone", tmp_path / "grouped"
+    rounds = _mixed_group(tmp_path)  # the same bytes (MIME boundaries) for both
+    for path, group_commit in ((alone, False), (grouped, True)):
+        path.mkdir()
+        s = store(path, group_commit=group_commit)
+        for messages in rounds:
+            for m in messages:
+                s.process(m)
+            s.flush()
+        s.close()
+    assert _contents(grouped) == _contents(alone)
+    assert [len(t) for t in _contents(grouped)[:4]] == [3, 3, 1, 1]
+
+
+def test_a_group_write_costs_the_same_calls_for_any_number_of_messages(
+    tmp_path: Path,
+) -> None:
+    """Issue 18: the calls into SQLite of one flush() do not grow with its messages
+    (executemany per statement), where each message took seven of its own."""
+
+    class Counting:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn, self.calls = conn, 0
+
+        def execute(self, *args: object) -> object:
+            self.calls += 1
+            return self.conn.execute(*args)  # type: ignore[arg-type]
+
+        def executemany(self, *args: object) -> object:
+            self.calls += 1
+            return self.conn.executemany(*args)  # type: ignore[arg-type]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.conn, name)
+
+    s = store(tmp_path)
+    assert s._conn is not None
+    counting = Counting(s._conn)
+    s._conn = counting  # type: ignore[assignment]
+    calls = []
+    for first, count in ((0, 2), (2, 40)):
+        for i in range(first, first + count):
+            s.process(parsed(make_message(str(i), f"m{i}", "body")))
+        counting.calls = 0
+        s.flush()
+        calls.append(counting.calls)
+    s._conn = counting.conn
+    s.close()
+    assert calls[0] == calls[1], calls
+    assert rows(tmp_path, "SELECT count(*) FROM message_raw") == [(42,)]
