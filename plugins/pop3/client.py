@@ -236,16 +236,18 @@ class Pop3Client:
         if not self.conn.pipelining:
             raise SourceError("capa_with() needs pipelining (P-01)")
         replies: list[Event] = []
-        capa: Event | None = None
+        capa = True
         async for event in self.stream([Capa(), *commands]):
             if isinstance(event, BodyStart | BodyChunk | BodyEnd):
                 raise SourceConnectionError("streaming commands go through stream()")
-            if capa is None:
-                capa = event
+            if capa:
+                # The capabilities count from their reply on, not once the commands
+                # behind it were answered: a caller whose wait for those fails can
+                # tell whether the server still lists PIPELINING.
+                capa = False
+                self._capa_reply(event)
             else:
                 replies.append(event)
-        assert capa is not None  # stream() yields one reply per command
-        self._capa_reply(capa)
         return replies
 
     def _capa_reply(self, event: Event) -> Capabilities | None:

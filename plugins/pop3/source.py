@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -22,6 +22,7 @@ from mailpipe.errors import (
     SourceConnectionError,
     SourceError,
     SourcePermanentError,
+    SourceTimeoutError,
 )
 from mailpipe.message import Message, MessageRef, distinct_uids
 from mailpipe.oauth.table import OAuthOptions
@@ -209,15 +210,42 @@ class Pop3Source:
         self.context = context
         self.mailbox = mailbox or (context.mailbox if context is not None else "")
 
+        # False once a server dropped PIPELINING after login (C-25): this source's
+        # later sessions send the post-login CAPA alone.
+        self._listing_behind_capa = True
+
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[Pop3Session]:
-        """Open a session; on exit it aborts (no QUIT) unless committed."""
-        session = Pop3Session(self.options, self.mailbox)
+        """Open a session; on exit it aborts (no QUIT) unless committed.
+
+        C-25: a server that lists PIPELINING before login but not after it breaks
+        RFC 2449 §5, and may never answer the UIDL and LIST sent behind the post-login
+        CAPA; when the session fails waiting for them, one new session is opened with
+        the CAPA alone, as are all later ones of this source.
+        """
+        session = self._new_session()
         try:
-            await session.open()
+            try:
+                await session.open()
+            except (SourceConnectionError, SourceTimeoutError, RemoteProtocolError):
+                if not session.pipelining_dropped:
+                    raise
+                await session.abort()
+                session = self._new_session()
+                await session.open()
             yield session
         finally:
             await session.abort()
+
+    def _new_session(self) -> Pop3Session:
+        session = Pop3Session(
+            self.options, self.mailbox, listing_behind_capa=self._listing_behind_capa
+        )
+        session.on_pipelining_dropped = self._pipelining_dropped
+        return session
+
+    def _pipelining_dropped(self) -> None:
+        self._listing_behind_capa = False
 
 
 class Pop3Session:
@@ -233,9 +261,17 @@ class Pop3Session:
     #: P-14: see the class docstring and :func:`mailpipe.source.retrieves_across_commits`.
     retrieves_across_commits: ClassVar[bool] = True
 
-    def __init__(self, options: Pop3Options, mailbox: str) -> None:
+    def __init__(
+        self, options: Pop3Options, mailbox: str, *, listing_behind_capa: bool = True
+    ) -> None:
         self.options = options
         self.mailbox = mailbox
+        # C-25: UIDL and LIST may go behind the post-login CAPA (P-05); a server
+        # that then drops PIPELINING sets ``pipelining_dropped`` and calls
+        # ``on_pipelining_dropped`` (the source's later sessions send CAPA alone).
+        self.listing_behind_capa = listing_behind_capa
+        self.pipelining_dropped = False
+        self.on_pipelining_dropped: Callable[[], None] | None = None
         self.supports_uidl = True
         self.client = self._new_client()
         self._committed = False
@@ -319,12 +355,22 @@ class Pop3Session:
                 await client.capa()  # C-25 / S-04: only post-TLS capabilities count
         await self._utf8()
         await self._authenticate()
-        if use_capa and client.pipelining_active:
+        if use_capa and client.pipelining_active and self.listing_behind_capa:
             # C-25 with the listing queued behind it (P-05): the CAPA before login
             # listed PIPELINING, which then holds after login too (RFC 2449 §5), so
             # UIDL and LIST go in the same write and list() takes their replies: one
             # turnaround fewer. The capabilities are still the post-login ones.
-            self._prelisted = await client.capa_with(_LISTING)
+            try:
+                self._prelisted = await client.capa_with(_LISTING)
+            finally:
+                if not client.pipelining_active:
+                    # The post-login CAPA (-ERR, or no PIPELINING) breaks RFC 2449 §5
+                    # (a proxy in front of a server without it, say): the listing
+                    # may be lost (Pop3Source.session then opens anew).
+                    self._log.warning("pop3_pipelining_dropped_after_login")
+                    self.pipelining_dropped = True
+                    if self.on_pipelining_dropped is not None:
+                        self.on_pipelining_dropped()
         elif use_capa:
             # C-25, RFC 2449 §6.5/§6.7: TRANSACTION-state values (PIPELINING, UIDL,
             # per-user LOGIN-DELAY); some servers list more only after login (GNU

@@ -73,9 +73,11 @@ def stuff(data: bytes) -> bytes:
 class MiniPop3:
     """A small POP3 server over ``messages``: USER/PASS, AUTH PLAIN, CAPA, STAT, LIST,
     UIDL, RETR, TOP, DELE, NOOP, QUIT. ``replies`` overrides a reply by command line;
-    without ``pipelining`` a command sent before the previous reply is dropped (T-31)."""
+    without ``pipelining`` a command sent before the previous reply is dropped (T-31);
+    with ``pipelining="before_login"`` that holds once logged in, and only the CAPA
+    before login lists PIPELINING (against RFC 2449 §5, as a proxy may)."""
 
-    def __init__(self, messages: list[bytes], *, pipelining: bool = True, uidl: bool = True,
+    def __init__(self, messages: list[bytes], *, pipelining: bool | str = True, uidl: bool = True,
                  extra_capa: tuple[bytes, ...] = (), replies: dict[bytes, bytes] | None = None,
                  stls_ctx: ssl.SSLContext | None = None, password: str = "pass") -> None:
         self.messages = list(messages)
@@ -90,12 +92,19 @@ class MiniPop3:
         self.committed: set[int] = set()
         self.dropped = 0
         self.quit_seen = False
+        self.logged_in = False  # of the current connection
+
+    @property
+    def piped(self) -> bool:
+        return self.pipelining is True or (
+            self.pipelining == "before_login" and not self.logged_in
+        )
 
     def capa(self, tls: bool) -> bytes:
         tags = [b"CAPA", b"TOP", b"RESP-CODES", b"USER", b"SASL PLAIN", *self.extra_capa]
         if self.uidl:
             tags.append(b"UIDL")
-        if self.pipelining:
+        if self.piped:
             tags.append(b"PIPELINING")
         if self.stls_ctx is not None and not tls:
             tags.append(b"STLS")
@@ -107,6 +116,7 @@ class MiniPop3:
         pending = bytearray()
         user_ok = False
         deleted: set[int] = set()
+        self.logged_in = False
         while True:
             chunk = await r.read(65536)
             if not chunk:
@@ -118,7 +128,7 @@ class MiniPop3:
                 line, _, rest = bytes(pending).partition(b"\r\n")
                 pending = bytearray(rest)
                 lines.append(line)
-            if not self.pipelining and len(lines) > 1:
+            if not self.piped and len(lines) > 1:
                 self.dropped += len(lines) - 1
                 lines = lines[:1]
             for line in lines:
@@ -140,7 +150,8 @@ class MiniPop3:
                     user_ok = True
                     w.write(b"+OK\r\n")
                 elif verb == b"PASS":
-                    w.write(b"+OK\r\n" if user_ok and arg.decode() == self.password
+                    self.logged_in = user_ok and arg.decode() == self.password
+                    w.write(b"+OK\r\n" if self.logged_in
                             else b"-ERR [AUTH] Authentication failed.\r\n")
                 elif verb == b"AUTH":
                     _mech, _, ir = arg.partition(b" ")
@@ -150,6 +161,7 @@ class MiniPop3:
                         ir = (await r.readline()).rstrip(b"\r\n")
                         self.wire += ir + b"\r\n"
                     ok = base64.b64decode(ir).split(b"\0")[-1] == self.password.encode()
+                    self.logged_in = ok
                     w.write(b"+OK Logged in.\r\n" if ok else b"-ERR [AUTH] Authentication failed.\r\n")
                 elif verb == b"STAT":
                     live = [m for i, m in enumerate(self.messages, 1) if i not in deleted]
@@ -1158,6 +1170,28 @@ async def test_c25_the_post_login_capa_carries_the_listing_in_one_write(
         assert after_login == [b"CAPA\r\nUIDL\r\nLIST\r\n", b"UIDL\r\nLIST\r\n"]
     else:
         assert after_login == [b"CAPA\r\n", *[b"UIDL\r\n", b"LIST\r\n"] * 2]
+
+
+async def test_c25_a_server_that_drops_pipelining_after_login_is_still_read():
+    # C-25 / P-01 (review of issue 18): the listing sent behind the post-login CAPA
+    # relies on RFC 2449 §5 (PIPELINING, listed before login, holds after it). A server
+    # that drops it after login and ignores what came before its reply never answers
+    # UIDL and LIST: the session timed out, and so did every later one. The source now
+    # opens a lockstep session at once, and remembers it for its later sessions.
+    mini = MiniPop3(messages(3), pipelining="before_login")
+    async with Server(mini) as srv:
+        source = Pop3Source(options(srv.port, read_timeout=1))
+        for _ in range(2):
+            async with source.session() as s:
+                assert not s.client.pipelining_active
+                refs = await s.list()
+                assert [(r.number, r.uid) for r in refs] == [
+                    (1, "uid-1"), (2, "uid-2"), (3, "uid-3")
+                ]
+                await s.commit()
+    # one connection lost its listing; the retry and the later session did not
+    assert srv.connections == 3
+    assert mini.dropped == 2
 
 
 async def test_p06_a_long_run_of_deles_is_written_in_batches_not_one_by_one(tmp_path):
