@@ -39,7 +39,7 @@ import structlog
 from mailpipe import cursors
 from mailpipe import source as contract
 from mailpipe.errors import ProcessorError
-from mailpipe.journal.base import Entry, Fence, Journal, Status
+from mailpipe.journal.base import Entry, Fence, Finish, Journal, Status
 from mailpipe.message import Message, MessageRef, message_key
 from mailpipe.planning import UNRETRIEVABLE
 from mailpipe.processor import Decision, Disposition
@@ -172,12 +172,11 @@ class Ledger:
         A PENDING entry carries no promise of its own (attempts and outcomes are
         written by the group commit), so one durable commit per chunk suffices.
         """
-        new = [r for r in refs if r.uid and r.uid not in entries]
+        new = [(r.uid, r.key, r.size) for r in refs if r.uid and r.uid not in entries]
         if not new:
             return
         with self._batch():
-            for ref in new:
-                entries[ref.uid] = self.begin(ref)
+            entries.update(self.journal.begin_many(self.mailbox, new))
 
     def step_committed(self, uid: str, step: str) -> None:
         """Record at once that ``step`` committed (a non-idempotent side effect: mail
@@ -495,34 +494,51 @@ class Ledger:
             self.log.error("flush_failed", error=flush_error)
         due: list[tuple[MessageRef, Ack]] = []
         lost: set[str] = set()  # uids whose writes are not durable
+        # The steps and outcomes go to the journal a run at a time (one statement
+        # each, issue 18), in the order of the writes they stand for: a run is
+        # written out before any other write of the group (a failure, a readopt).
+        steps: list[tuple[str, str]] = []
+        finished: list[Finish] = []
+
+        def write_out() -> None:
+            if steps:
+                self.journal.steps_committed(self.mailbox, steps)
+                steps.clear()
+            if finished:
+                self.journal.finish_many(self.mailbox, finished)
+                finished.clear()
+
         with self._batch():
             for d in group:
-                steps = list(d.result.committed) if d.result else []
+                uid = d.ref.uid
                 # A flush failure seen by another mailbox's group commit (shared
                 # processors) counts too: see Chain.flushed.
                 durable = flushed and (d.result is None or chain.flushed(d.result))
-                if durable and d.result:
-                    steps += d.result.pending
-                for step in steps:
-                    self.journal.step_committed(self.mailbox, d.ref.uid, step)
+                if d.result:
+                    steps.extend((uid, step) for step in d.result.committed)
+                    if durable:
+                        steps.extend((uid, step) for step in d.result.pending)
+                if d.failed:
+                    write_out()
                 if d.failed and d.status == Status.PENDING:
-                    self.journal.fail(self.mailbox, d.ref.uid, error=d.error,
+                    self.journal.fail(self.mailbox, uid, error=d.error,
                                       counted=not (d.result and d.result.temporary))
                     continue
                 if d.failed:  # quarantined after failures: count the last attempt too
-                    self.journal.fail(self.mailbox, d.ref.uid, error=d.error, counted=True)
+                    self.journal.fail(self.mailbox, uid, error=d.error, counted=True)
                 if not durable and d.result and d.result.pending:
-                    lost.add(d.ref.uid)
+                    lost.add(uid)
                     if not d.failed:
                         self.summary.not_durable(d.disposition, d.reason)
                     continue  # not durable: stays PENDING, re-run next time
-                self.journal.finish(self.mailbox, d.ref.uid, status=d.status,
-                                    disposition=d.disposition, sha256=d.sha256,
-                                    reason=d.reason, delete_due=d.delete_due)
+                finished.append(Finish(uid, d.status, d.disposition, d.sha256,
+                                       d.reason, d.delete_due))
                 if d.delete_due:
                     due.append((d.ref, self._ack_for(d.disposition)))
                 if d.readopt is not None:
+                    write_out()
                     self.readopt(d.readopt, d)
+            write_out()
         # The batch is durable here: only now is anything of this group owed (MP-01).
         if lost and facts.deletes_on_commit:
             raise ProcessorError(

@@ -6,6 +6,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,11 +33,13 @@ class MessageRef:
         return message_key(self.mailbox, self.uid)
 
 
+@lru_cache(maxsize=4096)
 def message_key(mailbox: str, uid: str) -> str:
     """Return the stable key of a message: 32 hex digits of sha256(mailbox NUL uid).
 
     Safe as a file name, an SQL key and a header value; stores and forwarders use it for
-    idempotency.
+    idempotency. Remembered for the latest 4,096 messages: the journal, the stores and
+    the hooks ask it several times per message (issue 18).
     """
     return hashlib.sha256(f"{mailbox}\0{uid}".encode()).hexdigest()[:32]
 

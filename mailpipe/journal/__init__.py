@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mailpipe.journal.base import Entry, Fence, Journal, Lease, PollRecord, Status
+from mailpipe.journal.base import (
+    Entry,
+    Fence,
+    Finish,
+    Journal,
+    Lease,
+    PollRecord,
+    Status,
+)
 from mailpipe.journal.errors import (
     FencedError,
     JournalError,
@@ -17,6 +25,7 @@ __all__ = [
     "Entry",
     "Fence",
     "FencedError",
+    "Finish",
     "Journal",
     "JournalError",
     "JournalMissingError",

@@ -32,7 +32,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import structlog
 
@@ -67,6 +67,18 @@ class Entry:
     delete_due: bool = False  # DELE this message at the next session
     first_seen: datetime | None = None
     updated: datetime | None = None
+
+
+class Finish(NamedTuple):
+    """One outcome for :meth:`Journal.finish_many`: the arguments of
+    :meth:`Journal.finish` for ``uid`` (``sha256=None`` keeps a known hash)."""
+
+    uid: str
+    status: Status
+    disposition: str
+    sha256: str | None
+    reason: str
+    delete_due: bool
 
 
 @dataclass(slots=True, kw_only=True)
@@ -183,8 +195,20 @@ class Journal(Protocol):
         """Insert a PENDING entry if absent (first_seen now); return the current entry."""
         ...
 
+    def begin_many(
+        self, mailbox: str, items: Sequence[tuple[str, str, int]]
+    ) -> dict[str, Entry]:
+        """:meth:`begin` for each ``(uid, key, size)``, in one transaction (inside a
+        batch: part of it); return the current entry of each uid, by uid."""
+        ...
+
     def step_committed(self, mailbox: str, uid: str, step: str) -> None:
         """Record that chain step ``step`` durably committed for this message."""
+        ...
+
+    def steps_committed(self, mailbox: str, items: Iterable[tuple[str, str]]) -> None:
+        """:meth:`step_committed` for each ``(uid, step)`` in order, in one
+        transaction (inside a batch: part of it)."""
         ...
 
     def finish(
@@ -202,6 +226,11 @@ class Journal(Protocol):
         """Set the final status of a chain run; ``delete_due`` says whether DELE is owed.
 
         With ``fence``, as :meth:`batch` with that fence."""
+        ...
+
+    def finish_many(self, mailbox: str, items: Iterable[Finish]) -> None:
+        """:meth:`finish` for each item in order, in one transaction (inside a batch:
+        part of it)."""
         ...
 
     def fail(self, mailbox: str, uid: str, *, error: str, counted: bool) -> int:

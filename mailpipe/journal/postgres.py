@@ -23,7 +23,7 @@ psycopg (3) is imported when a journal is created, so the core works without it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -35,6 +35,7 @@ from mailpipe.journal.base import (
     OAUTH_TOKENS_TABLE,
     Entry,
     Fence,
+    Finish,
     Lease,
     PollRecord,
     Status,
@@ -451,18 +452,51 @@ class PostgresJournal:
         assert row is not None
         return entry(row, _utc)
 
-    def step_committed(self, mailbox: str, uid: str, step: str) -> None:
-        """Record that chain step ``step`` durably committed for this message."""
+    def begin_many(
+        self, mailbox: str, items: Sequence[tuple[str, str, int]]
+    ) -> dict[str, Entry]:
+        """:meth:`begin` for each ``(uid, key, size)`` in one statement (issue 18);
+        return the current entries by uid."""
+        rows = list(items)
         now = self._clock()
         with self._tx() as conn:
             conn.execute(
+                "INSERT INTO mailpipe_journal "
+                "(mailbox, uid, key, status, size, first_seen, updated) "
+                "SELECT %s, u.uid, u.key, 'pending', u.size, %s, %s "
+                "FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS u(uid, key, size) "
+                "ON CONFLICT (mailbox, uid) DO NOTHING",
+                (
+                    mailbox,
+                    now,
+                    now,
+                    [uid for uid, _, _ in rows],
+                    [key for _, key, _ in rows],
+                    [size for _, _, size in rows],
+                ),
+            )
+            return self.get_many(mailbox, [uid for uid, _, _ in rows])
+
+    def step_committed(self, mailbox: str, uid: str, step: str) -> None:
+        """Record that chain step ``step`` durably committed for this message."""
+        self.steps_committed(mailbox, [(uid, step)])
+
+    def steps_committed(self, mailbox: str, items: Iterable[tuple[str, str]]) -> None:
+        """:meth:`step_committed` for each ``(uid, step)`` in order, in one
+        transaction (inside a batch: part of it)."""
+        now = self._clock()
+        rows = [(mailbox, uid, message_key(mailbox, uid), step, now, now)
+                for uid, step in items]
+        with self._tx() as conn:
+            _execute_many(
+                conn,
                 "INSERT INTO mailpipe_journal AS j "
                 "(mailbox, uid, key, status, steps, first_seen, updated) "
                 "VALUES (%s, %s, %s, 'pending', jsonb_build_array(%s::text), %s, %s) "
                 "ON CONFLICT (mailbox, uid) DO UPDATE "
                 "SET steps = j.steps || EXCLUDED.steps, updated = EXCLUDED.updated "
                 "WHERE NOT j.steps @> EXCLUDED.steps",
-                (mailbox, uid, message_key(mailbox, uid), step, now, now),
+                rows,
             )
 
     def finish(
@@ -480,9 +514,23 @@ class PostgresJournal:
         """Set the final status of a chain run; ``sha256=None`` keeps a known hash.
 
         With ``fence``: only while it is the mailbox's lease (see :meth:`batch`)."""
+        with self._fenced(fence):
+            self.finish_many(
+                mailbox, [Finish(uid, status, disposition, sha256, reason, delete_due)]
+            )
+
+    def finish_many(self, mailbox: str, items: Iterable[Finish]) -> None:
+        """:meth:`finish` for each item in order, in one transaction (inside a batch:
+        part of it)."""
         now = self._clock()
-        with self._fenced(fence), self._tx() as conn:
-            conn.execute(
+        rows = [
+            (mailbox, f.uid, message_key(mailbox, f.uid), Status(f.status).value,
+             f.disposition, f.sha256, f.reason, f.delete_due, now, now)
+            for f in items
+        ]
+        with self._tx() as conn:
+            _execute_many(
+                conn,
                 "INSERT INTO mailpipe_journal AS j (mailbox, uid, key, status, "
                 "disposition, sha256, reason, delete_due, first_seen, updated) "
                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
@@ -491,18 +539,7 @@ class PostgresJournal:
                 "sha256 = COALESCE(EXCLUDED.sha256, j.sha256), "
                 "reason = EXCLUDED.reason, delete_due = EXCLUDED.delete_due, "
                 "updated = EXCLUDED.updated",
-                (
-                    mailbox,
-                    uid,
-                    message_key(mailbox, uid),
-                    Status(status).value,
-                    disposition,
-                    sha256,
-                    reason,
-                    delete_due,
-                    now,
-                    now,
-                ),
+                rows,
             )
 
     def fail(self, mailbox: str, uid: str, *, error: str, counted: bool) -> int:
@@ -865,3 +902,15 @@ def _lock_cursors(conn: Any, mailbox: str) -> None:
     conn.execute(
         "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_CURSOR_LOCK_SPACE, mailbox)
     )
+
+
+def _execute_many(
+    conn: psycopg.Connection[tuple[Any, ...]], sql: str, rows: list[tuple[Any, ...]]
+) -> None:
+    """Run ``sql`` once per row: a single row as one (autocommit) statement, more in
+    one transaction (a savepoint inside a batch), pipelined by psycopg."""
+    if len(rows) == 1:
+        conn.execute(sql, rows[0])
+    elif rows:
+        with conn.transaction():
+            conn.cursor().executemany(sql, rows)

@@ -31,7 +31,7 @@ import hashlib
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -43,6 +43,7 @@ from mailpipe.journal.base import (
     OAUTH_TOKENS_TABLE,
     Entry,
     Fence,
+    Finish,
     Lease,
     PollRecord,
     Status,
@@ -434,13 +435,6 @@ class SqliteJournal:
             (mailbox, uid, message_key(mailbox, uid), Status.PENDING.value, now, now),
         )
 
-    def _get(self, conn: sqlite3.Connection, mailbox: str, uid: str) -> Entry:
-        row = conn.execute(
-            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE mailbox = ? AND uid = ?",
-            (mailbox, uid),
-        ).fetchone()
-        return entry(row, _time)
-
     def owed(self, mailbox: str) -> list[str]:
         """Return the uids whose DELE is still owed (``delete_due``)."""
         with self._guard():
@@ -472,45 +466,76 @@ class SqliteJournal:
 
     def get_many(self, mailbox: str, uids: Iterable[str]) -> dict[str, Entry]:
         """Return the entries of ``uids`` that exist, by uid."""
-        found: dict[str, Entry] = {}
         with self._guard():
-            for chunk in iter_chunks(uids):
-                marks = ",".join("?" * len(chunk))
-                rows = self._conn.execute(
-                    f"SELECT {ENTRY_COLUMNS} FROM entries "
-                    f"WHERE mailbox = ? AND uid IN ({marks})",
-                    (mailbox, *chunk),
-                ).fetchall()
-                for row in rows:
-                    found[row[1]] = entry(row, _time)
+            return self._select(self._conn, mailbox, uids)
+
+    def _select(
+        self, conn: sqlite3.Connection, mailbox: str, uids: Iterable[str]
+    ) -> dict[str, Entry]:
+        found: dict[str, Entry] = {}
+        for chunk in iter_chunks(uids):
+            marks = ",".join("?" * len(chunk))
+            rows = conn.execute(
+                f"SELECT {ENTRY_COLUMNS} FROM entries "
+                f"WHERE mailbox = ? AND uid IN ({marks})",
+                (mailbox, *chunk),
+            ).fetchall()
+            for row in rows:
+                found[row[1]] = entry(row, _time)
         return found
 
     def begin(self, mailbox: str, uid: str, *, key: str, size: int) -> Entry:
         """Insert a PENDING entry if absent; return the current entry."""
+        return self.begin_many(mailbox, [(uid, key, size)])[uid]
+
+    def begin_many(
+        self, mailbox: str, items: Sequence[tuple[str, str, int]]
+    ) -> dict[str, Entry]:
+        """:meth:`begin` for each ``(uid, key, size)`` in one transaction (issue 18:
+        one statement for all, one select); return the current entries by uid."""
         now = self._now()
+        pending = Status.PENDING.value
+        rows = [(mailbox, uid, key, pending, size, now, now) for uid, key, size in items]
         with self._tx() as conn:
-            conn.execute(
+            inserted = conn.executemany(
                 "INSERT INTO entries "
                 "(mailbox, uid, key, status, size, first_seen, updated)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (mailbox, uid) DO NOTHING",
-                (mailbox, uid, key, Status.PENDING.value, size, now, now),
-            )
-            return self._get(conn, mailbox, uid)
+                rows,
+            ).rowcount
+            if inserted != len(rows):  # some existed (or came twice): read them all
+                return self._select(conn, mailbox, [row[1] for row in rows])
+        # Every row is new, and each entry is what was inserted: no need to read it.
+        when = _time(now)
+        return {
+            uid: Entry(mailbox=mailbox, uid=uid, key=key, status=Status.PENDING,
+                       size=size, first_seen=when, updated=when)
+            for _, uid, key, _, size, _, _ in rows
+        }
 
     def step_committed(self, mailbox: str, uid: str, step: str) -> None:
         """Record that chain step ``step`` durably committed for this message."""
+        self.steps_committed(mailbox, [(uid, step)])
+
+    def steps_committed(self, mailbox: str, items: Iterable[tuple[str, str]]) -> None:
+        """:meth:`step_committed` for each ``(uid, step)`` in order, in one
+        transaction (one statement for all, issue 18)."""
         now = self._now()
+        pending = Status.PENDING.value
+        rows = [
+            (mailbox, uid, message_key(mailbox, uid), pending, step, now, now, step, step)
+            for uid, step in items
+        ]
         with self._tx() as conn:
-            # One statement (issue 18): begun if absent, the step appended once.
-            conn.execute(
+            # Begun if absent, the step appended once.
+            conn.executemany(
                 "INSERT INTO entries AS e "
                 "(mailbox, uid, key, status, steps, first_seen, updated) "
                 "VALUES (?, ?, ?, ?, json_array(?), ?, ?) "
                 "ON CONFLICT (mailbox, uid) DO UPDATE "
                 "SET steps = json_insert(e.steps, '$[#]', ?), updated = excluded.updated "
                 "WHERE NOT EXISTS (SELECT 1 FROM json_each(e.steps) WHERE value = ?)",
-                (mailbox, uid, message_key(mailbox, uid), Status.PENDING.value, step,
-                 now, now, step, step),
+                rows,
             )
 
     def finish(
@@ -528,10 +553,23 @@ class SqliteJournal:
         """Set the final status of a chain run; ``sha256=None`` keeps a known hash.
 
         With ``fence``: only while it is the mailbox's lease (see :meth:`batch`)."""
+        with self._fenced(fence):
+            self.finish_many(
+                mailbox, [Finish(uid, status, disposition, sha256, reason, delete_due)]
+            )
+
+    def finish_many(self, mailbox: str, items: Iterable[Finish]) -> None:
+        """:meth:`finish` for each item in order, in one transaction (one statement
+        for all, issue 18)."""
         now = self._now()
-        with self._fenced(fence), self._tx() as conn:
-            # One statement (issue 18): an entry never begun is recorded as finished.
-            conn.execute(
+        rows = [
+            (mailbox, f.uid, message_key(mailbox, f.uid), Status(f.status).value,
+             f.disposition, f.sha256, f.reason, int(f.delete_due), now, now)
+            for f in items
+        ]
+        with self._tx() as conn:
+            # An entry never begun is recorded as finished.
+            conn.executemany(
                 "INSERT INTO entries AS e (mailbox, uid, key, status, disposition, "
                 "sha256, reason, delete_due, first_seen, updated) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -540,18 +578,7 @@ class SqliteJournal:
                 "sha256 = COALESCE(excluded.sha256, e.sha256), "
                 "reason = excluded.reason, delete_due = excluded.delete_due, "
                 "updated = excluded.updated",
-                (
-                    mailbox,
-                    uid,
-                    message_key(mailbox, uid),
-                    Status(status).value,
-                    disposition,
-                    sha256,
-                    reason,
-                    int(delete_due),
-                    now,
-                    now,
-                ),
+                rows,
             )
 
     def fail(self, mailbox: str, uid: str, *, error: str, counted: bool) -> int:

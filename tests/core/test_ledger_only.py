@@ -13,8 +13,9 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-JOURNAL_WRITES = {"begin", "step_committed", "finish", "fail", "mark_deleted", "forget",
-                  "mark_seen", "set_cursors"}
+JOURNAL_WRITES = {"begin", "begin_many", "step_committed", "steps_committed", "finish",
+                  "finish_many", "fail", "mark_deleted", "forget", "mark_seen",
+                  "set_cursors"}
 SESSION_EFFECTS = {"acknowledge", "mark_deleted", "commit", "checkpoint"}
 #: (file, enclosing class) pairs allowed to pass session effects through.
 PASS_THROUGH = {("mailpipe/leases.py", "LeaseGuardedSession")}

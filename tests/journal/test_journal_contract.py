@@ -28,6 +28,7 @@ from mailpipe import message_key
 from mailpipe.journal import (
     Entry,
     FencedError,
+    Finish,
     Journal,
     SchemaVersionError,
     Status,
@@ -350,6 +351,91 @@ def test_writes_for_an_entry_never_begun_still_record(journal: Journal) -> None:
     }
     assert entries["a"].steps == ["store"]
     assert entries["c"].status is Status.COMMITTED
+
+
+def _history(journal: Journal, mailbox: str, *, many: bool) -> dict[str, tuple[object, ...]]:
+    """One script of writes, through the single-row methods or the ``*_many`` ones;
+    each entry afterwards, without what differs by mailbox or by clock."""
+    journal.begin(mailbox, "old", key=message_key(mailbox, "old"), size=5)
+    journal.step_committed(mailbox, "old", "a")
+    journal.finish(mailbox, "old", status=Status.PENDING, disposition="",
+                   sha256="ef" * 32, delete_due=False)
+    journal.fail(mailbox, "old", error="boom", counted=True)
+    begun = [("new1", 10), ("new2", 20), ("old", 99), ("new1", 11)]
+    steps = [("new1", "s1"), ("new1", "s2"), ("new1", "s1"), ("old", "a"),
+             ("old", "b"), ("never", "s3")]
+    finishes = [
+        Finish("new1", Status.COMMITTED, "done", "ab" * 32, "on_complete", True),
+        Finish("old", Status.KEPT, "keep", None, "rule", False),
+        Finish("never", Status.QUARANTINED, "quarantine", "cd" * 32, "bad", True),
+        Finish("new2", Status.PENDING, "", None, "", False),
+        Finish("new2", Status.COMMITTED, "done", None, "", True),
+    ]
+    if many:
+        got = journal.begin_many(
+            mailbox, [(uid, message_key(mailbox, uid), size) for uid, size in begun]
+        )
+        journal.steps_committed(mailbox, steps)
+        journal.finish_many(mailbox, finishes)
+    else:
+        got = {
+            uid: journal.begin(mailbox, uid, key=message_key(mailbox, uid), size=size)
+            for uid, size in begun
+        }
+        for uid, step in steps:
+            journal.step_committed(mailbox, uid, step)
+        for f in finishes:
+            journal.finish(mailbox, f.uid, status=f.status, disposition=f.disposition,
+                           sha256=f.sha256, reason=f.reason, delete_due=f.delete_due)
+    assert set(got) == {"new1", "new2", "old"}
+    assert all(e.key == message_key(mailbox, e.uid) for e in got.values())
+    assert got["old"].attempts == 1 and got["old"].size == 5  # begin changed nothing
+    assert (got["new1"].status, got["new1"].size) == (Status.PENDING, 10)
+
+    def facts(e: Entry) -> tuple[object, ...]:
+        return (e.status, e.attempts, e.size, e.sha256, e.steps, e.disposition,
+                e.reason, e.last_error, e.delete_due, e.key == message_key(mailbox, e.uid))
+
+    return {
+        uid: facts(e)
+        for uid, e in journal.get_many(mailbox, ["old", "new1", "new2", "never"]).items()
+    }
+
+
+def test_the_many_writes_equal_the_single_ones(journal: Journal) -> None:
+    """``begin_many``, ``steps_committed`` and ``finish_many`` (the group commit's
+    writes, one statement each, issue 18) leave every entry as ``begin``,
+    ``step_committed`` and ``finish`` called one by one, in order, do."""
+    single = _history(journal, "one-by-one", many=False)
+    many = _history(journal, "at-once", many=True)
+    assert many == single
+    assert single["new1"][4] == ["s1", "s2"] and single["old"][4] == ["a", "b"]
+    assert single["new2"][0] is Status.COMMITTED and single["new2"][3] is None
+    assert single["old"][3] == "ef" * 32  # sha256=None kept the known hash
+    assert journal.begin_many(MB, []) == {}
+    journal.steps_committed(MB, [])
+    journal.finish_many(MB, [])
+    assert journal.list(MB) == []
+    fresh = journal.begin_many(MB, [(u, message_key(MB, u), 7) for u in ("f1", "f2")])
+    assert fresh == journal.get_many(MB, ["f1", "f2"])  # all new: as stored
+
+
+def test_the_many_writes_roll_back_with_their_batch(
+    backend: Backend, journal: Journal
+) -> None:
+    observer = backend.open()
+    begin(journal, "before")
+    with pytest.raises(RuntimeError, match="crash"), journal.batch():
+        journal.begin_many(MB, [("u1", message_key(MB, "u1"), 1)])
+        journal.steps_committed(MB, [("before", "store"), ("u1", "store")])
+        journal.finish_many(
+            MB, [Finish("before", Status.COMMITTED, "done", None, "", True)]
+        )
+        assert observer.get_many(MB, ["u1"]) == {}  # not before the batch commits
+        raise RuntimeError("crash")
+    entries = journal.get_many(MB, ["before", "u1"])
+    assert set(entries) == {"before"}
+    assert (entries["before"].status, entries["before"].steps) == (Status.PENDING, [])
 
 
 def test_list_filters_and_returns_newest_first(journal: Journal) -> None:

@@ -173,12 +173,19 @@ class _Full:
 
 
 class _FullConnection(sqlite3.Connection):
-    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
+    def _fail(self, sql: str) -> None:
         if _Full.armed is not None and _Full.armed in sql:
             if self.in_transaction:
                 super().execute("ROLLBACK")
             raise sqlite3.OperationalError("database or disk is full")
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
+        self._fail(sql)
         return super().execute(sql, *args)  # type: ignore[arg-type]
+
+    def executemany(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
+        self._fail(sql)
+        return super().executemany(sql, *args)  # type: ignore[arg-type]
 
 
 @pytest.fixture
