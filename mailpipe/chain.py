@@ -187,6 +187,7 @@ class Chain:
                 )
             self.pipelines[pname] = steps
         self._opened: list[Step] = []
+        self._by_id = {step.id: step for step in self._all()}
 
     @classmethod
     def from_config(cls, config: Config, *, dry_run: bool = False) -> Chain:
@@ -265,7 +266,7 @@ class Chain:
         and a later successful flush then proves nothing for it (DELE only after
         durability).
         """
-        by_id = {step.id: step for step in self._all()}
+        by_id = self._by_id
         return all(
             step_id in by_id
             and by_id[step_id].flush_failures == result.flush_epoch.get(step_id)

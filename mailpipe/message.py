@@ -168,7 +168,9 @@ class Message:
     @property
     def sha256(self) -> str:
         """Hex sha256 of the raw bytes; second evidence beside the UIDL."""
-        if self._sha256 is None:
+        if self._sha256 is None and self.data is not None:
+            self._sha256 = hashlib.sha256(self.data).hexdigest()
+        elif self._sha256 is None:
             h = hashlib.sha256()
             with self.open() as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):

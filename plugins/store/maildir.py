@@ -214,7 +214,7 @@ class MaildirStore:
         self._inline: set[str] = set()
         self._failure: Exception | None = None  # first failed write, until flush()
         self._anonymous: bool | None = None  # O_TMPFILE works here (None: not tried)
-        self._tmp_dir_fd: int | None = None
+        self._dir_fds: dict[str, int] = {}
         self._fd_lock = threading.Lock()
         # Written unnamed (O_TMPFILE), not yet fsynced nor linked: handed to a writer
         # thread BATCH at a time (fsync, link), all published by flush().
@@ -248,9 +248,10 @@ class MaildirStore:
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
                 self._writer = None
-            if self._tmp_dir_fd is not None:
-                os.close(self._tmp_dir_fd)
-                self._tmp_dir_fd = None
+            with self._fd_lock:
+                for fd in self._dir_fds.values():
+                    os.close(fd)
+                self._dir_fds.clear()
             self._keys = None
 
     def _prepare(self) -> set[str]:
@@ -439,8 +440,8 @@ class MaildirStore:
     def _claim(self, key: str) -> int | None:
         """Lock the key's marker; None (the marker closed) when another process or
         an earlier run stored the key, else the locked marker's fd for the write."""
-        fd = os.open(self.path / MARKERS / key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o644)
+        fd = os.open(key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644,
+                     dir_fd=self._dir_fd(MARKERS))
         try:
             deadline = time.monotonic() + self.CLAIM_TIMEOUT
             while True:
@@ -458,6 +459,8 @@ class MaildirStore:
             if name and self._present(name):
                 os.close(fd)
                 return None
+            if name:  # a write that never completed: the next one records its name
+                os.ftruncate(fd, 0)
         except BaseException:
             os.close(fd)
             raise
@@ -481,8 +484,7 @@ class MaildirStore:
         Neither needs an fsync: a file that reached new/ without its marker after a
         power loss is found by the listing every process makes when it opens."""
         try:
-            os.ftruncate(marker, 0)
-            os.pwrite(marker, name.encode("ascii"), 0)
+            os.pwrite(marker, name.encode("ascii"), 0)  # empty since _claim
             return self._write(name, chunks)
         finally:
             os.close(marker)  # releases the flock
@@ -581,12 +583,21 @@ class MaildirStore:
             raise
 
     def _tmp_fd(self) -> int:
-        with self._fd_lock:
-            if self._tmp_dir_fd is None:
-                self._tmp_dir_fd = os.open(
-                    self.path / "tmp", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-                )
-            return self._tmp_dir_fd
+        return self._dir_fd("tmp")
+
+    def _dir_fd(self, sub: str) -> int:
+        """A descriptor of the subdirectory ``sub`` (tmp, new, the markers'), opened
+        once and kept until :meth:`close`: names are resolved from it, not from the
+        root's path at each call (issue 18)."""
+        fd = self._dir_fds.get(sub)
+        if fd is None:
+            with self._fd_lock:
+                fd = self._dir_fds.get(sub)
+                if fd is None:
+                    fd = self._dir_fds[sub] = os.open(
+                        self.path / sub, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                    )
+        return fd
 
     def _stage(self, key: str, name: str, data: bytes, marker: int) -> bool:
         """Write ``data`` to a new unnamed file (O_TMPFILE) without fsync and keep it,
@@ -605,8 +616,8 @@ class MaildirStore:
                 return False
             if self._by_syncfs and self._group_fd is None:  # before the group's writes
                 self._group_fd = _syncfs.open_handle(self.path / "tmp")
-            # The name is recorded before the file can appear in new/ (_write_marked).
-            os.ftruncate(marker, 0)
+            # The name is recorded before the file can appear in new/ (_write_marked);
+            # the marker is empty since _claim.
             os.pwrite(marker, name.encode("ascii"), 0)
             size = write_all(fd, [data])
         except OSError as exc:
@@ -702,11 +713,10 @@ class MaildirStore:
     def _link_staged(self, item: _Staged) -> None:
         """Name the fsynced unnamed file ``new/<name>`` (linkat through /proc); where
         /proc cannot link it, copy its bytes through tmp/ (fsync, rename) instead."""
-        final = self.path / "new" / item.name
         if self._anonymous is not False:
             try:
-                os.link(f"/proc/self/fd/{item.fd}", final, src_dir_fd=self._tmp_fd(),
-                        follow_symlinks=True)
+                os.link(f"/proc/self/fd/{item.fd}", item.name, src_dir_fd=self._tmp_fd(),
+                        dst_dir_fd=self._dir_fd("new"), follow_symlinks=True)
                 self._anonymous = True
                 return
             except OSError as exc:

@@ -112,15 +112,18 @@ def test_maildir_waits_for_a_key_being_written_then_fails_temporarily(
     assert copies(tmp_path, "maildir") == {m.key: 1}
 
 
+@pytest.mark.parametrize("stale_size", ["1", "9" * 40])
 def test_maildir_redoes_a_write_whose_marker_names_a_missing_file(
-    tmp_path: Path,
+    tmp_path: Path, stale_size: str
 ) -> None:
+    """The marker then names the new file alone, also when the stale name was longer
+    (the marker is emptied when it is claimed, before the new name is written)."""
     s = stores(tmp_path)["maildir"]
     s.open()
     m = message(3)
     # A writer killed after naming the file in the marker, before linking it into new/.
     (tmp_path / "Maildir" / MARKERS / m.key).write_text(
-        f"1.M1P1.{m.key}.mailpipe,S=1"
+        f"1.M1P1.{m.key}.mailpipe,S={stale_size}"
     )
     deliver(s, m)
     assert copies(tmp_path, "maildir") == {m.key: 1}
