@@ -575,7 +575,7 @@ class MaildirStore:
             self._anonymous = False
             return None
         try:
-            return os.open(self.path / "tmp", flag | mode | os.O_CLOEXEC, 0o644)
+            return os.open(".", flag | mode | os.O_CLOEXEC, 0o644, dir_fd=self._tmp_fd())
         except OSError as exc:
             if exc.errno in _NO_TMPFILE:
                 self._anonymous = False
