@@ -11,6 +11,9 @@ Each piece is timed alone in this process, in CPU (user + system of the process,
           those messages, parsed beforehand, with a ``flush`` every ``--group`` (50;
           the engine's groups in bench/run are up to 256); the flushes' fsyncs are in
           the figure, on the file system of ``--dir``
+  maildir store.maildir (defaults: group commit, syncfs where it reports errors)
+          ``process`` of those messages, a ``flush`` every 256 (the engine's group);
+          its syncfs calls are in the figure, on the file system of ``--dir``
   journal the SQLite journal's ``begin`` of 50 entries in one batch, then their
           ``step_committed`` + ``finish`` in another (the ledger's per-message writes;
           ``begin_many``, ``steps_committed`` and ``finish_many`` where the journal
@@ -105,6 +108,27 @@ def store(raws: list[bytes], work: Path, group: int = GROUP) -> float:
         s.close()
 
 
+def maildir(raws: list[bytes], work: Path) -> float:
+    from mailpipe.plugins.store.maildir import MaildirOptions, MaildirStore
+
+    from mailpipe import Message, ProcessorContext
+
+    messages = [Message.from_bytes(raw, mailbox="bench", uid=f"u{i}")
+                for i, raw in enumerate(raws)]
+    s = MaildirStore(MaildirOptions(path=work / "Maildir"), ProcessorContext(base_dir=work))
+    s.open()
+    try:
+        start = cpu()
+        for i, message in enumerate(messages):
+            s.process(message)
+            if i % 256 == 255:  # the engine's GROUP_SIZE
+                s.flush()
+        s.flush()
+        return (cpu() - start) / len(messages)
+    finally:
+        s.close()
+
+
 def journal(count: int, work: Path) -> float:
     from mailpipe import message_key
     from mailpipe.journal import Status
@@ -157,10 +181,12 @@ def main() -> int:
         work = Path(tmp)
         (work / "store").mkdir()
         (work / "journal").mkdir()
+        (work / "maildir").mkdir()
         figures = {
             "hop": asyncio.run(hop(a.count * 2)),
             "parse": parse(raws),
             "store": store(raws, work / "store", a.group),
+            "maildir": maildir(raws, work / "maildir"),
             "journal": journal(a.count, work / "journal"),
         }
     print(f"{a.label}: " + "  ".join(f"{k} {v * 1e6:6.1f} us" for k, v in figures.items()),
