@@ -458,24 +458,40 @@ class PostgresJournal:
         """:meth:`begin` for each ``(uid, key, size)`` in one statement (issue 18);
         return the current entries by uid."""
         rows = list(items)
-        now = self._clock()
         with self._tx() as conn:
-            conn.execute(
-                "INSERT INTO mailpipe_journal "
-                "(mailbox, uid, key, status, size, first_seen, updated) "
-                "SELECT %s, u.uid, u.key, 'pending', u.size, %s, %s "
-                "FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS u(uid, key, size) "
-                "ON CONFLICT (mailbox, uid) DO NOTHING",
-                (
-                    mailbox,
-                    now,
-                    now,
-                    [uid for uid, _, _ in rows],
-                    [key for _, key, _ in rows],
-                    [size for _, _, size in rows],
-                ),
-            )
+            self._insert_absent(conn, mailbox, rows, Status.PENDING, None, "")
             return self.get_many(mailbox, [uid for uid, _, _ in rows])
+
+    def _insert_absent(
+        self,
+        conn: psycopg.Connection[tuple[Any, ...]],
+        mailbox: str,
+        rows: list[tuple[str, str, int]],
+        status: Status,
+        disposition: str | None,
+        reason: str,
+    ) -> int:
+        """Insert an entry for each ``(uid, key, size)`` not in the journal yet (first
+        seen now), in one statement; return how many were new."""
+        now = self._clock()
+        return conn.execute(
+            "INSERT INTO mailpipe_journal (mailbox, uid, key, status, size, "
+            "disposition, reason, first_seen, updated) "
+            "SELECT %s, u.uid, u.key, %s, u.size, %s, %s, %s, %s "
+            "FROM unnest(%s::text[], %s::text[], %s::bigint[]) "
+            "AS u(uid, key, size) ON CONFLICT (mailbox, uid) DO NOTHING",
+            (
+                mailbox,
+                status.value,
+                disposition,
+                reason,
+                now,
+                now,
+                [uid for uid, _, _ in rows],
+                [key for _, key, _ in rows],
+                [size for _, _, size in rows],
+            ),
+        ).rowcount
 
     def step_committed(self, mailbox: str, uid: str, step: str) -> None:
         """Record that chain step ``step`` durably committed for this message."""
@@ -693,24 +709,8 @@ class PostgresJournal:
 
     def mark_seen(self, mailbox: str, items: Iterable[tuple[str, str, int]]) -> int:
         """Adopt (uid, key, size) items as KEPT, unprocessed; return how many new."""
-        now = self._clock()
-        rows = list(items)
         with self._tx() as conn:
-            return conn.execute(
-                "INSERT INTO mailpipe_journal (mailbox, uid, key, status, size, "
-                "disposition, reason, first_seen, updated) "
-                "SELECT %s, u.uid, u.key, 'kept', u.size, 'keep', 'seen', %s, %s "
-                "FROM unnest(%s::text[], %s::text[], %s::bigint[]) "
-                "AS u(uid, key, size) ON CONFLICT (mailbox, uid) DO NOTHING",
-                (
-                    mailbox,
-                    now,
-                    now,
-                    [uid for uid, _, _ in rows],
-                    [key for _, key, _ in rows],
-                    [size for _, _, size in rows],
-                ),
-            ).rowcount
+            return self._insert_absent(conn, mailbox, list(items), Status.KEPT, "keep", "seen")
 
     def prune(
         self, mailbox: str, present: Iterable[str], older_than_days: float
