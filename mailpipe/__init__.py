@@ -23,10 +23,11 @@ from mailpipe.errors import (
 )
 from mailpipe.hookspecs import hookimpl
 from mailpipe.message import Message, MessageRef, message_key
-from mailpipe.processor import Decision, Disposition, Processor, ProcessorContext
+from mailpipe.processor import LATER, Decision, Disposition, Processor, ProcessorContext
 from mailpipe.source import Source, SourceSession, Unretrievable
 
 __all__ = [
+    "LATER",
     "AuthenticationError",
     "CommitError",
     "ConfigError",

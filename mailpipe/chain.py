@@ -28,7 +28,7 @@ from mailpipe.config import StepSpec
 from mailpipe.errors import BudgetExceeded, TemporaryFailure
 from mailpipe.message import Message
 from mailpipe.prerequisites import check_prerequisites
-from mailpipe.processor import Decision, Disposition, ProcessorContext, normalise
+from mailpipe.processor import LATER, Decision, Disposition, ProcessorContext, normalise
 from mailpipe.worker import Budget, StepWorker
 
 if TYPE_CHECKING:
@@ -72,6 +72,8 @@ class Step:
     has_prefetch: bool
     has_flush: bool
     lock: asyncio.Lock | None = None
+    #: The processor's ``process_nowait`` (see :class:`~mailpipe.processor.Processor`).
+    nowait: Callable[[Message], Any] | None = None
     #: For a ``concurrent`` step: the chain's shared slots (see :data:`CPU_SLOTS`).
     slots: asyncio.Semaphore | None = None
     flush_failures: int = 0  # failed flush() calls so far (see ChainResult.flush_epoch)
@@ -89,6 +91,11 @@ class Step:
         """Call the processor's ``method``: a coroutine function on the event loop,
         anything else on the step's worker thread within ``budget`` (an awaitable it
         returns is then awaited on the loop)."""
+        if method == "process" and self.nowait is not None:
+            # On the loop when it can be done without waiting (no thread hand-over).
+            raw = self.nowait(*args)
+            if raw is not LATER:
+                return raw
         fn = getattr(self.processor, method)
         if inspect.iscoroutinefunction(fn):
             return await fn(*args)
@@ -175,6 +182,7 @@ class Chain:
                         transparent=bool(getattr(proc, "transparent", False)),
                         has_prefetch=callable(getattr(proc, "prefetch", None)),
                         has_flush=callable(getattr(proc, "flush", None)),
+                        nowait=_nowait(proc),
                         # One call at a time per instance unless it says it is safe:
                         # mailboxes run concurrently, and a shared connection (SMTP,
                         # a database) must not interleave two messages.
@@ -388,6 +396,14 @@ class Chain:
         result.error = RuntimeError(f"more than {MAX_ROUTES} routes; is there a loop?")
         result.failed_step = current
         return result
+
+
+def _nowait(processor: Any) -> Callable[[Message], Any] | None:
+    """The processor's synchronous ``process_nowait``, if it has one."""
+    fn = getattr(processor, "process_nowait", None)
+    if fn is None or not callable(fn) or inspect.iscoroutinefunction(fn):
+        return None
+    return fn  # type: ignore[no-any-return]
 
 
 def _processor_failure(exc: BaseException) -> bool:

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mailpipe.errors import TemporaryFailure
 from mailpipe.message import Message
-from mailpipe.processor import ProcessorContext
+from mailpipe.processor import LATER, ProcessorContext
 from mailpipe.units import Duration
 
 from . import _syncfs
@@ -304,6 +304,71 @@ class MaildirStore:
                 self._deliver(message, key)
             except OSError as exc:
                 raise classify_os_error(exc, f"{self.name} {self.path}") from exc
+
+    def process_nowait(self, message: Message) -> object:
+        """:meth:`process` on the event loop when it waits for nothing (issue 18): an
+        in-memory message staged as an unnamed file of a syncfs group that it does not
+        fill, its key's marker neither locked by another writer nor naming an earlier
+        write. Anything else (no O_TMPFILE here, a dry run, a key met before, a spooled
+        message) returns ``LATER`` having written nothing (the key's marker file may
+        exist, empty, as ``process`` would make it), and :meth:`process` runs on the
+        step's thread."""
+        data = message.data
+        if (
+            data is None
+            or self.context.dry_run
+            or not self.options.group_commit
+            or not self._by_syncfs
+            or self._keys is None
+            or len(self._staged) + 1 >= self.GROUP_FILES
+            or self._staged_octets + len(data) >= self.MAX_HELD
+        ):
+            return LATER
+        key = message.key
+        if key in self._keys or key in self._inline:
+            return LATER
+        if not self._lock.acquire(blocking=False):  # (a close() in progress)
+            return LATER
+        try:
+            try:
+                marker = self._claim_nowait(key)
+                if marker is None:
+                    return LATER
+                try:
+                    staged = self._stage(key, file_name(key, message.size), data, marker)
+                except BaseException:
+                    os.close(marker)  # (an OSError closes it in _stage)
+                    raise
+                if not staged:
+                    os.close(marker)  # (no O_TMPFILE after all: nothing written)
+                    return LATER
+            except OSError as exc:
+                raise classify_os_error(exc, f"{self.name} {self.path}") from exc
+            self._unsynced = True  # durable at flush(), which precedes any DELE
+            if key not in self._inline:  # (a failed staged write is not stored)
+                self._keys.add(key)
+        finally:
+            self._lock.release()
+        return None
+
+    def _claim_nowait(self, key: str) -> int | None:
+        """:meth:`_claim` without waiting: the key's marker locked and empty, or None
+        (the marker closed) when another writer holds it or it names a write (stored,
+        or stale: :meth:`_claim` on the thread decides)."""
+        fd = os.open(key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644,
+                     dir_fd=self._dir_fd(MARKERS))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.pread(fd, 1, 0):
+                os.close(fd)  # (releases the flock)
+                return None
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def flush(self) -> None:
         """Wait for every background write, make the staged files durable (one

@@ -23,7 +23,7 @@ from mailpipe.plugins.store.maildir import (
 )
 from pydantic import ValidationError
 
-from mailpipe import Message, ProcessorContext, TemporaryFailure
+from mailpipe import LATER, Message, ProcessorContext, TemporaryFailure
 from mailpipe.testing.pytest_plugin import skip_or_fail
 
 RAW = (
@@ -856,3 +856,76 @@ async def test_a_group_failing_inside_process_acknowledges_no_unnamed_message(
         await chain.close()
         for n in names:
             FakeSource.boxes.pop(n, None)
+
+
+# -- process_nowait: the staged path on the event loop (issue 18, RESULTS §92) --------
+
+
+def test_process_nowait_stages_like_process_and_flush_names_it(tmp_path: Path) -> None:
+    s = syncfs_store(tmp_path)
+    md = tmp_path / "Maildir"
+    first, second = (Message.from_bytes(RAW + b"%d\r\n" % i, uid=str(i)) for i in (1, 2))
+    assert s.process_nowait(first) is None  # staged here, nothing named yet
+    assert listing(md)["new"] == [] and len(s._staged) == 1
+    assert s.process_nowait(first) is LATER  # a key met before: process() decides
+    s.flush()
+    assert s.process_nowait(second) is None
+    assert [key_of(n) for n in listing(md)["new"]] == [first.key]
+    assert len(s._staged) == 1
+    s.flush()
+    names = listing(md)["new"]
+    assert sorted(key_of(n) for n in names) == sorted([first.key, second.key])
+    (name,) = [n for n in names if key_of(n) == second.key]
+    assert (md / "new" / name).read_bytes() == second.raw
+    assert (md / MARKERS / second.key).read_text() == name
+    assert s.process_nowait(second) is LATER  # stored: process() logs and syncs
+    s.close()
+
+
+def test_process_nowait_never_waits_for_a_marker_another_writer_holds(
+    tmp_path: Path,
+) -> None:
+    s = syncfs_store(tmp_path)
+    md = tmp_path / "Maildir"
+    warm = Message.from_bytes(RAW + b"warm\r\n", uid="warm")
+    deliver(s, warm)
+    m = Message.from_bytes(RAW, uid="held")
+    other = os.open(md / MARKERS / m.key, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert s.process_nowait(m) is LATER  # at once: _claim would wait 5 s
+        assert s._staged == []
+    finally:
+        os.close(other)
+    (md / MARKERS / m.key).write_bytes(b"1.M1P1.stale,S=1")
+    assert s.process_nowait(m) is LATER  # names an earlier write: the thread decides
+    assert s._staged == []
+    s.close()
+
+
+@pytest.mark.parametrize(
+    "case", ["group_full", "octets", "file_sync", "dry_run", "spooled", "no_tmpfile"]
+)
+def test_process_nowait_leaves_every_other_path_to_the_thread(
+    tmp_path: Path, case: str
+) -> None:
+    options: dict[str, object] = {"sync": "file"} if case == "file_sync" else {}
+    s = store(tmp_path, dry_run=case == "dry_run", **options)
+    if case not in ("file_sync", "dry_run") and not s._by_syncfs:
+        skip_or_fail("syncfs does not report write-back errors here")
+    m = Message.from_bytes(RAW, uid="m")
+    if case == "group_full":
+        s.GROUP_FILES = 1  # this message would fill the group: its syncfs waits
+    if case == "octets":
+        s.MAX_HELD = len(RAW)
+    if case == "no_tmpfile":
+        s.TMPFILE = False
+    if case == "spooled":
+        spool = tmp_path / "spool.eml"
+        spool.write_bytes(RAW)
+        m = Message(ref=m.ref, spool_path=spool)
+    assert s.process_nowait(m) is LATER
+    assert s._staged == []
+    if case != "dry_run":
+        assert listing(tmp_path / "Maildir")["new"] == []
+    s.close()
