@@ -6,32 +6,30 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from mailpipe import LATER, Disposition
-from mailpipe.chain import Chain
+from mailpipe.chain import Chain, ChainResult
 from mailpipe.config import StepSpec
 from mailpipe.message import Message
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class Opts(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NoOptions(BaseModel):
+    """Quick takes none."""
 
 
 class Quick:
-    """Handles messages whose subject says ``now`` on the loop; the rest on a thread."""
+    """Handles messages whose subject says ``now`` on the loop; the rest on a thread
+    (a committing, idempotent step, as store.maildir)."""
 
-    name: ClassVar[str] = "quick"
-    Options: ClassVar[type[BaseModel]] = Opts
-    commits: ClassVar[bool] = True
-    idempotent: ClassVar[bool] = True
+    commits, idempotent = True, True
 
-    def __init__(self, options: Opts, context: Any) -> None:
+    def __init__(self, options: BaseModel, context: Any) -> None:
         self.calls: list[tuple[str, str]] = []  # (method, thread)
 
     def process_nowait(self, message: Message) -> object:
@@ -45,42 +43,37 @@ class Quick:
         return Disposition.DONE
 
 
-def chain(tmp_path: Path) -> Chain:
-    spec = StepSpec(index=0, step="1:quick", use="quick", cls=Quick, options=Opts())
-    return Chain({"p": [spec]}, base_dir=tmp_path)
-
-
 def message(subject: str) -> Message:
     return Message.from_bytes(f"Subject: {subject}\r\n\r\nbody\r\n".encode(), uid=subject)
 
 
-async def test_a_call_that_waits_for_nothing_runs_on_the_loop(tmp_path: Path) -> None:
-    c = chain(tmp_path)
-    quick = c.pipelines["p"][0].processor
-    loop_thread = threading.current_thread().name
+async def run(tmp_path: Path, subject: str) -> tuple[ChainResult, list[tuple[str, str]]]:
+    """One message through a one-step chain of :class:`Quick`: its result, and
+    Quick's calls with the thread of each."""
+    spec = StepSpec(index=0, step="1:quick", use="quick", cls=Quick, options=NoOptions())
+    c = Chain({"p": [spec]}, base_dir=tmp_path)
     try:
-        result = await c.run("p", message("now"))
-        assert result.ok and result.decision is not None
-        assert result.decision.disposition == Disposition.KEEP  # nowait's own result
-        assert quick.calls == [("nowait", loop_thread)]  # process() never called
-        assert result.committed == ["p/1:quick"]  # a commit like any process()
+        result = await c.run("p", message(subject))
+        return result, c.pipelines["p"][0].processor.calls
     finally:
         await c.close()
+
+
+async def test_a_call_that_waits_for_nothing_runs_on_the_loop(tmp_path: Path) -> None:
+    result, calls = await run(tmp_path, "now")
+    assert result.ok and result.decision is not None
+    assert result.decision.disposition == Disposition.KEEP  # nowait's own result
+    assert calls == [("nowait", threading.current_thread().name)]  # no process()
+    assert result.committed == ["p/1:quick"]  # a commit like any process()
 
 
 async def test_later_hands_the_message_to_the_steps_thread(tmp_path: Path) -> None:
-    c = chain(tmp_path)
-    quick = c.pipelines["p"][0].processor
-    loop_thread = threading.current_thread().name
-    try:
-        result = await c.run("p", message("later"))
-        assert result.ok and result.decision is not None
-        assert result.decision.disposition == Disposition.DONE
-        assert [m for m, _ in quick.calls] == ["nowait", "process"]
-        assert quick.calls[0][1] == loop_thread
-        assert quick.calls[1][1] != loop_thread  # process() on the step's thread
-    finally:
-        await c.close()
+    result, calls = await run(tmp_path, "later")
+    assert result.ok and result.decision is not None
+    assert result.decision.disposition == Disposition.DONE
+    assert [m for m, _ in calls] == ["nowait", "process"]
+    assert calls[0][1] == threading.current_thread().name
+    assert calls[1][1] != threading.current_thread().name  # on the step's thread
 
 
 async def test_a_failing_nowait_fails_only_its_message(tmp_path: Path) -> None:
@@ -88,7 +81,7 @@ async def test_a_failing_nowait_fails_only_its_message(tmp_path: Path) -> None:
         def process_nowait(self, message: Message) -> object:
             raise OSError("disk full (injected)")
 
-    spec = StepSpec(index=0, step="1:broken", use="quick", cls=Broken, options=Opts())
+    spec = StepSpec(index=0, step="1:broken", use="quick", cls=Broken, options=NoOptions())
     c = Chain({"p": [spec]}, base_dir=tmp_path)
     try:
         result = await c.run("p", message("now"))
