@@ -133,7 +133,7 @@ class Processor(Protocol):
     network), or returns :data:`LATER` having changed nothing that ``process`` would not
     redo the same way; then ``process`` runs on the step's thread as usual. It spares
     a cheap call the hand-over to the thread and back (two wake-ups; ~95 µs of CPU a
-    message for store.maildir, bench/RESULTS.md §92). It is not charged to the budget
+    message for store.maildir, bench/RESULTS.md §30). It is not charged to the budget
     (it cannot run away: it must not wait).
     """
 

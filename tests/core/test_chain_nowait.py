@@ -1,6 +1,6 @@
 """``process_nowait``: a call that waits for nothing runs on the event loop, without
 the step thread's hand-over; ``LATER`` sends it to the thread as before (issue 18,
-bench/RESULTS.md §92)."""
+bench/RESULTS.md §30)."""
 
 from __future__ import annotations
 

@@ -858,7 +858,7 @@ async def test_a_group_failing_inside_process_acknowledges_no_unnamed_message(
             FakeSource.boxes.pop(n, None)
 
 
-# -- process_nowait: the staged path on the event loop (issue 18, RESULTS §92) --------
+# -- process_nowait: the staged path on the event loop (issue 18, RESULTS §30) --------
 
 
 def test_process_nowait_stages_like_process_and_flush_names_it(tmp_path: Path) -> None:
