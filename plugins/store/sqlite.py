@@ -683,18 +683,18 @@ class SqliteStore:
         attachments and tags replaced.
 
         The FTS5 entries of the rows it inserts are written here, in the same
-        transaction (one statement, see :data:`_INDEX_UNINDEXED`; the update trigger
-        re-indexes a replaced row):
+        transaction (:data:`_INDEX_UNINDEXED`, once before the UPSERTs and once
+        after; the update trigger re-indexes a replaced row):
         a committed row always has its index entry and an index entry its row, as
         with the insert trigger of versions 2-4."""
         if not group:
             return
         # The rows of the group's keys not indexed yet (inserted by another writer)
         # before the update trigger forgets their old values, then the rows inserted.
-        indexed = (_json([rows.key for rows in group]),)
-        conn.execute(_INDEX_UNINDEXED, indexed)
+        group_keys = (_json([rows.key for rows in group]),)
+        conn.execute(_INDEX_UNINDEXED, group_keys)
         conn.executemany(_UPSERT, [rows.message for rows in group])
-        conn.execute(_INDEX_UNINDEXED, indexed)
+        conn.execute(_INDEX_UNINDEXED, group_keys)
         keys = [(rows.key,) for rows in group]
         conn.executemany("DELETE FROM message_raw WHERE key = ?", keys)
         conn.executemany("DELETE FROM attachments WHERE key = ?", keys)
