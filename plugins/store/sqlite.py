@@ -23,7 +23,8 @@ are rows of ``schema_version``):
   attachments' text that the ``extract`` processor found), kept in step by triggers on
   update and delete and, from version 5, by the store itself for the rows it inserts
   (in their transaction; a row inserted by other means is indexed by the store's next
-  write, or before the store replaces it). Query it with
+  write when its id is above every indexed one, in any case before the store replaces
+  it). Query it with
   :func:`search` or ``SELECT m.* FROM messages_fts JOIN messages m ON m.id =
   messages_fts.rowid WHERE messages_fts MATCH ?``.
 
