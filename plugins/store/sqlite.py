@@ -22,7 +22,9 @@ are rows of ``schema_version``):
   ``body`` (the ``text`` column and, from version 4, ``attachment_text``: the
   attachments' text that the ``extract`` processor found), kept in step by triggers on
   update and delete and, from version 5, by the store itself for the rows it inserts
-  (in their transaction; a row inserted by other means is not indexed). Query it with
+  (in their transaction; a row inserted by other means is indexed by the store's next
+  write when its id is above every indexed one, in any case before the store replaces
+  it). Query it with
   :func:`search` or ``SELECT m.* FROM messages_fts JOIN messages m ON m.id =
   messages_fts.rowid WHERE messages_fts MATCH ?``.
 
@@ -239,9 +241,22 @@ _V4: Final = (
 # writes its pending terms out as a new segment at every statement savepoint, and
 # every UPSERT that fires a trigger opens one: the insert trigger cost one segment per
 # message, half the store's CPU (issue 18). Updates and deletes keep their triggers.
-_INDEX_INSERTED: Final = (
+#
+# The rows indexed are those the index holds no document for (no row of the
+# contentless table's %_docsize, which FTS5 keeps per document) among the write's
+# keys and the rows above the largest indexed id: the rows this write inserted,
+# wherever SQLite put them (a random rowid once 2**63 - 1 is taken), and the rows a
+# writer without the insert trigger inserted (a version-4 mailpipe that opened the
+# file before the migration, a user's INSERT). Run before the UPSERTs too, so that the
+# update trigger's 'delete' of such a row finds its document: a contentless index
+# told to forget a document it never had fails, SQLITE_CORRUPT_VTAB.
+_INDEX_UNINDEXED: Final = (
     "INSERT INTO messages_fts(rowid, subject, addresses, body) "
-    f"SELECT id, {_FTS_ROW_V4.format(p='messages')} FROM messages WHERE id > ?"
+    f"SELECT id, {_FTS_ROW_V4.format(p='messages')} FROM messages "
+    "WHERE id IN (SELECT id FROM messages WHERE key IN (SELECT value FROM json_each(?)) "
+    "UNION SELECT id FROM messages "
+    "WHERE id > (SELECT coalesce(max(id), 0) FROM messages_fts_docsize)) "
+    "AND NOT EXISTS (SELECT 1 FROM messages_fts_docsize d WHERE d.id = messages.id)"
 )
 _V5: Final = ("DROP TRIGGER messages_fts_ai",)
 
@@ -669,17 +684,18 @@ class SqliteStore:
         attachments and tags replaced.
 
         The FTS5 entries of the rows it inserts are written here, in the same
-        transaction (one statement; the update trigger re-indexes a replaced row):
+        transaction (:data:`_INDEX_UNINDEXED`, once before the UPSERTs and once
+        after; the update trigger re-indexes a replaced row):
         a committed row always has its index entry and an index entry its row, as
         with the insert trigger of versions 2-4."""
         if not group:
             return
-        # A new row's id is above every id there is now (INTEGER PRIMARY KEY without
-        # AUTOINCREMENT takes max(id) + 1 while max(id) is below 2**63 - 1); an
-        # updated row keeps its id and is re-indexed by the update trigger.
-        (last,) = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
+        # The rows of the group's keys not indexed yet (inserted by another writer)
+        # before the update trigger forgets their old values, then the rows inserted.
+        group_keys = (_json([rows.key for rows in group]),)
+        conn.execute(_INDEX_UNINDEXED, group_keys)
         conn.executemany(_UPSERT, [rows.message for rows in group])
-        conn.execute(_INDEX_INSERTED, (last,))
+        conn.execute(_INDEX_UNINDEXED, group_keys)
         keys = [(rows.key,) for rows in group]
         conn.executemany("DELETE FROM message_raw WHERE key = ?", keys)
         conn.executemany("DELETE FROM attachments WHERE key = ?", keys)

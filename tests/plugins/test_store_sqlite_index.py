@@ -169,3 +169,83 @@ def test_a_kill_never_parts_rows_from_their_index_entries(tmp_path: Path) -> Non
         (start,) = conn.execute("SELECT count(*) FROM messages").fetchone()
         start += 100  # new keys for the next child
         conn.close()
+
+
+def _insert_as_other_writer(path: Path, message: Message, *, row_id: int | None = None) -> None:
+    """Insert ``message``'s row as a writer that does not index it: a version-4
+    mailpipe that opened the file before a version-5 one migrated it (its UPSERT then
+    fires no insert trigger, the trigger is gone), or a user's own INSERT."""
+    from mailpipe.plugins.store.sqlite import _UPSERT
+
+    from mailpipe.document import message_document
+
+    prepared = _store(path)._prepare(message_document(message), None)
+    conn = connect(path)
+    conn.execute(_UPSERT, prepared.message)
+    if row_id is not None:
+        conn.execute("UPDATE messages SET id = ? WHERE key = ?", (row_id, message.key))
+    conn.close()
+
+
+def test_redelivering_a_row_another_writer_inserted_does_not_corrupt(
+    tmp_path: Path,
+) -> None:
+    """A contentless FTS5 table forgets a row by being told its old values: the
+    update trigger's 'delete' of a row that was never indexed fails with "database
+    disk image is malformed" (SQLITE_CORRUPT, a TemporaryFailure): the key could never
+    be stored again, and its group failed with it. The store indexes such a row
+    before replacing it."""
+    path = tmp_path / "mail.sqlite3"
+    _store(path).close()  # version 5
+    _insert_as_other_writer(path, _message("1", "walrus report", "the tusks are long"))
+    s = _store(path)
+    s.process(_message("2", "penguin news", "colder than usual"))
+    s.process(_message("1", "walrus update", "shorter tusks now"))  # re-delivered
+    s.flush()
+    s.close()
+    conn = connect(path)
+    rows, docs = _indexed(conn)
+    assert rows == docs
+    conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
+    assert search(conn, "shorter") == [_message("1", "", "").key]
+    assert search(conn, "long") == []
+    conn.close()
+
+
+def test_rows_another_writer_inserted_are_indexed_by_the_next_write(
+    tmp_path: Path,
+) -> None:
+    """During an upgrade a version-4 process still writing to the file after the
+    migration to version 5 inserts rows that no trigger indexes: the next write of
+    the store indexes them (the rows above the largest indexed id)."""
+    path = tmp_path / "mail.sqlite3"
+    _store(path).close()
+    _insert_as_other_writer(path, _message("1", "walrus report", "the tusks are long"))
+    s = _store(path)
+    s.process(_message("2", "penguin news", "colder than usual"))
+    s.close()
+    conn = connect(path)
+    assert _indexed(conn) == ([1, 2], [1, 2])
+    assert search(conn, "walrus") == [_message("1", "", "").key]
+    conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
+    conn.close()
+
+
+def test_a_row_whose_id_is_not_above_the_largest_is_indexed(tmp_path: Path) -> None:
+    """With a row at the largest rowid (2**63 - 1) SQLite picks a random unused
+    rowid for the next row: not above the largest id before the write."""
+    path = tmp_path / "mail.sqlite3"
+    s = _store(path)
+    s.process(_message("1", "walrus report", "the tusks are long"))
+    s.flush()
+    assert s._conn is not None
+    s._conn.execute("UPDATE messages SET id = 9223372036854775807 WHERE id = 1")
+    s.process(_message("2", "penguin news", "colder than usual"))
+    s.process(_message("3", "seal memo", "colder still"))
+    s.close()
+    conn = connect(path)
+    rows, docs = _indexed(conn)
+    assert rows == docs and len(rows) == 3
+    assert len(search(conn, "colder")) == 2
+    conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
+    conn.close()
