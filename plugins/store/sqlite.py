@@ -21,10 +21,10 @@ are rows of ``schema_version``):
 - ``messages_fts``: a contentless FTS5 index over ``subject``, ``addresses`` and
   ``body`` (the ``text`` column and, from version 4, ``attachment_text``: the
   attachments' text that the ``extract`` processor found), kept in step by triggers on
-  update and delete and, from version 5, by the store itself for the rows it inserts
-  (in their transaction; a row inserted by other means is indexed by the store's next
-  write when its id is above every indexed one, in any case before the store replaces
-  it). Query it with
+  insert, update and delete; from version 5 the insert trigger is off while the store
+  itself writes (the one row of ``store_writing``, set and reset inside the store's
+  write transaction, so no other connection sees it set), and the store indexes the
+  rows it inserted in that transaction with one statement. Query it with
   :func:`search` or ``SELECT m.* FROM messages_fts JOIN messages m ON m.id =
   messages_fts.rowid WHERE messages_fts MATCH ?``.
 
@@ -240,14 +240,15 @@ _V4: Final = (
 # write, in the transaction that inserts them (see SqliteStore._write_rows). FTS5
 # writes its pending terms out as a new segment at every statement savepoint, and
 # every UPSERT that fires a trigger opens one: the insert trigger cost one segment per
-# message, half the store's CPU (issue 18). Updates and deletes keep their triggers.
+# message, half the store's CPU (issue 18). The insert trigger stays for every other
+# writer (``store_writing``, below); updates and deletes keep their triggers.
 #
 # The rows indexed are those the index holds no document for (no row of the
 # contentless table's %_docsize, which FTS5 keeps per document) among the write's
 # keys and the rows above the largest indexed id: the rows this write inserted,
-# wherever SQLite put them (a random rowid once 2**63 - 1 is taken), and the rows a
-# writer without the insert trigger inserted (a version-4 mailpipe that opened the
-# file before the migration, a user's INSERT). Run before the UPSERTs too, so that the
+# wherever SQLite put them (a random rowid once 2**63 - 1 is taken), and any row that
+# reached the table without its document (a file written by this code before the
+# trigger was kept for other writers). Run before the UPSERTs too, so that the
 # update trigger's 'delete' of such a row finds its document: a contentless index
 # told to forget a document it never had fails, SQLITE_CORRUPT_VTAB.
 _INDEX_UNINDEXED: Final = (
@@ -258,7 +259,22 @@ _INDEX_UNINDEXED: Final = (
     "WHERE id > (SELECT coalesce(max(id), 0) FROM messages_fts_docsize)) "
     "AND NOT EXISTS (SELECT 1 FROM messages_fts_docsize d WHERE d.id = messages.id)"
 )
-_V5: Final = ("DROP TRIGGER messages_fts_ai",)
+# Every other writer (a version-4 mailpipe that opened the file before the migration,
+# a user's INSERT, the sqlite3 shell) keeps the insert trigger: it fires unless the
+# one row of ``store_writing`` says a store write is in progress, which only this
+# store sets, inside its own write transaction (SQLite has one writer at a time, and
+# the flag is back to 0 before COMMIT or gone with a ROLLBACK), so no other
+# connection ever sees it set.
+_V5: Final = (
+    "CREATE TABLE store_writing (active INTEGER NOT NULL)",
+    "INSERT INTO store_writing (active) VALUES (0)",
+    "DROP TRIGGER messages_fts_ai",
+    _V4[4].replace(
+        "AFTER INSERT ON messages BEGIN",
+        "AFTER INSERT ON messages WHEN (SELECT active FROM store_writing) = 0 BEGIN",
+    ),
+)
+assert "WHEN (SELECT active" in _V5[3] and "messages_fts_ai" in _V5[3]
 
 #: A migration step: one SQL statement, or a function run on the connection.
 Step = str | Callable[[sqlite3.Connection], None]
@@ -694,7 +710,9 @@ class SqliteStore:
         # before the update trigger forgets their old values, then the rows inserted.
         group_keys = (_json([rows.key for rows in group]),)
         conn.execute(_INDEX_UNINDEXED, group_keys)
+        conn.execute("UPDATE store_writing SET active = 1")  # the insert trigger off
         conn.executemany(_UPSERT, [rows.message for rows in group])
+        conn.execute("UPDATE store_writing SET active = 0")  # before anyone sees it
         conn.execute(_INDEX_UNINDEXED, group_keys)
         keys = [(rows.key,) for rows in group]
         conn.executemany("DELETE FROM message_raw WHERE key = ?", keys)

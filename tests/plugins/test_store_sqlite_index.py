@@ -71,7 +71,8 @@ def test_migration_5_keeps_the_index_and_the_store_indexes_what_it_inserts(
     assert schema_version(conn) == 5
     triggers = {r[0] for r in conn.execute(
         "SELECT name FROM sqlite_master WHERE type = 'trigger'")}
-    assert triggers == {"messages_fts_ad", "messages_fts_au"}
+    assert triggers == {"messages_fts_ai", "messages_fts_ad", "messages_fts_au"}
+    assert conn.execute("SELECT active FROM store_writing").fetchall() == [(0,)]
     conn.close()
 
     s = _store(path)
@@ -248,4 +249,59 @@ def test_a_row_whose_id_is_not_above_the_largest_is_indexed(tmp_path: Path) -> N
     assert rows == docs and len(rows) == 3
     assert len(search(conn, "colder")) == 2
     conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
+    conn.close()
+
+
+def test_another_writers_insert_is_indexed_by_the_trigger_and_can_be_deleted(
+    tmp_path: Path,
+) -> None:
+    """Review of issue 18's schema 5: with the insert trigger dropped, a row another
+    writer inserted (a version-4 mailpipe still running, a user's INSERT) had no index
+    document until the store wrote its key again, and deleting it failed with
+    "database disk image is malformed". The trigger now stays for every writer but
+    the store's own write (``store_writing``), so such a row is indexed at once."""
+    path = tmp_path / "mail.sqlite3"
+    s = _store(path)
+    s.process(_message("1", "walrus report", "the tusks are long"))
+    s.flush()
+    s.close()
+    other = _message("o", "otter digest", "river news")
+    low = _message("l", "heron note", "marsh")
+    _insert_as_other_writer(path, other)
+    _insert_as_other_writer(path, low, row_id=-5)  # below the largest indexed id
+    conn = connect(path)
+    assert search(conn, "otter") == [other.key]
+    assert search(conn, "heron") == [low.key]
+    rows, docs = _indexed(conn)
+    assert rows == docs == [-5, 1, 2]
+    conn.execute("DELETE FROM messages WHERE key IN (?, ?)", (other.key, low.key))
+    conn.commit()
+    conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
+    assert search(conn, "otter") == [] and search(conn, "heron") == []
+    assert conn.execute("SELECT active FROM store_writing").fetchall() == [(0,)]
+    conn.close()
+
+
+def test_a_failed_store_write_leaves_the_trigger_on(tmp_path: Path) -> None:
+    """The flag that turns the insert trigger off is set inside the store's write
+    transaction; a write that fails rolls it back with its rows."""
+    path = tmp_path / "mail.sqlite3"
+    s = _store(path)
+    assert s._conn is not None
+    s._conn.execute(
+        "CREATE TRIGGER refuse AFTER INSERT ON tags BEGIN SELECT RAISE(ABORT, 'no'); END"
+    )
+    msg = _message("1", "walrus report", "the tusks are long")
+    msg.tags.add("x")
+    s.process(msg)
+    try:
+        s.flush()
+    except Exception:
+        pass
+    else:
+        raise AssertionError("the group write should have failed")
+    s.close()
+    conn = connect(path)
+    assert conn.execute("SELECT active FROM store_writing").fetchall() == [(0,)]
+    assert conn.execute("SELECT count(*) FROM messages").fetchone() == (0,)
     conn.close()
