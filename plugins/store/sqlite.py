@@ -268,7 +268,7 @@ _INDEX_UNINDEXED: Final = (
 _V5: Final = (
     "CREATE TABLE store_writing (active INTEGER NOT NULL)",
     "INSERT INTO store_writing (active) VALUES (0)",
-    "DROP TRIGGER messages_fts_ai",
+    "DROP TRIGGER IF EXISTS messages_fts_ai",  # (a user may have dropped it)
     _V4[4].replace(
         "AFTER INSERT ON messages BEGIN",
         "AFTER INSERT ON messages WHEN (SELECT active FROM store_writing) = 0 BEGIN",
