@@ -498,8 +498,9 @@ class Pop3Client:
                 counted -= counts
                 head_done = True
                 # Refill once an eighth of the window and half the byte bound
-                # drained: the window stays at least 7/8 full (unless a byte bound holds it back), so the replies to the
-                # next RETRs are on their way while the client works through the
+                # drained: the window stays at least 7/8 full (unless a byte bound
+                # holds it back), so the replies to the next RETRs are on their way
+                # while the client works through the
                 # ones already in (refilled at half, 64 of 128 small messages took
                 # about one 20 ms round trip to process, and the stream stalled at
                 # each refill); a run of DELEs, bound by bytes only (P-06), is still
