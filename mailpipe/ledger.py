@@ -176,7 +176,7 @@ class Ledger:
         if not new:
             return
         with self._batch():
-            entries.update(self.journal.begin_many(self.mailbox, new))
+            entries.update(begin_many(self.journal, self.mailbox, new))
 
     def step_committed(self, uid: str, step: str) -> None:
         """Record at once that ``step`` committed (a non-idempotent side effect: mail
@@ -502,10 +502,10 @@ class Ledger:
 
         def write_out() -> None:
             if steps:
-                self.journal.steps_committed(self.mailbox, steps)
+                steps_committed(self.journal, self.mailbox, steps)
                 steps.clear()
             if finished:
-                self.journal.finish_many(self.mailbox, finished)
+                finish_many(self.journal, self.mailbox, finished)
                 finished.clear()
 
         with self._batch():
@@ -675,6 +675,44 @@ def error_text(exc: BaseException) -> str:
 def copy_tag(message: Message) -> str:
     """How a short copy's octets are remembered in its journaled error."""
     return f"[copy sha256:{message.sha256}]"
+
+
+# --- a journal's batch writes, or its single-row ones ------------------------------
+# begin_many, steps_committed and finish_many came with issue 18: a journal written
+# before them (a third-party one given to the engine) has only the single-row methods,
+# which write the same rows one statement each, inside the same batch.
+
+
+def begin_many(
+    journal: Journal, mailbox: str, items: Sequence[tuple[str, str, int]]
+) -> dict[str, Entry]:
+    """:meth:`Journal.begin_many`, or :meth:`Journal.begin` for each item."""
+    many = getattr(journal, "begin_many", None)
+    if many is not None:
+        return many(mailbox, items)  # type: ignore[no-any-return]
+    return {uid: journal.begin(mailbox, uid, key=key, size=size)
+            for uid, key, size in items}
+
+
+def steps_committed(journal: Journal, mailbox: str, items: Sequence[tuple[str, str]]) -> None:
+    """:meth:`Journal.steps_committed`, or :meth:`Journal.step_committed` for each."""
+    many = getattr(journal, "steps_committed", None)
+    if many is not None:
+        many(mailbox, items)
+        return
+    for uid, step in items:
+        journal.step_committed(mailbox, uid, step)
+
+
+def finish_many(journal: Journal, mailbox: str, items: Sequence[Finish]) -> None:
+    """:meth:`Journal.finish_many`, or :meth:`Journal.finish` for each."""
+    many = getattr(journal, "finish_many", None)
+    if many is not None:
+        many(mailbox, items)
+        return
+    for f in items:
+        journal.finish(mailbox, f.uid, status=f.status, disposition=f.disposition,
+                       sha256=f.sha256, reason=f.reason, delete_due=f.delete_due)
 
 
 # --- outside a poll: replay and mark-seen ------------------------------------------

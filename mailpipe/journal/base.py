@@ -199,7 +199,10 @@ class Journal(Protocol):
         self, mailbox: str, items: Sequence[tuple[str, str, int]]
     ) -> dict[str, Entry]:
         """:meth:`begin` for each ``(uid, key, size)``, in one transaction (inside a
-        batch: part of it); return the current entry of each uid, by uid."""
+        batch: part of it); return the current entry of each uid, by uid.
+
+        Optional, like :meth:`steps_committed` and :meth:`finish_many` (issue 18): the
+        ledger calls the single-row method for each item of a journal without it."""
         ...
 
     def step_committed(self, mailbox: str, uid: str, step: str) -> None:

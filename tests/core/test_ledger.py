@@ -326,3 +326,35 @@ async def test_a_fenced_off_ledger_writes_nothing_anywhere(tmp_path):
     finally:
         two.close()
         one.close()
+
+
+class SingleRowJournal:
+    """A journal written before issue 18 (a third-party one): the single-row methods
+    only, no ``begin_many``, ``steps_committed`` nor ``finish_many``."""
+
+    def __init__(self, inner: RecordingJournal) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("begin_many", "steps_committed", "finish_many"):
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+async def test_a_journal_without_the_batch_writes_still_commits_groups(journal, tmp_path):
+    """The batch writes are optional: the ledger falls back to begin, step_committed
+    and finish for a journal that lacks them, with the same rows."""
+    config = MailboxConfig.model_validate({"name": "box"})
+    ledger = Ledger(SingleRowJournal(journal), "box", config,  # type: ignore[arg-type]
+                    Hooks(load(entry_points=False)[0]), Quarantine(tmp_path / "q"),
+                    Summary(mailbox="box"), ack=config.ack)
+    entries: dict[str, Any] = {}
+    ledger.begin_many([ref(1), ref(2)], entries)
+    assert sorted(entries) == ["u1", "u2"] and entries["u1"].status == Status.PENDING
+    EVENTS.clear()
+    await ledger.commit_group(Chain(), [done(1), done(2)], SessionFacts())
+    assert EVENTS == ["flush", "journal-commit"]
+    got = journal.get_many("box", ["u1", "u2"])
+    assert {(e.status, e.delete_due, tuple(e.steps)) for e in got.values()} == {
+        (Status.COMMITTED, True, ("store",))
+    }
