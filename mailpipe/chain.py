@@ -91,8 +91,11 @@ class Step:
         """Call the processor's ``method``: a coroutine function on the event loop,
         anything else on the step's worker thread within ``budget`` (an awaitable it
         returns is then awaited on the loop)."""
-        if method == "process" and self.nowait is not None:
-            # On the loop when it can be done without waiting (no thread hand-over).
+        if method == "process" and self.nowait is not None and (
+            budget is None or budget.left > 0
+        ):
+            # On the loop when it can be done without waiting (no thread hand-over);
+            # never once the budget is spent: the worker refuses to start the call.
             raw = self.nowait(*args)
             if raw is not LATER:
                 return raw

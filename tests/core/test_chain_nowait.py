@@ -89,3 +89,22 @@ async def test_a_failing_nowait_fails_only_its_message(tmp_path: Path) -> None:
         assert result.failed_step == "p/1:broken" and result.committed == []
     finally:
         await c.close()
+
+
+async def test_a_spent_budget_is_not_bypassed_on_the_loop(tmp_path: Path) -> None:
+    """A message whose processing_budget earlier steps spent is not started by the
+    thread (BudgetExceeded, final: quarantined); nor is it handled on the loop."""
+    from mailpipe.errors import BudgetExceeded
+    from mailpipe.worker import Budget
+
+    spec = StepSpec(index=0, step="1:quick", use="quick", cls=Quick, options=NoOptions())
+    c = Chain({"p": [spec]}, base_dir=tmp_path)
+    try:
+        step = c.pipelines["p"][0]
+        spent = Budget(1.0)
+        spent.left = 0.0
+        with pytest.raises(BudgetExceeded, match="not started"):
+            await step.gated("process", message("now"), budget=spent)
+        assert step.processor.calls == []  # neither on the loop nor on a thread
+    finally:
+        await c.close()
