@@ -134,7 +134,8 @@ class Processor(Protocol):
     redo the same way; then ``process`` runs on the step's thread as usual. It spares
     a cheap call the hand-over to the thread and back (two wake-ups; ~95 µs of CPU a
     message for store.maildir, bench/RESULTS.md §30). It is not charged to the budget
-    (it cannot run away: it must not wait).
+    (it cannot run away: it must not wait), and not called once the budget is spent
+    (the message then fails as ``process`` would, never started).
     """
 
     name: ClassVar[str]
