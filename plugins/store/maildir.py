@@ -309,8 +309,8 @@ class MaildirStore:
         """:meth:`process` on the event loop when it waits for nothing (issue 18): an
         in-memory message staged as an unnamed file of a syncfs group that it does not
         fill, its key's marker neither locked by another writer nor naming an earlier
-        write. Anything else (no O_TMPFILE here, a dry run, a key met before, a spooled
-        message) returns ``LATER`` having written nothing (the key's marker file may
+        write, and not larger than NOWAIT_OCTETS. Anything else (no O_TMPFILE here, a
+        dry run, a key met before, a spooled or large message) returns ``LATER`` having written nothing (the key's marker file may
         exist, empty, as ``process`` would make it), and :meth:`process` runs on the
         step's thread."""
         data = message.data
@@ -320,6 +320,7 @@ class MaildirStore:
             or not self.options.group_commit
             or not self._by_syncfs
             or self._keys is None
+            or len(data) > self.NOWAIT_OCTETS
             or len(self._staged) + 1 >= self.GROUP_FILES
             or self._staged_octets + len(data) >= self.MAX_HELD
         ):
@@ -400,6 +401,12 @@ class MaildirStore:
     #: Write in-memory messages as unnamed files linked into new/ (O_TMPFILE) where
     #: the system allows it; else through a named file in tmp/.
     TMPFILE: ClassVar[bool] = True
+    #: The largest message process_nowait() writes on the event loop: a copy into
+    #: the page cache costs about its size in time, and past the dirty limits the
+    #: kernel makes the writer sleep (write-back throttling), which would stall every
+    #: mailbox; a larger one is written on the step's thread, where the hand-over
+    #: costs little beside the write.
+    NOWAIT_OCTETS: ClassVar[int] = 1 << 20
     #: How long process() waits for another process's lock on a key's marker.
     CLAIM_TIMEOUT: ClassVar[float] = 5.0
     #: Writer threads: file creation and fsync wait in the kernel, and several

@@ -904,7 +904,8 @@ def test_process_nowait_never_waits_for_a_marker_another_writer_holds(
 
 
 @pytest.mark.parametrize(
-    "case", ["group_full", "octets", "file_sync", "dry_run", "spooled", "no_tmpfile"]
+    "case",
+    ["group_full", "octets", "file_sync", "dry_run", "spooled", "no_tmpfile", "large"],
 )
 def test_process_nowait_leaves_every_other_path_to_the_thread(
     tmp_path: Path, case: str
@@ -920,6 +921,8 @@ def test_process_nowait_leaves_every_other_path_to_the_thread(
         s.MAX_HELD = len(RAW)
     if case == "no_tmpfile":
         s.TMPFILE = False
+    if case == "large":  # a long write on the loop (write-back throttling): the thread
+        m = Message.from_bytes(RAW + b"x" * (2 << 20), uid="m")  # 2 MiB
     if case == "spooled":
         spool = tmp_path / "spool.eml"
         spool.write_bytes(RAW)
