@@ -248,11 +248,7 @@ class MaildirStore:
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
                 self._writer = None
-            with self._fd_lock:
-                for fd in self._dir_fds.values():
-                    os.close(fd)
-                self._dir_fds.clear()
-            self._keys = None
+            self._forget_dirs()
 
     def _prepare(self) -> set[str]:
         if self._keys is not None:
@@ -388,6 +384,16 @@ class MaildirStore:
             if not self._unsynced:
                 return
             try:
+                moved = self._moved_dir()
+                if moved is not None:
+                    # Files were named through a kept descriptor of a directory no
+                    # longer at the path that fsync_dir syncs and a restart lists: not
+                    # acknowledged; the next message lists the Maildir again.
+                    self._forget_dirs()
+                    raise TemporaryFailure(
+                        f"{self.name}: {self.path / moved} was replaced while the store "
+                        "was open; its messages are stored again in the new one"
+                    )
                 fsync_dir(self.path / "new")
                 if self._resync:  # a key found stored may have been moved to cur/
                     fsync_dir(self.path / "cur")
@@ -653,6 +659,28 @@ class MaildirStore:
                 self._anonymous = False
                 return None
             raise
+
+    def _moved_dir(self) -> str | None:
+        """The kept subdirectory (see :meth:`_dir_fd`) that is no longer the one at its
+        path (the Maildir moved or replaced while open), or None."""
+        for sub, fd in list(self._dir_fds.items()):
+            kept = os.fstat(fd)
+            try:
+                now = os.stat(self.path / sub)
+            except FileNotFoundError:
+                return sub
+            if (kept.st_dev, kept.st_ino) != (now.st_dev, now.st_ino):
+                return sub
+        return None
+
+    def _forget_dirs(self) -> None:
+        """Close the kept descriptors and forget the key index: the next message opens
+        the Maildir again at its path (:meth:`_prepare`)."""
+        with self._fd_lock:
+            for fd in self._dir_fds.values():
+                os.close(fd)
+            self._dir_fds.clear()
+        self._keys = None
 
     def _tmp_fd(self) -> int:
         return self._dir_fd("tmp")

@@ -932,3 +932,22 @@ def test_process_nowait_leaves_every_other_path_to_the_thread(
     if case != "dry_run":
         assert listing(tmp_path / "Maildir")["new"] == []
     s.close()
+
+
+def test_a_maildir_replaced_while_open_fails_the_flush_then_is_used(tmp_path: Path) -> None:
+    """Names are resolved from kept descriptors of tmp/, new/ and the markers'
+    directory: a Maildir moved away and made again while the store is open must not
+    get its group acknowledged (written into the moved one, whose new/ flush() does
+    not sync); the flush fails, and the message is stored again in the new one."""
+    s = store(tmp_path)
+    md = tmp_path / "Maildir"
+    m = Message.from_bytes(RAW, uid="moved")
+    s.process(m)
+    md.rename(tmp_path / "Maildir.old")
+    for sub in ("cur", "new", "tmp", MARKERS):
+        (md / sub).mkdir(parents=True)
+    with pytest.raises(TemporaryFailure, match="replaced"):
+        s.flush()
+    deliver(s, m)  # the retry: listed again, stored in the Maildir at the path
+    assert [key_of(n) for n in listing(md)["new"]] == [m.key]
+    s.close()
