@@ -327,6 +327,8 @@ class MaildirStore:
         if not self._lock.acquire(blocking=False):  # (a close() in progress)
             return LATER
         try:
+            if self._keys is None:  # closed since the checks above: process() opens
+                return LATER
             try:
                 marker = self._claim_nowait(key)
                 if marker is None:

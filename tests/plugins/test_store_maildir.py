@@ -951,3 +951,27 @@ def test_a_maildir_replaced_while_open_fails_the_flush_then_is_used(tmp_path: Pa
     deliver(s, m)  # the retry: listed again, stored in the Maildir at the path
     assert [key_of(n) for n in listing(md)["new"]] == [m.key]
     s.close()
+
+
+def test_process_nowait_after_a_close_between_its_checks_and_its_lock(
+    tmp_path: Path,
+) -> None:
+    """A close() on another thread between process_nowait's first checks and its
+    taking of the store's lock leaves the message to process() (which opens the
+    store again): nothing staged on a closed store, no marker left locked."""
+    s = syncfs_store(tmp_path)
+    m = Message.from_bytes(RAW, uid="closing")
+    real = s._lock
+
+    class ClosedMeanwhile:
+        def acquire(self, blocking: bool = True) -> bool:
+            s._lock = real
+            s.close()  # completes just before the lock is taken
+            return real.acquire(blocking)
+
+    s._lock = ClosedMeanwhile()  # type: ignore[assignment]
+    assert s.process_nowait(m) is LATER
+    assert s._staged == [] and s._dir_fds == {}
+    deliver(s, m)
+    assert [key_of(n) for n in listing(tmp_path / "Maildir")["new"]] == [m.key]
+    s.close()
