@@ -683,11 +683,20 @@ def copy_tag(message: Message) -> str:
 # which write the same rows one statement each, inside the same batch.
 
 
+def _own(journal: Journal, name: str) -> Any:
+    """``journal``'s method ``name``, or None where it has none or only inherits the
+    :class:`Journal` protocol's empty one (a class that subclasses the protocol)."""
+    method = getattr(journal, name, None)
+    if method is None or getattr(method, "__func__", None) is getattr(Journal, name):
+        return None
+    return method
+
+
 def begin_many(
     journal: Journal, mailbox: str, items: Sequence[tuple[str, str, int]]
 ) -> dict[str, Entry]:
     """:meth:`Journal.begin_many`, or :meth:`Journal.begin` for each item."""
-    many = getattr(journal, "begin_many", None)
+    many = _own(journal, "begin_many")
     if many is not None:
         return many(mailbox, items)  # type: ignore[no-any-return]
     return {uid: journal.begin(mailbox, uid, key=key, size=size)
@@ -696,7 +705,7 @@ def begin_many(
 
 def steps_committed(journal: Journal, mailbox: str, items: Sequence[tuple[str, str]]) -> None:
     """:meth:`Journal.steps_committed`, or :meth:`Journal.step_committed` for each."""
-    many = getattr(journal, "steps_committed", None)
+    many = _own(journal, "steps_committed")
     if many is not None:
         many(mailbox, items)
         return
@@ -706,7 +715,7 @@ def steps_committed(journal: Journal, mailbox: str, items: Sequence[tuple[str, s
 
 def finish_many(journal: Journal, mailbox: str, items: Sequence[Finish]) -> None:
     """:meth:`Journal.finish_many`, or :meth:`Journal.finish` for each."""
-    many = getattr(journal, "finish_many", None)
+    many = _own(journal, "finish_many")
     if many is not None:
         many(mailbox, items)
         return

@@ -18,7 +18,7 @@ import pytest
 from mailpipe.chain import ChainResult
 from mailpipe.config import MailboxConfig
 from mailpipe.errors import CommitError, ProcessorError
-from mailpipe.journal.base import Status
+from mailpipe.journal.base import Journal, Status
 from mailpipe.journal.sqlite import SqliteJournal
 from mailpipe.ledger import AcknowledgeBeforeDurable, Ledger, Outcome, Summary
 from mailpipe.message import MessageRef
@@ -341,11 +341,36 @@ class SingleRowJournal:
         return getattr(self._inner, name)
 
 
-async def test_a_journal_without_the_batch_writes_still_commits_groups(journal, tmp_path):
+class ProtocolSubclassJournal(Journal):
+    """The same, subclassing the Journal protocol: it inherits the protocol's empty
+    ``begin_many`` and co. (returning None), which must not be taken for its own."""
+
+    def __init__(self, inner: RecordingJournal) -> None:
+        self._inner = inner
+
+
+def _delegate(name: str) -> Any:
+    def method(self: ProtocolSubclassJournal, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self._inner, name)(*args, **kwargs)
+
+    return method
+
+
+for _name in dir(Journal):
+    if not _name.startswith("_") and _name not in (
+        "begin_many", "steps_committed", "finish_many"
+    ):
+        setattr(ProtocolSubclassJournal, _name, _delegate(_name))
+
+
+@pytest.mark.parametrize("wrapper", [SingleRowJournal, ProtocolSubclassJournal])
+async def test_a_journal_without_the_batch_writes_still_commits_groups(
+    journal, tmp_path, wrapper
+):
     """The batch writes are optional: the ledger falls back to begin, step_committed
     and finish for a journal that lacks them, with the same rows."""
     config = MailboxConfig.model_validate({"name": "box"})
-    ledger = Ledger(SingleRowJournal(journal), "box", config,  # type: ignore[arg-type]
+    ledger = Ledger(wrapper(journal), "box", config,  # type: ignore[arg-type]
                     Hooks(load(entry_points=False)[0]), Quarantine(tmp_path / "q"),
                     Summary(mailbox="box"), ack=config.ack)
     entries: dict[str, Any] = {}
