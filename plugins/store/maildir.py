@@ -327,7 +327,16 @@ class MaildirStore:
         if not self._lock.acquire(blocking=False):  # (a close() in progress)
             return LATER
         try:
-            if self._keys is None:  # closed since the checks above: process() opens
+            # Again under the lock: a close() (process() opens the store again) or a
+            # call abandoned on a thread may have changed the store since the checks.
+            if (
+                self._keys is None
+                or not self._by_syncfs
+                or key in self._keys
+                or key in self._inline
+                or len(self._staged) + 1 >= self.GROUP_FILES
+                or self._staged_octets + len(data) >= self.MAX_HELD
+            ):
                 return LATER
             try:
                 marker = self._claim_nowait(key)

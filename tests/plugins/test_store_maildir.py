@@ -975,3 +975,25 @@ def test_process_nowait_after_a_close_between_its_checks_and_its_lock(
     deliver(s, m)
     assert [key_of(n) for n in listing(tmp_path / "Maildir")["new"]] == [m.key]
     s.close()
+
+
+def test_process_nowait_checks_the_group_bound_under_the_lock(tmp_path: Path) -> None:
+    """A call abandoned on a thread (past the budget) may stage a file between
+    process_nowait's first checks and its taking of the store's lock: the group
+    bound is checked again, so a group never exceeds GROUP_FILES unpublished."""
+    s = syncfs_store(tmp_path)
+    s.GROUP_FILES = 3
+    s.process(Message.from_bytes(RAW + b"0\r\n", uid="0"))  # one staged: room for one
+    real = s._lock
+
+    class StagedMeanwhile:
+        def acquire(self, blocking: bool = True) -> bool:
+            s._lock = real
+            s.process(Message.from_bytes(RAW + b"1\r\n", uid="1"))  # the group: 2 of 3
+            return real.acquire(blocking)
+
+    s._lock = StagedMeanwhile()  # type: ignore[assignment]
+    assert s.process_nowait(Message.from_bytes(RAW + b"2\r\n", uid="2")) is LATER
+    assert len(s._staged) == 2
+    s.flush()
+    s.close()
