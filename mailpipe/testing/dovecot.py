@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailpipe.testing.lifecycle import Service, free_port, wait_listening
+from mailpipe.testing.lifecycle import Service, free_ports, wait_listening
 
 __all__ = [
     "DEFAULT_MECHANISMS",
@@ -234,11 +234,10 @@ class Dovecot(Service):
         self._make_certificates()
         last_error = ""
         for _attempt in range(3):  # a free port may be taken between probe and bind
-            self.pop3_port = free_port(self.host)
-            self.pop3s_port = free_port(self.host)
+            ports = free_ports(self.host, 4 if self.imap else 2)  # distinct
+            self.pop3_port, self.pop3s_port = ports[0], ports[1]
             if self.imap:
-                self.imap_port = free_port(self.host)
-                self.imaps_port = free_port(self.host)
+                self.imap_port, self.imaps_port = ports[2], ports[3]
             self.config_path.write_text(self._config())
             startup_log = self.base_dir / "log" / "startup.log"
             with startup_log.open("ab") as out:

@@ -36,9 +36,22 @@ class Service:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free on ``host`` a moment ago (a race is possible)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_ports(host, 1)[0]
+
+
+def free_ports(host: str = "127.0.0.1", count: int = 1) -> list[int]:
+    """``count`` distinct TCP ports that were free on ``host`` a moment ago (a race
+    with other processes is possible). All are held bound until every one is chosen:
+    probing one at a time can give the same port twice, which a server's
+    configuration then refuses (Dovecot: "duplicate listener")."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def accepts(host: str, port: int) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from mailpipe.testing.lifecycle import Service, free_port, wait_listening
+from mailpipe.testing.lifecycle import Service, free_ports, wait_listening
 
 from .packages import missing_apt_packages, staged
 from .refclient import ReferenceClient, ServerMessage
@@ -237,8 +237,9 @@ class LabServer(Service):
         self.home.chmod(0o755)
         last = ""
         for _attempt in range(3):  # a probed port may be taken before the bind
-            self.pop3_port = free_port(self.host)
-            self.pop3s_port = free_port(self.host) if self.implicit_tls else 0
+            ports = free_ports(self.host, 2)  # distinct
+            self.pop3_port = ports[0]
+            self.pop3s_port = ports[1] if self.implicit_tls else 0
             argv = self._configure()
             self.sandbox.write()
             with self.log_path.open("ab") as log:
