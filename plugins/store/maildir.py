@@ -306,29 +306,23 @@ class MaildirStore:
         in-memory message staged as an unnamed file of a syncfs group that it does not
         fill, its key's marker neither locked by another writer nor naming an earlier
         write, and not larger than NOWAIT_OCTETS. Anything else (no O_TMPFILE here, a
-        dry run, a key met before, a spooled or large message) returns ``LATER`` having written nothing (the key's marker file may
-        exist, empty, as ``process`` would make it), and :meth:`process` runs on the
-        step's thread."""
+        dry run, a key met before, a spooled or large message) returns ``LATER`` having
+        written nothing (the key's marker file may exist, empty, as ``process`` would
+        make it), and :meth:`process` runs on the step's thread."""
         data = message.data
         if (
             data is None
             or self.context.dry_run
             or not self.options.group_commit
-            or not self._by_syncfs
-            or self._keys is None
             or len(data) > self.NOWAIT_OCTETS
-            or len(self._staged) + 1 >= self.GROUP_FILES
-            or self._staged_octets + len(data) >= self.MAX_HELD
         ):
             return LATER
         key = message.key
-        if key in self._keys or key in self._inline:
-            return LATER
-        if not self._lock.acquire(blocking=False):  # (a close() in progress)
+        if not self._lock.acquire(blocking=False):  # (a close() or process() running)
             return LATER
         try:
-            # Again under the lock: a close() (process() opens the store again) or a
-            # call abandoned on a thread may have changed the store since the checks.
+            # The store's state is read under its lock: a close() (process() opens the
+            # store again) or a call abandoned on a thread may change it.
             if (
                 self._keys is None
                 or not self._by_syncfs
