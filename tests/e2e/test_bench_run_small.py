@@ -114,3 +114,34 @@ def test_verification_flags_corrupted_lost_and_duplicated_messages() -> None:
     assert bad["prepended"] == 1 and bad["bad"] == 1 and bad["duplicates"] == 1
     lost = bench.verify_blobs(blobs[1:], corpus)
     assert not lost["passed"] and lost["missing"] == 1
+
+
+def test_targets_read_issue_18s_goals_off_the_table() -> None:
+    """The verdict lines name issue 18's goals (1.2x mpop and 0.9x the minimal client
+    for Maildir, 0.9x mpop for parse + store.sqlite, 0.7x mpop's MB/s on mixed, 0.9x
+    the client at added latency) and compute them from the rows given."""
+    run = _bench_module()
+
+    def row(tool: str, msg_s: float, mb_s: float = 1.0, cpu_s: float = 1.0) -> dict:
+        return {"tool": tool, "msg_s": msg_s, "mb_s": mb_s, "cpu_s": cpu_s}
+
+    small = [row("mailpipe-maildir", 1300, cpu_s=0.6), row("mpop", 1000),
+             row("ceiling", 1500, cpu_s=0.5), row("mailpipe-e2e-defaults", 850)]
+    lines = run.targets(small, "small", 2000)
+    assert "- small: mailpipe-maildir at 1.30x mpop's messages/s (target ≥ 1.2x): met" in lines
+    assert ("- small: mailpipe-maildir at 0.87x ceiling's messages/s (target ≥ 0.9x): "
+            "MISSED") in lines
+    assert ("- small: mailpipe-e2e-defaults at 0.85x mpop's messages/s (target ≥ 0.9x): "
+            "MISSED") in lines
+    assert "- small: mailpipe-maildir CPU at 1.20x ceiling's (target ≤ 1.3x): met" in lines
+
+    mixed = [row("mailpipe-e2e-defaults", 1, mb_s=60.0), row("mpop", 1, mb_s=80.0)]
+    assert run.targets(mixed, "mixed", 1000) == [
+        "- mixed: mailpipe-e2e-defaults at 0.75x mpop's MB/s (target ≥ 0.7x): met"]
+
+    slow = [row("mailpipe-maildir", 600), row("ceiling", 1800), row("mpop", 450)]
+    assert run.targets(slow, "small", 300, latency_ms=20.0) == [
+        "- small: mailpipe-maildir at 0.33x ceiling's messages/s (target ≥ 0.9x): MISSED"]
+    # a short run without latency only shows ratios, no verdict
+    assert run.targets(slow, "small", 50) == [
+        "- small: mailpipe-maildir at 1.33x mpop's messages/s"]
