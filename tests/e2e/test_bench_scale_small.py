@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,16 +44,26 @@ def _require_servers() -> None:
 
 def test_small_scale_benchmark_prints_a_verified_table() -> None:
     _require_servers()
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--small"],
-        capture_output=True,
-        text=True,
-        timeout=540,
-        check=False,
-        env={**os.environ, "MAILPIPE_TEST_POSTGRES": PG_DSN},
-    )
+    # --base-dir: the work directory is made there (RESULTS §27); Dovecot's mail uid
+    # must reach it, so not below pytest's private tmp_path
+    base = Path(tempfile.mkdtemp(prefix="mailpipe-scale-base-"))
+    base.chmod(0o755)
+    try:
+        done = subprocess.run(
+            [sys.executable, str(BENCH), "--small", "--base-dir", str(base)],
+            capture_output=True,
+            text=True,
+            timeout=540,
+            check=False,
+            env={**os.environ, "MAILPIPE_TEST_POSTGRES": PG_DSN},
+        )
+        left = list(base.iterdir())
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
     out = done.stdout
+    assert f"work directory in {base}," in out
+    assert left == []  # removed at the end
     assert "mailpipe scale benchmark: 100 mailboxes x 2 messages" in out
     assert re.search(
         r"^\| mailpipe +\| scenario +\| mailboxes +\| messages .*\| verified", out,
