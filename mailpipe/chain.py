@@ -163,7 +163,9 @@ class ChainResult:
     step and ``temporary`` says whether it was a :class:`TemporaryFailure`; ``final``
     says that the message must not be retried at all (a step ran past the
     ``processing_budget`` and was abandoned: its outcome is unknown, a retry could
-    repeat its side effect and would cost the budget again): quarantine it now.
+    repeat its side effect and would cost the budget again): quarantine it now. A
+    budget that ran out before the step's thread began the call is not ``final``
+    (see :class:`~mailpipe.errors.BudgetExceeded`).
     """
 
     decision: Decision | None = None
@@ -399,7 +401,7 @@ class Chain:
                     result.error = exc
                     result.failed_step = step.id
                     result.temporary = isinstance(exc, TemporaryFailure)
-                    result.final = isinstance(exc, BudgetExceeded)
+                    result.final = isinstance(exc, BudgetExceeded) and exc.final
                     return result
                 # process() returned: its side effect happened. Record the commit
                 # before judging the return value, so that a bad return value can
