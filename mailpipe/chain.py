@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from mailpipe.config import StepSpec
-from mailpipe.errors import BudgetExceeded, TemporaryFailure
+from mailpipe.errors import BudgetExceeded, PluginError, TemporaryFailure
 from mailpipe.message import Message
 from mailpipe.prerequisites import check_prerequisites
 from mailpipe.processor import LATER, Decision, Disposition, ProcessorContext, normalise
@@ -49,6 +49,12 @@ CLOSE_GRACE = 10.0
 #: healthy messages as runaways. A call waits for a slot before its budget starts, as
 #: a serial step's call waits for the step's lock; coroutine methods take no slot.
 CPU_SLOTS = max(1, os.cpu_count() or 1)
+
+#: At most this many ``process_nowait`` calls in a row on the event loop without
+#: yielding to it (issue 18 review): a chain whose steps all finish there never
+#: waits, so a run of such messages would hold the loop, other mailboxes' polls and
+#: a SIGTERM's handling, for as long as the run lasts.
+NOWAIT_RUN = 32
 
 
 async def maybe_await(value: Any) -> Any:
@@ -76,6 +82,8 @@ class Step:
     nowait: Callable[[Message], Any] | None = None
     #: For a ``concurrent`` step: the chain's shared slots (see :data:`CPU_SLOTS`).
     slots: asyncio.Semaphore | None = None
+    #: The chain's count of on-the-loop calls since it last yielded (shared).
+    turns: LoopTurns | None = None
     flush_failures: int = 0  # failed flush() calls so far (see ChainResult.flush_epoch)
     #: One flush at a time, its failure counted before the next starts: a flush that
     #: finds the buffer another mailbox's failed flush just rolled back must see that
@@ -96,12 +104,19 @@ class Step:
         ):
             # On the loop when it can be done without waiting (no thread hand-over);
             # never once the budget is spent: the worker refuses to start the call.
+            if self.turns is not None and self.turns.due():
+                # Before the call, so that a cancellation here has changed nothing.
+                await asyncio.sleep(0)
             raw = self.nowait(*args)
             if raw is not LATER:
+                if raw is not None and inspect.isawaitable(raw):
+                    raise _not_synchronous(self, raw)
                 return raw
         fn = getattr(self.processor, method)
         if inspect.iscoroutinefunction(fn):
             return await fn(*args)
+        if self.turns is not None:
+            self.turns.run = 0  # the hand-over to the thread yields to the loop
         return await maybe_await(await self.worker.call(partial(fn, *args), budget=budget))
 
     async def gated(self, method: str, *args: Any, budget: Budget | None = None) -> Any:
@@ -119,6 +134,25 @@ class Step:
         return await self.call(method, *args, budget=budget)
 
 
+class LoopTurns:
+    """How many ``process_nowait`` calls ran on the loop since the chain last
+    yielded to it; shared by the steps of a chain (see :data:`NOWAIT_RUN`)."""
+
+    __slots__ = ("run",)
+
+    def __init__(self) -> None:
+        self.run = 0
+
+    def due(self) -> bool:
+        """Count one more call; True (and the count restarts) when the caller must
+        yield to the loop before making it."""
+        self.run += 1
+        if self.run <= NOWAIT_RUN:
+            return False
+        self.run = 1
+        return True
+
+
 @dataclass(slots=True)
 class ChainResult:
     """What happened to one message in the chain.
@@ -129,7 +163,9 @@ class ChainResult:
     step and ``temporary`` says whether it was a :class:`TemporaryFailure`; ``final``
     says that the message must not be retried at all (a step ran past the
     ``processing_budget`` and was abandoned: its outcome is unknown, a retry could
-    repeat its side effect and would cost the budget again): quarantine it now.
+    repeat its side effect and would cost the budget again): quarantine it now. A
+    budget that ran out before the step's thread began the call is not ``final``
+    (see :class:`~mailpipe.errors.BudgetExceeded`).
     """
 
     decision: Decision | None = None
@@ -169,6 +205,7 @@ class Chain:
         self._budgets = budgets or {}
         self.pipelines: dict[str, list[Step]] = {}
         slots = asyncio.Semaphore(CPU_SLOTS)  # shared by every concurrent step
+        turns = LoopTurns()  # shared by every step with a process_nowait
         for pname, specs in pipelines.items():
             ctx = ProcessorContext(base_dir=base_dir, pipeline=pname, dry_run=dry_run)
             steps = []
@@ -185,7 +222,8 @@ class Chain:
                         transparent=bool(getattr(proc, "transparent", False)),
                         has_prefetch=callable(getattr(proc, "prefetch", None)),
                         has_flush=callable(getattr(proc, "flush", None)),
-                        nowait=_nowait(proc),
+                        nowait=_nowait(proc, f"{pname}/{spec.step}", spec.use),
+                        turns=turns,
                         # One call at a time per instance unless it says it is safe:
                         # mailboxes run concurrently, and a shared connection (SMTP,
                         # a database) must not interleave two messages.
@@ -363,7 +401,7 @@ class Chain:
                     result.error = exc
                     result.failed_step = step.id
                     result.temporary = isinstance(exc, TemporaryFailure)
-                    result.final = isinstance(exc, BudgetExceeded)
+                    result.final = isinstance(exc, BudgetExceeded) and exc.final
                     return result
                 # process() returned: its side effect happened. Record the commit
                 # before judging the return value, so that a bad return value can
@@ -401,12 +439,43 @@ class Chain:
         return result
 
 
-def _nowait(processor: Any) -> Callable[[Message], Any] | None:
-    """The processor's synchronous ``process_nowait``, if it has one."""
+def _nowait(processor: Any, step: str, use: str) -> Callable[[Message], Any] | None:
+    """The processor's synchronous ``process_nowait``, if it has one.
+
+    Raises :class:`~mailpipe.errors.PluginError` naming the step when it is not
+    synchronous (a coroutine or async generator function, or an object whose
+    ``__call__`` is one): its result would be a coroutine nobody awaits, the work
+    never done while the message went on as handled (issue 18 review).
+    """
     fn = getattr(processor, "process_nowait", None)
-    if fn is None or not callable(fn) or inspect.iscoroutinefunction(fn):
+    if fn is None:
         return None
+    call = inspect.getattr_static(type(fn), "__call__", None)  # a callable object's
+    if not callable(fn) or _asynchronous(fn) or _asynchronous(call):
+        raise PluginError(
+            f"step {step!r} (use = {use!r}): {type(processor).__qualname__}."
+            "process_nowait must be a synchronous method (see mailpipe.Processor); "
+            "work that awaits belongs in process()"
+        )
     return fn  # type: ignore[no-any-return]
+
+
+def _asynchronous(fn: Any) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+
+
+def _not_synchronous(step: Step, raw: Any) -> TypeError:
+    """The error of a message whose ``process_nowait`` returned an awaitable: a
+    failure of that message (never a success, nor a commit), the awaitable closed
+    unrun so that none of its work happens later."""
+    close = getattr(raw, "close", None)
+    if callable(close):
+        close()
+    return TypeError(
+        f"processor {step.use!r} (step {step.id!r}): process_nowait returned "
+        f"{type(raw).__name__}, an awaitable; it must be synchronous (see "
+        "mailpipe.Processor)"
+    )
 
 
 def _processor_failure(exc: BaseException) -> bool:

@@ -140,8 +140,12 @@ class SchedulerConfig(BaseModel):
         strict=True,
         ge=1,
         le=10000,
-        description="Mailboxes of one server (the source's host) polled at the same "
-        "time; keeps a worker within a server's connection limits.",
+        description="Polls of one server (the source's host option, in lower case) "
+        "running at the same time in this worker; each poll holds one connection, "
+        "its session. Not counted: connections a source keeps between polls (IMAP "
+        "push: up to idle_connections IDLE connections and one STATUS connection "
+        "per mailbox) and other workers' polls; keep their sum within the "
+        "server's per-address connection limit.",
     )
     spool_dir: str = Field(
         "var/spool", description="Where large messages are spooled while processed."

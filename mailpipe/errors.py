@@ -160,9 +160,16 @@ class BudgetExceeded(PermanentFailure):
 
     The call was abandoned, not stopped (a thread cannot be killed; see
     :mod:`mailpipe.worker`): its outcome is unknown, so the message is quarantined at
-    once with this error instead of being retried.
+    once with this error instead of being retried (``final``). So is a message whose
+    earlier steps spent the budget before a call could start.
+
+    ``final`` is False when the budget ran out while the call waited for its thread
+    to begin it (a starved thread, the machine busy): nothing of it ran, so the
+    message is retried like any failure, the attempt counted towards
+    ``max_attempts``.
     """
 
-    def __init__(self, message: str, *, processor: str = "") -> None:
+    def __init__(self, message: str, *, processor: str = "", final: bool = True) -> None:
         super().__init__(message)
         self.processor = processor
+        self.final = final

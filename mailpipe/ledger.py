@@ -44,6 +44,7 @@ from mailpipe.message import Message, MessageRef, message_key
 from mailpipe.planning import UNRETRIEVABLE
 from mailpipe.processor import Decision, Disposition
 from mailpipe.source import Ack, SessionFacts, Unretrievable
+from mailpipe.storable import storable
 
 if TYPE_CHECKING:
     from mailpipe.chain import Chain, ChainResult
@@ -219,19 +220,20 @@ class Ledger:
             assert result.decision is not None
             self.summary.processed += 1
             decision = result.decision
+            reason = storable(decision.reason)  # a processor's text, maybe a header's
             if decision.disposition == Disposition.QUARANTINE:
                 delete = self.quarantined(
-                    msg, reason=decision.reason or "quarantined by rule",
+                    msg, reason=reason or "quarantined by rule",
                     attempts=0, error="",
                 )
                 return Outcome(ref, result, Status.QUARANTINED, "quarantine",
-                               decision.reason, delete, msg.sha256)
+                               reason, delete, msg.sha256)
             status, delete = self._status_for(decision)
             self._count(decision)
             self.log.debug("message_processed", uid=ref.uid,
                            disposition=str(decision.disposition))
             return Outcome(ref, result, status, str(decision.disposition),
-                           decision.reason, delete, msg.sha256)
+                           reason, delete, msg.sha256)
         assert result.error is not None
         self.summary.failed += 1
         error = error_text(result.error)
@@ -300,7 +302,7 @@ class Ledger:
             self.begin(ref)
             self.journal.finish(self.mailbox, ref.uid, status=status,
                                 disposition=str(decision.disposition), sha256=sha256,
-                                reason=decision.reason, delete_due=delete)
+                                reason=storable(decision.reason), delete_due=delete)
         self.hooks.message_done(mailbox=self.mailbox, uid=ref.uid, key=ref.key,
                                 disposition=str(decision.disposition))
         if delete:
@@ -311,7 +313,7 @@ class Ledger:
         (MP-01). With ``entry`` the attempt is written by the group commit (the
         returned outcome); without it, it is journaled now. Nothing is owed."""
         ref = item.ref
-        error = f"{UNRETRIEVABLE}{item.reason}"
+        error = storable(f"{UNRETRIEVABLE}{item.reason}")  # the server's words
         if item.confirmable and item.evidence is not None:
             error += f" {copy_tag(item.evidence)}"  # see Engine._confirmed
         self.summary.failed += 1
@@ -665,11 +667,12 @@ class Ledger:
 
 def error_text(exc: BaseException) -> str:
     """One line for the journal and the logs: the exception's type and text, cut at
-    500 characters, secrets redacted."""
+    500 characters, secrets redacted, made :func:`~mailpipe.storable.storable` (an
+    exception's text may quote a malformed header's NUL)."""
     from mailpipe.secrets import redact
 
     text = f"{type(exc).__name__}: {exc}"
-    return redact(text if len(text) <= 500 else text[:497] + "...")
+    return storable(redact(text if len(text) <= 500 else text[:497] + "..."))
 
 
 def copy_tag(message: Message) -> str:

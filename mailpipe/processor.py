@@ -135,7 +135,13 @@ class Processor(Protocol):
     a cheap call the hand-over to the thread and back (two wake-ups; ~95 µs of CPU a
     message for store.maildir, bench/RESULTS.md §30). It is not charged to the budget
     (it cannot run away: it must not wait), and not called once the budget is spent
-    (the message then fails as ``process`` would, never started).
+    (the message then fails as ``process`` would, never started). It must be a plain
+    synchronous method: an ``async def process_nowait`` (or an async callable) is
+    refused when the chain is built (:class:`~mailpipe.errors.PluginError` naming the
+    step), and an awaitable it returns fails that message, closed unrun and with the
+    step not committed (never a success). The chain yields to the event loop before
+    every :data:`~mailpipe.chain.NOWAIT_RUN`-th such call in a row, so a run of
+    messages handled on the loop does not hold up the other mailboxes.
     """
 
     name: ClassVar[str]

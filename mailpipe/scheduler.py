@@ -33,7 +33,10 @@ round trips), so many polls overlap; the defaults (64 in all, 32 per server) com
 worker with many mailboxes on one server within what a server grants one client
 (Dovecot's login and mail process limits, providers' per-IP connection limits): the
 host's slot is taken first, so mailboxes waiting for a busy server hold no global slot
-that another server's mailboxes could use.
+that another server's mailboxes could use. The slots count polls, not connections:
+a push source's wait between polls (IMAP IDLE and STATUS connections kept open) holds
+no slot, or one mailbox's watch would block the polls of the others on its server;
+the documentation of ``host_concurrency`` says so.
 """
 
 from __future__ import annotations

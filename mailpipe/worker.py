@@ -23,7 +23,10 @@ Why threads of each step's own, and not ``asyncio.to_thread`` or a process pool:
 
 A thread cannot be killed. When a call runs past its :class:`Budget`, the awaiting
 coroutine gets :class:`~mailpipe.errors.BudgetExceeded` (the chain fails that message
-permanently: it is quarantined at once and the pipeline moves on). The thread is
+permanently: it is quarantined at once and the pipeline moves on). A budget that runs
+out before the thread began the call (the thread starved of CPU) abandons nothing:
+the call never begins, the thread stays the step's, and the error is not ``final``
+(the message is retried, the attempt counted). The thread is
 abandoned, never reused: it finishes the call on its own and then exits, and its
 result is dropped; the step's next call runs on another thread. At process exit an
 abandoned thread still running is stopped with the interpreter (daemon), so a SIGTERM
@@ -206,7 +209,9 @@ class StepWorker:
         once), and ``budget.left`` is reduced by the time taken. Past it,
         :class:`BudgetExceeded` is raised and the thread abandoned;
         :class:`TemporaryFailure` instead when an earlier abandoned call of this
-        step was still running when this one was handed over. A caller cancelled
+        step was still running when this one was handed over. When the thread had
+        not begun the call (starved), it never will and is not abandoned; the
+        ``BudgetExceeded`` then says "not started" and is not ``final``. A caller cancelled
         while the call runs leaves it to finish unawaited on its thread; one
         cancelled before the call began keeps it from beginning.
 
@@ -238,7 +243,9 @@ class StepWorker:
                 return cast(T, result)
             if error is _EXPIRED:
                 assert budget is not None
-                job.cancel()  # not begun yet (a starved thread): it never will
+                if job.cancel():  # not begun yet (a starved thread): it never will
+                    reuse = True  # the thread skips the job: idle, nothing to abandon
+                    raise self._not_begun(budget, busy=busy)
                 self._abandon(thread)
                 if busy:
                     raise TemporaryFailure(
@@ -271,6 +278,25 @@ class StepWorker:
                 self._idle.append(thread)
             elif thread not in self._abandoned:
                 thread.stop()
+
+    def _not_begun(self, budget: Budget, *, busy: bool) -> Exception:
+        """The error of a call whose budget ran out before its thread began it
+        (issue 18 review): nothing of it ran and no thread is abandoned. Behind an
+        abandoned call of a serial step, :class:`TemporaryFailure` as for a call that
+        began; else :class:`BudgetExceeded`, not ``final``: the message is retried,
+        the attempt counted."""
+        log.warning("step_call_not_started", step=self.name, budget=budget.seconds)
+        if busy:
+            return TemporaryFailure(
+                f"{self.name} not started: its {budget.name} ran out while an earlier "
+                "call that exceeded it was still running; retried later"
+            )
+        return BudgetExceeded(
+            f"{self.name} not started: the {budget.name} of {budget.seconds:g} s ran "
+            "out before the step's thread could begin the call; retried",
+            processor=self.name,
+            final=False,
+        )
 
     def _new_thread(self) -> _Thread:
         thread = _Thread(f"mailpipe-step-{next(self._ids)}:{self.name}")

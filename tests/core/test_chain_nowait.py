@@ -4,7 +4,10 @@ bench/RESULTS.md §30)."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -107,4 +110,100 @@ async def test_a_spent_budget_is_not_bypassed_on_the_loop(tmp_path: Path) -> Non
             await step.gated("process", message("now"), budget=spent)
         assert step.processor.calls == []  # neither on the loop nor on a thread
     finally:
+        await c.close()
+
+
+# --- issue 18 review: process_nowait is synchronous, and the loop still turns ------
+
+
+class AsyncNowait(Quick):
+    """A third-party mistake: ``process_nowait`` written ``async``."""
+
+    async def process_nowait(self, message: Message) -> object:  # type: ignore[override]
+        self.calls.append(("nowait", "async"))
+        return Disposition.KEEP
+
+
+class AsyncCallable:
+    """An object whose ``__call__`` is a coroutine function."""
+
+    async def __call__(self, message: Message) -> object:
+        return Disposition.KEEP
+
+
+class CallableNowait(Quick):
+    def __init__(self, options: BaseModel, context: Any) -> None:
+        super().__init__(options, context)
+        self.process_nowait = AsyncCallable()  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("cls", [AsyncNowait, CallableNowait])
+def test_an_async_process_nowait_is_refused_when_the_chain_is_built(
+    tmp_path: Path, cls: type[Quick]
+) -> None:
+    from mailpipe.errors import PluginError
+
+    spec = StepSpec(index=0, step="1:quick", use="quick", cls=cls, options=NoOptions())
+    with pytest.raises(PluginError, match=r"'p/1:quick' \(use = 'quick'\).*synchronous"):
+        Chain({"p": [spec]}, base_dir=tmp_path)
+
+
+async def test_an_awaitable_from_process_nowait_fails_the_message_uncommitted(
+    tmp_path: Path,
+) -> None:
+    """A synchronous ``process_nowait`` that returns a coroutine (a wrapper around an
+    async function) cannot be told at construction: the message fails, its step is
+    not recorded as committed (a retry runs it again), and the coroutine never runs."""
+
+    class Wrapper(Quick):
+        def process_nowait(self, message: Message) -> object:
+            return self.store(message)
+
+        async def store(self, message: Message) -> Disposition:
+            self.calls.append(("stored", ""))
+            return Disposition.DONE
+
+    spec = StepSpec(index=0, step="1:wrapped", use="quick", cls=Wrapper, options=NoOptions())
+    c = Chain({"p": [spec]}, base_dir=tmp_path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "coroutine ... was never awaited" too
+            result = await c.run("p", message("now"))
+            gc.collect()
+        assert not result.ok and isinstance(result.error, TypeError)
+        assert "awaitable" in str(result.error) and result.failed_step == "p/1:wrapped"
+        assert result.committed == [] and result.pending == []
+        assert c.pipelines["p"][0].processor.calls == []  # the work never ran
+    finally:
+        await c.close()
+
+
+async def test_a_run_of_nowait_messages_lets_other_tasks_progress(tmp_path: Path) -> None:
+    """Messages whose every step finishes on the loop: another task still gets a turn
+    at least every NOWAIT_RUN calls (counted, not timed)."""
+    from mailpipe.chain import NOWAIT_RUN
+
+    spec = StepSpec(index=0, step="1:quick", use="quick", cls=Quick, options=NoOptions())
+    c = Chain({"p": [spec]}, base_dir=tmp_path)
+    ticks = 0
+    done = False
+
+    async def other_mailbox() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    count = 4 * NOWAIT_RUN
+    task = asyncio.create_task(other_mailbox())
+    try:
+        for n in range(count):
+            result = await c.run("p", message("now"))
+            assert result.ok, n
+        seen = ticks
+        assert len(c.pipelines["p"][0].processor.calls) == count  # all on the loop
+        assert seen >= count // NOWAIT_RUN - 1
+    finally:
+        done = True
+        await task
         await c.close()

@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import dataclasses
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from pydantic import BaseModel, ConfigDict
@@ -177,14 +178,18 @@ class _PushFake(FakeSource):
         return self.answer
 
 
-async def _run_for(tmp_path: Path, source: type, seconds: float) -> list[Any]:
-    """Run a scheduler over one mailbox of ``source`` (poll_interval 60 s) for
-    ``seconds``, then stop it; return its poll summaries."""
+async def _run_for(
+    tmp_path: Path, source: type, seconds: float, *,
+    data: dict[str, Any] | None = None, until: Callable[[], bool] | None = None,
+) -> list[Any]:
+    """Run a scheduler over ``data`` (default: one mailbox of ``source``,
+    poll_interval 60 s) for ``seconds`` (with ``until``: until it holds, checked
+    every 10 ms, for at most ``seconds``), then stop it; return its poll summaries."""
     registry = Registry()
     registry.add("source", source, "test")
     config = validate_config(
-        {"mailboxes": [{"name": "p", "source": "fake", "poll_interval": 60}],
-         "pipelines": {"default": {"processors": []}}},
+        data or {"mailboxes": [{"name": "p", "source": "fake", "poll_interval": 60}],
+                 "pipelines": {"default": {"processors": []}}},
         path=tmp_path / "p.toml", registry=registry,
     )
     journal = SqliteJournal(tmp_path / "j.sqlite3")
@@ -192,7 +197,13 @@ async def _run_for(tmp_path: Path, source: type, seconds: float) -> list[Any]:
         config, journal=journal, hooks=Hooks(get_plugin_manager(entry_points=False))
     )
     task = asyncio.create_task(scheduler.run())
-    await asyncio.sleep(seconds)
+    if until is None:
+        await asyncio.sleep(seconds)
+    else:
+        for _ in range(int(seconds * 100)):  # bounded
+            if until():
+                break
+            await asyncio.sleep(0.01)
     scheduler.request_stop()
     try:
         return list(await asyncio.wait_for(task, 10))
@@ -456,6 +467,49 @@ async def test_each_server_gets_at_most_host_concurrency_polls_at_a_time(
     # Server A never had more than 2; the third global slot went to server B.
     assert peaks["pop.a.example"] == 2 and peaks["pop.b.example"] <= 2
     assert peaks["all"] == 3
+
+
+class _HostPush(_PushFake):
+    """A push source with a ``host``, whose wait between polls keeps its connections
+    (an IMAP push pool) until the scheduler stops."""
+
+    Options = _HostOptions
+    waiting: ClassVar[set[str]] = set()
+
+    async def wait_for_mail(self, timeout: float) -> bool:
+        type(self).waiting.add(self.mailbox)
+        await asyncio.sleep(timeout)  # cancelled when the scheduler stops
+        return False
+
+
+async def test_host_concurrency_counts_polls_not_the_connections_kept_between_them(
+    tmp_path: Path,
+) -> None:
+    """Issue 18 review: the per-host slot is held for a poll only. A push mailbox
+    watching its server between polls holds none, so with one slot both mailboxes
+    of the server poll and then watch together (their kept connections are not
+    counted; the option's documentation says so)."""
+    FakeSource.boxes.clear()
+    _HostPush.waiting = set()
+    data = {
+        "scheduler": {"host_concurrency": 1},
+        "mailboxes": [{"name": f"m{i}", "source": "fake", "host": "imap.example",
+                       "poll_interval": 60} for i in range(2)],
+        "pipelines": {"default": {"processors": []}},
+    }
+    summaries = await _run_for(tmp_path, _HostPush, 10.0, data=data,
+                               until=lambda: _HostPush.waiting == {"m0", "m1"})
+    assert _HostPush.waiting == {"m0", "m1"}
+    assert sorted(s.mailbox for s in summaries) == ["m0", "m1"]
+
+
+def test_host_concurrency_documents_what_it_counts() -> None:
+    """Issue 18 review: users set it to stay within a server's per-address connection
+    limit, so its description says it counts polls and what it leaves out."""
+    text = SchedulerConfig.model_fields["host_concurrency"].description or ""
+    assert "Polls of one server" in text
+    assert "Not counted" in text and "idle_connections" in text
+    assert "other workers' polls" in text
 
 
 def test_the_default_concurrency_is_64_in_all_and_32_per_server() -> None:
