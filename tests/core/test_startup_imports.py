@@ -173,7 +173,8 @@ def test_a_script_named_mailpipe_calling_the_group_resumes_the_collector() -> No
 
 
 _COUNT_ENTRY_POINT_SEARCHES = (
-    "import sys, importlib.metadata as md\n"
+    "import os, sys, importlib.metadata as md\n"
+    "os.environ.pop('PYDANTIC_DISABLE_PLUGINS', None)\n"
     "searched = []\n"
     "real = md.entry_points\n"
     "def counting(**kw):\n"
