@@ -19,11 +19,18 @@ Imported first by ``mailpipe/__init__``, it does two things:
   few reference cycles the imports left as garbage (about 700 objects) stay
   allocated, once per process. Any other importer (a program or test that imports
   mailpipe) keeps its collector as it was.
+- Also only for the command: pydantic looks for its plugins (entry-point group
+  ``pydantic``) when the first model is built, parsing the ``entry_points.txt`` of
+  every installed distribution (~4 ms of each start with a hundred of them, issue 18).
+  :func:`skip_the_empty_pydantic_plugin_search` first searches those files' text, as
+  :mod:`mailpipe.plugin_manager` does for its own group; when none declares the group,
+  pydantic's search could find nothing, and is skipped.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import sys
 from pathlib import Path
 
@@ -80,5 +87,32 @@ def imports_done() -> None:
         _paused = False
 
 
+def skip_the_empty_pydantic_plugin_search() -> None:
+    """Leave pydantic with no plugins, without its search, when no installed
+    distribution declares the ``pydantic`` entry-point group.
+
+    ``importlib.metadata`` reads a group from a stripped line ``[...]`` of a
+    distribution's ``entry_points.txt`` whose text without the brackets is the group
+    name, so every file that declares it contains ``[pydantic]``; when none does,
+    pydantic's cache of loaded plugins is set to the empty one its own search would
+    leave. Nothing is done when a file contains it, when ``PYDANTIC_DISABLE_PLUGINS``
+    is set (pydantic's own switch), or when pydantic's loader is not as known (its
+    cache missing or already filled): pydantic then searches as usual.
+    """
+    if os.environ.get("PYDANTIC_DISABLE_PLUGINS") is not None:
+        return
+    from importlib.metadata import distributions
+
+    from pydantic.plugin import _loader
+
+    if getattr(_loader, "_plugins", {}) is not None:
+        return
+    if not any("[pydantic]" in (d.read_text("entry_points.txt") or "")
+               for d in distributions()):
+        _loader._plugins = {}
+
+
 pause_collector_for_the_command()
 import_structlog_without_rich()
+if started_as_the_command():
+    skip_the_empty_pydantic_plugin_search()

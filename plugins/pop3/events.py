@@ -4,6 +4,12 @@ Don't subclass these: :class:`~.protocol.Pop3Connection` dispatches on exact typ
 Commands validate their arguments on construction (RFC 1939 §3; conformance C-01/C-02):
 a CR, LF, NUL or any other C0 control or DEL in an argument raises ``ValueError`` before
 anything can reach the wire. Sensitive commands mask their arguments in ``repr``.
+
+A command that adds no field to its base (``Capa``, ``List``, ``Retr``...) is a plain
+subclass with ``__slots__ = ()``: it inherits the frozen dataclass's ``__init__``,
+``__eq__`` (exact class), ``__hash__``, ``__repr__`` (which names the subclass) and
+frozen ``__setattr__``, so it is the same value a second ``@dataclass`` would make,
+without generating those methods again at every start (~0.35 ms a class, issue 18).
 """
 
 from __future__ import annotations
@@ -175,32 +181,32 @@ class AuthResponse(Command):
         return f"AuthResponse(data={MASK})"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Capa(Command):
     """``CAPA`` (RFC 2449 §5): multi-line list of capabilities."""
 
+    __slots__ = ()
     keyword: ClassVar[bytes] = b"CAPA"
     multiline: ClassVar[bool] = True
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Stls(Command):
     """``STLS`` (RFC 2595 §4): TLS starts right after the ``+OK``."""
 
+    __slots__ = ()
     keyword: ClassVar[bytes] = b"STLS"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Utf8(Command):
     """``UTF8`` (RFC 6856 §2): UTF-8 mode, valid in AUTHORIZATION only."""
 
+    __slots__ = ()
     keyword: ClassVar[bytes] = b"UTF8"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Stat(Command):
     """``STAT`` → ``+OK count octets`` (RFC 1939 §5)."""
 
+    __slots__ = ()
     keyword: ClassVar[bytes] = b"STAT"
 
 
@@ -233,24 +239,24 @@ class _OptionalNumber(Command):
         return [] if self.number is None else [_number(self.number)]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class List(_OptionalNumber):
     """``LIST [n]``; multi-line without an argument (RFC 1939 §5, C-49)."""
 
+    __slots__ = ()
     keyword: ClassVar[bytes] = b"LIST"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Uidl(_OptionalNumber):
     """``UIDL [n]``; multi-line without an argument (RFC 1939 §7, C-53)."""
 
+    __slots__ = ()
     keyword: ClassVar[bytes] = b"UIDL"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Retr(_Numbered):
     """``RETR n``: the whole message, streamed as body chunks (RFC 1939 §5, C-51)."""
 
+    __slots__ = ()
     keyword: ClassVar[bytes] = b"RETR"
     multiline: ClassVar[bool] = True
     streams: ClassVar[bool] = True
@@ -274,31 +280,31 @@ class Top(Command):
         return [_number(self.number), _number(self.lines, "line count")]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Dele(_Numbered):
     """``DELE n``: marks only; the server deletes at QUIT (RFC 1939 §5, §6)."""
 
+    __slots__ = ()
     keyword: ClassVar[bytes] = b"DELE"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Noop(Command):
     """``NOOP`` (RFC 1939 §5)."""
 
+    __slots__ = ()
     keyword: ClassVar[bytes] = b"NOOP"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Rset(Command):
     """``RSET``: clears every deletion mark (RFC 1939 §5)."""
 
+    __slots__ = ()
     keyword: ClassVar[bytes] = b"RSET"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Quit(Command):
     """``QUIT``: in TRANSACTION, commits the deletions (RFC 1939 §6)."""
 
+    __slots__ = ()
     keyword: ClassVar[bytes] = b"QUIT"
 
 

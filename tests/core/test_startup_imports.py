@@ -170,3 +170,81 @@ def test_a_script_named_mailpipe_calling_the_group_resumes_the_collector() -> No
         "mailpipe.cli.cli(['--log-level', 'error', 'probe'], standalone_mode=False)\n"
     )
     assert probe_lines(probe) == ["paused True", "collecting True"]
+
+
+_COUNT_ENTRY_POINT_SEARCHES = (
+    "import os, sys, importlib.metadata as md\n"
+    "os.environ.pop('PYDANTIC_DISABLE_PLUGINS', None)\n"
+    "searched = []\n"
+    "real = md.entry_points\n"
+    "def counting(**kw):\n"
+    "    searched.append(kw.get('group'))\n"
+    "    return real(**kw)\n"
+    "md.entry_points = counting\n"
+)
+
+
+def _a_distribution_declares_pydantic_plugins() -> bool:
+    from importlib.metadata import distributions
+
+    return any("[pydantic]" in (d.read_text("entry_points.txt") or "")
+               for d in distributions())
+
+
+def test_the_command_skips_pydantic_s_plugin_search_when_no_plugin_is_installed() -> None:
+    """Issue 18: pydantic parses every distribution's entry points for its plugins
+    when the first model is built (~4 ms); started as the command, with no
+    distribution declaring the group, mailpipe tells it there are none first."""
+    if _a_distribution_declares_pydantic_plugins():
+        pytest.skip("a pydantic plugin is installed here: pydantic must search")
+    probe = (
+        _COUNT_ENTRY_POINT_SEARCHES
+        + "sys.orig_argv = [sys.executable, '-m', 'mailpipe', 'run', 'p.toml']\n"
+        "import mailpipe.cli, mailpipe.config\n"
+        "from pydantic.plugin import _loader\n"
+        "print(searched, _loader._plugins)\n"
+    )
+    assert probe_lines(probe) == ["[] {}"]
+
+
+def test_a_program_importing_mailpipe_leaves_pydantic_s_plugin_search_alone() -> None:
+    probe = (
+        _COUNT_ENTRY_POINT_SEARCHES
+        + "import mailpipe.cli, mailpipe.config\n"
+        "print(searched)\n"
+    )
+    assert probe_lines(probe) == ["['pydantic']"]
+
+
+@pytest.mark.parametrize(
+    ("entry_points_txt", "skipped"),
+    [
+        ("[console_scripts]\nx = x:main\n", True),
+        (None, True),
+        ("[pydantic]\nmy_plugin = my_plugin:plugin\n", False),
+        ("[console_scripts]\nx = x:main\n\n  [pydantic]  \np = p:plugin\n", False),
+    ],
+    ids=["other-groups", "no-file", "declared", "declared-indented"],
+)
+def test_pydantic_s_plugin_search_is_skipped_only_when_no_distribution_declares_it(
+    monkeypatch: pytest.MonkeyPatch, entry_points_txt: str | None, skipped: bool
+) -> None:
+    import importlib.metadata
+
+    from pydantic.plugin import _loader
+
+    from mailpipe._imports import skip_the_empty_pydantic_plugin_search
+
+    class Dist:
+        def read_text(self, name: str) -> str | None:
+            return entry_points_txt if name == "entry_points.txt" else None
+
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: [Dist(), Dist()])
+    monkeypatch.setattr(_loader, "_plugins", None)
+    monkeypatch.delenv("PYDANTIC_DISABLE_PLUGINS", raising=False)
+    skip_the_empty_pydantic_plugin_search()
+    assert _loader._plugins == ({} if skipped else None)
+    monkeypatch.setattr(_loader, "_plugins", None)
+    monkeypatch.setenv("PYDANTIC_DISABLE_PLUGINS", "some_plugin")
+    skip_the_empty_pydantic_plugin_search()  # pydantic's own switch: left to it
+    assert _loader._plugins is None

@@ -124,3 +124,34 @@ def test_c15_apop_timestamp(greeting, stamp):
 def test_s12_apop_timestamp_scan_is_linear():
     # CVE-2018-1060: a hostile greeting must not make the scan backtrack.
     assert apop_timestamp(b"+OK " + b"<" * 100_000 + b"@" * 100_000) is None
+
+
+_FIELDLESS = ("Capa", "Stls", "Utf8", "Stat", "List", "Uidl", "Retr", "Dele", "Noop",
+              "Rset", "Quit")
+
+
+@pytest.mark.parametrize("name", _FIELDLESS)
+def test_a_command_without_fields_of_its_own_is_its_base_dataclass(name):
+    """Issue 18: no second ``@dataclass`` pass at start-up for a command that adds no
+    field; it is still a frozen, slotted value of its own class."""
+    import dataclasses
+
+    from mailpipe.plugins.pop3 import events
+
+    cls = getattr(events, name)
+    base = cls.__mro__[1]
+    assert "__init__" not in vars(cls) and "__eq__" not in vars(cls)
+    assert vars(cls)["__slots__"] == ()
+    assert dataclasses.fields(cls) == dataclasses.fields(base)
+    kwargs = {"number": 3} if dataclasses.fields(cls) else {}
+    value = cls(**kwargs)
+    assert not hasattr(value, "__dict__")
+    assert repr(value) == f"{name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+    assert value == cls(**kwargs) and hash(value) == hash(cls(**kwargs))
+    others = [getattr(events, n)(**kwargs) for n in _FIELDLESS if n != name
+              and dataclasses.fields(getattr(events, n)) == dataclasses.fields(cls)]
+    assert others and all(value != other for other in others)
+    if kwargs:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            value.number = 4  # type: ignore[misc]
+    assert value.to_bytes().startswith(cls.keyword)
