@@ -652,8 +652,10 @@ class Pop3Session:
             self._log.info(
                 "pop3_size_mismatch", uid=ref.uid, listed=ref.size, received=octets
             )
+        if self.options.verify_size == "off":
+            return message
         missing = shortfall(octets, ref.size, message.open)
-        if not missing or self.options.verify_size == "off":
+        if not missing:
             return message
         # MP-01: a copy shorter than any way of counting its LIST size is cut short
         # (a missing dot-stuffing, a header-only RETR after TOP): never committed.

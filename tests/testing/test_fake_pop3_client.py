@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import structlog
+from mailpipe.plugins.pop3 import source as source_module
 from mailpipe.plugins.pop3.source import Pop3Options, Pop3Source
 
 from mailpipe.errors import (
@@ -341,6 +342,20 @@ async def test_fault_list_size_counting_stuffed_dots_is_whole_short_is_not(
     assert [m.raw for m in got] == [wire_form(m) for m in MSGS[:2]]
     assert [m.spool_path is not None for m in got] == [spool_threshold == 0] * 2
     assert srv.messages == [MSGS[2]]
+
+
+async def test_verify_size_off_never_reads_a_short_body_back(
+    pop3_server_factory: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MP-01 with verify_size = "off": what arrives is committed, so a body below its
+    # LIST size is not read back (from its spool file) to count its lines.
+    def never(*args: object) -> int:
+        raise AssertionError("read back")
+
+    monkeypatch.setattr(source_module, "shortfall", never)
+    srv = pop3_server_factory(messages=MSGS, faults=Faults(list_size_delta={1: 100}))
+    _, got = await fetch(srv, tmp_path, spool_threshold=0, verify_size="off")
+    assert [m.raw for m in got] == [wire_form(m) for m in MSGS]
 
 
 async def test_fault_uidl_variants(
