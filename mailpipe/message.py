@@ -165,6 +165,14 @@ class Message:
         assert self.spool_path is not None
         return self.spool_path.open("rb")
 
+    def hashed(self, hexdigest: str) -> None:
+        """Take ``hexdigest`` as :attr:`sha256` when it is not known yet: the hex
+        sha256 of every raw byte, from a reader that read them all (``parse`` on a
+        spooled message), so that the spool file is not read and hashed again
+        (issue 18). Give nothing else: the digest is evidence (see :attr:`sha256`)."""
+        if self._sha256 is None:
+            self._sha256 = hexdigest
+
     @property
     def sha256(self) -> str:
         """Hex sha256 of the raw bytes; second evidence beside the UIDL."""

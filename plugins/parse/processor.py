@@ -72,9 +72,14 @@ def parse_raw(
     ids = {"key": message.key, "mailbox": message.ref.mailbox, "uid": message.ref.uid}
     if message.spool_path is not None and not message.headers_only:
         with message.open() as f:
-            return parse_file(
+            record, found = parse_file(
                 f, spool_dir=message.spool_path.parent, max_body=max_body, **ids
             )
+        # parse_file hashed every octet of the file it read: the stores and the
+        # ledger read the message's sha256 without reading the file again (issue 18).
+        if record.sha256:
+            message.hashed(record.sha256)
+        return record, found
     # The message's sha256 (cached; the ledger and the stores read it too): the raw
     # bytes are hashed once, not once more for the record (issue 18).
     record, payloads = parse_message(

@@ -33,7 +33,7 @@ from mailpipe.units import ByteSize, Duration
 
 from . import auth as sasl
 from .client import CommandRefused, Pop3Client, Timeouts
-from .completeness import OctetCount
+from .completeness import OctetCount, shortfall
 from .events import (
     BodyChunk,
     BodyEnd,
@@ -646,20 +646,22 @@ class Pop3Session:
     def _finished(self, sink: _Sink) -> Message | Unretrievable:
         """The message a finished body makes, or an Unretrievable when it is short."""
         message = sink.finish()
-        ref, count = message.ref, sink.count
-        if count.octets != ref.size:
+        ref, octets = message.ref, sink.octets
+        if octets != ref.size:
             # C-50 / T-21: LIST sizes are hints, never framing.
             self._log.info(
-                "pop3_size_mismatch", uid=ref.uid, listed=ref.size, received=count.octets
+                "pop3_size_mismatch", uid=ref.uid, listed=ref.size, received=octets
             )
-        missing = count.shortfall(ref.size)
-        if not missing or self.options.verify_size == "off":
+        if self.options.verify_size == "off":
+            return message
+        missing = shortfall(octets, ref.size, message.open)
+        if not missing:
             return message
         # MP-01: a copy shorter than any way of counting its LIST size is cut short
         # (a missing dot-stuffing, a header-only RETR after TOP): never committed.
         after_top = ref.number in self._topped
         reason = (
-            f"RETR {ref.number} incomplete: received {count.octets} octets, LIST "
+            f"RETR {ref.number} incomplete: received {octets} octets, LIST "
             f"said {ref.size} ({missing} missing beyond line-end slack)"
             + (" after TOP in the same session" if after_top else "")
         )
@@ -667,7 +669,7 @@ class Pop3Session:
             "pop3_message_incomplete",
             uid=ref.uid,
             listed=ref.size,
-            received=count.octets,
+            received=octets,
             after_top=after_top,
         )
         return Unretrievable(
@@ -788,7 +790,7 @@ class _Sink:
         self.spool_dir = spool_dir
         self.threshold = threshold
         self.parts: list[bytes] = []
-        self.count = OctetCount()
+        self.octets = 0  # lines are counted only if the size cannot tell (MP-01)
         self.path: Path | None = None
         self.file: Any = None
         if ref.size > threshold:
@@ -804,16 +806,16 @@ class _Sink:
         self.parts = []
 
     def write(self, data: bytes) -> None:
-        self.count.feed(data)
+        self.octets += len(data)
         if self.file is not None:
             self.file.write(data)
             return
         self.parts.append(data)
-        if self.count.octets > self.threshold:
+        if self.octets > self.threshold:
             self._spill()
 
     def finish(self) -> Message:
-        meta = {"octets_listed": self.ref.size, "octets_received": self.count.octets}
+        meta = {"octets_listed": self.ref.size, "octets_received": self.octets}
         if self.file is not None:
             self.file.close()
             self.file = None

@@ -698,3 +698,42 @@ def test_a_one_part_message_is_parsed_without_the_feedparser(
     assert not record.defects
     assert (record.subject, record.text) == ("one part", "Grüße\n")
     assert [a.address for a in record.from_addresses] == ["a@example.org"]
+
+
+def _spooled_cases() -> list[bytes]:
+    attachment = base64.encodebytes(bytes(range(256)) * 400)
+    multipart = (
+        b"Subject: spooled\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n"
+        b"--b\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n"
+        + attachment.replace(b"\n", b"\r\n")
+        + b"--b--\r\n"
+    )
+    return [multipart, b"Subject: plain\r\n\r\n" + b"line\r\n" * 5000, b"", b"no header"]
+
+
+@pytest.mark.parametrize("raw", _spooled_cases())
+def test_parse_of_a_spooled_message_gives_it_the_sha256_it_read(
+    raw: bytes, tmp_path: Path
+) -> None:
+    # Issue 18: parse reads every octet of a spooled message and hashes them; the
+    # stores and the ledger take that sha256 instead of reading the file once more.
+    path = tmp_path / "m.eml"
+    path.write_bytes(raw)
+    ref = MessageRef(mailbox="mb", number=1, uid="u1", size=len(raw))
+    message = Message(ref=ref, spool_path=path)
+    parse_into(message)
+    path.write_bytes(b"changed after parse")  # not read again
+    assert message.sha256 == hashlib.sha256(raw).hexdigest() == message.record.sha256
+
+
+def test_a_known_sha256_is_never_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "m.eml"
+    path.write_bytes(b"Subject: s\r\n\r\nbody\r\n")
+    ref = MessageRef(mailbox="mb", number=1, uid="u1", size=20)
+    message = Message(ref=ref, spool_path=path)
+    known = message.sha256
+    message.hashed("0" * 64)
+    assert message.sha256 == known

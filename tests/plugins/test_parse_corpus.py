@@ -8,7 +8,9 @@ import os
 from pathlib import Path
 
 import pytest
-from mailpipe.plugins.parse import MessageRecord, parse_message
+from mailpipe.plugins.parse import MessageRecord, parse_into, parse_message, spool
+
+from mailpipe.message import Message, MessageRef
 
 
 def _corpus() -> Path:
@@ -258,3 +260,20 @@ def test_uuencode() -> None:
     ]
     record, _ = parse("uuencode__mimetools__sig-uu.eml")
     assert record.attachments[0].filename == ".signature"
+
+
+@pytest.mark.timeout(300)  # bounded: the whole corpus, on a shared 2-core machine
+def test_every_corpus_file_parsed_from_a_spool_file_has_its_own_sha256(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 18: a spooled message takes the sha256 parse_file computed as its own
+    # (the evidence beside the UIDL), so that must be the file's, whatever it holds.
+    monkeypatch.setattr(spool, "RUN_MIN", 64)  # every file takes the skeleton path
+    for name in _files():
+        raw = (CORPUS / name).read_bytes()
+        path = tmp_path / "spooled.eml"
+        path.write_bytes(raw)
+        ref = MessageRef(mailbox="corpus", number=1, uid=name, size=len(raw))
+        message = Message(ref=ref, spool_path=path)
+        parse_into(message)
+        assert message.sha256 == hashlib.sha256(raw).hexdigest(), name

@@ -282,3 +282,46 @@ def test_clean_keeps_clean_values_and_replaces_every_lone_surrogate() -> None:
     assert got["to"][0].name == "\ufffd" and isinstance(got["to"][0], Address)
     assert got["ids"] == ("ok", "x\ufffd") and isinstance(got["ids"], tuple)
     assert dirty["headers"][1] == ("X", "Caf\udce9")  # the input is left as it was
+
+
+def old_span_end(buf: bytes, pos: int, lim: int) -> int:
+    """The oracle: scan._span_end before issue 18's dash check."""
+    if buf.startswith((b"--", b"\r", b"\n"), pos):
+        return pos
+    lf = buf.find(b"\n--", pos, lim)
+    cr = buf.find(b"\r--", pos, lim if lf < 0 else lf)
+    if cr >= 0 or lf >= 0:
+        return (cr if cr >= 0 else lf) + 1
+    return max(pos, buf.rfind(b"\n", pos, lim) + 1, buf.rfind(b"\r", pos, lim) + 1)
+
+
+def test_span_end_is_the_old_span_end_for_any_piece_and_range() -> None:
+    rng = random.Random(18)
+    atoms = [b"-", b"--", b"\r", b"\n", b"\r\n", b"a", b"QUJD", b" "]
+    for _ in range(20000):
+        buf = b"".join(rng.choices(atoms, k=rng.randrange(24)))
+        pos = rng.randrange(len(buf) + 1)
+        lim = rng.randrange(pos, len(buf) + 1)
+        assert scan._span_end(buf, pos, lim) == old_span_end(buf, pos, lim), (
+            buf, pos, lim,
+        )
+
+
+class _Searches(bytes):
+    """A piece that records every find() made in it."""
+
+    made: list[bytes]
+
+    def find(self, sub: bytes, *args: int) -> int:  # type: ignore[override]
+        self.made.append(sub)
+        return super().find(sub, *args)
+
+
+def test_span_end_of_base64_lines_makes_no_substring_search() -> None:
+    # Issue 18: a piece without "-" (base64 text) costs one memchr, not two searches
+    # of the piece for a line that starts with "--".
+    text = base64.encodebytes(random.Random(1).randbytes(3000)).replace(b"\n", b"\r\n")
+    piece = _Searches(text)
+    piece.made = []
+    assert scan._span_end(piece, 0, len(piece)) == len(text)
+    assert piece.made == [b"-"]

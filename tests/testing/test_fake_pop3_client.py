@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import structlog
+from mailpipe.plugins.pop3 import source as source_module
 from mailpipe.plugins.pop3.source import Pop3Options, Pop3Source
 
 from mailpipe.errors import (
@@ -46,7 +47,12 @@ def options(srv: Pop3Server, tmp_path: Path, **overrides: Any) -> Pop3Options:
 
 
 async def fetch(
-    srv: Pop3Server, tmp_path: Path, *, delete: bool = True, **overrides: Any
+    srv: Pop3Server,
+    tmp_path: Path,
+    *,
+    delete: bool = True,
+    spool_threshold: int = 1 << 20,
+    **overrides: Any,
 ) -> tuple[list[MessageRef], list[Message]]:
     """One poll: list, retrieve all, DELE what arrived and QUIT (or abort)."""
     source = Pop3Source(options(srv, tmp_path, **overrides))
@@ -55,7 +61,7 @@ async def fetch(
         got = [
             m
             async for m in session.retrieve(
-                refs, spool_dir=tmp_path, spool_threshold=1 << 20
+                refs, spool_dir=tmp_path, spool_threshold=spool_threshold
             )
             if isinstance(m, Message)  # Unretrievable ones stay on the server
         ]
@@ -320,6 +326,36 @@ async def test_fault_list_size_mismatch_short_is_never_delivered(
     assert [m.raw for m in got] == [wire_form(m) for m in MSGS[1:]]
     assert refs[0].size == len(wire_form(MSGS[0])) + 100
     assert srv.messages == [MSGS[0]]
+
+
+@pytest.mark.parametrize("spool_threshold", [0, 1 << 20])
+async def test_fault_list_size_counting_stuffed_dots_is_whole_short_is_not(
+    pop3_server_factory: Factory, tmp_path: Path, spool_threshold: int
+) -> None:
+    # MP-01 / issue 18: a body below its LIST size is read back (from its spool file
+    # when spooled) and its lines counted: MSGS[1]'s four stuffed dots and two
+    # octets of end slack cover 6 octets more than sent, 7 are a copy cut short.
+    srv = pop3_server_factory(
+        messages=MSGS, faults=Faults(list_size_delta={2: 6, 3: 7})
+    )
+    _, got = await fetch(srv, tmp_path, spool_threshold=spool_threshold)
+    assert [m.raw for m in got] == [wire_form(m) for m in MSGS[:2]]
+    assert [m.spool_path is not None for m in got] == [spool_threshold == 0] * 2
+    assert srv.messages == [MSGS[2]]
+
+
+async def test_verify_size_off_never_reads_a_short_body_back(
+    pop3_server_factory: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MP-01 with verify_size = "off": what arrives is committed, so a body below its
+    # LIST size is not read back (from its spool file) to count its lines.
+    def never(*args: object) -> int:
+        raise AssertionError("read back")
+
+    monkeypatch.setattr(source_module, "shortfall", never)
+    srv = pop3_server_factory(messages=MSGS, faults=Faults(list_size_delta={1: 100}))
+    _, got = await fetch(srv, tmp_path, spool_threshold=0, verify_size="off")
+    assert [m.raw for m in got] == [wire_form(m) for m in MSGS]
 
 
 async def test_fault_uidl_variants(
