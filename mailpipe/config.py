@@ -379,7 +379,9 @@ class PipelineConfig(BaseModel):
         le=86400,
         description="Time one message may spend in the synchronous processors "
         "(parse, filter, stores; each runs off the event loop on a thread of its "
-        "own); past it the call is abandoned and the message quarantined at once.",
+        "own); past it the call is abandoned and the message quarantined at once "
+        "(a call its thread had not begun yet never begins: the message is retried, "
+        "the attempt counted).",
     )
 
 

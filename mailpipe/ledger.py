@@ -268,7 +268,10 @@ class Ledger:
     def quarantine_failed(self, msg: Message, done: Outcome) -> Outcome:
         """Quarantine a message that failed ``done.attempts`` times (raw bytes kept)."""
         reason = (
-            f"failed {done.attempts} time(s) in {done.result.failed_step}"
+            # storable: a route to no pipeline names the failed step by the route's
+            # text, a processor's (maybe a header's): the journal and the sidecar
+            # must store it (review of h-lows: a lone surrogate failed every poll).
+            f"failed {done.attempts} time(s) in {storable(done.result.failed_step)}"
             if done.result
             else f"the process died {done.attempts} time(s) while running its chain"
         )

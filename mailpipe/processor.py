@@ -136,12 +136,14 @@ class Processor(Protocol):
     message for store.maildir, bench/RESULTS.md §30). It is not charged to the budget
     (it cannot run away: it must not wait), and not called once the budget is spent
     (the message then fails as ``process`` would, never started). It must be a plain
-    synchronous method: an ``async def process_nowait`` (or an async callable) is
-    refused when the chain is built (:class:`~mailpipe.errors.PluginError` naming the
-    step), and an awaitable it returns fails that message, closed unrun and with the
-    step not committed (never a success). The chain yields to the event loop before
-    every :data:`~mailpipe.chain.NOWAIT_RUN`-th such call in a row, so a run of
-    messages handled on the loop does not hold up the other mailboxes.
+    synchronous method: an ``async def process_nowait`` is refused when the class is
+    registered (:class:`~mailpipe.errors.PluginError` naming the processor, so
+    ``mailpipe check`` reports it), an async callable set on the instance when the
+    chain is built (naming the step); an awaitable it returns fails that message,
+    closed unrun and with the step not committed (never a success). After every
+    :data:`~mailpipe.chain.NOWAIT_RUN` such calls in a row the chain yields to the
+    event loop before the next, so a run of messages handled on the loop does not
+    hold up the other mailboxes.
     """
 
     name: ClassVar[str]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -104,6 +105,14 @@ def _check(kind: Kind, cls: type[Any], plugin: str) -> str:
     method = "process" if kind == "processor" else "session"
     if not callable(getattr(cls, method, None)):
         raise PluginError(f"plugin {plugin!r}: {kind} {name!r} has no `{method}()`")
+    nowait = getattr(cls, "process_nowait", None) if kind == "processor" else None
+    if inspect.iscoroutinefunction(nowait) or inspect.isasyncgenfunction(nowait):
+        # Refused here, not only when the chain is built, so that `mailpipe check`
+        # reports it (review of h-lows; the chain still checks each instance's own).
+        raise PluginError(
+            f"plugin {plugin!r}: {kind} {name!r}: process_nowait must be a synchronous "
+            "method (see mailpipe.Processor); work that awaits belongs in process()"
+        )
     requires = getattr(cls, "requires", ())
     if not (
         isinstance(requires, tuple)

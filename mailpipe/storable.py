@@ -23,10 +23,14 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
-def storable(text: str) -> str:
+def storable(text: object) -> str:
     """``text`` with each C0 control character except tab and line feed, DEL and
     each lone surrogate replaced by its visible escape (``"\\x00"``, ``"\\udcff"``);
-    any other text is returned as it is (the same object)."""
+    any other text is returned as it is (the same object). A processor's reason that
+    is not a string (None, read from an absent header) is ``""``, or its ``str()``:
+    a journal's ``reason`` is text, never NULL (review of h-lows)."""
+    if not isinstance(text, str):
+        text = "" if text is None else str(text)
     if _UNSTORABLE.search(text) is None:
         return text
     return _UNSTORABLE.sub(_escape, text)

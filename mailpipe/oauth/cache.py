@@ -26,6 +26,7 @@ from mailpipe.journal import open_journal
 from mailpipe.journal.errors import JournalError
 from mailpipe.oauth.sealing import Sealer
 from mailpipe.secrets import MASK, forget_secret, remember_secret
+from mailpipe.storable import storable
 
 # The table's ``description`` column (migration 3) is neither read nor written: `auth
 # status` describes an account from the config. It keeps its default '{}'.
@@ -277,7 +278,11 @@ class TokenCache:
         dead. True when recorded."""
         self._ensure(account)
         same = "rt_issued_at IS NULL" if rt_issued_at is None else "rt_issued_at = ?"
-        params: tuple[Any, ...] = (message[:500], code, self.clock(), account)
+        # The endpoint's words: stored as the ledger stores its texts (mailpipe.storable;
+        # PostgreSQL refuses a NUL, neither journal encodes a lone surrogate).
+        params: tuple[Any, ...] = (
+            storable(message[:500]), storable(code), self.clock(), account,
+        )
         if rt_issued_at is not None:
             params += (rt_issued_at,)
         cur = self._execute(

@@ -80,18 +80,22 @@ async def test_a_message_whose_call_never_began_is_retried_not_quarantined(
     tmp_path: Path,
 ) -> None:
     spec = StepSpec(index=0, step="0:sync", use="sync", cls=Sync, options=NoOptions())
-    chain = Chain({"p": [spec]}, base_dir=tmp_path, budgets={"p": 0.05})
+    # The runs whose thread is not starved get a budget they cannot run out of (no
+    # wall-clock threshold); only the starved run's budget is short.
+    chain = Chain({"p": [spec]}, base_dir=tmp_path, budgets={"p": SAFETY})
     journal = SqliteJournal(tmp_path / "j.sqlite3")
     try:
         step = chain.pipelines["p"][0]
         first = Message.from_bytes(b"Subject: 1\r\n\r\n", mailbox="box", uid="u1")
         assert (await chain.run("p", first)).ok  # the step's thread is idle now
         release = starve(step.worker)
+        chain._budgets["p"] = 0.05
         try:
             msg = Message.from_bytes(b"Subject: 2\r\n\r\n", mailbox="box", uid="u2")
             result = await chain.run("p", msg)
         finally:
             release.set()
+            chain._budgets["p"] = SAFETY
         assert isinstance(result.error, BudgetExceeded) and not result.final
         assert step.processor.seen == ["u1"]
         config = MailboxConfig.model_validate({"name": "box", "max_attempts": 3})
