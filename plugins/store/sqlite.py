@@ -64,7 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mailpipe.document import message_document
 from mailpipe.errors import MailpipeError, PermanentFailure, TemporaryFailure
 from mailpipe.message import Message
-from mailpipe.processor import ProcessorContext
+from mailpipe.processor import LATER, ProcessorContext
 from mailpipe.units import Duration
 
 from ._fs import make_dirs
@@ -651,12 +651,7 @@ class SqliteStore:
         with self._lock:
             try:
                 if grouped:
-                    _check(prepared)
-                    replaced = self._rows.pop(prepared.key, None)
-                    if replaced is not None:
-                        self._held -= replaced.octets
-                    self._rows[prepared.key] = prepared
-                    self._held += prepared.octets
+                    self._stage(prepared)
                     if len(self._rows) >= self.MAX_ROWS or self._held >= self.MAX_HELD:
                         self._commit_early(prepared.key)
                 else:
@@ -674,6 +669,66 @@ class SqliteStore:
             except sqlite3.Error as exc:
                 raise classify(exc, f"{self.name} {self.path}") from exc
         log.debug("message_stored", store=self.name, key=message.key, grouped=grouped)
+
+    #: The largest in-memory message :meth:`process_nowait` stages on the event loop.
+    #: Its document, rows and checks cost ~40 µs, plus ~1-2 µs for each address,
+    #: header field and attachment, which a message of this size holds few of:
+    #: ~0.35 ms at worst (bench/RESULTS.md §91). A larger one is staged on the step's
+    #: thread.
+    NOWAIT_OCTETS: ClassVar[int] = 8 << 10
+
+    def process_nowait(self, message: Message) -> object:
+        """:meth:`process` on the event loop when it only stages the message's rows in
+        the held group (issue 18): ``group_commit`` on, not a dry run, the raw bytes in
+        memory (or ``raw = "none"``) and at most NOWAIT_OCTETS, the key not one whose
+        group write failed, the store's lock free at once, and the group below
+        MAX_ROWS and MAX_HELD with it. Anything that would write to the database
+        returns ``LATER`` having changed nothing, and :meth:`process` runs on the
+        step's thread. A message that the checks refuse raises as in :meth:`process`
+        (nothing staged). A pending failure of an early write stays for flush()
+        (MP-04), as when :meth:`process` stages."""
+        if (
+            self.context.dry_run
+            or not self.options.group_commit
+            or message.data is None
+            or len(message.data) > self.NOWAIT_OCTETS
+            or message.key in self._inline  # (read again under the lock)
+        ):
+            return LATER
+        doc = message_document(message, stored_at=datetime.now(UTC))
+        prepared = self._prepare(doc, message if self.options.raw == "inline" else None)
+        if not self._lock.acquire(blocking=False):  # (a flush() or close() running)
+            return LATER
+        try:
+            replaced = self._rows.get(prepared.key)
+            rows = len(self._rows) + (replaced is None)
+            held = self._held + prepared.octets - (
+                replaced.octets if replaced is not None else 0
+            )
+            if (
+                prepared.key in self._inline
+                or rows >= self.MAX_ROWS
+                or held >= self.MAX_HELD
+            ):
+                return LATER  # process() writes
+            try:
+                self._stage(prepared)
+            except sqlite3.Error as exc:
+                raise classify(exc, f"{self.name} {self.path}") from exc
+        finally:
+            self._lock.release()
+        log.debug("message_stored", store=self.name, key=message.key, grouped=True)
+        return None
+
+    def _stage(self, prepared: _Rows) -> None:
+        """Check ``prepared`` and hold it in the group (replacing the key's older
+        rows); the caller holds the lock."""
+        _check(prepared)
+        replaced = self._rows.pop(prepared.key, None)
+        if replaced is not None:
+            self._held -= replaced.octets
+        self._rows[prepared.key] = prepared
+        self._held += prepared.octets
 
     def _commit_early(self, key: str) -> None:
         """Write the held group now (the MAX_* bounds). On failure a
