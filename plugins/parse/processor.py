@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
-from mailpipe.processor import ProcessorContext, Result
+from mailpipe.processor import LATER, ProcessorContext, Result
 from mailpipe.units import ByteSize
 
 if TYPE_CHECKING:
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 MAX_BODY = 1 << 20
 
 log = structlog.get_logger()
+
+#: The parser's module: loaded by the first parse (see process_nowait).
+_PARSER = f"{__package__}.parser"
 
 #: Key in ``message.meta`` of the attachment bytes, aligned with record.attachments.
 PAYLOADS_KEY = "attachment_payloads"
@@ -128,6 +132,36 @@ class ParseProcessor:
                 ms=round((time.perf_counter() - started) * 1000, 1),
             )
         return None
+
+    #: The largest in-memory message :meth:`process_nowait` parses on the event loop,
+    #: with at most so many lines starting ``--`` (MIME boundaries: ~40 µs a part)
+    #: and ``@`` (addresses: ~7 µs each in a header). Parsing costs 20-250 ns an
+    #: octet by the message's shape (plain text the least; HTML, many parts, long
+    #: address lists the most): ~0.1 ms for 4 KB of plain text, ~0.6 ms at worst
+    #: within these bounds (bench/RESULTS.md §91). Anything else is parsed on the
+    #: step's thread, where the hand-over costs little beside the parse and the
+    #: processing_budget applies.
+    NOWAIT_OCTETS: ClassVar[int] = 4 << 10
+    NOWAIT_BOUNDARIES: ClassVar[int] = 8
+    NOWAIT_ATS: ClassVar[int] = 32
+
+    def process_nowait(self, message: Message) -> object:
+        """:meth:`process` on the event loop for a small in-memory message once the
+        parser is loaded (issue 18): the same record, payloads, defects and log line,
+        without the hand-over to the step's thread and back. A spooled message, one
+        past a NOWAIT_* bound, or the first one (the parser's modules are imported
+        then, from disk) returns ``LATER`` having changed nothing, and
+        :meth:`process` runs on the step's thread."""
+        data = message.data
+        if (
+            data is None
+            or len(data) > self.NOWAIT_OCTETS
+            or _PARSER not in sys.modules
+            or data.count(b"\n--") > self.NOWAIT_BOUNDARIES
+            or data.count(b"@") > self.NOWAIT_ATS
+        ):
+            return LATER
+        return self.process(message)
 
     def prefetch(self, message: Message) -> Result:
         """Parse the header block so later prefetching steps can use the record."""

@@ -64,7 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mailpipe.document import message_document
 from mailpipe.errors import MailpipeError, PermanentFailure, TemporaryFailure
 from mailpipe.message import Message
-from mailpipe.processor import ProcessorContext
+from mailpipe.processor import LATER, ProcessorContext
 from mailpipe.units import Duration
 
 from ._fs import make_dirs
@@ -432,8 +432,12 @@ def _flatten_addresses(doc: dict[str, Any]) -> str:
 
 #: ``json.dumps(value, ensure_ascii=True, separators=(",", ":"), default=str)``,
 #: built once: ``dumps`` with arguments builds a new encoder on every call, and a
-#: message's row takes seven documents (issue 18).
-_ENCODER: Final = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str)
+#: message's row takes seven documents (issue 18). Without the check for circular
+#: references (a tenth of the time): a message's document is built from JSON values
+#: (``model_dump(mode="json")``), and the output is the same.
+_ENCODER: Final = json.JSONEncoder(
+    ensure_ascii=True, separators=(",", ":"), default=str, check_circular=False
+)
 
 
 def _json(value: Any) -> str:
@@ -651,12 +655,7 @@ class SqliteStore:
         with self._lock:
             try:
                 if grouped:
-                    _check(prepared)
-                    replaced = self._rows.pop(prepared.key, None)
-                    if replaced is not None:
-                        self._held -= replaced.octets
-                    self._rows[prepared.key] = prepared
-                    self._held += prepared.octets
+                    self._stage(prepared)
                     if len(self._rows) >= self.MAX_ROWS or self._held >= self.MAX_HELD:
                         self._commit_early(prepared.key)
                 else:
@@ -674,6 +673,66 @@ class SqliteStore:
             except sqlite3.Error as exc:
                 raise classify(exc, f"{self.name} {self.path}") from exc
         log.debug("message_stored", store=self.name, key=message.key, grouped=grouped)
+
+    #: The largest in-memory message :meth:`process_nowait` stages on the event loop.
+    #: Its document, rows and checks cost ~40 µs, plus ~1-2 µs for each address,
+    #: header field and attachment, which a message of this size holds few of:
+    #: ~0.35 ms at worst (bench/RESULTS.md §91). A larger one is staged on the step's
+    #: thread.
+    NOWAIT_OCTETS: ClassVar[int] = 8 << 10
+
+    def process_nowait(self, message: Message) -> object:
+        """:meth:`process` on the event loop when it only stages the message's rows in
+        the held group (issue 18): ``group_commit`` on, not a dry run, the raw bytes in
+        memory (or ``raw = "none"``) and at most NOWAIT_OCTETS, the key not one whose
+        group write failed, the store's lock free at once, and the group below
+        MAX_ROWS and MAX_HELD with it. Anything that would write to the database
+        returns ``LATER`` having changed nothing, and :meth:`process` runs on the
+        step's thread. A message that the checks refuse raises as in :meth:`process`
+        (nothing staged). A pending failure of an early write stays for flush()
+        (MP-04), as when :meth:`process` stages."""
+        if (
+            self.context.dry_run
+            or not self.options.group_commit
+            or message.data is None
+            or len(message.data) > self.NOWAIT_OCTETS
+            or message.key in self._inline  # (read again under the lock)
+        ):
+            return LATER
+        doc = message_document(message, stored_at=datetime.now(UTC))
+        prepared = self._prepare(doc, message if self.options.raw == "inline" else None)
+        if not self._lock.acquire(blocking=False):  # (a flush() or close() running)
+            return LATER
+        try:
+            replaced = self._rows.get(prepared.key)
+            rows = len(self._rows) + (replaced is None)
+            held = self._held + prepared.octets - (
+                replaced.octets if replaced is not None else 0
+            )
+            if (
+                prepared.key in self._inline
+                or rows >= self.MAX_ROWS
+                or held >= self.MAX_HELD
+            ):
+                return LATER  # process() writes
+            try:
+                self._stage(prepared)
+            except sqlite3.Error as exc:
+                raise classify(exc, f"{self.name} {self.path}") from exc
+        finally:
+            self._lock.release()
+        log.debug("message_stored", store=self.name, key=message.key, grouped=True)
+        return None
+
+    def _stage(self, prepared: _Rows) -> None:
+        """Check ``prepared`` and hold it in the group (replacing the key's older
+        rows); the caller holds the lock."""
+        _check(prepared)
+        replaced = self._rows.pop(prepared.key, None)
+        if replaced is not None:
+            self._held -= replaced.octets
+        self._rows[prepared.key] = prepared
+        self._held += prepared.octets
 
     def _commit_early(self, key: str) -> None:
         """Write the held group now (the MAX_* bounds). On failure a
@@ -743,7 +802,7 @@ class SqliteStore:
     def _prepare(self, doc: dict[str, Any], raw: Message | None) -> _Rows:
         """The message's rows (no database access)."""
         key = doc["key"]
-        now = _now()
+        now = doc.get("stored_at") or _now()  # (the record's own, when it has one)
         rest = {k: v for k, v in doc.items() if k not in ("text", "html")}
         values: dict[str, Any] = {
             "key": key,
@@ -771,7 +830,8 @@ class SqliteStore:
             ) or None,
         }
         for field, column in _ADDRESS_FIELDS:
-            values[column] = _json(doc.get(field) or [])
+            addresses = doc.get(field)
+            values[column] = _json(addresses) if addresses else "[]"
         rows = _Rows(
             key=key,
             message=[values[c] for c in _COLUMNS],
@@ -794,7 +854,7 @@ class SqliteStore:
             len(v)
             for row in (rows.message, *rows.attachments, *rows.tags)
             for v in row
-            if isinstance(v, str | bytes)
+            if isinstance(v, (str, bytes))  # (a tuple: faster than str | bytes)
         )
         return rows
 

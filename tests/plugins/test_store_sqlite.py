@@ -585,3 +585,19 @@ def test_a_group_write_costs_the_same_calls_for_any_number_of_messages(
     s.close()
     assert calls[0] == calls[1], calls
     assert rows(tmp_path, "SELECT count(*) FROM message_raw") == [(42,)]
+
+
+def test_the_write_times_are_the_records_stored_at(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stored_at and updated_at are the stored_at of the record column (one clock
+    read a message, issue 18), not a second reading that may fall in another second."""
+    monkeypatch.setattr(sqlite_store, "_now", lambda: "1999-01-01T00:00:00+00:00")
+    s = store(tmp_path)
+    s.process(parsed(make_message("1", "one", "body")))
+    s.close()
+    [(stored_at, updated_at, record)] = rows(
+        tmp_path, "SELECT stored_at, updated_at, record FROM messages"
+    )
+    assert stored_at == updated_at == json.loads(str(record))["stored_at"]
+    assert stored_at != "1999-01-01T00:00:00+00:00"

@@ -1,0 +1,208 @@
+"""store.sqlite's ``process_nowait``: staging a message's rows in the held group is done
+on the event loop (issue 18); every call that would write to the database, or wait for
+the store's lock, returns ``LATER`` with the store's state unchanged."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mailpipe.plugins.store.sqlite import SqliteOptions, SqliteStore, connect
+
+from mailpipe import LATER, Message, ProcessorContext, TemporaryFailure
+from tests.plugins.test_store_sqlite import (
+    _contents,
+    _mixed_group,
+    make_message,
+    parsed,
+    rows,
+    store,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def state(s: SqliteStore) -> tuple[Any, ...]:
+    """What process() would change: the held rows, their octets, the keys to write
+    alone, a pending failure."""
+    return dict(s._rows), s._held, set(s._inline), s._failure
+
+
+def unchanged_later(s: SqliteStore, m: Message) -> None:
+    before = state(s)
+    assert s.process_nowait(m) is LATER
+    assert state(s) == before
+
+
+def test_nowait_stores_what_process_stores(tmp_path: Path) -> None:
+    """The same rounds (a tagged message, an attachment, a spooled one; the same keys
+    again with other contents) through process() alone, and through process_nowait()
+    first as the chain calls it: the same database."""
+    by_thread, on_loop = tmp_path / "process", tmp_path / "nowait"
+    rounds = _mixed_group(tmp_path)
+    staged = 0
+    for path, nowait in ((by_thread, False), (on_loop, True)):
+        path.mkdir()
+        s = store(path)
+        for messages in rounds:
+            for m in messages:
+                if not nowait or s.process_nowait(m) is LATER:
+                    s.process(m)
+                else:
+                    staged += 1
+            s.flush()
+        s.close()
+    assert _contents(on_loop) == _contents(by_thread)
+    assert staged == 4  # all but the spooled message of each round
+
+
+def test_nowait_holds_rows_until_flush_as_process_does(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    m = parsed(make_message("1", "one", "body"))
+    assert s.process_nowait(m) is None
+    assert list(s._rows) == [m.key] and s._held == s._rows[m.key].octets
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(0,)]  # not durable yet
+    again = parsed(make_message("1", "one again", "other body"))
+    assert s.process_nowait(again) is None  # the key's rows replaced, counted once
+    assert list(s._rows) == [m.key] and s._held == s._rows[m.key].octets
+    s.flush()
+    assert rows(tmp_path, "SELECT subject FROM messages") == [("one again",)]
+    s.close()
+
+
+def test_a_dry_run_is_left_to_process(tmp_path: Path) -> None:
+    opts = SqliteOptions.model_validate({"path": "mail.sqlite3"})
+    s = SqliteStore(opts, ProcessorContext(base_dir=tmp_path, dry_run=True))
+    unchanged_later(s, parsed(make_message("1", "one", "body")))
+    assert not (tmp_path / "mail.sqlite3").exists()
+
+
+def test_without_group_commit_every_message_is_written_by_process(
+    tmp_path: Path,
+) -> None:
+    s = store(tmp_path, group_commit=False)
+    unchanged_later(s, parsed(make_message("1", "one", "body")))
+    s.close()
+
+
+def test_a_spooled_or_large_message_is_left_to_process(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    m = make_message("1", "spooled", "body")
+    path = tmp_path / "m.eml"
+    path.write_bytes(m.raw)
+    unchanged_later(s, parsed(Message(ref=m.ref, spool_path=path)))
+    big = parsed(make_message("2", "big", "x" * s.NOWAIT_OCTETS))
+    unchanged_later(s, big)
+    s.close()
+
+
+def test_a_key_whose_group_write_failed_is_written_alone_by_process(
+    tmp_path: Path,
+) -> None:
+    s = store(tmp_path)
+    m = parsed(make_message("1", "one", "body"))
+    s._inline.add(m.key)
+    unchanged_later(s, m)
+    s.close()
+
+
+def test_the_store_lock_is_never_waited_for_on_the_loop(tmp_path: Path) -> None:
+    """A flush(), close() or abandoned process() holding the lock: LATER at once."""
+    s = store(tmp_path)
+    m = parsed(make_message("1", "one", "body"))
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with s._lock:
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(30)
+        unchanged_later(s, m)
+    finally:
+        release.set()
+        t.join(30)
+    assert s.process_nowait(m) is None
+    s.close()
+
+
+@pytest.mark.parametrize("bound", ["MAX_ROWS", "MAX_HELD"])
+def test_a_message_that_fills_the_group_is_written_by_process(
+    tmp_path: Path, bound: str
+) -> None:
+    """The message that makes the group reach MAX_ROWS or MAX_HELD makes process()
+    write the group: LATER, nothing staged; process() then writes it."""
+    s = store(tmp_path)
+    first = parsed(make_message("1", "one", "body"))
+    assert s.process_nowait(first) is None
+    second = parsed(make_message("2", "two", "body"))
+    if bound == "MAX_ROWS":
+        s.MAX_ROWS = 2
+    else:
+        s.MAX_HELD = s._held + 1  # (what is held now: below it)
+    unchanged_later(s, second)
+    s.process(second)  # the early write
+    assert s._rows == {} and rows(tmp_path, "SELECT count(*) FROM messages") == [(2,)]
+    s.close()
+
+
+def test_the_same_key_again_below_the_bound_is_staged(tmp_path: Path) -> None:
+    """A key already held replaces its rows: the group does not grow."""
+    s = store(tmp_path)
+    first = parsed(make_message("1", "one", "body"))
+    assert s.process_nowait(first) is None
+    s.MAX_ROWS = 2
+    assert s.process_nowait(parsed(make_message("1", "one", "new body"))) is None
+    assert len(s._rows) == 1
+    s.close()
+
+
+def test_a_message_the_checks_refuse_fails_as_in_process(tmp_path: Path) -> None:
+    """A tag that SQLite cannot encode (a lone surrogate): the same error as process(),
+    nothing staged."""
+    s = store(tmp_path)
+    m = parsed(make_message("1", "one", "body"))
+    m.tags.add("bad\udcff")
+    before = state(s)
+    with pytest.raises(UnicodeEncodeError):
+        s.process(m)
+    assert state(s) == before
+    with pytest.raises(UnicodeEncodeError):
+        s.process_nowait(m)
+    assert state(s) == before
+    s.close()
+
+
+def test_a_pending_early_write_failure_still_fails_the_next_flush(
+    tmp_path: Path,
+) -> None:
+    """MP-04: a group write that process() started and that failed is raised by the
+    next flush(); a message staged on the loop in between does not hide it."""
+    s = store(tmp_path, busy_timeout="0.1s")
+    s.MAX_ROWS = 2
+    s.process(parsed(make_message("1", "one", "body")))
+    with another_writer(tmp_path), pytest.raises(TemporaryFailure):
+        s.process(parsed(make_message("2", "two", "body")))  # early write fails
+    assert s.process_nowait(parsed(make_message("3", "three", "body"))) is None
+    with pytest.raises(TemporaryFailure, match="not stored"):
+        s.flush()
+    s.close()
+
+
+@contextmanager
+def another_writer(tmp_path: Path) -> Iterator[None]:
+    """Another connection holds the database's write lock meanwhile."""
+    conn = connect(tmp_path / "db" / "mail.sqlite3")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        yield
+    finally:
+        conn.close()  # (rolls the empty transaction back)
