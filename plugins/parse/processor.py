@@ -138,7 +138,7 @@ class ParseProcessor:
     #: and ``@`` (addresses: ~7 µs each in a header). Parsing costs 20-250 ns an
     #: octet by the message's shape (plain text the least; HTML, many parts, long
     #: address lists the most): ~0.1 ms for 4 KB of plain text, ~0.6 ms at worst
-    #: within these bounds (bench/RESULTS.md §91). Anything else is parsed on the
+    #: within these bounds (bench/RESULTS.md §35). Anything else is parsed on the
     #: step's thread, where the hand-over costs little beside the parse and the
     #: processing_budget applies.
     NOWAIT_OCTETS: ClassVar[int] = 4 << 10

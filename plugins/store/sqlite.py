@@ -677,7 +677,7 @@ class SqliteStore:
     #: The largest in-memory message :meth:`process_nowait` stages on the event loop.
     #: Its document, rows and checks cost ~40 µs, plus ~1-2 µs for each address,
     #: header field and attachment, which a message of this size holds few of:
-    #: ~0.35 ms at worst (bench/RESULTS.md §91). A larger one is staged on the step's
+    #: ~0.35 ms at worst (bench/RESULTS.md §35). A larger one is staged on the step's
     #: thread.
     NOWAIT_OCTETS: ClassVar[int] = 8 << 10
 
