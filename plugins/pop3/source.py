@@ -654,7 +654,13 @@ class Pop3Session:
             )
         if self.options.verify_size == "off":
             return message
-        missing = shortfall(octets, ref.size, message.open)
+        try:
+            missing = shortfall(octets, ref.size, message.open)
+        except BaseException:
+            # Read back from its spool file, a body may meet an error (EMFILE, EIO):
+            # it goes on, and the spool file with the raw mail in it goes (MP-01).
+            _discard(message)
+            raise
         if not missing:
             return message
         # MP-01: a copy shorter than any way of counting its LIST size is cut short

@@ -425,3 +425,33 @@ async def test_fault_stalled_greeting_times_out(
     srv = pop3_server_factory(messages=MSGS, faults=Faults(stall_on={"GREETING"}))
     with pytest.raises(SourceTimeoutError, match="greeting"):
         await fetch(srv, tmp_path, greeting_timeout=0.3)
+
+
+async def test_a_body_that_cannot_be_read_back_leaves_no_spool_file(
+    pop3_server_factory: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MP-01: reading a short body back (too many open files, say) fails: the error
+    # goes on, nothing is delivered or deleted, and its spool file is removed, not
+    # left behind in the spool directory with the raw mail in it.
+    import errno
+
+    real = source_module.shortfall
+
+    def unreadable(octets: int, listed: int, body: Callable[[], Any]) -> int:
+        def fail() -> Any:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        return real(octets, listed, fail)
+
+    monkeypatch.setattr(source_module, "shortfall", unreadable)
+    spool = tmp_path / "spool"
+    srv = pop3_server_factory(messages=MSGS, faults=Faults(list_size_delta={1: 100}))
+    source = Pop3Source(options(srv, tmp_path))
+    with pytest.raises(OSError, match="Too many open files"):
+        async with source.session() as session:
+            refs = await session.list()
+            async for _ in session.retrieve(refs, spool_dir=spool, spool_threshold=0):
+                pass
+    assert spool.is_dir()  # the body was spooled before the check
+    assert list(spool.iterdir()) == []
+    assert srv.messages == MSGS
