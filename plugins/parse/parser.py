@@ -221,9 +221,10 @@ def parse_file(
     stay open until this returns. Never raises on any input (I/O errors aside).
     """
     sk = skeleton(f)
-    if not sk.runs:
+    if not sk.runs:  # sk.data is every octet of f, which sk.sha256 hashed (issue 18)
         record, payloads = parse_message(
-            sk.data, key=key, mailbox=mailbox, uid=uid, max_body=max_body
+            sk.data, key=key, mailbox=mailbox, uid=uid, max_body=max_body,
+            sha256=sk.sha256,
         )
         return record, list(payloads)
     base = {"key": key, "mailbox": mailbox, "uid": uid, "sha256": sk.sha256,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import tempfile
@@ -33,7 +34,7 @@ from mailpipe.units import ByteSize, Duration
 
 from . import auth as sasl
 from .client import CommandRefused, Pop3Client, Timeouts
-from .completeness import OctetCount, shortfall
+from .completeness import END_SLACK, OctetCount, shortfall
 from .events import (
     BodyChunk,
     BodyEnd,
@@ -589,7 +590,7 @@ class Pop3Session:
                     assert sink is not None
                     done, sink = sink, None
                     flight.answered(done.ref)
-                    held = self._finished(done)
+                    held = await self._finished(done)
                 elif isinstance(event, Err) and isinstance(event.command, Retr):
                     number = event.command.number
                     text = event.text[:200]
@@ -643,8 +644,11 @@ class Pop3Session:
             after_headers=False,
         )
 
-    def _finished(self, sink: _Sink) -> Message | Unretrievable:
-        """The message a finished body makes, or an Unretrievable when it is short."""
+    async def _finished(self, sink: _Sink) -> Message | Unretrievable:
+        """The message a finished body makes, or an Unretrievable when it is short.
+
+        A spooled body that may be short is read back on a worker thread (MP-01):
+        the event loop is not held for the whole file at once."""
         message = sink.finish()
         ref, octets = message.ref, sink.octets
         if octets != ref.size:
@@ -654,7 +658,19 @@ class Pop3Session:
             )
         if self.options.verify_size == "off":
             return message
-        missing = shortfall(octets, ref.size, message.open)
+        try:
+            if message.spool_path is None or octets + END_SLACK >= ref.size:
+                missing = shortfall(octets, ref.size, message.open)
+            else:
+                missing = await asyncio.to_thread(
+                    shortfall, octets, ref.size, message.open
+                )
+        except BaseException:
+            # Read back from its spool file, a body may meet an error (EMFILE, EIO)
+            # or a cancellation: it goes on, and the spool file with the raw mail in
+            # it goes (MP-01).
+            _discard(message)
+            raise
         if not missing:
             return message
         # MP-01: a copy shorter than any way of counting its LIST size is cut short

@@ -737,3 +737,40 @@ def test_a_known_sha256_is_never_replaced(tmp_path: Path) -> None:
     known = message.sha256
     message.hashed("0" * 64)
     assert message.sha256 == known
+
+
+def test_a_spooled_message_without_long_runs_is_hashed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 18: parse_file hashes every octet while it builds the skeleton; a message
+    # with no run long enough to elide (many parts, each under spool.RUN_MIN) is then
+    # parsed from memory, which must take that sha256, not hash the octets again.
+    from mailpipe.plugins.parse import parser
+
+    part = base64.encodebytes(bytes(range(256)) * 400).replace(b"\n", b"\r\n")
+    raw = (
+        b'Subject: many parts\r\nMIME-Version: 1.0\r\n'
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        + b"".join(
+            b"--b\r\nContent-Type: image/png\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + part
+            for _ in range(12)
+        )
+        + b"--b--\r\n"
+    )
+    hashed: list[int] = []
+
+    class Counting:
+        @staticmethod
+        def sha256(data: bytes = b"") -> Any:
+            hashed.append(len(data))
+            return hashlib.sha256(data)
+
+    monkeypatch.setattr(parser, "hashlib", Counting)
+    path = tmp_path / "m.eml"
+    path.write_bytes(raw)
+    message = Message(ref=MessageRef(mailbox="mb", number=1, uid="u", size=len(raw)),
+                      spool_path=path)
+    record = parse_into(message)
+    assert record.sha256 == message.sha256 == hashlib.sha256(raw).hexdigest()
+    assert len(raw) not in hashed

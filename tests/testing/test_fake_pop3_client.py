@@ -425,3 +425,103 @@ async def test_fault_stalled_greeting_times_out(
     srv = pop3_server_factory(messages=MSGS, faults=Faults(stall_on={"GREETING"}))
     with pytest.raises(SourceTimeoutError, match="greeting"):
         await fetch(srv, tmp_path, greeting_timeout=0.3)
+
+
+async def test_a_body_that_cannot_be_read_back_leaves_no_spool_file(
+    pop3_server_factory: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MP-01: reading a short body back (too many open files, say) fails: the error
+    # goes on, nothing is delivered or deleted, and its spool file is removed, not
+    # left behind in the spool directory with the raw mail in it.
+    import errno
+
+    real = source_module.shortfall
+
+    def unreadable(octets: int, listed: int, body: Callable[[], Any]) -> int:
+        def fail() -> Any:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        return real(octets, listed, fail)
+
+    monkeypatch.setattr(source_module, "shortfall", unreadable)
+    spool = tmp_path / "spool"
+    srv = pop3_server_factory(messages=MSGS, faults=Faults(list_size_delta={1: 100}))
+    source = Pop3Source(options(srv, tmp_path))
+    with pytest.raises(OSError, match="Too many open files"):
+        async with source.session() as session:
+            refs = await session.list()
+            async for _ in session.retrieve(refs, spool_dir=spool, spool_threshold=0):
+                pass
+    assert spool.is_dir()  # the body was spooled before the check
+    assert list(spool.iterdir()) == []
+    assert srv.messages == MSGS
+
+
+@pytest.mark.parametrize("spool_threshold", [0, 1 << 20])
+async def test_a_spooled_body_is_read_back_off_the_event_loop(
+    pop3_server_factory: Factory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    spool_threshold: int,
+) -> None:
+    # MP-01: a spooled body below its LIST size is read back from its file (about
+    # 0.2 s a 100 MB, in one piece) on a worker thread, so the event loop and every
+    # other session on it go on meanwhile; one in memory is counted where it is.
+    import threading
+
+    real = source_module.shortfall
+    threads: list[bool] = []
+
+    def recording(octets: int, listed: int, body: Callable[[], Any]) -> int:
+        def opening() -> Any:
+            threads.append(threading.current_thread() is threading.main_thread())
+            return body()
+
+        return real(octets, listed, opening)
+
+    monkeypatch.setattr(source_module, "shortfall", recording)
+    srv = pop3_server_factory(
+        messages=MSGS, faults=Faults(list_size_delta={2: 6, 3: 7})
+    )
+    _, got = await fetch(srv, tmp_path, spool_threshold=spool_threshold)
+    assert [m.raw for m in got] == [wire_form(m) for m in MSGS[:2]]
+    assert threads == [spool_threshold != 0] * 2  # on the loop's thread: in memory
+    assert srv.messages == [MSGS[2]]
+
+
+async def test_a_retrieval_cancelled_during_the_read_back_leaves_no_spool_file(
+    pop3_server_factory: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MP-01: cancelled while its spool file is read back on a worker thread, the
+    # retrieval delivers nothing, deletes nothing and leaves no raw mail behind.
+    import asyncio
+    import threading
+
+    real = source_module.shortfall
+    reading, release = asyncio.Event(), threading.Event()
+    loop = asyncio.get_running_loop()
+
+    def held(octets: int, listed: int, body: Callable[[], Any]) -> int:
+        loop.call_soon_threadsafe(reading.set)
+        release.wait(30)
+        return real(octets, listed, body)
+
+    monkeypatch.setattr(source_module, "shortfall", held)
+    spool = tmp_path / "spool"
+    srv = pop3_server_factory(messages=MSGS, faults=Faults(list_size_delta={1: 100}))
+    got: list[Any] = []
+
+    async def retrieve() -> None:
+        async with Pop3Source(options(srv, tmp_path)).session() as session:
+            refs = await session.list()
+            async for item in session.retrieve(refs, spool_dir=spool, spool_threshold=0):
+                got.append(item)
+
+    task = asyncio.create_task(retrieve())
+    await reading.wait()
+    task.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert got == [] and srv.messages == MSGS
+    assert list(spool.iterdir()) == []
