@@ -683,17 +683,22 @@ class SqliteStore:
 
     def process_nowait(self, message: Message) -> object:
         """:meth:`process` on the event loop when it only stages the message's rows in
-        the held group (issue 18): ``group_commit`` on, not a dry run, the raw bytes in
-        memory (or ``raw = "none"``) and at most NOWAIT_OCTETS, the key not one whose
+        the held group (issue 18): ``group_commit`` on, not a dry run, a parsed
+        message whose raw bytes are in memory and at most NOWAIT_OCTETS, the key not one whose
         group write failed, the store's lock free at once, and the group below
         MAX_ROWS and MAX_HELD with it. Anything that would write to the database
         returns ``LATER`` having changed nothing, and :meth:`process` runs on the
         step's thread. A message that the checks refuse raises as in :meth:`process`
         (nothing staged). A pending failure of an early write stays for flush()
-        (MP-04), as when :meth:`process` stages."""
+        (MP-04), as when :meth:`process` stages.
+
+        A message without a record (no ``parse`` step before the store) is left to
+        the step's thread too: its document comes from the stdlib's email parser,
+        whose cost the message's sender chooses (S-12)."""
         if (
             self.context.dry_run
             or not self.options.group_commit
+            or message.record is None
             or message.data is None
             or len(message.data) > self.NOWAIT_OCTETS
             or message.key in self._inline  # (read again under the lock)
