@@ -55,6 +55,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, Final, Literal
 
@@ -422,6 +423,12 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _address_count(record: Any) -> int:
+    """The number of addresses in ``record`` (a MessageRecord or its dict)."""
+    get = record.get if isinstance(record, dict) else partial(getattr, record)
+    return sum(len(get(field, None) or ()) for field, _ in _ADDRESS_FIELDS)
+
+
 def _flatten_addresses(doc: dict[str, Any]) -> str:
     parts = []
     for field, _ in _ADDRESS_FIELDS:
@@ -680,6 +687,9 @@ class SqliteStore:
     #: ~0.35 ms at worst (bench/RESULTS.md §91). A larger one is staged on the step's
     #: thread.
     NOWAIT_OCTETS: ClassVar[int] = 8 << 10
+    #: At most so many addresses in the record (each costs ~1 µs of JSON and FTS
+    #: text; 8 KiB of ``To: a,a,…`` parsed on the step's thread holds ~3900: ~4 ms).
+    NOWAIT_ADDRESSES: ClassVar[int] = 64
 
     def process_nowait(self, message: Message) -> object:
         """:meth:`process` on the event loop when it only stages the message's rows in
@@ -694,7 +704,8 @@ class SqliteStore:
 
         A message without a record (no ``parse`` step before the store) is left to
         the step's thread too: its document comes from the stdlib's email parser,
-        whose cost the message's sender chooses (S-12)."""
+        whose cost the message's sender chooses (S-12); so is one whose record holds
+        more than NOWAIT_ADDRESSES addresses."""
         if (
             self.context.dry_run
             or not self.options.group_commit
@@ -702,6 +713,7 @@ class SqliteStore:
             or message.data is None
             or len(message.data) > self.NOWAIT_OCTETS
             or message.key in self._inline  # (read again under the lock)
+            or _address_count(message.record) > self.NOWAIT_ADDRESSES
         ):
             return LATER
         doc = message_document(message, stored_at=datetime.now(UTC))
