@@ -171,10 +171,12 @@ class ParseProcessor:
     #: with at most so many lines starting ``--`` (MIME boundaries: ~40 µs a part)
     #: and ``@`` (addresses: ~7 µs each in a header). Parsing costs 20-250 ns an
     #: octet by the message's shape (plain text the least; HTML, many parts, long
-    #: address lists the most): ~0.1 ms for 4 KB of plain text, ~0.6 ms at worst
-    #: within these bounds (bench/RESULTS.md §91). Anything else is parsed on the
-    #: step's thread, where the hand-over costs little beside the parse and the
-    #: processing_budget applies.
+    #: address lists the most): ~0.1 ms for 4 KB of plain text, ~0.6 ms for the
+    #: shapes of bench/RESULTS.md §91. Hostile shapes within these bounds cost up
+    #: to ~3 ms (review r-e2e): 7 parts of mislabelled 8-bit text, each run through
+    #: charset detection (~0.35 ms a part), or ~1000 addresses without ``@`` in
+    #: 4 KiB (~2.7 ms). Anything else is parsed on the step's thread, where the
+    #: hand-over costs little beside the parse and the processing_budget applies.
     NOWAIT_OCTETS: ClassVar[int] = 4 << 10
     NOWAIT_BOUNDARIES: ClassVar[int] = 8
     NOWAIT_ATS: ClassVar[int] = 32
