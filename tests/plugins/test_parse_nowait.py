@@ -282,3 +282,36 @@ def test_process_nowait_never_imports_on_the_loop(raw: bytes) -> None:
         check=True, timeout=60,
     ).stdout.decode()
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_many_legacy_8bit_header_lines_are_left_to_the_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each header line of 8-bit bytes that are not UTF-8 runs charset detection
+    (charset_normalizer: ~0.3 ms a line): 200 such lines in 4 KiB took ~60 ms on the
+    loop. Invalid UTF-8 (which alone leads to detection, for header lines and
+    parts alike) sends the message to the step's thread (counted in detections)."""
+    from mailpipe.plugins.parse import charsets
+
+    p = parser()
+    detected: list[bytes] = []
+    detect = charsets._detect
+
+    def counting(data: bytes) -> str | None:
+        detected.append(data)
+        return detect(data)
+
+    monkeypatch.setattr(charsets, "_detect", counting)
+    word = "Привет мир".encode("cp1251")
+    raw = b"".join(b"X-%d: %s\r\n" % (i, word) for i in range(200)) + b"\r\nbody\r\n"
+    assert len(raw) <= p.NOWAIT_OCTETS
+    m = message(raw)
+    p.process_nowait(m)
+    assert len(detected) <= p.NOWAIT_BOUNDARIES  # (h-e2e: 200 on the loop)
+    by_thread = message(raw)
+    p.process(by_thread)  # the same record, on the step's thread
+    assert len(detected) >= 200 and by_thread.record is not None
+    utf8 = "Привет мир".encode()  # valid UTF-8 headers never reach detection
+    detected.clear()
+    assert p.process_nowait(message(b"Subject: %s\r\n\r\nbody\r\n" % utf8)) is None
+    assert detected == []
