@@ -83,7 +83,8 @@ def test_nowait_gives_exactly_what_process_gives(case: Path | str) -> None:
         if headers_only:
             raw = raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
     p = parser(**options)
-    p.NOWAIT_OCTETS = p.NOWAIT_BOUNDARIES = p.NOWAIT_ATS = p.NOWAIT_WORDS = 1 << 20  # the path, not the bounds
+    p.NOWAIT_OCTETS = p.NOWAIT_BOUNDARIES = p.NOWAIT_ATS = p.NOWAIT_WORDS = 1 << 20
+    p.NOWAIT_NOT_UTF8 = True  # the path, not the bounds
     by_thread = message(raw, headers_only=headers_only)
     by_thread.record = "a stale record"  # process() parses again: so must nowait
     on_loop = message(raw, headers_only=headers_only)
