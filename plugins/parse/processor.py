@@ -215,7 +215,7 @@ class ParseProcessor:
             data is None
             or len(data) > self.NOWAIT_OCTETS
             or not _preloaded
-            or any(name not in sys.modules for name in _LAZY)
+            or _PARSER not in sys.modules
             or data.count(b"\n--") + data.count(b"\r--") + data.startswith(b"--")
             > self.NOWAIT_BOUNDARIES
             or data.count(b"@") > self.NOWAIT_ATS
