@@ -67,6 +67,7 @@ def _preload() -> None:
             pass
     _preloaded = True
 
+
 def _utf8(data: bytes) -> bool:
     """True when ``data`` is valid UTF-8 (ASCII included; ~1 µs for 4 KiB)."""
     try:
@@ -206,8 +207,8 @@ class ParseProcessor:
 
         Lines are counted as the parser splits them: a bare CR ends a line too, so
         ``\\r--`` starts a boundary line as ``\\n--`` does (S-12). Until process()
-        has loaded every module a parse may import lazily (:data:`_LAZY`), a message
-        is left to the step's thread. So is one whose bytes are not UTF-8: only
+        has loaded every module a parse may import lazily (:func:`_preload`), a
+        message is left to the step's thread. So is one whose bytes are not UTF-8: only
         such bytes lead to charset detection (~0.3 ms each time), which every
         8-bit header line would run (S-12)."""
         data = message.data

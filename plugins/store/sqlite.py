@@ -684,8 +684,9 @@ class SqliteStore:
     #: The largest in-memory message :meth:`process_nowait` stages on the event loop.
     #: Its document, rows and checks cost ~40 µs, plus ~1-2 µs for each address,
     #: header field and attachment, which a message of this size holds few of:
-    #: ~0.35 ms at worst (bench/RESULTS.md §91). A larger one is staged on the step's
-    #: thread.
+    #: ~0.35 ms at worst for the shapes of bench/RESULTS.md §91 (with at most
+    #: NOWAIT_ADDRESSES addresses; review r-e2e). A larger one is staged on the
+    #: step's thread.
     NOWAIT_OCTETS: ClassVar[int] = 8 << 10
     #: At most so many addresses in the record (each costs ~1 µs of JSON and FTS
     #: text; 8 KiB of ``To: a,a,…`` parsed on the step's thread holds ~3900: ~4 ms).
@@ -694,8 +695,8 @@ class SqliteStore:
     def process_nowait(self, message: Message) -> object:
         """:meth:`process` on the event loop when it only stages the message's rows in
         the held group (issue 18): ``group_commit`` on, not a dry run, a parsed
-        message whose raw bytes are in memory and at most NOWAIT_OCTETS, the key not one whose
-        group write failed, the store's lock free at once, and the group below
+        message whose raw bytes are in memory and at most NOWAIT_OCTETS, the key
+        not one whose group write failed, the store's lock free at once, and the group below
         MAX_ROWS and MAX_HELD with it. Anything that would write to the database
         returns ``LATER`` having changed nothing, and :meth:`process` runs on the
         step's thread. A message that the checks refuse raises as in :meth:`process`
