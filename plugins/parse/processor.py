@@ -29,6 +29,54 @@ log = structlog.get_logger()
 #: The parser's module: loaded by the first parse (see process_nowait).
 _PARSER = f"{__package__}.parser"
 
+#: Modules a parse may import lazily (charset detection, TNEF, file types): the
+#: first process() loads them on the step's thread (:func:`_preload`), so that
+#: process_nowait never imports from disk on the event loop (S-12).
+_LAZY: tuple[str, ...] = (_PARSER, "charset_normalizer", "tnefparse", "mimetypes")
+_preloaded = False
+
+
+def _preload() -> None:
+    """Import what a parse may import lazily (on the step's thread; once)."""
+    global _preloaded
+    if _preloaded:
+        return
+    import codecs
+    import importlib
+    import mimetypes
+    from encodings.aliases import aliases
+
+    from . import parser  # noqa: F401
+
+    for name in _LAZY[1:]:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # pragma: no cover - dependencies
+            pass
+    mimetypes.init()  # reads the system's mime.types files
+    # Every codec module (~100, ~35 ms once): a charset label or the charset
+    # detector (which tries all it supports) would import it on first use.
+    try:
+        from charset_normalizer.constant import IANA_SUPPORTED
+    except ImportError:  # pragma: no cover - a dependency
+        IANA_SUPPORTED = []
+    for name in {*aliases.values(), *IANA_SUPPORTED}:
+        try:
+            codecs.lookup(name)
+        except LookupError:  # pragma: no cover - a codec the platform lacks
+            pass
+    _preloaded = True
+
+
+def _utf8(data: bytes) -> bool:
+    """True when ``data`` is valid UTF-8 (ASCII included; ~1 µs for 4 KiB)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 #: Key in ``message.meta`` of the attachment bytes, aligned with record.attachments.
 PAYLOADS_KEY = "attachment_payloads"
 
@@ -122,6 +170,7 @@ class ParseProcessor:
         """Parse the message; always continues the chain."""
         started = time.perf_counter()
         message.record = None
+        _preload()
         record = parse_into(message, max_body=self.options.max_body_size)
         if record.defects:
             log.debug(
@@ -137,13 +186,21 @@ class ParseProcessor:
     #: with at most so many lines starting ``--`` (MIME boundaries: ~40 µs a part)
     #: and ``@`` (addresses: ~7 µs each in a header). Parsing costs 20-250 ns an
     #: octet by the message's shape (plain text the least; HTML, many parts, long
-    #: address lists the most): ~0.1 ms for 4 KB of plain text, ~0.6 ms at worst
-    #: within these bounds (bench/RESULTS.md §35). Anything else is parsed on the
-    #: step's thread, where the hand-over costs little beside the parse and the
-    #: processing_budget applies.
+    #: address lists the most): ~0.1 ms for 4 KB of plain text, ~0.6 ms for the
+    #: shapes of bench/RESULTS.md §35. Hostile shapes within these bounds cost up
+    #: to ~3 ms (review r-e2e): 7 parts of mislabelled 8-bit text, each run through
+    #: charset detection (~0.35 ms a part), or ~1000 addresses without ``@`` in
+    #: 4 KiB (~2.7 ms). Anything else is parsed on the step's thread, where the
+    #: hand-over costs little beside the parse and the processing_budget applies.
     NOWAIT_OCTETS: ClassVar[int] = 4 << 10
     NOWAIT_BOUNDARIES: ClassVar[int] = 8
     NOWAIT_ATS: ClassVar[int] = 32
+    #: At most so many ``=?`` (encoded words): each names a charset, and one Python
+    #: does not know costs a codec search on disk (~15 µs) however often it is sent.
+    NOWAIT_WORDS: ClassVar[int] = 64
+    #: Whether a message of bytes that are not UTF-8 is parsed on the loop (no:
+    #: each 8-bit header line of them runs charset detection, ~0.3 ms).
+    NOWAIT_NOT_UTF8: ClassVar[bool] = False
 
     def process_nowait(self, message: Message) -> object:
         """:meth:`process` on the event loop for a small in-memory message once the
@@ -151,14 +208,25 @@ class ParseProcessor:
         without the hand-over to the step's thread and back. A spooled message, one
         past a NOWAIT_* bound, or the first one (the parser's modules are imported
         then, from disk) returns ``LATER`` having changed nothing, and
-        :meth:`process` runs on the step's thread."""
+        :meth:`process` runs on the step's thread.
+
+        Lines are counted as the parser splits them: a bare CR ends a line too, so
+        ``\\r--`` starts a boundary line as ``\\n--`` does (S-12). Until process()
+        has loaded every module a parse may import lazily (:func:`_preload`), a
+        message is left to the step's thread. So is one whose bytes are not UTF-8: only
+        such bytes lead to charset detection (~0.3 ms each time), which every
+        8-bit header line would run (S-12)."""
         data = message.data
         if (
             data is None
             or len(data) > self.NOWAIT_OCTETS
+            or not _preloaded
             or _PARSER not in sys.modules
-            or data.count(b"\n--") > self.NOWAIT_BOUNDARIES
+            or data.count(b"\n--") + data.count(b"\r--") + data.startswith(b"--")
+            > self.NOWAIT_BOUNDARIES
             or data.count(b"@") > self.NOWAIT_ATS
+            or data.count(b"=?") > self.NOWAIT_WORDS
+            or not (self.NOWAIT_NOT_UTF8 or _utf8(data))
         ):
             return LATER
         return self.process(message)

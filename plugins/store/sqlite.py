@@ -55,6 +55,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, Final, Literal
 
@@ -422,6 +423,12 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _address_count(record: Any) -> int:
+    """The number of addresses in ``record`` (a MessageRecord or its dict)."""
+    get = record.get if isinstance(record, dict) else partial(getattr, record)
+    return sum(len(get(field, None) or ()) for field, _ in _ADDRESS_FIELDS)
+
+
 def _flatten_addresses(doc: dict[str, Any]) -> str:
     parts = []
     for field, _ in _ADDRESS_FIELDS:
@@ -677,26 +684,37 @@ class SqliteStore:
     #: The largest in-memory message :meth:`process_nowait` stages on the event loop.
     #: Its document, rows and checks cost ~40 µs, plus ~1-2 µs for each address,
     #: header field and attachment, which a message of this size holds few of:
-    #: ~0.35 ms at worst (bench/RESULTS.md §35). A larger one is staged on the step's
-    #: thread.
+    #: ~0.35 ms at worst for the shapes of bench/RESULTS.md §35 (with at most
+    #: NOWAIT_ADDRESSES addresses; review r-e2e). A larger one is staged on the
+    #: step's thread.
     NOWAIT_OCTETS: ClassVar[int] = 8 << 10
+    #: At most so many addresses in the record (each costs ~1 µs of JSON and FTS
+    #: text; 8 KiB of ``To: a,a,…`` parsed on the step's thread holds ~3900: ~4 ms).
+    NOWAIT_ADDRESSES: ClassVar[int] = 64
 
     def process_nowait(self, message: Message) -> object:
         """:meth:`process` on the event loop when it only stages the message's rows in
-        the held group (issue 18): ``group_commit`` on, not a dry run, the raw bytes in
-        memory (or ``raw = "none"``) and at most NOWAIT_OCTETS, the key not one whose
-        group write failed, the store's lock free at once, and the group below
+        the held group (issue 18): ``group_commit`` on, not a dry run, a parsed
+        message whose raw bytes are in memory and at most NOWAIT_OCTETS, the key
+        not one whose group write failed, the store's lock free at once, and the group below
         MAX_ROWS and MAX_HELD with it. Anything that would write to the database
         returns ``LATER`` having changed nothing, and :meth:`process` runs on the
         step's thread. A message that the checks refuse raises as in :meth:`process`
         (nothing staged). A pending failure of an early write stays for flush()
-        (MP-04), as when :meth:`process` stages."""
+        (MP-04), as when :meth:`process` stages.
+
+        A message without a record (no ``parse`` step before the store) is left to
+        the step's thread too: its document comes from the stdlib's email parser,
+        whose cost the message's sender chooses (S-12); so is one whose record holds
+        more than NOWAIT_ADDRESSES addresses."""
         if (
             self.context.dry_run
             or not self.options.group_commit
+            or message.record is None
             or message.data is None
             or len(message.data) > self.NOWAIT_OCTETS
             or message.key in self._inline  # (read again under the lock)
+            or _address_count(message.record) > self.NOWAIT_ADDRESSES
         ):
             return LATER
         doc = message_document(message, stored_at=datetime.now(UTC))

@@ -83,7 +83,8 @@ def test_nowait_gives_exactly_what_process_gives(case: Path | str) -> None:
         if headers_only:
             raw = raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
     p = parser(**options)
-    p.NOWAIT_OCTETS = p.NOWAIT_BOUNDARIES = p.NOWAIT_ATS = 1 << 20  # the path, not the bounds
+    p.NOWAIT_OCTETS = p.NOWAIT_BOUNDARIES = p.NOWAIT_ATS = p.NOWAIT_WORDS = 1 << 20
+    p.NOWAIT_NOT_UTF8 = True  # the path, not the bounds
     by_thread = message(raw, headers_only=headers_only)
     by_thread.record = "a stale record"  # process() parses again: so must nowait
     on_loop = message(raw, headers_only=headers_only)
@@ -189,3 +190,129 @@ async def test_in_a_chain_a_small_message_never_reaches_the_steps_thread(
         assert late.record is None and len(threads) == 2
     finally:
         await c.close()
+
+
+# Review r-e2e (S-12: a hostile server cannot exhaust the event loop's time).
+
+
+def test_bare_cr_boundary_lines_count_against_the_bound() -> None:
+    """The parser ends a line at a bare CR too: ``\\r--b`` lines are MIME boundaries
+    (many parts, each parsed and charset-decoded on the loop), so they count."""
+    p = parser()
+    parts = "".join(
+        "--b\rContent-Type: application/octet-stream\r\rpart\r"
+        for _ in range(p.NOWAIT_BOUNDARIES + 4)
+    )
+    raw = f'Content-Type: multipart/mixed; boundary="b"\r\r{parts}--b--\r'.encode()
+    assert raw.count(b"\n--") == 0 and len(raw) <= p.NOWAIT_OCTETS
+    by_thread = message(raw)
+    p.process(by_thread)  # the parser sees every part
+    assert by_thread.record is not None
+    assert len(by_thread.record.attachments) > p.NOWAIT_BOUNDARIES
+    unchanged_later(p, message(raw))
+
+
+def test_many_unknown_charsets_are_left_to_the_thread() -> None:
+    """Each unknown charset label costs a codec search on disk (an import attempt),
+    with new labels in every message: past NOWAIT_WORDS encoded words the message
+    is parsed on the step's thread. Counted with a codec search function."""
+    import codecs
+
+    p = parser()
+    searched: list[str] = []
+
+    def search(name: str) -> None:
+        searched.append(name)
+
+    codecs.register(search)
+    try:
+        words = " ".join(f"=?x{i}?q?a?=" for i in range(250))  # ~4 KiB
+        m = message(f"Subject: {words}\r\n\r\nbody\r\n".encode())
+        assert len(m.raw) <= p.NOWAIT_OCTETS
+        p.process_nowait(m)
+        assert len(searched) <= 64  # 250 searched on the loop before the bound
+        n = p.NOWAIT_WORDS + 1
+        words = " ".join(f"=?x-r-e2e-v{i}?q?a?=" for i in range(n))
+        unchanged_later(p, message(f"Subject: {words}\r\n\r\nbody\r\n".encode()))
+        assert len(searched) <= 64
+        searched.clear()
+        words = " ".join(f"=?x-r-e2e-w{i}?q?a?=" for i in range(n - 1))
+        assert p.process_nowait(message(f"Subject: {words}\r\n\r\nb\r\n".encode())) is None
+        assert len(searched) <= p.NOWAIT_WORDS  # the bound is what it costs
+    finally:
+        codecs.unregister(search)
+
+
+LAZY_SCRIPT = r"""
+import sys
+from mailpipe.message import Message, MessageRef
+from mailpipe.plugins.parse import ParseProcessor
+from mailpipe.plugins.parse.processor import ParseOptions
+from mailpipe.processor import ProcessorContext
+p = ParseProcessor(ParseOptions(), ProcessorContext())
+p.process(Message.from_bytes(b"Subject: first\r\n\r\nplain ascii\r\n"))
+raw = sys.stdin.buffer.read()
+before = set(sys.modules)
+m = Message(ref=MessageRef(mailbox="mb", number=1, uid="u", size=len(raw)), data=raw)
+result = p.process_nowait(m)
+print(sorted(set(sys.modules) - before))
+"""
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # charset detection (charset_normalizer: ~90 modules, ~20 ms from disk)
+        b"Content-Type: text/plain; charset=utf-8\r\n\r\n"
+        + "Привет мир, проверка. ".encode("cp1251") * 20,
+        # a uuencoded file's type (mimetypes reads the system's mime.types)
+        b"Subject: uu\r\n\r\nbegin 644 a.txt\r\n#86)C\r\n`\r\nend\r\n",
+        # a charset whose codec module is not loaded yet
+        b"Content-Type: text/plain; charset=iso-8859-2\r\n\r\n\xb1\xb6\xbc text\r\n",
+    ],
+    ids=["charset-detection", "uuencode-type", "codec-module"],
+)
+def test_process_nowait_never_imports_on_the_loop(raw: bytes) -> None:
+    """After the first message (parsed by process() on the step's thread), nothing
+    a small message makes the parser import lazily is imported on the event loop
+    (a fresh interpreter: the test's own modules are not loaded)."""
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-c", LAZY_SCRIPT], input=raw, capture_output=True,
+        check=True, timeout=60,
+    ).stdout.decode()
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_many_legacy_8bit_header_lines_are_left_to_the_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each header line of 8-bit bytes that are not UTF-8 runs charset detection
+    (charset_normalizer: ~0.3 ms a line): 200 such lines in 4 KiB took ~60 ms on the
+    loop. Invalid UTF-8 (which alone leads to detection, for header lines and
+    parts alike) sends the message to the step's thread (counted in detections)."""
+    from mailpipe.plugins.parse import charsets
+
+    p = parser()
+    detected: list[bytes] = []
+    detect = charsets._detect
+
+    def counting(data: bytes) -> str | None:
+        detected.append(data)
+        return detect(data)
+
+    monkeypatch.setattr(charsets, "_detect", counting)
+    word = "Привет мир".encode("cp1251")
+    raw = b"".join(b"X-%d: %s\r\n" % (i, word) for i in range(200)) + b"\r\nbody\r\n"
+    assert len(raw) <= p.NOWAIT_OCTETS
+    m = message(raw)
+    p.process_nowait(m)
+    assert len(detected) <= p.NOWAIT_BOUNDARIES  # (h-e2e: 200 on the loop)
+    by_thread = message(raw)
+    p.process(by_thread)  # the same record, on the step's thread
+    assert len(detected) >= 200 and by_thread.record is not None
+    utf8 = "Привет мир".encode()  # valid UTF-8 headers never reach detection
+    detected.clear()
+    assert p.process_nowait(message(b"Subject: %s\r\n\r\nbody\r\n" % utf8)) is None
+    assert detected == []
