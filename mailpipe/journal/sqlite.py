@@ -33,7 +33,6 @@ from mailpipe.journal.base import (
     Finish,
     PollRecord,
     Status,
-    apply_migrations,
     fenced_commit,
     iter_chunks,
     verify_fence,
@@ -48,7 +47,7 @@ from mailpipe.journal.rows import (
     poll_upsert,
 )
 from mailpipe.journal.sqlite_leases import SqliteLeases
-from mailpipe.journal.sqlite_schema import MIGRATIONS, SCHEMA_VERSION, open_read_only
+from mailpipe.journal.sqlite_schema import SCHEMA_VERSION, migrate, open_read_only
 from mailpipe.message import message_key
 
 log = structlog.get_logger()
@@ -139,13 +138,7 @@ class SqliteJournal(SqliteLeases):
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                current = apply_migrations(
-                    conn.execute,
-                    table="schema_version",
-                    param="?",
-                    migrations=MIGRATIONS,
-                    where=f"journal {self.path}",
-                )
+                current = migrate(conn, where=f"journal {self.path}")
                 conn.execute("COMMIT")
             except BaseException:
                 self._rollback()

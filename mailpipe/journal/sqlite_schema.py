@@ -2,7 +2,8 @@
 
 Contract: ``MIGRATIONS[N - 1]`` brings a database from version N - 1 to N and is never
 edited once released (a change is a new migration); :data:`SCHEMA_VERSION` is the
-version this code writes. :func:`open_read_only` opens an existing journal without
+version this code writes. :func:`migrate` applies the missing migrations inside the
+caller's ``BEGIN IMMEDIATE`` transaction. :func:`open_read_only` opens an existing journal without
 creating, migrating or changing anything, or raises.
 """
 
@@ -12,7 +13,7 @@ import sqlite3
 from pathlib import Path
 from typing import Final
 
-from mailpipe.journal.base import OAUTH_TOKENS_TABLE, check_schema
+from mailpipe.journal.base import OAUTH_TOKENS_TABLE, apply_migrations, check_schema
 from mailpipe.journal.errors import JournalError, JournalMissingError
 
 #: Schema migrations; version N is reached by applying ``MIGRATIONS[N - 1]``.
@@ -85,6 +86,18 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+
+def migrate(conn: sqlite3.Connection, *, where: str) -> int:
+    """Bring the database to :data:`SCHEMA_VERSION` inside the caller's transaction;
+    return the version found (``where`` names the journal in errors)."""
+    return apply_migrations(
+        conn.execute,
+        table="schema_version",
+        param="?",
+        migrations=MIGRATIONS,
+        where=where,
+    )
 
 
 def open_read_only(path: Path) -> sqlite3.Connection:
