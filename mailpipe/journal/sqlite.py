@@ -1,17 +1,13 @@
 """SqliteJournal: the embedded journal (one SQLite file in WAL mode, synchronous=FULL).
 
-Durability: every method commits before it returns (``BEGIN IMMEDIATE`` … ``COMMIT``;
-with WAL and ``synchronous=FULL`` a commit survives power loss), except inside
-:meth:`SqliteJournal.batch`, where one transaction covers every write of the block and
-commits at exit (rolled back on an exception). Batches nest as savepoints.
-
-Threads: one connection (``check_same_thread=False``) guarded by a lock, so the
-engine may call from the event loop and from ``asyncio.to_thread``. A batch belongs to
-the journal, not to a thread: writes from any thread while a batch is open join it.
-
-Mailbox locks (flocks, lease epochs, fences): :mod:`mailpipe.journal.sqlite_leases`,
-whose :class:`~mailpipe.journal.sqlite_leases.SqliteLeases` this class is built on.
-The schema and its migrations: :mod:`mailpipe.journal.sqlite_schema`.
+Every method commits before it returns, except inside :meth:`SqliteJournal.batch` (one
+transaction for the block, committed at exit): durability, threads, batches and fenced
+commits are in :mod:`mailpipe.journal.sqlite_transactions`. The class is built in
+layers: :class:`~mailpipe.journal.sqlite_transactions.SqliteTransactions`, then
+:class:`~mailpipe.journal.sqlite_leases.SqliteLeases` (mailbox locks: flocks, lease
+epochs) and :class:`~mailpipe.journal.sqlite_cursors.SqliteCursors` (listing
+cursors), then the entries and poll records here. The schema and its
+migrations: :mod:`mailpipe.journal.sqlite_schema`.
 """
 
 from __future__ import annotations
@@ -19,8 +15,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
@@ -33,9 +28,7 @@ from mailpipe.journal.base import (
     Finish,
     PollRecord,
     Status,
-    fenced_commit,
     iter_chunks,
-    verify_fence,
 )
 from mailpipe.journal.errors import JournalError, JournalMissingError
 from mailpipe.journal.rows import (
@@ -46,6 +39,7 @@ from mailpipe.journal.rows import (
     poll_record,
     poll_upsert,
 )
+from mailpipe.journal.sqlite_cursors import SqliteCursors
 from mailpipe.journal.sqlite_leases import SqliteLeases
 from mailpipe.journal.sqlite_schema import SCHEMA_VERSION, migrate, open_read_only
 from mailpipe.message import message_key
@@ -64,7 +58,7 @@ def _time(value: float) -> datetime:
 
 
 
-class SqliteJournal(SqliteLeases):
+class SqliteJournal(SqliteLeases, SqliteCursors):
     """The embedded :class:`~mailpipe.journal.base.Journal` in one SQLite file.
 
     ``path`` is created with its parent folders; ``":memory:"`` works for tests (mailbox
@@ -157,102 +151,8 @@ class SqliteJournal(SqliteLeases):
             row = self._conn.execute("SELECT version FROM schema_version").fetchone()
         return int(row[0])
 
-    # -- transactions ---------------------------------------------------------------
-
-    @contextmanager
-    def _guard(self) -> Iterator[None]:
-        """Hold the connection lock; turn sqlite3 errors into JournalError."""
-        with self._lock:
-            try:
-                yield
-            except sqlite3.Error as exc:
-                raise JournalError(f"journal {self.path}: {exc}") from exc
-
     def _now(self) -> float:
         return self._clock().timestamp()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One durable transaction, or a part of the open batch."""
-        with self._guard():
-            if self._closed:
-                raise JournalError(f"journal {self.path} is closed")
-            if self._depth:
-                yield self._conn
-                return
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._rollback()
-                raise
-
-    def _rollback(self, savepoint: str | None = None) -> None:
-        """Roll back the open transaction (or to ``savepoint``) if there still is one:
-        SQLite ends it by itself on SQLITE_FULL or SQLITE_IOERR, and a ROLLBACK then
-        ("cannot rollback - no transaction is active") would hide the real error."""
-        if not self._conn.in_transaction:
-            return
-        if savepoint is None:
-            self._conn.execute("ROLLBACK")
-        else:
-            self._conn.execute(f"ROLLBACK TO {savepoint}")
-            self._conn.execute(f"RELEASE {savepoint}")
-
-    @contextmanager
-    def batch(self, *, fence: Fence | None = None) -> Iterator[None]:
-        """Group commit: one transaction for every write inside, committed at exit.
-
-        Re-entrant: an inner batch is a savepoint, rolled back alone on its exception.
-        With ``fence``, the transaction (or savepoint) commits only while ``fence`` is
-        the mailbox's lease epoch; checked under the write lock (``BEGIN IMMEDIATE``),
-        so no take-over can slip in before the commit. Else FencedError, rolled back.
-        """
-        with self._guard():
-            if self._closed:
-                raise JournalError(f"journal {self.path} is closed")
-            depth = self._depth + 1
-            savepoint = f"batch_{depth}"
-            self._conn.execute(
-                "BEGIN IMMEDIATE" if depth == 1 else f"SAVEPOINT {savepoint}"
-            )
-            self._depth = depth
-        try:
-            yield
-            if fence is not None:
-                with self._guard(), fenced_commit(fence):
-                    self._verify(fence)
-        except BaseException:
-            with self._guard():
-                try:
-                    self._rollback(None if depth == 1 else savepoint)
-                finally:
-                    self._depth = depth - 1
-            raise
-        with self._guard():
-            try:
-                self._conn.execute("COMMIT" if depth == 1 else f"RELEASE {savepoint}")
-            except BaseException:
-                if depth == 1:
-                    self._rollback()
-                raise
-            finally:
-                self._depth = depth - 1
-
-    def _fenced(self, fence: Fence | None) -> AbstractContextManager[None]:
-        return nullcontext() if fence is None else self.batch(fence=fence)
-
-    def _verify(self, fence: Fence) -> None:
-        row = self._conn.execute(
-            "SELECT owner, epoch FROM leases WHERE mailbox = ?", (fence.mailbox,)
-        ).fetchone()
-        verify_fence(fence, row)
-
-    def check_fence(self, fence: Fence) -> None:
-        """Raise FencedError unless ``fence`` is the mailbox's current lease epoch."""
-        with self._guard():
-            self._verify(fence)
 
     # -- entries --------------------------------------------------------------------
 
@@ -486,52 +386,6 @@ class SqliteJournal(SqliteLeases):
                         (mailbox, *chunk),
                     ).rowcount
         return removed
-
-    def cursors(self, mailbox: str) -> dict[str, int]:
-        """Return the listing cursors of ``mailbox``, by scope."""
-        with self._guard():
-            rows = self._conn.execute(
-                "SELECT scope, position FROM cursors WHERE mailbox = ?", (mailbox,)
-            ).fetchall()
-        return {scope: int(position) for scope, position in rows}
-
-    def set_cursors(
-        self,
-        mailbox: str,
-        cursors: Mapping[str, int],
-        *,
-        expect: Mapping[str, int] | None = None,
-        passed: Iterable[str] = (),
-        fence: Fence | None = None,
-    ) -> bool:
-        """Replace the listing cursors of ``mailbox`` with ``cursors``; with
-        ``expect``, compare-and-set under the write lock (``BEGIN IMMEDIATE``)."""
-        with self._fenced(fence), self._tx() as conn:
-            if expect is not None:
-                current = dict(conn.execute(
-                    "SELECT scope, position FROM cursors WHERE mailbox = ?", (mailbox,)
-                ).fetchall())
-                if current != dict(expect):
-                    return False
-                done = (Status.COMMITTED.value, Status.KEPT.value,
-                        Status.QUARANTINED.value, Status.DELETED.value)
-                wanted = sorted(set(passed))
-                for chunk in iter_chunks(wanted):
-                    marks = ",".join("?" * len(chunk))
-                    (count,) = conn.execute(
-                        f"SELECT COUNT(*) FROM entries WHERE mailbox = ? "
-                        f"AND uid IN ({marks}) AND delete_due = 0 "
-                        "AND status IN (?, ?, ?, ?)",
-                        (mailbox, *chunk, *done),
-                    ).fetchone()
-                    if count != len(chunk):
-                        return False
-            conn.execute("DELETE FROM cursors WHERE mailbox = ?", (mailbox,))
-            conn.executemany(
-                "INSERT INTO cursors (mailbox, scope, position) VALUES (?, ?, ?)",
-                [(mailbox, scope, int(pos)) for scope, pos in cursors.items()],
-            )
-        return True
 
     def mark_seen(self, mailbox: str, items: Iterable[tuple[str, str, int]]) -> int:
         """Adopt (uid, key, size) items as KEPT, unprocessed; return how many new."""

@@ -15,10 +15,11 @@ it looks the lock file up in ``/proc/locks``; elsewhere it tries a shared lock a
 drops it at once (a poll starting in that instant finds the mailbox busy and comes back
 later, as for any lock held elsewhere).
 
-Contract: :class:`SqliteLeases` is the lock half of
-:class:`~mailpipe.journal.sqlite.SqliteJournal` (a mixin, never used alone); the
-journal's ``__init__`` sets the state declared on the class, and its ``close`` closes
-the descriptors still held. Every method here takes the journal's connection lock.
+Contract: :class:`SqliteLeases` is the lock layer of
+:class:`~mailpipe.journal.sqlite.SqliteJournal` (never used alone), on its
+transactions; the journal's ``__init__`` sets the state declared on the class, and its
+``close`` closes the descriptors still held. Every method here takes the journal's
+connection lock.
 """
 
 from __future__ import annotations
@@ -26,15 +27,14 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import sqlite3
-import threading
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
 from mailpipe.journal.base import Fence, Lease
 from mailpipe.journal.errors import JournalError
+from mailpipe.journal.sqlite_transactions import SqliteTransactions
 
 _PROC_LOCKS: Final = Path("/proc/locks")
 
@@ -88,25 +88,17 @@ def lock_path(db_path: Path, mailbox: str) -> Path:
     return Path(f"{db_path}.locks") / f"{digest}.lock"
 
 
-class SqliteLeases:
+class SqliteLeases(SqliteTransactions):
     """The mailbox locks of :class:`~mailpipe.journal.sqlite.SqliteJournal`."""
 
-    # Set by SqliteJournal.__init__ (the connection, its lock and the batch depth are
-    # the journal's; the lock tables below are this half's).
-    path: Path
+    # Set by SqliteJournal.__init__.
     _memory: bool
-    _lock: threading.RLock
-    _conn: sqlite3.Connection
-    _closed: bool
-    _depth: int
     _locks: dict[str, tuple[str, int | None]]  # mailbox -> (owner, flock fd)
     _epochs: dict[str, int]  # the lease epoch of each lock held here
     # (owner, epoch) of the last take of each mailbox through this object, held or
     # released: a take that finds them still in the leases row writes nothing.
     _taken: dict[str, tuple[str, int]]
     _lock_paths: dict[str, Path]
-    _guard: Callable[[], AbstractContextManager[None]]
-    _tx: Callable[[], AbstractContextManager[sqlite3.Connection]]
 
     def leases(self, mailboxes: Iterable[str]) -> dict[str, Lease]:
         """Return the mailboxes whose flock is held now (by any process) and by whom.
