@@ -1,13 +1,14 @@
 """PostgresJournal: the shared journal for several workers that split many mailboxes.
 
-Same semantics as the SQLite journal: every method commits before it returns (each is
-one autocommit statement, atomic on its own), except inside
-:meth:`PostgresJournal.batch` (one transaction, committed at exit, rolled back on an
-exception; inner batches are savepoints).
-
-Mailbox leases (epochs, fences, take-over): :mod:`mailpipe.journal.postgres_leases`,
-whose :class:`~mailpipe.journal.postgres_leases.PostgresLeases` this class is built
-on. The schema and its migrations: :mod:`mailpipe.journal.postgres_schema`.
+Same semantics as the SQLite journal: every method commits before it returns, except
+inside :meth:`PostgresJournal.batch` (one transaction, committed at exit): see
+:mod:`mailpipe.journal.postgres_transactions` (connection, transactions, batches,
+fenced commits). The class is built in layers:
+:class:`~mailpipe.journal.postgres_transactions.PostgresTransactions`, then
+:class:`~mailpipe.journal.postgres_leases.PostgresLeases` (mailbox leases: epochs,
+fences, take-over), and :class:`~mailpipe.journal.postgres_cursors.PostgresCursors` (listing
+cursors), then the entries and poll records here. The
+schema and its migrations: :mod:`mailpipe.journal.postgres_schema`.
 
 psycopg (3) is imported when a journal is created, so the core works without it.
 """
@@ -15,10 +16,9 @@ psycopg (3) is imported when a journal is created, so the core works without it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import structlog
@@ -30,10 +30,8 @@ from mailpipe.journal.base import (
     PollRecord,
     Status,
     check_schema,
-    fenced_commit,
-    verify_fence,
 )
-from mailpipe.journal.errors import JournalError
+from mailpipe.journal.postgres_cursors import PostgresCursors, lock_cursors
 from mailpipe.journal.postgres_leases import RELEASE, PostgresLeases
 from mailpipe.journal.postgres_schema import SCHEMA_VERSION, migrate, stored_version
 from mailpipe.journal.rows import (
@@ -45,8 +43,6 @@ from mailpipe.journal.rows import (
     poll_upsert,
 )
 from mailpipe.message import message_key
-from mailpipe.pgtls import secure_dsn
-from mailpipe.secrets import redact
 
 if TYPE_CHECKING:
     import psycopg
@@ -63,7 +59,7 @@ def _utc(value: datetime) -> datetime:
 
 
 
-class PostgresJournal(PostgresLeases):
+class PostgresJournal(PostgresLeases, PostgresCursors):
     """The shared :class:`~mailpipe.journal.base.Journal` in PostgreSQL.
 
     ``dsn`` is a libpq connection string or URL. ``schema`` (created when missing) holds
@@ -124,27 +120,7 @@ class PostgresJournal(PostgresLeases):
         rest = urlencode([(name, value) for name, value in query if name != "schema"])
         return cls(urlunsplit(parts._replace(query=rest)), schema=schema, **kwargs)
 
-    # -- connections and schema -----------------------------------------------------
-
-    def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
-        import psycopg
-        from psycopg import sql
-
-        try:
-            conn = psycopg.connect(
-                secure_dsn(self.dsn),
-                autocommit=True,
-                connect_timeout=max(1, round(self._connect_timeout)),
-            )
-        except psycopg.Error as exc:
-            raise JournalError(  # libpq may quote a malformed password: redact
-                redact(f"cannot connect to the PostgreSQL journal: {exc}")
-            ) from exc
-        if self.schema:
-            conn.execute(
-                sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema))
-            )
-        return conn
+    # -- schema ---------------------------------------------------------------------
 
     def _migrate(self) -> None:
         conn = self._conn
@@ -168,92 +144,6 @@ class PostgresJournal(PostgresLeases):
             )
         assert row is not None
         return int(row[0])
-
-    def _live(self) -> psycopg.Connection[tuple[Any, ...]]:
-        """The main connection; reconnected when it broke outside a transaction."""
-        if self._closed:
-            raise JournalError("PostgreSQL journal is closed")
-        if self._conn.broken or self._conn.closed:
-            if self._depth:
-                raise JournalError("PostgreSQL journal connection lost inside a batch")
-            self._conn = self._connect()
-            log.warning("journal_reconnected", schema=self.schema)
-        return self._conn
-
-    # -- transactions ---------------------------------------------------------------
-
-    @contextmanager
-    def _translate(self) -> Iterator[None]:
-        """Turn psycopg errors into JournalError."""
-        import psycopg
-
-        try:
-            yield
-        except psycopg.Error as exc:
-            raise JournalError(redact(f"PostgreSQL journal: {exc}")) from exc
-
-    @contextmanager
-    def _guard(self) -> Iterator[None]:
-        """Hold the connection lock; turn psycopg errors into JournalError."""
-        with self._lock, self._translate():
-            yield
-
-    @contextmanager
-    def _tx(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
-        """The connection for one write: a single autocommit statement (atomic and
-        durable on return), or a part of the open batch."""
-        with self._guard():
-            yield self._live()
-
-    @contextmanager
-    def batch(self, *, fence: Fence | None = None) -> Iterator[None]:
-        """Group commit: one transaction for every write inside, committed at exit.
-
-        Re-entrant: an inner batch is a savepoint, rolled back alone on its exception.
-        With ``fence``, the transaction (or savepoint) commits only while the lease row
-        holds ``fence``'s owner and epoch, read ``FOR SHARE`` as its last statement (a
-        take-over then waits for the commit); else FencedError, rolled back.
-        """
-        with self._guard():
-            tx = self._live().transaction()
-            tx.__enter__()
-            self._transactions.append(tx)
-            self._depth += 1
-        try:
-            yield
-            if fence is not None:
-                with self._guard(), fenced_commit(fence):
-                    self._verify(fence, lock=True)
-        except BaseException as exc:
-            with self._guard():
-                self._depth -= 1
-                self._transactions.pop()
-                tx.__exit__(type(exc), exc, exc.__traceback__)
-            raise
-        with self._guard():
-            self._depth -= 1
-            self._transactions.pop()
-            tx.__exit__(None, None, None)
-
-    def _fenced(self, fence: Fence | None) -> AbstractContextManager[None]:
-        return nullcontext() if fence is None else self.batch(fence=fence)
-
-    def _verify(self, fence: Fence, *, lock: bool) -> None:
-        row = (
-            self._live()
-            .execute(
-                "SELECT owner, epoch FROM mailpipe_leases WHERE mailbox = %s"
-                + (" FOR SHARE" if lock else ""),
-                (fence.mailbox,),
-            )
-            .fetchone()
-        )
-        verify_fence(fence, row)
-
-    def check_fence(self, fence: Fence) -> None:
-        """Raise FencedError unless ``fence`` is the mailbox's current lease epoch."""
-        with self._guard():
-            self._verify(fence, lock=False)
 
     # -- entries --------------------------------------------------------------------
 
@@ -518,7 +408,7 @@ class PostgresJournal(PostgresLeases):
                 # (one transaction with the entries, serialised with set_cursors by
                 # the mailbox's cursor lock: under READ COMMITTED a DELETE waiting
                 # on the cursor rows would not see the rows that commit inserts).
-                _lock_cursors(conn, mailbox)
+                lock_cursors(conn, mailbox)
                 conn.execute(
                     "DELETE FROM mailpipe_cursors WHERE mailbox = %s", (mailbox,)
                 )
@@ -530,64 +420,6 @@ class PostgresJournal(PostgresLeases):
                 "DELETE FROM mailpipe_journal WHERE mailbox = %s AND uid = ANY(%s)",
                 (mailbox, list(uids)),
             ).rowcount
-
-    def cursors(self, mailbox: str) -> dict[str, int]:
-        """Return the listing cursors of ``mailbox``, by scope."""
-        with self._guard():
-            rows = (
-                self._live()
-                .execute(
-                    "SELECT scope, position FROM mailpipe_cursors WHERE mailbox = %s",
-                    (mailbox,),
-                )
-                .fetchall()
-            )
-        return {scope: int(position) for scope, position in rows}
-
-    def set_cursors(
-        self,
-        mailbox: str,
-        cursors: Mapping[str, int],
-        *,
-        expect: Mapping[str, int] | None = None,
-        passed: Iterable[str] = (),
-        fence: Fence | None = None,
-    ) -> bool:
-        """Replace the listing cursors of ``mailbox`` with ``cursors``; with
-        ``expect``, compare-and-set in one transaction: the mailbox's cursor lock
-        (which :meth:`forget` takes too, so a concurrent forget runs wholly before or
-        after this), then the passed entries ``FOR SHARE``."""
-        with self.batch(fence=fence), self._tx() as conn:
-            _lock_cursors(conn, mailbox)
-            if expect is not None:
-                current = dict(conn.execute(
-                    "SELECT scope, position FROM mailpipe_cursors WHERE mailbox = %s "
-                    "FOR UPDATE",
-                    (mailbox,),
-                ).fetchall())
-                if current != dict(expect):
-                    return False
-                wanted = sorted(set(passed))
-                if wanted:
-                    rows = conn.execute(
-                        "SELECT uid FROM mailpipe_journal WHERE mailbox = %s "
-                        "AND uid = ANY(%s) AND NOT delete_due "
-                        "AND status = ANY(%s) FOR SHARE",
-                        (mailbox, wanted, [Status.COMMITTED.value, Status.KEPT.value,
-                                           Status.QUARANTINED.value,
-                                           Status.DELETED.value]),
-                    ).fetchall()
-                    if len(rows) != len(wanted):
-                        return False
-            conn.execute("DELETE FROM mailpipe_cursors WHERE mailbox = %s", (mailbox,))
-            if cursors:
-                conn.execute(
-                    "INSERT INTO mailpipe_cursors (mailbox, scope, position) "
-                    "SELECT %s, c.scope, c.position "
-                    "FROM unnest(%s::text[], %s::bigint[]) AS c(scope, position)",
-                    (mailbox, list(cursors), [int(v) for v in cursors.values()]),
-                )
-        return True
 
     def mark_seen(self, mailbox: str, items: Iterable[tuple[str, str, int]]) -> int:
         """Adopt (uid, key, size) items as KEPT, unprocessed; return how many new."""
@@ -675,18 +507,6 @@ class PostgresJournal(PostgresLeases):
 
     def __repr__(self) -> str:
         return f"PostgresJournal(schema={self.schema!r})"
-
-
-#: The advisory-lock namespace of the cursor lock (``"mp"``), beside ``hashtext``.
-_CURSOR_LOCK_SPACE: Final = 0x6D70
-
-
-def _lock_cursors(conn: Any, mailbox: str) -> None:
-    """Take ``mailbox``'s cursor lock until the transaction ends (MP-05): set_cursors
-    and forget serialise on it, each taking it before any row of its own."""
-    conn.execute(
-        "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_CURSOR_LOCK_SPACE, mailbox)
-    )
 
 
 def _execute_many(

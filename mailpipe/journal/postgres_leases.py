@@ -12,17 +12,17 @@ the row locked ``FOR SHARE`` until the commit, so a take-over waits for the comm
 the commit is refused. Leases use their own autocommit connection, so they are never
 held back by an open batch (only a take-over waits for a fenced commit in progress).
 
-Contract: :class:`PostgresLeases` is the lease half of
-:class:`~mailpipe.journal.postgres.PostgresJournal` (a mixin, never used alone); the
-journal's ``__init__`` sets the state declared on the class, and its ``close`` releases
-the leases still held here (:data:`RELEASE`) and closes the lease connection.
+Contract: :class:`PostgresLeases` is the lease layer of
+:class:`~mailpipe.journal.postgres.PostgresJournal` (never used alone), on its
+connection and transactions; the journal's ``__init__`` sets the state declared on the
+class, and its ``close`` releases the leases still held here (:data:`RELEASE`) and
+closes the lease connection.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Iterable
 from datetime import UTC
 from typing import TYPE_CHECKING, Any, Final
 
@@ -30,6 +30,7 @@ import structlog
 
 from mailpipe.journal.base import Fence, Lease
 from mailpipe.journal.errors import JournalError
+from mailpipe.journal.postgres_transactions import PostgresTransactions
 
 if TYPE_CHECKING:
     import psycopg
@@ -43,19 +44,13 @@ RELEASE: Final = (
 )
 
 
-class PostgresLeases:
+class PostgresLeases(PostgresTransactions):
     """The mailbox leases of :class:`~mailpipe.journal.postgres.PostgresJournal`."""
 
-    # Set by PostgresJournal.__init__ (the main connection and its lock are the
-    # journal's; the lease connection, its lock and the leases taken are this half's).
+    # Set by PostgresJournal.__init__.
     _lease_lock: threading.Lock
     _leases: dict[str, tuple[str, int]]  # mailbox -> (owner, epoch)
     _lease_conn: psycopg.Connection[tuple[Any, ...]] | None
-    _closed: bool
-    _guard: Callable[[], AbstractContextManager[None]]
-    _translate: Callable[[], AbstractContextManager[None]]
-    _live: Callable[[], psycopg.Connection[tuple[Any, ...]]]
-    _connect: Callable[[], psycopg.Connection[tuple[Any, ...]]]
 
     def leases(self, mailboxes: Iterable[str]) -> dict[str, Lease]:
         """Return the unexpired leases of ``mailboxes`` (server clock), by mailbox."""
