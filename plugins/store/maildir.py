@@ -13,7 +13,8 @@ by an fsync of each file on writer threads (``sync = "file"``, or older systems)
 File names and the per-key markers that make a key stored once across processes:
 :mod:`._maildir_keys` (:class:`MaildirKeys`). The staged group and its publishing
 (syncfs, or an fsync each on writer threads): :mod:`._maildir_group`
-(:class:`MaildirGroup`). :class:`MaildirStore` is built on both.
+(:class:`MaildirGroup`). :class:`MaildirStore` is built on both. Its options:
+:mod:`._maildir_options`.
 """
 
 from __future__ import annotations
