@@ -1,21 +1,14 @@
 """PostgresJournal: the shared journal for several workers that split many mailboxes.
 
-Same semantics as the SQLite journal: every method commits before it returns (each is
-one autocommit statement, atomic on its own), except inside
-:meth:`PostgresJournal.batch` (one transaction, committed at exit, rolled back on an
-exception; inner batches are savepoints).
-
-Mailbox locks are leases in ``mailpipe_leases(mailbox, owner, expires_at, epoch)``, taken
-with an upsert that succeeds only when the row is absent, expired or already ours, and
-timed by the server's clock (``clock_timestamp()``) so workers on several machines
-agree. A dead worker's mailbox is taken over by another once its lease expires;
-``renew_mailbox`` extends only while the row still names the owner and epoch. Every take
-raises ``epoch`` (a release expires the row instead of deleting it, so epochs are never
-reused): a batch with a fence (:meth:`PostgresJournal.batch`) commits only while the
-row still holds that epoch, checked in the same transaction with the row locked
-``FOR SHARE`` until the commit, so a take-over waits for the commit or the commit is
-refused. Leases use their own autocommit connection, so they are never held back by
-an open batch (only a take-over waits for a fenced commit in progress).
+Same semantics as the SQLite journal: every method commits before it returns, except
+inside :meth:`PostgresJournal.batch` (one transaction, committed at exit): see
+:mod:`mailpipe.journal.postgres_transactions` (connection, transactions, batches,
+fenced commits). The class is built in layers:
+:class:`~mailpipe.journal.postgres_transactions.PostgresTransactions`, then
+:class:`~mailpipe.journal.postgres_leases.PostgresLeases` (mailbox leases: epochs,
+fences, take-over), and :class:`~mailpipe.journal.postgres_cursors.PostgresCursors` (listing
+cursors), then the entries and poll records here. The
+schema and its migrations: :mod:`mailpipe.journal.postgres_schema`.
 
 psycopg (3) is imported when a journal is created, so the core works without it.
 """
@@ -23,28 +16,24 @@ psycopg (3) is imported when a journal is created, so the core works without it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import structlog
 
 from mailpipe.journal.base import (
-    OAUTH_TOKENS_TABLE,
     Entry,
     Fence,
     Finish,
-    Lease,
     PollRecord,
     Status,
-    apply_migrations,
     check_schema,
-    fenced_commit,
-    verify_fence,
 )
-from mailpipe.journal.errors import JournalError
+from mailpipe.journal.postgres_cursors import PostgresCursors, lock_cursors
+from mailpipe.journal.postgres_leases import RELEASE, PostgresLeases
+from mailpipe.journal.postgres_schema import SCHEMA_VERSION, migrate, stored_version
 from mailpipe.journal.rows import (
     ENTRY_COLUMNS,
     POLL_COLUMNS,
@@ -54,100 +43,11 @@ from mailpipe.journal.rows import (
     poll_upsert,
 )
 from mailpipe.message import message_key
-from mailpipe.pgtls import secure_dsn
-from mailpipe.secrets import redact
 
 if TYPE_CHECKING:
     import psycopg
 
 log = structlog.get_logger()
-
-#: Schema migrations; version N is reached by applying ``MIGRATIONS[N - 1]``.
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
-    (
-        """
-        CREATE TABLE mailpipe_journal (
-            seq         bigint      GENERATED ALWAYS AS IDENTITY,
-            mailbox     text        NOT NULL,
-            uid         text        NOT NULL,
-            key         text        NOT NULL,
-            status      text        NOT NULL,
-            attempts    integer     NOT NULL DEFAULT 0,
-            size        bigint      NOT NULL DEFAULT 0,
-            sha256      text,
-            steps       jsonb       NOT NULL DEFAULT '[]',
-            disposition text,
-            reason      text        NOT NULL DEFAULT '',
-            last_error  text        NOT NULL DEFAULT '',
-            delete_due  boolean     NOT NULL DEFAULT false,
-            first_seen  timestamptz NOT NULL,
-            updated     timestamptz NOT NULL,
-            PRIMARY KEY (mailbox, uid)
-        )
-        """,
-        "CREATE INDEX mailpipe_journal_status "
-        "ON mailpipe_journal (mailbox, status, updated)",
-        "CREATE INDEX mailpipe_journal_first_seen "
-        "ON mailpipe_journal (first_seen, seq)",
-        """
-        CREATE TABLE mailpipe_leases (
-            mailbox    text        PRIMARY KEY,
-            owner      text        NOT NULL,
-            expires_at timestamptz NOT NULL
-        )
-        """,
-    ),
-    (
-        """
-        CREATE TABLE mailpipe_polls (
-            mailbox         text        PRIMARY KEY,
-            owner           text        NOT NULL,
-            first_polled    timestamptz NOT NULL,
-            polled_at       timestamptz NOT NULL,
-            last_success    timestamptz,
-            last_error_at   timestamptz,
-            last_error      text        NOT NULL DEFAULT '',
-            last_error_type text        NOT NULL DEFAULT '',
-            backlog         bigint,
-            next_poll       timestamptz
-        )
-        """,
-    ),
-    # 3: the OAuth token cache (mailpipe.oauth.cache), shared by the workers.
-    (
-        OAUTH_TOKENS_TABLE.format(
-            table="mailpipe_oauth_tokens", real="double precision"
-        ),
-    ),
-    # 4: lease epochs (fencing tokens), raised by every take of a mailbox's lease;
-    # a released lease keeps its row (expired), so an epoch is never reused.
-    ("ALTER TABLE mailpipe_leases ADD COLUMN epoch bigint NOT NULL DEFAULT 0",),
-    # 5: listing cursors (a source's per-scope watermark, e.g. an IMAP folder's UID
-    # under its UIDVALIDITY): see Journal.cursors.
-    (
-        """
-        CREATE TABLE mailpipe_cursors (
-            mailbox  text   NOT NULL,
-            scope    text   NOT NULL,
-            position bigint NOT NULL,
-            PRIMARY KEY (mailbox, scope)
-        )
-        """,
-        # The unfinished entries (PENDING or owed) every cursor poll reads.
-        "CREATE INDEX mailpipe_journal_unfinished ON mailpipe_journal (mailbox) "
-        "WHERE status = 'pending' OR delete_due",
-    ),
-)
-SCHEMA_VERSION: Final = len(MIGRATIONS)
-
-# Serialises schema creation and migrations between workers starting together.
-_MIGRATION_LOCK: Final = 0x6D61696C70697065  # "mailpipe"
-
-# Releases a lease: the row stays (expired) so that epochs only ever grow.
-_RELEASE: Final = (
-    "UPDATE mailpipe_leases SET expires_at = '-infinity' "
-    "WHERE mailbox = %s AND owner = %s AND expires_at > '-infinity'"
-)
 
 
 def _utcnow() -> datetime:
@@ -159,7 +59,7 @@ def _utc(value: datetime) -> datetime:
 
 
 
-class PostgresJournal:
+class PostgresJournal(PostgresLeases, PostgresCursors):
     """The shared :class:`~mailpipe.journal.base.Journal` in PostgreSQL.
 
     ``dsn`` is a libpq connection string or URL. ``schema`` (created when missing) holds
@@ -201,19 +101,12 @@ class PostgresJournal:
             raise
 
     def _check_schema(self) -> None:
-        import psycopg
-
         conn = self._conn
         with self._translate():
             conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
-            try:
-                row = conn.execute(
-                    "SELECT version FROM mailpipe_schema_version"
-                ).fetchone()
-            except psycopg.errors.UndefinedTable:
-                row = None
+            version = stored_version(conn)
         check_schema(
-            None if row is None else int(row[0]),
+            version,
             latest=SCHEMA_VERSION,
             where="PostgreSQL journal" + (f" (schema {self.schema})" if self.schema else ""),
         )
@@ -227,47 +120,12 @@ class PostgresJournal:
         rest = urlencode([(name, value) for name, value in query if name != "schema"])
         return cls(urlunsplit(parts._replace(query=rest)), schema=schema, **kwargs)
 
-    # -- connections and schema -----------------------------------------------------
-
-    def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
-        import psycopg
-        from psycopg import sql
-
-        try:
-            conn = psycopg.connect(
-                secure_dsn(self.dsn),
-                autocommit=True,
-                connect_timeout=max(1, round(self._connect_timeout)),
-            )
-        except psycopg.Error as exc:
-            raise JournalError(  # libpq may quote a malformed password: redact
-                redact(f"cannot connect to the PostgreSQL journal: {exc}")
-            ) from exc
-        if self.schema:
-            conn.execute(
-                sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema))
-            )
-        return conn
+    # -- schema ---------------------------------------------------------------------
 
     def _migrate(self) -> None:
-        from psycopg import sql
-
         conn = self._conn
         with self._guard(), conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            if self.schema:
-                conn.execute(
-                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
-                        sql.Identifier(self.schema)
-                    )
-                )
-            current = apply_migrations(
-                conn.execute,
-                table="mailpipe_schema_version",
-                param="%s",
-                migrations=MIGRATIONS,
-                where="PostgreSQL journal",
-            )
+            current = migrate(conn, self.schema)
         if current != SCHEMA_VERSION:
             log.info(
                 "journal_migrated",
@@ -286,92 +144,6 @@ class PostgresJournal:
             )
         assert row is not None
         return int(row[0])
-
-    def _live(self) -> psycopg.Connection[tuple[Any, ...]]:
-        """The main connection; reconnected when it broke outside a transaction."""
-        if self._closed:
-            raise JournalError("PostgreSQL journal is closed")
-        if self._conn.broken or self._conn.closed:
-            if self._depth:
-                raise JournalError("PostgreSQL journal connection lost inside a batch")
-            self._conn = self._connect()
-            log.warning("journal_reconnected", schema=self.schema)
-        return self._conn
-
-    # -- transactions ---------------------------------------------------------------
-
-    @contextmanager
-    def _translate(self) -> Iterator[None]:
-        """Turn psycopg errors into JournalError."""
-        import psycopg
-
-        try:
-            yield
-        except psycopg.Error as exc:
-            raise JournalError(redact(f"PostgreSQL journal: {exc}")) from exc
-
-    @contextmanager
-    def _guard(self) -> Iterator[None]:
-        """Hold the connection lock; turn psycopg errors into JournalError."""
-        with self._lock, self._translate():
-            yield
-
-    @contextmanager
-    def _tx(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
-        """The connection for one write: a single autocommit statement (atomic and
-        durable on return), or a part of the open batch."""
-        with self._guard():
-            yield self._live()
-
-    @contextmanager
-    def batch(self, *, fence: Fence | None = None) -> Iterator[None]:
-        """Group commit: one transaction for every write inside, committed at exit.
-
-        Re-entrant: an inner batch is a savepoint, rolled back alone on its exception.
-        With ``fence``, the transaction (or savepoint) commits only while the lease row
-        holds ``fence``'s owner and epoch, read ``FOR SHARE`` as its last statement (a
-        take-over then waits for the commit); else FencedError, rolled back.
-        """
-        with self._guard():
-            tx = self._live().transaction()
-            tx.__enter__()
-            self._transactions.append(tx)
-            self._depth += 1
-        try:
-            yield
-            if fence is not None:
-                with self._guard(), fenced_commit(fence):
-                    self._verify(fence, lock=True)
-        except BaseException as exc:
-            with self._guard():
-                self._depth -= 1
-                self._transactions.pop()
-                tx.__exit__(type(exc), exc, exc.__traceback__)
-            raise
-        with self._guard():
-            self._depth -= 1
-            self._transactions.pop()
-            tx.__exit__(None, None, None)
-
-    def _fenced(self, fence: Fence | None) -> AbstractContextManager[None]:
-        return nullcontext() if fence is None else self.batch(fence=fence)
-
-    def _verify(self, fence: Fence, *, lock: bool) -> None:
-        row = (
-            self._live()
-            .execute(
-                "SELECT owner, epoch FROM mailpipe_leases WHERE mailbox = %s"
-                + (" FOR SHARE" if lock else ""),
-                (fence.mailbox,),
-            )
-            .fetchone()
-        )
-        verify_fence(fence, row)
-
-    def check_fence(self, fence: Fence) -> None:
-        """Raise FencedError unless ``fence`` is the mailbox's current lease epoch."""
-        with self._guard():
-            self._verify(fence, lock=False)
 
     # -- entries --------------------------------------------------------------------
 
@@ -636,7 +408,7 @@ class PostgresJournal:
                 # (one transaction with the entries, serialised with set_cursors by
                 # the mailbox's cursor lock: under READ COMMITTED a DELETE waiting
                 # on the cursor rows would not see the rows that commit inserts).
-                _lock_cursors(conn, mailbox)
+                lock_cursors(conn, mailbox)
                 conn.execute(
                     "DELETE FROM mailpipe_cursors WHERE mailbox = %s", (mailbox,)
                 )
@@ -648,64 +420,6 @@ class PostgresJournal:
                 "DELETE FROM mailpipe_journal WHERE mailbox = %s AND uid = ANY(%s)",
                 (mailbox, list(uids)),
             ).rowcount
-
-    def cursors(self, mailbox: str) -> dict[str, int]:
-        """Return the listing cursors of ``mailbox``, by scope."""
-        with self._guard():
-            rows = (
-                self._live()
-                .execute(
-                    "SELECT scope, position FROM mailpipe_cursors WHERE mailbox = %s",
-                    (mailbox,),
-                )
-                .fetchall()
-            )
-        return {scope: int(position) for scope, position in rows}
-
-    def set_cursors(
-        self,
-        mailbox: str,
-        cursors: Mapping[str, int],
-        *,
-        expect: Mapping[str, int] | None = None,
-        passed: Iterable[str] = (),
-        fence: Fence | None = None,
-    ) -> bool:
-        """Replace the listing cursors of ``mailbox`` with ``cursors``; with
-        ``expect``, compare-and-set in one transaction: the mailbox's cursor lock
-        (which :meth:`forget` takes too, so a concurrent forget runs wholly before or
-        after this), then the passed entries ``FOR SHARE``."""
-        with self.batch(fence=fence), self._tx() as conn:
-            _lock_cursors(conn, mailbox)
-            if expect is not None:
-                current = dict(conn.execute(
-                    "SELECT scope, position FROM mailpipe_cursors WHERE mailbox = %s "
-                    "FOR UPDATE",
-                    (mailbox,),
-                ).fetchall())
-                if current != dict(expect):
-                    return False
-                wanted = sorted(set(passed))
-                if wanted:
-                    rows = conn.execute(
-                        "SELECT uid FROM mailpipe_journal WHERE mailbox = %s "
-                        "AND uid = ANY(%s) AND NOT delete_due "
-                        "AND status = ANY(%s) FOR SHARE",
-                        (mailbox, wanted, [Status.COMMITTED.value, Status.KEPT.value,
-                                           Status.QUARANTINED.value,
-                                           Status.DELETED.value]),
-                    ).fetchall()
-                    if len(rows) != len(wanted):
-                        return False
-            conn.execute("DELETE FROM mailpipe_cursors WHERE mailbox = %s", (mailbox,))
-            if cursors:
-                conn.execute(
-                    "INSERT INTO mailpipe_cursors (mailbox, scope, position) "
-                    "SELECT %s, c.scope, c.position "
-                    "FROM unnest(%s::text[], %s::bigint[]) AS c(scope, position)",
-                    (mailbox, list(cursors), [int(v) for v in cursors.values()]),
-                )
-        return True
 
     def mark_seen(self, mailbox: str, items: Iterable[tuple[str, str, int]]) -> int:
         """Adopt (uid, key, size) items as KEPT, unprocessed; return how many new."""
@@ -768,103 +482,6 @@ class PostgresJournal:
             )
         return {mailbox: first.astimezone(UTC) for mailbox, first in rows}
 
-    # -- mailbox leases -------------------------------------------------------------
-
-    def leases(self, mailboxes: Iterable[str]) -> dict[str, Lease]:
-        """Return the unexpired leases of ``mailboxes`` (server clock), by mailbox."""
-        with self._guard():
-            rows = (
-                self._live()
-                .execute(
-                    "SELECT mailbox, owner, expires_at FROM mailpipe_leases "
-                    "WHERE mailbox = ANY(%s) AND expires_at > clock_timestamp()",
-                    (list(mailboxes),),
-                )
-                .fetchall()
-            )
-        return {
-            mailbox: Lease(mailbox=mailbox, owner=owner, expires=expires.astimezone(UTC))
-            for mailbox, owner, expires in rows
-        }
-
-    def _lease_connection(self) -> psycopg.Connection[tuple[Any, ...]]:
-        if self._closed:
-            raise JournalError("PostgreSQL journal is closed")
-        conn = self._lease_conn
-        if conn is None or conn.broken or conn.closed:
-            conn = self._lease_conn = self._connect()
-        return conn
-
-    def lock_mailbox(self, mailbox: str, *, owner: str, ttl: float) -> bool:
-        """Take the lease on ``mailbox`` for ``ttl`` seconds; False if another holds it.
-
-        Succeeds when no lease exists, the lease expired (a dead worker's), or ``owner``
-        already holds it (then it is extended); each success raises the epoch.
-        """
-        with self._lease_lock, self._translate():
-            row = (
-                self._lease_connection()
-                .execute(
-                    "INSERT INTO mailpipe_leases AS l (mailbox, owner, expires_at, "
-                    "epoch) VALUES "
-                    "(%s, %s, clock_timestamp() + make_interval(secs => %s), 1) "
-                    "ON CONFLICT (mailbox) DO UPDATE "
-                    "SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at, "
-                    "epoch = l.epoch + 1 "
-                    "WHERE l.expires_at < clock_timestamp() "
-                    "OR l.owner = EXCLUDED.owner "
-                    "RETURNING l.epoch",
-                    (mailbox, owner, float(ttl)),
-                )
-                .fetchone()
-            )
-            if row is None:
-                return False
-            self._leases[mailbox] = (owner, int(row[0]))
-        log.debug("mailbox_locked", mailbox=mailbox, owner=owner, ttl=ttl,
-                  epoch=int(row[0]))
-        return True
-
-    def fence(self, mailbox: str, *, owner: str) -> Fence | None:
-        """The fence of the lease ``owner`` took on ``mailbox`` here (no I/O)."""
-        with self._lease_lock:
-            held = self._leases.get(mailbox)
-        if held is None or held[0] != owner:
-            return None
-        return Fence(mailbox=mailbox, owner=owner, epoch=held[1])
-
-    def renew_mailbox(self, mailbox: str, *, owner: str, ttl: float) -> bool:
-        """Extend the lease by ``ttl`` from now if ``owner`` still holds it (not
-        released; with the epoch it took here, when it took it here)."""
-        with self._lease_lock, self._translate():
-            held = self._leases.get(mailbox)
-            epoch = held[1] if held is not None and held[0] == owner else None
-            row = (
-                self._lease_connection()
-                .execute(
-                    "UPDATE mailpipe_leases "
-                    "SET expires_at = clock_timestamp() + make_interval(secs => %s) "
-                    "WHERE mailbox = %s AND owner = %s AND expires_at > '-infinity' "
-                    "AND (%s::bigint IS NULL OR epoch = %s::bigint) RETURNING owner",
-                    (float(ttl), mailbox, owner, epoch, epoch),
-                )
-                .fetchone()
-            )
-            if row is None:
-                self._leases.pop(mailbox, None)
-                log.warning("mailbox_lease_lost", mailbox=mailbox, owner=owner)
-                return False
-        return True
-
-    def unlock_mailbox(self, mailbox: str, *, owner: str) -> None:
-        """Release the lease if ``owner`` holds it (the row stays, expired, so the
-        next take raises its epoch)."""
-        with self._lease_lock, self._translate():
-            self._lease_connection().execute(_RELEASE, (mailbox, owner))
-            if mailbox in self._leases and self._leases[mailbox][0] == owner:
-                del self._leases[mailbox]
-        log.debug("mailbox_unlocked", mailbox=mailbox, owner=owner)
-
     def close(self) -> None:
         """Roll back an open batch, release the leases taken here, close connections."""
         with self._lock, self._lease_lock:
@@ -874,7 +491,7 @@ class PostgresJournal:
                 conn = self._lease_conn
                 if self._leases and conn is not None and not conn.broken:
                     for mailbox, (owner, _epoch) in self._leases.items():
-                        conn.execute(_RELEASE, (mailbox, owner))
+                        conn.execute(RELEASE, (mailbox, owner))
             finally:
                 self._closed = True
                 self._leases.clear()
@@ -890,18 +507,6 @@ class PostgresJournal:
 
     def __repr__(self) -> str:
         return f"PostgresJournal(schema={self.schema!r})"
-
-
-#: The advisory-lock namespace of the cursor lock (``"mp"``), beside ``hashtext``.
-_CURSOR_LOCK_SPACE: Final = 0x6D70
-
-
-def _lock_cursors(conn: Any, mailbox: str) -> None:
-    """Take ``mailbox``'s cursor lock until the transaction ends (MP-05): set_cursors
-    and forget serialise on it, each taking it before any row of its own."""
-    conn.execute(
-        "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_CURSOR_LOCK_SPACE, mailbox)
-    )
 
 
 def _execute_many(

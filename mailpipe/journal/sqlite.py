@@ -1,38 +1,21 @@
 """SqliteJournal: the embedded journal (one SQLite file in WAL mode, synchronous=FULL).
 
-Durability: every method commits before it returns (``BEGIN IMMEDIATE`` … ``COMMIT``;
-with WAL and ``synchronous=FULL`` a commit survives power loss), except inside
-:meth:`SqliteJournal.batch`, where one transaction covers every write of the block and
-commits at exit (rolled back on an exception). Batches nest as savepoints.
-
-Threads: one connection (``check_same_thread=False``) guarded by a lock, so the
-engine may call from the event loop and from ``asyncio.to_thread``. A batch belongs to
-the journal, not to a thread: writes from any thread while a batch is open join it.
-
-Mailbox locks: ``fcntl.flock`` on ``<db>.locks/<sha256(mailbox)>.lock``, non-blocking.
-The OS drops the lock when the process dies, so ``ttl`` is not needed and ignored. A
-take raises the mailbox's epoch in the ``leases`` table (a small commit, not fsync'ed:
-see :meth:`SqliteJournal._unsynced`), so fenced writes (:meth:`SqliteJournal.batch`
-with a fence) mean the same here as in the PostgreSQL journal; but a holder that takes a mailbox again with nobody's take in
-between (the ``leases`` row still names its owner and the epoch it took last through
-this object, read under the flock) keeps that epoch and writes nothing: a cycle over
-many mailboxes makes no journal commit per mailbox for its leases (issue 18). The
-epoch still moves on at every change of holder, which is what a fence is for.
-:meth:`SqliteJournal.leases` tells whether a lock is held without touching it: on Linux
-it looks the lock file up in ``/proc/locks``; elsewhere it tries a shared lock and
-drops it at once (a poll starting in that instant finds the mailbox busy and comes back
-later, as for any lock held elsewhere).
+Every method commits before it returns, except inside :meth:`SqliteJournal.batch` (one
+transaction for the block, committed at exit): durability, threads, batches and fenced
+commits are in :mod:`mailpipe.journal.sqlite_transactions`. The class is built in
+layers: :class:`~mailpipe.journal.sqlite_transactions.SqliteTransactions`, then
+:class:`~mailpipe.journal.sqlite_leases.SqliteLeases` (mailbox locks: flocks, lease
+epochs) and :class:`~mailpipe.journal.sqlite_cursors.SqliteCursors` (listing
+cursors), then the entries and poll records here. The schema and its
+migrations: :mod:`mailpipe.journal.sqlite_schema`.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
@@ -40,18 +23,12 @@ from typing import Any, Final
 import structlog
 
 from mailpipe.journal.base import (
-    OAUTH_TOKENS_TABLE,
     Entry,
     Fence,
     Finish,
-    Lease,
     PollRecord,
     Status,
-    apply_migrations,
-    check_schema,
-    fenced_commit,
     iter_chunks,
-    verify_fence,
 )
 from mailpipe.journal.errors import JournalError, JournalMissingError
 from mailpipe.journal.rows import (
@@ -62,80 +39,12 @@ from mailpipe.journal.rows import (
     poll_record,
     poll_upsert,
 )
+from mailpipe.journal.sqlite_cursors import SqliteCursors
+from mailpipe.journal.sqlite_leases import SqliteLeases
+from mailpipe.journal.sqlite_schema import SCHEMA_VERSION, migrate, open_read_only
 from mailpipe.message import message_key
 
 log = structlog.get_logger()
-
-#: Schema migrations; version N is reached by applying ``MIGRATIONS[N - 1]``.
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
-    (
-        """
-        CREATE TABLE entries (
-            mailbox     TEXT    NOT NULL,
-            uid         TEXT    NOT NULL,
-            key         TEXT    NOT NULL,
-            status      TEXT    NOT NULL,
-            attempts    INTEGER NOT NULL DEFAULT 0,
-            size        INTEGER NOT NULL DEFAULT 0,
-            sha256      TEXT,
-            steps       TEXT    NOT NULL DEFAULT '[]',
-            disposition TEXT,
-            reason      TEXT    NOT NULL DEFAULT '',
-            last_error  TEXT    NOT NULL DEFAULT '',
-            delete_due  INTEGER NOT NULL DEFAULT 0,
-            first_seen  REAL    NOT NULL,
-            updated     REAL    NOT NULL,
-            PRIMARY KEY (mailbox, uid)
-        )
-        """,
-        "CREATE INDEX entries_status ON entries (mailbox, status, updated)",
-        "CREATE INDEX entries_first_seen ON entries (first_seen)",
-    ),
-    (
-        """
-        CREATE TABLE polls (
-            mailbox         TEXT    PRIMARY KEY,
-            owner           TEXT    NOT NULL,
-            first_polled    REAL    NOT NULL,
-            polled_at       REAL    NOT NULL,
-            last_success    REAL,
-            last_error_at   REAL,
-            last_error      TEXT    NOT NULL DEFAULT '',
-            last_error_type TEXT    NOT NULL DEFAULT '',
-            backlog         INTEGER,
-            next_poll       REAL
-        )
-        """,
-    ),
-    # 3: the OAuth token cache (mailpipe.oauth.cache), shared by the workers.
-    (OAUTH_TOKENS_TABLE.format(table="oauth_tokens", real="REAL"),),
-    # 4: lease epochs (fencing tokens), raised by every take of a mailbox's lock.
-    (
-        """
-        CREATE TABLE leases (
-            mailbox TEXT    PRIMARY KEY,
-            owner   TEXT    NOT NULL,
-            epoch   INTEGER NOT NULL
-        )
-        """,
-    ),
-    # 5: listing cursors (a source's per-scope watermark, e.g. an IMAP folder's UID
-    # under its UIDVALIDITY): see Journal.cursors.
-    (
-        """
-        CREATE TABLE cursors (
-            mailbox  TEXT    NOT NULL,
-            scope    TEXT    NOT NULL,
-            position INTEGER NOT NULL,
-            PRIMARY KEY (mailbox, scope)
-        )
-        """,
-        # The unfinished entries (PENDING or owed) every cursor poll reads.
-        "CREATE INDEX entries_unfinished ON entries (mailbox) "
-        "WHERE status = 'pending' OR delete_due = 1",
-    ),
-)
-SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 _MEMORY: Final = ":memory:"
 
@@ -144,64 +53,12 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-
 def _time(value: float) -> datetime:
     return datetime.fromtimestamp(value, UTC)
 
 
-_PROC_LOCKS: Final = Path("/proc/locks")
 
-
-def _flock_holder(path: Path) -> str | None:
-    """Return the owner written in the flock file ``path`` while it is locked, else
-    None (no file, or nobody holds it)."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return "unknown"  # cannot look (permissions): never report it free
-    try:
-        # "12: FLOCK  ADVISORY  WRITE 31018 fe:00:2146519 0 EOF" (dev in hex, inode).
-        # Locks of processes in other PID namespaces are not listed there.
-        ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-        locked = any(
-            "FLOCK" in line and ident in line.split()
-            for line in _PROC_LOCKS.read_text().splitlines()
-        )
-    except OSError:  # not Linux, or /proc not mounted: ask the lock itself
-        try:
-            locked = _try_shared(path)
-        except OSError:
-            return "unknown"
-    if not locked:
-        return None
-    try:
-        owner = path.read_text().split("\n", 1)[0].strip()
-    except OSError:
-        owner = ""
-    return owner or "unknown"
-
-
-def _try_shared(path: Path) -> bool:
-    """True when an exclusive flock on ``path`` is held (a shared one is refused)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also drops the shared lock when it was taken
-    return False
-
-
-def lock_path(db_path: Path, mailbox: str) -> Path:
-    """Return the flock file of ``mailbox`` for the journal at ``db_path``."""
-    digest = hashlib.sha256(mailbox.encode()).hexdigest()
-    return Path(f"{db_path}.locks") / f"{digest}.lock"
-
-
-class SqliteJournal:
+class SqliteJournal(SqliteLeases, SqliteCursors):
     """The embedded :class:`~mailpipe.journal.base.Journal` in one SQLite file.
 
     ``path`` is created with its parent folders; ``":memory:"`` works for tests (mailbox
@@ -234,7 +91,9 @@ class SqliteJournal:
         self._lock_paths: dict[str, Path] = {}
         self._shut = False  # close() ran (``_closed`` alone: refusing work, see _unsynced)
         if read_only:
-            self._conn = self._open_read_only()
+            if self._memory:
+                raise JournalMissingError(f"journal {self.path} does not exist")
+            self._conn = open_read_only(self.path)
             self._closed = False
             return
         try:
@@ -267,47 +126,13 @@ class SqliteJournal:
             self._conn.close()
             raise
 
-    def _open_read_only(self) -> sqlite3.Connection:
-        from mailpipe.readonly import ReadOnlyOpenError, connect_read_only
-
-        if self._memory or not self.path.is_file():
-            raise JournalMissingError(f"journal {self.path} does not exist")
-        try:
-            conn = connect_read_only(self.path)
-        except ReadOnlyOpenError as exc:
-            raise JournalError(f"journal: {exc}") from exc
-        try:
-            row = conn.execute("SELECT version FROM schema_version").fetchone()
-        except sqlite3.OperationalError:  # no schema_version table
-            row = None
-        except sqlite3.Error as exc:
-            conn.close()
-            raise JournalError(f"journal {self.path}: {exc}") from exc
-        try:
-            check_schema(
-                None if row is None else int(row[0]),
-                latest=SCHEMA_VERSION,
-                where=f"journal {self.path}",
-            )
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    # -- schema ---------------------------------------------------------------------
 
     def _migrate(self) -> None:
         with self._guard():
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                current = apply_migrations(
-                    conn.execute,
-                    table="schema_version",
-                    param="?",
-                    migrations=MIGRATIONS,
-                    where=f"journal {self.path}",
-                )
+                current = migrate(conn, where=f"journal {self.path}")
                 conn.execute("COMMIT")
             except BaseException:
                 self._rollback()
@@ -326,102 +151,8 @@ class SqliteJournal:
             row = self._conn.execute("SELECT version FROM schema_version").fetchone()
         return int(row[0])
 
-    # -- transactions ---------------------------------------------------------------
-
-    @contextmanager
-    def _guard(self) -> Iterator[None]:
-        """Hold the connection lock; turn sqlite3 errors into JournalError."""
-        with self._lock:
-            try:
-                yield
-            except sqlite3.Error as exc:
-                raise JournalError(f"journal {self.path}: {exc}") from exc
-
     def _now(self) -> float:
         return self._clock().timestamp()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One durable transaction, or a part of the open batch."""
-        with self._guard():
-            if self._closed:
-                raise JournalError(f"journal {self.path} is closed")
-            if self._depth:
-                yield self._conn
-                return
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._rollback()
-                raise
-
-    def _rollback(self, savepoint: str | None = None) -> None:
-        """Roll back the open transaction (or to ``savepoint``) if there still is one:
-        SQLite ends it by itself on SQLITE_FULL or SQLITE_IOERR, and a ROLLBACK then
-        ("cannot rollback - no transaction is active") would hide the real error."""
-        if not self._conn.in_transaction:
-            return
-        if savepoint is None:
-            self._conn.execute("ROLLBACK")
-        else:
-            self._conn.execute(f"ROLLBACK TO {savepoint}")
-            self._conn.execute(f"RELEASE {savepoint}")
-
-    @contextmanager
-    def batch(self, *, fence: Fence | None = None) -> Iterator[None]:
-        """Group commit: one transaction for every write inside, committed at exit.
-
-        Re-entrant: an inner batch is a savepoint, rolled back alone on its exception.
-        With ``fence``, the transaction (or savepoint) commits only while ``fence`` is
-        the mailbox's lease epoch; checked under the write lock (``BEGIN IMMEDIATE``),
-        so no take-over can slip in before the commit. Else FencedError, rolled back.
-        """
-        with self._guard():
-            if self._closed:
-                raise JournalError(f"journal {self.path} is closed")
-            depth = self._depth + 1
-            savepoint = f"batch_{depth}"
-            self._conn.execute(
-                "BEGIN IMMEDIATE" if depth == 1 else f"SAVEPOINT {savepoint}"
-            )
-            self._depth = depth
-        try:
-            yield
-            if fence is not None:
-                with self._guard(), fenced_commit(fence):
-                    self._verify(fence)
-        except BaseException:
-            with self._guard():
-                try:
-                    self._rollback(None if depth == 1 else savepoint)
-                finally:
-                    self._depth = depth - 1
-            raise
-        with self._guard():
-            try:
-                self._conn.execute("COMMIT" if depth == 1 else f"RELEASE {savepoint}")
-            except BaseException:
-                if depth == 1:
-                    self._rollback()
-                raise
-            finally:
-                self._depth = depth - 1
-
-    def _fenced(self, fence: Fence | None) -> AbstractContextManager[None]:
-        return nullcontext() if fence is None else self.batch(fence=fence)
-
-    def _verify(self, fence: Fence) -> None:
-        row = self._conn.execute(
-            "SELECT owner, epoch FROM leases WHERE mailbox = ?", (fence.mailbox,)
-        ).fetchone()
-        verify_fence(fence, row)
-
-    def check_fence(self, fence: Fence) -> None:
-        """Raise FencedError unless ``fence`` is the mailbox's current lease epoch."""
-        with self._guard():
-            self._verify(fence)
 
     # -- entries --------------------------------------------------------------------
 
@@ -656,52 +387,6 @@ class SqliteJournal:
                     ).rowcount
         return removed
 
-    def cursors(self, mailbox: str) -> dict[str, int]:
-        """Return the listing cursors of ``mailbox``, by scope."""
-        with self._guard():
-            rows = self._conn.execute(
-                "SELECT scope, position FROM cursors WHERE mailbox = ?", (mailbox,)
-            ).fetchall()
-        return {scope: int(position) for scope, position in rows}
-
-    def set_cursors(
-        self,
-        mailbox: str,
-        cursors: Mapping[str, int],
-        *,
-        expect: Mapping[str, int] | None = None,
-        passed: Iterable[str] = (),
-        fence: Fence | None = None,
-    ) -> bool:
-        """Replace the listing cursors of ``mailbox`` with ``cursors``; with
-        ``expect``, compare-and-set under the write lock (``BEGIN IMMEDIATE``)."""
-        with self._fenced(fence), self._tx() as conn:
-            if expect is not None:
-                current = dict(conn.execute(
-                    "SELECT scope, position FROM cursors WHERE mailbox = ?", (mailbox,)
-                ).fetchall())
-                if current != dict(expect):
-                    return False
-                done = (Status.COMMITTED.value, Status.KEPT.value,
-                        Status.QUARANTINED.value, Status.DELETED.value)
-                wanted = sorted(set(passed))
-                for chunk in iter_chunks(wanted):
-                    marks = ",".join("?" * len(chunk))
-                    (count,) = conn.execute(
-                        f"SELECT COUNT(*) FROM entries WHERE mailbox = ? "
-                        f"AND uid IN ({marks}) AND delete_due = 0 "
-                        "AND status IN (?, ?, ?, ?)",
-                        (mailbox, *chunk, *done),
-                    ).fetchone()
-                    if count != len(chunk):
-                        return False
-            conn.execute("DELETE FROM cursors WHERE mailbox = ?", (mailbox,))
-            conn.executemany(
-                "INSERT INTO cursors (mailbox, scope, position) VALUES (?, ?, ?)",
-                [(mailbox, scope, int(pos)) for scope, pos in cursors.items()],
-            )
-        return True
-
     def mark_seen(self, mailbox: str, items: Iterable[tuple[str, str, int]]) -> int:
         """Adopt (uid, key, size) items as KEPT, unprocessed; return how many new."""
         now = self._now()
@@ -774,156 +459,6 @@ class SqliteJournal:
                 (Status.PENDING.value,),
             ).fetchall()
         return {mailbox: _time(first) for mailbox, first in rows}
-
-    # -- mailbox locks --------------------------------------------------------------
-
-    def leases(self, mailboxes: Iterable[str]) -> dict[str, Lease]:
-        """Return the mailboxes whose flock is held now (by any process) and by whom.
-
-        The owner is what the holder wrote into the lock file. Never takes a lock on
-        Linux (``/proc/locks``); see the module docstring for other systems.
-        """
-        held: dict[str, Lease] = {}
-        with self._lock:
-            for mailbox in mailboxes:
-                mine = self._locks.get(mailbox)
-                if mine is not None:
-                    held[mailbox] = Lease(mailbox=mailbox, owner=mine[0])
-                    continue
-                if self._memory:
-                    continue
-                owner = _flock_holder(lock_path(self.path, mailbox))
-                if owner is not None:
-                    held[mailbox] = Lease(mailbox=mailbox, owner=owner)
-        return held
-
-    def lock_mailbox(self, mailbox: str, *, owner: str, ttl: float) -> bool:
-        """Take the exclusive flock of ``mailbox``; False if another holder has it.
-
-        Taking a lock this object already holds for the same ``owner`` returns True.
-        """
-        del ttl  # the OS releases a flock when its process dies
-        with self._lock:
-            held = self._locks.get(mailbox)
-            if held is not None:
-                return held[0] == owner
-            if self._memory:
-                self._locks[mailbox] = (owner, None)
-                self._take_epoch(mailbox, owner)
-                return True
-            fd = self._open_lock_file(mailbox)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return False
-            except BaseException:
-                os.close(fd)
-                raise
-            # Who holds it, for humans; the flock itself is the lock (never unlinked).
-            # Rewritten only when another holder's name is in it.
-            text = f"{owner}\n{mailbox}\n".encode()
-            if os.pread(fd, len(text) + 1, 0) != text:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, text, 0)
-            self._locks[mailbox] = (owner, fd)
-            self._take_epoch(mailbox, owner)
-        return True
-
-    def _open_lock_file(self, mailbox: str) -> int:
-        """Open (create) the flock file of ``mailbox``; its folder is made when
-        missing (first use, or removed meanwhile)."""
-        path = self._lock_paths.get(mailbox)
-        if path is None:
-            path = self._lock_paths[mailbox] = lock_path(self.path, mailbox)
-        try:
-            return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-
-    def _take_epoch(self, mailbox: str, owner: str) -> None:
-        """Raise the mailbox's lease epoch for ``owner`` (the lock is held), unless
-        the ``leases`` row is still this object's last take of the mailbox for
-        ``owner``: that epoch is kept (a read, no write). On a journal error the lock
-        is given back and the error raised."""
-        last = self._taken.get(mailbox)
-        try:
-            if last is not None and last[0] == owner:
-                with self._guard():
-                    if self._closed:  # e.g. full sync not restored: no lease either
-                        raise JournalError(f"journal {self.path} is closed")
-                    row = self._conn.execute(
-                        "SELECT owner, epoch FROM leases WHERE mailbox = ?", (mailbox,)
-                    ).fetchone()
-                if row is not None and (row[0], int(row[1])) == last:
-                    self._epochs[mailbox] = last[1]
-                    return
-            with self._unsynced(), self._tx() as conn:
-                (epoch,) = conn.execute(
-                    "INSERT INTO leases (mailbox, owner, epoch) VALUES (?, ?, 1) "
-                    "ON CONFLICT (mailbox) DO UPDATE "
-                    "SET owner = excluded.owner, epoch = leases.epoch + 1 "
-                    "RETURNING epoch",
-                    (mailbox, owner),
-                ).fetchone()
-        except BaseException:
-            _owner, fd = self._locks.pop(mailbox)
-            if fd is not None:
-                os.close(fd)
-            raise
-        self._epochs[mailbox] = int(epoch)
-        self._taken[mailbox] = (owner, int(epoch))
-
-    @contextmanager
-    def _unsynced(self) -> Iterator[None]:
-        """Commit the block's own transaction without fsync (``synchronous=NORMAL``,
-        then FULL again); inside an open batch the batch's commit decides.
-
-        For the lease epoch only. Safe because the epoch need not survive what an
-        unsynced WAL commit does not survive (an OS crash or power loss, which ends
-        every holder of this machine-local journal's flocks), and because every later
-        fenced commit fsyncs the WAL, this commit's frames included: no fenced write
-        can be durable without the epoch it was checked against. A process crash
-        loses nothing (the frames are in the OS's cache)."""
-        with self._guard():
-            relaxed = not self._depth
-            if relaxed:
-                self._conn.execute("PRAGMA synchronous=NORMAL")
-            try:
-                yield
-            finally:
-                if relaxed:
-                    try:
-                        self._conn.execute("PRAGMA synchronous=FULL")
-                    except BaseException:
-                        self._closed = True  # never write on at NORMAL
-                        raise
-
-    def fence(self, mailbox: str, *, owner: str) -> Fence | None:
-        """The fence of the lock ``owner`` holds on ``mailbox`` here (no I/O)."""
-        with self._lock:
-            held = self._locks.get(mailbox)
-            if held is None or held[0] != owner or mailbox not in self._epochs:
-                return None
-            return Fence(mailbox=mailbox, owner=owner, epoch=self._epochs[mailbox])
-
-    def renew_mailbox(self, mailbox: str, *, owner: str, ttl: float) -> bool:
-        """Return True while ``owner`` holds the lock (a flock cannot expire)."""
-        with self._lock:
-            held = self._locks.get(mailbox)
-            return held is not None and held[0] == owner
-
-    def unlock_mailbox(self, mailbox: str, *, owner: str) -> None:
-        """Release the lock if ``owner`` holds it."""
-        with self._lock:
-            held = self._locks.get(mailbox)
-            if held is None or held[0] != owner:
-                return
-            del self._locks[mailbox]
-            self._epochs.pop(mailbox, None)
-            if held[1] is not None:
-                os.close(held[1])  # closing the descriptor drops the flock
 
     def close(self) -> None:
         """Roll back an open batch, release the locks and close the database."""

@@ -10,54 +10,39 @@ group's files are made durable by one ``syncfs(2)`` of the Maildir's file system
 syncfs reports write-back errors (Linux ≥ 5.8, ``sync = "auto"``, see ``_syncfs``), else
 by an fsync of each file on writer threads (``sync = "file"``, or older systems).
 
-File names are ``<sec>.M<usec>P<pid>.<key>.mailpipe,S=<size>``: the Maildir unique name
-with the message key in place of the host name, and the Maildir++ ``S=`` size hint.
-The time prefix matters: Dovecot numbers new messages in file-name time order, so
-readers see arrival order. A reader that moves the file to ``cur/`` appends
-``:2,<flags>``; the key stays in the name, so a re-run still recognises it.
-
-Across processes (several workers, a worker that takes over a dead one's mailbox), each
-key has a marker ``mailpipe-keys/<key>`` beside cur/new/tmp: a small file, ``flock``-ed
-by the writer from before the message is named in new/ until after, holding the name the
-message was given. A key is stored when its marker names a file present in new/ (or, once
-a reader moved it, in cur/). The lookup is O(1) (open, lock, read one name, stat one
-file); cur/ is listed only when a marker names a file that left new/. The directory has
-no leading dot, so Maildir++ readers (Dovecot) do not take it for a folder.
+File names and the per-key markers that make a key stored once across processes:
+:mod:`._maildir_keys` (:class:`MaildirKeys`). The staged group and its publishing
+(syncfs, or an fsync each on writer threads): :mod:`._maildir_group`
+(:class:`MaildirGroup`). :class:`MaildirStore` is built on both. Its options:
+:mod:`._maildir_options`.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
-import re
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel
 
 from mailpipe.errors import TemporaryFailure
 from mailpipe.message import Message
 from mailpipe.processor import LATER, ProcessorContext
-from mailpipe.units import Duration
 
 from . import _syncfs
 from ._fs import classify_os_error, fsync_dir, make_dirs, write_all, write_fsync
+from ._maildir_group import _NO_TMPFILE, MaildirGroup, _Staged
+from ._maildir_keys import MARKERS, MaildirKeys, file_name, key_of
+from ._maildir_options import MaildirOptions
 
 log = structlog.get_logger()
-
-#: The per-key markers' directory, beside cur/, new/ and tmp/ (see the module doc).
-MARKERS = "mailpipe-keys"
-_OURS = re.compile(r"^\d+\.M\d+P\d+\.([0-9a-f]{32})\.mailpipe,")
-_LAST_STAMP = [0]
-_STAMP_LOCK = threading.Lock()
 
 
 def _umask() -> int:
@@ -67,91 +52,6 @@ def _umask() -> int:
 
 
 _UMASK = _umask()  # read once at import, before any writer thread exists
-#: errno values that mean "no O_TMPFILE here" (or no /proc to link one through).
-_NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT)
-
-
-@dataclass(slots=True)
-class _Staged:
-    """A message written to an unnamed file, not yet fsynced nor named in new/."""
-
-    key: str
-    name: str
-    fd: int  # the unnamed file (O_TMPFILE)
-    marker: int  # the key's marker, flock-ed until the file is named in new/
-    size: int
-
-
-def file_name(key: str, size: int) -> str:
-    """A new unique name for a message with ``key`` and ``size`` octets."""
-    with _STAMP_LOCK:  # strictly increasing, so names also order messages by arrival
-        now = max(time.time_ns() // 1000, _LAST_STAMP[0] + 1)
-        _LAST_STAMP[0] = now
-    sec, usec = divmod(now, 1_000_000)
-    return f"{sec}.M{usec:06d}P{os.getpid()}.{key}.mailpipe,S={size}"
-
-
-def key_of(name: str) -> str | None:
-    """The message key in a file name written by this store, or None."""
-    m = _OURS.match(name)
-    return m.group(1) if m else None
-
-
-class MaildirOptions(BaseModel):
-    """Options of ``store.maildir``."""
-
-    model_config = ConfigDict(extra="forbid", defer_build=True)
-
-    path: Path = Field(description="The Maildir root (holds cur/, new/ and tmp/).")
-    folder: str | None = Field(
-        default=None,
-        description="A Maildir++ subfolder name (stored in <path>/.<folder>); "
-        "dots separate levels, e.g. 'Archive.2024'.",
-    )
-    tmp_max_age: Duration = Field(
-        default=36 * 3600.0,
-        description="Remove mailpipe's own files left in tmp/ by a crash once they "
-        "are this old (the Maildir convention is 36 hours).",
-    )
-    group_commit: bool = Field(
-        strict=True,
-        default=True,
-        description="Make a group durable at flush (before any DELE) instead of "
-        "before each process() returns: messages held in memory are written as "
-        "unnamed files, made durable (see sync) and linked into new/ at flush (no "
-        "file is named in new/ before its content is durable), and new/ is fsynced "
-        "once per group; flush fails the group if one write failed.",
-    )
-    sync: Literal["auto", "file"] = Field(
-        default="auto",
-        description="How group commit makes a group's files durable before naming "
-        "them in new/. 'auto': one syncfs() of the Maildir's file system per group "
-        "(at most 128 files) where syncfs reports write-back errors (Linux 5.8 or "
-        "later, on ext4, XFS, Btrfs or tmpfs: not overlayfs nor FUSE, 9p or NFS), "
-        "else 'file'. 'file': one fsync per file, on writer threads; choose "
-        "it when the Maildir shares its file system with a busy database or other "
-        "heavy writers, whose dirty data a syncfs would also have to write.",
-    )
-
-    @field_validator("folder")
-    @classmethod
-    def _plain_folder(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if (
-            not value
-            or "/" in value
-            or "\\" in value
-            or "\0" in value
-            or value.startswith(".")
-            or value.endswith(".")
-            or ".." in value
-        ):
-            raise ValueError(
-                "a folder name must be non-empty, without slashes or "
-                "leading, trailing or double dots"
-            )
-        return value
 
 
 def _chunks(message: Message) -> Iterator[bytes]:
@@ -159,7 +59,7 @@ def _chunks(message: Message) -> Iterator[bytes]:
         yield from iter(lambda: f.read(1 << 20), b"")
 
 
-class MaildirStore:
+class MaildirStore(MaildirKeys, MaildirGroup):
     """Write each message to ``new/`` of a Maildir, durably and once per key.
 
     Delivery: the bytes go to an unnamed file on tmp/'s file system (``O_TMPFILE``; else
@@ -353,25 +253,6 @@ class MaildirStore:
             self._lock.release()
         return None
 
-    def _claim_nowait(self, key: str) -> int | None:
-        """:meth:`_claim` without waiting: the key's marker locked and empty, or None
-        (the marker closed) when another writer holds it or it names a write (stored,
-        or stale: :meth:`_claim` on the thread decides)."""
-        fd = os.open(key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644,
-                     dir_fd=self._dir_fd(MARKERS))
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.pread(fd, 1, 0):
-                os.close(fd)  # (releases the flock)
-                return None
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
     def flush(self) -> None:
         """Wait for every background write, make the staged files durable (one
         syncfs, or an fsync each) and link them into ``new/``, then make the names in
@@ -520,58 +401,6 @@ class MaildirStore:
         if key not in self._inline:  # (a failed staged write is not stored)
             keys.add(key)
 
-    def _claim(self, key: str) -> int | None:
-        """Lock the key's marker; None (the marker closed) when another process or
-        an earlier run stored the key, else the locked marker's fd for the write."""
-        fd = os.open(key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644,
-                     dir_fd=self._dir_fd(MARKERS))
-        try:
-            deadline = time.monotonic() + self.CLAIM_TIMEOUT
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise TemporaryFailure(
-                            f"{self.name}: key {key} is being delivered by another "
-                            "process (its marker stays locked)"
-                        ) from None
-                    time.sleep(0.02)
-            name = os.pread(fd, 512, 0).decode("ascii", "replace")
-            if name and self._present(name):
-                os.close(fd)
-                return None
-            if name:  # a write that never completed: the next one records its name
-                os.ftruncate(fd, 0)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    def _present(self, name: str) -> bool:
-        """Whether the file named ``name`` is in new/ or, moved by a reader, in cur/."""
-        if os.path.lexists(self.path / "new" / name):
-            return True
-        for entry in os.scandir(self.path / "cur"):  # only when it left new/
-            if entry.name == name or entry.name.startswith(name + ":"):
-                return True
-        return False
-
-    def _write_marked(
-        self, name: str, chunks: Iterator[bytes] | list[bytes] | None, marker: int
-    ) -> int:
-        """Record ``name`` in the locked marker, write the message (``_write``), then
-        release the marker. The name is recorded before the file appears in new/, so
-        a marker naming a missing file is a write that never completed (re-done).
-        Neither needs an fsync: a file that reached new/ without its marker after a
-        power loss is found by the listing every process makes when it opens."""
-        try:
-            os.pwrite(marker, name.encode("ascii"), 0)  # empty since _claim
-            return self._write(name, chunks)
-        finally:
-            os.close(marker)  # releases the flock
-
     def _link(self, message: Message, name: str) -> bool:
         """Hard-link a spooled message into tmp/ (no copy); False when the spool is on
         another file system or links are refused (the caller copies instead)."""
@@ -703,139 +532,6 @@ class MaildirStore:
                         self.path / sub, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
                     )
         return fd
-
-    def _stage(self, key: str, name: str, data: bytes, marker: int) -> bool:
-        """Write ``data`` to a new unnamed file (O_TMPFILE) without fsync and keep it,
-        with the key's locked marker, for :meth:`_publish`. False (nothing written)
-        when the system has no O_TMPFILE: the caller writes through the writer
-        threads instead. True also when the write failed (the marker closed): like a
-        failed background write, the failure fails the next flush() and the key is
-        written inline next time (issue 20 item 9: a full disk is a failed group
-        commit, never a message stored)."""
-        if not self.TMPFILE or self._anonymous is False:
-            return False
-        fd: int | None = None
-        try:
-            fd = self._open_unnamed(os.O_RDWR)  # where /proc cannot link it: read back
-            if fd is None:
-                return False
-            if self._by_syncfs and self._group_fd is None:  # before the group's writes
-                self._group_fd = _syncfs.open_handle(self.path / "tmp")
-            # The name is recorded before the file can appear in new/ (_write_marked);
-            # the marker is empty since _claim.
-            os.pwrite(marker, name.encode("ascii"), 0)
-            size = write_all(fd, [data])
-        except OSError as exc:
-            if fd is not None:
-                os.close(fd)
-            os.close(marker)
-            self._write_failed(key, exc)
-            return True
-        except BaseException:
-            if fd is not None:
-                os.close(fd)
-            raise
-        self._staged.append(_Staged(key, name, fd, marker, size))
-        self._staged_octets += size
-        return True
-
-    def _publish(self) -> None:
-        """fsync every staged file (in parallel, one slice per writer thread), link
-        each into new/ once fsynced, and release its marker; then wait for the
-        batches handed off earlier. A file that fails is not named (its key is
-        written inline next time) and fails the next flush(). With syncfs, the
-        group is made durable at once instead (:meth:`_publish_synced`)."""
-        staged, self._staged, self._staged_octets = self._staged, [], 0
-        if self._group_fd is not None:
-            group_fd, self._group_fd = self._group_fd, None
-            self._publish_synced(group_fd, staged)
-            return
-        for i in range(min(self.WRITERS, len(staged))):
-            self._submit_slice(staged[i::self.WRITERS])
-        self._collect(0)
-
-    def _publish_synced(self, group_fd: int, staged: list[_Staged]) -> None:
-        """One syncfs through the group's descriptor ``group_fd`` (opened before the
-        group's first write; closed here), then link each file into new/ and release
-        its marker. When syncfs fails (a write-back error on the file system since
-        the group began), no file of the group is named: each key is written inline
-        next time and the next flush() fails, so the engine acknowledges none of
-        them."""
-        try:
-            if staged:
-                _syncfs.syncfs(group_fd)
-        except OSError as exc:
-            for item in staged:
-                os.close(item.fd)
-                os.close(item.marker)  # the marker names a file never named: re-done
-                self._write_failed(item.key, exc)
-            return
-        finally:
-            os.close(group_fd)
-        for item in staged:
-            try:
-                self._link_staged(item)  # durable: named in new/ (fsync_dir at flush)
-            except Exception as exc:
-                self._write_failed(item.key, exc)
-            finally:
-                os.close(item.fd)
-                os.close(item.marker)  # releases the flock, after the file is named
-
-    def _hand_off(self) -> None:
-        """Hand the staged files to a writer thread as one batch, without waiting
-        (beyond MAX_BATCHES in flight, for the oldest)."""
-        staged, self._staged, self._staged_octets = self._staged, [], 0
-        self._collect(self.MAX_BATCHES - 1)
-        self._submit_slice(staged)
-
-    def _submit_slice(self, items: list[_Staged]) -> None:
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(
-                self.WRITERS, thread_name_prefix="maildir-writer"
-            )
-        self._publishing.append(self._writer.submit(self._publish_slice, items))
-
-    def _collect(self, batches: int) -> None:
-        """Wait for the oldest batches until at most ``batches`` are in flight."""
-        while len(self._publishing) > batches:
-            for key, exc in self._publishing.popleft().result():
-                self._write_failed(key, exc)
-
-    def _publish_slice(self, items: list[_Staged]) -> list[tuple[str, Exception]]:
-        """fsync then link each staged file into new/; never raises (a writer
-        thread's errors are returned with their keys)."""
-        failures: list[tuple[str, Exception]] = []
-        for item in items:
-            try:
-                self._write(item.name, item)
-            except Exception as exc:
-                failures.append((item.key, exc))
-            finally:
-                os.close(item.fd)
-                os.close(item.marker)  # releases the flock, after the file is named
-        return failures
-
-    def _link_staged(self, item: _Staged) -> None:
-        """Name the fsynced unnamed file ``new/<name>`` (linkat through /proc); where
-        /proc cannot link it, copy its bytes through tmp/ (fsync, rename) instead."""
-        if self._anonymous is not False:
-            try:
-                os.link(f"/proc/self/fd/{item.fd}", item.name, src_dir_fd=self._tmp_fd(),
-                        dst_dir_fd=self._dir_fd("new"), follow_symlinks=True)
-                self._anonymous = True
-                return
-            except OSError as exc:
-                if exc.errno not in _NO_TMPFILE and exc.errno != errno.EXDEV:
-                    raise
-                self._anonymous = False
-        chunks, offset = [], 0
-        while offset < item.size:
-            piece = os.pread(item.fd, min(1 << 20, item.size - offset), offset)
-            if not piece:
-                break
-            chunks.append(piece)
-            offset += len(piece)
-        self._write(item.name, chunks)
 
     def _submit(self, key: str, name: str, data: bytes | None, marker: int) -> None:
         """Hand one message (its bytes, or None for a file linked into tmp/) and its

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from mailpipe.journal.sqlite import MIGRATIONS, SqliteJournal
+from mailpipe.journal.sqlite import SqliteJournal
+from mailpipe.journal.sqlite_schema import MIGRATIONS
 from mailpipe.testing.e2e import run_cli as mp
 
 pytestmark = pytest.mark.timeout(300)

@@ -839,8 +839,8 @@ def test_oldest_pending_is_the_first_seen_of_unfinished_entries(
 def test_migration_from_version_1_keeps_the_entries(
     backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mailpipe.journal.postgres as pg_module
-    import mailpipe.journal.sqlite as sqlite_module
+    import mailpipe.journal.postgres_schema as pg_module
+    import mailpipe.journal.sqlite_schema as sqlite_module
 
     module = sqlite_module if backend.kind == "sqlite" else pg_module
     with monkeypatch.context() as patch:

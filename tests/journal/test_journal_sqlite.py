@@ -10,7 +10,8 @@ import pytest
 
 from mailpipe import message_key
 from mailpipe.journal import JournalError, Status
-from mailpipe.journal.sqlite import SqliteJournal, lock_path
+from mailpipe.journal.sqlite import SqliteJournal
+from mailpipe.journal.sqlite_leases import lock_path
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -233,7 +234,7 @@ def test_lock_holder_without_proc_locks_asks_the_lock(
 ) -> None:
     """Review of issue 19: an unreadable /proc/locks (not Linux, /proc not mounted, a
     sandbox) falls back to a shared-lock probe instead of a traceback."""
-    import mailpipe.journal.sqlite as backend
+    import mailpipe.journal.sqlite_leases as backend
 
     journal = SqliteJournal(tmp_path / "j.sqlite3")
     try:

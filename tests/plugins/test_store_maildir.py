@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import mailpipe.plugins.store._maildir_group as group_module
 import mailpipe.plugins.store._syncfs as syncfs_module
 import mailpipe.plugins.store.maildir as maildir_module
 import pytest
@@ -193,7 +194,7 @@ def test_a_failed_background_write_fails_flush_then_reaches_its_own_message(
     broken = [True]
 
     def write(self: MaildirStore, name: str, chunks: object) -> int:
-        if isinstance(chunks, maildir_module._Staged):  # an unnamed staged file
+        if isinstance(chunks, group_module._Staged):  # an unnamed staged file
             data = os.pread(chunks.fd, chunks.size + 1, 0)
             if broken[0] and data == bad.raw:
                 raise OSError(errno.EINVAL, "Invalid argument")
@@ -205,7 +206,7 @@ def test_a_failed_background_write_fails_flush_then_reaches_its_own_message(
 
     real_link = maildir_module.MaildirStore._link_staged
 
-    def link_staged(self: MaildirStore, item: maildir_module._Staged) -> None:
+    def link_staged(self: MaildirStore, item: group_module._Staged) -> None:
         if broken[0] and os.pread(item.fd, item.size + 1, 0) == bad.raw:
             raise OSError(errno.EINVAL, "Invalid argument")
         real_link(self, item)
@@ -413,6 +414,7 @@ def test_a_full_disk_while_staging_fails_the_group_not_the_message(
     import mailpipe.plugins.store._fs as fs_module
 
     monkeypatch.setattr(maildir_module, "write_all", write_all)
+    monkeypatch.setattr(group_module, "write_all", write_all)  # (staged writes)
     monkeypatch.setattr(fs_module, "write_all", write_all)
     s = store(tmp_path)
     m = Message.from_bytes(RAW, uid="1")
@@ -560,6 +562,7 @@ def test_a_group_is_synced_once_before_any_of_its_files_is_named(
     monkeypatch.setattr(syncfs_module, "open_handle", open_handle)
     monkeypatch.setattr(syncfs_module, "syncfs", syncfs)
     monkeypatch.setattr(maildir_module, "write_all", write_all)
+    monkeypatch.setattr(group_module, "write_all", write_all)  # (staged writes)
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "link", link)
     s = syncfs_store(tmp_path)
