@@ -33,6 +33,7 @@ from mailpipe.journal.base import (
 )
 from mailpipe.journal.postgres_cursors import PostgresCursors, lock_cursors
 from mailpipe.journal.postgres_leases import RELEASE, PostgresLeases
+from mailpipe.journal.postgres_schema import MIGRATIONS as MIGRATIONS  # its former home
 from mailpipe.journal.postgres_schema import SCHEMA_VERSION, migrate, stored_version
 from mailpipe.journal.rows import (
     ENTRY_COLUMNS,

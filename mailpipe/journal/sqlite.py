@@ -41,6 +41,8 @@ from mailpipe.journal.rows import (
 )
 from mailpipe.journal.sqlite_cursors import SqliteCursors
 from mailpipe.journal.sqlite_leases import SqliteLeases
+from mailpipe.journal.sqlite_leases import lock_path as lock_path  # its former home
+from mailpipe.journal.sqlite_schema import MIGRATIONS as MIGRATIONS  # its former home
 from mailpipe.journal.sqlite_schema import SCHEMA_VERSION, migrate, open_read_only
 from mailpipe.message import message_key
 

@@ -43,6 +43,7 @@ from .identity import cursor_scope, gmail_uid, message_uid, parse_message_uid
 from .listing import ImapListing
 from .options import SASL_NAMES, ImapOptions, imap_date
 from .push import MAX_IDLE_CONNECTIONS, PushPool
+from .retrieval import MAX_HEADER_OCTETS as MAX_HEADER_OCTETS  # its former home
 from .retrieval import ImapRetrieval
 
 log = structlog.get_logger()

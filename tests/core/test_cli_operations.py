@@ -199,6 +199,7 @@ def test_run_once_exits_1_when_the_group_commit_fails(
     import errno
 
     import mailpipe.plugins.store._fs as fs
+    import mailpipe.plugins.store._maildir_group as group
     import mailpipe.plugins.store.maildir as maildir
     from click.testing import CliRunner
 
@@ -209,6 +210,7 @@ def test_run_once_exits_1_when_the_group_commit_fails(
 
     monkeypatch.setattr(fs, "write_all", full)
     monkeypatch.setattr(maildir, "write_all", full)
+    monkeypatch.setattr(group, "write_all", full)  # (staged writes)
     monkeypatch.chdir(tmp_path)
     with Pop3Server([msg(1), msg(2), msg(3)], tls="implicit") as srv:
         cfg = write_config(tmp_path, srv.port, srv.ca_file)
