@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,12 @@ def test_standalone_instance_with_apop() -> None:
             p.apop("alice", "tanstaaf")
             assert p.stat()[0] == 1
             p.quit()
+            # Dovecot logs the logout after it has sent QUIT's reply: wait for the
+            # line (bounded: 100 reads, 0.05 s apart), then assert it is there.
+            for _ in range(100):
+                if "Logged out" in d.log_text():
+                    break
+                time.sleep(0.05)
             assert "Logged out" in d.log_text()
         assert not d.running
         assert Path(base, "dovecot.conf").read_text().count("/etc/dovecot") == 0
