@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from mailpipe.testing.e2e import Cut, CuttingProxy, log_events, wait_until
+from mailpipe.testing.servers import server_class
 from mailpipe.testing.servers.interop import (
     lab_pipeline,
     mailpipe_once,
@@ -86,6 +87,10 @@ def test_cut_mid_retr_then_next_poll_completes(lab_servers, tmp_path, server, re
         )
         first, _ = mailpipe_once(config)
         assert proxy.cuts_done == 1
+        # The cut session's server side may still be at work on the mailbox (Courier
+        # renames as it exits): the next poll's completeness is asserted only once
+        # it is over (a poll meanwhile finds a listed message gone, retried later).
+        lab.wait_sessions_ended()
         run, _ = mailpipe_once(config)
     assert run.returncode == 0, first.stderr[-2000:] + run.stderr[-2000:]
     assert Counter(stored_messages(tmp_path / "Maildir")) == served  # each once
@@ -156,3 +161,23 @@ def test_killed_session_process_is_connection_lost_during_retr(
     assert run.returncode == 0, run.stderr[-3000:]
     assert Counter(stored_messages(tmp_path / "Maildir")) == served
     assert lab.messages() == []
+
+
+@pytest.mark.parametrize(
+    "server",
+    [s for s in SERVERS if server_class(s).session_ends_with_connection],
+)
+def test_the_lab_sees_a_session_process_until_its_session_ends(lab_servers, server):
+    """wait_sessions_ended (what the tests above rely on between polls) counts the
+    session processes, not the listener that names them in its arguments."""
+    lab = lab_servers(server)
+    lab.wait_sessions_ended()
+    assert lab.session_pids() == []
+    with lab.reference() as ref:
+        ref.messages()  # logged in: the session process runs
+        running = lab.session_pids()
+        assert len(running) == 1
+        with pytest.raises(TimeoutError, match="still running"):
+            lab.wait_sessions_ended(seconds=0.2)
+    lab.wait_sessions_ended()
+    assert lab.session_pids() == []

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,10 @@ class LabServer(Service):
     capa: ClassVar[bool] = True
     #: Command-line text of the per-session server process (to kill one mid-RETR).
     session_process: ClassVar[str] = ""
+    #: Each connection's :attr:`session_process` ends with its connection (not a
+    #: pre-forked worker kept for the next one), so "no such process" means that no
+    #: session is still at work on the mailbox (:meth:`wait_sessions_ended`).
+    session_ends_with_connection: ClassVar[bool] = False
 
     def __init__(self, base_dir: str | os.PathLike[str] | None = None) -> None:
         self.base_dir = Path(
@@ -306,8 +311,46 @@ class LabServer(Service):
             ca_file=self.ca_file,
         )
 
+    def wait_sessions_ended(self, seconds: float = 15.0) -> None:
+        """Wait (at most ``seconds``) until no session process of this server is
+        left, on a server whose session processes end with their connections.
+
+        A client that drops its connection (a cut or reset mid-RETR) returns at once,
+        while the server's session may go on: Courier's, for one, finishes writing
+        and updates the Maildir (renames) as it exits. A session started meanwhile
+        lists names that vanish under it ("-ERR Can't open the message file - it's
+        gone!"). Tests call this before the next session whose result they assert.
+        """
+        if not self.session_ends_with_connection or not self.session_process:
+            return
+        for _ in range(max(1, int(seconds / 0.05))):  # bounded wait
+            if not self.session_pids():
+                return
+            time.sleep(0.05)
+        raise TimeoutError(
+            f"{self.name}: session processes still running after {seconds} s: "
+            f"{self.session_pids()}"
+        )
+
+    def session_pids(self) -> list[int]:
+        """PIDs of this server's running session processes: those whose program
+        (the first word of the command line) contains :attr:`session_process`; the
+        listener that starts them may name it among its arguments (couriertcpd)."""
+        out = []
+        for pid in self.server_pids(self.session_process):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue  # gone meanwhile
+            if state != "Z" and self.session_process.encode() in cmd.split(b"\0")[0]:
+                out.append(pid)
+        return out
+
     def clear(self) -> None:
-        """Delete every message (through POP3, so the server's indexes agree)."""
+        """Delete every message (through POP3, so the server's indexes agree), once
+        any session an earlier client left has ended (:meth:`wait_sessions_ended`)."""
+        self.wait_sessions_ended()
         with self.reference() as ref:
             ref.delete_all()
 

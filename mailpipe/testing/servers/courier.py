@@ -46,6 +46,7 @@ class Courier(LabServer):
         "util-linux",
     )
     session_process = "courierpop3d"
+    session_ends_with_connection = True
     auth_methods = ("user", "plain", "login", "cram-md5")
     starttls = True
     implicit_tls = True

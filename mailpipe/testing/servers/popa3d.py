@@ -29,6 +29,7 @@ class Popa3d(LabServer):
     packages = ("popa3d",)
     apt_packages = ("socat", "util-linux")
     session_process = "usr/sbin/popa3d"
+    session_ends_with_connection = True
     auth_methods = ("user",)
     implicit_tls = True
     capa = False

@@ -63,6 +63,7 @@ class SolidPop3d(LabServer):
     packages = ("solid-pop3d",)
     apt_packages = ("socat", "liblockfile1", "util-linux")
     session_process = "solid-pop3d"
+    session_ends_with_connection = True
     auth_methods = ("user", "apop")
     implicit_tls = True
     capa = False
