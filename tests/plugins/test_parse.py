@@ -604,28 +604,33 @@ def test_split_list_entries(text: str) -> None:
     assert split_list(text) == expected[text]
 
 
-def test_parse_into_takes_the_messages_sha256_instead_of_hashing_again(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Issue 18: the raw bytes of a message in memory are hashed once (the ledger
-    and the stores read message.sha256 too); the record carries that digest."""
-    import hashlib as real
-
+@pytest.fixture
+def parser_hashes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The lengths of what the parser module hashes with sha256 from now on."""
     from mailpipe.plugins.parse import parser
 
-    raw = b"From: a@example.org\r\nSubject: s\r\n\r\nbody\r\n"
-    message = Message.from_bytes(raw, mailbox="m", uid="1")  # hashes raw once
     hashed: list[int] = []
 
     class Counting:
         @staticmethod
         def sha256(data: bytes = b"") -> Any:
             hashed.append(len(data))
-            return real.sha256(data)
+            return hashlib.sha256(data)
 
     monkeypatch.setattr(parser, "hashlib", Counting)
+    return hashed
+
+
+def test_parse_into_takes_the_messages_sha256_instead_of_hashing_again(
+    parser_hashes: list[int],
+) -> None:
+    """Issue 18: the raw bytes of a message in memory are hashed once (the ledger
+    and the stores read message.sha256 too); the record carries that digest."""
+    raw = b"From: a@example.org\r\nSubject: s\r\n\r\nbody\r\n"
+    message = Message.from_bytes(raw, mailbox="m", uid="1")  # hashes raw once
+    hashed = parser_hashes
     record = parse_into(message)
-    assert record.sha256 == real.sha256(raw).hexdigest() == message.sha256
+    assert record.sha256 == hashlib.sha256(raw).hexdigest() == message.sha256
     assert len(raw) not in hashed  # the thread key's seed is hashed, not the message
     assert parse_message(raw)[0].sha256 == record.sha256
     assert len(raw) in hashed
@@ -740,12 +745,11 @@ def test_a_known_sha256_is_never_replaced(tmp_path: Path) -> None:
 
 
 def test_a_spooled_message_without_long_runs_is_hashed_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, parser_hashes: list[int]
 ) -> None:
     # Issue 18: parse_file hashes every octet while it builds the skeleton; a message
     # with no run long enough to elide (many parts, each under spool.RUN_MIN) is then
     # parsed from memory, which must take that sha256, not hash the octets again.
-    from mailpipe.plugins.parse import parser
 
     part = base64.encodebytes(bytes(range(256)) * 400).replace(b"\n", b"\r\n")
     raw = (
@@ -758,15 +762,7 @@ def test_a_spooled_message_without_long_runs_is_hashed_once(
         )
         + b"--b--\r\n"
     )
-    hashed: list[int] = []
-
-    class Counting:
-        @staticmethod
-        def sha256(data: bytes = b"") -> Any:
-            hashed.append(len(data))
-            return hashlib.sha256(data)
-
-    monkeypatch.setattr(parser, "hashlib", Counting)
+    hashed = parser_hashes
     path = tmp_path / "m.eml"
     path.write_bytes(raw)
     message = Message(ref=MessageRef(mailbox="mb", number=1, uid="u", size=len(raw)),
