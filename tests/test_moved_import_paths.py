@@ -1,6 +1,7 @@
-"""The public names of the modules split into mixins (journal.sqlite, journal.postgres,
-store.maildir, imap.source) still import from their former home, as the same objects
-as in their new modules."""
+"""The public names of the modules split into mixins or helper modules (journal.sqlite,
+journal.postgres, store.maildir, store.sqlite, imap.source), and the private ones that
+tests import, still import from their former home, as the same objects as in their new
+modules."""
 
 from __future__ import annotations
 
@@ -22,6 +23,24 @@ MOVED = [
      "MaildirOptions"),
     ("mailpipe.plugins.imap.source", "mailpipe.plugins.imap.retrieval",
      "MAX_HEADER_OCTETS"),
+    ("mailpipe.plugins.store.sqlite", "mailpipe.plugins.store._sqlite_schema",
+     "MIGRATIONS"),
+    ("mailpipe.plugins.store.sqlite", "mailpipe.plugins.store._sqlite_schema",
+     "SCHEMA_VERSION"),
+    ("mailpipe.plugins.store.sqlite", "mailpipe.plugins.store._sqlite_schema",
+     "Step"),
+    ("mailpipe.plugins.store.sqlite", "mailpipe.plugins.store._sqlite_schema",
+     "classify"),
+    ("mailpipe.plugins.store.sqlite", "mailpipe.plugins.store._sqlite_schema",
+     "connect"),
+    ("mailpipe.plugins.store.sqlite", "mailpipe.plugins.store._sqlite_schema",
+     "migrate"),
+    ("mailpipe.plugins.store.sqlite", "mailpipe.plugins.store._sqlite_schema",
+     "schema_version"),
+    ("mailpipe.plugins.store.sqlite", "mailpipe.plugins.store._sqlite_rows",
+     "_COLUMNS"),
+    ("mailpipe.plugins.store.sqlite", "mailpipe.plugins.store._sqlite_rows",
+     "_UPSERT"),
 ]
 
 
