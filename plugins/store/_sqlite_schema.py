@@ -33,10 +33,9 @@ Contract: :func:`connect` opens a database file in autocommit mode with the stor
 pragmas, and :func:`migrate` brings it to :data:`SCHEMA_VERSION` (each version in one
 transaction; a database newer than this code raises PermanentFailure);
 :func:`classify` maps an sqlite3 error to TemporaryFailure or PermanentFailure. Nothing
-here knows a message: the rows written into these tables are prepared in
-:mod:`._sqlite_rows` and written by
-:class:`~mailpipe.plugins.store.sqlite.SqliteStore`, which indexes the rows it inserts
-with :data:`_INDEX_UNINDEXED` (migration 5).
+here builds or writes a message's rows: they are prepared in :mod:`._sqlite_rows` and
+written by :class:`~mailpipe.plugins.store.sqlite.SqliteStore`, which indexes the rows
+it inserts with :data:`_INDEX_UNINDEXED` (migration 5).
 """
 
 from __future__ import annotations
