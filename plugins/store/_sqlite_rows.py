@@ -74,7 +74,8 @@ def _write_raw(conn: sqlite3.Connection, key: str, message: Message) -> None:
     as a zero count in the record (a zeroblob followed by other columns would be
     materialised in memory), then filled from ``message.open()`` in 1 MiB pieces
     through incremental blob I/O. The bytes of a message held in memory are bound as
-    they are instead (see :meth:`SqliteStore._write_rows`): the same row.
+    they are instead (see
+    :meth:`~mailpipe.plugins.store.sqlite.SqliteStore._write_rows`): the same row.
     """
     rowid = conn.execute(
         "INSERT INTO message_raw (key, raw) VALUES (?, zeroblob(?))", (key, message.size)
