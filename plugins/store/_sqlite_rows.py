@@ -1,5 +1,7 @@
-"""store.sqlite's rows: one message's values for the tables of :mod:`._sqlite_schema`,
-checked before they are held, and the statements that write them.
+"""store.sqlite's rows: the holder of one message's rows for the tables of
+:mod:`._sqlite_schema`, their checks before they are held, the ``messages`` UPSERT and
+the insert of a spooled message's raw bytes (the store builds the rows and writes the
+rest: ``SqliteStore._prepare`` and ``SqliteStore._write_rows``).
 
 Contract: :data:`_UPSERT` upserts a ``messages`` row from its values in :data:`_COLUMNS`
 order (``key`` and ``stored_at`` kept on update); :class:`_Rows` holds one message's

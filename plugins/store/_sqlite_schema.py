@@ -33,9 +33,10 @@ Contract: :func:`connect` opens a database file in autocommit mode with the stor
 pragmas, and :func:`migrate` brings it to :data:`SCHEMA_VERSION` (each version in one
 transaction; a database newer than this code raises PermanentFailure);
 :func:`classify` maps an sqlite3 error to TemporaryFailure or PermanentFailure. Nothing
-here builds or writes a message's rows: they are prepared in :mod:`._sqlite_rows` and
-written by :class:`~mailpipe.plugins.store.sqlite.SqliteStore`, which indexes the rows
-it inserts with :data:`_INDEX_UNINDEXED` (migration 5).
+here builds or writes a message's rows:
+:class:`~mailpipe.plugins.store.sqlite.SqliteStore` prepares them (held as
+:mod:`._sqlite_rows`' ``_Rows``) and writes them, indexing the rows it inserts with
+:data:`_INDEX_UNINDEXED` (migration 5).
 """
 
 from __future__ import annotations
@@ -188,7 +189,8 @@ def _move_raw(conn: sqlite3.Connection) -> None:
 
 _V3: Final = (
     # raw is the LAST column: a trailing zeroblob stays small in the record (see
-    # _write); a rowid alias (id) because incremental blob I/O addresses rows by rowid.
+    # _sqlite_rows._write_raw); a rowid alias (id) because incremental blob I/O
+    # addresses rows by rowid.
     """CREATE TABLE message_raw (
         id INTEGER PRIMARY KEY,
         key TEXT NOT NULL UNIQUE REFERENCES messages(key) ON DELETE CASCADE,
@@ -218,11 +220,12 @@ _V4: Final = (
 )
 
 # Migration 5: the store indexes the rows it inserts itself, one INSERT ... SELECT per
-# write, in the transaction that inserts them (see SqliteStore._write_rows). FTS5
-# writes its pending terms out as a new segment at every statement savepoint, and
-# every UPSERT that fires a trigger opens one: the insert trigger cost one segment per
-# message, half the store's CPU (issue 18). The insert trigger stays for every other
-# writer (``store_writing``, below); updates and deletes keep their triggers.
+# write, in the transaction that inserts them (see SqliteStore._write_rows, in
+# store.sqlite). FTS5 writes its pending terms out as a new segment at every statement
+# savepoint, and every UPSERT that fires a trigger opens one: the insert trigger cost
+# one segment per message, half the store's CPU (issue 18). The insert trigger stays
+# for every other writer (``store_writing``, below); updates and deletes keep their
+# triggers.
 #
 # The rows indexed are those the index holds no document for (no row of the
 # contentless table's %_docsize, which FTS5 keeps per document) among the write's

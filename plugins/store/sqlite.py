@@ -1,9 +1,12 @@
 """store.sqlite: messages, attachments and tags in SQLite with an FTS5 full-text index.
 
 The schema (its tables, the FTS5 index and the migrations to :data:`SCHEMA_VERSION`,
-applied on open) is described and defined in :mod:`._sqlite_schema`; the preparation,
-checks and statements of one message's rows are in :mod:`._sqlite_rows`. Read the
-archive with :func:`search` (FTS5) and :func:`open_raw` (raw bytes in pieces).
+applied on open) is described and defined in :mod:`._sqlite_schema`.
+:meth:`SqliteStore._prepare` builds one message's rows and
+:meth:`SqliteStore._write_rows` writes a group of them; :mod:`._sqlite_rows` has what
+they use: the rows' holder, the checks made before rows are held, the ``messages``
+UPSERT and the insert of a spooled message's raw bytes. Read the archive with
+:func:`search` (FTS5) and :func:`open_raw` (raw bytes in pieces).
 
 Durability: WAL with ``synchronous=FULL``. With ``group_commit`` (the default) the rows
 of in-memory messages are prepared and checked in ``process()`` and written at
@@ -243,7 +246,8 @@ class SqliteStore:
                     try:
                         self._write_rows(conn, [prepared])
                     except BaseException:
-                        if conn.in_transaction:  # see _migrate: never hide the cause
+                        # (see _sqlite_schema._migrate: never hide the cause)
+                        if conn.in_transaction:
                             conn.execute("ROLLBACK")
                         raise
                     conn.execute("COMMIT")
