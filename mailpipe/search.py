@@ -33,7 +33,7 @@ from mailpipe.config import Config
 from mailpipe.errors import MailpipeError
 from mailpipe.readonly import ReadOnlyOpenError, connect_read_only
 
-#: The store schema version that has the FTS5 index (plugins/store/sqlite.py, v2).
+#: The store schema version that has the FTS5 index (plugins/store/_sqlite_schema.py, v2).
 FTS_VERSION: Final = 2
 
 

@@ -1,10 +1,16 @@
-"""The public names of the modules split into mixins (journal.sqlite, journal.postgres,
-store.maildir, imap.source) still import from their former home, as the same objects
-as in their new modules."""
+"""The public names of the modules split into mixins or helper modules (journal.sqlite,
+journal.postgres, store.maildir, store.sqlite, imap.source), and the private ones that
+tests import, still import from their former home, as the same objects as in their new
+modules; and the cross-references in the docstrings of moved code name objects that
+exist from where that code now is."""
 
 from __future__ import annotations
 
+import ast
 import importlib
+import inspect
+import re
+from types import ModuleType
 
 import pytest
 
@@ -22,6 +28,24 @@ MOVED = [
      "MaildirOptions"),
     ("mailpipe.plugins.imap.source", "mailpipe.plugins.imap.retrieval",
      "MAX_HEADER_OCTETS"),
+    ("mailpipe.plugins.store.sqlite", "mailpipe.plugins.store._sqlite_schema",
+     "MIGRATIONS"),
+    ("mailpipe.plugins.store.sqlite", "mailpipe.plugins.store._sqlite_schema",
+     "SCHEMA_VERSION"),
+    ("mailpipe.plugins.store.sqlite", "mailpipe.plugins.store._sqlite_schema",
+     "Step"),
+    ("mailpipe.plugins.store.sqlite", "mailpipe.plugins.store._sqlite_schema",
+     "classify"),
+    ("mailpipe.plugins.store.sqlite", "mailpipe.plugins.store._sqlite_schema",
+     "connect"),
+    ("mailpipe.plugins.store.sqlite", "mailpipe.plugins.store._sqlite_schema",
+     "migrate"),
+    ("mailpipe.plugins.store.sqlite", "mailpipe.plugins.store._sqlite_schema",
+     "schema_version"),
+    ("mailpipe.plugins.store.sqlite", "mailpipe.plugins.store._sqlite_rows",
+     "_COLUMNS"),
+    ("mailpipe.plugins.store.sqlite", "mailpipe.plugins.store._sqlite_rows",
+     "_UPSERT"),
 ]
 
 
@@ -32,3 +56,67 @@ def test_a_moved_public_name_imports_from_its_former_home(
     assert getattr(importlib.import_module(old), name) is getattr(
         importlib.import_module(new), name
     )
+
+
+#: Modules whose docstrings' ``:role:`target``` references are checked.
+DOCUMENTED = [
+    "mailpipe.plugins.store.sqlite",
+    "mailpipe.plugins.store._sqlite_schema",
+    "mailpipe.plugins.store._sqlite_rows",
+]
+_REFERENCE = re.compile(r":(?:func|data|class|meth|mod|attr):`~?([\w.]+)`")
+
+
+def _resolves(module: ModuleType, owner: str | None, target: str) -> bool:
+    """Whether ``target`` names an object from ``module`` (or its class ``owner``),
+    as a relative module, or as an absolute dotted path."""
+    if target.startswith("."):
+        try:
+            importlib.import_module(module.__name__.rpartition(".")[0] + target)
+        except ImportError:
+            return False
+        return True
+    parts = target.split(".")
+    bases = [getattr(module, owner)] if owner else []
+    if any(_walk(base, parts) for base in [*bases, module]):
+        return True
+    for i in range(len(parts), 0, -1):
+        try:
+            start = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        return _walk(start, parts[i:])
+    return False
+
+
+def _walk(obj: object, parts: list[str]) -> bool:
+    """Whether ``obj`` has the attribute path ``parts``."""
+    for part in parts:
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+@pytest.mark.parametrize("name", DOCUMENTED)
+def test_the_references_in_a_moved_modules_docstrings_resolve(name: str) -> None:
+    module = importlib.import_module(name)
+    tree = ast.parse(inspect.getsource(module))
+    docs: list[tuple[str | None, str | None]] = [(None, ast.get_docstring(tree))]
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            docs.append((None, ast.get_docstring(node)))
+        elif isinstance(node, ast.ClassDef):
+            docs.append((node.name, ast.get_docstring(node)))
+            docs += [
+                (node.name, ast.get_docstring(method))
+                for method in node.body
+                if isinstance(method, ast.FunctionDef)
+            ]
+    unresolved = [
+        target
+        for owner, doc in docs
+        for target in _REFERENCE.findall(doc or "")
+        if not _resolves(module, owner, target)
+    ]
+    assert unresolved == []

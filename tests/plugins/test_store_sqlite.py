@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from mailpipe.plugins.parse import parse_into
+from mailpipe.plugins.store import _sqlite_schema as sqlite_schema
 from mailpipe.plugins.store import sqlite as sqlite_store
 from mailpipe.plugins.store.sqlite import (
     MIGRATIONS,
@@ -381,7 +382,8 @@ def test_a_failed_migration_3_leaves_version_2_intact(
     _version_2_database(path)
     version, description, steps = MIGRATIONS[2]
     broken = (version, description, (*steps, "SELECT no_such_function()"))
-    monkeypatch.setattr(sqlite_store, "MIGRATIONS", (*MIGRATIONS[:2], broken))
+    # _migrate (in _sqlite_schema) reads MIGRATIONS there, not in store.sqlite.
+    monkeypatch.setattr(sqlite_schema, "MIGRATIONS", (*MIGRATIONS[:2], broken))
     conn = connect(path)
     with pytest.raises(sqlite3.OperationalError, match="no_such_function"):
         migrate(conn)

@@ -1,0 +1,119 @@
+"""store.sqlite's rows: the holder of one message's rows for the tables of
+:mod:`._sqlite_schema`, their checks before they are held, the ``messages`` UPSERT and
+the insert of a spooled message's raw bytes (the store builds the rows and writes the
+rest: ``SqliteStore._prepare`` and ``SqliteStore._write_rows``).
+
+Contract: :data:`_UPSERT` upserts a ``messages`` row from its values in :data:`_COLUMNS`
+order (``key`` and ``stored_at`` kept on update); :class:`_Rows` holds one message's
+prepared rows (built by ``SqliteStore._prepare``, without database access);
+:func:`_check` raises, before anything is held, what SQLite would refuse for that
+message alone; :func:`_write_raw` inserts a spooled message's raw bytes in bounded
+memory, in the caller's transaction. :func:`_json` is the compact JSON of every JSON
+column. Nothing here opens a connection or a transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Final
+
+from mailpipe.message import Message
+
+from ._sqlite_schema import _ADDRESS_COLUMNS, _ADDRESS_FIELDS, _copy_into
+
+
+def _address_count(record: Any) -> int:
+    """The number of addresses in ``record`` (a MessageRecord or its dict)."""
+    get = record.get if isinstance(record, dict) else partial(getattr, record)
+    return sum(len(get(field, None) or ()) for field, _ in _ADDRESS_FIELDS)
+
+
+def _flatten_addresses(doc: dict[str, Any]) -> str:
+    parts = []
+    for field, _ in _ADDRESS_FIELDS:
+        for a in doc.get(field) or ():
+            parts.append(f"{a.get('name') or ''} {a.get('address') or ''}".strip())
+    return " ".join(parts)
+
+
+#: ``json.dumps(value, ensure_ascii=True, separators=(",", ":"), default=str)``,
+#: built once: ``dumps`` with arguments builds a new encoder on every call, and a
+#: message's row takes seven documents (issue 18). Without the check for circular
+#: references (a tenth of the time): a message's document is built from JSON values
+#: (``model_dump(mode="json")``), and the output is the same.
+_ENCODER: Final = json.JSONEncoder(
+    ensure_ascii=True, separators=(",", ":"), default=str, check_circular=False
+)
+
+
+def _json(value: Any) -> str:
+    return _ENCODER.encode(value)
+
+
+_COLUMNS: Final = (
+    "key", "mailbox", "uid", "sha256", "size", "parsed", "message_id", "date",
+    "date_raw", *_ADDRESS_COLUMNS, "addresses", "subject", "thread_key", "list_id",
+    "auto_reply", "text", "text_from_html", "html", "record", "stored_at",
+    "updated_at", "attachment_text",
+)
+_KEEP_ON_UPDATE: Final = ("key", "stored_at")
+_UPSERT: Final = (
+    f"INSERT INTO messages ({', '.join(_COLUMNS)}) VALUES ("
+    + ", ".join("?" for _ in _COLUMNS)
+    + ") ON CONFLICT(key) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS if c not in _KEEP_ON_UPDATE)
+)
+
+
+def _write_raw(conn: sqlite3.Connection, key: str, message: Message) -> None:
+    """Insert ``key``'s raw bytes from a spooled ``message``, in bounded memory (the
+    caller deleted the old ones).
+
+    The row is inserted with ``zeroblob(size)`` as its last column, which SQLite keeps
+    as a zero count in the record (a zeroblob followed by other columns would be
+    materialised in memory), then filled from ``message.open()`` in 1 MiB pieces
+    through incremental blob I/O. The bytes of a message held in memory are bound as
+    they are instead (see
+    :meth:`~mailpipe.plugins.store.sqlite.SqliteStore._write_rows`): the same row.
+    """
+    rowid = conn.execute(
+        "INSERT INTO message_raw (key, raw) VALUES (?, zeroblob(?))", (key, message.size)
+    ).lastrowid
+    assert rowid is not None
+    with conn.blobopen("message_raw", "raw", rowid) as blob, message.open() as f:
+        _copy_into(blob, f)
+
+
+@dataclass(slots=True)
+class _Rows:
+    """One message's prepared rows, written at flush()."""
+
+    key: str
+    message: list[Any]  # the messages row, in _COLUMNS order
+    attachments: list[tuple[Any, ...]]
+    tags: list[tuple[str, str]]
+    raw: Message | None  # in memory (``data``), or None with raw = "none"
+    octets: int
+
+
+def _check(rows: _Rows) -> None:
+    """Raise, before anything is buffered, what SQLite would refuse for this message
+    alone at flush(): a repeated attachment index or tag (the primary keys), text it
+    cannot encode, an integer out of its range. Only failures of the database itself
+    (busy, full, I/O) are left for flush()."""
+    for table, names in (
+        ("attachments.key, attachments.idx", [a[1] for a in rows.attachments]),
+        ("tags.key, tags.tag", [t[1] for t in rows.tags]),
+    ):
+        if len(set(names)) != len(names):
+            raise sqlite3.IntegrityError(f"UNIQUE constraint failed: {table}")
+    for row in (rows.message, *rows.attachments, *rows.tags):
+        for value in row:
+            if isinstance(value, str):
+                if not value.isascii():  # a flag of the string: ASCII encodes
+                    value.encode("utf-8")  # lone surrogates: UnicodeEncodeError
+            elif isinstance(value, int) and not -(1 << 63) <= value < (1 << 63):
+                raise OverflowError("Python int too large to convert to SQLite INTEGER")
