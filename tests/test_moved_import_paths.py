@@ -63,6 +63,14 @@ DOCUMENTED = [
     "mailpipe.plugins.store.sqlite",
     "mailpipe.plugins.store._sqlite_schema",
     "mailpipe.plugins.store._sqlite_rows",
+    "mailpipe.plugins.imap.source",
+    "mailpipe.plugins.imap.listing",
+    "mailpipe.plugins.imap.retrieval",
+    "mailpipe.plugins.imap.acknowledgement",
+    "mailpipe.plugins.imap.folder",
+    "mailpipe.journal.sqlite",
+    "mailpipe.journal.postgres",
+    "mailpipe.plugins.store.maildir",
 ]
 _REFERENCE = re.compile(r":(?:func|data|class|meth|mod|attr):`~?([\w.]+)`")
 

@@ -137,7 +137,8 @@ class ImapListing:
 
     def _note_epoch(self, wire: bytes, uidvalidity: int) -> None:
         """IC-25: remember the folder's UIDVALIDITY; another one than the previous
-        listing saw (or none seen yet) makes :attr:`epoch_changed` true."""
+        listing saw (or none seen yet) makes
+        :meth:`~mailpipe.plugins.imap.source.ImapSession.epoch_changed` true."""
         if self.listed_uidvalidity.get(wire) == uidvalidity:
             return
         if wire in self.listed_uidvalidity:

@@ -6,8 +6,9 @@ memory up to the spool threshold, else written straight to a spool file
 
 Contract: :class:`ImapRetrieval` is the retrieval half of
 :class:`~mailpipe.plugins.imap.source.ImapSession` (a mixin, never used alone): it
-retrieves messages the session's :meth:`list` numbered (``_where``), yields them in
-the order asked, a gone UID as :class:`~mailpipe.source.Unretrievable`, and leaves no
+retrieves messages the session's
+:meth:`~mailpipe.plugins.imap.source.ImapSession.list` numbered (``_where``), yields
+them in the order asked, a gone UID as :class:`~mailpipe.source.Unretrievable`, and leaves no
 spool file behind for a message it did not yield.
 """
 
