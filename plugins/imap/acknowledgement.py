@@ -1,14 +1,14 @@
 """The ``imap`` session's acknowledgement: what happens on the server once mail is safe.
 
-Acknowledgement happens at
-:meth:`~mailpipe.plugins.imap.source.ImapSession.commit`, or at
-:meth:`~mailpipe.plugins.imap.source.ImapSession.checkpoint` between two commit
+Acknowledgement happens at :meth:`~mailpipe.plugins.imap.source.ImapSession.commit`, or
+at :meth:`~mailpipe.plugins.imap.source.ImapSession.checkpoint` between two commit
 windows of one session (MP-06), after the engine made every marked message durable:
 ``delete`` (``UID STORE +FLAGS.SILENT (\\Deleted)`` then ``UID EXPUNGE``, IC-37),
 ``move`` (``UID MOVE``, or ``UID COPY`` + the delete pair, IC-40/IC-41) or ``flag``
-(``UID STORE +FLAGS.SILENT (flag)``, IC-42). Without UIDPLUS no EXPUNGE of any kind is sent (IC-38): the messages are marked ``\\Deleted`` and the
-expunge is left to the mailbox owner, logged as ``imap_expunge_deferred``. ``CLOSE``
-is never sent (IC-39). ``abort`` closes the connection without acknowledging anything.
+(``UID STORE +FLAGS.SILENT (flag)``, IC-42). Without UIDPLUS no EXPUNGE of any kind is
+sent (IC-38): the messages are marked ``\\Deleted`` and the expunge is left to the
+mailbox owner, logged as ``imap_expunge_deferred``. ``CLOSE`` is never sent (IC-39).
+``abort`` closes the connection without acknowledging anything.
 
 Contract: :class:`ImapAcknowledgement` is the acknowledgement half of
 :class:`~mailpipe.plugins.imap.source.ImapSession` (a mixin, never used alone):
