@@ -1,6 +1,6 @@
 """The public names of the modules split into mixins (journal.sqlite, journal.postgres,
-store.maildir, imap.source) still import from their former home, as the same objects
-as in their new modules."""
+store.maildir, imap.source) or by idea (parse.parser) still import from their former
+home, as the same objects as in their new modules."""
 
 from __future__ import annotations
 
@@ -22,6 +22,14 @@ MOVED = [
      "MaildirOptions"),
     ("mailpipe.plugins.imap.source", "mailpipe.plugins.imap.retrieval",
      "MAX_HEADER_OCTETS"),
+    ("mailpipe.plugins.parse.parser", "mailpipe.plugins.parse.walk", "MAX_PARTS"),
+    ("mailpipe.plugins.parse.parser", "mailpipe.plugins.parse.walk", "MAX_BODY"),
+    # private, but imported from parser by the tests of issue 18's clean-up
+    ("mailpipe.plugins.parse.parser", "mailpipe.plugins.parse.cleaning",
+     "_clean_record"),
+    ("mailpipe.plugins.parse.parser", "mailpipe.plugins.parse.cleaning", "_clean"),
+    ("mailpipe.plugins.parse.parser", "mailpipe.plugins.parse.cleaning",
+     "_has_surrogate"),
 ]
 
 
