@@ -26,7 +26,7 @@ from typing import IO, Final
 
 import structlog
 
-from . import autoreply
+from . import autoreply, walk
 from .addresses import parse_addresses
 from .cleaning import _clean as _clean
 from .cleaning import _clean_record
@@ -34,8 +34,9 @@ from .cleaning import _has_surrogate as _has_surrogate
 from .headers import decode_header
 from .record import SERVER_WRAPPED, Address, Defect, MessageRecord
 from .spool import Runs, SpooledPayload, skeleton
+from .walk import MAX_BODY as MAX_BODY
+from .walk import MAX_PARTS as MAX_PARTS
 from .walk import (
-    _ANGLE_ID,
     _charset,
     _content_type,
     _doc,
@@ -43,12 +44,14 @@ from .walk import (
     _State,
     _walk,
 )
-from .walk import MAX_BODY as MAX_BODY
-from .walk import MAX_PARTS as MAX_PARTS
 from .wrapper import find_wrapped, header_block_shape, headers_only_detail
 
 log = structlog.get_logger()
 
+# walk's pattern, bound by assignment: CPython 3.11 compiles a method call on a name
+# an import statement bound as an attribute load (a bound method built each call), not
+# LOAD_METHOD; _record, _first_id and _ids call it on every message (issue 18).
+_ANGLE_ID = walk._ANGLE_ID
 _PARSER = BytesParser(policy=email_policy.compat32)
 _HEADERS_PARSER = BytesParser(policy=email_policy.compat32)
 _SUBJECT_PREFIX = re.compile(
