@@ -2,8 +2,10 @@
 
 The stdlib parser keeps undecodable octets as lone surrogates (surrogate escapes),
 and odd charsets (UTF-7) can leave some too. ``_clean_record`` returns a record's
-fields with every lone surrogate replaced (undecoded octets as U+FFFD), and the same
-dict, uncopied, when none is there (the common case, found by one search).
+fields with every lone surrogate replaced (a string's undecoded octets decoded as
+UTF-8 where they form it, the rest as U+FFFD; in a string with any other lone
+surrogate, every one becomes U+FFFD), and the same dict, uncopied, when none is there
+(the common case, found by one search).
 """
 
 from __future__ import annotations
