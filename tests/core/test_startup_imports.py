@@ -72,6 +72,7 @@ def test_run_start_up_does_not_import_oauth_or_the_parser(tmp_path: Path) -> Non
         m for m in loaded
         if m.startswith(("mailpipe.oauth.broker", "mailpipe.oauth.cache", "cryptography",
                          "mailpipe.plugins.parse.parser", "mailpipe.oauth.cli",
+                         "mailpipe.plugins.parse.walk", "mailpipe.plugins.parse.cleaning",
                          "email.policy", "email.parser", "email.headerregistry",
                          "mailpipe.oauth.options", "difflib"))
     ]

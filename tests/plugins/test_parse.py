@@ -770,3 +770,53 @@ def test_a_spooled_message_without_long_runs_is_hashed_once(
     record = parse_into(message)
     assert record.sha256 == message.sha256 == hashlib.sha256(raw).hexdigest()
     assert len(raw) not in hashed
+
+
+def _bound_method_calls(module: Any) -> list[str]:
+    """The ``name.method(...)`` calls in ``module``'s functions that load ``method`` as
+    a plain attribute (a bound method object built on each call) where the object's
+    type defines it as a method: CPython 3.11 compiles a call on a name an import
+    statement bound that way, instead of LOAD_METHOD."""
+    import dis
+    import itertools
+    import types
+
+    def codes(code: types.CodeType) -> Any:
+        yield code
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                yield from codes(const)
+
+    functions = [
+        f for v in vars(module).values() if getattr(v, "__module__", None) == module.__name__
+        for f in ([v] if isinstance(v, types.FunctionType) else
+                  [m for m in vars(v).values() if isinstance(m, types.FunctionType)]
+                  if isinstance(v, type) else [])
+    ]
+    found = []
+    for function in functions:
+        for code in codes(function.__code__):
+            ops = list(dis.get_instructions(code))
+            for load, attr in itertools.pairwise(ops):
+                if load.opname != "LOAD_GLOBAL" or attr.opname != "LOAD_ATTR":
+                    continue
+                if attr.argrepr.startswith("NULL|self"):  # 3.12+: a method load
+                    continue
+                value = module.__dict__.get(load.argval)
+                if isinstance(value, types.ModuleType | type):
+                    continue  # a module's function, a class's (class)method: no gain
+                if callable(getattr(type(value), attr.argval, None)):
+                    found.append(f"{code.co_name}: {load.argval}.{attr.argval}")
+    return found
+
+
+def test_the_parsers_method_calls_on_module_objects_build_no_bound_method() -> None:
+    """Issue 18 (parse is on the hot path): splitting parser.py into walk.py and
+    cleaning.py kept every function's bytecode. A pattern imported by name from a
+    sibling (``from .walk import _ANGLE_ID``) made ``_ANGLE_ID.search(...)`` in
+    ``_record``, ``_first_id`` and ``_ids`` a LOAD_ATTR (a bound method each call,
+    ~45 ns) where the single module had LOAD_METHOD."""
+    from mailpipe.plugins.parse import cleaning, parser, walk
+
+    for module in (parser, walk, cleaning):
+        assert _bound_method_calls(module) == [], module.__name__

@@ -325,3 +325,11 @@ def test_span_end_of_base64_lines_makes_no_substring_search() -> None:
     piece.made = []
     assert scan._span_end(piece, 0, len(piece)) == len(text)
     assert piece.made == [b"-"]
+
+
+def test_clean_decodes_undecoded_octets_that_form_utf8() -> None:
+    """What cleaning.py's docstring says: undecoded octets (surrogate escapes) that
+    form UTF-8 become its characters, the others U+FFFD; a string holding any other
+    lone surrogate has every one replaced by U+FFFD."""
+    assert parser._clean("Caf\udcc3\udca9 \udcff") == "Caf\u00e9 \ufffd"
+    assert parser._clean("\udcc3\udca9 \ud800") == "\ufffd\ufffd \ufffd"
