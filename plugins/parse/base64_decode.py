@@ -5,9 +5,11 @@ magnitude faster (issue 18: base64 attachments were about a tenth of the CPU of 
 mixed run, on the step's thread, on the critical path). The fast decoder is given only
 input whose meaning every decoder agrees on: base64 alphabet characters, a multiple of
 four of them, ``=`` only as the last quantum's padding. Everything else (characters
-outside the alphabet, padding inside, a broken length, a quantum whose unused bits are
-set where pybase64 refuses it) is decided by ``binascii`` itself, so the result, and
-whether it raises ``binascii.Error``, is always ``binascii``'s.
+outside the alphabet, padding inside, a broken length) is decided by ``binascii``
+itself, so the result, and whether it raises ``binascii.Error``, is always
+``binascii``'s. A last quantum whose unused bits are set is not refused (pybase64's
+``canonical`` is off): both decoders drop those bits. Should pybase64 refuse an input
+anyway, ``binascii`` decides it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def decode_clean(clean: bytes) -> bytes:
         try:
             return _simd_b64decode(clean, validate=True)
         except (binascii.Error, ValueError):
-            pass  # e.g. unused bits set in the last quantum: binascii decides
+            pass  # not expected for such input; binascii decides
     return binascii.a2b_base64(clean)
 
 

@@ -117,3 +117,50 @@ def test_parse_decodes_attachments_with_it(
     (attachment,) = record.attachments
     assert attachment.sha256 == hashlib.sha256(payload).hexdigest()
     assert sum(decoded) >= size - 3  # (RunDecoder's last quantum goes to binascii)
+
+
+def test_unused_bits_set_take_the_vectorised_decoder_with_binasciis_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A last quantum whose unused bits are set (``QR==``, ``QUJ=``) is not refused by
+    pybase64 (``canonical`` off): it drops the bits as binascii does (review r-b64:
+    the module said pybase64 refuses them and binascii decides)."""
+    calls: list[bytes] = []
+    real = base64_decode._simd_b64decode
+
+    def counting(data: bytes, validate: bool = False) -> bytes:
+        calls.append(data)
+        return real(data, validate=validate)
+
+    monkeypatch.setattr(base64_decode, "_simd_b64decode", counting)
+    alphabet = base64_decode.ALPHABET[:-1]
+    for last in alphabet:
+        for data in (b"QUJD" + bytes([last]) + b"Q==", b"QUJD" + b"QU" + bytes([last]) + b"="):
+            assert decode_clean(data) == binascii.a2b_base64(data), data
+    assert len(calls) == 2 * 64  # none went to binascii
+
+
+def test_every_simd_path_decodes_as_binascii_does() -> None:
+    """Each of pybase64's code paths this CPU has (SSSE3 … AVX512, or NEON; and the
+    scalar one) on lengths around their block sizes, ends with 0-3 ``=`` and unused
+    bits set (review r-b64; the fuzz test above runs the fastest path only)."""
+    simd = pytest.importorskip("pybase64._pybase64")
+    rng = random.Random(64)
+    alphabet = base64_decode.ALPHABET[:-1]
+    lengths = [n for block in (16, 24, 32, 48, 64, 96, 128, 256) for k in (1, 2, 3)
+               for n in range(block * k - 5, block * k + 6) if n >= 0]
+    inputs = [
+        bytes(rng.choice(alphabet) for _ in range(n)) + end
+        for n in lengths for end in (b"", b"=", b"==", b"===")
+    ]
+    runtime = simd._get_simd_flags_runtime()
+    before = simd._get_simd_path()
+    paths = [0] + [1 << bit for bit in range(16) if runtime & (1 << bit)]
+    try:
+        for flags in paths:
+            simd._set_simd_path(flags)
+            name = simd._get_simd_name(simd._get_simd_path())
+            for data in inputs:
+                assert _ours(data) == _binascii(data), (name, data)
+    finally:
+        simd._set_simd_path(before)
