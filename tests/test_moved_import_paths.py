@@ -127,14 +127,14 @@ def test_the_references_in_a_moved_modules_docstrings_resolve(name: str) -> None
     tree = ast.parse(inspect.getsource(module))
     docs: list[tuple[str | None, str | None]] = [(None, ast.get_docstring(tree))]
     for node in tree.body:
-        if isinstance(node, ast.FunctionDef):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             docs.append((None, ast.get_docstring(node)))
         elif isinstance(node, ast.ClassDef):
             docs.append((node.name, ast.get_docstring(node)))
             docs += [
                 (node.name, ast.get_docstring(method))
                 for method in node.body
-                if isinstance(method, ast.FunctionDef)
+                if isinstance(method, (ast.FunctionDef, ast.AsyncFunctionDef))
             ]
     unresolved = [
         target

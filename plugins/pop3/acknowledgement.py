@@ -45,9 +45,10 @@ class Pop3Acknowledgement:
     async def acknowledge(self, refs: Sequence[MessageRef], ack: Ack) -> None:
         """``delete``: DELE; ``keep``: nothing (MP-04).
 
-        While a :meth:`retrieve` stream runs, the DELEs join its flight (P-14). Else,
-        with pipelining, they are queued and go out with the session's next commands
-        (P-13): the next flight of RETRs, the next listing or TOP, or just before QUIT;
+        While a :meth:`~mailpipe.plugins.pop3.source.Pop3Session.retrieve` stream
+        runs, the DELEs join its flight (P-14). Else, with pipelining, they are queued
+        and go out with the session's next commands (P-13): the next flight of RETRs,
+        the next listing or TOP, or just before QUIT;
         an abort drops them unsent (nothing deleted, the journal still owes them).
         Without pipelining they are sent now (:meth:`mark_deleted`).
         """
