@@ -1,8 +1,8 @@
 """The public names of the modules split into mixins or helper modules (journal.sqlite,
-journal.postgres, store.maildir, store.sqlite, imap.source) or by idea (parse.parser), and
-the private ones that tests import, still import from their former home, as the same
-objects as in their new modules; and the cross-references in the docstrings of moved code
-name objects that exist from where that code now is."""
+journal.postgres, store.maildir, store.sqlite, imap.source, pop3.source) or by idea
+(parse.parser), and the private ones that tests import, still import from their former
+home, as the same objects as in their new modules; and the cross-references in the
+docstrings of moved code name objects that exist from where that code now is."""
 
 from __future__ import annotations
 
@@ -54,6 +54,10 @@ MOVED = [
     ("mailpipe.plugins.parse.parser", "mailpipe.plugins.parse.cleaning", "_clean"),
     ("mailpipe.plugins.parse.parser", "mailpipe.plugins.parse.cleaning",
      "_has_surrogate"),
+    ("mailpipe.plugins.pop3.source", "mailpipe.plugins.pop3.options", "Pop3Options"),
+    # private, defined in pop3.source before its split
+    ("mailpipe.plugins.pop3.source", "mailpipe.plugins.pop3.retrieval", "_Sink"),
+    ("mailpipe.plugins.pop3.source", "mailpipe.plugins.pop3.retrieval", "_discard"),
 ]
 
 
@@ -82,6 +86,10 @@ DOCUMENTED = [
     "mailpipe.plugins.parse.parser",
     "mailpipe.plugins.parse.walk",
     "mailpipe.plugins.parse.cleaning",
+    "mailpipe.plugins.pop3.source",
+    "mailpipe.plugins.pop3.options",
+    "mailpipe.plugins.pop3.retrieval",
+    "mailpipe.plugins.pop3.acknowledgement",
 ]
 _REFERENCE = re.compile(r":(?:func|data|class|meth|mod|attr):`~?([\w.]+)`")
 
@@ -119,14 +127,14 @@ def test_the_references_in_a_moved_modules_docstrings_resolve(name: str) -> None
     tree = ast.parse(inspect.getsource(module))
     docs: list[tuple[str | None, str | None]] = [(None, ast.get_docstring(tree))]
     for node in tree.body:
-        if isinstance(node, ast.FunctionDef):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             docs.append((None, ast.get_docstring(node)))
         elif isinstance(node, ast.ClassDef):
             docs.append((node.name, ast.get_docstring(node)))
             docs += [
                 (node.name, ast.get_docstring(method))
                 for method in node.body
-                if isinstance(method, ast.FunctionDef)
+                if isinstance(method, (ast.FunctionDef, ast.AsyncFunctionDef))
             ]
     unresolved = [
         target

@@ -74,8 +74,9 @@ class ImapAcknowledgement:
     async def checkpoint(self) -> None:
         """MP-06: acknowledge every message marked since the last checkpoint, as
         :meth:`commit` does (UID EXPUNGE, MOVE and STORE take effect at once), and
-        stay logged in. The next :meth:`list` selects each folder again, so it sees
-        the folder as it is now (EXISTS, UIDVALIDITY).
+        stay logged in. The next
+        :meth:`~mailpipe.plugins.imap.source.ImapSession.list` selects each folder
+        again, so it sees the folder as it is now (EXISTS, UIDVALIDITY).
 
         Raises:
             CommitError: an acknowledgement was refused or the connection failed.

@@ -72,8 +72,9 @@ class ImapListing:
     async def list(self) -> list[MessageRef]:
         """Every message of every configured folder, by UID with its RFC822.SIZE.
 
-        MP-05/IC-26: after :meth:`resume`, a folder is listed only past its cursor;
-        ``select``, ``since`` and ``since_days`` narrow it with ``UID SEARCH``.
+        MP-05/IC-26: after :meth:`~mailpipe.plugins.imap.source.ImapSession.resume`,
+        a folder is listed only past its cursor; ``select``, ``since`` and
+        ``since_days`` narrow it with ``UID SEARCH``.
 
         IC-46: when the server offers X-GM-EXT-1 (Gmail) the id is the message's
         ``X-GM-MSGID``, the same in every folder (label) it appears in, so a message

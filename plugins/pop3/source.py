@@ -1,51 +1,44 @@
-"""The ``pop3`` source: its options and the SourceSession mapped onto POP3 commands."""
+"""The ``pop3`` source: the SourceSession mapped onto POP3 commands.
+
+Options are in :mod:`.options`. :class:`Pop3Session` opens the session (CAPA, STLS,
+UTF8, authentication; C-25) and lists the maildrop (UIDL and LIST, ``TOP n 0`` for
+header rules); retrieval (the RETR flights and their completeness checks, P-14,
+MP-01) is in :mod:`.retrieval`, acknowledgement (DELE, and QUIT as the commit, MP-04)
+and ``abort`` (close without QUIT) in :mod:`.acknowledgement`: the session is built
+on the two.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
-import tempfile
-from collections.abc import AsyncIterator, Callable, Sequence
-from pathlib import Path
-from typing import Any, ClassVar, Literal
+from collections.abc import AsyncIterator, Callable
+from typing import ClassVar
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel
 
-from mailpipe.credentials import (
-    Credentials,
-    check_auth_has_credentials,
-    check_token_when_needed,
-)
+from mailpipe.credentials import Credentials
 from mailpipe.errors import (
     OversizeError,
     SourceConnectionError,
-    SourceError,
     SourcePermanentError,
     SourceTimeoutError,
 )
-from mailpipe.message import Message, MessageRef, distinct_uids
-from mailpipe.oauth.table import OAuthOptions
-from mailpipe.secrets import Secret
-from mailpipe.source import Ack, AckKind, SessionFacts, SourceContext, Unretrievable
-from mailpipe.tls import ConnectionSecurity
-from mailpipe.units import ByteSize, Duration
+from mailpipe.message import MessageRef, distinct_uids
+from mailpipe.source import AckKind, SessionFacts, SourceContext
 
 from . import auth as sasl
+from .acknowledgement import Pop3Acknowledgement
 from .client import CommandRefused, Pop3Client, Timeouts
-from .completeness import END_SLACK, OctetCount, shortfall
+from .completeness import OctetCount
 from .events import (
     BodyChunk,
-    BodyEnd,
-    BodyStart,
     Capabilities,
     Dele,
     Err,
     Event,
     List,
     MultiLine,
-    Retr,
     Top,
     Uidl,
     Utf8,
@@ -53,7 +46,11 @@ from .events import (
     parse_uidl,
 )
 from .flight import Flight
+from .options import Pop3Options
 from .protocol import RemoteProtocolError
+from .retrieval import Pop3Retrieval
+from .retrieval import _discard as _discard  # its former home
+from .retrieval import _Sink as _Sink  # its former home
 
 log = structlog.get_logger()
 
@@ -63,129 +60,6 @@ _LISTING: tuple[Uidl, List] = (Uidl(), List())
 #: The longest ``TOP n 0`` reply kept for header rules (S-12); longer ones are read
 #: to their end, dropped, and the message is retrieved instead.
 MAX_HEADER_OCTETS = 1 << 20
-
-
-class Pop3Options(ConnectionSecurity):
-    """Options of a ``source = "pop3"`` mailbox (the mailbox table's other keys).
-
-    The connection-security keys (``security``, ``ca_file``, ``cert_sha256``,
-    ``tls_verify``, ``allow_plaintext_password``) come from
-    :class:`mailpipe.tls.ConnectionSecurity`, shared with the IMAP source.
-    """
-
-    model_config = ConfigDict(extra="forbid", defer_build=True)
-
-    host: str = Field(description="POP3 server host name; also the TLS name verified.")
-    port: int | None = Field(
-        strict=True,
-        default=None,
-        ge=1,
-        le=65535,
-        description="TCP port; default 995 for security = 'tls', 110 otherwise.",
-    )
-    username: str = Field(description="Login name (also the OAuth user).")
-    password: Secret | None = Field(
-        default=None,
-        description="Password: a string, {env=...}, {file=...} or {command=[...]}.",
-    )
-    auth: Literal[
-        "auto", "user", "apop", "plain", "login", "cram-md5", "scram-sha-1",
-        "scram-sha-256", "xoauth2", "oauthbearer",
-    ] = Field(
-        default="auto",
-        description="Authentication method; 'auto' picks from CAPA after TLS "
-        "(OAuth when a token is set, else SCRAM-SHA-256, PLAIN, USER/PASS, LOGIN). "
-        "APOP, CRAM-MD5 and SCRAM-SHA-1 are used only when named here.",
-    )
-    oauth: OAuthOptions | None = Field(
-        default=None,
-        description="Built-in OAuth 2 (XOAUTH2/OAUTHBEARER): { provider = "
-        "'microsoft' | 'google' | 'oidc', ... }; tokens come from the shared cache "
-        "and are refreshed before they expire (see mailpipe.oauth).",
-    )
-    oauth_token: Secret | None = Field(
-        default=None,
-        validate_default=True,
-        description="OAuth 2 access token for XOAUTH2/OAUTHBEARER; a {command=[...]} "
-        "secret runs again for every session (fresh token). Not with oauth.",
-    )
-    connect_timeout: Duration = Field(
-        default=30.0, gt=0, description="TCP connect timeout."
-    )
-    tls_timeout: Duration = Field(
-        default=30.0, gt=0, description="TLS handshake timeout."
-    )
-    greeting_timeout: Duration = Field(
-        default=60.0, gt=0, description="Time allowed for the server greeting."
-    )
-    read_timeout: Duration = Field(
-        default=120.0, gt=0, description="Inactivity timeout for each read of a reply."
-    )
-    retr_timeout: Duration = Field(
-        default=600.0,
-        gt=0,
-        description="Overall deadline of one RETR reply, at least this long; more "
-        "for big messages (see retr_min_rate). Stops a server that trickles bytes.",
-    )
-    retr_min_rate: ByteSize = Field(
-        default=50_000,
-        ge=1,
-        description="Slowest RETR transfer allowed, in octets per second: the "
-        "deadline is the larger of retr_timeout and the LIST size over this rate.",
-    )
-    pipelining: Literal["auto", "off"] = Field(
-        default="auto",
-        description="'auto': pipeline commands when CAPA lists PIPELINING; 'off': "
-        "one command at a time.",
-    )
-    pipeline_window: int = Field(
-        strict=True,
-        default=128, ge=1, le=1000, description="Most commands in flight when pipelining "
-        "(DELEs, answered by one line each, are bounded by 4 KiB of command bytes alone)."
-    )
-    max_line: int = Field(
-        strict=True,
-        default=8192, ge=512, le=1 << 20,
-        description="Longest status line accepted from the server, in octets.",
-    )
-    max_message: ByteSize = Field(
-        default=256 * 2**20,
-        ge=1,
-        description="Hard cap on one message, in octets, whatever LIST says: the "
-        "transfer stops there and the message is left on the server (or deleted "
-        "unread under on_oversize = 'delete').",
-    )
-    chunk_size: ByteSize = Field(
-        default=256 * 1024, ge=4096, description="Read size; bounds memory per message."
-    )
-    verify_size: Literal["strict", "confirm", "off"] = Field(
-        default="strict",
-        description="A message received shorter than its LIST size allows (beyond "
-        "line-end and dot-stuffing slack) is cut short: 'strict' never commits it (it "
-        "stays on the server and is retried); 'confirm' commits it once the same "
-        "octets arrived in two sessions with sound framing and no TOP before them (for "
-        "servers that list estimated sizes, such as Exchange with "
-        "EnableExactRFC822Size off); 'off' commits what arrives.",
-    )
-    utf8: bool = Field(
-        default=True,
-        strict=True,
-        description="Send UTF8 (RFC 6856) when CAPA lists it, so that a server such "
-        "as Courier serves messages with 8-bit headers as they are instead of a "
-        "notice.",
-    )
-
-    # Cross-field checks are field validators on a later field, so an error names a
-    # key and never echoes the whole table (which holds the password) as its input.
-    _auth_has_credentials = field_validator("auth")(check_auth_has_credentials)
-    _token_when_needed = field_validator("oauth_token")(check_token_when_needed)
-
-    @property
-    def effective_port(self) -> int:
-        """The configured port, or 995 for implicit TLS and 110 otherwise."""
-        if self.port is not None:
-            return self.port
-        return 995 if self.security == "tls" else 110
 
 
 class Pop3Source:
@@ -249,7 +123,7 @@ class Pop3Source:
         self._listing_behind_capa = False
 
 
-class Pop3Session:
+class Pop3Session(Pop3Retrieval, Pop3Acknowledgement):
     """One POP3 session implementing :class:`mailpipe.source.SourceSession`.
 
     P-14: one :meth:`retrieve` may span a whole commit window
@@ -527,258 +401,6 @@ class Pop3Session:
             return None
         return data
 
-    async def retrieve(
-        self,
-        refs: Sequence[MessageRef],
-        *,
-        spool_dir: Path,
-        spool_threshold: int,
-        max_size: int | None = None,
-    ) -> AsyncIterator[Message | Unretrievable]:
-        """RETR each ref (pipelined window) and yield complete messages in order.
-
-        Bodies over ``spool_threshold`` go to a file in ``spool_dir`` as they arrive, so
-        memory is bounded by the chunk size. A ``-ERR`` (T-25), or a body received
-        shorter than its LIST size allows (MP-01, see :mod:`.completeness`), is yielded
-        as an :class:`~mailpipe.source.Unretrievable`, never as a message. A body
-        passing ``max_size`` (or the ``max_message`` cap) raises
-        :class:`mailpipe.OversizeError` naming its ref, with the connection closed.
-
-        P-14: the RETRs go out as the window drains (:class:`.flight.Flight`), so
-        ``refs`` may be a whole commit window: replies wait in the transport (TCP flow
-        control) while the consumer is busy, never in memory. DELEs acknowledged while
-        the stream runs join it. A consumer that stops early ends the RETRs not yet
-        sent; what is in flight is read (and dropped) before the next command.
-        """
-        # A stream left early is read first; the queued DELEs are not sent on their
-        # own here: they lead this flight (P-13).
-        await self._read_unread()
-        by_number = {ref.number: ref for ref in refs}
-        sink: _Sink | None = None
-        # MP-01: a body is yielded only once the next reply's status line has parsed
-        # (the next RETR's, a DELE's, or the closing NOOP's): a server that failed to
-        # dot-stuff a lone "." line ends the body early and sends the rest as stray
-        # data, which then fails to parse as a reply, so the cut body is never
-        # delivered.
-        held: Message | Unretrievable | None = None
-        limits = None if max_size is None else dict.fromkeys(by_number, max_size)
-        # P-13: the DELEs queued since the last flight lead this one.
-        queued, self._queued = self._queued, []
-        flight = Flight(queued, refs)
-        stream = self.client.stream(
-            flight,
-            sizes={ref.number: ref.size for ref in refs},  # T-45 deadlines
-            limits=limits,
-        )
-        self._flight = flight
-        ended = False
-        try:
-            async for event in stream:
-                if isinstance(event, BodyChunk):
-                    assert sink is not None
-                    sink.write(event.data)
-                    continue
-                if held is not None:  # a reply's status line parsed: its end is sound
-                    out, held = held, None
-                    yield out
-                if isinstance(getattr(event, "command", None), Dele):
-                    self._deleted(event)
-                elif isinstance(event, BodyStart):
-                    ref = by_number[event.command.number]  # type: ignore[attr-defined]
-                    sink = _Sink(ref, spool_dir, spool_threshold)
-                elif isinstance(event, BodyEnd):
-                    assert sink is not None
-                    done, sink = sink, None
-                    flight.answered(done.ref)
-                    held = await self._finished(done)
-                elif isinstance(event, Err) and isinstance(event.command, Retr):
-                    number = event.command.number
-                    text = event.text[:200]
-                    self._log.warning("pop3_retr_refused", number=number, text=text)
-                    if number in by_number:
-                        flight.answered(by_number[number])
-                        yield Unretrievable(
-                            by_number[number], f"RETR {number} refused: {text}"
-                        )
-            ended = True
-        except RemoteProtocolError as exc:
-            if held is not None:
-                out, held = held, None
-                yield self._unsound(out, exc) if isinstance(out, Message) else out
-            raise
-        except OversizeError as exc:
-            exc.ref = by_number.get(exc.number)
-            raise
-        except SourceError:
-            # A dropped connection or a timeout after a body's terminator: that body
-            # ended with its ".", so it is delivered before the error goes on.
-            if held is not None:
-                out, held = held, None
-                yield out
-            raise
-        finally:
-            self._flight = None
-            if not ended:
-                # P-14: left early (a stop request, or an error before an abort): no
-                # further RETR; the DELEs the flight holds still go, and what is in
-                # flight is read to its end before the next command (see _settle).
-                flight.stop()
-                self._unread = stream
-            if sink is not None:
-                sink.discard()
-            if held is not None:  # never delivered (the consumer stopped early)
-                _discard(held)
-
-    def _unsound(self, message: Message, exc: RemoteProtocolError) -> Unretrievable:
-        """The message whose body was followed by data that is no reply (MP-01)."""
-        ref = message.ref
-        self._log.error(
-            "pop3_message_unsound", uid=ref.uid, number=ref.number, error=str(exc)[:200]
-        )
-        return Unretrievable(
-            ref,
-            f"RETR {ref.number} was followed by data that is not a reply, so where "
-            f"the message ends cannot be trusted (a server that does not dot-stuff?): "
-            f"{str(exc)[:160]}",
-            evidence=message,
-            after_headers=False,
-        )
-
-    async def _finished(self, sink: _Sink) -> Message | Unretrievable:
-        """The message a finished body makes, or an Unretrievable when it is short.
-
-        A spooled body that may be short is read back on a worker thread (MP-01):
-        the event loop is not held for the whole file at once."""
-        message = sink.finish()
-        ref, octets = message.ref, sink.octets
-        if octets != ref.size:
-            # C-50 / T-21: LIST sizes are hints, never framing.
-            self._log.info(
-                "pop3_size_mismatch", uid=ref.uid, listed=ref.size, received=octets
-            )
-        if self.options.verify_size == "off":
-            return message
-        try:
-            if message.spool_path is None or octets + END_SLACK >= ref.size:
-                missing = shortfall(octets, ref.size, message.open)
-            else:
-                missing = await asyncio.to_thread(
-                    shortfall, octets, ref.size, message.open
-                )
-        except BaseException:
-            # Read back from its spool file, a body may meet an error (EMFILE, EIO)
-            # or a cancellation: it goes on, and the spool file with the raw mail in
-            # it goes (MP-01).
-            _discard(message)
-            raise
-        if not missing:
-            return message
-        # MP-01: a copy shorter than any way of counting its LIST size is cut short
-        # (a missing dot-stuffing, a header-only RETR after TOP): never committed.
-        after_top = ref.number in self._topped
-        reason = (
-            f"RETR {ref.number} incomplete: received {octets} octets, LIST "
-            f"said {ref.size} ({missing} missing beyond line-end slack)"
-            + (" after TOP in the same session" if after_top else "")
-        )
-        self._log.error(
-            "pop3_message_incomplete",
-            uid=ref.uid,
-            listed=ref.size,
-            received=octets,
-            after_top=after_top,
-        )
-        return Unretrievable(
-            ref,
-            reason,
-            evidence=message,
-            after_headers=after_top,
-            confirmable=self.options.verify_size == "confirm" and not after_top,
-        )
-
-    async def acknowledge(self, refs: Sequence[MessageRef], ack: Ack) -> None:
-        """``delete``: DELE; ``keep``: nothing (MP-04).
-
-        While a :meth:`retrieve` stream runs, the DELEs join its flight (P-14). Else,
-        with pipelining, they are queued and go out with the session's next commands
-        (P-13): the next flight of RETRs, the next listing or TOP, or just before QUIT;
-        an abort drops them unsent (nothing deleted, the journal still owes them).
-        Without pipelining they are sent now (:meth:`mark_deleted`).
-        """
-        if ack.kind is AckKind.DELETE:
-            todo = self._unasked(refs)
-            if self._flight is not None:
-                self._flight.add(todo)
-            elif self.client.pipelining_active:
-                self._queued.extend(todo)
-            else:
-                await self._settle()
-                await self._send(todo)
-        elif ack.kind is not AckKind.KEEP:
-            raise ValueError(f"POP3 cannot acknowledge with {ack}")
-
-    async def mark_deleted(self, refs: Sequence[MessageRef]) -> None:
-        """DELE each ref now (pipelined); nothing is removed before QUIT (RFC 1939 §6)."""
-        await self._settle()
-        await self._send(self._unasked(refs))
-
-    def _unasked(self, refs: Sequence[MessageRef]) -> Sequence[Dele]:
-        """The DELEs of ``refs`` neither marked nor queued nor awaiting a reply (C-54:
-        never DELE a marked number again, so a refusal is never "already deleted")."""
-        todo: list[Dele] = []
-        for ref in refs:
-            if ref.number not in self._asked:
-                self._asked.add(ref.number)
-                todo.append(Dele(number=ref.number))
-        return todo
-
-    async def _send(self, deles: Sequence[Dele]) -> None:
-        if deles:
-            async for event in self.client.stream(deles):
-                self._deleted(event)
-
-    async def _settle(self) -> None:
-        """Before a command of its own: read a stream left early to its end (P-14: the
-        DELEs of its flight included; the rest is dropped, nothing is delivered), then
-        send the queued DELEs (P-13)."""
-        await self._read_unread()
-        queued, self._queued = self._queued, []
-        await self._send(queued)
-
-    async def _read_unread(self) -> None:
-        """Read a stream left early to its end (P-14): the DELEs of its flight are
-        noted, the rest is dropped, nothing is delivered."""
-        unread, self._unread = self._unread, None
-        if unread is not None:
-            async for event in unread:
-                if isinstance(getattr(event, "command", None), Dele):
-                    self._deleted(event)
-
-    def _deleted(self, event: Event) -> None:
-        """Note a DELE reply: marked, or refused (T-25)."""
-        number = getattr(getattr(event, "command", None), "number", None)
-        if isinstance(event, Err):
-            # T-25: the message vanished; the journal retries the DELE next time.
-            self._log.warning("pop3_dele_refused", number=number, text=event.text[:200])
-            self._asked.discard(number)  # may be asked again
-        elif isinstance(number, int):
-            self._marked.add(number)
-
-    async def commit(self) -> None:
-        """QUIT once every reply arrived (P-09, P-14); raises
-        :class:`mailpipe.CommitError` when not confirmed (C-57)."""
-        await self._settle()
-        self._committed = True
-        await self.client.quit()
-        self._log.info("pop3_committed", deleted=len(self._marked))
-
-    async def abort(self) -> None:
-        """Close without QUIT; never raises."""
-        try:
-            await self.client.abort()
-        except Exception as exc:  # the contract: never raises
-            self._log.debug("pop3_abort_failed", error=type(exc).__name__)
-
 
 def pages_listing(greeting: str, caps: Capabilities) -> bool:
     """T-44: True for Gmail's POP3, which lists only a page of the oldest messages
@@ -790,62 +412,4 @@ def pages_listing(greeting: str, caps: Capabilities) -> bool:
     )
 
 
-def _discard(item: Message | Unretrievable) -> None:
-    """Remove the spool file of a message (or of an Unretrievable's evidence)."""
-    message = item.evidence if isinstance(item, Unretrievable) else item
-    if message is not None and message.spool_path is not None:
-        with contextlib.suppress(OSError):
-            Path(message.spool_path).unlink()
-
-
-class _Sink:
-    """Collects one body in memory, spilling to a spool file past the threshold."""
-
-    def __init__(self, ref: MessageRef, spool_dir: Path, threshold: int) -> None:
-        self.ref = ref
-        self.spool_dir = spool_dir
-        self.threshold = threshold
-        self.parts: list[bytes] = []
-        self.octets = 0  # lines are counted only if the size cannot tell (MP-01)
-        self.path: Path | None = None
-        self.file: Any = None
-        if ref.size > threshold:
-            self._spill()
-
-    def _spill(self) -> None:
-        self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # raw mail
-        fd, name = tempfile.mkstemp(dir=self.spool_dir, prefix="pop3-", suffix=".eml")
-        self.path = Path(name)
-        self.file = os.fdopen(fd, "wb")
-        for part in self.parts:
-            self.file.write(part)
-        self.parts = []
-
-    def write(self, data: bytes) -> None:
-        self.octets += len(data)
-        if self.file is not None:
-            self.file.write(data)
-            return
-        self.parts.append(data)
-        if self.octets > self.threshold:
-            self._spill()
-
-    def finish(self) -> Message:
-        meta = {"octets_listed": self.ref.size, "octets_received": self.octets}
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-            return Message(ref=self.ref, spool_path=self.path, meta=meta)
-        return Message(ref=self.ref, data=b"".join(self.parts), meta=meta)
-
-    def discard(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-        if self.path is not None:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-
-
 __all__ = ["Pop3Options", "Pop3Session", "Pop3Source", "pages_listing"]
-

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import structlog
-from mailpipe.plugins.pop3 import source as source_module
+from mailpipe.plugins.pop3 import retrieval as retrieval_module
 from mailpipe.plugins.pop3.source import Pop3Options, Pop3Source
 
 from mailpipe.errors import (
@@ -352,7 +352,7 @@ async def test_verify_size_off_never_reads_a_short_body_back(
     def never(*args: object) -> int:
         raise AssertionError("read back")
 
-    monkeypatch.setattr(source_module, "shortfall", never)
+    monkeypatch.setattr(retrieval_module, "shortfall", never)
     srv = pop3_server_factory(messages=MSGS, faults=Faults(list_size_delta={1: 100}))
     _, got = await fetch(srv, tmp_path, spool_threshold=0, verify_size="off")
     assert [m.raw for m in got] == [wire_form(m) for m in MSGS]
@@ -435,7 +435,7 @@ async def test_a_body_that_cannot_be_read_back_leaves_no_spool_file(
     # left behind in the spool directory with the raw mail in it.
     import errno
 
-    real = source_module.shortfall
+    real = retrieval_module.shortfall
 
     def unreadable(octets: int, listed: int, body: Callable[[], Any]) -> int:
         def fail() -> Any:
@@ -443,7 +443,7 @@ async def test_a_body_that_cannot_be_read_back_leaves_no_spool_file(
 
         return real(octets, listed, fail)
 
-    monkeypatch.setattr(source_module, "shortfall", unreadable)
+    monkeypatch.setattr(retrieval_module, "shortfall", unreadable)
     spool = tmp_path / "spool"
     srv = pop3_server_factory(messages=MSGS, faults=Faults(list_size_delta={1: 100}))
     source = Pop3Source(options(srv, tmp_path))
@@ -469,7 +469,7 @@ async def test_a_spooled_body_is_read_back_off_the_event_loop(
     # other session on it go on meanwhile; one in memory is counted where it is.
     import threading
 
-    real = source_module.shortfall
+    real = retrieval_module.shortfall
     threads: list[bool] = []
 
     def recording(octets: int, listed: int, body: Callable[[], Any]) -> int:
@@ -479,7 +479,7 @@ async def test_a_spooled_body_is_read_back_off_the_event_loop(
 
         return real(octets, listed, opening)
 
-    monkeypatch.setattr(source_module, "shortfall", recording)
+    monkeypatch.setattr(retrieval_module, "shortfall", recording)
     srv = pop3_server_factory(
         messages=MSGS, faults=Faults(list_size_delta={2: 6, 3: 7})
     )
@@ -497,7 +497,7 @@ async def test_a_retrieval_cancelled_during_the_read_back_leaves_no_spool_file(
     import asyncio
     import threading
 
-    real = source_module.shortfall
+    real = retrieval_module.shortfall
     reading, release = asyncio.Event(), threading.Event()
     loop = asyncio.get_running_loop()
 
@@ -506,7 +506,7 @@ async def test_a_retrieval_cancelled_during_the_read_back_leaves_no_spool_file(
         release.wait(30)
         return real(octets, listed, body)
 
-    monkeypatch.setattr(source_module, "shortfall", held)
+    monkeypatch.setattr(retrieval_module, "shortfall", held)
     spool = tmp_path / "spool"
     srv = pop3_server_factory(messages=MSGS, faults=Faults(list_size_delta={1: 100}))
     got: list[Any] = []
