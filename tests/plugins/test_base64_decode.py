@@ -145,6 +145,10 @@ def test_every_simd_path_decodes_as_binascii_does() -> None:
     scalar one) on lengths around their block sizes, ends with 0-3 ``=`` and unused
     bits set (review r-b64; the fuzz test above runs the fastest path only)."""
     simd = pytest.importorskip("pybase64._pybase64")
+    private = ("_get_simd_flags_runtime", "_get_simd_path", "_set_simd_path",
+               "_get_simd_name")
+    if not all(hasattr(simd, name) for name in private):
+        pytest.skip("this pybase64 has no (private) switch between its code paths")
     rng = random.Random(64)
     alphabet = base64_decode.ALPHABET[:-1]
     lengths = [n for block in (16, 24, 32, 48, 64, 96, 128, 256) for k in (1, 2, 3)
