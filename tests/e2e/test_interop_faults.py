@@ -88,8 +88,8 @@ def test_cut_mid_retr_then_next_poll_completes(lab_servers, tmp_path, server, re
         first, _ = mailpipe_once(config)
         assert proxy.cuts_done == 1
         # The cut session's server side may still be at work on the mailbox (Courier
-        # renames as it exits): the next poll's completeness is asserted only once
-        # it is over (a poll meanwhile finds a listed message gone, retried later).
+        # renames each file it sends): the next poll's completeness is asserted only
+        # once it is over (a poll meanwhile may find a listed message gone).
         lab.wait_sessions_ended()
         run, _ = mailpipe_once(config)
     assert run.returncode == 0, first.stderr[-2000:] + run.stderr[-2000:]

@@ -316,10 +316,12 @@ class LabServer(Service):
         left, on a server whose session processes end with their connections.
 
         A client that drops its connection (a cut or reset mid-RETR) returns at once,
-        while the server's session may go on: Courier's, for one, finishes writing
-        and updates the Maildir (renames) as it exits. A session started meanwhile
-        lists names that vanish under it ("-ERR Can't open the message file - it's
-        gone!"). Tests call this before the next session whose result they assert.
+        while the server's session may still run until it notices. Courier's renames
+        a message's file as it sends it (``…:2,S``, seen), so a session started
+        meanwhile can list a name that vanishes before its RETR ("-ERR Can't open the
+        message file - it's gone!", seen once in CI; on an idle machine the cut
+        session was gone by the time the client returned). Tests call this before the
+        next session whose result they assert.
         """
         if not self.session_ends_with_connection or not self.session_process:
             return
