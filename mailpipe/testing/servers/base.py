@@ -316,7 +316,7 @@ class LabServer(Service):
         left, on a server whose session processes end with their connections.
 
         A client that drops its connection (a cut or reset mid-RETR) returns at once,
-        while the server's session may still run until it notices. Courier's renames
+        while the server's session may still run until it notices. Courier renames
         a message's file as it sends it (``…:2,S``, seen), so a session started
         meanwhile can list a name that vanishes before its RETR ("-ERR Can't open the
         message file - it's gone!", seen once in CI; on an idle machine the cut
@@ -325,14 +325,17 @@ class LabServer(Service):
         """
         if not self.session_ends_with_connection or not self.session_process:
             return
-        for _ in range(max(1, int(seconds / 0.05))):  # bounded wait
-            if not self.session_pids():
-                return
-            time.sleep(0.05)
-        raise TimeoutError(
-            f"{self.name}: session processes still running after {seconds} s: "
-            f"{self.session_pids()}"
-        )
+        # The bound is a deadline: each reading walks /proc, tens of ms on the busy
+        # machine where the race happens, which a count of readings multiplied.
+        deadline = time.monotonic() + seconds
+        while pids := self.session_pids():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"{self.name}: session processes still running after {seconds} s: "
+                    f"{pids}"
+                )
+            time.sleep(min(0.05, left))
 
     def session_pids(self) -> list[int]:
         """PIDs of this server's running session processes: those whose program
