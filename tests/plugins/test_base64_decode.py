@@ -163,6 +163,7 @@ def test_every_simd_path_decodes_as_binascii_does() -> None:
     try:
         for flags in paths:
             simd._set_simd_path(flags)
+            assert simd._get_simd_path() == flags  # the switch took effect
             name = simd._get_simd_name(simd._get_simd_path())
             for data in inputs:
                 assert _ours(data) == _binascii(data), (name, data)
