@@ -55,6 +55,9 @@ MOVED = [
     ("mailpipe.plugins.parse.parser", "mailpipe.plugins.parse.cleaning",
      "_has_surrogate"),
     ("mailpipe.plugins.pop3.source", "mailpipe.plugins.pop3.options", "Pop3Options"),
+    ("mailpipe.testing.e2e", "mailpipe.testing.cutting_proxy", "CuttingProxy"),
+    ("mailpipe.testing.e2e", "mailpipe.testing.cutting_proxy", "Cut"),
+    ("mailpipe.testing.e2e", "mailpipe.testing.cutting_proxy", "ConnectionRecord"),
     # private, defined in pop3.source before its split
     ("mailpipe.plugins.pop3.source", "mailpipe.plugins.pop3.retrieval", "_Sink"),
     ("mailpipe.plugins.pop3.source", "mailpipe.plugins.pop3.retrieval", "_discard"),
@@ -90,6 +93,8 @@ DOCUMENTED = [
     "mailpipe.plugins.pop3.options",
     "mailpipe.plugins.pop3.retrieval",
     "mailpipe.plugins.pop3.acknowledgement",
+    "mailpipe.testing.e2e",
+    "mailpipe.testing.cutting_proxy",
 ]
 _REFERENCE = re.compile(r":(?:func|data|class|meth|mod|attr):`~?([\w.]+)`")
 
