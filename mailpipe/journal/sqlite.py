@@ -407,22 +407,32 @@ class SqliteJournal(SqliteLeases, SqliteCursors):
     def prune(
         self, mailbox: str, present: Iterable[str], older_than_days: float
     ) -> int:
-        """Drop DELETED entries gone from the server and older than the limit."""
+        """Drop DELETED entries gone from the server and older than the limit.
+
+        Reads first, outside a write transaction: a mailbox with nothing to drop (the
+        usual case) takes no write lock and commits nothing (issue 18: one prune per
+        mailbox in every ``run --once``). The DELETE checks status and age again under
+        the write lock, so an entry changed in between is kept."""
         on_server = set(present)
         cutoff = (self._clock() - timedelta(days=older_than_days)).timestamp()
-        removed = 0
-        with self._tx() as conn:
-            rows = conn.execute(
+        deleted = Status.DELETED.value
+        with self._guard():
+            rows = self._conn.execute(
                 "SELECT uid FROM entries "
                 "WHERE mailbox = ? AND status = ? AND updated < ?",
-                (mailbox, Status.DELETED.value, cutoff),
+                (mailbox, deleted, cutoff),
             ).fetchall()
-            doomed = (uid for (uid,) in rows if uid not in on_server)
+        doomed = [uid for (uid,) in rows if uid not in on_server]
+        if not doomed:
+            return 0
+        removed = 0
+        with self._tx() as conn:
             for chunk in iter_chunks(doomed):
                 marks = ",".join("?" * len(chunk))
                 removed += conn.execute(
-                    f"DELETE FROM entries WHERE mailbox = ? AND uid IN ({marks})",
-                    (mailbox, *chunk),
+                    "DELETE FROM entries WHERE mailbox = ? AND status = ? "
+                    f"AND updated < ? AND uid IN ({marks})",
+                    (mailbox, deleted, cutoff, *chunk),
                 ).rowcount
         return removed
 

@@ -144,11 +144,19 @@ class SqliteLeases(SqliteTransactions):
                 os.close(fd)
                 raise
             # Who holds it, for humans; the flock itself is the lock (never unlinked).
-            # Rewritten only when another holder's name is in it.
+            # Rewritten only when another holder's name is in it, in place: cut to
+            # zero first, the file's block is freed and allocated again, a journaled
+            # change of the file system on the event loop in every poll of every
+            # mailbox (`run --once` names a new holder each time: ~0.1-0.5 ms each on
+            # ext4, bench/RESULTS.md §45, issue 18). Cut only when the old name was
+            # longer; a crash between the two leaves a name that the next take
+            # rewrites (the pread below never matches it).
             text = f"{owner}\n{mailbox}\n".encode()
-            if os.pread(fd, len(text) + 1, 0) != text:
-                os.ftruncate(fd, 0)
+            old = os.pread(fd, len(text) + 1, 0)
+            if old != text:
                 os.pwrite(fd, text, 0)
+                if len(old) > len(text):
+                    os.ftruncate(fd, len(text))
             self._locks[mailbox] = (owner, fd)
             self._take_epoch(mailbox, owner)
         return True

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -127,6 +129,49 @@ def test_the_lock_file_names_each_new_holder(tmp_path: Path) -> None:
         assert lock_path(path, "box").read_text() == "w2\nbox\n"
 
 
+def test_a_new_holder_s_name_is_written_over_the_old_one_not_after_a_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18: the lock file is cut only when the old holder's name was longer
+    (cut to zero first, ext4 frees the file's block and allocates it again, a
+    journaled change in every poll of every mailbox: ``run --once`` names a new holder
+    each time), and not written at all when it already names the holder. The file
+    still names exactly the holder, whatever the lengths."""
+    import os
+
+    from mailpipe.journal import sqlite_leases
+
+    calls: list[tuple[str, int]] = []
+    real_cut, real_write = os.ftruncate, os.pwrite
+
+    def ftruncate(fd: int, length: int) -> None:
+        calls.append(("cut", length))
+        real_cut(fd, length)
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        calls.append(("write", len(data)))
+        return real_write(fd, data, offset)
+
+    monkeypatch.setattr(sqlite_leases.os, "ftruncate", ftruncate)
+    monkeypatch.setattr(sqlite_leases.os, "pwrite", pwrite)
+    path = tmp_path / "j.sqlite3"
+    with SqliteJournal(path) as journal:
+        for owner, expected in (
+            ("host:1001", ["write"]),  # a new, empty file
+            ("host:1002", ["write"]),  # the same length: written over in place
+            ("host:1002", []),  # the same holder again: left as it is
+            ("host:99", ["write", "cut"]),  # shorter: the old name's tail is cut
+            ("host:123456", ["write"]),  # longer: nothing of the old name is left
+        ):
+            calls.clear()
+            assert journal.lock_mailbox("box", owner=owner, ttl=60)
+            text = f"{owner}\nbox\n"
+            assert lock_path(path, "box").read_text() == text
+            assert [kind for kind, _ in calls] == expected, owner
+            assert all(n == len(text) for _, n in calls), calls
+            journal.unlock_mailbox("box", owner=owner)
+
+
 def test_a_busy_database_raises_journal_error(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
     journal = SqliteJournal(path, busy_timeout=0.05)
@@ -246,3 +291,62 @@ def test_lock_holder_without_proc_locks_asks_the_lock(
         assert backend._flock_holder(path) is None
     finally:
         journal.close()
+
+
+def _deleted_long_ago(path: Path, uids: list[str]) -> tuple[SqliteJournal, list[datetime]]:
+    """A journal whose ``support`` entries ``uids`` were deleted 40 days before its
+    clock's now (the clock: a one-item list to move)."""
+    now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    journal = SqliteJournal(path, busy_timeout=0.05, clock=lambda: now[0])
+    for uid in uids:
+        journal.begin("support", uid, key=message_key("support", uid), size=1)
+    journal.mark_deleted("support", uids)
+    now[0] += timedelta(days=40)
+    return journal, now
+
+
+def test_a_prune_with_nothing_to_drop_takes_no_write_lock(tmp_path: Path) -> None:
+    """Issue 18: every `run --once` prunes each mailbox once; with nothing to drop
+    (nearly always) it only reads, so another writer holding the lock does not make
+    it wait (it raised "database is locked" when it began a write transaction)."""
+    path = tmp_path / "j.sqlite3"
+    journal, _now = _deleted_long_ago(path, ["on-server"])
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        assert journal.prune("support", ["on-server"], 30.0) == 0
+        assert journal.prune("nobody", [], 30.0) == 0
+        with pytest.raises(JournalError, match="locked"):  # a drop still writes
+            journal.prune("support", [], 30.0)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert journal.prune("support", [], 30.0) == 1
+    assert journal.list("support") == []
+    journal.close()
+
+
+def test_an_entry_changed_between_the_prune_s_read_and_its_delete_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prune reads outside the write lock; its DELETE checks status and age
+    again, so an entry another writer changed in between (here: pending again, as a
+    re-delivered uid would be) is not dropped with the rest."""
+    path = tmp_path / "j.sqlite3"
+    journal, _now = _deleted_long_ago(path, ["changed", "dropped"])
+    real_tx = journal._tx
+
+    def tx_after_a_change() -> Any:
+        with sqlite3.connect(path, isolation_level=None) as other:
+            other.execute(
+                "UPDATE entries SET status = ? WHERE mailbox = 'support' AND uid = ?",
+                (Status.PENDING.value, "changed"),
+            )
+        return real_tx()
+
+    monkeypatch.setattr(journal, "_tx", tx_after_a_change)
+    assert journal.prune("support", [], 30.0) == 1
+    assert [(e.uid, e.status) for e in journal.list("support")] == [
+        ("changed", Status.PENDING)
+    ]
+    journal.close()
