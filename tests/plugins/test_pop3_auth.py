@@ -394,6 +394,28 @@ def test_scram_salted_password_is_derived_once_per_salt_and_count(monkeypatch):
     sasl.salted_password.cache_clear()
 
 
+def test_scram_a_worker_of_a_thousand_mailboxes_derives_each_once(monkeypatch):
+    # Issue 18: a worker polls each of its mailboxes again and again, each with its
+    # own salt; the cache holds them all (it held 16, and every login of every cycle
+    # ran PBKDF2 again).
+    import hashlib
+
+    sasl.salted_password.cache_clear()
+    calls: list[bytes] = []
+    real = hashlib.pbkdf2_hmac
+
+    def counting(digest: str, password: bytes, salt: bytes, iterations: int) -> bytes:
+        calls.append(salt)
+        return real(digest, password, salt, iterations)
+
+    monkeypatch.setattr(hashlib, "pbkdf2_hmac", counting)
+    for _cycle in range(3):
+        for i in range(1000):
+            sasl.salted_password("sha256", b"pw%d" % i, b"salt%d" % i, 2)
+    assert len(calls) == 1000
+    sasl.salted_password.cache_clear()
+
+
 def test_scram_cache_keeps_no_plaintext_password_and_is_bounded():
     # The SaltedPassword cache is keyed by an HMAC of the password, never the
     # password, and holds at most maxsize entries.
