@@ -384,3 +384,16 @@ def test_an_entry_deleted_again_between_the_prune_s_read_and_its_delete_is_kept(
     ]
     journal.close()
 
+
+def test_a_closed_or_refusing_journal_refuses_a_prune(tmp_path: Path) -> None:
+    """A prune is a write: refused, as before its read came first, by a journal that
+    is closed or refuses work (``_closed``: full sync not restored, "never write on
+    at NORMAL"), even with nothing to drop; not a silent 0 from the read alone."""
+    path = tmp_path / "j.sqlite3"
+    journal, _now = _deleted_long_ago(path, ["on-server"])
+    journal._closed = True  # what _unsynced sets when FULL cannot be restored
+    with pytest.raises(JournalError, match="is closed"):
+        journal.prune("support", ["on-server"], 30.0)
+    journal.close()
+    with pytest.raises(JournalError, match="is closed"):
+        journal.prune("support", ["on-server"], 30.0)
