@@ -412,11 +412,14 @@ class SqliteJournal(SqliteLeases, SqliteCursors):
         Reads first, outside a write transaction: a mailbox with nothing to drop (the
         usual case) takes no write lock and commits nothing (issue 18: one prune per
         mailbox in every ``run --once``). The DELETE checks status and age again under
-        the write lock, so an entry changed in between is kept."""
+        the write lock, so an entry changed in between is kept. Still a write: a
+        journal closed or refusing work (``_closed``) raises, nothing to drop or not."""
         on_server = set(present)
         cutoff = (self._clock() - timedelta(days=older_than_days)).timestamp()
         deleted = Status.DELETED.value
         with self._guard():
+            if self._closed:  # as _tx: e.g. full sync not restored (never at NORMAL)
+                raise JournalError(f"journal {self.path} is closed")
             rows = self._conn.execute(
                 "SELECT uid FROM entries "
                 "WHERE mailbox = ? AND status = ? AND updated < ?",

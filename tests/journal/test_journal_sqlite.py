@@ -170,6 +170,13 @@ def test_a_new_holder_s_name_is_written_over_the_old_one_not_after_a_cut(
             assert [kind for kind, _ in calls] == expected, owner
             assert all(n == len(text) for _, n in calls), calls
             journal.unlock_mailbox("box", owner=owner)
+        # A crash between the write and the cut left the old name's tail after the
+        # same holder's name: its next take finds it (pread reads one byte more).
+        lock_path(path, "box").write_text("host:99\nbox\n23456\n")
+        calls.clear()
+        assert journal.lock_mailbox("box", owner="host:99", ttl=60)
+        assert lock_path(path, "box").read_text() == "host:99\nbox\n"
+        assert [kind for kind, _ in calls] == ["write", "cut"]
 
 
 def test_a_busy_database_raises_journal_error(tmp_path: Path) -> None:
@@ -350,3 +357,43 @@ def test_an_entry_changed_between_the_prune_s_read_and_its_delete_is_kept(
         ("changed", Status.PENDING)
     ]
     journal.close()
+
+
+def test_an_entry_deleted_again_between_the_prune_s_read_and_its_delete_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DELETE's age check matters on its own, not only its status check: an
+    entry still DELETED but marked again in between (``updated`` now, as another
+    worker's ``mark_deleted`` of a re-delivered uid does) is not old any more."""
+    path = tmp_path / "j.sqlite3"
+    journal, now = _deleted_long_ago(path, ["again", "dropped"])
+    real_tx = journal._tx
+
+    def tx_after_a_new_deletion() -> Any:
+        with sqlite3.connect(path, isolation_level=None) as other:
+            other.execute(
+                "UPDATE entries SET updated = ? WHERE mailbox = 'support' AND uid = ?",
+                (now[0].timestamp(), "again"),
+            )
+        return real_tx()
+
+    monkeypatch.setattr(journal, "_tx", tx_after_a_new_deletion)
+    assert journal.prune("support", [], 30.0) == 1
+    assert [(e.uid, e.status) for e in journal.list("support")] == [
+        ("again", Status.DELETED)
+    ]
+    journal.close()
+
+
+def test_a_closed_or_refusing_journal_refuses_a_prune(tmp_path: Path) -> None:
+    """A prune is a write: refused, as before its read came first, by a journal that
+    is closed or refuses work (``_closed``: full sync not restored, "never write on
+    at NORMAL"), even with nothing to drop; not a silent 0 from the read alone."""
+    path = tmp_path / "j.sqlite3"
+    journal, _now = _deleted_long_ago(path, ["on-server"])
+    journal._closed = True  # what _unsynced sets when FULL cannot be restored
+    with pytest.raises(JournalError, match="is closed"):
+        journal.prune("support", ["on-server"], 30.0)
+    journal.close()
+    with pytest.raises(JournalError, match="is closed"):
+        journal.prune("support", ["on-server"], 30.0)
