@@ -199,12 +199,14 @@ class _SaltedPasswords:
     Cached for the life of the process (RFC 5802 §5.1 allows a client to keep it):
     a poll that opens several sessions on one mailbox (commit windows) derives it
     once for the server's salt and iteration count, not once per login, and so does
-    a worker polling its mailboxes again and again, each with a salt of its own. At
-    most ``maxsize`` entries (least recently used first out): enough for every
-    mailbox of a worker that polls thousands (issue 18: with 16, a worker of 1,000
-    mailboxes ran PBKDF2 at every login of every cycle: ~1.2 ms each at 4,096
-    iterations, 15 % of the samples of an empty TLS cycle, bench/RESULTS.md §45).
-    An entry takes about 0.3 KiB. The cache is keyed by an
+    a worker polling its mailboxes again and again, each with a salt of its own, on
+    a server that keeps each user's salt (stored SCRAM secrets; a server that derives
+    them from a stored plaintext password, as Dovecot does, sends a new salt at every
+    login, and nothing can be kept). At most ``maxsize`` entries (least recently used
+    first out): enough for every mailbox of a worker that polls thousands (issue 18:
+    with 16, a worker of more than 16 such mailboxes ran PBKDF2, ~1.2 ms at 4,096
+    iterations, at every login of every cycle; bench/RESULTS.md §45). An entry takes
+    about 0.3 KiB. The cache is keyed by an
     HMAC of the password under a random key of this process, never the password
     itself, so no plaintext password is kept by it; the value is as secret as the
     password it is derived from and never leaves the process.
