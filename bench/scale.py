@@ -21,6 +21,16 @@ login process per connection): see ``SHARED_LOGIN``.
     two, after a first run of each that creates the journal (reported apart). Time
     of the cycle (process start to exit) and CPU from ``os.wait4``;
     ``verified`` says every mailbox has a successful poll record in the journal.
+(0') no new mail, a running worker (``mailpipe run``, not ``--once``; issue 18): every
+    mailbox due again one second after its poll, so the worker polls as fast as it
+    can; after its first cycle, ``--worker-cycles`` cycles are timed, the ones a
+    deployment's worker runs all day (no start-up; TLS sessions resumed and SCRAM's
+    salted passwords kept from the cycle before; journal and lock files open). A cycle
+    ends when every mailbox's poll record is newer than its start; the records are
+    written at most 0.5 s after their polls (the scheduler's POLL_RECORD_DELAY), so a
+    cycle's time is within about 0.5 s of its polls'. CPU (mailpipe's and Dovecot's)
+    from /proc over the cycle, peak RSS from /proc at its end; the worker then gets
+    SIGTERM and must exit 0 with every poll record free of errors.
 (a) one ``mailpipe run --once`` (SQLite journal) with scheduler concurrency 50 and 200:
     the time of a full cycle (process start to exit), messages/s, peak RSS and CPU
     from ``os.wait4``. A ``mailpipe check`` of the same config gives the start-up cost
@@ -418,6 +428,101 @@ def empty_cycle(
     )
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) ``pid`` used so far, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mib(pid: int) -> float:
+    """``pid``'s peak resident set (VmHWM) in MiB, from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def polled_since(journal: Path, names: set[str], since: float, timeout: float) -> float:
+    """Wait (bounded) until every mailbox of ``names`` has a poll record written after
+    ``since`` (a time.time() value); return the latest record's time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=30)
+            try:
+                rows = conn.execute(
+                    "SELECT mailbox, polled_at FROM polls WHERE polled_at > ?", (since,)
+                ).fetchall()
+            finally:
+                conn.close()
+        except sqlite3.OperationalError:  # the worker has not made the journal yet
+            rows = []
+        polled = {str(mailbox): float(at) for mailbox, at in rows}
+        if names <= polled.keys():
+            return max(polled[name] for name in names)
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{len(names - polled.keys())} of {len(names)} mailboxes not polled "
+                f"within {timeout} s"
+            )
+        time.sleep(0.1)
+
+
+def worker_cycles(
+    work: Path,
+    dovecot: Dovecot,
+    users: list[DovecotUser],
+    concurrency: int,
+    *,
+    tls: bool,
+    cycles: int,
+    python: str = "this",
+) -> list[Row]:
+    """``cycles`` no-new-mail cycles of one running worker after its first (see (0')
+    in the module's docstring): one row each."""
+    kind = "TLS" if tls else "plain"
+    directory = work / python / f"worker-{kind}-c{concurrency}"
+    config = write_config(
+        directory, dovecot, users, concurrency=concurrency, tls=tls,
+        poll_interval=1.0, ports=PROXY_PORTS, python=python,
+    )
+    journal = directory / "var" / "journal.sqlite3"
+    names = {u.name for u in users}
+    timeout = 60.0 + 0.2 * len(users)
+    proc = spawn(config, directory / "mailpipe.log", "run", python=python)
+    measured: list[tuple[float, float, float, float]] = []
+    try:
+        mark = polled_since(journal, names, 0.0, timeout + 60.0)  # the first cycle
+        for _ in range(cycles):
+            cpu, server = process_cpu(proc.pid), server_cpu(dovecot)
+            end = polled_since(journal, names, mark, timeout)
+            measured.append((
+                end - mark,
+                process_cpu(proc.pid) - cpu,
+                server_cpu(dovecot) - server,
+                peak_rss_mib(proc.pid),
+            ))
+            mark = end
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code, _rss, _cpu = reap(proc, 120)
+    verified = polled_ok(journal, users)
+    if left_on_server(users):
+        verified += " (mail left?)"
+    if code != 0:
+        verified += f" exit {code}"
+    return [
+        Row(
+            f"no new mail, {kind}, running worker's cycle {n}",
+            len(users), 0, 1, concurrency, seconds, None, rss, cpu, verified, server,
+            python,
+        )
+        for n, (seconds, cpu, server, rss) in enumerate(measured, 2)
+    ]
+
+
 def one_worker(
     work: Path,
     dovecot: Dovecot,
@@ -619,6 +724,13 @@ def main(argv: list[str] | None = None) -> int:
         help="no-new-mail cycles of each kind after the first run (0: none)",
     )
     parser.add_argument(
+        "--worker-cycles",
+        type=int,
+        default=3,
+        help="no-new-mail cycles timed in a running worker after its first, per "
+        "kind (plain, TLS) and interpreter (0: none)",
+    )
+    parser.add_argument(
         "--empty-only", action="store_true", help="only the no-new-mail cycles"
     )
     parser.add_argument(
@@ -685,6 +797,15 @@ def main(argv: list[str] | None = None) -> int:
                         )
                         print(render(rows[-1:]).splitlines()[-1], file=sys.stderr,
                               flush=True)
+        for concurrency in args.empty_concurrency if args.worker_cycles else ():
+            for tls in (False, True):
+                for python in PYTHONS:
+                    rows += worker_cycles(
+                        work, dovecot, users, concurrency, tls=tls,
+                        cycles=args.worker_cycles, python=python,
+                    )
+                    print(render(rows[-1:]).splitlines()[-1], file=sys.stderr,
+                          flush=True)
         if args.empty_only:
             args.concurrency = []
         for concurrency in args.concurrency:

@@ -80,8 +80,9 @@ def test_small_scale_benchmark_prints_a_verified_table() -> None:
     for cells in rows:
         assert cells[-1] == "ok 200/200", cells
         assert float(cells[5]) > 0 and float(cells[8]) > 0  # time and RSS measured
-    # Issue 18: the no-new-mail cycles, plain and TLS, first run and steady state;
-    # every mailbox has a successful poll record.
+    # Issue 18: the no-new-mail cycles, plain and TLS, first run and steady state of
+    # `run --once`, then three cycles of a running worker each; every mailbox has a
+    # successful poll record.
     empty = [_cells(line) for line in out.splitlines()
              if line.startswith("| this ") and "| no new mail" in line]
     names = [cells[0] for cells in empty]
@@ -90,6 +91,8 @@ def test_small_scale_benchmark_prints_a_verified_table() -> None:
         "no new mail, TLS, first run",
         "no new mail, plain",
         "no new mail, TLS",
+        *(f"no new mail, {kind}, running worker's cycle {n}"
+          for kind in ("plain", "TLS") for n in (2, 3, 4)),
     ], out
     for cells in empty:
         assert cells[1:3] == ["100", "0"] and cells[-1] == "ok 100/100", cells
@@ -110,8 +113,8 @@ def test_peers_run_alternately_behind_the_delay_proxy() -> None:
     _require_servers()
     done = subprocess.run(
         [sys.executable, str(BENCH), "--mailboxes", "5", "--empty-only", "--rounds",
-         "1", "--empty-concurrency", "1", "--rtt-ms", "50", "--peer",
-         f"twin={sys.executable}"],
+         "1", "--worker-cycles", "1", "--empty-concurrency", "1", "--rtt-ms", "50",
+         "--peer", f"twin={sys.executable}"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -123,7 +126,7 @@ def test_peers_run_alternately_behind_the_delay_proxy() -> None:
             if "| no new mail" in line]
     assert [(r[0], r[1]) for r in rows] == [
         (who, f"no new mail, {kind}{first}")
-        for first in (", first run", "")
+        for first in (", first run", "", ", running worker's cycle 2")
         for kind in ("plain", "TLS")
         for who in ("this", "twin")
     ], done.stdout
