@@ -315,9 +315,16 @@ def spawn(
 
 
 def reap(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, float, float]:
-    """Wait for ``proc`` (bounded); return (exit code, peak RSS MiB, CPU seconds)."""
+    """Wait for ``proc`` (bounded); return (exit code, peak RSS MiB, CPU seconds).
+
+    A process that Popen has collected already (``poll()``, or ``send_signal()``,
+    which polls first, after it exited) gives its exit code with 0 RSS and CPU: its
+    rusage is gone, and ``os.wait4`` would raise ChildProcessError. On timeout it is
+    killed and collected, then TimeoutError is raised."""
     deadline = time.monotonic() + timeout
     while True:
+        if proc.returncode is not None:
+            return proc.returncode, 0.0, 0.0
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
@@ -328,6 +335,7 @@ def reap(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, float, flo
             )
         if time.monotonic() > deadline:
             proc.kill()
+            proc.wait()
             raise TimeoutError(
                 f"mailpipe (pid {proc.pid}) did not finish in {timeout} s"
             )
@@ -444,11 +452,23 @@ def peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
-def polled_since(journal: Path, names: set[str], since: float, timeout: float) -> float:
+def polled_since(
+    journal: Path,
+    names: set[str],
+    since: float,
+    timeout: float,
+    worker: subprocess.Popen[bytes] | None = None,
+) -> float:
     """Wait (bounded) until every mailbox of ``names`` has a poll record written after
-    ``since`` (a time.time() value); return the latest record's time."""
+    ``since`` (a time.time() value); return the latest record's time. RuntimeError
+    as soon as ``worker`` (the mailpipe writing the records) has exited."""
     deadline = time.monotonic() + timeout
     while True:
+        if worker is not None and worker.poll() is not None:
+            raise RuntimeError(
+                f"mailpipe (pid {worker.pid}) exited {worker.returncode} while "
+                f"{len(names)} mailboxes were awaited"
+            )
         try:
             conn = sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=30)
             try:
@@ -494,10 +514,10 @@ def worker_cycles(
     proc = spawn(config, directory / "mailpipe.log", "run", python=python)
     measured: list[tuple[float, float, float, float]] = []
     try:
-        mark = polled_since(journal, names, 0.0, timeout + 60.0)  # the first cycle
+        mark = polled_since(journal, names, 0.0, timeout + 60.0, proc)  # 1st cycle
         for _ in range(cycles):
             cpu, server = process_cpu(proc.pid), server_cpu(dovecot)
-            end = polled_since(journal, names, mark, timeout)
+            end = polled_since(journal, names, mark, timeout, proc)
             measured.append((
                 end - mark,
                 process_cpu(proc.pid) - cpu,
