@@ -206,7 +206,7 @@ class _SaltedPasswords:
     first out): enough for every mailbox of a worker that polls thousands (issue 18:
     with 16, a worker of more than 16 such mailboxes ran PBKDF2, ~1.2 ms at 4,096
     iterations, at every login of every cycle; bench/RESULTS.md §45). An entry takes
-    about 0.3 KiB. The cache is keyed by an
+    0.35-0.4 KiB (about 1.5 MiB full). The cache is keyed by an
     HMAC of the password under a random key of this process, never the password
     itself, so no plaintext password is kept by it; the value is as secret as the
     password it is derived from and never leaves the process.
