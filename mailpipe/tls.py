@@ -59,8 +59,7 @@ class ResumingContext(ssl.SSLContext):
     certificates included: ~0.4 ms, as much as the whole handshake's own CPU on a
     small machine). So :meth:`keep_from` keeps the session it offers while the server
     shows that it resumes the same session again and again, for at most
-    :attr:`KEEP_FOR` seconds, instead of reading every connection's (issue 18, S-15);
-    a connection that starts later is offered the last resumed connection's own session.
+    :attr:`KEEP_FOR` seconds, instead of reading every connection's (issue 18, S-15).
     A server that refused a session it had resumed before (single-use tickets, RFC
     8446 §C.4) gets each connection's latest session from then on, as before.
     """
@@ -73,10 +72,6 @@ class ResumingContext(ssl.SSLContext):
     _kept_at: float = 0.0  # time.monotonic() when _session was kept
     _resumed: int = 0  # connections that resumed _session
     _single_use: bool = False  # the server refused a session it had resumed
-    #: The last connection that resumed _session, its own (unused) session not read:
-    #: read by wrap_bio once _session is KEEP_FOR old, so no connection that starts
-    #: later (after a pause) offers _session again.
-    _unread: ssl.SSLObject | None = None
 
     def wrap_bio(
         self,
@@ -88,10 +83,6 @@ class ResumingContext(ssl.SSLContext):
     ) -> ssl.SSLObject:
         """asyncio's ``start_tls`` path: the latest session unless one is given."""
         if session is None and not server_side:
-            last = self._unread
-            if last is not None and time.monotonic() - self._kept_at >= self.KEEP_FOR:
-                self._unread = None
-                self.keep(last.session)  # one read, when KEEP_FOR is over
             session = self._session
         obj = super().wrap_bio(
             incoming, outgoing, server_side, server_hostname, session
@@ -105,7 +96,6 @@ class ResumingContext(ssl.SSLContext):
             self._session = session
             self._kept_at = time.monotonic()
             self._resumed = 0
-            self._unread = None
 
     def keep_from(self, sslobj: ssl.SSLObject) -> None:
         """At the end of a connection made with this context: keep its session, or
@@ -117,7 +107,6 @@ class ResumingContext(ssl.SSLContext):
                 # Resumed once: offer it again (nothing read) to learn whether the
                 # server takes a session twice; resumed again: it does, keep it.
                 if time.monotonic() - self._kept_at < self.KEEP_FOR:
-                    self._unread = sslobj
                     return
             elif self._resumed:
                 self._single_use = True  # refused a session it had resumed

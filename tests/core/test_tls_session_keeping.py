@@ -123,23 +123,3 @@ def test_wrap_bio_records_the_offered_session() -> None:
     bio = ssl.MemoryBIO
     assert ctx.wrap_bio(bio(), bio(), server_hostname="mail.example").mailpipe_offered is None
     tls._CONTEXTS.clear()
-
-
-def test_a_held_session_is_not_offered_after_keep_for(
-    ctx: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """KEEP_FOR bounds the offers, not only the keeping: a connection that starts after
-    a pause longer than KEEP_FOR (a worker's next poll) is not offered the session the
-    earlier connections all used (RFC 8446 §C.4), but the unused one the last of them
-    received, read then (once)."""
-    monkeypatch.setattr(ssl.SSLContext, "wrap_bio", lambda self, *a: Connection(None, False))
-    first = connect(ctx, resumed=False)
-    last = connect(ctx, resumed=True)  # resumed: its session is not read
-    assert last.reads == 0
-    ctx.clock[0] += ctx.KEEP_FOR
-    bio = ssl.MemoryBIO
-    offered = ctx.wrap_bio(bio(), bio(), server_hostname="mail.example").mailpipe_offered
-    assert offered is not first.own
-    assert offered is last.own and last.reads == 1
-    again = ctx.wrap_bio(bio(), bio(), server_hostname="mail.example").mailpipe_offered
-    assert again is last.own and last.reads == 1  # read once, offered from then on

@@ -90,27 +90,6 @@ async def test_pop3_mailboxes_of_one_server_resume_tls(server: Dovecot) -> None:
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
 
 
-async def test_after_keep_for_the_next_connection_offers_an_unused_session(
-    server: Dovecot, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """S-15: after a pause longer than KEEP_FOR the next connection is offered the
-    session the last resumed connection received (read from its TLS object after it
-    closed), not the one every connection before it used; Dovecot resumes it."""
-    clock = [1000.0]
-    monkeypatch.setattr(tls.time, "monotonic", lambda: clock[0])
-    users = [server.add_user() for _ in range(3)]
-    tls._CONTEXTS.clear()
-    first = await pop3_session(pop3(server, users[0]))
-    second = await pop3_session(pop3(server, users[1]))
-    assert second.session_reused
-    clock[0] += tls.ResumingContext.KEEP_FOR
-    third = await pop3_session(pop3(server, users[2]))
-    assert third.session_reused
-    held = second.mailpipe_offered  # type: ignore[attr-defined]
-    assert first.mailpipe_offered is None and held is not None  # type: ignore[attr-defined]
-    assert third.mailpipe_offered is not held  # type: ignore[attr-defined]
-
-
 async def test_imap_mailboxes_of_one_server_resume_tls(server: Dovecot) -> None:
     users = [server.add_user() for _ in range(3)]
     tls._CONTEXTS.clear()
