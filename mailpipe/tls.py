@@ -20,9 +20,8 @@ import asyncio
 import hashlib
 import os
 import ssl
-import time
 from pathlib import Path
-from typing import Any, ClassVar, Literal, cast
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -54,24 +53,9 @@ class ResumingContext(ssl.SSLContext):
     flag), so a session is never offered to another server nor under other trust
     settings; OpenSSL falls back to a full, verified handshake when the server does
     not resume it.
-
-    Reading a connection's session copies it (CPython serialises and parses it, its
-    certificates included: ~0.4 ms, as much as the whole handshake's own CPU on a
-    small machine). So :meth:`keep_from` keeps the session it offers while the server
-    shows that it resumes the same session again and again, for at most
-    :attr:`KEEP_FOR` seconds, instead of reading every connection's (issue 18, S-15).
-    A server that refused a session it had resumed before (single-use tickets, RFC
-    8446 §C.4) gets each connection's latest session from then on, as before.
     """
 
-    #: Seconds a session the server resumes again and again is offered before the
-    #: next connection's replaces it (the server's ticket lifetime is hours).
-    KEEP_FOR: ClassVar[float] = 60.0
-
     _session: ssl.SSLSession | None = None
-    _kept_at: float = 0.0  # time.monotonic() when _session was kept
-    _resumed: int = 0  # connections that resumed _session
-    _single_use: bool = False  # the server refused a session it had resumed
 
     def wrap_bio(
         self,
@@ -84,33 +68,14 @@ class ResumingContext(ssl.SSLContext):
         """asyncio's ``start_tls`` path: the latest session unless one is given."""
         if session is None and not server_side:
             session = self._session
-        obj = super().wrap_bio(
+        return super().wrap_bio(
             incoming, outgoing, server_side, server_hostname, session
         )
-        obj.mailpipe_offered = session  # type: ignore[attr-defined]  # for keep_from
-        return obj
 
     def keep(self, session: ssl.SSLSession | None) -> None:
         """Offer ``session`` from now on, when it can be resumed (a ticket or an id)."""
         if session is not None and (session.has_ticket or session.id):
             self._session = session
-            self._kept_at = time.monotonic()
-            self._resumed = 0
-
-    def keep_from(self, sslobj: ssl.SSLObject) -> None:
-        """At the end of a connection made with this context: keep its session, or
-        go on offering the one it resumed (see the class's docstring)."""
-        offered = getattr(sslobj, "mailpipe_offered", None)
-        if offered is not None and offered is self._session and not self._single_use:
-            if sslobj.session_reused:
-                self._resumed += 1
-                # Resumed once: offer it again (nothing read) to learn whether the
-                # server takes a session twice; resumed again: it does, keep it.
-                if time.monotonic() - self._kept_at < self.KEEP_FOR:
-                    return
-            elif self._resumed:
-                self._single_use = True  # refused a session it had resumed
-        self.keep(sslobj.session)
 
 
 #: The shared contexts, by (host, port, CA file, its mtime and size, verify).
@@ -158,7 +123,7 @@ def keep_session(writer: asyncio.StreamWriter | None) -> None:
     sslobj = writer.get_extra_info("ssl_object")
     ctx = getattr(sslobj, "context", None)
     if isinstance(ctx, ResumingContext) and sslobj is not None:
-        ctx.keep_from(sslobj)
+        ctx.keep(sslobj.session)
 
 
 async def handshake(
