@@ -333,54 +333,40 @@ def test_a_prune_with_nothing_to_drop_takes_no_write_lock(tmp_path: Path) -> Non
     journal.close()
 
 
+@pytest.mark.parametrize(
+    ("change", "kept_as"),
+    [
+        # pending again, as a re-delivered uid would be: the status check keeps it
+        ("status", Status.PENDING),
+        # still DELETED but marked again (``updated`` now), as another worker's
+        # ``mark_deleted`` of a re-delivered uid does: the age check on its own keeps it
+        ("updated", Status.DELETED),
+    ],
+)
 def test_an_entry_changed_between_the_prune_s_read_and_its_delete_is_kept(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str, kept_as: Status
 ) -> None:
     """The prune reads outside the write lock; its DELETE checks status and age
-    again, so an entry another writer changed in between (here: pending again, as a
-    re-delivered uid would be) is not dropped with the rest."""
+    again, each on its own, so an entry another writer changed in between is not
+    dropped with the rest."""
     path = tmp_path / "j.sqlite3"
-    journal, _now = _deleted_long_ago(path, ["changed", "dropped"])
+    journal, now = _deleted_long_ago(path, ["changed", "dropped"])
+    value = Status.PENDING.value if change == "status" else now[0].timestamp()
     real_tx = journal._tx
 
     def tx_after_a_change() -> Any:
         with sqlite3.connect(path, isolation_level=None) as other:
             other.execute(
-                "UPDATE entries SET status = ? WHERE mailbox = 'support' AND uid = ?",
-                (Status.PENDING.value, "changed"),
+                f"UPDATE entries SET {change} = ? "
+                "WHERE mailbox = 'support' AND uid = 'changed'",
+                (value,),
             )
         return real_tx()
 
     monkeypatch.setattr(journal, "_tx", tx_after_a_change)
     assert journal.prune("support", [], 30.0) == 1
     assert [(e.uid, e.status) for e in journal.list("support")] == [
-        ("changed", Status.PENDING)
-    ]
-    journal.close()
-
-
-def test_an_entry_deleted_again_between_the_prune_s_read_and_its_delete_is_kept(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The DELETE's age check matters on its own, not only its status check: an
-    entry still DELETED but marked again in between (``updated`` now, as another
-    worker's ``mark_deleted`` of a re-delivered uid does) is not old any more."""
-    path = tmp_path / "j.sqlite3"
-    journal, now = _deleted_long_ago(path, ["again", "dropped"])
-    real_tx = journal._tx
-
-    def tx_after_a_new_deletion() -> Any:
-        with sqlite3.connect(path, isolation_level=None) as other:
-            other.execute(
-                "UPDATE entries SET updated = ? WHERE mailbox = 'support' AND uid = ?",
-                (now[0].timestamp(), "again"),
-            )
-        return real_tx()
-
-    monkeypatch.setattr(journal, "_tx", tx_after_a_new_deletion)
-    assert journal.prune("support", [], 30.0) == 1
-    assert [(e.uid, e.status) for e in journal.list("support")] == [
-        ("again", Status.DELETED)
+        ("changed", kept_as)
     ]
     journal.close()
 
