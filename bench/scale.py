@@ -24,11 +24,12 @@ login process per connection): see ``SHARED_LOGIN``.
 (0') no new mail, a running worker (``mailpipe run``, not ``--once``; issue 18): every
     mailbox due again one second after its poll, so the worker polls as fast as it
     can; after its first cycle, ``--worker-cycles`` cycles are timed, the ones a
-    deployment's worker runs all day (no start-up; TLS sessions resumed and SCRAM's
-    salted passwords kept from the cycle before; journal and lock files open). A cycle
-    ends when every mailbox's poll record is newer than its start; the records are
-    written at most 0.5 s after their polls (the scheduler's POLL_RECORD_DELAY), so a
-    cycle's time is within about 0.5 s of its polls'. CPU (mailpipe's and Dovecot's)
+    deployment's worker runs all day (no start-up; TLS sessions resumed from the cycle
+    before, and SCRAM's salted passwords on a server that keeps each user's salt,
+    which this Dovecot does not; journal and lock files open). A cycle ends when every
+    mailbox's poll record is newer than its start; the records are written every
+    0.5 s (the scheduler's POLL_RECORD_DELAY) plus the event loop's lag, so a cycle's
+    time is within about 0.5 s of its polls'. CPU (mailpipe's and Dovecot's)
     from /proc over the cycle, peak RSS from /proc at its end; the worker then gets
     SIGTERM and must exit 0 with every poll record free of errors.
 (a) one ``mailpipe run --once`` (SQLite journal) with scheduler concurrency 50 and 200:
@@ -157,24 +158,26 @@ def deliver(
     return ids
 
 
+def stat_fields(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (field 3 on), so that
+    ``[11]`` is utime, ``[12]`` stime, ``[13]`` cutime, ``[14]`` cstime (ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def server_cpu(dovecot: Dovecot) -> float:
     """CPU seconds Dovecot used so far: its master (with the children it reaped) and
     its live children (login, auth, pop3 processes), from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
-
-    def fields(pid: int | str) -> list[str]:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-
     master = dovecot.pid
     if master is None:
         return 0.0
-    total = sum(int(x) for x in fields(master)[11:15])  # utime stime cutime cstime
+    total = sum(int(x) for x in stat_fields(master)[11:15])  # utime stime cutime cstime
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            f = fields(entry)
+            f = stat_fields(entry)
         except OSError:
             continue
         if int(f[1]) == master:
@@ -438,8 +441,7 @@ def empty_cycle(
 
 def process_cpu(pid: int) -> float:
     """CPU seconds (user + system, every thread) ``pid`` used so far, from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    fields = stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
