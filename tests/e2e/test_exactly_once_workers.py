@@ -176,7 +176,14 @@ def test_workers_killed_and_paused_past_their_leases_store_every_message_once(
                     pause = rng.uniform(1.3, 2.0) * LEASE_TTL
                     events.append(f"SIGSTOP {pause:.1f}s")
                     workers.pause(victim, pause)
-            assert len(workers.alive()) == WORKERS
+            # A worker that exited by itself (not one this test killed) is a defect:
+            # its exit code, the events so far and the logs' tail say which.
+            exited = {p.pid: p.returncode for p in workers.procs
+                      if p.poll() is not None and p.pid not in workers.killed}
+            assert len(workers.alive()) == WORKERS, (
+                f"exited by themselves: {exited}; events: {events}\n"
+                + workers.log_text()[-4000:]
+            )
 
             def drained() -> bool:
                 return all(dovecot.mailbox_count(u) == 0 for u in users)
