@@ -1,15 +1,13 @@
 """store.sqlite's rows: the holder of one message's rows for the tables of
-:mod:`._sqlite_schema`, their checks before they are held, the ``messages`` UPSERT and
-the insert of a spooled message's raw bytes (the store builds the rows and writes the
-rest: ``SqliteStore._prepare`` and ``SqliteStore._write_rows``).
+:mod:`._sqlite_schema`, their checks before they are held, the ``messages`` UPSERT (the store builds the rows and writes them:
+``SqliteStore._prepare`` and ``SqliteStore._program``).
 
 Contract: :data:`_UPSERT` upserts a ``messages`` row from its values in :data:`_COLUMNS`
 order (``key`` and ``stored_at`` kept on update); :class:`_Rows` holds one message's
 prepared rows (built by ``SqliteStore._prepare``, without database access);
 :func:`_check` raises, before anything is held, what SQLite would refuse for that
-message alone; :func:`_write_raw` inserts a spooled message's raw bytes in bounded
-memory, in the caller's transaction. :func:`_json` is the compact JSON of every JSON
-column. Nothing here opens a connection or a transaction.
+message alone. :func:`_json` is the compact JSON of every JSON column. Nothing here
+opens a connection or a transaction.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ from typing import Any, Final
 
 from mailpipe.message import Message
 
-from ._sqlite_schema import _ADDRESS_COLUMNS, _ADDRESS_FIELDS, _copy_into
+from ._sqlite_schema import _ADDRESS_COLUMNS, _ADDRESS_FIELDS
 
 
 def _address_count(record: Any) -> int:
@@ -66,25 +64,6 @@ _UPSERT: Final = (
     + ") ON CONFLICT(key) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS if c not in _KEEP_ON_UPDATE)
 )
-
-
-def _write_raw(conn: sqlite3.Connection, key: str, message: Message) -> None:
-    """Insert ``key``'s raw bytes from a spooled ``message``, in bounded memory (the
-    caller deleted the old ones).
-
-    The row is inserted with ``zeroblob(size)`` as its last column, which SQLite keeps
-    as a zero count in the record (a zeroblob followed by other columns would be
-    materialised in memory), then filled from ``message.open()`` in 1 MiB pieces
-    through incremental blob I/O. The bytes of a message held in memory are bound as
-    they are instead (see
-    :meth:`~mailpipe.plugins.store.sqlite.SqliteStore._write_rows`): the same row.
-    """
-    rowid = conn.execute(
-        "INSERT INTO message_raw (key, raw) VALUES (?, zeroblob(?))", (key, message.size)
-    ).lastrowid
-    assert rowid is not None
-    with conn.blobopen("message_raw", "raw", rowid) as blob, message.open() as f:
-        _copy_into(blob, f)
 
 
 @dataclass(slots=True)

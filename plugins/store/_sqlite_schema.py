@@ -45,11 +45,13 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import Final
 
 import structlog
 
 from mailpipe.errors import MailpipeError, PermanentFailure, TemporaryFailure
+
+from ._sqlite_writes import copy_into, open_connection
 
 log = structlog.get_logger()
 
@@ -149,13 +151,6 @@ _V2: Final = (
         SELECT id, {_FTS_ROW.format(p="messages")} FROM messages""",
 )
 
-_RAW_CHUNK: Final = 1 << 20
-
-
-def _copy_into(dst: sqlite3.Blob, src: sqlite3.Blob | BinaryIO) -> None:
-    """Copy ``src`` to ``dst`` in 1 MiB pieces (``dst`` already has the right size)."""
-    for chunk in iter(lambda: src.read(_RAW_CHUNK), b""):
-        dst.write(chunk)
 
 
 def _drop_old_raw(conn: sqlite3.Connection) -> None:
@@ -184,12 +179,12 @@ def _move_raw(conn: sqlite3.Connection) -> None:
     for old, new in pairs:
         with conn.blobopen("messages", "raw", old, readonly=True) as src, \
                 conn.blobopen("message_raw", "raw", new) as dst:
-            _copy_into(dst, src)
+            copy_into(dst, src)
 
 
 _V3: Final = (
     # raw is the LAST column: a trailing zeroblob stays small in the record (see
-    # _sqlite_rows._write_raw); a rowid alias (id) because incremental blob I/O
+    # _sqlite_writes' raw_file operation); a rowid alias (id) because incremental blob I/O
     # addresses rows by rowid.
     """CREATE TABLE message_raw (
         id INTEGER PRIMARY KEY,
@@ -365,19 +360,9 @@ def _migrate(conn: sqlite3.Connection, target: int) -> int:
 
 
 def connect(path: Path, *, timeout: float = 30.0) -> sqlite3.Connection:
-    """Open ``path`` in autocommit mode with WAL, synchronous=FULL, foreign keys and
-    temporary storage in memory."""
-    conn = sqlite3.connect(
-        path, timeout=timeout, isolation_level=None, check_same_thread=False
-    )
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    # Statement journals (the FTS triggers make each upsert of a group commit keep
-    # one) stay in memory instead of spilling to temporary files: they only undo a
-    # statement, never serve crash recovery (the WAL does), so durability is the same.
-    conn.execute("PRAGMA temp_store=MEMORY")
-    return conn
+    """Open ``path`` with the store's settings (:func:`._sqlite_writes.open_connection`:
+    autocommit, WAL, synchronous=FULL, foreign keys, temporary storage in memory)."""
+    return open_connection(path, timeout=timeout)
 
 
 def _now() -> str:

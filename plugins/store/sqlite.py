@@ -9,22 +9,32 @@ UPSERT and the insert of a spooled message's raw bytes. Read the archive with
 :func:`search` (FTS5) and :func:`open_raw` (raw bytes in pieces).
 
 Durability: WAL with ``synchronous=FULL``. With ``group_commit`` (the default) the rows
-of in-memory messages are prepared and checked in ``process()`` and written at
-``flush()`` in one transaction (the engine calls ``flush()`` before any DELE of the
-messages it covers), so the database's write lock is held only inside ``flush()``;
-without it, and for spooled messages, each message is its own transaction. Rows
-written in a group become visible to readers only once ``flush()`` returns (or
-earlier, when ``process()`` writes the group on reaching ``MAX_ROWS`` rows or
-``MAX_HELD`` octets of prepared values).
+of in-memory messages are prepared and checked in ``process()`` and are durable when
+``flush()`` returns (the engine calls ``flush()`` before any DELE of the messages it
+covers); without it, and for spooled messages, each message is its own transaction,
+durable when ``process()`` returns. Who writes a group, by the ``writer`` option:
 
-A failed group transaction fails the whole group, whatever the cause (the database
-busy, full or failing, or an error of one message that the checks in ``process()``
-could not foresee): nothing of it is stored, ``flush()`` raises, so the engine takes
-none of its messages as durable, and each of its keys is written in ``process()``
-next time in a transaction of its own (an error of one message then reaches only
-that message). When the write that ``process()`` starts on reaching a bound fails,
-that ``process()`` raises and the next ``flush()`` raises too (the earlier
-messages' rows were in it).
+- ``"process"`` (the default; issue 18): a writer process (:mod:`._sqlite_writer`)
+  commits the held rows in chunks of at most ``CHUNK_ROWS`` messages or
+  ``CHUNK_OCTETS`` octets, each in its own transaction, while the chain goes on with
+  the next messages; ``flush()`` sends what is held and waits until every chunk is
+  committed. Rows become visible as their chunk commits; the write lock is held for
+  one chunk at a time.
+- ``"thread"``: ``flush()`` writes them in one transaction, so the database's write
+  lock is held only inside ``flush()``, and rows become visible once it returns (or
+  earlier, when ``process()`` writes the group on reaching ``MAX_ROWS`` rows or
+  ``MAX_HELD`` octets of prepared values).
+
+A failed transaction of a group (or of one of its chunks) fails the whole group,
+whatever the cause (the database busy, full or failing, or an error of one message
+that the checks in ``process()`` could not foresee): nothing of that transaction is
+stored, ``flush()`` raises, so the engine takes none of the group's messages as
+durable, and each key of the failed transaction is written in ``process()`` next time
+in a transaction of its own (an error of one message then reaches only that message).
+When the write that ``process()`` starts on reaching a bound fails, that ``process()``
+raises and the next ``flush()`` raises too (the earlier messages' rows were in it); a
+chunk's failure in the writer process is raised by the next ``flush()`` (MP-04), and a
+writer process that dies fails every chunk it had not committed.
 """
 
 from __future__ import annotations
@@ -54,7 +64,6 @@ from ._sqlite_rows import (
     _flatten_addresses,
     _json,
     _Rows,
-    _write_raw,
 )
 from ._sqlite_schema import _ADDRESS_FIELDS, _INDEX_UNINDEXED, _now
 from ._sqlite_schema import MIGRATIONS as MIGRATIONS  # its former home
@@ -64,6 +73,8 @@ from ._sqlite_schema import classify as classify  # its former home
 from ._sqlite_schema import connect as connect  # its former home
 from ._sqlite_schema import migrate as migrate  # its former home
 from ._sqlite_schema import schema_version as schema_version  # its former home
+from ._sqlite_writer import WriterProcess
+from ._sqlite_writes import Op, run_ops
 
 log = structlog.get_logger()
 
@@ -104,13 +115,20 @@ class SqliteOptions(BaseModel):
     group_commit: bool = Field(
         strict=True,
         default=True,
-        description="Prepare each message's rows in process() and write them all in "
-        "one transaction at flush() (the engine flushes before any DELE), holding "
-        "the write lock only there; false: commit each message before process() "
-        "returns.",
+        description="Prepare each message's rows in process(); they are durable when "
+        "flush() returns (the engine flushes before any DELE), written as the "
+        "writer option says; false: commit each message before process() returns.",
     )
     busy_timeout: Duration = Field(
         default=30.0, description="How long to wait for a lock held by another writer."
+    )
+    writer: Literal["process", "thread"] = Field(
+        default="process",
+        description="With group_commit: 'process' hands the held rows, in chunks of "
+        "at most 128 messages or 1 MiB, to a writer process (the same Python, "
+        "started at the first write) that commits each chunk while the chain goes "
+        "on, flush() waiting for what is still being written; 'thread' writes them "
+        "all at flush() in the step's thread.",
     )
 
 
@@ -144,6 +162,21 @@ class SqliteStore:
         # flush() raises it (none of the group is taken as durable, MP-04).
         self._failure: MailpipeError | None = None
         self._lock = threading.Lock()
+        # writer = "process": the child writing chunks (started at the first), and
+        # the keys of each chunk sent since the last flush(), by sequence number.
+        self._writer: WriterProcess | None = None
+        self._sent: dict[int, list[str]] = {}
+
+    @property
+    def _in_process(self) -> bool:
+        """Whether the held rows go to the writer process (see the ``writer`` option)."""
+        return self.options.group_commit and self.options.writer == "process"
+
+    def _bounds(self) -> tuple[int, int]:
+        """Rows and octets held at most before process() writes (or sends) them."""
+        if self._in_process:
+            return self.CHUNK_ROWS, self.CHUNK_OCTETS
+        return self.MAX_ROWS, self.MAX_HELD
 
     def open(self) -> None:
         """Open the database, creating or migrating its schema (not in dry-run)."""
@@ -172,14 +205,25 @@ class SqliteStore:
     #: Octets of prepared values held at most (raw bytes and every str/bytes value of
     #: the rows: record JSON, bodies, attachment text, tags): bounds peak RSS.
     MAX_HELD: ClassVar[int] = 8 << 20
+    #: writer = "process": rows (messages) and octets of a chunk sent to the writer
+    #: process; chunks sent and not yet committed hold at most MAX_HELD -
+    #: CHUNK_OCTETS octets (with the chunk being held: MAX_HELD).
+    CHUNK_ROWS: ClassVar[int] = 128
+    CHUNK_OCTETS: ClassVar[int] = 1 << 20
 
     def close(self) -> None:
-        """Write any prepared rows (one transaction) and close the connection."""
+        """Write any prepared rows and close the connection (and the writer process);
+        raises as flush() does."""
         with self._lock:
             try:
-                if self._rows:
+                if self._in_process:
+                    self._settle()
+                elif self._rows:
                     self._commit()
             finally:
+                writer, self._writer = self._writer, None
+                if writer is not None:
+                    writer.close()
                 if self._conn is not None:
                     self._conn.close()
                     self._conn = None
@@ -194,10 +238,69 @@ class SqliteStore:
         group were in it, so the group is not durable (its keys are written in
         process() next time)."""
         with self._lock:
+            if self._in_process:
+                self._settle()
+                return
             failure, self._failure = self._failure, None
             self._commit()
             if failure is not None:
                 raise failure
+
+    def _settle(self) -> None:
+        """writer = "process": send the held rows, wait until the writer has answered
+        every chunk sent since the last flush(); raise the first failure (the keys of
+        each failed chunk are written in process() next time). The caller holds the
+        lock."""
+        failure: BaseException | None
+        failure, self._failure = self._failure, None
+        messages = len(self._rows) + sum(len(keys) for keys in self._sent.values())
+        try:
+            self._send()
+        except Exception as exc:
+            failure = failure or exc
+        if self._writer is not None:
+            for seq, error in sorted(self._writer.wait_all().items()):
+                keys = self._sent.pop(seq, [])
+                if error is not None:
+                    self._inline.update(keys)
+                    failure = failure or error
+        self._sent.clear()
+        if failure is not None:
+            raise self._classified(failure, "group commit") from failure
+        if messages:
+            log.info("sqlite_group_committed", store=self.name, messages=messages)
+
+    def _classified(self, exc: BaseException, what: object) -> BaseException:
+        """``exc`` as the store raises it: an sqlite3 error classified, else itself."""
+        if isinstance(exc, sqlite3.Error):
+            return classify(exc, f"{self.name} {what}")
+        return exc
+
+    def _writer_process(self) -> WriterProcess:
+        if self._writer is None:
+            self._writer = WriterProcess(
+                str(self.path),
+                float(self.options.busy_timeout),
+                max_pending=self.MAX_HELD - self.CHUNK_OCTETS,
+            )
+        return self._writer
+
+    def _send(self) -> None:
+        """writer = "process": hand the held rows to the writer process as one chunk
+        (one transaction); on failure their keys are written in process() next time.
+        The caller holds the lock."""
+        rows, self._rows, self._held = self._rows, {}, 0
+        if not rows:
+            return
+        group = list(rows.values())
+        try:
+            seq = self._writer_process().submit(
+                self._program(group), sum(r.octets for r in group)
+            )
+        except BaseException:
+            self._inline.update(rows)
+            raise
+        self._sent[seq] = list(rows)
 
     def _commit(self) -> None:
         rows, self._rows, self._held = self._rows, {}, 0
@@ -237,8 +340,20 @@ class SqliteStore:
             try:
                 if grouped:
                     self._stage(prepared)
-                    if len(self._rows) >= self.MAX_ROWS or self._held >= self.MAX_HELD:
+                    max_rows, max_held = self._bounds()
+                    if len(self._rows) >= max_rows or self._held >= max_held:
                         self._commit_early(prepared.key)
+                elif self._in_process:
+                    self._rows.pop(prepared.key, None)  # an older version of it
+                    # (after any chunk holding an older version: the writer keeps
+                    # the order)
+                    writer = self._writer_process()
+                    error = writer.wait(
+                        writer.submit(self._program([prepared]), prepared.octets)
+                    )
+                    if error is not None:
+                        raise self._classified(error, self.path) from error
+                    self._inline.discard(prepared.key)
                 else:
                     self._rows.pop(prepared.key, None)  # an older version of it
                     conn = self._connect()
@@ -302,11 +417,8 @@ class SqliteStore:
             held = self._held + prepared.octets - (
                 replaced.octets if replaced is not None else 0
             )
-            if (
-                prepared.key in self._inline
-                or rows >= self.MAX_ROWS
-                or held >= self.MAX_HELD
-            ):
+            max_rows, max_held = self._bounds()
+            if prepared.key in self._inline or rows >= max_rows or held >= max_held:
                 return LATER  # process() writes
             try:
                 self._stage(prepared)
@@ -328,14 +440,18 @@ class SqliteStore:
         self._held += prepared.octets
 
     def _commit_early(self, key: str) -> None:
-        """Write the held group now (the MAX_* bounds). On failure a
+        """Write the held group now (the MAX_* bounds; with writer = "process", send
+        it to the writer at the CHUNK_* bounds). On failure a
         TemporaryFailure is kept for the next flush(), which raises it: messages
         whose process() has returned lost their rows with the failed transaction
         (their keys are written in process() next time). This message's own rows
         were in it too, so its process() raises the error itself (retried, not
         lost)."""
         try:
-            self._commit()
+            if self._in_process:
+                self._send()
+            else:
+                self._commit()
         except Exception as exc:
             self._failure = TemporaryFailure(
                 f"{self.name}: the group write started in process() failed, the "
@@ -346,51 +462,63 @@ class SqliteStore:
 
     def _write_rows(self, conn: sqlite3.Connection, group: Sequence[_Rows]) -> None:
         """Write the prepared rows of ``group`` (distinct keys) in the caller's
-        transaction: each statement once for the whole group (``executemany``), not
-        once per message (issue 18). The result is the rows that writing each
-        message alone gives: its messages row upserted, then its raw bytes,
-        attachments and tags replaced.
+        transaction (:meth:`_program`, run here)."""
+        run_ops(conn, self._program(group))
 
-        The FTS5 entries of the rows it inserts are written here, in the same
-        transaction (:data:`_INDEX_UNINDEXED`, once before the UPSERTs and once
-        after; the update trigger re-indexes a replaced row):
-        a committed row always has its index entry and an index entry its row, as
-        with the insert trigger of versions 2-4."""
+    def _program(self, group: Sequence[_Rows]) -> list[Op]:
+        """The statements that write the prepared rows of ``group`` (distinct keys),
+        as a program of :mod:`._sqlite_writes` for one transaction: each statement
+        once for the whole group (``executemany``), not once per message (issue 18).
+        The result is the rows that writing each message alone gives: its messages
+        row upserted, then its raw bytes, attachments and tags replaced.
+
+        The FTS5 entries of the rows it inserts are written in it too
+        (:data:`_INDEX_UNINDEXED`, once before the UPSERTs and once after; the update
+        trigger re-indexes a replaced row): a committed row always has its index
+        entry and an index entry its row, as with the insert trigger of versions
+        2-4."""
         if not group:
-            return
+            return []
         # The rows of the group's keys not indexed yet (inserted by another writer)
         # before the update trigger forgets their old values, then the rows inserted.
         group_keys = (_json([rows.key for rows in group]),)
-        conn.execute(_INDEX_UNINDEXED, group_keys)
-        conn.execute("UPDATE store_writing SET active = 1")  # the insert trigger off
-        conn.executemany(_UPSERT, [rows.message for rows in group])
-        conn.execute("UPDATE store_writing SET active = 0")  # before anyone sees it
-        conn.execute(_INDEX_UNINDEXED, group_keys)
         keys = [(rows.key,) for rows in group]
-        conn.executemany("DELETE FROM message_raw WHERE key = ?", keys)
-        conn.executemany("DELETE FROM attachments WHERE key = ?", keys)
-        conn.executemany("DELETE FROM tags WHERE key = ?", keys)
-        conn.executemany(
-            "INSERT INTO message_raw (key, raw) VALUES (?, ?)",
-            [
-                (rows.key, rows.raw.data)
+        return [
+            ("execute", _INDEX_UNINDEXED, group_keys),
+            ("execute", "UPDATE store_writing SET active = 1", ()),  # insert trigger off
+            ("executemany", _UPSERT, [rows.message for rows in group]),
+            ("execute", "UPDATE store_writing SET active = 0", ()),  # before anyone sees
+            ("execute", _INDEX_UNINDEXED, group_keys),
+            ("executemany", "DELETE FROM message_raw WHERE key = ?", keys),
+            ("executemany", "DELETE FROM attachments WHERE key = ?", keys),
+            ("executemany", "DELETE FROM tags WHERE key = ?", keys),
+            (
+                "executemany",
+                "INSERT INTO message_raw (key, raw) VALUES (?, ?)",
+                [
+                    (rows.key, rows.raw.data)
+                    for rows in group
+                    if rows.raw is not None and rows.raw.data is not None
+                ],
+            ),
+            *(
+                ("raw_file", rows.key, str(rows.raw.spool_path), rows.raw.size)
                 for rows in group
-                if rows.raw is not None and rows.raw.data is not None
-            ],
-        )
-        for rows in group:
-            if rows.raw is not None and rows.raw.data is None:  # spooled
-                _write_raw(conn, rows.key, rows.raw)
-        conn.executemany(
-            "INSERT INTO attachments (key, idx, filename, content_type, disposition, "
-            "size, sha256, content_id, inline, part) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [a for rows in group for a in rows.attachments],
-        )
-        conn.executemany(
-            "INSERT INTO tags (key, tag) VALUES (?, ?)",
-            [t for rows in group for t in rows.tags],
-        )
+                if rows.raw is not None and rows.raw.data is None  # spooled
+            ),
+            (
+                "executemany",
+                "INSERT INTO attachments (key, idx, filename, content_type, "
+                "disposition, size, sha256, content_id, inline, part) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [a for rows in group for a in rows.attachments],
+            ),
+            (
+                "executemany",
+                "INSERT INTO tags (key, tag) VALUES (?, ?)",
+                [t for rows in group for t in rows.tags],
+            ),
+        ]
 
     def _prepare(self, doc: dict[str, Any], raw: Message | None) -> _Rows:
         """The message's rows (no database access)."""

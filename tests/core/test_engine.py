@@ -830,6 +830,19 @@ def _review18_msg(subject: str) -> bytes:
     return f"From: a@example.com\r\nSubject: {subject}\r\n\r\nbody of {subject}\r\n".encode()
 
 
+def _sqlite_runner_of_a_and_b(tmp_path: Path, **options: object) -> Any:
+    """A runner into store.sqlite (``mail.sqlite3``, ``options``) whose mailbox holds
+    the messages "a" and "b"."""
+    runner = fake_runner(
+        tmp_path,
+        [{"use": "store.sqlite", "path": "mail.sqlite3", **options}],
+        SqliteStore,
+    )
+    runner.source.box.add("a", _review18_msg("a"))
+    runner.source.box.add("b", _review18_msg("b"))
+    return runner
+
+
 async def test_buffer_limit_commit_failure_loses_the_earlier_message(
     tmp_path: Path, monkeypatch
 ) -> None:
@@ -849,12 +862,8 @@ async def test_buffer_limit_commit_failure_loses_the_earlier_message(
         return real(self, conn, rows)
 
     monkeypatch.setattr(SqliteStore, "_write_rows", write_rows)
-    runner = fake_runner(
-        tmp_path, [{"use": "store.sqlite", "path": "mail.sqlite3"}], SqliteStore
-    )
+    runner = _sqlite_runner_of_a_and_b(tmp_path, writer="thread")
     box = runner.source.box
-    box.add("a", _review18_msg("a"))
-    box.add("b", _review18_msg("b"))
     await runner.poll()
     conn = sqlite3.connect(tmp_path / "mail.sqlite3")
     stored = {s for (s,) in conn.execute("SELECT subject FROM messages")}
@@ -862,6 +871,42 @@ async def test_buffer_limit_commit_failure_loses_the_earlier_message(
     gone = {"a", "b"} - set(box.messages)
     # Every message deleted from the server must be in the store.
     assert gone <= stored, f"deleted from the server: {gone}, stored: {stored}"
+
+
+async def test_a_chunk_the_writer_process_cannot_commit_deletes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """writer = "process" (the default): a's and b's process() returned once their
+    chunk (CHUNK_ROWS = 2) was handed to the writer process, which cannot commit it
+    (another connection holds the write lock past busy_timeout). The flush before any
+    DELE raises, so neither is deleted from the server; the next poll stores and
+    deletes both (MP-04)."""
+    FakeSource.boxes.clear()
+    monkeypatch.setattr(SqliteStore, "CHUNK_ROWS", 2)
+    runner = _sqlite_runner_of_a_and_b(tmp_path, busy_timeout="0.2s")
+    box = runner.source.box
+    path = tmp_path / "mail.sqlite3"
+    from mailpipe.plugins.store._sqlite_schema import connect, migrate
+
+    blocker = connect(path)
+    migrate(blocker)  # (the schema first: the store's open() must not wait)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        await runner.poll()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+    def stored() -> set[str]:
+        conn = sqlite3.connect(path)
+        try:
+            return {s for (s,) in conn.execute("SELECT subject FROM messages")}
+        finally:
+            conn.close()
+
+    assert set(box.messages) == {"a", "b"} and stored() == set()
+    await runner.poll()
+    assert not box.messages and stored() == {"a", "b"}
 
 
 async def test_a_source_without_p14_has_its_group_stream_read_to_the_end_first(

@@ -421,7 +421,7 @@ def test_failed_early_commit_in_process_fails_the_next_flush(tmp_path: Path) -> 
     the group write fails (database busy). m1 is not stored, so the next flush() must
     fail: the engine's Chain.flushed() only counts flush() failures, and a flush()
     that succeeds tells the ledger m1 is durable -> finish + DELE -> m1 lost."""
-    s = store(tmp_path, busy_timeout="0.1s")  # group_commit: the default
+    s = store(tmp_path, busy_timeout="0.1s", writer="thread")  # group_commit: default
     s.MAX_ROWS = 2
     m1 = parsed(make_message("1", "one", "body"))
     s.process(m1)  # returns: buffered
@@ -440,6 +440,35 @@ def test_failed_early_commit_in_process_fails_the_next_flush(tmp_path: Path) -> 
         stored = rows(tmp_path, "SELECT key FROM messages")
         s.close()
     assert stored == [], stored
+
+
+def test_a_failed_chunk_of_the_writer_process_fails_the_next_flush(
+    tmp_path: Path,
+) -> None:
+    """writer = "process" (the default): m2's process() reaches CHUNK_ROWS and hands
+    the chunk {m1, m2} to the writer process, which cannot commit it (database busy).
+    Both process() calls returned, so the next flush() must raise (MP-04), nothing of
+    the chunk is stored, and each key is then written alone, durable when its
+    process() returns."""
+    s = store(tmp_path, busy_timeout="0.1s")
+    s.CHUNK_ROWS = 2
+    m1 = parsed(make_message("1", "one", "body"))
+    m2 = parsed(make_message("2", "two", "body"))
+    blocker = connect(tmp_path / "db" / "mail.sqlite3")
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        s.process(m1)
+        s.process(m2)  # the chunk is sent; the writer's failure is not known yet
+        with pytest.raises(TemporaryFailure, match="locked"):
+            s.flush()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert rows(tmp_path, "SELECT key FROM messages") == []
+    s.flush()  # the failure was reported once; nothing is left to write
+    s.process(m1)
+    assert rows(tmp_path, "SELECT key FROM messages") == [(m1.key,)]
+    s.close()
 
 
 def test_prepared_rows_held_before_flush_are_bounded_by_max_held(
@@ -538,16 +567,22 @@ def test_a_group_write_stores_what_writing_each_message_alone_stores(
     """Issue 18: flush() writes a group with each statement once for all its
     messages; the database then holds what committing each message alone holds."""
     alone, grouped = tmp_path / "alone", tmp_path / "grouped"
-    rounds = _mixed_group(tmp_path)  # the same bytes (MIME boundaries) for both
-    for path, group_commit in ((alone, False), (grouped, True)):
+    threaded = tmp_path / "threaded"
+    rounds = _mixed_group(tmp_path)  # the same bytes (MIME boundaries) for all
+    for path, options in (
+        (alone, {"group_commit": False}),
+        (grouped, {}),  # writer = "process"
+        (threaded, {"writer": "thread"}),
+    ):
         path.mkdir()
-        s = store(path, group_commit=group_commit)
+        s = store(path, **options)
         for messages in rounds:
             for m in messages:
                 s.process(m)
             s.flush()
         s.close()
     assert _contents(grouped) == _contents(alone)
+    assert _contents(threaded) == _contents(alone)
     assert [len(t) for t in _contents(grouped)[:4]] == [3, 3, 1, 1]
 
 

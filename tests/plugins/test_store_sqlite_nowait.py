@@ -134,23 +134,37 @@ def test_the_store_lock_is_never_waited_for_on_the_loop(tmp_path: Path) -> None:
     s.close()
 
 
-@pytest.mark.parametrize("bound", ["MAX_ROWS", "MAX_HELD"])
+@pytest.mark.parametrize(
+    ("writer", "bound"),
+    [
+        ("thread", "MAX_ROWS"),
+        ("thread", "MAX_HELD"),
+        ("process", "CHUNK_ROWS"),
+        ("process", "CHUNK_OCTETS"),
+    ],
+)
 def test_a_message_that_fills_the_group_is_written_by_process(
-    tmp_path: Path, bound: str
+    tmp_path: Path, writer: str, bound: str
 ) -> None:
-    """The message that makes the group reach MAX_ROWS or MAX_HELD makes process()
-    write the group: LATER, nothing staged; process() then writes it."""
-    s = store(tmp_path)
+    """The message that makes the group reach MAX_ROWS or MAX_HELD (writer = "thread")
+    or a chunk's CHUNK_ROWS or CHUNK_OCTETS (writer = "process") makes process() write
+    the group or send the chunk: LATER, nothing staged; process() then writes it
+    (the writer process: committed by the next flush() at the latest)."""
+    s = store(tmp_path, writer=writer)
     first = parsed(make_message("1", "one", "body"))
     assert s.process_nowait(first) is None
     second = parsed(make_message("2", "two", "body"))
-    if bound == "MAX_ROWS":
-        s.MAX_ROWS = 2
+    if bound.endswith("ROWS"):
+        setattr(s, bound, 2)
     else:
-        s.MAX_HELD = s._held + 1  # (what is held now: below it)
+        setattr(s, bound, s._held + 1)  # (what is held now: below it)
     unchanged_later(s, second)
-    s.process(second)  # the early write
-    assert s._rows == {} and rows(tmp_path, "SELECT count(*) FROM messages") == [(2,)]
+    s.process(second)  # the early write (or the chunk sent)
+    assert s._rows == {}
+    if writer == "process":
+        assert list(s._sent.values()) == [[first.key, second.key]]
+        s.flush()
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(2,)]
     s.close()
 
 
@@ -186,7 +200,7 @@ def test_a_pending_early_write_failure_still_fails_the_next_flush(
 ) -> None:
     """MP-04: a group write that process() started and that failed is raised by the
     next flush(); a message staged on the loop in between does not hide it."""
-    s = store(tmp_path, busy_timeout="0.1s")
+    s = store(tmp_path, busy_timeout="0.1s", writer="thread")
     s.MAX_ROWS = 2
     s.process(parsed(make_message("1", "one", "body")))
     with another_writer(tmp_path), pytest.raises(TemporaryFailure):

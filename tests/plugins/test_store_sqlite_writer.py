@@ -1,0 +1,251 @@
+"""store.sqlite's writer process (issue 18): programs committed in order, each whole or
+not at all; failures rebuilt and classified as in-process; the child's death fails what
+it had not answered; the parent's death ends the child; the memory bound; no child for a
+run that writes nothing."""
+
+from __future__ import annotations
+
+import ast
+import io
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from mailpipe.plugins.store import _sqlite_writes
+from mailpipe.plugins.store._sqlite_schema import classify
+from mailpipe.plugins.store._sqlite_writer import WriterProcess, rebuild
+from mailpipe.plugins.store._sqlite_writes import (
+    describe,
+    frame,
+    open_connection,
+    serve,
+    write_frame,
+)
+
+from mailpipe import PermanentFailure, TemporaryFailure
+from tests.plugins.test_store_sqlite import make_message, parsed, rows, store
+
+pytestmark = pytest.mark.timeout(120)
+
+INSERT = "INSERT INTO t (k, v) VALUES (?, ?)"
+
+
+def database(tmp_path: Path) -> Path:
+    path = tmp_path / "w.sqlite3"
+    conn = open_connection(path)
+    conn.execute("CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
+    conn.close()
+    return path
+
+
+def table(path: Path) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT k, v FROM t ORDER BY k").fetchall()
+    finally:
+        conn.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # (a zombie of ours counts as gone)
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_programs_are_committed_in_order_and_a_failed_one_stores_nothing(
+    tmp_path: Path,
+) -> None:
+    path = database(tmp_path)
+    w = WriterProcess(str(path), 5.0, max_pending=1 << 20)
+    first = w.submit([("executemany", INSERT, [("a", "1"), ("b", "1")])], 10)
+    # the second fails at its second row (NOT NULL): its first row is not stored
+    bad = w.submit([("execute", INSERT, ("c", "2")), ("execute", INSERT, ("d", None))], 10)
+    third = w.submit([("execute", "UPDATE t SET v = '3' WHERE k = 'a'", ())], 10)
+    assert w.wait(first) is None
+    error = w.wait(bad)
+    assert isinstance(error, sqlite3.IntegrityError)
+    assert error.sqlite_errorname == "SQLITE_CONSTRAINT_NOTNULL"
+    assert isinstance(classify(error, "x"), PermanentFailure)
+    assert w.wait_all() == {third: None}
+    assert table(path) == [("a", "3"), ("b", "1")]
+    pid = w.pid
+    assert pid is not None and alive(pid)
+    assert w.close() == {}
+    assert not alive(pid)
+
+
+def test_a_busy_database_is_rebuilt_as_a_temporary_failure(tmp_path: Path) -> None:
+    path = database(tmp_path)
+    blocker = open_connection(path)
+    blocker.execute("BEGIN IMMEDIATE")
+    w = WriterProcess(str(path), 0.1, max_pending=1 << 20)
+    try:
+        error = w.wait(w.submit([("execute", INSERT, ("a", "1"))], 1))
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert isinstance(error, sqlite3.OperationalError)
+    assert isinstance(classify(error, "x"), TemporaryFailure)
+    assert w.wait(w.submit([("execute", INSERT, ("a", "1"))], 1)) is None
+    w.close()
+    assert table(path) == [("a", "1")]
+
+
+def test_rebuild_keeps_sqlite_classes_and_names_anything_else() -> None:
+    exc = sqlite3.OperationalError("disk I/O error")
+    exc.sqlite_errorname = "SQLITE_IOERR"
+    exc.sqlite_errorcode = 10
+    again = rebuild(describe(exc))
+    assert type(again) is sqlite3.OperationalError and str(again) == "disk I/O error"
+    assert (again.sqlite_errorname, again.sqlite_errorcode) == ("SQLITE_IOERR", 10)
+    other = rebuild(describe(FileNotFoundError(2, "No such file")))
+    assert isinstance(other, TemporaryFailure) and "FileNotFoundError" in str(other)
+    # a class of that name outside sqlite3 is not taken for sqlite3's
+    assert isinstance(rebuild(("x", "Error", "e", None, None)), TemporaryFailure)
+
+
+def test_a_killed_writer_fails_what_it_had_not_answered_and_is_started_again(
+    tmp_path: Path,
+) -> None:
+    path = database(tmp_path)
+    blocker = open_connection(path)
+    blocker.execute("BEGIN IMMEDIATE")  # the child waits on its first program
+    w = WriterProcess(str(path), 30.0, max_pending=1 << 20)
+    try:
+        seqs = [w.submit([("execute", INSERT, (k, "1"))], 1) for k in "ab"]
+        pid = w.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        outcomes = w.wait_all()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert sorted(outcomes) == seqs
+    assert all(isinstance(e, TemporaryFailure) for e in outcomes.values())
+    assert "ended" in str(outcomes[seqs[0]])
+    assert w.wait(w.submit([("execute", INSERT, ("c", "1"))], 1)) is None
+    assert w.pid not in (None, pid)
+    w.close()
+    assert table(path) == [("c", "1")]
+
+
+def test_the_writer_ignores_sigint_and_sigterm_the_parent_decides(tmp_path: Path) -> None:
+    """Ctrl-C and a service manager's SIGTERM reach the whole process group; the
+    parent's graceful stop still flushes through the writer."""
+    path = database(tmp_path)
+    w = WriterProcess(str(path), 5.0, max_pending=1 << 20)
+    assert w.wait(w.submit([("execute", INSERT, ("a", "1"))], 1)) is None
+    pid = w.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGTERM)
+    assert w.wait(w.submit([("execute", INSERT, ("b", "1"))], 1)) is None
+    assert w.pid == pid
+    w.close()
+    assert table(path) == [("a", "1"), ("b", "1")]
+
+
+def test_submit_waits_for_answers_while_too_many_octets_are_pending(
+    tmp_path: Path,
+) -> None:
+    path = database(tmp_path)
+    w = WriterProcess(str(path), 5.0, max_pending=100)
+    first = w.submit([("execute", INSERT, ("a", "1"))], 80)
+    assert w._pending == {first: 80}
+    second = w.submit([("execute", INSERT, ("b", "1"))], 80)  # 160 > 100: waits
+    assert w._pending == {second: 80} and w._outcomes == {first: None}
+    w.close()
+
+
+def test_a_request_cut_short_is_never_run(tmp_path: Path) -> None:
+    """The parent died while sending: the child runs every request it read in full,
+    answers it, and stops at the cut one."""
+    path = database(tmp_path)
+    stream = io.BytesIO()
+    write_frame(stream, (1, [("execute", INSERT, ("a", "1"))]))
+    header, data = frame((2, [("execute", INSERT, ("b", "1"))]))
+    stream.write(header + data[: len(data) // 2])
+    stream.seek(0)
+    out = io.BytesIO()
+    serve(str(path), 5.0, stream, out)
+    assert table(path) == [("a", "1")]
+    out.seek(0)
+    assert _sqlite_writes.read_frame(out) == (1, None)
+    assert _sqlite_writes.read_frame(out) is None
+
+
+def test_the_writer_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
+    path = database(tmp_path)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from mailpipe.plugins.store._sqlite_writer import WriterProcess
+            w = WriterProcess({str(path)!r}, 5.0, max_pending=1 << 20)
+            w.wait(w.submit([("execute", "INSERT INTO t VALUES ('a', '1')", ())], 1))
+            print(w.pid, flush=True)
+            time.sleep(60)
+        """)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert alive(child)
+        parent.kill()
+        parent.wait()
+        for _ in range(200):  # bounded: at most ~10 s
+            if not alive(child):
+                break
+            time.sleep(0.05)
+        assert not alive(child), "the writer outlived its parent"
+    finally:
+        parent.kill()
+        parent.wait()
+    assert table(path) == [("a", "1")]
+
+
+def test_the_writer_module_imports_the_standard_library_only() -> None:
+    """It runs as ``python -I -S`` (no site-packages, no mailpipe): a third-party or
+    mailpipe import would fail there, and would cost start-up if it did not."""
+    source = Path(_sqlite_writes.__file__).read_text()
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "a relative import"
+            assert node.module is not None
+            names.add(node.module.split(".")[0])
+    assert names <= sys.stdlib_module_names | {"__future__"}, names
+
+
+def test_a_store_that_writes_nothing_starts_no_writer(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.flush()
+    s.close()
+    assert s._writer is None
+
+
+def test_close_commits_what_is_held_and_ends_the_writer(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.process(parsed(make_message("1", "one", "body")))
+    s.flush()
+    writer = s._writer
+    assert writer is not None and writer.pid is not None
+    pid = writer.pid
+    s.process(parsed(make_message("2", "two", "body")))
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(1,)]  # still held
+    s.close()
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(2,)]
+    assert s._writer is None and not alive(pid)
