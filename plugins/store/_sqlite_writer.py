@@ -92,19 +92,20 @@ class WriterProcess:
 
     def submit(self, program: Sequence[Op], octets: int) -> int:
         """Queue ``program`` (``octets``: what it holds, for the memory bound) and
-        return its sequence number."""
+        return its sequence number. Raises when no child can be started; the program
+        is then not pending (nothing waits for its answer)."""
         if self._proc is None:
             self._start()
         self._drain(block=False)
         while self._pending and self._pending_octets + octets > self.max_pending:
             self._read_one()
+        parts = frame((self._seq + 1, list(program)))
+        if self._proc is None:  # (the child died while we read its answers)
+            self._start()  # (before the program is pending: it may raise)
         self._seq += 1
         seq = self._seq
-        parts = frame((seq, list(program)))
         self._pending[seq] = octets
         self._pending_octets += octets
-        if self._proc is None:  # (the child died while we read its answers)
-            self._start()
         self._outbox.put(parts)
         return seq
 

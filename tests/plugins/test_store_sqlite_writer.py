@@ -249,3 +249,39 @@ def test_close_commits_what_is_held_and_ends_the_writer(tmp_path: Path) -> None:
     s.close()
     assert rows(tmp_path, "SELECT count(*) FROM messages") == [(2,)]
     assert s._writer is None and not alive(pid)
+
+
+def test_a_writer_that_cannot_be_started_again_leaves_nothing_to_wait_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child dies while submit() waits for room (the memory bound) and a new one
+    cannot be started (no process, no file descriptor left): that submit raises, and
+    the program it did not send is not left pending: wait_all() answers (it would
+    wait for ever for an answer no child will give) and the next submit works."""
+    path = database(tmp_path)
+    blocker = open_connection(path)
+    blocker.execute("BEGIN IMMEDIATE")  # the child waits on its first program
+    w = WriterProcess(str(path), 30.0, max_pending=100)
+    try:
+        first = w.submit([("execute", INSERT, ("a", "1"))], 80)
+        pid = w.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+
+        def no_process(self: WriterProcess) -> None:
+            raise OSError(24, "Too many open files")
+
+        with monkeypatch.context() as m:
+            m.setattr(WriterProcess, "_start", no_process)
+            with pytest.raises(OSError):
+                w.submit([("execute", INSERT, ("b", "1"))], 80)  # 160 > 100: waits
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    outcomes = w.wait_all()
+    assert list(outcomes) == [first] and isinstance(outcomes[first], TemporaryFailure)
+    assert w.wait(w.submit([("execute", INSERT, ("c", "1"))], 1)) is None
+    assert w.wait_all() == {}
+    w.close()
+    assert table(path) == [("c", "1")]
+
