@@ -94,6 +94,8 @@ class WriterProcess:
         """Queue ``program`` (``octets``: what it holds, for the memory bound) and
         return its sequence number. Raises when no child can be started; the program
         is then not pending (nothing waits for its answer)."""
+        if self._proc is not None and self._proc.poll() is not None:
+            self._reap()  # (it died since: not with this program)
         if self._proc is None:
             self._start()
         self._drain(block=False)
@@ -166,6 +168,12 @@ class WriterProcess:
         octets = self._pending.pop(seq, 0)
         self._pending_octets -= octets
         self._outcomes[seq] = rebuild(error) if error is not None else None
+
+    def _reap(self) -> None:
+        """The child has exited: read the answers it gave, then its end (which fails
+        what it had not answered)."""
+        while self._proc is not None:
+            self._read_one()
 
     def _drain(self, *, block: bool) -> None:
         """Read the answers already there (frames are small and written whole)."""

@@ -285,3 +285,22 @@ def test_a_writer_that_cannot_be_started_again_leaves_nothing_to_wait_for(
     w.close()
     assert table(path) == [("c", "1")]
 
+
+
+def test_a_writer_that_died_while_idle_is_started_again_for_the_next_program(
+    tmp_path: Path,
+) -> None:
+    """The contract: the next submit after the child's death starts a new child. A
+    child that died with nothing pending (killed, out of memory) must not take the
+    next program with it: it is run by a new child, not failed."""
+    path = database(tmp_path)
+    w = WriterProcess(str(path), 5.0, max_pending=1 << 20)
+    assert w.wait(w.submit([("execute", INSERT, ("a", "1"))], 1)) is None
+    proc = w._proc
+    assert proc is not None
+    proc.kill()
+    proc.wait()  # dead (and reaped) before the next submit
+    assert w.wait(w.submit([("execute", INSERT, ("b", "1"))], 1)) is None
+    assert w.pid not in (None, proc.pid)
+    w.close()
+    assert table(path) == [("a", "1"), ("b", "1")]
