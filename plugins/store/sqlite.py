@@ -346,7 +346,10 @@ class SqliteStore:
                 elif self._in_process:
                     self._rows.pop(prepared.key, None)  # an older version of it
                     # (after any chunk holding an older version: the writer keeps
-                    # the order)
+                    # the order). What SQLite would refuse for this message raises
+                    # here, as it does in the step's thread: the child reports any
+                    # error but sqlite3's as a TemporaryFailure.
+                    _check(prepared)
                     writer = self._writer_process()
                     error = writer.wait(
                         writer.submit(self._program([prepared]), prepared.octets)

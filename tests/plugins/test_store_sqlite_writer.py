@@ -29,6 +29,7 @@ from mailpipe.plugins.store._sqlite_writes import (
 )
 
 from mailpipe import PermanentFailure, TemporaryFailure
+from mailpipe.message import Message
 from tests.plugins.test_store_sqlite import make_message, parsed, rows, store
 
 pytestmark = pytest.mark.timeout(120)
@@ -304,3 +305,23 @@ def test_a_writer_that_died_while_idle_is_started_again_for_the_next_program(
     assert w.pid not in (None, proc.pid)
     w.close()
     assert table(path) == [("a", "1"), ("b", "1")]
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_message_written_alone_that_sqlite_refuses_fails_as_with_the_thread(
+    tmp_path: Path, writer: str
+) -> None:
+    """A spooled message (written alone, in process()) with a tag SQLite cannot
+    encode (a lone surrogate): the same error with either writer, the message's own
+    (UnicodeEncodeError), not a TemporaryFailure that has it retried as if the
+    environment had failed; nothing stored."""
+    s = store(tmp_path, writer=writer)
+    big = make_message("1", "one", "body")
+    spooled_at = tmp_path / "1.eml"
+    spooled_at.write_bytes(big.raw)
+    m = parsed(Message(ref=big.ref, spool_path=spooled_at))
+    m.tags.add("bad\udcff")
+    with pytest.raises(UnicodeEncodeError):
+        s.process(m)
+    s.close()
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(0,)]
