@@ -176,10 +176,12 @@ class WriterProcess:
             self._read_one()
 
     def _drain(self, *, block: bool) -> None:
-        """Read the answers already there (frames are small and written whole)."""
+        """Read the answers already there (frames are small and written whole).
+        poll(), not select(): the pipe's descriptor may be past FD_SETSIZE."""
         while self._pending and self._replies is not None:
-            ready, _, _ = select.select([self._replies], [], [], None if block else 0)
-            if not ready:
+            poller = select.poll()
+            poller.register(self._replies, select.POLLIN)
+            if not poller.poll(None if block else 0):
                 return
             self._read_one()
 

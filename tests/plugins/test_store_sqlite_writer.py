@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import io
 import os
+import resource
 import select
 import signal
 import sqlite3
@@ -328,3 +329,30 @@ def test_a_message_written_alone_that_sqlite_refuses_fails_as_with_the_thread(
         s.process(m)
     s.close()
     assert rows(tmp_path, "SELECT count(*) FROM messages") == [(0,)]
+
+
+def test_the_writer_works_with_its_pipes_past_fd_setsize(tmp_path: Path) -> None:
+    """A busy service holds many descriptors (sockets of many mailboxes, a group's
+    files); the writer's reply pipe may then be numbered 1024 or more, which
+    select.select() refuses (FD_SETSIZE): every submit would fail."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard}")
+    if soft != resource.RLIM_INFINITY and soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    path = database(tmp_path)
+    fillers = []
+    try:
+        while not fillers or fillers[-1] < 1030:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        w = WriterProcess(str(path), 5.0, max_pending=1 << 20)
+        first = w.submit([("execute", INSERT, ("a", "1"))], 1)
+        assert w._replies is not None and w._replies.fileno() >= 1024
+        second = w.submit([("execute", INSERT, ("b", "1"))], 1)  # reads answers first
+        assert w.wait_all() == {first: None, second: None}
+        w.close()
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert table(path) == [("a", "1"), ("b", "1")]
