@@ -92,8 +92,8 @@ class WriterProcess:
 
     def submit(self, program: Sequence[Op], octets: int) -> int:
         """Queue ``program`` (``octets``: what it holds, for the memory bound) and
-        return its sequence number. Raises when no child can be started; the program
-        is then not pending (nothing waits for its answer)."""
+        return its sequence number. Raises (a TemporaryFailure) when no child can be
+        started; the program is then not pending (nothing waits for its answer)."""
         if self._proc is not None and self._proc.poll() is not None:
             self._reap()  # (it died since: not with this program)
         if self._proc is None:
@@ -138,13 +138,18 @@ class WriterProcess:
                 "store.sqlite: no Python interpreter to start the writer process "
                 "(sys.executable is empty); set writer = \"thread\""
             )
-        proc = subprocess.Popen(  # (our own interpreter and module)
-            [sys.executable, "-I", "-S", _sqlite_writes.__file__, self.path,
-             repr(float(self.busy_timeout))],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            bufsize=0,
-        )
+        try:
+            proc = subprocess.Popen(  # (our own interpreter and module)
+                [sys.executable, "-I", "-S", _sqlite_writes.__file__, self.path,
+                 repr(float(self.busy_timeout))],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                bufsize=0,
+            )
+        except OSError as exc:  # (no process or descriptor left: the environment)
+            raise TemporaryFailure(
+                f"store.sqlite {self.path}: the writer process could not start: {exc}"
+            ) from exc
         assert proc.stdin is not None and proc.stdout is not None
         self._proc = proc
         self._replies = proc.stdout

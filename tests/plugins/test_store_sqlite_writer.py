@@ -356,3 +356,28 @@ def test_the_writer_works_with_its_pipes_past_fd_setsize(tmp_path: Path) -> None
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert table(path) == [("a", "1"), ("b", "1")]
+
+
+def test_a_writer_that_cannot_start_is_a_temporary_failure_naming_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No process or descriptor left to start the writer (EAGAIN, EMFILE): the
+    environment failed, not the message; a spooled message's process() raises a
+    TemporaryFailure (retried, not counted towards its quarantine as an OSError
+    is), and the store is named."""
+
+    def no_process(*args: object, **kwargs: object) -> None:
+        raise OSError(24, "Too many open files")
+
+    s = store(tmp_path)
+    big = make_message("1", "one", "body")
+    spooled_at = tmp_path / "1.eml"
+    spooled_at.write_bytes(big.raw)
+    m = parsed(Message(ref=big.ref, spool_path=spooled_at))
+    with monkeypatch.context() as patched:
+        patched.setattr(subprocess, "Popen", no_process)
+        with pytest.raises(TemporaryFailure, match=r"store\.sqlite.*Too many open"):
+            s.process(m)
+    s.process(m)
+    s.close()
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(1,)]
