@@ -1,6 +1,7 @@
 """store.sqlite's rows: the holder of one message's rows for the tables of
-:mod:`._sqlite_schema`, their checks before they are held, the ``messages`` UPSERT (the store builds the rows and writes them:
-``SqliteStore._prepare`` and ``SqliteStore._program``).
+:mod:`._sqlite_schema`, their checks before they are held, the ``messages`` UPSERT
+(the store builds the rows and writes them: ``SqliteStore._prepare`` and
+``SqliteStore._program``).
 
 Contract: :data:`_UPSERT` upserts a ``messages`` row from its values in :data:`_COLUMNS`
 order (``key`` and ``stored_at`` kept on update); :class:`_Rows` holds one message's

@@ -152,7 +152,6 @@ _V2: Final = (
 )
 
 
-
 def _drop_old_raw(conn: sqlite3.Connection) -> None:
     """Free ``messages.raw`` after its bytes moved: DROP COLUMN where SQLite has it
     (3.35+), else the column is emptied (it is nullable and nothing reads it)."""

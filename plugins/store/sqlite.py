@@ -229,9 +229,11 @@ class SqliteStore:
                     self._conn = None
 
     def flush(self) -> None:
-        """Write the prepared rows, if any, in one transaction (durable when this
-        returns). On failure nothing of them is stored, and their keys are written
-        in process() next time.
+        """Make the prepared rows durable: with writer = "thread", write them in one
+        transaction; with writer = "process", send them as a last chunk and wait
+        until every chunk sent since the last flush() is answered (durable when this
+        returns). On failure nothing of the failed transaction is stored, and its
+        keys are written in process() next time.
 
         Raises, too, when a write that process() started on reaching MAX_ROWS or
         MAX_HELD failed since the last flush(): the rows of earlier messages of the
