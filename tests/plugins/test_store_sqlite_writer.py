@@ -158,14 +158,21 @@ def test_the_writer_ignores_sigint_and_sigterm_the_parent_decides(tmp_path: Path
 
 
 def test_submit_waits_for_answers_while_too_many_octets_are_pending(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Only the memory bound reads the first answer here (the look for answers
+    already there is turned off): without it the second submit would not wait and
+    both would be pending."""
     path = database(tmp_path)
     w = WriterProcess(str(path), 5.0, max_pending=100)
+    monkeypatch.setattr(w, "_drain", lambda *, block: None)
     first = w.submit([("execute", INSERT, ("a", "1"))], 80)
     assert w._pending == {first: 80}
-    second = w.submit([("execute", INSERT, ("b", "1"))], 80)  # 160 > 100: waits
-    assert w._pending == {second: 80} and w._outcomes == {first: None}
+    second = w.submit([("execute", INSERT, ("b", "1"))], 20)  # 100: fits
+    assert w._pending == {first: 80, second: 20}
+    third = w.submit([("execute", INSERT, ("c", "1"))], 80)  # 180 > 100: waits
+    assert w._pending == {second: 20, third: 80}  # (until it fits: 100)
+    assert w._outcomes == {first: None}
     w.close()
 
 
