@@ -147,8 +147,9 @@ def read_frame(inp: IO[bytes]) -> Any:
 
 def serve(path: str, timeout: float, inp: IO[bytes], out: IO[bytes]) -> None:
     """The writer process's loop: run each request's program in order and answer it;
-    return at the end of ``inp`` (the parent closed it, or died). A request read in
-    full is run to its end (committed or rolled back) before the next is read."""
+    return at the end of ``inp`` (the parent closed it, or died) or when the answer
+    finds the parent gone. A request read in full is run to its end (committed or
+    rolled back) before the next is read."""
     conn: sqlite3.Connection | None = None
     try:
         while (request := read_frame(inp)) is not None:
@@ -160,8 +161,11 @@ def serve(path: str, timeout: float, inp: IO[bytes], out: IO[bytes]) -> None:
                 run_program(conn, program)
             except Exception as exc:
                 error = describe(exc)
-            write_frame(out, (seq, error))
-            out.flush()
+            try:
+                write_frame(out, (seq, error))
+                out.flush()
+            except BrokenPipeError:
+                return  # the parent is gone: nobody to answer (and nothing to say)
     finally:
         if conn is not None:
             conn.close()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mailpipe.plugins.store import _sqlite_writes
@@ -191,6 +192,23 @@ def test_a_request_cut_short_is_never_run(tmp_path: Path) -> None:
     out.seek(0)
     assert _sqlite_writes.read_frame(out) == (1, None)
     assert _sqlite_writes.read_frame(out) is None
+
+
+def test_an_answer_to_a_parent_gone_ends_the_loop_quietly(tmp_path: Path) -> None:
+    """The parent died while the child wrote its answer: the committed program stays
+    committed, the loop returns (no traceback on the shared stderr)."""
+    path = database(tmp_path)
+    stream = io.BytesIO()
+    for k in "ab":
+        write_frame(stream, (1, [("execute", INSERT, (k, "1"))]))
+    stream.seek(0)
+
+    class Gone(io.BytesIO):
+        def write(self, data: Any) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    serve(str(path), 5.0, stream, Gone())
+    assert table(path) == [("a", "1")]
 
 
 def test_the_writer_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
