@@ -2,17 +2,19 @@
 
 The schema (its tables, the FTS5 index and the migrations to :data:`SCHEMA_VERSION`,
 applied on open) is described and defined in :mod:`._sqlite_schema`.
-:meth:`SqliteStore._prepare` builds one message's rows and
-:meth:`SqliteStore._write_rows` writes a group of them; :mod:`._sqlite_rows` has what
-they use: the rows' holder, the checks made before rows are held, the ``messages``
-UPSERT and the insert of a spooled message's raw bytes. Read the archive with
-:func:`search` (FTS5) and :func:`open_raw` (raw bytes in pieces).
+:meth:`SqliteStore._prepare` builds one message's rows and :meth:`SqliteStore._program`
+the statements that write a group of them, run by :mod:`._sqlite_writes` (in the
+step's thread or in the writer process); :mod:`._sqlite_rows` has the rows' holder,
+the checks made before rows are held and the ``messages`` UPSERT. Read the archive
+with :func:`search` (FTS5) and :func:`open_raw` (raw bytes in pieces).
 
 Durability: WAL with ``synchronous=FULL``. With ``group_commit`` (the default) the rows
 of in-memory messages are prepared and checked in ``process()`` and are durable when
 ``flush()`` returns (the engine calls ``flush()`` before any DELE of the messages it
-covers); without it, and for spooled messages, each message is its own transaction,
-durable when ``process()`` returns. Who writes a group, by the ``writer`` option:
+covers); without it, and for spooled messages (but those of at most
+``SPOOLED_IN_CHUNK`` octets with ``writer = "process"``), each message is its own
+transaction, durable when ``process()`` returns. Who writes a group, by the
+``writer`` option:
 
 - ``"process"`` (the default; issue 18): a writer process (:mod:`._sqlite_writer`)
   commits the held rows in chunks of at most ``CHUNK_ROWS`` messages or
@@ -210,6 +212,10 @@ class SqliteStore:
     #: CHUNK_OCTETS octets (with the chunk being held: MAX_HELD).
     CHUNK_ROWS: ClassVar[int] = 128
     CHUNK_OCTETS: ClassVar[int] = 1 << 20
+    #: writer = "process": a spooled message of at most so many octets is read into
+    #: memory and sent in a chunk, as an in-memory one (a larger one is written by
+    #: its process(), its bytes streamed from the spool file by the writer).
+    SPOOLED_IN_CHUNK: ClassVar[int] = 4 << 20
 
     def close(self) -> None:
         """Write any prepared rows and close the connection (and the writer process);
@@ -332,6 +338,16 @@ class SqliteStore:
             return
         doc = message_document(message, stored_at=datetime.now(UTC))
         raw = message if self.options.raw == "inline" else None
+        if (
+            raw is not None
+            and raw.data is None
+            and self._in_process
+            and message.key not in self._inline
+            and raw.size <= self.SPOOLED_IN_CHUNK
+        ):
+            # Its bytes go in a chunk like an in-memory message's (issue 18): the
+            # spool file may be gone before the writer reads it.
+            raw = Message(ref=message.ref, data=message.raw)
         prepared = self._prepare(doc, raw)
         grouped = (
             self.options.group_commit

@@ -30,8 +30,7 @@ from mailpipe.plugins.store._sqlite_writes import (
     write_frame,
 )
 
-from mailpipe import PermanentFailure, TemporaryFailure
-from mailpipe.message import Message
+from mailpipe import Message, PermanentFailure, TemporaryFailure
 from tests.plugins.test_store_sqlite import make_message, parsed, rows, store
 
 pytestmark = pytest.mark.timeout(120)
@@ -395,6 +394,7 @@ def test_a_writer_that_cannot_start_is_a_temporary_failure_naming_the_store(
         raise OSError(24, "Too many open files")
 
     s = store(tmp_path)
+    s.SPOOLED_IN_CHUNK = 0  # (written by its process(), not sent in a chunk)
     big = make_message("1", "one", "body")
     spooled_at = tmp_path / "1.eml"
     spooled_at.write_bytes(big.raw)
@@ -406,3 +406,35 @@ def test_a_writer_that_cannot_start_is_a_temporary_failure_naming_the_store(
     s.process(m)
     s.close()
     assert rows(tmp_path, "SELECT count(*) FROM messages") == [(1,)]
+
+
+def test_a_spooled_message_up_to_spooled_in_chunk_goes_in_a_chunk(
+    tmp_path: Path,
+) -> None:
+    """Issue 18: its bytes are read and sent with the chunk, so process() does not
+    wait for the writer, and the spool file may be gone before the chunk is written;
+    a larger one is written by its process() from the spool file."""
+    s = store(tmp_path)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    spooled = []
+    for uid, lines in (("small", 10), ("large", 100)):
+        m = make_message(uid, f"spooled {uid}", f"{uid} body\n" * lines)
+        path = spool / f"{uid}.eml"
+        path.write_bytes(m.raw)
+        spooled.append(parsed(Message(ref=m.ref, spool_path=path)))
+    small, large = spooled
+    small_raw = small.raw
+    s.SPOOLED_IN_CHUNK = small.size
+    assert large.size > small.size
+    s.process(small)
+    assert small.spool_path is not None
+    small.spool_path.unlink()  # (the engine's _unspool after the chain)
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(0,)]  # held
+    s.process(large)
+    assert rows(tmp_path, "SELECT key FROM messages") == [(large.key,)]  # written now
+    s.flush()
+    assert rows(tmp_path, "SELECT key, raw FROM message_raw ORDER BY key") == sorted(
+        [(small.key, small_raw), (large.key, large.raw)]
+    )
+    s.close()
