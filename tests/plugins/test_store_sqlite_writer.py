@@ -210,6 +210,30 @@ def test_an_answer_to_a_parent_gone_ends_the_loop_quietly(tmp_path: Path) -> Non
     assert table(path) == [("a", "1")]
 
 
+def test_the_writer_process_whose_parent_is_gone_exits_quietly(tmp_path: Path) -> None:
+    """The real child (``python -I -S``, a buffered stdout): an answer that finds the
+    answers' pipe closed ends it with status 0 and nothing on the shared stderr (the
+    unflushed answer must not fail again at the interpreter's exit: status 120)."""
+    path = database(tmp_path)
+    r, w = os.pipe()
+    child = subprocess.Popen(
+        [sys.executable, "-I", "-S", _sqlite_writes.__file__, str(path), "5.0"],
+        stdin=subprocess.PIPE, stdout=w, stderr=subprocess.PIPE,
+    )
+    os.close(w)
+    os.close(r)  # the parent's end of the answers is gone
+    _, err = child.communicate(
+        b"".join(
+            part
+            for k in "ab"
+            for part in frame((1, [("execute", INSERT, (k, "1"))]))
+        ),
+        timeout=60,
+    )
+    assert (child.returncode, err) == (0, b"")
+    assert table(path) == [("a", "1")]
+
+
 def test_the_writer_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
     path = database(tmp_path)
     parent = subprocess.Popen(
