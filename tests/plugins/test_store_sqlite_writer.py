@@ -462,3 +462,20 @@ def test_a_spooled_message_up_to_spooled_in_chunk_goes_in_a_chunk(
         [(small.key, small_raw), (large.key, large.raw)]
     )
     s.close()
+
+
+def test_with_the_writer_thread_a_small_spooled_message_is_written_by_its_process(
+    tmp_path: Path,
+) -> None:
+    """SPOOLED_IN_CHUNK is for writer = "process" only: with "thread" a spooled message
+    is still its own transaction, durable when process() returns (not held in memory
+    until flush())."""
+    s = store(tmp_path, writer="thread")
+    m = make_message("small", "spooled small", "small body\n")
+    path = tmp_path / "small.eml"
+    path.write_bytes(m.raw)
+    spooled = parsed(Message(ref=m.ref, spool_path=path))
+    assert spooled.size <= s.SPOOLED_IN_CHUNK
+    s.process(spooled)
+    assert rows(tmp_path, "SELECT key, raw FROM message_raw") == [(m.key, m.raw)]
+    s.close()
