@@ -1,10 +1,12 @@
 """store.sqlite's rows: the holder of one message's rows for the tables of
 :mod:`._sqlite_schema`, their checks before they are held, the ``messages`` UPSERT
-(the store builds the rows and writes them: ``SqliteStore._prepare`` and
-``SqliteStore._program``).
+and the statements that write a group of rows (the store builds the rows with
+``SqliteStore._prepare`` and runs the statements).
 
 Contract: :data:`_UPSERT` upserts a ``messages`` row from its values in :data:`_COLUMNS`
-order (``key`` and ``stored_at`` kept on update); :class:`_Rows` holds one message's
+order (``key`` and ``stored_at`` kept on update); :func:`_program` is the statements of
+one transaction that write a group of prepared rows (a program of
+:mod:`._sqlite_writes`); :class:`_Rows` holds one message's
 prepared rows (built by ``SqliteStore._prepare``, without database access);
 :func:`_check` raises, before anything is held, what SQLite would refuse for that
 message alone. :func:`_json` is the compact JSON of every JSON column. Nothing here
@@ -15,13 +17,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final
 
 from mailpipe.message import Message
 
-from ._sqlite_schema import _ADDRESS_COLUMNS, _ADDRESS_FIELDS
+from ._sqlite_schema import _ADDRESS_COLUMNS, _ADDRESS_FIELDS, _INDEX_UNINDEXED
+from ._sqlite_writes import Op
 
 
 def _address_count(record: Any) -> int:
@@ -75,7 +79,7 @@ class _Rows:
     message: list[Any]  # the messages row, in _COLUMNS order
     attachments: list[tuple[Any, ...]]
     tags: list[tuple[str, str]]
-    raw: Message | None  # in memory (``data``), or None with raw = "none"
+    raw: Message | None  # in memory (``data``) or spooled; None with raw = "none"
     octets: int
 
 
@@ -97,3 +101,59 @@ def _check(rows: _Rows) -> None:
                     value.encode("utf-8")  # lone surrogates: UnicodeEncodeError
             elif isinstance(value, int) and not -(1 << 63) <= value < (1 << 63):
                 raise OverflowError("Python int too large to convert to SQLite INTEGER")
+
+
+def _program(group: Sequence[_Rows]) -> list[Op]:
+    """The statements that write the prepared rows of ``group`` (distinct keys),
+    as a program of :mod:`._sqlite_writes` for one transaction: each statement
+    once for the whole group (``executemany``), not once per message (issue 18).
+    The result is the rows that writing each message alone gives: its messages
+    row upserted, then its raw bytes, attachments and tags replaced.
+
+    The FTS5 entries of the rows it inserts are written in it too
+    (:data:`_INDEX_UNINDEXED`, once before the UPSERTs and once after; the update
+    trigger re-indexes a replaced row): a committed row always has its index
+    entry and an index entry its row, as with the insert trigger of versions
+    2-4."""
+    if not group:
+        return []
+    # The rows of the group's keys not indexed yet (inserted by another writer)
+    # before the update trigger forgets their old values, then the rows inserted.
+    group_keys = (_json([rows.key for rows in group]),)
+    keys = [(rows.key,) for rows in group]
+    return [
+        ("execute", _INDEX_UNINDEXED, group_keys),
+        ("execute", "UPDATE store_writing SET active = 1", ()),  # insert trigger off
+        ("executemany", _UPSERT, [rows.message for rows in group]),
+        ("execute", "UPDATE store_writing SET active = 0", ()),  # before anyone sees
+        ("execute", _INDEX_UNINDEXED, group_keys),
+        ("executemany", "DELETE FROM message_raw WHERE key = ?", keys),
+        ("executemany", "DELETE FROM attachments WHERE key = ?", keys),
+        ("executemany", "DELETE FROM tags WHERE key = ?", keys),
+        (
+            "executemany",
+            "INSERT INTO message_raw (key, raw) VALUES (?, ?)",
+            [
+                (rows.key, rows.raw.data)
+                for rows in group
+                if rows.raw is not None and rows.raw.data is not None
+            ],
+        ),
+        *(
+            ("raw_file", rows.key, str(rows.raw.spool_path), rows.raw.size)
+            for rows in group
+            if rows.raw is not None and rows.raw.data is None  # spooled
+        ),
+        (
+            "executemany",
+            "INSERT INTO attachments (key, idx, filename, content_type, "
+            "disposition, size, sha256, content_id, inline, part) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [a for rows in group for a in rows.attachments],
+        ),
+        (
+            "executemany",
+            "INSERT INTO tags (key, tag) VALUES (?, ?)",
+            [t for rows in group for t in rows.tags],
+        ),
+    ]

@@ -1,6 +1,6 @@
 """store.sqlite's writes as programs: run in the step's thread or in a writer process.
 
-A *program* is one transaction's statements, built by ``SqliteStore._program`` from
+A *program* is one transaction's statements, built by ``_sqlite_rows._program`` from
 prepared rows: a list of operations, each a tuple of plain values (so it pickles):
 
 - ``("execute", sql, params)`` and ``("executemany", sql, rows)``;

@@ -2,10 +2,10 @@
 
 The schema (its tables, the FTS5 index and the migrations to :data:`SCHEMA_VERSION`,
 applied on open) is described and defined in :mod:`._sqlite_schema`.
-:meth:`SqliteStore._prepare` builds one message's rows and :meth:`SqliteStore._program`
-the statements that write a group of them, run by :mod:`._sqlite_writes` (in the
-step's thread or in the writer process); :mod:`._sqlite_rows` has the rows' holder,
-the checks made before rows are held and the ``messages`` UPSERT. Read the archive
+:meth:`SqliteStore._prepare` builds one message's rows; :mod:`._sqlite_rows` has the
+rows' holder, the checks made before rows are held, the ``messages`` UPSERT and the
+statements that write a group of rows (``_program``), run by :mod:`._sqlite_writes`
+(in the step's thread or in the writer process). Read the archive
 with :func:`search` (FTS5) and :func:`open_raw` (raw bytes in pieces).
 
 Durability: WAL with ``synchronous=FULL``. With ``group_commit`` (the default) the rows
@@ -65,9 +65,10 @@ from ._sqlite_rows import (
     _check,
     _flatten_addresses,
     _json,
+    _program,
     _Rows,
 )
-from ._sqlite_schema import _ADDRESS_FIELDS, _INDEX_UNINDEXED, _now
+from ._sqlite_schema import _ADDRESS_FIELDS, _now
 from ._sqlite_schema import MIGRATIONS as MIGRATIONS  # its former home
 from ._sqlite_schema import SCHEMA_VERSION as SCHEMA_VERSION  # its former home
 from ._sqlite_schema import Step as Step  # its former home
@@ -76,7 +77,7 @@ from ._sqlite_schema import connect as connect  # its former home
 from ._sqlite_schema import migrate as migrate  # its former home
 from ._sqlite_schema import schema_version as schema_version  # its former home
 from ._sqlite_writer import WriterProcess
-from ._sqlite_writes import Op, run_ops
+from ._sqlite_writes import run_ops
 
 log = structlog.get_logger()
 
@@ -309,7 +310,7 @@ class SqliteStore:
         group = list(rows.values())
         try:
             seq = self._writer_process().submit(
-                self._program(group), sum(r.octets for r in group)
+                _program(group), sum(r.octets for r in group)
             )
         except BaseException:
             self._inline.update(rows)
@@ -376,7 +377,7 @@ class SqliteStore:
                     _check(prepared)
                     writer = self._writer_process()
                     error = writer.wait(
-                        writer.submit(self._program([prepared]), prepared.octets)
+                        writer.submit(_program([prepared]), prepared.octets)
                     )
                     if error is not None:
                         raise self._classified(error, self.path) from error
@@ -489,63 +490,8 @@ class SqliteStore:
 
     def _write_rows(self, conn: sqlite3.Connection, group: Sequence[_Rows]) -> None:
         """Write the prepared rows of ``group`` (distinct keys) in the caller's
-        transaction (:meth:`_program`, run here)."""
-        run_ops(conn, self._program(group))
-
-    def _program(self, group: Sequence[_Rows]) -> list[Op]:
-        """The statements that write the prepared rows of ``group`` (distinct keys),
-        as a program of :mod:`._sqlite_writes` for one transaction: each statement
-        once for the whole group (``executemany``), not once per message (issue 18).
-        The result is the rows that writing each message alone gives: its messages
-        row upserted, then its raw bytes, attachments and tags replaced.
-
-        The FTS5 entries of the rows it inserts are written in it too
-        (:data:`_INDEX_UNINDEXED`, once before the UPSERTs and once after; the update
-        trigger re-indexes a replaced row): a committed row always has its index
-        entry and an index entry its row, as with the insert trigger of versions
-        2-4."""
-        if not group:
-            return []
-        # The rows of the group's keys not indexed yet (inserted by another writer)
-        # before the update trigger forgets their old values, then the rows inserted.
-        group_keys = (_json([rows.key for rows in group]),)
-        keys = [(rows.key,) for rows in group]
-        return [
-            ("execute", _INDEX_UNINDEXED, group_keys),
-            ("execute", "UPDATE store_writing SET active = 1", ()),  # insert trigger off
-            ("executemany", _UPSERT, [rows.message for rows in group]),
-            ("execute", "UPDATE store_writing SET active = 0", ()),  # before anyone sees
-            ("execute", _INDEX_UNINDEXED, group_keys),
-            ("executemany", "DELETE FROM message_raw WHERE key = ?", keys),
-            ("executemany", "DELETE FROM attachments WHERE key = ?", keys),
-            ("executemany", "DELETE FROM tags WHERE key = ?", keys),
-            (
-                "executemany",
-                "INSERT INTO message_raw (key, raw) VALUES (?, ?)",
-                [
-                    (rows.key, rows.raw.data)
-                    for rows in group
-                    if rows.raw is not None and rows.raw.data is not None
-                ],
-            ),
-            *(
-                ("raw_file", rows.key, str(rows.raw.spool_path), rows.raw.size)
-                for rows in group
-                if rows.raw is not None and rows.raw.data is None  # spooled
-            ),
-            (
-                "executemany",
-                "INSERT INTO attachments (key, idx, filename, content_type, "
-                "disposition, size, sha256, content_id, inline, part) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [a for rows in group for a in rows.attachments],
-            ),
-            (
-                "executemany",
-                "INSERT INTO tags (key, tag) VALUES (?, ?)",
-                [t for rows in group for t in rows.tags],
-            ),
-        ]
+        transaction (:func:`._sqlite_rows._program`, run here)."""
+        run_ops(conn, _program(group))
 
     def _prepare(self, doc: dict[str, Any], raw: Message | None) -> _Rows:
         """The message's rows (no database access)."""
