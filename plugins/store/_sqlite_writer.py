@@ -148,7 +148,8 @@ class WriterProcess:
             )
         except OSError as exc:  # (no process or descriptor left: the environment)
             raise TemporaryFailure(
-                f"store.sqlite {self.path}: the writer process could not start: {exc}"
+                f"store.sqlite {self.path}: the writer process could not start: {exc} "
+                '(retried; writer = "thread" writes in the step\'s thread instead)'
             ) from exc
         assert proc.stdin is not None and proc.stdout is not None
         self._proc = proc

@@ -425,7 +425,9 @@ def test_a_writer_that_cannot_start_is_a_temporary_failure_naming_the_store(
     m = parsed(Message(ref=big.ref, spool_path=spooled_at))
     with monkeypatch.context() as patched:
         patched.setattr(subprocess, "Popen", no_process)
-        with pytest.raises(TemporaryFailure, match=r"store\.sqlite.*Too many open"):
+        with pytest.raises(
+            TemporaryFailure, match=r"store\.sqlite.*Too many open.*writer = \"thread\""
+        ):
             s.process(m)
     s.process(m)
     s.close()
