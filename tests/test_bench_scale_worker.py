@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -33,15 +33,19 @@ def _exited(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _dead_worker(
-    scale: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    scale: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    *, exited: bool = False,
 ) -> tuple[list[subprocess.Popen[bytes]], list[Any]]:
-    """worker_cycles' collaborators, with a 'mailpipe run' that exits 3 at once."""
+    """worker_cycles' collaborators, with a 'mailpipe run' that exits 3 at once
+    (``exited``: it has exited, uncollected, when spawn returns)."""
     procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(
         config: Path, log: Path, *args: str, python: str = "this"
     ) -> subprocess.Popen[bytes]:
         procs.append(subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]))
+        if exited:
+            _exited(procs[-1])
         return procs[-1]
 
     monkeypatch.setattr(scale, "write_config", lambda d, *a, **k: d / "pipeline.toml")
@@ -57,11 +61,15 @@ def test_a_worker_that_exited_is_reported_at_once_and_collected(
     # The worker dies at start-up: the wait for its first cycle ends there (it waited
     # its whole bound, 120 s and more, for records nobody would write), and the
     # worker is collected on the way out.
-    procs, users = _dead_worker(scale, monkeypatch, tmp_path)
-    started = time.monotonic()
+    procs, users = _dead_worker(scale, monkeypatch, tmp_path, exited=True)
+    sleeps: list[float] = []
+    monkeypatch.setattr(
+        scale, "time",
+        SimpleNamespace(monotonic=time.monotonic, time=time.time, sleep=sleeps.append),
+    )
     with pytest.raises(RuntimeError, match="exited 3"):
         scale.worker_cycles(tmp_path, None, users, 50, tls=False, cycles=1)
-    assert time.monotonic() - started < 30
+    assert sleeps == []  # the first look found it gone: no wait for its records
     assert procs[0].returncode == 3
     with pytest.raises(ChildProcessError):
         os.waitid(os.P_PID, procs[0].pid, os.WEXITED | os.WNOHANG)

@@ -214,7 +214,7 @@ _V4: Final = (
 )
 
 # Migration 5: the store indexes the rows it inserts itself, one INSERT ... SELECT per
-# write, in the transaction that inserts them (see SqliteStore._write_rows, in
+# write, in the transaction that inserts them (see _sqlite_rows._program, run by
 # store.sqlite). FTS5 writes its pending terms out as a new segment at every statement
 # savepoint, and every UPSERT that fires a trigger opens one: the insert trigger cost
 # one segment per message, half the store's CPU (issue 18). The insert trigger stays

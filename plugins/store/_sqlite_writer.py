@@ -98,7 +98,7 @@ class WriterProcess:
             self._reap()  # (it died since: not with this program)
         if self._proc is None:
             self._start()
-        self._drain(block=False)
+        self._drain()
         while self._pending and self._pending_octets + octets > self.max_pending:
             self._read_one()
         parts = frame((self._seq + 1, list(program)))
@@ -181,13 +181,13 @@ class WriterProcess:
         while self._proc is not None:
             self._read_one()
 
-    def _drain(self, *, block: bool) -> None:
+    def _drain(self) -> None:
         """Read the answers already there (frames are small and written whole).
         poll(), not select(): the pipe's descriptor may be past FD_SETSIZE."""
         while self._pending and self._replies is not None:
             poller = select.poll()
             poller.register(self._replies, select.POLLIN)
-            if not poller.poll(None if block else 0):
+            if not poller.poll(0):
                 return
             self._read_one()
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -77,7 +76,7 @@ from ._sqlite_schema import connect as connect  # its former home
 from ._sqlite_schema import migrate as migrate  # its former home
 from ._sqlite_schema import schema_version as schema_version  # its former home
 from ._sqlite_writer import WriterProcess
-from ._sqlite_writes import run_ops
+from ._sqlite_writes import run_program
 
 log = structlog.get_logger()
 
@@ -322,15 +321,7 @@ class SqliteStore:
         if not rows:
             return
         try:
-            conn = self._connect()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._write_rows(conn, list(rows.values()))
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            run_program(self._connect(), _program(list(rows.values())))
         except Exception as exc:
             self._inline.update(rows)
             if isinstance(exc, sqlite3.Error):
@@ -369,7 +360,7 @@ class SqliteStore:
                     if len(self._rows) >= max_rows or self._held >= max_held:
                         self._commit_early(prepared.key)
                 elif self._in_process:
-                    self._rows.pop(prepared.key, None)  # an older version of it
+                    self._unstage(prepared.key)  # an older version of it
                     # (after any chunk holding an older version: the writer keeps
                     # the order). What SQLite would refuse for this message raises
                     # here, as it does in the step's thread: the child reports any
@@ -383,17 +374,8 @@ class SqliteStore:
                         raise self._classified(error, self.path) from error
                     self._inline.discard(prepared.key)
                 else:
-                    self._rows.pop(prepared.key, None)  # an older version of it
-                    conn = self._connect()
-                    conn.execute("BEGIN IMMEDIATE")
-                    try:
-                        self._write_rows(conn, [prepared])
-                    except BaseException:
-                        # (see _sqlite_schema._migrate: never hide the cause)
-                        if conn.in_transaction:
-                            conn.execute("ROLLBACK")
-                        raise
-                    conn.execute("COMMIT")
+                    self._unstage(prepared.key)  # an older version of it
+                    run_program(self._connect(), _program([prepared]))
                     self._inline.discard(prepared.key)
             except sqlite3.Error as exc:
                 raise classify(exc, f"{self.name} {self.path}") from exc
@@ -461,11 +443,16 @@ class SqliteStore:
         """Check ``prepared`` and hold it in the group (replacing the key's older
         rows); the caller holds the lock."""
         _check(prepared)
-        replaced = self._rows.pop(prepared.key, None)
-        if replaced is not None:
-            self._held -= replaced.octets
+        self._unstage(prepared.key)
         self._rows[prepared.key] = prepared
         self._held += prepared.octets
+
+    def _unstage(self, key: str) -> None:
+        """Drop ``key``'s held rows, if any, and their octets; the caller holds the
+        lock."""
+        replaced = self._rows.pop(key, None)
+        if replaced is not None:
+            self._held -= replaced.octets
 
     def _commit_early(self, key: str) -> None:
         """Write the held group now (the MAX_* bounds; with writer = "process", send
@@ -487,11 +474,6 @@ class SqliteStore:
             )
             raise
         log.debug("sqlite_group_written_early", store=self.name, key=key)
-
-    def _write_rows(self, conn: sqlite3.Connection, group: Sequence[_Rows]) -> None:
-        """Write the prepared rows of ``group`` (distinct keys) in the caller's
-        transaction (:func:`._sqlite_rows._program`, run here)."""
-        run_ops(conn, _program(group))
 
     def _prepare(self, doc: dict[str, Any], raw: Message | None) -> _Rows:
         """The message's rows (no database access)."""

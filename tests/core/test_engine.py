@@ -852,16 +852,18 @@ async def test_buffer_limit_commit_failure_loses_the_earlier_message(
     takes a as durable and DELEs it: a is deleted from the server and not stored."""
     FakeSource.boxes.clear()
     monkeypatch.setattr(SqliteStore, "MAX_ROWS", 2)
-    real = SqliteStore._write_rows
+    from mailpipe.plugins.store import _sqlite_writes
+
+    real = _sqlite_writes.run_ops
     failures = [1]
 
-    def write_rows(self, conn, rows):  # type: ignore[no-untyped-def]
-        if failures[0]:
+    def run_ops(conn, program):  # type: ignore[no-untyped-def]
+        if failures[0]:  # (inside the write transaction, as the thread path runs it)
             failures[0] -= 1
             raise sqlite3.OperationalError("database is locked")
-        return real(self, conn, rows)
+        return real(conn, program)
 
-    monkeypatch.setattr(SqliteStore, "_write_rows", write_rows)
+    monkeypatch.setattr(_sqlite_writes, "run_ops", run_ops)
     runner = _sqlite_runner_of_a_and_b(tmp_path, writer="thread")
     box = runner.source.box
     await runner.poll()

@@ -165,7 +165,7 @@ def test_submit_waits_for_answers_while_too_many_octets_are_pending(
     both would be pending."""
     path = database(tmp_path)
     w = WriterProcess(str(path), 5.0, max_pending=100)
-    monkeypatch.setattr(w, "_drain", lambda *, block: None)
+    monkeypatch.setattr(w, "_drain", lambda: None)
     first = w.submit([("execute", INSERT, ("a", "1"))], 80)
     assert w._pending == {first: 80}
     second = w.submit([("execute", INSERT, ("b", "1"))], 20)  # 100: fits
