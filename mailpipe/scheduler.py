@@ -10,6 +10,9 @@ sleep. A successful poll sleeps
 ``poll_interval`` spread by ``jitter``; a failed one sleeps per :func:`next_delay`, which
 honours the server's LOGIN-DELAY, backs off exponentially on temporary errors and waits
 ``backoff_auth`` after authentication or SYS/PERM failures instead of hammering.
+An exception that escapes a task's loop (a defect: a poll records its own errors) is
+logged with its traceback and backed off like a failed poll, and the loop starts again:
+it never ends the worker or its other mailboxes (MP-07).
 
 Several workers (processes, machines) sharing one PostgreSQL journal split the mailboxes
 through the leases (:mod:`mailpipe.leases`): the scheduler takes a mailbox's lease
@@ -261,7 +264,9 @@ class Scheduler:
                 )
                 for spec in self.mailboxes
             ]
-            await asyncio.gather(*(self._loop(r, slots[r.name]) for r in runners))
+            await asyncio.gather(
+                *(self._supervised(r, slots[r.name]) for r in runners)
+            )
         finally:
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -270,6 +275,48 @@ class Scheduler:
             await close_sources(runners)
             await chain.close()
         return self.summaries
+
+    async def _supervised(self, runner: MailboxRunner, slots: _Slots) -> None:
+        """:meth:`_loop` over ``runner``, started again after an exception that
+        escaped it (MP-07).
+
+        A poll records its own errors (:meth:`MailboxRunner.poll` never raises), so
+        an exception here is a defect in the scheduling around it. It is logged
+        with its traceback (``mailbox_loop_failed``) and backed off like a failed
+        poll, then the mailbox's loop starts again: every other mailbox of the
+        worker goes on meanwhile, and the worker does not exit. With ``once`` it
+        counts as the mailbox's failed poll (``run --once`` exits 1)."""
+        sched = self.config.model.scheduler
+        failures = 0
+        while not self.stop.is_set():
+            try:
+                await self._loop(runner, slots)
+                return
+            except Exception as exc:
+                failures += 1
+                delay = next_delay(
+                    sched,
+                    interval=runner.cfg.poll_interval,
+                    jitter=runner.cfg.jitter,
+                    failures=failures,
+                    error=exc,
+                )
+                log.error(
+                    "mailbox_loop_failed",
+                    mailbox=runner.name,
+                    error=f"{type(exc).__name__}: {exc}"[:300],
+                    seconds=round(delay, 1),
+                    failures=failures,
+                    exc_info=True,
+                )
+                if self.once:
+                    failed = Summary(mailbox=runner.name, committed=False,
+                                     error=f"{type(exc).__name__}: {exc}"[:300],
+                                     error_type=type(exc).__name__)
+                    self.summaries.append(failed)
+                    self.last[runner.name] = failed
+                    return
+                await wait_or_stop(self.stop, delay)
 
     async def _loop(self, runner: MailboxRunner, slots: _Slots) -> None:
         sched = self.config.model.scheduler

@@ -465,6 +465,10 @@ class Workers:
             p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log"))
         )
 
+    def log_of(self, pid: int) -> str:
+        """The log of the worker with ``pid`` (its stdout and stderr)."""
+        return self._log_paths[pid].read_text(errors="replace")
+
 
 # --- pipeline steps -------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import pytest
 from pydantic import BaseModel, ConfigDict
+from structlog.testing import capture_logs
 
 from mailpipe.config import SchedulerConfig
 from mailpipe.errors import (
@@ -538,3 +539,83 @@ def test_a_bad_host_concurrency_names_key_value_and_what_is_accepted(
         "scheduler.host_concurrency: Input should be greater than or equal to 1 "
         "(got 0)" in str(caught.value)
     )
+
+
+def _two_mailboxes(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "mailboxes": [
+            {"name": name, "source": "fake", "poll_interval": 0.01, "jitter": 0}
+            for name in ("bad", "good")
+        ],
+        "scheduler": {"backoff_initial": 0.01, "backoff_max": 0.02},
+        "pipelines": {"default": {"processors": []}},
+    }
+
+
+def _record_failing_for(
+    monkeypatch: pytest.MonkeyPatch, mailbox: str, times: int
+) -> list[str]:
+    """Make Scheduler._record (called by the mailbox loop after each poll, outside
+    the poll's own error handling) raise for ``mailbox`` its first ``times`` calls;
+    return the list of mailboxes whose records were taken."""
+    original = Scheduler._record
+    taken: list[str] = []
+    left = times
+
+    def record(self: Scheduler, summary: Any, delay: float | None) -> None:
+        nonlocal left
+        if summary is not None and summary.mailbox == mailbox and left > 0:
+            left -= 1
+            raise RuntimeError("a defect outside the poll")
+        if summary is not None:
+            taken.append(summary.mailbox)
+        original(self, summary, delay)
+
+    monkeypatch.setattr(Scheduler, "_record", record)
+    return taken
+
+
+async def test_mp07_an_exception_escaping_a_mailbox_loop_is_logged_and_backed_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MP-07: a defect in the scheduling around one mailbox's poll never ends the
+    # worker: it is logged with its traceback, that mailbox backs off and starts
+    # again, and every other mailbox goes on meanwhile.
+    FakeSource.boxes.clear()
+    taken = _record_failing_for(monkeypatch, "bad", times=2)
+    with capture_logs() as logs:
+        summaries = await _run_for(
+            tmp_path, FakeSource, 10, data=_two_mailboxes(tmp_path),
+            until=lambda: taken.count("bad") >= 1 and taken.count("good") >= 3,
+        )
+    failed = [e for e in logs if e["event"] == "mailbox_loop_failed"]
+    assert [(e["mailbox"], e["failures"]) for e in failed] == [("bad", 1), ("bad", 2)]
+    assert failed[0]["error"] == "RuntimeError: a defect outside the poll"
+    assert failed[0]["exc_info"] is True  # the traceback goes to the log
+    assert taken.count("bad") >= 1  # its loop started again, and polled
+    assert taken.count("good") >= 3
+    assert {s.mailbox for s in summaries} == {"bad", "good"}
+
+
+async def test_mp07_with_once_an_escaped_exception_is_that_mailboxs_failed_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    FakeSource.boxes.clear()
+    _record_failing_for(monkeypatch, "bad", times=1)
+    registry = Registry()
+    registry.add("source", FakeSource, "test")
+    config = validate_config(_two_mailboxes(tmp_path), path=tmp_path / "p.toml",
+                             registry=registry)
+    journal = SqliteJournal(tmp_path / "j.sqlite3")
+    try:
+        scheduler = Scheduler(config, journal=journal, once=True,
+                              hooks=Hooks(get_plugin_manager(entry_points=False)))
+        with capture_logs() as logs:
+            summaries = await asyncio.wait_for(scheduler.run(), 10)
+    finally:
+        journal.close()
+    by_name = {s.mailbox: s for s in summaries}
+    assert by_name["bad"].error == "RuntimeError: a defect outside the poll"
+    assert by_name["bad"].committed is False
+    assert by_name["good"].error is None
+    assert [e["mailbox"] for e in logs if e["event"] == "mailbox_loop_failed"] == ["bad"]
