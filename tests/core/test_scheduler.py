@@ -552,27 +552,31 @@ def _two_mailboxes(tmp_path: Path) -> dict[str, Any]:
     }
 
 
-def _record_failing_for(
-    monkeypatch: pytest.MonkeyPatch, mailbox: str, times: int
+def _poll_failing_for(
+    monkeypatch: pytest.MonkeyPatch, mailbox: str, fail: Callable[[int], bool],
+    message: str = "a defect around the poll",
 ) -> list[str]:
-    """Make Scheduler._record (called by the mailbox loop after each poll, outside
-    the poll's own error handling) raise for ``mailbox`` its first ``times`` calls;
-    return the list of mailboxes whose records were taken."""
-    original = Scheduler._record
-    taken: list[str] = []
-    left = times
+    """Make MailboxRunner.poll raise for ``mailbox`` on the calls (counted from 1)
+    for which ``fail`` holds, as its code before its own error handling can (the
+    spool dir's mkdir); return the list of mailboxes whose polls ran."""
+    from mailpipe.engine import MailboxRunner
 
-    def record(self: Scheduler, summary: Any, delay: float | None) -> None:
-        nonlocal left
-        if summary is not None and summary.mailbox == mailbox and left > 0:
-            left -= 1
-            raise RuntimeError("a defect outside the poll")
-        if summary is not None:
-            taken.append(summary.mailbox)
-        original(self, summary, delay)
+    original = MailboxRunner.poll
+    polled: list[str] = []
+    calls = 0
 
-    monkeypatch.setattr(Scheduler, "_record", record)
-    return taken
+    async def poll(self: MailboxRunner) -> Any:
+        nonlocal calls
+        if self.name == mailbox:
+            calls += 1
+            if fail(calls):
+                raise RuntimeError(message)
+        summary = await original(self)
+        polled.append(self.name)
+        return summary
+
+    monkeypatch.setattr(MailboxRunner, "poll", poll)
+    return polled
 
 
 async def test_mp07_an_exception_escaping_a_mailbox_loop_is_logged_and_backed_off(
@@ -582,7 +586,7 @@ async def test_mp07_an_exception_escaping_a_mailbox_loop_is_logged_and_backed_of
     # worker: it is logged with its traceback, that mailbox backs off and starts
     # again, and every other mailbox goes on meanwhile.
     FakeSource.boxes.clear()
-    taken = _record_failing_for(monkeypatch, "bad", times=2)
+    taken = _poll_failing_for(monkeypatch, "bad", lambda call: call <= 2)
     with capture_logs() as logs:
         summaries = await _run_for(
             tmp_path, FakeSource, 10, data=_two_mailboxes(tmp_path),
@@ -590,7 +594,7 @@ async def test_mp07_an_exception_escaping_a_mailbox_loop_is_logged_and_backed_of
         )
     failed = [e for e in logs if e["event"] == "mailbox_loop_failed"]
     assert [(e["mailbox"], e["failures"]) for e in failed] == [("bad", 1), ("bad", 2)]
-    assert failed[0]["error"] == "RuntimeError: a defect outside the poll"
+    assert failed[0]["error"] == "RuntimeError: a defect around the poll"
     assert failed[0]["exc_info"] is True  # the traceback goes to the log
     assert taken.count("bad") >= 1  # its loop started again, and polled
     assert taken.count("good") >= 3
@@ -601,7 +605,7 @@ async def test_mp07_with_once_an_escaped_exception_is_that_mailboxs_failed_poll(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     FakeSource.boxes.clear()
-    _record_failing_for(monkeypatch, "bad", times=1)
+    _poll_failing_for(monkeypatch, "bad", lambda call: call == 1)
     registry = Registry()
     registry.add("source", FakeSource, "test")
     config = validate_config(_two_mailboxes(tmp_path), path=tmp_path / "p.toml",
@@ -615,7 +619,93 @@ async def test_mp07_with_once_an_escaped_exception_is_that_mailboxs_failed_poll(
     finally:
         journal.close()
     by_name = {s.mailbox: s for s in summaries}
-    assert by_name["bad"].error == "RuntimeError: a defect outside the poll"
+    assert by_name["bad"].error == "RuntimeError: a defect around the poll"
     assert by_name["bad"].committed is False
     assert by_name["good"].error is None
     assert [e["mailbox"] for e in logs if e["event"] == "mailbox_loop_failed"] == ["bad"]
+
+
+async def test_mp07_with_once_the_escaped_exception_is_recorded_redacted_and_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Like a failed poll in once mode (_loop): one summary for the mailbox, its poll
+    # record written (``mailpipe status``), its text redacted and storable as the
+    # engine's error_text makes it.
+    from mailpipe.secrets import forget_secrets, remember_secret
+
+    FakeSource.boxes.clear()
+    remember_secret("hunter2")
+    try:
+        _poll_failing_for(monkeypatch, "bad", lambda call: call == 1,
+                          message="login hunter2 refused")
+        registry = Registry()
+        registry.add("source", FakeSource, "test")
+        config = validate_config(_two_mailboxes(tmp_path), path=tmp_path / "p.toml",
+                                 registry=registry)
+        journal = SqliteJournal(tmp_path / "j.sqlite3")
+        try:
+            scheduler = Scheduler(config, journal=journal, once=True,
+                                  hooks=Hooks(get_plugin_manager(entry_points=False)))
+            summaries = await asyncio.wait_for(scheduler.run(), 10)
+            polls = journal.polls()
+        finally:
+            journal.close()
+    finally:
+        forget_secrets()
+    assert [s.mailbox for s in summaries].count("bad") == 1
+    (bad,) = [s for s in summaries if s.mailbox == "bad"]
+    assert bad.error is not None and "hunter2" not in bad.error
+    assert bad.error_type == "RuntimeError"
+    assert "bad" in polls and polls["bad"].last_error_type == "RuntimeError"
+    assert "hunter2" not in polls["bad"].last_error
+    assert polls["bad"].next_poll is None  # no next poll after run --once
+
+
+async def test_mp07_a_loop_backing_off_records_it_and_closes_its_sources(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While the mailbox backs off after an escaped exception nothing watches its
+    # source: its kept connections (IMAP push) are closed as for a lease held
+    # elsewhere (IC-44), and ``mailpipe status`` shows the failure and the next poll.
+    FakeSource.boxes.clear()
+
+    class Closing(_PushFake):
+        closed = 0
+
+        async def close(self) -> None:
+            type(self).closed += 1
+
+    Closing.answer, Closing.waits, Closing.closed = False, 0, 0
+    _poll_failing_for(monkeypatch, "p", lambda call: call >= 2)
+    registry = Registry()
+    registry.add("source", Closing, "test")
+    config = validate_config(
+        {"mailboxes": [{"name": "p", "source": "fake", "poll_interval": 0.01,
+                        "jitter": 0}],
+         "scheduler": {"backoff_initial": 600, "backoff_max": 600},
+         "pipelines": {"default": {"processors": []}}},
+        path=tmp_path / "p.toml", registry=registry,
+    )
+    journal = SqliteJournal(tmp_path / "j.sqlite3")
+    scheduler = Scheduler(
+        config, journal=journal, hooks=Hooks(get_plugin_manager(entry_points=False))
+    )
+    with capture_logs():
+        task = asyncio.create_task(scheduler.run())
+        try:
+            for _ in range(1000):  # bounded
+                last = scheduler.last.get("p")
+                if task.done() or (last is not None and last.error is not None):
+                    break
+                await asyncio.sleep(0.01)
+            assert not task.done()
+            assert Closing.closed >= 1  # closed while backing off, not only at stop
+            assert scheduler.last["p"].error_type == "RuntimeError"
+            scheduler._flush_records()
+            record = journal.polls()["p"]
+            assert record.last_error_type == "RuntimeError"
+            assert record.next_poll is not None
+        finally:
+            scheduler.request_stop()
+            await asyncio.wait_for(task, 10)
+            journal.close()
