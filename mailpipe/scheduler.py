@@ -71,6 +71,7 @@ from mailpipe.errors import (
 from mailpipe.journal.base import Journal
 from mailpipe.journal.errors import FencedError
 from mailpipe.leases import LeaseLostError, MailboxLease, lease_retry_delay
+from mailpipe.ledger import error_text
 from mailpipe.plugin_manager import Hooks
 from mailpipe.quarantine import Quarantine
 from mailpipe.source import ClosableSource, PushSource
@@ -285,7 +286,17 @@ class Scheduler:
         with its traceback (``mailbox_loop_failed``) and backed off like a failed
         poll, then the mailbox's loop starts again: every other mailbox of the
         worker goes on meanwhile, and the worker does not exit. With ``once`` it
-        counts as the mailbox's failed poll (``run --once`` exits 1)."""
+        counts as the mailbox's failed poll (``run --once`` exits 1).
+
+        Either way the failure is that mailbox's latest summary and poll record (its
+        error as :func:`~mailpipe.ledger.error_text` makes it: redacted, storable),
+        and the source's kept connections (IMAP push) are closed: nothing watches
+        them while the mailbox backs off, and the exception may have left them in
+        any state (IC-44). ``_loop`` starts again with its counters reset; the back-off
+        here grows with every exception of this mailbox (never reset: a defect that
+        recurs after each poll settles at ``backoff_max``). Never returns
+        before ``stop`` is set (or with ``once``, after one poll or failure); only
+        :class:`Exception` is caught (cancellation and interrupts propagate)."""
         sched = self.config.model.scheduler
         failures = 0
         while not self.stop.is_set():
@@ -301,20 +312,22 @@ class Scheduler:
                     failures=failures,
                     error=exc,
                 )
+                error = error_text(exc)
                 log.error(
                     "mailbox_loop_failed",
                     mailbox=runner.name,
-                    error=f"{type(exc).__name__}: {exc}"[:300],
+                    error=error,
                     seconds=round(delay, 1),
                     failures=failures,
                     exc_info=True,
                 )
+                await close_sources([runner])
+                failed = Summary(mailbox=runner.name, committed=False, error=error,
+                                 error_type=type(exc).__name__)
+                self.summaries.append(failed)
+                self.last[runner.name] = failed
+                self._record(failed, None if self.once else delay)
                 if self.once:
-                    failed = Summary(mailbox=runner.name, committed=False,
-                                     error=f"{type(exc).__name__}: {exc}"[:300],
-                                     error_type=type(exc).__name__)
-                    self.summaries.append(failed)
-                    self.last[runner.name] = failed
                     return
                 await wait_or_stop(self.stop, delay)
 
