@@ -179,6 +179,15 @@ class _PushFake(FakeSource):
         return self.answer
 
 
+class Closing(_PushFake):
+    """A push fake that counts its close() calls (its kept connections closed)."""
+
+    closed = 0
+
+    async def close(self) -> None:
+        type(self).closed += 1
+
+
 async def _run_for(
     tmp_path: Path, source: type, seconds: float, *,
     data: dict[str, Any] | None = None, until: Callable[[], bool] | None = None,
@@ -251,13 +260,7 @@ async def test_the_scheduler_closes_a_source_that_keeps_connections(
     # the source (LOGOUT) once, when it stops.
     FakeSource.boxes.clear()
 
-    class Closing(_PushFake):
-        closed = 0
-
-        async def close(self) -> None:
-            type(self).closed += 1
-
-    Closing.answer, Closing.waits = False, 0
+    Closing.answer, Closing.waits, Closing.closed = False, 0, 0
     await _run_for(tmp_path, Closing, 0.2)
     assert Closing.closed == 1
 
@@ -304,12 +307,6 @@ async def test_a_mailbox_leased_elsewhere_has_its_source_closed(tmp_path: Path) 
     from mailpipe.leases import MailboxLease
 
     FakeSource.boxes.clear()
-
-    class Closing(_PushFake):
-        closed = 0
-
-        async def close(self) -> None:
-            type(self).closed += 1
 
     Closing.answer, Closing.waits, Closing.closed = False, 0, 0
     registry = Registry()
@@ -601,11 +598,11 @@ async def test_mp07_an_exception_escaping_a_mailbox_loop_is_logged_and_backed_of
     assert {s.mailbox for s in summaries} == {"bad", "good"}
 
 
-async def test_mp07_with_once_an_escaped_exception_is_that_mailboxs_failed_poll(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    FakeSource.boxes.clear()
-    _poll_failing_for(monkeypatch, "bad", lambda call: call == 1)
+async def _run_once_over_two_mailboxes(
+    tmp_path: Path,
+) -> tuple[list[Any], dict[str, Any], list[dict[str, Any]]]:
+    """``run --once``'s scheduler over "bad" and "good" (fake sources): its summaries,
+    the journal's poll records and the log events."""
     registry = Registry()
     registry.add("source", FakeSource, "test")
     config = validate_config(_two_mailboxes(tmp_path), path=tmp_path / "p.toml",
@@ -616,8 +613,17 @@ async def test_mp07_with_once_an_escaped_exception_is_that_mailboxs_failed_poll(
                               hooks=Hooks(get_plugin_manager(entry_points=False)))
         with capture_logs() as logs:
             summaries = await asyncio.wait_for(scheduler.run(), 10)
+        return summaries, journal.polls(), logs
     finally:
         journal.close()
+
+
+async def test_mp07_with_once_an_escaped_exception_is_that_mailboxs_failed_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    FakeSource.boxes.clear()
+    _poll_failing_for(monkeypatch, "bad", lambda call: call == 1)
+    summaries, _, logs = await _run_once_over_two_mailboxes(tmp_path)
     by_name = {s.mailbox: s for s in summaries}
     assert by_name["bad"].error == "RuntimeError: a defect around the poll"
     assert by_name["bad"].committed is False
@@ -638,18 +644,7 @@ async def test_mp07_with_once_the_escaped_exception_is_recorded_redacted_and_onc
     try:
         _poll_failing_for(monkeypatch, "bad", lambda call: call == 1,
                           message="login hunter2 refused")
-        registry = Registry()
-        registry.add("source", FakeSource, "test")
-        config = validate_config(_two_mailboxes(tmp_path), path=tmp_path / "p.toml",
-                                 registry=registry)
-        journal = SqliteJournal(tmp_path / "j.sqlite3")
-        try:
-            scheduler = Scheduler(config, journal=journal, once=True,
-                                  hooks=Hooks(get_plugin_manager(entry_points=False)))
-            summaries = await asyncio.wait_for(scheduler.run(), 10)
-            polls = journal.polls()
-        finally:
-            journal.close()
+        summaries, polls, _ = await _run_once_over_two_mailboxes(tmp_path)
     finally:
         forget_secrets()
     assert [s.mailbox for s in summaries].count("bad") == 1
@@ -668,12 +663,6 @@ async def test_mp07_a_loop_backing_off_records_it_and_closes_its_sources(
     # source: its kept connections (IMAP push) are closed as for a lease held
     # elsewhere (IC-44), and ``mailpipe status`` shows the failure and the next poll.
     FakeSource.boxes.clear()
-
-    class Closing(_PushFake):
-        closed = 0
-
-        async def close(self) -> None:
-            type(self).closed += 1
 
     Closing.answer, Closing.waits, Closing.closed = False, 0, 0
     _poll_failing_for(monkeypatch, "p", lambda call: call >= 2)
