@@ -110,12 +110,21 @@ class MailboxLease:
         self.fence: Fence | None = None
 
     def acquire(self) -> bool:
-        """Take the lease; False when another worker holds it."""
+        """Take the lease; False when another worker holds it. A journal error
+        propagates; when it comes after the lock was taken (reading the fence) the
+        lease is released first."""
         started = self._clock()
         if not self.journal.lock_mailbox(self.mailbox, owner=self.owner, ttl=self.ttl):
             return False
         self.expires, self.lost = started + self.ttl, False
-        self.fence = self.journal.fence(self.mailbox, owner=self.owner)
+        try:
+            self.fence = self.journal.fence(self.mailbox, owner=self.owner)
+        except BaseException:
+            # Taken, but without its fence no commit could be made under it: given
+            # back at once, not left to run out its ttl while every worker, this one
+            # included, passes the mailbox over.
+            self.release()
+            raise
         log.debug("mailbox_lease_taken", mailbox=self.mailbox, owner=self.owner,
                   epoch=None if self.fence is None else self.fence.epoch)
         return True

@@ -253,3 +253,23 @@ async def test_periodic_renewal_runs_until_stopped_or_lost() -> None:
         await asyncio.sleep(0.01)
     assert journal.renewals == lost_at  # no renewal after the loss
     stop()  # harmless after the loss
+
+
+def test_a_lease_whose_fence_cannot_be_read_is_given_back(tmp_path: Path) -> None:
+    # Review of MP-07: the lock taken, the fence's query failing: the error propagates
+    # (the scheduler counts a miss) and the lease is released, not held for its ttl
+    # while every worker passes the mailbox over.
+    journal = SqliteJournal(tmp_path / "j.sqlite3")
+    other = SqliteJournal(tmp_path / "j.sqlite3")
+    try:
+        def broken(mailbox: str, *, owner: str) -> None:
+            raise JournalError("the fence could not be read")
+
+        journal.fence = broken  # type: ignore[method-assign]
+        lease = MailboxLease(journal, "box", owner="w1", ttl=300)
+        with pytest.raises(JournalError, match="fence"):
+            lease.acquire()
+        assert other.lock_mailbox("box", owner="w2", ttl=300)  # free at once
+    finally:
+        other.close()
+        journal.close()
