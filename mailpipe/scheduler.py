@@ -297,7 +297,6 @@ class Scheduler:
         recurs after each poll settles at ``backoff_max``). Never returns
         before ``stop`` is set (or with ``once``, after one poll or failure); only
         :class:`Exception` is caught (cancellation and interrupts propagate)."""
-        sched = self.config.model.scheduler
         failures = 0
         while not self.stop.is_set():
             try:
@@ -305,13 +304,7 @@ class Scheduler:
                 return
             except Exception as exc:
                 failures += 1
-                delay = next_delay(
-                    sched,
-                    interval=runner.cfg.poll_interval,
-                    jitter=runner.cfg.jitter,
-                    failures=failures,
-                    error=exc,
-                )
+                delay = self._delay(runner, failures, exc)
                 error = error_text(exc)
                 log.error(
                     "mailbox_loop_failed",
@@ -330,6 +323,19 @@ class Scheduler:
                 if self.once:
                     return
                 await wait_or_stop(self.stop, delay)
+
+    def _delay(
+        self, runner: MailboxRunner, failures: int, error: BaseException | None
+    ) -> float:
+        """Seconds before ``runner``'s next poll (:func:`next_delay` with its
+        mailbox's ``poll_interval`` and ``jitter``)."""
+        return next_delay(
+            self.config.model.scheduler,
+            interval=runner.cfg.poll_interval,
+            jitter=runner.cfg.jitter,
+            failures=failures,
+            error=error,
+        )
 
     async def _loop(self, runner: MailboxRunner, slots: _Slots) -> None:
         sched = self.config.model.scheduler
@@ -373,13 +379,7 @@ class Scheduler:
             if self.once and polled_once:
                 self._record(summary, None)
                 break
-            delay = next_delay(
-                sched,
-                interval=runner.cfg.poll_interval,
-                jitter=runner.cfg.jitter,
-                failures=failures,
-                error=error,
-            )
+            delay = self._delay(runner, failures, error)
             self._record(summary, delay)
             if error is not None:
                 level = (

@@ -184,11 +184,12 @@ class WriterProcess:
     def _drain(self) -> None:
         """Read the answers already there (frames are small and written whole).
         poll(), not select(): the pipe's descriptor may be past FD_SETSIZE."""
-        while self._pending and self._replies is not None:
-            poller = select.poll()
-            poller.register(self._replies, select.POLLIN)
-            if not poller.poll(0):
-                return
+        replies = self._replies
+        if replies is None:
+            return
+        poller = select.poll()
+        poller.register(replies, select.POLLIN)
+        while self._pending and self._replies is replies and poller.poll(0):
             self._read_one()
 
     def _died(self) -> None:
