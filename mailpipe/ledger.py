@@ -171,12 +171,14 @@ class Ledger:
         """Begin the entries of a chunk's new messages in one transaction.
 
         A PENDING entry carries no promise of its own (attempts and outcomes are
-        written by the group commit), so one durable commit per chunk suffices.
+        written by the group commit), so one commit per chunk suffices, and it need
+        not wait for the disk (MP-08): lost with the OS, an entry is begun again when
+        its message is listed again, and the group commit's sync makes it durable.
         """
         new = [(r.uid, r.key, r.size) for r in refs if r.uid and r.uid not in entries]
         if not new:
             return
-        with self._batch():
+        with self._batch(synced=False):
             entries.update(begin_many(self.journal, self.mailbox, new))
 
     def step_committed(self, uid: str, step: str) -> None:
@@ -597,10 +599,16 @@ class Ledger:
         return sent
 
     def _applied(self, sent: list[MessageRef]) -> int:
-        """The server confirmed the acknowledgements ``sent``: journal them done."""
+        """The server confirmed the acknowledgements ``sent``: journal them done.
+
+        Not waiting for the disk (MP-08): lost with the OS, they are still owed, the
+        state a crash between the server's confirmation and this write leaves, which
+        the next poll settles (gone from the server: :meth:`settle_gone`; listed
+        again: acknowledged again)."""
         uids = [r.uid for r in sent if r.uid]
         if uids:
-            self.journal.mark_deleted(self.mailbox, uids, **self._fenced())
+            with self._batch(synced=False):
+                self.journal.mark_deleted(self.mailbox, uids)
         self.summary.deleted += len(sent)
         self.log.debug("session_committed", deleted=len(sent))
         return len(sent)
@@ -641,12 +649,14 @@ class Ledger:
     def _quarantine_ack(self) -> Ack:
         return self.cfg.quarantine_ack or contract.DELETE
 
-    def _batch(self) -> AbstractContextManager[None]:
+    def _batch(self, *, synced: bool = True) -> AbstractContextManager[None]:
         """A journal batch, conditional on the lease's epoch when the ledger holds a
-        fence (issue 16.2: a worker that lost its lease can commit nothing)."""
-        if self.fence is None:
-            return self.journal.batch()
-        return self.journal.batch(fence=self.fence)
+        fence (issue 16.2: a worker that lost its lease can commit nothing);
+        ``synced=False`` only for writes MP-08 allows to wait for a later sync."""
+        options: dict[str, Any] = self._fenced()
+        if not synced:
+            options["synced"] = False
+        return self.journal.batch(**options)
 
     def _fenced(self) -> dict[str, Any]:
         """The ``fence=`` argument of a journal write outside a batch, when fenced."""

@@ -308,13 +308,23 @@ class Journal(Protocol):
         """Drop DELETED entries not on the server any more and older than the limit."""
         ...
 
-    def batch(self, *, fence: Fence | None = None) -> AbstractContextManager[None]:
+    def batch(
+        self, *, fence: Fence | None = None, synced: bool = True
+    ) -> AbstractContextManager[None]:
         """Group commit: writes inside become durable together at exit (re-entrant).
 
         With ``fence``, the batch commits only while ``fence`` is the mailbox's current
         lease (checked in the same transaction, just before it commits, with the lease
         row locked against a take-over until then); otherwise it rolls back and raises
         :class:`~mailpipe.journal.errors.FencedError`.
+
+        ``synced=False`` (MP-08): the outermost batch commits atomically and visibly
+        but without waiting for the disk: a process crash loses nothing, an OS crash or
+        power loss (SQLite) or a database server crash (PostgreSQL) may lose the
+        batch whole, never a later synced commit without it. For writes whose loss
+        leaves a state that recovery already handles. No other thread's write joins
+        it; a synced batch inside it raises
+        :class:`~mailpipe.journal.errors.JournalError`.
         """
         ...
 

@@ -87,6 +87,7 @@ class PostgresJournal(PostgresLeases, PostgresCursors):
         self._lock = threading.RLock()
         self._lease_lock = threading.Lock()
         self._depth = 0
+        self._relaxed = False
         self._transactions: list[Any] = []
         self._leases: dict[str, tuple[str, int]] = {}  # mailbox -> (owner, epoch)
         self._closed = False

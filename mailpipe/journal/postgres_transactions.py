@@ -3,8 +3,11 @@
 Every journal method commits before it returns (each is one autocommit statement,
 atomic on its own), except inside :meth:`PostgresTransactions.batch` (one transaction,
 committed at exit, rolled back on an exception; inner batches are savepoints; a batch
-with a fence commits only while the lease row holds it). The main connection is
-reconnected when it broke outside a batch; inside one, the batch fails.
+with a fence commits only while the lease row holds it). An outermost
+``batch(synced=False)`` commits with ``synchronous_commit`` off (MP-08): the server
+does not wait for its WAL flush, and a later synchronous commit flushes it with its own.
+The main connection is reconnected when it broke outside a batch; inside one, the
+batch fails.
 
 Contract: :class:`PostgresTransactions` is the base of
 :class:`~mailpipe.journal.postgres.PostgresJournal` (never used alone); the journal's
@@ -42,6 +45,7 @@ class PostgresTransactions:
     _connect_timeout: float
     _lock: threading.RLock
     _depth: int  # nesting of the open batch, 0 when none
+    _relaxed: bool  # the open batch commits with synchronous_commit off (MP-08)
     _transactions: list[Any]  # the open batch's psycopg transactions, outermost first
     _closed: bool
     _conn: psycopg.Connection[tuple[Any, ...]]
@@ -101,20 +105,54 @@ class PostgresTransactions:
             yield self._live()
 
     @contextmanager
-    def batch(self, *, fence: Fence | None = None) -> Iterator[None]:
+    def batch(self, *, fence: Fence | None = None, synced: bool = True) -> Iterator[None]:
         """Group commit: one transaction for every write inside, committed at exit.
 
         Re-entrant: an inner batch is a savepoint, rolled back alone on its exception.
         With ``fence``, the transaction (or savepoint) commits only while the lease row
         holds ``fence``'s owner and epoch, read ``FOR SHARE`` as its last statement (a
         take-over then waits for the commit); else FencedError, rolled back.
+
+        ``synced=False`` (MP-08), outermost: ``SET LOCAL synchronous_commit TO OFF``
+        (the commit returns before the server's WAL flush; a server crash can lose it,
+        never reorder it after a later synchronous commit), and the connection lock is
+        held for the whole block, so no other thread's write joins it. Nested in any
+        batch it is a savepoint like any other. A synced batch inside an unsynced one
+        raises JournalError: its durability could not be kept.
         """
+        if synced:
+            if self._relaxed:
+                with self._lock:  # only the thread in the unsynced batch gets here
+                    if self._relaxed:
+                        raise JournalError(
+                            "PostgreSQL journal: a synced batch inside an unsynced one"
+                        )
+            with self._batch(fence, synced=True):
+                yield
+            return
+        with self._lock:
+            outer = not self._depth
+            self._relaxed = self._relaxed or outer
+            try:
+                with self._batch(fence, synced=not outer):
+                    yield
+            finally:
+                if outer:
+                    self._relaxed = False
+
+    @contextmanager
+    def _batch(self, fence: Fence | None, *, synced: bool) -> Iterator[None]:
+        """:meth:`batch`'s transaction or savepoint; ``synced=False``: the outermost
+        transaction of an unsynced batch."""
         with self._guard():
             tx = self._live().transaction()
             tx.__enter__()
             self._transactions.append(tx)
             self._depth += 1
         try:
+            if not synced:
+                with self._guard():
+                    self._live().execute("SET LOCAL synchronous_commit TO OFF")
             yield
             if fence is not None:
                 with self._guard(), fenced_commit(fence):

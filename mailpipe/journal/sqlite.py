@@ -85,6 +85,7 @@ class SqliteJournal(SqliteLeases, SqliteCursors):
         self._clock = clock
         self._lock = threading.RLock()
         self._depth = 0
+        self._relaxed = False
         self._locks: dict[str, tuple[str, int | None]] = {}
         self._epochs: dict[str, int] = {}  # the lease epoch of each lock held here
         # (owner, epoch) of the last take of each mailbox through this object, held or

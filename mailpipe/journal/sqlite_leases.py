@@ -3,13 +3,13 @@
 Mailbox locks: ``fcntl.flock`` on ``<db>.locks/<sha256(mailbox)>.lock``, non-blocking.
 The OS drops the lock when the process dies, so ``ttl`` is not needed and ignored. A
 take raises the mailbox's epoch in the ``leases`` table (a small commit, not fsync'ed:
-see :meth:`SqliteLeases._unsynced`), so fenced writes
-(:meth:`~mailpipe.journal.sqlite.SqliteJournal.batch` with a fence) mean the same here
-as in the PostgreSQL journal; but a holder that takes a mailbox again with nobody's
-take in between (the ``leases`` row still names its owner and the epoch it took last
-through this object, read under the flock) keeps that epoch and writes nothing: a cycle
-over many mailboxes makes no journal commit per mailbox for its leases (issue 18). The
-epoch still moves on at every change of holder, which is what a fence is for.
+see :meth:`~mailpipe.journal.sqlite_transactions.SqliteTransactions._unsynced`), so
+fenced writes (:meth:`~mailpipe.journal.sqlite.SqliteJournal.batch` with a fence) mean
+the same here as in the PostgreSQL journal; but a holder that takes a mailbox again with
+nobody's take in between (the ``leases`` row still names its owner and the epoch it took
+last through this object, read under the flock) keeps that epoch and writes nothing: a
+cycle over many mailboxes makes no journal commit per mailbox for its leases (issue 18).
+The epoch still moves on at every change of holder, which is what a fence is for.
 :meth:`SqliteLeases.leases` tells whether a lock is held without touching it: on Linux
 it looks the lock file up in ``/proc/locks``; elsewhere it tries a shared lock and
 drops it at once (a poll starting in that instant finds the mailbox busy and comes back
@@ -27,8 +27,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
@@ -205,31 +204,6 @@ class SqliteLeases(SqliteTransactions):
             raise
         self._epochs[mailbox] = int(epoch)
         self._taken[mailbox] = (owner, int(epoch))
-
-    @contextmanager
-    def _unsynced(self) -> Iterator[None]:
-        """Commit the block's own transaction without fsync (``synchronous=NORMAL``,
-        then FULL again); inside an open batch the batch's commit decides.
-
-        For the lease epoch only. Safe because the epoch need not survive what an
-        unsynced WAL commit does not survive (an OS crash or power loss, which ends
-        every holder of this machine-local journal's flocks), and because every later
-        fenced commit fsyncs the WAL, this commit's frames included: no fenced write
-        can be durable without the epoch it was checked against. A process crash
-        loses nothing (the frames are in the OS's cache)."""
-        with self._guard():
-            relaxed = not self._depth
-            if relaxed:
-                self._conn.execute("PRAGMA synchronous=NORMAL")
-            try:
-                yield
-            finally:
-                if relaxed:
-                    try:
-                        self._conn.execute("PRAGMA synchronous=FULL")
-                    except BaseException:
-                        self._closed = True  # never write on at NORMAL
-                        raise
 
     def fence(self, mailbox: str, *, owner: str) -> Fence | None:
         """The fence of the lock ``owner`` holds on ``mailbox`` here (no I/O)."""

@@ -5,7 +5,9 @@ Durability: every journal method commits before it returns (``BEGIN IMMEDIATE`` 
 inside :meth:`SqliteTransactions.batch`, where one transaction covers every write of
 the block and commits at exit (rolled back on an exception). Batches nest as
 savepoints; a batch with a fence commits only while the fence is the mailbox's lease
-epoch.
+epoch. An outermost ``batch(synced=False)`` commits at ``synchronous=NORMAL`` (no
+fsync; MP-08): it survives a process crash, and becomes durable with the next synced
+commit, whose WAL sync covers every frame before it.
 
 Threads: one connection (``check_same_thread=False``) guarded by a lock, so the
 engine may call from the event loop and from ``asyncio.to_thread``. A batch belongs to
@@ -38,6 +40,7 @@ class SqliteTransactions:
     _conn: sqlite3.Connection
     _closed: bool  # refusing work (closed, or full sync not restored)
     _depth: int  # nesting of the open batch, 0 when none
+    _relaxed: bool  # the open batch commits unsynced (MP-08)
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
@@ -78,14 +81,44 @@ class SqliteTransactions:
             self._conn.execute(f"RELEASE {savepoint}")
 
     @contextmanager
-    def batch(self, *, fence: Fence | None = None) -> Iterator[None]:
+    def batch(self, *, fence: Fence | None = None, synced: bool = True) -> Iterator[None]:
         """Group commit: one transaction for every write inside, committed at exit.
 
         Re-entrant: an inner batch is a savepoint, rolled back alone on its exception.
         With ``fence``, the transaction (or savepoint) commits only while ``fence`` is
         the mailbox's lease epoch; checked under the write lock (``BEGIN IMMEDIATE``),
         so no take-over can slip in before the commit. Else FencedError, rolled back.
+
+        ``synced=False`` (MP-08), outermost: the transaction commits without fsync
+        (``synchronous=NORMAL``, FULL again after it), and the connection lock is held
+        for the whole block, so no other thread's write can join a commit that is not
+        synced. Nested in any batch it is a savepoint like any other (the outer batch's
+        commit decides). A synced batch inside an unsynced one raises JournalError: its
+        durability could not be kept.
         """
+        if synced:
+            if self._relaxed:
+                with self._lock:  # only the thread in the unsynced batch gets here
+                    if self._relaxed:
+                        raise JournalError(
+                            f"journal {self.path}: a synced batch inside an unsynced one"
+                        )
+            with self._batch(fence):
+                yield
+            return
+        with self._unsynced():  # the lock held throughout; NORMAL when outermost
+            outer = not self._depth
+            self._relaxed = self._relaxed or outer
+            try:
+                with self._batch(fence):
+                    yield
+            finally:
+                if outer:
+                    self._relaxed = False
+
+    @contextmanager
+    def _batch(self, fence: Fence | None) -> Iterator[None]:
+        """:meth:`batch`'s transaction or savepoint."""
         with self._guard():
             if self._closed:
                 raise JournalError(f"journal {self.path} is closed")
@@ -116,6 +149,37 @@ class SqliteTransactions:
                 raise
             finally:
                 self._depth = depth - 1
+
+    @contextmanager
+    def _unsynced(self) -> Iterator[None]:
+        """Commit the block's own transaction without fsync (``synchronous=NORMAL``,
+        then FULL again); inside an open batch the batch's commit decides. Holds the
+        connection lock for the block.
+
+        Used for two kinds of write whose loss in an OS crash or power loss leaves a
+        state recovery already handles, and which every later synced commit makes
+        durable (its WAL sync covers the frames before it). A process crash loses
+        nothing (the frames are in the OS's cache).
+
+        - The lease epoch (:class:`~mailpipe.journal.sqlite_leases.SqliteLeases`): it
+          need not survive what ends every holder of this machine-local journal's
+          flocks, and no fenced write can be durable without the epoch it was
+          checked against.
+        - An outermost ``batch(synced=False)`` (MP-08): see :meth:`batch`.
+        """
+        with self._guard():
+            relaxed = not self._depth
+            if relaxed:
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                yield
+            finally:
+                if relaxed:
+                    try:
+                        self._conn.execute("PRAGMA synchronous=FULL")
+                    except BaseException:
+                        self._closed = True  # never write on at NORMAL
+                        raise
 
     def _fenced(self, fence: Fence | None) -> AbstractContextManager[None]:
         return nullcontext() if fence is None else self.batch(fence=fence)

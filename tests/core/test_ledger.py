@@ -18,7 +18,8 @@ import pytest
 from mailpipe.chain import ChainResult
 from mailpipe.config import MailboxConfig
 from mailpipe.errors import CommitError, ProcessorError
-from mailpipe.journal.base import Journal, Status
+from mailpipe.journal.base import Entry, Fence, Journal, Status
+from mailpipe.journal.errors import FencedError
 from mailpipe.journal.sqlite import SqliteJournal
 from mailpipe.ledger import AcknowledgeBeforeDurable, Ledger, Outcome, Summary
 from mailpipe.message import MessageRef
@@ -31,20 +32,25 @@ EVENTS: list[str] = []
 
 
 class RecordingJournal(SqliteJournal):
-    """A real journal that notes each outermost batch commit (and can fail one)."""
+    """A real journal that notes each outermost batch commit (and can fail one):
+    ``journal-commit`` when SQLite syncs it (``synchronous=FULL`` inside),
+    ``journal-commit-unsynced`` when it does not (NORMAL, MP-08)."""
 
     fail_next_batch = False
 
     @contextmanager
-    def batch(self) -> Iterator[None]:  # type: ignore[override]
+    def batch(  # type: ignore[override]
+        self, *, fence: Fence | None = None, synced: bool = True
+    ) -> Iterator[None]:
         outer = self._depth == 0
-        with super().batch():
+        with super().batch(fence=fence, synced=synced):
+            level = self._conn.execute("PRAGMA synchronous").fetchone()[0]
             yield
             if outer and self.fail_next_batch:
                 self.fail_next_batch = False
                 raise OSError("disk full (injected)")
         if outer:
-            EVENTS.append("journal-commit")
+            EVENTS.append("journal-commit" if level == 2 else "journal-commit-unsynced")
 
 
 class Chain:
@@ -117,6 +123,53 @@ async def test_group_commit_owes_only_after_flush_and_journal_commit(journal, tm
     assert await ledger.commit(session) == 2
     entries = journal.get_many("box", ["u1", "u2"])
     assert {e.status for e in entries.values()} == {Status.DELETED}
+    # MP-08: the deletions the server confirmed are journaled without a sync
+    assert EVENTS == ["flush", "journal-commit", "ack", "commit", "journal-commit-unsynced"]
+    assert journal._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
+
+
+async def test_mp08_only_the_group_commit_waits_for_the_disk(journal, tmp_path):
+    """A chunk's PENDING entries and the confirmed deletions commit unsynced (each a
+    state recovery handles if the OS loses it); the group commit that gates the
+    acknowledgement is synced, fenced or not."""
+    for fenced in (False, True):
+        ledger = make(journal, tmp_path)
+        if fenced:
+            journal.lock_mailbox("box", owner="w1", ttl=60)
+            ledger.fence = journal.fence("box", owner="w1")
+            assert ledger.fence is not None
+        base = 10 if fenced else 0
+        entries: dict[str, Entry] = {}
+        EVENTS.clear()
+        ledger.begin_many([ref(base + 1), ref(base + 2)], entries)
+        assert EVENTS == ["journal-commit-unsynced"]
+        assert set(entries) == {f"u{base + 1}", f"u{base + 2}"}
+        await ledger.commit_group(Chain(), [done(base + 1), done(base + 2)], SessionFacts())
+        session = Session()
+        await ledger.acknowledge(session)
+        await ledger.commit(session)
+        assert EVENTS == ["journal-commit-unsynced", "flush", "journal-commit", "ack",
+                          "commit", "journal-commit-unsynced"]
+        got = journal.get_many("box", [f"u{base + 1}", f"u{base + 2}"])
+        assert {e.status for e in got.values()} == {Status.DELETED}
+
+
+async def test_mp08_a_stale_fence_refuses_the_unsynced_deletion_write(journal, tmp_path):
+    """The confirmed deletions are still fenced: a worker whose lease was taken over
+    writes nothing (they stay owed, acknowledged again by the holder)."""
+    ledger = make(journal, tmp_path)
+    journal.lock_mailbox("box", owner="w1", ttl=60)
+    ledger.fence = journal.fence("box", owner="w1")
+    ledger.begin_many([ref(1)], {})
+    await ledger.commit_group(Chain(), [done(1)], SessionFacts())
+    session = Session()
+    await ledger.acknowledge(session)
+    with journal._tx() as conn:  # another holder took the mailbox over
+        conn.execute("UPDATE leases SET owner = 'w2', epoch = epoch + 1 WHERE mailbox = 'box'")
+    with pytest.raises(FencedError):
+        await ledger.commit(session)
+    assert journal.get_many("box", ["u1"])["u1"].status == Status.COMMITTED
+    assert journal.get_many("box", ["u1"])["u1"].delete_due
 
 
 async def test_a_failed_flush_owes_nothing_and_leaves_the_messages_pending(journal, tmp_path):

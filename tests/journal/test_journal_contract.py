@@ -30,6 +30,7 @@ from mailpipe.journal import (
     FencedError,
     Finish,
     Journal,
+    JournalError,
     SchemaVersionError,
     Status,
     open_journal,
@@ -711,6 +712,101 @@ def test_nested_batches_commit_with_the_outer_and_roll_back_alone(
     }
 
 
+def _sync_setting(journal: Journal) -> str:
+    """The backend's own durability setting on the journal's connection now."""
+    conn = journal._conn  # type: ignore[attr-defined]
+    if isinstance(journal, SqliteJournal):
+        return {1: "NORMAL", 2: "FULL"}[conn.execute("PRAGMA synchronous").fetchone()[0]]
+    return str(conn.execute("SHOW synchronous_commit").fetchone()[0])
+
+
+def test_mp08_an_unsynced_batch_commits_without_waiting_for_the_disk(
+    backend: Backend, journal: Journal
+) -> None:
+    """All or nothing and visible to others at exit, like any batch; only its own
+    commit skips the sync (SQLite NORMAL, PostgreSQL synchronous_commit off), and
+    the connection is back to synced commits afterwards."""
+    synced = "FULL" if backend.kind == "sqlite" else "on"
+    unsynced = "NORMAL" if backend.kind == "sqlite" else "off"
+    observer = backend.open()
+    assert _sync_setting(journal) == synced
+    with journal.batch(synced=False):
+        assert _sync_setting(journal) == unsynced
+        begin(journal, "u1")
+        journal.mark_deleted(MB, ["u1"])
+        assert observer.get_many(MB, ["u1"]) == {}
+    assert observer.get_many(MB, ["u1"])["u1"].status is Status.DELETED
+    assert _sync_setting(journal) == synced
+    with pytest.raises(RuntimeError, match="crash"), journal.batch(synced=False):
+        begin(journal, "u2")
+        raise RuntimeError("crash")
+    assert journal.get_many(MB, ["u2"]) == {}
+    assert _sync_setting(journal) == synced
+    with journal.batch():  # a synced batch is synced
+        assert _sync_setting(journal) == synced
+        begin(journal, "u3")
+    journal.close()
+    assert set(backend.open().get_many(MB, ["u1", "u2", "u3"])) == {"u1", "u3"}
+
+
+def test_mp08_a_synced_write_cannot_hide_in_an_unsynced_batch(journal: Journal) -> None:
+    """A synced batch (or a fenced write, which opens one) inside an unsynced batch is
+    refused, and the unsynced batch rolls back; an unsynced batch inside a synced one
+    is a savepoint that the outer, synced commit decides."""
+    assert journal.lock_mailbox(MB, owner="w1", ttl=30)
+    fence = journal.fence(MB, owner="w1")
+    assert fence is not None
+    refused = pytest.raises(JournalError, match="synced batch inside an unsynced one")
+    with refused, journal.batch(synced=False):
+        begin(journal, "u1")
+        with journal.batch():
+            begin(journal, "u2")
+    refused = pytest.raises(JournalError, match="synced batch inside an unsynced one")
+    with refused, journal.batch(synced=False):
+        begin(journal, "u3")
+        journal.mark_deleted(MB, ["u3"], fence=fence)
+    assert journal.get_many(MB, ["u1", "u2", "u3"]) == {}
+    with journal.batch(fence=fence):
+        begin(journal, "u4")
+        with journal.batch(synced=False):
+            assert _sync_setting(journal) in ("FULL", "on")
+            begin(journal, "u5")
+        with pytest.raises(ValueError), journal.batch(synced=False):
+            begin(journal, "u6")
+            raise ValueError
+    assert set(journal.get_many(MB, ["u4", "u5", "u6"])) == {"u4", "u5"}
+    with journal.batch(fence=fence, synced=False):  # fenced and unsynced: fine
+        journal.mark_deleted(MB, ["u4"])
+    assert journal.get_many(MB, ["u4"])["u4"].status is Status.DELETED
+
+
+def test_mp08_no_other_threads_write_joins_an_unsynced_batch(journal: Journal) -> None:
+    """A write from another thread while an unsynced batch is open waits for it and
+    commits on its own (synced): the batch's rollback does not take it along."""
+    inside, started = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            inside.wait(10)
+            started.set()
+            begin(journal, "theirs")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with pytest.raises(RuntimeError, match="rolled back"), journal.batch(synced=False):
+        begin(journal, "mine")
+        inside.set()
+        assert started.wait(10)
+        time.sleep(0.05)  # give the other write the chance to join, were it allowed
+        raise RuntimeError("rolled back")
+    thread.join(10)
+    assert not errors
+    assert set(journal.get_many(MB, ["mine", "theirs"])) == {"theirs"}
+
+
 def test_entries_survive_close_and_reopen(backend: Backend) -> None:
     journal = backend.open()
     begin(journal, "u1", size=42)
@@ -1008,8 +1104,9 @@ from mailpipe.journal import Status, open_journal
 
 journal = open_journal(sys.argv[1], base_dir=Path.cwd())
 stop_in = int(sys.argv[2])  # -1: never stop mid-batch
+mixed = sys.argv[3:] == ["mixed"]  # every odd batch unsynced (MP-08)
 for batch in range(2000):
-    with journal.batch():
+    with journal.batch(synced=not (mixed and batch % 2)):
         for n in range(20):
             uid = f"{batch}-{n}"
             journal.begin("support", uid, key=message_key("support", uid), size=n)
@@ -1110,10 +1207,13 @@ def test_sigkill_inside_a_batch_loses_the_whole_batch(
     assert {e.status for e in entries} == {Status.COMMITTED}
 
 
+@pytest.mark.parametrize("mode", ["synced", "mixed"])
 def test_sigkill_at_a_random_instant_keeps_each_batch_all_or_none(
-    backend: Backend, tmp_path: Path
+    backend: Backend, tmp_path: Path, mode: str
 ) -> None:
-    child = Child(CHILD_BATCHES, backend.spec, "-1", stderr=tmp_path / "child.err")
+    """"mixed": every other batch unsynced (MP-08), which a process crash must not
+    lose either once it returned."""
+    child = Child(CHILD_BATCHES, backend.spec, "-1", mode, stderr=tmp_path / "child.err")
     try:
         child.wait_for("@done 4")
         last = 4
