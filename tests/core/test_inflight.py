@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -87,6 +88,32 @@ def test_the_page_is_allocated_so_a_full_disk_cannot_raise_sigbus(tmp_path: Path
     assert st.st_blocks * 512 >= InflightMarker.SIZE  # real blocks, not a sparse hole
     assert st.st_mode & 0o777 == 0o600
     m.close()
+
+
+def test_a_new_marker_is_allocated_without_waiting_for_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18: the page need only outlive the process, so its creation makes no
+    fsync (which held the event loop for each mailbox's first message); a full disk
+    still fails the allocation, as an OSError, before anything is mapped."""
+
+    def no_sync(fd: int) -> None:
+        raise AssertionError("the marker was fsynced")
+
+    monkeypatch.setattr(os, "fsync", no_sync)
+    m = InflightMarker(tmp_path, "box")
+    m.set("u")
+    assert m.path.stat().st_blocks * 512 >= InflightMarker.SIZE
+    m.close()
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    other = InflightMarker(tmp_path, "other")
+    with pytest.raises(OSError, match="No space left"):
+        other.set("u")
+    assert other._map is None
 
 
 def test_markers_are_per_mailbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
