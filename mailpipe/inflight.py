@@ -13,12 +13,13 @@ moment of its run, so the death cannot be someone else's. A message that kills t
 process while others run is charged at a later death, when it runs alone (the others'
 chains are short); innocent messages in flight beside it are never charged.
 
-The marker is one page of a small file per mailbox, preallocated with real blocks
-(``posix_fallocate``: a full disk is an ``OSError`` when it is created, never a SIGBUS
-later; not fsynced) and mapped shared:
-setting and clearing it are memory writes, no system call per message, and the page
-outlives the process in the page cache (not a power loss, which is not the message's
-fault anyway).
+The marker is one page of a small file per mailbox, written whole when it is created
+(not fsynced) so that the file system reserves its blocks: a full disk is an
+``OSError`` then, never a SIGBUS later on ext4, XFS or tmpfs (a copy-on-write file
+system such as btrfs or ZFS allocates again at each write-back, which no
+preallocation prevents). It is mapped shared: setting and clearing it are memory
+writes, no system call per message, and the page outlives the process in the page
+cache (not a power loss, which is not the message's fault anyway).
 """
 
 from __future__ import annotations
@@ -57,11 +58,12 @@ class InflightMarker:
             try:
                 if os.fstat(fd).st_size != self.SIZE:
                     # Real blocks, not a sparse ftruncate: a store into a mapped hole
-                    # on a full disk is a SIGBUS that kills the process. Allocated, not
-                    # synced: the page need only outlive the process (see the module
-                    # docstring), and an fsync here held the event loop ~1 ms for each
-                    # mailbox's first message in a process (issue 18).
-                    os.posix_fallocate(fd, 0, self.SIZE)
+                    # on a full disk is a SIGBUS that kills the process. Written (the
+                    # file system reserves the blocks then), not synced: the page need
+                    # only outlive the process (see the module docstring), and an fsync
+                    # here held the event loop ~1 ms for each mailbox's first message
+                    # in a process (issue 18).
+                    os.pwrite(fd, bytes(self.SIZE), 0)
                 self._map = mmap.mmap(fd, self.SIZE, access=mmap.ACCESS_WRITE)
             finally:
                 os.close(fd)  # the mapping keeps the file

@@ -29,6 +29,7 @@ delivery state.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -654,7 +655,7 @@ class Ledger:
         fence (issue 16.2: a worker that lost its lease can commit nothing);
         ``synced=False`` only for writes MP-08 allows to wait for a later sync."""
         options: dict[str, Any] = self._fenced()
-        if not synced:
+        if not synced and _takes_synced(self.journal):
             options["synced"] = False
         return self.journal.batch(**options)
 
@@ -697,6 +698,24 @@ def copy_tag(message: Message) -> str:
 # begin_many, steps_committed and finish_many came with issue 18: a journal written
 # before them (a third-party one given to the engine) has only the single-row methods,
 # which write the same rows one statement each, inside the same batch.
+
+
+def _takes_synced(journal: Journal) -> bool:
+    """Whether ``journal.batch`` takes ``synced`` (MP-08). A journal written before
+    it (a third-party one) has every batch synced, which is always safe."""
+    kind = type(journal)
+    if kind not in _TAKES_SYNCED:
+        try:
+            params = inspect.signature(journal.batch).parameters.values()
+        except (TypeError, ValueError):
+            params = ()  # type: ignore[assignment]
+        _TAKES_SYNCED[kind] = any(
+            p.name == "synced" or p.kind is p.VAR_KEYWORD for p in params
+        )
+    return _TAKES_SYNCED[kind]
+
+
+_TAKES_SYNCED: dict[type, bool] = {}
 
 
 def _own(journal: Journal, name: str) -> Any:

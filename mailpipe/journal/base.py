@@ -318,13 +318,16 @@ class Journal(Protocol):
         row locked against a take-over until then); otherwise it rolls back and raises
         :class:`~mailpipe.journal.errors.FencedError`.
 
-        ``synced=False`` (MP-08): the outermost batch commits atomically and visibly
-        but without waiting for the disk: a process crash loses nothing, an OS crash or
-        power loss (SQLite) or a database server crash (PostgreSQL) may lose the
-        batch whole, never a later synced commit without it. For writes whose loss
-        leaves a state that recovery already handles. No other thread's write joins
-        it; a synced batch inside it raises
-        :class:`~mailpipe.journal.errors.JournalError`.
+        ``synced=False`` (MP-08): a batch opened while no other is open in the journal
+        commits atomically and visibly but without waiting for the disk: a process
+        crash loses nothing, an OS crash or power loss (SQLite) or a database server
+        crash (PostgreSQL) may lose the batch whole, never keep a later synced commit
+        without it. For writes whose loss leaves a state that recovery already
+        handles. No other thread's write joins it (it holds the journal's connection
+        while open); a synced batch inside it raises
+        :class:`~mailpipe.journal.errors.JournalError`. Inside an open batch it is part
+        of that batch. A journal whose ``batch`` lacks the parameter is given none
+        (every batch synced).
         """
         ...
 

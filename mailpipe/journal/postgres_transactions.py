@@ -113,16 +113,21 @@ class PostgresTransactions:
         holds ``fence``'s owner and epoch, read ``FOR SHARE`` as its last statement (a
         take-over then waits for the commit); else FencedError, rolled back.
 
-        ``synced=False`` (MP-08), outermost: ``SET LOCAL synchronous_commit TO OFF``
-        (the commit returns before the server's WAL flush; a server crash can lose it,
-        never reorder it after a later synchronous commit), and the connection lock is
-        held for the whole block, so no other thread's write joins it. Nested in any
-        batch it is a savepoint like any other. A synced batch inside an unsynced one
-        raises JournalError: its durability could not be kept.
+        ``synced=False`` (MP-08), when no batch is open in the journal (of any thread):
+        ``SET LOCAL synchronous_commit TO OFF`` (the commit returns before the server's
+        WAL flush; a server crash can lose it, never keep a later synchronous commit
+        without it), and the connection lock is held for the whole block, so no other
+        thread's write joins it (the block must not wait for another thread that uses
+        the journal). Inside an open batch, its own or another thread's, it is a
+        savepoint like any other: that batch's commit (or rollback) decides. A synced
+        batch inside an unsynced one raises JournalError: its durability could not be
+        kept.
         """
         if synced:
             if self._relaxed:
-                with self._lock:  # only the thread in the unsynced batch gets here
+                # Another thread waits here for the unsynced batch to end, then goes
+                # on; only the thread inside it still finds it set.
+                with self._lock:
                     if self._relaxed:
                         raise JournalError(
                             "PostgreSQL journal: a synced batch inside an unsynced one"

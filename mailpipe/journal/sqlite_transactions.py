@@ -24,7 +24,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 
 from mailpipe.journal.base import Fence, fenced_commit, verify_fence
@@ -89,16 +89,20 @@ class SqliteTransactions:
         the mailbox's lease epoch; checked under the write lock (``BEGIN IMMEDIATE``),
         so no take-over can slip in before the commit. Else FencedError, rolled back.
 
-        ``synced=False`` (MP-08), outermost: the transaction commits without fsync
-        (``synchronous=NORMAL``, FULL again after it), and the connection lock is held
-        for the whole block, so no other thread's write can join a commit that is not
-        synced. Nested in any batch it is a savepoint like any other (the outer batch's
-        commit decides). A synced batch inside an unsynced one raises JournalError: its
+        ``synced=False`` (MP-08), when no batch is open in the journal (of any thread):
+        the transaction commits without fsync (``synchronous=NORMAL``, FULL again after
+        it), and the connection lock is held for the whole block, so no other thread's
+        write can join a commit that is not synced (the block must not wait for another
+        thread that uses the journal). Inside an open batch, its own or another
+        thread's, it is a savepoint like any other: that batch's commit (or rollback)
+        decides. A synced batch inside an unsynced one raises JournalError: its
         durability could not be kept.
         """
         if synced:
             if self._relaxed:
-                with self._lock:  # only the thread in the unsynced batch gets here
+                # Another thread waits here for the unsynced batch to end, then goes
+                # on; only the thread inside it still finds it set.
+                with self._lock:
                     if self._relaxed:
                         raise JournalError(
                             f"journal {self.path}: a synced batch inside an unsynced one"
@@ -170,16 +174,34 @@ class SqliteTransactions:
         with self._guard():
             relaxed = not self._depth
             if relaxed:
+                if self._closed:
+                    raise JournalError(f"journal {self.path} is closed")
                 self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
                 yield
-            finally:
+            except BaseException:
                 if relaxed:
-                    try:
-                        self._conn.execute("PRAGMA synchronous=FULL")
-                    except BaseException:
-                        self._closed = True  # never write on at NORMAL
-                        raise
+                    with suppress(Exception):  # the block's own error is the one to see
+                        self._full_sync_again()
+                raise
+            if relaxed:
+                self._full_sync_again()
+
+    def _full_sync_again(self) -> None:
+        """Back to ``synchronous=FULL`` after an unsynced block. A transaction the block
+        could not end (its COMMIT and ROLLBACK both failed) is rolled back first: the
+        setting cannot change inside one, and it would hold the write lock against
+        every other process. If that fails too, the journal refuses all further work
+        (it never writes on at NORMAL) and its connection is closed, which ends the
+        transaction and releases the lock."""
+        try:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            self._conn.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            self._closed = True
+            self._conn.close()
+            raise
 
     def _fenced(self, fence: Fence | None) -> AbstractContextManager[None]:
         return nullcontext() if fence is None else self.batch(fence=fence)

@@ -106,10 +106,10 @@ def test_a_new_marker_is_allocated_without_waiting_for_the_disk(
     assert m.path.stat().st_blocks * 512 >= InflightMarker.SIZE
     m.close()
 
-    def full(fd: int, offset: int, length: int) -> None:
+    def full(fd: int, data: bytes, offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "posix_fallocate", full)
+    monkeypatch.setattr(os, "pwrite", full)
     other = InflightMarker(tmp_path, "other")
     with pytest.raises(OSError, match="No space left"):
         other.set("u")

@@ -416,6 +416,32 @@ for _name in dir(Journal):
         setattr(ProtocolSubclassJournal, _name, _delegate(_name))
 
 
+class FenceOnlyBatchJournal(SingleRowJournal):
+    """A journal written before MP-08: its ``batch`` takes a fence only."""
+
+    def batch(self, *, fence: Fence | None = None) -> Any:
+        return self._inner.batch(fence=fence)
+
+
+async def test_mp08_a_journal_whose_batch_takes_no_synced_has_every_batch_synced(
+    journal, tmp_path
+):
+    config = MailboxConfig.model_validate({"name": "box"})
+    ledger = Ledger(FenceOnlyBatchJournal(journal), "box", config,  # type: ignore[arg-type]
+                    Hooks(load(entry_points=False)[0]), Quarantine(tmp_path / "q"),
+                    Summary(mailbox="box"), ack=config.ack)
+    EVENTS.clear()
+    ledger.begin_many([ref(1), ref(2)], {})
+    await ledger.commit_group(Chain(), [done(1), done(2)], SessionFacts())
+    session = Session()
+    await ledger.acknowledge(session)
+    assert await ledger.commit(session) == 2
+    assert EVENTS == ["journal-commit", "flush", "journal-commit", "ack", "commit",
+                      "journal-commit"]
+    got = journal.get_many("box", ["u1", "u2"])
+    assert {e.status for e in got.values()} == {Status.DELETED}
+
+
 @pytest.mark.parametrize("wrapper", [SingleRowJournal, ProtocolSubclassJournal])
 async def test_a_journal_without_the_batch_writes_still_commits_groups(
     journal, tmp_path, wrapper

@@ -726,10 +726,10 @@ def test_mp08_an_unsynced_batch_commits_without_waiting_for_the_disk(
     """All or nothing and visible to others at exit, like any batch; only its own
     commit skips the sync (SQLite NORMAL, PostgreSQL synchronous_commit off), and
     the connection is back to synced commits afterwards."""
-    synced = "FULL" if backend.kind == "sqlite" else "on"
+    synced = _sync_setting(journal)  # FULL; PostgreSQL: the server's own default
     unsynced = "NORMAL" if backend.kind == "sqlite" else "off"
+    assert synced in ("FULL", "on", "remote_apply", "remote_write", "local")
     observer = backend.open()
-    assert _sync_setting(journal) == synced
     with journal.batch(synced=False):
         assert _sync_setting(journal) == unsynced
         begin(journal, "u1")
@@ -766,10 +766,11 @@ def test_mp08_a_synced_write_cannot_hide_in_an_unsynced_batch(journal: Journal) 
         begin(journal, "u3")
         journal.mark_deleted(MB, ["u3"], fence=fence)
     assert journal.get_many(MB, ["u1", "u2", "u3"]) == {}
+    synced = _sync_setting(journal)
     with journal.batch(fence=fence):
         begin(journal, "u4")
         with journal.batch(synced=False):
-            assert _sync_setting(journal) in ("FULL", "on")
+            assert _sync_setting(journal) == synced
             begin(journal, "u5")
         with pytest.raises(ValueError), journal.batch(synced=False):
             begin(journal, "u6")
@@ -801,10 +802,42 @@ def test_mp08_no_other_threads_write_joins_an_unsynced_batch(journal: Journal) -
         inside.set()
         assert started.wait(10)
         time.sleep(0.05)  # give the other write the chance to join, were it allowed
+        assert thread.is_alive()  # it waits for the batch to end
         raise RuntimeError("rolled back")
     thread.join(10)
     assert not errors
     assert set(journal.get_many(MB, ["mine", "theirs"])) == {"theirs"}
+
+
+def test_mp08_another_threads_synced_batch_waits_for_an_unsynced_one(
+    journal: Journal,
+) -> None:
+    """A synced batch another thread opens meanwhile is neither refused nor nested:
+    it waits, then commits on its own, synced."""
+    inside = threading.Event()
+    seen: list[str] = []
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            inside.wait(10)
+            with journal.batch():
+                seen.append(_sync_setting(journal))
+                begin(journal, "theirs")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with journal.batch(synced=False):
+        begin(journal, "mine")
+        inside.set()
+        time.sleep(0.05)
+        assert thread.is_alive() and not seen
+    thread.join(10)
+    assert not errors
+    assert seen and seen[0] in ("FULL", "on")
+    assert set(journal.get_many(MB, ["mine", "theirs"])) == {"mine", "theirs"}
 
 
 def test_entries_survive_close_and_reopen(backend: Backend) -> None:

@@ -383,3 +383,76 @@ def test_a_closed_or_refusing_journal_refuses_a_prune(tmp_path: Path) -> None:
     journal.close()
     with pytest.raises(JournalError, match="is closed"):
         journal.prune("support", ["on-server"], 30.0)
+
+
+class _FailingConnection:
+    """The journal's connection, with the statements in ``fail`` raising once each."""
+
+    def __init__(self, conn: sqlite3.Connection, fail: set[str]) -> None:
+        self._conn = conn
+        self.fail = fail
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql.strip() in self.fail:
+            self.fail.discard(sql.strip())
+            raise sqlite3.OperationalError(f"injected failure of {sql.strip()}")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+@pytest.mark.parametrize(
+    "fail",
+    [
+        "BEGIN IMMEDIATE",
+        "COMMIT",
+        "PRAGMA synchronous=NORMAL",
+        "PRAGMA synchronous=FULL",
+        "body",
+        "COMMIT+ROLLBACK",
+        "body+ROLLBACK",
+    ],
+)
+def test_mp08_an_unsynced_batch_that_fails_anywhere_leaves_no_state_behind(
+    tmp_path: Path, fail: str
+) -> None:
+    """Whatever fails in an unsynced batch, the caller sees that failure (the body's
+    own exception when the body raised; a failed rollback of it, as for any batch,
+    with the body's exception as its context), and afterwards the journal is either usable
+    at ``synchronous=FULL`` with no transaction open, or refuses work with its
+    connection closed; either way the lock is free and no other process is kept
+    from writing."""
+    path = tmp_path / "journal.sqlite3"
+    journal = SqliteJournal(path)
+    real = journal._conn
+    journal._conn = _FailingConnection(real, {s for s in fail.split("+") if s != "body"})  # type: ignore[assignment]
+    expected = RuntimeError if fail == "body" else JournalError
+    with pytest.raises(expected) as raised, journal.batch(synced=False):
+        journal.begin("mb", "u", key=message_key("mb", "u"), size=1)
+        if fail.startswith("body"):
+            raise RuntimeError("the block's own error")
+    if fail == "body+ROLLBACK":
+        assert "injected failure of ROLLBACK" in str(raised.value)
+        chain, exc = [], raised.value.__context__
+        while exc is not None:
+            chain.append(exc)
+            exc = exc.__context__
+        assert any(isinstance(e, RuntimeError) for e in chain)
+    assert (journal._depth, journal._relaxed) == (0, False)
+    assert journal._lock.acquire(blocking=False)
+    journal._lock.release()
+    if journal._closed:
+        with pytest.raises(JournalError, match="closed"):
+            journal.begin("mb", "v", key=message_key("mb", "v"), size=1)
+    else:
+        assert not real.in_transaction
+        assert real.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        journal.begin("mb", "v", key=message_key("mb", "v"), size=1)
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # the write lock is free
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    journal.close()
