@@ -405,6 +405,11 @@ class _HttpHandler(BaseHTTPRequestHandler):
         sink = self.server.sink
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        if len(body) < length:
+            # The client went away in the middle of its body (killed, say): no
+            # endpoint acts on half a request, so nothing is recorded or answered.
+            self.close_connection = True
+            return
         response = sink._next_response()
         sink._record(
             ReceivedRequest(
