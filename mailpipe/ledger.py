@@ -706,9 +706,9 @@ def _takes_synced(journal: Journal) -> bool:
     kind = type(journal)
     if kind not in _TAKES_SYNCED:
         try:
-            params = inspect.signature(journal.batch).parameters.values()
+            params = list(inspect.signature(journal.batch).parameters.values())
         except (TypeError, ValueError):
-            params = ()  # type: ignore[assignment]
+            params = []
         _TAKES_SYNCED[kind] = any(
             p.name == "synced" or p.kind is p.VAR_KEYWORD for p in params
         )

@@ -137,7 +137,8 @@ class PostgresTransactions:
             return
         with self._lock:
             outer = not self._depth
-            self._relaxed = self._relaxed or outer
+            if outer:
+                self._relaxed = True
             try:
                 with self._batch(fence, synced=not outer):
                     yield

@@ -112,7 +112,8 @@ class SqliteTransactions:
             return
         with self._unsynced():  # the lock held throughout; NORMAL when outermost
             outer = not self._depth
-            self._relaxed = self._relaxed or outer
+            if outer:
+                self._relaxed = True
             try:
                 with self._batch(fence):
                     yield

@@ -386,7 +386,11 @@ def test_a_closed_or_refusing_journal_refuses_a_prune(tmp_path: Path) -> None:
 
 
 class _FailingConnection:
-    """The journal's connection, with the statements in ``fail`` raising once each."""
+    """The journal's connection, with the statements in ``fail`` raising once each.
+
+    Not :class:`_FullConnection`: SQLITE_FULL rolls the transaction back itself,
+    while a failed COMMIT (or ROLLBACK) here leaves it open, the case the unsynced
+    batch must clean up after."""
 
     def __init__(self, conn: sqlite3.Connection, fail: set[str]) -> None:
         self._conn = conn
